@@ -1,0 +1,35 @@
+//! `lbs-protocol`: the language boxes and the data center speak.
+//!
+//! - [`ids`]: [`ServerId`] (the SID), [`PairId`], [`PairName`], [`Role`], [`Generation`].
+//! - [`version`]: [`ProtocolVersion`] (negotiated) and [`SoftwareVersion`] (reported).
+//! - [`message`]: [`Envelope`] (generation + [`Message`]), [`Hello`], [`Refusal`].
+//! - [`frame`]: `u32` big-endian length prefix, postcard payload, [`MAX_FRAME_LEN`];
+//!   [`FrameCodec`] for tokio.
+//! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
+//!   connection.
+//! - [`tls`]: mutual-TLS [`Identity`], [`TrustRoot`], [`CertificateAuthority`] and the
+//!   rustls configurations that accept only the expected peer.
+//!
+//! This crate owns every type that crosses the wire; changing one is a compatibility
+//! decision (see [`PROTOCOL_VERSION`]). It opens no sockets of its own: callers hand it
+//! streams.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod handshake;
+pub mod ids;
+pub mod message;
+pub mod tls;
+pub mod version;
+
+#[doc(hidden)]
+pub mod fuzzing;
+
+pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
+pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
+pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
+pub use message::{Envelope, Hello, Message, Refusal, Sender};
+pub use tls::{AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot};
+pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

@@ -1,0 +1,144 @@
+//! The messages boxes and the data center exchange. Every message travels in an [`Envelope`]
+//! carrying the sender's [`Generation`], so fencing never depends on a message type
+//! remembering to include it.
+//!
+//! Compatibility rules (see [`crate::PROTOCOL_VERSION`]): variants and fields are only ever
+//! appended; [`Envelope`] and [`Hello`] keep their leading fields forever, so a peer of any
+//! version can read at least the protocol version out of a `Hello` and refuse clearly.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Generation, Role, ServerId};
+use crate::version::{ProtocolVersion, SoftwareVersion};
+
+/// One frame's payload: the sender's generation and the message.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The highest generation the sender knows of for its pair.
+    pub generation: Generation,
+    /// What the sender says.
+    pub message: Message,
+}
+
+/// Everything that can be said on an lbs connection.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// The first message each way on every connection. Must stay variant 0.
+    Hello(Hello),
+    /// The sender will not go on with this connection, and says why; it closes next.
+    Refused(Refusal),
+    /// A liveness probe: the peer answers with [`Message::HeartbeatAck`] carrying the same
+    /// `seq`, so the sender measures the round trip through every layer it cares about.
+    Heartbeat {
+        /// Chosen by the sender; echoed back.
+        seq: u64,
+        /// The sender's role when it sent this.
+        role: Role,
+    },
+    /// The answer to a [`Message::Heartbeat`].
+    HeartbeatAck {
+        /// The `seq` of the heartbeat being answered.
+        seq: u64,
+        /// The answering side's role.
+        role: Role,
+    },
+    /// An orderly close: the sender is shutting down or done, not failing.
+    Goodbye {
+        /// Shown to the operator on the other side ("agent stopping for upgrade").
+        reason: String,
+    },
+}
+
+impl Message {
+    /// A short name for logs and errors ("hello", "heartbeat").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Refused(_) => "refused",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::HeartbeatAck { .. } => "heartbeat-ack",
+            Message::Goodbye { .. } => "goodbye",
+        }
+    }
+}
+
+/// Who is speaking, what it runs and which protocol it speaks.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must stay the first field: peers read it even when they cannot read the rest.
+    pub protocol: ProtocolVersion,
+    /// The sender's lbs release.
+    pub software: SoftwareVersion,
+    /// The sender's identity; it must match the name in its TLS certificate.
+    pub sender: Sender,
+}
+
+/// The identity a [`Hello`] claims.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Sender {
+    /// A PBX box.
+    Box {
+        /// Its server ID.
+        sid: ServerId,
+        /// Its role as it believes it.
+        role: Role,
+    },
+    /// A data-center endpoint.
+    DataCenter {
+        /// Which site ("dc1"), so a box can tell its two tunnels' ends apart in status.
+        site: String,
+    },
+}
+
+impl fmt::Display for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sender::Box { sid, role } => write!(f, "box {sid} ({role})"),
+            Sender::DataCenter { site } => write!(f, "data center {site:?}"),
+        }
+    }
+}
+
+/// Why a peer refused a connection.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The two sides speak different major protocol versions.
+    IncompatibleProtocol {
+        /// The refusing side's version.
+        ours: ProtocolVersion,
+        /// The version the refusing side received.
+        yours: ProtocolVersion,
+    },
+    /// The `Hello` claimed an identity other than the one in the TLS certificate.
+    IdentityMismatch {
+        /// The identity the certificate proves.
+        certificate: String,
+        /// The identity the `Hello` claimed.
+        hello: String,
+    },
+    /// The first message was not a `Hello`, or a message could not be read.
+    ProtocolViolation {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for Refusal {
+    /// Written from the refusing side's point of view, for the refused side's operator.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::IncompatibleProtocol { ours, yours } => write!(
+                f,
+                "it speaks protocol {ours} and cannot talk to protocol {yours}; \
+                 update the older side so both run the same major version"
+            ),
+            Refusal::IdentityMismatch { certificate, hello } => write!(
+                f,
+                "the certificate names {certificate} but the hello claimed {hello}"
+            ),
+            Refusal::ProtocolViolation { detail } => write!(f, "protocol violation: {detail}"),
+        }
+    }
+}

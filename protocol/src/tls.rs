@@ -1,0 +1,760 @@
+//! Mutual-TLS identities: the data center's [`CertificateAuthority`] issues every box an
+//! [`Identity`] naming its SID; boxes pin the CA as their [`TrustRoot`]. A connection is
+//! accepted only when the peer's certificate chains to that root *and* names the peer we
+//! expect ([`AcceptPeers`]): a box talks to its partner and the data center, nobody else.
+//!
+//! Names live in the certificate's DNS subject-alternative-name under the `.invalid` TLD
+//! (see [`PeerName::certificate_name`]), so the ordinary WebPKI name check does the work on
+//! the client side and a small wrapper ([`PeerVerifier`]) does it on the server side.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, CommonState, DigitallySignedStruct,
+    DistinguishedName as RustlsDn, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::ids::ServerId;
+
+/// The certificate name of the data center's endpoints.
+const DATACENTER_NAME: &str = "datacenter.lbs.invalid";
+
+/// How long a box or data-center certificate is valid. PBX boxes run for a decade between
+/// hardware refreshes; renewal happens over the tunnel long before this runs out.
+pub const IDENTITY_VALIDITY: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// How long the data center's CA certificate is valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(30 * 366 * 24 * 3600);
+
+/// Whom a certificate speaks for.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum PeerName {
+    /// A PBX box, by its server ID.
+    Box(ServerId),
+    /// Any endpoint of the data center.
+    DataCenter,
+}
+
+impl PeerName {
+    /// The DNS-style name carried in the certificate's subject alternative names.
+    pub fn certificate_name(&self) -> String {
+        match self {
+            PeerName::Box(sid) => sid.certificate_name(),
+            PeerName::DataCenter => DATACENTER_NAME.to_owned(),
+        }
+    }
+
+    /// Reads a peer name back from a certificate name; `None` for anything lbs did not issue.
+    pub fn from_certificate_name(name: &str) -> Option<Self> {
+        if name == DATACENTER_NAME {
+            Some(PeerName::DataCenter)
+        } else {
+            ServerId::from_certificate_name(name).map(PeerName::Box)
+        }
+    }
+
+    /// The name a TLS client checks the server's certificate against.
+    pub fn server_name(&self) -> ServerName<'static> {
+        // Both forms are valid DNS names by construction (hex digits, hyphens, dots), which
+        // a unit test checks for every SID shape.
+        ServerName::try_from(self.certificate_name())
+            .unwrap_or_else(|_| ServerName::try_from(DATACENTER_NAME).expect("valid literal"))
+    }
+
+    /// The lbs identity a certificate names. Only the structure is read: call this on
+    /// certificates rustls has already verified.
+    pub fn of_certificate(cert: &CertificateDer<'_>) -> Result<PeerName, TlsError> {
+        let names = certificate_dns_names(cert)?;
+        let mut peers = names
+            .iter()
+            .filter_map(|name| PeerName::from_certificate_name(name));
+        match (peers.next(), peers.next()) {
+            (Some(peer), None) => Ok(peer),
+            _ => Err(TlsError::NotAnLbsCertificate { names }),
+        }
+    }
+}
+
+impl fmt::Display for PeerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerName::Box(sid) => write!(f, "box {sid}"),
+            PeerName::DataCenter => f.write_str("the data center"),
+        }
+    }
+}
+
+/// The DNS subject alternative names of a certificate.
+fn certificate_dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| TlsError::Certificate(format!("cannot parse certificate: {e}")))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Certificate(format!("bad subject alternative names: {e}")))?;
+    Ok(san
+        .into_iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Why a certificate, key or TLS connection could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{}: {detail}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A certificate could not be made or read.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The certificate names no lbs peer, or several.
+    #[error("certificate names {names:?}, which is not exactly one lbs box or data center")]
+    NotAnLbsCertificate {
+        /// The DNS names it carries.
+        names: Vec<String>,
+    },
+    /// rustls refused the configuration (a key that does not match its certificate, say).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The peer proved to be someone else than expected.
+    #[error(
+        "{expected} was expected, but the peer's certificate is for {presented}; \
+         check the address, or this is an impostor"
+    )]
+    WrongPeer {
+        /// Whom we meant to talk to.
+        expected: String,
+        /// Whom the certificate names.
+        presented: String,
+    },
+    /// The peer's certificate was not issued by our data center's CA.
+    #[error(
+        "the certificate of {who} was not issued by this installation's data-center CA \
+         ({detail}); it belongs to another installation or is forged"
+    )]
+    Untrusted {
+        /// Whom we meant to talk to.
+        who: String,
+        /// rustls's finding.
+        detail: String,
+    },
+    /// The peer rejected our certificate.
+    #[error(
+        "{who} refused this box's certificate (TLS alert {alert:?}); it was probably \
+         issued for another pair or another data center, or the peer expects another partner"
+    )]
+    RefusedByPeer {
+        /// Whom we talked to.
+        who: String,
+        /// The TLS alert it sent.
+        alert: AlertDescription,
+    },
+    /// Any other failure during the TLS handshake.
+    #[error("TLS with {who} failed: {source}")]
+    Handshake {
+        /// Whom we talked to.
+        who: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl TlsError {
+    /// Turns an I/O error from a TLS stream into the most useful explanation for an operator,
+    /// recognising certificate refusals on either side. `who` describes the peer.
+    pub fn explain(who: impl fmt::Display, err: io::Error) -> TlsError {
+        let who = who.to_string();
+        let Some(tls) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return TlsError::Handshake { who, source: err };
+        };
+        match tls {
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                presented,
+                ..
+            }) => TlsError::WrongPeer {
+                expected: who,
+                presented: describe_names(presented),
+            },
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                match other.0.downcast_ref::<PeerRefused>() {
+                    Some(refused) => TlsError::WrongPeer {
+                        expected: refused.expected.clone(),
+                        presented: refused.presented.clone(),
+                    },
+                    None => TlsError::Handshake { who, source: err },
+                }
+            }
+            rustls::Error::InvalidCertificate(
+                e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
+            ) => TlsError::Untrusted {
+                who,
+                detail: format!("{e:?}"),
+            },
+            rustls::Error::AlertReceived(
+                alert @ (AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::AccessDenied
+                | AlertDescription::CertificateRequired),
+            ) => TlsError::RefusedByPeer { who, alert: *alert },
+            _ => TlsError::Handshake { who, source: err },
+        }
+    }
+}
+
+fn describe_names(names: &[String]) -> String {
+    let peers: Vec<String> = names
+        .iter()
+        .map(|name| {
+            // rustls reports names in their Debug form: `DnsName("…")`.
+            let bare = name
+                .strip_prefix("DnsName(\"")
+                .and_then(|rest| rest.strip_suffix("\")"))
+                .unwrap_or(name);
+            (bare, name)
+        })
+        .map(|(bare, name)| match PeerName::from_certificate_name(bare) {
+            Some(peer) => peer.to_string(),
+            None => format!("{name:?}"),
+        })
+        .collect();
+    if peers.is_empty() {
+        "no name at all".to_owned()
+    } else {
+        peers.join(", ")
+    }
+}
+
+/// The CA certificate a box pins: the only issuer it trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustRoot {
+    cert: CertificateDer<'static>,
+}
+
+impl TrustRoot {
+    /// Reads the CA certificate from a PEM file.
+    pub fn load(path: &Path) -> Result<Self, TlsError> {
+        let cert = CertificateDer::from_pem_file(path).map_err(|e| pem_error(path, e))?;
+        Ok(Self { cert })
+    }
+
+    /// Parses the CA certificate from PEM text (as given at activation).
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let cert = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| TlsError::Certificate(format!("CA certificate: {e}")))?;
+        Ok(Self { cert })
+    }
+
+    /// The certificate as PEM text.
+    pub fn to_pem(&self) -> String {
+        to_pem("CERTIFICATE", &self.cert)
+    }
+
+    /// Writes the certificate as PEM, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), TlsError> {
+        write_atomic(path, self.to_pem().as_bytes(), 0o644)
+    }
+
+    /// The DER certificate.
+    pub fn der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    fn store(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.cert.clone())
+            .map_err(|e| TlsError::Config(format!("CA certificate unusable: {e}")))?;
+        Ok(Arc::new(roots))
+    }
+}
+
+/// A certificate chain and its private key: who this process is on the wire.
+#[derive(Debug)]
+pub struct Identity {
+    name: PeerName,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// Builds an identity from a chain (leaf first) and its key; the name comes from the leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::Certificate("empty certificate chain".to_owned()))?;
+        let name = PeerName::of_certificate(leaf)?;
+        Ok(Self { name, chain, key })
+    }
+
+    /// Reads a certificate chain and a private key from PEM files.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
+        let chain = CertificateDer::pem_file_iter(cert_path)
+            .map_err(|e| pem_error(cert_path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(cert_path, e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Pem {
+                path: cert_path.to_owned(),
+                detail: "no certificate in the file".to_owned(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_error(key_path, e))?;
+        Self::new(chain, key)
+    }
+
+    /// Writes the chain and the key as PEM, atomically; the key file is readable by its owner
+    /// only.
+    pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
+        let chain: String = self
+            .chain
+            .iter()
+            .map(|cert| to_pem("CERTIFICATE", cert))
+            .collect();
+        write_atomic(key_path, key_pem(&self.key).as_bytes(), 0o600)?;
+        write_atomic(cert_path, chain.as_bytes(), 0o644)
+    }
+
+    /// Whom this identity speaks for.
+    pub fn name(&self) -> &PeerName {
+        &self.name
+    }
+
+    /// The leaf certificate.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        // `new` refuses an empty chain.
+        &self.chain[0]
+    }
+}
+
+/// The data center's certificate authority: issues box and data-center identities.
+pub struct CertificateAuthority {
+    cert: CertificateDer<'static>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("CertificateAuthority")
+            .field("cert_len", &self.cert.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Creates a new CA with a fresh key; `common_name` names the installation
+    /// ("Example Telecom lbs CA").
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate().map_err(rcgen_error)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "lbs");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_VALIDITY);
+        let cert = params.self_signed(&key).map_err(rcgen_error)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Reads a CA certificate and its key from PEM files.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
+        let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| pem_error(cert_path, e))?;
+        let key_pem = fs::read_to_string(key_path).map_err(|source| TlsError::Io {
+            path: key_path.to_owned(),
+            source,
+        })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Pem {
+            path: key_path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(rcgen_error)?;
+        Ok(Self {
+            cert,
+            key_pem,
+            issuer,
+        })
+    }
+
+    /// Writes the CA certificate and key as PEM, atomically; the key is owner-only.
+    pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
+        write_atomic(key_path, self.key_pem.as_bytes(), 0o600)?;
+        self.trust_root().save(cert_path)
+    }
+
+    /// The certificate boxes pin.
+    pub fn trust_root(&self) -> TrustRoot {
+        TrustRoot {
+            cert: self.cert.clone(),
+        }
+    }
+
+    /// Issues a certificate for `name` over a public key the subject generated itself (the
+    /// key never leaves the box).
+    pub fn issue(
+        &self,
+        name: &PeerName,
+        public_key: &impl PublicKeyData,
+    ) -> Result<CertificateDer<'static>, TlsError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.to_string());
+        let dns = name
+            .certificate_name()
+            .try_into()
+            .map_err(|e| TlsError::Certificate(format!("name {name}: {e}")))?;
+        params.subject_alt_names = vec![SanType::DnsName(dns)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Boxes are both clients and servers: either side of a pair may dial the other.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, IDENTITY_VALIDITY);
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(rcgen_error)?;
+        Ok(cert.der().clone())
+    }
+
+    /// Generates a key pair and issues an identity for it in one step: for the data center's
+    /// own endpoints, the lab and tests. Boxes generate their key themselves and use
+    /// [`CertificateAuthority::issue`].
+    pub fn issue_identity(&self, name: &PeerName) -> Result<Identity, TlsError> {
+        let key = KeyPair::generate().map_err(rcgen_error)?;
+        let cert = self.issue(name, &key)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| TlsError::Certificate(format!("generated key: {e}")))?;
+        Ok(Identity {
+            name: name.clone(),
+            chain: vec![cert],
+            key,
+        })
+    }
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // An hour of slack for boxes whose clock is a little behind the data center's.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + validity;
+}
+
+fn rcgen_error(err: rcgen::Error) -> TlsError {
+    TlsError::Certificate(err.to_string())
+}
+
+fn pem_error(path: &Path, err: rustls_pki_types::pem::Error) -> TlsError {
+    match err {
+        rustls_pki_types::pem::Error::Io(source) => TlsError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::Pem {
+            path: path.to_owned(),
+            detail: "no PEM section of the expected kind in the file".to_owned(),
+        },
+        other => TlsError::Pem {
+            path: path.to_owned(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn to_pem(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der))
+}
+
+fn key_pem(key: &PrivateKeyDer<'_>) -> String {
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    to_pem(label, key.secret_der())
+}
+
+/// Writes a file by temp file + fsync + rename + fsync of the directory, so a crash leaves
+/// either the old file or the new one, and creates it with `mode` from the start (a key is
+/// never readable by others, not even for a moment).
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    let io_err = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ))
+    })?;
+    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)
+}
+
+/// Which clients a server accepts, beyond "issued by our CA".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcceptPeers {
+    /// Exactly this peer (a box serving its partner).
+    Only(PeerName),
+    /// Any box the CA issued (the data center).
+    AnyBox,
+}
+
+impl fmt::Display for AcceptPeers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AcceptPeers::Only(peer) => write!(f, "{peer}"),
+            AcceptPeers::AnyBox => f.write_str("an lbs box"),
+        }
+    }
+}
+
+/// The reason our server refused a client certificate, carried through rustls so that the
+/// accepting side can report it precisely.
+#[derive(Debug, thiserror::Error)]
+#[error("{presented} is not allowed to connect; only {expected} is")]
+struct PeerRefused {
+    expected: String,
+    presented: String,
+}
+
+/// A client-certificate verifier: the WebPKI chain check against our CA, then the name check
+/// of [`AcceptPeers`].
+#[derive(Debug)]
+pub struct PeerVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    accept: AcceptPeers,
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[RustlsDn] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let presented = PeerName::of_certificate(end_entity);
+        let allowed = match (&self.accept, &presented) {
+            (AcceptPeers::Only(want), Ok(got)) => want == got,
+            (AcceptPeers::AnyBox, Ok(PeerName::Box(_))) => true,
+            _ => false,
+        };
+        if allowed {
+            return Ok(ClientCertVerified::assertion());
+        }
+        let presented = match presented {
+            Ok(peer) => peer.to_string(),
+            Err(err) => err.to_string(),
+        };
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(PeerRefused {
+                expected: self.accept.to_string(),
+                presented,
+            })),
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS 1.3 server configuration presenting `identity` and accepting only clients that
+/// chain to `root` and match `accept`.
+pub fn server_config(
+    identity: &Identity,
+    root: &TrustRoot,
+    accept: AcceptPeers,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(root.store()?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = Arc::new(PeerVerifier { inner, accept });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client configuration presenting `identity` and trusting only servers that chain
+/// to `root`; the expected server is named at [`connect`].
+pub fn client_config(identity: &Identity, root: &TrustRoot) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// Opens TLS over `io` to `expected`, which must present a certificate for exactly that name.
+///
+/// In TLS 1.3 the server checks our certificate after we finish, so a refusal of *our*
+/// certificate surfaces on the first read (the `Hello` exchange), not here.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ClientConfig>,
+    expected: &PeerName,
+    io: S,
+) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
+    tokio_rustls::TlsConnector::from(config)
+        .connect(expected.server_name(), io)
+        .await
+        .map_err(|err| TlsError::explain(expected, err))
+}
+
+/// Accepts TLS over `io` and returns the stream with the verified client's name.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ServerConfig>,
+    io: S,
+) -> Result<(tokio_rustls::server::TlsStream<S>, PeerName), TlsError> {
+    let stream = tokio_rustls::TlsAcceptor::from(config)
+        .accept(io)
+        .await
+        .map_err(|err| TlsError::explain("the connecting peer", err))?;
+    let peer = verified_peer(stream.get_ref().1)?;
+    Ok((stream, peer))
+}
+
+/// The name in the certificate the peer of an established connection presented (and rustls
+/// verified).
+pub fn verified_peer(state: &CommonState) -> Result<PeerName, TlsError> {
+    let leaf = state
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| TlsError::Certificate("the peer presented no certificate".to_owned()))?;
+    PeerName::of_certificate(leaf)
+}

@@ -1,0 +1,416 @@
+//! Frames and the hello exchange under good, odd and hostile input.
+
+// In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::frame::{self, HEADER_LEN};
+use lbs_protocol::handshake::exchange_hello;
+use lbs_protocol::{
+    Envelope, FrameCodec, FrameError, Generation, HandshakeError, Hello, MAX_FRAME_LEN, Message,
+    PeerName, ProtocolVersion, Refusal, Role, Sender, ServerId, SoftwareVersion,
+};
+use proptest::prelude::*;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_util::codec::Decoder;
+
+fn arb_sid() -> impl Strategy<Value = ServerId> {
+    any::<[u8; 6]>().prop_map(ServerId::from_bytes)
+}
+
+fn arb_role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        Just(Role::Unactivated),
+        Just(Role::Primary),
+        Just(Role::Backup),
+        Just(Role::Fenced)
+    ]
+}
+
+fn arb_protocol() -> impl Strategy<Value = ProtocolVersion> {
+    (any::<u16>(), any::<u16>()).prop_map(|(major, minor)| ProtocolVersion { major, minor })
+}
+
+fn arb_hello() -> impl Strategy<Value = Hello> {
+    let sender = prop_oneof![
+        (arb_sid(), arb_role()).prop_map(|(sid, role)| Sender::Box { sid, role }),
+        ".{0,24}".prop_map(|site| Sender::DataCenter { site }),
+    ];
+    (arb_protocol(), any::<(u32, u32, u32)>(), sender).prop_map(
+        |(protocol, (major, minor, patch), sender)| Hello {
+            protocol,
+            software: SoftwareVersion {
+                major,
+                minor,
+                patch,
+            },
+            sender,
+        },
+    )
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let refusal = prop_oneof![
+        (arb_protocol(), arb_protocol())
+            .prop_map(|(ours, yours)| Refusal::IncompatibleProtocol { ours, yours }),
+        (".{0,40}", ".{0,40}")
+            .prop_map(|(certificate, hello)| Refusal::IdentityMismatch { certificate, hello }),
+        ".{0,80}".prop_map(|detail| Refusal::ProtocolViolation { detail }),
+    ];
+    prop_oneof![
+        arb_hello().prop_map(Message::Hello),
+        refusal.prop_map(Message::Refused),
+        (any::<u64>(), arb_role()).prop_map(|(seq, role)| Message::Heartbeat { seq, role }),
+        (any::<u64>(), arb_role()).prop_map(|(seq, role)| Message::HeartbeatAck { seq, role }),
+        ".{0,200}".prop_map(|reason| Message::Goodbye { reason }),
+    ]
+}
+
+fn arb_envelope() -> impl Strategy<Value = Envelope> {
+    (any::<u64>(), arb_message()).prop_map(|(generation, message)| Envelope {
+        generation: Generation(generation),
+        message,
+    })
+}
+
+fn encode_all(envelopes: &[Envelope]) -> BytesMut {
+    let mut wire = BytesMut::new();
+    for envelope in envelopes {
+        frame::encode(envelope, &mut wire, MAX_FRAME_LEN).unwrap();
+    }
+    wire
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(envelope in arb_envelope()) {
+        let mut wire = encode_all(std::slice::from_ref(&envelope));
+        let len = u32::from_be_bytes(wire[..HEADER_LEN].try_into().unwrap()) as usize;
+        prop_assert_eq!(len, wire.len() - HEADER_LEN);
+        let decoded = frame::decode::<Envelope>(&mut wire, MAX_FRAME_LEN).unwrap();
+        prop_assert_eq!(decoded, Some(envelope));
+        prop_assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn frames_split_anywhere_decode_in_order(
+        envelopes in prop::collection::vec(arb_envelope(), 1..6),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let wire = encode_all(&envelopes);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(wire.len())).collect();
+        cuts.push(wire.len());
+        cuts.sort_unstable();
+        let mut codec = FrameCodec::<Envelope>::new();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut start = 0;
+        for cut in cuts {
+            buf.extend_from_slice(&wire[start..cut]);
+            start = cut;
+            while let Some(envelope) = codec.decode(&mut buf).unwrap() {
+                got.push(envelope);
+            }
+        }
+        prop_assert_eq!(got, envelopes);
+    }
+
+    #[test]
+    fn a_truncated_frame_is_incomplete_then_an_error_at_eof(
+        envelope in arb_envelope(),
+        keep in any::<prop::sample::Index>(),
+    ) {
+        let wire = encode_all(&[envelope]);
+        let keep = keep.index(wire.len()).max(1);
+        let mut buf = BytesMut::from(&wire[..keep]);
+        let mut codec = FrameCodec::<Envelope>::new();
+        prop_assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        let eof = codec.decode_eof(&mut buf);
+        prop_assert!(
+            matches!(eof, Err(FrameError::Truncated { buffered }) if buffered == keep),
+            "{:?}", eof
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        lbs_protocol::fuzzing::decode_untrusted(&data);
+    }
+
+    #[test]
+    fn corrupted_frames_never_panic(
+        envelope in arb_envelope(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let mut wire = encode_all(&[envelope]).to_vec();
+        for (idx, byte) in flips {
+            let idx = idx.index(wire.len());
+            wire[idx] ^= byte | 1;
+        }
+        lbs_protocol::fuzzing::decode_untrusted(&wire);
+        lbs_protocol::fuzzing::decode_untrusted(&wire[HEADER_LEN.min(wire.len())..]);
+    }
+
+    #[test]
+    fn announced_lengths_over_the_limit_are_refused(len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX) {
+        let mut buf = BytesMut::new();
+        buf.put_u32(len);
+        buf.put_slice(&[0; 16]);
+        let err = FrameCodec::<Envelope>::new().decode(&mut buf).unwrap_err();
+        prop_assert!(matches!(err, FrameError::TooLarge { .. }), "{}", err);
+    }
+}
+
+const A: &str = "00-1A-2B-3C-4D-5E";
+const B: &str = "00-1A-2B-3C-4D-5F";
+
+fn box_name(text: &str) -> PeerName {
+    PeerName::Box(text.parse().unwrap())
+}
+
+fn hello(sid: &str, protocol: ProtocolVersion) -> Hello {
+    Hello {
+        protocol,
+        software: SoftwareVersion::current(),
+        sender: Sender::Box {
+            sid: sid.parse().unwrap(),
+            role: Role::Backup,
+        },
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn run_pair(
+    a: ProtocolVersion,
+    b: ProtocolVersion,
+) -> (
+    Result<lbs_protocol::Negotiated, HandshakeError>,
+    Result<lbs_protocol::Negotiated, HandshakeError>,
+) {
+    let (io_a, io_b) = tokio::io::duplex(4096);
+    let (name_a, name_b) = (box_name(A), box_name(B));
+    let side_a = async {
+        exchange_hello(io_a, &name_b, hello(A, a), Generation(1), TIMEOUT)
+            .await
+            .map(|(_, n)| n)
+    };
+    let side_b = async {
+        exchange_hello(io_b, &name_a, hello(B, b), Generation(1), TIMEOUT)
+            .await
+            .map(|(_, n)| n)
+    };
+    tokio::join!(side_a, side_b)
+}
+
+fn v(major: u16, minor: u16) -> ProtocolVersion {
+    ProtocolVersion { major, minor }
+}
+
+#[tokio::test]
+async fn a_compatible_minor_difference_uses_the_lower_minor() {
+    let (a, b) = run_pair(v(1, 0), v(1, 3)).await;
+    assert_eq!(a.unwrap().version, v(1, 0));
+    assert_eq!(b.unwrap().version, v(1, 0));
+}
+
+#[tokio::test]
+async fn an_incompatible_major_is_refused_naming_both_versions() {
+    let (a, b) = run_pair(v(1, 2), v(2, 0)).await;
+    for (err, ours, theirs) in [
+        (a.unwrap_err(), "1.2", "2.0"),
+        (b.unwrap_err(), "2.0", "1.2"),
+    ] {
+        assert!(
+            matches!(err, HandshakeError::IncompatibleProtocol { .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "speaks protocol {theirs} but this side speaks {ours}"
+            )),
+            "{text}"
+        );
+    }
+}
+
+/// What a hypothetical protocol 2 `Hello` might look like: the same leading fields, then a
+/// layout protocol 1 cannot read.
+#[derive(Serialize)]
+struct FutureHello {
+    generation: u64,
+    variant: u32,
+    protocol: ProtocolVersion,
+    capabilities: Vec<String>,
+    sender_kind: u32,
+}
+
+async fn send_raw(io: &mut DuplexStream, payload: &[u8]) {
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    io.write_all(&frame).await.unwrap();
+}
+
+/// Reads the frame the side under test sent, then the frame it sends in reply (if any).
+async fn next_envelope(io: &mut DuplexStream) -> Option<Envelope> {
+    let mut header = [0u8; 4];
+    io.read_exact(&mut header).await.ok()?;
+    let mut payload = vec![0; u32::from_be_bytes(header) as usize];
+    io.read_exact(&mut payload).await.ok()?;
+    frame::decode_payload(&payload).ok()
+}
+
+#[tokio::test]
+async fn a_future_major_hello_is_refused_even_though_it_cannot_be_read() {
+    let (io, mut peer) = tokio::io::duplex(4096);
+    let future = postcard::to_stdvec(&FutureHello {
+        generation: 9,
+        variant: 0,
+        protocol: v(2, 5),
+        capabilities: vec!["quantum-sync".into()],
+        sender_kind: 77,
+    })
+    .unwrap();
+    send_raw(&mut peer, &future).await;
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HandshakeError::IncompatibleProtocol { theirs, .. } if theirs == v(2, 5)),
+        "{err}"
+    );
+    // The future peer is told why, in a form it can read: its hello, then our refusal.
+    assert!(matches!(
+        next_envelope(&mut peer).await.map(|e| e.message),
+        Some(Message::Hello(_))
+    ));
+    assert_eq!(
+        next_envelope(&mut peer).await.map(|e| e.message),
+        Some(Message::Refused(Refusal::IncompatibleProtocol {
+            ours: v(1, 0),
+            yours: v(2, 5)
+        }))
+    );
+}
+
+#[tokio::test]
+async fn a_first_message_other_than_hello_is_refused() {
+    let (io, mut peer) = tokio::io::duplex(4096);
+    let mut wire = BytesMut::new();
+    frame::encode(
+        &Envelope {
+            generation: Generation(1),
+            message: Message::Heartbeat {
+                seq: 1,
+                role: Role::Primary,
+            },
+        },
+        &mut wire,
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    peer.write_all(&wire).await.unwrap();
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HandshakeError::NotHello {
+                kind: "heartbeat",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_instead_of_hello_is_reported_with_its_reason() {
+    let (io, mut peer) = tokio::io::duplex(4096);
+    let mut wire = BytesMut::new();
+    frame::encode(
+        &Envelope {
+            generation: Generation(1),
+            message: Message::Refused(Refusal::ProtocolViolation {
+                detail: "going away".into(),
+            }),
+        },
+        &mut wire,
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    peer.write_all(&wire).await.unwrap();
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("going away"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_times_out() {
+    let (io, _peer) = tokio::io::duplex(4096);
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HandshakeError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_peer_that_hangs_up_or_lies_about_length_is_an_error() {
+    let (io, peer) = tokio::io::duplex(4096);
+    drop(peer);
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    // Our hello cannot even be written to a closed pipe; either way it is not a success.
+    assert!(
+        matches!(err, HandshakeError::Closed { .. } | HandshakeError::Tls(_)),
+        "{err}"
+    );
+
+    let (io, mut peer) = tokio::io::duplex(4096);
+    peer.write_all(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let err = exchange_hello(io, &box_name(B), hello(A, v(1, 0)), Generation(1), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HandshakeError::Frame {
+                source: FrameError::TooLarge { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn messages_flow_after_the_hello_exchange() {
+    let (io_a, io_b) = tokio::io::duplex(4096);
+    let (name_a, name_b) = (box_name(A), box_name(B));
+    let (a, b) = tokio::join!(
+        exchange_hello(io_a, &name_b, hello(A, v(1, 0)), Generation(4), TIMEOUT),
+        exchange_hello(io_b, &name_a, hello(B, v(1, 0)), Generation(4), TIMEOUT),
+    );
+    let (mut a, _) = a.unwrap();
+    let (mut b, negotiated) = b.unwrap();
+    assert_eq!(negotiated.peer_generation, Generation(4));
+    let ping = Envelope {
+        generation: Generation(4),
+        message: Message::Heartbeat {
+            seq: 42,
+            role: Role::Primary,
+        },
+    };
+    a.send(ping.clone()).await.unwrap();
+    assert_eq!(b.next().await.unwrap().unwrap(), ping);
+}
