@@ -25,14 +25,17 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, CommonState, DigitallySignedStruct,
-    DistinguishedName as RustlsDn, OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    AlertDescription, CertificateError, CommonState, DigitallySignedStruct,
+    DistinguishedName as RustlsDn, OtherError, RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::ids::ServerId;
+
+// Callers hold these configurations; re-exported so they need no rustls dependency of their own.
+pub use rustls::{ClientConfig, ServerConfig};
 
 /// The certificate name of the data center's endpoints.
 const DATACENTER_NAME: &str = "datacenter.lbs.invalid";
@@ -162,6 +165,17 @@ pub enum TlsError {
         /// Whom the certificate names.
         presented: String,
     },
+    /// A client with a valid certificate connected, but it is not one we accept.
+    #[error(
+        "{presented} tried to connect, but only {allowed} may; refused (a box of another \
+         pair, or an impostor)"
+    )]
+    NotAllowed {
+        /// Whom we accept.
+        allowed: String,
+        /// Whom the client's certificate names.
+        presented: String,
+    },
     /// The peer's certificate was not issued by our data center's CA.
     #[error(
         "the certificate of {who} was not issued by this installation's data-center CA \
@@ -215,8 +229,8 @@ impl TlsError {
             },
             rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
                 match other.0.downcast_ref::<PeerRefused>() {
-                    Some(refused) => TlsError::WrongPeer {
-                        expected: refused.expected.clone(),
+                    Some(refused) => TlsError::NotAllowed {
+                        allowed: refused.expected.clone(),
                         presented: refused.presented.clone(),
                     },
                     None => TlsError::Handshake { who, source: err },
@@ -736,15 +750,35 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|err| TlsError::explain(expected, err))
 }
 
+/// How long a server keeps a refused connection open so its TLS alert reaches the client.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Accepts TLS over `io` and returns the stream with the verified client's name.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     io: S,
 ) -> Result<(tokio_rustls::server::TlsStream<S>, PeerName), TlsError> {
-    let stream = tokio_rustls::TlsAcceptor::from(config)
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = match tokio_rustls::TlsAcceptor::from(config)
         .accept(io)
+        .into_fallible()
         .await
-        .map_err(|err| TlsError::explain("the connecting peer", err))?;
+    {
+        Ok(stream) => stream,
+        Err((err, mut io)) => {
+            // The client may already have sent its first message. Closing with that unread
+            // makes the kernel answer with a reset, which can overtake our alert and leave the
+            // client with "connection reset" instead of the reason: so close our side and
+            // read until the client, having read the alert, hangs up.
+            let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+                let _ = io.shutdown().await;
+                let mut sink = [0u8; 1024];
+                while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            return Err(TlsError::explain("the connecting peer", err));
+        }
+    };
     let peer = verified_peer(stream.get_ref().1)?;
     Ok((stream, peer))
 }

@@ -172,11 +172,8 @@ async fn a_client_with_our_ca_but_another_sid_is_refused() {
     .await;
     let server = server.unwrap_err();
     match &server {
-        HandshakeError::Tls(TlsError::WrongPeer {
-            expected,
-            presented,
-        }) => {
-            assert_eq!(expected, &format!("box {BACKUP}"));
+        HandshakeError::Tls(TlsError::NotAllowed { allowed, presented }) => {
+            assert_eq!(allowed, &format!("box {BACKUP}"));
             assert_eq!(presented, &format!("box {STRANGER}"));
         }
         other => panic!("server: {other}"),
@@ -289,7 +286,10 @@ async fn the_data_center_accepts_any_box_of_its_ca_but_no_other() {
     )
     .await;
     assert!(
-        matches!(server, Err(HandshakeError::Tls(TlsError::WrongPeer { .. }))),
+        matches!(
+            server,
+            Err(HandshakeError::Tls(TlsError::NotAllowed { .. }))
+        ),
         "{server:?}"
     );
 }

@@ -1,0 +1,45 @@
+//! `lbs-tests`: the lab in which lbs is tested as an operator would meet it: real binaries in
+//! Linux network namespaces joined by veth pairs and a bridge (the office LAN).
+//!
+//! - [`netns::Lab`]: creates namespaces under a per-test unique prefix, wires them to a LAN
+//!   bridge, runs processes inside, and removes every namespace and process it made when it
+//!   is dropped, even when the test panics.
+//! - [`require_root`]: root-only tests call it first; without root they report themselves
+//!   skipped (to stderr and to `cargo xtask test`, which counts them and fails a root run
+//!   that skipped any).
+
+pub mod netns;
+
+use std::io::Write;
+
+/// The environment variable naming the file where skipped root-only tests are recorded.
+/// `cargo xtask test` sets it, reads the file and counts the lines.
+pub const SKIP_LOG_ENV: &str = "LBS_SKIP_LOG";
+
+/// Whether this process runs as root (uid 0), read from the owner of `/proc/self`.
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|meta| meta.uid() == 0)
+}
+
+/// Returns `true` when the test may go on (we are root); otherwise records the skip with
+/// its reason and returns `false`, and the test should return at once.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    let reason = "needs root for network namespaces; run `sudo cargo xtask test`";
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "{test}: {reason}"));
+        if let Err(err) = appended {
+            // Losing the record would let a skip pass unseen: make it a failure instead.
+            panic!("cannot record the skip of {test} in {path:?}: {err}");
+        }
+    }
+    false
+}

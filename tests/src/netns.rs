@@ -1,0 +1,251 @@
+//! Hosts in network namespaces: [`Lab`] builds them and tears them down.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The bridge inside the LAN namespace that plays the office switch.
+const BRIDGE: &str = "br0";
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A set of network namespaces and the processes running in them, removed on drop.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    lan: Option<String>,
+    hosts: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    /// Starts an empty lab. The prefix `lbs<pid>x<n>-` is unique to this process and lab, so
+    /// concurrent tests (and concurrent test runs) never touch each other's namespaces.
+    pub fn new() -> Lab {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        Lab {
+            prefix: format!("lbs{}x{n}-", std::process::id()),
+            namespaces: Vec::new(),
+            lan: None,
+            hosts: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// The prefix every namespace of this lab starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full namespace name of a host.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    fn add_namespace(&mut self, host: &str) -> anyhow::Result<String> {
+        let ns = self.ns(host);
+        ip(&["netns", "add", &ns])?;
+        // Record it before anything else can fail, so Drop removes it.
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Adds the office LAN: a namespace holding a bridge every host plugs into.
+    pub fn add_lan(&mut self) -> anyhow::Result<()> {
+        let ns = self.add_namespace("lan")?;
+        ip(&["-n", &ns, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", BRIDGE, "up"])?;
+        self.lan = Some(ns);
+        Ok(())
+    }
+
+    /// Adds a host plugged into the LAN with `eth0` at `cidr` (`192.168.1.2/24`).
+    pub fn add_host(&mut self, host: &str, cidr: &str) -> anyhow::Result<()> {
+        let lan = self.lan.clone().context("add_lan before add_host")?;
+        let ns = self.add_namespace(host)?;
+        // The switch-side end is named by port number: interface names are limited to 15
+        // bytes, host names are not.
+        let port = format!("port{}", self.hosts.len());
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            &lan,
+        ])?;
+        ip(&["-n", &lan, "link", "set", &port, "master", BRIDGE])?;
+        ip(&["-n", &lan, "link", "set", &port, "up"])?;
+        ip(&["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        self.hosts.push(host.to_owned());
+        Ok(())
+    }
+
+    /// A command that runs `program` inside `host`'s namespace.
+    pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)]).arg(program);
+        cmd
+    }
+
+    /// Runs a command to completion inside the lab, killing it if it outlives `timeout`.
+    pub fn run(&mut self, mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        // Track it so Drop kills it if the wait below panics or times out.
+        self.children.push(child);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let idx = self.child_index(pid)?;
+            if self.children[idx].try_wait()?.is_some() {
+                let child = self.children.remove(idx);
+                return child.wait_with_output().context("collecting output");
+            }
+            if Instant::now() >= deadline {
+                bail!("{cmd:?} did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a long-running process inside the lab and waits for a line of its standard
+    /// output that starts with `ready_prefix`, returning the rest of that line.
+    pub fn spawn_until(
+        &mut self,
+        mut cmd: Command,
+        ready_prefix: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u32, String)> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().context("child stdout")?;
+        self.children.push(child);
+        let (tx, rx) = mpsc::channel();
+        let label = format!("[{}]", host_of(&cmd));
+        // Drains the child's output for its whole life (a full pipe would block it, a closed
+        // one would kill it), echoing it to the test's stderr, which cargo shows on failure.
+        // It ends when the child's stdout closes, which Drop guarantees by killing the child.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("{label} {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(ready_prefix) {
+                        return Ok((pid, rest.to_owned()));
+                    }
+                }
+                Err(_) => bail!("{cmd:?} did not print {ready_prefix:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Asks a process this lab started to stop (SIGTERM) and waits up to `timeout` for it.
+    pub fn stop(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let idx = self.child_index(pid)?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed: {status}");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.children[idx].try_wait()? {
+                // Already reaped by try_wait; wait() just returns the cached status.
+                let _ = self.children.remove(idx).wait();
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("process {pid} did not stop within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_index(&self, pid: u32) -> anyhow::Result<usize> {
+        self.children
+            .iter()
+            .position(|child| child.id() == pid)
+            .with_context(|| format!("process {pid} was not started by this lab"))
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Only what this lab started: its own children, then its own namespaces.
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(err) = ip(&["netns", "del", ns]) {
+                eprintln!("lab cleanup: {err:#}");
+            }
+        }
+    }
+}
+
+/// The host a lab command runs in (the namespace after `ip netns exec`), for labelling output.
+fn host_of(cmd: &Command) -> &str {
+    cmd.get_args()
+        .nth(2)
+        .and_then(|ns| ns.to_str())
+        .unwrap_or("?")
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The namespaces that currently exist whose names start with `prefix`.
+pub fn namespaces_with_prefix(prefix: &str) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("cannot run `ip netns list`")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_owned)
+        .collect())
+}

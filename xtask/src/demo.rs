@@ -1,0 +1,279 @@
+//! `cargo xtask demo`: builds lbs and shows what exists working, with a timeline.
+//!
+//! Today that is the protocol layer: a primary and a backup (two processes on loopback)
+//! complete a mutual-TLS `Hello` exchange with certificates from a data-center CA, time
+//! heartbeats, and refuse a stranger whose certificate is valid but names another box.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::util::{cargo, run_step, seconds, target_dir};
+
+const PRIMARY: &str = "00-1A-2B-3C-4D-5E";
+const BACKUP: &str = "00-1A-2B-3C-4D-5F";
+const STRANGER: &str = "66-77-88-99-AA-BB";
+/// The longest any single demo step may take before the demo gives up on it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args)]
+pub struct DemoArgs {}
+
+/// The steps and how long each took, printed at the end.
+struct Timeline {
+    started: Instant,
+    steps: Vec<(String, Duration)>,
+}
+
+impl Timeline {
+    fn step<T>(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        println!("\n--- {name}");
+        let started = Instant::now();
+        let result = f().with_context(|| format!("demo step {name:?}"))?;
+        self.steps.push((name.to_owned(), started.elapsed()));
+        Ok(result)
+    }
+
+    fn print(&self) {
+        println!("\n=== timeline");
+        let mut at = Duration::ZERO;
+        for (name, took) in &self.steps {
+            println!("  +{:>8}  {:>8}  {name}", seconds(at), seconds(*took));
+            at += *took;
+        }
+        println!("  total {}", seconds(self.started.elapsed()));
+    }
+}
+
+pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
+    let mut timeline = Timeline {
+        started: Instant::now(),
+        steps: Vec::new(),
+    };
+    timeline.step("build lbs", || {
+        run_step(
+            "cargo build",
+            cargo().args(["build", "--locked", "--workspace", "--bins"]),
+        )
+    })?;
+    let hello = target_dir().join("debug").join("lbs-hello");
+    let dir = target_dir().join("demo");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+
+    timeline.step(
+        "data-center CA issues identities for the pair (and a stranger)",
+        || {
+            let out = checked(
+                Command::new(&hello)
+                    .args(["issue", "--dir"])
+                    .arg(&dir)
+                    .args(["--box", &format!("primary={PRIMARY}")])
+                    .args(["--box", &format!("backup={BACKUP}")])
+                    .args(["--box", &format!("stranger={STRANGER}")]),
+            )?;
+            indent(&out.stdout);
+            Ok(())
+        },
+    )?;
+
+    let mut server = timeline.step("primary starts serving its partner only", || {
+        Server::start(peer(&hello, &dir, "serve", "primary", BACKUP).args([
+            "--role",
+            "primary",
+            "--listen",
+            "127.0.0.1:0",
+        ]))
+    })?;
+    let addr = server.addr.clone();
+    println!("    primary listening on {addr}, accepting only box {BACKUP}");
+
+    timeline.step("backup connects: mutual TLS, hello, heartbeats", || {
+        let out = checked(peer(&hello, &dir, "dial", "backup", PRIMARY).args([
+            "--role",
+            "backup",
+            "--connect",
+            &addr,
+        ]))?;
+        indent(&out.stdout);
+        Ok(())
+    })?;
+
+    timeline.step(
+        "a stranger with a valid certificate for another box is refused",
+        || {
+            let out = run_with_timeout(peer(&hello, &dir, "dial", "stranger", PRIMARY).args([
+                "--role",
+                "backup",
+                "--connect",
+                &addr,
+            ]))?;
+            if out.status.success() {
+                bail!("the stranger was accepted: the partner check is broken");
+            }
+            indent(&out.stderr);
+            Ok(())
+        },
+    )?;
+
+    timeline.step("primary stops on SIGTERM and reports what it saw", || {
+        let lines = server.stop()?;
+        for line in lines {
+            println!("    {line}");
+        }
+        Ok(())
+    })?;
+
+    timeline.print();
+    println!(
+        "\nWhat exists today is the protocol layer (lbs-protocol). Sync, tunnels, the data \
+         center and failover join this demo as they land."
+    );
+    Ok(())
+}
+
+fn peer(hello: &Path, dir: &Path, verb: &str, label: &str, partner: &str) -> Command {
+    let mut cmd = Command::new(hello);
+    cmd.arg(verb)
+        .arg("--identity")
+        .arg(dir.join(label))
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .args(["--partner", partner]);
+    cmd
+}
+
+fn indent(text: &[u8]) {
+    for line in String::from_utf8_lossy(text).lines() {
+        println!("    {line}");
+    }
+}
+
+/// Runs a command with [`STEP_TIMEOUT`], killing it if it hangs.
+fn run_with_timeout(cmd: &mut Command) -> anyhow::Result<Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut guard = Guard(Some(child));
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while guard.child()?.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            bail!("{cmd:?} did not finish within {STEP_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let child = guard.0.take().context("child already collected")?;
+    Ok(child.wait_with_output()?)
+}
+
+/// Like [`run_with_timeout`], but a failure is an error carrying the command's stderr.
+fn checked(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = run_with_timeout(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Kills the child it holds when dropped, so no demo process outlives a failed step.
+struct Guard(Option<Child>);
+
+impl Guard {
+    fn child(&mut self) -> anyhow::Result<&mut Child> {
+        self.0.as_mut().context("child already collected")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The long-running `serve` process and its output.
+struct Server {
+    guard: Guard,
+    lines: mpsc::Receiver<String>,
+    addr: String,
+}
+
+impl Server {
+    fn start(cmd: &mut Command) -> anyhow::Result<Server> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let guard = Guard(Some(child));
+        let (tx, lines) = mpsc::channel();
+        // Ends when the server's stdout closes: at its exit, or when the guard kills it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(STEP_TIMEOUT)
+            .context("the server printed nothing")?;
+        let addr = first
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line from the server: {first:?}"))?
+            .to_owned();
+        Ok(Server { guard, lines, addr })
+    }
+
+    /// SIGTERM, wait for a clean exit, and return everything it printed after starting.
+    fn stop(&mut self) -> anyhow::Result<Vec<String>> {
+        let child = self.guard.child()?;
+        let pid = child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.guard.child()?.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                bail!("the server did not stop within {STEP_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.guard.0 = None;
+        if !status.success() {
+            bail!("the server exited with {status}");
+        }
+        // The reader thread sends the rest of the output, then hangs up at end of file.
+        let mut lines = Vec::new();
+        loop {
+            match self.lines.recv_timeout(STEP_TIMEOUT) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(lines),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("the server's output did not end within {STEP_TIMEOUT:?} of its exit")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::util::{cargo, is_root, project_root, run_step, seconds, target_dir};
+
+/// The Debian packages the tests need, and what for. The one place they are listed.
+pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
+    (
+        "iproute2",
+        "ip netns, veth and bridges for the namespace tests",
+    ),
+    (
+        "procps",
+        "ps and kill, which the namespace tests use to stop what they started",
+    ),
+];
+
+/// The environment variable through which root-only tests report that they skipped.
+/// Keep in step with `lbs_tests::SKIP_LOG_ENV`.
+const SKIP_LOG_ENV: &str = "LBS_SKIP_LOG";
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Do not install missing system packages, only say which are missing.
+    #[arg(long)]
+    no_install: bool,
+}
+
+pub fn run(args: &TestArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure_system_packages(!args.no_install)?;
+
+    run_step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--check"]),
+    )?;
+    run_step(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // The fuzz target lives outside the workspace (it needs sanitizer flags to run); building
+    // it here keeps it from rotting. Running it is documented in protocol/fuzz/README.md.
+    let fuzz_manifest = project_root().join("protocol/fuzz/Cargo.toml");
+    run_step(
+        "fuzz target builds",
+        cargo()
+            .args(["check", "--locked", "--manifest-path"])
+            .arg(&fuzz_manifest)
+            .env("CARGO_TARGET_DIR", target_dir().join("fuzz")),
+    )?;
+
+    let skip_log = target_dir().join("xtask").join("skipped-tests.log");
+    fs::create_dir_all(skip_log.parent().unwrap_or(Path::new(".")))
+        .with_context(|| format!("creating {}", skip_log.display()))?;
+    fs::write(&skip_log, "").with_context(|| format!("clearing {}", skip_log.display()))?;
+    let counts = run_tests(
+        cargo()
+            .args(["test", "--workspace", "--locked", "--no-fail-fast"])
+            .env(SKIP_LOG_ENV, &skip_log),
+    )?;
+
+    let skipped =
+        fs::read_to_string(&skip_log).with_context(|| format!("reading {}", skip_log.display()))?;
+    let skipped: Vec<&str> = skipped.lines().filter(|l| !l.trim().is_empty()).collect();
+    for line in &skipped {
+        println!("  skipped: {line}");
+    }
+    // One closing line over every test binary, in the form CI reads.
+    println!(
+        "\ntests: {} passed, {} failed, {} skipped",
+        counts.passed,
+        counts.failed,
+        skipped.len()
+    );
+    if counts.passed == 0 {
+        bail!("no test ran");
+    }
+    if !skipped.is_empty() && is_root() {
+        bail!(
+            "{} test(s) skipped although this run is root: a green run must not hide them",
+            skipped.len()
+        );
+    }
+    println!("\nall checks passed in {}", seconds(started.elapsed()));
+    Ok(())
+}
+
+/// Installs the missing [`SYSTEM_PACKAGES`] with apt-get when we are root on Debian, and
+/// otherwise says what to install and carries on.
+fn ensure_system_packages(install: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = SYSTEM_PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !dpkg_installed(name))
+        .collect();
+    if missing.is_empty() {
+        println!("==> system packages: all present");
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    let debian =
+        Path::new("/etc/debian_version").exists() && Path::new("/usr/bin/apt-get").exists();
+    if !install || !debian || !is_root() {
+        let why = if !install {
+            "--no-install given"
+        } else if !debian {
+            "not a Debian system"
+        } else {
+            "not root"
+        };
+        println!("==> system packages missing ({why}): {list}");
+        for (name, what) in SYSTEM_PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+            println!("    {name}: {what}");
+        }
+        println!("    install them with: apt-get install -y {list}");
+        println!("    continuing; tests that need them will fail or report themselves skipped");
+        return Ok(());
+    }
+    run_step(
+        "apt-get update",
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_step(
+        &format!("apt-get install {list}"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still: Vec<&str> = missing.into_iter().filter(|n| !dpkg_installed(n)).collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get reported success but these are still missing: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test`, echoing its output and adding up the `test result:` lines of every
+/// test binary.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<Counts> {
+    use std::io::{BufRead, BufReader};
+    println!("\n==> cargo test --workspace");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut counts = Counts::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            counts.passed += count_before(rest, " passed");
+            counts.failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        bail!(
+            "cargo test failed ({status}) after {}: {} passed, {} failed",
+            seconds(started.elapsed()),
+            counts.passed,
+            counts.failed
+        );
+    }
+    println!("==> cargo test: ok in {}", seconds(started.elapsed()));
+    Ok(counts)
+}
+
+/// The number just before `label` in a `test result:` line ("ok. 14 passed; 0 failed; …").
+fn count_before(line: &str, label: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().strip_suffix(label.trim_start()))
+        .and_then(|before| before.trim_end().rsplit([' ', '.']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_cargo_test_result_lines() {
+        let line =
+            "ok. 14 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.04s";
+        assert_eq!(count_before(line, " passed"), 14);
+        assert_eq!(count_before(line, " failed"), 2);
+        assert_eq!(count_before("FAILED. 0 passed; 1 failed;", " failed"), 1);
+        assert_eq!(count_before("garbage", " passed"), 0);
+    }
+}
