@@ -3,6 +3,7 @@
 //! - [`ids`]: [`ServerId`] (the SID), [`PairId`], [`PairName`], [`Role`], [`Generation`].
 //! - [`version`]: [`ProtocolVersion`] (negotiated) and [`SoftwareVersion`] (reported).
 //! - [`message`]: [`Envelope`] (generation + [`Message`]), [`Hello`], [`Refusal`].
+//! - [`path`]: [`RelPath`], a path inside a sync root that can never leave it.
 //! - [`frame`]: `u32` big-endian length prefix, postcard payload, [`MAX_FRAME_LEN`];
 //!   [`FrameCodec`] for tokio.
 //! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod message;
+pub mod path;
 pub mod tls;
 pub mod version;
 
@@ -31,5 +33,6 @@ pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
 pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
 pub use message::{Envelope, Hello, Message, Refusal, Sender};
+pub use path::{PathError, RelPath};
 pub use tls::{AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

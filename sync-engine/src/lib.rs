@@ -1,0 +1,13 @@
+//! `lbs-sync`: keeps the backup's copy of the primary's sync sets identical, verified and
+//! crash-safe, moving as few bytes and doing as little I/O as the data allows.
+//!
+//! - [`tree`]: per-block BLAKE3 tree hashes ([`TreeHash`], [`BlockSize`]); the whole-file hash
+//!   is rebuilt from block values, so changed blocks are found and verified without re-reading
+//!   unchanged ones.
+//!
+//! The index, plans, deltas, atomic apply and sessions build on these (see `../shared/DESIGN.md`
+//! §6).
+
+pub mod tree;
+
+pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};
