@@ -75,11 +75,12 @@ impl PeerName {
     }
 
     /// The name a TLS client checks the server's certificate against.
-    pub fn server_name(&self) -> ServerName<'static> {
-        // Both forms are valid DNS names by construction (hex digits, hyphens, dots), which
-        // a unit test checks for every SID shape.
+    pub fn server_name(&self) -> Result<ServerName<'static>, TlsError> {
+        // Always a valid DNS name by construction (hex digits, hyphens, dots); a unit test
+        // checks it for every SID shape. Never fall back to another name: that would verify
+        // the wrong peer.
         ServerName::try_from(self.certificate_name())
-            .unwrap_or_else(|_| ServerName::try_from(DATACENTER_NAME).expect("valid literal"))
+            .map_err(|e| TlsError::Config(format!("{self} has no usable certificate name: {e}")))
     }
 
     /// The lbs identity a certificate names. Only the structure is read: call this on
@@ -745,7 +746,7 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
 ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
     tokio_rustls::TlsConnector::from(config)
-        .connect(expected.server_name(), io)
+        .connect(expected.server_name()?, io)
         .await
         .map_err(|err| TlsError::explain(expected, err))
 }
@@ -791,4 +792,29 @@ pub fn verified_peer(state: &CommonState) -> Result<PeerName, TlsError> {
         .and_then(|chain| chain.first())
         .ok_or_else(|| TlsError::Certificate("the peer presented no certificate".to_owned()))?;
     PeerName::of_certificate(leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn every_peer_has_a_valid_server_name(bytes in any::<[u8; 6]>()) {
+            let peer = PeerName::Box(ServerId::from_bytes(bytes));
+            prop_assert!(peer.server_name().is_ok());
+            prop_assert_eq!(PeerName::from_certificate_name(&peer.certificate_name()), Some(peer));
+        }
+    }
+
+    #[test]
+    fn the_data_center_has_a_valid_server_name() {
+        assert!(PeerName::DataCenter.server_name().is_ok());
+        assert_eq!(
+            PeerName::from_certificate_name(&PeerName::DataCenter.certificate_name()),
+            Some(PeerName::DataCenter)
+        );
+        assert_eq!(PeerName::from_certificate_name("www.example.com"), None);
+    }
 }

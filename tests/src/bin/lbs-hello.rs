@@ -158,6 +158,7 @@ struct Loaded {
     sid: ServerId,
     partner: PeerName,
     hello: Hello,
+    role: Role,
     generation: Generation,
 }
 
@@ -184,6 +185,7 @@ fn load(me: Me) -> anyhow::Result<Loaded> {
         root,
         sid,
         partner: PeerName::Box(me.partner),
+        role: me.role,
         generation: Generation(me.generation),
     })
 }
@@ -233,10 +235,11 @@ async fn serve(me: Me, listen: SocketAddr) -> anyhow::Result<()> {
                 served += 1;
                 let config = config.clone();
                 let hello = me.hello.clone();
+                let role = me.role;
                 let generation = me.generation;
                 let stop = stop_rx.clone();
                 connections.spawn(async move {
-                    if let Err(err) = answer(config, tcp, hello, generation, stop).await {
+                    if let Err(err) = answer(config, tcp, hello, role, generation, stop).await {
                         println!("refused {remote}: {err:#}");
                     }
                 });
@@ -261,13 +264,13 @@ async fn answer(
     config: std::sync::Arc<tls::ServerConfig>,
     tcp: TcpStream,
     hello: Hello,
+    role: Role,
     generation: Generation,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (stream, peer) = tls::accept(config, tcp).await?;
     let (mut conn, negotiated) =
-        lbs_protocol::exchange_hello(stream, &peer, hello.clone(), generation, HELLO_TIMEOUT)
-            .await?;
+        lbs_protocol::exchange_hello(stream, &peer, hello, generation, HELLO_TIMEOUT).await?;
     println!(
         "accepted {} (certificate verified)",
         describe(&negotiated.peer, negotiated.peer_generation)
@@ -289,10 +292,6 @@ async fn answer(
         };
         match envelope.message {
             Message::Heartbeat { seq, .. } => {
-                let role = match &hello.sender {
-                    Sender::Box { role, .. } => *role,
-                    Sender::DataCenter { .. } => Role::Unactivated,
-                };
                 send(&mut conn, generation, Message::HeartbeatAck { seq, role }).await?;
             }
             Message::Goodbye { reason } => {
@@ -347,10 +346,7 @@ async fn dial(me: Me, connect: SocketAddr, heartbeats: u64) -> anyhow::Result<()
         negotiated.version,
         started.elapsed().as_secs_f64() * 1000.0
     );
-    let role = match me.hello.sender {
-        Sender::Box { role, .. } => role,
-        Sender::DataCenter { .. } => Role::Unactivated,
-    };
+    let role = me.role;
     for seq in 1..=heartbeats {
         let sent = Instant::now();
         send(&mut conn, me.generation, Message::Heartbeat { seq, role }).await?;
