@@ -5,9 +5,18 @@
 //!   is rebuilt from block values, so changed blocks are found and verified without re-reading
 //!   unchanged ones.
 //!
-//! The index, plans, deltas, atomic apply and sessions build on these (see `../shared/DESIGN.md`
+//! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
+//!   values of every entry.
+//! - [`scan`]: one pass over a root that brings its index up to date, reading only files whose
+//!   size, mtime, ctime or inode changed.
+//!
+//! Plans, deltas, atomic apply and sessions build on these (see `../shared/DESIGN.md`
 //! §6).
 
+pub mod index;
+pub mod scan;
 pub mod tree;
 
+pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
+pub use scan::{ScanError, ScanOptions, ScanReport, scan};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

@@ -1,0 +1,465 @@
+//! The persistent index of one sync root: for every entry its metadata, and for every regular
+//! file its BLAKE3 hash and per-block chaining values, so that
+//! - a pass over an unchanged tree costs one `lstat` per entry and reads no file, and
+//! - a side never re-reads its own file to compare blocks.
+//!
+//! Stored in one SQLite file (WAL). An entry's hash is trusted only while the file's content
+//! key — size, mtime, ctime, inode — is unchanged, and never when the file was modified in the
+//! same moment it was hashed (the "racy" flag: such a file is hashed again on the next pass).
+
+use std::path::Path;
+
+use lbs_protocol::RelPath;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::tree::{BlockSize, Cv};
+
+/// What an entry is.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link, copied as a link (never followed); the target as raw bytes.
+    Symlink(Vec<u8>),
+}
+
+impl EntryKind {
+    fn code(&self) -> i64 {
+        match self {
+            EntryKind::File => 0,
+            EntryKind::Dir => 1,
+            EntryKind::Symlink(_) => 2,
+        }
+    }
+}
+
+/// The metadata lbs carries and compares.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Meta {
+    /// Length in bytes (files), 0 otherwise.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status-change time, nanoseconds since the epoch (local only: it cannot be carried).
+    pub ctime_ns: i64,
+    /// Inode number (local only).
+    pub inode: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner user id on this box.
+    pub uid: u32,
+    /// Owner group id on this box.
+    pub gid: u32,
+    /// Owner user name, carried instead of the id (ids differ between boxes).
+    pub owner: String,
+    /// Owner group name.
+    pub group: String,
+}
+
+impl Meta {
+    /// Whether the file's content may have changed between two observations: any change of
+    /// size, mtime, ctime or inode means the stored hash can no longer be trusted.
+    pub fn content_key_matches(&self, other: &Meta) -> bool {
+        self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.ctime_ns == other.ctime_ns
+            && self.inode == other.inode
+    }
+}
+
+/// A file's content hash as the index keeps it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ContentHash {
+    /// The BLAKE3 hash of the whole file.
+    pub root: [u8; 32],
+    /// Whether the file changed in the same moment it was hashed; if so the next pass hashes
+    /// it again even when its metadata looks unchanged.
+    pub racy: bool,
+}
+
+/// One indexed entry (per-block values are loaded separately, by [`Index::blocks`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Entry {
+    /// Where it is, relative to the root.
+    pub path: RelPath,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Its metadata.
+    pub meta: Meta,
+    /// Regular files: the content hash.
+    pub hash: Option<ContentHash>,
+}
+
+/// Why the index could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// SQLite failed.
+    #[error("index {path}: {source}")]
+    Sqlite {
+        /// The index file.
+        path: String,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// A stored row is not valid (a corrupt or foreign index file).
+    #[error("index {path}: corrupt entry {what}; delete the index file to rebuild it")]
+    Corrupt {
+        /// The index file.
+        path: String,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// The current schema; [`Index::open`] migrates older ones forward.
+const SCHEMA_VERSION: i64 = 1;
+
+/// The index of one sync root.
+#[derive(Debug)]
+pub struct Index {
+    conn: Connection,
+    location: String,
+}
+
+impl Index {
+    /// Opens (creating if needed) the index stored at `path`.
+    pub fn open(path: &Path) -> Result<Index, IndexError> {
+        let location = path.display().to_string();
+        let conn = Connection::open(path).map_err(|source| IndexError::Sqlite {
+            path: location.clone(),
+            source,
+        })?;
+        Self::init(conn, location)
+    }
+
+    /// An index in memory, for tests and one-off comparisons.
+    pub fn in_memory() -> Result<Index, IndexError> {
+        let location = ":memory:".to_owned();
+        let conn = Connection::open_in_memory().map_err(|source| IndexError::Sqlite {
+            path: location.clone(),
+            source,
+        })?;
+        Self::init(conn, location)
+    }
+
+    fn init(conn: Connection, location: String) -> Result<Index, IndexError> {
+        let index = Index { conn, location };
+        index
+            .conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = ON;",
+            )
+            .map_err(|e| index.sqlite(e))?;
+        let version: i64 = index
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| index.sqlite(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(index.corrupt(format!(
+                "schema version {version} is newer than this lbs understands ({SCHEMA_VERSION})"
+            )));
+        }
+        if version < 1 {
+            index
+                .conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TABLE entries (
+                         path BLOB PRIMARY KEY NOT NULL,
+                         kind INTEGER NOT NULL,
+                         link_target BLOB,
+                         size INTEGER NOT NULL,
+                         mtime_ns INTEGER NOT NULL,
+                         ctime_ns INTEGER NOT NULL,
+                         inode INTEGER NOT NULL,
+                         mode INTEGER NOT NULL,
+                         uid INTEGER NOT NULL,
+                         gid INTEGER NOT NULL,
+                         owner TEXT NOT NULL,
+                         grp TEXT NOT NULL,
+                         blake3 BLOB,
+                         racy INTEGER NOT NULL DEFAULT 0,
+                         block_size INTEGER,
+                         blocks BLOB
+                     ) WITHOUT ROWID;
+                     CREATE INDEX entries_by_hash ON entries(blake3);
+                     PRAGMA user_version = 1;
+                     COMMIT;",
+                )
+                .map_err(|e| index.sqlite(e))?;
+        }
+        Ok(index)
+    }
+
+    fn sqlite(&self, source: rusqlite::Error) -> IndexError {
+        IndexError::Sqlite {
+            path: self.location.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: String) -> IndexError {
+        IndexError::Corrupt {
+            path: self.location.clone(),
+            what,
+        }
+    }
+
+    /// Every entry, sorted by path (without per-block values).
+    pub fn entries(&self) -> Result<Vec<Entry>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries ORDER BY path"
+            ))
+            .map_err(|e| self.sqlite(e))?;
+        let rows = stmt
+            .query_map([], raw_entry)
+            .map_err(|e| self.sqlite(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sqlite(e))?;
+        rows.into_iter().map(|raw| self.entry(raw)).collect()
+    }
+
+    /// One entry.
+    pub fn get(&self, path: &RelPath) -> Result<Option<Entry>, IndexError> {
+        let raw = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?1"
+            ))
+            .map_err(|e| self.sqlite(e))?
+            .query_row([path.as_bytes()], raw_entry)
+            .optional()
+            .map_err(|e| self.sqlite(e))?;
+        raw.map(|raw| self.entry(raw)).transpose()
+    }
+
+    /// The per-block chaining values stored for a file, if any.
+    pub fn blocks(&self, path: &RelPath) -> Result<Option<(BlockSize, Vec<Cv>)>, IndexError> {
+        let row: Option<(Option<u32>, Option<Vec<u8>>)> = self
+            .conn
+            .prepare_cached("SELECT block_size, blocks FROM entries WHERE path = ?1")
+            .map_err(|e| self.sqlite(e))?
+            .query_row([path.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(|e| self.sqlite(e))?;
+        let Some((Some(block_size), Some(bytes))) = row else {
+            return Ok(None);
+        };
+        let block_size =
+            BlockSize::new(block_size).map_err(|e| self.corrupt(format!("{path}: {e}")))?;
+        if bytes.len() % 32 != 0 {
+            return Err(self.corrupt(format!("{path}: block list of {} bytes", bytes.len())));
+        }
+        let blocks = bytes
+            .chunks_exact(32)
+            .map(|cv| {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(cv);
+                out
+            })
+            .collect();
+        Ok(Some((block_size, blocks)))
+    }
+
+    /// Paths of regular files whose content hash is `root` and trusted (not racy).
+    pub fn find_by_hash(&self, root: &[u8; 32]) -> Result<Vec<RelPath>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT path FROM entries WHERE blake3 = ?1 AND racy = 0 ORDER BY path")
+            .map_err(|e| self.sqlite(e))?;
+        let paths: Vec<Vec<u8>> = stmt
+            .query_map([&root[..]], |row| row.get(0))
+            .map_err(|e| self.sqlite(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.sqlite(e))?;
+        paths
+            .into_iter()
+            .map(|p| RelPath::from_bytes(p).map_err(|e| self.corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Starts a batch of changes applied all at once (or not at all) by [`Batch::commit`].
+    pub fn batch(&mut self) -> Result<Batch<'_>, IndexError> {
+        let location = self.location.clone();
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| IndexError::Sqlite {
+                path: location.clone(),
+                source,
+            })?;
+        Ok(Batch { tx, location })
+    }
+
+    fn entry(&self, raw: RawEntry) -> Result<Entry, IndexError> {
+        let path = RelPath::from_bytes(raw.path).map_err(|e| self.corrupt(e.to_string()))?;
+        let kind = match (raw.kind, raw.link_target) {
+            (0, _) => EntryKind::File,
+            (1, _) => EntryKind::Dir,
+            (2, Some(target)) => EntryKind::Symlink(target),
+            (kind, _) => return Err(self.corrupt(format!("{path}: kind {kind}"))),
+        };
+        let hash = match (kind == EntryKind::File, raw.blake3) {
+            (true, Some(bytes)) => {
+                let root: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| self.corrupt(format!("{path}: hash length")))?;
+                Some(ContentHash {
+                    root,
+                    racy: raw.racy,
+                })
+            }
+            (true, None) => None,
+            (false, _) => None,
+        };
+        Ok(Entry {
+            path,
+            kind,
+            meta: raw.meta,
+            hash,
+        })
+    }
+}
+
+/// Changes to an [`Index`], committed atomically.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+    location: String,
+}
+
+impl Batch<'_> {
+    fn sqlite(&self, source: rusqlite::Error) -> IndexError {
+        IndexError::Sqlite {
+            path: self.location.clone(),
+            source,
+        }
+    }
+
+    /// Records an entry; for files with fresh hashes, also their per-block values.
+    pub fn put(&self, entry: &Entry, blocks: Option<(BlockSize, &[Cv])>) -> Result<(), IndexError> {
+        let m = &entry.meta;
+        let link_target = match &entry.kind {
+            EntryKind::Symlink(target) => Some(target.as_slice()),
+            _ => None,
+        };
+        let (root, racy) = match &entry.hash {
+            Some(hash) => (Some(&hash.root[..]), hash.racy),
+            None => (None, false),
+        };
+        let (block_size, block_bytes) = match blocks {
+            Some((size, cvs)) => (Some(size.get()), Some(cvs.concat())),
+            None => (None, None),
+        };
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO entries
+                 (path, kind, link_target, size, mtime_ns, ctime_ns, inode, mode, uid, gid,
+                  owner, grp, blake3, racy, block_size, blocks)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .map_err(|e| self.sqlite(e))?
+            .execute(params![
+                entry.path.as_bytes(),
+                entry.kind.code(),
+                link_target,
+                m.size as i64,
+                m.mtime_ns,
+                m.ctime_ns,
+                m.inode as i64,
+                m.mode,
+                m.uid,
+                m.gid,
+                m.owner,
+                m.group,
+                root,
+                racy,
+                block_size.map(|b| b as i64),
+                block_bytes,
+            ])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Updates only the metadata of an entry whose content is unchanged.
+    pub fn put_meta(&self, path: &RelPath, meta: &Meta) -> Result<(), IndexError> {
+        self.tx
+            .prepare_cached(
+                "UPDATE entries SET size = ?2, mtime_ns = ?3, ctime_ns = ?4, inode = ?5,
+                 mode = ?6, uid = ?7, gid = ?8, owner = ?9, grp = ?10 WHERE path = ?1",
+            )
+            .map_err(|e| self.sqlite(e))?
+            .execute(params![
+                path.as_bytes(),
+                meta.size as i64,
+                meta.mtime_ns,
+                meta.ctime_ns,
+                meta.inode as i64,
+                meta.mode,
+                meta.uid,
+                meta.gid,
+                meta.owner,
+                meta.group,
+            ])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Forgets an entry.
+    pub fn remove(&self, path: &RelPath) -> Result<(), IndexError> {
+        self.tx
+            .prepare_cached("DELETE FROM entries WHERE path = ?1")
+            .map_err(|e| self.sqlite(e))?
+            .execute([path.as_bytes()])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Makes every change of the batch durable at once.
+    pub fn commit(self) -> Result<(), IndexError> {
+        let location = self.location;
+        self.tx.commit().map_err(|source| IndexError::Sqlite {
+            path: location,
+            source,
+        })
+    }
+}
+
+const ENTRY_COLUMNS: &str = "path, kind, link_target, size, mtime_ns, ctime_ns, inode, mode, \
+                             uid, gid, owner, grp, blake3, racy";
+
+struct RawEntry {
+    path: Vec<u8>,
+    kind: i64,
+    link_target: Option<Vec<u8>>,
+    meta: Meta,
+    blake3: Option<Vec<u8>>,
+    racy: bool,
+}
+
+fn raw_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
+    Ok(RawEntry {
+        path: row.get(0)?,
+        kind: row.get(1)?,
+        link_target: row.get(2)?,
+        meta: Meta {
+            size: row.get::<_, i64>(3)? as u64,
+            mtime_ns: row.get(4)?,
+            ctime_ns: row.get(5)?,
+            inode: row.get::<_, i64>(6)? as u64,
+            mode: row.get(7)?,
+            uid: row.get(8)?,
+            gid: row.get(9)?,
+            owner: row.get(10)?,
+            group: row.get(11)?,
+        },
+        blake3: row.get(12)?,
+        racy: row.get(13)?,
+    })
+}

@@ -1,0 +1,420 @@
+//! One pass over a sync root that brings its [`Index`] up to date.
+//!
+//! Every entry is `lstat`ed; a regular file is read (and hashed) only when its content key
+//! (size, mtime, ctime, inode) differs from the index, or its last hash was racy. Symlinks are
+//! recorded as links and never followed; sockets, FIFOs and devices are skipped and reported.
+//! A file that changes while it is hashed is reported as unstable and left without a trusted
+//! hash, for the next pass.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use lbs_protocol::RelPath;
+
+use crate::index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
+use crate::tree::{BlockSize, TreeError, hash_file};
+
+/// How close to the end of hashing a file's mtime may be before its hash is distrusted: file
+/// times come from a coarse kernel clock, so a write just after we read can leave them equal.
+const RACY_WINDOW: Duration = Duration::from_secs(1);
+
+/// How a pass is run.
+#[derive(Clone, Debug, Default)]
+pub struct ScanOptions {
+    /// The block size for new per-block hashes.
+    pub block_size: BlockSize,
+}
+
+/// What a pass found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Regular files seen.
+    pub files: u64,
+    /// Directories seen (the root not counted).
+    pub dirs: u64,
+    /// Symlinks seen.
+    pub symlinks: u64,
+    /// Files read and hashed in this pass.
+    pub hashed_files: u64,
+    /// Bytes read to hash them.
+    pub hashed_bytes: u64,
+    /// Entries whose only change was metadata (mode, owner).
+    pub metadata_updates: u64,
+    /// Entries that were in the index but are gone.
+    pub removed: u64,
+    /// Entries not synced, with the reason (sockets, FIFOs, devices, unreadable files).
+    pub skipped: Vec<(RelPath, String)>,
+    /// Files that changed while being hashed; the next pass tries again.
+    pub unstable: Vec<RelPath>,
+    /// How long the pass took.
+    pub elapsed: Duration,
+}
+
+/// Why a pass could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The root is missing or not a directory.
+    #[error("sync root {}: {reason}", root.display())]
+    Root {
+        /// The configured root.
+        root: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// Reading the tree failed in a way that makes the pass meaningless.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+}
+
+/// Brings `index` up to date with the tree at `root`.
+///
+/// The root itself may be a symlink (Debian's `/var/lib/asterisk/moh` is one) and is resolved
+/// once; nothing below it is ever followed.
+pub fn scan(
+    root: &Path,
+    index: &mut Index,
+    options: &ScanOptions,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let root = fs::canonicalize(root).map_err(|e| ScanError::Root {
+        root: root.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if !root.is_dir() {
+        return Err(ScanError::Root {
+            root,
+            reason: "not a directory".to_owned(),
+        });
+    }
+    let known: HashMap<RelPath, Entry> = index
+        .entries()?
+        .into_iter()
+        .map(|entry| (entry.path.clone(), entry))
+        .collect();
+    let mut seen: HashSet<RelPath> = HashSet::with_capacity(known.len());
+    let batch = index.batch()?;
+    let mut pass = Pass {
+        batch: &batch,
+        block_size: options.block_size,
+        names: Names::default(),
+        report: ScanReport::default(),
+    };
+
+    let mut pending: Vec<(PathBuf, Option<RelPath>)> = vec![(root.clone(), None)];
+    while let Some((dir, rel_dir)) = pending.pop() {
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            // Removed while we walked: its entries count as gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && rel_dir.is_some() => continue,
+            Err(source) => return Err(ScanError::Io { path: dir, source }),
+        };
+        for item in listing {
+            let item = item.map_err(|source| ScanError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = item.file_name();
+            let rel = match &rel_dir {
+                Some(parent) => parent.join(&name),
+                None => RelPath::from_bytes(name.as_bytes()),
+            };
+            let Ok(rel) = rel else {
+                // read_dir never yields '.', '..' or names with '/'; nothing else can fail.
+                continue;
+            };
+            let abs = item.path();
+            let meta = match fs::symlink_metadata(&abs) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    pass.report.skipped.push((rel, e.to_string()));
+                    continue;
+                }
+            };
+            let file_type = meta.file_type();
+            let kind = if file_type.is_dir() {
+                EntryKind::Dir
+            } else if file_type.is_symlink() {
+                match fs::read_link(&abs) {
+                    Ok(target) => EntryKind::Symlink(target.into_os_string().into_vec()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        pass.report.skipped.push((rel, e.to_string()));
+                        continue;
+                    }
+                }
+            } else if file_type.is_file() {
+                EntryKind::File
+            } else {
+                let what = if file_type.is_socket() {
+                    "socket"
+                } else if file_type.is_fifo() {
+                    "FIFO"
+                } else {
+                    "device node"
+                };
+                pass.report.skipped.push((
+                    rel,
+                    format!("{what}: only files, directories and symlinks are synced"),
+                ));
+                continue;
+            };
+            let meta = to_meta(&meta, &mut pass.names);
+            seen.insert(rel.clone());
+            let previous = known.get(&rel);
+            match kind {
+                EntryKind::Dir => {
+                    pass.report.dirs += 1;
+                    pending.push((abs, Some(rel.clone())));
+                    record_simple(&mut pass, previous, rel, EntryKind::Dir, meta)?;
+                }
+                EntryKind::Symlink(_) => {
+                    pass.report.symlinks += 1;
+                    record_simple(&mut pass, previous, rel, kind, meta)?;
+                }
+                EntryKind::File => {
+                    pass.report.files += 1;
+                    record_file(&mut pass, previous, rel, &abs, meta)?;
+                }
+            }
+        }
+    }
+    for path in known.keys().filter(|path| !seen.contains(*path)) {
+        batch.remove(path)?;
+        pass.report.removed += 1;
+    }
+    let mut report = pass.report;
+    batch.commit()?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The state of one pass.
+struct Pass<'b, 'i> {
+    batch: &'b crate::index::Batch<'i>,
+    block_size: BlockSize,
+    names: Names,
+    report: ScanReport,
+}
+
+/// Directories and symlinks: recorded whole whenever anything about them changed.
+fn record_simple(
+    pass: &mut Pass<'_, '_>,
+    previous: Option<&Entry>,
+    path: RelPath,
+    kind: EntryKind,
+    meta: Meta,
+) -> Result<(), ScanError> {
+    let (batch, report) = (pass.batch, &mut pass.report);
+    let same = previous.is_some_and(|p| p.kind == kind && same_visible_meta(&p.meta, &meta));
+    if !same {
+        if previous.is_some_and(|p| p.kind == kind) {
+            report.metadata_updates += 1;
+        }
+        batch.put(
+            &Entry {
+                path,
+                kind,
+                meta,
+                hash: None,
+            },
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn record_file(
+    pass: &mut Pass<'_, '_>,
+    previous: Option<&Entry>,
+    path: RelPath,
+    abs: &Path,
+    meta: Meta,
+) -> Result<(), ScanError> {
+    let Pass {
+        batch,
+        block_size,
+        names,
+        report,
+    } = pass;
+    if let Some(prev) = previous
+        && prev.kind == EntryKind::File
+        && prev.meta.content_key_matches(&meta)
+        && prev.hash.as_ref().is_some_and(|h| !h.racy)
+    {
+        if !same_visible_meta(&prev.meta, &meta) {
+            report.metadata_updates += 1;
+            batch.put_meta(&path, &meta)?;
+        }
+        return Ok(());
+    }
+    match hash_stable(abs, &meta, *block_size, names) {
+        Ok((tree, after)) => {
+            report.hashed_files += 1;
+            report.hashed_bytes += tree.len;
+            // A chmod or chown also moves the ctime, so the content was re-verified: report
+            // it as what it was.
+            let same_content = previous.is_some_and(|p| {
+                p.hash
+                    .as_ref()
+                    .is_some_and(|h| h.root == *tree.root.as_bytes())
+            });
+            if same_content && previous.is_some_and(|p| !same_visible_meta(&p.meta, &after)) {
+                report.metadata_updates += 1;
+            }
+            let racy = is_racy(after.mtime_ns);
+            batch.put(
+                &Entry {
+                    path,
+                    kind: EntryKind::File,
+                    meta: after,
+                    hash: Some(ContentHash {
+                        root: *tree.root.as_bytes(),
+                        racy,
+                    }),
+                },
+                Some((tree.block_size, &tree.blocks)),
+            )?;
+        }
+        Err(Unhashable::Changed) => {
+            // Keep the entry but with no hash anyone could trust.
+            report.unstable.push(path.clone());
+            batch.put(
+                &Entry {
+                    path,
+                    kind: EntryKind::File,
+                    meta,
+                    hash: None,
+                },
+                None,
+            )?;
+        }
+        Err(Unhashable::Gone) => {}
+        Err(Unhashable::Io(e)) => report.skipped.push((path, e.to_string())),
+    }
+    Ok(())
+}
+
+enum Unhashable {
+    Changed,
+    Gone,
+    Io(io::Error),
+}
+
+/// Hashes a file and checks it did not change meanwhile; returns the hash and the metadata
+/// that goes with it.
+fn hash_stable(
+    abs: &Path,
+    seen: &Meta,
+    block_size: BlockSize,
+    names: &mut Names,
+) -> Result<(crate::tree::TreeHash, Meta), Unhashable> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
+        .open(abs)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Unhashable::Gone,
+            // O_NOFOLLOW on a symlink: the file was replaced by a link since the lstat.
+            _ if e.raw_os_error() == Some(nix::libc::ELOOP) => Unhashable::Changed,
+            _ => Unhashable::Io(e),
+        })?;
+    let before = fstat(&file)?;
+    if !before.is_file() || before.ino() != seen.inode {
+        return Err(Unhashable::Changed);
+    }
+    let tree = match hash_file(&file, before.len(), block_size) {
+        Ok(tree) => tree,
+        Err(TreeError::Changed { .. }) => return Err(Unhashable::Changed),
+        Err(TreeError::Io(e)) => return Err(Unhashable::Io(e)),
+        Err(other) => return Err(Unhashable::Io(io::Error::other(other))),
+    };
+    let after = fstat(&file)?;
+    let (before, after) = (to_meta(&before, names), to_meta(&after, names));
+    if !before.content_key_matches(&after) {
+        return Err(Unhashable::Changed);
+    }
+    Ok((tree, after))
+}
+
+fn fstat(file: &File) -> Result<Metadata, Unhashable> {
+    file.metadata().map_err(Unhashable::Io)
+}
+
+fn is_racy(mtime_ns: i64) -> bool {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    now.saturating_sub(mtime_ns) < RACY_WINDOW.as_nanos() as i64
+}
+
+/// The metadata that is carried to the other side (what `ls -l` shows).
+fn same_visible_meta(a: &Meta, b: &Meta) -> bool {
+    a.mode == b.mode
+        && a.owner == b.owner
+        && a.group == b.group
+        && a.mtime_ns == b.mtime_ns
+        && a.size == b.size
+        && a.uid == b.uid
+        && a.gid == b.gid
+}
+
+fn to_meta(meta: &Metadata, names: &mut Names) -> Meta {
+    Meta {
+        size: if meta.is_file() { meta.len() } else { 0 },
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        inode: meta.ino(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        owner: names.user(meta.uid()),
+        group: names.group(meta.gid()),
+    }
+}
+
+/// User and group names by id, looked up once each (through NSS, like `ls`).
+#[derive(Default)]
+struct Names {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+}
+
+impl Names {
+    fn user(&mut self, uid: u32) -> String {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| uid.to_string(), |user| user.name)
+            })
+            .clone()
+    }
+
+    fn group(&mut self, gid: u32) -> String {
+        self.groups
+            .entry(gid)
+            .or_insert_with(|| {
+                nix::unistd::Group::from_gid(gid.into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| gid.to_string(), |group| group.name)
+            })
+            .clone()
+    }
+}

@@ -1,0 +1,234 @@
+//! A pass over a tree reads only what changed, and the index never vouches for content a file
+//! does not have.
+
+// In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File, FileTimes};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use lbs_protocol::RelPath;
+use lbs_sync::{EntryKind, Index, ScanOptions, scan};
+
+/// A fixed time well in the past, so no file counts as "racy" (just modified).
+fn long_ago() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+fn write_old(path: &Path, content: &[u8]) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_times(
+            FileTimes::new()
+                .set_modified(long_ago())
+                .set_accessed(long_ago()),
+        )
+        .unwrap();
+}
+
+fn rel(text: &str) -> RelPath {
+    RelPath::try_from(text).unwrap()
+}
+
+fn tree(root: &Path) {
+    write_old(
+        &root.join("extensions.conf"),
+        b"[default]\nexten => 100,1,Dial(PJSIP/100)\n",
+    );
+    write_old(
+        &root.join("voicemail/1234/INBOX/msg0000.wav"),
+        &vec![7u8; 50_000],
+    );
+    write_old(
+        &root.join("voicemail/1234/INBOX/msg0001.wav"),
+        &vec![9u8; 20_000],
+    );
+    write_old(
+        &root.join("moh/big.wav"),
+        &(0..3_000_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+}
+
+#[test]
+fn a_second_pass_over_an_unchanged_tree_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    tree(&root);
+    let db = dir.path().join("index.sqlite");
+    let options = ScanOptions::default();
+
+    let first = scan(&root, &mut Index::open(&db).unwrap(), &options).unwrap();
+    assert_eq!(first.files, 4);
+    assert_eq!(first.hashed_files, 4);
+    assert_eq!(first.hashed_bytes, 3_000_000 + 50_000 + 20_000 + 41);
+
+    // Reopened from disk, as after a restart.
+    let mut index = Index::open(&db).unwrap();
+    let second = scan(&root, &mut index, &options).unwrap();
+    assert_eq!(second.files, 4);
+    assert_eq!(second.hashed_files, 0, "{second:?}");
+    assert_eq!(second.hashed_bytes, 0);
+    assert_eq!(second.metadata_updates, 0);
+
+    let big = index.get(&rel("moh/big.wav")).unwrap().unwrap();
+    let content = fs::read(root.join("moh/big.wav")).unwrap();
+    assert_eq!(big.hash.unwrap().root, *blake3::hash(&content).as_bytes());
+    let (block_size, blocks) = index.blocks(&rel("moh/big.wav")).unwrap().unwrap();
+    assert_eq!(
+        blocks.len() as u64,
+        block_size.blocks_for(content.len() as u64)
+    );
+    assert_eq!(
+        lbs_sync::root_from_blocks(&blocks, block_size, content.len() as u64).unwrap(),
+        Some(blake3::hash(&content))
+    );
+}
+
+#[test]
+fn a_same_size_rewrite_with_its_old_mtime_restored_is_still_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    tree(&root);
+    let mut index = Index::in_memory().unwrap();
+    scan(&root, &mut index, &ScanOptions::default()).unwrap();
+
+    // Same size, and the mtime put back as it was: only the ctime tells.
+    write_old(
+        &root.join("voicemail/1234/INBOX/msg0001.wav"),
+        &vec![8u8; 20_000],
+    );
+    let pass = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(pass.hashed_files, 1, "{pass:?}");
+    let entry = index
+        .get(&rel("voicemail/1234/INBOX/msg0001.wav"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        entry.hash.unwrap().root,
+        *blake3::hash(&vec![8u8; 20_000]).as_bytes()
+    );
+}
+
+#[test]
+fn mode_changes_deletions_links_and_special_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    tree(&root);
+    let mut index = Index::in_memory().unwrap();
+    scan(&root, &mut index, &ScanOptions::default()).unwrap();
+
+    fs::set_permissions(
+        root.join("extensions.conf"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::remove_file(root.join("voicemail/1234/INBOX/msg0000.wav")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("escape")).unwrap();
+    nix::unistd::mkfifo(
+        &root.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+
+    let pass = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    // The chmod moved the ctime, so that one file was read again to be sure; nothing else.
+    assert_eq!(pass.hashed_files, 1, "{pass:?}");
+    assert_eq!(pass.hashed_bytes, 41);
+    // extensions.conf's mode, and INBOX's mtime (a file left it).
+    assert_eq!(pass.metadata_updates, 2);
+    assert_eq!(pass.removed, 1);
+    assert_eq!(pass.symlinks, 1);
+    assert_eq!(pass.skipped.len(), 1);
+    assert_eq!(pass.skipped[0].0, rel("pipe"));
+    assert!(pass.skipped[0].1.contains("FIFO"), "{:?}", pass.skipped);
+
+    assert_eq!(
+        index
+            .get(&rel("extensions.conf"))
+            .unwrap()
+            .unwrap()
+            .meta
+            .mode,
+        0o600
+    );
+    assert!(
+        index
+            .get(&rel("voicemail/1234/INBOX/msg0000.wav"))
+            .unwrap()
+            .is_none()
+    );
+    let link = index.get(&rel("escape")).unwrap().unwrap();
+    assert_eq!(link.kind, EntryKind::Symlink(b"/etc/passwd".to_vec()));
+    assert!(link.hash.is_none(), "a symlink's target must never be read");
+    assert!(index.get(&rel("pipe")).unwrap().is_none());
+}
+
+#[test]
+fn a_file_modified_just_now_is_hashed_again_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("recording.wav"), b"RIFF....fresh").unwrap();
+    let mut index = Index::in_memory().unwrap();
+    let first = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(first.hashed_files, 1);
+    let entry = index.get(&rel("recording.wav")).unwrap().unwrap();
+    assert!(entry.hash.as_ref().unwrap().racy);
+    // A racy hash is not offered as a local-copy source either.
+    assert!(
+        index
+            .find_by_hash(&entry.hash.unwrap().root)
+            .unwrap()
+            .is_empty()
+    );
+    let second = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(second.hashed_files, 1, "a racy hash must not be trusted");
+}
+
+#[test]
+fn identical_content_is_found_by_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_old(&root.join("INBOX/msg0001.wav"), b"the same message");
+    write_old(&root.join("Old/msg0007.wav"), b"the same message");
+    write_old(&root.join("INBOX/msg0002.wav"), b"another message");
+    let mut index = Index::in_memory().unwrap();
+    scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    let found = index
+        .find_by_hash(blake3::hash(b"the same message").as_bytes())
+        .unwrap();
+    assert_eq!(
+        found,
+        vec![rel("INBOX/msg0001.wav"), rel("Old/msg0007.wav")]
+    );
+}
+
+#[test]
+fn a_root_that_is_a_symlink_is_followed_once_and_a_missing_root_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("usr-share-moh");
+    write_old(&real.join("song.wav"), b"la la la");
+    let link = dir.path().join("var-lib-moh");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut index = Index::in_memory().unwrap();
+    let pass = scan(&link, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(pass.files, 1);
+
+    let err = scan(
+        &dir.path().join("nope"),
+        &mut index,
+        &ScanOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}
