@@ -5,6 +5,8 @@
 //!   is rebuilt from block values, so changed blocks are found and verified without re-reading
 //!   unchanged ones.
 //!
+//! - [`apply`]: [`Root`], the receiving side's only way to change files: no symlink on the
+//!   way is followed, and a new version is verified, fsynced and renamed into place.
 //! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
 //!   values of every entry.
 //! - [`scan`]: one pass over a root that brings its index up to date, reading only files whose
@@ -13,10 +15,12 @@
 //! Plans, deltas, atomic apply and sessions build on these (see `../shared/DESIGN.md`
 //! §6).
 
+pub mod apply;
 pub mod index;
 pub mod scan;
 pub mod tree;
 
+pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use scan::{ScanError, ScanOptions, ScanReport, scan};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

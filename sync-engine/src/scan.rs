@@ -127,6 +127,13 @@ pub fn scan(
                 source,
             })?;
             let name = item.file_name();
+            if name
+                .as_bytes()
+                .starts_with(crate::apply::TEMP_PREFIX.as_bytes())
+            {
+                // A receiver's own unfinished write, never part of the tree.
+                continue;
+            }
             let rel = match &rel_dir {
                 Some(parent) => parent.join(&name),
                 None => RelPath::from_bytes(name.as_bytes()),

@@ -174,6 +174,21 @@ fn mode_changes_deletions_links_and_special_files() {
 }
 
 #[test]
+fn unfinished_temporary_files_of_a_receiver_are_not_part_of_the_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_old(&root.join("sip.conf"), b"x");
+    write_old(
+        &root.join(format!("{}123.0.sip.conf", lbs_sync::TEMP_PREFIX)),
+        b"half",
+    );
+    let mut index = Index::in_memory().unwrap();
+    let pass = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(pass.files, 1);
+    assert_eq!(index.entries().unwrap().len(), 1);
+}
+
+#[test]
 fn a_file_modified_just_now_is_hashed_again_next_time() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");

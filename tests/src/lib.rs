@@ -23,12 +23,13 @@ pub fn is_root() -> bool {
 }
 
 /// Returns `true` when the test may go on (we are root); otherwise records the skip with
-/// its reason and returns `false`, and the test should return at once.
-pub fn require_root(test: &str) -> bool {
+/// its reason (`needs`: what root is needed for) and returns `false`, and the test should
+/// return at once.
+pub fn require_root(test: &str, needs: &str) -> bool {
     if is_root() {
         return true;
     }
-    let reason = "needs root for network namespaces; run `sudo cargo xtask test`";
+    let reason = format!("needs root for {needs}; run `sudo cargo xtask test`");
     eprintln!("SKIPPED {test}: {reason}");
     if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
         let appended = std::fs::OpenOptions::new()

@@ -45,7 +45,10 @@ fn peer(lab: &Lab, host: &str, verb: &str, dir: &Path, label: &str, partner: &st
 
 #[test]
 fn partners_talk_across_the_office_lan_and_a_stranger_is_refused() {
-    if !require_root("partners_talk_across_the_office_lan_and_a_stranger_is_refused") {
+    if !require_root(
+        "partners_talk_across_the_office_lan_and_a_stranger_is_refused",
+        "network namespaces",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -124,7 +127,10 @@ fn partners_talk_across_the_office_lan_and_a_stranger_is_refused() {
 
 #[test]
 fn a_failed_test_still_removes_its_namespaces() {
-    if !require_root("a_failed_test_still_removes_its_namespaces") {
+    if !require_root(
+        "a_failed_test_still_removes_its_namespaces",
+        "network namespaces",
+    ) {
         return;
     }
     let prefix = std::sync::Mutex::new(String::new());

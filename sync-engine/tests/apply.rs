@@ -1,0 +1,177 @@
+//! The receiving side changes files only through `Root`: verified, atomic, never outside the
+//! root, and a failure leaves the old version and no debris.
+
+// In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use lbs_protocol::RelPath;
+use lbs_sync::{ApplyError, Root, TEMP_PREFIX, Target};
+
+fn rel(text: &str) -> RelPath {
+    RelPath::try_from(text).unwrap()
+}
+
+fn target(mode: u32) -> Target {
+    Target {
+        mode,
+        owner: None,
+        mtime_ns: 1_700_000_000_123_456_789,
+    }
+}
+
+/// Every name under `dir`, recursively, so a test can see that nothing stray was left.
+fn all_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(
+                all_names(&entry.path())
+                    .into_iter()
+                    .map(|n| format!("{name}/{n}")),
+            );
+        }
+        out.push(name);
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_new_file_lands_verified_with_its_metadata_and_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let content = b"[general]\ncontext=default\n";
+    let path = rel("voicemail/1234/INBOX/msg0000.txt");
+    let written = root
+        .install(&path, &blake3::hash(content), &target(0o640), |w| {
+            w.write_all(content)
+        })
+        .unwrap();
+    assert_eq!(written, content.len() as u64);
+    let on_disk = dir.path().join("voicemail/1234/INBOX/msg0000.txt");
+    assert_eq!(fs::read(&on_disk).unwrap(), content);
+    let meta = fs::metadata(&on_disk).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(meta.mtime(), 1_700_000_000);
+    assert_eq!(meta.mtime_nsec(), 123_456_789);
+    assert!(
+        all_names(dir.path())
+            .iter()
+            .all(|n| !n.contains(TEMP_PREFIX)),
+        "{:?}",
+        all_names(dir.path())
+    );
+}
+
+#[test]
+fn a_wrong_hash_keeps_the_old_version_and_leaves_no_debris() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("sip.conf"), b"old").unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let err = root
+        .install(
+            &rel("sip.conf"),
+            &blake3::hash(b"new"),
+            &target(0o644),
+            |w| w.write_all(b"tampered"),
+        )
+        .unwrap_err();
+    match &err {
+        ApplyError::HashMismatch { want, got, .. } => {
+            assert_eq!(*want, blake3::hash(b"new"));
+            assert_eq!(*got, blake3::hash(b"tampered"));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("old version kept"), "{err}");
+    assert_eq!(fs::read(dir.path().join("sip.conf")).unwrap(), b"old");
+    assert_eq!(all_names(dir.path()), vec!["sip.conf"]);
+}
+
+#[test]
+fn a_full_disk_is_named_and_keeps_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("moh.wav"), b"old music").unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let err = root
+        .install(&rel("moh.wav"), &blake3::hash(b"x"), &target(0o644), |w| {
+            w.write_all(b"partial")?;
+            Err(io::Error::from_raw_os_error(28)) // ENOSPC, as write(2) reports it
+        })
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::DiskFull { .. }), "{err}");
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert_eq!(fs::read(dir.path().join("moh.wav")).unwrap(), b"old music");
+    assert_eq!(all_names(dir.path()), vec!["moh.wav"]);
+}
+
+#[test]
+fn a_symlinked_directory_on_the_way_is_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_dir = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(&root_dir).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    // As if an attacker (or a race) swapped a directory for a link to elsewhere.
+    std::os::unix::fs::symlink(&outside, root_dir.join("voicemail")).unwrap();
+    let root = Root::open(&root_dir).unwrap();
+    let err = root
+        .install(
+            &rel("voicemail/evil.txt"),
+            &blake3::hash(b"x"),
+            &target(0o644),
+            |w| w.write_all(b"x"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::NotADirectory { .. }), "{err}");
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote outside the root"
+    );
+}
+
+#[test]
+fn a_file_where_a_directory_should_be_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("INBOX"), b"i am a file").unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let err = root
+        .install(
+            &rel("INBOX/msg0000.wav"),
+            &blake3::hash(b"x"),
+            &target(0o644),
+            |w| w.write_all(b"x"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::NotADirectory { .. }), "{err}");
+    assert_eq!(fs::read(dir.path().join("INBOX")).unwrap(), b"i am a file");
+}
+
+#[test]
+fn owner_is_set_when_running_as_root() {
+    if !lbs_tests::require_root("owner_is_set_when_running_as_root", "chown") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let mut t = target(0o4755);
+    t.owner = Some((65534, 65534));
+    root.install(
+        &rel("agi-bin/script"),
+        &blake3::hash(b"#!/bin/sh\n"),
+        &t,
+        |w| w.write_all(b"#!/bin/sh\n"),
+    )
+    .unwrap();
+    let meta = fs::metadata(dir.path().join("agi-bin/script")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    // The set-uid bit survives because the mode is set after the owner.
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o4755);
+}
