@@ -4,6 +4,7 @@
 //! - [`version`]: [`ProtocolVersion`] (negotiated) and [`SoftwareVersion`] (reported).
 //! - [`message`]: [`Envelope`] (generation + [`Message`]), [`Hello`], [`Refusal`].
 //! - [`path`]: [`RelPath`], a path inside a sync root that can never leave it.
+//! - [`sync`]: [`sync::ManifestEntry`], what a sending side says about each entry of its tree.
 //! - [`frame`]: `u32` big-endian length prefix, postcard payload, [`MAX_FRAME_LEN`];
 //!   [`FrameCodec`] for tokio.
 //! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
@@ -23,6 +24,7 @@ pub mod handshake;
 pub mod ids;
 pub mod message;
 pub mod path;
+pub mod sync;
 pub mod tls;
 pub mod version;
 

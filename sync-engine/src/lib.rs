@@ -4,23 +4,26 @@
 //! - [`tree`]: per-block BLAKE3 tree hashes ([`TreeHash`], [`BlockSize`]); the whole-file hash
 //!   is rebuilt from block values, so changed blocks are found and verified without re-reading
 //!   unchanged ones.
-//!
 //! - [`apply`]: [`Root`], the receiving side's only way to change files: no symlink on the
 //!   way is followed, and a new version is verified, fsynced and renamed into place.
 //! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
 //!   values of every entry.
+//! - [`plan`]: from the sender's manifest and the receiver's index, the ordered [`Action`]s
+//!   that make the trees equal: trash, directories, local copies, fetches, metadata.
 //! - [`scan`]: one pass over a root that brings its index up to date, reading only files whose
 //!   size, mtime, ctime or inode changed.
 //!
-//! Plans, deltas, atomic apply and sessions build on these (see `../shared/DESIGN.md`
-//! §6).
+//! Block/append/delta transfers, the session over mutual TLS and the `lbs sync` commands build
+//! on these (see `../shared/DESIGN.md` §6).
 
 pub mod apply;
 pub mod index;
+pub mod plan;
 pub mod scan;
 pub mod tree;
 
 pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
+pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, scan};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

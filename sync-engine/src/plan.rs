@@ -1,0 +1,484 @@
+//! The plan: what the receiver must do to make its tree equal the sender's manifest, cheapest
+//! first, in an order that always works.
+//!
+//! Phases, in this order:
+//! 1. **Trash** every receiver entry the sender no longer has, or has as another kind (file,
+//!    directory, symlink). Only the topmost such path is listed: its subtree goes with it.
+//!    Trash keeps content, so a trashed file can still be a local-copy source.
+//! 2. **MakeDir** for new directories, parents first.
+//! 3. Files and symlinks: nothing (same content and metadata), **SetMeta**, **CopyLocal** (the
+//!    receiver holds the same BLAKE3 under another path: Asterisk renumbers voicemail
+//!    `msg0002 → msg0001` when one is deleted), else **Fetch** (with the old version at the same
+//!    path as a basis for block/append/delta transfer when there is one); **Symlink**.
+//! 4. **SetMeta** for directories, deepest first, after everything inside them has changed
+//!    (writing into a directory moves its mtime).
+//!
+//! A local-copy source is only ever a file this plan does not write, so copies never read a
+//! file that an earlier step already replaced; where no such source exists, the file is
+//! fetched. The executor verifies every result by BLAKE3 anyway.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lbs_protocol::RelPath;
+use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
+
+use crate::index::{Entry, EntryKind, Meta};
+
+/// Where a local copy reads from.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Source {
+    /// A receiver file that stays where it is.
+    Path(RelPath),
+    /// A receiver file that phase 1 moved to the trash (itself, or with a directory above it),
+    /// named by the path it had.
+    Trashed(RelPath),
+}
+
+/// What the receiver already has at a fetched path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Basis {
+    /// Nothing usable: the whole file is streamed.
+    None,
+    /// An older version of the same file: blocks, an append or a delta may do.
+    Existing,
+}
+
+/// One step of a plan.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Move an entry (and everything under it) to the trash.
+    Trash {
+        /// What to move.
+        path: RelPath,
+    },
+    /// Create a directory (metadata follows in phase 4).
+    MakeDir {
+        /// Where.
+        path: RelPath,
+    },
+    /// Get a file's content from the sender.
+    Fetch {
+        /// Where.
+        path: RelPath,
+        /// Its length.
+        size: u64,
+        /// The hash the result must have.
+        blake3: [u8; 32],
+        /// Its metadata.
+        meta: FileMeta,
+        /// What can serve as a basis.
+        basis: Basis,
+    },
+    /// Copy a file the receiver already has.
+    CopyLocal {
+        /// Where.
+        path: RelPath,
+        /// From where.
+        from: Source,
+        /// Its length.
+        size: u64,
+        /// The hash the result must have.
+        blake3: [u8; 32],
+        /// Its metadata.
+        meta: FileMeta,
+    },
+    /// Create or replace a symlink.
+    Symlink {
+        /// Where.
+        path: RelPath,
+        /// Its target.
+        target: Vec<u8>,
+        /// Its metadata.
+        meta: FileMeta,
+    },
+    /// Set mode, owner and mtime of an entry whose content is right.
+    SetMeta {
+        /// Which.
+        path: RelPath,
+        /// To what.
+        meta: FileMeta,
+    },
+}
+
+/// What a plan will do, in numbers (for progress and the status line).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PlanSummary {
+    /// Files and symlinks already right.
+    pub unchanged: u64,
+    /// Entries whose metadata alone changes.
+    pub metadata_only: u64,
+    /// Files to fetch.
+    pub fetch_files: u64,
+    /// Their total length (the most that can cross the wire).
+    pub fetch_bytes: u64,
+    /// Files copied locally.
+    pub local_copies: u64,
+    /// Their total length.
+    pub local_copy_bytes: u64,
+    /// Entries moved to the trash (topmost only).
+    pub trashed: u64,
+    /// Directories created.
+    pub new_dirs: u64,
+    /// Symlinks created or replaced.
+    pub symlinks: u64,
+}
+
+/// A complete plan.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Plan {
+    /// The steps, in execution order.
+    pub actions: Vec<Action>,
+    /// The numbers.
+    pub summary: PlanSummary,
+}
+
+/// A manifest that does not describe a tree (a buggy or hostile sender).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The same path twice.
+    #[error("manifest lists {0} twice")]
+    Duplicate(RelPath),
+    /// An entry whose parent is not a directory of the manifest.
+    #[error("manifest lists {0} but its parent is not a directory in the manifest")]
+    Orphan(RelPath),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    File,
+    Dir,
+    Symlink,
+}
+
+fn sender_class(kind: &ManifestKind) -> Class {
+    match kind {
+        ManifestKind::File { .. } => Class::File,
+        ManifestKind::Dir => Class::Dir,
+        ManifestKind::Symlink { .. } => Class::Symlink,
+    }
+}
+
+fn receiver_class(kind: &EntryKind) -> Class {
+    match kind {
+        EntryKind::File => Class::File,
+        EntryKind::Dir => Class::Dir,
+        EntryKind::Symlink(_) => Class::Symlink,
+    }
+}
+
+/// Whether the receiver's metadata already is the sender's (mode is meaningless on symlinks).
+fn meta_matches(have: &Meta, want: &FileMeta, class: Class) -> bool {
+    (class == Class::Symlink || have.mode == want.mode)
+        && have.owner == want.owner
+        && have.group == want.group
+        && have.mtime_ns == want.mtime_ns
+}
+
+/// Computes the plan that turns the receiver's tree (`receiver`, its index) into the sender's
+/// (`sender`, its manifest).
+pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanError> {
+    let mut want: BTreeMap<&RelPath, &ManifestEntry> = BTreeMap::new();
+    for entry in sender {
+        if want.insert(&entry.path, entry).is_some() {
+            return Err(PlanError::Duplicate(entry.path.clone()));
+        }
+    }
+    for path in want.keys() {
+        if let Some(parent) = path.parent()
+            && !want
+                .get(&parent)
+                .is_some_and(|e| e.kind == ManifestKind::Dir)
+        {
+            return Err(PlanError::Orphan((*path).clone()));
+        }
+    }
+    let have: BTreeMap<&RelPath, &Entry> = receiver.iter().map(|e| (&e.path, e)).collect();
+
+    // Phase 1: what goes to the trash (topmost paths only).
+    let mut trashed: BTreeSet<RelPath> = BTreeSet::new();
+    for (path, entry) in &have {
+        let keep = want
+            .get(path)
+            .is_some_and(|w| sender_class(&w.kind) == receiver_class(&entry.kind));
+        if !keep && !is_under(&trashed, path) {
+            trashed.insert((*path).clone());
+        }
+    }
+    // What is in place after phase 1: a receiver entry survives unless it or an ancestor went.
+    let present = |path: &RelPath| have.get(path).filter(|_| !is_under(&trashed, path));
+
+    // Which paths this plan writes: no local copy may read from those.
+    let mut written: BTreeSet<&RelPath> = BTreeSet::new();
+    for (path, entry) in &want {
+        let same = match (&entry.kind, present(path)) {
+            (ManifestKind::File { blake3, .. }, Some(have)) => trusted_hash(have) == Some(blake3),
+            (ManifestKind::Symlink { target }, Some(have)) => {
+                have.kind == EntryKind::Symlink(target.clone())
+            }
+            (ManifestKind::Dir, _) => true,
+            (_, None) => false,
+        };
+        if !same {
+            written.insert(path);
+        }
+    }
+    // Trusted content on the receiver, by hash: files this plan leaves alone (or only
+    // trashes) first, in path order; files it rewrites after them, usable only if the copy runs
+    // before the rewrite (see `order_writes`).
+    let mut by_hash: HashMap<&[u8; 32], Vec<Source>> = HashMap::new();
+    let mut rewritten_sources: Vec<(&[u8; 32], Source)> = Vec::new();
+    for (path, entry) in &have {
+        let Some(hash) = trusted_hash(entry) else {
+            continue;
+        };
+        if is_under(&trashed, path) {
+            by_hash
+                .entry(hash)
+                .or_default()
+                .push(Source::Trashed((*path).clone()));
+        } else if written.contains(path) {
+            rewritten_sources.push((hash, Source::Path((*path).clone())));
+        } else {
+            by_hash
+                .entry(hash)
+                .or_default()
+                .push(Source::Path((*path).clone()));
+        }
+    }
+    for (hash, source) in rewritten_sources {
+        by_hash.entry(hash).or_default().push(source);
+    }
+
+    let mut plan = Plan::default();
+    let summary = &mut plan.summary;
+    for path in &trashed {
+        plan.actions.push(Action::Trash { path: path.clone() });
+        summary.trashed += 1;
+    }
+    // Directories touched by this plan need their metadata set again at the end.
+    let mut touched_dirs: BTreeSet<RelPath> = trashed.iter().filter_map(RelPath::parent).collect();
+
+    // Phase 2.
+    let mut new_dirs: BTreeSet<&RelPath> = BTreeSet::new();
+    for (path, entry) in &want {
+        if entry.kind == ManifestKind::Dir && present(path).is_none() {
+            plan.actions.push(Action::MakeDir {
+                path: (*path).clone(),
+            });
+            summary.new_dirs += 1;
+            new_dirs.insert(path);
+            touched_dirs.extend(path.parent());
+        }
+    }
+
+    // Phase 3: entries whose content stays first (metadata only), then the writes in an
+    // order where every local copy reads its source before anything replaces it.
+    let mut writes: BTreeMap<RelPath, Action> = BTreeMap::new();
+    for (path, entry) in &want {
+        let current = present(path);
+        let path = (*path).clone();
+        let class = sender_class(&entry.kind);
+        if class == Class::Dir {
+            continue;
+        }
+        if !written.contains(&path) {
+            match current {
+                Some(have) if !meta_matches(&have.meta, &entry.meta, class) => {
+                    plan.actions.push(Action::SetMeta {
+                        path,
+                        meta: entry.meta.clone(),
+                    });
+                    summary.metadata_only += 1;
+                }
+                _ => summary.unchanged += 1,
+            }
+            continue;
+        }
+        touched_dirs.extend(path.parent());
+        let action = match &entry.kind {
+            ManifestKind::Dir => continue,
+            ManifestKind::Symlink { target } => Action::Symlink {
+                path: path.clone(),
+                target: target.clone(),
+                meta: entry.meta.clone(),
+            },
+            ManifestKind::File { size, blake3 } => {
+                let source = by_hash.get(blake3).and_then(|sources| {
+                    sources
+                        .iter()
+                        .find(|s| !matches!(s, Source::Path(p) if *p == path))
+                });
+                match source {
+                    Some(from) => Action::CopyLocal {
+                        path: path.clone(),
+                        from: from.clone(),
+                        size: *size,
+                        blake3: *blake3,
+                        meta: entry.meta.clone(),
+                    },
+                    None => fetch(&path, *size, *blake3, &entry.meta, current),
+                }
+            }
+        };
+        writes.insert(path, action);
+    }
+    for action in order_writes(writes, &have) {
+        match &action {
+            Action::CopyLocal { size, .. } => {
+                summary.local_copies += 1;
+                summary.local_copy_bytes += size;
+            }
+            Action::Fetch { size, .. } => {
+                summary.fetch_files += 1;
+                summary.fetch_bytes += size;
+            }
+            Action::Symlink { .. } => summary.symlinks += 1,
+            _ => {}
+        }
+        plan.actions.push(action);
+    }
+
+    // Phase 4: deepest first, so setting a child's mtime never disturbs a finished parent.
+    let mut dirs: Vec<&&RelPath> = want
+        .iter()
+        .filter(|(_, e)| e.kind == ManifestKind::Dir)
+        .map(|(path, _)| path)
+        .collect();
+    dirs.sort_by_key(|path| std::cmp::Reverse(path.names().count()));
+    for path in dirs {
+        let entry = want[*path];
+        let stale = match present(path) {
+            Some(have) if !new_dirs.contains(*path) => {
+                touched_dirs.contains(*path) || !meta_matches(&have.meta, &entry.meta, Class::Dir)
+            }
+            _ => true,
+        };
+        if stale {
+            if !new_dirs.contains(*path) {
+                summary.metadata_only += 1;
+            }
+            plan.actions.push(Action::SetMeta {
+                path: (*path).clone(),
+                meta: entry.meta.clone(),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+fn fetch(
+    path: &RelPath,
+    size: u64,
+    blake3: [u8; 32],
+    meta: &FileMeta,
+    current: Option<&&Entry>,
+) -> Action {
+    let basis = match current {
+        Some(have) if have.kind == EntryKind::File => Basis::Existing,
+        _ => Basis::None,
+    };
+    Action::Fetch {
+        path: path.clone(),
+        size,
+        blake3,
+        meta: meta.clone(),
+        basis,
+    }
+}
+
+/// Orders the writes so that a local copy from a file this plan rewrites runs before that
+/// rewrite. Each copy has one source, so dependencies form chains and simple cycles (two files
+/// that swapped contents); a cycle is broken by fetching one of its files instead.
+fn order_writes(
+    mut writes: BTreeMap<RelPath, Action>,
+    have: &BTreeMap<&RelPath, &Entry>,
+) -> Vec<Action> {
+    // readers[x]: the copies that read x's current content.
+    let mut readers: BTreeMap<RelPath, Vec<RelPath>> = BTreeMap::new();
+    for (path, action) in &writes {
+        if let Action::CopyLocal {
+            from: Source::Path(from),
+            ..
+        } = action
+            && writes.contains_key(from)
+        {
+            readers.entry(from.clone()).or_default().push(path.clone());
+        }
+    }
+    let mut ordered = Vec::with_capacity(writes.len());
+    let mut on_stack: BTreeSet<RelPath> = BTreeSet::new();
+    let mut done: BTreeSet<RelPath> = BTreeSet::new();
+    let paths: Vec<RelPath> = writes.keys().cloned().collect();
+    for path in paths {
+        visit(
+            &path,
+            &mut writes,
+            &mut readers,
+            &mut on_stack,
+            &mut done,
+            &mut ordered,
+            have,
+        );
+    }
+    ordered
+}
+
+/// Emits `path`'s write after every copy that reads its current content.
+fn visit(
+    path: &RelPath,
+    writes: &mut BTreeMap<RelPath, Action>,
+    readers: &mut BTreeMap<RelPath, Vec<RelPath>>,
+    on_stack: &mut BTreeSet<RelPath>,
+    done: &mut BTreeSet<RelPath>,
+    ordered: &mut Vec<Action>,
+    have: &BTreeMap<&RelPath, &Entry>,
+) {
+    if done.contains(path) || on_stack.contains(path) {
+        return;
+    }
+    on_stack.insert(path.clone());
+    for reader in readers.remove(path).unwrap_or_default() {
+        if on_stack.contains(&reader) {
+            // A cycle: this reader's source would be gone before it reads; fetch it instead.
+            if let Some(Action::CopyLocal {
+                path,
+                size,
+                blake3,
+                meta,
+                ..
+            }) = writes.get(&reader)
+            {
+                let current = have.get(path);
+                let replacement = fetch(path, *size, *blake3, meta, current);
+                writes.insert(reader.clone(), replacement);
+            }
+        } else {
+            visit(&reader, writes, readers, on_stack, done, ordered, have);
+        }
+    }
+    on_stack.remove(path);
+    done.insert(path.clone());
+    if let Some(action) = writes.get(path) {
+        ordered.push(action.clone());
+    }
+}
+
+/// The receiver's hash for a file, if it may be trusted.
+fn trusted_hash(entry: &Entry) -> Option<&[u8; 32]> {
+    match (&entry.kind, &entry.hash) {
+        (EntryKind::File, Some(hash)) if !hash.racy => Some(&hash.root),
+        _ => None,
+    }
+}
+
+/// Whether `path` or one of its ancestors is in `set`.
+fn is_under(set: &BTreeSet<RelPath>, path: &RelPath) -> bool {
+    let mut at = Some(path.clone());
+    while let Some(p) = at {
+        if set.contains(&p) {
+            return true;
+        }
+        at = p.parent();
+    }
+    false
+}
