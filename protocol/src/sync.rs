@@ -36,6 +36,9 @@ pub enum ManifestKind {
         /// Where it points.
         target: Vec<u8>,
     },
+    /// A file that kept changing while the sender hashed it: the receiver keeps whatever it
+    /// has at this path (never trashes it for being unlisted) until a later pass settles it.
+    Pending,
 }
 
 /// One entry of a sending side's tree.

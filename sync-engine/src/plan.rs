@@ -121,6 +121,8 @@ pub struct PlanSummary {
     pub new_dirs: u64,
     /// Symlinks created or replaced.
     pub symlinks: u64,
+    /// Files the sender could not hash (still changing): left as they are for now.
+    pub pending: u64,
 }
 
 /// A complete plan.
@@ -148,6 +150,7 @@ enum Class {
     File,
     Dir,
     Symlink,
+    Pending,
 }
 
 fn sender_class(kind: &ManifestKind) -> Class {
@@ -155,6 +158,7 @@ fn sender_class(kind: &ManifestKind) -> Class {
         ManifestKind::File { .. } => Class::File,
         ManifestKind::Dir => Class::Dir,
         ManifestKind::Symlink { .. } => Class::Symlink,
+        ManifestKind::Pending => Class::Pending,
     }
 }
 
@@ -194,12 +198,19 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
     }
     let have: BTreeMap<&RelPath, &Entry> = receiver.iter().map(|e| (&e.path, e)).collect();
 
-    // Phase 1: what goes to the trash (topmost paths only).
+    // Phase 1: what goes to the trash (topmost paths only). Whatever lies at or under a
+    // pending path stays as it is.
+    let pending: BTreeSet<RelPath> = want
+        .iter()
+        .filter(|(_, e)| e.kind == ManifestKind::Pending)
+        .map(|(path, _)| (*path).clone())
+        .collect();
     let mut trashed: BTreeSet<RelPath> = BTreeSet::new();
     for (path, entry) in &have {
-        let keep = want
-            .get(path)
-            .is_some_and(|w| sender_class(&w.kind) == receiver_class(&entry.kind));
+        let keep = is_under(&pending, path)
+            || want
+                .get(path)
+                .is_some_and(|w| sender_class(&w.kind) == receiver_class(&entry.kind));
         if !keep && !is_under(&trashed, path) {
             trashed.insert((*path).clone());
         }
@@ -215,7 +226,7 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
             (ManifestKind::Symlink { target }, Some(have)) => {
                 have.kind == EntryKind::Symlink(target.clone())
             }
-            (ManifestKind::Dir, _) => true,
+            (ManifestKind::Dir | ManifestKind::Pending, _) => true,
             (_, None) => false,
         };
         if !same {
@@ -281,6 +292,10 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
         if class == Class::Dir {
             continue;
         }
+        if class == Class::Pending {
+            summary.pending += 1;
+            continue;
+        }
         if !written.contains(&path) {
             match current {
                 Some(have) if !meta_matches(&have.meta, &entry.meta, class) => {
@@ -296,7 +311,7 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
         }
         touched_dirs.extend(path.parent());
         let action = match &entry.kind {
-            ManifestKind::Dir => continue,
+            ManifestKind::Dir | ManifestKind::Pending => continue,
             ManifestKind::Symlink { target } => Action::Symlink {
                 path: path.clone(),
                 target: target.clone(),

@@ -15,15 +15,26 @@ use proptest::prelude::*;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 enum Node {
-    File { hash: [u8; 32], meta: FileMeta },
-    Dir { meta: FileMeta },
-    Link { target: Vec<u8>, meta: FileMeta },
+    /// Only in sender trees: a file the sender could not hash.
+    Pending,
+    File {
+        hash: [u8; 32],
+        meta: FileMeta,
+    },
+    Dir {
+        meta: FileMeta,
+    },
+    Link {
+        target: Vec<u8>,
+        meta: FileMeta,
+    },
 }
 
 impl Node {
     fn meta_mut(&mut self) -> &mut FileMeta {
         match self {
             Node::File { meta, .. } | Node::Dir { meta } | Node::Link { meta, .. } => meta,
+            Node::Pending => unreachable!("pending nodes exist only in manifests"),
         }
     }
 }
@@ -51,6 +62,15 @@ fn manifest(tree: &Tree) -> Vec<ManifestEntry> {
     tree.iter()
         .map(|(path, node)| {
             let (kind, meta) = match node {
+                Node::Pending => (
+                    ManifestKind::Pending,
+                    &FileMeta {
+                        mode: 0,
+                        owner: String::new(),
+                        group: String::new(),
+                        mtime_ns: 0,
+                    },
+                ),
                 Node::File { hash, meta } => (
                     ManifestKind::File {
                         size: u64::from(hash[0]) * 1000,
@@ -80,6 +100,7 @@ fn index(tree: &Tree, racy: &[bool]) -> Vec<Entry> {
         .enumerate()
         .map(|(i, (path, node))| {
             let (kind, m, content) = match node {
+                Node::Pending => unreachable!("receivers have no pending entries"),
                 Node::File { hash, meta } => (EntryKind::File, meta, Some(*hash)),
                 Node::Dir { meta } => (EntryKind::Dir, meta, None),
                 Node::Link { target, meta } => (EntryKind::Symlink(target.clone()), meta, None),
@@ -222,6 +243,10 @@ impl Model {
 /// A random tree over a small name space, so the two sides overlap a lot: the same paths
 /// with other kinds, the same contents under other paths.
 fn arb_tree() -> impl Strategy<Value = Tree> {
+    arb_tree_with(false)
+}
+
+fn arb_tree_with(pending: bool) -> impl Strategy<Value = Tree> {
     let names = ["a", "b", "c"];
     let mut paths = Vec::new();
     for x in names {
@@ -233,7 +258,8 @@ fn arb_tree() -> impl Strategy<Value = Tree> {
             }
         }
     }
-    prop::collection::vec((0u8..5, 0u8..4, 0u8..8), paths.len()).prop_map(move |choices| {
+    let kinds = if pending { 0u8..6 } else { 0u8..5 };
+    prop::collection::vec((kinds, 0u8..4, 0u8..8), paths.len()).prop_map(move |choices| {
         let mut tree = Tree::new();
         for (path, (kind, content, m)) in paths.iter().zip(choices) {
             let path = rel(path);
@@ -250,6 +276,7 @@ fn arb_tree() -> impl Strategy<Value = Tree> {
                     hash: hash(content),
                     meta: meta(m),
                 },
+                5 => Node::Pending,
                 _ => Node::Link {
                     target: format!("../t{content}").into_bytes(),
                     // Linux reports every symlink as 0777; its mode is never carried.
@@ -270,7 +297,7 @@ proptest! {
 
     #[test]
     fn executing_the_plan_yields_the_senders_tree(
-        sender in arb_tree(),
+        sender in arb_tree_with(true),
         receiver in arb_tree(),
         racy in prop::collection::vec(prop::bool::weighted(0.2), 40),
     ) {
@@ -281,7 +308,25 @@ proptest! {
                 prop_assert!(false, "{err}\nplan: {:#?}", plan.actions);
             }
         }
-        prop_assert_eq!(&model.fs, &sender, "plan: {:#?}", plan.actions);
+        // Pending paths keep whatever the receiver had there, subtree included.
+        let pending: Vec<&RelPath> = sender
+            .iter()
+            .filter(|(_, n)| **n == Node::Pending)
+            .map(|(p, _)| p)
+            .collect();
+        let under_pending = |p: &RelPath| pending.iter().any(|q| p.starts_with(q));
+        let mut expected: Tree = sender
+            .iter()
+            .filter(|(p, _)| !under_pending(p))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect();
+        expected.extend(
+            receiver
+                .iter()
+                .filter(|(p, _)| under_pending(p))
+                .map(|(p, n)| (p.clone(), n.clone())),
+        );
+        prop_assert_eq!(&model.fs, &expected, "plan: {:#?}", plan.actions);
     }
 
     #[test]
