@@ -19,10 +19,12 @@ use std::path::{Path, PathBuf};
 
 use lbs_protocol::RelPath;
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, openat, renameat};
-use nix::sys::stat::{Mode, fchmod, futimens, mkdirat};
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::sys::stat::{
+    FileStat, Mode, SFlag, UtimensatFlags, fchmod, fstatat, futimens, mkdirat, utimensat,
+};
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fsync, unlinkat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, symlinkat, unlinkat};
 
 /// Names starting with this are lbs's own temporary files; a scan of a receiving root skips
 /// them and a restart removes them.
@@ -258,29 +260,166 @@ impl Root {
                 got,
             });
         }
-        if let Some((uid, gid)) = target.owner {
-            fchown(
-                file.as_fd(),
-                Some(Uid::from_raw(uid)),
-                Some(Gid::from_raw(gid)),
-            )
-            .map_err(|err| self.io(rel, "setting the owner", err))?;
-        }
-        // After chown, which clears set-id bits.
-        fchmod(file.as_fd(), Mode::from_bits_truncate(target.mode & 0o7777))
-            .map_err(|err| self.io(rel, "setting the mode", err))?;
-        let mtime = TimeSpec::new(
-            target.mtime_ns.div_euclid(1_000_000_000),
-            target.mtime_ns.rem_euclid(1_000_000_000),
-        );
-        futimens(file.as_fd(), &mtime, &mtime)
-            .map_err(|err| self.io(rel, "setting the modification time", err))?;
+        set_fd_meta(file, target).map_err(|err| self.io(rel, "setting metadata", err))?;
         fsync(file.as_fd()).map_err(|err| self.io(rel, "syncing the file", err))?;
         renameat(dir.as_fd(), temp, dir.as_fd(), name)
             .map_err(|err| self.io(rel, "renaming into place", err))?;
         fsync(dir.as_fd()).map_err(|err| self.io(rel, "syncing the directory", err))?;
         Ok(written)
     }
+}
+
+impl Root {
+    /// Opens an existing regular file for reading, never through a symlink.
+    pub fn open_file(&self, rel: &RelPath) -> Result<File, ApplyError> {
+        let dir = self.parent_dir(rel, false)?;
+        let fd = openat(
+            dir.as_fd(),
+            rel.file_name(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )
+        .map_err(|err| self.io(rel, "opening", err))?;
+        Ok(File::from(fd))
+    }
+
+    /// Creates a directory whose parent exists; an existing directory is fine (a re-run).
+    pub fn make_dir(&self, rel: &RelPath) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(rel, false)?;
+        match mkdirat(
+            dir.as_fd(),
+            rel.file_name(),
+            Mode::from_bits_truncate(0o755),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) if is_kind(&self.stat(&dir, rel)?, SFlag::S_IFDIR) => {}
+            Err(err) => return Err(self.io(rel, "creating a directory", err)),
+        }
+        fsync(dir.as_fd()).map_err(|err| self.io(rel, "syncing the directory", err))
+    }
+
+    fn stat(&self, dir: &File, rel: &RelPath) -> Result<FileStat, ApplyError> {
+        fstatat(dir.as_fd(), rel.file_name(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|err| self.io(rel, "reading metadata", err))
+    }
+
+    /// Creates or replaces a symlink atomically (temp link + rename), with owner and mtime.
+    pub fn symlink(&self, rel: &RelPath, target: &[u8], meta: &Target) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(rel, false)?;
+        let temp = temp_name(rel.file_name());
+        symlinkat(OsStr::from_bytes(target), dir.as_fd(), temp.as_os_str())
+            .map_err(|err| self.io(rel, "creating a symlink", err))?;
+        let result = self
+            .link_meta(&dir, temp.as_os_str(), rel, meta)
+            .and_then(|()| {
+                renameat(dir.as_fd(), temp.as_os_str(), dir.as_fd(), rel.file_name())
+                    .map_err(|err| self.io(rel, "renaming into place", err))
+            });
+        if result.is_err() {
+            let _ = unlinkat(dir.as_fd(), temp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        result?;
+        fsync(dir.as_fd()).map_err(|err| self.io(rel, "syncing the directory", err))
+    }
+
+    fn link_meta(
+        &self,
+        dir: &File,
+        name: &OsStr,
+        rel: &RelPath,
+        meta: &Target,
+    ) -> Result<(), ApplyError> {
+        if let Some((uid, gid)) = meta.owner {
+            fchownat(
+                dir.as_fd(),
+                name,
+                Some(Uid::from_raw(uid)),
+                Some(Gid::from_raw(gid)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|err| self.io(rel, "setting the owner", err))?;
+        }
+        let mtime = timespec(meta.mtime_ns);
+        utimensat(
+            dir.as_fd(),
+            name,
+            &mtime,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|err| self.io(rel, "setting the modification time", err))
+    }
+
+    /// Sets owner, mode and mtime of an existing entry (a symlink's mode is left alone).
+    pub fn set_meta(&self, rel: &RelPath, meta: &Target) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(rel, false)?;
+        if is_kind(&self.stat(&dir, rel)?, SFlag::S_IFLNK) {
+            return self.link_meta(&dir, rel.file_name(), rel, meta);
+        }
+        let fd = openat(
+            dir.as_fd(),
+            rel.file_name(),
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )
+        .map_err(|err| self.io(rel, "opening", err))?;
+        set_fd_meta(&fd, meta).map_err(|err| self.io(rel, "setting metadata", err))?;
+        fsync(fd.as_fd()).map_err(|err| self.io(rel, "syncing metadata", err))
+    }
+
+    /// Moves `rel` (and everything under it) to the same relative path under `to`, which
+    /// must be on the same file system.
+    pub fn move_to(&self, rel: &RelPath, to: &Root) -> Result<(), ApplyError> {
+        let from_dir = self.parent_dir(rel, false)?;
+        let to_dir = to.parent_dir(rel, true)?;
+        renameat(
+            from_dir.as_fd(),
+            rel.file_name(),
+            to_dir.as_fd(),
+            rel.file_name(),
+        )
+        .map_err(|err| match err {
+            Errno::EXDEV => ApplyError::Io {
+                path: rel.clone(),
+                what: "moving to the trash",
+                source: io::Error::other(format!(
+                    "the trash {} is on another file system than {}; configure a trash \
+                         directory on the same file system",
+                    to.path.display(),
+                    self.path.display()
+                )),
+            },
+            other => self.io(rel, "moving to the trash", other),
+        })?;
+        fsync(to_dir.as_fd()).map_err(|err| self.io(rel, "syncing the trash", err))?;
+        fsync(from_dir.as_fd()).map_err(|err| self.io(rel, "syncing the directory", err))
+    }
+}
+
+fn is_kind(stat: &FileStat, kind: SFlag) -> bool {
+    stat.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+fn timespec(ns: i64) -> TimeSpec {
+    TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+}
+
+/// Owner first (chown clears set-id bits), then mode, then mtime.
+fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
+    if let Some((uid, gid)) = meta.owner {
+        fchown(
+            fd.as_fd(),
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+        )?;
+    }
+    fchmod(fd.as_fd(), Mode::from_bits_truncate(meta.mode & 0o7777))?;
+    let mtime = timespec(meta.mtime_ns);
+    futimens(fd.as_fd(), &mtime, &mtime)
 }
 
 /// A temporary name beside `name`, unique within this process.

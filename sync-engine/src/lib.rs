@@ -6,6 +6,8 @@
 //!   unchanged ones.
 //! - [`apply`]: [`Root`], the receiving side's only way to change files: no symlink on the
 //!   way is followed, and a new version is verified, fsynced and renamed into place.
+//! - [`execute`]: carries a plan out through [`Root`] with content from a [`Fetcher`];
+//!   deletions go to the [`Trash`]; [`manifest`] is the sender's side.
 //! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
 //!   values of every entry.
 //! - [`plan`]: from the sender's manifest and the receiver's index, the ordered [`Action`]s
@@ -17,12 +19,14 @@
 //! on these (see `../shared/DESIGN.md` §6).
 
 pub mod apply;
+pub mod execute;
 pub mod index;
 pub mod plan;
 pub mod scan;
 pub mod tree;
 
 pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
+pub use execute::{ExecuteReport, Fetcher, LocalFetcher, Trash, execute, manifest};
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, scan};

@@ -1,0 +1,304 @@
+//! Carrying out a [`Plan`] on the receiving side, and the sender's side of it: its manifest.
+//!
+//! Content comes from a [`Fetcher`] (the session over mutual TLS; [`LocalFetcher`] for a
+//! sender tree on the same machine). A file whose result does not verify (it changed on the
+//! sender meanwhile, a copy source was not what the index said) is reported and left for the
+//! next pass; a full disk or an unusable root stops the run.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use lbs_protocol::RelPath;
+use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
+
+use crate::apply::{ApplyError, Root, Target};
+use crate::index::{Entry, EntryKind, Index, IndexError};
+use crate::plan::{Action, Basis, Plan, Source};
+
+/// Where content the plan needs from the sender comes from.
+pub trait Fetcher {
+    /// Writes the sender's current content of `path` (announced as `size` bytes) to `out`.
+    /// `basis` says whether the receiver holds an older version at the same path.
+    fn fetch(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        basis: Basis,
+        out: &mut dyn Write,
+    ) -> io::Result<u64>;
+}
+
+/// Fetches from a sender tree on this machine.
+#[derive(Debug)]
+pub struct LocalFetcher {
+    root: Root,
+}
+
+impl LocalFetcher {
+    /// Reads content from the tree at `root`.
+    pub fn new(root: &Path) -> Result<Self, ApplyError> {
+        Ok(Self {
+            root: Root::open(root)?,
+        })
+    }
+}
+
+impl Fetcher for LocalFetcher {
+    fn fetch(
+        &mut self,
+        path: &RelPath,
+        _size: u64,
+        _basis: Basis,
+        out: &mut dyn Write,
+    ) -> io::Result<u64> {
+        let mut file = self.root.open_file(path).map_err(io::Error::other)?;
+        io::copy(&mut file, out)
+    }
+}
+
+/// A root's trash: a directory on the same file system holding one batch per pass (named by
+/// its start time), emptied after a retention period. Deleted and replaced-by-another-kind
+/// entries go here, never straight to nothing.
+#[derive(Debug)]
+pub struct Trash {
+    path: PathBuf,
+}
+
+impl Trash {
+    /// The default trash of a root: `.<name>.lbs-trash` beside it (same file system as long
+    /// as the root is not itself a mount point).
+    pub fn default_for(root: &Path) -> PathBuf {
+        let name = root
+            .file_name()
+            .map_or_else(|| "root".into(), |n| n.to_string_lossy().into_owned());
+        root.with_file_name(format!(".{name}.lbs-trash"))
+    }
+
+    /// Opens (creating, owner-only) the trash at `path`.
+    pub fn open(path: &Path) -> Result<Self, ApplyError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|source| ApplyError::Root {
+                root: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Starts a new batch for one pass.
+    pub fn batch(&self) -> Result<Root, ApplyError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = format!(
+            "{secs}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).map_err(|source| ApplyError::Root {
+            root: path.clone(),
+            source,
+        })?;
+        Root::open(&path)
+    }
+
+    /// Removes batches older than `retention`; returns how many went.
+    pub fn purge(&self, retention: Duration) -> io::Result<u64> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut removed = 0;
+        for item in std::fs::read_dir(&self.path)? {
+            let item = item?;
+            let name = item.file_name();
+            let Some(started) = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if now.saturating_sub(started) > retention.as_secs() {
+                // Symlinks inside are removed, never followed.
+                std::fs::remove_dir_all(item.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecuteReport {
+    /// Actions carried out.
+    pub done: u64,
+    /// Bytes received from the fetcher.
+    pub fetched_bytes: u64,
+    /// Bytes copied locally.
+    pub copied_bytes: u64,
+    /// Entries left for the next pass, with the reason.
+    pub deferred: Vec<(RelPath, String)>,
+    /// Owner or group names unknown on this box (left to the default).
+    pub unknown_owners: Vec<String>,
+}
+
+/// Owner and group names to this box's ids (only when we may chown, i.e. as root).
+#[derive(Debug, Default)]
+struct Ids {
+    users: HashMap<String, Option<u32>>,
+    groups: HashMap<String, Option<u32>>,
+}
+
+impl Ids {
+    fn target(&mut self, meta: &FileMeta, report: &mut ExecuteReport) -> Target {
+        let owner = if nix::unistd::geteuid().is_root() {
+            let uid = *self.users.entry(meta.owner.clone()).or_insert_with(|| {
+                nix::unistd::User::from_name(&meta.owner)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.uid.as_raw())
+                    .or_else(|| meta.owner.parse().ok())
+            });
+            let gid = *self.groups.entry(meta.group.clone()).or_insert_with(|| {
+                nix::unistd::Group::from_name(&meta.group)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+                    .or_else(|| meta.group.parse().ok())
+            });
+            for (name, id) in [(&meta.owner, uid), (&meta.group, gid)] {
+                if id.is_none() && !report.unknown_owners.contains(name) {
+                    report.unknown_owners.push(name.clone());
+                }
+            }
+            uid.zip(gid)
+        } else {
+            None
+        };
+        Target {
+            mode: meta.mode,
+            owner,
+            mtime_ns: meta.mtime_ns,
+        }
+    }
+}
+
+/// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
+/// [`Trash::batch`]) and getting content from `fetcher`.
+pub fn execute(
+    plan: &Plan,
+    root: &Root,
+    trash: &Root,
+    fetcher: &mut dyn Fetcher,
+) -> Result<ExecuteReport, ApplyError> {
+    let mut report = ExecuteReport::default();
+    let mut ids = Ids::default();
+    for action in &plan.actions {
+        let outcome = match action {
+            Action::Trash { path } => root.move_to(path, trash),
+            Action::MakeDir { path } => root.make_dir(path),
+            Action::SetMeta { path, meta } => root.set_meta(path, &ids.target(meta, &mut report)),
+            Action::Symlink { path, target, meta } => {
+                root.symlink(path, target, &ids.target(meta, &mut report))
+            }
+            Action::Fetch {
+                path,
+                size,
+                blake3,
+                meta,
+                basis,
+            } => {
+                let target = ids.target(meta, &mut report);
+                root.install(path, &blake3::Hash::from(*blake3), &target, |out| {
+                    fetcher.fetch(path, *size, *basis, out).map(drop)
+                })
+                .map(|n| report.fetched_bytes += n)
+            }
+            Action::CopyLocal {
+                path,
+                from,
+                size,
+                blake3,
+                meta,
+            } => {
+                let target = ids.target(meta, &mut report);
+                let expected = blake3::Hash::from(*blake3);
+                let copied = match from {
+                    Source::Path(p) => root.open_file(p),
+                    Source::Trashed(p) => trash.open_file(p),
+                }
+                .and_then(|mut source| {
+                    root.install(path, &expected, &target, |out| {
+                        io::copy(&mut source, out).map(drop)
+                    })
+                });
+                match copied {
+                    Ok(n) => {
+                        report.copied_bytes += n;
+                        Ok(())
+                    }
+                    // The source was not what the index said: get it from the sender.
+                    Err(ApplyError::HashMismatch { .. } | ApplyError::Io { .. }) => root
+                        .install(path, &expected, &target, |out| {
+                            fetcher.fetch(path, *size, Basis::None, out).map(drop)
+                        })
+                        .map(|n| report.fetched_bytes += n),
+                    Err(other) => Err(other),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => report.done += 1,
+            Err(err @ (ApplyError::HashMismatch { .. } | ApplyError::Io { .. })) => {
+                let path = match &err {
+                    ApplyError::HashMismatch { path, .. } | ApplyError::Io { path, .. } => {
+                        path.clone()
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                report.deferred.push((path, err.to_string()));
+            }
+            Err(fatal) => return Err(fatal),
+        }
+    }
+    Ok(report)
+}
+
+/// The sender's manifest from its (freshly scanned) index. Files with no trusted hash are
+/// [`ManifestKind::Pending`]: the receiver keeps what it has until they settle.
+pub fn manifest(index: &Index) -> Result<Vec<ManifestEntry>, IndexError> {
+    Ok(index.entries()?.into_iter().map(manifest_entry).collect())
+}
+
+fn manifest_entry(entry: Entry) -> ManifestEntry {
+    let kind = match (entry.kind, entry.hash) {
+        (EntryKind::File, Some(hash)) => ManifestKind::File {
+            size: entry.meta.size,
+            blake3: hash.root,
+        },
+        (EntryKind::File, None) => ManifestKind::Pending,
+        (EntryKind::Dir, _) => ManifestKind::Dir,
+        (EntryKind::Symlink(target), _) => ManifestKind::Symlink { target },
+    };
+    ManifestEntry {
+        path: entry.path,
+        kind,
+        meta: FileMeta {
+            mode: entry.meta.mode,
+            owner: entry.meta.owner,
+            group: entry.meta.group,
+            mtime_ns: entry.meta.mtime_ns,
+        },
+    }
+}
