@@ -34,7 +34,7 @@ pub mod fuzzing;
 pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
 pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
-pub use message::{Envelope, Hello, Message, Refusal, Sender};
+pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, Sender};
 pub use path::{PathError, RelPath};
 pub use tls::{AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

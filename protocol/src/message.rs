@@ -11,6 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Generation, Role, ServerId};
+use crate::path::RelPath;
+use crate::sync::ManifestEntry;
 use crate::version::{ProtocolVersion, SoftwareVersion};
 
 /// One frame's payload: the sender's generation and the message.
@@ -49,7 +51,46 @@ pub enum Message {
         /// Shown to the operator on the other side ("agent stopping for upgrade").
         reason: String,
     },
+    /// Receiver → sender: scan your tree and send its manifest.
+    SyncManifestRequest,
+    /// Sender → receiver: a part of the manifest, in path order; `last` closes it.
+    SyncManifest {
+        /// The entries of this part (bounded so the frame stays under the limit).
+        entries: Vec<ManifestEntry>,
+        /// Whether this is the final part.
+        last: bool,
+    },
+    /// Receiver → sender: send this file's content.
+    SyncFetch {
+        /// Which file.
+        path: RelPath,
+    },
+    /// Sender → receiver: the next bytes of the file being sent (at most
+    /// [`SYNC_CHUNK_LEN`] each).
+    SyncData {
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Sender → receiver: the file is complete; the hash is of exactly the bytes sent.
+    SyncDataEnd {
+        /// How many bytes were sent.
+        size: u64,
+        /// Their BLAKE3 hash.
+        blake3: [u8; 32],
+    },
+    /// Sender → receiver: the request could not be served (the file vanished, say); the
+    /// receiver leaves that path for the next pass.
+    SyncUnavailable {
+        /// Which file.
+        path: RelPath,
+        /// Why, for the operator.
+        reason: String,
+    },
 }
+
+/// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
+/// never nears [`crate::MAX_FRAME_LEN`] and memory stays bounded.
+pub const SYNC_CHUNK_LEN: usize = 256 * 1024;
 
 impl Message {
     /// A short name for logs and errors ("hello", "heartbeat").
@@ -60,6 +101,12 @@ impl Message {
             Message::Heartbeat { .. } => "heartbeat",
             Message::HeartbeatAck { .. } => "heartbeat-ack",
             Message::Goodbye { .. } => "goodbye",
+            Message::SyncManifestRequest => "sync-manifest-request",
+            Message::SyncManifest { .. } => "sync-manifest",
+            Message::SyncFetch { .. } => "sync-fetch",
+            Message::SyncData { .. } => "sync-data",
+            Message::SyncDataEnd { .. } => "sync-data-end",
+            Message::SyncUnavailable { .. } => "sync-unavailable",
         }
     }
 }

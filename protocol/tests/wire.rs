@@ -9,9 +9,10 @@ use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::frame::{self, HEADER_LEN};
 use lbs_protocol::handshake::exchange_hello;
+use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use lbs_protocol::{
     Envelope, FrameCodec, FrameError, Generation, HandshakeError, Hello, MAX_FRAME_LEN, Message,
-    PeerName, ProtocolVersion, Refusal, Role, Sender, ServerId, SoftwareVersion,
+    PeerName, ProtocolVersion, Refusal, RelPath, Role, Sender, ServerId, SoftwareVersion,
 };
 use proptest::prelude::*;
 use serde::Serialize;
@@ -67,7 +68,54 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), arb_role()).prop_map(|(seq, role)| Message::Heartbeat { seq, role }),
         (any::<u64>(), arb_role()).prop_map(|(seq, role)| Message::HeartbeatAck { seq, role }),
         ".{0,200}".prop_map(|reason| Message::Goodbye { reason }),
+        Just(Message::SyncManifestRequest),
+        (
+            prop::collection::vec(arb_manifest_entry(), 0..8),
+            any::<bool>()
+        )
+            .prop_map(|(entries, last)| Message::SyncManifest { entries, last }),
+        arb_rel_path().prop_map(|path| Message::SyncFetch { path }),
+        prop::collection::vec(any::<u8>(), 0..2048).prop_map(|bytes| Message::SyncData { bytes }),
+        (any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(size, blake3)| Message::SyncDataEnd { size, blake3 }),
+        (arb_rel_path(), ".{0,80}")
+            .prop_map(|(path, reason)| Message::SyncUnavailable { path, reason }),
     ]
+}
+
+fn arb_rel_path() -> impl Strategy<Value = RelPath> {
+    prop::collection::vec("[a-zA-Z0-9._-]{1,12}", 1..4).prop_filter_map("not a path", |names| {
+        RelPath::from_bytes(names.join("/").into_bytes()).ok()
+    })
+}
+
+fn arb_manifest_entry() -> impl Strategy<Value = ManifestEntry> {
+    let kind = prop_oneof![
+        (any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(size, blake3)| ManifestKind::File { size, blake3 }),
+        Just(ManifestKind::Dir),
+        prop::collection::vec(any::<u8>(), 1..64)
+            .prop_map(|target| ManifestKind::Symlink { target }),
+        Just(ManifestKind::Pending),
+    ];
+    (
+        arb_rel_path(),
+        kind,
+        any::<u32>(),
+        "[a-z]{0,8}",
+        "[a-z]{0,8}",
+        any::<i64>(),
+    )
+        .prop_map(|(path, kind, mode, owner, group, mtime_ns)| ManifestEntry {
+            path,
+            kind,
+            meta: FileMeta {
+                mode,
+                owner,
+                group,
+                mtime_ns,
+            },
+        })
 }
 
 fn arb_envelope() -> impl Strategy<Value = Envelope> {

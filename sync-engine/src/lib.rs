@@ -1,6 +1,8 @@
 //! `lbs-sync`: keeps the backup's copy of the primary's sync sets identical, verified and
 //! crash-safe, moving as few bytes and doing as little I/O as the data allows.
 //!
+//! - [`session`]: [`serve`] and [`pull`] over an lbs connection: manifest, plan, and fetches
+//!   streamed in bounded chunks between the network and a blocking writer.
 //! - [`tree`]: per-block BLAKE3 tree hashes ([`TreeHash`], [`BlockSize`]); the whole-file hash
 //!   is rebuilt from block values, so changed blocks are found and verified without re-reading
 //!   unchanged ones.
@@ -15,14 +17,14 @@
 //! - [`scan`]: one pass over a root that brings its index up to date, reading only files whose
 //!   size, mtime, ctime or inode changed.
 //!
-//! Block/append/delta transfers, the session over mutual TLS and the `lbs sync` commands build
-//! on these (see `../shared/DESIGN.md` §6).
+//! Block/append/delta transfers and the `lbs sync` commands build on these (see `../shared/DESIGN.md` §6).
 
 pub mod apply;
 pub mod execute;
 pub mod index;
 pub mod plan;
 pub mod scan;
+pub mod session;
 pub mod tree;
 
 pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
@@ -30,4 +32,5 @@ pub use execute::{ExecuteReport, Fetcher, LocalFetcher, Trash, execute, manifest
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, scan};
+pub use session::{PullReport, SessionError, pull, serve};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

@@ -1,0 +1,389 @@
+//! A sync session over an established lbs [`Connection`] (mutual TLS in production, any
+//! stream in tests): [`serve`] on the sending side, [`pull`] on the receiving side.
+//!
+//! The receiver asks for the manifest (the sender scans first, so it is current), plans, and
+//! executes the plan on a blocking thread; each fetch crosses to the async side through
+//! bounded channels, so at most a few [`SYNC_CHUNK_LEN`] chunks are in memory whatever the
+//! file size, and a slow disk slows the sender down instead of filling memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::sync::ManifestEntry;
+use lbs_protocol::{
+    Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::apply::{ApplyError, Root};
+use crate::execute::{ExecuteReport, Fetcher, Trash, execute, manifest};
+use crate::index::{Index, IndexError};
+use crate::plan::{Basis, PlanError, PlanSummary, plan};
+use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
+
+/// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
+/// sender from exhausting memory).
+pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
+/// Roughly how many bytes of entries go into one manifest frame.
+const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks in flight between the network and the disk, per file.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection failed or carried garbage.
+    #[error("connection: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer hung up in the middle.
+    #[error("the peer closed the connection during {0}")]
+    Closed(&'static str),
+    /// The peer sent something that does not belong here.
+    #[error("the peer sent {got} during {during}")]
+    Unexpected {
+        /// What it sent.
+        got: &'static str,
+        /// What we were doing.
+        during: &'static str,
+    },
+    /// The peer's manifest is larger than any real tree.
+    #[error("the peer's manifest has more than {MAX_MANIFEST_ENTRIES} entries; refused")]
+    ManifestTooLarge,
+    /// Scanning a tree failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// The index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The peer's manifest is not a tree.
+    #[error("the peer's manifest: {0}")]
+    Plan(#[from] PlanError),
+    /// Changing the receiver's tree failed in a way that stops the run.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// A worker thread died (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// What a pull did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullReport {
+    /// The receiver's own scan before planning.
+    pub scan: ScanReport,
+    /// The plan's numbers.
+    pub plan: PlanSummary,
+    /// What executing it did.
+    pub executed: ExecuteReport,
+    /// Time to get the sender's manifest (its scan included).
+    pub manifest_time: Duration,
+    /// Time for the whole pull.
+    pub elapsed: Duration,
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    message: Message,
+) -> Result<(), SessionError> {
+    conn.send(Envelope {
+        generation,
+        message,
+    })
+    .await?;
+    Ok(())
+}
+
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    during: &'static str,
+) -> Result<Message, SessionError> {
+    match conn.next().await {
+        Some(envelope) => Ok(envelope?.message),
+        None => Err(SessionError::Closed(during)),
+    }
+}
+
+fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, SessionError> {
+    result.map_err(|e| SessionError::Internal(format!("worker thread failed: {e}")))
+}
+
+/// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    root: PathBuf,
+    index: Arc<Mutex<Index>>,
+    generation: Generation,
+) -> Result<(), SessionError> {
+    let files = Root::open(&root)?;
+    loop {
+        let Some(envelope) = conn.next().await else {
+            return Ok(());
+        };
+        match envelope?.message {
+            Message::SyncManifestRequest => {
+                let (root, index) = (root.clone(), index.clone());
+                let entries = blocking_join(
+                    tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+                        let mut index = index
+                            .lock()
+                            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                        scan(&root, &mut index, &ScanOptions::default())?;
+                        Ok(manifest(&index)?)
+                    })
+                    .await,
+                )??;
+                send_manifest(conn, generation, entries).await?;
+            }
+            Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
+            Message::Heartbeat { seq, .. } => {
+                send(
+                    conn,
+                    generation,
+                    Message::HeartbeatAck {
+                        seq,
+                        role: Role::Primary,
+                    },
+                )
+                .await?;
+            }
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "serving",
+                });
+            }
+        }
+    }
+}
+
+async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    entries: Vec<ManifestEntry>,
+) -> Result<(), SessionError> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        bytes += 64 + entry.path.as_bytes().len() + entry.meta.owner.len() + entry.meta.group.len();
+        if let lbs_protocol::sync::ManifestKind::Symlink { target } = &entry.kind {
+            bytes += target.len();
+        }
+        chunk.push(entry);
+        if bytes >= MANIFEST_CHUNK_BYTES {
+            let entries = std::mem::take(&mut chunk);
+            send(
+                conn,
+                generation,
+                Message::SyncManifest {
+                    entries,
+                    last: false,
+                },
+            )
+            .await?;
+            bytes = 0;
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncManifest {
+            entries: chunk,
+            last: true,
+        },
+    )
+    .await
+}
+
+/// Streams one file, hashing exactly the bytes sent.
+async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    path: RelPath,
+) -> Result<(), SessionError> {
+    let file = match files.open_file(&path) {
+        Ok(file) => file,
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let mut bytes = vec![0u8; SYNC_CHUNK_LEN];
+        let n = match file.read(&mut bytes).await {
+            Ok(n) => n,
+            Err(err) => {
+                let reason = format!("reading failed after {size} bytes: {err}");
+                return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        bytes.truncate(n);
+        hasher.update(&bytes);
+        size += n as u64;
+        send(conn, generation, Message::SyncData { bytes }).await?;
+    }
+    let blake3 = *hasher.finalize().as_bytes();
+    send(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+}
+
+/// What crosses from the network to the thread writing a file.
+enum Chunk {
+    Data(Vec<u8>),
+    End,
+    Failed(String),
+}
+
+/// The receiver's fetcher: asks the async side for a file and writes what arrives.
+struct Bridge {
+    requests: mpsc::Sender<(RelPath, mpsc::Sender<Chunk>)>,
+}
+
+impl Fetcher for Bridge {
+    fn fetch(
+        &mut self,
+        path: &RelPath,
+        _size: u64,
+        _basis: Basis,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<u64> {
+        let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        self.requests
+            .blocking_send((path.clone(), tx))
+            .map_err(|_| std::io::Error::other("the sync connection is gone"))?;
+        let mut written = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            match chunk {
+                Chunk::Data(bytes) => {
+                    out.write_all(&bytes)?;
+                    written += bytes.len() as u64;
+                }
+                Chunk::End => return Ok(written),
+                Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
+            }
+        }
+        Err(std::io::Error::other("the sync connection is gone"))
+    }
+}
+
+/// Makes the tree at `root` equal to the sender's, over `conn`.
+pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    root: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+    generation: Generation,
+) -> Result<PullReport, SessionError> {
+    let started = Instant::now();
+    let scan_root = root.to_owned();
+    let scan_index = index.clone();
+    let own_scan = tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+        let mut index = scan_index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        let report = scan(&scan_root, &mut index, &ScanOptions::default())?;
+        Ok((report, index.entries()?))
+    });
+
+    let manifest_started = Instant::now();
+    send(conn, generation, Message::SyncManifestRequest).await?;
+    let mut entries = Vec::new();
+    loop {
+        match receive(conn, "the manifest").await? {
+            Message::SyncManifest {
+                entries: part,
+                last,
+            } => {
+                if entries.len() + part.len() > MAX_MANIFEST_ENTRIES {
+                    return Err(SessionError::ManifestTooLarge);
+                }
+                entries.extend(part);
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "the manifest",
+                });
+            }
+        }
+    }
+    let manifest_time = manifest_started.elapsed();
+    let (scan_report, have) = blocking_join(own_scan.await)??;
+    let plan = plan(&entries, &have)?;
+    drop(entries);
+
+    let (requests, mut incoming) = mpsc::channel(1);
+    let files = Root::open(root)?;
+    let batch = trash.batch()?;
+    let summary = plan.summary;
+    let worker = tokio::task::spawn_blocking(move || {
+        execute(&plan, &files, &batch, &mut Bridge { requests })
+    });
+    let mut connection_error = None;
+    while let Some((path, chunks)) = incoming.recv().await {
+        if let Some(err) = &connection_error {
+            let _ = chunks.send(Chunk::Failed(format!("{err}"))).await;
+            continue;
+        }
+        if let Err(err) = relay(conn, generation, path, &chunks).await {
+            let _ = chunks.send(Chunk::Failed(err.to_string())).await;
+            connection_error = Some(err);
+        }
+    }
+    let executed = blocking_join(worker.await)??;
+    if let Some(err) = connection_error {
+        return Err(err);
+    }
+    Ok(PullReport {
+        scan: scan_report,
+        plan: summary,
+        executed,
+        manifest_time,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Fetches one file from the sender and hands its chunks to the writing thread.
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    path: RelPath,
+    chunks: &mpsc::Sender<Chunk>,
+) -> Result<(), SessionError> {
+    send(conn, generation, Message::SyncFetch { path }).await?;
+    loop {
+        let chunk = match receive(conn, "a file transfer").await? {
+            Message::SyncData { bytes } => Chunk::Data(bytes),
+            // The writer verifies the content against the manifest's hash itself.
+            Message::SyncDataEnd { .. } => Chunk::End,
+            Message::SyncUnavailable { path, reason } => {
+                Chunk::Failed(format!("the sender could not send {path}: {reason}"))
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "a file transfer",
+                });
+            }
+        };
+        let done = !matches!(chunk, Chunk::Data(_));
+        // The writer gave up on this file (an error on its side): drain the rest regardless.
+        let _ = chunks.send(chunk).await;
+        if done {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Pulls over a real lbs connection (framed, in memory): the receiver ends up identical, a
+//! second pull moves nothing, and a lying or hostile sender changes nothing it should not.
+
+// In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File, FileTimes};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
+use lbs_protocol::{Envelope, FrameCodec, Generation, Message, RelPath, frame};
+use lbs_sync::{Index, ScanOptions, SessionError, Trash, manifest, pull, scan, serve};
+use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio_util::codec::Framed;
+
+const GEN: Generation = Generation(1);
+
+fn write_old(path: &Path, content: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, content).unwrap();
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_times(
+            FileTimes::new()
+                .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000)),
+        )
+        .unwrap();
+}
+
+fn state(root: &Path) -> Vec<ManifestEntry> {
+    let mut index = Index::in_memory().unwrap();
+    scan(root, &mut index, &ScanOptions::default()).unwrap();
+    manifest(&index).unwrap()
+}
+
+fn connections() -> (
+    Framed<DuplexStream, FrameCodec<Envelope>>,
+    Framed<DuplexStream, FrameCodec<Envelope>>,
+) {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    (
+        Framed::new(a, FrameCodec::new()),
+        Framed::new(b, FrameCodec::new()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    write_old(
+        &sender.join("extensions.conf"),
+        b"[default]\nexten => 100,1,Dial(PJSIP/100)\n",
+    );
+    let big: Vec<u8> = (0..3_300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    write_old(&sender.join("moh/default/song.wav"), &big);
+    write_old(&sender.join("voicemail/1234/INBOX/msg0000.wav"), b"hello");
+    write_old(&receiver.join("voicemail/1234/INBOX/msg0000.wav"), b"stale");
+    write_old(&receiver.join("leftover.conf"), b"gone on the primary");
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+
+    let (mut server_conn, mut client_conn) = connections();
+    let server_index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let server = tokio::spawn({
+        let (sender, server_index) = (sender.clone(), server_index.clone());
+        async move { serve(&mut server_conn, sender, server_index, GEN).await }
+    });
+    let client_index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let first = pull(
+        &mut client_conn,
+        &receiver,
+        client_index.clone(),
+        &trash,
+        GEN,
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.plan.fetch_files, 3, "{first:?}");
+    assert_eq!(first.plan.trashed, 1);
+    assert_eq!(first.executed.fetched_bytes, big.len() as u64 + 5 + 41);
+    assert!(first.executed.deferred.is_empty(), "{first:?}");
+    assert_eq!(state(&receiver), state(&sender));
+
+    let second = pull(&mut client_conn, &receiver, client_index, &trash, GEN)
+        .await
+        .unwrap();
+    assert_eq!(second.plan.fetch_files, 0, "{second:?}");
+    assert_eq!(second.executed.fetched_bytes, 0);
+
+    client_conn
+        .send(Envelope {
+            generation: GEN,
+            message: Message::Goodbye {
+                reason: "done".into(),
+            },
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+fn meta() -> FileMeta {
+    FileMeta {
+        mode: 0o644,
+        owner: "root".into(),
+        group: "root".into(),
+        mtime_ns: 1_650_000_000_000_000_000,
+    }
+}
+
+async fn expect_request(conn: &mut Framed<DuplexStream, FrameCodec<Envelope>>) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), conn.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_does_not_match_the_announced_hash_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    write_old(&receiver.join("sip.conf"), b"old and good");
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (mut liar, mut client) = connections();
+    let fake = tokio::spawn(async move {
+        assert_eq!(
+            expect_request(&mut liar).await,
+            Message::SyncManifestRequest
+        );
+        let entries = vec![ManifestEntry {
+            path: RelPath::try_from("sip.conf").unwrap(),
+            kind: ManifestKind::File {
+                size: 3,
+                blake3: *blake3::hash(b"new").as_bytes(),
+            },
+            meta: meta(),
+        }];
+        let send = |message| Envelope {
+            generation: GEN,
+            message,
+        };
+        liar.send(send(Message::SyncManifest {
+            entries,
+            last: true,
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            expect_request(&mut liar).await,
+            Message::SyncFetch { .. }
+        ));
+        liar.send(send(Message::SyncData {
+            bytes: b"evil".to_vec(),
+        }))
+        .await
+        .unwrap();
+        liar.send(send(Message::SyncDataEnd {
+            size: 4,
+            blake3: *blake3::hash(b"evil").as_bytes(),
+        }))
+        .await
+        .unwrap();
+        liar
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let report = pull(&mut client, &receiver, index, &trash, GEN)
+        .await
+        .unwrap();
+    assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
+    assert!(
+        report.executed.deferred[0].1.contains("hashes to"),
+        "{report:?}"
+    );
+    assert_eq!(
+        fs::read(receiver.join("sip.conf")).unwrap(),
+        b"old and good"
+    );
+    drop(fake.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_path_escaping_the_root_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    write_old(&receiver.join("sip.conf"), b"keep me");
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (io_hostile, io_client) = tokio::io::duplex(64 * 1024);
+    let mut client = Framed::new(io_client, FrameCodec::<Envelope>::new());
+    let hostile = tokio::spawn(async move {
+        let mut io = io_hostile;
+        // A well-formed frame, then the path bytes patched to climb out of the root.
+        let mut wire = BytesMut::new();
+        frame::encode(
+            &Envelope {
+                generation: GEN,
+                message: Message::SyncManifest {
+                    entries: vec![ManifestEntry {
+                        path: RelPath::try_from("ab/passwd").unwrap(),
+                        kind: ManifestKind::Dir,
+                        meta: meta(),
+                    }],
+                    last: true,
+                },
+            },
+            &mut wire,
+            lbs_protocol::MAX_FRAME_LEN,
+        )
+        .unwrap();
+        let at = wire.windows(9).position(|w| w == b"ab/passwd").unwrap();
+        wire[at..at + 2].copy_from_slice(b"..");
+        io.write_all(&wire).await.unwrap();
+        io
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let err = pull(&mut client, &receiver, index, &trash, GEN)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Frame(_)), "{err}");
+    // postcard drops the custom message; the frame is refused as malformed.
+    assert!(err.to_string().contains("malformed"), "{err}");
+    assert_eq!(fs::read(receiver.join("sip.conf")).unwrap(), b"keep me");
+    assert!(!dir.path().join("passwd").exists());
+    drop(hostile.await.unwrap());
+}
