@@ -37,6 +37,11 @@ use crate::ids::ServerId;
 // Callers hold these configurations; re-exported so they need no rustls dependency of their own.
 pub use rustls::{ClientConfig, ServerConfig};
 
+/// A TLS stream this side dialled.
+pub type ClientStream<S> = tokio_rustls::client::TlsStream<S>;
+/// A TLS stream this side accepted.
+pub type ServerStream<S> = tokio_rustls::server::TlsStream<S>;
+
 /// The certificate name of the data center's endpoints.
 const DATACENTER_NAME: &str = "datacenter.lbs.invalid";
 

@@ -478,10 +478,15 @@ fn visit(
     }
 }
 
-/// The receiver's hash for a file, if it may be trusted.
+/// The receiver's hash for a file.
+///
+/// A racy hash (taken within a second of the file's last write, typically by our own install
+/// in the previous pass) is used too: copies from it are verified like any other, and the next
+/// scan hashes a racy file again, so a write that slipped past it is caught one pass later
+/// instead of every just-synced file being fetched again.
 fn trusted_hash(entry: &Entry) -> Option<&[u8; 32]> {
     match (&entry.kind, &entry.hash) {
-        (EntryKind::File, Some(hash)) if !hash.racy => Some(&hash.root),
+        (EntryKind::File, Some(hash)) => Some(&hash.root),
         _ => None,
     }
 }

@@ -83,12 +83,15 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     )?;
 
     let mut server = timeline.step("primary starts serving its partner only", || {
-        Server::start(peer(&hello, &dir, "serve", "primary", BACKUP).args([
-            "--role",
-            "primary",
-            "--listen",
-            "127.0.0.1:0",
-        ]))
+        Server::start(
+            peer(&hello, &dir, "serve", "primary", BACKUP).args([
+                "--role",
+                "primary",
+                "--listen",
+                "127.0.0.1:0",
+            ]),
+            |line| line.strip_prefix("listening on "),
+        )
     })?;
     let addr = server.addr.clone();
     println!("    primary listening on {addr}, accepting only box {BACKUP}");
@@ -129,10 +132,13 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
 
+    sync_steps(&mut timeline, &dir)?;
+
     timeline.print();
     println!(
-        "\nWhat exists today is the protocol layer (lbs-protocol). Sync, tunnels, the data \
-         center and failover join this demo as they land."
+        "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats) and the sync engine \
+         (lbs sync). The data center, tunnels, network takeover and failover join this demo as \
+         they land."
     );
     Ok(())
 }
@@ -214,7 +220,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(cmd: &mut Command) -> anyhow::Result<Server> {
+    /// Starts a server whose first line of output names its address; `addr_of` finds it.
+    fn start(cmd: &mut Command, addr_of: fn(&str) -> Option<&str>) -> anyhow::Result<Server> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -235,8 +242,7 @@ impl Server {
         let first = lines
             .recv_timeout(STEP_TIMEOUT)
             .context("the server printed nothing")?;
-        let addr = first
-            .strip_prefix("listening on ")
+        let addr = addr_of(&first)
             .with_context(|| format!("unexpected first line from the server: {first:?}"))?
             .to_owned();
         Ok(Server { guard, lines, addr })
@@ -276,4 +282,119 @@ impl Server {
             }
         }
     }
+}
+
+/// The sync engine: the backup pulls the primary's tree over mutual TLS, twice, and checks.
+fn sync_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
+    let lbs = target_dir().join("debug").join("lbs");
+    let (primary, backup) = (dir.join("primary-tree"), dir.join("backup-tree"));
+    let lbs_peer = |args: &[&str], me: &str, partner: &str| {
+        let mut cmd = Command::new(&lbs);
+        cmd.args(args)
+            .arg("--identity")
+            .arg(dir.join(me))
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .args(["--partner", partner])
+            .arg("--state")
+            .arg(dir.join(format!("state-{me}")));
+        cmd
+    };
+    timeline.step(
+        "the primary's PBX data: config, voicemail, music on hold",
+        || {
+            demo_tree(&primary)?;
+            std::fs::create_dir_all(&backup)?;
+            println!("    {}", primary.display());
+            Ok(())
+        },
+    )?;
+    let mut server = timeline.step("primary serves its tree to the backup only", || {
+        Server::start(
+            lbs_peer(&["sync", "serve"], "primary", BACKUP)
+                .arg("--root")
+                .arg(&primary)
+                .args(["--listen", "127.0.0.1:0"]),
+            |line| line.split(" on ").nth(1)?.split(' ').next(),
+        )
+    })?;
+    let addr = server.addr.clone();
+    let pull = |timeline: &mut Timeline, name: &str| {
+        timeline.step(name, || {
+            let out = checked(
+                lbs_peer(&["sync", "pull"], "backup", PRIMARY)
+                    .arg("--root")
+                    .arg(&backup)
+                    .args(["--from", &addr]),
+            )?;
+            indent(&out.stdout);
+            Ok(())
+        })
+    };
+    pull(timeline, "backup pulls everything (first sync)")?;
+    timeline.step(
+        "on the primary: a caller deletes message 0, Asterisk renumbers, config edited",
+        || {
+            let inbox = primary.join("voicemail/default/1234/INBOX");
+            std::fs::remove_file(inbox.join("msg0000.wav"))?;
+            std::fs::rename(inbox.join("msg0001.wav"), inbox.join("msg0000.wav"))?;
+            std::fs::rename(inbox.join("msg0002.wav"), inbox.join("msg0001.wav"))?;
+            std::fs::write(
+                primary.join("asterisk/extensions.conf"),
+                "[default]\nexten => 100,1,Dial(PJSIP/100)\nexten => 101,1,Dial(PJSIP/101)\n",
+            )?;
+            Ok(())
+        },
+    )?;
+    pull(
+        timeline,
+        "backup pulls the changes (renumbered messages copied locally)",
+    )?;
+    timeline.step(
+        "lbs sync verify: both trees identical by BLAKE3 and metadata",
+        || {
+            let out = checked(
+                Command::new(&lbs)
+                    .args(["sync", "verify"])
+                    .arg(&primary)
+                    .arg(&backup),
+            )?;
+            indent(&out.stdout);
+            Ok(())
+        },
+    )?;
+    timeline.step("primary's sync server stops on SIGTERM", || {
+        for line in server.stop()? {
+            println!("    {line}");
+        }
+        Ok(())
+    })
+}
+
+/// A small PBX tree made from fixed seeds: config, three voicemail messages, music on hold.
+fn demo_tree(root: &Path) -> anyhow::Result<()> {
+    let inbox = root.join("voicemail/default/1234/INBOX");
+    std::fs::create_dir_all(&inbox)?;
+    std::fs::create_dir_all(root.join("asterisk"))?;
+    std::fs::create_dir_all(root.join("moh"))?;
+    std::fs::write(
+        root.join("asterisk/extensions.conf"),
+        "[default]\nexten => 100,1,Dial(PJSIP/100)\n",
+    )?;
+    let noise = |seed: u32, len: usize| -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    for (i, len) in [(0u32, 160_000), (1, 240_000), (2, 96_000)] {
+        std::fs::write(inbox.join(format!("msg{i:04}.wav")), noise(i + 1, len))?;
+    }
+    std::fs::write(root.join("moh/default.wav"), noise(99, 4 << 20))?;
+    Ok(())
 }

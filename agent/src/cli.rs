@@ -1,0 +1,72 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::sync_cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "lbs",
+    version,
+    about = "lbs — Live Backup Server for office phone systems"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replicate a directory tree from the primary to the backup.
+    #[command(subcommand)]
+    Sync(SyncCommand),
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Serve a tree to the partner (the primary's side).
+    Serve(sync_cmd::ServeArgs),
+    /// Make a local tree identical to the partner's (the backup's side): one reconcile.
+    Pull(sync_cmd::PullArgs),
+    /// Compare two local trees by BLAKE3 and metadata; exit 1 on any difference.
+    Verify {
+        /// The reference tree.
+        expected: PathBuf,
+        /// The tree to check.
+        actual: PathBuf,
+    },
+}
+
+/// Parses the command line, runs the command and turns its outcome into an exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("lbs: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
+            Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
+            Command::Sync(SyncCommand::Verify { expected, actual }) => {
+                sync_cmd::verify(&expected, &actual)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lbs: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! This box's identity and mutual-TLS connections to its partner.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::tls::{self, AcceptPeers};
+use lbs_protocol::{
+    Connection, Generation, Hello, Identity, Negotiated, PROTOCOL_VERSION, PeerName, Role, Sender,
+    ServerId, SoftwareVersion, TrustRoot,
+};
+use tokio::net::TcpStream;
+
+/// How long a TCP connection to the partner may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who this box is and whom it talks to, from the command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PeerArgs {
+    /// This box's identity: PATH.pem (certificate) and PATH.key (private key).
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/lbs/identity")]
+    pub identity: PathBuf,
+    /// The data-center CA certificate.
+    #[arg(long, value_name = "FILE", default_value = "/var/lib/lbs/ca.pem")]
+    pub ca: PathBuf,
+    /// The partner's server ID; no other box is accepted.
+    #[arg(long, value_name = "SID")]
+    pub partner: ServerId,
+    /// The pair's generation as this box knows it.
+    #[arg(long, default_value_t = 1)]
+    pub generation: u64,
+}
+
+/// A loaded identity, ready to connect or accept.
+#[derive(Debug)]
+pub struct Peer {
+    /// This box's SID.
+    pub sid: ServerId,
+    /// The partner.
+    pub partner: PeerName,
+    identity: Identity,
+    root: TrustRoot,
+    /// The generation this box announces.
+    pub generation: Generation,
+}
+
+impl Peer {
+    /// Loads the identity and CA named on the command line.
+    pub fn load(args: &PeerArgs) -> anyhow::Result<Peer> {
+        let identity = Identity::load(
+            &args.identity.with_extension("pem"),
+            &args.identity.with_extension("key"),
+        )
+        .context("loading this box's identity (run `lbs activate` first)")?;
+        let root = TrustRoot::load(&args.ca).context("loading the data-center CA")?;
+        let PeerName::Box(sid) = identity.name().clone() else {
+            bail!("{} is not a box's identity", args.identity.display());
+        };
+        Ok(Peer {
+            sid,
+            partner: PeerName::Box(args.partner),
+            identity,
+            root,
+            generation: Generation(args.generation),
+        })
+    }
+
+    fn hello(&self, role: Role) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            software: SoftwareVersion::current(),
+            sender: Sender::Box {
+                sid: self.sid,
+                role,
+            },
+        }
+    }
+
+    /// Dials the partner and completes mutual TLS and the hello exchange.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        role: Role,
+    ) -> anyhow::Result<(Connection<tls::ClientStream<TcpStream>>, Negotiated)> {
+        let config = tls::client_config(&self.identity, &self.root)?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .with_context(|| {
+                format!(
+                    "{} at {addr} did not answer within {CONNECT_TIMEOUT:?}",
+                    self.partner
+                )
+            })?
+            .with_context(|| format!("cannot reach {} at {addr}", self.partner))?;
+        let stream = tls::connect(config, &self.partner, tcp).await?;
+        let (conn, negotiated) = lbs_protocol::exchange_hello(
+            stream,
+            &self.partner,
+            self.hello(role),
+            self.generation,
+            HELLO_TIMEOUT,
+        )
+        .await?;
+        Ok((conn, negotiated))
+    }
+
+    /// The server configuration that accepts only the partner.
+    pub fn server_config(&self) -> anyhow::Result<Arc<tls::ServerConfig>> {
+        Ok(tls::server_config(
+            &self.identity,
+            &self.root,
+            AcceptPeers::Only(self.partner.clone()),
+        )?)
+    }
+
+    /// Completes mutual TLS and the hello exchange on an accepted connection.
+    pub async fn accept(
+        &self,
+        config: Arc<tls::ServerConfig>,
+        tcp: TcpStream,
+        role: Role,
+    ) -> anyhow::Result<(Connection<tls::ServerStream<TcpStream>>, Negotiated)> {
+        let (stream, peer) = tls::accept(config, tcp).await?;
+        let (conn, negotiated) = lbs_protocol::exchange_hello(
+            stream,
+            &peer,
+            self.hello(role),
+            self.generation,
+            HELLO_TIMEOUT,
+        )
+        .await?;
+        Ok((conn, negotiated))
+    }
+}

@@ -1,0 +1,253 @@
+//! `lbs sync serve | pull | verify`: one tree, replicated over mutual TLS to the partner only.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::SinkExt;
+use lbs_protocol::{Envelope, Message, Role};
+use lbs_sync::{Index, ScanOptions, Trash, manifest, scan};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::peer::{Peer, PeerArgs};
+
+/// How long `serve` lets running transfers finish when asked to stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Exit code of `lbs sync pull` when some files were left for the next pass.
+pub const EXIT_INCOMPLETE: u8 = 2;
+
+/// Options of `lbs sync serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The tree to serve.
+    #[arg(long)]
+    root: PathBuf,
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Where lbs keeps its state (the tree's index lives below it).
+    #[arg(long, default_value = "/var/lib/lbs")]
+    state: PathBuf,
+}
+
+/// Options of `lbs sync pull`.
+#[derive(clap::Args, Debug)]
+pub struct PullArgs {
+    /// The local tree to make identical to the partner's.
+    #[arg(long)]
+    root: PathBuf,
+    /// The partner's address.
+    #[arg(long)]
+    from: SocketAddr,
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Where lbs keeps its state (the tree's index lives below it).
+    #[arg(long, default_value = "/var/lib/lbs")]
+    state: PathBuf,
+    /// Where deleted files go (default: `.<root name>.lbs-trash` beside the root).
+    #[arg(long)]
+    trash: Option<PathBuf>,
+}
+
+/// Opens the persistent index of `root` under `state`.
+fn open_index(state: &Path, root: &Path) -> anyhow::Result<Arc<Mutex<Index>>> {
+    let root =
+        std::fs::canonicalize(root).with_context(|| format!("sync root {}", root.display()))?;
+    let dir = state.join("index");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+    let index = Index::open(&dir.join(format!("{}.sqlite", &key[..16])))?;
+    Ok(Arc::new(Mutex::new(index)))
+}
+
+/// `lbs sync serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let peer = Arc::new(Peer::load(&args.peer)?);
+    let index = open_index(&args.state, &args.root)?;
+    let config = peer.server_config()?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!(
+        "serving {} on {} to {} only",
+        args.root.display(),
+        listener.local_addr()?,
+        peer.partner
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sessions = JoinSet::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        eprintln!("accept failed: {err}");
+                        continue;
+                    }
+                };
+                let (peer, config, index, root) =
+                    (peer.clone(), config.clone(), index.clone(), args.root.clone());
+                let mut stop = stop_rx.clone();
+                sessions.spawn(async move {
+                    let session = async {
+                        let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
+                        println!("{} connected from {remote}", negotiated.peer.sender);
+                        lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
+                        println!("{} done", negotiated.peer.sender);
+                        anyhow::Ok(())
+                    };
+                    tokio::select! {
+                        result = session => if let Err(err) = result {
+                            println!("session with {remote} ended: {err:#}");
+                        },
+                        _ = stop.changed() => {}
+                    }
+                });
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        sessions.abort_all();
+    }
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lbs sync pull`.
+pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let peer = Peer::load(&args.peer)?;
+    let index = open_index(&args.state, &args.root)?;
+    let trash_dir = args
+        .trash
+        .clone()
+        .unwrap_or_else(|| Trash::default_for(&args.root));
+    let trash = Trash::open(&trash_dir)?;
+    let (mut conn, negotiated) = peer.connect(args.from, Role::Backup).await?;
+    println!(
+        "pulling {} from {} (lbs {}, protocol {})",
+        args.root.display(),
+        negotiated.peer.sender,
+        negotiated.peer.software,
+        negotiated.version
+    );
+    let report = lbs_sync::pull(&mut conn, &args.root, index, &trash, peer.generation).await?;
+    let _ = conn
+        .send(Envelope {
+            generation: peer.generation,
+            message: Message::Goodbye {
+                reason: "pull complete".into(),
+            },
+        })
+        .await;
+    let plan = report.plan;
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "manifest in {:.2} s; {} unchanged, {} metadata only",
+        report.manifest_time.as_secs_f64(),
+        plan.unchanged,
+        plan.metadata_only
+    );
+    println!(
+        "fetched {} file(s), {:.1} MiB; copied {} locally ({:.1} MiB); {} new dir(s), {} symlink(s), {} moved to the trash ({})",
+        plan.fetch_files,
+        mib(report.executed.fetched_bytes),
+        plan.local_copies,
+        mib(report.executed.copied_bytes),
+        plan.new_dirs,
+        plan.symlinks,
+        plan.trashed,
+        trash_dir.display()
+    );
+    for name in &report.executed.unknown_owners {
+        println!("warning: owner {name:?} does not exist on this box; left as root");
+    }
+    for (path, reason) in &report.scan.skipped {
+        println!("skipped {path}: {reason}");
+    }
+    if plan.pending > 0 {
+        println!(
+            "{} file(s) still changing on the partner: next pass",
+            plan.pending
+        );
+    }
+    for (path, reason) in &report.executed.deferred {
+        println!("deferred {path}: {reason}");
+    }
+    let incomplete = !report.executed.deferred.is_empty() || plan.pending > 0;
+    println!(
+        "{} in {:.2} s",
+        if incomplete { "incomplete" } else { "in sync" },
+        report.elapsed.as_secs_f64()
+    );
+    Ok(if incomplete {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `lbs sync verify`.
+pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
+    let tree = |root: &Path| -> anyhow::Result<BTreeMap<String, String>> {
+        let mut index = Index::in_memory()?;
+        let report = scan(root, &mut index, &ScanOptions::default())?;
+        if !report.unstable.is_empty() {
+            anyhow::bail!(
+                "{}: {} file(s) changed while being read; verify again when it is quiet",
+                root.display(),
+                report.unstable.len()
+            );
+        }
+        Ok(manifest(&index)?
+            .into_iter()
+            .map(|e| (e.path.to_string(), format!("{:?} {:?}", e.kind, e.meta)))
+            .collect())
+    };
+    let (want, have) = (tree(expected)?, tree(actual)?);
+    let mut differences = 0u64;
+    for (path, entry) in &want {
+        match have.get(path) {
+            None => {
+                differences += 1;
+                println!("missing   {path}");
+            }
+            Some(other) if other != entry => {
+                differences += 1;
+                println!("differs   {path}\n  expected {entry}\n  actual   {other}");
+            }
+            Some(_) => {}
+        }
+    }
+    for path in have.keys().filter(|p| !want.contains_key(*p)) {
+        differences += 1;
+        println!("extra     {path}");
+    }
+    if differences == 0 {
+        println!("identical: {} entries", want.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{differences} difference(s)");
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,180 @@
+//! `lbs sync serve | pull | verify` as an operator runs them, over mutual TLS on loopback.
+
+// In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lbs_protocol::{CertificateAuthority, PeerName};
+
+const LBS: &str = env!("CARGO_BIN_EXE_lbs");
+const PRIMARY: &str = "00-1A-2B-3C-4D-5E";
+const BACKUP: &str = "00-1A-2B-3C-4D-5F";
+
+/// Kills the server if the test fails before stopping it.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn identities(dir: &Path) {
+    let ca = CertificateAuthority::generate("test CA").unwrap();
+    ca.trust_root().save(&dir.join("ca.pem")).unwrap();
+    for (label, sid) in [("primary", PRIMARY), ("backup", BACKUP)] {
+        ca.issue_identity(&PeerName::Box(sid.parse().unwrap()))
+            .unwrap()
+            .save(
+                &dir.join(format!("{label}.pem")),
+                &dir.join(format!("{label}.key")),
+            )
+            .unwrap();
+    }
+}
+
+fn lbs(dir: &Path, args: &[&str], me: &str, partner: &str) -> Command {
+    let mut cmd = Command::new(LBS);
+    cmd.args(args)
+        .arg("--identity")
+        .arg(dir.join(me))
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .args(["--partner", partner])
+        .arg("--state")
+        .arg(dir.join(format!("state-{me}")));
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{cmd:?} hung");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn serve_pull_verify_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    identities(d);
+    let (primary, backup) = (d.join("primary-tree"), d.join("backup-tree"));
+    std::fs::create_dir_all(primary.join("voicemail/1234/INBOX")).unwrap();
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::write(primary.join("extensions.conf"), b"[default]\n").unwrap();
+    std::fs::write(
+        primary.join("voicemail/1234/INBOX/msg0000.wav"),
+        vec![3u8; 200_000],
+    )
+    .unwrap();
+    // An old message, as most of a PBX's files are (a file modified within the last second
+    // is hashed again on the next pass, by design).
+    std::fs::File::options()
+        .write(true)
+        .open(primary.join("voicemail/1234/INBOX/msg0000.wav"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000))
+        .unwrap();
+
+    let mut serve = lbs(d, &["sync", "serve"], "primary", BACKUP);
+    serve
+        .arg("--root")
+        .arg(&primary)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped());
+    let mut server = Server(serve.spawn().unwrap());
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    // Keep draining the server's output so it never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    let pull = |expect_code: i32| {
+        let out = run(lbs(d, &["sync", "pull"], "backup", PRIMARY)
+            .arg("--root")
+            .arg(&backup)
+            .args(["--from", &addr]));
+        assert_eq!(out.status.code(), Some(expect_code), "{}", text(&out));
+        text(&out)
+    };
+    let first_pull = pull(0);
+    assert!(first_pull.contains("fetched 2 file(s)"), "{first_pull}");
+    assert!(first_pull.contains("in sync"), "{first_pull}");
+
+    let verify = |a: &Path, b: &Path| run(Command::new(LBS).args(["sync", "verify"]).arg(a).arg(b));
+    let same = verify(&primary, &backup);
+    assert!(same.status.success(), "{}", text(&same));
+
+    // A change on the primary: the backup differs until the next pull.
+    std::fs::write(
+        primary.join("extensions.conf"),
+        b"[default]\nexten => 100,1,Answer()\n",
+    )
+    .unwrap();
+    let differs = verify(&primary, &backup);
+    assert_eq!(differs.status.code(), Some(1));
+    assert!(
+        text(&differs).contains("differs   extensions.conf"),
+        "{}",
+        text(&differs)
+    );
+    let second_pull = pull(0);
+    assert!(second_pull.contains("fetched 1 file(s)"), "{second_pull}");
+    assert!(verify(&primary, &backup).status.success());
+
+    // Only the partner may pull: the primary's own identity is refused.
+    let out = run(lbs(d, &["sync", "pull"], "primary", PRIMARY)
+        .arg("--root")
+        .arg(&backup)
+        .args(["--from", &addr]));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("refused"), "{}", text(&out));
+
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "serve exited with {status}");
+    let log = drain.join().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("box {BACKUP} (backup) connected")),
+        "{log}"
+    );
+}
