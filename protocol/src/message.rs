@@ -78,6 +78,26 @@ pub enum Message {
         /// Their BLAKE3 hash.
         blake3: [u8; 32],
     },
+    /// Receiver → sender: send this file's changes against the version the receiver holds,
+    /// whose per-block BLAKE3 chaining values follow in parts (`last` closes them).
+    SyncFetchChanges {
+        /// Which file.
+        path: RelPath,
+        /// The block size of the values.
+        block_size: u32,
+        /// The receiver's block values of this part, in order.
+        blocks: Vec<[u8; 32]>,
+        /// Whether this is the final part.
+        last: bool,
+    },
+    /// Sender → receiver: bytes of the file at an offset, in increasing offset order; the
+    /// receiver keeps its own bytes between them.
+    SyncDataAt {
+        /// Where the bytes go.
+        offset: u64,
+        /// The bytes (at most [`SYNC_CHUNK_LEN`]).
+        bytes: Vec<u8>,
+    },
     /// Sender → receiver: the request could not be served (the file vanished, say); the
     /// receiver leaves that path for the next pass.
     SyncUnavailable {
@@ -107,6 +127,8 @@ impl Message {
             Message::SyncData { .. } => "sync-data",
             Message::SyncDataEnd { .. } => "sync-data-end",
             Message::SyncUnavailable { .. } => "sync-unavailable",
+            Message::SyncFetchChanges { .. } => "sync-fetch-changes",
+            Message::SyncDataAt { .. } => "sync-data-at",
         }
     }
 }

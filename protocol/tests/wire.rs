@@ -80,6 +80,22 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(size, blake3)| Message::SyncDataEnd { size, blake3 }),
         (arb_rel_path(), ".{0,80}")
             .prop_map(|(path, reason)| Message::SyncUnavailable { path, reason }),
+        (
+            arb_rel_path(),
+            any::<u32>(),
+            prop::collection::vec(any::<[u8; 32]>(), 0..16),
+            any::<bool>()
+        )
+            .prop_map(
+                |(path, block_size, blocks, last)| Message::SyncFetchChanges {
+                    path,
+                    block_size,
+                    blocks,
+                    last
+                }
+            ),
+        (any::<u64>(), prop::collection::vec(any::<u8>(), 0..2048))
+            .prop_map(|(offset, bytes)| Message::SyncDataAt { offset, bytes }),
     ]
 }
 

@@ -17,19 +17,36 @@ use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use crate::apply::{ApplyError, Root, Target};
 use crate::index::{Entry, EntryKind, Index, IndexError};
 use crate::plan::{Action, Basis, Plan, Source};
+use crate::tree::{BlockSize, Cv};
+
+/// The receiver's current version of a file it is about to replace: the sender then sends
+/// only the blocks whose values differ, and the rest is copied from here.
+#[derive(Debug)]
+pub struct OldVersion {
+    /// The old file, open for reading (it stays in place until the new one is renamed over it).
+    pub file: std::fs::File,
+    /// The block size of `blocks`.
+    pub block_size: BlockSize,
+    /// Its per-block chaining values, from the receiver's index.
+    pub blocks: Vec<Cv>,
+}
 
 /// Where content the plan needs from the sender comes from.
 pub trait Fetcher {
-    /// Writes the sender's current content of `path` (announced as `size` bytes) to `out`.
-    /// `basis` says whether the receiver holds an older version at the same path.
+    /// Writes the sender's current content of `path` (announced as `size` bytes) to `out`,
+    /// using `old` (the receiver's current version) where the fetcher can; returns the bytes
+    /// that came from the sender (blocks kept from `old` not counted).
     fn fetch(
         &mut self,
         path: &RelPath,
         size: u64,
-        basis: Basis,
+        old: Option<OldVersion>,
         out: &mut dyn Write,
     ) -> io::Result<u64>;
 }
+
+/// Looks up the receiver's block values of a file (from its index).
+pub type OldBlocks<'a> = dyn Fn(&RelPath) -> Option<(BlockSize, Vec<Cv>)> + 'a;
 
 /// Fetches from a sender tree on this machine.
 #[derive(Debug)]
@@ -51,7 +68,7 @@ impl Fetcher for LocalFetcher {
         &mut self,
         path: &RelPath,
         _size: u64,
-        _basis: Basis,
+        _old: Option<OldVersion>,
         out: &mut dyn Write,
     ) -> io::Result<u64> {
         let mut file = self.root.open_file(path).map_err(io::Error::other)?;
@@ -195,12 +212,14 @@ impl Ids {
 }
 
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
-/// [`Trash::batch`]) and getting content from `fetcher`.
+/// [`Trash::batch`]) and getting content from `fetcher`; `old_blocks` finds the receiver's
+/// block values of a file about to be replaced.
 pub fn execute(
     plan: &Plan,
     root: &Root,
     trash: &Root,
     fetcher: &mut dyn Fetcher,
+    old_blocks: &OldBlocks<'_>,
 ) -> Result<ExecuteReport, ApplyError> {
     let mut report = ExecuteReport::default();
     let mut ids = Ids::default();
@@ -220,10 +239,22 @@ pub fn execute(
                 basis,
             } => {
                 let target = ids.target(meta, &mut report);
+                let old = match basis {
+                    Basis::Existing => old_blocks(path).and_then(|(block_size, blocks)| {
+                        let file = root.open_file(path).ok()?;
+                        Some(OldVersion {
+                            file,
+                            block_size,
+                            blocks,
+                        })
+                    }),
+                    Basis::None => None,
+                };
                 root.install(path, &blake3::Hash::from(*blake3), &target, |out| {
-                    fetcher.fetch(path, *size, *basis, out).map(drop)
+                    report.fetched_bytes += fetcher.fetch(path, *size, old, out)?;
+                    Ok(())
                 })
-                .map(|n| report.fetched_bytes += n)
+                .map(drop)
             }
             Action::CopyLocal {
                 path,
@@ -251,9 +282,10 @@ pub fn execute(
                     // The source was not what the index said: get it from the sender.
                     Err(ApplyError::HashMismatch { .. } | ApplyError::Io { .. }) => root
                         .install(path, &expected, &target, |out| {
-                            fetcher.fetch(path, *size, Basis::None, out).map(drop)
+                            report.fetched_bytes += fetcher.fetch(path, *size, None, out)?;
+                            Ok(())
                         })
-                        .map(|n| report.fetched_bytes += n),
+                        .map(drop),
                     Err(other) => Err(other),
                 }
             }

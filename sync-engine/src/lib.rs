@@ -28,7 +28,9 @@ pub mod session;
 pub mod tree;
 
 pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
-pub use execute::{ExecuteReport, Fetcher, LocalFetcher, Trash, execute, manifest};
+pub use execute::{
+    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, OldVersion, Trash, execute, manifest,
+};
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, scan};

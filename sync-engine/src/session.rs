@@ -19,16 +19,21 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Root};
-use crate::execute::{ExecuteReport, Fetcher, Trash, execute, manifest};
+use crate::execute::{ExecuteReport, Fetcher, OldVersion, Trash, execute, manifest};
 use crate::index::{Index, IndexError};
-use crate::plan::{Basis, PlanError, PlanSummary, plan};
+use crate::plan::{PlanError, PlanSummary, plan};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
+use crate::tree::{BlockSize, Cv};
 
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
 /// sender from exhausting memory).
 pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
 /// Roughly how many bytes of entries go into one manifest frame.
 const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
+/// Block values per `SyncFetchChanges` frame (512 KiB of values).
+const BLOCKS_PER_FRAME: usize = 16 * 1024;
+/// The most block values a sender accepts for one file (a 1 TiB file at 4 KiB blocks).
+const MAX_BLOCKS: usize = 1 << 28;
 /// Chunks in flight between the network and the disk, per file.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
@@ -139,6 +144,41 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_manifest(conn, generation, entries).await?;
             }
             Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
+            Message::SyncFetchChanges {
+                path,
+                block_size,
+                blocks,
+                last,
+            } => {
+                let mut theirs = blocks;
+                let mut done = last;
+                while !done {
+                    match receive(conn, "a block list").await? {
+                        Message::SyncFetchChanges {
+                            path: more_path,
+                            blocks,
+                            last,
+                            ..
+                        } if more_path == path => {
+                            if theirs.len() + blocks.len() > MAX_BLOCKS {
+                                return Err(SessionError::Unexpected {
+                                    got: "an oversized block list",
+                                    during: "a block list",
+                                });
+                            }
+                            theirs.extend(blocks);
+                            done = last;
+                        }
+                        other => {
+                            return Err(SessionError::Unexpected {
+                                got: other.kind(),
+                                during: "a block list",
+                            });
+                        }
+                    }
+                }
+                send_changes(conn, generation, &files, &index, path, block_size, theirs).await?;
+            }
             Message::Heartbeat { seq, .. } => {
                 send(
                     conn,
@@ -199,6 +239,91 @@ async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
+/// Sends the blocks of `path` whose values differ from the receiver's (`theirs`), and the
+/// tail past the receiver's length; falls back to the whole file when the sender's index has
+/// no block values of that size for it.
+async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    index: &Arc<Mutex<Index>>,
+    path: RelPath,
+    block_size: u32,
+    theirs: Vec<Cv>,
+) -> Result<(), SessionError> {
+    let ours = {
+        let index = index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        match (index.get(&path)?, index.blocks(&path)?) {
+            (Some(entry), Some((size, blocks))) if size.get() == u64::from(block_size) => entry
+                .hash
+                .map(|hash| (entry.meta.size, hash.root, size, blocks)),
+            _ => None,
+        }
+    };
+    let Some((len, root_hash, size, blocks)) = ours else {
+        return send_file(conn, generation, files, path).await;
+    };
+    let file = match files.open_file(&path) {
+        Ok(file) => Arc::new(file),
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    for (start, end) in changed_ranges(&blocks, &theirs, size, len) {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(SYNC_CHUNK_LEN as u64) as usize;
+            let reader = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0u8; n];
+                reader.read_exact_at(&mut bytes, at).map(|()| bytes)
+            })
+            .await;
+            match blocking_join(read)? {
+                Ok(bytes) => {
+                    send(conn, generation, Message::SyncDataAt { offset: at, bytes }).await?;
+                }
+                Err(err) => {
+                    let reason = format!("reading at {at} failed: {err}");
+                    return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+                }
+            }
+            at += n as u64;
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncDataEnd {
+            size: len,
+            blake3: root_hash,
+        },
+    )
+    .await
+}
+
+/// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from the receiver's
+/// (`theirs`), adjacent blocks merged.
+fn changed_ranges(ours: &[Cv], theirs: &[Cv], block_size: BlockSize, len: u64) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (idx, cv) in ours.iter().enumerate() {
+        if theirs.get(idx) == Some(cv) {
+            continue;
+        }
+        let start = idx as u64 * block_size.get();
+        let end = (start + block_size.get()).min(len);
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => ranges.push((start, end)),
+        }
+    }
+    ranges
+}
+
 /// Streams one file, hashing exactly the bytes sent.
 async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -239,14 +364,23 @@ async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// What crosses from the network to the thread writing a file.
 enum Chunk {
+    /// The next bytes of a whole-file transfer.
     Data(Vec<u8>),
-    End,
+    /// Bytes at an offset of a block transfer; the gap before them is kept from the old file.
+    At(u64, Vec<u8>),
+    /// The file is complete at this size.
+    End(u64),
     Failed(String),
 }
 
-/// The receiver's fetcher: asks the async side for a file and writes what arrives.
+/// A fetch request from the writing thread: the path, and the receiver's block values when
+/// it holds an older version.
+type Request = (RelPath, Option<(BlockSize, Vec<Cv>)>, mpsc::Sender<Chunk>);
+
+/// The receiver's fetcher: asks the async side for a file and writes what arrives, filling
+/// the gaps of a block transfer from the old version.
 struct Bridge {
-    requests: mpsc::Sender<(RelPath, mpsc::Sender<Chunk>)>,
+    requests: mpsc::Sender<Request>,
 }
 
 impl Fetcher for Bridge {
@@ -254,26 +388,69 @@ impl Fetcher for Bridge {
         &mut self,
         path: &RelPath,
         _size: u64,
-        _basis: Basis,
+        old: Option<OldVersion>,
         out: &mut dyn std::io::Write,
     ) -> std::io::Result<u64> {
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let (old_file, basis) = match old {
+            Some(old) => (Some(old.file), Some((old.block_size, old.blocks))),
+            None => (None, None),
+        };
         self.requests
-            .blocking_send((path.clone(), tx))
+            .blocking_send((path.clone(), basis, tx))
             .map_err(|_| std::io::Error::other("the sync connection is gone"))?;
-        let mut written = 0u64;
+        let mut received = 0u64;
+        let mut pos = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
                 Chunk::Data(bytes) => {
                     out.write_all(&bytes)?;
-                    written += bytes.len() as u64;
+                    received += bytes.len() as u64;
+                    pos += bytes.len() as u64;
                 }
-                Chunk::End => return Ok(written),
+                Chunk::At(offset, bytes) => {
+                    keep_old(old_file.as_ref(), pos, offset, out)?;
+                    out.write_all(&bytes)?;
+                    received += bytes.len() as u64;
+                    pos = offset + bytes.len() as u64;
+                }
+                Chunk::End(size) => {
+                    keep_old(old_file.as_ref(), pos, size, out)?;
+                    return Ok(received);
+                }
                 Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
             }
         }
         Err(std::io::Error::other("the sync connection is gone"))
     }
+}
+
+/// Copies bytes `from..to` of the old version, which the sender said are unchanged.
+fn keep_old(
+    old: Option<&std::fs::File>,
+    from: u64,
+    to: u64,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if to < from {
+        return Err(std::io::Error::other(
+            "the sender's changes are out of order",
+        ));
+    }
+    if to == from {
+        return Ok(());
+    }
+    let old = old.ok_or_else(|| std::io::Error::other("the sender skipped bytes of a new file"))?;
+    let mut buf = vec![0u8; SYNC_CHUNK_LEN.min((to - from) as usize)];
+    let mut at = from;
+    while at < to {
+        let n = buf.len().min((to - at) as usize);
+        old.read_exact_at(&mut buf[..n], at)?;
+        out.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Makes the tree at `root` equal to the sender's, over `conn`.
@@ -330,15 +507,16 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let batch = trash.batch()?;
     let summary = plan.summary;
     let worker = tokio::task::spawn_blocking(move || {
-        execute(&plan, &files, &batch, &mut Bridge { requests })
+        let old_blocks = |path: &RelPath| index.lock().ok()?.blocks(path).ok().flatten();
+        execute(&plan, &files, &batch, &mut Bridge { requests }, &old_blocks)
     });
     let mut connection_error = None;
-    while let Some((path, chunks)) = incoming.recv().await {
+    while let Some((path, basis, chunks)) = incoming.recv().await {
         if let Some(err) = &connection_error {
             let _ = chunks.send(Chunk::Failed(format!("{err}"))).await;
             continue;
         }
-        if let Err(err) = relay(conn, generation, path, &chunks).await {
+        if let Err(err) = relay(conn, generation, path, basis, &chunks).await {
             let _ = chunks.send(Chunk::Failed(err.to_string())).await;
             connection_error = Some(err);
         }
@@ -361,14 +539,38 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     path: RelPath,
+    basis: Option<(BlockSize, Vec<Cv>)>,
     chunks: &mpsc::Sender<Chunk>,
 ) -> Result<(), SessionError> {
-    send(conn, generation, Message::SyncFetch { path }).await?;
+    match basis {
+        None => send(conn, generation, Message::SyncFetch { path }).await?,
+        Some((block_size, blocks)) => {
+            let mut parts = blocks.chunks(BLOCKS_PER_FRAME).peekable();
+            if parts.peek().is_none() {
+                send(conn, generation, Message::SyncFetch { path: path.clone() }).await?;
+            }
+            while let Some(part) = parts.next() {
+                let last = parts.peek().is_none();
+                send(
+                    conn,
+                    generation,
+                    Message::SyncFetchChanges {
+                        path: path.clone(),
+                        block_size: block_size.get() as u32,
+                        blocks: part.to_vec(),
+                        last,
+                    },
+                )
+                .await?;
+            }
+        }
+    }
     loop {
         let chunk = match receive(conn, "a file transfer").await? {
             Message::SyncData { bytes } => Chunk::Data(bytes),
+            Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
             // The writer verifies the content against the manifest's hash itself.
-            Message::SyncDataEnd { .. } => Chunk::End,
+            Message::SyncDataEnd { size, .. } => Chunk::End(size),
             Message::SyncUnavailable { path, reason } => {
                 Chunk::Failed(format!("the sender could not send {path}: {reason}"))
             }
@@ -379,7 +581,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
         };
-        let done = !matches!(chunk, Chunk::Data(_));
+        let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
         // The writer gave up on this file (an error on its side): drain the rest regardless.
         let _ = chunks.send(chunk).await;
         if done {

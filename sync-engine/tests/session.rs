@@ -109,6 +109,57 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
         .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let recording: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    write_old(&sender.join("monitor/call.wav"), &recording);
+    write_old(&receiver.join("monitor/call.wav"), &recording);
+    // The call goes on: WAV header sizes rewritten, 300 KB more audio, and (for the in-place
+    // path) three scattered blocks changed.
+    let mut grown = recording.clone();
+    grown[4..8].copy_from_slice(&[1, 2, 3, 4]);
+    grown[40..44].copy_from_slice(&[5, 6, 7, 8]);
+    for at in [1_000_000, 4_000_000, 6_500_000] {
+        grown[at] ^= 0xff;
+    }
+    grown.extend((0..300_000u32).map(|i| (i % 253) as u8));
+    write_old(&sender.join("monitor/call.wav"), &grown);
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+
+    let (mut server_conn, mut client_conn) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move {
+            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            serve(&mut server_conn, sender, index, GEN).await
+        }
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let report = pull(&mut client_conn, &receiver, index, &trash, GEN)
+        .await
+        .unwrap();
+    assert!(report.executed.deferred.is_empty(), "{report:?}");
+    assert_eq!(fs::read(receiver.join("monitor/call.wav")).unwrap(), grown);
+    // Header block + 3 blocks + the old partial last block + 300 KB of tail.
+    let moved = report.executed.fetched_bytes;
+    assert!(
+        moved <= 5 * 4096 + 300_000,
+        "moved {moved} bytes for a {} byte file",
+        grown.len()
+    );
+    assert!(moved >= 300_000, "moved {moved}");
+    drop(client_conn);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 fn meta() -> FileMeta {
     FileMeta {
         mode: 0o644,
@@ -157,9 +208,10 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         }))
         .await
         .unwrap();
+        // The receiver holds an old version, so it asks for changes against its blocks.
         assert!(matches!(
             expect_request(&mut liar).await,
-            Message::SyncFetch { .. }
+            Message::SyncFetch { .. } | Message::SyncFetchChanges { last: true, .. }
         ));
         liar.send(send(Message::SyncData {
             bytes: b"evil".to_vec(),

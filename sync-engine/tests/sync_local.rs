@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use lbs_protocol::RelPath;
 use lbs_sync::{Index, LocalFetcher, Root, ScanOptions, Trash, execute, manifest, plan, scan};
 use proptest::prelude::*;
 
@@ -211,6 +212,7 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
         &Root::open(receiver).unwrap(),
         &trash.batch().unwrap(),
         &mut LocalFetcher::new(sender).unwrap(),
+        &|path: &RelPath| receiver_index.blocks(path).unwrap(),
     )
     .unwrap();
     assert!(report.deferred.is_empty(), "{report:?}");
