@@ -18,6 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use lbs_protocol::RelPath;
+
+use crate::tree::{BlockSize, Cv, TreeHash, block_cv, root_from_blocks};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{
@@ -201,14 +203,15 @@ impl Root {
     }
 
     /// Writes a new version of `rel`. `write` fills the new file (through a writer that hashes
-    /// what passes); the result must hash to `expected`. Returns the bytes written.
+    /// what passes); the result must hash to `expected`. Returns its tree hash (length, root,
+    /// block values) for the index.
     pub fn install(
         &self,
         rel: &RelPath,
         expected: &blake3::Hash,
         target: &Target,
         write: impl FnOnce(&mut HashingWriter<'_>) -> io::Result<()>,
-    ) -> Result<u64, ApplyError> {
+    ) -> Result<TreeHash, ApplyError> {
         let dir = self.parent_dir(rel, true)?;
         let name = rel.file_name();
         let temp = temp_name(name);
@@ -240,19 +243,19 @@ impl Root {
         expected: &blake3::Hash,
         target: &Target,
         write: impl FnOnce(&mut HashingWriter<'_>) -> io::Result<()>,
-    ) -> Result<u64, ApplyError> {
+    ) -> Result<TreeHash, ApplyError> {
+        let block_size = BlockSize::DEFAULT;
         let mut writer = HashingWriter {
             file,
-            hasher: blake3::Hasher::new(),
+            block_size,
+            pending: Vec::with_capacity(block_size.get() as usize),
+            blocks: Vec::new(),
             written: 0,
         };
         write(&mut writer).map_err(|err| self.io(rel, "writing", err))?;
-        let HashingWriter {
-            file,
-            hasher,
-            written,
-        } = writer;
-        let got = hasher.finalize();
+        let tree = writer.finish();
+        let file = writer.file;
+        let got = tree.root;
         if got != *expected {
             return Err(ApplyError::HashMismatch {
                 path: rel.clone(),
@@ -265,7 +268,7 @@ impl Root {
         renameat(dir.as_fd(), temp, dir.as_fd(), name)
             .map_err(|err| self.io(rel, "renaming into place", err))?;
         fsync(dir.as_fd()).map_err(|err| self.io(rel, "syncing the directory", err))?;
-        Ok(written)
+        Ok(tree)
     }
 }
 
@@ -434,19 +437,62 @@ fn temp_name(name: &OsStr) -> OsString {
     temp
 }
 
-/// The writer [`Root::install`] hands out: hashes every byte on its way to the file, so
-/// verification needs no second read.
+/// The writer [`Root::install`] hands out: computes the per-block chaining values of every
+/// byte on its way to the file, so verification (the root rebuilt from them) and the index's
+/// block list need no second read.
 #[derive(Debug)]
 pub struct HashingWriter<'a> {
     file: &'a mut File,
-    hasher: blake3::Hasher,
+    block_size: BlockSize,
+    pending: Vec<u8>,
+    blocks: Vec<Cv>,
     written: u64,
+}
+
+impl HashingWriter<'_> {
+    /// The tree hash of everything written so far; call once, at the end.
+    fn finish(&mut self) -> TreeHash {
+        let single = self.written <= self.block_size.get();
+        if !self.pending.is_empty() || (single && self.written > 0) {
+            let idx = self.blocks.len() as u64;
+            self.blocks
+                .push(block_cv(&self.pending, idx, self.block_size));
+        }
+        let root = if single {
+            blake3::hash(&self.pending)
+        } else {
+            // The count matches the length by construction, and the file has several blocks.
+            root_from_blocks(&self.blocks, self.block_size, self.written)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| blake3::hash(b""))
+        };
+        TreeHash {
+            len: self.written,
+            block_size: self.block_size,
+            root,
+            blocks: std::mem::take(&mut self.blocks),
+        }
+    }
 }
 
 impl Write for HashingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        let bs = self.block_size.get() as usize;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let take = (bs - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            // A full block is hashed once we know more follows (the last one may be the root).
+            if self.pending.len() == bs && !rest.is_empty() {
+                let idx = self.blocks.len() as u64;
+                self.blocks
+                    .push(block_cv(&self.pending, idx, self.block_size));
+                self.pending.clear();
+            }
+        }
         self.written += n as u64;
         Ok(n)
     }

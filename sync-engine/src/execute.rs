@@ -17,7 +17,7 @@ use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use crate::apply::{ApplyError, Root, Target};
 use crate::index::{Entry, EntryKind, Index, IndexError};
 use crate::plan::{Action, Basis, Plan, Source};
-use crate::tree::{BlockSize, Cv};
+use crate::tree::{BlockSize, Cv, TreeHash};
 
 /// The receiver's current version of a file it is about to replace: the sender then sends
 /// only the blocks whose values differ, and the rest is copied from here.
@@ -168,6 +168,9 @@ pub struct ExecuteReport {
     pub deferred: Vec<(RelPath, String)>,
     /// Owner or group names unknown on this box (left to the default).
     pub unknown_owners: Vec<String>,
+    /// Files written, with the tree hash computed as they were written: the receiver's index
+    /// records them without reading them again.
+    pub installed: Vec<(RelPath, TreeHash)>,
 }
 
 /// Owner and group names to this box's ids (only when we may chown, i.e. as root).
@@ -254,7 +257,7 @@ pub fn execute(
                     report.fetched_bytes += fetcher.fetch(path, *size, old, out)?;
                     Ok(())
                 })
-                .map(drop)
+                .map(|tree| report.installed.push((path.clone(), tree)))
             }
             Action::CopyLocal {
                 path,
@@ -275,8 +278,9 @@ pub fn execute(
                     })
                 });
                 match copied {
-                    Ok(n) => {
-                        report.copied_bytes += n;
+                    Ok(tree) => {
+                        report.copied_bytes += tree.len;
+                        report.installed.push((path.clone(), tree));
                         Ok(())
                     }
                     // The source was not what the index said: get it from the sender.
@@ -285,7 +289,7 @@ pub fn execute(
                             report.fetched_bytes += fetcher.fetch(path, *size, None, out)?;
                             Ok(())
                         })
-                        .map(drop),
+                        .map(|tree| report.installed.push((path.clone(), tree))),
                     Err(other) => Err(other),
                 }
             }

@@ -33,6 +33,6 @@ pub use execute::{
 };
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
-pub use scan::{ScanError, ScanOptions, ScanReport, scan};
+pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan};
 pub use session::{PullReport, SessionError, pull, serve};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

@@ -209,6 +209,44 @@ pub fn scan(
     Ok(report)
 }
 
+/// Records files this side has just written (their tree hash computed while writing), so
+/// the next pass does not read them again. An entry whose file no longer looks as written
+/// (another size, not a file) is skipped and left to the next scan. Returns how many were
+/// recorded.
+pub fn record_installed(
+    root: &Path,
+    index: &mut Index,
+    installed: &[(RelPath, crate::tree::TreeHash)],
+) -> Result<u64, ScanError> {
+    let mut names = Names::default();
+    let batch = index.batch()?;
+    let mut recorded = 0;
+    for (path, tree) in installed {
+        let Ok(meta) = fs::symlink_metadata(path.under(root)) else {
+            continue;
+        };
+        if !meta.is_file() || meta.len() != tree.len {
+            continue;
+        }
+        batch.put(
+            &Entry {
+                path: path.clone(),
+                kind: EntryKind::File,
+                meta: to_meta(&meta, &mut names),
+                // Verified against the sender's hash as it was written: not racy.
+                hash: Some(ContentHash {
+                    root: *tree.root.as_bytes(),
+                    racy: false,
+                }),
+            },
+            Some((tree.block_size, &tree.blocks)),
+        )?;
+        recorded += 1;
+    }
+    batch.commit()?;
+    Ok(recorded)
+}
+
 /// The state of one pass.
 struct Pass<'b, 'i> {
     batch: &'b crate::index::Batch<'i>,

@@ -506,8 +506,9 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let files = Root::open(root)?;
     let batch = trash.batch()?;
     let summary = plan.summary;
+    let worker_index = index.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        let old_blocks = |path: &RelPath| index.lock().ok()?.blocks(path).ok().flatten();
+        let old_blocks = |path: &RelPath| worker_index.lock().ok()?.blocks(path).ok().flatten();
         execute(&plan, &files, &batch, &mut Bridge { requests }, &old_blocks)
     });
     let mut connection_error = None;
@@ -521,7 +522,23 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             connection_error = Some(err);
         }
     }
-    let executed = blocking_join(worker.await)??;
+    let mut executed = blocking_join(worker.await)??;
+    // What was just written is known: record it so the next pass does not read it again.
+    let installed = std::mem::take(&mut executed.installed);
+    let record_root = root.to_owned();
+    blocking_join(
+        tokio::task::spawn_blocking(move || -> Result<u64, SessionError> {
+            let mut index = index
+                .lock()
+                .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+            Ok(crate::scan::record_installed(
+                &record_root,
+                &mut index,
+                &installed,
+            )?)
+        })
+        .await,
+    )??;
     if let Some(err) = connection_error {
         return Err(err);
     }

@@ -34,9 +34,12 @@ const PARALLEL_MIN_LEN: u64 = 8 << 20;
 pub struct BlockSize(u32);
 
 impl BlockSize {
-    /// 4 KiB: the page size, and the block size at which deltas were smallest on every
-    /// measured data set.
-    pub const DEFAULT: BlockSize = BlockSize(4096);
+    /// 16 KiB. Hashing per block costs SIMD width below 16 chunks: on the 2-core machine
+    /// `hash_file` ran at 0.96 GiB/s with 4 KiB blocks, 3.07 GiB/s with 16 KiB and 3.20 GiB/s
+    /// with 64 KiB (1 GiB, page cache warm, 2 threads). 16 KiB keeps nearly full speed while
+    /// scattered 4 KiB rewrites send at most 4x their size (1% of a 1 GiB file: ~41 MB, where
+    /// rsync's default sends 93 MB).
+    pub const DEFAULT: BlockSize = BlockSize(16 * 1024);
 
     /// A block size, if `bytes` is a power of two between 1 KiB and 1 MiB.
     pub fn new(bytes: u32) -> Result<Self, TreeError> {

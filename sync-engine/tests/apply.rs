@@ -54,7 +54,8 @@ fn a_new_file_lands_verified_with_its_metadata_and_directories() {
             w.write_all(content)
         })
         .unwrap();
-    assert_eq!(written, content.len() as u64);
+    assert_eq!(written.len, content.len() as u64);
+    assert_eq!(written.root, blake3::hash(content));
     let on_disk = dir.path().join("voicemail/1234/INBOX/msg0000.txt");
     assert_eq!(fs::read(&on_disk).unwrap(), content);
     let meta = fs::metadata(&on_disk).unwrap();
@@ -68,6 +69,28 @@ fn a_new_file_lands_verified_with_its_metadata_and_directories() {
         "{:?}",
         all_names(dir.path())
     );
+}
+
+#[test]
+fn the_tree_hash_computed_while_writing_matches_a_fresh_read() {
+    // Written in uneven pieces that straddle block boundaries, as the network delivers them.
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    for len in [0usize, 1, 16_384, 16_385, 100_000, 3 * 16_384] {
+        let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let path = rel(&format!("f{len}"));
+        let tree = root
+            .install(&path, &blake3::hash(&content), &target(0o644), |w| {
+                for piece in content.chunks(7_777) {
+                    w.write_all(piece)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let file = fs::File::open(dir.path().join(format!("f{len}"))).unwrap();
+        let fresh = lbs_sync::hash_file(&file, len as u64, tree.block_size).unwrap();
+        assert_eq!(tree, fresh, "len {len}");
+    }
 }
 
 #[test]
