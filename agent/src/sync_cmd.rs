@@ -58,21 +58,40 @@ pub struct PullArgs {
     trash: Option<PathBuf>,
 }
 
-/// Opens the persistent index of `root` under `state`.
-fn open_index(state: &Path, root: &Path) -> anyhow::Result<Arc<Mutex<Index>>> {
+/// Held while an lbs process works on a root.
+type RootLock = nix::fcntl::Flock<std::fs::File>;
+
+/// The persistent index of `root` under `state`, and an exclusive lock that lasts as long as
+/// the returned guard lives: one lbs process per root at a time.
+fn open_index(state: &Path, root: &Path) -> anyhow::Result<(Arc<Mutex<Index>>, RootLock)> {
     let root =
         std::fs::canonicalize(root).with_context(|| format!("sync root {}", root.display()))?;
     let dir = state.join("index");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
-    let index = Index::open(&dir.join(format!("{}.sqlite", &key[..16])))?;
-    Ok(Arc::new(Mutex::new(index)))
+    let base = dir.join(&key[..16]);
+    let lock_path = base.with_extension("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| {
+            anyhow::anyhow!(
+                "{} is in use by another lbs process ({errno}); wait for it to finish",
+                root.display()
+            )
+        })?;
+    let index = Index::open(&base.with_extension("sqlite"))?;
+    Ok((Arc::new(Mutex::new(index)), lock))
 }
 
 /// `lbs sync serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let peer = Arc::new(Peer::load(&args.peer)?);
-    let index = open_index(&args.state, &args.root)?;
+    let (index, _lock) = open_index(&args.state, &args.root)?;
     let config = peer.server_config()?;
     let listener = TcpListener::bind(args.listen)
         .await
@@ -137,7 +156,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// `lbs sync pull`.
 pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let peer = Peer::load(&args.peer)?;
-    let index = open_index(&args.state, &args.root)?;
+    let (index, _lock) = open_index(&args.state, &args.root)?;
     let trash_dir = args
         .trash
         .clone()

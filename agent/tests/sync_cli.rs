@@ -114,6 +114,18 @@ fn serve_pull_verify_over_mutual_tls() {
     // Keep draining the server's output so it never blocks on a full pipe.
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
+    // One lbs process per root: a second server on the same tree is refused, not raced.
+    let second = run(lbs(d, &["sync", "serve"], "primary", BACKUP)
+        .arg("--root")
+        .arg(&primary)
+        .args(["--listen", "127.0.0.1:0"]));
+    assert!(!second.status.success());
+    assert!(
+        text(&second).contains("in use by another lbs process"),
+        "{}",
+        text(&second)
+    );
+
     let pull = |expect_code: i32| {
         let out = run(lbs(d, &["sync", "pull"], "backup", PRIMARY)
             .arg("--root")

@@ -28,6 +28,9 @@ const RACY_WINDOW: Duration = Duration::from_secs(1);
 pub struct ScanOptions {
     /// The block size for new per-block hashes.
     pub block_size: BlockSize,
+    /// Remove lbs's own temporary files left by an interrupted run (receiving side only,
+    /// while it holds the root's lock: nobody else may be writing one).
+    pub remove_stale_temps: bool,
 }
 
 /// What a pass found and did.
@@ -51,6 +54,8 @@ pub struct ScanReport {
     pub skipped: Vec<(RelPath, String)>,
     /// Files that changed while being hashed; the next pass tries again.
     pub unstable: Vec<RelPath>,
+    /// Temporary files of an interrupted run that were removed.
+    pub stale_temps_removed: u64,
     /// How long the pass took.
     pub elapsed: Duration,
 }
@@ -132,6 +137,9 @@ pub fn scan(
                 .starts_with(crate::apply::TEMP_PREFIX.as_bytes())
             {
                 // A receiver's own unfinished write, never part of the tree.
+                if options.remove_stale_temps && fs::remove_file(item.path()).is_ok() {
+                    pass.report.stale_temps_removed += 1;
+                }
                 continue;
             }
             let rel = match &rel_dir {

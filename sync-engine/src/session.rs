@@ -454,6 +454,9 @@ fn keep_old(
 }
 
 /// Makes the tree at `root` equal to the sender's, over `conn`.
+///
+/// The caller must make sure no other pull writes to `root` at the same time (the `lbs`
+/// binary holds a lock per root): temporary files left by an interrupted pull are removed.
 pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     root: &Path,
@@ -468,7 +471,11 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         let mut index = scan_index
             .lock()
             .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-        let report = scan(&scan_root, &mut index, &ScanOptions::default())?;
+        let options = ScanOptions {
+            remove_stale_temps: true,
+            ..ScanOptions::default()
+        };
+        let report = scan(&scan_root, &mut index, &options)?;
         Ok((report, index.entries()?))
     });
 

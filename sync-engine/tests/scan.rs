@@ -186,6 +186,21 @@ fn unfinished_temporary_files_of_a_receiver_are_not_part_of_the_tree() {
     let pass = scan(&root, &mut index, &ScanOptions::default()).unwrap();
     assert_eq!(pass.files, 1);
     assert_eq!(index.entries().unwrap().len(), 1);
+    assert_eq!(pass.stale_temps_removed, 0);
+    assert_eq!(
+        fs::read_dir(&root).unwrap().count(),
+        2,
+        "a sender never deletes them"
+    );
+
+    // A receiver holding the root's lock removes what an interrupted run left behind.
+    let options = ScanOptions {
+        remove_stale_temps: true,
+        ..ScanOptions::default()
+    };
+    let pass = scan(&root, &mut index, &options).unwrap();
+    assert_eq!(pass.stale_temps_removed, 1);
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 1);
 }
 
 #[test]
