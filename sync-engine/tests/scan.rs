@@ -4,35 +4,16 @@
 // In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::{self, File, FileTimes};
+mod common;
+
+use common::write_old;
+
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
 
 use lbs_protocol::RelPath;
 use lbs_sync::{EntryKind, Index, ScanOptions, scan};
-
-/// A fixed time well in the past, so no file counts as "racy" (just modified).
-fn long_ago() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
-}
-
-fn write_old(path: &Path, content: &[u8]) {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).unwrap();
-    }
-    fs::write(path, content).unwrap();
-    File::options()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_times(
-            FileTimes::new()
-                .set_modified(long_ago())
-                .set_accessed(long_ago()),
-        )
-        .unwrap();
-}
 
 fn rel(text: &str) -> RelPath {
     RelPath::try_from(text).unwrap()

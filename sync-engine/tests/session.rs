@@ -4,10 +4,14 @@
 // In tests a panic is the failure report; helpers outside #[test] fns unwrap too.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::{self, File, FileTimes};
+mod common;
+
+use common::write_old;
+
+use std::fs;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -18,20 +22,6 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio_util::codec::Framed;
 
 const GEN: Generation = Generation(1);
-
-fn write_old(path: &Path, content: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, content).unwrap();
-    File::options()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_times(
-            FileTimes::new()
-                .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000)),
-        )
-        .unwrap();
-}
 
 fn state(root: &Path) -> Vec<ManifestEntry> {
     let mut index = Index::in_memory().unwrap();
