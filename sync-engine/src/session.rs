@@ -32,8 +32,6 @@ pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
 const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
 /// Block values per `SyncFetchChanges` frame (512 KiB of values).
 const BLOCKS_PER_FRAME: usize = 16 * 1024;
-/// The most block values a sender accepts for one file (a 1 TiB file at 4 KiB blocks).
-const MAX_BLOCKS: usize = 1 << 28;
 /// Chunks in flight between the network and the disk, per file.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
@@ -150,7 +148,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 blocks,
                 last,
             } => {
+                // Only as many values as our own version has blocks are of any use: keeping no
+                // more bounds memory by our file, not by what the peer sends.
+                let useful = {
+                    let index = index
+                        .lock()
+                        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                    index.get(&path)?.map_or(0, |entry| {
+                        entry.meta.size.div_ceil(u64::from(block_size.max(1))) as usize
+                    })
+                };
                 let mut theirs = blocks;
+                theirs.truncate(useful);
                 let mut done = last;
                 while !done {
                     match receive(conn, "a block list").await? {
@@ -160,13 +169,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             last,
                             ..
                         } if more_path == path => {
-                            if theirs.len() + blocks.len() > MAX_BLOCKS {
-                                return Err(SessionError::Unexpected {
-                                    got: "an oversized block list",
-                                    during: "a block list",
-                                });
-                            }
-                            theirs.extend(blocks);
+                            let room = useful.saturating_sub(theirs.len());
+                            theirs.extend(blocks.into_iter().take(room));
                             done = last;
                         }
                         other => {
