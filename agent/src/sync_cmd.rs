@@ -170,7 +170,20 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         negotiated.peer.software,
         negotiated.version
     );
-    let report = lbs_sync::pull(&mut conn, &args.root, index, &trash, peer.generation).await?;
+    let (progress, updates) = watch::channel(lbs_sync::Progress::default());
+    let bar = tokio::spawn(show_progress(updates));
+    let report = lbs_sync::pull(
+        &mut conn,
+        &args.root,
+        index,
+        &trash,
+        peer.generation,
+        Some(progress),
+    )
+    .await;
+    // The pull dropped its end of the channel, so the bar finishes now.
+    let _ = bar.await;
+    let report = report?;
     let _ = conn
         .send(Envelope {
             generation: peer.generation,
@@ -224,6 +237,22 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Draws a progress bar on a terminal (nothing otherwise) until the pull hangs up.
+async fn show_progress(mut updates: watch::Receiver<lbs_sync::Progress>) {
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let bar = indicatif::ProgressBar::new(0).with_style(style);
+    while updates.changed().await.is_ok() {
+        let now = *updates.borrow_and_update();
+        bar.set_length(now.bytes_total);
+        bar.set_position(now.bytes_done);
+        bar.set_message(format!("{}/{} steps", now.actions_done, now.actions_total));
+    }
+    bar.finish_and_clear();
 }
 
 /// `lbs sync verify`.

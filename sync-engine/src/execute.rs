@@ -216,16 +216,23 @@ impl Ids {
 
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
 /// [`Trash::batch`]) and getting content from `fetcher`; `old_blocks` finds the receiver's
-/// block values of a file about to be replaced.
+/// block values of a file about to be replaced; `on_progress` hears after every action.
 pub fn execute(
     plan: &Plan,
     root: &Root,
     trash: &Root,
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
+    on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExecuteReport, ApplyError> {
     let mut report = ExecuteReport::default();
     let mut ids = Ids::default();
+    let mut progress = Progress {
+        actions_total: plan.actions.len() as u64,
+        bytes_total: plan.summary.fetch_bytes + plan.summary.local_copy_bytes,
+        ..Progress::default()
+    };
+    on_progress(&progress);
     for action in &plan.actions {
         let outcome = match action {
             Action::Trash { path } => root.move_to(path, trash),
@@ -296,19 +303,46 @@ pub fn execute(
         };
         match outcome {
             Ok(()) => report.done += 1,
+            // This file only (its source changed, a step failed): the next pass retries it.
             Err(err @ (ApplyError::HashMismatch { .. } | ApplyError::Io { .. })) => {
-                let path = match &err {
-                    ApplyError::HashMismatch { path, .. } | ApplyError::Io { path, .. } => {
-                        path.clone()
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                report.deferred.push((path, err.to_string()));
+                report
+                    .deferred
+                    .push((action_path(action).clone(), err.to_string()));
             }
             Err(fatal) => return Err(fatal),
         }
+        progress.actions_done += 1;
+        if let Action::Fetch { size, .. } | Action::CopyLocal { size, .. } = action {
+            progress.bytes_done += size;
+        }
+        on_progress(&progress);
     }
     Ok(report)
+}
+
+/// The path an action is about.
+fn action_path(action: &Action) -> &RelPath {
+    match action {
+        Action::Trash { path }
+        | Action::MakeDir { path }
+        | Action::Fetch { path, .. }
+        | Action::CopyLocal { path, .. }
+        | Action::Symlink { path, .. }
+        | Action::SetMeta { path, .. } => path,
+    }
+}
+
+/// How far a run has come, for progress bars and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Actions finished (done or deferred).
+    pub actions_done: u64,
+    /// Actions in the plan.
+    pub actions_total: u64,
+    /// Bytes of files fetched or copied so far (their full length, whatever crossed the wire).
+    pub bytes_done: u64,
+    /// Bytes of all files to fetch or copy.
+    pub bytes_total: u64,
 }
 
 /// The sender's manifest from its (freshly scanned) index. Files with no trusted hash are

@@ -29,7 +29,7 @@ pub mod tree;
 
 pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
 pub use execute::{
-    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, OldVersion, Trash, execute, manifest,
+    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, OldVersion, Progress, Trash, execute, manifest,
 };
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};

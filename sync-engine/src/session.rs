@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Root};
-use crate::execute::{ExecuteReport, Fetcher, OldVersion, Trash, execute, manifest};
+use crate::execute::{ExecuteReport, Fetcher, OldVersion, Progress, Trash, execute, manifest};
 use crate::index::{Index, IndexError};
 use crate::plan::{PlanError, PlanSummary, plan};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
@@ -459,6 +459,8 @@ fn keep_old(
 
 /// Makes the tree at `root` equal to the sender's, over `conn`.
 ///
+/// `progress`, when given, is updated after every step of the plan.
+///
 /// The caller must make sure no other pull writes to `root` at the same time (the `lbs`
 /// binary holds a lock per root): temporary files left by an interrupted pull are removed.
 pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
@@ -467,6 +469,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     index: Arc<Mutex<Index>>,
     trash: &Trash,
     generation: Generation,
+    progress: Option<tokio::sync::watch::Sender<Progress>>,
 ) -> Result<PullReport, SessionError> {
     let started = Instant::now();
     let scan_root = root.to_owned();
@@ -520,7 +523,19 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let worker_index = index.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let old_blocks = |path: &RelPath| worker_index.lock().ok()?.blocks(path).ok().flatten();
-        execute(&plan, &files, &batch, &mut Bridge { requests }, &old_blocks)
+        let mut on_progress = |now: &Progress| {
+            if let Some(progress) = &progress {
+                progress.send_replace(*now);
+            }
+        };
+        execute(
+            &plan,
+            &files,
+            &batch,
+            &mut Bridge { requests },
+            &old_blocks,
+            &mut on_progress,
+        )
     });
     let mut connection_error = None;
     while let Some((path, basis, chunks)) = incoming.recv().await {

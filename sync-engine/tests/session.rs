@@ -62,12 +62,14 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
         async move { serve(&mut server_conn, sender, server_index, GEN).await }
     });
     let client_index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let (progress, watch) = tokio::sync::watch::channel(lbs_sync::Progress::default());
     let first = pull(
         &mut client_conn,
         &receiver,
         client_index.clone(),
         &trash,
         GEN,
+        Some(progress),
     )
     .await
     .unwrap();
@@ -76,8 +78,14 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     assert_eq!(first.executed.fetched_bytes, big.len() as u64 + 5 + 41);
     assert!(first.executed.deferred.is_empty(), "{first:?}");
     assert_eq!(state(&receiver), state(&sender));
+    // Progress ends complete: every action and every byte of the plan accounted for.
+    let last = *watch.borrow();
+    assert_eq!(last.actions_done, last.actions_total);
+    assert!(last.actions_total > 0);
+    assert_eq!(last.bytes_done, last.bytes_total);
+    assert_eq!(last.bytes_total, big.len() as u64 + 5 + 41);
 
-    let second = pull(&mut client_conn, &receiver, client_index, &trash, GEN)
+    let second = pull(&mut client_conn, &receiver, client_index, &trash, GEN, None)
         .await
         .unwrap();
     assert_eq!(second.plan.fetch_files, 0, "{second:?}");
@@ -131,7 +139,7 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
         }
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(&mut client_conn, &receiver, index, &trash, GEN)
+    let report = pull(&mut client_conn, &receiver, index, &trash, GEN, None)
         .await
         .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
@@ -220,7 +228,7 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         liar
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(&mut client, &receiver, index, &trash, GEN)
+    let report = pull(&mut client, &receiver, index, &trash, GEN, None)
         .await
         .unwrap();
     assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
@@ -269,7 +277,7 @@ async fn a_manifest_path_escaping_the_root_is_refused_before_anything_changes() 
         io
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let err = pull(&mut client, &receiver, index, &trash, GEN)
+    let err = pull(&mut client, &receiver, index, &trash, GEN, None)
         .await
         .unwrap_err();
     assert!(matches!(err, SessionError::Frame(_)), "{err}");

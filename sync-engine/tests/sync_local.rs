@@ -213,6 +213,7 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
         &trash.batch().unwrap(),
         &mut LocalFetcher::new(sender).unwrap(),
         &|path: &RelPath| receiver_index.blocks(path).unwrap(),
+        &mut |_| {},
     )
     .unwrap();
     assert!(report.deferred.is_empty(), "{report:?}");
