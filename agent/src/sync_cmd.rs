@@ -249,7 +249,7 @@ async fn show_progress(mut updates: watch::Receiver<lbs_sync::Progress>) {
     while updates.changed().await.is_ok() {
         let now = *updates.borrow_and_update();
         bar.set_length(now.bytes_total);
-        bar.set_position(now.bytes_done);
+        bar.set_position((now.bytes_done + now.current_bytes).min(now.bytes_total));
         bar.set_message(format!("{}/{} steps", now.actions_done, now.actions_total));
     }
     bar.finish_and_clear();

@@ -343,6 +343,9 @@ pub struct Progress {
     pub bytes_done: u64,
     /// Bytes of all files to fetch or copy.
     pub bytes_total: u64,
+    /// How far into the file being fetched now the transfer is (the session updates it as
+    /// data arrives; zero between files).
+    pub current_bytes: u64,
 }
 
 /// The sender's manifest from its (freshly scanned) index. Files with no trusted hash are

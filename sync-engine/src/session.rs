@@ -521,6 +521,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let batch = trash.batch()?;
     let summary = plan.summary;
     let worker_index = index.clone();
+    let progress_tx = progress.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let old_blocks = |path: &RelPath| worker_index.lock().ok()?.blocks(path).ok().flatten();
         let mut on_progress = |now: &Progress| {
@@ -543,7 +544,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = chunks.send(Chunk::Failed(format!("{err}"))).await;
             continue;
         }
-        if let Err(err) = relay(conn, generation, path, basis, &chunks).await {
+        if let Err(err) = relay(conn, generation, path, basis, &chunks, progress_tx.as_ref()).await
+        {
             let _ = chunks.send(Chunk::Failed(err.to_string())).await;
             connection_error = Some(err);
         }
@@ -584,6 +586,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     path: RelPath,
     basis: Option<(BlockSize, Vec<Cv>)>,
     chunks: &mpsc::Sender<Chunk>,
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
 ) -> Result<(), SessionError> {
     match basis {
         None => send(conn, generation, Message::SyncFetch { path }).await?,
@@ -610,8 +613,18 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     }
     loop {
         let chunk = match receive(conn, "a file transfer").await? {
-            Message::SyncData { bytes } => Chunk::Data(bytes),
-            Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
+            Message::SyncData { bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
+                }
+                Chunk::Data(bytes)
+            }
+            Message::SyncDataAt { offset, bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes = offset + bytes.len() as u64);
+                }
+                Chunk::At(offset, bytes)
+            }
             // The writer verifies the content against the manifest's hash itself.
             Message::SyncDataEnd { size, .. } => Chunk::End(size),
             Message::SyncUnavailable { path, reason } => {

@@ -83,6 +83,7 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     assert_eq!(last.actions_done, last.actions_total);
     assert!(last.actions_total > 0);
     assert_eq!(last.bytes_done, last.bytes_total);
+    assert_eq!(last.current_bytes, 0, "between files nothing is in flight");
     assert_eq!(last.bytes_total, big.len() as u64 + 5 + 41);
 
     let second = pull(&mut client_conn, &receiver, client_index, &trash, GEN, None)
