@@ -29,6 +29,9 @@ enum SyncCommand {
     /// Serve a tree to the partner (the primary's side).
     Serve(sync_cmd::ServeArgs),
     /// Make a local tree identical to the partner's (the backup's side): one reconcile.
+    ///
+    /// Exit status 0: in sync; 2: done, but some files were deferred or still changing on the
+    /// partner (run again); 1: failed.
     Pull(sync_cmd::PullArgs),
     /// Compare two local trees by BLAKE3 and metadata; exit 1 on any difference.
     Verify {

@@ -56,6 +56,9 @@ pub struct PullArgs {
     /// Where deleted files go (default: `.<root name>.lbs-trash` beside the root).
     #[arg(long)]
     trash: Option<PathBuf>,
+    /// How many days deleted files stay in the trash before a pull removes them.
+    #[arg(long, default_value_t = 30)]
+    trash_retention_days: u64,
 }
 
 /// Held while an lbs process works on a root.
@@ -225,6 +228,18 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     }
     for (path, reason) in &report.executed.deferred {
         println!("deferred {path}: {reason}");
+    }
+    let retention = Duration::from_secs(args.trash_retention_days * 24 * 3600);
+    match trash.purge(retention) {
+        Ok(0) => {}
+        Ok(n) => println!(
+            "removed {n} trash batch(es) older than {} days",
+            args.trash_retention_days
+        ),
+        Err(err) => println!(
+            "warning: cannot empty old trash in {}: {err}",
+            trash_dir.display()
+        ),
     }
     let incomplete = !report.executed.deferred.is_empty() || plan.pending > 0;
     println!(

@@ -131,7 +131,12 @@ impl Trash {
 
     /// Removes batches older than `retention`; returns how many went.
     pub fn purge(&self, retention: Duration) -> io::Result<u64> {
-        let now = SystemTime::now()
+        self.purge_at(retention, SystemTime::now())
+    }
+
+    /// [`Trash::purge`] as if the time were `now`.
+    pub fn purge_at(&self, retention: Duration, now: SystemTime) -> io::Result<u64> {
+        let now = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut removed = 0;

@@ -186,7 +186,6 @@ impl Index {
                          block_size INTEGER,
                          blocks BLOB
                      ) WITHOUT ROWID;
-                     CREATE INDEX entries_by_hash ON entries(blake3);
                      PRAGMA user_version = 1;
                      COMMIT;",
                 )
@@ -265,23 +264,6 @@ impl Index {
             })
             .collect();
         Ok(Some((block_size, blocks)))
-    }
-
-    /// Paths of regular files whose content hash is `root` and trusted (not racy).
-    pub fn find_by_hash(&self, root: &[u8; 32]) -> Result<Vec<RelPath>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT path FROM entries WHERE blake3 = ?1 AND racy = 0 ORDER BY path")
-            .map_err(|e| self.sqlite(e))?;
-        let paths: Vec<Vec<u8>> = stmt
-            .query_map([&root[..]], |row| row.get(0))
-            .map_err(|e| self.sqlite(e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.sqlite(e))?;
-        paths
-            .into_iter()
-            .map(|p| RelPath::from_bytes(p).map_err(|e| self.corrupt(e.to_string())))
-            .collect()
     }
 
     /// Starts a batch of changes applied all at once (or not at all) by [`Batch::commit`].

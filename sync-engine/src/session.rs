@@ -405,6 +405,8 @@ impl Fetcher for Bridge {
             .map_err(|_| std::io::Error::other("the sync connection is gone"))?;
         let mut received = 0u64;
         let mut pos = 0u64;
+        // One buffer for all the kept ranges of this file (a changed 1 GiB file has thousands).
+        let mut buf = Vec::new();
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
                 Chunk::Data(bytes) => {
@@ -413,13 +415,13 @@ impl Fetcher for Bridge {
                     pos += bytes.len() as u64;
                 }
                 Chunk::At(offset, bytes) => {
-                    keep_old(old_file.as_ref(), pos, offset, out)?;
+                    keep_old(old_file.as_ref(), pos, offset, &mut buf, out)?;
                     out.write_all(&bytes)?;
                     received += bytes.len() as u64;
                     pos = offset + bytes.len() as u64;
                 }
                 Chunk::End(size) => {
-                    keep_old(old_file.as_ref(), pos, size, out)?;
+                    keep_old(old_file.as_ref(), pos, size, &mut buf, out)?;
                     return Ok(received);
                 }
                 Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
@@ -434,6 +436,7 @@ fn keep_old(
     old: Option<&std::fs::File>,
     from: u64,
     to: u64,
+    buf: &mut Vec<u8>,
     out: &mut dyn std::io::Write,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -446,7 +449,7 @@ fn keep_old(
         return Ok(());
     }
     let old = old.ok_or_else(|| std::io::Error::other("the sender skipped bytes of a new file"))?;
-    let mut buf = vec![0u8; SYNC_CHUNK_LEN.min((to - from) as usize)];
+    buf.resize(SYNC_CHUNK_LEN.min((to - from) as usize).max(buf.len()), 0);
     let mut at = from;
     while at < to {
         let n = buf.len().min((to - at) as usize);

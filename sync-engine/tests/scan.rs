@@ -195,33 +195,41 @@ fn a_file_modified_just_now_is_hashed_again_next_time() {
     assert_eq!(first.hashed_files, 1);
     let entry = index.get(&rel("recording.wav")).unwrap().unwrap();
     assert!(entry.hash.as_ref().unwrap().racy);
-    // A racy hash is not offered as a local-copy source either.
-    assert!(
-        index
-            .find_by_hash(&entry.hash.unwrap().root)
-            .unwrap()
-            .is_empty()
-    );
     let second = scan(&root, &mut index, &ScanOptions::default()).unwrap();
     assert_eq!(second.hashed_files, 1, "a racy hash must not be trusted");
 }
 
 #[test]
 fn identical_content_is_found_by_hash() {
+    // Scanned for real, the receiver's index lets the plan copy a message it already holds
+    // under another name instead of fetching it.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     write_old(&root.join("INBOX/msg0001.wav"), b"the same message");
-    write_old(&root.join("Old/msg0007.wav"), b"the same message");
     write_old(&root.join("INBOX/msg0002.wav"), b"another message");
     let mut index = Index::in_memory().unwrap();
     scan(&root, &mut index, &ScanOptions::default()).unwrap();
-    let found = index
-        .find_by_hash(blake3::hash(b"the same message").as_bytes())
-        .unwrap();
-    assert_eq!(
-        found,
-        vec![rel("INBOX/msg0001.wav"), rel("Old/msg0007.wav")]
-    );
+    let mut wanted = lbs_sync::manifest(&index).unwrap();
+    let mut moved = wanted
+        .iter()
+        .find(|e| e.path == rel("INBOX/msg0001.wav"))
+        .unwrap()
+        .clone();
+    moved.path = rel("Old/msg0007.wav");
+    let mut old_dir = wanted
+        .iter()
+        .find(|e| e.path == rel("INBOX"))
+        .unwrap()
+        .clone();
+    old_dir.path = rel("Old");
+    wanted.extend([old_dir, moved]);
+    let plan = lbs_sync::plan(&wanted, &index.entries().unwrap()).unwrap();
+    assert_eq!(plan.summary.fetch_files, 0, "{:#?}", plan.actions);
+    assert!(plan.actions.iter().any(|a| matches!(
+        a,
+        lbs_sync::Action::CopyLocal { path, from: lbs_sync::Source::Path(from), .. }
+            if *path == rel("Old/msg0007.wav") && *from == rel("INBOX/msg0001.wav")
+    )));
 }
 
 #[test]

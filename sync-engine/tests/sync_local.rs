@@ -277,10 +277,11 @@ fn deleted_files_go_to_the_trash_and_the_trash_is_purged_after_retention() {
         content(3, 5000),
         "the deleted message must be kept in the trash"
     );
-    assert_eq!(trash.purge(Duration::from_secs(3600)).unwrap(), 0);
-    assert_eq!(
-        trash.purge(Duration::ZERO).unwrap(),
-        0,
-        "same-second batch is not older"
-    );
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(trash.purge(day).unwrap(), 0, "a fresh batch is kept");
+    assert!(batch.exists());
+    // Two days on, with a one-day retention, the batch goes.
+    let later = SystemTime::now() + 2 * day;
+    assert_eq!(trash.purge_at(day, later).unwrap(), 1);
+    assert!(!batch.exists());
 }
