@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::tls::{self, AcceptPeers};
 use lbs_protocol::{
-    Connection, Generation, Hello, Identity, Negotiated, PROTOCOL_VERSION, PeerName, Role, Sender,
-    ServerId, SoftwareVersion, TrustRoot,
+    Connection, Generation, Hello, Identity, Meter, Metered, Negotiated, PROTOCOL_VERSION,
+    PeerName, Role, Sender, ServerId, SoftwareVersion, TrustRoot,
 };
 use tokio::net::TcpStream;
 
@@ -79,12 +79,17 @@ impl Peer {
         }
     }
 
-    /// Dials the partner and completes mutual TLS and the hello exchange.
+    /// Dials the partner and completes mutual TLS and the hello exchange. The [`Meter`] counts
+    /// every byte of the TCP stream, TLS included.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         role: Role,
-    ) -> anyhow::Result<(Connection<tls::ClientStream<TcpStream>>, Negotiated)> {
+    ) -> anyhow::Result<(
+        Connection<tls::ClientStream<Metered<TcpStream>>>,
+        Negotiated,
+        Meter,
+    )> {
         let config = tls::client_config(&self.identity, &self.root)?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -95,6 +100,10 @@ impl Peer {
                 )
             })?
             .with_context(|| format!("cannot reach {} at {addr}", self.partner))?;
+        // Requests are small and answered at once: never wait 40 ms for a delayed ACK.
+        tcp.set_nodelay(true)
+            .context("setting TCP_NODELAY on the connection")?;
+        let (tcp, meter) = Metered::new(tcp);
         let stream = tls::connect(config, &self.partner, tcp).await?;
         let (conn, negotiated) = lbs_protocol::exchange_hello(
             stream,
@@ -104,7 +113,7 @@ impl Peer {
             HELLO_TIMEOUT,
         )
         .await?;
-        Ok((conn, negotiated))
+        Ok((conn, negotiated, meter))
     }
 
     /// The server configuration that accepts only the partner.
@@ -123,6 +132,8 @@ impl Peer {
         tcp: TcpStream,
         role: Role,
     ) -> anyhow::Result<(Connection<tls::ServerStream<TcpStream>>, Negotiated)> {
+        tcp.set_nodelay(true)
+            .context("setting TCP_NODELAY on the connection")?;
         let (stream, peer) = tls::accept(config, tcp).await?;
         let (conn, negotiated) = lbs_protocol::exchange_hello(
             stream,

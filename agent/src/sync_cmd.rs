@@ -59,6 +59,10 @@ pub struct PullArgs {
     /// How many days deleted files stay in the trash before a pull removes them.
     #[arg(long, default_value_t = 30)]
     trash_retention_days: u64,
+    /// Do not sync anything to disk: for measurements only, a crash (or power cut) can then
+    /// leave files empty. By default new files reach the disk before they replace old ones.
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 /// Held while an lbs process works on a root.
@@ -165,7 +169,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| Trash::default_for(&args.root));
     let trash = Trash::open(&trash_dir)?;
-    let (mut conn, negotiated) = peer.connect(args.from, Role::Backup).await?;
+    let (mut conn, negotiated, meter) = peer.connect(args.from, Role::Backup).await?;
     println!(
         "pulling {} from {} (lbs {}, protocol {})",
         args.root.display(),
@@ -181,7 +185,14 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         index,
         &trash,
         peer.generation,
-        Some(progress),
+        lbs_sync::PullOptions {
+            progress: Some(progress),
+            durability: if args.no_fsync {
+                lbs_sync::Durability::Off
+            } else {
+                lbs_sync::Durability::Grouped
+            },
+        },
     )
     .await;
     // The pull dropped its end of the channel, so the bar finishes now.
@@ -197,6 +208,15 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         .await;
     let plan = report.plan;
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    match &report.recovery {
+        Some(lbs_sync::Recovery::Finished(path)) => {
+            println!("finished the change to {path} that an interrupted run had journalled")
+        }
+        Some(lbs_sync::Recovery::Discarded(why)) => {
+            println!("discarded an interrupted run's unfinished journal ({why}); old version kept")
+        }
+        Some(lbs_sync::Recovery::Clean) | None => {}
+    }
     println!(
         "manifest in {:.2} s; {} unchanged, {} metadata only",
         report.manifest_time.as_secs_f64(),
@@ -214,6 +234,15 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         plan.trashed,
         trash_dir.display()
     );
+    if report.executed.patched > 0 {
+        println!(
+            "{} large file(s) patched in place (changed blocks only, journalled)",
+            report.executed.patched
+        );
+    }
+    for (path, why) in &report.executed.refetched {
+        println!("fetched {path} whole: its changed blocks could not be used ({why})");
+    }
     for name in &report.executed.unknown_owners {
         println!("warning: owner {name:?} does not exist on this box; left as root");
     }
@@ -241,6 +270,12 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
             trash_dir.display()
         ),
     }
+    println!(
+        "on the wire: {} bytes ({} sent, {} received, TLS included)",
+        meter.sent() + meter.received(),
+        meter.sent(),
+        meter.received()
+    );
     let incomplete = !report.executed.deferred.is_empty() || plan.pending > 0;
     println!(
         "{} in {:.2} s",

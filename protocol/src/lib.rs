@@ -3,6 +3,7 @@
 //! - [`ids`]: [`ServerId`] (the SID), [`PairId`], [`PairName`], [`Role`], [`Generation`].
 //! - [`version`]: [`ProtocolVersion`] (negotiated) and [`SoftwareVersion`] (reported).
 //! - [`message`]: [`Envelope`] (generation + [`Message`]), [`Hello`], [`Refusal`].
+//! - [`metered`]: [`Metered`], a stream that counts the bytes it carries.
 //! - [`path`]: [`RelPath`], a path inside a sync root that can never leave it.
 //! - [`sync`]: [`sync::ManifestEntry`], what a sending side says about each entry of its tree.
 //! - [`frame`]: `u32` big-endian length prefix, postcard payload, [`MAX_FRAME_LEN`];
@@ -23,6 +24,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod message;
+pub mod metered;
 pub mod path;
 pub mod sync;
 pub mod tls;
@@ -35,6 +37,7 @@ pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
 pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
 pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, Sender};
+pub use metered::{Meter, Metered};
 pub use path::{PathError, RelPath};
 pub use tls::{AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

@@ -106,6 +106,15 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
+    /// Sender → receiver, before the [`Message::SyncDataAt`] of a block transfer: how many
+    /// bytes of changed blocks follow and the file's new size, so the receiver can choose to
+    /// patch its file in place (few changes) or write a new one (many).
+    SyncChanges {
+        /// Bytes of changed blocks that follow.
+        changed: u64,
+        /// The file's size once changed.
+        size: u64,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -129,6 +138,7 @@ impl Message {
             Message::SyncUnavailable { .. } => "sync-unavailable",
             Message::SyncFetchChanges { .. } => "sync-fetch-changes",
             Message::SyncDataAt { .. } => "sync-data-at",
+            Message::SyncChanges { .. } => "sync-changes",
         }
     }
 }

@@ -6,7 +6,8 @@
 //! next pass; a full disk or an unusable root stops the run.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -14,41 +15,41 @@ use std::time::{Duration, SystemTime};
 use lbs_protocol::RelPath;
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 
-use crate::apply::{ApplyError, Root, Target};
-use crate::index::{Entry, EntryKind, Index, IndexError};
+use crate::apply::{ApplyError, Root, Staged, Target, TempFile};
+use crate::index::{Entry, EntryKind, Index, IndexError, Known};
+use crate::journal::{Patch, PatchError};
 use crate::plan::{Action, Basis, Plan, Source};
 use crate::tree::{BlockSize, Cv, TreeHash};
 
-/// The receiver's current version of a file it is about to replace: the sender then sends
-/// only the blocks whose values differ, and the rest is copied from here.
-#[derive(Debug)]
-pub struct OldVersion {
-    /// The old file, open for reading (it stays in place until the new one is renamed over it).
-    pub file: std::fs::File,
-    /// The block size of `blocks`.
-    pub block_size: BlockSize,
-    /// Its per-block chaining values, from the receiver's index.
-    pub blocks: Vec<Cv>,
+/// Receives one file's content as it arrives from a [`Fetcher`].
+pub trait Sink {
+    /// The next bytes of the whole file.
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// A block transfer begins: `changed` bytes of changed blocks follow, for a file that
+    /// will be `size` bytes long.
+    fn changes(&mut self, changed: u64, size: u64) -> io::Result<()>;
+    /// Changed bytes at `offset`, in increasing order; the bytes between are the receiver's.
+    fn at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// Where content the plan needs from the sender comes from.
 pub trait Fetcher {
-    /// Writes the sender's current content of `path` (announced as `size` bytes) to `out`,
-    /// using `old` (the receiver's current version) where the fetcher can; returns the bytes
-    /// that came from the sender (blocks kept from `old` not counted).
+    /// Delivers the sender's current content of `path` (announced as `size` bytes) to
+    /// `sink`. With `basis` (the receiver's block values of its version) the sender may send
+    /// only the blocks that differ. Returns the file's final size.
     fn fetch(
         &mut self,
         path: &RelPath,
         size: u64,
-        old: Option<OldVersion>,
-        out: &mut dyn Write,
+        basis: Option<(BlockSize, Vec<Cv>)>,
+        sink: &mut dyn Sink,
     ) -> io::Result<u64>;
 }
 
-/// Looks up the receiver's block values of a file (from its index).
-pub type OldBlocks<'a> = dyn Fn(&RelPath) -> Option<(BlockSize, Vec<Cv>)> + 'a;
+/// Looks up what the receiver's index knows of a file about to be replaced.
+pub type OldBlocks<'a> = dyn Fn(&RelPath) -> Option<Known> + 'a;
 
-/// Fetches from a sender tree on this machine.
+/// Fetches from a sender tree on this machine (whole files).
 #[derive(Debug)]
 pub struct LocalFetcher {
     root: Root,
@@ -68,13 +69,230 @@ impl Fetcher for LocalFetcher {
         &mut self,
         path: &RelPath,
         _size: u64,
-        _old: Option<OldVersion>,
-        out: &mut dyn Write,
+        _basis: Option<(BlockSize, Vec<Cv>)>,
+        sink: &mut dyn Sink,
     ) -> io::Result<u64> {
         let mut file = self.root.open_file(path).map_err(io::Error::other)?;
-        io::copy(&mut file, out)
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                return Ok(size);
+            }
+            sink.data(&buf[..n])?;
+            size += n as u64;
+        }
     }
 }
+
+/// Patch in place only when the changed blocks are at most this fraction of the file: beyond
+/// it, writing a new version costs less than journalling the changes and writing them twice.
+const PATCH_MAX_SHARE: u64 = 4;
+
+/// How one file is being received.
+enum Receiving<'r> {
+    /// Nothing arrived yet.
+    Start,
+    /// The whole file, into a new version.
+    Whole(TempFile<'r>),
+    /// Changed blocks into a new version, the rest copied from the old one.
+    Rebuild {
+        temp: TempFile<'r>,
+        old: File,
+        pos: u64,
+    },
+    /// Changed blocks into the old file itself, behind a journal.
+    Patch(Box<Patch<'r>>),
+}
+
+/// The [`Sink`] of one fetch: picks how to receive from what arrives first.
+struct Receiver<'r> {
+    root: &'r Root,
+    path: RelPath,
+    known: Option<Known>,
+    state: Receiving<'r>,
+    /// Why it stopped, when it did: returned as is (a full disk must stay a full disk).
+    failed: Option<ApplyError>,
+    /// Bytes that came from the sender.
+    fetched: u64,
+    buf: Vec<u8>,
+}
+
+impl<'r> Receiver<'r> {
+    fn new(root: &'r Root, path: &RelPath, known: Option<Known>) -> Self {
+        Receiver {
+            root,
+            path: path.clone(),
+            known,
+            state: Receiving::Start,
+            failed: None,
+            fetched: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, err: ApplyError) -> io::Error {
+        let text = err.to_string();
+        self.failed = Some(err);
+        io::Error::other(text)
+    }
+
+    fn temp(&mut self) -> io::Result<TempFile<'r>> {
+        self.root
+            .create_temp(&self.path)
+            .map_err(|err| self.fail(err))
+    }
+
+    fn rebuild(&mut self) -> io::Result<()> {
+        let old = self
+            .root
+            .open_file(&self.path)
+            .map_err(|err| self.fail(err))?;
+        let temp = self.temp()?;
+        self.state = Receiving::Rebuild { temp, old, pos: 0 };
+        Ok(())
+    }
+
+    /// Ends the transfer at `size`: a new version to commit, or a patched file in place.
+    fn finish(
+        mut self,
+        size: u64,
+        expected: &blake3::Hash,
+        target: &Target,
+    ) -> Result<Received, ApplyError> {
+        let state = std::mem::replace(&mut self.state, Receiving::Start);
+        let staged = match state {
+            Receiving::Start => {
+                let mut temp = self.root.create_temp(&self.path)?;
+                if size != 0 {
+                    return Err(self.root.error(
+                        &self.path,
+                        "receiving",
+                        io::Error::other(format!("the sender ended at {size} bytes, sent none")),
+                    ));
+                }
+                temp.writer()
+                    .flush()
+                    .map_err(|e| self.root.error(&self.path, "writing", e))?;
+                temp.finish(expected, target)?
+            }
+            Receiving::Whole(temp) => temp.finish(expected, target)?,
+            Receiving::Rebuild { mut temp, old, pos } => {
+                keep_old(&old, pos, size, &mut self.buf, &mut temp.writer())
+                    .map_err(|err| self.root.error(&self.path, "copying unchanged blocks", err))?;
+                temp.finish(expected, target)?
+            }
+            Receiving::Patch(patch) => {
+                return match patch.finish(size, expected, target) {
+                    Ok(tree) => Ok(Received::Patched(tree)),
+                    Err(PatchError::Apply(err)) => Err(err),
+                    Err(other) => Ok(Received::Refetch(other.to_string())),
+                };
+            }
+        };
+        Ok(Received::Staged(staged))
+    }
+}
+
+impl Sink for Receiver<'_> {
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if matches!(self.state, Receiving::Start) {
+            let temp = self.temp()?;
+            self.state = Receiving::Whole(temp);
+        }
+        self.fetched += bytes.len() as u64;
+        let Receiving::Whole(temp) = &mut self.state else {
+            return Err(io::Error::other(
+                "the sender mixed whole-file and block data",
+            ));
+        };
+        let written = temp.writer().write_all(bytes);
+        written.map_err(|err| {
+            let err = self.root.error(&self.path, "writing", err);
+            self.fail(err)
+        })
+    }
+
+    fn changes(&mut self, changed: u64, size: u64) -> io::Result<()> {
+        if !matches!(self.state, Receiving::Start) {
+            return Err(io::Error::other("the sender announced changes twice"));
+        }
+        if let Some(known) = &self.known
+            && changed.saturating_mul(PATCH_MAX_SHARE) <= size
+            && let Ok(patch) = Patch::begin(self.root, &self.path, known.clone(), size)
+        {
+            self.state = Receiving::Patch(Box::new(patch));
+            return Ok(());
+        }
+        self.rebuild()
+    }
+
+    fn at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if matches!(self.state, Receiving::Start) {
+            self.rebuild()?;
+        }
+        self.fetched += bytes.len() as u64;
+        let result = match &mut self.state {
+            Receiving::Rebuild { temp, old, pos } => {
+                let mut out = temp.writer();
+                let result = keep_old(old, *pos, offset, &mut self.buf, &mut out)
+                    .and_then(|()| out.write_all(bytes));
+                *pos = offset + bytes.len() as u64;
+                result.map_err(|err| self.root.error(&self.path, "writing", err))
+            }
+            Receiving::Patch(patch) => patch.at(offset, bytes).map_err(|err| match err {
+                PatchError::Apply(err) => err,
+                other => {
+                    self.root
+                        .error(&self.path, "receiving", io::Error::other(other.to_string()))
+                }
+            }),
+            _ => Err(self.root.error(
+                &self.path,
+                "receiving",
+                io::Error::other("the sender mixed whole-file and block data"),
+            )),
+        };
+        result.map_err(|err| self.fail(err))
+    }
+}
+
+/// How a fetched file ended.
+enum Received {
+    /// A verified new version, to rename into place with its group.
+    Staged(Staged),
+    /// The old file was patched in place and is done.
+    Patched(TreeHash),
+    /// The patch did not verify (or the file changed here): fetch the whole file.
+    Refetch(String),
+}
+
+/// Copies bytes `from..to` of the old version, which the sender said are unchanged.
+fn keep_old(
+    old: &File,
+    from: u64,
+    to: u64,
+    buf: &mut Vec<u8>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if to < from {
+        return Err(io::Error::other("the sender's changes are out of order"));
+    }
+    buf.resize(CHUNK.min((to - from) as usize).max(buf.len()), 0);
+    let mut at = from;
+    while at < to {
+        let n = buf.len().min((to - at) as usize);
+        old.read_exact_at(&mut buf[..n], at)?;
+        out.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Buffer size for copies.
+const CHUNK: usize = 256 * 1024;
 
 /// A root's trash: a directory on the same file system holding one batch per pass (named by
 /// its start time), emptied after a retention period. Deleted and replaced-by-another-kind
@@ -169,6 +387,10 @@ pub struct ExecuteReport {
     pub fetched_bytes: u64,
     /// Bytes copied locally.
     pub copied_bytes: u64,
+    /// Files changed in place (a few blocks, behind the journal) rather than rewritten.
+    pub patched: u64,
+    /// Files whose changed blocks could not be used (and why): fetched whole instead.
+    pub refetched: Vec<(RelPath, String)>,
     /// Entries left for the next pass, with the reason.
     pub deferred: Vec<(RelPath, String)>,
     /// Owner or group names unknown on this box (left to the default).
@@ -219,9 +441,48 @@ impl Ids {
     }
 }
 
+/// At most this many new files wait, written but not yet in place, for one group commit.
+const GROUP_FILES: usize = 1000;
+/// At most this many bytes of new files wait for one group commit.
+const GROUP_BYTES: u64 = 512 << 20;
+
+/// Files staged and not yet renamed into place (see [`Root::commit`]).
+#[derive(Default)]
+struct Group {
+    staged: Vec<Staged>,
+    bytes: u64,
+}
+
+impl Group {
+    fn add(&mut self, staged: Staged) {
+        self.bytes += staged.len();
+        self.staged.push(staged);
+    }
+
+    fn full(&self) -> bool {
+        self.staged.len() >= GROUP_FILES || self.bytes >= GROUP_BYTES
+    }
+
+    /// Renames the group into place; what could not be is deferred to the next pass.
+    fn commit(&mut self, root: &Root, report: &mut ExecuteReport) -> Result<(), ApplyError> {
+        self.bytes = 0;
+        let (done, failed) = root.commit(std::mem::take(&mut self.staged))?;
+        report.installed.extend(done);
+        for (path, err) in failed {
+            report.done = report.done.saturating_sub(1);
+            report.deferred.push((path, err.to_string()));
+        }
+        Ok(())
+    }
+}
+
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
 /// [`Trash::batch`]) and getting content from `fetcher`; `old_blocks` finds the receiver's
 /// block values of a file about to be replaced; `on_progress` hears after every action.
+///
+/// New files are put in place in groups (see [`Root::commit`]) of up to [`GROUP_FILES`]
+/// files, and always before the directories' metadata steps, so directories get their
+/// metadata after their content changed. A fatal error removes the files still staged.
 pub fn execute(
     plan: &Plan,
     root: &Root,
@@ -229,6 +490,31 @@ pub fn execute(
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
+) -> Result<ExecuteReport, ApplyError> {
+    let mut group = Group::default();
+    let result = run(
+        plan,
+        root,
+        trash,
+        fetcher,
+        old_blocks,
+        on_progress,
+        &mut group,
+    );
+    if result.is_err() {
+        root.discard(std::mem::take(&mut group.staged));
+    }
+    result
+}
+
+fn run(
+    plan: &Plan,
+    root: &Root,
+    trash: &Root,
+    fetcher: &mut dyn Fetcher,
+    old_blocks: &OldBlocks<'_>,
+    on_progress: &mut dyn FnMut(&Progress),
+    group: &mut Group,
 ) -> Result<ExecuteReport, ApplyError> {
     let mut report = ExecuteReport::default();
     let mut ids = Ids::default();
@@ -238,7 +524,10 @@ pub fn execute(
         ..Progress::default()
     };
     on_progress(&progress);
-    for action in &plan.actions {
+    for (at, action) in plan.actions.iter().enumerate() {
+        if at == plan.dirs_from || group.full() {
+            group.commit(root, &mut report)?;
+        }
         let outcome = match action {
             Action::Trash { path } => root.move_to(path, trash),
             Action::MakeDir { path } => root.make_dir(path),
@@ -254,22 +543,18 @@ pub fn execute(
                 basis,
             } => {
                 let target = ids.target(meta, &mut report);
-                let old = match basis {
-                    Basis::Existing => old_blocks(path).and_then(|(block_size, blocks)| {
-                        let file = root.open_file(path).ok()?;
-                        Some(OldVersion {
-                            file,
-                            block_size,
-                            blocks,
-                        })
-                    }),
+                let known = match basis {
+                    Basis::Existing => old_blocks(path),
                     Basis::None => None,
                 };
-                root.install(path, &blake3::Hash::from(*blake3), &target, |out| {
-                    report.fetched_bytes += fetcher.fetch(path, *size, old, out)?;
-                    Ok(())
-                })
-                .map(|tree| report.installed.push((path.clone(), tree)))
+                let expected = blake3::Hash::from(*blake3);
+                let job = Job {
+                    path,
+                    size: *size,
+                    expected: &expected,
+                    target: &target,
+                };
+                receive(root, fetcher, &job, known, &mut report, group)
             }
             Action::CopyLocal {
                 path,
@@ -285,23 +570,26 @@ pub fn execute(
                     Source::Trashed(p) => trash.open_file(p),
                 }
                 .and_then(|mut source| {
-                    root.install(path, &expected, &target, |out| {
+                    root.stage(path, &expected, &target, |out| {
                         io::copy(&mut source, out).map(drop)
                     })
                 });
                 match copied {
-                    Ok(tree) => {
-                        report.copied_bytes += tree.len;
-                        report.installed.push((path.clone(), tree));
+                    Ok(staged) => {
+                        report.copied_bytes += staged.len();
+                        group.add(staged);
                         Ok(())
                     }
                     // The source was not what the index said: get it from the sender.
-                    Err(ApplyError::HashMismatch { .. } | ApplyError::Io { .. }) => root
-                        .install(path, &expected, &target, |out| {
-                            report.fetched_bytes += fetcher.fetch(path, *size, None, out)?;
-                            Ok(())
-                        })
-                        .map(|tree| report.installed.push((path.clone(), tree))),
+                    Err(ApplyError::HashMismatch { .. } | ApplyError::Io { .. }) => {
+                        let job = Job {
+                            path,
+                            size: *size,
+                            expected: &expected,
+                            target: &target,
+                        };
+                        receive(root, fetcher, &job, None, &mut report, group)
+                    }
                     Err(other) => Err(other),
                 }
             }
@@ -322,7 +610,55 @@ pub fn execute(
         }
         on_progress(&progress);
     }
+    group.commit(root, &mut report)?;
+    root.sync()?;
     Ok(report)
+}
+
+/// One file to fetch.
+struct Job<'a> {
+    path: &'a RelPath,
+    size: u64,
+    expected: &'a blake3::Hash,
+    target: &'a Target,
+}
+
+/// Fetches one file: patched in place when few of its blocks changed and `known` (the index's
+/// view of the old version) allows, otherwise a new version staged into `group`.
+fn receive(
+    root: &Root,
+    fetcher: &mut dyn Fetcher,
+    job: &Job<'_>,
+    known: Option<Known>,
+    report: &mut ExecuteReport,
+    group: &mut Group,
+) -> Result<(), ApplyError> {
+    let basis = known.as_ref().map(|k| (k.block_size, k.blocks.clone()));
+    let mut receiver = Receiver::new(root, job.path, known);
+    let fetched = fetcher.fetch(job.path, job.size, basis, &mut receiver);
+    report.fetched_bytes += receiver.fetched;
+    let size = match fetched {
+        Ok(size) => size,
+        Err(err) => {
+            return Err(receiver
+                .failed
+                .take()
+                .unwrap_or_else(|| root.error(job.path, "fetching", err)));
+        }
+    };
+    match receiver.finish(size, job.expected, job.target)? {
+        Received::Staged(staged) => group.add(staged),
+        Received::Patched(tree) => {
+            report.patched += 1;
+            report.installed.push((job.path.clone(), tree));
+        }
+        // The old version is untouched: fetch the whole file instead.
+        Received::Refetch(reason) => {
+            report.refetched.push((job.path.clone(), reason));
+            return receive(root, fetcher, job, None, report, group);
+        }
+    }
+    Ok(())
 }
 
 /// The path an action is about.

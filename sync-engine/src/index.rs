@@ -35,6 +35,17 @@ impl EntryKind {
     }
 }
 
+/// The receiver's current version of a file, as its index knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Known {
+    /// Block size of `blocks`.
+    pub block_size: BlockSize,
+    /// Its per-block chaining values.
+    pub blocks: Vec<Cv>,
+    /// Its metadata when indexed (size, mtime, ctime, inode: the content key).
+    pub meta: Meta,
+}
+
 /// The metadata lbs carries and compares.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Meta {
@@ -264,6 +275,22 @@ impl Index {
             })
             .collect();
         Ok(Some((block_size, blocks)))
+    }
+
+    /// What the index knows of a file that has a trusted hash and block values: the basis
+    /// for receiving only its changed blocks.
+    pub fn known(&self, path: &RelPath) -> Result<Option<Known>, IndexError> {
+        let Some(entry) = self.get(path)? else {
+            return Ok(None);
+        };
+        if entry.kind != EntryKind::File || entry.hash.is_none_or(|hash| hash.racy) {
+            return Ok(None);
+        }
+        Ok(self.blocks(path)?.map(|(block_size, blocks)| Known {
+            block_size,
+            blocks,
+            meta: entry.meta,
+        }))
     }
 
     /// Starts a batch of changes applied all at once (or not at all) by [`Batch::commit`].

@@ -10,6 +10,8 @@
 //!   way is followed, and a new version is verified, fsynced and renamed into place.
 //! - [`execute`]: carries a plan out through [`Root`] with content from a [`Fetcher`];
 //!   deletions go to the [`Trash`]; [`manifest`] is the sender's side.
+//! - [`journal`]: [`Patch`], a few changed blocks written into a large file in place behind
+//!   a sealed redo journal, and [`recover`] after a crash.
 //! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
 //!   values of every entry.
 //! - [`plan`]: from the sender's manifest and the receiver's index, the ordered [`Action`]s
@@ -17,22 +19,24 @@
 //! - [`scan`]: one pass over a root that brings its index up to date, reading only files whose
 //!   size, mtime, ctime or inode changed.
 //!
-//! Block/append/delta transfers and the `lbs sync` commands build on these (see `../shared/DESIGN.md` §6).
+//! The `lbs sync` commands build on these (see `../shared/DESIGN.md` §6).
 
 pub mod apply;
 pub mod execute;
 pub mod index;
+pub mod journal;
 pub mod plan;
 pub mod scan;
 pub mod session;
 pub mod tree;
 
-pub use apply::{ApplyError, HashingWriter, Root, TEMP_PREFIX, Target};
+pub use apply::{ApplyError, Durability, HashingWriter, Root, Staged, TEMP_PREFIX, Target};
 pub use execute::{
-    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, OldVersion, Progress, Trash, execute, manifest,
+    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, Trash, execute, manifest,
 };
-pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
+pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta};
+pub use journal::{JOURNAL_NAME, Patch, PatchError, Recovery, Sealed, recover};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan};
-pub use session::{PullReport, SessionError, pull, serve};
+pub use session::{PullOptions, PullReport, SessionError, pull, serve};
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

@@ -130,6 +130,9 @@ pub struct PlanSummary {
 pub struct Plan {
     /// The steps, in execution order.
     pub actions: Vec<Action>,
+    /// Where the directories' metadata steps begin in `actions` (everything before them has
+    /// to be in place first: a new file changes its directory's mtime).
+    pub dirs_from: usize,
     /// The numbers.
     pub summary: PlanSummary,
 }
@@ -354,6 +357,7 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
     }
 
     // Phase 4: deepest first, so setting a child's mtime never disturbs a finished parent.
+    plan.dirs_from = plan.actions.len();
     let mut dirs: Vec<&&RelPath> = want
         .iter()
         .filter(|(_, e)| e.kind == ManifestKind::Dir)

@@ -142,6 +142,10 @@ pub fn scan(
                 }
                 continue;
             }
+            if rel_dir.is_none() && name.as_bytes() == crate::journal::JOURNAL_NAME.as_bytes() {
+                // The receiver's patch journal: `recover` deals with it before any scan.
+                continue;
+            }
             let rel = match &rel_dir {
                 Some(parent) => parent.join(&name),
                 None => RelPath::from_bytes(name.as_bytes()),

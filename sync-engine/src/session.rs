@@ -18,9 +18,10 @@ use lbs_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::apply::{ApplyError, Root};
-use crate::execute::{ExecuteReport, Fetcher, OldVersion, Progress, Trash, execute, manifest};
+use crate::apply::{ApplyError, Durability, Root};
+use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, Trash, execute, manifest};
 use crate::index::{Index, IndexError};
+use crate::journal::{Recovery, recover};
 use crate::plan::{PlanError, PlanSummary, plan};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
 use crate::tree::{BlockSize, Cv};
@@ -85,6 +86,8 @@ pub struct PullReport {
     pub manifest_time: Duration,
     /// Time for the whole pull.
     pub elapsed: Duration,
+    /// What an interrupted earlier run left in the journal, and what became of it.
+    pub recovery: Option<Recovery>,
 }
 
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
@@ -276,7 +279,15 @@ async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
         }
     };
-    for (start, end) in changed_ranges(&blocks, &theirs, size, len) {
+    let ranges = changed_ranges(&blocks, &theirs, size, len);
+    let changed = ranges.iter().map(|(start, end)| end - start).sum();
+    send(
+        conn,
+        generation,
+        Message::SyncChanges { changed, size: len },
+    )
+    .await?;
+    for (start, end) in ranges {
         let mut at = start;
         while at < end {
             let n = (end - at).min(SYNC_CHUNK_LEN as u64) as usize;
@@ -370,6 +381,8 @@ async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
 enum Chunk {
     /// The next bytes of a whole-file transfer.
     Data(Vec<u8>),
+    /// A block transfer begins: changed bytes to follow, the file's new size.
+    Changes(u64, u64),
     /// Bytes at an offset of a block transfer; the gap before them is kept from the old file.
     At(u64, Vec<u8>),
     /// The file is complete at this size.
@@ -381,8 +394,8 @@ enum Chunk {
 /// it holds an older version.
 type Request = (RelPath, Option<(BlockSize, Vec<Cv>)>, mpsc::Sender<Chunk>);
 
-/// The receiver's fetcher: asks the async side for a file and writes what arrives, filling
-/// the gaps of a block transfer from the old version.
+/// The receiver's fetcher: asks the async side for a file and hands what arrives to the
+/// writing side's sink.
 struct Bridge {
     requests: mpsc::Sender<Request>,
 }
@@ -392,38 +405,20 @@ impl Fetcher for Bridge {
         &mut self,
         path: &RelPath,
         _size: u64,
-        old: Option<OldVersion>,
-        out: &mut dyn std::io::Write,
+        basis: Option<(BlockSize, Vec<Cv>)>,
+        sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-        let (old_file, basis) = match old {
-            Some(old) => (Some(old.file), Some((old.block_size, old.blocks))),
-            None => (None, None),
-        };
         self.requests
             .blocking_send((path.clone(), basis, tx))
             .map_err(|_| std::io::Error::other("the sync connection is gone"))?;
-        let mut received = 0u64;
-        let mut pos = 0u64;
-        // One buffer for all the kept ranges of this file (a changed 1 GiB file has thousands).
-        let mut buf = Vec::new();
+        // Returning early drops `rx`: the async side then drains the rest of the transfer.
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
-                Chunk::Data(bytes) => {
-                    out.write_all(&bytes)?;
-                    received += bytes.len() as u64;
-                    pos += bytes.len() as u64;
-                }
-                Chunk::At(offset, bytes) => {
-                    keep_old(old_file.as_ref(), pos, offset, &mut buf, out)?;
-                    out.write_all(&bytes)?;
-                    received += bytes.len() as u64;
-                    pos = offset + bytes.len() as u64;
-                }
-                Chunk::End(size) => {
-                    keep_old(old_file.as_ref(), pos, size, &mut buf, out)?;
-                    return Ok(received);
-                }
+                Chunk::Data(bytes) => sink.data(&bytes)?,
+                Chunk::Changes(changed, size) => sink.changes(changed, size)?,
+                Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
+                Chunk::End(size) => return Ok(size),
                 Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
             }
         }
@@ -431,38 +426,25 @@ impl Fetcher for Bridge {
     }
 }
 
-/// Copies bytes `from..to` of the old version, which the sender said are unchanged.
-fn keep_old(
-    old: Option<&std::fs::File>,
-    from: u64,
-    to: u64,
-    buf: &mut Vec<u8>,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    if to < from {
-        return Err(std::io::Error::other(
-            "the sender's changes are out of order",
-        ));
+/// How a pull runs.
+#[derive(Debug)]
+pub struct PullOptions {
+    /// Updated after every step of the plan, and as file data arrives.
+    pub progress: Option<tokio::sync::watch::Sender<Progress>>,
+    /// When changes reach the disk; [`Durability::Grouped`] unless set.
+    pub durability: Durability,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            progress: None,
+            durability: Durability::Grouped,
+        }
     }
-    if to == from {
-        return Ok(());
-    }
-    let old = old.ok_or_else(|| std::io::Error::other("the sender skipped bytes of a new file"))?;
-    buf.resize(SYNC_CHUNK_LEN.min((to - from) as usize).max(buf.len()), 0);
-    let mut at = from;
-    while at < to {
-        let n = buf.len().min((to - at) as usize);
-        old.read_exact_at(&mut buf[..n], at)?;
-        out.write_all(&buf[..n])?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 /// Makes the tree at `root` equal to the sender's, over `conn`.
-///
-/// `progress`, when given, is updated after every step of the plan.
 ///
 /// The caller must make sure no other pull writes to `root` at the same time (the `lbs`
 /// binary holds a lock per root): temporary files left by an interrupted pull are removed.
@@ -472,9 +454,23 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     index: Arc<Mutex<Index>>,
     trash: &Trash,
     generation: Generation,
-    progress: Option<tokio::sync::watch::Sender<Progress>>,
+    options: PullOptions,
 ) -> Result<PullReport, SessionError> {
+    let PullOptions {
+        progress,
+        durability,
+    } = options;
     let started = Instant::now();
+    // A crash in the middle of a patch is finished (or undone) before anything looks at
+    // the tree.
+    let files = Root::open(root)?.with_durability(durability);
+    let recovery = blocking_join(
+        tokio::task::spawn_blocking({
+            let root = root.to_owned();
+            move || Root::open(&root).and_then(|files| recover(&files))
+        })
+        .await,
+    )??;
     let scan_root = root.to_owned();
     let scan_index = index.clone();
     let own_scan = tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
@@ -520,13 +516,12 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     drop(entries);
 
     let (requests, mut incoming) = mpsc::channel(1);
-    let files = Root::open(root)?;
     let batch = trash.batch()?;
     let summary = plan.summary;
     let worker_index = index.clone();
     let progress_tx = progress.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        let old_blocks = |path: &RelPath| worker_index.lock().ok()?.blocks(path).ok().flatten();
+        let old_blocks = |path: &RelPath| worker_index.lock().ok()?.known(path).ok().flatten();
         let mut on_progress = |now: &Progress| {
             if let Some(progress) = &progress {
                 progress.send_replace(*now);
@@ -579,6 +574,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         executed,
         manifest_time,
         elapsed: started.elapsed(),
+        recovery: (recovery != Recovery::Clean).then_some(recovery),
     })
 }
 
@@ -628,6 +624,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Chunk::At(offset, bytes)
             }
+            Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
             // The writer verifies the content against the manifest's hash itself.
             Message::SyncDataEnd { size, .. } => Chunk::End(size),
             Message::SyncUnavailable { path, reason } => {

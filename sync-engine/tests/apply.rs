@@ -198,3 +198,64 @@ fn owner_is_set_when_running_as_root() {
     // The set-uid bit survives because the mode is set after the owner.
     assert_eq!(meta.permissions().mode() & 0o7777, 0o4755);
 }
+
+#[test]
+fn a_crash_in_a_group_commit_leaves_each_file_old_or_new() {
+    use lbs_sync::{Durability, Index, ScanOptions, scan};
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("vm/msg{i:04}.wav")).collect();
+    for name in &names {
+        fs::create_dir_all(dir.path().join("vm")).unwrap();
+        fs::write(dir.path().join(name), format!("old {name}")).unwrap();
+    }
+    let root = Root::open(dir.path())
+        .unwrap()
+        .with_durability(Durability::Grouped);
+    let new = |name: &str| format!("new {name}").into_bytes();
+    let mut staged: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let content = new(name);
+            root.stage(&rel(name), &blake3::hash(&content), &target(0o600), |w| {
+                w.write_all(&content)
+            })
+            .unwrap()
+        })
+        .collect();
+    // Staged but not committed: nothing visible has changed yet.
+    for name in &names {
+        assert_eq!(
+            fs::read(dir.path().join(name)).unwrap(),
+            format!("old {name}").as_bytes()
+        );
+    }
+    // The process dies after renaming the first half of the group.
+    let rest = staged.split_off(3);
+    let (done, failed) = root.commit(staged).unwrap();
+    assert_eq!((done.len(), failed.len()), (3, 0));
+    drop(rest); // Staged files have no destructor: their temporaries stay, as after a crash.
+
+    // The next run's scan removes the unfinished temporary files; each file is old or new.
+    let mut index = Index::in_memory().unwrap();
+    let options = ScanOptions {
+        remove_stale_temps: true,
+        ..ScanOptions::default()
+    };
+    let report = scan(dir.path(), &mut index, &options).unwrap();
+    assert_eq!(report.stale_temps_removed, 3);
+    for (i, name) in names.iter().enumerate() {
+        let want = if i < 3 {
+            new(name)
+        } else {
+            format!("old {name}").into_bytes()
+        };
+        assert_eq!(fs::read(dir.path().join(name)).unwrap(), want, "{name}");
+    }
+    assert!(
+        !all_names(dir.path())
+            .iter()
+            .any(|n| n.contains(TEMP_PREFIX)),
+        "{:?}",
+        all_names(dir.path())
+    );
+}

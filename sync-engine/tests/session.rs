@@ -9,6 +9,7 @@ mod common;
 use common::write_old;
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use lbs_protocol::{Envelope, FrameCodec, Generation, Message, RelPath, frame};
-use lbs_sync::{Index, ScanOptions, SessionError, Trash, manifest, pull, scan, serve};
+use lbs_sync::{Index, PullOptions, ScanOptions, SessionError, Trash, manifest, pull, scan, serve};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio_util::codec::Framed;
 
@@ -69,7 +70,10 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
         client_index.clone(),
         &trash,
         GEN,
-        Some(progress),
+        PullOptions {
+            progress: Some(progress),
+            ..PullOptions::default()
+        },
     )
     .await
     .unwrap();
@@ -86,9 +90,16 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     assert_eq!(last.current_bytes, 0, "between files nothing is in flight");
     assert_eq!(last.bytes_total, big.len() as u64 + 5 + 41);
 
-    let second = pull(&mut client_conn, &receiver, client_index, &trash, GEN, None)
-        .await
-        .unwrap();
+    let second = pull(
+        &mut client_conn,
+        &receiver,
+        client_index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(second.plan.fetch_files, 0, "{second:?}");
     assert_eq!(second.executed.fetched_bytes, 0);
     // What the first pull wrote was recorded as it was written: nothing is read again.
@@ -140,11 +151,34 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
         }
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(&mut client_conn, &receiver, index, &trash, GEN, None)
-        .await
-        .unwrap();
+    let inode = fs::metadata(receiver.join("monitor/call.wav"))
+        .unwrap()
+        .ino();
+    let report = pull(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert_eq!(fs::read(receiver.join("monitor/call.wav")).unwrap(), grown);
+    // Few blocks changed: the file was patched in place (same inode), the journal is gone, and
+    // the sender's mtime carried over.
+    assert_eq!(report.executed.patched, 1, "{report:?}");
+    let after = fs::metadata(receiver.join("monitor/call.wav")).unwrap();
+    assert_eq!(after.ino(), inode);
+    assert_eq!(
+        after.modified().unwrap(),
+        fs::metadata(sender.join("monitor/call.wav"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    );
+    assert!(!receiver.join(lbs_sync::JOURNAL_NAME).exists());
     // Header block + 3 blocks + the old partial last block + 300 KB of tail.
     let moved = report.executed.fetched_bytes;
     let block = lbs_sync::BlockSize::DEFAULT.get();
@@ -229,9 +263,16 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         liar
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(&mut client, &receiver, index, &trash, GEN, None)
-        .await
-        .unwrap();
+    let report = pull(
+        &mut client,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
     assert!(
         report.executed.deferred[0].1.contains("hashes to"),
@@ -278,9 +319,16 @@ async fn a_manifest_path_escaping_the_root_is_refused_before_anything_changes() 
         io
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let err = pull(&mut client, &receiver, index, &trash, GEN, None)
-        .await
-        .unwrap_err();
+    let err = pull(
+        &mut client,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, SessionError::Frame(_)), "{err}");
     // postcard drops the custom message; the frame is refused as malformed.
     assert!(err.to_string().contains("malformed"), "{err}");

@@ -212,7 +212,7 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
         &Root::open(receiver).unwrap(),
         &trash.batch().unwrap(),
         &mut LocalFetcher::new(sender).unwrap(),
-        &|path: &RelPath| receiver_index.blocks(path).unwrap(),
+        &|path: &RelPath| receiver_index.known(path).unwrap(),
         &mut |_| {},
     )
     .unwrap();

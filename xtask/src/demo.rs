@@ -4,14 +4,13 @@
 //! complete a mutual-TLS `Hello` exchange with certificates from a data-center CA, time
 //! heartbeats, and refuse a stranger whose certificate is valid but names another box.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::process::{Server, checked, run_with_timeout};
 use crate::util::{cargo, run_step, seconds, target_dir};
 
 const PRIMARY: &str = "00-1A-2B-3C-4D-5E";
@@ -69,7 +68,7 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     timeline.step(
         "data-center CA issues identities for the pair (and a stranger)",
         || {
-            let out = checked(
+            let out = checked_step(
                 Command::new(&hello)
                     .args(["issue", "--dir"])
                     .arg(&dir)
@@ -91,13 +90,14 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
                 "127.0.0.1:0",
             ]),
             |line| line.strip_prefix("listening on "),
+            STEP_TIMEOUT,
         )
     })?;
     let addr = server.addr.clone();
     println!("    primary listening on {addr}, accepting only box {BACKUP}");
 
     timeline.step("backup connects: mutual TLS, hello, heartbeats", || {
-        let out = checked(peer(&hello, &dir, "dial", "backup", PRIMARY).args([
+        let out = checked_step(peer(&hello, &dir, "dial", "backup", PRIMARY).args([
             "--role",
             "backup",
             "--connect",
@@ -110,12 +110,15 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     timeline.step(
         "a stranger with a valid certificate for another box is refused",
         || {
-            let out = run_with_timeout(peer(&hello, &dir, "dial", "stranger", PRIMARY).args([
-                "--role",
-                "backup",
-                "--connect",
-                &addr,
-            ]))?;
+            let out = run_with_timeout(
+                peer(&hello, &dir, "dial", "stranger", PRIMARY).args([
+                    "--role",
+                    "backup",
+                    "--connect",
+                    &addr,
+                ]),
+                STEP_TIMEOUT,
+            )?;
             if out.status.success() {
                 bail!("the stranger was accepted: the partner check is broken");
             }
@@ -154,133 +157,14 @@ fn peer(hello: &Path, dir: &Path, verb: &str, label: &str, partner: &str) -> Com
     cmd
 }
 
+/// Runs one demo command within [`STEP_TIMEOUT`]; a failure carries its stderr.
+fn checked_step(cmd: &mut Command) -> anyhow::Result<Output> {
+    checked(cmd, STEP_TIMEOUT)
+}
+
 fn indent(text: &[u8]) {
     for line in String::from_utf8_lossy(text).lines() {
         println!("    {line}");
-    }
-}
-
-/// Runs a command with [`STEP_TIMEOUT`], killing it if it hangs.
-fn run_with_timeout(cmd: &mut Command) -> anyhow::Result<Output> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let mut guard = Guard(Some(child));
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while guard.child()?.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            bail!("{cmd:?} did not finish within {STEP_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let child = guard.0.take().context("child already collected")?;
-    Ok(child.wait_with_output()?)
-}
-
-/// Like [`run_with_timeout`], but a failure is an error carrying the command's stderr.
-fn checked(cmd: &mut Command) -> anyhow::Result<Output> {
-    let out = run_with_timeout(cmd)?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed ({}): {}",
-            cmd.get_program(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
-}
-
-/// Kills the child it holds when dropped, so no demo process outlives a failed step.
-struct Guard(Option<Child>);
-
-impl Guard {
-    fn child(&mut self) -> anyhow::Result<&mut Child> {
-        self.0.as_mut().context("child already collected")
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The long-running `serve` process and its output.
-struct Server {
-    guard: Guard,
-    lines: mpsc::Receiver<String>,
-    addr: String,
-}
-
-impl Server {
-    /// Starts a server whose first line of output names its address; `addr_of` finds it.
-    fn start(cmd: &mut Command, addr_of: fn(&str) -> Option<&str>) -> anyhow::Result<Server> {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let guard = Guard(Some(child));
-        let (tx, lines) = mpsc::channel();
-        // Ends when the server's stdout closes: at its exit, or when the guard kills it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(STEP_TIMEOUT)
-            .context("the server printed nothing")?;
-        let addr = addr_of(&first)
-            .with_context(|| format!("unexpected first line from the server: {first:?}"))?
-            .to_owned();
-        Ok(Server { guard, lines, addr })
-    }
-
-    /// SIGTERM, wait for a clean exit, and return everything it printed after starting.
-    fn stop(&mut self) -> anyhow::Result<Vec<String>> {
-        let child = self.guard.child()?;
-        let pid = child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.guard.child()?.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!("the server did not stop within {STEP_TIMEOUT:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        self.guard.0 = None;
-        if !status.success() {
-            bail!("the server exited with {status}");
-        }
-        // The reader thread sends the rest of the output, then hangs up at end of file.
-        let mut lines = Vec::new();
-        loop {
-            match self.lines.recv_timeout(STEP_TIMEOUT) {
-                Ok(line) => lines.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(lines),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("the server's output did not end within {STEP_TIMEOUT:?} of its exit")
-                }
-            }
-        }
     }
 }
 
@@ -316,12 +200,13 @@ fn sync_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
                 .arg(&primary)
                 .args(["--listen", "127.0.0.1:0"]),
             |line| line.split(" on ").nth(1)?.split(' ').next(),
+            STEP_TIMEOUT,
         )
     })?;
     let addr = server.addr.clone();
     let pull = |timeline: &mut Timeline, name: &str| {
         timeline.step(name, || {
-            let out = checked(
+            let out = checked_step(
                 lbs_peer(&["sync", "pull"], "backup", PRIMARY)
                     .arg("--root")
                     .arg(&backup)
@@ -353,7 +238,7 @@ fn sync_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
     timeline.step(
         "lbs sync verify: both trees identical by BLAKE3 and metadata",
         || {
-            let out = checked(
+            let out = checked_step(
                 Command::new(&lbs)
                     .args(["sync", "verify"])
                     .arg(&primary)

@@ -4,8 +4,11 @@
 //!   fuzz target's build and every test; root-only tests that skipped are counted and, as
 //!   root, fail the run.
 //! - `cargo xtask demo`: builds everything and shows the product working, step by step.
+//! - `cargo xtask bench sync`: lbs sync against rsync on fixed datasets, same run, medians.
 
+mod bench;
 mod demo;
+mod process;
 mod test;
 mod util;
 
@@ -24,6 +27,8 @@ enum Command {
     Test(test::TestArgs),
     /// Build lbs and run the demonstration, printing a timeline.
     Demo(demo::DemoArgs),
+    /// Benchmarks against rsync, in the same run (`cargo xtask bench sync`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::util::{cargo, is_root, project_root, run_step, seconds, target_dir};
+use crate::util::{cargo, ensure_packages, is_root, project_root, run_step, seconds, target_dir};
 
 /// The Debian packages the tests need, and what for. The one place they are listed.
 pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
@@ -34,7 +34,9 @@ pub struct TestArgs {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    ensure_system_packages(!args.no_install)?;
+    if !ensure_packages(SYSTEM_PACKAGES, !args.no_install)?.is_empty() {
+        println!("    continuing; tests that need them will fail or report themselves skipped");
+    }
 
     run_step(
         "cargo fmt --check",
@@ -97,67 +99,6 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     }
     println!("\nall checks passed in {}", seconds(started.elapsed()));
     Ok(())
-}
-
-/// Installs the missing [`SYSTEM_PACKAGES`] with apt-get when we are root on Debian, and
-/// otherwise says what to install and carries on.
-fn ensure_system_packages(install: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = SYSTEM_PACKAGES
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !dpkg_installed(name))
-        .collect();
-    if missing.is_empty() {
-        println!("==> system packages: all present");
-        return Ok(());
-    }
-    let list = missing.join(" ");
-    let debian =
-        Path::new("/etc/debian_version").exists() && Path::new("/usr/bin/apt-get").exists();
-    if !install || !debian || !is_root() {
-        let why = if !install {
-            "--no-install given"
-        } else if !debian {
-            "not a Debian system"
-        } else {
-            "not root"
-        };
-        println!("==> system packages missing ({why}): {list}");
-        for (name, what) in SYSTEM_PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
-            println!("    {name}: {what}");
-        }
-        println!("    install them with: apt-get install -y {list}");
-        println!("    continuing; tests that need them will fail or report themselves skipped");
-        return Ok(());
-    }
-    run_step(
-        "apt-get update",
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    run_step(
-        &format!("apt-get install {list}"),
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    let still: Vec<&str> = missing.into_iter().filter(|n| !dpkg_installed(n)).collect();
-    if !still.is_empty() {
-        bail!(
-            "apt-get reported success but these are still missing: {}",
-            still.join(" ")
-        );
-    }
-    Ok(())
-}
-
-fn dpkg_installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .output()
-        .is_ok_and(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
 }
 
 #[derive(Default)]

@@ -60,3 +60,67 @@ pub fn run_step(name: &str, cmd: &mut Command) -> anyhow::Result<Duration> {
 pub fn seconds(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
 }
+
+/// Installs the missing Debian `packages` (name, what for) with apt-get when we are root on
+/// Debian; otherwise says what to install and returns the names still missing.
+pub fn ensure_packages<'a>(
+    packages: &[(&'a str, &str)],
+    install: bool,
+) -> anyhow::Result<Vec<&'a str>> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !dpkg_installed(name))
+        .collect();
+    if missing.is_empty() {
+        println!("==> system packages: all present");
+        return Ok(Vec::new());
+    }
+    let list = missing.join(" ");
+    let debian =
+        Path::new("/etc/debian_version").exists() && Path::new("/usr/bin/apt-get").exists();
+    if !install || !debian || !is_root() {
+        let why = if !install {
+            "--no-install given"
+        } else if !debian {
+            "not a Debian system"
+        } else {
+            "not root"
+        };
+        println!("==> system packages missing ({why}): {list}");
+        for (name, what) in packages.iter().filter(|(n, _)| missing.contains(n)) {
+            println!("    {name}: {what}");
+        }
+        println!("    install them with: apt-get install -y {list}");
+        return Ok(missing);
+    }
+    run_step(
+        "apt-get update",
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_step(
+        &format!("apt-get install {list}"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still: Vec<&str> = missing.into_iter().filter(|n| !dpkg_installed(n)).collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get reported success but these are still missing: {}",
+            still.join(" ")
+        );
+    }
+    Ok(Vec::new())
+}
+
+/// Whether dpkg says `package` is installed.
+pub fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
+}
