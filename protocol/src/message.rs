@@ -69,6 +69,7 @@ pub enum Message {
     /// [`SYNC_CHUNK_LEN`] each).
     SyncData {
         /// The bytes.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Sender → receiver: the file is complete; the hash is of exactly the bytes sent.
@@ -96,6 +97,7 @@ pub enum Message {
         /// Where the bytes go.
         offset: u64,
         /// The bytes (at most [`SYNC_CHUNK_LEN`]).
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Sender → receiver: the request could not be served (the file vanished, say); the

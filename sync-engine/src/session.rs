@@ -6,6 +6,7 @@
 //! bounded channels, so at most a few [`SYNC_CHUNK_LEN`] chunks are in memory whatever the
 //! file size, and a slow disk slows the sender down instead of filling memory.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use crate::apply::{ApplyError, Durability, Root};
 use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, Trash, execute, manifest};
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};
-use crate::plan::{PlanError, PlanSummary, plan};
+use crate::plan::{Action, Basis, PlanError, PlanSummary, plan};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
 use crate::tree::{BlockSize, Cv};
 
@@ -515,6 +516,38 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let plan = plan(&entries, &have)?;
     drop(entries);
 
+    // Every fetch the plan will make, in its order, so requests can run ahead of the writer.
+    let planned = {
+        let index = index.clone();
+        let fetches: Vec<(RelPath, u64, bool)> = plan
+            .actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Fetch {
+                    path, size, basis, ..
+                } => Some((path.clone(), *size, *basis == Basis::Existing)),
+                _ => None,
+            })
+            .collect();
+        blocking_join(
+            tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+                let index = index
+                    .lock()
+                    .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                let mut planned = VecDeque::with_capacity(fetches.len());
+                for (path, size, existing) in fetches {
+                    let basis = if existing {
+                        index.known(&path)?.map(|k| (k.block_size, k.blocks))
+                    } else {
+                        None
+                    };
+                    planned.push_back(Planned { path, size, basis });
+                }
+                Ok(planned)
+            })
+            .await,
+        )??
+    };
     let (requests, mut incoming) = mpsc::channel(1);
     let batch = trash.batch()?;
     let summary = plan.summary;
@@ -537,13 +570,21 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         )
     });
     let mut connection_error = None;
+    let mut pipeline = Pipeline {
+        upcoming: planned,
+        ahead: VecDeque::new(),
+    };
     while let Some((path, basis, chunks)) = incoming.recv().await {
         if let Some(err) = &connection_error {
             let _ = chunks.send(Chunk::Failed(format!("{err}"))).await;
             continue;
         }
-        if let Err(err) = relay(conn, generation, path, basis, &chunks, progress_tx.as_ref()).await
-        {
+        let relayed = async {
+            pipeline.ready(conn, generation, path, basis).await?;
+            forward(conn, &chunks, progress_tx.as_ref()).await?;
+            pipeline.top_up(conn, generation).await
+        };
+        if let Err(err) = relayed.await {
             let _ = chunks.send(Chunk::Failed(err.to_string())).await;
             connection_error = Some(err);
         }
@@ -578,38 +619,159 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
-/// Fetches one file from the sender and hands its chunks to the writing thread.
-async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+/// A fetch the plan will make: which file, how large on the sender, and the receiver's
+/// block values when it holds an older version.
+#[derive(Debug)]
+struct Planned {
+    path: RelPath,
+    size: u64,
+    basis: Option<(BlockSize, Vec<Cv>)>,
+}
+
+impl Planned {
+    /// Roughly how many bytes its request takes on the wire.
+    fn request_bytes(&self) -> usize {
+        64 + self.path.as_bytes().len() + self.basis.as_ref().map_or(0, |(_, b)| b.len() * 32)
+    }
+}
+
+/// While the writer stores one file, the next files' requests are already with the sender:
+/// a tree of small files then costs one round trip, not one per file.
+///
+/// The sender answers requests strictly in order. Requests only run ahead while their total
+/// stays small ([`AHEAD_REQUEST_BYTES`]), so they always fit in the socket buffers and the
+/// sender never waits on us to read while we wait on it to read.
+struct Pipeline {
+    /// Fetches not requested yet, in plan order.
+    upcoming: VecDeque<Planned>,
+    /// Requested, answers not read yet, in order.
+    ahead: VecDeque<Planned>,
+}
+
+/// At most this many requests run ahead of the writer.
+const AHEAD_FILES: usize = 64;
+/// At most this many bytes of files are requested ahead of the writer.
+const AHEAD_BYTES: u64 = 16 << 20;
+/// At most this many bytes of requests are outstanding while an answer is being read.
+const AHEAD_REQUEST_BYTES: usize = 32 * 1024;
+
+impl Pipeline {
+    /// Makes the next answer on the connection the one for `path`: answers to requests the
+    /// writer skipped are read and dropped; a request outside the plan's order (a fallback)
+    /// goes out after the outstanding ones are drained and put back in line.
+    async fn ready<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+        path: RelPath,
+        basis: Option<(BlockSize, Vec<Cv>)>,
+    ) -> Result<(), SessionError> {
+        if let Some(at) = self.ahead.iter().position(|p| p.path == path) {
+            // The writer skipped the ones before it (their steps failed early).
+            for _ in 0..at {
+                self.ahead.pop_front();
+                discard(conn).await?;
+            }
+            self.ahead.pop_front();
+            return Ok(());
+        }
+        if let Some(at) = self.upcoming.iter().position(|p| p.path == path) {
+            // Skipped too, everything requested and everything planned before it.
+            while self.ahead.pop_front().is_some() {
+                discard(conn).await?;
+            }
+            self.upcoming.drain(..=at);
+        } else {
+            // Not in the plan's line: the answers in flight are dropped and asked again later.
+            while let Some(back) = self.ahead.pop_back() {
+                discard(conn).await?;
+                self.upcoming.push_front(back);
+            }
+        }
+        request(conn, generation, path, basis).await
+    }
+
+    /// Sends the next planned requests, within the limits.
+    async fn top_up<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+    ) -> Result<(), SessionError> {
+        let mut files: u64 = self.ahead.iter().map(|p| p.size).sum();
+        let mut requests: usize = self.ahead.iter().map(Planned::request_bytes).sum();
+        while let Some(next) = self.upcoming.front() {
+            let fits = self.ahead.is_empty()
+                || (self.ahead.len() < AHEAD_FILES
+                    && files + next.size <= AHEAD_BYTES
+                    && requests + next.request_bytes() <= AHEAD_REQUEST_BYTES);
+            if !fits {
+                break;
+            }
+            let Some(next) = self.upcoming.pop_front() else {
+                break;
+            };
+            files += next.size;
+            requests += next.request_bytes();
+            request(conn, generation, next.path.clone(), next.basis.clone()).await?;
+            self.ahead.push_back(next);
+        }
+        Ok(())
+    }
+}
+
+/// Asks the sender for one file: whole, or its changes against `basis`.
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     path: RelPath,
     basis: Option<(BlockSize, Vec<Cv>)>,
-    chunks: &mpsc::Sender<Chunk>,
-    progress: Option<&tokio::sync::watch::Sender<Progress>>,
 ) -> Result<(), SessionError> {
-    match basis {
-        None => send(conn, generation, Message::SyncFetch { path }).await?,
-        Some((block_size, blocks)) => {
-            let mut parts = blocks.chunks(BLOCKS_PER_FRAME).peekable();
-            if parts.peek().is_none() {
-                send(conn, generation, Message::SyncFetch { path: path.clone() }).await?;
+    let Some((block_size, blocks)) = basis.filter(|(_, blocks)| !blocks.is_empty()) else {
+        return send(conn, generation, Message::SyncFetch { path }).await;
+    };
+    let mut parts = blocks.chunks(BLOCKS_PER_FRAME).peekable();
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        send(
+            conn,
+            generation,
+            Message::SyncFetchChanges {
+                path: path.clone(),
+                block_size: block_size.get() as u32,
+                blocks: part.to_vec(),
+                last,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads one answer to its end and drops it.
+async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Result<(), SessionError> {
+    loop {
+        match receive(conn, "a file transfer").await? {
+            Message::SyncData { .. } | Message::SyncDataAt { .. } | Message::SyncChanges { .. } => {
             }
-            while let Some(part) = parts.next() {
-                let last = parts.peek().is_none();
-                send(
-                    conn,
-                    generation,
-                    Message::SyncFetchChanges {
-                        path: path.clone(),
-                        block_size: block_size.get() as u32,
-                        blocks: part.to_vec(),
-                        last,
-                    },
-                )
-                .await?;
+            Message::SyncDataEnd { .. } | Message::SyncUnavailable { .. } => return Ok(()),
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "a file transfer",
+                });
             }
         }
     }
+}
+
+/// Reads one answer and hands its chunks to the writing thread.
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    chunks: &mpsc::Sender<Chunk>,
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
+) -> Result<(), SessionError> {
     loop {
         let chunk = match receive(conn, "a file transfer").await? {
             Message::SyncData { bytes } => {

@@ -207,7 +207,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             fresh_receiver: true,
             prepare: &|| mirror(&data.tree_old, &tree.src),
             edit: &|| Ok(()),
-            rsync_reset: &|| remove_all(&rsync.module_dir("tree")?),
+            rsync_reset: &|| bury(&rsync.module_dir("tree")?, &work),
             rsync_args: tree_args(),
             rsync_paths: (src_tree(), rsync_tree.clone()),
             rsync_best: None,
@@ -404,7 +404,7 @@ impl Bench {
         for run in 0..runs {
             (case.prepare)()?;
             if case.fresh_receiver {
-                remove_all(&target.dst)?;
+                bury(&target.dst, &self.work)?;
                 remove_all(&target.dst_state)?;
                 fs::create_dir_all(&target.dst)?;
             } else {
@@ -448,8 +448,25 @@ impl Bench {
                 samples.push(best);
             }
         }
+        // Deleted trees go only now: ext4 without a journal (this disk) skips inodes freed in
+        // the last minutes when it allocates, so thousands of fresh deletions slow down the
+        // next thousands of creates of whichever tool runs next.
+        remove_all(&self.work.join("graveyard"))?;
         Ok(result)
     }
+}
+
+/// Moves `dir` out of the way (to be deleted after the case), leaving nothing at its path.
+fn bury(dir: &Path, work: &Path) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let graveyard = work.join("graveyard");
+    fs::create_dir_all(&graveyard)?;
+    let to = graveyard.join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+    fs::rename(dir, &to).with_context(|| format!("moving {} aside", dir.display()))
 }
 
 /// Resets rsync's destination, then times one push of the case's source.
@@ -741,14 +758,15 @@ impl Datasets {
 
     /// Makes `file` the old big file again: its length, and the old bytes where edits were.
     fn restore_big(&self, file: &Path) -> anyhow::Result<()> {
-        if fs::metadata(file).map(|m| m.len()).ok() != Some(self.big_len) {
-            if !file.exists() {
-                return copy_file(&self.big_old, file);
-            }
+        let len = fs::metadata(file).map(|m| m.len()).ok();
+        if len == Some(self.big_len + self.append_len) {
             OpenOptions::new()
                 .write(true)
                 .open(file)?
                 .set_len(self.big_len)?;
+        } else if len != Some(self.big_len) {
+            // Missing, or left by a run with other sizes.
+            return copy_file(&self.big_old, file);
         }
         let old = File::open(&self.big_old)?;
         let out = OpenOptions::new().write(true).open(file)?;
