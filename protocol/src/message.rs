@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Generation, Role, ServerId};
 use crate::path::RelPath;
-use crate::sync::ManifestEntry;
+use crate::sync::{DirDigest, ManifestEntry};
 use crate::version::{ProtocolVersion, SoftwareVersion};
 
 /// One frame's payload: the sender's generation and the message.
@@ -117,6 +117,23 @@ pub enum Message {
         /// The file's size once changed.
         size: u64,
     },
+    /// Receiver → sender: scan your tree and send its manifest, leaving out the directories
+    /// whose listing has one of these digests (the receiver's own, in parts; `last` closes
+    /// them). See [`crate::sync::listing_digests`].
+    SyncManifestDigests {
+        /// The receiver's directories and their listing digests.
+        dirs: Vec<DirDigest>,
+        /// Whether this is the final part.
+        last: bool,
+    },
+    /// Sender → receiver, before the [`Message::SyncManifest`] parts: the directories whose
+    /// listing matched the receiver's digest; their entries are not sent.
+    SyncManifestSame {
+        /// The matching directories (`None`: the root).
+        dirs: Vec<Option<RelPath>>,
+        /// Whether this is the final part.
+        last: bool,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -141,6 +158,8 @@ impl Message {
             Message::SyncFetchChanges { .. } => "sync-fetch-changes",
             Message::SyncDataAt { .. } => "sync-data-at",
             Message::SyncChanges { .. } => "sync-changes",
+            Message::SyncManifestDigests { .. } => "sync-manifest-digests",
+            Message::SyncManifestSame { .. } => "sync-manifest-same",
         }
     }
 }

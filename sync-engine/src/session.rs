@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::sync::ManifestEntry;
+use lbs_protocol::sync::{DirDigest, ManifestEntry, listing_digests};
 use lbs_protocol::{
     Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
 };
@@ -145,6 +145,54 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 )??;
                 send_manifest(conn, generation, entries).await?;
             }
+            Message::SyncManifestDigests { dirs, last } => {
+                let mut theirs = std::collections::BTreeMap::new();
+                let mut part = dirs;
+                let mut done = last;
+                loop {
+                    if theirs.len() + part.len() > MAX_MANIFEST_ENTRIES {
+                        return Err(SessionError::ManifestTooLarge);
+                    }
+                    theirs.extend(part.into_iter().map(|d| (d.dir, d.digest)));
+                    if done {
+                        break;
+                    }
+                    match receive(conn, "the receiver's digests").await? {
+                        Message::SyncManifestDigests { dirs, last } => {
+                            part = dirs;
+                            done = last;
+                        }
+                        other => {
+                            return Err(SessionError::Unexpected {
+                                got: other.kind(),
+                                during: "the receiver's digests",
+                            });
+                        }
+                    }
+                }
+                let (root, index) = (root.clone(), index.clone());
+                let entries = blocking_join(
+                    tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+                        let mut index = index
+                            .lock()
+                            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                        scan(&root, &mut index, &ScanOptions::default())?;
+                        Ok(manifest(&index)?)
+                    })
+                    .await,
+                )??;
+                let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
+                    .into_iter()
+                    .filter(|(dir, digest)| theirs.get(dir) == Some(digest))
+                    .map(|(dir, _)| dir)
+                    .collect();
+                send_same(conn, generation, &same).await?;
+                let rest = entries
+                    .into_iter()
+                    .filter(|entry| !same.contains(&entry.path.parent()))
+                    .collect();
+                send_manifest(conn, generation, rest).await?;
+            }
             Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
             Message::SyncFetchChanges {
                 path,
@@ -245,6 +293,69 @@ async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await
+}
+
+/// Splits `items` into parts of about [`MANIFEST_CHUNK_BYTES`] each (by `size`), so every
+/// frame stays far below the frame limit whatever the path lengths; always one part at least.
+fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        bytes += size(&item);
+        if let Some(part) = parts.last_mut() {
+            part.push(item);
+        }
+        if bytes >= MANIFEST_CHUNK_BYTES {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+    }
+    if parts.len() > 1 && parts.last().is_some_and(Vec::is_empty) {
+        parts.pop();
+    }
+    parts
+}
+
+/// Sends the digests of this side's directory listings (see [`listing_digests`]).
+async fn send_digests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    entries: &[ManifestEntry],
+) -> Result<(), SessionError> {
+    let digests: Vec<DirDigest> = listing_digests(entries)
+        .into_iter()
+        .map(|(dir, digest)| DirDigest { dir, digest })
+        .collect();
+    let parts = parts(digests, |d| {
+        48 + d.dir.as_ref().map_or(0, |p| p.as_bytes().len())
+    });
+    let count = parts.len();
+    for (i, dirs) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        send(
+            conn,
+            generation,
+            Message::SyncManifestDigests { dirs, last },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Tells the receiver which directories' listings it already has.
+async fn send_same<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    same: &std::collections::BTreeSet<Option<RelPath>>,
+) -> Result<(), SessionError> {
+    let same: Vec<Option<RelPath>> = same.iter().cloned().collect();
+    let parts = parts(same, |d| 16 + d.as_ref().map_or(0, |p| p.as_bytes().len()));
+    let count = parts.len();
+    for (i, dirs) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        send(conn, generation, Message::SyncManifestSame { dirs, last }).await?;
+    }
+    Ok(())
 }
 
 /// Sends the blocks of `path` whose values differ from the receiver's (`theirs`), and the
@@ -474,10 +585,14 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     )??;
     let scan_root = root.to_owned();
     let scan_index = index.clone();
+    // What this side held before its scan: the sender leaves out directories whose listing
+    // matches, and their entries come from here.
+    let (before_tx, before_rx) = tokio::sync::oneshot::channel();
     let own_scan = tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
         let mut index = scan_index
             .lock()
             .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        let _ = before_tx.send(manifest(&index)?);
         let options = ScanOptions {
             remove_stale_temps: true,
             ..ScanOptions::default()
@@ -487,10 +602,25 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     });
 
     let manifest_started = Instant::now();
-    send(conn, generation, Message::SyncManifestRequest).await?;
+    let before = match before_rx.await {
+        Ok(before) => before,
+        // The scan task failed before its snapshot: its error says why.
+        Err(_) => {
+            blocking_join(own_scan.await)??;
+            return Err(SessionError::Internal("the index snapshot was lost".into()));
+        }
+    };
+    send_digests(conn, generation, &before).await?;
+    let mut same = std::collections::BTreeSet::new();
     let mut entries = Vec::new();
     loop {
         match receive(conn, "the manifest").await? {
+            Message::SyncManifestSame { dirs, last: _ } => {
+                if same.len() + dirs.len() > MAX_MANIFEST_ENTRIES {
+                    return Err(SessionError::ManifestTooLarge);
+                }
+                same.extend(dirs);
+            }
             Message::SyncManifest {
                 entries: part,
                 last,
@@ -510,6 +640,15 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
         }
+    }
+    // The unchanged directories' entries are ours, as they were when we sent the digests.
+    entries.extend(
+        before
+            .into_iter()
+            .filter(|entry| same.contains(&entry.path.parent())),
+    );
+    if entries.len() > MAX_MANIFEST_ENTRIES {
+        return Err(SessionError::ManifestTooLarge);
     }
     let manifest_time = manifest_started.elapsed();
     let (scan_report, have) = blocking_join(own_scan.await)??;

@@ -222,10 +222,10 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
     let (mut liar, mut client) = connections();
     let fake = tokio::spawn(async move {
-        assert_eq!(
+        assert!(matches!(
             expect_request(&mut liar).await,
-            Message::SyncManifestRequest
-        );
+            Message::SyncManifestDigests { last: true, .. }
+        ));
         let entries = vec![ManifestEntry {
             path: RelPath::try_from("sip.conf").unwrap(),
             kind: ManifestKind::File {
@@ -335,4 +335,88 @@ async fn a_manifest_path_escaping_the_root_is_refused_before_anything_changes() 
     assert_eq!(fs::read(receiver.join("sip.conf")).unwrap(), b"keep me");
     assert!(!dir.path().join("passwd").exists());
     drop(hostile.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_directories_are_not_listed_again_and_a_removed_one_is_trashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    for d in ["sounds/en", "sounds/fr", "voicemail/1234/INBOX"] {
+        for i in 0..200 {
+            write_old(
+                &sender.join(format!("{d}/prompt-{i:03}.gsm")),
+                format!("{d} {i}").as_bytes(),
+            );
+        }
+    }
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let (b, meter) = lbs_protocol::Metered::new(b);
+    let (mut server_conn, mut client_conn) = (
+        Framed::new(a, FrameCodec::<Envelope>::new()),
+        Framed::new(b, FrameCodec::<Envelope>::new()),
+    );
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move {
+            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            serve(&mut server_conn, sender, index, GEN).await
+        }
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let first = pull(
+        &mut client_conn,
+        &receiver,
+        index.clone(),
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.plan.fetch_files, 600, "{first:?}");
+    let first_bytes = meter.received();
+
+    // Nothing changed: the answer is a list of unchanged directories, not 600 entries.
+    let second = pull(
+        &mut client_conn,
+        &receiver,
+        index.clone(),
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.plan.unchanged, 600, "{second:?}");
+    assert_eq!(second.executed.done, 0, "{second:?}");
+    let listing = meter.received() - first_bytes;
+    assert!(listing < 2_000, "an unchanged tree cost {listing} bytes");
+
+    // A message arrives in one directory; another directory goes away entirely.
+    write_old(
+        &sender.join("voicemail/1234/INBOX/msg0000.wav"),
+        b"a new message",
+    );
+    fs::remove_dir_all(sender.join("sounds/fr")).unwrap();
+    let third = pull(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(third.plan.fetch_files, 1, "{third:?}");
+    assert_eq!(third.plan.trashed, 1, "{third:?}");
+    assert_eq!(state(&receiver), state(&sender));
+    drop(client_conn);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
