@@ -207,9 +207,10 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             fresh_receiver: true,
             prepare: &|| mirror(&data.tree_old, &tree.src),
             edit: &|| Ok(()),
-            rsync_reset: &|| bury(&rsync.module_dir("tree")?, &work),
+            // Each run copies into new directories beside each other (see `Case::fresh_receiver`).
+            rsync_reset: &|| Ok(()),
             rsync_args: tree_args(),
-            rsync_paths: (src_tree(), rsync_tree.clone()),
+            rsync_paths: (src_tree(), format!("{}/fresh/rsync-{{run}}/", rsync.url)),
             rsync_best: None,
         };
         results.push(bench.run_case(&case, args.runs, &rsync)?);
@@ -256,7 +257,11 @@ struct Case<'a> {
     key: &'static str,
     title: String,
     target: &'a Target,
-    /// Whether the receiver starts empty (no tree, no index) in every run.
+    /// Whether the receiver starts empty (no tree, no index) in every run. Both tools then
+    /// copy into new sibling directories (`fresh/lbs-<run>`, `fresh/rsync-<run>` in rsync's
+    /// module), removed only after the case: this disk's ext4 has no journal and skips
+    /// recently freed inodes when it allocates, so deleting a tree just before a run would slow
+    /// down whichever tool creates files next.
     fresh_receiver: bool,
     /// Untimed: the source holds the old version.
     prepare: &'a dyn Fn() -> anyhow::Result<()>,
@@ -265,7 +270,7 @@ struct Case<'a> {
     /// Untimed: rsync's destination holds the old version.
     rsync_reset: &'a dyn Fn() -> anyhow::Result<()>,
     rsync_args: Vec<String>,
-    /// Source and destination URL.
+    /// Source and destination URL (`{run}` stands for the run's number).
     rsync_paths: (PathBuf, String),
     /// rsync's better mode for this case, if it has one: label and arguments.
     rsync_best: Option<(&'static str, Vec<String>)>,
@@ -363,11 +368,15 @@ impl Bench {
     }
 
     fn pull(&self, target: &Target) -> Command {
+        self.pull_into(target, &target.dst, &target.dst_state)
+    }
+
+    fn pull_into(&self, target: &Target, dst: &Path, state: &Path) -> Command {
         let mut cmd = self.peer("pull", "backup", PRIMARY);
         cmd.arg("--root")
-            .arg(&target.dst)
+            .arg(dst)
             .arg("--state")
-            .arg(&target.dst_state)
+            .arg(state)
             .arg("--trash")
             .arg(self.work.join("lbs-trash").join(target.name))
             .args(["--from", &target.server.addr]);
@@ -401,33 +410,40 @@ impl Bench {
                 .as_ref()
                 .map(|(label, _)| (*label, Vec::new())),
         };
+        let fresh = rsync.module_dir("fresh")?;
         for run in 0..runs {
             (case.prepare)()?;
-            if case.fresh_receiver {
-                bury(&target.dst, &self.work)?;
-                remove_all(&target.dst_state)?;
-                fs::create_dir_all(&target.dst)?;
+            let (dst, state) = if case.fresh_receiver {
+                let state = self.work.join(format!("state-fresh-{run}"));
+                remove_all(&state)?;
+                let dst = fresh.join(format!("lbs-{run}"));
+                remove_all(&dst)?;
+                fs::create_dir_all(&dst)?;
+                (dst, state)
             } else {
                 self.settle(target)?;
-            }
+                (target.dst.clone(), target.dst_state.clone())
+            };
             (case.edit)()?;
             flush_disks()?;
             let serve_pid = target.server.pid();
-            let lbs = timed(&mut self.pull(target), serve_pid, |out| {
-                after(out, "on the wire: ")?.split(' ').next()?.parse().ok()
-            })
+            let lbs = timed(
+                &mut self.pull_into(target, &dst, &state),
+                serve_pid,
+                |out| after(out, "on the wire: ")?.split(' ').next()?.parse().ok(),
+            )
             .context("timed lbs sync pull")?;
             if run == 0 {
                 checked(
                     Command::new(&self.lbs)
                         .args(["sync", "verify"])
                         .arg(&target.src)
-                        .arg(&target.dst),
+                        .arg(&dst),
                     STEP_TIMEOUT,
                 )
                 .context("after the pull, lbs sync verify finds the trees differ")?;
             }
-            let default = rsync_run(case, &case.rsync_args, rsync)?;
+            let default = rsync_run(case, &case.rsync_args, rsync, run)?;
             println!(
                 "    run {}: lbs {:.3} s {} B | rsync {:.3} s {} B",
                 run + 1,
@@ -440,7 +456,7 @@ impl Bench {
             result.rsync.push(default);
             if let (Some((label, args)), Some((_, samples))) = (&case.rsync_best, &mut result.best)
             {
-                let best = rsync_run(case, args, rsync)?;
+                let best = rsync_run(case, args, rsync, run)?;
                 println!(
                     "           rsync {label}: {:.3} s {} B",
                     best.secs, best.wire_bytes
@@ -448,36 +464,28 @@ impl Bench {
                 samples.push(best);
             }
         }
-        // Deleted trees go only now: ext4 without a journal (this disk) skips inodes freed in
-        // the last minutes when it allocates, so thousands of fresh deletions slow down the
-        // next thousands of creates of whichever tool runs next.
-        remove_all(&self.work.join("graveyard"))?;
+        remove_all(&fresh)?;
+        for run in 0..runs {
+            remove_all(&self.work.join(format!("state-fresh-{run}")))?;
+        }
         Ok(result)
     }
 }
 
-/// Moves `dir` out of the way (to be deleted after the case), leaving nothing at its path.
-fn bury(dir: &Path, work: &Path) -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    if !dir.exists() {
-        return Ok(());
-    }
-    let graveyard = work.join("graveyard");
-    fs::create_dir_all(&graveyard)?;
-    let to = graveyard.join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
-    fs::rename(dir, &to).with_context(|| format!("moving {} aside", dir.display()))
-}
-
 /// Resets rsync's destination, then times one push of the case's source.
-fn rsync_run(case: &Case<'_>, args: &[String], rsync: &RsyncDaemon) -> anyhow::Result<Sample> {
+fn rsync_run(
+    case: &Case<'_>,
+    args: &[String],
+    rsync: &RsyncDaemon,
+    run: usize,
+) -> anyhow::Result<Sample> {
     (case.rsync_reset)()?;
     flush_disks()?;
     let mut cmd = Command::new("rsync");
     cmd.arg("--stats")
         .args(args)
         .arg(&case.rsync_paths.0)
-        .arg(&case.rsync_paths.1);
+        .arg(case.rsync_paths.1.replace("{run}", &run.to_string()));
     let mut sample = timed(&mut cmd, Some(rsync.pid()), |out| {
         let number = |label: &str| -> Option<u64> {
             after(out, label)?
