@@ -179,25 +179,53 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     );
     let (progress, updates) = watch::channel(lbs_sync::Progress::default());
     let bar = tokio::spawn(show_progress(updates));
-    let report = lbs_sync::pull(
-        &mut conn,
-        &args.root,
-        index,
-        &trash,
-        peer.generation,
-        lbs_sync::PullOptions {
-            progress: Some(progress),
-            durability: if args.no_fsync {
-                lbs_sync::Durability::Off
-            } else {
-                lbs_sync::Durability::Grouped
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let report = {
+        let pulling = lbs_sync::pull(
+            &mut conn,
+            &args.root,
+            index,
+            &trash,
+            peer.generation,
+            lbs_sync::PullOptions {
+                progress: Some(progress),
+                durability: if args.no_fsync {
+                    lbs_sync::Durability::Off
+                } else {
+                    lbs_sync::Durability::Grouped
+                },
+                cancel: Some(cancel.clone()),
             },
-        },
-    )
-    .await;
+        );
+        tokio::pin!(pulling);
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        // Ctrl-C or SIGTERM: stop at the next chunk, keep what is complete, and say so.
+        tokio::select! {
+            report = &mut pulling => report,
+            _ = tokio::signal::ctrl_c() => {
+                cancel.cancel();
+                pulling.await
+            }
+            _ = sigterm.recv() => {
+                cancel.cancel();
+                pulling.await
+            }
+        }
+    };
     // The pull dropped its end of the channel, so the bar finishes now.
     let _ = bar.await;
-    let report = report?;
+    let report = match report {
+        Err(err @ lbs_sync::SessionError::Cancelled) => {
+            println!("{err}");
+            return Ok(ExitCode::from(EXIT_INCOMPLETE));
+        }
+        Err(lbs_sync::SessionError::Apply(err @ lbs_sync::ApplyError::Interrupted { .. })) => {
+            println!("{err}; the next pull resumes it");
+            return Ok(ExitCode::from(EXIT_INCOMPLETE));
+        }
+        other => other?,
+    };
     let _ = conn
         .send(Envelope {
             generation: peer.generation,
@@ -238,6 +266,12 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{} large file(s) patched in place (changed blocks only, journalled)",
             report.executed.patched
+        );
+    }
+    if report.executed.resumed > 0 {
+        println!(
+            "{} interrupted transfer(s) resumed from what was kept",
+            report.executed.resumed
         );
     }
     for (path, why) in &report.executed.refetched {

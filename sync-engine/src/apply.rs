@@ -38,6 +38,15 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, symlinkat, u
 /// them and a restart removes them.
 pub const TEMP_PREFIX: &str = ".lbs-tmp.";
 
+/// A new version whose transfer was interrupted is kept beside its file under this prefix
+/// and the first 32 hex digits of its BLAKE3: the next pull resumes from it.
+pub const PARTIAL_PREFIX: &str = ".lbs-partial.";
+
+/// The name of the partial of content `expected` (see [`PARTIAL_PREFIX`]).
+pub fn partial_name(expected: &blake3::Hash) -> String {
+    format!("{PARTIAL_PREFIX}{}", &expected.to_hex()[..32])
+}
+
 /// The metadata a new file version gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -96,6 +105,16 @@ pub enum ApplyError {
         what: &'static str,
         /// What the OS said.
         source: io::Error,
+    },
+    /// The transfer stopped (connection lost, or the operator cancelled): the run ends here.
+    #[error("{path}: transfer interrupted ({reason}); {kept} byte(s) kept to resume from")]
+    Interrupted {
+        /// The file being received.
+        path: RelPath,
+        /// What happened.
+        reason: String,
+        /// How much of the new version was kept beside it for the next pull.
+        kept: u64,
     },
     /// The root itself cannot be opened.
     #[error("sync root {}: {source}", root.display())]
@@ -419,6 +438,37 @@ impl Root {
         Ok((done, failed))
     }
 
+    /// The partial of content `expected` beside `rel` that an interrupted pull left, if any.
+    pub fn open_partial(&self, rel: &RelPath, expected: &blake3::Hash) -> Option<File> {
+        let dir = self.parent_dir(rel, false).ok()?;
+        openat(
+            dir.as_fd(),
+            partial_name(expected).as_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        .map(File::from)
+    }
+
+    /// Removes the partial of content `expected` beside `rel`, if there is one.
+    pub fn remove_partial(&self, rel: &RelPath, expected: &blake3::Hash) {
+        if let Ok(dir) = self.parent_dir(rel, false) {
+            let _ = unlinkat(
+                dir.as_fd(),
+                partial_name(expected).as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+
+    /// Removes a file of lbs's own (a stale partial) at `rel`.
+    pub fn remove_own_file(&self, rel: &RelPath) {
+        if let Ok(dir) = self.parent_dir(rel, false) {
+            let _ = unlinkat(dir.as_fd(), rel.file_name(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+
     /// Removes staged files that will not be put in place.
     pub fn discard(&self, staged: Vec<Staged>) {
         for item in staged {
@@ -650,6 +700,37 @@ impl TempFile<'_> {
         root.step_sync(&self.file, &rel, "syncing the file")?;
         let temp = self.name.take().unwrap_or_default();
         Ok(Staged { rel, temp, tree })
+    }
+}
+
+impl TempFile<'_> {
+    /// Keeps what was written so far (a prefix of the version hashing to `expected`) under
+    /// its partial name, for the next pull to resume from. Returns the bytes kept.
+    pub fn keep_partial(mut self, expected: &blake3::Hash) -> u64 {
+        let written = self.hash.written;
+        if written == 0 {
+            return 0;
+        }
+        let Some(temp) = self.name.take() else {
+            return 0;
+        };
+        let partial = partial_name(expected);
+        match renameat(
+            self.dir.as_fd(),
+            temp.as_os_str(),
+            self.dir.as_fd(),
+            partial.as_str(),
+        ) {
+            Ok(()) => written,
+            Err(_) => {
+                let _ = unlinkat(
+                    self.dir.as_fd(),
+                    temp.as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+                0
+            }
+        }
     }
 }
 

@@ -111,6 +111,9 @@ struct Receiver<'r> {
     root: &'r Root,
     path: RelPath,
     known: Option<Known>,
+    /// What changed blocks are laid over: a partial new version an interrupted pull kept,
+    /// instead of the file's current version.
+    partial: Option<File>,
     state: Receiving<'r>,
     /// Why it stopped, when it did: returned as is (a full disk must stay a full disk).
     failed: Option<ApplyError>,
@@ -125,6 +128,7 @@ impl<'r> Receiver<'r> {
             root,
             path: path.clone(),
             known,
+            partial: None,
             state: Receiving::Start,
             failed: None,
             fetched: 0,
@@ -145,13 +149,26 @@ impl<'r> Receiver<'r> {
     }
 
     fn rebuild(&mut self) -> io::Result<()> {
-        let old = self
-            .root
-            .open_file(&self.path)
-            .map_err(|err| self.fail(err))?;
+        let old = match self.partial.take() {
+            Some(partial) => partial,
+            None => self
+                .root
+                .open_file(&self.path)
+                .map_err(|err| self.fail(err))?,
+        };
         let temp = self.temp()?;
         self.state = Receiving::Rebuild { temp, old, pos: 0 };
         Ok(())
+    }
+
+    /// After an interruption: keeps what was received (a prefix of the new version) for the
+    /// next pull; returns the bytes kept.
+    fn keep_partial(&mut self, expected: &blake3::Hash) -> u64 {
+        match std::mem::replace(&mut self.state, Receiving::Start) {
+            Receiving::Whole(temp) | Receiving::Rebuild { temp, .. } => temp.keep_partial(expected),
+            // A patch is not sealed: its journal goes, the file is untouched.
+            Receiving::Patch(_) | Receiving::Start => 0,
+        }
     }
 
     /// Ends the transfer at `size`: a new version to commit, or a patched file in place.
@@ -391,6 +408,8 @@ pub struct ExecuteReport {
     pub patched: u64,
     /// Files whose changed blocks could not be used (and why): fetched whole instead.
     pub refetched: Vec<(RelPath, String)>,
+    /// Transfers resumed from what an interrupted pull had kept.
+    pub resumed: u64,
     /// Entries left for the next pass, with the reason.
     pub deferred: Vec<(RelPath, String)>,
     /// Owner or group names unknown on this box (left to the default).
@@ -602,6 +621,12 @@ fn run(
                     .deferred
                     .push((action_path(action).clone(), err.to_string()));
             }
+            Err(err @ ApplyError::Interrupted { .. }) => {
+                // What is complete and verified goes in place; the rest waits.
+                group.commit(root, &mut report)?;
+                root.sync()?;
+                return Err(err);
+            }
             Err(fatal) => return Err(fatal),
         }
         progress.actions_done += 1;
@@ -633,20 +658,50 @@ fn receive(
     report: &mut ExecuteReport,
     group: &mut Group,
 ) -> Result<(), ApplyError> {
-    let basis = known.as_ref().map(|k| (k.block_size, k.blocks.clone()));
-    let mut receiver = Receiver::new(root, job.path, known);
+    // An interrupted earlier pull may have left part of this very version: resume from it.
+    let partial = root.open_partial(job.path, job.expected).and_then(|file| {
+        let len = file.metadata().ok()?.len();
+        let tree = crate::tree::hash_file(&file, len, crate::tree::BlockSize::DEFAULT).ok()?;
+        Some((file, tree))
+    });
+    let resuming = partial.is_some();
+    let (basis, partial) = match partial {
+        Some((file, tree)) => (Some((tree.block_size, tree.blocks)), Some(file)),
+        None => (
+            known.as_ref().map(|k| (k.block_size, k.blocks.clone())),
+            None,
+        ),
+    };
+    let mut receiver = Receiver::new(root, job.path, if resuming { None } else { known });
+    receiver.partial = partial;
     let fetched = fetcher.fetch(job.path, job.size, basis, &mut receiver);
     report.fetched_bytes += receiver.fetched;
     let size = match fetched {
         Ok(size) => size,
         Err(err) => {
-            return Err(receiver
-                .failed
-                .take()
-                .unwrap_or_else(|| root.error(job.path, "fetching", err)));
+            if let Some(failed) = receiver.failed.take() {
+                return Err(failed);
+            }
+            if err.kind() == io::ErrorKind::ConnectionAborted {
+                let kept = receiver.keep_partial(job.expected);
+                return Err(ApplyError::Interrupted {
+                    path: job.path.clone(),
+                    reason: err.to_string(),
+                    kept,
+                });
+            }
+            return Err(root.error(job.path, "fetching", err));
         }
     };
-    match receiver.finish(size, job.expected, job.target)? {
+    if resuming {
+        report.resumed += 1;
+    }
+    let received = receiver.finish(size, job.expected, job.target);
+    if resuming {
+        // Used (or proven useless): either way it has served.
+        root.remove_partial(job.path, job.expected);
+    }
+    match received? {
         Received::Staged(staged) => group.add(staged),
         Received::Patched(tree) => {
             report.patched += 1;

@@ -30,7 +30,10 @@ pub mod scan;
 pub mod session;
 pub mod tree;
 
-pub use apply::{ApplyError, Durability, HashingWriter, Root, Staged, TEMP_PREFIX, Target};
+pub use apply::{
+    ApplyError, Durability, HashingWriter, PARTIAL_PREFIX, Root, Staged, TEMP_PREFIX, Target,
+    TempFile, partial_name,
+};
 pub use execute::{
     ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, Trash, execute, manifest,
 };

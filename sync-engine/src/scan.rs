@@ -56,6 +56,9 @@ pub struct ScanReport {
     pub unstable: Vec<RelPath>,
     /// Temporary files of an interrupted run that were removed.
     pub stale_temps_removed: u64,
+    /// Partial new versions an interrupted pull kept to resume from (see
+    /// [`crate::apply::PARTIAL_PREFIX`]); never part of the tree.
+    pub partials: Vec<RelPath>,
     /// How long the pass took.
     pub elapsed: Duration,
 }
@@ -139,6 +142,19 @@ pub fn scan(
                 // A receiver's own unfinished write, never part of the tree.
                 if options.remove_stale_temps && fs::remove_file(item.path()).is_ok() {
                     pass.report.stale_temps_removed += 1;
+                }
+                continue;
+            }
+            if name
+                .as_bytes()
+                .starts_with(crate::apply::PARTIAL_PREFIX.as_bytes())
+            {
+                let rel = match &rel_dir {
+                    Some(parent) => parent.join(&name),
+                    None => RelPath::from_bytes(name.as_bytes()),
+                };
+                if let Ok(rel) = rel {
+                    pass.report.partials.push(rel);
                 }
                 continue;
             }

@@ -69,6 +69,12 @@ pub enum SessionError {
     /// Changing the receiver's tree failed in a way that stops the run.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// The operator cancelled the pull.
+    #[error(
+        "cancelled: files completed so far are in place, the file in transfer was kept to \
+         resume from, the rest waits for the next pull"
+    )]
+    Cancelled,
     /// A worker thread died (a bug).
     #[error("internal: {0}")]
     Internal(String),
@@ -499,7 +505,10 @@ enum Chunk {
     At(u64, Vec<u8>),
     /// The file is complete at this size.
     End(u64),
+    /// The sender could not send this file (it says why); the run goes on.
     Failed(String),
+    /// The connection is gone or the pull was cancelled: the run stops.
+    Aborted(String),
 }
 
 /// A fetch request from the writing thread: the path, and the receiver's block values when
@@ -523,7 +532,12 @@ impl Fetcher for Bridge {
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         self.requests
             .blocking_send((path.clone(), basis, tx))
-            .map_err(|_| std::io::Error::other("the sync connection is gone"))?;
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the sync connection is gone",
+                )
+            })?;
         // Returning early drops `rx`: the async side then drains the rest of the transfer.
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
@@ -532,9 +546,18 @@ impl Fetcher for Bridge {
                 Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
                 Chunk::End(size) => return Ok(size),
                 Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
+                Chunk::Aborted(reason) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        reason,
+                    ));
+                }
             }
         }
-        Err(std::io::Error::other("the sync connection is gone"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the sync connection is gone",
+        ))
     }
 }
 
@@ -545,6 +568,9 @@ pub struct PullOptions {
     pub progress: Option<tokio::sync::watch::Sender<Progress>>,
     /// When changes reach the disk; [`Durability::Grouped`] unless set.
     pub durability: Durability,
+    /// Cancelling it stops the pull at the next chunk: completed files stay, the file in
+    /// transfer is kept to resume from, and the pull ends with [`SessionError::Cancelled`].
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Default for PullOptions {
@@ -552,6 +578,7 @@ impl Default for PullOptions {
         PullOptions {
             progress: None,
             durability: Durability::Grouped,
+            cancel: None,
         }
     }
 }
@@ -571,6 +598,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let PullOptions {
         progress,
         durability,
+        cancel,
     } = options;
     let started = Instant::now();
     // A crash in the middle of a patch is finished (or undone) before anything looks at
@@ -654,6 +682,24 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let (scan_report, have) = blocking_join(own_scan.await)??;
     let plan = plan(&entries, &have)?;
     drop(entries);
+    // Partials of versions the sender no longer has are of no use any more.
+    let wanted: std::collections::BTreeSet<RelPath> = plan
+        .actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Fetch { path, blake3, .. } => {
+                let name = crate::apply::partial_name(&blake3::Hash::from(*blake3));
+                match path.parent() {
+                    Some(dir) => dir.join(std::ffi::OsStr::new(&name)).ok(),
+                    None => RelPath::from_bytes(name.into_bytes()).ok(),
+                }
+            }
+            _ => None,
+        })
+        .collect();
+    for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
+        files.remove_own_file(stale);
+    }
 
     // Every fetch the plan will make, in its order, so requests can run ahead of the writer.
     let planned = {
@@ -715,7 +761,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     };
     while let Some((path, basis, chunks)) = incoming.recv().await {
         if let Some(err) = &connection_error {
-            let _ = chunks.send(Chunk::Failed(format!("{err}"))).await;
+            let _ = chunks.send(Chunk::Aborted(format!("{err}"))).await;
             continue;
         }
         let relayed = async {
@@ -723,12 +769,24 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             forward(conn, &chunks, progress_tx.as_ref()).await?;
             pipeline.top_up(conn, generation).await
         };
-        if let Err(err) = relayed.await {
-            let _ = chunks.send(Chunk::Failed(err.to_string())).await;
+        let outcome = match &cancel {
+            Some(token) => tokio::select! {
+                outcome = relayed => outcome,
+                () = token.cancelled() => Err(SessionError::Cancelled),
+            },
+            None => relayed.await,
+        };
+        if let Err(err) = outcome {
+            let _ = chunks.send(Chunk::Aborted(err.to_string())).await;
             connection_error = Some(err);
         }
     }
-    let mut executed = blocking_join(worker.await)??;
+    let executed = blocking_join(worker.await)?;
+    // A lost connection or a cancellation explains the writer's interruption best.
+    if let Some(err) = connection_error.take() {
+        return Err(err);
+    }
+    let mut executed = executed?;
     // What was just written is known: record it so the next pass does not read it again.
     let installed = std::mem::take(&mut executed.installed);
     let record_root = root.to_owned();

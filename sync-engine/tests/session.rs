@@ -420,3 +420,175 @@ async fn unchanged_directories_are_not_listed_again_and_a_removed_one_is_trashed
         .unwrap()
         .unwrap();
 }
+
+/// A sender that lists one file and sends only its first `sent` bytes, then hangs up
+/// (`hang_up`) or stalls until it is dropped.
+fn half_sender(
+    mut conn: Framed<DuplexStream, FrameCodec<Envelope>>,
+    content: Vec<u8>,
+    sent: usize,
+    hang_up: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let send = |message| Envelope {
+            generation: GEN,
+            message,
+        };
+        assert!(matches!(
+            expect_request(&mut conn).await,
+            Message::SyncManifestDigests { .. }
+        ));
+        let entries = vec![
+            ManifestEntry {
+                path: RelPath::try_from("moh").unwrap(),
+                kind: ManifestKind::Dir,
+                meta: FileMeta {
+                    mode: 0o755,
+                    ..meta()
+                },
+            },
+            ManifestEntry {
+                path: RelPath::try_from("moh/default.wav").unwrap(),
+                kind: ManifestKind::File {
+                    size: content.len() as u64,
+                    blake3: *blake3::hash(&content).as_bytes(),
+                },
+                meta: meta(),
+            },
+        ];
+        conn.send(send(Message::SyncManifest {
+            entries,
+            last: true,
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            expect_request(&mut conn).await,
+            Message::SyncFetch { .. }
+        ));
+        for chunk in content[..sent].chunks(256 * 1024) {
+            conn.send(send(Message::SyncData {
+                bytes: chunk.to_vec(),
+            }))
+            .await
+            .unwrap();
+        }
+        if !hang_up {
+            // Stall: the receiver must be able to give up on its own.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    })
+}
+
+fn music(len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_transfer_resumes_from_what_was_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let content = music(3_000_000);
+    write_old(&sender.join("moh/default.wav"), &content);
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+
+    // The connection drops after 1 MiB.
+    let (fake, mut client) = connections();
+    let fake = half_sender(fake, content.clone(), 1 << 20, true);
+    let err = pull(
+        &mut client,
+        &receiver,
+        index.clone(),
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("closed"), "{err}");
+    fake.await.unwrap();
+    let partial = receiver
+        .join("moh")
+        .join(lbs_sync::partial_name(&blake3::hash(&content)));
+    assert_eq!(fs::read(&partial).unwrap(), &content[..1 << 20]);
+    assert!(!receiver.join("moh/default.wav").exists());
+
+    // The next pull asks only for what is missing, and leaves no partial behind.
+    let (mut server_conn, mut client_conn) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move {
+            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            serve(&mut server_conn, sender, index, GEN).await
+        }
+    });
+    let report = pull(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.executed.resumed, 1, "{report:?}");
+    let block = lbs_sync::BlockSize::DEFAULT.get();
+    let moved = report.executed.fetched_bytes;
+    assert!(
+        moved <= content.len() as u64 - (1 << 20) + block,
+        "moved {moved} bytes of {}",
+        content.len()
+    );
+    assert_eq!(fs::read(receiver.join("moh/default.wav")).unwrap(), content);
+    assert!(!partial.exists());
+    drop(client_conn);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_pull_stops_promptly_and_keeps_the_old_file_and_the_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    fs::create_dir_all(&receiver).unwrap();
+    let content = music(2_000_000);
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (fake, mut client) = connections();
+    let fake = half_sender(fake, content.clone(), 512 * 1024, false);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel();
+        }
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let options = PullOptions {
+        cancel: Some(cancel),
+        ..PullOptions::default()
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        pull(&mut client, &receiver, index, &trash, GEN, options),
+    )
+    .await
+    .expect("a cancelled pull must end promptly");
+    assert!(
+        matches!(outcome, Err(SessionError::Cancelled)),
+        "{outcome:?}"
+    );
+    let partial = receiver
+        .join("moh")
+        .join(lbs_sync::partial_name(&blake3::hash(&content)));
+    assert_eq!(fs::read(&partial).unwrap(), &content[..512 * 1024]);
+    fake.abort();
+}
