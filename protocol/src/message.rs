@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Generation, Role, ServerId};
 use crate::path::RelPath;
-use crate::sync::{DirDigest, ManifestEntry};
+use crate::sync::{BlockSum, DirDigest, ManifestEntry};
 use crate::version::{ProtocolVersion, SoftwareVersion};
 
 /// One frame's payload: the sender's generation and the message.
@@ -86,8 +86,8 @@ pub enum Message {
         path: RelPath,
         /// The block size of the values.
         block_size: u32,
-        /// The receiver's block values of this part, in order.
-        blocks: Vec<[u8; 32]>,
+        /// The receiver's block summaries of this part, in order.
+        blocks: Vec<BlockSum>,
         /// Whether this is the final part.
         last: bool,
     },

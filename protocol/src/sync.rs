@@ -54,6 +54,51 @@ pub struct ManifestEntry {
     pub meta: FileMeta,
 }
 
+/// What a receiver says about a run of its blocks when asking for changes: a block's value
+/// cut to 8 bytes, or one digest for a group of blocks (used where whole groups are likely
+/// unchanged, as in the middle of a file that grew). A false match costs a re-fetch, never a
+/// wrong file: the result is verified against the full BLAKE3.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum BlockSum {
+    /// One block: the first 8 bytes of its chaining value.
+    One([u8; 8]),
+    /// `count` consecutive blocks: [`group_digest`] of their chaining values.
+    Group {
+        /// How many blocks.
+        count: u32,
+        /// Their digest.
+        digest: [u8; 8],
+    },
+}
+
+impl BlockSum {
+    /// A single block's summary.
+    pub fn one(cv: &[u8; 32]) -> BlockSum {
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&cv[..8]);
+        BlockSum::One(prefix)
+    }
+
+    /// How many blocks it covers.
+    pub fn blocks(&self) -> u64 {
+        match self {
+            BlockSum::One(_) => 1,
+            BlockSum::Group { count, .. } => u64::from(*count),
+        }
+    }
+}
+
+/// The digest of a group of consecutive blocks' chaining values (see [`BlockSum::Group`]).
+pub fn group_digest(cvs: &[[u8; 32]]) -> [u8; 8] {
+    let mut hasher = blake3::Hasher::new();
+    for cv in cvs {
+        hasher.update(cv);
+    }
+    let mut digest = [0u8; 8];
+    digest.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    digest
+}
+
 /// The digest of one directory's listing: its direct children's manifest entries.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct DirDigest {

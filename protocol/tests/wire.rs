@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::frame::{self, HEADER_LEN};
 use lbs_protocol::handshake::exchange_hello;
-use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
+use lbs_protocol::sync::{BlockSum, DirDigest, FileMeta, ManifestEntry, ManifestKind};
 use lbs_protocol::{
     Envelope, FrameCodec, FrameError, Generation, HandshakeError, Hello, MAX_FRAME_LEN, Message,
     PeerName, ProtocolVersion, Refusal, RelPath, Role, Sender, ServerId, SoftwareVersion,
@@ -83,7 +83,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             arb_rel_path(),
             any::<u32>(),
-            prop::collection::vec(any::<[u8; 32]>(), 0..16),
+            prop::collection::vec(arb_block_sum(), 0..16),
             any::<bool>()
         )
             .prop_map(
@@ -96,6 +96,30 @@ fn arb_message() -> impl Strategy<Value = Message> {
             ),
         (any::<u64>(), prop::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(offset, bytes)| Message::SyncDataAt { offset, bytes }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(changed, size)| Message::SyncChanges { changed, size }),
+        (
+            prop::collection::vec(
+                (prop::option::of(arb_rel_path()), any::<[u8; 32]>())
+                    .prop_map(|(dir, digest)| DirDigest { dir, digest }),
+                0..8
+            ),
+            any::<bool>()
+        )
+            .prop_map(|(dirs, last)| Message::SyncManifestDigests { dirs, last }),
+        (
+            prop::collection::vec(prop::option::of(arb_rel_path()), 0..8),
+            any::<bool>()
+        )
+            .prop_map(|(dirs, last)| Message::SyncManifestSame { dirs, last }),
+    ]
+}
+
+fn arb_block_sum() -> impl Strategy<Value = BlockSum> {
+    prop_oneof![
+        any::<[u8; 8]>().prop_map(BlockSum::One),
+        (any::<u32>(), any::<[u8; 8]>())
+            .prop_map(|(count, digest)| BlockSum::Group { count, digest }),
     ]
 }
 

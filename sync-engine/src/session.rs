@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::sync::{DirDigest, ManifestEntry, listing_digests};
+use lbs_protocol::sync::{BlockSum, DirDigest, ManifestEntry, group_digest, listing_digests};
 use lbs_protocol::{
     Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
 };
@@ -32,7 +32,7 @@ use crate::tree::{BlockSize, Cv};
 pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
 /// Roughly how many bytes of entries go into one manifest frame.
 const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
-/// Block values per `SyncFetchChanges` frame (512 KiB of values).
+/// Block summaries per `SyncFetchChanges` frame (at most about 230 KiB).
 const BLOCKS_PER_FRAME: usize = 16 * 1024;
 /// Chunks in flight between the network and the disk, per file.
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -216,8 +216,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         entry.meta.size.div_ceil(u64::from(block_size.max(1))) as usize
                     })
                 };
-                let mut theirs = blocks;
-                theirs.truncate(useful);
+                let mut theirs = Vec::new();
+                let mut covered = 0u64;
+                let mut keep = |part: Vec<BlockSum>| {
+                    for sum in part {
+                        if covered >= useful as u64 {
+                            break;
+                        }
+                        covered += sum.blocks();
+                        theirs.push(sum);
+                    }
+                };
+                keep(blocks);
                 let mut done = last;
                 while !done {
                     match receive(conn, "a block list").await? {
@@ -227,8 +237,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             last,
                             ..
                         } if more_path == path => {
-                            let room = useful.saturating_sub(theirs.len());
-                            theirs.extend(blocks.into_iter().take(room));
+                            keep(blocks);
                             done = last;
                         }
                         other => {
@@ -374,7 +383,7 @@ async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     index: &Arc<Mutex<Index>>,
     path: RelPath,
     block_size: u32,
-    theirs: Vec<Cv>,
+    theirs: Vec<BlockSum>,
 ) -> Result<(), SessionError> {
     let ours = {
         let index = index
@@ -439,12 +448,34 @@ async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-/// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from the receiver's
-/// (`theirs`), adjacent blocks merged.
-fn changed_ranges(ours: &[Cv], theirs: &[Cv], block_size: BlockSize, len: u64) -> Vec<(u64, u64)> {
+/// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from what the receiver
+/// summarised (`theirs`), adjacent blocks merged.
+fn changed_ranges(
+    ours: &[Cv],
+    theirs: &[BlockSum],
+    block_size: BlockSize,
+    len: u64,
+) -> Vec<(u64, u64)> {
+    let mut same = vec![false; ours.len()];
+    let mut at = 0usize;
+    for sum in theirs {
+        let count = sum.blocks() as usize;
+        let end = at.saturating_add(count);
+        if end > ours.len() {
+            break;
+        }
+        let matches = match sum {
+            BlockSum::One(prefix) => ours[at][..8] == prefix[..],
+            BlockSum::Group { digest, .. } => group_digest(&ours[at..end]) == *digest,
+        };
+        if matches {
+            same[at..end].fill(true);
+        }
+        at = end;
+    }
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (idx, cv) in ours.iter().enumerate() {
-        if theirs.get(idx) == Some(cv) {
+    for (idx, unchanged) in same.iter().enumerate() {
+        if *unchanged {
             continue;
         }
         let start = idx as u64 * block_size.get();
@@ -455,6 +486,33 @@ fn changed_ranges(ours: &[Cv], theirs: &[Cv], block_size: BlockSize, len: u64) -
         }
     }
     ranges
+}
+
+/// Blocks per group where a file's middle is summarised coarsely (256 KiB at 16 KiB blocks:
+/// a 1 GiB file's summary is about 50 KiB instead of 2 MiB, and a change in its middle costs
+/// at most one group).
+const GROUP_BLOCKS: usize = 16;
+/// Blocks at each end of such a file still summarised one by one (a WAV header, a tail).
+const EDGE_BLOCKS: usize = 4;
+
+/// What the receiver sends about its blocks (`ours`) when asking for a file that will be
+/// `new_len` bytes: one summary per block when the block count stays (in-place rewrites
+/// anywhere), otherwise one per block only at the ends and one per group in between (the
+/// file grew or shrank: its middle is most likely unchanged).
+fn block_sums(ours: &[Cv], block_size: BlockSize, new_len: u64) -> Vec<BlockSum> {
+    if block_size.blocks_for(new_len) == ours.len() as u64 || ours.len() <= 2 * EDGE_BLOCKS {
+        return ours.iter().map(BlockSum::one).collect();
+    }
+    let middle_end = ours.len() - EDGE_BLOCKS;
+    let mut sums: Vec<BlockSum> = ours[..EDGE_BLOCKS].iter().map(BlockSum::one).collect();
+    for group in ours[EDGE_BLOCKS..middle_end].chunks(GROUP_BLOCKS) {
+        sums.push(BlockSum::Group {
+            count: group.len() as u32,
+            digest: group_digest(group),
+        });
+    }
+    sums.extend(ours[middle_end..].iter().map(BlockSum::one));
+    sums
 }
 
 /// Streams one file, hashing exactly the bytes sent.
@@ -513,7 +571,12 @@ enum Chunk {
 
 /// A fetch request from the writing thread: the path, and the receiver's block values when
 /// it holds an older version.
-type Request = (RelPath, Option<(BlockSize, Vec<Cv>)>, mpsc::Sender<Chunk>);
+type Request = (
+    RelPath,
+    u64,
+    Option<(BlockSize, Vec<Cv>)>,
+    mpsc::Sender<Chunk>,
+);
 
 /// The receiver's fetcher: asks the async side for a file and hands what arrives to the
 /// writing side's sink.
@@ -525,13 +588,13 @@ impl Fetcher for Bridge {
     fn fetch(
         &mut self,
         path: &RelPath,
-        _size: u64,
+        size: u64,
         basis: Option<(BlockSize, Vec<Cv>)>,
         sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         self.requests
-            .blocking_send((path.clone(), basis, tx))
+            .blocking_send((path.clone(), size, basis, tx))
             .map_err(|_| {
                 std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
@@ -759,13 +822,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         upcoming: planned,
         ahead: VecDeque::new(),
     };
-    while let Some((path, basis, chunks)) = incoming.recv().await {
+    while let Some((path, size, basis, chunks)) = incoming.recv().await {
         if let Some(err) = &connection_error {
             let _ = chunks.send(Chunk::Aborted(format!("{err}"))).await;
             continue;
         }
         let relayed = async {
-            pipeline.ready(conn, generation, path, basis).await?;
+            pipeline.ready(conn, generation, path, size, basis).await?;
             forward(conn, &chunks, progress_tx.as_ref()).await?;
             pipeline.top_up(conn, generation).await
         };
@@ -828,7 +891,7 @@ struct Planned {
 impl Planned {
     /// Roughly how many bytes its request takes on the wire.
     fn request_bytes(&self) -> usize {
-        64 + self.path.as_bytes().len() + self.basis.as_ref().map_or(0, |(_, b)| b.len() * 32)
+        64 + self.path.as_bytes().len() + self.basis.as_ref().map_or(0, |(_, b)| b.len() * 10)
     }
 }
 
@@ -861,6 +924,7 @@ impl Pipeline {
         conn: &mut Connection<S>,
         generation: Generation,
         path: RelPath,
+        size: u64,
         basis: Option<(BlockSize, Vec<Cv>)>,
     ) -> Result<(), SessionError> {
         if let Some(at) = self.ahead.iter().position(|p| p.path == path) {
@@ -885,7 +949,7 @@ impl Pipeline {
                 self.upcoming.push_front(back);
             }
         }
-        request(conn, generation, path, basis).await
+        request(conn, generation, path, size, basis).await
     }
 
     /// Sends the next planned requests, within the limits.
@@ -909,7 +973,14 @@ impl Pipeline {
             };
             files += next.size;
             requests += next.request_bytes();
-            request(conn, generation, next.path.clone(), next.basis.clone()).await?;
+            request(
+                conn,
+                generation,
+                next.path.clone(),
+                next.size,
+                next.basis.clone(),
+            )
+            .await?;
             self.ahead.push_back(next);
         }
         Ok(())
@@ -921,12 +992,14 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     path: RelPath,
+    size: u64,
     basis: Option<(BlockSize, Vec<Cv>)>,
 ) -> Result<(), SessionError> {
     let Some((block_size, blocks)) = basis.filter(|(_, blocks)| !blocks.is_empty()) else {
         return send(conn, generation, Message::SyncFetch { path }).await;
     };
-    let mut parts = blocks.chunks(BLOCKS_PER_FRAME).peekable();
+    let sums = block_sums(&blocks, block_size, size);
+    let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
     while let Some(part) = parts.next() {
         let last = parts.peek().is_none();
         send(
@@ -1002,5 +1075,65 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
         if done {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cvs(n: usize, seed: u8) -> Vec<Cv> {
+        (0..n)
+            .map(|i| *blake3::hash(&[seed, i as u8, (i >> 8) as u8]).as_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
+        let bs = BlockSize::DEFAULT;
+        let theirs = cvs(300, 1);
+        let mut ours = theirs.clone();
+        ours[7] = [9; 32];
+        ours[250] = [9; 32];
+        let len = 300 * bs.get();
+        let sums = block_sums(&theirs, bs, len);
+        assert!(sums.iter().all(|s| matches!(s, BlockSum::One(_))));
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        assert_eq!(
+            ranges,
+            vec![
+                (7 * bs.get(), 8 * bs.get()),
+                (250 * bs.get(), 251 * bs.get())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
+        let bs = BlockSize::DEFAULT;
+        let theirs = cvs(1000, 2);
+        // Header rewritten, last block changed, 40 blocks appended.
+        let mut ours = theirs.clone();
+        ours[0] = [1; 32];
+        ours[999] = [2; 32];
+        ours.extend(cvs(40, 3));
+        let len = 1040 * bs.get();
+        let sums = block_sums(&theirs, bs, len);
+        assert!(sums.len() < 80, "{} summaries for 1000 blocks", sums.len());
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        assert_eq!(
+            ranges,
+            vec![(0, bs.get()), (999 * bs.get(), 1040 * bs.get())]
+        );
+        // A change in the middle costs its whole group, never a wrong block.
+        ours[500] = [3; 32];
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        let sent: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        assert!(
+            ranges
+                .iter()
+                .any(|(a, b)| *a <= 500 * bs.get() && 501 * bs.get() <= *b)
+        );
+        assert!(sent <= (1 + GROUP_BLOCKS as u64 + 41) * bs.get(), "{sent}");
     }
 }
