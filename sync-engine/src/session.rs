@@ -152,32 +152,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_manifest(conn, generation, entries).await?;
             }
             Message::SyncManifestDigests { dirs, last } => {
-                let mut theirs = std::collections::BTreeMap::new();
-                let mut part = dirs;
-                let mut done = last;
-                loop {
-                    if theirs.len() + part.len() > MAX_MANIFEST_ENTRIES {
-                        return Err(SessionError::ManifestTooLarge);
-                    }
-                    theirs.extend(part.into_iter().map(|d| (d.dir, d.digest)));
-                    if done {
-                        break;
-                    }
-                    match receive(conn, "the receiver's digests").await? {
-                        Message::SyncManifestDigests { dirs, last } => {
-                            part = dirs;
-                            done = last;
-                        }
-                        other => {
-                            return Err(SessionError::Unexpected {
-                                got: other.kind(),
-                                during: "the receiver's digests",
-                            });
-                        }
-                    }
-                }
-                let (root, index) = (root.clone(), index.clone());
-                let entries = blocking_join(
+                // Scan while the rest of the receiver's digests arrive.
+                let scanning = {
+                    let (root, index) = (root.clone(), index.clone());
                     tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
                         let mut index = index
                             .lock()
@@ -185,8 +162,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         scan(&root, &mut index, &ScanOptions::default())?;
                         Ok(manifest(&index)?)
                     })
-                    .await,
-                )??;
+                };
+                let theirs = receive_digests(conn, dirs, last).await;
+                // The scan is awaited whatever happened, so it never outlives this session.
+                let entries = blocking_join(scanning.await)??;
+                let theirs = theirs?;
                 let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
                     .into_iter()
                     .filter(|(dir, digest)| theirs.get(dir) == Some(digest))
@@ -329,6 +309,102 @@ fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
         parts.pop();
     }
     parts
+}
+
+/// The receiver's half of the manifest exchange: our listing digests out (from `before`,
+/// our index as it was before this pass's scan), the sender's differing entries in, and the
+/// sender's full manifest back, unchanged directories filled in from `before`.
+async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    before: tokio::sync::oneshot::Receiver<Vec<ManifestEntry>>,
+) -> Result<Vec<ManifestEntry>, SessionError> {
+    // An empty first part lets the sender start its scan while we read our index.
+    send(
+        conn,
+        generation,
+        Message::SyncManifestDigests {
+            dirs: Vec::new(),
+            last: false,
+        },
+    )
+    .await?;
+    let before = before
+        .await
+        .map_err(|_| SessionError::Internal("the index snapshot was lost".into()))?;
+    send_digests(conn, generation, &before).await?;
+    let mut same = std::collections::BTreeSet::new();
+    let mut entries = Vec::new();
+    loop {
+        match receive(conn, "the manifest").await? {
+            Message::SyncManifestSame { dirs, last: _ } => {
+                if same.len() + dirs.len() > MAX_MANIFEST_ENTRIES {
+                    return Err(SessionError::ManifestTooLarge);
+                }
+                same.extend(dirs);
+            }
+            Message::SyncManifest {
+                entries: part,
+                last,
+            } => {
+                if entries.len() + part.len() > MAX_MANIFEST_ENTRIES {
+                    return Err(SessionError::ManifestTooLarge);
+                }
+                entries.extend(part);
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "the manifest",
+                });
+            }
+        }
+    }
+    // The unchanged directories' entries are ours, as they were when we sent the digests.
+    entries.extend(
+        before
+            .into_iter()
+            .filter(|entry| same.contains(&entry.path.parent())),
+    );
+    if entries.len() > MAX_MANIFEST_ENTRIES {
+        return Err(SessionError::ManifestTooLarge);
+    }
+    Ok(entries)
+}
+
+/// Reads the rest of the receiver's directory digests, the first part being `dirs`.
+async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    dirs: Vec<DirDigest>,
+    last: bool,
+) -> Result<std::collections::BTreeMap<Option<RelPath>, [u8; 32]>, SessionError> {
+    let mut theirs = std::collections::BTreeMap::new();
+    let mut part = dirs;
+    let mut done = last;
+    loop {
+        if theirs.len() + part.len() > MAX_MANIFEST_ENTRIES {
+            return Err(SessionError::ManifestTooLarge);
+        }
+        theirs.extend(part.into_iter().map(|d| (d.dir, d.digest)));
+        if done {
+            return Ok(theirs);
+        }
+        match receive(conn, "the receiver's digests").await? {
+            Message::SyncManifestDigests { dirs, last } => {
+                part = dirs;
+                done = last;
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    got: other.kind(),
+                    during: "the receiver's digests",
+                });
+            }
+        }
+    }
 }
 
 /// Sends the digests of this side's directory listings (see [`listing_digests`]).
@@ -693,56 +769,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     });
 
     let manifest_started = Instant::now();
-    let before = match before_rx.await {
-        Ok(before) => before,
-        // The scan task failed before its snapshot: its error says why.
-        Err(_) => {
-            blocking_join(own_scan.await)??;
-            return Err(SessionError::Internal("the index snapshot was lost".into()));
-        }
-    };
-    send_digests(conn, generation, &before).await?;
-    let mut same = std::collections::BTreeSet::new();
-    let mut entries = Vec::new();
-    loop {
-        match receive(conn, "the manifest").await? {
-            Message::SyncManifestSame { dirs, last: _ } => {
-                if same.len() + dirs.len() > MAX_MANIFEST_ENTRIES {
-                    return Err(SessionError::ManifestTooLarge);
-                }
-                same.extend(dirs);
-            }
-            Message::SyncManifest {
-                entries: part,
-                last,
-            } => {
-                if entries.len() + part.len() > MAX_MANIFEST_ENTRIES {
-                    return Err(SessionError::ManifestTooLarge);
-                }
-                entries.extend(part);
-                if last {
-                    break;
-                }
-            }
-            other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "the manifest",
-                });
-            }
-        }
-    }
-    // The unchanged directories' entries are ours, as they were when we sent the digests.
-    entries.extend(
-        before
-            .into_iter()
-            .filter(|entry| same.contains(&entry.path.parent())),
-    );
-    if entries.len() > MAX_MANIFEST_ENTRIES {
-        return Err(SessionError::ManifestTooLarge);
-    }
+    let exchanged = exchange_manifests(conn, generation, before_rx).await;
+    // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
+    // if any, says best what went wrong.
+    let scanned = blocking_join(own_scan.await)?;
+    let (scan_report, have) = scanned?;
+    let entries = exchanged?;
     let manifest_time = manifest_started.elapsed();
-    let (scan_report, have) = blocking_join(own_scan.await)??;
     let plan = plan(&entries, &have)?;
     drop(entries);
     // Partials of versions the sender no longer has are of no use any more.
