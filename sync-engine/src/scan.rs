@@ -171,7 +171,8 @@ pub fn scan(
                 continue;
             };
             let abs = item.path();
-            let meta = match fs::symlink_metadata(&abs) {
+            // Relative to the open directory (fstatat, no path walk), never following a link.
+            let meta = match item.metadata() {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
