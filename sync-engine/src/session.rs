@@ -1121,6 +1121,104 @@ mod tests {
             .collect()
     }
 
+    /// A sender that answers every whole-file request, in order, with the path as content.
+    fn echo_sender(
+        mut conn: Connection<tokio::io::DuplexStream>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some(Ok(envelope)) = conn.next().await {
+                let Message::SyncFetch { path } = envelope.message else {
+                    break;
+                };
+                asked.push(path.to_string());
+                let bytes = path.as_bytes().to_vec();
+                let size = bytes.len() as u64;
+                let blake3 = *blake3::hash(&bytes).as_bytes();
+                for message in [
+                    Message::SyncData { bytes },
+                    Message::SyncDataEnd { size, blake3 },
+                ] {
+                    let envelope = Envelope {
+                        generation: Generation(1),
+                        message,
+                    };
+                    if conn.send(envelope).await.is_err() {
+                        return asked;
+                    }
+                }
+            }
+            asked
+        })
+    }
+
+    async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
+        let (tx, mut rx) = mpsc::channel(8);
+        forward(conn, &tx, None).await.unwrap();
+        drop(tx);
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            if let Chunk::Data(bytes) = chunk {
+                out.extend(bytes);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let sender = echo_sender(tokio_util::codec::Framed::new(
+            b,
+            lbs_protocol::FrameCodec::new(),
+        ));
+        let rel = |p: &str| RelPath::try_from(p).unwrap();
+        let upcoming = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|p| Planned {
+                path: rel(p),
+                size: 1,
+                basis: None,
+            })
+            .collect();
+        let mut pipeline = Pipeline {
+            upcoming,
+            ahead: VecDeque::new(),
+        };
+        let generation = Generation(1);
+        pipeline
+            .ready(&mut conn, generation, rel("a"), 1, None)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"a");
+        // b, c and d are asked for while "a" is being stored.
+        pipeline.top_up(&mut conn, generation).await.unwrap();
+        assert_eq!(pipeline.ahead.len(), 3);
+        // The writer skips b (its step failed before fetching): b's answer is dropped.
+        pipeline
+            .ready(&mut conn, generation, rel("c"), 1, None)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"c");
+        // A fallback fetch of "a" (a local copy that did not verify): d's answer in flight is
+        // dropped and d goes back in line, asked again on the next top-up.
+        pipeline
+            .ready(&mut conn, generation, rel("a"), 1, None)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"a");
+        pipeline.top_up(&mut conn, generation).await.unwrap();
+        pipeline
+            .ready(&mut conn, generation, rel("d"), 1, None)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"d");
+        drop(conn);
+        let asked = sender.await.unwrap();
+        assert_eq!(asked, ["a", "b", "c", "d", "a", "d"]);
+    }
+
     #[test]
     fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
         let bs = BlockSize::DEFAULT;
