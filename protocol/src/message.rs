@@ -134,6 +134,23 @@ pub enum Message {
         /// Whether this is the final part.
         last: bool,
     },
+    /// Receiver → sender: send this file as an rsync-style delta against the version the
+    /// receiver holds, whose fast_rsync (librsync) signature this is. For content that shifted
+    /// (lines inserted in a config file); the sender answers with [`Message::SyncDelta`]
+    /// parts, or with the whole file, then [`Message::SyncDataEnd`].
+    SyncFetchDelta {
+        /// Which file.
+        path: RelPath,
+        /// The receiver's signature of its version (at most a few hundred KiB).
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Sender → receiver: the next part of a delta (at most [`SYNC_CHUNK_LEN`]).
+    SyncDelta {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -160,6 +177,8 @@ impl Message {
             Message::SyncChanges { .. } => "sync-changes",
             Message::SyncManifestDigests { .. } => "sync-manifest-digests",
             Message::SyncManifestSame { .. } => "sync-manifest-same",
+            Message::SyncFetchDelta { .. } => "sync-fetch-delta",
+            Message::SyncDelta { .. } => "sync-delta",
         }
     }
 }

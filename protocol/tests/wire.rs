@@ -112,6 +112,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<bool>()
         )
             .prop_map(|(dirs, last)| Message::SyncManifestSame { dirs, last }),
+        (arb_rel_path(), prop::collection::vec(any::<u8>(), 0..256))
+            .prop_map(|(path, signature)| Message::SyncFetchDelta { path, signature }),
+        prop::collection::vec(any::<u8>(), 0..256).prop_map(|bytes| Message::SyncDelta { bytes }),
     ]
 }
 

@@ -30,6 +30,8 @@ pub trait Sink {
     fn changes(&mut self, changed: u64, size: u64) -> io::Result<()>;
     /// Changed bytes at `offset`, in increasing order; the bytes between are the receiver's.
     fn at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
+    /// The next part of an rsync-style delta against the receiver's version.
+    fn delta(&mut self, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// Where content the plan needs from the sender comes from.
@@ -44,6 +46,19 @@ pub trait Fetcher {
         basis: Option<(BlockSize, Vec<Cv>)>,
         sink: &mut dyn Sink,
     ) -> io::Result<u64>;
+
+    /// Like [`Fetcher::fetch`], asking for a delta against the receiver's version, whose
+    /// signature ([`crate::delta::signature_of`]) this is; the sender may send the whole file
+    /// instead. Fetchers without deltas send the whole file.
+    fn fetch_delta(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        _signature: Vec<u8>,
+        sink: &mut dyn Sink,
+    ) -> io::Result<u64> {
+        self.fetch(path, size, None, sink)
+    }
 }
 
 /// Looks up what the receiver's index knows of a file about to be replaced.
@@ -104,6 +119,8 @@ enum Receiving<'r> {
     },
     /// Changed blocks into the old file itself, behind a journal.
     Patch(Box<Patch<'r>>),
+    /// A delta against the old file (small files only), applied at the end.
+    Delta(Vec<u8>),
 }
 
 /// The [`Sink`] of one fetch: picks how to receive from what arrives first.
@@ -167,7 +184,7 @@ impl<'r> Receiver<'r> {
         match std::mem::replace(&mut self.state, Receiving::Start) {
             Receiving::Whole(temp) | Receiving::Rebuild { temp, .. } => temp.keep_partial(expected),
             // A patch is not sealed: its journal goes, the file is untouched.
-            Receiving::Patch(_) | Receiving::Start => 0,
+            Receiving::Patch(_) | Receiving::Delta(_) | Receiving::Start => 0,
         }
     }
 
@@ -200,6 +217,29 @@ impl<'r> Receiver<'r> {
                     .map_err(|err| self.root.error(&self.path, "copying unchanged blocks", err))?;
                 temp.finish(expected, target)?
             }
+            Receiving::Delta(delta) => {
+                let mut old = Vec::new();
+                self.root.open_file(&self.path).and_then(|file| {
+                    file.take(crate::delta::DELTA_MAX_FILE + 1)
+                        .read_to_end(&mut old)
+                        .map_err(|err| self.root.error(&self.path, "reading", err))
+                })?;
+                let mut temp = self.root.create_temp(&self.path)?;
+                if let Err(reason) =
+                    crate::delta::apply_delta(&old, &delta, &mut temp.writer(), size)
+                {
+                    return Ok(Received::Refetch(reason));
+                }
+                match temp.finish(expected, target) {
+                    Ok(staged) => staged,
+                    Err(ApplyError::HashMismatch { .. }) => {
+                        return Ok(Received::Refetch(
+                            "the delta's result does not hash to the sender's hash".into(),
+                        ));
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
             Receiving::Patch(patch) => {
                 return match patch.finish(size, expected, target) {
                     Ok(tree) => Ok(Received::Patched(tree)),
@@ -213,6 +253,24 @@ impl<'r> Receiver<'r> {
 }
 
 impl Sink for Receiver<'_> {
+    fn delta(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if matches!(self.state, Receiving::Start) {
+            self.state = Receiving::Delta(Vec::new());
+        }
+        self.fetched += bytes.len() as u64;
+        let Receiving::Delta(delta) = &mut self.state else {
+            return Err(io::Error::other("the sender mixed a delta with other data"));
+        };
+        // A delta is never larger than the file it makes (the sender sends the file then).
+        if (delta.len() + bytes.len()) as u64 > crate::delta::DELTA_MAX_FILE {
+            return Err(io::Error::other(
+                "the sender's delta is larger than any file it may make",
+            ));
+        }
+        delta.extend_from_slice(bytes);
+        Ok(())
+    }
+
     fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
         if matches!(self.state, Receiving::Start) {
             let temp = self.temp()?;
@@ -672,9 +730,19 @@ fn receive(
             None,
         ),
     };
+    // Content that shifted in a small file: a rolling delta against the old version.
+    let signature = match &known {
+        Some(known) if !resuming && crate::delta::wants_delta(known.meta.size, job.size) => {
+            old_signature(root, job.path)
+        }
+        _ => None,
+    };
     let mut receiver = Receiver::new(root, job.path, if resuming { None } else { known });
     receiver.partial = partial;
-    let fetched = fetcher.fetch(job.path, job.size, basis, &mut receiver);
+    let fetched = match signature {
+        Some(signature) => fetcher.fetch_delta(job.path, job.size, signature, &mut receiver),
+        None => fetcher.fetch(job.path, job.size, basis, &mut receiver),
+    };
     report.fetched_bytes += receiver.fetched;
     let size = match fetched {
         Ok(size) => size,
@@ -714,6 +782,16 @@ fn receive(
         }
     }
     Ok(())
+}
+
+/// The rsync signature of the receiver's current version of `path` (small files only).
+fn old_signature(root: &Root, path: &RelPath) -> Option<Vec<u8>> {
+    let file = root.open_file(path).ok()?;
+    let mut old = Vec::new();
+    file.take(crate::delta::DELTA_MAX_FILE + 1)
+        .read_to_end(&mut old)
+        .ok()?;
+    (old.len() as u64 <= crate::delta::DELTA_MAX_FILE).then(|| crate::delta::signature_of(&old))
 }
 
 /// The path an action is about.

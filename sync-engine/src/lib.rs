@@ -10,6 +10,7 @@
 //!   way is followed, and a new version is verified, fsynced and renamed into place.
 //! - [`execute`]: carries a plan out through [`Root`] with content from a [`Fetcher`];
 //!   deletions go to the [`Trash`]; [`manifest`] is the sender's side.
+//! - [`delta`]: the rolling delta (`fast_rsync`) for small files whose content shifted.
 //! - [`journal`]: [`Patch`], a few changed blocks written into a large file in place behind
 //!   a sealed redo journal, and [`recover`] after a crash.
 //! - [`index`]: the persistent per-root [`Index`] (SQLite): metadata, content hash and block
@@ -22,6 +23,7 @@
 //! The `lbs sync` commands build on these (see `../shared/DESIGN.md` §6).
 
 pub mod apply;
+pub mod delta;
 pub mod execute;
 pub mod index;
 pub mod journal;

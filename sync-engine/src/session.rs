@@ -180,6 +180,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_manifest(conn, generation, rest).await?;
             }
             Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
+            Message::SyncFetchDelta { path, signature } => {
+                send_delta(conn, generation, &files, path, signature).await?;
+            }
             Message::SyncFetchChanges {
                 path,
                 block_size,
@@ -591,6 +594,73 @@ fn block_sums(ours: &[Cv], block_size: BlockSize, new_len: u64) -> Vec<BlockSum>
     sums
 }
 
+/// Sends a small file as a delta against the receiver's version (its `signature`), or whole
+/// when the signature is unusable, the delta would not be smaller, or the file is not small.
+/// The hash sent is of exactly the bytes the delta was made from.
+async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    path: RelPath,
+    signature: Vec<u8>,
+) -> Result<(), SessionError> {
+    let file = match files.open_file(&path) {
+        Ok(file) => file,
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    let made = tokio::task::spawn_blocking(move || {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, crate::delta::DELTA_MAX_FILE + 1),
+            &mut data,
+        )
+        .map(|_| data)
+        .map(|data| {
+            let small = data.len() as u64 <= crate::delta::DELTA_MAX_FILE;
+            let delta = small
+                .then(|| crate::delta::delta_for(signature, &data))
+                .flatten();
+            (small, data, delta)
+        })
+    })
+    .await;
+    let (data, delta) = match blocking_join(made)? {
+        Ok((true, data, delta)) => (data, delta),
+        // It grew past the delta limit since it was listed: stream it whole.
+        Ok((false, ..)) => return send_file(conn, generation, files, path).await,
+        Err(err) => {
+            let reason = format!("reading failed: {err}");
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    match delta {
+        Some(delta) => {
+            for part in delta.chunks(SYNC_CHUNK_LEN) {
+                let bytes = part.to_vec();
+                send(conn, generation, Message::SyncDelta { bytes }).await?;
+            }
+        }
+        None => {
+            for part in data.chunks(SYNC_CHUNK_LEN) {
+                let bytes = part.to_vec();
+                send(conn, generation, Message::SyncData { bytes }).await?;
+            }
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncDataEnd {
+            size: data.len() as u64,
+            blake3: *blake3::hash(&data).as_bytes(),
+        },
+    )
+    .await
+}
+
 /// Streams one file, hashing exactly the bytes sent.
 async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -637,6 +707,8 @@ enum Chunk {
     Changes(u64, u64),
     /// Bytes at an offset of a block transfer; the gap before them is kept from the old file.
     At(u64, Vec<u8>),
+    /// A part of a delta against the receiver's version.
+    Delta(Vec<u8>),
     /// The file is complete at this size.
     End(u64),
     /// The sender could not send this file (it says why); the run goes on.
@@ -645,14 +717,28 @@ enum Chunk {
     Aborted(String),
 }
 
-/// A fetch request from the writing thread: the path, and the receiver's block values when
-/// it holds an older version.
-type Request = (
-    RelPath,
-    u64,
-    Option<(BlockSize, Vec<Cv>)>,
-    mpsc::Sender<Chunk>,
-);
+/// A fetch request from the writing thread: the path, its size, and how to ask for it.
+type Request = (RelPath, u64, Ask, mpsc::Sender<Chunk>);
+
+/// How a file is asked for.
+#[derive(Clone, Debug)]
+enum Ask {
+    /// The whole file.
+    Whole,
+    /// The blocks whose values differ from these (the receiver's).
+    Blocks(BlockSize, Vec<Cv>),
+    /// A delta against the version with this signature.
+    Delta(Vec<u8>),
+}
+
+impl Ask {
+    fn from_basis(basis: Option<(BlockSize, Vec<Cv>)>) -> Ask {
+        match basis {
+            Some((block_size, blocks)) if !blocks.is_empty() => Ask::Blocks(block_size, blocks),
+            _ => Ask::Whole,
+        }
+    }
+}
 
 /// The receiver's fetcher: asks the async side for a file and hands what arrives to the
 /// writing side's sink.
@@ -668,9 +754,31 @@ impl Fetcher for Bridge {
         basis: Option<(BlockSize, Vec<Cv>)>,
         sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
+        self.ask(path, size, Ask::from_basis(basis), sink)
+    }
+
+    fn fetch_delta(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        signature: Vec<u8>,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<u64> {
+        self.ask(path, size, Ask::Delta(signature), sink)
+    }
+}
+
+impl Bridge {
+    fn ask(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        ask: Ask,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<u64> {
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         self.requests
-            .blocking_send((path.clone(), size, basis, tx))
+            .blocking_send((path.clone(), size, ask, tx))
             .map_err(|_| {
                 std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
@@ -683,6 +791,7 @@ impl Fetcher for Bridge {
                 Chunk::Data(bytes) => sink.data(&bytes)?,
                 Chunk::Changes(changed, size) => sink.changes(changed, size)?,
                 Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
+                Chunk::Delta(bytes) => sink.delta(&bytes)?,
                 Chunk::End(size) => return Ok(size),
                 Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
                 Chunk::Aborted(reason) => {
@@ -817,12 +926,17 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
                 let mut planned = VecDeque::with_capacity(fetches.len());
                 for (path, size, existing) in fetches {
-                    let basis = if existing {
-                        index.known(&path)?.map(|k| (k.block_size, k.blocks))
-                    } else {
-                        None
-                    };
-                    planned.push_back(Planned { path, size, basis });
+                    let known = if existing { index.known(&path)? } else { None };
+                    let delta = known
+                        .as_ref()
+                        .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
+                    let ask = Ask::from_basis(known.map(|k| (k.block_size, k.blocks)));
+                    planned.push_back(Planned {
+                        path,
+                        size,
+                        ask,
+                        ahead: !delta,
+                    });
                 }
                 Ok(planned)
             })
@@ -855,13 +969,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         upcoming: planned,
         ahead: VecDeque::new(),
     };
-    while let Some((path, size, basis, chunks)) = incoming.recv().await {
+    while let Some((path, size, ask, chunks)) = incoming.recv().await {
         if let Some(err) = &connection_error {
             let _ = chunks.send(Chunk::Aborted(format!("{err}"))).await;
             continue;
         }
         let relayed = async {
-            pipeline.ready(conn, generation, path, size, basis).await?;
+            pipeline.ready(conn, generation, path, size, ask).await?;
             forward(conn, &chunks, progress_tx.as_ref()).await?;
             pipeline.top_up(conn, generation).await
         };
@@ -918,13 +1032,21 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
 struct Planned {
     path: RelPath,
     size: u64,
-    basis: Option<(BlockSize, Vec<Cv>)>,
+    ask: Ask,
+    /// Whether it may be asked for ahead of the writer (not a delta: its signature comes from
+    /// the writer).
+    ahead: bool,
 }
 
 impl Planned {
     /// Roughly how many bytes its request takes on the wire.
     fn request_bytes(&self) -> usize {
-        64 + self.path.as_bytes().len() + self.basis.as_ref().map_or(0, |(_, b)| b.len() * 10)
+        64 + self.path.as_bytes().len()
+            + match &self.ask {
+                Ask::Whole => 0,
+                Ask::Blocks(_, blocks) => blocks.len() * 10,
+                Ask::Delta(signature) => signature.len(),
+            }
     }
 }
 
@@ -958,7 +1080,7 @@ impl Pipeline {
         generation: Generation,
         path: RelPath,
         size: u64,
-        basis: Option<(BlockSize, Vec<Cv>)>,
+        ask: Ask,
     ) -> Result<(), SessionError> {
         if let Some(at) = self.ahead.iter().position(|p| p.path == path) {
             // The writer skipped the ones before it (their steps failed early).
@@ -982,7 +1104,7 @@ impl Pipeline {
                 self.upcoming.push_front(back);
             }
         }
-        request(conn, generation, path, size, basis).await
+        request(conn, generation, path, size, ask).await
     }
 
     /// Sends the next planned requests, within the limits.
@@ -994,6 +1116,10 @@ impl Pipeline {
         let mut files: u64 = self.ahead.iter().map(|p| p.size).sum();
         let mut requests: usize = self.ahead.iter().map(Planned::request_bytes).sum();
         while let Some(next) = self.upcoming.front() {
+            if !next.ahead {
+                // Its request is the writer's to make; nothing goes past it.
+                break;
+            }
             let fits = self.ahead.is_empty()
                 || (self.ahead.len() < AHEAD_FILES
                     && files + next.size <= AHEAD_BYTES
@@ -1011,7 +1137,7 @@ impl Pipeline {
                 generation,
                 next.path.clone(),
                 next.size,
-                next.basis.clone(),
+                next.ask.clone(),
             )
             .await?;
             self.ahead.push_back(next);
@@ -1020,16 +1146,25 @@ impl Pipeline {
     }
 }
 
-/// Asks the sender for one file: whole, or its changes against `basis`.
+/// Asks the sender for one file: whole, its changes against the receiver's blocks, or a delta.
 async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     path: RelPath,
     size: u64,
-    basis: Option<(BlockSize, Vec<Cv>)>,
+    ask: Ask,
 ) -> Result<(), SessionError> {
-    let Some((block_size, blocks)) = basis.filter(|(_, blocks)| !blocks.is_empty()) else {
-        return send(conn, generation, Message::SyncFetch { path }).await;
+    let (block_size, blocks) = match ask {
+        Ask::Whole => return send(conn, generation, Message::SyncFetch { path }).await,
+        Ask::Delta(signature) => {
+            return send(
+                conn,
+                generation,
+                Message::SyncFetchDelta { path, signature },
+            )
+            .await;
+        }
+        Ask::Blocks(block_size, blocks) => (block_size, blocks),
     };
     let sums = block_sums(&blocks, block_size, size);
     let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
@@ -1056,8 +1191,10 @@ async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), SessionError> {
     loop {
         match receive(conn, "a file transfer").await? {
-            Message::SyncData { .. } | Message::SyncDataAt { .. } | Message::SyncChanges { .. } => {
-            }
+            Message::SyncData { .. }
+            | Message::SyncDataAt { .. }
+            | Message::SyncChanges { .. }
+            | Message::SyncDelta { .. } => {}
             Message::SyncDataEnd { .. } | Message::SyncUnavailable { .. } => return Ok(()),
             other => {
                 return Err(SessionError::Unexpected {
@@ -1090,6 +1227,12 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 Chunk::At(offset, bytes)
             }
             Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
+            Message::SyncDelta { bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
+                }
+                Chunk::Delta(bytes)
+            }
             // The writer verifies the content against the manifest's hash itself.
             Message::SyncDataEnd { size, .. } => Chunk::End(size),
             Message::SyncUnavailable { path, reason } => {
@@ -1179,7 +1322,8 @@ mod tests {
             .map(|p| Planned {
                 path: rel(p),
                 size: 1,
-                basis: None,
+                ask: Ask::Whole,
+                ahead: true,
             })
             .collect();
         let mut pipeline = Pipeline {
@@ -1188,7 +1332,7 @@ mod tests {
         };
         let generation = Generation(1);
         pipeline
-            .ready(&mut conn, generation, rel("a"), 1, None)
+            .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
             .await
             .unwrap();
         assert_eq!(content(&mut conn).await, b"a");
@@ -1197,20 +1341,20 @@ mod tests {
         assert_eq!(pipeline.ahead.len(), 3);
         // The writer skips b (its step failed before fetching): b's answer is dropped.
         pipeline
-            .ready(&mut conn, generation, rel("c"), 1, None)
+            .ready(&mut conn, generation, rel("c"), 1, Ask::Whole)
             .await
             .unwrap();
         assert_eq!(content(&mut conn).await, b"c");
         // A fallback fetch of "a" (a local copy that did not verify): d's answer in flight is
         // dropped and d goes back in line, asked again on the next top-up.
         pipeline
-            .ready(&mut conn, generation, rel("a"), 1, None)
+            .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
             .await
             .unwrap();
         assert_eq!(content(&mut conn).await, b"a");
         pipeline.top_up(&mut conn, generation).await.unwrap();
         pipeline
-            .ready(&mut conn, generation, rel("d"), 1, None)
+            .ready(&mut conn, generation, rel("d"), 1, Ask::Whole)
             .await
             .unwrap();
         assert_eq!(content(&mut conn).await, b"d");

@@ -598,3 +598,136 @@ async fn a_cancelled_pull_stops_promptly_and_keeps_the_old_file_and_the_partial(
     assert_eq!(fs::read(&partial).unwrap(), &content[..512 * 1024]);
     fake.abort();
 }
+
+fn dialplan(lines: std::ops::Range<u32>) -> String {
+    lines
+        .map(|i| format!("exten => {i},1,Dial(PJSIP/{i},30,tT)\n"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_inserted_in_a_config_file_move_as_a_small_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let old = dialplan(0..4000);
+    write_old(&receiver.join("extensions.conf"), old.as_bytes());
+    // New extensions in the middle: every block after them shifts.
+    let new = format!(
+        "{}exten => 7001,1,Voicemail(7001)\nexten => 7002,1,Voicemail(7002)\n{}",
+        dialplan(0..100),
+        dialplan(100..4000)
+    );
+    write_old(&sender.join("extensions.conf"), new.as_bytes());
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (mut server_conn, mut client_conn) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move {
+            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            serve(&mut server_conn, sender, index, GEN).await
+        }
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let report = pull(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.executed.deferred.is_empty(), "{report:?}");
+    assert_eq!(
+        fs::read(receiver.join("extensions.conf")).unwrap(),
+        new.as_bytes()
+    );
+    let moved = report.executed.fetched_bytes;
+    assert!(
+        moved < 4096,
+        "moved {moved} bytes of a {} byte file",
+        new.len()
+    );
+    drop(client_conn);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    let old = dialplan(0..2000);
+    write_old(&receiver.join("extensions.conf"), old.as_bytes());
+    let new = dialplan(0..2100).into_bytes();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (mut liar, mut client) = connections();
+    let fake = tokio::spawn({
+        let new = new.clone();
+        async move {
+            let send = |message| Envelope {
+                generation: GEN,
+                message,
+            };
+            expect_digests(&mut liar).await;
+            let entries = vec![ManifestEntry {
+                path: RelPath::try_from("extensions.conf").unwrap(),
+                kind: ManifestKind::File {
+                    size: new.len() as u64,
+                    blake3: *blake3::hash(&new).as_bytes(),
+                },
+                meta: meta(),
+            }];
+            liar.send(send(Message::SyncManifest {
+                entries,
+                last: true,
+            }))
+            .await
+            .unwrap();
+            assert!(matches!(
+                expect_request(&mut liar).await,
+                Message::SyncFetchDelta { .. }
+            ));
+            // Garbage where a delta should be, with the right hash at the end.
+            liar.send(send(Message::SyncDelta {
+                bytes: b"rs\x026not a delta at all".to_vec(),
+            }))
+            .await
+            .unwrap();
+            let end = Message::SyncDataEnd {
+                size: new.len() as u64,
+                blake3: *blake3::hash(&new).as_bytes(),
+            };
+            liar.send(send(end.clone())).await.unwrap();
+            // The receiver asks for the whole file; this time it is honest.
+            assert!(matches!(
+                expect_request(&mut liar).await,
+                Message::SyncFetch { .. }
+            ));
+            liar.send(send(Message::SyncData { bytes: new.clone() }))
+                .await
+                .unwrap();
+            liar.send(send(end)).await.unwrap();
+            liar
+        }
+    });
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let report = pull(
+        &mut client,
+        &receiver,
+        index,
+        &trash,
+        GEN,
+        PullOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.executed.refetched.len(), 1, "{report:?}");
+    assert!(report.executed.deferred.is_empty(), "{report:?}");
+    assert_eq!(fs::read(receiver.join("extensions.conf")).unwrap(), new);
+    drop(fake.await.unwrap());
+}
