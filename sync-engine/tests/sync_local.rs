@@ -246,6 +246,108 @@ proptest! {
     }
 }
 
+/// Mostly files, of the sizes that take each path: whole (tiny), delta (config-sized, when
+/// the size changes), block transfer and in-place patch (over a megabyte).
+fn arb_file_tree() -> impl Strategy<Value = Tree> {
+    let sizes = prop_oneof![0usize..200, 9000usize..60_000, Just(1_100_000)];
+    prop::collection::vec((any::<u8>(), sizes), 6).prop_map(|files| {
+        let mut tree = Tree::new();
+        tree.insert("d".into(), Spec::Dir { mode: 0o755 });
+        for (i, (seed, len)) in files.into_iter().enumerate() {
+            let path = if i % 2 == 0 {
+                format!("f{i}")
+            } else {
+                format!("d/f{i}")
+            };
+            tree.insert(
+                path,
+                Spec::File {
+                    content: content(seed, len),
+                    mode: 0o644,
+                },
+            );
+        }
+        tree
+    })
+}
+
+/// A pull over a real session (framed, in memory): block transfers, in-place patches, deltas
+/// and the request pipeline all take part.
+fn session_pull(
+    sender: &Path,
+    receiver: &Path,
+    trash: &Trash,
+    receiver_index: &std::sync::Arc<std::sync::Mutex<Index>>,
+) -> lbs_sync::PullReport {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let codec = || lbs_protocol::FrameCodec::<lbs_protocol::Envelope>::new();
+        let (mut server_conn, mut client_conn) = (
+            tokio_util::codec::Framed::new(a, codec()),
+            tokio_util::codec::Framed::new(b, codec()),
+        );
+        let generation = lbs_protocol::Generation(1);
+        let server = tokio::spawn({
+            let sender = sender.to_owned();
+            async move {
+                let index = std::sync::Arc::new(std::sync::Mutex::new(Index::in_memory().unwrap()));
+                lbs_sync::serve(&mut server_conn, sender, index, generation).await
+            }
+        });
+        let report = lbs_sync::pull(
+            &mut client_conn,
+            receiver,
+            receiver_index.clone(),
+            trash,
+            generation,
+            lbs_sync::PullOptions::default(),
+        )
+        .await
+        .unwrap();
+        drop(client_conn);
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        report
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn after_a_pull_over_a_session_the_trees_are_identical(
+        base in arb_file_tree(),
+        edits in prop::collection::vec(arb_edit(), 1..10),
+    ) {
+        let mut edited = base.clone();
+        for edit in &edits {
+            apply_edit(&mut edited, edit);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (sender, receiver) = (dir.path().join("sender"), dir.path().join("receiver"));
+        materialize(&sender, &edited);
+        materialize(&receiver, &base);
+        let trash = Trash::open(&dir.path().join("trash")).unwrap();
+        let index = std::sync::Arc::new(std::sync::Mutex::new(Index::in_memory().unwrap()));
+
+        let first = session_pull(&sender, &receiver, &trash, &index);
+        prop_assert!(first.executed.deferred.is_empty(), "{:?}", first);
+        prop_assert_eq!(state(&receiver), state(&sender));
+
+        let again = session_pull(&sender, &receiver, &trash, &index);
+        prop_assert_eq!(again.executed.done, 0, "second pull: {:?}", again);
+        prop_assert!(!receiver.join(lbs_sync::JOURNAL_NAME).exists());
+    }
+}
+
 #[test]
 fn deleted_files_go_to_the_trash_and_the_trash_is_purged_after_retention() {
     let dir = tempfile::tempdir().unwrap();
