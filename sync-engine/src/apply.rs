@@ -146,6 +146,8 @@ pub struct Root {
     dir: File,
     path: PathBuf,
     durability: Durability,
+    /// Whether partial versions may lie in the tree (see [`Root::without_partials`]).
+    partials: bool,
 }
 
 /// A new file version written and verified beside its destination, waiting for
@@ -153,6 +155,8 @@ pub struct Root {
 #[derive(Debug)]
 pub struct Staged {
     rel: RelPath,
+    /// The directory the temporary file is in (and its destination).
+    dir: File,
     temp: OsString,
     tree: TreeHash,
 }
@@ -195,6 +199,7 @@ impl Root {
             dir,
             path: path.to_owned(),
             durability: Durability::EachStep,
+            partials: true,
         })
     }
 
@@ -226,6 +231,13 @@ impl Root {
         target: &Target,
     ) -> Result<(), ApplyError> {
         set_fd_meta(file, target).map_err(|err| self.io(rel, "setting metadata", err))
+    }
+
+    /// The same root, known to hold no partial versions (its scan found none): no file's
+    /// directory is searched for one.
+    pub fn without_partials(mut self) -> Root {
+        self.partials = false;
+        self
     }
 
     /// The same root with another [`Durability`].
@@ -411,24 +423,22 @@ impl Root {
         let mut done = Vec::with_capacity(staged.len());
         let mut failed = Vec::new();
         for item in staged {
-            let renamed = self.parent_dir(&item.rel, false).and_then(|dir| {
-                let result = renameat(
+            let dir = &item.dir;
+            let renamed = renameat(
+                dir.as_fd(),
+                item.temp.as_os_str(),
+                dir.as_fd(),
+                item.rel.file_name(),
+            )
+            .map_err(|err| self.io(&item.rel, "renaming into place", err))
+            .and_then(|()| self.step_sync(dir, &item.rel, "syncing the directory"));
+            if renamed.is_err() {
+                let _ = unlinkat(
                     dir.as_fd(),
                     item.temp.as_os_str(),
-                    dir.as_fd(),
-                    item.rel.file_name(),
-                )
-                .map_err(|err| self.io(&item.rel, "renaming into place", err))
-                .and_then(|()| self.step_sync(&dir, &item.rel, "syncing the directory"));
-                if result.is_err() {
-                    let _ = unlinkat(
-                        dir.as_fd(),
-                        item.temp.as_os_str(),
-                        UnlinkatFlags::NoRemoveDir,
-                    );
-                }
-                result
-            });
+                    UnlinkatFlags::NoRemoveDir,
+                );
+            }
             match renamed {
                 Ok(()) => done.push((item.rel, item.tree)),
                 Err(err) => failed.push((item.rel, err)),
@@ -440,6 +450,9 @@ impl Root {
 
     /// The partial of content `expected` beside `rel` that an interrupted pull left, if any.
     pub fn open_partial(&self, rel: &RelPath, expected: &blake3::Hash) -> Option<File> {
+        if !self.partials {
+            return None;
+        }
         let dir = self.parent_dir(rel, false).ok()?;
         openat(
             dir.as_fd(),
@@ -472,13 +485,11 @@ impl Root {
     /// Removes staged files that will not be put in place.
     pub fn discard(&self, staged: Vec<Staged>) {
         for item in staged {
-            if let Ok(dir) = self.parent_dir(&item.rel, false) {
-                let _ = unlinkat(
-                    dir.as_fd(),
-                    item.temp.as_os_str(),
-                    UnlinkatFlags::NoRemoveDir,
-                );
-            }
+            let _ = unlinkat(
+                item.dir.as_fd(),
+                item.temp.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -699,7 +710,16 @@ impl TempFile<'_> {
         set_fd_meta(&self.file, target).map_err(|err| root.io(&rel, "setting metadata", err))?;
         root.step_sync(&self.file, &rel, "syncing the file")?;
         let temp = self.name.take().unwrap_or_default();
-        Ok(Staged { rel, temp, tree })
+        let dir = self
+            .dir
+            .try_clone()
+            .map_err(|err| root.io(&rel, "duplicating a directory handle", err))?;
+        Ok(Staged {
+            rel,
+            dir,
+            temp,
+            tree,
+        })
     }
 }
 

@@ -518,8 +518,9 @@ impl Ids {
     }
 }
 
-/// At most this many new files wait, written but not yet in place, for one group commit.
-const GROUP_FILES: usize = 1000;
+/// At most this many new files wait, written but not yet in place, for one group commit
+/// (each holds its directory open: well under the usual limit of 1,024 open files).
+const GROUP_FILES: usize = 512;
 /// At most this many bytes of new files wait for one group commit.
 const GROUP_BYTES: u64 = 512 << 20;
 

@@ -905,6 +905,11 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
         files.remove_own_file(stale);
     }
+    let files = if scan_report.partials.is_empty() {
+        files.without_partials()
+    } else {
+        files
+    };
 
     // Every fetch the plan will make, in its order, so requests can run ahead of the writer.
     let planned = {
