@@ -277,13 +277,15 @@ impl Index {
         Ok(Some((block_size, blocks)))
     }
 
-    /// What the index knows of a file that has a trusted hash and block values: the basis
-    /// for receiving only its changed blocks.
+    /// What the index knows of a file that has a hash and block values: the basis for
+    /// receiving only its changed blocks. A racy hash (taken in the second the file was
+    /// written) serves too: whatever is built on it is verified against the sender's hash,
+    /// and a patch is refused if the file's content key moved since it was indexed.
     pub fn known(&self, path: &RelPath) -> Result<Option<Known>, IndexError> {
         let Some(entry) = self.get(path)? else {
             return Ok(None);
         };
-        if entry.kind != EntryKind::File || entry.hash.is_none_or(|hash| hash.racy) {
+        if entry.kind != EntryKind::File || entry.hash.is_none() {
             return Ok(None);
         }
         Ok(self.blocks(path)?.map(|(block_size, blocks)| Known {

@@ -289,6 +289,8 @@ struct CaseResult {
     key: &'static str,
     title: String,
     lbs: Vec<Sample>,
+    /// lbs with `--no-fsync`, for comparison with rsync, which never syncs.
+    unsynced: Vec<Sample>,
     rsync: Vec<Sample>,
     best: Option<(&'static str, Vec<Sample>)>,
 }
@@ -404,6 +406,7 @@ impl Bench {
             key: case.key,
             title: case.title.clone(),
             lbs: Vec::new(),
+            unsynced: Vec::new(),
             rsync: Vec::new(),
             best: case
                 .rsync_best
@@ -412,43 +415,51 @@ impl Bench {
         };
         let fresh = rsync.module_dir("fresh")?;
         for run in 0..runs {
-            (case.prepare)()?;
-            let (dst, state) = if case.fresh_receiver {
-                let state = self.work.join(format!("state-fresh-{run}"));
-                remove_all(&state)?;
-                let dst = fresh.join(format!("lbs-{run}"));
-                remove_all(&dst)?;
-                fs::create_dir_all(&dst)?;
-                (dst, state)
-            } else {
-                self.settle(target)?;
-                (target.dst.clone(), target.dst_state.clone())
+            let lbs_run = |durable: bool, tag: &str| -> anyhow::Result<Sample> {
+                (case.prepare)()?;
+                let (dst, state) = if case.fresh_receiver {
+                    let state = self.work.join(format!("state-fresh-{run}{tag}"));
+                    remove_all(&state)?;
+                    let dst = fresh.join(format!("lbs-{run}{tag}"));
+                    remove_all(&dst)?;
+                    fs::create_dir_all(&dst)?;
+                    (dst, state)
+                } else {
+                    self.settle(target)?;
+                    (target.dst.clone(), target.dst_state.clone())
+                };
+                (case.edit)()?;
+                flush_disks()?;
+                let mut pull = self.pull_into(target, &dst, &state);
+                if !durable {
+                    pull.arg("--no-fsync");
+                }
+                let sample = timed(&mut pull, target.server.pid(), |out| {
+                    after(out, "on the wire: ")?.split(' ').next()?.parse().ok()
+                })
+                .context("timed lbs sync pull")?;
+                if run == 0 {
+                    checked(
+                        Command::new(&self.lbs)
+                            .args(["sync", "verify"])
+                            .arg(&target.src)
+                            .arg(&dst),
+                        STEP_TIMEOUT,
+                    )
+                    .context("after the pull, lbs sync verify finds the trees differ")?;
+                }
+                Ok(sample)
             };
-            (case.edit)()?;
-            flush_disks()?;
-            let serve_pid = target.server.pid();
-            let lbs = timed(
-                &mut self.pull_into(target, &dst, &state),
-                serve_pid,
-                |out| after(out, "on the wire: ")?.split(' ').next()?.parse().ok(),
-            )
-            .context("timed lbs sync pull")?;
-            if run == 0 {
-                checked(
-                    Command::new(&self.lbs)
-                        .args(["sync", "verify"])
-                        .arg(&target.src)
-                        .arg(&dst),
-                    STEP_TIMEOUT,
-                )
-                .context("after the pull, lbs sync verify finds the trees differ")?;
-            }
+            let lbs = lbs_run(true, "")?;
+            let unsynced = lbs_run(false, "-nofsync")?;
+            result.unsynced.push(unsynced);
             let default = rsync_run(case, &case.rsync_args, rsync, run)?;
             println!(
-                "    run {}: lbs {:.3} s {} B | rsync {:.3} s {} B",
+                "    run {}: lbs {:.3} s {} B (no fsync {:.3} s) | rsync {:.3} s {} B",
                 run + 1,
                 lbs.secs,
                 lbs.wire_bytes,
+                unsynced.secs,
                 default.secs,
                 default.wire_bytes
             );
@@ -466,7 +477,9 @@ impl Bench {
         }
         remove_all(&fresh)?;
         for run in 0..runs {
-            remove_all(&self.work.join(format!("state-fresh-{run}")))?;
+            for tag in ["", "-nofsync"] {
+                remove_all(&self.work.join(format!("state-fresh-{run}{tag}")))?;
+            }
         }
         Ok(result)
     }
@@ -774,7 +787,8 @@ impl Datasets {
                 .set_len(self.big_len)?;
         } else if len != Some(self.big_len) {
             // Missing, or left by a run with other sizes.
-            return copy_file(&self.big_old, file);
+            copy_file(&self.big_old, file)?;
+            return set_mtime(file, OLD_MTIME);
         }
         let old = File::open(&self.big_old)?;
         let out = OpenOptions::new().write(true).open(file)?;
@@ -783,7 +797,9 @@ impl Datasets {
             old.read_exact_at(&mut block, *offset)?;
             out.write_all_at(&block, *offset)?;
         }
-        Ok(())
+        drop(out);
+        // The old version's mtime too: the old state is content and metadata.
+        set_mtime(file, OLD_MTIME)
     }
 
     /// Case (a)'s edit: the scattered rewrites.
@@ -1059,15 +1075,25 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
     const MIB: f64 = 1024.0 * 1024.0;
     println!(
-        "\n=== sync benchmark: medians of {runs} run(s); bytes are both directions on the wire"
+        "\n=== sync benchmark: medians of {runs} run(s); bytes are both directions on the wire; \
+         lbs syncs new content to disk before it replaces the old (no-fsync: with --no-fsync); \
+         rsync never syncs"
     );
     println!(
-        "{:<22} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}  rsync's better mode",
-        "case", "lbs s", "rsync s", "time", "lbs bytes", "rsync bytes", "bytes", "lbs anon MiB"
+        "{:<22} {:>8} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}  rsync's better mode",
+        "case",
+        "lbs s",
+        "no-fsync",
+        "rsync s",
+        "time",
+        "lbs bytes",
+        "rsync bytes",
+        "bytes",
+        "lbs anon MiB"
     );
     println!(
-        "{:<22} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}",
-        "", "", "", "ratio", "", "", "ratio", "(pull/serve)"
+        "{:<22} {:>8} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}",
+        "", "", "lbs s", "", "ratio", "", "", "ratio", "(pull/serve)"
     );
     let mut worst_time = (0.0f64, "none");
     let mut worst_bytes = (0.0f64, "none");
@@ -1093,9 +1119,10 @@ fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
                 )
             });
         println!(
-            "{:<22} {:>8.3} {:>8.3} {:>6.2} {:>13.0} {:>13.0} {:>6.2}  {:>7.1}/{:<8.1}  {best}",
+            "{:<22} {:>8.3} {:>8.3} {:>8.3} {:>6.2} {:>13.0} {:>13.0} {:>6.2}  {:>7.1}/{:<8.1}  {best}",
             result.key,
             lbs_s,
+            secs(&result.unsynced),
             rsync_s,
             time_ratio,
             lbs_b,
