@@ -935,12 +935,21 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                     let delta = known
                         .as_ref()
                         .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
-                    let ask = Ask::from_basis(known.map(|k| (k.block_size, k.blocks)));
+                    // Large files are not asked for ahead: their block lists would make this
+                    // list grow with the data, and their transfer dwarfs a round trip.
+                    let small = known
+                        .as_ref()
+                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS);
+                    let ask = if small {
+                        Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
+                    } else {
+                        Ask::Whole
+                    };
                     planned.push_back(Planned {
                         path,
                         size,
                         ask,
-                        ahead: !delta,
+                        ahead: !delta && small,
                     });
                 }
                 Ok(planned)
@@ -1038,8 +1047,8 @@ struct Planned {
     path: RelPath,
     size: u64,
     ask: Ask,
-    /// Whether it may be asked for ahead of the writer (not a delta: its signature comes from
-    /// the writer).
+    /// Whether it may be asked for ahead of the writer (not a delta, whose signature comes
+    /// from the writer, nor a large file: then `ask` is not kept).
     ahead: bool,
 }
 
@@ -1068,6 +1077,8 @@ struct Pipeline {
     ahead: VecDeque<Planned>,
 }
 
+/// Files with more blocks than this (1 MiB at 16 KiB) are asked for by the writer itself.
+const AHEAD_MAX_BLOCKS: usize = 64;
 /// At most this many requests run ahead of the writer.
 const AHEAD_FILES: usize = 64;
 /// At most this many bytes of files are requested ahead of the writer.
