@@ -643,6 +643,12 @@ fn run(
             } => {
                 let target = ids.target(meta, &mut report);
                 let expected = blake3::Hash::from(*blake3);
+                let job = Job {
+                    path,
+                    size: *size,
+                    expected: &expected,
+                    target: &target,
+                };
                 let copied = match from {
                     Source::Path(p) => root.open_file(p),
                     Source::Trashed(p) => trash.open_file(p),
@@ -660,12 +666,6 @@ fn run(
                     }
                     // The source was not what the index said: get it from the sender.
                     Err(ApplyError::HashMismatch { .. } | ApplyError::Io { .. }) => {
-                        let job = Job {
-                            path,
-                            size: *size,
-                            expected: &expected,
-                            target: &target,
-                        };
                         receive(root, fetcher, &job, None, &mut report, group)
                     }
                     Err(other) => Err(other),

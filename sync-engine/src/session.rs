@@ -80,6 +80,16 @@ pub enum SessionError {
     Internal(String),
 }
 
+impl SessionError {
+    /// The peer sent `got` where it does not belong, during `during`.
+    fn unexpected(got: &Message, during: &'static str) -> SessionError {
+        SessionError::Unexpected {
+            got: got.kind(),
+            during,
+        }
+    }
+}
+
 /// What a pull did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PullReport {
@@ -224,10 +234,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             done = last;
                         }
                         other => {
-                            return Err(SessionError::Unexpected {
-                                got: other.kind(),
-                                during: "a block list",
-                            });
+                            return Err(SessionError::unexpected(&other, "a block list"));
                         }
                     }
                 }
@@ -246,10 +253,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Message::Goodbye { .. } => return Ok(()),
             other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "serving",
-                });
+                return Err(SessionError::unexpected(&other, "serving"));
             }
         }
     }
@@ -359,10 +363,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "the manifest",
-                });
+                return Err(SessionError::unexpected(&other, "the manifest"));
             }
         }
     }
@@ -401,10 +402,7 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
                 done = last;
             }
             other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "the receiver's digests",
-                });
+                return Err(SessionError::unexpected(&other, "the receiver's digests"));
             }
         }
     }
@@ -1213,10 +1211,7 @@ async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
             | Message::SyncDelta { .. } => {}
             Message::SyncDataEnd { .. } | Message::SyncUnavailable { .. } => return Ok(()),
             other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "a file transfer",
-                });
+                return Err(SessionError::unexpected(&other, "a file transfer"));
             }
         }
     }
@@ -1255,10 +1250,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 Chunk::Failed(format!("the sender could not send {path}: {reason}"))
             }
             other => {
-                return Err(SessionError::Unexpected {
-                    got: other.kind(),
-                    during: "a file transfer",
-                });
+                return Err(SessionError::unexpected(&other, "a file transfer"));
             }
         };
         let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));

@@ -41,6 +41,30 @@ fn connections() -> (
     )
 }
 
+type Conn = Framed<DuplexStream, FrameCodec<Envelope>>;
+
+/// A primary serving the tree at `sender` (fresh index) over an in-memory connection; the
+/// other end is the receiver's.
+fn start_primary(sender: &Path) -> (tokio::task::JoinHandle<Result<(), SessionError>>, Conn) {
+    let (mut server_conn, client_conn) = connections();
+    let sender = sender.to_owned();
+    let server = tokio::spawn(async move {
+        let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+        serve(&mut server_conn, sender, index, GEN).await
+    });
+    (server, client_conn)
+}
+
+/// Hangs up and waits (bounded) for the primary to end cleanly.
+async fn stop_primary(server: tokio::task::JoinHandle<Result<(), SessionError>>, client: Conn) {
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,14 +166,7 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
     write_old(&sender.join("monitor/call.wav"), &grown);
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
 
-    let (mut server_conn, mut client_conn) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move {
-            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-            serve(&mut server_conn, sender, index, GEN).await
-        }
-    });
+    let (server, mut client_conn) = start_primary(&sender);
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
     let inode = fs::metadata(receiver.join("monitor/call.wav"))
         .unwrap()
@@ -189,12 +206,7 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
         grown.len()
     );
     assert!(moved >= 300_000, "moved {moved}");
-    drop(client_conn);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_primary(server, client_conn).await;
 }
 
 fn meta() -> FileMeta {
@@ -524,14 +536,7 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
     assert!(!receiver.join("moh/default.wav").exists());
 
     // The next pull asks only for what is missing, and leaves no partial behind.
-    let (mut server_conn, mut client_conn) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move {
-            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-            serve(&mut server_conn, sender, index, GEN).await
-        }
-    });
+    let (server, mut client_conn) = start_primary(&sender);
     let report = pull(
         &mut client_conn,
         &receiver,
@@ -552,12 +557,7 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
     );
     assert_eq!(fs::read(receiver.join("moh/default.wav")).unwrap(), content);
     assert!(!partial.exists());
-    drop(client_conn);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_primary(server, client_conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,14 +619,7 @@ async fn lines_inserted_in_a_config_file_move_as_a_small_delta() {
     );
     write_old(&sender.join("extensions.conf"), new.as_bytes());
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
-    let (mut server_conn, mut client_conn) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move {
-            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-            serve(&mut server_conn, sender, index, GEN).await
-        }
-    });
+    let (server, mut client_conn) = start_primary(&sender);
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
     let report = pull(
         &mut client_conn,
@@ -649,12 +642,7 @@ async fn lines_inserted_in_a_config_file_move_as_a_small_delta() {
         "moved {moved} bytes of a {} byte file",
         new.len()
     );
-    drop(client_conn);
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop_primary(server, client_conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
