@@ -246,8 +246,10 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         Some(lbs_sync::Recovery::Clean) | None => {}
     }
     println!(
-        "manifest in {:.2} s; {} unchanged, {} metadata only",
+        "manifest in {:.2} s (this side's scan {:.2} s, {} file(s) read); {} unchanged, {} metadata only",
         report.manifest_time.as_secs_f64(),
+        report.scan.elapsed.as_secs_f64(),
+        report.scan.hashed_files,
         plan.unchanged,
         plan.metadata_only
     );
