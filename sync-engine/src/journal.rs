@@ -259,7 +259,9 @@ impl<'r> Patch<'r> {
 }
 
 /// A verified, sealed patch whose blocks are not yet in the file (see [`Patch::seal`]).
-/// Dropped without [`Sealed::apply`], its journal stays for [`recover`].
+/// Dropped without [`Sealed::apply`] (or when applying fails half way), its journal stays for
+/// [`recover`], and no other patch starts in this root until then (the journal is created
+/// exclusively): other changed files are rewritten whole meanwhile.
 #[derive(Debug)]
 pub struct Sealed<'r> {
     root: &'r Root,
@@ -489,7 +491,8 @@ impl Root {
         openat(
             self.handle().as_fd(),
             name,
-            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            // Never over an existing journal: a sealed one must be replayed first.
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )
         .map(File::from)

@@ -142,6 +142,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     generation: Generation,
 ) -> Result<(), SessionError> {
     let files = Root::open(&root)?;
+    // This box may have been a backup that stopped in the middle of a patch: finish it
+    // before serving the file.
+    blocking_join(
+        tokio::task::spawn_blocking({
+            let root = root.clone();
+            move || Root::open(&root).and_then(|files| recover(&files))
+        })
+        .await,
+    )??;
     loop {
         let Some(envelope) = conn.next().await else {
             return Ok(());

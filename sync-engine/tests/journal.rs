@@ -229,3 +229,31 @@ fn a_patch_that_does_not_verify_leaves_the_file_and_no_journal() {
     assert!(matches!(err, PatchError::Changed), "{err}");
     assert!(!root_path.join(JOURNAL_NAME).exists());
 }
+
+#[test]
+fn a_sealed_journal_is_never_overwritten_by_the_next_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = noise(5, 6 * BS);
+    let new = edited(&old, &[(0.5, 100)], BS, 9);
+    let (journal, _) = sealed_journal(dir.path(), &old, &new);
+    let root_path = dir.path().join("backup");
+    write_old(&root_path.join("other.wav"), &noise(6, 6 * BS));
+    let mut index = Index::in_memory().unwrap();
+    scan(&root_path, &mut index, &ScanOptions::default()).unwrap();
+    let other = RelPath::try_from("other.wav").unwrap();
+    let root = Root::open(&root_path).unwrap();
+    let refused = Patch::begin(
+        &root,
+        &other,
+        index.known(&other).unwrap().unwrap(),
+        7 * BS as u64,
+    );
+    assert!(refused.is_err());
+    // The sealed journal is intact, and the next run finishes its file.
+    assert_eq!(fs::read(root_path.join(JOURNAL_NAME)).unwrap(), journal);
+    assert_eq!(
+        recover(&root).unwrap(),
+        Recovery::Finished(RelPath::try_from("rec.wav").unwrap())
+    );
+    assert_eq!(fs::read(root_path.join("rec.wav")).unwrap(), new);
+}
