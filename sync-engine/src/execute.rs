@@ -477,29 +477,44 @@ pub struct ExecuteReport {
     pub installed: Vec<(RelPath, TreeHash)>,
 }
 
+/// The id of `name` (looked up once, remembered), or the name itself when it is a number
+/// (a sender whose owner has no name).
+fn lookup(
+    cache: &mut HashMap<String, Option<u32>>,
+    name: &str,
+    resolve: impl FnOnce(&str) -> Option<u32>,
+) -> Option<u32> {
+    if let Some(id) = cache.get(name) {
+        return *id;
+    }
+    let id = resolve(name).or_else(|| name.parse().ok());
+    cache.insert(name.to_owned(), id);
+    id
+}
+
 /// Owner and group names to this box's ids (only when we may chown, i.e. as root).
 #[derive(Debug, Default)]
 struct Ids {
+    /// Whether this process may chown (asked once per run, not per file).
+    root: bool,
     users: HashMap<String, Option<u32>>,
     groups: HashMap<String, Option<u32>>,
 }
 
 impl Ids {
     fn target(&mut self, meta: &FileMeta, report: &mut ExecuteReport) -> Target {
-        let owner = if nix::unistd::geteuid().is_root() {
-            let uid = *self.users.entry(meta.owner.clone()).or_insert_with(|| {
-                nix::unistd::User::from_name(&meta.owner)
+        let owner = if self.root {
+            let uid = lookup(&mut self.users, &meta.owner, |name| {
+                nix::unistd::User::from_name(name)
                     .ok()
                     .flatten()
                     .map(|u| u.uid.as_raw())
-                    .or_else(|| meta.owner.parse().ok())
             });
-            let gid = *self.groups.entry(meta.group.clone()).or_insert_with(|| {
-                nix::unistd::Group::from_name(&meta.group)
+            let gid = lookup(&mut self.groups, &meta.group, |name| {
+                nix::unistd::Group::from_name(name)
                     .ok()
                     .flatten()
                     .map(|g| g.gid.as_raw())
-                    .or_else(|| meta.group.parse().ok())
             });
             for (name, id) in [(&meta.owner, uid), (&meta.group, gid)] {
                 if id.is_none() && !report.unknown_owners.contains(name) {
@@ -595,7 +610,10 @@ fn run(
     group: &mut Group,
 ) -> Result<ExecuteReport, ApplyError> {
     let mut report = ExecuteReport::default();
-    let mut ids = Ids::default();
+    let mut ids = Ids {
+        root: nix::unistd::geteuid().is_root(),
+        ..Ids::default()
+    };
     let mut progress = Progress {
         actions_total: plan.actions.len() as u64,
         bytes_total: plan.summary.fetch_bytes + plan.summary.local_copy_bytes,

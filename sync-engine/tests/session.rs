@@ -229,6 +229,28 @@ async fn expect_digests(conn: &mut Framed<DuplexStream, FrameCodec<Envelope>>) {
     }
 }
 
+/// Sends `message` as a sender of generation [`GEN`] would.
+async fn say(conn: &mut Conn, message: Message) {
+    conn.send(Envelope {
+        generation: GEN,
+        message,
+    })
+    .await
+    .unwrap();
+}
+
+/// A sender's manifest entry for a file holding `content`.
+fn file_entry(path: &str, content: &[u8]) -> ManifestEntry {
+    ManifestEntry {
+        path: RelPath::try_from(path).unwrap(),
+        kind: ManifestKind::File {
+            size: content.len() as u64,
+            blake3: *blake3::hash(content).as_bytes(),
+        },
+        meta: meta(),
+    }
+}
+
 async fn expect_request(conn: &mut Framed<DuplexStream, FrameCodec<Envelope>>) -> Message {
     tokio::time::timeout(Duration::from_secs(10), conn.next())
         .await
@@ -255,32 +277,34 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
             },
             meta: meta(),
         }];
-        let send = |message| Envelope {
-            generation: GEN,
-            message,
-        };
-        liar.send(send(Message::SyncManifest {
-            entries,
-            last: true,
-        }))
-        .await
-        .unwrap();
+        say(
+            &mut liar,
+            Message::SyncManifest {
+                entries,
+                last: true,
+            },
+        )
+        .await;
         // The receiver holds an old version, so it asks for changes against its blocks.
         assert!(matches!(
             expect_request(&mut liar).await,
             Message::SyncFetch { .. } | Message::SyncFetchChanges { last: true, .. }
         ));
-        liar.send(send(Message::SyncData {
-            bytes: b"evil".to_vec(),
-        }))
-        .await
-        .unwrap();
-        liar.send(send(Message::SyncDataEnd {
-            size: 4,
-            blake3: *blake3::hash(b"evil").as_bytes(),
-        }))
-        .await
-        .unwrap();
+        say(
+            &mut liar,
+            Message::SyncData {
+                bytes: b"evil".to_vec(),
+            },
+        )
+        .await;
+        say(
+            &mut liar,
+            Message::SyncDataEnd {
+                size: 4,
+                blake3: *blake3::hash(b"evil").as_bytes(),
+            },
+        )
+        .await;
         liar
     });
     let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
@@ -451,10 +475,6 @@ fn half_sender(
     hang_up: bool,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let send = |message| Envelope {
-            generation: GEN,
-            message,
-        };
         expect_digests(&mut conn).await;
         let entries = vec![
             ManifestEntry {
@@ -465,31 +485,28 @@ fn half_sender(
                     ..meta()
                 },
             },
-            ManifestEntry {
-                path: RelPath::try_from("moh/default.wav").unwrap(),
-                kind: ManifestKind::File {
-                    size: content.len() as u64,
-                    blake3: *blake3::hash(&content).as_bytes(),
-                },
-                meta: meta(),
-            },
+            file_entry("moh/default.wav", &content),
         ];
-        conn.send(send(Message::SyncManifest {
-            entries,
-            last: true,
-        }))
-        .await
-        .unwrap();
+        say(
+            &mut conn,
+            Message::SyncManifest {
+                entries,
+                last: true,
+            },
+        )
+        .await;
         assert!(matches!(
             expect_request(&mut conn).await,
             Message::SyncFetch { .. }
         ));
         for chunk in content[..sent].chunks(256 * 1024) {
-            conn.send(send(Message::SyncData {
-                bytes: chunk.to_vec(),
-            }))
-            .await
-            .unwrap();
+            say(
+                &mut conn,
+                Message::SyncData {
+                    bytes: chunk.to_vec(),
+                },
+            )
+            .await;
         }
         if !hang_up {
             // Stall: the receiver must be able to give up on its own.
@@ -657,49 +674,40 @@ async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
     let fake = tokio::spawn({
         let new = new.clone();
         async move {
-            let send = |message| Envelope {
-                generation: GEN,
-                message,
-            };
             expect_digests(&mut liar).await;
-            let entries = vec![ManifestEntry {
-                path: RelPath::try_from("extensions.conf").unwrap(),
-                kind: ManifestKind::File {
-                    size: new.len() as u64,
-                    blake3: *blake3::hash(&new).as_bytes(),
+            let entries = vec![file_entry("extensions.conf", &new)];
+            say(
+                &mut liar,
+                Message::SyncManifest {
+                    entries,
+                    last: true,
                 },
-                meta: meta(),
-            }];
-            liar.send(send(Message::SyncManifest {
-                entries,
-                last: true,
-            }))
-            .await
-            .unwrap();
+            )
+            .await;
             assert!(matches!(
                 expect_request(&mut liar).await,
                 Message::SyncFetchDelta { .. }
             ));
             // Garbage where a delta should be, with the right hash at the end.
-            liar.send(send(Message::SyncDelta {
-                bytes: b"rs\x026not a delta at all".to_vec(),
-            }))
-            .await
-            .unwrap();
+            say(
+                &mut liar,
+                Message::SyncDelta {
+                    bytes: b"rs\x026not a delta at all".to_vec(),
+                },
+            )
+            .await;
             let end = Message::SyncDataEnd {
                 size: new.len() as u64,
                 blake3: *blake3::hash(&new).as_bytes(),
             };
-            liar.send(send(end.clone())).await.unwrap();
+            say(&mut liar, end.clone()).await;
             // The receiver asks for the whole file; this time it is honest.
             assert!(matches!(
                 expect_request(&mut liar).await,
                 Message::SyncFetch { .. }
             ));
-            liar.send(send(Message::SyncData { bytes: new.clone() }))
-                .await
-                .unwrap();
-            liar.send(send(end)).await.unwrap();
+            say(&mut liar, Message::SyncData { bytes: new.clone() }).await;
+            say(&mut liar, end).await;
             liar
         }
     });

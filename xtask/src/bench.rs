@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 
-use crate::process::{Guard, Server, checked, drain};
+use crate::process::{Guard, Server, checked, run_watched};
 use crate::util::{cargo, ensure_packages, is_root, run_step, target_dir};
 
 /// Every dataset derives from this seed (the same date the rsync baseline script uses).
@@ -529,34 +529,17 @@ fn timed(
     bytes_of: impl Fn(&str) -> Option<u64>,
 ) -> anyhow::Result<Sample> {
     let started = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let mut guard = Guard(Some(child));
-    let pid = guard.child()?.id();
-    let stdout = drain(guard.child()?.stdout.take());
-    let stderr = drain(guard.child()?.stderr.take());
     let mut anon = [0u64; 2];
-    let status = loop {
+    let output = run_watched(cmd, STEP_TIMEOUT, Duration::from_millis(2), |pid| {
         anon[0] = anon[0].max(rss_anon(pid).unwrap_or(0));
         if let Some(also) = also {
             anon[1] = anon[1].max(rss_anon(also).unwrap_or(0));
         }
-        if let Some(status) = guard.child()?.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > STEP_TIMEOUT {
-            bail!("{cmd:?} did not finish within {STEP_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    })?;
     let secs = started.elapsed().as_secs_f64();
-    guard.0 = None;
-    let out = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
-    let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    let status = output.status;
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
     if !status.success() {
         bail!("{cmd:?} failed ({status}):\n{out}{err}");
     }

@@ -21,6 +21,17 @@ pub fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<Vec<u8>> {
 
 /// Runs a command to completion within `timeout`, killing it if it hangs.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    run_watched(cmd, timeout, Duration::from_millis(5), |_| {})
+}
+
+/// [`run_with_timeout`], calling `watch` with the child's process ID every `every` while it
+/// runs (to sample its memory, say).
+pub fn run_watched(
+    cmd: &mut Command,
+    timeout: Duration,
+    every: Duration,
+    mut watch: impl FnMut(u32),
+) -> anyhow::Result<Output> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -28,18 +39,20 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
     let mut guard = Guard(Some(child));
+    let pid = guard.child()?.id();
     // Collect the output while waiting, so a chatty command cannot block on a full pipe.
     let stdout = drain(guard.child()?.stdout.take());
     let stderr = drain(guard.child()?.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
+        watch(pid);
         if let Some(status) = guard.child()?.try_wait()? {
             break status;
         }
         if Instant::now() >= deadline {
             bail!("{cmd:?} did not finish within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(every);
     };
     guard.0 = None;
     Ok(Output {
