@@ -107,8 +107,21 @@ impl RelPath {
 
     /// The directory holding this path, or `None` at the top of the root.
     pub fn parent(&self) -> Option<RelPath> {
+        self.parent_bytes().map(|bytes| Self(bytes.to_vec()))
+    }
+
+    /// The bytes of [`RelPath::parent`], without a copy (sets of paths can be asked about
+    /// them directly: a `RelPath` borrows as its bytes).
+    pub fn parent_bytes(&self) -> Option<&[u8]> {
         let cut = self.0.iter().rposition(|b| *b == b'/')?;
-        Some(Self(self.0[..cut].to_vec()))
+        Some(&self.0[..cut])
+    }
+
+    /// This path, then each directory above it up to the top of the root, as bytes.
+    pub fn ancestors_bytes(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::successors(Some(self.as_bytes()), |at| {
+            at.iter().rposition(|b| *b == b'/').map(|cut| &at[..cut])
+        })
     }
 
     /// This path extended by one name, which must itself be a single valid name.
@@ -129,6 +142,13 @@ impl RelPath {
     pub fn starts_with(&self, other: &RelPath) -> bool {
         self.0.starts_with(&other.0)
             && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
+    }
+}
+
+// Sound: ordering, equality and hashing of a `RelPath` are those of its bytes.
+impl std::borrow::Borrow<[u8]> for RelPath {
+    fn borrow(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -266,6 +286,12 @@ mod tests {
         assert!(!path.starts_with(&RelPath::try_from("a/bc").unwrap()));
         assert!(path.parent().unwrap().join(OsStr::new("x/y")).is_err());
         assert!(path.join(OsStr::new("..")).is_err());
+        let ancestors: Vec<&[u8]> = path.ancestors_bytes().collect();
+        assert_eq!(ancestors, [&b"a/b/c.wav"[..], b"a/b", b"a"]);
+        assert_eq!(path.parent_bytes(), Some(&b"a/b"[..]));
+        assert_eq!(RelPath::try_from("top").unwrap().parent_bytes(), None);
+        let set: std::collections::BTreeSet<RelPath> = [path.parent().unwrap()].into();
+        assert!(set.contains(&b"a/b"[..]));
     }
 
     proptest! {

@@ -115,13 +115,18 @@ pub struct DirDigest {
 /// Each digest covers the wire form of the directory's direct children in path order, so it
 /// changes when anything a manifest would say about them changes.
 pub fn listing_digests(entries: &[ManifestEntry]) -> BTreeMap<Option<RelPath>, [u8; 32]> {
-    let mut listings: BTreeMap<Option<RelPath>, Vec<&ManifestEntry>> = BTreeMap::new();
+    let mut listings: BTreeMap<Option<&[u8]>, Vec<&ManifestEntry>> = BTreeMap::new();
     for entry in entries {
-        listings.entry(entry.path.parent()).or_default().push(entry);
+        listings
+            .entry(entry.path.parent_bytes())
+            .or_default()
+            .push(entry);
     }
     listings
         .into_iter()
         .map(|(dir, mut children)| {
+            // A parent of a valid path is a valid path.
+            let dir = dir.and_then(|bytes| RelPath::from_bytes(bytes).ok());
             children.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
             let mut hasher = blake3::Hasher::new();
             for child in children {

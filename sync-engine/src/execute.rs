@@ -844,10 +844,16 @@ pub struct Progress {
 /// The sender's manifest from its (freshly scanned) index. Files with no trusted hash are
 /// [`ManifestKind::Pending`]: the receiver keeps what it has until they settle.
 pub fn manifest(index: &Index) -> Result<Vec<ManifestEntry>, IndexError> {
-    Ok(index.entries()?.into_iter().map(manifest_entry).collect())
+    Ok(manifest_of(index.entries()?))
 }
 
-fn manifest_entry(entry: Entry) -> ManifestEntry {
+/// The manifest of entries as [`Index::entries`] (or [`crate::scan::scan_from`]) gave them.
+pub fn manifest_of(entries: Vec<Entry>) -> Vec<ManifestEntry> {
+    entries.into_iter().map(manifest_entry).collect()
+}
+
+/// One entry as the sender announces it.
+pub fn manifest_entry(entry: Entry) -> ManifestEntry {
     let kind = match (entry.kind, entry.hash) {
         (EntryKind::File, Some(hash)) => ManifestKind::File {
             size: entry.meta.size,

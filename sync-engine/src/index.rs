@@ -132,6 +132,8 @@ const SCHEMA_VERSION: i64 = 1;
 pub struct Index {
     conn: Connection,
     location: String,
+    /// What [`Index::remember`] kept, with SQLite's `data_version` at that moment.
+    remembered: Option<(i64, Vec<Entry>)>,
 }
 
 impl Index {
@@ -156,7 +158,11 @@ impl Index {
     }
 
     fn init(conn: Connection, location: String) -> Result<Index, IndexError> {
-        let index = Index { conn, location };
+        let index = Index {
+            conn,
+            location,
+            remembered: None,
+        };
         index
             .conn
             .execute_batch(
@@ -295,8 +301,36 @@ impl Index {
         }))
     }
 
+    /// Every entry, sorted by path, like [`Index::entries`] — but what [`Index::remember`]
+    /// kept, if nothing changed the index since, instead of reading them all again (a server
+    /// scanning a large tree for each reconcile saves the read).
+    pub fn take_entries(&mut self) -> Result<Vec<Entry>, IndexError> {
+        if let Some((version, entries)) = self.remembered.take()
+            && version == self.data_version()?
+        {
+            return Ok(entries);
+        }
+        self.entries()
+    }
+
+    /// Keeps `entries` — exactly what the index holds now, as [`crate::scan::scan_from`]
+    /// returned them — for the next [`Index::take_entries`]. Any batch on this handle, or a
+    /// change by another process, makes it forget them.
+    pub fn remember(&mut self, entries: Vec<Entry>) -> Result<(), IndexError> {
+        self.remembered = Some((self.data_version()?, entries));
+        Ok(())
+    }
+
+    /// SQLite's counter of changes committed by other connections.
+    fn data_version(&self) -> Result<i64, IndexError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// Starts a batch of changes applied all at once (or not at all) by [`Batch::commit`].
     pub fn batch(&mut self) -> Result<Batch<'_>, IndexError> {
+        self.remembered = None;
         let location = self.location.clone();
         let tx = self
             .conn

@@ -17,7 +17,7 @@
 //! file that an earlier step already replaced; where no such source exists, the file is
 //! fetched. The executor verifies every result by BLAKE3 anyway.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lbs_protocol::RelPath;
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
@@ -184,79 +184,106 @@ fn meta_matches(have: &Meta, want: &FileMeta, class: Class) -> bool {
 /// Computes the plan that turns the receiver's tree (`receiver`, its index) into the sender's
 /// (`sender`, its manifest).
 pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanError> {
-    let mut want: BTreeMap<&RelPath, &ManifestEntry> = BTreeMap::new();
-    for entry in sender {
-        if want.insert(&entry.path, entry).is_some() {
-            return Err(PlanError::Duplicate(entry.path.clone()));
-        }
+    // Both sides in path order (every pass below follows it, so a plan does not depend on
+    // the order entries arrived in), joined by path: one sequential pass each, no lookups.
+    let mut wanted: Vec<&ManifestEntry> = sender.iter().collect();
+    wanted.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(twice) = wanted.windows(2).find(|pair| pair[0].path == pair[1].path) {
+        return Err(PlanError::Duplicate(twice[0].path.clone()));
     }
-    for path in want.keys() {
-        if let Some(parent) = path.parent()
-            && !want
-                .get(&parent)
-                .is_some_and(|e| e.kind == ManifestKind::Dir)
+    let dirs: HashSet<&[u8]> = wanted
+        .iter()
+        .filter(|entry| entry.kind == ManifestKind::Dir)
+        .map(|entry| entry.path.as_bytes())
+        .collect();
+    for entry in &wanted {
+        if let Some(parent) = entry.path.parent_bytes()
+            && !dirs.contains(parent)
         {
-            return Err(PlanError::Orphan((*path).clone()));
+            return Err(PlanError::Orphan(entry.path.clone()));
         }
     }
-    let have: BTreeMap<&RelPath, &Entry> = receiver.iter().map(|e| (&e.path, e)).collect();
+    let mut held: Vec<&Entry> = receiver.iter().collect();
+    held.sort_by(|a, b| a.path.cmp(&b.path));
+    held.dedup_by(|a, b| a.path == b.path);
+    let pairs = join(&wanted, &held);
 
     // Phase 1: what goes to the trash (topmost paths only). Whatever lies at or under a
     // pending path stays as it is.
-    let pending: BTreeSet<RelPath> = want
+    let pending: BTreeSet<RelPath> = wanted
         .iter()
-        .filter(|(_, e)| e.kind == ManifestKind::Pending)
-        .map(|(path, _)| (*path).clone())
+        .filter(|e| e.kind == ManifestKind::Pending)
+        .map(|e| e.path.clone())
         .collect();
     let mut trashed: BTreeSet<RelPath> = BTreeSet::new();
-    for (path, entry) in &have {
+    for pair in &pairs {
+        let Some(entry) = pair.have else { continue };
+        let path = &entry.path;
         let keep = is_under(&pending, path)
-            || want
-                .get(path)
+            || pair
+                .want
                 .is_some_and(|w| sender_class(&w.kind) == receiver_class(&entry.kind));
         if !keep && !is_under(&trashed, path) {
-            trashed.insert((*path).clone());
+            trashed.insert(path.clone());
         }
     }
-    // What is in place after phase 1: a receiver entry survives unless it or an ancestor went.
-    let present = |path: &RelPath| have.get(path).filter(|_| !is_under(&trashed, path));
+    // What is in place after phase 1 (`Pair::present`): a receiver entry survives unless it
+    // or an ancestor went.
 
     // Which paths this plan writes: no local copy may read from those.
-    let mut written: BTreeSet<&RelPath> = BTreeSet::new();
-    for (path, entry) in &want {
-        let same = match (&entry.kind, present(path)) {
-            (ManifestKind::File { blake3, .. }, Some(have)) => trusted_hash(have) == Some(blake3),
-            (ManifestKind::Symlink { target }, Some(have)) => {
-                have.kind == EntryKind::Symlink(target.clone())
-            }
-            (ManifestKind::Dir | ManifestKind::Pending, _) => true,
-            (_, None) => false,
-        };
-        if !same {
-            written.insert(path);
-        }
-    }
-    // Trusted content on the receiver, by hash: files this plan leaves alone (or only
-    // trashes) first, in path order; files it rewrites after them, usable only if the copy runs
-    // before the rewrite (see `order_writes`).
+    let written: Vec<bool> = pairs
+        .iter()
+        .map(|pair| {
+            let Some(entry) = pair.want else {
+                return false;
+            };
+            let same = match (&entry.kind, pair.present(&trashed)) {
+                (ManifestKind::File { blake3, .. }, Some(have)) => {
+                    trusted_hash(have) == Some(blake3)
+                }
+                (ManifestKind::Symlink { target }, Some(have)) => {
+                    have.kind == EntryKind::Symlink(target.clone())
+                }
+                (ManifestKind::Dir | ManifestKind::Pending, _) => true,
+                (_, None) => false,
+            };
+            !same
+        })
+        .collect();
+    // Trusted content on the receiver, by hash, of what the written files need: files this
+    // plan leaves alone (or only trashes) first, in path order; files it rewrites after them,
+    // usable only if the copy runs before the rewrite (see `order_writes`).
+    let needed: HashSet<&[u8; 32]> = pairs
+        .iter()
+        .zip(&written)
+        .filter(|(_, written)| **written)
+        .filter_map(|(pair, _)| match &pair.want?.kind {
+            ManifestKind::File { blake3, .. } => Some(blake3),
+            _ => None,
+        })
+        .collect();
     let mut by_hash: HashMap<&[u8; 32], Vec<Source>> = HashMap::new();
     let mut rewritten_sources: Vec<(&[u8; 32], Source)> = Vec::new();
-    for (path, entry) in &have {
-        let Some(hash) = trusted_hash(entry) else {
-            continue;
-        };
-        if is_under(&trashed, path) {
-            by_hash
-                .entry(hash)
-                .or_default()
-                .push(Source::Trashed((*path).clone()));
-        } else if written.contains(path) {
-            rewritten_sources.push((hash, Source::Path((*path).clone())));
-        } else {
-            by_hash
-                .entry(hash)
-                .or_default()
-                .push(Source::Path((*path).clone()));
+    if !needed.is_empty() {
+        for (pair, written) in pairs.iter().zip(&written) {
+            let Some(entry) = pair.have else { continue };
+            let path = &entry.path;
+            let Some(hash) = trusted_hash(entry).filter(|hash| needed.contains(hash)) else {
+                continue;
+            };
+            if is_under(&trashed, path) {
+                by_hash
+                    .entry(hash)
+                    .or_default()
+                    .push(Source::Trashed(path.clone()));
+            } else if *written {
+                rewritten_sources.push((hash, Source::Path(path.clone())));
+            } else {
+                by_hash
+                    .entry(hash)
+                    .or_default()
+                    .push(Source::Path(path.clone()));
+            }
         }
     }
     for (hash, source) in rewritten_sources {
@@ -274,11 +301,11 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
 
     // Phase 2.
     let mut new_dirs: BTreeSet<&RelPath> = BTreeSet::new();
-    for (path, entry) in &want {
-        if entry.kind == ManifestKind::Dir && present(path).is_none() {
-            plan.actions.push(Action::MakeDir {
-                path: (*path).clone(),
-            });
+    for pair in &pairs {
+        let Some(entry) = pair.want else { continue };
+        let path = &entry.path;
+        if entry.kind == ManifestKind::Dir && pair.present(&trashed).is_none() {
+            plan.actions.push(Action::MakeDir { path: path.clone() });
             summary.new_dirs += 1;
             new_dirs.insert(path);
             touched_dirs.extend(path.parent());
@@ -288,9 +315,11 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
     // Phase 3: entries whose content stays first (metadata only), then the writes in an
     // order where every local copy reads its source before anything replaces it.
     let mut writes: BTreeMap<RelPath, Action> = BTreeMap::new();
-    for (path, entry) in &want {
-        let current = present(path);
-        let path = (*path).clone();
+    // The receiver's entries at the paths written (for `order_writes`).
+    let mut replaced: HashMap<&RelPath, &Entry> = HashMap::new();
+    for (pair, written) in pairs.iter().zip(&written) {
+        let Some(entry) = pair.want else { continue };
+        let current = pair.present(&trashed);
         let class = sender_class(&entry.kind);
         if class == Class::Dir {
             continue;
@@ -299,11 +328,11 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
             summary.pending += 1;
             continue;
         }
-        if !written.contains(&path) {
+        if !*written {
             match current {
                 Some(have) if !meta_matches(&have.meta, &entry.meta, class) => {
                     plan.actions.push(Action::SetMeta {
-                        path,
+                        path: entry.path.clone(),
                         meta: entry.meta.clone(),
                     });
                     summary.metadata_only += 1;
@@ -312,6 +341,10 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
             }
             continue;
         }
+        if let Some(have) = current {
+            replaced.insert(&entry.path, have);
+        }
+        let path = entry.path.clone();
         touched_dirs.extend(path.parent());
         let action = match &entry.kind {
             ManifestKind::Dir | ManifestKind::Pending => continue,
@@ -340,7 +373,7 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
         };
         writes.insert(path, action);
     }
-    for action in order_writes(writes, &have) {
+    for action in order_writes(writes, &replaced) {
         match &action {
             Action::CopyLocal { size, .. } => {
                 summary.local_copies += 1;
@@ -358,26 +391,27 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
 
     // Phase 4: deepest first, so setting a child's mtime never disturbs a finished parent.
     plan.dirs_from = plan.actions.len();
-    let mut dirs: Vec<&&RelPath> = want
+    let mut dirs: Vec<(usize, &Pair<'_>)> = pairs
         .iter()
-        .filter(|(_, e)| e.kind == ManifestKind::Dir)
-        .map(|(path, _)| path)
+        .filter(|pair| pair.want.is_some_and(|e| e.kind == ManifestKind::Dir))
+        .map(|pair| (pair.path.names().count(), pair))
         .collect();
-    dirs.sort_by_key(|path| std::cmp::Reverse(path.names().count()));
-    for path in dirs {
-        let entry = want[*path];
-        let stale = match present(path) {
-            Some(have) if !new_dirs.contains(*path) => {
-                touched_dirs.contains(*path) || !meta_matches(&have.meta, &entry.meta, Class::Dir)
+    dirs.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
+    for (_, pair) in dirs {
+        let Some(entry) = pair.want else { continue };
+        let path = &entry.path;
+        let stale = match pair.present(&trashed) {
+            Some(have) if !new_dirs.contains(path) => {
+                touched_dirs.contains(path) || !meta_matches(&have.meta, &entry.meta, Class::Dir)
             }
             _ => true,
         };
         if stale {
-            if !new_dirs.contains(*path) {
+            if !new_dirs.contains(path) {
                 summary.metadata_only += 1;
             }
             plan.actions.push(Action::SetMeta {
-                path: (*path).clone(),
+                path: path.clone(),
                 meta: entry.meta.clone(),
             });
         }
@@ -385,12 +419,59 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
     Ok(plan)
 }
 
+/// One path and what each side has there.
+struct Pair<'a> {
+    path: &'a RelPath,
+    want: Option<&'a ManifestEntry>,
+    have: Option<&'a Entry>,
+}
+
+impl<'a> Pair<'a> {
+    /// The receiver's entry, unless it or an ancestor goes to the trash.
+    fn present(&self, trashed: &BTreeSet<RelPath>) -> Option<&'a Entry> {
+        self.have.filter(|have| !is_under(trashed, &have.path))
+    }
+}
+
+/// Both sides (each sorted by path, no path twice) joined by path, in path order.
+fn join<'a>(wanted: &[&'a ManifestEntry], held: &[&'a Entry]) -> Vec<Pair<'a>> {
+    let mut pairs = Vec::with_capacity(wanted.len().max(held.len()));
+    let (mut w, mut h) = (wanted.iter().peekable(), held.iter().peekable());
+    loop {
+        let pair = match (w.peek(), h.peek()) {
+            (None, None) => break,
+            (Some(want), Some(have)) if want.path == have.path => Pair {
+                path: &want.path,
+                want: w.next().copied(),
+                have: h.next().copied(),
+            },
+            (Some(want), Some(have)) if want.path < have.path => Pair {
+                path: &want.path,
+                want: w.next().copied(),
+                have: None,
+            },
+            (Some(want), None) => Pair {
+                path: &want.path,
+                want: w.next().copied(),
+                have: None,
+            },
+            (_, Some(have)) => Pair {
+                path: &have.path,
+                want: None,
+                have: h.next().copied(),
+            },
+        };
+        pairs.push(pair);
+    }
+    pairs
+}
+
 fn fetch(
     path: &RelPath,
     size: u64,
     blake3: [u8; 32],
     meta: &FileMeta,
-    current: Option<&&Entry>,
+    current: Option<&Entry>,
 ) -> Action {
     let basis = match current {
         Some(have) if have.kind == EntryKind::File => Basis::Existing,
@@ -410,7 +491,7 @@ fn fetch(
 /// that swapped contents); a cycle is broken by fetching one of its files instead.
 fn order_writes(
     mut writes: BTreeMap<RelPath, Action>,
-    have: &BTreeMap<&RelPath, &Entry>,
+    replaced: &HashMap<&RelPath, &Entry>,
 ) -> Vec<Action> {
     // readers[x]: the copies that read x's current content.
     let mut readers: BTreeMap<RelPath, Vec<RelPath>> = BTreeMap::new();
@@ -436,7 +517,7 @@ fn order_writes(
             &mut on_stack,
             &mut done,
             &mut ordered,
-            have,
+            replaced,
         );
     }
     ordered
@@ -450,7 +531,7 @@ fn visit(
     on_stack: &mut BTreeSet<RelPath>,
     done: &mut BTreeSet<RelPath>,
     ordered: &mut Vec<Action>,
-    have: &BTreeMap<&RelPath, &Entry>,
+    replaced: &HashMap<&RelPath, &Entry>,
 ) {
     if done.contains(path) || on_stack.contains(path) {
         return;
@@ -467,12 +548,12 @@ fn visit(
                 ..
             }) = writes.get(&reader)
             {
-                let current = have.get(path);
+                let current = replaced.get(path).copied();
                 let replacement = fetch(path, *size, *blake3, meta, current);
                 writes.insert(reader.clone(), replacement);
             }
         } else {
-            visit(&reader, writes, readers, on_stack, done, ordered, have);
+            visit(&reader, writes, readers, on_stack, done, ordered, replaced);
         }
     }
     on_stack.remove(path);
@@ -497,12 +578,5 @@ fn trusted_hash(entry: &Entry) -> Option<&[u8; 32]> {
 
 /// Whether `path` or one of its ancestors is in `set`.
 fn is_under(set: &BTreeSet<RelPath>, path: &RelPath) -> bool {
-    let mut at = Some(path.clone());
-    while let Some(p) = at {
-        if set.contains(&p) {
-            return true;
-        }
-        at = p.parent();
-    }
-    false
+    !set.is_empty() && path.ancestors_bytes().any(|at| set.contains(at))
 }

@@ -6,7 +6,7 @@
 //! A file that changes while it is hashed is reported as unstable and left without a trusted
 //! hash, for the next pass.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lbs_protocol::RelPath;
 
 use crate::index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
-use crate::tree::{BlockSize, TreeError, hash_file};
+use crate::tree::{BlockSize, Cv, TreeError, hash_file};
 
 /// How close to the end of hashing a file's mtime may be before its hash is distrusted: file
 /// times come from a coarse kernel clock, so a write just after we read can leave them equal.
@@ -96,6 +96,20 @@ pub fn scan(
     index: &mut Index,
     options: &ScanOptions,
 ) -> Result<ScanReport, ScanError> {
+    let known = index.entries()?;
+    Ok(scan_from(root, index, options, known)?.0)
+}
+
+/// Like [`scan`], starting from `known` — what [`Index::entries`] returned just before, which
+/// the caller needed anyway — and returning the index's entries after the pass (sorted by
+/// path, as [`Index::entries`] gives them), so that a pass over a large tree reads the index
+/// once instead of three times.
+pub fn scan_from(
+    root: &Path,
+    index: &mut Index,
+    options: &ScanOptions,
+    known: Vec<Entry>,
+) -> Result<(ScanReport, Vec<Entry>), ScanError> {
     let started = Instant::now();
     let root = fs::canonicalize(root).map_err(|e| ScanError::Root {
         root: root.to_owned(),
@@ -107,18 +121,23 @@ pub fn scan(
             reason: "not a directory".to_owned(),
         });
     }
-    let known: HashMap<RelPath, Entry> = index
-        .entries()?
-        .into_iter()
-        .map(|entry| (entry.path.clone(), entry))
+    // Slots in the index's (path) order: what an entry was, taken out when the walk meets
+    // it, then what it is now. The result comes out in path order with no sort.
+    let slot_of: HashMap<RelPath, usize> = known
+        .iter()
+        .enumerate()
+        .map(|(slot, entry)| (entry.path.clone(), slot))
         .collect();
-    let mut seen: HashSet<RelPath> = HashSet::with_capacity(known.len());
     let batch = index.batch()?;
     let mut pass = Pass {
         batch: &batch,
         block_size: options.block_size,
         names: Names::default(),
         report: ScanReport::default(),
+        slot: None,
+        met: vec![false; known.len()],
+        slots: known.into_iter().map(Some).collect(),
+        added: Vec::new(),
     };
 
     let mut pending: Vec<(PathBuf, Option<RelPath>)> = vec![(root.clone(), None)];
@@ -209,8 +228,12 @@ pub fn scan(
                 continue;
             };
             let meta = to_meta(&meta, &mut pass.names);
-            seen.insert(rel.clone());
-            let previous = known.get(&rel);
+            pass.slot = slot_of.get(&rel).copied();
+            let previous = pass.slot.and_then(|slot| {
+                // Met twice (readdir may repeat a name renamed meanwhile): no previous.
+                let first = !std::mem::replace(&mut pass.met[slot], true);
+                if first { pass.slots[slot].take() } else { None }
+            });
             match kind {
                 EntryKind::Dir => {
                     pass.report.dirs += 1;
@@ -228,14 +251,47 @@ pub fn scan(
             }
         }
     }
-    for path in known.keys().filter(|path| !seen.contains(*path)) {
-        batch.remove(path)?;
-        pass.report.removed += 1;
+    // What the walk did not meet (or skipped) is gone.
+    for (slot, met) in pass.met.iter().enumerate() {
+        if !met && let Some(entry) = pass.slots[slot].take() {
+            batch.remove(&entry.path)?;
+            pass.report.removed += 1;
+        }
     }
-    let mut report = pass.report;
+    let Pass {
+        mut report,
+        slots,
+        mut added,
+        ..
+    } = pass;
     batch.commit()?;
+    // A path met twice (readdir may repeat a name renamed meanwhile): the index holds the
+    // later one.
+    added.sort_by(|a, b| a.path.cmp(&b.path));
+    added.dedup_by(|later, earlier| {
+        let same = later.path == earlier.path;
+        if same {
+            std::mem::swap(later, earlier);
+        }
+        same
+    });
+    let entries = merge_sorted(slots.into_iter().flatten(), added);
     report.elapsed = started.elapsed();
-    Ok(report)
+    Ok((report, entries))
+}
+
+/// Two lists of entries, each in path order and with no path in both, as one.
+fn merge_sorted(first: impl Iterator<Item = Entry>, second: Vec<Entry>) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut second = second.into_iter().peekable();
+    for entry in first {
+        while let Some(before) = second.next_if(|other| other.path < entry.path) {
+            out.push(before);
+        }
+        out.push(entry);
+    }
+    out.extend(second);
+    out
 }
 
 /// Records files this side has just written (their tree hash computed while writing), so
@@ -282,66 +338,90 @@ struct Pass<'b, 'i> {
     block_size: BlockSize,
     names: Names,
     report: ScanReport,
+    /// The index's slot of the entry being looked at, if it had one.
+    slot: Option<usize>,
+    /// Whether the walk met each slot's path.
+    met: Vec<bool>,
+    /// Per slot: what the index held before the pass, until the walk meets it; then what it
+    /// holds now.
+    slots: Vec<Option<Entry>>,
+    /// What the index holds now for entries it did not have.
+    added: Vec<Entry>,
+}
+
+impl Pass<'_, '_> {
+    /// Notes what the index holds for the entry being looked at.
+    fn keep(&mut self, entry: Entry) {
+        match self.slot {
+            Some(slot) => self.slots[slot] = Some(entry),
+            None => self.added.push(entry),
+        }
+    }
+
+    /// Records a new or changed entry.
+    fn put(&mut self, entry: Entry, blocks: Option<(BlockSize, &[Cv])>) -> Result<(), ScanError> {
+        self.batch.put(&entry, blocks)?;
+        self.keep(entry);
+        Ok(())
+    }
 }
 
 /// Directories and symlinks: recorded whole whenever anything about them changed.
 fn record_simple(
     pass: &mut Pass<'_, '_>,
-    previous: Option<&Entry>,
+    previous: Option<Entry>,
     path: RelPath,
     kind: EntryKind,
     meta: Meta,
 ) -> Result<(), ScanError> {
-    let (batch, report) = (pass.batch, &mut pass.report);
-    let same = previous.is_some_and(|p| p.kind == kind && same_visible_meta(&p.meta, &meta));
-    if !same {
-        if previous.is_some_and(|p| p.kind == kind) {
-            report.metadata_updates += 1;
+    match previous {
+        Some(previous) if previous.kind == kind && same_visible_meta(&previous.meta, &meta) => {
+            pass.keep(previous);
+            Ok(())
         }
-        batch.put(
-            &Entry {
+        previous => {
+            if previous.is_some_and(|p| p.kind == kind) {
+                pass.report.metadata_updates += 1;
+            }
+            let entry = Entry {
                 path,
                 kind,
                 meta,
                 hash: None,
-            },
-            None,
-        )?;
+            };
+            pass.put(entry, None)
+        }
     }
-    Ok(())
 }
 
 fn record_file(
     pass: &mut Pass<'_, '_>,
-    previous: Option<&Entry>,
+    mut previous: Option<Entry>,
     path: RelPath,
     abs: &Path,
     meta: Meta,
 ) -> Result<(), ScanError> {
-    let Pass {
-        batch,
-        block_size,
-        names,
-        report,
-    } = pass;
-    if let Some(prev) = previous
-        && prev.kind == EntryKind::File
-        && prev.meta.content_key_matches(&meta)
-        && prev.hash.as_ref().is_some_and(|h| !h.racy)
-    {
+    if let Some(mut prev) = previous.take_if(|prev| {
+        prev.kind == EntryKind::File
+            && prev.meta.content_key_matches(&meta)
+            && prev.hash.as_ref().is_some_and(|h| !h.racy)
+    }) {
         if !same_visible_meta(&prev.meta, &meta) {
-            report.metadata_updates += 1;
-            batch.put_meta(&path, &meta)?;
+            pass.report.metadata_updates += 1;
+            pass.batch.put_meta(&path, &meta)?;
+            prev.meta = meta;
         }
+        pass.keep(prev);
         return Ok(());
     }
-    match hash_stable(abs, &meta, *block_size, names) {
+    match hash_stable(abs, &meta, pass.block_size, &mut pass.names) {
         Ok((tree, after)) => {
+            let report = &mut pass.report;
             report.hashed_files += 1;
             report.hashed_bytes += tree.len;
             // A chmod or chown also moves the ctime, so the content was re-verified: report
             // it as what it was.
-            let same_content = previous.is_some_and(|p| {
+            let same_content = previous.as_ref().is_some_and(|p| {
                 p.hash
                     .as_ref()
                     .is_some_and(|h| h.root == *tree.root.as_bytes())
@@ -350,34 +430,34 @@ fn record_file(
                 report.metadata_updates += 1;
             }
             let racy = is_racy(after.mtime_ns);
-            batch.put(
-                &Entry {
-                    path,
-                    kind: EntryKind::File,
-                    meta: after,
-                    hash: Some(ContentHash {
-                        root: *tree.root.as_bytes(),
-                        racy,
-                    }),
-                },
-                Some((tree.block_size, &tree.blocks)),
-            )?;
+            let entry = Entry {
+                path,
+                kind: EntryKind::File,
+                meta: after,
+                hash: Some(ContentHash {
+                    root: *tree.root.as_bytes(),
+                    racy,
+                }),
+            };
+            pass.put(entry, Some((tree.block_size, &tree.blocks)))?;
         }
         Err(Unhashable::Changed) => {
             // Keep the entry but with no hash anyone could trust.
-            report.unstable.push(path.clone());
-            batch.put(
-                &Entry {
-                    path,
-                    kind: EntryKind::File,
-                    meta,
-                    hash: None,
-                },
-                None,
-            )?;
+            pass.report.unstable.push(path.clone());
+            let entry = Entry {
+                path,
+                kind: EntryKind::File,
+                meta,
+                hash: None,
+            };
+            pass.put(entry, None)?;
         }
-        Err(Unhashable::Gone) => {}
-        Err(Unhashable::Io(e)) => report.skipped.push((path, e.to_string())),
+        // The index keeps what it had until the next pass sees the file again (or not).
+        Err(Unhashable::Gone) => previous.into_iter().for_each(|p| pass.keep(p)),
+        Err(Unhashable::Io(e)) => {
+            pass.report.skipped.push((path, e.to_string()));
+            previous.into_iter().for_each(|p| pass.keep(p));
+        }
     }
     Ok(())
 }

@@ -20,11 +20,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
-use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, Trash, execute, manifest};
+use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, Trash, execute, manifest_entry};
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};
 use crate::plan::{Action, Basis, PlanError, PlanSummary, plan};
-use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
+use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::tree::{BlockSize, Cv};
 
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
@@ -134,6 +134,18 @@ fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, Sess
     result.map_err(|e| SessionError::Internal(format!("worker thread failed: {e}")))
 }
 
+/// The sender's side of a reconcile: a fresh scan, and the manifest it gives.
+fn scan_manifest(root: &Path, index: &Mutex<Index>) -> Result<Vec<ManifestEntry>, SessionError> {
+    let mut index = index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+    let known = index.take_entries()?;
+    let (_, entries) = scan_from(root, &mut index, &ScanOptions::default(), known)?;
+    let manifest = entries.iter().cloned().map(manifest_entry).collect();
+    index.remember(entries)?;
+    Ok(manifest)
+}
+
 /// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -159,14 +171,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Message::SyncManifestRequest => {
                 let (root, index) = (root.clone(), index.clone());
                 let entries = blocking_join(
-                    tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
-                        let mut index = index
-                            .lock()
-                            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-                        scan(&root, &mut index, &ScanOptions::default())?;
-                        Ok(manifest(&index)?)
-                    })
-                    .await,
+                    tokio::task::spawn_blocking(move || scan_manifest(&root, &index)).await,
                 )??;
                 send_manifest(conn, generation, entries).await?;
             }
@@ -174,13 +179,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // Scan while the rest of the receiver's digests arrive.
                 let scanning = {
                     let (root, index) = (root.clone(), index.clone());
-                    tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
-                        let mut index = index
-                            .lock()
-                            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-                        scan(&root, &mut index, &ScanOptions::default())?;
-                        Ok(manifest(&index)?)
-                    })
+                    tokio::task::spawn_blocking(move || scan_manifest(&root, &index))
                 };
                 let theirs = receive_digests(conn, dirs, last).await;
                 // The scan is awaited whatever happened, so it never outlives this session.
@@ -192,9 +191,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .map(|(dir, _)| dir)
                     .collect();
                 send_same(conn, generation, &same).await?;
+                let same = SameDirs::from_iter(same);
                 let rest = entries
                     .into_iter()
-                    .filter(|entry| !same.contains(&entry.path.parent()))
+                    .filter(|entry| !same.holds(&entry.path))
                     .collect();
                 send_manifest(conn, generation, rest).await?;
             }
@@ -349,7 +349,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|_| SessionError::Internal("the index snapshot was lost".into()))?;
     send_digests(conn, generation, &before).await?;
-    let mut same = std::collections::BTreeSet::new();
+    let mut same = SameDirs::default();
     let mut entries = Vec::new();
     loop {
         match receive(conn, "the manifest").await? {
@@ -377,15 +377,53 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     // The unchanged directories' entries are ours, as they were when we sent the digests.
-    entries.extend(
-        before
-            .into_iter()
-            .filter(|entry| same.contains(&entry.path.parent())),
-    );
+    entries.extend(before.into_iter().filter(|entry| same.holds(&entry.path)));
     if entries.len() > MAX_MANIFEST_ENTRIES {
         return Err(SessionError::ManifestTooLarge);
     }
     Ok(entries)
+}
+
+/// The directories (`None`: the root) whose listings both sides hold alike.
+#[derive(Default)]
+struct SameDirs {
+    root: bool,
+    dirs: std::collections::HashSet<RelPath>,
+}
+
+impl SameDirs {
+    fn len(&self) -> usize {
+        usize::from(self.root) + self.dirs.len()
+    }
+
+    /// Whether `path` lies directly in one of these directories.
+    fn holds(&self, path: &RelPath) -> bool {
+        match path.parent_bytes() {
+            None => self.root,
+            Some(dir) => self.dirs.contains(dir),
+        }
+    }
+}
+
+impl Extend<Option<RelPath>> for SameDirs {
+    fn extend<I: IntoIterator<Item = Option<RelPath>>>(&mut self, dirs: I) {
+        for dir in dirs {
+            match dir {
+                None => self.root = true,
+                Some(dir) => {
+                    self.dirs.insert(dir);
+                }
+            }
+        }
+    }
+}
+
+impl FromIterator<Option<RelPath>> for SameDirs {
+    fn from_iter<I: IntoIterator<Item = Option<RelPath>>>(dirs: I) -> Self {
+        let mut same = SameDirs::default();
+        same.extend(dirs);
+        same
+    }
 }
 
 /// Reads the rest of the receiver's directory digests, the first part being `dirs`.
@@ -875,13 +913,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         let mut index = scan_index
             .lock()
             .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-        let _ = before_tx.send(manifest(&index)?);
+        let known = index.take_entries()?;
+        let _ = before_tx.send(known.iter().cloned().map(manifest_entry).collect());
         let options = ScanOptions {
             remove_stale_temps: true,
             ..ScanOptions::default()
         };
-        let report = scan(&scan_root, &mut index, &options)?;
-        Ok((report, index.entries()?))
+        Ok(scan_from(&scan_root, &mut index, &options, known)?)
     });
 
     let manifest_started = Instant::now();

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use lbs_protocol::RelPath;
-use lbs_sync::{EntryKind, Index, ScanOptions, scan};
+use lbs_sync::{EntryKind, Index, ScanOptions, scan, scan_from};
 
 fn rel(text: &str) -> RelPath {
     RelPath::try_from(text).unwrap()
@@ -250,4 +250,69 @@ fn a_root_that_is_a_symlink_is_followed_once_and_a_missing_root_is_an_error() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn a_pass_from_known_entries_returns_exactly_what_the_index_then_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    tree(&root);
+    let mut index = Index::in_memory().unwrap();
+    scan(&root, &mut index, &ScanOptions::default()).unwrap();
+
+    // Every kind of change, with names that sort around '/' ("a-b" < "a.b" < "a/b").
+    write_old(&root.join("a/b"), b"new in a new directory");
+    write_old(&root.join("a.b"), b"dot");
+    write_old(&root.join("a-b"), b"dash");
+    fs::remove_file(root.join("voicemail/1234/INBOX/msg0000.wav")).unwrap();
+    write_old(&root.join("extensions.conf"), b"[default]\n");
+    fs::remove_file(root.join("moh/big.wav")).unwrap();
+    fs::create_dir(root.join("moh/big.wav")).unwrap();
+    std::os::unix::fs::symlink("../extensions.conf", root.join("moh/link")).unwrap();
+
+    let known = index.entries().unwrap();
+    let (pass, entries) = scan_from(&root, &mut index, &ScanOptions::default(), known).unwrap();
+    assert_eq!(pass.removed, 1, "{pass:?}");
+    assert_eq!(entries, index.entries().unwrap());
+    let paths: Vec<String> = entries.iter().map(|e| e.path.to_string()).collect();
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted);
+    assert!(paths.contains(&"a/b".to_owned()) && paths.contains(&"a-b".to_owned()));
+
+    // And over an unchanged tree, what it started from.
+    let known = index.entries().unwrap();
+    let (pass, entries) =
+        scan_from(&root, &mut index, &ScanOptions::default(), known.clone()).unwrap();
+    assert_eq!(pass.hashed_files, 0, "{pass:?}");
+    assert_eq!(entries, known);
+}
+
+#[test]
+fn remembered_entries_are_used_only_while_nothing_changed_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    tree(&root);
+    let db = dir.path().join("index.sqlite");
+    let mut index = Index::open(&db).unwrap();
+    let known = index.take_entries().unwrap();
+    let (_, entries) = scan_from(&root, &mut index, &ScanOptions::default(), known).unwrap();
+    index.remember(entries.clone()).unwrap();
+    assert_eq!(index.take_entries().unwrap(), entries);
+
+    // Another process changes the index: what was remembered is stale and not used.
+    index.remember(entries.clone()).unwrap();
+    {
+        let mut other = Index::open(&db).unwrap();
+        write_old(&root.join("new.wav"), b"riff");
+        scan(&root, &mut other, &ScanOptions::default()).unwrap();
+    }
+    let fresh = index.take_entries().unwrap();
+    assert_ne!(fresh, entries);
+    assert_eq!(fresh, index.entries().unwrap());
+
+    // So does a batch on the same handle.
+    index.remember(entries.clone()).unwrap();
+    scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    assert_eq!(index.take_entries().unwrap(), index.entries().unwrap());
 }
