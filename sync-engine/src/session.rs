@@ -120,11 +120,43 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
+/// file). It goes out at the latest before this side next waits for the peer
+/// ([`next_envelope`]), so a burst shares TLS records and write calls.
+async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    message: Message,
+) -> Result<(), SessionError> {
+    conn.feed(Envelope {
+        generation,
+        message,
+    })
+    .await?;
+    Ok(())
+}
+
+/// The peer's next envelope (`None` when it hung up). What this side queued is flushed
+/// first — unless the peer's next message has already arrived in full (a burst of pipelined
+/// requests): then the answers keep filling the buffer, which flushes itself when full.
+async fn next_envelope<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Option<Result<Envelope, SessionError>> {
+    let arrived = matches!(
+        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
+        Ok(Some(_))
+    );
+    if !arrived && let Err(err) = conn.flush().await {
+        return Some(Err(err.into()));
+    }
+    conn.next().await.map(|envelope| Ok(envelope?))
+}
+
 async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     during: &'static str,
 ) -> Result<Message, SessionError> {
-    match conn.next().await {
+    match next_envelope(conn).await {
         Some(envelope) => Ok(envelope?.message),
         None => Err(SessionError::Closed(during)),
     }
@@ -164,7 +196,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         .await,
     )??;
     loop {
-        let Some(envelope) = conn.next().await else {
+        let Some(envelope) = next_envelope(conn).await else {
             return Ok(());
         };
         match envelope?.message {
@@ -551,7 +583,7 @@ async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
             match blocking_join(read)? {
                 Ok(bytes) => {
-                    send(conn, generation, Message::SyncDataAt { offset: at, bytes }).await?;
+                    feed(conn, generation, Message::SyncDataAt { offset: at, bytes }).await?;
                 }
                 Err(err) => {
                     let reason = format!("reading at {at} failed: {err}");
@@ -685,13 +717,13 @@ async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
         Some(delta) => {
             for part in delta.chunks(SYNC_CHUNK_LEN) {
                 let bytes = part.to_vec();
-                send(conn, generation, Message::SyncDelta { bytes }).await?;
+                feed(conn, generation, Message::SyncDelta { bytes }).await?;
             }
         }
         None => {
             for part in data.chunks(SYNC_CHUNK_LEN) {
                 let bytes = part.to_vec();
-                send(conn, generation, Message::SyncData { bytes }).await?;
+                feed(conn, generation, Message::SyncData { bytes }).await?;
             }
         }
     }
@@ -738,10 +770,10 @@ async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
         bytes.truncate(n);
         hasher.update(&bytes);
         size += n as u64;
-        send(conn, generation, Message::SyncData { bytes }).await?;
+        feed(conn, generation, Message::SyncData { bytes }).await?;
     }
     let blake3 = *hasher.finalize().as_bytes();
-    send(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+    feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
 }
 
 /// What crosses from the network to the thread writing a file.
@@ -1168,7 +1200,8 @@ impl Pipeline {
         request(conn, generation, path, size, ask).await
     }
 
-    /// Sends the next planned requests, within the limits.
+    /// Sends the next planned requests, within the limits. Requests go out in batches (once
+    /// half of what runs ahead is answered), so they share TLS records and write calls.
     async fn top_up<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Connection<S>,
@@ -1176,6 +1209,14 @@ impl Pipeline {
     ) -> Result<(), SessionError> {
         let mut files: u64 = self.ahead.iter().map(|p| p.size).sum();
         let mut requests: usize = self.ahead.iter().map(Planned::request_bytes).sum();
+        if self.ahead.len() > AHEAD_FILES / 2
+            || files > AHEAD_BYTES / 2
+            || requests > AHEAD_REQUEST_BYTES / 2
+        {
+            // The sender has plenty to do still.
+            return Ok(());
+        }
+        let before = self.ahead.len();
         while let Some(next) = self.upcoming.front() {
             if !next.ahead {
                 // Its request is the writer's to make; nothing goes past it.
@@ -1203,6 +1244,10 @@ impl Pipeline {
             .await?;
             self.ahead.push_back(next);
         }
+        if self.ahead.len() > before {
+            // Out now: the writer may take a while before it asks for the next answer.
+            conn.flush().await?;
+        }
         Ok(())
     }
 }
@@ -1216,7 +1261,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     ask: Ask,
 ) -> Result<(), SessionError> {
     let (block_size, blocks) = match ask {
-        Ask::Whole => return send(conn, generation, Message::SyncFetch { path }).await,
+        Ask::Whole => return feed(conn, generation, Message::SyncFetch { path }).await,
         Ask::Delta(signature) => {
             return send(
                 conn,
@@ -1231,7 +1276,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
     while let Some(part) = parts.next() {
         let last = parts.peek().is_none();
-        send(
+        feed(
             conn,
             generation,
             Message::SyncFetchChanges {
