@@ -1,0 +1,26 @@
+//! Network takeover for lbs (DESIGN §8): the backup takes the failed primary's office address
+//! in well under a second once it decides to, never while the old primary still answers, and
+//! never leaves the box without an address.
+//!
+//! - [`types`]: IPv4 prefixes, MAC addresses, links and routes as lbs speaks of them.
+//! - [`backend`]: the [`NetBackend`] trait (links, carrier, addresses, default route,
+//!   `promote_secondaries`) and the [`Arp`] trait (RFC 5227 probe, gratuitous announce).
+//! - [`fake`]: an in-memory network that behaves like the kernel where it matters (deleting a
+//!   primary address takes its secondaries and the default route with it unless
+//!   `promote_secondaries` is set; a gateway outside every subnet is unreachable) and injects
+//!   failures, so the takeover logic is tested without root.
+//! - [`takeover`]: [`take_over`] and [`give_up`], each one idempotent, logged sequence with a
+//!   timed report per step that restores the previous address and route on any failure before
+//!   verification.
+
+pub mod backend;
+pub mod fake;
+pub mod takeover;
+pub mod types;
+
+pub use backend::{Arp, NetBackend, NetError, ProbeResult};
+pub use fake::FakeNet;
+pub use takeover::{
+    Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up, take_over,
+};
+pub use types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr, ParseError};

@@ -1,0 +1,332 @@
+//! The takeover sequence against the in-memory network: every failure path, without root.
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+
+use lbs_netconfig::fake::Op;
+use lbs_netconfig::{
+    DefaultRoute, FakeNet, Ipv4Cidr, LinkInfo, MacAddr, NetError, Step, StepOutcome, TakeoverError,
+    TakeoverPlan, give_up, take_over,
+};
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+
+fn cidr(text: &str) -> Ipv4Cidr {
+    text.parse().unwrap()
+}
+
+fn mac(text: &str) -> MacAddr {
+    text.parse().unwrap()
+}
+
+/// The backup box: eth0 with its own 192.168.1.3/24, default route via .1, kernel defaults.
+fn backup() -> (FakeNet, LinkInfo) {
+    let net = FakeNet::new();
+    let link = net.add_link("eth0", mac("02:00:00:00:00:03"), &[cidr("192.168.1.3/24")]);
+    net.set_route(Some(DefaultRoute {
+        gateway: GATEWAY,
+        link: link.index,
+    }));
+    (net, link)
+}
+
+fn plan() -> TakeoverPlan {
+    TakeoverPlan {
+        interface: "eth0".into(),
+        from: cidr("192.168.1.3/24"),
+        to: cidr("192.168.1.2/24"),
+        gateway: GATEWAY,
+        force: false,
+    }
+}
+
+fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// The state a takeover must leave.
+fn assert_taken(net: &FakeNet, link: &LinkInfo) {
+    assert_eq!(net.addresses_of("eth0"), [cidr("192.168.1.2/24")]);
+    assert_eq!(
+        net.route(),
+        Some(DefaultRoute {
+            gateway: GATEWAY,
+            link: link.index
+        })
+    );
+}
+
+/// The state before (or after giving up).
+fn assert_own(net: &FakeNet, link: &LinkInfo) {
+    assert_eq!(net.addresses_of("eth0"), [cidr("192.168.1.3/24")]);
+    assert_eq!(
+        net.route(),
+        Some(DefaultRoute {
+            gateway: GATEWAY,
+            link: link.index
+        })
+    );
+}
+
+#[test]
+fn a_free_address_is_taken_announced_and_verified_and_a_second_run_changes_nothing() {
+    let (net, link) = backup();
+    let report = run(take_over(&net, &net, &plan())).unwrap();
+    assert_taken(&net, &link);
+    assert!(net.promote_of("eth0"), "left on: the trap stays closed");
+    let steps: Vec<Step> = report.steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Preflight,
+            Step::Probe,
+            Step::PromoteSecondaries,
+            Step::AddAddress,
+            Step::Announce,
+            Step::DropOld,
+            Step::Route,
+            Step::Verify,
+            Step::AnnounceAgain
+        ]
+    );
+    assert!(
+        report
+            .steps
+            .iter()
+            .all(|s| matches!(s.outcome, StepOutcome::Done(_) | StepOutcome::Skipped(_))),
+        "{report}"
+    );
+    let announced = net.announced();
+    assert_eq!(
+        announced.len(),
+        2,
+        "a burst after the change and one after verifying"
+    );
+    assert!(
+        announced
+            .iter()
+            .all(|(ip, from, _)| *ip == Ipv4Addr::new(192, 168, 1, 2) && *from == link.mac)
+    );
+    let printed = report.to_string();
+    assert!(printed.contains("without the probe"), "{printed}");
+
+    // Again: it looks before it acts, so it converges on the same state.
+    let again = run(take_over(&net, &net, &plan())).unwrap();
+    assert_taken(&net, &link);
+    let skipped: Vec<Step> = again
+        .steps
+        .iter()
+        .filter(|s| matches!(s.outcome, StepOutcome::Skipped(_)))
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            Step::Probe,
+            Step::PromoteSecondaries,
+            Step::AddAddress,
+            Step::DropOld,
+            Step::Route
+        ]
+    );
+}
+
+#[test]
+fn a_live_primary_is_named_and_nothing_changes_unless_forced() {
+    let (net, link) = backup();
+    let primary = mac("5a:ec:b4:27:71:cf");
+    net.set_neighbour(Ipv4Addr::new(192, 168, 1, 2), Some(primary));
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TakeoverError::InUse { mac, .. } if mac == primary));
+    assert!(
+        text.contains("cannot take 192.168.1.2: 5a:ec:b4:27:71:cf still answers ARP")
+            && text.contains("--force"),
+        "{text}"
+    );
+    assert_own(&net, &link);
+    assert!(!net.promote_of("eth0"));
+    assert!(net.announced().is_empty());
+
+    let forced = TakeoverPlan {
+        force: true,
+        ..plan()
+    };
+    let report = run(take_over(&net, &net, &forced)).unwrap();
+    assert_taken(&net, &link);
+    assert!(report.to_string().contains("--force"), "{report}");
+}
+
+#[test]
+fn the_fake_has_the_kernel_trap_and_the_sequence_avoids_it() {
+    // What a naive script does: add .2, delete .3 — and both are gone, with the route.
+    let (net, link) = backup();
+    run(async {
+        use lbs_netconfig::NetBackend;
+        net.add_address(&link, cidr("192.168.1.2/24"))
+            .await
+            .unwrap();
+        net.delete_address(&link, cidr("192.168.1.3/24"))
+            .await
+            .unwrap();
+    });
+    assert!(net.addresses_of("eth0").is_empty());
+    assert_eq!(net.route(), None);
+
+    // The takeover turns promote_secondaries on before it deletes anything.
+    let (net, link) = backup();
+    run(take_over(&net, &net, &plan())).unwrap();
+    assert_taken(&net, &link);
+    let calls = net.calls();
+    let promote = calls
+        .iter()
+        .position(|op| *op == Op::SetPromoteSecondaries)
+        .unwrap();
+    let delete = calls
+        .iter()
+        .position(|op| *op == Op::DeleteAddress)
+        .unwrap();
+    assert!(promote < delete, "{calls:?}");
+}
+
+fn os(reason: &str) -> NetError {
+    NetError::Os {
+        what: "test".into(),
+        reason: reason.into(),
+    }
+}
+
+#[test]
+fn a_failure_at_any_step_restores_the_address_route_and_setting() {
+    // (operation, calls of it to let through first, the step it fails)
+    let cases = [
+        (Op::SetPromoteSecondaries, 0, Step::PromoteSecondaries),
+        (Op::AddAddress, 0, Step::AddAddress),
+        (Op::Announce, 0, Step::Announce),
+        (Op::DeleteAddress, 0, Step::DropOld),
+        (Op::DefaultRoute, 1, Step::Route),
+        (Op::ReplaceDefaultRoute, 0, Step::Route),
+        (Op::Addresses, 1, Step::Verify),
+        (Op::DefaultRoute, 2, Step::Verify),
+    ];
+    for (op, skip, step) in cases {
+        let (net, link) = backup();
+        // The route must be replaced for the route step to run: start with none.
+        if op == Op::ReplaceDefaultRoute {
+            net.set_route(None);
+        }
+        net.fail_call(op, skip, os("injected"));
+        let err = run(take_over(&net, &net, &plan())).unwrap_err();
+        match &err {
+            TakeoverError::Step {
+                step: failed,
+                restored,
+                ..
+            } => {
+                assert_eq!(*failed, step, "{op:?}: {err}");
+                assert!(restored, "{op:?}: {err}");
+            }
+            other => panic!("{op:?}: {other}"),
+        }
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(
+            net.addresses_of("eth0"),
+            [cidr("192.168.1.3/24")],
+            "{op:?}: {err}\n{}",
+            err.report()
+        );
+        if op == Op::ReplaceDefaultRoute {
+            assert_eq!(net.route(), None);
+        } else {
+            assert_own(&net, &link);
+        }
+        assert!(!net.promote_of("eth0"), "{op:?}: setting restored");
+    }
+}
+
+#[test]
+fn an_unreachable_gateway_is_refused_before_anything_changes() {
+    let (net, _) = backup();
+    let elsewhere = TakeoverPlan {
+        gateway: Ipv4Addr::new(10, 0, 0, 1),
+        ..plan()
+    };
+    let err = run(take_over(&net, &net, &elsewhere)).unwrap_err();
+    assert!(matches!(err, TakeoverError::Preflight { .. }), "{err}");
+    assert!(err.to_string().contains("not in the subnet"), "{err}");
+    assert!(!net.calls().contains(&Op::AddAddress));
+
+    // And the kernel's own ENETUNREACH from the route step is rolled back like any failure.
+    let (net, link) = backup();
+    net.set_route(None);
+    net.fail_next(
+        Op::ReplaceDefaultRoute,
+        NetError::Unreachable {
+            gateway: GATEWAY,
+            link: "eth0".into(),
+        },
+    );
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    assert!(
+        err.to_string().contains("is not reachable from eth0"),
+        "{err}"
+    );
+    assert_eq!(net.addresses_of("eth0"), [cidr("192.168.1.3/24")]);
+    let _ = link;
+}
+
+#[test]
+fn no_carrier_or_a_wrong_interface_stops_at_preflight() {
+    let (net, _) = backup();
+    net.set_carrier("eth0", false);
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    assert!(err.to_string().contains("no carrier"), "{err}");
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+
+    let (net, _) = backup();
+    let wrong = TakeoverPlan {
+        interface: "eth1".into(),
+        ..plan()
+    };
+    let err = run(take_over(&net, &net, &wrong)).unwrap_err();
+    assert!(
+        err.to_string().contains("no network interface \"eth1\""),
+        "{err}"
+    );
+
+    let (net, _) = backup();
+    let neither = TakeoverPlan {
+        from: cidr("192.168.1.9/24"),
+        ..plan()
+    };
+    let err = run(take_over(&net, &net, &neither)).unwrap_err();
+    assert!(err.to_string().contains("holds neither"), "{err}");
+}
+
+#[test]
+fn a_crash_at_any_point_then_a_rerun_converges_and_give_up_reverses_it() {
+    for changes in 0..6 {
+        let (net, link) = backup();
+        net.crash_after(changes);
+        // The crash may hit after the last change: then the run completes.
+        let first = run(take_over(&net, &net, &plan()));
+        net.restart();
+        let again = run(take_over(&net, &net, &plan()));
+        assert!(
+            again.is_ok(),
+            "crash after {changes} change(s) (first run: {first:?}): {again:?}"
+        );
+        assert_taken(&net, &link);
+
+        // Giving the address back, with a crash of its own.
+        net.crash_after(changes);
+        let _ = run(give_up(&net, &net, &plan()));
+        net.restart();
+        let back = run(give_up(&net, &net, &plan()));
+        assert!(back.is_ok(), "give_up after a crash at {changes}: {back:?}");
+        assert_own(&net, &link);
+    }
+}
