@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::sync_cmd;
+use crate::{net_cmd, sync_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +22,20 @@ enum Command {
     /// Replicate a directory tree from the primary to the backup.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// Take over an office address, give it back, or probe who holds one (needs root).
+    #[command(subcommand)]
+    Net(NetCommand),
+}
+
+#[derive(Subcommand)]
+enum NetCommand {
+    /// Ask (RFC 5227 ARP probe) whether anyone holds an address: exit 0 free, 3 in use.
+    Probe(net_cmd::ProbeCmd),
+    /// Move this box from its own address to the shared one, step by step, timed; any
+    /// failure restores the previous state. Exit 3 if another machine still answers for it.
+    TakeOver(net_cmd::MoveCmd),
+    /// Move this box from the shared address back to its own.
+    GiveUp(net_cmd::MoveCmd),
 }
 
 #[derive(Subcommand)]
@@ -62,6 +76,13 @@ pub fn main() -> std::process::ExitCode {
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {
                 sync_cmd::verify(&expected, &actual)
+            }
+            Command::Net(NetCommand::Probe(cmd)) => net_cmd::probe(cmd).await,
+            Command::Net(NetCommand::TakeOver(cmd)) => {
+                net_cmd::run(cmd, net_cmd::Direction::TakeOver).await
+            }
+            Command::Net(NetCommand::GiveUp(cmd)) => {
+                net_cmd::run(cmd, net_cmd::Direction::GiveUp).await
             }
         }
     });

@@ -6,5 +6,6 @@
 //! - [`sync_cmd`]: `lbs sync serve | pull | verify`.
 
 pub mod cli;
+pub mod net_cmd;
 pub mod peer;
 pub mod sync_cmd;

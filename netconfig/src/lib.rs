@@ -5,21 +5,27 @@
 //! - [`types`]: IPv4 prefixes, MAC addresses, links and routes as lbs speaks of them.
 //! - [`backend`]: the [`NetBackend`] trait (links, carrier, addresses, default route,
 //!   `promote_secondaries`) and the [`Arp`] trait (RFC 5227 probe, gratuitous announce).
+//! - [`arp`]: [`PacketArp`], probes and announcements on an `AF_PACKET` socket.
 //! - [`fake`]: an in-memory network that behaves like the kernel where it matters (deleting a
 //!   primary address takes its secondaries and the default route with it unless
 //!   `promote_secondaries` is set; a gateway outside every subnet is unreachable) and injects
 //!   failures, so the takeover logic is tested without root.
+//! - [`netlink`]: the real backend (rtnetlink, `/proc/sys`).
 //! - [`takeover`]: [`take_over`] and [`give_up`], each one idempotent, logged sequence with a
 //!   timed report per step that restores the previous address and route on any failure before
 //!   verification.
 
+pub mod arp;
 pub mod backend;
 pub mod fake;
+pub mod netlink;
 pub mod takeover;
 pub mod types;
 
+pub use arp::{PacketArp, ProbeProfile};
 pub use backend::{Arp, NetBackend, NetError, ProbeResult};
 pub use fake::FakeNet;
+pub use netlink::Netlink;
 pub use takeover::{
     Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up, take_over,
 };

@@ -19,6 +19,10 @@ pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
         "procps",
         "ps and kill, which the namespace tests use to stop what they started",
     ),
+    (
+        "iputils-ping",
+        "ping, the phone reaching the shared address in the takeover test",
+    ),
 ];
 
 /// The environment variable through which root-only tests report that they skipped.

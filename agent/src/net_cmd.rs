@@ -1,0 +1,131 @@
+//! `lbs net probe | take-over | give-up`: the network takeover by hand, as the agent will run
+//! it on P and B (for testing, and for an operator at 2 a.m. who wants to see each step).
+
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+
+use clap::Args;
+use lbs_netconfig::{
+    Arp, Ipv4Cidr, NetBackend, Netlink, PacketArp, ProbeProfile, ProbeResult, TakeoverError,
+    TakeoverPlan, give_up, take_over,
+};
+
+/// Probe timing.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ProbeArgs {
+    /// Probe with RFC 5227's full timing (about 4 s) instead of the fast LAN profile (140 ms).
+    #[arg(long)]
+    rfc5227: bool,
+}
+
+impl ProbeArgs {
+    fn arp(self) -> PacketArp {
+        PacketArp::new(if self.rfc5227 {
+            ProbeProfile::RFC5227
+        } else {
+            ProbeProfile::FAST
+        })
+    }
+}
+
+/// `lbs net probe`.
+#[derive(Args, Debug)]
+pub struct ProbeCmd {
+    /// The interface to probe on.
+    #[arg(long, short)]
+    interface: String,
+    /// The address to ask about.
+    ip: Ipv4Addr,
+    #[command(flatten)]
+    timing: ProbeArgs,
+}
+
+/// `lbs net take-over` and `lbs net give-up`.
+#[derive(Args, Debug)]
+pub struct MoveCmd {
+    /// The office interface.
+    #[arg(long, short)]
+    interface: String,
+    /// This box's own address (given up while it holds the shared one), e.g. 192.168.1.3/24.
+    #[arg(long)]
+    from: Ipv4Cidr,
+    /// The shared address the phones use, e.g. 192.168.1.2/24.
+    #[arg(long)]
+    to: Ipv4Cidr,
+    /// The office gateway.
+    #[arg(long)]
+    gateway: Ipv4Addr,
+    /// Take the address even if another machine answers ARP for it.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    timing: ProbeArgs,
+}
+
+impl MoveCmd {
+    fn plan(&self) -> TakeoverPlan {
+        TakeoverPlan {
+            interface: self.interface.clone(),
+            from: self.from,
+            to: self.to,
+            gateway: self.gateway,
+            force: self.force,
+        }
+    }
+}
+
+/// `lbs net probe`: exit 0 if the address is free, 3 if someone answers (and who).
+pub async fn probe(cmd: ProbeCmd) -> anyhow::Result<ExitCode> {
+    let net = Netlink::open()?;
+    let link = net.link(&cmd.interface).await?;
+    match cmd.timing.arp().probe(&link, cmd.ip).await? {
+        ProbeResult::Free => {
+            println!("{}: nobody answers ARP for it on {}", cmd.ip, link.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        ProbeResult::InUse(mac) => {
+            println!("{}: in use by {mac} on {}", cmd.ip, link.name);
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+/// Which way to move.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    /// Take the shared address.
+    TakeOver,
+    /// Give it back.
+    GiveUp,
+}
+
+/// `lbs net take-over` / `lbs net give-up`: the timed steps, then the outcome.
+pub async fn run(cmd: MoveCmd, direction: Direction) -> anyhow::Result<ExitCode> {
+    let net = Netlink::open()?;
+    let arp = cmd.timing.arp();
+    let plan = cmd.plan();
+    let (verb, outcome) = match direction {
+        Direction::TakeOver => ("taking over", take_over(&net, &arp, &plan).await),
+        Direction::GiveUp => ("giving up", give_up(&net, &arp, &plan).await),
+    };
+    match outcome {
+        Ok(report) => {
+            println!("{verb} on {}:", plan.interface);
+            println!("{report}");
+            for warning in report.warnings() {
+                eprintln!("warning: {}: {:?}", warning.step, warning.outcome);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            println!("{verb} on {}:", plan.interface);
+            println!("{}", err.report());
+            let code = match err {
+                TakeoverError::InUse { .. } => 3,
+                _ => 1,
+            };
+            eprintln!("lbs: {err}");
+            Ok(ExitCode::from(code))
+        }
+    }
+}

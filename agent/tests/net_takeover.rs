@@ -1,0 +1,225 @@
+//! `lbs net` in network namespaces: an office LAN (a bridge) with the gateway .1, the primary
+//! .2, the backup .3 and a phone .10, each a namespace running the real binary (root only;
+//! skipped and counted otherwise).
+#![allow(clippy::unwrap_used)]
+
+use std::process::Output;
+use std::time::Duration;
+
+use lbs_tests::netns::Lab;
+use lbs_tests::require_root;
+
+const LBS: &str = env!("CARGO_BIN_EXE_lbs");
+const STEP: Duration = Duration::from_secs(20);
+
+/// The office: ports in order gw (port0), primary (port1), backup (port2), phone (port3).
+fn office() -> Lab {
+    let mut lab = Lab::new();
+    lab.add_lan().unwrap();
+    for (host, cidr) in [
+        ("gw", "192.168.1.1/24"),
+        ("primary", "192.168.1.2/24"),
+        ("backup", "192.168.1.3/24"),
+        ("phone", "192.168.1.10/24"),
+    ] {
+        lab.add_host(host, cidr).unwrap();
+    }
+    for host in ["primary", "backup", "phone"] {
+        ok(sh(
+            &mut lab,
+            host,
+            &["ip", "route", "add", "default", "via", "192.168.1.1"],
+        ));
+    }
+    lab
+}
+
+fn sh(lab: &mut Lab, host: &str, argv: &[&str]) -> Output {
+    let mut cmd = lab.command(host, argv[0]);
+    cmd.args(&argv[1..]);
+    lab.run(cmd, STEP).unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mac_of(lab: &mut Lab, host: &str) -> String {
+    ok(sh(lab, host, &["cat", "/sys/class/net/eth0/address"]))
+        .trim()
+        .to_owned()
+}
+
+fn lbs_net(lab: &mut Lab, host: &str, verb: &str) -> Output {
+    sh(
+        lab,
+        host,
+        &[
+            LBS,
+            "net",
+            verb,
+            "--interface",
+            "eth0",
+            "--from",
+            "192.168.1.3/24",
+            "--to",
+            "192.168.1.2/24",
+            "--gateway",
+            "192.168.1.1",
+        ],
+    )
+}
+
+fn addresses(lab: &mut Lab, host: &str) -> String {
+    ok(sh(
+        lab,
+        host,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    ))
+}
+
+fn default_route(lab: &mut Lab, host: &str) -> String {
+    ok(sh(lab, host, &["ip", "route", "show", "default"]))
+}
+
+/// The takeover's own figure: "total … ms (X ms without the probe)".
+fn without_probe_ms(stdout: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("without the probe"))
+        .unwrap();
+    let inner = line.split('(').nth(1).unwrap();
+    inner.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
+    if !require_root(
+        "the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut lab = office();
+    let primary_mac = mac_of(&mut lab, "primary");
+    let backup_mac = mac_of(&mut lab, "backup");
+
+    // The phone talks to the primary: its neighbour entry for .2 is the primary's MAC.
+    ok(sh(
+        &mut lab,
+        "phone",
+        &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
+    ));
+
+    // While the primary is alive, the probe names it and the takeover refuses.
+    let probe = sh(
+        &mut lab,
+        "backup",
+        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
+    );
+    assert_eq!(probe.status.code(), Some(3), "{probe:?}");
+    assert!(
+        String::from_utf8_lossy(&probe.stdout).contains(&primary_mac),
+        "{probe:?}"
+    );
+    let refused = lbs_net(&mut lab, "backup", "take-over");
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains(&format!(
+            "cannot take 192.168.1.2: {primary_mac} still answers ARP"
+        )),
+        "{why}"
+    );
+    assert!(addresses(&mut lab, "backup").contains("192.168.1.3/24"));
+
+    // The primary dies: its switch port goes dark.
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    let probe = sh(
+        &mut lab,
+        "backup",
+        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
+    );
+    assert_eq!(probe.status.code(), Some(0), "{probe:?}");
+
+    // New namespaces have promote_secondaries=0: without care, dropping .3 takes .2 along.
+    let promote = "/proc/sys/net/ipv4/conf/eth0/promote_secondaries";
+    assert_eq!(ok(sh(&mut lab, "backup", &["cat", promote])).trim(), "0");
+    let taken = lbs_net(&mut lab, "backup", "take-over");
+    let report = ok(taken);
+    println!("take-over in the namespace test:\n{report}");
+    let steps_ms = without_probe_ms(&report);
+    println!("take-over steps without the probe: {steps_ms:.3} ms");
+
+    let now = addresses(&mut lab, "backup");
+    assert!(now.contains("192.168.1.2/24"), "{now}");
+    assert!(!now.contains("192.168.1.3/24"), "{now}");
+    assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
+    assert_eq!(ok(sh(&mut lab, "backup", &["cat", promote])).trim(), "1");
+
+    // The gratuitous ARP moved the phone's entry before it sent anything itself.
+    let neighbour = ok(sh(
+        &mut lab,
+        "phone",
+        &["ip", "neigh", "show", "192.168.1.2"],
+    ));
+    assert!(neighbour.contains(&backup_mac), "{neighbour}");
+    ok(sh(
+        &mut lab,
+        "phone",
+        &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
+    ));
+
+    // A second run changes nothing and succeeds.
+    let again = ok(lbs_net(&mut lab, "backup", "take-over"));
+    assert!(again.contains("skip"), "{again}");
+    assert!(addresses(&mut lab, "backup").contains("192.168.1.2/24"));
+
+    // Giving up reverses it.
+    ok(lbs_net(&mut lab, "backup", "give-up"));
+    let back = addresses(&mut lab, "backup");
+    assert!(
+        back.contains("192.168.1.3/24") && !back.contains("192.168.1.2/24"),
+        "{back}"
+    );
+    assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
+}
+
+#[test]
+fn a_takeover_cut_short_half_way_converges_when_run_again() {
+    if !require_root(
+        "a_takeover_cut_short_half_way_converges_when_run_again",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut lab = office();
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    // What a crash after "add address" leaves: both addresses, setting still off.
+    ok(sh(
+        &mut lab,
+        "backup",
+        &["ip", "addr", "add", "192.168.1.2/24", "dev", "eth0"],
+    ));
+    let report = ok(lbs_net(&mut lab, "backup", "take-over"));
+    assert!(report.contains("already on eth0"), "{report}");
+    let now = addresses(&mut lab, "backup");
+    assert!(
+        now.contains("192.168.1.2/24") && !now.contains("192.168.1.3/24"),
+        "{now}"
+    );
+    assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
+
+    // A crash after "drop old" but before the route: the route is gone too.
+    ok(lbs_net(&mut lab, "backup", "give-up"));
+    ok(sh(&mut lab, "backup", &["ip", "route", "del", "default"]));
+    let report = ok(lbs_net(&mut lab, "backup", "take-over"));
+    assert!(report.contains("via 192.168.1.1 on eth0"), "{report}");
+    assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
+}
