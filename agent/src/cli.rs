@@ -36,6 +36,9 @@ enum NetCommand {
     TakeOver(net_cmd::MoveCmd),
     /// Move this box from the shared address back to its own.
     GiveUp(net_cmd::MoveCmd),
+    /// Report any other machine claiming an address of this box, and carrier changes: exit 3
+    /// if another machine claimed it.
+    Watch(net_cmd::WatchCmd),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +87,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Net(NetCommand::GiveUp(cmd)) => {
                 net_cmd::run(cmd, net_cmd::Direction::GiveUp).await
             }
+            Command::Net(NetCommand::Watch(cmd)) => net_cmd::watch(cmd).await,
         }
     });
     match result {

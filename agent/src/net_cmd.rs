@@ -3,11 +3,12 @@
 
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 use lbs_netconfig::{
-    Arp, Ipv4Cidr, NetBackend, Netlink, PacketArp, ProbeProfile, ProbeResult, TakeoverError,
-    TakeoverPlan, give_up, take_over,
+    Arp, ConflictWatch, Ipv4Cidr, NetBackend, Netlink, PacketArp, ProbeProfile, ProbeResult,
+    Refresh, TakeoverError, TakeoverPlan, give_up, take_over,
 };
 
 /// Probe timing.
@@ -58,8 +59,27 @@ pub struct MoveCmd {
     /// Take the address even if another machine answers ARP for it.
     #[arg(long)]
     force: bool,
+    /// After the change, keep re-announcing the address for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    refresh_for: u64,
+    /// Seconds between those announcements.
+    #[arg(long, value_name = "SECS", default_value_t = 2)]
+    refresh_every: u64,
     #[command(flatten)]
     timing: ProbeArgs,
+}
+
+/// `lbs net watch`.
+#[derive(Args, Debug)]
+pub struct WatchCmd {
+    /// The interface to watch on.
+    #[arg(long, short)]
+    interface: String,
+    /// This box's address.
+    ip: Ipv4Addr,
+    /// How long to watch, seconds.
+    #[arg(long = "for", value_name = "SECS", default_value_t = 60)]
+    seconds: u64,
 }
 
 impl MoveCmd {
@@ -115,6 +135,25 @@ pub async fn run(cmd: MoveCmd, direction: Direction) -> anyhow::Result<ExitCode>
             for warning in report.warnings() {
                 eprintln!("warning: {}: {:?}", warning.step, warning.outcome);
             }
+            if cmd.refresh_for > 0 {
+                let held = match direction {
+                    Direction::TakeOver => plan.to.addr,
+                    Direction::GiveUp => plan.from.addr,
+                };
+                let link = net.link(&plan.interface).await?;
+                println!(
+                    "re-announcing {held} every {} s for {} s",
+                    cmd.refresh_every, cmd.refresh_for
+                );
+                let refresh = Refresh::start(
+                    arp.clone(),
+                    link,
+                    held,
+                    Duration::from_secs(cmd.refresh_every),
+                    Duration::from_secs(cmd.refresh_for),
+                );
+                println!("sent {} announcement(s)", refresh.finish().await);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(err) => {
@@ -128,4 +167,46 @@ pub async fn run(cmd: MoveCmd, direction: Direction) -> anyhow::Result<ExitCode>
             Ok(ExitCode::from(code))
         }
     }
+}
+
+/// `lbs net watch`: reports every other MAC claiming the address, and carrier changes; exit
+/// 3 if another MAC claimed it.
+pub async fn watch(cmd: WatchCmd) -> anyhow::Result<ExitCode> {
+    let net = Netlink::open()?;
+    let link = net.link(&cmd.interface).await?;
+    let mut watch = ConflictWatch::start(&link, cmd.ip)?;
+    let mut carrier = net.carrier_events(&link).await?;
+    println!(
+        "watching {} on {} ({}) for {} s",
+        cmd.ip, link.name, link.mac, cmd.seconds
+    );
+    let deadline = tokio::time::sleep(Duration::from_secs(cmd.seconds));
+    tokio::pin!(deadline);
+    let mut seen = 0u32;
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            conflict = watch.next() => match conflict {
+                Some(conflict) => {
+                    seen += 1;
+                    println!("conflict: {} claimed by {}", conflict.ip, conflict.mac);
+                }
+                None => break,
+            },
+            change = carrier.next() => match change {
+                Some(true) => println!("carrier: back on {}", link.name),
+                Some(false) => println!("carrier: lost on {}", link.name),
+                None => break,
+            },
+        }
+    }
+    watch
+        .stop()
+        .await
+        .map_err(|e| anyhow::anyhow!("watching {} failed: {e}", cmd.ip))?;
+    Ok(if seen == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

@@ -176,6 +176,35 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
         &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
     ));
 
+    // The old primary comes back with the address still configured. The backup's watch
+    // sees it ask for the address; the primary's own probe names the backup.
+    let mut watch = lab.command("backup", LBS);
+    watch.args(["net", "watch", "-i", "eth0", "192.168.1.2", "--for", "10"]);
+    let (_, _, lines) = lab.spawn_reading(watch, "watching", STEP).unwrap();
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "up"]));
+    let back = sh(
+        &mut lab,
+        "primary",
+        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
+    );
+    assert_eq!(back.status.code(), Some(3), "{back:?}");
+    assert!(
+        String::from_utf8_lossy(&back.stdout).contains(&backup_mac),
+        "{back:?}"
+    );
+    let conflict = lines.recv_timeout(STEP).unwrap();
+    assert_eq!(
+        conflict,
+        format!("conflict: 192.168.1.2 claimed by {primary_mac}")
+    );
+    // The primary is fenced in real life; here it goes away again.
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    // The backup's own cable: the watch follows its carrier.
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port2", "down"]));
+    assert_eq!(lines.recv_timeout(STEP).unwrap(), "carrier: lost on eth0");
+    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port2", "up"]));
+    assert_eq!(lines.recv_timeout(STEP).unwrap(), "carrier: back on eth0");
+
     // A second run changes nothing and succeeds.
     let again = ok(lbs_net(&mut lab, "backup", "take-over"));
     assert!(again.contains("skip"), "{again}");

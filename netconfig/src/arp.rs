@@ -185,7 +185,7 @@ fn probe_on(
 
 /// Who else claims `ip` in this frame, if anyone: an ARP from `ip` (a reply to our probe, or
 /// any use of it), or another host probing for it at the same time (RFC 5227 §2.1.1).
-fn conflict(frame: &[u8], ours: MacAddr, ip: Ipv4Addr) -> Option<MacAddr> {
+pub(crate) fn conflict(frame: &[u8], ours: MacAddr, ip: Ipv4Addr) -> Option<MacAddr> {
     let arp = parse(frame)?;
     if arp.sender_mac == ours {
         return None;
@@ -260,12 +260,12 @@ fn parse(frame: &[u8]) -> Option<Parsed> {
 
 /// An `AF_PACKET` socket for ARP frames, bound to one interface.
 #[derive(Debug)]
-struct PacketSocket {
+pub(crate) struct PacketSocket {
     file: File,
 }
 
 impl PacketSocket {
-    fn open(index: u32) -> io::Result<PacketSocket> {
+    pub(crate) fn open(index: u32) -> io::Result<PacketSocket> {
         let protocol = ETH_P_ARP.to_be();
         // SAFETY: plain socket(2) call; the result is checked and owned immediately.
         let raw = unsafe {
@@ -306,7 +306,7 @@ impl PacketSocket {
     }
 
     /// The next frame, or `None` if none came within `timeout`.
-    fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+    pub(crate) fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];

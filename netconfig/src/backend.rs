@@ -82,6 +82,13 @@ pub trait NetBackend: Sync {
         link: &LinkInfo,
     ) -> impl Future<Output = Result<bool, NetError>> + Send;
 
+    /// Follows `link`'s carrier: the receiver gets `true`/`false` on every change (a cable
+    /// pulled or plugged, a switch port going dark).
+    fn carrier_events(
+        &self,
+        link: &LinkInfo,
+    ) -> impl Future<Output = Result<CarrierEvents, NetError>> + Send;
+
     /// Sets `promote_secondaries`: with it, deleting a primary address promotes a secondary in
     /// the same subnet instead of deleting it too (and the default route with it).
     fn set_promote_secondaries(
@@ -89,6 +96,37 @@ pub trait NetBackend: Sync {
         link: &LinkInfo,
         on: bool,
     ) -> impl Future<Output = Result<(), NetError>> + Send;
+}
+
+/// Carrier changes of one interface, from [`NetBackend::carrier_events`]. Whatever feeds
+/// them stops when this is dropped.
+#[derive(Debug)]
+pub struct CarrierEvents {
+    changes: tokio::sync::mpsc::Receiver<bool>,
+    feeders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl CarrierEvents {
+    /// Events from `changes`, fed by `feeders` (aborted on drop).
+    pub fn new(
+        changes: tokio::sync::mpsc::Receiver<bool>,
+        feeders: Vec<tokio::task::JoinHandle<()>>,
+    ) -> CarrierEvents {
+        CarrierEvents { changes, feeders }
+    }
+
+    /// The next change: `true` when the carrier came back. `None` if the source ended.
+    pub async fn next(&mut self) -> Option<bool> {
+        self.changes.recv().await
+    }
+}
+
+impl Drop for CarrierEvents {
+    fn drop(&mut self) {
+        for feeder in &self.feeders {
+            feeder.abort();
+        }
+    }
 }
 
 /// What an RFC 5227 probe found.
@@ -118,4 +156,23 @@ pub trait Arp: Sync {
         ip: Ipv4Addr,
         count: u32,
     ) -> impl Future<Output = Result<(), NetError>> + Send;
+}
+
+impl<T: Arp + Send + Sync> Arp for std::sync::Arc<T> {
+    fn probe(
+        &self,
+        link: &LinkInfo,
+        ip: Ipv4Addr,
+    ) -> impl Future<Output = Result<ProbeResult, NetError>> + Send {
+        (**self).probe(link, ip)
+    }
+
+    fn announce(
+        &self,
+        link: &LinkInfo,
+        ip: Ipv4Addr,
+        count: u32,
+    ) -> impl Future<Output = Result<(), NetError>> + Send {
+        (**self).announce(link, ip, count)
+    }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{Arp, NetBackend, NetError, ProbeResult};
+use crate::backend::{Arp, CarrierEvents, NetBackend, NetError, ProbeResult};
 use crate::types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr};
 
 /// The operations of [`NetBackend`] and [`Arp`], to aim injected failures at.
@@ -32,6 +32,8 @@ pub enum Op {
     DefaultRoute,
     /// [`NetBackend::replace_default_route`].
     ReplaceDefaultRoute,
+    /// [`NetBackend::carrier_events`].
+    CarrierEvents,
     /// [`NetBackend::promote_secondaries`].
     PromoteSecondaries,
     /// [`NetBackend::set_promote_secondaries`].
@@ -77,6 +79,8 @@ struct State {
     crashed: bool,
     /// Every call, in order.
     calls: Vec<Op>,
+    /// Who follows which link's carrier.
+    carrier_watchers: Vec<(u32, tokio::sync::mpsc::Sender<bool>)>,
 }
 
 /// The fake network; cheap to share by reference between the code under test and the test.
@@ -124,9 +128,18 @@ impl FakeNet {
 
     /// Plugs or unplugs the cable of `name`.
     pub fn set_carrier(&self, name: &str, carrier: bool) {
-        if let Some(link) = self.state().links.iter_mut().find(|l| l.info.name == name) {
-            link.info.carrier = carrier;
+        let mut state = self.state();
+        let Some(link) = state.links.iter_mut().find(|l| l.info.name == name) else {
+            return;
+        };
+        if link.info.carrier == carrier {
+            return;
         }
+        link.info.carrier = carrier;
+        let index = link.info.index;
+        state
+            .carrier_watchers
+            .retain(|(watched, tx)| *watched != index || tx.try_send(carrier).is_ok());
     }
 
     /// Another host on the LAN that answers ARP for `ip` (`None`: it is unplugged).
@@ -158,6 +171,15 @@ impl FakeNet {
         let mut state = self.state();
         state.crashed = false;
         state.crash_in = None;
+    }
+
+    /// The interface called `name`, as [`NetBackend::link`] would give it.
+    pub fn link_named(&self, name: &str) -> Option<LinkInfo> {
+        self.state()
+            .links
+            .iter()
+            .find(|l| l.info.name == name)
+            .map(|l| l.info.clone())
     }
 
     /// The addresses on `name` now.
@@ -322,6 +344,15 @@ impl NetBackend for FakeNet {
                 link: link.index,
             });
             Ok(())
+        })
+    }
+
+    async fn carrier_events(&self, link: &LinkInfo) -> Result<CarrierEvents, NetError> {
+        self.call(Op::CarrierEvents, |state| {
+            state.link_mut(link)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            state.carrier_watchers.push((link.index, tx));
+            Ok(CarrierEvents::new(rx, Vec::new()))
         })
     }
 

@@ -10,6 +10,8 @@
 //!   primary address takes its secondaries and the default route with it unless
 //!   `promote_secondaries` is set; a gateway outside every subnet is unreachable) and injects
 //!   failures, so the takeover logic is tested without root.
+//! - [`lan`]: what runs on after a takeover — the announcement's slow [`Refresh`] and the
+//!   [`ConflictWatch`] for another machine claiming the address.
 //! - [`netlink`]: the real backend (rtnetlink, `/proc/sys`).
 //! - [`takeover`]: [`take_over`] and [`give_up`], each one idempotent, logged sequence with a
 //!   timed report per step that restores the previous address and route on any failure before
@@ -18,13 +20,15 @@
 pub mod arp;
 pub mod backend;
 pub mod fake;
+pub mod lan;
 pub mod netlink;
 pub mod takeover;
 pub mod types;
 
 pub use arp::{PacketArp, ProbeProfile};
-pub use backend::{Arp, NetBackend, NetError, ProbeResult};
+pub use backend::{Arp, CarrierEvents, NetBackend, NetError, ProbeResult};
 pub use fake::FakeNet;
+pub use lan::{Conflict, ConflictWatch, Refresh};
 pub use netlink::Netlink;
 pub use takeover::{
     Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up, take_over,

@@ -3,16 +3,17 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures_util::TryStreamExt;
-use rtnetlink::packet_route::AddressFamily;
+use futures_util::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
-use crate::backend::{NetBackend, NetError};
+use crate::backend::{CarrierEvents, NetBackend, NetError};
 use crate::types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr};
 
 /// Linux's errno values the backend maps to what they mean here.
@@ -259,6 +260,39 @@ impl NetBackend for Netlink {
                 &err,
             )),
         }
+    }
+
+    async fn carrier_events(&self, link: &LinkInfo) -> Result<CarrierEvents, NetError> {
+        let (connection, _, mut messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|e| {
+                NetError::Os {
+                    what: "listening for link changes".into(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let connection = tokio::spawn(connection);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (index, mut carrier) = (link.index, link.carrier);
+        let reader = tokio::spawn(async move {
+            while let Some((message, _)) = messages.next().await {
+                let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(update)) =
+                    message.payload
+                else {
+                    continue;
+                };
+                if update.header.index != index {
+                    continue;
+                }
+                let now = update.header.flags.contains(LinkFlags::LowerUp);
+                if now != carrier {
+                    carrier = now;
+                    if tx.send(now).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(CarrierEvents::new(rx, vec![connection, reader]))
     }
 
     async fn promote_secondaries(&self, link: &LinkInfo) -> Result<bool, NetError> {

@@ -330,3 +330,22 @@ fn a_crash_at_any_point_then_a_rerun_converges_and_give_up_reverses_it() {
         assert_own(&net, &link);
     }
 }
+
+#[test]
+fn carrier_changes_are_reported_once_each() {
+    use lbs_netconfig::NetBackend;
+    let (net, link) = backup();
+    run(async {
+        let mut events = net.carrier_events(&link).await.unwrap();
+        net.set_carrier("eth0", false);
+        net.set_carrier("eth0", false);
+        net.set_carrier("eth0", true);
+        assert_eq!(events.next().await, Some(false));
+        assert_eq!(events.next().await, Some(true));
+        drop(events);
+        // Nobody listens any more: changes go nowhere, and nothing fails.
+        net.set_carrier("eth0", false);
+    });
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    assert!(err.to_string().contains("no carrier"), "{err}");
+}

@@ -120,10 +120,22 @@ impl Lab {
     /// output that starts with `ready_prefix`, returning the rest of that line.
     pub fn spawn_until(
         &mut self,
-        mut cmd: Command,
+        cmd: Command,
         ready_prefix: &str,
         timeout: Duration,
     ) -> anyhow::Result<(u32, String)> {
+        let (pid, rest, _) = self.spawn_reading(cmd, ready_prefix, timeout)?;
+        Ok((pid, rest))
+    }
+
+    /// Like [`Lab::spawn_until`], and also hands over the process's later lines of standard
+    /// output (a disconnected receiver once it exits).
+    pub fn spawn_reading(
+        &mut self,
+        mut cmd: Command,
+        ready_prefix: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u32, String, mpsc::Receiver<String>)> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -150,7 +162,7 @@ impl Lab {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix(ready_prefix) {
-                        return Ok((pid, rest.to_owned()));
+                        return Ok((pid, rest.to_owned(), rx));
                     }
                 }
                 Err(_) => bail!("{cmd:?} did not print {ready_prefix:?} within {timeout:?}"),
