@@ -39,6 +39,9 @@ enum NetCommand {
     /// Report any other machine claiming an address of this box, and carrier changes: exit 3
     /// if another machine claimed it.
     Watch(net_cmd::WatchCmd),
+    /// This box's hardware (CPU, memory, disks, NICs, telephony cards), or every difference
+    /// from the partner's: exit 3 if there is one.
+    Inventory(net_cmd::InventoryCmd),
 }
 
 #[derive(Subcommand)]
@@ -88,6 +91,7 @@ pub fn main() -> std::process::ExitCode {
                 net_cmd::run(cmd, net_cmd::Direction::GiveUp).await
             }
             Command::Net(NetCommand::Watch(cmd)) => net_cmd::watch(cmd).await,
+            Command::Net(NetCommand::Inventory(cmd)) => net_cmd::inventory(&cmd),
         }
     });
     match result {

@@ -69,6 +69,18 @@ pub struct MoveCmd {
     timing: ProbeArgs,
 }
 
+/// `lbs net inventory`.
+#[derive(Args, Debug)]
+pub struct InventoryCmd {
+    /// Print it as JSON (to hand to the partner's `--compare`).
+    #[arg(long)]
+    json: bool,
+    /// Compare with the partner's inventory (JSON from its `lbs net inventory --json`) and
+    /// name every difference; exit 3 if there is one.
+    #[arg(long, value_name = "FILE")]
+    compare: Option<std::path::PathBuf>,
+}
+
 /// `lbs net watch`.
 #[derive(Args, Debug)]
 pub struct WatchCmd {
@@ -209,4 +221,60 @@ pub async fn watch(cmd: WatchCmd) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(3)
     })
+}
+
+/// `lbs net inventory`: this box's hardware, or how it differs from the partner's.
+pub fn inventory(cmd: &InventoryCmd) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let ours = lbs_netconfig::inventory::Inventory::collect()?;
+    if let Some(path) = &cmd.compare {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the partner's inventory {}", path.display()))?;
+        let theirs: lbs_netconfig::inventory::Inventory = serde_json::from_str(&text)
+            .with_context(|| {
+                format!(
+                    "{} is not an inventory from `lbs net inventory --json`",
+                    path.display()
+                )
+            })?;
+        let differences = ours.compare(&theirs);
+        if differences.is_empty() {
+            println!("the hardware matches the partner's");
+            return Ok(ExitCode::SUCCESS);
+        }
+        for difference in &differences {
+            println!("{difference}");
+        }
+        return Ok(ExitCode::from(3));
+    }
+    if cmd.json {
+        println!("{}", serde_json::to_string_pretty(&ours)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("CPU        {} × {}", ours.cpus, ours.cpu_model);
+    println!(
+        "memory     {:.1} GiB",
+        ours.memory_bytes as f64 / f64::from(1u32 << 30)
+    );
+    for disk in &ours.disks {
+        let kind = if disk.rotational { "disk" } else { "SSD" };
+        println!(
+            "{kind:<10} {} {:.1} GiB",
+            disk.name,
+            disk.bytes as f64 / f64::from(1u32 << 30)
+        );
+    }
+    for nic in &ours.nics {
+        let speed = nic
+            .speed_mbps
+            .map_or("no link".to_owned(), |s| format!("{s} Mb/s"));
+        println!("NIC        {} {} {speed}", nic.name, nic.mac);
+    }
+    if ours.telephony.is_empty() {
+        println!("telephony  no card of a known vendor");
+    }
+    for card in &ours.telephony {
+        println!("telephony  {card}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

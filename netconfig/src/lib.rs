@@ -10,6 +10,8 @@
 //!   primary address takes its secondaries and the default route with it unless
 //!   `promote_secondaries` is set; a gateway outside every subnet is unreachable) and injects
 //!   failures, so the takeover logic is tested without root.
+//! - [`inventory`]: CPU, memory, disks, NICs and telephony cards, and a comparison naming
+//!   each difference between the two boxes of a pair.
 //! - [`lan`]: what runs on after a takeover — the announcement's slow [`Refresh`] and the
 //!   [`ConflictWatch`] for another machine claiming the address.
 //! - [`netlink`]: the real backend (rtnetlink, `/proc/sys`).
@@ -20,6 +22,7 @@
 pub mod arp;
 pub mod backend;
 pub mod fake;
+pub mod inventory;
 pub mod lan;
 pub mod netlink;
 pub mod takeover;

@@ -73,7 +73,7 @@ impl FromStr for Ipv4Cidr {
 }
 
 /// An Ethernet hardware address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
