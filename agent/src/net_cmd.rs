@@ -59,6 +59,20 @@ pub struct MoveCmd {
     /// Take the address even if another machine answers ARP for it.
     #[arg(long)]
     force: bool,
+    /// Also change the boot configuration (systemd-networkd, ifupdown, NetworkManager or
+    /// ifcfg, whichever owns the interface), keeping the old file in --backups.
+    #[arg(long)]
+    persist: bool,
+    /// The root under which the boot configuration lives.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    config_root: std::path::PathBuf,
+    /// Where previous versions of the configuration are kept.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/lbs/netconfig-backups"
+    )]
+    backups: std::path::PathBuf,
     /// After the change, keep re-announcing the address for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     refresh_for: u64,
@@ -102,6 +116,10 @@ impl MoveCmd {
             to: self.to,
             gateway: self.gateway,
             force: self.force,
+            persist: self.persist.then(|| lbs_netconfig::PersistTo {
+                root: self.config_root.clone(),
+                backups: self.backups.clone(),
+            }),
         }
     }
 }

@@ -57,23 +57,25 @@ fn mac_of(lab: &mut Lab, host: &str) -> String {
 }
 
 fn lbs_net(lab: &mut Lab, host: &str, verb: &str) -> Output {
-    sh(
-        lab,
-        host,
-        &[
-            LBS,
-            "net",
-            verb,
-            "--interface",
-            "eth0",
-            "--from",
-            "192.168.1.3/24",
-            "--to",
-            "192.168.1.2/24",
-            "--gateway",
-            "192.168.1.1",
-        ],
-    )
+    lbs_net_with(lab, host, verb, &[])
+}
+
+fn lbs_net_with(lab: &mut Lab, host: &str, verb: &str, extra: &[&str]) -> Output {
+    let mut argv = vec![
+        LBS,
+        "net",
+        verb,
+        "--interface",
+        "eth0",
+        "--from",
+        "192.168.1.3/24",
+        "--to",
+        "192.168.1.2/24",
+        "--gateway",
+        "192.168.1.1",
+    ];
+    argv.extend_from_slice(extra);
+    sh(lab, host, &argv)
 }
 
 fn addresses(lab: &mut Lab, host: &str) -> String {
@@ -151,8 +153,24 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     // New namespaces have promote_secondaries=0: without care, dropping .3 takes .2 along.
     let promote = "/proc/sys/net/ipv4/conf/eth0/promote_secondaries";
     assert_eq!(ok(sh(&mut lab, "backup", &["cat", promote])).trim(), "0");
-    let taken = lbs_net(&mut lab, "backup", "take-over");
+    // The box's boot configuration (ifupdown here), in a directory of the test's own.
+    let config = tempfile::tempdir().unwrap();
+    let interfaces = config.path().join("etc/network/interfaces");
+    std::fs::create_dir_all(interfaces.parent().unwrap()).unwrap();
+    std::fs::write(
+        &interfaces,
+        "auto eth0\niface eth0 inet static\n\taddress 192.168.1.3/24\n\tgateway 192.168.1.1\n",
+    )
+    .unwrap();
+    let (root, backups) = (
+        config.path().to_str().unwrap().to_owned(),
+        config.path().join("backups").to_str().unwrap().to_owned(),
+    );
+    let persist = ["--persist", "--config-root", &root, "--backups", &backups];
+    let taken = lbs_net_with(&mut lab, "backup", "take-over", &persist);
     let report = ok(taken);
+    let saved = std::fs::read_to_string(&interfaces).unwrap();
+    assert!(saved.contains("address 192.168.1.2/24"), "{saved}");
     println!("take-over in the namespace test:\n{report}");
     let steps_ms = without_probe_ms(&report);
     println!("take-over steps without the probe: {steps_ms:.3} ms");
@@ -210,8 +228,10 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     assert!(again.contains("skip"), "{again}");
     assert!(addresses(&mut lab, "backup").contains("192.168.1.2/24"));
 
-    // Giving up reverses it.
-    ok(lbs_net(&mut lab, "backup", "give-up"));
+    // Giving up reverses it, boot configuration included.
+    ok(lbs_net_with(&mut lab, "backup", "give-up", &persist));
+    let saved = std::fs::read_to_string(&interfaces).unwrap();
+    assert!(saved.contains("address 192.168.1.3/24"), "{saved}");
     let back = addresses(&mut lab, "backup");
     assert!(
         back.contains("192.168.1.3/24") && !back.contains("192.168.1.2/24"),

@@ -15,6 +15,8 @@
 //! - [`lan`]: what runs on after a takeover — the announcement's slow [`Refresh`] and the
 //!   [`ConflictWatch`] for another machine claiming the address.
 //! - [`netlink`]: the real backend (rtnetlink, `/proc/sys`).
+//! - [`persist`]: the address change written into whichever of systemd-networkd, ifupdown,
+//!   NetworkManager or ifcfg owns the interface, so it survives a reboot.
 //! - [`takeover`]: [`take_over`] and [`give_up`], each one idempotent, logged sequence with a
 //!   timed report per step that restores the previous address and route on any failure before
 //!   verification.
@@ -25,6 +27,7 @@ pub mod fake;
 pub mod inventory;
 pub mod lan;
 pub mod netlink;
+pub mod persist;
 pub mod takeover;
 pub mod types;
 
@@ -34,6 +37,7 @@ pub use fake::FakeNet;
 pub use lan::{Conflict, ConflictWatch, Refresh};
 pub use netlink::Netlink;
 pub use takeover::{
-    Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up, take_over,
+    PersistTo, Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up,
+    take_over,
 };
 pub use types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr, ParseError};

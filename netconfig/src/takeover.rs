@@ -32,6 +32,19 @@ pub struct TakeoverPlan {
     /// Take the address even if another machine answers for it (the operator checked that
     /// the old primary is dead and its answers are stale, say from a switch's proxy ARP).
     pub force: bool,
+    /// Where to make the change survive a reboot; `None` leaves the boot configuration alone
+    /// (tests, or a box whose configuration lbs must not touch).
+    pub persist: Option<PersistTo>,
+}
+
+/// The boot configuration to edit (see [`crate::persist`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistTo {
+    /// The root the configuration lives under: `/` on a box.
+    pub root: std::path::PathBuf,
+    /// Where previous versions are kept, outside every directory the tools read
+    /// (`/var/lib/lbs/netconfig-backups`).
+    pub backups: std::path::PathBuf,
 }
 
 /// The steps, in order.
@@ -55,6 +68,8 @@ pub enum Step {
     Verify,
     /// Gratuitous ARP again, for caches that missed the first burst.
     AnnounceAgain,
+    /// The boot configuration changed to match.
+    Persist,
 }
 
 impl fmt::Display for Step {
@@ -69,6 +84,7 @@ impl fmt::Display for Step {
             Step::Route => "default route",
             Step::Verify => "verify",
             Step::AnnounceAgain => "announce again",
+            Step::Persist => "persist",
         })
     }
 }
@@ -231,6 +247,7 @@ pub async fn take_over<N: NetBackend, A: Arp>(
         new: plan.to,
         gateway: plan.gateway,
         force: plan.force,
+        persist: &plan.persist,
     }
     .run(net, arp)
     .await
@@ -248,6 +265,7 @@ pub async fn give_up<N: NetBackend, A: Arp>(
         new: plan.from,
         gateway: plan.gateway,
         force: plan.force,
+        persist: &plan.persist,
     }
     .run(net, arp)
     .await
@@ -260,6 +278,7 @@ struct Move<'p> {
     new: Ipv4Cidr,
     gateway: Ipv4Addr,
     force: bool,
+    persist: &'p Option<PersistTo>,
 }
 
 /// What was there before, and what this run changed (for the rollback).
@@ -413,6 +432,47 @@ impl Move<'_> {
                 )),
             ),
             Err(err) => rec.end(Step::AnnounceAgain, StepOutcome::Warning(err.to_string())),
+        }
+
+        // Also after verification: a configuration lbs cannot edit leaves the box working now
+        // and is said loudly, for the operator to fix before the next reboot.
+        rec.start();
+        match &self.persist {
+            None => rec.end(
+                Step::Persist,
+                StepOutcome::Skipped("boot configuration left alone".into()),
+            ),
+            Some(to) => {
+                let (to, interface) = (to.clone(), self.interface.to_owned());
+                let config = crate::persist::StaticConfig {
+                    address: self.new,
+                    gateway: Some(self.gateway),
+                };
+                let done = tokio::task::spawn_blocking(move || {
+                    crate::persist::persist(&to.root, &interface, &config, &to.backups)
+                })
+                .await;
+                match done {
+                    Ok(Ok(done)) => rec.end(
+                        Step::Persist,
+                        StepOutcome::Done(format!(
+                            "{} in {} (was {}; previous version in {})",
+                            self.new,
+                            done.owner.file.display(),
+                            done.before.address,
+                            done.backup.display()
+                        )),
+                    ),
+                    Ok(Err(err)) => rec.end(
+                        Step::Persist,
+                        StepOutcome::Warning(format!(
+                            "{err}; the address is taken now but a reboot would bring back the \
+                             old one"
+                        )),
+                    ),
+                    Err(err) => rec.end(Step::Persist, StepOutcome::Warning(err.to_string())),
+                }
+            }
         }
         Ok(rec.report)
     }

@@ -37,6 +37,7 @@ fn plan() -> TakeoverPlan {
         to: cidr("192.168.1.2/24"),
         gateway: GATEWAY,
         force: false,
+        persist: None,
     }
 }
 
@@ -89,7 +90,8 @@ fn a_free_address_is_taken_announced_and_verified_and_a_second_run_changes_nothi
             Step::DropOld,
             Step::Route,
             Step::Verify,
-            Step::AnnounceAgain
+            Step::AnnounceAgain,
+            Step::Persist
         ]
     );
     assert!(
@@ -129,7 +131,8 @@ fn a_free_address_is_taken_announced_and_verified_and_a_second_run_changes_nothi
             Step::PromoteSecondaries,
             Step::AddAddress,
             Step::DropOld,
-            Step::Route
+            Step::Route,
+            Step::Persist
         ]
     );
 }
@@ -348,4 +351,55 @@ fn carrier_changes_are_reported_once_each() {
     });
     let err = run(take_over(&net, &net, &plan())).unwrap_err();
     assert!(err.to_string().contains("no carrier"), "{err}");
+}
+
+#[test]
+fn the_boot_configuration_follows_and_a_broken_one_is_a_loud_warning() {
+    use lbs_netconfig::PersistTo;
+    let root = tempfile::tempdir().unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let interfaces = root.path().join("etc/network/interfaces");
+    std::fs::create_dir_all(interfaces.parent().unwrap()).unwrap();
+    std::fs::write(
+        &interfaces,
+        "auto eth0\niface eth0 inet static\n    address 192.168.1.3/24\n    gateway 192.168.1.1\n",
+    )
+    .unwrap();
+    let persisting = TakeoverPlan {
+        persist: Some(PersistTo {
+            root: root.path().to_owned(),
+            backups: backups.path().to_owned(),
+        }),
+        ..plan()
+    };
+    let (net, link) = backup();
+    let report = run(take_over(&net, &net, &persisting)).unwrap();
+    assert_taken(&net, &link);
+    let text = std::fs::read_to_string(&interfaces).unwrap();
+    assert!(text.contains("address 192.168.1.2/24"), "{text}");
+    let last = report.steps.last().unwrap();
+    assert_eq!(last.step, Step::Persist);
+    assert!(
+        matches!(&last.outcome, StepOutcome::Done(t) if t.contains("was 192.168.1.3/24")),
+        "{report}"
+    );
+
+    run(give_up(&net, &net, &persisting)).unwrap();
+    assert_own(&net, &link);
+    assert!(
+        std::fs::read_to_string(&interfaces)
+            .unwrap()
+            .contains("address 192.168.1.3/24")
+    );
+
+    // A box configured by DHCP: the takeover still happens, and the report says what is wrong.
+    std::fs::write(&interfaces, "auto eth0\niface eth0 inet dhcp\n").unwrap();
+    let report = run(take_over(&net, &net, &persisting)).unwrap();
+    assert_taken(&net, &link);
+    let warnings: Vec<_> = report.warnings().collect();
+    assert_eq!(warnings.len(), 1, "{report}");
+    assert!(
+        matches!(&warnings[0].outcome, StepOutcome::Warning(t) if t.contains("DHCP") && t.contains("a reboot would bring back")),
+        "{report}"
+    );
 }
