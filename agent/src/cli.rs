@@ -42,6 +42,9 @@ enum NetCommand {
     /// This box's hardware (CPU, memory, disks, NICs, telephony cards), or every difference
     /// from the partner's: exit 3 if there is one.
     Inventory(net_cmd::InventoryCmd),
+    /// Check that a takeover can work: interface, static address in the boot configuration,
+    /// partner in the same subnet and answering. Exit 3 if anything is a problem.
+    Preflight(net_cmd::PreflightCmd),
 }
 
 #[derive(Subcommand)]
@@ -92,6 +95,7 @@ pub fn main() -> std::process::ExitCode {
             }
             Command::Net(NetCommand::Watch(cmd)) => net_cmd::watch(cmd).await,
             Command::Net(NetCommand::Inventory(cmd)) => net_cmd::inventory(&cmd),
+            Command::Net(NetCommand::Preflight(cmd)) => net_cmd::preflight(cmd).await,
         }
     });
     match result {

@@ -83,6 +83,22 @@ pub struct MoveCmd {
     timing: ProbeArgs,
 }
 
+/// `lbs net preflight`.
+#[derive(Args, Debug)]
+pub struct PreflightCmd {
+    /// The office interface.
+    #[arg(long, short)]
+    interface: String,
+    /// The partner box's own address.
+    #[arg(long)]
+    partner: Ipv4Addr,
+    /// The root under which the boot configuration lives.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    config_root: std::path::PathBuf,
+    #[command(flatten)]
+    timing: ProbeArgs,
+}
+
 /// `lbs net inventory`.
 #[derive(Args, Debug)]
 pub struct InventoryCmd {
@@ -295,4 +311,28 @@ pub fn inventory(cmd: &InventoryCmd) -> anyhow::Result<ExitCode> {
         println!("telephony  {card}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lbs net preflight`: every check with its outcome; exit 3 if any is a problem.
+pub async fn preflight(cmd: PreflightCmd) -> anyhow::Result<ExitCode> {
+    use lbs_netconfig::preflight::Severity;
+    let net = Netlink::open()?;
+    let findings = lbs_netconfig::preflight::preflight(
+        &net,
+        &cmd.timing.arp(),
+        &cmd.interface,
+        cmd.partner,
+        Some(&cmd.config_root),
+    )
+    .await;
+    for finding in &findings {
+        println!("{finding}");
+    }
+    Ok(
+        if findings.iter().any(|f| f.severity == Severity::Problem) {
+            ExitCode::from(3)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }

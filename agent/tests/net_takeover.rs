@@ -119,6 +119,33 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
         &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
     ));
 
+    // The pre-flight checks from the backup: the primary answers, with its MAC; the boot
+    // configuration is not the test's to check here (an empty root has none: a problem).
+    let empty = tempfile::tempdir().unwrap();
+    let root = empty.path().to_str().unwrap().to_owned();
+    let flight = sh(
+        &mut lab,
+        "backup",
+        &[
+            LBS,
+            "net",
+            "preflight",
+            "-i",
+            "eth0",
+            "--partner",
+            "192.168.1.2",
+            "--config-root",
+            &root,
+        ],
+    );
+    let text = String::from_utf8_lossy(&flight.stdout).into_owned();
+    assert!(
+        text.contains(&format!("192.168.1.2 answers from {primary_mac}")),
+        "{text}"
+    );
+    assert!(text.contains("no boot configuration for eth0"), "{text}");
+    assert_eq!(flight.status.code(), Some(3), "{flight:?}");
+
     // While the primary is alive, the probe names it and the takeover refuses.
     let probe = sh(
         &mut lab,

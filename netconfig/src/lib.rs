@@ -17,6 +17,7 @@
 //! - [`netlink`]: the real backend (rtnetlink, `/proc/sys`).
 //! - [`persist`]: the address change written into whichever of systemd-networkd, ifupdown,
 //!   NetworkManager or ifcfg owns the interface, so it survives a reboot.
+//! - [`preflight`]: interface, static address, same subnet, partner answering.
 //! - [`takeover`]: [`take_over`] and [`give_up`], each one idempotent, logged sequence with a
 //!   timed report per step that restores the previous address and route on any failure before
 //!   verification.
@@ -28,6 +29,7 @@ pub mod inventory;
 pub mod lan;
 pub mod netlink;
 pub mod persist;
+pub mod preflight;
 pub mod takeover;
 pub mod types;
 
