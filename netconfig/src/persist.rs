@@ -194,7 +194,7 @@ pub fn find_owner(root: &Path, interface: &str) -> Result<Owner, PersistError> {
             interface: interface.to_owned(),
             looked: [NETWORKD_DIR, IFUPDOWN_FILE, IFUPDOWN_DIR, NM_DIR, IFCFG_DIR]
                 .iter()
-                .map(|p| format!("/{p}"))
+                .map(|p| root.join(p).display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
         }),

@@ -92,7 +92,11 @@ fn the_owner_is_found_and_dhcp_none_or_several_owners_are_refused() {
     let root = tempfile::tempdir().unwrap();
     let err = find_owner(root.path(), "eth0").unwrap_err();
     assert!(matches!(err, PersistError::NotFound { .. }), "{err}");
-    assert!(err.to_string().contains("/etc/network/interfaces"), "{err}");
+    let looked = root.path().join("etc/network/interfaces");
+    assert!(
+        err.to_string().contains(&looked.display().to_string()),
+        "{err}"
+    );
 
     put(
         root.path(),

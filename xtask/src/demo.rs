@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: builds lbs and shows what exists working, with a timeline.
 //!
-//! Today that is the protocol layer: a primary and a backup (two processes on loopback)
-//! complete a mutual-TLS `Hello` exchange with certificates from a data-center CA, time
-//! heartbeats, and refuse a stranger whose certificate is valid but names another box.
+//! Today: a primary and a backup (two processes on loopback) complete a mutual-TLS `Hello`
+//! exchange with certificates from a data-center CA, time heartbeats, and refuse a stranger
+//! whose certificate is valid but names another box; the backup pulls the primary's PBX tree
+//! and its changes; and, as root, in an office LAN of network namespaces, the backup takes
+//! the dead primary's address while a phone keeps reaching it, then gives it back.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::process::{Server, checked, run_with_timeout};
-use crate::util::{cargo, run_step, seconds, target_dir};
+use crate::util::{cargo, ensure_packages, is_root, run_step, seconds, target_dir};
 
 const PRIMARY: &str = "00-1A-2B-3C-4D-5E";
 const BACKUP: &str = "00-1A-2B-3C-4D-5F";
@@ -136,13 +138,195 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     })?;
 
     sync_steps(&mut timeline, &dir)?;
+    if is_root() {
+        // ip and ping, installed with apt-get when missing (the same list as the tests').
+        let missing = ensure_packages(crate::test::SYSTEM_PACKAGES, true)?;
+        if !missing.is_empty() {
+            bail!("the network takeover steps need {}", missing.join(" "));
+        }
+        network_steps(&mut timeline)?;
+    } else {
+        println!("\n--- the network takeover needs root (network namespaces): skipped");
+    }
 
     timeline.print();
     println!(
-        "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats) and the sync engine \
-         (lbs sync). The data center, tunnels, network takeover and failover join this demo as \
-         they land."
+        "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
+         (lbs sync) and the network takeover (lbs net). The data center, tunnels and the agent's \
+         roles join this demo as they land."
     );
+    Ok(())
+}
+
+/// The office LAN in network namespaces, removed (with anything still running in them) when
+/// dropped: only namespaces with this demo's own prefix.
+struct Office {
+    prefix: String,
+    made: Vec<String>,
+}
+
+impl Office {
+    fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    fn ip(args: &[&str]) -> anyhow::Result<()> {
+        checked(Command::new("ip").args(args), STEP_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn add(&mut self, host: &str) -> anyhow::Result<String> {
+        let ns = self.ns(host);
+        Office::ip(&["netns", "add", &ns])?;
+        self.made.push(ns.clone());
+        Office::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A LAN (a bridge) and the gateway .1, the primary .2, the backup .3, a phone .10.
+    fn build() -> anyhow::Result<Office> {
+        let mut office = Office {
+            prefix: format!("lbsdemo{}-", std::process::id()),
+            made: Vec::new(),
+        };
+        let lan = office.add("lan")?;
+        Office::ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"])?;
+        Office::ip(&["-n", &lan, "link", "set", "br0", "up"])?;
+        for (port, (host, cidr)) in [
+            ("gw", "192.168.1.1/24"),
+            ("primary", "192.168.1.2/24"),
+            ("backup", "192.168.1.3/24"),
+            ("phone", "192.168.1.10/24"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ns = office.add(host)?;
+            let port = format!("port{port}");
+            Office::ip(&[
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &lan,
+            ])?;
+            Office::ip(&["-n", &lan, "link", "set", &port, "master", "br0", "up"])?;
+            Office::ip(&["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
+            Office::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            if host != "gw" {
+                Office::ip(&["-n", &ns, "route", "add", "default", "via", "192.168.1.1"])?;
+            }
+        }
+        Ok(office)
+    }
+
+    fn run(&self, host: &str, program: &Path, args: &[&str]) -> anyhow::Result<Output> {
+        run_with_timeout(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns(host)])
+                .arg(program)
+                .args(args),
+            STEP_TIMEOUT,
+        )
+    }
+}
+
+impl Drop for Office {
+    fn drop(&mut self) {
+        for ns in self.made.iter().rev() {
+            // Processes still inside: only ours run there (every one was waited for).
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// The backup takes the dead primary's address, the phone follows, and the address goes back.
+fn network_steps(timeline: &mut Timeline) -> anyhow::Result<()> {
+    let lbs = target_dir().join("debug").join("lbs");
+    let ping = Path::new("ping");
+    let office = timeline.step(
+        "office LAN in namespaces: gateway .1, primary .2, backup .3, phone .10",
+        Office::build,
+    )?;
+    let shared = [
+        "-i",
+        "eth0",
+        "--from",
+        "192.168.1.3/24",
+        "--to",
+        "192.168.1.2/24",
+        "--gateway",
+        "192.168.1.1",
+    ];
+    let show = |out: &Output| {
+        indent(&out.stdout);
+        indent(&out.stderr);
+    };
+    timeline.step("the phone calls the primary (ping 192.168.1.2)", || {
+        let out = office.run("phone", ping, &["-c", "1", "-W", "2", "192.168.1.2"])?;
+        if !out.status.success() {
+            bail!("the phone cannot reach the primary");
+        }
+        Ok(())
+    })?;
+    timeline.step(
+        "while the primary lives, the backup refuses to take its address",
+        || {
+            let mut args = vec!["net", "take-over"];
+            args.extend(shared);
+            let out = office.run("backup", &lbs, &args)?;
+            indent(&out.stderr);
+            if out.status.code() != Some(3) {
+                bail!("the takeover did not refuse a live primary: {out:?}");
+            }
+            Ok(())
+        },
+    )?;
+    timeline.step("the primary dies (its switch port goes dark)", || {
+        Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "down"])
+    })?;
+    timeline.step("P: the backup takes over 192.168.1.2", || {
+        let mut args = vec!["net", "take-over"];
+        args.extend(shared);
+        let out = office.run("backup", &lbs, &args)?;
+        show(&out);
+        if !out.status.success() {
+            bail!("the takeover failed");
+        }
+        Ok(())
+    })?;
+    timeline.step(
+        "the phone reaches 192.168.1.2 again, now the backup",
+        || {
+            let out = office.run("phone", ping, &["-c", "1", "-W", "2", "192.168.1.2"])?;
+            if !out.status.success() {
+                bail!("the phone cannot reach the backup on the shared address");
+            }
+            let neigh = run_with_timeout(
+                Command::new("ip").args([
+                    "-n",
+                    &office.ns("phone"),
+                    "neigh",
+                    "show",
+                    "192.168.1.2",
+                ]),
+                STEP_TIMEOUT,
+            )?;
+            indent(&neigh.stdout);
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "B: the repaired primary is back; the backup gives the address back",
+        || {
+            let mut args = vec!["net", "give-up"];
+            args.extend(shared);
+            let out = office.run("backup", &lbs, &args)?;
+            show(&out);
+            if !out.status.success() {
+                bail!("giving the address back failed");
+            }
+            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "up"])
+        },
+    )?;
+    drop(office);
     Ok(())
 }
 
