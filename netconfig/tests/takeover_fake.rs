@@ -403,3 +403,34 @@ fn the_boot_configuration_follows_and_a_broken_one_is_a_loud_warning() {
         "{report}"
     );
 }
+
+#[test]
+fn a_probe_that_cannot_run_changes_nothing_and_a_late_announce_failure_is_a_warning() {
+    let (net, link) = backup();
+    net.fail_next(Op::Probe, os("no packet socket"));
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TakeoverError::Step {
+                step: Step::Probe,
+                restored: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("nothing had been changed"),
+        "{err}"
+    );
+    assert_own(&net, &link);
+
+    // The second announce comes after verification: the address stays taken.
+    let (net, link) = backup();
+    net.fail_call(Op::Announce, 1, os("send failed"));
+    let report = run(take_over(&net, &net, &plan())).unwrap();
+    assert_taken(&net, &link);
+    let warnings: Vec<Step> = report.warnings().map(|w| w.step).collect();
+    assert_eq!(warnings, [Step::AnnounceAgain], "{report}");
+}
