@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use lbs_netconfig::{
     Arp, ConflictWatch, Ipv4Cidr, NetBackend, Netlink, PacketArp, ProbeProfile, ProbeResult,
-    Refresh, TakeoverError, TakeoverPlan, give_up, take_over,
+    Refresh, StepReport, TakeoverError, TakeoverPlan, give_up_observed, take_over_observed,
 };
 
 /// Probe timing.
@@ -79,6 +79,10 @@ pub struct MoveCmd {
     /// Seconds between those announcements.
     #[arg(long, value_name = "SECS", default_value_t = 2)]
     refresh_every: u64,
+    /// For crash tests: end the process right after the step of this name ends ("add
+    /// address", "drop old address", …), with no rollback, as a power cut would; exit 134.
+    #[arg(long, value_name = "STEP", hide = true)]
+    crash_after: Option<String>,
     #[command(flatten)]
     timing: ProbeArgs,
 }
@@ -156,6 +160,9 @@ pub async fn probe(cmd: ProbeCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The exit status of a `--crash-after` stop.
+pub const CRASH_EXIT: i32 = 134;
+
 /// Which way to move.
 #[derive(Debug, Clone, Copy)]
 pub enum Direction {
@@ -170,14 +177,30 @@ pub async fn run(cmd: MoveCmd, direction: Direction) -> anyhow::Result<ExitCode>
     let net = Netlink::open()?;
     let arp = cmd.timing.arp();
     let plan = cmd.plan();
-    let (verb, outcome) = match direction {
-        Direction::TakeOver => ("taking over", take_over(&net, &arp, &plan).await),
-        Direction::GiveUp => ("giving up", give_up(&net, &arp, &plan).await),
+    let verb = match direction {
+        Direction::TakeOver => "taking over",
+        Direction::GiveUp => "giving up",
+    };
+    println!("{verb} on {}:", plan.interface);
+    // Each step is printed as it ends, so a slow one shows where it is.
+    let crash_after = cmd.crash_after.clone();
+    let mut on_step = move |step: &StepReport| {
+        println!("{step}");
+        if crash_after.as_deref() == Some(step.step.to_string().as_str()) {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            eprintln!("lbs: --crash-after {}: stopping dead", step.step);
+            // No destructor, no rollback, no core file: as if the power went.
+            std::process::exit(CRASH_EXIT);
+        }
+    };
+    let outcome = match direction {
+        Direction::TakeOver => take_over_observed(&net, &arp, &plan, &mut on_step).await,
+        Direction::GiveUp => give_up_observed(&net, &arp, &plan, &mut on_step).await,
     };
     match outcome {
         Ok(report) => {
-            println!("{verb} on {}:", plan.interface);
-            println!("{report}");
+            println!("{}", report.summary());
             for warning in report.warnings() {
                 eprintln!("warning: {}: {:?}", warning.step, warning.outcome);
             }
@@ -203,8 +226,7 @@ pub async fn run(cmd: MoveCmd, direction: Direction) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Err(err) => {
-            println!("{verb} on {}:", plan.interface);
-            println!("{}", err.report());
+            println!("{}", err.report().summary());
             let code = match err {
                 TakeoverError::InUse { .. } => 3,
                 _ => 1,

@@ -277,7 +277,33 @@ fn a_takeover_cut_short_half_way_converges_when_run_again() {
     }
     let mut lab = office();
     ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
-    // What a crash after "add address" leaves: both addresses, setting still off.
+    // The process dies right after each step in turn (as in a power cut); whatever it
+    // left, a second run ends in the taken state, and give-up in the original one.
+    for step in [
+        "promote_secondaries",
+        "add address",
+        "announce",
+        "drop old address",
+        "verify",
+    ] {
+        let crashed = lbs_net_with(&mut lab, "backup", "take-over", &["--crash-after", step]);
+        assert_eq!(crashed.status.code(), Some(134), "{step}: {crashed:?}");
+        let report = ok(lbs_net(&mut lab, "backup", "take-over"));
+        let now = addresses(&mut lab, "backup");
+        assert!(
+            now.contains("192.168.1.2/24") && !now.contains("192.168.1.3/24"),
+            "after a crash after {step}: {now}\n{report}"
+        );
+        assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
+        ok(lbs_net(&mut lab, "backup", "give-up"));
+        let back = addresses(&mut lab, "backup");
+        assert!(
+            back.contains("192.168.1.3/24") && !back.contains("192.168.1.2/24"),
+            "{back}"
+        );
+    }
+
+    // The state a crash after "add address" leaves, made by hand: both addresses.
     ok(sh(
         &mut lab,
         "backup",

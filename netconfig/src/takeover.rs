@@ -145,31 +145,45 @@ impl TakeoverReport {
     }
 }
 
-impl fmt::Display for TakeoverReport {
+impl fmt::Display for StepReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for step in &self.steps {
-            let (mark, text) = match &step.outcome {
-                StepOutcome::Done(text) => ("ok  ", text),
-                StepOutcome::Skipped(text) => ("skip", text),
-                StepOutcome::Warning(text) => ("WARN", text),
-                StepOutcome::Failed(text) => ("FAIL", text),
-            };
-            writeln!(
-                f,
-                "  {mark} {:<20} {:>9.3} ms  {text}",
-                step.step.to_string(),
-                step.elapsed.as_secs_f64() * 1e3
-            )?;
-        }
-        for line in &self.rollback {
-            writeln!(f, "  undo {line}")?;
-        }
+        let (mark, text) = match &self.outcome {
+            StepOutcome::Done(text) => ("ok  ", text),
+            StepOutcome::Skipped(text) => ("skip", text),
+            StepOutcome::Warning(text) => ("WARN", text),
+            StepOutcome::Failed(text) => ("FAIL", text),
+        };
         write!(
             f,
+            "  {mark} {:<20} {:>9.3} ms  {text}",
+            self.step.to_string(),
+            self.elapsed.as_secs_f64() * 1e3
+        )
+    }
+}
+
+impl TakeoverReport {
+    /// The closing lines: what the rollback did, and the totals.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for line in &self.rollback {
+            out.push_str(&format!("  undo {line}\n"));
+        }
+        out.push_str(&format!(
             "  total {:.3} ms ({:.3} ms without the probe)",
             self.total().as_secs_f64() * 1e3,
             self.total_without_probe().as_secs_f64() * 1e3
-        )
+        ));
+        out
+    }
+}
+
+impl fmt::Display for TakeoverReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for step in &self.steps {
+            writeln!(f, "{step}")?;
+        }
+        write!(f, "{}", self.summary())
     }
 }
 
@@ -241,6 +255,17 @@ pub async fn take_over<N: NetBackend, A: Arp>(
     arp: &A,
     plan: &TakeoverPlan,
 ) -> Result<TakeoverReport, TakeoverError> {
+    take_over_observed(net, arp, plan, &mut |_| {}).await
+}
+
+/// [`take_over`], calling `on_step` as each step ends (for a console that shows progress as
+/// it happens).
+pub async fn take_over_observed<N: NetBackend, A: Arp>(
+    net: &N,
+    arp: &A,
+    plan: &TakeoverPlan,
+    on_step: &mut (dyn FnMut(&StepReport) + Send),
+) -> Result<TakeoverReport, TakeoverError> {
     Move {
         interface: &plan.interface,
         old: plan.from,
@@ -249,7 +274,7 @@ pub async fn take_over<N: NetBackend, A: Arp>(
         force: plan.force,
         persist: &plan.persist,
     }
-    .run(net, arp)
+    .run(net, arp, on_step)
     .await
 }
 
@@ -259,6 +284,16 @@ pub async fn give_up<N: NetBackend, A: Arp>(
     arp: &A,
     plan: &TakeoverPlan,
 ) -> Result<TakeoverReport, TakeoverError> {
+    give_up_observed(net, arp, plan, &mut |_| {}).await
+}
+
+/// [`give_up`], calling `on_step` as each step ends.
+pub async fn give_up_observed<N: NetBackend, A: Arp>(
+    net: &N,
+    arp: &A,
+    plan: &TakeoverPlan,
+    on_step: &mut (dyn FnMut(&StepReport) + Send),
+) -> Result<TakeoverReport, TakeoverError> {
     Move {
         interface: &plan.interface,
         old: plan.to,
@@ -267,7 +302,7 @@ pub async fn give_up<N: NetBackend, A: Arp>(
         force: plan.force,
         persist: &plan.persist,
     }
-    .run(net, arp)
+    .run(net, arp, on_step)
     .await
 }
 
@@ -293,12 +328,13 @@ struct Undo {
 }
 
 /// Times steps into a report.
-struct Recorder {
+struct Recorder<'o> {
     report: TakeoverReport,
     started: Instant,
+    on_step: &'o mut (dyn FnMut(&StepReport) + Send),
 }
 
-impl Recorder {
+impl Recorder<'_> {
     fn start(&mut self) {
         self.started = Instant::now();
     }
@@ -313,11 +349,13 @@ impl Recorder {
                 tracing::info!(%step, ?elapsed, "{text}");
             }
         }
-        self.report.steps.push(StepReport {
+        let report = StepReport {
             step,
             outcome,
             elapsed,
-        });
+        };
+        (self.on_step)(&report);
+        self.report.steps.push(report);
         self.started = Instant::now();
     }
 }
@@ -327,10 +365,12 @@ impl Move<'_> {
         &self,
         net: &N,
         arp: &A,
+        on_step: &mut (dyn FnMut(&StepReport) + Send),
     ) -> Result<TakeoverReport, TakeoverError> {
         let mut rec = Recorder {
             report: TakeoverReport::default(),
             started: Instant::now(),
+            on_step,
         };
         let (link, before, route_before, promote_before) = match self.preflight(net).await {
             Ok(found) => found,
@@ -538,7 +578,7 @@ impl Move<'_> {
         net: &N,
         arp: &A,
         link: &LinkInfo,
-        rec: &mut Recorder,
+        rec: &mut Recorder<'_>,
         undo: &mut Undo,
         has_new: bool,
         has_old: bool,
