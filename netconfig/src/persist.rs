@@ -705,43 +705,47 @@ mod keyfile {
         })
     }
 
-    /// (line, key, address, inline gateway) of the first `address1=`/`addresses=` entry.
+    /// The first `key=value` line of `[ipv4]` for which `pick` says yes, with its index.
+    fn find_ipv4<T>(
+        lines: &[String],
+        sections: &[String],
+        pick: impl Fn(&str, &str) -> Option<T>,
+    ) -> Option<(usize, T)> {
+        lines
+            .iter()
+            .zip(sections)
+            .enumerate()
+            .find_map(|(i, (line, section))| {
+                if section != "ipv4" || is_comment(line) {
+                    return None;
+                }
+                let (key, value) = key_value(line)?;
+                Some((i, pick(key, value)?))
+            })
+    }
+
+    /// (line, address, inline gateway) of the first `address1=`/`addresses=` entry.
     fn find_address(
         lines: &[String],
         sections: &[String],
     ) -> Option<(usize, Ipv4Cidr, Option<Ipv4Addr>)> {
-        lines
-            .iter()
-            .zip(sections)
-            .enumerate()
-            .find_map(|(i, (line, section))| {
-                if section != "ipv4" || is_comment(line) {
-                    return None;
-                }
-                let (key, value) = key_value(line)?;
-                if !(key.starts_with("address") && key != "address-data") {
-                    return None;
-                }
-                let first = value.split(';').next()?.trim();
-                let mut parts = first.split(',');
-                let address = parts.next()?.trim().parse().ok()?;
-                let gateway = parts.next().and_then(|g| g.trim().parse().ok());
-                Some((i, address, gateway))
-            })
+        let (i, (address, gateway)) = find_ipv4(lines, sections, |key, value| {
+            if !key.starts_with("address") || key == "address-data" {
+                return None;
+            }
+            let first = value.split(';').next()?.trim();
+            let mut parts = first.split(',');
+            let address: Ipv4Cidr = parts.next()?.trim().parse().ok()?;
+            let gateway = parts.next().and_then(|g| g.trim().parse().ok());
+            Some((address, gateway))
+        })?;
+        Some((i, address, gateway))
     }
 
     fn find_key(lines: &[String], sections: &[String], name: &str) -> Option<(usize, String)> {
-        lines
-            .iter()
-            .zip(sections)
-            .enumerate()
-            .find_map(|(i, (line, section))| {
-                if section != "ipv4" || is_comment(line) {
-                    return None;
-                }
-                let (key, value) = key_value(line)?;
-                (key == name).then(|| (i, value.to_owned()))
-            })
+        find_ipv4(lines, sections, |key, value| {
+            (key == name).then(|| value.to_owned())
+        })
     }
 
     pub(super) fn read(text: &str) -> Result<StaticConfig, Problem> {
@@ -783,7 +787,7 @@ mod keyfile {
             (None, None, Some(ip)) => lines.insert(at + 1, format!("gateway={ip}")),
         }
         // NetworkManager's ipv4.dad-timeout: -1 (default) and 0 mean no probe at boot.
-        let sections = sections_of(&lines);
+        let sections = super::sections(&lines);
         match find_key(&lines, &sections, "dad-timeout") {
             Some((d, value)) if value.parse::<i64>().is_ok_and(|v| v <= 0) => {
                 lines[d] = set_value(&lines[d], "3000");
@@ -795,10 +799,6 @@ mod keyfile {
             }
         }
         Ok(join(&lines, newline))
-    }
-
-    fn sections_of(lines: &[String]) -> Vec<String> {
-        sections(lines)
     }
 }
 

@@ -266,16 +266,9 @@ pub async fn take_over_observed<N: NetBackend, A: Arp>(
     plan: &TakeoverPlan,
     on_step: &mut (dyn FnMut(&StepReport) + Send),
 ) -> Result<TakeoverReport, TakeoverError> {
-    Move {
-        interface: &plan.interface,
-        old: plan.from,
-        new: plan.to,
-        gateway: plan.gateway,
-        force: plan.force,
-        persist: &plan.persist,
-    }
-    .run(net, arp, on_step)
-    .await
+    Move::of(plan, plan.from, plan.to)
+        .run(net, arp, on_step)
+        .await
 }
 
 /// Gives the shared address `plan.to` back and returns to this box's own `plan.from`.
@@ -294,16 +287,9 @@ pub async fn give_up_observed<N: NetBackend, A: Arp>(
     plan: &TakeoverPlan,
     on_step: &mut (dyn FnMut(&StepReport) + Send),
 ) -> Result<TakeoverReport, TakeoverError> {
-    Move {
-        interface: &plan.interface,
-        old: plan.to,
-        new: plan.from,
-        gateway: plan.gateway,
-        force: plan.force,
-        persist: &plan.persist,
-    }
-    .run(net, arp, on_step)
-    .await
+    Move::of(plan, plan.to, plan.from)
+        .run(net, arp, on_step)
+        .await
 }
 
 /// From one address to another on one interface.
@@ -360,7 +346,19 @@ impl Recorder<'_> {
     }
 }
 
-impl Move<'_> {
+impl<'p> Move<'p> {
+    /// The plan's interface, gateway and options, from `old` to `new`.
+    fn of(plan: &'p TakeoverPlan, old: Ipv4Cidr, new: Ipv4Cidr) -> Move<'p> {
+        Move {
+            interface: &plan.interface,
+            old,
+            new,
+            gateway: plan.gateway,
+            force: plan.force,
+            persist: &plan.persist,
+        }
+    }
+
     async fn run<N: NetBackend, A: Arp>(
         &self,
         net: &N,

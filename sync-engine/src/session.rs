@@ -107,16 +107,14 @@ pub struct PullReport {
     pub recovery: Option<Recovery>,
 }
 
+/// Sends a message and flushes it (with anything queued before it).
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     message: Message,
 ) -> Result<(), SessionError> {
-    conn.send(Envelope {
-        generation,
-        message,
-    })
-    .await?;
+    feed(conn, generation, message).await?;
+    conn.flush().await?;
     Ok(())
 }
 
