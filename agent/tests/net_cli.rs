@@ -5,6 +5,15 @@ use std::process::Command;
 
 const LBS: &str = env!("CARGO_BIN_EXE_lbs");
 
+/// `lbs net inventory --compare FILE`.
+fn compare(partner: &std::path::Path) -> std::process::Output {
+    Command::new(LBS)
+        .args(["net", "inventory", "--compare"])
+        .arg(partner)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_inventory_round_trips_and_names_what_differs_from_the_partner() {
     let dir = tempfile::tempdir().unwrap();
@@ -16,11 +25,7 @@ fn the_inventory_round_trips_and_names_what_differs_from_the_partner() {
     let ours = dir.path().join("ours.json");
     std::fs::write(&ours, &out.stdout).unwrap();
 
-    let same = Command::new(LBS)
-        .args(["net", "inventory", "--compare"])
-        .arg(&ours)
-        .output()
-        .unwrap();
+    let same = compare(&ours);
     assert_eq!(same.status.code(), Some(0), "{same:?}");
     assert!(String::from_utf8_lossy(&same.stdout).contains("matches"));
 
@@ -36,11 +41,7 @@ fn the_inventory_round_trips_and_names_what_differs_from_the_partner() {
         }));
     let theirs = dir.path().join("theirs.json");
     std::fs::write(&theirs, serde_json::to_vec(&partner).unwrap()).unwrap();
-    let differ = Command::new(LBS)
-        .args(["net", "inventory", "--compare"])
-        .arg(&theirs)
-        .output()
-        .unwrap();
+    let differ = compare(&theirs);
     assert_eq!(differ.status.code(), Some(3), "{differ:?}");
     let text = String::from_utf8_lossy(&differ.stdout);
     assert!(
@@ -57,11 +58,7 @@ fn the_inventory_round_trips_and_names_what_differs_from_the_partner() {
 
     // Not an inventory: a clear error, not a crash.
     std::fs::write(&theirs, "not json").unwrap();
-    let bad = Command::new(LBS)
-        .args(["net", "inventory", "--compare"])
-        .arg(&theirs)
-        .output()
-        .unwrap();
+    let bad = compare(&theirs);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     assert!(
         String::from_utf8_lossy(&bad.stderr)

@@ -78,6 +78,15 @@ fn lbs_net_with(lab: &mut Lab, host: &str, verb: &str, extra: &[&str]) -> Output
     sh(lab, host, &argv)
 }
 
+/// `lbs net probe` for the shared address, from `host`.
+fn probe_shared(lab: &mut Lab, host: &str) -> Output {
+    sh(
+        lab,
+        host,
+        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
+    )
+}
+
 fn addresses(lab: &mut Lab, host: &str) -> String {
     ok(sh(
         lab,
@@ -147,11 +156,7 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     assert_eq!(flight.status.code(), Some(3), "{flight:?}");
 
     // While the primary is alive, the probe names it and the takeover refuses.
-    let probe = sh(
-        &mut lab,
-        "backup",
-        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
-    );
+    let probe = probe_shared(&mut lab, "backup");
     assert_eq!(probe.status.code(), Some(3), "{probe:?}");
     assert!(
         String::from_utf8_lossy(&probe.stdout).contains(&primary_mac),
@@ -170,11 +175,7 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
 
     // The primary dies: its switch port goes dark.
     ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
-    let probe = sh(
-        &mut lab,
-        "backup",
-        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
-    );
+    let probe = probe_shared(&mut lab, "backup");
     assert_eq!(probe.status.code(), Some(0), "{probe:?}");
 
     // New namespaces have promote_secondaries=0: without care, dropping .3 takes .2 along.
@@ -227,11 +228,7 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     watch.args(["net", "watch", "-i", "eth0", "192.168.1.2", "--for", "10"]);
     let (_, _, lines) = lab.spawn_reading(watch, "watching", STEP).unwrap();
     ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "up"]));
-    let back = sh(
-        &mut lab,
-        "primary",
-        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
-    );
+    let back = probe_shared(&mut lab, "primary");
     assert_eq!(back.status.code(), Some(3), "{back:?}");
     assert!(
         String::from_utf8_lossy(&back.stdout).contains(&backup_mac),

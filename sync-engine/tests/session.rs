@@ -18,11 +18,28 @@ use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use lbs_protocol::{Envelope, FrameCodec, Generation, Message, RelPath, frame};
-use lbs_sync::{Index, PullOptions, ScanOptions, SessionError, Trash, manifest, pull, scan, serve};
+use lbs_sync::{
+    Index, PullOptions, PullReport, ScanOptions, SessionError, Trash, manifest, pull, scan, serve,
+};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio_util::codec::Framed;
 
 const GEN: Generation = Generation(1);
+
+/// A receiver's index, empty, as a pull takes it.
+fn fresh_index() -> Arc<Mutex<Index>> {
+    Arc::new(Mutex::new(Index::in_memory().unwrap()))
+}
+
+/// One pull with the default options.
+async fn pull_default<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    client: &mut Framed<S, FrameCodec<Envelope>>,
+    receiver: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+) -> Result<PullReport, SessionError> {
+    pull(client, receiver, index, trash, GEN, PullOptions::default()).await
+}
 
 fn state(root: &Path) -> Vec<ManifestEntry> {
     let mut index = Index::in_memory().unwrap();
@@ -49,7 +66,7 @@ fn start_primary(sender: &Path) -> (tokio::task::JoinHandle<Result<(), SessionEr
     let (mut server_conn, client_conn) = connections();
     let sender = sender.to_owned();
     let server = tokio::spawn(async move {
-        let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+        let index = fresh_index();
         serve(&mut server_conn, sender, index, GEN).await
     });
     (server, client_conn)
@@ -81,12 +98,12 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
 
     let (mut server_conn, mut client_conn) = connections();
-    let server_index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let server_index = fresh_index();
     let server = tokio::spawn({
         let (sender, server_index) = (sender.clone(), server_index.clone());
         async move { serve(&mut server_conn, sender, server_index, GEN).await }
     });
-    let client_index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let client_index = fresh_index();
     let (progress, watch) = tokio::sync::watch::channel(lbs_sync::Progress::default());
     let first = pull(
         &mut client_conn,
@@ -114,16 +131,9 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     assert_eq!(last.current_bytes, 0, "between files nothing is in flight");
     assert_eq!(last.bytes_total, big.len() as u64 + 5 + 41);
 
-    let second = pull(
-        &mut client_conn,
-        &receiver,
-        client_index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let second = pull_default(&mut client_conn, &receiver, client_index, &trash)
+        .await
+        .unwrap();
     assert_eq!(second.plan.fetch_files, 0, "{second:?}");
     assert_eq!(second.executed.fetched_bytes, 0);
     // What the first pull wrote was recorded as it was written: nothing is read again.
@@ -167,20 +177,13 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
 
     let (server, mut client_conn) = start_primary(&sender);
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let index = fresh_index();
     let inode = fs::metadata(receiver.join("monitor/call.wav"))
         .unwrap()
         .ino();
-    let report = pull(
-        &mut client_conn,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let report = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert_eq!(fs::read(receiver.join("monitor/call.wav")).unwrap(), grown);
     // Few blocks changed: the file was patched in place (same inode), the journal is gone, and
@@ -307,17 +310,10 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         .await;
         liar
     });
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(
-        &mut client,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let index = fresh_index();
+    let report = pull_default(&mut client, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
     assert!(
         report.executed.deferred[0].1.contains("hashes to"),
@@ -363,17 +359,10 @@ async fn a_manifest_path_escaping_the_root_is_refused_before_anything_changes() 
         io.write_all(&wire).await.unwrap();
         io
     });
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let err = pull(
-        &mut client,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let index = fresh_index();
+    let err = pull_default(&mut client, &receiver, index, &trash)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SessionError::Frame(_)), "{err}");
     // postcard drops the custom message; the frame is refused as malformed.
     assert!(err.to_string().contains("malformed"), "{err}");
@@ -405,35 +394,21 @@ async fn unchanged_directories_are_not_listed_again_and_a_removed_one_is_trashed
     let server = tokio::spawn({
         let sender = sender.clone();
         async move {
-            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            let index = fresh_index();
             serve(&mut server_conn, sender, index, GEN).await
         }
     });
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let first = pull(
-        &mut client_conn,
-        &receiver,
-        index.clone(),
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let index = fresh_index();
+    let first = pull_default(&mut client_conn, &receiver, index.clone(), &trash)
+        .await
+        .unwrap();
     assert_eq!(first.plan.fetch_files, 600, "{first:?}");
     let first_bytes = meter.received();
 
     // Nothing changed: the answer is a list of unchanged directories, not 600 entries.
-    let second = pull(
-        &mut client_conn,
-        &receiver,
-        index.clone(),
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let second = pull_default(&mut client_conn, &receiver, index.clone(), &trash)
+        .await
+        .unwrap();
     assert_eq!(second.plan.unchanged, 600, "{second:?}");
     assert_eq!(second.executed.done, 0, "{second:?}");
     let listing = meter.received() - first_bytes;
@@ -445,16 +420,9 @@ async fn unchanged_directories_are_not_listed_again_and_a_removed_one_is_trashed
         b"a new message",
     );
     fs::remove_dir_all(sender.join("sounds/fr")).unwrap();
-    let third = pull(
-        &mut client_conn,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let third = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert_eq!(third.plan.fetch_files, 1, "{third:?}");
     assert_eq!(third.plan.trashed, 1, "{third:?}");
     assert_eq!(state(&receiver), state(&sender));
@@ -529,21 +497,14 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
     write_old(&sender.join("moh/default.wav"), &content);
     fs::create_dir_all(&receiver).unwrap();
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let index = fresh_index();
 
     // The connection drops after 1 MiB.
     let (fake, mut client) = connections();
     let fake = half_sender(fake, content.clone(), 1 << 20, true);
-    let err = pull(
-        &mut client,
-        &receiver,
-        index.clone(),
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = pull_default(&mut client, &receiver, index.clone(), &trash)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("closed"), "{err}");
     fake.await.unwrap();
     let partial = receiver
@@ -554,16 +515,9 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
 
     // The next pull asks only for what is missing, and leaves no partial behind.
     let (server, mut client_conn) = start_primary(&sender);
-    let report = pull(
-        &mut client_conn,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let report = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert_eq!(report.executed.resumed, 1, "{report:?}");
     let block = lbs_sync::BlockSize::DEFAULT.get();
     let moved = report.executed.fetched_bytes;
@@ -594,7 +548,7 @@ async fn a_cancelled_pull_stops_promptly_and_keeps_the_old_file_and_the_partial(
             cancel.cancel();
         }
     });
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let index = fresh_index();
     let options = PullOptions {
         cancel: Some(cancel),
         ..PullOptions::default()
@@ -637,17 +591,10 @@ async fn lines_inserted_in_a_config_file_move_as_a_small_delta() {
     write_old(&sender.join("extensions.conf"), new.as_bytes());
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
     let (server, mut client_conn) = start_primary(&sender);
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(
-        &mut client_conn,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let index = fresh_index();
+    let report = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert_eq!(
         fs::read(receiver.join("extensions.conf")).unwrap(),
@@ -711,17 +658,10 @@ async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
             liar
         }
     });
-    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
-    let report = pull(
-        &mut client,
-        &receiver,
-        index,
-        &trash,
-        GEN,
-        PullOptions::default(),
-    )
-    .await
-    .unwrap();
+    let index = fresh_index();
+    let report = pull_default(&mut client, &receiver, index, &trash)
+        .await
+        .unwrap();
     assert_eq!(report.executed.refetched.len(), 1, "{report:?}");
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert_eq!(fs::read(receiver.join("extensions.conf")).unwrap(), new);

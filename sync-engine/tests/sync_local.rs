@@ -220,6 +220,29 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
     plan
 }
 
+/// A sender holding `edited` and a receiver holding `base`, side by side in `dir`, and the
+/// receiver's trash.
+fn two_sides(
+    dir: &Path,
+    base: &Tree,
+    edited: &Tree,
+) -> (std::path::PathBuf, std::path::PathBuf, Trash) {
+    let (sender, receiver) = (dir.join("sender"), dir.join("receiver"));
+    materialize(&sender, edited);
+    materialize(&receiver, base);
+    let trash = Trash::open(&dir.join("trash")).unwrap();
+    (sender, receiver, trash)
+}
+
+/// `base` with `edits` applied.
+fn edited(base: &Tree, edits: &[(prop::sample::Index, Edit)]) -> Tree {
+    let mut edited = base.clone();
+    for edit in edits {
+        apply_edit(&mut edited, edit);
+    }
+    edited
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -228,15 +251,8 @@ proptest! {
         base in arb_tree(),
         edits in prop::collection::vec(arb_edit(), 0..8),
     ) {
-        let mut edited = base.clone();
-        for edit in &edits {
-            apply_edit(&mut edited, edit);
-        }
         let dir = tempfile::tempdir().unwrap();
-        let (sender, receiver) = (dir.path().join("sender"), dir.path().join("receiver"));
-        materialize(&sender, &edited);
-        materialize(&receiver, &base);
-        let trash = Trash::open(&dir.path().join("trash")).unwrap();
+        let (sender, receiver, trash) = two_sides(dir.path(), &base, &edited(&base, &edits));
 
         pull(&sender, &receiver, &trash);
         prop_assert_eq!(state(&receiver), state(&sender));
@@ -327,15 +343,8 @@ proptest! {
         base in arb_file_tree(),
         edits in prop::collection::vec(arb_edit(), 1..10),
     ) {
-        let mut edited = base.clone();
-        for edit in &edits {
-            apply_edit(&mut edited, edit);
-        }
         let dir = tempfile::tempdir().unwrap();
-        let (sender, receiver) = (dir.path().join("sender"), dir.path().join("receiver"));
-        materialize(&sender, &edited);
-        materialize(&receiver, &base);
-        let trash = Trash::open(&dir.path().join("trash")).unwrap();
+        let (sender, receiver, trash) = two_sides(dir.path(), &base, &edited(&base, &edits));
         let index = std::sync::Arc::new(std::sync::Mutex::new(Index::in_memory().unwrap()));
 
         let first = session_pull(&sender, &receiver, &trash, &index);
@@ -362,10 +371,7 @@ fn deleted_files_go_to_the_trash_and_the_trash_is_purged_after_retention() {
     );
     let mut edited = base.clone();
     edited.remove("INBOX/msg0000.wav");
-    let (sender, receiver) = (dir.path().join("sender"), dir.path().join("receiver"));
-    materialize(&sender, &edited);
-    materialize(&receiver, &base);
-    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (sender, receiver, trash) = two_sides(dir.path(), &base, &edited);
     pull(&sender, &receiver, &trash);
     assert!(!receiver.join("INBOX/msg0000.wav").exists());
     let batch = fs::read_dir(dir.path().join("trash"))
