@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{net_cmd, sync_cmd};
+use crate::{net_cmd, sync_cmd, vpn_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +25,22 @@ enum Command {
     /// Take over an office address, give it back, or probe who holds one (needs root).
     #[command(subcommand)]
     Net(NetCommand),
+    /// WireGuard tunnels to the data centers with failover, and the data center's endpoint.
+    #[command(subcommand)]
+    Vpn(VpnCommand),
+}
+
+#[derive(Subcommand)]
+enum VpnCommand {
+    /// Write a private key (kept if the file exists) and print its public key.
+    Keygen(vpn_cmd::KeygenCmd),
+    /// Keep one tunnel per data-center endpoint up, probed, with the overlay routed through
+    /// a healthy one (needs root). Stops cleanly on SIGTERM, removing everything.
+    Run(vpn_cmd::RunCmd),
+    /// Serve a data-center endpoint for boxes (needs root); SIGHUP re-reads the peers.
+    Endpoint(vpn_cmd::EndpointCmd),
+    /// Show the tunnels' health: exit 3 if none is up or `lbs vpn run` is not running.
+    Status(vpn_cmd::StatusCmd),
 }
 
 #[derive(Subcommand)]
@@ -96,6 +112,10 @@ pub fn main() -> std::process::ExitCode {
             Command::Net(NetCommand::Watch(cmd)) => net_cmd::watch(cmd).await,
             Command::Net(NetCommand::Inventory(cmd)) => net_cmd::inventory(&cmd),
             Command::Net(NetCommand::Preflight(cmd)) => net_cmd::preflight(cmd).await,
+            Command::Vpn(VpnCommand::Keygen(cmd)) => vpn_cmd::keygen(&cmd),
+            Command::Vpn(VpnCommand::Run(cmd)) => vpn_cmd::run(cmd).await,
+            Command::Vpn(VpnCommand::Endpoint(cmd)) => vpn_cmd::endpoint(cmd).await,
+            Command::Vpn(VpnCommand::Status(cmd)) => vpn_cmd::status(&cmd),
         }
     });
     match result {

@@ -28,6 +28,14 @@ pub enum NetError {
         /// What was being changed.
         what: String,
     },
+    /// The kernel cannot do this at all (a missing module).
+    #[error("{what}: {reason}")]
+    Unsupported {
+        /// What was being done.
+        what: String,
+        /// Why it cannot be.
+        reason: String,
+    },
     /// Anything else the kernel said.
     #[error("{what}: {reason}")]
     Os {

@@ -8,10 +8,10 @@ use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, MulticastGroup, RouteMessageBuilder};
 
 use crate::backend::{CarrierEvents, NetBackend, NetError};
 use crate::types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr};
@@ -23,6 +23,7 @@ const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
 const ENETUNREACH: i32 = 101;
 const ESRCH: i32 = 3;
+const EOPNOTSUPP: i32 = 95;
 
 /// A netlink route socket and the task that drives it (stopped when this is dropped).
 #[derive(Debug)]
@@ -128,6 +129,11 @@ impl Netlink {
     }
 
     fn is_default_v4(header: &RouteHeader, attributes: &[RouteAttribute]) -> bool {
+        header.destination_prefix_length == 0 && Netlink::is_main_v4(header, attributes)
+    }
+
+    /// An IPv4 unicast route of the main table.
+    fn is_main_v4(header: &RouteHeader, attributes: &[RouteAttribute]) -> bool {
         let table = attributes
             .iter()
             .find_map(|a| match a {
@@ -136,7 +142,6 @@ impl Netlink {
             })
             .unwrap_or(u32::from(header.table));
         header.address_family == AddressFamily::Inet
-            && header.destination_prefix_length == 0
             && header.kind == RouteType::Unicast
             && table == u32::from(RouteHeader::RT_TABLE_MAIN)
     }
@@ -321,4 +326,119 @@ impl NetBackend for Netlink {
 
 fn promote_path(link: &LinkInfo) -> String {
     format!("/proc/sys/net/ipv4/conf/{}/promote_secondaries", link.name)
+}
+
+/// Links and routes beyond a takeover's needs, for the VPN's tunnel interfaces.
+impl Netlink {
+    /// Sets `link` administratively up.
+    pub async fn set_link_up(&self, link: &LinkInfo) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| os(format!("setting {} up", link.name), &e))
+    }
+
+    /// Creates a kernel WireGuard interface called `name`. Fails with
+    /// [`NetError::Unsupported`] when the kernel has no WireGuard module.
+    pub async fn add_wireguard_link(&self, name: &str) -> Result<(), NetError> {
+        match self
+            .handle
+            .link()
+            .add(LinkWireguard::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(err) if errno(&err) == Some(EOPNOTSUPP) => Err(NetError::Unsupported {
+                what: format!("creating WireGuard interface {name}"),
+                reason: "this kernel has no WireGuard module".into(),
+            }),
+            Err(err) => Err(os(format!("creating WireGuard interface {name}"), &err)),
+        }
+    }
+
+    /// Deletes `link` (no error if it is already gone).
+    pub async fn delete_link(&self, link: &LinkInfo) -> Result<(), NetError> {
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(()),
+            Err(err) if errno(&err) == Some(ENODEV) => Ok(()),
+            Err(err) => Err(os(format!("deleting interface {}", link.name), &err)),
+        }
+    }
+
+    /// Routes `destination` straight out of `link` (no gateway: a point-to-point tunnel),
+    /// with `source` as the address new connections start from; replaces any route to the
+    /// same destination in the main table.
+    pub async fn replace_link_route(
+        &self,
+        destination: Ipv4Cidr,
+        link: &LinkInfo,
+        source: Option<Ipv4Addr>,
+    ) -> Result<(), NetError> {
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.network(), destination.prefix)
+            .output_interface(link.index)
+            .scope(RouteScope::Link);
+        if let Some(source) = source {
+            builder = builder.pref_source(source);
+        }
+        self.handle
+            .route()
+            .add(builder.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| os(format!("routing {destination} through {}", link.name), &e))
+    }
+
+    /// Removes the route to `destination` through the interface numbered `link` (no error
+    /// if there is none).
+    pub async fn delete_link_route(
+        &self,
+        destination: Ipv4Cidr,
+        link: u32,
+    ) -> Result<(), NetError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.network(), destination.prefix)
+            .output_interface(link)
+            .build();
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(err) if errno(&err) == Some(ESRCH) => Ok(()),
+            Err(err) => Err(os(format!("removing the route to {destination}"), &err)),
+        }
+    }
+
+    /// The interface (by number) the main table's route to exactly `destination` goes out
+    /// of, if there is one.
+    pub async fn link_route(&self, destination: Ipv4Cidr) -> Result<Option<u32>, NetError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| os("listing routes", &e))?;
+        Ok(routes.iter().find_map(|route| {
+            if route.header.destination_prefix_length != destination.prefix
+                || !Netlink::is_main_v4(&route.header, &route.attributes)
+            {
+                return None;
+            }
+            let network = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            if network.unwrap_or(Ipv4Addr::UNSPECIFIED) != destination.network() {
+                return None;
+            }
+            route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            })
+        }))
+    }
 }

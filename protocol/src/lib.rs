@@ -39,5 +39,7 @@ pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
 pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, Sender};
 pub use metered::{Meter, Metered};
 pub use path::{PathError, RelPath};
-pub use tls::{AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot};
+pub use tls::{
+    AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot, write_file_atomic,
+};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

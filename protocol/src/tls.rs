@@ -563,24 +563,24 @@ fn key_pem(key: &PrivateKeyDer<'_>) -> String {
     to_pem(label, key.secret_der())
 }
 
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    write_file_atomic(path, contents, mode).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Writes a file by temp file + fsync + rename + fsync of the directory, so a crash leaves
 /// either the old file or the new one, and creates it with `mode` from the start (a key is
 /// never readable by others, not even for a moment).
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let io_err = |source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    };
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a file path",
-        ))
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
     let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
     let result = (|| {
         let mut file = fs::OpenOptions::new()
@@ -597,7 +597,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError>
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(io_err)
+    result
 }
 
 /// Which clients a server accepts, beyond "issued by our CA".

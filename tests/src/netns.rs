@@ -194,6 +194,30 @@ impl Lab {
         }
     }
 
+    /// Sends `signal` (`HUP`, `KILL`, …) to a process this lab started.
+    pub fn signal(&mut self, pid: u32, signal: &str) -> anyhow::Result<()> {
+        self.child_index(pid)?;
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// Kills a process this lab started (SIGKILL: a crash) and reaps it.
+    pub fn kill(&mut self, pid: u32) -> anyhow::Result<()> {
+        let idx = self.child_index(pid)?;
+        let mut child = self.children.remove(idx);
+        let killed = child.kill();
+        let reaped = child.wait();
+        killed.context("killing")?;
+        reaped.context("reaping")?;
+        Ok(())
+    }
+
     fn child_index(&self, pid: u32) -> anyhow::Result<usize> {
         self.children
             .iter()

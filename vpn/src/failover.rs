@@ -55,7 +55,8 @@ pub enum ProbeOutcome {
 }
 
 /// A tunnel's health as status shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Not probed yet.
     Unknown,
@@ -75,12 +76,33 @@ pub enum Action {
         /// Which.
         tunnel: usize,
         /// Why, for the log and status.
-        reason: String,
+        why: Why,
     },
     /// Remove this tunnel's peer and add it again (never modify it in place).
     ResetPeer {
         /// Which.
         tunnel: usize,
+    },
+}
+
+/// Why the route moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// No tunnel was in use and this one answered.
+    FirstAnswer,
+    /// The tunnel in use went down after this many lost probes in a row.
+    FailedOver {
+        /// The tunnel that went down.
+        from: usize,
+        /// Its lost probes in a row.
+        lost: u32,
+    },
+    /// The preferred tunnel answered every probe for this long.
+    FailedBack {
+        /// The tunnel left.
+        from: usize,
+        /// The clean run required.
+        after: Duration,
     },
 }
 
@@ -228,10 +250,10 @@ impl Failover {
                     self.active = Some(preferred);
                     Action::Route {
                         tunnel: preferred,
-                        reason: format!(
-                            "tunnel {preferred} healthy for {} s: failing back",
-                            self.config.failback_after.as_secs()
-                        ),
+                        why: Why::FailedBack {
+                            from: active,
+                            after: self.config.failback_after,
+                        },
                     }
                 })
             }
@@ -241,18 +263,24 @@ impl Failover {
                 self.failovers += 1;
                 Some(Action::Route {
                     tunnel: to,
-                    reason: format!(
-                        "tunnel {active} down ({} probes lost): failing over to tunnel {to}",
-                        self.tunnels[active].misses
-                    ),
+                    why: Why::FailedOver {
+                        from: active,
+                        lost: self.tunnels[active].misses,
+                    },
                 })
             }
             None => {
-                let to = best?;
+                // At the start the preferred tunnel gets its chance: another one is used
+                // only once the preferred one answered nothing `dead_after` times.
+                let preferred_down = self
+                    .tunnels
+                    .get(preferred)
+                    .is_none_or(|t| t.health(self.config.dead_after) == Health::Down);
+                let to = best.filter(|&to| to == preferred || preferred_down)?;
                 self.active = Some(to);
                 Some(Action::Route {
                     tunnel: to,
-                    reason: format!("tunnel {to} answers: routing through it"),
+                    why: Why::FirstAnswer,
                 })
             }
         }
@@ -415,17 +443,27 @@ mod tests {
         assert!(f.probe(Duration::ZERO, 0, ProbeOutcome::Lost).is_empty());
         assert!(f.probe(Duration::ZERO, 7, RTT).is_empty());
         assert_eq!(f.active(), None);
-        let first = f.probe(Duration::from_millis(200), 1, RTT);
-        assert_eq!(
-            first,
-            [Action::Route {
-                tunnel: 1,
-                reason: "tunnel 1 answers: routing through it".into()
-            }]
-        );
+        // Tunnel 1 answers first, but the preferred one gets `dead_after` chances.
+        assert!(f.probe(Duration::from_millis(200), 1, RTT).is_empty());
         assert_eq!(
             f.status(Duration::from_millis(200))[0].health,
             Health::Degraded
         );
+        assert!(
+            f.probe(Duration::from_millis(400), 0, ProbeOutcome::Lost)
+                .is_empty()
+        );
+        let first = f.probe(Duration::from_millis(600), 0, ProbeOutcome::Lost);
+        assert_eq!(
+            first,
+            [
+                Action::ResetPeer { tunnel: 0 },
+                Action::Route {
+                    tunnel: 1,
+                    why: Why::FirstAnswer,
+                }
+            ]
+        );
+        assert_eq!(f.failovers(), 0, "starting elsewhere is not a failover");
     }
 }

@@ -69,6 +69,16 @@ pub struct BenchArgs {
 enum What {
     /// lbs sync against rsync: big-file edits and appends, the PBX prompt tree, 100,000 files.
     Sync(SyncArgs),
+    /// VPN failover in network namespaces (root): a box and two data-center endpoints, dc1
+    /// blackholed under a 50 ms ping stream; median detection time and largest gap.
+    Vpn(VpnArgs),
+}
+
+#[derive(clap::Args)]
+struct VpnArgs {
+    /// Blackholes to measure; the summary shows medians.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(clap::Args)]
@@ -99,7 +109,43 @@ struct SyncArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
         What::Sync(args) => sync(args),
+        What::Vpn(args) => vpn(args),
     }
+}
+
+/// Runs the namespace scenario of `agent/tests/vpn_failover.rs` (the same code the tests
+/// check) `runs` times, optimised.
+fn vpn(args: &VpnArgs) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if !is_root() {
+        bail!("the VPN benchmark needs root (network namespaces and tun devices)");
+    }
+    let missing = ensure_packages(crate::test::SYSTEM_PACKAGES, true)?;
+    if !missing.is_empty() {
+        bail!("the VPN benchmark needs {}", missing.join(" "));
+    }
+    let status = cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "lbs-agent",
+            "--test",
+            "vpn_failover",
+            "bench_vpn_failover",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("LBS_VPN_RUNS", args.runs.to_string())
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("the VPN benchmark failed: {status}");
+    }
+    Ok(())
 }
 
 fn sync(args: &SyncArgs) -> anyhow::Result<()> {

@@ -144,7 +144,7 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         if !missing.is_empty() {
             bail!("the network takeover steps need {}", missing.join(" "));
         }
-        network_steps(&mut timeline)?;
+        network_steps(&mut timeline, &dir)?;
     } else {
         println!("\n--- the network takeover needs root (network namespaces): skipped");
     }
@@ -152,8 +152,9 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     timeline.print();
     println!(
         "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
-         (lbs sync) and the network takeover (lbs net). The data center, tunnels and the agent's \
-         roles join this demo as they land."
+         (lbs sync), the network takeover (lbs net) and the tunnels to two data-center \
+         endpoints (lbs vpn). The data center's authority and the agent's roles join this demo \
+         as they land."
     );
     Ok(())
 }
@@ -197,6 +198,9 @@ impl Office {
             ("primary", "192.168.1.2/24"),
             ("backup", "192.168.1.3/24"),
             ("phone", "192.168.1.10/24"),
+            // The two data-center endpoints, on the same segment for the demo.
+            ("dc1", "192.168.1.201/24"),
+            ("dc2", "192.168.1.202/24"),
         ]
         .into_iter()
         .enumerate()
@@ -238,7 +242,7 @@ impl Drop for Office {
 }
 
 /// The backup takes the dead primary's address, the phone follows, and the address goes back.
-fn network_steps(timeline: &mut Timeline) -> anyhow::Result<()> {
+fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
     let lbs = target_dir().join("debug").join("lbs");
     let ping = Path::new("ping");
     let office = timeline.step(
@@ -266,6 +270,7 @@ fn network_steps(timeline: &mut Timeline) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    vpn_steps(timeline, &office, dir, &lbs)?;
     timeline.step(
         "while the primary lives, the backup refuses to take its address",
         || {
@@ -327,6 +332,150 @@ fn network_steps(timeline: &mut Timeline) -> anyhow::Result<()> {
         },
     )?;
     drop(office);
+    Ok(())
+}
+
+/// The text after `ready: ` in a server's first line.
+fn ready(line: &str) -> Option<&str> {
+    line.strip_prefix("ready: ")
+}
+
+/// The primary's tunnels to both data centers, and a failover when dc1's line is cut.
+fn vpn_steps(
+    timeline: &mut Timeline,
+    office: &Office,
+    dir: &Path,
+    lbs: &Path,
+) -> anyhow::Result<()> {
+    let vpn = dir.join("vpn");
+    std::fs::create_dir_all(&vpn)?;
+    let keygen = |name: &str| -> anyhow::Result<String> {
+        let path = vpn.join(format!("{name}.key"));
+        let _ = std::fs::remove_file(&path);
+        let out = checked(
+            Command::new(lbs).args(["vpn", "keygen"]).arg(&path),
+            STEP_TIMEOUT,
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let in_ns = |host: &str, args: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &office.ns(host)])
+            .arg(lbs)
+            .args(args);
+        cmd
+    };
+    let (mut endpoints, publics) = timeline.step(
+        "data centers dc1 and dc2 start their WireGuard endpoints",
+        || {
+            let primary = keygen("primary")?;
+            let mut servers = Vec::new();
+            let mut publics = Vec::new();
+            for n in [1, 2] {
+                publics.push(keygen(&format!("dc{n}"))?);
+                let config = vpn.join(format!("dc{n}.toml"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "private_key_file = \"dc{n}.key\"\ninterface = \"lbs-ep\"\nlisten_port = 51820\naddress = \"10.77.255.{n}/16\"\nservice_addresses = [\"10.77.0.1/32\"]\n\n[[peer]]\npublic_key = \"{primary}\"\naddress = \"10.77.0.5\"\n"
+                    ),
+                )?;
+                let config = config.to_string_lossy().into_owned();
+                let server = Server::start(
+                    &mut in_ns(&format!("dc{n}"), &["vpn", "endpoint", "--config", &config]),
+                    ready,
+                    STEP_TIMEOUT,
+                )?;
+                println!("    dc{n}: {}", server.addr);
+                servers.push(server);
+            }
+            Ok((servers, publics))
+        },
+    )?;
+    let status_file = vpn.join("primary-vpn.json");
+    let mut tunnels = timeline.step(
+        "the primary brings up a tunnel to each, heartbeats every 200 ms",
+        || {
+            let mut config = String::from(
+                "private_key_file = \"primary.key\"\naddress = \"10.77.0.5\"\ninterface_prefix = \"lbs-dc\"\n",
+            );
+            for (public, n) in publics.iter().zip(1..) {
+                config += &format!(
+                    "\n[[endpoint]]\nname = \"dc{n}\"\npublic_key = \"{}\"\nendpoint = \"192.168.1.20{n}:51820\"\naddress = \"10.77.255.{n}\"\nprefix = \"10.77.0.0/16\"\n",
+                    public
+                );
+            }
+            let path = vpn.join("primary.toml");
+            std::fs::write(&path, config)?;
+            let path = path.to_string_lossy().into_owned();
+            let status = status_file.to_string_lossy().into_owned();
+            let mut server = Server::start(
+                &mut in_ns("primary", &["vpn", "run", "--config", &path, "--status-file", &status]),
+                ready,
+                STEP_TIMEOUT,
+            )?;
+            println!("    {}", server.addr);
+            println!("    {}", server.wait_line("route: overlay via dc1", STEP_TIMEOUT)?);
+            Ok(server)
+        },
+    )?;
+    timeline.step(
+        "the primary reaches the data center (ping 10.77.0.1)",
+        || {
+            let out = office.run(
+                "primary",
+                Path::new("ping"),
+                &["-c", "1", "-W", "2", "10.77.0.1"],
+            )?;
+            if !out.status.success() {
+                bail!("no answer from the data center through the tunnel");
+            }
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "dc1's line is cut: the primary's traffic moves to dc2",
+        || {
+            let cut = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis();
+            // dc1 is the LAN's fifth port (gw, primary, backup, phone, dc1, dc2).
+            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port4", "down"])?;
+            let line = tunnels.wait_line("route: overlay via dc2", Duration::from_secs(5))?;
+            let at: u128 = line
+                .rsplit_once(" at ")
+                .and_then(|(_, at)| at.parse().ok())
+                .context("no time in the route line")?;
+            println!("    {line}");
+            println!("    moved {} ms after the cut", at.saturating_sub(cut));
+            let out = office.run(
+                "primary",
+                Path::new("ping"),
+                &["-c", "1", "-W", "2", "10.77.0.1"],
+            )?;
+            if !out.status.success() {
+                bail!("no answer from the data center through dc2");
+            }
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "tunnels and endpoints stop on SIGTERM, leaving nothing behind",
+        || {
+            tunnels.stop()?;
+            for endpoint in &mut endpoints {
+                endpoint.stop()?;
+            }
+            let links = checked(
+                Command::new("ip").args(["-n", &office.ns("primary"), "-o", "link"]),
+                STEP_TIMEOUT,
+            )?;
+            if String::from_utf8_lossy(&links.stdout).contains("lbs-dc") {
+                bail!("a tunnel interface is left on the primary");
+            }
+            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port4", "up"])
+        },
+    )?;
     Ok(())
 }
 

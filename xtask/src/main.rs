@@ -5,6 +5,7 @@
 //!   root, fail the run.
 //! - `cargo xtask demo`: builds everything and shows the product working, step by step.
 //! - `cargo xtask bench sync`: lbs sync against rsync on fixed datasets, same run, medians.
+//! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 
 mod bench;
 mod demo;
@@ -27,7 +28,7 @@ enum Command {
     Test(test::TestArgs),
     /// Build lbs and run the demonstration, printing a timeline.
     Demo(demo::DemoArgs),
-    /// Benchmarks against rsync, in the same run (`cargo xtask bench sync`).
+    /// Benchmarks: sync against rsync in the same run, VPN failover (`cargo xtask bench sync|vpn`).
     Bench(bench::BenchArgs),
 }
 

@@ -141,6 +141,19 @@ impl Server {
         })
     }
 
+    /// Waits for a line of output starting with `prefix` (skipping others) and returns it.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!("no line starting with {prefix:?} within {timeout:?}"),
+            }
+        }
+    }
+
     /// The server's process ID.
     pub fn pid(&self) -> Option<u32> {
         self.guard.0.as_ref().map(Child::id)
