@@ -82,7 +82,9 @@ fn init_logging() {
         .try_init();
 }
 
-fn write_status(path: &Path, status: &VpnStatus) {
+/// Writes the status file; says so on standard error when that starts or stops failing
+/// (a full disk), not every second.
+fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
     let result = (|| {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -90,8 +92,16 @@ fn write_status(path: &Path, status: &VpnStatus) {
         let json = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
         lbs_protocol::write_file_atomic(path, &json, 0o644)
     })();
-    if let Err(err) = result {
-        eprintln!("cannot write the status file {}: {err}", path.display());
+    match result {
+        Err(err) if !*failing => {
+            eprintln!("cannot write the status file {}: {err}", path.display());
+            *failing = true;
+        }
+        Ok(()) if *failing => {
+            eprintln!("the status file {} is written again", path.display());
+            *failing = false;
+        }
+        _ => {}
     }
 }
 
@@ -116,31 +126,33 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
         status.address,
         names.join(", ")
     );
-    write_status(&cmd.status_file, &status);
+    let mut failing = false;
+    write_status(&cmd.status_file, &status, &mut failing);
     let mut watch = tunnels.watch();
     let mut last_change = status.last_change.clone();
     let mut written = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            changed = watch.changed() => {
-                if changed.is_err() {
-                    eprintln!("the tunnel supervisor stopped");
-                    break;
+                _ = sigterm.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        eprintln!("the tunnel supervisor stopped");
+                        break;
+                    }
+                    let status = watch.borrow_and_update().clone();
+                    let moved = status.last_change != last_change;
+                    if moved && let Some(change) = &status.last_change {
+                        println!("route: overlay via {} ({}) at {}", change.to, change.reason, change.at_unix_ms);
+                    }
+                    if moved || written.elapsed() >= Duration::from_secs(1) {
+                        let mut failing = false;
+        write_status(&cmd.status_file, &status, &mut failing);
+                        written = std::time::Instant::now();
+                    }
+                    last_change = status.last_change;
                 }
-                let status = watch.borrow_and_update().clone();
-                let moved = status.last_change != last_change;
-                if moved && let Some(change) = &status.last_change {
-                    println!("route: overlay via {} ({}) at {}", change.to, change.reason, change.at_unix_ms);
-                }
-                if moved || written.elapsed() >= Duration::from_secs(1) {
-                    write_status(&cmd.status_file, &status);
-                    written = std::time::Instant::now();
-                }
-                last_change = status.last_change;
             }
-        }
     }
     println!("stopping: removing the tunnels");
     let result = tunnels.shutdown().await;

@@ -97,15 +97,19 @@ impl Overlay {
             );
         }
         std::fs::write(overlay.dir.path().join("box.toml"), toml).unwrap();
-        let mut cmd = overlay.lab.command("box", LBS);
-        cmd.args(["vpn", "run", "--config"])
-            .arg(overlay.dir.path().join("box.toml"))
-            .arg("--status-file")
-            .arg(overlay.status_file());
-        let (pid, _, out) = overlay.lab.spawn_reading(cmd, "ready:", STEP).unwrap();
-        overlay.box_pid = pid;
-        overlay.box_out = out;
+        overlay.start_box();
         overlay
+    }
+
+    fn start_box(&mut self) {
+        let mut cmd = self.lab.command("box", LBS);
+        cmd.args(["vpn", "run", "--config"])
+            .arg(self.dir.path().join("box.toml"))
+            .arg("--status-file")
+            .arg(self.status_file());
+        let (pid, _, out) = self.lab.spawn_reading(cmd, "ready:", STEP).unwrap();
+        self.box_pid = pid;
+        self.box_out = out;
     }
 
     fn write_endpoint_config(&self, n: usize, with_box: bool) {
@@ -391,6 +395,34 @@ fn sigterm_removes_every_interface_route_and_file() {
         ));
         assert!(!links.contains("lbs-ep"), "{links}");
     }
+}
+
+#[test]
+fn a_box_killed_and_restarted_comes_up_cleanly() {
+    if !require_root("vpn box crash", "network namespaces and tun devices") {
+        return;
+    }
+    let mut overlay = Overlay::start(10, true);
+    overlay.wait_route("dc1", STEP);
+    let pid = overlay.box_pid;
+    overlay.lab.kill(pid).unwrap();
+    // A crash leaves no interface (the tun devices die with the process) and no route.
+    let links = ok(sh(&mut overlay.lab, "box", &["ip", "-o", "link"]));
+    assert!(!links.contains("lbs-dc"), "{links}");
+    let routes = ok(sh(&mut overlay.lab, "box", &["ip", "route"]));
+    assert!(!routes.contains("10.77."), "{routes}");
+
+    overlay.start_box();
+    overlay.wait_route("dc1", STEP);
+    overlay.wait_status("both tunnels up after the restart", STEP, |s| {
+        s.tunnels.iter().all(|t| t.health == Health::Up) && s.failovers == 0
+    });
+    let out = ok(sh(
+        &mut overlay.lab,
+        "box",
+        &["ping", "-c", "1", "-W", "2", SERVICE],
+    ));
+    assert!(out.contains("1 received"), "{out}");
 }
 
 /// `cargo xtask bench vpn`: blackholes dc1 several times and prints the median detection

@@ -6,7 +6,8 @@
 //! address = "10.77.0.5"          # this box's overlay address, from the data center
 //! interface_prefix = "lbs-dc"    # interfaces lbs-dc0, lbs-dc1
 //! # backend = "auto"             # auto | kernel | userspace
-//! # probe_interval_ms = 200, dead_after = 3, failback_after_s = 10, reset_every_s = 2
+//! # probe_interval_ms = 200 (a heartbeat unanswered by the next one is lost: keep it above
+//! #   the worst round trip), dead_after = 3, failback_after_s = 10, reset_every_s = 2
 //! # keepalive_s = 15, heartbeat_port = 51821, preferred = 0
 //!
 //! [[endpoint]]

@@ -19,7 +19,8 @@ use std::time::Duration;
 /// The rules' parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailoverConfig {
-    /// How often each tunnel is probed (for the defaults below and for status).
+    /// How often each tunnel is probed. A heartbeat not answered before the next one leaves
+    /// counts as lost, so this must stay above the tunnels' worst round trip.
     pub probe_interval: Duration,
     /// Lost probes in a row that make a tunnel down.
     pub dead_after: u32,

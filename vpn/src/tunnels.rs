@@ -178,7 +178,8 @@ pub struct VpnStatus {
     pub backend: BackendKind,
     /// The box's overlay address.
     pub address: Ipv4Addr,
-    /// The endpoint the overlay goes through (`None` until one answers).
+    /// The endpoint the kernel routes the overlay through (the preferred one from the
+    /// start, so nothing leaks to the default route before the first answer).
     pub active: Option<String>,
     /// How often traffic moved away from a failed tunnel.
     pub failovers: u64,
@@ -355,6 +356,10 @@ struct Supervisor {
     resets: Vec<u64>,
     wg: Vec<crate::wg::PeerState>,
     last_change: Option<RouteChange>,
+    /// The tunnel the kernel routes the overlay through, as far as we set it.
+    routed: Option<usize>,
+    /// A route move that failed, retried every round until it works: (tunnel, reason).
+    pending: Option<(usize, String)>,
 }
 
 impl Supervisor {
@@ -366,6 +371,8 @@ impl Supervisor {
         probers: Probers,
     ) -> Supervisor {
         let count = config.endpoints.len();
+        // `bring_up` routed the overlay through the preferred tunnel.
+        let preferred = config.failover.preferred;
         Supervisor {
             failover: Failover::new(config.failover, count),
             config,
@@ -379,6 +386,8 @@ impl Supervisor {
             resets: vec![0; count],
             wg: Vec::new(),
             last_change: None,
+            routed: Some(preferred),
+            pending: None,
         }
     }
 
@@ -422,6 +431,9 @@ impl Supervisor {
     /// Counts the heartbeats that went unanswered for a whole interval as lost, and sends
     /// the next ones.
     async fn probe_round(&mut self) {
+        if let Some((tunnel, reason)) = self.pending.clone() {
+            self.route(tunnel, reason).await;
+        }
         let now = self.now();
         for tunnel in 0..self.outstanding.len() {
             if self.outstanding[tunnel].take().is_some() {
@@ -473,31 +485,40 @@ impl Supervisor {
         }
     }
 
+    /// Routes the overlay through `tunnel`; a failure is logged once and retried every
+    /// round (the decision stands, the kernel must follow it).
+    async fn route(&mut self, tunnel: usize, reason: String) {
+        let e = &self.config.endpoints[tunnel];
+        let result = self
+            .netlink
+            .replace_link_route(e.prefix, &self.links[tunnel], Some(self.config.address))
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(to = %e.name, %reason, "overlay route moved");
+                self.routed = Some(tunnel);
+                self.pending = None;
+                self.last_change = Some(RouteChange {
+                    at_unix_ms: unix_ms(),
+                    to: e.name.clone(),
+                    reason,
+                });
+            }
+            Err(err) => {
+                if self.pending.is_none() {
+                    tracing::error!(%err, to = %e.name, "moving the overlay route; retrying every probe round");
+                }
+                self.pending = Some((tunnel, reason));
+            }
+        }
+    }
+
     async fn act(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
                 Action::Route { tunnel, why } => {
-                    let e = &self.config.endpoints[tunnel];
-                    let result = self
-                        .netlink
-                        .replace_link_route(
-                            e.prefix,
-                            &self.links[tunnel],
-                            Some(self.config.address),
-                        )
-                        .await;
                     let reason = self.describe(why);
-                    match result {
-                        Ok(()) => {
-                            tracing::info!(to = %e.name, %reason, "overlay route moved");
-                            self.last_change = Some(RouteChange {
-                                at_unix_ms: unix_ms(),
-                                to: e.name.clone(),
-                                reason,
-                            });
-                        }
-                        Err(err) => tracing::error!(%err, to = %e.name, "moving the overlay route"),
-                    }
+                    self.route(tunnel, reason).await;
                 }
                 Action::ResetPeer { tunnel } => {
                     let name = self.config.interface(tunnel);
@@ -545,7 +566,9 @@ impl Supervisor {
                     interface: self.config.interface(i),
                     endpoint: self.config.endpoints[i].endpoint,
                     health: s.health,
-                    active: s.active,
+                    // What the kernel does, which a failed route move leaves behind the
+                    // decision until a retry works.
+                    active: self.routed == Some(i),
                     last_rtt_ms: s.last_rtt.map(|d| d.as_secs_f64() * 1000.0),
                     since_last_good_ms: s
                         .since_last_good
@@ -561,10 +584,7 @@ impl Supervisor {
         VpnStatus {
             backend: self.backend.kind(),
             address: self.config.address,
-            active: self
-                .failover
-                .active()
-                .map(|i| self.config.endpoints[i].name.clone()),
+            active: self.routed.map(|i| self.config.endpoints[i].name.clone()),
             failovers: self.failover.failovers(),
             tunnels,
             last_change: self.last_change.clone(),
