@@ -305,6 +305,10 @@ mod tests {
                 ),
                 "inside the overlay",
             ),
+            (
+                format!("[[endpoint]]\nname = \"dc1\"\npublic_key = \"{dc}\"\nendpoint = \"192.0.2.1:51820\"\naddress = \"10.77.255.1\"\nprefix = \"10.77.0.0/16\"\n[[endpoint]]\nname = \"dc2\"\npublic_key = \"{}\"\nendpoint = \"192.0.2.2:51820\"\naddress = \"10.77.255.2\"\nprefix = \"10.77.0.0/24\"", Key::generate_private().get_public().to_base64()),
+                "every endpoint must serve the same overlay prefix",
+            ),
             (String::new(), "no data-center endpoint"),
             ("colour = \"blue\"".to_owned(), "unknown field `colour`"),
         ];

@@ -88,6 +88,12 @@ impl TunnelsConfig {
                     e.name
                 ));
             }
+            if e.prefix != self.endpoints[0].prefix {
+                return bad(format!(
+                    "endpoint {} serves {} but {} serves {}: every endpoint must serve the same overlay prefix, since failover moves its one route",
+                    e.name, e.prefix, self.endpoints[0].name, self.endpoints[0].prefix
+                ));
+            }
             if !e.prefix.contains(self.address) {
                 return bad(format!(
                     "this box's address {} is outside endpoint {}'s prefix {}: the data center could not answer it",
