@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use lbs_tests::netns::Lab;
-use lbs_tests::require_root;
+use lbs_tests::{ok, require_root};
 
 const LBS: &str = env!("CARGO_BIN_EXE_lbs");
 const STEP: Duration = Duration::from_secs(20);
@@ -25,35 +25,22 @@ fn office() -> Lab {
         lab.add_host(host, cidr).unwrap();
     }
     for host in ["primary", "backup", "phone"] {
-        ok(sh(
-            &mut lab,
-            host,
-            &["ip", "route", "add", "default", "via", "192.168.1.1"],
-        ));
+        ok(lab
+            .sh(
+                host,
+                &["ip", "route", "add", "default", "via", "192.168.1.1"],
+            )
+            .unwrap());
     }
     lab
 }
 
-fn sh(lab: &mut Lab, host: &str, argv: &[&str]) -> Output {
-    let mut cmd = lab.command(host, argv[0]);
-    cmd.args(&argv[1..]);
-    lab.run(cmd, STEP).unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn mac_of(lab: &mut Lab, host: &str) -> String {
-    ok(sh(lab, host, &["cat", "/sys/class/net/eth0/address"]))
-        .trim()
-        .to_owned()
+    ok(lab
+        .sh(host, &["cat", "/sys/class/net/eth0/address"])
+        .unwrap())
+    .trim()
+    .to_owned()
 }
 
 fn lbs_net(lab: &mut Lab, host: &str, verb: &str) -> Output {
@@ -75,28 +62,23 @@ fn lbs_net_with(lab: &mut Lab, host: &str, verb: &str, extra: &[&str]) -> Output
         "192.168.1.1",
     ];
     argv.extend_from_slice(extra);
-    sh(lab, host, &argv)
+    lab.sh(host, &argv).unwrap()
 }
 
 /// `lbs net probe` for the shared address, from `host`.
 fn probe_shared(lab: &mut Lab, host: &str) -> Output {
-    sh(
-        lab,
-        host,
-        &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"],
-    )
+    lab.sh(host, &[LBS, "net", "probe", "-i", "eth0", "192.168.1.2"])
+        .unwrap()
 }
 
 fn addresses(lab: &mut Lab, host: &str) -> String {
-    ok(sh(
-        lab,
-        host,
-        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-    ))
+    ok(lab
+        .sh(host, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap())
 }
 
 fn default_route(lab: &mut Lab, host: &str) -> String {
-    ok(sh(lab, host, &["ip", "route", "show", "default"]))
+    ok(lab.sh(host, &["ip", "route", "show", "default"]).unwrap())
 }
 
 /// The takeover's own figure: "total … ms (X ms without the probe)".
@@ -122,31 +104,30 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     let backup_mac = mac_of(&mut lab, "backup");
 
     // The phone talks to the primary: its neighbour entry for .2 is the primary's MAC.
-    ok(sh(
-        &mut lab,
-        "phone",
-        &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
-    ));
+    ok(lab
+        .sh("phone", &["ping", "-c", "1", "-W", "2", "192.168.1.2"])
+        .unwrap());
 
     // The pre-flight checks from the backup: the primary answers, with its MAC; the boot
     // configuration is not the test's to check here (an empty root has none: a problem).
     let empty = tempfile::tempdir().unwrap();
     let root = empty.path().to_str().unwrap().to_owned();
-    let flight = sh(
-        &mut lab,
-        "backup",
-        &[
-            LBS,
-            "net",
-            "preflight",
-            "-i",
-            "eth0",
-            "--partner",
-            "192.168.1.2",
-            "--config-root",
-            &root,
-        ],
-    );
+    let flight = lab
+        .sh(
+            "backup",
+            &[
+                LBS,
+                "net",
+                "preflight",
+                "-i",
+                "eth0",
+                "--partner",
+                "192.168.1.2",
+                "--config-root",
+                &root,
+            ],
+        )
+        .unwrap();
     let text = String::from_utf8_lossy(&flight.stdout).into_owned();
     assert!(
         text.contains(&format!("192.168.1.2 answers from {primary_mac}")),
@@ -174,13 +155,15 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     assert!(addresses(&mut lab, "backup").contains("192.168.1.3/24"));
 
     // The primary dies: its switch port goes dark.
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port1", "down"])
+        .unwrap());
     let probe = probe_shared(&mut lab, "backup");
     assert_eq!(probe.status.code(), Some(0), "{probe:?}");
 
     // New namespaces have promote_secondaries=0: without care, dropping .3 takes .2 along.
     let promote = "/proc/sys/net/ipv4/conf/eth0/promote_secondaries";
-    assert_eq!(ok(sh(&mut lab, "backup", &["cat", promote])).trim(), "0");
+    assert_eq!(ok(lab.sh("backup", &["cat", promote]).unwrap()).trim(), "0");
     // The box's boot configuration (ifupdown here), in a directory of the test's own.
     let config = tempfile::tempdir().unwrap();
     let interfaces = config.path().join("etc/network/interfaces");
@@ -207,27 +190,25 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
     assert!(now.contains("192.168.1.2/24"), "{now}");
     assert!(!now.contains("192.168.1.3/24"), "{now}");
     assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));
-    assert_eq!(ok(sh(&mut lab, "backup", &["cat", promote])).trim(), "1");
+    assert_eq!(ok(lab.sh("backup", &["cat", promote]).unwrap()).trim(), "1");
 
     // The gratuitous ARP moved the phone's entry before it sent anything itself.
-    let neighbour = ok(sh(
-        &mut lab,
-        "phone",
-        &["ip", "neigh", "show", "192.168.1.2"],
-    ));
+    let neighbour = ok(lab
+        .sh("phone", &["ip", "neigh", "show", "192.168.1.2"])
+        .unwrap());
     assert!(neighbour.contains(&backup_mac), "{neighbour}");
-    ok(sh(
-        &mut lab,
-        "phone",
-        &["ping", "-c", "1", "-W", "2", "192.168.1.2"],
-    ));
+    ok(lab
+        .sh("phone", &["ping", "-c", "1", "-W", "2", "192.168.1.2"])
+        .unwrap());
 
     // The old primary comes back with the address still configured. The backup's watch
     // sees it ask for the address; the primary's own probe names the backup.
     let mut watch = lab.command("backup", LBS);
     watch.args(["net", "watch", "-i", "eth0", "192.168.1.2", "--for", "10"]);
     let (_, _, lines) = lab.spawn_reading(watch, "watching", STEP).unwrap();
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "up"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port1", "up"])
+        .unwrap());
     let back = probe_shared(&mut lab, "primary");
     assert_eq!(back.status.code(), Some(3), "{back:?}");
     assert!(
@@ -240,11 +221,17 @@ fn the_backup_takes_the_address_of_a_dead_primary_and_the_phone_follows() {
         format!("conflict: 192.168.1.2 claimed by {primary_mac}")
     );
     // The primary is fenced in real life; here it goes away again.
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port1", "down"])
+        .unwrap());
     // The backup's own cable: the watch follows its carrier.
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port2", "down"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port2", "down"])
+        .unwrap());
     assert_eq!(lines.recv_timeout(STEP).unwrap(), "carrier: lost on eth0");
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port2", "up"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port2", "up"])
+        .unwrap());
     assert_eq!(lines.recv_timeout(STEP).unwrap(), "carrier: back on eth0");
 
     // A second run changes nothing and succeeds.
@@ -273,7 +260,9 @@ fn a_takeover_cut_short_half_way_converges_when_run_again() {
         return;
     }
     let mut lab = office();
-    ok(sh(&mut lab, "lan", &["ip", "link", "set", "port1", "down"]));
+    ok(lab
+        .sh("lan", &["ip", "link", "set", "port1", "down"])
+        .unwrap());
     // The process dies right after each step in turn (as in a power cut); whatever it
     // left, a second run ends in the taken state, and give-up in the original one.
     for step in [
@@ -301,11 +290,12 @@ fn a_takeover_cut_short_half_way_converges_when_run_again() {
     }
 
     // The state a crash after "add address" leaves, made by hand: both addresses.
-    ok(sh(
-        &mut lab,
-        "backup",
-        &["ip", "addr", "add", "192.168.1.2/24", "dev", "eth0"],
-    ));
+    ok(lab
+        .sh(
+            "backup",
+            &["ip", "addr", "add", "192.168.1.2/24", "dev", "eth0"],
+        )
+        .unwrap());
     let report = ok(lbs_net(&mut lab, "backup", "take-over"));
     assert!(report.contains("already on eth0"), "{report}");
     let now = addresses(&mut lab, "backup");
@@ -317,7 +307,9 @@ fn a_takeover_cut_short_half_way_converges_when_run_again() {
 
     // A crash after "drop old" but before the route: the route is gone too.
     ok(lbs_net(&mut lab, "backup", "give-up"));
-    ok(sh(&mut lab, "backup", &["ip", "route", "del", "default"]));
+    ok(lab
+        .sh("backup", &["ip", "route", "del", "default"])
+        .unwrap());
     let report = ok(lbs_net(&mut lab, "backup", "take-over"));
     assert!(report.contains("via 192.168.1.1 on eth0"), "{report}");
     assert!(default_route(&mut lab, "backup").contains("via 192.168.1.1"));

@@ -6,12 +6,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use lbs_tests::netns::Lab;
-use lbs_tests::require_root;
+use lbs_tests::{ok, require_root};
 use lbs_vpn::{Health, VpnStatus};
 
 const LBS: &str = env!("CARGO_BIN_EXE_lbs");
@@ -27,22 +27,6 @@ struct Overlay {
     box_out: Receiver<String>,
     dc_pids: [u32; 2],
     box_key: String,
-}
-
-fn sh(lab: &mut Lab, host: &str, argv: &[&str]) -> Output {
-    let mut cmd = lab.command(host, argv[0]);
-    cmd.args(&argv[1..]);
-    lab.run(cmd, STEP).unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn keygen(path: &Path) -> String {
@@ -191,11 +175,13 @@ impl Overlay {
     }
 
     fn set_cable(&mut self, host: &str, up: bool) {
-        ok(sh(
-            &mut self.lab,
-            host,
-            &["ip", "link", "set", "eth0", if up { "up" } else { "down" }],
-        ));
+        ok(self
+            .lab
+            .sh(
+                host,
+                &["ip", "link", "set", "eth0", if up { "up" } else { "down" }],
+            )
+            .unwrap());
     }
 
     /// Starts a ping stream (every 50 ms) from the box to the data-center service.
@@ -263,7 +249,7 @@ fn blackholed_dc1_moves_traffic_to_dc2_within_a_second_and_fails_back_without_fl
     overlay.wait_status("both tunnels up", STEP, |s| {
         s.tunnels.iter().all(|t| t.health == Health::Up)
     });
-    let routes = ok(sh(&mut overlay.lab, "box", &["ip", "route"]));
+    let routes = ok(overlay.lab.sh("box", &["ip", "route"]).unwrap());
     assert!(
         routes.contains("10.77.0.0/16 dev lbs-dc0") && routes.contains("src 10.77.0.5"),
         "{routes}"
@@ -276,7 +262,7 @@ fn blackholed_dc1_moves_traffic_to_dc2_within_a_second_and_fails_back_without_fl
     overlay.wait_status("dc1 down, dc2 active", STEP, |s| {
         s.tunnels[0].health == Health::Down && s.tunnels[1].active && s.failovers == 1
     });
-    let routes = ok(sh(&mut overlay.lab, "box", &["ip", "route"]));
+    let routes = ok(overlay.lab.sh("box", &["ip", "route"]).unwrap());
     assert!(routes.contains("10.77.0.0/16 dev lbs-dc1"), "{routes}");
     // `lbs vpn status` says so, and exits 0 (a tunnel is up).
     let mut status = Command::new(LBS);
@@ -332,11 +318,10 @@ fn a_killed_endpoint_restarted_is_healthy_again_within_seconds() {
         s.tunnels[0].health == Health::Up
     });
     eprintln!("dc1 healthy {:?} after its restart", restarted.elapsed());
-    let out = ok(sh(
-        &mut overlay.lab,
-        "box",
-        &["ping", "-c", "1", "-W", "2", "10.77.255.1"],
-    ));
+    let out = ok(overlay
+        .lab
+        .sh("box", &["ping", "-c", "1", "-W", "2", "10.77.255.1"])
+        .unwrap());
     assert!(out.contains("1 received"), "{out}");
 }
 
@@ -370,7 +355,7 @@ fn sigterm_removes_every_interface_route_and_file() {
     }
     let mut overlay = Overlay::start(10, true);
     overlay.wait_route("dc1", STEP);
-    let before = ok(sh(&mut overlay.lab, "box", &["ip", "-o", "link"]));
+    let before = ok(overlay.lab.sh("box", &["ip", "-o", "link"]).unwrap());
     assert!(
         before.contains("lbs-dc0") && before.contains("lbs-dc1"),
         "{before}"
@@ -379,20 +364,19 @@ fn sigterm_removes_every_interface_route_and_file() {
     let pid = overlay.box_pid;
     let status = overlay.lab.stop(pid, Duration::from_secs(10)).unwrap();
     assert!(status.success(), "lbs vpn run exited {status}");
-    let links = ok(sh(&mut overlay.lab, "box", &["ip", "-o", "link"]));
+    let links = ok(overlay.lab.sh("box", &["ip", "-o", "link"]).unwrap());
     assert!(!links.contains("lbs-dc"), "{links}");
-    let routes = ok(sh(&mut overlay.lab, "box", &["ip", "route"]));
+    let routes = ok(overlay.lab.sh("box", &["ip", "route"]).unwrap());
     assert!(!routes.contains("10.77."), "{routes}");
     assert!(!overlay.status_file().exists(), "the status file is left");
 
     for (n, pid) in overlay.dc_pids.into_iter().enumerate() {
         let status = overlay.lab.stop(pid, Duration::from_secs(10)).unwrap();
         assert!(status.success(), "lbs vpn endpoint exited {status}");
-        let links = ok(sh(
-            &mut overlay.lab,
-            &format!("dc{}", n + 1),
-            &["ip", "-o", "link"],
-        ));
+        let links = ok(overlay
+            .lab
+            .sh(&format!("dc{}", n + 1), &["ip", "-o", "link"])
+            .unwrap());
         assert!(!links.contains("lbs-ep"), "{links}");
     }
 }
@@ -407,9 +391,9 @@ fn a_box_killed_and_restarted_comes_up_cleanly() {
     let pid = overlay.box_pid;
     overlay.lab.kill(pid).unwrap();
     // A crash leaves no interface (the tun devices die with the process) and no route.
-    let links = ok(sh(&mut overlay.lab, "box", &["ip", "-o", "link"]));
+    let links = ok(overlay.lab.sh("box", &["ip", "-o", "link"]).unwrap());
     assert!(!links.contains("lbs-dc"), "{links}");
-    let routes = ok(sh(&mut overlay.lab, "box", &["ip", "route"]));
+    let routes = ok(overlay.lab.sh("box", &["ip", "route"]).unwrap());
     assert!(!routes.contains("10.77."), "{routes}");
 
     overlay.start_box();
@@ -417,11 +401,10 @@ fn a_box_killed_and_restarted_comes_up_cleanly() {
     overlay.wait_status("both tunnels up after the restart", STEP, |s| {
         s.tunnels.iter().all(|t| t.health == Health::Up) && s.failovers == 0
     });
-    let out = ok(sh(
-        &mut overlay.lab,
-        "box",
-        &["ping", "-c", "1", "-W", "2", SERVICE],
-    ));
+    let out = ok(overlay
+        .lab
+        .sh("box", &["ping", "-c", "1", "-W", "2", SERVICE])
+        .unwrap());
     assert!(out.contains("1 received"), "{out}");
 }
 

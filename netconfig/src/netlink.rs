@@ -410,35 +410,4 @@ impl Netlink {
             Err(err) => Err(os(format!("removing the route to {destination}"), &err)),
         }
     }
-
-    /// The interface (by number) the main table's route to exactly `destination` goes out
-    /// of, if there is one.
-    pub async fn link_route(&self, destination: Ipv4Cidr) -> Result<Option<u32>, NetError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| os("listing routes", &e))?;
-        Ok(routes.iter().find_map(|route| {
-            if route.header.destination_prefix_length != destination.prefix
-                || !Netlink::is_main_v4(&route.header, &route.attributes)
-            {
-                return None;
-            }
-            let network = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            });
-            if network.unwrap_or(Ipv4Addr::UNSPECIFIED) != destination.network() {
-                return None;
-            }
-            route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(index) => Some(*index),
-                _ => None,
-            })
-        }))
-    }
 }

@@ -12,6 +12,18 @@ pub mod netns;
 
 use std::io::Write;
 
+/// The standard output of a command that must have succeeded; panics with both outputs
+/// otherwise (a test helper).
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The environment variable naming the file where skipped root-only tests are recorded.
 /// `cargo xtask test` sets it, reads the file and counts the lines.
 pub const SKIP_LOG_ENV: &str = "LBS_SKIP_LOG";

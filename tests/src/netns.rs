@@ -116,6 +116,14 @@ impl Lab {
         }
     }
 
+    /// Runs `argv` in `host` to completion (20 s at most).
+    pub fn sh(&mut self, host: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        let (program, args) = argv.split_first().context("an empty command")?;
+        let mut cmd = self.command(host, program);
+        cmd.args(args);
+        self.run(cmd, Duration::from_secs(20))
+    }
+
     /// Starts a long-running process inside the lab and waits for a line of its standard
     /// output that starts with `ready_prefix`, returning the rest of that line.
     pub fn spawn_until(

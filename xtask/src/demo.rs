@@ -221,6 +221,12 @@ impl Office {
         Ok(office)
     }
 
+    /// Whether `host` gets an answer from `address` (one ping, 2 s).
+    fn reaches(&self, host: &str, address: &str) -> anyhow::Result<bool> {
+        let out = self.run(host, Path::new("ping"), &["-c", "1", "-W", "2", address])?;
+        Ok(out.status.success())
+    }
+
     fn run(&self, host: &str, program: &Path, args: &[&str]) -> anyhow::Result<Output> {
         run_with_timeout(
             Command::new("ip")
@@ -244,7 +250,6 @@ impl Drop for Office {
 /// The backup takes the dead primary's address, the phone follows, and the address goes back.
 fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
     let lbs = target_dir().join("debug").join("lbs");
-    let ping = Path::new("ping");
     let office = timeline.step(
         "office LAN in namespaces: gateway .1, primary .2, backup .3, phone .10",
         Office::build,
@@ -264,8 +269,7 @@ fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
         indent(&out.stderr);
     };
     timeline.step("the phone calls the primary (ping 192.168.1.2)", || {
-        let out = office.run("phone", ping, &["-c", "1", "-W", "2", "192.168.1.2"])?;
-        if !out.status.success() {
+        if !office.reaches("phone", "192.168.1.2")? {
             bail!("the phone cannot reach the primary");
         }
         Ok(())
@@ -300,8 +304,7 @@ fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
     timeline.step(
         "the phone reaches 192.168.1.2 again, now the backup",
         || {
-            let out = office.run("phone", ping, &["-c", "1", "-W", "2", "192.168.1.2"])?;
-            if !out.status.success() {
+            if !office.reaches("phone", "192.168.1.2")? {
                 bail!("the phone cannot reach the backup on the shared address");
             }
             let neigh = run_with_timeout(
@@ -422,12 +425,7 @@ fn vpn_steps(
     timeline.step(
         "the primary reaches the data center (ping 10.77.0.1)",
         || {
-            let out = office.run(
-                "primary",
-                Path::new("ping"),
-                &["-c", "1", "-W", "2", "10.77.0.1"],
-            )?;
-            if !out.status.success() {
+            if !office.reaches("primary", "10.77.0.1")? {
                 bail!("no answer from the data center through the tunnel");
             }
             Ok(())
@@ -448,12 +446,7 @@ fn vpn_steps(
                 .context("no time in the route line")?;
             println!("    {line}");
             println!("    moved {} ms after the cut", at.saturating_sub(cut));
-            let out = office.run(
-                "primary",
-                Path::new("ping"),
-                &["-c", "1", "-W", "2", "10.77.0.1"],
-            )?;
-            if !out.status.success() {
+            if !office.reaches("primary", "10.77.0.1")? {
                 bail!("no answer from the data center through dc2");
             }
             Ok(())
