@@ -1,0 +1,284 @@
+//! The command line: `lbs-datacenter init | provision-pair | provision-backup | rekey | status | events`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use lbs_protocol::{CertificateAuthority, PairName, ServerId};
+
+use crate::store::{SqliteStore, Store};
+use crate::time::{now_ms, utc as when};
+
+/// The CA certificate, its key and the database, in the data directory.
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+const DATABASE: &str = "datacenter.db";
+
+#[derive(Parser)]
+#[command(
+    name = "lbs-datacenter",
+    version,
+    about = "lbs data center: activation, pairing and the role authority"
+)]
+struct Cli {
+    /// Where the CA, its key and the database live.
+    #[arg(long, global = true, default_value = "/var/lib/lbs-datacenter")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the certificate authority and the database (once per installation).
+    Init {
+        /// The CA's name, as boxes will see it.
+        #[arg(long, default_value = "lbs data center CA")]
+        name: String,
+    },
+    /// Provision a pair: two server IDs with one-time activation keys (shown once). The
+    /// first box to activate becomes primary, the second backup.
+    ProvisionPair {
+        /// The pair's name (lower-case letters, digits, '-').
+        #[arg(long)]
+        name: String,
+        /// The name phones and trunks use for the PBX.
+        #[arg(long)]
+        fqdn: String,
+        /// Only one box for now; add its backup later with provision-backup.
+        #[arg(long)]
+        single: bool,
+        /// Days the activation keys stay valid.
+        #[arg(long, default_value_t = 14)]
+        key_days: u64,
+    },
+    /// Add a backup to a box that runs alone.
+    ProvisionBackup {
+        /// The SID of the box already running.
+        #[arg(long = "for")]
+        partner: ServerId,
+        /// Days the activation key stays valid.
+        #[arg(long, default_value_t = 14)]
+        key_days: u64,
+    },
+    /// A fresh activation key for a server (lost or expired key, reinstalled box).
+    Rekey {
+        /// The server.
+        #[arg(long)]
+        sid: ServerId,
+        /// Days the activation key stays valid.
+        #[arg(long, default_value_t = 14)]
+        key_days: u64,
+    },
+    /// Every pair: servers, roles, generation, last heartbeat, software.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log: every provisioning, activation and role change.
+    Events {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only events after this number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+}
+
+fn open(dir: &Path) -> anyhow::Result<SqliteStore> {
+    let path = dir.join(DATABASE);
+    if !path.exists() {
+        bail!(
+            "no database at {}: run `lbs-datacenter --dir {} init` first",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(SqliteStore::open(&path)?)
+}
+
+fn days(n: u64) -> Duration {
+    Duration::from_secs(n.saturating_mul(86_400))
+}
+
+fn check_fqdn(fqdn: &str) -> anyhow::Result<()> {
+    let ok = fqdn.len() <= 253
+        && fqdn.split('.').count() >= 2
+        && fqdn.trim_end_matches('.').split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !ok {
+        bail!("{fqdn:?} is not a DNS name like pbx.example.com");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let dir = &cli.dir;
+    match cli.command {
+        Command::Init { name } => {
+            let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+            if cert.exists() || key.exists() {
+                bail!(
+                    "{} is initialised already (a CA is there); boxes trust it, so it is never replaced",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // The CA key and the database: for this installation's operators only.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+            let ca = CertificateAuthority::generate(&name)?;
+            ca.save(&cert, &key)?;
+            let store = SqliteStore::open(&dir.join(DATABASE))?;
+            println!(
+                "initialised {}: CA {:?} ({}), database schema {}",
+                dir.display(),
+                name,
+                cert.display(),
+                store.schema_version()?
+            );
+        }
+        Command::ProvisionPair {
+            name,
+            fqdn,
+            single,
+            key_days,
+        } => {
+            let name: PairName = name.parse().context("the pair name")?;
+            check_fqdn(&fqdn)?;
+            let mut store = open(dir)?;
+            let servers = store.provision_pair(
+                name.as_str(),
+                &fqdn,
+                if single { 1 } else { 2 },
+                days(key_days),
+                now_ms(),
+            )?;
+            println!("pair {name} ({fqdn}):");
+            for server in &servers {
+                println!(
+                    "  SID {}  activation key {}  (valid until {})",
+                    server.sid,
+                    server.key,
+                    when(server.expires_at)
+                );
+            }
+            println!("The keys are shown only now. The first box to activate becomes primary.");
+        }
+        Command::ProvisionBackup { partner, key_days } => {
+            let mut store = open(dir)?;
+            let server = store.provision_backup(partner, days(key_days), now_ms())?;
+            println!(
+                "backup for {partner}:\n  SID {}  activation key {}  (valid until {})",
+                server.sid,
+                server.key,
+                when(server.expires_at)
+            );
+        }
+        Command::Rekey { sid, key_days } => {
+            let mut store = open(dir)?;
+            let server = store.rekey(sid, days(key_days), now_ms())?;
+            println!(
+                "{sid}: activation key {}  (valid until {}); the old key no longer works",
+                server.key,
+                when(server.expires_at)
+            );
+        }
+        Command::Status { json } => {
+            let store = open(dir)?;
+            let pairs = store.pairs()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pairs)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if pairs.is_empty() {
+                println!("no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN");
+            }
+            let now = now_ms();
+            for pair in &pairs {
+                println!(
+                    "{} ({}), generation {}",
+                    pair.name, pair.fqdn, pair.generation
+                );
+                for s in &pair.servers {
+                    let heard = s.last_heartbeat_at.map_or("never".to_owned(), |at| {
+                        format!("{:.0} s ago", (now - at) as f64 / 1000.0)
+                    });
+                    println!(
+                        "  {}  {:<11} overlay {:<13} LAN {:<15} heartbeat {:<10} gen {:<4} {}",
+                        s.sid,
+                        s.role,
+                        s.overlay.as_deref().unwrap_or("-"),
+                        s.lan.as_deref().unwrap_or("-"),
+                        heard,
+                        s.reported_generation
+                            .map_or("-".to_owned(), |g| g.to_string()),
+                        s.software.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Events { json, after } => {
+            let store = open(dir)?;
+            let events = store.events(after)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for e in &events {
+                let generations = match (e.from_generation, e.to_generation) {
+                    (Some(a), Some(b)) if a != b => format!(" gen {a}→{b}"),
+                    (None, Some(b)) => format!(" gen {b}"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:>5}  {}  {:<18} {:<10} {:<17}{generations}  by {}: {}",
+                    e.id,
+                    when(e.at),
+                    e.kind,
+                    e.pair.as_deref().unwrap_or("-"),
+                    e.sid.as_deref().unwrap_or("-"),
+                    e.actor,
+                    e.detail
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lbs-datacenter: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fqdns_are_checked() {
+        assert!(check_fqdn("pbx.example.com").is_ok());
+        assert!(check_fqdn("pbx.example.com.").is_ok());
+        for bad in ["pbx", "-a.example", "a..b", "a b.example", ""] {
+            assert!(check_fqdn(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! `lbs-datacenter`: the service provider's side every box talks to (DESIGN §2, §3, §10) —
+//! the one place that decides which box of a pair is primary.
+//!
+//! - [`store`]: pairs, servers and the append-only audit log behind the [`store::Store`]
+//!   trait; [`store::SqliteStore`] (one file, WAL, migrations in code). Activation assigns
+//!   primary to a pair's first box and backup to its second; promotion is a compare-and-set
+//!   on the pair's generation.
+//! - [`keys`]: one-time activation keys (stored hashed, compared in constant time) and SIDs.
+//! - [`time`]: timestamps and how they are shown.
+//! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | status | events`.
+//!
+//! The activation endpoint, the control API, DNS updates and the tunnel endpoints follow
+//! with the rest of issue 6.
+
+pub mod cli;
+pub mod keys;
+pub mod store;
+pub mod time;

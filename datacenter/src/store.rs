@@ -1,0 +1,1003 @@
+//! The data center's records: pairs, their servers, and the append-only audit log — behind
+//! [`Store`], so a PostgreSQL backend can follow the SQLite one ([`SqliteStore`]).
+//!
+//! Every decision about roles is one transaction that checks what it relies on: activation
+//! assigns primary to the first box of a pair and backup to the second; a promotion is a
+//! compare-and-set on the pair's generation, so of two racing promotions exactly one wins.
+//! Each change appends its event in the same transaction: the log is complete or the change
+//! did not happen.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use lbs_netconfig::Ipv4Cidr;
+use lbs_protocol::{Generation, Role, ServerId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::keys::{ActivationKey, KeyHash};
+
+/// Milliseconds since the Unix epoch (passed in, so tests control time).
+pub type Millis = i64;
+
+/// What can go wrong, said so that the operator (or the box) can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No server by that SID.
+    #[error("unknown server {0}: check the SID on the provisioning sheet")]
+    UnknownServer(ServerId),
+    /// A pair by that name exists.
+    #[error("a pair called {0:?} exists already")]
+    PairExists(String),
+    /// The activation key is wrong, used, or expired (the reason is logged, not told).
+    #[error("activation of {sid} refused: {why}")]
+    ActivationRefused {
+        /// The server.
+        sid: ServerId,
+        /// Why.
+        why: Refusal,
+    },
+    /// The pair has two servers already.
+    #[error("pair {0:?} has its two servers already")]
+    PairFull(String),
+    /// A role change the pair's state does not allow.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// A promotion lost a race or was based on an old generation.
+    #[error(
+        "promotion refused: the pair is at {current}, the request was for {believed} (another box was promoted first)"
+    )]
+    StaleGeneration {
+        /// What the requester believed.
+        believed: Generation,
+        /// What the pair has.
+        current: Generation,
+    },
+    /// The overlay address pool is exhausted.
+    #[error("no free overlay address left in {0}")]
+    PoolExhausted(Ipv4Cidr),
+    /// The database failed.
+    #[error("database {what}: {error}")]
+    Db {
+        /// What was being done.
+        what: String,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+}
+
+/// Why an activation key was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key does not match.
+    WrongKey,
+    /// The key was used (the box is activated; re-activation needs a fresh key).
+    Used,
+    /// The key is past its expiry.
+    Expired,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::WrongKey => "wrong activation key",
+            Refusal::Used => {
+                "this box is activated already; re-activation needs a fresh key (lbs-datacenter rekey --sid SID)"
+            }
+            Refusal::Expired => "the activation key has expired; ask for a fresh one",
+        })
+    }
+}
+
+fn db(what: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |error| StoreError::Db {
+        what: what.to_owned(),
+        error,
+    }
+}
+
+/// A server as provisioned: its SID and one-time activation key (shown once, stored hashed).
+#[derive(Clone, Debug)]
+pub struct Provisioned {
+    /// The server.
+    pub sid: ServerId,
+    /// Its activation key.
+    pub key: ActivationKey,
+    /// Until when the key works.
+    pub expires_at: Millis,
+}
+
+/// What a box sends to activate.
+#[derive(Clone, Debug)]
+pub struct ActivationRequest {
+    /// The box.
+    pub sid: ServerId,
+    /// The key from its sheet.
+    pub key: String,
+    /// Its WireGuard public key (base64).
+    pub wireguard_key: String,
+    /// Its office LAN address.
+    pub lan_address: Ipv4Addr,
+    /// Its software version.
+    pub software: String,
+    /// Its hardware inventory (JSON, as `lbs net inventory --json` prints it).
+    pub inventory: String,
+    /// Where the request came from, for the log.
+    pub source: String,
+}
+
+/// What activation decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activated {
+    /// The role: primary for the pair's first box, backup for the second.
+    pub role: Role,
+    /// The pair's generation.
+    pub generation: Generation,
+    /// The box's overlay address.
+    pub overlay: Ipv4Addr,
+    /// The partner, if provisioned.
+    pub partner: Option<ServerId>,
+}
+
+/// One server as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServerView {
+    /// The SID.
+    pub sid: String,
+    /// Its role.
+    pub role: String,
+    /// Its overlay address once activated.
+    pub overlay: Option<String>,
+    /// Its LAN address once activated.
+    pub lan: Option<String>,
+    /// Its software version.
+    pub software: Option<String>,
+    /// Last heartbeat, ms since the epoch.
+    pub last_heartbeat_at: Option<Millis>,
+    /// The generation it last reported.
+    pub reported_generation: Option<u64>,
+}
+
+/// One pair as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PairView {
+    /// Its name.
+    pub name: String,
+    /// The FQDN the phones use.
+    pub fqdn: String,
+    /// Its generation (0 before the first activation).
+    pub generation: u64,
+    /// The primary's SID, once there is one.
+    pub primary: Option<String>,
+    /// Its servers, in provisioning order.
+    pub servers: Vec<ServerView>,
+}
+
+/// One audit-log entry.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    /// Its sequence number.
+    pub id: i64,
+    /// When, ms since the epoch.
+    pub at: Millis,
+    /// The pair's name.
+    pub pair: Option<String>,
+    /// The server concerned.
+    pub sid: Option<String>,
+    /// What happened (`provisioned`, `activated`, `promoted`, …).
+    pub kind: String,
+    /// The generation before.
+    pub from_generation: Option<u64>,
+    /// The generation after.
+    pub to_generation: Option<u64>,
+    /// Who asked (an address, `cli`).
+    pub actor: String,
+    /// The rest, in words.
+    pub detail: String,
+}
+
+/// The data center's records. Every method is one transaction.
+pub trait Store {
+    /// A new pair with two servers (or one, for a box that runs alone until a backup is
+    /// added), each with an activation key valid for `key_ttl`.
+    fn provision_pair(
+        &mut self,
+        name: &str,
+        fqdn: &str,
+        servers: usize,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Vec<Provisioned>, StoreError>;
+
+    /// Adds the second server to the pair of `partner`.
+    fn provision_backup(
+        &mut self,
+        partner: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError>;
+
+    /// A fresh activation key for a provisioned server (a lost sheet, an expired key, or a
+    /// reinstalled box: re-activation keeps its role and overlay address).
+    fn rekey(
+        &mut self,
+        sid: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError>;
+
+    /// Activates a box: checks its key (used once), records its keys and addresses, gives it
+    /// an overlay address from `pool` and its role.
+    fn activate(
+        &mut self,
+        request: &ActivationRequest,
+        pool: Ipv4Cidr,
+        now: Millis,
+    ) -> Result<Activated, StoreError>;
+
+    /// Makes `sid` (the pair's backup) primary, if the pair is still at `believed`.
+    fn promote(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError>;
+
+    /// Records that `sid` (fenced, or the old primary) is the pair's backup now.
+    fn register_backup(
+        &mut self,
+        sid: ServerId,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError>;
+
+    /// Records a heartbeat; returns the role the box must have now (a box that believes it
+    /// is primary at a lower generation is `Fenced`).
+    fn heartbeat(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        now: Millis,
+    ) -> Result<(Role, Generation), StoreError>;
+
+    /// Every pair.
+    fn pairs(&self) -> Result<Vec<PairView>, StoreError>;
+
+    /// The audit log after event `after` (0: all), oldest first.
+    fn events(&self, after: i64) -> Result<Vec<Event>, StoreError>;
+}
+
+/// The schema, one migration per step; `PRAGMA user_version` says how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE pairs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    fqdn TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    primary_sid TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE servers (
+    sid TEXT PRIMARY KEY,
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    position INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    key_hash BLOB,
+    key_expires_at INTEGER,
+    activated_at INTEGER,
+    wireguard_key TEXT,
+    overlay_address TEXT UNIQUE,
+    lan_address TEXT,
+    software TEXT,
+    inventory TEXT,
+    last_heartbeat_at INTEGER,
+    reported_generation INTEGER,
+    UNIQUE (pair_id, position)
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    pair_id INTEGER,
+    sid TEXT,
+    kind TEXT NOT NULL,
+    from_generation INTEGER,
+    to_generation INTEGER,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER events_are_not_changed BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER events_are_not_deleted BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#];
+
+/// The SQLite store: one file, WAL, migrations applied on open.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn role_text(role: Role) -> &'static str {
+    match role {
+        Role::Unactivated => "unactivated",
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+        Role::Fenced => "fenced",
+    }
+}
+
+fn role_of(text: &str) -> Role {
+    match text {
+        "primary" => Role::Primary,
+        "backup" => Role::Backup,
+        "fenced" => Role::Fenced,
+        _ => Role::Unactivated,
+    }
+}
+
+fn generation(value: i64) -> Generation {
+    Generation(u64::try_from(value).unwrap_or(0))
+}
+
+fn gen_sql(generation: Generation) -> i64 {
+    i64::try_from(generation.0).unwrap_or(i64::MAX)
+}
+
+fn ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A server's row, as role decisions need it.
+struct Row {
+    pair_id: i64,
+    pair_name: String,
+    role: Role,
+    generation: Generation,
+    primary: Option<String>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(db(&format!("opening {}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db("setting the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(db("switching to WAL"))?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(db("setting synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(db("enabling foreign keys"))?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting the migration"))?;
+        let done: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        let done = usize::try_from(done).unwrap_or(usize::MAX);
+        if done > MIGRATIONS.len() {
+            return Err(StoreError::NotAllowed(format!(
+                "the database has schema version {done}, newer than this lbs-datacenter knows ({}); upgrade lbs-datacenter",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+            tx.execute_batch(sql)
+                .map_err(db(&format!("applying migration {}", i + 1)))?;
+        }
+        tx.pragma_update(None, "user_version", known)
+            .map_err(db("recording the schema version"))?;
+        tx.commit().map_err(db("committing the migration"))
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log(
+    tx: &rusqlite::Transaction<'_>,
+    now: Millis,
+    pair_id: Option<i64>,
+    sid: Option<ServerId>,
+    kind: &str,
+    generations: (Option<Generation>, Option<Generation>),
+    actor: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO events (at, pair_id, sid, kind, from_generation, to_generation, actor, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            now,
+            pair_id,
+            sid.map(|s| s.to_string()),
+            kind,
+            generations.0.map(gen_sql),
+            generations.1.map(gen_sql),
+            actor,
+            detail
+        ],
+    )
+    .map_err(db("appending to the audit log"))?;
+    Ok(())
+}
+
+fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError> {
+    tx.query_row(
+        "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid
+         FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
+        [sid.to_string()],
+        |r| {
+            Ok(Row {
+                pair_id: r.get(0)?,
+                pair_name: r.get(1)?,
+                role: role_of(&r.get::<_, String>(2)?),
+                generation: generation(r.get(3)?),
+                primary: r.get(4)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(db("reading a server"))?
+    .ok_or(StoreError::UnknownServer(sid))
+}
+
+/// Inserts a server with a fresh SID and key at `position` of the pair.
+fn new_server(
+    tx: &rusqlite::Transaction<'_>,
+    pair_id: i64,
+    position: i64,
+    key_ttl: Duration,
+    now: Millis,
+) -> Result<Provisioned, StoreError> {
+    let key = ActivationKey::generate();
+    let expires_at = now.saturating_add(ms(key_ttl));
+    // A fresh random SID; a collision (one in 2^48 per pair of boxes) just tries again.
+    loop {
+        let sid = crate::keys::random_sid();
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO servers (sid, pair_id, position, role, key_hash, key_expires_at)
+                 VALUES (?1, ?2, ?3, 'unactivated', ?4, ?5)",
+                params![
+                    sid.to_string(),
+                    pair_id,
+                    position,
+                    key.hash().as_bytes().as_slice(),
+                    expires_at
+                ],
+            )
+            .map_err(db("adding a server"))?;
+        if inserted == 1 {
+            return Ok(Provisioned {
+                sid,
+                key,
+                expires_at,
+            });
+        }
+    }
+}
+
+/// The lowest free host address of `pool` from its 10th (the first few are the data
+/// center's own).
+fn free_address(tx: &rusqlite::Transaction<'_>, pool: Ipv4Cidr) -> Result<Ipv4Addr, StoreError> {
+    let used: std::collections::BTreeSet<Ipv4Addr> = {
+        let mut statement = tx
+            .prepare("SELECT overlay_address FROM servers WHERE overlay_address IS NOT NULL")
+            .map_err(db("reading overlay addresses"))?;
+        let rows = statement
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db("reading overlay addresses"))?;
+        let mut used = std::collections::BTreeSet::new();
+        for text in rows {
+            if let Ok(ip) = text.map_err(db("reading overlay addresses"))?.parse() {
+                used.insert(ip);
+            }
+        }
+        used
+    };
+    let network = u32::from(pool.network());
+    let size = 1u64 << (32 - u32::from(pool.prefix.min(32)));
+    (10..size.saturating_sub(256).max(10))
+        .filter_map(|offset| u32::try_from(offset).ok())
+        .map(|offset| Ipv4Addr::from(network.wrapping_add(offset)))
+        .find(|ip| !used.contains(ip))
+        .ok_or(StoreError::PoolExhausted(pool))
+}
+
+impl Store for SqliteStore {
+    fn provision_pair(
+        &mut self,
+        name: &str,
+        fqdn: &str,
+        servers: usize,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Vec<Provisioned>, StoreError> {
+        if !(1..=2).contains(&servers) {
+            return Err(StoreError::NotAllowed(format!(
+                "a pair has one or two servers, not {servers}"
+            )));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO pairs (name, fqdn, created_at) VALUES (?1, ?2, ?3)",
+                params![name, fqdn, now],
+            )
+            .map_err(db("adding a pair"))?;
+        if inserted == 0 {
+            return Err(StoreError::PairExists(name.to_owned()));
+        }
+        let pair_id = tx.last_insert_rowid();
+        let mut made = Vec::new();
+        for position in 0..servers {
+            let server = new_server(&tx, pair_id, position as i64, key_ttl, now)?;
+            log(
+                &tx,
+                now,
+                Some(pair_id),
+                Some(server.sid),
+                "provisioned",
+                (None, None),
+                "cli",
+                &format!(
+                    "pair {name} ({fqdn}), key valid until {}",
+                    server.expires_at
+                ),
+            )?;
+            made.push(server);
+        }
+        tx.commit().map_err(db("committing"))?;
+        Ok(made)
+    }
+
+    fn provision_backup(
+        &mut self,
+        partner: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, partner)?;
+        let count: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM servers WHERE pair_id = ?1",
+                [row.pair_id],
+                |r| r.get(0),
+            )
+            .map_err(db("counting servers"))?;
+        if count >= 2 {
+            return Err(StoreError::PairFull(row.pair_name));
+        }
+        let server = new_server(&tx, row.pair_id, 1, key_ttl, now)?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(server.sid),
+            "provisioned",
+            (None, None),
+            "cli",
+            &format!("backup for {partner} in pair {}", row.pair_name),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(server)
+    }
+
+    fn rekey(
+        &mut self,
+        sid: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, sid)?;
+        let key = ActivationKey::generate();
+        let expires_at = now.saturating_add(ms(key_ttl));
+        tx.execute(
+            "UPDATE servers SET key_hash = ?2, key_expires_at = ?3 WHERE sid = ?1",
+            params![
+                sid.to_string(),
+                key.hash().as_bytes().as_slice(),
+                expires_at
+            ],
+        )
+        .map_err(db("storing the new key"))?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            "rekeyed",
+            (None, None),
+            "cli",
+            &format!(
+                "new activation key for the {} of pair {}, valid until {}",
+                row.role,
+                row.pair_name,
+                crate::time::utc(expires_at)
+            ),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(Provisioned {
+            sid,
+            key,
+            expires_at,
+        })
+    }
+
+    fn activate(
+        &mut self,
+        request: &ActivationRequest,
+        pool: Ipv4Cidr,
+        now: Millis,
+    ) -> Result<Activated, StoreError> {
+        let sid = request.sid;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, sid)?;
+        let (stored, expires): (Option<Vec<u8>>, Option<Millis>) = tx
+            .query_row(
+                "SELECT key_hash, key_expires_at FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(db("reading the key"))?;
+        let refusal = match stored.as_deref().and_then(KeyHash::from_slice) {
+            None => Some(Refusal::Used),
+            Some(hash) if !hash.matches(&request.key) => Some(Refusal::WrongKey),
+            Some(_) if expires.is_none_or(|at| now > at) => Some(Refusal::Expired),
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
+            // The refusal is logged in its own transaction: the box learns nothing more.
+            drop(tx);
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db("starting a transaction"))?;
+            log(
+                &tx,
+                now,
+                Some(row.pair_id),
+                Some(sid),
+                "activation-refused",
+                (None, None),
+                &request.source,
+                &why.to_string(),
+            )?;
+            tx.commit().map_err(db("committing"))?;
+            return Err(StoreError::ActivationRefused { sid, why });
+        }
+        let kept: Option<String> = tx
+            .query_row(
+                "SELECT overlay_address FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(db("reading the overlay address"))?;
+        // A re-activation (a reinstalled box with a fresh key) keeps its address and role;
+        // otherwise the first box of the pair to activate is primary at generation 1 and the
+        // second its backup.
+        let reactivation = row.role != Role::Unactivated;
+        let overlay = match kept.and_then(|text| text.parse().ok()) {
+            Some(address) => address,
+            None => free_address(&tx, pool)?,
+        };
+        let (role, generation) = match (reactivation, &row.primary) {
+            (true, _) => (row.role, row.generation),
+            (false, None) => (Role::Primary, Generation::FIRST),
+            (false, Some(_)) => (Role::Backup, row.generation),
+        };
+        tx.execute(
+            "UPDATE servers SET role = ?2, key_hash = NULL, activated_at = ?3, wireguard_key = ?4,
+               overlay_address = ?5, lan_address = ?6, software = ?7, inventory = ?8,
+               reported_generation = ?9
+             WHERE sid = ?1",
+            params![
+                sid.to_string(),
+                role_text(role),
+                now,
+                request.wireguard_key,
+                overlay.to_string(),
+                request.lan_address.to_string(),
+                request.software,
+                request.inventory,
+                gen_sql(generation)
+            ],
+        )
+        .map_err(db("activating"))?;
+        if role == Role::Primary {
+            tx.execute(
+                "UPDATE pairs SET primary_sid = ?2, generation = ?3 WHERE id = ?1",
+                params![row.pair_id, sid.to_string(), gen_sql(generation)],
+            )
+            .map_err(db("recording the primary"))?;
+        }
+        let partner: Option<String> = tx
+            .query_row(
+                "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
+                params![row.pair_id, sid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading the partner"))?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            if reactivation {
+                "reactivated"
+            } else {
+                "activated"
+            },
+            (
+                (row.generation.0 > 0).then_some(row.generation),
+                Some(generation),
+            ),
+            &request.source,
+            &format!(
+                "{role} of pair {}, overlay {overlay}, LAN {}, software {}",
+                row.pair_name, request.lan_address, request.software
+            ),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(Activated {
+            role,
+            generation,
+            overlay,
+            partner: partner.and_then(|p| p.parse().ok()),
+        })
+    }
+
+    fn promote(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, sid)?;
+        if row.role != Role::Backup {
+            return Err(StoreError::NotAllowed(format!(
+                "{sid} is {} of pair {}, not its backup: only the backup can be promoted",
+                row.role, row.pair_name
+            )));
+        }
+        let next = believed
+            .next()
+            .ok_or_else(|| StoreError::NotAllowed("the generation counter is exhausted".into()))?;
+        // The compare-and-set: only if nobody moved the generation since the box looked.
+        let changed = tx
+            .execute(
+                "UPDATE pairs SET generation = ?3, primary_sid = ?2 WHERE id = ?1 AND generation = ?4",
+                params![row.pair_id, sid.to_string(), gen_sql(next), gen_sql(believed)],
+            )
+            .map_err(db("promoting"))?;
+        if changed == 0 {
+            return Err(StoreError::StaleGeneration {
+                believed,
+                current: row.generation,
+            });
+        }
+        let old = row.primary.clone();
+        tx.execute(
+            "UPDATE servers SET role = 'fenced' WHERE pair_id = ?1 AND role = 'primary'",
+            [row.pair_id],
+        )
+        .map_err(db("fencing the old primary"))?;
+        tx.execute(
+            "UPDATE servers SET role = 'primary', reported_generation = ?2 WHERE sid = ?1",
+            params![sid.to_string(), gen_sql(next)],
+        )
+        .map_err(db("recording the new primary"))?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            "promoted",
+            (Some(believed), Some(next)),
+            actor,
+            &format!(
+                "{sid} is primary of pair {}; {} is fenced",
+                row.pair_name,
+                old.as_deref().unwrap_or("nobody")
+            ),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(next)
+    }
+
+    fn register_backup(
+        &mut self,
+        sid: ServerId,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, sid)?;
+        match row.role {
+            Role::Backup => return Ok(row.generation),
+            Role::Fenced => {}
+            Role::Primary => {
+                return Err(StoreError::NotAllowed(format!(
+                    "{sid} is the current primary of pair {}: promote its partner first",
+                    row.pair_name
+                )));
+            }
+            Role::Unactivated => {
+                return Err(StoreError::NotAllowed(format!(
+                    "{sid} is not activated yet"
+                )));
+            }
+        }
+        tx.execute(
+            "UPDATE servers SET role = 'backup', reported_generation = ?2 WHERE sid = ?1",
+            params![sid.to_string(), gen_sql(row.generation)],
+        )
+        .map_err(db("registering the backup"))?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            "registered-backup",
+            (Some(row.generation), Some(row.generation)),
+            actor,
+            &format!("{sid} is backup of pair {}", row.pair_name),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(row.generation)
+    }
+
+    fn heartbeat(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        now: Millis,
+    ) -> Result<(Role, Generation), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting a transaction"))?;
+        let row = row(&tx, sid)?;
+        if row.role == Role::Unactivated {
+            return Err(StoreError::NotAllowed(format!(
+                "{sid} is not activated yet"
+            )));
+        }
+        tx.execute(
+            "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3 WHERE sid = ?1",
+            params![sid.to_string(), now, gen_sql(believed)],
+        )
+        .map_err(db("recording a heartbeat"))?;
+        tx.commit().map_err(db("committing"))?;
+        // A box behind the pair's generation that is not the backup is fenced, whatever it
+        // believes (the store already records it so).
+        Ok((row.role, row.generation))
+    }
+
+    fn pairs(&self) -> Result<Vec<PairView>, StoreError> {
+        let mut pairs = self
+            .conn
+            .prepare("SELECT id, name, fqdn, generation, primary_sid FROM pairs ORDER BY name")
+            .map_err(db("reading pairs"))?;
+        let mut servers = self
+            .conn
+            .prepare(
+                "SELECT sid, role, overlay_address, lan_address, software, last_heartbeat_at,
+                        reported_generation
+                 FROM servers WHERE pair_id = ?1 ORDER BY position",
+            )
+            .map_err(db("reading servers"))?;
+        let rows = pairs
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(db("reading pairs"))?;
+        let mut out = Vec::new();
+        for pair in rows {
+            let (id, name, fqdn, generation, primary) = pair.map_err(db("reading pairs"))?;
+            let members = servers
+                .query_map([id], |r| {
+                    Ok(ServerView {
+                        sid: r.get(0)?,
+                        role: r.get(1)?,
+                        overlay: r.get(2)?,
+                        lan: r.get(3)?,
+                        software: r.get(4)?,
+                        last_heartbeat_at: r.get(5)?,
+                        reported_generation: r
+                            .get::<_, Option<i64>>(6)?
+                            .and_then(|g| u64::try_from(g).ok()),
+                    })
+                })
+                .map_err(db("reading servers"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db("reading servers"))?;
+            out.push(PairView {
+                name,
+                fqdn,
+                generation: u64::try_from(generation).unwrap_or(0),
+                primary,
+                servers: members,
+            });
+        }
+        Ok(out)
+    }
+
+    fn events(&self, after: i64) -> Result<Vec<Event>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT e.id, e.at, p.name, e.sid, e.kind, e.from_generation, e.to_generation,
+                        e.actor, e.detail
+                 FROM events e LEFT JOIN pairs p ON p.id = e.pair_id
+                 WHERE e.id > ?1 ORDER BY e.id",
+            )
+            .map_err(db("reading the audit log"))?;
+        let events = statement
+            .query_map([after], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    pair: r.get(2)?,
+                    sid: r.get(3)?,
+                    kind: r.get(4)?,
+                    from_generation: r
+                        .get::<_, Option<i64>>(5)?
+                        .and_then(|g| u64::try_from(g).ok()),
+                    to_generation: r
+                        .get::<_, Option<i64>>(6)?
+                        .and_then(|g| u64::try_from(g).ok()),
+                    actor: r.get(7)?,
+                    detail: r.get(8)?,
+                })
+            })
+            .map_err(db("reading the audit log"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading the audit log"))?;
+        Ok(events)
+    }
+}

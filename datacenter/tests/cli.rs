@@ -1,0 +1,158 @@
+//! `lbs-datacenter` as an operator runs it: init, provisioning, status and the audit log.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const DC: &str = env!("CARGO_BIN_EXE_lbs-datacenter");
+
+fn dc(dir: &Path, args: &[&str]) -> Output {
+    Command::new(DC)
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn init_provision_status_and_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dc");
+
+    let (_, err) = text(&dc(&dir, &["status"]));
+    assert!(err.contains("init` first"), "{err}");
+
+    let out = dc(&dir, &["init"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let again = dc(&dir, &["init"]);
+    assert!(!again.status.success());
+    assert!(text(&again).1.contains("never replaced"));
+
+    let out = dc(
+        &dir,
+        &[
+            "provision-pair",
+            "--name",
+            "acme",
+            "--fqdn",
+            "pbx.acme.example",
+        ],
+    );
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    let sids: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("SID "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(sids.len(), 2, "{stdout}");
+
+    for (args, expected) in [
+        (
+            &["provision-pair", "--name", "acme", "--fqdn", "x.example"][..],
+            "exists already",
+        ),
+        (
+            &[
+                "provision-pair",
+                "--name",
+                "Bad_Name",
+                "--fqdn",
+                "x.example",
+            ][..],
+            "invalid pair name",
+        ),
+        (
+            &["provision-pair", "--name", "ok", "--fqdn", "nodot"][..],
+            "not a DNS name",
+        ),
+        (
+            &["provision-backup", "--for", sids[0]][..],
+            "has its two servers already",
+        ),
+        (
+            &["provision-backup", "--for", "00-00-00-00-00-01"][..],
+            "unknown server",
+        ),
+    ] {
+        let out = dc(&dir, args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out).1.contains(expected),
+            "{args:?}: {:?}",
+            text(&out)
+        );
+    }
+
+    let single = dc(
+        &dir,
+        &[
+            "provision-pair",
+            "--name",
+            "solo",
+            "--fqdn",
+            "pbx.solo.example",
+            "--single",
+        ],
+    );
+    let solo_sid = text(&single)
+        .0
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("SID "))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let backup = dc(&dir, &["provision-backup", "--for", &solo_sid]);
+    assert!(backup.status.success(), "{:?}", text(&backup));
+
+    let status = dc(&dir, &["status", "--json"]);
+    let pairs: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pairs = pairs.as_array().unwrap();
+    assert_eq!(pairs.len(), 2);
+    assert_eq!(pairs[0]["name"], "acme");
+    assert_eq!(pairs[0]["generation"], 0);
+    assert_eq!(pairs[1]["servers"].as_array().unwrap().len(), 2);
+    assert!(pairs.iter().all(|p| {
+        p["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["role"] == "unactivated")
+    }));
+
+    let events = dc(&dir, &["events"]);
+    let (log, _) = text(&events);
+    assert_eq!(
+        log.lines().filter(|l| l.contains("provisioned")).count(),
+        4,
+        "{log}"
+    );
+    assert!(log.contains(" UTC"), "{log}");
+    // The keys themselves never reach the log.
+    let key = stdout
+        .lines()
+        .find_map(|l| l.split("activation key ").nth(1))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(!log.contains(key));
+    let db = std::fs::read(dir.join("datacenter.db")).unwrap();
+    assert!(
+        !db.windows(key.len()).any(|w| w == key.as_bytes()),
+        "a key is stored in clear"
+    );
+}

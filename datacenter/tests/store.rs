@@ -1,0 +1,319 @@
+//! The role authority's records: the lifecycle, refusals, racing promotions and restarts,
+//! against SQLite files (each step reopens the store: a restart between any two steps).
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use lbs_datacenter::store::{ActivationRequest, Refusal, SqliteStore, Store, StoreError};
+use lbs_netconfig::Ipv4Cidr;
+use lbs_protocol::{Generation, Role, ServerId};
+
+const DAY: Duration = Duration::from_secs(86_400);
+const T0: i64 = 1_800_000_000_000;
+
+fn pool() -> Ipv4Cidr {
+    "10.77.0.0/16".parse().unwrap()
+}
+
+fn request(sid: ServerId, key: &str, lan: u8) -> ActivationRequest {
+    ActivationRequest {
+        sid,
+        key: key.to_owned(),
+        wireguard_key: format!("wg-key-of-{sid}"),
+        lan_address: Ipv4Addr::new(192, 168, 1, lan),
+        software: "0.1.0".into(),
+        inventory: "{}".into(),
+        source: "198.51.100.7".into(),
+    }
+}
+
+fn store(path: &Path) -> SqliteStore {
+    SqliteStore::open(path).unwrap()
+}
+
+#[test]
+fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    assert_ne!(a, b);
+
+    // B activates first here: order decides, not provisioning.
+    let first = store(&db)
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 1)
+        .unwrap();
+    assert_eq!(
+        (first.role, first.generation),
+        (Role::Primary, Generation(1))
+    );
+    assert_eq!(first.partner, Some(a));
+    let second = store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 2)
+        .unwrap();
+    assert_eq!(
+        (second.role, second.generation),
+        (Role::Backup, Generation(1))
+    );
+    assert_ne!(first.overlay, second.overlay);
+    assert!(pool().contains(first.overlay) && pool().contains(second.overlay));
+
+    assert_eq!(
+        store(&db).heartbeat(b, Generation(1), T0 + 3).unwrap(),
+        (Role::Primary, Generation(1))
+    );
+    // The primary cannot be promoted; the backup can, once.
+    assert!(matches!(
+        store(&db).promote(b, Generation(1), "test", T0 + 4),
+        Err(StoreError::NotAllowed(_))
+    ));
+    assert_eq!(
+        store(&db)
+            .promote(a, Generation(1), "10.77.0.11", T0 + 5)
+            .unwrap(),
+        Generation(2)
+    );
+    // The old primary's next heartbeat says it is fenced.
+    assert_eq!(
+        store(&db).heartbeat(b, Generation(1), T0 + 6).unwrap(),
+        (Role::Fenced, Generation(2))
+    );
+    // It cannot promote itself back with its old generation, and registers as backup.
+    assert!(matches!(
+        store(&db).promote(b, Generation(1), "test", T0 + 7),
+        Err(StoreError::NotAllowed(_))
+    ));
+    assert_eq!(
+        store(&db).register_backup(b, "10.77.0.10", T0 + 8).unwrap(),
+        Generation(2)
+    );
+
+    let pairs = store(&db).pairs().unwrap();
+    assert_eq!(pairs.len(), 1);
+    let pair = &pairs[0];
+    assert_eq!(pair.generation, 2);
+    assert_eq!(pair.primary.as_deref(), Some(a.to_string().as_str()));
+    let role_of = |sid: ServerId| {
+        pair.servers
+            .iter()
+            .find(|s| s.sid == sid.to_string())
+            .unwrap()
+            .role
+            .clone()
+    };
+    assert_eq!(
+        (role_of(a).as_str(), role_of(b).as_str()),
+        ("primary", "backup")
+    );
+
+    let kinds: Vec<(String, Option<u64>, Option<u64>)> = store(&db)
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind, e.from_generation, e.to_generation))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("provisioned".into(), None, None),
+            ("provisioned".into(), None, None),
+            ("activated".into(), None, Some(1)),
+            ("activated".into(), Some(1), Some(1)),
+            ("promoted".into(), Some(1), Some(2)),
+            ("registered-backup".into(), Some(2), Some(2)),
+        ]
+    );
+}
+
+#[test]
+fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    let refused = |result: Result<_, StoreError>| match result {
+        Err(StoreError::ActivationRefused { why, .. }) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let before = store(&db).pairs().unwrap();
+    assert_eq!(
+        refused(store(&db).activate(&request(a, "WRONG-KEY", 2), pool(), T0)),
+        Refusal::WrongKey
+    );
+    // B's key used for A: wrong too (keys belong to their SID).
+    assert_eq!(
+        refused(store(&db).activate(&request(a, &servers[1].key.to_string(), 2), pool(), T0)),
+        Refusal::WrongKey
+    );
+    assert_eq!(
+        refused(store(&db).activate(
+            &request(b, &servers[1].key.to_string(), 3),
+            pool(),
+            T0 + 15 * DAY.as_millis() as i64
+        )),
+        Refusal::Expired
+    );
+    assert_eq!(
+        store(&db).pairs().unwrap(),
+        before,
+        "a refusal changed the records"
+    );
+
+    store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
+        .unwrap();
+    // Replaying the same activation: the key is spent.
+    assert_eq!(
+        refused(store(&db).activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)),
+        Refusal::Used
+    );
+    let unknown = ServerId::from_bytes([9; 6]);
+    assert!(matches!(
+        store(&db).activate(&request(unknown, "x", 2), pool(), T0),
+        Err(StoreError::UnknownServer(sid)) if sid == unknown
+    ));
+    let refusals = store(&db)
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "activation-refused")
+        .count();
+    assert_eq!(refusals, 4);
+}
+
+#[test]
+fn of_racing_promotions_exactly_one_wins_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    for round in 0..40 {
+        let name = format!("race{round}");
+        let servers = store(&db)
+            .provision_pair(&name, "pbx.race.example", 2, DAY, T0)
+            .unwrap();
+        for (i, s) in servers.iter().enumerate() {
+            store(&db)
+                .activate(&request(s.sid, &s.key.to_string(), 2 + i as u8), pool(), T0)
+                .unwrap();
+        }
+        let backup = servers[1].sid;
+        let wins: Vec<bool> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..4)
+                .map(|i| {
+                    let db = db.clone();
+                    scope.spawn(move || {
+                        SqliteStore::open(&db)
+                            .unwrap()
+                            .promote(backup, Generation(1), &format!("racer {i}"), T0)
+                            .is_ok()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {wins:?}"
+        );
+    }
+    let promotions = store(&db)
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "promoted")
+        .count();
+    assert_eq!(promotions, 40, "one promotion logged per round");
+}
+
+#[test]
+fn a_box_alone_gets_its_backup_later_and_pairs_stay_at_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let alone = store(&db)
+        .provision_pair("solo", "pbx.solo.example", 1, DAY, T0)
+        .unwrap();
+    let a = alone[0].sid;
+    store(&db)
+        .activate(&request(a, &alone[0].key.to_string(), 2), pool(), T0)
+        .unwrap();
+    let b = store(&db).provision_backup(a, DAY, T0 + 1).unwrap();
+    let activated = store(&db)
+        .activate(&request(b.sid, &b.key.to_string(), 3), pool(), T0 + 2)
+        .unwrap();
+    assert_eq!(activated.role, Role::Backup);
+    assert_eq!(activated.partner, Some(a));
+    assert!(matches!(
+        store(&db).provision_backup(a, DAY, T0),
+        Err(StoreError::PairFull(name)) if name == "solo"
+    ));
+    assert!(matches!(
+        store(&db).provision_pair("solo", "x.example", 2, DAY, T0),
+        Err(StoreError::PairExists(_))
+    ));
+}
+
+#[test]
+fn the_audit_log_cannot_be_rewritten_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    let err = raw
+        .execute("UPDATE events SET actor = 'nobody'", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    let err = raw.execute("DELETE FROM events", []).unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    raw.pragma_update(None, "user_version", 99).unwrap();
+    drop(raw);
+    let err = SqliteStore::open(&db).unwrap_err().to_string();
+    assert!(
+        err.contains("newer than this lbs-datacenter knows"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    let first = store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
+        .unwrap();
+    store(&db)
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0)
+        .unwrap();
+    let fresh = store(&db).rekey(a, DAY, T0 + 10).unwrap();
+    // The old key stays spent; the fresh one works once.
+    assert!(
+        store(&db)
+            .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 11)
+            .is_err()
+    );
+    let again = store(&db)
+        .activate(&request(a, &fresh.key.to_string(), 2), pool(), T0 + 12)
+        .unwrap();
+    assert_eq!(again, first, "same role, generation, address and partner");
+    let kinds: Vec<String> = store(&db)
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["rekeyed", "activation-refused", "reactivated"]
+    );
+}
