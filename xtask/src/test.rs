@@ -25,6 +25,18 @@ pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// What only the tests need: the DNS takeover test runs a real BIND and queries it.
+pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
+    (
+        "bind9",
+        "named, the authoritative server the DNS takeover test updates",
+    ),
+    (
+        "bind9-dnsutils",
+        "dig, which checks the record after each DNS update",
+    ),
+];
+
 /// The environment variable through which root-only tests report that they skipped.
 /// Keep in step with `lbs_tests::SKIP_LOG_ENV`.
 const SKIP_LOG_ENV: &str = "LBS_SKIP_LOG";
@@ -38,7 +50,12 @@ pub struct TestArgs {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    if !ensure_packages(SYSTEM_PACKAGES, !args.no_install)?.is_empty() {
+    let packages: Vec<(&str, &str)> = SYSTEM_PACKAGES
+        .iter()
+        .chain(TEST_ONLY_PACKAGES)
+        .copied()
+        .collect();
+    if !ensure_packages(&packages, !args.no_install)?.is_empty() {
         println!("    continuing; tests that need them will fail or report themselves skipped");
     }
 
