@@ -169,20 +169,9 @@ impl DnsServer {
             name: self.key_name.clone(),
             why: format!("unusable TSIG key: {e}"),
         })?;
-        let stream = UdpClientStream::builder(self.server, TokioRuntimeProvider::default())
-            .with_timeout(Some(self.timeout))
-            .with_signer(Some(signer))
-            .build();
-        let (client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
-        // The exchange's driver lives exactly as long as this request.
-        let background = tokio::spawn(background);
-        let answer = tokio::time::timeout(self.timeout, client.send(request).next()).await;
-        background.abort();
-        match answer {
-            Err(_) => Err(unreachable(format!("no answer within {:?}", self.timeout))),
-            Ok(None) => Err(unreachable("the exchange ended without an answer".into())),
-            Ok(Some(Ok(response))) => Ok(response.metadata.response_code),
-            Ok(Some(Err(err))) => {
+        match self.exchange(request, Some(signer)).await? {
+            Ok(response) => Ok(response.metadata.response_code),
+            Err(err) => {
                 let text = err.to_string();
                 // A wrong secret makes the server answer unsigned (or signed with an error),
                 // which the client reports as a verification failure ("truncated HMAC").
@@ -203,29 +192,15 @@ impl DnsServer {
     /// The A records of `fqdn` as the server answers them now (a plain query).
     pub async fn lookup_a(&self, fqdn: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         let owner = name(fqdn)?;
-        let stream = UdpClientStream::builder(self.server, TokioRuntimeProvider::default())
-            .with_timeout(Some(self.timeout))
-            .build();
-        let (client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
-        let background = tokio::spawn(background);
         let query = hickory_proto::op::Query::query(owner, RecordType::A);
-        let answer = tokio::time::timeout(
-            self.timeout,
-            client
-                .lookup(query, hickory_proto::op::DnsRequestOptions::default())
-                .next(),
-        )
-        .await;
-        background.abort();
-        let unreachable = |reason: String| DnsError::Unreachable {
-            server: self.server,
-            reason,
-        };
-        match answer {
-            Err(_) => Err(unreachable(format!("no answer within {:?}", self.timeout))),
-            Ok(None) => Err(unreachable("the exchange ended without an answer".into())),
-            Ok(Some(Err(err))) => Err(unreachable(err.to_string())),
-            Ok(Some(Ok(response))) => Ok(response
+        let request =
+            DnsRequest::from_query(query, hickory_proto::op::DnsRequestOptions::default());
+        match self.exchange(request, None).await? {
+            Err(err) => Err(DnsError::Unreachable {
+                server: self.server,
+                reason: err.to_string(),
+            }),
+            Ok(response) => Ok(response
                 .answers
                 .iter()
                 .filter_map(|r| match &r.data {
@@ -233,6 +208,35 @@ impl DnsServer {
                     _ => None,
                 })
                 .collect()),
+        }
+    }
+}
+
+impl DnsServer {
+    /// One request over a fresh UDP exchange, signed if `signer` is given. The outer error
+    /// is a missing answer; the inner result is what the client made of the answer.
+    async fn exchange(
+        &self,
+        request: DnsRequest,
+        signer: Option<TSigner>,
+    ) -> Result<Result<hickory_proto::op::DnsResponse, hickory_net::NetError>, DnsError> {
+        let unreachable = |reason: String| DnsError::Unreachable {
+            server: self.server,
+            reason,
+        };
+        let stream = UdpClientStream::builder(self.server, TokioRuntimeProvider::default())
+            .with_timeout(Some(self.timeout))
+            .with_signer(signer)
+            .build();
+        let (client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
+        // The exchange's driver lives exactly as long as this request.
+        let background = tokio::spawn(background);
+        let answer = tokio::time::timeout(self.timeout, client.send(request).next()).await;
+        background.abort();
+        match answer {
+            Err(_) => Err(unreachable(format!("no answer within {:?}", self.timeout))),
+            Ok(None) => Err(unreachable("the exchange ended without an answer".into())),
+            Ok(Some(result)) => Ok(result),
         }
     }
 }
