@@ -407,6 +407,13 @@ impl SqliteStore {
     }
 }
 
+/// Starts a write transaction that holds the write lock from its first statement, so what
+/// it reads cannot change before it writes.
+fn begin(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db("starting a transaction"))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn log(
     tx: &rusqlite::Transaction<'_>,
@@ -533,10 +540,7 @@ impl Store for SqliteStore {
                 "a pair has one or two servers, not {servers}"
             )));
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let inserted = tx
             .execute(
                 "INSERT OR IGNORE INTO pairs (name, fqdn, created_at) VALUES (?1, ?2, ?3)",
@@ -575,10 +579,7 @@ impl Store for SqliteStore {
         key_ttl: Duration,
         now: Millis,
     ) -> Result<Provisioned, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, partner)?;
         let count: i64 = tx
             .query_row(
@@ -611,10 +612,7 @@ impl Store for SqliteStore {
         key_ttl: Duration,
         now: Millis,
     ) -> Result<Provisioned, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         let key = ActivationKey::generate();
         let expires_at = now.saturating_add(ms(key_ttl));
@@ -657,10 +655,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Activated, StoreError> {
         let sid = request.sid;
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         let (stored, expires): (Option<Vec<u8>>, Option<Millis>) = tx
             .query_row(
@@ -678,10 +673,7 @@ impl Store for SqliteStore {
         if let Some(why) = refusal {
             // The refusal is logged in its own transaction: the box learns nothing more.
             drop(tx);
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db("starting a transaction"))?;
+            let tx = begin(&mut self.conn)?;
             log(
                 &tx,
                 now,
@@ -784,10 +776,7 @@ impl Store for SqliteStore {
         actor: &str,
         now: Millis,
     ) -> Result<Generation, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         if row.role != Role::Backup {
             return Err(StoreError::NotAllowed(format!(
@@ -846,10 +835,7 @@ impl Store for SqliteStore {
         actor: &str,
         now: Millis,
     ) -> Result<Generation, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         match row.role {
             Role::Backup => return Ok(row.generation),
@@ -891,10 +877,7 @@ impl Store for SqliteStore {
         believed: Generation,
         now: Millis,
     ) -> Result<(Role, Generation), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting a transaction"))?;
+        let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         if row.role == Role::Unactivated {
             return Err(StoreError::NotAllowed(format!(
