@@ -1,4 +1,5 @@
-//! The command line: `lbs-datacenter init | provision-pair | provision-backup | rekey | status | events`.
+//! The command line: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve |
+//! status | events`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,54 @@ use crate::time::{now_ms, utc as when};
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 const DATABASE: &str = "datacenter.db";
+const CONFIG: &str = "datacenter.toml";
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Runs the service until SIGTERM or SIGINT; prints `ready:` with the bound addresses.
+async fn serve(
+    dir: &Path,
+    store: SqliteStore,
+    ca: CertificateAuthority,
+    config: crate::config::ServeConfig,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let service = crate::serve::run(dir, store, ca, config, shutdown.clone(), |listening| {
+        let list = |addresses: &[std::net::SocketAddr]| {
+            addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "ready: activation {} control {}",
+            list(&listening.activation),
+            list(&listening.control)
+        );
+    });
+    tokio::pin!(service);
+    tokio::select! {
+        result = &mut service => return result,
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping");
+    shutdown.cancel();
+    service.await
+}
 
 #[derive(Parser)]
 #[command(
@@ -73,7 +122,15 @@ enum Command {
         #[arg(long, default_value_t = 14)]
         key_days: u64,
     },
-    /// Every pair: servers, roles, generation, last heartbeat, software.
+    /// Serve activations, the control API, DNS updates and the tunnel endpoints until
+    /// SIGTERM or Ctrl-C.
+    Serve {
+        /// The configuration (TOML; every field has a default). Default: datacenter.toml in
+        /// the data directory, if it exists.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS.
     Status {
         /// As JSON.
         #[arg(long)]
@@ -195,6 +252,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 when(server.expires_at)
             );
         }
+        Command::Serve { config } => {
+            let (path, required) = match config {
+                Some(path) => (path, true),
+                None => (dir.join(CONFIG), false),
+            };
+            let config = crate::config::ServeConfig::load(&path, required)?;
+            let store = open(dir)?;
+            let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))
+                .context("loading the CA (run `lbs-datacenter init` first)")?;
+            init_logging();
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(serve(dir, store, ca, config))?;
+        }
         Command::Status { json } => {
             let store = open(dir)?;
             let pairs = store.pairs()?;
@@ -207,8 +277,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let now = now_ms();
             for pair in &pairs {
+                let hardware = match &pair.hardware_differences {
+                    None => "hardware not compared yet".to_owned(),
+                    Some(d) if d.is_empty() => "hardware matches".to_owned(),
+                    Some(d) => format!("HARDWARE DIFFERS: {}", d.join("; ")),
+                };
                 println!(
-                    "{} ({}), generation {}",
+                    "{} ({}), generation {}, {hardware}",
                     pair.name, pair.fqdn, pair.generation
                 );
                 for s in &pair.servers {
@@ -226,6 +301,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .map_or("-".to_owned(), |g| g.to_string()),
                         s.software.as_deref().unwrap_or("")
                     );
+                }
+                for r in &pair.dns {
+                    let state = match r.state.as_str() {
+                        "done" => format!("ok since {}", r.done_at.map_or("-".into(), when)),
+                        "pending" => "PENDING".to_owned(),
+                        _ => format!(
+                            "RETRYING ({} failed: {})",
+                            r.attempts,
+                            r.last_error.as_deref().unwrap_or("")
+                        ),
+                    };
+                    println!("  DNS {} → {}  {state}", r.name, r.want);
                 }
             }
         }

@@ -8,14 +8,20 @@
 //! - [`keys`]: one-time activation keys (stored hashed, compared in constant time) and SIDs.
 //! - [`dns`]: RFC 2136 updates signed with TSIG, each with a prerequisite on the value it
 //!   replaces, so a stale decision never overwrites a newer one.
+//! - [`serve`]: the activation endpoint (TLS, server-authenticated; a box sends its SID, key,
+//!   CSR, WireGuard key, LAN address and inventory and gets its certificate, role and pair),
+//!   the control API (mutual TLS: reports answered with the pair's state — `Fenced` for a
+//!   stale primary —, promotion, registration as backup), the DNS worker (retries with
+//!   backoff, state in `status`) and the WireGuard endpoints (every activated box a peer).
+//! - [`config`]: `serve`'s TOML, every field defaulted.
 //! - [`time`]: timestamps and how they are shown.
-//! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | status | events`.
-//!
-//! The activation endpoint, the control API, DNS retries and the tunnel endpoints follow
-//! with the rest of issue 6.
+//! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | status |
+//!   events`.
 
 pub mod cli;
+pub mod config;
 pub mod dns;
 pub mod keys;
+pub mod serve;
 pub mod store;
 pub mod time;

@@ -116,6 +116,8 @@ pub struct ActivationRequest {
     pub key: String,
     /// Its WireGuard public key (base64).
     pub wireguard_key: String,
+    /// The fingerprint of the TLS key its certificate is issued for.
+    pub tls_key: String,
     /// Its office LAN address.
     pub lan_address: Ipv4Addr,
     /// Its software version.
@@ -156,6 +158,68 @@ pub struct ServerView {
     pub last_heartbeat_at: Option<Millis>,
     /// The generation it last reported.
     pub reported_generation: Option<u64>,
+    /// The address it serves phones on, as it last said.
+    pub advertised: Option<String>,
+    /// Its last report (role, sync, tunnels), as it sent it.
+    pub report: Option<serde_json::Value>,
+}
+
+/// One DNS record the data center keeps pointed at the pair.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DnsView {
+    /// The name.
+    pub name: String,
+    /// Where it must point.
+    pub want: String,
+    /// Where the data center last made it point.
+    pub have: Option<String>,
+    /// `done`, `pending` (not yet tried) or `retrying` (failed at least once).
+    pub state: String,
+    /// Failed attempts since the last change.
+    pub attempts: i64,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// When the current value was decided.
+    pub changed_at: Millis,
+    /// When it was last written.
+    pub done_at: Option<Millis>,
+}
+
+/// A DNS record that must be written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsWork {
+    /// The pair.
+    pub pair_id: i64,
+    /// The name.
+    pub name: String,
+    /// Where it must point.
+    pub want: Ipv4Addr,
+    /// Where the data center last made it point (`None`: never, so it must not exist yet).
+    pub have: Option<Ipv4Addr>,
+    /// Failed attempts so far.
+    pub attempts: i64,
+}
+
+/// What a box said in its report, as the store keeps it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The generation it believes in.
+    pub believed: Generation,
+    /// Its software version.
+    pub software: String,
+    /// The address it serves phones on.
+    pub advertised: Ipv4Addr,
+    /// The whole report, JSON.
+    pub json: String,
+}
+
+/// What a promotion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promoted {
+    /// The pair's new generation.
+    pub generation: Generation,
+    /// The primary before, now fenced.
+    pub previous: Option<ServerId>,
 }
 
 /// One pair as `status` shows it.
@@ -171,6 +235,11 @@ pub struct PairView {
     pub primary: Option<String>,
     /// Its servers, in provisioning order.
     pub servers: Vec<ServerView>,
+    /// Hardware differences between the two boxes (`None` until both reported an
+    /// inventory; empty: they match).
+    pub hardware_differences: Option<Vec<String>>,
+    /// Its DNS records.
+    pub dns: Vec<DnsView>,
 }
 
 /// One audit-log entry.
@@ -235,14 +304,16 @@ pub trait Store {
         now: Millis,
     ) -> Result<Activated, StoreError>;
 
-    /// Makes `sid` (the pair's backup) primary, if the pair is still at `believed`.
+    /// Makes `sid` (the pair's backup) primary, if the pair is still at `believed`; the
+    /// pair's name is to point at `advertised` from now on.
     fn promote(
         &mut self,
         sid: ServerId,
         believed: Generation,
+        advertised: Ipv4Addr,
         actor: &str,
         now: Millis,
-    ) -> Result<Generation, StoreError>;
+    ) -> Result<Promoted, StoreError>;
 
     /// Records that `sid` (fenced, or the old primary) is the pair's backup now.
     fn register_backup(
@@ -257,19 +328,48 @@ pub trait Store {
     fn heartbeat(
         &mut self,
         sid: ServerId,
-        believed: Generation,
+        report: &Report,
         now: Millis,
     ) -> Result<(Role, Generation), StoreError>;
 
     /// Every pair.
     fn pairs(&self) -> Result<Vec<PairView>, StoreError>;
 
+    /// The pair `sid` belongs to.
+    fn pair_of(&self, sid: ServerId) -> Result<PairView, StoreError>;
+
+    /// The fingerprint of the TLS key `sid`'s current certificate was issued for (`None`
+    /// before activation).
+    fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError>;
+
+    /// Every activated box's WireGuard key and overlay address: the peers of the data
+    /// center's tunnel endpoints.
+    fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError>;
+
+    /// The DNS records that differ from what was decided and are due for a try at `now`.
+    fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError>;
+
+    /// Records that `work` was written (`Ok`) or failed (`Err`, to be tried again at
+    /// `retry_at`). A decision taken meanwhile stays pending.
+    fn dns_result(
+        &mut self,
+        work: &DnsWork,
+        result: Result<(), String>,
+        retry_at: Millis,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// Records that the name holds `value` now (found by a query after a refused
+    /// compare-and-swap: someone else changed it), so the next try replaces that.
+    fn dns_found(&mut self, work: &DnsWork, value: Option<Ipv4Addr>) -> Result<(), StoreError>;
+
     /// The audit log after event `after` (0: all), oldest first.
     fn events(&self, after: i64) -> Result<Vec<Event>, StoreError>;
 }
 
 /// The schema, one migration per step; `PRAGMA user_version` says how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE pairs (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -310,7 +410,26 @@ CREATE TRIGGER events_are_not_changed BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER events_are_not_deleted BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"#];
+"#,
+    r#"
+ALTER TABLE servers ADD COLUMN advertised_address TEXT;
+ALTER TABLE servers ADD COLUMN report TEXT;
+ALTER TABLE servers ADD COLUMN tls_key TEXT;
+ALTER TABLE servers ADD COLUMN used_key_hash BLOB;
+CREATE TABLE dns_records (
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    name TEXT NOT NULL,
+    want TEXT NOT NULL,
+    have TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    next_try_at INTEGER NOT NULL DEFAULT 0,
+    changed_at INTEGER NOT NULL,
+    done_at INTEGER,
+    PRIMARY KEY (pair_id, name)
+);
+"#,
+];
 
 /// The SQLite store: one file, WAL, migrations applied on open.
 #[derive(Debug)]
@@ -352,6 +471,7 @@ fn ms(ttl: Duration) -> i64 {
 struct Row {
     pair_id: i64,
     pair_name: String,
+    fqdn: String,
     role: Role,
     generation: Generation,
     primary: Option<String>,
@@ -397,6 +517,114 @@ impl SqliteStore {
         tx.pragma_update(None, "user_version", known)
             .map_err(db("recording the schema version"))?;
         tx.commit().map_err(db("committing the migration"))
+    }
+
+    /// One pair, with its servers, hardware comparison and DNS records.
+    fn pair_view(&self, id: i64) -> Result<PairView, StoreError> {
+        let (name, fqdn, generation, primary) = self
+            .conn
+            .query_row(
+                "SELECT name, fqdn, generation, primary_sid FROM pairs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .map_err(db("reading a pair"))?;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT sid, role, overlay_address, lan_address, software, last_heartbeat_at,
+                        reported_generation, advertised_address, report, inventory
+                 FROM servers WHERE pair_id = ?1 ORDER BY position",
+            )
+            .map_err(db("reading servers"))?;
+        let mut inventories = Vec::new();
+        let servers = statement
+            .query_map([id], |r| {
+                Ok((
+                    ServerView {
+                        sid: r.get(0)?,
+                        role: r.get(1)?,
+                        overlay: r.get(2)?,
+                        lan: r.get(3)?,
+                        software: r.get(4)?,
+                        last_heartbeat_at: r.get(5)?,
+                        reported_generation: r
+                            .get::<_, Option<i64>>(6)?
+                            .and_then(|g| u64::try_from(g).ok()),
+                        advertised: r.get(7)?,
+                        report: r
+                            .get::<_, Option<String>>(8)?
+                            .and_then(|j| serde_json::from_str(&j).ok()),
+                    },
+                    r.get::<_, Option<String>>(9)?,
+                ))
+            })
+            .map_err(db("reading servers"))?
+            .map(|row| {
+                row.map(|(view, inventory)| {
+                    inventories.push(inventory);
+                    view
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading servers"))?;
+        let parsed: Vec<Option<lbs_netconfig::inventory::Inventory>> = inventories
+            .iter()
+            .map(|text| text.as_deref().and_then(|t| serde_json::from_str(t).ok()))
+            .collect();
+        let hardware_differences = match parsed.as_slice() {
+            [Some(a), Some(b)] => Some(a.compare(b)),
+            _ => None,
+        };
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT name, want, have, attempts, last_error, changed_at, done_at
+                 FROM dns_records WHERE pair_id = ?1 ORDER BY name",
+            )
+            .map_err(db("reading DNS records"))?;
+        let dns = statement
+            .query_map([id], |r| {
+                let want: String = r.get(1)?;
+                let have: Option<String> = r.get(2)?;
+                let attempts: i64 = r.get(3)?;
+                let state = if have.as_deref() == Some(want.as_str()) {
+                    "done"
+                } else if attempts == 0 {
+                    "pending"
+                } else {
+                    "retrying"
+                };
+                Ok(DnsView {
+                    name: r.get(0)?,
+                    want,
+                    have,
+                    state: state.to_owned(),
+                    attempts,
+                    last_error: r.get(4)?,
+                    changed_at: r.get(5)?,
+                    done_at: r.get(6)?,
+                })
+            })
+            .map_err(db("reading DNS records"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading DNS records"))?;
+        Ok(PairView {
+            name,
+            fqdn,
+            generation: u64::try_from(generation).unwrap_or(0),
+            primary,
+            servers,
+            hardware_differences,
+            dns,
+        })
     }
 
     /// The schema version of the database.
@@ -445,7 +673,7 @@ fn log(
 
 fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError> {
     tx.query_row(
-        "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid
+        "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid, p.fqdn
          FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
         [sid.to_string()],
         |r| {
@@ -455,12 +683,58 @@ fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError>
                 role: role_of(&r.get::<_, String>(2)?),
                 generation: generation(r.get(3)?),
                 primary: r.get(4)?,
+                fqdn: r.get(5)?,
             })
         },
     )
     .optional()
     .map_err(db("reading a server"))?
     .ok_or(StoreError::UnknownServer(sid))
+}
+
+/// The names the data center keeps for a pair: its FQDN (the primary's advertised address),
+/// and `primary.`/`backup.` in front of it (the overlay addresses).
+fn dns_names(fqdn: &str) -> [String; 3] {
+    let fqdn = fqdn.trim_end_matches('.');
+    [
+        fqdn.to_owned(),
+        format!("primary.{fqdn}"),
+        format!("backup.{fqdn}"),
+    ]
+}
+
+/// Decides that `name` must point at `value`: a new decision starts with a clean slate of
+/// attempts (the DNS worker picks it up at once).
+fn want_dns(
+    tx: &rusqlite::Transaction<'_>,
+    pair_id: i64,
+    name: &str,
+    value: Ipv4Addr,
+    now: Millis,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO dns_records (pair_id, name, want, changed_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (pair_id, name) DO UPDATE
+           SET want = excluded.want, attempts = 0, last_error = NULL, next_try_at = 0,
+               changed_at = excluded.changed_at
+           WHERE want != excluded.want",
+        params![pair_id, name, value.to_string(), now],
+    )
+    .map_err(db("recording a DNS decision"))?;
+    Ok(())
+}
+
+fn overlay_of(tx: &rusqlite::Transaction<'_>, sid: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+    let text: Option<String> = tx
+        .query_row(
+            "SELECT overlay_address FROM servers WHERE sid = ?1",
+            [sid],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db("reading an overlay address"))?
+        .flatten();
+    Ok(text.and_then(|t| t.parse().ok()))
 }
 
 /// Inserts a server with a fresh SID and key at `position` of the pair.
@@ -657,13 +931,63 @@ impl Store for SqliteStore {
         let sid = request.sid;
         let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
-        let (stored, expires): (Option<Vec<u8>>, Option<Millis>) = tx
+        let (stored, expires, used, keys) = tx
             .query_row(
-                "SELECT key_hash, key_expires_at FROM servers WHERE sid = ?1",
+                "SELECT key_hash, key_expires_at, used_key_hash, wireguard_key, tls_key
+                 FROM servers WHERE sid = ?1",
                 [sid.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, Option<Vec<u8>>>(0)?,
+                        r.get::<_, Option<Millis>>(1)?,
+                        r.get::<_, Option<Vec<u8>>>(2)?,
+                        (
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                        ),
+                    ))
+                },
             )
             .map_err(db("reading the key"))?;
+        // The same box asking again with the same key and the same public keys (the answer
+        // to its first request was lost): it gets the same answer, nothing changes.
+        let repeat = stored.is_none()
+            && used
+                .as_deref()
+                .and_then(KeyHash::from_slice)
+                .is_some_and(|hash| hash.matches(&request.key))
+            && keys.0.as_deref() == Some(request.wireguard_key.as_str())
+            && keys.1.as_deref() == Some(request.tls_key.as_str());
+        if repeat {
+            let overlay = overlay_of(&tx, &sid.to_string())?;
+            let partner: Option<String> = tx
+                .query_row(
+                    "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
+                    params![row.pair_id, sid.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db("reading the partner"))?;
+            if let Some(overlay) = overlay {
+                log(
+                    &tx,
+                    now,
+                    Some(row.pair_id),
+                    Some(sid),
+                    "activation-repeated",
+                    (None, None),
+                    &request.source,
+                    "the same box asked again (its first answer was lost); same answer",
+                )?;
+                tx.commit().map_err(db("committing"))?;
+                return Ok(Activated {
+                    role: row.role,
+                    generation: row.generation,
+                    overlay,
+                    partner: partner.and_then(|p| p.parse().ok()),
+                });
+            }
+        }
         let refusal = match stored.as_deref().and_then(KeyHash::from_slice) {
             None => Some(Refusal::Used),
             Some(hash) if !hash.matches(&request.key) => Some(Refusal::WrongKey),
@@ -708,9 +1032,9 @@ impl Store for SqliteStore {
             (false, Some(_)) => (Role::Backup, row.generation),
         };
         tx.execute(
-            "UPDATE servers SET role = ?2, key_hash = NULL, activated_at = ?3, wireguard_key = ?4,
-               overlay_address = ?5, lan_address = ?6, software = ?7, inventory = ?8,
-               reported_generation = ?9
+            "UPDATE servers SET role = ?2, used_key_hash = key_hash, key_hash = NULL,
+               activated_at = ?3, wireguard_key = ?4, overlay_address = ?5, lan_address = ?6,
+               software = ?7, inventory = ?8, reported_generation = ?9, tls_key = ?10
              WHERE sid = ?1",
             params![
                 sid.to_string(),
@@ -721,16 +1045,29 @@ impl Store for SqliteStore {
                 request.lan_address.to_string(),
                 request.software,
                 request.inventory,
-                gen_sql(generation)
+                gen_sql(generation),
+                request.tls_key
             ],
         )
         .map_err(db("activating"))?;
+        tx.execute(
+            "UPDATE servers SET advertised_address = COALESCE(advertised_address, ?2) WHERE sid = ?1",
+            params![sid.to_string(), request.lan_address.to_string()],
+        )
+        .map_err(db("recording the advertised address"))?;
+        let [fqdn, primary_name, backup_name] = dns_names(&row.fqdn);
         if role == Role::Primary {
             tx.execute(
                 "UPDATE pairs SET primary_sid = ?2, generation = ?3 WHERE id = ?1",
                 params![row.pair_id, sid.to_string(), gen_sql(generation)],
             )
             .map_err(db("recording the primary"))?;
+            if !reactivation {
+                want_dns(&tx, row.pair_id, &fqdn, request.lan_address, now)?;
+            }
+            want_dns(&tx, row.pair_id, &primary_name, overlay, now)?;
+        } else {
+            want_dns(&tx, row.pair_id, &backup_name, overlay, now)?;
         }
         let partner: Option<String> = tx
             .query_row(
@@ -773,9 +1110,10 @@ impl Store for SqliteStore {
         &mut self,
         sid: ServerId,
         believed: Generation,
+        advertised: Ipv4Addr,
         actor: &str,
         now: Millis,
-    ) -> Result<Generation, StoreError> {
+    ) -> Result<Promoted, StoreError> {
         let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
         if row.role != Role::Backup {
@@ -807,10 +1145,24 @@ impl Store for SqliteStore {
         )
         .map_err(db("fencing the old primary"))?;
         tx.execute(
-            "UPDATE servers SET role = 'primary', reported_generation = ?2 WHERE sid = ?1",
-            params![sid.to_string(), gen_sql(next)],
+            "UPDATE servers SET role = 'primary', reported_generation = ?2, advertised_address = ?3
+             WHERE sid = ?1",
+            params![sid.to_string(), gen_sql(next), advertised.to_string()],
         )
         .map_err(db("recording the new primary"))?;
+        let [fqdn, primary_name, backup_name] = dns_names(&row.fqdn);
+        want_dns(&tx, row.pair_id, &fqdn, advertised, now)?;
+        if let Some(overlay) = overlay_of(&tx, &sid.to_string())? {
+            want_dns(&tx, row.pair_id, &primary_name, overlay, now)?;
+        }
+        if let Some(overlay) = old
+            .as_deref()
+            .map(|o| overlay_of(&tx, o))
+            .transpose()?
+            .flatten()
+        {
+            want_dns(&tx, row.pair_id, &backup_name, overlay, now)?;
+        }
         log(
             &tx,
             now,
@@ -820,13 +1172,16 @@ impl Store for SqliteStore {
             (Some(believed), Some(next)),
             actor,
             &format!(
-                "{sid} is primary of pair {}; {} is fenced",
+                "{sid} is primary of pair {}, advertising {advertised}; {} is fenced",
                 row.pair_name,
                 old.as_deref().unwrap_or("nobody")
             ),
         )?;
         tx.commit().map_err(db("committing"))?;
-        Ok(next)
+        Ok(Promoted {
+            generation: next,
+            previous: old.and_then(|o| o.parse().ok()),
+        })
     }
 
     fn register_backup(
@@ -874,7 +1229,7 @@ impl Store for SqliteStore {
     fn heartbeat(
         &mut self,
         sid: ServerId,
-        believed: Generation,
+        report: &Report,
         now: Millis,
     ) -> Result<(Role, Generation), StoreError> {
         let tx = begin(&mut self.conn)?;
@@ -885,10 +1240,24 @@ impl Store for SqliteStore {
             )));
         }
         tx.execute(
-            "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3 WHERE sid = ?1",
-            params![sid.to_string(), now, gen_sql(believed)],
+            "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3, software = ?4,
+               advertised_address = ?5, report = ?6
+             WHERE sid = ?1",
+            params![
+                sid.to_string(),
+                now,
+                gen_sql(report.believed),
+                report.software,
+                report.advertised.to_string(),
+                report.json
+            ],
         )
         .map_err(db("recording a heartbeat"))?;
+        // The primary's address may change (a new uplink): the pair's name follows it.
+        if row.role == Role::Primary && report.believed == row.generation {
+            let [fqdn, ..] = dns_names(&row.fqdn);
+            want_dns(&tx, row.pair_id, &fqdn, report.advertised, now)?;
+        }
         tx.commit().map_err(db("committing"))?;
         // A box behind the pair's generation that is not the backup is fenced, whatever it
         // believes (the store already records it so).
@@ -896,58 +1265,153 @@ impl Store for SqliteStore {
     }
 
     fn pairs(&self) -> Result<Vec<PairView>, StoreError> {
-        let mut pairs = self
+        let ids = self
             .conn
-            .prepare("SELECT id, name, fqdn, generation, primary_sid FROM pairs ORDER BY name")
+            .prepare("SELECT id FROM pairs ORDER BY name")
+            .map_err(db("reading pairs"))?
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(db("reading pairs"))?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(db("reading pairs"))?;
-        let mut servers = self
+        ids.into_iter().map(|id| self.pair_view(id)).collect()
+    }
+
+    fn pair_of(&self, sid: ServerId) -> Result<PairView, StoreError> {
+        let id: i64 = self
+            .conn
+            .query_row(
+                "SELECT pair_id FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading a server"))?
+            .ok_or(StoreError::UnknownServer(sid))?;
+        self.pair_view(id)
+    }
+
+    fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT tls_key FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading a certificate key"))?
+            .ok_or(StoreError::UnknownServer(sid))
+    }
+
+    fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        let mut statement = self
             .conn
             .prepare(
-                "SELECT sid, role, overlay_address, lan_address, software, last_heartbeat_at,
-                        reported_generation
-                 FROM servers WHERE pair_id = ?1 ORDER BY position",
+                "SELECT wireguard_key, overlay_address FROM servers
+                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL ORDER BY sid",
             )
-            .map_err(db("reading servers"))?;
-        let rows = pairs
-            .query_map([], |r| {
+            .map_err(db("reading tunnel peers"))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db("reading tunnel peers"))?;
+        let mut peers = Vec::new();
+        for row in rows {
+            let (key, overlay) = row.map_err(db("reading tunnel peers"))?;
+            if let Ok(overlay) = overlay.parse() {
+                peers.push((key, overlay));
+            }
+        }
+        Ok(peers)
+    }
+
+    fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT pair_id, name, want, have, attempts FROM dns_records
+                 WHERE have IS NOT want AND next_try_at <= ?1 ORDER BY changed_at",
+            )
+            .map_err(db("reading DNS records"))?;
+        let rows = statement
+            .query_map([now], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
-            .map_err(db("reading pairs"))?;
-        let mut out = Vec::new();
-        for pair in rows {
-            let (id, name, fqdn, generation, primary) = pair.map_err(db("reading pairs"))?;
-            let members = servers
-                .query_map([id], |r| {
-                    Ok(ServerView {
-                        sid: r.get(0)?,
-                        role: r.get(1)?,
-                        overlay: r.get(2)?,
-                        lan: r.get(3)?,
-                        software: r.get(4)?,
-                        last_heartbeat_at: r.get(5)?,
-                        reported_generation: r
-                            .get::<_, Option<i64>>(6)?
-                            .and_then(|g| u64::try_from(g).ok()),
-                    })
-                })
-                .map_err(db("reading servers"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db("reading servers"))?;
-            out.push(PairView {
+            .map_err(db("reading DNS records"))?;
+        let mut due = Vec::new();
+        for row in rows {
+            let (pair_id, name, want, have, attempts) = row.map_err(db("reading DNS records"))?;
+            // Only this module writes these columns, always from an Ipv4Addr.
+            let Ok(want) = want.parse() else { continue };
+            due.push(DnsWork {
+                pair_id,
                 name,
-                fqdn,
-                generation: u64::try_from(generation).unwrap_or(0),
-                primary,
-                servers: members,
+                want,
+                have: have.and_then(|h| h.parse().ok()),
+                attempts,
             });
         }
-        Ok(out)
+        Ok(due)
+    }
+
+    fn dns_result(
+        &mut self,
+        work: &DnsWork,
+        result: Result<(), String>,
+        retry_at: Millis,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let tx = begin(&mut self.conn)?;
+        match result {
+            Ok(()) => {
+                tx.execute(
+                    "UPDATE dns_records SET have = ?3, attempts = 0, last_error = NULL, done_at = ?4
+                     WHERE pair_id = ?1 AND name = ?2",
+                    params![work.pair_id, work.name, work.want.to_string(), now],
+                )
+                .map_err(db("recording a DNS update"))?;
+                log(
+                    &tx,
+                    now,
+                    Some(work.pair_id),
+                    None,
+                    "dns-updated",
+                    (None, None),
+                    "dns",
+                    &format!(
+                        "{} → {} (was {})",
+                        work.name,
+                        work.want,
+                        work.have.map_or("absent".to_owned(), |h| h.to_string())
+                    ),
+                )?;
+            }
+            Err(error) => {
+                // Only if the decision is still the one that was tried: a newer one starts
+                // with a clean slate.
+                tx.execute(
+                    "UPDATE dns_records SET attempts = attempts + 1, last_error = ?4, next_try_at = ?5
+                     WHERE pair_id = ?1 AND name = ?2 AND want = ?3",
+                    params![work.pair_id, work.name, work.want.to_string(), error, retry_at],
+                )
+                .map_err(db("recording a DNS failure"))?;
+            }
+        }
+        tx.commit().map_err(db("committing"))
+    }
+
+    fn dns_found(&mut self, work: &DnsWork, value: Option<Ipv4Addr>) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE dns_records SET have = ?3 WHERE pair_id = ?1 AND name = ?2",
+                params![work.pair_id, work.name, value.map(|v| v.to_string())],
+            )
+            .map_err(db("recording a DNS record's value"))?;
+        Ok(())
     }
 
     fn events(&self, after: i64) -> Result<Vec<Event>, StoreError> {

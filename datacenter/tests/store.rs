@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use lbs_datacenter::store::{ActivationRequest, Refusal, SqliteStore, Store, StoreError};
+use lbs_datacenter::store::{
+    ActivationRequest, DnsWork, Refusal, Report, SqliteStore, Store, StoreError,
+};
 use lbs_netconfig::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
 
@@ -22,12 +24,24 @@ fn request(sid: ServerId, key: &str, lan: u8) -> ActivationRequest {
         sid,
         key: key.to_owned(),
         wireguard_key: format!("wg-key-of-{sid}"),
+        tls_key: format!("tls-key-of-{sid}"),
         lan_address: Ipv4Addr::new(192, 168, 1, lan),
         software: "0.1.0".into(),
         inventory: "{}".into(),
         source: "198.51.100.7".into(),
     }
 }
+
+fn report(believed: u64, advertised: Ipv4Addr) -> Report {
+    Report {
+        believed: Generation(believed),
+        software: "0.1.0".into(),
+        advertised,
+        json: "{}".into(),
+    }
+}
+
+const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
 fn store(path: &Path) -> SqliteStore {
     SqliteStore::open(path).unwrap()
@@ -63,28 +77,78 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
     assert!(pool().contains(first.overlay) && pool().contains(second.overlay));
 
     assert_eq!(
-        store(&db).heartbeat(b, Generation(1), T0 + 3).unwrap(),
+        store(&db)
+            .heartbeat(b, &report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 3)
+            .unwrap(),
         (Role::Primary, Generation(1))
     );
     // The primary cannot be promoted; the backup can, once.
     assert!(matches!(
-        store(&db).promote(b, Generation(1), "test", T0 + 4),
+        store(&db).promote(b, Generation(1), REMOTE, "test", T0 + 4),
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(
         store(&db)
-            .promote(a, Generation(1), "10.77.0.11", T0 + 5)
-            .unwrap(),
+            .promote(a, Generation(1), REMOTE, "10.77.0.11", T0 + 5)
+            .unwrap()
+            .generation,
         Generation(2)
     );
+    // DNS: the pair's name now must point at A's advertised address, primary./backup. at
+    // the overlay addresses of A and B; nothing written yet, so all three are due.
+    let due = |db: &Path| -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
+        store(db)
+            .dns_due(T0 + 5)
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.name, w.want, w.have))
+            .collect()
+    };
+    let mut wanted = due(&db);
+    wanted.sort();
+    assert_eq!(
+        wanted,
+        [
+            ("backup.pbx.acme.example".to_owned(), first.overlay, None),
+            ("pbx.acme.example".to_owned(), REMOTE, None),
+            ("primary.pbx.acme.example".to_owned(), second.overlay, None),
+        ]
+    );
+    // A failure keeps it due later (not now); a success clears it and is logged.
+    let work: Vec<DnsWork> = store(&db).dns_due(T0 + 5).unwrap();
+    let fqdn = work.iter().find(|w| w.name == "pbx.acme.example").unwrap();
+    store(&db)
+        .dns_result(fqdn, Err("server down".into()), T0 + 60_000, T0 + 5)
+        .unwrap();
+    assert_eq!(due(&db).len(), 2);
+    let view = &store(&db).pairs().unwrap()[0];
+    let record = view
+        .dns
+        .iter()
+        .find(|r| r.name == "pbx.acme.example")
+        .unwrap();
+    assert_eq!(
+        (
+            record.state.as_str(),
+            record.attempts,
+            record.last_error.as_deref()
+        ),
+        ("retrying", 1, Some("server down"))
+    );
+    for w in &work {
+        store(&db).dns_result(w, Ok(()), 0, T0 + 5).unwrap();
+    }
+    assert!(due(&db).is_empty());
     // The old primary's next heartbeat says it is fenced.
     assert_eq!(
-        store(&db).heartbeat(b, Generation(1), T0 + 6).unwrap(),
+        store(&db)
+            .heartbeat(b, &report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 6)
+            .unwrap(),
         (Role::Fenced, Generation(2))
     );
     // It cannot promote itself back with its old generation, and registers as backup.
     assert!(matches!(
-        store(&db).promote(b, Generation(1), "test", T0 + 7),
+        store(&db).promote(b, Generation(1), REMOTE, "test", T0 + 7),
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(
@@ -124,6 +188,9 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
             ("activated".into(), None, Some(1)),
             ("activated".into(), Some(1), Some(1)),
             ("promoted".into(), Some(1), Some(2)),
+            ("dns-updated".into(), None, None),
+            ("dns-updated".into(), None, None),
+            ("dns-updated".into(), None, None),
             ("registered-backup".into(), Some(2), Some(2)),
         ]
     );
@@ -165,14 +232,31 @@ fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
         "a refusal changed the records"
     );
 
-    store(&db)
+    let granted = store(&db)
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
         .unwrap();
-    // Replaying the same activation: the key is spent.
+    // Replaying the key from another machine (other public keys): the key is spent.
+    let mut replay = request(a, &servers[0].key.to_string(), 2);
+    replay.wireguard_key = "an impostor's key".into();
     assert_eq!(
-        refused(store(&db).activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)),
+        refused(store(&db).activate(&replay, pool(), T0)),
         Refusal::Used
     );
+    let mut replay = request(a, &servers[0].key.to_string(), 2);
+    replay.tls_key = "an impostor's key".into();
+    assert_eq!(
+        refused(store(&db).activate(&replay, pool(), T0)),
+        Refusal::Used
+    );
+    // The same box asking again (its answer was lost): the same answer, nothing changes.
+    let before_repeat = store(&db).pairs().unwrap();
+    assert_eq!(
+        store(&db)
+            .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 9)
+            .unwrap(),
+        granted
+    );
+    assert_eq!(store(&db).pairs().unwrap(), before_repeat);
     let unknown = ServerId::from_bytes([9; 6]);
     assert!(matches!(
         store(&db).activate(&request(unknown, "x", 2), pool(), T0),
@@ -184,7 +268,7 @@ fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
         .into_iter()
         .filter(|e| e.kind == "activation-refused")
         .count();
-    assert_eq!(refusals, 4);
+    assert_eq!(refusals, 5);
 }
 
 #[test]
@@ -209,7 +293,7 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
                     scope.spawn(move || {
                         SqliteStore::open(&db)
                             .unwrap()
-                            .promote(backup, Generation(1), &format!("racer {i}"), T0)
+                            .promote(backup, Generation(1), REMOTE, &format!("racer {i}"), T0)
                             .is_ok()
                     })
                 })

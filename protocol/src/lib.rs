@@ -6,6 +6,7 @@
 //! - [`metered`]: [`Metered`], a stream that counts the bytes it carries.
 //! - [`path`]: [`RelPath`], a path inside a sync root that can never leave it.
 //! - [`sync`]: [`sync::ManifestEntry`], what a sending side says about each entry of its tree.
+//! - [`control`]: activation and the control API (reports, promotion, registration).
 //! - [`frame`]: `u32` big-endian length prefix, postcard payload, [`MAX_FRAME_LEN`];
 //!   [`FrameCodec`] for tokio.
 //! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod frame;
 pub mod handshake;
 pub mod ids;

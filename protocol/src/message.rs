@@ -7,9 +7,11 @@
 //! version can read at least the protocol version out of a `Hello` and refuse clearly.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::{ActivationGrant, ActivationRequest, BoxReport, Denial, PairState, Promotion};
 use crate::ids::{Generation, Role, ServerId};
 use crate::path::RelPath;
 use crate::sync::{BlockSum, DirDigest, ManifestEntry};
@@ -151,6 +153,26 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// Box → data center, on an activation connection: activate me.
+    Activate(ActivationRequest),
+    /// Data center → box: activated, with the box's role, certificate and pair.
+    Activated(ActivationGrant),
+    /// Box → data center: the box's periodic report; answered with [`Message::PairState`].
+    Report(BoxReport),
+    /// Data center → box: the role the box must have now and its pair.
+    PairState(PairState),
+    /// Backup → data center: make me primary, advertising this address. The envelope's
+    /// generation is the one the box saw: the promotion happens only if it is still current.
+    Promote {
+        /// Where the pair's name should point from now on.
+        advertised: Ipv4Addr,
+    },
+    /// Data center → box: promoted.
+    Promoted(Promotion),
+    /// Fenced box → data center: I am the pair's backup now (after **B**).
+    RegisterBackup,
+    /// Data center → box: the request was refused; the connection stays open.
+    Denied(Denial),
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -179,6 +201,14 @@ impl Message {
             Message::SyncManifestSame { .. } => "sync-manifest-same",
             Message::SyncFetchDelta { .. } => "sync-fetch-delta",
             Message::SyncDelta { .. } => "sync-delta",
+            Message::Activate(_) => "activate",
+            Message::Activated(_) => "activated",
+            Message::Report(_) => "report",
+            Message::PairState(_) => "pair-state",
+            Message::Promote { .. } => "promote",
+            Message::Promoted(_) => "promoted",
+            Message::RegisterBackup => "register-backup",
+            Message::Denied(_) => "denied",
         }
     }
 }

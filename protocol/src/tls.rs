@@ -522,6 +522,107 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// Issues a certificate for `name` from a box's certificate signing request (PKCS #10,
+    /// DER). The request's signature proves the box holds the private key; everything else it
+    /// asks for (names, usages, CA flag) is ignored: the certificate names `name` only and has
+    /// the same usages as every box certificate.
+    ///
+    /// Returns the certificate and its [`key_fingerprint`].
+    pub fn sign_request(
+        &self,
+        name: &PeerName,
+        csr_der: &[u8],
+    ) -> Result<(CertificateDer<'static>, String), TlsError> {
+        let request = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())
+            .map_err(|e| TlsError::Certificate(format!("certificate signing request: {e}")))?;
+        let certificate = self.issue(name, &request.public_key)?;
+        Ok((certificate, fingerprint(request.public_key.der_bytes())))
+    }
+}
+
+/// A short fingerprint of a certificate's public key (BLAKE3 of the key bits, hex): the data
+/// center records the one it signed, so a certificate it replaced (a re-activated box) no
+/// longer gets in.
+pub fn key_fingerprint(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| TlsError::Certificate(format!("cannot parse certificate: {e}")))?;
+    Ok(fingerprint(&parsed.public_key().subject_public_key.data))
+}
+
+fn fingerprint(key_bits: &[u8]) -> String {
+    blake3::hash(key_bits).to_hex()[..32].to_owned()
+}
+
+/// A key pair generated on this box and waiting for the data center's certificate: the
+/// private key never leaves the box, only the signing request does.
+pub struct PendingIdentity {
+    name: PeerName,
+    key: KeyPair,
+    request: Vec<u8>,
+}
+
+impl fmt::Debug for PendingIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("PendingIdentity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingIdentity {
+    /// Generates a key pair for `name` and a signing request for it.
+    pub fn generate(name: PeerName) -> Result<Self, TlsError> {
+        let key = KeyPair::generate().map_err(rcgen_error)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.to_string());
+        let dns = name
+            .certificate_name()
+            .try_into()
+            .map_err(|e| TlsError::Certificate(format!("name {name}: {e}")))?;
+        params.subject_alt_names = vec![SanType::DnsName(dns)];
+        let request = params
+            .serialize_request(&key)
+            .map_err(rcgen_error)?
+            .der()
+            .to_vec();
+        Ok(Self { name, key, request })
+    }
+
+    /// The signing request (DER) to send.
+    pub fn request(&self) -> &[u8] {
+        &self.request
+    }
+
+    /// The identity, once the data center returned the certificate. Refuses a certificate
+    /// for another name or another key.
+    pub fn complete(self, certificate: Vec<u8>, root: &TrustRoot) -> Result<Identity, TlsError> {
+        let certificate = CertificateDer::from(certificate);
+        let named = PeerName::of_certificate(&certificate)?;
+        if named != self.name {
+            return Err(TlsError::Certificate(format!(
+                "the data center issued a certificate for {named}, not for {}",
+                self.name
+            )));
+        }
+        let key = PrivateKeyDer::try_from(self.key.serialize_der())
+            .map_err(|e| TlsError::Certificate(format!("generated key: {e}")))?;
+        let identity = Identity {
+            name: self.name,
+            chain: vec![certificate],
+            key,
+        };
+        // Building a configuration checks that the certificate matches our key.
+        client_config(&identity, root)?;
+        Ok(identity)
+    }
+}
+
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = time::OffsetDateTime::now_utc();
     // An hour of slack for boxes whose clock is a little behind the data center's.
@@ -741,6 +842,33 @@ pub fn client_config(identity: &Identity, root: &TrustRoot) -> Result<Arc<Client
     Ok(Arc::new(config))
 }
 
+/// A TLS 1.3 server configuration for activation: presents `identity` and asks the client
+/// for no certificate (a box that activates has none yet; it proves itself with its key).
+pub fn activation_server_config(identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client configuration for activation: no client certificate, and only a server
+/// that chains to `root` (the CA the box was shipped or told to pin).
+pub fn activation_client_config(root: &TrustRoot) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_webpki_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Opens TLS over `io` to `expected`, which must present a certificate for exactly that name.
 ///
 /// In TLS 1.3 the server checks our certificate after we finish, so a refusal of *our*
@@ -764,6 +892,17 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     io: S,
 ) -> Result<(tokio_rustls::server::TlsStream<S>, PeerName), TlsError> {
+    let stream = accept_any(config, io).await?;
+    let peer = verified_peer(stream.get_ref().1)?;
+    Ok((stream, peer))
+}
+
+/// Accepts TLS over `io` with a configuration that may not ask for a client certificate
+/// ([`activation_server_config`]).
+pub async fn accept_any<S: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ServerConfig>,
+    io: S,
+) -> Result<tokio_rustls::server::TlsStream<S>, TlsError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stream = match tokio_rustls::TlsAcceptor::from(config)
         .accept(io)
@@ -785,8 +924,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(TlsError::explain("the connecting peer", err));
         }
     };
-    let peer = verified_peer(stream.get_ref().1)?;
-    Ok((stream, peer))
+    Ok(stream)
 }
 
 /// The name in the certificate the peer of an established connection presented (and rustls

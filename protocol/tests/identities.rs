@@ -352,3 +352,42 @@ fn refusal_reasons_read_well() {
     };
     assert!(refusal.to_string().contains("2.0"));
 }
+
+#[test]
+fn a_box_key_never_leaves_the_box_and_the_certificate_names_only_its_sid() {
+    let ca = CertificateAuthority::generate("test CA").unwrap();
+    let a = sid("00-1A-2B-3C-4D-5E");
+    let b = sid("00-1A-2B-3C-4D-5F");
+    let pending = tls::PendingIdentity::generate(PeerName::Box(a)).unwrap();
+    // The data center names the certificate itself, whatever the request asks for.
+    let (cert, fingerprint) = ca
+        .sign_request(&PeerName::Box(a), pending.request())
+        .unwrap();
+    assert_eq!(PeerName::of_certificate(&cert).unwrap(), PeerName::Box(a));
+    assert_eq!(tls::key_fingerprint(&cert).unwrap(), fingerprint);
+    let identity = pending.complete(cert.to_vec(), &ca.trust_root()).unwrap();
+    assert_eq!(identity.name(), &PeerName::Box(a));
+
+    // A certificate for another SID, or for another key, is refused by the box.
+    let pending = tls::PendingIdentity::generate(PeerName::Box(a)).unwrap();
+    let (for_b, _) = ca
+        .sign_request(&PeerName::Box(b), pending.request())
+        .unwrap();
+    let err = pending
+        .complete(for_b.to_vec(), &ca.trust_root())
+        .unwrap_err();
+    assert!(err.to_string().contains("not for box"), "{err}");
+    let pending = tls::PendingIdentity::generate(PeerName::Box(a)).unwrap();
+    let other = tls::PendingIdentity::generate(PeerName::Box(a)).unwrap();
+    let (other_key, other_fingerprint) =
+        ca.sign_request(&PeerName::Box(a), other.request()).unwrap();
+    assert_ne!(other_fingerprint, fingerprint);
+    assert!(
+        pending
+            .complete(other_key.to_vec(), &ca.trust_root())
+            .is_err()
+    );
+
+    // Garbage is not a signing request.
+    assert!(ca.sign_request(&PeerName::Box(a), b"garbage").is_err());
+}

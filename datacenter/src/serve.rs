@@ -1,0 +1,890 @@
+//! `lbs-datacenter serve`: the activation endpoint (TLS, server-authenticated), the control
+//! API (mutual TLS, only certificates this CA issued), the DNS worker and the WireGuard
+//! endpoints, all owned by one [`run`] that stops them together.
+//!
+//! Every decision is the store's (one transaction each); this module only checks what comes
+//! off the wire, bounds it (frame sizes, time, attempts per source), and says no clearly.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::control::{
+    ActivationGrant, ActivationRequest, BoxReport, Denial, MAX_ACTIVATION_LEN, MAX_CONTROL_LEN,
+    PairState, PartnerInfo, Promotion, TunnelEndpoint,
+};
+use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::tls::{self, AcceptPeers, ServerConfig};
+use lbs_protocol::{
+    CertificateAuthority, Envelope, FrameCodec, Generation, Hello, Identity, Message,
+    PROTOCOL_VERSION, PeerName, Refusal, Role, Sender, ServerId, SoftwareVersion, exchange_hello,
+};
+use lbs_vpn::Endpoint;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EndpointSettings, RateLimit, ServeConfig};
+use crate::store::{self, Millis, PairView, SqliteStore, Store, StoreError};
+use crate::time::now_ms;
+
+/// How long a peer may take for the TLS handshake or to send its request.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control connection may stay silent (boxes report every few seconds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// The longest wait between two tries of a failing DNS update.
+const DNS_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often endpoint peers and due DNS updates are looked at without a wake-up.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The data center's identity files, next to the CA (made by `serve` if missing).
+pub const IDENTITY_CERT: &str = "datacenter.pem";
+/// The identity's private key.
+pub const IDENTITY_KEY: &str = "datacenter.key";
+
+/// Attempts per source address: a token bucket.
+#[derive(Debug)]
+struct RateLimiter {
+    limit: RateLimit,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(limit: RateLimit) -> Self {
+        RateLimiter {
+            limit,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one attempt for `source`, or says how long until the next one is allowed.
+    fn take(&mut self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        let per_second = f64::from(self.limit.per_minute) / 60.0;
+        let burst = f64::from(self.limit.burst);
+        // Forget sources that are full again, so the map stays small.
+        if self.buckets.len() > 10_000 {
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_second < burst
+            });
+        }
+        let (tokens, at) = self.buckets.entry(source).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / per_second))
+        }
+    }
+}
+
+struct Inner {
+    store: Mutex<SqliteStore>,
+    ca: CertificateAuthority,
+    activation_tls: Arc<ServerConfig>,
+    control_tls: Arc<ServerConfig>,
+    config: ServeConfig,
+    limiter: Mutex<RateLimiter>,
+    dns_wake: Notify,
+    peers_wake: Notify,
+    endpoints: Vec<(EndpointSettings, Endpoint)>,
+    connections: Arc<Semaphore>,
+}
+
+/// Runs `f` on the store on a blocking thread (SQLite waits for the disk).
+async fn with_store<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    f: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let inner = inner.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut store)
+    })
+    .await
+    .unwrap_or_else(|err| {
+        Err(StoreError::NotAllowed(format!(
+            "the database task failed: {err}"
+        )))
+    })
+}
+
+/// Loads the data center's TLS identity, issuing one from the CA the first time.
+fn identity(dir: &Path, ca: &CertificateAuthority) -> anyhow::Result<Identity> {
+    let (cert, key) = (dir.join(IDENTITY_CERT), dir.join(IDENTITY_KEY));
+    if cert.exists() && key.exists() {
+        return Ok(Identity::load(&cert, &key)?);
+    }
+    let identity = ca.issue_identity(&PeerName::DataCenter)?;
+    identity.save(&cert, &key)?;
+    Ok(identity)
+}
+
+/// The addresses `run` listens on, once it does.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    /// Activation.
+    pub activation: Vec<SocketAddr>,
+    /// Control.
+    pub control: Vec<SocketAddr>,
+}
+
+/// Serves until `shutdown` is cancelled; `ready` is called once every listener is bound and
+/// every endpoint is up. Everything started here is stopped before it returns.
+pub async fn run(
+    dir: &Path,
+    store: SqliteStore,
+    ca: CertificateAuthority,
+    config: ServeConfig,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Listening),
+) -> anyhow::Result<()> {
+    let identity = identity(dir, &ca)?;
+    let activation_tls = tls::activation_server_config(&identity)?;
+    let control_tls = tls::server_config(&identity, &ca.trust_root(), AcceptPeers::AnyBox)?;
+    let mut activation = Vec::new();
+    for address in &config.activation {
+        activation.push(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for activations on {address}"))?,
+        );
+    }
+    let mut control = Vec::new();
+    for address in &config.control {
+        control.push(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for the control API on {address}"))?,
+        );
+    }
+    let mut endpoints = Vec::new();
+    for settings in &config.endpoints {
+        let endpoint = Endpoint::start(settings.config.clone())
+            .await
+            .with_context(|| format!("starting tunnel endpoint {}", settings.name))?;
+        tracing::info!(
+            endpoint = settings.name,
+            interface = endpoint.interface(),
+            backend = ?endpoint.backend(),
+            "tunnel endpoint up"
+        );
+        endpoints.push((settings.clone(), endpoint));
+    }
+    let listening = Listening {
+        activation: activation
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect(),
+        control: control.iter().filter_map(|l| l.local_addr().ok()).collect(),
+    };
+    let inner = Arc::new(Inner {
+        store: Mutex::new(store),
+        ca,
+        activation_tls,
+        control_tls,
+        limiter: Mutex::new(RateLimiter::new(config.rate_limit)),
+        config,
+        dns_wake: Notify::new(),
+        peers_wake: Notify::new(),
+        endpoints,
+        connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    });
+    if inner.config.dns.is_none() {
+        tracing::warn!(
+            "no [dns] section: DNS decisions are recorded (see status) but not sent anywhere"
+        );
+    }
+
+    let mut tasks = JoinSet::new();
+    for listener in activation {
+        tasks.spawn(accept_loop(
+            inner.clone(),
+            listener,
+            Kind::Activation,
+            shutdown.clone(),
+        ));
+    }
+    for listener in control {
+        tasks.spawn(accept_loop(
+            inner.clone(),
+            listener,
+            Kind::Control,
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(dns_worker(inner.clone(), shutdown.clone()));
+    tasks.spawn(peers_worker(inner.clone(), shutdown.clone()));
+    ready(&listening);
+    shutdown.cancelled().await;
+    // Every task watches the token; connections are aborted with their listener's set.
+    while tasks.join_next().await.is_some() {}
+    let inner = Arc::into_inner(inner).context("a task outlived the service")?;
+    for (settings, endpoint) in inner.endpoints {
+        if let Err(err) = endpoint.shutdown().await {
+            tracing::warn!(endpoint = settings.name, "removing the endpoint: {err}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Activation,
+    Control,
+}
+
+async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    kind: Kind,
+    shutdown: CancellationToken,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (tcp, source) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tracing::warn!("accepting a connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%source, "too many connections; dropped");
+            continue;
+        };
+        let inner = inner.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let local = tcp.local_addr().ok();
+            let result = match kind {
+                Kind::Activation => activation(&inner, tcp, source, local).await,
+                Kind::Control => control(&inner, tcp, source).await,
+            };
+            if let Err(err) = result {
+                tracing::info!(%source, "{kind:?} connection ended: {err:#}");
+            }
+        });
+    }
+    connections.shutdown().await;
+}
+
+fn refuse(detail: impl Into<String>) -> Message {
+    Message::Refused(Refusal::ProtocolViolation {
+        detail: detail.into(),
+    })
+}
+
+async fn activation(
+    inner: &Arc<Inner>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    local: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let tls = tokio::time::timeout(
+        IO_TIMEOUT,
+        tls::accept_any(inner.activation_tls.clone(), tcp),
+    )
+    .await
+    .context("TLS handshake timed out")??;
+    let mut conn = Framed::new(
+        tls,
+        FrameCodec::<Envelope>::with_max_len(MAX_ACTIVATION_LEN),
+    );
+    let first = tokio::time::timeout(IO_TIMEOUT, conn.next())
+        .await
+        .context("no request within the time limit")?;
+    let reply = match first {
+        None => return Ok(()),
+        Some(Err(err)) => refuse(format!("activation request unreadable: {err}")),
+        Some(Ok(Envelope {
+            message: Message::Activate(request),
+            ..
+        })) => {
+            let limited = inner
+                .limiter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(source.ip(), Instant::now());
+            match limited {
+                Err(wait) => {
+                    tracing::warn!(%source, sid = %request.sid, "activation attempt rate-limited");
+                    Message::Denied(Denial::RateLimited {
+                        retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    })
+                }
+                Ok(()) if request.protocol.major != PROTOCOL_VERSION.major => {
+                    Message::Refused(Refusal::IncompatibleProtocol {
+                        ours: PROTOCOL_VERSION,
+                        yours: request.protocol,
+                    })
+                }
+                Ok(()) => match activate(inner, request, source, local).await {
+                    Ok(grant) => Message::Activated(grant),
+                    Err(denial) => Message::Denied(denial),
+                },
+            }
+        }
+        Some(Ok(other)) => refuse(format!(
+            "expected an activation request, got {}",
+            other.message.kind()
+        )),
+    };
+    let denied = !matches!(reply, Message::Activated(_));
+    tokio::time::timeout(
+        IO_TIMEOUT,
+        conn.send(Envelope {
+            generation: Generation::default(),
+            message: reply,
+        }),
+    )
+    .await
+    .context("sending the answer timed out")??;
+    if denied {
+        linger(&mut conn).await;
+    }
+    Ok(())
+}
+
+/// Closes our side and reads until the peer hangs up (at most a second): closing with the
+/// peer's data unread makes the kernel send a reset, which can destroy our last answer
+/// before the peer reads it.
+async fn linger<S>(conn: &mut Framed<S, FrameCodec<Envelope>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = conn.close().await;
+        while let Some(Ok(_)) = conn.next().await {}
+    })
+    .await;
+}
+
+async fn activate(
+    inner: &Arc<Inner>,
+    request: ActivationRequest,
+    source: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<ActivationGrant, Denial> {
+    let sid = request.sid;
+    let refuse = |why: String| {
+        tracing::warn!(%source, %sid, "activation refused: {why}");
+        Denial::Activation(why)
+    };
+    if crate::config::box_key(&request.wireguard_key).is_none() {
+        return Err(refuse(
+            "the WireGuard public key is not a WireGuard key (44 base64 characters)".into(),
+        ));
+    }
+    if serde_json::from_str::<lbs_netconfig::inventory::Inventory>(&request.inventory).is_err() {
+        return Err(refuse(
+            "the hardware inventory is not one `lbs net inventory --json` wrote".into(),
+        ));
+    }
+    let (certificate, tls_key) = inner
+        .ca
+        .sign_request(&PeerName::Box(sid), &request.csr)
+        .map_err(|e| refuse(format!("{e}")))?;
+    let record = store::ActivationRequest {
+        sid,
+        key: request.key,
+        wireguard_key: request.wireguard_key,
+        tls_key,
+        lan_address: request.lan_address,
+        software: request.software.to_string(),
+        inventory: request.inventory,
+        source: source.ip().to_string(),
+    };
+    let pool = inner.config.overlay_pool;
+    let activated = with_store(inner, move |s| {
+        let activated = s.activate(&record, pool, now_ms())?;
+        let pair = s.pair_of(sid)?;
+        Ok((activated, pair))
+    })
+    .await;
+    let (activated, pair) = match activated {
+        Ok(done) => done,
+        Err(err @ (StoreError::ActivationRefused { .. } | StoreError::UnknownServer(_))) => {
+            return Err(refuse(err.to_string()));
+        }
+        Err(err @ (StoreError::PoolExhausted(_) | StoreError::Db { .. })) => {
+            tracing::error!(%sid, "activation failed: {err}");
+            return Err(Denial::Unavailable(err.to_string()));
+        }
+        Err(err) => return Err(refuse(err.to_string())),
+    };
+    tracing::info!(%source, %sid, role = %activated.role, overlay = %activated.overlay, "activated");
+    inner.dns_wake.notify_one();
+    inner.peers_wake.notify_one();
+    let now = now_ms();
+    let control = if inner.config.advertise_control.is_empty() {
+        inner
+            .config
+            .control
+            .iter()
+            .map(|c| match (c.ip().is_unspecified(), local) {
+                (true, Some(local)) => SocketAddr::new(local.ip(), c.port()),
+                _ => *c,
+            })
+            .collect()
+    } else {
+        inner.config.advertise_control.clone()
+    };
+    Ok(ActivationGrant {
+        role: activated.role,
+        generation: activated.generation,
+        pair: pair.name.clone(),
+        fqdn: pair.fqdn.clone(),
+        certificate: certificate.to_vec(),
+        ca_pem: inner.ca.trust_root().to_pem(),
+        overlay: activated.overlay,
+        overlay_prefix: inner.config.overlay_pool.prefix,
+        partner: partner_of(&pair, sid, now),
+        endpoints: inner
+            .endpoints
+            .iter()
+            .map(|(settings, _)| TunnelEndpoint {
+                name: settings.name.clone(),
+                endpoint: settings.public,
+                public_key: crate::config::public_key(settings),
+                overlay: crate::config::endpoint_overlay(settings),
+            })
+            .collect(),
+        control,
+    })
+}
+
+fn role_named(text: &str) -> Role {
+    match text {
+        "primary" => Role::Primary,
+        "backup" => Role::Backup,
+        "fenced" => Role::Fenced,
+        _ => Role::Unactivated,
+    }
+}
+
+fn silent_ms(last: Option<Millis>, now: Millis) -> Option<u64> {
+    last.map(|at| u64::try_from(now.saturating_sub(at)).unwrap_or(0))
+}
+
+fn partner_of(pair: &PairView, sid: ServerId, now: Millis) -> Option<PartnerInfo> {
+    let me = sid.to_string();
+    let partner = pair.servers.iter().find(|s| s.sid != me)?;
+    Some(PartnerInfo {
+        sid: partner.sid.parse().ok()?,
+        role: role_named(&partner.role),
+        overlay: partner.overlay.as_deref().and_then(|a| a.parse().ok()),
+        lan: partner.lan.as_deref().and_then(|a| a.parse().ok()),
+        silent_ms: silent_ms(partner.last_heartbeat_at, now),
+    })
+}
+
+fn pair_state(pair: &PairView, sid: ServerId, believes: Option<Role>, now: Millis) -> PairState {
+    let me = sid.to_string();
+    let recorded = pair
+        .servers
+        .iter()
+        .find(|s| s.sid == me)
+        .map_or(Role::Unactivated, |s| role_named(&s.role));
+    // A box that believes it is primary when the records say otherwise must stand down.
+    let role = if believes == Some(Role::Primary) && recorded != Role::Primary {
+        Role::Fenced
+    } else {
+        recorded
+    };
+    PairState {
+        role,
+        generation: Generation(pair.generation),
+        primary: pair.primary.as_deref().and_then(|p| p.parse().ok()),
+        partner: partner_of(pair, sid, now),
+    }
+}
+
+fn denial(err: StoreError) -> Denial {
+    match err {
+        StoreError::StaleGeneration { current, .. } => Denial::StaleGeneration { current },
+        StoreError::Db { .. } => Denial::Unavailable(err.to_string()),
+        other => Denial::NotAllowed(other.to_string()),
+    }
+}
+
+async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyhow::Result<()> {
+    let (tls, peer) = tokio::time::timeout(IO_TIMEOUT, tls::accept(inner.control_tls.clone(), tcp))
+        .await
+        .context("TLS handshake timed out")??;
+    let PeerName::Box(sid) = peer else {
+        anyhow::bail!("{peer} is not a box");
+    };
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(tls::key_fingerprint)
+        .transpose()?;
+    let (current, pair) = with_store(inner, move |s| {
+        Ok((s.certificate_key(sid)?, s.pair_of(sid)?))
+    })
+    .await?;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        software: SoftwareVersion::current(),
+        sender: Sender::DataCenter {
+            site: inner.config.site.clone(),
+        },
+    };
+    let (mut conn, _negotiated) = exchange_hello(
+        tls,
+        &peer,
+        hello,
+        Generation(pair.generation),
+        HELLO_TIMEOUT,
+    )
+    .await?;
+    *conn.codec_mut() = FrameCodec::with_max_len(MAX_CONTROL_LEN);
+    if current.is_none() || current != presented {
+        let why = format!(
+            "the certificate of {sid} was replaced when the box was activated again; this one no longer gets in"
+        );
+        tracing::warn!(%source, "{why}");
+        conn.send(Envelope {
+            generation: Generation(pair.generation),
+            message: Message::Denied(Denial::NotAllowed(why.clone())),
+        })
+        .await?;
+        linger(&mut conn).await;
+        anyhow::bail!(why);
+    }
+    let actor = format!("{sid} from {}", source.ip());
+    loop {
+        let next = match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
+            Err(_) => anyhow::bail!("silent for {IDLE_TIMEOUT:?}; closed"),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(err))) => {
+                let _ = conn
+                    .send(Envelope {
+                        generation: Generation::default(),
+                        message: refuse(format!("unreadable message: {err}")),
+                    })
+                    .await;
+                linger(&mut conn).await;
+                anyhow::bail!("unreadable message: {err}");
+            }
+            Ok(Some(Ok(envelope))) => envelope,
+        };
+        let believed = next.generation;
+        let reply = match next.message {
+            Message::Report(report) => on_report(inner, sid, believed, report).await,
+            Message::Promote { advertised } => {
+                on_promote(inner, sid, believed, advertised, actor.clone()).await
+            }
+            Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                let kind = other.kind();
+                let _ = conn
+                    .send(Envelope {
+                        generation: Generation::default(),
+                        message: refuse(format!("{kind} is not a control request")),
+                    })
+                    .await;
+                linger(&mut conn).await;
+                anyhow::bail!("{kind} is not a control request");
+            }
+        };
+        let generation = with_store(inner, move |s| Ok(s.pair_of(sid)?.generation))
+            .await
+            .map_or(believed, Generation);
+        tokio::time::timeout(
+            IO_TIMEOUT,
+            conn.send(Envelope {
+                generation,
+                message: reply,
+            }),
+        )
+        .await
+        .context("sending an answer timed out")??;
+    }
+}
+
+async fn on_report(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    believed: Generation,
+    report: BoxReport,
+) -> Message {
+    let record = store::Report {
+        believed,
+        software: report.software.to_string(),
+        advertised: report.advertised,
+        json: serde_json::to_string(&ReportJson::from(&report)).unwrap_or_default(),
+    };
+    let believes = report.role;
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        s.heartbeat(sid, &record, now)?;
+        Ok((s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((pair, now)) => {
+            let state = pair_state(&pair, sid, Some(believes), now);
+            if state.role == Role::Fenced && believes == Role::Primary {
+                tracing::warn!(%sid, %believed, pair = pair.generation, "a stale primary reported: told it is fenced");
+            }
+            Message::PairState(state)
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+async fn on_promote(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    believed: Generation,
+    advertised: Ipv4Addr,
+    actor: String,
+) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let before = s.pair_of(sid)?;
+        let promoted = s.promote(sid, believed, advertised, &actor, now)?;
+        let previous_silent_ms = promoted.previous.and_then(|previous| {
+            let previous = previous.to_string();
+            before
+                .servers
+                .iter()
+                .find(|s| s.sid == previous)
+                .and_then(|s| silent_ms(s.last_heartbeat_at, now))
+        });
+        Ok(Promotion {
+            generation: promoted.generation,
+            previous: promoted.previous,
+            previous_silent_ms,
+        })
+    })
+    .await;
+    match result {
+        Ok(promotion) => {
+            tracing::info!(%sid, generation = %promotion.generation, "promoted");
+            inner.dns_wake.notify_one();
+            Message::Promoted(promotion)
+        }
+        Err(err) => {
+            tracing::warn!(%sid, "promotion refused: {err}");
+            Message::Denied(denial(err))
+        }
+    }
+}
+
+async fn on_register(inner: &Arc<Inner>, sid: ServerId, actor: String) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        s.register_backup(sid, &actor, now)?;
+        Ok((s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((pair, now)) => {
+            tracing::info!(%sid, "registered as backup");
+            Message::PairState(pair_state(&pair, sid, None, now))
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+/// A report as `status --json` shows it.
+#[derive(serde::Serialize)]
+struct ReportJson {
+    role: String,
+    software: String,
+    advertised: Ipv4Addr,
+    sync_last_complete_ms: Option<u64>,
+    sync_pending_files: u64,
+    sync_pending_bytes: u64,
+    tunnels: Vec<(String, bool, bool)>,
+}
+
+impl From<&BoxReport> for ReportJson {
+    fn from(r: &BoxReport) -> Self {
+        ReportJson {
+            role: r.role.to_string(),
+            software: r.software.to_string(),
+            advertised: r.advertised,
+            sync_last_complete_ms: r.sync.last_complete_ms,
+            sync_pending_files: r.sync.pending_files,
+            sync_pending_bytes: r.sync.pending_bytes,
+            tunnels: r
+                .tunnels
+                .iter()
+                .map(|t| (t.name.clone(), t.healthy, t.active))
+                .collect(),
+        }
+    }
+}
+
+/// The wait before the next try of a DNS update that failed `attempts` times.
+fn dns_backoff(attempts: i64) -> Duration {
+    let exponent = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    Duration::from_millis(500u64.saturating_mul(1 << exponent)).min(DNS_MAX_BACKOFF)
+}
+
+async fn dns_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let Some((server, ttl)) = inner.config.dns.clone() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = inner.dns_wake.notified() => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+        let due = match with_store(&inner, |s| s.dns_due(now_ms())).await {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::error!("reading DNS work: {err}");
+                continue;
+            }
+        };
+        for work in due {
+            let outcome = tokio::select! {
+                () = shutdown.cancelled() => return,
+                outcome = server.replace_a(&work.name, work.have, work.want, ttl) => outcome,
+            };
+            let result = match outcome {
+                Ok(()) => {
+                    tracing::info!(name = work.name, address = %work.want, "DNS updated");
+                    Ok(())
+                }
+                Err(crate::dns::DnsError::Changed { .. }) => {
+                    // Someone else changed the record: read what is there, so the next try
+                    // replaces exactly that (our decision is the newest: it was just taken).
+                    let found = server.lookup_a(&work.name).await;
+                    match found {
+                        Ok(values) if values.contains(&work.want) => Ok(()),
+                        Ok(values) => {
+                            let value = values.first().copied();
+                            let w = work.clone();
+                            let _ = with_store(&inner, move |s| s.dns_found(&w, value)).await;
+                            Err(format!(
+                                "{} held {} (changed outside lbs); replacing it",
+                                work.name,
+                                value.map_or("nothing".to_owned(), |v| v.to_string())
+                            ))
+                        }
+                        Err(err) => Err(err.to_string()),
+                    }
+                }
+                Err(err) => {
+                    if work.attempts == 0 {
+                        tracing::warn!(name = work.name, "DNS update failed, will retry: {err}");
+                    }
+                    Err(err.to_string())
+                }
+            };
+            let retry_at = now_ms().saturating_add(
+                i64::try_from(dns_backoff(work.attempts).as_millis()).unwrap_or(i64::MAX),
+            );
+            let w = work.clone();
+            if let Err(err) = with_store(&inner, move |s| {
+                s.dns_result(&w, result, retry_at, now_ms())
+            })
+            .await
+            {
+                tracing::error!(name = work.name, "recording a DNS result: {err}");
+            }
+        }
+    }
+}
+
+async fn peers_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
+    if inner.endpoints.is_empty() {
+        return;
+    }
+    let mut last: Vec<(String, Ipv4Addr)> = Vec::new();
+    loop {
+        match with_store(&inner, |s| s.tunnel_peers()).await {
+            Ok(peers) if peers != last => {
+                let wanted: Vec<_> = peers
+                    .iter()
+                    .filter_map(|(key, address)| {
+                        crate::config::box_key(key).map(|key| (key, *address))
+                    })
+                    .collect();
+                let mut all_applied = true;
+                for (settings, endpoint) in &inner.endpoints {
+                    match endpoint.set_peers(&wanted) {
+                        Ok(changes) => tracing::info!(
+                            endpoint = settings.name,
+                            added = changes.added,
+                            removed = changes.removed,
+                            "tunnel peers updated"
+                        ),
+                        Err(err) => {
+                            all_applied = false;
+                            tracing::error!(endpoint = settings.name, "updating peers: {err}");
+                        }
+                    }
+                }
+                if all_applied {
+                    last = peers;
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!("reading tunnel peers: {err}"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = inner.peers_wake.notified() => {}
+            () = tokio::time::sleep(TICK * 10) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_gets_its_burst_then_waits() {
+        let mut limiter = RateLimiter::new(RateLimit {
+            burst: 3,
+            per_minute: 6,
+        });
+        let t0 = Instant::now();
+        let a: IpAddr = Ipv4Addr::new(192, 0, 2, 1).into();
+        let b: IpAddr = Ipv4Addr::new(192, 0, 2, 2).into();
+        for _ in 0..3 {
+            assert!(limiter.take(a, t0).is_ok());
+        }
+        let wait = limiter.take(a, t0).expect_err("the fourth attempt at once");
+        assert!((9..=10).contains(&wait.as_secs()), "{wait:?}");
+        // Another source is not affected; ten seconds later one more attempt is allowed.
+        assert!(limiter.take(b, t0).is_ok());
+        assert!(limiter.take(a, t0 + Duration::from_secs(10)).is_ok());
+        assert!(limiter.take(a, t0 + Duration::from_secs(10)).is_err());
+    }
+
+    #[test]
+    fn dns_retries_back_off_to_a_minute() {
+        assert_eq!(dns_backoff(0), Duration::from_millis(500));
+        assert_eq!(dns_backoff(3), Duration::from_secs(4));
+        assert_eq!(dns_backoff(40), DNS_MAX_BACKOFF);
+    }
+}

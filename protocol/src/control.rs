@@ -1,0 +1,297 @@
+//! What boxes and the data center say to each other: activation (a box without a certificate
+//! yet, over server-authenticated TLS) and the control API (mutual TLS): reports answered by
+//! the pair's state, promotion, registration as backup.
+//!
+//! The generation a box believes in travels in every [`crate::Envelope`]; the data center
+//! compares it with the pair's and answers a stale primary that it is fenced.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Generation, Role, ServerId};
+use crate::version::{ProtocolVersion, SoftwareVersion};
+
+/// The largest activation request the data center reads: a CSR, two keys and an inventory.
+pub const MAX_ACTIVATION_LEN: usize = 64 * 1024;
+
+/// The largest control message either side sends.
+pub const MAX_CONTROL_LEN: usize = 64 * 1024;
+
+/// A box asks to be activated.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ActivationRequest {
+    /// The protocol the box speaks (activation has no `Hello`: this is its version check).
+    pub protocol: ProtocolVersion,
+    /// The box's release.
+    pub software: SoftwareVersion,
+    /// The SID from the provisioning sheet.
+    pub sid: ServerId,
+    /// The one-time activation key from the sheet.
+    pub key: String,
+    /// A PKCS #10 signing request (DER) for the box's TLS key.
+    #[serde(with = "serde_bytes")]
+    pub csr: Vec<u8>,
+    /// The box's WireGuard public key (base64).
+    pub wireguard_key: String,
+    /// The box's address on the office LAN.
+    pub lan_address: Ipv4Addr,
+    /// The box's hardware inventory (JSON, as `lbs net inventory --json` prints it).
+    pub inventory: String,
+}
+
+/// The data center's answer to a successful activation.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ActivationGrant {
+    /// The role the box has now: primary for the pair's first box, backup for the second.
+    pub role: Role,
+    /// The pair's generation.
+    pub generation: Generation,
+    /// The pair's name.
+    pub pair: String,
+    /// The name phones and trunks use.
+    pub fqdn: String,
+    /// The box's certificate (DER), naming its SID.
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
+    /// The data center's CA (PEM): the only issuer the box trusts from now on.
+    pub ca_pem: String,
+    /// The box's overlay address.
+    pub overlay: Ipv4Addr,
+    /// The overlay network's prefix length.
+    pub overlay_prefix: u8,
+    /// The partner, once provisioned.
+    pub partner: Option<PartnerInfo>,
+    /// The data center's tunnel endpoints.
+    pub endpoints: Vec<TunnelEndpoint>,
+    /// Where the box sends its reports (the control API).
+    pub control: Vec<SocketAddr>,
+}
+
+/// What a box knows about its partner.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PartnerInfo {
+    /// The partner's SID.
+    pub sid: ServerId,
+    /// Its role as the data center records it.
+    pub role: Role,
+    /// Its overlay address, once activated.
+    pub overlay: Option<Ipv4Addr>,
+    /// Its LAN address, once activated.
+    pub lan: Option<Ipv4Addr>,
+    /// How long ago the data center last heard from it (ms), if ever.
+    pub silent_ms: Option<u64>,
+}
+
+/// One of the data center's WireGuard endpoints.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TunnelEndpoint {
+    /// Its name ("dc1").
+    pub name: String,
+    /// Where boxes send their WireGuard packets.
+    pub endpoint: SocketAddr,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
+    /// Its overlay address (the heartbeat responder).
+    pub overlay: Ipv4Addr,
+}
+
+/// A box's periodic report (its heartbeat to the data center).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct BoxReport {
+    /// The role the box believes it has.
+    pub role: Role,
+    /// The box's release.
+    pub software: SoftwareVersion,
+    /// The address it serves phones on (where the pair's name should point while it is
+    /// primary).
+    pub advertised: Ipv4Addr,
+    /// Replication, as the box sees it.
+    pub sync: SyncSummary,
+    /// Its tunnels.
+    pub tunnels: Vec<TunnelSummary>,
+}
+
+/// Replication in a few numbers.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct SyncSummary {
+    /// When the last complete sync pass ended (ms since the Unix epoch).
+    pub last_complete_ms: Option<u64>,
+    /// Files known to differ from the primary.
+    pub pending_files: u64,
+    /// Bytes known to differ.
+    pub pending_bytes: u64,
+}
+
+/// One tunnel in a report.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TunnelSummary {
+    /// The endpoint's name.
+    pub name: String,
+    /// Whether its heartbeats answer.
+    pub healthy: bool,
+    /// Whether the overlay is routed through it.
+    pub active: bool,
+}
+
+/// The data center's answer to a report or a registration: what the box must be now.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PairState {
+    /// The role the data center records for this box. `Fenced` for a box that believes it is
+    /// primary at an older generation: it must stop the PBX and drop the shared address.
+    pub role: Role,
+    /// The pair's generation.
+    pub generation: Generation,
+    /// The pair's primary.
+    pub primary: Option<ServerId>,
+    /// The partner.
+    pub partner: Option<PartnerInfo>,
+}
+
+/// The data center's answer to a successful promotion.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The new generation: this box is primary at it.
+    pub generation: Generation,
+    /// The box that was primary and is fenced now.
+    pub previous: Option<ServerId>,
+    /// How long the previous primary had been silent (ms), if it ever reported.
+    pub previous_silent_ms: Option<u64>,
+}
+
+/// Why the data center refused a request; the connection stays usable.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Denial {
+    /// The activation key is wrong, used or expired, or the SID unknown.
+    Activation(String),
+    /// Too many attempts from this address; try again after `retry_after_ms`.
+    RateLimited {
+        /// How long to wait.
+        retry_after_ms: u64,
+    },
+    /// The request is not allowed in the pair's state (with the reason).
+    NotAllowed(String),
+    /// Another box was promoted first: the pair is at `current`.
+    StaleGeneration {
+        /// The pair's generation.
+        current: Generation,
+    },
+    /// The data center failed (its database); the request may be retried.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denial::Activation(why) | Denial::NotAllowed(why) => f.write_str(why),
+            Denial::RateLimited { retry_after_ms } => write!(
+                f,
+                "too many attempts from this address; try again in {:.0} s",
+                (*retry_after_ms as f64 / 1000.0).ceil()
+            ),
+            Denial::StaleGeneration { current } => write!(
+                f,
+                "another box was promoted first: the pair is at {current} now"
+            ),
+            Denial::Unavailable(why) => write!(f, "the data center cannot answer now: {why}"),
+        }
+    }
+}
+
+/// Why a request to the data center got no answer it could use.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The data center refused, and said why.
+    #[error("the data center refused: {0}")]
+    Denied(Denial),
+    /// It refused the connection (a protocol problem), and said why.
+    #[error("the data center refused the connection: {0}")]
+    Refused(crate::Refusal),
+    /// It answered with something that does not answer the request.
+    #[error("the data center answered {request} with {answer}; expected {expected}")]
+    Unexpected {
+        /// What was asked.
+        request: &'static str,
+        /// What came back.
+        answer: &'static str,
+        /// What should have come back.
+        expected: &'static str,
+    },
+    /// No answer in time.
+    #[error("the data center did not answer {request} within {timeout:?}")]
+    Timeout {
+        /// What was asked.
+        request: &'static str,
+        /// How long we waited.
+        timeout: std::time::Duration,
+    },
+    /// The connection closed before the answer.
+    #[error("the data center closed the connection before answering {0}")]
+    Closed(&'static str),
+    /// The connection failed.
+    #[error("talking to the data center: {0}")]
+    Frame(#[from] crate::FrameError),
+}
+
+/// Sends `message` with our `generation` on a connection and waits (at most `timeout`) for
+/// the answer. A [`Message::Denied`] or [`Message::Refused`] answer is an error.
+pub async fn call<S>(
+    conn: &mut crate::Connection<S>,
+    generation: Generation,
+    message: crate::Message,
+    timeout: std::time::Duration,
+) -> Result<(Generation, crate::Message), CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    let request = message.kind();
+    let exchange = async {
+        conn.send(crate::Envelope {
+            generation,
+            message,
+        })
+        .await?;
+        match conn.next().await {
+            None => Err(CallError::Closed(request)),
+            Some(Err(err)) => Err(err.into()),
+            Some(Ok(envelope)) => match envelope.message {
+                crate::Message::Denied(denial) => Err(CallError::Denied(denial)),
+                crate::Message::Refused(refusal) => Err(CallError::Refused(refusal)),
+                other => Ok((envelope.generation, other)),
+            },
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| CallError::Timeout { request, timeout })?
+}
+
+/// Activates over `io` (a TLS stream to the data center's activation address): sends the
+/// request, returns the grant.
+pub async fn activate<S>(
+    io: S,
+    request: ActivationRequest,
+    timeout: std::time::Duration,
+) -> Result<ActivationGrant, CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut conn =
+        tokio_util::codec::Framed::new(io, crate::FrameCodec::with_max_len(crate::MAX_FRAME_LEN));
+    match call(
+        &mut conn,
+        Generation::default(),
+        crate::Message::Activate(request),
+        timeout,
+    )
+    .await?
+    {
+        (_, crate::Message::Activated(grant)) => Ok(grant),
+        (_, other) => Err(CallError::Unexpected {
+            request: "activate",
+            answer: other.kind(),
+            expected: "activated",
+        }),
+    }
+}
