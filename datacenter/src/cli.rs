@@ -301,6 +301,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .map_or("-".to_owned(), |g| g.to_string()),
                         s.software.as_deref().unwrap_or("")
                     );
+                    if let Some(report) = &s.report {
+                        println!("      {}", report_line(report));
+                    }
                 }
                 for r in &pair.dns {
                     let state = match r.state.as_str() {
@@ -343,6 +346,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A box's last report in a line: what it believes, its sync backlog and its tunnels.
+fn report_line(report: &serde_json::Value) -> String {
+    let files = report["sync_pending_files"].as_u64().unwrap_or(0);
+    let bytes = report["sync_pending_bytes"].as_u64().unwrap_or(0);
+    let synced = match report["sync_last_complete_ms"].as_i64() {
+        Some(at) => format!("last complete sync {}", when(at)),
+        None => "no complete sync yet".to_owned(),
+    };
+    let tunnels: Vec<String> = report["tunnels"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|t| {
+                    let name = t[0].as_str().unwrap_or("?");
+                    let health = if t[1].as_bool() == Some(true) {
+                        "up"
+                    } else {
+                        "DOWN"
+                    };
+                    let active = if t[2].as_bool() == Some(true) {
+                        " (active)"
+                    } else {
+                        ""
+                    };
+                    format!("{name} {health}{active}")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "says {}, serving at {}; sync: {files} files / {bytes} bytes pending, {synced}; tunnels: {}",
+        report["role"].as_str().unwrap_or("?"),
+        report["advertised"].as_str().unwrap_or("?"),
+        if tunnels.is_empty() {
+            "none reported".to_owned()
+        } else {
+            tunnels.join(", ")
+        }
+    )
 }
 
 /// Parses the command line and runs it.

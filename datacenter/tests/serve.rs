@@ -485,6 +485,10 @@ async fn provision_activate_promote_fence_register_with_a_restart_between_every_
     let (_, table, _) = dc.cli(&["status"]);
     assert!(table.contains("HARDWARE DIFFERS"), "{table}");
     assert!(
+        table.contains("says primary, serving at 192.168.1.2; sync: 0 files"),
+        "{table}"
+    );
+    assert!(
         table.contains(&format!("DNS {FQDN} → 127.0.0.99  ok")),
         "{table}"
     );
