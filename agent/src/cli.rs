@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{net_cmd, sync_cmd, vpn_cmd};
+use crate::{activate, net_cmd, sync_cmd, vpn_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Activate this box with the data center: its SID and one-time key give it a
+    /// certificate, its role (the pair's first box primary, the second backup) and tunnels.
+    Activate(activate::ActivateCmd),
     /// Replicate a directory tree from the primary to the backup.
     #[command(subcommand)]
     Sync(SyncCommand),
@@ -97,6 +100,7 @@ pub fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Activate(cmd) => activate::activate(cmd).await,
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

@@ -1,14 +1,18 @@
 //! `lbs-agent`: the `lbs` binary — today the `lbs sync`, `lbs net` and `lbs vpn` commands;
 //! the daemon, activation, status and the role changes grow here (issues 7 and 8).
 //!
+//! - [`activate`]: `lbs activate`, and the files an activated box keeps.
 //! - [`cli`]: the command line (clap) and the runtime around it.
+//! - [`role`]: the role state machine, pure (events in, actions out), and its persisted record.
 //! - [`peer`]: identities, and mutual-TLS connections to the partner (dial and accept).
 //! - [`sync_cmd`]: `lbs sync serve | pull | verify`.
 //! - [`net_cmd`]: `lbs net probe | take-over | give-up | watch | inventory | preflight`.
 //! - [`vpn_cmd`]: `lbs vpn keygen | run | endpoint | status`.
 
+pub mod activate;
 pub mod cli;
 pub mod net_cmd;
 pub mod peer;
+pub mod role;
 pub mod sync_cmd;
 pub mod vpn_cmd;

@@ -1,0 +1,563 @@
+//! The role state machine (DESIGN §9), pure: a [`RoleState`] and an [`Event`] in, the next
+//! state and the [`Action`]s to carry out, no IO. The daemon persists the new state *before*
+//! it acts ([`RoleRecord::save`]), so after a crash or power loss [`RoleMachine::resume`]
+//! re-issues the action of the step it was in; every action is idempotent (taking an address
+//! this box already holds, stopping a stopped PBX, asking the data center for a promotion it
+//! already granted) so doing one twice is harmless.
+//!
+//! ```text
+//! unactivated ─activated→ primary | backup
+//! backup ─P→ promoting(ask → take address → start PBX) → primary
+//! primary ─fenced→ fenced ─B→ demoting(stop PBX → give up address → register) → backup
+//! ```
+
+use std::path::Path;
+
+use lbs_protocol::{Generation, Role};
+use serde::{Deserialize, Serialize};
+
+/// The steps of a promotion, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromoteStep {
+    /// Ask the data center to compare-and-set the generation.
+    AskAuthority,
+    /// Take the primary's address on the LAN.
+    TakeAddress,
+    /// Start the PBX services.
+    StartPbx,
+}
+
+/// The steps of a demotion, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DemoteStep {
+    /// Stop the PBX services.
+    StopPbx,
+    /// Give the shared address back (return to this box's own).
+    GiveUpAddress,
+    /// Tell the data center this box is the backup now.
+    Register,
+}
+
+/// Where this box is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "step")]
+pub enum RoleState {
+    /// Not activated yet.
+    Unactivated,
+    /// Serving phones; the source of every sync.
+    Primary,
+    /// Keeping a verified copy and waiting for **P**.
+    Backup,
+    /// Becoming primary.
+    Promoting(PromoteStep),
+    /// Was primary, learned of a higher generation: PBX stopped, address dropped, waiting
+    /// for **B**.
+    Fenced,
+    /// Becoming backup.
+    Demoting(DemoteStep),
+}
+
+impl RoleState {
+    /// The role announced on the wire.
+    pub fn wire_role(self) -> Role {
+        match self {
+            RoleState::Unactivated => Role::Unactivated,
+            RoleState::Primary | RoleState::Promoting(PromoteStep::StartPbx) => Role::Primary,
+            RoleState::Backup | RoleState::Promoting(_) => Role::Backup,
+            RoleState::Fenced | RoleState::Demoting(_) => Role::Fenced,
+        }
+    }
+}
+
+impl std::fmt::Display for RoleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoleState::Unactivated => f.write_str("unactivated"),
+            RoleState::Primary => f.write_str("PRIMARY"),
+            RoleState::Backup => f.write_str("BACKUP"),
+            RoleState::Fenced => f.write_str("FENCED"),
+            RoleState::Promoting(step) => write!(f, "promoting ({step:?})"),
+            RoleState::Demoting(step) => write!(f, "demoting ({step:?})"),
+        }
+    }
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The data center activated this box.
+    Activated {
+        /// The role it gave.
+        role: Role,
+        /// The pair's generation.
+        generation: Generation,
+    },
+    /// The operator pressed **P** (or ran `lbs promote`).
+    PromoteRequested,
+    /// The operator pressed **B** (or ran `lbs demote`).
+    DemoteRequested,
+    /// The data center granted the promotion at this generation.
+    Promoted(Generation),
+    /// The data center (or the partner) says the pair is at `generation` and this box's role
+    /// is `role` there.
+    Authority {
+        /// What the data center records for this box.
+        role: Role,
+        /// The pair's generation.
+        generation: Generation,
+    },
+    /// The current step's action finished.
+    StepDone,
+    /// The current step's action failed, and why.
+    StepFailed(String),
+}
+
+/// What the daemon must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ask the data center for a promotion from `believed`.
+    AskPromotion {
+        /// The generation this box saw.
+        believed: Generation,
+    },
+    /// Take the primary's address.
+    TakeAddress,
+    /// Start the PBX services.
+    StartPbx,
+    /// Stop the PBX services.
+    StopPbx,
+    /// Give the shared address up.
+    GiveUpAddress,
+    /// Register with the data center as backup.
+    RegisterBackup,
+    /// Serve the sync sets to the partner (this box is the source).
+    ServeSync,
+    /// Pull the sync sets from the partner.
+    PullSync,
+    /// Stop all replication (fenced: this box's data is no longer the reference).
+    StopSync,
+    /// Tell the operator.
+    Say(String),
+}
+
+/// Why an event was not accepted in a state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The persisted role: state, generation, and when it last changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleRecord {
+    /// Where the box is.
+    #[serde(flatten)]
+    pub state: RoleState,
+    /// The highest generation this box knows of.
+    pub generation: Generation,
+    /// When the state last changed (ms since the Unix epoch).
+    pub since_unix_ms: u64,
+    /// The last failure of a step, kept until the step succeeds.
+    pub last_error: Option<String>,
+}
+
+impl RoleRecord {
+    /// An unactivated box.
+    pub fn new() -> RoleRecord {
+        RoleRecord {
+            state: RoleState::Unactivated,
+            generation: Generation::default(),
+            since_unix_ms: 0,
+            last_error: None,
+        }
+    }
+
+    /// Reads the record; a missing file is an unactivated box.
+    pub fn load(path: &Path) -> anyhow::Result<RoleRecord> {
+        use anyhow::Context;
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!("{} is damaged; restore it from its .bak", path.display())
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(RoleRecord::new()),
+            Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the record atomically (temp file, fsync, rename, fsync of the directory).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let text = serde_json::to_vec_pretty(self)?;
+        lbs_protocol::write_file_atomic(path, &text, 0o600)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl Default for RoleRecord {
+    fn default() -> Self {
+        RoleRecord::new()
+    }
+}
+
+/// The machine: the record and the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleMachine {
+    /// The current record.
+    pub record: RoleRecord,
+}
+
+impl RoleMachine {
+    /// A machine at `record`.
+    pub fn new(record: RoleRecord) -> RoleMachine {
+        RoleMachine { record }
+    }
+
+    /// What to do after a (re)start in the current state: the current step again, or the
+    /// steady state's replication.
+    pub fn resume(&self) -> Vec<Action> {
+        match self.record.state {
+            RoleState::Unactivated => Vec::new(),
+            RoleState::Primary => vec![Action::ServeSync],
+            RoleState::Backup => vec![Action::PullSync],
+            RoleState::Fenced => vec![Action::StopSync],
+            RoleState::Promoting(step) => vec![self.promote_action(step)],
+            RoleState::Demoting(step) => vec![demote_action(step)],
+        }
+    }
+
+    fn promote_action(&self, step: PromoteStep) -> Action {
+        match step {
+            PromoteStep::AskAuthority => Action::AskPromotion {
+                believed: self.record.generation,
+            },
+            PromoteStep::TakeAddress => Action::TakeAddress,
+            PromoteStep::StartPbx => Action::StartPbx,
+        }
+    }
+
+    fn set(&mut self, state: RoleState, now_ms: u64) {
+        if self.record.state != state {
+            self.record.since_unix_ms = now_ms;
+        }
+        self.record.state = state;
+        self.record.last_error = None;
+    }
+
+    /// Applies `event` at `now_ms`: the record changes (persist it before acting) and the
+    /// actions to carry out are returned. An event the state does not allow changes nothing.
+    pub fn handle(&mut self, event: Event, now_ms: u64) -> Result<Vec<Action>, Refused> {
+        use RoleState as S;
+        let state = self.record.state;
+        match (state, event) {
+            (S::Unactivated, Event::Activated { role, generation }) => {
+                self.record.generation = generation;
+                match role {
+                    Role::Primary => {
+                        self.set(S::Primary, now_ms);
+                        Ok(vec![
+                            Action::Say(format!("this box is the PRIMARY ({generation})")),
+                            Action::ServeSync,
+                        ])
+                    }
+                    Role::Backup => {
+                        self.set(S::Backup, now_ms);
+                        Ok(vec![
+                            Action::Say(format!(
+                                "this box is the BACKUP ({generation}); first full sync started"
+                            )),
+                            Action::PullSync,
+                        ])
+                    }
+                    other => Err(Refused(format!(
+                        "the data center activated this box as {other}, which makes no sense; ask the provider"
+                    ))),
+                }
+            }
+            (_, Event::Activated { .. }) => {
+                Err(Refused(format!("this box is activated already ({state})")))
+            }
+            (S::Backup, Event::PromoteRequested) => {
+                self.set(S::Promoting(PromoteStep::AskAuthority), now_ms);
+                Ok(vec![
+                    Action::StopSync,
+                    self.promote_action(PromoteStep::AskAuthority),
+                ])
+            }
+            (S::Promoting(_), Event::PromoteRequested) => {
+                Err(Refused("a promotion is under way already".into()))
+            }
+            (_, Event::PromoteRequested) => Err(Refused(format!(
+                "only the backup can be promoted; this box is {state}"
+            ))),
+            (S::Promoting(PromoteStep::AskAuthority), Event::Promoted(generation)) => {
+                self.record.generation = generation;
+                self.set(S::Promoting(PromoteStep::TakeAddress), now_ms);
+                Ok(vec![Action::TakeAddress])
+            }
+            (S::Promoting(PromoteStep::TakeAddress), Event::StepDone) => {
+                self.set(S::Promoting(PromoteStep::StartPbx), now_ms);
+                Ok(vec![Action::StartPbx])
+            }
+            (S::Promoting(PromoteStep::StartPbx), Event::StepDone) => {
+                self.set(S::Primary, now_ms);
+                Ok(vec![
+                    Action::Say(format!(
+                        "this box is the PRIMARY now ({})",
+                        self.record.generation
+                    )),
+                    Action::ServeSync,
+                ])
+            }
+            (S::Promoting(PromoteStep::AskAuthority), Event::StepFailed(why)) => {
+                // The data center said no (or was unreachable): nothing was changed yet, so
+                // back to backup.
+                self.set(S::Backup, now_ms);
+                self.record.last_error = Some(why.clone());
+                Ok(vec![
+                    Action::Say(format!("promotion refused: {why}")),
+                    Action::PullSync,
+                ])
+            }
+            (S::Promoting(_) | S::Demoting(_), Event::StepFailed(why)) => {
+                // Past the point of no return: stay in the step, keep the reason, retry.
+                self.record.last_error = Some(why.clone());
+                let retry = match state {
+                    S::Demoting(step) => demote_action(step),
+                    S::Promoting(step) => self.promote_action(step),
+                    _ => return Ok(Vec::new()),
+                };
+                Ok(vec![
+                    Action::Say(format!("{state}: {why}; retrying")),
+                    retry,
+                ])
+            }
+            (S::Primary | S::Promoting(_), Event::Authority { role, generation })
+                if generation > self.record.generation && role != Role::Primary =>
+            {
+                self.record.generation = generation;
+                self.set(S::Fenced, now_ms);
+                Ok(vec![
+                    Action::Say(format!(
+                        "FENCED: the pair is at {generation} and another box is primary; stopping the PBX and giving up the address"
+                    )),
+                    Action::StopSync,
+                    Action::StopPbx,
+                    Action::GiveUpAddress,
+                ])
+            }
+            (_, Event::Authority { generation, .. }) => {
+                if generation > self.record.generation {
+                    self.record.generation = generation;
+                }
+                Ok(Vec::new())
+            }
+            (S::Fenced, Event::DemoteRequested) => {
+                self.set(S::Demoting(DemoteStep::StopPbx), now_ms);
+                Ok(vec![demote_action(DemoteStep::StopPbx)])
+            }
+            (_, Event::DemoteRequested) => Err(Refused(format!(
+                "only a fenced box becomes the backup with B; this box is {state}"
+            ))),
+            (S::Demoting(DemoteStep::StopPbx), Event::StepDone) => {
+                self.set(S::Demoting(DemoteStep::GiveUpAddress), now_ms);
+                Ok(vec![demote_action(DemoteStep::GiveUpAddress)])
+            }
+            (S::Demoting(DemoteStep::GiveUpAddress), Event::StepDone) => {
+                self.set(S::Demoting(DemoteStep::Register), now_ms);
+                Ok(vec![demote_action(DemoteStep::Register)])
+            }
+            (S::Demoting(DemoteStep::Register), Event::StepDone) => {
+                self.set(S::Backup, now_ms);
+                Ok(vec![
+                    Action::Say(format!(
+                        "this box is the BACKUP now ({}); full sync started",
+                        self.record.generation
+                    )),
+                    Action::PullSync,
+                ])
+            }
+            (state, event) => Err(Refused(format!("{event:?} does not apply to {state}"))),
+        }
+    }
+}
+
+fn demote_action(step: DemoteStep) -> Action {
+    match step {
+        DemoteStep::StopPbx => Action::StopPbx,
+        DemoteStep::GiveUpAddress => Action::GiveUpAddress,
+        DemoteStep::Register => Action::RegisterBackup,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn at(state: RoleState, generation: u64) -> RoleMachine {
+        RoleMachine::new(RoleRecord {
+            state,
+            generation: Generation(generation),
+            since_unix_ms: 0,
+            last_error: None,
+        })
+    }
+
+    #[test]
+    fn activation_gives_the_role_the_data_center_decided() {
+        let mut m = at(RoleState::Unactivated, 0);
+        let actions = m
+            .handle(
+                Event::Activated {
+                    role: Role::Backup,
+                    generation: Generation(1),
+                },
+                5,
+            )
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Backup);
+        assert_eq!(m.record.since_unix_ms, 5);
+        assert!(actions.contains(&Action::PullSync));
+        assert!(
+            m.handle(
+                Event::Activated {
+                    role: Role::Primary,
+                    generation: Generation(1)
+                },
+                6
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_promotion_walks_its_steps_and_resumes_where_it_stopped() {
+        let mut m = at(RoleState::Backup, 1);
+        assert_eq!(
+            m.handle(Event::PromoteRequested, 1).unwrap(),
+            [
+                Action::StopSync,
+                Action::AskPromotion {
+                    believed: Generation(1)
+                }
+            ]
+        );
+        // A crash here: the restart asks again (the data center answers a repeat).
+        assert_eq!(
+            m.resume(),
+            [Action::AskPromotion {
+                believed: Generation(1)
+            }]
+        );
+        assert_eq!(
+            m.handle(Event::Promoted(Generation(2)), 2).unwrap(),
+            [Action::TakeAddress]
+        );
+        assert_eq!(m.record.generation, Generation(2));
+        assert_eq!(m.resume(), [Action::TakeAddress]);
+        // A failed step after the grant is retried, never rolled back.
+        let retry = m
+            .handle(Event::StepFailed("eth0 is down".into()), 3)
+            .unwrap();
+        assert_eq!(retry.last(), Some(&Action::TakeAddress));
+        assert_eq!(m.record.last_error.as_deref(), Some("eth0 is down"));
+        assert_eq!(m.handle(Event::StepDone, 4).unwrap(), [Action::StartPbx]);
+        assert_eq!(m.record.state.wire_role(), Role::Primary);
+        let done = m.handle(Event::StepDone, 5).unwrap();
+        assert_eq!(m.record.state, RoleState::Primary);
+        assert_eq!(m.record.last_error, None);
+        assert!(done.contains(&Action::ServeSync));
+    }
+
+    #[test]
+    fn a_refused_promotion_goes_back_to_backup_and_says_why() {
+        let mut m = at(RoleState::Backup, 1);
+        m.handle(Event::PromoteRequested, 1).unwrap();
+        let actions = m
+            .handle(Event::StepFailed("the primary answers ARP".into()), 2)
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Backup);
+        assert!(actions.contains(&Action::PullSync));
+        assert!(
+            m.handle(Event::PromoteRequested, 3).is_ok(),
+            "P can be pressed again"
+        );
+    }
+
+    #[test]
+    fn only_the_backup_is_promoted_and_only_a_fenced_box_is_demoted() {
+        for state in [
+            RoleState::Primary,
+            RoleState::Fenced,
+            RoleState::Unactivated,
+        ] {
+            assert!(
+                at(state, 1).handle(Event::PromoteRequested, 0).is_err(),
+                "{state}"
+            );
+        }
+        for state in [RoleState::Primary, RoleState::Backup] {
+            assert!(
+                at(state, 1).handle(Event::DemoteRequested, 0).is_err(),
+                "{state}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_primary_told_of_a_higher_generation_fences_itself_then_b_makes_it_backup() {
+        let mut m = at(RoleState::Primary, 1);
+        // The same generation, or a report that still calls it primary, changes nothing.
+        assert!(
+            m.handle(
+                Event::Authority {
+                    role: Role::Primary,
+                    generation: Generation(1)
+                },
+                1
+            )
+            .unwrap()
+            .is_empty()
+        );
+        let actions = m
+            .handle(
+                Event::Authority {
+                    role: Role::Fenced,
+                    generation: Generation(2),
+                },
+                2,
+            )
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Fenced);
+        assert!(actions.contains(&Action::StopPbx) && actions.contains(&Action::GiveUpAddress));
+        assert_eq!(m.resume(), [Action::StopSync]);
+        assert_eq!(
+            m.handle(Event::DemoteRequested, 3).unwrap(),
+            [Action::StopPbx]
+        );
+        assert_eq!(
+            m.handle(Event::StepDone, 4).unwrap(),
+            [Action::GiveUpAddress]
+        );
+        assert_eq!(m.resume(), [Action::GiveUpAddress]);
+        assert_eq!(
+            m.handle(Event::StepDone, 5).unwrap(),
+            [Action::RegisterBackup]
+        );
+        let actions = m.handle(Event::StepDone, 6).unwrap();
+        assert_eq!(m.record.state, RoleState::Backup);
+        assert!(actions.contains(&Action::PullSync));
+    }
+
+    #[test]
+    fn the_record_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("role.json");
+        assert_eq!(RoleRecord::load(&path).unwrap(), RoleRecord::new());
+        let record = at(RoleState::Demoting(DemoteStep::GiveUpAddress), 7).record;
+        record.save(&path).unwrap();
+        assert_eq!(RoleRecord::load(&path).unwrap(), record);
+        std::fs::write(&path, "{ torn").unwrap();
+        assert!(RoleRecord::load(&path).is_err());
+    }
+}
