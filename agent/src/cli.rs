@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{activate, net_cmd, sync_cmd, vpn_cmd};
+use crate::{activate, daemon, net_cmd, status_cmd, sync_cmd, vpn_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +22,12 @@ enum Command {
     /// Activate this box with the data center: its SID and one-time key give it a
     /// certificate, its role (the pair's first box primary, the second backup) and tunnels.
     Activate(activate::ActivateCmd),
+    /// The daemon: reports to the data center, replicates (serves on the primary, pulls on
+    /// the backup), keeps the tunnels up; stops cleanly on SIGTERM.
+    Agent(daemon::AgentCmd),
+    /// What the agent knows: role, partner, data center, tunnels, sync state per set,
+    /// resources. Exit 3 if the agent is not running.
+    Status(status_cmd::StatusCmd),
     /// Replicate a directory tree from the primary to the backup.
     #[command(subcommand)]
     Sync(SyncCommand),
@@ -101,6 +107,8 @@ pub fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Activate(cmd) => activate::activate(cmd).await,
+            Command::Agent(cmd) => daemon::run(cmd).await,
+            Command::Status(cmd) => status_cmd::status(cmd).await,
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

@@ -2,6 +2,9 @@
 //! the daemon, activation, status and the role changes grow here (issues 7 and 8).
 //!
 //! - [`activate`]: `lbs activate`, and the files an activated box keeps.
+//! - [`daemon`]: `lbs agent` — reports to the data center, replication (serve or pull), tunnels,
+//!   resource history, the control socket; [`config`]: its TOML.
+//! - [`status_cmd`]: `lbs status`; [`resources`]: this machine's resource history.
 //! - [`cli`]: the command line (clap) and the runtime around it.
 //! - [`role`]: the role state machine, pure (events in, actions out), and its persisted record.
 //! - [`peer`]: identities, and mutual-TLS connections to the partner (dial and accept).
@@ -11,8 +14,12 @@
 
 pub mod activate;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod net_cmd;
 pub mod peer;
+pub mod resources;
 pub mod role;
+pub mod status_cmd;
 pub mod sync_cmd;
 pub mod vpn_cmd;

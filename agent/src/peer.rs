@@ -68,6 +68,27 @@ impl Peer {
         })
     }
 
+    /// An activated box's identity from its state directory, talking to `partner`.
+    pub fn from_state(
+        paths: &crate::activate::StatePaths,
+        partner: ServerId,
+        generation: Generation,
+    ) -> anyhow::Result<Peer> {
+        let identity = Identity::load(&paths.cert(), &paths.key())
+            .context("loading this box's identity (run `lbs activate` first)")?;
+        let root = TrustRoot::load(&paths.ca()).context("loading the data-center CA")?;
+        let PeerName::Box(sid) = identity.name().clone() else {
+            bail!("{} is not a box's identity", paths.cert().display());
+        };
+        Ok(Peer {
+            sid,
+            partner: PeerName::Box(partner),
+            identity,
+            root,
+            generation,
+        })
+    }
+
     fn hello(&self, role: Role) -> Hello {
         Hello {
             protocol: PROTOCOL_VERSION,

@@ -66,11 +66,14 @@ pub struct PullArgs {
 }
 
 /// Held while an lbs process works on a root.
-type RootLock = nix::fcntl::Flock<std::fs::File>;
+pub(crate) type RootLock = nix::fcntl::Flock<std::fs::File>;
 
 /// The persistent index of `root` under `state`, and an exclusive lock that lasts as long as
 /// the returned guard lives: one lbs process per root at a time.
-fn open_index(state: &Path, root: &Path) -> anyhow::Result<(Arc<Mutex<Index>>, RootLock)> {
+pub(crate) fn open_index(
+    state: &Path,
+    root: &Path,
+) -> anyhow::Result<(Arc<Mutex<Index>>, RootLock)> {
     let root =
         std::fs::canonicalize(root).with_context(|| format!("sync root {}", root.display()))?;
     let dir = state.join("index");

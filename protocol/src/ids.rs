@@ -13,8 +13,31 @@ use serde::{Deserialize, Serialize};
 ///
 /// Parsing accepts either case and `-`, `:` or no separators, and ignores surrounding
 /// whitespace; display is always the canonical upper-case, dash-separated form.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServerId([u8; 6]);
+
+/// On the wire (postcard) a SID is its six bytes; in JSON (status files, `--json` output) it
+/// is the text operators read, `00-1A-2B-3C-4D-5E`.
+impl Serialize for ServerId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 6]>::deserialize(deserializer).map(ServerId)
+        }
+    }
+}
 
 impl ServerId {
     /// Builds a SID from its six bytes.

@@ -173,6 +173,23 @@ pub enum Message {
     RegisterBackup,
     /// Data center → box: the request was refused; the connection stays open.
     Denied(Denial),
+    /// Backup → primary, first after the hello on a sync connection: which sync set this
+    /// connection is about (the session that follows is the one of `lbs sync`).
+    SyncSet {
+        /// The set's name (`config`, `voicemail`, …).
+        name: String,
+    },
+    /// Backup → primary, first after the hello: keep this connection open and tell me when
+    /// sets change.
+    SyncWatch,
+    /// Primary → backup on a watch connection: these sets changed (or, with `overflow`, the
+    /// watch lost events: reconcile everything).
+    SyncChanged {
+        /// The sets.
+        sets: Vec<String>,
+        /// The kernel dropped events; only a full reconcile is safe.
+        overflow: bool,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -209,6 +226,9 @@ impl Message {
             Message::Promoted(_) => "promoted",
             Message::RegisterBackup => "register-backup",
             Message::Denied(_) => "denied",
+            Message::SyncSet { .. } => "sync-set",
+            Message::SyncWatch => "sync-watch",
+            Message::SyncChanged { .. } => "sync-changed",
         }
     }
 }

@@ -56,3 +56,21 @@ pub fn require_root(test: &str, needs: &str) -> bool {
     }
     false
 }
+
+/// Another package's binary of this workspace, from the target directory the running test
+/// was built into (`cargo test --workspace` and `cargo xtask test` build every binary first).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo xtask test` (or `cargo build --workspace` first)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,249 @@
+//! The daemon's configuration, `/etc/lbs/agent.toml`. Every field has a default; with no file
+//! at all the agent replicates an Asterisk box's data (DESIGN §6):
+//!
+//! ```toml
+//! sync_port = 7450                 # the primary serves its sync sets here (mutual TLS, partner only)
+//! sync_over = "lan"                # reach the partner at its "lan" or "overlay" address
+//! report_interval_s = 5            # reports to the data center
+//! reconcile_interval_s = 1800      # full reconcile of every set (and on every reconnect)
+//! debounce_ms = 300                # changes are pulled this long after the last one seen
+//! resource_interval_s = 60         # CPU, memory, disk, network sample (kept 7 days)
+//! tunnels = true                   # bring up the tunnels of vpn.toml when it names endpoints
+//! astdb = "/var/lib/asterisk/astdb.sqlite3"   # copied with SQLite's online backup; "" for none
+//! pbx_stop = ""                    # command that stops the PBX (run when this box is fenced)
+//!
+//! # Sync sets, highest priority first (these are the defaults):
+//! [[set]]
+//! name = "config"
+//! path = "/etc/asterisk"
+//! [[set]]
+//! name = "voicemail"
+//! path = "/var/spool/asterisk/voicemail"
+//! [[set]]
+//! name = "prompts"
+//! path = "/var/lib/asterisk/sounds/custom"
+//! [[set]]
+//! name = "moh"
+//! path = "/var/lib/asterisk/moh"
+//! [[set]]
+//! name = "recordings"
+//! path = "/var/spool/asterisk/monitor"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The name of the set that carries the astdb snapshot.
+pub const ASTDB_SET: &str = "astdb";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default = "default_sync_port")]
+    sync_port: u16,
+    #[serde(default)]
+    sync_over: SyncOver,
+    #[serde(default = "default_report")]
+    report_interval_s: u64,
+    #[serde(default = "default_reconcile")]
+    reconcile_interval_s: u64,
+    #[serde(default = "default_debounce")]
+    debounce_ms: u64,
+    #[serde(default = "default_resources")]
+    resource_interval_s: u64,
+    #[serde(default = "default_true")]
+    tunnels: bool,
+    #[serde(default = "default_astdb")]
+    astdb: String,
+    #[serde(default)]
+    pbx_stop: String,
+    #[serde(default = "default_sets")]
+    set: Vec<SetFile>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetFile {
+    name: String,
+    path: PathBuf,
+}
+
+/// Which of the partner's addresses replication uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncOver {
+    /// The office LAN (both boxes on site).
+    #[default]
+    Lan,
+    /// The tunnel overlay (a remote backup).
+    Overlay,
+}
+
+fn default_sync_port() -> u16 {
+    7450
+}
+fn default_report() -> u64 {
+    5
+}
+fn default_reconcile() -> u64 {
+    1800
+}
+fn default_debounce() -> u64 {
+    300
+}
+fn default_resources() -> u64 {
+    60
+}
+fn default_true() -> bool {
+    true
+}
+fn default_astdb() -> String {
+    "/var/lib/asterisk/astdb.sqlite3".into()
+}
+fn default_sets() -> Vec<SetFile> {
+    [
+        ("config", "/etc/asterisk"),
+        ("voicemail", "/var/spool/asterisk/voicemail"),
+        ("prompts", "/var/lib/asterisk/sounds/custom"),
+        ("moh", "/var/lib/asterisk/moh"),
+        ("recordings", "/var/spool/asterisk/monitor"),
+    ]
+    .into_iter()
+    .map(|(name, path)| SetFile {
+        name: name.into(),
+        path: path.into(),
+    })
+    .collect()
+}
+
+/// One sync set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSet {
+    /// Its name.
+    pub name: String,
+    /// Its root on both boxes.
+    pub path: PathBuf,
+}
+
+/// The daemon's settings, checked.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The sync port.
+    pub sync_port: u16,
+    /// Which partner address replication uses.
+    pub sync_over: SyncOver,
+    /// Between reports to the data center.
+    pub report_interval: Duration,
+    /// Between full reconciles.
+    pub reconcile_interval: Duration,
+    /// Quiet time before a change is pulled.
+    pub debounce: Duration,
+    /// Between resource samples.
+    pub resource_interval: Duration,
+    /// Whether to run the tunnels.
+    pub tunnels: bool,
+    /// The astdb to copy consistently, if any.
+    pub astdb: Option<PathBuf>,
+    /// The command that stops the PBX.
+    pub pbx_stop: Option<String>,
+    /// The sets, highest priority first.
+    pub sets: Vec<SyncSet>,
+}
+
+impl AgentConfig {
+    /// Reads `path`; a missing file is all defaults unless `required`.
+    pub fn load(path: &Path, required: bool) -> anyhow::Result<AgentConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+        };
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> anyhow::Result<AgentConfig> {
+        let file: File = toml::from_str(text)?;
+        let mut names = std::collections::BTreeSet::new();
+        for set in &file.set {
+            if set.name.is_empty()
+                || !set
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                bail!("set name {:?}: use letters, digits, '-' and '_'", set.name);
+            }
+            if set.name == ASTDB_SET {
+                bail!("set name {ASTDB_SET:?} is the astdb copy's; choose another");
+            }
+            if !names.insert(set.name.clone()) {
+                bail!("set {:?} is named twice", set.name);
+            }
+            if !set.path.is_absolute() {
+                bail!(
+                    "set {}: path {} must be absolute",
+                    set.name,
+                    set.path.display()
+                );
+            }
+        }
+        if file.report_interval_s == 0 || file.resource_interval_s == 0 {
+            bail!("report_interval_s and resource_interval_s must be at least 1");
+        }
+        Ok(AgentConfig {
+            sync_port: file.sync_port,
+            sync_over: file.sync_over,
+            report_interval: Duration::from_secs(file.report_interval_s),
+            reconcile_interval: Duration::from_secs(file.reconcile_interval_s.max(10)),
+            debounce: Duration::from_millis(file.debounce_ms),
+            resource_interval: Duration::from_secs(file.resource_interval_s),
+            tunnels: file.tunnels,
+            astdb: (!file.astdb.is_empty()).then(|| PathBuf::from(file.astdb)),
+            pbx_stop: (!file.pbx_stop.trim().is_empty()).then(|| file.pbx_stop.trim().to_owned()),
+            sets: file
+                .set
+                .into_iter()
+                .map(|s| SyncSet {
+                    name: s.name,
+                    path: s.path,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_replicates_an_asterisk_box() {
+        let config = AgentConfig::parse("").expect("defaults");
+        let names: Vec<&str> = config.sets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["config", "voicemail", "prompts", "moh", "recordings"]
+        );
+        assert_eq!(config.sync_port, 7450);
+        assert_eq!(
+            config.astdb.as_deref(),
+            Some(Path::new("/var/lib/asterisk/astdb.sqlite3"))
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |text: &str| format!("{:#}", AgentConfig::parse(text).expect_err(text));
+        assert!(err("[[set]]\nname = \"a\"\npath = \"rel\"").contains("absolute"));
+        assert!(err("[[set]]\nname = \"a b\"\npath = \"/x\"").contains("letters"));
+        assert!(
+            err("[[set]]\nname = \"a\"\npath = \"/x\"\n[[set]]\nname = \"a\"\npath = \"/y\"")
+                .contains("twice")
+        );
+        assert!(err("sync_prot = 1").contains("unknown field"));
+    }
+}

@@ -1,0 +1,1221 @@
+//! `lbs agent`: the daemon on every activated box. One owner ([`run`]) for its tasks, all
+//! stopped together on SIGTERM:
+//!
+//! - **reports** to the data center over mutual TLS every few seconds; the answer (the pair's
+//!   state) goes through the role machine, so a primary told of a newer generation fences
+//!   itself, and the partner's addresses are kept current in `box.json`;
+//! - **replication**: on the primary, a sync server for every set (partner only), an inotify
+//!   watch that tells the connected backup which sets changed, and the astdb snapshot taken
+//!   with SQLite's online backup; on the backup, one pull at a time, highest-priority set
+//!   first, after every change notice, on every (re)connect and at the reconcile interval;
+//! - the **tunnels** of `vpn.toml`, when it names endpoints;
+//! - the **resource history** of this machine (CPU, memory, disk, network);
+//! - the **control socket** (`/run/lbs/agent.sock`, root only) that `lbs status` asks.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::control::{self, BoxReport, SyncSummary, TunnelSummary};
+use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::tls;
+use lbs_protocol::{
+    Envelope, Hello, Message, PROTOCOL_VERSION, PeerName, Role, Sender, SoftwareVersion,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::activate::{BoxInfo, StatePaths};
+use crate::config::{ASTDB_SET, AgentConfig, SyncOver, SyncSet};
+use crate::peer::Peer;
+use crate::resources::{ResourceHistory, Sample};
+use crate::role::{Action, Event, RoleMachine, RoleRecord, RoleState};
+
+/// Where the control socket lives unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
+
+/// How long to wait between attempts to reach the data center or the partner.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Options of `lbs agent`.
+#[derive(clap::Args, Debug)]
+pub struct AgentCmd {
+    /// The configuration (TOML; every field has a default).
+    #[arg(long, default_value = "/etc/lbs/agent.toml")]
+    pub config: PathBuf,
+    /// Where lbs keeps its state (what `lbs activate` wrote).
+    #[arg(long, default_value = "/var/lib/lbs")]
+    pub state: PathBuf,
+    /// The control socket `lbs status` talks to.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Replication of one set, as `lbs status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStatus {
+    /// The set.
+    pub name: String,
+    /// Its root.
+    pub path: PathBuf,
+    /// `in sync`, `syncing`, `waiting` (for the partner), `changed` (a change is due) or
+    /// `error`.
+    pub state: String,
+    /// When the last pass that left nothing behind ended (ms since the epoch).
+    pub last_in_sync_ms: Option<u64>,
+    /// When the oldest change not yet pulled was announced.
+    pub changed_since_ms: Option<u64>,
+    /// Files and bytes fetched by the last pass.
+    pub last_fetched_files: u64,
+    /// Bytes fetched by the last pass.
+    pub last_fetched_bytes: u64,
+    /// How long the last pass took (ms).
+    pub last_pass_ms: Option<u64>,
+    /// What went wrong last, until a pass succeeds.
+    pub last_error: Option<String>,
+}
+
+/// The data center link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCenterStatus {
+    /// The address answering.
+    pub connected_to: Option<SocketAddr>,
+    /// When the last report was answered.
+    pub last_answer_ms: Option<u64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Everything `lbs status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// This box and its pair.
+    pub info: BoxInfo,
+    /// Its role record.
+    pub role: RoleRecord,
+    /// What replication does now: `serving`, `pulling` or `stopped`.
+    pub replication: String,
+    /// Per set.
+    pub sets: Vec<SetStatus>,
+    /// The data center link.
+    pub datacenter: DataCenterStatus,
+    /// The tunnels, when this box runs them.
+    pub tunnels: Option<lbs_vpn::VpnStatus>,
+    /// Why the tunnels are not running, if they should be.
+    pub tunnels_error: Option<String>,
+    /// This machine's recent resource samples (oldest first).
+    pub resources: Vec<Sample>,
+    /// The software.
+    pub software: String,
+    /// The protocol.
+    pub protocol: String,
+    /// When the status was made (ms since the epoch).
+    pub at_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    lbs_vpn::tunnels::unix_ms()
+}
+
+/// What replication should be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Serve,
+    Pull,
+    Stopped,
+}
+
+/// What every task shares.
+struct Shared {
+    config: AgentConfig,
+    paths: StatePaths,
+    machine: Mutex<RoleMachine>,
+    info: Mutex<BoxInfo>,
+    sets: Mutex<Vec<SetStatus>>,
+    datacenter: Mutex<DataCenterStatus>,
+    tunnels: Mutex<(Option<lbs_vpn::VpnStatus>, Option<String>)>,
+    resources: Mutex<ResourceHistory>,
+    mode: watch::Sender<Mode>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn status(&self) -> AgentStatus {
+        let (tunnels, tunnels_error) = lock(&self.tunnels).clone();
+        AgentStatus {
+            info: lock(&self.info).clone(),
+            role: lock(&self.machine).record.clone(),
+            replication: match *self.mode.borrow() {
+                Mode::Serve => "serving",
+                Mode::Pull => "pulling",
+                Mode::Stopped => "stopped",
+            }
+            .to_owned(),
+            sets: lock(&self.sets).clone(),
+            datacenter: lock(&self.datacenter).clone(),
+            tunnels,
+            tunnels_error,
+            resources: lock(&self.resources).recent(),
+            software: SoftwareVersion::current().to_string(),
+            protocol: PROTOCOL_VERSION.to_string(),
+            at_ms: now_ms(),
+        }
+    }
+
+    fn set_status(&self, name: &str, update: impl FnOnce(&mut SetStatus)) {
+        if let Some(set) = lock(&self.sets).iter_mut().find(|s| s.name == name) {
+            update(set);
+        }
+    }
+
+    /// All sets, the astdb copy last.
+    fn all_sets(&self, astdb_root: &Path) -> Vec<SyncSet> {
+        let mut sets = self.config.sets.clone();
+        if self.config.astdb.is_some() {
+            sets.push(SyncSet {
+                name: ASTDB_SET.to_owned(),
+                path: astdb_root.to_owned(),
+            });
+        }
+        sets
+    }
+
+    /// Applies the role machine's actions; the record was saved before.
+    fn act(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Say(text) => {
+                    tracing::warn!("{text}");
+                    eprintln!("lbs agent: {text}");
+                }
+                Action::ServeSync => {
+                    self.mode.send_replace(Mode::Serve);
+                }
+                Action::PullSync => {
+                    self.mode.send_replace(Mode::Pull);
+                }
+                Action::StopSync => {
+                    self.mode.send_replace(Mode::Stopped);
+                }
+                Action::StopPbx => match &self.config.pbx_stop {
+                    Some(command) => match std::process::Command::new("sh")
+                        .args(["-c", command])
+                        .status()
+                    {
+                        Ok(status) if status.success() => {
+                            tracing::warn!("PBX stopped ({command})");
+                        }
+                        Ok(status) => tracing::error!("`{command}` failed: {status}"),
+                        Err(err) => tracing::error!("`{command}`: {err}"),
+                    },
+                    None => tracing::error!(
+                        "fenced, but no pbx_stop command is configured: stop the PBX on this box by hand"
+                    ),
+                },
+                other => tracing::error!(
+                    "{other:?}: this agent does not carry out role changes yet; do it by hand (lbs net give-up / take-over)"
+                ),
+            }
+        }
+    }
+
+    fn handle(&self, event: Event) {
+        let (actions, record) = {
+            let mut machine = lock(&self.machine);
+            let before = machine.record.clone();
+            match machine.handle(event, now_ms()) {
+                Ok(actions) => {
+                    if machine.record != before
+                        && let Err(err) = machine.record.save(&self.paths.role())
+                    {
+                        // Not acting on a change that is not on disk: undo it.
+                        tracing::error!("cannot record the role change: {err:#}");
+                        machine.record = before;
+                        return;
+                    }
+                    (actions, machine.record.clone())
+                }
+                Err(refused) => {
+                    tracing::warn!("{refused}");
+                    return;
+                }
+            }
+        };
+        if !actions.is_empty() {
+            tracing::info!(state = %record.state, generation = %record.generation, "role");
+        }
+        self.act(actions);
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Tells systemd we are ready (`Type=notify`), when started by it.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &address)
+    });
+    if let Err(err) = sent {
+        tracing::warn!("telling systemd {state:?}: {err}");
+    }
+}
+
+/// `lbs agent`.
+pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let config = AgentConfig::load(&cmd.config, false)?;
+    let paths = StatePaths::new(&cmd.state);
+    let record = RoleRecord::load(&paths.role())?;
+    if record.state == RoleState::Unactivated {
+        bail!("this box is not activated: run `lbs activate` first");
+    }
+    let info = BoxInfo::load(&paths)?;
+    let resources = ResourceHistory::open(&paths.dir.join("resources.sqlite"))?;
+    let sets = config
+        .sets
+        .iter()
+        .map(|s| (s.name.clone(), s.path.clone()))
+        .chain(
+            config
+                .astdb
+                .iter()
+                .map(|p| (ASTDB_SET.to_owned(), p.clone())),
+        )
+        .map(|(name, path)| SetStatus {
+            name,
+            path,
+            state: "waiting".into(),
+            ..SetStatus::default()
+        })
+        .collect();
+    let socket = bind_socket(&cmd.socket).await?;
+    let (mode, _) = watch::channel(Mode::Stopped);
+    let shared = Arc::new(Shared {
+        config,
+        paths,
+        machine: Mutex::new(RoleMachine::new(record)),
+        info: Mutex::new(info),
+        sets: Mutex::new(sets),
+        datacenter: Mutex::new(DataCenterStatus::default()),
+        tunnels: Mutex::new((None, None)),
+        resources: Mutex::new(resources),
+        mode,
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_socket(shared.clone(), socket, shutdown.clone()));
+    tasks.spawn(report(shared.clone(), shutdown.clone()));
+    tasks.spawn(replication(shared.clone(), shutdown.clone()));
+    tasks.spawn(sample_resources(shared.clone(), shutdown.clone()));
+    if shared.config.tunnels {
+        tasks.spawn(tunnels(shared.clone(), shutdown.clone()));
+    }
+    let resume = lock(&shared.machine).resume();
+    shared.act(resume);
+    let (role, sid) = (lock(&shared.machine).record.clone(), lock(&shared.info).sid);
+    println!("ready: {sid} {} at {}", role.state, role.generation);
+    notify_systemd(&format!(
+        "READY=1\nSTATUS={} at {}",
+        role.state, role.generation
+    ));
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        Some(ended) = tasks.join_next() => {
+            tracing::error!("a task ended early: {ended:?}");
+        }
+    }
+    notify_systemd("STOPPING=1");
+    shutdown.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    let _ = std::fs::remove_file(&cmd.socket);
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Binds the control socket (owner only), refusing when another agent answers on it.
+async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another lbs agent answers on {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: CancellationToken) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut clients = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!("control socket: {err}");
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        clients.spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let request = tokio::time::timeout(
+                Duration::from_secs(5),
+                BufReader::new(read).read_line(&mut line),
+            )
+            .await;
+            let answer = match (request, line.trim()) {
+                (Ok(Ok(_)), "status") => serde_json::to_string(&shared.status())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                (Ok(Ok(_)), other) => {
+                    serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string()
+                }
+                _ => return,
+            };
+            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+    clients.shutdown().await;
+}
+
+/// The partner's replication address, if it is known.
+fn partner_address(shared: &Shared) -> Option<(lbs_protocol::ServerId, SocketAddr)> {
+    let info = lock(&shared.info);
+    let partner = info.partner.as_ref()?;
+    let ip = match shared.config.sync_over {
+        SyncOver::Lan => partner.lan?,
+        SyncOver::Overlay => partner.overlay?,
+    };
+    Some((partner.sid, SocketAddr::from((ip, shared.config.sync_port))))
+}
+
+fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>> {
+    let Some((partner, address)) = partner_address(shared) else {
+        return Ok(None);
+    };
+    let generation = lock(&shared.machine).record.generation;
+    Ok(Some((
+        Peer::from_state(&shared.paths, partner, generation)?,
+        address,
+    )))
+}
+
+async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = report_session(&shared) => result,
+        };
+        if let Err(err) = result {
+            let text = format!("{err:#}");
+            let mut dc = lock(&shared.datacenter);
+            if dc.last_error.as_deref() != Some(text.as_str()) {
+                tracing::warn!("data center: {text}");
+            }
+            dc.last_error = Some(text);
+            dc.connected_to = None;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+async fn report_session(shared: &Shared) -> anyhow::Result<()> {
+    let (sid, addresses) = {
+        let info = lock(&shared.info);
+        (info.sid, info.control.clone())
+    };
+    let identity = lbs_protocol::Identity::load(&shared.paths.cert(), &shared.paths.key())?;
+    let root = lbs_protocol::TrustRoot::load(&shared.paths.ca())?;
+    let config = tls::client_config(&identity, &root)?;
+    let mut last_error = anyhow::anyhow!("the data center gave no control address");
+    for address in addresses {
+        let connected = async {
+            let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
+                .await
+                .context("no answer within 5 s")??;
+            let stream = tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?;
+            let record = lock(&shared.machine).record.clone();
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                software: SoftwareVersion::current(),
+                sender: Sender::Box {
+                    sid,
+                    role: record.state.wire_role(),
+                },
+            };
+            let (conn, _) = lbs_protocol::exchange_hello(
+                stream,
+                &PeerName::DataCenter,
+                hello,
+                record.generation,
+                HELLO_TIMEOUT,
+            )
+            .await?;
+            anyhow::Ok(conn)
+        }
+        .await;
+        let mut conn = match connected {
+            Ok(conn) => conn,
+            Err(err) => {
+                last_error = err.context(format!("data center at {address}"));
+                continue;
+            }
+        };
+        lock(&shared.datacenter).connected_to = Some(address);
+        loop {
+            let record = lock(&shared.machine).record.clone();
+            let report = BoxReport {
+                role: record.state.wire_role(),
+                software: SoftwareVersion::current(),
+                advertised: lock(&shared.info).lan,
+                sync: sync_summary(shared),
+                tunnels: tunnel_summary(shared),
+            };
+            let (_, answer) = control::call(
+                &mut conn,
+                record.generation,
+                Message::Report(report),
+                Duration::from_secs(10),
+            )
+            .await
+            .with_context(|| format!("data center at {address}"))?;
+            let Message::PairState(state) = answer else {
+                bail!("the data center answered a report with {}", answer.kind());
+            };
+            {
+                let mut dc = lock(&shared.datacenter);
+                dc.last_answer_ms = Some(now_ms());
+                dc.last_error = None;
+            }
+            let partner_changed = {
+                let mut info = lock(&shared.info);
+                let partner_known =
+                    |i: &BoxInfo| i.partner.as_ref().map(|p| (p.sid, p.lan, p.overlay));
+                let before = partner_known(&info);
+                info.partner = state.partner.clone();
+                let changed = partner_known(&info) != before;
+                if changed && let Err(err) = info.save(&shared.paths) {
+                    tracing::warn!("saving the partner's addresses: {err:#}");
+                }
+                changed
+            };
+            if partner_changed {
+                tracing::info!("the partner's addresses changed: replication restarts");
+                shared.mode.send_modify(|_| {});
+            }
+            shared.handle(Event::Authority {
+                role: state.role,
+                generation: state.generation,
+            });
+            tokio::time::sleep(shared.config.report_interval).await;
+        }
+    }
+    Err(last_error)
+}
+
+fn sync_summary(shared: &Shared) -> SyncSummary {
+    let sets = lock(&shared.sets);
+    SyncSummary {
+        last_complete_ms: sets
+            .iter()
+            .map(|s| s.last_in_sync_ms)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|all| all.into_iter().min()),
+        pending_files: sets.iter().filter(|s| s.state != "in sync").count() as u64,
+        pending_bytes: 0,
+    }
+}
+
+fn tunnel_summary(shared: &Shared) -> Vec<TunnelSummary> {
+    lock(&shared.tunnels)
+        .0
+        .as_ref()
+        .map(|status| {
+            status
+                .tunnels
+                .iter()
+                .map(|t| TunnelSummary {
+                    name: t.name.clone(),
+                    healthy: t.health == lbs_vpn::Health::Up,
+                    active: t.active,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn tunnels(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let path = shared.paths.vpn_config();
+    let config = match lbs_vpn::config::tunnels_from_file(&path) {
+        Ok(config) if config.endpoints.is_empty() => return,
+        Ok(config) => config,
+        Err(err) => {
+            lock(&shared.tunnels).1 = Some(format!("{}: {err}", path.display()));
+            return;
+        }
+    };
+    let running = tokio::select! {
+        () = shutdown.cancelled() => return,
+        started = lbs_vpn::Tunnels::start(config) => started,
+    };
+    let tunnels = match running {
+        Ok(tunnels) => tunnels,
+        Err(err) => {
+            tracing::error!("tunnels: {err}");
+            lock(&shared.tunnels).1 = Some(err.to_string());
+            return;
+        }
+    };
+    let mut updates = tunnels.watch();
+    loop {
+        lock(&shared.tunnels).0 = Some(updates.borrow_and_update().clone());
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = updates.changed() => if changed.is_err() { break },
+        }
+    }
+    if let Err(err) = tunnels.shutdown().await {
+        tracing::warn!("removing the tunnels: {err}");
+    }
+}
+
+async fn sample_resources(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut sampler = crate::resources::Sampler::new(shared.paths.dir.clone());
+    loop {
+        match sampler.sample() {
+            Ok(Some(sample)) => {
+                if let Err(err) = lock(&shared.resources).record(sample) {
+                    tracing::warn!("recording resources: {err:#}");
+                }
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!("sampling resources: {err:#}"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(shared.config.resource_interval) => {}
+        }
+    }
+}
+
+/// Starts and stops the serving or pulling side as the mode changes.
+async fn replication(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut modes = shared.mode.subscribe();
+    loop {
+        let mode = *modes.borrow_and_update();
+        let token = shutdown.child_token();
+        let task = match mode {
+            Mode::Serve => Some(tokio::spawn(serve_sets(shared.clone(), token.clone()))),
+            Mode::Pull => Some(tokio::spawn(pull_sets(shared.clone(), token.clone()))),
+            Mode::Stopped => None,
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            changed = modes.changed() => if changed.is_err() { shutdown.cancel() },
+        }
+        token.cancel();
+        if let Some(task) = task {
+            match task.await {
+                Ok(Err(err)) => tracing::warn!("replication ({mode:?}) ended: {err:#}"),
+                Err(err) => tracing::error!("replication ({mode:?}) failed: {err}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// The astdb snapshot directory (primary) and the copy's directory (backup).
+fn astdb_dir(paths: &StatePaths) -> PathBuf {
+    paths.dir.join("astdb")
+}
+
+/// A set the primary serves: name, root, index.
+type ServedSet = (String, PathBuf, Arc<Mutex<lbs_sync::Index>>);
+
+type Indexes = Vec<(
+    SyncSet,
+    Arc<Mutex<lbs_sync::Index>>,
+    crate::sync_cmd::RootLock,
+)>;
+
+fn open_sets(shared: &Shared) -> anyhow::Result<Indexes> {
+    let mut opened = Vec::new();
+    for set in shared.all_sets(&astdb_dir(&shared.paths)) {
+        std::fs::create_dir_all(&set.path)
+            .with_context(|| format!("set {}: creating {}", set.name, set.path.display()))?;
+        let (index, lock) = crate::sync_cmd::open_index(&shared.paths.dir, &set.path)
+            .with_context(|| format!("set {}", set.name))?;
+        opened.push((set, index, lock));
+    }
+    Ok(opened)
+}
+
+/// Copies the astdb consistently (SQLite's online backup) into the snapshot directory.
+fn snapshot_astdb(source: &Path, dir: &Path) -> anyhow::Result<()> {
+    let Some(name) = source.file_name() else {
+        bail!("astdb {} has no file name", source.display());
+    };
+    if !source.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!(".{}.lbs-snapshot", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let db = rusqlite::Connection::open_with_flags(
+        source,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {}", source.display()))?;
+    db.busy_timeout(Duration::from_secs(5))?;
+    db.backup(
+        rusqlite::MAIN_DB,
+        &tmp,
+        None::<fn(rusqlite::backup::Progress)>,
+    )
+    .with_context(|| format!("copying {} with SQLite's online backup", source.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+/// Puts the pulled astdb copy in place, atomically (the PBX is stopped on a backup).
+fn install_astdb(copy_dir: &Path, target: &Path) -> anyhow::Result<()> {
+    let Some(name) = target.file_name() else {
+        bail!("astdb {} has no file name", target.display());
+    };
+    let copy = copy_dir.join(name);
+    if !copy.exists() {
+        return Ok(());
+    }
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.lbs-install", name.to_string_lossy()));
+    std::fs::copy(&copy, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, target).with_context(|| format!("installing {}", target.display()))?;
+    Ok(())
+}
+
+/// The primary: serves every set to the partner and tells it what changed.
+async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let Some((peer, _)) = peer(&shared)? else {
+        tracing::info!("no partner yet: nothing to serve");
+        stop.cancelled().await;
+        return Ok(());
+    };
+    let peer = Arc::new(peer);
+    let sets = open_sets(&shared)?;
+    let astdb = astdb_dir(&shared.paths);
+    if let Some(source) = &shared.config.astdb
+        && let Err(err) = snapshot_astdb(source, &astdb)
+    {
+        tracing::warn!("astdb snapshot: {err:#}");
+    }
+    for (set, _, _) in &sets {
+        shared.set_status(&set.name, |s| s.state = "serving".into());
+    }
+    let (changes, _) = broadcast::channel::<Vec<String>>(64);
+    let watcher = watch_sets(&shared, &sets, changes.clone())?;
+    let listener = TcpListener::bind(SocketAddr::from((
+        Ipv4Addr::UNSPECIFIED,
+        shared.config.sync_port,
+    )))
+    .await
+    .with_context(|| {
+        format!(
+            "listening for the partner on port {}",
+            shared.config.sync_port
+        )
+    })?;
+    let config = peer.server_config()?;
+    let roots: Arc<Vec<ServedSet>> = Arc::new(
+        sets.iter()
+            .map(|(set, index, _)| (set.name.clone(), set.path.clone(), index.clone()))
+            .collect(),
+    );
+    tracing::info!(port = shared.config.sync_port, partner = %peer.partner, "serving the sync sets");
+    let mut sessions = JoinSet::new();
+    let result = loop {
+        let (tcp, remote) = tokio::select! {
+            () = stop.cancelled() => break Ok(()),
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!("accepting: {err}");
+                    continue;
+                }
+            },
+        };
+        let (peer, config, roots, changes) = (
+            peer.clone(),
+            config.clone(),
+            roots.clone(),
+            changes.subscribe(),
+        );
+        let stop = stop.clone();
+        sessions.spawn(async move {
+            let session = serve_one(peer, config, tcp, roots, changes);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = session => if let Err(err) = result {
+                    tracing::info!(%remote, "sync session ended: {err:#}");
+                },
+            }
+        });
+    };
+    sessions.shutdown().await;
+    watcher.stop().await;
+    drop(sets);
+    result
+}
+
+async fn serve_one(
+    peer: Arc<Peer>,
+    config: Arc<tls::ServerConfig>,
+    tcp: TcpStream,
+    roots: Arc<Vec<ServedSet>>,
+    mut changes: broadcast::Receiver<Vec<String>>,
+) -> anyhow::Result<()> {
+    let (mut conn, _) = peer.accept(config, tcp, Role::Primary).await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
+        .await
+        .context("the partner said nothing")?
+        .context("the partner hung up")??;
+    match first.message {
+        Message::SyncSet { name } => {
+            let Some((_, root, index)) = roots.iter().find(|(n, _, _)| *n == name) else {
+                let _ = conn
+                    .send(Envelope {
+                        generation: peer.generation,
+                        message: Message::Refused(lbs_protocol::Refusal::ProtocolViolation {
+                            detail: format!("this box has no sync set {name:?}"),
+                        }),
+                    })
+                    .await;
+                bail!("the partner asked for an unknown set {name:?}");
+            };
+            lbs_sync::serve(&mut conn, root.clone(), index.clone(), peer.generation).await?;
+            Ok(())
+        }
+        Message::SyncWatch => loop {
+            tokio::select! {
+                incoming = conn.next() => match incoming {
+                    None | Some(Err(_)) => return Ok(()),
+                    Some(Ok(_)) => {}
+                },
+                changed = changes.recv() => {
+                    let (sets, overflow) = match changed {
+                        Ok(sets) => (sets, false),
+                        Err(broadcast::error::RecvError::Lagged(_)) => (Vec::new(), true),
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    };
+                    conn.send(Envelope {
+                        generation: peer.generation,
+                        message: Message::SyncChanged { sets, overflow },
+                    })
+                    .await?;
+                }
+            }
+        },
+        other => bail!("the partner opened with {}", other.kind()),
+    }
+}
+
+/// The inotify watch of the primary's sets, debounced into change notices.
+struct SetWatcher {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl SetWatcher {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn watch_sets(
+    shared: &Arc<Shared>,
+    sets: &Indexes,
+    changes: broadcast::Sender<Vec<String>>,
+) -> anyhow::Result<SetWatcher> {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |event| {
+        let _ = tx.send(event);
+    })
+    .context("starting the inotify watch")?;
+    let mut roots: Vec<(String, PathBuf)> = Vec::new();
+    for (set, _, _) in sets {
+        if set.name == ASTDB_SET {
+            continue;
+        }
+        let root = std::fs::canonicalize(&set.path).unwrap_or_else(|_| set.path.clone());
+        if let Err(err) = watcher.watch(&root, notify::RecursiveMode::Recursive) {
+            // Out of watches (fs.inotify.max_user_watches): say so; the reconcile still runs.
+            tracing::error!(
+                set = set.name,
+                "cannot watch {}: {err}; changes wait for the reconcile",
+                root.display()
+            );
+            shared.set_status(&set.name, |s| {
+                s.last_error = Some(format!("not watched ({err}); relying on the reconcile"));
+            });
+        }
+        roots.push((set.name.clone(), root));
+    }
+    let astdb = shared.config.astdb.clone();
+    if let Some(source) = &astdb
+        && let Some(dir) = source.parent()
+        && dir.exists()
+        && let Err(err) = watcher.watch(dir, notify::RecursiveMode::NonRecursive)
+    {
+        tracing::error!("cannot watch {}: {err}", dir.display());
+    }
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let debounce = shared.config.debounce;
+    let snapshot_dir = astdb_dir(&shared.paths);
+    let task = tokio::spawn(async move {
+        let mut pending: BTreeSet<String> = BTreeSet::new();
+        let mut overflow = false;
+        loop {
+            let event = if pending.is_empty() && !overflow {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    event = rx.recv() => event,
+                }
+            } else {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    event = rx.recv() => event,
+                    () = tokio::time::sleep(debounce) => {
+                        if pending.remove(ASTDB_SET)
+                            && let Some(source) = astdb.clone()
+                        {
+                            let dir = snapshot_dir.clone();
+                            match tokio::task::spawn_blocking(move || snapshot_astdb(&source, &dir)).await {
+                                Ok(Ok(())) => { pending.insert(ASTDB_SET.to_owned()); }
+                                Ok(Err(err)) => tracing::warn!("astdb snapshot: {err:#}"),
+                                Err(err) => tracing::warn!("astdb snapshot: {err}"),
+                            }
+                        }
+                        let sets: Vec<String> = std::mem::take(&mut pending).into_iter().collect();
+                        let sets = if overflow { Vec::new() } else { sets };
+                        overflow = false;
+                        let _ = changes.send(sets);
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event else { return };
+            match event {
+                // Reading (our own sync server reads every file it serves) is not a change;
+                // counting it would make every pass trigger the next.
+                Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
+                Ok(event) => {
+                    if event.need_rescan() {
+                        overflow = true;
+                    }
+                    for path in &event.paths {
+                        if let Some(source) = &astdb
+                            && path.parent() == source.parent()
+                            && path
+                                .file_name()
+                                .zip(source.file_name())
+                                .is_some_and(|(p, s)| {
+                                    p.to_string_lossy().starts_with(&*s.to_string_lossy())
+                                })
+                        {
+                            pending.insert(ASTDB_SET.to_owned());
+                        }
+                        for (name, root) in &roots {
+                            if path.starts_with(root) {
+                                pending.insert(name.clone());
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!("inotify: {err}");
+                    overflow = true;
+                }
+            }
+        }
+    });
+    Ok(SetWatcher {
+        _watcher: watcher,
+        task,
+        stop,
+    })
+}
+
+/// The backup: pulls sets from the partner, highest priority first.
+async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let sets = open_sets(&shared)?;
+    let wake = Arc::new(Notify::new());
+    let pending: Arc<Mutex<BTreeSet<usize>>> = Arc::new(Mutex::new((0..sets.len()).collect()));
+    let names: Vec<String> = sets.iter().map(|(s, _, _)| s.name.clone()).collect();
+    let watch_task = tokio::spawn(watch_partner(
+        shared.clone(),
+        names.clone(),
+        pending.clone(),
+        wake.clone(),
+        stop.clone(),
+    ));
+    let mut next_reconcile = Instant::now() + shared.config.reconcile_interval;
+    loop {
+        let next = lock(&pending).iter().next().copied();
+        let Some(i) = next else {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep_until(next_reconcile.into()) => {
+                    lock(&pending).extend(0..sets.len());
+                    next_reconcile = Instant::now() + shared.config.reconcile_interval;
+                }
+            }
+            continue;
+        };
+        let (set, index, _) = &sets[i];
+        let peer = match peer(&shared) {
+            Ok(Some(peer)) => peer,
+            Ok(None) => {
+                for (set, _, _) in &sets {
+                    shared.set_status(&set.name, |s| {
+                        s.state = "waiting".into();
+                        s.last_error = Some("the partner's address is not known yet".into());
+                    });
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+            Err(err) => return Err(err),
+        };
+        shared.set_status(&set.name, |s| s.state = "syncing".into());
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = stop.cancelled() => break,
+            outcome = pull_one(&shared, peer, set, index.clone(), stop.clone()) => outcome,
+        };
+        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match outcome {
+            Ok(report) => {
+                let complete = report.executed.deferred.is_empty() && report.plan.pending == 0;
+                if complete {
+                    lock(&pending).remove(&i);
+                }
+                if set.name == ASTDB_SET
+                    && let Some(target) = &shared.config.astdb
+                    && report.plan.fetch_files + report.plan.local_copies > 0
+                    && let Err(err) = install_astdb(&set.path, target)
+                {
+                    tracing::error!("installing the astdb copy: {err:#}");
+                }
+                let fetched = report.plan.fetch_files;
+                shared.set_status(&set.name, |s| {
+                    s.last_pass_ms = Some(took);
+                    s.last_fetched_files = fetched;
+                    s.last_fetched_bytes = report.executed.fetched_bytes;
+                    s.last_error = None;
+                    if complete {
+                        s.state = "in sync".into();
+                        s.last_in_sync_ms = Some(now_ms());
+                        s.changed_since_ms = None;
+                    } else {
+                        s.state = "changed".into();
+                    }
+                });
+                if fetched > 0 {
+                    tracing::info!(
+                        set = set.name,
+                        files = fetched,
+                        bytes = report.executed.fetched_bytes,
+                        ms = took,
+                        "pulled"
+                    );
+                }
+            }
+            Err(err) => {
+                let text = format!("{err:#}");
+                tracing::warn!(set = set.name, "pull failed: {text}");
+                shared.set_status(&set.name, |s| {
+                    s.state = "error".into();
+                    s.last_error = Some(text);
+                });
+                // Try again after a while, or as soon as the watch connection gets through.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETRY) => {}
+                    () = wake.notified() => {}
+                }
+            }
+        }
+    }
+    let _ = watch_task.await;
+    Ok(())
+}
+
+async fn pull_one(
+    shared: &Shared,
+    (peer, address): (Peer, SocketAddr),
+    set: &SyncSet,
+    index: Arc<Mutex<lbs_sync::Index>>,
+    stop: CancellationToken,
+) -> anyhow::Result<lbs_sync::PullReport> {
+    let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
+    conn.send(Envelope {
+        generation: peer.generation,
+        message: Message::SyncSet {
+            name: set.name.clone(),
+        },
+    })
+    .await?;
+    let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&set.path))?;
+    let report = lbs_sync::pull(
+        &mut conn,
+        &set.path,
+        index,
+        &trash,
+        peer.generation,
+        lbs_sync::PullOptions {
+            cancel: Some(stop),
+            ..lbs_sync::PullOptions::default()
+        },
+    )
+    .await?;
+    let _ = conn
+        .send(Envelope {
+            generation: peer.generation,
+            message: Message::Goodbye {
+                reason: "pass complete".into(),
+            },
+        })
+        .await;
+    let _ = shared;
+    Ok(report)
+}
+
+/// Keeps a watch connection to the primary; every notice marks its sets due.
+async fn watch_partner(
+    shared: Arc<Shared>,
+    names: Vec<String>,
+    pending: Arc<Mutex<BTreeSet<usize>>>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        let session = async {
+            let Some((peer, address)) = peer(&shared)? else {
+                bail!("the partner's address is not known yet");
+            };
+            let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
+            conn.send(Envelope {
+                generation: peer.generation,
+                message: Message::SyncWatch,
+            })
+            .await?;
+            // Connected: whatever happened while we were not, a reconcile finds it.
+            lock(&pending).extend(0..names.len());
+            wake.notify_one();
+            while let Some(envelope) = conn.next().await {
+                if let Message::SyncChanged { sets, overflow } = envelope?.message {
+                    let now = now_ms();
+                    let due: Vec<usize> = if overflow {
+                        (0..names.len()).collect()
+                    } else {
+                        sets.iter()
+                            .filter_map(|s| names.iter().position(|n| n == s))
+                            .collect()
+                    };
+                    for &i in &due {
+                        shared.set_status(&names[i], |s| {
+                            s.changed_since_ms.get_or_insert(now);
+                            if s.state == "in sync" {
+                                s.state = "changed".into();
+                            }
+                        });
+                    }
+                    lock(&pending).extend(due);
+                    wake.notify_one();
+                }
+            }
+            anyhow::Result::<()>::Err(anyhow::anyhow!("the primary closed the watch connection"))
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            result = session => if let Err(err) = result {
+                tracing::debug!("watch: {err:#}");
+            },
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}

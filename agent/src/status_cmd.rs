@@ -1,0 +1,180 @@
+//! `lbs status`: what the agent knows, asked over its control socket; a human table or JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::daemon::{AgentStatus, DEFAULT_SOCKET};
+
+/// Options of `lbs status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusCmd {
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Exit code when the agent does not answer.
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(b"status\n").await?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await?;
+        anyhow::Ok(line)
+    };
+    let line = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .context("the agent did not answer within 5 s")??;
+    serde_json::from_str(&line).with_context(|| format!("the agent answered {line:?}"))
+}
+
+fn ago(now: u64, at: Option<u64>) -> String {
+    match at {
+        None => "never".into(),
+        Some(at) => {
+            let s = now.saturating_sub(at) as f64 / 1000.0;
+            if s < 120.0 {
+                format!("{s:.1} s ago")
+            } else {
+                format!("{:.0} min ago", s / 60.0)
+            }
+        }
+    }
+}
+
+fn human_bytes(bytes: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
+/// `lbs status`.
+pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
+    let status = match ask(&cmd.socket).await {
+        Ok(status) => status,
+        Err(err) => {
+            eprintln!(
+                "the agent is not running or not answering on {} ({err:#}); start it with `lbs agent` (systemctl start lbs-agent)",
+                cmd.socket.display()
+            );
+            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+        }
+    };
+    if cmd.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = status.at_ms;
+    let info = &status.info;
+    println!(
+        "{}  {}  {} of pair {} ({}), since {}",
+        info.sid,
+        status.role.state,
+        status.role.generation,
+        info.pair,
+        info.fqdn,
+        ago(now, Some(status.role.since_unix_ms))
+    );
+    if let Some(error) = &status.role.last_error {
+        println!("  last role error: {error}");
+    }
+    println!(
+        "  LAN {}, overlay {}; lbs {}, protocol {}",
+        info.lan, info.overlay, status.software, status.protocol
+    );
+    match &info.partner {
+        None => println!("partner    none provisioned"),
+        Some(p) => println!(
+            "partner    {} {} LAN {} overlay {}, data center heard it {}",
+            p.sid,
+            p.role,
+            p.lan.map_or("-".into(), |a| a.to_string()),
+            p.overlay.map_or("-".into(), |a| a.to_string()),
+            match p.silent_ms {
+                Some(ms) => ago(now, Some(now.saturating_sub(ms))),
+                None => "never".into(),
+            }
+        ),
+    }
+    let dc = &status.datacenter;
+    println!(
+        "datacenter {} last answer {}{}",
+        dc.connected_to
+            .map_or("not connected".into(), |a| a.to_string()),
+        ago(now, dc.last_answer_ms),
+        dc.last_error
+            .as_ref()
+            .map(|e| format!(" — {e}"))
+            .unwrap_or_default()
+    );
+    match (&status.tunnels, &status.tunnels_error) {
+        (Some(t), _) => {
+            for tunnel in &t.tunnels {
+                println!(
+                    "tunnel     {} {:?}{} rtt {} last answer {}",
+                    tunnel.name,
+                    tunnel.health,
+                    if tunnel.active { " (active)" } else { "" },
+                    tunnel
+                        .last_rtt_ms
+                        .map_or("-".into(), |r| format!("{r:.1} ms")),
+                    tunnel
+                        .since_last_good_ms
+                        .map_or("never".into(), |ms| format!(
+                            "{:.1} s ago",
+                            ms as f64 / 1000.0
+                        ))
+                );
+            }
+        }
+        (None, Some(error)) => println!("tunnels    not running: {error}"),
+        (None, None) => println!("tunnels    none configured"),
+    }
+    println!("replication {}", status.replication);
+    for set in &status.sets {
+        let lag = set
+            .changed_since_ms
+            .map(|at| format!(", change waiting {}", ago(now, Some(at))))
+            .unwrap_or_default();
+        println!(
+            "  {:<11} {:<9} last in sync {}{lag}  {}{}",
+            set.name,
+            set.state,
+            ago(now, set.last_in_sync_ms),
+            set.path.display(),
+            set.last_error
+                .as_ref()
+                .map(|e| format!(" — {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(last) = status.resources.last() {
+        println!(
+            "resources  CPU {}  memory {} of {}  disk {} of {}  network in {}/s out {}/s ({} samples kept here)",
+            last.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            human_bytes(last.memory_used as f64),
+            human_bytes(last.memory_total as f64),
+            human_bytes(last.disk_used as f64),
+            human_bytes(last.disk_total as f64),
+            human_bytes(last.rx_per_s.unwrap_or(0.0)),
+            human_bytes(last.tx_per_s.unwrap_or(0.0)),
+            status.resources.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,377 @@
+//! A pair of boxes and a data center in network namespaces, each running the real binaries:
+//! `lbs-datacenter serve` in `dc`, `lbs activate` then `lbs agent` in `a` and `b`. The boxes
+//! activate in the order the test picks (the first is primary), then the backup follows the
+//! primary's files: a new file, a growing recording (appends only), and an astdb being
+//! written (copied consistently). An impostor cannot pull; `lbs status` shows it all.
+//! Root only; skipped and counted otherwise.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lbs_protocol::{CertificateAuthority, PeerName, ServerId};
+use lbs_tests::netns::Lab;
+use lbs_tests::{ok, require_root, workspace_binary};
+
+const LBS: &str = env!("CARGO_BIN_EXE_lbs");
+const STEP: Duration = Duration::from_secs(30);
+const DC_IP: &str = "192.168.70.1";
+
+struct Pair {
+    lab: Lab,
+    tmp: tempfile::TempDir,
+    sids: Vec<(ServerId, String)>,
+    agents: Vec<u32>,
+}
+
+impl Pair {
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn dc_dir(&self) -> PathBuf {
+        self.dir().join("dc")
+    }
+
+    fn state(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("state")
+    }
+
+    fn media(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("media")
+    }
+
+    fn astdb(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("astdb.sqlite3")
+    }
+
+    fn socket(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("agent.sock")
+    }
+
+    fn start() -> Pair {
+        let mut lab = Lab::new();
+        lab.add_lan().unwrap();
+        lab.add_host("dc", &format!("{DC_IP}/24")).unwrap();
+        lab.add_host("a", "192.168.70.2/24").unwrap();
+        lab.add_host("b", "192.168.70.3/24").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dc = workspace_binary("lbs-datacenter");
+        let dc_dir = tmp.path().join("dc");
+        let cli = |args: &[&str]| {
+            ok(Command::new(&dc)
+                .arg("--dir")
+                .arg(&dc_dir)
+                .args(args)
+                .output()
+                .unwrap())
+        };
+        cli(&["init"]);
+        let sheet = cli(&[
+            "provision-pair",
+            "--name",
+            "acme",
+            "--fqdn",
+            "pbx.acme.example",
+        ]);
+        let sids = sheet
+            .lines()
+            .filter_map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["SID", sid, "activation", "key", key, ..] => {
+                        Some((sid.parse().unwrap(), (*key).to_owned()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        std::fs::write(
+            dc_dir.join("datacenter.toml"),
+            format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"{DC_IP}:7441\"]\n"),
+        )
+        .unwrap();
+        let mut serve = lab.command("dc", &dc);
+        serve.arg("--dir").arg(&dc_dir).arg("serve");
+        lab.spawn_until(serve, "ready:", STEP).unwrap();
+        let pair = Pair {
+            lab,
+            tmp,
+            sids,
+            agents: Vec::new(),
+        };
+        for host in ["a", "b"] {
+            std::fs::create_dir_all(pair.media(host)).unwrap();
+            std::fs::write(
+                pair.dir().join(host).join("agent.toml"),
+                format!(
+                    "report_interval_s = 1\ndebounce_ms = 100\nresource_interval_s = 1\ntunnels = false\nastdb = \"{}\"\n\n[[set]]\nname = \"media\"\npath = \"{}\"\n",
+                    pair.astdb(host).display(),
+                    pair.media(host).display()
+                ),
+            )
+            .unwrap();
+        }
+        pair
+    }
+
+    /// `lbs activate` for `host` with the `n`th provisioned SID; returns what it printed.
+    fn activate(&mut self, host: &str, n: usize) -> String {
+        let (sid, key) = self.sids[n].clone();
+        let mut cmd = self.lab.command(host, LBS);
+        cmd.args(["activate", "--sid", &sid.to_string(), "--key", &key])
+            .args(["--datacenter", &format!("{DC_IP}:7440")])
+            .arg("--ca")
+            .arg(self.dc_dir().join("ca.pem"))
+            .arg("--state")
+            .arg(self.state(host));
+        ok(self.lab.run(cmd, STEP).unwrap())
+    }
+
+    fn start_agent(&mut self, host: &str) {
+        let mut cmd = self.lab.command(host, LBS);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.dir().join(host).join("agent.toml"))
+            .arg("--state")
+            .arg(self.state(host))
+            .arg("--socket")
+            .arg(self.socket(host));
+        let (pid, _) = self.lab.spawn_until(cmd, "ready:", STEP).unwrap();
+        self.agents.push(pid);
+    }
+
+    fn status(&mut self, host: &str) -> serde_json::Value {
+        let mut cmd = self.lab.command(host, LBS);
+        cmd.args(["status", "--json", "--socket"])
+            .arg(self.socket(host));
+        serde_json::from_str(&ok(self.lab.run(cmd, STEP).unwrap())).unwrap()
+    }
+
+    fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&mut Pair) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            if done(self) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{what}: not within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn set<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn a_pair_activates_in_either_order_and_the_backup_follows_the_primary() {
+    if !require_root(
+        "a_pair_activates_in_either_order_and_the_backup_follows_the_primary",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start();
+    // The second provisioned box activates first: it is the primary.
+    let said = pair.activate("b", 1);
+    assert!(said.contains("is the PRIMARY of pair acme"), "{said}");
+    assert!(said.contains("not activated yet"), "{said}");
+    let said = pair.activate("a", 0);
+    assert!(said.contains("is the BACKUP of pair acme"), "{said}");
+    assert!(
+        said.contains("first full sync from the primary starts"),
+        "{said}"
+    );
+    // Activating again without --again is refused, and changes nothing.
+    let mut again = pair.lab.command("a", LBS);
+    again
+        .args([
+            "activate",
+            "--sid",
+            &pair.sids[0].0.to_string(),
+            "--key",
+            "x",
+        ])
+        .args(["--datacenter", &format!("{DC_IP}:7440")])
+        .arg("--ca")
+        .arg(pair.dc_dir().join("ca.pem"))
+        .arg("--state")
+        .arg(pair.state("a"));
+    let out = pair.lab.run(again, STEP).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("activated already"));
+
+    // Something on the primary before the agents start: the first full sync brings it.
+    std::fs::write(pair.media("b").join("greeting.wav"), vec![7u8; 300_000]).unwrap();
+    pair.start_agent("b");
+    pair.start_agent("a");
+    let first = pair.wait("the first full sync", STEP, |p| {
+        p.media("a").join("greeting.wav").exists()
+            && std::fs::read(p.media("a").join("greeting.wav")).unwrap() == vec![7u8; 300_000]
+    });
+    eprintln!("first full sync done {first:?} after the agents started");
+
+    // A new file on the primary: on the backup, verified, within seconds (the RPO).
+    let written = Instant::now();
+    std::fs::write(pair.media("b").join("voicemail-1.txt"), b"call me back").unwrap();
+    let rpo = pair.wait("a new file", Duration::from_secs(10), |p| {
+        std::fs::read(p.media("a").join("voicemail-1.txt")).is_ok_and(|c| c == b"call me back")
+    });
+    eprintln!(
+        "RPO: a new file on the primary was on the backup {:?} after it was written",
+        written.elapsed().min(rpo)
+    );
+
+    // A recording that grows: only the new bytes cross.
+    let recording = pair.media("b").join("monitor-1.wav");
+    std::fs::write(&recording, vec![1u8; 4 << 20]).unwrap();
+    pair.wait("the recording", STEP, |p| {
+        std::fs::metadata(p.media("a").join("monitor-1.wav")).is_ok_and(|m| m.len() == 4 << 20)
+    });
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&recording)
+            .unwrap();
+        file.write_all(&vec![2u8; 64 << 10]).unwrap();
+    }
+    pair.wait("the recording's growth", STEP, |p| {
+        std::fs::metadata(p.media("a").join("monitor-1.wav"))
+            .is_ok_and(|m| m.len() == (4 << 20) + (64 << 10))
+    });
+    let status = pair.status("a");
+    let fetched = set(&status, "media")["last_fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        fetched < 1 << 20,
+        "the growth of a 4 MiB recording moved {fetched} bytes"
+    );
+    assert_eq!(
+        std::fs::read(pair.media("a").join("monitor-1.wav")).unwrap(),
+        std::fs::read(&recording).unwrap()
+    );
+
+    // The astdb, written to while it is replicated: every copy the backup gets is whole.
+    let db = rusqlite::Connection::open(pair.astdb("b")).unwrap();
+    db.execute_batch(
+        "PRAGMA journal_mode = wal; CREATE TABLE astdb (key TEXT PRIMARY KEY, value TEXT);",
+    )
+    .unwrap();
+    for i in 0..200 {
+        db.execute(
+            "INSERT INTO astdb VALUES (?1, ?2)",
+            (format!("/SIP/Registry/{i}"), "x".repeat(500)),
+        )
+        .unwrap();
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(30));
+            if pair.astdb("a").exists() {
+                let copy = rusqlite::Connection::open(pair.astdb("a")).unwrap();
+                let check: String = copy
+                    .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(check, "ok", "a torn astdb copy");
+            }
+        }
+    }
+    pair.wait("the astdb copy", STEP, |p| {
+        rusqlite::Connection::open(p.astdb("a"))
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM astdb", [], |r| r.get::<_, i64>(0)))
+            .is_ok_and(|n| n == 200)
+    });
+
+    // An impostor (a certificate from another CA naming the backup) cannot pull.
+    let other = CertificateAuthority::generate("not this installation").unwrap();
+    let impostor = other
+        .issue_identity(&PeerName::Box(pair.sids[0].0))
+        .unwrap();
+    let imp = pair.dir().join("impostor");
+    impostor
+        .save(&imp.with_extension("pem"), &imp.with_extension("key"))
+        .unwrap();
+    other
+        .trust_root()
+        .save(&pair.dir().join("impostor-ca.pem"))
+        .unwrap();
+    std::fs::create_dir_all(pair.dir().join("stolen")).unwrap();
+    let mut pull = pair.lab.command("a", LBS);
+    pull.args(["sync", "pull", "--root"])
+        .arg(pair.dir().join("stolen"))
+        .args([
+            "--from",
+            "192.168.70.3:7450",
+            "--partner",
+            &pair.sids[1].0.to_string(),
+        ])
+        .arg("--identity")
+        .arg(&imp)
+        .arg("--ca")
+        .arg(pair.dir().join("impostor-ca.pem"))
+        .arg("--state")
+        .arg(pair.dir().join("impostor-state"));
+    let out = pair.lab.run(pull, STEP).unwrap();
+    assert!(!out.status.success(), "the impostor pulled");
+    assert_eq!(
+        std::fs::read_dir(pair.dir().join("stolen"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // Status on both sides.
+    let primary = pair.status("b");
+    assert_eq!(primary["role"]["state"], "primary");
+    assert_eq!(primary["replication"], "serving");
+    assert_eq!(
+        primary["info"]["partner"]["sid"],
+        pair.sids[0].0.to_string()
+    );
+    assert!(primary["datacenter"]["last_answer_ms"].as_u64().is_some());
+    // A reconcile may be running at any moment: wait for every set to be in sync.
+    pair.wait("every set in sync", STEP, |p| {
+        let status = p.status("a");
+        status["sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "in sync")
+    });
+    let backup = pair.status("a");
+    assert_eq!(backup["role"]["state"], "backup");
+    assert_eq!(backup["role"]["generation"], 1);
+    assert_eq!(backup["replication"], "pulling");
+    assert_eq!(set(&backup, "media")["state"], "in sync");
+    assert!(!backup["resources"].as_array().unwrap().is_empty());
+    let mut table = pair.lab.command("a", LBS);
+    table.args(["status", "--socket"]).arg(pair.socket("a"));
+    let table = ok(pair.lab.run(table, STEP).unwrap());
+    assert!(
+        table.contains("BACKUP") && table.contains("media") && table.contains("in sync"),
+        "{table}"
+    );
+    assert!(table.contains("resources  CPU"), "{table}");
+
+    // SIGTERM stops both agents cleanly and removes their sockets.
+    for pid in pair.agents.clone() {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+    assert!(!pair.socket("a").exists() && !pair.socket("b").exists());
+}
