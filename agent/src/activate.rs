@@ -94,6 +94,10 @@ pub struct BoxInfo {
     pub control: Vec<SocketAddr>,
     /// Where this box activated (for re-activation).
     pub activated_at: SocketAddr,
+    /// How this box's hardware differs from the partner's, as the data center compared
+    /// them (`None`: not compared yet).
+    #[serde(default)]
+    pub hardware_differences: Option<Vec<String>>,
 }
 
 impl BoxInfo {
@@ -321,6 +325,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         partner: grant.partner.clone(),
         control: grant.control.clone(),
         activated_at: address,
+        hardware_differences: None,
     };
     info.save(&paths)?;
     let mut machine = RoleMachine::new(if cmd.again { RoleRecord::new() } else { record });
@@ -359,10 +364,10 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
     );
     match machine.record.state {
         RoleState::Primary => println!(
-            "next: start the agent (`lbs agent`, or systemctl start lbs-agent); it serves this box's data to the backup"
+            "next: the agent (`lbs agent`, the lbs-agent service) takes it from here, within a second if it is running: it serves this box's data to the backup"
         ),
         _ => println!(
-            "next: start the agent (`lbs agent`, or systemctl start lbs-agent); its first full sync from the primary starts at once"
+            "next: the agent (`lbs agent`, the lbs-agent service) takes it from here, within a second if it is running: its first full sync from the primary starts at once"
         ),
     }
     Ok(ExitCode::SUCCESS)

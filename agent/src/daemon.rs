@@ -295,10 +295,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     init_logging();
     let config = AgentConfig::load(&cmd.config, false)?;
     let paths = StatePaths::new(&cmd.state);
-    let record = RoleRecord::load(&paths.role())?;
-    if record.state == RoleState::Unactivated {
-        bail!("this box is not activated: run `lbs activate` first");
-    }
+    let Some(record) = wait_for_activation(&paths).await? else {
+        println!("stopped");
+        return Ok(ExitCode::SUCCESS);
+    };
     let info = BoxInfo::load(&paths)?;
     let resources = ResourceHistory::open(&paths.dir.join("resources.sqlite"))?;
     let sets = config
@@ -372,6 +372,31 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&cmd.socket);
     println!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// An agent started on a box that is not activated yet (preinstalled, as shipped) waits for
+/// `lbs activate`, then carries on; `None` if it was stopped first.
+async fn wait_for_activation(paths: &StatePaths) -> anyhow::Result<Option<RoleRecord>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut said = false;
+    loop {
+        let record = RoleRecord::load(&paths.role())?;
+        if record.state != RoleState::Unactivated && paths.info().exists() {
+            return Ok(Some(record));
+        }
+        if !said {
+            println!("waiting: this box is not activated yet (run `lbs activate`)");
+            notify_systemd("STATUS=waiting for lbs activate");
+            said = true;
+        }
+        tokio::select! {
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Binds the control socket (owner only), refusing when another agent answers on it.
@@ -553,13 +578,29 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                 let before = partner_known(&info);
                 info.partner = state.partner.clone();
                 let changed = partner_known(&info) != before;
-                if changed && let Err(err) = info.save(&shared.paths) {
+                let hardware_changed = info.hardware_differences != state.hardware_differences;
+                if hardware_changed {
+                    info.hardware_differences = state.hardware_differences.clone();
+                    if let Some(differences) =
+                        info.hardware_differences.as_ref().filter(|d| !d.is_empty())
+                    {
+                        tracing::warn!(
+                            "the partner's hardware differs: {}",
+                            differences.join("; ")
+                        );
+                    }
+                }
+                if (changed || hardware_changed)
+                    && let Err(err) = info.save(&shared.paths)
+                {
                     tracing::warn!("saving the partner's addresses: {err:#}");
                 }
-                changed
+                // Addresses are read afresh by every pass; only another partner (a backup
+                // provisioned later) changes whom the primary lets in.
+                before.map(|b| b.0) != info.partner.as_ref().map(|p| p.sid)
             };
             if partner_changed {
-                tracing::info!("the partner's addresses changed: replication restarts");
+                tracing::info!("the partner changed: replication restarts");
                 shared.mode.send_modify(|_| {});
             }
             shared.handle(Event::Authority {
@@ -759,11 +800,15 @@ fn install_astdb(copy_dir: &Path, target: &Path) -> anyhow::Result<()> {
 
 /// The primary: serves every set to the partner and tells it what changed.
 async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let Some((peer, _)) = peer(&shared)? else {
-        tracing::info!("no partner yet: nothing to serve");
+    // Serving needs the partner's SID (only its certificate gets in), not its address.
+    let partner = lock(&shared.info).partner.as_ref().map(|p| p.sid);
+    let Some(partner) = partner else {
+        tracing::info!("no partner provisioned: nothing to serve");
         stop.cancelled().await;
         return Ok(());
     };
+    let generation = lock(&shared.machine).record.generation;
+    let peer = Peer::from_state(&shared.paths, partner, generation)?;
     let peer = Arc::new(peer);
     let sets = open_sets(&shared)?;
     let astdb = astdb_dir(&shared.paths);
@@ -1169,7 +1214,10 @@ async fn watch_partner(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    // Quick at first (the partner's agent may be starting too), slower while it stays away.
+    let mut delay = Duration::from_millis(250);
     loop {
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let session = async {
             let Some((peer, address)) = peer(&shared)? else {
                 bail!("the partner's address is not known yet");
@@ -1181,6 +1229,7 @@ async fn watch_partner(
             })
             .await?;
             // Connected: whatever happened while we were not, a reconcile finds it.
+            connected.store(true, std::sync::atomic::Ordering::Relaxed);
             lock(&pending).extend(0..names.len());
             wake.notify_one();
             while let Some(envelope) = conn.next().await {
@@ -1213,9 +1262,13 @@ async fn watch_partner(
                 tracing::debug!("watch: {err:#}");
             },
         }
+        if connected.load(std::sync::atomic::Ordering::Relaxed) {
+            delay = Duration::from_millis(250);
+        }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(RETRY) => {}
+            () = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(Duration::from_secs(4));
     }
 }

@@ -111,6 +111,11 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
             }
         ),
     }
+    match &info.hardware_differences {
+        None => println!("hardware   not compared yet"),
+        Some(d) if d.is_empty() => println!("hardware   identical to the partner's"),
+        Some(d) => println!("hardware   DIFFERS from the partner's: {}", d.join("; ")),
+    }
     let dc = &status.datacenter;
     println!(
         "datacenter {} last answer {}{}",

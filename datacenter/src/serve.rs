@@ -513,6 +513,7 @@ fn pair_state(pair: &PairView, sid: ServerId, believes: Option<Role>, now: Milli
         generation: Generation(pair.generation),
         primary: pair.primary.as_deref().and_then(|p| p.parse().ok()),
         partner: partner_of(pair, sid, now),
+        hardware_differences: pair.hardware_differences.clone(),
     }
 }
 

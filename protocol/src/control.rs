@@ -146,6 +146,9 @@ pub struct PairState {
     pub primary: Option<ServerId>,
     /// The partner.
     pub partner: Option<PartnerInfo>,
+    /// How the two boxes' hardware differs (`None` until both reported an inventory; empty:
+    /// identical).
+    pub hardware_differences: Option<Vec<String>>,
 }
 
 /// The data center's answer to a successful promotion.
