@@ -20,6 +20,8 @@ const DC_IP: &str = "192.168.70.1";
 
 struct Pair {
     lab: Lab,
+    /// The boxes are on different subnets and reach each other only through the tunnels.
+    remote: bool,
     tmp: tempfile::TempDir,
     sids: Vec<(ServerId, String)>,
     agents: Vec<u32>,
@@ -50,12 +52,34 @@ impl Pair {
         self.dir().join(host).join("agent.sock")
     }
 
-    fn start() -> Pair {
+    /// `remote`: b is on another subnet (192.168.71.0/24) with a route to the data center
+    /// only, the data center runs a WireGuard endpoint and forwards between its peers, and
+    /// the agents run their tunnels and replicate over the overlay.
+    fn start(remote: bool) -> Pair {
         let mut lab = Lab::new();
         lab.add_lan().unwrap();
         lab.add_host("dc", &format!("{DC_IP}/24")).unwrap();
         lab.add_host("a", "192.168.70.2/24").unwrap();
-        lab.add_host("b", "192.168.70.3/24").unwrap();
+        if remote {
+            lab.add_host("b", "192.168.71.3/24").unwrap();
+            ok(lab
+                .sh(
+                    "dc",
+                    &["ip", "addr", "add", "192.168.71.1/24", "dev", "eth0"],
+                )
+                .unwrap());
+            ok(lab
+                .sh(
+                    "b",
+                    &["ip", "route", "add", &format!("{DC_IP}/32"), "dev", "eth0"],
+                )
+                .unwrap());
+            ok(lab
+                .sh("dc", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .unwrap());
+        } else {
+            lab.add_host("b", "192.168.70.3/24").unwrap();
+        }
         let tmp = tempfile::tempdir().unwrap();
         let dc = workspace_binary("lbs-datacenter");
         let dc_dir = tmp.path().join("dc");
@@ -87,16 +111,24 @@ impl Pair {
                 }
             })
             .collect();
-        std::fs::write(
-            dc_dir.join("datacenter.toml"),
-            format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"{DC_IP}:7441\"]\n"),
-        )
-        .unwrap();
+        let mut config = format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n");
+        if remote {
+            std::fs::write(
+                dc_dir.join("dc1.key"),
+                lbs_vpn::Key::generate_private().to_base64(),
+            )
+            .unwrap();
+            config += &format!(
+                "[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{DC_IP}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n"
+            );
+        }
+        std::fs::write(dc_dir.join("datacenter.toml"), config).unwrap();
         let mut serve = lab.command("dc", &dc);
         serve.arg("--dir").arg(&dc_dir).arg("serve");
         lab.spawn_until(serve, "ready:", STEP).unwrap();
         let pair = Pair {
             lab,
+            remote,
             tmp,
             sids,
             agents: Vec::new(),
@@ -106,7 +138,8 @@ impl Pair {
             std::fs::write(
                 pair.dir().join(host).join("agent.toml"),
                 format!(
-                    "report_interval_s = 1\ndebounce_ms = 100\nresource_interval_s = 1\ntunnels = false\nastdb = \"{}\"\n\n[[set]]\nname = \"media\"\npath = \"{}\"\n",
+                    "report_interval_s = 1\ndebounce_ms = 100\nresource_interval_s = 1\ntunnels = {remote}\nsync_over = \"{}\"\nastdb = \"{}\"\n\n[[set]]\nname = \"media\"\npath = \"{}\"\n",
+                    if remote { "overlay" } else { "lan" },
                     pair.astdb(host).display(),
                     pair.media(host).display()
                 ),
@@ -148,10 +181,10 @@ impl Pair {
     }
 
     fn ip(&self, host: &str) -> &'static str {
-        if host == "a" {
-            "192.168.70.2"
-        } else {
-            "192.168.70.3"
+        match (host, self.remote) {
+            ("a", _) => "192.168.70.2",
+            (_, false) => "192.168.70.3",
+            (_, true) => "192.168.71.3",
         }
     }
 
@@ -223,7 +256,7 @@ fn the_first_box_activates_first_and_the_agents_start_after() {
 fn scenario(p: &str, agents_first: bool) {
     let q = if p == "a" { "b" } else { "a" };
     let index = |host: &str| usize::from(host == "b");
-    let mut pair = Pair::start();
+    let mut pair = Pair::start(false);
     if agents_first {
         pair.start_waiting_agent("b");
         pair.start_waiting_agent("a");
@@ -418,4 +451,56 @@ fn scenario(p: &str, agents_first: bool) {
         assert!(status.success(), "agent exited with {status}");
     }
     assert!(!pair.socket("a").exists() && !pair.socket("b").exists());
+}
+
+#[test]
+fn a_remote_backup_replicates_through_the_tunnels() {
+    if !require_root(
+        "a_remote_backup_replicates_through_the_tunnels",
+        "network namespaces and tun devices",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(true);
+    // The boxes cannot reach each other directly.
+    let direct = pair
+        .lab
+        .sh("a", &["ping", "-c1", "-W1", "192.168.71.3"])
+        .unwrap();
+    assert!(!direct.status.success(), "a reaches b without the tunnels");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 300_000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let started = Instant::now();
+    pair.start_agent("a");
+    pair.start_agent("b");
+    pair.wait("the first full sync through the tunnels", STEP, |pair| {
+        std::fs::read(pair.media("b").join("greeting.wav")).is_ok_and(|c| c == vec![7u8; 300_000])
+    });
+    eprintln!(
+        "first full sync over the overlay {:?} after the agents started",
+        started.elapsed()
+    );
+    std::fs::write(pair.media("a").join("voicemail-1.txt"), b"call me back").unwrap();
+    let rpo = pair.wait("a new file", Duration::from_secs(10), |pair| {
+        std::fs::read(pair.media("b").join("voicemail-1.txt")).is_ok_and(|c| c == b"call me back")
+    });
+    eprintln!("RPO over the overlay: {rpo:?}");
+    let backup = pair.status("b");
+    let tunnel = &backup["tunnels"]["tunnels"][0];
+    assert_eq!(tunnel["health"], "up", "{tunnel}");
+    assert_eq!(tunnel["active"], true);
+    let partner = &backup["info"]["partner"];
+    assert!(
+        partner["overlay"].as_str().unwrap().starts_with("10.77."),
+        "{partner}"
+    );
+    let mut table = pair.lab.command("b", LBS);
+    table.args(["status", "--socket"]).arg(pair.socket("b"));
+    let table = ok(pair.lab.run(table, STEP).unwrap());
+    assert!(table.contains("tunnel     dc1 Up (active)"), "{table}");
+    for pid in pair.agents.clone() {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
 }

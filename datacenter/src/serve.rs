@@ -199,6 +199,13 @@ pub async fn run(
         endpoints,
         connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     });
+    if !inner.endpoints.is_empty()
+        && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0")
+    {
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0: boxes reach the data center through the tunnels, but not each other (a remote backup cannot sync); set it to 1"
+        );
+    }
     if inner.config.dns.is_none() {
         tracing::warn!(
             "no [dns] section: DNS decisions are recorded (see status) but not sent anywhere"
@@ -577,6 +584,12 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         let next = match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
             Err(_) => anyhow::bail!("silent for {IDLE_TIMEOUT:?}; closed"),
             Ok(None) => return Ok(()),
+            // A box that stops (or loses power) just hangs up between messages.
+            Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
+                if err.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Ok(());
+            }
             Ok(Some(Err(err))) => {
                 let _ = conn
                     .send(Envelope {
