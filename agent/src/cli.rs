@@ -90,6 +90,19 @@ enum SyncCommand {
     },
 }
 
+/// Logs with tracing to standard error (journald keeps them under systemd); `RUST_LOG`
+/// overrides `default_filter`.
+pub(crate) fn init_logging(default_filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
 /// Parses the command line, runs the command and turns its outcome into an exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -79,6 +79,9 @@ pub struct SetStatus {
     pub last_fetched_bytes: u64,
     /// How long the last pass took (ms).
     pub last_pass_ms: Option<u64>,
+    /// Files the last pass left for the next one (still changing on the primary, or
+    /// deferred).
+    pub pending_files: u64,
     /// What went wrong last, until a pass succeeds.
     pub last_error: Option<String>,
 }
@@ -259,17 +262,6 @@ impl Shared {
     }
 }
 
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
-
 /// Tells systemd we are ready (`Type=notify`), when started by it.
 fn notify_systemd(state: &str) {
     use std::os::linux::net::SocketAddrExt;
@@ -292,7 +284,7 @@ fn notify_systemd(state: &str) {
 
 /// `lbs agent`.
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
-    init_logging();
+    crate::cli::init_logging("info");
     let config = AgentConfig::load(&cmd.config, false)?;
     let paths = StatePaths::new(&cmd.state);
     let Some(record) = wait_for_activation(&paths).await? else {
@@ -621,7 +613,8 @@ fn sync_summary(shared: &Shared) -> SyncSummary {
             .map(|s| s.last_in_sync_ms)
             .collect::<Option<Vec<_>>>()
             .and_then(|all| all.into_iter().min()),
-        pending_files: sets.iter().filter(|s| s.state != "in sync").count() as u64,
+        pending_files: sets.iter().map(|s| s.pending_files).sum(),
+        // Not known before a pass has compared the trees.
         pending_bytes: 0,
     }
 }
@@ -1106,7 +1099,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
         let started = Instant::now();
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = pull_one(&shared, peer, set, index.clone(), stop.clone()) => outcome,
+            outcome = pull_one(peer, set, index.clone(), stop.clone()) => outcome,
         };
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match outcome {
@@ -1123,7 +1116,9 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     tracing::error!("installing the astdb copy: {err:#}");
                 }
                 let fetched = report.plan.fetch_files;
+                let left = report.plan.pending + report.executed.deferred.len() as u64;
                 shared.set_status(&set.name, |s| {
+                    s.pending_files = left;
                     s.last_pass_ms = Some(took);
                     s.last_fetched_files = fetched;
                     s.last_fetched_bytes = report.executed.fetched_bytes;
@@ -1144,6 +1139,14 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                         ms = took,
                         "pulled"
                     );
+                }
+                if !complete {
+                    // Files still being written on the primary: give them a moment rather
+                    // than asking again at once.
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(shared.config.debounce.max(Duration::from_millis(500))) => {}
+                    }
                 }
             }
             Err(err) => {
@@ -1167,7 +1170,6 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
 }
 
 async fn pull_one(
-    shared: &Shared,
     (peer, address): (Peer, SocketAddr),
     set: &SyncSet,
     index: Arc<Mutex<lbs_sync::Index>>,
@@ -1202,7 +1204,6 @@ async fn pull_one(
             },
         })
         .await;
-    let _ = shared;
     Ok(report)
 }
 

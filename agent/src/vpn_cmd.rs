@@ -1,7 +1,6 @@
 //! `lbs vpn`: the tunnels to the data centers (a box), an endpoint (a data center), keys and
 //! status.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -72,16 +71,6 @@ pub fn keygen(cmd: &KeygenCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs of the VPN (route moves, stale state removed) on standard error.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lbs_vpn=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
-
 /// Writes the status file; says so on standard error when that starts or stops failing
 /// (a full disk), not every second.
 fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
@@ -107,7 +96,7 @@ fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
 
 /// Brings the tunnels up and keeps them until SIGTERM or Ctrl-C; then removes them.
 pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
-    init_logging();
+    crate::cli::init_logging("warn,lbs_vpn=info");
     let config = tunnels_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let tunnels = Tunnels::start(config.clone())
@@ -164,7 +153,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
 
 /// Runs a data-center endpoint until SIGTERM or Ctrl-C; SIGHUP re-reads the peers.
 pub async fn endpoint(cmd: EndpointCmd) -> anyhow::Result<ExitCode> {
-    init_logging();
+    crate::cli::init_logging("warn,lbs_vpn=info");
     let (config, peers) = endpoint_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

@@ -99,18 +99,7 @@ impl Pair {
             "--fqdn",
             "pbx.acme.example",
         ]);
-        let sids = sheet
-            .lines()
-            .filter_map(|line| {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                match words.as_slice() {
-                    ["SID", sid, "activation", "key", key, ..] => {
-                        Some((sid.parse().unwrap(), (*key).to_owned()))
-                    }
-                    _ => None,
-                }
-            })
-            .collect();
+        let sids = lbs_tests::provisioned(&sheet);
         let mut config = format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n");
         if remote {
             std::fs::write(

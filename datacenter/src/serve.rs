@@ -622,9 +622,13 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
                 anyhow::bail!("{kind} is not a control request");
             }
         };
-        let generation = with_store(inner, move |s| Ok(s.pair_of(sid)?.generation))
-            .await
-            .map_or(believed, Generation);
+        // The envelope carries the pair's generation as the answer knows it.
+        let generation = match &reply {
+            Message::PairState(state) => state.generation,
+            Message::Promoted(promotion) => promotion.generation,
+            Message::Denied(Denial::StaleGeneration { current }) => *current,
+            _ => believed,
+        };
         tokio::time::timeout(
             IO_TIMEOUT,
             conn.send(Envelope {

@@ -98,17 +98,7 @@ impl Dc {
         all.extend_from_slice(args);
         let (ok, out, err) = self.cli(&all);
         assert!(ok, "{err}");
-        out.lines()
-            .filter_map(|line| {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                match words.as_slice() {
-                    ["SID", sid, "activation", "key", key, ..] => {
-                        Some((sid.parse().unwrap(), (*key).to_owned()))
-                    }
-                    _ => None,
-                }
-            })
-            .collect()
+        lbs_tests::provisioned(&out)
     }
 
     fn start(&mut self) {

@@ -13,8 +13,8 @@ use lbs_protocol::control::{self, ActivationRequest, BoxReport, SyncSummary};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::tls::{self, PendingIdentity};
 use lbs_protocol::{
-    Generation, Hello, Message, PROTOCOL_VERSION, PeerName, Role, Sender, ServerId,
-    SoftwareVersion, TrustRoot, exchange_hello,
+    Generation, Hello, Message, PROTOCOL_VERSION, PeerName, Role, Sender, SoftwareVersion,
+    TrustRoot, exchange_hello,
 };
 use lbs_tests::netns::Lab;
 use lbs_tests::{ok, require_root};
@@ -68,10 +68,7 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
         "pbx.solo.example",
         "--single",
     ]);
-    let words: Vec<&str> = sheet.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "SID").unwrap();
-    let sid: ServerId = words[at + 1].parse().unwrap();
-    let key = words[at + 4].to_owned();
+    let (sid, key) = lbs_tests::provisioned(&sheet).remove(0);
     let endpoint_key = Key::generate_private();
     std::fs::write(dir.join("dc1.key"), endpoint_key.to_base64()).unwrap();
     std::fs::write(

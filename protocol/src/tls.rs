@@ -481,16 +481,7 @@ impl CertificateAuthority {
         name: &PeerName,
         public_key: &impl PublicKeyData,
     ) -> Result<CertificateDer<'static>, TlsError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.to_string());
-        let dns = name
-            .certificate_name()
-            .try_into()
-            .map_err(|e| TlsError::Certificate(format!("name {name}: {e}")))?;
-        params.subject_alt_names = vec![SanType::DnsName(dns)];
+        let mut params = named_params(name)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         // Boxes are both clients and servers: either side of a pair may dial the other.
@@ -576,17 +567,7 @@ impl PendingIdentity {
     /// Generates a key pair for `name` and a signing request for it.
     pub fn generate(name: PeerName) -> Result<Self, TlsError> {
         let key = KeyPair::generate().map_err(rcgen_error)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.to_string());
-        let dns = name
-            .certificate_name()
-            .try_into()
-            .map_err(|e| TlsError::Certificate(format!("name {name}: {e}")))?;
-        params.subject_alt_names = vec![SanType::DnsName(dns)];
-        let request = params
+        let request = named_params(&name)?
             .serialize_request(&key)
             .map_err(rcgen_error)?
             .der()
@@ -621,6 +602,21 @@ impl PendingIdentity {
         client_config(&identity, root)?;
         Ok(identity)
     }
+}
+
+/// Certificate parameters naming `name` (common name and the SAN lbs checks).
+fn named_params(name: &PeerName) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, name.to_string());
+    let dns = name
+        .certificate_name()
+        .try_into()
+        .map_err(|e| TlsError::Certificate(format!("name {name}: {e}")))?;
+    params.subject_alt_names = vec![SanType::DnsName(dns)];
+    Ok(params)
 }
 
 fn set_validity(params: &mut CertificateParams, validity: Duration) {

@@ -74,3 +74,20 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// The SIDs and activation keys `lbs-datacenter provision-pair` / `provision-backup` printed
+/// (`  SID 00-1A-… activation key XXXX-…`), in order.
+pub fn provisioned(sheet: &str) -> Vec<(lbs_protocol::ServerId, String)> {
+    sheet
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["SID", sid, "activation", "key", key, ..] => {
+                    Some((sid.parse().ok()?, (*key).to_owned()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
