@@ -152,9 +152,10 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
     timeline.print();
     println!(
         "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
-         (lbs sync), the network takeover (lbs net) and the tunnels to two data-center \
-         endpoints (lbs vpn). The data center's authority and the agent's roles join this demo \
-         as they land."
+         (lbs sync), the network takeover (lbs net), the tunnels to two data-center endpoints \
+         (lbs vpn), the data center (lbs-datacenter: activation, roles, DNS) and the agent \
+         (lbs activate, lbs agent, lbs status). P and B through the agent and the data center \
+         join this demo with the next issue."
     );
     Ok(())
 }
@@ -275,6 +276,7 @@ fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
         Ok(())
     })?;
     vpn_steps(timeline, &office, dir, &lbs)?;
+    pair_steps(timeline, &office, dir, &lbs)?;
     timeline.step(
         "while the primary lives, the backup refuses to take its address",
         || {
@@ -470,6 +472,192 @@ fn vpn_steps(
         },
     )?;
     Ok(())
+}
+
+/// The data center activates the pair; the agents replicate the primary's PBX data.
+fn pair_steps(
+    timeline: &mut Timeline,
+    office: &Office,
+    dir: &Path,
+    lbs: &Path,
+) -> anyhow::Result<()> {
+    let datacenter = target_dir().join("debug").join("lbs-datacenter");
+    let dc_dir = dir.join("datacenter");
+    let boxes = dir.join("boxes");
+    let in_ns = |host: &str, program: &Path| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &office.ns(host)]).arg(program);
+        cmd
+    };
+    let dc_cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = checked(
+            Command::new(&datacenter)
+                .arg("--dir")
+                .arg(&dc_dir)
+                .args(args),
+            STEP_TIMEOUT,
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (mut dc, sheet) = timeline.step(
+        "the data center (dc1) provisions the pair and serves activations",
+        || {
+            dc_cli(&["init"])?;
+            let sheet = dc_cli(&[
+                "provision-pair",
+                "--name",
+                "acme",
+                "--fqdn",
+                "pbx.acme.example",
+            ])?;
+            indent(sheet.as_bytes());
+            std::fs::write(
+                dc_dir.join("datacenter.toml"),
+                "activation = [\"192.168.1.201:7440\"]\ncontrol = [\"192.168.1.201:7441\"]\n",
+            )?;
+            let mut serve = in_ns("dc1", &datacenter);
+            serve.arg("--dir").arg(&dc_dir).arg("serve");
+            let server = Server::start(&mut serve, ready, STEP_TIMEOUT)?;
+            println!("    {}", server.addr);
+            let sids: Vec<(String, String)> = sheet
+                .lines()
+                .filter_map(|line| {
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    match words.as_slice() {
+                        ["SID", sid, "activation", "key", key, ..] => {
+                            Some(((*sid).to_owned(), (*key).to_owned()))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            if sids.len() != 2 {
+                bail!("provision-pair printed {} SIDs", sids.len());
+            }
+            Ok((server, sids))
+        },
+    )?;
+    let pbx = |host: &str| boxes.join(host).join("pbx");
+    for (n, host) in ["primary", "backup"].into_iter().enumerate() {
+        std::fs::create_dir_all(pbx(host))?;
+        std::fs::write(
+            boxes.join(host).join("agent.toml"),
+            format!(
+                "report_interval_s = 1\ntunnels = false\nastdb = \"\"\n\n[[set]]\nname = \"pbx\"\npath = \"{}\"\n",
+                pbx(host).display()
+            ),
+        )?;
+        let (sid, key) = &sheet[n];
+        let title = if n == 0 {
+            "the primary activates first: it becomes the PRIMARY"
+        } else {
+            "the backup activates second: it becomes the BACKUP"
+        };
+        timeline.step(title, || {
+            if n == 0 {
+                demo_tree(&pbx(host))?;
+            }
+            let mut activate = in_ns(host, lbs);
+            activate
+                .args(["activate", "--sid", sid, "--key", key])
+                .args(["--datacenter", "192.168.1.201:7440", "--lan"])
+                .arg(if n == 0 { "192.168.1.2" } else { "192.168.1.3" })
+                .arg("--ca")
+                .arg(dc_dir.join("ca.pem"))
+                .arg("--state")
+                .arg(boxes.join(host).join("state"));
+            let out = checked(&mut activate, STEP_TIMEOUT)?;
+            indent(&out.stdout);
+            Ok(())
+        })?;
+    }
+    let socket = |host: &str| boxes.join(host).join("agent.sock");
+    let mut agents = timeline.step(
+        "both agents start; the backup's first full sync over mutual TLS",
+        || {
+            let mut agents = Vec::new();
+            for host in ["primary", "backup"] {
+                let mut agent = in_ns(host, lbs);
+                agent
+                    .arg("agent")
+                    .arg("--config")
+                    .arg(boxes.join(host).join("agent.toml"))
+                    .arg("--state")
+                    .arg(boxes.join(host).join("state"))
+                    .arg("--socket")
+                    .arg(socket(host))
+                    .env("RUST_LOG", "warn");
+                let server = Server::start(&mut agent, ready, STEP_TIMEOUT)?;
+                println!("    {host}: {}", server.addr);
+                agents.push(server);
+            }
+            wait_until(STEP_TIMEOUT, || {
+                identical(lbs, &pbx("primary"), &pbx("backup"))
+            })?;
+            Ok(agents)
+        },
+    )?;
+    timeline.step(
+        "a caller leaves a voicemail on the primary: on the backup, verified",
+        || {
+            let inbox = pbx("primary").join("voicemail/default/1234/INBOX");
+            let written = Instant::now();
+            std::fs::write(inbox.join("msg0003.wav"), vec![42u8; 200_000])?;
+            wait_until(STEP_TIMEOUT, || {
+                Ok(
+                    std::fs::read(pbx("backup").join("voicemail/default/1234/INBOX/msg0003.wav"))
+                        .is_ok_and(|c| c == vec![42u8; 200_000]),
+                )
+            })?;
+            println!(
+                "    on the backup {} ms after it was written (the RPO)",
+                written.elapsed().as_millis()
+            );
+            Ok(())
+        },
+    )?;
+    timeline.step("lbs status on the backup, lbs-datacenter status", || {
+        let out = checked(
+            in_ns("backup", lbs)
+                .args(["status", "--socket"])
+                .arg(socket("backup")),
+            STEP_TIMEOUT,
+        )?;
+        indent(&out.stdout);
+        indent(dc_cli(&["status"])?.as_bytes());
+        Ok(())
+    })?;
+    timeline.step("agents and data center stop on SIGTERM", || {
+        for agent in &mut agents {
+            agent.stop()?;
+        }
+        dc.stop().map(drop)
+    })?;
+    Ok(())
+}
+
+/// Polls `done` every 50 ms until it says yes, or fails after `timeout`.
+fn wait_until(
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done()? {
+        if Instant::now() > deadline {
+            bail!("not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Whether two trees are identical by `lbs sync verify`.
+fn identical(lbs: &Path, a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let out = run_with_timeout(
+        Command::new(lbs).args(["sync", "verify"]).arg(a).arg(b),
+        STEP_TIMEOUT,
+    )?;
+    Ok(out.status.success())
 }
 
 fn peer(hello: &Path, dir: &Path, verb: &str, label: &str, partner: &str) -> Command {
