@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{activate, daemon, net_cmd, status_cmd, sync_cmd, vpn_cmd};
+use crate::{activate, daemon, net_cmd, promote_cmd, status_cmd, sync_cmd, vpn_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,11 @@ enum Command {
     /// What the agent knows: role, partner, data center, tunnels, sync state per set,
     /// resources. Exit 3 if the agent is not running.
     Status(status_cmd::StatusCmd),
+    /// P: make this backup the primary — checks, confirmation, then every step timed. Exit 3
+    /// if refused.
+    Promote(promote_cmd::PromoteCmd),
+    /// B: make this fenced box (the old primary, repaired) the backup. Exit 3 if refused.
+    Demote(promote_cmd::DemoteCmd),
     /// Replicate a directory tree from the primary to the backup.
     #[command(subcommand)]
     Sync(SyncCommand),
@@ -122,6 +127,8 @@ pub fn main() -> std::process::ExitCode {
             Command::Activate(cmd) => activate::activate(cmd).await,
             Command::Agent(cmd) => daemon::run(cmd).await,
             Command::Status(cmd) => status_cmd::status(cmd).await,
+            Command::Promote(cmd) => promote_cmd::promote(cmd).await,
+            Command::Demote(cmd) => promote_cmd::demote(cmd).await,
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

@@ -10,7 +10,16 @@
 //! resource_interval_s = 60         # CPU, memory, disk, network sample (kept 7 days)
 //! tunnels = true                   # bring up the tunnels of vpn.toml when it names endpoints
 //! astdb = "/var/lib/asterisk/astdb.sqlite3"   # copied with SQLite's online backup; "" for none
-//! pbx_stop = ""                    # command that stops the PBX (run when this box is fenced)
+//! pbx_stop = ""                    # command that stops the PBX (fenced, or B)
+//! pbx_start = ""                   # command that starts it (P)
+//! primary_gone_after_s = 15        # P needs the data center to have lost the primary this long
+//! promote_note = ""                # shown at P, e.g. "move the PRI cable to this box"
+//!
+//! [network]                        # the office address P takes; omit for a remote backup
+//! interface = "eth0"
+//! shared = "192.168.1.2/24"        # the primary's address, the one phones use
+//! own = "192.168.1.3/24"           # this box's own
+//! gateway = "192.168.1.1"
 //!
 //! # Sync sets, highest priority first (these are the defaults):
 //! [[set]]
@@ -60,8 +69,37 @@ struct File {
     astdb: String,
     #[serde(default)]
     pbx_stop: String,
+    #[serde(default)]
+    pbx_start: String,
+    #[serde(default = "default_gone")]
+    primary_gone_after_s: u64,
+    #[serde(default)]
+    promote_note: String,
+    network: Option<NetworkFile>,
     #[serde(default = "default_sets")]
     set: Vec<SetFile>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile {
+    interface: String,
+    shared: String,
+    own: String,
+    gateway: std::net::Ipv4Addr,
+}
+
+/// The office address a promotion takes (and a demotion gives back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Network {
+    /// The office interface.
+    pub interface: String,
+    /// The primary's address, the one phones use.
+    pub shared: lbs_netconfig::Ipv4Cidr,
+    /// This box's own address.
+    pub own: lbs_netconfig::Ipv4Cidr,
+    /// The office gateway.
+    pub gateway: std::net::Ipv4Addr,
 }
 
 #[derive(Clone, Deserialize)]
@@ -82,6 +120,9 @@ pub enum SyncOver {
     Overlay,
 }
 
+fn default_gone() -> u64 {
+    15
+}
 fn default_sync_port() -> u16 {
     7450
 }
@@ -149,6 +190,14 @@ pub struct AgentConfig {
     pub astdb: Option<PathBuf>,
     /// The command that stops the PBX.
     pub pbx_stop: Option<String>,
+    /// The command that starts the PBX.
+    pub pbx_start: Option<String>,
+    /// How long the data center must have lost the primary before P goes ahead.
+    pub primary_gone_after: Duration,
+    /// The operator's note at P.
+    pub promote_note: Option<String>,
+    /// The office address P takes, if this backup is on the primary's LAN.
+    pub network: Option<Network>,
     /// The sets, highest priority first.
     pub sets: Vec<SyncSet>,
 }
@@ -204,6 +253,27 @@ impl AgentConfig {
             tunnels: file.tunnels,
             astdb: (!file.astdb.is_empty()).then(|| PathBuf::from(file.astdb)),
             pbx_stop: (!file.pbx_stop.trim().is_empty()).then(|| file.pbx_stop.trim().to_owned()),
+            pbx_start: (!file.pbx_start.trim().is_empty())
+                .then(|| file.pbx_start.trim().to_owned()),
+            primary_gone_after: Duration::from_secs(file.primary_gone_after_s),
+            promote_note: (!file.promote_note.trim().is_empty())
+                .then(|| file.promote_note.trim().to_owned()),
+            network: file
+                .network
+                .map(|n| -> anyhow::Result<Network> {
+                    let cidr = |what: &str, text: &str| {
+                        text.parse::<lbs_netconfig::Ipv4Cidr>().map_err(|_| {
+                            anyhow::anyhow!("network.{what} {text:?}: expected like 192.168.1.2/24")
+                        })
+                    };
+                    Ok(Network {
+                        interface: n.interface,
+                        shared: cidr("shared", &n.shared)?,
+                        own: cidr("own", &n.own)?,
+                        gateway: n.gateway,
+                    })
+                })
+                .transpose()?,
             sets: file
                 .set
                 .into_iter()

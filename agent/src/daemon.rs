@@ -37,7 +37,7 @@ use crate::activate::{BoxInfo, StatePaths};
 use crate::config::{ASTDB_SET, AgentConfig, SyncOver, SyncSet};
 use crate::peer::Peer;
 use crate::resources::{ResourceHistory, Sample};
-use crate::role::{Action, Event, RoleMachine, RoleRecord, RoleState};
+use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleRecord, RoleState};
 
 /// Where the control socket lives unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
@@ -147,6 +147,10 @@ struct Shared {
     tunnels: Mutex<(Option<lbs_vpn::VpnStatus>, Option<String>)>,
     resources: Mutex<ResourceHistory>,
     mode: watch::Sender<Mode>,
+    /// Role-change steps, carried out one at a time by the executor.
+    steps: tokio::sync::mpsc::UnboundedSender<Action>,
+    /// What the role change is doing, line by line, for `lbs promote` to show.
+    progress: broadcast::Sender<String>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,7 +204,7 @@ impl Shared {
             match action {
                 Action::Say(text) => {
                     tracing::warn!("{text}");
-                    eprintln!("lbs agent: {text}");
+                    let _ = self.progress.send(text);
                 }
                 Action::ServeSync => {
                     self.mode.send_replace(Mode::Serve);
@@ -211,24 +215,9 @@ impl Shared {
                 Action::StopSync => {
                     self.mode.send_replace(Mode::Stopped);
                 }
-                Action::StopPbx => match &self.config.pbx_stop {
-                    Some(command) => match std::process::Command::new("sh")
-                        .args(["-c", command])
-                        .status()
-                    {
-                        Ok(status) if status.success() => {
-                            tracing::warn!("PBX stopped ({command})");
-                        }
-                        Ok(status) => tracing::error!("`{command}` failed: {status}"),
-                        Err(err) => tracing::error!("`{command}`: {err}"),
-                    },
-                    None => tracing::error!(
-                        "fenced, but no pbx_stop command is configured: stop the PBX on this box by hand"
-                    ),
-                },
-                other => tracing::error!(
-                    "{other:?}: this agent does not carry out role changes yet; do it by hand (lbs net give-up / take-over)"
-                ),
+                step => {
+                    let _ = self.steps.send(step);
+                }
             }
         }
     }
@@ -312,6 +301,8 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         .collect();
     let socket = bind_socket(&cmd.socket).await?;
     let (mode, _) = watch::channel(Mode::Stopped);
+    let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
+    let (progress, _) = broadcast::channel(256);
     let shared = Arc::new(Shared {
         config,
         paths,
@@ -322,6 +313,8 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         tunnels: Mutex::new((None, None)),
         resources: Mutex::new(resources),
         mode,
+        steps,
+        progress,
     });
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -329,6 +322,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     tasks.spawn(report(shared.clone(), shutdown.clone()));
     tasks.spawn(replication(shared.clone(), shutdown.clone()));
     tasks.spawn(sample_resources(shared.clone(), shutdown.clone()));
+    tasks.spawn(execute_steps(shared.clone(), step_queue, shutdown.clone()));
     if shared.config.tunnels {
         tasks.spawn(tunnels(shared.clone(), shutdown.clone()));
     }
@@ -432,18 +426,31 @@ async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: Can
         clients.spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
-            let request = tokio::time::timeout(
+            let read = tokio::time::timeout(
                 Duration::from_secs(5),
                 BufReader::new(read).read_line(&mut line),
             )
             .await;
-            let answer = match (request, line.trim()) {
-                (Ok(Ok(_)), "status") => serde_json::to_string(&shared.status())
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let request = line.trim();
+            if request == "demote" {
+                demote_request(&shared, &mut write).await;
+                return;
+            }
+            if let Some(rest) = request.strip_prefix("promote") {
+                let check_only = rest.starts_with("-check");
+                let force = rest.split_whitespace().any(|w| w == "force");
+                promote_request(&shared, &mut write, force, check_only).await;
+                return;
+            }
+            let answer = match request {
+                "status" => serde_json::to_string(&shared.status())
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-                (Ok(Ok(_)), other) => {
+                other => {
                     serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string()
                 }
-                _ => return,
             };
             let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
         });
@@ -495,7 +502,8 @@ async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-async fn report_session(shared: &Shared) -> anyhow::Result<()> {
+/// A control connection to the first data-center address that answers.
+async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr)> {
     let (sid, addresses) = {
         let info = lock(&shared.info);
         (info.sid, info.control.clone())
@@ -530,20 +538,27 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
             anyhow::Ok(conn)
         }
         .await;
-        let mut conn = match connected {
-            Ok(conn) => conn,
-            Err(err) => {
-                last_error = err.context(format!("data center at {address}"));
-                continue;
-            }
-        };
+        match connected {
+            Ok(conn) => return Ok((conn, address)),
+            Err(err) => last_error = err.context(format!("data center at {address}")),
+        }
+    }
+    Err(last_error)
+}
+
+/// A control connection to the data center.
+type DcConnection = lbs_protocol::Connection<tls::ClientStream<TcpStream>>;
+
+async fn report_session(shared: &Shared) -> anyhow::Result<()> {
+    let (mut conn, address) = connect_dc(shared).await?;
+    {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
             let record = lock(&shared.machine).record.clone();
             let report = BoxReport {
                 role: record.state.wire_role(),
                 software: SoftwareVersion::current(),
-                advertised: lock(&shared.info).lan,
+                advertised: current_address(shared),
                 sync: sync_summary(shared),
                 tunnels: tunnel_summary(shared),
             };
@@ -602,7 +617,19 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
             tokio::time::sleep(shared.config.report_interval).await;
         }
     }
-    Err(last_error)
+}
+
+/// Where this box serves now: the shared address while it is primary (with a `[network]`
+/// section), its own otherwise.
+fn current_address(shared: &Shared) -> Ipv4Addr {
+    let state = lock(&shared.machine).record.state;
+    match (&shared.config.network, state) {
+        (Some(network), RoleState::Primary | RoleState::Promoting(PromoteStep::StartPbx)) => {
+            network.shared.addr
+        }
+        (Some(network), _) => network.own.addr,
+        (None, _) => lock(&shared.info).lan,
+    }
 }
 
 fn sync_summary(shared: &Shared) -> SyncSummary {
@@ -1271,5 +1298,400 @@ async fn watch_partner(
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(4));
+    }
+}
+
+/// Writes one line to an `lbs promote` client (it may have gone: then nobody reads).
+async fn say(write: &mut tokio::net::unix::OwnedWriteHalf, line: &str) {
+    use tokio::io::AsyncWriteExt;
+    let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+}
+
+/// The checks before **P**: what the operator must know, and whether to go ahead.
+async fn promote_checks(shared: &Shared, force: bool) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    let state = lock(&shared.machine).record.state;
+    if state != RoleState::Backup {
+        return Err(format!(
+            "only the backup can be promoted; this box is {state}"
+        ));
+    }
+    let now = now_ms();
+    for set in lock(&shared.sets).iter() {
+        lines.push(format!(
+            "copy of {:<11} {} — last in sync {}{}",
+            set.name,
+            set.state,
+            set.last_in_sync_ms.map_or("never".to_owned(), |at| format!(
+                "{:.1} s ago",
+                now.saturating_sub(at) as f64 / 1000.0
+            )),
+            if set.pending_files > 0 {
+                format!(", {} file(s) not copied yet", set.pending_files)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let (partner, hardware) = {
+        let info = lock(&shared.info);
+        (info.partner.clone(), info.hardware_differences.clone())
+    };
+    if let Some(differences) = hardware.filter(|d| !d.is_empty()) {
+        lines.push(format!(
+            "WARNING: this box's hardware differs from the primary's: {}",
+            differences.join("; ")
+        ));
+    }
+    // The data center must be reachable: it is the one that fences the old primary.
+    let answered = lock(&shared.datacenter).last_answer_ms;
+    let fresh = answered.is_some_and(|at| {
+        now.saturating_sub(at)
+            < 3 * u64::try_from(shared.config.report_interval.as_millis()).unwrap_or(u64::MAX)
+    });
+    if !fresh {
+        return Err(
+            "the data center has not answered lately; a promotion needs it (it fences the old primary)"
+                .to_owned(),
+        );
+    }
+    let gone_after =
+        u64::try_from(shared.config.primary_gone_after.as_millis()).unwrap_or(u64::MAX);
+    match partner.as_ref().and_then(|p| p.silent_ms) {
+        Some(silent) if silent < gone_after && !force => {
+            return Err(format!(
+                "the data center heard the primary {:.1} s ago: it is alive (wait {} s of silence, or use --force)",
+                silent as f64 / 1000.0,
+                gone_after / 1000
+            ));
+        }
+        Some(silent) => lines.push(format!(
+            "the data center last heard the primary {:.1} s ago",
+            silent as f64 / 1000.0
+        )),
+        None => lines.push("the data center never heard the primary".to_owned()),
+    }
+    if let Some(network) = &shared.config.network {
+        let probe = async {
+            use lbs_netconfig::{Arp, NetBackend};
+            let net = lbs_netconfig::Netlink::open()?;
+            let link = net.link(&network.interface).await?;
+            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+            anyhow::Ok(arp.probe(&link, network.shared.addr).await?)
+        };
+        match probe.await {
+            Ok(lbs_netconfig::ProbeResult::Free) => lines.push(format!(
+                "nobody answers ARP for {} on {}",
+                network.shared.addr, network.interface
+            )),
+            Ok(lbs_netconfig::ProbeResult::InUse(mac)) if !force => {
+                return Err(format!(
+                    "cannot take {}: {mac} still answers ARP; unplug the old primary or use --force",
+                    network.shared.addr
+                ));
+            }
+            Ok(lbs_netconfig::ProbeResult::InUse(mac)) => lines.push(format!(
+                "WARNING: {mac} still answers ARP for {} (--force)",
+                network.shared.addr
+            )),
+            Err(err) => return Err(format!("probing {}: {err:#}", network.shared.addr)),
+        }
+    } else {
+        lines.push(
+            "no [network] section: this box keeps its own address; phones follow the DNS update"
+                .to_owned(),
+        );
+    }
+    if let Some(note) = &shared.config.promote_note {
+        lines.push(format!("NOTE: {note}"));
+    }
+    Ok(lines)
+}
+
+/// Passes on the progress lines already sent (the steps report before the state changes).
+async fn drain(
+    progress: &mut broadcast::Receiver<String>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    started: Instant,
+) {
+    while let Ok(line) = progress.try_recv() {
+        say(
+            write,
+            &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64()),
+        )
+        .await;
+    }
+}
+
+/// `promote-check` / `promote`: the checks, then (unless only checking) the promotion with
+/// its steps as they happen.
+async fn promote_request(
+    shared: &Arc<Shared>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    force: bool,
+    check_only: bool,
+) {
+    let lines = match promote_checks(shared, force).await {
+        Ok(lines) => lines,
+        Err(why) => {
+            say(write, &format!("refused: {why}")).await;
+            return;
+        }
+    };
+    for line in &lines {
+        say(write, line).await;
+    }
+    if check_only {
+        say(write, "ready: promotion possible").await;
+        return;
+    }
+    let started = Instant::now();
+    let mut progress = shared.progress.subscribe();
+    shared.handle(Event::PromoteRequested);
+    loop {
+        let state = lock(&shared.machine).record.state;
+        if matches!(state, RoleState::Primary | RoleState::Backup) {
+            drain(&mut progress, write, started).await;
+        }
+        match state {
+            RoleState::Primary => {
+                let generation = lock(&shared.machine).record.generation;
+                say(
+                    write,
+                    &format!(
+                        "done: this box is the PRIMARY ({generation}) after {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                )
+                .await;
+                return;
+            }
+            RoleState::Backup => {
+                let why = lock(&shared.machine)
+                    .record
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "refused".to_owned());
+                say(write, &format!("refused: {why}")).await;
+                return;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            line = progress.recv() => match line {
+                Ok(line) => say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await,
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// `demote`: **B** on a fenced box — stop the PBX, give the shared address up (take this box's
+/// own), register as backup; the re-sync follows.
+async fn demote_request(shared: &Arc<Shared>, write: &mut tokio::net::unix::OwnedWriteHalf) {
+    let state = lock(&shared.machine).record.state;
+    if state != RoleState::Fenced {
+        say(
+            write,
+            &format!("refused: only a fenced box becomes the backup with B; this box is {state}"),
+        )
+        .await;
+        return;
+    }
+    let started = Instant::now();
+    let mut progress = shared.progress.subscribe();
+    shared.handle(Event::DemoteRequested);
+    loop {
+        if lock(&shared.machine).record.state == RoleState::Backup {
+            drain(&mut progress, write, started).await;
+            say(
+                write,
+                &format!(
+                    "done: this box is the BACKUP after {:.2} s; the full sync from the primary has started (lbs status shows it)",
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await;
+            return;
+        }
+        tokio::select! {
+            line = progress.recv() => match line {
+                Ok(line) => say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await,
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Carries out role-change steps one at a time and feeds their outcome to the machine.
+async fn execute_steps(
+    shared: Arc<Shared>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Action>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let action = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = queue.recv() => match next {
+                Some(action) => action,
+                None => return,
+            },
+        };
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = run_step(&shared, &action) => outcome,
+        };
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        let in_step = matches!(
+            lock(&shared.machine).record.state,
+            RoleState::Promoting(_) | RoleState::Demoting(_)
+        );
+        match outcome {
+            Ok(StepOutcome::Promoted(generation)) => {
+                let _ = shared.progress.send(format!(
+                    "the data center made this box primary at {generation} ({took:.0} ms)"
+                ));
+                shared.handle(Event::Promoted(generation));
+            }
+            Ok(StepOutcome::Done(what)) => {
+                let _ = shared.progress.send(format!("{what} ({took:.0} ms)"));
+                if in_step {
+                    shared.handle(Event::StepDone);
+                }
+            }
+            Err(err) => {
+                let why = format!("{err:#}");
+                tracing::error!("{action:?}: {why}");
+                let _ = shared.progress.send(format!("{action:?} failed: {why}"));
+                if in_step {
+                    shared.handle(Event::StepFailed(why));
+                }
+            }
+        }
+    }
+}
+
+enum StepOutcome {
+    Done(String),
+    Promoted(lbs_protocol::Generation),
+}
+
+fn takeover_plan(network: &crate::config::Network, force: bool) -> lbs_netconfig::TakeoverPlan {
+    lbs_netconfig::TakeoverPlan {
+        interface: network.interface.clone(),
+        from: network.own,
+        to: network.shared,
+        gateway: network.gateway,
+        force,
+        persist: None,
+    }
+}
+
+/// Runs the PBX hook `key` of the configuration (`pbx_start`, `pbx_stop`).
+async fn hook(command: &Option<String>, key: &str, what: &str) -> anyhow::Result<StepOutcome> {
+    let Some(command) = command.clone() else {
+        return Ok(StepOutcome::Done(format!(
+            "{what}: no {key} command configured, nothing run"
+        )));
+    };
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("sh")
+            .args(["-c", &command])
+            .status(),
+    )
+    .await
+    .with_context(|| format!("`{command}` did not finish within 60 s"))??;
+    if !status.success() {
+        bail!("`{command}` failed: {status}");
+    }
+    Ok(StepOutcome::Done(format!("{what}: `{command}`")))
+}
+
+async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {
+    match action {
+        Action::AskPromotion { believed } => {
+            let (mut conn, _) = connect_dc(shared).await?;
+            let advertised = shared
+                .config
+                .network
+                .as_ref()
+                .map_or(lock(&shared.info).lan, |n| n.shared.addr);
+            let (_, answer) = control::call(
+                &mut conn,
+                *believed,
+                Message::Promote { advertised },
+                Duration::from_secs(10),
+            )
+            .await?;
+            match answer {
+                Message::Promoted(promotion) => Ok(StepOutcome::Promoted(promotion.generation)),
+                other => bail!(
+                    "the data center answered the promotion with {}",
+                    other.kind()
+                ),
+            }
+        }
+        Action::TakeAddress => {
+            let Some(network) = &shared.config.network else {
+                return Ok(StepOutcome::Done(
+                    "this box keeps its own address (remote backup): the pair's name points here now".into(),
+                ));
+            };
+            let net = lbs_netconfig::Netlink::open()?;
+            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+            let plan = takeover_plan(network, true);
+            let progress = shared.progress.clone();
+            let report = lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut |step| {
+                let _ = progress.send(format!("  {step}"));
+            })
+            .await?;
+            Ok(StepOutcome::Done(format!(
+                "took {} on {}: {}",
+                network.shared,
+                network.interface,
+                report.summary()
+            )))
+        }
+        Action::GiveUpAddress => {
+            let Some(network) = &shared.config.network else {
+                return Ok(StepOutcome::Done("no shared address to give up".into()));
+            };
+            let net = lbs_netconfig::Netlink::open()?;
+            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+            let plan = takeover_plan(network, true);
+            let progress = shared.progress.clone();
+            let report = lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut |step| {
+                let _ = progress.send(format!("  {step}"));
+            })
+            .await?;
+            Ok(StepOutcome::Done(format!(
+                "gave up {}: {}",
+                network.shared,
+                report.summary()
+            )))
+        }
+        Action::StartPbx => hook(&shared.config.pbx_start, "pbx_start", "PBX start").await,
+        Action::StopPbx => hook(&shared.config.pbx_stop, "pbx_stop", "PBX stop").await,
+        Action::RegisterBackup => {
+            let (mut conn, _) = connect_dc(shared).await?;
+            let generation = lock(&shared.machine).record.generation;
+            control::call(
+                &mut conn,
+                generation,
+                Message::RegisterBackup,
+                Duration::from_secs(10),
+            )
+            .await?;
+            Ok(StepOutcome::Done(
+                "registered with the data center as backup".into(),
+            ))
+        }
+        other => bail!("{other:?} is not a step"),
     }
 }

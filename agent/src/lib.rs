@@ -4,6 +4,7 @@
 //! - [`activate`]: `lbs activate`, and the files an activated box keeps.
 //! - [`daemon`]: `lbs agent` — reports to the data center, replication (serve or pull), tunnels,
 //!   resource history, the control socket; [`config`]: its TOML.
+//! - [`promote_cmd`]: `lbs promote` (**P**).
 //! - [`status_cmd`]: `lbs status`; [`resources`]: this machine's resource history.
 //! - [`cli`]: the command line (clap) and the runtime around it.
 //! - [`role`]: the role state machine, pure (events in, actions out), and its persisted record.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod net_cmd;
 pub mod peer;
+pub mod promote_cmd;
 pub mod resources;
 pub mod role;
 pub mod status_cmd;

@@ -493,3 +493,200 @@ fn a_remote_backup_replicates_through_the_tunnels() {
         assert!(status.success(), "agent exited with {status}");
     }
 }
+
+#[test]
+fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
+    if !require_root(
+        "p_with_the_primary_unplugged_moves_its_address_to_the_backup",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    // The office's shared address is .2 (a's), the other box's is .3: on P the backup moves
+    // from .3 to .2, on B the old primary from .2 to .3 (the seed's swap). The data center
+    // must have lost the primary for 2 s.
+    for host in ["a", "b"] {
+        let config = pair.dir().join(host).join("agent.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "primary_gone_after_s = 2\npromote_note = \"move the PRI cable to this box\"\n{text}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.70.2/24\"\nown = \"192.168.70.3/24\"\ngateway = \"{DC_IP}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    pair.start_agent("a");
+    pair.start_agent("b");
+    pair.wait("the first full sync", STEP, |pair| {
+        pair.media("b").join("greeting.wav").exists()
+    });
+    let promote = |pair: &mut Pair| {
+        let mut cmd = pair.lab.command("b", LBS);
+        cmd.args(["promote", "--yes", "--socket"])
+            .arg(pair.socket("b"));
+        pair.lab.run(cmd, STEP).unwrap()
+    };
+
+    // While the primary lives: refused, with the reason, and nothing changes.
+    let out = promote(&mut pair);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("refused: the data center heard the primary"),
+        "{said}"
+    );
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+
+    // The primary dies: its agent stops dead and its switch port goes dark.
+    let primary_agent = pair.agents[0];
+    pair.lab.kill(primary_agent).unwrap();
+    pair.agents.remove(0);
+    let port = ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    drop(port);
+    pair.wait(
+        "the data center to lose the primary for 2 s",
+        STEP,
+        |pair| {
+            pair.status("b")["info"]["partner"]["silent_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms >= 2_000)
+        },
+    );
+    let out = promote(&mut pair);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("NOTE: move the PRI cable to this box"),
+        "{said}"
+    );
+    assert!(
+        said.contains("nobody answers ARP for 192.168.70.2"),
+        "{said}"
+    );
+    assert!(
+        said.contains("the data center made this box primary at gen 2"),
+        "{said}"
+    );
+    assert!(said.contains("took 192.168.70.2/24 on eth0"), "{said}");
+    assert!(
+        said.contains("done: this box is the PRIMARY (gen 2)"),
+        "{said}"
+    );
+    // A third host reaches the backup at the old primary's address.
+    let addresses = ok(pair
+        .lab
+        .sh("b", &["ip", "-4", "-o", "addr", "show", "eth0"])
+        .unwrap());
+    assert!(addresses.contains("192.168.70.2/24"), "{addresses}");
+    assert!(!addresses.contains("192.168.70.3/24"), "{addresses}");
+    let ping = pair
+        .lab
+        .sh("dc", &["ping", "-c1", "-W2", "192.168.70.2"])
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "the data center cannot reach 192.168.70.2"
+    );
+    let status = pair.status("b");
+    assert_eq!(status["role"]["state"], "primary");
+    assert_eq!(status["role"]["generation"], 2);
+    assert_eq!(status["replication"], "serving");
+    let dc = workspace_binary("lbs-datacenter");
+    let table = ok(Command::new(&dc)
+        .arg("--dir")
+        .arg(pair.dc_dir())
+        .args(["status", "--json"])
+        .output()
+        .unwrap());
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert_eq!(table[0]["generation"], 2);
+    assert_eq!(table[0]["primary"], pair.sids[1].0.to_string());
+    // A second P on the new primary is refused.
+    let out = promote(&mut pair);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("only the backup can be promoted"));
+
+    // The old primary is repaired and comes back believing it is primary: the data center
+    // fences it, it gives up the shared address at once.
+    std::fs::write(
+        pair.media("b").join("after.txt"),
+        b"written on the new primary",
+    )
+    .unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "up"])
+        .unwrap());
+    pair.start_agent("a");
+    pair.wait(
+        "the old primary fenced, off the shared address",
+        STEP,
+        |pair| {
+            let fenced = pair.status("a")["role"]["state"] == "fenced";
+            let addresses = ok(pair
+                .lab
+                .sh("a", &["ip", "-4", "-o", "addr", "show", "eth0"])
+                .unwrap());
+            fenced && !addresses.contains("192.168.70.2/")
+        },
+    );
+    // B: it becomes the backup and syncs from the new primary until in sync.
+    let mut demote = pair.lab.command("a", LBS);
+    demote
+        .args(["demote", "--yes", "--socket"])
+        .arg(pair.socket("a"));
+    let out = pair.lab.run(demote, STEP).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("registered with the data center as backup"),
+        "{said}"
+    );
+    assert!(said.contains("done: this box is the BACKUP"), "{said}");
+    pair.wait("the re-sync from the new primary", STEP, |pair| {
+        std::fs::read(pair.media("a").join("after.txt"))
+            .is_ok_and(|c| c == b"written on the new primary")
+            && pair.status("a")["sets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["state"] == "in sync")
+    });
+    let addresses = ok(pair
+        .lab
+        .sh("a", &["ip", "-4", "-o", "addr", "show", "eth0"])
+        .unwrap());
+    assert!(addresses.contains("192.168.70.3/24"), "{addresses}");
+    let table: serde_json::Value = serde_json::from_str(&ok(Command::new(&dc)
+        .arg("--dir")
+        .arg(pair.dc_dir())
+        .args(["status", "--json"])
+        .output()
+        .unwrap()))
+    .unwrap();
+    let role = |sid: ServerId| {
+        table[0]["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sid"] == sid.to_string())
+            .unwrap()["role"]
+            .clone()
+    };
+    assert_eq!(role(pair.sids[0].0), "backup");
+    assert_eq!(role(pair.sids[1].0), "primary");
+    for pid in pair.agents.clone() {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+}

@@ -497,7 +497,13 @@ fn partner_of(pair: &PairView, sid: ServerId, now: Millis) -> Option<PartnerInfo
         sid: partner.sid.parse().ok()?,
         role: role_named(&partner.role),
         overlay: partner.overlay.as_deref().and_then(|a| a.parse().ok()),
-        lan: partner.lan.as_deref().and_then(|a| a.parse().ok()),
+        // Where it says it is now (a promoted box took the shared address), else where it
+        // activated.
+        lan: partner
+            .advertised
+            .as_deref()
+            .or(partner.lan.as_deref())
+            .and_then(|a| a.parse().ok()),
         silent_ms: silent_ms(partner.last_heartbeat_at, now),
     })
 }

@@ -1,0 +1,145 @@
+//! `lbs promote`: **P** from the command line. The agent checks (the copy's freshness, the
+//! hardware, that the data center lost the primary, that nobody answers ARP for the shared
+//! address), the operator confirms, and the agent promotes this box step by step — each step
+//! printed with its time as it ends.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::daemon::DEFAULT_SOCKET;
+
+/// Options of `lbs promote`.
+#[derive(clap::Args, Debug)]
+pub struct PromoteCmd {
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Promote even though the primary seems alive (asks a second time).
+    #[arg(long)]
+    pub force: bool,
+    /// Do not ask for confirmation (scripts, tests).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Options of `lbs demote`.
+#[derive(clap::Args, Debug)]
+pub struct DemoteCmd {
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Do not ask for confirmation (scripts, tests).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// `lbs demote`: **B** on a fenced box.
+pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
+    if !cmd.yes
+        && !confirm(
+            "Make this box the BACKUP (stops the PBX, gives up the shared address)? [y/N]",
+            "y",
+        )?
+    {
+        println!("cancelled: nothing changed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let last = converse(&cmd.socket, "demote", Duration::from_secs(120), |line| {
+        println!("{line}")
+    })
+    .await?;
+    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_REFUSED)
+    })
+}
+
+/// Exit code when the promotion was refused.
+pub const EXIT_REFUSED: u8 = 3;
+
+/// Sends `request` and hands every answered line to `each` until the agent closes.
+async fn converse(
+    socket: &PathBuf,
+    request: &str,
+    timeout: Duration,
+    mut each: impl FnMut(&str),
+) -> anyhow::Result<Option<String>> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("the agent is not answering on {}", socket.display()))?;
+    stream.write_all(format!("{request}\n").as_bytes()).await?;
+    let mut lines = BufReader::new(stream).lines();
+    let mut last = None;
+    loop {
+        match tokio::time::timeout(timeout, lines.next_line()).await {
+            Err(_) => anyhow::bail!("the agent said nothing for {timeout:?}"),
+            Ok(line) => match line? {
+                Some(line) => {
+                    each(&line);
+                    last = Some(line);
+                }
+                None => return Ok(last),
+            },
+        }
+    }
+}
+
+fn confirm(question: &str, expected: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("confirmation needed and no terminal to ask on: add --yes");
+    }
+    print!("{question} ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim().eq_ignore_ascii_case(expected))
+}
+
+/// `lbs promote`.
+pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
+    let force = if cmd.force { " force" } else { "" };
+    let last = converse(
+        &cmd.socket,
+        &format!("promote-check{force}"),
+        Duration::from_secs(20),
+        |line| println!("{line}"),
+    )
+    .await?;
+    if !last.as_deref().is_some_and(|l| l.starts_with("ready:")) {
+        return Ok(ExitCode::from(EXIT_REFUSED));
+    }
+    if !cmd.yes {
+        if !confirm("Promote this box to PRIMARY? [y/N]", "y")? {
+            println!("cancelled: nothing changed");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if cmd.force
+            && !confirm(
+                "--force: the primary may still be alive. Type YES to go on:",
+                "yes",
+            )?
+        {
+            println!("cancelled: nothing changed");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let last = converse(
+        &cmd.socket,
+        &format!("promote{force}"),
+        Duration::from_secs(120),
+        |line| println!("{line}"),
+    )
+    .await?;
+    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_REFUSED)
+    })
+}
