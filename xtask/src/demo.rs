@@ -154,8 +154,8 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
          (lbs sync), the network takeover (lbs net), the tunnels to two data-center endpoints \
          (lbs vpn), the data center (lbs-datacenter: activation, roles, DNS) and the agent \
-         (lbs activate, lbs agent, lbs status). P and B through the agent and the data center \
-         join this demo with the next issue."
+         (lbs activate, lbs agent, lbs status, lbs promote, lbs demote). The console menu and \
+         automatic failover join this demo with the rest of issue 8."
     );
     Ok(())
 }
@@ -255,20 +255,6 @@ fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
         "office LAN in namespaces: gateway .1, primary .2, backup .3, phone .10",
         Office::build,
     )?;
-    let shared = [
-        "-i",
-        "eth0",
-        "--from",
-        "192.168.1.3/24",
-        "--to",
-        "192.168.1.2/24",
-        "--gateway",
-        "192.168.1.1",
-    ];
-    let show = |out: &Output| {
-        indent(&out.stdout);
-        indent(&out.stderr);
-    };
     timeline.step("the phone calls the primary (ping 192.168.1.2)", || {
         if !office.reaches("phone", "192.168.1.2")? {
             bail!("the phone cannot reach the primary");
@@ -277,65 +263,6 @@ fn network_steps(timeline: &mut Timeline, dir: &Path) -> anyhow::Result<()> {
     })?;
     vpn_steps(timeline, &office, dir, &lbs)?;
     pair_steps(timeline, &office, dir, &lbs)?;
-    timeline.step(
-        "while the primary lives, the backup refuses to take its address",
-        || {
-            let mut args = vec!["net", "take-over"];
-            args.extend(shared);
-            let out = office.run("backup", &lbs, &args)?;
-            indent(&out.stderr);
-            if out.status.code() != Some(3) {
-                bail!("the takeover did not refuse a live primary: {out:?}");
-            }
-            Ok(())
-        },
-    )?;
-    timeline.step("the primary dies (its switch port goes dark)", || {
-        Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "down"])
-    })?;
-    timeline.step("P: the backup takes over 192.168.1.2", || {
-        let mut args = vec!["net", "take-over"];
-        args.extend(shared);
-        let out = office.run("backup", &lbs, &args)?;
-        show(&out);
-        if !out.status.success() {
-            bail!("the takeover failed");
-        }
-        Ok(())
-    })?;
-    timeline.step(
-        "the phone reaches 192.168.1.2 again, now the backup",
-        || {
-            if !office.reaches("phone", "192.168.1.2")? {
-                bail!("the phone cannot reach the backup on the shared address");
-            }
-            let neigh = run_with_timeout(
-                Command::new("ip").args([
-                    "-n",
-                    &office.ns("phone"),
-                    "neigh",
-                    "show",
-                    "192.168.1.2",
-                ]),
-                STEP_TIMEOUT,
-            )?;
-            indent(&neigh.stdout);
-            Ok(())
-        },
-    )?;
-    timeline.step(
-        "B: the repaired primary is back; the backup gives the address back",
-        || {
-            let mut args = vec!["net", "give-up"];
-            args.extend(shared);
-            let out = office.run("backup", &lbs, &args)?;
-            show(&out);
-            if !out.status.success() {
-                bail!("giving the address back failed");
-            }
-            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "up"])
-        },
-    )?;
     drop(office);
     Ok(())
 }
@@ -543,7 +470,7 @@ fn pair_steps(
         std::fs::write(
             boxes.join(host).join("agent.toml"),
             format!(
-                "report_interval_s = 1\ntunnels = false\nastdb = \"\"\n\n[[set]]\nname = \"pbx\"\npath = \"{}\"\n",
+                "report_interval_s = 1\ntunnels = false\nastdb = \"\"\nprimary_gone_after_s = 2\npromote_note = \"move the PRI cable from the old primary to this box\"\n\n[[set]]\nname = \"pbx\"\npath = \"{}\"\n\n[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\n",
                 pbx(host).display()
             ),
         )?;
@@ -627,6 +554,120 @@ fn pair_steps(
         indent(dc_cli(&["status"])?.as_bytes());
         Ok(())
     })?;
+    let promote = |force_check: bool| -> anyhow::Result<Output> {
+        let mut cmd = in_ns("backup", lbs);
+        cmd.args(["promote", "--yes", "--socket"])
+            .arg(socket("backup"));
+        let out = run_with_timeout(&mut cmd, STEP_TIMEOUT)?;
+        indent(&out.stdout);
+        if force_check && !out.status.success() {
+            bail!("the promotion failed");
+        }
+        Ok(out)
+    };
+    timeline.step(
+        "while the primary lives, P on the backup is refused",
+        || {
+            let out = promote(false)?;
+            if out.status.success() {
+                bail!("the backup promoted itself while the primary lives");
+            }
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "the primary dies: its agent stops, its switch port goes dark",
+        || {
+            agents[0].stop()?;
+            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "down"])?;
+            // The data center must have lost it for primary_gone_after_s (2 s here).
+            wait_until(STEP_TIMEOUT, || {
+                let out = run_with_timeout(
+                    in_ns("backup", lbs)
+                        .args(["status", "--json", "--socket"])
+                        .arg(socket("backup")),
+                    STEP_TIMEOUT,
+                )?;
+                // `lbs status --json` says how long ago the data center heard the partner.
+                let text = String::from_utf8_lossy(&out.stdout);
+                let silent: Option<u64> = text
+                    .split("\"silent_ms\":")
+                    .nth(1)
+                    .and_then(|rest| rest.trim_start().split([',', '}', '\n']).next())
+                    .and_then(|n| n.trim().parse().ok());
+                Ok(silent.is_some_and(|ms| ms >= 2_000))
+            })
+        },
+    )?;
+    timeline.step(
+        "P on the backup: data center, address 192.168.1.2, PBX — each step timed",
+        || promote(true).map(drop),
+    )?;
+    timeline.step(
+        "the phone reaches 192.168.1.2 again, now the backup",
+        || {
+            if !office.reaches("phone", "192.168.1.2")? {
+                bail!("the phone cannot reach the backup on the shared address");
+            }
+            let neigh = run_with_timeout(
+                Command::new("ip").args([
+                    "-n",
+                    &office.ns("phone"),
+                    "neigh",
+                    "show",
+                    "192.168.1.2",
+                ]),
+                STEP_TIMEOUT,
+            )?;
+            indent(&neigh.stdout);
+            Ok(())
+        },
+    )?;
+    let new_voicemail = pbx("backup").join("voicemail/default/1234/INBOX/msg0004.wav");
+    timeline.step(
+        "the repaired primary comes back: fenced at its first report, off 192.168.1.2",
+        || {
+            std::fs::write(&new_voicemail, vec![4u8; 50_000])?;
+            Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "up"])?;
+            let mut agent = in_ns("primary", lbs);
+            agent
+                .arg("agent")
+                .arg("--config")
+                .arg(boxes.join("primary").join("agent.toml"))
+                .arg("--state")
+                .arg(boxes.join("primary").join("state"))
+                .arg("--socket")
+                .arg(socket("primary"))
+                .env("RUST_LOG", "warn");
+            agents[0] = Server::start(&mut agent, ready, STEP_TIMEOUT)?;
+            println!("    primary: {}", agents[0].addr);
+            wait_until(STEP_TIMEOUT, || {
+                let out = run_with_timeout(
+                    Command::new("ip").args(["-n", &office.ns("primary"), "-4", "-o", "addr"]),
+                    STEP_TIMEOUT,
+                )?;
+                Ok(!String::from_utf8_lossy(&out.stdout).contains("192.168.1.2/"))
+            })
+        },
+    )?;
+    timeline.step(
+        "B on the old primary: it becomes the backup and syncs what it missed",
+        || {
+            let mut cmd = in_ns("primary", lbs);
+            cmd.args(["demote", "--yes", "--socket"]).arg(socket("primary"));
+            let out = checked(&mut cmd, STEP_TIMEOUT)?;
+            indent(&out.stdout);
+            wait_until(STEP_TIMEOUT, || {
+                Ok(pbx("primary")
+                    .join("voicemail/default/1234/INBOX/msg0004.wav")
+                    .exists()
+                    && identical(lbs, &pbx("backup"), &pbx("primary"))?)
+            })?;
+            println!("    the voicemail left during the outage is on the old primary; both copies identical");
+            indent(dc_cli(&["status"])?.as_bytes());
+            Ok(())
+        },
+    )?;
     timeline.step("agents and data center stop on SIGTERM", || {
         for agent in &mut agents {
             agent.stop()?;
