@@ -1613,6 +1613,27 @@ async fn hook(command: &Option<String>, key: &str, what: &str) -> anyhow::Result
     Ok(StepOutcome::Done(format!("{what}: `{command}`")))
 }
 
+/// Takes the shared address (`take`) or gives it back for this box's own, each step of
+/// `lbs-netconfig`'s move passed on as progress.
+async fn move_address(
+    shared: &Shared,
+    network: &crate::config::Network,
+    take: bool,
+) -> anyhow::Result<lbs_netconfig::TakeoverReport> {
+    let net = lbs_netconfig::Netlink::open()?;
+    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+    let plan = takeover_plan(network, true);
+    let progress = shared.progress.clone();
+    let mut on_step = |step: &lbs_netconfig::StepReport| {
+        let _ = progress.send(format!("  {step}"));
+    };
+    Ok(if take {
+        lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut on_step).await?
+    } else {
+        lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut on_step).await?
+    })
+}
+
 async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {
     match action {
         Action::AskPromotion { believed } => {
@@ -1643,14 +1664,7 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
                     "this box keeps its own address (remote backup): the pair's name points here now".into(),
                 ));
             };
-            let net = lbs_netconfig::Netlink::open()?;
-            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-            let plan = takeover_plan(network, true);
-            let progress = shared.progress.clone();
-            let report = lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut |step| {
-                let _ = progress.send(format!("  {step}"));
-            })
-            .await?;
+            let report = move_address(shared, network, true).await?;
             Ok(StepOutcome::Done(format!(
                 "took {} on {}: {}",
                 network.shared,
@@ -1662,14 +1676,7 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
             let Some(network) = &shared.config.network else {
                 return Ok(StepOutcome::Done("no shared address to give up".into()));
             };
-            let net = lbs_netconfig::Netlink::open()?;
-            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-            let plan = takeover_plan(network, true);
-            let progress = shared.progress.clone();
-            let report = lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut |step| {
-                let _ = progress.send(format!("  {step}"));
-            })
-            .await?;
+            let report = move_address(shared, network, false).await?;
             Ok(StepOutcome::Done(format!(
                 "gave up {}: {}",
                 network.shared,
