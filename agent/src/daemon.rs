@@ -1445,37 +1445,49 @@ async fn promote_request(
         say(write, "ready: promotion possible").await;
         return;
     }
+    follow(
+        shared,
+        write,
+        Event::PromoteRequested,
+        |record| match record.state {
+            RoleState::Primary => Some(Ok(format!(
+                "this box is the PRIMARY ({})",
+                record.generation
+            ))),
+            RoleState::Backup => Some(Err(record
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "refused".to_owned()))),
+            _ => None,
+        },
+    )
+    .await;
+}
+
+/// Applies `event`, passes on the role change's progress lines as they come, and ends with
+/// `done: …` or `refused: …` once `finished` says the record reached an end.
+async fn follow(
+    shared: &Arc<Shared>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    event: Event,
+    finished: impl Fn(&RoleRecord) -> Option<Result<String, String>>,
+) {
     let started = Instant::now();
     let mut progress = shared.progress.subscribe();
-    shared.handle(Event::PromoteRequested);
+    shared.handle(event);
     loop {
-        let state = lock(&shared.machine).record.state;
-        if matches!(state, RoleState::Primary | RoleState::Backup) {
+        let record = lock(&shared.machine).record.clone();
+        if let Some(outcome) = finished(&record) {
             drain(&mut progress, write, started).await;
-        }
-        match state {
-            RoleState::Primary => {
-                let generation = lock(&shared.machine).record.generation;
-                say(
-                    write,
-                    &format!(
-                        "done: this box is the PRIMARY ({generation}) after {:.2} s",
-                        started.elapsed().as_secs_f64()
-                    ),
-                )
-                .await;
-                return;
-            }
-            RoleState::Backup => {
-                let why = lock(&shared.machine)
-                    .record
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "refused".to_owned());
-                say(write, &format!("refused: {why}")).await;
-                return;
-            }
-            _ => {}
+            let line = match outcome {
+                Ok(done) => format!(
+                    "done: {done} after {:.2} s",
+                    started.elapsed().as_secs_f64()
+                ),
+                Err(why) => format!("refused: {why}"),
+            };
+            say(write, &line).await;
+            return;
         }
         tokio::select! {
             line = progress.recv() => match line {
@@ -1500,31 +1512,12 @@ async fn demote_request(shared: &Arc<Shared>, write: &mut tokio::net::unix::Owne
         .await;
         return;
     }
-    let started = Instant::now();
-    let mut progress = shared.progress.subscribe();
-    shared.handle(Event::DemoteRequested);
-    loop {
-        if lock(&shared.machine).record.state == RoleState::Backup {
-            drain(&mut progress, write, started).await;
-            say(
-                write,
-                &format!(
-                    "done: this box is the BACKUP after {:.2} s; the full sync from the primary has started (lbs status shows it)",
-                    started.elapsed().as_secs_f64()
-                ),
-            )
-            .await;
-            return;
-        }
-        tokio::select! {
-            line = progress.recv() => match line {
-                Ok(line) => say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await,
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
+    follow(shared, write, Event::DemoteRequested, |record| {
+        (record.state == RoleState::Backup).then(|| {
+            Ok("this box is the BACKUP; the full sync from the primary has started (lbs status shows it)".to_owned())
+        })
+    })
+    .await;
 }
 
 /// Carries out role-change steps one at a time and feeds their outcome to the machine.
