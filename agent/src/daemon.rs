@@ -57,6 +57,11 @@ pub struct AgentCmd {
     /// The control socket `lbs status` talks to.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// For crash tests: die (SIGKILL) right after this role-change step ends, before its
+    /// outcome is recorded ("ask-promotion", "take-address", "start-pbx", "stop-pbx",
+    /// "give-up-address", "register-backup").
+    #[arg(long, hide = true)]
+    pub crash_after: Option<String>,
 }
 
 /// Replication of one set, as `lbs status` shows it.
@@ -151,6 +156,8 @@ struct Shared {
     steps: tokio::sync::mpsc::UnboundedSender<Action>,
     /// What the role change is doing, line by line, for `lbs promote` to show.
     progress: broadcast::Sender<String>,
+    /// Crash tests: the step after which the agent kills itself.
+    crash_after: Option<String>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -315,6 +322,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         mode,
         steps,
         progress,
+        crash_after: cmd.crash_after.clone(),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -1540,17 +1548,22 @@ async fn execute_steps(
             outcome = run_step(&shared, &action) => outcome,
         };
         let took = started.elapsed().as_secs_f64() * 1000.0;
-        let in_step = matches!(
-            lock(&shared.machine).record.state,
-            RoleState::Promoting(_) | RoleState::Demoting(_)
-        );
+        // An outcome only counts for the step the machine is waiting for (a step may have
+        // been overtaken, e.g. by the data center's word at a report).
+        let in_step = lock(&shared.machine).current_step().as_ref() == Some(&action);
+        if in_step && outcome.is_ok() && shared.crash_after.as_deref() == action.step_name() {
+            // Crash tests: the step is done, its outcome not recorded — as a power cut here.
+            eprintln!("lbs: --crash-after {action:?}: stopping dead");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
         match outcome {
-            Ok(StepOutcome::Promoted(generation)) => {
+            Ok(StepOutcome::Promoted(generation)) if in_step => {
                 let _ = shared.progress.send(format!(
                     "the data center made this box primary at {generation} ({took:.0} ms)"
                 ));
                 shared.handle(Event::Promoted(generation));
             }
+            Ok(StepOutcome::Promoted(_)) => {}
             Ok(StepOutcome::Done(what)) => {
                 let _ = shared.progress.send(format!("{what} ({took:.0} ms)"));
                 if in_step {

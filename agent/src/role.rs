@@ -142,6 +142,23 @@ pub enum Action {
     Say(String),
 }
 
+impl Action {
+    /// The step's name in progress lines and `--crash-after` (`None` for what is not a step).
+    pub fn step_name(&self) -> Option<&'static str> {
+        Some(match self {
+            Action::AskPromotion { .. } => "ask-promotion",
+            Action::TakeAddress => "take-address",
+            Action::StartPbx => "start-pbx",
+            Action::StopPbx => "stop-pbx",
+            Action::GiveUpAddress => "give-up-address",
+            Action::RegisterBackup => "register-backup",
+            Action::ServeSync | Action::PullSync | Action::StopSync | Action::Say(_) => {
+                return None;
+            }
+        })
+    }
+}
+
 /// Why an event was not accepted in a state.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -219,9 +236,19 @@ impl RoleMachine {
             RoleState::Unactivated => Vec::new(),
             RoleState::Primary => vec![Action::ServeSync],
             RoleState::Backup => vec![Action::PullSync],
-            RoleState::Fenced => vec![Action::StopSync],
+            // The fencing's steps again: a crash may have come between the record and them.
+            RoleState::Fenced => vec![Action::StopSync, Action::StopPbx, Action::GiveUpAddress],
             RoleState::Promoting(step) => vec![self.promote_action(step)],
             RoleState::Demoting(step) => vec![demote_action(step)],
+        }
+    }
+
+    /// The step under way (a promotion's or a demotion's), whose outcome the machine waits for.
+    pub fn current_step(&self) -> Option<Action> {
+        match self.record.state {
+            RoleState::Promoting(step) => Some(self.promote_action(step)),
+            RoleState::Demoting(step) => Some(demote_action(step)),
+            _ => None,
         }
     }
 
@@ -249,30 +276,29 @@ impl RoleMachine {
         use RoleState as S;
         let state = self.record.state;
         match (state, event) {
-            (S::Unactivated, Event::Activated { role, generation }) => {
-                self.record.generation = generation;
-                match role {
-                    Role::Primary => {
-                        self.set(S::Primary, now_ms);
-                        Ok(vec![
-                            Action::Say(format!("this box is the PRIMARY ({generation})")),
-                            Action::ServeSync,
-                        ])
-                    }
-                    Role::Backup => {
-                        self.set(S::Backup, now_ms);
-                        Ok(vec![
-                            Action::Say(format!(
-                                "this box is the BACKUP ({generation}); first full sync started"
-                            )),
-                            Action::PullSync,
-                        ])
-                    }
-                    other => Err(Refused(format!(
-                        "the data center activated this box as {other}, which makes no sense; ask the provider"
-                    ))),
+            (S::Unactivated, Event::Activated { role, generation }) => match role {
+                Role::Primary => {
+                    self.record.generation = generation;
+                    self.set(S::Primary, now_ms);
+                    Ok(vec![
+                        Action::Say(format!("this box is the PRIMARY ({generation})")),
+                        Action::ServeSync,
+                    ])
                 }
-            }
+                Role::Backup => {
+                    self.record.generation = generation;
+                    self.set(S::Backup, now_ms);
+                    Ok(vec![
+                        Action::Say(format!(
+                            "this box is the BACKUP ({generation}); first full sync started"
+                        )),
+                        Action::PullSync,
+                    ])
+                }
+                other => Err(Refused(format!(
+                    "the data center activated this box as {other}, which makes no sense; ask the provider"
+                ))),
+            },
             (_, Event::Activated { .. }) => {
                 Err(Refused(format!("this box is activated already ({state})")))
             }
@@ -289,7 +315,9 @@ impl RoleMachine {
             (_, Event::PromoteRequested) => Err(Refused(format!(
                 "only the backup can be promoted; this box is {state}"
             ))),
-            (S::Promoting(PromoteStep::AskAuthority), Event::Promoted(generation)) => {
+            (S::Promoting(PromoteStep::AskAuthority), Event::Promoted(generation))
+                if generation > self.record.generation =>
+            {
                 self.record.generation = generation;
                 self.set(S::Promoting(PromoteStep::TakeAddress), now_ms);
                 Ok(vec![Action::TakeAddress])
@@ -329,6 +357,25 @@ impl RoleMachine {
                 Ok(vec![
                     Action::Say(format!("{state}: {why}; retrying")),
                     retry,
+                ])
+            }
+            (
+                S::Backup | S::Promoting(PromoteStep::AskAuthority),
+                Event::Authority {
+                    role: Role::Primary,
+                    generation,
+                },
+            ) if generation > self.record.generation => {
+                // The data center granted this box's promotion but the answer was lost (or
+                // the box crashed before recording it): finish what the operator started.
+                self.record.generation = generation;
+                self.set(S::Promoting(PromoteStep::TakeAddress), now_ms);
+                Ok(vec![
+                    Action::Say(format!(
+                        "the data center made this box primary at {generation}: finishing the promotion"
+                    )),
+                    Action::StopSync,
+                    Action::TakeAddress,
                 ])
             }
             (S::Primary | S::Promoting(_), Event::Authority { role, generation })
@@ -530,7 +577,10 @@ mod tests {
             .unwrap();
         assert_eq!(m.record.state, RoleState::Fenced);
         assert!(actions.contains(&Action::StopPbx) && actions.contains(&Action::GiveUpAddress));
-        assert_eq!(m.resume(), [Action::StopSync]);
+        assert_eq!(
+            m.resume(),
+            [Action::StopSync, Action::StopPbx, Action::GiveUpAddress]
+        );
         assert_eq!(
             m.handle(Event::DemoteRequested, 3).unwrap(),
             [Action::StopPbx]
@@ -547,6 +597,167 @@ mod tests {
         let actions = m.handle(Event::StepDone, 6).unwrap();
         assert_eq!(m.record.state, RoleState::Backup);
         assert!(actions.contains(&Action::PullSync));
+    }
+
+    const ALL_STATES: [RoleState; 10] = [
+        RoleState::Unactivated,
+        RoleState::Primary,
+        RoleState::Backup,
+        RoleState::Fenced,
+        RoleState::Promoting(PromoteStep::AskAuthority),
+        RoleState::Promoting(PromoteStep::TakeAddress),
+        RoleState::Promoting(PromoteStep::StartPbx),
+        RoleState::Demoting(DemoteStep::StopPbx),
+        RoleState::Demoting(DemoteStep::GiveUpAddress),
+        RoleState::Demoting(DemoteStep::Register),
+    ];
+
+    fn all_events(generation: u64) -> Vec<Event> {
+        let mut events = vec![
+            Event::PromoteRequested,
+            Event::DemoteRequested,
+            Event::StepDone,
+            Event::StepFailed("cable pulled".into()),
+        ];
+        for g in [generation.saturating_sub(1), generation, generation + 1] {
+            events.push(Event::Promoted(Generation(g)));
+            for role in [Role::Unactivated, Role::Primary, Role::Backup, Role::Fenced] {
+                events.push(Event::Activated {
+                    role,
+                    generation: Generation(g),
+                });
+                events.push(Event::Authority {
+                    role,
+                    generation: Generation(g),
+                });
+            }
+        }
+        events
+    }
+
+    /// Every event in every state: a refusal changes nothing; the generation never goes
+    /// down; a box only starts serving phones (wire role primary) from a promotion step the
+    /// data center granted at a higher generation, never straight from backup, fenced or a
+    /// demotion (split brain); a higher generation where another box is primary always
+    /// fences a primary; and whatever the state, `resume` has something sensible to do.
+    #[test]
+    fn every_event_in_every_state_keeps_the_rules() {
+        for state in ALL_STATES {
+            for event in all_events(5) {
+                let mut m = at(state, 5);
+                let before = m.record.clone();
+                let result = m.handle(event.clone(), 100);
+                let after = m.record.clone();
+                let case = format!("{state} + {event:?} -> {}", after.state);
+                match &result {
+                    Err(_) => assert_eq!(after, before, "{case}: refused but changed"),
+                    // An unactivated box takes the data center's generation, whatever it is.
+                    Ok(_) if state == RoleState::Unactivated => {}
+                    Ok(_) => assert!(after.generation >= before.generation, "{case}"),
+                }
+                let serving_before = before.state.wire_role() == Role::Primary;
+                let serving_after = after.state.wire_role() == Role::Primary;
+                if serving_after && !serving_before && state != RoleState::Unactivated {
+                    assert!(
+                        matches!(
+                            (state, &event),
+                            (
+                                RoleState::Promoting(PromoteStep::TakeAddress),
+                                Event::StepDone
+                            )
+                        ),
+                        "{case}: became primary without the address step"
+                    );
+                    assert!(after.generation > Generation(4), "{case}");
+                }
+                if matches!(state, RoleState::Backup | RoleState::Fenced)
+                    || matches!(state, RoleState::Demoting(_))
+                {
+                    assert!(
+                        !matches!(after.state, RoleState::Primary),
+                        "{case}: primary without a promotion"
+                    );
+                }
+                if let Event::Authority { role, generation } = &event
+                    && *generation > Generation(5)
+                    && *role != Role::Primary
+                    && matches!(state, RoleState::Primary | RoleState::Promoting(_))
+                {
+                    assert_eq!(after.state, RoleState::Fenced, "{case}");
+                    let actions = result.as_ref().unwrap();
+                    assert!(actions.contains(&Action::GiveUpAddress), "{case}");
+                    assert!(actions.contains(&Action::StopPbx), "{case}");
+                }
+                // After a crash in any state, the restart knows what to do.
+                let resumed = m.resume();
+                match after.state {
+                    RoleState::Unactivated => assert!(resumed.is_empty(), "{case}"),
+                    RoleState::Promoting(_) | RoleState::Demoting(_) => {
+                        assert_eq!(resumed, vec![m.current_step().unwrap()], "{case}")
+                    }
+                    RoleState::Fenced => {
+                        assert!(resumed.contains(&Action::GiveUpAddress), "{case}")
+                    }
+                    _ => assert_eq!(resumed.len(), 1, "{case}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_promotion_granted_but_not_recorded_is_finished_at_the_next_report() {
+        // The box crashed between the data center's grant and recording it; after the
+        // restart the data center was unreachable, so the step failed and it went back to
+        // backup. The next report says it is primary at gen 2: it finishes the promotion.
+        for state in [
+            RoleState::Backup,
+            RoleState::Promoting(PromoteStep::AskAuthority),
+        ] {
+            let mut m = at(state, 1);
+            let actions = m
+                .handle(
+                    Event::Authority {
+                        role: Role::Primary,
+                        generation: Generation(2),
+                    },
+                    1,
+                )
+                .unwrap();
+            assert_eq!(
+                m.record.state,
+                RoleState::Promoting(PromoteStep::TakeAddress)
+            );
+            assert_eq!(actions.last(), Some(&Action::TakeAddress));
+            assert_eq!(m.record.generation, Generation(2));
+        }
+        // The same generation (a primary that knows it is) changes nothing for a backup.
+        let mut m = at(RoleState::Backup, 2);
+        let actions = m
+            .handle(
+                Event::Authority {
+                    role: Role::Primary,
+                    generation: Generation(2),
+                },
+                1,
+            )
+            .unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(m.record.state, RoleState::Backup);
+    }
+
+    #[test]
+    fn two_presses_of_p_promote_once() {
+        let mut m = at(RoleState::Backup, 1);
+        m.handle(Event::PromoteRequested, 1).unwrap();
+        let second = m.handle(Event::PromoteRequested, 1).unwrap_err();
+        assert!(second.0.contains("under way"), "{second}");
+        // The grant arrives once; a second grant in the next step does not apply.
+        m.handle(Event::Promoted(Generation(2)), 2).unwrap();
+        assert!(m.handle(Event::Promoted(Generation(2)), 2).is_err());
+        assert_eq!(
+            m.record.state,
+            RoleState::Promoting(PromoteStep::TakeAddress)
+        );
     }
 
     #[test]

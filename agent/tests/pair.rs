@@ -177,6 +177,75 @@ impl Pair {
         }
     }
 
+    /// The office network for P and B: the shared address is .2 (a's at first), the other
+    /// box's is .3; on P the backup moves from .3 to .2, on B the old primary from .2 to .3
+    /// (the seed's swap). The data center must have lost the primary for 2 s. The PBX hooks
+    /// write the PBX's state ("up"/"down") to `pbx` next to the configuration; `extra` goes
+    /// at the top of the configuration.
+    fn office(&self, extra: &str) {
+        for host in ["a", "b"] {
+            let config = self.dir().join(host).join("agent.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            let pbx = self.dir().join(host).join("pbx");
+            std::fs::write(
+                &config,
+                format!(
+                    "primary_gone_after_s = 2\npbx_start = \"echo up > {pbx}\"\npbx_stop = \"echo down > {pbx}\"\n{extra}{text}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.70.2/24\"\nown = \"192.168.70.3/24\"\ngateway = \"{DC_IP}\"\n",
+                    pbx = pbx.display()
+                ),
+            )
+            .unwrap();
+        }
+    }
+
+    /// The agent of `host` with `args` added; its pid.
+    fn agent_with(&mut self, host: &str, args: &[&str]) -> u32 {
+        let mut cmd = self.agent_command(host);
+        cmd.args(args);
+        self.lab.spawn_until(cmd, "ready:", STEP).unwrap().0
+    }
+
+    fn addresses(&mut self, host: &str) -> String {
+        ok(self
+            .lab
+            .sh(host, &["ip", "-4", "-o", "addr", "show", "eth0"])
+            .unwrap())
+    }
+
+    fn pbx(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir().join(host).join("pbx"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    fn datacenter_status(&self) -> serde_json::Value {
+        let dc = workspace_binary("lbs-datacenter");
+        serde_json::from_str(&ok(Command::new(&dc)
+            .arg("--dir")
+            .arg(self.dc_dir())
+            .args(["status", "--json"])
+            .output()
+            .unwrap()))
+        .unwrap()
+    }
+
+    /// Runs `lbs <verb> --yes` on `host`.
+    fn role_change(&mut self, host: &str, verb: &str) -> (bool, String) {
+        let mut cmd = self.lab.command(host, LBS);
+        cmd.args([verb, "--yes", "--socket"]).arg(self.socket(host));
+        let out = self.lab.run(cmd, STEP).unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("[{host}] lbs {verb}:\n{said}");
+        (out.status.success(), said)
+    }
+
+    /// The state in `host`'s role record on disk.
+    fn recorded_state(&self, host: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.state(host).join("role.json")).unwrap()).unwrap()
+    }
+
     /// An agent on a box not activated yet: it waits for `lbs activate`.
     fn start_waiting_agent(&mut self, host: &str) {
         let cmd = self.agent_command(host);
@@ -503,20 +572,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         return;
     }
     let mut pair = Pair::start(false);
-    // The office's shared address is .2 (a's), the other box's is .3: on P the backup moves
-    // from .3 to .2, on B the old primary from .2 to .3 (the seed's swap). The data center
-    // must have lost the primary for 2 s.
-    for host in ["a", "b"] {
-        let config = pair.dir().join(host).join("agent.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "primary_gone_after_s = 2\npromote_note = \"move the PRI cable to this box\"\n{text}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.70.2/24\"\nown = \"192.168.70.3/24\"\ngateway = \"{DC_IP}\"\n"
-            ),
-        )
-        .unwrap();
-    }
+    pair.office("promote_note = \"move the PRI cable to this box\"\n");
     std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
     pair.activate("a", 0);
     pair.activate("b", 1);
@@ -688,5 +744,170 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     for pid in pair.agents.clone() {
         let status = pair.lab.stop(pid, STEP).unwrap();
         assert!(status.success(), "agent exited with {status}");
+    }
+}
+
+/// kill -9 (here: the agent kills itself with SIGKILL right after the step, before it records
+/// the step's outcome — the worst moment) at every step of P and of B, three failovers and
+/// three failbacks in a row; each time the restarted agent finishes what was started, and
+/// the boxes end whole: one holds the shared address with its PBX up, the other its own
+/// address with its PBX down, the data center agrees, and the backup is in sync.
+#[test]
+fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
+    if !require_root(
+        "kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    pair.office("");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let mut agent = std::collections::HashMap::new();
+    agent.insert("a", pair.agent_with("a", &[]));
+    agent.insert("b", pair.agent_with("b", &[]));
+    pair.wait("the first full sync", STEP, |pair| {
+        pair.media("b").join("greeting.wav").exists()
+    });
+    let sid = |host: &str| pair.sids[usize::from(host == "b")].0.to_string();
+    let (sid_a, sid_b) = (sid("a"), sid("b"));
+    let sid_of = |host: &str| {
+        if host == "a" {
+            sid_a.clone()
+        } else {
+            sid_b.clone()
+        }
+    };
+    let rounds = [
+        ("ask-promotion", "stop-pbx"),
+        ("take-address", "give-up-address"),
+        ("start-pbx", "register-backup"),
+    ];
+    let (mut primary, mut backup) = ("a", "b");
+    for (round, (p_crash, b_crash)) in rounds.into_iter().enumerate() {
+        let generation = 2 + round as u64;
+        eprintln!(
+            "round {round}: P on {backup} dies after {p_crash}, B on {primary} after {b_crash}"
+        );
+        pair.lab.stop(agent[backup], STEP).unwrap();
+        agent.insert(backup, pair.agent_with(backup, &["--crash-after", p_crash]));
+        // The primary dies.
+        pair.lab.kill(agent[primary]).unwrap();
+        ok(pair
+            .lab
+            .sh(primary, &["ip", "link", "set", "eth0", "down"])
+            .unwrap());
+        pair.wait(
+            "the data center to lose the primary for 2 s",
+            STEP,
+            |pair| {
+                pair.status(backup)["info"]["partner"]["silent_ms"]
+                    .as_u64()
+                    .is_some_and(|ms| ms >= 2_000)
+            },
+        );
+        let (done, said) = pair.role_change(backup, "promote");
+        assert!(!done, "{said}");
+        let died = pair.lab.wait_exit(agent[backup], STEP).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&died),
+            Some(9),
+            "{died}"
+        );
+        assert_eq!(
+            pair.recorded_state(backup)["state"],
+            "promoting",
+            "round {round}"
+        );
+        // Started again, it finishes the promotion.
+        agent.insert(backup, pair.agent_with(backup, &[]));
+        pair.wait("the promotion finished after the restart", STEP, |pair| {
+            let role = &pair.status(backup)["role"];
+            role["state"] == "primary" && role["generation"] == generation
+        });
+        let held = pair.addresses(backup);
+        assert!(held.contains("192.168.70.2/24"), "{held}");
+        assert!(!held.contains("192.168.70.3/24"), "{held}");
+        assert_eq!(pair.pbx(backup), "up");
+        let table = pair.datacenter_status();
+        assert_eq!(table[0]["generation"], generation);
+        assert_eq!(table[0]["primary"], sid_of(backup));
+        assert!(
+            pair.lab
+                .sh("dc", &["ping", "-c1", "-W2", "192.168.70.2"])
+                .unwrap()
+                .status
+                .success(),
+            "round {round}: the data center cannot reach 192.168.70.2"
+        );
+
+        // The old primary comes back, is fenced, and B dies after `b_crash`.
+        let written = format!("after-{round}.txt");
+        std::fs::write(pair.media(backup).join(&written), round.to_string()).unwrap();
+        ok(pair
+            .lab
+            .sh(primary, &["ip", "link", "set", "eth0", "up"])
+            .unwrap());
+        agent.insert(
+            primary,
+            pair.agent_with(primary, &["--crash-after", b_crash]),
+        );
+        pair.wait(
+            "the old primary fenced, off the shared address",
+            STEP,
+            |pair| {
+                pair.status(primary)["role"]["state"] == "fenced"
+                    && !pair.addresses(primary).contains("192.168.70.2/")
+            },
+        );
+        assert_eq!(pair.pbx(primary), "down", "a fenced box stops its PBX");
+        let (done, said) = pair.role_change(primary, "demote");
+        assert!(!done, "{said}");
+        let died = pair.lab.wait_exit(agent[primary], STEP).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&died),
+            Some(9),
+            "{died}"
+        );
+        assert_eq!(
+            pair.recorded_state(primary)["state"],
+            "demoting",
+            "round {round}"
+        );
+        agent.insert(primary, pair.agent_with(primary, &[]));
+        pair.wait("the demotion finished and the copy in sync", STEP, |pair| {
+            let status = pair.status(primary);
+            status["role"]["state"] == "backup"
+                && std::fs::read(pair.media(primary).join(&written))
+                    .is_ok_and(|c| c == round.to_string().as_bytes())
+                && status["sets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|s| s["state"] == "in sync")
+        });
+        let held = pair.addresses(primary);
+        assert!(held.contains("192.168.70.3/24"), "{held}");
+        assert!(!held.contains("192.168.70.2/"), "{held}");
+        assert_eq!(pair.pbx(primary), "down");
+        let table = pair.datacenter_status();
+        let role = |sid: &str| {
+            table[0]["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["sid"] == sid)
+                .unwrap()["role"]
+                .clone()
+        };
+        assert_eq!(role(&sid_of(primary)), "backup");
+        assert_eq!(role(&sid_of(backup)), "primary");
+        (primary, backup) = (backup, primary);
+    }
+    for host in ["a", "b"] {
+        let status = pair.lab.stop(agent[host], STEP).unwrap();
+        assert!(status.success(), "agent on {host} exited with {status}");
     }
 }

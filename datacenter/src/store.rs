@@ -220,6 +220,8 @@ pub struct Promoted {
     pub generation: Generation,
     /// The primary before, now fenced.
     pub previous: Option<ServerId>,
+    /// The same box asked again for the promotion it had been granted: nothing changed.
+    pub repeat: bool,
 }
 
 /// One pair as `status` shows it.
@@ -1116,6 +1118,23 @@ impl Store for SqliteStore {
     ) -> Result<Promoted, StoreError> {
         let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
+        if row.role == Role::Primary && believed.next() == Some(row.generation) {
+            // The same box asking again for the promotion it was granted (the answer was
+            // lost, or it crashed before recording it): the same answer, nothing changes.
+            let previous: Option<String> = tx
+                .query_row(
+                    "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
+                    params![row.pair_id, sid.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db("reading the partner"))?;
+            return Ok(Promoted {
+                generation: row.generation,
+                previous: previous.and_then(|o| o.parse().ok()),
+                repeat: true,
+            });
+        }
         if row.role != Role::Backup {
             return Err(StoreError::NotAllowed(format!(
                 "{sid} is {} of pair {}, not its backup: only the backup can be promoted",
@@ -1181,6 +1200,7 @@ impl Store for SqliteStore {
         Ok(Promoted {
             generation: next,
             previous: old.and_then(|o| o.parse().ok()),
+            repeat: false,
         })
     }
 

@@ -94,6 +94,21 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
             .generation,
         Generation(2)
     );
+    // The same box asking again (its answer lost, or it crashed before recording it) gets
+    // the same answer; nothing moves, nothing is logged twice. Anybody else is refused.
+    let logged = store(&db).events(0).unwrap().len();
+    let repeat = store(&db)
+        .promote(a, Generation(1), REMOTE, "10.77.0.11", T0 + 6)
+        .unwrap();
+    assert_eq!(
+        (repeat.generation, repeat.previous, repeat.repeat),
+        (Generation(2), Some(b), true)
+    );
+    assert_eq!(store(&db).events(0).unwrap().len(), logged);
+    assert!(matches!(
+        store(&db).promote(a, Generation(2), REMOTE, "10.77.0.11", T0 + 6),
+        Err(StoreError::NotAllowed(_))
+    ));
     // DNS: the pair's name now must point at A's advertised address, primary./backup. at
     // the overlay addresses of A and B; nothing written yet, so all three are due.
     let due = |db: &Path| -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
@@ -286,6 +301,8 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
                 .unwrap();
         }
         let backup = servers[1].sid;
+        // The same box racing itself: one promotion, the others are told it is granted
+        // already (a repeat changes nothing).
         let wins: Vec<bool> = std::thread::scope(|scope| {
             let racers: Vec<_> = (0..4)
                 .map(|i| {
@@ -294,7 +311,7 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
                         SqliteStore::open(&db)
                             .unwrap()
                             .promote(backup, Generation(1), REMOTE, &format!("racer {i}"), T0)
-                            .is_ok()
+                            .is_ok_and(|p| !p.repeat && p.generation == Generation(2))
                     })
                 })
                 .collect();

@@ -215,6 +215,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Waits up to `timeout` for a process this lab started to end by itself, and reaps it.
+    pub fn wait_exit(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let idx = self.child_index(pid)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.children[idx].try_wait()? {
+                let _ = self.children.remove(idx).wait();
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("process {pid} did not end within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills a process this lab started (SIGKILL: a crash) and reaps it.
     pub fn kill(&mut self, pid: u32) -> anyhow::Result<()> {
         let idx = self.child_index(pid)?;
