@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{activate, daemon, net_cmd, promote_cmd, status_cmd, sync_cmd, vpn_cmd};
+use crate::{activate, console, daemon, net_cmd, promote_cmd, status_cmd, sync_cmd, vpn_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -31,8 +31,12 @@ enum Command {
     /// P: make this backup the primary — checks, confirmation, then every step timed. Exit 3
     /// if refused.
     Promote(promote_cmd::PromoteCmd),
-    /// B: make this fenced box (the old primary, repaired) the backup. Exit 3 if refused.
+    /// B: make this fenced box (the old primary, repaired) the backup, and follow the
+    /// re-sync until in sync. Exit 3 if refused.
     Demote(promote_cmd::DemoteCmd),
+    /// The console menu (the `ip` login's shell): role, partner, sync state, and the keys
+    /// P, B, S and Q; plain text for a bare VGA or serial console (80×25).
+    Console(console::ConsoleCmd),
     /// Replicate a directory tree from the primary to the backup.
     #[command(subcommand)]
     Sync(SyncCommand),
@@ -129,6 +133,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Status(cmd) => status_cmd::status(cmd).await,
             Command::Promote(cmd) => promote_cmd::promote(cmd).await,
             Command::Demote(cmd) => promote_cmd::demote(cmd).await,
+            Command::Console(cmd) => console::console(cmd).await,
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

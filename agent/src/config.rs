@@ -14,6 +14,9 @@
 //! pbx_start = ""                   # command that starts it (P)
 //! primary_gone_after_s = 15        # P needs the data center to have lost the primary this long
 //! promote_note = ""                # shown at P, e.g. "move the PRI cable to this box"
+//! demote_note = ""                 # shown at B, e.g. "plug this box's LAN cable back in"
+//! auto_failover = false            # the backup promotes itself when it and the data center
+//!                                  # have both lost the primary for primary_gone_after_s
 //!
 //! [network]                        # the office address P takes; omit for a remote backup
 //! interface = "eth0"
@@ -75,6 +78,10 @@ struct File {
     primary_gone_after_s: u64,
     #[serde(default)]
     promote_note: String,
+    #[serde(default)]
+    demote_note: String,
+    #[serde(default)]
+    auto_failover: bool,
     network: Option<NetworkFile>,
     #[serde(default = "default_sets")]
     set: Vec<SetFile>,
@@ -196,6 +203,10 @@ pub struct AgentConfig {
     pub primary_gone_after: Duration,
     /// The operator's note at P.
     pub promote_note: Option<String>,
+    /// The operator's note at B.
+    pub demote_note: Option<String>,
+    /// Whether the backup promotes itself (off by default).
+    pub auto_failover: bool,
     /// The office address P takes, if this backup is on the primary's LAN.
     pub network: Option<Network>,
     /// The sets, highest priority first.
@@ -258,6 +269,9 @@ impl AgentConfig {
             primary_gone_after: Duration::from_secs(file.primary_gone_after_s),
             promote_note: (!file.promote_note.trim().is_empty())
                 .then(|| file.promote_note.trim().to_owned()),
+            demote_note: (!file.demote_note.trim().is_empty())
+                .then(|| file.demote_note.trim().to_owned()),
+            auto_failover: file.auto_failover,
             network: file
                 .network
                 .map(|n| -> anyhow::Result<Network> {

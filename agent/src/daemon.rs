@@ -37,7 +37,7 @@ use crate::activate::{BoxInfo, StatePaths};
 use crate::config::{ASTDB_SET, AgentConfig, SyncOver, SyncSet};
 use crate::peer::Peer;
 use crate::resources::{ResourceHistory, Sample};
-use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleRecord, RoleState};
+use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleRecord, RoleState, SharedAddress};
 
 /// Where the control socket lives unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
@@ -91,6 +91,28 @@ pub struct SetStatus {
     pub last_error: Option<String>,
 }
 
+/// The office network as `[network]` configures it (with the operator's choice at **P**).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The office interface.
+    pub interface: String,
+    /// The primary's address, the one phones use (`192.168.1.2/24`).
+    pub shared: String,
+    /// This box's own address.
+    pub own: String,
+    /// The office gateway.
+    pub gateway: Ipv4Addr,
+}
+
+/// The operator's notes (`promote_note`, `demote_note`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notes {
+    /// Shown at P.
+    pub promote: Option<String>,
+    /// Shown at B.
+    pub demote: Option<String>,
+}
+
 /// The data center link.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataCenterStatus {
@@ -121,6 +143,13 @@ pub struct AgentStatus {
     pub tunnels_error: Option<String>,
     /// This machine's recent resource samples (oldest first).
     pub resources: Vec<Sample>,
+    /// The address this box serves on now.
+    pub serving_at: Ipv4Addr,
+    /// The office network (`None`: a remote box that keeps its own address; phones follow
+    /// the DNS name).
+    pub network: Option<NetworkView>,
+    /// The operator's notes at P and B.
+    pub notes: Notes,
     /// The software.
     pub software: String,
     /// The protocol.
@@ -166,10 +195,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn status(&self) -> AgentStatus {
+        // Each lock taken and released on its own line: a guard in the struct expression
+        // below would live to its end, and `current_address` takes the machine's again.
         let (tunnels, tunnels_error) = lock(&self.tunnels).clone();
+        let role = lock(&self.machine).record.clone();
+        let info = lock(&self.info).clone();
+        let serving_at = current_address(self);
+        let network = network(self);
         AgentStatus {
-            info: lock(&self.info).clone(),
-            role: lock(&self.machine).record.clone(),
+            info,
+            role,
             replication: match *self.mode.borrow() {
                 Mode::Serve => "serving",
                 Mode::Pull => "pulling",
@@ -181,6 +216,17 @@ impl Shared {
             tunnels,
             tunnels_error,
             resources: lock(&self.resources).recent(),
+            serving_at,
+            notes: Notes {
+                promote: self.config.promote_note.clone(),
+                demote: self.config.demote_note.clone(),
+            },
+            network: network.map(|n| NetworkView {
+                interface: n.interface,
+                shared: n.shared.to_string(),
+                own: n.own.to_string(),
+                gateway: n.gateway,
+            }),
             software: SoftwareVersion::current().to_string(),
             protocol: PROTOCOL_VERSION.to_string(),
             at_ms: now_ms(),
@@ -443,14 +489,21 @@ async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: Can
                 return;
             }
             let request = line.trim();
-            if request == "demote" {
-                demote_request(&shared, &mut write).await;
+            if request == "demote" || request == "demote-check" {
+                demote_request(&shared, &mut write, request == "demote-check").await;
                 return;
             }
             if let Some(rest) = request.strip_prefix("promote") {
                 let check_only = rest.starts_with("-check");
-                let force = rest.split_whitespace().any(|w| w == "force");
-                promote_request(&shared, &mut write, force, check_only).await;
+                let words = rest.trim_start_matches("-check");
+                match PromoteOptions::parse(words, shared.config.network.as_ref()) {
+                    Ok(options) => {
+                        promote_request(&shared, &mut write, options, check_only).await;
+                    }
+                    Err(why) => {
+                        say(&mut write, &format!("refused: {why}")).await;
+                    }
+                }
                 return;
             }
             let answer = match request {
@@ -627,11 +680,33 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     }
 }
 
+/// The office network of `[network]`, with the address the operator chose at **P** instead
+/// of the configured one.
+fn network(shared: &Shared) -> Option<crate::config::Network> {
+    let chosen = lock(&shared.machine).record.shared;
+    with_choice(shared.config.network.clone(), chosen)
+}
+
+fn with_choice(
+    network: Option<crate::config::Network>,
+    chosen: Option<SharedAddress>,
+) -> Option<crate::config::Network> {
+    let mut network = network?;
+    if let Some(chosen) = chosen {
+        network.shared = lbs_netconfig::Ipv4Cidr {
+            addr: chosen.address,
+            prefix: chosen.prefix,
+        };
+        network.gateway = chosen.gateway;
+    }
+    Some(network)
+}
+
 /// Where this box serves now: the shared address while it is primary (with a `[network]`
 /// section), its own otherwise.
 fn current_address(shared: &Shared) -> Ipv4Addr {
     let state = lock(&shared.machine).record.state;
-    match (&shared.config.network, state) {
+    match (&network(shared), state) {
         (Some(network), RoleState::Primary | RoleState::Promoting(PromoteStep::StartPbx)) => {
             network.shared.addr
         }
@@ -1310,13 +1385,20 @@ async fn watch_partner(
 }
 
 /// Writes one line to an `lbs promote` client (it may have gone: then nobody reads).
-async fn say(write: &mut tokio::net::unix::OwnedWriteHalf, line: &str) {
+async fn say(write: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> bool {
     use tokio::io::AsyncWriteExt;
-    let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+    write
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .is_ok()
 }
 
 /// The checks before **P**: what the operator must know, and whether to go ahead.
-async fn promote_checks(shared: &Shared, force: bool) -> Result<Vec<String>, String> {
+async fn promote_checks(
+    shared: &Shared,
+    force: bool,
+    chosen: Option<SharedAddress>,
+) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     let state = lock(&shared.machine).record.state;
     if state != RoleState::Backup {
@@ -1379,7 +1461,7 @@ async fn promote_checks(shared: &Shared, force: bool) -> Result<Vec<String>, Str
         )),
         None => lines.push("the data center never heard the primary".to_owned()),
     }
-    if let Some(network) = &shared.config.network {
+    if let Some(network) = &with_choice(shared.config.network.clone(), chosen) {
         let probe = async {
             use lbs_netconfig::{Arp, NetBackend};
             let net = lbs_netconfig::Netlink::open()?;
@@ -1388,10 +1470,16 @@ async fn promote_checks(shared: &Shared, force: bool) -> Result<Vec<String>, Str
             anyhow::Ok(arp.probe(&link, network.shared.addr).await?)
         };
         match probe.await {
-            Ok(lbs_netconfig::ProbeResult::Free) => lines.push(format!(
-                "nobody answers ARP for {} on {}",
-                network.shared.addr, network.interface
-            )),
+            Ok(lbs_netconfig::ProbeResult::Free) => {
+                lines.push(format!(
+                    "nobody answers ARP for {} on {}",
+                    network.shared.addr, network.interface
+                ));
+                lines.push(format!(
+                    "this box will take {} via {} on {} (it has {} now)",
+                    network.shared, network.gateway, network.interface, network.own
+                ));
+            }
             Ok(lbs_netconfig::ProbeResult::InUse(mac)) if !force => {
                 return Err(format!(
                     "cannot take {}: {mac} still answers ARP; unplug the old primary or use --force",
@@ -1431,15 +1519,85 @@ async fn drain(
     }
 }
 
+/// What `promote` / `promote-check` asked for: `force`, and `address=A/P` `gateway=G` when
+/// the operator changed the configured address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PromoteOptions {
+    pub(crate) force: bool,
+    pub(crate) chosen: Option<SharedAddress>,
+}
+
+impl PromoteOptions {
+    /// Parses the request's words against the configured network.
+    pub(crate) fn parse(
+        words: &str,
+        network: Option<&crate::config::Network>,
+    ) -> Result<PromoteOptions, String> {
+        let mut options = PromoteOptions::default();
+        let (mut address, mut gateway) = (None, None);
+        for word in words.split_whitespace() {
+            if word == "force" {
+                options.force = true;
+            } else if let Some(text) = word.strip_prefix("address=") {
+                let cidr = text.parse::<lbs_netconfig::Ipv4Cidr>().map_err(|_| {
+                    format!("{text:?} is not an address with its prefix, like 192.168.1.2/24")
+                })?;
+                address = Some(cidr);
+            } else if let Some(text) = word.strip_prefix("gateway=") {
+                gateway = Some(
+                    text.parse::<Ipv4Addr>()
+                        .map_err(|_| format!("{text:?} is not an address, like 192.168.1.1"))?,
+                );
+            } else {
+                return Err(format!("unknown word {word:?} in the promotion request"));
+            }
+        }
+        if address.is_none() && gateway.is_none() {
+            return Ok(options);
+        }
+        let Some(network) = network else {
+            return Err(
+                "this box has no [network] section: it keeps its own address on promotion".into(),
+            );
+        };
+        let address = address.unwrap_or(network.shared);
+        let gateway = gateway.unwrap_or(network.gateway);
+        if address.prefix == 0 || address.prefix > 30 {
+            return Err(format!(
+                "/{} leaves no room for a gateway; an office LAN is /8 to /30",
+                address.prefix
+            ));
+        }
+        let mask = u32::MAX << (32 - u32::from(address.prefix));
+        if u32::from(address.addr) & mask != u32::from(gateway) & mask {
+            return Err(format!(
+                "the gateway {gateway} is not on {}/{}'s network",
+                address.addr, address.prefix
+            ));
+        }
+        if gateway == address.addr {
+            return Err(format!(
+                "{gateway} cannot be both the address and the gateway"
+            ));
+        }
+        options.chosen = Some(SharedAddress {
+            address: address.addr,
+            prefix: address.prefix,
+            gateway,
+        });
+        Ok(options)
+    }
+}
+
 /// `promote-check` / `promote`: the checks, then (unless only checking) the promotion with
 /// its steps as they happen.
 async fn promote_request(
     shared: &Arc<Shared>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
-    force: bool,
+    options: PromoteOptions,
     check_only: bool,
 ) {
-    let lines = match promote_checks(shared, force).await {
+    let lines = match promote_checks(shared, options.force, options.chosen).await {
         Ok(lines) => lines,
         Err(why) => {
             say(write, &format!("refused: {why}")).await;
@@ -1456,7 +1614,8 @@ async fn promote_request(
     follow(
         shared,
         write,
-        Event::PromoteRequested,
+        Event::PromoteRequested(options.chosen),
+        false,
         |record| match record.state {
             RoleState::Primary => Some(Ok(format!(
                 "this box is the PRIMARY ({})",
@@ -1473,11 +1632,13 @@ async fn promote_request(
 }
 
 /// Applies `event`, passes on the role change's progress lines as they come, and ends with
-/// `done: …` or `refused: …` once `finished` says the record reached an end.
+/// `refused: …`, or `done: …` (`more_follows`: a progress line, the caller goes on) once
+/// `finished` says the record reached an end.
 async fn follow(
     shared: &Arc<Shared>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
     event: Event,
+    more_follows: bool,
     finished: impl Fn(&RoleRecord) -> Option<Result<String, String>>,
 ) {
     let started = Instant::now();
@@ -1487,11 +1648,10 @@ async fn follow(
         let record = lock(&shared.machine).record.clone();
         if let Some(outcome) = finished(&record) {
             drain(&mut progress, write, started).await;
+            let took = started.elapsed().as_secs_f64();
             let line = match outcome {
-                Ok(done) => format!(
-                    "done: {done} after {:.2} s",
-                    started.elapsed().as_secs_f64()
-                ),
+                Ok(done) if more_follows => format!("{took:>6.2} s  {done}"),
+                Ok(done) => format!("done: {done} after {took:.2} s"),
                 Err(why) => format!("refused: {why}"),
             };
             say(write, &line).await;
@@ -1499,7 +1659,9 @@ async fn follow(
         }
         tokio::select! {
             line = progress.recv() => match line {
-                Ok(line) => say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await,
+                Ok(line) => {
+                    say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await;
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
@@ -1508,24 +1670,116 @@ async fn follow(
     }
 }
 
-/// `demote`: **B** on a fenced box — stop the PBX, give the shared address up (take this box's
-/// own), register as backup; the re-sync follows.
-async fn demote_request(shared: &Arc<Shared>, write: &mut tokio::net::unix::OwnedWriteHalf) {
+/// `demote-check` / `demote`: **B** on a fenced box — what it will do (and the operator's
+/// note), then (unless only checking) stop the PBX, give the shared address up (take this
+/// box's own), register as backup, and follow the re-sync until every set is in sync.
+async fn demote_request(
+    shared: &Arc<Shared>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    check_only: bool,
+) {
     let state = lock(&shared.machine).record.state;
     if state != RoleState::Fenced {
-        say(
-            write,
-            &format!("refused: only a fenced box becomes the backup with B; this box is {state}"),
-        )
-        .await;
+        let why = match state {
+            RoleState::Primary => "this box is the PRIMARY: B is for the old primary after the other box took over (P there first)".to_owned(),
+            RoleState::Backup => "this box is the BACKUP already".to_owned(),
+            other => format!("only a fenced box becomes the backup with B; this box is {other}"),
+        };
+        say(write, &format!("refused: {why}")).await;
         return;
     }
-    follow(shared, write, Event::DemoteRequested, |record| {
+    if check_only {
+        let what = match network(shared) {
+            Some(n) => format!(
+                "B stops the PBX here, gives up {} for {} on {}, and registers this box as the backup",
+                n.shared, n.own, n.interface
+            ),
+            None => "B stops the PBX here and registers this box as the backup".to_owned(),
+        };
+        say(write, &what).await;
+        say(
+            write,
+            "then the full sync from the primary starts; this follows it until in sync",
+        )
+        .await;
+        if let Some(note) = &shared.config.demote_note {
+            say(write, &format!("NOTE: {note}")).await;
+        }
+        say(write, "ready: demotion possible").await;
+        return;
+    }
+    let started = Instant::now();
+    follow(shared, write, Event::DemoteRequested, true, |record| {
         (record.state == RoleState::Backup).then(|| {
-            Ok("this box is the BACKUP; the full sync from the primary has started (lbs status shows it)".to_owned())
+            Ok("this box is the BACKUP; the full sync from the primary has started".to_owned())
         })
     })
     .await;
+    if lock(&shared.machine).record.state != RoleState::Backup {
+        return;
+    }
+    // The re-sync, until every set has finished a pass that left nothing behind.
+    let since = lock(&shared.machine).record.since_unix_ms;
+    let mut said = String::new();
+    let mut last_said = Instant::now();
+    loop {
+        let sets = lock(&shared.sets).clone();
+        if lock(&shared.machine).record.state != RoleState::Backup {
+            say(write, "refused: the role changed during the re-sync").await;
+            return;
+        }
+        let fresh =
+            |s: &SetStatus| s.state == "in sync" && s.last_in_sync_ms.is_some_and(|at| at >= since);
+        if sets.iter().all(fresh) {
+            say(
+                write,
+                &format!(
+                    "done: in sync with the primary after {:.2} s",
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await;
+            return;
+        }
+        let line = sets
+            .iter()
+            .map(|s| {
+                let state = if fresh(s) {
+                    "in sync"
+                } else if s.state == "in sync" || s.state == "serving" {
+                    "starting"
+                } else {
+                    s.state.as_str()
+                };
+                let fetched = if s.last_fetched_files > 0 {
+                    format!(
+                        " ({} files, {} bytes)",
+                        s.last_fetched_files, s.last_fetched_bytes
+                    )
+                } else {
+                    String::new()
+                };
+                format!("{} {state}{fetched}", s.name)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if line != said || last_said.elapsed() > Duration::from_secs(10) {
+            let heard = say(
+                write,
+                &format!(
+                    "{:>6.2} s  re-sync: {line}",
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await;
+            if !heard {
+                return; // The operator left (Ctrl-C); the sync goes on without an audience.
+            }
+            said = line;
+            last_said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Carries out role-change steps one at a time and feeds their outcome to the machine.
@@ -1644,9 +1898,7 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
     match action {
         Action::AskPromotion { believed } => {
             let (mut conn, _) = connect_dc(shared).await?;
-            let advertised = shared
-                .config
-                .network
+            let advertised = network(shared)
                 .as_ref()
                 .map_or(lock(&shared.info).lan, |n| n.shared.addr);
             let (_, answer) = control::call(
@@ -1665,7 +1917,7 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
             }
         }
         Action::TakeAddress => {
-            let Some(network) = &shared.config.network else {
+            let Some(network) = &network(shared) else {
                 return Ok(StepOutcome::Done(
                     "this box keeps its own address (remote backup): the pair's name points here now".into(),
                 ));
@@ -1679,7 +1931,7 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
             )))
         }
         Action::GiveUpAddress => {
-            let Some(network) = &shared.config.network else {
+            let Some(network) = &network(shared) else {
                 return Ok(StepOutcome::Done("no shared address to give up".into()));
             };
             let report = move_address(shared, network, false).await?;

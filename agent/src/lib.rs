@@ -16,6 +16,7 @@
 pub mod activate;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod net_cmd;
 pub mod peer;

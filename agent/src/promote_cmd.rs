@@ -41,12 +41,17 @@ pub struct DemoteCmd {
 
 /// `lbs demote`: **B** on a fenced box.
 pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
-    if !cmd.yes
-        && !confirm(
-            "Make this box the BACKUP (stops the PBX, gives up the shared address)? [y/N]",
-            "y",
-        )?
-    {
+    let last = converse(
+        &cmd.socket,
+        "demote-check",
+        Duration::from_secs(20),
+        |line| println!("{line}"),
+    )
+    .await?;
+    if !last.as_deref().is_some_and(|l| l.starts_with("ready:")) {
+        return Ok(ExitCode::from(EXIT_REFUSED));
+    }
+    if !cmd.yes && !confirm("Make this box the BACKUP now? [y/N]", "y")? {
         println!("cancelled: nothing changed");
         return Ok(ExitCode::SUCCESS);
     }
@@ -65,7 +70,7 @@ pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
 pub const EXIT_REFUSED: u8 = 3;
 
 /// Sends `request` and hands every answered line to `each` until the agent closes.
-async fn converse(
+pub(crate) async fn converse(
     socket: &PathBuf,
     request: &str,
     timeout: Duration,

@@ -40,6 +40,24 @@ pub enum DemoteStep {
     Register,
 }
 
+/// The office address a promotion takes: the configured one, or what the operator typed
+/// instead at the console (persisted with the promotion, so a restart takes the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedAddress {
+    /// The address phones use.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The office gateway.
+    pub gateway: std::net::Ipv4Addr,
+}
+
+impl std::fmt::Display for SharedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} via {}", self.address, self.prefix, self.gateway)
+    }
+}
+
 /// Where this box is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state", content = "step")]
@@ -94,8 +112,9 @@ pub enum Event {
         /// The pair's generation.
         generation: Generation,
     },
-    /// The operator pressed **P** (or ran `lbs promote`).
-    PromoteRequested,
+    /// The operator pressed **P** (or ran `lbs promote`), maybe with another address than
+    /// the configured one.
+    PromoteRequested(Option<SharedAddress>),
     /// The operator pressed **B** (or ran `lbs demote`).
     DemoteRequested,
     /// The data center granted the promotion at this generation.
@@ -176,6 +195,10 @@ pub struct RoleRecord {
     pub since_unix_ms: u64,
     /// The last failure of a step, kept until the step succeeds.
     pub last_error: Option<String>,
+    /// The address the operator chose at **P** instead of the configured one, kept while
+    /// this box holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedAddress>,
 }
 
 impl RoleRecord {
@@ -186,6 +209,7 @@ impl RoleRecord {
             generation: Generation::default(),
             since_unix_ms: 0,
             last_error: None,
+            shared: None,
         }
     }
 
@@ -302,17 +326,18 @@ impl RoleMachine {
             (_, Event::Activated { .. }) => {
                 Err(Refused(format!("this box is activated already ({state})")))
             }
-            (S::Backup, Event::PromoteRequested) => {
+            (S::Backup, Event::PromoteRequested(shared)) => {
                 self.set(S::Promoting(PromoteStep::AskAuthority), now_ms);
+                self.record.shared = shared;
                 Ok(vec![
                     Action::StopSync,
                     self.promote_action(PromoteStep::AskAuthority),
                 ])
             }
-            (S::Promoting(_), Event::PromoteRequested) => {
+            (S::Promoting(_), Event::PromoteRequested(_)) => {
                 Err(Refused("a promotion is under way already".into()))
             }
-            (_, Event::PromoteRequested) => Err(Refused(format!(
+            (_, Event::PromoteRequested(_)) => Err(Refused(format!(
                 "only the backup can be promoted; this box is {state}"
             ))),
             (S::Promoting(PromoteStep::AskAuthority), Event::Promoted(generation))
@@ -340,6 +365,7 @@ impl RoleMachine {
                 // The data center said no (or was unreachable): nothing was changed yet, so
                 // back to backup.
                 self.set(S::Backup, now_ms);
+                self.record.shared = None;
                 self.record.last_error = Some(why.clone());
                 Ok(vec![
                     Action::Say(format!("promotion refused: {why}")),
@@ -415,6 +441,8 @@ impl RoleMachine {
             }
             (S::Demoting(DemoteStep::Register), Event::StepDone) => {
                 self.set(S::Backup, now_ms);
+                // The next P starts from the configured address again.
+                self.record.shared = None;
                 Ok(vec![
                     Action::Say(format!(
                         "this box is the BACKUP now ({}); full sync started",
@@ -447,6 +475,7 @@ mod tests {
             generation: Generation(generation),
             since_unix_ms: 0,
             last_error: None,
+            shared: None,
         })
     }
 
@@ -481,7 +510,7 @@ mod tests {
     fn a_promotion_walks_its_steps_and_resumes_where_it_stopped() {
         let mut m = at(RoleState::Backup, 1);
         assert_eq!(
-            m.handle(Event::PromoteRequested, 1).unwrap(),
+            m.handle(Event::PromoteRequested(None), 1).unwrap(),
             [
                 Action::StopSync,
                 Action::AskPromotion {
@@ -519,14 +548,14 @@ mod tests {
     #[test]
     fn a_refused_promotion_goes_back_to_backup_and_says_why() {
         let mut m = at(RoleState::Backup, 1);
-        m.handle(Event::PromoteRequested, 1).unwrap();
+        m.handle(Event::PromoteRequested(None), 1).unwrap();
         let actions = m
             .handle(Event::StepFailed("the primary answers ARP".into()), 2)
             .unwrap();
         assert_eq!(m.record.state, RoleState::Backup);
         assert!(actions.contains(&Action::PullSync));
         assert!(
-            m.handle(Event::PromoteRequested, 3).is_ok(),
+            m.handle(Event::PromoteRequested(None), 3).is_ok(),
             "P can be pressed again"
         );
     }
@@ -539,7 +568,9 @@ mod tests {
             RoleState::Unactivated,
         ] {
             assert!(
-                at(state, 1).handle(Event::PromoteRequested, 0).is_err(),
+                at(state, 1)
+                    .handle(Event::PromoteRequested(None), 0)
+                    .is_err(),
                 "{state}"
             );
         }
@@ -614,7 +645,7 @@ mod tests {
 
     fn all_events(generation: u64) -> Vec<Event> {
         let mut events = vec![
-            Event::PromoteRequested,
+            Event::PromoteRequested(None),
             Event::DemoteRequested,
             Event::StepDone,
             Event::StepFailed("cable pulled".into()),
@@ -748,8 +779,8 @@ mod tests {
     #[test]
     fn two_presses_of_p_promote_once() {
         let mut m = at(RoleState::Backup, 1);
-        m.handle(Event::PromoteRequested, 1).unwrap();
-        let second = m.handle(Event::PromoteRequested, 1).unwrap_err();
+        m.handle(Event::PromoteRequested(None), 1).unwrap();
+        let second = m.handle(Event::PromoteRequested(None), 1).unwrap_err();
         assert!(second.0.contains("under way"), "{second}");
         // The grant arrives once; a second grant in the next step does not apply.
         m.handle(Event::Promoted(Generation(2)), 2).unwrap();

@@ -24,7 +24,7 @@ pub struct StatusCmd {
 /// Exit code when the agent does not answer.
 pub const EXIT_NOT_RUNNING: u8 = 3;
 
-async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
+pub(crate) async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
     let exchange = async {
         let mut stream = UnixStream::connect(socket).await?;
         stream.write_all(b"status\n").await?;
@@ -38,7 +38,7 @@ async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
     serde_json::from_str(&line).with_context(|| format!("the agent answered {line:?}"))
 }
 
-fn ago(now: u64, at: Option<u64>) -> String {
+pub(crate) fn ago(now: u64, at: Option<u64>) -> String {
     match at {
         None => "never".into(),
         Some(at) => {
@@ -79,9 +79,22 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
+    print!("{}", render(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `lbs status` prints, as text (the console shows it too).
+pub(crate) fn render(status: &AgentStatus) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    macro_rules! out {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(text, $($arg)*);
+        }};
+    }
     let now = status.at_ms;
     let info = &status.info;
-    println!(
+    out!(
         "{}  {}  {} of pair {} ({}), since {}",
         info.sid,
         status.role.state,
@@ -91,15 +104,18 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
         ago(now, Some(status.role.since_unix_ms))
     );
     if let Some(error) = &status.role.last_error {
-        println!("  last role error: {error}");
+        out!("  last role error: {error}");
     }
-    println!(
+    out!(
         "  LAN {}, overlay {}; lbs {}, protocol {}",
-        info.lan, info.overlay, status.software, status.protocol
+        info.lan,
+        info.overlay,
+        status.software,
+        status.protocol
     );
     match &info.partner {
-        None => println!("partner    none provisioned"),
-        Some(p) => println!(
+        None => out!("partner    none provisioned"),
+        Some(p) => out!(
             "partner    {} {} LAN {} overlay {}, data center heard it {}",
             p.sid,
             p.role,
@@ -112,12 +128,12 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
         ),
     }
     match &info.hardware_differences {
-        None => println!("hardware   not compared yet"),
-        Some(d) if d.is_empty() => println!("hardware   identical to the partner's"),
-        Some(d) => println!("hardware   DIFFERS from the partner's: {}", d.join("; ")),
+        None => out!("hardware   not compared yet"),
+        Some(d) if d.is_empty() => out!("hardware   identical to the partner's"),
+        Some(d) => out!("hardware   DIFFERS from the partner's: {}", d.join("; ")),
     }
     let dc = &status.datacenter;
-    println!(
+    out!(
         "datacenter {} last answer {}{}",
         dc.connected_to
             .map_or("not connected".into(), |a| a.to_string()),
@@ -130,7 +146,7 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
     match (&status.tunnels, &status.tunnels_error) {
         (Some(t), _) => {
             for tunnel in &t.tunnels {
-                println!(
+                out!(
                     "tunnel     {} {:?}{} rtt {} last answer {}",
                     tunnel.name,
                     tunnel.health,
@@ -147,16 +163,16 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        (None, Some(error)) => println!("tunnels    not running: {error}"),
-        (None, None) => println!("tunnels    none configured"),
+        (None, Some(error)) => out!("tunnels    not running: {error}"),
+        (None, None) => out!("tunnels    none configured"),
     }
-    println!("replication {}", status.replication);
+    out!("replication {}", status.replication);
     for set in &status.sets {
         let lag = set
             .changed_since_ms
             .map(|at| format!(", change waiting {}", ago(now, Some(at))))
             .unwrap_or_default();
-        println!(
+        out!(
             "  {:<11} {:<9} last in sync {}{lag}  {}{}",
             set.name,
             set.state,
@@ -169,7 +185,7 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(last) = status.resources.last() {
-        println!(
+        out!(
             "resources  CPU {}  memory {} of {}  disk {} of {}  network in {}/s out {}/s ({} samples kept here)",
             last.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             human_bytes(last.memory_used as f64),
@@ -181,5 +197,5 @@ pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
             status.resources.len()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    text
 }

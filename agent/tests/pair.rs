@@ -708,7 +708,8 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         said.contains("registered with the data center as backup"),
         "{said}"
     );
-    assert!(said.contains("done: this box is the BACKUP"), "{said}");
+    assert!(said.contains("this box is the BACKUP"), "{said}");
+    assert!(said.contains("done: in sync with the primary"), "{said}");
     pair.wait("the re-sync from the new primary", STEP, |pair| {
         std::fs::read(pair.media("a").join("after.txt"))
             .is_ok_and(|c| c == b"written on the new primary")
@@ -909,5 +910,189 @@ fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
     for host in ["a", "b"] {
         let status = pair.lab.stop(agent[host], STEP).unwrap();
         assert!(status.success(), "agent on {host} exited with {status}");
+    }
+}
+
+/// The console on an 80×25 terminal, driven as an operator would through tmux: P refused
+/// while the primary lives (the reason on screen), an impossible address refused, then P
+/// with the configured address after the primary died, the note acknowledged and the steps
+/// shown; on the returning old primary, B with its note, until in sync. No line is wider
+/// than the screen.
+#[test]
+fn the_console_performs_p_and_b_on_80x25() {
+    if !require_root(
+        "the_console_performs_p_and_b_on_80x25",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    pair.office(
+        "promote_note = \"move the PRI cable to this box\"\ndemote_note = \"plug this box's LAN cable back in\"\n",
+    );
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let a = pair.agent_with("a", &[]);
+    let b = pair.agent_with("b", &[]);
+    pair.wait("the first full sync", STEP, |pair| {
+        pair.media("b").join("greeting.wav").exists()
+    });
+    let tmux = lbs_tests::tmux::Tmux::new(pair.dir());
+    let console: std::collections::HashMap<&str, String> = ["a", "b"]
+        .into_iter()
+        .map(|host| {
+            let command = format!("{LBS} console --socket {}", pair.socket(host).display());
+            (host, command)
+        })
+        .collect();
+    tmux.open("b", 80, 25, &console["b"]).unwrap();
+    let wait = |session: &str, needle: &str| {
+        let screen = tmux.wait_for(session, needle, STEP).unwrap();
+        for line in tmux.screen(session).unwrap() {
+            assert!(
+                line.chars().count() <= 80,
+                "wider than the console: {line:?}"
+            );
+        }
+        screen
+    };
+    let menu = wait("b", "Type a key and Enter");
+    assert!(menu.contains("BACKUP"), "{menu}");
+    assert!(
+        menu.contains("P takes 192.168.70.2/24 via 192.168.70.1"),
+        "{menu}"
+    );
+    for key in [
+        "  P  Promote",
+        "  B  Back to backup",
+        "  S  Status",
+        "  Q  Quit",
+    ] {
+        assert!(menu.contains(key), "{menu}");
+    }
+    assert!(tmux.screen("b").unwrap().len() <= 25);
+
+    // B on the backup: explained, nothing changes.
+    tmux.type_line("b", "B").unwrap();
+    wait("b", "NOT CHANGED: this box is the BACKUP already");
+    tmux.type_line("b", "").unwrap();
+    wait("b", "Type a key and Enter");
+    // P while the primary lives: refused with the reason, F offered, Enter goes back.
+    tmux.type_line("b", "P").unwrap();
+    let screen = wait("b", "F and Enter to force");
+    assert!(
+        screen.contains("the data center heard the primary"),
+        "{screen}"
+    );
+    tmux.type_line("b", "").unwrap();
+    wait("b", "Type a key and Enter");
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+
+    // The primary dies.
+    pair.lab.kill(a).unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    pair.wait(
+        "the data center to lose the primary for 2 s",
+        STEP,
+        |pair| {
+            pair.status("b")["info"]["partner"]["silent_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms >= 2_000)
+        },
+    );
+    // An address whose network does not hold the gateway is refused, nothing changes.
+    tmux.type_line("b", "P").unwrap();
+    wait("b", "Address [192.168.70.2/24]");
+    tmux.type_line("b", "10.9.9.2/24").unwrap();
+    wait("b", "Gateway [192.168.70.1]");
+    tmux.type_line("b", "").unwrap();
+    let screen = wait("b", "Press Enter for the menu");
+    assert!(
+        screen.contains("NOT PROMOTED: the gateway 192.168.70.1 is not on 10.9.9.2/24's network"),
+        "{screen}"
+    );
+    tmux.type_line("b", "").unwrap();
+    wait("b", "Type a key and Enter");
+    // Now with the configured address: the note, the confirmation, the steps.
+    tmux.type_line("b", "P").unwrap();
+    let screen = wait("b", "Address [192.168.70.2/24]");
+    assert!(
+        screen.contains("nobody answers ARP for 192.168.70.2"),
+        "{screen}"
+    );
+    tmux.type_line("b", "").unwrap();
+    wait("b", "Gateway [192.168.70.1]");
+    tmux.type_line("b", "").unwrap();
+    wait("b", "NOTE: move the PRI cable to this box");
+    tmux.type_line("b", "y").unwrap();
+    wait("b", "Type P and Enter to confirm");
+    tmux.type_line("b", "P").unwrap();
+    let screen = wait("b", "Press Enter for the menu");
+    eprintln!("the console after P:\n{screen}");
+    assert!(
+        screen.contains("This box is the PRIMARY: the phones reach it"),
+        "{screen}"
+    );
+    assert!(screen.contains("took 192.168.70.2/24 on eth0"), "{screen}");
+    tmux.type_line("b", "").unwrap();
+    let menu = wait("b", "Type a key and Enter");
+    assert!(menu.contains("PRIMARY  gen 2"), "{menu}");
+    let held = pair.addresses("b");
+    assert!(held.contains("192.168.70.2/24"), "{held}");
+    assert_eq!(pair.pbx("b"), "up");
+
+    // The old primary comes back and is fenced; B at its console.
+    std::fs::write(pair.media("b").join("after.txt"), b"left during the outage").unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "up"])
+        .unwrap());
+    let a = pair.agent_with("a", &[]);
+    pair.wait("the old primary fenced", STEP, |pair| {
+        pair.status("a")["role"]["state"] == "fenced"
+    });
+    tmux.open("a", 80, 25, &console["a"]).unwrap();
+    let menu = wait("a", "Type a key and Enter");
+    assert!(menu.contains("FENCED"), "{menu}");
+    tmux.type_line("a", "B").unwrap();
+    let screen = wait("a", "Type Y and Enter when done");
+    assert!(
+        screen.contains("gives up 192.168.70.2/24 for 192.168.70.3/24 on eth0"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("NOTE: plug this box's LAN cable back in"),
+        "{screen}"
+    );
+    tmux.type_line("a", "y").unwrap();
+    wait("a", "Type B and Enter to confirm");
+    tmux.type_line("a", "b").unwrap();
+    let screen = wait("a", "Press Enter for the menu");
+    eprintln!("the console after B:\n{screen}");
+    assert!(
+        screen.contains("This box is the BACKUP and in sync with the primary"),
+        "{screen}"
+    );
+    assert_eq!(
+        std::fs::read(pair.media("a").join("after.txt")).unwrap(),
+        b"left during the outage"
+    );
+    tmux.type_line("a", "").unwrap();
+    let menu = wait("a", "Type a key and Enter");
+    assert!(menu.contains("BACKUP  gen 2"), "{menu}");
+    // S pages the full status; Q ends the console.
+    tmux.type_line("a", "S").unwrap();
+    wait("a", "replication pulling");
+    tmux.type_line("a", "").unwrap();
+    wait("a", "Type a key and Enter");
+    tmux.type_line("a", "Q").unwrap();
+    drop(tmux);
+    for pid in [a, b] {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
     }
 }

@@ -7,8 +7,10 @@
 //! - [`require_root`]: root-only tests call it first; without root they report themselves
 //!   skipped (to stderr and to `cargo xtask test`, which counts them and fails a root run
 //!   that skipped any).
+//! - [`tmux::Tmux`]: a private terminal of a fixed size for the console's tests.
 
 pub mod netns;
+pub mod tmux;
 
 use std::io::Write;
 

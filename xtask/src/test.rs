@@ -35,6 +35,10 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "bind9-dnsutils",
         "dig, which checks the record after each DNS update",
     ),
+    (
+        "tmux",
+        "a terminal of 80x25 on which the console test types P and B",
+    ),
 ];
 
 /// The environment variable through which root-only tests report that they skipped.
