@@ -417,6 +417,9 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
             d.join("; ")
         ));
     }
+    if let Some(auto) = &status.auto_failover {
+        lines.push(format!("Automatic  failover {auto}"));
+    }
     lines.push(format!("Copies     {}", status.replication));
     for set in &status.sets {
         lines.push(format!(

@@ -44,6 +44,8 @@ pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
 
 /// How long to wait between attempts to reach the data center or the partner.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the backup checks on the primary over the watch connection.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Options of `lbs agent`.
 #[derive(clap::Args, Debug)]
@@ -150,6 +152,10 @@ pub struct AgentStatus {
     pub network: Option<NetworkView>,
     /// The operator's notes at P and B.
     pub notes: Notes,
+    /// Automatic failover: `None` when off, else what it last decided.
+    pub auto_failover: Option<String>,
+    /// When this box (as backup) last heard the primary itself.
+    pub primary_heard_ms: Option<u64>,
     /// The software.
     pub software: String,
     /// The protocol.
@@ -187,6 +193,10 @@ struct Shared {
     progress: broadcast::Sender<String>,
     /// Crash tests: the step after which the agent kills itself.
     crash_after: Option<String>,
+    /// When this backup last heard the primary itself (a heartbeat on the watch connection).
+    partner_heard_ms: Mutex<Option<u64>>,
+    /// What automatic failover last decided, for `lbs status`.
+    auto_failover: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -217,6 +227,12 @@ impl Shared {
             tunnels_error,
             resources: lock(&self.resources).recent(),
             serving_at,
+            auto_failover: self.config.auto_failover.then(|| {
+                lock(&self.auto_failover)
+                    .clone()
+                    .unwrap_or_else(|| "on".to_owned())
+            }),
+            primary_heard_ms: *lock(&self.partner_heard_ms),
             notes: Notes {
                 promote: self.config.promote_note.clone(),
                 demote: self.config.demote_note.clone(),
@@ -369,7 +385,17 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         steps,
         progress,
         crash_after: cmd.crash_after.clone(),
+        partner_heard_ms: Mutex::new(None),
+        auto_failover: Mutex::new(None),
     });
+    // A primary coming back (power, cable, repair) first checks that nobody else answers for
+    // the shared address, before it reports, replicates or serves on it: the partner may have
+    // taken over meanwhile.
+    let taken = if lock(&shared.machine).record.state == RoleState::Primary {
+        address_taken(&shared).await
+    } else {
+        None
+    };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_socket(shared.clone(), socket, shutdown.clone()));
@@ -380,8 +406,16 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     if shared.config.tunnels {
         tasks.spawn(tunnels(shared.clone(), shutdown.clone()));
     }
-    let resume = lock(&shared.machine).resume();
-    shared.act(resume);
+    if shared.config.auto_failover {
+        tasks.spawn(auto_failover(shared.clone(), shutdown.clone()));
+    }
+    match taken {
+        Some(by) => shared.handle(Event::AddressTaken { by }),
+        None => {
+            let resume = lock(&shared.machine).resume();
+            shared.act(resume);
+        }
+    }
     let (role, sid) = (lock(&shared.machine).record.clone(), lock(&shared.info).sid);
     println!("ready: {sid} {} at {}", role.state, role.generation);
     notify_systemd(&format!(
@@ -1011,6 +1045,13 @@ async fn serve_one(
             tokio::select! {
                 incoming = conn.next() => match incoming {
                     None | Some(Err(_)) => return Ok(()),
+                    Some(Ok(Envelope { message: Message::Heartbeat { seq, .. }, .. })) => {
+                        conn.send(Envelope {
+                            generation: peer.generation,
+                            message: Message::HeartbeatAck { seq, role: Role::Primary },
+                        })
+                        .await?;
+                    }
                     Some(Ok(_)) => {}
                 },
                 changed = changes.recv() => {
@@ -1341,10 +1382,36 @@ async fn watch_partner(
             .await?;
             // Connected: whatever happened while we were not, a reconcile finds it.
             connected.store(true, std::sync::atomic::Ordering::Relaxed);
+            *lock(&shared.partner_heard_ms) = Some(now_ms());
             lock(&pending).extend(0..names.len());
             wake.notify_one();
-            while let Some(envelope) = conn.next().await {
-                if let Message::SyncChanged { sets, overflow } = envelope?.message {
+            // A heartbeat a second: this backup's own view of whether the primary lives
+            // (automatic failover needs it besides the data center's).
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            let mut seq = 0u64;
+            let mut heard = Instant::now();
+            loop {
+                let envelope = tokio::select! {
+                    next = conn.next() => match next {
+                        Some(envelope) => envelope?,
+                        None => break,
+                    },
+                    _ = beat.tick() => {
+                        if heard.elapsed() > 3 * HEARTBEAT {
+                            bail!("the primary did not answer heartbeats for {:?}", heard.elapsed());
+                        }
+                        seq += 1;
+                        conn.send(Envelope {
+                            generation: peer.generation,
+                            message: Message::Heartbeat { seq, role: Role::Backup },
+                        })
+                        .await?;
+                        continue;
+                    }
+                };
+                heard = Instant::now();
+                *lock(&shared.partner_heard_ms) = Some(now_ms());
+                if let Message::SyncChanged { sets, overflow } = envelope.message {
                     let now = now_ms();
                     let due: Vec<usize> = if overflow {
                         (0..names.len()).collect()
@@ -1381,6 +1448,99 @@ async fn watch_partner(
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(4));
+    }
+}
+
+/// An ARP probe (RFC 5227: it claims nothing) of the shared address on the office LAN.
+async fn probe_shared(
+    network: &crate::config::Network,
+) -> anyhow::Result<lbs_netconfig::ProbeResult> {
+    use lbs_netconfig::{Arp, NetBackend};
+    let net = lbs_netconfig::Netlink::open()?;
+    let link = net.link(&network.interface).await?;
+    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+    Ok(arp.probe(&link, network.shared.addr).await?)
+}
+
+/// Who else answers ARP for the shared address, if anyone (`None` without `[network]`, or
+/// when the probe cannot run: then the data center's word at the next report decides).
+async fn address_taken(shared: &Shared) -> Option<String> {
+    let network = network(shared)?;
+    match probe_shared(&network).await {
+        Ok(lbs_netconfig::ProbeResult::InUse(mac)) => {
+            tracing::warn!("{mac} answers ARP for {}", network.shared.addr);
+            Some(mac.to_string())
+        }
+        Ok(lbs_netconfig::ProbeResult::Free) => {
+            tracing::info!(
+                "nobody else answers ARP for {}: this box keeps serving on it",
+                network.shared.addr
+            );
+            None
+        }
+        Err(err) => {
+            tracing::warn!("probing {} at start: {err:#}", network.shared.addr);
+            None
+        }
+    }
+}
+
+/// Automatic failover (`auto_failover = true`): the backup promotes itself when it has not
+/// heard the primary itself for `primary_gone_after_s` *and* the data center (reachable) has
+/// not either — then the same checks as **P** (nobody answers ARP for the shared address
+/// included) and the same steps. The data center's compare-and-set keeps it to one primary.
+async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let started_ms = now_ms();
+    let gone_ms = u64::try_from(shared.config.primary_gone_after.as_millis()).unwrap_or(u64::MAX);
+    let mut said = String::new();
+    // After an attempt the data center refused, the next waits a while.
+    let mut not_before = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if lock(&shared.machine).record.state != RoleState::Backup || Instant::now() < not_before {
+            continue;
+        }
+        let now = now_ms();
+        let lost_since = lock(&shared.partner_heard_ms)
+            .unwrap_or(started_ms)
+            .max(started_ms);
+        let decision = if now.saturating_sub(lost_since) < gone_ms {
+            Err(format!(
+                "on: this box heard the primary {:.1} s ago",
+                now.saturating_sub(lost_since) as f64 / 1000.0
+            ))
+        } else {
+            promote_checks(&shared, false, None)
+                .await
+                .map_err(|why| format!("on: not promoting: {why}"))
+        };
+        match decision {
+            Ok(lines) => {
+                let why = format!(
+                    "AUTOMATIC FAILOVER: neither this box nor the data center heard the primary for {} s; promoting",
+                    gone_ms / 1000
+                );
+                tracing::warn!("{why}");
+                for line in &lines {
+                    tracing::warn!("  {line}");
+                }
+                *lock(&shared.auto_failover) = Some(format!("on: promoted itself ({why})"));
+                shared.handle(Event::PromoteRequested(None));
+                not_before = Instant::now() + Duration::from_secs(30);
+            }
+            Err(why) => {
+                // Logged when the reason changes, not when only its seconds do.
+                let kind: String = why.chars().filter(|c| !c.is_ascii_digit()).collect();
+                if kind != said {
+                    tracing::info!("automatic failover {why}");
+                    said = kind;
+                }
+                *lock(&shared.auto_failover) = Some(why);
+            }
+        }
     }
 }
 
@@ -1462,14 +1622,7 @@ async fn promote_checks(
         None => lines.push("the data center never heard the primary".to_owned()),
     }
     if let Some(network) = &with_choice(shared.config.network.clone(), chosen) {
-        let probe = async {
-            use lbs_netconfig::{Arp, NetBackend};
-            let net = lbs_netconfig::Netlink::open()?;
-            let link = net.link(&network.interface).await?;
-            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-            anyhow::Ok(arp.probe(&link, network.shared.addr).await?)
-        };
-        match probe.await {
+        match probe_shared(network).await {
             Ok(lbs_netconfig::ProbeResult::Free) => {
                 lines.push(format!(
                     "nobody answers ARP for {} on {}",

@@ -127,6 +127,12 @@ pub enum Event {
         /// The pair's generation.
         generation: Generation,
     },
+    /// Another machine answers ARP for the shared address this box (primary) is about to
+    /// announce: the partner took over while this box was away.
+    AddressTaken {
+        /// Who answers (its MAC).
+        by: String,
+    },
     /// The current step's action finished.
     StepDone,
     /// The current step's action failed, and why.
@@ -424,6 +430,20 @@ impl RoleMachine {
                 }
                 Ok(Vec::new())
             }
+            (S::Primary, Event::AddressTaken { by }) => {
+                // Stepping back is always safe; the data center confirms the generation when
+                // it is reachable again.
+                self.set(S::Fenced, now_ms);
+                Ok(vec![
+                    Action::Say(format!(
+                        "FENCED: {by} answers for the shared address, so the other box took over while this one was away; stopping the PBX and giving up the address"
+                    )),
+                    Action::StopSync,
+                    Action::StopPbx,
+                    Action::GiveUpAddress,
+                ])
+            }
+            (_, Event::AddressTaken { .. }) => Ok(Vec::new()),
             (S::Fenced, Event::DemoteRequested) => {
                 self.set(S::Demoting(DemoteStep::StopPbx), now_ms);
                 Ok(vec![demote_action(DemoteStep::StopPbx)])
@@ -645,6 +665,9 @@ mod tests {
 
     fn all_events(generation: u64) -> Vec<Event> {
         let mut events = vec![
+            Event::AddressTaken {
+                by: "5a:ec:b4:27:71:cf".into(),
+            },
             Event::PromoteRequested(None),
             Event::DemoteRequested,
             Event::StepDone,
@@ -772,6 +795,26 @@ mod tests {
                 1,
             )
             .unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(m.record.state, RoleState::Backup);
+    }
+
+    #[test]
+    fn a_returning_primary_that_finds_its_address_taken_steps_back() {
+        let mut m = at(RoleState::Primary, 1);
+        let actions = m
+            .handle(
+                Event::AddressTaken {
+                    by: "5a:ec:b4:27:71:cf".into(),
+                },
+                1,
+            )
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Fenced);
+        assert!(actions.contains(&Action::GiveUpAddress) && actions.contains(&Action::StopPbx));
+        // A backup (or anyone else) finding the address answered changes nothing.
+        let mut m = at(RoleState::Backup, 1);
+        let actions = m.handle(Event::AddressTaken { by: "x".into() }, 1).unwrap();
         assert!(actions.is_empty());
         assert_eq!(m.record.state, RoleState::Backup);
     }

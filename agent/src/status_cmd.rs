@@ -166,6 +166,10 @@ pub(crate) fn render(status: &AgentStatus) -> String {
         (None, Some(error)) => out!("tunnels    not running: {error}"),
         (None, None) => out!("tunnels    none configured"),
     }
+    match &status.auto_failover {
+        Some(auto) => out!("automatic failover {auto}"),
+        None => out!("automatic failover off (P at the console, lbs promote)"),
+    }
     out!("replication {}", status.replication);
     for set in &status.sets {
         let lag = set

@@ -589,6 +589,9 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     };
 
     // While the primary lives: refused, with the reason, and nothing changes.
+    pair.wait("the data center hearing the primary", STEP, |pair| {
+        pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
+    });
     let out = promote(&mut pair);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(3), "{said}");
@@ -671,8 +674,9 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("only the backup can be promoted"));
 
-    // The old primary is repaired and comes back believing it is primary: the data center
-    // fences it, it gives up the shared address at once.
+    // The old primary is repaired and comes back believing it is primary, its way to the
+    // data center still cut: before serving it probes the shared address, finds the new
+    // primary answering, and steps back at once (the data center confirms later).
     std::fs::write(
         pair.media("b").join("after.txt"),
         b"written on the new primary",
@@ -682,18 +686,27 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         .lab
         .sh("a", &["ip", "link", "set", "eth0", "up"])
         .unwrap());
+    let blackhole = ["ip", "route", "add", "blackhole", &format!("{DC_IP}/32")].map(str::to_owned);
+    let blackhole: Vec<&str> = blackhole.iter().map(String::as_str).collect();
+    ok(pair.lab.sh("a", &blackhole).unwrap());
     pair.start_agent("a");
+    let status = pair.status("a");
+    assert_eq!(
+        status["role"]["state"], "fenced",
+        "fenced before it is ready: {status}"
+    );
+    assert!(status["datacenter"]["last_answer_ms"].is_null(), "{status}");
+    pair.wait("the old primary off the shared address", STEP, |pair| {
+        !pair.addresses("a").contains("192.168.70.2/")
+    });
+    assert_eq!(pair.pbx("a"), "down");
+    let mut unblock = blackhole.clone();
+    unblock[2] = "del";
+    ok(pair.lab.sh("a", &unblock).unwrap());
     pair.wait(
-        "the old primary fenced, off the shared address",
+        "the data center's word reaching the old primary",
         STEP,
-        |pair| {
-            let fenced = pair.status("a")["role"]["state"] == "fenced";
-            let addresses = ok(pair
-                .lab
-                .sh("a", &["ip", "-4", "-o", "addr", "show", "eth0"])
-                .unwrap());
-            fenced && !addresses.contains("192.168.70.2/")
-        },
+        |pair| pair.status("a")["role"]["generation"] == 2,
     );
     // B: it becomes the backup and syncs from the new primary until in sync.
     let mut demote = pair.lab.command("a", LBS);
@@ -979,6 +992,9 @@ fn the_console_performs_p_and_b_on_80x25() {
     tmux.type_line("b", "").unwrap();
     wait("b", "Type a key and Enter");
     // P while the primary lives: refused with the reason, F offered, Enter goes back.
+    pair.wait("the data center hearing the primary", STEP, |pair| {
+        pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
+    });
     tmux.type_line("b", "P").unwrap();
     let screen = wait("b", "F and Enter to force");
     assert!(
@@ -1095,4 +1111,113 @@ fn the_console_performs_p_and_b_on_80x25() {
         let status = pair.lab.stop(pid, STEP).unwrap();
         assert!(status.success(), "agent exited with {status}");
     }
+}
+
+/// `auto_failover = true`: the backup promotes itself only when it *and* the data center have
+/// both lost the primary for `primary_gone_after_s` (2 s here): not when only the data center
+/// lost it (the primary's route to it cut), not when only the backup did (its route to the
+/// primary cut); when the primary dies, it does, with the same steps as P.
+#[test]
+fn automatic_failover_only_when_the_backup_and_the_data_center_both_lost_the_primary() {
+    if !require_root(
+        "automatic_failover_only_when_the_backup_and_the_data_center_both_lost_the_primary",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    pair.office("auto_failover = true\n");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let a = pair.agent_with("a", &[]);
+    let b = pair.agent_with("b", &[]);
+    pair.wait("the first full sync", STEP, |pair| {
+        pair.media("b").join("greeting.wav").exists()
+    });
+    let heard_ago = |status: &serde_json::Value| {
+        status["at_ms"].as_u64().unwrap() - status["primary_heard_ms"].as_u64().unwrap_or(0)
+    };
+    pair.wait(
+        "the backup hearing the primary's heartbeats",
+        STEP,
+        |pair| heard_ago(&pair.status("b")) < 1_500,
+    );
+
+    // Only the data center loses the primary.
+    ok(pair
+        .lab
+        .sh(
+            "a",
+            &["ip", "route", "add", "blackhole", &format!("{DC_IP}/32")],
+        )
+        .unwrap());
+    pair.wait(
+        "the data center to lose the primary for 4 s",
+        STEP,
+        |pair| {
+            pair.status("b")["info"]["partner"]["silent_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms >= 4_000)
+        },
+    );
+    let status = pair.status("b");
+    assert_eq!(status["role"]["state"], "backup", "{status}");
+    let auto = status["auto_failover"].as_str().unwrap().to_owned();
+    assert!(auto.contains("this box heard the primary"), "{auto}");
+    ok(pair
+        .lab
+        .sh(
+            "a",
+            &["ip", "route", "del", "blackhole", &format!("{DC_IP}/32")],
+        )
+        .unwrap());
+    pair.wait("the data center to hear the primary again", STEP, |pair| {
+        pair.status("b")["info"]["partner"]["silent_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < 1_500)
+    });
+
+    // Only the backup loses the primary.
+    ok(pair
+        .lab
+        .sh("b", &["ip", "route", "add", "blackhole", "192.168.70.2/32"])
+        .unwrap());
+    pair.wait("the backup to lose the primary for 4 s", STEP, |pair| {
+        heard_ago(&pair.status("b")) >= 4_000
+    });
+    let status = pair.status("b");
+    assert_eq!(status["role"]["state"], "backup", "{status}");
+    let auto = status["auto_failover"].as_str().unwrap().to_owned();
+    assert!(auto.contains("the data center heard the primary"), "{auto}");
+    ok(pair
+        .lab
+        .sh("b", &["ip", "route", "del", "blackhole", "192.168.70.2/32"])
+        .unwrap());
+    pair.wait("the backup to hear the primary again", STEP, |pair| {
+        heard_ago(&pair.status("b")) < 1_500
+    });
+
+    // The primary dies: both lose it, the backup promotes itself.
+    pair.lab.kill(a).unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    let took = pair.wait("the automatic promotion", STEP, |pair| {
+        pair.status("b")["role"]["state"] == "primary"
+    });
+    eprintln!("the backup promoted itself {took:?} after the primary died (2 s threshold)");
+    let status = pair.status("b");
+    assert_eq!(status["role"]["generation"], 2);
+    let auto = status["auto_failover"].as_str().unwrap().to_owned();
+    assert!(auto.contains("promoted itself"), "{auto}");
+    let held = pair.addresses("b");
+    assert!(held.contains("192.168.70.2/24"), "{held}");
+    assert_eq!(pair.pbx("b"), "up");
+    let table = pair.datacenter_status();
+    assert_eq!(table[0]["generation"], 2);
+    assert_eq!(table[0]["primary"], pair.sids[1].0.to_string());
+    let status = pair.lab.stop(b, STEP).unwrap();
+    assert!(status.success(), "agent exited with {status}");
 }

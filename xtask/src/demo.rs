@@ -154,8 +154,9 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
          (lbs sync), the network takeover (lbs net), the tunnels to two data-center endpoints \
          (lbs vpn), the data center (lbs-datacenter: activation, roles, DNS) and the agent \
-         (lbs activate, lbs agent, lbs status, lbs promote, lbs demote). The console menu and \
-         automatic failover join this demo with the rest of issue 8."
+         (lbs activate, lbs agent, lbs status, lbs promote, lbs demote, lbs console; \
+         automatic failover with auto_failover = true). Promotion requested from the data \
+         center, the SIP phone and PBX, and RTO/RPO figures join with issues 8 and 9."
     );
     Ok(())
 }
@@ -625,7 +626,7 @@ fn pair_steps(
     )?;
     let new_voicemail = pbx("backup").join("voicemail/default/1234/INBOX/msg0004.wav");
     timeline.step(
-        "the repaired primary comes back: fenced at its first report, off 192.168.1.2",
+        "the repaired primary comes back: 192.168.1.2 answers from the new primary, so it steps back (fenced)",
         || {
             std::fs::write(&new_voicemail, vec![4u8; 50_000])?;
             Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "up"])?;
