@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::control::{self, BoxReport, SyncSummary, TunnelSummary};
+use lbs_protocol::control::{self, BoxReport, RemotePromotion, SyncSummary, TunnelSummary};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::tls;
 use lbs_protocol::{
@@ -197,6 +197,8 @@ struct Shared {
     partner_heard_ms: Mutex<Option<u64>>,
     /// What automatic failover last decided, for `lbs status`.
     auto_failover: Mutex<Option<String>>,
+    /// The last promotion request from the data center this box acted on.
+    remote_handled: Mutex<Option<u64>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -387,6 +389,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         crash_after: cmd.crash_after.clone(),
         partner_heard_ms: Mutex::new(None),
         auto_failover: Mutex::new(None),
+        remote_handled: Mutex::new(None),
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -665,53 +668,102 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
             )
             .await
             .with_context(|| format!("data center at {address}"))?;
-            let Message::PairState(state) = answer else {
-                bail!("the data center answered a report with {}", answer.kind());
+            let (state, request) = match answer {
+                Message::PairState(state) => (state, None),
+                Message::PromotionRequested { state, request } => (state, Some(request)),
+                other => bail!("the data center answered a report with {}", other.kind()),
             };
             {
                 let mut dc = lock(&shared.datacenter);
                 dc.last_answer_ms = Some(now_ms());
                 dc.last_error = None;
             }
-            let partner_changed = {
-                let mut info = lock(&shared.info);
-                let partner_known =
-                    |i: &BoxInfo| i.partner.as_ref().map(|p| (p.sid, p.lan, p.overlay));
-                let before = partner_known(&info);
-                info.partner = state.partner.clone();
-                let changed = partner_known(&info) != before;
-                let hardware_changed = info.hardware_differences != state.hardware_differences;
-                if hardware_changed {
-                    info.hardware_differences = state.hardware_differences.clone();
-                    if let Some(differences) =
-                        info.hardware_differences.as_ref().filter(|d| !d.is_empty())
-                    {
-                        tracing::warn!(
-                            "the partner's hardware differs: {}",
-                            differences.join("; ")
-                        );
+            apply_pair_state(shared, state);
+            if let Some(request) = request
+                && lock(&shared.remote_handled).is_none_or(|done| done < request.id)
+            {
+                *lock(&shared.remote_handled) = Some(request.id);
+                if let Some(reason) = remote_promotion(shared, &request).await {
+                    let generation = lock(&shared.machine).record.generation;
+                    let (_, answer) = control::call(
+                        &mut conn,
+                        generation,
+                        Message::PromotionRefused {
+                            id: request.id,
+                            reason,
+                        },
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .with_context(|| format!("data center at {address}"))?;
+                    if let Message::PairState(state) = answer {
+                        apply_pair_state(shared, state);
                     }
                 }
-                if (changed || hardware_changed)
-                    && let Err(err) = info.save(&shared.paths)
-                {
-                    tracing::warn!("saving the partner's addresses: {err:#}");
-                }
-                // Addresses are read afresh by every pass; only another partner (a backup
-                // provisioned later) changes whom the primary lets in.
-                before.map(|b| b.0) != info.partner.as_ref().map(|p| p.sid)
-            };
-            if partner_changed {
-                tracing::info!("the partner changed: replication restarts");
-                shared.mode.send_modify(|_| {});
             }
-            shared.handle(Event::Authority {
-                role: state.role,
-                generation: state.generation,
-            });
             tokio::time::sleep(shared.config.report_interval).await;
         }
     }
+}
+
+/// A promotion the provider asked for: the same checks as **P**, then the same steps; the
+/// reason when the checks refuse it.
+async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<String> {
+    tracing::warn!(
+        "the data center asks this box to become the primary (request {}, by {})",
+        request.id,
+        request.by
+    );
+    match promote_checks(shared, false, None).await {
+        Ok(lines) => {
+            for line in &lines {
+                tracing::warn!("  {line}");
+            }
+            tracing::warn!("promoting, as requested by {}", request.by);
+            shared.handle(Event::PromoteRequested(None));
+            None
+        }
+        Err(why) => {
+            tracing::warn!("the requested promotion is refused: {why}");
+            Some(why)
+        }
+    }
+}
+
+/// What the data center said about the pair: partner, hardware, and the role (through the
+/// machine: a stale primary fences itself).
+fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) {
+    let partner_changed = {
+        let mut info = lock(&shared.info);
+        let partner_known = |i: &BoxInfo| i.partner.as_ref().map(|p| (p.sid, p.lan, p.overlay));
+        let before = partner_known(&info);
+        info.partner = state.partner.clone();
+        let changed = partner_known(&info) != before;
+        let hardware_changed = info.hardware_differences != state.hardware_differences;
+        if hardware_changed {
+            info.hardware_differences = state.hardware_differences.clone();
+            if let Some(differences) = info.hardware_differences.as_ref().filter(|d| !d.is_empty())
+            {
+                tracing::warn!("the partner's hardware differs: {}", differences.join("; "));
+            }
+        }
+        if (changed || hardware_changed)
+            && let Err(err) = info.save(&shared.paths)
+        {
+            tracing::warn!("saving the partner's addresses: {err:#}");
+        }
+        // Addresses are read afresh by every pass; only another partner (a backup
+        // provisioned later) changes whom the primary lets in.
+        before.map(|b| b.0) != info.partner.as_ref().map(|p| p.sid)
+    };
+    if partner_changed {
+        tracing::info!("the partner changed: replication restarts");
+        shared.mode.send_modify(|_| {});
+    }
+    shared.handle(Event::Authority {
+        role: state.role,
+        generation: state.generation,
+    });
 }
 
 /// The office network of `[network]`, with the address the operator chose at **P** instead

@@ -1221,3 +1221,111 @@ fn automatic_failover_only_when_the_backup_and_the_data_center_both_lost_the_pri
     let status = pair.lab.stop(b, STEP).unwrap();
     assert!(status.success(), "agent exited with {status}");
 }
+
+/// The provider's P: `lbs-datacenter promote <pair>` asks the backup's agent, which runs the
+/// same checks as P at its console — refused (and the refusal recorded and logged on both
+/// sides) while the primary lives, carried out once it is dead.
+#[test]
+fn a_promotion_requested_from_the_data_center_runs_the_same_checks() {
+    if !require_root(
+        "a_promotion_requested_from_the_data_center_runs_the_same_checks",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    pair.office("");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let a = pair.agent_with("a", &[]);
+    let b = pair.agent_with("b", &[]);
+    pair.wait(
+        "the first full sync and the data center hearing both",
+        STEP,
+        |pair| {
+            pair.media("b").join("greeting.wav").exists()
+                && pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
+        },
+    );
+    let dc = workspace_binary("lbs-datacenter");
+    let request = |pair: &Pair| {
+        let out = Command::new(&dc)
+            .arg("--dir")
+            .arg(pair.dc_dir())
+            .args(["promote", "acme", "--wait-s", "15", "--by", "noc-alice"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("lbs-datacenter promote acme:\n{said}");
+        (out.status.code(), said)
+    };
+
+    // While the primary lives: refused by the backup's checks, nothing changes.
+    let (code, said) = request(&pair);
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("refused: the data center heard the primary"),
+        "{said}"
+    );
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+    assert_eq!(pair.datacenter_status()[0]["generation"], 1);
+
+    // The primary dies; the same request goes through.
+    pair.lab.kill(a).unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    pair.wait(
+        "the data center to lose the primary for 2 s",
+        STEP,
+        |pair| {
+            pair.status("b")["info"]["partner"]["silent_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms >= 2_000)
+        },
+    );
+    let (code, said) = request(&pair);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("done: the backup was promoted at gen 2"),
+        "{said}"
+    );
+    pair.wait("the backup serving as primary", STEP, |pair| {
+        pair.status("b")["role"]["state"] == "primary"
+            && pair.addresses("b").contains("192.168.70.2/24")
+    });
+    assert_eq!(pair.pbx("b"), "up");
+    // Nobody is left to promote now.
+    let (code, said) = request(&pair);
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("has no activated backup"), "{said}");
+    // The audit log tells the whole story.
+    let events = ok(Command::new(&dc)
+        .arg("--dir")
+        .arg(pair.dc_dir())
+        .args(["events", "--json"])
+        .output()
+        .unwrap());
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .filter(|k| k.contains("promot"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "promotion requested",
+            "promotion refused",
+            "promotion requested",
+            "promoted"
+        ]
+    );
+    let status = pair.lab.stop(b, STEP).unwrap();
+    assert!(status.success(), "agent exited with {status}");
+}

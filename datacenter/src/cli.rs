@@ -130,6 +130,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Ask the backup of a pair to promote itself (the provider's P): its agent runs the same
+    /// checks as P at its console (the data center and the backup must both have lost the
+    /// primary, nobody may answer ARP for the shared address) and promotes, or refuses with
+    /// the reason. Waits for the answer; exit 0 promoted, 3 refused or no answer in time.
+    Promote {
+        /// The pair.
+        pair: String,
+        /// How long the request stays valid and this command waits for the answer.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+        /// Who asks, for the audit log (default: the user running this).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS.
     Status {
         /// As JSON.
@@ -264,6 +278,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(dir, store, ca, config))?;
+        }
+        Command::Promote { pair, wait_s, by } => {
+            let mut store = open(dir)?;
+            let by = by.unwrap_or_else(|| {
+                format!(
+                    "{} (lbs-datacenter promote)",
+                    std::env::var("SUDO_USER")
+                        .or_else(|_| std::env::var("USER"))
+                        .unwrap_or_else(|_| "operator".into())
+                )
+            });
+            let wait = Duration::from_secs(wait_s.max(1));
+            let request = store.request_promotion(&pair, &by, wait, now_ms())?;
+            println!(
+                "request {}: the backup of {pair} will act on it at its next report (valid {} s)",
+                request.id, wait_s
+            );
+            // The serving data center hands it over and records the answer in the database.
+            let started = std::time::Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let now = store.promotion_request(request.id, now_ms())?;
+                match now.state.as_str() {
+                    "pending" => continue,
+                    "promoted" => {
+                        println!(
+                            "done: the backup was {} after {:.1} s; it takes the shared address and starts the PBX now (lbs-datacenter status shows it)",
+                            now.answer.unwrap_or_default(),
+                            started.elapsed().as_secs_f64()
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    state => {
+                        println!(
+                            "{state}: {}",
+                            now.answer.unwrap_or_else(|| "no reason given".into())
+                        );
+                        return Ok(ExitCode::from(3));
+                    }
+                }
+            }
         }
         Command::Status { json } => {
             let store = open(dir)?;

@@ -563,7 +563,7 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
             site: inner.config.site.clone(),
         },
     };
-    let (mut conn, _negotiated) = exchange_hello(
+    let (mut conn, negotiated) = exchange_hello(
         tls,
         &peer,
         hello,
@@ -610,7 +610,13 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         };
         let believed = next.generation;
         let reply = match next.message {
-            Message::Report(report) => on_report(inner, sid, believed, report).await,
+            Message::Report(report) => {
+                // Promotion requests only go to boxes that understand them (1.2 and later).
+                let remote =
+                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
+                on_report(inner, sid, believed, report, remote).await
+            }
+            Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
                 on_promote(inner, sid, believed, advertised, actor.clone()).await
             }
@@ -631,6 +637,7 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         // The envelope carries the pair's generation as the answer knows it.
         let generation = match &reply {
             Message::PairState(state) => state.generation,
+            Message::PromotionRequested { state, .. } => state.generation,
             Message::Promoted(promotion) => promotion.generation,
             Message::Denied(Denial::StaleGeneration { current }) => *current,
             _ => believed,
@@ -652,6 +659,7 @@ async fn on_report(
     sid: ServerId,
     believed: Generation,
     report: BoxReport,
+    remote: bool,
 ) -> Message {
     let record = store::Report {
         believed,
@@ -663,16 +671,51 @@ async fn on_report(
     let result = with_store(inner, move |s| {
         let now = now_ms();
         s.heartbeat(sid, &record, now)?;
+        let request = if remote {
+            s.pending_promotion(sid, now)?
+        } else {
+            None
+        };
+        Ok((s.pair_of(sid)?, request, now))
+    })
+    .await;
+    match result {
+        Ok((pair, request, now)) => {
+            let state = pair_state(&pair, sid, Some(believes), now);
+            if state.role == Role::Fenced && believes == Role::Primary {
+                tracing::warn!(%sid, %believed, pair = pair.generation, "a stale primary reported: told it is fenced");
+            }
+            match request {
+                Some(request) => {
+                    tracing::info!(%sid, id = request.id, by = %request.requested_by, "promotion requested from the backup");
+                    Message::PromotionRequested {
+                        state,
+                        request: lbs_protocol::control::RemotePromotion {
+                            id: u64::try_from(request.id).unwrap_or(0),
+                            by: request.requested_by,
+                        },
+                    }
+                }
+                None => Message::PairState(state),
+            }
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+/// The backup refused a requested promotion: recorded and logged; it gets the pair's state.
+async fn on_refused(inner: &Arc<Inner>, sid: ServerId, id: u64, reason: String) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        s.refuse_promotion(id, sid, &reason, now)?;
         Ok((s.pair_of(sid)?, now))
     })
     .await;
     match result {
         Ok((pair, now)) => {
-            let state = pair_state(&pair, sid, Some(believes), now);
-            if state.role == Role::Fenced && believes == Role::Primary {
-                tracing::warn!(%sid, %believed, pair = pair.generation, "a stale primary reported: told it is fenced");
-            }
-            Message::PairState(state)
+            tracing::warn!(%sid, id, "the backup refused the requested promotion");
+            Message::PairState(pair_state(&pair, sid, None, now))
         }
         Err(err) => Message::Denied(denial(err)),
     }

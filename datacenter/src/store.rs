@@ -224,6 +224,26 @@ pub struct Promoted {
     pub repeat: bool,
 }
 
+/// A promotion the provider asked for (`lbs-datacenter promote`), carried out by the
+/// backup's agent with the same checks as **P** at its console.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PromotionRequest {
+    /// Its number.
+    pub id: i64,
+    /// The pair.
+    pub pair: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When.
+    pub requested_at: Millis,
+    /// Until when the backup may act on it.
+    pub expires_at: Millis,
+    /// `pending`, `promoted`, `refused` or `expired`.
+    pub state: String,
+    /// The backup's answer: the generation it was promoted at, or why it refused.
+    pub answer: Option<String>,
+}
+
 /// One pair as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PairView {
@@ -367,6 +387,35 @@ pub trait Store {
 
     /// The audit log after event `after` (0: all), oldest first.
     fn events(&self, after: i64) -> Result<Vec<Event>, StoreError>;
+
+    /// Asks for the promotion of pair `pair`'s backup, valid until `now + ttl`; one pending
+    /// request per pair.
+    fn request_promotion(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError>;
+
+    /// The request `id` as it stands (pending ones past their time are `expired`).
+    fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError>;
+
+    /// The pending request for `sid`, if it is its pair's backup and one is pending.
+    fn pending_promotion(
+        &mut self,
+        sid: ServerId,
+        now: Millis,
+    ) -> Result<Option<PromotionRequest>, StoreError>;
+
+    /// Records the backup's refusal of request `id`.
+    fn refuse_promotion(
+        &mut self,
+        id: i64,
+        sid: ServerId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), StoreError>;
 }
 
 /// The schema, one migration per step; `PRAGMA user_version` says how many ran.
@@ -429,6 +478,18 @@ CREATE TABLE dns_records (
     changed_at INTEGER NOT NULL,
     done_at INTEGER,
     PRIMARY KEY (pair_id, name)
+);
+"#,
+    r#"
+CREATE TABLE promotion_requests (
+    id INTEGER PRIMARY KEY,
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    requested_by TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    answer TEXT,
+    answered_at INTEGER
 );
 "#,
 ];
@@ -1196,6 +1257,12 @@ impl Store for SqliteStore {
                 old.as_deref().unwrap_or("nobody")
             ),
         )?;
+        tx.execute(
+            "UPDATE promotion_requests SET state = 'promoted', answer = ?2, answered_at = ?3
+             WHERE pair_id = ?1 AND state = 'pending'",
+            params![row.pair_id, format!("promoted at {next}"), now],
+        )
+        .map_err(db("answering the promotion request"))?;
         tx.commit().map_err(db("committing"))?;
         Ok(Promoted {
             generation: next,
@@ -1467,4 +1534,186 @@ impl Store for SqliteStore {
             .map_err(db("reading the audit log"))?;
         Ok(events)
     }
+
+    fn request_promotion(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        expire_requests(&tx, now)?;
+        let pair_id: i64 = tx
+            .query_row("SELECT id FROM pairs WHERE name = ?1", [pair], |r| r.get(0))
+            .optional()
+            .map_err(db("reading the pair"))?
+            .ok_or_else(|| StoreError::NotAllowed(format!("there is no pair called {pair:?}")))?;
+        let backup: Option<String> = tx
+            .query_row(
+                "SELECT sid FROM servers WHERE pair_id = ?1 AND role = 'backup'",
+                [pair_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading the pair's backup"))?;
+        let Some(backup) = backup else {
+            return Err(StoreError::NotAllowed(format!(
+                "pair {pair:?} has no activated backup to promote"
+            )));
+        };
+        if let Some(pending) =
+            request_where(&tx, "r.pair_id = ?1 AND r.state = 'pending'", pair_id)?
+        {
+            return Err(StoreError::NotAllowed(format!(
+                "request {} by {} for pair {pair:?} is still pending",
+                pending.id, pending.requested_by
+            )));
+        }
+        tx.execute(
+            "INSERT INTO promotion_requests (pair_id, requested_by, requested_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![pair_id, actor, now, now.saturating_add(ms(ttl))],
+        )
+        .map_err(db("recording the promotion request"))?;
+        let id = tx.last_insert_rowid();
+        log(
+            &tx,
+            now,
+            Some(pair_id),
+            backup.parse().ok(),
+            "promotion requested",
+            (None, None),
+            actor,
+            &format!(
+                "request {id}: promote {backup}, the backup of pair {pair}, within {} s",
+                ttl.as_secs()
+            ),
+        )?;
+        let request = request_where(&tx, "r.id = ?1", id)?
+            .ok_or_else(|| StoreError::NotAllowed(format!("request {id} vanished")))?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(request)
+    }
+
+    fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        expire_requests(&tx, now)?;
+        let request = request_where(&tx, "r.id = ?1", id)?
+            .ok_or_else(|| StoreError::NotAllowed(format!("there is no promotion request {id}")))?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(request)
+    }
+
+    fn pending_promotion(
+        &mut self,
+        sid: ServerId,
+        now: Millis,
+    ) -> Result<Option<PromotionRequest>, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        expire_requests(&tx, now)?;
+        let row = row(&tx, sid)?;
+        let request = if row.role == Role::Backup {
+            request_where(&tx, "r.pair_id = ?1 AND r.state = 'pending'", row.pair_id)?
+        } else {
+            None
+        };
+        tx.commit().map_err(db("committing"))?;
+        Ok(request)
+    }
+
+    fn refuse_promotion(
+        &mut self,
+        id: i64,
+        sid: ServerId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let tx = begin(&mut self.conn)?;
+        let row = row(&tx, sid)?;
+        let changed = tx
+            .execute(
+                "UPDATE promotion_requests SET state = 'refused', answer = ?3, answered_at = ?4
+                 WHERE id = ?1 AND pair_id = ?2 AND state = 'pending'",
+                params![id, row.pair_id, reason, now],
+            )
+            .map_err(db("answering the promotion request"))?;
+        if changed == 1 {
+            log(
+                &tx,
+                now,
+                Some(row.pair_id),
+                Some(sid),
+                "promotion refused",
+                (Some(row.generation), None),
+                &sid.to_string(),
+                &format!("request {id}: {reason}"),
+            )?;
+        }
+        tx.commit().map_err(db("committing"))?;
+        Ok(())
+    }
+}
+
+/// Pending requests past their time become `expired` (logged once).
+fn expire_requests(tx: &rusqlite::Transaction<'_>, now: Millis) -> Result<(), StoreError> {
+    let expired: Vec<(i64, i64)> = {
+        let mut statement = tx
+            .prepare(
+                "SELECT id, pair_id FROM promotion_requests WHERE state = 'pending' AND expires_at <= ?1",
+            )
+            .map_err(db("reading promotion requests"))?;
+        statement
+            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db("reading promotion requests"))?
+            .collect::<Result<_, _>>()
+            .map_err(db("reading promotion requests"))?
+    };
+    for (id, pair_id) in expired {
+        tx.execute(
+            "UPDATE promotion_requests SET state = 'expired', answer = 'the backup did not act on it in time (is its agent running and reporting?)', answered_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(db("expiring a promotion request"))?;
+        log(
+            tx,
+            now,
+            Some(pair_id),
+            None,
+            "promotion request expired",
+            (None, None),
+            "data center",
+            &format!("request {id}: the backup did not act on it in time"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The one request matching `condition` (on `r`, with `?1` = `value`).
+fn request_where(
+    tx: &rusqlite::Transaction<'_>,
+    condition: &str,
+    value: i64,
+) -> Result<Option<PromotionRequest>, StoreError> {
+    tx.query_row(
+        &format!(
+            "SELECT r.id, p.name, r.requested_by, r.requested_at, r.expires_at, r.state, r.answer
+             FROM promotion_requests r JOIN pairs p ON p.id = r.pair_id
+             WHERE {condition} ORDER BY r.id DESC LIMIT 1"
+        ),
+        [value],
+        |r| {
+            Ok(PromotionRequest {
+                id: r.get(0)?,
+                pair: r.get(1)?,
+                requested_by: r.get(2)?,
+                requested_at: r.get(3)?,
+                expires_at: r.get(4)?,
+                state: r.get(5)?,
+                answer: r.get(6)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(db("reading a promotion request"))
 }

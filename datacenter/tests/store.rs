@@ -418,3 +418,105 @@ fn a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address()
         ["rekeyed", "activation-refused", "reactivated"]
     );
 }
+
+#[test]
+fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_the_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    // No backup activated yet: nothing to promote.
+    store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
+        .unwrap();
+    let refused = store(&db)
+        .request_promotion("acme", "noc", Duration::from_secs(60), T0)
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("no activated backup"),
+        "{refused}"
+    );
+    assert!(
+        store(&db)
+            .request_promotion("nope", "noc", Duration::from_secs(60), T0)
+            .is_err()
+    );
+    store(&db)
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0)
+        .unwrap();
+    // Pending: the backup sees it, the primary does not; a second one waits its turn.
+    let first = store(&db)
+        .request_promotion("acme", "noc", Duration::from_secs(60), T0)
+        .unwrap();
+    assert_eq!(first.state, "pending");
+    assert_eq!(
+        store(&db).pending_promotion(b, T0 + 1).unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store(&db).pending_promotion(a, T0 + 1).unwrap(), None);
+    assert!(
+        store(&db)
+            .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 1)
+            .is_err()
+    );
+    // Unanswered past its time: expired, logged, and a new one may be made.
+    assert_eq!(store(&db).pending_promotion(b, T0 + 60_000).unwrap(), None);
+    let expired = store(&db).promotion_request(first.id, T0 + 60_000).unwrap();
+    assert_eq!(expired.state, "expired");
+    // The backup's refusal is recorded; a late refusal of an answered request changes nothing.
+    let second = store(&db)
+        .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 61_000)
+        .unwrap();
+    store(&db)
+        .refuse_promotion(second.id, b, "the primary answers ARP", T0 + 61_500)
+        .unwrap();
+    let refused = store(&db)
+        .promotion_request(second.id, T0 + 62_000)
+        .unwrap();
+    assert_eq!(
+        (refused.state.as_str(), refused.answer.as_deref()),
+        ("refused", Some("the primary answers ARP"))
+    );
+    // The promotion itself answers a pending request.
+    let third = store(&db)
+        .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 63_000)
+        .unwrap();
+    store(&db)
+        .promote(b, Generation(1), REMOTE, "test", T0 + 63_500)
+        .unwrap();
+    let promoted = store(&db).promotion_request(third.id, T0 + 64_000).unwrap();
+    assert_eq!(
+        (promoted.state.as_str(), promoted.answer.as_deref()),
+        ("promoted", Some("promoted at gen 2"))
+    );
+    store(&db)
+        .refuse_promotion(third.id, b, "too late", T0 + 64_500)
+        .unwrap();
+    assert_eq!(
+        store(&db)
+            .promotion_request(third.id, T0 + 65_000)
+            .unwrap()
+            .state,
+        "promoted"
+    );
+    let kinds: Vec<String> = store(&db)
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| k.starts_with("promot"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "promotion requested",
+            "promotion request expired",
+            "promotion requested",
+            "promotion refused",
+            "promotion requested",
+            "promoted"
+        ]
+    );
+}

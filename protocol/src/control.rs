@@ -151,6 +151,17 @@ pub struct PairState {
     pub hardware_differences: Option<Vec<String>>,
 }
 
+/// A promotion the provider asked the data center for (`lbs-datacenter promote <pair>`): the
+/// backup's agent carries it out with the same checks as **P** at its console, or refuses it
+/// with [`crate::Message::PromotionRefused`]. Protocol 1.2.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RemotePromotion {
+    /// The request's number.
+    pub id: u64,
+    /// Who asked (the provider's operator, as the data center logged it).
+    pub by: String,
+}
+
 /// The data center's answer to a successful promotion.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Promotion {

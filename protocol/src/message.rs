@@ -190,6 +190,22 @@ pub enum Message {
         /// The kernel dropped events; only a full reconcile is safe.
         overflow: bool,
     },
+    /// Data center → backup, answering its report (protocol 1.2, never to an older box): the
+    /// pair's state, and a promotion the provider asked for.
+    PromotionRequested {
+        /// What a `PairState` answer would have said.
+        state: crate::control::PairState,
+        /// The request.
+        request: crate::control::RemotePromotion,
+    },
+    /// Box → data center (protocol 1.2): the requested promotion cannot go ahead, and why;
+    /// answered with a `PairState`.
+    PromotionRefused {
+        /// The request's number.
+        id: u64,
+        /// Why, as the checks of **P** said it.
+        reason: String,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -229,6 +245,8 @@ impl Message {
             Message::SyncSet { .. } => "sync-set",
             Message::SyncWatch => "sync-watch",
             Message::SyncChanged { .. } => "sync-changed",
+            Message::PromotionRequested { .. } => "promotion-requested",
+            Message::PromotionRefused { .. } => "promotion-refused",
         }
     }
 }
