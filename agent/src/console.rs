@@ -155,9 +155,10 @@ impl Console {
         self.print("P - PROMOTE THIS BOX TO PRIMARY\nChecking: the copy, the hardware, the data center, who answers ARP ...")
             .await;
         let mut force = false;
+        let mut offline = false;
         let mut extra = String::new();
         loop {
-            let words = format!("{}{extra}", if force { " force" } else { "" });
+            let words = request_words(force, offline, &extra);
             let last = match self
                 .run(&format!("promote-check{words}"), Duration::from_secs(20))
                 .await
@@ -170,6 +171,23 @@ impl Console {
                 }
             };
             if let Some(why) = last.strip_prefix("refused: ") {
+                if !offline && why.contains("--offline") {
+                    self.print(&format!(
+                        "\nNOT PROMOTED: {why}\nO promotes without the data center: only if it is down and the primary surely dead."
+                    ))
+                    .await;
+                    match self
+                        .ask("O and Enter for offline, Enter alone to go back:")
+                        .await?
+                        .as_str()
+                    {
+                        "O" | "o" => {
+                            offline = true;
+                            continue;
+                        }
+                        _ => return Some(String::new()),
+                    }
+                }
                 if force || !(why.contains("alive") || why.contains("answers ARP")) {
                     self.print(&format!("\nNOT PROMOTED: {why}")).await;
                     return self.pause().await;
@@ -233,7 +251,7 @@ impl Console {
             if !extra.is_empty() {
                 // The agent checks the new address (and who answers for it) again.
                 self.print("Checking the new address ...").await;
-                let words = format!("{}{extra}", if force { " force" } else { "" });
+                let words = request_words(force, offline, &extra);
                 let last = self
                     .run(&format!("promote-check{words}"), Duration::from_secs(20))
                     .await
@@ -262,6 +280,14 @@ impl Console {
         if !confirm.eq_ignore_ascii_case("p") {
             return self.cancelled().await;
         }
+        if offline {
+            let sure = self
+                .ask("Without the data center nothing fences the old primary. Type OFFLINE to promote anyway:")
+                .await?;
+            if sure != "OFFLINE" {
+                return self.cancelled().await;
+            }
+        }
         if force {
             let sure = self
                 .ask("The primary may still be alive: two primaries confuse the phones. Type YES to promote anyway:")
@@ -271,7 +297,7 @@ impl Console {
             }
         }
         self.print("").await;
-        let words = format!("{}{extra}", if force { " force" } else { "" });
+        let words = request_words(force, offline, &extra);
         match self
             .run(&format!("promote{words}"), Duration::from_secs(120))
             .await
@@ -369,6 +395,15 @@ impl Console {
     }
 }
 
+/// The words after `promote` / `promote-check` for the agent.
+fn request_words(force: bool, offline: bool, extra: &str) -> String {
+    format!(
+        "{}{}{extra}",
+        if force { " force" } else { "" },
+        if offline { " offline" } else { "" }
+    )
+}
+
 /// The menu's state part: who this box is, its partner, the data center and the copies.
 fn state_lines(status: &AgentStatus) -> Vec<String> {
     let now = status.at_ms;
@@ -377,11 +412,16 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
         format!("lbs console - {} (pair {})", info.fqdn, info.pair),
         "-".repeat(WIDTH - 1),
         format!(
-            "This box   {}  {}  {}, since {}",
+            "This box   {}  {}  {}, since {}{}",
             info.sid,
             status.role.state,
             status.role.generation,
-            ago(now, Some(status.role.since_unix_ms))
+            ago(now, Some(status.role.since_unix_ms)),
+            if status.role.offline {
+                " (OFFLINE: not confirmed by the data center yet)"
+            } else {
+                ""
+            }
         ),
     ];
     lines.push(match &status.network {

@@ -199,6 +199,9 @@ struct Shared {
     auto_failover: Mutex<Option<String>>,
     /// The last promotion request from the data center this box acted on.
     remote_handled: Mutex<Option<u64>>,
+    /// The slow re-announcement of the address this box last moved to (stops when replaced
+    /// or dropped).
+    refresh: Mutex<Option<lbs_netconfig::Refresh>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -390,6 +393,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         partner_heard_ms: Mutex::new(None),
         auto_failover: Mutex::new(None),
         remote_handled: Mutex::new(None),
+        refresh: Mutex::new(None),
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -446,6 +450,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
+    drop(lock(&shared.refresh).take());
     let _ = std::fs::remove_file(&cmd.socket);
     println!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -714,7 +719,7 @@ async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<
         request.id,
         request.by
     );
-    match promote_checks(shared, false, None).await {
+    match promote_checks(shared, false, None, false).await {
         Ok(lines) => {
             for line in &lines {
                 tracing::warn!("  {line}");
@@ -1565,7 +1570,7 @@ async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
                 now.saturating_sub(lost_since) as f64 / 1000.0
             ))
         } else {
-            promote_checks(&shared, false, None)
+            promote_checks(&shared, false, None, false)
                 .await
                 .map_err(|why| format!("on: not promoting: {why}"))
         };
@@ -1610,6 +1615,7 @@ async fn promote_checks(
     shared: &Shared,
     force: bool,
     chosen: Option<SharedAddress>,
+    offline: bool,
 ) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     let state = lock(&shared.machine).record.state;
@@ -1651,27 +1657,56 @@ async fn promote_checks(
         now.saturating_sub(at)
             < 3 * u64::try_from(shared.config.report_interval.as_millis()).unwrap_or(u64::MAX)
     });
-    if !fresh {
-        return Err(
-            "the data center has not answered lately; a promotion needs it (it fences the old primary)"
-                .to_owned(),
-        );
-    }
     let gone_after =
         u64::try_from(shared.config.primary_gone_after.as_millis()).unwrap_or(u64::MAX);
-    match partner.as_ref().and_then(|p| p.silent_ms) {
-        Some(silent) if silent < gone_after && !force => {
-            return Err(format!(
-                "the data center heard the primary {:.1} s ago: it is alive (wait {} s of silence, or use --force)",
-                silent as f64 / 1000.0,
-                gone_after / 1000
-            ));
+    if offline {
+        // Without the data center: it must really be gone, and this box must have lost the
+        // primary itself.
+        if fresh {
+            return Err(
+                "the data center answers: promote normally (without --offline), it fences the old primary"
+                    .to_owned(),
+            );
         }
-        Some(silent) => lines.push(format!(
-            "the data center last heard the primary {:.1} s ago",
-            silent as f64 / 1000.0
-        )),
-        None => lines.push("the data center never heard the primary".to_owned()),
+        match *lock(&shared.partner_heard_ms) {
+            Some(at) if now.saturating_sub(at) < gone_after && !force => {
+                return Err(format!(
+                    "this box heard the primary {:.1} s ago: it is alive (wait {} s of silence)",
+                    now.saturating_sub(at) as f64 / 1000.0,
+                    gone_after / 1000
+                ));
+            }
+            Some(at) => lines.push(format!(
+                "this box last heard the primary {:.1} s ago",
+                now.saturating_sub(at) as f64 / 1000.0
+            )),
+            None => lines.push("this box has not heard the primary since it started".to_owned()),
+        }
+        lines.push(
+            "OFFLINE: the data center is unreachable; it is told when it answers again (if the pair moved on meanwhile, this box steps back)"
+                .to_owned(),
+        );
+    } else {
+        if !fresh {
+            return Err(
+                "the data center has not answered lately; a promotion needs it (it fences the old primary). If it is down and the primary surely dead: --offline"
+                    .to_owned(),
+            );
+        }
+        match partner.as_ref().and_then(|p| p.silent_ms) {
+            Some(silent) if silent < gone_after && !force => {
+                return Err(format!(
+                    "the data center heard the primary {:.1} s ago: it is alive (wait {} s of silence, or use --force)",
+                    silent as f64 / 1000.0,
+                    gone_after / 1000
+                ));
+            }
+            Some(silent) => lines.push(format!(
+                "the data center last heard the primary {:.1} s ago",
+                silent as f64 / 1000.0
+            )),
+            None => lines.push("the data center never heard the primary".to_owned()),
+        }
     }
     if let Some(network) = &with_choice(shared.config.network.clone(), chosen) {
         match probe_shared(network).await {
@@ -1729,6 +1764,7 @@ async fn drain(
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PromoteOptions {
     pub(crate) force: bool,
+    pub(crate) offline: bool,
     pub(crate) chosen: Option<SharedAddress>,
 }
 
@@ -1743,6 +1779,8 @@ impl PromoteOptions {
         for word in words.split_whitespace() {
             if word == "force" {
                 options.force = true;
+            } else if word == "offline" {
+                options.offline = true;
             } else if let Some(text) = word.strip_prefix("address=") {
                 let cidr = text.parse::<lbs_netconfig::Ipv4Cidr>().map_err(|_| {
                     format!("{text:?} is not an address with its prefix, like 192.168.1.2/24")
@@ -1802,7 +1840,7 @@ async fn promote_request(
     options: PromoteOptions,
     check_only: bool,
 ) {
-    let lines = match promote_checks(shared, options.force, options.chosen).await {
+    let lines = match promote_checks(shared, options.force, options.chosen, options.offline).await {
         Ok(lines) => lines,
         Err(why) => {
             say(write, &format!("refused: {why}")).await;
@@ -1819,12 +1857,21 @@ async fn promote_request(
     follow(
         shared,
         write,
-        Event::PromoteRequested(options.chosen),
+        if options.offline {
+            Event::PromoteOffline(options.chosen)
+        } else {
+            Event::PromoteRequested(options.chosen)
+        },
         false,
         |record| match record.state {
             RoleState::Primary => Some(Ok(format!(
-                "this box is the PRIMARY ({})",
-                record.generation
+                "this box is the PRIMARY ({}){}",
+                record.generation,
+                if record.offline {
+                    ", offline: the data center confirms it when it answers again"
+                } else {
+                    ""
+                }
             ))),
             RoleState::Backup => Some(Err(record
                 .last_error
@@ -2092,11 +2139,28 @@ async fn move_address(
     let mut on_step = |step: &lbs_netconfig::StepReport| {
         let _ = progress.send(format!("  {step}"));
     };
-    Ok(if take {
+    let report = if take {
         lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut on_step).await?
     } else {
         lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut on_step).await?
-    })
+    };
+    // The burst is done; re-announce every 2 s for a minute, so switches, phones and routers
+    // that missed it (or refreshed their cache from a stale reply) follow within 2 s.
+    use lbs_netconfig::NetBackend;
+    let held = if take { network.shared } else { network.own };
+    match net.link(&network.interface).await {
+        Ok(link) => {
+            *lock(&shared.refresh) = Some(lbs_netconfig::Refresh::start(
+                arp,
+                link,
+                held.addr,
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            ));
+        }
+        Err(err) => tracing::warn!("cannot refresh the announcement of {held}: {err}"),
+    }
+    Ok(report)
 }
 
 async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {

@@ -23,6 +23,11 @@ pub struct PromoteCmd {
     /// Promote even though the primary seems alive (asks a second time).
     #[arg(long)]
     pub force: bool,
+    /// The data center is unreachable and the primary surely dead: promote without it
+    /// (this box must have lost the primary itself; asks a second time). The data center is
+    /// told when it answers again; if the pair moved on meanwhile, this box steps back.
+    #[arg(long)]
+    pub offline: bool,
     /// Do not ask for confirmation (scripts, tests).
     #[arg(long)]
     pub yes: bool,
@@ -109,7 +114,12 @@ fn confirm(question: &str, expected: &str) -> anyhow::Result<bool> {
 
 /// `lbs promote`.
 pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
-    let force = if cmd.force { " force" } else { "" };
+    let force = match (cmd.force, cmd.offline) {
+        (true, true) => " force offline",
+        (true, false) => " force",
+        (false, true) => " offline",
+        (false, false) => "",
+    };
     let last = converse(
         &cmd.socket,
         &format!("promote-check{force}"),
@@ -122,6 +132,15 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
     }
     if !cmd.yes {
         if !confirm("Promote this box to PRIMARY? [y/N]", "y")? {
+            println!("cancelled: nothing changed");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if cmd.offline
+            && !confirm(
+                "--offline: the data center cannot fence the old primary. Type OFFLINE to go on:",
+                "offline",
+            )?
+        {
             println!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }

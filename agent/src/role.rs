@@ -115,6 +115,10 @@ pub enum Event {
     /// The operator pressed **P** (or ran `lbs promote`), maybe with another address than
     /// the configured one.
     PromoteRequested(Option<SharedAddress>),
+    /// The operator pressed **P** with the data center unreachable and consented to go on
+    /// without it (`lbs promote --offline`): promoted at the same generation, to be
+    /// reconciled with the data center when it answers again.
+    PromoteOffline(Option<SharedAddress>),
     /// The operator pressed **B** (or ran `lbs demote`).
     DemoteRequested,
     /// The data center granted the promotion at this generation.
@@ -205,6 +209,10 @@ pub struct RoleRecord {
     /// this box holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<SharedAddress>,
+    /// Promoted without the data center (`--offline`): the data center has not confirmed it
+    /// yet; the first answer from it starts the reconciliation.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 impl RoleRecord {
@@ -216,6 +224,7 @@ impl RoleRecord {
             since_unix_ms: 0,
             last_error: None,
             shared: None,
+            offline: false,
         }
     }
 
@@ -276,6 +285,9 @@ impl RoleMachine {
     /// The step under way (a promotion's or a demotion's), whose outcome the machine waits for.
     pub fn current_step(&self) -> Option<Action> {
         match self.record.state {
+            RoleState::Primary if self.record.offline => Some(Action::AskPromotion {
+                believed: self.record.generation,
+            }),
             RoleState::Promoting(step) => Some(self.promote_action(step)),
             RoleState::Demoting(step) => Some(demote_action(step)),
             _ => None,
@@ -340,10 +352,23 @@ impl RoleMachine {
                     self.promote_action(PromoteStep::AskAuthority),
                 ])
             }
-            (S::Promoting(_), Event::PromoteRequested(_)) => {
+            (S::Backup, Event::PromoteOffline(shared)) => {
+                self.set(S::Promoting(PromoteStep::TakeAddress), now_ms);
+                self.record.shared = shared;
+                self.record.offline = true;
+                Ok(vec![
+                    Action::StopSync,
+                    Action::Say(format!(
+                        "OFFLINE promotion at {}: the data center is not asked now; it is told when it answers again",
+                        self.record.generation
+                    )),
+                    Action::TakeAddress,
+                ])
+            }
+            (S::Promoting(_), Event::PromoteRequested(_) | Event::PromoteOffline(_)) => {
                 Err(Refused("a promotion is under way already".into()))
             }
-            (_, Event::PromoteRequested(_)) => Err(Refused(format!(
+            (_, Event::PromoteRequested(_) | Event::PromoteOffline(_)) => Err(Refused(format!(
                 "only the backup can be promoted; this box is {state}"
             ))),
             (S::Promoting(PromoteStep::AskAuthority), Event::Promoted(generation))
@@ -410,10 +435,37 @@ impl RoleMachine {
                     Action::TakeAddress,
                 ])
             }
+            (S::Primary, Event::Authority { role, generation })
+                if self.record.offline
+                    && generation == self.record.generation
+                    && role != Role::Primary =>
+            {
+                // The data center answers again and does not know of the offline promotion:
+                // ask it now, from the generation both know.
+                Ok(vec![Action::AskPromotion {
+                    believed: generation,
+                }])
+            }
+            (S::Primary, Event::Promoted(generation))
+                if self.record.offline && generation > self.record.generation =>
+            {
+                self.record.generation = generation;
+                self.record.offline = false;
+                self.record.last_error = None;
+                Ok(vec![Action::Say(format!(
+                    "the data center confirmed the offline promotion: this box is the PRIMARY at {generation}"
+                ))])
+            }
+            (S::Primary, Event::StepFailed(why)) if self.record.offline => {
+                // Asked again at the next answer.
+                self.record.last_error = Some(format!("reconciling the offline promotion: {why}"));
+                Ok(Vec::new())
+            }
             (S::Primary | S::Promoting(_), Event::Authority { role, generation })
                 if generation > self.record.generation && role != Role::Primary =>
             {
                 self.record.generation = generation;
+                self.record.offline = false;
                 self.set(S::Fenced, now_ms);
                 Ok(vec![
                     Action::Say(format!(
@@ -496,6 +548,7 @@ mod tests {
             since_unix_ms: 0,
             last_error: None,
             shared: None,
+            offline: false,
         })
     }
 
@@ -669,6 +722,7 @@ mod tests {
                 by: "5a:ec:b4:27:71:cf".into(),
             },
             Event::PromoteRequested(None),
+            Event::PromoteOffline(None),
             Event::DemoteRequested,
             Event::StepDone,
             Event::StepFailed("cable pulled".into()),
@@ -690,9 +744,9 @@ mod tests {
     }
 
     /// Every event in every state: a refusal changes nothing; the generation never goes
-    /// down; a box only starts serving phones (wire role primary) from a promotion step the
-    /// data center granted at a higher generation, never straight from backup, fenced or a
-    /// demotion (split brain); a higher generation where another box is primary always
+    /// down; a box only starts serving phones (wire role primary) from a promotion's address
+    /// step (granted by the data center, or consented offline), never straight from backup,
+    /// fenced or a demotion (split brain); a higher generation where another box is primary always
     /// fences a primary; and whatever the state, `resume` has something sensible to do.
     #[test]
     fn every_event_in_every_state_keeps_the_rules() {
@@ -722,7 +776,7 @@ mod tests {
                         ),
                         "{case}: became primary without the address step"
                     );
-                    assert!(after.generation > Generation(4), "{case}");
+                    assert!(after.generation >= Generation(5), "{case}");
                 }
                 if matches!(state, RoleState::Backup | RoleState::Fenced)
                     || matches!(state, RoleState::Demoting(_))
@@ -817,6 +871,73 @@ mod tests {
         let actions = m.handle(Event::AddressTaken { by: "x".into() }, 1).unwrap();
         assert!(actions.is_empty());
         assert_eq!(m.record.state, RoleState::Backup);
+    }
+
+    #[test]
+    fn an_offline_promotion_is_reconciled_when_the_data_center_answers() {
+        let mut m = at(RoleState::Backup, 3);
+        let actions = m.handle(Event::PromoteOffline(None), 1).unwrap();
+        assert_eq!(actions.last(), Some(&Action::TakeAddress));
+        assert!(m.record.offline);
+        m.handle(Event::StepDone, 2).unwrap();
+        m.handle(Event::StepDone, 3).unwrap();
+        assert_eq!(m.record.state, RoleState::Primary);
+        assert_eq!(
+            m.record.generation,
+            Generation(3),
+            "no grant, no new generation"
+        );
+        // A restart reconciles too (the step the machine waits for).
+        assert_eq!(
+            m.current_step(),
+            Some(Action::AskPromotion {
+                believed: Generation(3)
+            })
+        );
+        // The data center answers, not knowing of it (it calls this box fenced at gen 3):
+        // it is asked for the promotion from gen 3.
+        let fenced_here = Event::Authority {
+            role: Role::Fenced,
+            generation: Generation(3),
+        };
+        assert_eq!(
+            m.handle(fenced_here.clone(), 4).unwrap(),
+            [Action::AskPromotion {
+                believed: Generation(3)
+            }]
+        );
+        assert_eq!(m.record.state, RoleState::Primary);
+        // A failure is kept and asked again at the next answer.
+        assert!(
+            m.handle(Event::StepFailed("timeout".into()), 5)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(m.record.last_error.is_some());
+        assert_eq!(m.handle(fenced_here, 6).unwrap().len(), 1);
+        m.handle(Event::Promoted(Generation(4)), 7).unwrap();
+        assert_eq!(
+            (m.record.state, m.record.generation, m.record.offline),
+            (RoleState::Primary, Generation(4), false)
+        );
+        assert_eq!(m.current_step(), None);
+        // Meanwhile the pair moved on: the data center's word wins, this box steps back.
+        let mut m = at(RoleState::Backup, 3);
+        m.handle(Event::PromoteOffline(None), 1).unwrap();
+        m.handle(Event::StepDone, 2).unwrap();
+        m.handle(Event::StepDone, 3).unwrap();
+        let actions = m
+            .handle(
+                Event::Authority {
+                    role: Role::Fenced,
+                    generation: Generation(4),
+                },
+                4,
+            )
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Fenced);
+        assert!(!m.record.offline);
+        assert!(actions.contains(&Action::GiveUpAddress));
     }
 
     #[test]

@@ -737,6 +737,29 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         .sh("a", &["ip", "-4", "-o", "addr", "show", "eth0"])
         .unwrap());
     assert!(addresses.contains("192.168.70.3/24"), "{addresses}");
+    // The re-announcements reach the data center's neighbour table: .3 is a's MAC now
+    // (it was b's before the swap).
+    let link = ok(pair
+        .lab
+        .sh("a", &["ip", "-o", "link", "show", "eth0"])
+        .unwrap());
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    pair.wait(
+        "the data center's neighbour entry for .3 to follow",
+        STEP,
+        |pair| {
+            let neigh = ok(pair
+                .lab
+                .sh("dc", &["ip", "neigh", "show", "192.168.70.3"])
+                .unwrap());
+            neigh.is_empty() || neigh.contains(&mac)
+        },
+    );
     let table: serde_json::Value = serde_json::from_str(&ok(Command::new(&dc)
         .arg("--dir")
         .arg(pair.dc_dir())
@@ -1326,6 +1349,96 @@ fn a_promotion_requested_from_the_data_center_runs_the_same_checks() {
             "promoted"
         ]
     );
+    let status = pair.lab.stop(b, STEP).unwrap();
+    assert!(status.success(), "agent exited with {status}");
+}
+
+/// The office lost its data center and the primary died: P is refused (the data center must
+/// fence the old primary) and says `--offline` exists; with it the backup promotes itself at
+/// the same generation, and when the data center answers again it asks it for the promotion
+/// and the pair is at the next generation with this box primary.
+#[test]
+fn an_offline_promotion_needs_consent_and_is_reconciled_when_the_data_center_returns() {
+    if !require_root(
+        "an_offline_promotion_needs_consent_and_is_reconciled_when_the_data_center_returns",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    pair.office("");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    let a = pair.agent_with("a", &[]);
+    let b = pair.agent_with("b", &[]);
+    pair.wait(
+        "the first full sync and the data center hearing both",
+        STEP,
+        |pair| {
+            pair.media("b").join("greeting.wav").exists()
+                && pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
+        },
+    );
+    let blackhole = format!("{DC_IP}/32");
+    ok(pair
+        .lab
+        .sh("b", &["ip", "route", "add", "blackhole", &blackhole])
+        .unwrap());
+    pair.lab.kill(a).unwrap();
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    pair.wait(
+        "the backup to lose the data center and the primary",
+        STEP,
+        |pair| {
+            let status = pair.status("b");
+            let now = status["at_ms"].as_u64().unwrap();
+            let ago = |field: &serde_json::Value| now - field.as_u64().unwrap_or(0);
+            ago(&status["datacenter"]["last_answer_ms"]) > 4_000
+                && ago(&status["primary_heard_ms"]) > 2_000
+        },
+    );
+    let (done, said) = pair.role_change("b", "promote");
+    assert!(!done, "{said}");
+    assert!(
+        said.contains("the data center has not answered lately"),
+        "{said}"
+    );
+    assert!(said.contains("--offline"), "{said}");
+    let mut cmd = pair.lab.command("b", LBS);
+    cmd.args(["promote", "--offline", "--yes", "--socket"])
+        .arg(pair.socket("b"));
+    let out = pair.lab.run(cmd, STEP).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("lbs promote --offline:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("OFFLINE promotion at gen 1"), "{said}");
+    assert!(
+        said.contains("done: this box is the PRIMARY (gen 1), offline"),
+        "{said}"
+    );
+    let status = pair.status("b");
+    assert_eq!(status["role"]["state"], "primary");
+    assert_eq!(status["role"]["offline"], true);
+    assert!(pair.addresses("b").contains("192.168.70.2/24"));
+    assert_eq!(pair.pbx("b"), "up");
+    assert_eq!(pair.datacenter_status()[0]["generation"], 1);
+
+    // The data center is back: the promotion is reconciled.
+    ok(pair
+        .lab
+        .sh("b", &["ip", "route", "del", "blackhole", &blackhole])
+        .unwrap());
+    pair.wait("the data center confirming the promotion", STEP, |pair| {
+        let role = &pair.status("b")["role"];
+        role["state"] == "primary" && role["generation"] == 2 && role["offline"] == false
+    });
+    let table = pair.datacenter_status();
+    assert_eq!(table[0]["generation"], 2);
+    assert_eq!(table[0]["primary"], pair.sids[1].0.to_string());
     let status = pair.lab.stop(b, STEP).unwrap();
     assert!(status.success(), "agent exited with {status}");
 }
