@@ -23,6 +23,8 @@
 //! shared = "192.168.1.2/24"        # the primary's address, the one phones use
 //! own = "192.168.1.3/24"           # this box's own
 //! gateway = "192.168.1.1"
+//! boot_config = "/"                # keep the boot configuration (ifupdown, NetworkManager,
+//!                                  # systemd-networkd, netplan) in step; omit to leave it alone
 //!
 //! # Sync sets, highest priority first (these are the defaults):
 //! [[set]]
@@ -94,6 +96,8 @@ struct NetworkFile {
     shared: String,
     own: String,
     gateway: std::net::Ipv4Addr,
+    #[serde(default)]
+    boot_config: Option<PathBuf>,
 }
 
 /// The office address a promotion takes (and a demotion gives back).
@@ -107,6 +111,9 @@ pub struct Network {
     pub own: lbs_netconfig::Ipv4Cidr,
     /// The office gateway.
     pub gateway: std::net::Ipv4Addr,
+    /// The root of the boot configuration to keep in step with the address (`/` on a box,
+    /// so a reboot comes up with the address it had); `None`: left alone.
+    pub boot_config: Option<PathBuf>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -285,6 +292,7 @@ impl AgentConfig {
                         shared: cidr("shared", &n.shared)?,
                         own: cidr("own", &n.own)?,
                         gateway: n.gateway,
+                        boot_config: n.boot_config.filter(|p| !p.as_os_str().is_empty()),
                     })
                 })
                 .transpose()?,

@@ -297,6 +297,12 @@ impl Shared {
     }
 
     fn handle(&self, event: Event) {
+        let _ = self.apply(event);
+    }
+
+    /// Applies `event`; `Err` with the reason when the machine refused it (or the change
+    /// could not be recorded), nothing changed then.
+    fn apply(&self, event: Event) -> Result<(), String> {
         let (actions, record) = {
             let mut machine = lock(&self.machine);
             let before = machine.record.clone();
@@ -306,15 +312,16 @@ impl Shared {
                         && let Err(err) = machine.record.save(&self.paths.role())
                     {
                         // Not acting on a change that is not on disk: undo it.
-                        tracing::error!("cannot record the role change: {err:#}");
+                        let why = format!("cannot record the role change: {err:#}");
+                        tracing::error!("{why}");
                         machine.record = before;
-                        return;
+                        return Err(why);
                     }
                     (actions, machine.record.clone())
                 }
                 Err(refused) => {
                     tracing::warn!("{refused}");
-                    return;
+                    return Err(refused.0);
                 }
             }
         };
@@ -322,6 +329,7 @@ impl Shared {
             tracing::info!(state = %record.state, generation = %record.generation, "role");
         }
         self.act(actions);
+        Ok(())
     }
 }
 
@@ -1895,7 +1903,11 @@ async fn follow(
 ) {
     let started = Instant::now();
     let mut progress = shared.progress.subscribe();
-    shared.handle(event);
+    if let Err(why) = shared.apply(event) {
+        // Another console's P (or B) got there first, or the state moved since the checks.
+        say(write, &format!("refused: {why}")).await;
+        return;
+    }
     loop {
         let record = lock(&shared.machine).record.clone();
         if let Some(outcome) = finished(&record) {
@@ -2093,14 +2105,24 @@ enum StepOutcome {
     Promoted(lbs_protocol::Generation),
 }
 
-fn takeover_plan(network: &crate::config::Network, force: bool) -> lbs_netconfig::TakeoverPlan {
+fn takeover_plan(
+    network: &crate::config::Network,
+    force: bool,
+    paths: &StatePaths,
+) -> lbs_netconfig::TakeoverPlan {
     lbs_netconfig::TakeoverPlan {
         interface: network.interface.clone(),
         from: network.own,
         to: network.shared,
         gateway: network.gateway,
         force,
-        persist: None,
+        persist: network
+            .boot_config
+            .as_ref()
+            .map(|root| lbs_netconfig::PersistTo {
+                root: root.clone(),
+                backups: paths.dir.join("netconfig-backups"),
+            }),
     }
 }
 
@@ -2134,7 +2156,7 @@ async fn move_address(
 ) -> anyhow::Result<lbs_netconfig::TakeoverReport> {
     let net = lbs_netconfig::Netlink::open()?;
     let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-    let plan = takeover_plan(network, true);
+    let plan = takeover_plan(network, true, &shared.paths);
     let progress = shared.progress.clone();
     let mut on_step = |step: &lbs_netconfig::StepReport| {
         let _ = progress.send(format!("  {step}"));
@@ -2227,5 +2249,58 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
             ))
         }
         other => bail!("{other:?} is not a step"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn office() -> crate::config::Network {
+        crate::config::Network {
+            interface: "eth0".into(),
+            shared: "192.168.1.2/24".parse().unwrap(),
+            own: "192.168.1.3/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(192, 168, 1, 1),
+            boot_config: None,
+        }
+    }
+
+    #[test]
+    fn promotion_words_are_checked_before_anything_moves() {
+        let network = office();
+        let parse = |words: &str| PromoteOptions::parse(words, Some(&network));
+        assert_eq!(parse("").unwrap(), PromoteOptions::default());
+        let options = parse(" force offline").unwrap();
+        assert!(options.force && options.offline && options.chosen.is_none());
+        // A new address keeps the configured gateway when it is on its network.
+        let chosen = parse(" address=192.168.1.20/24").unwrap().chosen.unwrap();
+        assert_eq!(
+            (chosen.address, chosen.prefix, chosen.gateway),
+            (
+                Ipv4Addr::new(192, 168, 1, 20),
+                24,
+                Ipv4Addr::new(192, 168, 1, 1)
+            )
+        );
+        let chosen = parse(" address=10.0.0.2/8 gateway=10.0.0.1")
+            .unwrap()
+            .chosen
+            .unwrap();
+        assert_eq!(chosen.gateway, Ipv4Addr::new(10, 0, 0, 1));
+        for (words, says) in [
+            (" address=10.9.9.2/24", "is not on 10.9.9.2/24's network"),
+            (" address=192.168.1.2", "like 192.168.1.2/24"),
+            (" address=192.168.1.2/31", "leaves no room"),
+            (" gateway=192.168.1.2", "both the address and the gateway"),
+            (" gateway=nope", "like 192.168.1.1"),
+            (" please", "unknown word"),
+        ] {
+            let why = parse(words).unwrap_err();
+            assert!(why.contains(says), "{words}: {why}");
+        }
+        let remote = PromoteOptions::parse(" address=192.168.1.2/24", None).unwrap_err();
+        assert!(remote.contains("keeps its own address"), "{remote}");
     }
 }

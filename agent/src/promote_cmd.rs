@@ -28,6 +28,12 @@ pub struct PromoteCmd {
     /// told when it answers again; if the pair moved on meanwhile, this box steps back.
     #[arg(long)]
     pub offline: bool,
+    /// Take this address instead of `[network] shared` (like 192.168.1.2/24).
+    #[arg(long, value_name = "ADDRESS/PREFIX")]
+    pub address: Option<String>,
+    /// With this gateway instead of `[network] gateway`.
+    #[arg(long, value_name = "ADDRESS")]
+    pub gateway: Option<String>,
     /// Do not ask for confirmation (scripts, tests).
     #[arg(long)]
     pub yes: bool,
@@ -114,15 +120,23 @@ fn confirm(question: &str, expected: &str) -> anyhow::Result<bool> {
 
 /// `lbs promote`.
 pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
-    let force = match (cmd.force, cmd.offline) {
-        (true, true) => " force offline",
-        (true, false) => " force",
-        (false, true) => " offline",
-        (false, false) => "",
-    };
+    let mut words = String::new();
+    for (on, word) in [(cmd.force, "force"), (cmd.offline, "offline")] {
+        if on {
+            words += &format!(" {word}");
+        }
+    }
+    for (value, key) in [(&cmd.address, "address"), (&cmd.gateway, "gateway")] {
+        if let Some(value) = value {
+            if value.contains(char::is_whitespace) {
+                anyhow::bail!("--{key} {value:?}: no spaces, like 192.168.1.2/24");
+            }
+            words += &format!(" {key}={value}");
+        }
+    }
     let last = converse(
         &cmd.socket,
-        &format!("promote-check{force}"),
+        &format!("promote-check{words}"),
         Duration::from_secs(20),
         |line| println!("{line}"),
     )
@@ -156,7 +170,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
     }
     let last = converse(
         &cmd.socket,
-        &format!("promote{force}"),
+        &format!("promote{words}"),
         Duration::from_secs(120),
         |line| println!("{line}"),
     )

@@ -187,11 +187,24 @@ impl Pair {
             let config = self.dir().join(host).join("agent.toml");
             let text = std::fs::read_to_string(&config).unwrap();
             let pbx = self.dir().join(host).join("pbx");
+            // The box's boot configuration (ifupdown), in a directory of the test's own.
+            let boot = self.dir().join(host).join("boot");
+            let interfaces = boot.join("etc/network/interfaces");
+            std::fs::create_dir_all(interfaces.parent().unwrap()).unwrap();
+            std::fs::write(
+                &interfaces,
+                format!(
+                    "auto eth0\niface eth0 inet static\n\taddress {}/24\n\tgateway {DC_IP}\n",
+                    self.ip(host)
+                ),
+            )
+            .unwrap();
             std::fs::write(
                 &config,
                 format!(
-                    "primary_gone_after_s = 2\npbx_start = \"echo up > {pbx}\"\npbx_stop = \"echo down > {pbx}\"\n{extra}{text}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.70.2/24\"\nown = \"192.168.70.3/24\"\ngateway = \"{DC_IP}\"\n",
-                    pbx = pbx.display()
+                    "primary_gone_after_s = 2\npbx_start = \"echo up > {pbx}\"\npbx_stop = \"echo down > {pbx}\"\n{extra}{text}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.70.2/24\"\nown = \"192.168.70.3/24\"\ngateway = \"{DC_IP}\"\nboot_config = \"{boot}\"\n",
+                    pbx = pbx.display(),
+                    boot = boot.display()
                 ),
             )
             .unwrap();
@@ -210,6 +223,17 @@ impl Pair {
             .lab
             .sh(host, &["ip", "-4", "-o", "addr", "show", "eth0"])
             .unwrap())
+    }
+
+    /// The address in `host`'s boot configuration.
+    fn boot_address(&self, host: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir().join(host).join("boot/etc/network/interfaces"))
+                .unwrap();
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("address "))
+            .unwrap_or_default()
+            .to_owned()
     }
 
     fn pbx(&self, host: &str) -> String {
@@ -601,15 +625,10 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     );
     assert_eq!(pair.status("b")["role"]["state"], "backup");
 
-    // The primary dies: its agent stops dead and its switch port goes dark.
+    // The primary's agent dies, but the box still answers on the LAN: refused, naming its MAC.
     let primary_agent = pair.agents[0];
     pair.lab.kill(primary_agent).unwrap();
     pair.agents.remove(0);
-    let port = ok(pair
-        .lab
-        .sh("a", &["ip", "link", "set", "eth0", "down"])
-        .unwrap());
-    drop(port);
     pair.wait(
         "the data center to lose the primary for 2 s",
         STEP,
@@ -619,10 +638,49 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
                 .is_some_and(|ms| ms >= 2_000)
         },
     );
+    let link = ok(pair
+        .lab
+        .sh("a", &["ip", "-o", "link", "show", "eth0"])
+        .unwrap());
+    let a_mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned();
     let out = promote(&mut pair);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains(&format!(
+            "refused: cannot take 192.168.70.2: {a_mac} still answers ARP"
+        )),
+        "{said}"
+    );
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+    // Its switch port goes dark. Two consoles press P at once: exactly one promotes.
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "down"])
+        .unwrap());
+    let racers: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let mut cmd = pair.lab.command("b", LBS);
+                cmd.args(["promote", "--yes", "--socket"])
+                    .arg(pair.socket("b"));
+                scope.spawn(move || cmd.output().unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (won, lost): (Vec<_>, Vec<_>) = racers.into_iter().partition(|o| o.status.success());
+    assert_eq!((won.len(), lost.len()), (1, 1), "exactly one P wins");
+    let lost = String::from_utf8_lossy(&lost[0].stdout).into_owned();
+    assert!(lost.contains("refused:"), "{lost}");
+    let out = &won[0];
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{said}");
-    assert!(out.status.success(), "{said}");
     assert!(
         said.contains("NOTE: move the PRI cable to this box"),
         "{said}"
@@ -647,6 +705,11 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         .unwrap());
     assert!(addresses.contains("192.168.70.2/24"), "{addresses}");
     assert!(!addresses.contains("192.168.70.3/24"), "{addresses}");
+    assert_eq!(
+        pair.boot_address("b"),
+        "192.168.70.2/24",
+        "a reboot keeps it"
+    );
     let ping = pair
         .lab
         .sh("dc", &["ping", "-c1", "-W2", "192.168.70.2"])
@@ -737,6 +800,11 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         .sh("a", &["ip", "-4", "-o", "addr", "show", "eth0"])
         .unwrap());
     assert!(addresses.contains("192.168.70.3/24"), "{addresses}");
+    assert_eq!(
+        pair.boot_address("a"),
+        "192.168.70.3/24",
+        "a reboot keeps it"
+    );
     // The re-announcements reach the data center's neighbour table: .3 is a's MAC now
     // (it was b's before the swap).
     let link = ok(pair
@@ -867,6 +935,7 @@ fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
         let held = pair.addresses(backup);
         assert!(held.contains("192.168.70.2/24"), "{held}");
         assert!(!held.contains("192.168.70.3/24"), "{held}");
+        assert_eq!(pair.boot_address(backup), "192.168.70.2/24");
         assert_eq!(pair.pbx(backup), "up");
         let table = pair.datacenter_status();
         assert_eq!(table[0]["generation"], generation);
@@ -928,6 +997,7 @@ fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
         let held = pair.addresses(primary);
         assert!(held.contains("192.168.70.3/24"), "{held}");
         assert!(!held.contains("192.168.70.2/"), "{held}");
+        assert_eq!(pair.boot_address(primary), "192.168.70.3/24");
         assert_eq!(pair.pbx(primary), "down");
         let table = pair.datacenter_status();
         let role = |sid: &str| {
