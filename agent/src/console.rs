@@ -434,6 +434,19 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
             status.serving_at, info.fqdn
         ),
     });
+    // The name phones use: where the data center points it, and whether DNS has it yet.
+    if let Some(record) = status
+        .datacenter
+        .dns
+        .iter()
+        .flatten()
+        .find(|r| r.name.trim_end_matches('.') == info.fqdn.trim_end_matches('.'))
+    {
+        lines.push(format!(
+            "DNS        {} -> {} ({})",
+            record.name, record.want, record.state
+        ));
+    }
     lines.push(match &info.partner {
         None => "Partner    none provisioned yet".to_owned(),
         Some(p) => format!(

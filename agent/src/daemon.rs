@@ -124,6 +124,9 @@ pub struct DataCenterStatus {
     pub last_answer_ms: Option<u64>,
     /// The last failure.
     pub last_error: Option<String>,
+    /// The pair's DNS names as the data center last told (data centers of protocol 1.2).
+    #[serde(default)]
+    pub dns: Option<Vec<lbs_protocol::control::DnsRecordState>>,
 }
 
 /// Everything `lbs status` shows.
@@ -683,6 +686,10 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
             .with_context(|| format!("data center at {address}"))?;
             let (state, request) = match answer {
                 Message::PairState(state) => (state, None),
+                Message::PairStateWithDns { state, dns } => {
+                    lock(&shared.datacenter).dns = Some(dns);
+                    (state, None)
+                }
                 Message::PromotionRequested { state, request } => (state, Some(request)),
                 other => bail!("the data center answered a report with {}", other.kind()),
             };
@@ -806,9 +813,13 @@ fn with_choice(
 fn current_address(shared: &Shared) -> Ipv4Addr {
     let state = lock(&shared.machine).record.state;
     match (&network(shared), state) {
-        (Some(network), RoleState::Primary | RoleState::Promoting(PromoteStep::StartPbx)) => {
-            network.shared.addr
-        }
+        // From the data center's grant on, the shared address is where this box serves (a
+        // report during the address step must not point the name back at the old one).
+        (
+            Some(network),
+            RoleState::Primary
+            | RoleState::Promoting(PromoteStep::TakeAddress | PromoteStep::StartPbx),
+        ) => network.shared.addr,
         (Some(network), _) => network.own.addr,
         (None, _) => lock(&shared.info).lan,
     }

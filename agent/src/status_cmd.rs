@@ -143,6 +143,14 @@ pub(crate) fn render(status: &AgentStatus) -> String {
             .map(|e| format!(" — {e}"))
             .unwrap_or_default()
     );
+    for record in dc.dns.iter().flatten() {
+        out!(
+            "dns        {} -> {} ({})",
+            record.name,
+            record.want,
+            record.state
+        );
+    }
     match (&status.tunnels, &status.tunnels_error) {
         (Some(t), _) => {
             for tunnel in &t.tunnels {

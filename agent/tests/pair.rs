@@ -1150,6 +1150,15 @@ fn the_console_performs_p_and_b_on_80x25() {
     tmux.type_line("b", "").unwrap();
     let menu = wait("b", "Type a key and Enter");
     assert!(menu.contains("PRIMARY  gen 2"), "{menu}");
+    // The name phones use, as the data center keeps it (this test's has no DNS server);
+    // Enter refreshes until the next report brought it.
+    let dns = "DNS        pbx.acme.example -> 192.168.70.2 (pending)";
+    let started = Instant::now();
+    while !tmux.screen("b").unwrap().join("\n").contains(dns) {
+        assert!(started.elapsed() < STEP, "{dns:?} not shown:\n{menu}");
+        std::thread::sleep(Duration::from_millis(300));
+        tmux.type_line("b", "").unwrap();
+    }
     let held = pair.addresses("b");
     assert!(held.contains("192.168.70.2/24"), "{held}");
     assert_eq!(pair.pbx("b"), "up");

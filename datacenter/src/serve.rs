@@ -638,6 +638,7 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         let generation = match &reply {
             Message::PairState(state) => state.generation,
             Message::PromotionRequested { state, .. } => state.generation,
+            Message::PairStateWithDns { state, .. } => state.generation,
             Message::Promoted(promotion) => promotion.generation,
             Message::Denied(Denial::StaleGeneration { current }) => *current,
             _ => believed,
@@ -696,6 +697,23 @@ async fn on_report(
                         },
                     }
                 }
+                None if remote => Message::PairStateWithDns {
+                    state,
+                    dns: pair
+                        .dns
+                        .iter()
+                        .map(|record| lbs_protocol::control::DnsRecordState {
+                            name: record.name.clone(),
+                            want: record.want.clone(),
+                            state: match (&record.last_error, record.state.as_str()) {
+                                (Some(why), "retrying") => {
+                                    format!("retrying ({} failed: {why})", record.attempts)
+                                }
+                                (_, state) => state.to_owned(),
+                            },
+                        })
+                        .collect(),
+                },
                 None => Message::PairState(state),
             }
         }

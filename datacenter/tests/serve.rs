@@ -303,6 +303,12 @@ async fn state(
         .unwrap()
     {
         (_, Message::PairState(state)) => state,
+        // Boxes speaking 1.2 get the DNS names with it.
+        (_, Message::PairStateWithDns { state, dns }) => {
+            let names: Vec<&str> = dns.iter().map(|r| r.name.as_str()).collect();
+            assert!(names.contains(&"pbx.acme.example"), "{names:?}");
+            state
+        }
         (_, other) => panic!("expected a pair state, got {other:?}"),
     }
 }

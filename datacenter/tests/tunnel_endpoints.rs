@@ -186,9 +186,10 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
             (answer.1, up_after.elapsed())
         })
     });
-    let Message::PairState(state) = outcome.0 else {
-        panic!("expected a pair state, got {:?}", outcome.0)
+    let Message::PairStateWithDns { state, dns } = outcome.0 else {
+        panic!("expected a pair state with DNS, got {:?}", outcome.0)
     };
+    assert!(dns.iter().any(|r| r.name == "pbx.solo.example"), "{dns:?}");
     assert_eq!(state.role, Role::Primary);
     eprintln!(
         "tunnel up and control answered {:?} after activation",

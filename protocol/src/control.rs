@@ -151,6 +151,18 @@ pub struct PairState {
     pub hardware_differences: Option<Vec<String>>,
 }
 
+/// One of the pair's DNS names as the data center keeps it (protocol 1.2): where it must
+/// point and whether the DNS server has it yet.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DnsRecordState {
+    /// The name (`pbx.example.com`, `primary.…`, `backup.…`).
+    pub name: String,
+    /// Where it must point.
+    pub want: String,
+    /// `done`, `pending` or `retrying (n failed: why)`.
+    pub state: String,
+}
+
 /// A promotion the provider asked the data center for (`lbs-datacenter promote <pair>`): the
 /// backup's agent carries it out with the same checks as **P** at its console, or refuses it
 /// with [`crate::Message::PromotionRefused`]. Protocol 1.2.

@@ -198,6 +198,14 @@ pub enum Message {
         /// The request.
         request: crate::control::RemotePromotion,
     },
+    /// Data center → box, answering its report (protocol 1.2, never to an older box): the
+    /// pair's state and its DNS names.
+    PairStateWithDns {
+        /// What a `PairState` answer would have said.
+        state: crate::control::PairState,
+        /// The pair's names and whether the DNS server has them.
+        dns: Vec<crate::control::DnsRecordState>,
+    },
     /// Box → data center (protocol 1.2): the requested promotion cannot go ahead, and why;
     /// answered with a `PairState`.
     PromotionRefused {
@@ -247,6 +255,7 @@ impl Message {
             Message::SyncChanged { .. } => "sync-changed",
             Message::PromotionRequested { .. } => "promotion-requested",
             Message::PromotionRefused { .. } => "promotion-refused",
+            Message::PairStateWithDns { .. } => "pair-state-with-dns",
         }
     }
 }
