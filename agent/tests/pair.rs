@@ -211,6 +211,51 @@ impl Pair {
         }
     }
 
+    /// A pair on one office LAN (see [`Pair::office`], `extra` at the top of both
+    /// configurations), a first file on a, both activated (a primary) with their agents
+    /// running, the first full sync done and the data center hearing the primary; the pids
+    /// of a's and b's agents.
+    fn office_pair(extra: &str) -> (Pair, u32, u32) {
+        let mut pair = Pair::start(false);
+        pair.office(extra);
+        std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+        pair.activate("a", 0);
+        pair.activate("b", 1);
+        let a = pair.agent_with("a", &[]);
+        let b = pair.agent_with("b", &[]);
+        pair.wait(
+            "the first full sync and the data center hearing the primary",
+            STEP,
+            |pair| {
+                pair.media("b").join("greeting.wav").exists()
+                    && pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
+            },
+        );
+        (pair, a, b)
+    }
+
+    /// `host` dies: its agent (`pid`) stops dead and its switch port goes dark.
+    fn unplug(&mut self, host: &str, pid: u32) {
+        self.lab.kill(pid).unwrap();
+        ok(self
+            .lab
+            .sh(host, &["ip", "link", "set", "eth0", "down"])
+            .unwrap());
+    }
+
+    /// Waits until the data center has not heard `backup`'s partner for 2 s.
+    fn wait_primary_silent(&mut self, backup: &str) {
+        self.wait(
+            "the data center to lose the primary for 2 s",
+            STEP,
+            |pair| {
+                pair.status(backup)["info"]["partner"]["silent_ms"]
+                    .as_u64()
+                    .is_some_and(|ms| ms >= 2_000)
+            },
+        );
+    }
+
     /// The agent of `host` with `args` added; its pid.
     fn agent_with(&mut self, host: &str, args: &[&str]) -> u32 {
         let mut cmd = self.agent_command(host);
@@ -595,16 +640,8 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office("promote_note = \"move the PRI cable to this box\"\n");
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    pair.start_agent("a");
-    pair.start_agent("b");
-    pair.wait("the first full sync", STEP, |pair| {
-        pair.media("b").join("greeting.wav").exists()
-    });
+    let (mut pair, a, b) = Pair::office_pair("promote_note = \"move the PRI cable to this box\"\n");
+    pair.agents.extend([a, b]);
     let promote = |pair: &mut Pair| {
         let mut cmd = pair.lab.command("b", LBS);
         cmd.args(["promote", "--yes", "--socket"])
@@ -629,15 +666,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     let primary_agent = pair.agents[0];
     pair.lab.kill(primary_agent).unwrap();
     pair.agents.remove(0);
-    pair.wait(
-        "the data center to lose the primary for 2 s",
-        STEP,
-        |pair| {
-            pair.status("b")["info"]["partner"]["silent_ms"]
-                .as_u64()
-                .is_some_and(|ms| ms >= 2_000)
-        },
-    );
+    pair.wait_primary_silent("b");
     let link = ok(pair
         .lab
         .sh("a", &["ip", "-o", "link", "show", "eth0"])
@@ -865,17 +894,8 @@ fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office("");
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    let mut agent = std::collections::HashMap::new();
-    agent.insert("a", pair.agent_with("a", &[]));
-    agent.insert("b", pair.agent_with("b", &[]));
-    pair.wait("the first full sync", STEP, |pair| {
-        pair.media("b").join("greeting.wav").exists()
-    });
+    let (mut pair, a, b) = Pair::office_pair("");
+    let mut agent = std::collections::HashMap::from([("a", a), ("b", b)]);
     let sid = |host: &str| pair.sids[usize::from(host == "b")].0.to_string();
     let (sid_a, sid_b) = (sid("a"), sid("b"));
     let sid_of = |host: &str| {
@@ -899,20 +919,8 @@ fn kill_9_at_every_step_of_p_and_b_then_the_restart_finishes_it() {
         pair.lab.stop(agent[backup], STEP).unwrap();
         agent.insert(backup, pair.agent_with(backup, &["--crash-after", p_crash]));
         // The primary dies.
-        pair.lab.kill(agent[primary]).unwrap();
-        ok(pair
-            .lab
-            .sh(primary, &["ip", "link", "set", "eth0", "down"])
-            .unwrap());
-        pair.wait(
-            "the data center to lose the primary for 2 s",
-            STEP,
-            |pair| {
-                pair.status(backup)["info"]["partner"]["silent_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms >= 2_000)
-            },
-        );
+        pair.unplug(primary, agent[primary]);
+        pair.wait_primary_silent(backup);
         let (done, said) = pair.role_change(backup, "promote");
         assert!(!done, "{said}");
         let died = pair.lab.wait_exit(agent[backup], STEP).unwrap();
@@ -1032,18 +1040,9 @@ fn the_console_performs_p_and_b_on_80x25() {
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office(
+    let (mut pair, a, b) = Pair::office_pair(
         "promote_note = \"move the PRI cable to this box\"\ndemote_note = \"plug this box's LAN cable back in\"\n",
     );
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    let a = pair.agent_with("a", &[]);
-    let b = pair.agent_with("b", &[]);
-    pair.wait("the first full sync", STEP, |pair| {
-        pair.media("b").join("greeting.wav").exists()
-    });
     let tmux = lbs_tests::tmux::Tmux::new(pair.dir());
     let console: std::collections::HashMap<&str, String> = ["a", "b"]
         .into_iter()
@@ -1099,20 +1098,8 @@ fn the_console_performs_p_and_b_on_80x25() {
     assert_eq!(pair.status("b")["role"]["state"], "backup");
 
     // The primary dies.
-    pair.lab.kill(a).unwrap();
-    ok(pair
-        .lab
-        .sh("a", &["ip", "link", "set", "eth0", "down"])
-        .unwrap());
-    pair.wait(
-        "the data center to lose the primary for 2 s",
-        STEP,
-        |pair| {
-            pair.status("b")["info"]["partner"]["silent_ms"]
-                .as_u64()
-                .is_some_and(|ms| ms >= 2_000)
-        },
-    );
+    pair.unplug("a", a);
+    pair.wait_primary_silent("b");
     // An address whose network does not hold the gateway is refused, nothing changes.
     tmux.type_line("b", "P").unwrap();
     wait("b", "Address [192.168.70.2/24]");
@@ -1227,16 +1214,7 @@ fn automatic_failover_only_when_the_backup_and_the_data_center_both_lost_the_pri
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office("auto_failover = true\n");
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    let a = pair.agent_with("a", &[]);
-    let b = pair.agent_with("b", &[]);
-    pair.wait("the first full sync", STEP, |pair| {
-        pair.media("b").join("greeting.wav").exists()
-    });
+    let (mut pair, a, b) = Pair::office_pair("auto_failover = true\n");
     let heard_ago = |status: &serde_json::Value| {
         status["at_ms"].as_u64().unwrap() - status["primary_heard_ms"].as_u64().unwrap_or(0)
     };
@@ -1301,11 +1279,7 @@ fn automatic_failover_only_when_the_backup_and_the_data_center_both_lost_the_pri
     });
 
     // The primary dies: both lose it, the backup promotes itself.
-    pair.lab.kill(a).unwrap();
-    ok(pair
-        .lab
-        .sh("a", &["ip", "link", "set", "eth0", "down"])
-        .unwrap());
+    pair.unplug("a", a);
     let took = pair.wait("the automatic promotion", STEP, |pair| {
         pair.status("b")["role"]["state"] == "primary"
     });
@@ -1335,21 +1309,7 @@ fn a_promotion_requested_from_the_data_center_runs_the_same_checks() {
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office("");
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    let a = pair.agent_with("a", &[]);
-    let b = pair.agent_with("b", &[]);
-    pair.wait(
-        "the first full sync and the data center hearing both",
-        STEP,
-        |pair| {
-            pair.media("b").join("greeting.wav").exists()
-                && pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
-        },
-    );
+    let (mut pair, a, b) = Pair::office_pair("");
     let dc = workspace_binary("lbs-datacenter");
     let request = |pair: &Pair| {
         let out = Command::new(&dc)
@@ -1375,20 +1335,8 @@ fn a_promotion_requested_from_the_data_center_runs_the_same_checks() {
     assert_eq!(pair.datacenter_status()[0]["generation"], 1);
 
     // The primary dies; the same request goes through.
-    pair.lab.kill(a).unwrap();
-    ok(pair
-        .lab
-        .sh("a", &["ip", "link", "set", "eth0", "down"])
-        .unwrap());
-    pair.wait(
-        "the data center to lose the primary for 2 s",
-        STEP,
-        |pair| {
-            pair.status("b")["info"]["partner"]["silent_ms"]
-                .as_u64()
-                .is_some_and(|ms| ms >= 2_000)
-        },
-    );
+    pair.unplug("a", a);
+    pair.wait_primary_silent("b");
     let (code, said) = request(&pair);
     assert_eq!(code, Some(0), "{said}");
     assert!(
@@ -1444,31 +1392,13 @@ fn an_offline_promotion_needs_consent_and_is_reconciled_when_the_data_center_ret
     ) {
         return;
     }
-    let mut pair = Pair::start(false);
-    pair.office("");
-    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
-    pair.activate("a", 0);
-    pair.activate("b", 1);
-    let a = pair.agent_with("a", &[]);
-    let b = pair.agent_with("b", &[]);
-    pair.wait(
-        "the first full sync and the data center hearing both",
-        STEP,
-        |pair| {
-            pair.media("b").join("greeting.wav").exists()
-                && pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
-        },
-    );
+    let (mut pair, a, b) = Pair::office_pair("");
     let blackhole = format!("{DC_IP}/32");
     ok(pair
         .lab
         .sh("b", &["ip", "route", "add", "blackhole", &blackhole])
         .unwrap());
-    pair.lab.kill(a).unwrap();
-    ok(pair
-        .lab
-        .sh("a", &["ip", "link", "set", "eth0", "down"])
-        .unwrap());
+    pair.unplug("a", a);
     pair.wait(
         "the backup to lose the data center and the primary",
         STEP,

@@ -188,6 +188,12 @@ impl Lab {
         if !status.success() {
             bail!("kill -TERM {pid} failed: {status}");
         }
+        self.reap_within(idx, timeout)
+            .with_context(|| format!("process {pid} did not stop within {timeout:?} of SIGTERM"))
+    }
+
+    /// Waits up to `timeout` for child `idx` to end, and reaps it.
+    fn reap_within(&mut self, idx: usize, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.children[idx].try_wait()? {
@@ -196,7 +202,7 @@ impl Lab {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                bail!("process {pid} did not stop within {timeout:?} of SIGTERM");
+                bail!("still running after {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -218,17 +224,8 @@ impl Lab {
     /// Waits up to `timeout` for a process this lab started to end by itself, and reaps it.
     pub fn wait_exit(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let idx = self.child_index(pid)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.children[idx].try_wait()? {
-                let _ = self.children.remove(idx).wait();
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("process {pid} did not end within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.reap_within(idx, timeout)
+            .with_context(|| format!("process {pid} did not end within {timeout:?}"))
     }
 
     /// Kills a process this lab started (SIGKILL: a crash) and reaps it.
