@@ -734,6 +734,21 @@ fn log(
     Ok(())
 }
 
+/// The SID of `sid`'s partner in pair `pair_id`, if it has one.
+fn partner_of(
+    tx: &rusqlite::Transaction<'_>,
+    pair_id: i64,
+    sid: ServerId,
+) -> Result<Option<String>, StoreError> {
+    tx.query_row(
+        "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
+        params![pair_id, sid.to_string()],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db("reading the partner"))
+}
+
 fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError> {
     tx.query_row(
         "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid, p.fqdn
@@ -1023,14 +1038,7 @@ impl Store for SqliteStore {
             && keys.1.as_deref() == Some(request.tls_key.as_str());
         if repeat {
             let overlay = overlay_of(&tx, &sid.to_string())?;
-            let partner: Option<String> = tx
-                .query_row(
-                    "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
-                    params![row.pair_id, sid.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db("reading the partner"))?;
+            let partner: Option<String> = partner_of(&tx, row.pair_id, sid)?;
             if let Some(overlay) = overlay {
                 log(
                     &tx,
@@ -1182,14 +1190,7 @@ impl Store for SqliteStore {
         if row.role == Role::Primary && believed.next() == Some(row.generation) {
             // The same box asking again for the promotion it was granted (the answer was
             // lost, or it crashed before recording it): the same answer, nothing changes.
-            let previous: Option<String> = tx
-                .query_row(
-                    "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
-                    params![row.pair_id, sid.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db("reading the partner"))?;
+            let previous: Option<String> = partner_of(&tx, row.pair_id, sid)?;
             return Ok(Promoted {
                 generation: row.generation,
                 previous: previous.and_then(|o| o.parse().ok()),
