@@ -86,7 +86,6 @@ impl Console {
 
     /// Sends `request` to the agent and shows every line it answers as it comes; the last.
     async fn run(&mut self, request: &str, timeout: Duration) -> Result<Option<String>, String> {
-        let mut lines = Vec::new();
         let socket = self.socket.clone();
         // The lines are shown as they come: the steps of P take a second, the re-sync of B
         // may take minutes.
@@ -100,13 +99,11 @@ impl Console {
                 result = &mut talk => break result,
                 Some(line) = rx.recv() => {
                     self.print(&line).await;
-                    lines.push(line);
                 }
             }
         };
         while let Ok(line) = rx.try_recv() {
             self.print(&line).await;
-            lines.push(line);
         }
         result.map_err(|err| format!("{err:#}"))
     }
