@@ -79,6 +79,10 @@ enum NetCommand {
     /// Check that a takeover can work: interface, static address in the boot configuration,
     /// partner in the same subnet and answering. Exit 3 if anything is a problem.
     Preflight(net_cmd::PreflightCmd),
+    /// At boot, before the network is configured: if this box was the primary, check that
+    /// nobody else answers for the shared address, and boot with its own address if someone
+    /// does (the partner took over meanwhile). Always exits 0.
+    BootCheck(crate::boot_check::BootCheckCmd),
 }
 
 #[derive(Subcommand)]
@@ -149,6 +153,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Net(NetCommand::Watch(cmd)) => net_cmd::watch(cmd).await,
             Command::Net(NetCommand::Inventory(cmd)) => net_cmd::inventory(&cmd),
             Command::Net(NetCommand::Preflight(cmd)) => net_cmd::preflight(cmd).await,
+            Command::Net(NetCommand::BootCheck(cmd)) => crate::boot_check::run(cmd).await,
             Command::Vpn(VpnCommand::Keygen(cmd)) => vpn_cmd::keygen(&cmd),
             Command::Vpn(VpnCommand::Run(cmd)) => vpn_cmd::run(cmd).await,
             Command::Vpn(VpnCommand::Endpoint(cmd)) => vpn_cmd::endpoint(cmd).await,

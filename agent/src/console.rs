@@ -431,6 +431,9 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
             status.serving_at, info.fqdn
         ),
     });
+    if let Some(withdrawn) = &status.address_withdrawn {
+        lines.push(format!("           WITHDRAWN: {}", withdrawn.reason));
+    }
     // The name phones use: where the data center points it, and whether DNS has it yet.
     if let Some(record) = status
         .datacenter

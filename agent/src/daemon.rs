@@ -12,6 +12,8 @@
 //! - the **resource history** of this machine (CPU, memory, disk, network);
 //! - the **control socket** (`/run/lbs/agent.sock`, root only) that `lbs status` asks.
 
+mod guard;
+
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -159,12 +161,24 @@ pub struct AgentStatus {
     pub auto_failover: Option<String>,
     /// When this box (as backup) last heard the primary itself.
     pub primary_heard_ms: Option<u64>,
+    /// Why this primary does not hold the shared address now (its cable is out), if so.
+    #[serde(default)]
+    pub address_withdrawn: Option<Withdrawn>,
     /// The software.
     pub software: String,
     /// The protocol.
     pub protocol: String,
     /// When the status was made (ms since the epoch).
     pub at_ms: u64,
+}
+
+/// The primary's shared address, off the interface until the cable is back and checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawn {
+    /// Why, for the operator.
+    pub reason: String,
+    /// Since when (ms since the epoch).
+    pub since_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -205,6 +219,8 @@ struct Shared {
     /// The slow re-announcement of the address this box last moved to (stops when replaced
     /// or dropped).
     refresh: Mutex<Option<lbs_netconfig::Refresh>>,
+    /// Set while the primary keeps the shared address off a link without carrier.
+    withdrawn: Mutex<Option<Withdrawn>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -241,6 +257,7 @@ impl Shared {
                     .unwrap_or_else(|| "on".to_owned())
             }),
             primary_heard_ms: *lock(&self.partner_heard_ms),
+            address_withdrawn: lock(&self.withdrawn).clone(),
             notes: Notes {
                 promote: self.config.promote_note.clone(),
                 demote: self.config.demote_note.clone(),
@@ -405,6 +422,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         auto_failover: Mutex::new(None),
         remote_handled: Mutex::new(None),
         refresh: Mutex::new(None),
+        withdrawn: Mutex::new(None),
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -426,6 +444,9 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     }
     if shared.config.auto_failover {
         tasks.spawn(auto_failover(shared.clone(), shutdown.clone()));
+    }
+    if shared.config.network.is_some() {
+        tasks.spawn(guard::guard_address(shared.clone(), shutdown.clone()));
     }
     match taken {
         Some(by) => shared.handle(Event::AddressTaken { by }),
@@ -736,11 +757,11 @@ async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<
     );
     match promote_checks(shared, false, None, false).await {
         Ok(lines) => {
-            for line in &lines {
-                tracing::warn!("  {line}");
-            }
-            tracing::warn!("promoting, as requested by {}", request.by);
-            shared.handle(Event::PromoteRequested(None));
+            promote_unattended(
+                shared,
+                &format!("promoting, as requested by {}", request.by),
+                &lines,
+            );
             None
         }
         Err(why) => {
@@ -748,6 +769,16 @@ async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<
             Some(why)
         }
     }
+}
+
+/// A promotion nobody at the console confirms (automatic, or asked by the data center): the
+/// reason and what the checks found go to the log, then the same steps as **P**.
+fn promote_unattended(shared: &Shared, why: &str, checks: &[String]) {
+    tracing::warn!("{why}");
+    for line in checks {
+        tracing::warn!("  {line}");
+    }
+    shared.handle(Event::PromoteRequested(None));
 }
 
 /// What the data center said about the pair: partner, hardware, and the role (through the
@@ -793,7 +824,8 @@ fn network(shared: &Shared) -> Option<crate::config::Network> {
     with_choice(shared.config.network.clone(), chosen)
 }
 
-fn with_choice(
+/// `network` with the address the operator chose at **P** (kept in the role record).
+pub(crate) fn with_choice(
     network: Option<crate::config::Network>,
     chosen: Option<SharedAddress>,
 ) -> Option<crate::config::Network> {
@@ -1599,12 +1631,8 @@ async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
                     "AUTOMATIC FAILOVER: neither this box nor the data center heard the primary for {} s; promoting",
                     gone_ms / 1000
                 );
-                tracing::warn!("{why}");
-                for line in &lines {
-                    tracing::warn!("  {line}");
-                }
                 *lock(&shared.auto_failover) = Some(format!("on: promoted itself ({why})"));
-                shared.handle(Event::PromoteRequested(None));
+                promote_unattended(&shared, &why, &lines);
                 not_before = Instant::now() + Duration::from_secs(30);
             }
             Err(why) => {

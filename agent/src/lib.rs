@@ -14,6 +14,7 @@
 //! - [`vpn_cmd`]: `lbs vpn keygen | run | endpoint | status`.
 
 pub mod activate;
+pub mod boot_check;
 pub mod cli;
 pub mod config;
 pub mod console;

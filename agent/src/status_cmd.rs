@@ -174,6 +174,13 @@ pub(crate) fn render(status: &AgentStatus) -> String {
         (None, Some(error)) => out!("tunnels    not running: {error}"),
         (None, None) => out!("tunnels    none configured"),
     }
+    if let Some(withdrawn) = &status.address_withdrawn {
+        out!(
+            "address    WITHDRAWN {}: {}",
+            ago(now, Some(withdrawn.since_ms)),
+            withdrawn.reason
+        );
+    }
     match &status.auto_failover {
         Some(auto) => out!("automatic failover {auto}"),
         None => out!("automatic failover off (P at the console, lbs promote)"),

@@ -270,6 +270,73 @@ impl Pair {
             .unwrap())
     }
 
+    /// `host`'s MAC address on the office LAN.
+    fn mac(&mut self, host: &str) -> String {
+        let link = ok(self
+            .lab
+            .sh(host, &["ip", "-o", "link", "show", "eth0"])
+            .unwrap());
+        link.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A third host (the data center's, on the office LAN) records every ARP packet it sees
+    /// and asks who has `ip` every 100 ms, so that any box answering for it shows.
+    fn watch_arp(&mut self, ip: &str) -> ArpWatch {
+        let mut dump = self.lab.command("dc", "sh");
+        dump.args([
+            "-c",
+            "exec tcpdump -i eth0 -l -n -e --immediate-mode arp 2>&1",
+        ]);
+        let (dump, _, lines) = self.lab.spawn_reading(dump, "listening on", STEP).unwrap();
+        // arping's own interval is whole seconds; one request at a time, 10 a second, ending
+        // by itself (within a second) once the stop file exists.
+        let stop = self.dir().join("arp-watch.stop");
+        let _ = std::fs::remove_file(&stop);
+        let mut ask = self.lab.command("dc", "sh");
+        ask.args([
+            "-c",
+            &format!(
+                "echo asking; for i in $(seq 1200); do [ -e '{}' ] && exit 0; arping -q -c 1 -w 1 -I eth0 {ip}; sleep 0.1; done",
+                stop.display()
+            ),
+        ]);
+        let (ask, _) = self.lab.spawn_until(ask, "asking", STEP).unwrap();
+        ArpWatch {
+            dump,
+            ask,
+            stop,
+            lines,
+        }
+    }
+
+    /// Stops the watch; who claimed `ip` (answered for it, or asked from it), MAC → packets.
+    fn stop_arp_watch(
+        &mut self,
+        watch: ArpWatch,
+        ip: &str,
+    ) -> std::collections::BTreeMap<String, usize> {
+        std::fs::write(&watch.stop, b"").unwrap();
+        self.lab.wait_exit(watch.ask, STEP).unwrap();
+        self.lab.kill(watch.dump).unwrap();
+        let mut claims = std::collections::BTreeMap::new();
+        // The capture's last lines, up to its end of output (the reader then hangs up).
+        let lines = std::iter::from_fn(|| watch.lines.recv_timeout(Duration::from_secs(5)).ok());
+        for line in lines {
+            // `<time> <source MAC> > <destination>, ethertype ARP …: Reply <ip> is-at …` or
+            // `…: Request who-has <x> tell <ip>, …` (a probe says `tell 0.0.0.0`).
+            let claimed = line.contains(&format!("Reply {ip} is-at"))
+                || line.contains(&format!("tell {ip},"));
+            if let (true, Some(mac)) = (claimed, line.split_whitespace().nth(1)) {
+                *claims.entry(mac.to_owned()).or_insert(0) += 1;
+            }
+        }
+        claims
+    }
+
     /// The address in `host`'s boot configuration.
     fn boot_address(&self, host: &str) -> String {
         let text =
@@ -347,6 +414,14 @@ impl Pair {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A running ARP capture and asker (see [`Pair::watch_arp`]).
+struct ArpWatch {
+    dump: u32,
+    ask: u32,
+    stop: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 fn set<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -650,9 +725,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     };
 
     // While the primary lives: refused, with the reason, and nothing changes.
-    pair.wait("the data center hearing the primary", STEP, |pair| {
-        pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
-    });
+    // (office_pair waited for the data center to hear the primary.)
     let out = promote(&mut pair);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(3), "{said}");
@@ -667,16 +740,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     pair.lab.kill(primary_agent).unwrap();
     pair.agents.remove(0);
     pair.wait_primary_silent("b");
-    let link = ok(pair
-        .lab
-        .sh("a", &["ip", "-o", "link", "show", "eth0"])
-        .unwrap());
-    let a_mac = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let a_mac = pair.mac("a");
     let out = promote(&mut pair);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(3), "{said}");
@@ -766,18 +830,46 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("only the backup can be promoted"));
 
-    // The old primary is repaired and comes back believing it is primary, its way to the
-    // data center still cut: before serving it probes the shared address, finds the new
-    // primary answering, and steps back at once (the data center confirms later).
+    // The old primary is repaired and reboots believing it is primary, its boot configuration
+    // still holding the shared address, its way to the data center cut. A third host asks
+    // for the shared address all along. Before the network comes up, the boot check probes
+    // it, finds the new primary answering and gives the box its own address instead; the
+    // agent then steps back at once (the data center confirms later). The old primary never
+    // answers for the shared address.
     std::fs::write(
         pair.media("b").join("after.txt"),
         b"written on the new primary",
     )
     .unwrap();
+    let arp = pair.watch_arp("192.168.70.2");
     ok(pair
         .lab
-        .sh("a", &["ip", "link", "set", "eth0", "up"])
+        .sh("a", &["ip", "addr", "flush", "dev", "eth0"])
         .unwrap());
+    let mut check = pair.lab.command("a", LBS);
+    check
+        .args(["net", "boot-check", "--config"])
+        .arg(pair.dir().join("a").join("agent.toml"))
+        .arg("--state")
+        .arg(pair.state("a"));
+    let said = ok(pair.lab.run(check, STEP).unwrap());
+    let b_mac = pair.mac("b");
+    assert!(
+        said.contains(&format!(
+            "CHANGED: {b_mac} answers for 192.168.70.2: the partner took over"
+        )),
+        "{said}"
+    );
+    assert_eq!(pair.boot_address("a"), "192.168.70.3/24", "{said}");
+    // What the network service then does with the boot configuration.
+    let boot = pair.boot_address("a");
+    for step in [
+        vec!["ip", "addr", "add", &boot, "dev", "eth0"],
+        vec!["ip", "link", "set", "eth0", "up"],
+        vec!["ip", "route", "add", "default", "via", DC_IP],
+    ] {
+        ok(pair.lab.sh("a", &step).unwrap());
+    }
     let blackhole = ["ip", "route", "add", "blackhole", &format!("{DC_IP}/32")].map(str::to_owned);
     let blackhole: Vec<&str> = blackhole.iter().map(String::as_str).collect();
     ok(pair.lab.sh("a", &blackhole).unwrap());
@@ -788,10 +880,20 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         "fenced before it is ready: {status}"
     );
     assert!(status["datacenter"]["last_answer_ms"].is_null(), "{status}");
-    pair.wait("the old primary off the shared address", STEP, |pair| {
-        !pair.addresses("a").contains("192.168.70.2/")
+    pair.wait("the old primary's PBX stopped", STEP, |pair| {
+        pair.pbx("a") == "down"
     });
-    assert_eq!(pair.pbx("a"), "down");
+    assert!(!pair.addresses("a").contains("192.168.70.2/"));
+    let claims = pair.stop_arp_watch(arp, "192.168.70.2");
+    assert_eq!(
+        claims.get(&a_mac),
+        None,
+        "the old primary answered: {claims:?}"
+    );
+    assert!(
+        claims.contains_key(&b_mac),
+        "the watch saw nobody: {claims:?}"
+    );
     let mut unblock = blackhole.clone();
     unblock[2] = "del";
     ok(pair.lab.sh("a", &unblock).unwrap());
@@ -836,16 +938,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     );
     // The re-announcements reach the data center's neighbour table: .3 is a's MAC now
     // (it was b's before the swap).
-    let link = ok(pair
-        .lab
-        .sh("a", &["ip", "-o", "link", "show", "eth0"])
-        .unwrap());
-    let mac = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let mac = pair.mac("a");
     pair.wait(
         "the data center's neighbour entry for .3 to follow",
         STEP,
@@ -875,6 +968,78 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     };
     assert_eq!(role(pair.sids[0].0), "backup");
     assert_eq!(role(pair.sids[1].0), "primary");
+    for pid in pair.agents.clone() {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+}
+
+/// A primary whose cable is pulled takes the shared address off its interface at once (a box
+/// that cannot see the LAN cannot know whether the backup took over); cable back and nobody
+/// else on the address, it takes it back. Pulled again, and the backup promoted meanwhile:
+/// when the cable returns the old primary never answers for the shared address (a third host
+/// asking all along sees only the new primary) and steps back, fenced, at its own address.
+#[test]
+fn a_primary_whose_cable_is_pulled_answers_for_the_shared_address_only_after_checking() {
+    if !require_root(
+        "a_primary_whose_cable_is_pulled_answers_for_the_shared_address_only_after_checking",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let (mut pair, a, b) = Pair::office_pair("");
+    pair.agents.extend([a, b]);
+    let (a_mac, b_mac) = (pair.mac("a"), pair.mac("b"));
+    let pull = |pair: &mut Pair| {
+        pair.lab.plug("a", false).unwrap();
+        pair.wait("the primary to withdraw the shared address", STEP, |pair| {
+            !pair.addresses("a").contains("192.168.70.2/")
+                && pair.status("a")["address_withdrawn"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("no carrier on eth0"))
+        });
+    };
+
+    // A switch reboot, say: the address comes back once the primary has checked.
+    pull(&mut pair);
+    assert_eq!(pair.status("a")["role"]["state"], "primary");
+    pair.lab.plug("a", true).unwrap();
+    pair.wait("the primary to take its address back", STEP, |pair| {
+        pair.addresses("a").contains("192.168.70.2/24")
+            && pair.status("a")["address_withdrawn"].is_null()
+    });
+    let ping = pair
+        .lab
+        .sh("dc", &["ping", "-c1", "-W2", "192.168.70.2"])
+        .unwrap();
+    assert!(ping.status.success(), "the primary is not reachable again");
+    let status = pair.status("a");
+    assert_eq!(status["role"]["state"], "primary");
+    assert_eq!(status["role"]["generation"], 1);
+
+    // Pulled for good: the backup is promoted; then the cable goes back in.
+    pull(&mut pair);
+    pair.wait_primary_silent("b");
+    let (promoted, said) = pair.role_change("b", "promote");
+    assert!(promoted, "{said}");
+    let arp = pair.watch_arp("192.168.70.2");
+    pair.lab.plug("a", true).unwrap();
+    pair.wait("the old primary to step back", STEP, |pair| {
+        pair.status("a")["role"]["state"] == "fenced"
+            && pair.pbx("a") == "down"
+            && pair.addresses("a").contains("192.168.70.3/24")
+    });
+    let claims = pair.stop_arp_watch(arp, "192.168.70.2");
+    assert_eq!(
+        claims.get(&a_mac),
+        None,
+        "the old primary answered: {claims:?}"
+    );
+    assert!(
+        claims.contains_key(&b_mac),
+        "the watch saw nobody: {claims:?}"
+    );
+    assert!(pair.addresses("b").contains("192.168.70.2/24"));
     for pid in pair.agents.clone() {
         let status = pair.lab.stop(pid, STEP).unwrap();
         assert!(status.success(), "agent exited with {status}");
@@ -1084,9 +1249,7 @@ fn the_console_performs_p_and_b_on_80x25() {
     tmux.type_line("b", "").unwrap();
     wait("b", "Type a key and Enter");
     // P while the primary lives: refused with the reason, F offered, Enter goes back.
-    pair.wait("the data center hearing the primary", STEP, |pair| {
-        pair.status("b")["info"]["partner"]["silent_ms"].is_u64()
-    });
+    // (office_pair waited for the data center to hear the primary.)
     tmux.type_line("b", "P").unwrap();
     let screen = wait("b", "F and Enter to force");
     assert!(

@@ -40,6 +40,6 @@ pub use lan::{Conflict, ConflictWatch, Refresh};
 pub use netlink::Netlink;
 pub use takeover::{
     PersistTo, Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up,
-    give_up_observed, take_over, take_over_observed,
+    give_up_observed, take_back, take_over, take_over_observed,
 };
 pub use types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr, ParseError};

@@ -271,7 +271,21 @@ pub async fn take_over_observed<N: NetBackend, A: Arp>(
         .await
 }
 
-/// Gives the shared address `plan.to` back and returns to this box's own `plan.from`.
+/// Takes the shared address `plan.to` back onto an interface that holds no address at all:
+/// a primary withdrew it when its carrier went, and has just checked (the probe step) that
+/// nobody took it meanwhile. [`take_over`] refuses a bare interface (the wrong one, likely).
+pub async fn take_back<N: NetBackend, A: Arp>(
+    net: &N,
+    arp: &A,
+    plan: &TakeoverPlan,
+) -> Result<TakeoverReport, TakeoverError> {
+    let mut back = Move::of(plan, plan.from, plan.to);
+    back.bare = true;
+    back.run(net, arp, &mut |_| {}).await
+}
+
+/// Gives the shared address `plan.to` back and returns to this box's own `plan.from` (also
+/// onto an interface that holds no address: the shared one was withdrawn).
 pub async fn give_up<N: NetBackend, A: Arp>(
     net: &N,
     arp: &A,
@@ -287,9 +301,11 @@ pub async fn give_up_observed<N: NetBackend, A: Arp>(
     plan: &TakeoverPlan,
     on_step: &mut (dyn FnMut(&StepReport) + Send),
 ) -> Result<TakeoverReport, TakeoverError> {
-    Move::of(plan, plan.to, plan.from)
-        .run(net, arp, on_step)
-        .await
+    // A bare interface is expected too: a primary whose cable went withdrew the shared
+    // address, and is told to step back when the cable returns.
+    let mut back = Move::of(plan, plan.to, plan.from);
+    back.bare = true;
+    back.run(net, arp, on_step).await
 }
 
 /// From one address to another on one interface.
@@ -300,6 +316,8 @@ struct Move<'p> {
     gateway: Ipv4Addr,
     force: bool,
     persist: &'p Option<PersistTo>,
+    /// An interface without any address is expected (see [`take_back`]).
+    bare: bool,
 }
 
 /// What was there before, and what this run changed (for the rollback).
@@ -356,6 +374,7 @@ impl<'p> Move<'p> {
             gateway: plan.gateway,
             force: plan.force,
             persist: &plan.persist,
+            bare: false,
         }
     }
 
@@ -552,7 +571,8 @@ impl<'p> Move<'p> {
             ));
         }
         let before = net.addresses(&link).await.map_err(|e| e.to_string())?;
-        if !before.contains(&self.old) && !before.contains(&self.new) {
+        let bare = self.bare && before.is_empty();
+        if !before.contains(&self.old) && !before.contains(&self.new) && !bare {
             return Err(format!(
                 "{} holds neither {} nor {} (it has {}); is this the right interface?",
                 link.name,

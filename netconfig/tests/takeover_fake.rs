@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use lbs_netconfig::fake::Op;
 use lbs_netconfig::{
     DefaultRoute, FakeNet, Ipv4Cidr, LinkInfo, MacAddr, NetError, Step, StepOutcome, TakeoverError,
-    TakeoverPlan, give_up, take_over,
+    TakeoverPlan, give_up, take_back, take_over,
 };
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
@@ -306,6 +306,56 @@ fn no_carrier_or_a_wrong_interface_stops_at_preflight() {
         ..plan()
     };
     let err = run(take_over(&net, &net, &neither)).unwrap_err();
+    assert!(err.to_string().contains("holds neither"), "{err}");
+}
+
+/// A primary that withdrew the shared address when its carrier went takes it back onto the
+/// bare interface, after the probe; someone else on it → refused, nothing added. A bare
+/// interface is still refused to `take_over`, and `take_back` refuses one holding another
+/// address.
+#[test]
+fn take_back_restores_a_withdrawn_address_only_after_the_probe() {
+    let (net, link) = backup();
+    net.set_route(None);
+    run(lbs_netconfig::NetBackend::delete_address(
+        &net,
+        &link,
+        cidr("192.168.1.3/24"),
+    ))
+    .unwrap();
+    let err = run(take_over(&net, &net, &plan())).unwrap_err();
+    assert!(err.to_string().contains("holds neither"), "{err}");
+
+    net.set_neighbour(
+        Ipv4Addr::new(192, 168, 1, 2),
+        Some(mac("02:00:00:00:00:09")),
+    );
+    let err = run(take_back(&net, &net, &plan())).unwrap_err();
+    assert!(err.to_string().contains("02:00:00:00:00:09"), "{err}");
+    assert_eq!(net.addresses_of("eth0"), []);
+
+    net.set_neighbour(Ipv4Addr::new(192, 168, 1, 2), None);
+    let report = run(take_back(&net, &net, &plan())).unwrap();
+    assert!(report.steps.iter().any(|s| s.step == Step::Probe
+        && matches!(&s.outcome, StepOutcome::Done(t) if t.contains("nobody answers"))));
+    assert_taken(&net, &link);
+
+    // Withdrawn again, and told to step back: its own address onto the bare interface.
+    run(lbs_netconfig::NetBackend::delete_address(
+        &net,
+        &link,
+        cidr("192.168.1.2/24"),
+    ))
+    .unwrap();
+    run(give_up(&net, &net, &plan())).unwrap();
+    assert_own(&net, &link);
+
+    let (net, _) = backup();
+    let elsewhere = TakeoverPlan {
+        from: cidr("192.168.1.9/24"),
+        ..plan()
+    };
+    let err = run(take_back(&net, &net, &elsewhere)).unwrap_err();
     assert!(err.to_string().contains("holds neither"), "{err}");
 }
 

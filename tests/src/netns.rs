@@ -84,6 +84,19 @@ impl Lab {
         Ok(())
     }
 
+    /// Pulls (`false`) or plugs back (`true`) `host`'s cable: its switch port goes dark or
+    /// comes back, so the host sees its carrier go and return while its own `eth0` stays up.
+    pub fn plug(&mut self, host: &str, plugged: bool) -> anyhow::Result<()> {
+        let lan = self.lan.clone().context("no LAN")?;
+        let index = self
+            .hosts
+            .iter()
+            .position(|h| h == host)
+            .with_context(|| format!("no host {host} on the LAN"))?;
+        let state = if plugged { "up" } else { "down" };
+        ip(&["-n", &lan, "link", "set", &format!("port{index}"), state])
+    }
+
     /// A command that runs `program` inside `host`'s namespace.
     pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");

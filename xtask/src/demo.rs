@@ -154,9 +154,10 @@ pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
         "\nWhat exists today: the protocol (mutual TLS, hello, heartbeats), the sync engine \
          (lbs sync), the network takeover (lbs net), the tunnels to two data-center endpoints \
          (lbs vpn), the data center (lbs-datacenter: activation, roles, DNS) and the agent \
-         (lbs activate, lbs agent, lbs status, lbs promote, lbs demote, lbs console; \
-         automatic failover with auto_failover = true). Promotion requested from the data \
-         center, the SIP phone and PBX, and RTO/RPO figures join with issues 8 and 9."
+         (lbs activate, lbs agent, lbs status, lbs promote, lbs demote, lbs console, \
+         lbs net boot-check; automatic failover with auto_failover = true; promotion \
+         requested from the data center with lbs-datacenter promote). The SIP phone and PBX, \
+         and the RTO/RPO figures join with issue 9."
     );
     Ok(())
 }
@@ -466,13 +467,25 @@ fn pair_steps(
         },
     )?;
     let pbx = |host: &str| boxes.join(host).join("pbx");
+    // Each box's boot configuration (ifupdown), under a root of its own: P and B keep it in
+    // step with the address, and the returning primary's boot check reads it.
+    let boot_file = |host: &str| boxes.join(host).join("boot/etc/network/interfaces");
     for (n, host) in ["primary", "backup"].into_iter().enumerate() {
         std::fs::create_dir_all(pbx(host))?;
+        std::fs::create_dir_all(boxes.join(host).join("boot/etc/network"))?;
+        std::fs::write(
+            boot_file(host),
+            format!(
+                "auto eth0\niface eth0 inet static\n\taddress 192.168.1.{}/24\n\tgateway 192.168.1.1\n",
+                n + 2
+            ),
+        )?;
         std::fs::write(
             boxes.join(host).join("agent.toml"),
             format!(
-                "report_interval_s = 1\ntunnels = false\nastdb = \"\"\nprimary_gone_after_s = 2\npromote_note = \"move the PRI cable from the old primary to this box\"\n\n[[set]]\nname = \"pbx\"\npath = \"{}\"\n\n[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\n",
-                pbx(host).display()
+                "report_interval_s = 1\ntunnels = false\nastdb = \"\"\nprimary_gone_after_s = 2\npromote_note = \"move the PRI cable from the old primary to this box\"\n\n[[set]]\nname = \"pbx\"\npath = \"{}\"\n\n[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\nboot_config = \"{}\"\n",
+                pbx(host).display(),
+                boxes.join(host).join("boot").display()
             ),
         )?;
         let (sid, key) = &sheet[n];
@@ -626,10 +639,32 @@ fn pair_steps(
     )?;
     let new_voicemail = pbx("backup").join("voicemail/default/1234/INBOX/msg0004.wav");
     timeline.step(
-        "the repaired primary comes back: 192.168.1.2 answers from the new primary, so it steps back (fenced)",
+        "the repaired primary reboots: its boot check finds 192.168.1.2 answered by the new primary, so it boots with .3 and steps back (fenced)",
         || {
             std::fs::write(&new_voicemail, vec![4u8; 50_000])?;
+            // A reboot forgets the addresses; the boot check runs before the network starts.
+            let primary = office.ns("primary");
+            Office::ip(&["-n", &primary, "addr", "flush", "dev", "eth0"])?;
             Office::ip(&["-n", &office.ns("lan"), "link", "set", "port1", "up"])?;
+            let mut check = in_ns("primary", lbs);
+            check
+                .args(["net", "boot-check", "--config"])
+                .arg(boxes.join("primary").join("agent.toml"))
+                .arg("--state")
+                .arg(boxes.join("primary").join("state"));
+            indent(&checked(&mut check, STEP_TIMEOUT)?.stdout);
+            // Then the network service brings up what the boot configuration says.
+            let boot = std::fs::read_to_string(boot_file("primary"))?;
+            let address = boot
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("address "))
+                .context("no address in the primary's boot configuration")?
+                .trim()
+                .to_owned();
+            println!("    the network comes up with {address}");
+            Office::ip(&["-n", &primary, "addr", "add", &address, "dev", "eth0"])?;
+            Office::ip(&["-n", &primary, "link", "set", "eth0", "up"])?;
+            Office::ip(&["-n", &primary, "route", "replace", "default", "via", "192.168.1.1"])?;
             let mut agent = in_ns("primary", lbs);
             agent
                 .arg("agent")
@@ -644,10 +679,16 @@ fn pair_steps(
             println!("    primary: {}", agents[0].addr);
             wait_until(STEP_TIMEOUT, || {
                 let out = run_with_timeout(
-                    Command::new("ip").args(["-n", &office.ns("primary"), "-4", "-o", "addr"]),
+                    in_ns("primary", lbs)
+                        .args(["status", "--socket"])
+                        .arg(socket("primary")),
                     STEP_TIMEOUT,
                 )?;
-                Ok(!String::from_utf8_lossy(&out.stdout).contains("192.168.1.2/"))
+                // The first line: "<SID>  <state>  gen <n> of pair …".
+                Ok(String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.contains("  FENCED  ")))
             })
         },
     )?;

@@ -39,6 +39,14 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "tmux",
         "a terminal of 80x25 on which the console test types P and B",
     ),
+    (
+        "iputils-arping",
+        "arping, the third host asking for the shared address while an old primary returns",
+    ),
+    (
+        "tcpdump",
+        "records every ARP packet on the office LAN while an old primary returns",
+    ),
 ];
 
 /// The environment variable through which root-only tests report that they skipped.

@@ -1,0 +1,143 @@
+//! The primary's hold on the shared address follows its cable.
+//!
+//! A primary whose cable is pulled cannot see the LAN: meanwhile the backup may be promoted
+//! and take the shared address. If the kernel still held it when the cable comes back, it
+//! would answer ARP for it (and claim it in its own ARP requests) before anyone could check —
+//! two boxes on one address, the phones' calls going to either. So the shared address leaves
+//! the interface the moment the carrier goes, and comes back only after an ARP probe says
+//! nobody else answers for it; if somebody does, this box steps back (fenced), exactly as at
+//! a restart. The same rule covers a box that starts without carrier, and a primary that
+//! finds its address gone (the boot check gave it its own, or someone removed it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lbs_netconfig::NetBackend;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, Withdrawn, lock, network, now_ms, takeover_plan};
+use crate::role::{Event, RoleState};
+
+/// How often the hold is checked besides the carrier's changes (a failed probe is retried).
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// Follows the office interface's carrier for as long as the agent runs (only spawned with a
+/// `[network]` section).
+pub(super) async fn guard_address(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut delay = RECHECK;
+    loop {
+        match follow_carrier(&shared, &shutdown).await {
+            Ok(()) => return,
+            Err(err) => tracing::warn!(
+                "following the office interface's carrier: {err:#}; again in {} s",
+                delay.as_secs()
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn follow_carrier(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let interface = network(shared).context("no [network] section")?.interface;
+    let net = lbs_netconfig::Netlink::open()?;
+    let link = net.link(&interface).await?;
+    let mut events = net.carrier_events(&link).await?;
+    // Read again after subscribing, so a change in between is not missed.
+    let mut carrier = net.link(&interface).await?.carrier;
+    loop {
+        check(shared, &net, carrier).await?;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            change = events.next() => {
+                carrier = change.context("the carrier watch ended")?;
+                tracing::info!(
+                    "{interface}: carrier {}",
+                    if carrier { "back" } else { "lost" }
+                );
+            }
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+/// Makes the hold match the carrier: withdrawn without it, taken back (after the probe) with
+/// it — only while this box is the primary; every other state's steps own the address.
+async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> anyhow::Result<()> {
+    let Some(network) = network(shared) else {
+        return Ok(());
+    };
+    if lock(&shared.machine).record.state != RoleState::Primary {
+        *lock(&shared.withdrawn) = None;
+        return Ok(());
+    }
+    let link = net.link(&network.interface).await?;
+    let held = net.addresses(&link).await?.contains(&network.shared);
+    match (carrier, held) {
+        (false, true) => {
+            if let Some(refresh) = lock(&shared.refresh).take() {
+                refresh.stop();
+            }
+            net.delete_address(&link, network.shared).await?;
+            let why = format!(
+                "no carrier on {}: {} withdrawn until the cable is back and nobody else answers for it",
+                network.interface, network.shared.addr
+            );
+            tracing::warn!("{why}");
+            let _ = shared.progress.send(why.clone());
+            withdraw(shared, why);
+        }
+        (false, false) => {
+            if lock(&shared.withdrawn).is_none() {
+                withdraw(
+                    shared,
+                    format!(
+                        "no carrier on {}: {} not held until the cable is in and nobody else answers for it",
+                        network.interface, network.shared.addr
+                    ),
+                );
+            }
+        }
+        (true, false) => {
+            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+            let plan = takeover_plan(&network, false, &shared.paths);
+            match lbs_netconfig::take_back(net, &arp, &plan).await {
+                Ok(report) => {
+                    let said = format!(
+                        "nobody else answers for {}: taken back on {} ({})",
+                        network.shared.addr,
+                        network.interface,
+                        report.summary()
+                    );
+                    tracing::info!("{said}");
+                    let _ = shared.progress.send(said);
+                    *lock(&shared.withdrawn) = None;
+                }
+                Err(lbs_netconfig::TakeoverError::InUse { mac, .. }) => {
+                    tracing::warn!(
+                        "{mac} answers ARP for {}: another box took over while this one was away",
+                        network.shared.addr
+                    );
+                    *lock(&shared.withdrawn) = None;
+                    shared.handle(Event::AddressTaken {
+                        by: mac.to_string(),
+                    });
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        (true, true) => *lock(&shared.withdrawn) = None,
+    }
+    Ok(())
+}
+
+fn withdraw(shared: &Shared, reason: String) {
+    *lock(&shared.withdrawn) = Some(Withdrawn {
+        reason,
+        since_ms: now_ms(),
+    });
+}
