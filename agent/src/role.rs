@@ -269,12 +269,14 @@ impl RoleMachine {
     }
 
     /// What to do after a (re)start in the current state: the current step again, or the
-    /// steady state's replication.
+    /// steady state's replication and PBX.
     pub fn resume(&self) -> Vec<Action> {
         match self.record.state {
             RoleState::Unactivated => Vec::new(),
-            RoleState::Primary => vec![Action::ServeSync],
-            RoleState::Backup => vec![Action::PullSync],
+            // The PBX runs on the primary only (DESIGN §9): started after a restart (the hook
+            // is idempotent), and kept stopped on the backup, whatever the boot started.
+            RoleState::Primary => vec![Action::ServeSync, Action::StartPbx],
+            RoleState::Backup => vec![Action::PullSync, Action::StopPbx],
             // The fencing's steps again: a crash may have come between the record and them.
             RoleState::Fenced => vec![Action::StopSync, Action::StopPbx, Action::GiveUpAddress],
             RoleState::Promoting(step) => vec![self.promote_action(step)],
@@ -806,7 +808,12 @@ mod tests {
                     RoleState::Fenced => {
                         assert!(resumed.contains(&Action::GiveUpAddress), "{case}")
                     }
-                    _ => assert_eq!(resumed.len(), 1, "{case}"),
+                    RoleState::Primary => {
+                        assert_eq!(resumed, [Action::ServeSync, Action::StartPbx], "{case}")
+                    }
+                    RoleState::Backup => {
+                        assert_eq!(resumed, [Action::PullSync, Action::StopPbx], "{case}")
+                    }
                 }
             }
         }

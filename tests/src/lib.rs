@@ -7,9 +7,13 @@
 //! - [`require_root`]: root-only tests call it first; without root they report themselves
 //!   skipped (to stderr and to `cargo xtask test`, which counts them and fails a root run
 //!   that skipped any).
+//! - [`office::Office`]: DESIGN §11's office (primary, backup, phone, gateway) and data
+//!   centers (`dc1` with `lbs-datacenter` and BIND, `dc2`) running the real programs, a real
+//!   SIP server as each box's PBX and a real SIP phone; the end-to-end scenarios use it.
 //! - [`tmux::Tmux`]: a private terminal of a fixed size for the console's tests.
 
 pub mod netns;
+pub mod office;
 pub mod tmux;
 
 use std::io::Write;

@@ -18,9 +18,19 @@ static LABS: AtomicU32 = AtomicU32::new(0);
 pub struct Lab {
     prefix: String,
     namespaces: Vec<String>,
-    lan: Option<String>,
-    hosts: Vec<String>,
+    /// The switches: segment name → its namespace.
+    segments: Vec<(String, String)>,
+    /// Every cable: host, its interface, the segment's namespace, the switch-side port.
+    ports: Vec<Port>,
     children: Vec<Child>,
+}
+
+#[derive(Debug)]
+struct Port {
+    host: String,
+    interface: String,
+    switch: String,
+    name: String,
 }
 
 impl Lab {
@@ -31,8 +41,8 @@ impl Lab {
         Lab {
             prefix: format!("lbs{}x{n}-", std::process::id()),
             namespaces: Vec::new(),
-            lan: None,
-            hosts: Vec::new(),
+            segments: Vec::new(),
+            ports: Vec::new(),
             children: Vec::new(),
         }
     }
@@ -56,45 +66,97 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Adds the office LAN: a namespace holding a bridge every host plugs into.
+    /// Adds the office LAN (segment `lan`): a namespace holding a bridge every host plugs into.
     pub fn add_lan(&mut self) -> anyhow::Result<()> {
-        let ns = self.add_namespace("lan")?;
+        self.add_segment("lan")
+    }
+
+    /// Adds a network segment: a namespace `segment` holding a bridge (the switch).
+    pub fn add_segment(&mut self, segment: &str) -> anyhow::Result<()> {
+        let ns = self.add_namespace(segment)?;
         ip(&["-n", &ns, "link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["-n", &ns, "link", "set", BRIDGE, "up"])?;
-        self.lan = Some(ns);
+        self.segments.push((segment.to_owned(), ns));
         Ok(())
     }
 
     /// Adds a host plugged into the LAN with `eth0` at `cidr` (`192.168.1.2/24`).
     pub fn add_host(&mut self, host: &str, cidr: &str) -> anyhow::Result<()> {
-        let lan = self.lan.clone().context("add_lan before add_host")?;
-        let ns = self.add_namespace(host)?;
+        self.connect(host, "eth0", "lan", cidr)
+    }
+
+    /// Plugs `host` (created if new: a router connects twice) into `segment` with
+    /// `interface` at `cidr`.
+    pub fn connect(
+        &mut self,
+        host: &str,
+        interface: &str,
+        segment: &str,
+        cidr: &str,
+    ) -> anyhow::Result<()> {
+        let switch = self
+            .segments
+            .iter()
+            .find(|(name, _)| name == segment)
+            .map(|(_, ns)| ns.clone())
+            .with_context(|| format!("no segment {segment}: add_segment first"))?;
+        let ns = self.ns(host);
+        if !self.namespaces.contains(&ns) {
+            self.add_namespace(host)?;
+        }
         // The switch-side end is named by port number: interface names are limited to 15
         // bytes, host names are not.
-        let port = format!("port{}", self.hosts.len());
+        let port = format!("port{}", self.ports.len());
         ip(&[
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-            &lan,
+            "link", "add", interface, "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            &switch,
         ])?;
-        ip(&["-n", &lan, "link", "set", &port, "master", BRIDGE])?;
-        ip(&["-n", &lan, "link", "set", &port, "up"])?;
-        ip(&["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        self.hosts.push(host.to_owned());
+        self.ports.push(Port {
+            host: host.to_owned(),
+            interface: interface.to_owned(),
+            switch: switch.clone(),
+            name: port.clone(),
+        });
+        ip(&["-n", &switch, "link", "set", &port, "master", BRIDGE])?;
+        ip(&["-n", &switch, "link", "set", &port, "up"])?;
+        ip(&["-n", &ns, "addr", "add", cidr, "dev", interface])?;
+        ip(&["-n", &ns, "link", "set", interface, "up"])?;
         Ok(())
     }
 
-    /// Pulls (`false`) or plugs back (`true`) `host`'s cable: its switch port goes dark or
-    /// comes back, so the host sees its carrier go and return while its own `eth0` stays up.
+    /// Pulls (`false`) or plugs back (`true`) `host`'s `eth0` cable: its switch port goes
+    /// dark or comes back, so the host sees its carrier go and return while its own `eth0`
+    /// stays up.
     pub fn plug(&mut self, host: &str, plugged: bool) -> anyhow::Result<()> {
-        let lan = self.lan.clone().context("no LAN")?;
-        let index = self
-            .hosts
+        let port = self
+            .ports
             .iter()
-            .position(|h| h == host)
-            .with_context(|| format!("no host {host} on the LAN"))?;
+            .find(|p| p.host == host && p.interface == "eth0")
+            .with_context(|| format!("{host} has no eth0 cable"))?;
         let state = if plugged { "up" } else { "down" };
-        ip(&["-n", &lan, "link", "set", &format!("port{index}"), state])
+        ip(&["-n", &port.switch, "link", "set", &port.name, state])
+    }
+
+    /// Kills (SIGKILL) every process running in `host`'s namespace — this lab's, since the
+    /// namespace is — also those its programs started themselves (a PBX hook's daemon).
+    pub fn kill_all_in(&mut self, host: &str) -> anyhow::Result<()> {
+        let ns = self.ns(host);
+        let pids = pids_in(&ns)?;
+        for pid in &pids {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        // Reap the ones that are our children.
+        self.children.retain_mut(|child| {
+            if pids.contains(&child.id()) {
+                let _ = child.wait();
+                false
+            } else {
+                true
+            }
+        });
+        Ok(())
     }
 
     /// A command that runs `program` inside `host`'s namespace.
@@ -273,6 +335,14 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Then whatever still runs inside its namespaces (daemons its programs started).
+        for ns in &self.namespaces {
+            for pid in pids_in(ns).unwrap_or_default() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
         for ns in self.namespaces.iter().rev() {
             if let Err(err) = ip(&["netns", "del", ns]) {
                 eprintln!("lab cleanup: {err:#}");
@@ -287,6 +357,19 @@ fn host_of(cmd: &Command) -> &str {
         .nth(2)
         .and_then(|ns| ns.to_str())
         .unwrap_or("?")
+}
+
+/// The processes running in namespace `ns` (`ip netns pids`).
+fn pids_in(ns: &str) -> anyhow::Result<Vec<u32>> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `ip netns pids`")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect())
 }
 
 /// Runs `ip ARGS`, failing with its stderr.

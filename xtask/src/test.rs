@@ -47,6 +47,22 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "tcpdump",
         "records every ARP packet on the office LAN while an old primary returns",
     ),
+    (
+        "kamailio",
+        "the lab's PBX: a real SIP server each box's PBX hook starts on the shared address",
+    ),
+    (
+        "sip-tester",
+        "sipp, the lab's phone, asking the PBX at the shared address ten times a second",
+    ),
+    (
+        "asterisk-core-sounds-en-wav",
+        "real Asterisk prompts for the lab's boxes to sync",
+    ),
+    (
+        "asterisk-moh-opsound-wav",
+        "real music on hold for the lab's boxes to sync",
+    ),
 ];
 
 /// The environment variable through which root-only tests report that they skipped.

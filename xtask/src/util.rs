@@ -100,6 +100,10 @@ pub fn ensure_packages<'a>(
             .args(["update", "-qq"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
+    // Packages such as bind9 and kamailio would start their service on this machine; the
+    // tests run their own inside namespaces. Debian's policy-rc.d says "do not start" for the
+    // length of the install (unless the machine has its own policy already).
+    let _no_services = NoServiceStarts::install()?;
     run_step(
         &format!("apt-get install {list}"),
         Command::new("apt-get")
@@ -115,6 +119,38 @@ pub fn ensure_packages<'a>(
         );
     }
     Ok(Vec::new())
+}
+
+/// `/usr/sbin/policy-rc.d` answering 101 ("action forbidden") while it lives: packages
+/// installed meanwhile do not start their services. Removed on drop; an existing one is left
+/// alone.
+struct NoServiceStarts(Option<&'static Path>);
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> anyhow::Result<NoServiceStarts> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return Ok(NoServiceStarts(None));
+        }
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask: no service starts while it installs packages\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(NoServiceStarts(Some(path)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Whether dpkg says `package` is installed.
