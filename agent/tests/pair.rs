@@ -313,12 +313,10 @@ impl Pair {
         }
     }
 
-    /// Stops the watch; who claimed `ip` (answered for it, or asked from it), MAC → packets.
-    fn stop_arp_watch(
-        &mut self,
-        watch: ArpWatch,
-        ip: &str,
-    ) -> std::collections::BTreeMap<String, usize> {
+    /// Stops the watch and checks who claimed `ip` (answered for it, or asked from it): the
+    /// old primary (`never`) not once, the new one (`seen`) — so the watch worked — at least
+    /// once.
+    fn stop_arp_watch(&mut self, watch: ArpWatch, ip: &str, never: &str, seen: &str) {
         std::fs::write(&watch.stop, b"").unwrap();
         self.lab.wait_exit(watch.ask, STEP).unwrap();
         self.lab.kill(watch.dump).unwrap();
@@ -331,10 +329,18 @@ impl Pair {
             let claimed = line.contains(&format!("Reply {ip} is-at"))
                 || line.contains(&format!("tell {ip},"));
             if let (true, Some(mac)) = (claimed, line.split_whitespace().nth(1)) {
-                *claims.entry(mac.to_owned()).or_insert(0) += 1;
+                *claims.entry(mac.to_owned()).or_insert(0usize) += 1;
             }
         }
-        claims
+        assert_eq!(
+            claims.get(never),
+            None,
+            "the old primary answered: {claims:?}"
+        );
+        assert!(
+            claims.contains_key(seen),
+            "the watch saw nobody: {claims:?}"
+        );
     }
 
     /// The address in `host`'s boot configuration.
@@ -884,16 +890,7 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         pair.pbx("a") == "down"
     });
     assert!(!pair.addresses("a").contains("192.168.70.2/"));
-    let claims = pair.stop_arp_watch(arp, "192.168.70.2");
-    assert_eq!(
-        claims.get(&a_mac),
-        None,
-        "the old primary answered: {claims:?}"
-    );
-    assert!(
-        claims.contains_key(&b_mac),
-        "the watch saw nobody: {claims:?}"
-    );
+    pair.stop_arp_watch(arp, "192.168.70.2", &a_mac, &b_mac);
     let mut unblock = blackhole.clone();
     unblock[2] = "del";
     ok(pair.lab.sh("a", &unblock).unwrap());
@@ -1029,16 +1026,7 @@ fn a_primary_whose_cable_is_pulled_answers_for_the_shared_address_only_after_che
             && pair.pbx("a") == "down"
             && pair.addresses("a").contains("192.168.70.3/24")
     });
-    let claims = pair.stop_arp_watch(arp, "192.168.70.2");
-    assert_eq!(
-        claims.get(&a_mac),
-        None,
-        "the old primary answered: {claims:?}"
-    );
-    assert!(
-        claims.contains_key(&b_mac),
-        "the watch saw nobody: {claims:?}"
-    );
+    pair.stop_arp_watch(arp, "192.168.70.2", &a_mac, &b_mac);
     assert!(pair.addresses("b").contains("192.168.70.2/24"));
     for pid in pair.agents.clone() {
         let status = pair.lab.stop(pid, STEP).unwrap();

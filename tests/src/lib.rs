@@ -67,11 +67,14 @@ pub fn require_root(test: &str, needs: &str) -> bool {
 /// was built into (`cargo test --workspace` and `cargo xtask test` build every binary first).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
+    // target/<profile>/deps/<test> → target/<profile>/<name>; a binary of this crate
+    // (lbs-lab) runs from target/<profile> itself.
+    let mut dir = exe
         .parent()
-        .and_then(std::path::Path::parent)
-        .expect("the test runs from target/<profile>/deps");
+        .expect("the program runs from target/<profile>");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target/<profile>/deps has a parent");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -39,7 +39,7 @@ impl Lab {
     pub fn new() -> Lab {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         Lab {
-            prefix: format!("lbs{}x{n}-", std::process::id()),
+            prefix: format!("{}{n}-", process_prefix()),
             namespaces: Vec::new(),
             segments: Vec::new(),
             ports: Vec::new(),
@@ -387,6 +387,31 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prefix of every namespace this process's labs create (`lbs<pid>x`).
+pub fn process_prefix() -> String {
+    format!("lbs{}x", std::process::id())
+}
+
+/// Kills every process inside the namespaces whose names start with `prefix` and removes
+/// those namespaces: the cleanup of a lab whose owner cannot run its `Drop` (Ctrl-C). The
+/// namespaces removed.
+pub fn remove_namespaces_with_prefix(prefix: &str) -> anyhow::Result<Vec<String>> {
+    let namespaces = namespaces_with_prefix(prefix)?;
+    for ns in &namespaces {
+        for pid in pids_in(ns).unwrap_or_default() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+    for ns in namespaces.iter().rev() {
+        if let Err(err) = ip(&["netns", "del", ns]) {
+            eprintln!("cleanup: {err:#}");
+        }
+    }
+    Ok(namespaces)
 }
 
 /// The namespaces that currently exist whose names start with `prefix`.

@@ -253,7 +253,7 @@ impl Office {
                 "#!/bin/sh\n\
                  # The PBX's SIP service on the shared address (what `systemctl start asterisk` does on a box).\n\
                  pid=$(cat '{pid}' 2>/dev/null) && kill -0 \"$pid\" 2>/dev/null && exit 0\n\
-                 exec kamailio -f '{cfg}' -P '{pid}' -Y '{run}' 2>>'{run}/kamailio.log'\n",
+                 exec kamailio -f '{cfg}' -P '{pid}' -Y '{run}' >>'{run}/kamailio.log' 2>&1\n",
                 pid = pid.display(),
                 cfg = run.join("kamailio.cfg").display(),
                 run = run.display()
@@ -570,6 +570,33 @@ impl Office {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// RPO: writes a fresh voicemail (number `n`) on `primary` and waits until it is on
+    /// `backup`, whole (the sync engine only ever shows a verified version); the ms between.
+    pub fn measure_rpo(&mut self, primary: &str, backup: &str, n: u8) -> anyhow::Result<u64> {
+        let name = format!("default/1234/INBOX/msg01{n:02}.wav");
+        let message = generated_audio(100u8.wrapping_add(n), 120_000);
+        let written = now_ms();
+        let path = self.set_dir(primary, "voicemail").join(&name);
+        std::fs::create_dir_all(path.parent().context("a voicemail has a folder")?)?;
+        std::fs::write(&path, &message)?;
+        let target = self.set_dir(backup, "voicemail").join(&name);
+        self.wait("the fresh voicemail on the backup", STEP, |_| {
+            Ok(std::fs::read(&target).is_ok_and(|c| c == message))
+        })?;
+        Ok(now_ms().saturating_sub(written))
+    }
+
+    /// The primary `dead` dies (see [`Office::power_off`]); once the data center has lost it,
+    /// **P** on `survivor`. The RTO (P pressed → the phone's first answer after it, in ms) and
+    /// what P printed.
+    pub fn fail_over(&mut self, dead: &str, survivor: &str) -> anyhow::Result<(u64, String)> {
+        self.power_off(dead)?;
+        self.wait_primary_gone(survivor)?;
+        let (pressed, said) = self.promote(survivor)?;
+        let answered = self.first_answer_after(pressed, STEP)?;
+        Ok((answered.saturating_sub(pressed), said))
     }
 
     /// Polls `done` every 50 ms until it says yes; an error after `timeout`.

@@ -12,38 +12,15 @@
 use std::io::Write;
 use std::time::Duration;
 
-use lbs_tests::office::{FQDN, Office, SHARED, STEP, generated_audio, now_ms};
+use lbs_tests::office::{FQDN, Office, SHARED, STEP, generated_audio};
 use lbs_tests::require_root;
-
-/// How long the phone may go unanswered after P before the test gives up (not a figure
-/// asserted on: RTO is measured and printed).
-const ANSWER: Duration = Duration::from_secs(30);
-
-/// Writes a fresh voicemail on `primary` and waits for it, verified, on `backup`: the RPO
-/// in ms.
-fn rpo(office: &mut Office, primary: &str, backup: &str, n: u8) -> u64 {
-    let name = format!("default/1234/INBOX/msg01{n:02}.wav");
-    let message = generated_audio(100 + n, 120_000);
-    let written = now_ms();
-    std::fs::write(office.set_dir(primary, "voicemail").join(&name), &message).unwrap();
-    let target = office.set_dir(backup, "voicemail").join(&name);
-    office
-        .wait("the fresh voicemail on the backup", STEP, |_| {
-            Ok(std::fs::read(&target).is_ok_and(|c| c == message))
-        })
-        .unwrap();
-    now_ms() - written
-}
 
 /// The primary `dead` dies; P on `survivor`: the RTO in ms, and what P printed.
 fn fail_over(office: &mut Office, dead: &str, survivor: &str) -> (u64, String) {
-    office.power_off(dead).unwrap();
-    office.wait_primary_gone(survivor).unwrap();
-    let (pressed, said) = office.promote(survivor).unwrap();
+    let (rto, said) = office.fail_over(dead, survivor).unwrap();
     eprintln!("[{survivor}] lbs promote:\n{said}");
-    let answered = office.first_answer_after(pressed, ANSWER).unwrap();
     assert!(office.pbx_running(survivor), "the new primary's PBX runs");
-    (answered.saturating_sub(pressed), said)
+    (rto, said)
 }
 
 #[test]
@@ -82,7 +59,7 @@ fn lifecycle_activate_sync_fail_over_fail_back_and_fail_over_again() {
             Ok(o.dig(FQDN)? == [SHARED])
         })
         .unwrap();
-    let rpo_ms = rpo(&mut office, "primary", "backup", 0);
+    let rpo_ms = office.measure_rpo("primary", "backup", 0).unwrap();
 
     // A recording grows on the primary (appends only) while the backup follows it.
     let recording = office
@@ -124,7 +101,7 @@ fn lifecycle_activate_sync_fail_over_fail_back_and_fail_over_again() {
     let said = office.demote("primary").unwrap();
     assert!(said.contains("done: in sync with the primary"), "{said}");
     office.wait_in_sync("primary", "backup").unwrap();
-    let rpo_back_ms = rpo(&mut office, "backup", "primary", 1);
+    let rpo_back_ms = office.measure_rpo("backup", "primary", 1).unwrap();
 
     // Another failure: the new primary dies; P on the old one, now the backup.
     let (rto2_ms, said) = fail_over(&mut office, "backup", "primary");

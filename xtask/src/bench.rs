@@ -72,6 +72,17 @@ enum What {
     /// VPN failover in network namespaces (root): a box and two data-center endpoints, dc1
     /// blackholed under a 50 ms ping stream; median detection time and largest gap.
     Vpn(VpnArgs),
+    /// Failover in the lab's office (root): the primary dies, P on the backup; median RTO
+    /// (P pressed → the SIP phone's first answer) and RPO (a voicemail written → verified on
+    /// the backup), each run in a fresh office.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    /// Failovers to measure; the summary shows medians.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(clap::Args)]
@@ -110,7 +121,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
         What::Sync(args) => sync(args),
         What::Vpn(args) => vpn(args),
+        What::Failover(args) => failover(args),
     }
+}
+
+/// `lbs-lab bench`: the lab's failover `runs` times, in the same office the scenario tests
+/// and the demo use.
+fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the failover benchmark needs root (network namespaces, a SIP server and phone)");
+    }
+    crate::demo::run_lab(
+        "the failover benchmark",
+        &["bench", "--runs", &args.runs.to_string()],
+    )
 }
 
 /// Runs the namespace scenario of `agent/tests/vpn_failover.rs` (the same code the tests

@@ -3,9 +3,11 @@
 //! - `cargo xtask test`: installs the system packages the tests need, then fmt, clippy, the
 //!   fuzz target's build and every test; root-only tests that skipped are counted and, as
 //!   root, fail the run.
-//! - `cargo xtask demo`: builds everything and shows the product working, step by step.
+//! - `cargo xtask demo`: as root, the lifecycle in the lab's office, narrated, with the RTO
+//!   and RPO measured in that run.
 //! - `cargo xtask bench sync`: lbs sync against rsync on fixed datasets, same run, medians.
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
+//! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
 
 mod bench;
 mod demo;
@@ -28,7 +30,8 @@ enum Command {
     Test(test::TestArgs),
     /// Build lbs and run the demonstration, printing a timeline.
     Demo(demo::DemoArgs),
-    /// Benchmarks: sync against rsync in the same run, VPN failover (`cargo xtask bench sync|vpn`).
+    /// Benchmarks: sync against rsync in the same run, VPN failover, failover RTO/RPO
+    /// (`cargo xtask bench sync|vpn|failover`).
     Bench(bench::BenchArgs),
 }
 

@@ -94,13 +94,11 @@ impl Drop for Guard {
     }
 }
 
-/// The long-running `serve` process and its output.
+/// A long-running `serve` process (killed on drop).
 pub struct Server {
     guard: Guard,
-    lines: mpsc::Receiver<String>,
     /// What the server's first line said its address is.
     pub addr: String,
-    timeout: Duration,
 }
 
 impl Server {
@@ -119,12 +117,11 @@ impl Server {
         let stdout = child.stdout.take().context("no stdout")?;
         let guard = Guard(Some(child));
         let (tx, lines) = mpsc::channel();
-        // Ends when the server's stdout closes: at its exit, or when the guard kills it.
+        // Drains the server's output for its whole life (a full pipe would block it); ends
+        // when its stdout closes: at its exit, or when the guard kills it.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let first = lines
@@ -133,70 +130,11 @@ impl Server {
         let addr = addr_of(&first)
             .with_context(|| format!("unexpected first line from the server: {first:?}"))?
             .to_owned();
-        Ok(Server {
-            guard,
-            lines,
-            addr,
-            timeout,
-        })
-    }
-
-    /// Waits for a line of output starting with `prefix` (skipping others) and returns it.
-    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return Ok(line),
-                Ok(_) => {}
-                Err(_) => bail!("no line starting with {prefix:?} within {timeout:?}"),
-            }
-        }
+        Ok(Server { guard, addr })
     }
 
     /// The server's process ID.
     pub fn pid(&self) -> Option<u32> {
         self.guard.0.as_ref().map(Child::id)
-    }
-
-    /// SIGTERM, wait for a clean exit, and return everything it printed after starting.
-    pub fn stop(&mut self) -> anyhow::Result<Vec<String>> {
-        let child = self.guard.child()?;
-        let pid = child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        let deadline = Instant::now() + self.timeout;
-        let status = loop {
-            if let Some(status) = self.guard.child()?.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the server did not stop within {:?} of SIGTERM",
-                    self.timeout
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        self.guard.0 = None;
-        if !status.success() {
-            bail!("the server exited with {status}");
-        }
-        // The reader thread sends the rest of the output, then hangs up at end of file.
-        let mut lines = Vec::new();
-        loop {
-            match self.lines.recv_timeout(self.timeout) {
-                Ok(line) => lines.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(lines),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "the server's output did not end within {:?} of its exit",
-                        self.timeout
-                    )
-                }
-            }
-        }
     }
 }

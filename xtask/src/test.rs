@@ -25,27 +25,16 @@ pub const SYSTEM_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// What only the tests need: the DNS takeover test runs a real BIND and queries it.
-pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
+/// What the lab's office (the scenarios and the demo) runs: a real BIND, SIP server and SIP
+/// phone, and real PBX media to sync.
+pub const LAB_PACKAGES: &[(&str, &str)] = &[
     (
         "bind9",
-        "named, the authoritative server the DNS takeover test updates",
+        "named, the authoritative server the data center's DNS updates go to",
     ),
     (
         "bind9-dnsutils",
         "dig, which checks the record after each DNS update",
-    ),
-    (
-        "tmux",
-        "a terminal of 80x25 on which the console test types P and B",
-    ),
-    (
-        "iputils-arping",
-        "arping, the third host asking for the shared address while an old primary returns",
-    ),
-    (
-        "tcpdump",
-        "records every ARP packet on the office LAN while an old primary returns",
     ),
     (
         "kamailio",
@@ -65,6 +54,22 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// What only the tests need besides the lab's packages.
+pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
+    (
+        "tmux",
+        "a terminal of 80x25 on which the console test types P and B",
+    ),
+    (
+        "iputils-arping",
+        "arping, the third host asking for the shared address while an old primary returns",
+    ),
+    (
+        "tcpdump",
+        "records every ARP packet on the office LAN while an old primary returns",
+    ),
+];
+
 /// The environment variable through which root-only tests report that they skipped.
 /// Keep in step with `lbs_tests::SKIP_LOG_ENV`.
 const SKIP_LOG_ENV: &str = "LBS_SKIP_LOG";
@@ -80,6 +85,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let packages: Vec<(&str, &str)> = SYSTEM_PACKAGES
         .iter()
+        .chain(LAB_PACKAGES)
         .chain(TEST_ONLY_PACKAGES)
         .copied()
         .collect();

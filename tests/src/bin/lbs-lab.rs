@@ -1,0 +1,364 @@
+//! `lbs-lab`: the lab's office (see `lbs_tests::office`) as a program, as root.
+//!
+//! - `lbs-lab demo`: the lifecycle narrated step by step — activation, the first full sync
+//!   with a progress bar, the phone answered, a fresh voicemail's RPO, the primary's death,
+//!   P with every step timed, the phone answered again (RTO), the old primary's reboot and
+//!   B until in sync — then the timeline, and as its last line exactly
+//!   `demo: RTO <s> s, RPO <s> s, <final sync verdict>`. What `cargo xtask demo` runs.
+//! - `lbs-lab bench --runs N`: the failover N times in a fresh office each, and the median
+//!   RTO and RPO. What `cargo xtask bench failover` runs; the README quotes it.
+//!
+//! Ctrl-C removes everything the lab started (processes and namespaces) before it exits.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use lbs_tests::netns::{namespaces_with_prefix, process_prefix, remove_namespaces_with_prefix};
+use lbs_tests::office::{BOXES, FQDN, Office, SETS, SHARED, STEP, generated_audio};
+
+#[derive(Parser)]
+#[command(about = "The lbs lab: an office and its data centers in network namespaces (root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The lifecycle, narrated, with a timeline and the measured RTO and RPO.
+    Demo,
+    /// Fail over `runs` times, each in a fresh office; the median RTO and RPO.
+    Bench {
+        /// How many failovers.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !lbs_tests::is_root() {
+        eprintln!(
+            "lbs-lab needs root: it builds the office and the data centers in Linux network \
+             namespaces (ip netns), moves IP addresses and runs a SIP server and phone in them"
+        );
+        return ExitCode::from(2);
+    }
+    watch_ctrl_c();
+    let result = match cli.command {
+        Command::Demo => demo(),
+        Command::Bench { runs } => bench(runs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lbs-lab: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// On Ctrl-C: every namespace of this process's labs goes, with everything in it.
+fn watch_ctrl_c() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
+            let removed = remove_namespaces_with_prefix(&process_prefix()).unwrap_or_default();
+            eprintln!(
+                "\nlbs-lab: interrupted; removed {} namespaces and everything running in them",
+                removed.len()
+            );
+            std::process::exit(130);
+        }
+    });
+}
+
+/// The steps and how long each took.
+struct Timeline {
+    started: Instant,
+    steps: Vec<(String, Duration)>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        Timeline {
+            started: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn step<T>(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        println!("\n--- {name}");
+        let started = Instant::now();
+        let result = f().with_context(|| format!("step {name:?}"))?;
+        self.steps.push((name.to_owned(), started.elapsed()));
+        Ok(result)
+    }
+
+    fn print(&self) {
+        println!("\n=== timeline");
+        let mut at = Duration::ZERO;
+        for (name, took) in &self.steps {
+            println!(
+                "  +{:>7.2} s  {:>6.2} s  {name}",
+                at.as_secs_f64(),
+                took.as_secs_f64()
+            );
+            at += *took;
+        }
+        println!("  total {:.2} s", self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}
+
+/// The bytes under `host`'s sync sets now.
+fn bytes_on(office: &Office, host: &str) -> u64 {
+    fn walk(dir: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+                _ => 0,
+            })
+            .sum()
+    }
+    SETS.iter()
+        .map(|(name, _)| walk(&office.set_dir(host, name)))
+        .sum()
+}
+
+fn demo() -> anyhow::Result<()> {
+    let mut timeline = Timeline::new();
+    let mut office = timeline.step(
+        "the office and the data centers come up in network namespaces",
+        || {
+            let office = Office::start()?;
+            indent(
+                "office LAN 192.168.1.0/24: primary .2 (the phones' PBX address), backup .3, \
+                 phone .10, router .1\nWAN 10.20.0.0/24: dc1 .11 (lbs-datacenter, BIND 9 for \
+                 acme.example), dc2 .12\neach box: lbs agent, its PBX (kamailio) started and \
+                 stopped by the agent's hooks",
+            );
+            Ok(office)
+        },
+    )?;
+    let media = timeline.step(
+        "the primary holds a PBX's data: real Asterisk prompts, music on hold, voicemail",
+        || {
+            let bytes = office.load_media("primary")?;
+            println!("    {:.1} MB in 5 sync sets", bytes as f64 / 1e6);
+            Ok(bytes)
+        },
+    )?;
+    for (n, host) in BOXES.into_iter().enumerate() {
+        let title = if n == 0 {
+            "the primary activates first with its SID and key: it becomes the PRIMARY"
+        } else {
+            "the backup activates second: it becomes the BACKUP of the same pair"
+        };
+        timeline.step(title, || {
+            indent(&office.activate(host, n)?);
+            Ok(())
+        })?;
+    }
+    timeline.step("both agents start; the backup's first full sync", || {
+        office.start_agent("primary")?;
+        office.start_agent("backup")?;
+        let bar = indicatif::ProgressBar::new(media);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "    {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let started = Instant::now();
+        while started.elapsed() < STEP {
+            let copied = bytes_on(&office, "backup");
+            bar.set_position(copied.min(media));
+            if copied >= media {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish();
+        office.wait_in_sync("backup", "primary")?;
+        println!(
+            "    in sync after {:.2} s, every set checked by BLAKE3 (lbs sync verify)",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })?;
+    timeline.step(
+        "the phone asks the PBX at 192.168.1.2 (SIP OPTIONS, 10 a second): the primary answers",
+        || {
+            office.start_phone()?;
+            office.first_answer_after(0, STEP)?;
+            println!("    answered by the primary's kamailio; the backup's PBX is stopped");
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "DNS: the data center points pbx.acme.example at the primary",
+        || {
+            office.wait("BIND to answer with the primary", STEP, |o| {
+                Ok(o.dig(FQDN)? == [SHARED])
+            })?;
+            println!("    dig @10.20.0.11 {FQDN} -> {SHARED}");
+            Ok(())
+        },
+    )?;
+    let rpo = timeline.step(
+        "a fresh voicemail on the primary reaches the backup, verified (RPO)",
+        || {
+            let rpo = office.measure_rpo("primary", "backup", 0)?;
+            println!("    RPO {:.2} s", rpo as f64 / 1000.0);
+            Ok(rpo)
+        },
+    )?;
+    timeline.step("lbs status on the backup", || {
+        let out = office.lbs("backup", &["status"])?;
+        indent(&String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    })?;
+    timeline.step(
+        "the primary dies: power off, its switch port goes dark; the data center loses it",
+        || {
+            office.power_off("primary")?;
+            office.wait_primary_gone("backup")?;
+            println!("    the phone's requests go unanswered");
+            Ok(())
+        },
+    )?;
+    let pressed = timeline.step(
+        "P on the backup: data center, address 192.168.1.2, PBX — each step timed",
+        || {
+            let (pressed, said) = office.promote("backup")?;
+            indent(&said);
+            Ok(pressed)
+        },
+    )?;
+    let rto = timeline.step(
+        "the same phone is answered again at 192.168.1.2, now by the backup (RTO)",
+        || {
+            let answered = office.first_answer_after(pressed, STEP)?;
+            let rto = answered.saturating_sub(pressed);
+            println!(
+                "    RTO {:.2} s from pressing P to the phone's first answered request",
+                rto as f64 / 1000.0
+            );
+            if office.dig(FQDN)? != [SHARED] {
+                bail!("DNS does not point {FQDN} at {SHARED}");
+            }
+            println!("    DNS: {FQDN} -> {SHARED}, the new primary");
+            Ok(rto)
+        },
+    )?;
+    timeline.step(
+        "a voicemail arrives during the outage, on the new primary",
+        || {
+            let inbox = office
+                .set_dir("backup", "voicemail")
+                .join("default/1234/INBOX");
+            std::fs::write(inbox.join("msg0050.wav"), generated_audio(50, 90_000))?;
+            Ok(())
+        },
+    )?;
+    timeline.step(
+        "the repaired primary reboots: it finds 192.168.1.2 taken before its network starts",
+        || {
+            indent(&office.boot("primary")?);
+            office.wait("the old primary to step back", STEP, |o| {
+                Ok(o.status("primary")?["role"]["state"] == "fenced")
+            })?;
+            println!("    FENCED: its PBX stopped, at its own address 192.168.1.3");
+            Ok(())
+        },
+    )?;
+    let verdict = timeline.step(
+        "B on the old primary: it becomes the backup and re-syncs until in sync",
+        || {
+            indent(&office.demote("primary")?);
+            Ok(match office.wait_in_sync("primary", "backup") {
+                Ok(()) => "in sync".to_owned(),
+                Err(err) => format!("NOT in sync ({err:#})"),
+            })
+        },
+    )?;
+    timeline.step("everything stops; the namespaces are removed", || {
+        let prefix = office.lab.prefix().to_owned();
+        drop(office);
+        let left = namespaces_with_prefix(&prefix)?;
+        if !left.is_empty() {
+            bail!("namespaces left behind: {left:?}");
+        }
+        Ok(())
+    })?;
+    timeline.print();
+    println!(
+        "demo: RTO {:.2} s, RPO {:.2} s, {verdict}",
+        rto as f64 / 1000.0,
+        rpo as f64 / 1000.0
+    );
+    Ok(())
+}
+
+fn bench(runs: usize) -> anyhow::Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let (mut rtos, mut rpos) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let mut office = Office::start()?;
+        office.load_media("primary")?;
+        office.activate("primary", 0)?;
+        office.activate("backup", 1)?;
+        office.start_agent("primary")?;
+        office.start_agent("backup")?;
+        office.wait_in_sync("backup", "primary")?;
+        office.start_phone()?;
+        office.first_answer_after(0, STEP)?;
+        let rpo = office.measure_rpo("primary", "backup", 0)?;
+        let (rto, _) = office.fail_over("primary", "backup")?;
+        println!(
+            "run {run}/{runs}: RTO {:.2} s, RPO {:.2} s",
+            rto as f64 / 1000.0,
+            rpo as f64 / 1000.0
+        );
+        rtos.push(rto);
+        rpos.push(rpo);
+    }
+    let median = |values: &mut Vec<u64>| {
+        values.sort_unstable();
+        values[values.len() / 2] as f64 / 1000.0
+    };
+    let range = |values: &[u64]| {
+        format!(
+            "{:.2}–{:.2} s",
+            values[0] as f64 / 1000.0,
+            values[values.len() - 1] as f64 / 1000.0
+        )
+    };
+    let (rto, rpo) = (median(&mut rtos), median(&mut rpos));
+    println!(
+        "failover over {runs} runs: RTO median {rto:.2} s ({}), RPO median {rpo:.2} s ({})",
+        range(&rtos),
+        range(&rpos)
+    );
+    Ok(())
+}
