@@ -62,6 +62,8 @@ pub struct Office {
     pub sids: Vec<(ServerId, String)>,
     agents: Vec<(String, u32)>,
     phone: Option<(u32, PathBuf)>,
+    /// The small disks mounted (see [`Office::limit_disk`]), unmounted on drop.
+    mounts: Vec<PathBuf>,
 }
 
 /// Milliseconds since the epoch, the unit every measurement of the office uses.
@@ -103,6 +105,7 @@ impl Office {
             sids: Vec::new(),
             agents: Vec::new(),
             phone: None,
+            mounts: Vec::new(),
         };
         office.start_bind()?;
         office.start_datacenter()?;
@@ -332,6 +335,56 @@ impl Office {
             bytes += message.len() as u64;
         }
         Ok(bytes)
+    }
+
+    /// Gives `host`'s PBX data a disk of its own of `mb` MB (a tmpfs on its root, the sets'
+    /// folders made again inside): the fault "the backup's disk is full". Call before the
+    /// data arrives; [`Office::resize_disk`] gives space back.
+    pub fn limit_disk(&mut self, host: &str, mb: u64) -> anyhow::Result<()> {
+        let root = self.root(host);
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "lbs-lab-disk"])
+                .arg(&root),
+        )?;
+        self.mounts.push(root.clone());
+        for (_, rel) in SETS {
+            std::fs::create_dir_all(root.join(rel))?;
+        }
+        Ok(())
+    }
+
+    /// The disk of [`Office::limit_disk`] grows (or shrinks) to `mb` MB, its data kept.
+    pub fn resize_disk(&mut self, host: &str, mb: u64) -> anyhow::Result<()> {
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={mb}m")])
+                .arg(self.root(host)),
+        )
+    }
+
+    /// Limits what `host` sends on its office link to `mbit` Mb/s (a token bucket), so a
+    /// large transfer takes as long as on a real office LAN.
+    pub fn limit_rate(&mut self, host: &str, mbit: u32) -> anyhow::Result<()> {
+        checked(self.lab.sh(
+            host,
+            &[
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "64kb",
+                "latency",
+                "50ms",
+            ],
+        )?)
+        .map(drop)
     }
 
     /// `lbs activate` on `host` with the `n`th provisioned SID.
@@ -645,6 +698,20 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
         }
     }
     Ok(bytes)
+}
+
+impl Drop for Office {
+    fn drop(&mut self) {
+        // Lazily: the programs still running (stopped right after, by the lab) hold files.
+        for mount in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+    }
+}
+
+/// Runs a command that must succeed.
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    checked(cmd.output().with_context(|| format!("running {cmd:?}"))?).map(drop)
 }
 
 /// A command's standard output, or an error with everything it said.

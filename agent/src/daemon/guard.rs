@@ -6,8 +6,7 @@
 //! two boxes on one address, the phones' calls going to either. So the shared address leaves
 //! the interface the moment the carrier goes, and comes back only after an ARP probe says
 //! nobody else answers for it; if somebody does, this box steps back (fenced), exactly as at
-//! a restart. The same rule covers a box that starts without carrier, and a primary that
-//! finds its address gone (the boot check gave it its own, or someone removed it).
+//! a restart. The same rule covers a box that starts without carrier.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +101,9 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
                 );
             }
         }
-        (true, false) => {
+        // Only an address this guard withdrew (or never saw held, the cable out since the
+        // start) is taken back: a primary that serves elsewhere by design is left alone.
+        (true, false) if lock(&shared.withdrawn).is_some() => {
             let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
             let plan = takeover_plan(&network, false, &shared.paths);
             match lbs_netconfig::take_back(net, &arp, &plan).await {
@@ -130,6 +131,7 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
                 Err(err) => return Err(err.into()),
             }
         }
+        (true, false) => {}
         (true, true) => *lock(&shared.withdrawn) = None,
     }
     Ok(())
