@@ -1110,7 +1110,12 @@ async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Res
             tokio::select! {
                 () = stop.cancelled() => {}
                 result = session => if let Err(err) = result {
-                    tracing::info!(%remote, "sync session ended: {err:#}");
+                    if err.is::<NotLetIn>() {
+                        // Only the partner may reach this port: anything else is worth a look.
+                        tracing::warn!(%remote, "refused a connection to the sync port: {err:#}");
+                    } else {
+                        tracing::info!(%remote, "sync session ended: {err:#}");
+                    }
                 },
             }
         });
@@ -1121,6 +1126,12 @@ async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Res
     result
 }
 
+/// A connection to the sync port that did not get past TLS and the hello (not the partner's
+/// certificate, not the partner, or not the protocol).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotLetIn(String);
+
 async fn serve_one(
     peer: Arc<Peer>,
     config: Arc<tls::ServerConfig>,
@@ -1128,7 +1139,10 @@ async fn serve_one(
     roots: Arc<Vec<ServedSet>>,
     mut changes: broadcast::Receiver<Vec<String>>,
 ) -> anyhow::Result<()> {
-    let (mut conn, _) = peer.accept(config, tcp, Role::Primary).await?;
+    let (mut conn, _) = peer
+        .accept(config, tcp, Role::Primary)
+        .await
+        .map_err(|err| anyhow::Error::new(NotLetIn(format!("{err:#}"))))?;
     let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
         .await
         .context("the partner said nothing")?

@@ -185,27 +185,8 @@ impl Office {
     fn start_datacenter(&mut self) -> anyhow::Result<()> {
         let dc = workspace_binary("lbs-datacenter");
         let dir = self.dc_dir();
-        let cli = |args: &[&str]| -> anyhow::Result<String> {
-            let out = Command::new(&dc)
-                .arg("--dir")
-                .arg(&dir)
-                .args(args)
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "lbs-datacenter {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        cli(&["init"])?;
-        let sheet = cli(&["provision-pair", "--name", "acme", "--fqdn", FQDN])?;
-        self.sids = provisioned(&sheet);
-        if self.sids.len() != 2 {
-            bail!("provision-pair printed {} SIDs:\n{sheet}", self.sids.len());
-        }
+        self.datacenter(&["init"])?;
+        self.sids = self.provision("acme", FQDN)?;
         std::fs::write(
             dir.join("datacenter.toml"),
             format!(
@@ -216,6 +197,41 @@ impl Office {
         serve.arg("--dir").arg(&dir).arg("serve");
         self.lab.spawn_until(serve, "ready:", STEP)?;
         Ok(())
+    }
+
+    /// `lbs-datacenter --dir <dc1's> <args>` (the provider's CLI); its standard output.
+    pub fn datacenter(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(workspace_binary("lbs-datacenter"))
+            .arg("--dir")
+            .arg(self.dc_dir())
+            .args(args)
+            .output()?;
+        checked(out).with_context(|| format!("lbs-datacenter {}", args.join(" ")))
+    }
+
+    /// Provisions a pair at the data center: its two SIDs and activation keys.
+    pub fn provision(&self, name: &str, fqdn: &str) -> anyhow::Result<Vec<(ServerId, String)>> {
+        let sheet = self.datacenter(&["provision-pair", "--name", name, "--fqdn", fqdn])?;
+        let sids = provisioned(&sheet);
+        if sids.len() != 2 {
+            bail!("provision-pair printed {} SIDs:\n{sheet}", sids.len());
+        }
+        Ok(sids)
+    }
+
+    /// Another machine on the office LAN at `ip` (a stranger, an intruder).
+    pub fn add_office_host(&mut self, host: &str, ip: &str) -> anyhow::Result<()> {
+        self.lab.connect(host, "eth0", "lan", &format!("{ip}/24"))?;
+        checked(
+            self.lab
+                .sh(host, &["ip", "route", "add", "default", "via", GATEWAY])?,
+        )
+        .map(drop)
+    }
+
+    /// Where `host`'s agent state lives (identity, role).
+    pub fn state_dir(&self, host: &str) -> PathBuf {
+        self.state(host)
     }
 
     /// A box's configuration: the default sets under its root, the office network, the PBX
@@ -390,9 +406,14 @@ impl Office {
     /// `lbs activate` on `host` with the `n`th provisioned SID.
     pub fn activate(&mut self, host: &str, n: usize) -> anyhow::Result<String> {
         let (sid, key) = self.sids.get(n).context("no such SID")?.clone();
+        self.activate_as(host, sid, &key)
+    }
+
+    /// `lbs activate` on `host` with this SID and key.
+    pub fn activate_as(&mut self, host: &str, sid: ServerId, key: &str) -> anyhow::Result<String> {
         let lbs = workspace_binary("lbs");
         let mut cmd = self.lab.command(host, &lbs);
-        cmd.args(["activate", "--sid", &sid.to_string(), "--key", &key])
+        cmd.args(["activate", "--sid", &sid.to_string(), "--key", key])
             .args(["--datacenter", &format!("{DC1}:7440")])
             .arg("--ca")
             .arg(self.dc_dir().join("ca.pem"))
@@ -404,17 +425,32 @@ impl Office {
     /// Starts `host`'s agent; waits for its `ready:` line.
     pub fn start_agent(&mut self, host: &str) -> anyhow::Result<()> {
         let lbs = workspace_binary("lbs");
-        let mut cmd = self.lab.command(host, &lbs);
-        cmd.arg("agent")
+        // Its log goes to a file of its own (shown if the test fails, see Drop), so that what
+        // each agent said can be checked.
+        let mut cmd = self.lab.command(host, "sh");
+        cmd.args(["-c", "exec \"$0\" \"$@\" 2>>\"$LBS_AGENT_LOG\""])
+            .arg(&lbs)
+            .arg("agent")
             .arg("--config")
             .arg(self.dir().join(host).join("agent.toml"))
             .arg("--state")
             .arg(self.state(host))
             .arg("--socket")
-            .arg(self.socket(host));
+            .arg(self.socket(host))
+            .env("LBS_AGENT_LOG", self.agent_log(host));
         let (pid, _) = self.lab.spawn_until(cmd, "ready:", STEP)?;
         self.agents.push((host.to_owned(), pid));
         Ok(())
+    }
+
+    /// Where `host`'s agent logs (every start appends).
+    pub fn agent_log(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("agent.log")
+    }
+
+    /// What `host`'s agent logged so far.
+    pub fn agent_said(&self, host: &str) -> String {
+        std::fs::read_to_string(self.agent_log(host)).unwrap_or_default()
     }
 
     /// Stops `host`'s agent with SIGTERM (it must exit 0).
@@ -702,6 +738,17 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
 
 impl Drop for Office {
     fn drop(&mut self) {
+        // A failing test shows what the agents said.
+        if std::thread::panicking() {
+            for host in BOXES {
+                let said = self.agent_said(host);
+                let tail: Vec<&str> = said.lines().rev().take(60).collect();
+                eprintln!("--- {host}'s agent, last lines:");
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // Lazily: the programs still running (stopped right after, by the lab) hold files.
         for mount in &self.mounts {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
