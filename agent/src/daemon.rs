@@ -91,6 +91,10 @@ pub struct SetStatus {
     /// Files the last pass left for the next one (still changing on the primary, or
     /// deferred).
     pub pending_files: u64,
+    /// Bytes of the pass under way not copied yet (as the pass stood when it broke off, if
+    /// it did); 0 once a pass completes.
+    #[serde(default)]
+    pub pending_bytes: u64,
     /// What went wrong last, until a pass succeeds.
     pub last_error: Option<String>,
 }
@@ -866,8 +870,7 @@ fn sync_summary(shared: &Shared) -> SyncSummary {
             .collect::<Option<Vec<_>>>()
             .and_then(|all| all.into_iter().min()),
         pending_files: sets.iter().map(|s| s.pending_files).sum(),
-        // Not known before a pass has compared the trees.
-        pending_bytes: 0,
+        pending_bytes: sets.iter().map(|s| s.pending_bytes).sum(),
     }
 }
 
@@ -1372,7 +1375,9 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
         let started = Instant::now();
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = pull_one(peer, set, index.clone(), stop.clone()) => outcome,
+            outcome = pull_one(peer, set, index.clone(), stop.clone(), |left| {
+                shared.set_status(&set.name, |s| s.pending_bytes = left);
+            }) => outcome,
         };
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match outcome {
@@ -1392,6 +1397,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                 let left = report.plan.pending + report.executed.deferred.len() as u64;
                 shared.set_status(&set.name, |s| {
                     s.pending_files = left;
+                    s.pending_bytes = 0;
                     s.last_pass_ms = Some(took);
                     s.last_fetched_files = fetched;
                     s.last_fetched_bytes = report.executed.fetched_bytes;
@@ -1447,6 +1453,7 @@ async fn pull_one(
     set: &SyncSet,
     index: Arc<Mutex<lbs_sync::Index>>,
     stop: CancellationToken,
+    on_left: impl Fn(u64),
 ) -> anyhow::Result<lbs_sync::PullReport> {
     let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
     conn.send(Envelope {
@@ -1457,18 +1464,33 @@ async fn pull_one(
     })
     .await?;
     let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&set.path))?;
-    let report = lbs_sync::pull(
-        &mut conn,
-        &set.path,
-        index,
-        &trash,
-        peer.generation,
-        lbs_sync::PullOptions {
-            cancel: Some(stop),
-            ..lbs_sync::PullOptions::default()
-        },
-    )
-    .await?;
+    let (progress, mut follow) = watch::channel(lbs_sync::Progress::default());
+    let report = {
+        let pull = lbs_sync::pull(
+            &mut conn,
+            &set.path,
+            index,
+            &trash,
+            peer.generation,
+            lbs_sync::PullOptions {
+                cancel: Some(stop),
+                progress: Some(progress),
+                ..lbs_sync::PullOptions::default()
+            },
+        );
+        tokio::pin!(pull);
+        // What is left of the pass, as it goes: if the primary dies half way, P says how much
+        // of this set's last changes the copy lacks.
+        loop {
+            tokio::select! {
+                report = &mut pull => break report?,
+                Ok(()) = follow.changed() => {
+                    let now = *follow.borrow_and_update();
+                    on_left(now.bytes_total.saturating_sub(now.bytes_done + now.current_bytes));
+                }
+            }
+        }
+    };
     let _ = conn
         .send(Envelope {
             generation: peer.generation,
@@ -1695,10 +1717,14 @@ async fn promote_checks(
                 "{:.1} s ago",
                 now.saturating_sub(at) as f64 / 1000.0
             )),
-            if set.pending_files > 0 {
-                format!(", {} file(s) not copied yet", set.pending_files)
-            } else {
-                String::new()
+            match (set.pending_files, set.pending_bytes) {
+                (0, 0) => String::new(),
+                (files, 0) => format!(", {files} file(s) not copied yet"),
+                (0, bytes) => format!(", {} not copied yet", human_bytes(bytes)),
+                (files, bytes) => format!(
+                    ", {files} file(s) and {} not copied yet",
+                    human_bytes(bytes)
+                ),
             }
         ));
     }
@@ -1803,6 +1829,16 @@ async fn promote_checks(
         lines.push(format!("NOTE: {note}"));
     }
     Ok(lines)
+}
+
+/// Bytes for an operator: "512 B", "3.4 kB", "12.0 MB".
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
+        _ => format!("{:.2} GB", bytes as f64 / 1e9),
+    }
 }
 
 /// Passes on the progress lines already sent (the steps report before the state changes).

@@ -187,10 +187,16 @@ pub(crate) fn render(status: &AgentStatus) -> String {
     }
     out!("replication {}", status.replication);
     for set in &status.sets {
-        let lag = set
+        let mut lag = set
             .changed_since_ms
             .map(|at| format!(", change waiting {}", ago(now, Some(at))))
             .unwrap_or_default();
+        if set.pending_bytes > 0 {
+            lag += &format!(
+                ", {} not copied yet",
+                crate::daemon::human_bytes(set.pending_bytes)
+            );
+        }
         out!(
             "  {:<11} {:<9} last in sync {}{lag}  {}{}",
             set.name,

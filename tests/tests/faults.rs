@@ -87,6 +87,17 @@ fn a_full_backup_disk_is_reported_tears_nothing_and_recovers_when_space_returns(
     let text =
         String::from_utf8_lossy(&office.lbs("backup", &["status"]).unwrap().stdout).into_owned();
     assert!(text.contains(&said), "lbs status does not show it:\n{text}");
+    // What the broken pass had left is known (a lower bound: sets not reached yet count 0).
+    let status = office.status("backup").unwrap();
+    let missing: u64 = status["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pending_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(missing > 0, "pending bytes {missing}: {status}");
+    eprintln!("{missing} bytes of the broken pass not copied");
+    assert!(text.contains("not copied yet"), "{text}");
     let compared = no_torn_file(&office, "primary", "backup");
     eprintln!("{compared} files on the full disk, each whole");
 
@@ -96,6 +107,7 @@ fn a_full_backup_disk_is_reported_tears_nothing_and_recovers_when_space_returns(
     let status = office.status("backup").unwrap();
     for set in status["sets"].as_array().unwrap() {
         assert!(set["last_error"].is_null(), "{set}");
+        assert_eq!(set["pending_bytes"], 0, "{set}");
     }
     no_torn_file(&office, "primary", "backup");
 }
