@@ -128,16 +128,21 @@ struct NoServiceStarts(Option<&'static Path>);
 
 impl NoServiceStarts {
     const PATH: &'static str = "/usr/sbin/policy-rc.d";
+    const MARK: &'static str = "written by cargo xtask";
 
     fn install() -> anyhow::Result<NoServiceStarts> {
         use std::os::unix::fs::PermissionsExt;
         let path = Path::new(Self::PATH);
-        if path.exists() {
+        // Someone else's policy stays; ours left behind by a killed run is ours to remove.
+        if std::fs::read_to_string(path).is_ok_and(|text| !text.contains(Self::MARK)) {
             return Ok(NoServiceStarts(None));
         }
         std::fs::write(
             path,
-            "#!/bin/sh\n# cargo xtask: no service starts while it installs packages\nexit 101\n",
+            format!(
+                "#!/bin/sh\n# {}: no service starts while it installs packages\nexit 101\n",
+                Self::MARK
+            ),
         )
         .with_context(|| format!("writing {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
