@@ -25,6 +25,8 @@ use crate::{provisioned, workspace_binary};
 pub const SHARED: &str = "192.168.1.2";
 /// The backup's own address.
 pub const OWN: &str = "192.168.1.3";
+/// The remote backup's address, at the second site (see [`Office::start_remote`]).
+pub const REMOTE_BACKUP: &str = "192.168.2.3";
 /// The office gateway.
 pub const GATEWAY: &str = "192.168.1.1";
 /// The data center (activation, control, DNS).
@@ -64,6 +66,8 @@ pub struct Office {
     phone: Option<(u32, PathBuf)>,
     /// The small disks mounted (see [`Office::limit_disk`]), unmounted on drop.
     mounts: Vec<PathBuf>,
+    /// The backup is at another site (see [`Office::start_remote`]).
+    remote: bool,
 }
 
 /// Milliseconds since the epoch, the unit every measurement of the office uses.
@@ -77,23 +81,49 @@ impl Office {
     /// Builds the networks, starts BIND and the data center on `dc1`, provisions the pair
     /// `acme` (`pbx.acme.example`) and writes both boxes' configurations.
     pub fn start() -> anyhow::Result<Office> {
+        Office::build(false)
+    }
+
+    /// Like [`Office::start`], but the backup is at another site: a second office LAN
+    /// (`192.168.2.0/24`, the backup at .3) behind the same router. The boxes reach each other
+    /// and replicate through the data center's WireGuard endpoint on `dc1` (the overlay);
+    /// the backup has no `[network]` section: on P it keeps its own address and the data
+    /// center moves the pair's name to it.
+    pub fn start_remote() -> anyhow::Result<Office> {
+        Office::build(true)
+    }
+
+    fn build(remote: bool) -> anyhow::Result<Office> {
         let mut lab = Lab::new();
         lab.add_segment("lan")?;
         lab.add_segment("wan")?;
-        for (host, cidr) in [
+        let mut office_hosts = vec![
             ("gw", "192.168.1.1/24"),
             ("primary", "192.168.1.2/24"),
-            ("backup", "192.168.1.3/24"),
             ("phone", "192.168.1.10/24"),
-        ] {
+        ];
+        if !remote {
+            office_hosts.push(("backup", "192.168.1.3/24"));
+        }
+        for (host, cidr) in office_hosts {
             lab.connect(host, "eth0", "lan", cidr)?;
+        }
+        if remote {
+            lab.add_segment("lan2")?;
+            lab.connect("gw", "eth2", "lan2", "192.168.2.1/24")?;
+            lab.connect("backup", "eth0", "lan2", &format!("{REMOTE_BACKUP}/24"))?;
         }
         lab.connect("gw", "eth1", "wan", "10.20.0.1/24")?;
         lab.connect("dc1", "eth0", "wan", &format!("{DC1}/24"))?;
         lab.connect("dc2", "eth0", "wan", &format!("{DC2}/24"))?;
         lab.sh("gw", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         for host in ["primary", "backup", "phone"] {
-            lab.sh(host, &["ip", "route", "add", "default", "via", GATEWAY])?;
+            let gateway = if remote && host == "backup" {
+                "192.168.2.1"
+            } else {
+                GATEWAY
+            };
+            lab.sh(host, &["ip", "route", "add", "default", "via", gateway])?;
         }
         for host in ["dc1", "dc2"] {
             lab.sh(host, &["ip", "route", "add", "default", "via", "10.20.0.1"])?;
@@ -106,6 +136,7 @@ impl Office {
             agents: Vec::new(),
             phone: None,
             mounts: Vec::new(),
+            remote,
         };
         office.start_bind()?;
         office.start_datacenter()?;
@@ -187,12 +218,29 @@ impl Office {
         let dir = self.dc_dir();
         self.datacenter(&["init"])?;
         self.sids = self.provision("acme", FQDN)?;
-        std::fs::write(
-            dir.join("datacenter.toml"),
-            format!(
-                "activation = [\"{DC1}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
-            ),
-        )?;
+        let mut config = format!(
+            "activation = [\"{DC1}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
+        );
+        if self.remote {
+            // The data center forwards between its tunnels' peers (it says so when it
+            // cannot).
+            checked(
+                self.lab
+                    .sh("dc1", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?,
+            )?;
+            // The boxes' way to each other: a WireGuard endpoint (userspace: no kernel
+            // module needed) that forwards between its peers.
+            checked(
+                Command::new(workspace_binary("lbs"))
+                    .args(["vpn", "keygen"])
+                    .arg(dir.join("dc1.key"))
+                    .output()?,
+            )?;
+            config += &format!(
+                "\n[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{DC1}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n"
+            );
+        }
+        std::fs::write(dir.join("datacenter.toml"), config)?;
         let mut serve = self.lab.command("dc1", &dc);
         serve.arg("--dir").arg(&dir).arg("serve");
         self.lab.spawn_until(serve, "ready:", STEP)?;
@@ -250,12 +298,19 @@ impl Office {
             boot.join("etc/network/interfaces"),
             format!("auto eth0\niface eth0 inet static\n\taddress {own}/24\n\tgateway {GATEWAY}\n"),
         )?;
+        // The PBX listens where the box serves as primary: the shared address, or a remote
+        // backup's own.
+        let serve_at = if self.remote && host == "backup" {
+            REMOTE_BACKUP
+        } else {
+            SHARED
+        };
         std::fs::write(
             run.join("kamailio.cfg"),
             format!(
                 "#!KAMAILIO\n\
                  debug=1\nlog_stderror=yes\nchildren=1\nauto_aliases=no\n\
-                 listen=udp:{SHARED}:5060\n\
+                 listen=udp:{serve_at}:5060\n\
                  mpath=\"/usr/lib/x86_64-linux-gnu/kamailio/modules/\"\n\
                  loadmodule \"sl.so\"\nloadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
                  request_route {{\n\
@@ -301,14 +356,23 @@ impl Office {
         std::fs::write(
             dir.join("agent.toml"),
             format!(
-                "report_interval_s = 1\ndebounce_ms = 100\ntunnels = false\nastdb = \"\"\n\
+                "report_interval_s = 1\ndebounce_ms = 100\ntunnels = {remote}\n\
+                 sync_over = \"{over}\"\nastdb = \"\"\n\
                  primary_gone_after_s = 2\n\
                  pbx_start = \"sh {run}/pbx-start\"\npbx_stop = \"sh {run}/pbx-stop\"\n\
-                 promote_note = \"move the PRI cable to this box\"\n\n{sets}\n\
-                 [network]\ninterface = \"eth0\"\nshared = \"{SHARED}/24\"\nown = \"{OWN}/24\"\n\
-                 gateway = \"{GATEWAY}\"\nboot_config = \"{boot}\"\n",
+                 promote_note = \"move the PRI cable to this box\"\n\n{sets}\n{network}",
+                remote = self.remote,
+                over = if self.remote { "overlay" } else { "lan" },
                 run = run.display(),
-                boot = boot.display()
+                network = if self.remote && host == "backup" {
+                    String::new()
+                } else {
+                    format!(
+                        "[network]\ninterface = \"eth0\"\nshared = \"{SHARED}/24\"\nown = \"{OWN}/24\"\n\
+                         gateway = \"{GATEWAY}\"\nboot_config = \"{}\"\n",
+                        boot.display()
+                    )
+                }
             ),
         )?;
         Ok(())
@@ -608,16 +672,25 @@ impl Office {
     /// The phone starts asking the PBX at the shared address (SIP OPTIONS, ten a second, each
     /// answered or given up after 400 ms), logging every answer with its time.
     pub fn start_phone(&mut self) -> anyhow::Result<()> {
+        self.start_phone_at(SHARED)
+    }
+
+    /// The phone asks the PBX at `address` instead (a phone that followed the DNS name);
+    /// the answers logged so far are kept.
+    pub fn start_phone_at(&mut self, address: &str) -> anyhow::Result<()> {
+        if let Some((pid, _)) = self.phone.take() {
+            self.lab.kill(pid)?;
+        }
         let dir = self.dir().join("phone");
         std::fs::create_dir_all(&dir)?;
         let scenario = dir.join("options.xml");
         std::fs::write(&scenario, OPTIONS_SCENARIO)?;
-        let log = dir.join("answers.log");
+        let log = dir.join(format!("answers-{address}.log"));
         let mut phone = self.lab.command("phone", "sh");
         phone.args([
             "-c",
             &format!(
-                "echo phone; exec sipp {SHARED}:5060 -sf '{}' -i 192.168.1.10 -p 5070 -r 10 -m 100000 -trace_logs -log_file '{}' >/dev/null 2>'{}'",
+                "echo phone; exec sipp {address}:5060 -sf '{}' -i 192.168.1.10 -p 5070 -r 10 -m 100000 -trace_logs -log_file '{}' >/dev/null 2>'{}'",
                 scenario.display(),
                 log.display(),
                 dir.join("sipp.err").display()
@@ -630,8 +703,14 @@ impl Office {
 
     /// The times (ms since the epoch) of every answer the phone got so far.
     pub fn phone_answers(&self) -> anyhow::Result<Vec<u64>> {
-        let (_, log) = self.phone.as_ref().context("the phone is not running")?;
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        self.phone.as_ref().context("the phone is not running")?;
+        // Every address the phone asked, in one list.
+        let mut text = String::new();
+        for entry in std::fs::read_dir(self.dir().join("phone"))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("answers-") {
+                text += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+            }
+        }
         Ok(text
             .lines()
             .filter_map(|line| {
@@ -651,7 +730,12 @@ impl Office {
     pub fn first_answer_after(&mut self, since_ms: u64, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(at) = self.phone_answers()?.into_iter().find(|at| *at > since_ms) {
+            if let Some(at) = self
+                .phone_answers()?
+                .into_iter()
+                .filter(|at| *at > since_ms)
+                .min()
+            {
                 return Ok(at);
             }
             if Instant::now() >= deadline {
