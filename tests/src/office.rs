@@ -467,6 +467,17 @@ impl Office {
         .map(drop)
     }
 
+    /// The usual start of a scenario: the primary gets its PBX data, both boxes activate
+    /// (primary first), both agents start, and the backup's first full sync completes.
+    pub fn bring_up_pair(&mut self) -> anyhow::Result<()> {
+        self.load_media("primary")?;
+        self.activate("primary", 0)?;
+        self.activate("backup", 1)?;
+        self.start_agent("primary")?;
+        self.start_agent("backup")?;
+        self.wait_in_sync("backup", "primary")
+    }
+
     /// `lbs activate` on `host` with the `n`th provisioned SID.
     pub fn activate(&mut self, host: &str, n: usize) -> anyhow::Result<String> {
         let (sid, key) = self.sids.get(n).context("no such SID")?.clone();

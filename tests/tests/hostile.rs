@@ -60,12 +60,7 @@ fn impostors_can_neither_pull_media_nor_claim_the_primary_role() {
         return;
     }
     let mut office = Office::start().unwrap();
-    office.load_media("primary").unwrap();
-    office.activate("primary", 0).unwrap();
-    office.activate("backup", 1).unwrap();
-    office.start_agent("primary").unwrap();
-    office.start_agent("backup").unwrap();
-    office.wait_in_sync("backup", "primary").unwrap();
+    office.bring_up_pair().unwrap();
     office.add_office_host("intruder", "192.168.1.66").unwrap();
     let primary_sid = office.sids[0].0.to_string();
     let backup_sid = office.sids[1].0;

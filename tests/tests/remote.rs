@@ -17,13 +17,9 @@ fn a_remote_backup_keeps_its_address_and_the_name_follows_it() {
         return;
     }
     let mut office = Office::start_remote().unwrap();
-    office.load_media("primary").unwrap();
-    office.activate("primary", 0).unwrap();
-    let said = office.activate("backup", 1).unwrap();
-    assert!(said.contains("1 tunnel endpoint(s)"), "{said}");
-    office.start_agent("primary").unwrap();
-    office.start_agent("backup").unwrap();
-    office.wait_in_sync("backup", "primary").unwrap();
+    office.bring_up_pair().unwrap();
+    let status = office.status("backup").unwrap();
+    assert_eq!(status["tunnels"]["tunnels"][0]["health"], "up", "{status}");
     let rpo = office.measure_rpo("primary", "backup", 0).unwrap();
     office.start_phone().unwrap();
     office.first_answer_after(0, STEP).unwrap();

@@ -31,12 +31,7 @@ fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
         return;
     }
     let mut office = Office::start().unwrap();
-    office.load_media("primary").unwrap();
-    office.activate("primary", 0).unwrap();
-    office.activate("backup", 1).unwrap();
-    office.start_agent("primary").unwrap();
-    office.start_agent("backup").unwrap();
-    office.wait_in_sync("backup", "primary").unwrap();
+    office.bring_up_pair().unwrap();
     office.start_phone().unwrap();
     office.first_answer_after(0, STEP).unwrap();
 

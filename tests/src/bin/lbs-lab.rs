@@ -325,12 +325,7 @@ fn bench(runs: usize) -> anyhow::Result<()> {
     let (mut rtos, mut rpos) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         let mut office = Office::start()?;
-        office.load_media("primary")?;
-        office.activate("primary", 0)?;
-        office.activate("backup", 1)?;
-        office.start_agent("primary")?;
-        office.start_agent("backup")?;
-        office.wait_in_sync("backup", "primary")?;
+        office.bring_up_pair()?;
         office.start_phone()?;
         office.first_answer_after(0, STEP)?;
         let rpo = office.measure_rpo("primary", "backup", 0)?;
