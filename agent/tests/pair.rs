@@ -997,9 +997,14 @@ fn a_primary_whose_cable_is_pulled_answers_for_the_shared_address_only_after_che
         });
     };
 
-    // A switch reboot, say: the address comes back once the primary has checked.
+    // A switch reboot, say: the address comes back once the primary has checked — also
+    // when the agent restarted meanwhile (it finds the interface bare).
     pull(&mut pair);
     assert_eq!(pair.status("a")["role"]["state"], "primary");
+    pair.lab.kill(a).unwrap();
+    pair.agents.retain(|pid| *pid != a);
+    pair.start_agent("a");
+    assert!(!pair.addresses("a").contains("192.168.70.2/"));
     pair.lab.plug("a", true).unwrap();
     pair.wait("the primary to take its address back", STEP, |pair| {
         pair.addresses("a").contains("192.168.70.2/24")

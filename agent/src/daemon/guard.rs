@@ -75,7 +75,11 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
         return Ok(());
     }
     let link = net.link(&network.interface).await?;
-    let held = net.addresses(&link).await?.contains(&network.shared);
+    let addresses = net.addresses(&link).await?;
+    let held = addresses.contains(&network.shared);
+    // A bare interface on a primary is a withdrawal too (an earlier run of the agent made
+    // it, then stopped): a primary at another address by design has that address.
+    let withdrawn = lock(&shared.withdrawn).is_some() || addresses.is_empty();
     match (carrier, held) {
         (false, true) => {
             if let Some(refresh) = lock(&shared.refresh).take() {
@@ -90,20 +94,12 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
             let _ = shared.progress.send(why.clone());
             withdraw(shared, why);
         }
-        (false, false) => {
-            if lock(&shared.withdrawn).is_none() {
-                withdraw(
-                    shared,
-                    format!(
-                        "no carrier on {}: {} not held until the cable is in and nobody else answers for it",
-                        network.interface, network.shared.addr
-                    ),
-                );
-            }
-        }
-        // Only an address this guard withdrew (or never saw held, the cable out since the
-        // start) is taken back: a primary that serves elsewhere by design is left alone.
-        (true, false) if lock(&shared.withdrawn).is_some() => {
+        // Not held and no carrier: nothing to withdraw; the mark of an earlier withdrawal
+        // stays until the cable is back.
+        (false, false) => {}
+        // Only a withdrawn address is taken back: a primary that serves at another address
+        // by design is left alone.
+        (true, false) if withdrawn => {
             let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
             let plan = takeover_plan(&network, false, &shared.paths);
             match lbs_netconfig::take_back(net, &arp, &plan).await {
