@@ -40,6 +40,7 @@ use crate::config::{ASTDB_SET, AgentConfig, SyncOver, SyncSet};
 use crate::peer::Peer;
 use crate::resources::{ResourceHistory, Sample};
 use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleRecord, RoleState, SharedAddress};
+use crate::status_cmd::human_bytes;
 
 /// Where the control socket lives unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
@@ -1720,10 +1721,10 @@ async fn promote_checks(
             match (set.pending_files, set.pending_bytes) {
                 (0, 0) => String::new(),
                 (files, 0) => format!(", {files} file(s) not copied yet"),
-                (0, bytes) => format!(", {} not copied yet", human_bytes(bytes)),
+                (0, bytes) => format!(", {} not copied yet", human_bytes(bytes as f64)),
                 (files, bytes) => format!(
                     ", {files} file(s) and {} not copied yet",
-                    human_bytes(bytes)
+                    human_bytes(bytes as f64)
                 ),
             }
         ));
@@ -1829,16 +1830,6 @@ async fn promote_checks(
         lines.push(format!("NOTE: {note}"));
     }
     Ok(lines)
-}
-
-/// Bytes for an operator: "512 B", "3.4 kB", "12.0 MB".
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    match bytes {
-        0..1_000 => format!("{bytes} B"),
-        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
-        _ => format!("{:.2} GB", bytes as f64 / 1e9),
-    }
 }
 
 /// Passes on the progress lines already sent (the steps report before the state changes).

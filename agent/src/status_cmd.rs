@@ -52,7 +52,8 @@ pub(crate) fn ago(now: u64, at: Option<u64>) -> String {
     }
 }
 
-fn human_bytes(bytes: f64) -> String {
+/// Bytes for an operator, in binary units: "512.0 B", "3.4 KiB", "12.0 MiB".
+pub(crate) fn human_bytes(bytes: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes;
     let mut unit = 0;
@@ -192,10 +193,7 @@ pub(crate) fn render(status: &AgentStatus) -> String {
             .map(|at| format!(", change waiting {}", ago(now, Some(at))))
             .unwrap_or_default();
         if set.pending_bytes > 0 {
-            lag += &format!(
-                ", {} not copied yet",
-                crate::daemon::human_bytes(set.pending_bytes)
-            );
+            lag += &format!(", {} not copied yet", human_bytes(set.pending_bytes as f64));
         }
         out!(
             "  {:<11} {:<9} last in sync {}{lag}  {}{}",

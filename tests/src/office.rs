@@ -169,8 +169,27 @@ impl Office {
         self.dir().join(host).join("agent.sock")
     }
 
-    fn state(&self, host: &str) -> PathBuf {
+    /// Where `host`'s agent state lives (identity, role).
+    pub fn state(&self, host: &str) -> PathBuf {
         self.dir().join(host).join("state")
+    }
+
+    /// `host`'s MAC address on its office LAN.
+    pub fn mac(&mut self, host: &str) -> anyhow::Result<String> {
+        let link = checked(self.lab.sh(host, &["ip", "-o", "link", "show", "eth0"])?)?;
+        link.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_owned)
+            .with_context(|| format!("no MAC in {link:?}"))
+    }
+
+    /// `host`'s IPv4 addresses on eth0 (`ip -4 -o addr` lines).
+    pub fn addresses(&mut self, host: &str) -> anyhow::Result<String> {
+        checked(
+            self.lab
+                .sh(host, &["ip", "-4", "-o", "addr", "show", "eth0"])?,
+        )
     }
 
     fn dc_dir(&self) -> PathBuf {
@@ -275,11 +294,6 @@ impl Office {
                 .sh(host, &["ip", "route", "add", "default", "via", GATEWAY])?,
         )
         .map(drop)
-    }
-
-    /// Where `host`'s agent state lives (identity, role).
-    pub fn state_dir(&self, host: &str) -> PathBuf {
-        self.state(host)
     }
 
     /// A box's configuration: the default sets under its root, the office network, the PBX

@@ -88,7 +88,7 @@ fn impostors_can_neither_pull_media_nor_claim_the_primary_role() {
     let (sid, key) = other_pair[0].clone();
     let said = office.activate_as("intruder", sid, &key).unwrap();
     assert!(said.contains("PRIMARY of pair globex"), "{said}");
-    let identity = office.state_dir("intruder").join("identity");
+    let identity = office.state("intruder").join("identity");
     let stolen = office.dir().join("stolen-2");
     let (ok, said) = pull(&mut office, &identity, &primary_sid, &stolen);
     assert!(!ok, "another pair's box pulled: {said}");

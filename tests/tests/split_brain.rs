@@ -9,19 +9,6 @@
 use lbs_tests::office::{Office, SHARED, STEP, now_ms};
 use lbs_tests::require_root;
 
-fn mac(office: &mut Office, host: &str) -> String {
-    let link = office
-        .lab
-        .sh(host, &["ip", "-o", "link", "show", "eth0"])
-        .unwrap();
-    String::from_utf8_lossy(&link.stdout)
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
     if !require_root(
@@ -63,7 +50,7 @@ fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
         status["role"]["generation"], 2,
         "one promotion, one generation"
     );
-    let new_primary = mac(&mut office, "backup");
+    let new_primary = office.mac("backup").unwrap();
 
     // The old primary's cable goes back in; nobody pressed B.
     let plugged = now_ms();
@@ -73,11 +60,7 @@ fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
             Ok(o.status("primary")?["role"]["state"] == "fenced" && !o.pbx_running("primary"))
         })
         .unwrap();
-    let addresses = office
-        .lab
-        .sh("primary", &["ip", "-4", "-o", "addr", "show", "eth0"])
-        .unwrap();
-    let addresses = String::from_utf8_lossy(&addresses.stdout).into_owned();
+    let addresses = office.addresses("primary").unwrap();
     assert!(!addresses.contains(&format!("{SHARED}/")), "{addresses}");
     // The phone is answered after the return, and still knows .2 at the new primary's MAC.
     let answered = office.first_answer_after(plugged + 1000, STEP).unwrap();

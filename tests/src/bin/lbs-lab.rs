@@ -236,13 +236,13 @@ fn demo() -> anyhow::Result<()> {
         indent(&String::from_utf8_lossy(&out.stdout));
         Ok(())
     })?;
-    timeline.step(
+    let died = timeline.step(
         "the primary dies: power off, its switch port goes dark; the data center loses it",
         || {
+            let died = lbs_tests::office::now_ms();
             office.power_off("primary")?;
             office.wait_primary_gone("backup")?;
-            println!("    the phone's requests go unanswered");
-            Ok(())
+            Ok(died)
         },
     )?;
     let pressed = timeline.step(
@@ -258,6 +258,19 @@ fn demo() -> anyhow::Result<()> {
         || {
             let answered = office.first_answer_after(pressed, STEP)?;
             let rto = answered.saturating_sub(pressed);
+            // Nobody answered in between: the dead primary is dead, the backup not yet up.
+            let between = office
+                .phone_answers()?
+                .into_iter()
+                .filter(|at| *at > died + 500 && *at < pressed)
+                .count();
+            if between > 0 {
+                bail!("{between} answers while neither box should have answered");
+            }
+            println!(
+                "    the phone went unanswered for {:.2} s, from the primary's death to P's end",
+                answered.saturating_sub(died) as f64 / 1000.0
+            );
             println!(
                 "    RTO {:.2} s from pressing P to the phone's first answered request",
                 rto as f64 / 1000.0
