@@ -1,5 +1,5 @@
 //! The command line: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve |
-//! status | events`.
+//! promote | status | events | site-identity | site`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,31 @@ async fn serve(
             "ready: activation {} control {}",
             list(&listening.activation),
             list(&listening.control)
+        );
+    });
+    tokio::pin!(service);
+    tokio::select! {
+        result = &mut service => return result,
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping");
+    shutdown.cancel();
+    service.await
+}
+
+/// Runs another site's endpoints until SIGTERM or SIGINT; prints `ready:` once they are up.
+async fn site(dir: &Path, config: crate::config::ServeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let name = config.site.clone();
+    let service = crate::site::run(dir, config, shutdown.clone(), |ready| {
+        println!(
+            "ready: site {name}, endpoints {}, {} peers from the cache",
+            ready.endpoints.join(","),
+            ready.cached_peers
         );
     });
     tokio::pin!(service);
@@ -143,6 +168,24 @@ enum Command {
         /// Who asks, for the audit log (default: the user running this).
         #[arg(long)]
         by: Option<String>,
+    },
+    /// At the main site: the files another site needs to follow it (a data-center
+    /// certificate and key issued by this CA, and the CA certificate). Copy them into the other
+    /// site's directory; the key gives access to every box's tunnel key, so move it like one.
+    SiteIdentity {
+        /// Where to write datacenter.pem, datacenter.key and ca.pem (created; must not hold
+        /// an identity yet).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// At another site: run only this site's tunnel endpoints (`[[endpoint]]`s whose `site`
+    /// is this file's `site`), their peers following the main site's control API (`follow`)
+    /// and kept for when it is unreachable. Until SIGTERM or Ctrl-C.
+    Site {
+        /// The configuration (same format as serve's). Default: datacenter.toml in the data
+        /// directory.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS.
     Status {
@@ -278,6 +321,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(dir, store, ca, config))?;
+        }
+        Command::SiteIdentity { out } => {
+            let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))
+                .context("loading the CA: site-identity runs at the main site, where `lbs-datacenter init` made it")?;
+            let (cert, key) = (
+                out.join(crate::serve::IDENTITY_CERT),
+                out.join(crate::serve::IDENTITY_KEY),
+            );
+            if cert.exists() || key.exists() {
+                bail!(
+                    "{} holds an identity already; remove it first if it is to be replaced",
+                    out.display()
+                );
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", out.display()))?;
+            let identity = ca.issue_identity(&lbs_protocol::PeerName::DataCenter)?;
+            identity.save(&cert, &key)?;
+            ca.trust_root().save(&out.join(crate::site::SITE_CA))?;
+            println!(
+                "{}: datacenter.pem, datacenter.key, ca.pem for another site; copy them into its data directory and run `lbs-datacenter site` there",
+                out.display()
+            );
+        }
+        Command::Site { config } => {
+            let path = config.unwrap_or_else(|| dir.join(CONFIG));
+            let config = crate::config::ServeConfig::load(&path, true)?;
+            init_logging();
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(site(dir, config))?;
         }
         Command::Promote { pair, wait_s, by } => {
             let mut store = open(dir)?;

@@ -6,7 +6,8 @@
 //! control = ["0.0.0.0:7441"]      # and report here (mutual TLS)
 //! advertise_control = []          # what boxes are told; default: the address they activated at
 //! overlay_pool = "10.77.0.0/16"   # boxes' overlay addresses (the first ten are the data center's)
-//! site = "dc"                     # shown to boxes in the hello
+//! site = "dc"                     # this site's name: shown to boxes, picks its endpoints
+//! follow = []                     # `lbs-datacenter site` only: the main site's control API
 //!
 //! [rate_limit]                    # activation attempts per source address
 //! burst = 10
@@ -22,6 +23,7 @@
 //!
 //! [[endpoint]]                    # WireGuard endpoints boxes connect to (root only)
 //! name = "dc1"
+//! site = "dc"                     # where it runs; default: this site
 //! interface = "lbs-dc1"
 //! listen_port = 51820
 //! public = "198.51.100.1:51820"   # where boxes send their packets
@@ -29,6 +31,13 @@
 //! service_addresses = ["10.77.0.1/32"]
 //! private_key_file = "dc1.key"    # relative to the configuration file
 //! backend = "auto"                # or "kernel" / "userspace"
+//!
+//! [[endpoint]]                    # one at another site (`lbs-datacenter site` runs it there):
+//! name = "dc2"                    # boxes are told about it; its private key stays there
+//! site = "dc2"
+//! public = "203.0.113.7:51820"
+//! address = "10.77.255.2/16"
+//! public_key = "…44 base64 characters…"
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -56,6 +65,8 @@ struct File {
     overlay_pool: String,
     #[serde(default = "default_site")]
     site: String,
+    #[serde(default)]
+    follow: Vec<SocketAddr>,
     #[serde(default)]
     rate_limit: RateLimitFile,
     dns: Option<DnsFile>,
@@ -99,14 +110,16 @@ struct DnsFile {
 #[serde(deny_unknown_fields)]
 struct EndpointFile {
     name: String,
-    interface: String,
+    site: Option<String>,
+    interface: Option<String>,
     #[serde(default = "default_wg_port")]
     listen_port: u16,
     public: SocketAddr,
     address: String,
     #[serde(default)]
     service_addresses: Vec<String>,
-    private_key_file: PathBuf,
+    private_key_file: Option<PathBuf>,
+    public_key: Option<String>,
     #[serde(default)]
     backend: BackendChoice,
     #[serde(default = "default_heartbeat_port")]
@@ -153,15 +166,21 @@ pub struct RateLimit {
     pub per_minute: u32,
 }
 
-/// One WireGuard endpoint: how to run it and what boxes are told about it.
+/// One WireGuard endpoint: what boxes are told about it and, at its own site, how to run it.
 #[derive(Clone, Debug)]
 pub struct EndpointSettings {
     /// Its name ("dc1").
     pub name: String,
+    /// The site that runs it.
+    pub site: String,
     /// Where boxes send their packets.
     pub public: SocketAddr,
-    /// The interface, key and addresses.
-    pub config: EndpointConfig,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
+    /// Its overlay address (the heartbeat responder).
+    pub overlay: Ipv4Addr,
+    /// The interface, key and addresses: `Some` for this site's endpoints only.
+    pub run: Option<EndpointConfig>,
 }
 
 /// `serve`'s settings, checked.
@@ -175,8 +194,10 @@ pub struct ServeConfig {
     pub advertise_control: Vec<SocketAddr>,
     /// Where overlay addresses come from.
     pub overlay_pool: Ipv4Cidr,
-    /// The site name in the hello.
+    /// This site's name: in the hello, and which endpoints run here.
     pub site: String,
+    /// `lbs-datacenter site`: the main site's control API, where the peers come from.
+    pub follow: Vec<SocketAddr>,
     /// Activation attempts per source.
     pub rate_limit: RateLimit,
     /// DNS updates, if configured.
@@ -244,25 +265,62 @@ impl ServeConfig {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let private_key = lbs_vpn::config::read_private_key(base, &e.private_key_file)?;
-            if endpoints
-                .iter()
-                .any(|x: &EndpointSettings| x.name == e.name || x.config.interface == e.interface)
-            {
-                bail!("endpoint {}: name or interface used twice", e.name);
-            }
-            endpoints.push(EndpointSettings {
-                name: e.name,
-                public: e.public,
-                config: EndpointConfig {
-                    interface: e.interface,
+            let site = e.site.clone().unwrap_or_else(|| file.site.clone());
+            let (public_key, run) = if site == file.site {
+                let (Some(key_file), Some(interface)) = (&e.private_key_file, &e.interface) else {
+                    bail!(
+                        "endpoint {} runs at this site ({site}): give its interface and private_key_file",
+                        e.name
+                    );
+                };
+                if e.public_key.is_some() {
+                    bail!(
+                        "endpoint {}: public_key is for endpoints of other sites; this site's comes from private_key_file",
+                        e.name
+                    );
+                }
+                let private_key = lbs_vpn::config::read_private_key(base, key_file)?;
+                let config = EndpointConfig {
+                    interface: interface.clone(),
                     private_key,
                     listen_port: e.listen_port,
                     address,
                     service_addresses,
                     backend: e.backend,
                     heartbeat_port: e.heartbeat_port,
-                },
+                };
+                (config.private_key.get_public().to_base64(), Some(config))
+            } else {
+                let Some(text) = &e.public_key else {
+                    bail!(
+                        "endpoint {} runs at site {site}: give its public_key here (its private key stays there)",
+                        e.name
+                    );
+                };
+                if e.private_key_file.is_some() {
+                    bail!(
+                        "endpoint {} runs at site {site}, not here ({}): its private key stays there; give public_key",
+                        e.name,
+                        file.site
+                    );
+                }
+                let key = lbs_vpn::wg::parse_key(&what("public_key"), text)?;
+                (key.to_base64(), None)
+            };
+            let clash = endpoints.iter().any(|x: &EndpointSettings| {
+                x.name == e.name
+                    || matches!((&x.run, &run), (Some(a), Some(b)) if a.interface == b.interface)
+            });
+            if clash {
+                bail!("endpoint {}: name or interface used twice", e.name);
+            }
+            endpoints.push(EndpointSettings {
+                name: e.name,
+                site,
+                public: e.public,
+                public_key,
+                overlay: address.addr,
+                run,
             });
         }
         Ok(ServeConfig {
@@ -271,6 +329,7 @@ impl ServeConfig {
             advertise_control: file.advertise_control,
             overlay_pool,
             site: file.site,
+            follow: file.follow,
             rate_limit: RateLimit {
                 burst: file.rate_limit.burst,
                 per_minute: file.rate_limit.per_minute,
@@ -312,16 +371,6 @@ fn dns_settings(d: DnsFile, base: &Path) -> anyhow::Result<(DnsServer, u32)> {
     ))
 }
 
-/// The public key boxes are told for an endpoint.
-pub fn public_key(settings: &EndpointSettings) -> String {
-    settings.config.private_key.get_public().to_base64()
-}
-
-/// The overlay address of an endpoint.
-pub fn endpoint_overlay(settings: &EndpointSettings) -> Ipv4Addr {
-    settings.config.address.addr
-}
-
 /// Parses a WireGuard public key a box sent.
 pub fn box_key(text: &str) -> Option<Key> {
     lbs_vpn::wg::parse_key("", text).ok()
@@ -358,6 +407,44 @@ mod tests {
         assert!(
             err("[dns]\nserver = \"127.0.0.1:53\"\nzone = \"x\"\nkey_name = \"k\"")
                 .contains("exactly one")
+        );
+    }
+
+    #[test]
+    fn an_endpoint_of_another_site_is_told_to_boxes_but_not_run_here() {
+        let key = Key::generate_private().get_public().to_base64();
+        let remote = "site = \"dc1\"\n[[endpoint]]\nname = \"dc2\"\nsite = \"dc2\"\npublic = \"203.0.113.7:51820\"\naddress = \"10.77.255.2/16\"\n";
+        let config =
+            ServeConfig::parse(&format!("{remote}public_key = \"{key}\"\n"), Path::new("."))
+                .expect("an endpoint of another site");
+        let [endpoint] = config.endpoints.as_slice() else {
+            panic!("one endpoint: {:?}", config.endpoints)
+        };
+        assert_eq!(
+            (endpoint.site.as_str(), endpoint.public_key.as_str()),
+            ("dc2", key.as_str())
+        );
+        assert_eq!(endpoint.overlay, Ipv4Addr::new(10, 77, 255, 2));
+        assert!(endpoint.run.is_none());
+
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                ServeConfig::parse(text, Path::new(".")).expect_err(text)
+            )
+        };
+        assert!(err(remote).contains("give its public_key here"));
+        assert!(
+            err(&format!(
+                "{remote}public_key = \"{key}\"\nprivate_key_file = \"dc2.key\"\n"
+            ))
+            .contains("its private key stays there")
+        );
+        assert!(err(&format!("{remote}public_key = \"short\"\n")).contains("not a WireGuard key"));
+        // This site's endpoint needs what it takes to run it.
+        assert!(
+            err("[[endpoint]]\nname = \"dc1\"\npublic = \"203.0.113.1:51820\"\naddress = \"10.77.255.1/16\"\n")
+                .contains("give its interface and private_key_file")
         );
     }
 }

@@ -13,15 +13,18 @@
 //!   the control API (mutual TLS: reports answered with the pair's state — `Fenced` for a
 //!   stale primary —, promotion, registration as backup), the DNS worker (retries with
 //!   backoff, state in `status`) and the WireGuard endpoints (every activated box a peer).
-//! - [`config`]: `serve`'s TOML, every field defaulted.
+//! - [`site`]: another site running only tunnel endpoints, their peers following the main
+//!   site's control API (mutual TLS with a data-center certificate) and cached on disk.
+//! - [`config`]: `serve`'s (and `site`'s) TOML, every field defaulted.
 //! - [`time`]: timestamps and how they are shown.
-//! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | status |
-//!   events`.
+//! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | promote |
+//!   status | events | site-identity | site`.
 
 pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod keys;
 pub mod serve;
+pub mod site;
 pub mod store;
 pub mod time;

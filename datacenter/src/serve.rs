@@ -15,7 +15,7 @@ use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::control::{
     ActivationGrant, ActivationRequest, BoxReport, Denial, MAX_ACTIVATION_LEN, MAX_CONTROL_LEN,
-    PairState, PartnerInfo, Promotion, TunnelEndpoint,
+    PairState, PartnerInfo, Promotion, TunnelEndpoint, TunnelPeer,
 };
 use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::tls::{self, AcceptPeers, ServerConfig};
@@ -129,6 +129,69 @@ fn identity(dir: &Path, ca: &CertificateAuthority) -> anyhow::Result<Identity> {
     Ok(identity)
 }
 
+/// Starts this site's tunnel endpoints (those of other sites are only told to boxes).
+pub(crate) async fn start_endpoints(
+    config: &ServeConfig,
+) -> anyhow::Result<Vec<(EndpointSettings, Endpoint)>> {
+    let mut endpoints: Vec<(EndpointSettings, Endpoint)> = Vec::new();
+    for settings in &config.endpoints {
+        let Some(run) = &settings.run else { continue };
+        let endpoint = match Endpoint::start(run.clone()).await {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                for (_, started) in endpoints {
+                    let _ = started.shutdown().await;
+                }
+                return Err(err)
+                    .with_context(|| format!("starting tunnel endpoint {}", settings.name));
+            }
+        };
+        tracing::info!(
+            endpoint = settings.name,
+            interface = endpoint.interface(),
+            backend = ?endpoint.backend(),
+            "tunnel endpoint up"
+        );
+        endpoints.push((settings.clone(), endpoint));
+    }
+    if !endpoints.is_empty()
+        && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0")
+    {
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0: boxes reach the data center through the tunnels, but not each other (a remote backup cannot sync); set it to 1"
+        );
+    }
+    Ok(endpoints)
+}
+
+/// Gives every endpoint `peers` (boxes' keys as the store has them, overlay addresses);
+/// whether all of them took it.
+pub(crate) fn apply_peers(
+    endpoints: &[(EndpointSettings, Endpoint)],
+    peers: &[(String, Ipv4Addr)],
+) -> bool {
+    let wanted: Vec<_> = peers
+        .iter()
+        .filter_map(|(key, address)| crate::config::box_key(key).map(|key| (key, *address)))
+        .collect();
+    let mut all_applied = true;
+    for (settings, endpoint) in endpoints {
+        match endpoint.set_peers(&wanted) {
+            Ok(changes) => tracing::info!(
+                endpoint = settings.name,
+                added = changes.added,
+                removed = changes.removed,
+                "tunnel peers updated"
+            ),
+            Err(err) => {
+                all_applied = false;
+                tracing::error!(endpoint = settings.name, "updating peers: {err}");
+            }
+        }
+    }
+    all_applied
+}
+
 /// The addresses `run` listens on, once it does.
 #[derive(Clone, Debug)]
 pub struct Listening {
@@ -150,7 +213,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let identity = identity(dir, &ca)?;
     let activation_tls = tls::activation_server_config(&identity)?;
-    let control_tls = tls::server_config(&identity, &ca.trust_root(), AcceptPeers::AnyBox)?;
+    let control_tls = tls::server_config(&identity, &ca.trust_root(), AcceptPeers::BoxesAndSites)?;
     let mut activation = Vec::new();
     for address in &config.activation {
         activation.push(
@@ -167,19 +230,7 @@ pub async fn run(
                 .with_context(|| format!("listening for the control API on {address}"))?,
         );
     }
-    let mut endpoints = Vec::new();
-    for settings in &config.endpoints {
-        let endpoint = Endpoint::start(settings.config.clone())
-            .await
-            .with_context(|| format!("starting tunnel endpoint {}", settings.name))?;
-        tracing::info!(
-            endpoint = settings.name,
-            interface = endpoint.interface(),
-            backend = ?endpoint.backend(),
-            "tunnel endpoint up"
-        );
-        endpoints.push((settings.clone(), endpoint));
-    }
+    let endpoints = start_endpoints(&config).await?;
     let listening = Listening {
         activation: activation
             .iter()
@@ -199,13 +250,6 @@ pub async fn run(
         endpoints,
         connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     });
-    if !inner.endpoints.is_empty()
-        && std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0")
-    {
-        tracing::warn!(
-            "net.ipv4.ip_forward is 0: boxes reach the data center through the tunnels, but not each other (a remote backup cannot sync); set it to 1"
-        );
-    }
     if inner.config.dns.is_none() {
         tracing::warn!(
             "no [dns] section: DNS decisions are recorded (see status) but not sent anywhere"
@@ -464,13 +508,14 @@ async fn activate(
         overlay_prefix: inner.config.overlay_pool.prefix,
         partner: partner_of(&pair, sid, now),
         endpoints: inner
+            .config
             .endpoints
             .iter()
-            .map(|(settings, _)| TunnelEndpoint {
+            .map(|settings| TunnelEndpoint {
                 name: settings.name.clone(),
                 endpoint: settings.public,
-                public_key: crate::config::public_key(settings),
-                overlay: crate::config::endpoint_overlay(settings),
+                public_key: settings.public_key.clone(),
+                overlay: settings.overlay,
             })
             .collect(),
         control,
@@ -542,8 +587,9 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
     let (tls, peer) = tokio::time::timeout(IO_TIMEOUT, tls::accept(inner.control_tls.clone(), tcp))
         .await
         .context("TLS handshake timed out")??;
-    let PeerName::Box(sid) = peer else {
-        anyhow::bail!("{peer} is not a box");
+    let sid = match peer {
+        PeerName::Box(sid) => sid,
+        PeerName::DataCenter => return site_session(inner, tls, source).await,
     };
     let presented = tls
         .get_ref()
@@ -647,6 +693,75 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
             IO_TIMEOUT,
             conn.send(Envelope {
                 generation,
+                message: reply,
+            }),
+        )
+        .await
+        .context("sending an answer timed out")??;
+    }
+}
+
+/// Another site of the data center (`lbs-datacenter site`, running tunnel endpoints) asks
+/// which boxes its endpoints must accept, every few seconds, for as long as it runs.
+async fn site_session(
+    inner: &Arc<Inner>,
+    tls: tls::ServerStream<TcpStream>,
+    source: SocketAddr,
+) -> anyhow::Result<()> {
+    let peer = PeerName::DataCenter;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        software: SoftwareVersion::current(),
+        sender: Sender::DataCenter {
+            site: inner.config.site.clone(),
+        },
+    };
+    let (mut conn, negotiated) =
+        exchange_hello(tls, &peer, hello, Generation::default(), HELLO_TIMEOUT).await?;
+    *conn.codec_mut() = FrameCodec::with_max_len(MAX_CONTROL_LEN);
+    tracing::info!(%source, version = %negotiated.version, "a data-center site follows the tunnel peers");
+    loop {
+        let next = match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
+            Err(_) => anyhow::bail!("site at {source} silent for {IDLE_TIMEOUT:?}; closed"),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
+                if err.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Ok(());
+            }
+            Ok(Some(Err(err))) => anyhow::bail!("site at {source}: unreadable message: {err}"),
+            Ok(Some(Ok(envelope))) => envelope,
+        };
+        let reply = match next.message {
+            Message::TunnelPeersRequest => match with_store(inner, |s| s.tunnel_peers()).await {
+                Ok(peers) => Message::TunnelPeers {
+                    peers: peers
+                        .into_iter()
+                        .map(|(public_key, overlay)| TunnelPeer {
+                            public_key,
+                            overlay,
+                        })
+                        .collect(),
+                },
+                Err(err) => Message::Denied(denial(err)),
+            },
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                let kind = other.kind();
+                let _ = conn
+                    .send(Envelope {
+                        generation: Generation::default(),
+                        message: refuse(format!("{kind} is not a request a site makes")),
+                    })
+                    .await;
+                linger(&mut conn).await;
+                anyhow::bail!("site at {source} sent {kind}");
+            }
+        };
+        tokio::time::timeout(
+            IO_TIMEOUT,
+            conn.send(Envelope {
+                generation: Generation::default(),
                 message: reply,
             }),
         )
@@ -906,28 +1021,7 @@ async fn peers_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
     loop {
         match with_store(&inner, |s| s.tunnel_peers()).await {
             Ok(peers) if peers != last => {
-                let wanted: Vec<_> = peers
-                    .iter()
-                    .filter_map(|(key, address)| {
-                        crate::config::box_key(key).map(|key| (key, *address))
-                    })
-                    .collect();
-                let mut all_applied = true;
-                for (settings, endpoint) in &inner.endpoints {
-                    match endpoint.set_peers(&wanted) {
-                        Ok(changes) => tracing::info!(
-                            endpoint = settings.name,
-                            added = changes.added,
-                            removed = changes.removed,
-                            "tunnel peers updated"
-                        ),
-                        Err(err) => {
-                            all_applied = false;
-                            tracing::error!(endpoint = settings.name, "updating peers: {err}");
-                        }
-                    }
-                }
-                if all_applied {
+                if apply_peers(&inner.endpoints, &peers) {
                     last = peers;
                 }
             }

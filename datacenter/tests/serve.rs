@@ -781,3 +781,85 @@ fn serve_explains_a_bad_configuration_and_a_missing_ca() {
         "{err}"
     );
 }
+
+/// Another site of the data center (`site-identity`'s certificate) asks which boxes may use
+/// its tunnels and is told every activated box; a box asking the same is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_learns_the_tunnel_peers_and_a_box_cannot_ask() {
+    let mut dc = Dc::new("");
+    let servers = dc.provision("acme", &[]);
+    let mut a = TestBox::new(&servers[0], 2);
+    dc.start();
+    let grant = a.activate(&dc).await.unwrap();
+    let site_dir = dc.dir.path().join("site");
+    let (ok, out, err) = dc.cli(&["site-identity", "--out", &site_dir.display().to_string()]);
+    assert!(ok && out.contains("copy them"), "{out}{err}");
+    // Never over an identity already there.
+    let (ok, _, err) = dc.cli(&["site-identity", "--out", &site_dir.display().to_string()]);
+    assert!(!ok && err.contains("holds an identity already"), "{err}");
+
+    let identity = Identity::load(
+        &site_dir.join("datacenter.pem"),
+        &site_dir.join("datacenter.key"),
+    )
+    .unwrap();
+    let root = TrustRoot::load(&site_dir.join("ca.pem")).unwrap();
+    assert_eq!(root, dc.root());
+    let config = tls::client_config(&identity, &root).unwrap();
+    let tcp = TcpStream::connect(dc.control).await.unwrap();
+    let stream = tls::connect(config, &PeerName::DataCenter, tcp)
+        .await
+        .unwrap();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        software: SoftwareVersion::current(),
+        sender: Sender::DataCenter { site: "dc2".into() },
+    };
+    let (mut site, _) = exchange_hello(
+        stream,
+        &PeerName::DataCenter,
+        hello,
+        Generation::default(),
+        HELLO_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let (_, answer) = control::call(
+        &mut site,
+        Generation::default(),
+        Message::TunnelPeersRequest,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let Message::TunnelPeers { peers } = answer else {
+        panic!("expected the peers, got {answer:?}")
+    };
+    assert_eq!(
+        peers,
+        [control::TunnelPeer {
+            public_key: a.wireguard.clone(),
+            overlay: grant.overlay
+        }]
+    );
+    // A site cannot report or promote: those are a box's.
+    let refused = control::call(
+        &mut site,
+        Generation::default(),
+        a.report(Role::Primary, a.lan),
+        WAIT,
+    )
+    .await;
+    assert!(matches!(refused, Err(CallError::Refused(_))), "{refused:?}");
+
+    // A box asking for the peers is refused.
+    let mut conn = a.control(&dc, grant.generation, Role::Primary).await;
+    let refused = control::call(
+        &mut conn,
+        grant.generation,
+        Message::TunnelPeersRequest,
+        WAIT,
+    )
+    .await;
+    assert!(matches!(refused, Err(CallError::Refused(_))), "{refused:?}");
+}

@@ -96,6 +96,16 @@ pub struct TunnelEndpoint {
     pub overlay: Ipv4Addr,
 }
 
+/// A box whose tunnels an endpoint must accept: what the data center's main site tells an
+/// endpoint running at another site ([`crate::Message::TunnelPeers`], protocol 1.3).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct TunnelPeer {
+    /// The box's WireGuard public key (base64), as it sent it at activation.
+    pub public_key: String,
+    /// The box's overlay address.
+    pub overlay: Ipv4Addr,
+}
+
 /// A box's periodic report (its heartbeat to the data center).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct BoxReport {

@@ -214,6 +214,14 @@ pub enum Message {
         /// Why, as the checks of **P** said it.
         reason: String,
     },
+    /// Data-center site → the main site's control API (protocol 1.3): which boxes may use
+    /// the tunnel endpoints; answered with [`Message::TunnelPeers`].
+    TunnelPeersRequest,
+    /// Main site → data-center site: every activated box's key and overlay address.
+    TunnelPeers {
+        /// The peers, ordered by key.
+        peers: Vec<crate::control::TunnelPeer>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -256,6 +264,8 @@ impl Message {
             Message::PromotionRequested { .. } => "promotion-requested",
             Message::PromotionRefused { .. } => "promotion-refused",
             Message::PairStateWithDns { .. } => "pair-state-with-dns",
+            Message::TunnelPeersRequest => "tunnel-peers-request",
+            Message::TunnelPeers { .. } => "tunnel-peers",
         }
     }
 }

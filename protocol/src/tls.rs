@@ -704,6 +704,8 @@ pub enum AcceptPeers {
     Only(PeerName),
     /// Any box the CA issued (the data center).
     AnyBox,
+    /// Any box, and the data center's other sites (the data center's control API).
+    BoxesAndSites,
 }
 
 impl fmt::Display for AcceptPeers {
@@ -711,6 +713,7 @@ impl fmt::Display for AcceptPeers {
         match self {
             AcceptPeers::Only(peer) => write!(f, "{peer}"),
             AcceptPeers::AnyBox => f.write_str("an lbs box"),
+            AcceptPeers::BoxesAndSites => f.write_str("an lbs box or data-center site"),
         }
     }
 }
@@ -756,7 +759,8 @@ impl ClientCertVerifier for PeerVerifier {
         let presented = PeerName::of_certificate(end_entity);
         let allowed = match (&self.accept, &presented) {
             (AcceptPeers::Only(want), Ok(got)) => want == got,
-            (AcceptPeers::AnyBox, Ok(PeerName::Box(_))) => true,
+            (AcceptPeers::AnyBox | AcceptPeers::BoxesAndSites, Ok(PeerName::Box(_))) => true,
+            (AcceptPeers::BoxesAndSites, Ok(PeerName::DataCenter)) => true,
             _ => false,
         };
         if allowed {

@@ -70,6 +70,17 @@ pub struct Office {
     remote: bool,
 }
 
+/// `lbs vpn keygen <path>`: a WireGuard key written there; its public key.
+fn keygen(path: &Path) -> anyhow::Result<String> {
+    let out = checked(
+        Command::new(workspace_binary("lbs"))
+            .args(["vpn", "keygen"])
+            .arg(path)
+            .output()?,
+    )?;
+    Ok(out.trim().to_owned())
+}
+
 /// Milliseconds since the epoch, the unit every measurement of the office uses.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -241,29 +252,53 @@ impl Office {
             "activation = [\"{DC1}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
         );
         if self.remote {
-            // The data center forwards between its tunnels' peers (it says so when it
-            // cannot).
-            checked(
-                self.lab
-                    .sh("dc1", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?,
-            )?;
-            // The boxes' way to each other: a WireGuard endpoint (userspace: no kernel
-            // module needed) that forwards between its peers.
-            checked(
-                Command::new(workspace_binary("lbs"))
-                    .args(["vpn", "keygen"])
-                    .arg(dir.join("dc1.key"))
-                    .output()?,
-            )?;
+            // Two sites: dc1 (the main one: the database, activation, control, DNS and an
+            // endpoint) and dc2 (only an endpoint, its peers following dc1). Each forwards
+            // between its tunnels' peers (the data center says so when it cannot).
+            keygen(&dir.join("dc1.key"))?;
+            let dc2 = self.dc2_dir();
+            self.datacenter(&["site-identity", "--out", &dc2.display().to_string()])?;
+            let dc2_public = keygen(&dc2.join("dc2.key"))?;
+            config = format!("site = \"dc1\"\n{config}");
             config += &format!(
-                "\n[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{DC1}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n"
+                "\n[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{DC1}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n\
+                 \n[[endpoint]]\nname = \"dc2\"\nsite = \"dc2\"\npublic = \"{DC2}:51820\"\naddress = \"10.77.255.2/16\"\npublic_key = \"{dc2_public}\"\n"
             );
+            std::fs::write(
+                dc2.join("datacenter.toml"),
+                format!(
+                    "site = \"dc2\"\nfollow = [\"{DC1}:7441\"]\n\n\
+                     [[endpoint]]\nname = \"dc2\"\ninterface = \"lbs-dc2\"\npublic = \"{DC2}:51820\"\naddress = \"10.77.255.2/16\"\nprivate_key_file = \"dc2.key\"\nbackend = \"userspace\"\n"
+                ),
+            )?;
+            for host in ["dc1", "dc2"] {
+                checked(
+                    self.lab
+                        .sh(host, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?,
+                )?;
+            }
         }
         std::fs::write(dir.join("datacenter.toml"), config)?;
         let mut serve = self.lab.command("dc1", &dc);
         serve.arg("--dir").arg(&dir).arg("serve");
         self.lab.spawn_until(serve, "ready:", STEP)?;
+        if self.remote {
+            self.start_site()?;
+        }
         Ok(())
+    }
+
+    fn dc2_dir(&self) -> PathBuf {
+        self.dir().join("dc2")
+    }
+
+    /// Starts `lbs-datacenter site` on dc2 (the second site's endpoint); what its `ready:`
+    /// line said after the prefix ("site dc2, endpoints dc2, 2 peers from the cache").
+    pub fn start_site(&mut self) -> anyhow::Result<String> {
+        let mut site = self.lab.command("dc2", workspace_binary("lbs-datacenter"));
+        site.arg("--dir").arg(self.dc2_dir()).arg("site");
+        let (_, said) = self.lab.spawn_until(site, "ready:", STEP)?;
+        Ok(said)
     }
 
     /// `lbs-datacenter --dir <dc1's> <args>` (the provider's CLI); its standard output.
