@@ -588,6 +588,14 @@ impl Office {
         Ok(())
     }
 
+    /// kill -9 of `host`'s agent alone (its PBX, addresses and state stay as they are).
+    pub fn kill_agent(&mut self, host: &str) -> anyhow::Result<()> {
+        let pid = self.agent_pid(host)?;
+        self.lab.kill(pid)?;
+        self.agents.retain(|(_, p)| *p != pid);
+        Ok(())
+    }
+
     fn agent_pid(&self, host: &str) -> anyhow::Result<u32> {
         self.agents
             .iter()
@@ -599,9 +607,8 @@ impl Office {
     /// `host` dies: every process in it stops dead (its agent, its PBX) and its switch port
     /// goes dark. Its kernel keeps its addresses, as a hung box would.
     pub fn power_off(&mut self, host: &str) -> anyhow::Result<()> {
-        if let Ok(pid) = self.agent_pid(host) {
-            self.lab.kill(pid)?;
-            self.agents.retain(|(_, p)| *p != pid);
+        if self.agent_pid(host).is_ok() {
+            self.kill_agent(host)?;
         }
         self.lab.kill_all_in(host)?;
         self.lab.plug(host, false)
