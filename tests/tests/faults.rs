@@ -1,5 +1,6 @@
 //! Faults in the lab's office (see `lbs_tests::office`): the backup's disk fills up during the
-//! first full sync; the partner link flaps during a large transfer. In each case no file on
+//! first full sync; during a large transfer the serving primary's agent is killed (the
+//! session breaks) and then the partner link flaps. In each case no file on
 //! the backup is ever anything but a whole copy of the primary's, the trouble is said in
 //! `lbs status`, and the pair ends in sync once the fault is gone. Root only; skipped and
 //! counted otherwise.
@@ -113,9 +114,9 @@ fn a_full_backup_disk_is_reported_tears_nothing_and_recovers_when_space_returns(
 }
 
 #[test]
-fn the_partner_link_flapping_during_a_large_transfer_resumes_and_tears_nothing() {
+fn a_broken_session_and_a_flapping_link_during_a_large_transfer_tear_nothing() {
     if !require_root(
-        "the_partner_link_flapping_during_a_large_transfer_resumes_and_tears_nothing",
+        "a_broken_session_and_a_flapping_link_during_a_large_transfer_tear_nothing",
         "network namespaces",
     ) {
         return;
@@ -149,7 +150,21 @@ fn the_partner_link_flapping_during_a_large_transfer_resumes_and_tears_nothing()
                 .any(|s| s["name"] == "recordings" && s["state"] == "syncing"))
         })
         .unwrap();
-    // The backup's cable goes out and back three times while the recording crosses.
+    // The session breaks: the serving primary's agent is killed mid-transfer and comes
+    // back a second later; the backup's pass fails and the next one carries on.
+    std::thread::sleep(Duration::from_millis(800));
+    office.kill_agent("primary").unwrap();
+    let copy = office
+        .set_dir("backup", "recordings")
+        .join("2026-11-28-conference.wav");
+    assert!(
+        !copy.exists(),
+        "the recording crossed before the session broke"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    no_torn_file(&office, "primary", "backup");
+    office.start_agent("primary").unwrap();
+    // Then the backup's cable goes out and back three times while the recording crosses.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(500));
         office.lab.plug("backup", false).unwrap();
