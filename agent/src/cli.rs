@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::{activate, console, daemon, net_cmd, promote_cmd, status_cmd, sync_cmd, vpn_cmd};
 
@@ -46,6 +46,13 @@ enum Command {
     /// WireGuard tunnels to the data centers with failover, and the data center's endpoint.
     #[command(subcommand)]
     Vpn(VpnCommand),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where (`man/`, `completions/` are made in it).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +165,10 @@ pub fn main() -> std::process::ExitCode {
             Command::Vpn(VpnCommand::Run(cmd)) => vpn_cmd::run(cmd).await,
             Command::Vpn(VpnCommand::Endpoint(cmd)) => vpn_cmd::endpoint(cmd).await,
             Command::Vpn(VpnCommand::Status(cmd)) => vpn_cmd::status(&cmd),
+            Command::GenerateDocs { out } => {
+                lbs_protocol::cli_docs::write(Cli::command(), &out)?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
         }
     });
     match result {

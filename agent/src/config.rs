@@ -17,6 +17,8 @@
 //! demote_note = ""                 # shown at B, e.g. "plug this box's LAN cable back in"
 //! auto_failover = false            # the backup promotes itself when it and the data center
 //!                                  # have both lost the primary for primary_gone_after_s
+//! console_group = ""               # a group whose members may use the control socket (the
+//!                                  # console login `ip`); "": root only
 //!
 //! [network]                        # the office address P takes; omit for a remote backup
 //! interface = "eth0"
@@ -84,6 +86,8 @@ struct File {
     demote_note: String,
     #[serde(default)]
     auto_failover: bool,
+    #[serde(default)]
+    console_group: String,
     network: Option<NetworkFile>,
     #[serde(default = "default_sets")]
     set: Vec<SetFile>,
@@ -214,6 +218,8 @@ pub struct AgentConfig {
     pub demote_note: Option<String>,
     /// Whether the backup promotes itself (off by default).
     pub auto_failover: bool,
+    /// The group that may use the control socket besides root (the console login's).
+    pub console_group: Option<String>,
     /// The office address P takes, if this backup is on the primary's LAN.
     pub network: Option<Network>,
     /// The sets, highest priority first.
@@ -279,6 +285,7 @@ impl AgentConfig {
             demote_note: (!file.demote_note.trim().is_empty())
                 .then(|| file.demote_note.trim().to_owned()),
             auto_failover: file.auto_failover,
+            console_group: Some(file.console_group).filter(|g| !g.is_empty()),
             network: file
                 .network
                 .map(|n| -> anyhow::Result<Network> {

@@ -406,7 +406,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             ..SetStatus::default()
         })
         .collect();
-    let socket = bind_socket(&cmd.socket).await?;
+    let socket = bind_socket(&cmd.socket, config.console_group.as_deref()).await?;
     let (mode, _) = watch::channel(Mode::Stopped);
     let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
     let (progress, _) = broadcast::channel(256);
@@ -519,7 +519,7 @@ async fn wait_for_activation(paths: &StatePaths) -> anyhow::Result<Option<RoleRe
 }
 
 /// Binds the control socket (owner only), refusing when another agent answers on it.
-async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+async fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -535,7 +535,23 @@ async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up console_group {name:?}"))?
+                .with_context(|| {
+                    format!(
+                        "console_group {name:?} does not exist: create it (the lbs package does: groupadd {name}) or set console_group = \"\" in the configuration"
+                    )
+                })?
+                .gid;
+            nix::unistd::chown(path, None, Some(gid))
+                .with_context(|| format!("giving {} to group {name}", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lbs_protocol::{CertificateAuthority, PairName, ServerId};
 
 use crate::store::{SqliteStore, Store};
@@ -187,6 +187,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where (`man/`, `completions/` are made in it).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS.
     Status {
         /// As JSON.
@@ -321,6 +328,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(dir, store, ca, config))?;
+        }
+        Command::GenerateDocs { out } => {
+            lbs_protocol::cli_docs::write(Cli::command(), &out)?;
         }
         Command::SiteIdentity { out } => {
             let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))

@@ -21,6 +21,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cli-docs")]
+pub mod cli_docs;
 pub mod control;
 pub mod frame;
 pub mod handshake;
