@@ -2399,4 +2399,24 @@ mod tests {
         let remote = PromoteOptions::parse(" address=192.168.1.2/24", None).unwrap_err();
         assert!(remote.contains("keeps its own address"), "{remote}");
     }
+
+    #[tokio::test]
+    async fn the_console_group_may_use_the_socket_and_a_missing_group_is_named() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let alone = tmp.path().join("root-only.sock");
+        let _listener = bind_socket(&alone, None).await.unwrap();
+        assert_eq!(std::fs::metadata(&alone).unwrap().mode() & 0o777, 0o600);
+        // Our own group: allowed to any user, root or not.
+        let gid = nix::unistd::getgid();
+        let group = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
+        let shared = tmp.path().join("console.sock");
+        let _listener = bind_socket(&shared, Some(&group)).await.unwrap();
+        let meta = std::fs::metadata(&shared).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid.as_raw()));
+        let err = bind_socket(&tmp.path().join("x.sock"), Some("no-such-lbs-group"))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
+    }
 }

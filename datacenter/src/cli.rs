@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use lbs_protocol::{CertificateAuthority, PairName, ServerId};
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{SqliteStore, Store};
 use crate::time::{now_ms, utc as when};
@@ -30,31 +31,17 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs the service until SIGTERM or SIGINT; prints `ready:` with the bound addresses.
-async fn serve(
-    dir: &Path,
-    store: SqliteStore,
-    ca: CertificateAuthority,
-    config: crate::config::ServeConfig,
-) -> anyhow::Result<()> {
+/// Runs `service` (given its shutdown token) until it ends, or until SIGTERM or SIGINT ask
+/// it to stop, and waits for it to stop.
+async fn until_signal<F>(service: impl FnOnce(CancellationToken) -> F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
     use tokio::signal::unix::{SignalKind, signal};
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    let shutdown = CancellationToken::new();
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
-    let service = crate::serve::run(dir, store, ca, config, shutdown.clone(), |listening| {
-        let list = |addresses: &[std::net::SocketAddr]| {
-            addresses
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        println!(
-            "ready: activation {} control {}",
-            list(&listening.activation),
-            list(&listening.control)
-        );
-    });
+    let service = service(shutdown.clone());
     tokio::pin!(service);
     tokio::select! {
         result = &mut service => return result,
@@ -66,29 +53,45 @@ async fn serve(
     service.await
 }
 
-/// Runs another site's endpoints until SIGTERM or SIGINT; prints `ready:` once they are up.
+/// Runs the service; prints `ready:` with the bound addresses.
+async fn serve(
+    dir: &Path,
+    store: SqliteStore,
+    ca: CertificateAuthority,
+    config: crate::config::ServeConfig,
+) -> anyhow::Result<()> {
+    until_signal(|shutdown| {
+        crate::serve::run(dir, store, ca, config, shutdown, |listening| {
+            let list = |addresses: &[std::net::SocketAddr]| {
+                addresses
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            println!(
+                "ready: activation {} control {}",
+                list(&listening.activation),
+                list(&listening.control)
+            );
+        })
+    })
+    .await
+}
+
+/// Runs another site's endpoints; prints `ready:` once they are up.
 async fn site(dir: &Path, config: crate::config::ServeConfig) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     let name = config.site.clone();
-    let service = crate::site::run(dir, config, shutdown.clone(), |ready| {
-        println!(
-            "ready: site {name}, endpoints {}, {} peers from the cache",
-            ready.endpoints.join(","),
-            ready.cached_peers
-        );
-    });
-    tokio::pin!(service);
-    tokio::select! {
-        result = &mut service => return result,
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("stopping");
-    shutdown.cancel();
-    service.await
+    until_signal(|shutdown| {
+        crate::site::run(dir, config, shutdown, move |ready| {
+            println!(
+                "ready: site {name}, endpoints {}, {} peers from the cache",
+                ready.endpoints.join(","),
+                ready.cached_peers
+            );
+        })
+    })
+    .await
 }
 
 #[derive(Parser)]

@@ -427,6 +427,69 @@ where
     .await;
 }
 
+/// A control connection after the hello.
+type ControlConn = Framed<tls::ServerStream<TcpStream>, FrameCodec<Envelope>>;
+
+/// Our hello on the control API.
+fn our_hello(inner: &Inner) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        software: SoftwareVersion::current(),
+        sender: Sender::DataCenter {
+            site: inner.config.site.clone(),
+        },
+    }
+}
+
+/// The next request on a control connection: `None` when the peer hung up between
+/// requests (a box that stops or loses power does); an unreadable one is refused and the
+/// connection closed; silence beyond [`IDLE_TIMEOUT`] closes it.
+async fn next_request(conn: &mut ControlConn) -> anyhow::Result<Option<Envelope>> {
+    match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
+        Err(_) => anyhow::bail!("silent for {IDLE_TIMEOUT:?}; closed"),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
+            if err.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Ok(None)
+        }
+        Ok(Some(Err(err))) => {
+            Err(refuse_and_close(conn, format!("unreadable message: {err}")).await)
+        }
+        Ok(Some(Ok(envelope))) => Ok(Some(envelope)),
+    }
+}
+
+/// Refuses what the peer said, closes the connection, and returns the reason as the error.
+async fn refuse_and_close(conn: &mut ControlConn, why: String) -> anyhow::Error {
+    let _ = conn
+        .send(Envelope {
+            generation: Generation::default(),
+            message: refuse(why.clone()),
+        })
+        .await;
+    linger(conn).await;
+    anyhow::anyhow!(why)
+}
+
+/// Sends an answer, within [`IO_TIMEOUT`].
+async fn answer(
+    conn: &mut ControlConn,
+    generation: Generation,
+    reply: Message,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        IO_TIMEOUT,
+        conn.send(Envelope {
+            generation,
+            message: reply,
+        }),
+    )
+    .await
+    .context("sending an answer timed out")??;
+    Ok(())
+}
+
 async fn activate(
     inner: &Arc<Inner>,
     request: ActivationRequest,
@@ -602,17 +665,10 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         Ok((s.certificate_key(sid)?, s.pair_of(sid)?))
     })
     .await?;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        software: SoftwareVersion::current(),
-        sender: Sender::DataCenter {
-            site: inner.config.site.clone(),
-        },
-    };
     let (mut conn, negotiated) = exchange_hello(
         tls,
         &peer,
-        hello,
+        our_hello(inner),
         Generation(pair.generation),
         HELLO_TIMEOUT,
     )
@@ -633,26 +689,8 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
     }
     let actor = format!("{sid} from {}", source.ip());
     loop {
-        let next = match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
-            Err(_) => anyhow::bail!("silent for {IDLE_TIMEOUT:?}; closed"),
-            Ok(None) => return Ok(()),
-            // A box that stops (or loses power) just hangs up between messages.
-            Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
-                if err.kind() == std::io::ErrorKind::UnexpectedEof =>
-            {
-                return Ok(());
-            }
-            Ok(Some(Err(err))) => {
-                let _ = conn
-                    .send(Envelope {
-                        generation: Generation::default(),
-                        message: refuse(format!("unreadable message: {err}")),
-                    })
-                    .await;
-                linger(&mut conn).await;
-                anyhow::bail!("unreadable message: {err}");
-            }
-            Ok(Some(Ok(envelope))) => envelope,
+        let Some(next) = next_request(&mut conn).await? else {
+            return Ok(());
         };
         let believed = next.generation;
         let reply = match next.message {
@@ -669,15 +707,8 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
             Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
             Message::Goodbye { .. } => return Ok(()),
             other => {
-                let kind = other.kind();
-                let _ = conn
-                    .send(Envelope {
-                        generation: Generation::default(),
-                        message: refuse(format!("{kind} is not a control request")),
-                    })
-                    .await;
-                linger(&mut conn).await;
-                anyhow::bail!("{kind} is not a control request");
+                let why = format!("{} is not a control request", other.kind());
+                return Err(refuse_and_close(&mut conn, why).await);
             }
         };
         // The envelope carries the pair's generation as the answer knows it.
@@ -689,15 +720,7 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
             Message::Denied(Denial::StaleGeneration { current }) => *current,
             _ => believed,
         };
-        tokio::time::timeout(
-            IO_TIMEOUT,
-            conn.send(Envelope {
-                generation,
-                message: reply,
-            }),
-        )
-        .await
-        .context("sending an answer timed out")??;
+        answer(&mut conn, generation, reply).await?;
     }
 }
 
@@ -708,29 +731,22 @@ async fn site_session(
     tls: tls::ServerStream<TcpStream>,
     source: SocketAddr,
 ) -> anyhow::Result<()> {
-    let peer = PeerName::DataCenter;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        software: SoftwareVersion::current(),
-        sender: Sender::DataCenter {
-            site: inner.config.site.clone(),
-        },
-    };
-    let (mut conn, negotiated) =
-        exchange_hello(tls, &peer, hello, Generation::default(), HELLO_TIMEOUT).await?;
+    let (mut conn, negotiated) = exchange_hello(
+        tls,
+        &PeerName::DataCenter,
+        our_hello(inner),
+        Generation::default(),
+        HELLO_TIMEOUT,
+    )
+    .await?;
     *conn.codec_mut() = FrameCodec::with_max_len(MAX_CONTROL_LEN);
     tracing::info!(%source, version = %negotiated.version, "a data-center site follows the tunnel peers");
     loop {
-        let next = match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
-            Err(_) => anyhow::bail!("site at {source} silent for {IDLE_TIMEOUT:?}; closed"),
-            Ok(None) => return Ok(()),
-            Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
-                if err.kind() == std::io::ErrorKind::UnexpectedEof =>
-            {
-                return Ok(());
-            }
-            Ok(Some(Err(err))) => anyhow::bail!("site at {source}: unreadable message: {err}"),
-            Ok(Some(Ok(envelope))) => envelope,
+        let Some(next) = next_request(&mut conn)
+            .await
+            .with_context(|| format!("site at {source}"))?
+        else {
+            return Ok(());
         };
         let reply = match next.message {
             Message::TunnelPeersRequest => match with_store(inner, |s| s.tunnel_peers()).await {
@@ -747,26 +763,12 @@ async fn site_session(
             },
             Message::Goodbye { .. } => return Ok(()),
             other => {
-                let kind = other.kind();
-                let _ = conn
-                    .send(Envelope {
-                        generation: Generation::default(),
-                        message: refuse(format!("{kind} is not a request a site makes")),
-                    })
-                    .await;
-                linger(&mut conn).await;
-                anyhow::bail!("site at {source} sent {kind}");
+                let why = format!("{} is not a request a site makes", other.kind());
+                let err = refuse_and_close(&mut conn, why).await;
+                return Err(err.context(format!("site at {source}")));
             }
         };
-        tokio::time::timeout(
-            IO_TIMEOUT,
-            conn.send(Envelope {
-                generation: Generation::default(),
-                message: reply,
-            }),
-        )
-        .await
-        .context("sending an answer timed out")??;
+        answer(&mut conn, Generation::default(), reply).await?;
     }
 }
 

@@ -81,6 +81,19 @@ fn role(office: &mut Office, host: &str) -> Option<String> {
     status["role"]["state"].as_str().map(str::to_owned)
 }
 
+/// Waits until `host`'s restarted agent reports `done` (the change finished) or `before`
+/// (it had not begun); which one.
+fn settle(office: &mut Office, host: &str, [done, before]: [&str; 2]) -> String {
+    let mut settled = String::new();
+    office
+        .wait("the restarted agent to settle", STEP, |o| {
+            settled = role(o, host).unwrap_or_default();
+            Ok(settled == done || settled == before)
+        })
+        .unwrap();
+    settled
+}
+
 #[test]
 fn kill_9_in_the_middle_of_p_and_b_and_the_pair_ends_whole() {
     if !require_root(
@@ -110,15 +123,7 @@ fn kill_9_in_the_middle_of_p_and_b_and_the_pair_ends_whole() {
         office.kill_agent(backup).unwrap();
         let said = finish(p);
         office.start_agent(backup).unwrap();
-        office
-            .wait("the restarted agent to settle", STEP, |o| {
-                Ok(matches!(
-                    role(o, backup).as_deref(),
-                    Some("primary" | "backup")
-                ))
-            })
-            .unwrap();
-        let finished_by_restart = role(&mut office, backup).as_deref() == Some("primary");
+        let finished_by_restart = settle(&mut office, backup, ["primary", "backup"]) == "primary";
         if let Kill::Recorded(_) = p_kill {
             assert!(
                 finished_by_restart,
@@ -159,15 +164,7 @@ fn kill_9_in_the_middle_of_p_and_b_and_the_pair_ends_whole() {
         office.kill_agent(victim).unwrap();
         office.start_agent(victim).unwrap();
         let said = finish(b);
-        office
-            .wait("the restarted agent to settle", STEP, |o| {
-                Ok(matches!(
-                    role(o, primary).as_deref(),
-                    Some("backup" | "fenced")
-                ))
-            })
-            .unwrap();
-        let pressed_again = role(&mut office, primary).as_deref() == Some("fenced");
+        let pressed_again = settle(&mut office, primary, ["backup", "fenced"]) == "fenced";
         if pressed_again {
             assert!(
                 matches!(b_kill, Kill::After(_)),
