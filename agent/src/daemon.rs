@@ -358,26 +358,6 @@ impl Shared {
     }
 }
 
-/// Tells systemd we are ready (`Type=notify`), when started by it.
-fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let address = match path.strip_prefix('@') {
-        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
-        None => std::os::unix::net::SocketAddr::from_pathname(&path),
-    };
-    let sent = address.and_then(|address| {
-        let socket = std::os::unix::net::UnixDatagram::unbound()?;
-        socket.send_to_addr(state.as_bytes(), &address)
-    });
-    if let Err(err) = sent {
-        tracing::warn!("telling systemd {state:?}: {err}");
-    }
-}
-
 /// `lbs agent`.
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     crate::cli::init_logging("info");
@@ -462,7 +442,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     }
     let (role, sid) = (lock(&shared.machine).record.clone(), lock(&shared.info).sid);
     println!("ready: {sid} {} at {}", role.state, role.generation);
-    notify_systemd(&format!(
+    lbs_protocol::systemd::notify(&format!(
         "READY=1\nSTATUS={} at {}",
         role.state, role.generation
     ));
@@ -477,7 +457,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             tracing::error!("a task ended early: {ended:?}");
         }
     }
-    notify_systemd("STOPPING=1");
+    lbs_protocol::systemd::notify("STOPPING=1");
     shutdown.cancel();
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
@@ -507,7 +487,9 @@ async fn wait_for_activation(paths: &StatePaths) -> anyhow::Result<Option<RoleRe
         }
         if !said {
             println!("waiting: this box is not activated yet (run `lbs activate`)");
-            notify_systemd("STATUS=waiting for lbs activate");
+            // Ready as shipped: the unit is up and waits for activation; `systemctl start`
+            // must not hang until its timeout on a preinstalled box.
+            lbs_protocol::systemd::notify("READY=1\nSTATUS=waiting for lbs activate");
             said = true;
         }
         tokio::select! {

@@ -49,6 +49,7 @@ where
         _ = int.recv() => {}
     }
     tracing::info!("stopping");
+    lbs_protocol::systemd::notify("STOPPING=1");
     shutdown.cancel();
     service.await
 }
@@ -69,11 +70,13 @@ async fn serve(
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            println!(
-                "ready: activation {} control {}",
+            let ready = format!(
+                "activation {} control {}",
                 list(&listening.activation),
                 list(&listening.control)
             );
+            println!("ready: {ready}");
+            lbs_protocol::systemd::notify(&format!("READY=1\nSTATUS=serving: {ready}"));
         })
     })
     .await
@@ -84,11 +87,13 @@ async fn site(dir: &Path, config: crate::config::ServeConfig) -> anyhow::Result<
     let name = config.site.clone();
     until_signal(|shutdown| {
         crate::site::run(dir, config, shutdown, move |ready| {
-            println!(
-                "ready: site {name}, endpoints {}, {} peers from the cache",
+            let ready = format!(
+                "site {name}, endpoints {}, {} peers from the cache",
                 ready.endpoints.join(","),
                 ready.cached_peers
             );
+            println!("ready: {ready}");
+            lbs_protocol::systemd::notify(&format!("READY=1\nSTATUS={ready}"));
         })
     })
     .await

@@ -11,11 +11,12 @@
 //!   [`FrameCodec`] for tokio.
 //! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
 //!   connection.
+//! - [`systemd`]: readiness notification for `Type=notify` units.
 //! - [`tls`]: mutual-TLS [`Identity`], [`TrustRoot`], [`CertificateAuthority`] and the
 //!   rustls configurations that accept only the expected peer.
 //!
 //! This crate owns every type that crosses the wire; changing one is a compatibility
-//! decision (see [`PROTOCOL_VERSION`]). It opens no sockets of its own: callers hand it
+//! decision (see [`PROTOCOL_VERSION`]). It opens no network sockets of its own: callers hand it
 //! streams.
 
 #![warn(missing_docs)]
@@ -31,6 +32,7 @@ pub mod message;
 pub mod metered;
 pub mod path;
 pub mod sync;
+pub mod systemd;
 pub mod tls;
 pub mod version;
 

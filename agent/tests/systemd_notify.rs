@@ -1,0 +1,74 @@
+//! Under systemd (`Type=notify`): an agent preinstalled on a box that is not activated yet
+//! still tells systemd it is ready, so `systemctl start lbs-agent` returns at once instead of
+//! failing after the start timeout (and restarting for ever) on every shipped image.
+
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LBS: &str = env!("CARGO_BIN_EXE_lbs");
+
+/// Stops the agent if the test fails first.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_agent_waiting_for_activation_is_ready_for_systemd_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("lbs-notify-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let notify = dir.join("notify");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    let mut agent = Agent(
+        Command::new(LBS)
+            .arg("agent")
+            .arg("--config")
+            .arg(dir.join("agent.toml")) // absent: every default
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .env("NOTIFY_SOCKET", &notify)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .expect("no notification from the agent within 10 s");
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(said.lines().any(|l| l == "READY=1"), "{said:?}");
+    assert!(said.contains("STATUS=waiting for lbs activate"), "{said:?}");
+
+    // systemctl stop: SIGTERM, and the agent ends cleanly well within TimeoutStopSec.
+    let pid = agent.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the agent did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
