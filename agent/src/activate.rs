@@ -126,7 +126,8 @@ pub struct ActivateCmd {
     /// The one-time activation key on the sheet.
     #[arg(long)]
     pub key: Option<String>,
-    /// The data center's activation address (`dc.example.net:7440`).
+    /// The data center's activation address (`dc.example.net:7440`). Default: the one
+    /// shipped with the box in `datacenter-address` beside the CA certificate, if any.
     #[arg(long)]
     pub datacenter: Option<String>,
     /// The data center's CA certificate shipped with the box (pinned: no other server is
@@ -143,6 +144,33 @@ pub struct ActivateCmd {
     /// records.
     #[arg(long)]
     pub again: bool,
+}
+
+/// The file an image build writes beside the data center's CA: its activation address.
+pub const SHIPPED_ADDRESS: &str = "datacenter-address";
+
+/// The activation address shipped with the box (`datacenter-address` beside `ca`: its
+/// first line that is not blank or a `#` comment), if there is that file.
+fn shipped_address(ca: &Path) -> anyhow::Result<Option<String>> {
+    let path = ca.with_file_name(SHIPPED_ADDRESS);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let address = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned);
+    if address.is_none() {
+        bail!(
+            "{} names no address: write the data center's `host:port` in it, or give \
+             --datacenter",
+            path.display()
+        );
+    }
+    Ok(address)
 }
 
 fn ask(what: &str) -> anyhow::Result<String> {
@@ -239,7 +267,10 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
     };
     let datacenter = match cmd.datacenter {
         Some(dc) => dc,
-        None => ask("Data center address")?,
+        None => match shipped_address(&cmd.ca)? {
+            Some(dc) => dc,
+            None => ask("Data center address")?,
+        },
     };
     let address = resolve(&datacenter)?;
     let lan = match cmd.lan {
@@ -371,4 +402,31 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{SHIPPED_ADDRESS, shipped_address};
+
+    #[test]
+    fn the_shipped_address_beside_the_ca_is_the_default() {
+        let dir = std::env::temp_dir().join(format!("lbs-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("datacenter-ca.pem");
+        assert_eq!(shipped_address(&ca).unwrap(), None);
+        std::fs::write(
+            dir.join(SHIPPED_ADDRESS),
+            "# written by cargo xtask image\n\n  dc.example.net:7440  \n",
+        )
+        .unwrap();
+        assert_eq!(
+            shipped_address(&ca).unwrap().as_deref(),
+            Some("dc.example.net:7440")
+        );
+        std::fs::write(dir.join(SHIPPED_ADDRESS), "# nothing\n").unwrap();
+        let err = shipped_address(&ca).unwrap_err().to_string();
+        assert!(err.contains("names no address"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

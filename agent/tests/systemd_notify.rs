@@ -57,7 +57,13 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_and_stops_on_sigterm() {
 
     // systemctl stop: SIGTERM, and the agent ends cleanly well within TimeoutStopSec.
     let pid = agent.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let started = Instant::now();
     let status = loop {
         if let Some(status) = agent.0.try_wait().unwrap() {

@@ -8,9 +8,11 @@
 //! - `cargo xtask bench sync`: lbs sync against rsync on fixed datasets, same run, medians.
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 //! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
+//! - `cargo xtask dist`: the Debian packages `lbs` and `lbs-datacenter`, lintian-checked.
 
 mod bench;
 mod demo;
+mod dist;
 mod process;
 mod test;
 mod util;
@@ -33,6 +35,9 @@ enum Command {
     /// Benchmarks: sync against rsync in the same run, VPN failover, failover RTO/RPO
     /// (`cargo xtask bench sync|vpn|failover`).
     Bench(bench::BenchArgs),
+    /// Build the Debian packages lbs and lbs-datacenter (release build, man pages,
+    /// completions, units) and check them with lintian and systemd-analyze.
+    Dist(dist::DistArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Dist(args) => dist::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
