@@ -320,6 +320,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_config_is_the_defaults_with_the_console_group() {
+        let shipped = AgentConfig::parse(include_str!("../../dist/lbs/agent.toml"))
+            .expect("dist/lbs/agent.toml parses");
+        assert_eq!(shipped.console_group.as_deref(), Some("lbs-console"));
+        let defaults = AgentConfig::parse("").expect("defaults");
+        assert_eq!(shipped.sets, defaults.sets);
+        assert_eq!(shipped.network, None);
+        // Every option of the file is documented in it: uncommenting every `#key = value`
+        // line of the top-level block gives a file that parses and keeps the defaults.
+        let top: String = include_str!("../../dist/lbs/agent.toml")
+            .lines()
+            .take_while(|l| !l.starts_with("#[network]"))
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let spelled = AgentConfig::parse(&top).expect("every documented option parses");
+        assert_eq!(spelled.sync_port, defaults.sync_port);
+        assert_eq!(spelled.sets, defaults.sets);
+        for key in [
+            "sync_port",
+            "sync_over",
+            "report_interval_s",
+            "reconcile_interval_s",
+            "debounce_ms",
+            "resource_interval_s",
+            "tunnels",
+            "astdb",
+            "pbx_stop",
+            "pbx_start",
+            "primary_gone_after_s",
+            "promote_note",
+            "demote_note",
+            "auto_failover",
+        ] {
+            assert!(
+                top.contains(&format!("\n{key} = ")),
+                "{key} is not documented"
+            );
+        }
+    }
+
+    #[test]
     fn no_file_replicates_an_asterisk_box() {
         let config = AgentConfig::parse("").expect("defaults");
         let names: Vec<&str> = config.sets.iter().map(|s| s.name.as_str()).collect();

@@ -113,6 +113,13 @@ impl Console {
         let status = ask(&self.socket).await;
         let mut screen = match &status {
             Ok(status) => state_lines(status),
+            Err(_) if crate::daemon::unactivated_note(&self.socket).exists() => vec![
+                "lbs console".to_owned(),
+                "-".repeat(WIDTH - 1),
+                "This box is not activated yet: its agent waits for it.".to_owned(),
+                "An administrator activates it as root with `lbs activate` and the SID and".into(),
+                "key from the provisioning sheet; P and B work once it is part of a pair.".into(),
+            ],
             Err(err) => vec![
                 "lbs console".to_owned(),
                 "-".repeat(WIDTH - 1),

@@ -363,7 +363,12 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     crate::cli::init_logging("info");
     let config = AgentConfig::load(&cmd.config, false)?;
     let paths = StatePaths::new(&cmd.state);
-    let Some(record) = wait_for_activation(&paths).await? else {
+    // While it waits, a note beside the control socket tells the console (which may not
+    // read the state) why nobody answers yet.
+    let waiting = unactivated_note(&cmd.socket);
+    let activated = wait_for_activation(&paths, &waiting).await;
+    let _ = std::fs::remove_file(&waiting);
+    let Some(record) = activated? else {
         println!("stopped");
         return Ok(ExitCode::SUCCESS);
     };
@@ -473,9 +478,17 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The file beside the control `socket` that says the agent waits for activation.
+pub fn unactivated_note(socket: &Path) -> PathBuf {
+    socket.with_file_name("unactivated")
+}
+
 /// An agent started on a box that is not activated yet (preinstalled, as shipped) waits for
 /// `lbs activate`, then carries on; `None` if it was stopped first.
-async fn wait_for_activation(paths: &StatePaths) -> anyhow::Result<Option<RoleRecord>> {
+async fn wait_for_activation(
+    paths: &StatePaths,
+    note: &Path,
+) -> anyhow::Result<Option<RoleRecord>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -487,6 +500,11 @@ async fn wait_for_activation(paths: &StatePaths) -> anyhow::Result<Option<RoleRe
         }
         if !said {
             println!("waiting: this box is not activated yet (run `lbs activate`)");
+            if let Err(err) =
+                lbs_protocol::write_file_atomic(note, b"waiting for lbs activate\n", 0o644)
+            {
+                tracing::warn!("writing {}: {err}", note.display());
+            }
             // Ready as shipped: the unit is up and waits for activation; `systemctl start`
             // must not hang until its timeout on a preinstalled box.
             lbs_protocol::systemd::notify("READY=1\nSTATUS=waiting for lbs activate");

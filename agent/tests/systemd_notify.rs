@@ -22,7 +22,7 @@ impl Drop for Agent {
 }
 
 #[test]
-fn an_agent_waiting_for_activation_is_ready_for_systemd_and_stops_on_sigterm() {
+fn an_agent_waiting_for_activation_is_ready_for_systemd_says_so_and_stops_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("lbs-notify-agent-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -54,6 +54,9 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_and_stops_on_sigterm() {
     let said = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(said.lines().any(|l| l == "READY=1"), "{said:?}");
     assert!(said.contains("STATUS=waiting for lbs activate"), "{said:?}");
+    // The console (not root: it cannot read the state) learns why nobody answers.
+    let note = dir.join("unactivated");
+    assert!(note.exists(), "no {} while waiting", note.display());
 
     // systemctl stop: SIGTERM, and the agent ends cleanly well within TimeoutStopSec.
     let pid = agent.0.id().to_string();
@@ -76,5 +79,6 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+    assert!(!note.exists(), "{} outlived the agent", note.display());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -381,6 +381,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_config_parses_and_documents_every_section() {
+        let text = include_str!("../../dist/lbs-datacenter/datacenter.toml");
+        let shipped = ServeConfig::parse(text, Path::new("/etc/lbs-datacenter"))
+            .expect("dist/lbs-datacenter/datacenter.toml parses");
+        let defaults = ServeConfig::parse("", Path::new(".")).expect("defaults");
+        assert_eq!(shipped.activation, defaults.activation);
+        assert_eq!(shipped.site, defaults.site);
+        for key in [
+            "activation",
+            "control",
+            "advertise_control",
+            "overlay_pool",
+            "site",
+            "follow",
+            "[rate_limit]",
+            "[dns]",
+            "[[endpoint]]",
+            "private_key_file",
+            "public_key",
+        ] {
+            assert!(text.contains(&format!("#{key}")), "{key} is not documented");
+        }
+    }
+
+    #[test]
     fn nothing_configured_is_a_working_default() {
         let config = ServeConfig::parse("", Path::new(".")).expect("defaults");
         assert_eq!(config.activation, default_activation());

@@ -201,7 +201,7 @@ pub fn build_checked(out: Option<PathBuf>, install: bool) -> anyhow::Result<Vec<
 }
 
 /// `[workspace.package] version` of the root Cargo.toml.
-fn workspace_version() -> anyhow::Result<String> {
+pub fn workspace_version() -> anyhow::Result<String> {
     let manifest = project_root().join("Cargo.toml");
     let text =
         fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
@@ -673,7 +673,7 @@ pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+pub fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))

@@ -9,10 +9,12 @@
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 //! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
 //! - `cargo xtask dist`: the Debian packages `lbs` and `lbs-datacenter`, lintian-checked.
+//! - `cargo xtask image`: a Debian 12 PBX image with lbs preinstalled (tarball and qcow2).
 
 mod bench;
 mod demo;
 mod dist;
+mod image;
 mod process;
 mod test;
 mod util;
@@ -38,6 +40,9 @@ enum Command {
     /// Build the Debian packages lbs and lbs-datacenter (release build, man pages,
     /// completions, units) and check them with lintian and systemd-analyze.
     Dist(dist::DistArgs),
+    /// Build a Debian 12 PBX image with lbs preinstalled: a root filesystem tarball and a
+    /// bootable qcow2 disk (root; --check: build, check and discard, as CI does).
+    Image(Box<image::ImageArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Dist(args) => dist::run(&args),
+        Command::Image(args) => image::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -87,6 +87,8 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         .iter()
         .chain(LAB_PACKAGES)
         .chain(TEST_ONLY_PACKAGES)
+        .chain(crate::dist::DIST_PACKAGES)
+        .chain(crate::image::IMAGE_PACKAGES)
         .copied()
         .collect();
     if !ensure_packages(&packages, !args.no_install)?.is_empty() {
@@ -130,6 +132,29 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             .env(SKIP_LOG_ENV, &skip_log),
     )?;
 
+    // The packages and the image: built, lintian-checked, installed into a Debian 12 tree
+    // made by debootstrap (cached), run there, purged; the disk made and checked. Root only.
+    let mut counts = counts;
+    if is_root() {
+        let exe = std::env::current_exe().context("finding the xtask binary")?;
+        match run_step(
+            "cargo xtask image --check (packages, lintian, the image)",
+            Command::new(exe).args(["image", "--check"]),
+        ) {
+            Ok(_) => counts.passed += 1,
+            Err(err) => {
+                println!("{err:#}");
+                counts.failed += 1;
+            }
+        }
+    } else {
+        fs::write(
+            &skip_log,
+            fs::read_to_string(&skip_log).unwrap_or_default()
+                + "xtask image --check: needs root (debootstrap, chroot, loop mount)\n",
+        )?;
+    }
+
     let skipped =
         fs::read_to_string(&skip_log).with_context(|| format!("reading {}", skip_log.display()))?;
     let skipped: Vec<&str> = skipped.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -145,6 +170,9 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     );
     if counts.passed == 0 {
         bail!("no test ran");
+    }
+    if counts.failed > 0 {
+        bail!("{} test(s) failed", counts.failed);
     }
     if !skipped.is_empty() && is_root() {
         bail!(
