@@ -26,6 +26,10 @@ pub const IMAGE_PACKAGES: &[(&str, &str)] = &[
         "mkfs.ext4 -d, the root filesystem made from the tree",
     ),
     ("qemu-utils", "qemu-img, the raw disk converted to qcow2"),
+    (
+        "qemu-system-x86",
+        "--check boots the disk (software emulation, no network) to its login prompt",
+    ),
 ];
 
 const SUITE: &str = "bookworm";
@@ -112,8 +116,9 @@ pub struct ImageArgs {
     #[arg(long)]
     fresh_base: bool,
     /// Build with these options into a scratch directory, check the result (lbs runs in it,
-    /// the agent is enabled, both packages install and purge cleanly, the disk is sound),
-    /// then remove it. What `cargo xtask test` runs.
+    /// the agent is enabled, the disk boots under qemu to its login prompt with the agent
+    /// started, both packages install and purge cleanly), then remove it. What
+    /// `cargo xtask test` runs.
     #[arg(long)]
     check: bool,
     /// Do not install missing tools, only say which are missing.
@@ -171,6 +176,7 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
 
     if args.check {
         check_outputs(&tarball, &qcow2)?;
+        boot(&qcow2, &work.join("boot.log"), &args.hostname)?;
         check_packages(&tree, &debs)?;
         remove_dir(&out)?;
         remove_dir(&tree)?;
@@ -237,6 +243,9 @@ fn validate(args: &ImageArgs) -> anyhow::Result<()> {
         if !file.is_file() {
             bail!("{} does not exist", file.display());
         }
+    }
+    if let Some(file) = &args.console_password_file {
+        console_password(file)?;
     }
     if let Some(ca) = &args.datacenter_ca {
         let text = fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -485,15 +494,7 @@ fn configure(args: &ImageArgs, tree: &Path) -> anyhow::Result<()> {
     // The console login's password: from the build, or asked at first boot.
     match &args.console_password_file {
         Some(file) => {
-            let text = fs::read_to_string(file)?;
-            let password = text.lines().next().unwrap_or("").trim_end_matches('\r');
-            if password.len() < 8 {
-                bail!(
-                    "{}: the console password must be at least 8 characters",
-                    file.display()
-                );
-            }
-            set_console_password(tree, password)?;
+            set_console_password(tree, &console_password(file)?)?;
             let _ = fs::remove_file(tree.join("etc/lbs/console-password-needed"));
             println!("    console login ip: password from {}", file.display());
         }
@@ -536,6 +537,25 @@ fn configure(args: &ImageArgs, tree: &Path) -> anyhow::Result<()> {
         args.ip, args.interface, args.gateway
     );
     Ok(())
+}
+
+/// The console password: the file's first line, at least 8 characters.
+fn console_password(file: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let password = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if password.chars().count() < 8 {
+        bail!(
+            "{}: the console password must be at least 8 characters",
+            file.display()
+        );
+    }
+    if password.contains(':') {
+        bail!(
+            "{}: the console password cannot contain ':'",
+            file.display()
+        );
+    }
+    Ok(password.to_owned())
 }
 
 /// Sets the `ip` login's password inside the tree (hashed by the tree's own chpasswd).
@@ -858,6 +878,102 @@ fn check_outputs(tarball: &Path, qcow2: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--check`: the disk boots under qemu (no network card: nothing leaves this machine) to
+/// the login prompt on its serial console, and systemd started the lbs agent on the way.
+fn boot(qcow2: &Path, log: &Path, hostname: &str) -> anyhow::Result<()> {
+    const BOOT_LIMIT: Duration = Duration::from_secs(420);
+    let started = Instant::now();
+    println!("\n==> boot the disk under qemu (software emulation)");
+    let _ = fs::remove_file(log);
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-snapshot",
+            "-nic",
+            "none",
+            "-display",
+            "none",
+        ])
+        .args(["-no-reboot", "-serial"])
+        .arg(format!("file:{}", log.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", qcow2.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let mut qemu = crate::process::Guard(Some(child));
+    let prompt = format!("{hostname} login:");
+    let console = loop {
+        let text = fs::read(log).unwrap_or_default();
+        let text = plain(&String::from_utf8_lossy(&text));
+        if text.contains(&prompt) {
+            break text;
+        }
+        if let Some(status) = qemu.child()?.try_wait()? {
+            bail!(
+                "qemu ended ({status}) before the login prompt; the console said:\n{}",
+                tail(&text, 30)
+            );
+        }
+        if started.elapsed() > BOOT_LIMIT {
+            bail!(
+                "no login prompt within {}; the console said:\n{}",
+                seconds(BOOT_LIMIT),
+                tail(&text, 30)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    drop(qemu);
+    let _ = fs::remove_file(log);
+    if console.contains("Failed to start lbs") {
+        bail!(
+            "systemd failed to start an lbs unit:\n{}",
+            tail(&console, 40)
+        );
+    }
+    if !console.contains("Started lbs-agent.service") {
+        bail!(
+            "the boot reached the login prompt without starting lbs-agent.service:\n{}",
+            tail(&console, 40)
+        );
+    }
+    println!(
+        "    checked: the disk boots (extlinux, systemd) to `{prompt}` in {}, lbs-agent started",
+        seconds(started.elapsed())
+    );
+    Ok(())
+}
+
+/// `text` without the terminal's colour codes (CSI sequences: ESC [ … final byte).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// `--check`: lbs-datacenter installs beside lbs, and purging both leaves no trace of them
 /// (binaries, units, the console login) in the tree.
 fn check_packages(tree: &Path, debs: &[PathBuf]) -> anyhow::Result<()> {
@@ -894,4 +1010,18 @@ fn check_packages(tree: &Path, debs: &[PathBuf]) -> anyhow::Result<()> {
         version.trim()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plain, tail};
+
+    #[test]
+    fn the_console_is_read_without_colour_codes() {
+        let console =
+            "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mlbs-agent.service\u{1b}[0m - lbs";
+        assert_eq!(plain(console), "[  OK  ] Started lbs-agent.service - lbs");
+        assert_eq!(tail("a\nb\nc", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
 }
