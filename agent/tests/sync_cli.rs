@@ -167,22 +167,7 @@ fn serve_pull_verify_over_mutual_tls() {
     assert!(!out.status.success());
     assert!(text(&out).contains("refused"), "{}", text(&out));
 
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = lbs_tests::terminate(&mut server.0, "lbs sync serve", Duration::from_secs(10));
     assert!(status.success(), "serve exited with {status}");
     let log = drain.join().unwrap().join("\n");
     assert!(

@@ -7,7 +7,7 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LBS: &str = env!("CARGO_BIN_EXE_lbs");
 
@@ -59,25 +59,7 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_says_so_and_stops_on_sig
     assert!(note.exists(), "no {} while waiting", note.display());
 
     // systemctl stop: SIGTERM, and the agent ends cleanly well within TimeoutStopSec.
-    let pid = agent.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the agent did not stop within 10 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = lbs_tests::terminate(&mut agent.0, "the agent", Duration::from_secs(10));
     assert!(status.success(), "{status}");
     assert!(!note.exists(), "{} outlived the agent", note.display());
     std::fs::remove_dir_all(&dir).unwrap();

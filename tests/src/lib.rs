@@ -63,6 +63,32 @@ pub fn require_root(test: &str, needs: &str) -> bool {
     false
 }
 
+/// Sends SIGTERM to a child this test started (as `systemctl stop` does) and waits up to
+/// `limit` for it to end; its exit status. Panics, naming `what`, if it ignores the signal.
+pub fn terminate(
+    child: &mut std::process::Child,
+    what: &str,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("running kill");
+    assert!(sent.success(), "kill -TERM {pid} ({what}) failed");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not stop within {limit:?} of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Another package's binary of this workspace, from the target directory the running test
 /// was built into (`cargo test --workspace` and `cargo xtask test` build every binary first).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
