@@ -161,7 +161,34 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
             .arg(&tree),
     )?;
     install_deb(&tree, &debs[0])?;
-    configure(args, &tree)?;
+    if args.check {
+        // The check also boots a data center: the package beside lbs, its CA made, so
+        // systemd must start lbs-datacenter.service under its hardening too.
+        for deb in &debs[1..] {
+            install_deb(&tree, deb)?;
+        }
+        chroot(
+            &tree,
+            &[
+                "lbs-datacenter",
+                "--dir",
+                "/var/lib/lbs-datacenter",
+                "init",
+                "--name",
+                "image check CA",
+            ],
+            SHORT,
+        )?;
+    }
+    // The check boots the disk and reads systemd's progress on the serial console, which
+    // systemd holds back while the first-boot password prompt owns a terminal: the checked
+    // image gets a password, as a provider's build with --console-password-file does.
+    let password = match (&args.console_password_file, args.check) {
+        (Some(file), _) => Some(console_password(file)?),
+        (None, true) => Some(format!("image-check-{}", std::process::id())),
+        (None, false) => None,
+    };
+    configure(args, &tree, password.as_deref())?;
     check_tree(&tree)?;
 
     fs::create_dir_all(&out)?;
@@ -176,8 +203,13 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
 
     if args.check {
         check_outputs(&tarball, &qcow2)?;
-        boot(&qcow2, &work.join("boot.log"), &args.hostname)?;
-        check_packages(&tree, &debs)?;
+        boot(
+            &qcow2,
+            &work.join("boot.log"),
+            &args.hostname,
+            &["lbs-agent.service", "lbs-datacenter.service"],
+        )?;
+        check_packages(&tree)?;
         remove_dir(&out)?;
         remove_dir(&tree)?;
         println!("\nimage --check: passed in {}", seconds(started.elapsed()));
@@ -369,7 +401,7 @@ fn put(tree: &Path, rel: &str, text: &str, mode: u32) -> anyhow::Result<()> {
 
 /// The box's identity and network, the data center, the console password, the boot loader's
 /// configuration, and what must differ between boxes made from one image.
-fn configure(args: &ImageArgs, tree: &Path) -> anyhow::Result<()> {
+fn configure(args: &ImageArgs, tree: &Path, password: Option<&str>) -> anyhow::Result<()> {
     println!("\n==> configure the image");
     let host = &args.hostname;
     put(tree, "etc/hostname", &format!("{host}\n"), 0o644)?;
@@ -492,11 +524,11 @@ fn configure(args: &ImageArgs, tree: &Path) -> anyhow::Result<()> {
     }
 
     // The console login's password: from the build, or asked at first boot.
-    match &args.console_password_file {
-        Some(file) => {
-            set_console_password(tree, &console_password(file)?)?;
+    match password {
+        Some(password) => {
+            set_console_password(tree, password)?;
             let _ = fs::remove_file(tree.join("etc/lbs/console-password-needed"));
-            println!("    console login ip: password from {}", file.display());
+            println!("    console login ip: password set at build time");
         }
         None => {
             put(
@@ -879,8 +911,8 @@ fn check_outputs(tarball: &Path, qcow2: &Path) -> anyhow::Result<()> {
 }
 
 /// `--check`: the disk boots under qemu (no network card: nothing leaves this machine) to
-/// the login prompt on its serial console, and systemd started the lbs agent on the way.
-fn boot(qcow2: &Path, log: &Path, hostname: &str) -> anyhow::Result<()> {
+/// the login prompt on its serial console, and systemd started `units` on the way.
+fn boot(qcow2: &Path, log: &Path, hostname: &str, units: &[&str]) -> anyhow::Result<()> {
     const BOOT_LIMIT: Duration = Duration::from_secs(420);
     let started = Instant::now();
     println!("\n==> boot the disk under qemu (software emulation)");
@@ -908,61 +940,97 @@ fn boot(qcow2: &Path, log: &Path, hostname: &str) -> anyhow::Result<()> {
         .context("starting qemu-system-x86_64")?;
     let mut qemu = crate::process::Guard(Some(child));
     let prompt = format!("{hostname} login:");
-    let console = loop {
+    // Units start beside the getty, so the prompt may come first: wait for both.
+    let missing = |console: &str| -> Vec<String> {
+        units
+            .iter()
+            .filter(|u| !started_on(console, u))
+            .map(|u| u.to_string())
+            .collect()
+    };
+    let failure = loop {
         let text = fs::read(log).unwrap_or_default();
         let text = plain(&String::from_utf8_lossy(&text));
-        if text.contains(&prompt) {
-            break text;
+        if text.contains("Failed to start lbs") {
+            break Some(format!(
+                "systemd failed to start an lbs unit:\n{}",
+                tail(&text, 40)
+            ));
+        }
+        if text.contains(&prompt) && missing(&text).is_empty() {
+            break None;
         }
         if let Some(status) = qemu.child()?.try_wait()? {
-            bail!(
-                "qemu ended ({status}) before the login prompt; the console said:\n{}",
+            break Some(format!(
+                "qemu ended ({status}) before the login prompt:\n{}",
                 tail(&text, 30)
-            );
+            ));
         }
         if started.elapsed() > BOOT_LIMIT {
-            bail!(
-                "no login prompt within {}; the console said:\n{}",
+            break Some(format!(
+                "within {}: login prompt {}, not started: {}; the console said:\n{}",
                 seconds(BOOT_LIMIT),
+                if text.contains(&prompt) {
+                    "seen"
+                } else {
+                    "not seen"
+                },
+                missing(&text).join(", "),
                 tail(&text, 30)
-            );
+            ));
         }
         std::thread::sleep(Duration::from_secs(1));
     };
     drop(qemu);
+    if let Some(failure) = failure {
+        bail!("{failure}\n(the whole console is in {})", log.display());
+    }
     let _ = fs::remove_file(log);
-    if console.contains("Failed to start lbs") {
-        bail!(
-            "systemd failed to start an lbs unit:\n{}",
-            tail(&console, 40)
-        );
-    }
-    if !console.contains("Started lbs-agent.service") {
-        bail!(
-            "the boot reached the login prompt without starting lbs-agent.service:\n{}",
-            tail(&console, 40)
-        );
-    }
     println!(
-        "    checked: the disk boots (extlinux, systemd) to `{prompt}` in {}, lbs-agent started",
-        seconds(started.elapsed())
+        "    checked: the disk boots (extlinux, systemd) to `{prompt}` in {}, started {}",
+        seconds(started.elapsed()),
+        units.join(", ")
     );
     Ok(())
+}
+
+/// Whether systemd's console says it started `unit`: "[  OK  ] Started lbs-agent.service - …",
+/// where a narrow console cuts the name short ("Started lbs-datacenter.ser… DNS …").
+fn started_on(console: &str, unit: &str) -> bool {
+    console.lines().any(|line| {
+        line.split_once("Started ").is_some_and(|(_, rest)| {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "@._-".contains(c)))
+                .unwrap_or(rest.len());
+            let (name, after) = rest.split_at(end);
+            name == unit || (name.len() >= 8 && unit.starts_with(name) && after.starts_with('…'))
+        })
+    })
 }
 
 /// `text` without the terminal's colour codes (CSI sequences: ESC [ … final byte).
 fn plain(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
+    let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
+        if c != '\u{1b}' {
             out.push(c);
+            continue;
+        }
+        // A lone ESC (a narrow console cuts sequences short) is dropped by itself.
+        if chars.peek() != Some(&'[') {
+            continue;
+        }
+        chars.next();
+        // Parameter and intermediate bytes, then one final byte; anything else ends it.
+        while let Some(&c) = chars.peek() {
+            chars.next();
+            if !('\u{20}'..='\u{3f}').contains(&c) {
+                if !('@'..='~').contains(&c) {
+                    out.push(c);
+                }
+                break;
+            }
         }
     }
     out
@@ -974,12 +1042,9 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// `--check`: lbs-datacenter installs beside lbs, and purging both leaves no trace of them
-/// (binaries, units, the console login) in the tree.
-fn check_packages(tree: &Path, debs: &[PathBuf]) -> anyhow::Result<()> {
-    for deb in &debs[1..] {
-        install_deb(tree, deb)?;
-    }
+/// `--check`: lbs-datacenter (installed beside lbs for the check) is enabled, and purging
+/// both leaves no trace of them (binaries, units, the console login) in the tree.
+fn check_packages(tree: &Path) -> anyhow::Result<()> {
     let version = chroot(tree, &["lbs-datacenter", "--version"], SHORT)?;
     let state = capture(
         Command::new("systemctl")
@@ -1022,6 +1087,18 @@ mod tests {
             "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mlbs-agent.service\u{1b}[0m - lbs";
         assert_eq!(plain(console), "[  OK  ] Started lbs-agent.service - lbs");
         assert_eq!(tail("a\nb\nc", 2), "b\nc");
+        let boot = plain(
+            "[  OK  ] Started \u{1b}[0;1;39mlbs-agent.service\u{1b}… - lbs agent\n\
+                    [  OK  ] Started lbs-datacenter.ser… DNS updates\n",
+        );
+        let boot = boot.as_str();
+        assert!(super::started_on(boot, "lbs-agent.service"));
+        assert!(super::started_on(boot, "lbs-datacenter.service"));
+        assert!(!super::started_on(boot, "lbs-datacenter-site.service"));
+        assert!(!super::started_on(
+            "Starting lbs-agent.service…",
+            "lbs-agent.service"
+        ));
         assert_eq!(tail("a", 5), "a");
     }
 }
