@@ -592,30 +592,15 @@ fn console_password(file: &Path) -> anyhow::Result<String> {
 
 /// Sets the `ip` login's password inside the tree (hashed by the tree's own chpasswd).
 fn set_console_password(tree: &Path, password: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("chroot")
-        .arg(tree)
-        .args(["chpasswd"])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting chpasswd in the image")?;
-    child
-        .stdin
-        .take()
-        .context("chpasswd stdin")?
-        .write_all(format!("ip:{password}\n").as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "setting the console password in the image failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    feed(
+        Command::new("chroot")
+            .arg(tree)
+            .arg("chpasswd")
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        &format!("ip:{password}\n"),
+    )
+    .context("setting the console password in the image")
 }
 
 /// What every image must be: lbs runs, its agent and boot check are enabled, the LAN is
