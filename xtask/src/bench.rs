@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 
 use crate::process::{Guard, Server, checked, run_watched};
-use crate::util::{cargo, ensure_packages, is_root, run_step, target_dir};
+use crate::util::{cargo, ensure_packages, is_root, remove_all, run_step, target_dir};
 
 /// Every dataset derives from this seed (the same date the rsync baseline script uses).
 const SEED: &str = "lbs sync bench 20240601";
@@ -1195,14 +1195,6 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
     fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
-}
-
-fn remove_all(path: &Path) -> anyhow::Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("removing {}", path.display())),
-    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::process::checked;
-use crate::util::{cargo, ensure_packages, project_root, run_step, seconds, target_dir};
+use crate::util::{
+    cargo, ensure_packages, project_root, remove_all, run_step, seconds, target_dir,
+};
 
 /// What `cargo xtask dist` needs besides a toolchain, and what for.
 pub const DIST_PACKAGES: &[(&str, &str)] = &[
@@ -230,12 +232,7 @@ fn build_package(
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
     let sources = project_root().join("dist").join(package.name);
-    let stage = target_dir()
-        .join("dist-stage")
-        .join(format!("{}_{version}_{arch}", package.name));
-    if stage.exists() {
-        fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
-    }
+    let stage = scratch(&format!("{}_{version}_{arch}", package.name))?;
     let put = |dest: &str, from: &Path, mode: u32| -> anyhow::Result<()> {
         let to = stage.join(dest);
         if let Some(parent) = to.parent() {
@@ -331,14 +328,16 @@ fn build_package(
     Ok(deb)
 }
 
+/// `<target>/dist-stage/<name>`, emptied: where a package's tree, docs or checks are made.
+fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("dist-stage").join(name);
+    remove_all(&dir)?;
+    Ok(dir)
+}
+
 /// Man pages (gzipped) and the shell completions, from the binary's CLI definition.
 fn write_docs(package: &Package, stage: &Path) -> anyhow::Result<()> {
-    let generated = target_dir()
-        .join("dist-stage")
-        .join(format!("{}-docs", package.name));
-    if generated.exists() {
-        fs::remove_dir_all(&generated)?;
-    }
+    let generated = scratch(&format!("{}-docs", package.name))?;
     checked(
         Command::new(target_dir().join("release").join(package.binary))
             .arg("generate-docs")
@@ -587,12 +586,7 @@ fn installed_kb(stage: &Path) -> anyhow::Result<u64> {
 /// `systemd-analyze verify` on the package's units, inside the package's own tree so the
 /// binary they start is the one packaged.
 fn check_units(package: &Package, deb: &Path) -> anyhow::Result<()> {
-    let tree = target_dir()
-        .join("dist-stage")
-        .join(format!("{}-verify", package.name));
-    if tree.exists() {
-        fs::remove_dir_all(&tree)?;
-    }
+    let tree = scratch(&format!("{}-verify", package.name))?;
     checked(
         Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tree),
         Duration::from_secs(60),

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 
 use crate::dist::{self, capture};
 use crate::process::checked;
-use crate::util::{ensure_packages, is_root, run_step, seconds, target_dir};
+use crate::util::{ensure_packages, is_root, remove_all, run_step, seconds, target_dir};
 
 /// What building an image needs on this machine, and what for.
 pub const IMAGE_PACKAGES: &[(&str, &str)] = &[
@@ -150,7 +150,7 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
 
     let tree = work.join("rootfs");
     let _unmounted = TreeMounts::clean(&tree);
-    remove_dir(&tree)?;
+    remove_all(&tree)?;
     fs::create_dir_all(&tree)?;
     run_step(
         "unpack the base",
@@ -210,12 +210,12 @@ pub fn run(args: &ImageArgs) -> anyhow::Result<()> {
             &["lbs-agent.service", "lbs-datacenter.service"],
         )?;
         check_packages(&tree)?;
-        remove_dir(&out)?;
-        remove_dir(&tree)?;
+        remove_all(&out)?;
+        remove_all(&tree)?;
         println!("\nimage --check: passed in {}", seconds(started.elapsed()));
         return Ok(());
     }
-    remove_dir(&tree)?;
+    remove_all(&tree)?;
     println!();
     for path in [&tarball, &qcow2] {
         let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -317,7 +317,7 @@ fn base_tarball(args: &ImageArgs) -> anyhow::Result<PathBuf> {
         .cache
         .join(format!(".base-{SUITE}-{}.partial", &key[..12]));
     let _unmounted = TreeMounts::clean(&tree);
-    remove_dir(&tree)?;
+    remove_all(&tree)?;
     let took = run_step(
         &format!(
             "debootstrap {SUITE} (minbase + {} packages)",
@@ -347,7 +347,7 @@ fn base_tarball(args: &ImageArgs) -> anyhow::Result<PathBuf> {
             .arg("."),
     )?;
     fs::rename(&partial, &tarball)?;
-    remove_dir(&tree)?;
+    remove_all(&tree)?;
     Ok(tarball)
 }
 
@@ -362,18 +362,21 @@ fn install_deb(tree: &Path, deb: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `argv` inside the tree, with a clean environment (nothing of this machine's leaks in).
+fn in_tree(tree: &Path, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(tree)
+        .args(argv)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("LC_ALL", "C");
+    cmd
+}
+
 /// Runs `argv` inside the tree; its output, or an error with it.
 fn chroot(tree: &Path, argv: &[&str], timeout: Duration) -> anyhow::Result<String> {
-    let out = crate::process::run_with_timeout(
-        Command::new("chroot")
-            .arg(tree)
-            .args(argv)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("LC_ALL", "C"),
-        timeout,
-    )?;
+    let out = crate::process::run_with_timeout(&mut in_tree(tree, argv), timeout)?;
     let said =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -593,11 +596,7 @@ fn console_password(file: &Path) -> anyhow::Result<String> {
 /// Sets the `ip` login's password inside the tree (hashed by the tree's own chpasswd).
 fn set_console_password(tree: &Path, password: &str) -> anyhow::Result<()> {
     feed(
-        Command::new("chroot")
-            .arg(tree)
-            .arg("chpasswd")
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        &mut in_tree(tree, &["chpasswd"]),
         &format!("ip:{password}\n"),
     )
     .context("setting the console password in the image")
@@ -857,14 +856,6 @@ impl TreeMounts {
 impl Drop for TreeMounts {
     fn drop(&mut self) {
         self.unmount_all();
-    }
-}
-
-fn remove_dir(dir: &Path) -> anyhow::Result<()> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("removing {}", dir.display())),
     }
 }
 
