@@ -126,6 +126,22 @@ pub(crate) fn init_logging(default_filter: &str) {
 /// Parses the command line, runs the command and turns its outcome into an exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Reports piped into `head` end quietly; what runs for long or changes state keeps
+    // SIGPIPE ignored, so a closed socket is an error it handles and not its sudden end.
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::Sync(SyncCommand::Verify { .. })
+            | Command::Net(
+                NetCommand::Probe(_)
+                    | NetCommand::Watch(_)
+                    | NetCommand::Inventory(_)
+                    | NetCommand::Preflight(_)
+            )
+            | Command::Vpn(VpnCommand::Status(_) | VpnCommand::Keygen(_))
+    ) {
+        sigpipe::reset();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

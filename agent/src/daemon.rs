@@ -98,6 +98,12 @@ pub struct SetStatus {
     pub pending_bytes: u64,
     /// What went wrong last, until a pass succeeds.
     pub last_error: Option<String>,
+    /// When the pass under way began (ms since the epoch).
+    #[serde(default)]
+    pub pass_started_ms: Option<u64>,
+    /// The first change announced while the pass under way ran (it may have missed it).
+    #[serde(default)]
+    pub changed_during_pass_ms: Option<u64>,
 }
 
 /// The office network as `[network]` configures it (with the operator's choice at **P**).
@@ -424,19 +430,48 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(serve_socket(shared.clone(), socket, shutdown.clone()));
-    tasks.spawn(report(shared.clone(), shutdown.clone()));
-    tasks.spawn(replication(shared.clone(), shutdown.clone()));
-    tasks.spawn(sample_resources(shared.clone(), shutdown.clone()));
-    tasks.spawn(execute_steps(shared.clone(), step_queue, shutdown.clone()));
+    let mut names = std::collections::HashMap::new();
+    let mut spawn = |name: &'static str,
+                     task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+        names.insert(tasks.spawn(task).id(), name);
+    };
+    spawn(
+        "the control socket",
+        Box::pin(serve_socket(shared.clone(), socket, shutdown.clone())),
+    );
+    spawn(
+        "reporting to the data center",
+        Box::pin(report(shared.clone(), shutdown.clone())),
+    );
+    spawn(
+        "replication",
+        Box::pin(replication(shared.clone(), shutdown.clone())),
+    );
+    spawn(
+        "the resource sampler",
+        Box::pin(sample_resources(shared.clone(), shutdown.clone())),
+    );
+    spawn(
+        "the role-change executor",
+        Box::pin(execute_steps(shared.clone(), step_queue, shutdown.clone())),
+    );
     if shared.config.tunnels {
-        tasks.spawn(tunnels(shared.clone(), shutdown.clone()));
+        spawn(
+            "the tunnels",
+            Box::pin(tunnels(shared.clone(), shutdown.clone())),
+        );
     }
     if shared.config.auto_failover {
-        tasks.spawn(auto_failover(shared.clone(), shutdown.clone()));
+        spawn(
+            "automatic failover",
+            Box::pin(auto_failover(shared.clone(), shutdown.clone())),
+        );
     }
     if shared.config.network.is_some() {
-        tasks.spawn(guard::guard_address(shared.clone(), shutdown.clone()));
+        spawn(
+            "the address guard",
+            Box::pin(guard::guard_address(shared.clone(), shutdown.clone())),
+        );
     }
     match taken {
         Some(by) => shared.handle(Event::AddressTaken { by }),
@@ -455,11 +490,22 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    // Every task runs until shutdown: one that ends first is a fault, and the agent exits
+    // non-zero naming it, so that systemd restarts it and the journal says why.
+    let mut code = ExitCode::SUCCESS;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-        Some(ended) = tasks.join_next() => {
-            tracing::error!("a task ended early: {ended:?}");
+        Some(ended) = tasks.join_next_with_id() => {
+            let name = ended
+                .as_ref()
+                .map_or_else(|err| err.id(), |(id, ())| *id);
+            let name = names.get(&name).copied().unwrap_or("a task");
+            match ended {
+                Ok(_) => tracing::error!("{name} ended unexpectedly; stopping the agent"),
+                Err(err) => tracing::error!("{name} failed: {err}; stopping the agent"),
+            }
+            code = ExitCode::FAILURE;
         }
     }
     lbs_protocol::systemd::notify("STOPPING=1");
@@ -475,7 +521,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     drop(lock(&shared.refresh).take());
     let _ = std::fs::remove_file(&cmd.socket);
     println!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// The file beside the control `socket` that says the agent waits for activation.
@@ -911,12 +957,21 @@ fn tunnel_summary(shared: &Shared) -> Vec<TunnelSummary> {
 
 async fn tunnels(shared: Arc<Shared>, shutdown: CancellationToken) {
     let path = shared.paths.vpn_config();
+    // Nothing to run, or nothing that can run: said once (status shows why), and the task
+    // waits for the agent to stop like the others — the rest of the agent works without it.
     let config = match lbs_vpn::config::tunnels_from_file(&path) {
-        Ok(config) if config.endpoints.is_empty() => return,
+        Ok(config) if config.endpoints.is_empty() => {
+            tracing::info!(
+                "tunnels: the data center named no WireGuard endpoint; the data center and the partner are reached directly"
+            );
+            return shutdown.cancelled().await;
+        }
         Ok(config) => config,
         Err(err) => {
-            lock(&shared.tunnels).1 = Some(format!("{}: {err}", path.display()));
-            return;
+            let why = format!("{}: {err}", path.display());
+            tracing::error!("tunnels: {why}");
+            lock(&shared.tunnels).1 = Some(why);
+            return shutdown.cancelled().await;
         }
     };
     let running = tokio::select! {
@@ -928,7 +983,7 @@ async fn tunnels(shared: Arc<Shared>, shutdown: CancellationToken) {
         Err(err) => {
             tracing::error!("tunnels: {err}");
             lock(&shared.tunnels).1 = Some(err.to_string());
-            return;
+            return shutdown.cancelled().await;
         }
     };
     let mut updates = tunnels.watch();
@@ -1273,17 +1328,24 @@ fn watch_sets(
     let task = tokio::spawn(async move {
         let mut pending: BTreeSet<String> = BTreeSet::new();
         let mut overflow = false;
+        // A notice goes out `debounce` after the first change it carries, however many follow:
+        // a file written without pause (a call being recorded) must not hold back every
+        // notice until it stops.
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
             let event = if pending.is_empty() && !overflow {
+                due = None;
                 tokio::select! {
                     () = token.cancelled() => return,
                     event = rx.recv() => event,
                 }
             } else {
+                let deadline = *due.get_or_insert_with(|| tokio::time::Instant::now() + debounce);
                 tokio::select! {
                     () = token.cancelled() => return,
                     event = rx.recv() => event,
-                    () = tokio::time::sleep(debounce) => {
+                    () = tokio::time::sleep_until(deadline) => {
+                        due = None;
                         if pending.remove(ASTDB_SET)
                             && let Some(source) = astdb.clone()
                         {
@@ -1358,19 +1420,43 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
         stop.clone(),
     ));
     let mut next_reconcile = Instant::now() + shared.config.reconcile_interval;
+    // Sets take turns: after a pass of one, the next due set after it goes first, so a set
+    // that changes without pause (a recording) cannot starve the others. A set whose files
+    // were still changing waits a moment before its next pass, without holding up the rest.
+    let mut cursor = 0usize;
+    let mut not_before: Vec<Option<Instant>> = vec![None; sets.len()];
     loop {
-        let next = lock(&pending).iter().next().copied();
+        let now = Instant::now();
+        let (next, waiting) = {
+            let pending = lock(&pending);
+            let ready = |i: &&usize| not_before[**i].is_none_or(|t| t <= now);
+            let next = pending
+                .range(cursor..)
+                .find(ready)
+                .or_else(|| pending.iter().find(ready))
+                .copied();
+            let waiting = pending.iter().filter_map(|&i| not_before[i]).min();
+            (next, waiting)
+        };
         let Some(i) = next else {
+            if waiting.is_none() {
+                cursor = 0;
+            }
+            let until = waiting.map_or(next_reconcile, |t| t.min(next_reconcile));
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = wake.notified() => {}
-                () = tokio::time::sleep_until(next_reconcile.into()) => {
-                    lock(&pending).extend(0..sets.len());
-                    next_reconcile = Instant::now() + shared.config.reconcile_interval;
+                () = tokio::time::sleep_until(until.into()) => {
+                    if Instant::now() >= next_reconcile {
+                        lock(&pending).extend(0..sets.len());
+                        next_reconcile = Instant::now() + shared.config.reconcile_interval;
+                    }
                 }
             }
             continue;
         };
+        cursor = i + 1;
+        not_before[i] = None;
         let (set, index, _) = &sets[i];
         let peer = match peer(&shared) {
             Ok(Some(peer)) => peer,
@@ -1388,7 +1474,12 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
             }
             Err(err) => return Err(err),
         };
-        shared.set_status(&set.name, |s| s.state = "syncing".into());
+        let pass_started_ms = now_ms();
+        shared.set_status(&set.name, |s| {
+            s.state = "syncing".into();
+            s.pass_started_ms = Some(pass_started_ms);
+            s.changed_during_pass_ms = None;
+        });
         let started = Instant::now();
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
@@ -1412,6 +1503,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                 }
                 let fetched = report.plan.fetch_files;
                 let left = report.plan.pending + report.executed.deferred.len() as u64;
+                let mut caught_up = false;
                 shared.set_status(&set.name, |s| {
                     s.pending_files = left;
                     s.pending_bytes = 0;
@@ -1419,14 +1511,21 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     s.last_fetched_files = fetched;
                     s.last_fetched_bytes = report.executed.fetched_bytes;
                     s.last_error = None;
+                    s.pass_started_ms = None;
                     if complete {
-                        s.state = "in sync".into();
-                        s.last_in_sync_ms = Some(now_ms());
-                        s.changed_since_ms = None;
+                        // The copy holds what the primary had when the pass began; a change
+                        // announced since then is still to come.
+                        s.last_in_sync_ms = Some(pass_started_ms);
+                        s.changed_since_ms = s.changed_during_pass_ms.take();
+                        caught_up = s.changed_since_ms.is_none();
+                        s.state = if caught_up { "in sync" } else { "changed" }.into();
                     } else {
                         s.state = "changed".into();
                     }
                 });
+                if complete && !caught_up {
+                    lock(&pending).insert(i);
+                }
                 if fetched > 0 {
                     tracing::info!(
                         set = set.name,
@@ -1438,11 +1537,10 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                 }
                 if !complete {
                     // Files still being written on the primary: give them a moment rather
-                    // than asking again at once.
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(shared.config.debounce.max(Duration::from_millis(500))) => {}
-                    }
+                    // than asking again at once (the other sets go meanwhile).
+                    not_before[i] = Some(
+                        Instant::now() + shared.config.debounce.max(Duration::from_millis(500)),
+                    );
                 }
             }
             Err(err) => {
@@ -1451,6 +1549,8 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                 shared.set_status(&set.name, |s| {
                     s.state = "error".into();
                     s.last_error = Some(text);
+                    s.pass_started_ms = None;
+                    s.changed_during_pass_ms = None;
                 });
                 // Try again after a while, or as soon as the watch connection gets through.
                 tokio::select! {
@@ -1584,6 +1684,9 @@ async fn watch_partner(
                     for &i in &due {
                         shared.set_status(&names[i], |s| {
                             s.changed_since_ms.get_or_insert(now);
+                            if s.pass_started_ms.is_some() {
+                                s.changed_during_pass_ms.get_or_insert(now);
+                            }
                             if s.state == "in sync" {
                                 s.state = "changed".into();
                             }

@@ -538,7 +538,13 @@ fn report_line(report: &serde_json::Value) -> String {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // A report piped into `head` ends quietly when `head` has read enough; the servers keep
+    // the default (their sockets report a closed peer as an error).
+    if !matches!(cli.command, Command::Serve { .. } | Command::Site { .. }) {
+        sigpipe::reset();
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("lbs-datacenter: {err:#}");

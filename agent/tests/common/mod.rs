@@ -15,6 +15,8 @@ pub const STEP: Duration = Duration::from_secs(30);
 pub const DC_IP: &str = "192.168.70.1";
 
 pub struct Pair {
+    /// `lbs-datacenter serve`.
+    pub dc_pid: u32,
     pub lab: Lab,
     /// The boxes are on different subnets and reach each other only through the tunnels.
     pub remote: bool,
@@ -110,8 +112,9 @@ impl Pair {
         std::fs::write(dc_dir.join("datacenter.toml"), config).unwrap();
         let mut serve = lab.command("dc", &dc);
         serve.arg("--dir").arg(&dc_dir).arg("serve");
-        lab.spawn_until(serve, "ready:", STEP).unwrap();
+        let (dc_pid, _) = lab.spawn_until(serve, "ready:", STEP).unwrap();
         let pair = Pair {
+            dc_pid,
             lab,
             remote,
             tmp,
@@ -434,4 +437,3 @@ pub fn set<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Val
         .find(|s| s["name"] == name)
         .unwrap()
 }
-

@@ -1,0 +1,238 @@
+//! What a technician meets outside the lab's usual settings (issue 21): the agent on the
+//! README's defaults against a bare `lbs-datacenter serve`, replication while a call is being
+//! recorded without pause, P while the data center is frozen (SIGSTOP), P --force with the
+//! primary alive, and connections that follow the address after P and B. Root only; skipped
+//! and counted otherwise.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lbs_tests::require_root;
+
+/// Milliseconds since the Unix epoch, as the agent's status gives times.
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
+    if !require_root(
+        "the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    // The README's agent.toml: nothing but the sets (tunnels on by default), and a data
+    // center whose datacenter.toml names no WireGuard endpoint.
+    let config = pair.dir().join("a").join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[set]]\nname = \"media\"\npath = \"{}\"\n",
+            pair.media("a").display()
+        ),
+    )
+    .unwrap();
+    pair.activate("a", 0);
+    let pid = pair.agent_with("a", &[]);
+    let started = Instant::now();
+    pair.wait("a report answered", STEP, |pair| {
+        pair.status("a")["datacenter"]["last_answer_ms"].is_u64()
+    });
+    // Still there a while later, and still reporting.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
+    let before = pair.status("a")["datacenter"]["last_answer_ms"]
+        .as_u64()
+        .unwrap();
+    pair.wait("another report answered", STEP, |pair| {
+        pair.status("a")["datacenter"]["last_answer_ms"]
+            .as_u64()
+            .is_some_and(|at| at > before)
+    });
+    pair.lab.stop(pid, STEP).unwrap();
+}
+
+#[test]
+fn a_recording_written_without_pause_holds_back_no_change() {
+    if !require_root(
+        "a_recording_written_without_pause_holds_back_no_change",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(false);
+    // The default debounce, and a second set for the recordings.
+    for host in ["a", "b"] {
+        let config = pair.dir().join(host).join("agent.toml");
+        let recordings = pair.dir().join(host).join("recordings");
+        std::fs::create_dir_all(&recordings).unwrap();
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("debounce_ms = 100\n", "");
+        std::fs::write(
+            &config,
+            format!(
+                "{text}\n[[set]]\nname = \"recordings\"\npath = \"{}\"\n",
+                recordings.display()
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    pair.start_agent("a");
+    pair.start_agent("b");
+    pair.wait("the first full sync", STEP, |pair| {
+        let status = pair.status("b");
+        ["media", "recordings"]
+            .iter()
+            .all(|s| set(&status, s)["state"] == "in sync")
+    });
+
+    // A call recorded on the primary: 16 KiB every 100 ms for 20 s.
+    let recording = pair.dir().join("a/recordings/call.wav");
+    let copy = pair.dir().join("b/recordings/call.wav");
+    let written: std::sync::Arc<std::sync::Mutex<Vec<(Instant, u64)>>> = Default::default();
+    let writer = {
+        let written = written.clone();
+        let recording = recording.clone();
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::create(&recording).unwrap();
+            let block = vec![0x55u8; 16 * 1024];
+            let mut len = 0u64;
+            for _ in 0..200 {
+                file.write_all(&block).unwrap();
+                len += block.len() as u64;
+                written.lock().unwrap().push((Instant::now(), len));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    // What the primary had `behind` ago (0 before the recording began).
+    let had = |behind: Duration| {
+        let cut = Instant::now().checked_sub(behind).unwrap();
+        written
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= cut)
+            .map_or(0, |(_, len)| *len)
+    };
+    let started = Instant::now();
+    let mut voicemail_at: Option<Instant> = None;
+    let mut voicemail_took = None;
+    let mut worst_lag = Duration::ZERO;
+    let mut in_sync_seen = 0;
+    while started.elapsed() < Duration::from_secs(19) {
+        if voicemail_at.is_none() && started.elapsed() > Duration::from_secs(5) {
+            std::fs::write(pair.media("a").join("msg0001.txt"), vec![3u8; 300_000]).unwrap();
+            voicemail_at = Some(Instant::now());
+        }
+        if let Some(at) = voicemail_at
+            && voicemail_took.is_none()
+            && std::fs::metadata(pair.media("b").join("msg0001.txt"))
+                .is_ok_and(|m| m.len() == 300_000)
+        {
+            voicemail_took = Some(at.elapsed());
+        }
+        // The copy is never more than 3 s behind the primary.
+        let status = pair.status("b");
+        let copied = std::fs::metadata(&copy).map_or(0, |m| m.len());
+        if started.elapsed() > Duration::from_secs(4) {
+            assert!(
+                copied >= had(Duration::from_secs(3)),
+                "the copy of the recording has {copied} bytes; the primary had {} 3 s ago",
+                had(Duration::from_secs(3))
+            );
+        }
+        // "in sync" means: as of a moment at most 2 s ago, and the copy has what the
+        // primary had then.
+        let recordings = set(&status, "recordings");
+        if recordings["state"] == "in sync" {
+            in_sync_seen += 1;
+            let as_of = recordings["last_in_sync_ms"].as_u64().unwrap();
+            let age = Duration::from_millis(now_ms().saturating_sub(as_of));
+            worst_lag = worst_lag.max(age);
+            assert!(
+                age < Duration::from_secs(2),
+                "status says in sync, as of {age:?} ago, while the recording grows"
+            );
+            assert!(copied >= had(age + Duration::from_millis(200)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    writer.join().unwrap();
+    let took = voicemail_took.expect("the voicemail did not reach the backup while recording");
+    eprintln!(
+        "voicemail on the backup after {took:?} during the recording; in sync said {in_sync_seen} times, at most {worst_lag:?} old"
+    );
+    assert!(took < Duration::from_secs(2), "voicemail took {took:?}");
+    pair.wait("the recording complete on the backup", STEP, |_| {
+        std::fs::metadata(&copy).is_ok_and(|m| m.len() == 200 * 16 * 1024)
+    });
+}
+
+#[test]
+fn reports_piped_into_a_reader_that_stops_early_end_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dc = lbs_tests::workspace_binary("lbs-datacenter");
+    let dir = tmp.path().join("dc");
+    let run = |args: &[&str]| {
+        lbs_tests::ok(
+            std::process::Command::new(&dc)
+                .arg("--dir")
+                .arg(&dir)
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    };
+    run(&["init"]);
+    for n in 0..20 {
+        run(&[
+            "provision-pair",
+            "--name",
+            &format!("office{n}"),
+            "--fqdn",
+            &format!("pbx.office{n}.example"),
+        ]);
+    }
+    let mut dc_status = std::process::Command::new(&dc);
+    dc_status.arg("--dir").arg(&dir).arg("status");
+    let mut inventory = std::process::Command::new(LBS);
+    inventory.args(["net", "inventory"]);
+    for mut cmd in [dc_status, inventory] {
+        // The reader has gone before the first line is written (`| head -0`).
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !said.contains("panicked") && !said.contains("Broken pipe"),
+            "{cmd:?}: {said}"
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(13),
+            "{cmd:?}: {:?}",
+            out.status
+        );
+    }
+}
