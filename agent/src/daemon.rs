@@ -47,6 +47,11 @@ pub const DEFAULT_SOCKET: &str = "/run/lbs/agent.sock";
 
 /// How long to wait between attempts to reach the data center or the partner.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long a connection to the data center may take, handshakes included, and how long it
+/// may take to answer a request.
+const DC_DEADLINE: Duration = Duration::from_secs(5);
+/// How long P waits for the data center's grant, all addresses tried, before it gives up.
+const PROMOTION_DEADLINE: Duration = Duration::from_secs(12);
 /// How often the backup checks on the primary over the watch connection.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -715,10 +720,11 @@ async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr
     let config = tls::client_config(&identity, &root)?;
     let mut last_error = anyhow::anyhow!("the data center gave no control address");
     for address in addresses {
-        let connected = async {
-            let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
-                .await
-                .context("no answer within 5 s")??;
+        // One deadline for the whole: TCP, the TLS handshake and the hello. A data center
+        // that accepts connections but does not answer (stopped, overloaded) is given up on
+        // like one that is down.
+        let connected = tokio::time::timeout(DC_DEADLINE, async {
+            let tcp = TcpStream::connect(address).await?;
             let stream = tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?;
             let record = lock(&shared.machine).record.clone();
             let hello = Hello {
@@ -738,8 +744,14 @@ async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr
             )
             .await?;
             anyhow::Ok(conn)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "connected, but no TLS handshake and hello within {} s",
+                DC_DEADLINE.as_secs()
+            ))
+        });
         match connected {
             Ok(conn) => return Ok((conn, address)),
             Err(err) => last_error = err.context(format!("data center at {address}")),
@@ -2251,6 +2263,8 @@ async fn execute_steps(
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Action>,
     shutdown: CancellationToken,
 ) {
+    // A step that failed is retried (past the point of no return), but not in a tight loop.
+    let mut failed: Option<Action> = None;
     loop {
         let action = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -2259,6 +2273,12 @@ async fn execute_steps(
                 None => return,
             },
         };
+        if failed.take().as_ref() == Some(&action) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RETRY) => {}
+            }
+        }
         let started = Instant::now();
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -2290,6 +2310,7 @@ async fn execute_steps(
             Err(err) => {
                 let why = format!("{err:#}");
                 tracing::error!("{action:?}: {why}");
+                failed = Some(action.clone());
                 let _ = shared.progress.send(format!("{action:?} failed: {why}"));
                 if in_step {
                     shared.handle(Event::StepFailed(why));
@@ -2355,7 +2376,10 @@ async fn move_address(
 ) -> anyhow::Result<lbs_netconfig::TakeoverReport> {
     let net = lbs_netconfig::Netlink::open()?;
     let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-    let plan = takeover_plan(network, true, &shared.paths);
+    // P's checks probed already (and the operator may have forced it); a promotion granted
+    // after it was given up on was confirmed by nobody: it takes only a free address.
+    let checked = !(take && lock(&shared.machine).record.abandoned.is_some());
+    let plan = takeover_plan(network, checked, &shared.paths);
     let progress = shared.progress.clone();
     let mut on_step = |step: &lbs_netconfig::StepReport| {
         let _ = progress.send(format!("  {step}"));
@@ -2387,17 +2411,43 @@ async fn move_address(
 async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {
     match action {
         Action::AskPromotion { believed } => {
-            let (mut conn, _) = connect_dc(shared).await?;
             let advertised = network(shared)
                 .as_ref()
                 .map_or(lock(&shared.info).lan, |n| n.shared.addr);
-            let (_, answer) = control::call(
-                &mut conn,
-                *believed,
-                Message::Promote { advertised },
-                Duration::from_secs(10),
-            )
-            .await?;
+            // Connection and answer within one deadline: an operator at P is told, and the
+            // box is back to backup, rather than left waiting on a data center that froze.
+            let asked = tokio::time::timeout(PROMOTION_DEADLINE, async {
+                let (mut conn, address) = connect_dc(shared).await?;
+                let answer = control::call(
+                    &mut conn,
+                    *believed,
+                    Message::Promote { advertised },
+                    DC_DEADLINE,
+                )
+                .await;
+                match answer {
+                    Err(control::CallError::Timeout { .. } | control::CallError::Closed(_)) => {
+                        bail!("the data center at {address} took the request but did not answer within {} s", DC_DEADLINE.as_secs())
+                    }
+                    other => anyhow::Ok(other?),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer from the data center within {} s",
+                    PROMOTION_DEADLINE.as_secs()
+                ))
+            });
+            let (_, answer) = match asked {
+                Ok(answer) => answer,
+                Err(err) if err.downcast_ref::<control::CallError>().is_some() => return Err(err),
+                Err(err) => {
+                    return Err(anyhow::anyhow!(
+                        "{err:#}; nothing was changed: press P again, or if the data center is down and the primary surely dead, promote --offline"
+                    ));
+                }
+            };
             match answer {
                 Message::Promoted(promotion) => Ok(StepOutcome::Promoted(promotion.generation)),
                 other => bail!(

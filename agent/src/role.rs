@@ -213,6 +213,11 @@ pub struct RoleRecord {
     /// yet; the first answer from it starts the reconciliation.
     #[serde(default)]
     pub offline: bool,
+    /// The generation of a promotion given up on because the data center did not answer in
+    /// time. Should its grant arrive after all, the promotion is finished only where nobody
+    /// answers for the shared address (no forced take-over the operator did not confirm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<Generation>,
 }
 
 impl RoleRecord {
@@ -225,6 +230,7 @@ impl RoleRecord {
             last_error: None,
             shared: None,
             offline: false,
+            abandoned: None,
         }
     }
 
@@ -349,6 +355,7 @@ impl RoleMachine {
             (S::Backup, Event::PromoteRequested(shared)) => {
                 self.set(S::Promoting(PromoteStep::AskAuthority), now_ms);
                 self.record.shared = shared;
+                self.record.abandoned = None;
                 Ok(vec![
                     Action::StopSync,
                     self.promote_action(PromoteStep::AskAuthority),
@@ -386,6 +393,7 @@ impl RoleMachine {
             }
             (S::Promoting(PromoteStep::StartPbx), Event::StepDone) => {
                 self.set(S::Primary, now_ms);
+                self.record.abandoned = None;
                 Ok(vec![
                     Action::Say(format!(
                         "this box is the PRIMARY now ({})",
@@ -400,6 +408,8 @@ impl RoleMachine {
                 self.set(S::Backup, now_ms);
                 self.record.shared = None;
                 self.record.last_error = Some(why.clone());
+                // Its grant may still come (the request may have reached the data center).
+                self.record.abandoned = Some(self.record.generation);
                 Ok(vec![
                     Action::Say(format!("promotion refused: {why}")),
                     Action::PullSync,
@@ -426,13 +436,22 @@ impl RoleMachine {
                 },
             ) if generation > self.record.generation => {
                 // The data center granted this box's promotion but the answer was lost (or
-                // the box crashed before recording it): finish what the operator started.
+                // the box crashed before recording it): finish what the operator started. The
+                // data center now fences the old primary, so leaving it half done would leave
+                // the office with none. A promotion given up on is finished too, but its
+                // address only taken once nobody answers for it.
                 self.record.generation = generation;
                 self.set(S::Promoting(PromoteStep::TakeAddress), now_ms);
-                Ok(vec![
-                    Action::Say(format!(
+                let said = match self.record.abandoned {
+                    Some(from) => format!(
+                        "the data center granted the promotion from {from} given up on earlier: this box is primary at {generation}; finishing it, the address taken only when nobody else answers for it"
+                    ),
+                    None => format!(
                         "the data center made this box primary at {generation}: finishing the promotion"
-                    )),
+                    ),
+                };
+                Ok(vec![
+                    Action::Say(said),
                     Action::StopSync,
                     Action::TakeAddress,
                 ])
@@ -551,7 +570,64 @@ mod tests {
             last_error: None,
             shared: None,
             offline: false,
+            abandoned: None,
         })
+    }
+
+    #[test]
+    fn a_promotion_given_up_on_is_finished_only_when_its_grant_arrives() {
+        let mut m = at(RoleState::Backup, 1);
+        m.handle(Event::PromoteRequested(None), 10).unwrap();
+        // The data center did not answer in time: back to backup, the attempt remembered.
+        let actions = m
+            .handle(Event::StepFailed("no answer within 12 s".into()), 20)
+            .unwrap();
+        assert_eq!(m.record.state, RoleState::Backup);
+        assert!(actions.contains(&Action::PullSync));
+        assert_eq!(m.record.abandoned, Some(Generation(1)));
+        // A report that says nothing new changes nothing.
+        let actions = m
+            .handle(
+                Event::Authority {
+                    role: Role::Backup,
+                    generation: Generation(1),
+                },
+                30,
+            )
+            .unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(m.record.state, RoleState::Backup);
+        // The grant arrives after all: the data center fences the other box, so this one
+        // finishes, and says so; the mark stays until it is primary (it makes the take-over
+        // of the address a checked one).
+        let actions = m
+            .handle(
+                Event::Authority {
+                    role: Role::Primary,
+                    generation: Generation(2),
+                },
+                40,
+            )
+            .unwrap();
+        assert_eq!(
+            m.record.state,
+            RoleState::Promoting(PromoteStep::TakeAddress)
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Say(t) if t.contains("given up on earlier")))
+        );
+        assert_eq!(m.record.abandoned, Some(Generation(1)));
+        m.handle(Event::StepDone, 50).unwrap();
+        m.handle(Event::StepDone, 60).unwrap();
+        assert_eq!(m.record.state, RoleState::Primary);
+        assert_eq!(m.record.abandoned, None);
+        // A new P starts without the mark.
+        let mut m = at(RoleState::Backup, 1);
+        m.record.abandoned = Some(Generation(1));
+        m.handle(Event::PromoteRequested(None), 10).unwrap();
+        assert_eq!(m.record.abandoned, None);
     }
 
     #[test]

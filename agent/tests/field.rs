@@ -236,3 +236,56 @@ fn reports_piped_into_a_reader_that_stops_early_end_quietly() {
         );
     }
 }
+
+/// Runs `lbs promote --yes` (with `args`) on `host`: whether it succeeded, what it said, and
+/// how long it took.
+fn promote(pair: &mut Pair, host: &str, args: &[&str]) -> (bool, String, Duration) {
+    let mut cmd = pair.lab.command(host, LBS);
+    cmd.args(["promote", "--yes"])
+        .args(args)
+        .arg("--socket")
+        .arg(pair.socket(host));
+    let started = Instant::now();
+    let out = pair.lab.run(cmd, Duration::from_secs(60)).unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("[{host}] lbs promote {args:?}:\n{said}");
+    (out.status.success(), said, started.elapsed())
+}
+
+#[test]
+fn p_with_the_data_center_frozen_gives_up_in_time_and_nothing_happens_later() {
+    if !require_root(
+        "p_with_the_data_center_frozen_gives_up_in_time_and_nothing_happens_later",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let (mut pair, a, b) = Pair::office_pair("");
+    pair.agents.push(b);
+    pair.unplug("a", a);
+    pair.wait_primary_silent("b");
+    // The data center's process stops (SIGSTOP): it accepts TCP, answers nothing.
+    let dc = pair.dc_pid;
+    pair.lab.signal(dc, "STOP").unwrap();
+    let (promoted, said, took) = promote(&mut pair, "b", &[]);
+    assert!(!promoted, "{said}");
+    assert!(took < Duration::from_secs(20), "P took {took:?}");
+    assert!(said.contains("nothing was changed"), "{said}");
+    assert!(said.contains("--offline"), "{said}");
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+    // The data center resumes: the box stays the backup — nobody pressed P again.
+    pair.lab.signal(dc, "CONT").unwrap();
+    pair.wait("a report answered again", STEP, |pair| {
+        pair.status("b")["datacenter"]["last_error"].is_null()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pair.status("b")["role"]["state"], "backup");
+    assert_eq!(pair.pbx("b"), "down");
+    assert!(!pair.addresses("b").contains("192.168.70.2/"));
+    // P again works.
+    pair.wait_primary_silent("b");
+    let (promoted, said, _) = promote(&mut pair, "b", &[]);
+    assert!(promoted, "{said}");
+    assert_eq!(pair.pbx("b"), "up");
+}
