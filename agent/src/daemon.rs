@@ -237,6 +237,17 @@ struct Shared {
     refresh: Mutex<Option<lbs_netconfig::Refresh>>,
     /// Set while the primary keeps the shared address off a link without carrier.
     withdrawn: Mutex<Option<Withdrawn>>,
+    /// Counts this box's moves between addresses: connections made from the old one are
+    /// dead (their replies go to the other box), so they are made again at once.
+    moved: watch::Sender<u64>,
+}
+
+/// How long the data center has not heard the partner, as of now: what it said at its last
+/// answer plus the time since (it may have heard it since; this says no more than it knows).
+fn partner_silent_ms(shared: &Shared) -> Option<u64> {
+    let silent = lock(&shared.info).partner.as_ref()?.silent_ms?;
+    let answered = lock(&shared.datacenter).last_answer_ms?;
+    Some(silent.saturating_add(now_ms().saturating_sub(answered)))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -249,7 +260,10 @@ impl Shared {
         // below would live to its end, and `current_address` takes the machine's again.
         let (tunnels, tunnels_error) = lock(&self.tunnels).clone();
         let role = lock(&self.machine).record.clone();
-        let info = lock(&self.info).clone();
+        let mut info = lock(&self.info).clone();
+        if let Some(partner) = info.partner.as_mut() {
+            partner.silent_ms = partner_silent_ms(self);
+        }
         let serving_at = current_address(self);
         let network = network(self);
         AgentStatus {
@@ -424,6 +438,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         remote_handled: Mutex::new(None),
         refresh: Mutex::new(None),
         withdrawn: Mutex::new(None),
+        moved: watch::channel(0).0,
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -667,13 +682,24 @@ async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: Can
 
 /// The partner's replication address, if it is known.
 fn partner_address(shared: &Shared) -> Option<(lbs_protocol::ServerId, SocketAddr)> {
-    let info = lock(&shared.info);
-    let partner = info.partner.as_ref()?;
-    let ip = match shared.config.sync_over {
-        SyncOver::Lan => partner.lan?,
-        SyncOver::Overlay => partner.overlay?,
+    let (sid, ip) = {
+        let info = lock(&shared.info);
+        let partner = info.partner.as_ref()?;
+        let ip = match shared.config.sync_over {
+            SyncOver::Lan => partner.lan?,
+            SyncOver::Overlay => partner.overlay?,
+        };
+        (partner.sid, ip)
     };
-    Some((partner.sid, SocketAddr::from((ip, shared.config.sync_port))))
+    // Right after B the data center may still give the partner's address from before P —
+    // the one this box has just taken: the primary is at the shared address then.
+    let ip = match network(shared) {
+        Some(network) if ip == current_address(shared) && ip != network.shared.addr => {
+            network.shared.addr
+        }
+        _ => ip,
+    };
+    Some((sid, SocketAddr::from((ip, shared.config.sync_port))))
 }
 
 fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>> {
@@ -688,10 +714,18 @@ fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>> {
 }
 
 async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut moved = shared.moved.subscribe();
     loop {
+        moved.borrow_and_update();
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
             result = report_session(&shared) => result,
+            // The connection left from an address this box no longer has: report again
+            // from the new one now, not after the old one times out.
+            Ok(()) = moved.changed() => {
+                tracing::info!("this box moved to another address: reporting from it");
+                continue;
+            }
         };
         if let Err(err) = result {
             let text = format!("{err:#}");
@@ -1912,12 +1946,13 @@ async fn promote_checks(
                     .to_owned(),
             );
         }
-        match partner.as_ref().and_then(|p| p.silent_ms) {
+        match partner.as_ref().and(partner_silent_ms(shared)) {
             Some(silent) if silent < gone_after && !force => {
                 return Err(format!(
-                    "the data center heard the primary {:.1} s ago: it is alive (wait {} s of silence, or use --force)",
+                    "the data center heard the primary {:.1} s ago: it is alive (after {} s of silence it counts as gone: wait {} s more, or use --force)",
                     silent as f64 / 1000.0,
-                    gone_after / 1000
+                    gone_after / 1000,
+                    (gone_after - silent).div_ceil(1000)
                 ));
             }
             Some(silent) => lines.push(format!(
@@ -2389,6 +2424,7 @@ async fn move_address(
     } else {
         lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut on_step).await?
     };
+    shared.moved.send_modify(|n| *n += 1);
     // The burst is done; re-announce every 2 s for a minute, so switches, phones and routers
     // that missed it (or refreshed their cache from a stale reply) follow within 2 s.
     use lbs_netconfig::NetBackend;

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lbs_tests::require_root;
+use lbs_tests::{ok, require_root};
 
 /// Milliseconds since the Unix epoch, as the agent's status gives times.
 fn now_ms() -> u64 {
@@ -247,8 +247,8 @@ fn promote(pair: &mut Pair, host: &str, args: &[&str]) -> (bool, String, Duratio
         .arg(pair.socket(host));
     let started = Instant::now();
     let out = pair.lab.run(cmd, Duration::from_secs(60)).unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("[{host}] lbs promote {args:?}:\n{said}");
     (out.status.success(), said, started.elapsed())
 }
@@ -288,4 +288,79 @@ fn p_with_the_data_center_frozen_gives_up_in_time_and_nothing_happens_later() {
     let (promoted, said, _) = promote(&mut pair, "b", &[]);
     assert!(promoted, "{said}");
     assert_eq!(pair.pbx("b"), "up");
+}
+
+/// What the data center last heard from `sid`: the role it reported and where it serves.
+fn reported(pair: &Pair, sid: &str) -> (String, String) {
+    let table = pair.datacenter_status();
+    let server = table[0]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sid"] == sid)
+        .unwrap()
+        .clone();
+    (
+        server["report"]["role"].as_str().unwrap_or("").to_owned(),
+        server["advertised"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn after_p_and_b_the_connections_follow_the_address() {
+    if !require_root(
+        "after_p_and_b_the_connections_follow_the_address",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let (mut pair, a, b) = Pair::office_pair("");
+    pair.agents.push(b);
+    let b_sid = pair.sids[1].0.to_string();
+    // The data center's word on the primary ages while it is unreachable.
+    let silent = |pair: &mut Pair| {
+        pair.status("b")["info"]["partner"]["silent_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    pair.unplug("a", a);
+    let dc = pair.dc_pid;
+    pair.lab.signal(dc, "STOP").unwrap();
+    let before = silent(&mut pair);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = silent(&mut pair);
+    assert!(after >= before + 1000, "{before} ms, then {after} ms");
+    pair.lab.signal(dc, "CONT").unwrap();
+    pair.wait_primary_silent("b");
+
+    let (promoted, said, _) = promote(&mut pair, "b", &[]);
+    assert!(promoted, "{said}");
+    // The new primary's next report comes from the address it took, at once.
+    let took = pair.wait(
+        "the data center to hear the new primary at the shared address",
+        STEP,
+        |pair| reported(pair, &b_sid) == ("primary".into(), "192.168.70.2".into()),
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // The old primary returns, steps back, and B makes it the backup: the re-sync pulls
+    // from the primary's address at once.
+    ok(pair
+        .lab
+        .sh("a", &["ip", "link", "set", "eth0", "up"])
+        .unwrap());
+    let a = pair.agent_with("a", &[]);
+    pair.agents.push(a);
+    pair.wait("a fenced", STEP, |pair| {
+        pair.status("a")["role"]["state"] == "fenced"
+    });
+    let (demoted, said) = pair.role_change("a", "demote");
+    assert!(demoted, "{said}");
+    let resync: f64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("done: in sync with the primary after "))
+        .and_then(|rest| rest.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(resync < 2.0, "re-sync took {resync} s:\n{said}");
+    assert!(!said.contains("error"), "{said}");
 }
