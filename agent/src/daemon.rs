@@ -492,6 +492,13 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             "the address guard",
             Box::pin(guard::guard_address(shared.clone(), shutdown.clone())),
         );
+        spawn(
+            "the watch for the partner's claim",
+            Box::pin(guard::watch_partner_claims(
+                shared.clone(),
+                shutdown.clone(),
+            )),
+        );
     }
     match taken {
         Some(by) => shared.handle(Event::AddressTaken { by }),
@@ -2413,8 +2420,8 @@ async fn move_address(
     let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
     // P's checks probed already (and the operator may have forced it); a promotion granted
     // after it was given up on was confirmed by nobody: it takes only a free address.
-    let checked = !(take && lock(&shared.machine).record.abandoned.is_some());
-    let plan = takeover_plan(network, checked, &shared.paths);
+    let force = !(take && lock(&shared.machine).record.abandoned.is_some());
+    let plan = takeover_plan(network, force, &shared.paths);
     let progress = shared.progress.clone();
     let mut on_step = |step: &lbs_netconfig::StepReport| {
         let _ = progress.send(format!("  {step}"));

@@ -509,7 +509,7 @@ impl RoleMachine {
                 self.set(S::Fenced, now_ms);
                 Ok(vec![
                     Action::Say(format!(
-                        "FENCED: {by} answers for the shared address, so the other box took over while this one was away; stopping the PBX and giving up the address"
+                        "FENCED: {by} answers for the shared address: the other box took over; stopping the PBX and giving up the address"
                     )),
                     Action::StopSync,
                     Action::StopPbx,

@@ -364,3 +364,79 @@ fn after_p_and_b_the_connections_follow_the_address() {
     assert!(resync < 2.0, "re-sync took {resync} s:\n{said}");
     assert!(!said.contains("error"), "{said}");
 }
+
+#[test]
+fn p_forced_with_the_primary_alive_leaves_one_box_answering_for_the_address() {
+    if !require_root(
+        "p_forced_with_the_primary_alive_leaves_one_box_answering_for_the_address",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let (mut pair, a, b) = Pair::office_pair("");
+    pair.agents.extend([a, b]);
+    let (a_mac, b_mac) = (pair.mac("a"), pair.mac("b"));
+    // A sniffer on the LAN (the data center's host) with epoch times, and a phone-like host
+    // asking for the shared address ten times a second.
+    let mut dump = pair.lab.command("dc", "sh");
+    dump.args([
+        "-c",
+        "exec tcpdump -i eth0 -l -n -e -tt --immediate-mode arp 2>&1",
+    ]);
+    let (dump, _, lines) = pair.lab.spawn_reading(dump, "listening on", STEP).unwrap();
+    let mut ask = pair.lab.command("dc", "sh");
+    ask.args([
+        "-c",
+        "echo asking; for i in $(seq 80); do arping -q -c 1 -w 1 -I eth0 192.168.70.2; sleep 0.1; done",
+    ]);
+    let (ask, _) = pair.lab.spawn_until(ask, "asking", STEP).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // P --force on the backup while the primary lives and answers.
+    let (promoted, said, _) = promote(&mut pair, "b", &["--force"]);
+    assert!(promoted, "{said}");
+    // The old primary steps back by itself, then learns the generation from the data
+    // center through its own address.
+    pair.wait("the old primary fenced", STEP, |pair| {
+        pair.status("a")["role"]["state"] == "fenced"
+    });
+    pair.wait("the old primary at generation 2", STEP, |pair| {
+        pair.status("a")["role"]["generation"] == 2
+    });
+    assert!(!pair.addresses("a").contains("192.168.70.2/"));
+    assert_eq!(pair.pbx("a"), "down");
+    pair.lab.wait_exit(ask, STEP).unwrap();
+    pair.lab.kill(dump).unwrap();
+
+    // Who claimed .2 (replies, announcements) and when.
+    let claims: Vec<(f64, String)> =
+        std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(5)).ok())
+            .filter(|line| {
+                line.contains("Reply 192.168.70.2 is-at") || line.contains("tell 192.168.70.2,")
+            })
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let at = words.next()?.parse().ok()?;
+                Some((at, words.next()?.to_owned()))
+            })
+            .collect();
+    let first_b = claims
+        .iter()
+        .find(|(_, mac)| *mac == b_mac)
+        .map(|(at, _)| *at)
+        .expect("the new primary never announced the address");
+    let late_a: Vec<f64> = claims
+        .iter()
+        .filter(|(at, mac)| *mac == a_mac && *at > first_b + 0.1)
+        .map(|(at, _)| at - first_b)
+        .collect();
+    assert!(
+        late_a.is_empty(),
+        "the old primary still answered {} time(s) later than 100 ms after the new one's announcement: {late_a:?}",
+        late_a.len()
+    );
+    assert!(
+        claims.iter().any(|(_, mac)| *mac == a_mac),
+        "the sniffer saw the old primary before"
+    );
+}

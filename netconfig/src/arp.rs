@@ -175,7 +175,7 @@ fn probe_on(
             let Some(len) = socket.recv(&mut buf, left)? else {
                 break;
             };
-            if let Some(holder) = conflict(&buf[..len], mac, ip) {
+            if let Some((holder, _)) = conflict(&buf[..len], mac, ip) {
                 return Ok(ProbeResult::InUse(holder));
             }
         }
@@ -183,15 +183,16 @@ fn probe_on(
     Ok(ProbeResult::Free)
 }
 
-/// Who else claims `ip` in this frame, if anyone: an ARP from `ip` (a reply to our probe, or
-/// any use of it), or another host probing for it at the same time (RFC 5227 §2.1.1).
-pub(crate) fn conflict(frame: &[u8], ours: MacAddr, ip: Ipv4Addr) -> Option<MacAddr> {
+/// Who else claims `ip` in this frame, if anyone, and whether it only probes: an ARP from `ip`
+/// (a reply to our probe, or any use of it), or another host probing for it at the same time
+/// (RFC 5227 §2.1.1).
+pub(crate) fn conflict(frame: &[u8], ours: MacAddr, ip: Ipv4Addr) -> Option<(MacAddr, bool)> {
     let arp = parse(frame)?;
     if arp.sender_mac == ours {
         return None;
     }
     let probing_too = arp.op == 1 && arp.sender_ip == Ipv4Addr::UNSPECIFIED && arp.target_ip == ip;
-    (arp.sender_ip == ip || probing_too).then_some(arp.sender_mac)
+    (arp.sender_ip == ip || probing_too).then_some((arp.sender_mac, probing_too))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,7 +345,7 @@ mod tests {
         assert_eq!(conflict(&probe, ours, ip), None);
         // The holder's reply is.
         let reply = frame(ArpOp::Reply, theirs, ip, ours, Ipv4Addr::UNSPECIFIED, ours);
-        assert_eq!(conflict(&reply, ours, ip), Some(theirs));
+        assert_eq!(conflict(&reply, ours, ip), Some((theirs, false)));
         // So is another host probing for the same address.
         let rival = frame(
             ArpOp::Request,
@@ -354,7 +355,7 @@ mod tests {
             ip,
             MacAddr::BROADCAST,
         );
-        assert_eq!(conflict(&rival, ours, ip), Some(theirs));
+        assert_eq!(conflict(&rival, ours, ip), Some((theirs, true)));
         // Someone else's business is not.
         let other = frame(
             ArpOp::Request,

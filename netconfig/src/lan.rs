@@ -74,6 +74,8 @@ pub struct Conflict {
     pub mac: MacAddr,
     /// When we saw it.
     pub at: Instant,
+    /// Only probing for it (RFC 5227: sender 0.0.0.0), not using it yet.
+    pub probing: bool,
 }
 
 /// Watches the LAN for ARP from another MAC using (or probing for) our address: the old
@@ -110,11 +112,12 @@ impl ConflictWatch {
                 else {
                     continue;
                 };
-                if let Some(mac) = crate::arp::conflict(&buf[..len], ours, ip) {
+                if let Some((mac, probing)) = crate::arp::conflict(&buf[..len], ours, ip) {
                     let conflict = Conflict {
                         ip,
                         mac,
                         at: Instant::now(),
+                        probing,
                     };
                     if tx.blocking_send(conflict).is_err() {
                         return Ok(());
@@ -153,10 +156,50 @@ impl Drop for ConflictWatch {
     }
 }
 
+/// The MAC the kernel has resolved for `ip` on `interface` (from `/proc/net/arp` of this
+/// network namespace), if it has a complete entry: a primary learns its partner's this way,
+/// from the traffic the backup sends it all the time.
+pub fn neighbour_mac(interface: &str, ip: Ipv4Addr) -> Option<MacAddr> {
+    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    neighbour_in(&table, interface, ip)
+}
+
+/// [`neighbour_mac`] on the text of `/proc/net/arp`.
+fn neighbour_in(table: &str, interface: &str, ip: Ipv4Addr) -> Option<MacAddr> {
+    // IP address, HW type, Flags, HW address, Mask, Device; ATF_COM (0x2): complete.
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [address, _, flags, mac, _, device] = fields.as_slice() else {
+            return None;
+        };
+        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
+        (address.parse::<Ipv4Addr>().ok()? == ip && *device == interface && flags & 0x2 != 0)
+            .then(|| mac.parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::FakeNet;
+
+    #[test]
+    fn a_neighbour_is_found_by_address_and_interface_when_complete() {
+        let table = "IP address       HW type     Flags       HW address            Mask     Device
+192.168.1.3      0x1         0x2         5a:ec:b4:27:71:cf     *        eth0
+192.168.1.4      0x1         0x0         00:00:00:00:00:00     *        eth0
+192.168.1.3      0x1         0x2         66:66:66:66:66:66     *        eth1
+";
+        let ip = |last| Ipv4Addr::new(192, 168, 1, last);
+        assert_eq!(
+            neighbour_in(table, "eth0", ip(3)),
+            Some("5a:ec:b4:27:71:cf".parse().unwrap())
+        );
+        assert_eq!(neighbour_in(table, "eth0", ip(4)), None, "incomplete");
+        assert_eq!(neighbour_in(table, "eth0", ip(5)), None);
+        assert_eq!(neighbour_in("garbage\n1 2 3\n", "eth0", ip(3)), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_refresh_announces_on_its_interval_until_its_time_is_up() {

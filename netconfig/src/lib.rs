@@ -36,7 +36,7 @@ pub mod types;
 pub use arp::{PacketArp, ProbeProfile};
 pub use backend::{Arp, CarrierEvents, NetBackend, NetError, ProbeResult};
 pub use fake::FakeNet;
-pub use lan::{Conflict, ConflictWatch, Refresh};
+pub use lan::{Conflict, ConflictWatch, Refresh, neighbour_mac};
 pub use netlink::Netlink;
 pub use takeover::{
     PersistTo, Step, StepOutcome, StepReport, TakeoverError, TakeoverPlan, TakeoverReport, give_up,

@@ -139,3 +139,102 @@ fn withdraw(shared: &Shared, reason: String) {
         since_ms: now_ms(),
     });
 }
+
+/// How often the claim watch looks at the role and refreshes the partner's MAC.
+const CLAIM_TICK: Duration = Duration::from_secs(1);
+
+/// While this box is the primary: the moment its **partner** announces the shared address (a
+/// P, forced while this box still lived), this box stops answering for it — the address
+/// leaves the interface at once — and steps back (fenced); the data center confirms the
+/// partner's generation at the next report, made from this box's own address. Another
+/// machine claiming the address is only logged: a misconfigured phone does not move the PBX.
+pub(super) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut partner_mac: Option<lbs_netconfig::MacAddr> = None;
+    let mut said: Option<lbs_netconfig::MacAddr> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(CLAIM_TICK) => {}
+        }
+        let Some(network) = network(&shared) else {
+            return;
+        };
+        if lock(&shared.machine).record.state != RoleState::Primary {
+            continue;
+        }
+        let watched = async {
+            let net = lbs_netconfig::Netlink::open()?;
+            let link = net.link(&network.interface).await?;
+            let mut watch = lbs_netconfig::ConflictWatch::start(&link, network.shared.addr)?;
+            loop {
+                if let Some(ip) = lock(&shared.info).partner.as_ref().and_then(|p| p.lan)
+                    && let Some(mac) = lbs_netconfig::neighbour_mac(&network.interface, ip)
+                {
+                    partner_mac = Some(mac);
+                }
+                let conflict = tokio::select! {
+                    () = shutdown.cancelled() => return anyhow::Ok(()),
+                    () = tokio::time::sleep(CLAIM_TICK) => {
+                        if lock(&shared.machine).record.state != RoleState::Primary {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    conflict = watch.next() => conflict.context("the ARP watch ended")?,
+                };
+                if conflict.probing {
+                    // A probe claims nothing (P's checks probe before they refuse).
+                    continue;
+                }
+                if Some(conflict.mac) != partner_mac {
+                    if said != Some(conflict.mac) {
+                        tracing::warn!(
+                            "{} claims {} on {}; it is not the partner, so this box keeps the address",
+                            conflict.mac,
+                            network.shared.addr,
+                            network.interface
+                        );
+                        said = Some(conflict.mac);
+                    }
+                    continue;
+                }
+                step_back(&shared, &net, &link, &network, conflict).await;
+                return Ok(());
+            }
+        };
+        if let Err(err) = watched.await {
+            tracing::warn!(
+                "watching {} for the partner's claim: {err:#}",
+                network.shared.addr
+            );
+        }
+    }
+}
+
+/// The partner announced the shared address: off the interface now, then fenced.
+async fn step_back(
+    shared: &Shared,
+    net: &lbs_netconfig::Netlink,
+    link: &lbs_netconfig::LinkInfo,
+    network: &crate::config::Network,
+    conflict: lbs_netconfig::Conflict,
+) {
+    if let Some(refresh) = lock(&shared.refresh).take() {
+        refresh.stop();
+    }
+    let removed = net.delete_address(link, network.shared).await;
+    let why = format!(
+        "the partner ({}) announced {}: this box stopped answering for it after {} ms",
+        conflict.mac,
+        network.shared.addr,
+        conflict.at.elapsed().as_millis()
+    );
+    match removed {
+        Ok(()) => tracing::warn!("{why}"),
+        Err(err) => tracing::error!("{why}, but removing it failed: {err}"),
+    }
+    withdraw(shared, why);
+    shared.handle(Event::AddressTaken {
+        by: format!("the partner ({})", conflict.mac),
+    });
+}
