@@ -26,7 +26,8 @@ enum Command {
     /// the backup), keeps the tunnels up; stops cleanly on SIGTERM.
     Agent(daemon::AgentCmd),
     /// What the agent knows: role, partner, data center, tunnels, sync state per set,
-    /// resources. Exit 3 if the agent is not running.
+    /// resources. Exit 0 when all is well, 1 when degraded (not in sync, partner or data
+    /// center silent, fenced), 2 when the agent does not answer.
     Status(status_cmd::StatusCmd),
     /// P: make this backup the primary — checks, confirmation, then every step timed. Exit 3
     /// if refused.
@@ -34,6 +35,9 @@ enum Command {
     /// B: make this fenced box (the old primary, repaired) the backup, and follow the
     /// re-sync until in sync. Exit 3 if refused.
     Demote(promote_cmd::DemoteCmd),
+    /// Check agent.toml as the agent would read it, and say what the agent would do with it
+    /// on this box. Exit 0 when valid (warnings printed), 1 when the agent would refuse it.
+    CheckConfig(crate::check_config::CheckConfigCmd),
     /// The console menu (the `ip` login's shell): role, partner, sync state, and the keys
     /// P, B, S and Q; plain text for a bare VGA or serial console (80×25).
     Console(console::ConsoleCmd),
@@ -110,17 +114,10 @@ enum SyncCommand {
     },
 }
 
-/// Logs with tracing to standard error (journald keeps them under systemd); `RUST_LOG`
-/// overrides `default_filter`.
+/// Logs (journald under systemd, standard error otherwise); `RUST_LOG` overrides
+/// `default_filter`.
 pub(crate) fn init_logging(default_filter: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    lbs_protocol::logging::init("lbs", default_filter);
 }
 
 /// Parses the command line, runs the command and turns its outcome into an exit code.
@@ -131,6 +128,7 @@ pub fn main() -> std::process::ExitCode {
     if matches!(
         cli.command,
         Command::Status(_)
+            | Command::CheckConfig(_)
             | Command::Sync(SyncCommand::Verify { .. })
             | Command::Net(
                 NetCommand::Probe(_)
@@ -161,6 +159,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Promote(cmd) => promote_cmd::promote(cmd).await,
             Command::Demote(cmd) => promote_cmd::demote(cmd).await,
             Command::Console(cmd) => console::console(cmd).await,
+            Command::CheckConfig(cmd) => crate::check_config::check_config(&cmd),
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

@@ -6,13 +6,20 @@
 //! sync_over = "lan"                # reach the partner at its "lan" or "overlay" address
 //! report_interval_s = 5            # reports to the data center
 //! reconcile_interval_s = 1800      # full reconcile of every set (and on every reconnect)
-//! debounce_ms = 300                # changes are pulled this long after the last one seen
+//! debounce_ms = 300                # a change notice goes out at most this long after the first
+//!                                  # change it carries (a file written without pause included)
 //! resource_interval_s = 60         # CPU, memory, disk, network sample (kept 7 days)
 //! tunnels = true                   # bring up the tunnels of vpn.toml when it names endpoints
 //! astdb = "/var/lib/asterisk/astdb.sqlite3"   # copied with SQLite's online backup; "" for none
-//! pbx_stop = ""                    # command that stops the PBX (fenced, or B)
-//! pbx_start = ""                   # command that starts it (P)
-//! primary_gone_after_s = 15        # P needs the data center to have lost the primary this long
+//! pbx_stop = "systemctl stop asterisk"    # command that stops the PBX (fenced, or B); this
+//! pbx_start = "systemctl start asterisk"  # and P's start are the defaults where
+//!                                  # asterisk.service is installed, else none; "" for none
+//! primary_gone_after_s = 15        # P needs the data center to have lost the primary this
+//!                                  # long. Shorter is a faster P, but a primary that misses
+//!                                  # reports (reports every report_interval_s, 5 s) for
+//!                                  # that long counts as gone: with 15 s, P is possible
+//!                                  # 15–20 s after the primary died; keep it at least three
+//!                                  # report intervals
 //! promote_note = ""                # shown at P, e.g. "move the PRI cable to this box"
 //! demote_note = ""                 # shown at B, e.g. "plug this box's LAN cable back in"
 //! auto_failover = false            # the backup promotes itself when it and the data center
@@ -26,7 +33,7 @@
 //! own = "192.168.1.3/24"           # this box's own
 //! gateway = "192.168.1.1"
 //! boot_config = "/"                # keep the boot configuration (ifupdown, NetworkManager,
-//!                                  # systemd-networkd, netplan) in step; omit to leave it alone
+//!                                  # systemd-networkd, ifcfg) in step; omit to leave it alone
 //!
 //! # Sync sets, highest priority first (these are the defaults):
 //! [[set]]
@@ -74,10 +81,8 @@ struct File {
     tunnels: bool,
     #[serde(default = "default_astdb")]
     astdb: String,
-    #[serde(default)]
-    pbx_stop: String,
-    #[serde(default)]
-    pbx_start: String,
+    pbx_stop: Option<String>,
+    pbx_start: Option<String>,
     #[serde(default = "default_gone")]
     primary_gone_after_s: u64,
     #[serde(default)]
@@ -224,22 +229,106 @@ pub struct AgentConfig {
     pub network: Option<Network>,
     /// The sets, highest priority first.
     pub sets: Vec<SyncSet>,
+    /// What the agent should say at start about how it read the file (a missing file, a
+    /// default it chose for this box, a hook a PBX box lacks): shown by `lbs check-config`
+    /// and logged by `lbs agent`, warnings first.
+    pub notes: Vec<Note>,
+}
+
+/// Something about the configuration worth telling the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// Worth knowing.
+    Info(String),
+    /// Probably not what the operator wants.
+    Warning(String),
+}
+
+/// What the box has that changes defaults: systemd's unit for Asterisk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoxFacts {
+    /// `asterisk.service` is installed.
+    pub asterisk_unit: bool,
+}
+
+impl BoxFacts {
+    /// Looks at this machine.
+    pub fn here() -> BoxFacts {
+        BoxFacts {
+            asterisk_unit: [
+                "/etc/systemd/system/asterisk.service",
+                "/lib/systemd/system/asterisk.service",
+                "/usr/lib/systemd/system/asterisk.service",
+            ]
+            .iter()
+            .any(|p| Path::new(p).exists()),
+        }
+    }
 }
 
 impl AgentConfig {
     /// Reads `path`; a missing file is all defaults unless `required`.
     pub fn load(path: &Path, required: bool) -> anyhow::Result<AgentConfig> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+        let (text, missing) = match std::fs::read_to_string(path) {
+            Ok(text) => (text, false),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => {
+                (String::new(), true)
+            }
             Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
         };
-        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+        let mut config = Self::parse_for(&text, BoxFacts::here())
+            .with_context(|| format!("in {}", path.display()))?;
+        if missing {
+            config.notes.insert(
+                0,
+                Note::Warning(format!(
+                    "{} does not exist: every setting is its default (an Asterisk box's sets, no [network], so P keeps this box's address)",
+                    path.display()
+                )),
+            );
+        }
+        Ok(config)
     }
 
-    /// Parses configuration text.
+    /// Parses configuration text (on a box without Asterisk's unit).
     pub fn parse(text: &str) -> anyhow::Result<AgentConfig> {
+        Self::parse_for(text, BoxFacts::default())
+    }
+
+    /// Parses configuration text for a box with `facts`.
+    pub fn parse_for(text: &str, facts: BoxFacts) -> anyhow::Result<AgentConfig> {
         let file: File = toml::from_str(text)?;
+        let mut notes = Vec::new();
+        // An unset hook on a box with Asterisk's unit starts and stops it; "" means none.
+        let mut hook = |key: &str, value: Option<String>, verb: &str| match value {
+            Some(command) => Some(command.trim().to_owned()).filter(|c| !c.is_empty()),
+            None if facts.asterisk_unit => {
+                let command = format!("systemctl {verb} asterisk");
+                notes.push(Note::Info(format!(
+                    "{key} not set: `{command}` (asterisk.service is installed)"
+                )));
+                Some(command)
+            }
+            None => None,
+        };
+        let pbx_stop = hook("pbx_stop", file.pbx_stop, "stop");
+        let pbx_start = hook("pbx_start", file.pbx_start, "start");
+        for (key, value, what) in [
+            (
+                "pbx_start",
+                &pbx_start,
+                "P takes the address but starts no PBX",
+            ),
+            (
+                "pbx_stop",
+                &pbx_stop,
+                "a fenced box and B leave the PBX running",
+            ),
+        ] {
+            if value.is_none() {
+                notes.push(Note::Warning(format!("no {key} command: {what}")));
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for set in &file.set {
             if set.name.is_empty()
@@ -276,9 +365,8 @@ impl AgentConfig {
             resource_interval: Duration::from_secs(file.resource_interval_s),
             tunnels: file.tunnels,
             astdb: (!file.astdb.is_empty()).then(|| PathBuf::from(file.astdb)),
-            pbx_stop: (!file.pbx_stop.trim().is_empty()).then(|| file.pbx_stop.trim().to_owned()),
-            pbx_start: (!file.pbx_start.trim().is_empty())
-                .then(|| file.pbx_start.trim().to_owned()),
+            pbx_stop,
+            pbx_start,
             primary_gone_after: Duration::from_secs(file.primary_gone_after_s),
             promote_note: (!file.promote_note.trim().is_empty())
                 .then(|| file.promote_note.trim().to_owned()),
@@ -311,6 +399,7 @@ impl AgentConfig {
                     path: s.path,
                 })
                 .collect(),
+            notes,
         })
     }
 }
@@ -318,6 +407,50 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hooks_default_to_asterisk_where_its_unit_is_and_unset_ones_are_warned_about() {
+        let with = BoxFacts {
+            asterisk_unit: true,
+        };
+        let config = AgentConfig::parse_for("", with).unwrap();
+        assert_eq!(
+            config.pbx_start.as_deref(),
+            Some("systemctl start asterisk")
+        );
+        assert_eq!(config.pbx_stop.as_deref(), Some("systemctl stop asterisk"));
+        assert!(!config.notes.iter().any(|n| matches!(n, Note::Warning(_))));
+        // "" is none, said so.
+        let config = AgentConfig::parse_for("pbx_start = \"\"\n", with).unwrap();
+        assert_eq!(config.pbx_start, None);
+        assert!(config.notes.contains(&Note::Warning(
+            "no pbx_start command: P takes the address but starts no PBX".into()
+        )));
+        // Without the unit: none, and warned.
+        let config = AgentConfig::parse("").unwrap();
+        assert_eq!((config.pbx_start, config.pbx_stop), (None, None));
+        assert_eq!(
+            config
+                .notes
+                .iter()
+                .filter(|n| matches!(n, Note::Warning(_)))
+                .count(),
+            2
+        );
+        let config = AgentConfig::parse("pbx_start = \" /bin/true \"\n").unwrap();
+        assert_eq!(config.pbx_start.as_deref(), Some("/bin/true"));
+    }
+
+    #[test]
+    fn a_missing_file_is_all_defaults_and_said_so() {
+        let config = AgentConfig::load(Path::new("/nonexistent/lbs/agent.toml"), false).unwrap();
+        assert!(
+            matches!(&config.notes[0], Note::Warning(w) if w.contains("does not exist: every setting is its default")),
+            "{:?}",
+            config.notes
+        );
+        assert!(AgentConfig::load(Path::new("/nonexistent/lbs/agent.toml"), true).is_err());
+    }
 
     #[test]
     fn the_packaged_config_is_the_defaults_with_the_console_group() {

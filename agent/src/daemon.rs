@@ -186,6 +186,9 @@ pub struct AgentStatus {
     pub protocol: String,
     /// When the status was made (ms since the epoch).
     pub at_ms: u64,
+    /// What is not well (empty: all is).
+    #[serde(default)]
+    pub health: Vec<crate::health::Problem>,
 }
 
 /// The primary's shared address, off the interface until the cable is back and checked.
@@ -266,7 +269,28 @@ impl Shared {
         }
         let serving_at = current_address(self);
         let network = network(self);
+        let sets = lock(&self.sets).clone();
+        let datacenter = lock(&self.datacenter).clone();
+        let primary_heard_ms = *lock(&self.partner_heard_ms);
+        let address_withdrawn = lock(&self.withdrawn).clone();
+        let now = now_ms();
+        let health = crate::health::judge(&crate::health::Facts {
+            now_ms: now,
+            state: role.state,
+            sets: sets
+                .iter()
+                .map(|s| (s.name.as_str(), s.state.as_str(), s.changed_since_ms))
+                .collect(),
+            datacenter_answered_ms: datacenter.last_answer_ms,
+            partner_silent_ms: info.partner.as_ref().and_then(|p| p.silent_ms),
+            has_partner: info.partner.is_some(),
+            primary_heard_ms,
+            withdrawn: address_withdrawn.is_some(),
+            silent_after_ms: 3 * u64::try_from(self.config.report_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        });
         AgentStatus {
+            health,
             info,
             role,
             replication: match *self.mode.borrow() {
@@ -275,8 +299,8 @@ impl Shared {
                 Mode::Stopped => "stopped",
             }
             .to_owned(),
-            sets: lock(&self.sets).clone(),
-            datacenter: lock(&self.datacenter).clone(),
+            sets,
+            datacenter,
             tunnels,
             tunnels_error,
             resources: lock(&self.resources).recent(),
@@ -286,8 +310,8 @@ impl Shared {
                     .clone()
                     .unwrap_or_else(|| "on".to_owned())
             }),
-            primary_heard_ms: *lock(&self.partner_heard_ms),
-            address_withdrawn: lock(&self.withdrawn).clone(),
+            primary_heard_ms,
+            address_withdrawn,
             notes: Notes {
                 promote: self.config.promote_note.clone(),
                 demote: self.config.demote_note.clone(),
@@ -300,7 +324,7 @@ impl Shared {
             }),
             software: SoftwareVersion::current().to_string(),
             protocol: PROTOCOL_VERSION.to_string(),
-            at_ms: now_ms(),
+            at_ms: now,
         }
     }
 
@@ -338,6 +362,10 @@ impl Shared {
                 }
                 Action::StopSync => {
                     self.mode.send_replace(Mode::Stopped);
+                    for set in lock(&self.sets).iter_mut() {
+                        set.state = "stopped".into();
+                        set.pass_started_ms = None;
+                    }
                 }
                 step => {
                     let _ = self.steps.send(step);
@@ -387,6 +415,12 @@ impl Shared {
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     crate::cli::init_logging("info");
     let config = AgentConfig::load(&cmd.config, false)?;
+    for note in &config.notes {
+        match note {
+            crate::config::Note::Warning(text) => tracing::warn!("{text}"),
+            crate::config::Note::Info(text) => tracing::info!("{text}"),
+        }
+    }
     let paths = StatePaths::new(&cmd.state);
     // While it waits, a note beside the control socket tells the console (which may not
     // read the state) why nobody answers yet.
@@ -520,10 +554,20 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     // Every task runs until shutdown: one that ends first is a fault, and the agent exits
     // non-zero naming it, so that systemd restarts it and the journal says why.
     let mut code = ExitCode::SUCCESS;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        Some(ended) = tasks.join_next_with_id() => {
+    // systemd's watchdog (WatchdogSec= in the unit): a ping at half its period, only while
+    // this loop runs and the role machine's lock can be had — a wedged agent is restarted.
+    let watchdog = lbs_protocol::systemd::watchdog_period().map(|period| period / 2);
+    let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            _ = ping.tick(), if watchdog.is_some() => {
+                drop(lock(&shared.machine));
+                lbs_protocol::systemd::notify("WATCHDOG=1");
+                continue;
+            }
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            Some(ended) = tasks.join_next_with_id() => {
             let name = ended
                 .as_ref()
                 .map_or_else(|err| err.id(), |(id, ())| *id);
@@ -533,7 +577,9 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
                 Err(err) => tracing::error!("{name} failed: {err}; stopping the agent"),
             }
             code = ExitCode::FAILURE;
+            }
         }
+        break;
     }
     lbs_protocol::systemd::notify("STOPPING=1");
     shutdown.cancel();
@@ -566,7 +612,12 @@ async fn wait_for_activation(
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     let mut said = false;
+    let watchdog = lbs_protocol::systemd::watchdog_period().is_some();
     loop {
+        if watchdog {
+            // Waiting is this agent's work until activation: systemd must not restart it.
+            lbs_protocol::systemd::notify("WATCHDOG=1");
+        }
         let record = RoleRecord::load(&paths.role())?;
         if record.state != RoleState::Unactivated && paths.info().exists() {
             return Ok(Some(record));

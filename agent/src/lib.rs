@@ -15,10 +15,12 @@
 
 pub mod activate;
 pub mod boot_check;
+pub mod check_config;
 pub mod cli;
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod health;
 pub mod net_cmd;
 pub mod peer;
 pub mod promote_cmd;

@@ -19,10 +19,15 @@ pub struct StatusCmd {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Show it again every SECONDS (2 by default) until Ctrl-C, like `watch`.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<u64>,
 }
 
+/// Exit code when something is not well (the status says what).
+pub const EXIT_DEGRADED: u8 = 1;
 /// Exit code when the agent does not answer.
-pub const EXIT_NOT_RUNNING: u8 = 3;
+pub const EXIT_NOT_RUNNING: u8 = 2;
 
 pub(crate) async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
     let exchange = async {
@@ -64,24 +69,49 @@ pub(crate) fn human_bytes(bytes: f64) -> String {
     format!("{value:.1} {}", units[unit])
 }
 
-/// `lbs status`.
+/// `lbs status`: exit 0 when all is well, 1 when something is degraded (not in sync, partner
+/// or data center silent, fenced, a role change under way), 2 when the agent cannot be asked.
 pub async fn status(cmd: StatusCmd) -> anyhow::Result<ExitCode> {
-    let status = match ask(&cmd.socket).await {
+    let Some(every) = cmd.watch else {
+        return Ok(ExitCode::from(show(&cmd, false).await?));
+    };
+    let every = Duration::from_secs(every.max(1));
+    loop {
+        show(&cmd, true).await?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Asks once and prints (after clearing the terminal, when `clear`); the exit code it means.
+async fn show(cmd: &StatusCmd, clear: bool) -> anyhow::Result<u8> {
+    let status = ask(&cmd.socket).await;
+    if clear {
+        // Home and clear, as `watch` does; nothing else of the terminal is assumed.
+        print!("\x1b[H\x1b[2J");
+    }
+    let status = match status {
         Ok(status) => status,
         Err(err) => {
             eprintln!(
                 "the agent is not running or not answering on {} ({err:#}); start it with `lbs agent` (systemctl start lbs-agent)",
                 cmd.socket.display()
             );
-            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            return Ok(EXIT_NOT_RUNNING);
         }
     };
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print!("{}", render(&status));
     }
-    print!("{}", render(&status));
-    Ok(ExitCode::SUCCESS)
+    Ok(if status.health.is_empty() {
+        0
+    } else {
+        EXIT_DEGRADED
+    })
 }
 
 /// What `lbs status` prints, as text (the console shows it too).
@@ -106,6 +136,12 @@ pub(crate) fn render(status: &AgentStatus) -> String {
     );
     if let Some(error) = &status.role.last_error {
         out!("  last role error: {error}");
+    }
+    if status.health.is_empty() {
+        out!("health     OK");
+    } else {
+        let problems: Vec<String> = status.health.iter().map(ToString::to_string).collect();
+        out!("health     DEGRADED: {}", problems.join("; "));
     }
     out!(
         "  LAN {}, overlay {}; lbs {}, protocol {}",
@@ -195,11 +231,16 @@ pub(crate) fn render(status: &AgentStatus) -> String {
         if set.pending_bytes > 0 {
             lag += &format!(", {} not copied yet", human_bytes(set.pending_bytes as f64));
         }
+        // The primary is the source: "last in sync" says nothing there.
+        let copy = match set.state.as_str() {
+            "serving" => "(the copy's source)".to_owned(),
+            "stopped" => "(replication stopped)".to_owned(),
+            _ => format!("last in sync {}", ago(now, set.last_in_sync_ms)),
+        };
         out!(
-            "  {:<11} {:<9} last in sync {}{lag}  {}{}",
+            "  {:<11} {:<9} {copy}{lag}  {}{}",
             set.name,
             set.state,
-            ago(now, set.last_in_sync_ms),
             set.path.display(),
             set.last_error
                 .as_ref()

@@ -45,7 +45,16 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
     )
     .unwrap();
     pair.activate("a", 0);
-    let pid = pair.agent_with("a", &[]);
+    // Under systemd with WatchdogSec=2.
+    let notify_path = pair.dir().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut cmd = pair.agent_command("a");
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "2000000");
+    let (pid, _) = pair.lab.spawn_until(cmd, "ready:", STEP).unwrap();
     let started = Instant::now();
     pair.wait("a report answered", STEP, |pair| {
         pair.status("a")["datacenter"]["last_answer_ms"].is_u64()
@@ -60,7 +69,32 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
             .as_u64()
             .is_some_and(|at| at > before)
     });
-    pair.lab.stop(pid, STEP).unwrap();
+    let mut buf = [0u8; 256];
+    let mut pings = 0;
+    while let Ok(n) = notify.recv(&mut buf) {
+        pings += usize::from(&buf[..n] == b"WATCHDOG=1");
+        if pings == 3 {
+            break;
+        }
+    }
+    assert_eq!(pings, 3, "the running agent pings systemd's watchdog");
+    // For monitoring: 1 while degraded (the backup was never heard), with the reason; 2
+    // when the agent does not answer.
+    let status = |pair: &mut Pair| {
+        let mut cmd = pair.lab.command("a", LBS);
+        cmd.args(["status", "--socket"]).arg(pair.socket("a"));
+        pair.lab.run(cmd, STEP).unwrap()
+    };
+    let out = status(&mut pair);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("health     DEGRADED: partner never heard"),
+        "{said}"
+    );
+    let stopped = pair.lab.stop(pid, STEP).unwrap();
+    assert!(stopped.success(), "{stopped}");
+    assert_eq!(status(&mut pair).status.code(), Some(2));
 }
 
 #[test]
@@ -182,6 +216,12 @@ fn a_recording_written_without_pause_holds_back_no_change() {
     assert!(took < Duration::from_secs(2), "voicemail took {took:?}");
     pair.wait("the recording complete on the backup", STEP, |_| {
         std::fs::metadata(&copy).is_ok_and(|m| m.len() == 200 * 16 * 1024)
+    });
+    // All well now: `lbs status` exits 0.
+    pair.wait("the backup healthy", STEP, |pair| {
+        let mut cmd = pair.lab.command("b", LBS);
+        cmd.args(["status", "--socket"]).arg(pair.socket("b"));
+        pair.lab.run(cmd, STEP).unwrap().status.success()
     });
 }
 

@@ -220,9 +220,7 @@ fn scenario(p: &str, agents_first: bool) {
     assert_eq!(backup["replication"], "pulling");
     assert_eq!(set(&backup, "media")["state"], "in sync");
     assert!(!backup["resources"].as_array().unwrap().is_empty());
-    let mut table = pair.lab.command(q, LBS);
-    table.args(["status", "--socket"]).arg(pair.socket(q));
-    let table = ok(pair.lab.run(table, STEP).unwrap());
+    let table = pair.status_text(q);
     assert!(
         table.contains("BACKUP") && table.contains("media") && table.contains("in sync"),
         "{table}"
@@ -279,9 +277,7 @@ fn a_remote_backup_replicates_through_the_tunnels() {
         partner["overlay"].as_str().unwrap().starts_with("10.77."),
         "{partner}"
     );
-    let mut table = pair.lab.command("b", LBS);
-    table.args(["status", "--socket"]).arg(pair.socket("b"));
-    let table = ok(pair.lab.run(table, STEP).unwrap());
+    let table = pair.status_text("b");
     assert!(table.contains("tunnel     dc1 Up (active)"), "{table}");
     for pid in pair.agents.clone() {
         let status = pair.lab.stop(pid, STEP).unwrap();

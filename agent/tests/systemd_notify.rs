@@ -42,6 +42,8 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_says_so_and_stops_on_sig
             .arg("--socket")
             .arg(dir.join("agent.sock"))
             .env("NOTIFY_SOCKET", &notify)
+            // WatchdogSec=2 in a unit: a ping at least every second, also while waiting.
+            .env("WATCHDOG_USEC", "2000000")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -51,8 +53,22 @@ fn an_agent_waiting_for_activation_is_ready_for_systemd_says_so_and_stops_on_sig
     let n = socket
         .recv(&mut buf)
         .expect("no notification from the agent within 10 s");
-    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // The first watchdog ping may come before READY=1.
+    if said == "WATCHDOG=1" {
+        let n = socket.recv(&mut buf).unwrap();
+        said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    }
     assert!(said.lines().any(|l| l == "READY=1"), "{said:?}");
+    let started = std::time::Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let n = socket.recv(&mut buf).unwrap();
+        if &buf[..n] == b"WATCHDOG=1" {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 3, "{pings} watchdog pings in 3 s");
     assert!(said.contains("STATUS=waiting for lbs activate"), "{said:?}");
     // The console (not root: it cannot read the state) learns why nobody answers.
     let note = dir.join("unactivated");

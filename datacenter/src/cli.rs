@@ -21,14 +21,7 @@ const DATABASE: &str = "datacenter.db";
 const CONFIG: &str = "datacenter.toml";
 
 fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    lbs_protocol::logging::init("lbs-datacenter", "info");
 }
 
 /// Runs `service` (given its shutdown token) until it ends, or until SIGTERM or SIGINT ask

@@ -28,6 +28,8 @@ pub mod control;
 pub mod frame;
 pub mod handshake;
 pub mod ids;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod message;
 pub mod metered;
 pub mod path;

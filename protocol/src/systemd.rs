@@ -17,6 +17,19 @@ pub fn notify(state: &str) {
     }
 }
 
+/// The watchdog period systemd asks for (`WatchdogSec=`, passed as `$WATCHDOG_USEC` to the
+/// main process), if any: ping with `WATCHDOG=1` more often than that.
+pub fn watchdog_period() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    // Meant for another process (a child that inherited the environment)? Then not ours.
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse() != Ok(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
 /// Sends `state` to the notification socket `path` (a file, or `@name` for an abstract one).
 pub fn notify_to(path: &str, state: &str) -> std::io::Result<()> {
     let address = match path.strip_prefix('@') {

@@ -65,6 +65,41 @@ pub fn run_step(name: &str, cmd: &mut Command) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// Like [`run_step`], for a command whose output nobody needs unless it fails (apt-get's
+/// hundreds of "Unpacking …" lines): one line for the step, everything it printed in `log`,
+/// and the end of that log shown when it fails.
+pub fn run_step_logged(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Duration> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let started = Instant::now();
+    let status = cmd
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("{name}: cannot start {:?}", cmd.get_program()))?;
+    let took = started.elapsed();
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        for line in tail.into_iter().rev() {
+            println!("    {line}");
+        }
+        bail!(
+            "{name} failed ({status}) after {}; its full output is in {}",
+            seconds(took),
+            log.display()
+        );
+    }
+    println!(
+        "==> {name}: ok in {} (output in {})",
+        seconds(took),
+        log.display()
+    );
+    Ok(took)
+}
+
 /// A duration as seconds with two decimals ("1.25 s"), the unit of every timeline we print.
 pub fn seconds(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
@@ -103,22 +138,26 @@ pub fn ensure_packages<'a>(
         println!("    install them with: apt-get install -y {list}");
         return Ok(missing);
     }
-    run_step(
+    let log = target_dir().join("xtask-apt.log");
+    println!("==> installing {} system package(s): {list}", missing.len());
+    run_step_logged(
         "apt-get update",
         Command::new("apt-get")
             .args(["update", "-qq"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
+        &target_dir().join("xtask-apt-update.log"),
     )?;
     // Packages such as bind9 and kamailio would start their service on this machine; the
     // tests run their own inside namespaces. Debian's policy-rc.d says "do not start" for the
     // length of the install (unless the machine has its own policy already).
     let _no_services = NoServiceStarts::install()?;
-    run_step(
-        &format!("apt-get install {list}"),
+    run_step_logged(
+        "apt-get install",
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
+        &log,
     )?;
     let still: Vec<&str> = missing.into_iter().filter(|n| !dpkg_installed(n)).collect();
     if !still.is_empty() {

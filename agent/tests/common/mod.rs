@@ -395,10 +395,29 @@ impl Pair {
     }
 
     pub fn status(&mut self, host: &str) -> serde_json::Value {
+        serde_json::from_str(&self.status_output(host, &["--json"])).unwrap()
+    }
+
+    /// `lbs status` of `host` as text.
+    pub fn status_text(&mut self, host: &str) -> String {
+        self.status_output(host, &[])
+    }
+
+    /// What `lbs status <args>` printed; exit 0 (well) or 1 (degraded) both answer.
+    fn status_output(&mut self, host: &str, args: &[&str]) -> String {
         let mut cmd = self.lab.command(host, LBS);
-        cmd.args(["status", "--json", "--socket"])
+        cmd.arg("status")
+            .args(args)
+            .arg("--socket")
             .arg(self.socket(host));
-        serde_json::from_str(&ok(self.lab.run(cmd, STEP).unwrap())).unwrap()
+        let out = self.lab.run(cmd, STEP).unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "lbs status: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     pub fn wait(

@@ -1,0 +1,223 @@
+//! Is this box well? A pure judgement of what the agent knows, for `lbs status`'s exit code
+//! (0 well, 1 degraded) and its first line, so that monitoring (Nagios, a provider's probe)
+//! and the operator read the same verdict.
+
+use serde::{Deserialize, Serialize};
+
+use crate::role::RoleState;
+
+/// One reason this box is not fully well.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "problem")]
+pub enum Problem {
+    /// Stepped back after the other box took over: waits for **B**.
+    Fenced,
+    /// A promotion or demotion is under way.
+    RoleChanging {
+        /// The state, as `lbs status` shows it.
+        state: String,
+    },
+    /// The backup's copy of a set is behind the primary (or not known to be current).
+    NotInSync {
+        /// The set.
+        set: String,
+        /// Its state (`changed`, `syncing`, `error`, `waiting`).
+        state: String,
+        /// How long the oldest change not copied has waited (ms), when known.
+        behind_ms: Option<u64>,
+    },
+    /// The partner has not been heard for a while (by this backup or by the data center).
+    PartnerSilent {
+        /// For how long (ms), or `None`: never heard.
+        for_ms: Option<u64>,
+    },
+    /// The data center has not answered lately.
+    DataCenterSilent {
+        /// Since its last answer (ms), or `None`: never.
+        for_ms: Option<u64>,
+    },
+    /// The primary's shared address is off its interface (no carrier).
+    AddressWithdrawn,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = |ms: u64| format!("{:.0} s", ms as f64 / 1000.0);
+        match self {
+            Problem::Fenced => {
+                f.write_str("fenced: the other box is primary; B makes this one the backup")
+            }
+            Problem::RoleChanging { state } => write!(f, "role change under way ({state})"),
+            Problem::NotInSync {
+                set,
+                state,
+                behind_ms: Some(ms),
+            } => write!(f, "{set} {state}, {} behind", secs(*ms)),
+            Problem::NotInSync { set, state, .. } => write!(f, "{set} {state}"),
+            Problem::PartnerSilent { for_ms: Some(ms) } => {
+                write!(f, "partner not heard for {}", secs(*ms))
+            }
+            Problem::PartnerSilent { for_ms: None } => f.write_str("partner never heard"),
+            Problem::DataCenterSilent { for_ms: Some(ms) } => {
+                write!(f, "data center silent for {}", secs(*ms))
+            }
+            Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
+            Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
+        }
+    }
+}
+
+/// What the judgement reads.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    /// Now (ms since the epoch).
+    pub now_ms: u64,
+    /// The role.
+    pub state: RoleState,
+    /// Per set: name, state, oldest change waiting (ms since the epoch).
+    pub sets: Vec<(&'a str, &'a str, Option<u64>)>,
+    /// When the data center last answered.
+    pub datacenter_answered_ms: Option<u64>,
+    /// How long the data center has not heard the partner (aged to now), when told.
+    pub partner_silent_ms: Option<u64>,
+    /// Whether a partner is provisioned at all.
+    pub has_partner: bool,
+    /// When this backup last heard the primary itself.
+    pub primary_heard_ms: Option<u64>,
+    /// Whether the shared address is withdrawn.
+    pub withdrawn: bool,
+    /// Silence longer than this is a problem (ms): three report intervals.
+    pub silent_after_ms: u64,
+}
+
+/// Every problem, in the order an operator should look at them; empty when all is well.
+pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let since = |at: Option<u64>| at.map(|at| facts.now_ms.saturating_sub(at));
+    match facts.state {
+        RoleState::Fenced => problems.push(Problem::Fenced),
+        RoleState::Promoting(_) | RoleState::Demoting(_) => {
+            problems.push(Problem::RoleChanging {
+                state: facts.state.to_string(),
+            });
+        }
+        RoleState::Backup => {
+            for (set, state, changed) in &facts.sets {
+                if *state != "in sync" {
+                    problems.push(Problem::NotInSync {
+                        set: (*set).to_owned(),
+                        state: (*state).to_owned(),
+                        behind_ms: since(*changed),
+                    });
+                }
+            }
+            if facts.has_partner {
+                let heard = since(facts.primary_heard_ms);
+                if heard.is_none_or(|ms| ms > facts.silent_after_ms) {
+                    problems.push(Problem::PartnerSilent { for_ms: heard });
+                }
+            }
+        }
+        RoleState::Primary => {
+            if facts.withdrawn {
+                problems.push(Problem::AddressWithdrawn);
+            }
+            if facts.has_partner
+                && facts
+                    .partner_silent_ms
+                    .is_none_or(|ms| ms > facts.silent_after_ms)
+            {
+                problems.push(Problem::PartnerSilent {
+                    for_ms: facts.partner_silent_ms,
+                });
+            }
+        }
+        RoleState::Unactivated => {}
+    }
+    let answered = since(facts.datacenter_answered_ms);
+    if answered.is_none_or(|ms| ms > facts.silent_after_ms) {
+        problems.push(Problem::DataCenterSilent { for_ms: answered });
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn well_backup() -> Facts<'static> {
+        Facts {
+            now_ms: 100_000,
+            state: RoleState::Backup,
+            sets: vec![("voicemail", "in sync", None), ("config", "in sync", None)],
+            datacenter_answered_ms: Some(99_000),
+            partner_silent_ms: Some(1_000),
+            has_partner: true,
+            primary_heard_ms: Some(99_500),
+            withdrawn: false,
+            silent_after_ms: 15_000,
+        }
+    }
+
+    #[test]
+    fn a_backup_in_sync_that_hears_everyone_is_well() {
+        assert_eq!(judge(&well_backup()), Vec::new());
+    }
+
+    #[test]
+    fn each_fault_is_named_with_its_size() {
+        let mut facts = well_backup();
+        facts.sets[0] = ("voicemail", "changed", Some(97_000));
+        facts.primary_heard_ms = Some(80_000);
+        facts.datacenter_answered_ms = None;
+        let problems = judge(&facts);
+        assert_eq!(
+            problems,
+            vec![
+                Problem::NotInSync {
+                    set: "voicemail".into(),
+                    state: "changed".into(),
+                    behind_ms: Some(3_000)
+                },
+                Problem::PartnerSilent {
+                    for_ms: Some(20_000)
+                },
+                Problem::DataCenterSilent { for_ms: None },
+            ]
+        );
+        assert_eq!(problems[0].to_string(), "voicemail changed, 3 s behind");
+    }
+
+    #[test]
+    fn a_primary_is_judged_on_its_address_and_its_backup_not_on_copies() {
+        let mut facts = well_backup();
+        facts.state = RoleState::Primary;
+        facts.sets = vec![("voicemail", "serving", None)];
+        facts.primary_heard_ms = None;
+        assert_eq!(judge(&facts), Vec::new());
+        facts.withdrawn = true;
+        facts.partner_silent_ms = Some(60_000);
+        assert_eq!(
+            judge(&facts),
+            vec![
+                Problem::AddressWithdrawn,
+                Problem::PartnerSilent {
+                    for_ms: Some(60_000)
+                }
+            ]
+        );
+        // A primary without a partner provisioned yet is not degraded for that.
+        facts.has_partner = false;
+        facts.withdrawn = false;
+        assert_eq!(judge(&facts), Vec::new());
+    }
+
+    #[test]
+    fn fenced_and_changing_boxes_are_degraded() {
+        let mut facts = well_backup();
+        facts.state = RoleState::Fenced;
+        assert_eq!(judge(&facts), vec![Problem::Fenced]);
+        facts.state = RoleState::Promoting(crate::role::PromoteStep::TakeAddress);
+        assert!(matches!(judge(&facts)[0], Problem::RoleChanging { .. }));
+    }
+}
