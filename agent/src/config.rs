@@ -267,6 +267,24 @@ impl BoxFacts {
 }
 
 impl AgentConfig {
+    /// What SIGHUP makes of `new` while `self` is in force: the settings that can change at
+    /// once from `new` (hooks, notes, intervals, P's threshold, automatic failover), the rest
+    /// kept, with the names of those that changed and wait for a restart.
+    pub fn reloaded(&self, new: AgentConfig) -> (AgentConfig, Vec<&'static str>) {
+        let mut later = Vec::new();
+        let mut merged = new;
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if merged.$field != self.$field {
+                    later.push(stringify!($field));
+                    merged.$field = self.$field.clone();
+                }
+            )*};
+        }
+        keep!(sync_port, sync_over, debounce, tunnels, astdb, console_group, network, sets);
+        (merged, later)
+    }
+
     /// Reads `path`; a missing file is all defaults unless `required`.
     pub fn load(path: &Path, required: bool) -> anyhow::Result<AgentConfig> {
         let (text, missing) = match std::fs::read_to_string(path) {
@@ -439,6 +457,21 @@ mod tests {
         );
         let config = AgentConfig::parse("pbx_start = \" /bin/true \"\n").unwrap();
         assert_eq!(config.pbx_start.as_deref(), Some("/bin/true"));
+    }
+
+    #[test]
+    fn a_reload_takes_what_can_change_at_once_and_names_the_rest() {
+        let old = AgentConfig::parse("pbx_start = \"a\"\n").unwrap();
+        let new = AgentConfig::parse(
+            "pbx_start = \"b\"\nprimary_gone_after_s = 30\nauto_failover = true\nsync_port = 9000\n[[set]]\nname = \"x\"\npath = \"/x\"\n",
+        )
+        .unwrap();
+        let (merged, later) = old.reloaded(new);
+        assert_eq!(merged.pbx_start.as_deref(), Some("b"));
+        assert_eq!(merged.primary_gone_after, Duration::from_secs(30));
+        assert!(merged.auto_failover);
+        assert_eq!((merged.sync_port, merged.sets.clone()), (old.sync_port, old.sets.clone()));
+        assert_eq!(later, vec!["sync_port", "sets"]);
     }
 
     #[test]

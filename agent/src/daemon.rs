@@ -214,7 +214,8 @@ enum Mode {
 
 /// What every task shares.
 struct Shared {
-    config: AgentConfig,
+    /// The configuration in force; SIGHUP swaps in what can change without a restart.
+    config: std::sync::RwLock<Arc<AgentConfig>>,
     paths: StatePaths,
     machine: Mutex<RoleMachine>,
     info: Mutex<BoxInfo>,
@@ -258,6 +259,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn config(&self) -> Arc<AgentConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn status(&self) -> AgentStatus {
         // Each lock taken and released on its own line: a guard in the struct expression
         // below would live to its end, and `current_address` takes the machine's again.
@@ -286,7 +294,7 @@ impl Shared {
             has_partner: info.partner.is_some(),
             primary_heard_ms,
             withdrawn: address_withdrawn.is_some(),
-            silent_after_ms: 3 * u64::try_from(self.config.report_interval.as_millis())
+            silent_after_ms: 3 * u64::try_from(self.config().report_interval.as_millis())
                 .unwrap_or(u64::MAX),
         });
         AgentStatus {
@@ -305,7 +313,7 @@ impl Shared {
             tunnels_error,
             resources: lock(&self.resources).recent(),
             serving_at,
-            auto_failover: self.config.auto_failover.then(|| {
+            auto_failover: self.config().auto_failover.then(|| {
                 lock(&self.auto_failover)
                     .clone()
                     .unwrap_or_else(|| "on".to_owned())
@@ -313,8 +321,8 @@ impl Shared {
             primary_heard_ms,
             address_withdrawn,
             notes: Notes {
-                promote: self.config.promote_note.clone(),
-                demote: self.config.demote_note.clone(),
+                promote: self.config().promote_note.clone(),
+                demote: self.config().demote_note.clone(),
             },
             network: network.map(|n| NetworkView {
                 interface: n.interface,
@@ -336,8 +344,8 @@ impl Shared {
 
     /// All sets, the astdb copy last.
     fn all_sets(&self, astdb_root: &Path) -> Vec<SyncSet> {
-        let mut sets = self.config.sets.clone();
-        if self.config.astdb.is_some() {
+        let mut sets = self.config().sets.clone();
+        if self.config().astdb.is_some() {
             sets.push(SyncSet {
                 name: ASTDB_SET.to_owned(),
                 path: astdb_root.to_owned(),
@@ -455,7 +463,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
     let (progress, _) = broadcast::channel(256);
     let shared = Arc::new(Shared {
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
         paths,
         machine: Mutex::new(RoleMachine::new(record)),
         info: Mutex::new(info),
@@ -509,19 +517,18 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         "the role-change executor",
         Box::pin(execute_steps(shared.clone(), step_queue, shutdown.clone())),
     );
-    if shared.config.tunnels {
+    if shared.config().tunnels {
         spawn(
             "the tunnels",
             Box::pin(tunnels(shared.clone(), shutdown.clone())),
         );
     }
-    if shared.config.auto_failover {
-        spawn(
-            "automatic failover",
-            Box::pin(auto_failover(shared.clone(), shutdown.clone())),
-        );
-    }
-    if shared.config.network.is_some() {
+    // Always running: it follows `auto_failover`, which SIGHUP may change.
+    spawn(
+        "automatic failover",
+        Box::pin(auto_failover(shared.clone(), shutdown.clone())),
+    );
+    if shared.config().network.is_some() {
         spawn(
             "the address guard",
             Box::pin(guard::guard_address(shared.clone(), shutdown.clone())),
@@ -551,6 +558,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("watching SIGHUP")?;
     // Every task runs until shutdown: one that ends first is a fault, and the agent exits
     // non-zero naming it, so that systemd restarts it and the journal says why.
     let mut code = ExitCode::SUCCESS;
@@ -563,6 +571,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             _ = ping.tick(), if watchdog.is_some() => {
                 drop(lock(&shared.machine));
                 lbs_protocol::systemd::notify("WATCHDOG=1");
+                continue;
+            }
+            _ = hup.recv() => {
+                reload(&shared, &cmd.config);
                 continue;
             }
             _ = term.recv() => {}
@@ -595,6 +607,34 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&cmd.socket);
     println!("stopped");
     Ok(code)
+}
+
+/// SIGHUP: reads the configuration again; what can change at once does, the rest is named
+/// (it waits for a restart); a file that does not parse changes nothing.
+fn reload(shared: &Shared, path: &Path) {
+    let new = match AgentConfig::load(path, false) {
+        Ok(new) => new,
+        Err(err) => {
+            tracing::error!("SIGHUP: {err:#}; the configuration in force is kept");
+            return;
+        }
+    };
+    let (merged, later) = shared.config().reloaded(new);
+    for note in &merged.notes {
+        if let crate::config::Note::Warning(text) = note {
+            tracing::warn!("{text}");
+        }
+    }
+    *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+    if later.is_empty() {
+        tracing::info!("SIGHUP: {} read again; all of it in force", path.display());
+    } else {
+        tracing::warn!(
+            "SIGHUP: {} read again; {} changed and take effect at the next restart (systemctl restart lbs-agent)",
+            path.display(),
+            later.join(", ")
+        );
+    }
 }
 
 /// The file beside the control `socket` that says the agent waits for activation.
@@ -715,7 +755,7 @@ async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: Can
             if let Some(rest) = request.strip_prefix("promote") {
                 let check_only = rest.starts_with("-check");
                 let words = rest.trim_start_matches("-check");
-                match PromoteOptions::parse(words, shared.config.network.as_ref()) {
+                match PromoteOptions::parse(words, shared.config().network.as_ref()) {
                     Ok(options) => {
                         promote_request(&shared, &mut write, options, check_only).await;
                     }
@@ -743,7 +783,7 @@ fn partner_address(shared: &Shared) -> Option<(lbs_protocol::ServerId, SocketAdd
     let (sid, ip) = {
         let info = lock(&shared.info);
         let partner = info.partner.as_ref()?;
-        let ip = match shared.config.sync_over {
+        let ip = match shared.config().sync_over {
             SyncOver::Lan => partner.lan?,
             SyncOver::Overlay => partner.overlay?,
         };
@@ -757,7 +797,7 @@ fn partner_address(shared: &Shared) -> Option<(lbs_protocol::ServerId, SocketAdd
         }
         _ => ip,
     };
-    Some((sid, SocketAddr::from((ip, shared.config.sync_port))))
+    Some((sid, SocketAddr::from((ip, shared.config().sync_port))))
 }
 
 fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>> {
@@ -913,7 +953,7 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                     }
                 }
             }
-            tokio::time::sleep(shared.config.report_interval).await;
+            tokio::time::sleep(shared.config().report_interval).await;
         }
     }
 }
@@ -992,7 +1032,7 @@ fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) {
 /// of the configured one.
 fn network(shared: &Shared) -> Option<crate::config::Network> {
     let chosen = lock(&shared.machine).record.shared;
-    with_choice(shared.config.network.clone(), chosen)
+    with_choice(shared.config().network.clone(), chosen)
 }
 
 /// `network` with the address the operator chose at **P** (kept in the role record).
@@ -1117,7 +1157,7 @@ async fn sample_resources(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(shared.config.resource_interval) => {}
+            () = tokio::time::sleep(shared.config().resource_interval) => {}
         }
     }
 }
@@ -1236,7 +1276,7 @@ async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Res
     let peer = Arc::new(peer);
     let sets = open_sets(&shared)?;
     let astdb = astdb_dir(&shared.paths);
-    if let Some(source) = &shared.config.astdb
+    if let Some(source) = &shared.config().astdb
         && let Err(err) = snapshot_astdb(source, &astdb)
     {
         tracing::warn!("astdb snapshot: {err:#}");
@@ -1248,13 +1288,13 @@ async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Res
     let watcher = watch_sets(&shared, &sets, changes.clone())?;
     let listener = TcpListener::bind(SocketAddr::from((
         Ipv4Addr::UNSPECIFIED,
-        shared.config.sync_port,
+        shared.config().sync_port,
     )))
     .await
     .with_context(|| {
         format!(
             "listening for the partner on port {}",
-            shared.config.sync_port
+            shared.config().sync_port
         )
     })?;
     let config = peer.server_config()?;
@@ -1263,7 +1303,7 @@ async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Res
             .map(|(set, index, _)| (set.name.clone(), set.path.clone(), index.clone()))
             .collect(),
     );
-    tracing::info!(port = shared.config.sync_port, partner = %peer.partner, "serving the sync sets");
+    tracing::info!(port = shared.config().sync_port, partner = %peer.partner, "serving the sync sets");
     let mut sessions = JoinSet::new();
     let result = loop {
         let (tcp, remote) = tokio::select! {
@@ -1417,7 +1457,7 @@ fn watch_sets(
         }
         roots.push((set.name.clone(), root));
     }
-    let astdb = shared.config.astdb.clone();
+    let astdb = shared.config().astdb.clone();
     if let Some(source) = &astdb
         && let Some(dir) = source.parent()
         && dir.exists()
@@ -1427,7 +1467,7 @@ fn watch_sets(
     }
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let debounce = shared.config.debounce;
+    let debounce = shared.config().debounce;
     let snapshot_dir = astdb_dir(&shared.paths);
     let task = tokio::spawn(async move {
         let mut pending: BTreeSet<String> = BTreeSet::new();
@@ -1523,7 +1563,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
         wake.clone(),
         stop.clone(),
     ));
-    let mut next_reconcile = Instant::now() + shared.config.reconcile_interval;
+    let mut next_reconcile = Instant::now() + shared.config().reconcile_interval;
     // Sets take turns: after a pass of one, the next due set after it goes first, so a set
     // that changes without pause (a recording) cannot starve the others. A set whose files
     // were still changing waits a moment before its next pass, without holding up the rest.
@@ -1553,7 +1593,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                 () = tokio::time::sleep_until(until.into()) => {
                     if Instant::now() >= next_reconcile {
                         lock(&pending).extend(0..sets.len());
-                        next_reconcile = Instant::now() + shared.config.reconcile_interval;
+                        next_reconcile = Instant::now() + shared.config().reconcile_interval;
                     }
                 }
             }
@@ -1599,7 +1639,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     lock(&pending).remove(&i);
                 }
                 if set.name == ASTDB_SET
-                    && let Some(target) = &shared.config.astdb
+                    && let Some(target) = &shared.config().astdb
                     && report.plan.fetch_files + report.plan.local_copies > 0
                     && let Err(err) = install_astdb(&set.path, target)
                 {
@@ -1643,7 +1683,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     // Files still being written on the primary: give them a moment rather
                     // than asking again at once (the other sets go meanwhile).
                     not_before[i] = Some(
-                        Instant::now() + shared.config.debounce.max(Duration::from_millis(500)),
+                        Instant::now() + shared.config().debounce.max(Duration::from_millis(500)),
                     );
                 }
             }
@@ -1859,7 +1899,7 @@ async fn address_taken(shared: &Shared) -> Option<String> {
 /// included) and the same steps. The data center's compare-and-set keeps it to one primary.
 async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
     let started_ms = now_ms();
-    let gone_ms = u64::try_from(shared.config.primary_gone_after.as_millis()).unwrap_or(u64::MAX);
+    let gone_ms = u64::try_from(shared.config().primary_gone_after.as_millis()).unwrap_or(u64::MAX);
     let mut said = String::new();
     // After an attempt the data center refused, the next waits a while.
     let mut not_before = Instant::now();
@@ -1868,7 +1908,10 @@ async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        if lock(&shared.machine).record.state != RoleState::Backup || Instant::now() < not_before {
+        if !shared.config().auto_failover
+            || lock(&shared.machine).record.state != RoleState::Backup
+            || Instant::now() < not_before
+        {
             continue;
         }
         let now = now_ms();
@@ -1966,10 +2009,10 @@ async fn promote_checks(
     let answered = lock(&shared.datacenter).last_answer_ms;
     let fresh = answered.is_some_and(|at| {
         now.saturating_sub(at)
-            < 3 * u64::try_from(shared.config.report_interval.as_millis()).unwrap_or(u64::MAX)
+            < 3 * u64::try_from(shared.config().report_interval.as_millis()).unwrap_or(u64::MAX)
     });
     let gone_after =
-        u64::try_from(shared.config.primary_gone_after.as_millis()).unwrap_or(u64::MAX);
+        u64::try_from(shared.config().primary_gone_after.as_millis()).unwrap_or(u64::MAX);
     if offline {
         // Without the data center: it must really be gone, and this box must have lost the
         // primary itself.
@@ -2020,7 +2063,7 @@ async fn promote_checks(
             None => lines.push("the data center never heard the primary".to_owned()),
         }
     }
-    if let Some(network) = &with_choice(shared.config.network.clone(), chosen) {
+    if let Some(network) = &with_choice(shared.config().network.clone(), chosen) {
         match probe_shared(network).await {
             Ok(lbs_netconfig::ProbeResult::Free) => {
                 lines.push(format!(
@@ -2050,7 +2093,7 @@ async fn promote_checks(
                 .to_owned(),
         );
     }
-    if let Some(note) = &shared.config.promote_note {
+    if let Some(note) = &shared.config().promote_note {
         lines.push(format!("NOTE: {note}"));
     }
     Ok(lines)
@@ -2270,7 +2313,7 @@ async fn demote_request(
             "then the full sync from the primary starts; this follows it until in sync",
         )
         .await;
-        if let Some(note) = &shared.config.demote_note {
+        if let Some(note) = &shared.config().demote_note {
             say(write, &format!("NOTE: {note}")).await;
         }
         say(write, "ready: demotion possible").await;
@@ -2575,8 +2618,8 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
                 report.summary()
             )))
         }
-        Action::StartPbx => hook(&shared.config.pbx_start, "pbx_start", "PBX start").await,
-        Action::StopPbx => hook(&shared.config.pbx_stop, "pbx_stop", "PBX stop").await,
+        Action::StartPbx => hook(&shared.config().pbx_start, "pbx_start", "PBX start").await,
+        Action::StopPbx => hook(&shared.config().pbx_stop, "pbx_stop", "PBX stop").await,
         Action::RegisterBackup => {
             let (mut conn, _) = connect_dc(shared).await?;
             let generation = lock(&shared.machine).record.generation;

@@ -78,6 +78,17 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
         }
     }
     assert_eq!(pings, 3, "the running agent pings systemd's watchdog");
+    // systemctl reload: a new note is in force at once.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("promote_note = \"move the PRI cable\"\n{text}"),
+    )
+    .unwrap();
+    pair.lab.signal(pid, "HUP").unwrap();
+    pair.wait("the note in force after SIGHUP", STEP, |pair| {
+        pair.status("a")["notes"]["promote"] == "move the PRI cable"
+    });
     // For monitoring: 1 while degraded (the backup was never heard), with the reason; 2
     // when the agent does not answer.
     let status = |pair: &mut Pair| {
