@@ -22,6 +22,9 @@
 //!                                  # report intervals
 //! promote_note = ""                # shown at P, e.g. "move the PRI cable to this box"
 //! demote_note = ""                 # shown at B, e.g. "plug this box's LAN cable back in"
+//! notify = ""                      # run on every role change as `sh -c "<notify> ROLE GEN
+//!                                  # REASON"` (also LBS_ROLE, LBS_GENERATION, LBS_REASON),
+//!                                  # e.g. a mail or an SNMP trap; 30 s at most
 //! auto_failover = false            # the backup promotes itself when it and the data center
 //!                                  # have both lost the primary for primary_gone_after_s
 //! console_group = ""               # a group whose members may use the control socket (the
@@ -89,6 +92,8 @@ struct File {
     promote_note: String,
     #[serde(default)]
     demote_note: String,
+    #[serde(default)]
+    notify: String,
     #[serde(default)]
     auto_failover: bool,
     #[serde(default)]
@@ -221,6 +226,9 @@ pub struct AgentConfig {
     pub promote_note: Option<String>,
     /// The operator's note at B.
     pub demote_note: Option<String>,
+    /// Run on every role change with the new role, generation and reason (like keepalived's
+    /// notify scripts).
+    pub notify: Option<String>,
     /// Whether the backup promotes itself (off by default).
     pub auto_failover: bool,
     /// The group that may use the control socket besides root (the console login's).
@@ -281,7 +289,16 @@ impl AgentConfig {
                 }
             )*};
         }
-        keep!(sync_port, sync_over, debounce, tunnels, astdb, console_group, network, sets);
+        keep!(
+            sync_port,
+            sync_over,
+            debounce,
+            tunnels,
+            astdb,
+            console_group,
+            network,
+            sets
+        );
         (merged, later)
     }
 
@@ -390,6 +407,7 @@ impl AgentConfig {
                 .then(|| file.promote_note.trim().to_owned()),
             demote_note: (!file.demote_note.trim().is_empty())
                 .then(|| file.demote_note.trim().to_owned()),
+            notify: Some(file.notify.trim().to_owned()).filter(|n| !n.is_empty()),
             auto_failover: file.auto_failover,
             console_group: Some(file.console_group).filter(|g| !g.is_empty()),
             network: file
@@ -470,7 +488,10 @@ mod tests {
         assert_eq!(merged.pbx_start.as_deref(), Some("b"));
         assert_eq!(merged.primary_gone_after, Duration::from_secs(30));
         assert!(merged.auto_failover);
-        assert_eq!((merged.sync_port, merged.sets.clone()), (old.sync_port, old.sets.clone()));
+        assert_eq!(
+            (merged.sync_port, merged.sets.clone()),
+            (old.sync_port, old.sets.clone())
+        );
         assert_eq!(later, vec!["sync_port", "sets"]);
     }
 

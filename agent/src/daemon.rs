@@ -241,6 +241,8 @@ struct Shared {
     refresh: Mutex<Option<lbs_netconfig::Refresh>>,
     /// Set while the primary keeps the shared address off a link without carrier.
     withdrawn: Mutex<Option<Withdrawn>>,
+    /// Role changes for the `notify` hook, run one at a time by their own task.
+    notices: tokio::sync::mpsc::UnboundedSender<RoleNotice>,
     /// Counts this box's moves between addresses: connections made from the old one are
     /// dead (their replies go to the other box), so they are made again at once.
     moved: watch::Sender<u64>,
@@ -389,7 +391,8 @@ impl Shared {
     /// Applies `event`; `Err` with the reason when the machine refused it (or the change
     /// could not be recorded), nothing changed then.
     fn apply(&self, event: Event) -> Result<(), String> {
-        let (actions, record) = {
+        let reason = event_reason(&event);
+        let (actions, record, before) = {
             let mut machine = lock(&self.machine);
             let before = machine.record.clone();
             match machine.handle(event, now_ms()) {
@@ -403,7 +406,7 @@ impl Shared {
                         machine.record = before;
                         return Err(why);
                     }
-                    (actions, machine.record.clone())
+                    (actions, machine.record.clone(), before)
                 }
                 Err(refused) => {
                     tracing::warn!("{refused}");
@@ -413,6 +416,20 @@ impl Shared {
         };
         if !actions.is_empty() {
             tracing::info!(state = %record.state, generation = %record.generation, "role");
+        }
+        if std::mem::discriminant(&record.state) != std::mem::discriminant(&before.state) {
+            let reason = actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::Say(text) => Some(text.clone()),
+                    _ => None,
+                })
+                .unwrap_or(reason);
+            let _ = self.notices.send(RoleNotice {
+                role: record.state,
+                generation: record.generation,
+                reason,
+            });
         }
         self.act(actions);
         Ok(())
@@ -461,6 +478,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let socket = bind_socket(&cmd.socket, config.console_group.as_deref()).await?;
     let (mode, _) = watch::channel(Mode::Stopped);
     let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
+    let (notices, notice_queue) = tokio::sync::mpsc::unbounded_channel();
     let (progress, _) = broadcast::channel(256);
     let shared = Arc::new(Shared {
         config: std::sync::RwLock::new(Arc::new(config)),
@@ -481,6 +499,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         refresh: Mutex::new(None),
         withdrawn: Mutex::new(None),
         moved: watch::channel(0).0,
+        notices,
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -523,6 +542,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             Box::pin(tunnels(shared.clone(), shutdown.clone())),
         );
     }
+    spawn(
+        "the notify hook",
+        Box::pin(notify_hook(shared.clone(), notice_queue, shutdown.clone())),
+    );
     // Always running: it follows `auto_failover`, which SIGHUP may change.
     spawn(
         "automatic failover",
@@ -607,6 +630,85 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&cmd.socket);
     println!("stopped");
     Ok(code)
+}
+
+/// A role change for the `notify` hook.
+#[derive(Clone, Debug)]
+struct RoleNotice {
+    role: RoleState,
+    generation: lbs_protocol::Generation,
+    reason: String,
+}
+
+/// What made the role change, for the `notify` hook when the machine said nothing itself.
+fn event_reason(event: &Event) -> String {
+    match event {
+        Event::Activated { .. } => "activated by the data center".into(),
+        Event::PromoteRequested(_) => "P".into(),
+        Event::PromoteOffline(_) => "P --offline".into(),
+        Event::DemoteRequested => "B".into(),
+        Event::Promoted(generation) => format!("the data center granted {generation}"),
+        Event::Authority { role, generation } => {
+            format!("the data center says {role} at {generation}")
+        }
+        Event::AddressTaken { by } => format!("{by} answers for the shared address"),
+        Event::StepDone => "the step before it was done".into(),
+        Event::StepFailed(why) => why.clone(),
+    }
+}
+
+/// How long the `notify` hook may run.
+const NOTIFY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `notify` for each role change, in order, each within its deadline (killed after it);
+/// its failure is logged, never in the way of the change itself.
+async fn notify_hook(
+    shared: Arc<Shared>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<RoleNotice>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = queue.recv() => match next {
+                Some(notice) => notice,
+                None => return shutdown.cancelled().await,
+            },
+        };
+        let Some(command) = shared.config().notify.clone() else {
+            continue;
+        };
+        let role = match notice.role {
+            RoleState::Promoting(_) => "promoting".to_owned(),
+            RoleState::Demoting(_) => "demoting".to_owned(),
+            other => other.to_string().to_lowercase(),
+        };
+        let generation = notice.generation.0.to_string();
+        let run = tokio::process::Command::new("sh")
+            .args(["-c", &format!("{command} \"$@\""), "lbs-notify"])
+            .args([&role, &generation, &notice.reason])
+            .env("LBS_ROLE", &role)
+            .env("LBS_GENERATION", &generation)
+            .env("LBS_REASON", &notice.reason)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = tokio::time::timeout(NOTIFY_DEADLINE, run) => outcome,
+        };
+        match outcome {
+            Ok(Ok(status)) if status.success() => {
+                tracing::info!("notify `{command}` {role} {generation}: done");
+            }
+            Ok(Ok(status)) => tracing::warn!("notify `{command}` {role} {generation}: {status}"),
+            Ok(Err(err)) => tracing::warn!("notify `{command}`: cannot run it: {err}"),
+            Err(_) => tracing::warn!(
+                "notify `{command}` {role} {generation}: still running after {} s; stopped",
+                NOTIFY_DEADLINE.as_secs()
+            ),
+        }
+    }
 }
 
 /// SIGHUP: reads the configuration again; what can change at once does, the rest is named
@@ -2493,6 +2595,7 @@ async fn hook(command: &Option<String>, key: &str, what: &str) -> anyhow::Result
         Duration::from_secs(60),
         tokio::process::Command::new("sh")
             .args(["-c", &command])
+            .kill_on_drop(true)
             .status(),
     )
     .await

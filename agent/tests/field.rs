@@ -424,7 +424,20 @@ fn p_forced_with_the_primary_alive_leaves_one_box_answering_for_the_address() {
     ) {
         return;
     }
-    let (mut pair, a, b) = Pair::office_pair("");
+    // Every role change is told to a notify script, with the namespace it ran in.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("notify.sh");
+    let told = tmp.path().join("told");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$(ip netns identify $$) $1 $2 $3|$LBS_ROLE\" >> {}\n",
+            told.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (mut pair, a, b) = Pair::office_pair(&format!("notify = \"{}\"\n", script.display()));
     pair.agents.extend([a, b]);
     let (a_mac, b_mac) = (pair.mac("a"), pair.mac("b"));
     // A sniffer on the LAN (the data center's host) with epoch times, and a phone-like host
@@ -489,5 +502,24 @@ fn p_forced_with_the_primary_alive_leaves_one_box_answering_for_the_address() {
     assert!(
         claims.iter().any(|(_, mac)| *mac == a_mac),
         "the sniffer saw the old primary before"
+    );
+
+    // The notify hook heard every change on both boxes, in order.
+    let (ns_a, ns_b) = (pair.lab.ns("a"), pair.lab.ns("b"));
+    pair.wait("the notify hook told of the fencing", STEP, |_| {
+        std::fs::read_to_string(&told).is_ok_and(|t| t.contains(&format!("{ns_a} fenced")))
+    });
+    let told = std::fs::read_to_string(&told).unwrap();
+    let of = |ns: &str| -> Vec<String> {
+        told.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{ns} ")))
+            .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(of(&ns_b), ["promoting 1", "primary 2"], "{told}");
+    assert_eq!(of(&ns_a)[0], "fenced 1", "{told}");
+    assert!(
+        told.contains("the partner (") && told.contains("|fenced"),
+        "{told}"
     );
 }
