@@ -282,18 +282,16 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
 
     std::fs::create_dir_all(&paths.dir)
         .with_context(|| format!("creating {}", paths.dir.display()))?;
-    // The WireGuard key is kept if it exists (a repeated activation must send the same one).
-    let wireguard = if paths.vpn_key().exists() {
-        lbs_vpn::config::read_private_key(Path::new("."), &paths.vpn_key())?
-    } else {
-        let key = lbs_vpn::Key::generate_private();
-        lbs_protocol::write_file_atomic(
-            &paths.vpn_key(),
-            format!("{}\n", key.to_base64()).as_bytes(),
-            0o600,
+    // The WireGuard key is kept if it exists (a repeated activation must send the same one);
+    // a new one is written only once the data center granted the activation, so a failed
+    // attempt leaves nothing behind.
+    let (wireguard, new_key) = if paths.vpn_key().exists() {
+        (
+            lbs_vpn::config::read_private_key(Path::new("."), &paths.vpn_key())?,
+            false,
         )
-        .with_context(|| format!("writing {}", paths.vpn_key().display()))?;
-        key
+    } else {
+        (lbs_vpn::Key::generate_private(), true)
     };
     let pending = PendingIdentity::generate(PeerName::Box(sid))?;
     let request = ActivationRequest {
@@ -338,6 +336,14 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         );
     }
     let identity = pending.complete(grant.certificate.clone(), &root)?;
+    if new_key {
+        lbs_protocol::write_file_atomic(
+            &paths.vpn_key(),
+            format!("{}\n", wireguard.to_base64()).as_bytes(),
+            0o600,
+        )
+        .with_context(|| format!("writing {}", paths.vpn_key().display()))?;
+    }
     identity.save(&paths.cert(), &paths.key())?;
     root.save(&paths.ca())?;
     lbs_protocol::write_file_atomic(

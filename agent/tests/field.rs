@@ -44,6 +44,23 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
         ),
     )
     .unwrap();
+    // A mistyped key: refused, and nothing left behind that a second try would trip on.
+    let mut cmd = pair.lab.command("a", LBS);
+    cmd.args([
+        "activate",
+        "--sid",
+        &pair.sids[0].0.to_string(),
+        "--key",
+        "WRONG-KEY",
+    ])
+    .args(["--datacenter", &format!("{DC_IP}:7440")])
+    .arg("--ca")
+    .arg(pair.dc_dir().join("ca.pem"))
+    .arg("--state")
+    .arg(pair.state("a"));
+    let out = pair.lab.run(cmd, STEP).unwrap();
+    assert!(!out.status.success());
+    assert!(!pair.state("a").join("vpn.key").exists());
     pair.activate("a", 0);
     // Under systemd with WatchdogSec=2.
     let notify_path = pair.dir().join("notify");

@@ -19,6 +19,8 @@ const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 const DATABASE: &str = "datacenter.db";
 const CONFIG: &str = "datacenter.toml";
+/// Where the package keeps the configuration (`lbs-datacenter.service` passes it to serve).
+const PACKAGED_CONFIG: &str = "/etc/lbs-datacenter/datacenter.toml";
 
 fn init_logging() {
     lbs_protocol::logging::init("lbs-datacenter", "info");
@@ -416,6 +418,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN");
             }
             let now = now_ms();
+            // The names are updated only where `serve` has a [dns] section: in the data
+            // directory's datacenter.toml, or the packaged one the unit passes to serve.
+            let dns_configured = [dir.join(CONFIG), PathBuf::from(PACKAGED_CONFIG)]
+                .into_iter()
+                .find(|path| path.exists())
+                .map_or(Some(false), |path| {
+                    crate::config::ServeConfig::load(&path, true)
+                        .ok()
+                        .map(|c| c.dns.is_some())
+                })
+                .unwrap_or(true);
             for pair in &pairs {
                 let hardware = match &pair.hardware_differences {
                     None => "hardware not compared yet".to_owned(),
@@ -435,7 +448,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.sid,
                         s.role,
                         s.overlay.as_deref().unwrap_or("-"),
-                        s.lan.as_deref().unwrap_or("-"),
+                        // Where it serves now (its report), else the address it activated with.
+                        s.advertised.as_deref().or(s.lan.as_deref()).unwrap_or("-"),
                         heard,
                         s.reported_generation
                             .map_or("-".to_owned(), |g| g.to_string()),
@@ -447,6 +461,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 for r in &pair.dns {
                     let state = match r.state.as_str() {
+                        _ if !dns_configured => {
+                            "not configured (no [dns] in datacenter.toml)".to_owned()
+                        }
                         "done" => format!("ok since {}", r.done_at.map_or("-".into(), when)),
                         "pending" => "PENDING".to_owned(),
                         _ => format!(

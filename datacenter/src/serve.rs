@@ -819,6 +819,15 @@ async fn on_report(
                     dns: pair
                         .dns
                         .iter()
+                        // Without [dns] nothing updates the names: say so, not "pending".
+                        .map(|record| {
+                            let mut record = record.clone();
+                            if inner.config.dns.is_none() {
+                                record.state = "not configured".into();
+                                record.last_error = None;
+                            }
+                            record
+                        })
                         .map(|record| lbs_protocol::control::DnsRecordState {
                             name: record.name.clone(),
                             want: record.want.clone(),

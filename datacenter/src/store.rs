@@ -916,7 +916,7 @@ impl Store for SqliteStore {
                 "cli",
                 &format!(
                     "pair {name} ({fqdn}), key valid until {}",
-                    server.expires_at
+                    crate::time::utc(server.expires_at)
                 ),
             )?;
             made.push(server);
@@ -1220,6 +1220,18 @@ impl Store for SqliteStore {
             });
         }
         let old = row.primary.clone();
+        // For the audit: how long before this the old primary last reported (a short time
+        // means it may have been alive: a forced P).
+        let old_heard: Option<Millis> = match old.as_deref() {
+            Some(old) => tx
+                .query_row(
+                    "SELECT last_heartbeat_at FROM servers WHERE sid = ?1",
+                    [old],
+                    |r| r.get(0),
+                )
+                .map_err(db("reading the old primary's last report"))?,
+            None => None,
+        };
         tx.execute(
             "UPDATE servers SET role = 'fenced' WHERE pair_id = ?1 AND role = 'primary'",
             [row.pair_id],
@@ -1253,9 +1265,17 @@ impl Store for SqliteStore {
             (Some(believed), Some(next)),
             actor,
             &format!(
-                "{sid} is primary of pair {}, advertising {advertised}; {} is fenced",
+                "{sid} is primary of pair {}, advertising {advertised}; {} is fenced{}",
                 row.pair_name,
-                old.as_deref().unwrap_or("nobody")
+                old.as_deref().unwrap_or("nobody"),
+                match old_heard {
+                    Some(at) => format!(
+                        " (last heard {:.1} s before)",
+                        now.saturating_sub(at) as f64 / 1000.0
+                    ),
+                    None if old.is_some() => " (never heard)".to_owned(),
+                    None => String::new(),
+                }
             ),
         )?;
         tx.execute(
