@@ -133,12 +133,14 @@ fn certificate_dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, TlsEr
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, so it is not also the error's `source` (a chain printed
+    // with `{:#}` would say it twice).
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A PEM file holds nothing usable.
     #[error("{}: {detail}", path.display())]
@@ -205,12 +207,12 @@ pub enum TlsError {
         alert: AlertDescription,
     },
     /// Any other failure during the TLS handshake.
-    #[error("TLS with {who} failed: {source}")]
+    #[error("TLS with {who} failed: {cause}")]
     Handshake {
         /// Whom we talked to.
         who: String,
         /// The underlying error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -223,7 +225,7 @@ impl TlsError {
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
         else {
-            return TlsError::Handshake { who, source: err };
+            return TlsError::Handshake { who, cause: err };
         };
         match tls {
             rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
@@ -239,7 +241,7 @@ impl TlsError {
                         allowed: refused.expected.clone(),
                         presented: refused.presented.clone(),
                     },
-                    None => TlsError::Handshake { who, source: err },
+                    None => TlsError::Handshake { who, cause: err },
                 }
             }
             rustls::Error::InvalidCertificate(
@@ -253,9 +255,12 @@ impl TlsError {
                 | AlertDescription::UnknownCA
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::AccessDenied
-                | AlertDescription::CertificateRequired),
+                | AlertDescription::CertificateRequired
+                // What a TLS 1.3 server sends when its certificate check of the client fails
+                // after the client thinks the handshake is done.
+                | AlertDescription::DecryptError),
             ) => TlsError::RefusedByPeer { who, alert: *alert },
-            _ => TlsError::Handshake { who, source: err },
+            _ => TlsError::Handshake { who, cause: err },
         }
     }
 }
@@ -447,7 +452,7 @@ impl CertificateAuthority {
         let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| pem_error(cert_path, e))?;
         let key_pem = fs::read_to_string(key_path).map_err(|source| TlsError::Io {
             path: key_path.to_owned(),
-            source,
+            cause: source,
         })?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Pem {
             path: key_path.to_owned(),
@@ -632,9 +637,9 @@ fn rcgen_error(err: rcgen::Error) -> TlsError {
 
 fn pem_error(path: &Path, err: rustls_pki_types::pem::Error) -> TlsError {
     match err {
-        rustls_pki_types::pem::Error::Io(source) => TlsError::Io {
+        rustls_pki_types::pem::Error::Io(cause) => TlsError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         },
         rustls_pki_types::pem::Error::NoItemsFound => TlsError::Pem {
             path: path.to_owned(),
@@ -663,7 +668,7 @@ fn key_pem(key: &PrivateKeyDer<'_>) -> String {
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     write_file_atomic(path, contents, mode).map_err(|source| TlsError::Io {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -949,6 +954,39 @@ mod tests {
             prop_assert!(peer.server_name().is_ok());
             prop_assert_eq!(PeerName::from_certificate_name(&peer.certificate_name()), Some(peer));
         }
+    }
+
+    #[test]
+    fn a_refusal_after_the_handshake_is_named_and_causes_are_said_once() {
+        let alert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::DecryptError),
+        );
+        let explained = TlsError::explain("box 00-1A-2B-3C-4D-5E", alert);
+        assert!(
+            explained
+                .to_string()
+                .contains("refused this box's certificate"),
+            "{explained}"
+        );
+        let missing = TrustRoot::load(Path::new("/nonexistent/lbs/ca.pem")).unwrap_err();
+        let chain = anyhow_like(&missing);
+        assert_eq!(
+            chain.matches("No such file or directory").count(),
+            1,
+            "{chain}"
+        );
+    }
+
+    /// The error and its sources as `anyhow`'s `{:#}` prints them.
+    fn anyhow_like(err: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = err.to_string();
+        let mut next = err.source();
+        while let Some(source) = next {
+            text += &format!(": {source}");
+            next = source.source();
+        }
+        text
     }
 
     #[test]
