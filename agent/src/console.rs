@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines, Stdin};
 use crate::daemon::{AgentStatus, DEFAULT_SOCKET};
 use crate::promote_cmd::converse;
 use crate::status_cmd::{ago, ask};
+use crate::text::{fit, wrap};
 
 /// Options of `lbs console`.
 #[derive(clap::Args, Debug)]
@@ -301,9 +302,10 @@ impl Console {
             }
         }
         self.print("").await;
+        // Checked and shown above: the agent does not print the checks again.
         let words = request_words(force, offline, &extra);
         match self
-            .run(&format!("promote{words}"), Duration::from_secs(120))
+            .run(&format!("promote{words} checked"), Duration::from_secs(120))
             .await
         {
             Ok(Some(last)) if last.starts_with("done:") => {
@@ -457,7 +459,7 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
     lines.push(match &info.partner {
         None => "Partner    none provisioned yet".to_owned(),
         Some(p) => format!(
-            "Partner    {} {} at {}; data center heard it {}",
+            "Partner    {} {} at {}; DC heard it {}",
             p.sid,
             p.role,
             p.lan.map_or("-".into(), |a| a.to_string()),
@@ -482,11 +484,15 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
     }
     lines.push(format!("Copies     {}", status.replication));
     for set in &status.sets {
+        let copy = match set.state.as_str() {
+            "serving" => "(the copy's source)".to_owned(),
+            "stopped" => String::new(),
+            _ => format!("last in sync {}", ago(now, set.last_in_sync_ms)),
+        };
         lines.push(format!(
-            "  {:<11} {:<9} last in sync {}{}",
+            "  {:<11} {:<9} {copy}{}",
             set.name,
             set.state,
-            ago(now, set.last_in_sync_ms),
             set.last_error
                 .as_ref()
                 .map(|e| format!(" - {e}"))
@@ -515,46 +521,6 @@ fn ascii(text: &str) -> String {
             _ => '?',
         })
         .collect()
-}
-
-/// `line` cut to `width` characters.
-fn fit(line: &str, width: usize) -> String {
-    line.chars().take(width).collect()
-}
-
-/// `line` broken at spaces into pieces of at most `width` characters (continuations
-/// indented, the spacing inside a piece kept); a word longer than a line is cut.
-fn wrap(line: &str, width: usize) -> Vec<String> {
-    const INDENT: &str = "    ";
-    if line.chars().count() <= width {
-        return vec![line.to_owned()];
-    }
-    let mut pieces = Vec::new();
-    let mut current = String::new();
-    for (i, word) in line.split(' ').enumerate() {
-        let continuation = !pieces.is_empty() && current == INDENT;
-        if continuation && word.is_empty() {
-            continue; // A continuation does not start with the spaces of a column.
-        }
-        if i > 0 && !continuation {
-            current.push(' ');
-        }
-        if !current.trim().is_empty() && current.chars().count() + word.chars().count() > width {
-            pieces.push(current.trim_end().to_owned());
-            current = INDENT.to_owned();
-        }
-        current.push_str(word);
-        while current.chars().count() > width {
-            let head: String = current.chars().take(width).collect();
-            let tail: String = current.chars().skip(width).collect();
-            pieces.push(head);
-            current = format!("{INDENT}{tail}");
-        }
-    }
-    if !current.trim().is_empty() {
-        pieces.push(current);
-    }
-    pieces
 }
 
 /// `lbs console`.
@@ -594,6 +560,20 @@ pub async fn console(cmd: ConsoleCmd) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_line_is_cut_between_words_and_says_so() {
+        let line =
+            "Partner    5A-EC-B4-27-71-CF backup at 192.168.1.3; data center heard it 11.5 s ago";
+        let cut = fit(line, 79);
+        assert!(cut.chars().count() <= 79, "{cut}");
+        assert!(cut.ends_with(" ..."), "{cut}");
+        assert!(
+            !cut.contains("11.5 s ago") && !cut.contains(" 11.5 ..."),
+            "{cut}"
+        );
+        assert_eq!(fit("short", 79), "short");
+    }
 
     #[test]
     fn lines_fit_the_console() {

@@ -106,6 +106,10 @@ pub struct SetStatus {
     /// When the pass under way began (ms since the epoch).
     #[serde(default)]
     pub pass_started_ms: Option<u64>,
+    /// Bytes the pass under way copies, and how many of them it has copied (for percent,
+    /// rate and time left).
+    #[serde(default)]
+    pub pass_bytes: Option<(u64, u64)>,
     /// The first change announced while the pass under way ran (it may have missed it).
     #[serde(default)]
     pub changed_during_pass_ms: Option<u64>,
@@ -1729,8 +1733,11 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
         let started = Instant::now();
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = pull_one(peer, set, index.clone(), stop.clone(), |left| {
-                shared.set_status(&set.name, |s| s.pending_bytes = left);
+            outcome = pull_one(peer, set, index.clone(), stop.clone(), |total, done| {
+                shared.set_status(&set.name, |s| {
+                    s.pending_bytes = total.saturating_sub(done);
+                    s.pass_bytes = Some((total, done.min(total)));
+                });
             }) => outcome,
         };
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -1758,6 +1765,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     s.last_fetched_bytes = report.executed.fetched_bytes;
                     s.last_error = None;
                     s.pass_started_ms = None;
+                    s.pass_bytes = None;
                     if complete {
                         // The copy holds what the primary had when the pass began; a change
                         // announced since then is still to come.
@@ -1796,6 +1804,7 @@ async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Resu
                     s.state = "error".into();
                     s.last_error = Some(text);
                     s.pass_started_ms = None;
+                    s.pass_bytes = None;
                     s.changed_during_pass_ms = None;
                 });
                 // Try again after a while, or as soon as the watch connection gets through.
@@ -1816,7 +1825,7 @@ async fn pull_one(
     set: &SyncSet,
     index: Arc<Mutex<lbs_sync::Index>>,
     stop: CancellationToken,
-    on_left: impl Fn(u64),
+    on_progress: impl Fn(u64, u64),
 ) -> anyhow::Result<lbs_sync::PullReport> {
     let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
     conn.send(Envelope {
@@ -1849,7 +1858,7 @@ async fn pull_one(
                 report = &mut pull => break report?,
                 Ok(()) = follow.changed() => {
                     let now = *follow.borrow_and_update();
-                    on_left(now.bytes_total.saturating_sub(now.bytes_done + now.current_bytes));
+                    on_progress(now.bytes_total, now.bytes_done + now.current_bytes);
                 }
             }
         }
@@ -2222,6 +2231,8 @@ async fn drain(
 pub(crate) struct PromoteOptions {
     pub(crate) force: bool,
     pub(crate) offline: bool,
+    /// The operator saw the checks (promote-check): they run again but are not repeated.
+    pub(crate) checked: bool,
     pub(crate) chosen: Option<SharedAddress>,
 }
 
@@ -2238,6 +2249,8 @@ impl PromoteOptions {
                 options.force = true;
             } else if word == "offline" {
                 options.offline = true;
+            } else if word == "checked" {
+                options.checked = true;
             } else if let Some(text) = word.strip_prefix("address=") {
                 let cidr = text.parse::<lbs_netconfig::Ipv4Cidr>().map_err(|_| {
                     format!("{text:?} is not an address with its prefix, like 192.168.1.2/24")
@@ -2304,8 +2317,10 @@ async fn promote_request(
             return;
         }
     };
-    for line in &lines {
-        say(write, line).await;
+    if !options.checked || check_only {
+        for line in &lines {
+            say(write, line).await;
+        }
     }
     if check_only {
         say(write, "ready: promotion possible").await;
@@ -2435,6 +2450,7 @@ async fn demote_request(
     let since = lock(&shared.machine).record.since_unix_ms;
     let mut said = String::new();
     let mut last_said = Instant::now();
+    let mut rate = crate::text::Rate::default();
     loop {
         let sets = lock(&shared.sets).clone();
         if lock(&shared.machine).record.state != RoleState::Backup {
@@ -2459,24 +2475,27 @@ async fn demote_request(
             .map(|s| {
                 let state = if fresh(s) {
                     "in sync"
-                } else if s.state == "in sync" || s.state == "serving" {
+                } else if s.state == "in sync" || s.state == "serving" || s.state == "stopped" {
                     "starting"
                 } else {
                     s.state.as_str()
                 };
-                let fetched = if s.last_fetched_files > 0 {
-                    format!(
-                        " ({} files, {} bytes)",
-                        s.last_fetched_files, s.last_fetched_bytes
-                    )
-                } else {
-                    String::new()
-                };
-                format!("{} {state}{fetched}", s.name)
+                format!("{} {state}", s.name)
             })
             .collect::<Vec<_>>()
             .join(", ");
-        if line != said || last_said.elapsed() > Duration::from_secs(10) {
+        // The copying under way: percent, rate and time left, every 2 s while it goes on.
+        let (total, done) = sets
+            .iter()
+            .filter_map(|s| s.pass_bytes)
+            .fold((0, 0), |(t, d), (total, done)| (t + total, d + done));
+        let progress = rate.line(total, done, Instant::now());
+        let line = match progress {
+            Some(progress) => format!("{line}; {progress}"),
+            None => line,
+        };
+        let changed = line.split("; ").next() != said.split("; ").next();
+        if changed || last_said.elapsed() >= Duration::from_secs(2) {
             let heard = say(
                 write,
                 &format!(

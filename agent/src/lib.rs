@@ -28,4 +28,5 @@ pub mod resources;
 pub mod role;
 pub mod status_cmd;
 pub mod sync_cmd;
+mod text;
 pub mod vpn_cmd;

@@ -98,7 +98,11 @@ pub(crate) async fn converse(
             Err(_) => anyhow::bail!("the agent said nothing for {timeout:?}"),
             Ok(line) => match line? {
                 Some(line) => {
-                    each(&line);
+                    // Steps and checks wrapped for an 80-column terminal (continuations
+                    // indented); the last line is kept whole for the caller to read.
+                    for piece in crate::text::wrap(&line, 79) {
+                        each(&piece);
+                    }
                     last = Some(line);
                 }
                 None => return Ok(last),
@@ -169,6 +173,11 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
             println!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }
+    }
+    // The operator read the checks already: the agent runs them again but does not repeat
+    // them.
+    if !cmd.yes {
+        words += " checked";
     }
     let last = converse(
         &cmd.socket,

@@ -228,8 +228,18 @@ pub(crate) fn render(status: &AgentStatus) -> String {
             .changed_since_ms
             .map(|at| format!(", change waiting {}", ago(now, Some(at))))
             .unwrap_or_default();
-        if set.pending_bytes > 0 {
-            lag += &format!(", {} not copied yet", human_bytes(set.pending_bytes as f64));
+        match set.pass_bytes {
+            Some((total, done)) if total > 0 => {
+                lag += &format!(
+                    ", {}% of {} copied",
+                    done.saturating_mul(100) / total,
+                    human_bytes(total as f64)
+                );
+            }
+            _ if set.pending_bytes > 0 => {
+                lag += &format!(", {} not copied yet", human_bytes(set.pending_bytes as f64));
+            }
+            _ => {}
         }
         // The primary is the source: "last in sync" says nothing there.
         let copy = match set.state.as_str() {
