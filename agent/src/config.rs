@@ -22,6 +22,13 @@
 //!                                  # report intervals
 //! promote_note = ""                # shown at P, e.g. "move the PRI cable to this box"
 //! demote_note = ""                 # shown at B, e.g. "plug this box's LAN cable back in"
+//! pbx_check = ""                   # the primary's PBX health check (exit 0: healthy), e.g.
+//!                                  # "asterisk -rx 'core show uptime'" or a SIP OPTIONS
+//! pbx_check_interval_s = 10        # between checks
+//! pbx_check_timeout_s = 5          # a check that takes longer failed (it is killed)
+//! pbx_check_fails = 3              # failures in a row that make the PBX unhealthy
+//! pbx_restart_tries = 2            # then pbx_stop + pbx_start this often before it is
+//!                                  # declared down (status degraded, notify "pbx-down")
 //! notify = ""                      # run on every role change as `sh -c "<notify> ROLE GEN
 //!                                  # REASON"` (also LBS_ROLE, LBS_GENERATION, LBS_REASON),
 //!                                  # e.g. a mail or an SNMP trap; 30 s at most
@@ -95,6 +102,16 @@ struct File {
     #[serde(default)]
     notify: String,
     #[serde(default)]
+    pbx_check: String,
+    #[serde(default = "default_check_interval")]
+    pbx_check_interval_s: u64,
+    #[serde(default = "default_check_timeout")]
+    pbx_check_timeout_s: u64,
+    #[serde(default = "default_check_fails")]
+    pbx_check_fails: u32,
+    #[serde(default = "default_restart_tries")]
+    pbx_restart_tries: u32,
+    #[serde(default)]
     auto_failover: bool,
     #[serde(default)]
     console_group: String,
@@ -148,6 +165,18 @@ pub enum SyncOver {
     Overlay,
 }
 
+fn default_check_interval() -> u64 {
+    10
+}
+fn default_check_timeout() -> u64 {
+    5
+}
+fn default_check_fails() -> u32 {
+    3
+}
+fn default_restart_tries() -> u32 {
+    2
+}
 fn default_gone() -> u64 {
     15
 }
@@ -229,6 +258,8 @@ pub struct AgentConfig {
     /// Run on every role change with the new role, generation and reason (like keepalived's
     /// notify scripts).
     pub notify: Option<String>,
+    /// The PBX health check, run on the primary (like keepalived's `track_script`).
+    pub pbx_check: Option<PbxCheck>,
     /// Whether the backup promotes itself (off by default).
     pub auto_failover: bool,
     /// The group that may use the control socket besides root (the console login's).
@@ -241,6 +272,21 @@ pub struct AgentConfig {
     /// default it chose for this box, a hook a PBX box lacks): shown by `lbs check-config`
     /// and logged by `lbs agent`, warnings first.
     pub notes: Vec<Note>,
+}
+
+/// How the primary checks its PBX and what it does when the check keeps failing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PbxCheck {
+    /// The command (`sh -c`); exit 0 is healthy.
+    pub command: String,
+    /// Between checks.
+    pub interval: Duration,
+    /// How long one check may take (it is killed then, and counts as failed).
+    pub timeout: Duration,
+    /// Failures in a row that make the PBX unhealthy.
+    pub fails: u32,
+    /// Restarts (`pbx_stop`, then `pbx_start`) tried before it is declared down.
+    pub restart_tries: u32,
 }
 
 /// Something about the configuration worth telling the operator.
@@ -408,6 +454,15 @@ impl AgentConfig {
             demote_note: (!file.demote_note.trim().is_empty())
                 .then(|| file.demote_note.trim().to_owned()),
             notify: Some(file.notify.trim().to_owned()).filter(|n| !n.is_empty()),
+            pbx_check: Some(file.pbx_check.trim().to_owned())
+                .filter(|c| !c.is_empty())
+                .map(|command| PbxCheck {
+                    command,
+                    interval: Duration::from_secs(file.pbx_check_interval_s.max(1)),
+                    timeout: Duration::from_secs(file.pbx_check_timeout_s.max(1)),
+                    fails: file.pbx_check_fails.max(1),
+                    restart_tries: file.pbx_restart_tries,
+                }),
             auto_failover: file.auto_failover,
             console_group: Some(file.console_group).filter(|g| !g.is_empty()),
             network: file

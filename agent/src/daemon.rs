@@ -193,6 +193,26 @@ pub struct AgentStatus {
     /// What is not well (empty: all is).
     #[serde(default)]
     pub health: Vec<crate::health::Problem>,
+    /// The PBX health check on this primary, when one is configured.
+    #[serde(default)]
+    pub pbx: Option<PbxHealth>,
+}
+
+/// What the PBX health check found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PbxHealth {
+    /// When it last ran (ms since the epoch).
+    pub checked_ms: u64,
+    /// Whether that check passed.
+    pub ok: bool,
+    /// Failures in a row.
+    pub failures: u32,
+    /// Restarts since it was last healthy.
+    pub restarts: u32,
+    /// Declared down: unhealthy after every restart tried.
+    pub down: bool,
+    /// What the last failed check said (its output's last line, or why it did not run).
+    pub last_failure: Option<String>,
 }
 
 /// The primary's shared address, off the interface until the cable is back and checked.
@@ -245,6 +265,8 @@ struct Shared {
     refresh: Mutex<Option<lbs_netconfig::Refresh>>,
     /// Set while the primary keeps the shared address off a link without carrier.
     withdrawn: Mutex<Option<Withdrawn>>,
+    /// The primary's PBX as its health check last found it.
+    pbx: Mutex<Option<PbxHealth>>,
     /// Role changes for the `notify` hook, run one at a time by their own task.
     notices: tokio::sync::mpsc::UnboundedSender<RoleNotice>,
     /// Counts this box's moves between addresses: connections made from the old one are
@@ -287,6 +309,7 @@ impl Shared {
         let datacenter = lock(&self.datacenter).clone();
         let primary_heard_ms = *lock(&self.partner_heard_ms);
         let address_withdrawn = lock(&self.withdrawn).clone();
+        let pbx = lock(&self.pbx).clone();
         let now = now_ms();
         let health = crate::health::judge(&crate::health::Facts {
             now_ms: now,
@@ -300,11 +323,16 @@ impl Shared {
             has_partner: info.partner.is_some(),
             primary_heard_ms,
             withdrawn: address_withdrawn.is_some(),
+            pbx_down: pbx
+                .as_ref()
+                .filter(|p| !p.ok)
+                .map(|p| (p.failures, p.restarts, p.down)),
             silent_after_ms: 3 * u64::try_from(self.config().report_interval.as_millis())
                 .unwrap_or(u64::MAX),
         });
         AgentStatus {
             health,
+            pbx,
             info,
             role,
             replication: match *self.mode.borrow() {
@@ -429,8 +457,13 @@ impl Shared {
                     _ => None,
                 })
                 .unwrap_or(reason);
+            let role = match record.state {
+                RoleState::Promoting(_) => "promoting".to_owned(),
+                RoleState::Demoting(_) => "demoting".to_owned(),
+                other => other.to_string().to_lowercase(),
+            };
             let _ = self.notices.send(RoleNotice {
-                role: record.state,
+                role,
                 generation: record.generation,
                 reason,
             });
@@ -504,6 +537,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         withdrawn: Mutex::new(None),
         moved: watch::channel(0).0,
         notices,
+        pbx: Mutex::new(None),
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -546,6 +580,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             Box::pin(tunnels(shared.clone(), shutdown.clone())),
         );
     }
+    spawn(
+        "the PBX health check",
+        Box::pin(pbx_health(shared.clone(), shutdown.clone())),
+    );
     spawn(
         "the notify hook",
         Box::pin(notify_hook(shared.clone(), notice_queue, shutdown.clone())),
@@ -636,10 +674,137 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// The primary's PBX health check (`pbx_check`, like keepalived's `track_script`): run every
+/// interval within its deadline; after `fails` failures in a row the PBX is restarted
+/// (`pbx_stop`, `pbx_start`) up to `restart_tries` times, then declared down: status degraded,
+/// the journal and the notify hook told. Only on the primary; the state resets elsewhere.
+async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let config = shared.config();
+        let interval = config
+            .pbx_check
+            .as_ref()
+            .map_or(Duration::from_secs(5), |c| c.interval);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let (Some(check), RoleState::Primary) =
+            (config.pbx_check.clone(), lock(&shared.machine).record.state)
+        else {
+            *lock(&shared.pbx) = None;
+            continue;
+        };
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = run_check(&check) => outcome,
+        };
+        let mut health = lock(&shared.pbx).clone().unwrap_or_default();
+        health.checked_ms = now_ms();
+        health.ok = outcome.is_ok();
+        match outcome {
+            Ok(()) => {
+                if health.failures > 0 {
+                    tracing::info!("the PBX is healthy again (`{}`)", check.command);
+                }
+                health = PbxHealth {
+                    checked_ms: health.checked_ms,
+                    ok: true,
+                    ..PbxHealth::default()
+                };
+            }
+            Err(why) => {
+                health.failures += 1;
+                tracing::warn!(
+                    "PBX check `{}` failed ({} in a row): {why}",
+                    check.command,
+                    health.failures
+                );
+                health.last_failure = Some(why);
+            }
+        }
+        let restart =
+            !health.ok && health.failures >= check.fails && health.restarts < check.restart_tries;
+        let declare = !health.ok
+            && health.failures >= check.fails
+            && health.restarts >= check.restart_tries
+            && !health.down;
+        if restart {
+            health.restarts += 1;
+            health.failures = 0;
+        }
+        if declare {
+            health.down = true;
+        }
+        *lock(&shared.pbx) = Some(health.clone());
+        if restart {
+            tracing::warn!(
+                "the PBX failed its check {} times in a row: restarting it ({} of {})",
+                check.fails,
+                health.restarts,
+                check.restart_tries
+            );
+            let stop = hook(&config.pbx_stop, "pbx_stop", "PBX stop").await;
+            let start = hook(&config.pbx_start, "pbx_start", "PBX start").await;
+            for outcome in [stop, start] {
+                if let Err(err) = outcome {
+                    tracing::error!("restarting the PBX: {err:#}");
+                }
+            }
+        }
+        if declare {
+            let why = format!(
+                "the PBX stays unhealthy after {} restart(s): {}; phones may get no service — fix it, or press P on the backup",
+                health.restarts,
+                health.last_failure.as_deref().unwrap_or("no reason given")
+            );
+            tracing::error!("{why}");
+            let _ = shared.notices.send(RoleNotice {
+                role: "pbx-down".into(),
+                generation: lock(&shared.machine).record.generation,
+                reason: why,
+            });
+        }
+    }
+}
+
+/// Runs the PBX check once: `Ok` on exit 0, else what went wrong (its output's last line).
+async fn run_check(check: &crate::config::PbxCheck) -> Result<(), String> {
+    let run = tokio::process::Command::new("sh")
+        .args(["-c", &check.command])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(check.timeout, run).await {
+        Err(_) => Err(format!("no answer within {} s", check.timeout.as_secs())),
+        Ok(Err(err)) => Err(format!("cannot run it: {err}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let said = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            let last = said
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Err(format!(
+                "{}{}",
+                out.status,
+                if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {last}")
+                }
+            ))
+        }
+    }
+}
+
 /// A role change for the `notify` hook.
 #[derive(Clone, Debug)]
 struct RoleNotice {
-    role: RoleState,
+    /// `primary`, `backup`, `fenced`, `promoting`, `demoting`, or `pbx-down`.
+    role: String,
     generation: lbs_protocol::Generation,
     reason: String,
 }
@@ -682,11 +847,7 @@ async fn notify_hook(
         let Some(command) = shared.config().notify.clone() else {
             continue;
         };
-        let role = match notice.role {
-            RoleState::Promoting(_) => "promoting".to_owned(),
-            RoleState::Demoting(_) => "demoting".to_owned(),
-            other => other.to_string().to_lowercase(),
-        };
+        let role = notice.role;
         let generation = notice.generation.0.to_string();
         let run = tokio::process::Command::new("sh")
             .args(["-c", &format!("{command} \"$@\""), "lbs-notify"])

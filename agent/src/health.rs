@@ -38,6 +38,15 @@ pub enum Problem {
     },
     /// The primary's shared address is off its interface (no carrier).
     AddressWithdrawn,
+    /// The PBX fails its health check.
+    PbxUnhealthy {
+        /// Failures in a row since the last restart.
+        failures: u32,
+        /// Restarts tried.
+        restarts: u32,
+        /// Declared down: every restart tried.
+        down: bool,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -63,6 +72,19 @@ impl std::fmt::Display for Problem {
             }
             Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
             Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
+            Problem::PbxUnhealthy {
+                restarts,
+                down: true,
+                ..
+            } => {
+                write!(f, "PBX DOWN: unhealthy after {restarts} restart(s)")
+            }
+            Problem::PbxUnhealthy {
+                failures, restarts, ..
+            } => write!(
+                f,
+                "PBX check failed {failures} time(s) in a row ({restarts} restart(s) so far)"
+            ),
         }
     }
 }
@@ -86,6 +108,8 @@ pub struct Facts<'a> {
     pub primary_heard_ms: Option<u64>,
     /// Whether the shared address is withdrawn.
     pub withdrawn: bool,
+    /// The PBX check's failures, restarts and verdict, when its last check failed.
+    pub pbx_down: Option<(u32, u32, bool)>,
     /// Silence longer than this is a problem (ms): three report intervals.
     pub silent_after_ms: u64,
 }
@@ -119,6 +143,13 @@ pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
             }
         }
         RoleState::Primary => {
+            if let Some((failures, restarts, down)) = facts.pbx_down {
+                problems.push(Problem::PbxUnhealthy {
+                    failures,
+                    restarts,
+                    down,
+                });
+            }
             if facts.withdrawn {
                 problems.push(Problem::AddressWithdrawn);
             }
@@ -155,6 +186,7 @@ mod tests {
             has_partner: true,
             primary_heard_ms: Some(99_500),
             withdrawn: false,
+            pbx_down: None,
             silent_after_ms: 15_000,
         }
     }

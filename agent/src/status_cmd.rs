@@ -218,6 +218,23 @@ pub(crate) fn render(status: &AgentStatus) -> String {
             withdrawn.reason
         );
     }
+    if let Some(pbx) = &status.pbx {
+        out!(
+            "pbx        {}, checked {}{}",
+            if pbx.down {
+                "DOWN"
+            } else if pbx.ok {
+                "healthy"
+            } else {
+                "FAILING its check"
+            },
+            ago(now, Some(pbx.checked_ms)),
+            match (&pbx.last_failure, pbx.ok) {
+                (Some(why), false) => format!(" — {why} ({} restart(s))", pbx.restarts),
+                _ => String::new(),
+            }
+        );
+    }
     match &status.auto_failover {
         Some(auto) => out!("automatic failover {auto}"),
         None => out!("automatic failover off (P at the console, lbs promote)"),

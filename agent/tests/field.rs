@@ -540,3 +540,53 @@ fn p_forced_with_the_primary_alive_leaves_one_box_answering_for_the_address() {
         "{told}"
     );
 }
+
+#[test]
+fn a_pbx_that_fails_its_check_is_restarted_then_declared_down() {
+    if !require_root(
+        "a_pbx_that_fails_its_check_is_restarted_then_declared_down",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let healthy = tmp.path().join("healthy");
+    std::fs::write(&healthy, b"").unwrap();
+    let (mut pair, a, b) = Pair::office_pair(&format!(
+        "pbx_check = \"test -e {}\"\npbx_check_interval_s = 1\npbx_check_fails = 2\npbx_restart_tries = 2\n",
+        healthy.display()
+    ));
+    pair.agents.extend([a, b]);
+    pair.wait("the primary's PBX checked healthy", STEP, |pair| {
+        pair.status("a")["pbx"]["ok"] == true
+    });
+    assert!(pair.status("b")["pbx"].is_null(), "only the primary checks");
+
+    // It hangs: two failures, a restart (pbx_stop, pbx_start); it recovers.
+    std::fs::remove_file(&healthy).unwrap();
+    pair.wait("a restart", STEP, |pair| {
+        pair.status("a")["pbx"]["restarts"] == 1
+    });
+    assert_eq!(pair.pbx("a"), "up", "restarted with pbx_start");
+    std::fs::write(&healthy, b"").unwrap();
+    pair.wait("healthy again", STEP, |pair| {
+        let pbx = pair.status("a")["pbx"].clone();
+        pbx["ok"] == true && pbx["restarts"] == 0
+    });
+
+    // It stays hung: both restarts, then it is declared down and the status degraded.
+    std::fs::remove_file(&healthy).unwrap();
+    pair.wait("the PBX declared down", STEP, |pair| {
+        pair.status("a")["pbx"]["down"] == true
+    });
+    let status = pair.status("a");
+    assert_eq!(status["pbx"]["restarts"], 2);
+    let text = pair.status_text("a");
+    assert!(
+        text.contains("PBX DOWN: unhealthy after 2 restart(s)"),
+        "{text}"
+    );
+    let mut cmd = pair.lab.command("a", LBS);
+    cmd.args(["status", "--socket"]).arg(pair.socket("a"));
+    assert_eq!(pair.lab.run(cmd, STEP).unwrap().status.code(), Some(1));
+}

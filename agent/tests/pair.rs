@@ -865,9 +865,9 @@ fn the_console_performs_p_and_b_on_80x25() {
     tmux.type_line("b", "").unwrap();
     let menu = wait("b", "Type a key and Enter");
     assert!(menu.contains("PRIMARY  gen 2"), "{menu}");
-    // The name phones use, as the data center keeps it (this test's has no DNS server);
-    // Enter refreshes until the next report brought it.
-    let dns = "DNS        pbx.acme.example -> 192.168.70.2 (pending)";
+    // The name phones use, as the data center keeps it (this test's has no [dns]: nothing
+    // updates it, and it says so); Enter refreshes until the next report brought it.
+    let dns = "DNS        pbx.acme.example -> 192.168.70.2 (not configured)";
     let started = Instant::now();
     while !tmux.screen("b").unwrap().join("\n").contains(dns) {
         assert!(started.elapsed() < STEP, "{dns:?} not shown:\n{menu}");
