@@ -33,7 +33,9 @@
 //!                                  # REASON"` (also LBS_ROLE, LBS_GENERATION, LBS_REASON),
 //!                                  # e.g. a mail or an SNMP trap; 30 s at most
 //! auto_failover = false            # the backup promotes itself when it and the data center
-//!                                  # have both lost the primary for primary_gone_after_s
+//!                                  # have both lost the primary for primary_gone_after_s;
+//!                                  # a primary whose PBX is declared down (pbx_check) hands
+//!                                  # over to an in-sync backup through the data center
 //! console_group = ""               # a group whose members may use the control socket (the
 //!                                  # console login `ip`); "": root only
 //!

@@ -267,6 +267,9 @@ struct Shared {
     withdrawn: Mutex<Option<Withdrawn>>,
     /// The primary's PBX as its health check last found it.
     pbx: Mutex<Option<PbxHealth>>,
+    /// How the promotion under way came about, for the data center's audit log (after a
+    /// restart in the middle of one: `Operator`).
+    promotion_kind: Mutex<control::PromotionKind>,
     /// Role changes for the `notify` hook, run one at a time by their own task.
     notices: tokio::sync::mpsc::UnboundedSender<RoleNotice>,
     /// Counts this box's moves between addresses: connections made from the old one are
@@ -538,6 +541,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         moved: watch::channel(0).0,
         notices,
         pbx: Mutex::new(None),
+        promotion_kind: Mutex::new(control::PromotionKind::Operator),
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -679,6 +683,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
 /// (`pbx_stop`, `pbx_start`) up to `restart_tries` times, then declared down: status degraded,
 /// the journal and the notify hook told. Only on the primary; the state resets elsewhere.
 async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut last_hand_over: Option<Instant> = None;
     loop {
         let config = shared.config();
         let interval = config
@@ -752,6 +757,26 @@ async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
             }
         }
+        if health.down
+            && config.auto_failover
+            && last_hand_over.is_none_or(|at: Instant| at.elapsed() >= HAND_OVER_RETRY)
+        {
+            last_hand_over = Some(Instant::now());
+            let reason = format!(
+                "its PBX stays unhealthy after {} restart(s): {}",
+                health.restarts,
+                health.last_failure.as_deref().unwrap_or("no reason given")
+            );
+            match ask_hand_over(&shared, &reason).await {
+                Ok(()) => tracing::warn!(
+                    "automatic failover: asked the data center to hand the role to the backup ({reason})"
+                ),
+                Err(err) => tracing::warn!(
+                    "automatic failover: no hand-over: {err:#}; again in {} s",
+                    HAND_OVER_RETRY.as_secs()
+                ),
+            }
+        }
         if declare {
             let why = format!(
                 "the PBX stays unhealthy after {} restart(s): {}; phones may get no service — fix it, or press P on the backup",
@@ -766,6 +791,42 @@ async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
             });
         }
     }
+}
+
+/// How often a primary whose PBX is down asks again to hand over (the data center refuses
+/// while the backup is not in sync or within its hold-off).
+const HAND_OVER_RETRY: Duration = Duration::from_secs(30);
+
+/// Asks the data center to hand this primary's role to the backup.
+async fn ask_hand_over(shared: &Shared, reason: &str) -> anyhow::Result<()> {
+    tokio::time::timeout(PROMOTION_DEADLINE, async {
+        let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
+        if version < (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+            bail!("the data center at {address} speaks protocol {version}: hand-overs need 1.4");
+        }
+        let generation = lock(&shared.machine).record.generation;
+        let answer = control::call(
+            &mut conn,
+            generation,
+            Message::HandOver {
+                reason: reason.to_owned(),
+            },
+            DC_DEADLINE,
+        )
+        .await
+        .with_context(|| format!("data center at {address}"))?;
+        if let (_, Message::PairState(state)) = answer {
+            apply_pair_state(shared, state);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "no answer from the data center within {} s",
+            PROMOTION_DEADLINE.as_secs()
+        ))
+    })
 }
 
 /// Runs the PBX check once: `Ok` on exit 0, else what went wrong (its output's last line).
@@ -1110,6 +1171,14 @@ async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// A control connection to the first data-center address that answers.
 async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr)> {
+    let (conn, address, _) = connect_dc_negotiated(shared).await?;
+    Ok((conn, address))
+}
+
+/// [`connect_dc`], with the protocol version both sides speak.
+async fn connect_dc_negotiated(
+    shared: &Shared,
+) -> anyhow::Result<(DcConnection, SocketAddr, lbs_protocol::ProtocolVersion)> {
     let (sid, addresses) = {
         let info = lock(&shared.info);
         (info.sid, info.control.clone())
@@ -1134,7 +1203,7 @@ async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr
                     role: record.state.wire_role(),
                 },
             };
-            let (conn, _) = lbs_protocol::exchange_hello(
+            let (conn, negotiated) = lbs_protocol::exchange_hello(
                 stream,
                 &PeerName::DataCenter,
                 hello,
@@ -1142,7 +1211,7 @@ async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr
                 HELLO_TIMEOUT,
             )
             .await?;
-            anyhow::Ok(conn)
+            anyhow::Ok((conn, negotiated.version))
         })
         .await
         .unwrap_or_else(|_| {
@@ -1152,7 +1221,7 @@ async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr
             ))
         });
         match connected {
-            Ok(conn) => return Ok((conn, address)),
+            Ok((conn, version)) => return Ok((conn, address, version)),
             Err(err) => last_error = err.context(format!("data center at {address}")),
         }
     }
@@ -1189,7 +1258,12 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                     lock(&shared.datacenter).dns = Some(dns);
                     (state, None)
                 }
-                Message::PromotionRequested { state, request } => (state, Some(request)),
+                Message::PromotionRequested { state, request } => (state, Some((request, None))),
+                Message::HandOverRequested {
+                    state,
+                    request,
+                    reason,
+                } => (state, Some((request, Some(reason)))),
                 other => bail!("the data center answered a report with {}", other.kind()),
             };
             {
@@ -1198,11 +1272,15 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                 dc.last_error = None;
             }
             apply_pair_state(shared, state);
-            if let Some(request) = request
+            if let Some((request, hand_over)) = request
                 && lock(&shared.remote_handled).is_none_or(|done| done < request.id)
             {
                 *lock(&shared.remote_handled) = Some(request.id);
-                if let Some(reason) = remote_promotion(shared, &request).await {
+                let refused = match hand_over {
+                    Some(why) => take_hand_over(shared, &request, &why),
+                    None => remote_promotion(shared, &request).await,
+                };
+                if let Some(reason) = refused {
                     let generation = lock(&shared.machine).record.generation;
                     let (_, answer) = control::call(
                         &mut conn,
@@ -1225,6 +1303,65 @@ async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     }
 }
 
+/// The primary hands over (its PBX is down): this backup promotes itself only when every set
+/// is in sync as of a pass after the primary's last notice and the primary's watch
+/// connection is alive (so that is current); the data center's "heard the primary" and the
+/// ARP check do not apply — the primary lives and asked. Its address is taken with force, and
+/// the primary steps back the moment it sees this box announce it. The reason when refused.
+fn take_hand_over(shared: &Shared, request: &RemotePromotion, why: &str) -> Option<String> {
+    tracing::warn!(
+        "the primary hands over to this box (request {}): {why}",
+        request.id
+    );
+    let refusal = hand_over_refusal(
+        lock(&shared.machine).record.state,
+        &lock(&shared.sets),
+        *lock(&shared.partner_heard_ms),
+        now_ms(),
+    );
+    if let Some(why) = &refusal {
+        tracing::warn!("the hand-over is refused: {why}");
+        return refusal;
+    }
+    *lock(&shared.promotion_kind) = control::PromotionKind::HandOver;
+    promote_unattended(
+        shared,
+        &format!("promoting: the primary hands over ({why})"),
+        &[],
+    );
+    None
+}
+
+/// Why this box cannot take a hand-over now, if it cannot (pure).
+fn hand_over_refusal(
+    state: RoleState,
+    sets: &[SetStatus],
+    primary_heard_ms: Option<u64>,
+    now: u64,
+) -> Option<String> {
+    if state != RoleState::Backup {
+        return Some(format!("this box is {state}, not the backup"));
+    }
+    let behind: Vec<String> = sets
+        .iter()
+        .filter(|s| s.state != "in sync")
+        .map(|s| format!("{} {}", s.name, s.state))
+        .collect();
+    if !behind.is_empty() {
+        return Some(format!(
+            "this backup is not in sync ({}): it does not take over a live primary's role",
+            behind.join(", ")
+        ));
+    }
+    match primary_heard_ms {
+        Some(at) if now.saturating_sub(at) <= 3 * HEARTBEAT.as_millis() as u64 => None,
+        _ => Some(
+            "this backup does not hear the primary now, so its copy may be behind: not taking a hand-over"
+                .to_owned(),
+        ),
+    }
+}
+
 /// A promotion the provider asked for: the same checks as **P**, then the same steps; the
 /// reason when the checks refuse it.
 async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<String> {
@@ -1235,6 +1372,7 @@ async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<
     );
     match promote_checks(shared, false, None, false).await {
         Ok(lines) => {
+            *lock(&shared.promotion_kind) = control::PromotionKind::Requested;
             promote_unattended(
                 shared,
                 &format!("promoting, as requested by {}", request.by),
@@ -2207,6 +2345,7 @@ async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
                     gone_ms / 1000
                 );
                 *lock(&shared.auto_failover) = Some(format!("on: promoted itself ({why})"));
+                *lock(&shared.promotion_kind) = control::PromotionKind::Automatic;
                 promote_unattended(&shared, &why, &lines);
                 not_before = Instant::now() + Duration::from_secs(30);
             }
@@ -2487,6 +2626,11 @@ async fn promote_request(
         say(write, "ready: promotion possible").await;
         return;
     }
+    *lock(&shared.promotion_kind) = if options.force {
+        control::PromotionKind::Forced
+    } else {
+        control::PromotionKind::Operator
+    };
     follow(
         shared,
         write,
@@ -2836,15 +2980,23 @@ async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcom
                 .map_or(lock(&shared.info).lan, |n| n.shared.addr);
             // Connection and answer within one deadline: an operator at P is told, and the
             // box is back to backup, rather than left waiting on a data center that froze.
+            let how = {
+                let record = lock(&shared.machine).record.clone();
+                if record.state == RoleState::Primary && record.offline {
+                    control::PromotionKind::Offline
+                } else {
+                    *lock(&shared.promotion_kind)
+                }
+            };
             let asked = tokio::time::timeout(PROMOTION_DEADLINE, async {
-                let (mut conn, address) = connect_dc(shared).await?;
-                let answer = control::call(
-                    &mut conn,
-                    *believed,
-                    Message::Promote { advertised },
-                    DC_DEADLINE,
-                )
-                .await;
+                let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
+                // A data center of 1.4 records how the promotion came about.
+                let request = if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+                    Message::PromoteAs { advertised, how }
+                } else {
+                    Message::Promote { advertised }
+                };
+                let answer = control::call(&mut conn, *believed, request, DC_DEADLINE).await;
                 match answer {
                     Err(control::CallError::Timeout { .. } | control::CallError::Closed(_)) => {
                         bail!("the data center at {address} took the request but did not answer within {} s", DC_DEADLINE.as_secs())
@@ -2971,6 +3123,28 @@ mod tests {
         }
         let remote = PromoteOptions::parse(" address=192.168.1.2/24", None).unwrap_err();
         assert!(remote.contains("keeps its own address"), "{remote}");
+    }
+
+    #[test]
+    fn a_hand_over_is_taken_only_by_a_backup_in_sync_that_hears_the_primary() {
+        let set = |name: &str, state: &str| SetStatus {
+            name: name.into(),
+            state: state.into(),
+            ..SetStatus::default()
+        };
+        let now = 100_000;
+        let in_sync = [set("voicemail", "in sync"), set("config", "in sync")];
+        assert_eq!(
+            hand_over_refusal(RoleState::Backup, &in_sync, Some(now - 500), now),
+            None
+        );
+        let behind = [set("voicemail", "changed"), set("config", "in sync")];
+        let why = hand_over_refusal(RoleState::Backup, &behind, Some(now - 500), now).unwrap();
+        assert!(why.contains("not in sync (voicemail changed)"), "{why}");
+        let why = hand_over_refusal(RoleState::Backup, &in_sync, Some(now - 10_000), now).unwrap();
+        assert!(why.contains("does not hear the primary"), "{why}");
+        assert!(hand_over_refusal(RoleState::Backup, &in_sync, None, now).is_some());
+        assert!(hand_over_refusal(RoleState::Fenced, &in_sync, Some(now), now).is_some());
     }
 
     #[tokio::test]

@@ -590,3 +590,66 @@ fn a_pbx_that_fails_its_check_is_restarted_then_declared_down() {
     cmd.args(["status", "--socket"]).arg(pair.socket("a"));
     assert_eq!(pair.lab.run(cmd, STEP).unwrap().status.code(), Some(1));
 }
+
+#[test]
+fn with_automatic_failover_a_primary_whose_pbx_stays_down_hands_over_to_the_backup() {
+    if !require_root(
+        "with_automatic_failover_a_primary_whose_pbx_stays_down_hands_over_to_the_backup",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let healthy = tmp.path().join("healthy");
+    std::fs::write(&healthy, b"").unwrap();
+    // Only the first box's PBX can be unhealthy: the check names it by its namespace.
+    let (mut pair, a, b) = Pair::office_pair(&format!(
+        "auto_failover = true\npbx_check = \"test -e {}-$(ip netns identify $$)\"\npbx_check_interval_s = 1\npbx_check_fails = 2\npbx_restart_tries = 1\n",
+        healthy.display()
+    ));
+    pair.agents.extend([a, b]);
+    let (ns_a, ns_b) = (pair.lab.ns("a"), pair.lab.ns("b"));
+    for ns in [&ns_a, &ns_b] {
+        std::fs::write(format!("{}-{ns}", healthy.display()), b"").unwrap();
+    }
+    pair.wait("the primary's PBX checked healthy", STEP, |pair| {
+        pair.status("a")["pbx"]["ok"] == true
+    });
+    // The backup's copy is current: the hand-over may go to it.
+    pair.wait("the backup in sync", STEP, |pair| {
+        pair.status("b")["health"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+
+    // The primary's PBX hangs for good: a restart, then down, then the hand-over.
+    let started = Instant::now();
+    std::fs::remove_file(format!("{}-{ns_a}", healthy.display())).unwrap();
+    pair.wait("the backup primary at generation 2", STEP, |pair| {
+        let role = pair.status("b")["role"].clone();
+        role["state"] == "primary" && role["generation"] == 2
+    });
+    let took = started.elapsed();
+    pair.wait("the old primary fenced", STEP, |pair| {
+        pair.status("a")["role"]["state"] == "fenced"
+    });
+    assert_eq!(pair.pbx("b"), "up");
+    assert_eq!(pair.pbx("a"), "down");
+    assert!(pair.addresses("b").contains("192.168.70.2/"));
+    pair.wait("the old primary off the shared address", STEP, |pair| {
+        !pair.addresses("a").contains("192.168.70.2/")
+    });
+    eprintln!("hand-over {took:?} after the PBX hung");
+    // The audit log says why and how.
+    let dc = lbs_tests::workspace_binary("lbs-datacenter");
+    let events = lbs_tests::ok(
+        std::process::Command::new(&dc)
+            .arg("--dir")
+            .arg(pair.dc_dir())
+            .arg("events")
+            .output()
+            .unwrap(),
+    );
+    assert!(events.contains("hand-over requested"), "{events}");
+    assert!(events.contains("(hand-over by the primary)"), "{events}");
+}

@@ -8,6 +8,8 @@
 //! overlay_pool = "10.77.0.0/16"   # boxes' overlay addresses (the first ten are the data center's)
 //! site = "dc"                     # this site's name: shown to boxes, picks its endpoints
 //! follow = []                     # `lbs-datacenter site` only: the main site's control API
+//! handover_holdoff_s = 900        # after a primary handed over (its PBX down), the next
+//!                                 # hand-over of that pair waits this long (no flapping)
 //!
 //! [rate_limit]                    # activation attempts per source address
 //! burst = 10
@@ -67,6 +69,8 @@ struct File {
     site: String,
     #[serde(default)]
     follow: Vec<SocketAddr>,
+    #[serde(default = "default_holdoff")]
+    handover_holdoff_s: u64,
     #[serde(default)]
     rate_limit: RateLimitFile,
     dns: Option<DnsFile>,
@@ -204,6 +208,12 @@ pub struct ServeConfig {
     pub dns: Option<(DnsServer, u32)>,
     /// The tunnel endpoints.
     pub endpoints: Vec<EndpointSettings>,
+    /// How long after a hand-over the pair's next one is refused.
+    pub handover_holdoff: std::time::Duration,
+}
+
+fn default_holdoff() -> u64 {
+    900
 }
 
 impl ServeConfig {
@@ -336,6 +346,7 @@ impl ServeConfig {
             },
             dns,
             endpoints,
+            handover_holdoff: std::time::Duration::from_secs(file.handover_holdoff_s),
         })
     }
 }

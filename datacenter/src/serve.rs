@@ -698,12 +698,21 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
                 // Promotion requests only go to boxes that understand them (1.2 and later).
                 let remote =
                     negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
-                on_report(inner, sid, believed, report, remote).await
+                // Hand-overs likewise (1.4 and later); an older backup is not asked.
+                let hand_over =
+                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 });
+                on_report(inner, sid, believed, report, remote, hand_over).await
             }
             Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
                 on_promote(inner, sid, believed, advertised, actor.clone()).await
             }
+            Message::PromoteAs { advertised, how } => {
+                // The audit log says how it came about (forced, offline, a hand-over, …).
+                let actor = format!("{actor} ({how})");
+                on_promote(inner, sid, believed, advertised, actor).await
+            }
+            Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
             Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
             Message::Goodbye { .. } => return Ok(()),
             other => {
@@ -714,8 +723,9 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         // The envelope carries the pair's generation as the answer knows it.
         let generation = match &reply {
             Message::PairState(state) => state.generation,
-            Message::PromotionRequested { state, .. } => state.generation,
-            Message::PairStateWithDns { state, .. } => state.generation,
+            Message::PromotionRequested { state, .. }
+            | Message::HandOverRequested { state, .. }
+            | Message::PairStateWithDns { state, .. } => state.generation,
             Message::Promoted(promotion) => promotion.generation,
             Message::Denied(Denial::StaleGeneration { current }) => *current,
             _ => believed,
@@ -778,6 +788,7 @@ async fn on_report(
     believed: Generation,
     report: BoxReport,
     remote: bool,
+    hand_over: bool,
 ) -> Message {
     let record = store::Report {
         believed,
@@ -791,6 +802,7 @@ async fn on_report(
         s.heartbeat(sid, &record, now)?;
         let request = if remote {
             s.pending_promotion(sid, now)?
+                .filter(|r| hand_over || r.hand_over.is_none())
         } else {
             None
         };
@@ -806,11 +818,19 @@ async fn on_report(
             match request {
                 Some(request) => {
                     tracing::info!(%sid, id = request.id, by = %request.requested_by, "promotion requested from the backup");
-                    Message::PromotionRequested {
-                        state,
-                        request: lbs_protocol::control::RemotePromotion {
-                            id: u64::try_from(request.id).unwrap_or(0),
-                            by: request.requested_by,
+                    let remote = lbs_protocol::control::RemotePromotion {
+                        id: u64::try_from(request.id).unwrap_or(0),
+                        by: request.requested_by,
+                    };
+                    match request.hand_over {
+                        Some(reason) => Message::HandOverRequested {
+                            state,
+                            request: remote,
+                            reason,
+                        },
+                        None => Message::PromotionRequested {
+                            state,
+                            request: remote,
                         },
                     }
                 }
@@ -848,6 +868,35 @@ async fn on_report(
 }
 
 /// The backup refused a requested promotion: recorded and logged; it gets the pair's state.
+/// How long the backup may take to act on a hand-over, and how recently it must have
+/// reported.
+const HAND_OVER_TTL: Duration = Duration::from_secs(60);
+const HAND_OVER_ALIVE: Duration = Duration::from_secs(20);
+
+async fn on_hand_over(inner: &Arc<Inner>, sid: ServerId, reason: String) -> Message {
+    let limits = crate::store::HandOverLimits {
+        ttl: HAND_OVER_TTL,
+        alive: HAND_OVER_ALIVE,
+        holdoff: inner.config.handover_holdoff,
+    };
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let request = s.hand_over(sid, &reason, limits, now)?;
+        Ok((request, s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((request, pair, now)) => {
+            tracing::warn!(%sid, id = request.id, "the primary hands over to the backup");
+            Message::PairState(pair_state(&pair, sid, None, now))
+        }
+        Err(err) => {
+            tracing::warn!(%sid, "hand-over refused: {err}");
+            Message::Denied(denial(err))
+        }
+    }
+}
+
 async fn on_refused(inner: &Arc<Inner>, sid: ServerId, id: u64, reason: String) -> Message {
     let result = with_store(inner, move |s| {
         let now = now_ms();

@@ -242,6 +242,19 @@ pub struct PromotionRequest {
     pub state: String,
     /// The backup's answer: the generation it was promoted at, or why it refused.
     pub answer: Option<String>,
+    /// Set when the primary asked (a hand-over): why.
+    pub hand_over: Option<String>,
+}
+
+/// The bounds of a hand-over.
+#[derive(Clone, Copy, Debug)]
+pub struct HandOverLimits {
+    /// How long the backup may act on it.
+    pub ttl: Duration,
+    /// The backup must have reported within this.
+    pub alive: Duration,
+    /// No second hand-over of a pair within this.
+    pub holdoff: Duration,
 }
 
 /// One pair as `status` shows it.
@@ -398,6 +411,17 @@ pub trait Store {
         now: Millis,
     ) -> Result<PromotionRequest, StoreError>;
 
+    /// The primary `from` asks to hand its role to the backup (its PBX is down): a request
+    /// like the provider's, refused when the backup is not heard within `alive`, not in sync
+    /// by its last report, or the pair handed over less than `holdoff` ago.
+    fn hand_over(
+        &mut self,
+        from: ServerId,
+        reason: &str,
+        limits: HandOverLimits,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError>;
+
     /// The request `id` as it stands (pending ones past their time are `expired`).
     fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError>;
 
@@ -491,6 +515,9 @@ CREATE TABLE promotion_requests (
     answer TEXT,
     answered_at INTEGER
 );
+"#,
+    r#"
+ALTER TABLE promotion_requests ADD COLUMN hand_over TEXT;
 "#,
 ];
 
@@ -1617,6 +1644,103 @@ impl Store for SqliteStore {
         Ok(request)
     }
 
+    fn hand_over(
+        &mut self,
+        from: ServerId,
+        reason: &str,
+        limits: HandOverLimits,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        expire_requests(&tx, now)?;
+        let row = row(&tx, from)?;
+        if row.role != Role::Primary {
+            return Err(StoreError::NotAllowed(format!(
+                "{from} is {} of pair {}: only the primary hands over",
+                row.role, row.pair_name
+            )));
+        }
+        let backup: Option<(String, Option<Millis>, Option<String>)> = tx
+            .query_row(
+                "SELECT sid, last_heartbeat_at, report FROM servers WHERE pair_id = ?1 AND role = 'backup'",
+                [row.pair_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db("reading the pair's backup"))?;
+        let Some((backup, heard, report)) = backup else {
+            return Err(StoreError::NotAllowed(format!(
+                "pair {} has no backup to hand over to",
+                row.pair_name
+            )));
+        };
+        if heard.is_none_or(|at| now.saturating_sub(at) > ms(limits.alive)) {
+            return Err(StoreError::NotAllowed(format!(
+                "the backup {backup} has not reported for {}: not handing over to it",
+                heard.map_or("ever".to_owned(), |at| format!(
+                    "{:.0} s",
+                    now.saturating_sub(at) as f64 / 1000.0
+                ))
+            )));
+        }
+        let report: serde_json::Value = report
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or_default();
+        let pending = report["sync_pending_files"].as_u64().unwrap_or(u64::MAX)
+            | report["sync_pending_bytes"].as_u64().unwrap_or(u64::MAX);
+        if pending != 0 || report["sync_last_complete_ms"].as_i64().is_none() {
+            return Err(StoreError::NotAllowed(format!(
+                "the backup {backup} is not in sync by its last report: not handing over to it"
+            )));
+        }
+        let last: Option<Millis> = tx
+            .query_row(
+                "SELECT MAX(requested_at) FROM promotion_requests WHERE pair_id = ?1 AND hand_over IS NOT NULL",
+                [row.pair_id],
+                |r| r.get(0),
+            )
+            .map_err(db("reading the last hand-over"))?;
+        if let Some(at) = last.filter(|at| now.saturating_sub(*at) < ms(limits.holdoff)) {
+            return Err(StoreError::NotAllowed(format!(
+                "pair {} handed over {:.0} s ago; the next hand-over may be asked {:.0} s after it",
+                row.pair_name,
+                now.saturating_sub(at) as f64 / 1000.0,
+                limits.holdoff.as_secs_f64()
+            )));
+        }
+        if let Some(pending) =
+            request_where(&tx, "r.pair_id = ?1 AND r.state = 'pending'", row.pair_id)?
+        {
+            return Err(StoreError::NotAllowed(format!(
+                "request {} by {} is still pending",
+                pending.id, pending.requested_by
+            )));
+        }
+        let actor = format!("{from} (the primary)");
+        tx.execute(
+            "INSERT INTO promotion_requests (pair_id, requested_by, requested_at, expires_at, hand_over)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![row.pair_id, actor, now, now.saturating_add(ms(limits.ttl)), reason],
+        )
+        .map_err(db("recording the hand-over"))?;
+        let id = tx.last_insert_rowid();
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(from),
+            "hand-over requested",
+            (None, None),
+            &actor,
+            &format!("request {id}: hand the role to {backup}: {reason}"),
+        )?;
+        let request = request_where(&tx, "r.id = ?1", id)?
+            .ok_or_else(|| StoreError::NotAllowed(format!("request {id} vanished")))?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(request)
+    }
+
     fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError> {
         let tx = begin(&mut self.conn)?;
         expire_requests(&tx, now)?;
@@ -1718,7 +1842,8 @@ fn request_where(
 ) -> Result<Option<PromotionRequest>, StoreError> {
     tx.query_row(
         &format!(
-            "SELECT r.id, p.name, r.requested_by, r.requested_at, r.expires_at, r.state, r.answer
+            "SELECT r.id, p.name, r.requested_by, r.requested_at, r.expires_at, r.state, r.answer,
+                    r.hand_over
              FROM promotion_requests r JOIN pairs p ON p.id = r.pair_id
              WHERE {condition} ORDER BY r.id DESC LIMIT 1"
         ),
@@ -1732,6 +1857,7 @@ fn request_where(
                 expires_at: r.get(4)?,
                 state: r.get(5)?,
                 answer: r.get(6)?,
+                hand_over: r.get(7)?,
             })
         },
     )

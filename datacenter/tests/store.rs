@@ -520,3 +520,65 @@ fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_t
         ]
     );
 }
+
+#[test]
+fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately() {
+    use lbs_datacenter::store::HandOverLimits;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    for (sid, key, lan) in [(a, &servers[0].key, 2), (b, &servers[1].key, 3)] {
+        store(&db)
+            .activate(&request(sid, &key.to_string(), lan), pool(), T0)
+            .unwrap();
+    }
+    let limits = HandOverLimits {
+        ttl: Duration::from_secs(60),
+        alive: Duration::from_secs(20),
+        holdoff: Duration::from_secs(900),
+    };
+    let ask = |sid, now| store(&db).hand_over(sid, "PBX check failed", limits, now);
+    let refused = |sid, now, says: &str| {
+        let err = ask(sid, now).unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+    };
+    refused(b, T0, "only the primary hands over");
+    refused(a, T0, "has not reported");
+    // The backup reports, but is behind: no.
+    let behind = Report {
+        json: r#"{"sync_pending_files":3,"sync_pending_bytes":10,"sync_last_complete_ms":1}"#
+            .into(),
+        ..report(1, Ipv4Addr::new(192, 168, 1, 3))
+    };
+    store(&db).heartbeat(b, &behind, T0 + 1_000).unwrap();
+    refused(a, T0 + 2_000, "not in sync");
+    // In sync and heard: a request for the backup, once; then not again for the hold-off.
+    let in_sync = Report {
+        json: r#"{"sync_pending_files":0,"sync_pending_bytes":0,"sync_last_complete_ms":1}"#.into(),
+        ..report(1, Ipv4Addr::new(192, 168, 1, 3))
+    };
+    store(&db).heartbeat(b, &in_sync, T0 + 3_000).unwrap();
+    refused(a, T0 + 30_000, "has not reported for 27 s");
+    store(&db).heartbeat(b, &in_sync, T0 + 30_000).unwrap();
+    let request = ask(a, T0 + 31_000).unwrap();
+    assert_eq!(request.hand_over.as_deref(), Some("PBX check failed"));
+    assert_eq!(
+        store(&db).pending_promotion(b, T0 + 32_000).unwrap(),
+        Some(request.clone())
+    );
+    refused(a, T0 + 32_000, "handed over 1 s ago");
+    store(&db).heartbeat(b, &in_sync, T0 + 900_000).unwrap();
+    refused(a, T0 + 900_000, "handed over 869 s ago");
+    store(&db).heartbeat(b, &in_sync, T0 + 932_000).unwrap();
+    assert!(ask(a, T0 + 932_000).is_ok());
+    assert!(
+        store(&db)
+            .events(0)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "hand-over requested" && e.detail.contains("PBX check failed"))
+    );
+}

@@ -173,6 +173,36 @@ pub struct DnsRecordState {
     pub state: String,
 }
 
+/// How a promotion came about, for the audit log (protocol 1.4).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum PromotionKind {
+    /// P at the console or `lbs promote`, the checks passed.
+    Operator,
+    /// P with `--force`: the primary may have been alive.
+    Forced,
+    /// The data center confirming a promotion made with `--offline`.
+    Offline,
+    /// The backup promoted itself (`auto_failover`).
+    Automatic,
+    /// The provider asked (`lbs-datacenter promote`).
+    Requested,
+    /// The primary handed over (its PBX down).
+    HandOver,
+}
+
+impl std::fmt::Display for PromotionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PromotionKind::Operator => "P",
+            PromotionKind::Forced => "P --force",
+            PromotionKind::Offline => "P --offline, confirmed",
+            PromotionKind::Automatic => "automatic failover",
+            PromotionKind::Requested => "requested by the provider",
+            PromotionKind::HandOver => "hand-over by the primary",
+        })
+    }
+}
+
 /// A promotion the provider asked the data center for (`lbs-datacenter promote <pair>`): the
 /// backup's agent carries it out with the same checks as **P** at its console, or refuses it
 /// with [`crate::Message::PromotionRefused`]. Protocol 1.2.

@@ -222,6 +222,31 @@ pub enum Message {
         /// The peers, ordered by key.
         peers: Vec<crate::control::TunnelPeer>,
     },
+    /// Box → data center (protocol 1.4, else [`Message::Promote`]): make me primary at the
+    /// next generation, and how the promotion came about (for the audit log).
+    PromoteAs {
+        /// The address the new primary serves on.
+        advertised: std::net::Ipv4Addr,
+        /// Who or what asked.
+        how: crate::control::PromotionKind,
+    },
+    /// Primary → data center (protocol 1.4): its PBX stays down after every restart; hand
+    /// the role to the backup (the data center refuses when the backup is not in sync, not
+    /// heard, or a hand-over was made lately). Answered with a `PairState`.
+    HandOver {
+        /// What the PBX check said.
+        reason: String,
+    },
+    /// Data center → backup, answering its report (protocol 1.4, never to an older box): the
+    /// primary asked to hand over; the backup promotes itself if it is in sync.
+    HandOverRequested {
+        /// What a `PairState` answer would have said.
+        state: crate::control::PairState,
+        /// The request (refused with [`Message::PromotionRefused`] like the provider's).
+        request: crate::control::RemotePromotion,
+        /// Why the primary asked.
+        reason: String,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -266,6 +291,9 @@ impl Message {
             Message::PairStateWithDns { .. } => "pair-state-with-dns",
             Message::TunnelPeersRequest => "tunnel-peers-request",
             Message::TunnelPeers { .. } => "tunnel-peers",
+            Message::PromoteAs { .. } => "promote-as",
+            Message::HandOver { .. } => "hand-over",
+            Message::HandOverRequested { .. } => "hand-over-requested",
         }
     }
 }
