@@ -264,6 +264,12 @@ impl std::fmt::Display for Denial {
     }
 }
 
+impl From<crate::FrameError> for CallError {
+    fn from(err: crate::FrameError) -> CallError {
+        CallError::Frame(err)
+    }
+}
+
 /// Why a request to the data center got no answer it could use.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -295,8 +301,9 @@ pub enum CallError {
     #[error("the data center closed the connection before answering {0}")]
     Closed(&'static str),
     /// The connection failed.
+    // The cause is in the message, not also the error's source: `{:#}` says it once.
     #[error("talking to the data center: {0}")]
-    Frame(#[from] crate::FrameError),
+    Frame(crate::FrameError),
 }
 
 /// Sends `message` with our `generation` on a connection and waits (at most `timeout`) for

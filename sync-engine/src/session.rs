@@ -37,12 +37,26 @@ const BLOCKS_PER_FRAME: usize = 16 * 1024;
 /// Chunks in flight between the network and the disk, per file.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
+impl From<FrameError> for SessionError {
+    fn from(err: FrameError) -> SessionError {
+        SessionError::Frame(err)
+    }
+}
+
+impl From<PlanError> for SessionError {
+    fn from(err: PlanError) -> SessionError {
+        SessionError::Plan(err)
+    }
+}
+
 /// Why a session failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The connection failed or carried garbage.
+    // The causes of this and `Plan` are in their messages, not also their sources: `{:#}`
+    // says them once.
     #[error("connection: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The peer hung up in the middle.
     #[error("the peer closed the connection during {0}")]
     Closed(&'static str),
@@ -65,7 +79,7 @@ pub enum SessionError {
     Index(#[from] IndexError),
     /// The peer's manifest is not a tree.
     #[error("the peer's manifest: {0}")]
-    Plan(#[from] PlanError),
+    Plan(PlanError),
     /// Changing the receiver's tree failed in a way that stops the run.
     #[error(transparent)]
     Apply(#[from] ApplyError),
