@@ -144,8 +144,8 @@ pub(crate) fn render(status: &AgentStatus) -> String {
         out!("health     DEGRADED: {}", problems.join("; "));
     }
     out!(
-        "  LAN {}, overlay {}; lbs {}, protocol {}",
-        info.lan,
+        "  LAN {} (serving there now), overlay {}; lbs {}, protocol {}",
+        status.serving_at,
         info.overlay,
         status.software,
         status.protocol

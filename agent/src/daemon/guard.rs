@@ -146,11 +146,14 @@ const CLAIM_TICK: Duration = Duration::from_secs(1);
 /// While this box is the primary: the moment its **partner** announces the shared address (a
 /// P, forced while this box still lived), this box stops answering for it — the address
 /// leaves the interface at once — and steps back (fenced); the data center confirms the
-/// partner's generation at the next report, made from this box's own address. Another
-/// machine claiming the address is only logged: a misconfigured phone does not move the PBX.
+/// partner's generation at the next report, made from this box's own address. A partner the
+/// data center has fenced (the old primary back with a stale address) does not move this box:
+/// it announces the address again. Another machine claiming the address is only logged: a
+/// misconfigured phone does not move the PBX.
 pub(super) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut partner_mac: Option<lbs_netconfig::MacAddr> = None;
     let mut said: Option<lbs_netconfig::MacAddr> = None;
+    let mut defended = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -195,6 +198,29 @@ pub(super) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                             network.interface
                         );
                         said = Some(conflict.mac);
+                    }
+                    continue;
+                }
+                // A partner the data center knows as fenced is the old primary coming back
+                // with the address still on its interface (its agent steps back itself): this
+                // box keeps the address and announces it again so the LAN follows it. A
+                // partner that is the backup (or primary) there took over: step back.
+                let partner_role = lock(&shared.info).partner.as_ref().map(|p| p.role);
+                if partner_role == Some(lbs_protocol::Role::Fenced) {
+                    // Once a second at most, however often it claims.
+                    if defended.is_some_and(|at: std::time::Instant| at.elapsed() < CLAIM_TICK) {
+                        continue;
+                    }
+                    defended = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "the fenced partner ({}) claims {}: this box keeps it and announces it again",
+                        conflict.mac,
+                        network.shared.addr
+                    );
+                    use lbs_netconfig::Arp;
+                    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+                    if let Err(err) = arp.announce(&link, network.shared.addr, 3).await {
+                        tracing::warn!("announcing {}: {err}", network.shared.addr);
                     }
                     continue;
                 }

@@ -403,6 +403,17 @@ impl Pair {
         self.status_output(host, &[])
     }
 
+    /// `lbs status` of `host`: its exit code and what it printed, whatever the code.
+    pub fn status_run(&mut self, host: &str) -> (Option<i32>, String) {
+        let mut cmd = self.lab.command(host, LBS);
+        cmd.arg("status").arg("--socket").arg(self.socket(host));
+        let out = self.lab.run(cmd, STEP).unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// What `lbs status <args>` printed; exit 0 (well) or 1 (degraded) both answer.
     fn status_output(&mut self, host: &str, args: &[&str]) -> String {
         let mut cmd = self.lab.command(host, LBS);
