@@ -45,6 +45,7 @@ const BASE_PACKAGES: &[&str] = &[
     "init-system-helpers",
     "iproute2",
     "iputils-ping",
+    "procps",
     "openssh-server",
     "ca-certificates",
     "e2fsprogs",
