@@ -108,8 +108,7 @@ pub const PACKAGES: &[Package] = &[
             file("console-password", "usr/lib/lbs/console-password", 0o755),
         ],
         // useradd, groupadd (passwd) in the postinst; deb-systemd-helper (init-system-helpers).
-        // procps: /bin/kill, which `systemctl reload lbs-agent` (ExecReload) runs.
-        depends: &["passwd", "init-system-helpers (>= 1.54~)", "procps"],
+        depends: &["passwd", "init-system-helpers (>= 1.54~)"],
         recommends: "systemd",
         summary: "Live Backup Server agent for PBX boxes",
         description: "lbs keeps a second PBX box continuously in sync with the primary. When \
