@@ -35,6 +35,10 @@ enum Command {
     /// B: make this fenced box (the old primary, repaired) the backup, and follow the
     /// re-sync until in sync. Exit 3 if refused.
     Demote(promote_cmd::DemoteCmd),
+    /// Make the running agent read agent.toml again (what `systemctl reload lbs-agent` runs):
+    /// hooks, notes, intervals, the P threshold and automatic failover change at once; it
+    /// says which other settings wait for a restart. Exit 1 if the file does not parse.
+    Reload(promote_cmd::ReloadCmd),
     /// Check agent.toml as the agent would read it, and say what the agent would do with it
     /// on this box. Exit 0 when valid (warnings printed), 1 when the agent would refuse it.
     CheckConfig(crate::check_config::CheckConfigCmd),
@@ -160,6 +164,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Demote(cmd) => promote_cmd::demote(cmd).await,
             Command::Console(cmd) => console::console(cmd).await,
             Command::CheckConfig(cmd) => crate::check_config::check_config(&cmd),
+            Command::Reload(cmd) => promote_cmd::reload(cmd).await,
             Command::Sync(SyncCommand::Serve(args)) => sync_cmd::serve(args).await,
             Command::Sync(SyncCommand::Pull(args)) => sync_cmd::pull(args).await,
             Command::Sync(SyncCommand::Verify { expected, actual }) => {

@@ -245,6 +245,8 @@ enum Mode {
 struct Shared {
     /// The configuration in force; SIGHUP swaps in what can change without a restart.
     config: std::sync::RwLock<Arc<AgentConfig>>,
+    /// Where it is read from.
+    config_path: PathBuf,
     paths: StatePaths,
     machine: Mutex<RoleMachine>,
     info: Mutex<BoxInfo>,
@@ -527,6 +529,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let (progress, _) = broadcast::channel(256);
     let shared = Arc::new(Shared {
         config: std::sync::RwLock::new(Arc::new(config)),
+        config_path: cmd.config.clone(),
         paths,
         machine: Mutex::new(RoleMachine::new(record)),
         info: Mutex::new(info),
@@ -648,7 +651,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
                 continue;
             }
             _ = hup.recv() => {
-                reload(&shared, &cmd.config);
+                let _ = reload(&shared);
                 continue;
             }
             _ = term.recv() => {}
@@ -683,16 +686,15 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// SIGHUP: reads the configuration again; what can change at once does, the rest is named
+/// SIGHUP or `lbs reload`: reads the configuration again; what can change at once does, the rest is named
 /// (it waits for a restart); a file that does not parse changes nothing.
-fn reload(shared: &Shared, path: &Path) {
-    let new = match AgentConfig::load(path, false) {
-        Ok(new) => new,
-        Err(err) => {
-            tracing::error!("SIGHUP: {err:#}; the configuration in force is kept");
-            return;
-        }
-    };
+fn reload(shared: &Shared) -> Result<String, String> {
+    let path = &shared.config_path;
+    let new = AgentConfig::load(path, false).map_err(|err| {
+        let why = format!("{err:#}; the configuration in force is kept");
+        tracing::error!("reload: {why}");
+        why
+    })?;
     let (merged, later) = shared.config().reloaded(new);
     for note in &merged.notes {
         if let crate::config::Note::Warning(text) = note {
@@ -700,15 +702,17 @@ fn reload(shared: &Shared, path: &Path) {
         }
     }
     *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
-    if later.is_empty() {
-        tracing::info!("SIGHUP: {} read again; all of it in force", path.display());
+    let said = if later.is_empty() {
+        format!("{} read again; all of it in force", path.display())
     } else {
-        tracing::warn!(
-            "SIGHUP: {} read again; {} changed and take effect at the next restart (systemctl restart lbs-agent)",
+        format!(
+            "{} read again; {} changed and take effect at the next restart (systemctl restart lbs-agent)",
             path.display(),
             later.join(", ")
-        );
-    }
+        )
+    };
+    tracing::warn!("reload: {said}");
+    Ok(said)
 }
 
 /// The file beside the control `socket` that says the agent waits for activation.
@@ -837,6 +841,14 @@ async fn serve_socket(shared: Arc<Shared>, listener: UnixListener, shutdown: Can
                         say(&mut write, &format!("refused: {why}")).await;
                     }
                 }
+                return;
+            }
+            if request == "reload" {
+                let line = match reload(&shared) {
+                    Ok(said) => format!("done: {said}"),
+                    Err(why) => format!("refused: {why}"),
+                };
+                say(&mut write, &line).await;
                 return;
             }
             let answer = match request {

@@ -192,3 +192,26 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
         ExitCode::from(EXIT_REFUSED)
     })
 }
+
+/// Options of `lbs reload`.
+#[derive(clap::Args, Debug)]
+pub struct ReloadCmd {
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// `lbs reload` (what `systemctl reload lbs-agent` runs): the agent reads agent.toml again
+/// and says what is in force and what waits for a restart. Exit 0 done, 1 refused (the file
+/// does not parse: nothing changed).
+pub async fn reload(cmd: ReloadCmd) -> anyhow::Result<ExitCode> {
+    let last = converse(&cmd.socket, "reload", Duration::from_secs(10), |line| {
+        println!("{line}")
+    })
+    .await?;
+    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

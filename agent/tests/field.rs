@@ -106,6 +106,28 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
     pair.wait("the note in force after SIGHUP", STEP, |pair| {
         pair.status("a")["notes"]["promote"] == "move the PRI cable"
     });
+    // `lbs reload` (ExecReload) says what it did; a file that does not parse changes nothing.
+    let reload = |pair: &mut Pair| {
+        let mut cmd = pair.lab.command("a", LBS);
+        cmd.args(["reload", "--socket"]).arg(pair.socket("a"));
+        let out = pair.lab.run(cmd, STEP).unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("sync_port = 7999\n{text}")).unwrap();
+    let (done, said) = reload(&mut pair);
+    assert!(done, "{said}");
+    assert!(said.contains("sync_port changed and take"), "{said}");
+    std::fs::write(&config, "debounce_ms = \"soon\"\n").unwrap();
+    let (done, said) = reload(&mut pair);
+    assert!(
+        !done && said.contains("the configuration in force is kept"),
+        "{said}"
+    );
+    assert_eq!(pair.status("a")["notes"]["promote"], "move the PRI cable");
     // For monitoring: 1 while degraded (the backup was never heard), with the reason; 2
     // when the agent does not answer.
     let (code, said) = pair.status_run("a");
