@@ -49,7 +49,7 @@ enum Finding {
 }
 
 pub async fn run(cmd: BootCheckCmd) -> anyhow::Result<ExitCode> {
-    crate::cli::init_logging("warn");
+    lbs_protocol::logging::init("lbs", "warn");
     let said = match check(&cmd).await {
         Ok(Finding::Nothing(why)) => format!("boot-check: nothing to check: {why}"),
         Ok(Finding::Keep(why)) => format!("boot-check: {why}"),
@@ -67,7 +67,7 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
     let config = AgentConfig::load(&cmd.config, false)?;
     let paths = crate::activate::StatePaths::new(&cmd.state);
     let record = RoleRecord::load(&paths.role())?;
-    let Some(network) = crate::daemon::with_choice(config.network, record.shared) else {
+    let Some(network) = crate::config::with_choice(config.network, record.shared) else {
         return Ok(Finding::Nothing(
             "no [network] section (this box keeps its own address)".into(),
         ));

@@ -118,12 +118,6 @@ enum SyncCommand {
     },
 }
 
-/// Logs (journald under systemd, standard error otherwise); `RUST_LOG` overrides
-/// `default_filter`.
-pub(crate) fn init_logging(default_filter: &str) {
-    lbs_protocol::logging::init("lbs", default_filter);
-}
-
 /// Parses the command line, runs the command and turns its outcome into an exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

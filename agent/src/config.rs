@@ -497,6 +497,22 @@ impl AgentConfig {
     }
 }
 
+/// `network` with the address the operator chose at **P** (kept in the role record).
+pub fn with_choice(
+    network: Option<Network>,
+    chosen: Option<crate::role::SharedAddress>,
+) -> Option<Network> {
+    let mut network = network?;
+    if let Some(chosen) = chosen {
+        network.shared = lbs_netconfig::Ipv4Cidr {
+            addr: chosen.address,
+            prefix: chosen.prefix,
+        };
+        network.gateway = chosen.gateway;
+    }
+    Some(network)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines, Stdin};
 
-use crate::daemon::{AgentStatus, DEFAULT_SOCKET};
+use crate::control::DEFAULT_SOCKET;
 use crate::promote_cmd::converse;
-use crate::status_cmd::{ago, ask};
-use crate::text::{fit, wrap};
+use crate::status::AgentStatus;
+use crate::status_cmd::ask;
+use crate::text::{ago, fit, wrap};
 
 /// Options of `lbs console`.
 #[derive(clap::Args, Debug)]

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::daemon::DEFAULT_SOCKET;
+use crate::control::DEFAULT_SOCKET;
 
 /// Options of `lbs promote`.
 #[derive(clap::Args, Debug)]

@@ -8,7 +8,9 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::daemon::{AgentStatus, DEFAULT_SOCKET};
+use crate::control::DEFAULT_SOCKET;
+use crate::status::AgentStatus;
+use crate::text::{ago, human_bytes};
 
 /// Options of `lbs status`.
 #[derive(clap::Args, Debug)]
@@ -41,32 +43,6 @@ pub(crate) async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
         .await
         .context("the agent did not answer within 5 s")??;
     serde_json::from_str(&line).with_context(|| format!("the agent answered {line:?}"))
-}
-
-pub(crate) fn ago(now: u64, at: Option<u64>) -> String {
-    match at {
-        None => "never".into(),
-        Some(at) => {
-            let s = now.saturating_sub(at) as f64 / 1000.0;
-            if s < 120.0 {
-                format!("{s:.1} s ago")
-            } else {
-                format!("{:.0} min ago", s / 60.0)
-            }
-        }
-    }
-}
-
-/// Bytes for an operator, in binary units: "512.0 B", "3.4 KiB", "12.0 MiB".
-pub(crate) fn human_bytes(bytes: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", units[unit])
 }
 
 /// `lbs status`: exit 0 when all is well, 1 when something is degraded (not in sync, partner

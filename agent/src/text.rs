@@ -72,7 +72,7 @@ impl Rate {
         }
         let (since, from) = *self.first.get_or_insert((now, done));
         let percent = done.saturating_mul(100) / total;
-        let size = crate::status_cmd::human_bytes(total as f64);
+        let size = human_bytes(total as f64);
         let elapsed = now.duration_since(since).as_secs_f64();
         if elapsed < 0.5 || done <= from {
             return Some(format!("{percent}% of {size}"));
@@ -81,10 +81,36 @@ impl Rate {
         let left = total.saturating_sub(done) as f64 / per_s;
         Some(format!(
             "{percent}% of {size}, {}/s, about {:.0} s left",
-            crate::status_cmd::human_bytes(per_s),
+            human_bytes(per_s),
             left.ceil()
         ))
     }
+}
+
+pub(crate) fn ago(now: u64, at: Option<u64>) -> String {
+    match at {
+        None => "never".into(),
+        Some(at) => {
+            let s = now.saturating_sub(at) as f64 / 1000.0;
+            if s < 120.0 {
+                format!("{s:.1} s ago")
+            } else {
+                format!("{:.0} min ago", s / 60.0)
+            }
+        }
+    }
+}
+
+/// Bytes for an operator, in binary units: "512.0 B", "3.4 KiB", "12.0 MiB".
+pub(crate) fn human_bytes(bytes: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
 }
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
 
 /// Brings the tunnels up and keeps them until SIGTERM or Ctrl-C; then removes them.
 pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
-    crate::cli::init_logging("warn,lbs_vpn=info");
+    lbs_protocol::logging::init("lbs", "warn,lbs_vpn=info");
     let config = tunnels_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let tunnels = Tunnels::start(config.clone())
@@ -153,7 +153,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
 
 /// Runs a data-center endpoint until SIGTERM or Ctrl-C; SIGHUP re-reads the peers.
 pub async fn endpoint(cmd: EndpointCmd) -> anyhow::Result<ExitCode> {
-    crate::cli::init_logging("warn,lbs_vpn=info");
+    lbs_protocol::logging::init("lbs", "warn,lbs_vpn=info");
     let (config, peers) = endpoint_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

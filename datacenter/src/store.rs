@@ -17,8 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::keys::{ActivationKey, KeyHash};
 
-/// Milliseconds since the Unix epoch (passed in, so tests control time).
-pub type Millis = i64;
+pub use crate::time::Millis;
 
 /// What can go wrong, said so that the operator (or the box) can act on it.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::store::Millis;
+/// Milliseconds since the Unix epoch (passed in, so tests control time).
+pub type Millis = i64;
 
 /// Milliseconds since the Unix epoch now.
 pub fn now_ms() -> Millis {

@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use lbs_netconfig::{Ipv4Cidr, NetBackend, Netlink};
 
+use crate::backend::open_backend;
 use crate::error::VpnError;
 use crate::heartbeat::Responder;
-use crate::wg::{
-    BackendChoice, BackendKind, Key, PeerConfig, PeerState, WireGuard, host, open_backend,
-};
+use crate::wg::{BackendChoice, BackendKind, Key, PeerConfig, PeerState, WireGuard, host};
 
 /// An endpoint's configuration.
 #[derive(Clone, Debug)]

@@ -5,10 +5,10 @@ use std::time::SystemTime;
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, PeerConfigBuilder};
 
 use crate::error::VpnError;
-use crate::userspace::{link_exists, wait_gone};
+
 use crate::wg::{
     BackendKind, DeviceState, Key, PeerConfig, PeerState, WireGuard, allowed_v4,
-    check_interface_name,
+    check_interface_name, link_exists, wait_gone,
 };
 
 /// Linux's "operation not supported": what creating a link of an unknown kind answers.

@@ -13,6 +13,7 @@
 //! - [`endpoint`]: the data center's side — one interface, box peers added and removed live.
 //! - [`config`]: the TOML files `lbs vpn` reads.
 
+pub mod backend;
 pub mod config;
 pub mod endpoint;
 pub mod error;

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use lbs_netconfig::{Ipv4Cidr, LinkInfo, NetBackend, Netlink};
 use tokio::sync::{oneshot, watch};
 
+use crate::backend::open_backend;
 use crate::error::VpnError;
 use crate::failover::{Action, Failover, FailoverConfig, Health, ProbeOutcome, Why};
 use crate::heartbeat::{Echo, Probers};
-use crate::wg::{BackendChoice, BackendKind, Key, PeerConfig, WireGuard, host, open_backend};
+use crate::wg::{BackendChoice, BackendKind, Key, PeerConfig, WireGuard, host};
 
 /// One data-center endpoint as the box sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,21 +21,18 @@ use std::net::SocketAddr;
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boringtun::device::{DeviceConfig, DeviceHandle};
 
 use crate::error::VpnError;
 use crate::wg::{
     BackendKind, DeviceState, Key, PeerConfig, PeerState, WireGuard, allowed_text, allowed_v4,
-    check_interface_name,
+    check_interface_name, link_exists, wait_gone,
 };
 
 /// How long one control request may take before the device is declared hung.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long a destroyed device may take to remove its interface.
-const GONE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A running device and our end of its control socket pair.
 struct Device {
@@ -90,27 +87,6 @@ impl Userspace {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-/// Whether an interface called `name` exists in this network namespace.
-pub(crate) fn link_exists(name: &str) -> bool {
-    nix::net::if_::if_nametoindex(name).is_ok()
-}
-
-/// Waits until interface `name` is gone.
-pub(crate) fn wait_gone(name: &str) -> Result<(), VpnError> {
-    let deadline = Instant::now() + GONE_TIMEOUT;
-    while link_exists(name) {
-        if Instant::now() >= deadline {
-            return Err(VpnError::device(
-                name,
-                "removing the interface",
-                format!("still there after {GONE_TIMEOUT:?}"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 impl Userspace {

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lbs_netconfig::Ipv4Cidr;
 pub use wireguard_control::Key;
@@ -160,31 +160,6 @@ impl<T: WireGuard + ?Sized> WireGuard for Arc<T> {
     }
 }
 
-/// Opens the backend the operator chose. `Auto` tries the kernel module by creating (and
-/// removing) an interface of its own and falls back to userspace when the kernel has none.
-pub fn open_backend(choice: BackendChoice) -> Result<Arc<dyn WireGuard>, VpnError> {
-    match choice {
-        BackendChoice::Userspace => Ok(Arc::new(crate::userspace::Userspace::new())),
-        BackendChoice::Kernel => Ok(Arc::new(crate::kernel::Kernel::new())),
-        BackendChoice::Auto => {
-            let kernel = crate::kernel::Kernel::new();
-            // A name nobody else uses: this process's.
-            let trial = format!("lbswg{}", std::process::id());
-            match kernel.create(&trial) {
-                Ok(()) => {
-                    kernel.destroy(&trial)?;
-                    Ok(Arc::new(kernel))
-                }
-                Err(VpnError::NoKernelModule) => {
-                    tracing::info!("no WireGuard kernel module: using userspace WireGuard");
-                    Ok(Arc::new(crate::userspace::Userspace::new()))
-                }
-                Err(err) => Err(err),
-            }
-        }
-    }
-}
-
 /// Checks an interface name: 1–15 bytes of letters, digits, `-`, `_`, `.`.
 pub fn check_interface_name(name: &str) -> Result<(), VpnError> {
     let ok = !name.is_empty()
@@ -229,4 +204,28 @@ pub(crate) fn host(address: Ipv4Addr) -> Ipv4Cidr {
         addr: address,
         prefix: 32,
     }
+}
+
+/// How long a destroyed device may take to remove its interface.
+const GONE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether an interface called `name` exists in this network namespace.
+pub(crate) fn link_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
+/// Waits until interface `name` is gone.
+pub(crate) fn wait_gone(name: &str) -> Result<(), VpnError> {
+    let deadline = Instant::now() + GONE_TIMEOUT;
+    while link_exists(name) {
+        if Instant::now() >= deadline {
+            return Err(VpnError::device(
+                name,
+                "removing the interface",
+                format!("still there after {GONE_TIMEOUT:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 //! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
 //! - `cargo xtask dist`: the Debian packages `lbs` and `lbs-datacenter`, lintian-checked.
+//! - `cargo xtask structure`: which module uses which, and the import circles (none allowed).
 //! - `cargo xtask image`: a Debian 12 PBX image with lbs preinstalled (tarball and qcow2).
 
 mod bench;
@@ -16,6 +17,7 @@ mod demo;
 mod dist;
 mod image;
 mod process;
+mod structure;
 mod test;
 mod util;
 
@@ -43,6 +45,8 @@ enum Command {
     /// Build a Debian 12 PBX image with lbs preinstalled: a root filesystem tarball and a
     /// bootable qcow2 disk (root; --check: build, check and discard, as CI does).
     Image(Box<image::ImageArgs>),
+    /// The module picture of every crate and its import circles (fails on one).
+    Structure(structure::StructureArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Dist(args) => dist::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Structure(args) => structure::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

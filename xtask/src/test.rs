@@ -111,6 +111,13 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
+    println!("\n==> import circles");
+    let started = std::time::Instant::now();
+    crate::structure::run(&crate::structure::StructureArgs { picture: false })?;
+    println!(
+        "==> import circles: ok in {}",
+        crate::util::seconds(started.elapsed())
+    );
     // The fuzz target lives outside the workspace (it needs sanitizer flags to run); building
     // it here keeps it from rotting. Running it is documented in protocol/fuzz/README.md.
     let fuzz_manifest = project_root().join("protocol/fuzz/Cargo.toml");

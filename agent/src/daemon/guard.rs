@@ -15,15 +15,17 @@ use anyhow::Context;
 use lbs_netconfig::NetBackend;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, Withdrawn, lock, network, now_ms, takeover_plan};
+use crate::daemon::state::{Shared, lock, network, now_ms};
+use crate::daemon::steps::takeover_plan;
 use crate::role::{Event, RoleState};
+use crate::status::Withdrawn;
 
 /// How often the hold is checked besides the carrier's changes (a failed probe is retried).
 const RECHECK: Duration = Duration::from_secs(2);
 
 /// Follows the office interface's carrier for as long as the agent runs (only spawned with a
 /// `[network]` section).
-pub(super) async fn guard_address(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn guard_address(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut delay = RECHECK;
     loop {
         match follow_carrier(&shared, &shutdown).await {
@@ -150,7 +152,7 @@ const CLAIM_TICK: Duration = Duration::from_secs(1);
 /// data center has fenced (the old primary back with a stale address) does not move this box:
 /// it announces the address again. Another machine claiming the address is only logged: a
 /// misconfigured phone does not move the PBX.
-pub(super) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut partner_mac: Option<lbs_netconfig::MacAddr> = None;
     let mut said: Option<lbs_netconfig::MacAddr> = None;
     let mut defended = None;

@@ -9,17 +9,17 @@ use lbs_protocol::Message;
 use lbs_protocol::control::{self, RemotePromotion};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    DC_DEADLINE, HEARTBEAT, PROMOTION_DEADLINE, PbxHealth, RoleNotice, SetStatus, Shared,
-    apply_pair_state, connect_dc_negotiated, hook, lock, now_ms, promote_unattended,
-};
+use crate::daemon::dc::{DC_DEADLINE, PROMOTION_DEADLINE, apply_pair_state, connect_dc_negotiated};
+use crate::daemon::state::{HEARTBEAT, RoleNotice, Shared, lock, now_ms, promote_unattended};
+use crate::daemon::steps::hook;
 use crate::role::RoleState;
+use crate::status::{PbxHealth, SetStatus};
 
 /// The primary's PBX health check (`pbx_check`, like keepalived's `track_script`): run every
 /// interval within its deadline; after `fails` failures in a row the PBX is restarted
 /// (`pbx_stop`, `pbx_start`) up to `restart_tries` times, then declared down: status degraded,
 /// the journal and the notify hook told. Only on the primary; the state resets elsewhere.
-pub(super) async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn pbx_health(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut last_hand_over: Option<Instant> = None;
     loop {
         let config = shared.config();
@@ -203,7 +203,7 @@ async fn run_check(check: &crate::config::PbxCheck) -> Result<(), String> {
 /// connection is alive (so that is current); the data center's "heard the primary" and the
 /// ARP check do not apply — the primary lives and asked. Its address is taken with force, and
 /// the primary steps back the moment it sees this box announce it. The reason when refused.
-pub(super) fn take_hand_over(
+pub(crate) fn take_hand_over(
     shared: &Shared,
     request: &RemotePromotion,
     why: &str,
@@ -232,7 +232,7 @@ pub(super) fn take_hand_over(
 }
 
 /// Why this box cannot take a hand-over now, if it cannot (pure).
-pub(super) fn hand_over_refusal(
+pub(crate) fn hand_over_refusal(
     state: RoleState,
     sets: &[SetStatus],
     primary_heard_ms: Option<u64>,

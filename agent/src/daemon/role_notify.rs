@@ -6,43 +6,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use crate::role::Event;
-
-/// A role change for the `notify` hook.
-#[derive(Clone, Debug)]
-pub(super) struct RoleNotice {
-    /// `primary`, `backup`, `fenced`, `promoting`, `demoting`, or `pbx-down`.
-    pub(super) role: String,
-    /// The generation this box knows of.
-    pub(super) generation: lbs_protocol::Generation,
-    /// Why, for a person.
-    pub(super) reason: String,
-}
-
-/// What made the role change, for the `notify` hook when the machine said nothing itself.
-pub(super) fn event_reason(event: &Event) -> String {
-    match event {
-        Event::Activated { .. } => "activated by the data center".into(),
-        Event::PromoteRequested(_) => "P".into(),
-        Event::PromoteOffline(_) => "P --offline".into(),
-        Event::DemoteRequested => "B".into(),
-        Event::Promoted(generation) => format!("the data center granted {generation}"),
-        Event::Authority { role, generation } => {
-            format!("the data center says {role} at {generation}")
-        }
-        Event::AddressTaken { by } => format!("{by} answers for the shared address"),
-        Event::StepDone => "the step before it was done".into(),
-        Event::StepFailed(why) => why.clone(),
-    }
-}
+use crate::daemon::state::{RoleNotice, Shared};
 
 /// How long the `notify` hook may run.
 const NOTIFY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Runs `notify` for each role change, in order, each within its deadline (killed after it);
 /// its failure is logged, never in the way of the change itself.
-pub(super) async fn notify_hook(
+pub(crate) async fn notify_hook(
     shared: Arc<Shared>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<RoleNotice>,
     shutdown: CancellationToken,

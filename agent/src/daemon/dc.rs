@@ -1,0 +1,119 @@
+//! The link to the data center: one connection (TCP, TLS and hello within one deadline) and
+//! what its answers say about the pair.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::tls;
+use lbs_protocol::{Hello, PROTOCOL_VERSION, PeerName, Sender, SoftwareVersion};
+use tokio::net::TcpStream;
+
+use crate::activate::BoxInfo;
+use crate::role::Event;
+
+use crate::daemon::state::{Shared, lock};
+
+/// How long a connection to the data center may take, handshakes included, and how long it
+/// may take to answer a request.
+pub(crate) const DC_DEADLINE: Duration = Duration::from_secs(5);
+/// How long P waits for the data center's grant, all addresses tried, before it gives up.
+pub(crate) const PROMOTION_DEADLINE: Duration = Duration::from_secs(12);
+
+/// A control connection to the first data-center address that answers.
+pub(crate) async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection, SocketAddr)> {
+    let (conn, address, _) = connect_dc_negotiated(shared).await?;
+    Ok((conn, address))
+}
+
+/// [`connect_dc`], with the protocol version both sides speak.
+pub(crate) async fn connect_dc_negotiated(
+    shared: &Shared,
+) -> anyhow::Result<(DcConnection, SocketAddr, lbs_protocol::ProtocolVersion)> {
+    let (sid, addresses) = {
+        let info = lock(&shared.info);
+        (info.sid, info.control.clone())
+    };
+    let identity = lbs_protocol::Identity::load(&shared.paths.cert(), &shared.paths.key())?;
+    let root = lbs_protocol::TrustRoot::load(&shared.paths.ca())?;
+    let config = tls::client_config(&identity, &root)?;
+    let mut last_error = anyhow::anyhow!("the data center gave no control address");
+    for address in addresses {
+        // One deadline for the whole: TCP, the TLS handshake and the hello. A data center
+        // that accepts connections but does not answer (stopped, overloaded) is given up on
+        // like one that is down.
+        let connected = tokio::time::timeout(DC_DEADLINE, async {
+            let tcp = TcpStream::connect(address).await?;
+            let stream = tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?;
+            let record = lock(&shared.machine).record.clone();
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                software: SoftwareVersion::current(),
+                sender: Sender::Box {
+                    sid,
+                    role: record.state.wire_role(),
+                },
+            };
+            let (conn, negotiated) = lbs_protocol::exchange_hello(
+                stream,
+                &PeerName::DataCenter,
+                hello,
+                record.generation,
+                HELLO_TIMEOUT,
+            )
+            .await?;
+            anyhow::Ok((conn, negotiated.version))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "connected, but no TLS handshake and hello within {} s",
+                DC_DEADLINE.as_secs()
+            ))
+        });
+        match connected {
+            Ok((conn, version)) => return Ok((conn, address, version)),
+            Err(err) => last_error = err.context(format!("data center at {address}")),
+        }
+    }
+    Err(last_error)
+}
+
+/// A control connection to the data center.
+pub(crate) type DcConnection = lbs_protocol::Connection<tls::ClientStream<TcpStream>>;
+
+/// What the data center said about the pair: partner, hardware, and the role (through the
+/// machine: a stale primary fences itself).
+pub(crate) fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) {
+    let partner_changed = {
+        let mut info = lock(&shared.info);
+        let partner_known = |i: &BoxInfo| i.partner.as_ref().map(|p| (p.sid, p.lan, p.overlay));
+        let before = partner_known(&info);
+        info.partner = state.partner.clone();
+        let changed = partner_known(&info) != before;
+        let hardware_changed = info.hardware_differences != state.hardware_differences;
+        if hardware_changed {
+            info.hardware_differences = state.hardware_differences.clone();
+            if let Some(differences) = info.hardware_differences.as_ref().filter(|d| !d.is_empty())
+            {
+                tracing::warn!("the partner's hardware differs: {}", differences.join("; "));
+            }
+        }
+        if (changed || hardware_changed)
+            && let Err(err) = info.save(&shared.paths)
+        {
+            tracing::warn!("saving the partner's addresses: {err:#}");
+        }
+        // Addresses are read afresh by every pass; only another partner (a backup
+        // provisioned later) changes whom the primary lets in.
+        before.map(|b| b.0) != info.partner.as_ref().map(|p| p.sid)
+    };
+    if partner_changed {
+        tracing::info!("the partner changed: replication restarts");
+        shared.mode.send_modify(|_| {});
+    }
+    shared.handle(Event::Authority {
+        role: state.role,
+        generation: state.generation,
+    });
+}

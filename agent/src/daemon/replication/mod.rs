@@ -1,0 +1,111 @@
+//! Replication: the primary serves its sets and says what changed; the backup pulls. One task
+//! follows the role's mode and starts and stops the side that runs.
+
+mod astdb;
+mod partner;
+mod pull;
+mod serve;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::activate::StatePaths;
+use crate::config::{SyncOver, SyncSet};
+use crate::peer::Peer;
+
+use crate::daemon::replication::pull::pull_sets;
+use crate::daemon::replication::serve::serve_sets;
+use crate::daemon::state::{Mode, Shared, current_address, lock, network};
+
+/// Starts and stops the serving or pulling side as the mode changes.
+pub(crate) async fn replication(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut modes = shared.mode.subscribe();
+    loop {
+        let mode = *modes.borrow_and_update();
+        let token = shutdown.child_token();
+        let task = match mode {
+            Mode::Serve => Some(tokio::spawn(serve_sets(shared.clone(), token.clone()))),
+            Mode::Pull => Some(tokio::spawn(pull_sets(shared.clone(), token.clone()))),
+            Mode::Stopped => None,
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            changed = modes.changed() => if changed.is_err() { shutdown.cancel() },
+        }
+        token.cancel();
+        if let Some(task) = task {
+            match task.await {
+                Ok(Err(err)) => tracing::warn!("replication ({mode:?}) ended: {err:#}"),
+                Err(err) => tracing::error!("replication ({mode:?}) failed: {err}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// The astdb snapshot directory (primary) and the copy's directory (backup).
+pub(crate) fn astdb_dir(paths: &StatePaths) -> PathBuf {
+    paths.dir.join("astdb")
+}
+
+/// A set the primary serves: name, root, index.
+pub(crate) type ServedSet = (String, PathBuf, Arc<Mutex<lbs_sync::Index>>);
+
+pub(crate) type Indexes = Vec<(
+    SyncSet,
+    Arc<Mutex<lbs_sync::Index>>,
+    crate::sync_cmd::RootLock,
+)>;
+
+pub(crate) fn open_sets(shared: &Shared) -> anyhow::Result<Indexes> {
+    let mut opened = Vec::new();
+    for set in shared.all_sets(&astdb_dir(&shared.paths)) {
+        std::fs::create_dir_all(&set.path)
+            .with_context(|| format!("set {}: creating {}", set.name, set.path.display()))?;
+        let (index, lock) = crate::sync_cmd::open_index(&shared.paths.dir, &set.path)
+            .with_context(|| format!("set {}", set.name))?;
+        opened.push((set, index, lock));
+    }
+    Ok(opened)
+}
+
+/// The partner's replication address, if it is known.
+pub(crate) fn partner_address(shared: &Shared) -> Option<(lbs_protocol::ServerId, SocketAddr)> {
+    let (sid, ip) = {
+        let info = lock(&shared.info);
+        let partner = info.partner.as_ref()?;
+        let ip = match shared.config().sync_over {
+            SyncOver::Lan => partner.lan?,
+            SyncOver::Overlay => partner.overlay?,
+        };
+        (partner.sid, ip)
+    };
+    // Right after B the data center may still give the partner's address from before P —
+    // the one this box has just taken: the primary is at the shared address then.
+    let ip = match network(shared) {
+        Some(network) if ip == current_address(shared) && ip != network.shared.addr => {
+            network.shared.addr
+        }
+        _ => ip,
+    };
+    Some((sid, SocketAddr::from((ip, shared.config().sync_port))))
+}
+
+pub(crate) fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>> {
+    let Some((partner, address)) = partner_address(shared) else {
+        return Ok(None);
+    };
+    let generation = lock(&shared.machine).record.generation;
+    Ok(Some((
+        Peer::from_state(&shared.paths, partner, generation)?,
+        address,
+    )))
+}

@@ -1,0 +1,238 @@
+//! The backup's side: one pull at a time, sets taking turns, after every change notice, on
+//! every (re)connect and at the reconcile interval.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use lbs_protocol::{Envelope, Message, Role};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ASTDB_SET, SyncSet};
+use crate::peer::Peer;
+
+use crate::daemon::replication::astdb::install_astdb;
+use crate::daemon::replication::partner::watch_partner;
+use crate::daemon::replication::{open_sets, peer};
+use crate::daemon::state::{RETRY, Shared, lock, now_ms};
+
+/// The backup: pulls sets from the partner, highest priority first.
+pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let sets = open_sets(&shared)?;
+    let wake = Arc::new(Notify::new());
+    let pending: Arc<Mutex<BTreeSet<usize>>> = Arc::new(Mutex::new((0..sets.len()).collect()));
+    let names: Vec<String> = sets.iter().map(|(s, _, _)| s.name.clone()).collect();
+    let watch_task = tokio::spawn(watch_partner(
+        shared.clone(),
+        names.clone(),
+        pending.clone(),
+        wake.clone(),
+        stop.clone(),
+    ));
+    let mut next_reconcile = Instant::now() + shared.config().reconcile_interval;
+    // Sets take turns: after a pass of one, the next due set after it goes first, so a set
+    // that changes without pause (a recording) cannot starve the others. A set whose files
+    // were still changing waits a moment before its next pass, without holding up the rest.
+    let mut cursor = 0usize;
+    let mut not_before: Vec<Option<Instant>> = vec![None; sets.len()];
+    loop {
+        let now = Instant::now();
+        let (next, waiting) = {
+            let pending = lock(&pending);
+            let ready = |i: &&usize| not_before[**i].is_none_or(|t| t <= now);
+            let next = pending
+                .range(cursor..)
+                .find(ready)
+                .or_else(|| pending.iter().find(ready))
+                .copied();
+            let waiting = pending.iter().filter_map(|&i| not_before[i]).min();
+            (next, waiting)
+        };
+        let Some(i) = next else {
+            if waiting.is_none() {
+                cursor = 0;
+            }
+            let until = waiting.map_or(next_reconcile, |t| t.min(next_reconcile));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep_until(until.into()) => {
+                    if Instant::now() >= next_reconcile {
+                        lock(&pending).extend(0..sets.len());
+                        next_reconcile = Instant::now() + shared.config().reconcile_interval;
+                    }
+                }
+            }
+            continue;
+        };
+        cursor = i + 1;
+        not_before[i] = None;
+        let (set, index, _) = &sets[i];
+        let peer = match peer(&shared) {
+            Ok(Some(peer)) => peer,
+            Ok(None) => {
+                for (set, _, _) in &sets {
+                    shared.set_status(&set.name, |s| {
+                        s.state = "waiting".into();
+                        s.last_error = Some("the partner's address is not known yet".into());
+                    });
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+            Err(err) => return Err(err),
+        };
+        let pass_started_ms = now_ms();
+        shared.set_status(&set.name, |s| {
+            s.state = "syncing".into();
+            s.pass_started_ms = Some(pass_started_ms);
+            s.changed_during_pass_ms = None;
+        });
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = stop.cancelled() => break,
+            outcome = pull_one(peer, set, index.clone(), stop.clone(), |total, done| {
+                shared.set_status(&set.name, |s| {
+                    s.pending_bytes = total.saturating_sub(done);
+                    s.pass_bytes = Some((total, done.min(total)));
+                });
+            }) => outcome,
+        };
+        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match outcome {
+            Ok(report) => {
+                let complete = report.executed.deferred.is_empty() && report.plan.pending == 0;
+                if complete {
+                    lock(&pending).remove(&i);
+                }
+                if set.name == ASTDB_SET
+                    && let Some(target) = &shared.config().astdb
+                    && report.plan.fetch_files + report.plan.local_copies > 0
+                    && let Err(err) = install_astdb(&set.path, target)
+                {
+                    tracing::error!("installing the astdb copy: {err:#}");
+                }
+                let fetched = report.plan.fetch_files;
+                let left = report.plan.pending + report.executed.deferred.len() as u64;
+                let mut caught_up = false;
+                shared.set_status(&set.name, |s| {
+                    s.pending_files = left;
+                    s.pending_bytes = 0;
+                    s.last_pass_ms = Some(took);
+                    s.last_fetched_files = fetched;
+                    s.last_fetched_bytes = report.executed.fetched_bytes;
+                    s.last_error = None;
+                    s.pass_started_ms = None;
+                    s.pass_bytes = None;
+                    if complete {
+                        // The copy holds what the primary had when the pass began; a change
+                        // announced since then is still to come.
+                        s.last_in_sync_ms = Some(pass_started_ms);
+                        s.changed_since_ms = s.changed_during_pass_ms.take();
+                        caught_up = s.changed_since_ms.is_none();
+                        s.state = if caught_up { "in sync" } else { "changed" }.into();
+                    } else {
+                        s.state = "changed".into();
+                    }
+                });
+                if complete && !caught_up {
+                    lock(&pending).insert(i);
+                }
+                if fetched > 0 {
+                    tracing::info!(
+                        set = set.name,
+                        files = fetched,
+                        bytes = report.executed.fetched_bytes,
+                        ms = took,
+                        "pulled"
+                    );
+                }
+                if !complete {
+                    // Files still being written on the primary: give them a moment rather
+                    // than asking again at once (the other sets go meanwhile).
+                    not_before[i] = Some(
+                        Instant::now() + shared.config().debounce.max(Duration::from_millis(500)),
+                    );
+                }
+            }
+            Err(err) => {
+                let text = format!("{err:#}");
+                tracing::warn!(set = set.name, "pull failed: {text}");
+                shared.set_status(&set.name, |s| {
+                    s.state = "error".into();
+                    s.last_error = Some(text);
+                    s.pass_started_ms = None;
+                    s.pass_bytes = None;
+                    s.changed_during_pass_ms = None;
+                });
+                // Try again after a while, or as soon as the watch connection gets through.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETRY) => {}
+                    () = wake.notified() => {}
+                }
+            }
+        }
+    }
+    let _ = watch_task.await;
+    Ok(())
+}
+
+pub(crate) async fn pull_one(
+    (peer, address): (Peer, SocketAddr),
+    set: &SyncSet,
+    index: Arc<Mutex<lbs_sync::Index>>,
+    stop: CancellationToken,
+    on_progress: impl Fn(u64, u64),
+) -> anyhow::Result<lbs_sync::PullReport> {
+    let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
+    conn.send(Envelope {
+        generation: peer.generation,
+        message: Message::SyncSet {
+            name: set.name.clone(),
+        },
+    })
+    .await?;
+    let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&set.path))?;
+    let (progress, mut follow) = watch::channel(lbs_sync::Progress::default());
+    let report = {
+        let pull = lbs_sync::pull(
+            &mut conn,
+            &set.path,
+            index,
+            &trash,
+            peer.generation,
+            lbs_sync::PullOptions {
+                cancel: Some(stop),
+                progress: Some(progress),
+                ..lbs_sync::PullOptions::default()
+            },
+        );
+        tokio::pin!(pull);
+        // What is left of the pass, as it goes: if the primary dies half way, P says how much
+        // of this set's last changes the copy lacks.
+        loop {
+            tokio::select! {
+                report = &mut pull => break report?,
+                Ok(()) = follow.changed() => {
+                    let now = *follow.borrow_and_update();
+                    on_progress(now.bytes_total, now.bytes_done + now.current_bytes);
+                }
+            }
+        }
+    };
+    let _ = conn
+        .send(Envelope {
+            generation: peer.generation,
+            message: Message::Goodbye {
+                reason: "pass complete".into(),
+            },
+        })
+        .await;
+    Ok(report)
+}

@@ -1,0 +1,172 @@
+//! The primary's side: a sync server for every set (the partner's certificate only).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::tls;
+use lbs_protocol::{Envelope, Message, Role};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::peer::Peer;
+
+use crate::daemon::replication::astdb::snapshot_astdb;
+use crate::daemon::replication::watch::watch_sets;
+use crate::daemon::replication::{ServedSet, astdb_dir, open_sets};
+use crate::daemon::state::{Shared, lock};
+
+/// The primary: serves every set to the partner and tells it what changed.
+pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    // Serving needs the partner's SID (only its certificate gets in), not its address.
+    let partner = lock(&shared.info).partner.as_ref().map(|p| p.sid);
+    let Some(partner) = partner else {
+        tracing::info!("no partner provisioned: nothing to serve");
+        stop.cancelled().await;
+        return Ok(());
+    };
+    let generation = lock(&shared.machine).record.generation;
+    let peer = Peer::from_state(&shared.paths, partner, generation)?;
+    let peer = Arc::new(peer);
+    let sets = open_sets(&shared)?;
+    let astdb = astdb_dir(&shared.paths);
+    if let Some(source) = &shared.config().astdb
+        && let Err(err) = snapshot_astdb(source, &astdb)
+    {
+        tracing::warn!("astdb snapshot: {err:#}");
+    }
+    for (set, _, _) in &sets {
+        shared.set_status(&set.name, |s| s.state = "serving".into());
+    }
+    let (changes, _) = broadcast::channel::<Vec<String>>(64);
+    let watcher = watch_sets(&shared, &sets, changes.clone())?;
+    let listener = TcpListener::bind(SocketAddr::from((
+        Ipv4Addr::UNSPECIFIED,
+        shared.config().sync_port,
+    )))
+    .await
+    .with_context(|| {
+        format!(
+            "listening for the partner on port {}",
+            shared.config().sync_port
+        )
+    })?;
+    let config = peer.server_config()?;
+    let roots: Arc<Vec<ServedSet>> = Arc::new(
+        sets.iter()
+            .map(|(set, index, _)| (set.name.clone(), set.path.clone(), index.clone()))
+            .collect(),
+    );
+    tracing::info!(port = shared.config().sync_port, partner = %peer.partner, "serving the sync sets");
+    let mut sessions = JoinSet::new();
+    let result = loop {
+        let (tcp, remote) = tokio::select! {
+            () = stop.cancelled() => break Ok(()),
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!("accepting: {err}");
+                    continue;
+                }
+            },
+        };
+        let (peer, config, roots, changes) = (
+            peer.clone(),
+            config.clone(),
+            roots.clone(),
+            changes.subscribe(),
+        );
+        let stop = stop.clone();
+        sessions.spawn(async move {
+            let session = serve_one(peer, config, tcp, roots, changes);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = session => if let Err(err) = result {
+                    if err.is::<NotLetIn>() {
+                        // Only the partner may reach this port: anything else is worth a look.
+                        tracing::warn!(%remote, "refused a connection to the sync port: {err:#}");
+                    } else {
+                        tracing::info!(%remote, "sync session ended: {err:#}");
+                    }
+                },
+            }
+        });
+    };
+    sessions.shutdown().await;
+    watcher.stop().await;
+    drop(sets);
+    result
+}
+
+/// A connection to the sync port that did not get past TLS and the hello (not the partner's
+/// certificate, not the partner, or not the protocol).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct NotLetIn(String);
+
+pub(crate) async fn serve_one(
+    peer: Arc<Peer>,
+    config: Arc<tls::ServerConfig>,
+    tcp: TcpStream,
+    roots: Arc<Vec<ServedSet>>,
+    mut changes: broadcast::Receiver<Vec<String>>,
+) -> anyhow::Result<()> {
+    let (mut conn, _) = peer
+        .accept(config, tcp, Role::Primary)
+        .await
+        .map_err(|err| anyhow::Error::new(NotLetIn(format!("{err:#}"))))?;
+    let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
+        .await
+        .context("the partner said nothing")?
+        .context("the partner hung up")??;
+    match first.message {
+        Message::SyncSet { name } => {
+            let Some((_, root, index)) = roots.iter().find(|(n, _, _)| *n == name) else {
+                let _ = conn
+                    .send(Envelope {
+                        generation: peer.generation,
+                        message: Message::Refused(lbs_protocol::Refusal::ProtocolViolation {
+                            detail: format!("this box has no sync set {name:?}"),
+                        }),
+                    })
+                    .await;
+                bail!("the partner asked for an unknown set {name:?}");
+            };
+            lbs_sync::serve(&mut conn, root.clone(), index.clone(), peer.generation).await?;
+            Ok(())
+        }
+        Message::SyncWatch => loop {
+            tokio::select! {
+                incoming = conn.next() => match incoming {
+                    None | Some(Err(_)) => return Ok(()),
+                    Some(Ok(Envelope { message: Message::Heartbeat { seq, .. }, .. })) => {
+                        conn.send(Envelope {
+                            generation: peer.generation,
+                            message: Message::HeartbeatAck { seq, role: Role::Primary },
+                        })
+                        .await?;
+                    }
+                    Some(Ok(_)) => {}
+                },
+                changed = changes.recv() => {
+                    let (sets, overflow) = match changed {
+                        Ok(sets) => (sets, false),
+                        Err(broadcast::error::RecvError::Lagged(_)) => (Vec::new(), true),
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    };
+                    conn.send(Envelope {
+                        generation: peer.generation,
+                        message: Message::SyncChanged { sets, overflow },
+                    })
+                    .await?;
+                }
+            }
+        },
+        other => bail!("the partner opened with {}", other.kind()),
+    }
+}

@@ -1,0 +1,173 @@
+//! Reports to the data center every few seconds; its answer (the pair's state, a promotion or
+//! hand-over it asks for) goes through the role machine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lbs_protocol::control::{self, BoxReport, RemotePromotion, SyncSummary, TunnelSummary};
+use lbs_protocol::{Message, SoftwareVersion};
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::checks::promote_checks;
+use crate::daemon::dc::{apply_pair_state, connect_dc};
+use crate::daemon::pbx::take_hand_over;
+use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote_unattended};
+
+pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut moved = shared.moved.subscribe();
+    loop {
+        moved.borrow_and_update();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = report_session(&shared) => result,
+            // The connection left from an address this box no longer has: report again
+            // from the new one now, not after the old one times out.
+            Ok(()) = moved.changed() => {
+                tracing::info!("this box moved to another address: reporting from it");
+                continue;
+            }
+        };
+        if let Err(err) = result {
+            let text = format!("{err:#}");
+            let mut dc = lock(&shared.datacenter);
+            if dc.last_error.as_deref() != Some(text.as_str()) {
+                tracing::warn!("data center: {text}");
+            }
+            dc.last_error = Some(text);
+            dc.connected_to = None;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
+    let (mut conn, address) = connect_dc(shared).await?;
+    {
+        lock(&shared.datacenter).connected_to = Some(address);
+        loop {
+            let record = lock(&shared.machine).record.clone();
+            let report = BoxReport {
+                role: record.state.wire_role(),
+                software: SoftwareVersion::current(),
+                advertised: current_address(shared),
+                sync: sync_summary(shared),
+                tunnels: tunnel_summary(shared),
+            };
+            let (_, answer) = control::call(
+                &mut conn,
+                record.generation,
+                Message::Report(report),
+                Duration::from_secs(10),
+            )
+            .await
+            .with_context(|| format!("data center at {address}"))?;
+            let (state, request) = match answer {
+                Message::PairState(state) => (state, None),
+                Message::PairStateWithDns { state, dns } => {
+                    lock(&shared.datacenter).dns = Some(dns);
+                    (state, None)
+                }
+                Message::PromotionRequested { state, request } => (state, Some((request, None))),
+                Message::HandOverRequested {
+                    state,
+                    request,
+                    reason,
+                } => (state, Some((request, Some(reason)))),
+                other => bail!("the data center answered a report with {}", other.kind()),
+            };
+            {
+                let mut dc = lock(&shared.datacenter);
+                dc.last_answer_ms = Some(now_ms());
+                dc.last_error = None;
+            }
+            apply_pair_state(shared, state);
+            if let Some((request, hand_over)) = request
+                && lock(&shared.remote_handled).is_none_or(|done| done < request.id)
+            {
+                *lock(&shared.remote_handled) = Some(request.id);
+                let refused = match hand_over {
+                    Some(why) => take_hand_over(shared, &request, &why),
+                    None => remote_promotion(shared, &request).await,
+                };
+                if let Some(reason) = refused {
+                    let generation = lock(&shared.machine).record.generation;
+                    let (_, answer) = control::call(
+                        &mut conn,
+                        generation,
+                        Message::PromotionRefused {
+                            id: request.id,
+                            reason,
+                        },
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .with_context(|| format!("data center at {address}"))?;
+                    if let Message::PairState(state) = answer {
+                        apply_pair_state(shared, state);
+                    }
+                }
+            }
+            tokio::time::sleep(shared.config().report_interval).await;
+        }
+    }
+}
+
+/// A promotion the provider asked for: the same checks as **P**, then the same steps; the
+/// reason when the checks refuse it.
+pub(crate) async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<String> {
+    tracing::warn!(
+        "the data center asks this box to become the primary (request {}, by {})",
+        request.id,
+        request.by
+    );
+    match promote_checks(shared, false, None, false).await {
+        Ok(lines) => {
+            *lock(&shared.promotion_kind) = control::PromotionKind::Requested;
+            promote_unattended(
+                shared,
+                &format!("promoting, as requested by {}", request.by),
+                &lines,
+            );
+            None
+        }
+        Err(why) => {
+            tracing::warn!("the requested promotion is refused: {why}");
+            Some(why)
+        }
+    }
+}
+
+pub(crate) fn sync_summary(shared: &Shared) -> SyncSummary {
+    let sets = lock(&shared.sets);
+    SyncSummary {
+        last_complete_ms: sets
+            .iter()
+            .map(|s| s.last_in_sync_ms)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|all| all.into_iter().min()),
+        pending_files: sets.iter().map(|s| s.pending_files).sum(),
+        pending_bytes: sets.iter().map(|s| s.pending_bytes).sum(),
+    }
+}
+
+pub(crate) fn tunnel_summary(shared: &Shared) -> Vec<TunnelSummary> {
+    lock(&shared.tunnels)
+        .0
+        .as_ref()
+        .map(|status| {
+            status
+                .tunnels
+                .iter()
+                .map(|t| TunnelSummary {
+                    name: t.name.clone(),
+                    healthy: t.health == lbs_vpn::Health::Up,
+                    active: t.active,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,26 @@
+//! The resource history of this machine (CPU, memory, disk, network), sampled on a timer.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::state::{Shared, lock};
+
+pub(crate) async fn sample_resources(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut sampler = crate::resources::Sampler::new(shared.paths.dir.clone());
+    loop {
+        match sampler.sample() {
+            Ok(Some(sample)) => {
+                if let Err(err) = lock(&shared.resources).record(sample) {
+                    tracing::warn!("recording resources: {err:#}");
+                }
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!("sampling resources: {err:#}"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(shared.config().resource_interval) => {}
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The role-change steps (ask the data center, take or give up the address, start or stop
+//! the PBX, register as backup), carried out one at a time; their outcome goes to the machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use lbs_protocol::Message;
+use lbs_protocol::control::{self};
+use tokio_util::sync::CancellationToken;
+
+use crate::activate::StatePaths;
+use crate::role::{Action, Event, RoleState};
+
+use crate::daemon::dc::{DC_DEADLINE, PROMOTION_DEADLINE, connect_dc, connect_dc_negotiated};
+use crate::daemon::state::{RETRY, Shared, lock, network};
+
+/// Carries out role-change steps one at a time and feeds their outcome to the machine.
+pub(crate) async fn execute_steps(
+    shared: Arc<Shared>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Action>,
+    shutdown: CancellationToken,
+) {
+    // A step that failed is retried (past the point of no return), but not in a tight loop.
+    let mut failed: Option<Action> = None;
+    loop {
+        let action = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = queue.recv() => match next {
+                Some(action) => action,
+                None => return,
+            },
+        };
+        if failed.take().as_ref() == Some(&action) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(RETRY) => {}
+            }
+        }
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = run_step(&shared, &action) => outcome,
+        };
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        // An outcome only counts for the step the machine is waiting for (a step may have
+        // been overtaken, e.g. by the data center's word at a report).
+        let in_step = lock(&shared.machine).current_step().as_ref() == Some(&action);
+        if in_step && outcome.is_ok() && shared.crash_after.as_deref() == action.step_name() {
+            // Crash tests: the step is done, its outcome not recorded — as a power cut here.
+            eprintln!("lbs: --crash-after {action:?}: stopping dead");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        match outcome {
+            Ok(StepOutcome::Promoted(generation)) if in_step => {
+                let _ = shared.progress.send(format!(
+                    "the data center made this box primary at {generation} ({took:.0} ms)"
+                ));
+                shared.handle(Event::Promoted(generation));
+            }
+            Ok(StepOutcome::Promoted(_)) => {}
+            Ok(StepOutcome::Done(what)) => {
+                let _ = shared.progress.send(format!("{what} ({took:.0} ms)"));
+                if in_step {
+                    shared.handle(Event::StepDone);
+                }
+            }
+            Err(err) => {
+                let why = format!("{err:#}");
+                tracing::error!("{action:?}: {why}");
+                failed = Some(action.clone());
+                let _ = shared.progress.send(format!("{action:?} failed: {why}"));
+                if in_step {
+                    shared.handle(Event::StepFailed(why));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) enum StepOutcome {
+    Done(String),
+    Promoted(lbs_protocol::Generation),
+}
+
+pub(crate) fn takeover_plan(
+    network: &crate::config::Network,
+    force: bool,
+    paths: &StatePaths,
+) -> lbs_netconfig::TakeoverPlan {
+    lbs_netconfig::TakeoverPlan {
+        interface: network.interface.clone(),
+        from: network.own,
+        to: network.shared,
+        gateway: network.gateway,
+        force,
+        persist: network
+            .boot_config
+            .as_ref()
+            .map(|root| lbs_netconfig::PersistTo {
+                root: root.clone(),
+                backups: paths.dir.join("netconfig-backups"),
+            }),
+    }
+}
+
+/// Runs the PBX hook `key` of the configuration (`pbx_start`, `pbx_stop`).
+pub(crate) async fn hook(
+    command: &Option<String>,
+    key: &str,
+    what: &str,
+) -> anyhow::Result<StepOutcome> {
+    let Some(command) = command.clone() else {
+        return Ok(StepOutcome::Done(format!(
+            "{what}: no {key} command configured, nothing run"
+        )));
+    };
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("sh")
+            .args(["-c", &command])
+            .kill_on_drop(true)
+            .status(),
+    )
+    .await
+    .with_context(|| format!("`{command}` did not finish within 60 s"))??;
+    if !status.success() {
+        bail!("`{command}` failed: {status}");
+    }
+    Ok(StepOutcome::Done(format!("{what}: `{command}`")))
+}
+
+/// Takes the shared address (`take`) or gives it back for this box's own, each step of
+/// `lbs-netconfig`'s move passed on as progress.
+pub(crate) async fn move_address(
+    shared: &Shared,
+    network: &crate::config::Network,
+    take: bool,
+) -> anyhow::Result<lbs_netconfig::TakeoverReport> {
+    let net = lbs_netconfig::Netlink::open()?;
+    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+    // P's checks probed already (and the operator may have forced it); a promotion granted
+    // after it was given up on was confirmed by nobody: it takes only a free address.
+    let force = !(take && lock(&shared.machine).record.abandoned.is_some());
+    let plan = takeover_plan(network, force, &shared.paths);
+    let progress = shared.progress.clone();
+    let mut on_step = |step: &lbs_netconfig::StepReport| {
+        let _ = progress.send(format!("  {step}"));
+    };
+    let report = if take {
+        lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut on_step).await?
+    } else {
+        lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut on_step).await?
+    };
+    shared.moved.send_modify(|n| *n += 1);
+    // The burst is done; re-announce every 2 s for a minute, so switches, phones and routers
+    // that missed it (or refreshed their cache from a stale reply) follow within 2 s.
+    use lbs_netconfig::NetBackend;
+    let held = if take { network.shared } else { network.own };
+    match net.link(&network.interface).await {
+        Ok(link) => {
+            *lock(&shared.refresh) = Some(lbs_netconfig::Refresh::start(
+                arp,
+                link,
+                held.addr,
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            ));
+        }
+        Err(err) => tracing::warn!("cannot refresh the announcement of {held}: {err}"),
+    }
+    Ok(report)
+}
+
+pub(crate) async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {
+    match action {
+        Action::AskPromotion { believed } => {
+            let advertised = network(shared)
+                .as_ref()
+                .map_or(lock(&shared.info).lan, |n| n.shared.addr);
+            // Connection and answer within one deadline: an operator at P is told, and the
+            // box is back to backup, rather than left waiting on a data center that froze.
+            let how = {
+                let record = lock(&shared.machine).record.clone();
+                if record.state == RoleState::Primary && record.offline {
+                    control::PromotionKind::Offline
+                } else {
+                    *lock(&shared.promotion_kind)
+                }
+            };
+            let asked = tokio::time::timeout(PROMOTION_DEADLINE, async {
+                let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
+                // A data center of 1.4 records how the promotion came about.
+                let request = if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+                    Message::PromoteAs { advertised, how }
+                } else {
+                    Message::Promote { advertised }
+                };
+                let answer = control::call(&mut conn, *believed, request, DC_DEADLINE).await;
+                match answer {
+                    Err(control::CallError::Timeout { .. } | control::CallError::Closed(_)) => {
+                        bail!("the data center at {address} took the request but did not answer within {} s", DC_DEADLINE.as_secs())
+                    }
+                    other => anyhow::Ok(other?),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer from the data center within {} s",
+                    PROMOTION_DEADLINE.as_secs()
+                ))
+            });
+            let (_, answer) = match asked {
+                Ok(answer) => answer,
+                Err(err) if err.downcast_ref::<control::CallError>().is_some() => return Err(err),
+                Err(err) => {
+                    return Err(anyhow::anyhow!(
+                        "{err:#}; nothing was changed: press P again, or if the data center is down and the primary surely dead, promote --offline"
+                    ));
+                }
+            };
+            match answer {
+                Message::Promoted(promotion) => Ok(StepOutcome::Promoted(promotion.generation)),
+                other => bail!(
+                    "the data center answered the promotion with {}",
+                    other.kind()
+                ),
+            }
+        }
+        Action::TakeAddress => {
+            let Some(network) = &network(shared) else {
+                return Ok(StepOutcome::Done(
+                    "this box keeps its own address (remote backup): the pair's name points here now".into(),
+                ));
+            };
+            let report = move_address(shared, network, true).await?;
+            Ok(StepOutcome::Done(format!(
+                "took {} on {}: {}",
+                network.shared,
+                network.interface,
+                report.summary()
+            )))
+        }
+        Action::GiveUpAddress => {
+            let Some(network) = &network(shared) else {
+                return Ok(StepOutcome::Done("no shared address to give up".into()));
+            };
+            let report = move_address(shared, network, false).await?;
+            Ok(StepOutcome::Done(format!(
+                "gave up {}: {}",
+                network.shared,
+                report.summary()
+            )))
+        }
+        Action::StartPbx => hook(&shared.config().pbx_start, "pbx_start", "PBX start").await,
+        Action::StopPbx => hook(&shared.config().pbx_stop, "pbx_stop", "PBX stop").await,
+        Action::RegisterBackup => {
+            let (mut conn, _) = connect_dc(shared).await?;
+            let generation = lock(&shared.machine).record.generation;
+            control::call(
+                &mut conn,
+                generation,
+                Message::RegisterBackup,
+                Duration::from_secs(10),
+            )
+            .await?;
+            Ok(StepOutcome::Done(
+                "registered with the data center as backup".into(),
+            ))
+        }
+        other => bail!("{other:?} is not a step"),
+    }
+}

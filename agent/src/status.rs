@@ -1,0 +1,161 @@
+//! What the agent reports about itself: the status `lbs status`, the console and the health
+//! rules read (the control socket sends it as JSON).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::activate::BoxInfo;
+use crate::resources::Sample;
+use crate::role::RoleRecord;
+
+/// Replication of one set, as `lbs status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStatus {
+    /// The set.
+    pub name: String,
+    /// Its root.
+    pub path: PathBuf,
+    /// `in sync`, `syncing`, `waiting` (for the partner), `changed` (a change is due) or
+    /// `error`.
+    pub state: String,
+    /// When the last pass that left nothing behind ended (ms since the epoch).
+    pub last_in_sync_ms: Option<u64>,
+    /// When the oldest change not yet pulled was announced.
+    pub changed_since_ms: Option<u64>,
+    /// Files and bytes fetched by the last pass.
+    pub last_fetched_files: u64,
+    /// Bytes fetched by the last pass.
+    pub last_fetched_bytes: u64,
+    /// How long the last pass took (ms).
+    pub last_pass_ms: Option<u64>,
+    /// Files the last pass left for the next one (still changing on the primary, or
+    /// deferred).
+    pub pending_files: u64,
+    /// Bytes of the pass under way not copied yet (as the pass stood when it broke off, if
+    /// it did); 0 once a pass completes.
+    #[serde(default)]
+    pub pending_bytes: u64,
+    /// What went wrong last, until a pass succeeds.
+    pub last_error: Option<String>,
+    /// When the pass under way began (ms since the epoch).
+    #[serde(default)]
+    pub pass_started_ms: Option<u64>,
+    /// Bytes the pass under way copies, and how many of them it has copied (for percent,
+    /// rate and time left).
+    #[serde(default)]
+    pub pass_bytes: Option<(u64, u64)>,
+    /// The first change announced while the pass under way ran (it may have missed it).
+    #[serde(default)]
+    pub changed_during_pass_ms: Option<u64>,
+}
+
+/// The office network as `[network]` configures it (with the operator's choice at **P**).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The office interface.
+    pub interface: String,
+    /// The primary's address, the one phones use (`192.168.1.2/24`).
+    pub shared: String,
+    /// This box's own address.
+    pub own: String,
+    /// The office gateway.
+    pub gateway: Ipv4Addr,
+}
+
+/// The operator's notes (`promote_note`, `demote_note`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notes {
+    /// Shown at P.
+    pub promote: Option<String>,
+    /// Shown at B.
+    pub demote: Option<String>,
+}
+
+/// The data center link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCenterStatus {
+    /// The address answering.
+    pub connected_to: Option<SocketAddr>,
+    /// When the last report was answered.
+    pub last_answer_ms: Option<u64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// The pair's DNS names as the data center last told (data centers of protocol 1.2).
+    #[serde(default)]
+    pub dns: Option<Vec<lbs_protocol::control::DnsRecordState>>,
+}
+
+/// Everything `lbs status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// This box and its pair.
+    pub info: BoxInfo,
+    /// Its role record.
+    pub role: RoleRecord,
+    /// What replication does now: `serving`, `pulling` or `stopped`.
+    pub replication: String,
+    /// Per set.
+    pub sets: Vec<SetStatus>,
+    /// The data center link.
+    pub datacenter: DataCenterStatus,
+    /// The tunnels, when this box runs them.
+    pub tunnels: Option<lbs_vpn::VpnStatus>,
+    /// Why the tunnels are not running, if they should be.
+    pub tunnels_error: Option<String>,
+    /// This machine's recent resource samples (oldest first).
+    pub resources: Vec<Sample>,
+    /// The address this box serves on now.
+    pub serving_at: Ipv4Addr,
+    /// The office network (`None`: a remote box that keeps its own address; phones follow
+    /// the DNS name).
+    pub network: Option<NetworkView>,
+    /// The operator's notes at P and B.
+    pub notes: Notes,
+    /// Automatic failover: `None` when off, else what it last decided.
+    pub auto_failover: Option<String>,
+    /// When this box (as backup) last heard the primary itself.
+    pub primary_heard_ms: Option<u64>,
+    /// Why this primary does not hold the shared address now (its cable is out), if so.
+    #[serde(default)]
+    pub address_withdrawn: Option<Withdrawn>,
+    /// The software.
+    pub software: String,
+    /// The protocol.
+    pub protocol: String,
+    /// When the status was made (ms since the epoch).
+    pub at_ms: u64,
+    /// What is not well (empty: all is).
+    #[serde(default)]
+    pub health: Vec<crate::health::Problem>,
+    /// The PBX health check on this primary, when one is configured.
+    #[serde(default)]
+    pub pbx: Option<PbxHealth>,
+}
+
+/// What the PBX health check found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PbxHealth {
+    /// When it last ran (ms since the epoch).
+    pub checked_ms: u64,
+    /// Whether that check passed.
+    pub ok: bool,
+    /// Failures in a row.
+    pub failures: u32,
+    /// Restarts since it was last healthy.
+    pub restarts: u32,
+    /// Declared down: unhealthy after every restart tried.
+    pub down: bool,
+    /// What the last failed check said (its output's last line, or why it did not run).
+    pub last_failure: Option<String>,
+}
+
+/// The primary's shared address, off the interface until the cable is back and checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawn {
+    /// Why, for the operator.
+    pub reason: String,
+    /// Since when (ms since the epoch).
+    pub since_ms: u64,
+}
