@@ -9,6 +9,7 @@
 //! debounce_ms = 300                # a change notice goes out at most this long after the first
 //!                                  # change it carries (a file written without pause included)
 //! resource_interval_s = 60         # CPU, memory, disk, network sample (kept 7 days)
+//! trash_retention_days = 30        # the backup keeps what the primary deleted this long
 //! tunnels = true                   # bring up the tunnels of vpn.toml when it names endpoints
 //! astdb = "/var/lib/asterisk/astdb.sqlite3"   # copied with SQLite's online backup; "" for none
 //! pbx_stop = "systemctl stop asterisk"    # command that stops the PBX (fenced, or B); this
@@ -89,6 +90,8 @@ struct File {
     debounce_ms: u64,
     #[serde(default = "default_resources")]
     resource_interval_s: u64,
+    #[serde(default = "default_trash_retention")]
+    trash_retention_days: u64,
     #[serde(default = "default_true")]
     tunnels: bool,
     #[serde(default = "default_astdb")]
@@ -197,6 +200,9 @@ fn default_debounce() -> u64 {
 fn default_resources() -> u64 {
     60
 }
+fn default_trash_retention() -> u64 {
+    30
+}
 fn default_true() -> bool {
     true
 }
@@ -243,6 +249,8 @@ pub struct AgentConfig {
     pub debounce: Duration,
     /// Between resource samples.
     pub resource_interval: Duration,
+    /// How long the backup keeps what the primary deleted (in each set's trash).
+    pub trash_retention: Duration,
     /// Whether to run the tunnels.
     pub tunnels: bool,
     /// The astdb to copy consistently, if any.
@@ -446,6 +454,9 @@ impl AgentConfig {
             reconcile_interval: Duration::from_secs(file.reconcile_interval_s.max(10)),
             debounce: Duration::from_millis(file.debounce_ms),
             resource_interval: Duration::from_secs(file.resource_interval_s),
+            trash_retention: Duration::from_secs(
+                file.trash_retention_days.saturating_mul(24 * 3600),
+            ),
             tunnels: file.tunnels,
             astdb: (!file.astdb.is_empty()).then(|| PathBuf::from(file.astdb)),
             pbx_stop,
@@ -609,6 +620,7 @@ mod tests {
             "reconcile_interval_s",
             "debounce_ms",
             "resource_interval_s",
+            "trash_retention_days",
             "tunnels",
             "astdb",
             "pbx_stop",

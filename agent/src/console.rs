@@ -13,9 +13,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines, Stdin};
 
-use crate::control::DEFAULT_SOCKET;
+use crate::control::{
+    ControlReply, ControlRequest, DEFAULT_SOCKET, Offer, PromoteRequest, offer, parse_address,
+    parse_gateway,
+};
 use crate::promote_cmd::converse;
-use crate::status::AgentStatus;
+use crate::status::{AgentStatus, SetState};
 use crate::status_cmd::ask;
 use crate::text::{ago, fit, wrap};
 
@@ -87,7 +90,11 @@ impl Console {
     }
 
     /// Sends `request` to the agent and shows every line it answers as it comes; the last.
-    async fn run(&mut self, request: &str, timeout: Duration) -> Result<Option<String>, String> {
+    async fn run(
+        &mut self,
+        request: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<Option<ControlReply>, String> {
         let socket = self.socket.clone();
         // The lines are shown as they come: the steps of P take a second, the re-sync of B
         // may take minutes.
@@ -160,26 +167,35 @@ impl Console {
         self.clear().await;
         self.print("P - PROMOTE THIS BOX TO PRIMARY\nChecking: the copy, the hardware, the data center, who answers ARP ...")
             .await;
-        let mut force = false;
-        let mut offline = false;
-        let mut extra = String::new();
+        let mut asked = PromoteRequest {
+            check_only: true,
+            ..PromoteRequest::default()
+        };
         loop {
-            let words = request_words(force, offline, &extra);
             let last = match self
-                .run(&format!("promote-check{words}"), Duration::from_secs(20))
+                .run(&ControlRequest::Promote(asked), Duration::from_secs(20))
                 .await
             {
-                Ok(last) => last.unwrap_or_default(),
+                Ok(last) => last,
                 Err(err) => {
                     self.print(&format!("The agent did not answer: {err}"))
                         .await;
                     return self.pause().await;
                 }
             };
-            if let Some(why) = last.strip_prefix("refused: ") {
-                if !offline && why.contains("--offline") {
+            let refusal = match last {
+                Some(ControlReply::Ready(_)) => break,
+                Some(ControlReply::Refused(refusal)) => refusal,
+                other => {
+                    let said = other.map_or("nothing".to_owned(), |r| r.to_string());
+                    self.print(&format!("\nThe agent answered: {said}")).await;
+                    return self.pause().await;
+                }
+            };
+            match offer(&refusal, asked.force, asked.offline) {
+                Offer::Offline => {
                     self.print(&format!(
-                        "\nNOT PROMOTED: {why}\nO promotes without the data center: only if it is down and the primary surely dead."
+                        "\nNOT PROMOTED: {refusal}\nO promotes without the data center: only if it is down and the primary surely dead."
                     ))
                     .await;
                     match self
@@ -187,44 +203,33 @@ impl Console {
                         .await?
                         .as_str()
                     {
-                        "O" | "o" => {
-                            offline = true;
-                            continue;
-                        }
+                        "O" | "o" => asked.offline = true,
                         _ => return Some(String::new()),
                     }
                 }
-                if force || !(why.contains("alive") || why.contains("answers ARP")) {
-                    self.print(&format!("\nNOT PROMOTED: {why}")).await;
+                Offer::Force => {
+                    self.print(&format!(
+                        "\nNOT PROMOTED: {refusal}\nOnly if you are sure the primary is dead or unplugged: F forces the promotion."
+                    ))
+                    .await;
+                    match self
+                        .ask("F and Enter to force, Enter alone to go back:")
+                        .await?
+                        .as_str()
+                    {
+                        "F" | "f" => asked.force = true,
+                        _ => return Some(String::new()),
+                    }
+                }
+                Offer::Nothing => {
+                    self.print(&format!("\nNOT PROMOTED: {refusal}")).await;
                     return self.pause().await;
                 }
-                self.print(&format!(
-                    "\nNOT PROMOTED: {why}\nOnly if you are sure the primary is dead or unplugged: F forces the promotion."
-                ))
-                .await;
-                match self
-                    .ask("F and Enter to force, Enter alone to go back:")
-                    .await?
-                    .as_str()
-                {
-                    "F" | "f" => {
-                        force = true;
-                        continue;
-                    }
-                    _ => return Some(String::new()),
-                }
             }
-            if !last.starts_with("ready:") {
-                self.print(&format!("\nThe agent answered: {last}")).await;
-                return self.pause().await;
-            }
-            break;
         }
         // The address to take: the configured one offered, editable (as in the seed).
         let status = ask(&self.socket).await.ok();
-        if extra.is_empty()
-            && let Some(network) = status.as_ref().and_then(|s| s.network.clone())
-        {
+        if let Some(network) = status.as_ref().and_then(|s| s.network.clone()) {
             self.print(&format!(
                 "\nThis box takes the primary's address {} with gateway {} on {}.",
                 network.shared, network.gateway, network.interface
@@ -248,28 +253,44 @@ impl Console {
             if gateway.eq_ignore_ascii_case("c") {
                 return self.cancelled().await;
             }
-            if !address.is_empty() {
-                extra += &format!(" address={address}");
+            let typed = (
+                Some(address.as_str())
+                    .filter(|a| !a.is_empty())
+                    .map(parse_address)
+                    .transpose(),
+                Some(gateway.as_str())
+                    .filter(|g| !g.is_empty())
+                    .map(parse_gateway)
+                    .transpose(),
+            );
+            match typed {
+                (Ok(address), Ok(gateway)) => {
+                    asked.address = address;
+                    asked.gateway = gateway;
+                }
+                (Err(why), _) | (_, Err(why)) => {
+                    self.print(&format!("\nNOT PROMOTED: {why}")).await;
+                    return self.pause().await;
+                }
             }
-            if !gateway.is_empty() {
-                extra += &format!(" gateway={gateway}");
-            }
-            if !extra.is_empty() {
+            if asked.address.is_some() || asked.gateway.is_some() {
                 // The agent checks the new address (and who answers for it) again.
                 self.print("Checking the new address ...").await;
-                let words = request_words(force, offline, &extra);
                 let last = self
-                    .run(&format!("promote-check{words}"), Duration::from_secs(20))
+                    .run(&ControlRequest::Promote(asked), Duration::from_secs(20))
                     .await
-                    .unwrap_or_default()
                     .unwrap_or_default();
-                if !last.starts_with("ready:") {
-                    self.print(&format!(
-                        "\nNOT PROMOTED: {}",
-                        last.trim_start_matches("refused: ")
-                    ))
-                    .await;
-                    return self.pause().await;
+                match last {
+                    Some(ControlReply::Ready(_)) => {}
+                    Some(ControlReply::Refused(refusal)) => {
+                        self.print(&format!("\nNOT PROMOTED: {refusal}")).await;
+                        return self.pause().await;
+                    }
+                    _ => {
+                        self.print("\nNOT PROMOTED: the agent did not answer the check")
+                            .await;
+                        return self.pause().await;
+                    }
                 }
             }
         }
@@ -286,7 +307,7 @@ impl Console {
         if !confirm.eq_ignore_ascii_case("p") {
             return self.cancelled().await;
         }
-        if offline {
+        if asked.offline {
             let sure = self
                 .ask("Without the data center nothing fences the old primary. Type OFFLINE to promote anyway:")
                 .await?;
@@ -294,7 +315,7 @@ impl Console {
                 return self.cancelled().await;
             }
         }
-        if force {
+        if asked.force {
             let sure = self
                 .ask("The primary may still be alive: two primaries confuse the phones. Type YES to promote anyway:")
                 .await?;
@@ -304,12 +325,16 @@ impl Console {
         }
         self.print("").await;
         // Checked and shown above: the agent does not print the checks again.
-        let words = request_words(force, offline, &extra);
+        let promote = PromoteRequest {
+            check_only: false,
+            checked: true,
+            ..asked
+        };
         match self
-            .run(&format!("promote{words} checked"), Duration::from_secs(120))
+            .run(&ControlRequest::Promote(promote), Duration::from_secs(120))
             .await
         {
-            Ok(Some(last)) if last.starts_with("done:") => {
+            Ok(Some(ControlReply::Done { .. })) => {
                 self.print(
                     "\nThis box is the PRIMARY: the phones reach it at the primary's address.",
                 )
@@ -328,21 +353,27 @@ impl Console {
     async fn demote(&mut self) -> Typed {
         self.clear().await;
         self.print("B - MAKE THIS BOX THE BACKUP").await;
-        let last = match self.run("demote-check", Duration::from_secs(20)).await {
-            Ok(last) => last.unwrap_or_default(),
+        let check = ControlRequest::Demote { check_only: true };
+        let last = match self.run(&check, Duration::from_secs(20)).await {
+            Ok(last) => last,
             Err(err) => {
                 self.print(&format!("The agent did not answer: {err}"))
                     .await;
                 return self.pause().await;
             }
         };
-        if !last.starts_with("ready:") {
-            self.print(&format!(
-                "\nNOT CHANGED: {}",
-                last.trim_start_matches("refused: ")
-            ))
-            .await;
-            return self.pause().await;
+        match last {
+            Some(ControlReply::Ready(_)) => {}
+            Some(ControlReply::Refused(refusal)) => {
+                self.print(&format!("\nNOT CHANGED: {refusal}")).await;
+                return self.pause().await;
+            }
+            other => {
+                let said = other.map_or("nothing".to_owned(), |r| r.to_string());
+                self.print(&format!("\nNOT CHANGED: the agent answered {said}"))
+                    .await;
+                return self.pause().await;
+            }
         }
         let note = ask(&self.socket).await.ok().and_then(|s| s.notes.demote);
         if note.is_some() {
@@ -358,8 +389,9 @@ impl Console {
             return self.cancelled().await;
         }
         self.print("").await;
-        match self.run("demote", Duration::from_secs(600)).await {
-            Ok(Some(last)) if last.starts_with("done:") => {
+        let demote = ControlRequest::Demote { check_only: false };
+        match self.run(&demote, Duration::from_secs(600)).await {
+            Ok(Some(ControlReply::Done { .. })) => {
                 self.print("\nThis box is the BACKUP and in sync with the primary.")
                     .await
             }
@@ -400,15 +432,6 @@ impl Console {
         }
         self.pause().await
     }
-}
-
-/// The words after `promote` / `promote-check` for the agent.
-fn request_words(force: bool, offline: bool, extra: &str) -> String {
-    format!(
-        "{}{}{extra}",
-        if force { " force" } else { "" },
-        if offline { " offline" } else { "" }
-    )
 }
 
 /// The menu's state part: who this box is, its partner, the data center and the copies.
@@ -485,9 +508,9 @@ fn state_lines(status: &AgentStatus) -> Vec<String> {
     }
     lines.push(format!("Copies     {}", status.replication));
     for set in &status.sets {
-        let copy = match set.state.as_str() {
-            "serving" => "(the copy's source)".to_owned(),
-            "stopped" => String::new(),
+        let copy = match set.state {
+            SetState::Serving => "(the copy's source)".to_owned(),
+            SetState::Stopped => String::new(),
             _ => format!("last in sync {}", ago(now, set.last_in_sync_ms)),
         };
         lines.push(format!(

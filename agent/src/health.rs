@@ -2,92 +2,8 @@
 //! (0 well, 1 degraded) and its first line, so that monitoring (Nagios, a provider's probe)
 //! and the operator read the same verdict.
 
-use serde::{Deserialize, Serialize};
-
 use crate::role::RoleState;
-
-/// One reason this box is not fully well.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "problem")]
-pub enum Problem {
-    /// Stepped back after the other box took over: waits for **B**.
-    Fenced,
-    /// A promotion or demotion is under way.
-    RoleChanging {
-        /// The state, as `lbs status` shows it.
-        state: String,
-    },
-    /// The backup's copy of a set is behind the primary (or not known to be current).
-    NotInSync {
-        /// The set.
-        set: String,
-        /// Its state (`changed`, `syncing`, `error`, `waiting`).
-        state: String,
-        /// How long the oldest change not copied has waited (ms), when known.
-        behind_ms: Option<u64>,
-    },
-    /// The partner has not been heard for a while (by this backup or by the data center).
-    PartnerSilent {
-        /// For how long (ms), or `None`: never heard.
-        for_ms: Option<u64>,
-    },
-    /// The data center has not answered lately.
-    DataCenterSilent {
-        /// Since its last answer (ms), or `None`: never.
-        for_ms: Option<u64>,
-    },
-    /// The primary's shared address is off its interface (no carrier).
-    AddressWithdrawn,
-    /// The PBX fails its health check.
-    PbxUnhealthy {
-        /// Failures in a row since the last restart.
-        failures: u32,
-        /// Restarts tried.
-        restarts: u32,
-        /// Declared down: every restart tried.
-        down: bool,
-    },
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secs = |ms: u64| format!("{:.0} s", ms as f64 / 1000.0);
-        match self {
-            Problem::Fenced => {
-                f.write_str("fenced: the other box is primary; B makes this one the backup")
-            }
-            Problem::RoleChanging { state } => write!(f, "role change under way ({state})"),
-            Problem::NotInSync {
-                set,
-                state,
-                behind_ms: Some(ms),
-            } => write!(f, "{set} {state}, {} behind", secs(*ms)),
-            Problem::NotInSync { set, state, .. } => write!(f, "{set} {state}"),
-            Problem::PartnerSilent { for_ms: Some(ms) } => {
-                write!(f, "partner not heard for {}", secs(*ms))
-            }
-            Problem::PartnerSilent { for_ms: None } => f.write_str("partner never heard"),
-            Problem::DataCenterSilent { for_ms: Some(ms) } => {
-                write!(f, "data center silent for {}", secs(*ms))
-            }
-            Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
-            Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
-            Problem::PbxUnhealthy {
-                restarts,
-                down: true,
-                ..
-            } => {
-                write!(f, "PBX DOWN: unhealthy after {restarts} restart(s)")
-            }
-            Problem::PbxUnhealthy {
-                failures, restarts, ..
-            } => write!(
-                f,
-                "PBX check failed {failures} time(s) in a row ({restarts} restart(s) so far)"
-            ),
-        }
-    }
-}
+use crate::status::{Problem, SetState};
 
 /// What the judgement reads.
 #[derive(Clone, Debug)]
@@ -97,7 +13,7 @@ pub struct Facts<'a> {
     /// The role.
     pub state: RoleState,
     /// Per set: name, state, oldest change waiting (ms since the epoch).
-    pub sets: Vec<(&'a str, &'a str, Option<u64>)>,
+    pub sets: Vec<(&'a str, SetState, Option<u64>)>,
     /// When the data center last answered.
     pub datacenter_answered_ms: Option<u64>,
     /// How long the data center has not heard the partner (aged to now), when told.
@@ -127,10 +43,10 @@ pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
         }
         RoleState::Backup => {
             for (set, state, changed) in &facts.sets {
-                if *state != "in sync" {
+                if *state != SetState::InSync {
                     problems.push(Problem::NotInSync {
                         set: (*set).to_owned(),
-                        state: (*state).to_owned(),
+                        state: *state,
                         behind_ms: since(*changed),
                     });
                 }
@@ -180,7 +96,10 @@ mod tests {
         Facts {
             now_ms: 100_000,
             state: RoleState::Backup,
-            sets: vec![("voicemail", "in sync", None), ("config", "in sync", None)],
+            sets: vec![
+                ("voicemail", SetState::InSync, None),
+                ("config", SetState::InSync, None),
+            ],
             datacenter_answered_ms: Some(99_000),
             partner_silent_ms: Some(1_000),
             has_partner: true,
@@ -199,7 +118,7 @@ mod tests {
     #[test]
     fn each_fault_is_named_with_its_size() {
         let mut facts = well_backup();
-        facts.sets[0] = ("voicemail", "changed", Some(97_000));
+        facts.sets[0] = ("voicemail", SetState::Changed, Some(97_000));
         facts.primary_heard_ms = Some(80_000);
         facts.datacenter_answered_ms = None;
         let problems = judge(&facts);
@@ -208,7 +127,7 @@ mod tests {
             vec![
                 Problem::NotInSync {
                     set: "voicemail".into(),
-                    state: "changed".into(),
+                    state: SetState::Changed,
                     behind_ms: Some(3_000)
                 },
                 Problem::PartnerSilent {
@@ -224,7 +143,7 @@ mod tests {
     fn a_primary_is_judged_on_its_address_and_its_backup_not_on_copies() {
         let mut facts = well_backup();
         facts.state = RoleState::Primary;
-        facts.sets = vec![("voicemail", "serving", None)];
+        facts.sets = vec![("voicemail", SetState::Serving, None)];
         facts.primary_heard_ms = None;
         assert_eq!(judge(&facts), Vec::new());
         facts.withdrawn = true;

@@ -4,15 +4,14 @@
 //! printed with its time as it ends.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-
-use crate::control::DEFAULT_SOCKET;
+use crate::control::{
+    ControlReply, ControlRequest, DEFAULT_SOCKET, PromoteRequest, Refusal, parse_address,
+    parse_gateway,
+};
 
 /// Options of `lbs promote`.
 #[derive(clap::Args, Debug)]
@@ -54,23 +53,26 @@ pub struct DemoteCmd {
 pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
     let last = converse(
         &cmd.socket,
-        "demote-check",
+        &ControlRequest::Demote { check_only: true },
         Duration::from_secs(20),
         |line| println!("{line}"),
     )
     .await?;
-    if !last.as_deref().is_some_and(|l| l.starts_with("ready:")) {
+    if !succeeded(&last) {
         return Ok(ExitCode::from(EXIT_REFUSED));
     }
     if !cmd.yes && !confirm("Make this box the BACKUP now? [y/N]", "y")? {
         println!("cancelled: nothing changed");
         return Ok(ExitCode::SUCCESS);
     }
-    let last = converse(&cmd.socket, "demote", Duration::from_secs(120), |line| {
-        println!("{line}")
-    })
+    let last = converse(
+        &cmd.socket,
+        &ControlRequest::Demote { check_only: false },
+        Duration::from_secs(120),
+        |line| println!("{line}"),
+    )
     .await?;
-    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+    Ok(if succeeded(&last) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_REFUSED)
@@ -80,35 +82,25 @@ pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
 /// Exit code when the promotion was refused.
 pub const EXIT_REFUSED: u8 = 3;
 
-/// Sends `request` and hands every answered line to `each` until the agent closes.
+/// Sends `request` and hands every reply, as lines for an 80-column terminal (continuations
+/// indented), to `each` until the agent closes; the last reply.
 pub(crate) async fn converse(
-    socket: &PathBuf,
-    request: &str,
+    socket: &Path,
+    request: &ControlRequest,
     timeout: Duration,
     mut each: impl FnMut(&str),
-) -> anyhow::Result<Option<String>> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("the agent is not answering on {}", socket.display()))?;
-    stream.write_all(format!("{request}\n").as_bytes()).await?;
-    let mut lines = BufReader::new(stream).lines();
-    let mut last = None;
-    loop {
-        match tokio::time::timeout(timeout, lines.next_line()).await {
-            Err(_) => anyhow::bail!("the agent said nothing for {timeout:?}"),
-            Ok(line) => match line? {
-                Some(line) => {
-                    // Steps and checks wrapped for an 80-column terminal (continuations
-                    // indented); the last line is kept whole for the caller to read.
-                    for piece in crate::text::wrap(&line, 79) {
-                        each(&piece);
-                    }
-                    last = Some(line);
-                }
-                None => return Ok(last),
-            },
+) -> anyhow::Result<Option<ControlReply>> {
+    crate::control::converse(socket, request, timeout, |reply| {
+        for piece in crate::text::wrap(&reply.to_string(), 79) {
+            each(&piece);
         }
-    }
+    })
+    .await
+}
+
+/// Whether the conversation ended well (ready, or done).
+pub(crate) fn succeeded(last: &Option<ControlReply>) -> bool {
+    last.as_ref().is_some_and(ControlReply::is_success)
 }
 
 fn confirm(question: &str, expected: &str) -> anyhow::Result<bool> {
@@ -124,31 +116,39 @@ fn confirm(question: &str, expected: &str) -> anyhow::Result<bool> {
 
 /// `lbs promote`.
 pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
-    let mut words = String::new();
-    for (on, word) in [(cmd.force, "force"), (cmd.offline, "offline")] {
-        if on {
-            words += &format!(" {word}");
+    let parsed = (
+        cmd.address.as_deref().map(parse_address).transpose(),
+        cmd.gateway.as_deref().map(parse_gateway).transpose(),
+    );
+    let (address, gateway) = match parsed {
+        (Ok(address), Ok(gateway)) => (address, gateway),
+        (Err(why), _) | (_, Err(why)) => {
+            println!("{}", ControlReply::Refused(Refusal::BadRequest { why }));
+            return Ok(ExitCode::from(EXIT_REFUSED));
         }
-    }
-    for (value, key) in [(&cmd.address, "address"), (&cmd.gateway, "gateway")] {
-        if let Some(value) = value {
-            if value.contains(char::is_whitespace) {
-                anyhow::bail!("--{key} {value:?}: no spaces, like 192.168.1.2/24");
-            }
-            words += &format!(" {key}={value}");
-        }
-    }
+    };
+    let mut request = PromoteRequest {
+        force: cmd.force,
+        offline: cmd.offline,
+        address,
+        gateway,
+        ..PromoteRequest::default()
+    };
     // With --yes nobody reads the checks before the promotion: the promotion runs them
     // itself (and prints them) — one ARP probe fewer while the phones are down.
     if !cmd.yes {
+        let check = PromoteRequest {
+            check_only: true,
+            ..request
+        };
         let last = converse(
             &cmd.socket,
-            &format!("promote-check{words}"),
+            &ControlRequest::Promote(check),
             Duration::from_secs(20),
             |line| println!("{line}"),
         )
         .await?;
-        if !last.as_deref().is_some_and(|l| l.starts_with("ready:")) {
+        if !succeeded(&last) {
             return Ok(ExitCode::from(EXIT_REFUSED));
         }
         if !confirm("Promote this box to PRIMARY? [y/N]", "y")? {
@@ -173,20 +173,18 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
             println!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }
-    }
-    // The operator read the checks already: the agent runs them again but does not repeat
-    // them.
-    if !cmd.yes {
-        words += " checked";
+        // The operator read the checks already: the agent runs them again but does not
+        // repeat them.
+        request.checked = true;
     }
     let last = converse(
         &cmd.socket,
-        &format!("promote{words}"),
+        &ControlRequest::Promote(request),
         Duration::from_secs(120),
         |line| println!("{line}"),
     )
     .await?;
-    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+    Ok(if succeeded(&last) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_REFUSED)
@@ -205,11 +203,14 @@ pub struct ReloadCmd {
 /// and says what is in force and what waits for a restart. Exit 0 done, 1 refused (the file
 /// does not parse: nothing changed).
 pub async fn reload(cmd: ReloadCmd) -> anyhow::Result<ExitCode> {
-    let last = converse(&cmd.socket, "reload", Duration::from_secs(10), |line| {
-        println!("{line}")
-    })
+    let last = converse(
+        &cmd.socket,
+        &ControlRequest::Reload,
+        Duration::from_secs(10),
+        |line| println!("{line}"),
+    )
     .await?;
-    Ok(if last.as_deref().is_some_and(|l| l.starts_with("done:")) {
+    Ok(if succeeded(&last) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

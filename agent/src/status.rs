@@ -10,6 +10,69 @@ use crate::activate::BoxInfo;
 use crate::resources::Sample;
 use crate::role::RoleRecord;
 
+/// Where the replication of one set stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetState {
+    /// The last pass, begun after the last change notice, left nothing behind.
+    #[serde(rename = "in sync")]
+    InSync,
+    /// A pass is under way.
+    #[serde(rename = "syncing")]
+    Syncing,
+    /// For the partner (its address, its agent).
+    #[default]
+    #[serde(rename = "waiting")]
+    Waiting,
+    /// A change is due.
+    #[serde(rename = "changed")]
+    Changed,
+    /// The last pass failed.
+    #[serde(rename = "error")]
+    Error,
+    /// This box is the source (primary).
+    #[serde(rename = "serving")]
+    Serving,
+    /// Replication is stopped (a role change).
+    #[serde(rename = "stopped")]
+    Stopped,
+}
+
+impl std::fmt::Display for SetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SetState::InSync => "in sync",
+            SetState::Syncing => "syncing",
+            SetState::Waiting => "waiting",
+            SetState::Changed => "changed",
+            SetState::Error => "error",
+            SetState::Serving => "serving",
+            SetState::Stopped => "stopped",
+        })
+    }
+}
+
+/// What replication does on this box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replication {
+    /// The primary's side.
+    Serving,
+    /// The backup's side.
+    Pulling,
+    /// Neither (a role change, fenced).
+    Stopped,
+}
+
+impl std::fmt::Display for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Replication::Serving => "serving",
+            Replication::Pulling => "pulling",
+            Replication::Stopped => "stopped",
+        })
+    }
+}
+
 /// Replication of one set, as `lbs status` shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetStatus {
@@ -17,9 +80,8 @@ pub struct SetStatus {
     pub name: String,
     /// Its root.
     pub path: PathBuf,
-    /// `in sync`, `syncing`, `waiting` (for the partner), `changed` (a change is due) or
-    /// `error`.
-    pub state: String,
+    /// Where its replication stands.
+    pub state: SetState,
     /// When the last pass that left nothing behind ended (ms since the epoch).
     pub last_in_sync_ms: Option<u64>,
     /// When the oldest change not yet pulled was announced.
@@ -94,8 +156,8 @@ pub struct AgentStatus {
     pub info: BoxInfo,
     /// Its role record.
     pub role: RoleRecord,
-    /// What replication does now: `serving`, `pulling` or `stopped`.
-    pub replication: String,
+    /// What replication does now.
+    pub replication: Replication,
     /// Per set.
     pub sets: Vec<SetStatus>,
     /// The data center link.
@@ -128,7 +190,7 @@ pub struct AgentStatus {
     pub at_ms: u64,
     /// What is not well (empty: all is).
     #[serde(default)]
-    pub health: Vec<crate::health::Problem>,
+    pub health: Vec<Problem>,
     /// The PBX health check on this primary, when one is configured.
     #[serde(default)]
     pub pbx: Option<PbxHealth>,
@@ -158,4 +220,87 @@ pub struct Withdrawn {
     pub reason: String,
     /// Since when (ms since the epoch).
     pub since_ms: u64,
+}
+
+/// One reason this box is not fully well.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "problem")]
+pub enum Problem {
+    /// Stepped back after the other box took over: waits for **B**.
+    Fenced,
+    /// A promotion or demotion is under way.
+    RoleChanging {
+        /// The state, as `lbs status` shows it.
+        state: String,
+    },
+    /// The backup's copy of a set is behind the primary (or not known to be current).
+    NotInSync {
+        /// The set.
+        set: String,
+        /// Its state (changed, syncing, error, waiting).
+        state: SetState,
+        /// How long the oldest change not copied has waited (ms), when known.
+        behind_ms: Option<u64>,
+    },
+    /// The partner has not been heard for a while (by this backup or by the data center).
+    PartnerSilent {
+        /// For how long (ms), or `None`: never heard.
+        for_ms: Option<u64>,
+    },
+    /// The data center has not answered lately.
+    DataCenterSilent {
+        /// Since its last answer (ms), or `None`: never.
+        for_ms: Option<u64>,
+    },
+    /// The primary's shared address is off its interface (no carrier).
+    AddressWithdrawn,
+    /// The PBX fails its health check.
+    PbxUnhealthy {
+        /// Failures in a row since the last restart.
+        failures: u32,
+        /// Restarts tried.
+        restarts: u32,
+        /// Declared down: every restart tried.
+        down: bool,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = |ms: u64| format!("{:.0} s", ms as f64 / 1000.0);
+        match self {
+            Problem::Fenced => {
+                f.write_str("fenced: the other box is primary; B makes this one the backup")
+            }
+            Problem::RoleChanging { state } => write!(f, "role change under way ({state})"),
+            Problem::NotInSync {
+                set,
+                state,
+                behind_ms: Some(ms),
+            } => write!(f, "{set} {state}, {} behind", secs(*ms)),
+            Problem::NotInSync { set, state, .. } => write!(f, "{set} {state}"),
+            Problem::PartnerSilent { for_ms: Some(ms) } => {
+                write!(f, "partner not heard for {}", secs(*ms))
+            }
+            Problem::PartnerSilent { for_ms: None } => f.write_str("partner never heard"),
+            Problem::DataCenterSilent { for_ms: Some(ms) } => {
+                write!(f, "data center silent for {}", secs(*ms))
+            }
+            Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
+            Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
+            Problem::PbxUnhealthy {
+                restarts,
+                down: true,
+                ..
+            } => {
+                write!(f, "PBX DOWN: unhealthy after {restarts} restart(s)")
+            }
+            Problem::PbxUnhealthy {
+                failures, restarts, ..
+            } => write!(
+                f,
+                "PBX check failed {failures} time(s) in a row ({restarts} restart(s) so far)"
+            ),
+        }
+    }
 }

@@ -1,15 +1,11 @@
 //! `lbs status`: what the agent knows, asked over its control socket; a human table or JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-
 use crate::control::DEFAULT_SOCKET;
-use crate::status::AgentStatus;
+use crate::status::{AgentStatus, SetState};
 use crate::text::{ago, human_bytes};
 
 /// Options of `lbs status`.
@@ -31,18 +27,9 @@ pub const EXIT_DEGRADED: u8 = 1;
 /// Exit code when the agent does not answer.
 pub const EXIT_NOT_RUNNING: u8 = 2;
 
-pub(crate) async fn ask(socket: &PathBuf) -> anyhow::Result<AgentStatus> {
-    let exchange = async {
-        let mut stream = UnixStream::connect(socket).await?;
-        stream.write_all(b"status\n").await?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).await?;
-        anyhow::Ok(line)
-    };
-    let line = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .context("the agent did not answer within 5 s")??;
-    serde_json::from_str(&line).with_context(|| format!("the agent answered {line:?}"))
+/// The agent's status, asked over its control socket within 5 s.
+pub(crate) async fn ask(socket: &Path) -> anyhow::Result<AgentStatus> {
+    crate::control::ask_status(socket, Duration::from_secs(5)).await
 }
 
 /// `lbs status`: exit 0 when all is well, 1 when something is degraded (not in sync, partner
@@ -235,9 +222,9 @@ pub(crate) fn render(status: &AgentStatus) -> String {
             _ => {}
         }
         // The primary is the source: "last in sync" says nothing there.
-        let copy = match set.state.as_str() {
-            "serving" => "(the copy's source)".to_owned(),
-            "stopped" => "(replication stopped)".to_owned(),
+        let copy = match set.state {
+            SetState::Serving => "(the copy's source)".to_owned(),
+            SetState::Stopped => "(replication stopped)".to_owned(),
             _ => format!("last in sync {}", ago(now, set.last_in_sync_ms)),
         };
         out!(

@@ -112,11 +112,11 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         ]),
     )?;
     println!("\n==> import circles");
-    let started = std::time::Instant::now();
+    let checked = Instant::now();
     crate::structure::run(&crate::structure::StructureArgs { picture: false })?;
     println!(
         "==> import circles: ok in {}",
-        crate::util::seconds(started.elapsed())
+        crate::util::seconds(checked.elapsed())
     );
     // The fuzz target lives outside the workspace (it needs sanitizer flags to run); building
     // it here keeps it from rotting. Running it is documented in protocol/fuzz/README.md.

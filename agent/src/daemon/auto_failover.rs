@@ -1,59 +1,126 @@
+//! Automatic failover: the decision, pure, and the task that gathers its facts.
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lbs_protocol::control::{self};
 use tokio_util::sync::CancellationToken;
 
 use crate::role::RoleState;
 
-use crate::daemon::checks::promote_checks;
+use crate::daemon::checks::{Asked, promote_checks};
 use crate::daemon::state::{Shared, lock, now_ms, promote_unattended};
+
+/// Automatic failover's decisions, a pure function of the time and what the backup knows
+/// (shaped like `vpn::Failover`): the task feeds it facts every second and carries out what
+/// it says.
+#[derive(Clone, Debug)]
+pub(crate) struct AutoFailover {
+    /// When the agent started: a backup that has not heard the primary since counts its
+    /// silence from then, not from never.
+    started_ms: u64,
+    gone_after_ms: u64,
+    /// After a promotion attempt, the next waits a while.
+    not_before_ms: u64,
+}
+
+/// What the backup knows, each tick.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AutoFacts {
+    pub(crate) enabled: bool,
+    pub(crate) state: RoleState,
+    /// When this box last heard the primary itself.
+    pub(crate) primary_heard_ms: Option<u64>,
+}
+
+/// What to do this tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Tick {
+    /// Nothing: off, not the backup, or waiting after an attempt.
+    Idle,
+    /// The primary was heard lately: nothing, and this is why.
+    Hold(String),
+    /// The primary is gone for this box: run P's checks, and promote if they pass.
+    Check,
+}
+
+impl AutoFailover {
+    pub(crate) fn new(started_ms: u64, gone_after_ms: u64) -> AutoFailover {
+        AutoFailover {
+            started_ms,
+            gone_after_ms,
+            not_before_ms: started_ms,
+        }
+    }
+
+    pub(crate) fn tick(&mut self, now_ms: u64, facts: AutoFacts) -> Tick {
+        if !facts.enabled || facts.state != RoleState::Backup || now_ms < self.not_before_ms {
+            return Tick::Idle;
+        }
+        let lost_since = facts
+            .primary_heard_ms
+            .unwrap_or(self.started_ms)
+            .max(self.started_ms);
+        let silent = now_ms.saturating_sub(lost_since);
+        if silent < self.gone_after_ms {
+            return Tick::Hold(format!(
+                "on: this box heard the primary {:.1} s ago",
+                silent as f64 / 1000.0
+            ));
+        }
+        Tick::Check
+    }
+
+    /// A promotion was started: the next attempt (if the data center refused this one) waits
+    /// 30 s.
+    pub(crate) fn promoted(&mut self, now_ms: u64) {
+        self.not_before_ms = now_ms.saturating_add(30_000);
+    }
+
+    /// Why it promotes, for the journal and `lbs status`.
+    pub(crate) fn why(&self) -> String {
+        format!(
+            "AUTOMATIC FAILOVER: neither this box nor the data center heard the primary for {} s; promoting",
+            self.gone_after_ms / 1000
+        )
+    }
+}
 
 /// Automatic failover (`auto_failover = true`): the backup promotes itself when it has not
 /// heard the primary itself for `primary_gone_after_s` *and* the data center (reachable) has
 /// not either — then the same checks as **P** (nobody answers ARP for the shared address
 /// included) and the same steps. The data center's compare-and-set keeps it to one primary.
 pub(crate) async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let started_ms = now_ms();
     let gone_ms = u64::try_from(shared.config().primary_gone_after.as_millis()).unwrap_or(u64::MAX);
+    let mut decide = AutoFailover::new(now_ms(), gone_ms);
     let mut said = String::new();
-    // After an attempt the data center refused, the next waits a while.
-    let mut not_before = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        if !shared.config().auto_failover
-            || lock(&shared.machine).record.state != RoleState::Backup
-            || Instant::now() < not_before
-        {
-            continue;
-        }
-        let now = now_ms();
-        let lost_since = lock(&shared.partner_heard_ms)
-            .unwrap_or(started_ms)
-            .max(started_ms);
-        let decision = if now.saturating_sub(lost_since) < gone_ms {
-            Err(format!(
-                "on: this box heard the primary {:.1} s ago",
-                now.saturating_sub(lost_since) as f64 / 1000.0
-            ))
-        } else {
-            promote_checks(&shared, false, None, false)
+        // One lock at a time (a guard in the struct expression would live to its end).
+        let state = lock(&shared.machine).record.state;
+        let primary_heard_ms = *lock(&shared.partner_heard_ms);
+        let facts = AutoFacts {
+            enabled: shared.config().auto_failover,
+            state,
+            primary_heard_ms,
+        };
+        let decision = match decide.tick(now_ms(), facts) {
+            Tick::Idle => continue,
+            Tick::Hold(why) => Err(why),
+            Tick::Check => promote_checks(&shared, Asked::default(), None)
                 .await
-                .map_err(|why| format!("on: not promoting: {why}"))
+                .map_err(|why| format!("on: not promoting: {why}")),
         };
         match decision {
-            Ok(lines) => {
-                let why = format!(
-                    "AUTOMATIC FAILOVER: neither this box nor the data center heard the primary for {} s; promoting",
-                    gone_ms / 1000
-                );
+            Ok(checks) => {
+                let why = decide.why();
                 *lock(&shared.auto_failover) = Some(format!("on: promoted itself ({why})"));
                 *lock(&shared.promotion_kind) = control::PromotionKind::Automatic;
-                promote_unattended(&shared, &why, &lines);
-                not_before = Instant::now() + Duration::from_secs(30);
+                promote_unattended(&shared, &why, &checks);
+                decide.promoted(now_ms());
             }
             Err(why) => {
                 // Logged when the reason changes, not when only its seconds do.
@@ -65,5 +132,71 @@ pub(crate) async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationTok
                 *lock(&shared.auto_failover) = Some(why);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GONE: u64 = 10_000;
+
+    fn backup(heard: Option<u64>) -> AutoFacts {
+        AutoFacts {
+            enabled: true,
+            state: RoleState::Backup,
+            primary_heard_ms: heard,
+        }
+    }
+
+    #[test]
+    fn the_backup_promotes_itself_only_after_the_primary_is_silent_long_enough() {
+        let start = 1_000_000;
+        let mut auto = AutoFailover::new(start, GONE);
+        // Never heard since the agent started: silence counts from the start, not from never.
+        assert!(matches!(
+            auto.tick(start + 1_000, backup(None)),
+            Tick::Hold(_)
+        ));
+        assert_eq!(auto.tick(start + GONE, backup(None)), Tick::Check);
+        // Heard 2 s ago: alive.
+        let now = start + 60_000;
+        assert_eq!(
+            auto.tick(now, backup(Some(now - 2_000))),
+            Tick::Hold("on: this box heard the primary 2.0 s ago".into())
+        );
+        assert_eq!(auto.tick(now, backup(Some(now - GONE))), Tick::Check);
+        // Heard before the agent started (a stale record): counts from the start.
+        let mut fresh = AutoFailover::new(now, GONE);
+        assert!(matches!(
+            fresh.tick(now + 1, backup(Some(1))),
+            Tick::Hold(_)
+        ));
+    }
+
+    #[test]
+    fn only_an_enabled_backup_acts_and_an_attempt_waits_before_the_next() {
+        let mut auto = AutoFailover::new(0, GONE);
+        let now = 100_000;
+        for state in [
+            RoleState::Primary,
+            RoleState::Fenced,
+            RoleState::Promoting(crate::role::PromoteStep::AskAuthority),
+        ] {
+            let facts = AutoFacts {
+                state,
+                ..backup(None)
+            };
+            assert_eq!(auto.tick(now, facts), Tick::Idle, "{state:?}");
+        }
+        let off = AutoFacts {
+            enabled: false,
+            ..backup(None)
+        };
+        assert_eq!(auto.tick(now, off), Tick::Idle);
+        assert_eq!(auto.tick(now, backup(None)), Tick::Check);
+        auto.promoted(now);
+        assert_eq!(auto.tick(now + 29_000, backup(None)), Tick::Idle);
+        assert_eq!(auto.tick(now + 30_000, backup(None)), Tick::Check);
     }
 }

@@ -1,7 +1,6 @@
 //! The control socket: `lbs status`, `lbs promote`, `lbs demote`, `lbs reload` and the console
 //! ask here, one request per connection.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AgentConfig;
 use crate::role::{Event, RoleRecord, RoleState, SharedAddress};
 
-use crate::daemon::checks::promote_checks;
+use crate::control::{Change, ControlReply, ControlRequest, MAX_REQUEST, PromoteRequest, Refusal};
+use crate::daemon::checks::{Asked, promote_checks};
 use crate::daemon::state::{Shared, lock, network};
-use crate::status::SetStatus;
+use crate::status::{SetState, SetStatus};
 
 /// SIGHUP or `lbs reload`: reads the configuration again; what can change at once does, the rest is named
 /// (it waits for a restart); a file that does not parse changes nothing.
@@ -92,7 +92,7 @@ pub(crate) async fn serve_socket(
     listener: UnixListener,
     shutdown: CancellationToken,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     let mut clients = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -106,122 +106,126 @@ pub(crate) async fn serve_socket(
                 }
             },
         };
+        if clients.len() >= MAX_CLIENTS {
+            // Root and the console group only, but a stuck script must not exhaust the agent.
+            tracing::warn!("control socket: {MAX_CLIENTS} clients already; one refused");
+            continue;
+        }
         let shared = shared.clone();
         clients.spawn(async move {
-            let (read, mut write) = stream.into_split();
+            let (read, write) = stream.into_split();
+            let mut out = Replies(write);
             let mut line = String::new();
             let read = tokio::time::timeout(
                 Duration::from_secs(5),
-                BufReader::new(read).read_line(&mut line),
+                BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line),
             )
             .await;
             if !matches!(read, Ok(Ok(n)) if n > 0) {
                 return;
             }
-            let request = line.trim();
-            if request == "demote" || request == "demote-check" {
-                demote_request(&shared, &mut write, request == "demote-check").await;
-                return;
-            }
-            if let Some(rest) = request.strip_prefix("promote") {
-                let check_only = rest.starts_with("-check");
-                let words = rest.trim_start_matches("-check");
-                match PromoteOptions::parse(words, shared.config().network.as_ref()) {
-                    Ok(options) => {
-                        promote_request(&shared, &mut write, options, check_only).await;
-                    }
-                    Err(why) => {
-                        say(&mut write, &format!("refused: {why}")).await;
-                    }
-                }
-                return;
-            }
-            if request == "reload" {
-                let line = match reload(&shared) {
-                    Ok(said) => format!("done: {said}"),
-                    Err(why) => format!("refused: {why}"),
-                };
-                say(&mut write, &line).await;
-                return;
-            }
-            let answer = match request {
-                "status" => serde_json::to_string(&shared.status())
-                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-                other => {
-                    serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string()
+            let request: ControlRequest = match serde_json::from_str(line.trim()) {
+                Ok(request) => request,
+                Err(err) => {
+                    let why = format!("not a control request ({err}); lbs and its agent may be of different versions");
+                    out.send(&ControlReply::Refused(Refusal::BadRequest { why })).await;
+                    return;
                 }
             };
-            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+            match request {
+                ControlRequest::Status => {
+                    out.send(&ControlReply::Status(Box::new(shared.status()))).await;
+                }
+                ControlRequest::Promote(asked) => {
+                    match PromoteOptions::resolve(&asked, shared.config().network.as_ref()) {
+                        Ok(options) => {
+                            promote_request(&shared, &mut out, options, asked.check_only).await;
+                        }
+                        Err(why) => {
+                            out.send(&ControlReply::Refused(Refusal::BadRequest { why })).await;
+                        }
+                    }
+                }
+                ControlRequest::Demote { check_only } => {
+                    demote_request(&shared, &mut out, check_only).await;
+                }
+                ControlRequest::Reload => {
+                    let reply = match reload(&shared) {
+                        Ok(text) => ControlReply::Done { text, after_s: None },
+                        Err(why) => ControlReply::Refused(Refusal::Config { why }),
+                    };
+                    out.send(&reply).await;
+                }
+            }
         });
     }
     clients.shutdown().await;
 }
 
-/// Writes one line to an `lbs promote` client (it may have gone: then nobody reads).
-pub(crate) async fn say(write: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> bool {
-    use tokio::io::AsyncWriteExt;
-    write
-        .write_all(format!("{line}\n").as_bytes())
-        .await
-        .is_ok()
-}
+/// How many clients the control socket serves at once.
+const MAX_CLIENTS: usize = 32;
 
-/// Passes on the progress lines already sent (the steps report before the state changes).
-pub(crate) async fn drain(
-    progress: &mut broadcast::Receiver<String>,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    started: Instant,
-) {
-    while let Ok(line) = progress.try_recv() {
-        say(
-            write,
-            &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64()),
+/// The answer to one client, a JSON line per reply (it may have gone: then nobody reads).
+pub(crate) struct Replies(tokio::net::unix::OwnedWriteHalf);
+
+impl Replies {
+    /// Sends `reply`; false when the client has gone.
+    pub(crate) async fn send(&mut self, reply: &ControlReply) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let Ok(mut line) = serde_json::to_string(reply) else {
+            return false;
+        };
+        line.push('\n');
+        // A client that stops reading is given up on rather than waited for.
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.0.write_all(line.as_bytes())).await,
+            Ok(Ok(()))
         )
-        .await;
+    }
+
+    /// A step of the role change, `started` ago.
+    async fn step(&mut self, started: Instant, text: String) -> bool {
+        self.send(&ControlReply::Step {
+            at_s: started.elapsed().as_secs_f64(),
+            text,
+        })
+        .await
     }
 }
 
-/// What `promote` / `promote-check` asked for: `force`, and `address=A/P` `gateway=G` when
-/// the operator changed the configured address.
+/// Passes on the progress lines already sent (the steps report before the state changes).
+async fn drain(progress: &mut broadcast::Receiver<String>, out: &mut Replies, started: Instant) {
+    while let Ok(line) = progress.try_recv() {
+        out.step(started, line).await;
+    }
+}
+
+/// P as the agent carries it out: the request's options, the operator's address resolved
+/// against `[network]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct PromoteOptions {
-    pub(crate) force: bool,
-    pub(crate) offline: bool,
+    pub(crate) asked: Asked,
     /// The operator saw the checks (promote-check): they run again but are not repeated.
     pub(crate) checked: bool,
     pub(crate) chosen: Option<SharedAddress>,
 }
 
 impl PromoteOptions {
-    /// Parses the request's words against the configured network.
-    pub(crate) fn parse(
-        words: &str,
+    /// Checks the operator's address and gateway against the configured network (either may
+    /// be left to it): on that network, room for a gateway, and not the gateway itself.
+    pub(crate) fn resolve(
+        request: &PromoteRequest,
         network: Option<&crate::config::Network>,
     ) -> Result<PromoteOptions, String> {
-        let mut options = PromoteOptions::default();
-        let (mut address, mut gateway) = (None, None);
-        for word in words.split_whitespace() {
-            if word == "force" {
-                options.force = true;
-            } else if word == "offline" {
-                options.offline = true;
-            } else if word == "checked" {
-                options.checked = true;
-            } else if let Some(text) = word.strip_prefix("address=") {
-                let cidr = text.parse::<lbs_netconfig::Ipv4Cidr>().map_err(|_| {
-                    format!("{text:?} is not an address with its prefix, like 192.168.1.2/24")
-                })?;
-                address = Some(cidr);
-            } else if let Some(text) = word.strip_prefix("gateway=") {
-                gateway = Some(
-                    text.parse::<Ipv4Addr>()
-                        .map_err(|_| format!("{text:?} is not an address, like 192.168.1.1"))?,
-                );
-            } else {
-                return Err(format!("unknown word {word:?} in the promotion request"));
-            }
-        }
-        if address.is_none() && gateway.is_none() {
+        let mut options = PromoteOptions {
+            asked: Asked {
+                force: request.force,
+                offline: request.offline,
+            },
+            checked: request.checked,
+            chosen: None,
+        };
+        if request.address.is_none() && request.gateway.is_none() {
             return Ok(options);
         }
         let Some(network) = network else {
@@ -229,68 +233,67 @@ impl PromoteOptions {
                 "this box has no [network] section: it keeps its own address on promotion".into(),
             );
         };
-        let address = address.unwrap_or(network.shared);
-        let gateway = gateway.unwrap_or(network.gateway);
-        if address.prefix == 0 || address.prefix > 30 {
+        let (address, prefix) = request
+            .address
+            .unwrap_or((network.shared.addr, network.shared.prefix));
+        let gateway = request.gateway.unwrap_or(network.gateway);
+        if prefix == 0 || prefix > 30 {
             return Err(format!(
-                "/{} leaves no room for a gateway; an office LAN is /8 to /30",
-                address.prefix
+                "/{prefix} leaves no room for a gateway; an office LAN is /8 to /30"
             ));
         }
-        let mask = u32::MAX << (32 - u32::from(address.prefix));
-        if u32::from(address.addr) & mask != u32::from(gateway) & mask {
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        if u32::from(address) & mask != u32::from(gateway) & mask {
             return Err(format!(
-                "the gateway {gateway} is not on {}/{}'s network",
-                address.addr, address.prefix
+                "the gateway {gateway} is not on {address}/{prefix}'s network"
             ));
         }
-        if gateway == address.addr {
+        if gateway == address {
             return Err(format!(
                 "{gateway} cannot be both the address and the gateway"
             ));
         }
         options.chosen = Some(SharedAddress {
-            address: address.addr,
-            prefix: address.prefix,
+            address,
+            prefix,
             gateway,
         });
         Ok(options)
     }
 }
 
-/// `promote-check` / `promote`: the checks, then (unless only checking) the promotion with
-/// its steps as they happen.
-pub(crate) async fn promote_request(
+/// `promote` (`check_only`: its checks alone), with its steps as they happen.
+async fn promote_request(
     shared: &Arc<Shared>,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    out: &mut Replies,
     options: PromoteOptions,
     check_only: bool,
 ) {
-    let lines = match promote_checks(shared, options.force, options.chosen, options.offline).await {
-        Ok(lines) => lines,
-        Err(why) => {
-            say(write, &format!("refused: {why}")).await;
+    let checks = match promote_checks(shared, options.asked, options.chosen).await {
+        Ok(checks) => checks,
+        Err(refusal) => {
+            out.send(&ControlReply::Refused(refusal)).await;
             return;
         }
     };
     if !options.checked || check_only {
-        for line in &lines {
-            say(write, line).await;
+        for check in checks {
+            out.send(&ControlReply::Check(check)).await;
         }
     }
     if check_only {
-        say(write, "ready: promotion possible").await;
+        out.send(&ControlReply::Ready(Change::Promotion)).await;
         return;
     }
-    *lock(&shared.promotion_kind) = if options.force {
+    *lock(&shared.promotion_kind) = if options.asked.force {
         control::PromotionKind::Forced
     } else {
         control::PromotionKind::Operator
     };
     follow(
         shared,
-        write,
-        if options.offline {
+        out,
+        if options.asked.offline {
             Event::PromoteOffline(options.chosen)
         } else {
             Event::PromoteRequested(options.chosen)
@@ -316,12 +319,12 @@ pub(crate) async fn promote_request(
     .await;
 }
 
-/// Applies `event`, passes on the role change's progress lines as they come, and ends with
-/// `refused: …`, or `done: …` (`more_follows`: a progress line, the caller goes on) once
-/// `finished` says the record reached an end.
-pub(crate) async fn follow(
+/// Applies `event`, passes on the role change's progress as it comes, and ends with a refusal,
+/// or done (`more_follows`: a step, the caller goes on) once `finished` says the record
+/// reached an end.
+async fn follow(
     shared: &Arc<Shared>,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    out: &mut Replies,
     event: Event,
     more_follows: bool,
     finished: impl Fn(&RoleRecord) -> Option<Result<String, String>>,
@@ -330,26 +333,30 @@ pub(crate) async fn follow(
     let mut progress = shared.progress.subscribe();
     if let Err(why) = shared.apply(event) {
         // Another console's P (or B) got there first, or the state moved since the checks.
-        say(write, &format!("refused: {why}")).await;
+        out.send(&ControlReply::Refused(Refusal::RoleChange { why }))
+            .await;
         return;
     }
     loop {
         let record = lock(&shared.machine).record.clone();
         if let Some(outcome) = finished(&record) {
-            drain(&mut progress, write, started).await;
+            drain(&mut progress, out, started).await;
             let took = started.elapsed().as_secs_f64();
-            let line = match outcome {
-                Ok(done) if more_follows => format!("{took:>6.2} s  {done}"),
-                Ok(done) => format!("done: {done} after {took:.2} s"),
-                Err(why) => format!("refused: {why}"),
+            let reply = match outcome {
+                Ok(text) if more_follows => ControlReply::Step { at_s: took, text },
+                Ok(text) => ControlReply::Done {
+                    text,
+                    after_s: Some(took),
+                },
+                Err(why) => ControlReply::Refused(Refusal::RoleChange { why }),
             };
-            say(write, &line).await;
+            out.send(&reply).await;
             return;
         }
         tokio::select! {
             line = progress.recv() => match line {
                 Ok(line) => {
-                    say(write, &format!("{:>6.2} s  {line}", started.elapsed().as_secs_f64())).await;
+                    out.step(started, line).await;
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -359,22 +366,14 @@ pub(crate) async fn follow(
     }
 }
 
-/// `demote-check` / `demote`: **B** on a fenced box — what it will do (and the operator's
-/// note), then (unless only checking) stop the PBX, give the shared address up (take this
-/// box's own), register as backup, and follow the re-sync until every set is in sync.
-pub(crate) async fn demote_request(
-    shared: &Arc<Shared>,
-    write: &mut tokio::net::unix::OwnedWriteHalf,
-    check_only: bool,
-) {
+/// **B** on a fenced box — what it will do (and the operator's note), then (unless only
+/// checking) stop the PBX, give the shared address up (take this box's own), register as
+/// backup, and follow the re-sync until every set is in sync.
+async fn demote_request(shared: &Arc<Shared>, out: &mut Replies, check_only: bool) {
     let state = lock(&shared.machine).record.state;
     if state != RoleState::Fenced {
-        let why = match state {
-            RoleState::Primary => "this box is the PRIMARY: B is for the old primary after the other box took over (P there first)".to_owned(),
-            RoleState::Backup => "this box is the BACKUP already".to_owned(),
-            other => format!("only a fenced box becomes the backup with B; this box is {other}"),
-        };
-        say(write, &format!("refused: {why}")).await;
+        out.send(&ControlReply::Refused(Refusal::NotFenced { state }))
+            .await;
         return;
     }
     if check_only {
@@ -385,20 +384,23 @@ pub(crate) async fn demote_request(
             ),
             None => "B stops the PBX here and registers this box as the backup".to_owned(),
         };
-        say(write, &what).await;
-        say(
-            write,
-            "then the full sync from the primary starts; this follows it until in sync",
-        )
+        out.send(&ControlReply::Say { text: what }).await;
+        out.send(&ControlReply::Say {
+            text: "then the full sync from the primary starts; this follows it until in sync"
+                .to_owned(),
+        })
         .await;
         if let Some(note) = &shared.config().demote_note {
-            say(write, &format!("NOTE: {note}")).await;
+            out.send(&ControlReply::Say {
+                text: format!("NOTE: {note}"),
+            })
+            .await;
         }
-        say(write, "ready: demotion possible").await;
+        out.send(&ControlReply::Ready(Change::Demotion)).await;
         return;
     }
     let started = Instant::now();
-    follow(shared, write, Event::DemoteRequested, true, |record| {
+    follow(shared, out, Event::DemoteRequested, true, |record| {
         (record.state == RoleState::Backup).then(|| {
             Ok("this box is the BACKUP; the full sync from the primary has started".to_owned())
         })
@@ -415,19 +417,19 @@ pub(crate) async fn demote_request(
     loop {
         let sets = lock(&shared.sets).clone();
         if lock(&shared.machine).record.state != RoleState::Backup {
-            say(write, "refused: the role changed during the re-sync").await;
+            let why = "the role changed during the re-sync".to_owned();
+            out.send(&ControlReply::Refused(Refusal::RoleChange { why }))
+                .await;
             return;
         }
-        let fresh =
-            |s: &SetStatus| s.state == "in sync" && s.last_in_sync_ms.is_some_and(|at| at >= since);
+        let fresh = |s: &SetStatus| {
+            s.state == SetState::InSync && s.last_in_sync_ms.is_some_and(|at| at >= since)
+        };
         if sets.iter().all(fresh) {
-            say(
-                write,
-                &format!(
-                    "done: in sync with the primary after {:.2} s",
-                    started.elapsed().as_secs_f64()
-                ),
-            )
+            out.send(&ControlReply::Done {
+                text: "in sync with the primary".to_owned(),
+                after_s: Some(started.elapsed().as_secs_f64()),
+            })
             .await;
             return;
         }
@@ -435,11 +437,14 @@ pub(crate) async fn demote_request(
             .iter()
             .map(|s| {
                 let state = if fresh(s) {
-                    "in sync"
-                } else if s.state == "in sync" || s.state == "serving" || s.state == "stopped" {
-                    "starting"
+                    "in sync".to_owned()
+                } else if matches!(
+                    s.state,
+                    SetState::InSync | SetState::Serving | SetState::Stopped
+                ) {
+                    "starting".to_owned()
                 } else {
-                    s.state.as_str()
+                    s.state.to_string()
                 };
                 format!("{} {state}", s.name)
             })
@@ -457,15 +462,7 @@ pub(crate) async fn demote_request(
         };
         let changed = line.split("; ").next() != said.split("; ").next();
         if changed || last_said.elapsed() >= Duration::from_secs(2) {
-            let heard = say(
-                write,
-                &format!(
-                    "{:>6.2} s  re-sync: {line}",
-                    started.elapsed().as_secs_f64()
-                ),
-            )
-            .await;
-            if !heard {
+            if !out.step(started, format!("re-sync: {line}")).await {
                 return; // The operator left (Ctrl-C); the sync goes on without an audience.
             }
             said = line;
@@ -479,6 +476,7 @@ pub(crate) async fn demote_request(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn office() -> crate::config::Network {
         crate::config::Network {
@@ -491,14 +489,29 @@ mod tests {
     }
 
     #[test]
-    fn promotion_words_are_checked_before_anything_moves() {
+    fn the_operators_address_is_checked_before_anything_moves() {
         let network = office();
-        let parse = |words: &str| PromoteOptions::parse(words, Some(&network));
-        assert_eq!(parse("").unwrap(), PromoteOptions::default());
-        let options = parse(" force offline").unwrap();
-        assert!(options.force && options.offline && options.chosen.is_none());
+        let resolve = |address: Option<&str>, gateway: Option<&str>| {
+            let request = PromoteRequest {
+                address: address.map(|a| crate::control::parse_address(a).unwrap()),
+                gateway: gateway.map(|g| crate::control::parse_gateway(g).unwrap()),
+                ..PromoteRequest::default()
+            };
+            PromoteOptions::resolve(&request, Some(&network))
+        };
+        assert_eq!(resolve(None, None).unwrap(), PromoteOptions::default());
+        let forced = PromoteRequest {
+            force: true,
+            offline: true,
+            ..PromoteRequest::default()
+        };
+        let options = PromoteOptions::resolve(&forced, Some(&network)).unwrap();
+        assert!(options.asked.force && options.asked.offline && options.chosen.is_none());
         // A new address keeps the configured gateway when it is on its network.
-        let chosen = parse(" address=192.168.1.20/24").unwrap().chosen.unwrap();
+        let chosen = resolve(Some("192.168.1.20/24"), None)
+            .unwrap()
+            .chosen
+            .unwrap();
         assert_eq!(
             (chosen.address, chosen.prefix, chosen.gateway),
             (
@@ -507,23 +520,34 @@ mod tests {
                 Ipv4Addr::new(192, 168, 1, 1)
             )
         );
-        let chosen = parse(" address=10.0.0.2/8 gateway=10.0.0.1")
+        let chosen = resolve(Some("10.0.0.2/8"), Some("10.0.0.1"))
             .unwrap()
             .chosen
             .unwrap();
         assert_eq!(chosen.gateway, Ipv4Addr::new(10, 0, 0, 1));
-        for (words, says) in [
-            (" address=10.9.9.2/24", "is not on 10.9.9.2/24's network"),
-            (" address=192.168.1.2", "like 192.168.1.2/24"),
-            (" address=192.168.1.2/31", "leaves no room"),
-            (" gateway=192.168.1.2", "both the address and the gateway"),
-            (" gateway=nope", "like 192.168.1.1"),
-            (" please", "unknown word"),
+        for (address, gateway, says) in [
+            (Some("10.9.9.2/24"), None, "is not on 10.9.9.2/24's network"),
+            (Some("192.168.1.2/31"), None, "leaves no room"),
+            (
+                None,
+                Some("192.168.1.2"),
+                "both the address and the gateway",
+            ),
         ] {
-            let why = parse(words).unwrap_err();
-            assert!(why.contains(says), "{words}: {why}");
+            let why = resolve(address, gateway).unwrap_err();
+            assert!(why.contains(says), "{address:?} {gateway:?}: {why}");
         }
-        let remote = PromoteOptions::parse(" address=192.168.1.2/24", None).unwrap_err();
+        for (text, says) in [("192.168.1.2", "like 192.168.1.2/24"), ("nope/24", "like")] {
+            let why = crate::control::parse_address(text).unwrap_err();
+            assert!(why.contains(says), "{text}: {why}");
+        }
+        let why = crate::control::parse_gateway("nope").unwrap_err();
+        assert!(why.contains("like 192.168.1.1"), "{why}");
+        let request = PromoteRequest {
+            address: Some((Ipv4Addr::new(192, 168, 1, 2), 24)),
+            ..PromoteRequest::default()
+        };
+        let remote = PromoteOptions::resolve(&request, None).unwrap_err();
         assert!(remote.contains("keeps its own address"), "{remote}");
     }
 

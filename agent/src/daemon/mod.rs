@@ -110,7 +110,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         .map(|(name, path)| SetStatus {
             name,
             path,
-            state: "waiting".into(),
+            state: crate::status::SetState::Waiting,
             ..SetStatus::default()
         })
         .collect();

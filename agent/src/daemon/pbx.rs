@@ -13,7 +13,7 @@ use crate::daemon::dc::{DC_DEADLINE, PROMOTION_DEADLINE, apply_pair_state, conne
 use crate::daemon::state::{HEARTBEAT, RoleNotice, Shared, lock, now_ms, promote_unattended};
 use crate::daemon::steps::hook;
 use crate::role::RoleState;
-use crate::status::{PbxHealth, SetStatus};
+use crate::status::{PbxHealth, SetState, SetStatus};
 
 /// The primary's PBX health check (`pbx_check`, like keepalived's `track_script`): run every
 /// interval within its deadline; after `fails` failures in a row the PBX is restarted
@@ -243,7 +243,7 @@ pub(crate) fn hand_over_refusal(
     }
     let behind: Vec<String> = sets
         .iter()
-        .filter(|s| s.state != "in sync")
+        .filter(|s| s.state != SetState::InSync)
         .map(|s| format!("{} {}", s.name, s.state))
         .collect();
     if !behind.is_empty() {
@@ -267,18 +267,24 @@ mod tests {
 
     #[test]
     fn a_hand_over_is_taken_only_by_a_backup_in_sync_that_hears_the_primary() {
-        let set = |name: &str, state: &str| SetStatus {
+        let set = |name: &str, state: SetState| SetStatus {
             name: name.into(),
-            state: state.into(),
+            state,
             ..SetStatus::default()
         };
         let now = 100_000;
-        let in_sync = [set("voicemail", "in sync"), set("config", "in sync")];
+        let in_sync = [
+            set("voicemail", SetState::InSync),
+            set("config", SetState::InSync),
+        ];
         assert_eq!(
             hand_over_refusal(RoleState::Backup, &in_sync, Some(now - 500), now),
             None
         );
-        let behind = [set("voicemail", "changed"), set("config", "in sync")];
+        let behind = [
+            set("voicemail", SetState::Changed),
+            set("config", SetState::InSync),
+        ];
         let why = hand_over_refusal(RoleState::Backup, &behind, Some(now - 500), now).unwrap();
         assert!(why.contains("not in sync (voicemail changed)"), "{why}");
         let why = hand_over_refusal(RoleState::Backup, &in_sync, Some(now - 10_000), now).unwrap();

@@ -9,7 +9,7 @@ use lbs_protocol::control::{self, BoxReport, RemotePromotion, SyncSummary, Tunne
 use lbs_protocol::{Message, SoftwareVersion};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::checks::promote_checks;
+use crate::daemon::checks::{Asked, promote_checks};
 use crate::daemon::dc::{apply_pair_state, connect_dc};
 use crate::daemon::pbx::take_hand_over;
 use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote_unattended};
@@ -124,7 +124,7 @@ pub(crate) async fn remote_promotion(shared: &Shared, request: &RemotePromotion)
         request.id,
         request.by
     );
-    match promote_checks(shared, false, None, false).await {
+    match promote_checks(shared, Asked::default(), None).await {
         Ok(lines) => {
             *lock(&shared.promotion_kind) = control::PromotionKind::Requested;
             promote_unattended(
@@ -136,7 +136,7 @@ pub(crate) async fn remote_promotion(shared: &Shared, request: &RemotePromotion)
         }
         Err(why) => {
             tracing::warn!("the requested promotion is refused: {why}");
-            Some(why)
+            Some(why.to_string())
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::activate::{BoxInfo, StatePaths};
 use crate::config::{ASTDB_SET, AgentConfig, SyncSet, with_choice};
 use crate::resources::ResourceHistory;
 use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleState};
+use crate::status::{Replication, SetState};
 
 use crate::status::{
     AgentStatus, DataCenterStatus, NetworkView, Notes, PbxHealth, SetStatus, Withdrawn,
@@ -121,7 +122,7 @@ impl Shared {
             state: role.state,
             sets: sets
                 .iter()
-                .map(|s| (s.name.as_str(), s.state.as_str(), s.changed_since_ms))
+                .map(|s| (s.name.as_str(), s.state, s.changed_since_ms))
                 .collect(),
             datacenter_answered_ms: datacenter.last_answer_ms,
             partner_silent_ms: info.partner.as_ref().and_then(|p| p.silent_ms),
@@ -141,11 +142,10 @@ impl Shared {
             info,
             role,
             replication: match *self.mode.borrow() {
-                Mode::Serve => "serving",
-                Mode::Pull => "pulling",
-                Mode::Stopped => "stopped",
-            }
-            .to_owned(),
+                Mode::Serve => Replication::Serving,
+                Mode::Pull => Replication::Pulling,
+                Mode::Stopped => Replication::Stopped,
+            },
             sets,
             datacenter,
             tunnels,
@@ -210,7 +210,7 @@ impl Shared {
                 Action::StopSync => {
                     self.mode.send_replace(Mode::Stopped);
                     for set in lock(&self.sets).iter_mut() {
-                        set.state = "stopped".into();
+                        set.state = SetState::Stopped;
                         set.pass_started_ms = None;
                     }
                 }
@@ -304,7 +304,7 @@ pub(crate) fn current_address(shared: &Shared) -> Ipv4Addr {
 
 /// A promotion nobody at the console confirms (automatic, or asked by the data center): the
 /// reason and what the checks found go to the log, then the same steps as **P**.
-pub(crate) fn promote_unattended(shared: &Shared, why: &str, checks: &[String]) {
+pub(crate) fn promote_unattended(shared: &Shared, why: &str, checks: &[crate::control::Check]) {
     tracing::warn!("{why}");
     for line in checks {
         tracing::warn!("  {line}");

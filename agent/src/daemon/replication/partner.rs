@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::daemon::replication::peer;
 use crate::daemon::state::{HEARTBEAT, Shared, lock, now_ms};
+use crate::status::SetState;
 
 /// Keeps a watch connection to the primary; every notice marks its sets due.
 pub(crate) async fn watch_partner(
@@ -81,8 +82,8 @@ pub(crate) async fn watch_partner(
                             if s.pass_started_ms.is_some() {
                                 s.changed_during_pass_ms.get_or_insert(now);
                             }
-                            if s.state == "in sync" {
-                                s.state = "changed".into();
+                            if s.state == SetState::InSync {
+                                s.state = SetState::Changed;
                             }
                         });
                     }

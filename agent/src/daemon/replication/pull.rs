@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ASTDB_SET, SyncSet};
 use crate::peer::Peer;
+use crate::status::SetState;
 
 use crate::daemon::replication::astdb::install_astdb;
 use crate::daemon::replication::partner::watch_partner;
@@ -38,6 +40,9 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
     // were still changing waits a moment before its next pass, without holding up the rest.
     let mut cursor = 0usize;
     let mut not_before: Vec<Option<Instant>> = vec![None; sets.len()];
+    // Each set's trash is emptied of what is older than the retention after a pass, at most
+    // hourly (what the primary deleted stays recoverable that long, and no longer).
+    let mut purged: Vec<Option<Instant>> = vec![None; sets.len()];
     loop {
         let now = Instant::now();
         let (next, waiting) = {
@@ -76,7 +81,7 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
             Ok(None) => {
                 for (set, _, _) in &sets {
                     shared.set_status(&set.name, |s| {
-                        s.state = "waiting".into();
+                        s.state = SetState::Waiting;
                         s.last_error = Some("the partner's address is not known yet".into());
                     });
                 }
@@ -89,7 +94,7 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
         };
         let pass_started_ms = now_ms();
         shared.set_status(&set.name, |s| {
-            s.state = "syncing".into();
+            s.state = SetState::Syncing;
             s.pass_started_ms = Some(pass_started_ms);
             s.changed_during_pass_ms = None;
         });
@@ -109,6 +114,10 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                 let complete = report.executed.deferred.is_empty() && report.plan.pending == 0;
                 if complete {
                     lock(&pending).remove(&i);
+                }
+                if purged[i].is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+                    purged[i] = Some(Instant::now());
+                    purge_trash(&set.name, &set.path, shared.config().trash_retention).await;
                 }
                 if set.name == ASTDB_SET
                     && let Some(target) = &shared.config().astdb
@@ -135,9 +144,13 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                         s.last_in_sync_ms = Some(pass_started_ms);
                         s.changed_since_ms = s.changed_during_pass_ms.take();
                         caught_up = s.changed_since_ms.is_none();
-                        s.state = if caught_up { "in sync" } else { "changed" }.into();
+                        s.state = if caught_up {
+                            SetState::InSync
+                        } else {
+                            SetState::Changed
+                        };
                     } else {
-                        s.state = "changed".into();
+                        s.state = SetState::Changed;
                     }
                 });
                 if complete && !caught_up {
@@ -164,7 +177,7 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                 let text = format!("{err:#}");
                 tracing::warn!(set = set.name, "pull failed: {text}");
                 shared.set_status(&set.name, |s| {
-                    s.state = "error".into();
+                    s.state = SetState::Error;
                     s.last_error = Some(text);
                     s.pass_started_ms = None;
                     s.pass_bytes = None;
@@ -235,4 +248,59 @@ pub(crate) async fn pull_one(
         })
         .await;
     Ok(report)
+}
+
+/// How often a set's trash is emptied of what is older than the retention.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Empties the trash of the set at `root` of what is older than `retention` (on a blocking
+/// thread: removing many files takes a while); a failure is said, not fatal.
+async fn purge_trash(name: &str, root: &Path, retention: Duration) {
+    let dir = lbs_sync::Trash::default_for(root);
+    let purge = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let trash = lbs_sync::Trash::open(&dir).map_err(|err| err.to_string())?;
+            trash.purge(retention).map_err(|err| err.to_string())
+        })
+    };
+    match purge.await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(batches)) => tracing::info!(
+            set = name,
+            batches,
+            "emptied the trash of what is older than {} days",
+            retention.as_secs() / 86_400
+        ),
+        Ok(Err(err)) => tracing::warn!(set = name, "cannot empty {}: {err}", dir.display()),
+        Err(err) => tracing::warn!(set = name, "emptying {}: {err}", dir.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn the_backup_empties_its_trash_of_what_is_older_than_the_retention() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("voicemail");
+        std::fs::create_dir_all(&root).unwrap();
+        let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&root)).unwrap();
+        drop(trash.batch().unwrap());
+        let batches = || {
+            std::fs::read_dir(lbs_sync::Trash::default_for(&root))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(batches(), 1);
+        // Within the retention: kept.
+        purge_trash("voicemail", &root, Duration::from_secs(30 * 86_400)).await;
+        assert_eq!(batches(), 1);
+        // Older than it (batches are named by the second they began): gone.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        purge_trash("voicemail", &root, Duration::ZERO).await;
+        assert_eq!(batches(), 0);
+    }
 }

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::peer::Peer;
+use crate::status::SetState;
 
 use crate::daemon::replication::astdb::snapshot_astdb;
 use crate::daemon::replication::watch::watch_sets;
@@ -40,7 +41,7 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
         tracing::warn!("astdb snapshot: {err:#}");
     }
     for (set, _, _) in &sets {
-        shared.set_status(&set.name, |s| s.state = "serving".into());
+        shared.set_status(&set.name, |s| s.state = SetState::Serving);
     }
     let (changes, _) = broadcast::channel::<Vec<String>>(64);
     let watcher = watch_sets(&shared, &sets, changes.clone())?;
