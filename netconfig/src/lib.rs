@@ -24,6 +24,7 @@
 
 pub mod arp;
 pub mod backend;
+pub mod dynamic;
 pub mod fake;
 pub mod inventory;
 pub mod lan;
@@ -35,6 +36,7 @@ pub mod types;
 
 pub use arp::{PacketArp, ProbeProfile};
 pub use backend::{Arp, CarrierEvents, NetBackend, NetError, ProbeResult};
+pub use dynamic::{AnyArp, AnyNet};
 pub use fake::FakeNet;
 pub use lan::{Conflict, ConflictWatch, Refresh, neighbour_mac};
 pub use netlink::Netlink;

@@ -7,24 +7,23 @@ use crate::control::{Check, Refusal};
 use crate::role::{RoleState, SharedAddress};
 use crate::status::SetStatus;
 
-use crate::daemon::state::{Shared, lock, network, now_ms, partner_silent_ms};
+use crate::daemon::state::{Lan, Shared, lock, network, now_ms, partner_silent_ms};
 
 /// An ARP probe (RFC 5227: it claims nothing) of the shared address on the office LAN.
 pub(crate) async fn probe_shared(
-    network: &crate::config::Network,
+    lan: &Lan,
+    network: &Network,
 ) -> anyhow::Result<lbs_netconfig::ProbeResult> {
     use lbs_netconfig::{Arp, NetBackend};
-    let net = lbs_netconfig::Netlink::open()?;
-    let link = net.link(&network.interface).await?;
-    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-    Ok(arp.probe(&link, network.shared.addr).await?)
+    let link = lan.net.link(&network.interface).await?;
+    Ok(lan.arp.probe(&link, network.shared.addr).await?)
 }
 
 /// Who else answers ARP for the shared address, if anyone (`None` without `[network]`, or
 /// when the probe cannot run: then the data center's word at the next report decides).
 pub(crate) async fn address_taken(shared: &Shared) -> Option<String> {
     let network = network(shared)?;
-    match probe_shared(&network).await {
+    match probe_shared(&shared.lan, &network).await {
         Ok(lbs_netconfig::ProbeResult::InUse(mac)) => {
             tracing::warn!("{mac} answers ARP for {}", network.shared.addr);
             Some(mac.to_string())
@@ -223,7 +222,7 @@ pub(crate) async fn promote_checks(
     }
     if let Some(network) = &facts.network {
         facts.arp = Some(
-            probe_shared(network)
+            probe_shared(&shared.lan, network)
                 .await
                 .map_err(|err| format!("{err:#}")),
         );

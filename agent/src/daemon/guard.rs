@@ -45,13 +45,13 @@ pub(crate) async fn guard_address(shared: Arc<Shared>, shutdown: CancellationTok
 
 async fn follow_carrier(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let interface = network(shared).context("no [network] section")?.interface;
-    let net = lbs_netconfig::Netlink::open()?;
+    let net = &shared.lan.net;
     let link = net.link(&interface).await?;
     let mut events = net.carrier_events(&link).await?;
     // Read again after subscribing, so a change in between is not missed.
     let mut carrier = net.link(&interface).await?.carrier;
     loop {
-        check(shared, &net, carrier).await?;
+        check(shared, carrier).await?;
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             change = events.next() => {
@@ -66,24 +66,58 @@ async fn follow_carrier(shared: &Shared, shutdown: &CancellationToken) -> anyhow
     }
 }
 
+/// What the primary's hold on the shared address should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Nothing to do.
+    Keep,
+    /// All is as it should be: forget an earlier withdrawal.
+    Settled,
+    /// No carrier and the address is on the interface: take it off now.
+    Withdraw,
+    /// The carrier is back after a withdrawal: probe, then take the address back (or step
+    /// back if somebody else answers for it).
+    TakeBack,
+}
+
+/// The carrier guard's rule, a pure function of what the primary sees: only a primary holds
+/// the shared address; without carrier it leaves the interface (nobody could tell this box
+/// that another took over meanwhile); it comes back only where it was withdrawn — or where the
+/// interface is bare (an earlier run withdrew it and stopped) — never onto a primary that
+/// serves at another address by design.
+pub(crate) fn hold(primary: bool, carrier: bool, held: bool, withdrawn: bool, bare: bool) -> Hold {
+    match (primary, carrier, held) {
+        (false, _, _) => Hold::Settled,
+        (true, false, true) => Hold::Withdraw,
+        // Not held and no carrier: nothing to withdraw; the mark of an earlier withdrawal
+        // stays until the cable is back.
+        (true, false, false) => Hold::Keep,
+        (true, true, false) if withdrawn || bare => Hold::TakeBack,
+        (true, true, false) => Hold::Keep,
+        (true, true, true) => Hold::Settled,
+    }
+}
+
 /// Makes the hold match the carrier: withdrawn without it, taken back (after the probe) with
 /// it — only while this box is the primary; every other state's steps own the address.
-async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> anyhow::Result<()> {
+pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> {
     let Some(network) = network(shared) else {
         return Ok(());
     };
-    if lock(&shared.machine).record.state != RoleState::Primary {
+    let primary = lock(&shared.machine).record.state == RoleState::Primary;
+    if !primary {
         *lock(&shared.withdrawn) = None;
         return Ok(());
     }
+    let (net, arp) = (&shared.lan.net, &shared.lan.arp);
     let link = net.link(&network.interface).await?;
     let addresses = net.addresses(&link).await?;
     let held = addresses.contains(&network.shared);
-    // A bare interface on a primary is a withdrawal too (an earlier run of the agent made
-    // it, then stopped): a primary at another address by design has that address.
-    let withdrawn = lock(&shared.withdrawn).is_some() || addresses.is_empty();
-    match (carrier, held) {
-        (false, true) => {
+    let withdrawn = lock(&shared.withdrawn).is_some();
+    match hold(primary, carrier, held, withdrawn, addresses.is_empty()) {
+        Hold::Keep => {}
+        Hold::Settled => *lock(&shared.withdrawn) = None,
+        Hold::Withdraw => {
             if let Some(refresh) = lock(&shared.refresh).take() {
                 refresh.stop();
             }
@@ -96,15 +130,9 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
             let _ = shared.progress.send(why.clone());
             withdraw(shared, why);
         }
-        // Not held and no carrier: nothing to withdraw; the mark of an earlier withdrawal
-        // stays until the cable is back.
-        (false, false) => {}
-        // Only a withdrawn address is taken back: a primary that serves at another address
-        // by design is left alone.
-        (true, false) if withdrawn => {
-            let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+        Hold::TakeBack => {
             let plan = takeover_plan(&network, false, &shared.paths);
-            match lbs_netconfig::take_back(net, &arp, &plan).await {
+            match lbs_netconfig::take_back(net, arp, &plan).await {
                 Ok(report) => {
                     let said = format!(
                         "nobody else answers for {}: taken back on {} ({})",
@@ -129,10 +157,41 @@ async fn check(shared: &Shared, net: &lbs_netconfig::Netlink, carrier: bool) -> 
                 Err(err) => return Err(err.into()),
             }
         }
-        (true, false) => {}
-        (true, true) => *lock(&shared.withdrawn) = None,
     }
     Ok(())
+}
+
+/// What the primary does when somebody announces the shared address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// A probe claims nothing (P's checks probe before they refuse).
+    Ignore,
+    /// Not the partner (a misconfigured phone): logged; the PBX does not move for it.
+    Stranger,
+    /// The partner, which the data center knows as fenced (the old primary back with a stale
+    /// address): keep the address and announce it again.
+    Defend,
+    /// The partner took over (a forced P while this box lived): stop answering, step back.
+    StepBack,
+}
+
+/// The claim watch's rule, a pure function of the claim and what this box knows of its
+/// partner.
+pub(crate) fn claim(
+    probing: bool,
+    by: lbs_netconfig::MacAddr,
+    partner_mac: Option<lbs_netconfig::MacAddr>,
+    partner_role: Option<lbs_protocol::Role>,
+) -> Claim {
+    if probing {
+        Claim::Ignore
+    } else if Some(by) != partner_mac {
+        Claim::Stranger
+    } else if partner_role == Some(lbs_protocol::Role::Fenced) {
+        Claim::Defend
+    } else {
+        Claim::StepBack
+    }
 }
 
 fn withdraw(shared: &Shared, reason: String) {
@@ -168,8 +227,7 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
             continue;
         }
         let watched = async {
-            let net = lbs_netconfig::Netlink::open()?;
-            let link = net.link(&network.interface).await?;
+            let link = shared.lan.net.link(&network.interface).await?;
             let mut watch = lbs_netconfig::ConflictWatch::start(&link, network.shared.addr)?;
             loop {
                 if let Some(ip) = lock(&shared.info).partner.as_ref().and_then(|p| p.lan)
@@ -187,46 +245,44 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                     }
                     conflict = watch.next() => conflict.context("the ARP watch ended")?,
                 };
-                if conflict.probing {
-                    // A probe claims nothing (P's checks probe before they refuse).
-                    continue;
-                }
-                if Some(conflict.mac) != partner_mac {
-                    if said != Some(conflict.mac) {
-                        tracing::warn!(
-                            "{} claims {} on {}; it is not the partner, so this box keeps the address",
-                            conflict.mac,
-                            network.shared.addr,
-                            network.interface
-                        );
-                        said = Some(conflict.mac);
-                    }
-                    continue;
-                }
-                // A partner the data center knows as fenced is the old primary coming back
-                // with the address still on its interface (its agent steps back itself): this
-                // box keeps the address and announces it again so the LAN follows it. A
-                // partner that is the backup (or primary) there took over: step back.
                 let partner_role = lock(&shared.info).partner.as_ref().map(|p| p.role);
-                if partner_role == Some(lbs_protocol::Role::Fenced) {
-                    // Once a second at most, however often it claims.
-                    if defended.is_some_and(|at: std::time::Instant| at.elapsed() < CLAIM_TICK) {
+                match claim(conflict.probing, conflict.mac, partner_mac, partner_role) {
+                    Claim::Ignore => continue,
+                    Claim::Stranger => {
+                        if said != Some(conflict.mac) {
+                            tracing::warn!(
+                                "{} claims {} on {}; it is not the partner, so this box keeps the address",
+                                conflict.mac,
+                                network.shared.addr,
+                                network.interface
+                            );
+                            said = Some(conflict.mac);
+                        }
                         continue;
                     }
-                    defended = Some(std::time::Instant::now());
-                    tracing::warn!(
-                        "the fenced partner ({}) claims {}: this box keeps it and announces it again",
-                        conflict.mac,
-                        network.shared.addr
-                    );
-                    use lbs_netconfig::Arp;
-                    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-                    if let Err(err) = arp.announce(&link, network.shared.addr, 3).await {
-                        tracing::warn!("announcing {}: {err}", network.shared.addr);
+                    Claim::Defend => {
+                        // Once a second at most, however often it claims.
+                        if defended.is_some_and(|at: std::time::Instant| at.elapsed() < CLAIM_TICK)
+                        {
+                            continue;
+                        }
+                        defended = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            "the fenced partner ({}) claims {}: this box keeps it and announces it again",
+                            conflict.mac,
+                            network.shared.addr
+                        );
+                        use lbs_netconfig::Arp;
+                        if let Err(err) =
+                            shared.lan.arp.announce(&link, network.shared.addr, 3).await
+                        {
+                            tracing::warn!("announcing {}: {err}", network.shared.addr);
+                        }
+                        continue;
                     }
-                    continue;
+                    Claim::StepBack => {}
                 }
-                step_back(&shared, &net, &link, &network, conflict).await;
+                step_back(&shared, &link, &network, conflict).await;
                 return Ok(());
             }
         };
@@ -242,7 +298,6 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
 /// The partner announced the shared address: off the interface now, then fenced.
 async fn step_back(
     shared: &Shared,
-    net: &lbs_netconfig::Netlink,
     link: &lbs_netconfig::LinkInfo,
     network: &crate::config::Network,
     conflict: lbs_netconfig::Conflict,
@@ -250,7 +305,7 @@ async fn step_back(
     if let Some(refresh) = lock(&shared.refresh).take() {
         refresh.stop();
     }
-    let removed = net.delete_address(link, network.shared).await;
+    let removed = shared.lan.net.delete_address(link, network.shared).await;
     let why = format!(
         "the partner ({}) announced {}: this box stopped answering for it after {} ms",
         conflict.mac,

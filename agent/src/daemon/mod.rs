@@ -26,20 +26,22 @@ mod state;
 mod steps;
 mod tunnels;
 
+#[cfg(test)]
+mod tests;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::activate::{BoxInfo, StatePaths};
-use crate::config::{ASTDB_SET, AgentConfig};
+use crate::config::AgentConfig;
 use crate::resources::ResourceHistory;
-use crate::role::{Event, RoleMachine, RoleRecord, RoleState};
+use crate::role::{Event, RoleRecord, RoleState};
 
 use crate::daemon::auto_failover::auto_failover;
 use crate::daemon::checks::address_taken;
@@ -49,10 +51,9 @@ use crate::daemon::replication::replication;
 use crate::daemon::report::report;
 use crate::daemon::resources::sample_resources;
 use crate::daemon::role_notify::notify_hook;
-use crate::daemon::state::{Mode, Shared, lock};
+use crate::daemon::state::{Lan, Shared, lock};
 use crate::daemon::steps::execute_steps;
 use crate::daemon::tunnels::tunnels;
-use crate::status::{DataCenterStatus, SetStatus};
 
 pub use crate::control::DEFAULT_SOCKET;
 
@@ -97,51 +98,20 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     };
     let info = BoxInfo::load(&paths)?;
     let resources = ResourceHistory::open(&paths.dir.join("resources.sqlite"))?;
-    let sets = config
-        .sets
-        .iter()
-        .map(|s| (s.name.clone(), s.path.clone()))
-        .chain(
-            config
-                .astdb
-                .iter()
-                .map(|p| (ASTDB_SET.to_owned(), p.clone())),
-        )
-        .map(|(name, path)| SetStatus {
-            name,
-            path,
-            state: crate::status::SetState::Waiting,
-            ..SetStatus::default()
-        })
-        .collect();
     let socket = bind_socket(&cmd.socket, config.console_group.as_deref()).await?;
-    let (mode, _) = watch::channel(Mode::Stopped);
-    let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
-    let (notices, notice_queue) = tokio::sync::mpsc::unbounded_channel();
-    let (progress, _) = broadcast::channel(256);
-    let shared = Arc::new(Shared {
-        config: std::sync::RwLock::new(Arc::new(config)),
-        config_path: cmd.config.clone(),
+    let lan = Lan::kernel()?;
+    let (shared, queues) = Shared::new(
+        config,
+        cmd.config.clone(),
         paths,
-        machine: Mutex::new(RoleMachine::new(record)),
-        info: Mutex::new(info),
-        sets: Mutex::new(sets),
-        datacenter: Mutex::new(DataCenterStatus::default()),
-        tunnels: Mutex::new((None, None)),
-        resources: Mutex::new(resources),
-        mode,
-        steps,
-        progress,
+        record,
+        info,
+        resources,
+        lan,
+    );
+    let shared = Arc::new(Shared {
         crash_after: cmd.crash_after.clone(),
-        partner_heard_ms: Mutex::new(None),
-        auto_failover: Mutex::new(None),
-        remote_handled: Mutex::new(None),
-        refresh: Mutex::new(None),
-        withdrawn: Mutex::new(None),
-        moved: watch::channel(0).0,
-        notices,
-        pbx: Mutex::new(None),
-        promotion_kind: Mutex::new(lbs_protocol::control::PromotionKind::Operator),
+        ..shared
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
@@ -176,7 +146,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     );
     spawn(
         "the role-change executor",
-        Box::pin(execute_steps(shared.clone(), step_queue, shutdown.clone())),
+        Box::pin(execute_steps(
+            shared.clone(),
+            queues.steps,
+            shutdown.clone(),
+        )),
     );
     if shared.config().tunnels {
         spawn(
@@ -190,7 +164,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     );
     spawn(
         "the notify hook",
-        Box::pin(notify_hook(shared.clone(), notice_queue, shutdown.clone())),
+        Box::pin(notify_hook(
+            shared.clone(),
+            queues.notices,
+            shutdown.clone(),
+        )),
     );
     // Always running: it follows `auto_failover`, which SIGHUP may change.
     spawn(

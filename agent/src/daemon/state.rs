@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, watch};
 use crate::activate::{BoxInfo, StatePaths};
 use crate::config::{ASTDB_SET, AgentConfig, SyncSet, with_choice};
 use crate::resources::ResourceHistory;
-use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleState};
+use crate::role::{Action, Event, PromoteStep, RoleMachine, RoleRecord, RoleState};
 use crate::status::{Replication, SetState};
 
 use crate::status::{
@@ -78,6 +78,34 @@ pub(crate) struct Shared {
     /// Counts this box's moves between addresses: connections made from the old one are
     /// dead (their replies go to the other box), so they are made again at once.
     pub(crate) moved: watch::Sender<u64>,
+    /// The office LAN: the kernel's, or a fake in tests.
+    pub(crate) lan: Lan,
+}
+
+/// What the executor and the notify hook take from [`Shared`]'s senders.
+#[derive(Debug)]
+pub(crate) struct Queues {
+    pub(crate) steps: tokio::sync::mpsc::UnboundedReceiver<Action>,
+    pub(crate) notices: tokio::sync::mpsc::UnboundedReceiver<RoleNotice>,
+}
+
+/// The office LAN as the daemon reaches it: links, addresses and routes, and ARP.
+#[derive(Clone, Debug)]
+pub(crate) struct Lan {
+    pub(crate) net: lbs_netconfig::AnyNet,
+    pub(crate) arp: lbs_netconfig::AnyArp,
+}
+
+impl Lan {
+    /// The kernel's (netlink, packet sockets: root).
+    pub(crate) fn kernel() -> anyhow::Result<Lan> {
+        Ok(Lan {
+            net: lbs_netconfig::AnyNet::new(lbs_netconfig::Netlink::open()?),
+            arp: lbs_netconfig::AnyArp::new(lbs_netconfig::PacketArp::new(
+                lbs_netconfig::ProbeProfile::FAST,
+            )),
+        })
+    }
 }
 
 /// How long the data center has not heard the partner, as of now: what it said at its last
@@ -93,6 +121,69 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The shared state of an agent starting with `record`, every set waiting for the partner.
+    pub(crate) fn new(
+        config: AgentConfig,
+        config_path: PathBuf,
+        paths: StatePaths,
+        record: RoleRecord,
+        info: BoxInfo,
+        resources: ResourceHistory,
+        lan: Lan,
+    ) -> (Shared, Queues) {
+        let sets = config
+            .sets
+            .iter()
+            .map(|s| (s.name.clone(), s.path.clone()))
+            .chain(
+                config
+                    .astdb
+                    .iter()
+                    .map(|p| (ASTDB_SET.to_owned(), p.clone())),
+            )
+            .map(|(name, path)| SetStatus {
+                name,
+                path,
+                state: SetState::Waiting,
+                ..SetStatus::default()
+            })
+            .collect();
+        let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
+        let (notices, notice_queue) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Shared {
+            config: std::sync::RwLock::new(Arc::new(config)),
+            config_path,
+            paths,
+            machine: Mutex::new(RoleMachine::new(record)),
+            info: Mutex::new(info),
+            sets: Mutex::new(sets),
+            datacenter: Mutex::new(DataCenterStatus::default()),
+            tunnels: Mutex::new((None, None)),
+            resources: Mutex::new(resources),
+            mode: watch::channel(Mode::Stopped).0,
+            steps,
+            progress: broadcast::channel(256).0,
+            crash_after: None,
+            partner_heard_ms: Mutex::new(None),
+            auto_failover: Mutex::new(None),
+            remote_handled: Mutex::new(None),
+            refresh: Mutex::new(None),
+            withdrawn: Mutex::new(None),
+            moved: watch::channel(0).0,
+            notices,
+            pbx: Mutex::new(None),
+            promotion_kind: Mutex::new(control::PromotionKind::Operator),
+            lan,
+        };
+        (
+            shared,
+            Queues {
+                steps: step_queue,
+                notices: notice_queue,
+            },
+        )
+    }
+
     pub(crate) fn config(&self) -> Arc<AgentConfig> {
         self.config
             .read()

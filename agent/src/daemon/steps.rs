@@ -78,6 +78,7 @@ pub(crate) async fn execute_steps(
     }
 }
 
+#[derive(Debug)]
 pub(crate) enum StepOutcome {
     Done(String),
     Promoted(lbs_protocol::Generation),
@@ -137,8 +138,7 @@ pub(crate) async fn move_address(
     network: &crate::config::Network,
     take: bool,
 ) -> anyhow::Result<lbs_netconfig::TakeoverReport> {
-    let net = lbs_netconfig::Netlink::open()?;
-    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+    let (net, arp) = (&shared.lan.net, shared.lan.arp.clone());
     // P's checks probed already (and the operator may have forced it); a promotion granted
     // after it was given up on was confirmed by nobody: it takes only a free address.
     let force = !(take && lock(&shared.machine).record.abandoned.is_some());
@@ -148,9 +148,9 @@ pub(crate) async fn move_address(
         let _ = progress.send(format!("  {step}"));
     };
     let report = if take {
-        lbs_netconfig::take_over_observed(&net, &arp, &plan, &mut on_step).await?
+        lbs_netconfig::take_over_observed(net, &arp, &plan, &mut on_step).await?
     } else {
-        lbs_netconfig::give_up_observed(&net, &arp, &plan, &mut on_step).await?
+        lbs_netconfig::give_up_observed(net, &arp, &plan, &mut on_step).await?
     };
     shared.moved.send_modify(|n| *n += 1);
     // The burst is done; re-announce every 2 s for a minute, so switches, phones and routers

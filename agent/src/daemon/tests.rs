@@ -1,0 +1,374 @@
+//! The daemon's rooms in-process, on a [`FakeNet`] office LAN: promotion's checks and steps,
+//! the carrier guard, fencing and B — DESIGN §9's split-brain rules with no root, no
+//! namespaces and no data center (its word is given to the role machine as events).
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use lbs_netconfig::{AnyArp, AnyNet, DefaultRoute, FakeNet, Ipv4Cidr, MacAddr};
+use lbs_protocol::Generation;
+use lbs_protocol::control::PartnerInfo;
+
+use crate::activate::{BoxInfo, StatePaths};
+use crate::config::AgentConfig;
+use crate::control::{Check, Refusal};
+use crate::daemon::checks::{Asked, promote_checks};
+use crate::daemon::guard::{self, Claim, Hold};
+use crate::daemon::state::{Lan, Queues, Shared, lock, now_ms};
+use crate::daemon::steps::{StepOutcome, run_step};
+use crate::resources::ResourceHistory;
+use crate::role::{Action, DemoteStep, Event, PromoteStep, RoleRecord, RoleState};
+
+const THIS_BOX: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x03]);
+const OLD_PRIMARY: MacAddr = MacAddr([0x5a, 0xec, 0xb4, 0x27, 0x71, 0xcf]);
+const SHARED: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
+
+fn cidr(text: &str) -> Ipv4Cidr {
+    text.parse().unwrap()
+}
+
+/// One box of an office pair, its LAN a [`FakeNet`] with `addresses` on eth0 and the default
+/// route via the office gateway.
+struct Office {
+    shared: Arc<Shared>,
+    lan: Arc<FakeNet>,
+    _queues: Queues,
+    _dir: tempfile::TempDir,
+}
+
+impl Office {
+    fn new(state: RoleState, addresses: &[&str]) -> Office {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StatePaths::new(dir.path());
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let lan = Arc::new(FakeNet::new());
+        let link = lan.add_link(
+            "eth0",
+            THIS_BOX,
+            &addresses.iter().map(|a| cidr(a)).collect::<Vec<_>>(),
+        );
+        lan.set_route(Some(DefaultRoute {
+            gateway: Ipv4Addr::new(192, 168, 1, 1),
+            link: link.index,
+        }));
+        let config = AgentConfig::parse(
+            "[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\n",
+        )
+        .unwrap();
+        let record = RoleRecord {
+            state,
+            generation: Generation(1),
+            ..RoleRecord::new()
+        };
+        let info = BoxInfo {
+            sid: "00-1A-2B-3C-4D-5E".parse().unwrap(),
+            pair: "acme".into(),
+            fqdn: "pbx.acme.example".into(),
+            lan: Ipv4Addr::new(192, 168, 1, 3),
+            overlay: Ipv4Addr::new(10, 77, 0, 11),
+            overlay_prefix: 24,
+            partner: Some(PartnerInfo {
+                sid: "00-1A-2B-3C-4D-5F".parse().unwrap(),
+                role: lbs_protocol::Role::Primary,
+                overlay: Some(Ipv4Addr::new(10, 77, 0, 10)),
+                lan: Some(Ipv4Addr::new(192, 168, 1, 4)),
+                silent_ms: Some(60_000),
+            }),
+            control: vec![SocketAddr::from(([127, 0, 0, 1], 1))],
+            activated_at: SocketAddr::from(([127, 0, 0, 1], 1)),
+            hardware_differences: None,
+        };
+        let resources = ResourceHistory::open(&dir.path().join("resources.sqlite")).unwrap();
+        let net = Lan {
+            net: AnyNet::shared(lan.clone()),
+            arp: AnyArp::shared(lan.clone()),
+        };
+        let (shared, queues) = Shared::new(
+            config,
+            dir.path().join("agent.toml"),
+            paths,
+            record,
+            info,
+            resources,
+            net,
+        );
+        // The data center answered a moment ago (as far as the checks are concerned).
+        lock(&shared.datacenter).last_answer_ms = Some(now_ms());
+        Office {
+            shared: Arc::new(shared),
+            lan,
+            _queues: queues,
+            _dir: dir,
+        }
+    }
+
+    fn state(&self) -> RoleState {
+        lock(&self.shared.machine).record.state
+    }
+
+    fn addresses(&self) -> Vec<Ipv4Cidr> {
+        self.lan.addresses_of("eth0")
+    }
+}
+
+/// A backup whose primary is dead: the data center lost it a minute ago.
+fn backup() -> Office {
+    Office::new(RoleState::Backup, &["192.168.1.3/24"])
+}
+
+fn primary() -> Office {
+    Office::new(RoleState::Primary, &["192.168.1.3/24", "192.168.1.2/24"])
+}
+
+#[tokio::test]
+async fn p_is_refused_while_another_machine_answers_for_the_address_and_goes_when_it_is_unplugged()
+{
+    let office = backup();
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    let refused = promote_checks(&office.shared, Asked::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        Refusal::AddressAnswered {
+            address: SHARED,
+            mac: OLD_PRIMARY.to_string()
+        }
+    );
+    // Nothing moved: the address is not taken, the role is the same.
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    assert_eq!(office.state(), RoleState::Backup);
+    office.lan.set_neighbour(SHARED, None);
+    let checks = promote_checks(&office.shared, Asked::default(), None)
+        .await
+        .unwrap();
+    assert!(checks.contains(&Check::AddressFree {
+        address: SHARED,
+        interface: "eth0".into()
+    }));
+}
+
+#[tokio::test]
+async fn p_is_refused_while_the_data_center_hears_the_primary_or_is_silent() {
+    let office = backup();
+    lock(&office.shared.info)
+        .partner
+        .as_mut()
+        .unwrap()
+        .silent_ms = Some(2_000);
+    let refused = promote_checks(&office.shared, Asked::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Refusal::PrimaryAlive { .. }), "{refused}");
+    lock(&office.shared.datacenter).last_answer_ms = Some(now_ms() - 60_000);
+    let refused = promote_checks(&office.shared, Asked::default(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused, Refusal::DataCenterSilent);
+    // Neither refusal sent anything on the LAN: the probe runs only when all else passed.
+    assert!(!office.lan.calls().contains(&lbs_netconfig::fake::Op::Probe));
+}
+
+#[tokio::test]
+async fn the_take_address_step_moves_the_address_and_the_route_and_announces_it() {
+    let office = Office::new(
+        RoleState::Promoting(PromoteStep::TakeAddress),
+        &["192.168.1.3/24"],
+    );
+    let moved = *office.shared.moved.borrow();
+    let outcome = run_step(&office.shared, &Action::TakeAddress)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, StepOutcome::Done(what) if what.starts_with("took 192.168.1.2/24 on eth0")),
+        "{outcome:?}"
+    );
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.2/24")]);
+    assert_eq!(
+        office.lan.route().map(|r| r.gateway),
+        Some(Ipv4Addr::new(192, 168, 1, 1))
+    );
+    assert!(
+        office
+            .lan
+            .announced()
+            .iter()
+            .any(|(ip, mac, _)| *ip == SHARED && *mac == THIS_BOX)
+    );
+    // Connections made from the old address are made again.
+    assert_eq!(*office.shared.moved.borrow(), moved + 1);
+}
+
+#[tokio::test]
+async fn a_grant_that_arrives_after_p_gave_up_takes_only_a_free_address() {
+    let office = Office::new(
+        RoleState::Promoting(PromoteStep::TakeAddress),
+        &["192.168.1.3/24"],
+    );
+    lock(&office.shared.machine).record.abandoned = Some(Generation(2));
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    let err = run_step(&office.shared, &Action::TakeAddress)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&OLD_PRIMARY.to_string()),
+        "{err:#}"
+    );
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    // The operator's own P (not given up on) was confirmed at the checks: it takes it.
+    lock(&office.shared.machine).record.abandoned = None;
+    run_step(&office.shared, &Action::TakeAddress)
+        .await
+        .unwrap();
+    assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
+}
+
+#[tokio::test]
+async fn a_crash_at_any_point_of_the_take_over_is_finished_by_the_step_run_again() {
+    for changes in 0..6 {
+        let office = Office::new(
+            RoleState::Promoting(PromoteStep::TakeAddress),
+            &["192.168.1.3/24"],
+        );
+        office.lan.crash_after(changes);
+        let first = run_step(&office.shared, &Action::TakeAddress).await;
+        office.lan.restart();
+        // The executor runs a failed step again (the role machine stays in it).
+        run_step(&office.shared, &Action::TakeAddress)
+            .await
+            .unwrap_or_else(|err| panic!("after {changes} change(s), {first:?}: {err:#}"));
+        // The backup's own address gives way to the primary's, as without a crash.
+        assert_eq!(
+            office.addresses(),
+            vec![cidr("192.168.1.2/24")],
+            "crash after {changes} change(s)"
+        );
+        assert_eq!(
+            office.lan.route().map(|r| r.gateway),
+            Some(Ipv4Addr::new(192, 168, 1, 1))
+        );
+    }
+}
+
+#[tokio::test]
+async fn b_gives_the_address_up_and_keeps_the_box_reachable() {
+    let office = Office::new(
+        RoleState::Demoting(DemoteStep::GiveUpAddress),
+        &["192.168.1.3/24", "192.168.1.2/24"],
+    );
+    run_step(&office.shared, &Action::GiveUpAddress)
+        .await
+        .unwrap();
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    assert_eq!(
+        office.lan.route().map(|r| r.gateway),
+        Some(Ipv4Addr::new(192, 168, 1, 1))
+    );
+}
+
+#[tokio::test]
+async fn a_primary_without_carrier_withdraws_the_address_and_takes_it_back_only_when_free() {
+    let office = primary();
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    assert!(lock(&office.shared.withdrawn).is_some());
+    // Back, and nobody else answers: taken back, still primary.
+    office.lan.set_carrier("eth0", true);
+    guard::check(&office.shared, true).await.unwrap();
+    assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
+    assert!(lock(&office.shared.withdrawn).is_none());
+    assert_eq!(office.state(), RoleState::Primary);
+}
+
+#[tokio::test]
+async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() {
+    let office = primary();
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    // Meanwhile the backup was promoted and took the address.
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    office.lan.set_carrier("eth0", true);
+    guard::check(&office.shared, true).await.unwrap();
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    assert_eq!(office.state(), RoleState::Fenced);
+}
+
+#[tokio::test]
+async fn two_presses_of_p_at_once_promote_once() {
+    let office = backup();
+    office.shared.apply(Event::PromoteRequested(None)).unwrap();
+    let second = office
+        .shared
+        .apply(Event::PromoteRequested(None))
+        .unwrap_err();
+    assert!(
+        second.contains("BACKUP") || second.contains("promot"),
+        "{second}"
+    );
+    assert_eq!(
+        office.state(),
+        RoleState::Promoting(PromoteStep::AskAuthority)
+    );
+    // And it is on disk before anything acts on it.
+    let saved = RoleRecord::load(&office.shared.paths.role()).unwrap();
+    assert_eq!(saved.state, office.state());
+}
+
+#[tokio::test]
+async fn the_old_primary_steps_back_with_the_data_center_and_without_it() {
+    // With the data center: its answer names a newer generation.
+    let office = primary();
+    office.shared.handle(Event::Authority {
+        role: lbs_protocol::Role::Backup,
+        generation: Generation(2),
+    });
+    assert_eq!(office.state(), RoleState::Fenced);
+    // Without it: at start, somebody else answers for the address.
+    let office = primary();
+    office.shared.handle(Event::AddressTaken {
+        by: OLD_PRIMARY.to_string(),
+    });
+    assert_eq!(office.state(), RoleState::Fenced);
+}
+
+#[test]
+fn the_carrier_guard_holds_the_address_only_as_a_primary_with_carrier() {
+    // (primary, carrier, held, withdrawn, bare)
+    assert_eq!(guard::hold(false, true, true, false, false), Hold::Settled);
+    assert_eq!(guard::hold(true, false, true, false, false), Hold::Withdraw);
+    assert_eq!(guard::hold(true, false, false, true, false), Hold::Keep);
+    assert_eq!(guard::hold(true, true, false, true, false), Hold::TakeBack);
+    // A bare interface on a primary is a withdrawal an earlier run made.
+    assert_eq!(guard::hold(true, true, false, false, true), Hold::TakeBack);
+    // A primary at another address by design is left alone.
+    assert_eq!(guard::hold(true, true, false, false, false), Hold::Keep);
+    assert_eq!(guard::hold(true, true, true, true, false), Hold::Settled);
+}
+
+#[test]
+fn only_the_partner_taking_over_moves_the_primary() {
+    use lbs_protocol::Role;
+    let partner = Some(OLD_PRIMARY);
+    assert_eq!(
+        guard::claim(true, OLD_PRIMARY, partner, Some(Role::Backup)),
+        Claim::Ignore
+    );
+    assert_eq!(
+        guard::claim(false, THIS_BOX, partner, Some(Role::Backup)),
+        Claim::Stranger
+    );
+    assert_eq!(
+        guard::claim(false, OLD_PRIMARY, None, Some(Role::Backup)),
+        Claim::Stranger
+    );
+    assert_eq!(
+        guard::claim(false, OLD_PRIMARY, partner, Some(Role::Fenced)),
+        Claim::Defend
+    );
+    assert_eq!(
+        guard::claim(false, OLD_PRIMARY, partner, Some(Role::Backup)),
+        Claim::StepBack
+    );
+}
