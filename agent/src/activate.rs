@@ -277,8 +277,9 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         Some(lan) => lan,
         None => source_towards(address)?,
     };
-    let inventory = lbs_netconfig::inventory::Inventory::collect()
-        .context("reading this box's hardware inventory")?;
+    let inventory =
+        <lbs_netconfig::inventory::Inventory as lbs_netconfig::inventory::Collect>::collect()
+            .context("reading this box's hardware inventory")?;
 
     std::fs::create_dir_all(&paths.dir)
         .with_context(|| format!("creating {}", paths.dir.display()))?;

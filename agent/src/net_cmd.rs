@@ -282,7 +282,8 @@ pub async fn watch(cmd: WatchCmd) -> anyhow::Result<ExitCode> {
 /// `lbs net inventory`: this box's hardware, or how it differs from the partner's.
 pub fn inventory(cmd: &InventoryCmd) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let ours = lbs_netconfig::inventory::Inventory::collect()?;
+    let ours =
+        <lbs_netconfig::inventory::Inventory as lbs_netconfig::inventory::Collect>::collect()?;
     if let Some(path) = &cmd.compare {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the partner's inventory {}", path.display()))?;

@@ -9,16 +9,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::SinkExt;
+use lbs_protocol::listen::{Serving, serve_until};
 use lbs_protocol::{Envelope, Message, Role};
 use lbs_sync::{Index, ScanOptions, Trash, manifest, scan};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::peer::{Peer, PeerArgs};
 
 /// How long `serve` lets running transfers finish when asked to stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pulls served at once.
+const MAX_SESSIONS: usize = 16;
 
 /// Exit code of `lbs sync pull` when some files were left for the next pass.
 pub const EXIT_INCOMPLETE: u8 = 2;
@@ -112,52 +115,46 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         listener.local_addr()?,
         peer.partner
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut sessions = JoinSet::new();
+    let shutdown = CancellationToken::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            accepted = listener.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        eprintln!("accept failed: {err}");
-                        continue;
-                    }
-                };
-                let (peer, config, index, root) =
-                    (peer.clone(), config.clone(), index.clone(), args.root.clone());
-                let mut stop = stop_rx.clone();
-                sessions.spawn(async move {
-                    let session = async {
-                        let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
-                        println!("{} connected from {remote}", negotiated.peer.sender);
-                        lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
-                        println!("{} done", negotiated.peer.sender);
-                        anyhow::Ok(())
-                    };
-                    tokio::select! {
-                        result = session => if let Err(err) = result {
-                            println!("session with {remote} ended: {err:#}");
-                        },
-                        _ = stop.changed() => {}
-                    }
-                });
+    let serving = Serving::new("lbs sync serve", MAX_SESSIONS, DRAIN_TIMEOUT);
+    let stop = shutdown.clone();
+    let sessions = serve_until(listener, shutdown.clone(), serving, move |tcp, remote| {
+        let (peer, config, index, root) = (
+            peer.clone(),
+            config.clone(),
+            index.clone(),
+            args.root.clone(),
+        );
+        let stop = stop.clone();
+        async move {
+            let session = async {
+                let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
+                println!("{} connected from {remote}", negotiated.peer.sender);
+                lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
+                println!("{} done", negotiated.peer.sender);
+                anyhow::Ok(())
+            };
+            tokio::select! {
+                result = session => if let Err(err) = result {
+                    println!("session with {remote} ended: {err:#}");
+                },
+                () = stop.cancelled() => {}
             }
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
-    }
-    let _ = stop_tx.send(true);
-    if tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        sessions.abort_all();
+    });
+    tokio::pin!(sessions);
+    tokio::select! {
+        _ = &mut sessions => {}
+        _ = sigterm.recv() => {
+            shutdown.cancel();
+            sessions.await;
+        }
+        _ = tokio::signal::ctrl_c() => {
+            shutdown.cancel();
+            sessions.await;
+        }
     }
     println!("stopped");
     Ok(ExitCode::SUCCESS)

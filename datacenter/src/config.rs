@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use lbs_netconfig::Ipv4Cidr;
+use lbs_protocol::net::Ipv4Cidr;
 use lbs_vpn::{BackendChoice, EndpointConfig, Key};
 use serde::Deserialize;
 

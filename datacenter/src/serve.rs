@@ -300,29 +300,18 @@ async fn accept_loop(
     kind: Kind,
     shutdown: CancellationToken,
 ) {
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let (tcp, source) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // Out of file descriptors, say: wait a little rather than spin.
-                tracing::warn!("accepting a connection: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%source, "too many connections; dropped");
-            continue;
-        };
+    // Both ports share one bound on connections; at shutdown what is under way is cut.
+    let serving = lbs_protocol::listen::Serving {
+        what: match kind {
+            Kind::Activation => "the activation port",
+            Kind::Control => "the control port",
+        },
+        limit: inner.connections.clone(),
+        drain: Duration::ZERO,
+    };
+    lbs_protocol::listen::serve_until(listener, shutdown, serving, |tcp, source| {
         let inner = inner.clone();
-        connections.spawn(async move {
-            let _permit = permit;
+        async move {
             let local = tcp.local_addr().ok();
             let result = match kind {
                 Kind::Activation => activation(&inner, tcp, source, local).await,
@@ -331,9 +320,9 @@ async fn accept_loop(
             if let Err(err) = result {
                 tracing::info!(%source, "{kind:?} connection ended: {err:#}");
             }
-        });
-    }
-    connections.shutdown().await;
+        }
+    })
+    .await;
 }
 
 fn refuse(detail: impl Into<String>) -> Message {
@@ -506,7 +495,7 @@ async fn activate(
             "the WireGuard public key is not a WireGuard key (44 base64 characters)".into(),
         ));
     }
-    if serde_json::from_str::<lbs_netconfig::inventory::Inventory>(&request.inventory).is_err() {
+    if serde_json::from_str::<lbs_protocol::inventory::Inventory>(&request.inventory).is_err() {
         return Err(refuse(
             "the hardware inventory is not one `lbs net inventory --json` wrote".into(),
         ));

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use lbs_netconfig::Ipv4Cidr;
+use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -664,7 +664,7 @@ impl SqliteStore {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(db("reading servers"))?;
-        let parsed: Vec<Option<lbs_netconfig::inventory::Inventory>> = inventories
+        let parsed: Vec<Option<lbs_protocol::inventory::Inventory>> = inventories
             .iter()
             .map(|text| text.as_deref().and_then(|t| serde_json::from_str(t).ok()))
             .collect();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use lbs_datacenter::store::{
     ActivationRequest, DnsWork, Refusal, Report, SqliteStore, Store, StoreError,
 };
-use lbs_netconfig::Ipv4Cidr;
+use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
 
 const DAY: Duration = Duration::from_secs(86_400);

@@ -8,9 +8,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lbs_netconfig::Ipv4Cidr;
 use lbs_protocol::control::{self, ActivationRequest, BoxReport, SyncSummary};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::tls::{self, PendingIdentity};
 use lbs_protocol::{
     Generation, Hello, Message, PROTOCOL_VERSION, PeerName, Role, Sender, SoftwareVersion,

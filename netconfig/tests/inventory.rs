@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use lbs_netconfig::inventory::Inventory;
+use lbs_netconfig::inventory::{Collect, Inventory};
 
 fn put(root: &Path, path: &str, text: &str) {
     let path = root.join(path);

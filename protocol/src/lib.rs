@@ -28,10 +28,13 @@ pub mod control;
 pub mod frame;
 pub mod handshake;
 pub mod ids;
+pub mod inventory;
+pub mod listen;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod message;
 pub mod metered;
+pub mod net;
 pub mod path;
 pub mod sync;
 pub mod systemd;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lbs_protocol::control::{self};
+use lbs_protocol::listen::{Serving, serve_until};
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -93,26 +93,11 @@ pub(crate) async fn serve_socket(
     shutdown: CancellationToken,
 ) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-    let mut clients = JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!("control socket: {err}");
-                    continue;
-                }
-            },
-        };
-        if clients.len() >= MAX_CLIENTS {
-            // Root and the console group only, but a stuck script must not exhaust the agent.
-            tracing::warn!("control socket: {MAX_CLIENTS} clients already; one refused");
-            continue;
-        }
+    // Root and the console group only, but a stuck script must not exhaust the agent.
+    let serving = Serving::new("the control socket", MAX_CLIENTS, Duration::ZERO);
+    serve_until(listener, shutdown, serving, |stream, _| {
         let shared = shared.clone();
-        clients.spawn(async move {
+        async move {
             let (read, write) = stream.into_split();
             let mut out = Replies(write);
             let mut line = String::new();
@@ -157,9 +142,9 @@ pub(crate) async fn serve_socket(
                     out.send(&reply).await;
                 }
             }
-        });
-    }
-    clients.shutdown().await;
+        }
+    })
+    .await;
 }
 
 /// How many clients the control socket serves at once.

@@ -18,14 +18,14 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::listen::{Serving, serve_until};
 use lbs_protocol::tls::{self, AcceptPeers};
 use lbs_protocol::{
     CertificateAuthority, Connection, Envelope, Generation, Hello, Identity, Message,
     PROTOCOL_VERSION, PeerName, Role, Sender, ServerId, SoftwareVersion, TrustRoot,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(version, about = "Two lbs peers completing a mutual-TLS hello")]
@@ -215,47 +215,35 @@ async fn serve(me: Me, listen: SocketAddr) -> anyhow::Result<()> {
         me.partner
     );
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    let mut served = 0u64;
+    let shutdown = CancellationToken::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            accepted = listener.accept() => {
-                let (tcp, remote) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        eprintln!("accept failed: {err}");
-                        continue;
-                    }
-                };
-                served += 1;
-                let config = config.clone();
-                let hello = me.hello.clone();
-                let role = me.role;
-                let generation = me.generation;
-                let stop = stop_rx.clone();
-                connections.spawn(async move {
-                    if let Err(err) = answer(config, tcp, hello, role, generation, stop).await {
-                        println!("refused {remote}: {err:#}");
-                    }
-                });
+    // Every connection is asked to say goodbye at shutdown, given a moment, then cut.
+    let serving = Serving::new("lbs-hello", 64, DRAIN_TIMEOUT);
+    let stop = shutdown.clone();
+    let connections = serve_until(listener, shutdown.clone(), serving, move |tcp, remote| {
+        let config = config.clone();
+        let hello = me.hello.clone();
+        let (role, generation) = (me.role, me.generation);
+        let stop = stop.clone();
+        async move {
+            if let Err(err) = answer(config, tcp, hello, role, generation, stop).await {
+                println!("refused {remote}: {err:#}");
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
-    }
-    // Ask every connection to say goodbye, give them a moment, then cut what is left.
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        connections.abort_all();
-    }
+    });
+    tokio::pin!(connections);
+    let served = tokio::select! {
+        served = &mut connections => served,
+        _ = sigterm.recv() => {
+            shutdown.cancel();
+            connections.await
+        }
+        _ = tokio::signal::ctrl_c() => {
+            shutdown.cancel();
+            connections.await
+        }
+    };
     println!("stopped after {served} connection(s)");
     Ok(())
 }
@@ -266,7 +254,7 @@ async fn answer(
     hello: Hello,
     role: Role,
     generation: Generation,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let (stream, peer) = tls::accept(config, tcp).await?;
     let (mut conn, negotiated) =
@@ -277,7 +265,7 @@ async fn answer(
     );
     loop {
         let next = tokio::select! {
-            _ = stop.changed() => {
+            () = stop.cancelled() => {
                 send(&mut conn, generation, Message::Goodbye { reason: "peer stopping".into() }).await?;
                 return Ok(());
             }

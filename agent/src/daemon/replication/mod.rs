@@ -20,33 +20,65 @@ use crate::peer::Peer;
 
 use crate::daemon::replication::pull::pull_sets;
 use crate::daemon::replication::serve::serve_sets;
-use crate::daemon::state::{Mode, Shared, current_address, lock, network};
+use crate::daemon::state::{Mode, RETRY, Shared, current_address, lock, network};
 
-/// Starts and stops the serving or pulling side as the mode changes.
+/// Starts and stops the serving or pulling side as the mode changes. A side that ends by
+/// itself (the sync port taken, the partner's certificate unreadable) is said and started
+/// again after a pause; the side is owned here (aborted if this task is).
 pub(crate) async fn replication(shared: Arc<Shared>, shutdown: CancellationToken) {
+    use tokio_util::task::AbortOnDropHandle;
     let mut modes = shared.mode.subscribe();
     loop {
         let mode = *modes.borrow_and_update();
         let token = shutdown.child_token();
-        let task = match mode {
-            Mode::Serve => Some(tokio::spawn(serve_sets(shared.clone(), token.clone()))),
-            Mode::Pull => Some(tokio::spawn(pull_sets(shared.clone(), token.clone()))),
+        let mut side = match mode {
+            Mode::Serve => Some(AbortOnDropHandle::new(tokio::spawn(serve_sets(
+                shared.clone(),
+                token.clone(),
+            )))),
+            Mode::Pull => Some(AbortOnDropHandle::new(tokio::spawn(pull_sets(
+                shared.clone(),
+                token.clone(),
+            )))),
             Mode::Stopped => None,
         };
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            changed = modes.changed() => if changed.is_err() { shutdown.cancel() },
-        }
-        token.cancel();
-        if let Some(task) = task {
-            match task.await {
-                Ok(Err(err)) => tracing::warn!("replication ({mode:?}) ended: {err:#}"),
-                Err(err) => tracing::error!("replication ({mode:?}) failed: {err}"),
-                Ok(Ok(())) => {}
+        let ended = async {
+            match side.as_mut() {
+                Some(side) => side.await,
+                None => std::future::pending().await,
             }
+        };
+        let by_itself = tokio::select! {
+            () = shutdown.cancelled() => None,
+            changed = modes.changed() => {
+                if changed.is_err() {
+                    shutdown.cancel();
+                }
+                None
+            }
+            result = ended => Some(result),
+        };
+        token.cancel();
+        let early = by_itself.is_some();
+        let result = match (by_itself, side) {
+            (Some(result), _) => Some(result),
+            (None, Some(side)) => Some(side.await),
+            (None, None) => None,
+        };
+        match result {
+            Some(Ok(Err(err))) => tracing::warn!("replication ({mode:?}) ended: {err:#}"),
+            Some(Err(err)) => tracing::error!("replication ({mode:?}) failed: {err}"),
+            Some(Ok(Ok(()))) | None => {}
         }
         if shutdown.is_cancelled() {
             return;
+        }
+        if early {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = modes.changed() => {}
+                () = tokio::time::sleep(RETRY) => {}
+            }
         }
     }
 }

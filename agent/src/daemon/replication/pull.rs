@@ -27,13 +27,14 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
     let wake = Arc::new(Notify::new());
     let pending: Arc<Mutex<BTreeSet<usize>>> = Arc::new(Mutex::new((0..sets.len()).collect()));
     let names: Vec<String> = sets.iter().map(|(s, _, _)| s.name.clone()).collect();
-    let watch_task = tokio::spawn(watch_partner(
+    // Owned: it stops with this pull, however it ends (an early error return included).
+    let watch_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_partner(
         shared.clone(),
         names.clone(),
         pending.clone(),
         wake.clone(),
         stop.clone(),
-    ));
+    )));
     let mut next_reconcile = Instant::now() + shared.config().reconcile_interval;
     // Sets take turns: after a pass of one, the next due set after it goes first, so a set
     // that changes without pause (a recording) cannot starve the others. A set whose files

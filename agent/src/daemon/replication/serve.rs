@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::listen::{Serving, serve_until};
 use lbs_protocol::tls;
 use lbs_protocol::{Envelope, Message, Role};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::peer::Peer;
@@ -63,19 +63,10 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
             .collect(),
     );
     tracing::info!(port = shared.config().sync_port, partner = %peer.partner, "serving the sync sets");
-    let mut sessions = JoinSet::new();
-    let result = loop {
-        let (tcp, remote) = tokio::select! {
-            () = stop.cancelled() => break Ok(()),
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!("accepting: {err}");
-                    continue;
-                }
-            },
-        };
+    // The partner needs two connections (its watch and one pull); more than a few are not
+    // the partner, and each must finish TLS and the hello within their deadlines.
+    let serving = Serving::new("the sync port", MAX_SESSIONS, Duration::ZERO);
+    serve_until(listener, stop.clone(), serving, |tcp, remote| {
         let (peer, config, roots, changes) = (
             peer.clone(),
             config.clone(),
@@ -83,7 +74,7 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
             changes.subscribe(),
         );
         let stop = stop.clone();
-        sessions.spawn(async move {
+        async move {
             let session = serve_one(peer, config, tcp, roots, changes);
             tokio::select! {
                 () = stop.cancelled() => {}
@@ -96,13 +87,16 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
                     }
                 },
             }
-        });
-    };
-    sessions.shutdown().await;
+        }
+    })
+    .await;
     watcher.stop().await;
     drop(sets);
-    result
+    Ok(())
 }
+
+/// Connections the sync port serves at once.
+const MAX_SESSIONS: usize = 16;
 
 /// A connection to the sync port that did not get past TLS and the hello (not the partner's
 /// certificate, not the partner, or not the protocol).
