@@ -12,8 +12,12 @@
 //! - [`handshake`]: [`exchange_hello`], the version and identity check that opens every
 //!   connection.
 //! - [`systemd`]: readiness notification for `Type=notify` units.
-//! - [`tls`]: mutual-TLS [`Identity`], [`TrustRoot`], [`CertificateAuthority`] and the
-//!   rustls configurations that accept only the expected peer.
+//! - [`tls`]: mutual-TLS [`Identity`], [`TrustRoot`] and the rustls configurations that
+//!   accept only the expected peer; `ca` (feature `ca`, the data center only): the
+//!   `CertificateAuthority` that signs identities.
+//! - [`listen`]: [`listen::serve_until`], the one accept loop of every listener.
+//! - [`net`], [`inventory`]: addresses, MACs and a box's hardware, as every crate speaks of
+//!   them.
 //!
 //! This crate owns every type that crosses the wire; changing one is a compatibility
 //! decision (see [`PROTOCOL_VERSION`]). It opens no network sockets of its own: callers hand it
@@ -22,6 +26,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "ca")]
+pub mod ca;
 #[cfg(feature = "cli-docs")]
 pub mod cli_docs;
 pub mod control;
@@ -44,13 +50,13 @@ pub mod version;
 #[doc(hidden)]
 pub mod fuzzing;
 
+#[cfg(feature = "ca")]
+pub use ca::CertificateAuthority;
 pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
 pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
 pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, Sender};
 pub use metered::{Meter, Metered};
 pub use path::{PathError, RelPath};
-pub use tls::{
-    AcceptPeers, CertificateAuthority, Identity, PeerName, TlsError, TrustRoot, write_file_atomic,
-};
+pub use tls::{AcceptPeers, Identity, PeerName, TlsError, TrustRoot, write_file_atomic};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

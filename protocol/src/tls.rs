@@ -15,10 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -291,7 +288,7 @@ fn describe_names(names: &[String]) -> String {
 /// The CA certificate a box pins: the only issuer it trusts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustRoot {
-    cert: CertificateDer<'static>,
+    pub(crate) cert: CertificateDer<'static>,
 }
 
 impl TrustRoot {
@@ -335,9 +332,9 @@ impl TrustRoot {
 /// A certificate chain and its private key: who this process is on the wire.
 #[derive(Debug)]
 pub struct Identity {
-    name: PeerName,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    pub(crate) name: PeerName,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
 }
 
 impl Clone for Identity {
@@ -403,140 +400,6 @@ impl Identity {
     }
 }
 
-/// The data center's certificate authority: issues box and data-center identities.
-pub struct CertificateAuthority {
-    cert: CertificateDer<'static>,
-    key_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl fmt::Debug for CertificateAuthority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the key.
-        f.debug_struct("CertificateAuthority")
-            .field("cert_len", &self.cert.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl CertificateAuthority {
-    /// Creates a new CA with a fresh key; `common_name` names the installation
-    /// ("Example Telecom lbs CA").
-    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::generate().map_err(rcgen_error)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "lbs");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params, CA_VALIDITY);
-        let cert = params.self_signed(&key).map_err(rcgen_error)?;
-        Ok(Self {
-            cert: cert.der().clone(),
-            key_pem: key.serialize_pem(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// Reads a CA certificate and its key from PEM files.
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
-        let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| pem_error(cert_path, e))?;
-        let key_pem = fs::read_to_string(key_path).map_err(|source| TlsError::Io {
-            path: key_path.to_owned(),
-            cause: source,
-        })?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Pem {
-            path: key_path.to_owned(),
-            detail: e.to_string(),
-        })?;
-        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(rcgen_error)?;
-        Ok(Self {
-            cert,
-            key_pem,
-            issuer,
-        })
-    }
-
-    /// Writes the CA certificate and key as PEM, atomically; the key is owner-only.
-    pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
-        write_atomic(key_path, self.key_pem.as_bytes(), 0o600)?;
-        self.trust_root().save(cert_path)
-    }
-
-    /// The certificate boxes pin.
-    pub fn trust_root(&self) -> TrustRoot {
-        TrustRoot {
-            cert: self.cert.clone(),
-        }
-    }
-
-    /// Issues a certificate for `name` over a public key the subject generated itself (the
-    /// key never leaves the box).
-    pub fn issue(
-        &self,
-        name: &PeerName,
-        public_key: &impl PublicKeyData,
-    ) -> Result<CertificateDer<'static>, TlsError> {
-        let mut params = named_params(name)?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // Boxes are both clients and servers: either side of a pair may dial the other.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, IDENTITY_VALIDITY);
-        let cert = params
-            .signed_by(public_key, &self.issuer)
-            .map_err(rcgen_error)?;
-        Ok(cert.der().clone())
-    }
-
-    /// Generates a key pair and issues an identity for it in one step: for the data center's
-    /// own endpoints, the lab and tests. Boxes generate their key themselves and use
-    /// [`CertificateAuthority::issue`].
-    pub fn issue_identity(&self, name: &PeerName) -> Result<Identity, TlsError> {
-        let key = KeyPair::generate().map_err(rcgen_error)?;
-        let cert = self.issue(name, &key)?;
-        let key = PrivateKeyDer::try_from(key.serialize_der())
-            .map_err(|e| TlsError::Certificate(format!("generated key: {e}")))?;
-        Ok(Identity {
-            name: name.clone(),
-            chain: vec![cert],
-            key,
-        })
-    }
-}
-
-impl CertificateAuthority {
-    /// Issues a certificate for `name` from a box's certificate signing request (PKCS #10,
-    /// DER). The request's signature proves the box holds the private key; everything else it
-    /// asks for (names, usages, CA flag) is ignored: the certificate names `name` only and has
-    /// the same usages as every box certificate.
-    ///
-    /// Returns the certificate and its [`key_fingerprint`].
-    pub fn sign_request(
-        &self,
-        name: &PeerName,
-        csr_der: &[u8],
-    ) -> Result<(CertificateDer<'static>, String), TlsError> {
-        let request = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())
-            .map_err(|e| TlsError::Certificate(format!("certificate signing request: {e}")))?;
-        let certificate = self.issue(name, &request.public_key)?;
-        Ok((certificate, fingerprint(request.public_key.der_bytes())))
-    }
-}
-
 /// A short fingerprint of a certificate's public key (BLAKE3 of the key bits, hex): the data
 /// center records the one it signed, so a certificate it replaced (a re-activated box) no
 /// longer gets in.
@@ -547,7 +410,7 @@ pub fn key_fingerprint(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
     Ok(fingerprint(&parsed.public_key().subject_public_key.data))
 }
 
-fn fingerprint(key_bits: &[u8]) -> String {
+pub(crate) fn fingerprint(key_bits: &[u8]) -> String {
     blake3::hash(key_bits).to_hex()[..32].to_owned()
 }
 
@@ -610,7 +473,7 @@ impl PendingIdentity {
 }
 
 /// Certificate parameters naming `name` (common name and the SAN lbs checks).
-fn named_params(name: &PeerName) -> Result<CertificateParams, TlsError> {
+pub(crate) fn named_params(name: &PeerName) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
@@ -624,18 +487,11 @@ fn named_params(name: &PeerName) -> Result<CertificateParams, TlsError> {
     Ok(params)
 }
 
-fn set_validity(params: &mut CertificateParams, validity: Duration) {
-    let now = time::OffsetDateTime::now_utc();
-    // An hour of slack for boxes whose clock is a little behind the data center's.
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + validity;
-}
-
-fn rcgen_error(err: rcgen::Error) -> TlsError {
+pub(crate) fn rcgen_error(err: rcgen::Error) -> TlsError {
     TlsError::Certificate(err.to_string())
 }
 
-fn pem_error(path: &Path, err: rustls_pki_types::pem::Error) -> TlsError {
+pub(crate) fn pem_error(path: &Path, err: rustls_pki_types::pem::Error) -> TlsError {
     match err {
         rustls_pki_types::pem::Error::Io(cause) => TlsError::Io {
             path: path.to_owned(),
@@ -665,7 +521,7 @@ fn key_pem(key: &PrivateKeyDer<'_>) -> String {
     to_pem(label, key.secret_der())
 }
 
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     write_file_atomic(path, contents, mode).map_err(|source| TlsError::Io {
         path: path.to_owned(),
         cause: source,
