@@ -228,7 +228,6 @@ fn default_sets() -> Vec<SetFile> {
 /// One sync set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncSet {
-    /// Its name.
     pub name: String,
     /// Its root on both boxes.
     pub path: PathBuf,

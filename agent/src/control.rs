@@ -62,7 +62,6 @@ pub struct PromoteRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "reply")]
 pub enum ControlReply {
-    /// The status.
     Status(Box<AgentStatus>),
     /// One finding of P's checks.
     Check(Check),

@@ -10,7 +10,6 @@ use crate::status::{Problem, SetState};
 pub struct Facts<'a> {
     /// Now (ms since the epoch).
     pub now_ms: u64,
-    /// The role.
     pub state: RoleState,
     /// Per set: name, state, oldest change waiting (ms since the epoch).
     pub sets: Vec<(&'a str, SetState, Option<u64>)>,

@@ -76,9 +76,7 @@ impl std::fmt::Display for Replication {
 /// Replication of one set, as `lbs status` shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetStatus {
-    /// The set.
     pub name: String,
-    /// Its root.
     pub path: PathBuf,
     /// Where its replication stands.
     pub state: SetState,
@@ -182,9 +180,7 @@ pub struct AgentStatus {
     /// Why this primary does not hold the shared address now (its cable is out), if so.
     #[serde(default)]
     pub address_withdrawn: Option<Withdrawn>,
-    /// The software.
     pub software: String,
-    /// The protocol.
     pub protocol: String,
     /// When the status was made (ms since the epoch).
     pub at_ms: u64,
@@ -235,7 +231,6 @@ pub enum Problem {
     },
     /// The backup's copy of a set is behind the primary (or not known to be current).
     NotInSync {
-        /// The set.
         set: String,
         /// Its state (changed, syncing, error, waiting).
         state: SetState,

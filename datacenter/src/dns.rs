@@ -41,7 +41,6 @@ pub enum DnsError {
     /// A name is not a DNS name, or not inside the zone.
     #[error("DNS name {name:?}: {why}")]
     Name {
-        /// The name.
         name: String,
         /// What is wrong.
         why: String,
@@ -51,7 +50,6 @@ pub enum DnsError {
         "DNS update refused by {server}: TSIG key {key:?} rejected; check the key name and secret against the server's configuration"
     )]
     KeyRejected {
-        /// The server.
         server: SocketAddr,
         /// The key's name.
         key: String,
@@ -61,7 +59,6 @@ pub enum DnsError {
         "DNS record {name} no longer holds {expected}: not overwritten (a newer change may have happened; check the zone)"
     )]
     Changed {
-        /// The name.
         name: String,
         /// What the update expected there.
         expected: String,
@@ -69,17 +66,13 @@ pub enum DnsError {
     /// The server refused for another reason.
     #[error("DNS update of {name} refused by {server}: {code}")]
     Refused {
-        /// The name.
         name: String,
-        /// The server.
         server: SocketAddr,
-        /// Its answer.
         code: String,
     },
     /// No answer (the server is down or unreachable): worth retrying.
     #[error("DNS server {server} did not answer: {reason}")]
     Unreachable {
-        /// The server.
         server: SocketAddr,
         /// What failed.
         reason: String,

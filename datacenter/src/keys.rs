@@ -99,7 +99,6 @@ impl KeyHash {
         Some(KeyHash(blake3::Hash::from_bytes(bytes)))
     }
 
-    /// Its bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         self.0.as_bytes()
     }

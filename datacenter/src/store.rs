@@ -31,7 +31,6 @@ pub enum StoreError {
     /// The activation key is wrong, used, or expired (the reason is logged, not told).
     #[error("activation of {sid} refused: {why}")]
     ActivationRefused {
-        /// The server.
         sid: ServerId,
         /// Why.
         why: Refusal,
@@ -98,7 +97,6 @@ fn db(what: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
 /// A server as provisioned: its SID and one-time activation key (shown once, stored hashed).
 #[derive(Clone, Debug)]
 pub struct Provisioned {
-    /// The server.
     pub sid: ServerId,
     /// Its activation key.
     pub key: ActivationKey,
@@ -109,7 +107,6 @@ pub struct Provisioned {
 /// What a box sends to activate.
 #[derive(Clone, Debug)]
 pub struct ActivationRequest {
-    /// The box.
     pub sid: ServerId,
     /// The key from its sheet.
     pub key: String,
@@ -145,7 +142,6 @@ pub struct Activated {
 pub struct ServerView {
     /// The SID.
     pub sid: String,
-    /// Its role.
     pub role: String,
     /// Its overlay address once activated.
     pub overlay: Option<String>,
@@ -166,7 +162,6 @@ pub struct ServerView {
 /// One DNS record the data center keeps pointed at the pair.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DnsView {
-    /// The name.
     pub name: String,
     /// Where it must point.
     pub want: String,
@@ -187,9 +182,7 @@ pub struct DnsView {
 /// A DNS record that must be written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsWork {
-    /// The pair.
     pub pair_id: i64,
-    /// The name.
     pub name: String,
     /// Where it must point.
     pub want: Ipv4Addr,
@@ -227,9 +220,7 @@ pub struct Promoted {
 /// backup's agent with the same checks as **P** at its console.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PromotionRequest {
-    /// Its number.
     pub id: i64,
-    /// The pair.
     pub pair: String,
     /// Who asked.
     pub requested_by: String,
@@ -259,7 +250,6 @@ pub struct HandOverLimits {
 /// One pair as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PairView {
-    /// Its name.
     pub name: String,
     /// The FQDN the phones use.
     pub fqdn: String,

@@ -19,7 +19,6 @@ pub enum NetError {
     Unreachable {
         /// The gateway asked for.
         gateway: Ipv4Addr,
-        /// The interface.
         link: String,
     },
     /// Not allowed (not root).

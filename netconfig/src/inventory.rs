@@ -15,7 +15,6 @@ pub use lbs_protocol::inventory::{Disk, Inventory, Nic, PciCard, TELEPHONY_VENDO
 #[derive(Debug, thiserror::Error)]
 #[error("reading {}: {source}", path.display())]
 pub struct InventoryError {
-    /// The file.
     pub path: PathBuf,
     /// What the system said.
     pub source: io::Error,

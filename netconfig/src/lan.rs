@@ -68,7 +68,6 @@ impl Drop for Refresh {
 /// Another machine claiming our address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conflict {
-    /// The address.
     pub ip: Ipv4Addr,
     /// Who claims it.
     pub mac: MacAddr,

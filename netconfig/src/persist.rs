@@ -52,9 +52,7 @@ pub struct StaticConfig {
 /// The file that configures an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
-    /// The tool.
     pub manager: Manager,
-    /// Its file.
     pub file: PathBuf,
 }
 
@@ -78,7 +76,6 @@ pub enum PersistError {
          address for it first"
     )]
     NotFound {
-        /// The interface.
         interface: String,
         /// The places searched.
         looked: String,
@@ -86,7 +83,6 @@ pub enum PersistError {
     /// More than one does.
     #[error("{interface} is configured in several places ({}); lbs cannot tell which one this box uses: remove the others", .owners.join(", "))]
     Several {
-        /// The interface.
         interface: String,
         /// Each tool and file.
         owners: Vec<String>,
@@ -94,7 +90,6 @@ pub enum PersistError {
     /// The interface gets its address by DHCP.
     #[error("{interface} gets its address by DHCP in {}; lbs needs a static address on both boxes", .file.display())]
     Dhcp {
-        /// The interface.
         interface: String,
         /// The file saying so.
         file: PathBuf,
@@ -102,7 +97,6 @@ pub enum PersistError {
     /// The file does not say what lbs needs, or says it in a way it cannot change safely.
     #[error("{}: {reason}", .file.display())]
     Unsupported {
-        /// The file.
         file: PathBuf,
         /// What is wrong.
         reason: String,
@@ -110,7 +104,6 @@ pub enum PersistError {
     /// Reading or writing failed.
     #[error("{}: {source}", .path.display())]
     Io {
-        /// The file.
         path: PathBuf,
         /// What the system said.
         source: io::Error,

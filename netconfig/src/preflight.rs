@@ -23,7 +23,6 @@ pub enum Severity {
 /// One check's outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
-    /// Which check.
     pub check: &'static str,
     /// How it came out.
     pub severity: Severity,

@@ -105,7 +105,6 @@ pub enum StepOutcome {
 /// One step's outcome and duration.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct StepReport {
-    /// Which step.
     pub step: Step,
     /// How it ended.
     pub outcome: StepOutcome,
@@ -205,7 +204,6 @@ pub enum TakeoverError {
          nothing was changed"
     )]
     InUse {
-        /// The address.
         ip: Ipv4Addr,
         /// Who answers.
         mac: MacAddr,

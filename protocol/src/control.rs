@@ -118,7 +118,6 @@ pub struct BoxReport {
     pub advertised: Ipv4Addr,
     /// Replication, as the box sees it.
     pub sync: SyncSummary,
-    /// Its tunnels.
     pub tunnels: Vec<TunnelSummary>,
 }
 
@@ -154,7 +153,6 @@ pub struct PairState {
     pub generation: Generation,
     /// The pair's primary.
     pub primary: Option<ServerId>,
-    /// The partner.
     pub partner: Option<PartnerInfo>,
     /// How the two boxes' hardware differs (`None` until both reported an inventory; empty:
     /// identical).

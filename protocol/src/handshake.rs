@@ -58,7 +58,6 @@ pub enum HandshakeError {
     Refused {
         /// Whom we talked to.
         peer: PeerName,
-        /// Its reason.
         refusal: Refusal,
     },
     /// The peer's `Hello` claims someone its certificate does not prove.

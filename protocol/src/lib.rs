@@ -23,7 +23,6 @@
 //! decision (see [`PROTOCOL_VERSION`]). It opens no network sockets of its own: callers hand it
 //! streams.
 
-#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "ca")]

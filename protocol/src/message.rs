@@ -63,14 +63,10 @@ pub enum Message {
         last: bool,
     },
     /// Receiver → sender: send this file's content.
-    SyncFetch {
-        /// Which file.
-        path: RelPath,
-    },
+    SyncFetch { path: RelPath },
     /// Sender → receiver: the next bytes of the file being sent (at most
     /// [`SYNC_CHUNK_LEN`] each).
     SyncData {
-        /// The bytes.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
@@ -84,7 +80,6 @@ pub enum Message {
     /// Receiver → sender: send this file's changes against the version the receiver holds,
     /// whose per-block BLAKE3 chaining values follow in parts (`last` closes them).
     SyncFetchChanges {
-        /// Which file.
         path: RelPath,
         /// The block size of the values.
         block_size: u32,
@@ -105,7 +100,6 @@ pub enum Message {
     /// Sender → receiver: the request could not be served (the file vanished, say); the
     /// receiver leaves that path for the next pass.
     SyncUnavailable {
-        /// Which file.
         path: RelPath,
         /// Why, for the operator.
         reason: String,
@@ -141,7 +135,6 @@ pub enum Message {
     /// (lines inserted in a config file); the sender answers with [`Message::SyncDelta`]
     /// parts, or with the whole file, then [`Message::SyncDataEnd`].
     SyncFetchDelta {
-        /// Which file.
         path: RelPath,
         /// The receiver's signature of its version (at most a few hundred KiB).
         #[serde(with = "serde_bytes")]
@@ -149,7 +142,6 @@ pub enum Message {
     },
     /// Sender → receiver: the next part of a delta (at most [`SYNC_CHUNK_LEN`]).
     SyncDelta {
-        /// The bytes.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
@@ -185,7 +177,6 @@ pub enum Message {
     /// Primary → backup on a watch connection: these sets changed (or, with `overflow`, the
     /// watch lost events: reconcile everything).
     SyncChanged {
-        /// The sets.
         sets: Vec<String>,
         /// The kernel dropped events; only a full reconcile is safe.
         overflow: bool,
@@ -195,7 +186,6 @@ pub enum Message {
     PromotionRequested {
         /// What a `PairState` answer would have said.
         state: crate::control::PairState,
-        /// The request.
         request: crate::control::RemotePromotion,
     },
     /// Data center → box, answering its report (protocol 1.2, never to an older box): the

@@ -19,7 +19,6 @@ pub enum ParseError {
 /// An IPv4 address with its prefix length, as configured on an interface (`192.168.1.2/24`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Ipv4Cidr {
-    /// The address.
     pub addr: Ipv4Addr,
     /// The prefix length, 0–32.
     pub prefix: u8,

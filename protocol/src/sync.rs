@@ -26,12 +26,10 @@ pub struct FileMeta {
 pub enum ManifestKind {
     /// A regular file.
     File {
-        /// Its length.
         size: u64,
         /// The BLAKE3 hash of its content.
         blake3: [u8; 32],
     },
-    /// A directory.
     Dir,
     /// A symbolic link and its target, as raw bytes (copied, never followed).
     Symlink {
@@ -50,7 +48,6 @@ pub struct ManifestEntry {
     pub path: RelPath,
     /// What.
     pub kind: ManifestKind,
-    /// Its metadata.
     pub meta: FileMeta,
 }
 

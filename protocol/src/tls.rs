@@ -134,7 +134,6 @@ pub enum TlsError {
     // with `{:#}` would say it twice).
     #[error("{}: {cause}", path.display())]
     Io {
-        /// The file.
         path: PathBuf,
         /// What the OS said.
         cause: io::Error,
@@ -142,7 +141,6 @@ pub enum TlsError {
     /// A PEM file holds nothing usable.
     #[error("{}: {detail}", path.display())]
     Pem {
-        /// The file.
         path: PathBuf,
         /// What is wrong with it.
         detail: String,

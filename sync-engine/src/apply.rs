@@ -77,7 +77,6 @@ pub enum ApplyError {
         "{path}: received content hashes to {got}, the sender announced {want}; old version kept"
     )]
     HashMismatch {
-        /// The path.
         path: RelPath,
         /// The sender's hash.
         want: blake3::Hash,
@@ -91,7 +90,6 @@ pub enum ApplyError {
         root.display()
     )]
     DiskFull {
-        /// The path.
         path: RelPath,
         /// The root whose file system is full.
         root: PathBuf,
@@ -99,9 +97,7 @@ pub enum ApplyError {
     /// Any other system call failed.
     #[error("{path}: {what}: {source}")]
     Io {
-        /// The path.
         path: RelPath,
-        /// Which step.
         what: &'static str,
         /// What the OS said.
         source: io::Error,
@@ -119,7 +115,6 @@ pub enum ApplyError {
     /// The root itself cannot be opened.
     #[error("sync root {}: {source}", root.display())]
     Root {
-        /// The root.
         root: PathBuf,
         /// What the OS said.
         source: io::Error,
@@ -162,12 +157,10 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// The destination.
     pub fn path(&self) -> &RelPath {
         &self.rel
     }
 
-    /// Its length.
     pub fn len(&self) -> u64 {
         self.tree.len
     }

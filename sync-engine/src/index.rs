@@ -19,7 +19,6 @@ use crate::tree::{BlockSize, Cv};
 pub enum EntryKind {
     /// A regular file.
     File,
-    /// A directory.
     Dir,
     /// A symbolic link, copied as a link (never followed); the target as raw bytes.
     Symlink(Vec<u8>),
@@ -97,7 +96,6 @@ pub struct Entry {
     pub path: RelPath,
     /// What it is.
     pub kind: EntryKind,
-    /// Its metadata.
     pub meta: Meta,
     /// Regular files: the content hash.
     pub hash: Option<ContentHash>,

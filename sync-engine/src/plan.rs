@@ -60,11 +60,9 @@ pub enum Action {
     Fetch {
         /// Where.
         path: RelPath,
-        /// Its length.
         size: u64,
         /// The hash the result must have.
         blake3: [u8; 32],
-        /// Its metadata.
         meta: FileMeta,
         /// What can serve as a basis.
         basis: Basis,
@@ -75,25 +73,20 @@ pub enum Action {
         path: RelPath,
         /// From where.
         from: Source,
-        /// Its length.
         size: u64,
         /// The hash the result must have.
         blake3: [u8; 32],
-        /// Its metadata.
         meta: FileMeta,
     },
     /// Create or replace a symlink.
     Symlink {
         /// Where.
         path: RelPath,
-        /// Its target.
         target: Vec<u8>,
-        /// Its metadata.
         meta: FileMeta,
     },
     /// Set mode, owner and mtime of an entry whose content is right.
     SetMeta {
-        /// Which.
         path: RelPath,
         /// To what.
         meta: FileMeta,
@@ -133,7 +126,6 @@ pub struct Plan {
     /// Where the directories' metadata steps begin in `actions` (everything before them has
     /// to be in place first: a new file changes its directory's mtime).
     pub dirs_from: usize,
-    /// The numbers.
     pub summary: PlanSummary,
 }
 

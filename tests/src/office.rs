@@ -51,7 +51,6 @@ pub const SETS: [(&str, &str); 5] = [
     ("recordings", "var/spool/asterisk/monitor"),
 ];
 
-/// The boxes.
 pub const BOXES: [&str; 2] = ["primary", "backup"];
 
 /// The office, running.

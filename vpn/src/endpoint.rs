@@ -16,7 +16,6 @@ use crate::wg::{BackendChoice, BackendKind, Key, PeerConfig, PeerState, WireGuar
 /// An endpoint's configuration.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
-    /// The interface.
     pub interface: String,
     /// The endpoint's private key.
     pub private_key: Key,
@@ -100,7 +99,6 @@ impl Endpoint {
         self.backend.kind()
     }
 
-    /// The interface.
     pub fn interface(&self) -> &str {
         &self.config.interface
     }

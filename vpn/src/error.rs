@@ -16,7 +16,6 @@ pub enum VpnError {
     /// A WireGuard device refused or failed an operation.
     #[error("WireGuard interface {name}: {what}: {reason}")]
     Device {
-        /// The interface.
         name: String,
         /// What was being done.
         what: String,

@@ -74,16 +74,12 @@ pub enum Health {
 pub enum Action {
     /// Route the overlay through this tunnel.
     Route {
-        /// Which.
         tunnel: usize,
         /// Why, for the log and status.
         why: Why,
     },
     /// Remove this tunnel's peer and add it again (never modify it in place).
-    ResetPeer {
-        /// Which.
-        tunnel: usize,
-    },
+    ResetPeer { tunnel: usize },
 }
 
 /// Why the route moved.
@@ -110,7 +106,6 @@ pub enum Why {
 /// One tunnel's state, for `lbs status` and the data center.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TunnelStatus {
-    /// Its health.
     pub health: Health,
     /// Whether the overlay is routed through it.
     pub active: bool,

@@ -143,7 +143,6 @@ impl TunnelsConfig {
 pub struct TunnelReport {
     /// The endpoint's name.
     pub name: String,
-    /// The interface.
     pub interface: String,
     /// The endpoint's internet address.
     pub endpoint: SocketAddr,

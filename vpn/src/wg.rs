@@ -93,7 +93,6 @@ pub struct PeerState {
 pub struct DeviceState {
     /// The UDP port it listens on.
     pub listen_port: Option<u16>,
-    /// Its peers.
     pub peers: Vec<PeerState>,
 }
 

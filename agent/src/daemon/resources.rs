@@ -11,8 +11,15 @@ pub(crate) async fn sample_resources(shared: Arc<Shared>, shutdown: Cancellation
     loop {
         match sampler.sample() {
             Ok(Some(sample)) => {
-                if let Err(err) = lock(&shared.resources).record(sample) {
-                    tracing::warn!("recording resources: {err:#}");
+                // A SQLite write (and its fsync): on a blocking thread.
+                let recorder = shared.clone();
+                let recorded =
+                    tokio::task::spawn_blocking(move || lock(&recorder.resources).record(sample))
+                        .await;
+                match recorded {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::warn!("recording resources: {err:#}"),
+                    Err(err) => tracing::warn!("recording resources: {err}"),
                 }
             }
             Ok(None) => {}

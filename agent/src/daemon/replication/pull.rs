@@ -121,11 +121,17 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                     purge_trash(&set.name, &set.path, shared.config().trash_retention).await;
                 }
                 if set.name == ASTDB_SET
-                    && let Some(target) = &shared.config().astdb
+                    && let Some(target) = shared.config().astdb.clone()
                     && report.plan.fetch_files + report.plan.local_copies > 0
-                    && let Err(err) = install_astdb(&set.path, target)
                 {
-                    tracing::error!("installing the astdb copy: {err:#}");
+                    let copy = set.path.clone();
+                    let installed =
+                        tokio::task::spawn_blocking(move || install_astdb(&copy, &target)).await;
+                    match installed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => tracing::error!("installing the astdb copy: {err:#}"),
+                        Err(err) => tracing::error!("installing the astdb copy: {err}"),
+                    }
                 }
                 let fetched = report.plan.fetch_files;
                 let left = report.plan.pending + report.executed.deferred.len() as u64;

@@ -35,10 +35,13 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
     let peer = Arc::new(peer);
     let sets = open_sets(&shared)?;
     let astdb = astdb_dir(&shared.paths);
-    if let Some(source) = &shared.config().astdb
-        && let Err(err) = snapshot_astdb(source, &astdb)
-    {
-        tracing::warn!("astdb snapshot: {err:#}");
+    if let Some(source) = shared.config().astdb.clone() {
+        let dir = astdb.clone();
+        match tokio::task::spawn_blocking(move || snapshot_astdb(&source, &dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("astdb snapshot: {err:#}"),
+            Err(err) => tracing::warn!("astdb snapshot: {err}"),
+        }
     }
     for (set, _, _) in &sets {
         shared.set_status(&set.name, |s| s.state = SetState::Serving);
