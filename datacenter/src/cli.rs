@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use lbs_protocol::{CertificateAuthority, PairName, ServerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{SqliteStore, Store};
+use crate::store::{DnsState, RequestState, SqliteStore, Store};
 use crate::time::{now_ms, utc as when};
 
 /// The CA certificate, its key and the database, in the data directory.
@@ -387,9 +387,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             loop {
                 std::thread::sleep(Duration::from_millis(200));
                 let now = store.promotion_request(request.id, now_ms())?;
-                match now.state.as_str() {
-                    "pending" => continue,
-                    "promoted" => {
+                match now.state {
+                    RequestState::Pending => continue,
+                    RequestState::Promoted => {
                         println!(
                             "done: the backup was {} after {:.1} s; it takes the shared address and starts the PBX now (lbs-datacenter status shows it)",
                             now.answer.unwrap_or_default(),
@@ -460,12 +460,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 for r in &pair.dns {
-                    let state = match r.state.as_str() {
+                    let state = match r.state {
                         _ if !dns_configured => {
                             "not configured (no [dns] in datacenter.toml)".to_owned()
                         }
-                        "done" => format!("ok since {}", r.done_at.map_or("-".into(), when)),
-                        "pending" => "PENDING".to_owned(),
+                        DnsState::Done => {
+                            format!("ok since {}", r.done_at.map_or("-".into(), when))
+                        }
+                        DnsState::Pending => "PENDING".to_owned(),
                         _ => format!(
                             "RETRYING ({} failed: {})",
                             r.attempts,

@@ -31,7 +31,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EndpointSettings, RateLimit, ServeConfig};
-use crate::store::{self, Millis, PairView, SqliteStore, Store, StoreError};
+use crate::store::{self, DnsState, Millis, PairView, SqliteStore, Store, StoreError};
 use crate::time::now_ms;
 
 /// How long a peer may take for the TLS handshake or to send its request.
@@ -832,7 +832,7 @@ async fn on_report(
                         .map(|record| {
                             let mut record = record.clone();
                             if inner.config.dns.is_none() {
-                                record.state = "not configured".into();
+                                record.state = DnsState::NotConfigured;
                                 record.last_error = None;
                             }
                             record
@@ -840,11 +840,11 @@ async fn on_report(
                         .map(|record| lbs_protocol::control::DnsRecordState {
                             name: record.name.clone(),
                             want: record.want.clone(),
-                            state: match (&record.last_error, record.state.as_str()) {
-                                (Some(why), "retrying") => {
+                            state: match (&record.last_error, record.state) {
+                                (Some(why), DnsState::Retrying) => {
                                     format!("retrying ({} failed: {why})", record.attempts)
                                 }
-                                (_, state) => state.to_owned(),
+                                (_, state) => state.to_string(),
                             },
                         })
                         .collect(),

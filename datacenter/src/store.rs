@@ -159,6 +159,76 @@ pub struct ServerView {
     pub report: Option<serde_json::Value>,
 }
 
+/// Where a DNS record stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum DnsState {
+    /// It points where it must.
+    #[serde(rename = "done")]
+    Done,
+    /// Not tried yet.
+    #[serde(rename = "pending")]
+    Pending,
+    /// Failed at least once; tried again.
+    #[serde(rename = "retrying")]
+    Retrying,
+    /// No `[dns]` in datacenter.toml: nothing updates it.
+    #[serde(rename = "not configured")]
+    NotConfigured,
+}
+
+/// Where a promotion (or hand-over) the provider asked for stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestState {
+    /// The backup has not answered yet.
+    Pending,
+    /// The backup was promoted.
+    Promoted,
+    /// The backup's checks refused it.
+    Refused,
+    /// The backup did not act on it in time.
+    Expired,
+}
+
+/// The words the database, JSON and people use for a state.
+macro_rules! worded {
+    ($type:ident { $($variant:ident => $word:literal),* $(,)? }) => {
+        impl $type {
+            pub fn as_str(&self) -> &'static str {
+                match self { $($type::$variant => $word),* }
+            }
+        }
+        impl std::fmt::Display for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl PartialEq<&str> for $type {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+worded!(DnsState { Done => "done", Pending => "pending", Retrying => "retrying", NotConfigured => "not configured" });
+worded!(RequestState { Pending => "pending", Promoted => "promoted", Refused => "refused", Expired => "expired" });
+
+impl rusqlite::types::FromSql for RequestState {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(match value.as_str()? {
+            "pending" => RequestState::Pending,
+            "promoted" => RequestState::Promoted,
+            "refused" => RequestState::Refused,
+            "expired" => RequestState::Expired,
+            other => {
+                return Err(rusqlite::types::FromSqlError::Other(
+                    format!("unknown promotion request state {other:?}").into(),
+                ));
+            }
+        })
+    }
+}
+
 /// One DNS record the data center keeps pointed at the pair.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DnsView {
@@ -167,8 +237,7 @@ pub struct DnsView {
     pub want: String,
     /// Where the data center last made it point.
     pub have: Option<String>,
-    /// `done`, `pending` (not yet tried) or `retrying` (failed at least once).
-    pub state: String,
+    pub state: DnsState,
     /// Failed attempts since the last change.
     pub attempts: i64,
     /// The last failure, in words.
@@ -228,8 +297,7 @@ pub struct PromotionRequest {
     pub requested_at: Millis,
     /// Until when the backup may act on it.
     pub expires_at: Millis,
-    /// `pending`, `promoted`, `refused` or `expired`.
-    pub state: String,
+    pub state: RequestState,
     /// The backup's answer: the generation it was promoted at, or why it refused.
     pub answer: Option<String>,
     /// Set when the primary asked (a hand-over): why.
@@ -675,17 +743,17 @@ impl SqliteStore {
                 let have: Option<String> = r.get(2)?;
                 let attempts: i64 = r.get(3)?;
                 let state = if have.as_deref() == Some(want.as_str()) {
-                    "done"
+                    DnsState::Done
                 } else if attempts == 0 {
-                    "pending"
+                    DnsState::Pending
                 } else {
-                    "retrying"
+                    DnsState::Retrying
                 };
                 Ok(DnsView {
                     name: r.get(0)?,
                     want,
                     have,
-                    state: state.to_owned(),
+                    state,
                     attempts,
                     last_error: r.get(4)?,
                     changed_at: r.get(5)?,
