@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use lbs_protocol::{CertificateAuthority, PairName, ServerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{DnsState, RequestState, SqliteStore, Store};
+use crate::store::{DnsState, RequestState, SqliteStore, Store, StoredReport};
 use crate::time::{now_ms, utc as when};
 
 /// The CA certificate, its key and the database, in the data directory.
@@ -508,38 +508,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// A box's last report in a line: what it believes, its sync backlog and its tunnels.
-fn report_line(report: &serde_json::Value) -> String {
-    let files = report["sync_pending_files"].as_u64().unwrap_or(0);
-    let bytes = report["sync_pending_bytes"].as_u64().unwrap_or(0);
-    let synced = match report["sync_last_complete_ms"].as_i64() {
-        Some(at) => format!("last complete sync {}", when(at)),
+fn report_line(report: &StoredReport) -> String {
+    let files = report.sync_pending_files.unwrap_or(0);
+    let bytes = report.sync_pending_bytes.unwrap_or(0);
+    let synced = match report.sync_last_complete_ms {
+        Some(at) => format!(
+            "last complete sync {}",
+            when(i64::try_from(at).unwrap_or(i64::MAX))
+        ),
         None => "no complete sync yet".to_owned(),
     };
-    let tunnels: Vec<String> = report["tunnels"]
-        .as_array()
-        .map(|all| {
-            all.iter()
-                .map(|t| {
-                    let name = t[0].as_str().unwrap_or("?");
-                    let health = if t[1].as_bool() == Some(true) {
-                        "up"
-                    } else {
-                        "DOWN"
-                    };
-                    let active = if t[2].as_bool() == Some(true) {
-                        " (active)"
-                    } else {
-                        ""
-                    };
-                    format!("{name} {health}{active}")
-                })
-                .collect()
+    let tunnels: Vec<String> = report
+        .tunnels
+        .iter()
+        .map(|(name, healthy, active)| {
+            format!(
+                "{name} {}{}",
+                if *healthy { "up" } else { "DOWN" },
+                if *active { " (active)" } else { "" }
+            )
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "says {}, serving at {}; sync: {files} files / {bytes} bytes pending, {synced}; tunnels: {}",
-        report["role"].as_str().unwrap_or("?"),
-        report["advertised"].as_str().unwrap_or("?"),
+        if report.role.is_empty() {
+            "?"
+        } else {
+            &report.role
+        },
+        report.advertised.map_or("?".to_owned(), |a| a.to_string()),
         if tunnels.is_empty() {
             "none reported".to_owned()
         } else {

@@ -783,7 +783,7 @@ async fn on_report(
         believed,
         software: report.software.to_string(),
         advertised: report.advertised,
-        json: serde_json::to_string(&ReportJson::from(&report)).unwrap_or_default(),
+        json: serde_json::to_string(&stored_report(&report)).unwrap_or_default(),
     };
     let believes = report.role;
     let result = with_store(inner, move |s| {
@@ -958,33 +958,20 @@ async fn on_register(inner: &Arc<Inner>, sid: ServerId, actor: String) -> Messag
     }
 }
 
-/// A report as `status --json` shows it.
-#[derive(serde::Serialize)]
-struct ReportJson {
-    role: String,
-    software: String,
-    advertised: Ipv4Addr,
-    sync_last_complete_ms: Option<u64>,
-    sync_pending_files: u64,
-    sync_pending_bytes: u64,
-    tunnels: Vec<(String, bool, bool)>,
-}
-
-impl From<&BoxReport> for ReportJson {
-    fn from(r: &BoxReport) -> Self {
-        ReportJson {
-            role: r.role.to_string(),
-            software: r.software.to_string(),
-            advertised: r.advertised,
-            sync_last_complete_ms: r.sync.last_complete_ms,
-            sync_pending_files: r.sync.pending_files,
-            sync_pending_bytes: r.sync.pending_bytes,
-            tunnels: r
-                .tunnels
-                .iter()
-                .map(|t| (t.name.clone(), t.healthy, t.active))
-                .collect(),
-        }
+/// A report as the data center keeps it (and `status --json` shows it).
+fn stored_report(r: &BoxReport) -> store::StoredReport {
+    store::StoredReport {
+        role: r.role.to_string(),
+        software: r.software.to_string(),
+        advertised: Some(r.advertised),
+        sync_last_complete_ms: r.sync.last_complete_ms,
+        sync_pending_files: Some(r.sync.pending_files),
+        sync_pending_bytes: Some(r.sync.pending_bytes),
+        tunnels: r
+            .tunnels
+            .iter()
+            .map(|t| (t.name.clone(), t.healthy, t.active))
+            .collect(),
     }
 }
 

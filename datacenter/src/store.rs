@@ -155,8 +155,8 @@ pub struct ServerView {
     pub reported_generation: Option<u64>,
     /// The address it serves phones on, as it last said.
     pub advertised: Option<String>,
-    /// Its last report (role, sync, tunnels), as it sent it.
-    pub report: Option<serde_json::Value>,
+    /// Its last report (role, sync, tunnels).
+    pub report: Option<StoredReport>,
 }
 
 /// Where a DNS record stands.
@@ -272,6 +272,34 @@ pub struct Report {
     pub advertised: Ipv4Addr,
     /// The whole report, JSON.
     pub json: String,
+}
+
+/// A box's last report as the data center keeps it (JSON in the database; a field an older
+/// data center did not keep is empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StoredReport {
+    /// The role it believes it has.
+    pub role: String,
+    pub software: String,
+    /// Where it serves phones.
+    pub advertised: Option<Ipv4Addr>,
+    /// When every set was last complete on the backup.
+    pub sync_last_complete_ms: Option<u64>,
+    /// Files and bytes not copied yet (`None`: not said, so not known to be in sync).
+    pub sync_pending_files: Option<u64>,
+    pub sync_pending_bytes: Option<u64>,
+    /// Per tunnel: name, healthy, carrying the overlay.
+    pub tunnels: Vec<(String, bool, bool)>,
+}
+
+impl StoredReport {
+    /// The backup's copy is complete as of its last report.
+    pub fn in_sync(&self) -> bool {
+        self.sync_pending_files == Some(0)
+            && self.sync_pending_bytes == Some(0)
+            && self.sync_last_complete_ms.is_some()
+    }
 }
 
 /// What a promotion did.
@@ -708,7 +736,7 @@ impl SqliteStore {
                         advertised: r.get(7)?,
                         report: r
                             .get::<_, Option<String>>(8)?
-                            .and_then(|j| serde_json::from_str(&j).ok()),
+                            .and_then(|j| serde_json::from_str::<StoredReport>(&j).ok()),
                     },
                     r.get::<_, Option<String>>(9)?,
                 ))
@@ -1740,13 +1768,11 @@ impl Store for SqliteStore {
                 ))
             )));
         }
-        let report: serde_json::Value = report
+        let report: StoredReport = report
             .as_deref()
             .and_then(|r| serde_json::from_str(r).ok())
             .unwrap_or_default();
-        let pending = report["sync_pending_files"].as_u64().unwrap_or(u64::MAX)
-            | report["sync_pending_bytes"].as_u64().unwrap_or(u64::MAX);
-        if pending != 0 || report["sync_last_complete_ms"].as_i64().is_none() {
+        if !report.in_sync() {
             return Err(StoreError::NotAllowed(format!(
                 "the backup {backup} is not in sync by its last report: not handing over to it"
             )));
