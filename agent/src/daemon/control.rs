@@ -56,11 +56,23 @@ pub(crate) async fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Res
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "another lbs agent answers on {}; stop it first",
-                path.display()
-            );
+        // Only an agent that answers counts: a socket nobody listens on is stale, and one
+        // whose holder does not answer as an agent within 2 s (a process that inherited it
+        // from an agent killed a moment ago, say) must not keep this agent from starting.
+        match crate::control::ask_status(path, Duration::from_secs(2)).await {
+            Ok(other) => bail!(
+                "another lbs agent answers on {} ({} {}); stop it first",
+                path.display(),
+                other.info.sid,
+                other.role.state
+            ),
+            Err(err) if tokio::net::UnixStream::connect(path).await.is_ok() => {
+                tracing::warn!(
+                    "{} is held but not answered by an agent ({err:#}); taking it over",
+                    path.display()
+                );
+            }
+            Err(_) => {}
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
@@ -534,6 +546,21 @@ mod tests {
         };
         let remote = PromoteOptions::resolve(&request, None).unwrap_err();
         assert!(remote.contains("keeps its own address"), "{remote}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_held_by_something_that_is_not_an_agent_does_not_stop_the_agent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("agent.sock");
+        // A listener that never answers (an inherited descriptor, a wedged process).
+        let _silent = tokio::net::UnixListener::bind(&path).unwrap();
+        let started = std::time::Instant::now();
+        let _ours = bind_socket(&path, None).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // A stale file nobody listens on is replaced at once.
+        let stale = tmp.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let _ours = bind_socket(&stale, None).await.unwrap();
     }
 
     #[tokio::test]
