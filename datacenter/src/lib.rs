@@ -17,6 +17,8 @@
 //!   site's control API (mutual TLS with a data-center certificate) and cached on disk.
 //! - [`config`]: `serve`'s (and `site`'s) TOML, every field defaulted.
 //! - [`time`]: timestamps and how they are shown.
+//! - [`view`]: the states the store keeps and shows (DNS record, promotion request, a box's
+//!   last report), as types.
 //! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | promote |
 //!   status | events | site-identity | site`.
 
@@ -28,3 +30,4 @@ pub mod serve;
 pub mod site;
 pub mod store;
 pub mod time;
+pub mod view;
