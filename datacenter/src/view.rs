@@ -59,18 +59,25 @@ worded!(RequestState { Pending => "pending", Promoted => "promoted", Refused => 
 
 impl rusqlite::types::FromSql for RequestState {
     fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        Ok(match value.as_str()? {
-            "pending" => RequestState::Pending,
-            "promoted" => RequestState::Promoted,
-            "refused" => RequestState::Refused,
-            "expired" => RequestState::Expired,
-            other => {
-                return Err(rusqlite::types::FromSqlError::Other(
-                    format!("unknown promotion request state {other:?}").into(),
-                ));
-            }
-        })
+        let word = value.as_str()?;
+        RequestState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == word)
+            .ok_or_else(|| {
+                rusqlite::types::FromSqlError::Other(
+                    format!("unknown promotion request state {word:?}").into(),
+                )
+            })
     }
+}
+
+impl RequestState {
+    const ALL: [RequestState; 4] = [
+        RequestState::Pending,
+        RequestState::Promoted,
+        RequestState::Refused,
+        RequestState::Expired,
+    ];
 }
 
 /// A box's last report as the data center keeps it (JSON in the database; a field an older

@@ -66,13 +66,20 @@ pub(crate) async fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Res
                 other.info.sid,
                 other.role.state
             ),
-            Err(err) if tokio::net::UnixStream::connect(path).await.is_ok() => {
-                tracing::warn!(
-                    "{} is held but not answered by an agent ({err:#}); taking it over",
-                    path.display()
-                );
+            Err(err) => {
+                // Refused: nobody listens (the usual stale file after a crash), said nowhere.
+                let refused = err.chain().any(|cause| {
+                    cause
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+                });
+                if !refused {
+                    tracing::warn!(
+                        "{} is held but not answered by an agent ({err:#}); taking it over",
+                        path.display()
+                    );
+                }
             }
-            Err(_) => {}
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
