@@ -1,7 +1,8 @@
-//! Mutual-TLS identities: the data center's [`CertificateAuthority`] issues every box an
-//! [`Identity`] naming its SID; boxes pin the CA as their [`TrustRoot`]. A connection is
-//! accepted only when the peer's certificate chains to that root *and* names the peer we
-//! expect ([`AcceptPeers`]): a box talks to its partner and the data center, nobody else.
+//! Mutual-TLS identities: the data center's `CertificateAuthority` (`crate::ca`, feature
+//! `ca`) issues every box an [`Identity`] naming its SID; boxes pin the CA as their
+//! [`TrustRoot`]. A connection is accepted only when the peer's certificate chains to that
+//! root *and* names the peer we expect ([`AcceptPeers`]): a box talks to its partner and the
+//! data center, nobody else.
 //!
 //! Names live in the certificate's DNS subject-alternative-name under the `.invalid` TLD
 //! (see [`PeerName::certificate_name`]), so the ordinary WebPKI name check does the work on
