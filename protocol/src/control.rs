@@ -305,7 +305,7 @@ pub enum CallError {
 }
 
 /// Sends `message` with our `generation` on a connection and waits (at most `timeout`) for
-/// the answer. A [`Message::Denied`] or [`Message::Refused`] answer is an error.
+/// the answer. A [`crate::Message::Denied`] or [`crate::Message::Refused`] answer is an error.
 pub async fn call<S>(
     conn: &mut crate::Connection<S>,
     generation: Generation,
