@@ -25,6 +25,7 @@ pub mod health;
 pub mod net_cmd;
 pub mod peer;
 pub mod promote_cmd;
+mod pull;
 pub mod resources;
 pub mod role;
 pub mod status;

@@ -8,15 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::SinkExt;
+use lbs_protocol::Role;
 use lbs_protocol::listen::{Serving, serve_until};
-use lbs_protocol::{Envelope, Message, Role};
 use lbs_sync::{Index, ScanOptions, Trash, manifest, scan};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::peer::{Peer, PeerArgs};
+use crate::pull::{Pull, purge_trash};
 
 /// How long `serve` lets running transfers finish when asked to stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,8 +167,24 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         .trash
         .clone()
         .unwrap_or_else(|| Trash::default_for(&args.root));
-    let trash = Trash::open(&trash_dir)?;
-    let (mut conn, negotiated, meter) = peer.connect(args.from, Role::Backup).await?;
+    let cancel = CancellationToken::new();
+    let connected = Pull {
+        peer: &peer,
+        from: args.from,
+        set: None,
+        root: &args.root,
+        index,
+        trash: &trash_dir,
+        durability: if args.no_fsync {
+            lbs_sync::Durability::Off
+        } else {
+            lbs_sync::Durability::Grouped
+        },
+        cancel: cancel.clone(),
+    }
+    .connect()
+    .await?;
+    let negotiated = &connected.negotiated;
     println!(
         "pulling {} from {} (lbs {}, protocol {})",
         args.root.display(),
@@ -177,32 +192,20 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         negotiated.peer.software,
         negotiated.version
     );
-    let (progress, updates) = watch::channel(lbs_sync::Progress::default());
-    let bar = tokio::spawn(show_progress(updates));
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let report = {
-        let pulling = lbs_sync::pull(
-            &mut conn,
-            &args.root,
-            index,
-            &trash,
-            peer.generation,
-            lbs_sync::PullOptions {
-                progress: Some(progress),
-                durability: if args.no_fsync {
-                    lbs_sync::Durability::Off
-                } else {
-                    lbs_sync::Durability::Grouped
-                },
-                cancel: Some(cancel.clone()),
-            },
-        );
+    let meter = connected.meter.clone();
+    let bar = progress_bar();
+    let pulled = {
+        let pulling = connected.pull(|now| {
+            bar.set_length(now.bytes_total);
+            bar.set_position((now.bytes_done + now.current_bytes).min(now.bytes_total));
+            bar.set_message(format!("{}/{} steps", now.actions_done, now.actions_total));
+        });
         tokio::pin!(pulling);
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         // Ctrl-C or SIGTERM: stop at the next chunk, keep what is complete, and say so.
         tokio::select! {
-            report = &mut pulling => report,
+            pulled = &mut pulling => pulled,
             _ = tokio::signal::ctrl_c() => {
                 cancel.cancel();
                 pulling.await
@@ -213,27 +216,20 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    // The pull dropped its end of the channel, so the bar finishes now.
-    let _ = bar.await;
-    let report = match report {
-        Err(err @ lbs_sync::SessionError::Cancelled) => {
-            println!("{err}");
+    bar.finish_and_clear();
+    let report = match pulled {
+        Ok(report) => report,
+        Err(err) => {
+            match err.downcast_ref::<lbs_sync::SessionError>() {
+                Some(cancelled @ lbs_sync::SessionError::Cancelled) => println!("{cancelled}"),
+                Some(lbs_sync::SessionError::Apply(
+                    interrupted @ lbs_sync::ApplyError::Interrupted { .. },
+                )) => println!("{interrupted}; the next pull resumes it"),
+                _ => return Err(err),
+            }
             return Ok(ExitCode::from(EXIT_INCOMPLETE));
         }
-        Err(lbs_sync::SessionError::Apply(err @ lbs_sync::ApplyError::Interrupted { .. })) => {
-            println!("{err}; the next pull resumes it");
-            return Ok(ExitCode::from(EXIT_INCOMPLETE));
-        }
-        other => other?,
     };
-    let _ = conn
-        .send(Envelope {
-            generation: peer.generation,
-            message: Message::Goodbye {
-                reason: "pull complete".into(),
-            },
-        })
-        .await;
     let plan = report.plan;
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     match &report.recovery {
@@ -295,16 +291,13 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         println!("deferred {path}: {reason}");
     }
     let retention = Duration::from_secs(args.trash_retention_days * 24 * 3600);
-    match trash.purge(retention) {
+    match purge_trash(trash_dir.clone(), retention).await {
         Ok(0) => {}
         Ok(n) => println!(
             "removed {n} trash batch(es) older than {} days",
             args.trash_retention_days
         ),
-        Err(err) => println!(
-            "warning: cannot empty old trash in {}: {err}",
-            trash_dir.display()
-        ),
+        Err(err) => println!("warning: {err:#}"),
     }
     println!(
         "on the wire: {} bytes ({} sent, {} received, TLS included)",
@@ -325,20 +318,13 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Draws a progress bar on a terminal (nothing otherwise) until the pull hangs up.
-async fn show_progress(mut updates: watch::Receiver<lbs_sync::Progress>) {
+/// A progress bar on a terminal (drawn nowhere otherwise).
+fn progress_bar() -> indicatif::ProgressBar {
     let style = indicatif::ProgressStyle::with_template(
         "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
     )
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    let bar = indicatif::ProgressBar::new(0).with_style(style);
-    while updates.changed().await.is_ok() {
-        let now = *updates.borrow_and_update();
-        bar.set_length(now.bytes_total);
-        bar.set_position((now.bytes_done + now.current_bytes).min(now.bytes_total));
-        bar.set_message(format!("{}/{} steps", now.actions_done, now.actions_total));
-    }
-    bar.finish_and_clear();
+    indicatif::ProgressBar::new(0).with_style(style)
 }
 
 /// `lbs sync verify`.

@@ -7,13 +7,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt;
-use lbs_protocol::{Envelope, Message, Role};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ASTDB_SET, SyncSet};
 use crate::peer::Peer;
+use crate::pull::{Pull, purge_trash};
 use crate::status::SetState;
 
 use crate::daemon::replication::astdb::install_astdb;
@@ -118,7 +117,7 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                 }
                 if purged[i].is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
                     purged[i] = Some(Instant::now());
-                    purge_trash(&set.name, &set.path, shared.config().trash_retention).await;
+                    purge_set_trash(&set.name, &set.path, shared.config().trash_retention).await;
                 }
                 if set.name == ASTDB_SET
                     && let Some(target) = shared.config().astdb.clone()
@@ -203,6 +202,8 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
     Ok(())
 }
 
+/// One pass of `set` over the shared pull path; `on_progress(total, done)` as it goes, so that
+/// if the primary dies half way, P says how much of this set's last changes the copy lacks.
 pub(crate) async fn pull_one(
     (peer, address): (Peer, SocketAddr),
     set: &SyncSet,
@@ -210,104 +211,36 @@ pub(crate) async fn pull_one(
     stop: CancellationToken,
     on_progress: impl Fn(u64, u64),
 ) -> anyhow::Result<lbs_sync::PullReport> {
-    let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
-    conn.send(Envelope {
-        generation: peer.generation,
-        message: Message::SyncSet {
-            name: set.name.clone(),
-        },
-    })
-    .await?;
-    let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&set.path))?;
-    let (progress, mut follow) = watch::channel(lbs_sync::Progress::default());
-    let report = {
-        let pull = lbs_sync::pull(
-            &mut conn,
-            &set.path,
-            index,
-            &trash,
-            peer.generation,
-            lbs_sync::PullOptions {
-                cancel: Some(stop),
-                progress: Some(progress),
-                ..lbs_sync::PullOptions::default()
-            },
-        );
-        tokio::pin!(pull);
-        // What is left of the pass, as it goes: if the primary dies half way, P says how much
-        // of this set's last changes the copy lacks.
-        loop {
-            tokio::select! {
-                report = &mut pull => break report?,
-                Ok(()) = follow.changed() => {
-                    let now = *follow.borrow_and_update();
-                    on_progress(now.bytes_total, now.bytes_done + now.current_bytes);
-                }
-            }
-        }
-    };
-    let _ = conn
-        .send(Envelope {
-            generation: peer.generation,
-            message: Message::Goodbye {
-                reason: "pass complete".into(),
-            },
-        })
-        .await;
-    Ok(report)
+    Pull {
+        peer: &peer,
+        from: address,
+        set: Some(&set.name),
+        root: &set.path,
+        index,
+        trash: &lbs_sync::Trash::default_for(&set.path),
+        durability: lbs_sync::Durability::Grouped,
+        cancel: stop,
+    }
+    .connect()
+    .await?
+    .pull(|now| on_progress(now.bytes_total, now.bytes_done + now.current_bytes))
+    .await
 }
 
 /// How often a set's trash is emptied of what is older than the retention.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Empties the trash of the set at `root` of what is older than `retention` (on a blocking
-/// thread: removing many files takes a while); a failure is said, not fatal.
-async fn purge_trash(name: &str, root: &Path, retention: Duration) {
-    let dir = lbs_sync::Trash::default_for(root);
-    let purge = {
-        let dir = dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let trash = lbs_sync::Trash::open(&dir).map_err(|err| err.to_string())?;
-            trash.purge(retention).map_err(|err| err.to_string())
-        })
-    };
-    match purge.await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(batches)) => tracing::info!(
+/// Empties the trash of the set at `root` of what is older than `retention`; a failure is
+/// said, not fatal.
+async fn purge_set_trash(name: &str, root: &Path, retention: Duration) {
+    match purge_trash(lbs_sync::Trash::default_for(root), retention).await {
+        Ok(0) => {}
+        Ok(batches) => tracing::info!(
             set = name,
             batches,
             "emptied the trash of what is older than {} days",
             retention.as_secs() / 86_400
         ),
-        Ok(Err(err)) => tracing::warn!(set = name, "cannot empty {}: {err}", dir.display()),
-        Err(err) => tracing::warn!(set = name, "emptying {}: {err}", dir.display()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[tokio::test]
-    async fn the_backup_empties_its_trash_of_what_is_older_than_the_retention() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("voicemail");
-        std::fs::create_dir_all(&root).unwrap();
-        let trash = lbs_sync::Trash::open(&lbs_sync::Trash::default_for(&root)).unwrap();
-        drop(trash.batch().unwrap());
-        let batches = || {
-            std::fs::read_dir(lbs_sync::Trash::default_for(&root))
-                .unwrap()
-                .count()
-        };
-        assert_eq!(batches(), 1);
-        // Within the retention: kept.
-        purge_trash("voicemail", &root, Duration::from_secs(30 * 86_400)).await;
-        assert_eq!(batches(), 1);
-        // Older than it (batches are named by the second they began): gone.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        purge_trash("voicemail", &root, Duration::ZERO).await;
-        assert_eq!(batches(), 0);
+        Err(err) => tracing::warn!(set = name, "{err:#}"),
     }
 }
