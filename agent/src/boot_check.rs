@@ -14,10 +14,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::Context;
-use lbs_netconfig::{NetBackend, ProbeResult};
+use lbs_netconfig::{Arp, NetBackend, ProbeResult};
 
 use crate::config::AgentConfig;
 use crate::role::RoleRecord;
@@ -72,6 +73,27 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
             "no [network] section (this box keeps its own address)".into(),
         ));
     };
+    let net = lbs_netconfig::Netlink::open()?;
+    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
+    check_with(
+        &net,
+        &arp,
+        network,
+        paths.dir.join("netconfig-backups"),
+        Duration::from_secs(cmd.wait_carrier_s),
+    )
+    .await
+}
+
+/// The check on the network `net` and `arp` give (the kernel's, or a fake in tests); a changed
+/// boot configuration's previous version goes to `backups`.
+async fn check_with(
+    net: &impl NetBackend,
+    arp: &impl Arp,
+    network: crate::config::Network,
+    backups: PathBuf,
+    wait_carrier: Duration,
+) -> anyhow::Result<Finding> {
     let Some(root) = network.boot_config.clone() else {
         return Ok(Finding::Nothing(
             "boot_config is not set: lbs leaves the boot configuration alone".into(),
@@ -91,7 +113,6 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
             network.shared.addr
         )));
     }
-    let net = lbs_netconfig::Netlink::open()?;
     let link = net.link(&interface).await?;
     if !net.addresses(&link).await?.is_empty() {
         // Already configured: this is not a boot (someone ran it by hand); the running
@@ -102,7 +123,7 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
     }
     net.set_link_up(&link).await?;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(cmd.wait_carrier_s);
+    let deadline = started + wait_carrier;
     let link = loop {
         let link = net.link(&interface).await?;
         if link.carrier {
@@ -112,13 +133,11 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
             return Ok(Finding::Keep(format!(
                 "no carrier on {interface} within {} s: cannot check {}; the agent keeps it off \
                  the link until the cable is in and nobody else answers for it",
-                cmd.wait_carrier_s, network.shared.addr
+                wait_carrier.as_secs(), network.shared.addr
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let arp = lbs_netconfig::PacketArp::new(lbs_netconfig::ProbeProfile::FAST);
-    use lbs_netconfig::Arp;
     match arp.probe(&link, network.shared.addr).await? {
         ProbeResult::Free => Ok(Finding::Keep(format!(
             "nobody else answers for {} on {interface} (checked in {:.2} s): booting with it",
@@ -130,7 +149,6 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
                 address: network.own,
                 gateway: Some(network.gateway),
             };
-            let backups = paths.dir.join("netconfig-backups");
             let done = tokio::task::spawn_blocking(move || {
                 lbs_netconfig::persist::persist(&root, &interface, &own, &backups)
             })
@@ -146,5 +164,140 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
                 done.backup.display()
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use lbs_netconfig::fake::Op;
+    use lbs_netconfig::{FakeNet, Ipv4Cidr, MacAddr};
+
+    const PARTNER: MacAddr = MacAddr([0x5a, 0xec, 0xb4, 0x27, 0x71, 0xcf]);
+
+    fn cidr(text: &str) -> Ipv4Cidr {
+        text.parse().unwrap()
+    }
+
+    /// A box that went down as the primary: its boot configuration has the shared address,
+    /// its interface is bare (the network is not configured yet).
+    struct Boot {
+        tmp: tempfile::TempDir,
+        net: FakeNet,
+        network: crate::config::Network,
+    }
+
+    impl Boot {
+        fn new(boots_with: &str) -> Boot {
+            let tmp = tempfile::tempdir().unwrap();
+            let interfaces = tmp.path().join("etc/network/interfaces");
+            std::fs::create_dir_all(interfaces.parent().unwrap()).unwrap();
+            std::fs::write(
+                &interfaces,
+                format!(
+                    "auto eth0\niface eth0 inet static\n\taddress {boots_with}\n\tgateway 192.168.1.1\n"
+                ),
+            )
+            .unwrap();
+            let net = FakeNet::new();
+            net.add_link("eth0", MacAddr([2, 0, 0, 0, 0, 2]), &[]);
+            let network = crate::config::Network {
+                interface: "eth0".into(),
+                shared: cidr("192.168.1.2/24"),
+                own: cidr("192.168.1.3/24"),
+                gateway: "192.168.1.1".parse().unwrap(),
+                boot_config: Some(tmp.path().to_owned()),
+            };
+            Boot { tmp, net, network }
+        }
+
+        async fn check(&self) -> Finding {
+            check_with(
+                &self.net,
+                &self.net,
+                self.network.clone(),
+                self.tmp.path().join("backups"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap()
+        }
+
+        fn boot_address(&self) -> String {
+            let root = self.tmp.path();
+            let (_, config) = lbs_netconfig::persist::check_static(root, "eth0").unwrap();
+            config.address.to_string()
+        }
+    }
+
+    #[tokio::test]
+    async fn nobody_answering_keeps_the_shared_address_for_the_boot() {
+        let boot = Boot::new("192.168.1.2/24");
+        let finding = boot.check().await;
+        assert!(
+            matches!(&finding, Finding::Keep(why) if why.contains("nobody else answers")),
+            "{finding:?}"
+        );
+        assert_eq!(boot.boot_address(), "192.168.1.2/24");
+        // The link was brought up bare to probe, and nothing was claimed on it.
+        let calls = boot.net.calls();
+        assert!(calls.contains(&Op::SetLinkUp), "{calls:?}");
+        assert!(!calls.contains(&Op::AddAddress), "{calls:?}");
+        assert!(!calls.contains(&Op::Announce), "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn the_partner_holding_the_shared_address_makes_the_box_boot_with_its_own() {
+        let boot = Boot::new("192.168.1.2/24");
+        boot.net.set_neighbour("192.168.1.2".parse().unwrap(), Some(PARTNER));
+        let finding = boot.check().await;
+        assert!(
+            matches!(&finding, Finding::Changed(why) if why.contains(&PARTNER.to_string())),
+            "{finding:?}"
+        );
+        assert_eq!(boot.boot_address(), "192.168.1.3/24");
+        // The previous version is kept where the operator can find it.
+        assert!(
+            std::fs::read_dir(boot.tmp.path().join("backups"))
+                .unwrap()
+                .next()
+                .is_some()
+        );
+        assert!(!boot.net.calls().contains(&Op::Announce));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_carrier_keeps_the_configuration_after_the_wait_and_says_so() {
+        let boot = Boot::new("192.168.1.2/24");
+        boot.net.set_carrier("eth0", false);
+        let started = Instant::now();
+        let finding = boot.check().await;
+        assert!(
+            matches!(&finding, Finding::Keep(why) if why.contains("no carrier on eth0 within 5 s")),
+            "{finding:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(!boot.net.calls().contains(&Op::Probe));
+    }
+
+    #[tokio::test]
+    async fn a_box_that_boots_with_its_own_address_or_is_already_up_is_left_alone() {
+        let boot = Boot::new("192.168.1.3/24");
+        assert!(matches!(boot.check().await, Finding::Nothing(_)));
+        let boot = Boot::new("192.168.1.2/24");
+        boot.net
+            .add_address(
+                &boot.net.link_named("eth0").unwrap(),
+                cidr("192.168.1.2/24"),
+            )
+            .await
+            .unwrap();
+        let finding = boot.check().await;
+        assert!(
+            matches!(&finding, Finding::Nothing(why) if why.contains("already has addresses")),
+            "{finding:?}"
+        );
+        assert!(!boot.net.calls().contains(&Op::Probe));
     }
 }

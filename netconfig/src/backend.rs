@@ -53,6 +53,9 @@ pub trait NetBackend: Sync {
     /// The interface called `name`.
     fn link(&self, name: &str) -> impl Future<Output = Result<LinkInfo, NetError>> + Send;
 
+    /// Sets `link` administratively up (no error if it is up already).
+    fn set_link_up(&self, link: &LinkInfo) -> impl Future<Output = Result<(), NetError>> + Send;
+
     /// The IPv4 addresses on `link`, primary ones first, in the kernel's order.
     fn addresses(
         &self,

@@ -16,6 +16,7 @@ type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, NetError>> + Send + 'a
 /// [`NetBackend`] as a trait object (its futures boxed).
 trait DynNet: Send + Sync {
     fn link<'a>(&'a self, name: &'a str) -> Boxed<'a, LinkInfo>;
+    fn set_link_up<'a>(&'a self, link: &'a LinkInfo) -> Boxed<'a, ()>;
     fn addresses<'a>(&'a self, link: &'a LinkInfo) -> Boxed<'a, Vec<Ipv4Cidr>>;
     fn add_address<'a>(&'a self, link: &'a LinkInfo, addr: Ipv4Cidr) -> Boxed<'a, ()>;
     fn delete_address<'a>(&'a self, link: &'a LinkInfo, addr: Ipv4Cidr) -> Boxed<'a, ()>;
@@ -29,6 +30,9 @@ trait DynNet: Send + Sync {
 impl<T: NetBackend + Send + Sync> DynNet for T {
     fn link<'a>(&'a self, name: &'a str) -> Boxed<'a, LinkInfo> {
         Box::pin(NetBackend::link(self, name))
+    }
+    fn set_link_up<'a>(&'a self, link: &'a LinkInfo) -> Boxed<'a, ()> {
+        Box::pin(NetBackend::set_link_up(self, link))
     }
     fn addresses<'a>(&'a self, link: &'a LinkInfo) -> Boxed<'a, Vec<Ipv4Cidr>> {
         Box::pin(NetBackend::addresses(self, link))
@@ -80,6 +84,9 @@ impl AnyNet {
 impl NetBackend for AnyNet {
     async fn link(&self, name: &str) -> Result<LinkInfo, NetError> {
         self.0.link(name).await
+    }
+    async fn set_link_up(&self, link: &LinkInfo) -> Result<(), NetError> {
+        self.0.set_link_up(link).await
     }
     async fn addresses(&self, link: &LinkInfo) -> Result<Vec<Ipv4Cidr>, NetError> {
         self.0.addresses(link).await

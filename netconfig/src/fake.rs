@@ -22,6 +22,8 @@ use crate::types::{DefaultRoute, Ipv4Cidr, LinkInfo, MacAddr};
 pub enum Op {
     /// [`NetBackend::link`].
     Link,
+    /// [`NetBackend::set_link_up`].
+    SetLinkUp,
     /// [`NetBackend::addresses`].
     Addresses,
     /// [`NetBackend::add_address`].
@@ -48,7 +50,8 @@ impl Op {
     fn changes(self) -> bool {
         matches!(
             self,
-            Op::AddAddress
+            Op::SetLinkUp
+                | Op::AddAddress
                 | Op::DeleteAddress
                 | Op::ReplaceDefaultRoute
                 | Op::SetPromoteSecondaries
@@ -286,6 +289,13 @@ impl NetBackend for FakeNet {
                 .find(|l| l.info.name == name)
                 .map(|l| l.info.clone())
                 .ok_or_else(|| NetError::NoSuchLink(name.to_owned()))
+        })
+    }
+
+    async fn set_link_up(&self, link: &LinkInfo) -> Result<(), NetError> {
+        self.call(Op::SetLinkUp, |state| {
+            state.link_mut(link)?.info.up = true;
+            Ok(())
         })
     }
 

@@ -167,6 +167,15 @@ impl NetBackend for Netlink {
         }
     }
 
+    async fn set_link_up(&self, link: &LinkInfo) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| os(format!("setting {} up", link.name), &e))
+    }
+
     async fn addresses(&self, link: &LinkInfo) -> Result<Vec<Ipv4Cidr>, NetError> {
         let messages = self.address_messages(link).await?;
         Ok(messages.iter().filter_map(ipv4_of).collect())
@@ -330,15 +339,6 @@ fn promote_path(link: &LinkInfo) -> String {
 
 /// Links and routes beyond a takeover's needs, for the VPN's tunnel interfaces.
 impl Netlink {
-    /// Sets `link` administratively up.
-    pub async fn set_link_up(&self, link: &LinkInfo) -> Result<(), NetError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(link.index).up().build())
-            .execute()
-            .await
-            .map_err(|e| os(format!("setting {} up", link.name), &e))
-    }
 
     /// Creates a kernel WireGuard interface called `name`. Fails with
     /// [`NetError::Unsupported`] when the kernel has no WireGuard module.
