@@ -112,7 +112,7 @@ impl BoxInfo {
     /// Writes `box.json` atomically.
     pub fn save(&self, paths: &StatePaths) -> anyhow::Result<()> {
         let path = paths.info();
-        lbs_protocol::write_file_atomic(&path, &serde_json::to_vec_pretty(self)?, 0o644)
+        lbs_host::write_file_atomic(&path, &serde_json::to_vec_pretty(self)?, 0o644)
             .with_context(|| format!("writing {}", path.display()))
     }
 }
@@ -338,7 +338,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
     }
     let identity = pending.complete(grant.certificate.clone(), &root)?;
     if new_key {
-        lbs_protocol::write_file_atomic(
+        lbs_host::write_file_atomic(
             &paths.vpn_key(),
             format!("{}\n", wireguard.to_base64()).as_bytes(),
             0o600,
@@ -347,7 +347,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
     }
     identity.save(&paths.cert(), &paths.key())?;
     root.save(&paths.ca())?;
-    lbs_protocol::write_file_atomic(
+    lbs_host::write_file_atomic(
         &paths.vpn_config(),
         vpn_toml(&paths, &grant).as_bytes(),
         0o644,

@@ -50,7 +50,7 @@ enum Finding {
 }
 
 pub async fn run(cmd: BootCheckCmd) -> anyhow::Result<ExitCode> {
-    lbs_protocol::logging::init("lbs", "warn");
+    lbs_host::logging::init("lbs", "warn");
     let said = match check(&cmd).await {
         Ok(Finding::Nothing(why)) => format!("boot-check: nothing to check: {why}"),
         Ok(Finding::Keep(why)) => format!("boot-check: {why}"),
@@ -133,7 +133,8 @@ async fn check_with(
             return Ok(Finding::Keep(format!(
                 "no carrier on {interface} within {} s: cannot check {}; the agent keeps it off \
                  the link until the cable is in and nobody else answers for it",
-                wait_carrier.as_secs(), network.shared.addr
+                wait_carrier.as_secs(),
+                network.shared.addr
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -250,7 +251,8 @@ mod tests {
     #[tokio::test]
     async fn the_partner_holding_the_shared_address_makes_the_box_boot_with_its_own() {
         let boot = Boot::new("192.168.1.2/24");
-        boot.net.set_neighbour("192.168.1.2".parse().unwrap(), Some(PARTNER));
+        boot.net
+            .set_neighbour("192.168.1.2".parse().unwrap(), Some(PARTNER));
         let finding = boot.check().await;
         assert!(
             matches!(&finding, Finding::Changed(why) if why.contains(&PARTNER.to_string())),

@@ -180,7 +180,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Vpn(VpnCommand::Endpoint(cmd)) => vpn_cmd::endpoint(cmd).await,
             Command::Vpn(VpnCommand::Status(cmd)) => vpn_cmd::status(&cmd),
             Command::GenerateDocs { out } => {
-                lbs_protocol::cli_docs::write(Cli::command(), &out)?;
+                lbs_host::cli_docs::write(Cli::command(), &out)?;
                 Ok(std::process::ExitCode::SUCCESS)
             }
         }

@@ -58,7 +58,7 @@ pub fn keygen(cmd: &KeygenCmd) -> anyhow::Result<ExitCode> {
         key
     } else {
         let key = Key::generate_private();
-        lbs_protocol::write_file_atomic(
+        lbs_host::write_file_atomic(
             &cmd.path,
             format!("{}\n", key.to_base64()).as_bytes(),
             0o600,
@@ -79,7 +79,7 @@ fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
             std::fs::create_dir_all(dir)?;
         }
         let json = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-        lbs_protocol::write_file_atomic(path, &json, 0o644)
+        lbs_host::write_file_atomic(path, &json, 0o644)
     })();
     match result {
         Err(err) if !*failing => {
@@ -96,7 +96,7 @@ fn write_status(path: &Path, status: &VpnStatus, failing: &mut bool) {
 
 /// Brings the tunnels up and keeps them until SIGTERM or Ctrl-C; then removes them.
 pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
-    lbs_protocol::logging::init("lbs", "warn,lbs_vpn=info");
+    lbs_host::logging::init("lbs", "warn,lbs_vpn=info");
     let config = tunnels_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let tunnels = Tunnels::start(config.clone())
@@ -153,7 +153,7 @@ pub async fn run(cmd: RunCmd) -> anyhow::Result<ExitCode> {
 
 /// Runs a data-center endpoint until SIGTERM or Ctrl-C; SIGHUP re-reads the peers.
 pub async fn endpoint(cmd: EndpointCmd) -> anyhow::Result<ExitCode> {
-    lbs_protocol::logging::init("lbs", "warn,lbs_vpn=info");
+    lbs_host::logging::init("lbs", "warn,lbs_vpn=info");
     let (config, peers) = endpoint_from_file(&cmd.config)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

@@ -23,7 +23,7 @@ const CONFIG: &str = "datacenter.toml";
 const PACKAGED_CONFIG: &str = "/etc/lbs-datacenter/datacenter.toml";
 
 fn init_logging() {
-    lbs_protocol::logging::init("lbs-datacenter", "info");
+    lbs_host::logging::init("lbs-datacenter", "info");
 }
 
 /// Runs `service` (given its shutdown token) until it ends, or until SIGTERM or SIGINT ask
@@ -44,7 +44,7 @@ where
         _ = int.recv() => {}
     }
     tracing::info!("stopping");
-    lbs_protocol::systemd::notify("STOPPING=1");
+    lbs_host::systemd::notify("STOPPING=1");
     shutdown.cancel();
     service.await
 }
@@ -71,7 +71,7 @@ async fn serve(
                 list(&listening.control)
             );
             println!("ready: {ready}");
-            lbs_protocol::systemd::notify(&format!("READY=1\nSTATUS=serving: {ready}"));
+            lbs_host::systemd::notify(&format!("READY=1\nSTATUS=serving: {ready}"));
         })
     })
     .await
@@ -88,7 +88,7 @@ async fn site(dir: &Path, config: crate::config::ServeConfig) -> anyhow::Result<
                 ready.cached_peers
             );
             println!("ready: {ready}");
-            lbs_protocol::systemd::notify(&format!("READY=1\nSTATUS={ready}"));
+            lbs_host::systemd::notify(&format!("READY=1\nSTATUS={ready}"));
         })
     })
     .await
@@ -333,7 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(serve(dir, store, ca, config))?;
         }
         Command::GenerateDocs { out } => {
-            lbs_protocol::cli_docs::write(Cli::command(), &out)?;
+            lbs_host::cli_docs::write(Cli::command(), &out)?;
         }
         Command::SiteIdentity { out } => {
             let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))

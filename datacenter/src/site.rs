@@ -271,7 +271,7 @@ impl Follower<'_> {
     fn save(&self, cache: &Cache) {
         let written = serde_json::to_vec_pretty(cache)
             .map_err(std::io::Error::other)
-            .and_then(|json| lbs_protocol::write_file_atomic(&self.cache_path, &json, 0o644));
+            .and_then(|json| lbs_host::write_file_atomic(&self.cache_path, &json, 0o644));
         if let Err(err) = written {
             tracing::warn!(
                 "cannot keep the peers in {} ({err}); a restart while the main site is unreachable would start without them",

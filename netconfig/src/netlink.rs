@@ -339,7 +339,6 @@ fn promote_path(link: &LinkInfo) -> String {
 
 /// Links and routes beyond a takeover's needs, for the VPN's tunnel interfaces.
 impl Netlink {
-
     /// Creates a kernel WireGuard interface called `name`. Fails with
     /// [`NetError::Unsupported`] when the kernel has no WireGuard module.
     pub async fn add_wireguard_link(&self, name: &str) -> Result<(), NetError> {

@@ -27,22 +27,17 @@
 
 #[cfg(feature = "ca")]
 pub mod ca;
-#[cfg(feature = "cli-docs")]
-pub mod cli_docs;
 pub mod control;
 pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod inventory;
 pub mod listen;
-#[cfg(feature = "logging")]
-pub mod logging;
 pub mod message;
 pub mod metered;
 pub mod net;
 pub mod path;
 pub mod sync;
-pub mod systemd;
 pub mod tls;
 pub mod version;
 
@@ -57,5 +52,5 @@ pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
 pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, Sender};
 pub use metered::{Meter, Metered};
 pub use path::{PathError, RelPath};
-pub use tls::{AcceptPeers, Identity, PeerName, TlsError, TrustRoot, write_file_atomic};
+pub use tls::{AcceptPeers, Identity, PeerName, TlsError, TrustRoot};
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, SoftwareVersion};

@@ -9,9 +9,7 @@
 //! the client side and a small wrapper ([`PeerVerifier`]) does it on the server side.
 
 use std::fmt;
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -521,40 +519,10 @@ fn key_pem(key: &PrivateKeyDer<'_>) -> String {
 }
 
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    write_file_atomic(path, contents, mode).map_err(|source| TlsError::Io {
+    lbs_host::write_file_atomic(path, contents, mode).map_err(|source| TlsError::Io {
         path: path.to_owned(),
         cause: source,
     })
-}
-
-/// Writes a file by temp file + fsync + rename + fsync of the directory, so a crash leaves
-/// either the old file or the new one, and creates it with `mode` from the start (a key is
-/// never readable by others, not even for a moment).
-pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Which clients a server accepts, beyond "issued by our CA".

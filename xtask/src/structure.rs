@@ -16,9 +16,10 @@ pub struct StructureArgs {
 }
 
 /// The crates whose modules are checked (everything in the workspace but the fuzz crate).
-const CRATES: [&str; 8] = [
+const CRATES: [&str; 9] = [
     "agent",
     "datacenter",
+    "host",
     "netconfig",
     "protocol",
     "sync-engine",

@@ -78,7 +78,7 @@ pub struct AgentCmd {
 
 /// `lbs agent`.
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
-    lbs_protocol::logging::init("lbs", "info");
+    lbs_host::logging::init("lbs", "info");
     let config = AgentConfig::load(&cmd.config, false)?;
     for note in &config.notes {
         match note {
@@ -197,7 +197,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     }
     let (role, sid) = (lock(&shared.machine).record.clone(), lock(&shared.info).sid);
     println!("ready: {sid} {} at {}", role.state, role.generation);
-    lbs_protocol::systemd::notify(&format!(
+    lbs_host::systemd::notify(&format!(
         "READY=1\nSTATUS={} at {}",
         role.state, role.generation
     ));
@@ -211,13 +211,13 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let mut code = ExitCode::SUCCESS;
     // systemd's watchdog (WatchdogSec= in the unit): a ping at half its period, only while
     // this loop runs and the role machine's lock can be had — a wedged agent is restarted.
-    let watchdog = lbs_protocol::systemd::watchdog_period().map(|period| period / 2);
+    let watchdog = lbs_host::systemd::watchdog_period().map(|period| period / 2);
     let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     loop {
         tokio::select! {
             _ = ping.tick(), if watchdog.is_some() => {
                 drop(lock(&shared.machine));
-                lbs_protocol::systemd::notify("WATCHDOG=1");
+                lbs_host::systemd::notify("WATCHDOG=1");
                 continue;
             }
             _ = hup.recv() => {
@@ -240,7 +240,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         }
         break;
     }
-    lbs_protocol::systemd::notify("STOPPING=1");
+    lbs_host::systemd::notify("STOPPING=1");
     shutdown.cancel();
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
@@ -271,11 +271,11 @@ pub(crate) async fn wait_for_activation(
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     let mut said = false;
-    let watchdog = lbs_protocol::systemd::watchdog_period().is_some();
+    let watchdog = lbs_host::systemd::watchdog_period().is_some();
     loop {
         if watchdog {
             // Waiting is this agent's work until activation: systemd must not restart it.
-            lbs_protocol::systemd::notify("WATCHDOG=1");
+            lbs_host::systemd::notify("WATCHDOG=1");
         }
         let record = RoleRecord::load(&paths.role())?;
         if record.state != RoleState::Unactivated && paths.info().exists() {
@@ -284,13 +284,13 @@ pub(crate) async fn wait_for_activation(
         if !said {
             println!("waiting: this box is not activated yet (run `lbs activate`)");
             if let Err(err) =
-                lbs_protocol::write_file_atomic(note, b"waiting for lbs activate\n", 0o644)
+                lbs_host::write_file_atomic(note, b"waiting for lbs activate\n", 0o644)
             {
                 tracing::warn!("writing {}: {err}", note.display());
             }
             // Ready as shipped: the unit is up and waits for activation; `systemctl start`
             // must not hang until its timeout on a preinstalled box.
-            lbs_protocol::systemd::notify("READY=1\nSTATUS=waiting for lbs activate");
+            lbs_host::systemd::notify("READY=1\nSTATUS=waiting for lbs activate");
             said = true;
         }
         tokio::select! {

@@ -250,7 +250,7 @@ impl RoleRecord {
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         use anyhow::Context;
         let text = serde_json::to_vec_pretty(self)?;
-        lbs_protocol::write_file_atomic(path, &text, 0o600)
+        lbs_host::write_file_atomic(path, &text, 0o600)
             .with_context(|| format!("writing {}", path.display()))
     }
 }

@@ -1,6 +1,5 @@
 //! Man pages and shell completions of a binary, generated from its clap definition, for the
-//! Debian packages (`cargo xtask dist` runs each binary's hidden `generate-docs`). Feature
-//! `cli-docs`.
+//! Debian packages (`cargo xtask dist` runs each binary's hidden `generate-docs`).
 
 use std::io;
 use std::path::{Path, PathBuf};
