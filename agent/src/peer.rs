@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::listen::{Serving, Unproven};
 use lbs_protocol::tls::{self, AcceptPeers};
 use lbs_protocol::{
     Connection, Generation, Hello, Identity, Meter, Metered, Negotiated, PROTOCOL_VERSION,
@@ -16,6 +17,25 @@ use tokio::net::TcpStream;
 
 /// How long a TCP connection to the partner may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sessions a sync port serves at once once the partner proved itself (its watch and a pull
+/// need two; more are its retries).
+const MAX_SESSIONS: usize = 16;
+/// Connections still in TLS and the hello at once, and from one address: anything on the
+/// office LAN can reach the port, and a flood from one machine must never take the
+/// partner's place.
+const UNPROVEN: usize = 32;
+const UNPROVEN_PER_SOURCE: usize = 4;
+
+/// The bounds of a port only the partner may use (the daemon's sync port, `lbs sync serve`):
+/// a stranger holds at most a few places, each for at most the TLS and hello deadlines.
+pub fn partner_port(what: &'static str, drain: Duration) -> Serving {
+    Serving::new(what, MAX_SESSIONS + UNPROVEN, drain).with_unproven(Unproven::new(
+        UNPROVEN,
+        UNPROVEN_PER_SOURCE,
+        tls::HANDSHAKE_TIMEOUT + HELLO_TIMEOUT,
+    ))
+}
 
 /// Who this box is and whom it talks to, from the command line.
 #[derive(clap::Args, Clone, Debug)]
@@ -121,9 +141,7 @@ impl Peer {
                 )
             })?
             .with_context(|| format!("cannot reach {} at {addr}", self.partner))?;
-        // Requests are small and answered at once: never wait 40 ms for a delayed ACK.
-        tcp.set_nodelay(true)
-            .context("setting TCP_NODELAY on the connection")?;
+        lbs_host::tcp::watch_peer(&tcp).context("setting up the connection to the partner")?;
         let (tcp, meter) = Metered::new(tcp);
         let stream = tls::connect(config, &self.partner, tcp).await?;
         let (conn, negotiated) = lbs_protocol::exchange_hello(
@@ -153,8 +171,7 @@ impl Peer {
         tcp: TcpStream,
         role: Role,
     ) -> anyhow::Result<(Connection<tls::ServerStream<TcpStream>>, Negotiated)> {
-        tcp.set_nodelay(true)
-            .context("setting TCP_NODELAY on the connection")?;
+        lbs_host::tcp::watch_peer(&tcp).context("setting up a connection to the sync port")?;
         let (stream, peer) = tls::accept(config, tcp).await?;
         let (conn, negotiated) = lbs_protocol::exchange_hello(
             stream,

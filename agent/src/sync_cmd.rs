@@ -9,18 +9,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lbs_protocol::Role;
-use lbs_protocol::listen::{Serving, serve_until};
+use lbs_protocol::listen::serve_until;
 use lbs_sync::{Index, ScanOptions, Trash, manifest, scan};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::peer::{Peer, PeerArgs};
+use crate::peer::{Peer, PeerArgs, partner_port};
 use crate::pull::{Pull, purge_trash};
 
 /// How long `serve` lets running transfers finish when asked to stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pulls served at once.
-const MAX_SESSIONS: usize = 16;
 
 /// Exit code of `lbs sync pull` when some files were left for the next pass.
 pub const EXIT_INCOMPLETE: u8 = 2;
@@ -117,32 +115,38 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let serving = Serving::new("lbs sync serve", MAX_SESSIONS, DRAIN_TIMEOUT);
+    let serving = partner_port("lbs sync serve", DRAIN_TIMEOUT);
     let stop = shutdown.clone();
-    let sessions = serve_until(listener, shutdown.clone(), serving, move |tcp, remote| {
-        let (peer, config, index, root) = (
-            peer.clone(),
-            config.clone(),
-            index.clone(),
-            args.root.clone(),
-        );
-        let stop = stop.clone();
-        async move {
-            let session = async {
-                let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
-                println!("{} connected from {remote}", negotiated.peer.sender);
-                lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
-                println!("{} done", negotiated.peer.sender);
-                anyhow::Ok(())
-            };
-            tokio::select! {
-                result = session => if let Err(err) = result {
-                    println!("session with {remote} ended: {err:#}");
-                },
-                () = stop.cancelled() => {}
+    let sessions = serve_until(
+        listener,
+        shutdown.clone(),
+        serving,
+        move |tcp, remote, admission| {
+            let (peer, config, index, root) = (
+                peer.clone(),
+                config.clone(),
+                index.clone(),
+                args.root.clone(),
+            );
+            let stop = stop.clone();
+            async move {
+                let session = async {
+                    let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
+                    admission.proven();
+                    println!("{} connected from {remote}", negotiated.peer.sender);
+                    lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
+                    println!("{} done", negotiated.peer.sender);
+                    anyhow::Ok(())
+                };
+                tokio::select! {
+                    result = session => if let Err(err) = result {
+                        println!("session with {remote} ended: {err:#}");
+                    },
+                    () = stop.cancelled() => {}
+                }
             }
-        }
-    });
+        },
+    );
     tokio::pin!(sessions);
     tokio::select! {
         _ = &mut sessions => {}

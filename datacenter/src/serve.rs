@@ -18,6 +18,7 @@ use lbs_protocol::control::{
     PairState, PartnerInfo, Promotion, TunnelEndpoint, TunnelPeer,
 };
 use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::listen::{Admission, Serving, Unproven, serve_until};
 use lbs_protocol::tls::{self, AcceptPeers, ServerConfig};
 use lbs_protocol::{
     CertificateAuthority, Envelope, FrameCodec, Generation, Hello, Identity, Message,
@@ -25,7 +26,7 @@ use lbs_protocol::{
 };
 use lbs_vpn::Endpoint;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,16 @@ use crate::time::now_ms;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a control connection may stay silent (boxes report every few seconds).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Connections served at once; more wait in the kernel's backlog.
+/// Control connections served at once (boxes and the other sites); more are closed.
 const MAX_CONNECTIONS: usize = 1024;
+/// Of those, connections still in their TLS handshake and hello at once, and from one
+/// address: a stranger on the internet can hold no more, so boxes always find room.
+const CONTROL_UNPROVEN: usize = 128;
+const CONTROL_UNPROVEN_PER_SOURCE: usize = 32;
+/// Activation connections at once (the internet-facing port: a pool of its own, so a flood
+/// there never takes a box's place on the control port), and from one address.
+const ACTIVATION_CONNECTIONS: usize = 256;
+const ACTIVATION_PER_SOURCE: usize = 8;
 /// The longest wait between two tries of a failing DNS update.
 const DNS_MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often endpoint peers and due DNS updates are looked at without a wake-up.
@@ -97,7 +106,9 @@ struct Inner {
     dns_wake: Notify,
     peers_wake: Notify,
     endpoints: Vec<(EndpointSettings, Endpoint)>,
-    connections: Arc<Semaphore>,
+    /// The bounds of each kind of port, shared by its listeners.
+    activation_serving: Serving,
+    control_serving: Serving,
 }
 
 /// Runs `f` on the store on a blocking thread (SQLite waits for the disk).
@@ -248,7 +259,24 @@ pub async fn run(
         dns_wake: Notify::new(),
         peers_wake: Notify::new(),
         endpoints,
-        connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        // An activation is never proven (the key in its request is the proof): it stays
+        // unproven, bounded per source, for its whole life (the handshake and the request).
+        activation_serving: Serving::new(
+            "the activation port",
+            ACTIVATION_CONNECTIONS,
+            Duration::ZERO,
+        )
+        .with_unproven(Unproven::new(
+            ACTIVATION_CONNECTIONS,
+            ACTIVATION_PER_SOURCE,
+            2 * IO_TIMEOUT,
+        )),
+        control_serving: Serving::new("the control port", MAX_CONNECTIONS, Duration::ZERO)
+            .with_unproven(Unproven::new(
+                CONTROL_UNPROVEN,
+                CONTROL_UNPROVEN_PER_SOURCE,
+                IO_TIMEOUT + HELLO_TIMEOUT,
+            )),
     });
     if inner.config.dns.is_none() {
         tracing::warn!(
@@ -300,22 +328,22 @@ async fn accept_loop(
     kind: Kind,
     shutdown: CancellationToken,
 ) {
-    // Both ports share one bound on connections; at shutdown what is under way is cut.
-    let serving = lbs_protocol::listen::Serving {
-        what: match kind {
-            Kind::Activation => "the activation port",
-            Kind::Control => "the control port",
-        },
-        limit: inner.connections.clone(),
-        drain: Duration::ZERO,
+    // Each kind of port has its own bounds; at shutdown what is under way is cut.
+    let serving = match kind {
+        Kind::Activation => inner.activation_serving.clone(),
+        Kind::Control => inner.control_serving.clone(),
     };
-    lbs_protocol::listen::serve_until(listener, shutdown, serving, |tcp, source| {
+    serve_until(listener, shutdown, serving, |tcp, source, admission| {
         let inner = inner.clone();
         async move {
             let local = tcp.local_addr().ok();
             let result = match kind {
-                Kind::Activation => activation(&inner, tcp, source, local).await,
-                Kind::Control => control(&inner, tcp, source).await,
+                Kind::Activation => {
+                    // Held to the end: the whole activation counts against its source.
+                    let _unproven = admission;
+                    activation(&inner, tcp, source, local).await
+                }
+                Kind::Control => control(&inner, tcp, source, admission).await,
             };
             if let Err(err) = result {
                 tracing::info!(%source, "{kind:?} connection ended: {err:#}");
@@ -635,13 +663,20 @@ fn denial(err: StoreError) -> Denial {
     }
 }
 
-async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyhow::Result<()> {
-    let (tls, peer) = tokio::time::timeout(IO_TIMEOUT, tls::accept(inner.control_tls.clone(), tcp))
-        .await
-        .context("TLS handshake timed out")??;
+async fn control(
+    inner: &Arc<Inner>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    admission: Admission,
+) -> anyhow::Result<()> {
+    lbs_host::tcp::watch_peer(&tcp).context("setting up the connection")?;
+    let (tls, peer) = tls::accept(inner.control_tls.clone(), tcp).await?;
     let sid = match peer {
         PeerName::Box(sid) => sid,
-        PeerName::DataCenter => return site_session(inner, tls, source).await,
+        PeerName::DataCenter => {
+            admission.proven();
+            return site_session(inner, tls, source).await;
+        }
     };
     let presented = tls
         .get_ref()
@@ -676,6 +711,7 @@ async fn control(inner: &Arc<Inner>, tcp: TcpStream, source: SocketAddr) -> anyh
         linger(&mut conn).await;
         anyhow::bail!(why);
     }
+    admission.proven();
     let actor = format!("{sid} from {}", source.ip());
     loop {
         let Some(next) = next_request(&mut conn).await? else {

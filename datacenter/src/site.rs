@@ -241,6 +241,7 @@ impl Follower<'_> {
                 let tcp = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect(address))
                     .await
                     .with_context(|| format!("no answer within {ANSWER_TIMEOUT:?}"))??;
+                lbs_host::tcp::watch_peer(&tcp)?;
                 let stream = tls::connect(self.client.clone(), &PeerName::DataCenter, tcp).await?;
                 let hello = Hello {
                     protocol: PROTOCOL_VERSION,

@@ -863,3 +863,59 @@ async fn a_site_learns_the_tunnel_peers_and_a_box_cannot_ask() {
     .await;
     assert!(matches!(refused, Err(CallError::Refused(_))), "{refused:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_and_slow_connections_leaves_room_for_reports_and_a_promotion() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut dc = Dc::new("");
+    let servers = dc.provision("acme", &[]);
+    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
+    dc.start();
+    a.activate(&dc).await.unwrap();
+    b.activate(&dc).await.unwrap();
+    // The internet: from one address, 1,100 connections to the activation port that never
+    // start TLS and 50 that start it and stall; from another, 300 to the control port that
+    // never finish their handshake. (Before the ports had bounds of their own, the first
+    // 1,024 of these held every place of both ports.)
+    let intruder = Ipv4Addr::new(127, 0, 0, 5);
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        idle.push(tcp_from(intruder, dc.activation).await);
+    }
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tcp_from(intruder, dc.activation).await;
+        // The first bytes of a TLS record header, then nothing.
+        let _ = stream.write_all(&[0x16, 0x03]).await;
+        slow.push(stream);
+    }
+    let mut control_flood = Vec::new();
+    for _ in 0..300 {
+        control_flood.push(tcp_from(Ipv4Addr::new(127, 0, 0, 6), dc.control).await);
+    }
+    // A box reports and the backup promotes, well within the data center's answer deadline.
+    let started = Instant::now();
+    let mut ca = a.control(&dc, Generation(1), Role::Primary).await;
+    let s = state(&mut ca, Generation(1), a.report(Role::Primary, a.lan)).await;
+    assert_eq!(s.role, Role::Primary);
+    let mut cb = b.control(&dc, Generation(1), Role::Backup).await;
+    let s = state(&mut cb, Generation(1), b.report(Role::Backup, b.lan)).await;
+    assert_eq!(s.role, Role::Backup);
+    let promotion = promote(&mut cb, Generation(1), b.lan).await.unwrap();
+    assert_eq!(promotion.generation, Generation(2));
+    let took = started.elapsed();
+    eprintln!("report, report and promotion under the flood in {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Nearly all of the flood was closed at once: one address holds a handful of places.
+    let mut closed = 0;
+    for stream in idle.iter_mut().chain(slow.iter_mut()) {
+        let mut byte = [0u8; 1];
+        if matches!(
+            tokio::time::timeout(Duration::from_millis(20), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        ) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1150 - 8, "only {closed} of 1,150 closed");
+}

@@ -200,6 +200,18 @@ pub enum TlsError {
         /// The TLS alert it sent.
         alert: AlertDescription,
     },
+    /// The peer did not complete the handshake in time (it accepted TCP and fell silent, or
+    /// is too slow to be served).
+    #[error(
+        "{who} did not complete the TLS handshake within {after:?}: it is not an lbs peer, \
+         or hangs; check what listens at that address"
+    )]
+    TimedOut {
+        /// Whom we talked to.
+        who: String,
+        /// The deadline.
+        after: Duration,
+    },
     /// Any other failure during the TLS handshake.
     #[error("TLS with {who} failed: {cause}")]
     Handshake {
@@ -706,11 +718,19 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     expected: &PeerName,
     io: S,
 ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
-    tokio_rustls::TlsConnector::from(config)
-        .connect(expected.server_name()?, io)
-        .await
-        .map_err(|err| TlsError::explain(expected, err))
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(expected.server_name()?, io);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(done) => done.map_err(|err| TlsError::explain(expected, err)),
+        Err(_) => Err(TlsError::TimedOut {
+            who: expected.to_string(),
+            after: HANDSHAKE_TIMEOUT,
+        }),
+    }
 }
+
+/// How long a TLS handshake may take, on either side: a peer that accepts TCP and never
+/// speaks, or a client that never finishes, is dropped after it.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a server keeps a refused connection open so its TLS alert reaches the client.
 const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
@@ -732,11 +752,16 @@ pub async fn accept_any<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
 ) -> Result<tokio_rustls::server::TlsStream<S>, TlsError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = match tokio_rustls::TlsAcceptor::from(config)
+    let handshake = tokio_rustls::TlsAcceptor::from(config)
         .accept(io)
-        .into_fallible()
-        .await
-    {
+        .into_fallible();
+    let Ok(accepted) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await else {
+        return Err(TlsError::TimedOut {
+            who: "the connecting peer".into(),
+            after: HANDSHAKE_TIMEOUT,
+        });
+    };
+    let stream = match accepted {
         Ok(stream) => stream,
         Err((err, mut io)) => {
             // The client may already have sent its first message. Closing with that unread

@@ -391,3 +391,41 @@ fn a_box_key_never_leaves_the_box_and_the_certificate_names_only_its_sid() {
     // Garbage is not a signing request.
     assert!(ca.sign_request(&PeerName::Box(a), b"garbage").is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_speaks_tls_is_given_up_at_the_handshake_deadline_on_either_side() {
+    let ca = CertificateAuthority::generate("lbs test CA").unwrap();
+    let (a, b) = (sid("00-1A-2B-3C-4D-5E"), sid("00-1A-2B-3C-4D-5F"));
+    let client = Side::new(&ca, PeerName::Box(a));
+    let server = Side::new(&ca, PeerName::Box(b));
+    // A server that accepted TCP and says nothing: the client's handshake ends.
+    let (client_io, _silent_server) = tokio::io::duplex(64 * 1024);
+    let config = tls::client_config(&client.identity, &client.root).unwrap();
+    // (The outer deadline only bounds the test should the handshake wait forever.)
+    let bound = Duration::from_secs(60);
+    let dialled = tokio::time::timeout(bound, tls::connect(config, &PeerName::Box(b), client_io))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&dialled, Err(TlsError::TimedOut { after, .. }) if *after == tls::HANDSHAKE_TIMEOUT),
+        "{:?}",
+        dialled.err()
+    );
+    // A client that connected and says nothing: the server's handshake ends.
+    let (_silent_client, server_io) = tokio::io::duplex(64 * 1024);
+    let config = tls::server_config(
+        &server.identity,
+        &server.root,
+        AcceptPeers::Only(PeerName::Box(a)),
+    )
+    .unwrap();
+    let accepted = tokio::time::timeout(bound, tls::accept(config, server_io))
+        .await
+        .unwrap();
+    let err = accepted.err().unwrap();
+    assert!(matches!(err, TlsError::TimedOut { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("did not complete the TLS handshake")
+    );
+}

@@ -114,7 +114,7 @@ pub(crate) async fn serve_socket(
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     // Root and the console group only, but a stuck script must not exhaust the agent.
     let serving = Serving::new("the control socket", MAX_CLIENTS, Duration::ZERO);
-    serve_until(listener, shutdown, serving, |stream, _| {
+    serve_until(listener, shutdown, serving, |stream, _, _local| {
         let shared = shared.clone();
         async move {
             let (read, write) = stream.into_split();

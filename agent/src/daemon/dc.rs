@@ -44,6 +44,7 @@ pub(crate) async fn connect_dc_negotiated(
         // like one that is down.
         let connected = tokio::time::timeout(DC_DEADLINE, async {
             let tcp = TcpStream::connect(address).await?;
+            lbs_host::tcp::watch_peer(&tcp)?;
             let stream = tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?;
             let record = lock(&shared.machine).record.clone();
             let hello = Hello {

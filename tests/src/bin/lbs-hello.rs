@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::handshake::HELLO_TIMEOUT;
-use lbs_protocol::listen::{Serving, serve_until};
+use lbs_protocol::listen::{Admission, Serving, Unproven, serve_until};
 use lbs_protocol::tls::{self, AcceptPeers};
 use lbs_protocol::{
     CertificateAuthority, Connection, Envelope, Generation, Hello, Identity, Message,
@@ -219,19 +219,30 @@ async fn serve(me: Me, listen: SocketAddr) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     // Every connection is asked to say goodbye at shutdown, given a moment, then cut.
-    let serving = Serving::new("lbs-hello", 64, DRAIN_TIMEOUT);
+    let serving = Serving::new("lbs-hello", 64, DRAIN_TIMEOUT).with_unproven(Unproven::new(
+        32,
+        4,
+        tls::HANDSHAKE_TIMEOUT + HELLO_TIMEOUT,
+    ));
     let stop = shutdown.clone();
-    let connections = serve_until(listener, shutdown.clone(), serving, move |tcp, remote| {
-        let config = config.clone();
-        let hello = me.hello.clone();
-        let (role, generation) = (me.role, me.generation);
-        let stop = stop.clone();
-        async move {
-            if let Err(err) = answer(config, tcp, hello, role, generation, stop).await {
-                println!("refused {remote}: {err:#}");
+    let connections = serve_until(
+        listener,
+        shutdown.clone(),
+        serving,
+        move |tcp, remote, admission| {
+            let config = config.clone();
+            let hello = me.hello.clone();
+            let (role, generation) = (me.role, me.generation);
+            let stop = stop.clone();
+            async move {
+                if let Err(err) =
+                    answer(config, tcp, admission, hello, role, generation, stop).await
+                {
+                    println!("refused {remote}: {err:#}");
+                }
             }
-        }
-    });
+        },
+    );
     tokio::pin!(connections);
     let served = tokio::select! {
         served = &mut connections => served,
@@ -251,6 +262,7 @@ async fn serve(me: Me, listen: SocketAddr) -> anyhow::Result<()> {
 async fn answer(
     config: std::sync::Arc<tls::ServerConfig>,
     tcp: TcpStream,
+    admission: Admission,
     hello: Hello,
     role: Role,
     generation: Generation,
@@ -259,6 +271,7 @@ async fn answer(
     let (stream, peer) = tls::accept(config, tcp).await?;
     let (mut conn, negotiated) =
         lbs_protocol::exchange_hello(stream, &peer, hello, generation, HELLO_TIMEOUT).await?;
+    admission.proven();
     println!(
         "accepted {} (certificate verified)",
         describe(&negotiated.peer, negotiated.peer_generation)

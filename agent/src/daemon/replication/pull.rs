@@ -99,14 +99,30 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
             s.changed_during_pass_ms = None;
         });
         let started = Instant::now();
+        let pass = stop.child_token();
+        let pulling = pull_one(peer, set, index.clone(), pass.clone(), |total, done| {
+            shared.set_status(&set.name, |s| {
+                s.pending_bytes = total.saturating_sub(done);
+                s.pass_bytes = Some((total, done.min(total)));
+            });
+        });
+        tokio::pin!(pulling);
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = pull_one(peer, set, index.clone(), stop.clone(), |total, done| {
-                shared.set_status(&set.name, |s| {
-                    s.pending_bytes = total.saturating_sub(done);
-                    s.pass_bytes = Some((total, done.min(total)));
-                });
-            }) => outcome,
+            outcome = &mut pulling => outcome,
+            silent = primary_silent(&shared) => {
+                // Frozen or gone mid-pass: stop at the next chunk (what is complete stays),
+                // and if even that does not come, leave the pass where it is.
+                pass.cancel();
+                match tokio::time::timeout(GIVE_UP, &mut pulling).await {
+                    Ok(Ok(report)) => Ok(report),
+                    _ => Err(anyhow::anyhow!(
+                        "the primary has not been heard for {} s: this pass was given up \
+                         (what was complete is kept; the next pass resumes it)",
+                        silent.as_secs()
+                    )),
+                }
+            }
         };
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match outcome {
@@ -225,6 +241,28 @@ pub(crate) async fn pull_one(
     .await?
     .pull(|now| on_progress(now.bytes_total, now.bytes_done + now.current_bytes))
     .await
+}
+
+/// A pass is given up when the primary has not been heard for this long: its watch
+/// connection hears it every second while it lives, however busy its disk, so only a frozen
+/// or vanished primary stays silent.
+const PRIMARY_SILENT: Duration = Duration::from_secs(10);
+/// How long a pass given up may take to stop at its next chunk before it is dropped.
+const GIVE_UP: Duration = Duration::from_secs(5);
+
+/// Returns once the primary was last heard more than [`PRIMARY_SILENT`] ago (how long ago);
+/// never while it has not been heard at all (the watch connection is not up yet).
+async fn primary_silent(shared: &Shared) -> Duration {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let heard = *lock(&shared.partner_heard_ms);
+        if let Some(heard) = heard {
+            let silent = Duration::from_millis(now_ms().saturating_sub(heard));
+            if silent > PRIMARY_SILENT {
+                return silent;
+            }
+        }
+    }
 }
 
 /// How often a set's trash is emptied of what is older than the retention.

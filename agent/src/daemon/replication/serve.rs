@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::listen::{Serving, serve_until};
+use lbs_protocol::listen::{Admission, serve_until};
 use lbs_protocol::tls;
 use lbs_protocol::{Envelope, Message, Role};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::peer::Peer;
+use crate::peer::{Peer, partner_port};
 use crate::status::SetState;
 
 use crate::daemon::replication::astdb::snapshot_astdb;
@@ -66,10 +66,8 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
             .collect(),
     );
     tracing::info!(port = shared.config().sync_port, partner = %peer.partner, "serving the sync sets");
-    // The partner needs two connections (its watch and one pull); more than a few are not
-    // the partner, and each must finish TLS and the hello within their deadlines.
-    let serving = Serving::new("the sync port", MAX_SESSIONS, Duration::ZERO);
-    serve_until(listener, stop.clone(), serving, |tcp, remote| {
+    let serving = partner_port("the sync port", Duration::ZERO);
+    serve_until(listener, stop.clone(), serving, |tcp, remote, admission| {
         let (peer, config, roots, changes) = (
             peer.clone(),
             config.clone(),
@@ -78,7 +76,7 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
         );
         let stop = stop.clone();
         async move {
-            let session = serve_one(peer, config, tcp, roots, changes);
+            let session = serve_one(peer, config, tcp, admission, roots, changes);
             tokio::select! {
                 () = stop.cancelled() => {}
                 result = session => if let Err(err) = result {
@@ -98,8 +96,9 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
     Ok(())
 }
 
-/// Connections the sync port serves at once.
-const MAX_SESSIONS: usize = 16;
+/// The backup heartbeats its watch connection every second: this much silence means it is
+/// gone (or frozen), and the session ends rather than wait for it.
+const WATCH_SILENCE: Duration = Duration::from_secs(15);
 
 /// A connection to the sync port that did not get past TLS and the hello (not the partner's
 /// certificate, not the partner, or not the protocol).
@@ -111,6 +110,7 @@ pub(crate) async fn serve_one(
     peer: Arc<Peer>,
     config: Arc<tls::ServerConfig>,
     tcp: TcpStream,
+    admission: Admission,
     roots: Arc<Vec<ServedSet>>,
     mut changes: broadcast::Receiver<Vec<String>>,
 ) -> anyhow::Result<()> {
@@ -118,6 +118,7 @@ pub(crate) async fn serve_one(
         .accept(config, tcp, Role::Primary)
         .await
         .map_err(|err| anyhow::Error::new(NotLetIn(format!("{err:#}"))))?;
+    admission.proven();
     let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
         .await
         .context("the partner said nothing")?
@@ -140,16 +141,17 @@ pub(crate) async fn serve_one(
         }
         Message::SyncWatch => loop {
             tokio::select! {
-                incoming = conn.next() => match incoming {
-                    None | Some(Err(_)) => return Ok(()),
-                    Some(Ok(Envelope { message: Message::Heartbeat { seq, .. }, .. })) => {
+                incoming = tokio::time::timeout(WATCH_SILENCE, conn.next()) => match incoming {
+                    Err(_) => bail!("the partner's watch was silent for {WATCH_SILENCE:?}; closed"),
+                    Ok(None | Some(Err(_))) => return Ok(()),
+                    Ok(Some(Ok(Envelope { message: Message::Heartbeat { seq, .. }, .. }))) => {
                         conn.send(Envelope {
                             generation: peer.generation,
                             message: Message::HeartbeatAck { seq, role: Role::Primary },
                         })
                         .await?;
                     }
-                    Some(Ok(_)) => {}
+                    Ok(Some(Ok(_))) => {}
                 },
                 changed = changes.recv() => {
                     let (sets, overflow) = match changed {
