@@ -59,7 +59,11 @@ fn run(cmd: &mut Command) -> Output {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "{cmd:?} hung");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
@@ -174,4 +178,40 @@ fn serve_pull_verify_over_mutual_tls() {
         log.contains(&format!("box {BACKUP} (backup) connected")),
         "{log}"
     );
+}
+
+#[test]
+fn a_pull_from_a_server_that_never_speaks_tls_fails_with_the_reason_in_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    identities(d);
+    let backup = d.join("backup-tree");
+    std::fs::create_dir_all(&backup).unwrap();
+    // Accepts TCP (the kernel does, for the listen backlog) and says nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let out = run(lbs(
+        d,
+        &[
+            "sync",
+            "pull",
+            "--root",
+            backup.to_str().unwrap(),
+            "--from",
+            &address,
+        ],
+        "backup",
+        PRIMARY,
+    )
+    .stdin(Stdio::null()));
+    let took = started.elapsed();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("did not complete the TLS handshake within 10s"),
+        "{said}"
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    drop(silent);
 }

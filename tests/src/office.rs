@@ -595,7 +595,8 @@ impl Office {
         Ok(())
     }
 
-    fn agent_pid(&self, host: &str) -> anyhow::Result<u32> {
+    /// The pid of `host`'s agent.
+    pub fn agent_pid(&self, host: &str) -> anyhow::Result<u32> {
         self.agents
             .iter()
             .find(|(h, _)| h == host)

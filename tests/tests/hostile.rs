@@ -133,3 +133,57 @@ fn impostors_can_neither_pull_media_nor_claim_the_primary_role() {
     assert_eq!(acme["primary"], primary_sid, "{acme}");
     office.wait_in_sync("backup", "primary").unwrap();
 }
+
+/// Starts `lbs-hello flood` on `host` against the primary's sync port; returns once the
+/// connections are open.
+fn flood(office: &mut Office, host: &str, count: usize, slow: bool) -> String {
+    let mut cmd = office.lab.command(host, workspace_binary("lbs-hello"));
+    cmd.args(["flood", "--connect", &format!("{SHARED}:7450")])
+        .args(["--count", &count.to_string(), "--hold-s", "60"]);
+    if slow {
+        cmd.arg("--slow");
+    }
+    let (_, said) = office.lab.spawn_until(cmd, "flooding:", STEP).unwrap();
+    said
+}
+
+#[test]
+fn a_flood_of_silent_connections_to_the_sync_port_stops_neither_replication_nor_p() {
+    if !require_root(
+        "a_flood_of_silent_connections_to_the_sync_port_stops_neither_replication_nor_p",
+        "network namespaces",
+    ) {
+        return;
+    }
+    let mut office = Office::start().unwrap();
+    office.bring_up_pair().unwrap();
+    office.start_phone().unwrap();
+    office.add_office_host("intruder", "192.168.1.66").unwrap();
+    // From the phone's place on the LAN: 1,000 connections that never start TLS and 50 that
+    // start it and stall, held for a minute.
+    let said = flood(&mut office, "intruder", 1000, false);
+    eprintln!("intruder: {said}");
+    let said = flood(&mut office, "intruder", 50, true);
+    eprintln!("intruder, slow: {said}");
+    // A new voicemail still reaches the backup, promptly, several times over.
+    for n in 0..3 {
+        let rpo = office.measure_rpo("primary", "backup", 40 + n).unwrap();
+        eprintln!("RPO under the flood: {rpo} ms");
+        assert!(rpo < 10_000, "a voicemail took {rpo} ms under the flood");
+    }
+    // The primary holds a handful of the intruder's connections, not a thousand.
+    let pid = office.agent_pid("primary").unwrap();
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    eprintln!("the primary's agent holds {descriptors} descriptors under the flood");
+    assert!(descriptors < 200, "{descriptors} descriptors");
+    // And P works.
+    let (rto, said) = office.fail_over("primary", "backup").unwrap();
+    eprintln!("RTO under the flood: {rto} ms");
+    assert!(
+        said.contains("done: this box is the PRIMARY (gen 2)"),
+        "{said}"
+    );
+    assert!(office.pbx_running("backup"));
+}

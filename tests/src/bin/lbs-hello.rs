@@ -4,11 +4,14 @@
 //! lbs-hello issue --dir DIR --box primary=00-1A-2B-3C-4D-5E --box backup=00-1A-2B-3C-4D-5F
 //! lbs-hello serve --identity DIR/primary --ca DIR/ca.pem --partner 00-1A-2B-3C-4D-5F --listen 127.0.0.1:0
 //! lbs-hello dial  --identity DIR/backup  --ca DIR/ca.pem --partner 00-1A-2B-3C-4D-5E --connect 127.0.0.1:PORT
+//! lbs-hello flood --connect ADDR --count 1000 --hold-s 30
 //! ```
 //!
 //! `serve` prints `listening on ADDR` first, answers heartbeats from its partner only, and
 //! stops cleanly on SIGTERM or Ctrl-C. `dial` prints both identities and heartbeat round
-//! trips, and exits non-zero with the reason when it is refused.
+//! trips, and exits non-zero with the reason when it is refused. `flood` plays a hostile
+//! machine: `count` connections that never start TLS (with `--slow`: start it and stall),
+//! held for `hold-s`; it prints `flooding: N open`, and at the end how many the server closed.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,6 +86,21 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         heartbeats: u64,
     },
+    /// Open connections that never finish a handshake and hold them.
+    Flood {
+        /// Where to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// How many.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// How long to hold them, in seconds.
+        #[arg(long, default_value_t = 30)]
+        hold_s: u64,
+        /// Send the first bytes of a TLS record, then nothing.
+        #[arg(long)]
+        slow: bool,
+    },
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -123,6 +141,12 @@ fn main() -> std::process::ExitCode {
                 connect,
                 heartbeats,
             } => dial(me, connect, heartbeats).await,
+            Command::Flood {
+                connect,
+                count,
+                hold_s,
+                slow,
+            } => flood(connect, count, Duration::from_secs(hold_s), slow).await,
         }
     });
     match result {
@@ -132,6 +156,37 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn flood(to: SocketAddr, count: usize, hold: Duration, slow: bool) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = Vec::with_capacity(count);
+    let mut refused = 0usize;
+    for _ in 0..count {
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+            Ok(Ok(mut stream)) => {
+                if slow {
+                    let _ = stream.write_all(&[0x16, 0x03]).await;
+                }
+                held.push(stream);
+            }
+            _ => refused += 1,
+        }
+    }
+    println!("flooding: {} open, {refused} not accepted", held.len());
+    tokio::time::sleep(hold).await;
+    let mut closed = 0usize;
+    for stream in &mut held {
+        let mut byte = [0u8; 1];
+        if matches!(
+            tokio::time::timeout(Duration::from_millis(5), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        ) {
+            closed += 1;
+        }
+    }
+    println!("flood over: the server closed {closed} of {}", held.len());
+    Ok(())
 }
 
 fn issue(dir: &Path, boxes: &[String]) -> anyhow::Result<()> {
