@@ -20,7 +20,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use lbs_protocol::RelPath;
@@ -172,28 +172,26 @@ impl Staged {
 }
 
 impl Root {
-    /// Opens the root directory (following a symlink at the root itself, never below).
+    /// Opens the root directory. No component of `path` may be a symlink (see
+    /// [`open_dir_nofollow`]): a sync root often sits in a directory its application's
+    /// account owns, and that account must not be able to point lbs, running as root,
+    /// elsewhere.
     pub fn open(path: &Path) -> Result<Root, ApplyError> {
-        let dir = File::open(path).map_err(|source| ApplyError::Root {
+        let dir = open_dir_nofollow(path).map_err(|source| ApplyError::Root {
             root: path.to_owned(),
             source,
         })?;
-        let meta = dir.metadata().map_err(|source| ApplyError::Root {
-            root: path.to_owned(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(ApplyError::Root {
-                root: path.to_owned(),
-                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-            });
-        }
-        Ok(Root {
+        Ok(Root::from_dir(dir, path.to_owned()))
+    }
+
+    /// A root on an open directory (`path` for messages).
+    pub(crate) fn from_dir(dir: File, path: PathBuf) -> Root {
+        Root {
             dir,
-            path: path.to_owned(),
+            path,
             durability: Durability::EachStep,
             partials: true,
-        })
+        }
     }
 
     /// When this root's changes reach the disk.
@@ -626,7 +624,88 @@ fn timespec(ns: i64) -> TimeSpec {
     TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 
-/// Owner first (chown clears set-id bits), then mode, then mtime.
+/// Opens the directory at `path`, one component at a time with `O_NOFOLLOW`, following a
+/// symlink on the way only where nobody but root (or this process's own user) could have put
+/// it: in a directory they own that no group or other may write. A sync root often sits in a
+/// directory its application's account owns (`/var/spool/asterisk`); a link there is that
+/// account's to change, and lbs, running as root, must not write or serve where it points.
+/// Such a link is refused with an error that names it and where it points.
+pub fn open_dir_nofollow(path: &Path) -> io::Result<File> {
+    const MAX_LINKS: u32 = 16;
+    let mut path = path.to_owned();
+    let mut links = 0;
+    'restart: loop {
+        use std::path::Component;
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let start = if path.is_absolute() { "/" } else { "." };
+        let mut dir = File::open(start)?;
+        let mut walked = PathBuf::from(start);
+        let components: Vec<Component<'_>> = path.components().collect();
+        for (i, component) in components.iter().enumerate() {
+            let name = match component {
+                Component::RootDir | Component::CurDir => continue,
+                Component::Prefix(_) => return Err(io::Error::other("not a Unix path")),
+                Component::ParentDir => OsStr::new(".."),
+                Component::Normal(name) => name,
+            };
+            let parent = walked.clone();
+            walked.push(name);
+            match openat(dir.as_fd(), name, flags, Mode::empty()) {
+                Ok(fd) => dir = File::from(fd),
+                // A symlink gives ELOOP or (with O_DIRECTORY) ENOTDIR: look at what it is.
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    let is_link = fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .is_ok_and(|stat| is_kind(&stat, SFlag::S_IFLNK));
+                    if !is_link {
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotADirectory,
+                            format!("{} is not a directory", walked.display()),
+                        ));
+                    }
+                    let target = PathBuf::from(OsString::from_vec(
+                        nix::fcntl::readlinkat(dir.as_fd(), name)?.into_encoded_bytes(),
+                    ));
+                    let trusted = nix::sys::stat::fstat(dir.as_fd()).is_ok_and(|stat| {
+                        (stat.st_uid == 0 || stat.st_uid == nix::unistd::geteuid().as_raw())
+                            && stat.st_mode & 0o022 == 0
+                    });
+                    if !trusted {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!(
+                                "{} is a symbolic link (to {}) in a directory others may \
+                                 change; lbs follows none there on the way to a tree it writes \
+                                 or serves: configure the real path",
+                                walked.display(),
+                                target.display()
+                            ),
+                        ));
+                    }
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("too many symbolic links on the way to {}", path.display()),
+                        ));
+                    }
+                    // Go on from where the link points, then the rest of the path.
+                    let mut next = parent.join(target);
+                    for rest in &components[i + 1..] {
+                        next.push(rest.as_os_str());
+                    }
+                    path = next;
+                    continue 'restart;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        return Ok(dir);
+    }
+}
+
+/// Owner first (chown clears set-id bits), then mode, then mtime. Set-user-id and
+/// set-group-id never come from the sender on a file (a partner must not be able to plant a
+/// set-uid program); a directory keeps set-group-id (group inheritance) and sticky.
 fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
     if let Some((uid, gid)) = meta.owner {
         fchown(
@@ -635,7 +714,14 @@ fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
             Some(Gid::from_raw(gid)),
         )?;
     }
-    fchmod(fd.as_fd(), Mode::from_bits_truncate(meta.mode & 0o7777))?;
+    let mut mode = meta.mode & 0o1777;
+    if meta.mode & 0o2000 != 0
+        && nix::sys::stat::fstat(fd.as_fd())?.st_mode & SFlag::S_IFMT.bits()
+            == SFlag::S_IFDIR.bits()
+    {
+        mode |= 0o2000;
+    }
+    fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
     let mtime = timespec(meta.mtime_ns);
     futimens(fd.as_fd(), &mtime, &mtime)
 }

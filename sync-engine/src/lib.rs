@@ -34,7 +34,7 @@ pub mod tree;
 
 pub use apply::{
     ApplyError, Durability, HashingWriter, PARTIAL_PREFIX, Root, Staged, TEMP_PREFIX, Target,
-    TempFile, partial_name,
+    TempFile, open_dir_nofollow, partial_name,
 };
 pub use execute::{
     ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, Trash, execute, manifest,

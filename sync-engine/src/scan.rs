@@ -111,16 +111,16 @@ pub fn scan_from(
     known: Vec<Entry>,
 ) -> Result<(ScanReport, Vec<Entry>), ScanError> {
     let started = Instant::now();
+    // No symlink on the way to the root: its application's account could otherwise point
+    // the scan (and what is served from it) at any directory of the box.
+    crate::apply::open_dir_nofollow(root).map_err(|e| ScanError::Root {
+        root: root.to_owned(),
+        reason: e.to_string(),
+    })?;
     let root = fs::canonicalize(root).map_err(|e| ScanError::Root {
         root: root.to_owned(),
         reason: e.to_string(),
     })?;
-    if !root.is_dir() {
-        return Err(ScanError::Root {
-            root,
-            reason: "not a directory".to_owned(),
-        });
-    }
     // Slots in the index's (path) order: what an entry was, taken out when the walk meets
     // it, then what it is now. The result comes out in path order with no sort.
     let slot_of: HashMap<RelPath, usize> = known

@@ -195,8 +195,113 @@ fn owner_is_set_when_running_as_root() {
     .unwrap();
     let meta = fs::metadata(dir.path().join("agi-bin/script")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
-    // The set-uid bit survives because the mode is set after the owner.
-    assert_eq!(meta.permissions().mode() & 0o7777, 0o4755);
+    // The mode is set after the owner (chown would clear it), but a set-uid bit from the
+    // sender never lands: a compromised partner must not plant a set-uid program.
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+}
+
+#[test]
+fn set_id_bits_never_come_from_the_sender_on_files_but_directories_keep_set_group_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("both", 0o6777)] {
+        root.install(
+            &rel(&format!("bin/{name}")),
+            &blake3::hash(b"#!/bin/sh\n"),
+            &target(mode),
+            |w| w.write_all(b"#!/bin/sh\n"),
+        )
+        .unwrap();
+        let got = fs::metadata(dir.path().join("bin").join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(got, mode & 0o1777, "{name}");
+    }
+    root.make_dir(&rel("shared")).unwrap();
+    root.set_meta(&rel("shared"), &target(0o2775)).unwrap();
+    let got = fs::metadata(dir.path().join("shared"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(got, 0o2775);
+}
+
+#[test]
+fn a_root_reached_through_a_symlink_is_refused_and_nothing_is_written_where_it_points() {
+    // The asterisk account replaces its voicemail directory with a link to a directory it
+    // cannot write (/etc on a box; here a directory of the test's own). Its spool directory
+    // is one others may change (the account's own, on a box).
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("etc");
+    fs::create_dir(&precious).unwrap();
+    fs::write(precious.join("passwd"), b"root:x:0:0\n").unwrap();
+    let spool = dir.path().join("spool");
+    fs::create_dir(&spool).unwrap();
+    fs::set_permissions(&spool, fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&precious, spool.join("voicemail")).unwrap();
+    let err = Root::open(&spool.join("voicemail")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("voicemail is a symbolic link (to ")
+            && err.to_string().contains("configure the real path"),
+        "{err}"
+    );
+    // The scan of a sender refuses it too (it would serve /etc).
+    let mut index = lbs_sync::Index::in_memory().unwrap();
+    let err = lbs_sync::scan(
+        &spool.join("voicemail"),
+        &mut index,
+        &lbs_sync::ScanOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is a symbolic link"), "{err}");
+    // A link that only this user (root, on a box) could have made is followed: Debian's
+    // /var/lib/asterisk/moh -> /usr/share/asterisk/moh kind, with the link in a directory
+    // nobody else may change.
+    let trusted = dir.path().join("lib");
+    fs::create_dir(&trusted).unwrap();
+    fs::create_dir(spool.join("moh")).unwrap();
+    std::os::unix::fs::symlink(spool.join("moh"), trusted.join("moh")).unwrap();
+    Root::open(&trusted.join("moh")).unwrap();
+    // A trash beside the root planted as a link (or made by someone else) is refused, and
+    // nothing is created where it points.
+    std::os::unix::fs::symlink(&precious, spool.join(".recordings.lbs-trash")).unwrap();
+    let trash = lbs_sync::Trash::default_for(&spool.join("recordings"));
+    let err = lbs_sync::Trash::open(&trash).unwrap_err();
+    assert!(err.to_string().contains("is a symbolic link"), "{err}");
+    let names: Vec<_> = fs::read_dir(&precious).unwrap().collect();
+    assert_eq!(names.len(), 1);
+    fs::remove_file(spool.join(".recordings.lbs-trash")).unwrap();
+    fs::create_dir(&trash).unwrap();
+    fs::set_permissions(&trash, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = lbs_sync::Trash::open(&trash).unwrap_err();
+    assert!(err.to_string().contains("not to lbs"), "{err}");
+}
+
+#[test]
+fn the_trash_keeps_working_on_the_directory_it_opened_when_its_path_is_swapped_for_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("home");
+    // A directory whose entries look like old trash batches.
+    fs::create_dir_all(victim.join("1000-1-1")).unwrap();
+    let path = dir.path().join(".voicemail.lbs-trash");
+    let trash = lbs_sync::Trash::open(&path).unwrap();
+    drop(trash.batch().unwrap());
+    // Swapped after opening: the real trash moved away, a link to the victim in its place.
+    fs::rename(&path, dir.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&victim, &path).unwrap();
+    let batch = trash.batch().unwrap();
+    drop(batch);
+    assert_eq!(fs::read_dir(dir.path().join("moved")).unwrap().count(), 2);
+    assert_eq!(fs::read_dir(&victim).unwrap().count(), 1);
+    trash.purge(std::time::Duration::ZERO).unwrap();
+    assert!(
+        victim.join("1000-1-1").exists(),
+        "the purge followed the link"
+    );
 }
 
 #[test]
