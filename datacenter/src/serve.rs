@@ -39,8 +39,10 @@ use crate::time::now_ms;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a control connection may stay silent (boxes report every few seconds).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Control connections served at once (boxes and the other sites); more are closed.
-const MAX_CONNECTIONS: usize = 1024;
+/// Control connections served at once (boxes and the other sites); more are closed. Every
+/// box keeps one open: the design load is 10,000 boxes per data center, with room for the
+/// sites and reconnects (the unit's LimitNOFILE is sized for it).
+const MAX_CONNECTIONS: usize = 12_000;
 /// Of those, connections still in their TLS handshake and hello at once, and from one
 /// address: a stranger on the internet can hold no more, so boxes always find room.
 const CONTROL_UNPROVEN: usize = 128;
