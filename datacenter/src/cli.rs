@@ -33,6 +33,11 @@ where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     use tokio::signal::unix::{SignalKind, signal};
+    // Each connected box holds a descriptor: take all the hard limit allows.
+    match lbs_host::limits::raise_open_files() {
+        Ok(limit) => tracing::debug!("open files: up to {limit}"),
+        Err(err) => tracing::warn!("cannot raise the open-files limit: {err}"),
+    }
     let shutdown = CancellationToken::new();
     let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;

@@ -8,6 +8,7 @@
 
 pub mod cli_docs;
 pub mod fs;
+pub mod limits;
 pub mod logging;
 pub mod systemd;
 pub mod tcp;

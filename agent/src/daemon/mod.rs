@@ -79,6 +79,9 @@ pub struct AgentCmd {
 /// `lbs agent`.
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     lbs_host::logging::init("lbs", "info");
+    if let Err(err) = lbs_host::limits::raise_open_files() {
+        tracing::warn!("cannot raise the open-files limit: {err}");
+    }
     let config = AgentConfig::load(&cmd.config, false)?;
     for note in &config.notes {
         match note {
