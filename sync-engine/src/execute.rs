@@ -136,21 +136,36 @@ struct Receiver<'r> {
     failed: Option<ApplyError>,
     /// Bytes that came from the sender.
     fetched: u64,
+    /// The size the plan expects (the sender's manifest, checked against the largest file
+    /// lbs syncs): no transfer may announce or send more.
+    planned: u64,
+    /// Bytes of whole-file data received.
+    whole: u64,
     buf: Vec<u8>,
 }
 
 impl<'r> Receiver<'r> {
-    fn new(root: &'r Root, path: &RelPath, known: Option<Known>) -> Self {
+    fn new(root: &'r Root, path: &RelPath, known: Option<Known>, planned: u64) -> Self {
         Receiver {
             root,
             path: path.clone(),
             known,
+            planned,
+            whole: 0,
             partial: None,
             state: Receiving::Start,
             failed: None,
             fetched: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// Refuses what goes beyond the planned size.
+    fn beyond_plan(&self, what: String) -> io::Error {
+        io::Error::other(format!(
+            "the sender {what}, beyond the {} bytes planned for {}; refused",
+            self.planned, self.path
+        ))
     }
 
     fn fail(&mut self, err: ApplyError) -> io::Error {
@@ -195,6 +210,13 @@ impl<'r> Receiver<'r> {
         expected: &blake3::Hash,
         target: &Target,
     ) -> Result<Received, ApplyError> {
+        if size != self.planned {
+            return Err(self.root.error(
+                &self.path,
+                "receiving",
+                self.beyond_plan(format!("ended at {size} bytes")),
+            ));
+        }
         let state = std::mem::replace(&mut self.state, Receiving::Start);
         let staged = match state {
             Receiving::Start => {
@@ -272,6 +294,10 @@ impl Sink for Receiver<'_> {
     }
 
     fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.whole = self.whole.saturating_add(bytes.len() as u64);
+        if self.whole > self.planned {
+            return Err(self.beyond_plan(format!("sent {} bytes", self.whole)));
+        }
         if matches!(self.state, Receiving::Start) {
             let temp = self.temp()?;
             self.state = Receiving::Whole(temp);
@@ -293,9 +319,14 @@ impl Sink for Receiver<'_> {
         if !matches!(self.state, Receiving::Start) {
             return Err(io::Error::other("the sender announced changes twice"));
         }
+        if size != self.planned || changed > size {
+            return Err(self.beyond_plan(format!(
+                "announced {changed} changed bytes of a {size}-byte file"
+            )));
+        }
         if let Some(known) = &self.known
             && changed.saturating_mul(PATCH_MAX_SHARE) <= size
-            && let Ok(patch) = Patch::begin(self.root, &self.path, known.clone(), size)
+            && let Ok(patch) = Patch::begin(self.root, &self.path, known.clone(), size, changed)
         {
             self.state = Receiving::Patch(Box::new(patch));
             return Ok(());
@@ -304,6 +335,12 @@ impl Sink for Receiver<'_> {
     }
 
     fn at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if offset
+            .checked_add(bytes.len() as u64)
+            .is_none_or(|end| end > self.planned)
+        {
+            return Err(self.beyond_plan(format!("sent {} bytes at offset {offset}", bytes.len())));
+        }
         if matches!(self.state, Receiving::Start) {
             self.rebuild()?;
         }
@@ -808,7 +845,12 @@ fn receive(
         }
         _ => None,
     };
-    let mut receiver = Receiver::new(root, job.path, if resuming { None } else { known });
+    let mut receiver = Receiver::new(
+        root,
+        job.path,
+        if resuming { None } else { known },
+        job.size,
+    );
     receiver.partial = partial;
     let fetched = match signature {
         Some(signature) => fetcher.fetch_delta(job.path, job.size, signature, &mut receiver),

@@ -67,24 +67,41 @@ pub struct Patch<'r> {
     size: u64,
     journal: Option<BufWriter<File>>,
     digest: blake3::Hasher,
-    /// Chaining values of the blocks received so far, by block number.
-    received: Vec<Option<Cv>>,
+    /// Chaining values of the blocks received so far, by block number (as many as were
+    /// sent, whatever the announced size).
+    received: std::collections::BTreeMap<u64, Cv>,
+    /// Blocks of the result.
+    blocks: u64,
     /// Where the next block may start (the sender sends them in order).
     next: u64,
     bytes: u64,
 }
 
 impl<'r> Patch<'r> {
-    /// Starts receiving changes that make `rel` (currently `known`) a `size`-byte file.
+    /// Starts receiving `changed` bytes of changes that make `rel` (currently `known`) a
+    /// `size`-byte file.
     pub fn begin(
         root: &'r Root,
         rel: &RelPath,
         known: Known,
         size: u64,
+        changed: u64,
     ) -> Result<Patch<'r>, PatchError> {
         let bs = known.block_size.get();
         if size <= bs || known.meta.size <= bs {
             return Err(PatchError::Unfit("single-block file".into()));
+        }
+        // Every block of the result is one held here or one sent: a size beyond that cannot
+        // be patched (and is never allocated for).
+        let blocks = known.block_size.blocks_for(size);
+        let possible = (known.blocks.len() as u64)
+            .saturating_add(known.block_size.blocks_for(changed))
+            .saturating_add(1);
+        if blocks > possible {
+            return Err(PatchError::Unfit(format!(
+                "{blocks} blocks cannot come from {} held and {changed} bytes sent",
+                known.blocks.len()
+            )));
         }
         let file = root
             .create_at_root(JOURNAL_NAME)
@@ -92,7 +109,8 @@ impl<'r> Patch<'r> {
         let mut patch = Patch {
             root,
             rel: rel.clone(),
-            received: vec![None; known.block_size.blocks_for(size) as usize],
+            received: std::collections::BTreeMap::new(),
+            blocks,
             known,
             size,
             journal: Some(BufWriter::with_capacity(1 << 20, file)),
@@ -130,7 +148,7 @@ impl<'r> Patch<'r> {
     /// Changed bytes at `offset`: whole blocks, the last one possibly short at the file's end.
     pub fn at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), PatchError> {
         let bs = self.known.block_size.get();
-        let end = offset + bytes.len() as u64;
+        let end = offset.saturating_add(bytes.len() as u64);
         if !offset.is_multiple_of(bs) || offset < self.next || end > self.size || bytes.is_empty() {
             return Err(PatchError::Unfit(format!(
                 "changed bytes {offset}..{end} do not fit the file's blocks"
@@ -143,7 +161,8 @@ impl<'r> Patch<'r> {
         }
         for (i, block) in bytes.chunks(bs as usize).enumerate() {
             let index = offset / bs + i as u64;
-            self.received[index as usize] = Some(block_cv(block, index, self.known.block_size));
+            self.received
+                .insert(index, block_cv(block, index, self.known.block_size));
         }
         let mut record = Vec::with_capacity(12);
         record.extend_from_slice(&offset.to_le_bytes());
@@ -177,9 +196,24 @@ impl<'r> Patch<'r> {
             )));
         }
         let bs = self.known.block_size;
-        let mut blocks = Vec::with_capacity(self.received.len());
-        for (index, cv) in self.received.iter().enumerate() {
-            match cv.or_else(|| self.known.blocks.get(index).copied()) {
+        // Each block is one sent or one held: more than both together cannot be rebuilt.
+        let held = (self.known.blocks.len() as u64).saturating_add(self.received.len() as u64);
+        if self.blocks > held {
+            return Err(PatchError::Unfit(format!(
+                "{} blocks, {} sent and {} held here",
+                self.blocks,
+                self.received.len(),
+                self.known.blocks.len()
+            )));
+        }
+        let mut blocks = Vec::with_capacity(usize::try_from(self.blocks).unwrap_or(0));
+        for index in 0..self.blocks {
+            let cv = self.received.get(&index).copied().or_else(|| {
+                usize::try_from(index)
+                    .ok()
+                    .and_then(|i| self.known.blocks.get(i).copied())
+            });
+            match cv {
                 Some(cv) => blocks.push(cv),
                 None => {
                     return Err(PatchError::Unfit(format!(

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::sync::{BlockSum, DirDigest, ManifestEntry, group_digest, listing_digests};
+use lbs_protocol::sync::{
+    BlockSum, DirDigest, ManifestEntry, ManifestKind, group_digest, listing_digests,
+};
 use lbs_protocol::{
     Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
 };
@@ -30,6 +32,58 @@ use crate::tree::{BlockSize, Cv};
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
 /// sender from exhausting memory).
 pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
+
+/// The most bytes of names (paths, link targets) a peer's manifest or digests may hold: what
+/// the receiver keeps in memory is bounded by bytes, not only by entries (5 million entries of
+/// 4 KiB paths would be 20 GB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
+/// The largest file lbs syncs (1 TiB): a size a peer announces beyond it is refused before
+/// anything is planned, allocated or written for it.
+pub const MAX_FILE_LEN: u64 = 1 << 40;
+
+/// What a peer's manifest (or digests) has taken so far, against the limits.
+#[derive(Default)]
+struct Intake {
+    entries: usize,
+    bytes: u64,
+}
+
+impl Intake {
+    /// Counts `entries` more holding `bytes` of names.
+    fn take(&mut self, entries: usize, bytes: u64) -> Result<(), SessionError> {
+        self.entries = self.entries.saturating_add(entries);
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.entries > MAX_MANIFEST_ENTRIES || self.bytes > MAX_MANIFEST_BYTES {
+            return Err(SessionError::ManifestTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Counts a part of the manifest, checking every size it announces.
+    fn manifest(&mut self, part: &[ManifestEntry]) -> Result<(), SessionError> {
+        let mut bytes = 0u64;
+        for entry in part {
+            bytes += entry.path.as_bytes().len() as u64;
+            match &entry.kind {
+                ManifestKind::File { size, .. } if *size > MAX_FILE_LEN => {
+                    return Err(SessionError::Unreasonable(format!(
+                        "{} announced at {size} bytes, more than the {MAX_FILE_LEN} bytes of \
+                         the largest file lbs syncs",
+                        entry.path
+                    )));
+                }
+                ManifestKind::Symlink { target } => bytes += target.len() as u64,
+                _ => {}
+            }
+        }
+        self.take(part.len(), bytes)
+    }
+}
+
+fn path_bytes(path: &Option<RelPath>) -> u64 {
+    path.as_ref().map_or(0, |p| p.as_bytes().len() as u64)
+}
 /// Roughly how many bytes of entries go into one manifest frame.
 const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
 /// Block summaries per `SyncFetchChanges` frame (at most about 230 KiB).
@@ -69,8 +123,14 @@ pub enum SessionError {
         during: &'static str,
     },
     /// The peer's manifest is larger than any real tree.
-    #[error("the peer's manifest has more than {MAX_MANIFEST_ENTRIES} entries; refused")]
+    #[error(
+        "the peer's manifest has more than {MAX_MANIFEST_ENTRIES} entries or \
+         {MAX_MANIFEST_BYTES} bytes of names; refused"
+    )]
     ManifestTooLarge,
+    /// The peer announced a size no real file has.
+    #[error("the peer's manifest: {0}; refused")]
+    Unreasonable(String),
     /// Scanning a tree failed.
     #[error(transparent)]
     Scan(#[from] ScanError),
@@ -395,21 +455,18 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
     send_digests(conn, generation, &before).await?;
     let mut same = SameDirs::default();
     let mut entries = Vec::new();
+    let mut intake = Intake::default();
     loop {
         match receive(conn, "the manifest").await? {
             Message::SyncManifestSame { dirs, last: _ } => {
-                if same.len() + dirs.len() > MAX_MANIFEST_ENTRIES {
-                    return Err(SessionError::ManifestTooLarge);
-                }
+                intake.take(dirs.len(), dirs.iter().map(path_bytes).sum())?;
                 same.extend(dirs);
             }
             Message::SyncManifest {
                 entries: part,
                 last,
             } => {
-                if entries.len() + part.len() > MAX_MANIFEST_ENTRIES {
-                    return Err(SessionError::ManifestTooLarge);
-                }
+                intake.manifest(&part)?;
                 entries.extend(part);
                 if last {
                     break;
@@ -436,10 +493,6 @@ struct SameDirs {
 }
 
 impl SameDirs {
-    fn len(&self) -> usize {
-        usize::from(self.root) + self.dirs.len()
-    }
-
     /// Whether `path` lies directly in one of these directories.
     fn holds(&self, path: &RelPath) -> bool {
         match path.parent_bytes() {
@@ -479,10 +532,9 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
     let mut theirs = std::collections::BTreeMap::new();
     let mut part = dirs;
     let mut done = last;
+    let mut intake = Intake::default();
     loop {
-        if theirs.len() + part.len() > MAX_MANIFEST_ENTRIES {
-            return Err(SessionError::ManifestTooLarge);
-        }
+        intake.take(part.len(), part.iter().map(|d| path_bytes(&d.dir)).sum())?;
         theirs.extend(part.into_iter().map(|d| (d.dir, d.digest)));
         if done {
             return Ok(theirs);
@@ -1369,6 +1421,58 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_is_bounded_by_bytes_and_every_size_it_announces() {
+        let entry = |path: &str, kind: ManifestKind| ManifestEntry {
+            path: RelPath::try_from(path).unwrap(),
+            kind,
+            meta: lbs_protocol::sync::FileMeta {
+                mode: 0o644,
+                owner: "asterisk".into(),
+                group: "asterisk".into(),
+                mtime_ns: 0,
+            },
+        };
+        let mut intake = Intake::default();
+        let huge = entry(
+            "rec.wav",
+            ManifestKind::File {
+                size: 1 << 63,
+                blake3: [0; 32],
+            },
+        );
+        let err = intake.manifest(&[huge]).unwrap_err();
+        assert!(matches!(err, SessionError::Unreasonable(_)), "{err}");
+        assert!(err.to_string().contains("rec.wav announced at"), "{err}");
+        // Few entries, but a gigabyte of link targets: refused by bytes.
+        let target = vec![b'x'; 64 << 20];
+        let links: Vec<ManifestEntry> = (0..17)
+            .map(|i| {
+                entry(
+                    &format!("link{i}"),
+                    ManifestKind::Symlink {
+                        target: target.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut intake = Intake::default();
+        assert!(matches!(
+            intake.manifest(&links),
+            Err(SessionError::ManifestTooLarge)
+        ));
+        // A real tree passes.
+        let mut intake = Intake::default();
+        let file = entry(
+            "msg0001.wav",
+            ManifestKind::File {
+                size: 1 << 30,
+                blake3: [0; 32],
+            },
+        );
+        intake.manifest(&[file]).unwrap();
+    }
 
     fn cvs(n: usize, seed: u8) -> Vec<Cv> {
         (0..n)

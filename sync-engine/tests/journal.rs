@@ -81,7 +81,8 @@ fn sealed_journal(dir: &Path, old: &[u8], new: &[u8]) -> (Vec<u8>, Vec<(u64, u64
     let known = index.known(&rel).unwrap().unwrap();
     let root = Root::open(&root_path).unwrap();
     let ranges = changed(&root_path.join("rec.wav"), &sender.join("rec.wav"));
-    let mut patch = Patch::begin(&root, &rel, known, new.len() as u64).unwrap();
+    let sent: u64 = ranges.iter().map(|(start, end)| end - start).sum();
+    let mut patch = Patch::begin(&root, &rel, known, new.len() as u64, sent).unwrap();
     for (start, end) in &ranges {
         let mut at = *start as usize;
         while at < *end as usize {
@@ -191,6 +192,7 @@ fn a_patch_that_does_not_verify_leaves_the_file_and_no_journal() {
         &rel,
         index.known(&rel).unwrap().unwrap(),
         new.len() as u64,
+        new.len() as u64,
     )
     .unwrap();
     // The sender lies: it sends a block that is not the one its hash describes.
@@ -207,6 +209,7 @@ fn a_patch_that_does_not_verify_leaves_the_file_and_no_journal() {
         &root,
         &rel,
         index.known(&rel).unwrap().unwrap(),
+        new.len() as u64,
         new.len() as u64,
     )
     .unwrap();
@@ -247,6 +250,7 @@ fn a_sealed_journal_is_never_overwritten_by_the_next_patch() {
         &other,
         index.known(&other).unwrap().unwrap(),
         7 * BS as u64,
+        BS as u64,
     );
     assert!(refused.is_err());
     // The sealed journal is intact, and the next run finishes its file.
@@ -256,4 +260,35 @@ fn a_sealed_journal_is_never_overwritten_by_the_next_patch() {
         Recovery::Finished(RelPath::try_from("rec.wav").unwrap())
     );
     assert_eq!(fs::read(root_path.join("rec.wav")).unwrap(), new);
+}
+
+#[test]
+fn sizes_and_offsets_from_the_sender_are_checked_before_anything_is_allocated_or_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_path = dir.path().join("backup");
+    write_old(&root_path.join("rec.wav"), &noise(7, 6 * BS));
+    let mut index = Index::in_memory().unwrap();
+    scan(&root_path, &mut index, &ScanOptions::default()).unwrap();
+    let rel = RelPath::try_from("rec.wav").unwrap();
+    let root = Root::open(&root_path).unwrap();
+    let known = || index.known(&rel).unwrap().unwrap();
+    // An 8 EiB file from a few changed bytes: refused, nothing allocated for its blocks.
+    let refused = Patch::begin(&root, &rel, known(), 1 << 63, BS as u64);
+    assert!(
+        matches!(&refused, Err(PatchError::Unfit(why)) if why.contains("cannot come from")),
+        "{:?}",
+        refused.err()
+    );
+    // Offsets at the end of the number range: refused, no overflow.
+    let mut patch = Patch::begin(&root, &rel, known(), 6 * BS as u64, BS as u64).unwrap();
+    let block = vec![1u8; BS];
+    let err = patch.at(u64::MAX - 10, &block).unwrap_err();
+    assert!(matches!(err, PatchError::Unfit(_)), "{err}");
+    let err = patch.at(6 * BS as u64, &block).unwrap_err();
+    assert!(matches!(err, PatchError::Unfit(_)), "{err}");
+    drop(patch);
+    assert_eq!(
+        fs::read(root_path.join("rec.wav")).unwrap(),
+        noise(7, 6 * BS)
+    );
 }

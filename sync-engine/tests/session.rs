@@ -296,6 +296,69 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         say(
             &mut liar,
             Message::SyncData {
+                bytes: b"bad".to_vec(),
+            },
+        )
+        .await;
+        say(
+            &mut liar,
+            Message::SyncDataEnd {
+                size: 3,
+                blake3: *blake3::hash(b"bad").as_bytes(),
+            },
+        )
+        .await;
+        liar
+    });
+    let index = fresh_index();
+    let report = pull_default(&mut client, &receiver, index, &trash)
+        .await
+        .unwrap();
+    assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
+    assert!(
+        report.executed.deferred[0].1.contains("hashes to"),
+        "{report:?}"
+    );
+    assert_eq!(
+        fs::read(receiver.join("sip.conf")).unwrap(),
+        b"old and good"
+    );
+    drop(fake.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_longer_than_the_manifest_announced_is_refused_as_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    write_old(&receiver.join("sip.conf"), b"old and good");
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (mut liar, mut client) = connections();
+    let fake = tokio::spawn(async move {
+        expect_digests(&mut liar).await;
+        let entries = vec![ManifestEntry {
+            path: RelPath::try_from("sip.conf").unwrap(),
+            kind: ManifestKind::File {
+                size: 3,
+                blake3: *blake3::hash(b"new").as_bytes(),
+            },
+            meta: meta(),
+        }];
+        say(
+            &mut liar,
+            Message::SyncManifest {
+                entries,
+                last: true,
+            },
+        )
+        .await;
+        // The receiver holds an old version, so it asks for changes against its blocks.
+        assert!(matches!(
+            expect_request(&mut liar).await,
+            Message::SyncFetch { .. } | Message::SyncFetchChanges { last: true, .. }
+        ));
+        say(
+            &mut liar,
+            Message::SyncData {
                 bytes: b"evil".to_vec(),
             },
         )
@@ -316,7 +379,9 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         .unwrap();
     assert_eq!(report.executed.deferred.len(), 1, "{report:?}");
     assert!(
-        report.executed.deferred[0].1.contains("hashes to"),
+        report.executed.deferred[0]
+            .1
+            .contains("beyond the 3 bytes planned"),
         "{report:?}"
     );
     assert_eq!(
