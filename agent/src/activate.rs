@@ -98,6 +98,10 @@ pub struct BoxInfo {
     /// them (`None`: not compared yet).
     #[serde(default)]
     pub hardware_differences: Option<Vec<String>>,
+    /// The partner's hardware address on the office LAN, as last seen answering for its own
+    /// address: who may take the shared address from this box (see the address guard).
+    #[serde(default)]
+    pub partner_mac: Option<lbs_netconfig::MacAddr>,
 }
 
 impl BoxInfo {
@@ -364,6 +368,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         control: grant.control.clone(),
         activated_at: address,
         hardware_differences: None,
+        partner_mac: None,
     };
     info.save(&paths)?;
     let mut machine = RoleMachine::new(if cmd.again { RoleRecord::new() } else { record });

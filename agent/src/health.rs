@@ -23,11 +23,17 @@ pub struct Facts<'a> {
     pub primary_heard_ms: Option<u64>,
     /// Whether the shared address is withdrawn.
     pub withdrawn: bool,
+    /// A device other than the partner last seen answering for the shared address (its MAC,
+    /// when).
+    pub stranger: Option<(String, u64)>,
     /// The PBX check's failures, restarts and verdict, when its last check failed.
     pub pbx_down: Option<(u32, u32, bool)>,
     /// Silence longer than this is a problem (ms): three report intervals.
     pub silent_after_ms: u64,
 }
+
+/// How long a stranger answering for the shared address stays an alarm after it was last seen.
+const STRANGER_REMEMBERED_MS: u64 = 10 * 60 * 1000;
 
 /// Every problem, in the order an operator should look at them; empty when all is well.
 pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
@@ -68,6 +74,14 @@ pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
             if facts.withdrawn {
                 problems.push(Problem::AddressWithdrawn);
             }
+            if let Some((mac, at)) = &facts.stranger
+                && facts.now_ms.saturating_sub(*at) < STRANGER_REMEMBERED_MS
+            {
+                problems.push(Problem::DuplicateAddress {
+                    by: mac.clone(),
+                    ago_ms: facts.now_ms.saturating_sub(*at),
+                });
+            }
             if facts.has_partner
                 && facts
                     .partner_silent_ms
@@ -104,6 +118,7 @@ mod tests {
             has_partner: true,
             primary_heard_ms: Some(99_500),
             withdrawn: false,
+            stranger: None,
             pbx_down: None,
             silent_after_ms: 15_000,
         }

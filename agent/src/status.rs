@@ -249,6 +249,15 @@ pub enum Problem {
     },
     /// The primary's shared address is off its interface (no carrier).
     AddressWithdrawn,
+    /// Another device, not the partner, answers for the shared address: the primary keeps
+    /// it (the data center does not say another box is primary) and somebody must find the
+    /// device.
+    DuplicateAddress {
+        /// Its MAC.
+        by: String,
+        /// When it was last seen answering (ms ago).
+        ago_ms: u64,
+    },
     /// The PBX fails its health check.
     PbxUnhealthy {
         /// Failures in a row since the last restart.
@@ -283,6 +292,11 @@ impl std::fmt::Display for Problem {
             }
             Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
             Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
+            Problem::DuplicateAddress { by, ago_ms } => write!(
+                f,
+                "{by} (not the partner) answers for the shared address, last {} ago: find that device",
+                secs(*ago_ms)
+            ),
             Problem::PbxUnhealthy {
                 restarts,
                 down: true,

@@ -21,12 +21,12 @@ pub(crate) async fn probe_shared(
 
 /// Who else answers ARP for the shared address, if anyone (`None` without `[network]`, or
 /// when the probe cannot run: then the data center's word at the next report decides).
-pub(crate) async fn address_taken(shared: &Shared) -> Option<String> {
+pub(crate) async fn address_taken(shared: &Shared) -> Option<lbs_netconfig::MacAddr> {
     let network = network(shared)?;
     match probe_shared(&shared.lan, &network).await {
         Ok(lbs_netconfig::ProbeResult::InUse(mac)) => {
             tracing::warn!("{mac} answers ARP for {}", network.shared.addr);
-            Some(mac.to_string())
+            Some(mac)
         }
         Ok(lbs_netconfig::ProbeResult::Free) => {
             tracing::info!(

@@ -145,20 +145,94 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
                     *lock(&shared.withdrawn) = None;
                 }
                 Err(lbs_netconfig::TakeoverError::InUse { mac, .. }) => {
-                    tracing::warn!(
-                        "{mac} answers ARP for {}: another box took over while this one was away",
-                        network.shared.addr
-                    );
-                    *lock(&shared.withdrawn) = None;
-                    shared.handle(Event::AddressTaken {
-                        by: mac.to_string(),
-                    });
+                    match on_answer(shared, mac).await {
+                        Answered::StepBack => {
+                            tracing::warn!(
+                                "{mac} answers ARP for {}: another box took over while this one was away",
+                                network.shared.addr
+                            );
+                            *lock(&shared.withdrawn) = None;
+                            shared.handle(Event::AddressTaken {
+                                by: mac.to_string(),
+                            });
+                        }
+                        Answered::KeepAndAlarm => {
+                            let mut plan = takeover_plan(&network, false, &shared.paths);
+                            plan.force = true;
+                            lbs_netconfig::take_back(net, arp, &plan).await?;
+                            let why = format!(
+                                "{mac} answers ARP for {} but is not the partner, and the data \
+                                 center does not say another box is primary: this box keeps \
+                                 the address; find the device with the duplicate address",
+                                network.shared.addr
+                            );
+                            tracing::error!("{why}");
+                            let _ = shared.progress.send(why.clone());
+                            *lock(&shared.withdrawn) = None;
+                            *lock(&shared.stranger) = Some((mac, now_ms()));
+                        }
+                    }
                 }
                 Err(err) => return Err(err.into()),
             }
         }
     }
     Ok(())
+}
+
+/// What the data center says of this box's role, asked when somebody else answers for the
+/// shared address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DcWord {
+    /// This box is no longer the primary (the generation moved on): the answer is the new one.
+    Moved,
+    /// This box is still the primary at its generation.
+    Primary,
+    /// No answer in time.
+    Silent,
+}
+
+/// What a primary does when somebody answers ARP for the shared address it is about to hold
+/// (at start, or when its cable comes back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answered {
+    /// The partner took over, or the data center says another is primary now: step back.
+    StepBack,
+    /// Neither: a spoofed reply or a device with a duplicate address. This box keeps the
+    /// address (it is the primary) and raises the alarm; fencing itself for a stranger would
+    /// be a lasting outage of the phones.
+    KeepAndAlarm,
+}
+
+/// The rule (DESIGN §9): fence only when the data center confirms the generation moved or
+/// the answering MAC is the partner's.
+pub(crate) fn answered(
+    by: lbs_netconfig::MacAddr,
+    partner_mac: Option<lbs_netconfig::MacAddr>,
+    dc: DcWord,
+) -> Answered {
+    if Some(by) == partner_mac || dc == DcWord::Moved {
+        Answered::StepBack
+    } else {
+        Answered::KeepAndAlarm
+    }
+}
+
+/// Gathers the facts for [`answered`] (the partner's remembered MAC, the data center's word)
+/// and decides.
+pub(crate) async fn on_answer(shared: &Shared, by: lbs_netconfig::MacAddr) -> Answered {
+    let partner_mac = lock(&shared.info).partner_mac;
+    let dc = if Some(by) == partner_mac {
+        DcWord::Silent
+    } else {
+        crate::daemon::report::dc_word(shared).await
+    };
+    let verdict = answered(by, partner_mac, dc);
+    tracing::warn!(
+        "{by} answers for the shared address; the partner is {}, the data center says {dc:?}: {verdict:?}",
+        partner_mac.map_or_else(|| "not known by its MAC yet".to_owned(), |m| m.to_string())
+    );
+    verdict
 }
 
 /// What the primary does when somebody announces the shared address.
@@ -212,7 +286,7 @@ const CLAIM_TICK: Duration = Duration::from_secs(1);
 /// it announces the address again. Another machine claiming the address is only logged: a
 /// misconfigured phone does not move the PBX.
 pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut partner_mac: Option<lbs_netconfig::MacAddr> = None;
+    let mut partner_mac = lock(&shared.info).partner_mac;
     let mut said: Option<lbs_netconfig::MacAddr> = None;
     let mut defended = None;
     loop {
@@ -234,6 +308,7 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                     && let Some(mac) = lbs_netconfig::neighbour_mac(&network.interface, ip)
                 {
                     partner_mac = Some(mac);
+                    remember_partner_mac(&shared, mac);
                 }
                 let conflict = tokio::select! {
                     () = shutdown.cancelled() => return anyhow::Ok(()),
@@ -258,6 +333,7 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                             );
                             said = Some(conflict.mac);
                         }
+                        *lock(&shared.stranger) = Some((conflict.mac, now_ms()));
                         continue;
                     }
                     Claim::Defend => {
@@ -291,6 +367,18 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                 "watching {} for the partner's claim: {err:#}",
                 network.shared.addr
             );
+        }
+    }
+}
+
+/// Keeps the partner's MAC in `box.json`, so that after a restart or a pulled cable this box
+/// still tells the partner's claim from a stranger's.
+fn remember_partner_mac(shared: &Shared, mac: lbs_netconfig::MacAddr) {
+    let mut info = lock(&shared.info);
+    if info.partner_mac != Some(mac) {
+        info.partner_mac = Some(mac);
+        if let Err(err) = info.save(&shared.paths) {
+            tracing::warn!("saving the partner's MAC: {err:#}");
         }
     }
 }

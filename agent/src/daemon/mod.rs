@@ -51,7 +51,7 @@ use crate::daemon::replication::replication;
 use crate::daemon::report::report;
 use crate::daemon::resources::sample_resources;
 use crate::daemon::role_notify::notify_hook;
-use crate::daemon::state::{Lan, Shared, lock};
+use crate::daemon::state::{Lan, Shared, lock, now_ms};
 use crate::daemon::steps::execute_steps;
 use crate::daemon::tunnels::tunnels;
 
@@ -191,8 +191,23 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             )),
         );
     }
+    let taken = match taken {
+        Some(by) => match guard::on_answer(&shared, by).await {
+            guard::Answered::StepBack => Some(by),
+            guard::Answered::KeepAndAlarm => {
+                tracing::error!(
+                    "{by} answers ARP for the shared address but is not the partner, and the \
+                     data center does not say another box is primary: this box keeps serving; \
+                     find the device with the duplicate address"
+                );
+                *lock(&shared.stranger) = Some((by, now_ms()));
+                None
+            }
+        },
+        None => None,
+    };
     match taken {
-        Some(by) => shared.handle(Event::AddressTaken { by }),
+        Some(by) => shared.handle(Event::AddressTaken { by: by.to_string() }),
         None => {
             let resume = lock(&shared.machine).resume();
             shared.act(resume);

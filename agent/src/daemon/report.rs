@@ -116,6 +116,56 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     }
 }
 
+/// The data center's word on this box's role, asked once within [`DC_WORD_DEADLINE`] (for
+/// the address guard: somebody else answers for the shared address).
+pub(crate) async fn dc_word(shared: &Shared) -> crate::daemon::guard::DcWord {
+    use crate::daemon::guard::DcWord;
+    let asked = tokio::time::timeout(DC_WORD_DEADLINE, async {
+        let (mut conn, _) = connect_dc(shared).await?;
+        let record = lock(&shared.machine).record.clone();
+        let report = BoxReport {
+            role: record.state.wire_role(),
+            software: SoftwareVersion::current(),
+            advertised: current_address(shared),
+            sync: sync_summary(shared),
+            tunnels: tunnel_summary(shared),
+        };
+        let (_, answer) = control::call(
+            &mut conn,
+            record.generation,
+            Message::Report(report),
+            DC_WORD_DEADLINE,
+        )
+        .await?;
+        let state = match answer {
+            Message::PairState(state)
+            | Message::PairStateWithDns { state, .. }
+            | Message::PromotionRequested { state, .. }
+            | Message::HandOverRequested { state, .. } => state,
+            other => bail!("the data center answered a report with {}", other.kind()),
+        };
+        anyhow::Ok((state, record.generation))
+    })
+    .await;
+    match asked {
+        Ok(Ok((state, ours))) => {
+            if state.role == lbs_protocol::Role::Primary && state.generation <= ours {
+                DcWord::Primary
+            } else {
+                DcWord::Moved
+            }
+        }
+        Ok(Err(err)) => {
+            tracing::warn!("asking the data center: {err:#}");
+            DcWord::Silent
+        }
+        Err(_) => DcWord::Silent,
+    }
+}
+
+/// How long the address guard waits for the data center's word.
+const DC_WORD_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A promotion the provider asked for: the same checks as **P**, then the same steps; the
 /// reason when the checks refuse it.
 pub(crate) async fn remote_promotion(shared: &Shared, request: &RemotePromotion) -> Option<String> {

@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     pub(crate) refresh: Mutex<Option<lbs_netconfig::Refresh>>,
     /// Set while the primary keeps the shared address off a link without carrier.
     pub(crate) withdrawn: Mutex<Option<Withdrawn>>,
+    /// A device that is not the partner answering for the shared address, and when it was
+    /// last seen doing so (the primary keeps the address and raises the alarm).
+    pub(crate) stranger: Mutex<Option<(lbs_netconfig::MacAddr, u64)>>,
     /// The primary's PBX as its health check last found it.
     pub(crate) pbx: Mutex<Option<PbxHealth>>,
     /// How the promotion under way came about, for the data center's audit log (after a
@@ -169,6 +172,7 @@ impl Shared {
             remote_handled: Mutex::new(None),
             refresh: Mutex::new(None),
             withdrawn: Mutex::new(None),
+            stranger: Mutex::new(None),
             moved: watch::channel(0).0,
             notices,
             pbx: Mutex::new(None),
@@ -206,6 +210,7 @@ impl Shared {
         let datacenter = lock(&self.datacenter).clone();
         let primary_heard_ms = *lock(&self.partner_heard_ms);
         let address_withdrawn = lock(&self.withdrawn).clone();
+        let stranger = *lock(&self.stranger);
         let pbx = lock(&self.pbx).clone();
         let now = now_ms();
         let health = crate::health::judge(&crate::health::Facts {
@@ -220,6 +225,7 @@ impl Shared {
             has_partner: info.partner.is_some(),
             primary_heard_ms,
             withdrawn: address_withdrawn.is_some(),
+            stranger: stranger.map(|(mac, at)| (mac.to_string(), at)),
             pbx_down: pbx
                 .as_ref()
                 .filter(|p| !p.ok)

@@ -78,6 +78,7 @@ impl Office {
             control: vec![SocketAddr::from(([127, 0, 0, 1], 1))],
             activated_at: SocketAddr::from(([127, 0, 0, 1], 1)),
             hardware_differences: None,
+            partner_mac: None,
         };
         let resources = ResourceHistory::open(&dir.path().join("resources.sqlite")).unwrap();
         let net = Lan {
@@ -287,12 +288,72 @@ async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() 
     let office = primary();
     office.lan.set_carrier("eth0", false);
     guard::check(&office.shared, false).await.unwrap();
-    // Meanwhile the backup was promoted and took the address.
+    // Meanwhile the backup (whose MAC this box saw before) was promoted and took the address.
+    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
     office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
     office.lan.set_carrier("eth0", true);
     guard::check(&office.shared, true).await.unwrap();
     assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
     assert_eq!(office.state(), RoleState::Fenced);
+}
+
+#[tokio::test]
+async fn a_stranger_answering_for_the_address_when_the_cable_returns_does_not_fence_the_primary() {
+    let office = primary();
+    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    // A spoofed reply, or a phone configured with the PBX's address; the data center (at a
+    // port nobody listens on) does not answer.
+    let stranger = MacAddr([0x02, 0xba, 0xd0, 0, 0, 0x66]);
+    office.lan.set_neighbour(SHARED, Some(stranger));
+    office.lan.set_carrier("eth0", true);
+    guard::check(&office.shared, true).await.unwrap();
+    assert_eq!(office.state(), RoleState::Primary);
+    assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
+    assert!(lock(&office.shared.withdrawn).is_none());
+    // The alarm is raised, naming the device.
+    let status = office.shared.status();
+    assert!(
+        status.health.iter().any(|p| matches!(
+            p,
+            crate::status::Problem::DuplicateAddress { by, .. } if *by == stranger.to_string()
+        )),
+        "{:?}",
+        status.health
+    );
+}
+
+#[test]
+fn only_the_partner_or_the_data_center_fences_a_primary_over_an_answered_address() {
+    use guard::{Answered, DcWord};
+    let stranger = MacAddr([0x02, 0xba, 0xd0, 0, 0, 0x66]);
+    let partner = Some(OLD_PRIMARY);
+    assert_eq!(
+        guard::answered(OLD_PRIMARY, partner, DcWord::Silent),
+        Answered::StepBack
+    );
+    assert_eq!(
+        guard::answered(stranger, partner, DcWord::Moved),
+        Answered::StepBack
+    );
+    assert_eq!(
+        guard::answered(stranger, None, DcWord::Moved),
+        Answered::StepBack
+    );
+    assert_eq!(
+        guard::answered(stranger, partner, DcWord::Silent),
+        Answered::KeepAndAlarm
+    );
+    assert_eq!(
+        guard::answered(stranger, partner, DcWord::Primary),
+        Answered::KeepAndAlarm
+    );
+    // The partner not known by its MAC, the data center silent: keep serving, alarm.
+    assert_eq!(
+        guard::answered(OLD_PRIMARY, None, DcWord::Silent),
+        Answered::KeepAndAlarm
+    );
 }
 
 #[tokio::test]
