@@ -1762,6 +1762,17 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let tx = begin(&mut self.conn)?;
         let row = row(&tx, sid)?;
+        // The request went to the backup; the primary (or a fenced box) has no say in it,
+        // and its refusal changes nothing (as a late one does).
+        if row.role != Role::Backup {
+            tracing::warn!(
+                %sid,
+                id,
+                "a refusal of a promotion request from the pair's {}, not its backup: ignored",
+                row.role
+            );
+            return Ok(());
+        }
         let changed = tx
             .execute(
                 "UPDATE promotion_requests SET state = 'refused', answer = ?3, answered_at = ?4

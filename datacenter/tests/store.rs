@@ -469,6 +469,17 @@ fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_t
     let second = store(&db)
         .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 61_000)
         .unwrap();
+    // The primary has no say in it: its refusal changes nothing.
+    store(&db)
+        .refuse_promotion(second.id, a, "no, thanks", T0 + 61_200)
+        .unwrap();
+    assert_eq!(
+        store(&db)
+            .promotion_request(second.id, T0 + 61_300)
+            .unwrap()
+            .state,
+        "pending"
+    );
     store(&db)
         .refuse_promotion(second.id, b, "the primary answers ARP", T0 + 61_500)
         .unwrap();

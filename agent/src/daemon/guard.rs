@@ -15,6 +15,7 @@ use anyhow::Context;
 use lbs_netconfig::NetBackend;
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::report::{DcWord, dc_word};
 use crate::daemon::state::{Shared, lock, network, now_ms};
 use crate::daemon::steps::takeover_plan;
 use crate::role::{Event, RoleState};
@@ -180,18 +181,6 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// What the data center says of this box's role, asked when somebody else answers for the
-/// shared address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DcWord {
-    /// This box is no longer the primary (the generation moved on): the answer is the new one.
-    Moved,
-    /// This box is still the primary at its generation.
-    Primary,
-    /// No answer in time.
-    Silent,
-}
-
 /// What a primary does when somebody answers ARP for the shared address it is about to hold
 /// (at start, or when its cable comes back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,7 +214,7 @@ pub(crate) async fn on_answer(shared: &Shared, by: lbs_netconfig::MacAddr) -> An
     let dc = if Some(by) == partner_mac {
         DcWord::Silent
     } else {
-        crate::daemon::report::dc_word(shared).await
+        dc_word(shared).await
     };
     let verdict = answered(by, partner_mac, dc);
     tracing::warn!(

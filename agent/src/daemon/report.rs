@@ -116,10 +116,21 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     }
 }
 
+/// What the data center says of this box's role, asked when somebody else answers for the
+/// shared address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DcWord {
+    /// This box is no longer the primary (the generation moved on): the answer is the new one.
+    Moved,
+    /// This box is still the primary at its generation.
+    Primary,
+    /// No answer in time.
+    Silent,
+}
+
 /// The data center's word on this box's role, asked once within [`DC_WORD_DEADLINE`] (for
 /// the address guard: somebody else answers for the shared address).
-pub(crate) async fn dc_word(shared: &Shared) -> crate::daemon::guard::DcWord {
-    use crate::daemon::guard::DcWord;
+pub(crate) async fn dc_word(shared: &Shared) -> DcWord {
     let asked = tokio::time::timeout(DC_WORD_DEADLINE, async {
         let (mut conn, _) = connect_dc(shared).await?;
         let record = lock(&shared.machine).record.clone();

@@ -326,7 +326,8 @@ async fn a_stranger_answering_for_the_address_when_the_cable_returns_does_not_fe
 
 #[test]
 fn only_the_partner_or_the_data_center_fences_a_primary_over_an_answered_address() {
-    use guard::{Answered, DcWord};
+    use crate::daemon::report::DcWord;
+    use guard::Answered;
     let stranger = MacAddr([0x02, 0xba, 0xd0, 0, 0, 0x66]);
     let partner = Some(OLD_PRIMARY);
     assert_eq!(
