@@ -443,6 +443,7 @@ impl AgentConfig {
                 );
             }
         }
+        check_set_paths(file.set.iter().map(|s| (s.name.as_str(), s.path.as_path())))?;
         if file.report_interval_s == 0 || file.resource_interval_s == 0 {
             bail!("report_interval_s and resource_interval_s must be at least 1");
         }
@@ -507,6 +508,59 @@ impl AgentConfig {
     }
 }
 
+/// Directories a sync set may not be, contain or lie in: the partner's copy of them would
+/// overwrite what belongs to this box alone (lbs's identity and role, the host's own
+/// configuration) or the system itself.
+const NOT_SYNCED: [&str; 3] = ["/var/lib/lbs", "/etc/lbs", "/run"];
+/// Directories a sync set may lie in but not be (nor contain): a set of the whole of them
+/// would carry the host's own files to the partner.
+const TOO_WIDE: [&str; 17] = [
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+    "/sbin", "/sys", "/tmp", "/usr", "/var", "/var/lib",
+];
+
+/// The sets' paths are normal (no `..`), stay off what belongs to this box alone, are not
+/// whole system directories, and do not overlap each other (one pass would fight the other).
+fn check_set_paths<'a>(sets: impl Iterator<Item = (&'a str, &'a Path)>) -> anyhow::Result<()> {
+    let sets: Vec<(&str, &Path)> = sets.collect();
+    for (name, path) in &sets {
+        if path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            bail!("set {name}: path {} must not contain ..", path.display());
+        }
+        for own in NOT_SYNCED {
+            let own = Path::new(own);
+            if path.starts_with(own) || own.starts_with(path) {
+                bail!(
+                    "set {name}: {} overlaps {}, which belongs to this box alone",
+                    path.display(),
+                    own.display()
+                );
+            }
+        }
+        if TOO_WIDE.iter().any(|wide| *path == Path::new(wide)) {
+            bail!(
+                "set {name}: {} is a whole system directory; name the PBX's own directories in it",
+                path.display()
+            );
+        }
+    }
+    for (i, (name, path)) in sets.iter().enumerate() {
+        for (other, other_path) in &sets[i + 1..] {
+            if path.starts_with(other_path) || other_path.starts_with(path) {
+                bail!(
+                    "sets {name} ({}) and {other} ({}) overlap: one directory, one set",
+                    path.display(),
+                    other_path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `network` with the address the operator chose at **P** (kept in the role record).
 pub fn with_choice(
     network: Option<Network>,
@@ -526,6 +580,34 @@ pub fn with_choice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sets_stay_off_what_is_this_boxs_alone_and_do_not_overlap() {
+        let refused = |sets: &str| {
+            let err = AgentConfig::parse(sets).unwrap_err();
+            format!("{err:#}")
+        };
+        let set =
+            |name: &str, path: &str| format!("[[set]]\nname = \"{name}\"\npath = \"{path}\"\n");
+        assert!(refused(&set("state", "/var/lib/lbs")).contains("belongs to this box alone"));
+        assert!(refused(&set("all", "/var/lib")).contains("overlaps /var/lib/lbs"));
+        assert!(refused(&set("keys", "/etc/lbs/keys")).contains("belongs to this box alone"));
+        assert!(refused(&set("usr", "/usr")).contains("whole system directory"));
+        assert!(refused(&set("etc", "/etc")).contains("overlaps /etc/lbs"));
+        assert!(
+            refused(&set("up", "/var/spool/asterisk/../../lib/lbs"))
+                .contains("must not contain ..")
+        );
+        let overlapping = set("spool", "/var/spool/asterisk")
+            + &set("voicemail", "/var/spool/asterisk/voicemail");
+        assert!(refused(&overlapping).contains("overlap: one directory, one set"));
+        // The defaults and a PBX's own directories pass.
+        AgentConfig::parse("").unwrap();
+        AgentConfig::parse(
+            &(set("config", "/etc/asterisk") + &set("voicemail", "/var/spool/asterisk/voicemail")),
+        )
+        .unwrap();
+    }
 
     #[test]
     fn hooks_default_to_asterisk_where_its_unit_is_and_unset_ones_are_warned_about() {
