@@ -22,6 +22,7 @@ pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod health;
+mod hook;
 pub mod net_cmd;
 pub mod peer;
 pub mod promote_cmd;

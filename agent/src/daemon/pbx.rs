@@ -168,18 +168,14 @@ async fn ask_hand_over(shared: &Shared, reason: &str) -> anyhow::Result<()> {
 
 /// Runs the PBX check once: `Ok` on exit 0, else what went wrong (its output's last line).
 async fn run_check(check: &crate::config::PbxCheck) -> Result<(), String> {
-    let run = tokio::process::Command::new("sh")
-        .args(["-c", &check.command])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(check.timeout, run).await {
-        Err(_) => Err(format!("no answer within {} s", check.timeout.as_secs())),
-        Ok(Err(err)) => Err(format!("cannot run it: {err}")),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let said = String::from_utf8_lossy(&out.stderr).into_owned()
-                + &String::from_utf8_lossy(&out.stdout);
+    let run = crate::hook::run(&check.command, &[], &[], true, check.timeout);
+    match run.await {
+        Ok(crate::hook::Ended::TimedOut) => {
+            Err(format!("no answer within {} s", check.timeout.as_secs()))
+        }
+        Err(err) => Err(format!("cannot run it: {err}")),
+        Ok(crate::hook::Ended::Exited(status, _)) if status.success() => Ok(()),
+        Ok(crate::hook::Ended::Exited(status, said)) => {
             let last = said
                 .lines()
                 .rev()
@@ -187,7 +183,7 @@ async fn run_check(check: &crate::config::PbxCheck) -> Result<(), String> {
                 .unwrap_or("");
             Err(format!(
                 "{}{}",
-                out.status,
+                status,
                 if last.is_empty() {
                     String::new()
                 } else {

@@ -31,27 +31,28 @@ pub(crate) async fn notify_hook(
         };
         let role = notice.role;
         let generation = notice.generation.0.to_string();
-        let run = tokio::process::Command::new("sh")
-            .args(["-c", &format!("{command} \"$@\""), "lbs-notify"])
-            .args([&role, &generation, &notice.reason])
-            .env("LBS_ROLE", &role)
-            .env("LBS_GENERATION", &generation)
-            .env("LBS_REASON", &notice.reason)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .status();
+        let script = format!("{command} \"$@\"");
+        let args = ["lbs-notify", &role, &generation, &notice.reason];
+        let env = [
+            ("LBS_ROLE", role.as_str()),
+            ("LBS_GENERATION", generation.as_str()),
+            ("LBS_REASON", notice.reason.as_str()),
+        ];
+        let run = crate::hook::run(&script, &args, &env, false, NOTIFY_DEADLINE);
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = tokio::time::timeout(NOTIFY_DEADLINE, run) => outcome,
+            outcome = run => outcome,
         };
         match outcome {
-            Ok(Ok(status)) if status.success() => {
+            Ok(crate::hook::Ended::Exited(status, _)) if status.success() => {
                 tracing::info!("notify `{command}` {role} {generation}: done");
             }
-            Ok(Ok(status)) => tracing::warn!("notify `{command}` {role} {generation}: {status}"),
-            Ok(Err(err)) => tracing::warn!("notify `{command}`: cannot run it: {err}"),
-            Err(_) => tracing::warn!(
-                "notify `{command}` {role} {generation}: still running after {} s; stopped",
+            Ok(crate::hook::Ended::Exited(status, _)) => {
+                tracing::warn!("notify `{command}` {role} {generation}: {status}")
+            }
+            Err(err) => tracing::warn!("notify `{command}`: cannot run it: {err}"),
+            Ok(crate::hook::Ended::TimedOut) => tracing::warn!(
+                "notify `{command}` {role} {generation}: still running after {} s; stopped with all it started",
                 NOTIFY_DEADLINE.as_secs()
             ),
         }

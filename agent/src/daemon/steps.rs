@@ -116,17 +116,17 @@ pub(crate) async fn hook(
             "{what}: no {key} command configured, nothing run"
         )));
     };
-    let status = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("sh")
-            .args(["-c", &command])
-            .kill_on_drop(true)
-            .status(),
-    )
-    .await
-    .with_context(|| format!("`{command}` did not finish within 60 s"))??;
-    if !status.success() {
-        bail!("`{command}` failed: {status}");
+    match crate::hook::run(&command, &[], &[], false, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("cannot run `{command}`"))?
+    {
+        crate::hook::Ended::TimedOut => {
+            bail!("`{command}` did not finish within 60 s; it was stopped with all it started")
+        }
+        crate::hook::Ended::Exited(status, _) if !status.success() => {
+            bail!("`{command}` failed: {status}")
+        }
+        crate::hook::Ended::Exited(..) => {}
     }
     Ok(StepOutcome::Done(format!("{what}: `{command}`")))
 }
