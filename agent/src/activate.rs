@@ -11,7 +11,7 @@
 //! | `box.json` | SID, pair, name, overlay address, partner, control addresses ([`BoxInfo`]) |
 //! | `role.json` | the role and generation ([`crate::role::RoleRecord`]) |
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -127,9 +127,13 @@ pub struct ActivateCmd {
     /// The server ID on the provisioning sheet (`00-1A-2B-3C-4D-5E`).
     #[arg(long)]
     pub sid: Option<ServerId>,
-    /// The one-time activation key on the sheet.
-    #[arg(long)]
+    /// The one-time activation key on the sheet. Other local users see command lines: prefer
+    /// --key-file, or leave both out to be asked for it.
+    #[arg(long, conflicts_with = "key_file")]
     pub key: Option<String>,
+    /// A file holding the activation key (`-`: standard input).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
     /// The data center's activation address (`dc.example.net:7440`). Default: the one
     /// shipped with the box in `datacenter-address` beside the CA certificate, if any.
     #[arg(long)]
@@ -190,6 +194,24 @@ fn ask(what: &str) -> anyhow::Result<String> {
         bail!("{what} is needed to activate");
     }
     Ok(line)
+}
+
+/// The activation key from `path` (`-`: standard input): its first line, trimmed.
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    // A key is a few dozen characters; a larger input is a mistake (the wrong file).
+    const MAX: u64 = 4096;
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin().take(MAX).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|file| file.take(MAX).read_to_string(&mut text))
+    }
+    .with_context(|| format!("reading the activation key from {}", path.display()))?;
+    let key = text.lines().next().unwrap_or("").trim();
+    if key.is_empty() {
+        bail!("{} holds no activation key", path.display());
+    }
+    Ok(key.to_owned())
 }
 
 /// Resolves `host:port` (a name or an address) to the first IPv4 address.
@@ -265,9 +287,10 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
             .parse()
             .context("that is not a SID like 00-1A-2B-3C-4D-5E")?,
     };
-    let key = match cmd.key {
-        Some(key) => key,
-        None => ask("Activation key")?,
+    let key = match (cmd.key, &cmd.key_file) {
+        (Some(key), _) => key,
+        (None, Some(path)) => read_key_file(path)?,
+        (None, None) => ask("Activation key")?,
     };
     let datacenter = match cmd.datacenter {
         Some(dc) => dc,

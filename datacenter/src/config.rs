@@ -225,12 +225,25 @@ impl ServeConfig {
             Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
         };
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).with_context(|| format!("in {}", path.display()))
+        (|| {
+            let file: File = toml::from_str(&text)?;
+            if file.dns.as_ref().is_some_and(|dns| dns.secret.is_some()) {
+                let meta = std::fs::metadata(path)?;
+                lbs_host::fs::check_private(path, &meta).context(
+                    "the TSIG secret is written inline: make the file private, or move the secret to a secret_file of mode 600",
+                )?;
+            }
+            Self::from_file(file, base)
+        })()
+        .with_context(|| format!("in {}", path.display()))
     }
 
     /// Parses configuration text; relative file names are under `base`.
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<ServeConfig> {
-        let file: File = toml::from_str(text)?;
+        Self::from_file(toml::from_str(text)?, base)
+    }
+
+    fn from_file(file: File, base: &Path) -> anyhow::Result<ServeConfig> {
         if file.activation.is_empty() || file.control.is_empty() {
             bail!("activation and control need at least one address each");
         }
@@ -356,7 +369,7 @@ fn dns_settings(d: DnsFile, base: &Path) -> anyhow::Result<(DnsServer, u32)> {
         (Some(secret), None) => secret,
         (None, Some(file)) => {
             let path = base.join(file);
-            std::fs::read_to_string(&path)
+            lbs_host::fs::read_secret(&path)
                 .with_context(|| format!("dns: reading secret_file {}", path.display()))?
         }
         _ => bail!("dns: give exactly one of secret and secret_file"),
@@ -444,6 +457,40 @@ mod tests {
             err("[dns]\nserver = \"127.0.0.1:53\"\nzone = \"x\"\nkey_name = \"k\"")
                 .contains("exactly one")
         );
+    }
+
+    #[test]
+    fn a_tsig_secret_others_may_read_is_refused_and_never_shown() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "c2VjcmV0IHNlY3JldCBzZWNyZXQgc2VjcmV0Cg==";
+        let dns = "[dns]\nserver = \"127.0.0.1:53\"\nzone = \"x\"\nkey_name = \"k\"\n";
+        let inline = dir.path().join("inline.toml");
+        std::fs::write(&inline, format!("{dns}secret = \"{secret}\"\n")).unwrap();
+        let in_file = dir.path().join("in-file.toml");
+        std::fs::write(&in_file, format!("{dns}secret_file = \"tsig.key\"\n")).unwrap();
+        std::fs::write(dir.path().join("tsig.key"), secret).unwrap();
+        let set_mode = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        for path in [&inline, &in_file] {
+            set_mode(path, 0o644);
+            set_mode(&dir.path().join("tsig.key"), 0o644);
+            let err = format!("{:#}", ServeConfig::load(path, true).unwrap_err());
+            assert!(err.contains("chmod 600"), "{err}");
+        }
+        set_mode(&inline, 0o600);
+        set_mode(&dir.path().join("tsig.key"), 0o600);
+        for path in [&inline, &in_file] {
+            let config = ServeConfig::load(path, true).unwrap();
+            let shown = format!("{config:?}");
+            assert!(config.dns.is_some());
+            assert!(
+                !shown.contains("115, 101, 99, 114"),
+                "the secret's bytes in Debug: {shown}"
+            );
+            assert!(shown.contains("<28 bytes>"), "{shown}");
+        }
     }
 
     #[test]

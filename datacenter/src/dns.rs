@@ -21,7 +21,7 @@ use hickory_proto::rr::rdata::tsig::TsigAlgorithm;
 use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, TSigner};
 
 /// Where and how updates are sent.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DnsServer {
     /// The authoritative server.
     pub server: SocketAddr,
@@ -33,6 +33,19 @@ pub struct DnsServer {
     pub secret: Vec<u8>,
     /// How long one update may take.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret: configurations end up in logs and bug reports.
+        f.debug_struct("DnsServer")
+            .field("server", &self.server)
+            .field("zone", &self.zone)
+            .field("key_name", &self.key_name)
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Why an update did not happen.

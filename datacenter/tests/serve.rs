@@ -71,6 +71,12 @@ impl Dc {
             format!("activation = [\"{activation}\"]\ncontrol = [\"{control}\"]\n{extra_config}"),
         )
         .unwrap();
+        // It may hold the TSIG secret: only its owner may read it.
+        std::fs::set_permissions(
+            dc.path().join("datacenter.toml"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         dc
     }
 

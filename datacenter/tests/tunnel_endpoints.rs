@@ -70,7 +70,12 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
     ]);
     let (sid, key) = lbs_tests::provisioned(&sheet).remove(0);
     let endpoint_key = Key::generate_private();
-    std::fs::write(dir.join("dc1.key"), endpoint_key.to_base64()).unwrap();
+    lbs_host::fs::write_file_atomic(
+        &dir.join("dc1.key"),
+        endpoint_key.to_base64().as_bytes(),
+        0o600,
+    )
+    .unwrap();
     std::fs::write(
         dir.join("datacenter.toml"),
         "activation = [\"192.168.60.1:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n\

@@ -3,7 +3,6 @@
 //! Boxes and their commands never sign, so they do not link this.
 
 use std::fmt;
-use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,7 +63,7 @@ impl CertificateAuthority {
     /// Reads a CA certificate and its key from PEM files.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
         let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| pem_error(cert_path, e))?;
-        let key_pem = fs::read_to_string(key_path).map_err(|source| TlsError::Io {
+        let key_pem = lbs_host::fs::read_secret(key_path).map_err(|source| TlsError::Io {
             path: key_path.to_owned(),
             cause: source,
         })?;

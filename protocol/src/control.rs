@@ -19,7 +19,7 @@ pub const MAX_ACTIVATION_LEN: usize = 64 * 1024;
 pub const MAX_CONTROL_LEN: usize = 64 * 1024;
 
 /// A box asks to be activated.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivationRequest {
     /// The protocol the box speaks (activation has no `Hello`: this is its version check).
     pub protocol: ProtocolVersion,
@@ -38,6 +38,25 @@ pub struct ActivationRequest {
     pub lan_address: Ipv4Addr,
     /// The box's hardware inventory (JSON, as `lbs net inventory --json` prints it).
     pub inventory: String,
+}
+
+impl std::fmt::Debug for ActivationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the one-time key: requests end up in logs.
+        f.debug_struct("ActivationRequest")
+            .field("protocol", &self.protocol)
+            .field("software", &self.software)
+            .field("sid", &self.sid)
+            .field("key", &"…")
+            .field("csr", &format_args!("<{} bytes>", self.csr.len()))
+            .field("wireguard_key", &self.wireguard_key)
+            .field("lan_address", &self.lan_address)
+            .field(
+                "inventory",
+                &format_args!("<{} bytes>", self.inventory.len()),
+            )
+            .finish()
+    }
 }
 
 /// The data center's answer to a successful activation.

@@ -381,7 +381,12 @@ impl Identity {
                 detail: "no certificate in the file".to_owned(),
             });
         }
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_error(key_path, e))?;
+        let key_pem = lbs_host::fs::read_secret(key_path).map_err(|cause| TlsError::Io {
+            path: key_path.to_owned(),
+            cause,
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| pem_error(key_path, e))?;
         Self::new(chain, key)
     }
 

@@ -277,7 +277,12 @@ impl Office {
                 )?;
             }
         }
+        // It holds the TSIG secret: the data center refuses it unless only its owner may read.
         std::fs::write(dir.join("datacenter.toml"), config)?;
+        std::fs::set_permissions(
+            dir.join("datacenter.toml"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         let mut serve = self.lab.command("dc1", &dc);
         serve.arg("--dir").arg(&dir).arg("serve");
         self.lab.spawn_until(serve, "ready:", STEP)?;

@@ -131,7 +131,7 @@ fn parse<T: std::str::FromStr>(what: &str, text: &str, expected: &str) -> Result
 /// Reads a private key file (base64, as `lbs vpn keygen` writes it), relative to `base`.
 pub fn read_private_key(base: &Path, file: &Path) -> Result<Key, VpnError> {
     let path = base.join(file);
-    let text = std::fs::read_to_string(&path).map_err(|error| VpnError::Io {
+    let text = lbs_host::fs::read_secret(&path).map_err(|error| VpnError::Io {
         what: format!("reading the private key {}", path.display()),
         error,
     })?;
@@ -245,7 +245,7 @@ mod tests {
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
+        lbs_host::fs::write_file_atomic(&path, text.as_bytes(), 0o600).unwrap();
         path
     }
 
@@ -275,6 +275,21 @@ mod tests {
         assert_eq!(config.failover.dead_after, 3);
         assert_eq!(config.keepalive, Some(15));
         assert_eq!(config.endpoints[0].prefix, "10.77.0.0/16".parse().unwrap());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(&key), "the private key in Debug: {shown}");
+        assert!(shown.contains(&config.private_key.get_public().to_base64()));
+    }
+
+    #[test]
+    fn a_private_key_others_may_read_is_refused() {
+        let (dir, _, _) = setup();
+        let key = dir.path().join("box.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let err = read_private_key(dir.path(), Path::new("box.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::heartbeat::Responder;
 use crate::wg::{BackendChoice, BackendKind, Key, PeerConfig, PeerState, WireGuard, host};
 
 /// An endpoint's configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EndpointConfig {
     pub interface: String,
     /// The endpoint's private key.
@@ -31,6 +31,20 @@ pub struct EndpointConfig {
     pub backend: BackendChoice,
     /// The port heartbeats are answered on.
     pub heartbeat_port: u16,
+}
+
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("interface", &self.interface)
+            .field("private_key", &crate::wg::PrivateKeyOf(&self.private_key))
+            .field("listen_port", &self.listen_port)
+            .field("address", &self.address)
+            .field("service_addresses", &self.service_addresses)
+            .field("backend", &self.backend)
+            .field("heartbeat_port", &self.heartbeat_port)
+            .finish()
+    }
 }
 
 /// What a [`Endpoint::set_peers`] changed.

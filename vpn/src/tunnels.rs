@@ -36,7 +36,7 @@ pub struct EndpointSpec {
 }
 
 /// Everything the box's tunnels need.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TunnelsConfig {
     /// The box's WireGuard private key.
     pub private_key: Key,
@@ -54,6 +54,21 @@ pub struct TunnelsConfig {
     pub heartbeat_port: u16,
     /// The endpoints, in order of preference after `failover.preferred`.
     pub endpoints: Vec<EndpointSpec>,
+}
+
+impl std::fmt::Debug for TunnelsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelsConfig")
+            .field("private_key", &crate::wg::PrivateKeyOf(&self.private_key))
+            .field("address", &self.address)
+            .field("interface_prefix", &self.interface_prefix)
+            .field("backend", &self.backend)
+            .field("failover", &self.failover)
+            .field("keepalive", &self.keepalive)
+            .field("heartbeat_port", &self.heartbeat_port)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
 }
 
 impl TunnelsConfig {

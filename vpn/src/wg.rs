@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 use lbs_netconfig::Ipv4Cidr;
 pub use wireguard_control::Key;
 
+/// A private key in `Debug` output: named by its public half, never shown (configurations end
+/// up in logs and bug reports).
+pub(crate) struct PrivateKeyOf<'a>(pub &'a Key);
+
+impl std::fmt::Debug for PrivateKeyOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<private key of {}>", self.0.get_public().to_base64())
+    }
+}
+
 use crate::error::VpnError;
 
 /// Which WireGuard implementation carries the tunnels.

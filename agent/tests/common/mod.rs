@@ -140,8 +140,12 @@ impl Pair {
     /// `lbs activate` for `host` with the `n`th provisioned SID; returns what it printed.
     pub fn activate(&mut self, host: &str, n: usize) -> String {
         let (sid, key) = self.sids[n].clone();
+        // From a file, as the README says (a key on the command line shows in `ps`).
+        let key_file = self.dir().join(format!("{host}.activation-key"));
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
         let mut cmd = self.lab.command(host, LBS);
-        cmd.args(["activate", "--sid", &sid.to_string(), "--key", &key])
+        cmd.args(["activate", "--sid", &sid.to_string(), "--key-file"])
+            .arg(&key_file)
             .args(["--datacenter", &format!("{DC_IP}:7440")])
             .arg("--ca")
             .arg(self.dc_dir().join("ca.pem"))
