@@ -188,7 +188,7 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("lbs: {err:#}");
+            eprintln!("lbs: {}", lbs_host::term::printable(&format!("{err:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -55,21 +55,21 @@ pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
         &cmd.socket,
         &ControlRequest::Demote { check_only: true },
         Duration::from_secs(20),
-        |line| println!("{line}"),
+        |line| lbs_host::say!("{line}"),
     )
     .await?;
     if !succeeded(&last) {
         return Ok(ExitCode::from(EXIT_REFUSED));
     }
     if !cmd.yes && !confirm("Make this box the BACKUP now? [y/N]", "y")? {
-        println!("cancelled: nothing changed");
+        lbs_host::say!("cancelled: nothing changed");
         return Ok(ExitCode::SUCCESS);
     }
     let last = converse(
         &cmd.socket,
         &ControlRequest::Demote { check_only: false },
         Duration::from_secs(120),
-        |line| println!("{line}"),
+        |line| lbs_host::say!("{line}"),
     )
     .await?;
     Ok(if succeeded(&last) {
@@ -123,7 +123,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
     let (address, gateway) = match parsed {
         (Ok(address), Ok(gateway)) => (address, gateway),
         (Err(why), _) | (_, Err(why)) => {
-            println!("{}", ControlReply::Refused(Refusal::BadRequest { why }));
+            lbs_host::say!("{}", ControlReply::Refused(Refusal::BadRequest { why }));
             return Ok(ExitCode::from(EXIT_REFUSED));
         }
     };
@@ -145,14 +145,14 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
             &cmd.socket,
             &ControlRequest::Promote(check),
             Duration::from_secs(20),
-            |line| println!("{line}"),
+            |line| lbs_host::say!("{line}"),
         )
         .await?;
         if !succeeded(&last) {
             return Ok(ExitCode::from(EXIT_REFUSED));
         }
         if !confirm("Promote this box to PRIMARY? [y/N]", "y")? {
-            println!("cancelled: nothing changed");
+            lbs_host::say!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }
         if cmd.offline
@@ -161,7 +161,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
                 "offline",
             )?
         {
-            println!("cancelled: nothing changed");
+            lbs_host::say!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }
         if cmd.force
@@ -170,7 +170,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
                 "yes",
             )?
         {
-            println!("cancelled: nothing changed");
+            lbs_host::say!("cancelled: nothing changed");
             return Ok(ExitCode::SUCCESS);
         }
         // The operator read the checks already: the agent runs them again but does not
@@ -181,7 +181,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
         &cmd.socket,
         &ControlRequest::Promote(request),
         Duration::from_secs(120),
-        |line| println!("{line}"),
+        |line| lbs_host::say!("{line}"),
     )
     .await?;
     Ok(if succeeded(&last) {
@@ -207,7 +207,7 @@ pub async fn reload(cmd: ReloadCmd) -> anyhow::Result<ExitCode> {
         &cmd.socket,
         &ControlRequest::Reload,
         Duration::from_secs(10),
-        |line| println!("{line}"),
+        |line| lbs_host::say!("{line}"),
     )
     .await?;
     Ok(if succeeded(&last) {

@@ -68,7 +68,7 @@ async fn show(cmd: &StatusCmd, clear: bool) -> anyhow::Result<u8> {
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", render(&status));
+        print!("{}", lbs_host::term::printable(&render(&status)));
     }
     Ok(if status.health.is_empty() {
         0

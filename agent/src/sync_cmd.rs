@@ -106,7 +106,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!(
+    lbs_host::say!(
         "serving {} on {} to {} only",
         args.root.display(),
         listener.local_addr()?,
@@ -133,14 +133,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 let session = async {
                     let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
                     admission.proven();
-                    println!("{} connected from {remote}", negotiated.peer.sender);
+                    lbs_host::say!("{} connected from {remote}", negotiated.peer.sender);
                     lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
-                    println!("{} done", negotiated.peer.sender);
+                    lbs_host::say!("{} done", negotiated.peer.sender);
                     anyhow::Ok(())
                 };
                 tokio::select! {
                     result = session => if let Err(err) = result {
-                        println!("session with {remote} ended: {err:#}");
+                        lbs_host::say!("session with {remote} ended: {err:#}");
                     },
                     () = stop.cancelled() => {}
                 }
@@ -159,7 +159,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             sessions.await;
         }
     }
-    println!("stopped");
+    lbs_host::say!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -189,7 +189,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     .connect()
     .await?;
     let negotiated = &connected.negotiated;
-    println!(
+    lbs_host::say!(
         "pulling {} from {} (lbs {}, protocol {})",
         args.root.display(),
         negotiated.peer.sender,
@@ -225,10 +225,12 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => report,
         Err(err) => {
             match err.downcast_ref::<lbs_sync::SessionError>() {
-                Some(cancelled @ lbs_sync::SessionError::Cancelled) => println!("{cancelled}"),
+                Some(cancelled @ lbs_sync::SessionError::Cancelled) => {
+                    lbs_host::say!("{cancelled}")
+                }
                 Some(lbs_sync::SessionError::Apply(
                     interrupted @ lbs_sync::ApplyError::Interrupted { .. },
-                )) => println!("{interrupted}; the next pull resumes it"),
+                )) => lbs_host::say!("{interrupted}; the next pull resumes it"),
                 _ => return Err(err),
             }
             return Ok(ExitCode::from(EXIT_INCOMPLETE));
@@ -238,14 +240,16 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     match &report.recovery {
         Some(lbs_sync::Recovery::Finished(path)) => {
-            println!("finished the change to {path} that an interrupted run had journalled")
+            lbs_host::say!("finished the change to {path} that an interrupted run had journalled")
         }
         Some(lbs_sync::Recovery::Discarded(why)) => {
-            println!("discarded an interrupted run's unfinished journal ({why}); old version kept")
+            lbs_host::say!(
+                "discarded an interrupted run's unfinished journal ({why}); old version kept"
+            )
         }
         Some(lbs_sync::Recovery::Clean) | None => {}
     }
-    println!(
+    lbs_host::say!(
         "manifest in {:.2} s (this side's scan {:.2} s, {} file(s) read); {} unchanged, {} metadata only",
         report.manifest_time.as_secs_f64(),
         report.scan.elapsed.as_secs_f64(),
@@ -253,7 +257,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         plan.unchanged,
         plan.metadata_only
     );
-    println!(
+    lbs_host::say!(
         "fetched {} file(s), {:.1} MiB; copied {} locally ({:.1} MiB); {} new dir(s), {} symlink(s), {} moved to the trash ({})",
         plan.fetch_files,
         mib(report.executed.fetched_bytes),
@@ -265,52 +269,52 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         trash_dir.display()
     );
     if report.executed.patched > 0 {
-        println!(
+        lbs_host::say!(
             "{} large file(s) patched in place (changed blocks only, journalled)",
             report.executed.patched
         );
     }
     if report.executed.resumed > 0 {
-        println!(
+        lbs_host::say!(
             "{} interrupted transfer(s) resumed from what was kept",
             report.executed.resumed
         );
     }
     for (path, why) in &report.executed.refetched {
-        println!("fetched {path} whole: its changed blocks could not be used ({why})");
+        lbs_host::say!("fetched {path} whole: its changed blocks could not be used ({why})");
     }
     for name in &report.executed.unknown_owners {
-        println!("warning: owner {name:?} does not exist on this box; left as root");
+        lbs_host::say!("warning: owner {name:?} does not exist on this box; left as root");
     }
     for (path, reason) in &report.scan.skipped {
-        println!("skipped {path}: {reason}");
+        lbs_host::say!("skipped {path}: {reason}");
     }
     if plan.pending > 0 {
-        println!(
+        lbs_host::say!(
             "{} file(s) still changing on the partner: next pass",
             plan.pending
         );
     }
     for (path, reason) in &report.executed.deferred {
-        println!("deferred {path}: {reason}");
+        lbs_host::say!("deferred {path}: {reason}");
     }
     let retention = Duration::from_secs(args.trash_retention_days * 24 * 3600);
     match purge_trash(trash_dir.clone(), retention).await {
         Ok(0) => {}
-        Ok(n) => println!(
+        Ok(n) => lbs_host::say!(
             "removed {n} trash batch(es) older than {} days",
             args.trash_retention_days
         ),
-        Err(err) => println!("warning: {err:#}"),
+        Err(err) => lbs_host::say!("warning: {err:#}"),
     }
-    println!(
+    lbs_host::say!(
         "on the wire: {} bytes ({} sent, {} received, TLS included)",
         meter.sent() + meter.received(),
         meter.sent(),
         meter.received()
     );
     let incomplete = !report.executed.deferred.is_empty() || plan.pending > 0;
-    println!(
+    lbs_host::say!(
         "{} in {:.2} s",
         if incomplete { "incomplete" } else { "in sync" },
         report.elapsed.as_secs_f64()
@@ -354,24 +358,24 @@ pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
         match have.get(path) {
             None => {
                 differences += 1;
-                println!("missing   {path}");
+                lbs_host::say!("missing   {path}");
             }
             Some(other) if other != entry => {
                 differences += 1;
-                println!("differs   {path}\n  expected {entry}\n  actual   {other}");
+                lbs_host::say!("differs   {path}\n  expected {entry}\n  actual   {other}");
             }
             Some(_) => {}
         }
     }
     for path in have.keys().filter(|p| !want.contains_key(*p)) {
         differences += 1;
-        println!("extra     {path}");
+        lbs_host::say!("extra     {path}");
     }
     if differences == 0 {
-        println!("identical: {} entries", want.len());
+        lbs_host::say!("identical: {} entries", want.len());
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{differences} difference(s)");
+        lbs_host::say!("{differences} difference(s)");
         Ok(ExitCode::FAILURE)
     }
 }

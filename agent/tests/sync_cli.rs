@@ -163,6 +163,24 @@ fn serve_pull_verify_over_mutual_tls() {
     assert!(second_pull.contains("fetched 1 file(s)"), "{second_pull}");
     assert!(verify(&primary, &backup).status.success());
 
+    // A file name that is a terminal escape (clear the screen, retitle the window) is copied
+    // as it is, but shown escaped: a name cannot rewrite what the operator reads.
+    std::fs::write(primary.join("x\u{1b}[2J\u{1b}]0;owned\u{7}.wav"), b"RIFF").unwrap();
+    let differs = verify(&primary, &backup);
+    assert_eq!(differs.status.code(), Some(1));
+    let shown = text(&differs);
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("x\\u{1b}[2J\\u{1b}]0;owned\\u{7}.wav"),
+        "{shown}"
+    );
+    let third_pull = pull(0);
+    assert!(third_pull.contains("fetched 1 file(s)"), "{third_pull}");
+    assert!(verify(&primary, &backup).status.success());
+
     // Only the partner may pull: the primary's own identity is refused.
     let out = run(lbs(d, &["sync", "pull"], "primary", PRIMARY)
         .arg("--root")

@@ -75,7 +75,7 @@ async fn serve(
                 list(&listening.activation),
                 list(&listening.control)
             );
-            println!("ready: {ready}");
+            lbs_host::say!("ready: {ready}");
             lbs_host::systemd::notify(&format!("READY=1\nSTATUS=serving: {ready}"));
         })
     })
@@ -92,7 +92,7 @@ async fn site(dir: &Path, config: crate::config::ServeConfig) -> anyhow::Result<
                 ready.endpoints.join(","),
                 ready.cached_peers
             );
-            println!("ready: {ready}");
+            lbs_host::say!("ready: {ready}");
             lbs_host::systemd::notify(&format!("READY=1\nSTATUS={ready}"));
         })
     })
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ca = CertificateAuthority::generate(&name)?;
             ca.save(&cert, &key)?;
             let store = SqliteStore::open(&dir.join(DATABASE))?;
-            println!(
+            lbs_host::say!(
                 "initialised {}: CA {:?} ({}), database schema {}",
                 dir.display(),
                 name,
@@ -294,21 +294,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 days(key_days),
                 now_ms(),
             )?;
-            println!("pair {name} ({fqdn}):");
+            lbs_host::say!("pair {name} ({fqdn}):");
             for server in &servers {
-                println!(
+                lbs_host::say!(
                     "  SID {}  activation key {}  (valid until {})",
                     server.sid,
                     server.key,
                     when(server.expires_at)
                 );
             }
-            println!("The keys are shown only now. The first box to activate becomes primary.");
+            lbs_host::say!(
+                "The keys are shown only now. The first box to activate becomes primary."
+            );
         }
         Command::ProvisionBackup { partner, key_days } => {
             let mut store = open(dir)?;
             let server = store.provision_backup(partner, days(key_days), now_ms())?;
-            println!(
+            lbs_host::say!(
                 "backup for {partner}:\n  SID {}  activation key {}  (valid until {})",
                 server.sid,
                 server.key,
@@ -318,7 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rekey { sid, key_days } => {
             let mut store = open(dir)?;
             let server = store.rekey(sid, days(key_days), now_ms())?;
-            println!(
+            lbs_host::say!(
                 "{sid}: activation key {}  (valid until {}); the old key no longer works",
                 server.key,
                 when(server.expires_at)
@@ -359,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let identity = ca.issue_identity(&lbs_protocol::PeerName::DataCenter)?;
             identity.save(&cert, &key)?;
             ca.trust_root().save(&out.join(crate::site::SITE_CA))?;
-            println!(
+            lbs_host::say!(
                 "{}: datacenter.pem, datacenter.key, ca.pem for another site; copy them into its data directory and run `lbs-datacenter site` there",
                 out.display()
             );
@@ -383,9 +385,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             let wait = Duration::from_secs(wait_s.max(1));
             let request = store.request_promotion(&pair, &by, wait, now_ms())?;
-            println!(
+            lbs_host::say!(
                 "request {}: the backup of {pair} will act on it at its next report (valid {} s)",
-                request.id, wait_s
+                request.id,
+                wait_s
             );
             // The serving data center hands it over and records the answer in the database.
             let started = std::time::Instant::now();
@@ -395,7 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 match now.state {
                     RequestState::Pending => continue,
                     RequestState::Promoted => {
-                        println!(
+                        lbs_host::say!(
                             "done: the backup was {} after {:.1} s; it takes the shared address and starts the PBX now (lbs-datacenter status shows it)",
                             now.answer.unwrap_or_default(),
                             started.elapsed().as_secs_f64()
@@ -403,7 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         return Ok(ExitCode::SUCCESS);
                     }
                     state => {
-                        println!(
+                        lbs_host::say!(
                             "{state}: {}",
                             now.answer.unwrap_or_else(|| "no reason given".into())
                         );
@@ -420,7 +423,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if pairs.is_empty() {
-                println!("no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN");
+                lbs_host::say!(
+                    "no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN"
+                );
             }
             let now = now_ms();
             // The names are updated only where `serve` has a [dns] section: in the data
@@ -440,15 +445,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(d) if d.is_empty() => "hardware matches".to_owned(),
                     Some(d) => format!("HARDWARE DIFFERS: {}", d.join("; ")),
                 };
-                println!(
+                lbs_host::say!(
                     "{} ({}), generation {}, {hardware}",
-                    pair.name, pair.fqdn, pair.generation
+                    pair.name,
+                    pair.fqdn,
+                    pair.generation
                 );
                 for s in &pair.servers {
                     let heard = s.last_heartbeat_at.map_or("never".to_owned(), |at| {
                         format!("{:.0} s ago", (now - at) as f64 / 1000.0)
                     });
-                    println!(
+                    lbs_host::say!(
                         "  {}  {:<11} overlay {:<13} LAN {:<15} heartbeat {:<10} gen {:<4} {}",
                         s.sid,
                         s.role,
@@ -461,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.software.as_deref().unwrap_or("")
                     );
                     if let Some(report) = &s.report {
-                        println!("      {}", report_line(report));
+                        lbs_host::say!("      {}", report_line(report));
                     }
                 }
                 for r in &pair.dns {
@@ -479,7 +486,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             r.last_error.as_deref().unwrap_or("")
                         ),
                     };
-                    println!("  DNS {} → {}  {state}", r.name, r.want);
+                    lbs_host::say!("  DNS {} → {}  {state}", r.name, r.want);
                 }
             }
         }
@@ -496,7 +503,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (None, Some(b)) => format!(" gen {b}"),
                     _ => String::new(),
                 };
-                println!(
+                lbs_host::say!(
                     "{:>5}  {}  {:<18} {:<10} {:<17}{generations}  by {}: {}",
                     e.id,
                     when(e.at),
@@ -561,7 +568,10 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("lbs-datacenter: {err:#}");
+            eprintln!(
+                "lbs-datacenter: {}",
+                lbs_host::term::printable(&format!("{err:#}"))
+            );
             ExitCode::FAILURE
         }
     }

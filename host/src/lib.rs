@@ -17,5 +17,6 @@ pub mod logging;
 pub mod systemd;
 #[cfg(feature = "daemon")]
 pub mod tcp;
+pub mod term;
 
 pub use fs::write_file_atomic;

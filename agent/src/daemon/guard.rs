@@ -293,7 +293,10 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
             let link = shared.lan.net.link(&network.interface).await?;
             let mut watch = lbs_netconfig::ConflictWatch::start(&link, network.shared.addr)?;
             loop {
-                if let Some(ip) = lock(&shared.info).partner.as_ref().and_then(|p| p.lan)
+                // Its own statement: a guard in an `if let` chain lives through the body, and
+                // `remember_partner_mac` takes the same lock.
+                let partner_ip = lock(&shared.info).partner.as_ref().and_then(|p| p.lan);
+                if let Some(ip) = partner_ip
                     && let Some(mac) = lbs_netconfig::neighbour_mac(&network.interface, ip)
                 {
                     partner_mac = Some(mac);
@@ -357,6 +360,18 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                 network.shared.addr
             );
         }
+    }
+}
+
+/// The partner just proved itself (its certificate) from `ip`: if that is on the LAN, the
+/// kernel's neighbour entry names its MAC, learned the moment the pair first talks rather
+/// than whenever this box next looks.
+pub(crate) fn learn_partner_mac(shared: &Shared, ip: std::net::IpAddr) {
+    let (Some(network), std::net::IpAddr::V4(ip)) = (network(shared), ip) else {
+        return;
+    };
+    if let Some(mac) = lbs_netconfig::neighbour_mac(&network.interface, ip) {
+        remember_partner_mac(shared, mac);
     }
 }
 

@@ -100,9 +100,10 @@ impl Pair {
         let sids = lbs_tests::provisioned(&sheet);
         let mut config = format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n");
         if remote {
-            std::fs::write(
-                dc_dir.join("dc1.key"),
-                lbs_vpn::Key::generate_private().to_base64(),
+            lbs_host::fs::write_file_atomic(
+                &dc_dir.join("dc1.key"),
+                lbs_vpn::Key::generate_private().to_base64().as_bytes(),
+                0o600,
             )
             .unwrap();
             config += &format!(

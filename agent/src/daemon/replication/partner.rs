@@ -31,6 +31,7 @@ pub(crate) async fn watch_partner(
                 bail!("the partner's address is not known yet");
             };
             let (mut conn, _, _) = peer.connect(address, Role::Backup).await?;
+            crate::daemon::guard::learn_partner_mac(&shared, address.ip());
             conn.send(Envelope {
                 generation: peer.generation,
                 message: Message::SyncWatch,

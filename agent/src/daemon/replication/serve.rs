@@ -75,8 +75,10 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
             changes.subscribe(),
         );
         let stop = stop.clone();
+        let shared = shared.clone();
+        let proven = move || crate::daemon::guard::learn_partner_mac(&shared, remote.ip());
         async move {
-            let session = serve_one(peer, config, tcp, admission, roots, changes);
+            let session = serve_one(peer, config, tcp, admission, roots, changes, proven);
             tokio::select! {
                 () = stop.cancelled() => {}
                 result = session => if let Err(err) = result {
@@ -113,12 +115,14 @@ pub(crate) async fn serve_one(
     admission: Admission,
     roots: Arc<Vec<ServedSet>>,
     mut changes: broadcast::Receiver<Vec<String>>,
+    proven: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let (mut conn, _) = peer
         .accept(config, tcp, Role::Primary)
         .await
         .map_err(|err| anyhow::Error::new(NotLetIn(format!("{err:#}"))))?;
     admission.proven();
+    proven();
     let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
         .await
         .context("the partner said nothing")?
