@@ -659,7 +659,7 @@ impl Group {
 }
 
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
-/// [`Trash::batch`]) and getting content from `fetcher`; `old_blocks` finds the receiver's
+/// [`Trash::batch`]; needed only when [`Plan::trashes`]) and getting content from `fetcher`; `old_blocks` finds the receiver's
 /// block values of a file about to be replaced; `on_progress` hears after every action.
 ///
 /// New files are put in place in groups (see [`Root::commit`]) of up to [`GROUP_FILES`]
@@ -668,7 +668,7 @@ impl Group {
 pub fn execute(
     plan: &Plan,
     root: &Root,
-    trash: &Root,
+    trash: Option<&Root>,
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
@@ -689,10 +689,19 @@ pub fn execute(
     result
 }
 
+/// The pass's trash batch, which a plan that trashes must be given.
+fn no_batch<'t>(trash: Option<&'t Root>, path: &RelPath) -> Result<&'t Root, ApplyError> {
+    trash.ok_or_else(|| ApplyError::Io {
+        path: path.clone(),
+        what: "moving to the trash",
+        source: io::Error::other("no trash batch was made for this pass"),
+    })
+}
+
 fn run(
     plan: &Plan,
     root: &Root,
-    trash: &Root,
+    trash: Option<&Root>,
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
@@ -714,7 +723,7 @@ fn run(
             group.commit(root, &mut report)?;
         }
         let outcome = match action {
-            Action::Trash { path } => root.move_to(path, trash),
+            Action::Trash { path } => root.move_to(path, no_batch(trash, path)?),
             Action::MakeDir { path } => root.make_dir(path),
             Action::SetMeta { path, meta } => root.set_meta(path, &ids.target(meta, &mut report)),
             Action::Symlink { path, target, meta } => {
@@ -758,7 +767,7 @@ fn run(
                 };
                 let copied = match from {
                     Source::Path(p) => root.open_file(p),
-                    Source::Trashed(p) => trash.open_file(p),
+                    Source::Trashed(p) => no_batch(trash, p).and_then(|t| t.open_file(p)),
                 }
                 .and_then(|mut source| {
                     root.stage(path, &expected, &target, |out| {

@@ -129,6 +129,15 @@ pub struct Plan {
     pub summary: PlanSummary,
 }
 
+impl Plan {
+    /// Whether carrying it out moves anything to the trash (only then is a batch made).
+    pub fn trashes(&self) -> bool {
+        self.actions
+            .iter()
+            .any(|action| matches!(action, Action::Trash { .. }))
+    }
+}
+
 /// A manifest that does not describe a tree (a buggy or hostile sender).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {

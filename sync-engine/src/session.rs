@@ -1099,7 +1099,12 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         )??
     };
     let (requests, mut incoming) = mpsc::channel(1);
-    let batch = trash.batch()?;
+    // A batch only for a pass that trashes: a quiet day's passes leave no empty directories.
+    let batch = if plan.trashes() {
+        Some(trash.batch()?)
+    } else {
+        None
+    };
     let summary = plan.summary;
     let worker_index = index.clone();
     let progress_tx = progress.clone();
@@ -1113,7 +1118,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         execute(
             &plan,
             &files,
-            &batch,
+            batch.as_ref(),
             &mut Bridge { requests },
             &old_blocks,
             &mut on_progress,

@@ -732,3 +732,63 @@ async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
     assert_eq!(fs::read(receiver.join("extensions.conf")).unwrap(), new);
     drop(fake.await.unwrap());
 }
+
+/// A day of recording calls: every pass adds recordings and grows a log, and deletes
+/// nothing, so the trash holds no batch at all; the one pass that deletes makes one batch,
+/// holding the deleted file, and the purge takes it when its time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_that_delete_nothing_leave_nothing_in_the_trash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let trash_dir = dir.path().join("trash");
+    let trash = Trash::open(&trash_dir).unwrap();
+    let batches = || fs::read_dir(&trash_dir).unwrap().count();
+    fs::create_dir_all(&receiver).unwrap();
+    let index = fresh_index();
+    let mut log = Vec::new();
+    for call in 0..40u32 {
+        write_old(
+            &sender.join(format!("monitor/2026/12/05/call-{call:04}.wav")),
+            &vec![call as u8; 20_000 + call as usize],
+        );
+        log.extend_from_slice(format!("call {call} recorded\n").as_bytes());
+        write_old(&sender.join("cdr/Master.csv"), &log);
+        let (server, mut client) = start_primary(&sender);
+        let report = pull_default(&mut client, &receiver, index.clone(), &trash)
+            .await
+            .unwrap();
+        stop_primary(server, client).await;
+        assert_eq!(report.plan.trashed, 0);
+        assert_eq!(batches(), 0, "pass {call} left a batch in the trash");
+    }
+    assert_eq!(state(&receiver), state(&sender));
+
+    fs::remove_file(sender.join("monitor/2026/12/05/call-0007.wav")).unwrap();
+    let (server, mut client) = start_primary(&sender);
+    let report = pull_default(&mut client, &receiver, index.clone(), &trash)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    assert_eq!(report.plan.trashed, 1);
+    assert_eq!(batches(), 1);
+    let batch = fs::read_dir(&trash_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(batch.join("monitor/2026/12/05/call-0007.wav").is_file());
+    assert_eq!(
+        trash.purge(Duration::from_secs(3600)).unwrap(),
+        0,
+        "kept within retention"
+    );
+    let in_two_hours = std::time::SystemTime::now() + Duration::from_secs(7200);
+    assert_eq!(
+        trash
+            .purge_at(Duration::from_secs(3600), in_two_hours)
+            .unwrap(),
+        1
+    );
+    assert_eq!(batches(), 0);
+}

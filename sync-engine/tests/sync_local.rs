@@ -210,7 +210,7 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
     let report = execute(
         &plan,
         &Root::open(receiver).unwrap(),
-        &trash.batch().unwrap(),
+        plan.trashes().then(|| trash.batch().unwrap()).as_ref(),
         &mut LocalFetcher::new(sender).unwrap(),
         &|path: &RelPath| receiver_index.known(path).unwrap(),
         &mut |_| {},
