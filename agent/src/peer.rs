@@ -10,8 +10,8 @@ use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::listen::{Serving, Unproven};
 use lbs_protocol::tls::{self, AcceptPeers};
 use lbs_protocol::{
-    Connection, Generation, Hello, Identity, Meter, Metered, Negotiated, PROTOCOL_VERSION,
-    PeerName, Role, Sender, ServerId, SoftwareVersion, TrustRoot,
+    Connection, Envelope, Generation, Hello, Identity, Message, Meter, Metered, Negotiated,
+    PROTOCOL_VERSION, PeerName, Refusal, Role, Sender, ServerId, SoftwareVersion, TrustRoot,
 };
 use tokio::net::TcpStream;
 
@@ -35,6 +35,68 @@ pub fn partner_port(what: &'static str, drain: Duration) -> Serving {
         UNPROVEN_PER_SOURCE,
         tls::HANDSHAKE_TIMEOUT + HELLO_TIMEOUT,
     ))
+}
+
+/// Why a partner that got in (its certificate, its hello) is still not synced with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Inconsistent {
+    /// What answered is not a box.
+    #[error("the partner did not introduce itself as a box")]
+    NotABox,
+    /// The backup pulls only from a primary.
+    #[error("the partner says it is {theirs}, not primary: there is nothing to pull from it")]
+    NotPrimary { theirs: Role },
+    /// The primary serves only a backup.
+    #[error(
+        "the partner says it is {theirs}, not backup: this primary serves only its backup (two primaries are settled by the data center, not by a copy)"
+    )]
+    NotBackup { theirs: Role },
+    /// Sync never flows from a lower generation (DESIGN §9).
+    #[error(
+        "the partner is primary at {theirs}, older than this box's {ours}: a replaced primary that has not yet learned it; sync never flows from a lower generation"
+    )]
+    StalePrimary {
+        ours: Generation,
+        theirs: Generation,
+    },
+    /// The backup knows a newer generation than this primary: this primary was replaced.
+    #[error(
+        "the partner announces {theirs}, newer than this box's {ours}: this box is no longer the primary; it serves nothing until the data center confirms its role"
+    )]
+    Replaced {
+        ours: Generation,
+        theirs: Generation,
+    },
+}
+
+/// Whether this box, as `role` at generation `ours`, syncs with the partner that said
+/// `theirs` in its hello: data flows from the primary to the backup, and never from a lower
+/// generation.
+pub fn consistent(role: Role, ours: Generation, theirs: &Negotiated) -> Result<(), Inconsistent> {
+    let Sender::Box {
+        role: their_role, ..
+    } = theirs.peer.sender
+    else {
+        return Err(Inconsistent::NotABox);
+    };
+    let their_gen = theirs.peer_generation;
+    match role {
+        Role::Backup if their_role != Role::Primary => {
+            Err(Inconsistent::NotPrimary { theirs: their_role })
+        }
+        Role::Backup if their_gen < ours => Err(Inconsistent::StalePrimary {
+            ours,
+            theirs: their_gen,
+        }),
+        Role::Primary if their_role != Role::Backup => {
+            Err(Inconsistent::NotBackup { theirs: their_role })
+        }
+        Role::Primary if their_gen > ours => Err(Inconsistent::Replaced {
+            ours,
+            theirs: their_gen,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Who this box is and whom it talks to, from the command line.
@@ -152,6 +214,8 @@ impl Peer {
             HELLO_TIMEOUT,
         )
         .await?;
+        consistent(role, self.generation, &negotiated)
+            .with_context(|| format!("not syncing with {} at {addr}", self.partner))?;
         Ok((conn, negotiated, meter))
     }
 
@@ -173,7 +237,7 @@ impl Peer {
     ) -> anyhow::Result<(Connection<tls::ServerStream<TcpStream>>, Negotiated)> {
         lbs_host::tcp::watch_peer(&tcp).context("setting up a connection to the sync port")?;
         let (stream, peer) = tls::accept(config, tcp).await?;
-        let (conn, negotiated) = lbs_protocol::exchange_hello(
+        let (mut conn, negotiated) = lbs_protocol::exchange_hello(
             stream,
             &peer,
             self.hello(role),
@@ -181,6 +245,91 @@ impl Peer {
             HELLO_TIMEOUT,
         )
         .await?;
+        if let Err(why) = consistent(role, self.generation, &negotiated) {
+            // Said to the partner too, so its status shows why nothing comes.
+            let refusal = Envelope {
+                generation: self.generation,
+                message: Message::Refused(Refusal::ProtocolViolation {
+                    detail: why.to_string(),
+                }),
+            };
+            let _ = tokio::time::timeout(
+                HELLO_TIMEOUT,
+                futures_util::SinkExt::send(&mut conn, refusal),
+            )
+            .await;
+            return Err(anyhow::Error::new(why).context(format!("not serving {peer}")));
+        }
         Ok((conn, negotiated))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn said(role: Role, generation: u64) -> Negotiated {
+        Negotiated {
+            version: PROTOCOL_VERSION,
+            peer: Hello {
+                protocol: PROTOCOL_VERSION,
+                software: SoftwareVersion::current(),
+                sender: Sender::Box {
+                    sid: "00-1A-2B-3C-4D-5E".parse().expect("a SID"),
+                    role,
+                },
+            },
+            peer_generation: Generation(generation),
+        }
+    }
+
+    #[test]
+    fn sync_flows_from_the_primary_and_never_from_a_lower_generation() {
+        let (p, b) = (Role::Primary, Role::Backup);
+        // The pair as it should be, and a backup that has not yet heard of a promotion.
+        assert_eq!(consistent(b, Generation(3), &said(p, 3)), Ok(()));
+        assert_eq!(consistent(b, Generation(2), &said(p, 3)), Ok(()));
+        assert_eq!(consistent(p, Generation(3), &said(b, 3)), Ok(()));
+        assert_eq!(consistent(p, Generation(3), &said(b, 2)), Ok(()));
+        // A replaced primary still serving: its backup knows the newer generation.
+        assert_eq!(
+            consistent(b, Generation(4), &said(p, 3)),
+            Err(Inconsistent::StalePrimary {
+                ours: Generation(4),
+                theirs: Generation(3)
+            })
+        );
+        assert_eq!(
+            consistent(p, Generation(3), &said(b, 4)),
+            Err(Inconsistent::Replaced {
+                ours: Generation(3),
+                theirs: Generation(4)
+            })
+        );
+        // Two primaries, or a fenced box: no copy either way.
+        assert_eq!(
+            consistent(p, Generation(4), &said(p, 3)),
+            Err(Inconsistent::NotBackup { theirs: p })
+        );
+        assert_eq!(
+            consistent(b, Generation(4), &said(Role::Fenced, 4)),
+            Err(Inconsistent::NotPrimary {
+                theirs: Role::Fenced
+            })
+        );
+        let mut dc = said(p, 4);
+        dc.peer.sender = Sender::DataCenter { site: "dc1".into() };
+        assert_eq!(
+            consistent(b, Generation(4), &dc),
+            Err(Inconsistent::NotABox)
+        );
+        // What the operator reads.
+        let stale = consistent(b, Generation(4), &said(p, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            stale.contains("never flows from a lower generation"),
+            "{stale}"
+        );
     }
 }

@@ -189,6 +189,22 @@ fn serve_pull_verify_over_mutual_tls() {
     assert!(!out.status.success());
     assert!(text(&out).contains("refused"), "{}", text(&out));
 
+    // A backup that knows a newer generation than this primary's (it was promoted past it)
+    // does not take a copy from it, and the primary, told, serves it nothing either.
+    let out = run(
+        lbs(d, &["sync", "pull", "--generation", "2"], "backup", PRIMARY)
+            .arg("--root")
+            .arg(&backup)
+            .args(["--from", &addr]),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("never flows from a lower generation"),
+        "{}",
+        text(&out)
+    );
+    assert!(verify(&primary, &backup).status.success());
+
     let status = lbs_tests::terminate(&mut server.0, "lbs sync serve", Duration::from_secs(10));
     assert!(status.success(), "serve exited with {status}");
     let log = drain.join().unwrap().join("\n");

@@ -25,6 +25,8 @@
 pub mod apply;
 pub mod delta;
 pub mod execute;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod index;
 pub mod journal;
 pub mod plan;

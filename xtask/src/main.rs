@@ -9,12 +9,14 @@
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 //! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
 //! - `cargo xtask dist`: the Debian packages `lbs` and `lbs-datacenter`, lintian-checked.
+//! - `cargo xtask fuzz [--seconds N]`: every fuzz target for N s each; executions, crashes.
 //! - `cargo xtask structure`: which module uses which, and the import circles (none allowed).
 //! - `cargo xtask image`: a Debian 12 PBX image with lbs preinstalled (tarball and qcow2).
 
 mod bench;
 mod demo;
 mod dist;
+mod fuzz;
 mod image;
 mod process;
 mod structure;
@@ -45,6 +47,9 @@ enum Command {
     /// Build a Debian 12 PBX image with lbs preinstalled: a root filesystem tarball and a
     /// bootable qcow2 disk (root; --check: build, check and discard, as CI does).
     Image(Box<image::ImageArgs>),
+    /// Every fuzz target for a bounded time each (`--seconds`, default 60): executions and
+    /// crashes per target.
+    Fuzz(fuzz::FuzzArgs),
     /// The module picture of every crate and its import circles (fails on one).
     Structure(structure::StructureArgs),
 }
@@ -57,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Dist(args) => dist::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Structure(args) => structure::run(&args),
     };
     match result {

@@ -118,16 +118,18 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         "==> import circles: ok in {}",
         crate::util::seconds(checked.elapsed())
     );
-    // The fuzz target lives outside the workspace (it needs sanitizer flags to run); building
-    // it here keeps it from rotting. Running it is documented in protocol/fuzz/README.md.
-    let fuzz_manifest = project_root().join("protocol/fuzz/Cargo.toml");
-    run_step(
-        "fuzz target builds",
-        cargo()
-            .args(["check", "--locked", "--manifest-path"])
-            .arg(&fuzz_manifest)
-            .env("CARGO_TARGET_DIR", target_dir().join("fuzz")),
-    )?;
+    // The fuzz targets live outside the workspace (they need sanitizer flags to run);
+    // building them here keeps them from rotting. `cargo xtask fuzz` runs them.
+    for (dir, _) in crate::fuzz::CRATES {
+        let fuzz_manifest = project_root().join(dir).join("fuzz/Cargo.toml");
+        run_step(
+            &format!("{dir} fuzz targets build"),
+            cargo()
+                .args(["check", "--locked", "--manifest-path"])
+                .arg(&fuzz_manifest)
+                .env("CARGO_TARGET_DIR", target_dir().join("fuzz")),
+        )?;
+    }
 
     let skip_log = target_dir().join("xtask").join("skipped-tests.log");
     fs::create_dir_all(skip_log.parent().unwrap_or(Path::new(".")))

@@ -1,0 +1,9 @@
+//! Signatures and deltas from the wire reaching fast_rsync. The same harness runs as a property test over random bytes in CI
+//! (`lbs_sync::fuzzing`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    lbs_sync::fuzzing::delta(data);
+});

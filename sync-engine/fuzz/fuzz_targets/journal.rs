@@ -1,0 +1,9 @@
+//! Whatever a crash left in the journal reaching recovery. The same harness runs as a property test over random bytes in CI
+//! (`lbs_sync::fuzzing`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    lbs_sync::fuzzing::journal(data);
+});
