@@ -480,6 +480,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             format!("ok since {}", r.done_at.map_or("-".into(), when))
                         }
                         DnsState::Pending => "PENDING".to_owned(),
+                        DnsState::Failed => format!(
+                            "FAILED, the server refuses it ({} tries: {}); fix the DNS server's configuration or [dns]",
+                            r.attempts,
+                            r.last_error.as_deref().unwrap_or("")
+                        ),
                         _ => format!(
                             "RETRYING ({} failed: {})",
                             r.attempts,

@@ -81,7 +81,7 @@ pub enum DnsError {
     Refused {
         name: String,
         server: SocketAddr,
-        code: String,
+        code: ResponseCode,
     },
     /// No answer (the server is down or unreachable): worth retrying.
     #[error("DNS server {server} did not answer: {reason}")]
@@ -93,9 +93,18 @@ pub enum DnsError {
 }
 
 impl DnsError {
-    /// Whether trying again later can help (the server was unreachable).
+    /// Whether trying again later can help: the server was unreachable, or failed itself
+    /// (SERVFAIL). A rejected key, a name outside the zone or a refusal stay until someone
+    /// changes a configuration.
     pub fn is_transient(&self) -> bool {
-        matches!(self, DnsError::Unreachable { .. })
+        matches!(
+            self,
+            DnsError::Unreachable { .. }
+                | DnsError::Refused {
+                    code: ResponseCode::ServFail,
+                    ..
+                }
+        )
     }
 }
 
@@ -154,7 +163,7 @@ impl DnsServer {
             other => Err(DnsError::Refused {
                 name: fqdn.to_owned(),
                 server: self.server,
-                code: other.to_string(),
+                code: other,
             }),
         }
     }
@@ -165,17 +174,7 @@ impl DnsServer {
             server: self.server,
             reason,
         };
-        let signer = TSigner::new(
-            self.secret.clone(),
-            TsigAlgorithm::HmacSha256,
-            name(&self.key_name)?,
-            300,
-        )
-        .map_err(|e| DnsError::Name {
-            name: self.key_name.clone(),
-            why: format!("unusable TSIG key: {e}"),
-        })?;
-        match self.exchange(request, Some(signer)).await? {
+        match self.exchange(request, Some(self.signer()?)).await? {
             Ok(response) => Ok(response.metadata.response_code),
             Err(err) => {
                 let text = err.to_string();
@@ -195,13 +194,15 @@ impl DnsServer {
         }
     }
 
-    /// The A records of `fqdn` as the server answers them now (a plain query).
+    /// The A records of `fqdn` as the server answers them now: a query signed with the key,
+    /// whose answer must carry the server's signature (an answer forged by anyone on the path
+    /// is refused, not believed).
     pub async fn lookup_a(&self, fqdn: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         let owner = name(fqdn)?;
         let query = hickory_proto::op::Query::query(owner, RecordType::A);
         let request =
             DnsRequest::from_query(query, hickory_proto::op::DnsRequestOptions::default());
-        match self.exchange(request, None).await? {
+        match self.exchange(request, Some(self.signer()?)).await? {
             Err(err) => Err(DnsError::Unreachable {
                 server: self.server,
                 reason: err.to_string(),
@@ -219,6 +220,20 @@ impl DnsServer {
 }
 
 impl DnsServer {
+    /// The TSIG signer of every request (updates and the confirming lookups).
+    fn signer(&self) -> Result<TSigner, DnsError> {
+        TSigner::new(
+            self.secret.clone(),
+            TsigAlgorithm::HmacSha256,
+            name(&self.key_name)?,
+            300,
+        )
+        .map_err(|e| DnsError::Name {
+            name: self.key_name.clone(),
+            why: format!("unusable TSIG key: {e}"),
+        })
+    }
+
     /// One request over a fresh UDP exchange, signed if `signer` is given. The outer error
     /// is a missing answer; the inner result is what the client made of the answer.
     async fn exchange(

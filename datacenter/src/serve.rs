@@ -32,7 +32,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EndpointSettings, RateLimit, ServeConfig};
-use crate::store::{self, DnsState, Millis, PairView, SqliteStore, Store, StoreError};
+use crate::store::{self, DnsFailure, DnsState, Millis, PairView, SqliteStore, Store, StoreError};
 use crate::time::now_ms;
 
 /// How long a peer may take for the TLS handshake or to send its request.
@@ -1056,32 +1056,50 @@ async fn dns_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
                             let value = values.first().copied();
                             let w = work.clone();
                             let _ = with_store(&inner, move |s| s.dns_found(&w, value)).await;
-                            Err(format!(
-                                "{} held {} (changed outside lbs); replacing it",
-                                work.name,
-                                value.map_or("nothing".to_owned(), |v| v.to_string())
-                            ))
+                            Err(DnsFailure {
+                                why: format!(
+                                    "{} held {} (changed outside lbs); replacing it",
+                                    work.name,
+                                    value.map_or("nothing".to_owned(), |v| v.to_string())
+                                ),
+                                needs_operator: false,
+                            })
                         }
-                        Err(err) => Err(err.to_string()),
+                        Err(err) => Err(DnsFailure {
+                            needs_operator: !err.is_transient(),
+                            why: err.to_string(),
+                        }),
                     }
                 }
                 Err(err) => {
-                    if work.attempts == 0 {
+                    if work.attempts == 0 && err.is_transient() {
                         tracing::warn!(name = work.name, "DNS update failed, will retry: {err}");
                     }
-                    Err(err.to_string())
+                    Err(DnsFailure {
+                        needs_operator: !err.is_transient(),
+                        why: err.to_string(),
+                    })
                 }
             };
             let retry_at = now_ms().saturating_add(
                 i64::try_from(dns_backoff(work.attempts).as_millis()).unwrap_or(i64::MAX),
             );
             let w = work.clone();
-            if let Err(err) = with_store(&inner, move |s| {
+            let failure = result.as_ref().err().map(|f| f.why.clone());
+            match with_store(&inner, move |s| {
                 s.dns_result(&w, result, retry_at, now_ms())
             })
             .await
             {
-                tracing::error!(name = work.name, "recording a DNS result: {err}");
+                Ok(true) => tracing::error!(
+                    name = work.name,
+                    "DNS update refused, and retrying cannot help until the DNS server's \
+                     configuration or the [dns] section is fixed (tried again every {} s): {}",
+                    DNS_MAX_BACKOFF.as_secs(),
+                    failure.unwrap_or_default()
+                ),
+                Ok(false) => {}
+                Err(err) => tracing::error!(name = work.name, "recording a DNS result: {err}"),
             }
         }
     }

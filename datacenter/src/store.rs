@@ -192,6 +192,16 @@ pub struct DnsWork {
     pub attempts: i64,
 }
 
+/// Why a DNS update failed, and whether waiting can help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsFailure {
+    /// What went wrong, for status and the log.
+    pub why: String,
+    /// The server refused it for a reason that stays until someone changes a configuration
+    /// (a rejected key, a zone it does not serve, a refusal): not a server that is down.
+    pub needs_operator: bool,
+}
+
 /// What a box said in its report, as the store keeps it.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -373,14 +383,16 @@ pub trait Store {
     fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError>;
 
     /// Records that `work` was written (`Ok`) or failed (`Err`, to be tried again at
-    /// `retry_at`). A decision taken meanwhile stays pending.
+    /// `retry_at`). A decision taken meanwhile stays pending. A failure that needs the
+    /// operator goes into the audit log when it is new (not for every retry); the answer says
+    /// whether it was.
     fn dns_result(
         &mut self,
         work: &DnsWork,
-        result: Result<(), String>,
+        result: Result<(), DnsFailure>,
         retry_at: Millis,
         now: Millis,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Records that the name holds `value` now (found by a query after a refused
     /// compare-and-swap: someone else changed it), so the next try replaces that.
@@ -506,6 +518,9 @@ CREATE TABLE promotion_requests (
 "#,
     r#"
 ALTER TABLE promotion_requests ADD COLUMN hand_over TEXT;
+"#,
+    r#"
+ALTER TABLE dns_records ADD COLUMN needs_operator INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -664,7 +679,7 @@ impl SqliteStore {
         let mut statement = self
             .conn
             .prepare(
-                "SELECT name, want, have, attempts, last_error, changed_at, done_at
+                "SELECT name, want, have, attempts, last_error, changed_at, done_at, needs_operator
                  FROM dns_records WHERE pair_id = ?1 ORDER BY name",
             )
             .map_err(db("reading DNS records"))?;
@@ -673,10 +688,13 @@ impl SqliteStore {
                 let want: String = r.get(1)?;
                 let have: Option<String> = r.get(2)?;
                 let attempts: i64 = r.get(3)?;
+                let needs_operator: bool = r.get(7)?;
                 let state = if have.as_deref() == Some(want.as_str()) {
                     DnsState::Done
                 } else if attempts == 0 {
                     DnsState::Pending
+                } else if needs_operator {
+                    DnsState::Failed
                 } else {
                     DnsState::Retrying
                 };
@@ -809,7 +827,7 @@ fn want_dns(
         "INSERT INTO dns_records (pair_id, name, want, changed_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (pair_id, name) DO UPDATE
            SET want = excluded.want, attempts = 0, last_error = NULL, next_try_at = 0,
-               changed_at = excluded.changed_at
+               needs_operator = 0, changed_at = excluded.changed_at
            WHERE want != excluded.want",
         params![pair_id, name, value.to_string(), now],
     )
@@ -1484,15 +1502,17 @@ impl Store for SqliteStore {
     fn dns_result(
         &mut self,
         work: &DnsWork,
-        result: Result<(), String>,
+        result: Result<(), DnsFailure>,
         retry_at: Millis,
         now: Millis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let tx = begin(&mut self.conn)?;
+        let mut escalated = false;
         match result {
             Ok(()) => {
                 tx.execute(
-                    "UPDATE dns_records SET have = ?3, attempts = 0, last_error = NULL, done_at = ?4
+                    "UPDATE dns_records SET have = ?3, attempts = 0, last_error = NULL, done_at = ?4,
+                            needs_operator = 0
                      WHERE pair_id = ?1 AND name = ?2",
                     params![work.pair_id, work.name, work.want.to_string(), now],
                 )
@@ -1513,18 +1533,52 @@ impl Store for SqliteStore {
                     ),
                 )?;
             }
-            Err(error) => {
+            Err(failure) => {
+                let before: Option<(Option<String>, bool)> = tx
+                    .query_row(
+                        "SELECT last_error, needs_operator FROM dns_records
+                         WHERE pair_id = ?1 AND name = ?2 AND want = ?3",
+                        params![work.pair_id, work.name, work.want.to_string()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(db("reading a DNS record"))?;
                 // Only if the decision is still the one that was tried: a newer one starts
                 // with a clean slate.
                 tx.execute(
-                    "UPDATE dns_records SET attempts = attempts + 1, last_error = ?4, next_try_at = ?5
+                    "UPDATE dns_records SET attempts = attempts + 1, last_error = ?4, next_try_at = ?5,
+                            needs_operator = ?6
                      WHERE pair_id = ?1 AND name = ?2 AND want = ?3",
-                    params![work.pair_id, work.name, work.want.to_string(), error, retry_at],
+                    params![
+                        work.pair_id,
+                        work.name,
+                        work.want.to_string(),
+                        failure.why,
+                        retry_at,
+                        failure.needs_operator
+                    ],
                 )
                 .map_err(db("recording a DNS failure"))?;
+                escalated = failure.needs_operator
+                    && before.is_some_and(|(last, needed)| {
+                        !needed || last.as_deref() != Some(failure.why.as_str())
+                    });
+                if escalated {
+                    log(
+                        &tx,
+                        now,
+                        Some(work.pair_id),
+                        None,
+                        "dns-failed",
+                        (None, None),
+                        "dns",
+                        &format!("{} → {}: {}", work.name, work.want, failure.why),
+                    )?;
+                }
             }
         }
-        tx.commit().map_err(db("committing"))
+        tx.commit().map_err(db("committing"))?;
+        Ok(escalated)
     }
 
     fn dns_found(&mut self, work: &DnsWork, value: Option<Ipv4Addr>) -> Result<(), StoreError> {

@@ -15,6 +15,10 @@ pub enum DnsState {
     /// Failed at least once; tried again.
     #[serde(rename = "retrying")]
     Retrying,
+    /// The server refuses the update (the key, the zone, its policy): trying again cannot help
+    /// until its configuration or ours changes. Still tried now and then, and an event says so.
+    #[serde(rename = "failed")]
+    Failed,
     /// No `[dns]` in datacenter.toml: nothing updates it.
     #[serde(rename = "not configured")]
     NotConfigured,
@@ -54,7 +58,7 @@ macro_rules! worded {
         }
     };
 }
-worded!(DnsState { Done => "done", Pending => "pending", Retrying => "retrying", NotConfigured => "not configured" });
+worded!(DnsState { Done => "done", Pending => "pending", Retrying => "retrying", Failed => "failed", NotConfigured => "not configured" });
 worded!(RequestState { Pending => "pending", Promoted => "promoted", Refused => "refused", Expired => "expired" });
 
 impl rusqlite::types::FromSql for RequestState {

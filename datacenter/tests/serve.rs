@@ -577,6 +577,61 @@ async fn dns_updates_wait_for_a_dns_server_that_is_down_and_status_shows_them_pe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_that_rejects_the_key_is_a_failure_for_the_operator_said_once() {
+    if !require_root(
+        "a_dns_server_that_rejects_the_key_is_a_failure_for_the_operator_said_once",
+        "a real BIND (bind9, installed by cargo xtask test)",
+    ) {
+        return;
+    }
+    let bind = start_bind();
+    // Another secret than BIND's: every update is refused (BADSIG/BADKEY), forever.
+    let config = dns_config(&bind).replace(SECRET_BASE64, "d3Jvbmcgd3Jvbmcgd3Jvbmcgd3Jvbmc=");
+    let mut dc = Dc::new(&config);
+    let servers = dc.provision("acme", &[]);
+    let mut a = TestBox::new(&servers[0], 2);
+    dc.start();
+    a.activate(&dc).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let record = loop {
+        let status = dc.status();
+        let record = status[0]["dns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == FQDN)
+            .cloned()
+            .unwrap();
+        // A few retries in: the failure is still said once.
+        if record["state"] == "failed" && record["attempts"].as_i64().unwrap() >= 3 {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "never failed: {record}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        record["last_error"].as_str().unwrap().contains("TSIG key"),
+        "{record}"
+    );
+    let failures = dc
+        .events()
+        .iter()
+        .filter(|e| {
+            e["kind"] == "dns-failed"
+                && e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{FQDN} →"))
+        })
+        .count();
+    assert_eq!(failures, 1, "said once, not at every retry");
+    let (_, table, _) = dc.cli(&["status"]);
+    assert!(table.contains("FAILED, the server refuses it"), "{table}");
+    assert!(dig(bind.port, FQDN).is_empty(), "nothing was written");
+    dc.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_promotions_over_the_wire_promote_once_per_round() {
     let mut dc = Dc::new("");
     let servers = dc.provision("acme", &[]);

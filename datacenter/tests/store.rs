@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use lbs_datacenter::store::{
-    ActivationRequest, DnsWork, Refusal, Report, SqliteStore, Store, StoreError,
+    ActivationRequest, DnsFailure, DnsWork, Refusal, Report, SqliteStore, Store, StoreError,
 };
 use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
@@ -132,24 +132,57 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
     // A failure keeps it due later (not now); a success clears it and is logged.
     let work: Vec<DnsWork> = store(&db).dns_due(T0 + 5).unwrap();
     let fqdn = work.iter().find(|w| w.name == "pbx.acme.example").unwrap();
-    store(&db)
-        .dns_result(fqdn, Err("server down".into()), T0 + 60_000, T0 + 5)
-        .unwrap();
-    assert_eq!(due(&db).len(), 2);
-    let view = &store(&db).pairs().unwrap()[0];
-    let record = view
-        .dns
-        .iter()
-        .find(|r| r.name == "pbx.acme.example")
-        .unwrap();
-    assert_eq!(
-        (
-            record.state.as_str(),
-            record.attempts,
-            record.last_error.as_deref()
-        ),
-        ("retrying", 1, Some("server down"))
+    let failed = |why: &str, needs_operator| {
+        Err(DnsFailure {
+            why: why.into(),
+            needs_operator,
+        })
+    };
+    let dns_events = |db: &Path| {
+        store(db)
+            .events(0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "dns-failed")
+            .count()
+    };
+    let record = |db: &Path| {
+        let view = &store(db).pairs().unwrap()[0];
+        let r = view
+            .dns
+            .iter()
+            .find(|r| r.name == "pbx.acme.example")
+            .unwrap()
+            .clone();
+        (r.state.as_str(), r.attempts, r.last_error)
+    };
+    assert!(
+        !store(&db)
+            .dns_result(fqdn, failed("server down", false), T0 + 60_000, T0 + 5)
+            .unwrap()
     );
+    assert_eq!(due(&db).len(), 2);
+    assert_eq!(record(&db), ("retrying", 1, Some("server down".to_owned())));
+    assert_eq!(dns_events(&db), 0, "a server that is down is no event");
+    // The server refuses the key: status says failed, and the audit log says it once, not
+    // at every retry; a different refusal is a new event.
+    for (n, expect_event) in [(2, true), (3, false), (4, false)] {
+        let escalated = store(&db)
+            .dns_result(fqdn, failed("TSIG key rejected", true), T0 + 60_000, T0 + 5)
+            .unwrap();
+        assert_eq!(escalated, expect_event, "try {n}");
+    }
+    assert_eq!(
+        record(&db),
+        ("failed", 4, Some("TSIG key rejected".to_owned()))
+    );
+    assert_eq!(dns_events(&db), 1);
+    assert!(
+        store(&db)
+            .dns_result(fqdn, failed("NOTZONE", true), T0 + 60_000, T0 + 5)
+            .unwrap()
+    );
+    assert_eq!(dns_events(&db), 2);
     for w in &work {
         store(&db).dns_result(w, Ok(()), 0, T0 + 5).unwrap();
     }
@@ -203,6 +236,8 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
             ("activated".into(), None, Some(1)),
             ("activated".into(), Some(1), Some(1)),
             ("promoted".into(), Some(1), Some(2)),
+            ("dns-failed".into(), None, None),
+            ("dns-failed".into(), None, None),
             ("dns-updated".into(), None, None),
             ("dns-updated".into(), None, None),
             ("dns-updated".into(), None, None),
