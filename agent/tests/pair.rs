@@ -286,6 +286,81 @@ fn a_remote_backup_replicates_through_the_tunnels() {
 }
 
 #[test]
+fn a_box_of_another_pair_reaches_nothing_of_this_pair_over_the_overlay() {
+    if !require_root(
+        "a_box_of_another_pair_reaches_nothing_of_this_pair_over_the_overlay",
+        "network namespaces, tun devices and nftables",
+    ) {
+        return;
+    }
+    let mut pair = Pair::start(true);
+    // Another customer's box, of another pair of the same data center, on a's LAN.
+    pair.lab.add_host("c", "192.168.70.4/24").unwrap();
+    let sheet = pair.datacenter(&[
+        "provision-pair",
+        "--name",
+        "other",
+        "--fqdn",
+        "pbx.other.example",
+        "--single",
+    ]);
+    pair.sids.extend(lbs_tests::provisioned(&sheet));
+    pair.prepare("c");
+    std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
+    for (n, host) in ["a", "b", "c"].into_iter().enumerate() {
+        pair.activate(host, n);
+        pair.start_agent(host);
+    }
+    pair.wait("a and b in sync through the tunnels", STEP, |pair| {
+        std::fs::read(pair.media("b").join("greeting.wav")).is_ok_and(|c| c == vec![7u8; 1000])
+    });
+    pair.wait("c's tunnel up", STEP, |pair| {
+        pair.status("c")["tunnels"]["tunnels"][0]["health"] == "up"
+    });
+    let overlay = |pair: &mut Pair, of: &str| {
+        pair.status(of)["info"]["overlay"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (a, b) = (overlay(&mut pair, "a"), overlay(&mut pair, "b"));
+    let connects = |pair: &mut Pair, from: &str, ip: &str, port: u16| {
+        let script = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        let out = pair
+            .lab
+            .sh(from, &["timeout", "3", "bash", "-c", &script])
+            .unwrap();
+        out.status.success()
+    };
+    let pings = |pair: &mut Pair, from: &str, ip: &str| {
+        let out = pair.lab.sh(from, &["ping", "-c1", "-W1", ip]).unwrap();
+        out.status.success()
+    };
+    // The pair's own boxes reach each other through the endpoint.
+    assert!(
+        connects(&mut pair, "b", &a, 7450),
+        "b cannot reach a's sync port"
+    );
+    assert!(
+        pings(&mut pair, "a", &b),
+        "a cannot ping b over the overlay"
+    );
+    // The other customer's box reaches neither, on any port.
+    assert!(
+        !connects(&mut pair, "c", &a, 7450),
+        "c reaches a's sync port"
+    );
+    assert!(!pings(&mut pair, "c", &a), "c pings a over the overlay");
+    assert!(!pings(&mut pair, "c", &b), "c pings b over the overlay");
+    // Its own tunnel still works: the endpoint answers its heartbeats.
+    assert_eq!(pair.status("c")["tunnels"]["tunnels"][0]["health"], "up");
+    for pid in pair.agents.clone() {
+        let status = pair.lab.stop(pid, STEP).unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+}
+
+#[test]
 fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
     if !require_root(
         "p_with_the_primary_unplugged_moves_its_address_to_the_backup",

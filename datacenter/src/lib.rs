@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod isolation;
 pub mod keys;
 pub mod serve;
 pub mod site;

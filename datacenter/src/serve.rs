@@ -310,10 +310,14 @@ pub async fn run(
     // Every task watches the token; connections are aborted with their listener's set.
     while tasks.join_next().await.is_some() {}
     let inner = Arc::into_inner(inner).context("a task outlived the service")?;
+    let had_endpoints = !inner.endpoints.is_empty();
     for (settings, endpoint) in inner.endpoints {
         if let Err(err) = endpoint.shutdown().await {
             tracing::warn!(endpoint = settings.name, "removing the endpoint: {err}");
         }
+    }
+    if had_endpoints && let Err(err) = crate::isolation::remove().await {
+        tracing::warn!("removing the overlay rules: {err}");
     }
     Ok(())
 }
@@ -1110,7 +1114,38 @@ async fn peers_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
         return;
     }
     let mut last: Vec<(String, Ipv4Addr)> = Vec::new();
+    let interfaces: Vec<String> = inner
+        .endpoints
+        .iter()
+        .map(|(_, endpoint)| endpoint.interface().to_owned())
+        .collect();
+    let mut isolated: Option<Vec<Vec<Ipv4Addr>>> = None;
+    let mut said: Option<String> = None;
     loop {
+        // Before a new box's packets are forwarded anywhere, only its partner is allowed.
+        match with_store(&inner, |s| s.overlay_pairs()).await {
+            Ok(pairs) if isolated.as_ref() != Some(&pairs) => {
+                let script = crate::isolation::ruleset(&interfaces, &pairs);
+                match crate::isolation::apply(&script).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            pairs = pairs.len(),
+                            "overlay forwarding: each pair only to itself"
+                        );
+                        isolated = Some(pairs);
+                        said = None;
+                    }
+                    // Tried again at every change and tick; said again only when it changes.
+                    Err(err) if said.as_deref() != Some(&err.to_string()) => {
+                        tracing::error!("{err}");
+                        said = Some(err.to_string());
+                    }
+                    Err(_) => {}
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!("reading the pairs' overlay addresses: {err}"),
+        }
         match with_store(&inner, |s| s.tunnel_peers()).await {
             Ok(peers) if peers != last => {
                 if apply_peers(&inner.endpoints, &peers) {

@@ -379,6 +379,10 @@ pub trait Store {
     /// center's tunnel endpoints.
     fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError>;
 
+    /// The overlay addresses of each pair's activated boxes, pair by pair: who may reach whom
+    /// through the endpoints.
+    fn overlay_pairs(&self) -> Result<Vec<Vec<Ipv4Addr>>, StoreError>;
+
     /// The DNS records that differ from what was decided and are due for a try at `now`.
     fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError>;
 
@@ -1462,6 +1466,31 @@ impl Store for SqliteStore {
             }
         }
         Ok(peers)
+    }
+
+    fn overlay_pairs(&self) -> Result<Vec<Vec<Ipv4Addr>>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT pair_id, overlay_address FROM servers
+                 WHERE overlay_address IS NOT NULL ORDER BY pair_id, sid",
+            )
+            .map_err(db("reading overlay addresses"))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db("reading overlay addresses"))?;
+        let mut pairs: Vec<(i64, Vec<Ipv4Addr>)> = Vec::new();
+        for row in rows {
+            let (pair, overlay) = row.map_err(db("reading overlay addresses"))?;
+            let Ok(overlay) = overlay.parse() else {
+                continue;
+            };
+            match pairs.last_mut() {
+                Some((last, boxes)) if *last == pair => boxes.push(overlay),
+                _ => pairs.push((pair, vec![overlay])),
+            }
+        }
+        Ok(pairs.into_iter().map(|(_, boxes)| boxes).collect())
     }
 
     fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError> {

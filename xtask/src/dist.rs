@@ -128,7 +128,7 @@ pub const PACKAGES: &[Package] = &[
             "datacenter.toml",
             "etc/lbs-datacenter/datacenter.toml",
         )],
-        depends: &["init-system-helpers (>= 1.54~)"],
+        depends: &["init-system-helpers (>= 1.54~)", "nftables"],
         recommends: "",
         summary: "Live Backup Server data center: activation, pairing, role authority",
         description: "The data center side of lbs, run by the service provider for all its \

@@ -52,6 +52,10 @@ pub const LAB_PACKAGES: &[(&str, &str)] = &[
         "asterisk-moh-opsound-wav",
         "real music on hold for the lab's boxes to sync",
     ),
+    (
+        "nftables",
+        "nft, with which the data center's endpoints keep each pair to itself on the overlay",
+    ),
 ];
 
 /// What only the tests need besides the lab's packages.

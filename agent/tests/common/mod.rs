@@ -123,19 +123,35 @@ impl Pair {
             agents: Vec::new(),
         };
         for host in ["a", "b"] {
-            std::fs::create_dir_all(pair.media(host)).unwrap();
-            std::fs::write(
-                pair.dir().join(host).join("agent.toml"),
-                format!(
-                    "report_interval_s = 1\ndebounce_ms = 100\nresource_interval_s = 1\ntunnels = {remote}\nsync_over = \"{}\"\nastdb = \"{}\"\n\n[[set]]\nname = \"media\"\npath = \"{}\"\n",
-                    if remote { "overlay" } else { "lan" },
-                    pair.astdb(host).display(),
-                    pair.media(host).display()
-                ),
-            )
-            .unwrap();
+            pair.prepare(host);
         }
         pair
+    }
+
+    /// The media directory and `agent.toml` of `host`.
+    pub fn prepare(&self, host: &str) {
+        let remote = self.remote;
+        std::fs::create_dir_all(self.media(host)).unwrap();
+        std::fs::write(
+            self.dir().join(host).join("agent.toml"),
+            format!(
+                "report_interval_s = 1\ndebounce_ms = 100\nresource_interval_s = 1\ntunnels = {remote}\nsync_over = \"{}\"\nastdb = \"{}\"\n\n[[set]]\nname = \"media\"\npath = \"{}\"\n",
+                if remote { "overlay" } else { "lan" },
+                self.astdb(host).display(),
+                self.media(host).display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// `lbs-datacenter --dir … ARGS` (the provider's CLI beside the running `serve`).
+    pub fn datacenter(&self, args: &[&str]) -> String {
+        ok(Command::new(workspace_binary("lbs-datacenter"))
+            .arg("--dir")
+            .arg(self.dc_dir())
+            .args(args)
+            .output()
+            .unwrap())
     }
 
     /// `lbs activate` for `host` with the `n`th provisioned SID; returns what it printed.
