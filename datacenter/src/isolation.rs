@@ -103,6 +103,15 @@ pub async fn apply(script: &str) -> Result<(), IsolationError> {
     Ok(())
 }
 
+/// The overlay addresses of each pair (keys and addresses, pair by pair, as the store or
+/// the main site gives them).
+pub fn overlays<K>(pairs: &[Vec<(K, Ipv4Addr)>]) -> Vec<Vec<Ipv4Addr>> {
+    pairs
+        .iter()
+        .map(|pair| pair.iter().map(|(_, overlay)| *overlay).collect())
+        .collect()
+}
+
 /// Removes the table (at shutdown, with the endpoints).
 pub async fn remove() -> Result<(), IsolationError> {
     apply(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n")).await

@@ -790,6 +790,22 @@ async fn site_session(
             return Ok(());
         };
         let reply = match next.message {
+            Message::TunnelPairsRequest => match with_store(inner, |s| s.tunnel_pairs()).await {
+                Ok(pairs) => Message::TunnelPairs {
+                    pairs: pairs
+                        .into_iter()
+                        .map(|pair| {
+                            pair.into_iter()
+                                .map(|(public_key, overlay)| TunnelPeer {
+                                    public_key,
+                                    overlay,
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                },
+                Err(err) => Message::Denied(denial(err)),
+            },
             Message::TunnelPeersRequest => match with_store(inner, |s| s.tunnel_peers()).await {
                 Ok(peers) => Message::TunnelPeers {
                     peers: peers
@@ -1123,8 +1139,9 @@ async fn peers_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut said: Option<String> = None;
     loop {
         // Before a new box's packets are forwarded anywhere, only its partner is allowed.
-        match with_store(&inner, |s| s.overlay_pairs()).await {
-            Ok(pairs) if isolated.as_ref() != Some(&pairs) => {
+        match with_store(&inner, |s| s.tunnel_pairs()).await {
+            Ok(pairs) if isolated.as_ref() != Some(&crate::isolation::overlays(&pairs)) => {
+                let pairs = crate::isolation::overlays(&pairs);
                 let script = crate::isolation::ruleset(&interfaces, &pairs);
                 match crate::isolation::apply(&script).await {
                     Ok(()) => {

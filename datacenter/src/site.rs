@@ -47,6 +47,30 @@ struct Cache {
     /// Which main-site address said it.
     from: SocketAddr,
     peers: Vec<TunnelPeer>,
+    /// The same boxes pair by pair (a main site of protocol 1.5 or later; empty from an
+    /// older one, or in an older cache: then forwarding is not restricted here).
+    #[serde(default)]
+    pairs: Vec<Vec<TunnelPeer>>,
+}
+
+/// The nftables rules for `pairs` on `endpoints`' interfaces (each pair only to itself); with
+/// no pairs known (an older main site), nothing is put in place.
+async fn isolate(
+    endpoints: &[(EndpointSettings, Endpoint)],
+    pairs: &[Vec<TunnelPeer>],
+) -> Result<(), crate::isolation::IsolationError> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let interfaces: Vec<String> = endpoints
+        .iter()
+        .map(|(_, endpoint)| endpoint.interface().to_owned())
+        .collect();
+    let overlays: Vec<Vec<Ipv4Addr>> = pairs
+        .iter()
+        .map(|pair| pair.iter().map(|p| p.overlay).collect())
+        .collect();
+    crate::isolation::apply(&crate::isolation::ruleset(&interfaces, &overlays)).await
 }
 
 /// What `run` tells its caller once the endpoints are up.
@@ -88,6 +112,9 @@ pub async fn run(
         }
     };
     if let Some(cache) = &known {
+        if let Err(err) = isolate(&endpoints, &cache.pairs).await {
+            tracing::error!("{err}");
+        }
         apply_peers(&endpoints, &as_pairs(&cache.peers));
         tracing::info!(
             peers = cache.peers.len(),
@@ -107,6 +134,7 @@ pub async fn run(
         endpoints: &endpoints,
         cache_path,
         reachable: true,
+        isolation_said: None,
     };
     tokio::select! {
         () = follower.follow(&mut known) => {}
@@ -116,6 +144,9 @@ pub async fn run(
         if let Err(err) = endpoint.shutdown().await {
             tracing::warn!(endpoint = settings.name, "removing the endpoint: {err}");
         }
+    }
+    if let Err(err) = crate::isolation::remove().await {
+        tracing::warn!("removing the overlay rules: {err}");
     }
     Ok(())
 }
@@ -171,6 +202,8 @@ struct Follower<'a> {
     cache_path: PathBuf,
     /// Whether the last attempt reached the main site (so "unreachable" is said once).
     reachable: bool,
+    /// The last error putting the overlay rules in place (said once).
+    isolation_said: Option<String>,
 }
 
 impl Follower<'_> {
@@ -193,34 +226,69 @@ impl Follower<'_> {
 
     /// One connection to the first main-site address that answers, asking until it fails.
     async fn session(&mut self, known: &mut Option<Cache>) -> anyhow::Result<()> {
-        let (mut conn, from) = self.connect().await?;
+        let (mut conn, from, version) = self.connect().await?;
+        let by_pair = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
+        if !by_pair {
+            tracing::error!(
+                %from,
+                "the main site speaks protocol {version}: it cannot say which boxes are pairs (1.5), so this site's endpoints forward between all boxes; update the main site"
+            );
+        }
         if !self.reachable {
             tracing::info!(%from, "the main site answers again");
             self.reachable = true;
         }
         loop {
-            let (_, answer) = control::call(
-                &mut conn,
-                Generation::default(),
-                Message::TunnelPeersRequest,
-                ANSWER_TIMEOUT,
-            )
-            .await
-            .with_context(|| format!("main site at {from}"))?;
-            let Message::TunnelPeers { mut peers } = answer else {
-                bail!(
+            let request = if by_pair {
+                Message::TunnelPairsRequest
+            } else {
+                Message::TunnelPeersRequest
+            };
+            let (_, answer) =
+                control::call(&mut conn, Generation::default(), request, ANSWER_TIMEOUT)
+                    .await
+                    .with_context(|| format!("main site at {from}"))?;
+            let (mut peers, pairs) = match answer {
+                Message::TunnelPeers { peers } if !by_pair => (peers, Vec::new()),
+                Message::TunnelPairs { pairs } if by_pair => (pairs.concat(), pairs),
+                other => bail!(
                     "main site at {from} answered the peers request with {}",
-                    answer.kind()
-                );
+                    other.kind()
+                ),
             };
             peers.sort();
-            if known.as_ref().map(|c| &c.peers) != Some(&peers)
-                && apply_peers(self.endpoints, &as_pairs(&peers))
-            {
+            let changed = known
+                .as_ref()
+                .is_none_or(|c| c.peers != peers || c.pairs != pairs);
+            // The rules before the peers: a new box's packets go nowhere but to its partner.
+            // Without them the boxes still get their tunnels (and the error is said once).
+            let isolated = changed
+                && match isolate(self.endpoints, &pairs).await {
+                    Ok(()) => {
+                        self.isolation_said = None;
+                        if !pairs.is_empty() {
+                            tracing::info!(
+                                pairs = pairs.len(),
+                                "overlay forwarding: each pair only to itself"
+                            );
+                        }
+                        true
+                    }
+                    Err(err) => {
+                        if self.isolation_said.as_deref() != Some(&err.to_string()) {
+                            tracing::error!("{err}");
+                            self.isolation_said = Some(err.to_string());
+                        }
+                        false
+                    }
+                };
+            // Peers even when the rules failed: the boxes keep their tunnels.
+            if changed && (apply_peers(self.endpoints, &as_pairs(&peers)) && isolated) {
                 let cache = Cache {
                     at_ms: now_ms(),
                     from,
                     peers,
+                    pairs,
                 };
                 self.save(&cache);
                 *known = Some(cache);
@@ -234,6 +302,7 @@ impl Follower<'_> {
     ) -> anyhow::Result<(
         lbs_protocol::Connection<tls::ClientStream<TcpStream>>,
         SocketAddr,
+        lbs_protocol::ProtocolVersion,
     )> {
         let mut last_error = anyhow::anyhow!("no main-site address");
         for &address in &self.addresses {
@@ -250,7 +319,7 @@ impl Follower<'_> {
                         site: self.site.clone(),
                     },
                 };
-                let (conn, _) = lbs_protocol::exchange_hello(
+                let (conn, negotiated) = lbs_protocol::exchange_hello(
                     stream,
                     &PeerName::DataCenter,
                     hello,
@@ -258,10 +327,10 @@ impl Follower<'_> {
                     HELLO_TIMEOUT,
                 )
                 .await?;
-                anyhow::Ok(conn)
+                anyhow::Ok((conn, negotiated.version))
             };
             match attempt.await {
-                Ok(conn) => return Ok((conn, address)),
+                Ok((conn, version)) => return Ok((conn, address, version)),
                 Err(err) => last_error = err.context(format!("main site at {address}")),
             }
         }
@@ -298,6 +367,10 @@ mod tests {
                 public_key: "k".into(),
                 overlay: Ipv4Addr::new(10, 77, 0, 10),
             }],
+            pairs: vec![vec![TunnelPeer {
+                public_key: "k".into(),
+                overlay: Ipv4Addr::new(10, 77, 0, 10),
+            }]],
         };
         std::fs::write(&path, serde_json::to_vec(&cache).expect("json")).expect("write");
         assert_eq!(read_cache(&path).expect("read"), Some(cache));

@@ -379,9 +379,8 @@ pub trait Store {
     /// center's tunnel endpoints.
     fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError>;
 
-    /// The overlay addresses of each pair's activated boxes, pair by pair: who may reach whom
-    /// through the endpoints.
-    fn overlay_pairs(&self) -> Result<Vec<Vec<Ipv4Addr>>, StoreError>;
+    /// [`Store::tunnel_peers`] pair by pair: who may reach whom through the endpoints.
+    fn tunnel_pairs(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError>;
 
     /// The DNS records that differ from what was decided and are due for a try at `now`.
     fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError>;
@@ -1468,26 +1467,33 @@ impl Store for SqliteStore {
         Ok(peers)
     }
 
-    fn overlay_pairs(&self) -> Result<Vec<Vec<Ipv4Addr>>, StoreError> {
+    fn tunnel_pairs(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError> {
         let mut statement = self
             .conn
             .prepare(
-                "SELECT pair_id, overlay_address FROM servers
-                 WHERE overlay_address IS NOT NULL ORDER BY pair_id, sid",
+                "SELECT pair_id, wireguard_key, overlay_address FROM servers
+                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL
+                 ORDER BY pair_id, wireguard_key",
             )
-            .map_err(db("reading overlay addresses"))?;
+            .map_err(db("reading tunnel peers"))?;
         let rows = statement
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-            .map_err(db("reading overlay addresses"))?;
-        let mut pairs: Vec<(i64, Vec<Ipv4Addr>)> = Vec::new();
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(db("reading tunnel peers"))?;
+        let mut pairs: Vec<(i64, Vec<(String, Ipv4Addr)>)> = Vec::new();
         for row in rows {
-            let (pair, overlay) = row.map_err(db("reading overlay addresses"))?;
+            let (pair, key, overlay) = row.map_err(db("reading tunnel peers"))?;
             let Ok(overlay) = overlay.parse() else {
                 continue;
             };
             match pairs.last_mut() {
-                Some((last, boxes)) if *last == pair => boxes.push(overlay),
-                _ => pairs.push((pair, vec![overlay])),
+                Some((last, boxes)) if *last == pair => boxes.push((key, overlay)),
+                _ => pairs.push((pair, vec![(key, overlay)])),
             }
         }
         Ok(pairs.into_iter().map(|(_, boxes)| boxes).collect())

@@ -903,6 +903,19 @@ async fn a_site_learns_the_tunnel_peers_and_a_box_cannot_ask() {
             overlay: grant.overlay
         }]
     );
+    // Protocol 1.5: the same boxes pair by pair, so the site keeps pairs apart too.
+    let (_, answer) = control::call(
+        &mut site,
+        Generation::default(),
+        Message::TunnelPairsRequest,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let Message::TunnelPairs { pairs } = answer else {
+        panic!("expected the pairs, got {answer:?}")
+    };
+    assert_eq!(pairs, [peers]);
     // A site cannot report or promote: those are a box's.
     let refused = control::call(
         &mut site,

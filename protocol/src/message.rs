@@ -237,6 +237,16 @@ pub enum Message {
         /// Why the primary asked.
         reason: String,
     },
+    /// Data-center site → the main site (protocol 1.5, else [`Message::TunnelPeersRequest`]):
+    /// the boxes that may use the tunnels, pair by pair; answered with
+    /// [`Message::TunnelPairs`].
+    TunnelPairsRequest,
+    /// Main site → data-center site: every activated box's key and overlay address, grouped
+    /// by pair (an endpoint forwards a box's packets only to its partner).
+    TunnelPairs {
+        /// The pairs, each its boxes ordered by key.
+        pairs: Vec<Vec<crate::control::TunnelPeer>>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -284,6 +294,8 @@ impl Message {
             Message::PromoteAs { .. } => "promote-as",
             Message::HandOver { .. } => "hand-over",
             Message::HandOverRequested { .. } => "hand-over-requested",
+            Message::TunnelPairsRequest => "tunnel-pairs-request",
+            Message::TunnelPairs { .. } => "tunnel-pairs",
         }
     }
 }
