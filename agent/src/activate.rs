@@ -102,6 +102,20 @@ pub struct BoxInfo {
     /// address: who may take the shared address from this box (see the address guard).
     #[serde(default)]
     pub partner_mac: Option<lbs_netconfig::MacAddr>,
+    /// The partner's TLS key as the data center last certified it: the only one accepted
+    /// from the partner (a box activated again has a new key; its old certificate must no
+    /// longer reach this box's files). `None` until a data center of protocol 1.5 said it.
+    #[serde(default)]
+    pub partner_key: Option<PartnerKey>,
+}
+
+/// Which key the partner's certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartnerKey {
+    /// The partner it is for.
+    pub sid: ServerId,
+    /// `tls::key_fingerprint` of its certificate.
+    pub fingerprint: String,
 }
 
 impl BoxInfo {
@@ -392,6 +406,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         activated_at: address,
         hardware_differences: None,
         partner_mac: None,
+        partner_key: None,
     };
     info.save(&paths)?;
     let mut machine = RoleMachine::new(if cmd.again { RoleRecord::new() } else { record });

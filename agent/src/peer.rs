@@ -114,6 +114,10 @@ pub struct PeerArgs {
     /// The pair's generation as this box knows it.
     #[arg(long, default_value_t = 1)]
     pub generation: u64,
+    /// Accept the partner only with this key (its fingerprint, as `lbs-datacenter status
+    /// --json` or the agent's `box.json` shows it).
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub partner_key: Option<String>,
 }
 
 /// A loaded identity, ready to connect or accept.
@@ -127,6 +131,8 @@ pub struct Peer {
     root: TrustRoot,
     /// The generation this box announces.
     pub generation: Generation,
+    /// The fingerprint the partner's key must have, when the data center said it.
+    pub pin: Option<String>,
 }
 
 impl Peer {
@@ -147,6 +153,7 @@ impl Peer {
             identity,
             root,
             generation: Generation(args.generation),
+            pin: args.partner_key.clone(),
         })
     }
 
@@ -168,7 +175,35 @@ impl Peer {
             identity,
             root,
             generation,
+            pin: None,
         })
+    }
+
+    /// Accepts from the partner only the key `key` names (when it is this partner's).
+    pub fn pinned(mut self, key: Option<&crate::activate::PartnerKey>) -> Self {
+        self.pin = key
+            .filter(|k| PeerName::Box(k.sid) == self.partner)
+            .map(|k| k.fingerprint.clone());
+        self
+    }
+
+    /// Refuses a partner whose certificate does not carry the pinned key.
+    fn check_pin(&self, chain: Option<&[tls::CertificateDer<'_>]>) -> anyhow::Result<()> {
+        let Some(want) = &self.pin else {
+            return Ok(());
+        };
+        let got = chain
+            .and_then(|chain| chain.first())
+            .map(tls::key_fingerprint)
+            .transpose()?;
+        if got.as_deref() != Some(want.as_str()) {
+            bail!(
+                "{} presented key {}, but the data center certified {want} at its latest activation: an old certificate of a box activated again no longer gets in",
+                self.partner,
+                got.as_deref().unwrap_or("none")
+            );
+        }
+        Ok(())
     }
 
     fn hello(&self, role: Role) -> Hello {
@@ -206,6 +241,8 @@ impl Peer {
         lbs_host::tcp::watch_peer(&tcp).context("setting up the connection to the partner")?;
         let (tcp, meter) = Metered::new(tcp);
         let stream = tls::connect(config, &self.partner, tcp).await?;
+        self.check_pin(stream.get_ref().1.peer_certificates())
+            .with_context(|| format!("not syncing with {} at {addr}", self.partner))?;
         let (conn, negotiated) = lbs_protocol::exchange_hello(
             stream,
             &self.partner,
@@ -237,6 +274,8 @@ impl Peer {
     ) -> anyhow::Result<(Connection<tls::ServerStream<TcpStream>>, Negotiated)> {
         lbs_host::tcp::watch_peer(&tcp).context("setting up a connection to the sync port")?;
         let (stream, peer) = tls::accept(config, tcp).await?;
+        self.check_pin(stream.get_ref().1.peer_certificates())
+            .with_context(|| format!("not serving {peer}"))?;
         let (mut conn, negotiated) = lbs_protocol::exchange_hello(
             stream,
             &peer,

@@ -263,6 +263,14 @@ fn a_remote_backup_replicates_through_the_tunnels() {
         "first full sync over the overlay {:?} after the agents started",
         started.elapsed()
     );
+    // Each box pins the key the data center certified for its partner; replication goes on.
+    for host in ["a", "b"] {
+        pair.wait("the partner's key pinned", STEP, |pair| {
+            pair.status(host)["info"]["partner_key"]["fingerprint"]
+                .as_str()
+                .is_some_and(|f| f.len() == 32)
+        });
+    }
     std::fs::write(pair.media("a").join("voicemail-1.txt"), b"call me back").unwrap();
     let rpo = pair.wait("a new file", Duration::from_secs(10), |pair| {
         std::fs::read(pair.media("b").join("voicemail-1.txt")).is_ok_and(|c| c == b"call me back")

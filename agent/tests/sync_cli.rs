@@ -27,7 +27,13 @@ impl Drop for Server {
 fn identities(dir: &Path) {
     let ca = CertificateAuthority::generate("test CA").unwrap();
     ca.trust_root().save(&dir.join("ca.pem")).unwrap();
-    for (label, sid) in [("primary", PRIMARY), ("backup", BACKUP)] {
+    // `backup-old`: the backup's certificate from before it was activated again (same SID,
+    // another key).
+    for (label, sid) in [
+        ("primary", PRIMARY),
+        ("backup", BACKUP),
+        ("backup-old", BACKUP),
+    ] {
         ca.issue_identity(&PeerName::Box(sid.parse().unwrap()))
             .unwrap()
             .save(
@@ -212,6 +218,81 @@ fn serve_pull_verify_over_mutual_tls() {
         log.contains(&format!("box {BACKUP} (backup) connected")),
         "{log}"
     );
+}
+
+/// The fingerprint of the key in `label`'s certificate.
+fn fingerprint(dir: &Path, label: &str) -> String {
+    let identity = lbs_protocol::Identity::load(
+        &dir.join(format!("{label}.pem")),
+        &dir.join(format!("{label}.key")),
+    )
+    .unwrap();
+    lbs_protocol::tls::key_fingerprint(identity.certificate()).unwrap()
+}
+
+#[test]
+fn a_pinned_partner_key_shuts_out_the_old_certificate_of_a_box_activated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    identities(d);
+    let (primary, backup) = (d.join("primary-tree"), d.join("backup-tree"));
+    std::fs::create_dir_all(&primary).unwrap();
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::write(primary.join("sip.conf"), b"[trunk]\nsecret=hunter2\n").unwrap();
+    let pin = fingerprint(d, "backup");
+    assert_ne!(pin, fingerprint(d, "backup-old"));
+    let mut serve = lbs(
+        d,
+        &["sync", "serve", "--partner-key", &pin],
+        "primary",
+        BACKUP,
+    );
+    serve
+        .arg("--root")
+        .arg(&primary)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped());
+    let mut server = Server(serve.spawn().unwrap());
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let pull = |label: &str, extra: &[&str]| {
+        let mut args = vec!["sync", "pull"];
+        args.extend_from_slice(extra);
+        run(lbs(d, &args, label, PRIMARY)
+            .arg("--root")
+            .arg(&backup)
+            .args(["--from", &addr]))
+    };
+    // The old certificate: its SID is the partner's, its key no longer is.
+    let old = pull("backup-old", &[]);
+    assert!(!old.status.success(), "{}", text(&old));
+    assert!(
+        !backup.join("sip.conf").exists(),
+        "the trunk secret reached the old box"
+    );
+    // The box as activated now.
+    let now = pull("backup", &[]);
+    assert!(now.status.success(), "{}", text(&now));
+    assert!(backup.join("sip.conf").exists());
+    // The other way round: a backup pinned to another key takes nothing from this primary.
+    let wrong = pull("backup", &["--partner-key", &fingerprint(d, "backup-old")]);
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong).contains("no longer gets in"),
+        "{}",
+        text(&wrong)
+    );
+    let status = lbs_tests::terminate(&mut server.0, "lbs sync serve", Duration::from_secs(10));
+    assert!(status.success(), "serve exited with {status}");
+    let log = drain.join().unwrap().join("\n");
+    assert!(log.contains("no longer gets in"), "{log}");
 }
 
 #[test]

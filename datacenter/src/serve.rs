@@ -744,6 +744,26 @@ async fn control(
                 on_promote(inner, sid, believed, advertised, actor).await
             }
             Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
+            Message::PartnerKeyRequest => {
+                match with_store(inner, move |s| {
+                    let pair = s.pair_of(sid)?;
+                    let partner = pair
+                        .servers
+                        .iter()
+                        .find(|other| other.sid != sid.to_string())
+                        .and_then(|other| other.sid.parse::<ServerId>().ok());
+                    let key = match partner {
+                        Some(partner) => s.certificate_key(partner)?,
+                        None => None,
+                    };
+                    Ok((partner, key))
+                })
+                .await
+                {
+                    Ok((partner, key)) => Message::PartnerKey { partner, key },
+                    Err(err) => Message::Denied(denial(err)),
+                }
+            }
             Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
             Message::Goodbye { .. } => return Ok(()),
             other => {

@@ -639,6 +639,26 @@ async fn racing_promotions_over_the_wire_promote_once_per_round() {
     dc.start();
     a.activate(&dc).await.unwrap();
     b.activate(&dc).await.unwrap();
+    // Protocol 1.5: each box learns the key its partner's latest activation certified.
+    for (me, partner) in [(&a, &b), (&b, &a)] {
+        let role = if std::ptr::eq(me, &a) {
+            Role::Primary
+        } else {
+            Role::Backup
+        };
+        let mut conn = me.control(&dc, Generation(1), role).await;
+        let (_, answer) = control::call(&mut conn, Generation(1), Message::PartnerKeyRequest, WAIT)
+            .await
+            .unwrap();
+        let key = tls::key_fingerprint(partner.identity.as_ref().unwrap().certificate()).unwrap();
+        assert_eq!(
+            answer,
+            Message::PartnerKey {
+                partner: Some(partner.sid),
+                key: Some(key)
+            }
+        );
+    }
     const ROUNDS: u64 = 15;
     let (mut primary, mut backup) = (&a, &b);
     for round in 0..ROUNDS {

@@ -247,6 +247,18 @@ pub enum Message {
         /// The pairs, each its boxes ordered by key.
         pairs: Vec<Vec<crate::control::TunnelPeer>>,
     },
+    /// Box → data center (protocol 1.5): the partner's current TLS key, so this box accepts
+    /// only that one (a box activated again has a new key; its old certificate must no
+    /// longer reach the partner's files). Answered with [`Message::PartnerKey`].
+    PartnerKeyRequest,
+    /// Data center → box: the partner and the fingerprint of the key its latest activation
+    /// certified (`tls::key_fingerprint`); `None` while it has none.
+    PartnerKey {
+        /// The partner.
+        partner: Option<crate::ServerId>,
+        /// Its key's fingerprint.
+        key: Option<String>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -296,6 +308,8 @@ impl Message {
             Message::HandOverRequested { .. } => "hand-over-requested",
             Message::TunnelPairsRequest => "tunnel-pairs-request",
             Message::TunnelPairs { .. } => "tunnel-pairs",
+            Message::PartnerKeyRequest => "partner-key-request",
+            Message::PartnerKey { .. } => "partner-key",
         }
     }
 }

@@ -24,8 +24,9 @@ use rustls::{
     AlertDescription, CertificateError, CommonState, DigitallySignedStruct,
     DistinguishedName as RustlsDn, OtherError, RootCertStore, SignatureScheme,
 };
+pub use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::ids::ServerId;

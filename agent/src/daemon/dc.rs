@@ -83,6 +83,37 @@ pub(crate) async fn connect_dc_negotiated(
 /// A control connection to the data center.
 pub(crate) type DcConnection = lbs_protocol::Connection<tls::ClientStream<TcpStream>>;
 
+/// The partner's key as the data center certified it: kept in `box.json`, and when it
+/// changes (the partner was activated again) replication restarts, accepting only the new one.
+pub(crate) fn apply_partner_key(
+    shared: &Shared,
+    partner: Option<lbs_protocol::ServerId>,
+    key: Option<String>,
+) {
+    let key = match (partner, key) {
+        (Some(sid), Some(fingerprint)) => Some(crate::activate::PartnerKey { sid, fingerprint }),
+        _ => None,
+    };
+    let changed = {
+        let mut info = lock(&shared.info);
+        if info.partner_key == key || key.is_none() {
+            false
+        } else {
+            info.partner_key = key;
+            if let Err(err) = info.save(&shared.paths) {
+                tracing::warn!("saving the partner's key: {err:#}");
+            }
+            true
+        }
+    };
+    if changed {
+        tracing::info!(
+            "the partner's key is new to this box: replication restarts, accepting only it"
+        );
+        shared.mode.send_modify(|_| {});
+    }
+}
+
 /// What the data center said about the pair: partner, hardware, and the role (through the
 /// machine: a stale primary fences itself).
 pub(crate) fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) {

@@ -10,7 +10,7 @@ use lbs_protocol::{Message, SoftwareVersion};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::checks::{Asked, promote_checks};
-use crate::daemon::dc::{apply_pair_state, connect_dc};
+use crate::daemon::dc::{apply_pair_state, apply_partner_key, connect_dc, connect_dc_negotiated};
 use crate::daemon::pbx::take_hand_over;
 use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote_unattended};
 
@@ -45,7 +45,9 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
-    let (mut conn, address) = connect_dc(shared).await?;
+    let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
+    // A data center of 1.5 or later says the partner's current key.
+    let keys = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
     {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
@@ -85,6 +87,19 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                 dc.last_error = None;
             }
             apply_pair_state(shared, state);
+            if keys {
+                let (_, answer) = control::call(
+                    &mut conn,
+                    record.generation,
+                    Message::PartnerKeyRequest,
+                    Duration::from_secs(10),
+                )
+                .await
+                .with_context(|| format!("data center at {address}"))?;
+                if let Message::PartnerKey { partner, key } = answer {
+                    apply_partner_key(shared, partner, key);
+                }
+            }
             if let Some((request, hand_over)) = request
                 && lock(&shared.remote_handled).is_none_or(|done| done < request.id)
             {

@@ -79,6 +79,7 @@ impl Office {
             activated_at: SocketAddr::from(([127, 0, 0, 1], 1)),
             hardware_differences: None,
             partner_mac: None,
+            partner_key: None,
         };
         let resources = ResourceHistory::open(&dir.path().join("resources.sqlite")).unwrap();
         let net = Lan {

@@ -136,8 +136,9 @@ pub(crate) fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>
         return Ok(None);
     };
     let generation = lock(&shared.machine).record.generation;
+    let pin = lock(&shared.info).partner_key.clone();
     Ok(Some((
-        Peer::from_state(&shared.paths, partner, generation)?,
+        Peer::from_state(&shared.paths, partner, generation)?.pinned(pin.as_ref()),
         address,
     )))
 }

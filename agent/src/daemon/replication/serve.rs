@@ -31,7 +31,8 @@ pub(crate) async fn serve_sets(shared: Arc<Shared>, stop: CancellationToken) -> 
         return Ok(());
     };
     let generation = lock(&shared.machine).record.generation;
-    let peer = Peer::from_state(&shared.paths, partner, generation)?;
+    let pin = lock(&shared.info).partner_key.clone();
+    let peer = Peer::from_state(&shared.paths, partner, generation)?.pinned(pin.as_ref());
     let peer = Arc::new(peer);
     let sets = open_sets(&shared)?;
     let astdb = astdb_dir(&shared.paths);
