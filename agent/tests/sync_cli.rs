@@ -106,23 +106,7 @@ fn serve_pull_verify_over_mutual_tls() {
         .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000))
         .unwrap();
 
-    let mut serve = lbs(d, &["sync", "serve"], "primary", BACKUP);
-    serve
-        .arg("--root")
-        .arg(&primary)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped());
-    let mut server = Server(serve.spawn().unwrap());
-    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap()
-        .to_owned();
-    // Keep draining the server's output so it never blocks on a full pipe.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let (mut server, addr, drain) = start_serve(d, &primary, &[]);
 
     // One lbs process per root: a second server on the same tree is refused, not raced.
     let second = run(lbs(d, &["sync", "serve"], "primary", BACKUP)
@@ -220,6 +204,35 @@ fn serve_pull_verify_over_mutual_tls() {
     );
 }
 
+/// `lbs sync serve` (as the primary, `extra` added) of `root` on a free port: the server, its
+/// address, and the thread that collects what it prints.
+fn start_serve(
+    d: &Path,
+    root: &Path,
+    extra: &[&str],
+) -> (Server, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut args = vec!["sync", "serve"];
+    args.extend_from_slice(extra);
+    let mut serve = lbs(d, &args, "primary", BACKUP);
+    serve
+        .arg("--root")
+        .arg(root)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped());
+    let mut server = Server(serve.spawn().unwrap());
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    // Keep draining the server's output so it never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    (server, addr, drain)
+}
+
 /// The fingerprint of the key in `label`'s certificate.
 fn fingerprint(dir: &Path, label: &str) -> String {
     let identity = lbs_protocol::Identity::load(
@@ -241,27 +254,7 @@ fn a_pinned_partner_key_shuts_out_the_old_certificate_of_a_box_activated_again()
     std::fs::write(primary.join("sip.conf"), b"[trunk]\nsecret=hunter2\n").unwrap();
     let pin = fingerprint(d, "backup");
     assert_ne!(pin, fingerprint(d, "backup-old"));
-    let mut serve = lbs(
-        d,
-        &["sync", "serve", "--partner-key", &pin],
-        "primary",
-        BACKUP,
-    );
-    serve
-        .arg("--root")
-        .arg(&primary)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped());
-    let mut server = Server(serve.spawn().unwrap());
-    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap()
-        .to_owned();
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let (mut server, addr, drain) = start_serve(d, &primary, &["--partner-key", &pin]);
     let pull = |label: &str, extra: &[&str]| {
         let mut args = vec!["sync", "pull"];
         args.extend_from_slice(extra);
