@@ -34,7 +34,8 @@ pub const IMAGE_PACKAGES: &[(&str, &str)] = &[
 
 const SUITE: &str = "bookworm";
 /// The base system: a minimal Debian with systemd, a kernel and its boot loader, SSH for the
-/// administrators, and what lbs's package depends on.
+/// administrators, and what lbs's package depends on (and nftables, lbs-datacenter's, which
+/// `--check` installs beside it).
 const BASE_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -53,6 +54,7 @@ const BASE_PACKAGES: &[&str] = &[
     "initramfs-tools",
     "extlinux",
     "syslinux-common",
+    "nftables",
 ];
 /// The root partition starts 1 MiB into the disk, where partitioning tools put it.
 const PARTITION_OFFSET: u64 = 1 << 20;
