@@ -32,6 +32,7 @@ pub mod journal;
 pub mod plan;
 pub mod scan;
 pub mod session;
+pub mod trash;
 pub mod tree;
 
 pub use apply::{
@@ -39,11 +40,12 @@ pub use apply::{
     TempFile, open_dir_nofollow, partial_name,
 };
 pub use execute::{
-    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, Trash, execute, manifest,
+    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, execute, manifest,
 };
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta};
 pub use journal::{JOURNAL_NAME, Patch, PatchError, Recovery, Sealed, recover};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
 pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan, scan_from};
 pub use session::{PullOptions, PullReport, SessionError, pull, serve};
+pub use trash::Trash;
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

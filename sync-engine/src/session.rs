@@ -22,11 +22,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
-use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, Trash, execute, manifest_entry};
+use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, execute, manifest_entry};
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};
 use crate::plan::{Action, Basis, PlanError, PlanSummary, plan};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
+use crate::trash::Trash;
 use crate::tree::{BlockSize, Cv};
 
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile

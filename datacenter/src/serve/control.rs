@@ -1,0 +1,460 @@
+//! The control API's sessions: a box's reports, promotions, hand-overs and registration, and
+//! another site's questions about the tunnel peers. Each answer is one store transaction.
+
+use super::*;
+
+pub(super) fn role_named(text: &str) -> Role {
+    match text {
+        "primary" => Role::Primary,
+        "backup" => Role::Backup,
+        "fenced" => Role::Fenced,
+        _ => Role::Unactivated,
+    }
+}
+
+pub(super) fn silent_ms(last: Option<Millis>, now: Millis) -> Option<u64> {
+    last.map(|at| u64::try_from(now.saturating_sub(at)).unwrap_or(0))
+}
+
+pub(super) fn partner_of(pair: &PairView, sid: ServerId, now: Millis) -> Option<PartnerInfo> {
+    let me = sid.to_string();
+    let partner = pair.servers.iter().find(|s| s.sid != me)?;
+    Some(PartnerInfo {
+        sid: partner.sid.parse().ok()?,
+        role: role_named(&partner.role),
+        overlay: partner.overlay.as_deref().and_then(|a| a.parse().ok()),
+        // Where it says it is now (a promoted box took the shared address), else where it
+        // activated.
+        lan: partner
+            .advertised
+            .as_deref()
+            .or(partner.lan.as_deref())
+            .and_then(|a| a.parse().ok()),
+        silent_ms: silent_ms(partner.last_heartbeat_at, now),
+    })
+}
+
+pub(super) fn pair_state(
+    pair: &PairView,
+    sid: ServerId,
+    believes: Option<Role>,
+    now: Millis,
+) -> PairState {
+    let me = sid.to_string();
+    let recorded = pair
+        .servers
+        .iter()
+        .find(|s| s.sid == me)
+        .map_or(Role::Unactivated, |s| role_named(&s.role));
+    // A box that believes it is primary when the records say otherwise must stand down.
+    let role = if believes == Some(Role::Primary) && recorded != Role::Primary {
+        Role::Fenced
+    } else {
+        recorded
+    };
+    PairState {
+        role,
+        generation: Generation(pair.generation),
+        primary: pair.primary.as_deref().and_then(|p| p.parse().ok()),
+        partner: partner_of(pair, sid, now),
+        hardware_differences: pair.hardware_differences.clone(),
+    }
+}
+
+pub(super) fn denial(err: StoreError) -> Denial {
+    match err {
+        StoreError::StaleGeneration { current, .. } => Denial::StaleGeneration { current },
+        StoreError::Db { .. } => Denial::Unavailable(err.to_string()),
+        other => Denial::NotAllowed(other.to_string()),
+    }
+}
+
+pub(super) async fn control(
+    inner: &Arc<Inner>,
+    tcp: TcpStream,
+    source: SocketAddr,
+    admission: Admission,
+) -> anyhow::Result<()> {
+    lbs_host::tcp::watch_peer(&tcp).context("setting up the connection")?;
+    let (tls, peer) = tls::accept(inner.control_tls.clone(), tcp).await?;
+    let sid = match peer {
+        PeerName::Box(sid) => sid,
+        PeerName::DataCenter => {
+            admission.proven();
+            return site_session(inner, tls, source).await;
+        }
+    };
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(tls::key_fingerprint)
+        .transpose()?;
+    let (current, pair) = with_store(inner, move |s| {
+        Ok((s.certificate_key(sid)?, s.pair_of(sid)?))
+    })
+    .await?;
+    let (mut conn, negotiated) = exchange_hello(
+        tls,
+        &peer,
+        our_hello(inner),
+        Generation(pair.generation),
+        HELLO_TIMEOUT,
+    )
+    .await?;
+    *conn.codec_mut() = FrameCodec::with_max_len(MAX_CONTROL_LEN);
+    if current.is_none() || current != presented {
+        let why = format!(
+            "the certificate of {sid} was replaced when the box was activated again; this one no longer gets in"
+        );
+        tracing::warn!(%source, "{why}");
+        conn.send(Envelope {
+            generation: Generation(pair.generation),
+            message: Message::Denied(Denial::NotAllowed(why.clone())),
+        })
+        .await?;
+        linger(&mut conn).await;
+        anyhow::bail!(why);
+    }
+    admission.proven();
+    let actor = format!("{sid} from {}", source.ip());
+    loop {
+        let Some(next) = next_request(&mut conn).await? else {
+            return Ok(());
+        };
+        let believed = next.generation;
+        let reply = match next.message {
+            Message::Report(report) => {
+                // Promotion requests only go to boxes that understand them (1.2 and later).
+                let remote =
+                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
+                // Hand-overs likewise (1.4 and later); an older backup is not asked.
+                let hand_over =
+                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 });
+                on_report(inner, sid, believed, report, remote, hand_over).await
+            }
+            Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
+            Message::Promote { advertised } => {
+                on_promote(inner, sid, believed, advertised, actor.clone()).await
+            }
+            Message::PromoteAs { advertised, how } => {
+                // The audit log says how it came about (forced, offline, a hand-over, …).
+                let actor = format!("{actor} ({how})");
+                on_promote(inner, sid, believed, advertised, actor).await
+            }
+            Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
+            Message::PartnerKeyRequest => {
+                match with_store(inner, move |s| {
+                    let pair = s.pair_of(sid)?;
+                    let partner = pair
+                        .servers
+                        .iter()
+                        .find(|other| other.sid != sid.to_string())
+                        .and_then(|other| other.sid.parse::<ServerId>().ok());
+                    let key = match partner {
+                        Some(partner) => s.certificate_key(partner)?,
+                        None => None,
+                    };
+                    Ok((partner, key))
+                })
+                .await
+                {
+                    Ok((partner, key)) => Message::PartnerKey { partner, key },
+                    Err(err) => Message::Denied(denial(err)),
+                }
+            }
+            Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                let why = format!("{} is not a control request", other.kind());
+                return Err(refuse_and_close(&mut conn, why).await);
+            }
+        };
+        // The envelope carries the pair's generation as the answer knows it.
+        let generation = match &reply {
+            Message::PairState(state) => state.generation,
+            Message::PromotionRequested { state, .. }
+            | Message::HandOverRequested { state, .. }
+            | Message::PairStateWithDns { state, .. } => state.generation,
+            Message::Promoted(promotion) => promotion.generation,
+            Message::Denied(Denial::StaleGeneration { current }) => *current,
+            _ => believed,
+        };
+        answer(&mut conn, generation, reply).await?;
+    }
+}
+
+/// Another site of the data center (`lbs-datacenter site`, running tunnel endpoints) asks
+/// which boxes its endpoints must accept, every few seconds, for as long as it runs.
+pub(super) async fn site_session(
+    inner: &Arc<Inner>,
+    tls: tls::ServerStream<TcpStream>,
+    source: SocketAddr,
+) -> anyhow::Result<()> {
+    let (mut conn, negotiated) = exchange_hello(
+        tls,
+        &PeerName::DataCenter,
+        our_hello(inner),
+        Generation::default(),
+        HELLO_TIMEOUT,
+    )
+    .await?;
+    *conn.codec_mut() = FrameCodec::with_max_len(MAX_CONTROL_LEN);
+    tracing::info!(%source, version = %negotiated.version, "a data-center site follows the tunnel peers");
+    loop {
+        let Some(next) = next_request(&mut conn)
+            .await
+            .with_context(|| format!("site at {source}"))?
+        else {
+            return Ok(());
+        };
+        let reply = match next.message {
+            Message::TunnelPairsRequest => match with_store(inner, |s| s.tunnel_pairs()).await {
+                Ok(pairs) => Message::TunnelPairs {
+                    pairs: pairs
+                        .into_iter()
+                        .map(|pair| {
+                            pair.into_iter()
+                                .map(|(public_key, overlay)| TunnelPeer {
+                                    public_key,
+                                    overlay,
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                },
+                Err(err) => Message::Denied(denial(err)),
+            },
+            Message::TunnelPeersRequest => match with_store(inner, |s| s.tunnel_peers()).await {
+                Ok(peers) => Message::TunnelPeers {
+                    peers: peers
+                        .into_iter()
+                        .map(|(public_key, overlay)| TunnelPeer {
+                            public_key,
+                            overlay,
+                        })
+                        .collect(),
+                },
+                Err(err) => Message::Denied(denial(err)),
+            },
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                let why = format!("{} is not a request a site makes", other.kind());
+                let err = refuse_and_close(&mut conn, why).await;
+                return Err(err.context(format!("site at {source}")));
+            }
+        };
+        answer(&mut conn, Generation::default(), reply).await?;
+    }
+}
+
+pub(super) async fn on_report(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    believed: Generation,
+    report: BoxReport,
+    remote: bool,
+    hand_over: bool,
+) -> Message {
+    let record = store::Report {
+        believed,
+        software: report.software.to_string(),
+        advertised: report.advertised,
+        json: serde_json::to_string(&stored_report(&report)).unwrap_or_default(),
+    };
+    let believes = report.role;
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        s.heartbeat(sid, &record, now)?;
+        let request = if remote {
+            s.pending_promotion(sid, now)?
+                .filter(|r| hand_over || r.hand_over.is_none())
+        } else {
+            None
+        };
+        Ok((s.pair_of(sid)?, request, now))
+    })
+    .await;
+    match result {
+        Ok((pair, request, now)) => {
+            let state = pair_state(&pair, sid, Some(believes), now);
+            if state.role == Role::Fenced && believes == Role::Primary {
+                tracing::warn!(%sid, %believed, pair = pair.generation, "a stale primary reported: told it is fenced");
+            }
+            match request {
+                Some(request) => {
+                    tracing::info!(%sid, id = request.id, by = %request.requested_by, "promotion requested from the backup");
+                    let remote = lbs_protocol::control::RemotePromotion {
+                        id: u64::try_from(request.id).unwrap_or(0),
+                        by: request.requested_by,
+                    };
+                    match request.hand_over {
+                        Some(reason) => Message::HandOverRequested {
+                            state,
+                            request: remote,
+                            reason,
+                        },
+                        None => Message::PromotionRequested {
+                            state,
+                            request: remote,
+                        },
+                    }
+                }
+                None if remote => Message::PairStateWithDns {
+                    state,
+                    dns: pair
+                        .dns
+                        .iter()
+                        // Without [dns] nothing updates the names: say so, not "pending".
+                        .map(|record| {
+                            let mut record = record.clone();
+                            if inner.config.dns.is_none() {
+                                record.state = DnsState::NotConfigured;
+                                record.last_error = None;
+                            }
+                            record
+                        })
+                        .map(|record| lbs_protocol::control::DnsRecordState {
+                            name: record.name.clone(),
+                            want: record.want.clone(),
+                            state: match (&record.last_error, record.state) {
+                                (Some(why), DnsState::Retrying) => {
+                                    format!("retrying ({} failed: {why})", record.attempts)
+                                }
+                                (_, state) => state.to_string(),
+                            },
+                        })
+                        .collect(),
+                },
+                None => Message::PairState(state),
+            }
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+/// The backup refused a requested promotion: recorded and logged; it gets the pair's state.
+/// How long the backup may take to act on a hand-over, and how recently it must have
+/// reported.
+pub(super) const HAND_OVER_TTL: Duration = Duration::from_secs(60);
+
+pub(super) const HAND_OVER_ALIVE: Duration = Duration::from_secs(20);
+
+pub(super) async fn on_hand_over(inner: &Arc<Inner>, sid: ServerId, reason: String) -> Message {
+    let limits = crate::store::HandOverLimits {
+        ttl: HAND_OVER_TTL,
+        alive: HAND_OVER_ALIVE,
+        holdoff: inner.config.handover_holdoff,
+    };
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let request = s.hand_over(sid, &reason, limits, now)?;
+        Ok((request, s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((request, pair, now)) => {
+            tracing::warn!(%sid, id = request.id, "the primary hands over to the backup");
+            Message::PairState(pair_state(&pair, sid, None, now))
+        }
+        Err(err) => {
+            tracing::warn!(%sid, "hand-over refused: {err}");
+            Message::Denied(denial(err))
+        }
+    }
+}
+
+pub(super) async fn on_refused(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    id: u64,
+    reason: String,
+) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        s.refuse_promotion(id, sid, &reason, now)?;
+        Ok((s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((pair, now)) => {
+            tracing::warn!(%sid, id, "the backup refused the requested promotion");
+            Message::PairState(pair_state(&pair, sid, None, now))
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+pub(super) async fn on_promote(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    believed: Generation,
+    advertised: Ipv4Addr,
+    actor: String,
+) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        let before = s.pair_of(sid)?;
+        let promoted = s.promote(sid, believed, advertised, &actor, now)?;
+        let previous_silent_ms = promoted.previous.and_then(|previous| {
+            let previous = previous.to_string();
+            before
+                .servers
+                .iter()
+                .find(|s| s.sid == previous)
+                .and_then(|s| silent_ms(s.last_heartbeat_at, now))
+        });
+        Ok(Promotion {
+            generation: promoted.generation,
+            previous: promoted.previous,
+            previous_silent_ms,
+        })
+    })
+    .await;
+    match result {
+        Ok(promotion) => {
+            tracing::info!(%sid, generation = %promotion.generation, "promoted");
+            inner.dns_wake.notify_one();
+            Message::Promoted(promotion)
+        }
+        Err(err) => {
+            tracing::warn!(%sid, "promotion refused: {err}");
+            Message::Denied(denial(err))
+        }
+    }
+}
+
+pub(super) async fn on_register(inner: &Arc<Inner>, sid: ServerId, actor: String) -> Message {
+    let result = with_store(inner, move |s| {
+        let now = now_ms();
+        s.register_backup(sid, &actor, now)?;
+        Ok((s.pair_of(sid)?, now))
+    })
+    .await;
+    match result {
+        Ok((pair, now)) => {
+            tracing::info!(%sid, "registered as backup");
+            Message::PairState(pair_state(&pair, sid, None, now))
+        }
+        Err(err) => Message::Denied(denial(err)),
+    }
+}
+
+/// A report as the data center keeps it (and `status --json` shows it).
+pub(super) fn stored_report(r: &BoxReport) -> store::StoredReport {
+    store::StoredReport {
+        role: r.role.to_string(),
+        software: r.software.to_string(),
+        advertised: Some(r.advertised),
+        sync_last_complete_ms: r.sync.last_complete_ms,
+        sync_pending_files: Some(r.sync.pending_files),
+        sync_pending_bytes: Some(r.sync.pending_bytes),
+        tunnels: r
+            .tunnels
+            .iter()
+            .map(|t| (t.name.clone(), t.healthy, t.active))
+            .collect(),
+    }
+}

@@ -1,0 +1,99 @@
+//! The DNS worker: every name the store wants moved is written with a signed RFC 2136
+//! update, retried with backoff; a refusal that needs the operator is said once.
+
+use super::*;
+
+/// The longest wait between two tries of a failing DNS update.
+pub(super) const DNS_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The wait before the next try of a DNS update that failed `attempts` times.
+pub(super) fn dns_backoff(attempts: i64) -> Duration {
+    let exponent = u32::try_from(attempts.clamp(0, 16)).unwrap_or(16);
+    Duration::from_millis(500u64.saturating_mul(1 << exponent)).min(DNS_MAX_BACKOFF)
+}
+
+pub(super) async fn dns_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let Some((server, ttl)) = inner.config.dns.clone() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = inner.dns_wake.notified() => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+        let due = match with_store(&inner, |s| s.dns_due(now_ms())).await {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::error!("reading DNS work: {err}");
+                continue;
+            }
+        };
+        for work in due {
+            let outcome = tokio::select! {
+                () = shutdown.cancelled() => return,
+                outcome = server.replace_a(&work.name, work.have, work.want, ttl) => outcome,
+            };
+            let result = match outcome {
+                Ok(()) => {
+                    tracing::info!(name = work.name, address = %work.want, "DNS updated");
+                    Ok(())
+                }
+                Err(crate::dns::DnsError::Changed { .. }) => {
+                    // Someone else changed the record: read what is there, so the next try
+                    // replaces exactly that (our decision is the newest: it was just taken).
+                    let found = server.lookup_a(&work.name).await;
+                    match found {
+                        Ok(values) if values.contains(&work.want) => Ok(()),
+                        Ok(values) => {
+                            let value = values.first().copied();
+                            let w = work.clone();
+                            let _ = with_store(&inner, move |s| s.dns_found(&w, value)).await;
+                            Err(DnsFailure {
+                                why: format!(
+                                    "{} held {} (changed outside lbs); replacing it",
+                                    work.name,
+                                    value.map_or("nothing".to_owned(), |v| v.to_string())
+                                ),
+                                needs_operator: false,
+                            })
+                        }
+                        Err(err) => Err(DnsFailure {
+                            needs_operator: !err.is_transient(),
+                            why: err.to_string(),
+                        }),
+                    }
+                }
+                Err(err) => {
+                    if work.attempts == 0 && err.is_transient() {
+                        tracing::warn!(name = work.name, "DNS update failed, will retry: {err}");
+                    }
+                    Err(DnsFailure {
+                        needs_operator: !err.is_transient(),
+                        why: err.to_string(),
+                    })
+                }
+            };
+            let retry_at = now_ms().saturating_add(
+                i64::try_from(dns_backoff(work.attempts).as_millis()).unwrap_or(i64::MAX),
+            );
+            let w = work.clone();
+            let failure = result.as_ref().err().map(|f| f.why.clone());
+            match with_store(&inner, move |s| {
+                s.dns_result(&w, result, retry_at, now_ms())
+            })
+            .await
+            {
+                Ok(true) => tracing::error!(
+                    name = work.name,
+                    "DNS update refused, and retrying cannot help until the DNS server's \
+                     configuration or the [dns] section is fixed (tried again every {} s): {}",
+                    DNS_MAX_BACKOFF.as_secs(),
+                    failure.unwrap_or_default()
+                ),
+                Ok(false) => {}
+                Err(err) => tracing::error!(name = work.name, "recording a DNS result: {err}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! The data center's records: pairs, their servers, and the append-only audit log — behind
+//! [`Store`], so a PostgreSQL backend can follow the SQLite one ([`SqliteStore`]).
+//!
+//! Every decision about roles is one transaction that checks what it relies on: activation
+//! assigns primary to the first box of a pair and backup to the second; a promotion is a
+//! compare-and-set on the pair's generation, so of two racing promotions exactly one wins.
+//! Each change appends its event in the same transaction: the log is complete or the change
+//! did not happen.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use lbs_protocol::net::Ipv4Cidr;
+use lbs_protocol::{Generation, Role, ServerId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::keys::{ActivationKey, KeyHash};
+
+pub use crate::time::Millis;
+pub use crate::view::{DnsState, RequestState, StoredReport};
+
+mod activation;
+mod dns;
+mod reading;
+mod requests;
+mod schema;
+mod types;
+
+use dns::{dns_names, want_dns};
+use schema::MIGRATIONS;
+pub use types::*;
+
+/// What can go wrong, said so that the operator (or the box) can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No server by that SID.
+    #[error("unknown server {0}: check the SID on the provisioning sheet")]
+    UnknownServer(ServerId),
+    /// A pair by that name exists.
+    #[error("a pair called {0:?} exists already")]
+    PairExists(String),
+    /// The activation key is wrong, used, or expired (the reason is logged, not told).
+    #[error("activation of {sid} refused: {why}")]
+    ActivationRefused {
+        sid: ServerId,
+        /// Why.
+        why: Refusal,
+    },
+    /// The pair has two servers already.
+    #[error("pair {0:?} has its two servers already")]
+    PairFull(String),
+    /// A role change the pair's state does not allow.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// A promotion lost a race or was based on an old generation.
+    #[error(
+        "promotion refused: the pair is at {current}, the request was for {believed} (another box was promoted first)"
+    )]
+    StaleGeneration {
+        /// What the requester believed.
+        believed: Generation,
+        /// What the pair has.
+        current: Generation,
+    },
+    /// The overlay address pool is exhausted.
+    #[error("no free overlay address left in {0}")]
+    PoolExhausted(Ipv4Cidr),
+    /// The database failed.
+    #[error("database {what}: {error}")]
+    Db {
+        /// What was being done.
+        what: String,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+}
+
+/// Why an activation key was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key does not match.
+    WrongKey,
+    /// The key was used (the box is activated; re-activation needs a fresh key).
+    Used,
+    /// The key is past its expiry.
+    Expired,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::WrongKey => "wrong activation key",
+            Refusal::Used => {
+                "this box is activated already; re-activation needs a fresh key (lbs-datacenter rekey --sid SID)"
+            }
+            Refusal::Expired => "the activation key has expired; ask for a fresh one",
+        })
+    }
+}
+
+fn db(what: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |error| StoreError::Db {
+        what: what.to_owned(),
+        error,
+    }
+}
+
+/// The data center's records. Every method is one transaction.
+pub trait Store {
+    /// A new pair with two servers (or one, for a box that runs alone until a backup is
+    /// added), each with an activation key valid for `key_ttl`.
+    fn provision_pair(
+        &mut self,
+        name: &str,
+        fqdn: &str,
+        servers: usize,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Vec<Provisioned>, StoreError>;
+
+    /// Adds the second server to the pair of `partner`.
+    fn provision_backup(
+        &mut self,
+        partner: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError>;
+
+    /// A fresh activation key for a provisioned server (a lost sheet, an expired key, or a
+    /// reinstalled box: re-activation keeps its role and overlay address).
+    fn rekey(
+        &mut self,
+        sid: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError>;
+
+    /// Activates a box: checks its key (used once), records its keys and addresses, gives it
+    /// an overlay address from `pool` and its role.
+    fn activate(
+        &mut self,
+        request: &ActivationRequest,
+        pool: Ipv4Cidr,
+        now: Millis,
+    ) -> Result<Activated, StoreError>;
+
+    /// Makes `sid` (the pair's backup) primary, if the pair is still at `believed`; the
+    /// pair's name is to point at `advertised` from now on.
+    fn promote(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        advertised: Ipv4Addr,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Promoted, StoreError>;
+
+    /// Records that `sid` (fenced, or the old primary) is the pair's backup now.
+    fn register_backup(
+        &mut self,
+        sid: ServerId,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError>;
+
+    /// Records a heartbeat; returns the role the box must have now (a box that believes it
+    /// is primary at a lower generation is `Fenced`).
+    fn heartbeat(
+        &mut self,
+        sid: ServerId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<(Role, Generation), StoreError>;
+
+    /// Every pair.
+    fn pairs(&self) -> Result<Vec<PairView>, StoreError>;
+
+    /// The pair `sid` belongs to.
+    fn pair_of(&self, sid: ServerId) -> Result<PairView, StoreError>;
+
+    /// The fingerprint of the TLS key `sid`'s current certificate was issued for (`None`
+    /// before activation).
+    fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError>;
+
+    /// Every activated box's WireGuard key and overlay address: the peers of the data
+    /// center's tunnel endpoints.
+    fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError>;
+
+    /// [`Store::tunnel_peers`] pair by pair: who may reach whom through the endpoints.
+    fn tunnel_pairs(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError>;
+
+    /// The DNS records that differ from what was decided and are due for a try at `now`.
+    fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError>;
+
+    /// Records that `work` was written (`Ok`) or failed (`Err`, to be tried again at
+    /// `retry_at`). A decision taken meanwhile stays pending. A failure that needs the
+    /// operator goes into the audit log when it is new (not for every retry); the answer says
+    /// whether it was.
+    fn dns_result(
+        &mut self,
+        work: &DnsWork,
+        result: Result<(), DnsFailure>,
+        retry_at: Millis,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
+
+    /// Records that the name holds `value` now (found by a query after a refused
+    /// compare-and-swap: someone else changed it), so the next try replaces that.
+    fn dns_found(&mut self, work: &DnsWork, value: Option<Ipv4Addr>) -> Result<(), StoreError>;
+
+    /// The audit log after event `after` (0: all), oldest first.
+    fn events(&self, after: i64) -> Result<Vec<Event>, StoreError>;
+
+    /// Asks for the promotion of pair `pair`'s backup, valid until `now + ttl`; one pending
+    /// request per pair.
+    fn request_promotion(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError>;
+
+    /// The primary `from` asks to hand its role to the backup (its PBX is down): a request
+    /// like the provider's, refused when the backup is not heard within `alive`, not in sync
+    /// by its last report, or the pair handed over less than `holdoff` ago.
+    fn hand_over(
+        &mut self,
+        from: ServerId,
+        reason: &str,
+        limits: HandOverLimits,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError>;
+
+    /// The request `id` as it stands (pending ones past their time are `expired`).
+    fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError>;
+
+    /// The pending request for `sid`, if it is its pair's backup and one is pending.
+    fn pending_promotion(
+        &mut self,
+        sid: ServerId,
+        now: Millis,
+    ) -> Result<Option<PromotionRequest>, StoreError>;
+
+    /// Records the backup's refusal of request `id`.
+    fn refuse_promotion(
+        &mut self,
+        id: i64,
+        sid: ServerId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+}
+
+/// The SQLite store: one file, WAL, migrations applied on open.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn role_text(role: Role) -> &'static str {
+    match role {
+        Role::Unactivated => "unactivated",
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+        Role::Fenced => "fenced",
+    }
+}
+
+fn role_of(text: &str) -> Role {
+    match text {
+        "primary" => Role::Primary,
+        "backup" => Role::Backup,
+        "fenced" => Role::Fenced,
+        _ => Role::Unactivated,
+    }
+}
+
+fn generation(value: i64) -> Generation {
+    Generation(u64::try_from(value).unwrap_or(0))
+}
+
+fn gen_sql(generation: Generation) -> i64 {
+    i64::try_from(generation.0).unwrap_or(i64::MAX)
+}
+
+fn ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A server's row, as role decisions need it.
+struct Row {
+    pair_id: i64,
+    pair_name: String,
+    fqdn: String,
+    role: Role,
+    generation: Generation,
+    primary: Option<String>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(db(&format!("opening {}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db("setting the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(db("switching to WAL"))?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(db("setting synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(db("enabling foreign keys"))?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting the migration"))?;
+        let done: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        let done = usize::try_from(done).unwrap_or(usize::MAX);
+        if done > MIGRATIONS.len() {
+            return Err(StoreError::NotAllowed(format!(
+                "the database has schema version {done}, newer than this lbs-datacenter knows ({}); upgrade lbs-datacenter",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+            tx.execute_batch(sql)
+                .map_err(db(&format!("applying migration {}", i + 1)))?;
+        }
+        tx.pragma_update(None, "user_version", known)
+            .map_err(db("recording the schema version"))?;
+        tx.commit().map_err(db("committing the migration"))
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))
+    }
+}
+
+/// Starts a write transaction that holds the write lock from its first statement, so what
+/// it reads cannot change before it writes.
+fn begin(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db("starting a transaction"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log(
+    tx: &rusqlite::Transaction<'_>,
+    now: Millis,
+    pair_id: Option<i64>,
+    sid: Option<ServerId>,
+    kind: &str,
+    generations: (Option<Generation>, Option<Generation>),
+    actor: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO events (at, pair_id, sid, kind, from_generation, to_generation, actor, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            now,
+            pair_id,
+            sid.map(|s| s.to_string()),
+            kind,
+            generations.0.map(gen_sql),
+            generations.1.map(gen_sql),
+            actor,
+            detail
+        ],
+    )
+    .map_err(db("appending to the audit log"))?;
+    Ok(())
+}
+
+/// The SID of `sid`'s partner in pair `pair_id`, if it has one.
+fn partner_of(
+    tx: &rusqlite::Transaction<'_>,
+    pair_id: i64,
+    sid: ServerId,
+) -> Result<Option<String>, StoreError> {
+    tx.query_row(
+        "SELECT sid FROM servers WHERE pair_id = ?1 AND sid != ?2",
+        params![pair_id, sid.to_string()],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(db("reading the partner"))
+}
+
+fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError> {
+    tx.query_row(
+        "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid, p.fqdn
+         FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
+        [sid.to_string()],
+        |r| {
+            Ok(Row {
+                pair_id: r.get(0)?,
+                pair_name: r.get(1)?,
+                role: role_of(&r.get::<_, String>(2)?),
+                generation: generation(r.get(3)?),
+                primary: r.get(4)?,
+                fqdn: r.get(5)?,
+            })
+        },
+    )
+    .optional()
+    .map_err(db("reading a server"))?
+    .ok_or(StoreError::UnknownServer(sid))
+}
+
+fn overlay_of(tx: &rusqlite::Transaction<'_>, sid: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+    let text: Option<String> = tx
+        .query_row(
+            "SELECT overlay_address FROM servers WHERE sid = ?1",
+            [sid],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db("reading an overlay address"))?
+        .flatten();
+    Ok(text.and_then(|t| t.parse().ok()))
+}
+
+impl Store for SqliteStore {
+    fn provision_pair(
+        &mut self,
+        name: &str,
+        fqdn: &str,
+        servers: usize,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Vec<Provisioned>, StoreError> {
+        self.provision_pair_in(name, fqdn, servers, key_ttl, now)
+    }
+
+    fn provision_backup(
+        &mut self,
+        partner: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError> {
+        self.provision_backup_in(partner, key_ttl, now)
+    }
+
+    fn rekey(
+        &mut self,
+        sid: ServerId,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Provisioned, StoreError> {
+        self.rekey_in(sid, key_ttl, now)
+    }
+
+    fn activate(
+        &mut self,
+        request: &ActivationRequest,
+        pool: Ipv4Cidr,
+        now: Millis,
+    ) -> Result<Activated, StoreError> {
+        self.activate_in(request, pool, now)
+    }
+
+    fn promote(
+        &mut self,
+        sid: ServerId,
+        believed: Generation,
+        advertised: Ipv4Addr,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Promoted, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        let row = row(&tx, sid)?;
+        if row.role == Role::Primary && believed.next() == Some(row.generation) {
+            // The same box asking again for the promotion it was granted (the answer was
+            // lost, or it crashed before recording it): the same answer, nothing changes.
+            let previous: Option<String> = partner_of(&tx, row.pair_id, sid)?;
+            return Ok(Promoted {
+                generation: row.generation,
+                previous: previous.and_then(|o| o.parse().ok()),
+                repeat: true,
+            });
+        }
+        if row.role != Role::Backup {
+            return Err(StoreError::NotAllowed(format!(
+                "{sid} is {} of pair {}, not its backup: only the backup can be promoted",
+                row.role, row.pair_name
+            )));
+        }
+        let next = believed
+            .next()
+            .ok_or_else(|| StoreError::NotAllowed("the generation counter is exhausted".into()))?;
+        // The compare-and-set: only if nobody moved the generation since the box looked.
+        let changed = tx
+            .execute(
+                "UPDATE pairs SET generation = ?3, primary_sid = ?2 WHERE id = ?1 AND generation = ?4",
+                params![row.pair_id, sid.to_string(), gen_sql(next), gen_sql(believed)],
+            )
+            .map_err(db("promoting"))?;
+        if changed == 0 {
+            return Err(StoreError::StaleGeneration {
+                believed,
+                current: row.generation,
+            });
+        }
+        let old = row.primary.clone();
+        // For the audit: how long before this the old primary last reported (a short time
+        // means it may have been alive: a forced P).
+        let old_heard: Option<Millis> = match old.as_deref() {
+            Some(old) => tx
+                .query_row(
+                    "SELECT last_heartbeat_at FROM servers WHERE sid = ?1",
+                    [old],
+                    |r| r.get(0),
+                )
+                .map_err(db("reading the old primary's last report"))?,
+            None => None,
+        };
+        tx.execute(
+            "UPDATE servers SET role = 'fenced' WHERE pair_id = ?1 AND role = 'primary'",
+            [row.pair_id],
+        )
+        .map_err(db("fencing the old primary"))?;
+        tx.execute(
+            "UPDATE servers SET role = 'primary', reported_generation = ?2, advertised_address = ?3
+             WHERE sid = ?1",
+            params![sid.to_string(), gen_sql(next), advertised.to_string()],
+        )
+        .map_err(db("recording the new primary"))?;
+        let [fqdn, primary_name, backup_name] = dns_names(&row.fqdn);
+        want_dns(&tx, row.pair_id, &fqdn, advertised, now)?;
+        if let Some(overlay) = overlay_of(&tx, &sid.to_string())? {
+            want_dns(&tx, row.pair_id, &primary_name, overlay, now)?;
+        }
+        if let Some(overlay) = old
+            .as_deref()
+            .map(|o| overlay_of(&tx, o))
+            .transpose()?
+            .flatten()
+        {
+            want_dns(&tx, row.pair_id, &backup_name, overlay, now)?;
+        }
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            "promoted",
+            (Some(believed), Some(next)),
+            actor,
+            &format!(
+                "{sid} is primary of pair {}, advertising {advertised}; {} is fenced{}",
+                row.pair_name,
+                old.as_deref().unwrap_or("nobody"),
+                match old_heard {
+                    Some(at) => format!(
+                        " (last heard {:.1} s before)",
+                        now.saturating_sub(at) as f64 / 1000.0
+                    ),
+                    None if old.is_some() => " (never heard)".to_owned(),
+                    None => String::new(),
+                }
+            ),
+        )?;
+        tx.execute(
+            "UPDATE promotion_requests SET state = 'promoted', answer = ?2, answered_at = ?3
+             WHERE pair_id = ?1 AND state = 'pending'",
+            params![row.pair_id, format!("promoted at {next}"), now],
+        )
+        .map_err(db("answering the promotion request"))?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(Promoted {
+            generation: next,
+            previous: old.and_then(|o| o.parse().ok()),
+            repeat: false,
+        })
+    }
+
+    fn register_backup(
+        &mut self,
+        sid: ServerId,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Generation, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        let row = row(&tx, sid)?;
+        match row.role {
+            Role::Backup => return Ok(row.generation),
+            Role::Fenced => {}
+            Role::Primary => {
+                return Err(StoreError::NotAllowed(format!(
+                    "{sid} is the current primary of pair {}: promote its partner first",
+                    row.pair_name
+                )));
+            }
+            Role::Unactivated => {
+                return Err(StoreError::NotAllowed(format!(
+                    "{sid} is not activated yet"
+                )));
+            }
+        }
+        tx.execute(
+            "UPDATE servers SET role = 'backup', reported_generation = ?2 WHERE sid = ?1",
+            params![sid.to_string(), gen_sql(row.generation)],
+        )
+        .map_err(db("registering the backup"))?;
+        log(
+            &tx,
+            now,
+            Some(row.pair_id),
+            Some(sid),
+            "registered-backup",
+            (Some(row.generation), Some(row.generation)),
+            actor,
+            &format!("{sid} is backup of pair {}", row.pair_name),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(row.generation)
+    }
+
+    fn heartbeat(
+        &mut self,
+        sid: ServerId,
+        report: &Report,
+        now: Millis,
+    ) -> Result<(Role, Generation), StoreError> {
+        let tx = begin(&mut self.conn)?;
+        let row = row(&tx, sid)?;
+        if row.role == Role::Unactivated {
+            return Err(StoreError::NotAllowed(format!(
+                "{sid} is not activated yet"
+            )));
+        }
+        tx.execute(
+            "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3, software = ?4,
+               advertised_address = ?5, report = ?6
+             WHERE sid = ?1",
+            params![
+                sid.to_string(),
+                now,
+                gen_sql(report.believed),
+                report.software,
+                report.advertised.to_string(),
+                report.json
+            ],
+        )
+        .map_err(db("recording a heartbeat"))?;
+        // The primary's address may change (a new uplink): the pair's name follows it.
+        if row.role == Role::Primary && report.believed == row.generation {
+            let [fqdn, ..] = dns_names(&row.fqdn);
+            want_dns(&tx, row.pair_id, &fqdn, report.advertised, now)?;
+        }
+        tx.commit().map_err(db("committing"))?;
+        // A box behind the pair's generation that is not the backup is fenced, whatever it
+        // believes (the store already records it so).
+        Ok((row.role, row.generation))
+    }
+
+    fn pairs(&self) -> Result<Vec<PairView>, StoreError> {
+        self.pairs_in()
+    }
+
+    fn pair_of(&self, sid: ServerId) -> Result<PairView, StoreError> {
+        self.pair_of_in(sid)
+    }
+
+    fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError> {
+        self.certificate_key_in(sid)
+    }
+
+    fn tunnel_peers(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        self.tunnel_peers_in()
+    }
+
+    fn tunnel_pairs(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError> {
+        self.tunnel_pairs_in()
+    }
+
+    fn dns_due(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError> {
+        self.dns_due_in(now)
+    }
+
+    fn dns_result(
+        &mut self,
+        work: &DnsWork,
+        result: Result<(), DnsFailure>,
+        retry_at: Millis,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        self.dns_result_in(work, result, retry_at, now)
+    }
+
+    fn dns_found(&mut self, work: &DnsWork, value: Option<Ipv4Addr>) -> Result<(), StoreError> {
+        self.dns_found_in(work, value)
+    }
+
+    fn events(&self, after: i64) -> Result<Vec<Event>, StoreError> {
+        self.events_in(after)
+    }
+
+    fn request_promotion(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        ttl: Duration,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError> {
+        self.request_promotion_in(pair, actor, ttl, now)
+    }
+
+    fn hand_over(
+        &mut self,
+        from: ServerId,
+        reason: &str,
+        limits: HandOverLimits,
+        now: Millis,
+    ) -> Result<PromotionRequest, StoreError> {
+        self.hand_over_in(from, reason, limits, now)
+    }
+
+    fn promotion_request(&mut self, id: i64, now: Millis) -> Result<PromotionRequest, StoreError> {
+        self.promotion_request_in(id, now)
+    }
+
+    fn pending_promotion(
+        &mut self,
+        sid: ServerId,
+        now: Millis,
+    ) -> Result<Option<PromotionRequest>, StoreError> {
+        self.pending_promotion_in(sid, now)
+    }
+
+    fn refuse_promotion(
+        &mut self,
+        id: i64,
+        sid: ServerId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.refuse_promotion_in(id, sid, reason, now)
+    }
+}

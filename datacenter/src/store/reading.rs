@@ -1,0 +1,242 @@
+//! What the store shows: pairs with their servers, reports and DNS records, the tunnel
+//! peers, and the audit log. Reading only.
+
+use super::*;
+
+impl SqliteStore {
+    /// One pair, with its servers, hardware comparison and DNS records.
+    pub(super) fn pair_view(&self, id: i64) -> Result<PairView, StoreError> {
+        let (name, fqdn, generation, primary) = self
+            .conn
+            .query_row(
+                "SELECT name, fqdn, generation, primary_sid FROM pairs WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .map_err(db("reading a pair"))?;
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT sid, role, overlay_address, lan_address, software, last_heartbeat_at,
+                        reported_generation, advertised_address, report, inventory
+                 FROM servers WHERE pair_id = ?1 ORDER BY position",
+            )
+            .map_err(db("reading servers"))?;
+        let mut inventories = Vec::new();
+        let servers = statement
+            .query_map([id], |r| {
+                Ok((
+                    ServerView {
+                        sid: r.get(0)?,
+                        role: r.get(1)?,
+                        overlay: r.get(2)?,
+                        lan: r.get(3)?,
+                        software: r.get(4)?,
+                        last_heartbeat_at: r.get(5)?,
+                        reported_generation: r
+                            .get::<_, Option<i64>>(6)?
+                            .and_then(|g| u64::try_from(g).ok()),
+                        advertised: r.get(7)?,
+                        report: r
+                            .get::<_, Option<String>>(8)?
+                            .and_then(|j| serde_json::from_str::<StoredReport>(&j).ok()),
+                    },
+                    r.get::<_, Option<String>>(9)?,
+                ))
+            })
+            .map_err(db("reading servers"))?
+            .map(|row| {
+                row.map(|(view, inventory)| {
+                    inventories.push(inventory);
+                    view
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading servers"))?;
+        let parsed: Vec<Option<lbs_protocol::inventory::Inventory>> = inventories
+            .iter()
+            .map(|text| text.as_deref().and_then(|t| serde_json::from_str(t).ok()))
+            .collect();
+        let hardware_differences = match parsed.as_slice() {
+            [Some(a), Some(b)] => Some(a.compare(b)),
+            _ => None,
+        };
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT name, want, have, attempts, last_error, changed_at, done_at, needs_operator
+                 FROM dns_records WHERE pair_id = ?1 ORDER BY name",
+            )
+            .map_err(db("reading DNS records"))?;
+        let dns = statement
+            .query_map([id], |r| {
+                let want: String = r.get(1)?;
+                let have: Option<String> = r.get(2)?;
+                let attempts: i64 = r.get(3)?;
+                let needs_operator: bool = r.get(7)?;
+                let state = if have.as_deref() == Some(want.as_str()) {
+                    DnsState::Done
+                } else if attempts == 0 {
+                    DnsState::Pending
+                } else if needs_operator {
+                    DnsState::Failed
+                } else {
+                    DnsState::Retrying
+                };
+                Ok(DnsView {
+                    name: r.get(0)?,
+                    want,
+                    have,
+                    state,
+                    attempts,
+                    last_error: r.get(4)?,
+                    changed_at: r.get(5)?,
+                    done_at: r.get(6)?,
+                })
+            })
+            .map_err(db("reading DNS records"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading DNS records"))?;
+        Ok(PairView {
+            name,
+            fqdn,
+            generation: u64::try_from(generation).unwrap_or(0),
+            primary,
+            servers,
+            hardware_differences,
+            dns,
+        })
+    }
+
+    pub(super) fn pairs_in(&self) -> Result<Vec<PairView>, StoreError> {
+        let ids = self
+            .conn
+            .prepare("SELECT id FROM pairs ORDER BY name")
+            .map_err(db("reading pairs"))?
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(db("reading pairs"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading pairs"))?;
+        ids.into_iter().map(|id| self.pair_view(id)).collect()
+    }
+
+    pub(super) fn pair_of_in(&self, sid: ServerId) -> Result<PairView, StoreError> {
+        let id: i64 = self
+            .conn
+            .query_row(
+                "SELECT pair_id FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading a server"))?
+            .ok_or(StoreError::UnknownServer(sid))?;
+        self.pair_view(id)
+    }
+
+    pub(super) fn certificate_key_in(&self, sid: ServerId) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT tls_key FROM servers WHERE sid = ?1",
+                [sid.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading a certificate key"))?
+            .ok_or(StoreError::UnknownServer(sid))
+    }
+
+    pub(super) fn tunnel_peers_in(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT wireguard_key, overlay_address FROM servers
+                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL ORDER BY sid",
+            )
+            .map_err(db("reading tunnel peers"))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db("reading tunnel peers"))?;
+        let mut peers = Vec::new();
+        for row in rows {
+            let (key, overlay) = row.map_err(db("reading tunnel peers"))?;
+            if let Ok(overlay) = overlay.parse() {
+                peers.push((key, overlay));
+            }
+        }
+        Ok(peers)
+    }
+
+    pub(super) fn tunnel_pairs_in(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT pair_id, wireguard_key, overlay_address FROM servers
+                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL
+                 ORDER BY pair_id, wireguard_key",
+            )
+            .map_err(db("reading tunnel peers"))?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(db("reading tunnel peers"))?;
+        let mut pairs: Vec<(i64, Vec<(String, Ipv4Addr)>)> = Vec::new();
+        for row in rows {
+            let (pair, key, overlay) = row.map_err(db("reading tunnel peers"))?;
+            let Ok(overlay) = overlay.parse() else {
+                continue;
+            };
+            match pairs.last_mut() {
+                Some((last, boxes)) if *last == pair => boxes.push((key, overlay)),
+                _ => pairs.push((pair, vec![(key, overlay)])),
+            }
+        }
+        Ok(pairs.into_iter().map(|(_, boxes)| boxes).collect())
+    }
+
+    pub(super) fn events_in(&self, after: i64) -> Result<Vec<Event>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT e.id, e.at, p.name, e.sid, e.kind, e.from_generation, e.to_generation,
+                        e.actor, e.detail
+                 FROM events e LEFT JOIN pairs p ON p.id = e.pair_id
+                 WHERE e.id > ?1 ORDER BY e.id",
+            )
+            .map_err(db("reading the audit log"))?;
+        let events = statement
+            .query_map([after], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    pair: r.get(2)?,
+                    sid: r.get(3)?,
+                    kind: r.get(4)?,
+                    from_generation: r
+                        .get::<_, Option<i64>>(5)?
+                        .and_then(|g| u64::try_from(g).ok()),
+                    to_generation: r
+                        .get::<_, Option<i64>>(6)?
+                        .and_then(|g| u64::try_from(g).ok()),
+                    actor: r.get(7)?,
+                    detail: r.get(8)?,
+                })
+            })
+            .map_err(db("reading the audit log"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("reading the audit log"))?;
+        Ok(events)
+    }
+}

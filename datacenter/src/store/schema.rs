@@ -1,0 +1,83 @@
+//! The schema, migration by migration.
+
+/// The schema, one migration per step; `PRAGMA user_version` says how many ran.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE pairs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    fqdn TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    primary_sid TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE servers (
+    sid TEXT PRIMARY KEY,
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    position INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    key_hash BLOB,
+    key_expires_at INTEGER,
+    activated_at INTEGER,
+    wireguard_key TEXT,
+    overlay_address TEXT UNIQUE,
+    lan_address TEXT,
+    software TEXT,
+    inventory TEXT,
+    last_heartbeat_at INTEGER,
+    reported_generation INTEGER,
+    UNIQUE (pair_id, position)
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    pair_id INTEGER,
+    sid TEXT,
+    kind TEXT NOT NULL,
+    from_generation INTEGER,
+    to_generation INTEGER,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER events_are_not_changed BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER events_are_not_deleted BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#,
+    r#"
+ALTER TABLE servers ADD COLUMN advertised_address TEXT;
+ALTER TABLE servers ADD COLUMN report TEXT;
+ALTER TABLE servers ADD COLUMN tls_key TEXT;
+ALTER TABLE servers ADD COLUMN used_key_hash BLOB;
+CREATE TABLE dns_records (
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    name TEXT NOT NULL,
+    want TEXT NOT NULL,
+    have TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    next_try_at INTEGER NOT NULL DEFAULT 0,
+    changed_at INTEGER NOT NULL,
+    done_at INTEGER,
+    PRIMARY KEY (pair_id, name)
+);
+"#,
+    r#"
+CREATE TABLE promotion_requests (
+    id INTEGER PRIMARY KEY,
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    requested_by TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    answer TEXT,
+    answered_at INTEGER
+);
+"#,
+    r#"
+ALTER TABLE promotion_requests ADD COLUMN hand_over TEXT;
+"#,
+    r#"
+ALTER TABLE dns_records ADD COLUMN needs_operator INTEGER NOT NULL DEFAULT 0;
+"#,
+];
