@@ -52,17 +52,10 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
             let record = lock(&shared.machine).record.clone();
-            let report = BoxReport {
-                role: record.state.wire_role(),
-                software: SoftwareVersion::current(),
-                advertised: current_address(shared),
-                sync: sync_summary(shared),
-                tunnels: tunnel_summary(shared),
-            };
             let (_, answer) = control::call(
                 &mut conn,
                 record.generation,
-                Message::Report(report),
+                Message::Report(box_report(shared, &record)),
                 Duration::from_secs(10),
             )
             .await
@@ -131,6 +124,18 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     }
 }
 
+/// What this box tells the data center at each report: its role as recorded, where it serves,
+/// its copies and its tunnels.
+fn box_report(shared: &Shared, record: &crate::role::RoleRecord) -> BoxReport {
+    BoxReport {
+        role: record.state.wire_role(),
+        software: SoftwareVersion::current(),
+        advertised: current_address(shared),
+        sync: sync_summary(shared),
+        tunnels: tunnel_summary(shared),
+    }
+}
+
 /// What the data center says of this box's role, asked when somebody else answers for the
 /// shared address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,17 +154,10 @@ pub(crate) async fn dc_word(shared: &Shared) -> DcWord {
     let asked = tokio::time::timeout(DC_WORD_DEADLINE, async {
         let (mut conn, _) = connect_dc(shared).await?;
         let record = lock(&shared.machine).record.clone();
-        let report = BoxReport {
-            role: record.state.wire_role(),
-            software: SoftwareVersion::current(),
-            advertised: current_address(shared),
-            sync: sync_summary(shared),
-            tunnels: tunnel_summary(shared),
-        };
         let (_, answer) = control::call(
             &mut conn,
             record.generation,
-            Message::Report(report),
+            Message::Report(box_report(shared, &record)),
             DC_WORD_DEADLINE,
         )
         .await?;
