@@ -1,0 +1,654 @@
+//! A sync session over an established lbs [`Connection`] (mutual TLS in production, any
+//! stream in tests): [`serve`] on the sending side, [`pull`] on the receiving side.
+//!
+//! The receiver asks for the manifest (the sender scans first, so it is current), plans, and
+//! executes the plan on a blocking thread; each fetch crosses to the async side through
+//! bounded channels, so at most a few [`SYNC_CHUNK_LEN`] chunks are in memory whatever the
+//! file size, and a slow disk slows the sender down instead of filling memory.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lbs_protocol::sync::{
+    BlockSum, DirDigest, ManifestEntry, ManifestKind, group_digest, listing_digests,
+};
+use lbs_protocol::{
+    Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::apply::{ApplyError, Durability, Root};
+use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, execute, manifest_entry};
+use crate::index::{Index, IndexError};
+use crate::journal::{Recovery, recover};
+use crate::plan::{Action, Basis, PlanError, PlanSummary, plan};
+use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
+use crate::trash::Trash;
+use crate::tree::{BlockSize, Cv};
+
+/// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
+/// sender from exhausting memory).
+mod pull;
+mod serve;
+
+pub use pull::{PullOptions, pull};
+use serve::send_digests;
+pub use serve::serve;
+
+pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
+
+/// The most bytes of names (paths, link targets) a peer's manifest or digests may hold: what
+/// the receiver keeps in memory is bounded by bytes, not only by entries (5 million entries of
+/// 4 KiB paths would be 20 GB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
+/// The largest file lbs syncs (1 TiB): a size a peer announces beyond it is refused before
+/// anything is planned, allocated or written for it.
+pub const MAX_FILE_LEN: u64 = 1 << 40;
+
+/// What a peer's manifest (or digests) has taken so far, against the limits.
+#[derive(Default)]
+struct Intake {
+    entries: usize,
+    bytes: u64,
+}
+
+impl Intake {
+    /// Counts `entries` more holding `bytes` of names.
+    fn take(&mut self, entries: usize, bytes: u64) -> Result<(), SessionError> {
+        self.entries = self.entries.saturating_add(entries);
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.entries > MAX_MANIFEST_ENTRIES || self.bytes > MAX_MANIFEST_BYTES {
+            return Err(SessionError::ManifestTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Counts a part of the manifest, checking every size it announces.
+    fn manifest(&mut self, part: &[ManifestEntry]) -> Result<(), SessionError> {
+        let mut bytes = 0u64;
+        for entry in part {
+            bytes += entry.path.as_bytes().len() as u64;
+            match &entry.kind {
+                ManifestKind::File { size, .. } if *size > MAX_FILE_LEN => {
+                    return Err(SessionError::Unreasonable(format!(
+                        "{} announced at {size} bytes, more than the {MAX_FILE_LEN} bytes of \
+                         the largest file lbs syncs",
+                        entry.path
+                    )));
+                }
+                ManifestKind::Symlink { target } => bytes += target.len() as u64,
+                _ => {}
+            }
+        }
+        self.take(part.len(), bytes)
+    }
+}
+
+fn path_bytes(path: &Option<RelPath>) -> u64 {
+    path.as_ref().map_or(0, |p| p.as_bytes().len() as u64)
+}
+/// Roughly how many bytes of entries go into one manifest frame.
+const MANIFEST_CHUNK_BYTES: usize = 256 * 1024;
+/// Block summaries per `SyncFetchChanges` frame (at most about 230 KiB).
+const BLOCKS_PER_FRAME: usize = 16 * 1024;
+/// Chunks in flight between the network and the disk, per file.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+impl From<FrameError> for SessionError {
+    fn from(err: FrameError) -> SessionError {
+        SessionError::Frame(err)
+    }
+}
+
+impl From<PlanError> for SessionError {
+    fn from(err: PlanError) -> SessionError {
+        SessionError::Plan(err)
+    }
+}
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection failed or carried garbage.
+    // The causes of this and `Plan` are in their messages, not also their sources: `{:#}`
+    // says them once.
+    #[error("connection: {0}")]
+    Frame(FrameError),
+    /// The peer hung up in the middle.
+    #[error("the peer closed the connection during {0}")]
+    Closed(&'static str),
+    /// The peer sent something that does not belong here.
+    #[error("the peer sent {got} during {during}")]
+    Unexpected {
+        /// What it sent.
+        got: &'static str,
+        /// What we were doing.
+        during: &'static str,
+    },
+    /// The peer's manifest is larger than any real tree.
+    #[error(
+        "the peer's manifest has more than {MAX_MANIFEST_ENTRIES} entries or \
+         {MAX_MANIFEST_BYTES} bytes of names; refused"
+    )]
+    ManifestTooLarge,
+    /// The peer announced a size no real file has.
+    #[error("the peer's manifest: {0}; refused")]
+    Unreasonable(String),
+    /// Scanning a tree failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// The index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The peer's manifest is not a tree.
+    #[error("the peer's manifest: {0}")]
+    Plan(PlanError),
+    /// Changing the receiver's tree failed in a way that stops the run.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The operator cancelled the pull.
+    #[error(
+        "cancelled: files completed so far are in place, the file in transfer was kept to \
+         resume from, the rest waits for the next pull"
+    )]
+    Cancelled,
+    /// A worker thread died (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl SessionError {
+    /// The peer sent `got` where it does not belong, during `during`.
+    fn unexpected(got: &Message, during: &'static str) -> SessionError {
+        SessionError::Unexpected {
+            got: got.kind(),
+            during,
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullReport {
+    /// The receiver's own scan before planning.
+    pub scan: ScanReport,
+    /// The plan's numbers.
+    pub plan: PlanSummary,
+    /// What executing it did.
+    pub executed: ExecuteReport,
+    /// Time to get the sender's manifest (its scan included).
+    pub manifest_time: Duration,
+    /// Time for the whole pull.
+    pub elapsed: Duration,
+    /// What an interrupted earlier run left in the journal, and what became of it.
+    pub recovery: Option<Recovery>,
+}
+
+/// Sends a message and flushes it (with anything queued before it).
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    message: Message,
+) -> Result<(), SessionError> {
+    feed(conn, generation, message).await?;
+    conn.flush().await?;
+    Ok(())
+}
+
+/// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
+/// file). It goes out at the latest before this side next waits for the peer
+/// ([`next_envelope`]), so a burst shares TLS records and write calls.
+async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    message: Message,
+) -> Result<(), SessionError> {
+    conn.feed(Envelope {
+        generation,
+        message,
+    })
+    .await?;
+    Ok(())
+}
+
+/// The peer's next envelope (`None` when it hung up). What this side queued is flushed
+/// first — unless the peer's next message has already arrived in full (a burst of pipelined
+/// requests): then the answers keep filling the buffer, which flushes itself when full.
+async fn next_envelope<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Option<Result<Envelope, SessionError>> {
+    let arrived = matches!(
+        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
+        Ok(Some(_))
+    );
+    if !arrived && let Err(err) = conn.flush().await {
+        return Some(Err(err.into()));
+    }
+    conn.next().await.map(|envelope| Ok(envelope?))
+}
+
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    during: &'static str,
+) -> Result<Message, SessionError> {
+    match next_envelope(conn).await {
+        Some(envelope) => Ok(envelope?.message),
+        None => Err(SessionError::Closed(during)),
+    }
+}
+
+fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, SessionError> {
+    result.map_err(|e| SessionError::Internal(format!("worker thread failed: {e}")))
+}
+
+/// The sender's side of a reconcile: a fresh scan, and the manifest it gives.
+fn scan_manifest(root: &Path, index: &Mutex<Index>) -> Result<Vec<ManifestEntry>, SessionError> {
+    let mut index = index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+    let known = index.take_entries()?;
+    let (_, entries) = scan_from(root, &mut index, &ScanOptions::default(), known)?;
+    let manifest = entries.iter().cloned().map(manifest_entry).collect();
+    index.remember(entries)?;
+    Ok(manifest)
+}
+
+/// Splits `items` into parts of about [`MANIFEST_CHUNK_BYTES`] each (by `size`), so every
+/// frame stays far below the frame limit whatever the path lengths; always one part at least.
+fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        bytes += size(&item);
+        if let Some(part) = parts.last_mut() {
+            part.push(item);
+        }
+        if bytes >= MANIFEST_CHUNK_BYTES {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+    }
+    if parts.len() > 1 && parts.last().is_some_and(Vec::is_empty) {
+        parts.pop();
+    }
+    parts
+}
+
+/// The receiver's half of the manifest exchange: our listing digests out (from `before`,
+/// our index as it was before this pass's scan), the sender's differing entries in, and the
+/// sender's full manifest back, unchanged directories filled in from `before`.
+async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    before: tokio::sync::oneshot::Receiver<Vec<ManifestEntry>>,
+) -> Result<Vec<ManifestEntry>, SessionError> {
+    // An empty first part lets the sender start its scan while we read our index.
+    send(
+        conn,
+        generation,
+        Message::SyncManifestDigests {
+            dirs: Vec::new(),
+            last: false,
+        },
+    )
+    .await?;
+    let before = before
+        .await
+        .map_err(|_| SessionError::Internal("the index snapshot was lost".into()))?;
+    send_digests(conn, generation, &before).await?;
+    let mut same = SameDirs::default();
+    let mut entries = Vec::new();
+    let mut intake = Intake::default();
+    loop {
+        match receive(conn, "the manifest").await? {
+            Message::SyncManifestSame { dirs, last: _ } => {
+                intake.take(dirs.len(), dirs.iter().map(path_bytes).sum())?;
+                same.extend(dirs);
+            }
+            Message::SyncManifest {
+                entries: part,
+                last,
+            } => {
+                intake.manifest(&part)?;
+                entries.extend(part);
+                if last {
+                    break;
+                }
+            }
+            other => {
+                return Err(SessionError::unexpected(&other, "the manifest"));
+            }
+        }
+    }
+    // The unchanged directories' entries are ours, as they were when we sent the digests.
+    entries.extend(before.into_iter().filter(|entry| same.holds(&entry.path)));
+    if entries.len() > MAX_MANIFEST_ENTRIES {
+        return Err(SessionError::ManifestTooLarge);
+    }
+    Ok(entries)
+}
+
+/// The directories (`None`: the root) whose listings both sides hold alike.
+#[derive(Default)]
+struct SameDirs {
+    root: bool,
+    dirs: std::collections::HashSet<RelPath>,
+}
+
+impl SameDirs {
+    /// Whether `path` lies directly in one of these directories.
+    fn holds(&self, path: &RelPath) -> bool {
+        match path.parent_bytes() {
+            None => self.root,
+            Some(dir) => self.dirs.contains(dir),
+        }
+    }
+}
+
+impl Extend<Option<RelPath>> for SameDirs {
+    fn extend<I: IntoIterator<Item = Option<RelPath>>>(&mut self, dirs: I) {
+        for dir in dirs {
+            match dir {
+                None => self.root = true,
+                Some(dir) => {
+                    self.dirs.insert(dir);
+                }
+            }
+        }
+    }
+}
+
+impl FromIterator<Option<RelPath>> for SameDirs {
+    fn from_iter<I: IntoIterator<Item = Option<RelPath>>>(dirs: I) -> Self {
+        let mut same = SameDirs::default();
+        same.extend(dirs);
+        same
+    }
+}
+
+/// Reads the rest of the receiver's directory digests, the first part being `dirs`.
+async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    dirs: Vec<DirDigest>,
+    last: bool,
+) -> Result<std::collections::BTreeMap<Option<RelPath>, [u8; 32]>, SessionError> {
+    let mut theirs = std::collections::BTreeMap::new();
+    let mut part = dirs;
+    let mut done = last;
+    let mut intake = Intake::default();
+    loop {
+        intake.take(part.len(), part.iter().map(|d| path_bytes(&d.dir)).sum())?;
+        theirs.extend(part.into_iter().map(|d| (d.dir, d.digest)));
+        if done {
+            return Ok(theirs);
+        }
+        match receive(conn, "the receiver's digests").await? {
+            Message::SyncManifestDigests { dirs, last } => {
+                part = dirs;
+                done = last;
+            }
+            other => {
+                return Err(SessionError::unexpected(&other, "the receiver's digests"));
+            }
+        }
+    }
+}
+
+/// What crosses from the network to the thread writing a file.
+enum Chunk {
+    /// The next bytes of a whole-file transfer.
+    Data(Vec<u8>),
+    /// A block transfer begins: changed bytes to follow, the file's new size.
+    Changes(u64, u64),
+    /// Bytes at an offset of a block transfer; the gap before them is kept from the old file.
+    At(u64, Vec<u8>),
+    /// A part of a delta against the receiver's version.
+    Delta(Vec<u8>),
+    /// The file is complete at this size.
+    End(u64),
+    /// The sender could not send this file (it says why); the run goes on.
+    Failed(String),
+    /// The connection is gone or the pull was cancelled: the run stops.
+    Aborted(String),
+}
+
+/// A fetch request from the writing thread: the path, its size, and how to ask for it.
+type Request = (RelPath, u64, Ask, mpsc::Sender<Chunk>);
+
+/// How a file is asked for.
+#[derive(Clone, Debug)]
+enum Ask {
+    /// The whole file.
+    Whole,
+    /// The blocks whose values differ from these (the receiver's).
+    Blocks(BlockSize, Vec<Cv>),
+    /// A delta against the version with this signature.
+    Delta(Vec<u8>),
+}
+
+impl Ask {
+    fn from_basis(basis: Option<(BlockSize, Vec<Cv>)>) -> Ask {
+        match basis {
+            Some((block_size, blocks)) if !blocks.is_empty() => Ask::Blocks(block_size, blocks),
+            _ => Ask::Whole,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pull::*;
+    use super::serve::*;
+    use super::*;
+
+    #[test]
+    fn a_manifest_is_bounded_by_bytes_and_every_size_it_announces() {
+        let entry = |path: &str, kind: ManifestKind| ManifestEntry {
+            path: RelPath::try_from(path).unwrap(),
+            kind,
+            meta: lbs_protocol::sync::FileMeta {
+                mode: 0o644,
+                owner: "asterisk".into(),
+                group: "asterisk".into(),
+                mtime_ns: 0,
+            },
+        };
+        let mut intake = Intake::default();
+        let huge = entry(
+            "rec.wav",
+            ManifestKind::File {
+                size: 1 << 63,
+                blake3: [0; 32],
+            },
+        );
+        let err = intake.manifest(&[huge]).unwrap_err();
+        assert!(matches!(err, SessionError::Unreasonable(_)), "{err}");
+        assert!(err.to_string().contains("rec.wav announced at"), "{err}");
+        // Few entries, but a gigabyte of link targets: refused by bytes.
+        let target = vec![b'x'; 64 << 20];
+        let links: Vec<ManifestEntry> = (0..17)
+            .map(|i| {
+                entry(
+                    &format!("link{i}"),
+                    ManifestKind::Symlink {
+                        target: target.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut intake = Intake::default();
+        assert!(matches!(
+            intake.manifest(&links),
+            Err(SessionError::ManifestTooLarge)
+        ));
+        // A real tree passes.
+        let mut intake = Intake::default();
+        let file = entry(
+            "msg0001.wav",
+            ManifestKind::File {
+                size: 1 << 30,
+                blake3: [0; 32],
+            },
+        );
+        intake.manifest(&[file]).unwrap();
+    }
+
+    fn cvs(n: usize, seed: u8) -> Vec<Cv> {
+        (0..n)
+            .map(|i| *blake3::hash(&[seed, i as u8, (i >> 8) as u8]).as_bytes())
+            .collect()
+    }
+
+    /// A sender that answers every whole-file request, in order, with the path as content.
+    fn echo_sender(
+        mut conn: Connection<tokio::io::DuplexStream>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some(Ok(envelope)) = conn.next().await {
+                let Message::SyncFetch { path } = envelope.message else {
+                    break;
+                };
+                asked.push(path.to_string());
+                let bytes = path.as_bytes().to_vec();
+                let size = bytes.len() as u64;
+                let blake3 = *blake3::hash(&bytes).as_bytes();
+                for message in [
+                    Message::SyncData { bytes },
+                    Message::SyncDataEnd { size, blake3 },
+                ] {
+                    let envelope = Envelope {
+                        generation: Generation(1),
+                        message,
+                    };
+                    if conn.send(envelope).await.is_err() {
+                        return asked;
+                    }
+                }
+            }
+            asked
+        })
+    }
+
+    async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
+        let (tx, mut rx) = mpsc::channel(8);
+        forward(conn, &tx, None).await.unwrap();
+        drop(tx);
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            if let Chunk::Data(bytes) = chunk {
+                out.extend(bytes);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let sender = echo_sender(tokio_util::codec::Framed::new(
+            b,
+            lbs_protocol::FrameCodec::new(),
+        ));
+        let rel = |p: &str| RelPath::try_from(p).unwrap();
+        let upcoming = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|p| Planned {
+                path: rel(p),
+                size: 1,
+                ask: Ask::Whole,
+                ahead: true,
+            })
+            .collect();
+        let mut pipeline = Pipeline {
+            upcoming,
+            ahead: VecDeque::new(),
+        };
+        let generation = Generation(1);
+        pipeline
+            .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"a");
+        // b, c and d are asked for while "a" is being stored.
+        pipeline.top_up(&mut conn, generation).await.unwrap();
+        assert_eq!(pipeline.ahead.len(), 3);
+        // The writer skips b (its step failed before fetching): b's answer is dropped.
+        pipeline
+            .ready(&mut conn, generation, rel("c"), 1, Ask::Whole)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"c");
+        // A fallback fetch of "a" (a local copy that did not verify): d's answer in flight is
+        // dropped and d goes back in line, asked again on the next top-up.
+        pipeline
+            .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"a");
+        pipeline.top_up(&mut conn, generation).await.unwrap();
+        pipeline
+            .ready(&mut conn, generation, rel("d"), 1, Ask::Whole)
+            .await
+            .unwrap();
+        assert_eq!(content(&mut conn).await, b"d");
+        drop(conn);
+        let asked = sender.await.unwrap();
+        assert_eq!(asked, ["a", "b", "c", "d", "a", "d"]);
+    }
+
+    #[test]
+    fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
+        let bs = BlockSize::DEFAULT;
+        let theirs = cvs(300, 1);
+        let mut ours = theirs.clone();
+        ours[7] = [9; 32];
+        ours[250] = [9; 32];
+        let len = 300 * bs.get();
+        let sums = block_sums(&theirs, bs, len);
+        assert!(sums.iter().all(|s| matches!(s, BlockSum::One(_))));
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        assert_eq!(
+            ranges,
+            vec![
+                (7 * bs.get(), 8 * bs.get()),
+                (250 * bs.get(), 251 * bs.get())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
+        let bs = BlockSize::DEFAULT;
+        let theirs = cvs(1000, 2);
+        // Header rewritten, last block changed, 40 blocks appended.
+        let mut ours = theirs.clone();
+        ours[0] = [1; 32];
+        ours[999] = [2; 32];
+        ours.extend(cvs(40, 3));
+        let len = 1040 * bs.get();
+        let sums = block_sums(&theirs, bs, len);
+        assert!(sums.len() < 80, "{} summaries for 1000 blocks", sums.len());
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        assert_eq!(
+            ranges,
+            vec![(0, bs.get()), (999 * bs.get(), 1040 * bs.get())]
+        );
+        // A change in the middle costs its whole group, never a wrong block.
+        ours[500] = [3; 32];
+        let ranges = changed_ranges(&ours, &sums, bs, len);
+        let sent: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        assert!(
+            ranges
+                .iter()
+                .any(|(a, b)| *a <= 500 * bs.get() && 501 * bs.get() <= *b)
+        );
+        assert!(sent <= (1 + GROUP_BLOCKS as u64 + 41) * bs.get(), "{sent}");
+    }
+}

@@ -1,0 +1,550 @@
+//! The receiving side: plan against the primary's manifest, request content ahead of the
+//! writer in plan order, and hand it to a blocking writer through bounded channels.
+
+use super::serve::block_sums;
+use super::*;
+
+/// The receiver's fetcher: asks the async side for a file and hands what arrives to the
+/// writing side's sink.
+pub(super) struct Bridge {
+    pub(super) requests: mpsc::Sender<Request>,
+}
+
+impl Fetcher for Bridge {
+    fn fetch(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        basis: Option<(BlockSize, Vec<Cv>)>,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<u64> {
+        self.ask(path, size, Ask::from_basis(basis), sink)
+    }
+
+    fn fetch_delta(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        signature: Vec<u8>,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<u64> {
+        self.ask(path, size, Ask::Delta(signature), sink)
+    }
+}
+
+impl Bridge {
+    pub(super) fn ask(
+        &mut self,
+        path: &RelPath,
+        size: u64,
+        ask: Ask,
+        sink: &mut dyn Sink,
+    ) -> std::io::Result<u64> {
+        let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        self.requests
+            .blocking_send((path.clone(), size, ask, tx))
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the sync connection is gone",
+                )
+            })?;
+        // Returning early drops `rx`: the async side then drains the rest of the transfer.
+        while let Some(chunk) = rx.blocking_recv() {
+            match chunk {
+                Chunk::Data(bytes) => sink.data(&bytes)?,
+                Chunk::Changes(changed, size) => sink.changes(changed, size)?,
+                Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
+                Chunk::Delta(bytes) => sink.delta(&bytes)?,
+                Chunk::End(size) => return Ok(size),
+                Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
+                Chunk::Aborted(reason) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        reason,
+                    ));
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the sync connection is gone",
+        ))
+    }
+}
+
+/// How a pull runs.
+#[derive(Debug)]
+pub struct PullOptions {
+    /// Updated after every step of the plan, and as file data arrives.
+    pub progress: Option<tokio::sync::watch::Sender<Progress>>,
+    /// When changes reach the disk; [`Durability::Grouped`] unless set.
+    pub durability: Durability,
+    /// Cancelling it stops the pull at the next chunk: completed files stay, the file in
+    /// transfer is kept to resume from, and the pull ends with [`SessionError::Cancelled`].
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            progress: None,
+            durability: Durability::Grouped,
+            cancel: None,
+        }
+    }
+}
+
+/// Makes the tree at `root` equal to the sender's, over `conn`.
+///
+/// The caller must make sure no other pull writes to `root` at the same time (the `lbs`
+/// binary holds a lock per root): temporary files left by an interrupted pull are removed.
+pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    root: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+    generation: Generation,
+    options: PullOptions,
+) -> Result<PullReport, SessionError> {
+    let PullOptions {
+        progress,
+        durability,
+        cancel,
+    } = options;
+    let started = Instant::now();
+    // A crash in the middle of a patch is finished (or undone) before anything looks at
+    // the tree.
+    let files = Root::open(root)?.with_durability(durability);
+    let recovery = blocking_join(
+        tokio::task::spawn_blocking({
+            let root = root.to_owned();
+            move || Root::open(&root).and_then(|files| recover(&files))
+        })
+        .await,
+    )??;
+    let scan_root = root.to_owned();
+    let scan_index = index.clone();
+    // What this side held before its scan: the sender leaves out directories whose listing
+    // matches, and their entries come from here.
+    let (before_tx, before_rx) = tokio::sync::oneshot::channel();
+    let own_scan = tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+        let mut index = scan_index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        let known = index.take_entries()?;
+        let _ = before_tx.send(known.iter().cloned().map(manifest_entry).collect());
+        let options = ScanOptions {
+            remove_stale_temps: true,
+            ..ScanOptions::default()
+        };
+        Ok(scan_from(&scan_root, &mut index, &options, known)?)
+    });
+
+    let manifest_started = Instant::now();
+    let exchanged = exchange_manifests(conn, generation, before_rx).await;
+    // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
+    // if any, says best what went wrong.
+    let scanned = blocking_join(own_scan.await)?;
+    let (scan_report, have) = scanned?;
+    let entries = exchanged?;
+    let manifest_time = manifest_started.elapsed();
+    let plan = plan(&entries, &have)?;
+    drop(entries);
+    // Partials of versions the sender no longer has are of no use any more.
+    let wanted: std::collections::BTreeSet<RelPath> = plan
+        .actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Fetch { path, blake3, .. } => {
+                let name = crate::apply::partial_name(&blake3::Hash::from(*blake3));
+                match path.parent() {
+                    Some(dir) => dir.join(std::ffi::OsStr::new(&name)).ok(),
+                    None => RelPath::from_bytes(name.into_bytes()).ok(),
+                }
+            }
+            _ => None,
+        })
+        .collect();
+    for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
+        files.remove_own_file(stale);
+    }
+    let files = if scan_report.partials.is_empty() {
+        files.without_partials()
+    } else {
+        files
+    };
+
+    // Every fetch the plan will make, in its order, so requests can run ahead of the writer.
+    let planned = {
+        let index = index.clone();
+        let fetches: Vec<(RelPath, u64, bool)> = plan
+            .actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Fetch {
+                    path, size, basis, ..
+                } => Some((path.clone(), *size, *basis == Basis::Existing)),
+                _ => None,
+            })
+            .collect();
+        blocking_join(
+            tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+                let index = index
+                    .lock()
+                    .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                let mut planned = VecDeque::with_capacity(fetches.len());
+                for (path, size, existing) in fetches {
+                    let known = if existing { index.known(&path)? } else { None };
+                    let delta = known
+                        .as_ref()
+                        .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
+                    // Large files are not asked for ahead: their block lists would make this
+                    // list grow with the data, and their transfer dwarfs a round trip.
+                    let small = known
+                        .as_ref()
+                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS);
+                    let ask = if small {
+                        Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
+                    } else {
+                        Ask::Whole
+                    };
+                    planned.push_back(Planned {
+                        path,
+                        size,
+                        ask,
+                        ahead: !delta && small,
+                    });
+                }
+                Ok(planned)
+            })
+            .await,
+        )??
+    };
+    let (requests, mut incoming) = mpsc::channel(1);
+    // A batch only for a pass that trashes: a quiet day's passes leave no empty directories.
+    let batch = if plan.trashes() {
+        Some(trash.batch()?)
+    } else {
+        None
+    };
+    let summary = plan.summary;
+    let worker_index = index.clone();
+    let progress_tx = progress.clone();
+    let worker = tokio::task::spawn_blocking(move || {
+        let old_blocks = |path: &RelPath| worker_index.lock().ok()?.known(path).ok().flatten();
+        let mut on_progress = |now: &Progress| {
+            if let Some(progress) = &progress {
+                progress.send_replace(*now);
+            }
+        };
+        execute(
+            &plan,
+            &files,
+            batch.as_ref(),
+            &mut Bridge { requests },
+            &old_blocks,
+            &mut on_progress,
+        )
+    });
+    let mut connection_error = None;
+    let mut pipeline = Pipeline {
+        upcoming: planned,
+        ahead: VecDeque::new(),
+    };
+    while let Some((path, size, ask, chunks)) = incoming.recv().await {
+        if let Some(err) = &connection_error {
+            let _ = chunks.send(Chunk::Aborted(format!("{err}"))).await;
+            continue;
+        }
+        let relayed = async {
+            pipeline.ready(conn, generation, path, size, ask).await?;
+            forward(conn, &chunks, progress_tx.as_ref()).await?;
+            pipeline.top_up(conn, generation).await
+        };
+        let outcome = match &cancel {
+            Some(token) => tokio::select! {
+                outcome = relayed => outcome,
+                () = token.cancelled() => Err(SessionError::Cancelled),
+            },
+            None => relayed.await,
+        };
+        if let Err(err) = outcome {
+            let _ = chunks.send(Chunk::Aborted(err.to_string())).await;
+            connection_error = Some(err);
+        }
+    }
+    let executed = blocking_join(worker.await)?;
+    // A lost connection or a cancellation explains the writer's interruption best.
+    if let Some(err) = connection_error.take() {
+        return Err(err);
+    }
+    let mut executed = executed?;
+    // What was just written is known: record it so the next pass does not read it again.
+    let installed = std::mem::take(&mut executed.installed);
+    let record_root = root.to_owned();
+    blocking_join(
+        tokio::task::spawn_blocking(move || -> Result<u64, SessionError> {
+            let mut index = index
+                .lock()
+                .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+            Ok(crate::scan::record_installed(
+                &record_root,
+                &mut index,
+                &installed,
+            )?)
+        })
+        .await,
+    )??;
+    if let Some(err) = connection_error {
+        return Err(err);
+    }
+    Ok(PullReport {
+        scan: scan_report,
+        plan: summary,
+        executed,
+        manifest_time,
+        elapsed: started.elapsed(),
+        recovery: (recovery != Recovery::Clean).then_some(recovery),
+    })
+}
+
+/// A fetch the plan will make: which file, how large on the sender, and the receiver's
+/// block values when it holds an older version.
+#[derive(Debug)]
+pub(super) struct Planned {
+    pub(super) path: RelPath,
+    pub(super) size: u64,
+    pub(super) ask: Ask,
+    /// Whether it may be asked for ahead of the writer (not a delta, whose signature comes
+    /// from the writer, nor a large file: then `ask` is not kept).
+    pub(super) ahead: bool,
+}
+
+impl Planned {
+    /// Roughly how many bytes its request takes on the wire.
+    pub(super) fn request_bytes(&self) -> usize {
+        64 + self.path.as_bytes().len()
+            + match &self.ask {
+                Ask::Whole => 0,
+                Ask::Blocks(_, blocks) => blocks.len() * 10,
+                Ask::Delta(signature) => signature.len(),
+            }
+    }
+}
+
+/// While the writer stores one file, the next files' requests are already with the sender:
+/// a tree of small files then costs one round trip, not one per file.
+///
+/// The sender answers requests strictly in order. Requests only run ahead while their total
+/// stays small ([`AHEAD_REQUEST_BYTES`]), so they always fit in the socket buffers and the
+/// sender never waits on us to read while we wait on it to read.
+pub(super) struct Pipeline {
+    /// Fetches not requested yet, in plan order.
+    pub(super) upcoming: VecDeque<Planned>,
+    /// Requested, answers not read yet, in order.
+    pub(super) ahead: VecDeque<Planned>,
+}
+
+/// Files with more blocks than this (1 MiB at 16 KiB) are asked for by the writer itself.
+pub(super) const AHEAD_MAX_BLOCKS: usize = 64;
+
+/// At most this many requests run ahead of the writer.
+pub(super) const AHEAD_FILES: usize = 64;
+
+/// At most this many bytes of files are requested ahead of the writer.
+pub(super) const AHEAD_BYTES: u64 = 16 << 20;
+
+/// At most this many bytes of requests are outstanding while an answer is being read.
+pub(super) const AHEAD_REQUEST_BYTES: usize = 32 * 1024;
+
+impl Pipeline {
+    /// Makes the next answer on the connection the one for `path`: answers to requests the
+    /// writer skipped are read and dropped; a request outside the plan's order (a fallback)
+    /// goes out after the outstanding ones are drained and put back in line.
+    pub(super) async fn ready<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+        path: RelPath,
+        size: u64,
+        ask: Ask,
+    ) -> Result<(), SessionError> {
+        if let Some(at) = self.ahead.iter().position(|p| p.path == path) {
+            // The writer skipped the ones before it (their steps failed early).
+            for _ in 0..at {
+                self.ahead.pop_front();
+                discard(conn).await?;
+            }
+            self.ahead.pop_front();
+            return Ok(());
+        }
+        if let Some(at) = self.upcoming.iter().position(|p| p.path == path) {
+            // Skipped too, everything requested and everything planned before it.
+            while self.ahead.pop_front().is_some() {
+                discard(conn).await?;
+            }
+            self.upcoming.drain(..=at);
+        } else {
+            // Not in the plan's line: the answers in flight are dropped and asked again later.
+            while let Some(back) = self.ahead.pop_back() {
+                discard(conn).await?;
+                self.upcoming.push_front(back);
+            }
+        }
+        request(conn, generation, path, size, ask).await
+    }
+
+    /// Sends the next planned requests, within the limits. Requests go out in batches (once
+    /// half of what runs ahead is answered), so they share TLS records and write calls.
+    pub(super) async fn top_up<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+    ) -> Result<(), SessionError> {
+        let mut files: u64 = self.ahead.iter().map(|p| p.size).sum();
+        let mut requests: usize = self.ahead.iter().map(Planned::request_bytes).sum();
+        if self.ahead.len() > AHEAD_FILES / 2
+            || files > AHEAD_BYTES / 2
+            || requests > AHEAD_REQUEST_BYTES / 2
+        {
+            // The sender has plenty to do still.
+            return Ok(());
+        }
+        let before = self.ahead.len();
+        while let Some(next) = self.upcoming.front() {
+            if !next.ahead {
+                // Its request is the writer's to make; nothing goes past it.
+                break;
+            }
+            let fits = self.ahead.is_empty()
+                || (self.ahead.len() < AHEAD_FILES
+                    && files + next.size <= AHEAD_BYTES
+                    && requests + next.request_bytes() <= AHEAD_REQUEST_BYTES);
+            if !fits {
+                break;
+            }
+            let Some(next) = self.upcoming.pop_front() else {
+                break;
+            };
+            files += next.size;
+            requests += next.request_bytes();
+            request(
+                conn,
+                generation,
+                next.path.clone(),
+                next.size,
+                next.ask.clone(),
+            )
+            .await?;
+            self.ahead.push_back(next);
+        }
+        if self.ahead.len() > before {
+            // Out now: the writer may take a while before it asks for the next answer.
+            conn.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Asks the sender for one file: whole, its changes against the receiver's blocks, or a delta.
+pub(super) async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    path: RelPath,
+    size: u64,
+    ask: Ask,
+) -> Result<(), SessionError> {
+    let (block_size, blocks) = match ask {
+        Ask::Whole => return feed(conn, generation, Message::SyncFetch { path }).await,
+        Ask::Delta(signature) => {
+            return send(
+                conn,
+                generation,
+                Message::SyncFetchDelta { path, signature },
+            )
+            .await;
+        }
+        Ask::Blocks(block_size, blocks) => (block_size, blocks),
+    };
+    let sums = block_sums(&blocks, block_size, size);
+    let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        feed(
+            conn,
+            generation,
+            Message::SyncFetchChanges {
+                path: path.clone(),
+                block_size: block_size.get() as u32,
+                blocks: part.to_vec(),
+                last,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads one answer to its end and drops it.
+pub(super) async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Result<(), SessionError> {
+    loop {
+        match receive(conn, "a file transfer").await? {
+            Message::SyncData { .. }
+            | Message::SyncDataAt { .. }
+            | Message::SyncChanges { .. }
+            | Message::SyncDelta { .. } => {}
+            Message::SyncDataEnd { .. } | Message::SyncUnavailable { .. } => return Ok(()),
+            other => {
+                return Err(SessionError::unexpected(&other, "a file transfer"));
+            }
+        }
+    }
+}
+
+/// Reads one answer and hands its chunks to the writing thread.
+pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    chunks: &mpsc::Sender<Chunk>,
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
+) -> Result<(), SessionError> {
+    loop {
+        let chunk = match receive(conn, "a file transfer").await? {
+            Message::SyncData { bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
+                }
+                Chunk::Data(bytes)
+            }
+            Message::SyncDataAt { offset, bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes = offset + bytes.len() as u64);
+                }
+                Chunk::At(offset, bytes)
+            }
+            Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
+            Message::SyncDelta { bytes } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
+                }
+                Chunk::Delta(bytes)
+            }
+            // The writer verifies the content against the manifest's hash itself.
+            Message::SyncDataEnd { size, .. } => Chunk::End(size),
+            Message::SyncUnavailable { path, reason } => {
+                Chunk::Failed(format!("the sender could not send {path}: {reason}"))
+            }
+            other => {
+                return Err(SessionError::unexpected(&other, "a file transfer"));
+            }
+        };
+        let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
+        // The writer gave up on this file (an error on its side): drain the rest regardless.
+        let _ = chunks.send(chunk).await;
+        if done {
+            return Ok(());
+        }
+    }
+}

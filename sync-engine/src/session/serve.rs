@@ -1,0 +1,454 @@
+//! The sending side: the primary's manifest, the digests of its listings, the entries that
+//! differ, and file content as changed blocks, deltas or whole.
+
+use super::*;
+
+/// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    root: PathBuf,
+    index: Arc<Mutex<Index>>,
+    generation: Generation,
+) -> Result<(), SessionError> {
+    let files = Root::open(&root)?;
+    // This box may have been a backup that stopped in the middle of a patch: finish it
+    // before serving the file.
+    blocking_join(
+        tokio::task::spawn_blocking({
+            let root = root.clone();
+            move || Root::open(&root).and_then(|files| recover(&files))
+        })
+        .await,
+    )??;
+    loop {
+        let Some(envelope) = next_envelope(conn).await else {
+            return Ok(());
+        };
+        match envelope?.message {
+            Message::SyncManifestRequest => {
+                let (root, index) = (root.clone(), index.clone());
+                let entries = blocking_join(
+                    tokio::task::spawn_blocking(move || scan_manifest(&root, &index)).await,
+                )??;
+                send_manifest(conn, generation, entries).await?;
+            }
+            Message::SyncManifestDigests { dirs, last } => {
+                // Scan while the rest of the receiver's digests arrive.
+                let scanning = {
+                    let (root, index) = (root.clone(), index.clone());
+                    tokio::task::spawn_blocking(move || scan_manifest(&root, &index))
+                };
+                let theirs = receive_digests(conn, dirs, last).await;
+                // The scan is awaited whatever happened, so it never outlives this session.
+                let entries = blocking_join(scanning.await)??;
+                let theirs = theirs?;
+                let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
+                    .into_iter()
+                    .filter(|(dir, digest)| theirs.get(dir) == Some(digest))
+                    .map(|(dir, _)| dir)
+                    .collect();
+                send_same(conn, generation, &same).await?;
+                let same = SameDirs::from_iter(same);
+                let rest = entries
+                    .into_iter()
+                    .filter(|entry| !same.holds(&entry.path))
+                    .collect();
+                send_manifest(conn, generation, rest).await?;
+            }
+            Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
+            Message::SyncFetchDelta { path, signature } => {
+                send_delta(conn, generation, &files, path, signature).await?;
+            }
+            Message::SyncFetchChanges {
+                path,
+                block_size,
+                blocks,
+                last,
+            } => {
+                // Only as many values as our own version has blocks are of any use: keeping no
+                // more bounds memory by our file, not by what the peer sends.
+                let useful = {
+                    let index = index
+                        .lock()
+                        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                    index.get(&path)?.map_or(0, |entry| {
+                        entry.meta.size.div_ceil(u64::from(block_size.max(1))) as usize
+                    })
+                };
+                let mut theirs = Vec::new();
+                let mut covered = 0u64;
+                let mut keep = |part: Vec<BlockSum>| {
+                    for sum in part {
+                        if covered >= useful as u64 {
+                            break;
+                        }
+                        covered += sum.blocks();
+                        theirs.push(sum);
+                    }
+                };
+                keep(blocks);
+                let mut done = last;
+                while !done {
+                    match receive(conn, "a block list").await? {
+                        Message::SyncFetchChanges {
+                            path: more_path,
+                            blocks,
+                            last,
+                            ..
+                        } if more_path == path => {
+                            keep(blocks);
+                            done = last;
+                        }
+                        other => {
+                            return Err(SessionError::unexpected(&other, "a block list"));
+                        }
+                    }
+                }
+                send_changes(conn, generation, &files, &index, path, block_size, theirs).await?;
+            }
+            Message::Heartbeat { seq, .. } => {
+                send(
+                    conn,
+                    generation,
+                    Message::HeartbeatAck {
+                        seq,
+                        role: Role::Primary,
+                    },
+                )
+                .await?;
+            }
+            Message::Goodbye { .. } => return Ok(()),
+            other => {
+                return Err(SessionError::unexpected(&other, "serving"));
+            }
+        }
+    }
+}
+
+pub(super) async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    entries: Vec<ManifestEntry>,
+) -> Result<(), SessionError> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        bytes += 64 + entry.path.as_bytes().len() + entry.meta.owner.len() + entry.meta.group.len();
+        if let lbs_protocol::sync::ManifestKind::Symlink { target } = &entry.kind {
+            bytes += target.len();
+        }
+        chunk.push(entry);
+        if bytes >= MANIFEST_CHUNK_BYTES {
+            let entries = std::mem::take(&mut chunk);
+            send(
+                conn,
+                generation,
+                Message::SyncManifest {
+                    entries,
+                    last: false,
+                },
+            )
+            .await?;
+            bytes = 0;
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncManifest {
+            entries: chunk,
+            last: true,
+        },
+    )
+    .await
+}
+
+/// Sends the digests of this side's directory listings (see [`listing_digests`]).
+pub(super) async fn send_digests<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    entries: &[ManifestEntry],
+) -> Result<(), SessionError> {
+    let digests: Vec<DirDigest> = listing_digests(entries)
+        .into_iter()
+        .map(|(dir, digest)| DirDigest { dir, digest })
+        .collect();
+    let parts = parts(digests, |d| {
+        48 + d.dir.as_ref().map_or(0, |p| p.as_bytes().len())
+    });
+    let count = parts.len();
+    for (i, dirs) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        send(
+            conn,
+            generation,
+            Message::SyncManifestDigests { dirs, last },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Tells the receiver which directories' listings it already has.
+pub(super) async fn send_same<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    same: &std::collections::BTreeSet<Option<RelPath>>,
+) -> Result<(), SessionError> {
+    let same: Vec<Option<RelPath>> = same.iter().cloned().collect();
+    let parts = parts(same, |d| 16 + d.as_ref().map_or(0, |p| p.as_bytes().len()));
+    let count = parts.len();
+    for (i, dirs) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        send(conn, generation, Message::SyncManifestSame { dirs, last }).await?;
+    }
+    Ok(())
+}
+
+/// Sends the blocks of `path` whose values differ from the receiver's (`theirs`), and the
+/// tail past the receiver's length; falls back to the whole file when the sender's index has
+/// no block values of that size for it.
+pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    index: &Arc<Mutex<Index>>,
+    path: RelPath,
+    block_size: u32,
+    theirs: Vec<BlockSum>,
+) -> Result<(), SessionError> {
+    let ours = {
+        let index = index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        match (index.get(&path)?, index.blocks(&path)?) {
+            (Some(entry), Some((size, blocks))) if size.get() == u64::from(block_size) => entry
+                .hash
+                .map(|hash| (entry.meta.size, hash.root, size, blocks)),
+            _ => None,
+        }
+    };
+    let Some((len, root_hash, size, blocks)) = ours else {
+        return send_file(conn, generation, files, path).await;
+    };
+    let file = match files.open_file(&path) {
+        Ok(file) => Arc::new(file),
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    let ranges = changed_ranges(&blocks, &theirs, size, len);
+    let changed = ranges.iter().map(|(start, end)| end - start).sum();
+    send(
+        conn,
+        generation,
+        Message::SyncChanges { changed, size: len },
+    )
+    .await?;
+    for (start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(SYNC_CHUNK_LEN as u64) as usize;
+            let reader = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0u8; n];
+                reader.read_exact_at(&mut bytes, at).map(|()| bytes)
+            })
+            .await;
+            match blocking_join(read)? {
+                Ok(bytes) => {
+                    feed(conn, generation, Message::SyncDataAt { offset: at, bytes }).await?;
+                }
+                Err(err) => {
+                    let reason = format!("reading at {at} failed: {err}");
+                    return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+                }
+            }
+            at += n as u64;
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncDataEnd {
+            size: len,
+            blake3: root_hash,
+        },
+    )
+    .await
+}
+
+/// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from what the receiver
+/// summarised (`theirs`), adjacent blocks merged.
+pub(super) fn changed_ranges(
+    ours: &[Cv],
+    theirs: &[BlockSum],
+    block_size: BlockSize,
+    len: u64,
+) -> Vec<(u64, u64)> {
+    let mut same = vec![false; ours.len()];
+    let mut at = 0usize;
+    for sum in theirs {
+        let count = sum.blocks() as usize;
+        let end = at.saturating_add(count);
+        if end > ours.len() {
+            break;
+        }
+        let matches = match sum {
+            BlockSum::One(prefix) => ours[at][..8] == prefix[..],
+            BlockSum::Group { digest, .. } => group_digest(&ours[at..end]) == *digest,
+        };
+        if matches {
+            same[at..end].fill(true);
+        }
+        at = end;
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (idx, unchanged) in same.iter().enumerate() {
+        if *unchanged {
+            continue;
+        }
+        let start = idx as u64 * block_size.get();
+        let end = (start + block_size.get()).min(len);
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => ranges.push((start, end)),
+        }
+    }
+    ranges
+}
+
+/// Blocks per group where a file's middle is summarised coarsely (256 KiB at 16 KiB blocks:
+/// a 1 GiB file's summary is about 50 KiB instead of 2 MiB, and a change in its middle costs
+/// at most one group).
+pub(super) const GROUP_BLOCKS: usize = 16;
+
+/// Blocks at each end of such a file still summarised one by one (a WAV header, a tail).
+pub(super) const EDGE_BLOCKS: usize = 4;
+
+/// What the receiver sends about its blocks (`ours`) when asking for a file that will be
+/// `new_len` bytes: one summary per block when the block count stays (in-place rewrites
+/// anywhere), otherwise one per block only at the ends and one per group in between (the
+/// file grew or shrank: its middle is most likely unchanged).
+pub(super) fn block_sums(ours: &[Cv], block_size: BlockSize, new_len: u64) -> Vec<BlockSum> {
+    if block_size.blocks_for(new_len) == ours.len() as u64 || ours.len() <= 2 * EDGE_BLOCKS {
+        return ours.iter().map(BlockSum::one).collect();
+    }
+    let middle_end = ours.len() - EDGE_BLOCKS;
+    let mut sums: Vec<BlockSum> = ours[..EDGE_BLOCKS].iter().map(BlockSum::one).collect();
+    for group in ours[EDGE_BLOCKS..middle_end].chunks(GROUP_BLOCKS) {
+        sums.push(BlockSum::Group {
+            count: group.len() as u32,
+            digest: group_digest(group),
+        });
+    }
+    sums.extend(ours[middle_end..].iter().map(BlockSum::one));
+    sums
+}
+
+/// Sends a small file as a delta against the receiver's version (its `signature`), or whole
+/// when the signature is unusable, the delta would not be smaller, or the file is not small.
+/// The hash sent is of exactly the bytes the delta was made from.
+pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    path: RelPath,
+    signature: Vec<u8>,
+) -> Result<(), SessionError> {
+    let file = match files.open_file(&path) {
+        Ok(file) => file,
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    let made = tokio::task::spawn_blocking(move || {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, crate::delta::DELTA_MAX_FILE + 1),
+            &mut data,
+        )
+        .map(|_| data)
+        .map(|data| {
+            let small = data.len() as u64 <= crate::delta::DELTA_MAX_FILE;
+            let delta = small
+                .then(|| crate::delta::delta_for(signature, &data))
+                .flatten();
+            (small, data, delta)
+        })
+    })
+    .await;
+    let (data, delta) = match blocking_join(made)? {
+        Ok((true, data, delta)) => (data, delta),
+        // It grew past the delta limit since it was listed: stream it whole.
+        Ok((false, ..)) => return send_file(conn, generation, files, path).await,
+        Err(err) => {
+            let reason = format!("reading failed: {err}");
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    match delta {
+        Some(delta) => {
+            for part in delta.chunks(SYNC_CHUNK_LEN) {
+                let bytes = part.to_vec();
+                feed(conn, generation, Message::SyncDelta { bytes }).await?;
+            }
+        }
+        None => {
+            for part in data.chunks(SYNC_CHUNK_LEN) {
+                let bytes = part.to_vec();
+                feed(conn, generation, Message::SyncData { bytes }).await?;
+            }
+        }
+    }
+    send(
+        conn,
+        generation,
+        Message::SyncDataEnd {
+            size: data.len() as u64,
+            blake3: *blake3::hash(&data).as_bytes(),
+        },
+    )
+    .await
+}
+
+/// Streams one file, hashing exactly the bytes sent.
+pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    files: &Root,
+    path: RelPath,
+) -> Result<(), SessionError> {
+    let file = match files.open_file(&path) {
+        Ok(file) => file,
+        Err(err) => {
+            let reason = err.to_string();
+            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+        }
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let mut bytes = vec![0u8; SYNC_CHUNK_LEN];
+        let n = match file.read(&mut bytes).await {
+            Ok(n) => n,
+            Err(err) => {
+                let reason = format!("reading failed after {size} bytes: {err}");
+                return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        bytes.truncate(n);
+        hasher.update(&bytes);
+        size += n as u64;
+        feed(conn, generation, Message::SyncData { bytes }).await?;
+    }
+    let blake3 = *hasher.finalize().as_bytes();
+    feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+}
