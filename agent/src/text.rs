@@ -101,16 +101,15 @@ pub(crate) fn ago(now: u64, at: Option<u64>) -> String {
     }
 }
 
-/// Bytes for an operator, in binary units: "512.0 B", "3.4 KiB", "12.0 MiB".
+/// Bytes for an operator, in binary units ("512 B", "3.40 KiB", "12.00 MiB"): indicatif's
+/// form, the one the progress bars of `lbs sync pull` use. Rates and averages round to a byte.
 pub(crate) fn human_bytes(bytes: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", units[unit])
+    let bytes = if bytes.is_finite() && bytes > 0.0 {
+        bytes.round() as u64
+    } else {
+        0
+    };
+    indicatif::HumanBytes(bytes).to_string()
 }
 
 #[cfg(test)]
@@ -126,12 +125,12 @@ mod tests {
         let mib = 1024 * 1024;
         assert_eq!(
             rate.line(100 * mib, 0, start).as_deref(),
-            Some("0% of 100.0 MiB")
+            Some("0% of 100.00 MiB")
         );
         assert_eq!(
             rate.line(100 * mib, 20 * mib, start + Duration::from_secs(2))
                 .as_deref(),
-            Some("20% of 100.0 MiB, 10.0 MiB/s, about 8 s left")
+            Some("20% of 100.00 MiB, 10.00 MiB/s, about 8 s left")
         );
     }
 }

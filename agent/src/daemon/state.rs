@@ -332,7 +332,8 @@ impl Shared {
             match machine.handle(event, now_ms()) {
                 Ok(actions) => {
                     if machine.record != before
-                        && let Err(err) = machine.record.save(&self.paths.role())
+                        && let Err(err) =
+                            off_the_runtime(|| machine.record.save(&self.paths.role()))
                     {
                         // Not acting on a change that is not on disk: undo it.
                         let why = format!("cannot record the role change: {err:#}");
@@ -372,6 +373,19 @@ impl Shared {
         }
         self.act(actions);
         Ok(())
+    }
+}
+
+/// Runs `blocking` (a write and fsync) without stalling the other tasks of this runtime
+/// thread: on the agent's multi-thread runtime they move to another worker meanwhile. The role
+/// record is saved this way, still under the machine's lock, because a transition must be on
+/// disk before anyone sees or acts on it.
+fn off_the_runtime<T>(blocking: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(blocking)
+        }
+        _ => blocking(),
     }
 }
 
