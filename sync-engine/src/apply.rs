@@ -47,6 +47,19 @@ pub fn partial_name(expected: &blake3::Hash) -> String {
     format!("{PARTIAL_PREFIX}{}", &expected.to_hex()[..32])
 }
 
+/// The partial name a temporary file left by a run that was killed (`kill -9`, power loss)
+/// becomes: the temporary files of fetched versions carry the first 32 hex digits of the
+/// version's BLAKE3 right after [`TEMP_PREFIX`], so what reached the disk is resumed from
+/// (its blocks are checked against the sender's like any partial's) instead of fetched again.
+/// `None` for other temporary files.
+pub fn partial_of_temp(name: &[u8]) -> Option<String> {
+    let rest = name.strip_prefix(TEMP_PREFIX.as_bytes())?;
+    let (hex, after) = (rest.get(..32)?, rest.get(32)?);
+    let lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    (*after == b'.' && hex.iter().all(lower_hex))
+        .then(|| format!("{PARTIAL_PREFIX}{}", String::from_utf8_lossy(hex)))
+}
+
 /// The metadata a new file version gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -369,8 +382,27 @@ impl Root {
     /// A new, empty temporary file beside `rel` to write its next version into; dropped
     /// without [`TempFile::finish`], it is removed.
     pub fn create_temp(&self, rel: &RelPath) -> Result<TempFile<'_>, ApplyError> {
+        self.open_temp(rel, None)
+    }
+
+    /// Like [`Root::create_temp`], for the version hashing to `expected` written from its
+    /// start: if this process dies before it is finished, the next scan keeps what reached
+    /// the disk as that version's partial (see [`partial_of_temp`]).
+    pub fn create_resumable_temp(
+        &self,
+        rel: &RelPath,
+        expected: &blake3::Hash,
+    ) -> Result<TempFile<'_>, ApplyError> {
+        self.open_temp(rel, Some(expected))
+    }
+
+    fn open_temp(
+        &self,
+        rel: &RelPath,
+        expected: Option<&blake3::Hash>,
+    ) -> Result<TempFile<'_>, ApplyError> {
         let dir = self.parent_dir(rel, true)?;
-        let temp = temp_name(rel.file_name());
+        let temp = temp_name(rel.file_name(), expected);
         let fd = openat(
             dir.as_fd(),
             temp.as_os_str(),
@@ -522,7 +554,7 @@ impl Root {
     /// Creates or replaces a symlink atomically (temp link + rename), with owner and mtime.
     pub fn symlink(&self, rel: &RelPath, target: &[u8], meta: &Target) -> Result<(), ApplyError> {
         let dir = self.parent_dir(rel, false)?;
-        let temp = temp_name(rel.file_name());
+        let temp = temp_name(rel.file_name(), None);
         symlinkat(OsStr::from_bytes(target), dir.as_fd(), temp.as_os_str())
             .map_err(|err| self.io(rel, "creating a symlink", err))?;
         let result = self
@@ -726,14 +758,16 @@ fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
     futimens(fd.as_fd(), &mtime, &mtime)
 }
 
-/// A temporary name beside `name`, unique within this process.
-fn temp_name(name: &OsStr) -> OsString {
+/// A temporary name beside `name`, unique within this process; it names the version it will
+/// hold when that is known (see [`partial_of_temp`]).
+fn temp_name(name: &OsStr, expected: Option<&blake3::Hash>) -> OsString {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     // Keep within NAME_MAX: the original name is only a hint for a person looking.
-    let hint: Vec<u8> = name.as_bytes().iter().take(180).copied().collect();
-    let mut temp = OsString::from(format!("{TEMP_PREFIX}{}.{n}.", std::process::id()));
+    let hint: Vec<u8> = name.as_bytes().iter().take(160).copied().collect();
+    let version = expected.map_or(String::new(), |hash| format!("{}.", &hash.to_hex()[..32]));
+    let mut temp = OsString::from(format!("{TEMP_PREFIX}{version}{}.{n}.", std::process::id()));
     temp.push(OsStr::from_bytes(&hint));
     temp
 }

@@ -140,6 +140,9 @@ struct Receiver<'r> {
     /// Bytes of whole-file data received.
     whole: u64,
     buf: Vec<u8>,
+    /// The version being received, named by its temporary file so a run killed in the middle
+    /// leaves a partial the next one resumes from.
+    expected: Option<blake3::Hash>,
 }
 
 impl<'r> Receiver<'r> {
@@ -151,6 +154,7 @@ impl<'r> Receiver<'r> {
             planned,
             whole: 0,
             partial: None,
+            expected: None,
             state: Receiving::Start,
             failed: None,
             fetched: 0,
@@ -173,9 +177,11 @@ impl<'r> Receiver<'r> {
     }
 
     fn temp(&mut self) -> io::Result<TempFile<'r>> {
-        self.root
-            .create_temp(&self.path)
-            .map_err(|err| self.fail(err))
+        let temp = match &self.expected {
+            Some(expected) => self.root.create_resumable_temp(&self.path, expected),
+            None => self.root.create_temp(&self.path),
+        };
+        temp.map_err(|err| self.fail(err))
     }
 
     fn rebuild(&mut self) -> io::Result<()> {
@@ -724,6 +730,7 @@ fn receive(
         job.size,
     );
     receiver.partial = partial;
+    receiver.expected = Some(*job.expected);
     let fetched = match signature {
         Some(signature) => fetcher.fetch_delta(job.path, job.size, signature, &mut receiver),
         None => fetcher.fetch(job.path, job.size, basis, &mut receiver),

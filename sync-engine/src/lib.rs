@@ -37,7 +37,7 @@ pub mod tree;
 
 pub use apply::{
     ApplyError, Durability, HashingWriter, PARTIAL_PREFIX, Root, Staged, TEMP_PREFIX, Target,
-    TempFile, open_dir_nofollow, partial_name,
+    TempFile, open_dir_nofollow, partial_name, partial_of_temp,
 };
 pub use execute::{
     ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, execute, manifest,

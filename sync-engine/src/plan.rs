@@ -4,7 +4,9 @@
 //! Phases, in this order:
 //! 1. **Trash** every receiver entry the sender no longer has, or has as another kind (file,
 //!    directory, symlink). Only the topmost such path is listed: its subtree goes with it.
-//!    Trash keeps content, so a trashed file can still be a local-copy source.
+//!    Also a file that a local copy will replace when the sender has its content nowhere (a
+//!    deleted voicemail renumbered over): nothing the primary deleted is lost without a trash
+//!    copy. Trash keeps content, so a trashed file can still be a local-copy source.
 //! 2. **MakeDir** for new directories, parents first.
 //! 3. Files and symlinks: nothing (same content and metadata), **SetMeta**, **CopyLocal** (the
 //!    receiver holds the same BLAKE3 under another path: Asterisk renumbers voicemail
@@ -226,6 +228,37 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
                 .is_some_and(|w| sender_class(&w.kind) == receiver_class(&entry.kind));
         if !keep && !is_under(&trashed, path) {
             trashed.insert(path.clone());
+        }
+    }
+    // A file about to be replaced by a copy of another file the receiver holds (Asterisk
+    // renumbering a voicemail box over a deleted message) goes to the trash first when the
+    // sender no longer has its content anywhere: the copy would otherwise destroy the only
+    // trace of it. A file the sender changed (fetched against its old version, a patch) is not
+    // kept: its old version is not something the primary deleted.
+    let sender_hashes: HashSet<&[u8; 32]> = wanted
+        .iter()
+        .filter_map(|entry| match &entry.kind {
+            ManifestKind::File { blake3, .. } => Some(blake3),
+            _ => None,
+        })
+        .collect();
+    let held_hashes: HashSet<&[u8; 32]> = held.iter().filter_map(|e| trusted_hash(e)).collect();
+    for pair in &pairs {
+        let (Some(want), Some(have)) = (pair.want, pair.present(&trashed)) else {
+            continue;
+        };
+        let ManifestKind::File { blake3: new, .. } = &want.kind else {
+            continue;
+        };
+        if have.kind != EntryKind::File {
+            continue;
+        }
+        let old = trusted_hash(have);
+        // Held by the receiver and not here: somewhere else, so the plan copies it locally.
+        let copied_from_elsewhere = old != Some(new) && held_hashes.contains(new);
+        let lost = old.is_none_or(|old| !sender_hashes.contains(old));
+        if copied_from_elsewhere && lost {
+            trashed.insert(have.path.clone());
         }
     }
     // What is in place after phase 1 (`Pair::present`): a receiver entry survives unless it

@@ -158,9 +158,25 @@ pub fn scan_from(
                 .as_bytes()
                 .starts_with(crate::apply::TEMP_PREFIX.as_bytes())
             {
-                // A receiver's own unfinished write, never part of the tree.
-                if options.remove_stale_temps && fs::remove_file(item.path()).is_ok() {
-                    pass.report.stale_temps_removed += 1;
+                // A receiver's own unfinished write, never part of the tree. One that names
+                // its version (a run killed while fetching it) becomes that version's partial,
+                // unless there is one already: the next pull resumes from it.
+                if options.remove_stale_temps {
+                    let partial = crate::apply::partial_of_temp(name.as_bytes())
+                        .filter(|partial| !dir.join(partial).exists())
+                        .filter(|partial| fs::rename(item.path(), dir.join(partial)).is_ok());
+                    let rel = partial.and_then(|partial| match &rel_dir {
+                        Some(parent) => parent.join(std::ffi::OsStr::new(&partial)).ok(),
+                        None => RelPath::from_bytes(partial.into_bytes()).ok(),
+                    });
+                    match rel {
+                        Some(rel) => pass.report.partials.push(rel),
+                        None => {
+                            if fs::remove_file(item.path()).is_ok() {
+                                pass.report.stale_temps_removed += 1;
+                            }
+                        }
+                    }
                 }
                 continue;
             }

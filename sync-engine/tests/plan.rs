@@ -327,6 +327,31 @@ proptest! {
                 .map(|(p, n)| (p.clone(), n.clone())),
         );
         prop_assert_eq!(&model.fs, &expected, "plan: {:#?}", plan.actions);
+        // Nothing the sender no longer has is lost without a trash copy, except the old
+        // version of a file fetched against it (a patch).
+        let sender_hashes: Vec<[u8; 32]> = sender
+            .values()
+            .filter_map(|n| match n { Node::File { hash, .. } => Some(*hash), _ => None })
+            .collect();
+        let patched: Vec<&RelPath> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fetch { path, basis: Basis::Existing, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        for (path, node) in &receiver {
+            let Node::File { hash, .. } = node else { continue };
+            if sender_hashes.contains(hash) || under_pending(path) || patched.contains(&path) {
+                continue;
+            }
+            prop_assert!(
+                model.trash.get(path) == Some(node),
+                "{path}'s content is neither at the sender nor in the trash\nplan: {:#?}",
+                plan.actions
+            );
+        }
     }
 
     #[test]
@@ -357,7 +382,12 @@ fn a_renumbered_voicemail_box_is_copied_locally_not_fetched() {
     let plan = plan(&manifest(&sender), &index(&receiver, &[])).unwrap();
     assert_eq!(plan.summary.fetch_files, 0, "{:#?}", plan.actions);
     assert_eq!(plan.summary.local_copies, 2);
-    assert_eq!(plan.summary.trashed, 1);
+    // msg0002 (gone on the primary) and the deleted message's content under msg0000, which
+    // the copy of msg0001 would otherwise overwrite.
+    assert_eq!(plan.summary.trashed, 2);
+    assert!(plan.actions.contains(&Action::Trash {
+        path: rel("INBOX/msg0000.wav")
+    }));
     assert!(plan.actions.contains(&Action::CopyLocal {
         path: rel("INBOX/msg0001.wav"),
         from: Source::Trashed(rel("INBOX/msg0002.wav")),

@@ -597,6 +597,59 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_killed_mid_file_is_resumed_from_what_reached_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let content = music(3_000_000);
+    write_old(&sender.join("moh/default.wav"), &content);
+    // What a pull killed with SIGKILL while fetching the file leaves: its temporary file,
+    // named after the version, with 2 MiB written — of which a block in the middle never
+    // reached the disk (power lost: zeros where data should be).
+    let hash = blake3::hash(&content);
+    let mut on_disk = content[..2 << 20].to_vec();
+    on_disk[(1 << 20)..(1 << 20) + 4096].fill(0);
+    fs::create_dir_all(receiver.join("moh")).unwrap();
+    let temp = receiver.join("moh").join(format!(
+        "{}{}.4242.7.default.wav",
+        lbs_sync::TEMP_PREFIX,
+        &hash.to_hex()[..32]
+    ));
+    fs::write(&temp, &on_disk).unwrap();
+    assert_eq!(
+        lbs_sync::partial_of_temp(temp.file_name().unwrap().as_encoded_bytes()),
+        Some(lbs_sync::partial_name(&hash))
+    );
+    // A temporary file that names no version (a symlink's, say) is only removed.
+    let other = receiver.join(format!("{}4242.8.link", lbs_sync::TEMP_PREFIX));
+    fs::write(&other, b"x").unwrap();
+
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (server, mut client_conn) = start_primary(&sender);
+    let report = pull_default(&mut client_conn, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap();
+    assert_eq!(report.executed.resumed, 1, "{report:?}");
+    let block = lbs_sync::BlockSize::DEFAULT.get();
+    let moved = report.executed.fetched_bytes;
+    // The tail after the 2 MiB, and the group of 16 blocks holding the lost write (a grown
+    // file's middle is compared by groups; see the recording test above).
+    assert!(
+        moved <= content.len() as u64 - (2 << 20) + 16 * block + block,
+        "moved {moved} bytes of {}",
+        content.len()
+    );
+    assert_eq!(fs::read(receiver.join("moh/default.wav")).unwrap(), content);
+    assert!(!temp.exists() && !other.exists());
+    assert!(
+        !receiver
+            .join("moh")
+            .join(lbs_sync::partial_name(&hash))
+            .exists()
+    );
+    stop_primary(server, client_conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_pull_stops_promptly_and_keeps_the_old_file_and_the_partial() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = dir.path().join("backup");
