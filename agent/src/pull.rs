@@ -94,6 +94,7 @@ impl Connected<'_> {
                     progress: Some(progress),
                     durability,
                     cancel: Some(cancel),
+                    version: self.negotiated.version,
                 },
             );
             tokio::pin!(pull);

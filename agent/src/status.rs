@@ -109,6 +109,21 @@ pub struct SetStatus {
     /// The first change announced while the pass under way ran (it may have missed it).
     #[serde(default)]
     pub changed_during_pass_ms: Option<u64>,
+    /// What the last pass could not sync (FIFOs, sockets, devices, unreadable files), on the
+    /// primary's side and on this box's.
+    #[serde(default)]
+    pub skipped: Skipped,
+}
+
+/// Entries a set does not sync, and why (see [`SetStatus::skipped`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// On the primary (the sender's list; at most 100).
+    pub on_primary: Vec<lbs_protocol::sync::SkippedEntry>,
+    /// On this box, the copy's side (at most 100).
+    pub here: Vec<lbs_protocol::sync::SkippedEntry>,
+    /// How many more, on both sides, than those listed.
+    pub more: u64,
 }
 
 /// The office network as `[network]` configures it (with the operator's choice at **P**).

@@ -8,6 +8,9 @@ use crate::control::DEFAULT_SOCKET;
 use crate::status::{AgentStatus, SetState};
 use crate::text::{ago, human_bytes};
 
+/// Entries not synced shown per side under a set; `--json` has them all (up to 100).
+const SKIPPED_SHOWN: usize = 5;
+
 /// Options of `lbs status`.
 #[derive(clap::Args, Debug)]
 pub struct StatusCmd {
@@ -237,6 +240,24 @@ pub(crate) fn render(status: &AgentStatus) -> String {
                 .map(|e| format!(" — {e}"))
                 .unwrap_or_default()
         );
+        let skipped = &set.skipped;
+        for (side, entries) in [
+            ("on the primary", &skipped.on_primary),
+            ("here", &skipped.here),
+        ] {
+            for entry in entries.iter().take(SKIPPED_SHOWN) {
+                out!("    not synced {side}: {} — {}", entry.path, entry.reason);
+            }
+        }
+        let listed =
+            skipped.on_primary.len().min(SKIPPED_SHOWN) + skipped.here.len().min(SKIPPED_SHOWN);
+        let all = (skipped.on_primary.len() + skipped.here.len()) as u64 + skipped.more;
+        if all > listed as u64 {
+            out!(
+                "    not synced: {} more (`lbs status --json` lists up to 100 per side)",
+                all - listed as u64
+            );
+        }
     }
     if let Some(last) = status.resources.last() {
         out!(

@@ -134,7 +134,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     let (mut conn, negotiated) = peer.accept(config, tcp, Role::Primary).await?;
                     admission.proven();
                     lbs_host::say!("{} connected from {remote}", negotiated.peer.sender);
-                    lbs_sync::serve(&mut conn, root, index, peer.generation).await?;
+                    lbs_sync::serve(&mut conn, root, index, peer.generation, negotiated.version)
+                        .await?;
                     lbs_host::say!("{} done", negotiated.peer.sender);
                     anyhow::Ok(())
                 };
@@ -286,8 +287,21 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     for name in &report.executed.unknown_owners {
         lbs_host::say!("warning: owner {name:?} does not exist on this box; left as root");
     }
-    for (path, reason) in &report.scan.skipped {
-        lbs_host::say!("skipped {path}: {reason}");
+    for skipped in &report.scan.skipped {
+        lbs_host::say!("skipped here {}: {}", skipped.path, skipped.reason);
+    }
+    for skipped in &report.sender_skipped.entries {
+        lbs_host::say!(
+            "skipped on the partner {}: {}",
+            skipped.path,
+            skipped.reason
+        );
+    }
+    if report.sender_skipped.more > 0 {
+        lbs_host::say!(
+            "skipped on the partner: {} more entries",
+            report.sender_skipped.more
+        );
     }
     if plan.pending > 0 {
         lbs_host::say!(
@@ -345,6 +359,15 @@ pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
                 "{}: {} file(s) changed while being read; verify again when it is quiet",
                 root.display(),
                 report.unstable.len()
+            );
+        }
+        // Not compared (lbs syncs none of them), but never left out silently.
+        for skipped in &report.skipped {
+            lbs_host::say!(
+                "not synced {} in {}: {}",
+                skipped.path,
+                root.display(),
+                skipped.reason
             );
         }
         Ok(manifest(&index)?

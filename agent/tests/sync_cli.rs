@@ -415,3 +415,42 @@ fn a_pull_killed_with_sigkill_mid_file_resumes_from_what_reached_the_disk() {
     );
     eprintln!("kept {kept} bytes at the kill; the resumed pull fetched {fetched_mib} MiB");
 }
+
+#[test]
+fn pull_and_verify_say_what_is_not_synced_on_either_side_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    identities(d);
+    let (primary, backup) = (d.join("primary-tree"), d.join("backup-tree"));
+    std::fs::create_dir_all(primary.join("voicemail")).unwrap();
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::write(primary.join("extensions.conf"), b"[default]\n").unwrap();
+    let fifo = |path: &Path| assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+    fifo(&primary.join("voicemail/agi.pipe"));
+    fifo(&backup.join("local.pipe"));
+    let (_server, addr, _drain) = start_serve(d, &primary, &[]);
+    let out = run(lbs(d, &["sync", "pull"], "backup", PRIMARY)
+        .arg("--root")
+        .arg(&backup)
+        .args(["--from", &addr]));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(
+            "skipped on the partner voicemail/agi.pipe: FIFO: only files, directories and symlinks are synced"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("skipped here local.pipe: FIFO"), "{said}");
+
+    let out = run(Command::new(LBS)
+        .args(["sync", "verify"])
+        .arg(&primary)
+        .arg(&backup));
+    let said = text(&out);
+    assert!(
+        said.contains("not synced voicemail/agi.pipe in ")
+            && said.contains("not synced local.pipe in "),
+        "{said}"
+    );
+}

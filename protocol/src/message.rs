@@ -259,6 +259,13 @@ pub enum Message {
         /// Its key's fingerprint.
         key: Option<String>,
     },
+    /// Primary → backup, after the last part of its manifest (protocol 1.6, never to an older
+    /// receiver): what its scan left out and why (FIFOs, sockets, devices, unreadable files),
+    /// at most [`crate::sync::MAX_SKIPPED_SENT`] of them; `more` counts the rest.
+    SyncSkipped {
+        entries: Vec<crate::sync::SkippedEntry>,
+        more: u64,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -310,6 +317,7 @@ impl Message {
             Message::TunnelPairs { .. } => "tunnel-pairs",
             Message::PartnerKeyRequest => "partner-key-request",
             Message::PartnerKey { .. } => "partner-key",
+            Message::SyncSkipped { .. } => "sync-skipped",
         }
     }
 }

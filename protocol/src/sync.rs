@@ -41,6 +41,44 @@ pub enum ManifestKind {
     Pending,
 }
 
+/// Why a side left an entry out of its tree: only files, directories and symlinks are synced.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum SkipReason {
+    Socket,
+    Fifo,
+    /// A block or character device.
+    Device,
+    /// It could not be read (permissions, I/O error); the system's words.
+    Unreadable {
+        error: String,
+    },
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self {
+            SkipReason::Socket => "socket",
+            SkipReason::Fifo => "FIFO",
+            SkipReason::Device => "device node",
+            SkipReason::Unreadable { error } => return write!(f, "unreadable: {error}"),
+        };
+        write!(f, "{what}: only files, directories and symlinks are synced")
+    }
+}
+
+/// An entry a side did not sync, and why.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SkippedEntry {
+    pub path: RelPath,
+    pub reason: SkipReason,
+}
+
+/// The most skipped entries a sender lists after its manifest (the rest are only counted),
+/// and the longest error text it sends with one.
+pub const MAX_SKIPPED_SENT: usize = 100;
+/// See [`MAX_SKIPPED_SENT`].
+pub const MAX_SKIP_ERROR_LEN: usize = 200;
+
 /// One entry of a sending side's tree.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct ManifestEntry {

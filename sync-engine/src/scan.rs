@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use lbs_protocol::RelPath;
+use lbs_protocol::sync::{SkipReason, SkippedEntry};
 
 use crate::index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
 use crate::tree::{BlockSize, Cv, TreeError, hash_file};
@@ -51,7 +52,7 @@ pub struct ScanReport {
     /// Entries that were in the index but are gone.
     pub removed: u64,
     /// Entries not synced, with the reason (sockets, FIFOs, devices, unreadable files).
-    pub skipped: Vec<(RelPath, String)>,
+    pub skipped: Vec<SkippedEntry>,
     /// Files that changed while being hashed; the next pass tries again.
     pub unstable: Vec<RelPath>,
     /// Temporary files of an interrupted run that were removed.
@@ -211,7 +212,7 @@ pub fn scan_from(
                 Ok(meta) => meta,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    pass.report.skipped.push((rel, e.to_string()));
+                    pass.report.skipped.push(unreadable(rel, &e));
                     continue;
                 }
             };
@@ -223,24 +224,21 @@ pub fn scan_from(
                     Ok(target) => EntryKind::Symlink(target.into_os_string().into_vec()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
-                        pass.report.skipped.push((rel, e.to_string()));
+                        pass.report.skipped.push(unreadable(rel, &e));
                         continue;
                     }
                 }
             } else if file_type.is_file() {
                 EntryKind::File
             } else {
-                let what = if file_type.is_socket() {
-                    "socket"
+                let reason = if file_type.is_socket() {
+                    SkipReason::Socket
                 } else if file_type.is_fifo() {
-                    "FIFO"
+                    SkipReason::Fifo
                 } else {
-                    "device node"
+                    SkipReason::Device
                 };
-                pass.report.skipped.push((
-                    rel,
-                    format!("{what}: only files, directories and symlinks are synced"),
-                ));
+                pass.report.skipped.push(SkippedEntry { path: rel, reason });
                 continue;
             };
             let meta = to_meta(&meta, &mut pass.names);
@@ -471,7 +469,7 @@ fn record_file(
         // The index keeps what it had until the next pass sees the file again (or not).
         Err(Unhashable::Gone) => previous.into_iter().for_each(|p| pass.keep(p)),
         Err(Unhashable::Io(e)) => {
-            pass.report.skipped.push((path, e.to_string()));
+            pass.report.skipped.push(unreadable(path, &e));
             previous.into_iter().for_each(|p| pass.keep(p));
         }
     }
@@ -586,5 +584,14 @@ impl Names {
                     .map_or_else(|| gid.to_string(), |group| group.name)
             })
             .clone()
+    }
+}
+
+fn unreadable(path: RelPath, error: &io::Error) -> SkippedEntry {
+    SkippedEntry {
+        path,
+        reason: SkipReason::Unreadable {
+            error: error.to_string(),
+        },
     }
 }

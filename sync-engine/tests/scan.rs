@@ -130,8 +130,12 @@ fn mode_changes_deletions_links_and_special_files() {
     assert_eq!(pass.removed, 1);
     assert_eq!(pass.symlinks, 1);
     assert_eq!(pass.skipped.len(), 1);
-    assert_eq!(pass.skipped[0].0, rel("pipe"));
-    assert!(pass.skipped[0].1.contains("FIFO"), "{:?}", pass.skipped);
+    assert_eq!(pass.skipped[0].path, rel("pipe"));
+    assert!(
+        pass.skipped[0].reason.to_string().contains("FIFO"),
+        "{:?}",
+        pass.skipped
+    );
 
     assert_eq!(
         index

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
+use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind, SkipReason, SkippedEntry};
 use lbs_protocol::{Envelope, FrameCodec, Generation, Message, RelPath, frame};
 use lbs_sync::{
     Index, PullOptions, PullReport, ScanOptions, SessionError, Trash, manifest, pull, scan, serve,
@@ -67,7 +67,14 @@ fn start_primary(sender: &Path) -> (tokio::task::JoinHandle<Result<(), SessionEr
     let sender = sender.to_owned();
     let server = tokio::spawn(async move {
         let index = fresh_index();
-        serve(&mut server_conn, sender, index, GEN).await
+        serve(
+            &mut server_conn,
+            sender,
+            index,
+            GEN,
+            lbs_protocol::PROTOCOL_VERSION,
+        )
+        .await
     });
     (server, client_conn)
 }
@@ -101,7 +108,16 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     let server_index = fresh_index();
     let server = tokio::spawn({
         let (sender, server_index) = (sender.clone(), server_index.clone());
-        async move { serve(&mut server_conn, sender, server_index, GEN).await }
+        async move {
+            serve(
+                &mut server_conn,
+                sender,
+                server_index,
+                GEN,
+                lbs_protocol::PROTOCOL_VERSION,
+            )
+            .await
+        }
     });
     let client_index = fresh_index();
     let (progress, watch) = tokio::sync::watch::channel(lbs_sync::Progress::default());
@@ -242,6 +258,27 @@ async fn say(conn: &mut Conn, message: Message) {
     .unwrap();
 }
 
+/// Sends a whole manifest as a sender would: its one part, then the (empty) list of what it
+/// skipped.
+async fn say_manifest(conn: &mut Conn, entries: Vec<ManifestEntry>) {
+    say(
+        conn,
+        Message::SyncManifest {
+            entries,
+            last: true,
+        },
+    )
+    .await;
+    say(
+        conn,
+        Message::SyncSkipped {
+            entries: Vec::new(),
+            more: 0,
+        },
+    )
+    .await;
+}
+
 /// A sender's manifest entry for a file holding `content`.
 fn file_entry(path: &str, content: &[u8]) -> ManifestEntry {
     ManifestEntry {
@@ -280,14 +317,7 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
             },
             meta: meta(),
         }];
-        say(
-            &mut liar,
-            Message::SyncManifest {
-                entries,
-                last: true,
-            },
-        )
-        .await;
+        say_manifest(&mut liar, entries).await;
         // The receiver holds an old version, so it asks for changes against its blocks.
         assert!(matches!(
             expect_request(&mut liar).await,
@@ -343,14 +373,7 @@ async fn content_longer_than_the_manifest_announced_is_refused_as_it_arrives() {
             },
             meta: meta(),
         }];
-        say(
-            &mut liar,
-            Message::SyncManifest {
-                entries,
-                last: true,
-            },
-        )
-        .await;
+        say_manifest(&mut liar, entries).await;
         // The receiver holds an old version, so it asks for changes against its blocks.
         assert!(matches!(
             expect_request(&mut liar).await,
@@ -460,7 +483,14 @@ async fn unchanged_directories_are_not_listed_again_and_a_removed_one_is_trashed
         let sender = sender.clone();
         async move {
             let index = fresh_index();
-            serve(&mut server_conn, sender, index, GEN).await
+            serve(
+                &mut server_conn,
+                sender,
+                index,
+                GEN,
+                lbs_protocol::PROTOCOL_VERSION,
+            )
+            .await
         }
     });
     let index = fresh_index();
@@ -520,14 +550,7 @@ fn half_sender(
             },
             file_entry("moh/default.wav", &content),
         ];
-        say(
-            &mut conn,
-            Message::SyncManifest {
-                entries,
-                last: true,
-            },
-        )
-        .await;
+        say_manifest(&mut conn, entries).await;
         assert!(matches!(
             expect_request(&mut conn).await,
             Message::SyncFetch { .. }
@@ -741,14 +764,7 @@ async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
         async move {
             expect_digests(&mut liar).await;
             let entries = vec![file_entry("extensions.conf", &new)];
-            say(
-                &mut liar,
-                Message::SyncManifest {
-                    entries,
-                    last: true,
-                },
-            )
-            .await;
+            say_manifest(&mut liar, entries).await;
             assert!(matches!(
                 expect_request(&mut liar).await,
                 Message::SyncFetchDelta { .. }
@@ -844,4 +860,99 @@ async fn passes_that_delete_nothing_leave_nothing_in_the_trash() {
         1
     );
     assert_eq!(batches(), 0);
+}
+
+fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_either_side_skips_is_reported_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    write_old(&sender.join("voicemail/1234/INBOX/msg0000.wav"), b"hello");
+    mkfifo(&sender.join("voicemail/1234/agi.pipe"));
+    let _socket = std::os::unix::net::UnixListener::bind(sender.join("asterisk.ctl")).unwrap();
+    fs::create_dir_all(&receiver).unwrap();
+    mkfifo(&receiver.join("local.pipe"));
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+
+    let (server, mut client) = start_primary(&sender);
+    let report = pull_default(&mut client, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap();
+    let mut sent: Vec<(String, SkipReason)> = report
+        .sender_skipped
+        .entries
+        .iter()
+        .map(|e| (e.path.to_string(), e.reason.clone()))
+        .collect();
+    sent.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        sent,
+        vec![
+            ("asterisk.ctl".to_owned(), SkipReason::Socket),
+            ("voicemail/1234/agi.pipe".to_owned(), SkipReason::Fifo),
+        ]
+    );
+    assert_eq!(report.sender_skipped.more, 0);
+    assert_eq!(report.scan.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.scan.skipped[0].path.to_string(), "local.pipe");
+    assert_eq!(report.scan.skipped[0].reason, SkipReason::Fifo);
+    // The rest synced as usual.
+    assert_eq!(
+        fs::read(receiver.join("voicemail/1234/INBOX/msg0000.wav")).unwrap(),
+        b"hello"
+    );
+    stop_primary(server, client).await;
+
+    // A primary of protocol 1.5 sends no list, and a 1.6 receiver that knows it expects none.
+    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
+    let (mut server_conn, mut client) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
+    });
+    let options = PullOptions {
+        version: old,
+        ..PullOptions::default()
+    };
+    let report = pull(&mut client, &receiver, fresh_index(), &trash, GEN, options)
+        .await
+        .unwrap();
+    assert!(report.sender_skipped.entries.is_empty());
+    stop_primary(server, client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_listing_more_skipped_entries_than_allowed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (mut liar, mut client) = connections();
+    let fake = tokio::spawn(async move {
+        expect_digests(&mut liar).await;
+        say(
+            &mut liar,
+            Message::SyncManifest {
+                entries: Vec::new(),
+                last: true,
+            },
+        )
+        .await;
+        let entries = (0..=lbs_protocol::sync::MAX_SKIPPED_SENT)
+            .map(|i| SkippedEntry {
+                path: RelPath::try_from(format!("p{i}").as_str()).unwrap(),
+                reason: SkipReason::Fifo,
+            })
+            .collect();
+        say(&mut liar, Message::SyncSkipped { entries, more: 0 }).await;
+        liar
+    });
+    let err = pull_default(&mut client, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("skipped entries"), "{err}");
+    drop(fake.await.unwrap());
 }

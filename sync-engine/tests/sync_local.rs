@@ -312,7 +312,14 @@ fn session_pull(
             let sender = sender.to_owned();
             async move {
                 let index = std::sync::Arc::new(std::sync::Mutex::new(Index::in_memory().unwrap()));
-                lbs_sync::serve(&mut server_conn, sender, index, generation).await
+                lbs_sync::serve(
+                    &mut server_conn,
+                    sender,
+                    index,
+                    generation,
+                    lbs_protocol::PROTOCOL_VERSION,
+                )
+                .await
             }
         });
         let report = lbs_sync::pull(

@@ -435,3 +435,45 @@ fn only_the_partner_taking_over_moves_the_primary() {
         Claim::StepBack
     );
 }
+
+#[test]
+fn status_says_what_a_set_does_not_sync_on_either_side() {
+    let office = backup();
+    let entry = |path: &str, reason| lbs_protocol::sync::SkippedEntry {
+        path: lbs_protocol::RelPath::try_from(path).unwrap(),
+        reason,
+    };
+    office.shared.set_status("voicemail", |s| {
+        s.skipped = crate::status::Skipped {
+            on_primary: (0..7)
+                .map(|i| {
+                    entry(
+                        &format!("1234/p{i}.pipe"),
+                        lbs_protocol::sync::SkipReason::Fifo,
+                    )
+                })
+                .collect(),
+            here: vec![entry(
+                "old.wav",
+                lbs_protocol::sync::SkipReason::Unreadable {
+                    error: "Permission denied (os error 13)".into(),
+                },
+            )],
+            more: 3,
+        }
+    });
+    let shown = crate::status_cmd::render(&office.shared.status());
+    assert!(
+        shown.contains(
+            "    not synced on the primary: 1234/p0.pipe — FIFO: only files, directories and symlinks are synced"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("    not synced here: old.wav — unreadable: Permission denied"),
+        "{shown}"
+    );
+    // Five per side at most; the rest counted (2 not shown of the primary's 7, and 3 more).
+    assert!(!shown.contains("p5.pipe"), "{shown}");
+    assert!(shown.contains("    not synced: 5 more"), "{shown}");
+}

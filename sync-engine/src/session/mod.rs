@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use lbs_protocol::sync::{
-    BlockSum, DirDigest, ManifestEntry, ManifestKind, group_digest, listing_digests,
+    BlockSum, DirDigest, MAX_SKIP_ERROR_LEN, MAX_SKIPPED_SENT, ManifestEntry, ManifestKind,
+    SkipReason, SkippedEntry, group_digest, listing_digests,
 };
 use lbs_protocol::{
-    Connection, Envelope, FrameError, Generation, Message, RelPath, Role, SYNC_CHUNK_LEN,
+    Connection, Envelope, FrameError, Generation, Message, ProtocolVersion, RelPath, Role,
+    SYNC_CHUNK_LEN,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
@@ -187,6 +189,8 @@ pub struct PullReport {
     pub elapsed: Duration,
     /// What an interrupted earlier run left in the journal, and what became of it.
     pub recovery: Option<Recovery>,
+    /// What the sender did not sync, and why (empty from a sender older than protocol 1.6).
+    pub sender_skipped: SenderSkipped,
 }
 
 /// Sends a message and flushes it (with anything queued before it).
@@ -247,15 +251,68 @@ fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, Sess
 }
 
 /// The sender's side of a reconcile: a fresh scan, and the manifest it gives.
-fn scan_manifest(root: &Path, index: &Mutex<Index>) -> Result<Vec<ManifestEntry>, SessionError> {
+/// The sender's manifest, and what its scan left out.
+fn scan_manifest(
+    root: &Path,
+    index: &Mutex<Index>,
+) -> Result<(Vec<ManifestEntry>, Vec<SkippedEntry>), SessionError> {
     let mut index = index
         .lock()
         .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
     let known = index.take_entries()?;
-    let (_, entries) = scan_from(root, &mut index, &ScanOptions::default(), known)?;
+    let (report, entries) = scan_from(root, &mut index, &ScanOptions::default(), known)?;
     let manifest = entries.iter().cloned().map(manifest_entry).collect();
     index.remember(entries)?;
-    Ok(manifest)
+    Ok((manifest, report.skipped))
+}
+
+/// The first protocol whose senders list what they skipped ([`Message::SyncSkipped`]).
+const SKIPPED_SINCE: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
+
+/// What the sender's scan left out, as it said after its manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SenderSkipped {
+    /// At most [`MAX_SKIPPED_SENT`] of them.
+    pub entries: Vec<SkippedEntry>,
+    /// How many more there were.
+    pub more: u64,
+}
+
+impl SenderSkipped {
+    /// What a sender sends of its scan's `skipped`: the first ones, error texts cut short.
+    fn from_scan(mut skipped: Vec<SkippedEntry>) -> SenderSkipped {
+        let more = skipped.len().saturating_sub(MAX_SKIPPED_SENT) as u64;
+        skipped.truncate(MAX_SKIPPED_SENT);
+        for entry in &mut skipped {
+            if let SkipReason::Unreadable { error } = &mut entry.reason
+                && error.len() > MAX_SKIP_ERROR_LEN
+            {
+                let mut cut = MAX_SKIP_ERROR_LEN;
+                while !error.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                error.truncate(cut);
+            }
+        }
+        SenderSkipped {
+            entries: skipped,
+            more,
+        }
+    }
+
+    /// Checks what a sender sent against the limits it must keep.
+    fn check(entries: &[SkippedEntry]) -> Result<(), SessionError> {
+        let too_long = entries.iter().any(|entry| {
+            matches!(&entry.reason, SkipReason::Unreadable { error } if error.len() > MAX_SKIP_ERROR_LEN)
+        });
+        if entries.len() > MAX_SKIPPED_SENT || too_long {
+            return Err(SessionError::Unreasonable(format!(
+                "the list of skipped entries after it is over {MAX_SKIPPED_SENT} entries or \
+                 {MAX_SKIP_ERROR_LEN} bytes of error text each"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Splits `items` into parts of about [`MANIFEST_CHUNK_BYTES`] each (by `size`), so every
@@ -285,8 +342,9 @@ fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
 async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
+    version: ProtocolVersion,
     before: tokio::sync::oneshot::Receiver<Vec<ManifestEntry>>,
-) -> Result<Vec<ManifestEntry>, SessionError> {
+) -> Result<(Vec<ManifestEntry>, SenderSkipped), SessionError> {
     // An empty first part lets the sender start its scan while we read our index.
     send(
         conn,
@@ -325,12 +383,28 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    let skipped = if version >= SKIPPED_SINCE {
+        match receive(conn, "the list of skipped entries").await? {
+            Message::SyncSkipped { entries, more } => {
+                SenderSkipped::check(&entries)?;
+                SenderSkipped { entries, more }
+            }
+            other => {
+                return Err(SessionError::unexpected(
+                    &other,
+                    "the list of skipped entries",
+                ));
+            }
+        }
+    } else {
+        SenderSkipped::default()
+    };
     // The unchanged directories' entries are ours, as they were when we sent the digests.
     entries.extend(before.into_iter().filter(|entry| same.holds(&entry.path)));
     if entries.len() > MAX_MANIFEST_ENTRIES {
         return Err(SessionError::ManifestTooLarge);
     }
-    Ok(entries)
+    Ok((entries, skipped))
 }
 
 /// The directories (`None`: the root) whose listings both sides hold alike.

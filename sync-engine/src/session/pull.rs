@@ -83,6 +83,8 @@ pub struct PullOptions {
     /// Cancelling it stops the pull at the next chunk: completed files stay, the file in
     /// transfer is kept to resume from, and the pull ends with [`SessionError::Cancelled`].
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// The protocol both sides speak (from the `Hello` exchange); this build's unless set.
+    pub version: ProtocolVersion,
 }
 
 impl Default for PullOptions {
@@ -91,6 +93,7 @@ impl Default for PullOptions {
             progress: None,
             durability: Durability::Grouped,
             cancel: None,
+            version: lbs_protocol::PROTOCOL_VERSION,
         }
     }
 }
@@ -111,6 +114,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         progress,
         durability,
         cancel,
+        version,
     } = options;
     let started = Instant::now();
     // A crash in the middle of a patch is finished (or undone) before anything looks at
@@ -142,12 +146,12 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     });
 
     let manifest_started = Instant::now();
-    let exchanged = exchange_manifests(conn, generation, before_rx).await;
+    let exchanged = exchange_manifests(conn, generation, version, before_rx).await;
     // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
     // if any, says best what went wrong.
     let scanned = blocking_join(own_scan.await)?;
     let (scan_report, have) = scanned?;
-    let entries = exchanged?;
+    let (entries, sender_skipped) = exchanged?;
     let manifest_time = manifest_started.elapsed();
     let plan = plan(&entries, &have)?;
     drop(entries);
@@ -306,6 +310,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         manifest_time,
         elapsed: started.elapsed(),
         recovery: (recovery != Recovery::Clean).then_some(recovery),
+        sender_skipped,
     })
 }
 

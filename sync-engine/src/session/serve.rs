@@ -4,11 +4,14 @@
 use super::*;
 
 /// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
+/// `version` is the protocol both sides speak (from the `Hello` exchange): what an older
+/// receiver cannot read is not sent to it.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     root: PathBuf,
     index: Arc<Mutex<Index>>,
     generation: Generation,
+    version: ProtocolVersion,
 ) -> Result<(), SessionError> {
     let files = Root::open(&root)?;
     // This box may have been a backup that stopped in the middle of a patch: finish it
@@ -27,10 +30,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         match envelope?.message {
             Message::SyncManifestRequest => {
                 let (root, index) = (root.clone(), index.clone());
-                let entries = blocking_join(
+                let (entries, skipped) = blocking_join(
                     tokio::task::spawn_blocking(move || scan_manifest(&root, &index)).await,
                 )??;
                 send_manifest(conn, generation, entries).await?;
+                send_skipped(conn, generation, version, skipped).await?;
             }
             Message::SyncManifestDigests { dirs, last } => {
                 // Scan while the rest of the receiver's digests arrive.
@@ -40,7 +44,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let theirs = receive_digests(conn, dirs, last).await;
                 // The scan is awaited whatever happened, so it never outlives this session.
-                let entries = blocking_join(scanning.await)??;
+                let (entries, skipped) = blocking_join(scanning.await)??;
                 let theirs = theirs?;
                 let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
                     .into_iter()
@@ -54,6 +58,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .filter(|entry| !same.holds(&entry.path))
                     .collect();
                 send_manifest(conn, generation, rest).await?;
+                send_skipped(conn, generation, version, skipped).await?;
             }
             Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
             Message::SyncFetchDelta { path, signature } => {
@@ -123,6 +128,20 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Tells a receiver that reads it (protocol 1.6) what this side's scan left out.
+async fn send_skipped<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    version: ProtocolVersion,
+    skipped: Vec<SkippedEntry>,
+) -> Result<(), SessionError> {
+    if version < SKIPPED_SINCE {
+        return Ok(());
+    }
+    let SenderSkipped { entries, more } = SenderSkipped::from_scan(skipped);
+    send(conn, generation, Message::SyncSkipped { entries, more }).await
 }
 
 pub(super) async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(

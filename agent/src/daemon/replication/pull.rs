@@ -150,6 +150,17 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                 }
                 let fetched = report.plan.fetch_files;
                 let left = report.plan.pending + report.executed.deferred.len() as u64;
+                let skipped = skipped_of(&report);
+                let before = lock(&shared.sets)
+                    .iter()
+                    .find(|s| s.name == set.name)
+                    .map(|s| s.skipped.clone());
+                if before.as_ref() != Some(&skipped) {
+                    // Said once per change, not at every pass.
+                    for entry in skipped.on_primary.iter().chain(&skipped.here) {
+                        tracing::warn!(set = set.name, path = %entry.path, "not synced: {}", entry.reason);
+                    }
+                }
                 let mut caught_up = false;
                 shared.set_status(&set.name, |s| {
                     s.pending_files = left;
@@ -157,6 +168,7 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                     s.last_pass_ms = Some(took);
                     s.last_fetched_files = fetched;
                     s.last_fetched_bytes = report.executed.fetched_bytes;
+                    s.skipped = skipped;
                     s.last_error = None;
                     s.pass_started_ms = None;
                     s.pass_bytes = None;
@@ -280,5 +292,18 @@ async fn purge_set_trash(name: &str, root: &Path, retention: Duration) {
             retention.as_secs() / 86_400
         ),
         Err(err) => tracing::warn!(set = name, "{err:#}"),
+    }
+}
+
+/// What a pass could not sync, on both sides, for `lbs status`.
+fn skipped_of(report: &lbs_sync::PullReport) -> crate::status::Skipped {
+    const LISTED: usize = lbs_protocol::sync::MAX_SKIPPED_SENT;
+    let mut here = report.scan.skipped.clone();
+    let more_here = here.len().saturating_sub(LISTED) as u64;
+    here.truncate(LISTED);
+    crate::status::Skipped {
+        on_primary: report.sender_skipped.entries.clone(),
+        here,
+        more: report.sender_skipped.more + more_here,
     }
 }

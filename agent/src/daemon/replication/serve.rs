@@ -118,7 +118,7 @@ pub(crate) async fn serve_one(
     mut changes: broadcast::Receiver<Vec<String>>,
     proven: impl FnOnce(),
 ) -> anyhow::Result<()> {
-    let (mut conn, _) = peer
+    let (mut conn, negotiated) = peer
         .accept(config, tcp, Role::Primary)
         .await
         .map_err(|err| anyhow::Error::new(NotLetIn(format!("{err:#}"))))?;
@@ -141,7 +141,14 @@ pub(crate) async fn serve_one(
                     .await;
                 bail!("the partner asked for an unknown set {name:?}");
             };
-            lbs_sync::serve(&mut conn, root.clone(), index.clone(), peer.generation).await?;
+            lbs_sync::serve(
+                &mut conn,
+                root.clone(),
+                index.clone(),
+                peer.generation,
+                negotiated.version,
+            )
+            .await?;
             Ok(())
         }
         Message::SyncWatch => loop {
