@@ -70,11 +70,13 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
-    /// Sender → receiver: the file is complete; the hash is of exactly the bytes sent.
+    /// Sender → receiver: the file is complete at `size` bytes.
     SyncDataEnd {
         /// How many bytes were sent.
         size: u64,
-        /// Their BLAKE3 hash.
+        /// Their BLAKE3 hash; after a block transfer, and from protocol 1.6 after a whole file
+        /// too, the hash the sender's index holds for the version it listed (the receiver
+        /// verifies what it wrote against the manifest's hash either way).
         blake3: [u8; 32],
     },
     /// Receiver → sender: send this file's changes against the version the receiver holds,
@@ -266,6 +268,10 @@ pub enum Message {
         entries: Vec<crate::sync::SkippedEntry>,
         more: u64,
     },
+    /// Sender → receiver, inside a whole-file transfer (protocol 1.6, never to an older
+    /// receiver): the next `len` bytes are a hole (zeros the sender's file system does not
+    /// store); the receiver leaves them unwritten, so a sparse file stays sparse.
+    SyncHole { len: u64 },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -318,6 +324,7 @@ impl Message {
             Message::PartnerKeyRequest => "partner-key-request",
             Message::PartnerKey { .. } => "partner-key",
             Message::SyncSkipped { .. } => "sync-skipped",
+            Message::SyncHole { .. } => "sync-hole",
         }
     }
 }

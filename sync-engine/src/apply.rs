@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use lbs_protocol::RelPath;
@@ -812,6 +813,10 @@ impl TempFile<'_> {
     ) -> Result<Staged, ApplyError> {
         let root = self.root;
         let rel = self.rel.clone();
+        // A file that ends in a hole was not written that far.
+        self.file
+            .set_len(self.hash.written)
+            .map_err(|err| root.io(&rel, "setting the length", err))?;
         let tree = self.hash.finish();
         if tree.root != *expected {
             return Err(ApplyError::HashMismatch {
@@ -841,7 +846,7 @@ impl TempFile<'_> {
     /// its partial name, for the next pull to resume from. Returns the bytes kept.
     pub fn keep_partial(mut self, expected: &blake3::Hash) -> u64 {
         let written = self.hash.written;
-        if written == 0 {
+        if written == 0 || self.file.set_len(written).is_err() {
             return 0;
         }
         let Some(temp) = self.name.take() else {
@@ -880,6 +885,46 @@ impl Drop for TempFile<'_> {
     }
 }
 
+impl HashingWriter<'_> {
+    /// `len` zero bytes that are not written: a hole in the file, hashed all the same.
+    pub fn hole(&mut self, len: u64) {
+        self.hash.zeros(len);
+    }
+}
+
+/// The file system's unit of allocation, as far as holes go.
+const PAGE: u64 = 4096;
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Holes of at least this many whole blocks (64 MiB at 16 KiB) are hashed on two threads.
+const PARALLEL_ZERO_BLOCKS: u64 = 4096;
+
+/// Writes `buf` at `at`, leaving the pages it covers whole and that hold only zeros
+/// unwritten: holes, as `rsync -S` and `cp --sparse` make them, so a sparse file (a
+/// preallocated recording, a disk image) stays sparse. The length is set when the file is
+/// finished ([`TempFile::finish`]), for a file that ends in a hole.
+fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
+    let mut pending = 0;
+    let mut i = 0;
+    while i < buf.len() {
+        let abs = at + i as u64;
+        let page_end = (((abs / PAGE + 1) * PAGE - at) as usize).min(buf.len());
+        let page = &buf[i..page_end];
+        if abs.is_multiple_of(PAGE) && page.len() as u64 == PAGE && page == &ZEROS[..page.len()] {
+            if pending < i {
+                file.write_all_at(&buf[pending..i], at + pending as u64)?;
+            }
+            pending = page_end;
+        }
+        i = page_end;
+    }
+    if pending < buf.len() {
+        file.write_all_at(&buf[pending..], at + pending as u64)?;
+    }
+    Ok(())
+}
+
 /// Per-block chaining values of a stream, computed as it passes.
 #[derive(Debug)]
 struct BlockHasher {
@@ -906,6 +951,65 @@ impl BlockHasher {
             }
         }
         self.written += buf.len() as u64;
+    }
+
+    /// `len` zeros: whole zero blocks of a large hole are hashed on both cores (each block's
+    /// value depends only on its position), the rest as it comes.
+    fn zeros(&mut self, len: u64) {
+        let bs = self.block_size.get();
+        let mut left = len;
+        let feed = |hasher: &mut BlockHasher, mut n: u64| {
+            while n > 0 {
+                let take = n.min(ZEROS.len() as u64);
+                hasher.update(&ZEROS[..take as usize]);
+                n -= take;
+            }
+        };
+        // Up to a block boundary first.
+        let to_boundary = (bs - self.pending.len() as u64 % bs) % bs;
+        let head = to_boundary.min(left);
+        feed(self, head);
+        left -= head;
+        // Whole blocks, but not the last block of the hole: it stays pending in case nothing
+        // follows (a file's last block may be its root).
+        let whole = left.saturating_sub(1) / bs;
+        // Here the pending block is full, or empty at the very start of the file.
+        let aligned = self.pending.is_empty() || self.pending.len() as u64 == bs;
+        if whole >= PARALLEL_ZERO_BLOCKS && bs as usize <= ZEROS.len() && aligned {
+            if !self.pending.is_empty() {
+                // The pending full block is followed by more: hashed now, as `update` would.
+                let idx = self.blocks.len() as u64;
+                self.blocks
+                    .push(block_cv(&self.pending, idx, self.block_size));
+                self.pending.clear();
+            }
+            let first = self.blocks.len() as u64;
+            let zero_block = &ZEROS[..bs as usize];
+            let half = whole / 2;
+            let block_size = self.block_size;
+            let cvs = |from: u64, to: u64| -> Vec<Cv> {
+                (from..to)
+                    .map(|i| block_cv(zero_block, i, block_size))
+                    .collect()
+            };
+            let (low, high) = std::thread::scope(|scope| {
+                let high = scope.spawn(|| cvs(first + half, first + whole));
+                (cvs(first, first + half), high.join())
+            });
+            self.blocks.extend(low);
+            match high {
+                Ok(high) => self.blocks.extend(high),
+                // A panic in block_cv cannot happen (it hashes a slice); recompute to be safe.
+                Err(_) => self.blocks.extend(cvs(first + half, first + whole)),
+            }
+            // The last of these blocks is hashed: more follows (`left` was not a multiple).
+            self.written += whole * bs;
+            left -= whole * bs;
+            // `update` hashes a full pending block only when more follows; the blocks pushed
+            // above were all followed by more, so the state is as `update` would leave it,
+            // with an empty pending buffer.
+        }
+        feed(self, left);
     }
 
     /// The tree hash of everything so far; call once, at the end.
@@ -945,12 +1049,68 @@ pub struct HashingWriter<'a> {
 
 impl Write for HashingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
+        write_sparse(self.file, self.hash.written, buf)?;
+        self.hash.update(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the hash of a stream with a hole must be: the same as of its zeros written out.
+    fn both_ways(before: usize, hole: u64, after: usize) -> (TreeHash, TreeHash) {
+        let new = || BlockHasher {
+            block_size: BlockSize::DEFAULT,
+            pending: Vec::new(),
+            blocks: Vec::new(),
+            written: 0,
+        };
+        let (mut holes, mut zeros) = (new(), new());
+        let data: Vec<u8> = (0..before.max(after))
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        holes.update(&data[..before]);
+        zeros.update(&data[..before]);
+        holes.zeros(hole);
+        let mut left = hole;
+        while left > 0 {
+            let n = left.min(1 << 20);
+            zeros.update(&vec![0u8; n as usize]);
+            left -= n;
+        }
+        holes.update(&data[..after]);
+        zeros.update(&data[..after]);
+        (holes.finish(), zeros.finish())
+    }
+
+    #[test]
+    fn a_hole_hashes_as_its_zeros_wherever_it_starts_and_ends() {
+        let bs = BlockSize::DEFAULT.get();
+        let big = PARALLEL_ZERO_BLOCKS * bs;
+        for before in [0, 1, 100, bs as usize, bs as usize + 7] {
+            for hole in [0, 1, bs - 1, bs, bs + 1, 3 * bs] {
+                for after in [0, 5] {
+                    let (holes, zeros) = both_ways(before, hole, after);
+                    assert_eq!(holes, zeros, "{before} + hole {hole} + {after}");
+                }
+            }
+        }
+        // Large enough for two threads: at the start, after a partial block, after a full
+        // one, ending on a boundary or not, at the end of the file or not.
+        for (before, hole, after) in [
+            (0, big + bs, 0),
+            (100, big + 3, 9),
+            (bs as usize, big + bs, 0),
+            (7, 2 * big, 1),
+        ] {
+            let (holes, zeros) = both_ways(before, hole, after);
+            assert_eq!(holes, zeros, "{before} + hole {hole} + {after}");
+        }
     }
 }

@@ -23,6 +23,8 @@ use crate::tree::{BlockSize, Cv, TreeHash};
 pub trait Sink {
     /// The next bytes of the whole file.
     fn data(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// The next `len` bytes of the whole file are zeros the sender stores as a hole.
+    fn hole(&mut self, len: u64) -> io::Result<()>;
     /// A block transfer begins: `changed` bytes of changed blocks follow, for a file that
     /// will be `size` bytes long.
     fn changes(&mut self, changed: u64, size: u64) -> io::Result<()>;
@@ -317,6 +319,24 @@ impl Sink for Receiver<'_> {
             let err = self.root.error(&self.path, "writing", err);
             self.fail(err)
         })
+    }
+
+    fn hole(&mut self, len: u64) -> io::Result<()> {
+        self.whole = self.whole.saturating_add(len);
+        if self.whole > self.planned {
+            return Err(self.beyond_plan(format!("sent {} bytes", self.whole)));
+        }
+        if matches!(self.state, Receiving::Start) {
+            let temp = self.temp()?;
+            self.state = Receiving::Whole(temp);
+        }
+        let Receiving::Whole(temp) = &mut self.state else {
+            return Err(io::Error::other(
+                "the sender mixed whole-file and block data",
+            ));
+        };
+        temp.writer().hole(len);
+        Ok(())
     }
 
     fn changes(&mut self, changed: u64, size: u64) -> io::Result<()> {

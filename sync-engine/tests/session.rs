@@ -956,3 +956,78 @@ async fn a_sender_listing_more_skipped_entries_than_allowed_is_refused() {
     assert!(err.to_string().contains("skipped entries"), "{err}");
     drop(fake.await.unwrap());
 }
+
+/// A file of `len` bytes with `islands` of data at the given offsets and holes elsewhere.
+fn sparse_file(path: &Path, len: u64, islands: &[(u64, &[u8])]) {
+    use std::os::unix::fs::FileExt;
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = fs::File::create(path).unwrap();
+    file.set_len(len).unwrap();
+    for (at, bytes) in islands {
+        file.write_all_at(bytes, *at).unwrap();
+    }
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000))
+        .unwrap();
+}
+
+fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_file_arrives_sparse_and_its_holes_do_not_cross_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let len = 256 << 20;
+    let island = music(100_000);
+    let file = sender.join("images/disk.img");
+    sparse_file(&file, len, &[(0, &island), (100 << 20, &island)]);
+    if allocated(&file) > 4 << 20 {
+        eprintln!("skipped: this file system does not keep holes");
+        return;
+    }
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+
+    // Protocol 1.6 both sides: the holes travel as holes.
+    let (server, mut client) = start_primary(&sender);
+    let report = pull_default(&mut client, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    let copy = receiver.join("images/disk.img");
+    assert_eq!(state(&receiver), state(&sender));
+    // The data, to the file system's 4 KiB pages.
+    assert!(
+        report.executed.fetched_bytes <= 2 * (island.len() as u64).next_multiple_of(4096),
+        "fetched {} bytes of a {len}-byte file with {} bytes of data",
+        report.executed.fetched_bytes,
+        2 * island.len()
+    );
+    assert!(
+        allocated(&copy) <= 1 << 20,
+        "the copy takes {} bytes on disk",
+        allocated(&copy)
+    );
+
+    // From a 1.5 primary the zeros come as data; the copy is sparse all the same.
+    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
+    fs::remove_dir_all(&receiver).unwrap();
+    fs::create_dir_all(&receiver).unwrap();
+    let (mut server_conn, mut client) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
+    });
+    let options = PullOptions {
+        version: old,
+        ..PullOptions::default()
+    };
+    let report = pull(&mut client, &receiver, fresh_index(), &trash, GEN, options)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    assert_eq!(report.executed.fetched_bytes, len);
+    assert_eq!(state(&receiver), state(&sender));
+    assert!(allocated(&copy) <= 1 << 20, "{}", allocated(&copy));
+}

@@ -20,7 +20,7 @@ use lbs_protocol::{
     Connection, Envelope, FrameError, Generation, Message, ProtocolVersion, RelPath, Role,
     SYNC_CHUNK_LEN,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
@@ -266,8 +266,9 @@ fn scan_manifest(
     Ok((manifest, report.skipped))
 }
 
-/// The first protocol whose senders list what they skipped ([`Message::SyncSkipped`]).
-const SKIPPED_SINCE: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
+/// The first protocol whose senders list what they skipped ([`Message::SyncSkipped`]) and
+/// send holes as holes ([`Message::SyncHole`]).
+const V1_6: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 
 /// What the sender's scan left out, as it said after its manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -383,7 +384,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let skipped = if version >= SKIPPED_SINCE {
+    let skipped = if version >= V1_6 {
         match receive(conn, "the list of skipped entries").await? {
             Message::SyncSkipped { entries, more } => {
                 SenderSkipped::check(&entries)?;
@@ -477,6 +478,8 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
 enum Chunk {
     /// The next bytes of a whole-file transfer.
     Data(Vec<u8>),
+    /// The next bytes of a whole-file transfer are a hole this long.
+    Hole(u64),
     /// A block transfer begins: changed bytes to follow, the file's new size.
     Changes(u64, u64),
     /// Bytes at an offset of a block transfer; the gap before them is kept from the old file.

@@ -53,6 +53,7 @@ impl Bridge {
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
                 Chunk::Data(bytes) => sink.data(&bytes)?,
+                Chunk::Hole(len) => sink.hole(len)?,
                 Chunk::Changes(changed, size) => sink.changes(changed, size)?,
                 Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
                 Chunk::Delta(bytes) => sink.delta(&bytes)?,
@@ -498,6 +499,7 @@ pub(super) async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         match receive(conn, "a file transfer").await? {
             Message::SyncData { .. }
+            | Message::SyncHole { .. }
             | Message::SyncDataAt { .. }
             | Message::SyncChanges { .. }
             | Message::SyncDelta { .. } => {}
@@ -522,6 +524,12 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                     progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
                 }
                 Chunk::Data(bytes)
+            }
+            Message::SyncHole { len } => {
+                if let Some(progress) = progress {
+                    progress.send_modify(|p| p.current_bytes = p.current_bytes.saturating_add(len));
+                }
+                Chunk::Hole(len)
             }
             Message::SyncDataAt { offset, bytes } => {
                 if let Some(progress) = progress {

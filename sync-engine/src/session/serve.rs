@@ -14,6 +14,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     version: ProtocolVersion,
 ) -> Result<(), SessionError> {
     let files = Root::open(&root)?;
+    // Holes travel as such to a receiver that knows them (1.6), as zeros to an older one.
+    let holes = version >= V1_6;
     // This box may have been a backup that stopped in the middle of a patch: finish it
     // before serving the file.
     blocking_join(
@@ -60,9 +62,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_manifest(conn, generation, rest).await?;
                 send_skipped(conn, generation, version, skipped).await?;
             }
-            Message::SyncFetch { path } => send_file(conn, generation, &files, path).await?,
+            Message::SyncFetch { path } => {
+                send_file(conn, generation, &files, &index, path, holes).await?;
+            }
             Message::SyncFetchDelta { path, signature } => {
-                send_delta(conn, generation, &files, path, signature).await?;
+                let asked = (path, signature);
+                send_delta(conn, generation, &files, &index, asked, holes).await?;
             }
             Message::SyncFetchChanges {
                 path,
@@ -109,7 +114,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
-                send_changes(conn, generation, &files, &index, path, block_size, theirs).await?;
+                let asked = Asked {
+                    path,
+                    block_size,
+                    theirs,
+                };
+                send_changes(conn, generation, &files, &index, asked, holes).await?;
             }
             Message::Heartbeat { seq, .. } => {
                 send(
@@ -137,7 +147,7 @@ async fn send_skipped<S: AsyncRead + AsyncWrite + Unpin>(
     version: ProtocolVersion,
     skipped: Vec<SkippedEntry>,
 ) -> Result<(), SessionError> {
-    if version < SKIPPED_SINCE {
+    if version < V1_6 {
         return Ok(());
     }
     let SenderSkipped { entries, more } = SenderSkipped::from_scan(skipped);
@@ -227,15 +237,26 @@ pub(super) async fn send_same<S: AsyncRead + AsyncWrite + Unpin>(
 /// Sends the blocks of `path` whose values differ from the receiver's (`theirs`), and the
 /// tail past the receiver's length; falls back to the whole file when the sender's index has
 /// no block values of that size for it.
+/// A receiver's request for a file's changes against its blocks.
+pub(super) struct Asked {
+    pub(super) path: RelPath,
+    pub(super) block_size: u32,
+    pub(super) theirs: Vec<BlockSum>,
+}
+
 pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     files: &Root,
     index: &Arc<Mutex<Index>>,
-    path: RelPath,
-    block_size: u32,
-    theirs: Vec<BlockSum>,
+    asked: Asked,
+    holes: bool,
 ) -> Result<(), SessionError> {
+    let Asked {
+        path,
+        block_size,
+        theirs,
+    } = asked;
     let ours = {
         let index = index
             .lock()
@@ -248,7 +269,7 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let Some((len, root_hash, size, blocks)) = ours else {
-        return send_file(conn, generation, files, path).await;
+        return send_file(conn, generation, files, index, path, holes).await;
     };
     let file = match files.open_file(&path) {
         Ok(file) => Arc::new(file),
@@ -374,8 +395,9 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     files: &Root,
-    path: RelPath,
-    signature: Vec<u8>,
+    index: &Arc<Mutex<Index>>,
+    (path, signature): (RelPath, Vec<u8>),
+    holes: bool,
 ) -> Result<(), SessionError> {
     let file = match files.open_file(&path) {
         Ok(file) => file,
@@ -403,7 +425,7 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
     let (data, delta) = match blocking_join(made)? {
         Ok((true, data, delta)) => (data, delta),
         // It grew past the delta limit since it was listed: stream it whole.
-        Ok((false, ..)) => return send_file(conn, generation, files, path).await,
+        Ok((false, ..)) => return send_file(conn, generation, files, index, path, holes).await,
         Err(err) => {
             let reason = format!("reading failed: {err}");
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
@@ -435,12 +457,30 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Streams one file, hashing exactly the bytes sent.
+/// Sends `path` whole: its data as it is read, and (with `holes`, to a receiver of protocol
+/// 1.6) each hole its file system reports as a [`Message::SyncHole`] instead of its zeros, and
+/// the hash its index holds for the version it listed, as a block transfer does (the receiver
+/// verifies what it wrote against the manifest itself: hashing it here again cost the primary
+/// a core for every byte sent). A file that grows while it is sent is sent to its end.
 pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     files: &Root,
+    index: &Arc<Mutex<Index>>,
     path: RelPath,
+    holes: bool,
 ) -> Result<(), SessionError> {
+    let listed = if holes {
+        let index = index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        index
+            .get(&path)?
+            .and_then(|entry| entry.hash)
+            .map(|hash| hash.root)
+    } else {
+        None
+    };
     let file = match files.open_file(&path) {
         Ok(file) => file,
         Err(err) => {
@@ -451,8 +491,37 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
+    // Where the data region being read ends (`u64::MAX`: read to the end of the file);
+    // `None`: ask the file system at the current offset.
+    let mut data_end = if holes { None } else { Some(u64::MAX) };
     loop {
-        let mut bytes = vec![0u8; SYNC_CHUNK_LEN];
+        let end = match data_end {
+            Some(end) if size < end => end,
+            _ => {
+                let end = match next_region(&file, size) {
+                    Region::Hole(len) => {
+                        if listed.is_none() {
+                            hash_zeros(&mut hasher, len);
+                        }
+                        size += len;
+                        feed(conn, generation, Message::SyncHole { len }).await?;
+                        data_end = None;
+                        continue;
+                    }
+                    Region::Data(end) => end,
+                    Region::Unknown => u64::MAX,
+                };
+                // Asking moved the descriptor's offset.
+                if let Err(err) = file.seek(std::io::SeekFrom::Start(size)).await {
+                    let reason = format!("seeking to {size} failed: {err}");
+                    return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+                }
+                data_end = Some(end);
+                end
+            }
+        };
+        let want = SYNC_CHUNK_LEN.min(usize::try_from(end - size).unwrap_or(usize::MAX));
+        let mut bytes = vec![0u8; want];
         let n = match file.read(&mut bytes).await {
             Ok(n) => n,
             Err(err) => {
@@ -461,13 +530,62 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         if n == 0 {
+            // The end (a file that shrank meanwhile is caught by the receiver's hash).
             break;
         }
         bytes.truncate(n);
-        hasher.update(&bytes);
+        if listed.is_none() {
+            hasher.update(&bytes);
+        }
         size += n as u64;
         feed(conn, generation, Message::SyncData { bytes }).await?;
     }
-    let blake3 = *hasher.finalize().as_bytes();
+    let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+}
+
+/// What lies at an offset of a file, as its file system tells (`SEEK_DATA`, `SEEK_HOLE`).
+enum Region {
+    /// A hole this long (up to the next data, or to the end of the file).
+    Hole(u64),
+    /// Data up to this offset.
+    Data(u64),
+    /// The file system cannot tell (or the offset is at the end): read on.
+    Unknown,
+}
+
+fn next_region(file: &tokio::fs::File, at: u64) -> Region {
+    use nix::unistd::{Whence, lseek};
+    use std::os::fd::AsFd;
+    let Ok(offset) = i64::try_from(at) else {
+        return Region::Unknown;
+    };
+    let borrowed = file.as_fd();
+    match lseek(borrowed, offset, Whence::SeekData) {
+        Ok(data) if data as u64 > at => Region::Hole(data as u64 - at),
+        Ok(_) => match lseek(borrowed, offset, Whence::SeekHole) {
+            Ok(hole) if hole as u64 > at => Region::Data(hole as u64),
+            _ => Region::Unknown,
+        },
+        // No data after `at`: the rest of the file, if any, is a hole.
+        Err(nix::errno::Errno::ENXIO) => {
+            let len = nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_size.max(0) as u64);
+            if len > at {
+                Region::Hole(len - at)
+            } else {
+                Region::Unknown
+            }
+        }
+        Err(_) => Region::Unknown,
+    }
+}
+
+fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
 }
