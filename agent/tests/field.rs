@@ -685,3 +685,232 @@ fn with_automatic_failover_a_primary_whose_pbx_stays_down_hands_over_to_the_back
     assert!(events.contains("hand-over requested"), "{events}");
     assert!(events.contains("(hand-over by the primary)"), "{events}");
 }
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / per_s)
+}
+
+/// The p-th percentile (0–100) of `values`.
+fn percentile(values: &[Duration], p: usize) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted
+        .get((sorted.len() * p / 100).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_busy_office_keeps_every_copy_within_seconds_and_an_idle_agent_costs_nothing() {
+    if !require_root(
+        "a_busy_office_keeps_every_copy_within_seconds_and_an_idle_agent_costs_nothing",
+        "network namespaces",
+    ) {
+        return;
+    }
+    const CALLS: usize = 8;
+    const BUSY: Duration = Duration::from_secs(60);
+    let mut pair = Pair::start(false);
+    for host in ["a", "b"] {
+        let config = pair.dir().join(host).join("agent.toml");
+        let recordings = pair.dir().join(host).join("recordings");
+        std::fs::create_dir_all(&recordings).unwrap();
+        // The README's debounce, and the recordings in a set of their own.
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("debounce_ms = 100\n", "");
+        std::fs::write(
+            &config,
+            format!(
+                "{text}\n[[set]]\nname = \"recordings\"\npath = \"{}\"\n",
+                recordings.display()
+            ),
+        )
+        .unwrap();
+    }
+    // The prompt tree's shape: 5,696 files of a few KiB in 40 directories.
+    for i in 0..5696u32 {
+        let dir = pair.media("a").join(format!("sounds/dir{:02}", i % 40));
+        std::fs::create_dir_all(&dir).unwrap();
+        let len = 2000 + (i as usize * 7919) % 14000;
+        std::fs::write(
+            dir.join(format!("prompt{i}.gsm")),
+            vec![(i % 251) as u8; len],
+        )
+        .unwrap();
+    }
+    // The calls have been going on for a quarter of an hour: 14.4 MB recorded each.
+    const EARLIER: usize = 14_400_000;
+    for call in 0..CALLS {
+        let earlier: Vec<u8> = (0..EARLIER).map(|i| (i * 31 + call) as u8).collect();
+        std::fs::write(
+            pair.dir().join(format!("a/recordings/call{call}.wav")),
+            earlier,
+        )
+        .unwrap();
+    }
+    pair.activate("a", 0);
+    pair.activate("b", 1);
+    pair.start_agent("a");
+    pair.start_agent("b");
+    pair.wait("the first full sync", Duration::from_secs(120), |pair| {
+        let status = pair.status("b");
+        ["media", "recordings"]
+            .iter()
+            .all(|s| set(&status, s)["state"] == "in sync")
+    });
+    let (primary_pid, backup_pid) = (pair.agents[0], pair.agents[1]);
+
+    // The 8 calls go on, 16 KB/s each (1,600 bytes every 100 ms); a voicemail every 5 s; a
+    // config edit every 7 s.
+    type Log = std::sync::Arc<std::sync::Mutex<Vec<(Instant, u64)>>>;
+    let logs: Vec<Log> = (0..CALLS).map(|_| Log::default()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..CALLS)
+        .map(|call| {
+            let (log, stop) = (logs[call].clone(), stop.clone());
+            let path = pair.dir().join(format!("a/recordings/call{call}.wav"));
+            std::thread::spawn(move || {
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                let mut len = EARLIER as u64;
+                let frame: Vec<u8> = (0..1600u32).map(|i| (i * 31 + call as u32) as u8).collect();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    file.write_all(&frame).unwrap();
+                    len += frame.len() as u64;
+                    log.lock().unwrap().push((Instant::now(), len));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    let cpu_before = cpu_time(primary_pid);
+    let started = Instant::now();
+    // The lag of a copy holding `copied` bytes: how long ago the primary first had more.
+    let lag = |log: &Log, copied: u64, now: Instant| {
+        let log = log.lock().unwrap();
+        match log.iter().find(|(_, len)| *len > copied) {
+            Some((at, _)) => now.saturating_duration_since(*at),
+            // Even the first write of this phase has not arrived: behind since it began.
+            None if copied < EARLIER as u64 => now.saturating_duration_since(started),
+            None => Duration::ZERO,
+        }
+    };
+    let mut lags: Vec<Duration> = Vec::new();
+    let mut worst: Vec<Duration> = vec![Duration::ZERO; CALLS];
+    let mut voicemails: Vec<(std::path::PathBuf, Instant, Option<Duration>)> = Vec::new();
+    let mut edits = 0u32;
+    while started.elapsed() < BUSY {
+        let elapsed = started.elapsed();
+        if elapsed >= Duration::from_secs(5) * (voicemails.len() as u32 + 1) {
+            let name = format!("msg{:04}.wav", voicemails.len());
+            std::fs::write(pair.media("a").join(&name), vec![9u8; 80_000]).unwrap();
+            voicemails.push((pair.media("b").join(&name), Instant::now(), None));
+        }
+        if elapsed >= Duration::from_secs(7) * (edits + 1) {
+            edits += 1;
+            std::fs::write(
+                pair.media("a").join("extensions.conf"),
+                format!("[default]\n; edit {edits}\n"),
+            )
+            .unwrap();
+        }
+        let now = Instant::now();
+        for (call, log) in logs.iter().enumerate() {
+            let copy = pair.dir().join(format!("b/recordings/call{call}.wav"));
+            let copied = std::fs::metadata(&copy).map_or(0, |m| m.len());
+            let behind = lag(log, copied, now);
+            // The first seconds: the file may not exist on the primary's list yet.
+            if elapsed > Duration::from_secs(3) {
+                lags.push(behind);
+                worst[call] = worst[call].max(behind);
+                assert!(
+                    behind < Duration::from_secs(5),
+                    "call {call}'s copy is {behind:?} behind after {elapsed:?}"
+                );
+            }
+        }
+        for (copy, at, took) in &mut voicemails {
+            if took.is_none() && std::fs::metadata(&*copy).is_ok_and(|m| m.len() == 80_000) {
+                *took = Some(at.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let busy_cpu = cpu_time(primary_pid).saturating_sub(cpu_before);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let voicemail_worst = voicemails
+        .iter()
+        .map(|(copy, at, took)| {
+            took.unwrap_or_else(|| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !std::fs::metadata(copy).is_ok_and(|m| m.len() == 80_000) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} never arrived",
+                        copy.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                at.elapsed()
+            })
+        })
+        .max()
+        .unwrap();
+    eprintln!(
+        "busy office, {CALLS} calls for {BUSY:?} ({} samples): copy lag p50 {:?}, p99 {:?}, max {:?}; worst per call {:?}; voicemails ({}) at most {voicemail_worst:?}; primary agent CPU {:.1}% of a core",
+        lags.len(),
+        percentile(&lags, 50),
+        percentile(&lags, 99),
+        percentile(&lags, 100),
+        worst,
+        voicemails.len(),
+        busy_cpu.as_secs_f64() * 100.0 / BUSY.as_secs_f64()
+    );
+    assert!(
+        voicemail_worst < Duration::from_secs(5),
+        "{voicemail_worst:?}"
+    );
+
+    // Quiet: everything settles, then neither agent spends more than a little of a core.
+    pair.wait("in sync after the calls", STEP, |pair| {
+        let status = pair.status("b");
+        ["media", "recordings"]
+            .iter()
+            .all(|s| set(&status, s)["state"] == "in sync")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (p0, b0) = (cpu_time(primary_pid), cpu_time(backup_pid));
+    let quiet = Duration::from_secs(20);
+    std::thread::sleep(quiet);
+    let share = |used: Duration| used.as_secs_f64() * 100.0 / quiet.as_secs_f64();
+    let (primary_idle, backup_idle) = (
+        share(cpu_time(primary_pid) - p0),
+        share(cpu_time(backup_pid) - b0),
+    );
+    eprintln!(
+        "idle with 5,696 prompt files: primary agent {primary_idle:.2}% of a core, backup {backup_idle:.2}%"
+    );
+    assert!(
+        primary_idle < 2.0 && backup_idle < 2.0,
+        "{primary_idle}% / {backup_idle}%"
+    );
+}

@@ -255,30 +255,10 @@ impl Index {
 
     /// The per-block chaining values stored for a file, if any.
     pub fn blocks(&self, path: &RelPath) -> Result<Option<(BlockSize, Vec<Cv>)>, IndexError> {
-        let row: Option<(Option<u32>, Option<Vec<u8>>)> = self
-            .conn
-            .prepare_cached("SELECT block_size, blocks FROM entries WHERE path = ?1")
-            .map_err(|e| self.sqlite(e))?
-            .query_row([path.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()
-            .map_err(|e| self.sqlite(e))?;
-        let Some((Some(block_size), Some(bytes))) = row else {
-            return Ok(None);
-        };
-        let block_size =
-            BlockSize::new(block_size).map_err(|e| self.corrupt(format!("{path}: {e}")))?;
-        if bytes.len() % 32 != 0 {
-            return Err(self.corrupt(format!("{path}: block list of {} bytes", bytes.len())));
-        }
-        let blocks = bytes
-            .chunks_exact(32)
-            .map(|cv| {
-                let mut out = [0u8; 32];
-                out.copy_from_slice(cv);
-                out
-            })
-            .collect();
-        Ok(Some((block_size, blocks)))
+        read_blocks(&self.conn, path).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => self.corrupt(what),
+        })
     }
 
     /// What the index knows of a file that has a hash and block values: the basis for
@@ -383,6 +363,18 @@ impl Batch<'_> {
             path: self.location.clone(),
             source,
         }
+    }
+
+    /// The per-block chaining values stored for a file, as of before this batch's writes to
+    /// it.
+    pub fn blocks(&self, path: &RelPath) -> Result<Option<(BlockSize, Vec<Cv>)>, IndexError> {
+        read_blocks(&self.tx, path).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => IndexError::Corrupt {
+                path: self.location.clone(),
+                what,
+            },
+        })
     }
 
     /// Records an entry; for files with fresh hashes, also their per-block values.
@@ -505,4 +497,41 @@ fn raw_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
         blake3: row.get(12)?,
         racy: row.get(13)?,
     })
+}
+
+enum BlocksError {
+    Sqlite(rusqlite::Error),
+    Corrupt(String),
+}
+
+fn read_blocks(
+    conn: &rusqlite::Connection,
+    path: &RelPath,
+) -> Result<Option<(BlockSize, Vec<Cv>)>, BlocksError> {
+    let row: Option<(Option<u32>, Option<Vec<u8>>)> = conn
+        .prepare_cached("SELECT block_size, blocks FROM entries WHERE path = ?1")
+        .map_err(BlocksError::Sqlite)?
+        .query_row([path.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(BlocksError::Sqlite)?;
+    let Some((Some(block_size), Some(bytes))) = row else {
+        return Ok(None);
+    };
+    let block_size =
+        BlockSize::new(block_size).map_err(|e| BlocksError::Corrupt(format!("{path}: {e}")))?;
+    if bytes.len() % 32 != 0 {
+        return Err(BlocksError::Corrupt(format!(
+            "{path}: block list of {} bytes",
+            bytes.len()
+        )));
+    }
+    let blocks = bytes
+        .chunks_exact(32)
+        .map(|cv| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(cv);
+            out
+        })
+        .collect();
+    Ok(Some((block_size, blocks)))
 }

@@ -428,11 +428,35 @@ fn record_file(
         pass.keep(prev);
         return Ok(());
     }
-    match hash_stable(abs, &meta, pass.block_size, &mut pass.names) {
-        Ok((tree, after)) => {
+    // A file that only grew since it was hashed (a call being recorded): its new blocks, not
+    // its whole length, every pass.
+    let appended = match &previous {
+        Some(prev) if grew(prev, &meta, pass.block_size) => match pass.batch.blocks(&path)? {
+            Some((block_size, blocks)) if block_size == pass.block_size => hash_appended(
+                abs,
+                &meta,
+                prev.meta.size,
+                &blocks,
+                block_size,
+                &mut pass.names,
+            )
+            .ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    let hashed = match appended {
+        Some((tree, after, read)) => Ok((tree, after, read, true)),
+        None => hash_stable(abs, &meta, pass.block_size, &mut pass.names).map(|(tree, after)| {
+            let read = tree.len;
+            (tree, after, read, false)
+        }),
+    };
+    match hashed {
+        Ok((tree, after, read, by_append)) => {
             let report = &mut pass.report;
             report.hashed_files += 1;
-            report.hashed_bytes += tree.len;
+            report.hashed_bytes += read;
             // A chmod or chown also moves the ctime, so the content was re-verified: report
             // it as what it was.
             let same_content = previous.as_ref().is_some_and(|p| {
@@ -443,7 +467,10 @@ fn record_file(
             if same_content && previous.is_some_and(|p| !same_visible_meta(&p.meta, &after)) {
                 report.metadata_updates += 1;
             }
-            let racy = is_racy(after.mtime_ns);
+            // A hash built on the previous version's blocks is checked by a full one once the
+            // file stops growing (a racy hash is hashed again when its file looks unchanged):
+            // a write into the middle of a growing file is not seen by the append path.
+            let racy = by_append || is_racy(after.mtime_ns);
             let entry = Entry {
                 path,
                 kind: EntryKind::File,
@@ -480,6 +507,89 @@ enum Unhashable {
     Changed,
     Gone,
     Io(io::Error),
+}
+
+/// Files at least this long are hashed by their appended blocks when they only grew.
+const APPEND_MIN_LEN: u64 = 1 << 20;
+
+/// Whether `now` looks like `prev` with more appended: same inode, longer, long enough for
+/// the append path to pay, and hashed before (with blocks to build on).
+fn grew(prev: &Entry, now: &Meta, block_size: BlockSize) -> bool {
+    prev.kind == EntryKind::File
+        && prev.hash.is_some()
+        && prev.meta.inode == now.inode
+        && now.size > prev.meta.size
+        && prev.meta.size >= APPEND_MIN_LEN.max(2 * block_size.get())
+}
+
+/// The tree hash of a file that grew from `old_len` bytes, whose blocks were `old_blocks`:
+/// the first block is read again (a WAV header holds the length and is rewritten as the
+/// recording grows), the previous version's last partial block and everything after it are
+/// read; the blocks between are taken as they were. Returns the hash, the metadata that goes
+/// with it, and the bytes read.
+fn hash_appended(
+    abs: &Path,
+    seen: &Meta,
+    old_len: u64,
+    old_blocks: &[Cv],
+    block_size: BlockSize,
+    names: &mut Names,
+) -> Result<(crate::tree::TreeHash, Meta, u64), Unhashable> {
+    use std::os::unix::fs::FileExt;
+    let bs = block_size.get();
+    if old_blocks.len() as u64 != block_size.blocks_for(old_len) {
+        return Err(Unhashable::Changed);
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
+        .open(abs)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Unhashable::Gone,
+            _ => Unhashable::Changed,
+        })?;
+    let before = fstat(&file)?;
+    let len = before.len();
+    if !before.is_file() || before.ino() != seen.inode || len <= old_len {
+        return Err(Unhashable::Changed);
+    }
+    let full = old_len / bs;
+    let mut blocks: Vec<Cv> = Vec::with_capacity(block_size.blocks_for(len) as usize);
+    let mut buf = vec![0u8; bs as usize];
+    let mut read = 0u64;
+    let mut block_at = |index: u64, buf: &mut Vec<u8>| -> Result<Cv, Unhashable> {
+        let start = index * bs;
+        let n = (len - start).min(bs) as usize;
+        file.read_exact_at(&mut buf[..n], start)
+            .map_err(|e| match e.kind() {
+                // Shorter than when we looked: it changed.
+                io::ErrorKind::UnexpectedEof => Unhashable::Changed,
+                _ => Unhashable::Io(e),
+            })?;
+        read += n as u64;
+        Ok(crate::tree::block_cv(&buf[..n], index, block_size))
+    };
+    blocks.push(block_at(0, &mut buf)?);
+    blocks.extend_from_slice(&old_blocks[1..full as usize]);
+    for index in full..block_size.blocks_for(len) {
+        blocks.push(block_at(index, &mut buf)?);
+    }
+    let root = crate::tree::root_from_blocks(&blocks, block_size, len)
+        .ok()
+        .flatten()
+        .ok_or(Unhashable::Changed)?;
+    let after = fstat(&file)?;
+    let (before, after) = (to_meta(&before, names), to_meta(&after, names));
+    if !before.content_key_matches(&after) {
+        return Err(Unhashable::Changed);
+    }
+    let tree = crate::tree::TreeHash {
+        len,
+        block_size,
+        root,
+        blocks,
+    };
+    Ok((tree, after, read))
 }
 
 /// Hashes a file and checks it did not change meanwhile; returns the hash and the metadata

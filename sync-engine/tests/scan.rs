@@ -9,7 +9,7 @@ mod common;
 use common::write_old;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 
 use lbs_protocol::RelPath;
@@ -319,4 +319,86 @@ fn remembered_entries_are_used_only_while_nothing_changed_the_index() {
     index.remember(entries.clone()).unwrap();
     scan(&root, &mut index, &ScanOptions::default()).unwrap();
     assert_eq!(index.take_entries().unwrap(), index.entries().unwrap());
+}
+
+/// Appends `more` to `path` and gives it an mtime well in the past (as a quiet file has).
+fn append_old(path: &Path, more: &[u8], mtime_s: u64) {
+    use std::io::Write;
+    let mut file = fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(more).unwrap();
+    file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime_s))
+        .unwrap();
+}
+
+#[test]
+fn a_growing_recording_costs_its_new_blocks_and_is_checked_whole_once_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let call = root.join("monitor/call.wav");
+    let mut content: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+    write_old(&call, &content);
+    let mut index = Index::in_memory().unwrap();
+    let options = ScanOptions::default();
+    scan(&root, &mut index, &options).unwrap();
+    let block = lbs_sync::BlockSize::DEFAULT.get();
+    let hash_of = |index: &Index| {
+        index
+            .get(&rel("monitor/call.wav"))
+            .unwrap()
+            .unwrap()
+            .hash
+            .unwrap()
+    };
+
+    // It grows three times: each pass reads the header block, the old last block and what
+    // was appended — not 4 MB.
+    for step in 0..3u32 {
+        let more: Vec<u8> = (0..100_000u32)
+            .map(|i| (i % 199) as u8 + step as u8)
+            .collect();
+        // Asterisk rewrites the WAV header's length as it goes.
+        let riff_len = (content.len() as u32).to_le_bytes();
+        content[4..8].copy_from_slice(&riff_len);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&call)
+            .unwrap()
+            .write_all_at(&content[..8], 0)
+            .unwrap();
+        content.extend_from_slice(&more);
+        append_old(&call, &more, 1_650_000_000 + u64::from(step));
+        let pass = scan(&root, &mut index, &options).unwrap();
+        assert_eq!(pass.hashed_files, 1);
+        assert!(
+            pass.hashed_bytes <= 100_000 + 2 * block,
+            "pass {step} read {} bytes",
+            pass.hashed_bytes
+        );
+        let hash = hash_of(&index);
+        assert_eq!(hash.root, *blake3::hash(&content).as_bytes(), "pass {step}");
+        assert!(
+            hash.racy,
+            "a hash built on old blocks is checked again later"
+        );
+    }
+
+    // A write into the middle while it grew is not seen by the append path, but the first
+    // pass after it stops growing reads it whole and finds it.
+    content[2_000_000] ^= 0xff;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&call)
+        .unwrap()
+        .write_all_at(&content[2_000_000..2_000_001], 2_000_000)
+        .unwrap();
+    content.extend_from_slice(b"last words");
+    append_old(&call, b"last words", 1_650_000_100);
+    scan(&root, &mut index, &options).unwrap();
+    let quiet = scan(&root, &mut index, &options).unwrap();
+    assert_eq!(quiet.hashed_bytes, content.len() as u64, "{quiet:?}");
+    let hash = hash_of(&index);
+    assert_eq!(hash.root, *blake3::hash(&content).as_bytes());
+    assert!(!hash.racy);
+    // And then it is left alone.
+    assert_eq!(scan(&root, &mut index, &options).unwrap().hashed_files, 0);
 }
