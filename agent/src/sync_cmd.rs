@@ -275,6 +275,12 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
             report.executed.patched
         );
     }
+    if plan.links > 0 {
+        lbs_host::say!(
+            "{} name(s) made hard links of another, as on the partner",
+            plan.links
+        );
+    }
     if report.executed.resumed > 0 {
         lbs_host::say!(
             "{} interrupted transfer(s) resumed from what was kept",

@@ -272,6 +272,13 @@ pub enum Message {
     /// receiver): the next `len` bytes are a hole (zeros the sender's file system does not
     /// store); the receiver leaves them unwritten, so a sparse file stays sparse.
     SyncHole { len: u64 },
+    /// Primary → backup, after [`Message::SyncSkipped`] (protocol 1.6, never to an older
+    /// receiver): the files of the manifest that are hard links of each other, a group per
+    /// inode (two paths at least each), in parts (`last` closes them).
+    SyncLinks {
+        groups: Vec<Vec<RelPath>>,
+        last: bool,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -325,6 +332,7 @@ impl Message {
             Message::PartnerKey { .. } => "partner-key",
             Message::SyncSkipped { .. } => "sync-skipped",
             Message::SyncHole { .. } => "sync-hole",
+            Message::SyncLinks { .. } => "sync-links",
         }
     }
 }

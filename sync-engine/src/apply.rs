@@ -552,6 +552,45 @@ impl Root {
             .map_err(|err| self.io(rel, "reading metadata", err))
     }
 
+    /// Makes `to` another name of the file at `from` (a hard link), replacing what is at `to`
+    /// atomically: linked under a temporary name, then renamed. Neither name is followed if it
+    /// is a symlink; `from` must be a regular file.
+    pub fn hard_link(&self, from: &RelPath, to: &RelPath) -> Result<(), ApplyError> {
+        let from_dir = self.parent_dir(from, false)?;
+        let to_dir = self.parent_dir(to, false)?;
+        let is_file = self.stat(&from_dir, from).is_ok_and(|st| {
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+        });
+        if !is_file {
+            return Err(self.io(
+                to,
+                "linking",
+                io::Error::other(format!("{from} is not a file")),
+            ));
+        }
+        let temp = temp_name(to.file_name(), None);
+        nix::unistd::linkat(
+            from_dir.as_fd(),
+            from.file_name(),
+            to_dir.as_fd(),
+            temp.as_os_str(),
+            AtFlags::empty(),
+        )
+        .map_err(|err| self.io(to, "linking", err))?;
+        let renamed = renameat(
+            to_dir.as_fd(),
+            temp.as_os_str(),
+            to_dir.as_fd(),
+            to.file_name(),
+        )
+        .map_err(|err| self.io(to, "renaming into place", err));
+        if renamed.is_err() {
+            let _ = unlinkat(to_dir.as_fd(), temp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        renamed?;
+        self.step_sync(&to_dir, to, "syncing the directory")
+    }
+
     /// Creates or replaces a symlink atomically (temp link + rename), with owner and mtime.
     pub fn symlink(&self, rel: &RelPath, target: &[u8], meta: &Target) -> Result<(), ApplyError> {
         let dir = self.parent_dir(rel, false)?;

@@ -608,13 +608,25 @@ fn run(
     };
     on_progress(&progress);
     for (at, action) in plan.actions.iter().enumerate() {
-        if at == plan.dirs_from || group.full() {
+        // Links are made to files in place: what is staged goes in first.
+        if at == plan.dirs_from || group.full() || matches!(action, Action::Link { .. }) {
             group.commit(root, &mut report)?;
         }
         let outcome = match action {
             Action::Trash { path } => root.move_to(path, no_batch(trash, path)?),
             Action::MakeDir { path } => root.make_dir(path),
             Action::SetMeta { path, meta } => root.set_meta(path, &ids.target(meta, &mut report)),
+            Action::Link { path, to } => {
+                // A member this pass could not bring would spread or lose content.
+                match report.deferred.iter().find(|(p, _)| p == to || p == path) {
+                    Some((p, _)) => Err(ApplyError::Io {
+                        path: path.clone(),
+                        what: "linking",
+                        source: io::Error::other(format!("{p} was left for the next pass")),
+                    }),
+                    None => root.hard_link(to, path),
+                }
+            }
             Action::Symlink { path, target, meta } => {
                 root.symlink(path, target, &ids.target(meta, &mut report))
             }
@@ -814,6 +826,7 @@ fn action_path(action: &Action) -> &RelPath {
         | Action::Fetch { path, .. }
         | Action::CopyLocal { path, .. }
         | Action::Symlink { path, .. }
+        | Action::Link { path, .. }
         | Action::SetMeta { path, .. } => path,
     }
 }

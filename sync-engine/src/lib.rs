@@ -29,6 +29,7 @@ pub mod execute;
 pub mod fuzzing;
 pub mod index;
 pub mod journal;
+pub mod links;
 pub mod plan;
 pub mod scan;
 pub mod session;
@@ -44,7 +45,7 @@ pub use execute::{
 };
 pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta};
 pub use journal::{JOURNAL_NAME, Patch, PatchError, Recovery, Sealed, recover};
-pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan};
+pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan, plan_with_links};
 pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan, scan_from};
 pub use session::{PullOptions, PullReport, SenderSkipped, SessionError, pull, serve};
 pub use trash::Trash;

@@ -87,6 +87,9 @@ pub enum Action {
         target: Vec<u8>,
         meta: FileMeta,
     },
+    /// Make `path` another name of the file at `to` (a hard link, as on the sender); both
+    /// hold the same content by then.
+    Link { path: RelPath, to: RelPath },
     /// Set mode, owner and mtime of an entry whose content is right.
     SetMeta {
         path: RelPath,
@@ -118,6 +121,8 @@ pub struct PlanSummary {
     pub symlinks: u64,
     /// Files the sender could not hash (still changing): left as they are for now.
     pub pending: u64,
+    /// Names made hard links of another, as on the sender.
+    pub links: u64,
 }
 
 /// A complete plan.
@@ -187,6 +192,18 @@ fn meta_matches(have: &Meta, want: &FileMeta, class: Class) -> bool {
 /// Computes the plan that turns the receiver's tree (`receiver`, its index) into the sender's
 /// (`sender`, its manifest).
 pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanError> {
+    plan_with_links(sender, receiver, &[])
+}
+
+/// Like [`plan`], with the sender's hard-link groups ([`crate::links::consistent`] ones: files
+/// of the manifest with one content): after the writes, every member that is not already the
+/// same file as the group's first (by the receiver's index; a name written by this plan is a
+/// new file) is linked to it, and its directory's metadata set again.
+pub fn plan_with_links(
+    sender: &[ManifestEntry],
+    receiver: &[Entry],
+    links: &[Vec<RelPath>],
+) -> Result<Plan, PlanError> {
     // Both sides in path order (every pass below follows it, so a plan does not depend on
     // the order entries arrived in), joined by path: one sequential pass each, no lookups.
     let mut wanted: Vec<&ManifestEntry> = sender.iter().collect();
@@ -422,6 +439,45 @@ pub fn plan(sender: &[ManifestEntry], receiver: &[Entry]) -> Result<Plan, PlanEr
         }
         plan.actions.push(action);
     }
+
+    // Hard links, once every member holds its content.
+    let written_paths: HashSet<&RelPath> = plan
+        .actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Fetch { path, .. } | Action::CopyLocal { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
+    let inode_of: HashMap<&RelPath, u64> = pairs
+        .iter()
+        .filter_map(|pair| {
+            let have = pair.present(&trashed)?;
+            (have.kind == EntryKind::File).then_some((&have.path, have.meta.inode))
+        })
+        .collect();
+    let mut linked = Vec::new();
+    for group in links {
+        let Some((first, rest)) = group.split_first() else {
+            continue;
+        };
+        let first_inode = (!written_paths.contains(first))
+            .then(|| inode_of.get(first))
+            .flatten();
+        for path in rest {
+            let same = !written_paths.contains(path)
+                && first_inode.is_some_and(|inode| inode_of.get(path) == Some(inode));
+            if !same {
+                linked.push(Action::Link {
+                    path: path.clone(),
+                    to: first.clone(),
+                });
+                touched_dirs.extend(path.parent());
+            }
+        }
+    }
+    summary.links = linked.len() as u64;
+    plan.actions.extend(linked);
 
     // Phase 4: deepest first, so setting a child's mtime never disturbs a finished parent.
     plan.dirs_from = plan.actions.len();

@@ -228,6 +228,10 @@ impl Model {
                     meta: meta.clone(),
                 },
             ),
+            Action::Link { path, to } => match self.fs.get(to).cloned() {
+                Some(node @ Node::File { .. }) => self.put(path, node),
+                other => Err(format!("link {path} to {to}: found {other:?}")),
+            },
             Action::SetMeta { path, meta } => {
                 let node = self
                     .fs

@@ -258,8 +258,8 @@ async fn say(conn: &mut Conn, message: Message) {
     .unwrap();
 }
 
-/// Sends a whole manifest as a sender would: its one part, then the (empty) list of what it
-/// skipped.
+/// Sends a whole manifest as a sender would: its one part, then the (empty) lists of what it
+/// skipped and of its hard links.
 async fn say_manifest(conn: &mut Conn, entries: Vec<ManifestEntry>) {
     say(
         conn,
@@ -274,6 +274,14 @@ async fn say_manifest(conn: &mut Conn, entries: Vec<ManifestEntry>) {
         Message::SyncSkipped {
             entries: Vec::new(),
             more: 0,
+        },
+    )
+    .await;
+    say(
+        conn,
+        Message::SyncLinks {
+            groups: Vec::new(),
+            last: true,
         },
     )
     .await;
@@ -1030,4 +1038,115 @@ async fn a_sparse_file_arrives_sparse_and_its_holes_do_not_cross_the_wire() {
     assert_eq!(report.executed.fetched_bytes, len);
     assert_eq!(state(&receiver), state(&sender));
     assert!(allocated(&copy) <= 1 << 20, "{}", allocated(&copy));
+}
+
+fn inode(path: &Path) -> u64 {
+    fs::symlink_metadata(path).unwrap().ino()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_links_arrive_as_hard_links_after_edits_and_renames_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let greeting = music(300_000);
+    write_old(&sender.join("vm/1234/greet.wav"), &greeting);
+    fs::create_dir_all(sender.join("vm/5678")).unwrap();
+    // One greeting shared by two mailboxes, and a copy that is not a link.
+    fs::hard_link(
+        sender.join("vm/1234/greet.wav"),
+        sender.join("vm/5678/greet.wav"),
+    )
+    .unwrap();
+    write_old(&sender.join("vm/9999/greet.wav"), &greeting);
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let index = fresh_index();
+    let server_index = fresh_index();
+    let trash_dir = dir.path().join("trash");
+    let pull_once = |index: Arc<Mutex<Index>>, server_index: Arc<Mutex<Index>>| {
+        let (sender, receiver, trash_dir) = (sender.clone(), receiver.clone(), trash_dir.clone());
+        async move {
+            let trash = Trash::open(&trash_dir).unwrap();
+            let (mut server_conn, mut client) = connections();
+            let server = tokio::spawn(async move {
+                serve(
+                    &mut server_conn,
+                    sender,
+                    server_index,
+                    GEN,
+                    lbs_protocol::PROTOCOL_VERSION,
+                )
+                .await
+            });
+            let report = pull_default(&mut client, &receiver, index, &trash)
+                .await
+                .unwrap();
+            stop_primary(server, client).await;
+            report
+        }
+    };
+    let (a, b, c) = (
+        receiver.join("vm/1234/greet.wav"),
+        receiver.join("vm/5678/greet.wav"),
+        receiver.join("vm/9999/greet.wav"),
+    );
+
+    let report = pull_once(index.clone(), server_index.clone()).await;
+    assert_eq!(report.plan.links, 1, "{report:?}");
+    assert_eq!(
+        inode(&a),
+        inode(&b),
+        "the two mailboxes' greeting is one file"
+    );
+    assert_ne!(inode(&a), inode(&c), "the copy stays a copy");
+    assert_eq!(fs::read(&b).unwrap(), greeting);
+    // A second pass changes nothing.
+    let report = pull_once(index.clone(), server_index.clone()).await;
+    assert_eq!(report.plan.links, 0, "{report:?}");
+    assert_eq!(report.plan.fetch_files, 0, "{report:?}");
+
+    // Edited through one name (both names see it on the primary): still one file here.
+    let edited = music(310_000);
+    write_old(&sender.join("vm/1234/greet.wav"), &edited);
+    assert_eq!(
+        inode(&sender.join("vm/1234/greet.wav")),
+        inode(&sender.join("vm/5678/greet.wav"))
+    );
+    pull_once(index.clone(), server_index.clone()).await;
+    assert_eq!(inode(&a), inode(&b));
+    assert_eq!(fs::read(&b).unwrap(), edited);
+
+    // One name renamed: the new name is linked, the old one gone.
+    fs::rename(
+        sender.join("vm/5678/greet.wav"),
+        sender.join("vm/5678/old-greet.wav"),
+    )
+    .unwrap();
+    pull_once(index.clone(), server_index.clone()).await;
+    assert!(!b.exists());
+    assert_eq!(inode(&a), inode(&receiver.join("vm/5678/old-greet.wav")));
+    assert_eq!(state(&receiver), state(&sender));
+
+    // A 1.5 pair knows no links: separate copies, as before.
+    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
+    let fresh = dir.path().join("backup-old");
+    fs::create_dir_all(&fresh).unwrap();
+    let (mut server_conn, mut client) = connections();
+    let server = tokio::spawn({
+        let sender = sender.clone();
+        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
+    });
+    let options = PullOptions {
+        version: old,
+        ..PullOptions::default()
+    };
+    let report = pull(&mut client, &fresh, fresh_index(), &trash, GEN, options)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    assert_eq!(report.plan.links, 0);
+    assert_ne!(
+        inode(&fresh.join("vm/1234/greet.wav")),
+        inode(&fresh.join("vm/5678/old-greet.wav"))
+    );
 }

@@ -27,7 +27,7 @@ use crate::apply::{ApplyError, Durability, Root};
 use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, execute, manifest_entry};
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};
-use crate::plan::{Action, Basis, PlanError, PlanSummary, plan};
+use crate::plan::{Action, Basis, PlanError, PlanSummary, plan_with_links};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::trash::Trash;
 use crate::tree::{BlockSize, Cv};
@@ -251,19 +251,27 @@ fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, Sess
 }
 
 /// The sender's side of a reconcile: a fresh scan, and the manifest it gives.
-/// The sender's manifest, and what its scan left out.
-fn scan_manifest(
-    root: &Path,
-    index: &Mutex<Index>,
-) -> Result<(Vec<ManifestEntry>, Vec<SkippedEntry>), SessionError> {
+/// What a sender's scan found: its manifest, what it left out, and its hard-link groups.
+struct Scanned {
+    manifest: Vec<ManifestEntry>,
+    skipped: Vec<SkippedEntry>,
+    links: Vec<Vec<RelPath>>,
+}
+
+fn scan_manifest(root: &Path, index: &Mutex<Index>) -> Result<Scanned, SessionError> {
     let mut index = index
         .lock()
         .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
     let known = index.take_entries()?;
     let (report, entries) = scan_from(root, &mut index, &ScanOptions::default(), known)?;
+    let links = crate::links::groups(root, &entries);
     let manifest = entries.iter().cloned().map(manifest_entry).collect();
     index.remember(entries)?;
-    Ok((manifest, report.skipped))
+    Ok(Scanned {
+        manifest,
+        skipped: report.skipped,
+        links,
+    })
 }
 
 /// The first protocol whose senders list what they skipped ([`Message::SyncSkipped`]) and
@@ -345,7 +353,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
     generation: Generation,
     version: ProtocolVersion,
     before: tokio::sync::oneshot::Receiver<Vec<ManifestEntry>>,
-) -> Result<(Vec<ManifestEntry>, SenderSkipped), SessionError> {
+) -> Result<Exchanged, SessionError> {
     // An empty first part lets the sender start its scan while we read our index.
     send(
         conn,
@@ -384,11 +392,13 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let skipped = if version >= V1_6 {
+    let mut skipped = SenderSkipped::default();
+    let mut links = Vec::new();
+    if version >= V1_6 {
         match receive(conn, "the list of skipped entries").await? {
             Message::SyncSkipped { entries, more } => {
                 SenderSkipped::check(&entries)?;
-                SenderSkipped { entries, more }
+                skipped = SenderSkipped { entries, more };
             }
             other => {
                 return Err(SessionError::unexpected(
@@ -397,15 +407,42 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
                 ));
             }
         }
-    } else {
-        SenderSkipped::default()
-    };
+        loop {
+            match receive(conn, "the hard links").await? {
+                Message::SyncLinks { groups, last } => {
+                    let paths: usize = groups.iter().map(Vec::len).sum();
+                    let bytes = groups
+                        .iter()
+                        .flatten()
+                        .map(|p| p.as_bytes().len() as u64)
+                        .sum();
+                    intake.take(paths, bytes)?;
+                    links.extend(groups);
+                    if last {
+                        break;
+                    }
+                }
+                other => return Err(SessionError::unexpected(&other, "the hard links")),
+            }
+        }
+    }
     // The unchanged directories' entries are ours, as they were when we sent the digests.
     entries.extend(before.into_iter().filter(|entry| same.holds(&entry.path)));
     if entries.len() > MAX_MANIFEST_ENTRIES {
         return Err(SessionError::ManifestTooLarge);
     }
-    Ok((entries, skipped))
+    Ok(Exchanged {
+        entries,
+        skipped,
+        links,
+    })
+}
+
+/// What a receiver learnt from the sender before planning.
+struct Exchanged {
+    entries: Vec<ManifestEntry>,
+    skipped: SenderSkipped,
+    links: Vec<Vec<RelPath>>,
 }
 
 /// The directories (`None`: the root) whose listings both sides hold alike.

@@ -152,9 +152,15 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     // if any, says best what went wrong.
     let scanned = blocking_join(own_scan.await)?;
     let (scan_report, have) = scanned?;
-    let (entries, sender_skipped) = exchanged?;
+    let Exchanged {
+        entries,
+        skipped: sender_skipped,
+        links,
+    } = exchanged?;
     let manifest_time = manifest_started.elapsed();
-    let plan = plan(&entries, &have)?;
+    // The sender's hard links the manifest vouches for (members files of one content).
+    let links = crate::links::consistent(links, &entries);
+    let plan = plan_with_links(&entries, &have, &links)?;
     drop(entries);
     // Partials of versions the sender no longer has are of no use any more.
     let wanted: std::collections::BTreeSet<RelPath> = plan

@@ -32,11 +32,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         match envelope?.message {
             Message::SyncManifestRequest => {
                 let (root, index) = (root.clone(), index.clone());
-                let (entries, skipped) = blocking_join(
+                let scanned = blocking_join(
                     tokio::task::spawn_blocking(move || scan_manifest(&root, &index)).await,
                 )??;
-                send_manifest(conn, generation, entries).await?;
-                send_skipped(conn, generation, version, skipped).await?;
+                let Scanned {
+                    manifest,
+                    skipped,
+                    links,
+                } = scanned;
+                send_manifest(conn, generation, manifest).await?;
+                send_after_manifest(conn, generation, version, skipped, links).await?;
             }
             Message::SyncManifestDigests { dirs, last } => {
                 // Scan while the rest of the receiver's digests arrive.
@@ -46,7 +51,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let theirs = receive_digests(conn, dirs, last).await;
                 // The scan is awaited whatever happened, so it never outlives this session.
-                let (entries, skipped) = blocking_join(scanning.await)??;
+                let Scanned {
+                    manifest: entries,
+                    skipped,
+                    links,
+                } = blocking_join(scanning.await)??;
                 let theirs = theirs?;
                 let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
                     .into_iter()
@@ -60,7 +69,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .filter(|entry| !same.holds(&entry.path))
                     .collect();
                 send_manifest(conn, generation, rest).await?;
-                send_skipped(conn, generation, version, skipped).await?;
+                send_after_manifest(conn, generation, version, skipped, links).await?;
             }
             Message::SyncFetch { path } => {
                 send_file(conn, generation, &files, &index, path, holes).await?;
@@ -140,18 +149,29 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Tells a receiver that reads it (protocol 1.6) what this side's scan left out.
-async fn send_skipped<S: AsyncRead + AsyncWrite + Unpin>(
+/// Tells a receiver that reads them (protocol 1.6) what this side's scan left out and which
+/// of its files are hard links of each other.
+async fn send_after_manifest<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     version: ProtocolVersion,
     skipped: Vec<SkippedEntry>,
+    links: Vec<Vec<RelPath>>,
 ) -> Result<(), SessionError> {
     if version < V1_6 {
         return Ok(());
     }
     let SenderSkipped { entries, more } = SenderSkipped::from_scan(skipped);
-    send(conn, generation, Message::SyncSkipped { entries, more }).await
+    feed(conn, generation, Message::SyncSkipped { entries, more }).await?;
+    let size = |group: &Vec<RelPath>| group.iter().map(|p| p.as_bytes().len() + 16).sum();
+    let parts = parts(links, size);
+    let count = parts.len();
+    for (i, groups) in parts.into_iter().enumerate() {
+        let last = i + 1 == count;
+        feed(conn, generation, Message::SyncLinks { groups, last }).await?;
+    }
+    conn.flush().await?;
+    Ok(())
 }
 
 pub(super) async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(
