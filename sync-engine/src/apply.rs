@@ -23,6 +23,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lbs_protocol::RelPath;
 
@@ -157,6 +158,11 @@ pub struct Root {
     durability: Durability,
     /// Whether partial versions may lie in the tree (see [`Root::without_partials`]).
     partials: bool,
+    /// The directory last opened by [`Root::parent_dir`], by its path: a plan writes in path
+    /// order, so most files share the previous one's directory (one handle for them all,
+    /// instead of a walk from the root and a handle per file). Dropped when a directory
+    /// moves ([`Root::move_to`]).
+    last_dir: std::sync::Mutex<Option<(Vec<u8>, Arc<File>)>>,
 }
 
 /// A new file version written and verified beside its destination, waiting for
@@ -165,7 +171,7 @@ pub struct Root {
 pub struct Staged {
     rel: RelPath,
     /// The directory the temporary file is in (and its destination).
-    dir: File,
+    dir: Arc<File>,
     temp: OsString,
     tree: TreeHash,
 }
@@ -205,6 +211,7 @@ impl Root {
             path,
             durability: Durability::EachStep,
             partials: true,
+            last_dir: std::sync::Mutex::new(None),
         }
     }
 
@@ -283,7 +290,13 @@ impl Root {
 
     /// Opens the directory that holds `rel`, one name at a time without following symlinks;
     /// with `create`, missing directories are made (mode 0755, adjusted later by the plan).
-    pub fn parent_dir(&self, rel: &RelPath, create: bool) -> Result<File, ApplyError> {
+    pub fn parent_dir(&self, rel: &RelPath, create: bool) -> Result<Arc<File>, ApplyError> {
+        let parent = rel.parent_bytes().unwrap_or_default();
+        if let Some((cached, dir)) = &*self.cached_dir()
+            && cached.as_slice() == parent
+        {
+            return Ok(dir.clone());
+        }
         let mut dir = self.dir.try_clone().map_err(|source| ApplyError::Io {
             path: rel.clone(),
             what: "duplicating the root handle",
@@ -293,7 +306,13 @@ impl Root {
         for name in &names[..names.len().saturating_sub(1)] {
             dir = self.open_dir_in(&dir, rel, name, create)?;
         }
+        let dir = Arc::new(dir);
+        *self.cached_dir() = Some((parent.to_vec(), dir.clone()));
         Ok(dir)
+    }
+
+    fn cached_dir(&self) -> std::sync::MutexGuard<'_, Option<(Vec<u8>, Arc<File>)>> {
+        self.last_dir.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn open_dir_in(
@@ -662,6 +681,9 @@ impl Root {
     /// Moves `rel` (and everything under it) to the same relative path under `to`, which
     /// must be on the same file system.
     pub fn move_to(&self, rel: &RelPath, to: &Root) -> Result<(), ApplyError> {
+        // A directory may be what moves: no handle opened by path survives it.
+        *self.cached_dir() = None;
+        *to.cached_dir() = None;
         let from_dir = self.parent_dir(rel, false)?;
         let to_dir = to.parent_dir(rel, true)?;
         renameat(
@@ -817,7 +839,7 @@ fn temp_name(name: &OsStr, expected: Option<&blake3::Hash>) -> OsString {
 pub struct TempFile<'r> {
     root: &'r Root,
     rel: RelPath,
-    dir: File,
+    dir: Arc<File>,
     /// `None` once it is handed over to a [`Staged`].
     name: Option<OsString>,
     file: File,
@@ -867,10 +889,7 @@ impl TempFile<'_> {
         set_fd_meta(&self.file, target).map_err(|err| root.io(&rel, "setting metadata", err))?;
         root.step_sync(&self.file, &rel, "syncing the file")?;
         let temp = self.name.take().unwrap_or_default();
-        let dir = self
-            .dir
-            .try_clone()
-            .map_err(|err| root.io(&rel, "duplicating a directory handle", err))?;
+        let dir = self.dir.clone();
         Ok(Staged {
             rel,
             dir,

@@ -511,8 +511,9 @@ impl Ids {
 }
 
 /// At most this many new files wait, written but not yet in place, for one group commit
-/// (each holds its directory open: well under the usual limit of 1,024 open files).
-const GROUP_FILES: usize = 512;
+/// (two `syncfs` each). Files of one directory share its handle ([`Root::parent_dir`]), so a
+/// group holds as many open files as it spans directories.
+const GROUP_FILES: usize = 4096;
 /// At most this many bytes of new files wait for one group commit.
 const GROUP_BYTES: u64 = 512 << 20;
 

@@ -218,7 +218,10 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             rsync_reset: &|| copy_file(&data.big_old, &big_file(&rsync.module_dir("big")?)),
             rsync_args: vec!["-I".into(), "--no-whole-file".into()],
             rsync_paths: (big_file(&big.src), format!("{}/big/big", rsync.url)),
-            rsync_best: None,
+            rsync_best: Some((
+                "--inplace",
+                vec!["-I".into(), "--no-whole-file".into(), "--inplace".into()],
+            )),
         };
         results.push(bench.run_case(&case, args.runs, &rsync)?);
     }
@@ -269,7 +272,12 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             rsync_reset: &|| Ok(()),
             rsync_args: tree_args(),
             rsync_paths: (src_tree(), format!("{}/fresh/rsync-{{run}}/", rsync.url)),
-            rsync_best: None,
+            rsync_best: Some((
+                "--whole-file",
+                ["-a", "--whole-file", "--delete"]
+                    .map(String::from)
+                    .to_vec(),
+            )),
         };
         results.push(bench.run_case(&case, args.runs, &rsync)?);
     }
@@ -538,7 +546,7 @@ impl Bench {
             let lbs = lbs_run(true, "")?;
             let unsynced = lbs_run(false, "-nofsync")?;
             result.unsynced.push(unsynced);
-            let default = rsync_run(case, &case.rsync_args, rsync, run)?;
+            let default = rsync_run(case, &case.rsync_args, rsync, &run.to_string())?;
             println!(
                 "    run {}: lbs {:.3} s {} B (no fsync {:.3} s) | rsync {:.3} s {} B",
                 run + 1,
@@ -552,7 +560,7 @@ impl Bench {
             result.rsync.push(default);
             if let (Some((label, args)), Some((_, samples))) = (&case.rsync_best, &mut result.best)
             {
-                let best = rsync_run(case, args, rsync, run)?;
+                let best = rsync_run(case, args, rsync, &format!("{run}-best"))?;
                 println!(
                     "           rsync {label}: {:.3} s {} B",
                     best.secs, best.wire_bytes

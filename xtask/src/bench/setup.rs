@@ -4,11 +4,13 @@
 use super::*;
 
 /// Resets rsync's destination, then times one push of the case's source.
+/// `run` names the run in a fresh destination (`{run}` in the case's path): each mode of each
+/// run copies into a directory of its own.
 pub(super) fn rsync_run(
     case: &Case<'_>,
     args: &[String],
     rsync: &RsyncDaemon,
-    run: usize,
+    run: &str,
 ) -> anyhow::Result<Sample> {
     (case.rsync_reset)()?;
     flush_disks()?;
@@ -16,7 +18,7 @@ pub(super) fn rsync_run(
     cmd.arg("--stats")
         .args(args)
         .arg(&case.rsync_paths.0)
-        .arg(case.rsync_paths.1.replace("{run}", &run.to_string()));
+        .arg(case.rsync_paths.1.replace("{run}", run));
     let mut sample = timed(&mut cmd, Some(rsync.pid()), |out| {
         let number = |label: &str| -> Option<u64> {
             after(out, label)?
