@@ -508,6 +508,42 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
         }
     };
+    // A small file (most of a PBX's) is read in one go on a blocking thread: one hand-off,
+    // not one per read, seek and end of file (those hand-offs were most of the sender's time
+    // in an initial copy).
+    if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) {
+        let read = tokio::task::spawn_blocking(move || read_small(&file, holes)).await;
+        let pieces = match blocking_join(read)? {
+            Ok(pieces) => pieces,
+            Err(err) => {
+                let reason = format!("reading failed: {err}");
+                return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
+            }
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        for piece in pieces {
+            let message = match piece {
+                Piece::Hole(len) => {
+                    if listed.is_none() {
+                        hash_zeros(&mut hasher, len);
+                    }
+                    size += len;
+                    Message::SyncHole { len }
+                }
+                Piece::Data(bytes) => {
+                    if listed.is_none() {
+                        hasher.update(&bytes);
+                    }
+                    size += bytes.len() as u64;
+                    Message::SyncData { bytes }
+                }
+            };
+            feed(conn, generation, message).await?;
+        }
+        let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
+        return feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await;
+    }
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
@@ -564,6 +600,56 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
 }
 
+/// Files up to this long are read whole in one blocking call ([`read_small`]).
+const SMALL_FILE: u64 = 1 << 20;
+
+/// A part of a small file as read: data, or a hole of some length.
+enum Piece {
+    Data(Vec<u8>),
+    Hole(u64),
+}
+
+/// Reads a small file to its end (with `holes`, holes as such), in parts of at most
+/// [`SYNC_CHUNK_LEN`]. One that grew meanwhile is read to at most four times [`SMALL_FILE`];
+/// the receiver's hash check then finds it short and the next pass takes it again.
+fn read_small(file: &std::fs::File, holes: bool) -> std::io::Result<Vec<Piece>> {
+    use std::os::unix::fs::FileExt;
+    let mut pieces = Vec::new();
+    let mut at = 0u64;
+    let mut data_end = if holes { None } else { Some(u64::MAX) };
+    while at < 4 * SMALL_FILE {
+        let end = match data_end {
+            Some(end) if at < end => end,
+            _ => match next_region(file, at) {
+                Region::Hole(len) => {
+                    pieces.push(Piece::Hole(len));
+                    at += len;
+                    data_end = None;
+                    continue;
+                }
+                Region::Data(end) => {
+                    data_end = Some(end);
+                    end
+                }
+                Region::Unknown => {
+                    data_end = Some(u64::MAX);
+                    u64::MAX
+                }
+            },
+        };
+        let want = SYNC_CHUNK_LEN.min(usize::try_from(end - at).unwrap_or(usize::MAX));
+        let mut bytes = vec![0u8; want];
+        let n = file.read_at(&mut bytes, at)?;
+        if n == 0 {
+            break;
+        }
+        bytes.truncate(n);
+        at += n as u64;
+        pieces.push(Piece::Data(bytes));
+    }
+    Ok(pieces)
+}
+
 /// What lies at an offset of a file, as its file system tells (`SEEK_DATA`, `SEEK_HOLE`).
 enum Region {
     /// A hole this long (up to the next data, or to the end of the file).
@@ -574,9 +660,8 @@ enum Region {
     Unknown,
 }
 
-fn next_region(file: &tokio::fs::File, at: u64) -> Region {
+fn next_region(file: &impl std::os::fd::AsFd, at: u64) -> Region {
     use nix::unistd::{Whence, lseek};
-    use std::os::fd::AsFd;
     let Ok(offset) = i64::try_from(at) else {
         return Region::Unknown;
     };
