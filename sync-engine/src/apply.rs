@@ -443,6 +443,7 @@ impl Root {
                 blocks: Vec::new(),
                 written: 0,
             },
+            short: false,
         })
     }
 
@@ -829,7 +830,10 @@ fn temp_name(name: &OsStr, expected: Option<&blake3::Hash>) -> OsString {
     // Keep within NAME_MAX: the original name is only a hint for a person looking.
     let hint: Vec<u8> = name.as_bytes().iter().take(160).copied().collect();
     let version = expected.map_or(String::new(), |hash| format!("{}.", &hash.to_hex()[..32]));
-    let mut temp = OsString::from(format!("{TEMP_PREFIX}{version}{}.{n}.", std::process::id()));
+    // The process id once (it is a system call each time).
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = PID.get_or_init(std::process::id);
+    let mut temp = OsString::from(format!("{TEMP_PREFIX}{version}{pid}.{n}."));
     temp.push(OsStr::from_bytes(&hint));
     temp
 }
@@ -844,6 +848,8 @@ pub struct TempFile<'r> {
     name: Option<OsString>,
     file: File,
     hash: BlockHasher,
+    /// Whether the file is shorter than what was written (it ends in a hole).
+    short: bool,
 }
 
 impl TempFile<'_> {
@@ -852,6 +858,7 @@ impl TempFile<'_> {
         HashingWriter {
             file: &mut self.file,
             hash: &mut self.hash,
+            short: &mut self.short,
         }
     }
 
@@ -875,9 +882,11 @@ impl TempFile<'_> {
         let root = self.root;
         let rel = self.rel.clone();
         // A file that ends in a hole was not written that far.
-        self.file
-            .set_len(self.hash.written)
-            .map_err(|err| root.io(&rel, "setting the length", err))?;
+        if self.short {
+            self.file
+                .set_len(self.hash.written)
+                .map_err(|err| root.io(&rel, "setting the length", err))?;
+        }
         let tree = self.hash.finish();
         if tree.root != *expected {
             return Err(ApplyError::HashMismatch {
@@ -904,7 +913,7 @@ impl TempFile<'_> {
     /// its partial name, for the next pull to resume from. Returns the bytes kept.
     pub fn keep_partial(mut self, expected: &blake3::Hash) -> u64 {
         let written = self.hash.written;
-        if written == 0 || self.file.set_len(written).is_err() {
+        if written == 0 || (self.short && self.file.set_len(written).is_err()) {
             return 0;
         }
         let Some(temp) = self.name.take() else {
@@ -947,6 +956,7 @@ impl HashingWriter<'_> {
     /// `len` zero bytes that are not written: a hole in the file, hashed all the same.
     pub fn hole(&mut self, len: u64) {
         self.hash.zeros(len);
+        *self.short |= len > 0;
     }
 }
 
@@ -960,9 +970,9 @@ const PARALLEL_ZERO_BLOCKS: u64 = 4096;
 
 /// Writes `buf` at `at`, leaving the pages it covers whole and that hold only zeros
 /// unwritten: holes, as `rsync -S` and `cp --sparse` make them, so a sparse file (a
-/// preallocated recording, a disk image) stays sparse. The length is set when the file is
-/// finished ([`TempFile::finish`]), for a file that ends in a hole.
-fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
+/// preallocated recording, a disk image) stays sparse. Returns whether the buffer's end was
+/// written: if not, the length is set when the file is finished ([`TempFile::finish`]).
+fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<bool> {
     let mut pending = 0;
     let mut i = 0;
     while i < buf.len() {
@@ -979,8 +989,9 @@ fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
     }
     if pending < buf.len() {
         file.write_all_at(&buf[pending..], at + pending as u64)?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(buf.is_empty())
 }
 
 /// Per-block chaining values of a stream, computed as it passes.
@@ -1103,11 +1114,15 @@ impl BlockHasher {
 pub struct HashingWriter<'a> {
     file: &'a mut File,
     hash: &'a mut BlockHasher,
+    /// Whether the file ends before what was written to it (a hole at the end).
+    short: &'a mut bool,
 }
 
 impl Write for HashingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        write_sparse(self.file, self.hash.written, buf)?;
+        if !buf.is_empty() {
+            *self.short = !write_sparse(self.file, self.hash.written, buf)?;
+        }
         self.hash.update(buf);
         Ok(buf.len())
     }
