@@ -150,23 +150,7 @@ fn a_recording_written_without_pause_holds_back_no_change() {
         return;
     }
     let mut pair = Pair::start(false);
-    // The default debounce, and a second set for the recordings.
-    for host in ["a", "b"] {
-        let config = pair.dir().join(host).join("agent.toml");
-        let recordings = pair.dir().join(host).join("recordings");
-        std::fs::create_dir_all(&recordings).unwrap();
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("debounce_ms = 100\n", "");
-        std::fs::write(
-            &config,
-            format!(
-                "{text}\n[[set]]\nname = \"recordings\"\npath = \"{}\"\n",
-                recordings.display()
-            ),
-        )
-        .unwrap();
-    }
+    with_recordings_set(&pair);
     std::fs::write(pair.media("a").join("greeting.wav"), vec![7u8; 1000]).unwrap();
     pair.activate("a", 0);
     pair.activate("b", 1);
@@ -686,6 +670,26 @@ fn with_automatic_failover_a_primary_whose_pbx_stays_down_hands_over_to_the_back
     assert!(events.contains("(hand-over by the primary)"), "{events}");
 }
 
+/// Both boxes on the README's debounce, with the recordings in a set of their own.
+fn with_recordings_set(pair: &Pair) {
+    for host in ["a", "b"] {
+        let config = pair.dir().join(host).join("agent.toml");
+        let recordings = pair.dir().join(host).join("recordings");
+        std::fs::create_dir_all(&recordings).unwrap();
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("debounce_ms = 100\n", "");
+        std::fs::write(
+            &config,
+            format!(
+                "{text}\n[[set]]\nname = \"recordings\"\npath = \"{}\"\n",
+                recordings.display()
+            ),
+        )
+        .unwrap();
+    }
+}
+
 /// CPU time (user + system) a process has used so far.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -724,23 +728,7 @@ fn a_busy_office_keeps_every_copy_within_seconds_and_an_idle_agent_costs_nothing
     const CALLS: usize = 8;
     const BUSY: Duration = Duration::from_secs(60);
     let mut pair = Pair::start(false);
-    for host in ["a", "b"] {
-        let config = pair.dir().join(host).join("agent.toml");
-        let recordings = pair.dir().join(host).join("recordings");
-        std::fs::create_dir_all(&recordings).unwrap();
-        // The README's debounce, and the recordings in a set of their own.
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("debounce_ms = 100\n", "");
-        std::fs::write(
-            &config,
-            format!(
-                "{text}\n[[set]]\nname = \"recordings\"\npath = \"{}\"\n",
-                recordings.display()
-            ),
-        )
-        .unwrap();
-    }
+    with_recordings_set(&pair);
     // The prompt tree's shape: 5,696 files of a few KiB in 40 directories.
     for i in 0..5696u32 {
         let dir = pair.media("a").join(format!("sounds/dir{:02}", i % 40));

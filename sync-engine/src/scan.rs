@@ -540,14 +540,7 @@ fn hash_appended(
     if old_blocks.len() as u64 != block_size.blocks_for(old_len) {
         return Err(Unhashable::Changed);
     }
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
-        .open(abs)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Unhashable::Gone,
-            _ => Unhashable::Changed,
-        })?;
+    let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     let len = before.len();
     if !before.is_file() || before.ino() != seen.inode || len <= old_len {
@@ -592,15 +585,9 @@ fn hash_appended(
     Ok((tree, after, read))
 }
 
-/// Hashes a file and checks it did not change meanwhile; returns the hash and the metadata
-/// that goes with it.
-fn hash_stable(
-    abs: &Path,
-    seen: &Meta,
-    block_size: BlockSize,
-    names: &mut Names,
-) -> Result<(crate::tree::TreeHash, Meta), Unhashable> {
-    let file = fs::OpenOptions::new()
+/// Opens a file the walk met, to read it, never through a symlink.
+fn open_to_hash(abs: &Path) -> Result<File, Unhashable> {
+    fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
         .open(abs)
@@ -609,7 +596,18 @@ fn hash_stable(
             // O_NOFOLLOW on a symlink: the file was replaced by a link since the lstat.
             _ if e.raw_os_error() == Some(nix::libc::ELOOP) => Unhashable::Changed,
             _ => Unhashable::Io(e),
-        })?;
+        })
+}
+
+/// Hashes a file and checks it did not change meanwhile; returns the hash and the metadata
+/// that goes with it.
+fn hash_stable(
+    abs: &Path,
+    seen: &Meta,
+    block_size: BlockSize,
+    names: &mut Names,
+) -> Result<(crate::tree::TreeHash, Meta), Unhashable> {
+    let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     if !before.is_file() || before.ino() != seen.inode {
         return Err(Unhashable::Changed);

@@ -870,6 +870,26 @@ async fn passes_that_delete_nothing_leave_nothing_in_the_trash() {
     assert_eq!(batches(), 0);
 }
 
+/// One pull from `sender` into `receiver` (fresh indexes) as two boxes of protocol 1.5 make
+/// it.
+async fn pull_between_1_5_boxes(sender: &Path, receiver: &Path, trash: &Trash) -> PullReport {
+    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
+    let (mut server_conn, mut client) = connections();
+    let server = tokio::spawn({
+        let sender = sender.to_owned();
+        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
+    });
+    let options = PullOptions {
+        version: old,
+        ..PullOptions::default()
+    };
+    let report = pull(&mut client, receiver, fresh_index(), trash, GEN, options)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    report
+}
+
 fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
 }
@@ -915,21 +935,8 @@ async fn what_either_side_skips_is_reported_with_the_reason() {
     stop_primary(server, client).await;
 
     // A primary of protocol 1.5 sends no list, and a 1.6 receiver that knows it expects none.
-    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
-    let (mut server_conn, mut client) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
-    });
-    let options = PullOptions {
-        version: old,
-        ..PullOptions::default()
-    };
-    let report = pull(&mut client, &receiver, fresh_index(), &trash, GEN, options)
-        .await
-        .unwrap();
+    let report = pull_between_1_5_boxes(&sender, &receiver, &trash).await;
     assert!(report.sender_skipped.entries.is_empty());
-    stop_primary(server, client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1019,22 +1026,9 @@ async fn a_sparse_file_arrives_sparse_and_its_holes_do_not_cross_the_wire() {
     );
 
     // From a 1.5 primary the zeros come as data; the copy is sparse all the same.
-    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
     fs::remove_dir_all(&receiver).unwrap();
     fs::create_dir_all(&receiver).unwrap();
-    let (mut server_conn, mut client) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
-    });
-    let options = PullOptions {
-        version: old,
-        ..PullOptions::default()
-    };
-    let report = pull(&mut client, &receiver, fresh_index(), &trash, GEN, options)
-        .await
-        .unwrap();
-    stop_primary(server, client).await;
+    let report = pull_between_1_5_boxes(&sender, &receiver, &trash).await;
     assert_eq!(report.executed.fetched_bytes, len);
     assert_eq!(state(&receiver), state(&sender));
     assert!(allocated(&copy) <= 1 << 20, "{}", allocated(&copy));
@@ -1128,22 +1122,9 @@ async fn hard_links_arrive_as_hard_links_after_edits_and_renames_too() {
     assert_eq!(state(&receiver), state(&sender));
 
     // A 1.5 pair knows no links: separate copies, as before.
-    let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
     let fresh = dir.path().join("backup-old");
     fs::create_dir_all(&fresh).unwrap();
-    let (mut server_conn, mut client) = connections();
-    let server = tokio::spawn({
-        let sender = sender.clone();
-        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
-    });
-    let options = PullOptions {
-        version: old,
-        ..PullOptions::default()
-    };
-    let report = pull(&mut client, &fresh, fresh_index(), &trash, GEN, options)
-        .await
-        .unwrap();
-    stop_primary(server, client).await;
+    let report = pull_between_1_5_boxes(&sender, &fresh, &trash).await;
     assert_eq!(report.plan.links, 0);
     assert_ne!(
         inode(&fresh.join("vm/1234/greet.wav")),
