@@ -97,7 +97,14 @@ fn lifecycle_activate_sync_fail_over_fail_back_and_fail_over_again() {
             Ok(o.status("primary")?["role"]["state"] == "fenced")
         })
         .unwrap();
-    assert!(!office.pbx_running("primary"));
+    // Fenced is recorded first, then acted on: the PBX stops a moment later.
+    office
+        .wait(
+            "the old primary's PBX to stop",
+            Duration::from_secs(10),
+            |o| Ok(!o.pbx_running("primary")),
+        )
+        .unwrap();
     let said = office.demote("primary").unwrap();
     assert!(said.contains("done: in sync with the primary"), "{said}");
     office.wait_in_sync("primary", "backup").unwrap();
