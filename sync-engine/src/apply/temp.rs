@@ -1,0 +1,399 @@
+//! A file's next version on its way in: the temporary file beside it ([`TempFile`]), written
+//! sparse and hashed block by block as it is written ([`HashingWriter`]), so its tree hash
+//! needs no second read.
+
+use super::*;
+
+/// A temporary name beside `name`, unique within this process; it names the version it will
+/// hold when that is known (see [`partial_of_temp`]).
+pub(super) fn temp_name(name: &OsStr, expected: Option<&blake3::Hash>) -> OsString {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Keep within NAME_MAX: the original name is only a hint for a person looking.
+    let hint: Vec<u8> = name.as_bytes().iter().take(160).copied().collect();
+    let version = expected.map_or(String::new(), |hash| format!("{}.", &hash.to_hex()[..32]));
+    // The process id once (it is a system call each time).
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = PID.get_or_init(std::process::id);
+    let mut temp = OsString::from(format!("{TEMP_PREFIX}{version}{pid}.{n}."));
+    temp.push(OsStr::from_bytes(&hint));
+    temp
+}
+
+/// A temporary file being filled with a file's next version (see [`Root::create_temp`]).
+#[derive(Debug)]
+pub struct TempFile<'r> {
+    root: &'r Root,
+    rel: RelPath,
+    dir: Arc<File>,
+    /// `None` once it is handed over to a [`Staged`].
+    name: Option<OsString>,
+    file: File,
+    hash: BlockHasher,
+    /// Whether the file is shorter than what was written (it ends in a hole).
+    short: bool,
+}
+
+impl<'r> TempFile<'r> {
+    /// A temporary file `name` (open as `file`) in `dir`, for `rel`'s next version.
+    pub(super) fn new(
+        root: &'r Root,
+        rel: RelPath,
+        dir: Arc<File>,
+        name: OsString,
+        file: File,
+    ) -> TempFile<'r> {
+        let block_size = BlockSize::DEFAULT;
+        TempFile {
+            root,
+            rel,
+            dir,
+            name: Some(name),
+            file,
+            hash: BlockHasher {
+                block_size,
+                pending: Vec::with_capacity(block_size.get() as usize),
+                blocks: Vec::new(),
+                written: 0,
+            },
+            short: false,
+        }
+    }
+}
+
+impl TempFile<'_> {
+    /// A writer that appends to the file, hashing what passes.
+    pub fn writer(&mut self) -> HashingWriter<'_> {
+        HashingWriter {
+            file: &mut self.file,
+            hash: &mut self.hash,
+            short: &mut self.short,
+        }
+    }
+
+    /// How many bytes were written so far.
+    pub fn len(&self) -> u64 {
+        self.hash.written
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.hash.written == 0
+    }
+
+    /// Checks the content against `expected`, gives it its metadata (and syncs it when every
+    /// step is synced): ready for [`Root::commit`]. On a mismatch the file is removed.
+    pub fn finish(
+        mut self,
+        expected: &blake3::Hash,
+        target: &Target,
+    ) -> Result<Staged, ApplyError> {
+        let root = self.root;
+        let rel = self.rel.clone();
+        // A file that ends in a hole was not written that far.
+        if self.short {
+            self.file
+                .set_len(self.hash.written)
+                .map_err(|err| root.io(&rel, "setting the length", err))?;
+        }
+        let tree = self.hash.finish();
+        if tree.root != *expected {
+            return Err(ApplyError::HashMismatch {
+                path: rel,
+                want: *expected,
+                got: tree.root,
+            });
+        }
+        set_fd_meta(&self.file, target).map_err(|err| root.io(&rel, "setting metadata", err))?;
+        root.step_sync(&self.file, &rel, "syncing the file")?;
+        let temp = self.name.take().unwrap_or_default();
+        let dir = self.dir.clone();
+        Ok(Staged {
+            rel,
+            dir,
+            temp,
+            tree,
+        })
+    }
+}
+
+impl TempFile<'_> {
+    /// Keeps what was written so far (a prefix of the version hashing to `expected`) under
+    /// its partial name, for the next pull to resume from. Returns the bytes kept.
+    pub fn keep_partial(mut self, expected: &blake3::Hash) -> u64 {
+        let written = self.hash.written;
+        if written == 0 || (self.short && self.file.set_len(written).is_err()) {
+            return 0;
+        }
+        let Some(temp) = self.name.take() else {
+            return 0;
+        };
+        let partial = partial_name(expected);
+        match renameat(
+            self.dir.as_fd(),
+            temp.as_os_str(),
+            self.dir.as_fd(),
+            partial.as_str(),
+        ) {
+            Ok(()) => written,
+            Err(_) => {
+                let _ = unlinkat(
+                    self.dir.as_fd(),
+                    temp.as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+                0
+            }
+        }
+    }
+}
+
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            // Nothing half-written stays behind; the old version was never touched.
+            let _ = unlinkat(
+                self.dir.as_fd(),
+                name.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
+impl HashingWriter<'_> {
+    /// `len` zero bytes that are not written: a hole in the file, hashed all the same.
+    pub fn hole(&mut self, len: u64) {
+        self.hash.zeros(len);
+        *self.short |= len > 0;
+    }
+}
+
+/// The file system's unit of allocation, as far as holes go.
+const PAGE: u64 = 4096;
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Holes of at least this many whole blocks (64 MiB at 16 KiB) are hashed on two threads.
+const PARALLEL_ZERO_BLOCKS: u64 = 4096;
+
+/// Writes `buf` at `at`, leaving the pages it covers whole and that hold only zeros
+/// unwritten: holes, as `rsync -S` and `cp --sparse` make them, so a sparse file (a
+/// preallocated recording, a disk image) stays sparse. Returns whether the buffer's end was
+/// written: if not, the length is set when the file is finished ([`TempFile::finish`]).
+fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<bool> {
+    let mut pending = 0;
+    let mut i = 0;
+    while i < buf.len() {
+        let abs = at + i as u64;
+        let page_end = (((abs / PAGE + 1) * PAGE - at) as usize).min(buf.len());
+        let page = &buf[i..page_end];
+        if abs.is_multiple_of(PAGE) && page.len() as u64 == PAGE && page == &ZEROS[..page.len()] {
+            if pending < i {
+                file.write_all_at(&buf[pending..i], at + pending as u64)?;
+            }
+            pending = page_end;
+        }
+        i = page_end;
+    }
+    if pending < buf.len() {
+        file.write_all_at(&buf[pending..], at + pending as u64)?;
+        return Ok(true);
+    }
+    Ok(buf.is_empty())
+}
+
+/// Per-block chaining values of a stream, computed as it passes.
+#[derive(Debug)]
+struct BlockHasher {
+    block_size: BlockSize,
+    pending: Vec<u8>,
+    blocks: Vec<Cv>,
+    written: u64,
+}
+
+impl BlockHasher {
+    fn update(&mut self, buf: &[u8]) {
+        let bs = self.block_size.get() as usize;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let take = (bs - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            // A full block is hashed once we know more follows (the last one may be the root).
+            if self.pending.len() == bs && !rest.is_empty() {
+                let idx = self.blocks.len() as u64;
+                self.blocks
+                    .push(block_cv(&self.pending, idx, self.block_size));
+                self.pending.clear();
+            }
+        }
+        self.written += buf.len() as u64;
+    }
+
+    /// `len` zeros: whole zero blocks of a large hole are hashed on both cores (each block's
+    /// value depends only on its position), the rest as it comes.
+    fn zeros(&mut self, len: u64) {
+        let bs = self.block_size.get();
+        let mut left = len;
+        let feed = |hasher: &mut BlockHasher, mut n: u64| {
+            while n > 0 {
+                let take = n.min(ZEROS.len() as u64);
+                hasher.update(&ZEROS[..take as usize]);
+                n -= take;
+            }
+        };
+        // Up to a block boundary first.
+        let to_boundary = (bs - self.pending.len() as u64 % bs) % bs;
+        let head = to_boundary.min(left);
+        feed(self, head);
+        left -= head;
+        // Whole blocks, but not the last block of the hole: it stays pending in case nothing
+        // follows (a file's last block may be its root).
+        let whole = left.saturating_sub(1) / bs;
+        // Here the pending block is full, or empty at the very start of the file.
+        let aligned = self.pending.is_empty() || self.pending.len() as u64 == bs;
+        if whole >= PARALLEL_ZERO_BLOCKS && bs as usize <= ZEROS.len() && aligned {
+            if !self.pending.is_empty() {
+                // The pending full block is followed by more: hashed now, as `update` would.
+                let idx = self.blocks.len() as u64;
+                self.blocks
+                    .push(block_cv(&self.pending, idx, self.block_size));
+                self.pending.clear();
+            }
+            let first = self.blocks.len() as u64;
+            let zero_block = &ZEROS[..bs as usize];
+            let half = whole / 2;
+            let block_size = self.block_size;
+            let cvs = |from: u64, to: u64| -> Vec<Cv> {
+                (from..to)
+                    .map(|i| block_cv(zero_block, i, block_size))
+                    .collect()
+            };
+            let (low, high) = std::thread::scope(|scope| {
+                let high = scope.spawn(|| cvs(first + half, first + whole));
+                (cvs(first, first + half), high.join())
+            });
+            self.blocks.extend(low);
+            match high {
+                Ok(high) => self.blocks.extend(high),
+                // A panic in block_cv cannot happen (it hashes a slice); recompute to be safe.
+                Err(_) => self.blocks.extend(cvs(first + half, first + whole)),
+            }
+            // The last of these blocks is hashed: more follows (`left` was not a multiple).
+            self.written += whole * bs;
+            left -= whole * bs;
+            // `update` hashes a full pending block only when more follows; the blocks pushed
+            // above were all followed by more, so the state is as `update` would leave it,
+            // with an empty pending buffer.
+        }
+        feed(self, left);
+    }
+
+    /// The tree hash of everything so far; call once, at the end.
+    fn finish(&mut self) -> TreeHash {
+        let single = self.written <= self.block_size.get();
+        if !self.pending.is_empty() || (single && self.written > 0) {
+            let idx = self.blocks.len() as u64;
+            self.blocks
+                .push(block_cv(&self.pending, idx, self.block_size));
+        }
+        let root = if single {
+            blake3::hash(&self.pending)
+        } else {
+            // The count matches the length by construction, and the file has several blocks.
+            root_from_blocks(&self.blocks, self.block_size, self.written)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| blake3::hash(b""))
+        };
+        TreeHash {
+            len: self.written,
+            block_size: self.block_size,
+            root,
+            blocks: std::mem::take(&mut self.blocks),
+        }
+    }
+}
+
+/// The writer of a [`TempFile`]: computes the per-block chaining values of every byte on its
+/// way to the file, so verification (the root rebuilt from them) and the index's block list
+/// need no second read.
+#[derive(Debug)]
+pub struct HashingWriter<'a> {
+    file: &'a mut File,
+    hash: &'a mut BlockHasher,
+    /// Whether the file ends before what was written to it (a hole at the end).
+    short: &'a mut bool,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            *self.short = !write_sparse(self.file, self.hash.written, buf)?;
+        }
+        self.hash.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the hash of a stream with a hole must be: the same as of its zeros written out.
+    fn both_ways(before: usize, hole: u64, after: usize) -> (TreeHash, TreeHash) {
+        let new = || BlockHasher {
+            block_size: BlockSize::DEFAULT,
+            pending: Vec::new(),
+            blocks: Vec::new(),
+            written: 0,
+        };
+        let (mut holes, mut zeros) = (new(), new());
+        let data: Vec<u8> = (0..before.max(after))
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        holes.update(&data[..before]);
+        zeros.update(&data[..before]);
+        holes.zeros(hole);
+        let mut left = hole;
+        while left > 0 {
+            let n = left.min(1 << 20);
+            zeros.update(&vec![0u8; n as usize]);
+            left -= n;
+        }
+        holes.update(&data[..after]);
+        zeros.update(&data[..after]);
+        (holes.finish(), zeros.finish())
+    }
+
+    #[test]
+    fn a_hole_hashes_as_its_zeros_wherever_it_starts_and_ends() {
+        let bs = BlockSize::DEFAULT.get();
+        let big = PARALLEL_ZERO_BLOCKS * bs;
+        for before in [0, 1, 100, bs as usize, bs as usize + 7] {
+            for hole in [0, 1, bs - 1, bs, bs + 1, 3 * bs] {
+                for after in [0, 5] {
+                    let (holes, zeros) = both_ways(before, hole, after);
+                    assert_eq!(holes, zeros, "{before} + hole {hole} + {after}");
+                }
+            }
+        }
+        // Large enough for two threads: at the start, after a partial block, after a full
+        // one, ending on a boundary or not, at the end of the file or not.
+        for (before, hole, after) in [
+            (0, big + bs, 0),
+            (100, big + 3, 9),
+            (bs as usize, big + bs, 0),
+            (7, 2 * big, 1),
+        ] {
+            let (holes, zeros) = both_ways(before, hole, after);
+            assert_eq!(holes, zeros, "{before} + hole {hole} + {after}");
+        }
+    }
+}
