@@ -357,7 +357,8 @@ fn progress_bar() -> indicatif::ProgressBar {
 
 /// `lbs sync verify`.
 pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
-    let tree = |root: &Path| -> anyhow::Result<BTreeMap<String, String>> {
+    type Tree = (BTreeMap<String, String>, Vec<Vec<lbs_protocol::RelPath>>);
+    let tree = |root: &Path| -> anyhow::Result<Tree> {
         let mut index = Index::in_memory()?;
         let report = scan(root, &mut index, &ScanOptions::default())?;
         if !report.unstable.is_empty() {
@@ -376,12 +377,14 @@ pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
                 skipped.reason
             );
         }
-        Ok(manifest(&index)?
+        let links = lbs_sync::links::groups(root, &index.entries()?);
+        let entries = manifest(&index)?
             .into_iter()
             .map(|e| (e.path.to_string(), format!("{:?} {:?}", e.kind, e.meta)))
-            .collect())
+            .collect();
+        Ok((entries, links))
     };
-    let (want, have) = (tree(expected)?, tree(actual)?);
+    let ((want, want_links), (have, have_links)) = (tree(expected)?, tree(actual)?);
     let mut differences = 0u64;
     for (path, entry) in &want {
         match have.get(path) {
@@ -399,6 +402,22 @@ pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
     for path in have.keys().filter(|p| !want.contains_key(*p)) {
         differences += 1;
         lbs_host::say!("extra     {path}");
+    }
+    // Hard links: the same names one file on both sides.
+    let names = |group: &Vec<lbs_protocol::RelPath>| {
+        group
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for group in want_links.iter().filter(|g| !have_links.contains(g)) {
+        differences += 1;
+        lbs_host::say!("not linked {}", names(group));
+    }
+    for group in have_links.iter().filter(|g| !want_links.contains(g)) {
+        differences += 1;
+        lbs_host::say!("linked    {}", names(group));
     }
     if differences == 0 {
         lbs_host::say!("identical: {} entries", want.len());

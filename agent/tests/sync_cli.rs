@@ -454,3 +454,38 @@ fn pull_and_verify_say_what_is_not_synced_on_either_side_and_why() {
         "{said}"
     );
 }
+
+#[test]
+fn verify_compares_hard_links_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, backup) = (dir.path().join("primary"), dir.path().join("backup"));
+    std::fs::create_dir_all(&primary).unwrap();
+    std::fs::write(primary.join("greet.wav"), vec![5u8; 10_000]).unwrap();
+    std::fs::hard_link(primary.join("greet.wav"), primary.join("greet2.wav")).unwrap();
+    // `cp -a` keeps hard links: identical.
+    let cp = |args: &[&str]| assert!(Command::new("cp").args(args).status().unwrap().success());
+    cp(&["-a", primary.to_str().unwrap(), backup.to_str().unwrap()]);
+    let verify = || {
+        run(Command::new(LBS)
+            .args(["sync", "verify"])
+            .arg(&primary)
+            .arg(&backup))
+    };
+    let out = verify();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The same content and metadata as a separate copy: one difference, named.
+    let copy = dir.path().join("copy.wav");
+    cp(&[
+        "-p",
+        backup.join("greet2.wav").to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    std::fs::rename(&copy, backup.join("greet2.wav")).unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("not linked greet.wav, greet2.wav"),
+        "{}",
+        text(&out)
+    );
+}

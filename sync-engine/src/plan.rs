@@ -440,44 +440,47 @@ pub fn plan_with_links(
         plan.actions.push(action);
     }
 
-    // Hard links, once every member holds its content.
-    let written_paths: HashSet<&RelPath> = plan
-        .actions
-        .iter()
-        .filter_map(|action| match action {
-            Action::Fetch { path, .. } | Action::CopyLocal { path, .. } => Some(path),
-            _ => None,
-        })
-        .collect();
-    let inode_of: HashMap<&RelPath, u64> = pairs
-        .iter()
-        .filter_map(|pair| {
-            let have = pair.present(&trashed)?;
-            (have.kind == EntryKind::File).then_some((&have.path, have.meta.inode))
-        })
-        .collect();
-    let mut linked = Vec::new();
-    for group in links {
-        let Some((first, rest)) = group.split_first() else {
-            continue;
-        };
-        let first_inode = (!written_paths.contains(first))
-            .then(|| inode_of.get(first))
-            .flatten();
-        for path in rest {
-            let same = !written_paths.contains(path)
-                && first_inode.is_some_and(|inode| inode_of.get(path) == Some(inode));
-            if !same {
-                linked.push(Action::Link {
-                    path: path.clone(),
-                    to: first.clone(),
-                });
-                touched_dirs.extend(path.parent());
+    // Hard links, once every member holds its content (nothing to look up without any).
+    if !links.is_empty() {
+        // Hard links, once every member holds its content.
+        let written_paths: HashSet<&RelPath> = plan
+            .actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Fetch { path, .. } | Action::CopyLocal { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        let inode_of: HashMap<&RelPath, u64> = pairs
+            .iter()
+            .filter_map(|pair| {
+                let have = pair.present(&trashed)?;
+                (have.kind == EntryKind::File).then_some((&have.path, have.meta.inode))
+            })
+            .collect();
+        let mut linked = Vec::new();
+        for group in links {
+            let Some((first, rest)) = group.split_first() else {
+                continue;
+            };
+            let first_inode = (!written_paths.contains(first))
+                .then(|| inode_of.get(first))
+                .flatten();
+            for path in rest {
+                let same = !written_paths.contains(path)
+                    && first_inode.is_some_and(|inode| inode_of.get(path) == Some(inode));
+                if !same {
+                    linked.push(Action::Link {
+                        path: path.clone(),
+                        to: first.clone(),
+                    });
+                    touched_dirs.extend(path.parent());
+                }
             }
         }
+        summary.links = linked.len() as u64;
+        plan.actions.extend(linked);
     }
-    summary.links = linked.len() as u64;
-    plan.actions.extend(linked);
 
     // Phase 4: deepest first, so setting a child's mtime never disturbs a finished parent.
     plan.dirs_from = plan.actions.len();

@@ -63,19 +63,19 @@ type Conn = Framed<DuplexStream, FrameCodec<Envelope>>;
 /// A primary serving the tree at `sender` (fresh index) over an in-memory connection; the
 /// other end is the receiver's.
 fn start_primary(sender: &Path) -> (tokio::task::JoinHandle<Result<(), SessionError>>, Conn) {
+    start_primary_with(sender, fresh_index(), lbs_protocol::PROTOCOL_VERSION)
+}
+
+/// Like [`start_primary`], with the primary's index and its protocol version.
+fn start_primary_with(
+    sender: &Path,
+    index: Arc<Mutex<Index>>,
+    version: lbs_protocol::ProtocolVersion,
+) -> (tokio::task::JoinHandle<Result<(), SessionError>>, Conn) {
     let (mut server_conn, client_conn) = connections();
     let sender = sender.to_owned();
-    let server = tokio::spawn(async move {
-        let index = fresh_index();
-        serve(
-            &mut server_conn,
-            sender,
-            index,
-            GEN,
-            lbs_protocol::PROTOCOL_VERSION,
-        )
-        .await
-    });
+    let server =
+        tokio::spawn(async move { serve(&mut server_conn, sender, index, GEN, version).await });
     (server, client_conn)
 }
 
@@ -874,11 +874,7 @@ async fn passes_that_delete_nothing_leave_nothing_in_the_trash() {
 /// it.
 async fn pull_between_1_5_boxes(sender: &Path, receiver: &Path, trash: &Trash) -> PullReport {
     let old = lbs_protocol::ProtocolVersion { major: 1, minor: 5 };
-    let (mut server_conn, mut client) = connections();
-    let server = tokio::spawn({
-        let sender = sender.to_owned();
-        async move { serve(&mut server_conn, sender, fresh_index(), GEN, old).await }
-    });
+    let (server, mut client) = start_primary_with(sender, fresh_index(), old);
     let options = PullOptions {
         version: old,
         ..PullOptions::default()
@@ -1061,17 +1057,8 @@ async fn hard_links_arrive_as_hard_links_after_edits_and_renames_too() {
         let (sender, receiver, trash_dir) = (sender.clone(), receiver.clone(), trash_dir.clone());
         async move {
             let trash = Trash::open(&trash_dir).unwrap();
-            let (mut server_conn, mut client) = connections();
-            let server = tokio::spawn(async move {
-                serve(
-                    &mut server_conn,
-                    sender,
-                    server_index,
-                    GEN,
-                    lbs_protocol::PROTOCOL_VERSION,
-                )
-                .await
-            });
+            let (server, mut client) =
+                start_primary_with(&sender, server_index, lbs_protocol::PROTOCOL_VERSION);
             let report = pull_default(&mut client, &receiver, index, &trash)
                 .await
                 .unwrap();

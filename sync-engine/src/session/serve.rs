@@ -490,17 +490,6 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     path: RelPath,
     holes: bool,
 ) -> Result<(), SessionError> {
-    let listed = if holes {
-        let index = index
-            .lock()
-            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-        index
-            .get(&path)?
-            .and_then(|entry| entry.hash)
-            .map(|hash| hash.root)
-    } else {
-        None
-    };
     let file = match files.open_file(&path) {
         Ok(file) => file,
         Err(err) => {
@@ -512,8 +501,14 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     // not one per read, seek and end of file (those hand-offs were most of the sender's time
     // in an initial copy).
     if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) {
-        let read = tokio::task::spawn_blocking(move || read_small(&file, holes)).await;
-        let pieces = match blocking_join(read)? {
+        let (index, at) = (index.clone(), path.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let listed = listed_hash(&index, &at, holes)?;
+            Ok::<_, SessionError>((listed, read_small(&file, holes)))
+        })
+        .await;
+        let (listed, read) = blocking_join(read)??;
+        let pieces = match read {
             Ok(pieces) => pieces,
             Err(err) => {
                 let reason = format!("reading failed: {err}");
@@ -544,6 +539,10 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
         let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
         return feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await;
     }
+    let listed = {
+        let (index, at) = (index.clone(), path.clone());
+        blocking_join(tokio::task::spawn_blocking(move || listed_hash(&index, &at, holes)).await)??
+    };
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
@@ -598,6 +597,25 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+}
+
+/// The hash the index holds for `path` (sent instead of hashing it again, with `holes`:
+/// to a receiver of protocol 1.6). On a blocking thread: a scan may hold the index.
+fn listed_hash(
+    index: &Mutex<Index>,
+    path: &RelPath,
+    holes: bool,
+) -> Result<Option<[u8; 32]>, SessionError> {
+    if !holes {
+        return Ok(None);
+    }
+    let index = index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+    Ok(index
+        .get(path)?
+        .and_then(|entry| entry.hash)
+        .map(|hash| hash.root))
 }
 
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
