@@ -344,20 +344,18 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         csr: pending.request().to_vec(),
         wireguard_key: wireguard.get_public().to_base64(),
         lan_address: lan,
-        inventory: serde_json::to_string(&inventory)?,
+        inventory,
     };
     println!("activating {sid} at {address} (LAN address {lan}) …");
     let grant = tokio::time::timeout(ACTIVATION_TIMEOUT, async {
-        let tcp = TcpStream::connect(address)
-            .await
-            .with_context(|| format!("cannot reach the data center at {address}"))?;
-        let stream = tls::connect(
-            tls::activation_client_config(&root)?,
-            &PeerName::DataCenter,
-            tcp,
-        )
-        .await?;
-        match control::activate(stream, request, ACTIVATION_TIMEOUT).await {
+        let config = tls::activation_client_config(&root)?;
+        let connect = || async {
+            let tcp = TcpStream::connect(address)
+                .await
+                .with_context(|| format!("cannot reach the data center at {address}"))?;
+            anyhow::Ok(tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?)
+        };
+        match control::activate(connect, request, ACTIVATION_TIMEOUT).await? {
             Ok(grant) => Ok(grant),
             Err(CallError::Denied(denial)) => bail!("the data center refused: {denial}"),
             Err(err) => Err(err.into()),

@@ -14,6 +14,7 @@ use lbs_protocol::control::{
     SyncSummary,
 };
 use lbs_protocol::handshake::HELLO_TIMEOUT;
+use lbs_protocol::inventory::Inventory;
 use lbs_protocol::tls::{self, PendingIdentity};
 use lbs_protocol::{
     CertificateAuthority, Connection, Generation, Hello, Identity, Message, PROTOCOL_VERSION,
@@ -29,11 +30,15 @@ const DC: &str = env!("CARGO_BIN_EXE_lbs-datacenter");
 const WAIT: Duration = Duration::from_secs(10);
 const FQDN: &str = "pbx.acme.example";
 
-fn inventory(memory_gib: u64) -> String {
-    format!(
-        r#"{{"cpu_model":"Test CPU","cpus":4,"memory_bytes":{},"disks":[],"nics":[],"telephony":[]}}"#,
-        memory_gib << 30
-    )
+fn inventory(memory_gib: u64) -> Inventory {
+    Inventory {
+        cpu_model: "Test CPU".into(),
+        cpus: 4,
+        memory_bytes: memory_gib << 30,
+        disks: Vec::new(),
+        nics: Vec::new(),
+        telephony: Vec::new(),
+    }
 }
 
 /// A data center in a temporary directory; `serve` is killed and reaped on drop.
@@ -186,6 +191,8 @@ struct TestBox {
     memory_gib: u64,
     wireguard: String,
     identity: Option<Identity>,
+    /// Activates as a box of protocol 1.6 does: the inventory as JSON text.
+    json_form: bool,
 }
 
 impl TestBox {
@@ -197,6 +204,7 @@ impl TestBox {
             memory_gib: 8,
             wireguard: lbs_vpn::Key::generate_private().get_public().to_base64(),
             identity: None,
+            json_form: false,
         }
     }
 
@@ -225,7 +233,12 @@ impl TestBox {
         let pending = PendingIdentity::generate(PeerName::Box(self.sid)).unwrap();
         let request = self.request(&pending);
         let tls = activation_tls(dc, source).await;
-        let grant = control::activate(tls, request, WAIT).await?;
+        let message = if self.json_form {
+            Message::ActivateJson(request.into())
+        } else {
+            Message::Activate(request)
+        };
+        let grant = control::activate_with(tls, message, WAIT).await?;
         let root = TrustRoot::from_pem(&grant.ca_pem).unwrap();
         assert_eq!(root, dc.root(), "the grant carries the data center's CA");
         self.identity = Some(pending.complete(grant.certificate.clone(), &root).unwrap());
@@ -374,6 +387,9 @@ async fn provision_activate_promote_fence_register_with_a_restart_between_every_
     let servers = dc.provision("acme", &[]);
     let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
     b.memory_gib = 4;
+    // b is a box of protocol 1.6: its inventory arrives as JSON text, and is compared all
+    // the same.
+    b.json_form = true;
 
     dc.start();
     let grant_a = a.activate(&dc).await.unwrap();
@@ -754,8 +770,15 @@ async fn impostors_bad_keys_and_bad_input_are_refused_and_change_nothing() {
     let mut request = b.request(&pending);
     request.csr = b"not a certificate signing request".to_vec();
     let tls = activation_tls(&dc, Ipv4Addr::new(127, 0, 0, 6)).await;
-    let why = denied(control::activate(tls, request, WAIT).await);
+    let why = denied(control::activate_with(tls, Message::Activate(request), WAIT).await);
     assert!(why.contains("signing request"), "{why}");
+    // A 1.6-form request whose inventory is not one: refused before anything is recorded.
+    let pending = PendingIdentity::generate(PeerName::Box(b.sid)).unwrap();
+    let mut request = control::ActivationRequestJson::from(b.request(&pending));
+    request.inventory = "{\"cpu_model\": 7}".into();
+    let tls = activation_tls(&dc, Ipv4Addr::new(127, 0, 0, 6)).await;
+    let why = denied(control::activate_with(tls, Message::ActivateJson(request), WAIT).await);
+    assert!(why.contains("hardware inventory"), "{why}");
 
     // Malformed and oversized frames: refused, connection closed, service still there.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -107,7 +107,10 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
                 csr: pending.request().to_vec(),
                 wireguard_key: wireguard.get_public().to_base64(),
                 lan_address: Ipv4Addr::new(192, 168, 60, 2),
-                inventory: r#"{"cpu_model":"x","cpus":1,"memory_bytes":1,"disks":[],"nics":[],"telephony":[]}"#.into(),
+                inventory: serde_json::from_str(
+                    r#"{"cpu_model":"x","cpus":1,"memory_bytes":1,"disks":[],"nics":[],"telephony":[]}"#,
+                )
+                .unwrap(),
             };
             let tcp = TcpStream::connect("192.168.60.1:7440").await.unwrap();
             let stream = tls::connect(
@@ -117,7 +120,7 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
             )
             .await
             .unwrap();
-            let grant = control::activate(stream, request, WAIT).await.unwrap();
+            let grant = control::activate_with(stream, Message::Activate(request), WAIT).await.unwrap();
             assert_eq!(grant.role, Role::Primary);
             let [endpoint] = grant.endpoints.as_slice() else {
                 panic!("expected one endpoint: {:?}", grant.endpoints)

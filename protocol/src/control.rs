@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Generation, Role, ServerId};
+use crate::inventory::Inventory;
 use crate::version::{ProtocolVersion, SoftwareVersion};
 
 /// The largest activation request the data center reads: a CSR, two keys and an inventory.
@@ -18,7 +19,7 @@ pub const MAX_ACTIVATION_LEN: usize = 64 * 1024;
 /// The largest control message either side sends.
 pub const MAX_CONTROL_LEN: usize = 64 * 1024;
 
-/// A box asks to be activated.
+/// A box asks to be activated (protocol 1.7: [`crate::Message::Activate`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivationRequest {
     /// The protocol the box speaks (activation has no `Hello`: this is its version check).
@@ -36,8 +37,59 @@ pub struct ActivationRequest {
     pub wireguard_key: String,
     /// The box's address on the office LAN.
     pub lan_address: Ipv4Addr,
-    /// The box's hardware inventory (JSON, as `lbs net inventory --json` prints it).
+    /// The box's hardware inventory.
+    pub inventory: Inventory,
+}
+
+/// The activation request of protocols 1.0–1.6 ([`crate::Message::ActivateJson`]): the
+/// inventory as JSON text. A 1.7 data center still reads it; a 1.7 box sends it only to a
+/// data center that could not read [`ActivationRequest`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationRequestJson {
+    pub protocol: ProtocolVersion,
+    pub software: SoftwareVersion,
+    pub sid: ServerId,
+    pub key: String,
+    #[serde(with = "serde_bytes")]
+    pub csr: Vec<u8>,
+    pub wireguard_key: String,
+    pub lan_address: Ipv4Addr,
+    /// As `lbs net inventory --json` prints it.
     pub inventory: String,
+}
+
+impl From<ActivationRequest> for ActivationRequestJson {
+    fn from(request: ActivationRequest) -> Self {
+        ActivationRequestJson {
+            protocol: request.protocol,
+            software: request.software,
+            sid: request.sid,
+            key: request.key,
+            csr: request.csr,
+            wireguard_key: request.wireguard_key,
+            lan_address: request.lan_address,
+            // An inventory is strings and numbers: JSON always has a text for it.
+            inventory: serde_json::to_string(&request.inventory).unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<ActivationRequestJson> for ActivationRequest {
+    type Error = serde_json::Error;
+
+    /// Fails when the text is not an inventory `lbs net inventory --json` wrote.
+    fn try_from(request: ActivationRequestJson) -> Result<Self, Self::Error> {
+        Ok(ActivationRequest {
+            inventory: serde_json::from_str(&request.inventory)?,
+            protocol: request.protocol,
+            software: request.software,
+            sid: request.sid,
+            key: request.key,
+            csr: request.csr,
+            wireguard_key: request.wireguard_key,
+            lan_address: request.lan_address,
+        })
+    }
 }
 
 impl std::fmt::Debug for ActivationRequest {
@@ -51,11 +103,22 @@ impl std::fmt::Debug for ActivationRequest {
             .field("csr", &format_args!("<{} bytes>", self.csr.len()))
             .field("wireguard_key", &self.wireguard_key)
             .field("lan_address", &self.lan_address)
+            .field("inventory", &self.inventory)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ActivationRequestJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivationRequestJson")
+            .field("protocol", &self.protocol)
+            .field("sid", &self.sid)
+            .field("key", &"…")
             .field(
                 "inventory",
                 &format_args!("<{} bytes>", self.inventory.len()),
             )
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -357,11 +420,43 @@ where
         .map_err(|_| CallError::Timeout { request, timeout })?
 }
 
-/// Activates over `io` (a TLS stream to the data center's activation address): sends the
-/// request, returns the grant.
-pub async fn activate<S>(
-    io: S,
+/// Activates with the data center that `connect` opens a TLS stream to: sends the typed
+/// request (protocol 1.7) and returns the grant. A data center older than 1.7 cannot read
+/// it and refuses the connection as a protocol violation; then the request goes again, on a
+/// new connection, in the 1.6 form ([`ActivationRequestJson`]) that it reads.
+pub async fn activate<S, C, F, E>(
+    mut connect: C,
     request: ActivationRequest,
+    timeout: std::time::Duration,
+) -> Result<Result<ActivationGrant, CallError>, E>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    C: FnMut() -> F,
+    F: std::future::Future<Output = Result<S, E>>,
+{
+    let first = activate_with(
+        connect().await?,
+        crate::Message::Activate(request.clone()),
+        timeout,
+    )
+    .await;
+    match first {
+        Err(CallError::Refused(crate::Refusal::ProtocolViolation { detail })) => {
+            tracing::info!(
+                "the data center could not read a protocol 1.7 activation ({detail}); \
+                 sending it in the 1.6 form"
+            );
+            let json = crate::Message::ActivateJson(request.into());
+            Ok(activate_with(connect().await?, json, timeout).await)
+        }
+        other => Ok(other),
+    }
+}
+
+/// Sends one activation `message` (either form) on `io` and returns the grant.
+pub async fn activate_with<S>(
+    io: S,
+    message: crate::Message,
     timeout: std::time::Duration,
 ) -> Result<ActivationGrant, CallError>
 where
@@ -369,14 +464,7 @@ where
 {
     let mut conn =
         tokio_util::codec::Framed::new(io, crate::FrameCodec::with_max_len(crate::MAX_FRAME_LEN));
-    match call(
-        &mut conn,
-        Generation::default(),
-        crate::Message::Activate(request),
-        timeout,
-    )
-    .await?
-    {
+    match call(&mut conn, Generation::default(), message, timeout).await? {
         (_, crate::Message::Activated(grant)) => Ok(grant),
         (_, other) => Err(CallError::Unexpected {
             request: "activate",

@@ -11,7 +11,10 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{ActivationGrant, ActivationRequest, BoxReport, Denial, PairState, Promotion};
+use crate::control::{
+    ActivationGrant, ActivationRequest, ActivationRequestJson, BoxReport, Denial, PairState,
+    Promotion,
+};
 use crate::ids::{Generation, Role, ServerId};
 use crate::path::RelPath;
 use crate::sync::{BlockSum, DirDigest, ManifestEntry};
@@ -147,8 +150,9 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
-    /// Box → data center, on an activation connection: activate me.
-    Activate(ActivationRequest),
+    /// Box → data center, on an activation connection (protocols 1.0–1.6, and a 1.7 box to
+    /// a data center that could not read [`Message::Activate`]): activate me.
+    ActivateJson(ActivationRequestJson),
     /// Data center → box: activated, with the box's role, certificate and pair.
     Activated(ActivationGrant),
     /// Box → data center: the box's periodic report; answered with [`Message::PairState`].
@@ -279,6 +283,9 @@ pub enum Message {
         groups: Vec<Vec<RelPath>>,
         last: bool,
     },
+    /// Box → data center, on an activation connection (protocol 1.7): activate me, the
+    /// hardware inventory typed.
+    Activate(ActivationRequest),
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -307,6 +314,7 @@ impl Message {
             Message::SyncManifestSame { .. } => "sync-manifest-same",
             Message::SyncFetchDelta { .. } => "sync-fetch-delta",
             Message::SyncDelta { .. } => "sync-delta",
+            Message::ActivateJson(_) => "activate-json",
             Message::Activate(_) => "activate",
             Message::Activated(_) => "activated",
             Message::Report(_) => "report",

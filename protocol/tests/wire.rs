@@ -505,3 +505,129 @@ async fn messages_flow_after_the_hello_exchange() {
     a.send(ping.clone()).await.unwrap();
     assert_eq!(b.next().await.unwrap().unwrap(), ping);
 }
+
+fn activation_request() -> lbs_protocol::control::ActivationRequest {
+    lbs_protocol::control::ActivationRequest {
+        protocol: lbs_protocol::PROTOCOL_VERSION,
+        software: SoftwareVersion::current(),
+        sid: ServerId::from_bytes([0, 0x1a, 0x2b, 0x3c, 0x4d, 0x5e]),
+        key: "1111-2222-3333-4444-5555-6666".into(),
+        csr: vec![1, 2, 3],
+        wireguard_key: "k".repeat(44),
+        lan_address: "192.168.1.2".parse().unwrap(),
+        inventory: lbs_protocol::inventory::Inventory {
+            cpu_model: "Test CPU".into(),
+            cpus: 4,
+            memory_bytes: 8 << 30,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            telephony: Vec::new(),
+        },
+    }
+}
+
+/// The variant index of an envelope's message, as postcard writes it (generation 0 first).
+fn variant_index(message: Message) -> u8 {
+    let wire = postcard::to_stdvec(&Envelope {
+        generation: Generation(0),
+        message,
+    })
+    .unwrap();
+    assert_eq!(wire[0], 0, "generation 0");
+    wire[1]
+}
+
+#[test]
+fn the_1_6_activation_keeps_its_place_on_the_wire_and_the_typed_one_is_new() {
+    let request = activation_request();
+    // Index 18 was `Activate` in protocols 1.0–1.6; 43 (`SyncLinks`) was 1.6's last.
+    assert_eq!(
+        variant_index(Message::ActivateJson(request.clone().into())),
+        18
+    );
+    assert_eq!(variant_index(Message::Activate(request.clone())), 44);
+    // The 1.6 form carries the inventory as the JSON `lbs net inventory --json` prints, and
+    // reads back as the same typed request.
+    let json = lbs_protocol::control::ActivationRequestJson::from(request.clone());
+    assert!(
+        json.inventory
+            .starts_with(r#"{"cpu_model":"Test CPU","cpus":4,"#)
+    );
+    assert_eq!(
+        lbs_protocol::control::ActivationRequest::try_from(json).unwrap(),
+        request
+    );
+}
+
+/// A data center of protocol 1.6 on one end of `io`: it cannot read a message past
+/// `SyncLinks` (index 43) and refuses the connection as its code does; it grants a request
+/// in the 1.6 form. Returns what it was sent.
+async fn data_center_1_6(mut io: DuplexStream) -> Message {
+    let mut header = [0u8; 4];
+    io.read_exact(&mut header).await.unwrap();
+    let mut payload = vec![0; u32::from_be_bytes(header) as usize];
+    io.read_exact(&mut payload).await.unwrap();
+    let message = frame::decode_payload::<Envelope>(&payload).unwrap().message;
+    let reply = if payload[1] > 43 {
+        Message::Refused(Refusal::ProtocolViolation {
+            detail: "activation request unreadable: malformed frame".into(),
+        })
+    } else {
+        Message::Denied(lbs_protocol::control::Denial::Activation(
+            "granted in the 1.6 form (a test stand-in)".into(),
+        ))
+    };
+    let mut wire = BytesMut::new();
+    frame::encode(
+        &Envelope {
+            generation: Generation(0),
+            message: reply,
+        },
+        &mut wire,
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    io.write_all(&wire).await.unwrap();
+    message
+}
+
+#[tokio::test]
+async fn a_data_center_older_than_1_7_gets_the_activation_again_in_the_1_6_form() {
+    let mut seen = Vec::new();
+    let mut connections = 0;
+    let answer = lbs_protocol::control::activate(
+        || {
+            connections += 1;
+            let (io, peer) = tokio::io::duplex(64 * 1024);
+            let dc = tokio::spawn(data_center_1_6(peer));
+            seen.push(dc);
+            async move { Ok::<_, std::convert::Infallible>(io) }
+        },
+        activation_request(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(connections, 2, "one typed attempt, one in the 1.6 form");
+    assert!(
+        matches!(
+            &answer,
+            Err(lbs_protocol::control::CallError::Denied(
+                lbs_protocol::control::Denial::Activation(why)
+            )) if why.contains("1.6 form")
+        ),
+        "{answer:?}"
+    );
+    let mut sent = Vec::new();
+    for dc in seen {
+        sent.push(dc.await.unwrap());
+    }
+    assert!(matches!(sent[0], Message::Activate(_)));
+    match &sent[1] {
+        Message::ActivateJson(json) => assert_eq!(
+            lbs_protocol::control::ActivationRequest::try_from(json.clone()).unwrap(),
+            activation_request()
+        ),
+        other => panic!("expected the 1.6 form, got {}", other.kind()),
+    }
+}

@@ -36,29 +36,18 @@ pub(super) async fn activation(
             message: Message::Activate(request),
             ..
         })) => {
-            let limited = inner
-                .limiter
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(source.ip(), Instant::now());
-            match limited {
-                Err(wait) => {
-                    tracing::warn!(%source, sid = %request.sid, "activation attempt rate-limited");
-                    Message::Denied(Denial::RateLimited {
-                        retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    })
-                }
-                Ok(()) if request.protocol.major != PROTOCOL_VERSION.major => {
-                    Message::Refused(Refusal::IncompatibleProtocol {
-                        ours: PROTOCOL_VERSION,
-                        yours: request.protocol,
-                    })
-                }
-                Ok(()) => match activate(inner, request, source, local).await {
-                    Ok(grant) => Message::Activated(grant),
-                    Err(denial) => Message::Denied(denial),
-                },
-            }
+            let (sid, protocol) = (request.sid, request.protocol);
+            answer(inner, sid, protocol, Ok(request), source, local).await
+        }
+        Some(Ok(Envelope {
+            message: Message::ActivateJson(request),
+            ..
+        })) => {
+            let (sid, protocol) = (request.sid, request.protocol);
+            let typed = ActivationRequest::try_from(request).map_err(|_| {
+                "the hardware inventory is not one `lbs net inventory --json` wrote".to_string()
+            });
+            answer(inner, sid, protocol, typed, source, local).await
         }
         Some(Ok(other)) => refuse(format!(
             "expected an activation request, got {}",
@@ -81,6 +70,46 @@ pub(super) async fn activation(
     Ok(())
 }
 
+/// The answer to an activation request of either form (`request` is the 1.6 form's error
+/// when its inventory is not one): rate-limited per source, then checked and granted.
+async fn answer(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    protocol: lbs_protocol::ProtocolVersion,
+    request: Result<ActivationRequest, String>,
+    source: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Message {
+    let limited = inner
+        .limiter
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(source.ip(), Instant::now());
+    if let Err(wait) = limited {
+        tracing::warn!(%source, %sid, "activation attempt rate-limited");
+        return Message::Denied(Denial::RateLimited {
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+    if protocol.major != PROTOCOL_VERSION.major {
+        return Message::Refused(Refusal::IncompatibleProtocol {
+            ours: PROTOCOL_VERSION,
+            yours: protocol,
+        });
+    }
+    let request = match request {
+        Ok(request) => request,
+        Err(why) => {
+            tracing::warn!(%source, %sid, "activation refused: {why}");
+            return Message::Denied(Denial::Activation(why));
+        }
+    };
+    match activate(inner, request, source, local).await {
+        Ok(grant) => Message::Activated(grant),
+        Err(denial) => Message::Denied(denial),
+    }
+}
+
 pub(super) async fn activate(
     inner: &Arc<Inner>,
     request: ActivationRequest,
@@ -97,11 +126,6 @@ pub(super) async fn activate(
             "the WireGuard public key is not a WireGuard key (44 base64 characters)".into(),
         ));
     }
-    if serde_json::from_str::<lbs_protocol::inventory::Inventory>(&request.inventory).is_err() {
-        return Err(refuse(
-            "the hardware inventory is not one `lbs net inventory --json` wrote".into(),
-        ));
-    }
     let (certificate, tls_key) = inner
         .ca
         .sign_request(&PeerName::Box(sid), &request.csr)
@@ -113,7 +137,8 @@ pub(super) async fn activate(
         tls_key,
         lan_address: request.lan_address,
         software: request.software.to_string(),
-        inventory: request.inventory,
+        inventory: serde_json::to_string(&request.inventory)
+            .map_err(|e| refuse(format!("the hardware inventory cannot be stored: {e}")))?,
         source: source.ip().to_string(),
     };
     let pool = inner.config.overlay_pool;
