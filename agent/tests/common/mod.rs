@@ -1,43 +1,44 @@
-//! The lab of the agent's namespace tests: a data center and two boxes (`a`, `b`) on one
-//! LAN, each running the real binaries. Root only.
+//! The lab of the agent's namespace tests: the one office builder of `lbs-tests`
+//! ([`Layout::Lan`]: a data center and two boxes `a`, `b` on one LAN, each running the real
+//! binaries) with these tests' box configuration and helpers. Root only.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lbs_protocol::ServerId;
-use lbs_tests::netns::Lab;
-use lbs_tests::{ok, workspace_binary};
+pub use lbs_tests::office::{Layout, Office};
+use lbs_tests::ok;
 
 pub const LBS: &str = env!("CARGO_BIN_EXE_lbs");
 pub const STEP: Duration = Duration::from_secs(30);
-pub const DC_IP: &str = "192.168.70.1";
+pub const DC_IP: &str = lbs_tests::office::LAN_DC;
 
+/// The office of the agent's tests: [`Office`] on [`Layout::Lan`] (its network, data center,
+/// activation, agents, logs and teardown), with the boxes' configurations and the helpers
+/// these tests share.
 pub struct Pair {
-    /// `lbs-datacenter serve`.
-    pub dc_pid: u32,
-    pub lab: Lab,
+    pub office: Office,
     /// The boxes are on different subnets and reach each other only through the tunnels.
     pub remote: bool,
-    pub tmp: tempfile::TempDir,
-    pub sids: Vec<(ServerId, String)>,
+    /// The agents a test started and may stop itself.
     pub agents: Vec<u32>,
 }
 
+impl std::ops::Deref for Pair {
+    type Target = Office;
+
+    fn deref(&self) -> &Office {
+        &self.office
+    }
+}
+
+impl std::ops::DerefMut for Pair {
+    fn deref_mut(&mut self) -> &mut Office {
+        &mut self.office
+    }
+}
+
 impl Pair {
-    pub fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    pub fn dc_dir(&self) -> PathBuf {
-        self.dir().join("dc")
-    }
-
-    pub fn state(&self, host: &str) -> PathBuf {
-        self.dir().join(host).join("state")
-    }
-
     pub fn media(&self, host: &str) -> PathBuf {
         self.dir().join(host).join("media")
     }
@@ -46,80 +47,12 @@ impl Pair {
         self.dir().join(host).join("astdb.sqlite3")
     }
 
-    pub fn socket(&self, host: &str) -> PathBuf {
-        self.dir().join(host).join("agent.sock")
-    }
-
-    /// `remote`: b is on another subnet (192.168.71.0/24) with a route to the data center
-    /// only, the data center runs a WireGuard endpoint and forwards between its peers, and
-    /// the agents run their tunnels and replicate over the overlay.
+    /// `remote`: see [`Layout::Lan`]; the agents then run their tunnels and replicate over
+    /// the overlay.
     pub fn start(remote: bool) -> Pair {
-        let mut lab = Lab::new();
-        lab.add_lan().unwrap();
-        lab.add_host("dc", &format!("{DC_IP}/24")).unwrap();
-        lab.add_host("a", "192.168.70.2/24").unwrap();
-        if remote {
-            lab.add_host("b", "192.168.71.3/24").unwrap();
-            ok(lab
-                .sh(
-                    "dc",
-                    &["ip", "addr", "add", "192.168.71.1/24", "dev", "eth0"],
-                )
-                .unwrap());
-            ok(lab
-                .sh(
-                    "b",
-                    &["ip", "route", "add", &format!("{DC_IP}/32"), "dev", "eth0"],
-                )
-                .unwrap());
-            ok(lab
-                .sh("dc", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-                .unwrap());
-        } else {
-            lab.add_host("b", "192.168.70.3/24").unwrap();
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let dc = workspace_binary("lbs-datacenter");
-        let dc_dir = tmp.path().join("dc");
-        let cli = |args: &[&str]| {
-            ok(Command::new(&dc)
-                .arg("--dir")
-                .arg(&dc_dir)
-                .args(args)
-                .output()
-                .unwrap())
-        };
-        cli(&["init"]);
-        let sheet = cli(&[
-            "provision-pair",
-            "--name",
-            "acme",
-            "--fqdn",
-            "pbx.acme.example",
-        ]);
-        let sids = lbs_tests::provisioned(&sheet);
-        let mut config = format!("activation = [\"{DC_IP}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n");
-        if remote {
-            lbs_host::fs::write_file_atomic(
-                &dc_dir.join("dc1.key"),
-                lbs_vpn::Key::generate_private().to_base64().as_bytes(),
-                0o600,
-            )
-            .unwrap();
-            config += &format!(
-                "[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{DC_IP}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n"
-            );
-        }
-        std::fs::write(dc_dir.join("datacenter.toml"), config).unwrap();
-        let mut serve = lab.command("dc", &dc);
-        serve.arg("--dir").arg(&dc_dir).arg("serve");
-        let (dc_pid, _) = lab.spawn_until(serve, "ready:", STEP).unwrap();
         let pair = Pair {
-            dc_pid,
-            lab,
+            office: Office::build(Layout::Lan { remote }).unwrap(),
             remote,
-            tmp,
-            sids,
             agents: Vec::new(),
         };
         for host in ["a", "b"] {
@@ -146,46 +79,16 @@ impl Pair {
 
     /// `lbs-datacenter --dir … ARGS` (the provider's CLI beside the running `serve`).
     pub fn datacenter(&self, args: &[&str]) -> String {
-        ok(Command::new(workspace_binary("lbs-datacenter"))
-            .arg("--dir")
-            .arg(self.dc_dir())
-            .args(args)
-            .output()
-            .unwrap())
+        self.office.datacenter(args).unwrap()
     }
 
     /// `lbs activate` for `host` with the `n`th provisioned SID; returns what it printed.
     pub fn activate(&mut self, host: &str, n: usize) -> String {
-        let (sid, key) = self.sids[n].clone();
-        // From a file, as the README says (a key on the command line shows in `ps`).
-        let key_file = self.dir().join(format!("{host}.activation-key"));
-        std::fs::write(&key_file, format!("{key}\n")).unwrap();
-        let mut cmd = self.lab.command(host, LBS);
-        cmd.args(["activate", "--sid", &sid.to_string(), "--key-file"])
-            .arg(&key_file)
-            .args(["--datacenter", &format!("{DC_IP}:7440")])
-            .arg("--ca")
-            .arg(self.dc_dir().join("ca.pem"))
-            .arg("--state")
-            .arg(self.state(host));
-        ok(self.lab.run(cmd, STEP).unwrap())
-    }
-
-    pub fn agent_command(&self, host: &str) -> Command {
-        let mut cmd = self.lab.command(host, LBS);
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(self.dir().join(host).join("agent.toml"))
-            .arg("--state")
-            .arg(self.state(host))
-            .arg("--socket")
-            .arg(self.socket(host));
-        cmd
+        self.office.activate(host, n).unwrap()
     }
 
     pub fn start_agent(&mut self, host: &str) {
-        let cmd = self.agent_command(host);
-        let (pid, _) = self.lab.spawn_until(cmd, "ready:", STEP).unwrap();
+        let pid = self.office.start_agent(host).unwrap();
         self.agents.push(pid);
     }
 
@@ -265,15 +168,7 @@ impl Pair {
 
     /// Waits until the data center has not heard `backup`'s partner for 2 s.
     pub fn wait_primary_silent(&mut self, backup: &str) {
-        self.wait(
-            "the data center to lose the primary for 2 s",
-            STEP,
-            |pair| {
-                pair.status(backup)["info"]["partner"]["silent_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms >= 2_000)
-            },
-        );
+        self.office.wait_primary_gone(backup).unwrap();
     }
 
     /// The agent of `host` with `args` added; its pid.
@@ -284,23 +179,12 @@ impl Pair {
     }
 
     pub fn addresses(&mut self, host: &str) -> String {
-        ok(self
-            .lab
-            .sh(host, &["ip", "-4", "-o", "addr", "show", "eth0"])
-            .unwrap())
+        self.office.addresses(host).unwrap()
     }
 
     /// `host`'s MAC address on the office LAN.
     pub fn mac(&mut self, host: &str) -> String {
-        let link = ok(self
-            .lab
-            .sh(host, &["ip", "-o", "link", "show", "eth0"])
-            .unwrap());
-        link.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .unwrap()
-            .to_owned()
+        self.office.mac(host).unwrap()
     }
 
     /// A third host (the data center's, on the office LAN) records every ARP packet it sees
@@ -382,14 +266,7 @@ impl Pair {
     }
 
     pub fn datacenter_status(&self) -> serde_json::Value {
-        let dc = workspace_binary("lbs-datacenter");
-        serde_json::from_str(&ok(Command::new(&dc)
-            .arg("--dir")
-            .arg(self.dc_dir())
-            .args(["status", "--json"])
-            .output()
-            .unwrap()))
-        .unwrap()
+        serde_json::from_str(&self.datacenter(&["status", "--json"])).unwrap()
     }
 
     /// Runs `lbs <verb> --yes` on `host`.

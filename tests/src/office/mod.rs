@@ -10,6 +10,10 @@
 //! is Debian's `sipp`, asking the PBX at 192.168.1.2 ten times a second and logging every
 //! answer with its time. Everything — processes (also those the hooks started) and namespaces —
 //! goes when the [`Office`] is dropped, also on a panic.
+//!
+//! It is the one office builder of the namespace tests: the agent's tests build theirs on
+//! [`Layout::Lan`] (one LAN, no DNS or phone, box configurations of their own) through the
+//! same network, data-center, activation, agent and teardown code.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +24,11 @@ use lbs_protocol::ServerId;
 
 use crate::netns::Lab;
 use crate::{provisioned, workspace_binary};
+
+mod boxes;
+mod phone;
+
+pub use boxes::generated_audio;
 
 /// The shared address: the primary's, the one the phones use.
 pub const SHARED: &str = "192.168.1.2";
@@ -53,6 +62,31 @@ pub const SETS: [(&str, &str); 5] = [
 
 pub const BOXES: [&str; 2] = ["primary", "backup"];
 
+/// The data center of [`Layout::Lan`], on the boxes' LAN.
+pub const LAN_DC: &str = "192.168.70.1";
+
+/// The network an [`Office`] is built on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// DESIGN §11's office (see the module's opening): `primary` and `backup` with the
+    /// Asterisk sets and a real PBX, a phone, a router, BIND and two data-center hosts.
+    /// `remote`: the backup at another site (see [`Office::start_remote`]).
+    Office { remote: bool },
+    /// The agent tests' lab: one LAN (`192.168.70.0/24`) with the data center `dc` (.1,
+    /// no DNS) and the boxes `a` (.2) and `b` (.3), whose configurations the tests write.
+    /// `remote`: b is on `192.168.71.0/24` with a route to the data center only, which runs
+    /// a WireGuard endpoint and forwards between its peers.
+    Lan { remote: bool },
+}
+
+impl Layout {
+    fn remote(self) -> bool {
+        match self {
+            Layout::Office { remote } | Layout::Lan { remote } => remote,
+        }
+    }
+}
+
 /// The office, running.
 #[derive(Debug)]
 pub struct Office {
@@ -65,8 +99,11 @@ pub struct Office {
     phone: Option<(u32, PathBuf)>,
     /// The small disks mounted (see [`Office::limit_disk`]), unmounted on drop.
     mounts: Vec<PathBuf>,
-    /// The backup is at another site (see [`Office::start_remote`]).
+    layout: Layout,
+    /// The backup is at another site (see [`Layout`]).
     remote: bool,
+    /// `lbs-datacenter serve`.
+    pub dc_pid: u32,
 }
 
 /// `lbs vpn keygen <path>`: a WireGuard key written there; its public key.
@@ -91,7 +128,7 @@ impl Office {
     /// Builds the networks, starts BIND and the data center on `dc1`, provisions the pair
     /// `acme` (`pbx.acme.example`) and writes both boxes' configurations.
     pub fn start() -> anyhow::Result<Office> {
-        Office::build(false)
+        Office::build(Layout::Office { remote: false })
     }
 
     /// Like [`Office::start`], but the backup is at another site: a second office LAN
@@ -100,10 +137,64 @@ impl Office {
     /// the backup has no `[network]` section: on P it keeps its own address and the data
     /// center moves the pair's name to it.
     pub fn start_remote() -> anyhow::Result<Office> {
-        Office::build(true)
+        Office::build(Layout::Office { remote: true })
     }
 
-    fn build(remote: bool) -> anyhow::Result<Office> {
+    /// The office on `layout`'s network with its data center running and the pair `acme`
+    /// provisioned; the boxes of [`Layout::Office`] configured.
+    pub fn build(layout: Layout) -> anyhow::Result<Office> {
+        let remote = layout.remote();
+        let lab = match layout {
+            Layout::Office { .. } => Office::office_network(remote)?,
+            Layout::Lan { .. } => Office::lan_network(remote)?,
+        };
+        let tmp = tempfile::tempdir()?;
+        let mut office = Office {
+            lab,
+            tmp,
+            sids: Vec::new(),
+            agents: Vec::new(),
+            phone: None,
+            mounts: Vec::new(),
+            layout,
+            remote,
+            dc_pid: 0,
+        };
+        if let Layout::Office { .. } = layout {
+            office.start_bind()?;
+        }
+        office.start_datacenter()?;
+        if let Layout::Office { .. } = layout {
+            for host in BOXES {
+                office.write_box(host)?;
+            }
+        }
+        Ok(office)
+    }
+
+    fn lan_network(remote: bool) -> anyhow::Result<Lab> {
+        let mut lab = Lab::new();
+        lab.add_lan()?;
+        lab.add_host("dc", &format!("{LAN_DC}/24"))?;
+        lab.add_host("a", "192.168.70.2/24")?;
+        if remote {
+            lab.add_host("b", "192.168.71.3/24")?;
+            checked(lab.sh(
+                "dc",
+                &["ip", "addr", "add", "192.168.71.1/24", "dev", "eth0"],
+            )?)?;
+            checked(lab.sh(
+                "b",
+                &["ip", "route", "add", &format!("{LAN_DC}/32"), "dev", "eth0"],
+            )?)?;
+            checked(lab.sh("dc", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?)?;
+        } else {
+            lab.add_host("b", "192.168.70.3/24")?;
+        }
+        Ok(lab)
+    }
+
+    fn office_network(remote: bool) -> anyhow::Result<Lab> {
         let mut lab = Lab::new();
         lab.add_segment("lan")?;
         lab.add_segment("wan")?;
@@ -138,22 +229,23 @@ impl Office {
         for host in ["dc1", "dc2"] {
             lab.sh(host, &["ip", "route", "add", "default", "via", "10.20.0.1"])?;
         }
-        let tmp = tempfile::tempdir()?;
-        let mut office = Office {
-            lab,
-            tmp,
-            sids: Vec::new(),
-            agents: Vec::new(),
-            phone: None,
-            mounts: Vec::new(),
-            remote,
-        };
-        office.start_bind()?;
-        office.start_datacenter()?;
-        for host in BOXES {
-            office.write_box(host)?;
+        Ok(lab)
+    }
+
+    /// The boxes: `primary` and `backup`, or `a` and `b` ([`Layout::Lan`]).
+    pub fn boxes(&self) -> [&'static str; 2] {
+        match self.layout {
+            Layout::Office { .. } => BOXES,
+            Layout::Lan { .. } => ["a", "b"],
         }
-        Ok(office)
+    }
+
+    /// The host the data center runs on, and its address.
+    fn dc_host(&self) -> (&'static str, &'static str) {
+        match self.layout {
+            Layout::Office { .. } => ("dc1", DC1),
+            Layout::Lan { .. } => ("dc", LAN_DC),
+        }
     }
 
     /// The office's own directory (state, configuration, data of every host).
@@ -175,7 +267,8 @@ impl Office {
         self.root(host).join(rel)
     }
 
-    fn socket(&self, host: &str) -> PathBuf {
+    /// `host`'s agent's control socket.
+    pub fn socket(&self, host: &str) -> PathBuf {
         self.dir().join(host).join("agent.sock")
     }
 
@@ -202,8 +295,9 @@ impl Office {
         )
     }
 
-    fn dc_dir(&self) -> PathBuf {
-        self.dir().join("dc1")
+    /// The data center's directory (its database, CA, configuration).
+    pub fn dc_dir(&self) -> PathBuf {
+        self.dir().join(self.dc_host().0)
     }
 
     fn start_bind(&mut self) -> anyhow::Result<()> {
@@ -247,10 +341,22 @@ impl Office {
         let dir = self.dc_dir();
         self.datacenter(&["init"])?;
         self.sids = self.provision("acme", FQDN)?;
-        let mut config = format!(
-            "activation = [\"{DC1}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
-        );
-        if self.remote {
+        let (host, address) = self.dc_host();
+        let mut config =
+            format!("activation = [\"{address}:7440\"]\ncontrol = [\"0.0.0.0:7441\"]\n");
+        if let Layout::Office { .. } = self.layout {
+            config += &format!(
+                "\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
+            );
+        }
+        if self.layout == (Layout::Lan { remote: true }) {
+            // One site, one endpoint forwarding between the boxes' tunnels.
+            keygen(&dir.join("dc1.key"))?;
+            config += &format!(
+                "[[endpoint]]\nname = \"dc1\"\ninterface = \"lbs-dc1\"\npublic = \"{address}:51820\"\naddress = \"10.77.255.1/16\"\nprivate_key_file = \"dc1.key\"\nbackend = \"userspace\"\n"
+            );
+        }
+        if self.layout == (Layout::Office { remote: true }) {
             // Two sites: dc1 (the main one: the database, activation, control, DNS and an
             // endpoint) and dc2 (only an endpoint, its peers following dc1). Each forwards
             // between its tunnels' peers (the data center says so when it cannot).
@@ -283,10 +389,10 @@ impl Office {
             dir.join("datacenter.toml"),
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )?;
-        let mut serve = self.lab.command("dc1", &dc);
+        let mut serve = self.lab.command(host, &dc);
         serve.arg("--dir").arg(&dir).arg("serve");
-        self.lab.spawn_until(serve, "ready:", STEP)?;
-        if self.remote {
+        self.dc_pid = self.lab.spawn_until(serve, "ready:", STEP)?.0;
+        if self.layout == (Layout::Office { remote: true }) {
             self.start_site()?;
         }
         Ok(())
@@ -335,191 +441,6 @@ impl Office {
         .map(drop)
     }
 
-    /// A box's configuration: the default sets under its root, the office network, the PBX
-    /// hooks starting and stopping kamailio on the shared address, and its boot configuration.
-    fn write_box(&self, host: &str) -> anyhow::Result<()> {
-        let dir = self.dir().join(host);
-        for (_, rel) in SETS {
-            std::fs::create_dir_all(self.root(host).join(rel))?;
-        }
-        let run = dir.join("run");
-        std::fs::create_dir_all(&run)?;
-        let boot = dir.join("boot");
-        std::fs::create_dir_all(boot.join("etc/network"))?;
-        let own = if host == "primary" { SHARED } else { OWN };
-        std::fs::write(
-            boot.join("etc/network/interfaces"),
-            format!("auto eth0\niface eth0 inet static\n\taddress {own}/24\n\tgateway {GATEWAY}\n"),
-        )?;
-        // The PBX listens where the box serves as primary: the shared address, or a remote
-        // backup's own.
-        let serve_at = if self.remote && host == "backup" {
-            REMOTE_BACKUP
-        } else {
-            SHARED
-        };
-        std::fs::write(
-            run.join("kamailio.cfg"),
-            format!(
-                "#!KAMAILIO\n\
-                 debug=1\nlog_stderror=yes\nchildren=1\nauto_aliases=no\n\
-                 listen=udp:{serve_at}:5060\n\
-                 mpath=\"/usr/lib/x86_64-linux-gnu/kamailio/modules/\"\n\
-                 loadmodule \"sl.so\"\nloadmodule \"usrloc.so\"\nloadmodule \"registrar.so\"\n\
-                 request_route {{\n\
-                 \tif (method==\"OPTIONS\") {{ sl_send_reply(\"200\", \"OK\"); exit; }}\n\
-                 \tif (method==\"REGISTER\") {{ if (!save(\"location\")) {{ sl_reply_error(); }} exit; }}\n\
-                 \tsl_send_reply(\"404\", \"Not here\");\n\
-                 }}\n"
-            ),
-        )?;
-        let pid = run.join("kamailio.pid");
-        std::fs::write(
-            run.join("pbx-start"),
-            format!(
-                "#!/bin/sh\n\
-                 # The PBX's SIP service on the shared address (what `systemctl start asterisk` does on a box).\n\
-                 pid=$(cat '{pid}' 2>/dev/null) && kill -0 \"$pid\" 2>/dev/null && exit 0\n\
-                 exec kamailio -f '{cfg}' -P '{pid}' -Y '{run}' >>'{run}/kamailio.log' 2>&1\n",
-                pid = pid.display(),
-                cfg = run.join("kamailio.cfg").display(),
-                run = run.display()
-            ),
-        )?;
-        std::fs::write(
-            run.join("pbx-stop"),
-            format!(
-                "#!/bin/sh\n\
-                 pid=$(cat '{pid}' 2>/dev/null) || exit 0\n\
-                 kill \"$pid\" 2>/dev/null || {{ rm -f '{pid}'; exit 0; }}\n\
-                 for i in $(seq 50); do kill -0 \"$pid\" 2>/dev/null || {{ rm -f '{pid}'; exit 0; }}; sleep 0.1; done\n\
-                 kill -9 \"$pid\"; rm -f '{pid}'\n",
-                pid = pid.display()
-            ),
-        )?;
-        let sets: String = SETS
-            .iter()
-            .map(|(name, rel)| {
-                format!(
-                    "[[set]]\nname = \"{name}\"\npath = \"{}\"\n",
-                    self.root(host).join(rel).display()
-                )
-            })
-            .collect();
-        std::fs::write(
-            dir.join("agent.toml"),
-            format!(
-                "report_interval_s = 1\ndebounce_ms = 100\ntunnels = {remote}\n\
-                 sync_over = \"{over}\"\nastdb = \"\"\n\
-                 primary_gone_after_s = 2\n\
-                 pbx_start = \"sh {run}/pbx-start\"\npbx_stop = \"sh {run}/pbx-stop\"\n\
-                 promote_note = \"move the PRI cable to this box\"\n\n{sets}\n{network}",
-                remote = self.remote,
-                over = if self.remote { "overlay" } else { "lan" },
-                run = run.display(),
-                network = if self.remote && host == "backup" {
-                    String::new()
-                } else {
-                    format!(
-                        "[network]\ninterface = \"eth0\"\nshared = \"{SHARED}/24\"\nown = \"{OWN}/24\"\n\
-                         gateway = \"{GATEWAY}\"\nboot_config = \"{}\"\n",
-                        boot.display()
-                    )
-                }
-            ),
-        )?;
-        Ok(())
-    }
-
-    /// Gives `host` a PBX's data: Debian's real Asterisk prompts (`asterisk-core-sounds-en-wav`)
-    /// as custom prompts, its real music on hold (`asterisk-moh-opsound-wav`), a small
-    /// configuration and a few generated voicemails. The bytes written.
-    pub fn load_media(&self, host: &str) -> anyhow::Result<u64> {
-        let mut bytes = copy_tree(
-            Path::new("/usr/share/asterisk/sounds"),
-            &self.set_dir(host, "prompts"),
-        )
-        .context("the Asterisk prompts (apt-get install asterisk-core-sounds-en-wav)")?;
-        bytes += copy_tree(
-            Path::new("/usr/share/asterisk/moh"),
-            &self.set_dir(host, "moh"),
-        )
-        .context("the music on hold (apt-get install asterisk-moh-opsound-wav)")?;
-        let config = self.set_dir(host, "config");
-        for (name, text) in [
-            (
-                "pjsip.conf",
-                "[transport-udp]\ntype=transport\nprotocol=udp\nbind=192.168.1.2\n",
-            ),
-            (
-                "extensions.conf",
-                "[office]\nexten => 1234,1,VoiceMail(1234@default)\n",
-            ),
-            ("voicemail.conf", "[default]\n1234 => 4242,Reception\n"),
-        ] {
-            std::fs::write(config.join(name), text)?;
-            bytes += text.len() as u64;
-        }
-        let inbox = self.set_dir(host, "voicemail").join("default/1234/INBOX");
-        std::fs::create_dir_all(&inbox)?;
-        for n in 0..3u8 {
-            let message = generated_audio(n, 80_000);
-            std::fs::write(inbox.join(format!("msg000{n}.wav")), &message)?;
-            bytes += message.len() as u64;
-        }
-        Ok(bytes)
-    }
-
-    /// Gives `host`'s PBX data a disk of its own of `mb` MB (a tmpfs on its root, the sets'
-    /// folders made again inside): the fault "the backup's disk is full". Call before the
-    /// data arrives; [`Office::resize_disk`] gives space back.
-    pub fn limit_disk(&mut self, host: &str, mb: u64) -> anyhow::Result<()> {
-        let root = self.root(host);
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "lbs-lab-disk"])
-                .arg(&root),
-        )?;
-        self.mounts.push(root.clone());
-        for (_, rel) in SETS {
-            std::fs::create_dir_all(root.join(rel))?;
-        }
-        Ok(())
-    }
-
-    /// The disk of [`Office::limit_disk`] grows (or shrinks) to `mb` MB, its data kept.
-    pub fn resize_disk(&mut self, host: &str, mb: u64) -> anyhow::Result<()> {
-        run_ok(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={mb}m")])
-                .arg(self.root(host)),
-        )
-    }
-
-    /// Limits what `host` sends on its office link to `mbit` Mb/s (a token bucket), so a
-    /// large transfer takes as long as on a real office LAN.
-    pub fn limit_rate(&mut self, host: &str, mbit: u32) -> anyhow::Result<()> {
-        checked(self.lab.sh(
-            host,
-            &[
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                "eth0",
-                "root",
-                "tbf",
-                "rate",
-                &format!("{mbit}mbit"),
-                "burst",
-                "64kb",
-                "latency",
-                "50ms",
-            ],
-        )?)
-        .map(drop)
-    }
-
     /// The usual start of a scenario: the primary gets its PBX data, both boxes activate
     /// (primary first), both agents start, and the backup's first full sync completes.
     pub fn bring_up_pair(&mut self) -> anyhow::Result<()> {
@@ -539,10 +460,14 @@ impl Office {
 
     /// `lbs activate` on `host` with this SID and key.
     pub fn activate_as(&mut self, host: &str, sid: ServerId, key: &str) -> anyhow::Result<String> {
+        // From a file, as the README says (a key on the command line shows in `ps`).
+        let key_file = self.dir().join(format!("{host}.activation-key"));
+        std::fs::write(&key_file, format!("{key}\n"))?;
         let lbs = workspace_binary("lbs");
         let mut cmd = self.lab.command(host, &lbs);
-        cmd.args(["activate", "--sid", &sid.to_string(), "--key", key])
-            .args(["--datacenter", &format!("{DC1}:7440")])
+        cmd.args(["activate", "--sid", &sid.to_string(), "--key-file"])
+            .arg(&key_file)
+            .args(["--datacenter", &format!("{}:7440", self.dc_host().1)])
             .arg("--ca")
             .arg(self.dc_dir().join("ca.pem"))
             .arg("--state")
@@ -550,8 +475,17 @@ impl Office {
         checked(self.lab.run(cmd, STEP)?)
     }
 
-    /// Starts `host`'s agent; waits for its `ready:` line.
-    pub fn start_agent(&mut self, host: &str) -> anyhow::Result<()> {
+    /// Starts `host`'s agent; waits for its `ready:` line; its pid.
+    pub fn start_agent(&mut self, host: &str) -> anyhow::Result<u32> {
+        let cmd = self.agent_command(host);
+        let (pid, _) = self.lab.spawn_until(cmd, "ready:", STEP)?;
+        self.agents.push((host.to_owned(), pid));
+        Ok(pid)
+    }
+
+    /// `lbs agent` for `host` with its configuration, state and socket (more arguments may
+    /// follow); its log goes to [`Office::agent_log`].
+    pub fn agent_command(&self, host: &str) -> Command {
         let lbs = workspace_binary("lbs");
         // Its log goes to a file of its own (shown if the test fails, see Drop), so that what
         // each agent said can be checked.
@@ -566,9 +500,7 @@ impl Office {
             .arg("--socket")
             .arg(self.socket(host))
             .env("LBS_AGENT_LOG", self.agent_log(host));
-        let (pid, _) = self.lab.spawn_until(cmd, "ready:", STEP)?;
-        self.agents.push((host.to_owned(), pid));
-        Ok(())
+        cmd
     }
 
     /// Where `host`'s agent logs (every start appends).
@@ -604,6 +536,7 @@ impl Office {
     pub fn agent_pid(&self, host: &str) -> anyhow::Result<u32> {
         self.agents
             .iter()
+            .rev()
             .find(|(h, _)| h == host)
             .map(|(_, pid)| *pid)
             .with_context(|| format!("{host}'s agent is not running"))
@@ -711,112 +644,6 @@ impl Office {
         )
     }
 
-    /// What BIND answers for `name` (asked from the phone, as a phone would).
-    pub fn dig(&mut self, name: &str) -> anyhow::Result<Vec<String>> {
-        let out = self.lab.sh(
-            "phone",
-            &[
-                "dig",
-                "+short",
-                "+time=1",
-                "+tries=1",
-                &format!("@{DC1}"),
-                name,
-                "A",
-            ],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with(';'))
-            .map(str::to_owned)
-            .collect())
-    }
-
-    /// Whether the PBX of `host` runs (its kamailio answers to its pid).
-    pub fn pbx_running(&mut self, host: &str) -> bool {
-        let pid = self.dir().join(host).join("run/kamailio.pid");
-        std::fs::read_to_string(pid)
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-    }
-
-    /// The phone starts asking the PBX at the shared address (SIP OPTIONS, ten a second, each
-    /// answered or given up after 400 ms), logging every answer with its time.
-    pub fn start_phone(&mut self) -> anyhow::Result<()> {
-        self.start_phone_at(SHARED)
-    }
-
-    /// The phone asks the PBX at `address` instead (a phone that followed the DNS name);
-    /// the answers logged so far are kept.
-    pub fn start_phone_at(&mut self, address: &str) -> anyhow::Result<()> {
-        if let Some((pid, _)) = self.phone.take() {
-            self.lab.kill(pid)?;
-        }
-        let dir = self.dir().join("phone");
-        std::fs::create_dir_all(&dir)?;
-        let scenario = dir.join("options.xml");
-        std::fs::write(&scenario, OPTIONS_SCENARIO)?;
-        let log = dir.join(format!("answers-{address}.log"));
-        let mut phone = self.lab.command("phone", "sh");
-        phone.args([
-            "-c",
-            &format!(
-                "echo phone; exec sipp {address}:5060 -sf '{}' -i 192.168.1.10 -p 5070 -r 10 -m 100000 -trace_logs -log_file '{}' >/dev/null 2>'{}'",
-                scenario.display(),
-                log.display(),
-                dir.join("sipp.err").display()
-            ),
-        ]);
-        let (pid, _) = self.lab.spawn_until(phone, "phone", STEP)?;
-        self.phone = Some((pid, log));
-        Ok(())
-    }
-
-    /// The times (ms since the epoch) of every answer the phone got so far.
-    pub fn phone_answers(&self) -> anyhow::Result<Vec<u64>> {
-        self.phone.as_ref().context("the phone is not running")?;
-        // Every address the phone asked, in one list.
-        let mut text = String::new();
-        for entry in std::fs::read_dir(self.dir().join("phone"))?.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("answers-") {
-                text += &std::fs::read_to_string(entry.path()).unwrap_or_default();
-            }
-        }
-        Ok(text
-            .lines()
-            .filter_map(|line| {
-                // "answered <call> <seconds>.000000 <microseconds>.000000"
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let [_, _, s, us] = words.as_slice() else {
-                    return None;
-                };
-                let s: f64 = s.parse().ok()?;
-                let us: f64 = us.parse().ok()?;
-                Some((s * 1000.0 + us / 1000.0) as u64)
-            })
-            .collect())
-    }
-
-    /// The first answer the phone got after `since_ms`, waiting up to `timeout`.
-    pub fn first_answer_after(&mut self, since_ms: u64, timeout: Duration) -> anyhow::Result<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self
-                .phone_answers()?
-                .into_iter()
-                .filter(|at| *at > since_ms)
-                .min()
-            {
-                return Ok(at);
-            }
-            if Instant::now() >= deadline {
-                bail!("the phone got no answer within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// RPO: writes a fresh voicemail (number `n`) on `primary` and waits until it is on
     /// `backup`, whole (the sync engine only ever shows a verified version); the ms between.
     pub fn measure_rpo(&mut self, primary: &str, backup: &str, n: u8) -> anyhow::Result<u64> {
@@ -864,39 +691,11 @@ impl Office {
     }
 }
 
-/// Audio-like bytes (a voicemail, a recording): `len` bytes that differ with `seed`.
-pub fn generated_audio(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            (i as u32)
-                .wrapping_mul(2_654_435_761)
-                .rotate_left(u32::from(seed % 31)) as u8
-        })
-        .collect()
-}
-
-/// Copies the regular files under `from` to `to` (created), streamed; the bytes copied.
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
-    let mut bytes = 0;
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            bytes += copy_tree(&entry.path(), &target)?;
-        } else if kind.is_file() {
-            bytes += std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(bytes)
-}
-
 impl Drop for Office {
     fn drop(&mut self) {
         // A failing test shows what the agents said.
         if std::thread::panicking() {
-            for host in BOXES {
+            for host in self.boxes() {
                 let said = self.agent_said(host);
                 let tail: Vec<&str> = said.lines().rev().take(60).collect();
                 eprintln!("--- {host}'s agent, last lines:");
@@ -929,30 +728,3 @@ fn checked(out: Output) -> anyhow::Result<String> {
     }
     Ok(stdout)
 }
-
-/// One SIP OPTIONS per call; an answer is logged with the time it came.
-const OPTIONS_SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="options">
-  <send>
-    <![CDATA[
-OPTIONS sip:[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:phone@[local_ip]>;tag=[pid]SIPpTag[call_number]
-To: <sip:pbx@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 1 OPTIONS
-Contact: <sip:phone@[local_ip]:[local_port]>
-Max-Forwards: 70
-Content-Length: 0
-
-    ]]>
-  </send>
-  <recv response="200" timeout="400" ontimeout="lost">
-    <action>
-      <gettimeofday assign_to="s,us"/>
-      <log message="answered [call_number] [$s] [$us]"/>
-    </action>
-  </recv>
-  <label id="lost"/>
-</scenario>
-"#;
