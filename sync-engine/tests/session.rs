@@ -1118,3 +1118,53 @@ async fn hard_links_arrive_as_hard_links_after_edits_and_renames_too() {
         inode(&fresh.join("vm/5678/old-greet.wav"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_of_many_small_files_wakes_its_progress_watcher_now_and_then_not_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    const FILES: u64 = 2_000;
+    for n in 0..FILES {
+        write_old(
+            &sender.join(format!("sounds/{:02}/prompt-{n}.wav", n % 20)),
+            format!("prompt {n}").as_bytes(),
+        );
+    }
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (server, mut client) = start_primary(&sender);
+    let (progress, mut watch) = tokio::sync::watch::channel(lbs_sync::Progress::default());
+    // Counts the wake-ups until the pull drops its end.
+    let watcher = tokio::spawn(async move {
+        let mut wakes = 0u64;
+        while watch.changed().await.is_ok() {
+            wakes += 1;
+        }
+        (wakes, *watch.borrow())
+    });
+    let report = pull(
+        &mut client,
+        &receiver,
+        fresh_index(),
+        &trash,
+        GEN,
+        PullOptions {
+            progress: Some(progress),
+            ..PullOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.plan.fetch_files, FILES, "{report:?}");
+    let (wakes, last) = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    // Every 100 ms and at the end (each file woke it twice or more before): the watcher
+    // (a status task, a progress bar) and the writer stop trading places for every file.
+    assert!(wakes < FILES / 4, "{wakes} wake-ups for {FILES} files");
+    assert_eq!(last.actions_done, last.actions_total);
+    assert_eq!(last.bytes_done, last.bytes_total);
+    assert_eq!(state(&receiver), state(&sender));
+    stop_primary(server, client).await;
+}

@@ -651,7 +651,7 @@ mod tests {
 
     async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
         let (tx, mut rx) = mpsc::channel(8);
-        forward(conn, &tx, None).await.unwrap();
+        forward(conn, &tx, None, &mut Instant::now()).await.unwrap();
         drop(tx);
         let mut out = Vec::new();
         while let Some(chunk) = rx.recv().await {

@@ -244,9 +244,20 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let progress_tx = progress.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let old_blocks = |path: &RelPath| worker_index.lock().ok()?.known(path).ok().flatten();
+        let mut notified: Option<Instant> = None;
         let mut on_progress = |now: &Progress| {
             if let Some(progress) = &progress {
-                progress.send_replace(*now);
+                // Every change is kept; watchers are woken at the start, now and then, and at
+                // the end: waking them for every file cost more than writing it.
+                progress.send_if_modified(|shown| {
+                    *shown = *now;
+                    let due = notified.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY)
+                        || now.actions_done == now.actions_total;
+                    if due {
+                        notified = Some(Instant::now());
+                    }
+                    due
+                });
             }
         };
         execute(
@@ -259,6 +270,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         )
     });
     let mut connection_error = None;
+    let mut notified = Instant::now();
     let mut pipeline = Pipeline {
         upcoming: planned,
         ahead: VecDeque::new(),
@@ -270,7 +282,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let relayed = async {
             pipeline.ready(conn, generation, path, size, ask).await?;
-            forward(conn, &chunks, progress_tx.as_ref()).await?;
+            forward(conn, &chunks, progress_tx.as_ref(), &mut notified).await?;
             pipeline.top_up(conn, generation).await
         };
         let outcome = match &cancel {
@@ -522,43 +534,11 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     chunks: &mpsc::Sender<Chunk>,
     progress: Option<&tokio::sync::watch::Sender<Progress>>,
+    notified: &mut Instant,
 ) -> Result<(), SessionError> {
     loop {
-        let chunk = match receive(conn, "a file transfer").await? {
-            Message::SyncData { bytes } => {
-                if let Some(progress) = progress {
-                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
-                }
-                Chunk::Data(bytes)
-            }
-            Message::SyncHole { len } => {
-                if let Some(progress) = progress {
-                    progress.send_modify(|p| p.current_bytes = p.current_bytes.saturating_add(len));
-                }
-                Chunk::Hole(len)
-            }
-            Message::SyncDataAt { offset, bytes } => {
-                if let Some(progress) = progress {
-                    progress.send_modify(|p| p.current_bytes = offset + bytes.len() as u64);
-                }
-                Chunk::At(offset, bytes)
-            }
-            Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
-            Message::SyncDelta { bytes } => {
-                if let Some(progress) = progress {
-                    progress.send_modify(|p| p.current_bytes += bytes.len() as u64);
-                }
-                Chunk::Delta(bytes)
-            }
-            // The writer verifies the content against the manifest's hash itself.
-            Message::SyncDataEnd { size, .. } => Chunk::End(size),
-            Message::SyncUnavailable { path, reason } => {
-                Chunk::Failed(format!("the sender could not send {path}: {reason}"))
-            }
-            other => {
-                return Err(SessionError::unexpected(&other, "a file transfer"));
-            }
-        };
+        let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
+        note_progress(progress, &chunk, notified);
         let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
         // The writer gave up on this file (an error on its side): drain the rest regardless.
         let _ = chunks.send(chunk).await;
@@ -566,4 +546,50 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(());
         }
     }
+}
+
+/// What a message of a file transfer gives the writer.
+fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
+    Ok(match message {
+        Message::SyncData { bytes } => Chunk::Data(bytes),
+        Message::SyncHole { len } => Chunk::Hole(len),
+        Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
+        Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
+        Message::SyncDelta { bytes } => Chunk::Delta(bytes),
+        // The writer verifies the content against the manifest's hash itself.
+        Message::SyncDataEnd { size, .. } => Chunk::End(size),
+        Message::SyncUnavailable { path, reason } => {
+            Chunk::Failed(format!("the sender could not send {path}: {reason}"))
+        }
+        other => return Err(SessionError::unexpected(&other, "a file transfer")),
+    })
+}
+
+/// How often a pull's progress wakes those who watch it (every change is kept).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The file being received advances by `chunk`; watchers hear of it at most every
+/// [`PROGRESS_EVERY`] (`notified`: when they last did).
+fn note_progress(
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
+    chunk: &Chunk,
+    notified: &mut Instant,
+) {
+    let Some(progress) = progress else {
+        return;
+    };
+    let advance = |p: &mut Progress| match chunk {
+        Chunk::Data(bytes) | Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
+        Chunk::Hole(len) => p.current_bytes = p.current_bytes.saturating_add(*len),
+        Chunk::At(offset, bytes) => p.current_bytes = offset + bytes.len() as u64,
+        _ => {}
+    };
+    progress.send_if_modified(|p| {
+        advance(p);
+        let due = notified.elapsed() >= PROGRESS_EVERY;
+        if due {
+            *notified = Instant::now();
+        }
+        due
+    });
 }
