@@ -717,6 +717,63 @@ mod tests {
         assert_eq!(asked, ["a", "b", "c", "d", "a", "d"]);
     }
 
+    /// What `send_file` sends for `path` after the file grew past its listed version: the
+    /// data bytes and the size its end announces.
+    async fn sent_after_growth(len: usize) -> (Vec<u8>, Vec<u8>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let listed: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("rec.wav"), &listed).unwrap();
+        let mut index = Index::in_memory().unwrap();
+        crate::scan::scan(dir.path(), &mut index, &ScanOptions::default()).unwrap();
+        // The call goes on being recorded after the scan listed it.
+        use std::io::Write;
+        let mut recording = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("rec.wav"))
+            .unwrap();
+        recording.write_all(&[7u8; 50_000]).unwrap();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let mut receiver =
+            tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::<Envelope>::new());
+        let files = Root::open(dir.path()).unwrap();
+        let index = Arc::new(Mutex::new(index));
+        let path = RelPath::try_from("rec.wav").unwrap();
+        let sending = tokio::spawn(async move {
+            send_file(&mut sender, Generation(1), &files, &index, path, true)
+                .await
+                .unwrap();
+            sender.flush().await.unwrap();
+            sender
+        });
+        let mut data = Vec::new();
+        let end = loop {
+            match receiver.next().await.unwrap().unwrap().message {
+                Message::SyncData { bytes } => data.extend(bytes),
+                Message::SyncDataEnd { size, .. } => break size,
+                other => panic!("unexpected {}", other.kind()),
+            }
+        };
+        drop(sending.await.unwrap());
+        (listed, data, end)
+    }
+
+    #[tokio::test]
+    async fn a_recording_that_grew_since_it_was_listed_is_sent_as_listed() {
+        // Small files are read in one go, large ones streamed: both stop at the listed length,
+        // so the receiver gets the version it planned for (not one it must refuse).
+        for len in [300_000, 3_000_000] {
+            let (listed, sent, end) = sent_after_growth(len).await;
+            assert_eq!(end, len as u64, "the end announces the listed length");
+            assert!(
+                sent == listed,
+                "{len}: sent {} bytes, listed {}",
+                sent.len(),
+                listed.len()
+            );
+        }
+    }
+
     #[test]
     fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
         let bs = BlockSize::DEFAULT;

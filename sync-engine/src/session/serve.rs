@@ -481,7 +481,11 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
 /// 1.6) each hole its file system reports as a [`Message::SyncHole`] instead of its zeros, and
 /// the hash its index holds for the version it listed, as a block transfer does (the receiver
 /// verifies what it wrote against the manifest itself: hashing it here again cost the primary
-/// a core for every byte sent). A file that grows while it is sent is sent to its end.
+/// a core for every byte sent). Only the listed version's length is sent: a recording that
+/// grows while it is sent arrives as the version listed (its beginning is unchanged), and the
+/// next pass brings what was appended; sent to its end, it was longer than the receiver had
+/// planned for, refused, and taken again in every pass for as long as the call lasted.
+/// Without a listed version (a receiver older than 1.6) the file is sent to its end.
 pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
@@ -503,8 +507,9 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) {
         let (index, at) = (index.clone(), path.clone());
         let read = tokio::task::spawn_blocking(move || {
-            let listed = listed_hash(&index, &at, holes)?;
-            Ok::<_, SessionError>((listed, read_small(&file, holes)))
+            let listed = listed(&index, &at, holes)?;
+            let limit = listed.map_or(4 * SMALL_FILE, |l| l.size);
+            Ok::<_, SessionError>((listed, read_small(&file, holes, limit)))
         })
         .await;
         let (listed, read) = blocking_join(read)??;
@@ -536,25 +541,27 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
             };
             feed(conn, generation, message).await?;
         }
-        let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
+        let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
         return feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await;
     }
     let listed = {
         let (index, at) = (index.clone(), path.clone());
-        blocking_join(tokio::task::spawn_blocking(move || listed_hash(&index, &at, holes)).await)??
+        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, holes)).await)??
     };
+    let limit = listed.map_or(u64::MAX, |l| l.size);
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     // Where the data region being read ends (`u64::MAX`: read to the end of the file);
     // `None`: ask the file system at the current offset.
     let mut data_end = if holes { None } else { Some(u64::MAX) };
-    loop {
+    while size < limit {
         let end = match data_end {
             Some(end) if size < end => end,
             _ => {
                 let end = match next_region(&file, size) {
                     Region::Hole(len) => {
+                        let len = len.min(limit - size);
                         if listed.is_none() {
                             hash_zeros(&mut hasher, len);
                         }
@@ -575,6 +582,7 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
                 end
             }
         };
+        let end = end.min(limit);
         let want = SYNC_CHUNK_LEN.min(usize::try_from(end - size).unwrap_or(usize::MAX));
         let mut bytes = vec![0u8; want];
         let n = match file.read(&mut bytes).await {
@@ -595,27 +603,36 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
         size += n as u64;
         feed(conn, generation, Message::SyncData { bytes }).await?;
     }
-    let blake3 = listed.unwrap_or_else(|| *hasher.finalize().as_bytes());
+    let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
 }
 
 /// The hash the index holds for `path` (sent instead of hashing it again, with `holes`:
 /// to a receiver of protocol 1.6). On a blocking thread: a scan may hold the index.
-fn listed_hash(
+fn listed(
     index: &Mutex<Index>,
     path: &RelPath,
     holes: bool,
-) -> Result<Option<[u8; 32]>, SessionError> {
+) -> Result<Option<Listed>, SessionError> {
     if !holes {
         return Ok(None);
     }
     let index = index
         .lock()
         .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-    Ok(index
-        .get(path)?
-        .and_then(|entry| entry.hash)
-        .map(|hash| hash.root))
+    Ok(index.get(path)?.and_then(|entry| {
+        entry.hash.map(|hash| Listed {
+            hash: hash.root,
+            size: entry.meta.size,
+        })
+    }))
+}
+
+/// The version of a file the sender's index holds (and its manifest listed).
+#[derive(Clone, Copy)]
+struct Listed {
+    hash: [u8; 32],
+    size: u64,
 }
 
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
@@ -627,19 +644,21 @@ enum Piece {
     Hole(u64),
 }
 
-/// Reads a small file to its end (with `holes`, holes as such), in parts of at most
-/// [`SYNC_CHUNK_LEN`]. One that grew meanwhile is read to at most four times [`SMALL_FILE`];
-/// the receiver's hash check then finds it short and the next pass takes it again.
-fn read_small(file: &std::fs::File, holes: bool) -> std::io::Result<Vec<Piece>> {
+/// Reads a small file to its end or to `limit` bytes (with `holes`, holes as such), in parts
+/// of at most [`SYNC_CHUNK_LEN`]. Without a listed length, one that grew meanwhile is read to
+/// at most four times [`SMALL_FILE`]; the receiver's hash check then finds it short and the
+/// next pass takes it again.
+fn read_small(file: &std::fs::File, holes: bool, limit: u64) -> std::io::Result<Vec<Piece>> {
     use std::os::unix::fs::FileExt;
     let mut pieces = Vec::new();
     let mut at = 0u64;
     let mut data_end = if holes { None } else { Some(u64::MAX) };
-    while at < 4 * SMALL_FILE {
+    while at < limit {
         let end = match data_end {
             Some(end) if at < end => end,
             _ => match next_region(file, at) {
                 Region::Hole(len) => {
+                    let len = len.min(limit - at);
                     pieces.push(Piece::Hole(len));
                     at += len;
                     data_end = None;
@@ -655,6 +674,7 @@ fn read_small(file: &std::fs::File, holes: bool) -> std::io::Result<Vec<Piece>> 
                 }
             },
         };
+        let end = end.min(limit);
         let want = SYNC_CHUNK_LEN.min(usize::try_from(end - at).unwrap_or(usize::MAX));
         let mut bytes = vec![0u8; want];
         let n = file.read_at(&mut bytes, at)?;
