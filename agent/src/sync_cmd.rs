@@ -361,11 +361,11 @@ pub fn verify(expected: &Path, actual: &Path) -> anyhow::Result<ExitCode> {
     let tree = |root: &Path| -> anyhow::Result<Tree> {
         let mut index = Index::in_memory()?;
         let report = scan(root, &mut index, &ScanOptions::default())?;
-        if !report.unstable.is_empty() {
+        let changing = report.unstable.len() + report.growing.len();
+        if changing > 0 {
             anyhow::bail!(
-                "{}: {} file(s) changed while being read; verify again when it is quiet",
+                "{}: {changing} file(s) changed while being read; verify again when it is quiet",
                 root.display(),
-                report.unstable.len()
             );
         }
         // Not compared (lbs syncs none of them), but never left out silently.

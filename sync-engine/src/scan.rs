@@ -55,6 +55,9 @@ pub struct ScanReport {
     pub skipped: Vec<SkippedEntry>,
     /// Files that changed while being hashed; the next pass tries again.
     pub unstable: Vec<RelPath>,
+    /// Files that grew while being hashed (a call being recorded): listed as the length they
+    /// had when hashing began, and hashed again by the next pass that finds them still.
+    pub growing: Vec<RelPath>,
     /// Temporary files of an interrupted run that were removed.
     pub stale_temps_removed: u64,
     /// Partial new versions an interrupted pull kept to resume from (see
@@ -447,10 +450,15 @@ fn record_file(
     };
     let hashed = match appended {
         Some((tree, after, read)) => Ok((tree, after, read, true)),
-        None => hash_stable(abs, &meta, pass.block_size, &mut pass.names).map(|(tree, after)| {
-            let read = tree.len;
-            (tree, after, read, false)
-        }),
+        None => {
+            hash_stable(abs, &meta, pass.block_size, &mut pass.names).map(|(tree, after, grew)| {
+                if grew {
+                    pass.report.growing.push(path.clone());
+                }
+                let read = tree.len;
+                (tree, after, read, grew)
+            })
+        }
     };
     match hashed {
         Ok((tree, after, read, by_append)) => {
@@ -467,9 +475,10 @@ fn record_file(
             if same_content && previous.is_some_and(|p| !same_visible_meta(&p.meta, &after)) {
                 report.metadata_updates += 1;
             }
-            // A hash built on the previous version's blocks is checked by a full one once the
-            // file stops growing (a racy hash is hashed again when its file looks unchanged):
-            // a write into the middle of a growing file is not seen by the append path.
+            // A hash built on the previous version's blocks, or of a file that grew while it
+            // was read, is checked by a full one once the file stops growing (a racy hash is
+            // hashed again when its file looks unchanged): a write into the middle of a
+            // growing file is not seen by the append path.
             let racy = by_append || is_racy(after.mtime_ns);
             let entry = Entry {
                 path,
@@ -601,12 +610,18 @@ fn open_to_hash(abs: &Path) -> Result<File, Unhashable> {
 
 /// Hashes a file and checks it did not change meanwhile; returns the hash and the metadata
 /// that goes with it.
+/// Hashes the file at `abs` as it is when opened; returns its tree, the metadata the tree
+/// belongs to, and whether it grew meanwhile. A file that only grew while it was read (same
+/// inode, longer) is the version of the length it had: its first bytes are what was hashed,
+/// and a recording that never stops growing is listed all the same (refused as changed, it
+/// was left out of every pass until the call ended). Any other change is
+/// [`Unhashable::Changed`].
 fn hash_stable(
     abs: &Path,
     seen: &Meta,
     block_size: BlockSize,
     names: &mut Names,
-) -> Result<(crate::tree::TreeHash, Meta), Unhashable> {
+) -> Result<(crate::tree::TreeHash, Meta, bool), Unhashable> {
     let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     if !before.is_file() || before.ino() != seen.inode {
@@ -620,10 +635,13 @@ fn hash_stable(
     };
     let after = fstat(&file)?;
     let (before, after) = (to_meta(&before, names), to_meta(&after, names));
-    if !before.content_key_matches(&after) {
-        return Err(Unhashable::Changed);
+    if before.content_key_matches(&after) {
+        return Ok((tree, after, false));
     }
-    Ok((tree, after))
+    if after.inode == before.inode && after.size > before.size {
+        return Ok((tree, before, true));
+    }
+    Err(Unhashable::Changed)
 }
 
 fn fstat(file: &File) -> Result<Metadata, Unhashable> {

@@ -402,3 +402,55 @@ fn a_growing_recording_costs_its_new_blocks_and_is_checked_whole_once_it_stops()
     // And then it is left alone.
     assert_eq!(scan(&root, &mut index, &options).unwrap().hashed_files, 0);
 }
+
+#[test]
+fn a_recording_growing_while_it_is_hashed_is_listed_as_its_beginning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let path = root.join("monitor/call.wav");
+    let start: Vec<u8> = (0..32u32 << 20).map(|i| (i % 253) as u8).collect();
+    write_old(&path, &start);
+    // The call goes on: 4 kB every half millisecond, all through the pass.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recorder = std::thread::spawn({
+        let (path, stop) = (path.clone(), stop.clone());
+        move || {
+            use std::io::Write;
+            let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                file.write_all(&[9u8; 4096]).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        }
+    });
+    while fs::metadata(&path).unwrap().len() == start.len() as u64 {
+        std::thread::yield_now();
+    }
+    let mut index = Index::in_memory().unwrap();
+    let report = scan(&root, &mut index, &ScanOptions::default()).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    recorder.join().unwrap();
+    // Listed (it was left out of every pass while it grew), as the length it had when the
+    // pass began to read it, its hash that of those bytes, and not trusted for long.
+    assert!(report.unstable.is_empty(), "{report:?}");
+    assert_eq!(report.growing, [rel("monitor/call.wav")]);
+    let entry = index.get(&rel("monitor/call.wav")).unwrap().unwrap();
+    let listed = entry.meta.size;
+    let now = fs::read(&path).unwrap();
+    assert!(
+        listed >= start.len() as u64 && listed < now.len() as u64,
+        "{listed}"
+    );
+    let prefix = dir.path().join("prefix");
+    fs::write(&prefix, &now[..listed as usize]).unwrap();
+    let expected = lbs_sync::hash_file(
+        &fs::File::open(&prefix).unwrap(),
+        listed,
+        lbs_sync::BlockSize::DEFAULT,
+    )
+    .unwrap();
+    let hash = entry.hash.unwrap();
+    assert_eq!(hash.root, *expected.root.as_bytes());
+    assert!(hash.racy, "hashed again by the next pass");
+}

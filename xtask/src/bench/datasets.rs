@@ -415,3 +415,71 @@ pub(super) fn make_sparse(path: &Path, len: u64) -> anyhow::Result<()> {
     file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_650_000_000))?;
     Ok(())
 }
+
+/// Case (g)'s call being recorded: a child shell appends 16 kB to the file every 100 ms (a
+/// stereo G.711 call's second) until it is stopped, or dropped.
+#[derive(Default)]
+pub(super) struct Recorder(std::cell::RefCell<Option<std::process::Child>>);
+
+impl Recorder {
+    /// Starts recording onto `file` (stopping a recording still going).
+    pub(super) fn start(&self, file: &Path) -> anyhow::Result<()> {
+        self.stop()?;
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                "while :; do head -c 16384 /dev/urandom >> \"$0\" || exit 1; sleep 0.1; done",
+            ])
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting the recording")?;
+        *self.0.borrow_mut() = Some(child);
+        Ok(())
+    }
+
+    pub(super) fn stop(&self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.0.borrow_mut().take() {
+            let _ = child.kill();
+            child.wait().context("stopping the recording")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Checks that `copy` is the beginning of `original` (which may have grown since) and holds
+/// at least `least` bytes; its length.
+pub(super) fn check_prefix(copy: &Path, original: &Path, least: u64) -> anyhow::Result<u64> {
+    let (mut a, mut b) = (File::open(copy)?, File::open(original)?);
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut len = 0u64;
+    loop {
+        let n = a.read(&mut x)?;
+        if n == 0 {
+            break;
+        }
+        b.read_exact(&mut y[..n])
+            .with_context(|| format!("{} is longer than {}", copy.display(), original.display()))?;
+        if x[..n] != y[..n] {
+            bail!(
+                "{} differs from {} after {len} bytes",
+                copy.display(),
+                original.display()
+            );
+        }
+        len += n as u64;
+    }
+    if len < least {
+        bail!(
+            "{} holds {len} bytes, fewer than the {least} listed",
+            copy.display()
+        );
+    }
+    Ok(len)
+}

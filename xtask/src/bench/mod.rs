@@ -95,7 +95,10 @@ struct SyncArgs {
     /// Size of case (f)'s sparse file, MiB (two 1 MiB islands of data, holes elsewhere).
     #[arg(long, default_value_t = 5120)]
     sparse_mib: u64,
-    /// Only these cases (letters a–f, comma-separated); all by default.
+    /// Size of case (g)'s recording when the pull starts, MiB (it grows during the pull).
+    #[arg(long, default_value_t = 256)]
+    recording_mib: u64,
+    /// Only these cases (letters a–g, comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
     cases: Vec<char>,
     /// The rsync daemon's port on 127.0.0.1.
@@ -213,6 +216,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             ),
             target: &big,
             fresh_receiver: false,
+            growing: None,
             prepare: &|| data.restore_big(&big_file(&big.src)),
             edit: &|| data.scatter(&big_file(&big.src)),
             rsync_reset: &|| copy_file(&data.big_old, &big_file(&rsync.module_dir("big")?)),
@@ -234,6 +238,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             ),
             target: &big,
             fresh_receiver: false,
+            growing: None,
             prepare: &|| data.restore_big(&big_file(&big.src)),
             edit: &|| data.append(&big_file(&big.src)),
             rsync_reset: &|| copy_file(&data.big_old, &big_file(&rsync.module_dir("big")?)),
@@ -266,6 +271,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             title: format!("(c) initial copy of the PBX tree ({})", data.tree_summary),
             target: &tree,
             fresh_receiver: true,
+            growing: None,
             prepare: &|| mirror(&data.tree_old, &tree.src),
             edit: &|| Ok(()),
             // Each run copies into new directories beside each other (see `Case::fresh_receiver`).
@@ -287,6 +293,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             title: "(d) the tree, 1% of files edited, a mailbox renumbered".into(),
             target: &tree,
             fresh_receiver: false,
+            growing: None,
             prepare: &|| mirror(&data.tree_old, &tree.src),
             edit: &|| mirror(&data.tree_new, &tree.src),
             rsync_reset: &|| mirror(&data.tree_old, &rsync.module_dir("tree")?),
@@ -304,6 +311,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             title: format!("(e) unchanged tree of {} small files", args.small_files),
             target: &small,
             fresh_receiver: false,
+            growing: None,
             prepare: &|| mirror(&data.small, &small.src),
             edit: &|| Ok(()),
             rsync_reset: &|| mirror(&data.small, &rsync.module_dir("small")?),
@@ -326,6 +334,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             ),
             target: &sparse,
             fresh_receiver: true,
+            growing: None,
             prepare: &|| make_sparse(&image, args.sparse_mib << 20),
             edit: &|| Ok(()),
             // One file: removing the last copy costs no inode scan (see `Case::fresh_receiver`).
@@ -338,6 +347,44 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
             rsync_best: Some(("-S", vec!["-a".into(), "-S".into()])),
         };
         results.push(bench.run_case(&case, args.runs, &rsync)?);
+    }
+    if wanted('g') {
+        let rec = Target::new(&bench, "rec")?;
+        let file = rec.src.join("rec.wav");
+        let recorder = Recorder::default();
+        let record_anew = || -> anyhow::Result<()> {
+            recorder.stop()?;
+            write_stream(&file, "recording", args.recording_mib << 20)
+        };
+        let rsync_copy =
+            || -> anyhow::Result<PathBuf> { Ok(rsync.module_dir("fresh")?.join("rsync-rec.wav")) };
+        let case = Case {
+            key: "g-growing-recording",
+            title: format!(
+                "(g) initial copy of a {} MiB recording growing by 16 kB every 100 ms",
+                args.recording_mib
+            ),
+            target: &rec,
+            fresh_receiver: true,
+            growing: Some((file.clone(), args.recording_mib << 20)),
+            prepare: &record_anew,
+            edit: &|| recorder.start(&file),
+            rsync_reset: &|| {
+                record_anew()?;
+                match fs::remove_file(rsync_copy()?) {
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(err.into());
+                    }
+                    _ => {}
+                }
+                recorder.start(&file)
+            },
+            rsync_args: vec!["-a".into()],
+            rsync_paths: (file.clone(), format!("{}/fresh/rsync-rec.wav", rsync.url)),
+            rsync_best: Some(("--whole-file", vec!["-a".into(), "--whole-file".into()])),
+        };
+        results.push(bench.run_case(&case, args.runs, &rsync)?);
+        recorder.stop()?;
     }
     drop(rsync);
     report(&results, &floors, args.runs);
@@ -355,6 +402,9 @@ struct Case<'a> {
     /// recently freed inodes when it allocates, so deleting a tree just before a run would slow
     /// down whichever tool creates files next.
     fresh_receiver: bool,
+    /// A file that grows during the run (and its length when the run starts): the copy must
+    /// be its beginning, at least that long, instead of the trees verifying equal.
+    growing: Option<(PathBuf, u64)>,
     /// Untimed: the source holds the old version.
     prepare: &'a dyn Fn() -> anyhow::Result<()>,
     /// Untimed: the source holds the new version.
@@ -531,7 +581,11 @@ impl Bench {
                     after(out, "on the wire: ")?.split(' ').next()?.parse().ok()
                 })
                 .context("timed lbs sync pull")?;
-                if run == 0 {
+                if let Some((file, least)) = &case.growing {
+                    let name = file.file_name().context("the growing file has a name")?;
+                    check_prefix(&dst.join(name), file, *least)
+                        .context("after the pull, the copy is not the recording's beginning")?;
+                } else if run == 0 {
                     checked(
                         Command::new(&self.lbs)
                             .args(["sync", "verify"])
