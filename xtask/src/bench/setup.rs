@@ -47,10 +47,8 @@ pub(super) struct TreeFs {
 }
 
 impl TreeFs {
-    /// Size of the (sparse) image: three copies of the big file, the trees and their copies.
-    const IMAGE_GIB: u64 = 16;
-
-    pub(super) fn mount(work: &Path) -> anyhow::Result<TreeFs> {
+    /// Mounts a fresh (sparse) image of `image_gib` GiB on `work/trees`.
+    pub(super) fn mount(work: &Path, image_gib: u64) -> anyhow::Result<TreeFs> {
         let dir = work.join("trees");
         fs::create_dir_all(&dir)?;
         let image = work.join("trees.img");
@@ -60,7 +58,7 @@ impl TreeFs {
         }
         let made = is_root()
             && fs::File::create(&image)
-                .and_then(|file| file.set_len(Self::IMAGE_GIB << 30))
+                .and_then(|file| file.set_len(image_gib << 30))
                 .is_ok()
             && checked(
                 Command::new("mkfs.ext4")
@@ -80,7 +78,7 @@ impl TreeFs {
         if made {
             println!(
                 "\n==> trees on a fresh journaled ext4 ({} GiB sparse image {}, mounted on {})",
-                Self::IMAGE_GIB,
+                image_gib,
                 image.display(),
                 dir.display()
             );
