@@ -19,9 +19,11 @@ pub const MAX_ACTIVATION_LEN: usize = 64 * 1024;
 /// The largest control message either side sends.
 pub const MAX_CONTROL_LEN: usize = 64 * 1024;
 
-/// A box asks to be activated (protocol 1.7: [`crate::Message::Activate`]).
+/// A box asks to be activated. `I` is how its hardware inventory travels: typed
+/// ([`ActivationRequest`], protocol 1.7) or as JSON text ([`ActivationRequestJson`], 1.0–1.6);
+/// the other fields are the same in both, in the same order on the wire.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationRequest {
+pub struct ActivationForm<I> {
     /// The protocol the box speaks (activation has no `Hello`: this is its version check).
     pub protocol: ProtocolVersion,
     /// The box's release.
@@ -38,39 +40,37 @@ pub struct ActivationRequest {
     /// The box's address on the office LAN.
     pub lan_address: Ipv4Addr,
     /// The box's hardware inventory.
-    pub inventory: Inventory,
+    pub inventory: I,
 }
 
+/// The activation request of protocol 1.7 ([`crate::Message::Activate`]).
+pub type ActivationRequest = ActivationForm<Inventory>;
+
 /// The activation request of protocols 1.0–1.6 ([`crate::Message::ActivateJson`]): the
-/// inventory as JSON text. A 1.7 data center still reads it; a 1.7 box sends it only to a
-/// data center that could not read [`ActivationRequest`].
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationRequestJson {
-    pub protocol: ProtocolVersion,
-    pub software: SoftwareVersion,
-    pub sid: ServerId,
-    pub key: String,
-    #[serde(with = "serde_bytes")]
-    pub csr: Vec<u8>,
-    pub wireguard_key: String,
-    pub lan_address: Ipv4Addr,
-    /// As `lbs net inventory --json` prints it.
-    pub inventory: String,
+/// inventory as `lbs net inventory --json` prints it. A 1.7 data center still reads it; a
+/// 1.7 box sends it only to a data center that could not read [`ActivationRequest`].
+pub type ActivationRequestJson = ActivationForm<String>;
+
+impl<I> ActivationForm<I> {
+    /// The same request with its inventory in another form.
+    fn map_inventory<J>(self, convert: impl FnOnce(I) -> J) -> ActivationForm<J> {
+        ActivationForm {
+            inventory: convert(self.inventory),
+            protocol: self.protocol,
+            software: self.software,
+            sid: self.sid,
+            key: self.key,
+            csr: self.csr,
+            wireguard_key: self.wireguard_key,
+            lan_address: self.lan_address,
+        }
+    }
 }
 
 impl From<ActivationRequest> for ActivationRequestJson {
     fn from(request: ActivationRequest) -> Self {
-        ActivationRequestJson {
-            protocol: request.protocol,
-            software: request.software,
-            sid: request.sid,
-            key: request.key,
-            csr: request.csr,
-            wireguard_key: request.wireguard_key,
-            lan_address: request.lan_address,
-            // An inventory is strings and numbers: JSON always has a text for it.
-            inventory: serde_json::to_string(&request.inventory).unwrap_or_default(),
-        }
+        // An inventory is strings and numbers: JSON always has a text for it.
+        request.map_inventory(|inventory| serde_json::to_string(&inventory).unwrap_or_default())
     }
 }
 
@@ -79,20 +79,12 @@ impl TryFrom<ActivationRequestJson> for ActivationRequest {
 
     /// Fails when the text is not an inventory `lbs net inventory --json` wrote.
     fn try_from(request: ActivationRequestJson) -> Result<Self, Self::Error> {
-        Ok(ActivationRequest {
-            inventory: serde_json::from_str(&request.inventory)?,
-            protocol: request.protocol,
-            software: request.software,
-            sid: request.sid,
-            key: request.key,
-            csr: request.csr,
-            wireguard_key: request.wireguard_key,
-            lan_address: request.lan_address,
-        })
+        let inventory: Inventory = serde_json::from_str(&request.inventory)?;
+        Ok(request.map_inventory(|_| inventory))
     }
 }
 
-impl std::fmt::Debug for ActivationRequest {
+impl<I: std::fmt::Debug> std::fmt::Debug for ActivationForm<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the one-time key: requests end up in logs.
         f.debug_struct("ActivationRequest")
@@ -105,20 +97,6 @@ impl std::fmt::Debug for ActivationRequest {
             .field("lan_address", &self.lan_address)
             .field("inventory", &self.inventory)
             .finish()
-    }
-}
-
-impl std::fmt::Debug for ActivationRequestJson {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActivationRequestJson")
-            .field("protocol", &self.protocol)
-            .field("sid", &self.sid)
-            .field("key", &"…")
-            .field(
-                "inventory",
-                &format_args!("<{} bytes>", self.inventory.len()),
-            )
-            .finish_non_exhaustive()
     }
 }
 

@@ -41,6 +41,21 @@ async fn pull_default<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     pull(client, receiver, index, trash, GEN, PullOptions::default()).await
 }
 
+/// One pull that reports its progress to `progress`.
+async fn pull_watched<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    client: &mut Framed<S, FrameCodec<Envelope>>,
+    receiver: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+    progress: tokio::sync::watch::Sender<lbs_sync::Progress>,
+) -> Result<PullReport, SessionError> {
+    let options = PullOptions {
+        progress: Some(progress),
+        ..PullOptions::default()
+    };
+    pull(client, receiver, index, trash, GEN, options).await
+}
+
 fn state(root: &Path) -> Vec<ManifestEntry> {
     let mut index = Index::in_memory().unwrap();
     scan(root, &mut index, &ScanOptions::default()).unwrap();
@@ -121,16 +136,12 @@ async fn a_pull_makes_the_trees_identical_and_a_second_moves_nothing() {
     });
     let client_index = fresh_index();
     let (progress, watch) = tokio::sync::watch::channel(lbs_sync::Progress::default());
-    let first = pull(
+    let first = pull_watched(
         &mut client_conn,
         &receiver,
         client_index.clone(),
         &trash,
-        GEN,
-        PullOptions {
-            progress: Some(progress),
-            ..PullOptions::default()
-        },
+        progress,
     )
     .await
     .unwrap();
@@ -1142,19 +1153,9 @@ async fn a_pull_of_many_small_files_wakes_its_progress_watcher_now_and_then_not_
         }
         (wakes, *watch.borrow())
     });
-    let report = pull(
-        &mut client,
-        &receiver,
-        fresh_index(),
-        &trash,
-        GEN,
-        PullOptions {
-            progress: Some(progress),
-            ..PullOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let report = pull_watched(&mut client, &receiver, fresh_index(), &trash, progress)
+        .await
+        .unwrap();
     assert_eq!(report.plan.fetch_files, FILES, "{report:?}");
     let (wakes, last) = tokio::time::timeout(Duration::from_secs(10), watcher)
         .await
