@@ -17,6 +17,12 @@ use crate::dist::{self, capture};
 use crate::process::checked;
 use crate::util::{ensure_packages, is_root, remove_all, run_step, seconds, target_dir};
 
+mod boot;
+mod disk;
+
+use boot::{boot, check_outputs};
+use disk::write_disk;
+
 /// What building an image needs on this machine, and what for.
 pub const IMAGE_PACKAGES: &[(&str, &str)] = &[
     ("debootstrap", "the Debian 12 base system of the image"),
@@ -667,166 +673,6 @@ fn partial_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial"))
 }
 
-/// The bootable disk: MBR with one active Linux partition at 1 MiB, the ext4 root made from
-/// the tree (no mount needed), extlinux installed through a loop mount of the partition, the
-/// MBR's boot code; then converted to qcow2.
-fn write_disk(args: &ImageArgs, tree: &Path, work: &Path, qcow2: &Path) -> anyhow::Result<()> {
-    let started = Instant::now();
-    println!("\n==> write the qcow2 disk ({} GiB)", args.disk_gib);
-    let raw = work.join("disk.raw");
-    let _ = fs::remove_file(&raw);
-    let size = args.disk_gib << 30;
-    let file = fs::File::create(&raw)?;
-    file.set_len(size)?;
-    drop(file);
-    let mut sfdisk = Command::new("sfdisk");
-    sfdisk
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(&raw);
-    feed(
-        &mut sfdisk,
-        &format!(
-            "label: dos\nstart={}, type=83, bootable\n",
-            PARTITION_OFFSET / 512
-        ),
-    )?;
-    let partition_kib = (size - PARTITION_OFFSET) / 1024;
-    checked(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", ROOT_LABEL, "-d"])
-            .arg(tree)
-            .args(["-E", &format!("offset={PARTITION_OFFSET}")])
-            .arg(&raw)
-            .arg(format!("{partition_kib}k")),
-        LONG,
-    )?;
-    {
-        let mount = LoopMount::new(&raw, &work.join("mnt"))?;
-        // The image's own extlinux, run from here (it needs only libc).
-        checked(
-            Command::new(tree.join("usr/bin/extlinux"))
-                .arg("--install")
-                .arg(mount.dir.join("boot/extlinux")),
-            SHORT,
-        )?;
-        mount.unmount()?;
-    }
-    // extlinux took the loop device for a whole disk: its boot sector must count from the
-    // partition's start ("hidden sectors" at 0x1C, as in a FAT boot sector).
-    patch(
-        &raw,
-        PARTITION_OFFSET + 0x1C,
-        &((PARTITION_OFFSET / 512) as u32).to_le_bytes(),
-    )?;
-    let mbr = fs::read(tree.join("usr/lib/EXTLINUX/mbr.bin"))?;
-    if mbr.len() > 440 {
-        bail!(
-            "extlinux's mbr.bin is {} bytes, more than the MBR's 440",
-            mbr.len()
-        );
-    }
-    patch(&raw, 0, &mbr)?;
-
-    let partial = partial_name(qcow2);
-    let _ = fs::remove_file(&partial);
-    checked(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&partial),
-        LONG,
-    )
-    .inspect_err(|_| {
-        let _ = fs::remove_file(&partial);
-    })?;
-    fs::remove_file(&raw)?;
-    fs::rename(&partial, qcow2)?;
-    println!(
-        "==> write the qcow2 disk: ok in {}",
-        seconds(started.elapsed())
-    );
-    Ok(())
-}
-
-/// Writes `bytes` into `file` at `offset`.
-fn patch(file: &Path, offset: u64, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    fs::OpenOptions::new()
-        .write(true)
-        .open(file)?
-        .write_all_at(bytes, offset)
-        .with_context(|| format!("writing {} at {offset}", file.display()))
-}
-
-/// Runs `cmd` with `input` on its standard input.
-fn feed(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// The root partition of the raw disk, loop-mounted; unmounted on drop (the loop device goes
-/// with it: `autoclear`).
-struct LoopMount {
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    fn new(raw: &Path, dir: &Path) -> anyhow::Result<LoopMount> {
-        fs::create_dir_all(dir)?;
-        checked(
-            Command::new("mount")
-                .args([
-                    "-t",
-                    "ext4",
-                    "-o",
-                    &format!("loop,offset={PARTITION_OFFSET}"),
-                ])
-                .arg(raw)
-                .arg(dir),
-            SHORT,
-        )
-        .context("loop-mounting the image's root partition (extlinux needs it mounted)")?;
-        Ok(LoopMount {
-            dir: dir.to_path_buf(),
-            mounted: true,
-        })
-    }
-
-    fn unmount(mut self) -> anyhow::Result<()> {
-        self.mounted = false;
-        checked(Command::new("umount").arg(&self.dir), SHORT)?;
-        Ok(())
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
-        }
-    }
-}
-
 /// Unmounts whatever a killed earlier run left mounted inside a tree before it is removed
 /// (debootstrap mounts /proc and /sys inside its target), and again when dropped.
 struct TreeMounts(PathBuf);
@@ -860,165 +706,6 @@ impl Drop for TreeMounts {
     fn drop(&mut self) {
         self.unmount_all();
     }
-}
-
-/// `--check`: the tarball holds lbs, the qcow2 is a sound disk with the partition.
-fn check_outputs(tarball: &Path, qcow2: &Path) -> anyhow::Result<()> {
-    let listing = checked(Command::new("tar").arg("-tzf").arg(tarball), SHORT)?;
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    for needed in [
-        "./usr/bin/lbs",
-        "./usr/lib/systemd/system/lbs-agent.service",
-        "./etc/lbs/agent.toml",
-    ] {
-        if !listing.lines().any(|l| l == needed) {
-            bail!("the tarball {} has no {needed}", tarball.display());
-        }
-    }
-    checked(Command::new("qemu-img").arg("check").arg(qcow2), SHORT)
-        .with_context(|| format!("qemu-img check {}", qcow2.display()))?;
-    let info = capture(
-        Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(qcow2),
-    )?;
-    if !info.contains("\"format\": \"qcow2\"") {
-        bail!("{} is not a qcow2 image: {info}", qcow2.display());
-    }
-    println!("    checked: the tarball holds lbs, qemu-img check of the disk is clean");
-    Ok(())
-}
-
-/// `--check`: the disk boots under qemu (no network card: nothing leaves this machine) to
-/// the login prompt on its serial console, and systemd started `units` on the way.
-fn boot(qcow2: &Path, log: &Path, hostname: &str, units: &[&str]) -> anyhow::Result<()> {
-    const BOOT_LIMIT: Duration = Duration::from_secs(420);
-    let started = Instant::now();
-    println!("\n==> boot the disk under qemu (software emulation)");
-    let _ = fs::remove_file(log);
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-            "-snapshot",
-            "-nic",
-            "none",
-            "-display",
-            "none",
-        ])
-        .args(["-no-reboot", "-serial"])
-        .arg(format!("file:{}", log.display()))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", qcow2.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    let mut qemu = crate::process::Guard(Some(child));
-    let prompt = format!("{hostname} login:");
-    // Units start beside the getty, so the prompt may come first: wait for both.
-    let missing = |console: &str| -> Vec<String> {
-        units
-            .iter()
-            .filter(|u| !started_on(console, u))
-            .map(|u| u.to_string())
-            .collect()
-    };
-    let failure = loop {
-        let text = fs::read(log).unwrap_or_default();
-        let text = plain(&String::from_utf8_lossy(&text));
-        if text.contains("Failed to start lbs") {
-            break Some(format!(
-                "systemd failed to start an lbs unit:\n{}",
-                tail(&text, 40)
-            ));
-        }
-        if text.contains(&prompt) && missing(&text).is_empty() {
-            break None;
-        }
-        if let Some(status) = qemu.child()?.try_wait()? {
-            break Some(format!(
-                "qemu ended ({status}) before the login prompt:\n{}",
-                tail(&text, 30)
-            ));
-        }
-        if started.elapsed() > BOOT_LIMIT {
-            break Some(format!(
-                "within {}: login prompt {}, not started: {}; the console said:\n{}",
-                seconds(BOOT_LIMIT),
-                if text.contains(&prompt) {
-                    "seen"
-                } else {
-                    "not seen"
-                },
-                missing(&text).join(", "),
-                tail(&text, 30)
-            ));
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    drop(qemu);
-    if let Some(failure) = failure {
-        bail!("{failure}\n(the whole console is in {})", log.display());
-    }
-    let _ = fs::remove_file(log);
-    println!(
-        "    checked: the disk boots (extlinux, systemd) to `{prompt}` in {}, started {}",
-        seconds(started.elapsed()),
-        units.join(", ")
-    );
-    Ok(())
-}
-
-/// Whether systemd's console says it started `unit`: "[  OK  ] Started lbs-agent.service - …",
-/// where a narrow console cuts the name short ("Started lbs-datacenter.ser… DNS …").
-fn started_on(console: &str, unit: &str) -> bool {
-    console.lines().any(|line| {
-        line.split_once("Started ").is_some_and(|(_, rest)| {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || "@._-".contains(c)))
-                .unwrap_or(rest.len());
-            let (name, after) = rest.split_at(end);
-            name == unit || (name.len() >= 8 && unit.starts_with(name) && after.starts_with('…'))
-        })
-    })
-}
-
-/// `text` without the terminal's colour codes (CSI sequences: ESC [ … final byte).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        // A lone ESC (a narrow console cuts sequences short) is dropped by itself.
-        if chars.peek() != Some(&'[') {
-            continue;
-        }
-        chars.next();
-        // Parameter and intermediate bytes, then one final byte; anything else ends it.
-        while let Some(&c) = chars.peek() {
-            chars.next();
-            if !('\u{20}'..='\u{3f}').contains(&c) {
-                if !('@'..='~').contains(&c) {
-                    out.push(c);
-                }
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `--check`: lbs-datacenter (installed beside lbs for the check) is enabled, and purging
@@ -1056,28 +743,27 @@ fn check_packages(tree: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{plain, tail};
-
-    #[test]
-    fn the_console_is_read_without_colour_codes() {
-        let console =
-            "[\u{1b}[0;32m  OK  \u{1b}[0m] Started \u{1b}[0;1;39mlbs-agent.service\u{1b}[0m - lbs";
-        assert_eq!(plain(console), "[  OK  ] Started lbs-agent.service - lbs");
-        assert_eq!(tail("a\nb\nc", 2), "b\nc");
-        let boot = plain(
-            "[  OK  ] Started \u{1b}[0;1;39mlbs-agent.service\u{1b}… - lbs agent\n\
-                    [  OK  ] Started lbs-datacenter.ser… DNS updates\n",
+/// Runs `cmd` with `input` on its standard input.
+fn feed(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        let boot = boot.as_str();
-        assert!(super::started_on(boot, "lbs-agent.service"));
-        assert!(super::started_on(boot, "lbs-datacenter.service"));
-        assert!(!super::started_on(boot, "lbs-datacenter-site.service"));
-        assert!(!super::started_on(
-            "Starting lbs-agent.service…",
-            "lbs-agent.service"
-        ));
-        assert_eq!(tail("a", 5), "a");
     }
+    Ok(())
 }

@@ -1,0 +1,266 @@
+use super::pull::*;
+use super::serve::*;
+use super::*;
+
+#[test]
+fn a_manifest_is_bounded_by_bytes_and_every_size_it_announces() {
+    let entry = |path: &str, kind: ManifestKind| ManifestEntry {
+        path: RelPath::try_from(path).unwrap(),
+        kind,
+        meta: lbs_protocol::sync::FileMeta {
+            mode: 0o644,
+            owner: "asterisk".into(),
+            group: "asterisk".into(),
+            mtime_ns: 0,
+        },
+    };
+    let mut intake = Intake::default();
+    let huge = entry(
+        "rec.wav",
+        ManifestKind::File {
+            size: 1 << 63,
+            blake3: [0; 32],
+        },
+    );
+    let err = intake.manifest(&[huge]).unwrap_err();
+    assert!(matches!(err, SessionError::Unreasonable(_)), "{err}");
+    assert!(err.to_string().contains("rec.wav announced at"), "{err}");
+    // Few entries, but a gigabyte of link targets: refused by bytes.
+    let target = vec![b'x'; 64 << 20];
+    let links: Vec<ManifestEntry> = (0..17)
+        .map(|i| {
+            entry(
+                &format!("link{i}"),
+                ManifestKind::Symlink {
+                    target: target.clone(),
+                },
+            )
+        })
+        .collect();
+    let mut intake = Intake::default();
+    assert!(matches!(
+        intake.manifest(&links),
+        Err(SessionError::ManifestTooLarge)
+    ));
+    // A real tree passes.
+    let mut intake = Intake::default();
+    let file = entry(
+        "msg0001.wav",
+        ManifestKind::File {
+            size: 1 << 30,
+            blake3: [0; 32],
+        },
+    );
+    intake.manifest(&[file]).unwrap();
+}
+
+fn cvs(n: usize, seed: u8) -> Vec<Cv> {
+    (0..n)
+        .map(|i| *blake3::hash(&[seed, i as u8, (i >> 8) as u8]).as_bytes())
+        .collect()
+}
+
+/// A sender that answers every whole-file request, in order, with the path as content.
+fn echo_sender(
+    mut conn: Connection<tokio::io::DuplexStream>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut asked = Vec::new();
+        while let Some(Ok(envelope)) = conn.next().await {
+            let Message::SyncFetch { path } = envelope.message else {
+                break;
+            };
+            asked.push(path.to_string());
+            let bytes = path.as_bytes().to_vec();
+            let size = bytes.len() as u64;
+            let blake3 = *blake3::hash(&bytes).as_bytes();
+            for message in [
+                Message::SyncData { bytes },
+                Message::SyncDataEnd { size, blake3 },
+            ] {
+                let envelope = Envelope {
+                    generation: Generation(1),
+                    message,
+                };
+                if conn.send(envelope).await.is_err() {
+                    return asked;
+                }
+            }
+        }
+        asked
+    })
+}
+
+async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
+    let (tx, mut rx) = mpsc::channel(8);
+    forward(conn, &tx, None, &mut Instant::now()).await.unwrap();
+    drop(tx);
+    let mut out = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        if let Chunk::Data(bytes) = chunk {
+            out.extend(bytes);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let sender = echo_sender(tokio_util::codec::Framed::new(
+        b,
+        lbs_protocol::FrameCodec::new(),
+    ));
+    let rel = |p: &str| RelPath::try_from(p).unwrap();
+    let upcoming = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|p| Planned {
+            path: rel(p),
+            size: 1,
+            ask: Ask::Whole,
+            ahead: true,
+        })
+        .collect();
+    let mut pipeline = Pipeline {
+        upcoming,
+        ahead: VecDeque::new(),
+    };
+    let generation = Generation(1);
+    pipeline
+        .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
+        .await
+        .unwrap();
+    assert_eq!(content(&mut conn).await, b"a");
+    // b, c and d are asked for while "a" is being stored.
+    pipeline.top_up(&mut conn, generation).await.unwrap();
+    assert_eq!(pipeline.ahead.len(), 3);
+    // The writer skips b (its step failed before fetching): b's answer is dropped.
+    pipeline
+        .ready(&mut conn, generation, rel("c"), 1, Ask::Whole)
+        .await
+        .unwrap();
+    assert_eq!(content(&mut conn).await, b"c");
+    // A fallback fetch of "a" (a local copy that did not verify): d's answer in flight is
+    // dropped and d goes back in line, asked again on the next top-up.
+    pipeline
+        .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
+        .await
+        .unwrap();
+    assert_eq!(content(&mut conn).await, b"a");
+    pipeline.top_up(&mut conn, generation).await.unwrap();
+    pipeline
+        .ready(&mut conn, generation, rel("d"), 1, Ask::Whole)
+        .await
+        .unwrap();
+    assert_eq!(content(&mut conn).await, b"d");
+    drop(conn);
+    let asked = sender.await.unwrap();
+    assert_eq!(asked, ["a", "b", "c", "d", "a", "d"]);
+}
+
+/// What `send_file` sends for `path` after the file grew past its listed version: the
+/// data bytes and the size its end announces.
+async fn sent_after_growth(len: usize) -> (Vec<u8>, Vec<u8>, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let listed: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("rec.wav"), &listed).unwrap();
+    let mut index = Index::in_memory().unwrap();
+    crate::scan::scan(dir.path(), &mut index, &ScanOptions::default()).unwrap();
+    // The call goes on being recorded after the scan listed it.
+    use std::io::Write;
+    let mut recording = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("rec.wav"))
+        .unwrap();
+    recording.write_all(&[7u8; 50_000]).unwrap();
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut receiver =
+        tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::<Envelope>::new());
+    let files = Root::open(dir.path()).unwrap();
+    let index = Arc::new(Mutex::new(index));
+    let path = RelPath::try_from("rec.wav").unwrap();
+    let sending = tokio::spawn(async move {
+        send_file(&mut sender, Generation(1), &files, &index, path, true)
+            .await
+            .unwrap();
+        sender.flush().await.unwrap();
+        sender
+    });
+    let mut data = Vec::new();
+    let end = loop {
+        match receiver.next().await.unwrap().unwrap().message {
+            Message::SyncData { bytes } => data.extend(bytes),
+            Message::SyncDataEnd { size, .. } => break size,
+            other => panic!("unexpected {}", other.kind()),
+        }
+    };
+    drop(sending.await.unwrap());
+    (listed, data, end)
+}
+
+#[tokio::test]
+async fn a_recording_that_grew_since_it_was_listed_is_sent_as_listed() {
+    // Small files are read in one go, large ones streamed: both stop at the listed length,
+    // so the receiver gets the version it planned for (not one it must refuse).
+    for len in [300_000, 3_000_000] {
+        let (listed, sent, end) = sent_after_growth(len).await;
+        assert_eq!(end, len as u64, "the end announces the listed length");
+        assert!(
+            sent == listed,
+            "{len}: sent {} bytes, listed {}",
+            sent.len(),
+            listed.len()
+        );
+    }
+}
+
+#[test]
+fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
+    let bs = BlockSize::DEFAULT;
+    let theirs = cvs(300, 1);
+    let mut ours = theirs.clone();
+    ours[7] = [9; 32];
+    ours[250] = [9; 32];
+    let len = 300 * bs.get();
+    let sums = block_sums(&theirs, bs, len);
+    assert!(sums.iter().all(|s| matches!(s, BlockSum::One(_))));
+    let ranges = changed_ranges(&ours, &sums, bs, len);
+    assert_eq!(
+        ranges,
+        vec![
+            (7 * bs.get(), 8 * bs.get()),
+            (250 * bs.get(), 251 * bs.get())
+        ]
+    );
+}
+
+#[test]
+fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
+    let bs = BlockSize::DEFAULT;
+    let theirs = cvs(1000, 2);
+    // Header rewritten, last block changed, 40 blocks appended.
+    let mut ours = theirs.clone();
+    ours[0] = [1; 32];
+    ours[999] = [2; 32];
+    ours.extend(cvs(40, 3));
+    let len = 1040 * bs.get();
+    let sums = block_sums(&theirs, bs, len);
+    assert!(sums.len() < 80, "{} summaries for 1000 blocks", sums.len());
+    let ranges = changed_ranges(&ours, &sums, bs, len);
+    assert_eq!(
+        ranges,
+        vec![(0, bs.get()), (999 * bs.get(), 1040 * bs.get())]
+    );
+    // A change in the middle costs its whole group, never a wrong block.
+    ours[500] = [3; 32];
+    let ranges = changed_ranges(&ours, &sums, bs, len);
+    let sent: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert!(
+        ranges
+            .iter()
+            .any(|(a, b)| *a <= 500 * bs.get() && 501 * bs.get() <= *b)
+    );
+    assert!(sent <= (1 + GROUP_BLOCKS as u64 + 41) * bs.get(), "{sent}");
+}
