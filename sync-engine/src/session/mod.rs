@@ -35,6 +35,7 @@ use crate::tree::{BlockSize, Cv};
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
 /// sender from exhausting memory).
 mod pull;
+mod ready;
 mod serve;
 
 pub use pull::{PullOptions, pull};

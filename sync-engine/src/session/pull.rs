@@ -1,13 +1,15 @@
 //! The receiving side: plan against the primary's manifest, request content ahead of the
 //! writer in plan order, and hand it to a blocking writer through bounded channels.
 
+use super::ready::Ready;
 use super::serve::block_sums;
 use super::*;
 
-/// The receiver's fetcher: asks the async side for a file and hands what arrives to the
-/// writing side's sink.
+/// The receiver's fetcher: takes a file's answer from what was read ahead, or asks the async
+/// side for it, and hands it to the writing side's sink.
 pub(super) struct Bridge {
     pub(super) requests: mpsc::Sender<Request>,
+    pub(super) ready: Arc<Ready>,
 }
 
 impl Fetcher for Bridge {
@@ -32,6 +34,34 @@ impl Fetcher for Bridge {
     }
 }
 
+/// The connection ended before the answer did.
+fn gone() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the sync connection is gone",
+    )
+}
+
+/// Gives one chunk to `sink`; the file's size once it is complete.
+fn give(chunk: Chunk, sink: &mut dyn Sink) -> std::io::Result<Option<u64>> {
+    match chunk {
+        Chunk::Data(bytes) => sink.data(&bytes)?,
+        Chunk::Hole(len) => sink.hole(len)?,
+        Chunk::Changes(changed, size) => sink.changes(changed, size)?,
+        Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
+        Chunk::Delta(bytes) => sink.delta(&bytes)?,
+        Chunk::End(size) => return Ok(Some(size)),
+        Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
+        Chunk::Aborted(reason) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                reason,
+            ));
+        }
+    }
+    Ok(None)
+}
+
 impl Bridge {
     pub(super) fn ask(
         &mut self,
@@ -40,37 +70,25 @@ impl Bridge {
         ask: Ask,
         sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
+        if let Some(chunks) = self.ready.take(path) {
+            for chunk in chunks {
+                if let Some(size) = give(chunk, sink)? {
+                    return Ok(size);
+                }
+            }
+            return Err(gone());
+        }
         let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         self.requests
             .blocking_send((path.clone(), size, ask, tx))
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the sync connection is gone",
-                )
-            })?;
+            .map_err(|_| gone())?;
         // Returning early drops `rx`: the async side then drains the rest of the transfer.
         while let Some(chunk) = rx.blocking_recv() {
-            match chunk {
-                Chunk::Data(bytes) => sink.data(&bytes)?,
-                Chunk::Hole(len) => sink.hole(len)?,
-                Chunk::Changes(changed, size) => sink.changes(changed, size)?,
-                Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
-                Chunk::Delta(bytes) => sink.delta(&bytes)?,
-                Chunk::End(size) => return Ok(size),
-                Chunk::Failed(reason) => return Err(std::io::Error::other(reason)),
-                Chunk::Aborted(reason) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        reason,
-                    ));
-                }
+            if let Some(size) = give(chunk, sink)? {
+                return Ok(size);
             }
         }
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            "the sync connection is gone",
-        ))
+        Err(gone())
     }
 }
 
@@ -233,6 +251,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         )??
     };
     let (requests, mut incoming) = mpsc::channel(1);
+    let ready = Arc::new(Ready::default());
+    let writer_ready = ready.clone();
     // A batch only for a pass that trashes: a quiet day's passes leave no empty directories.
     let batch = if plan.trashes() {
         Some(trash.batch()?)
@@ -264,7 +284,10 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             &plan,
             &files,
             batch.as_ref(),
-            &mut Bridge { requests },
+            &mut Bridge {
+                requests,
+                ready: writer_ready,
+            },
             &old_blocks,
             &mut on_progress,
         )
@@ -275,25 +298,73 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         upcoming: planned,
         ahead: VecDeque::new(),
     };
-    while let Some((path, size, ask, chunks)) = incoming.recv().await {
+    // A pull nobody cancels waits on a token nobody cancels.
+    let cancel = cancel.unwrap_or_default();
+    loop {
+        let (path, size, ask, chunks) = match incoming.try_recv() {
+            Ok(request) => request,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let next = pipeline.read_ahead_next();
+                if connection_error.is_none() && next.is_some_and(|size| ready.has_room(size)) {
+                    // While the writer stores a file, the next one's answer is read for it.
+                    let step = async {
+                        pipeline.read_ahead(conn, &ready).await?;
+                        pipeline.top_up(conn, generation).await
+                    };
+                    let outcome = tokio::select! {
+                        outcome = step => outcome,
+                        () = cancel.cancelled() => Err(SessionError::Cancelled),
+                    };
+                    if let Err(err) = outcome {
+                        ready.close();
+                        connection_error = Some(err);
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    request = incoming.recv() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                    () = ready.room(), if connection_error.is_none() => continue,
+                    () = cancel.cancelled(), if connection_error.is_none() => {
+                        ready.close();
+                        connection_error = Some(SessionError::Cancelled);
+                        continue;
+                    }
+                }
+            }
+        };
         if let Some(err) = &connection_error {
             let _ = chunks.send(Chunk::Aborted(format!("{err}"))).await;
             continue;
+        }
+        // Read ahead just after the writer looked: handed over from the queue after all.
+        if let Some(answer) = ready.take(&path) {
+            for chunk in answer {
+                if chunks.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if pipeline.holds(&path) {
+            // It comes after everything read ahead: the writer went past those files.
+            ready.clear();
         }
         let relayed = async {
             pipeline.ready(conn, generation, path, size, ask).await?;
             forward(conn, &chunks, progress_tx.as_ref(), &mut notified).await?;
             pipeline.top_up(conn, generation).await
         };
-        let outcome = match &cancel {
-            Some(token) => tokio::select! {
-                outcome = relayed => outcome,
-                () = token.cancelled() => Err(SessionError::Cancelled),
-            },
-            None => relayed.await,
+        let outcome = tokio::select! {
+            outcome = relayed => outcome,
+            () = cancel.cancelled() => Err(SessionError::Cancelled),
         };
         if let Err(err) = outcome {
             let _ = chunks.send(Chunk::Aborted(err.to_string())).await;
+            ready.close();
             connection_error = Some(err);
         }
     }
@@ -549,7 +620,7 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// What a message of a file transfer gives the writer.
-fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
+pub(super) fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
     Ok(match message {
         Message::SyncData { bytes } => Chunk::Data(bytes),
         Message::SyncHole { len } => Chunk::Hole(len),
