@@ -400,3 +400,49 @@ fn deleted_files_go_to_the_trash_and_the_trash_is_purged_after_retention() {
     assert_eq!(trash.purge_at(day, later).unwrap(), 1);
     assert!(!batch.exists());
 }
+
+#[test]
+fn thousands_of_new_files_are_committed_in_groups_and_directories_get_their_mtimes_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut edited = Tree::new();
+    // Three directories of 900 files: groups of at most 1,024 files are handed to the
+    // committer thread several times, and each directory's mtime is set only once all of
+    // them are renamed in.
+    for box_no in 0..3 {
+        let mailbox = format!("vm{box_no}");
+        edited.insert(mailbox.clone(), Spec::Dir { mode: 0o750 });
+        for msg in 0..900 {
+            edited.insert(
+                format!("{mailbox}/msg{msg:04}.txt"),
+                Spec::File {
+                    content: content(msg as u8, 100 + msg % 7),
+                    mode: 0o640,
+                },
+            );
+        }
+    }
+    let (sender, receiver, trash) = two_sides(dir.path(), &Tree::new(), &edited);
+    let mut sender_index = Index::in_memory().unwrap();
+    scan(&sender, &mut sender_index, &ScanOptions::default()).unwrap();
+    let plan = plan(&manifest(&sender_index).unwrap(), &[]).unwrap();
+    let root = Root::open(&receiver)
+        .unwrap()
+        .with_durability(lbs_sync::Durability::Grouped);
+    let report = execute(
+        &plan,
+        &root,
+        plan.trashes().then(|| trash.batch().unwrap()).as_ref(),
+        &mut LocalFetcher::new(&sender).unwrap(),
+        &|_: &RelPath| None,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(report.deferred.is_empty(), "{report:?}");
+    assert_eq!(report.installed.len(), 2700);
+    assert_eq!(state(&receiver), state(&sender));
+    // No temporary file is left beside the ones put in place.
+    for box_no in 0..3 {
+        let names = fs::read_dir(receiver.join(format!("vm{box_no}"))).unwrap();
+        assert_eq!(names.count(), 900);
+    }
+}

@@ -271,16 +271,6 @@ impl Root {
         Ok(())
     }
 
-    /// With [`Durability::Grouped`], asks the kernel to start writing `file`'s data to the
-    /// disk now, without waiting: the group's `syncfs` then finds it written or on its way
-    /// instead of writing everything at once while the transfer waits (git's "batch" fsync
-    /// does the same). Only a hint: an error changes nothing, the `syncfs` still decides.
-    pub(crate) fn start_writeback(&self, file: &File) {
-        if self.durability == Durability::Grouped {
-            writeback::start(file);
-        }
-    }
-
     /// Makes every change so far durable with one `syncfs` of the root's file system, when
     /// durability is [`Durability::Grouped`] (with `EachStep` they already are).
     pub fn sync(&self) -> Result<(), ApplyError> {
@@ -443,13 +433,27 @@ impl Root {
         Ok(TempFile::new(self, rel.clone(), dir, temp, File::from(fd)))
     }
 
-    /// Puts staged files in place: their content is made durable first (one `syncfs` for the
-    /// group, or already by [`Root::stage`] when every step is synced), then each is renamed
-    /// over its old version, and the renames are synced. Returns the files now in place with
-    /// their tree hashes, and those that could not be (their temporary files removed). An
-    /// error means the group could not be synced: nothing was renamed, all were removed.
+    /// Puts staged files in place and syncs the renames: [`Root::put_in_place`], then
+    /// [`Root::sync`].
     #[allow(clippy::type_complexity)]
     pub fn commit(
+        &self,
+        staged: Vec<Staged>,
+    ) -> Result<(Vec<(RelPath, TreeHash)>, Vec<(RelPath, ApplyError)>), ApplyError> {
+        let placed = self.put_in_place(staged)?;
+        self.sync()?;
+        Ok(placed)
+    }
+
+    /// Puts staged files in place: their content is made durable first (one `syncfs` for the
+    /// group, or already by [`Root::stage`] when every step is synced), then each is renamed
+    /// over its old version. The renames are durable after the next [`Root::sync`] (a crash
+    /// before it leaves each name at its old or its new version, both complete). Returns the
+    /// files now in place with their tree hashes, and those that could not be (their
+    /// temporary files removed). An error means the group could not be synced: nothing was
+    /// renamed, all were removed.
+    #[allow(clippy::type_complexity)]
+    pub fn put_in_place(
         &self,
         staged: Vec<Staged>,
     ) -> Result<(Vec<(RelPath, TreeHash)>, Vec<(RelPath, ApplyError)>), ApplyError> {
@@ -484,7 +488,6 @@ impl Root {
                 Err(err) => failed.push((item.rel, err)),
             }
         }
-        self.sync()?;
         Ok((done, failed))
     }
 
@@ -740,7 +743,6 @@ fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
 
 mod nofollow;
 mod temp;
-mod writeback;
 
 pub use nofollow::open_dir_nofollow;
 

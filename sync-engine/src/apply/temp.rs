@@ -107,7 +107,6 @@ impl TempFile<'_> {
         }
         set_fd_meta(&self.file, target).map_err(|err| root.io(&rel, "setting metadata", err))?;
         root.step_sync(&self.file, &rel, "syncing the file")?;
-        root.start_writeback(&self.file);
         let temp = self.name.take().unwrap_or_default();
         let dir = self.dir.clone();
         Ok(Staged {

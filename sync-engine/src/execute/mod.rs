@@ -12,12 +12,15 @@ use std::path::Path;
 use lbs_protocol::RelPath;
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 
-use crate::apply::{ApplyError, Root, Staged, Target};
+use crate::apply::{ApplyError, Root, Target};
 use crate::index::{Entry, EntryKind, Index, IndexError, Known};
 use crate::plan::{Action, Basis, Plan, Source};
 use crate::tree::{BlockSize, Cv, TreeHash};
 
+mod group;
 mod receiver;
+
+use group::{Group, with_committer};
 
 use receiver::{Received, Receiver};
 
@@ -183,51 +186,15 @@ impl Ids {
     }
 }
 
-/// At most this many new files wait, written but not yet in place, for one group commit
-/// (two `syncfs` each). Files of one directory share its handle ([`Root::parent_dir`]), so a
-/// group holds as many open files as it spans directories.
-const GROUP_FILES: usize = 4096;
-/// At most this many bytes of new files wait for one group commit.
-const GROUP_BYTES: u64 = 512 << 20;
-
-/// Files staged and not yet renamed into place (see [`Root::commit`]).
-#[derive(Default)]
-struct Group {
-    staged: Vec<Staged>,
-    bytes: u64,
-}
-
-impl Group {
-    fn add(&mut self, staged: Staged) {
-        self.bytes += staged.len();
-        self.staged.push(staged);
-    }
-
-    fn full(&self) -> bool {
-        self.staged.len() >= GROUP_FILES || self.bytes >= GROUP_BYTES
-    }
-
-    /// Renames the group into place; what could not be is deferred to the next pass.
-    fn commit(&mut self, root: &Root, report: &mut ExecuteReport) -> Result<(), ApplyError> {
-        self.bytes = 0;
-        let (done, failed) = root.commit(std::mem::take(&mut self.staged))?;
-        report.installed.extend(done);
-        for (path, err) in failed {
-            report.done = report.done.saturating_sub(1);
-            report.deferred.push((path, err.to_string()));
-        }
-        Ok(())
-    }
-}
-
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
 /// [`crate::Trash::batch`]; needed only when [`Plan::trashes`]) and getting content from
 /// `fetcher`; `old_blocks` finds the receiver's block values of a file about to be replaced;
 /// `on_progress` hears after every action.
 ///
-/// New files are put in place in groups (see [`Root::commit`]) of up to [`GROUP_FILES`]
-/// files, and always before the directories' metadata steps, so directories get their
-/// metadata after their content changed. A fatal error removes the files still staged.
+/// New files are put in place in groups (see [`group`]), committed on a second thread while
+/// the next group is written, and always all in place before the directories' metadata steps,
+/// so directories get their metadata after their content changed. A fatal error removes the
+/// files still staged.
 pub fn execute(
     plan: &Plan,
     root: &Root,
@@ -236,20 +203,9 @@ pub fn execute(
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExecuteReport, ApplyError> {
-    let mut group = Group::default();
-    let result = run(
-        plan,
-        root,
-        trash,
-        fetcher,
-        old_blocks,
-        on_progress,
-        &mut group,
-    );
-    if result.is_err() {
-        root.discard(std::mem::take(&mut group.staged));
-    }
-    result
+    with_committer(root, |group| {
+        run(plan, root, trash, fetcher, old_blocks, on_progress, group)
+    })
 }
 
 /// The pass's trash batch, which a plan that trashes must be given.
@@ -282,9 +238,11 @@ fn run(
     };
     on_progress(&progress);
     for (at, action) in plan.actions.iter().enumerate() {
-        // Links are made to files in place: what is staged goes in first.
-        if at == plan.dirs_from || group.full() || matches!(action, Action::Link { .. }) {
+        // Links are made to files in place, directories' metadata set after their content.
+        if at == plan.dirs_from || matches!(action, Action::Link { .. }) {
             group.commit(root, &mut report)?;
+        } else if group.full() {
+            group.hand_off(root, &mut report)?;
         }
         let outcome = match action {
             Action::Trash { path } => root.move_to(path, no_batch(trash, path)?),

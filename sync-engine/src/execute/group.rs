@@ -1,0 +1,157 @@
+//! New files staged and put in place in groups, the groups committed on a second thread.
+//!
+//! A group's commit waits for the disk (its `syncfs`); done on the writing thread, the transfer
+//! stood still meanwhile. The committer thread takes a full group and syncs and renames it
+//! while the writer stages the next. The plan's order makes that safe: everything a later step
+//! reads is either untouched by the plan or read before it is rewritten, and the steps that
+//! need files in place (hard links, directories' metadata, the end) first wait for every
+//! group handed over ([`Group::commit`]).
+
+use std::sync::mpsc;
+
+use lbs_protocol::RelPath;
+
+use super::ExecuteReport;
+use crate::apply::{ApplyError, Root, Staged};
+use crate::tree::TreeHash;
+
+/// At most this many new files wait, written but not yet in place, for one group commit.
+/// Files of one directory share its handle ([`Root::parent_dir`]), so a group holds as many
+/// open files as it spans directories.
+const GROUP_FILES: usize = 1024;
+/// At most this many bytes of new files wait for one group commit.
+const GROUP_BYTES: u64 = 64 << 20;
+
+/// What one group's commit gave: the files in place, those that could not be.
+type Committed = Result<(Vec<(RelPath, TreeHash)>, Vec<(RelPath, ApplyError)>), ApplyError>;
+
+/// The committing thread, as the writer sees it.
+struct Committer {
+    groups: mpsc::SyncSender<Vec<Staged>>,
+    results: mpsc::Receiver<Committed>,
+    /// Groups handed over whose result has not been read.
+    outstanding: usize,
+}
+
+/// Files staged and not yet handed over to be put in place (see [`Root::put_in_place`]).
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) staged: Vec<Staged>,
+    bytes: u64,
+    /// Absent: groups are committed on the writing thread.
+    committer: Option<Committer>,
+}
+
+impl Group {
+    pub(super) fn add(&mut self, staged: Staged) {
+        self.bytes += staged.len();
+        self.staged.push(staged);
+    }
+
+    pub(super) fn full(&self) -> bool {
+        self.staged.len() >= GROUP_FILES || self.bytes >= GROUP_BYTES
+    }
+
+    /// Hands the staged files over to be put in place, and takes in what earlier groups gave.
+    /// Waits only while the committer still has a group queued.
+    pub(super) fn hand_off(
+        &mut self,
+        root: &Root,
+        report: &mut ExecuteReport,
+    ) -> Result<(), ApplyError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let staged = std::mem::take(&mut self.staged);
+        let Some(committer) = &mut self.committer else {
+            return take_in(root.put_in_place(staged), report);
+        };
+        if let Err(mpsc::SendError(staged)) = committer.groups.send(staged) {
+            // The thread is gone (it cannot be, short of a panic): commit here instead.
+            self.committer = None;
+            return take_in(root.put_in_place(staged), report);
+        }
+        committer.outstanding += 1;
+        while let Ok(result) = committer.results.try_recv() {
+            committer.outstanding -= 1;
+            take_in(result, report)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the staged files in place and waits until every group handed over is: after it,
+    /// every file fetched so far is at its path (renamed; durable after [`Root::sync`]).
+    pub(super) fn commit(
+        &mut self,
+        root: &Root,
+        report: &mut ExecuteReport,
+    ) -> Result<(), ApplyError> {
+        self.hand_off(root, report)?;
+        let mut first_error = None;
+        if let Some(committer) = &mut self.committer {
+            while committer.outstanding > 0 {
+                let Ok(result) = committer.results.recv() else {
+                    break;
+                };
+                committer.outstanding -= 1;
+                if let Err(err) = take_in(result, report) {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Records one group's result in `report`; a group that could not be synced is an error.
+fn take_in(result: Committed, report: &mut ExecuteReport) -> Result<(), ApplyError> {
+    let (done, failed) = result?;
+    report.installed.extend(done);
+    for (path, err) in failed {
+        report.done = report.done.saturating_sub(1);
+        report.deferred.push((path, err.to_string()));
+    }
+    Ok(())
+}
+
+/// Runs `work` with a [`Group`] whose commits happen on a thread of their own (on the writing
+/// thread if none can be started). Whatever `work` returns, every group handed over is
+/// finished before this returns, and files still staged are removed on an error.
+pub(super) fn with_committer<T>(
+    root: &Root,
+    work: impl FnOnce(&mut Group) -> Result<T, ApplyError>,
+) -> Result<T, ApplyError> {
+    std::thread::scope(|scope| {
+        let (groups, incoming) = mpsc::sync_channel::<Vec<Staged>>(1);
+        let (done, results) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("lbs-commit".into())
+            .spawn_scoped(scope, move || {
+                for staged in incoming {
+                    if done.send(root.put_in_place(staged)).is_err() {
+                        break;
+                    }
+                }
+            });
+        let mut group = Group {
+            committer: spawned.ok().map(|_| Committer {
+                groups,
+                results,
+                outstanding: 0,
+            }),
+            ..Group::default()
+        };
+        let result = work(&mut group);
+        if result.is_err() {
+            root.discard(std::mem::take(&mut group.staged));
+        }
+        // Closing the channel ends the thread once it has put in place what it was given
+        // (verified files: on an error too); the scope waits for it.
+        if let Some(committer) = group.committer.take() {
+            drop(committer.groups);
+            for _ in committer.results {}
+        }
+        result
+    })
+}
