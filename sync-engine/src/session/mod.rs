@@ -34,6 +34,7 @@ use crate::tree::{BlockSize, Cv};
 
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
 /// sender from exhausting memory).
+mod pipeline;
 mod pull;
 mod ready;
 mod serve;

@@ -1,4 +1,4 @@
-use super::pull::*;
+use super::pipeline::*;
 use super::serve::*;
 use super::*;
 

@@ -1,0 +1,459 @@
+//! Asking the sender ahead of the writer: requests go out in plan order while the writer
+//! stores earlier files, small files' answers are read into [`Ready`] before the writer asks,
+//! and each other answer is forwarded to the writer through a bounded channel as it asks.
+
+use super::ready::Ready;
+use super::serve::block_sums;
+use super::*;
+
+/// A fetch the plan will make: which file, how large on the sender, and the receiver's
+/// block values when it holds an older version.
+#[derive(Debug)]
+pub(super) struct Planned {
+    pub(super) path: RelPath,
+    pub(super) size: u64,
+    pub(super) ask: Ask,
+    /// Whether it may be asked for ahead of the writer (not a delta, whose signature comes
+    /// from the writer, nor a large file: then `ask` is not kept).
+    pub(super) ahead: bool,
+}
+
+impl Planned {
+    /// Roughly how many bytes its request takes on the wire.
+    pub(super) fn request_bytes(&self) -> usize {
+        64 + self.path.as_bytes().len()
+            + match &self.ask {
+                Ask::Whole => 0,
+                Ask::Blocks(_, blocks) => blocks.len() * 10,
+                Ask::Delta(signature) => signature.len(),
+            }
+    }
+}
+
+/// While the writer stores one file, the next files' requests are already with the sender:
+/// a tree of small files then costs one round trip, not one per file.
+///
+/// The sender answers requests strictly in order. Requests only run ahead while their total
+/// stays small ([`AHEAD_REQUEST_BYTES`]), so they always fit in the socket buffers and the
+/// sender never waits on us to read while we wait on it to read.
+pub(super) struct Pipeline {
+    /// Fetches not requested yet, in plan order.
+    pub(super) upcoming: VecDeque<Planned>,
+    /// Requested, answers not read yet, in order.
+    pub(super) ahead: VecDeque<Planned>,
+}
+
+/// Files with more blocks than this (1 MiB at 16 KiB) are asked for by the writer itself.
+pub(super) const AHEAD_MAX_BLOCKS: usize = 64;
+
+/// At most this many requests run ahead of the writer.
+pub(super) const AHEAD_FILES: usize = 64;
+
+/// At most this many bytes of files are requested ahead of the writer.
+pub(super) const AHEAD_BYTES: u64 = 16 << 20;
+
+/// At most this many bytes of requests are outstanding while an answer is being read.
+pub(super) const AHEAD_REQUEST_BYTES: usize = 32 * 1024;
+
+impl Pipeline {
+    /// Makes the next answer on the connection the one for `path`: answers to requests the
+    /// writer skipped are read and dropped; a request outside the plan's order (a fallback)
+    /// goes out after the outstanding ones are drained and put back in line.
+    pub(super) async fn ready<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+        path: RelPath,
+        size: u64,
+        ask: Ask,
+    ) -> Result<(), SessionError> {
+        if let Some(at) = self.ahead.iter().position(|p| p.path == path) {
+            // The writer skipped the ones before it (their steps failed early).
+            for _ in 0..at {
+                self.ahead.pop_front();
+                discard(conn).await?;
+            }
+            self.ahead.pop_front();
+            return Ok(());
+        }
+        if let Some(at) = self.upcoming.iter().position(|p| p.path == path) {
+            // Skipped too, everything requested and everything planned before it.
+            while self.ahead.pop_front().is_some() {
+                discard(conn).await?;
+            }
+            self.upcoming.drain(..=at);
+        } else {
+            // Not in the plan's line: the answers in flight are dropped and asked again later.
+            while let Some(back) = self.ahead.pop_back() {
+                discard(conn).await?;
+                self.upcoming.push_front(back);
+            }
+        }
+        request(conn, generation, path, size, ask).await
+    }
+
+    /// Sends the next planned requests, within the limits. Requests go out in batches (once
+    /// half of what runs ahead is answered), so they share TLS records and write calls.
+    pub(super) async fn top_up<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        generation: Generation,
+    ) -> Result<(), SessionError> {
+        let mut files: u64 = self.ahead.iter().map(|p| p.size).sum();
+        let mut requests: usize = self.ahead.iter().map(Planned::request_bytes).sum();
+        if self.ahead.len() > AHEAD_FILES / 2
+            || files > AHEAD_BYTES / 2
+            || requests > AHEAD_REQUEST_BYTES / 2
+        {
+            // The sender has plenty to do still.
+            return Ok(());
+        }
+        let before = self.ahead.len();
+        while let Some(next) = self.upcoming.front() {
+            if !next.ahead {
+                // Its request is the writer's to make; nothing goes past it.
+                break;
+            }
+            let fits = self.ahead.is_empty()
+                || (self.ahead.len() < AHEAD_FILES
+                    && files + next.size <= AHEAD_BYTES
+                    && requests + next.request_bytes() <= AHEAD_REQUEST_BYTES);
+            if !fits {
+                break;
+            }
+            let Some(next) = self.upcoming.pop_front() else {
+                break;
+            };
+            files += next.size;
+            requests += next.request_bytes();
+            request(
+                conn,
+                generation,
+                next.path.clone(),
+                next.size,
+                next.ask.clone(),
+            )
+            .await?;
+            self.ahead.push_back(next);
+        }
+        if self.ahead.len() > before {
+            // Out now: the writer may take a while before it asks for the next answer.
+            conn.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Asks the sender for one file: whole, its changes against the receiver's blocks, or a delta.
+pub(super) async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    path: RelPath,
+    size: u64,
+    ask: Ask,
+) -> Result<(), SessionError> {
+    let (block_size, blocks) = match ask {
+        Ask::Whole => return feed(conn, generation, Message::SyncFetch { path }).await,
+        Ask::Delta(signature) => {
+            return send(
+                conn,
+                generation,
+                Message::SyncFetchDelta { path, signature },
+            )
+            .await;
+        }
+        Ask::Blocks(block_size, blocks) => (block_size, blocks),
+    };
+    let sums = block_sums(&blocks, block_size, size);
+    let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        feed(
+            conn,
+            generation,
+            Message::SyncFetchChanges {
+                path: path.clone(),
+                block_size: block_size.get() as u32,
+                blocks: part.to_vec(),
+                last,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads one answer to its end and drops it.
+pub(super) async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Result<(), SessionError> {
+    loop {
+        match receive(conn, "a file transfer").await? {
+            Message::SyncData { .. }
+            | Message::SyncHole { .. }
+            | Message::SyncDataAt { .. }
+            | Message::SyncChanges { .. }
+            | Message::SyncDelta { .. } => {}
+            Message::SyncDataEnd { .. } | Message::SyncUnavailable { .. } => return Ok(()),
+            other => {
+                return Err(SessionError::unexpected(&other, "a file transfer"));
+            }
+        }
+    }
+}
+
+/// Reads one answer and hands its chunks to the writing thread.
+pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    chunks: &mpsc::Sender<Chunk>,
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
+    notified: &mut Instant,
+) -> Result<(), SessionError> {
+    loop {
+        let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
+        note_progress(progress, &chunk, notified);
+        let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
+        // The writer gave up on this file (an error on its side): drain the rest regardless.
+        let _ = chunks.send(chunk).await;
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// What a message of a file transfer gives the writer.
+pub(super) fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
+    Ok(match message {
+        Message::SyncData { bytes } => Chunk::Data(bytes),
+        Message::SyncHole { len } => Chunk::Hole(len),
+        Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
+        Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
+        Message::SyncDelta { bytes } => Chunk::Delta(bytes),
+        // The writer verifies the content against the manifest's hash itself.
+        Message::SyncDataEnd { size, .. } => Chunk::End(size),
+        Message::SyncUnavailable { path, reason } => {
+            Chunk::Failed(format!("the sender could not send {path}: {reason}"))
+        }
+        other => return Err(SessionError::unexpected(&other, "a file transfer")),
+    })
+}
+
+/// How often a pull's progress wakes those who watch it (every change is kept).
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The file being received advances by `chunk`; watchers hear of it at most every
+/// [`PROGRESS_EVERY`] (`notified`: when they last did).
+fn note_progress(
+    progress: Option<&tokio::sync::watch::Sender<Progress>>,
+    chunk: &Chunk,
+    notified: &mut Instant,
+) {
+    let Some(progress) = progress else {
+        return;
+    };
+    let advance = |p: &mut Progress| match chunk {
+        Chunk::Data(bytes) | Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
+        Chunk::Hole(len) => p.current_bytes = p.current_bytes.saturating_add(*len),
+        Chunk::At(offset, bytes) => p.current_bytes = offset + bytes.len() as u64,
+        _ => {}
+    };
+    progress.send_if_modified(|p| {
+        advance(p);
+        let due = notified.elapsed() >= PROGRESS_EVERY;
+        if due {
+            *notified = Instant::now();
+        }
+        due
+    });
+}
+
+/// Only answers of files up to this long are read ahead; longer ones stream through the
+/// writer's bounded channel as it asks.
+const READY_FILE_MAX: u64 = 1 << 20;
+
+/// At most this many chunks make one answer read ahead (a small sparse file is many holes).
+const READY_CHUNKS: usize = 4096;
+
+impl Pipeline {
+    /// Reads the answer to the oldest request in flight and leaves it in `ready`. An answer
+    /// larger than the file's listed size (plus one chunk) or of more than [`READY_CHUNKS`]
+    /// chunks is not kept: the writer gets a failure for that file, the rest is read and
+    /// dropped.
+    pub(super) async fn read_ahead<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Connection<S>,
+        ready: &Ready,
+    ) -> Result<(), SessionError> {
+        let Some(planned) = self.ahead.pop_front() else {
+            return Ok(());
+        };
+        let limit = planned.size.saturating_add(SYNC_CHUNK_LEN as u64);
+        let mut chunks = Vec::new();
+        let mut bytes = 0u64;
+        loop {
+            let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
+            bytes += match &chunk {
+                Chunk::Data(data) | Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,
+                _ => 0,
+            };
+            let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
+            if bytes > limit || chunks.len() >= READY_CHUNKS {
+                if !done {
+                    discard(conn).await?;
+                }
+                chunks = vec![Chunk::Failed(format!(
+                    "the sender sent more for {} than the {} bytes it listed",
+                    planned.path, planned.size
+                ))];
+                bytes = 0;
+                break;
+            }
+            chunks.push(chunk);
+            if done {
+                break;
+            }
+        }
+        ready.push(planned.path, chunks, bytes);
+        Ok(())
+    }
+
+    /// The listed size of the next answer on the connection, if it may be read ahead.
+    pub(super) fn read_ahead_next(&self) -> Option<u64> {
+        self.ahead
+            .front()
+            .map(|p| p.size)
+            .filter(|size| *size <= READY_FILE_MAX)
+    }
+
+    /// Whether `path` is a planned fetch not answered yet (so everything read ahead comes
+    /// before it in plan order).
+    pub(super) fn holds(&self, path: &RelPath) -> bool {
+        self.ahead.iter().any(|p| &p.path == path) || self.upcoming.iter().any(|p| &p.path == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &str) -> RelPath {
+        RelPath::from_bytes(name.as_bytes().to_vec()).unwrap()
+    }
+
+    /// A sender that answers each whole-file request in order: for "big" many chunks of
+    /// zeros (far more than its listed byte), for any other path the path itself.
+    fn sender(
+        mut conn: Connection<tokio::io::DuplexStream>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some(Ok(envelope)) = conn.next().await {
+                let Message::SyncFetch { path } = envelope.message else {
+                    break;
+                };
+                asked.push(path.to_string());
+                let mut messages = Vec::new();
+                if path.as_bytes() == b"big" {
+                    for _ in 0..12 {
+                        let bytes = vec![0u8; SYNC_CHUNK_LEN];
+                        messages.push(Message::SyncData { bytes });
+                    }
+                } else {
+                    let bytes = path.as_bytes().to_vec();
+                    messages.push(Message::SyncData { bytes });
+                }
+                messages.push(Message::SyncDataEnd {
+                    size: 0,
+                    blake3: [0; 32],
+                });
+                for message in messages {
+                    let envelope = Envelope {
+                        generation: Generation(1),
+                        message,
+                    };
+                    if conn.send(envelope).await.is_err() {
+                        return asked;
+                    }
+                }
+            }
+            asked
+        })
+    }
+
+    fn data(chunks: &[Chunk]) -> Vec<u8> {
+        chunks
+            .iter()
+            .flat_map(|c| match c {
+                Chunk::Data(bytes) => bytes.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_ahead_in_plan_order_and_an_oversized_one_is_refused() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let asked = sender(tokio_util::codec::Framed::new(
+            b,
+            lbs_protocol::FrameCodec::new(),
+        ));
+        let upcoming = ["one", "big", "two"]
+            .into_iter()
+            .map(|p| Planned {
+                path: path(p),
+                size: 3,
+                ask: Ask::Whole,
+                ahead: true,
+            })
+            .collect();
+        let mut pipeline = Pipeline {
+            upcoming,
+            ahead: VecDeque::new(),
+        };
+        pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
+        assert_eq!(pipeline.read_ahead_next(), Some(3));
+        let ready = Ready::default();
+        for _ in 0..3 {
+            pipeline.read_ahead(&mut conn, &ready).await.unwrap();
+        }
+        assert_eq!(pipeline.read_ahead_next(), None);
+        // Only what was listed is held: 6 bytes of the two small answers, nothing of "big".
+        assert_eq!(ready.held_bytes(), 6);
+        let big = ready.take(&path("big")).unwrap();
+        assert!(
+            matches!(&big[..], [Chunk::Failed(why)] if why.contains("more for big than the 3 bytes")),
+            "{:?}",
+            big.len()
+        );
+        // "one" came before "big": the writer went past it.
+        assert!(ready.take(&path("one")).is_none());
+        // The rest of "big" was read and dropped: the next answer is whole and in step.
+        assert_eq!(data(&ready.take(&path("two")).unwrap()), b"two");
+        drop(conn);
+        assert_eq!(asked.await.unwrap(), ["one", "big", "two"]);
+    }
+
+    #[tokio::test]
+    async fn files_over_a_mebibyte_are_not_read_ahead() {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let mut pipeline = Pipeline {
+            upcoming: [Planned {
+                path: path("large"),
+                size: READY_FILE_MAX + 1,
+                ask: Ask::Whole,
+                ahead: true,
+            }]
+            .into(),
+            ahead: VecDeque::new(),
+        };
+        pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
+        assert_eq!(pipeline.ahead.len(), 1, "requested ahead");
+        assert_eq!(
+            pipeline.read_ahead_next(),
+            None,
+            "but streamed as the writer asks"
+        );
+    }
+}
