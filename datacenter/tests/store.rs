@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lbs_datacenter::store::{
-    ActivationRequest, DnsFailure, DnsWork, Refusal, Report, SqliteStore, Store, StoreError,
+    ActivationRequest, DnsFailure, DnsWork, Refusal, Report, ReportKind, SqliteStore, Store,
+    StoreError,
 };
 use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
@@ -626,5 +627,72 @@ fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately()
             .unwrap()
             .iter()
             .any(|e| e.kind == "hand-over requested" && e.detail.contains("PBX check failed"))
+    );
+}
+
+#[test]
+fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    // Not activated yet: a report is refused, whatever it says.
+    assert!(matches!(
+        store(&db).report_kind(a, &report(1, REMOTE)),
+        Err(StoreError::NotAllowed(_))
+    ));
+    store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 1)
+        .unwrap();
+    store(&db)
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 2)
+        .unwrap();
+    let at_home = Ipv4Addr::new(192, 168, 1, 2);
+    // The primary reports from where it is recorded: liveness.
+    store(&db)
+        .heartbeat(a, &report(1, at_home), T0 + 3)
+        .unwrap();
+    assert_eq!(
+        store(&db).report_kind(a, &report(1, at_home)).unwrap(),
+        ReportKind::Liveness
+    );
+    // From a new address: its name must follow, a decision recorded now.
+    assert_eq!(
+        store(&db).report_kind(a, &report(1, REMOTE)).unwrap(),
+        ReportKind::Decision
+    );
+    // The backup moving is liveness (no name follows it); so is a stale primary's report.
+    assert_eq!(
+        store(&db).report_kind(b, &report(1, REMOTE)).unwrap(),
+        ReportKind::Liveness
+    );
+    assert_eq!(
+        store(&db).report_kind(a, &report(0, REMOTE)).unwrap(),
+        ReportKind::Liveness
+    );
+
+    // Both boxes' reports in one batch; then an older batch changes nothing.
+    let batch = [
+        (a, report(1, at_home), T0 + 10),
+        (b, report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 11),
+    ];
+    store(&db).heartbeats(&batch).unwrap();
+    store(&db)
+        .heartbeats(&[(b, report(1, REMOTE), T0 + 5)])
+        .unwrap();
+    let pair = store(&db).pair_of(a).unwrap();
+    let heard: Vec<_> = pair
+        .servers
+        .iter()
+        .map(|s| (s.last_heartbeat_at, s.advertised.clone()))
+        .collect();
+    assert_eq!(
+        heard,
+        [
+            (Some(T0 + 10), Some("192.168.1.2".to_owned())),
+            (Some(T0 + 11), Some("192.168.1.3".to_owned())),
+        ]
     );
 }

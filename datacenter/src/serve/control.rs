@@ -2,6 +2,7 @@
 //! another site's questions about the tunnel peers. Each answer is one store transaction.
 
 use super::*;
+use crate::store::ReportKind;
 
 pub(super) fn role_named(text: &str) -> Role {
     match text {
@@ -91,8 +92,9 @@ pub(super) async fn control(
         .and_then(|chain| chain.first())
         .map(tls::key_fingerprint)
         .transpose()?;
+    let shared = inner.clone();
     let (current, pair) = with_store(inner, move |s| {
-        Ok((s.certificate_key(sid)?, s.pair_of(sid)?))
+        Ok((s.certificate_key(sid)?, shared.liveness.pair_of(s, sid)?))
     })
     .await?;
     let (mut conn, negotiated) = exchange_hello(
@@ -264,16 +266,24 @@ pub(super) async fn on_report(
         json: serde_json::to_string(&stored_report(&report)).unwrap_or_default(),
     };
     let believes = report.role;
+    let shared = inner.clone();
     let result = with_store(inner, move |s| {
         let now = now_ms();
-        s.heartbeat(sid, &record, now)?;
+        // Most reports only say the box is alive: kept in memory, written in a batch.
+        match s.report_kind(sid, &record)? {
+            ReportKind::Liveness => shared.liveness.note(sid, record, now),
+            ReportKind::Decision => {
+                shared.liveness.forget(sid);
+                s.heartbeat(sid, &record, now)?;
+            }
+        }
         let request = if remote {
             s.pending_promotion(sid, now)?
                 .filter(|r| hand_over || r.hand_over.is_none())
         } else {
             None
         };
-        Ok((s.pair_of(sid)?, request, now))
+        Ok((shared.liveness.pair_of(s, sid)?, request, now))
     })
     .await;
     match result {
@@ -347,7 +357,10 @@ pub(super) async fn on_hand_over(inner: &Arc<Inner>, sid: ServerId, reason: Stri
         alive: HAND_OVER_ALIVE,
         holdoff: inner.config.handover_holdoff,
     };
+    let shared = inner.clone();
     let result = with_store(inner, move |s| {
+        // The backup's last report decides (alive, in sync): the latest one, written first.
+        shared.liveness.write(s)?;
         let now = now_ms();
         let request = s.hand_over(sid, &reason, limits, now)?;
         Ok((request, s.pair_of(sid)?, now))
@@ -371,11 +384,12 @@ pub(super) async fn on_refused(
     id: u64,
     reason: String,
 ) -> Message {
+    let shared = inner.clone();
     let result = with_store(inner, move |s| {
         let now = now_ms();
         let id = i64::try_from(id).unwrap_or(i64::MAX);
         s.refuse_promotion(id, sid, &reason, now)?;
-        Ok((s.pair_of(sid)?, now))
+        Ok((shared.liveness.pair_of(s, sid)?, now))
     })
     .await;
     match result {
@@ -394,7 +408,10 @@ pub(super) async fn on_promote(
     advertised: Ipv4Addr,
     actor: String,
 ) -> Message {
+    let shared = inner.clone();
     let result = with_store(inner, move |s| {
+        // The audit says how long before this the old primary last reported.
+        shared.liveness.write(s)?;
         let now = now_ms();
         let before = s.pair_of(sid)?;
         let promoted = s.promote(sid, believed, advertised, &actor, now)?;
@@ -427,10 +444,11 @@ pub(super) async fn on_promote(
 }
 
 pub(super) async fn on_register(inner: &Arc<Inner>, sid: ServerId, actor: String) -> Message {
+    let shared = inner.clone();
     let result = with_store(inner, move |s| {
         let now = now_ms();
         s.register_backup(sid, &actor, now)?;
-        Ok((s.pair_of(sid)?, now))
+        Ok((shared.liveness.pair_of(s, sid)?, now))
     })
     .await;
     match result {

@@ -38,11 +38,13 @@ use crate::time::now_ms;
 mod activation;
 mod control;
 mod dns_worker;
+mod liveness;
 mod tunnels;
 
 use activation::{activation, refuse};
 use control::control;
 use dns_worker::dns_worker;
+use liveness::{Liveness, liveness_writer};
 use tunnels::peers_worker;
 pub(crate) use tunnels::{apply_peers, start_endpoints};
 
@@ -116,6 +118,8 @@ struct Inner {
     limiter: Mutex<RateLimiter>,
     dns_wake: Notify,
     peers_wake: Notify,
+    /// Reports that only say a box is alive, written to the store in batches.
+    liveness: Liveness,
     endpoints: Vec<(EndpointSettings, Endpoint)>,
     /// The bounds of each kind of port, shared by its listeners.
     activation_serving: Serving,
@@ -206,6 +210,7 @@ pub async fn run(
         config,
         dns_wake: Notify::new(),
         peers_wake: Notify::new(),
+        liveness: Liveness::default(),
         endpoints,
         // An activation is never proven (the key in its request is the proof): it stays
         // unproven, bounded per source, for its whole life (the handshake and the request).
@@ -251,6 +256,7 @@ pub async fn run(
     }
     tasks.spawn(dns_worker(inner.clone(), shutdown.clone()));
     tasks.spawn(peers_worker(inner.clone(), shutdown.clone()));
+    tasks.spawn(liveness_writer(inner.clone(), shutdown.clone()));
     ready(&listening);
     shutdown.cancelled().await;
     // Every task watches the token; connections are aborted with their listener's set.

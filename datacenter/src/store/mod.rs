@@ -22,12 +22,14 @@ pub use crate::view::{DnsState, RequestState, StoredReport};
 
 mod activation;
 mod dns;
+mod liveness;
 mod reading;
 mod requests;
 mod schema;
 mod types;
 
 use dns::{dns_names, want_dns};
+pub use liveness::ReportKind;
 use schema::MIGRATIONS;
 pub use types::*;
 
@@ -172,6 +174,15 @@ pub trait Store {
         report: &Report,
         now: Millis,
     ) -> Result<(Role, Generation), StoreError>;
+
+    /// Whether `report` only says `sid` is alive ([`ReportKind::Liveness`], recorded later in
+    /// a batch by [`Store::heartbeats`]) or changes a decision (recorded now by
+    /// [`Store::heartbeat`]). An error for a box that may not report.
+    fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError>;
+
+    /// Records many reports in one transaction: each box's last heartbeat, generation,
+    /// software, address and report, unless a newer one is recorded already.
+    fn heartbeats(&mut self, batch: &[(ServerId, Report, Millis)]) -> Result<(), StoreError>;
 
     /// Every pair.
     fn pairs(&self) -> Result<Vec<PairView>, StoreError>;
@@ -666,6 +677,14 @@ impl Store for SqliteStore {
         // A box behind the pair's generation that is not the backup is fenced, whatever it
         // believes (the store already records it so).
         Ok((row.role, row.generation))
+    }
+
+    fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError> {
+        self.report_kind_in(sid, report)
+    }
+
+    fn heartbeats(&mut self, batch: &[(ServerId, Report, Millis)]) -> Result<(), StoreError> {
+        self.heartbeats_in(batch)
     }
 
     fn pairs(&self) -> Result<Vec<PairView>, StoreError> {

@@ -46,7 +46,7 @@ pub struct Activated {
 }
 
 /// One server as `status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServerView {
     /// The SID.
     pub sid: String,
@@ -164,7 +164,7 @@ pub struct HandOverLimits {
 }
 
 /// One pair as `status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PairView {
     pub name: String,
     /// The FQDN the phones use.
