@@ -202,9 +202,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS.
+    /// Every pair: servers, roles, generation, last heartbeat, software, hardware match, DNS;
+    /// first a line for the whole fleet.
     Status {
-        /// As JSON.
+        /// Only this pair.
+        pair: Option<String>,
+        /// Only what needs a person (silent boxes, fenced boxes, a backup behind, DNS
+        /// refused or unanswered, hardware that differs). Exits 0 when nothing does, 1 when
+        /// something does, 2 when the data center's records cannot be read: for monitoring.
+        #[arg(long)]
+        problems: bool,
+        /// A box that has not reported for this many seconds is silent.
+        #[arg(long, value_name = "SECS", default_value_t = crate::fleet::SILENT_AFTER.as_secs())]
+        silent_after: u64,
+        /// As JSON (with --problems: the summary and each pair's problems).
         #[arg(long)]
         json: bool,
     },
@@ -217,6 +228,42 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: i64,
     },
+}
+
+/// `status --problems`: the fleet's line, then each pair that needs a person with what.
+fn status_problems(
+    pairs: &[crate::store::PairView],
+    now: crate::store::Millis,
+    silent_after: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let summary = crate::fleet::summary(pairs, now, silent_after);
+    let troubled: Vec<_> = pairs
+        .iter()
+        .map(|p| (p, crate::fleet::problems(p, now, silent_after)))
+        .filter(|(_, found)| !found.is_empty())
+        .collect();
+    if json {
+        let pairs: Vec<_> = troubled
+            .iter()
+            .map(|(p, found)| serde_json::json!({ "pair": p.name, "fqdn": p.fqdn, "problems": found }))
+            .collect();
+        let out = serde_json::json!({ "summary": summary, "pairs": pairs });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        lbs_host::say!("{summary}");
+        for (pair, found) in &troubled {
+            lbs_host::say!("{} ({}):", pair.name, pair.fqdn);
+            for problem in found {
+                lbs_host::say!("  {problem}");
+            }
+        }
+    }
+    Ok(if troubled.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn open(dir: &Path) -> anyhow::Result<SqliteStore> {
@@ -415,9 +462,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Status { json } => {
-            let store = open(dir)?;
-            let pairs = store.pairs()?;
+        Command::Status {
+            pair,
+            problems,
+            silent_after,
+            json,
+        } => {
+            let silent_after = std::time::Duration::from_secs(silent_after);
+            // Monitoring tells "cannot read" (2) from "something needs a person" (1).
+            let pairs = match open(dir).and_then(|store| Ok(store.pairs()?)) {
+                Ok(pairs) => pairs,
+                Err(err) => {
+                    eprintln!("lbs-datacenter: cannot read the records: {err:#}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let pairs: Vec<_> = match &pair {
+                Some(name) => {
+                    let one: Vec<_> = pairs.into_iter().filter(|p| &p.name == name).collect();
+                    if one.is_empty() {
+                        eprintln!(
+                            "lbs-datacenter: no pair named {name} (see lbs-datacenter status)"
+                        );
+                        return Ok(ExitCode::from(2));
+                    }
+                    one
+                }
+                None => pairs,
+            };
+            let now = now_ms();
+            if problems {
+                return status_problems(&pairs, now, silent_after, json);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&pairs)?);
                 return Ok(ExitCode::SUCCESS);
@@ -426,8 +502,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lbs_host::say!(
                     "no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN"
                 );
+            } else {
+                lbs_host::say!("{}", crate::fleet::summary(&pairs, now, silent_after));
             }
-            let now = now_ms();
             // The names are updated only where `serve` has a [dns] section: in the data
             // directory's datacenter.toml, or the packaged one the unit passes to serve.
             let dns_configured = [dir.join(CONFIG), PathBuf::from(PACKAGED_CONFIG)]

@@ -15,6 +15,7 @@
 //!   backoff, state in `status`) and the WireGuard endpoints (every activated box a peer).
 //! - [`site`]: another site running only tunnel endpoints, their peers following the main
 //!   site's control API (mutual TLS with a data-center certificate) and cached on disk.
+//! - [`fleet`]: what needs a person, pair by pair, and the fleet in numbers (`status`).
 //! - [`config`]: `serve`'s (and `site`'s) TOML, every field defaulted.
 //! - [`time`]: timestamps and how they are shown.
 //! - [`view`]: the states the store keeps and shows (DNS record, promotion request, a box's
@@ -25,6 +26,7 @@
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod fleet;
 pub mod isolation;
 pub mod keys;
 pub mod serve;

@@ -156,3 +156,72 @@ fn init_provision_status_and_events() {
         "a key is stored in clear"
     );
 }
+
+#[test]
+fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
+    use lbs_datacenter::store::{ActivationRequest, SqliteStore, Store};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dc");
+    // Nothing to read: 2.
+    assert_eq!(dc(&dir, &["status", "--problems"]).status.code(), Some(2));
+    assert!(dc(&dir, &["init"]).status.success());
+    // A pair being installed (nothing activated) needs nobody: 0.
+    let servers = SqliteStore::open(&dir.join("datacenter.db"))
+        .unwrap()
+        .provision_pair(
+            "acme",
+            "pbx.acme.example",
+            2,
+            std::time::Duration::from_secs(86_400),
+            lbs_datacenter::time::now_ms(),
+        )
+        .unwrap();
+    let out = dc(&dir, &["status", "--problems"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .0
+            .starts_with("fleet: 1 pair(s), 0 of 0 box(es) heard")
+    );
+    // A box activated and never heard of since: 1, and it is named.
+    let sid = servers[0].sid;
+    SqliteStore::open(&dir.join("datacenter.db"))
+        .unwrap()
+        .activate(
+            &ActivationRequest {
+                sid,
+                key: servers[0].key.to_string(),
+                wireguard_key: "wg".into(),
+                tls_key: "tls".into(),
+                lan_address: "192.168.1.2".parse().unwrap(),
+                software: "0.1.0".into(),
+                inventory: "{}".into(),
+                source: "198.51.100.7".into(),
+            },
+            "10.77.0.0/16".parse().unwrap(),
+            lbs_datacenter::time::now_ms(),
+        )
+        .unwrap();
+    let out = dc(&dir, &["status", "--problems"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("1 silent"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "primary {sid} has not reported since it was activated"
+        )),
+        "{stdout}"
+    );
+    let json = dc(&dir, &["status", "--problems", "--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["summary"]["silent"], 1, "{value}");
+    assert_eq!(
+        value["pairs"][0]["problems"][0]["problem"], "silent",
+        "{value}"
+    );
+    // One pair by name; an unknown one cannot be read: 2.
+    assert!(dc(&dir, &["status", "acme"]).status.success());
+    let out = dc(&dir, &["status", "globex"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("no pair named globex"));
+}
