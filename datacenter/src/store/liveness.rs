@@ -56,28 +56,36 @@ impl SqliteStore {
             return Ok(());
         }
         let tx = begin(&mut self.conn)?;
-        {
-            // Never over a newer one (a report recorded at once meanwhile).
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3,
-                       software = ?4, advertised_address = ?5, report = ?6
-                     WHERE sid = ?1 AND (last_heartbeat_at IS NULL OR last_heartbeat_at <= ?2)",
-                )
-                .map_err(db("preparing the heartbeats"))?;
-            for (sid, report, at) in batch {
-                update
-                    .execute(params![
-                        sid.to_string(),
-                        at,
-                        gen_sql(report.believed),
-                        report.software,
-                        report.advertised.to_string(),
-                        report.json
-                    ])
-                    .map_err(db("recording heartbeats"))?;
-            }
+        for (sid, report, at) in batch {
+            write_report(&tx, *sid, report, *at)?;
         }
         tx.commit().map_err(db("committing heartbeats"))
     }
+}
+
+/// Records `sid`'s report made at `at`: its last heartbeat, generation, software, address and
+/// the report itself.
+pub(super) fn write_report(
+    tx: &rusqlite::Transaction<'_>,
+    sid: ServerId,
+    report: &Report,
+    at: Millis,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3, software = ?4,
+           advertised_address = ?5, report = ?6
+         WHERE sid = ?1",
+    )
+    .and_then(|mut update| {
+        update.execute(params![
+            sid.to_string(),
+            at,
+            gen_sql(report.believed),
+            report.software,
+            report.advertised.to_string(),
+            report.json
+        ])
+    })
+    .map_err(db("recording a heartbeat"))?;
+    Ok(())
 }

@@ -181,7 +181,7 @@ pub trait Store {
     fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError>;
 
     /// Records many reports in one transaction: each box's last heartbeat, generation,
-    /// software, address and report, unless a newer one is recorded already.
+    /// software, address and report.
     fn heartbeats(&mut self, batch: &[(ServerId, Report, Millis)]) -> Result<(), StoreError>;
 
     /// Every pair.
@@ -654,20 +654,7 @@ impl Store for SqliteStore {
                 "{sid} is not activated yet"
             )));
         }
-        tx.execute(
-            "UPDATE servers SET last_heartbeat_at = ?2, reported_generation = ?3, software = ?4,
-               advertised_address = ?5, report = ?6
-             WHERE sid = ?1",
-            params![
-                sid.to_string(),
-                now,
-                gen_sql(report.believed),
-                report.software,
-                report.advertised.to_string(),
-                report.json
-            ],
-        )
-        .map_err(db("recording a heartbeat"))?;
+        liveness::write_report(&tx, sid, report, now)?;
         // The primary's address may change (a new uplink): the pair's name follows it.
         if row.role == Role::Primary && report.believed == row.generation {
             let [fqdn, ..] = dns_names(&row.fqdn);

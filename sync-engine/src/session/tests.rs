@@ -1,4 +1,5 @@
 use super::pipeline::*;
+use super::ready::Ready;
 use super::serve::*;
 use super::*;
 
@@ -60,8 +61,10 @@ fn cvs(n: usize, seed: u8) -> Vec<Cv> {
         .collect()
 }
 
-/// A sender that answers every whole-file request, in order, with the path as content.
-fn echo_sender(
+/// A sender that answers every whole-file request, in order, with the messages `answer`
+/// gives for its path, then an end; it returns the paths asked for.
+fn answering_sender(
+    answer: fn(&RelPath) -> Vec<Message>,
     mut conn: Connection<tokio::io::DuplexStream>,
 ) -> tokio::task::JoinHandle<Vec<String>> {
     tokio::spawn(async move {
@@ -71,13 +74,19 @@ fn echo_sender(
                 break;
             };
             asked.push(path.to_string());
-            let bytes = path.as_bytes().to_vec();
-            let size = bytes.len() as u64;
-            let blake3 = *blake3::hash(&bytes).as_bytes();
-            for message in [
-                Message::SyncData { bytes },
-                Message::SyncDataEnd { size, blake3 },
-            ] {
+            let mut messages = answer(&path);
+            let bytes: Vec<u8> = messages
+                .iter()
+                .flat_map(|m| match m {
+                    Message::SyncData { bytes } => bytes.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            messages.push(Message::SyncDataEnd {
+                size: bytes.len() as u64,
+                blake3: *blake3::hash(&bytes).as_bytes(),
+            });
+            for message in messages {
                 let envelope = Envelope {
                     generation: Generation(1),
                     message,
@@ -89,6 +98,30 @@ fn echo_sender(
         }
         asked
     })
+}
+
+/// The path as content.
+fn echo(path: &RelPath) -> Vec<Message> {
+    let bytes = path.as_bytes().to_vec();
+    vec![Message::SyncData { bytes }]
+}
+
+/// For "big" twelve chunks of zeros (far more than any small file it is listed as), for any
+/// other path the path.
+fn big_or_echo(path: &RelPath) -> Vec<Message> {
+    if path.as_bytes() != b"big" {
+        return echo(path);
+    }
+    (0..12)
+        .map(|_| Message::SyncData {
+            bytes: vec![0u8; SYNC_CHUNK_LEN],
+        })
+        .collect()
+}
+
+/// A sender that answers every whole-file request, in order, with the path as content.
+fn echo_sender(conn: Connection<tokio::io::DuplexStream>) -> tokio::task::JoinHandle<Vec<String>> {
+    answering_sender(echo, conn)
 }
 
 async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
@@ -263,4 +296,85 @@ fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
             .any(|(a, b)| *a <= 500 * bs.get() && 501 * bs.get() <= *b)
     );
     assert!(sent <= (1 + GROUP_BLOCKS as u64 + 41) * bs.get(), "{sent}");
+}
+
+fn rel(p: &str) -> RelPath {
+    RelPath::try_from(p).unwrap()
+}
+
+fn data(chunks: &[Chunk]) -> Vec<u8> {
+    chunks
+        .iter()
+        .flat_map(|c| match c {
+            Chunk::Data(bytes) => bytes.clone(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn answers_are_read_ahead_in_plan_order_and_an_oversized_one_is_refused() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let asked = answering_sender(
+        big_or_echo,
+        tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new()),
+    );
+    let upcoming = ["one", "big", "two"]
+        .into_iter()
+        .map(|p| Planned {
+            path: RelPath::try_from(p).unwrap(),
+            size: 3,
+            ask: Ask::Whole,
+            ahead: true,
+        })
+        .collect();
+    let mut pipeline = Pipeline {
+        upcoming,
+        ahead: VecDeque::new(),
+    };
+    pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
+    assert_eq!(pipeline.read_ahead_next(), Some(3));
+    let ready = Ready::default();
+    for _ in 0..3 {
+        pipeline.read_ahead(&mut conn, &ready).await.unwrap();
+    }
+    assert_eq!(pipeline.read_ahead_next(), None);
+    // Only what was listed is held: 6 bytes of the two small answers, nothing of "big".
+    assert_eq!(ready.held_bytes(), 6);
+    let big = ready.take(&rel("big")).unwrap();
+    assert!(
+        matches!(&big[..], [Chunk::Failed(why)] if why.contains("more for big than the 3 bytes")),
+        "{:?}",
+        big.len()
+    );
+    // "one" came before "big": the writer went past it.
+    assert!(ready.take(&rel("one")).is_none());
+    // The rest of "big" was read and dropped: the next answer is whole and in step.
+    assert_eq!(data(&ready.take(&rel("two")).unwrap()), b"two");
+    drop(conn);
+    assert_eq!(asked.await.unwrap(), ["one", "big", "two"]);
+}
+
+#[tokio::test]
+async fn files_over_a_mebibyte_are_not_read_ahead() {
+    let (a, _b) = tokio::io::duplex(1 << 16);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut pipeline = Pipeline {
+        upcoming: [Planned {
+            path: rel("large"),
+            size: READY_FILE_MAX + 1,
+            ask: Ask::Whole,
+            ahead: true,
+        }]
+        .into(),
+        ahead: VecDeque::new(),
+    };
+    pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
+    assert_eq!(pipeline.ahead.len(), 1, "requested ahead");
+    assert_eq!(
+        pipeline.read_ahead_next(),
+        None,
+        "but streamed as the writer asks"
+    );
 }
