@@ -1,6 +1,7 @@
 //! The command line: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve |
 //! promote | status | events | site-identity | site`.
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -221,12 +222,19 @@ enum Command {
     },
     /// The audit log: every provisioning, activation and role change.
     Events {
-        /// As JSON.
+        /// As JSON (with --follow: one event per line).
         #[arg(long)]
         json: bool,
         /// Only events after this number.
         #[arg(long, default_value_t = 0)]
         after: i64,
+        /// Only this pair's events.
+        #[arg(long, value_name = "PAIR")]
+        pair: Option<String>,
+        /// Then keep printing new events as they are recorded (looked for every second)
+        /// until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
 }
 
@@ -572,33 +580,72 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Events { json, after } => {
+        Command::Events {
+            json,
+            after,
+            pair,
+            follow,
+        } => {
             let store = open(dir)?;
+            if let Some(name) = &pair
+                && !store.pairs()?.iter().any(|p| &p.name == name)
+            {
+                bail!("no pair named {name} (see lbs-datacenter status)");
+            }
+            let wanted = |e: &crate::store::Event| pair.is_none() || e.pair == pair;
             let events = store.events(after)?;
-            if json {
+            if json && !follow {
+                let events: Vec<_> = events.into_iter().filter(|e| wanted(e)).collect();
                 println!("{}", serde_json::to_string_pretty(&events)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            for e in &events {
-                let generations = match (e.from_generation, e.to_generation) {
-                    (Some(a), Some(b)) if a != b => format!(" gen {a}→{b}"),
-                    (None, Some(b)) => format!(" gen {b}"),
-                    _ => String::new(),
-                };
-                lbs_host::say!(
-                    "{:>5}  {}  {:<18} {:<10} {:<17}{generations}  by {}: {}",
-                    e.id,
-                    when(e.at),
-                    e.kind,
-                    e.pair.as_deref().unwrap_or("-"),
-                    e.sid.as_deref().unwrap_or("-"),
-                    e.actor,
-                    e.detail
-                );
+            let mut last = after;
+            let mut batch = events;
+            loop {
+                for e in &batch {
+                    last = last.max(e.id);
+                    if !wanted(e) {
+                        continue;
+                    }
+                    let line = if json {
+                        serde_json::to_string(e)?
+                    } else {
+                        event_line(e)
+                    };
+                    // A reader that went away (`| head`) ends a follow quietly.
+                    if writeln!(std::io::stdout(), "{line}").is_err() {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                if !follow {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                batch = store.events(last)?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One audit-log entry as a line for people.
+fn event_line(e: &crate::store::Event) -> String {
+    let generations = match (e.from_generation, e.to_generation) {
+        (Some(a), Some(b)) if a != b => format!(" gen {a}→{b}"),
+        (None, Some(b)) => format!(" gen {b}"),
+        _ => String::new(),
+    };
+    lbs_host::term::printable(&format!(
+        "{:>5}  {}  {:<18} {:<10} {:<17}{generations}  by {}: {}",
+        e.id,
+        when(e.at),
+        e.kind,
+        e.pair.as_deref().unwrap_or("-"),
+        e.sid.as_deref().unwrap_or("-"),
+        e.actor,
+        e.detail
+    ))
+    .into_owned()
 }
 
 /// A box's last report in a line: what it believes, its sync backlog and its tunnels.

@@ -225,3 +225,106 @@ fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("no pair named globex"));
 }
+
+/// A child process killed when dropped, whatever the test did.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn events_of_one_pair_and_followed_as_they_are_recorded() {
+    use lbs_datacenter::store::{ActivationRequest, SqliteStore, Store};
+    use std::io::BufRead;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dc");
+    assert!(dc(&dir, &["init"]).status.success());
+    let db = dir.join("datacenter.db");
+    let provision = |name: &str| {
+        SqliteStore::open(&db)
+            .unwrap()
+            .provision_pair(
+                name,
+                &format!("pbx.{name}.example"),
+                2,
+                Duration::from_secs(86_400),
+                lbs_datacenter::time::now_ms(),
+            )
+            .unwrap()
+    };
+    provision("acme");
+    let initech = provision("initech");
+    let out = dc(&dir, &["events", "--pair", "acme"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(" acme ") && !stdout.contains("initech"),
+        "{stdout}"
+    );
+    let out = dc(&dir, &["events", "--pair", "globex", "--follow"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unknown pair is refused, not followed"
+    );
+    assert!(text(&out).1.contains("no pair named globex"));
+
+    // Followed, one JSON event per line.
+    let mut child = Killed(
+        Command::new(DC)
+            .arg("--dir")
+            .arg(&dir)
+            .args(["events", "--follow", "--json", "--pair", "initech"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pair_of = |line: &str| -> String {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        event["pair"].as_str().unwrap_or("-").to_owned()
+    };
+    // What was recorded before: initech's provisioning only.
+    let first = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(pair_of(&first), "initech", "{first}");
+    while let Ok(line) = seen.recv_timeout(Duration::from_millis(1500)) {
+        assert_eq!(pair_of(&line), "initech", "{line}");
+    }
+    // Recorded now: another pair's provisioning (not shown), initech's activation (shown).
+    provision("globex");
+    SqliteStore::open(&db)
+        .unwrap()
+        .activate(
+            &ActivationRequest {
+                sid: initech[0].sid,
+                key: initech[0].key.to_string(),
+                wireguard_key: "wg".into(),
+                tls_key: "tls".into(),
+                lan_address: "192.168.1.2".parse().unwrap(),
+                software: "0.1.0".into(),
+                inventory: "{}".into(),
+                source: "198.51.100.7".into(),
+            },
+            "10.77.0.0/16".parse().unwrap(),
+            lbs_datacenter::time::now_ms(),
+        )
+        .unwrap();
+    let next = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    let event: serde_json::Value = serde_json::from_str(&next).unwrap();
+    assert_eq!(event["pair"], "initech", "{event}");
+    assert_eq!(event["sid"], initech[0].sid.to_string(), "{event}");
+}
