@@ -157,9 +157,31 @@ fn init_provision_status_and_events() {
     );
 }
 
+/// Activates box `sid` with `key` straight in the database at `dir` (as `serve` would).
+fn activate(dir: &Path, sid: lbs_protocol::ServerId, key: String) {
+    use lbs_datacenter::store::{ActivationRequest, SqliteStore, Store};
+    SqliteStore::open(&dir.join("datacenter.db"))
+        .unwrap()
+        .activate(
+            &ActivationRequest {
+                sid,
+                key,
+                wireguard_key: "wg".into(),
+                tls_key: "tls".into(),
+                lan_address: "192.168.1.2".parse().unwrap(),
+                software: "0.1.0".into(),
+                inventory: "{}".into(),
+                source: "198.51.100.7".into(),
+            },
+            "10.77.0.0/16".parse().unwrap(),
+            lbs_datacenter::time::now_ms(),
+        )
+        .unwrap();
+}
+
 #[test]
 fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
-    use lbs_datacenter::store::{ActivationRequest, SqliteStore, Store};
+    use lbs_datacenter::store::{SqliteStore, Store};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dc");
     // Nothing to read: 2.
@@ -185,23 +207,7 @@ fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
     );
     // A box activated and never heard of since: 1, and it is named.
     let sid = servers[0].sid;
-    SqliteStore::open(&dir.join("datacenter.db"))
-        .unwrap()
-        .activate(
-            &ActivationRequest {
-                sid,
-                key: servers[0].key.to_string(),
-                wireguard_key: "wg".into(),
-                tls_key: "tls".into(),
-                lan_address: "192.168.1.2".parse().unwrap(),
-                software: "0.1.0".into(),
-                inventory: "{}".into(),
-                source: "198.51.100.7".into(),
-            },
-            "10.77.0.0/16".parse().unwrap(),
-            lbs_datacenter::time::now_ms(),
-        )
-        .unwrap();
+    activate(&dir, sid, servers[0].key.to_string());
     let out = dc(&dir, &["status", "--problems"]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     let (stdout, _) = text(&out);
@@ -238,7 +244,7 @@ impl Drop for Killed {
 
 #[test]
 fn events_of_one_pair_and_followed_as_they_are_recorded() {
-    use lbs_datacenter::store::{ActivationRequest, SqliteStore, Store};
+    use lbs_datacenter::store::{SqliteStore, Store};
     use std::io::BufRead;
     use std::time::Duration;
     let tmp = tempfile::tempdir().unwrap();
@@ -306,23 +312,7 @@ fn events_of_one_pair_and_followed_as_they_are_recorded() {
     }
     // Recorded now: another pair's provisioning (not shown), initech's activation (shown).
     provision("globex");
-    SqliteStore::open(&db)
-        .unwrap()
-        .activate(
-            &ActivationRequest {
-                sid: initech[0].sid,
-                key: initech[0].key.to_string(),
-                wireguard_key: "wg".into(),
-                tls_key: "tls".into(),
-                lan_address: "192.168.1.2".parse().unwrap(),
-                software: "0.1.0".into(),
-                inventory: "{}".into(),
-                source: "198.51.100.7".into(),
-            },
-            "10.77.0.0/16".parse().unwrap(),
-            lbs_datacenter::time::now_ms(),
-        )
-        .unwrap();
+    activate(&dir, initech[0].sid, initech[0].key.to_string());
     let next = seen.recv_timeout(Duration::from_secs(10)).unwrap();
     let event: serde_json::Value = serde_json::from_str(&next).unwrap();
     assert_eq!(event["pair"], "initech", "{event}");

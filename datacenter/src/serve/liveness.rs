@@ -39,15 +39,12 @@ impl Liveness {
         self.pending().remove(&sid);
     }
 
-    /// The reports kept, in the order of their time.
+    /// The reports kept, taken out.
     fn take(&self) -> Vec<(ServerId, Report, Millis)> {
-        let mut batch: Vec<_> = self
-            .pending()
+        self.pending()
             .drain()
             .map(|(sid, (report, at))| (sid, report, at))
-            .collect();
-        batch.sort_by_key(|(_, _, at)| *at);
-        batch
+            .collect()
     }
 
     /// Writes the reports kept to `store` in one transaction; on an error they are kept for

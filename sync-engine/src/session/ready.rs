@@ -28,11 +28,17 @@ struct Answer {
 #[derive(Default)]
 struct State {
     answers: VecDeque<Answer>,
-    bytes: u64,
     /// The async side waits for room.
     waiting: bool,
     /// The connection is gone or the pull cancelled: nothing more is handed out.
     closed: bool,
+}
+
+impl State {
+    /// The content bytes of the answers waiting (at most [`READY_FILES`] of them).
+    fn bytes(&self) -> u64 {
+        self.answers.iter().map(|a| a.bytes).sum()
+    }
 }
 
 /// Answers read ahead, in plan order, shared by the async side (which fills it) and the
@@ -54,7 +60,7 @@ impl Ready {
     /// How many bytes of answers wait.
     #[cfg(test)]
     pub(super) fn held_bytes(&self) -> u64 {
-        self.state().bytes
+        self.state().bytes()
     }
 
     /// Whether an answer of `size` bytes may be read ahead now; if not, the next
@@ -63,7 +69,7 @@ impl Ready {
         let mut state = self.state();
         let room = !state.closed
             && state.answers.len() < READY_FILES
-            && (state.answers.is_empty() || state.bytes + size <= READY_BYTES);
+            && (state.answers.is_empty() || state.bytes() + size <= READY_BYTES);
         state.waiting = !room;
         room
     }
@@ -77,7 +83,6 @@ impl Ready {
     pub(super) fn push(&self, path: RelPath, chunks: Vec<Chunk>, bytes: u64) {
         let mut state = self.state();
         if !state.closed {
-            state.bytes += bytes;
             state.answers.push_back(Answer {
                 path,
                 chunks,
@@ -96,7 +101,6 @@ impl Ready {
             taken = Some(answer);
         }
         let answer = taken?;
-        state.bytes = state.answers.iter().map(|a| a.bytes).sum();
         if state.waiting {
             state.waiting = false;
             self.room.notify_one();
@@ -108,7 +112,6 @@ impl Ready {
     pub(super) fn clear(&self) {
         let mut state = self.state();
         state.answers.clear();
-        state.bytes = 0;
     }
 
     /// No more answers: the writer asks the async side, which tells it why.
@@ -116,7 +119,6 @@ impl Ready {
         let mut state = self.state();
         state.closed = true;
         state.answers.clear();
-        state.bytes = 0;
     }
 }
 
@@ -139,7 +141,7 @@ mod tests {
         assert!(ready.take(&path("a")).is_none());
         assert!(ready.take(&path("c")).is_some());
         assert!(ready.take(&path("c")).is_none());
-        assert_eq!(ready.state().bytes, 0);
+        assert_eq!(ready.held_bytes(), 0);
     }
 
     #[test]
