@@ -126,11 +126,18 @@ enum Command {
     /// first box to activate becomes primary, the second backup.
     ProvisionPair {
         /// The pair's name (lower-case letters, digits, '-').
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        name: Option<String>,
         /// The name phones and trunks use for the PBX.
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        fqdn: Option<String>,
+        /// Many pairs at once: a file with one `NAME FQDN` per line ('#' starts a comment).
+        /// All are provisioned in one transaction, or none when one line is wrong.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// The keys as JSON (an array of {pair, fqdn, sid, key, expires_at}) for scripts.
         #[arg(long)]
-        fqdn: String,
+        json: bool,
         /// Only one box for now; add its backup later with provision-backup.
         #[arg(long)]
         single: bool,
@@ -290,6 +297,42 @@ fn days(n: u64) -> Duration {
     Duration::from_secs(n.saturating_mul(86_400))
 }
 
+/// A pair's name and FQDN, both checked.
+fn checked_pair(name: &str, fqdn: &str) -> anyhow::Result<(String, String)> {
+    let name: PairName = name.parse().context("the pair name")?;
+    check_fqdn(fqdn)?;
+    Ok((name.as_str().to_owned(), fqdn.to_owned()))
+}
+
+/// `provision-pair --from`: one `NAME FQDN` per line; every line is checked before anything
+/// is provisioned.
+fn pairs_from(file: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut pairs = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", file.display(), number + 1);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [name, fqdn] = fields[..] else {
+            bail!("{}: expected `NAME FQDN`, found {line:?}", at());
+        };
+        let pair = checked_pair(name, fqdn).with_context(at)?;
+        if !names.insert(pair.0.clone()) {
+            bail!("{}: pair {} is listed twice", at(), pair.0);
+        }
+        pairs.push(pair);
+    }
+    if pairs.is_empty() {
+        bail!("{} lists no pair", file.display());
+    }
+    Ok(pairs)
+}
+
 fn check_fqdn(fqdn: &str) -> anyhow::Result<()> {
     let ok = fqdn.len() <= 253
         && fqdn.split('.').count() >= 2
@@ -336,27 +379,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ProvisionPair {
             name,
             fqdn,
+            from,
+            json,
             single,
             key_days,
         } => {
-            let name: PairName = name.parse().context("the pair name")?;
-            check_fqdn(&fqdn)?;
+            let pairs = match (from, name, fqdn) {
+                (Some(file), _, _) => pairs_from(&file)?,
+                (None, Some(name), Some(fqdn)) => vec![checked_pair(&name, &fqdn)?],
+                _ => bail!("give --name and --fqdn, or --from FILE"),
+            };
             let mut store = open(dir)?;
-            let servers = store.provision_pair(
-                name.as_str(),
-                &fqdn,
-                if single { 1 } else { 2 },
-                days(key_days),
-                now_ms(),
-            )?;
-            lbs_host::say!("pair {name} ({fqdn}):");
-            for server in &servers {
-                lbs_host::say!(
-                    "  SID {}  activation key {}  (valid until {})",
-                    server.sid,
-                    server.key,
-                    when(server.expires_at)
-                );
+            let made =
+                store.provision_pairs(&pairs, if single { 1 } else { 2 }, days(key_days), now_ms());
+            let made = match made {
+                Err(err) if pairs.len() > 1 => {
+                    bail!("{err}: none of the {} pairs was provisioned", pairs.len())
+                }
+                made => made?,
+            };
+            if json {
+                let keys: Vec<serde_json::Value> = pairs
+                    .iter()
+                    .zip(&made)
+                    .flat_map(|((name, fqdn), servers)| {
+                        servers.iter().map(move |server| {
+                            serde_json::json!({
+                                "pair": name,
+                                "fqdn": fqdn,
+                                "sid": server.sid.to_string(),
+                                "key": server.key.to_string(),
+                                "expires_at": when(server.expires_at),
+                            })
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for ((name, fqdn), servers) in pairs.iter().zip(&made) {
+                lbs_host::say!("pair {name} ({fqdn}):");
+                for server in servers {
+                    lbs_host::say!(
+                        "  SID {}  activation key {}  (valid until {})",
+                        server.sid,
+                        server.key,
+                        when(server.expires_at)
+                    );
+                }
             }
             lbs_host::say!(
                 "The keys are shown only now. The first box to activate becomes primary."

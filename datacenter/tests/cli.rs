@@ -318,3 +318,71 @@ fn events_of_one_pair_and_followed_as_they_are_recorded() {
     assert_eq!(event["pair"], "initech", "{event}");
     assert_eq!(event["sid"], initech[0].sid.to_string(), "{event}");
 }
+
+#[test]
+fn provisioning_from_a_file_is_all_or_nothing_and_speaks_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dc");
+    assert!(dc(&dir, &["init"]).status.success());
+    let file = tmp.path().join("pairs.txt");
+    let from = |lines: &str, json: bool| {
+        std::fs::write(&file, lines).unwrap();
+        let mut args = vec!["provision-pair", "--from", file.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        dc(&dir, &args)
+    };
+    let pairs_now = || {
+        let out = dc(&dir, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        status.as_array().unwrap().len()
+    };
+
+    // A wrong line anywhere: nothing is provisioned, and the line is named.
+    let out = from("acme pbx.acme.example\nBeta pbx.beta.example\n", false);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("line 2"), "{:?}", text(&out));
+    let out = from("acme pbx.acme.example\nacme pbx.other.example\n", false);
+    assert!(text(&out).1.contains("listed twice"), "{:?}", text(&out));
+    assert_eq!(pairs_now(), 0);
+
+    let out = from(
+        "# office, fqdn\nacme pbx.acme.example\n\nbeta pbx.beta.example # new\n",
+        true,
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let named: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|k| (k["pair"].as_str().unwrap(), k["fqdn"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("acme", "pbx.acme.example"),
+            ("acme", "pbx.acme.example"),
+            ("beta", "pbx.beta.example"),
+            ("beta", "pbx.beta.example")
+        ]
+    );
+    for key in &keys {
+        key["sid"]
+            .as_str()
+            .unwrap()
+            .parse::<lbs_protocol::ServerId>()
+            .unwrap();
+        assert_eq!(key["key"].as_str().unwrap().len(), 29, "{key}");
+    }
+    assert_eq!(pairs_now(), 2);
+
+    // One pair that exists already: the new ones are not provisioned either.
+    let out = from("gamma pbx.gamma.example\nbeta pbx.beta.example\n", false);
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("beta") && err.contains("none of the 2 pairs"),
+        "{err}"
+    );
+    assert_eq!(pairs_now(), 2);
+}

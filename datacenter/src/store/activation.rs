@@ -4,50 +4,53 @@
 use super::*;
 
 impl SqliteStore {
-    pub(super) fn provision_pair_in(
+    pub(super) fn provision_pairs_in(
         &mut self,
-        name: &str,
-        fqdn: &str,
+        pairs: &[(String, String)],
         servers: usize,
         key_ttl: Duration,
         now: Millis,
-    ) -> Result<Vec<Provisioned>, StoreError> {
+    ) -> Result<Vec<Vec<Provisioned>>, StoreError> {
         if !(1..=2).contains(&servers) {
             return Err(StoreError::NotAllowed(format!(
                 "a pair has one or two servers, not {servers}"
             )));
         }
         let tx = begin(&mut self.conn)?;
-        let inserted = tx
-            .execute(
-                "INSERT OR IGNORE INTO pairs (name, fqdn, created_at) VALUES (?1, ?2, ?3)",
-                params![name, fqdn, now],
-            )
-            .map_err(db("adding a pair"))?;
-        if inserted == 0 {
-            return Err(StoreError::PairExists(name.to_owned()));
-        }
-        let pair_id = tx.last_insert_rowid();
-        let mut made = Vec::new();
-        for position in 0..servers {
-            let server = new_server(&tx, pair_id, position as i64, key_ttl, now)?;
-            log(
-                &tx,
-                now,
-                Some(pair_id),
-                Some(server.sid),
-                "provisioned",
-                (None, None),
-                "cli",
-                &format!(
-                    "pair {name} ({fqdn}), key valid until {}",
-                    crate::time::utc(server.expires_at)
-                ),
-            )?;
-            made.push(server);
+        let mut all = Vec::with_capacity(pairs.len());
+        for (name, fqdn) in pairs {
+            let inserted = tx
+                .execute(
+                    "INSERT OR IGNORE INTO pairs (name, fqdn, created_at) VALUES (?1, ?2, ?3)",
+                    params![name, fqdn, now],
+                )
+                .map_err(db("adding a pair"))?;
+            if inserted == 0 {
+                return Err(StoreError::PairExists(name.clone()));
+            }
+            let pair_id = tx.last_insert_rowid();
+            let mut made = Vec::new();
+            for position in 0..servers {
+                let server = new_server(&tx, pair_id, position as i64, key_ttl, now)?;
+                log(
+                    &tx,
+                    now,
+                    Some(pair_id),
+                    Some(server.sid),
+                    "provisioned",
+                    (None, None),
+                    "cli",
+                    &format!(
+                        "pair {name} ({fqdn}), key valid until {}",
+                        crate::time::utc(server.expires_at)
+                    ),
+                )?;
+                made.push(server);
+            }
+            all.push(made);
         }
         tx.commit().map_err(db("committing"))?;
-        Ok(made)
+        Ok(all)
     }
 
     pub(super) fn provision_backup_in(

@@ -119,7 +119,21 @@ pub trait Store {
         servers: usize,
         key_ttl: Duration,
         now: Millis,
-    ) -> Result<Vec<Provisioned>, StoreError>;
+    ) -> Result<Vec<Provisioned>, StoreError> {
+        let pair = [(name.to_owned(), fqdn.to_owned())];
+        let mut made = self.provision_pairs(&pair, servers, key_ttl, now)?;
+        Ok(made.pop().unwrap_or_default())
+    }
+
+    /// [`Store::provision_pair`] for many pairs (name, FQDN) in one transaction: all of them
+    /// or, on the first error, none.
+    fn provision_pairs(
+        &mut self,
+        pairs: &[(String, String)],
+        servers: usize,
+        key_ttl: Duration,
+        now: Millis,
+    ) -> Result<Vec<Vec<Provisioned>>, StoreError>;
 
     /// Adds the second server to the pair of `partner`.
     fn provision_backup(
@@ -446,15 +460,14 @@ fn overlay_of(tx: &rusqlite::Transaction<'_>, sid: &str) -> Result<Option<Ipv4Ad
 }
 
 impl Store for SqliteStore {
-    fn provision_pair(
+    fn provision_pairs(
         &mut self,
-        name: &str,
-        fqdn: &str,
+        pairs: &[(String, String)],
         servers: usize,
         key_ttl: Duration,
         now: Millis,
-    ) -> Result<Vec<Provisioned>, StoreError> {
-        self.provision_pair_in(name, fqdn, servers, key_ttl, now)
+    ) -> Result<Vec<Vec<Provisioned>>, StoreError> {
+        self.provision_pairs_in(pairs, servers, key_ttl, now)
     }
 
     fn provision_backup(

@@ -36,6 +36,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("dpkg", "unpacks the Asterisk sound packages"),
 ];
 
+mod datacenter;
 mod datasets;
 mod report;
 mod setup;
@@ -57,6 +58,10 @@ enum What {
     /// VPN failover in network namespaces (root): a box and two data-center endpoints, dc1
     /// blackholed under a 50 ms ping stream; median detection time and largest gap.
     Vpn(VpnArgs),
+    /// The data center under a fleet: a real `lbs-datacenter serve` on loopback and
+    /// simulated boxes with real certificates reporting at the agent's interval, promotions
+    /// fired meanwhile; reports/s, round trips p50/p99, the server's RSS and CPU, errors.
+    Datacenter(datacenter::DatacenterArgs),
     /// Failover in the lab's office (root): the primary dies, P on the backup; median RTO
     /// (P pressed → the SIP phone's first answer) and RPO (a voicemail written → verified on
     /// the backup), each run in a fresh office.
@@ -113,6 +118,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         What::Sync(args) => sync(args),
         What::Vpn(args) => vpn(args),
         What::Failover(args) => failover(args),
+        What::Datacenter(args) => datacenter::run(args),
     }
 }
 

@@ -1,0 +1,170 @@
+//! `lbs-dc-bench` (what `cargo xtask bench datacenter` runs): a real `lbs-datacenter serve` on
+//! loopback, in a directory of its own (SQLite), loaded by simulated boxes
+//! (`lbs_tests::fleet`) with real certificates, the real reports at the agent's interval, and
+//! promotions of random pairs while the reports run.
+//!
+//! For each fleet size in `--boxes`, on a freshly started server: every box connects, one
+//! report interval passes, then `--seconds` are measured. The table has reports/s, report and
+//! promotion round trips (p50, p99), the server's RSS and CPU, its descriptors, the errors;
+//! the last line is `dc-bench: <boxes> boxes, reports p99 <ms> ms, promotion p99 <ms> ms,
+//! server RSS <MiB> MiB, errors <n>` for the largest fleet.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use lbs_tests::fleet::load::{Load, Phase, activate_all, run_phase};
+use lbs_tests::fleet::server::Server;
+use lbs_tests::fleet::{self};
+
+#[derive(Parser)]
+#[command(
+    name = "lbs-dc-bench",
+    about = "Load a real lbs-datacenter with simulated boxes"
+)]
+struct Args {
+    /// The lbs-datacenter binary.
+    #[arg(long)]
+    datacenter: PathBuf,
+    /// Fleet sizes to measure, in boxes (two per pair).
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    boxes: Vec<usize>,
+    /// The measured time per fleet size.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// How often each box reports (the agent's report_interval_s).
+    #[arg(long, default_value_t = 5)]
+    interval_s: u64,
+    /// Promotions fired per second at random pairs while the reports run.
+    #[arg(long, default_value_t = 2.0)]
+    promotions_per_s: f64,
+    /// Control connections being set up at once.
+    #[arg(long, default_value_t = 64)]
+    ramp: usize,
+}
+
+fn table(phases: &[Phase]) {
+    println!(
+        "\n{:>6}  {:>9}  {:>9}  {:>16}  {:>18}  {:>12}  {:>10}  {:>10}  {:>5}  {:>6}",
+        "boxes",
+        "connect",
+        "reports/s",
+        "report p50/p99",
+        "promotion p50/p99",
+        "server RSS",
+        "server CPU",
+        "client CPU",
+        "fds",
+        "errors"
+    );
+    for p in phases {
+        println!(
+            "{:>6}  {:>7.1} s  {:>9.0}  {:>6.1}/{:>6.1} ms  {:>3} × {:>5.0}/{:>5.0} ms  {:>8.0} MiB  {:>9.0}%  {:>9.0}%  {:>5}  {:>6}",
+            p.boxes,
+            p.connect_s,
+            p.reports_per_s,
+            p.report_p50_ms,
+            p.report_p99_ms,
+            p.promotions,
+            p.promotion_p50_ms,
+            p.promotion_p99_ms,
+            p.rss_mib,
+            p.server_cpu * 100.0,
+            p.client_cpu * 100.0,
+            p.descriptors,
+            p.errors
+        );
+    }
+    for p in phases {
+        println!(
+            "  {} boxes: peak RSS {:.0} MiB, {} fenced primaries registered as backup, {} reconnects",
+            p.boxes, p.peak_mib, p.registrations, p.reconnects
+        );
+        for error in &p.error_kinds {
+            println!("    {error}");
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let most = args.boxes.iter().copied().max().unwrap_or(0);
+    if args.boxes.iter().any(|&n| n < 2 || n % 2 != 0) {
+        bail!("--boxes: even numbers of at least 2 (two boxes per pair)");
+    }
+    if most / 2 > fleet::MAX_PAIRS {
+        bail!("--boxes: at most {} boxes", 2 * fleet::MAX_PAIRS);
+    }
+    // Each box holds a descriptor here and one in the server.
+    let limit = lbs_host::limits::raise_open_files().context("raising the open-files limit")?;
+    if (limit as usize) < most + 256 {
+        bail!(
+            "{most} boxes need {} open files; the hard limit is {limit} (ulimit -Hn)",
+            most + 256
+        );
+    }
+    let started = Instant::now();
+    let (mut server, pairs) = Server::prepare(&args.datacenter, most / 2)?;
+    println!(
+        "provisioned {} pairs with one provision-pair --from: {:.1} s",
+        pairs.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(&args, &mut server, &pairs));
+    if result.is_err() {
+        eprintln!("serve.log, last lines:\n{}", server.log_tail(20));
+    }
+    result
+}
+
+async fn run(
+    args: &Args,
+    server: &mut Server,
+    pairs: &[[fleet::Provisioned; 2]],
+) -> anyhow::Result<()> {
+    let root = server.root()?;
+    server.start()?;
+    let started = Instant::now();
+    let boxes = activate_all(server.activation, &root, pairs, 32).await?;
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "activated {} boxes: {:.1} s, {:.0} activations/s",
+        boxes.len(),
+        took,
+        boxes.len() as f64 / took
+    );
+    let load = Load {
+        interval: Duration::from_secs(args.interval_s),
+        window: Duration::from_secs(args.seconds),
+        promotions_per_s: args.promotions_per_s,
+        ramp: args.ramp,
+    };
+    let mut phases = Vec::new();
+    let mut sizes = args.boxes.clone();
+    sizes.sort_unstable();
+    for (i, &n) in sizes.iter().enumerate() {
+        if i > 0 {
+            server.stop()?;
+            server.start()?;
+        }
+        println!("{n} boxes: connecting, then {} s measured …", args.seconds);
+        let phase = run_phase(server, &root, &boxes[..n], &load).await?;
+        if phase.errors > 0 {
+            println!("serve.log, last lines:\n{}", server.log_tail(10));
+        }
+        phases.push(phase);
+        table(&phases[phases.len() - 1..]);
+    }
+    server.stop()?;
+    println!("\nall sizes, {} s measured each:", args.seconds);
+    table(&phases);
+    if let Some(last) = phases.last() {
+        println!(
+            "dc-bench: {} boxes, reports p99 {:.1} ms, promotion p99 {:.0} ms, server RSS {:.0} MiB, errors {}",
+            last.boxes, last.report_p99_ms, last.promotion_p99_ms, last.rss_mib, last.errors
+        );
+    }
+    Ok(())
+}
