@@ -3,10 +3,12 @@
 //! systemd's readiness and watchdog protocol ([`systemd`]); behind features, logging to
 //! journald or standard error (`logging`), man pages and completions from a clap definition
 //! (`cli-docs`: `cli_docs`), and for the daemons (`daemon`) TCP options that notice a
-//! vanished peer (`tcp`) and the open-files limit (`limits`).
+//! vanished peer (`tcp`) and the open-files limit (`limits`); jittered exponential waits
+//! between attempts to reach a server ([`backoff`]).
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 #[cfg(feature = "cli-docs")]
 pub mod cli_docs;
 pub mod fs;

@@ -105,3 +105,73 @@ async fn an_activation_flood_does_not_take_a_control_slot() {
     .await
     .expect("the test ran past its limit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_thousand_boxes_come_back_spread_out_within_the_backoff_cap() {
+    use lbs_tests::fleet::RECONNECT_CAP;
+    use lbs_tests::fleet::load::Running;
+    tokio::time::timeout(LIMIT, async {
+        let (mut server, boxes) = started(500).await;
+        let root = server.root().unwrap();
+        let load = Load {
+            interval: Duration::from_secs(1),
+            window: Duration::ZERO,
+            promotions_per_s: 0.0,
+            // Attempts are not queued here: each box connects when its wait says.
+            ramp: 1000,
+        };
+        let running = Running::start(server.control, &root, &boxes, &load)
+            .await
+            .unwrap();
+        // The data center stops (SIGTERM) and is back 3 s later.
+        server.stop().unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        server.start().unwrap();
+        let restarted = std::time::Instant::now();
+        // Every box is back within the cap (plus the handshakes of a debug build).
+        let back = running
+            .connected(RECONNECT_CAP + Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|err| panic!("{err:#}\nserve.log:\n{}", server.log_tail(20)));
+        assert!(back <= RECONNECT_CAP + Duration::from_secs(15), "{back:?}");
+        assert_eq!(
+            running
+                .stats
+                .reconnects
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1000,
+            "every box lost its connection once and came back once"
+        );
+        // Each box's first attempt after the restart: spread over seconds, not one instant.
+        let attempts = running.stats.attempts.lock().unwrap().clone();
+        let mut first = std::collections::BTreeMap::new();
+        for (index, at) in attempts {
+            if at >= restarted {
+                first.entry(index).or_insert(at);
+            }
+        }
+        let mut offsets: Vec<f64> = first
+            .values()
+            .map(|at| (*at - restarted).as_secs_f64())
+            .collect();
+        offsets.sort_by(f64::total_cmp);
+        assert!(
+            offsets.len() >= 900,
+            "{} boxes tried after the restart",
+            offsets.len()
+        );
+        let (p10, p90) = (offsets[offsets.len() / 10], offsets[offsets.len() * 9 / 10]);
+        assert!(
+            p90 - p10 >= 1.5,
+            "reconnects in lockstep: 80 % of the boxes tried within {:.2} s",
+            p90 - p10
+        );
+        println!(
+            "first attempts after the restart: p10 {p10:.2} s, p90 {p90:.2} s; all back in {:.1} s",
+            back.as_secs_f64()
+        );
+        running.finish().await;
+    })
+    .await
+    .expect("the test ran past its limit");
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use lbs_host::backoff::Backoff;
 use lbs_protocol::control::{self, BoxReport, RemotePromotion, SyncSummary, TunnelSummary};
 use lbs_protocol::{Message, SoftwareVersion};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +17,7 @@ use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote
 
 pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut moved = shared.moved.subscribe();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(RETRY, RECONNECT_CAP);
     loop {
         moved.borrow_and_update();
         let answered_before = lock(&shared.datacenter).last_answer_ms;
@@ -56,49 +57,9 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// The longest wait between attempts to reach the data center.
-const RECONNECT_CAP: Duration = Duration::from_secs(30);
-
-/// Waits between attempts to reach the data center: doubling from [`RETRY`] up to
-/// [`RECONNECT_CAP`], each drawn at random from the upper half of its range, so that the
-/// thousands of boxes a data-center restart cuts off together come back spread out instead
-/// of in lockstep.
-pub(crate) struct Backoff {
-    failures: u32,
-    /// This process's random source (std's hasher keys come from the OS).
-    random: std::collections::hash_map::RandomState,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            failures: 0,
-            random: std::collections::hash_map::RandomState::new(),
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// How long to wait before the next attempt.
-    pub(crate) fn next_wait(&mut self) -> Duration {
-        use std::hash::BuildHasher;
-        let draw = self.random.hash_one(self.failures);
-        let wait = backoff_wait(self.failures, draw as f64 / u64::MAX as f64);
-        self.failures = self.failures.saturating_add(1);
-        wait
-    }
-}
-
-/// The wait after `failures` failed attempts, `draw` in [0, 1] placing it in the upper half
-/// of `RETRY × 2^failures` (capped at [`RECONNECT_CAP`]).
-fn backoff_wait(failures: u32, draw: f64) -> Duration {
-    let ceiling = RETRY
-        .saturating_mul(1u32 << failures.min(16))
-        .min(RECONNECT_CAP);
-    ceiling / 2 + ceiling.mul_f64(draw.clamp(0.0, 1.0) / 2.0)
-}
+/// The longest wait between attempts to reach the data center: after a data-center restart
+/// every box is back within it.
+pub(crate) const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
 pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
@@ -300,45 +261,4 @@ pub(crate) fn tunnel_summary(shared: &Shared) -> Vec<TunnelSummary> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waits_double_up_to_the_cap_within_the_upper_half_of_each_range() {
-        for (failures, low, high) in [(0, 1.0, 2.0), (1, 2.0, 4.0), (2, 4.0, 8.0), (3, 8.0, 16.0)] {
-            assert_eq!(backoff_wait(failures, 0.0).as_secs_f64(), low);
-            assert_eq!(backoff_wait(failures, 1.0).as_secs_f64(), high);
-        }
-        for failures in [4, 5, 30, u32::MAX] {
-            assert_eq!(backoff_wait(failures, 0.0), RECONNECT_CAP / 2);
-            assert_eq!(backoff_wait(failures, 1.0), RECONNECT_CAP);
-        }
-    }
-
-    #[test]
-    fn boxes_cut_off_together_come_back_spread_out() {
-        // A thousand boxes (each its own random source) lose the data center at once: their
-        // first attempts spread over the whole first range, not onto one instant.
-        let mut first: Vec<Duration> = (0..1000).map(|_| Backoff::new().next_wait()).collect();
-        first.sort();
-        assert!(first[0] >= RETRY / 2 && first[999] <= RETRY, "{first:?}");
-        let spread = first[999] - first[0];
-        assert!(spread > RETRY / 3, "spread over {spread:?} only");
-        let tenth = first[100] - first[0];
-        assert!(tenth < spread / 3, "bunched: {tenth:?} of {spread:?}");
-    }
-
-    #[test]
-    fn a_reset_starts_short_again() {
-        let mut backoff = Backoff::new();
-        for _ in 0..10 {
-            backoff.next_wait();
-        }
-        assert!(backoff.next_wait() >= RECONNECT_CAP / 2);
-        backoff.reset();
-        assert!(backoff.next_wait() <= RETRY);
-    }
 }

@@ -93,8 +93,119 @@ pub async fn activate_all(
         .collect())
 }
 
+/// A fleet running against a control port: its tasks end when it is dropped.
+#[derive(Debug)]
+pub struct Running {
+    pub stats: Arc<Stats>,
+    slots: Vec<Arc<PairSlot>>,
+    orders: Vec<mpsc::Sender<Order>>,
+    tasks: tokio::task::JoinSet<()>,
+    stop: tokio_util::sync::DropGuard,
+    dice: Dice,
+    /// From the first connect until every box was connected.
+    pub connect_s: f64,
+}
+
+impl Running {
+    /// Starts one task per box (whole pairs, in pair order) and waits until every box is
+    /// connected: at most 60 s plus 20 ms per box.
+    pub async fn start(
+        control: SocketAddr,
+        root: &TrustRoot,
+        boxes: &[Arc<SimBox>],
+        load: &Load,
+    ) -> anyhow::Result<Running> {
+        let target = Arc::new(Target {
+            control,
+            root: root.clone(),
+            interval: load.interval,
+        });
+        let stats = Arc::new(Stats::default());
+        let ramp = Arc::new(Semaphore::new(load.ramp.max(1)));
+        let stop = CancellationToken::new();
+        let pairs = boxes.len() / 2;
+        let slots: Vec<Arc<PairSlot>> = (0..pairs).map(|_| Arc::new(PairSlot::default())).collect();
+        let mut orders = Vec::with_capacity(boxes.len());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut dice = Dice::new(0x0001_b5dc);
+        for b in boxes {
+            let slot = slots[b.pair % pairs.max(1)].clone();
+            if b.role == Role::Backup {
+                slot.backup.store(b.position, Ordering::Relaxed);
+            }
+            let (tx, rx) = mpsc::channel(1);
+            orders.push(tx);
+            tasks.spawn(run_box(
+                b.clone(),
+                target.clone(),
+                slot,
+                rx,
+                stats.clone(),
+                ramp.clone(),
+                dice.unit(),
+                stop.clone(),
+            ));
+        }
+        let mut running = Running {
+            stats,
+            slots,
+            orders,
+            tasks,
+            stop: stop.drop_guard(),
+            dice,
+            connect_s: 0.0,
+        };
+        let limit = Duration::from_secs(60) + Duration::from_millis(20 * boxes.len() as u64);
+        running.connect_s = running.connected(limit).await?.as_secs_f64();
+        Ok(running)
+    }
+
+    /// Waits until every box is connected, at most `limit`; how long it took.
+    pub async fn connected(&self, limit: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let all = self.orders.len();
+        while self.stats.connected.load(Ordering::Relaxed) < all {
+            if started.elapsed() > limit {
+                bail!(
+                    "only {} of {all} boxes connected in {:.0} s; errors: {:?}",
+                    self.stats.connected.load(Ordering::Relaxed),
+                    started.elapsed().as_secs_f64(),
+                    self.stats.errors.lock().unwrap_or_else(|p| p.into_inner())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Asks the backup of a random pair to promote itself, unless that pair is in the
+    /// middle of a promotion.
+    pub fn promote_one(&mut self) {
+        let pairs = self.slots.len();
+        if pairs == 0 {
+            return;
+        }
+        let pair = self.dice.below(pairs);
+        let slot = &self.slots[pair];
+        if !slot.busy.swap(true, Ordering::AcqRel) {
+            let backup = slot.backup.load(Ordering::Acquire);
+            if self.orders[2 * pair + backup]
+                .try_send(Order::Promote)
+                .is_err()
+            {
+                slot.busy.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Stops every box and waits for their tasks.
+    pub async fn finish(mut self) {
+        self.stop.disarm().cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
 /// Runs `boxes` (whole pairs, in pair order) against `server` as `load` says and measures.
-/// Fails when not every box connects within 60 s plus 20 ms per box.
 pub async fn run_phase(
     server: &Server,
     root: &TrustRoot,
@@ -102,55 +213,9 @@ pub async fn run_phase(
     load: &Load,
 ) -> anyhow::Result<Phase> {
     let pid = server.pid();
-    let target = Arc::new(Target {
-        control: server.control,
-        root: root.clone(),
-        interval: load.interval,
-    });
-    let stats = Arc::new(Stats::default());
-    let ramp = Arc::new(Semaphore::new(load.ramp.max(1)));
-    let stop = CancellationToken::new();
-    // The boxes end when the phase does, also when it fails.
-    let _stop = stop.clone().drop_guard();
-    let pairs = boxes.len() / 2;
-    let slots: Vec<Arc<PairSlot>> = (0..pairs).map(|_| Arc::new(PairSlot::default())).collect();
-    let mut orders = Vec::with_capacity(boxes.len());
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut dice = Dice::new(0x0001_b5dc);
-    for b in boxes {
-        let slot = slots[b.pair % pairs.max(1)].clone();
-        if b.role == Role::Backup {
-            slot.backup.store(b.position, Ordering::Relaxed);
-        }
-        let (tx, rx) = mpsc::channel(1);
-        orders.push(tx);
-        tasks.spawn(run_box(
-            b.clone(),
-            target.clone(),
-            slot,
-            rx,
-            stats.clone(),
-            ramp.clone(),
-            dice.unit(),
-            stop.clone(),
-        ));
-    }
-    let started = Instant::now();
-    let deadline =
-        started + Duration::from_secs(60) + Duration::from_millis(20 * boxes.len() as u64);
-    while stats.connected.load(Ordering::Relaxed) < boxes.len() {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {} boxes connected in {:.0} s; errors: {:?}",
-                stats.connected.load(Ordering::Relaxed),
-                boxes.len(),
-                started.elapsed().as_secs_f64(),
-                stats.errors.lock().unwrap_or_else(|p| p.into_inner())
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let connect_s = started.elapsed().as_secs_f64();
+    let mut running = Running::start(server.control, root, boxes, load).await?;
+    let stats = running.stats.clone();
+    let connect_s = running.connect_s;
     // Every box reports once before the window opens.
     tokio::time::sleep(load.interval).await;
     let (cpu_before, mine_before) = (cpu_time(pid), cpu_time(std::process::id()));
@@ -159,16 +224,9 @@ pub async fn run_phase(
     let mut next_promotion = opened;
     let gap = Duration::from_secs_f64(1.0 / load.promotions_per_s.max(0.01));
     while opened.elapsed() < load.window {
-        if load.promotions_per_s > 0.0 && pairs > 0 && Instant::now() >= next_promotion {
+        if load.promotions_per_s > 0.0 && Instant::now() >= next_promotion {
             next_promotion += gap;
-            let pair = dice.below(pairs);
-            let slot = &slots[pair];
-            if !slot.busy.swap(true, Ordering::AcqRel) {
-                let backup = slot.backup.load(Ordering::Acquire);
-                if orders[2 * pair + backup].try_send(Order::Promote).is_err() {
-                    slot.busy.store(false, Ordering::Release);
-                }
-            }
+            running.promote_one();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -177,8 +235,7 @@ pub async fn run_phase(
     let (cpu_after, mine_after) = (cpu_time(pid), cpu_time(std::process::id()));
     let (rss_mib, peak_mib) = memory(pid);
     let held = descriptors(pid);
-    stop.cancel();
-    while tasks.join_next().await.is_some() {}
+    running.finish().await;
     let take = |v: &std::sync::Mutex<Vec<u32>>| {
         let mut v = std::mem::take(&mut *v.lock().unwrap_or_else(|p| p.into_inner()));
         v.sort_unstable();

@@ -36,6 +36,10 @@ pub mod server;
 
 /// The deadline of every connect and every answer, as the agent has.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// The agent's waits between attempts to reach the data center (agent/src/daemon: `RETRY`,
+/// `RECONNECT_CAP`).
+pub const RECONNECT_FIRST: Duration = Duration::from_secs(2);
+pub const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// The most pairs the office addresses can tell apart.
 pub const MAX_PAIRS: usize = 250 * 250;
 
@@ -181,6 +185,10 @@ pub struct Stats {
     pub registrations: AtomicU64,
     /// Reconnections after a lost connection.
     pub reconnects: AtomicU64,
+    /// When each box got its control connection back after losing it.
+    pub reconnected_at: Mutex<Vec<Instant>>,
+    /// When a box that lost its connection tried again: (box index, when).
+    pub attempts: Mutex<Vec<(usize, Instant)>>,
     /// Errors by kind, with the first one's text.
     pub errors: Mutex<BTreeMap<&'static str, (u64, String)>>,
 }
@@ -294,7 +302,7 @@ fn state_of(answer: &Message) -> Option<&PairState> {
 
 /// Runs one box until `stop`: connects (one of `ramp`'s permits at a time), reports every
 /// `target.interval` from a random phase (`phase` in [0, 1)), obeys orders, reconnects
-/// after a lost connection. Every failure is counted in `stats`, none ends the box.
+/// after a lost connection with the agent's waits. Every failure is counted in `stats`, none ends the box.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_box(
     b: Arc<SimBox>,
@@ -308,13 +316,20 @@ pub async fn run_box(
 ) {
     let mut generation = Generation::default();
     let mut role = b.role;
+    // As the agent does: jittered, doubling waits after a failure, short again once answered.
+    let mut backoff = lbs_host::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     let mut first = true;
+    let mut lost = false;
     'connection: while !stop.is_cancelled() {
         if !first {
-            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            let wait = backoff.next_wait();
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            if lost {
+                let mut attempts = stats.attempts.lock().unwrap_or_else(|p| p.into_inner());
+                attempts.push((2 * b.pair + b.position, Instant::now()));
             }
         }
         first = false;
@@ -335,6 +350,15 @@ pub async fn run_box(
             }
         };
         stats.connected.fetch_add(1, Ordering::Relaxed);
+        backoff.reset();
+        if lost {
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            let mut at = stats
+                .reconnected_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            at.push(Instant::now());
+        }
         let mut next = tokio::time::Instant::now() + target.interval.mul_f64(phase);
         let outcome: anyhow::Result<()> = loop {
             tokio::select! {
@@ -362,7 +386,10 @@ pub async fn run_box(
         (generation, role) = (s.generation, s.role);
         match outcome {
             Ok(()) => break 'connection,
-            Err(err) => stats.error("connection lost", format!("{}: {err:#}", b.sid)),
+            Err(err) => {
+                lost = true;
+                stats.error("connection lost", format!("{}: {err:#}", b.sid));
+            }
         }
     }
 }
