@@ -185,6 +185,16 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Retire a pair (the office left): from now on its boxes are refused at activation, on
+    /// the control API and by the tunnel endpoints, its DNS names are no longer updated and
+    /// status leaves it out; its records and its audit log stay. Cannot be undone.
+    Retire {
+        /// The pair.
+        pair: String,
+        /// Who retires it, for the audit log (default: the user running this).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// At the main site: the files another site needs to follow it (a data-center
     /// certificate and key issued by this CA, and the CA certificate). Copy them into the other
     /// site's directory; the key gives access to every box's tunnel key, so move it like one.
@@ -295,6 +305,16 @@ fn open(dir: &Path) -> anyhow::Result<SqliteStore> {
 
 fn days(n: u64) -> Duration {
     Duration::from_secs(n.saturating_mul(86_400))
+}
+
+/// Who runs this command, for the audit log.
+fn operator(command: &str) -> String {
+    format!(
+        "{} (lbs-datacenter {command})",
+        std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "operator".into())
+    )
 }
 
 /// A pair's name and FQDN, both checked.
@@ -498,16 +518,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(site(dir, config))?;
         }
+        Command::Retire { pair, by } => {
+            let mut store = open(dir)?;
+            let by = by.unwrap_or_else(|| operator("retire"));
+            let sids = store.retire_pair(&pair, &by, now_ms())?;
+            let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
+            lbs_host::say!(
+                "pair {pair} retired: {} refused from now on (a running serve refuses them at their next report); its events stay in the audit log",
+                if list.is_empty() {
+                    "no server".to_owned()
+                } else {
+                    list.join(" and ")
+                }
+            );
+        }
         Command::Promote { pair, wait_s, by } => {
             let mut store = open(dir)?;
-            let by = by.unwrap_or_else(|| {
-                format!(
-                    "{} (lbs-datacenter promote)",
-                    std::env::var("SUDO_USER")
-                        .or_else(|_| std::env::var("USER"))
-                        .unwrap_or_else(|_| "operator".into())
-                )
-            });
+            let by = by.unwrap_or_else(|| operator("promote"));
             let wait = Duration::from_secs(wait_s.max(1));
             let request = store.request_promotion(&pair, &by, wait, now_ms())?;
             lbs_host::say!(
@@ -548,8 +575,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let silent_after = std::time::Duration::from_secs(silent_after);
             // Monitoring tells "cannot read" (2) from "something needs a person" (1).
-            let pairs = match open(dir).and_then(|store| Ok(store.pairs()?)) {
-                Ok(pairs) => pairs,
+            let read = open(dir).and_then(|store| {
+                let retired = match &pair {
+                    Some(name) => store.retired(name)?,
+                    None => None,
+                };
+                Ok((store.pairs()?, retired))
+            });
+            let (pairs, retired) = match read {
+                Ok(read) => read,
                 Err(err) => {
                     eprintln!("lbs-datacenter: cannot read the records: {err:#}");
                     return Ok(ExitCode::from(2));
@@ -558,6 +592,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pairs: Vec<_> = match &pair {
                 Some(name) => {
                     let one: Vec<_> = pairs.into_iter().filter(|p| &p.name == name).collect();
+                    if let Some(at) = retired {
+                        // Not a problem for monitoring: nobody is to serve it.
+                        lbs_host::say!(
+                            "pair {name} was retired {}; its history: lbs-datacenter events --pair {name}",
+                            when(at)
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
                     if one.is_empty() {
                         eprintln!(
                             "lbs-datacenter: no pair named {name} (see lbs-datacenter status)"
@@ -659,6 +701,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = open(dir)?;
             if let Some(name) = &pair
                 && !store.pairs()?.iter().any(|p| &p.name == name)
+                && store.retired(name)?.is_none()
             {
                 bail!("no pair named {name} (see lbs-datacenter status)");
             }

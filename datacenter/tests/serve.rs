@@ -1036,3 +1036,82 @@ async fn a_flood_of_idle_and_slow_connections_leaves_room_for_reports_and_a_prom
     }
     assert!(closed >= 1150 - 8, "only {closed} of 1,150 closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_pair_is_told_so_and_the_others_carry_on() {
+    let mut dc = Dc::new("");
+    let acme = dc.provision("acme", &[]);
+    let beta = dc.provision("beta", &[]);
+    let (mut a, mut b) = (TestBox::new(&acme[0], 2), TestBox::new(&acme[1], 3));
+    let mut other = TestBox::new(&beta[0], 4);
+    dc.start();
+    a.activate(&dc).await.unwrap();
+    b.activate(&dc).await.unwrap();
+    other.activate(&dc).await.unwrap();
+    let mut conn = a.control(&dc, Generation(1), Role::Primary).await;
+    let s = state(&mut conn, Generation(1), a.report(Role::Primary, a.lan)).await;
+    assert_eq!(s.role, Role::Primary);
+
+    let (ok, out, err) = dc.cli(&["retire", "acme", "--by", "noc"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&a.sid.to_string()) && out.contains(&b.sid.to_string()),
+        "{out}"
+    );
+
+    // The connected box is told at its next report, with the reason.
+    let denied = |result: Result<(Generation, Message), CallError>| match result {
+        Err(CallError::Denied(Denial::NotAllowed(why))) => why,
+        other => panic!("expected a denial, got {other:?}"),
+    };
+    let report = a.report(Role::Primary, a.lan);
+    let why = denied(control::call(&mut conn, Generation(1), report, WAIT).await);
+    assert!(why.contains("pair acme, retired"), "{why}");
+    // A new connection gets the same answer, after the hello, not a silent close.
+    let mut conn = b.control(&dc, Generation(1), Role::Backup).await;
+    let report = b.report(Role::Backup, b.lan);
+    let why = denied(control::call(&mut conn, Generation(1), report, WAIT).await);
+    assert!(
+        why.contains(&b.sid.to_string()) && why.contains("retired"),
+        "{why}"
+    );
+
+    // The other pair carries on; status leaves acme out, the audit log keeps it.
+    let mut conn = other.control(&dc, Generation(1), Role::Primary).await;
+    let s = state(
+        &mut conn,
+        Generation(1),
+        other.report(Role::Primary, other.lan),
+    )
+    .await;
+    assert_eq!(s.role, Role::Primary);
+    let names: Vec<String> = dc
+        .status()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["beta"]);
+    let retired: Vec<_> = dc
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "retired")
+        .collect();
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert_eq!(retired[0]["pair"], "acme");
+    assert_eq!(retired[0]["actor"], "noc");
+    // Asked about by name, it says so (not a problem for monitoring), its events stay
+    // readable, and its name is not given out again.
+    let (ok, out, err) = dc.cli(&["status", "acme"]);
+    assert!(ok && out.contains("pair acme was retired"), "{out}{err}");
+    let (ok, out, err) = dc.cli(&["events", "--pair", "acme"]);
+    assert!(
+        ok && out.contains("retired") && out.contains("activated"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = dc.cli(&["provision-pair", "--name", "acme", "--fqdn", FQDN]);
+    assert!(!ok && err.contains("was retired"), "{err}");
+    let (ok, _, err) = dc.cli(&["promote", "acme", "--wait-s", "1"]);
+    assert!(!ok && err.contains("was retired"), "{err}");
+}

@@ -693,3 +693,85 @@ fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision() {
         ]
     );
 }
+
+#[test]
+fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    store(&db)
+        .provision_pair("beta", "pbx.beta.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    store(&db)
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 1)
+        .unwrap();
+    store(&db)
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 2)
+        .unwrap();
+    // A promotion leaves DNS work behind; a request is pending.
+    store(&db)
+        .promote(b, Generation(1), REMOTE, "test", T0 + 3)
+        .unwrap();
+    assert!(!store(&db).dns_due(T0 + 4).unwrap().is_empty());
+    assert_eq!(store(&db).tunnel_peers().unwrap().len(), 2);
+
+    let retired = store(&db).retire_pair("acme", "noc", T0 + 5).unwrap();
+    assert_eq!(retired, [a, b]);
+
+    // After a restart (each call reopens the store), still refused, with the reason.
+    let refused = |err: StoreError| {
+        assert!(matches!(err, StoreError::Retired { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("pair acme, retired"), "{text}");
+    };
+    refused(
+        store(&db)
+            .heartbeat(a, &report(2, REMOTE), T0 + 6)
+            .unwrap_err(),
+    );
+    refused(store(&db).report_kind(b, &report(2, REMOTE)).unwrap_err());
+    refused(store(&db).certificate_key(a).unwrap_err());
+    refused(store(&db).register_backup(a, "test", T0 + 6).unwrap_err());
+    refused(store(&db).rekey(a, DAY, T0 + 6).unwrap_err());
+    refused(
+        store(&db)
+            .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 6)
+            .unwrap_err(),
+    );
+    let no_request = store(&db)
+        .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 6)
+        .unwrap_err();
+    assert!(
+        no_request.to_string().contains("pair acme was retired"),
+        "{no_request}"
+    );
+    assert_eq!(store(&db).retired("acme").unwrap(), Some(T0 + 5));
+    assert_eq!(store(&db).retired("beta").unwrap(), None);
+    let again = store(&db).retire_pair("acme", "noc", T0 + 7).unwrap_err();
+    assert!(again.to_string().contains("retired"), "{again}");
+
+    // Left out of what serves and shows the fleet; the other pair is untouched.
+    let names: Vec<String> = store(&db)
+        .pairs()
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["beta"]);
+    assert!(store(&db).tunnel_peers().unwrap().is_empty());
+    assert!(store(&db).tunnel_pairs().unwrap().is_empty());
+    assert!(store(&db).dns_due(T0 + 10_000_000).unwrap().is_empty());
+
+    // The audit log keeps the pair's history and says who retired it.
+    let events = store(&db).events(0).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.actor.as_str()),
+        ("retired", "noc")
+    );
+    assert!(last.detail.contains(&a.to_string()) && last.detail.contains(&b.to_string()));
+    assert!(events.iter().any(|e| e.kind == "promoted"));
+}

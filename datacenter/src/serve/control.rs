@@ -93,10 +93,33 @@ pub(super) async fn control(
         .map(tls::key_fingerprint)
         .transpose()?;
     let shared = inner.clone();
-    let (current, pair) = with_store(inner, move |s| {
+    let found = with_store(inner, move |s| {
         Ok((s.certificate_key(sid)?, shared.liveness.pair_of(s, sid)?))
     })
-    .await?;
+    .await;
+    let (current, pair) = match found {
+        Ok(found) => found,
+        Err(err @ StoreError::Retired { .. }) => {
+            // Said to the box (its log and status show why), not just a closed connection.
+            let why = err.to_string();
+            let (mut conn, _) = exchange_hello(
+                tls,
+                &peer,
+                our_hello(inner),
+                Generation::default(),
+                HELLO_TIMEOUT,
+            )
+            .await?;
+            conn.send(Envelope {
+                generation: Generation::default(),
+                message: Message::Denied(Denial::NotAllowed(why.clone())),
+            })
+            .await?;
+            linger(&mut conn).await;
+            anyhow::bail!(why);
+        }
+        Err(err) => return Err(err.into()),
+    };
     let (mut conn, negotiated) = exchange_hello(
         tls,
         &peer,

@@ -39,10 +39,11 @@ impl SqliteStore {
     pub(super) fn dns_due_in(&self, now: Millis) -> Result<Vec<DnsWork>, StoreError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT pair_id, name, want, have, attempts FROM dns_records
-                 WHERE have IS NOT want AND next_try_at <= ?1 ORDER BY changed_at",
-            )
+                     WHERE have IS NOT want AND next_try_at <= ?1
+                     AND pair_id IN ({SERVED_PAIRS}) ORDER BY changed_at"
+            ))
             .map_err(db("reading DNS records"))?;
         let rows = statement
             .query_map([now], |r| {

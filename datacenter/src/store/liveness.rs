@@ -21,17 +21,24 @@ impl SqliteStore {
         sid: ServerId,
         report: &Report,
     ) -> Result<ReportKind, StoreError> {
-        let (role, pair_generation, advertised): (String, i64, Option<String>) = self
+        let (role, pair_generation, advertised, pair, retired): (
+            String,
+            i64,
+            Option<String>,
+            String,
+            Option<Millis>,
+        ) = self
             .conn
             .query_row(
-                "SELECT s.role, p.generation, s.advertised_address
+                "SELECT s.role, p.generation, s.advertised_address, p.name, p.retired_at
                  FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
                 [sid.to_string()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(db("reading a server"))?
             .ok_or(StoreError::UnknownServer(sid))?;
+        not_retired(sid, &pair, retired)?;
         let role = role_of(&role);
         if role == Role::Unactivated {
             return Err(StoreError::NotAllowed(format!(

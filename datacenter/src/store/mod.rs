@@ -39,6 +39,13 @@ pub enum StoreError {
     /// No server by that SID.
     #[error("unknown server {0}: check the SID on the provisioning sheet")]
     UnknownServer(ServerId),
+    /// The server's pair was retired (`lbs-datacenter retire`).
+    #[error("{sid} belongs to pair {pair}, retired {}: the data center serves it no more", crate::time::utc(*.at))]
+    Retired {
+        sid: ServerId,
+        pair: String,
+        at: Millis,
+    },
     /// A pair by that name exists.
     #[error("a pair called {0:?} exists already")]
     PairExists(String),
@@ -268,6 +275,20 @@ pub trait Store {
         now: Millis,
     ) -> Result<Option<PromotionRequest>, StoreError>;
 
+    /// Retires pair `pair`: from now on its servers are refused everywhere (activation, the
+    /// control API, the tunnel endpoints, promotion requests), its DNS names are no longer
+    /// updated, and `status` leaves it out; its records stay, and the audit log says when and
+    /// by whom. Its SIDs.
+    fn retire_pair(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<ServerId>, StoreError>;
+
+    /// When pair `pair` was retired (`None`: it was not, or there is no such pair).
+    fn retired(&self, pair: &str) -> Result<Option<Millis>, StoreError>;
+
     /// Records the backup's refusal of request `id`.
     fn refuse_promotion(
         &mut self,
@@ -426,25 +447,59 @@ fn partner_of(
 }
 
 fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError> {
-    tx.query_row(
-        "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid, p.fqdn
-         FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
-        [sid.to_string()],
-        |r| {
-            Ok(Row {
-                pair_id: r.get(0)?,
-                pair_name: r.get(1)?,
-                role: role_of(&r.get::<_, String>(2)?),
-                generation: generation(r.get(3)?),
-                primary: r.get(4)?,
-                fqdn: r.get(5)?,
-            })
-        },
-    )
-    .optional()
-    .map_err(db("reading a server"))?
-    .ok_or(StoreError::UnknownServer(sid))
+    let (row, retired) = tx
+        .query_row(
+            "SELECT s.pair_id, p.name, s.role, p.generation, p.primary_sid, p.fqdn, p.retired_at
+             FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
+            [sid.to_string()],
+            |r| {
+                Ok((
+                    Row {
+                        pair_id: r.get(0)?,
+                        pair_name: r.get(1)?,
+                        role: role_of(&r.get::<_, String>(2)?),
+                        generation: generation(r.get(3)?),
+                        primary: r.get(4)?,
+                        fqdn: r.get(5)?,
+                    },
+                    r.get::<_, Option<Millis>>(6)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(db("reading a server"))?
+        .ok_or(StoreError::UnknownServer(sid))?;
+    not_retired(sid, &row.pair_name, retired)?;
+    Ok(row)
 }
+
+/// Refuses a server of a retired pair.
+fn not_retired(sid: ServerId, pair: &str, retired: Option<Millis>) -> Result<(), StoreError> {
+    match retired {
+        Some(at) => Err(StoreError::Retired {
+            sid,
+            pair: pair.to_owned(),
+            at,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// When pair `name` was retired (`None`: it was not, or there is no such pair).
+fn retired_at(conn: &Connection, name: &str) -> Result<Option<Millis>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT retired_at FROM pairs WHERE name = ?1",
+            [name],
+            |r| r.get::<_, Option<Millis>>(0),
+        )
+        .optional()
+        .map_err(db("reading the pair"))?
+        .flatten())
+}
+
+/// Pairs still served (not retired), for the queries over all of them.
+const SERVED_PAIRS: &str = "SELECT id FROM pairs WHERE retired_at IS NULL";
 
 fn overlay_of(tx: &rusqlite::Transaction<'_>, sid: &str) -> Result<Option<Ipv4Addr>, StoreError> {
     let text: Option<String> = tx
@@ -769,5 +824,71 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<(), StoreError> {
         self.refuse_promotion_in(id, sid, reason, now)
+    }
+
+    fn retired(&self, pair: &str) -> Result<Option<Millis>, StoreError> {
+        retired_at(&self.conn, pair)
+    }
+
+    fn retire_pair(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<ServerId>, StoreError> {
+        let tx = begin(&mut self.conn)?;
+        let (pair_id, retired): (i64, Option<Millis>) = tx
+            .query_row(
+                "SELECT id, retired_at FROM pairs WHERE name = ?1",
+                [pair],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db("reading the pair"))?
+            .ok_or_else(|| StoreError::NotAllowed(format!("there is no pair called {pair:?}")))?;
+        if let Some(at) = retired {
+            return Err(StoreError::NotAllowed(format!(
+                "pair {pair} was retired {} already",
+                crate::time::utc(at)
+            )));
+        }
+        let sids: Vec<ServerId> = tx
+            .prepare("SELECT sid FROM servers WHERE pair_id = ?1 ORDER BY position")
+            .map_err(db("reading the pair's servers"))?
+            .query_map([pair_id], |r| r.get::<_, String>(0))
+            .map_err(db("reading the pair's servers"))?
+            .filter_map(|sid| sid.ok()?.parse().ok())
+            .collect();
+        tx.execute(
+            "UPDATE pairs SET retired_at = ?2 WHERE id = ?1",
+            params![pair_id, now],
+        )
+        .map_err(db("retiring the pair"))?;
+        tx.execute(
+            "UPDATE promotion_requests SET state = 'refused', answer = 'the pair was retired',
+             answered_at = ?2 WHERE pair_id = ?1 AND state = 'pending'",
+            params![pair_id, now],
+        )
+        .map_err(db("closing the pair's promotion requests"))?;
+        let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
+        log(
+            &tx,
+            now,
+            Some(pair_id),
+            None,
+            "retired",
+            (None, None),
+            actor,
+            &format!(
+                "pair {pair} retired: {} refused from now on",
+                if list.is_empty() {
+                    "no server".to_owned()
+                } else {
+                    list.join(", ")
+                }
+            ),
+        )?;
+        tx.commit().map_err(db("committing"))?;
+        Ok(sids)
     }
 }

@@ -118,7 +118,7 @@ impl SqliteStore {
     pub(super) fn pairs_in(&self) -> Result<Vec<PairView>, StoreError> {
         let ids = self
             .conn
-            .prepare("SELECT id FROM pairs ORDER BY name")
+            .prepare("SELECT id FROM pairs WHERE retired_at IS NULL ORDER BY name")
             .map_err(db("reading pairs"))?
             .query_map([], |r| r.get::<_, i64>(0))
             .map_err(db("reading pairs"))?
@@ -142,24 +142,29 @@ impl SqliteStore {
     }
 
     pub(super) fn certificate_key_in(&self, sid: ServerId) -> Result<Option<String>, StoreError> {
-        self.conn
+        let (key, pair, retired) = self
+            .conn
             .query_row(
-                "SELECT tls_key FROM servers WHERE sid = ?1",
+                "SELECT s.tls_key, p.name, p.retired_at
+                 FROM servers s JOIN pairs p ON p.id = s.pair_id WHERE s.sid = ?1",
                 [sid.to_string()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get::<_, String>(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(db("reading a certificate key"))?
-            .ok_or(StoreError::UnknownServer(sid))
+            .ok_or(StoreError::UnknownServer(sid))?;
+        not_retired(sid, &pair, retired)?;
+        Ok(key)
     }
 
     pub(super) fn tunnel_peers_in(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT wireguard_key, overlay_address FROM servers
-                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL ORDER BY sid",
-            )
+                     WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL
+                     AND pair_id IN ({SERVED_PAIRS}) ORDER BY sid"
+            ))
             .map_err(db("reading tunnel peers"))?;
         let rows = statement
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -177,11 +182,11 @@ impl SqliteStore {
     pub(super) fn tunnel_pairs_in(&self) -> Result<Vec<Vec<(String, Ipv4Addr)>>, StoreError> {
         let mut statement = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT pair_id, wireguard_key, overlay_address FROM servers
-                 WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL
-                 ORDER BY pair_id, wireguard_key",
-            )
+                     WHERE wireguard_key IS NOT NULL AND overlay_address IS NOT NULL
+                     AND pair_id IN ({SERVED_PAIRS}) ORDER BY pair_id, wireguard_key"
+            ))
             .map_err(db("reading tunnel peers"))?;
         let rows = statement
             .query_map([], |r| {

@@ -14,10 +14,19 @@ impl SqliteStore {
         let tx = begin(&mut self.conn)?;
         expire_requests(&tx, now)?;
         let pair_id: i64 = tx
-            .query_row("SELECT id FROM pairs WHERE name = ?1", [pair], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM pairs WHERE name = ?1 AND retired_at IS NULL",
+                [pair],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db("reading the pair"))?
-            .ok_or_else(|| StoreError::NotAllowed(format!("there is no pair called {pair:?}")))?;
+            .ok_or_else(|| {
+                StoreError::NotAllowed(match retired_at(&tx, pair).ok().flatten() {
+                    Some(at) => format!("pair {pair} was retired {}", crate::time::utc(at)),
+                    None => format!("there is no pair called {pair:?}"),
+                })
+            })?;
         let backup: Option<String> = tx
             .query_row(
                 "SELECT sid FROM servers WHERE pair_id = ?1 AND role = 'backup'",

@@ -80,4 +80,7 @@ ALTER TABLE promotion_requests ADD COLUMN hand_over TEXT;
     r#"
 ALTER TABLE dns_records ADD COLUMN needs_operator INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE pairs ADD COLUMN retired_at INTEGER;
+"#,
 ];

@@ -10,18 +10,10 @@ use crate::util::{cargo, run_step, target_dir};
 
 #[derive(clap::Args)]
 pub struct DatacenterArgs {
-    /// Fleet sizes to measure, in boxes (two per pair), each on a freshly started server.
-    #[arg(long, default_value = "1000,5000,10000")]
-    boxes: String,
-    /// The measured time per fleet size, after every box connected and reported once.
-    #[arg(long, default_value_t = 60)]
-    seconds: u64,
-    /// How often each box reports (the agent's report_interval_s).
-    #[arg(long, default_value_t = 5)]
-    interval_s: u64,
-    /// Promotions fired per second at random pairs while the reports run.
-    #[arg(long, default_value_t = 2.0)]
-    promotions_per_s: f64,
+    /// Passed to lbs-dc-bench (`--boxes 1000,5000,10000`, `--seconds 60`, `--interval-s 5`,
+    /// `--promotions-per-s 2`, `--ramp 64`; `--help` lists them).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 pub fn run(args: &DatacenterArgs) -> anyhow::Result<()> {
@@ -46,10 +38,7 @@ pub fn run(args: &DatacenterArgs) -> anyhow::Result<()> {
     let status = Command::new(&bench)
         .arg("--datacenter")
         .arg(release.join("lbs-datacenter"))
-        .args(["--boxes", &args.boxes])
-        .args(["--seconds", &args.seconds.to_string()])
-        .args(["--interval-s", &args.interval_s.to_string()])
-        .args(["--promotions-per-s", &args.promotions_per_s.to_string()])
+        .args(&args.args)
         .status()
         .with_context(|| format!("starting {}", bench.display()))?;
     if !status.success() {
