@@ -12,6 +12,7 @@
 //!   SIP server as each box's PBX and a real SIP phone; the end-to-end scenarios use it.
 //! - [`tmux::Tmux`]: a private terminal of a fixed size for the console's tests.
 
+pub mod bind;
 pub mod fleet;
 pub mod netns;
 pub mod office;

@@ -15,8 +15,13 @@ use tokio::net::{TcpSocket, TcpStream};
 const LIMIT: Duration = Duration::from_secs(240);
 
 async fn started(pairs: usize) -> (Server, Vec<std::sync::Arc<lbs_tests::fleet::SimBox>>) {
-    let (mut server, provisioned) =
-        Server::prepare(&workspace_binary("lbs-datacenter"), pairs).unwrap();
+    let (mut server, provisioned) = Server::prepare(
+        &workspace_binary("lbs-datacenter"),
+        pairs,
+        "bench.example",
+        "",
+    )
+    .unwrap();
     server.start().unwrap();
     let root = server.root().unwrap();
     let boxes = activate_all(server.activation, &root, &provisioned, 16)

@@ -182,20 +182,30 @@ impl Running {
     /// middle of a promotion.
     pub fn promote_one(&mut self) {
         let pairs = self.slots.len();
-        if pairs == 0 {
-            return;
+        if pairs > 0 {
+            let pair = self.dice.below(pairs);
+            self.promote(pair);
         }
-        let pair = self.dice.below(pairs);
-        let slot = &self.slots[pair];
-        if !slot.busy.swap(true, Ordering::AcqRel) {
-            let backup = slot.backup.load(Ordering::Acquire);
-            if self.orders[2 * pair + backup]
-                .try_send(Order::Promote)
-                .is_err()
-            {
-                slot.busy.store(false, Ordering::Release);
-            }
+    }
+
+    /// Asks the backup of pair `pair` to promote itself; false when that pair is in the
+    /// middle of a promotion.
+    pub fn promote(&mut self, pair: usize) -> bool {
+        let Some(slot) = self.slots.get(pair) else {
+            return false;
+        };
+        if slot.busy.swap(true, Ordering::AcqRel) {
+            return false;
         }
+        let backup = slot.backup.load(Ordering::Acquire);
+        if self.orders[2 * pair + backup]
+            .try_send(Order::Promote)
+            .is_err()
+        {
+            slot.busy.store(false, Ordering::Release);
+            return false;
+        }
+        true
     }
 
     /// Stops every box and waits for their tasks.

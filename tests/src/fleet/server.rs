@@ -37,9 +37,15 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Server {
-    /// `init`, a configuration with loopback ports, and `pairs` pairs provisioned with
-    /// `provision-pair --from` (`bench-00000`, …); their keys.
-    pub fn prepare(binary: &Path, pairs: usize) -> anyhow::Result<(Server, Vec<[Provisioned; 2]>)> {
+    /// `init`, a configuration with loopback ports (and `extra`, e.g. a `[dns]` section), and
+    /// `pairs` pairs provisioned with `provision-pair --from` (`bench-00000` named
+    /// `pbx-00000.<zone>`, …); their keys.
+    pub fn prepare(
+        binary: &Path,
+        pairs: usize,
+        zone: &str,
+        extra: &str,
+    ) -> anyhow::Result<(Server, Vec<[Provisioned; 2]>)> {
         let server = Server {
             binary: binary.to_owned(),
             dir: tempfile::Builder::new().prefix("lbs-dc-load.").tempdir()?,
@@ -48,15 +54,18 @@ impl Server {
             child: None,
         };
         server.cli(&["init"])?;
+        let config = server.dir().join("datacenter.toml");
         std::fs::write(
-            server.dir().join("datacenter.toml"),
+            &config,
             format!(
-                "activation = [\"{}\"]\ncontrol = [\"{}\"]\n",
+                "activation = [\"{}\"]\ncontrol = [\"{}\"]\n{extra}",
                 server.activation, server.control
             ),
         )?;
+        // It may hold a TSIG secret: only its owner may read it.
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let names: String = (0..pairs)
-            .map(|p| format!("bench-{p:05} pbx.bench-{p:05}.example\n"))
+            .map(|p| format!("bench-{p:05} pbx-{p:05}.{zone}\n"))
             .collect();
         let file = server.dir().join("pairs.txt");
         std::fs::write(&file, names)?;

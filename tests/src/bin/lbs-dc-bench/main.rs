@@ -8,6 +8,13 @@
 //! promotion round trips (p50, p99), the server's RSS and CPU, its descriptors, the errors;
 //! the last line is `dc-bench: <boxes> boxes, reports p99 <ms> ms, promotion p99 <ms> ms,
 //! server RSS <MiB> MiB, errors <n>` for the largest fleet.
+//!
+//! With `--dns-outage-s S`, instead: a real BIND 9 (`lbs_tests::bind`) holds the pairs' zone;
+//! once every name is written it is frozen (SIGSTOP: updates reach it and get no answer), the
+//! backup of every pair is promoted (three names each change), and S seconds later it is let
+//! go on; the figure is how long the data center takes to write the whole backlog. Last line
+//! `dc-bench dns: <names> names behind after a <S> s outage, all written <s> s after BIND
+//! came back`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,6 +24,8 @@ use clap::Parser;
 use lbs_tests::fleet::load::{Load, Phase, activate_all, run_phase};
 use lbs_tests::fleet::server::Server;
 use lbs_tests::fleet::{self};
+
+mod dns;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +51,13 @@ struct Args {
     /// Control connections being set up at once.
     #[arg(long, default_value_t = 64)]
     ramp: usize,
+    /// Instead of the load phases: a DNS outage of this many seconds (BIND frozen) while
+    /// every pair is promoted; how long the backlog takes to drain once BIND is back.
+    #[arg(long)]
+    dns_outage_s: Option<u64>,
+    /// Pairs in the DNS outage (three names each).
+    #[arg(long, default_value_t = 1667)]
+    dns_pairs: usize,
 }
 
 fn table(phases: &[Phase]) {
@@ -104,8 +120,12 @@ fn main() -> anyhow::Result<()> {
             most + 256
         );
     }
+    if let Some(outage) = args.dns_outage_s {
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(dns::outage(&args, Duration::from_secs(outage)));
+    }
     let started = Instant::now();
-    let (mut server, pairs) = Server::prepare(&args.datacenter, most / 2)?;
+    let (mut server, pairs) = Server::prepare(&args.datacenter, most / 2, "bench.example", "")?;
     println!(
         "provisioned {} pairs with one provision-pair --from: {:.1} s",
         pairs.len(),
