@@ -225,9 +225,10 @@ enum Command {
     Status {
         /// Only this pair.
         pair: Option<String>,
-        /// Only what needs a person (silent boxes, fenced boxes, a backup behind, DNS
-        /// refused or unanswered, hardware that differs). Exits 0 when nothing does, 1 when
-        /// something does, 2 when the data center's records cannot be read: for monitoring.
+        /// Only what needs a person (serve not running or not answering, silent boxes,
+        /// fenced boxes, a backup behind, DNS refused or unanswered, hardware that differs).
+        /// Exits 0 when nothing does, 1 when something does, 2 when the data center's
+        /// records cannot be read: for monitoring.
         #[arg(long)]
         problems: bool,
         /// A box that has not reported for this many seconds is silent.
@@ -255,11 +256,22 @@ enum Command {
     },
 }
 
-/// `status --problems`: the fleet's line, then each pair that needs a person with what.
+/// Whether `serve` runs on this data directory, from the age of its alive file.
+fn service(dir: &Path) -> crate::fleet::Service {
+    let age = std::fs::metadata(dir.join(crate::serve::ALIVE_FILE))
+        .and_then(|meta| meta.modified())
+        .ok()
+        .map(|at| at.elapsed().unwrap_or_default());
+    crate::fleet::Service::judge(age)
+}
+
+/// `status --problems`: serve's line when it is not running, the fleet's line, then each pair
+/// that needs a person with what.
 fn status_problems(
     pairs: &[crate::store::PairView],
     now: crate::store::Millis,
     silent_after: std::time::Duration,
+    service: crate::fleet::Service,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let summary = crate::fleet::summary(pairs, now, silent_after);
@@ -273,9 +285,12 @@ fn status_problems(
             .iter()
             .map(|(p, found)| serde_json::json!({ "pair": p.name, "fqdn": p.fqdn, "problems": found }))
             .collect();
-        let out = serde_json::json!({ "summary": summary, "pairs": pairs });
+        let out = serde_json::json!({ "serve": service, "summary": summary, "pairs": pairs });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
+        if service.needs_a_person() {
+            lbs_host::say!("{service}");
+        }
         lbs_host::say!("{summary}");
         for (pair, found) in &troubled {
             lbs_host::say!("{} ({}):", pair.name, pair.fqdn);
@@ -284,7 +299,7 @@ fn status_problems(
             }
         }
     }
-    Ok(if troubled.is_empty() {
+    Ok(if troubled.is_empty() && !service.needs_a_person() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -612,7 +627,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let now = now_ms();
             if problems {
-                return status_problems(&pairs, now, silent_after, json);
+                return status_problems(&pairs, now, silent_after, service(dir), json);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&pairs)?);
@@ -623,6 +638,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN"
                 );
             } else {
+                let service = service(dir);
+                if service.needs_a_person() {
+                    lbs_host::say!("{service}");
+                }
                 lbs_host::say!("{}", crate::fleet::summary(&pairs, now, silent_after));
             }
             // The names are updated only where `serve` has a [dns] section: in the data

@@ -148,6 +148,57 @@ pub fn problems(pair: &PairView, now: Millis, silent_after: Duration) -> Vec<Pro
     found
 }
 
+/// How long `serve` may leave its alive file unrenewed (it renews it every second) before
+/// `status` says it is not serving.
+pub const SERVE_SILENT_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether `serve` runs, from its alive file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Service {
+    /// It renewed the file `ago_s` seconds ago.
+    Running { ago_s: u64 },
+    /// The file is old: serve is frozen, hung, or was killed without its clean stop.
+    Silent { for_s: u64 },
+    /// No file: serve is stopped (or never ran).
+    Stopped,
+}
+
+impl Service {
+    /// From the age of the alive file (`None`: there is none).
+    pub fn judge(age: Option<Duration>) -> Service {
+        match age {
+            None => Service::Stopped,
+            Some(age) if age > SERVE_SILENT_AFTER => Service::Silent {
+                for_s: age.as_secs(),
+            },
+            Some(age) => Service::Running {
+                ago_s: age.as_secs(),
+            },
+        }
+    }
+
+    /// Whether a person must look (monitoring's exit 1).
+    pub fn needs_a_person(&self) -> bool {
+        !matches!(self, Service::Running { .. })
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Service::Running { .. } => f.write_str("serve: running"),
+            Service::Silent { for_s } => write!(
+                f,
+                "serve: NOT ANSWERING for {for_s} s (frozen, hung, or killed): boxes cannot report or be promoted; systemctl status lbs-datacenter"
+            ),
+            Service::Stopped => f.write_str(
+                "serve: NOT RUNNING: boxes cannot report or be promoted; systemctl start lbs-datacenter",
+            ),
+        }
+    }
+}
+
 /// The fleet in numbers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
@@ -251,6 +302,24 @@ mod tests {
             hardware_differences: Some(Vec::new()),
             ..PairView::default()
         }
+    }
+
+    #[test]
+    fn serve_is_judged_by_the_age_of_its_alive_file() {
+        assert_eq!(Service::judge(None), Service::Stopped);
+        assert_eq!(
+            Service::judge(Some(Duration::from_millis(900))),
+            Service::Running { ago_s: 0 }
+        );
+        assert_eq!(
+            Service::judge(Some(SERVE_SILENT_AFTER)),
+            Service::Running { ago_s: 10 }
+        );
+        let frozen = Service::judge(Some(Duration::from_secs(73)));
+        assert_eq!(frozen, Service::Silent { for_s: 73 });
+        assert!(frozen.needs_a_person() && Service::Stopped.needs_a_person());
+        assert!(!Service::Running { ago_s: 1 }.needs_a_person());
+        assert!(frozen.to_string().contains("NOT ANSWERING for 73 s"));
     }
 
     #[test]

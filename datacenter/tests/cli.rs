@@ -198,6 +198,16 @@ fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
             lbs_datacenter::time::now_ms(),
         )
         .unwrap();
+    // serve is not running: that needs a person, whatever the boxes say.
+    let out = dc(&dir, &["status", "--problems"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).0.starts_with("serve: NOT RUNNING"),
+        "{:?}",
+        text(&out)
+    );
+    // Its alive file renewed (as a running serve does every second): 0.
+    let alive = std::fs::File::create(dir.join("serve.alive")).unwrap();
     let out = dc(&dir, &["status", "--problems"]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(
@@ -205,6 +215,15 @@ fn status_problems_exits_for_monitoring_and_names_what_needs_a_person() {
             .0
             .starts_with("fleet: 1 pair(s), 0 of 0 box(es) heard")
     );
+    // Not renewed for a minute (serve frozen or killed): 1, and said how long.
+    let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    alive.set_modified(minute_ago).unwrap();
+    let out = dc(&dir, &["status", "--problems", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["serve"]["state"], "silent", "{value}");
+    assert!(value["serve"]["for_s"].as_u64().unwrap() >= 60, "{value}");
+    alive.set_modified(std::time::SystemTime::now()).unwrap();
     // A box activated and never heard of since: 1, and it is named.
     let sid = servers[0].sid;
     activate(&dir, sid, servers[0].key.to_string());

@@ -1114,4 +1114,20 @@ async fn a_retired_pair_is_told_so_and_the_others_carry_on() {
     assert!(!ok && err.contains("was retired"), "{err}");
     let (ok, _, err) = dc.cli(&["promote", "acme", "--wait-s", "1"]);
     assert!(!ok && err.contains("was retired"), "{err}");
+    // serve renews its alive file while it runs (status reads it) and removes it at a
+    // clean stop.
+    let alive = dc.path().join("serve.alive");
+    let renewed = || std::fs::metadata(&alive).and_then(|m| m.modified()).ok();
+    let first = renewed().expect("serve.alive while serve runs");
+    let deadline = Instant::now() + WAIT;
+    while renewed() == Some(first) {
+        assert!(Instant::now() < deadline, "serve.alive not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, out, _) = dc.cli(&["status"]);
+    assert!(!out.contains("serve: NOT"), "{out}");
+    dc.stop();
+    assert!(!alive.exists(), "serve.alive left after a clean stop");
+    let (_, out, _) = dc.cli(&["status"]);
+    assert!(out.starts_with("serve: NOT RUNNING"), "{out}");
 }

@@ -97,8 +97,13 @@ impl Liveness {
     }
 }
 
-/// Writes the reports kept every [`WRITE_EVERY`], and once more on shutdown.
+/// Writes the reports kept every [`WRITE_EVERY`], and once more on shutdown; renews the
+/// alive file each time (removed on shutdown).
 pub(super) async fn liveness_writer(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let alive = inner.alive.clone();
+    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || stamp(&alive, true)).await {
+        tracing::warn!("{}: {err}", inner.alive.display());
+    }
     loop {
         let stopping = tokio::select! {
             () = shutdown.cancelled() => true,
@@ -112,10 +117,28 @@ pub(super) async fn liveness_writer(inner: Arc<Inner>, shutdown: CancellationTok
         if let Err(err) = written {
             tracing::warn!("recording the boxes' reports: {err}");
         }
+        let alive = inner.alive.clone();
+        let stamped = tokio::task::spawn_blocking(move || stamp(&alive, !stopping)).await;
+        if let Ok(Err(err)) = stamped {
+            tracing::warn!("{}: {err}", inner.alive.display());
+        }
         if stopping {
             return;
         }
     }
+}
+
+/// Renews the alive file's modification time (`running`) or removes it (a clean stop).
+fn stamp(path: &std::path::Path, running: bool) -> std::io::Result<()> {
+    if !running {
+        return std::fs::remove_file(path);
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now())
 }
 
 #[cfg(test)]

@@ -71,6 +71,9 @@ const TICK: Duration = Duration::from_secs(1);
 pub const IDENTITY_CERT: &str = "datacenter.pem";
 /// The identity's private key.
 pub const IDENTITY_KEY: &str = "datacenter.key";
+/// In the data directory while `serve` runs: its modification time is renewed every second
+/// (`status` tells a serve that stopped or hangs from one that runs); removed at a clean stop.
+pub const ALIVE_FILE: &str = "serve.alive";
 
 /// Attempts per source address: a token bucket.
 #[derive(Debug)]
@@ -120,6 +123,8 @@ struct Inner {
     peers_wake: Notify,
     /// Reports that only say a box is alive, written to the store in batches.
     liveness: Liveness,
+    /// [`ALIVE_FILE`] in the data directory.
+    alive: std::path::PathBuf,
     endpoints: Vec<(EndpointSettings, Endpoint)>,
     /// The bounds of each kind of port, shared by its listeners.
     activation_serving: Serving,
@@ -211,6 +216,7 @@ pub async fn run(
         dns_wake: Notify::new(),
         peers_wake: Notify::new(),
         liveness: Liveness::default(),
+        alive: dir.join(ALIVE_FILE),
         endpoints,
         // An activation is never proven (the key in its request is the proof): it stays
         // unproven, bounded per source, for its whole life (the handshake and the request).
