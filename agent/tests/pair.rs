@@ -311,6 +311,7 @@ fn a_box_of_another_pair_reaches_nothing_of_this_pair_over_the_overlay() {
         "--fqdn",
         "pbx.other.example",
         "--single",
+        "--json",
     ]);
     pair.sids.extend(lbs_tests::provisioned(&sheet));
     pair.prepare("c");

@@ -105,7 +105,7 @@ impl Dc {
 
     /// Provisions a pair; returns (SID, key) of each server.
     fn provision(&self, name: &str, args: &[&str]) -> Vec<(ServerId, String)> {
-        let mut all = vec!["provision-pair", "--name", name, "--fqdn", FQDN];
+        let mut all = vec!["provision-pair", "--json", "--name", name, "--fqdn", FQDN];
         all.extend_from_slice(args);
         let (ok, out, err) = self.cli(&all);
         assert!(ok, "{err}");

@@ -67,6 +67,7 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
         "--fqdn",
         "pbx.solo.example",
         "--single",
+        "--json",
     ]);
     let (sid, key) = lbs_tests::provisioned(&sheet).remove(0);
     let endpoint_key = Key::generate_private();

@@ -112,19 +112,11 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The SIDs and activation keys `lbs-datacenter provision-pair` / `provision-backup` printed
-/// (`  SID 00-1A-… activation key XXXX-…`), in order.
-pub fn provisioned(sheet: &str) -> Vec<(lbs_protocol::ServerId, String)> {
-    sheet
-        .lines()
-        .filter_map(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.as_slice() {
-                ["SID", sid, "activation", "key", key, ..] => {
-                    Some((sid.parse().ok()?, (*key).to_owned()))
-                }
-                _ => None,
-            }
-        })
+/// The SIDs and activation keys `lbs-datacenter provision-pair --json` printed, in order.
+pub fn provisioned(json: &str) -> Vec<(lbs_protocol::ServerId, String)> {
+    fleet::provisioned_boxes(json)
+        .unwrap_or_else(|err| panic!("{err:#}:\n{json}"))
+        .into_iter()
+        .map(|b| (b.sid, b.key))
         .collect()
 }

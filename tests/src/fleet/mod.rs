@@ -56,8 +56,8 @@ pub struct Provisioned {
     pub key: String,
 }
 
-/// Reads `provision-pair --json`: pairs in order, each with its two boxes.
-pub fn provisioned_pairs(json: &str) -> anyhow::Result<Vec<[Provisioned; 2]>> {
+/// Reads `provision-pair --json`: every box, in order.
+pub fn provisioned_boxes(json: &str) -> anyhow::Result<Vec<Provisioned>> {
     let keys: Vec<serde_json::Value> =
         serde_json::from_str(json).context("provision-pair --json printed no JSON array")?;
     let mut boxes = Vec::with_capacity(keys.len());
@@ -76,6 +76,12 @@ pub fn provisioned_pairs(json: &str) -> anyhow::Result<Vec<[Provisioned; 2]>> {
             key: field("key")?,
         });
     }
+    Ok(boxes)
+}
+
+/// Reads `provision-pair --json`: pairs in order, each with its two boxes.
+pub fn provisioned_pairs(json: &str) -> anyhow::Result<Vec<[Provisioned; 2]>> {
+    let boxes = provisioned_boxes(json)?;
     let mut pairs = Vec::with_capacity(boxes.len() / 2);
     let mut boxes = boxes.into_iter();
     while let (Some(a), Some(b)) = (boxes.next(), boxes.next()) {

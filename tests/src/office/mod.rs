@@ -423,7 +423,8 @@ impl Office {
 
     /// Provisions a pair at the data center: its two SIDs and activation keys.
     pub fn provision(&self, name: &str, fqdn: &str) -> anyhow::Result<Vec<(ServerId, String)>> {
-        let sheet = self.datacenter(&["provision-pair", "--name", name, "--fqdn", fqdn])?;
+        let sheet =
+            self.datacenter(&["provision-pair", "--name", name, "--fqdn", fqdn, "--json"])?;
         let sids = provisioned(&sheet);
         if sids.len() != 2 {
             bail!("provision-pair printed {} SIDs:\n{sheet}", sids.len());
