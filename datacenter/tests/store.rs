@@ -775,3 +775,66 @@ fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log() {
     assert!(last.detail.contains(&a.to_string()) && last.detail.contains(&b.to_string()));
     assert!(events.iter().any(|e| e.kind == "promoted"));
 }
+
+#[test]
+fn when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    let servers = store(&db)
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    for (n, server) in servers.iter().enumerate() {
+        store(&db)
+            .activate(
+                &request(server.sid, &server.key.to_string(), 2 + n as u8),
+                pool(),
+                T0,
+            )
+            .unwrap();
+    }
+    // Every name fails (the server is down) and waits a minute; one of them was refused
+    // for a reason waiting cannot mend.
+    let work = store(&db).dns_due(T0 + 1).unwrap();
+    assert_eq!(work.len(), 3);
+    for (n, w) in work.iter().enumerate() {
+        let failure = DnsFailure {
+            why: if n == 0 { "NOTAUTH" } else { "timed out" }.into(),
+            needs_operator: n == 0,
+        };
+        store(&db)
+            .dns_result(w, Err(failure), T0 + 60_000, T0 + 2)
+            .unwrap();
+    }
+    assert!(store(&db).dns_due(T0 + 3).unwrap().is_empty());
+    // A name written at its next try: the server is back, the others are due now.
+    let retried = store(&db).dns_due(T0 + 60_000).unwrap();
+    let back = retried.iter().find(|w| w.name == work[1].name).unwrap();
+    assert_eq!(back.attempts, 1);
+    store(&db).dns_result(back, Ok(()), 0, T0 + 4).unwrap();
+    let due: Vec<String> = store(&db)
+        .dns_due(T0 + 5)
+        .unwrap()
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(
+        due,
+        [work[2].name.clone()],
+        "the refused one keeps its wait"
+    );
+    // A success at a name's first try says nothing new about the server: the others keep
+    // their wait.
+    let transient = DnsFailure {
+        why: "timed out".into(),
+        needs_operator: false,
+    };
+    store(&db)
+        .dns_result(&work[2], Err(transient), T0 + 90_000, T0 + 6)
+        .unwrap();
+    let mut first_try = work[0].clone();
+    first_try.attempts = 0;
+    store(&db)
+        .dns_result(&first_try, Ok(()), 0, T0 + 7)
+        .unwrap();
+    assert!(store(&db).dns_due(T0 + 8).unwrap().is_empty());
+}

@@ -90,6 +90,17 @@ impl SqliteStore {
                     params![work.pair_id, work.name, work.want.to_string(), now],
                 )
                 .map_err(db("recording a DNS update"))?;
+                if work.attempts > 0 {
+                    // The server answers again after failing: the names waiting out their
+                    // backoff are tried now, not up to a minute later. Not those it refused
+                    // for a reason waiting cannot mend.
+                    tx.execute(
+                        "UPDATE dns_records SET next_try_at = ?1
+                         WHERE have IS NOT want AND needs_operator = 0 AND next_try_at > ?1",
+                        [now],
+                    )
+                    .map_err(db("making the waiting DNS names due"))?;
+                }
                 log(
                     &tx,
                     now,
