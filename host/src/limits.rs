@@ -13,6 +13,11 @@ pub fn raise_open_files() -> nix::Result<u64> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
 }
 
+/// The limit on open files in force (the soft one).
+pub fn open_files() -> nix::Result<u64> {
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

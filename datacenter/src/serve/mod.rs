@@ -53,9 +53,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a control connection may stay silent (boxes report every few seconds).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Control connections served at once (boxes and the other sites); more are closed. Every
-/// box keeps one open: the design load is 10,000 boxes per data center, with room for the
-/// sites and reconnects (the unit's LimitNOFILE is sized for it).
-const MAX_CONNECTIONS: usize = 12_000;
+/// box keeps one open: the design load is 10,000 boxes per data center, with room to spare
+/// for growth, the sites and reconnects (the unit's LimitNOFILE, 65,536, is sized for it;
+/// a lower limit lowers it, see [`control_capacity`]).
+const MAX_CONNECTIONS: usize = 30_000;
+/// Descriptors kept for everything but control connections: the activation pool, the
+/// database, DNS, the tunnel endpoints, logs.
+const RESERVED_FILES: usize = ACTIVATION_CONNECTIONS + 256;
 /// Of those, connections still in their TLS handshake and hello at once, and from one
 /// address: a stranger on the internet can hold no more, so boxes always find room.
 const CONTROL_UNPROVEN: usize = 128;
@@ -129,6 +133,15 @@ struct Inner {
     /// The bounds of each kind of port, shared by its listeners.
     activation_serving: Serving,
     control_serving: Serving,
+}
+
+/// Control connections the open-files limit leaves room for (at most [`MAX_CONNECTIONS`]):
+/// past it the listener turns boxes away instead of failing to accept with EMFILE.
+fn control_capacity(open_files: u64) -> usize {
+    let open_files = usize::try_from(open_files).unwrap_or(usize::MAX);
+    open_files
+        .saturating_sub(RESERVED_FILES)
+        .clamp(1, MAX_CONNECTIONS)
 }
 
 /// Runs `f` on the store on a blocking thread (SQLite waits for the disk).
@@ -206,6 +219,15 @@ pub async fn run(
             .collect(),
         control: control.iter().filter_map(|l| l.local_addr().ok()).collect(),
     };
+    let capacity = match lbs_host::limits::open_files() {
+        Ok(limit) => control_capacity(limit),
+        Err(_) => MAX_CONNECTIONS,
+    };
+    if capacity < MAX_CONNECTIONS {
+        tracing::warn!(
+            "the open-files limit leaves room for {capacity} boxes on the control port (of {MAX_CONNECTIONS}); raise it (LimitNOFILE= in the unit, ulimit -n by hand)"
+        );
+    }
     let inner = Arc::new(Inner {
         store: Mutex::new(store),
         ca,
@@ -230,12 +252,13 @@ pub async fn run(
             ACTIVATION_PER_SOURCE,
             2 * IO_TIMEOUT,
         )),
-        control_serving: Serving::new("the control port", MAX_CONNECTIONS, Duration::ZERO)
-            .with_unproven(Unproven::new(
+        control_serving: Serving::new("the control port", capacity, Duration::ZERO).with_unproven(
+            Unproven::new(
                 CONTROL_UNPROVEN,
                 CONTROL_UNPROVEN_PER_SOURCE,
                 IO_TIMEOUT + HELLO_TIMEOUT,
-            )),
+            ),
+        ),
     });
     if inner.config.dns.is_none() {
         tracing::warn!(
@@ -398,6 +421,17 @@ async fn answer(
 mod tests {
     use super::dns_worker::{DNS_MAX_BACKOFF, dns_backoff};
     use super::*;
+
+    #[test]
+    fn the_control_pool_fits_in_the_open_files_limit() {
+        // The unit's LimitNOFILE: the whole pool.
+        assert_eq!(control_capacity(65_536), MAX_CONNECTIONS);
+        // By hand with a hard limit of 20,000: what remains after the reserve.
+        assert_eq!(control_capacity(20_000), 20_000 - RESERVED_FILES);
+        // A tiny limit still serves someone rather than nobody.
+        assert_eq!(control_capacity(100), 1);
+        assert_eq!(control_capacity(u64::MAX), MAX_CONNECTIONS);
+    }
 
     #[test]
     fn a_source_gets_its_burst_then_waits() {
