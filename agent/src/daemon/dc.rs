@@ -83,13 +83,21 @@ pub(crate) async fn connect_dc_negotiated(
 /// A control connection to the data center.
 pub(crate) type DcConnection = lbs_protocol::Connection<tls::ClientStream<TcpStream>>;
 
-/// The partner's key as the data center certified it: kept in `box.json`, and when it
-/// changes (the partner was activated again) replication restarts, accepting only the new one.
+/// Restarts replication (whom it accepts changed); once for all that one answer changed.
+pub(crate) fn restart_replication(shared: &Shared) {
+    tracing::info!("replication restarts with whom it accepts now");
+    shared.mode.send_modify(|_| {});
+}
+
+/// The partner's key as the data center certified it: kept in `box.json`; true when it
+/// changed (the partner was activated again): replication must restart, accepting only the
+/// new one.
+#[must_use]
 pub(crate) fn apply_partner_key(
     shared: &Shared,
     partner: Option<lbs_protocol::ServerId>,
     key: Option<String>,
-) {
+) -> bool {
     let key = match (partner, key) {
         (Some(sid), Some(fingerprint)) => Some(crate::activate::PartnerKey { sid, fingerprint }),
         _ => None,
@@ -107,16 +115,16 @@ pub(crate) fn apply_partner_key(
         }
     };
     if changed {
-        tracing::info!(
-            "the partner's key is new to this box: replication restarts, accepting only it"
-        );
-        shared.mode.send_modify(|_| {});
+        tracing::info!("the partner's key is new to this box: only it is accepted from now on");
     }
+    changed
 }
 
 /// What the data center said about the pair: partner, hardware, and the role (through the
-/// machine: a stale primary fences itself).
-pub(crate) fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) {
+/// machine: a stale primary fences itself). True when the partner changed: replication must
+/// restart ([`restart_replication`]).
+#[must_use]
+pub(crate) fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::PairState) -> bool {
     let partner_changed = {
         let mut info = lock(&shared.info);
         let partner_known = |i: &BoxInfo| i.partner.as_ref().map(|p| (p.sid, p.lan, p.overlay));
@@ -141,11 +149,11 @@ pub(crate) fn apply_pair_state(shared: &Shared, state: lbs_protocol::control::Pa
         before.map(|b| b.0) != info.partner.as_ref().map(|p| p.sid)
     };
     if partner_changed {
-        tracing::info!("the partner changed: replication restarts");
-        shared.mode.send_modify(|_| {});
+        tracing::info!("the partner changed");
     }
     shared.handle(Event::Authority {
         role: state.role,
         generation: state.generation,
     });
+    partner_changed
 }

@@ -9,7 +9,9 @@ use lbs_protocol::Message;
 use lbs_protocol::control::{self, RemotePromotion};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::dc::{DC_DEADLINE, PROMOTION_DEADLINE, apply_pair_state, connect_dc_negotiated};
+use crate::daemon::dc::{
+    DC_DEADLINE, PROMOTION_DEADLINE, apply_pair_state, connect_dc_negotiated, restart_replication,
+};
 use crate::daemon::state::{HEARTBEAT, RoleNotice, Shared, lock, now_ms, promote_unattended};
 use crate::daemon::steps::hook;
 use crate::role::RoleState;
@@ -152,8 +154,10 @@ async fn ask_hand_over(shared: &Shared, reason: &str) -> anyhow::Result<()> {
         )
         .await
         .with_context(|| format!("data center at {address}"))?;
-        if let (_, Message::PairState(state)) = answer {
-            apply_pair_state(shared, state);
+        if let (_, Message::PairState(state)) = answer
+            && apply_pair_state(shared, state)
+        {
+            restart_replication(shared);
         }
         anyhow::Ok(())
     })

@@ -11,7 +11,9 @@ use lbs_protocol::{Message, SoftwareVersion};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::checks::{Asked, promote_checks};
-use crate::daemon::dc::{apply_pair_state, apply_partner_key, connect_dc, connect_dc_negotiated};
+use crate::daemon::dc::{
+    apply_pair_state, apply_partner_key, connect_dc, connect_dc_negotiated, restart_replication,
+};
 use crate::daemon::pbx::take_hand_over;
 use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote_unattended};
 
@@ -96,7 +98,8 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                 dc.last_answer_ms = Some(now_ms());
                 dc.last_error = None;
             }
-            apply_pair_state(shared, state);
+            // A new partner and its key learned from one answer restart replication once.
+            let mut restart = apply_pair_state(shared, state);
             if keys {
                 let (_, answer) = control::call(
                     &mut conn,
@@ -107,8 +110,11 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("data center at {address}"))?;
                 if let Message::PartnerKey { partner, key } = answer {
-                    apply_partner_key(shared, partner, key);
+                    restart |= apply_partner_key(shared, partner, key);
                 }
+            }
+            if restart {
+                restart_replication(shared);
             }
             if let Some((request, hand_over)) = request
                 && lock(&shared.remote_handled).is_none_or(|done| done < request.id)
@@ -131,8 +137,10 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                     )
                     .await
                     .with_context(|| format!("data center at {address}"))?;
-                    if let Message::PairState(state) = answer {
-                        apply_pair_state(shared, state);
+                    if let Message::PairState(state) = answer
+                        && apply_pair_state(shared, state)
+                    {
+                        restart_replication(shared);
                     }
                 }
             }
