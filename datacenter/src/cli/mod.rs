@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
-use lbs_protocol::{CertificateAuthority, PairName, ServerId};
+use lbs_protocol::{CertificateAuthority, ServerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{DnsState, RequestState, SqliteStore, Store, StoredReport};
+use crate::store::{RequestState, SqliteStore, Store};
 use crate::time::{now_ms, utc as when};
+
+mod provision;
+mod status;
 
 /// The CA certificate, its key and the database, in the data directory.
 const CA_CERT: &str = "ca.pem";
@@ -256,56 +259,6 @@ enum Command {
     },
 }
 
-/// Whether `serve` runs on this data directory, from the age of its alive file.
-fn service(dir: &Path) -> crate::fleet::Service {
-    let age = std::fs::metadata(dir.join(crate::serve::ALIVE_FILE))
-        .and_then(|meta| meta.modified())
-        .ok()
-        .map(|at| at.elapsed().unwrap_or_default());
-    crate::fleet::Service::judge(age)
-}
-
-/// `status --problems`: serve's line when it is not running, the fleet's line, then each pair
-/// that needs a person with what.
-fn status_problems(
-    pairs: &[crate::store::PairView],
-    now: crate::store::Millis,
-    silent_after: std::time::Duration,
-    service: crate::fleet::Service,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let summary = crate::fleet::summary(pairs, now, silent_after);
-    let troubled: Vec<_> = pairs
-        .iter()
-        .map(|p| (p, crate::fleet::problems(p, now, silent_after)))
-        .filter(|(_, found)| !found.is_empty())
-        .collect();
-    if json {
-        let pairs: Vec<_> = troubled
-            .iter()
-            .map(|(p, found)| serde_json::json!({ "pair": p.name, "fqdn": p.fqdn, "problems": found }))
-            .collect();
-        let out = serde_json::json!({ "serve": service, "summary": summary, "pairs": pairs });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        if service.needs_a_person() {
-            lbs_host::say!("{service}");
-        }
-        lbs_host::say!("{summary}");
-        for (pair, found) in &troubled {
-            lbs_host::say!("{} ({}):", pair.name, pair.fqdn);
-            for problem in found {
-                lbs_host::say!("  {problem}");
-            }
-        }
-    }
-    Ok(if troubled.is_empty() && !service.needs_a_person() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 fn open(dir: &Path) -> anyhow::Result<SqliteStore> {
     let path = dir.join(DATABASE);
     if !path.exists() {
@@ -330,59 +283,6 @@ fn operator(command: &str) -> String {
             .or_else(|_| std::env::var("USER"))
             .unwrap_or_else(|_| "operator".into())
     )
-}
-
-/// A pair's name and FQDN, both checked.
-fn checked_pair(name: &str, fqdn: &str) -> anyhow::Result<(String, String)> {
-    let name: PairName = name.parse().context("the pair name")?;
-    check_fqdn(fqdn)?;
-    Ok((name.as_str().to_owned(), fqdn.to_owned()))
-}
-
-/// `provision-pair --from`: one `NAME FQDN` per line; every line is checked before anything
-/// is provisioned.
-fn pairs_from(file: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let mut pairs = Vec::new();
-    let mut names = std::collections::HashSet::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        let at = || format!("{} line {}", file.display(), number + 1);
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [name, fqdn] = fields[..] else {
-            bail!("{}: expected `NAME FQDN`, found {line:?}", at());
-        };
-        let pair = checked_pair(name, fqdn).with_context(at)?;
-        if !names.insert(pair.0.clone()) {
-            bail!("{}: pair {} is listed twice", at(), pair.0);
-        }
-        pairs.push(pair);
-    }
-    if pairs.is_empty() {
-        bail!("{} lists no pair", file.display());
-    }
-    Ok(pairs)
-}
-
-fn check_fqdn(fqdn: &str) -> anyhow::Result<()> {
-    let ok = fqdn.len() <= 253
-        && fqdn.split('.').count() >= 2
-        && fqdn.trim_end_matches('.').split('.').all(|label| {
-            (1..=63).contains(&label.len())
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if !ok {
-        bail!("{fqdn:?} is not a DNS name like pbx.example.com");
-    }
-    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -420,52 +320,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             key_days,
         } => {
             let pairs = match (from, name, fqdn) {
-                (Some(file), _, _) => pairs_from(&file)?,
-                (None, Some(name), Some(fqdn)) => vec![checked_pair(&name, &fqdn)?],
+                (Some(file), _, _) => provision::pairs_from(&file)?,
+                (None, Some(name), Some(fqdn)) => vec![provision::checked_pair(&name, &fqdn)?],
                 _ => bail!("give --name and --fqdn, or --from FILE"),
             };
-            let mut store = open(dir)?;
-            let made =
-                store.provision_pairs(&pairs, if single { 1 } else { 2 }, days(key_days), now_ms());
-            let made = match made {
-                Err(err) if pairs.len() > 1 => {
-                    bail!("{err}: none of the {} pairs was provisioned", pairs.len())
-                }
-                made => made?,
-            };
-            if json {
-                let keys: Vec<serde_json::Value> = pairs
-                    .iter()
-                    .zip(&made)
-                    .flat_map(|((name, fqdn), servers)| {
-                        servers.iter().map(move |server| {
-                            serde_json::json!({
-                                "pair": name,
-                                "fqdn": fqdn,
-                                "sid": server.sid.to_string(),
-                                "key": server.key.to_string(),
-                                "expires_at": when(server.expires_at),
-                            })
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&keys)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            for ((name, fqdn), servers) in pairs.iter().zip(&made) {
-                lbs_host::say!("pair {name} ({fqdn}):");
-                for server in servers {
-                    lbs_host::say!(
-                        "  SID {}  activation key {}  (valid until {})",
-                        server.sid,
-                        server.key,
-                        when(server.expires_at)
-                    );
-                }
-            }
-            lbs_host::say!(
-                "The keys are shown only now. The first box to activate becomes primary."
-            );
+            return provision::provision_pairs(dir, &pairs, single, key_days, json);
         }
         Command::ProvisionBackup { partner, key_days } => {
             let mut store = open(dir)?;
@@ -587,130 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             problems,
             silent_after,
             json,
-        } => {
-            let silent_after = std::time::Duration::from_secs(silent_after);
-            // Monitoring tells "cannot read" (2) from "something needs a person" (1).
-            let read = open(dir).and_then(|store| {
-                let retired = match &pair {
-                    Some(name) => store.retired(name)?,
-                    None => None,
-                };
-                Ok((store.pairs()?, retired))
-            });
-            let (pairs, retired) = match read {
-                Ok(read) => read,
-                Err(err) => {
-                    eprintln!("lbs-datacenter: cannot read the records: {err:#}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            let pairs: Vec<_> = match &pair {
-                Some(name) => {
-                    let one: Vec<_> = pairs.into_iter().filter(|p| &p.name == name).collect();
-                    if let Some(at) = retired {
-                        // Not a problem for monitoring: nobody is to serve it.
-                        lbs_host::say!(
-                            "pair {name} was retired {}; its history: lbs-datacenter events --pair {name}",
-                            when(at)
-                        );
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    if one.is_empty() {
-                        eprintln!(
-                            "lbs-datacenter: no pair named {name} (see lbs-datacenter status)"
-                        );
-                        return Ok(ExitCode::from(2));
-                    }
-                    one
-                }
-                None => pairs,
-            };
-            let now = now_ms();
-            if problems {
-                return status_problems(&pairs, now, silent_after, service(dir), json);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&pairs)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            if pairs.is_empty() {
-                lbs_host::say!(
-                    "no pairs yet: lbs-datacenter provision-pair --name NAME --fqdn FQDN"
-                );
-            } else {
-                let service = service(dir);
-                if service.needs_a_person() {
-                    lbs_host::say!("{service}");
-                }
-                lbs_host::say!("{}", crate::fleet::summary(&pairs, now, silent_after));
-            }
-            // The names are updated only where `serve` has a [dns] section: in the data
-            // directory's datacenter.toml, or the packaged one the unit passes to serve.
-            let dns_configured = [dir.join(CONFIG), PathBuf::from(PACKAGED_CONFIG)]
-                .into_iter()
-                .find(|path| path.exists())
-                .map_or(Some(false), |path| {
-                    crate::config::ServeConfig::load(&path, true)
-                        .ok()
-                        .map(|c| c.dns.is_some())
-                })
-                .unwrap_or(true);
-            for pair in &pairs {
-                let hardware = match &pair.hardware_differences {
-                    None => "hardware not compared yet".to_owned(),
-                    Some(d) if d.is_empty() => "hardware matches".to_owned(),
-                    Some(d) => format!("HARDWARE DIFFERS: {}", d.join("; ")),
-                };
-                lbs_host::say!(
-                    "{} ({}), generation {}, {hardware}",
-                    pair.name,
-                    pair.fqdn,
-                    pair.generation
-                );
-                for s in &pair.servers {
-                    let heard = s.last_heartbeat_at.map_or("never".to_owned(), |at| {
-                        format!("{:.0} s ago", (now - at) as f64 / 1000.0)
-                    });
-                    lbs_host::say!(
-                        "  {}  {:<11} overlay {:<13} LAN {:<15} heartbeat {:<10} gen {:<4} {}",
-                        s.sid,
-                        s.role,
-                        s.overlay.as_deref().unwrap_or("-"),
-                        // Where it serves now (its report), else the address it activated with.
-                        s.advertised.as_deref().or(s.lan.as_deref()).unwrap_or("-"),
-                        heard,
-                        s.reported_generation
-                            .map_or("-".to_owned(), |g| g.to_string()),
-                        s.software.as_deref().unwrap_or("")
-                    );
-                    if let Some(report) = &s.report {
-                        lbs_host::say!("      {}", report_line(report));
-                    }
-                }
-                for r in &pair.dns {
-                    let state = match r.state {
-                        _ if !dns_configured => {
-                            "not configured (no [dns] in datacenter.toml)".to_owned()
-                        }
-                        DnsState::Done => {
-                            format!("ok since {}", r.done_at.map_or("-".into(), when))
-                        }
-                        DnsState::Pending => "PENDING".to_owned(),
-                        DnsState::Failed => format!(
-                            "FAILED, the server refuses it ({} tries: {}); fix the DNS server's configuration or [dns]",
-                            r.attempts,
-                            r.last_error.as_deref().unwrap_or("")
-                        ),
-                        _ => format!(
-                            "RETRYING ({} failed: {})",
-                            r.attempts,
-                            r.last_error.as_deref().unwrap_or("")
-                        ),
-                    };
-                    lbs_host::say!("  DNS {} → {}  {state}", r.name, r.want);
-                }
-            }
-        }
+        } => return status::status(dir, pair, problems, silent_after, json),
         Command::Events {
             json,
             after,
@@ -780,44 +516,6 @@ fn event_line(e: &crate::store::Event) -> String {
     .into_owned()
 }
 
-/// A box's last report in a line: what it believes, its sync backlog and its tunnels.
-fn report_line(report: &StoredReport) -> String {
-    let files = report.sync_pending_files.unwrap_or(0);
-    let bytes = report.sync_pending_bytes.unwrap_or(0);
-    let synced = match report.sync_last_complete_ms {
-        Some(at) => format!(
-            "last complete sync {}",
-            when(i64::try_from(at).unwrap_or(i64::MAX))
-        ),
-        None => "no complete sync yet".to_owned(),
-    };
-    let tunnels: Vec<String> = report
-        .tunnels
-        .iter()
-        .map(|(name, healthy, active)| {
-            format!(
-                "{name} {}{}",
-                if *healthy { "up" } else { "DOWN" },
-                if *active { " (active)" } else { "" }
-            )
-        })
-        .collect();
-    format!(
-        "says {}, serving at {}; sync: {files} files / {bytes} bytes pending, {synced}; tunnels: {}",
-        if report.role.is_empty() {
-            "?"
-        } else {
-            &report.role
-        },
-        report.advertised.map_or("?".to_owned(), |a| a.to_string()),
-        if tunnels.is_empty() {
-            "none reported".to_owned()
-        } else {
-            tunnels.join(", ")
-        }
-    )
-}
-
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -834,20 +532,6 @@ pub fn main() -> ExitCode {
                 lbs_host::term::printable(&format!("{err:#}"))
             );
             ExitCode::FAILURE
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fqdns_are_checked() {
-        assert!(check_fqdn("pbx.example.com").is_ok());
-        assert!(check_fqdn("pbx.example.com.").is_ok());
-        for bad in ["pbx", "-a.example", "a..b", "a b.example", ""] {
-            assert!(check_fqdn(bad).is_err(), "{bad}");
         }
     }
 }
