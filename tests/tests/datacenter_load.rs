@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lbs_tests::fleet::load::{Load, activate_all, run_phase};
+use lbs_tests::fleet::SimBox;
+use lbs_tests::fleet::load::{Load, Phase, activate_all, run_phase};
 use lbs_tests::fleet::server::Server;
 use lbs_tests::workspace_binary;
 use tokio::net::{TcpSocket, TcpStream};
@@ -14,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 /// Each test's whole run.
 const LIMIT: Duration = Duration::from_secs(240);
 
-async fn started(pairs: usize) -> (Server, Vec<std::sync::Arc<lbs_tests::fleet::SimBox>>) {
+async fn started(pairs: usize) -> (Server, Vec<Arc<SimBox>>) {
     let (mut server, provisioned) = Server::prepare(
         &workspace_binary("lbs-datacenter"),
         pairs,
@@ -30,26 +32,32 @@ async fn started(pairs: usize) -> (Server, Vec<std::sync::Arc<lbs_tests::fleet::
     (server, boxes)
 }
 
+/// One measured phase, which must have had no error (shown with serve's log otherwise).
+async fn without_errors(server: &Server, boxes: &[Arc<SimBox>], load: &Load) -> Phase {
+    let root = server.root().unwrap();
+    let phase = run_phase(server, &root, boxes, load).await.unwrap();
+    let log = server.log_tail(20);
+    assert_eq!(
+        phase.errors, 0,
+        "{:?}\nserve.log:\n{log}",
+        phase.error_kinds
+    );
+    phase
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotions_during_a_heartbeat_storm_complete() {
     tokio::time::timeout(LIMIT, async {
         // 200 boxes reporting every 200 ms: 1,000 reports a second, what 5,000 boxes send at
         // the agent's 5 s.
         let (server, boxes) = started(100).await;
-        let root = server.root().unwrap();
         let load = Load {
             interval: Duration::from_millis(200),
             window: Duration::from_secs(6),
             promotions_per_s: 3.0,
             ramp: 32,
         };
-        let phase = run_phase(&server, &root, &boxes, &load).await.unwrap();
-        let log = server.log_tail(20);
-        assert_eq!(
-            phase.errors, 0,
-            "{:?}\nserve.log:\n{log}",
-            phase.error_kinds
-        );
+        let phase = without_errors(&server, &boxes, &load).await;
         // Most of the 18 fired find their pair free (a pair is busy until its old primary
         // registered as backup); each one answered is a compare-and-set that went through.
         assert!(phase.promotions >= 10, "{phase:?}");
@@ -74,7 +82,6 @@ async fn silent(source: Ipv4Addr, to: SocketAddr) -> Option<TcpStream> {
 async fn an_activation_flood_does_not_take_a_control_slot() {
     tokio::time::timeout(LIMIT, async {
         let (server, boxes) = started(20).await;
-        let root = server.root().unwrap();
         // 600 silent connections on the activation port, from 60 sources (10 each: over the
         // per-source limit) and 600 in all (over the port's limit), held open.
         let mut flood = Vec::new();
@@ -96,13 +103,7 @@ async fn an_activation_flood_does_not_take_a_control_slot() {
             promotions_per_s: 1.0,
             ramp: 8,
         };
-        let phase = run_phase(&server, &root, &boxes, &load).await.unwrap();
-        let log = server.log_tail(20);
-        assert_eq!(
-            phase.errors, 0,
-            "{:?}\nserve.log:\n{log}",
-            phase.error_kinds
-        );
+        let phase = without_errors(&server, &boxes, &load).await;
         assert_eq!(phase.boxes, 40);
         assert!(phase.reports_per_s > 40.0, "{phase:?}");
         drop(flood);
