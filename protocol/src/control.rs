@@ -328,6 +328,12 @@ impl From<crate::FrameError> for CallError {
     }
 }
 
+/// How a box comes back to the data center after losing it: waits doubling from this one
+/// (each drawn from the upper half of its range, `lbs_host::backoff`) …
+pub const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+/// … up to this one: after a data-center restart every box is back within it.
+pub const RECONNECT_CAP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a request to the data center got no answer it could use.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {

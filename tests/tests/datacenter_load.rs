@@ -114,7 +114,7 @@ async fn an_activation_flood_does_not_take_a_control_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_a_thousand_boxes_come_back_spread_out_within_the_backoff_cap() {
-    use lbs_tests::fleet::RECONNECT_CAP;
+    use lbs_protocol::control::RECONNECT_CAP;
     use lbs_tests::fleet::load::Running;
     tokio::time::timeout(LIMIT, async {
         let (mut server, boxes) = started(500).await;

@@ -15,11 +15,11 @@ use crate::daemon::dc::{
     apply_pair_state, apply_partner_key, connect_dc, connect_dc_negotiated, restart_replication,
 };
 use crate::daemon::pbx::take_hand_over;
-use crate::daemon::state::{RETRY, Shared, current_address, lock, now_ms, promote_unattended};
+use crate::daemon::state::{Shared, current_address, lock, now_ms, promote_unattended};
 
 pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut moved = shared.moved.subscribe();
-    let mut backoff = Backoff::new(RETRY, RECONNECT_CAP);
+    let mut backoff = Backoff::new(control::RECONNECT_FIRST, control::RECONNECT_CAP);
     loop {
         moved.borrow_and_update();
         let answered_before = lock(&shared.datacenter).last_answer_ms;
@@ -58,10 +58,6 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
     }
 }
-
-/// The longest wait between attempts to reach the data center: after a data-center restart
-/// every box is back within it.
-pub(crate) const RECONNECT_CAP: Duration = Duration::from_secs(30);
 
 pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     let (mut conn, address, version) = connect_dc_negotiated(shared).await?;

@@ -99,8 +99,9 @@ pub(super) async fn control(
     .await;
     let (current, pair) = match found {
         Ok(found) => found,
-        Err(err @ StoreError::Retired { .. }) => {
-            // Said to the box (its log and status show why), not just a closed connection.
+        Err(err) => {
+            // Said to the box (a retired pair, the database failing: its log and status show
+            // why), not just a closed connection.
             let why = err.to_string();
             let (mut conn, _) = exchange_hello(
                 tls,
@@ -112,13 +113,12 @@ pub(super) async fn control(
             .await?;
             conn.send(Envelope {
                 generation: Generation::default(),
-                message: Message::Denied(Denial::NotAllowed(why.clone())),
+                message: Message::Denied(denial(err)),
             })
             .await?;
             linger(&mut conn).await;
             anyhow::bail!(why);
         }
-        Err(err) => return Err(err.into()),
     };
     let (mut conn, negotiated) = exchange_hello(
         tls,

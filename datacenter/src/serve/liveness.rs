@@ -100,10 +100,7 @@ impl Liveness {
 /// Writes the reports kept every [`WRITE_EVERY`], and once more on shutdown; renews the
 /// alive file each time (removed on shutdown).
 pub(super) async fn liveness_writer(inner: Arc<Inner>, shutdown: CancellationToken) {
-    let alive = inner.alive.clone();
-    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || stamp(&alive, true)).await {
-        tracing::warn!("{}: {err}", inner.alive.display());
-    }
+    stamp(&inner, true).await;
     loop {
         let stopping = tokio::select! {
             () = shutdown.cancelled() => true,
@@ -117,28 +114,32 @@ pub(super) async fn liveness_writer(inner: Arc<Inner>, shutdown: CancellationTok
         if let Err(err) = written {
             tracing::warn!("recording the boxes' reports: {err}");
         }
-        let alive = inner.alive.clone();
-        let stamped = tokio::task::spawn_blocking(move || stamp(&alive, !stopping)).await;
-        if let Ok(Err(err)) = stamped {
-            tracing::warn!("{}: {err}", inner.alive.display());
-        }
+        stamp(&inner, !stopping).await;
         if stopping {
             return;
         }
     }
 }
 
-/// Renews the alive file's modification time (`running`) or removes it (a clean stop).
-fn stamp(path: &std::path::Path, running: bool) -> std::io::Result<()> {
-    if !running {
-        return std::fs::remove_file(path);
+/// Renews the alive file's modification time (`running`) or removes it (a clean stop), on a
+/// blocking thread; a failure is logged.
+async fn stamp(inner: &Inner, running: bool) {
+    let path = inner.alive.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        if !running {
+            return std::fs::remove_file(&path);
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?
+            .set_modified(std::time::SystemTime::now())
+    })
+    .await;
+    if let Ok(Err(err)) = done {
+        tracing::warn!("{}: {err}", inner.alive.display());
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?
-        .set_modified(std::time::SystemTime::now())
 }
 
 #[cfg(test)]

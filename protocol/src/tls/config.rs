@@ -136,14 +136,7 @@ pub fn server_config(
 /// A TLS 1.3 client configuration presenting `identity` and trusting only servers that chain
 /// to `root`; the expected server is named at [`connect`].
 pub fn client_config(identity: &Identity, root: &TrustRoot) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_webpki_verifier(verifier)
+    let config = trusting(root)?
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(config))
@@ -164,16 +157,22 @@ pub fn activation_server_config(identity: &Identity) -> Result<Arc<ServerConfig>
 /// A TLS 1.3 client configuration for activation: no client certificate, and only a server
 /// that chains to `root` (the CA the box was shipped or told to pin).
 pub fn activation_client_config(root: &TrustRoot) -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(trusting(root)?.with_no_client_auth()))
+}
+
+/// A TLS 1.3 client configuration, up to its client certificate, that accepts only servers
+/// chaining to `root`.
+fn trusting(
+    root: &TrustRoot,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = provider();
     let verifier = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone())
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let config = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_webpki_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+        .with_webpki_verifier(verifier))
 }
 
 /// Opens TLS over `io` to `expected`, which must present a certificate for exactly that name.

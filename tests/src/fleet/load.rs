@@ -129,7 +129,7 @@ impl Running {
         let mut tasks = tokio::task::JoinSet::new();
         let mut dice = Dice::new(0x0001_b5dc);
         for b in boxes {
-            let slot = slots[b.pair % pairs.max(1)].clone();
+            let slot = slots[b.pair].clone();
             if b.role == Role::Backup {
                 slot.backup.store(b.position, Ordering::Relaxed);
             }

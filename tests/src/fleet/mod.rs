@@ -36,10 +36,6 @@ pub mod server;
 
 /// The deadline of every connect and every answer, as the agent has.
 pub const WAIT: Duration = Duration::from_secs(10);
-/// The agent's waits between attempts to reach the data center (agent/src/daemon: `RETRY`,
-/// `RECONNECT_CAP`).
-pub const RECONNECT_FIRST: Duration = Duration::from_secs(2);
-pub const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// The most pairs the office addresses can tell apart.
 pub const MAX_PAIRS: usize = 250 * 250;
 
@@ -191,8 +187,6 @@ pub struct Stats {
     pub registrations: AtomicU64,
     /// Reconnections after a lost connection.
     pub reconnects: AtomicU64,
-    /// When each box got its control connection back after losing it.
-    pub reconnected_at: Mutex<Vec<Instant>>,
     /// When a box that lost its connection tried again: (box index, when).
     pub attempts: Mutex<Vec<(usize, Instant)>>,
     /// Errors by kind, with the first one's text.
@@ -323,7 +317,8 @@ pub async fn run_box(
     let mut generation = Generation::default();
     let mut role = b.role;
     // As the agent does: jittered, doubling waits after a failure, short again once answered.
-    let mut backoff = lbs_host::backoff::Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
+    let mut backoff =
+        lbs_host::backoff::Backoff::new(control::RECONNECT_FIRST, control::RECONNECT_CAP);
     let mut first = true;
     let mut lost = false;
     'connection: while !stop.is_cancelled() {
@@ -359,11 +354,6 @@ pub async fn run_box(
         backoff.reset();
         if lost {
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            let mut at = stats
-                .reconnected_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            at.push(Instant::now());
         }
         let mut next = tokio::time::Instant::now() + target.interval.mul_f64(phase);
         let outcome: anyhow::Result<()> = loop {
