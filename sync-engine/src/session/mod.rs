@@ -32,17 +32,18 @@ use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::trash::Trash;
 use crate::tree::{BlockSize, Cv};
 
-/// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
-/// sender from exhausting memory).
 mod pipeline;
 mod pull;
 mod ready;
 mod serve;
+mod whole;
 
 pub use pull::{PullOptions, pull};
 use serve::send_digests;
 pub use serve::serve;
 
+/// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
+/// sender from exhausting memory).
 pub const MAX_MANIFEST_ENTRIES: usize = 5_000_000;
 
 /// The most bytes of names (paths, link targets) a peer's manifest or digests may hold: what

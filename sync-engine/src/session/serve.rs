@@ -2,6 +2,7 @@
 //! differ, and file content as changed blocks, deltas or whole.
 
 use super::*;
+use whole::{send_file, send_files};
 
 /// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
 /// `version` is the protocol both sides speak (from the `Hello` exchange): what an older
@@ -13,7 +14,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     generation: Generation,
     version: ProtocolVersion,
 ) -> Result<(), SessionError> {
-    let files = Root::open(&root)?;
+    let files = Arc::new(Root::open(&root)?);
     // Holes travel as such to a receiver that knows them (1.6), as zeros to an older one.
     let holes = version >= V1_6;
     // This box may have been a backup that stopped in the middle of a patch: finish it
@@ -25,11 +26,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await,
     )??;
+    // A message read ahead while answering a batch of fetches, handled next.
+    let mut pending = None;
     loop {
-        let Some(envelope) = next_envelope(conn).await else {
-            return Ok(());
+        let message = match pending.take() {
+            Some(message) => message,
+            None => match next_envelope(conn).await {
+                Some(envelope) => envelope?.message,
+                None => return Ok(()),
+            },
         };
-        match envelope?.message {
+        match message {
             Message::SyncManifestRequest => {
                 let (root, index) = (root.clone(), index.clone());
                 let scanned = blocking_join(
@@ -72,7 +79,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_after_manifest(conn, generation, version, skipped, links).await?;
             }
             Message::SyncFetch { path } => {
-                send_file(conn, generation, &files, &index, path, holes).await?;
+                pending = send_files(conn, generation, &files, &index, path, holes).await?;
             }
             Message::SyncFetchDelta { path, signature } => {
                 let asked = (path, signature);
@@ -474,261 +481,4 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await
-}
-
-/// Streams one file, hashing exactly the bytes sent.
-/// Sends `path` whole: its data as it is read, and (with `holes`, to a receiver of protocol
-/// 1.6) each hole its file system reports as a [`Message::SyncHole`] instead of its zeros, and
-/// the hash its index holds for the version it listed, as a block transfer does (the receiver
-/// verifies what it wrote against the manifest itself: hashing it here again cost the primary
-/// a core for every byte sent). Only the listed version's length is sent: a recording that
-/// grows while it is sent arrives as the version listed (its beginning is unchanged), and the
-/// next pass brings what was appended; sent to its end, it was longer than the receiver had
-/// planned for, refused, and taken again in every pass for as long as the call lasted.
-/// Without a listed version (a receiver older than 1.6) the file is sent to its end.
-pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    generation: Generation,
-    files: &Root,
-    index: &Arc<Mutex<Index>>,
-    path: RelPath,
-    holes: bool,
-) -> Result<(), SessionError> {
-    let file = match files.open_file(&path) {
-        Ok(file) => file,
-        Err(err) => {
-            let reason = err.to_string();
-            return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
-        }
-    };
-    // A small file (most of a PBX's) is read in one go on a blocking thread: one hand-off,
-    // not one per read, seek and end of file (those hand-offs were most of the sender's time
-    // in an initial copy).
-    if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) {
-        let (index, at) = (index.clone(), path.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            let listed = listed(&index, &at, holes)?;
-            let limit = listed.map_or(4 * SMALL_FILE, |l| l.size);
-            Ok::<_, SessionError>((listed, read_small(&file, holes, limit)))
-        })
-        .await;
-        let (listed, read) = blocking_join(read)??;
-        let pieces = match read {
-            Ok(pieces) => pieces,
-            Err(err) => {
-                let reason = format!("reading failed: {err}");
-                return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
-            }
-        };
-        let mut hasher = blake3::Hasher::new();
-        let mut size = 0u64;
-        for piece in pieces {
-            let message = match piece {
-                Piece::Hole(len) => {
-                    if listed.is_none() {
-                        hash_zeros(&mut hasher, len);
-                    }
-                    size += len;
-                    Message::SyncHole { len }
-                }
-                Piece::Data(bytes) => {
-                    if listed.is_none() {
-                        hasher.update(&bytes);
-                    }
-                    size += bytes.len() as u64;
-                    Message::SyncData { bytes }
-                }
-            };
-            feed(conn, generation, message).await?;
-        }
-        let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
-        return feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await;
-    }
-    let listed = {
-        let (index, at) = (index.clone(), path.clone());
-        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, holes)).await)??
-    };
-    let limit = listed.map_or(u64::MAX, |l| l.size);
-    let mut file = tokio::fs::File::from_std(file);
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0u64;
-    // Where the data region being read ends (`u64::MAX`: read to the end of the file);
-    // `None`: ask the file system at the current offset.
-    let mut data_end = if holes { None } else { Some(u64::MAX) };
-    while size < limit {
-        let end = match data_end {
-            Some(end) if size < end => end,
-            _ => {
-                let end = match next_region(&file, size) {
-                    Region::Hole(len) => {
-                        let len = len.min(limit - size);
-                        if listed.is_none() {
-                            hash_zeros(&mut hasher, len);
-                        }
-                        size += len;
-                        feed(conn, generation, Message::SyncHole { len }).await?;
-                        data_end = None;
-                        continue;
-                    }
-                    Region::Data(end) => end,
-                    Region::Unknown => u64::MAX,
-                };
-                // Asking moved the descriptor's offset.
-                if let Err(err) = file.seek(std::io::SeekFrom::Start(size)).await {
-                    let reason = format!("seeking to {size} failed: {err}");
-                    return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
-                }
-                data_end = Some(end);
-                end
-            }
-        };
-        let end = end.min(limit);
-        let want = SYNC_CHUNK_LEN.min(usize::try_from(end - size).unwrap_or(usize::MAX));
-        let mut bytes = vec![0u8; want];
-        let n = match file.read(&mut bytes).await {
-            Ok(n) => n,
-            Err(err) => {
-                let reason = format!("reading failed after {size} bytes: {err}");
-                return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
-            }
-        };
-        if n == 0 {
-            // The end (a file that shrank meanwhile is caught by the receiver's hash).
-            break;
-        }
-        bytes.truncate(n);
-        if listed.is_none() {
-            hasher.update(&bytes);
-        }
-        size += n as u64;
-        feed(conn, generation, Message::SyncData { bytes }).await?;
-    }
-    let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
-    feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
-}
-
-/// The hash the index holds for `path` (sent instead of hashing it again, with `holes`:
-/// to a receiver of protocol 1.6). On a blocking thread: a scan may hold the index.
-fn listed(
-    index: &Mutex<Index>,
-    path: &RelPath,
-    holes: bool,
-) -> Result<Option<Listed>, SessionError> {
-    if !holes {
-        return Ok(None);
-    }
-    let index = index
-        .lock()
-        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-    Ok(index.get(path)?.and_then(|entry| {
-        entry.hash.map(|hash| Listed {
-            hash: hash.root,
-            size: entry.meta.size,
-        })
-    }))
-}
-
-/// The version of a file the sender's index holds (and its manifest listed).
-#[derive(Clone, Copy)]
-struct Listed {
-    hash: [u8; 32],
-    size: u64,
-}
-
-/// Files up to this long are read whole in one blocking call ([`read_small`]).
-const SMALL_FILE: u64 = 1 << 20;
-
-/// A part of a small file as read: data, or a hole of some length.
-enum Piece {
-    Data(Vec<u8>),
-    Hole(u64),
-}
-
-/// Reads a small file to its end or to `limit` bytes (with `holes`, holes as such), in parts
-/// of at most [`SYNC_CHUNK_LEN`]. Without a listed length, one that grew meanwhile is read to
-/// at most four times [`SMALL_FILE`]; the receiver's hash check then finds it short and the
-/// next pass takes it again.
-fn read_small(file: &std::fs::File, holes: bool, limit: u64) -> std::io::Result<Vec<Piece>> {
-    use std::os::unix::fs::FileExt;
-    let mut pieces = Vec::new();
-    let mut at = 0u64;
-    let mut data_end = if holes { None } else { Some(u64::MAX) };
-    while at < limit {
-        let end = match data_end {
-            Some(end) if at < end => end,
-            _ => match next_region(file, at) {
-                Region::Hole(len) => {
-                    let len = len.min(limit - at);
-                    pieces.push(Piece::Hole(len));
-                    at += len;
-                    data_end = None;
-                    continue;
-                }
-                Region::Data(end) => {
-                    data_end = Some(end);
-                    end
-                }
-                Region::Unknown => {
-                    data_end = Some(u64::MAX);
-                    u64::MAX
-                }
-            },
-        };
-        let end = end.min(limit);
-        let want = SYNC_CHUNK_LEN.min(usize::try_from(end - at).unwrap_or(usize::MAX));
-        let mut bytes = vec![0u8; want];
-        let n = file.read_at(&mut bytes, at)?;
-        if n == 0 {
-            break;
-        }
-        bytes.truncate(n);
-        at += n as u64;
-        pieces.push(Piece::Data(bytes));
-    }
-    Ok(pieces)
-}
-
-/// What lies at an offset of a file, as its file system tells (`SEEK_DATA`, `SEEK_HOLE`).
-enum Region {
-    /// A hole this long (up to the next data, or to the end of the file).
-    Hole(u64),
-    /// Data up to this offset.
-    Data(u64),
-    /// The file system cannot tell (or the offset is at the end): read on.
-    Unknown,
-}
-
-fn next_region(file: &impl std::os::fd::AsFd, at: u64) -> Region {
-    use nix::unistd::{Whence, lseek};
-    let Ok(offset) = i64::try_from(at) else {
-        return Region::Unknown;
-    };
-    let borrowed = file.as_fd();
-    match lseek(borrowed, offset, Whence::SeekData) {
-        Ok(data) if data as u64 > at => Region::Hole(data as u64 - at),
-        Ok(_) => match lseek(borrowed, offset, Whence::SeekHole) {
-            Ok(hole) if hole as u64 > at => Region::Data(hole as u64),
-            _ => Region::Unknown,
-        },
-        // No data after `at`: the rest of the file, if any, is a hole.
-        Err(nix::errno::Errno::ENXIO) => {
-            let len = nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_size.max(0) as u64);
-            if len > at {
-                Region::Hole(len - at)
-            } else {
-                Region::Unknown
-            }
-        }
-        Err(_) => Region::Unknown,
-    }
-}
-
-fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        left -= n as u64;
-    }
 }

@@ -1,6 +1,7 @@
 use super::pipeline::*;
 use super::ready::Ready;
 use super::serve::*;
+use super::whole::*;
 use super::*;
 
 #[test]
@@ -247,6 +248,87 @@ async fn a_recording_that_grew_since_it_was_listed_is_sent_as_listed() {
             listed.len()
         );
     }
+}
+
+#[tokio::test]
+async fn pipelined_fetches_are_answered_in_the_order_asked() {
+    // Small files are read as a batch, a large one streamed, a missing one refused, and the
+    // message after the fetches (read ahead with them) still answered.
+    let dir = tempfile::tempdir().unwrap();
+    let content = |i: usize, len: usize| (0..len).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>();
+    let files: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| {
+            let len = if i == 40 { 3 << 20 } else { 1000 + i * 300 };
+            (format!("f{i:03}"), content(i, len))
+        })
+        .collect();
+    for (name, bytes) in &files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let mut index = Index::in_memory().unwrap();
+    crate::scan::scan(dir.path(), &mut index, &ScanOptions::default()).unwrap();
+    std::fs::remove_file(dir.path().join("f070")).unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut receiver =
+        tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::<Envelope>::new());
+    let root = dir.path().to_owned();
+    let serving = tokio::spawn(async move {
+        let index = Arc::new(Mutex::new(index));
+        serve(&mut sender, root, index, Generation(1), V1_6).await
+    });
+    let envelope = |message| Envelope {
+        generation: Generation(1),
+        message,
+    };
+    for (name, _) in &files {
+        let path = RelPath::try_from(name.as_str()).unwrap();
+        receiver
+            .feed(envelope(Message::SyncFetch { path }))
+            .await
+            .unwrap();
+    }
+    receiver
+        .feed(envelope(Message::Heartbeat {
+            seq: 9,
+            role: Role::Backup,
+        }))
+        .await
+        .unwrap();
+    receiver.flush().await.unwrap();
+    // Bounded: a lost answer fails the test instead of hanging it.
+    let answers = async {
+        for (i, (name, bytes)) in files.iter().enumerate() {
+            let mut data = Vec::new();
+            loop {
+                match receiver.next().await.unwrap().unwrap().message {
+                    Message::SyncData { bytes } => data.extend(bytes),
+                    Message::SyncDataEnd { size, blake3 } => {
+                        assert_eq!(size, bytes.len() as u64, "{name}");
+                        assert_eq!(blake3, *blake3::hash(bytes).as_bytes(), "{name}");
+                        break;
+                    }
+                    Message::SyncUnavailable { path, reason } => {
+                        assert_eq!((i, path.to_string()), (70, "f070".to_owned()), "{reason}");
+                        break;
+                    }
+                    other => panic!("{name}: unexpected {}", other.kind()),
+                }
+            }
+            if i != 70 {
+                assert!(data == *bytes, "{name}: {} bytes", data.len());
+            }
+        }
+        match receiver.next().await.unwrap().unwrap().message {
+            Message::HeartbeatAck { seq, .. } => assert_eq!(seq, 9),
+            other => panic!("unexpected {}", other.kind()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), answers)
+        .await
+        .expect("every fetch and the heartbeat answered within 20 s");
+    drop(receiver);
+    serving.await.unwrap().unwrap();
 }
 
 #[test]
