@@ -33,6 +33,8 @@ pub struct TempFile<'r> {
     hash: BlockHasher,
     /// Whether the file is shorter than what was written (it ends in a hole).
     short: bool,
+    /// Up to where its write-out to disk was started (`None`: never, nothing is synced).
+    written_out: Option<u64>,
 }
 
 impl<'r> TempFile<'r> {
@@ -58,6 +60,7 @@ impl<'r> TempFile<'r> {
                 written: 0,
             },
             short: false,
+            written_out: (root.durability != Durability::Off).then_some(0),
         }
     }
 }
@@ -69,6 +72,7 @@ impl TempFile<'_> {
             file: &mut self.file,
             hash: &mut self.hash,
             short: &mut self.short,
+            written_out: self.written_out.as_mut(),
         }
     }
 
@@ -326,7 +330,13 @@ pub struct HashingWriter<'a> {
     hash: &'a mut BlockHasher,
     /// Whether the file ends before what was written to it (a hole at the end).
     short: &'a mut bool,
+    written_out: Option<&'a mut u64>,
 }
+
+/// A large file's write-out to disk is started every this many bytes as it arrives: the disk
+/// works while the rest crosses the network, and the sync before its rename finds most of it
+/// written instead of writing it all while the transfer waits.
+const WRITE_OUT_STEP: u64 = 8 << 20;
 
 impl Write for HashingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -334,11 +344,28 @@ impl Write for HashingWriter<'_> {
             *self.short = !write_sparse(self.file, self.hash.written, buf)?;
         }
         self.hash.update(buf);
+        if let Some(out) = self.written_out.as_deref_mut()
+            && self.hash.written - *out >= WRITE_OUT_STEP
+        {
+            start_write_out(self.file, *out, self.hash.written);
+            *out = self.hash.written;
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// Starts writing `from..to` of `file` to disk without waiting for it. `POSIX_FADV_DONTNEED`
+/// starts write-back of the range's dirty pages (and drops those already clean: a received
+/// file is not read again here); neither nix nor rustix wraps `sync_file_range`, and it would
+/// need `unsafe`. Advice only: when it fails, the sync before the rename does it all.
+fn start_write_out(file: &File, from: u64, to: u64) {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    if let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) {
+        let _ = posix_fadvise(file, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
 }
 
