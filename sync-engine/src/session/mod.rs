@@ -20,7 +20,7 @@ use lbs_protocol::{
     Connection, Envelope, FrameError, Generation, Message, ProtocolVersion, RelPath, Role,
     SYNC_CHUNK_LEN,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
