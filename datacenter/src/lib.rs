@@ -29,6 +29,7 @@ pub mod dns;
 pub mod fleet;
 pub mod isolation;
 pub mod keys;
+pub mod kv;
 pub mod serve;
 pub mod site;
 pub mod store;

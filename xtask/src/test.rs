@@ -72,6 +72,10 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "tcpdump",
         "records every ARP packet on the office LAN while an old primary returns",
     ),
+    (
+        "etcd-server",
+        "a real etcd (one member or three on loopback) for the data center's shared store",
+    ),
 ];
 
 /// The environment variable through which root-only tests report that they skipped.

@@ -105,12 +105,21 @@ pub fn seconds(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
 }
 
-/// Installs the missing Debian `packages` (name, what for) with apt-get when we are root on
-/// Debian; otherwise says what to install and returns the names still missing.
+/// What building the workspace needs besides Rust: every command that installs packages
+/// builds afterwards, so [`ensure_packages`] always adds these.
+pub const BUILD_PACKAGES: &[(&str, &str)] = &[(
+    "protobuf-compiler",
+    "protoc, with which the etcd-client crate generates its gRPC code (the data center's etcd store)",
+)];
+
+/// Installs the missing Debian `packages` (name, what for), and [`BUILD_PACKAGES`], with
+/// apt-get when we are root on Debian; otherwise says what to install and returns the names
+/// still missing.
 pub fn ensure_packages<'a>(
-    packages: &[(&'a str, &str)],
+    packages: &[(&'a str, &'a str)],
     install: bool,
 ) -> anyhow::Result<Vec<&'a str>> {
+    let packages: Vec<(&str, &str)> = BUILD_PACKAGES.iter().chain(packages).copied().collect();
     let missing: Vec<&str> = packages
         .iter()
         .map(|(name, _)| *name)

@@ -1,0 +1,400 @@
+//! [`Kv`] on etcd (v3 API, through the `etcd-client` crate).
+//!
+//! The client lives on a thread of its own with its own runtime, so the store's synchronous
+//! callers (on async workers or blocking threads alike) wait on a channel with a deadline and
+//! never start a runtime inside another. Every request must be answered by the cluster's
+//! leader (`require_leader`) and reads are linearizable: a member cut off from the majority
+//! answers nothing rather than something stale, and the caller hears
+//! [`KvError::Unreachable`] within [`EtcdSettings::timeout`].
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use super::{Expect, Kv, KvError, Op, Read, Revision, Versioned, check_commit};
+
+/// Where the cluster is and how long anything may take.
+#[derive(Clone, Debug)]
+pub struct EtcdSettings {
+    /// Client URLs of the members (`http://10.0.0.1:2379`), every site's.
+    pub endpoints: Vec<String>,
+    /// The longest one request (connecting included) may take.
+    pub timeout: Duration,
+}
+
+impl EtcdSettings {
+    fn named(&self) -> String {
+        self.endpoints.join(", ")
+    }
+}
+
+/// A request to the client's thread, with where its answer goes.
+enum Request {
+    Get(Vec<String>, Reply<Read<Vec<Option<Versioned>>>>),
+    Range {
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+        reply: Reply<Read<Vec<(String, Versioned)>>>,
+    },
+    Commit(Vec<Expect>, Vec<Op>, Reply<Option<Revision>>),
+}
+
+type Reply<T> = std_mpsc::SyncSender<Result<T, KvError>>;
+
+/// An etcd cluster as a [`Kv`]. Dropping it ends its client thread.
+#[derive(Debug)]
+pub struct EtcdKv {
+    settings: EtcdSettings,
+    requests: std_mpsc::Sender<Request>,
+}
+
+impl EtcdKv {
+    /// Starts the client thread. Nothing is asked of the cluster yet: a site starts while
+    /// its store is unreachable, and says so on each request until it answers.
+    pub fn open(settings: EtcdSettings) -> Result<EtcdKv, KvError> {
+        if settings.endpoints.is_empty() {
+            return Err(KvError::Refused {
+                what: "the settings",
+                detail: "no etcd endpoint given".into(),
+            });
+        }
+        let (requests, incoming) = std_mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| KvError::Unreachable {
+                endpoints: settings.named(),
+                detail: format!("cannot start the client's runtime: {err}"),
+            })?;
+        let worker = Worker {
+            settings: settings.clone(),
+            client: None,
+        };
+        std::thread::Builder::new()
+            .name("lbs-etcd".into())
+            .spawn(move || runtime.block_on(worker.run(incoming)))
+            .map_err(|err| KvError::Unreachable {
+                endpoints: settings.named(),
+                detail: format!("cannot start the client's thread: {err}"),
+            })?;
+        Ok(EtcdKv { settings, requests })
+    }
+
+    /// Sends a request and waits for its answer, at most the timeout and a little more (the
+    /// client's thread enforces the timeout itself; the margin covers its queue).
+    fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, KvError> {
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        let gone = || KvError::Unreachable {
+            endpoints: self.settings.named(),
+            detail: "the etcd client's thread has stopped".into(),
+        };
+        self.requests.send(make(reply)).map_err(|_| gone())?;
+        match answer.recv_timeout(self.settings.timeout * 2) {
+            Ok(result) => result,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(KvError::Unreachable {
+                endpoints: self.settings.named(),
+                detail: format!("no answer within {:?}", self.settings.timeout * 2),
+            }),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+}
+
+impl Kv for EtcdKv {
+    fn get(&self, keys: &[String]) -> Result<Read<Vec<Option<Versioned>>>, KvError> {
+        self.ask(|reply| Request::Get(keys.to_vec(), reply))
+    }
+
+    fn range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
+        self.ask(|reply| Request::Range {
+            prefix: prefix.to_owned(),
+            after: after.map(str::to_owned),
+            limit,
+            reply,
+        })
+    }
+
+    fn commit(&self, expect: &[Expect], ops: &[Op]) -> Result<Option<Revision>, KvError> {
+        check_commit(expect, ops)?;
+        self.ask(|reply| Request::Commit(expect.to_vec(), ops.to_vec(), reply))
+    }
+}
+
+/// The client's thread: connects when first needed (and again after a failure) and answers
+/// requests one at a time until every [`EtcdKv`] handle is gone.
+struct Worker {
+    settings: EtcdSettings,
+    client: Option<Client>,
+}
+
+impl Worker {
+    async fn run(mut self, incoming: std_mpsc::Receiver<Request>) {
+        // The channel is synchronous: waiting for it blocks this thread, which runs nothing
+        // else (the client's connections are driven while a request is being answered).
+        while let Ok(request) = incoming.recv() {
+            match request {
+                Request::Get(keys, reply) => {
+                    let answer = self.timed(|c| get(c, keys)).await;
+                    let _ = reply.send(answer.map_err(Failure::read));
+                }
+                Request::Range {
+                    prefix,
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let answer = self.timed(|c| range(c, prefix, after, limit)).await;
+                    let _ = reply.send(answer.map_err(Failure::read));
+                }
+                Request::Commit(expect, ops, reply) => {
+                    let answer = self.timed(|c| commit(c, expect, ops)).await;
+                    let _ = reply.send(answer.map_err(Failure::commit));
+                }
+            }
+        }
+    }
+
+    /// Runs one request within the timeout, connecting first if needed. A failure drops the
+    /// connection, so the next request starts afresh.
+    async fn timed<T, F>(&mut self, request: impl FnOnce(Client) -> F) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let settings = self.settings.clone();
+        let failure = |sent: bool, detail: String| Failure {
+            sent,
+            refused: false,
+            endpoints: settings.named(),
+            detail,
+        };
+        let deadline = tokio::time::Instant::now() + settings.timeout;
+        let client = match self.client.clone() {
+            Some(client) => client,
+            None => {
+                let options = ConnectOptions::new()
+                    .with_connect_timeout(settings.timeout)
+                    .with_timeout(settings.timeout)
+                    .with_keep_alive(Duration::from_secs(2), settings.timeout)
+                    .with_require_leader(true);
+                let connect = Client::connect(&settings.endpoints, Some(options));
+                match tokio::time::timeout_at(deadline, connect).await {
+                    Ok(Ok(client)) => client,
+                    Ok(Err(err)) => return Err(failure(false, err.to_string())),
+                    Err(_) => {
+                        let detail = format!("no connection within {:?}", settings.timeout);
+                        return Err(failure(false, detail));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, request(client.clone())).await {
+            Ok(Ok(answer)) => {
+                self.client = Some(client);
+                Ok(answer)
+            }
+            Ok(Err(err)) => {
+                self.client = None;
+                Err(match refusal(&err) {
+                    Some(detail) => Failure {
+                        refused: true,
+                        ..failure(true, detail)
+                    },
+                    None => failure(true, err.to_string()),
+                })
+            }
+            Err(_) => {
+                self.client = None;
+                let detail = format!("no answer within {:?}", settings.timeout);
+                Err(failure(true, detail))
+            }
+        }
+    }
+}
+
+/// How a request failed: before it was sent or after, refused by etcd or not answered.
+struct Failure {
+    sent: bool,
+    refused: bool,
+    endpoints: String,
+    detail: String,
+}
+
+impl Failure {
+    /// A read changes nothing: unanswered is unreachable.
+    fn read(self) -> KvError {
+        if self.refused {
+            return KvError::Refused {
+                what: "a read",
+                detail: self.detail,
+            };
+        }
+        KvError::Unreachable {
+            endpoints: self.endpoints,
+            detail: self.detail,
+        }
+    }
+
+    /// A transaction sent and not answered may yet be applied.
+    fn commit(self) -> KvError {
+        match (self.refused, self.sent) {
+            (true, _) => KvError::Refused {
+                what: "a transaction",
+                detail: self.detail,
+            },
+            (false, true) => KvError::Unconfirmed {
+                endpoints: self.endpoints,
+                detail: self.detail,
+            },
+            (false, false) => KvError::Unreachable {
+                endpoints: self.endpoints,
+                detail: self.detail,
+            },
+        }
+    }
+}
+
+/// etcd's own refusal of a request as such (too large, an invalid transaction): what it
+/// said. Anything else is a failure to reach the majority.
+fn refusal(err: &etcd_client::Error) -> Option<String> {
+    match err {
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(
+                i32::from(status.code()),
+                GRPC_INVALID_ARGUMENT | GRPC_RESOURCE_EXHAUSTED
+            ) =>
+        {
+            Some(status.message().to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The gRPC status codes (standard numbers) that [`refusal`] counts as refusals.
+const GRPC_INVALID_ARGUMENT: i32 = 3;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
+
+fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
+    Versioned {
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+    }
+}
+
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> Revision {
+    header.map_or(0, etcd_client::ResponseHeader::revision)
+}
+
+async fn get(
+    mut client: Client,
+    keys: Vec<String>,
+) -> Result<Read<Vec<Option<Versioned>>>, etcd_client::Error> {
+    // One transaction of reads: every key at the same revision.
+    let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+    let answer = client.txn(Txn::new().and_then(reads)).await?;
+    let items = answer
+        .op_responses()
+        .iter()
+        .map(|response| match response {
+            TxnOpResponse::Get(got) => got.kvs().first().map(versioned),
+            _ => None,
+        })
+        .collect();
+    Ok(Read {
+        revision: revision_of(answer.header()),
+        items,
+    })
+}
+
+async fn range(
+    mut client: Client,
+    prefix: String,
+    after: Option<String>,
+    limit: usize,
+) -> Result<Read<Vec<(String, Versioned)>>, etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let from = match after {
+        // The first key after `after`: it with a zero byte appended.
+        Some(after) if after.as_str() >= prefix.as_str() => {
+            let mut key = after.into_bytes();
+            key.push(0);
+            key
+        }
+        _ => prefix.into_bytes(),
+    };
+    let options = GetOptions::new()
+        .with_range(end)
+        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+    let answer = client.get(from, Some(options)).await?;
+    let items = answer
+        .kvs()
+        .iter()
+        .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), versioned(kv))))
+        .collect();
+    Ok(Read {
+        revision: revision_of(answer.header()),
+        items,
+    })
+}
+
+async fn commit(
+    mut client: Client,
+    expect: Vec<Expect>,
+    ops: Vec<Op>,
+) -> Result<Option<Revision>, etcd_client::Error> {
+    // An absent key's mod revision compares as 0.
+    let compares: Vec<Compare> = expect
+        .iter()
+        .map(|e| {
+            Compare::mod_revision(
+                e.key.as_str(),
+                CompareOp::Equal,
+                e.mod_revision.unwrap_or(0),
+            )
+        })
+        .collect();
+    let writes: Vec<TxnOp> = ops
+        .into_iter()
+        .map(|op| match op {
+            Op::Put { key, value } => TxnOp::put(key, value, None),
+            Op::Delete { key } => TxnOp::delete(key, None),
+        })
+        .collect();
+    let answer = client
+        .txn(Txn::new().when(compares).and_then(writes))
+        .await?;
+    Ok(answer.succeeded().then(|| revision_of(answer.header())))
+}
+
+/// The smallest key after every key that starts with `prefix` (etcd's range end for a
+/// prefix); `\0` (to the end of the key space) when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_the_next_key_that_does_not_start_with_it() {
+        assert_eq!(prefix_end(b"/lbs/pairs/"), b"/lbs/pairs0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}
