@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use lbs_datacenter::kv::{EtcdKv, EtcdSettings, Expect, Kv, KvError, MAX_TXN_OPS, MemKv, Op};
+use lbs_datacenter::kv::{
+    Candidate, EtcdKv, EtcdSettings, Expect, Holder, Kv, KvError, MAX_TXN_OPS, MemKv, Op,
+};
 use lbs_tests::etcd::Etcd;
 
 fn put(key: &str, value: &str) -> Op {
@@ -108,11 +110,121 @@ fn contract(a: &dyn Kv, b: &dyn Kv) {
     assert!(a.range("/lbs/test/m/", None, 10).unwrap().items.is_empty());
 }
 
+/// Leases: a leased key lives while its lease is renewed and goes with it.
+fn leases(a: &dyn Kv, b: &dyn Kv) {
+    let ttl = Duration::from_secs(1);
+    let (kept, lapsed, ended) = (
+        a.grant(ttl).unwrap(),
+        a.grant(ttl).unwrap(),
+        a.grant(ttl).unwrap(),
+    );
+    let leased = |key: &str, lease| Op::PutLeased {
+        key: key.into(),
+        value: b"x".to_vec(),
+        lease,
+    };
+    let keys: Vec<String> = ["kept", "lapsed", "ended"]
+        .iter()
+        .map(|k| format!("/lbs/test/lease/{k}"))
+        .collect();
+    let ops = [
+        leased(&keys[0], kept),
+        leased(&keys[1], lapsed),
+        leased(&keys[2], ended),
+    ];
+    assert!(a.commit(&[], &ops).unwrap().is_some());
+    b.revoke(ended).unwrap();
+    assert_eq!(
+        b.get(&keys)
+            .unwrap()
+            .items
+            .iter()
+            .filter(|v| v.is_some())
+            .count(),
+        2
+    );
+    // `kept` renewed from the other site, `lapsed` left to run out.
+    let started = Instant::now();
+    let gone = loop {
+        assert!(b.renew(kept).unwrap(), "a renewed lease is alive");
+        let read = b.get(&keys).unwrap().items;
+        if read[1].is_none() {
+            break read;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lapsed lease never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(gone[0].is_some() && gone[2].is_none(), "{gone:?}");
+    assert!(
+        !a.renew(lapsed).unwrap(),
+        "an ended lease cannot be renewed"
+    );
+    // A put with an ended lease is refused whole.
+    let err = a
+        .commit(
+            &[],
+            &[
+                put("/lbs/test/lease/plain", "y"),
+                leased("/lbs/test/lease/late", lapsed),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(err, KvError::Refused { .. }), "{err}");
+    assert_eq!(
+        a.get(&["/lbs/test/lease/plain".into()]).unwrap().items,
+        vec![None]
+    );
+    a.revoke(kept).unwrap();
+    a.revoke(kept).unwrap();
+}
+
+/// The role one site holds at a time: taken, kept while stepped, taken over when its holder
+/// stops, handed over at once on resignation.
+fn leadership(a: &dyn Kv, b: &dyn Kv) {
+    let key = "/lbs/test/leader/dns";
+    let ttl = Duration::from_secs(1);
+    let (mut one, mut two) = (
+        Candidate::new(key, "dc1", ttl),
+        Candidate::new(key, "dc2", ttl),
+    );
+    assert_eq!(one.step(a).unwrap(), Holder::Me);
+    assert_eq!(two.step(b).unwrap(), Holder::Other("dc1".into()));
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(one.step(a).unwrap(), Holder::Me, "kept while it steps");
+        assert_eq!(two.step(b).unwrap(), Holder::Other("dc1".into()));
+    }
+    // dc1 stops stepping (frozen, dead): dc2 takes the role once dc1's lease runs out.
+    let stopped = Instant::now();
+    while two.step(b).unwrap() != Holder::Me {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "no take-over within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("take-over {:?} after the holder stopped", stopped.elapsed());
+    assert_eq!(
+        one.step(a).unwrap(),
+        Holder::Other("dc2".into()),
+        "the old holder yields"
+    );
+    // A resignation hands over at once.
+    two.resign(b).unwrap();
+    assert_eq!(one.step(a).unwrap(), Holder::Me);
+    one.resign(a).unwrap();
+}
+
 #[test]
 fn the_in_memory_fake_keeps_the_contract() {
     let a = MemKv::default();
     let b = a.site();
     contract(&a, &b);
+    leases(&a, &b);
+    leadership(&a, &b);
     b.cut_off(true);
     let err = b.get(&["/lbs/test/pair/acme".into()]).unwrap_err();
     assert!(
@@ -131,6 +243,8 @@ fn etcd_keeps_the_contract() {
     let etcd = Etcd::start(1);
     let (a, b) = (etcd_kv(etcd.endpoints()), etcd_kv(etcd.endpoints()));
     contract(&a, &b);
+    leases(&a, &b);
+    leadership(&a, &b);
 }
 
 #[test]
@@ -253,4 +367,57 @@ fn a_site_whose_etcd_is_gone_says_so_in_time() {
         Err(KvError::Unreachable { .. })
     ));
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn the_role_moves_to_another_site_when_its_holder_is_cut_off_from_the_majority() {
+    let etcd = Etcd::start(3);
+    let (a, b) = (
+        etcd_kv(vec![etcd.endpoint(0)]),
+        etcd_kv(vec![etcd.endpoint(1)]),
+    );
+    let key = "/lbs/test/leader/dns";
+    let ttl = Duration::from_secs(2);
+    let (mut one, mut two) = (
+        Candidate::new(key, "dc1", ttl),
+        Candidate::new(key, "dc2", ttl),
+    );
+    assert_eq!(one.step(&a).unwrap(), Holder::Me);
+    assert_eq!(two.step(&b).unwrap(), Holder::Other("dc1".into()));
+    // dc1's member frozen: dc1 cannot step (it stops acting within its deadline), dc2 takes
+    // the role when dc1's lease runs out.
+    etcd.freeze(0);
+    let cut = Instant::now();
+    assert!(one.step(&a).is_err(), "a holder cut off cannot renew");
+    assert!(
+        cut.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        cut.elapsed()
+    );
+    while two.step(&b).unwrap_or(Holder::Nobody) != Holder::Me {
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "no take-over within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "dc2 holds the role {:?} after dc1's member froze",
+        cut.elapsed()
+    );
+    // dc1 back: it finds dc2 holding the role (dc2 stepping all along) and does not take it.
+    etcd.thaw(0);
+    let back = Instant::now();
+    let seen = loop {
+        assert_eq!(two.step(&b).unwrap(), Holder::Me, "dc2 keeps the role");
+        match one.step(&a) {
+            Ok(holder) => break holder,
+            Err(_) if back.elapsed() < Duration::from_secs(15) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(err) => panic!("dc1 did not reach the store again within 15 s: {err}"),
+        }
+    };
+    assert_eq!(seen, Holder::Other("dc2".into()));
+    assert!(!one.holds(Instant::now()));
 }

@@ -11,10 +11,12 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 
-use super::{Expect, Kv, KvError, Op, Read, Revision, Versioned, check_commit};
+use super::{
+    Expect, Kv, KvError, LeaseId, Op, Read, Revision, Versioned, check_commit, lease_seconds,
+};
 
 /// Where the cluster is and how long anything may take.
 #[derive(Clone, Debug)]
@@ -41,6 +43,9 @@ enum Request {
         reply: Reply<Read<Vec<(String, Versioned)>>>,
     },
     Commit(Vec<Expect>, Vec<Op>, Reply<Option<Revision>>),
+    Grant(Duration, Reply<LeaseId>),
+    Renew(LeaseId, Reply<bool>),
+    Revoke(LeaseId, Reply<()>),
 }
 
 type Reply<T> = std_mpsc::SyncSender<Result<T, KvError>>;
@@ -127,6 +132,18 @@ impl Kv for EtcdKv {
         check_commit(expect, ops)?;
         self.ask(|reply| Request::Commit(expect.to_vec(), ops.to_vec(), reply))
     }
+
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        self.ask(|reply| Request::Grant(ttl, reply))
+    }
+
+    fn renew(&self, lease: LeaseId) -> Result<bool, KvError> {
+        self.ask(|reply| Request::Renew(lease, reply))
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), KvError> {
+        self.ask(|reply| Request::Revoke(lease, reply))
+    }
 }
 
 /// The client's thread: connects when first needed (and again after a failure) and answers
@@ -157,6 +174,20 @@ impl Worker {
                 }
                 Request::Commit(expect, ops, reply) => {
                     let answer = self.timed(|c| commit(c, expect, ops)).await;
+                    let _ = reply.send(answer.map_err(Failure::commit));
+                }
+                // An unanswered grant leaves at most a lease nobody renews: it expires.
+                Request::Grant(ttl, reply) => {
+                    let answer = self.timed(|c| grant(c, ttl)).await;
+                    let _ = reply.send(answer.map_err(Failure::read));
+                }
+                // Unanswered, a lease is as good as lost: its holder must stop relying on it.
+                Request::Renew(lease, reply) => {
+                    let answer = self.timed(|c| renew(c, lease)).await;
+                    let _ = reply.send(answer.map_err(Failure::read));
+                }
+                Request::Revoke(lease, reply) => {
+                    let answer = self.timed(|c| revoke(c, lease)).await;
                     let _ = reply.send(answer.map_err(Failure::commit));
                 }
             }
@@ -269,7 +300,7 @@ fn refusal(err: &etcd_client::Error) -> Option<String> {
         etcd_client::Error::GRpcStatus(status)
             if matches!(
                 i32::from(status.code()),
-                GRPC_INVALID_ARGUMENT | GRPC_RESOURCE_EXHAUSTED
+                GRPC_INVALID_ARGUMENT | GRPC_RESOURCE_EXHAUSTED | GRPC_NOT_FOUND
             ) =>
         {
             Some(status.message().to_owned())
@@ -281,6 +312,8 @@ fn refusal(err: &etcd_client::Error) -> Option<String> {
 /// The gRPC status codes (standard numbers) that [`refusal`] counts as refusals.
 const GRPC_INVALID_ARGUMENT: i32 = 3;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
+/// What etcd answers for a lease that is gone.
+const GRPC_NOT_FOUND: i32 = 5;
 
 fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
     Versioned {
@@ -365,6 +398,9 @@ async fn commit(
         .into_iter()
         .map(|op| match op {
             Op::Put { key, value } => TxnOp::put(key, value, None),
+            Op::PutLeased { key, value, lease } => {
+                TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))
+            }
             Op::Delete { key } => TxnOp::delete(key, None),
         })
         .collect();
@@ -372,6 +408,33 @@ async fn commit(
         .txn(Txn::new().when(compares).and_then(writes))
         .await?;
     Ok(answer.succeeded().then(|| revision_of(answer.header())))
+}
+
+async fn grant(mut client: Client, ttl: Duration) -> Result<LeaseId, etcd_client::Error> {
+    Ok(client.lease_grant(lease_seconds(ttl), None).await?.id())
+}
+
+/// One keep-alive round trip (opening the stream sends the first). The client answers a
+/// lease etcd no longer has (no time left) with its keep-alive error, and only then.
+async fn renew(mut client: Client, lease: LeaseId) -> Result<bool, etcd_client::Error> {
+    match client.lease_keep_alive(lease).await {
+        Ok(_) => Ok(true),
+        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+async fn revoke(mut client: Client, lease: LeaseId) -> Result<(), etcd_client::Error> {
+    match client.lease_revoke(lease).await {
+        Ok(_) => Ok(()),
+        // Gone already (expired): what was asked for.
+        Err(etcd_client::Error::GRpcStatus(status))
+            if i32::from(status.code()) == GRPC_NOT_FOUND =>
+        {
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// The smallest key after every key that starts with `prefix` (etcd's range end for a

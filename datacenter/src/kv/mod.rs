@@ -9,10 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 mod etcd;
+mod leader;
 
 pub use etcd::{EtcdKv, EtcdSettings};
+pub use leader::{Candidate, Holder};
 
 /// A point in the store's history: every committed change makes a new one.
 pub type Revision = i64;
@@ -22,6 +25,9 @@ pub const MAX_TXN_OPS: usize = 128;
 
 /// The largest value a key may hold (etcd refuses requests above 1.5 MiB).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// A lease: keys put with it vanish when it is neither renewed nor revoked within its time.
+pub type LeaseId = i64;
 
 /// A key's value and the revision that last changed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,8 +56,19 @@ impl Expect {
 /// A write in a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// A put whose key goes with `lease` (see [`Kv::grant`]).
+    PutLeased {
+        key: String,
+        value: Vec<u8>,
+        lease: LeaseId,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 /// What was read, and at which revision (all of it at that one).
@@ -98,6 +115,21 @@ pub trait Kv: Send {
     /// did not (someone changed a key meanwhile; nothing was written). A transaction that
     /// was sent and not answered is [`KvError::Unconfirmed`], never a refusal.
     fn commit(&self, expect: &[Expect], ops: &[Op]) -> Result<Option<Revision>, KvError>;
+
+    /// A new lease of at least `ttl` (etcd counts whole seconds: rounded up).
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, KvError>;
+
+    /// Renews `lease` for its whole time again: whether it was still alive (a lease that
+    /// expired took its keys with it and cannot be renewed).
+    fn renew(&self, lease: LeaseId) -> Result<bool, KvError>;
+
+    /// Ends `lease` now, and its keys with it.
+    fn revoke(&self, lease: LeaseId) -> Result<(), KvError>;
+}
+
+/// A lease's time as etcd counts it: whole seconds, at least one.
+fn lease_seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX)
 }
 
 /// Refuses what etcd would refuse, before anything is sent (so [`MemKv`] tests catch it).
@@ -114,14 +146,14 @@ fn check_commit(expect: &[Expect], ops: &[Op]) -> Result<(), KvError> {
     }
     let mut keys = std::collections::BTreeSet::new();
     for op in ops {
-        let (Op::Put { key, .. } | Op::Delete { key }) = op;
+        let (Op::Put { key, .. } | Op::PutLeased { key, .. } | Op::Delete { key }) = op;
         if !keys.insert(key) {
             return Err(KvError::Refused {
                 what: "a transaction",
                 detail: format!("{key} is written twice"),
             });
         }
-        if let Op::Put { key, value } = op
+        if let Op::Put { key, value } | Op::PutLeased { key, value, .. } = op
             && value.len() > MAX_VALUE_BYTES
         {
             return Err(KvError::Refused {
@@ -148,7 +180,36 @@ pub struct MemKv {
 #[derive(Debug)]
 struct MemState {
     revision: Revision,
-    keys: BTreeMap<String, Versioned>,
+    keys: BTreeMap<String, (Versioned, Option<LeaseId>)>,
+    /// Live leases: their time and when they end.
+    leases: BTreeMap<LeaseId, (Duration, Instant)>,
+    next_lease: LeaseId,
+}
+
+impl MemState {
+    /// Ends the leases whose time is up, and their keys (one revision, as etcd does).
+    fn expire(&mut self, now: Instant) {
+        let ended: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.end(id);
+        }
+    }
+
+    fn end(&mut self, lease: LeaseId) {
+        if self.leases.remove(&lease).is_none() {
+            return;
+        }
+        let before = self.keys.len();
+        self.keys.retain(|_, (_, held)| *held != Some(lease));
+        if self.keys.len() != before {
+            self.revision += 1;
+        }
+    }
 }
 
 impl Default for MemKv {
@@ -158,6 +219,8 @@ impl Default for MemKv {
             shared: Arc::new(Mutex::new(MemState {
                 revision: 1,
                 keys: BTreeMap::new(),
+                leases: BTreeMap::new(),
+                next_lease: 1,
             })),
             cut_off: Arc::default(),
         }
@@ -185,10 +248,12 @@ impl MemKv {
                 detail: "this site is cut off".into(),
             });
         }
-        self.shared.lock().map_err(|_| KvError::Unreachable {
+        let mut state = self.shared.lock().map_err(|_| KvError::Unreachable {
             endpoints: "memory".into(),
             detail: "a writer panicked".into(),
-        })
+        })?;
+        state.expire(Instant::now());
+        Ok(state)
     }
 }
 
@@ -197,7 +262,10 @@ impl Kv for MemKv {
         let state = self.state()?;
         Ok(Read {
             revision: state.revision,
-            items: keys.iter().map(|k| state.keys.get(k).cloned()).collect(),
+            items: keys
+                .iter()
+                .map(|k| state.keys.get(k).map(|(v, _)| v.clone()))
+                .collect(),
         })
     }
 
@@ -214,7 +282,7 @@ impl Kv for MemKv {
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
             .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
             .collect();
         Ok(Read {
             revision: state.revision,
@@ -227,9 +295,20 @@ impl Kv for MemKv {
         let mut state = self.state()?;
         let holds = expect
             .iter()
-            .all(|e| state.keys.get(&e.key).map(|v| v.mod_revision) == e.mod_revision);
+            .all(|e| state.keys.get(&e.key).map(|(v, _)| v.mod_revision) == e.mod_revision);
         if !holds {
             return Ok(None);
+        }
+        for op in ops {
+            if let Op::PutLeased { lease, .. } = op
+                && !state.leases.contains_key(lease)
+            {
+                // etcd refuses the whole transaction.
+                return Err(KvError::Refused {
+                    what: "a transaction",
+                    detail: format!("lease {lease:x} not found"),
+                });
+            }
         }
         if ops.is_empty() {
             return Ok(Some(state.revision));
@@ -237,15 +316,18 @@ impl Kv for MemKv {
         state.revision += 1;
         let revision = state.revision;
         for op in ops {
+            let versioned = |value: &Vec<u8>| Versioned {
+                value: value.clone(),
+                mod_revision: revision,
+            };
             match op {
                 Op::Put { key, value } => {
-                    state.keys.insert(
-                        key.clone(),
-                        Versioned {
-                            value: value.clone(),
-                            mod_revision: revision,
-                        },
-                    );
+                    state.keys.insert(key.clone(), (versioned(value), None));
+                }
+                Op::PutLeased { key, value, lease } => {
+                    state
+                        .keys
+                        .insert(key.clone(), (versioned(value), Some(*lease)));
                 }
                 Op::Delete { key } => {
                     state.keys.remove(key);
@@ -253,5 +335,30 @@ impl Kv for MemKv {
             }
         }
         Ok(Some(revision))
+    }
+
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        let mut state = self.state()?;
+        let id = state.next_lease;
+        state.next_lease += 1;
+        let time = Duration::from_secs(lease_seconds(ttl).unsigned_abs());
+        state.leases.insert(id, (time, Instant::now() + time));
+        Ok(id)
+    }
+
+    fn renew(&self, lease: LeaseId) -> Result<bool, KvError> {
+        let mut state = self.state()?;
+        Ok(match state.leases.get_mut(&lease) {
+            Some((time, until)) => {
+                *until = Instant::now() + *time;
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), KvError> {
+        self.state()?.end(lease);
+        Ok(())
     }
 }
