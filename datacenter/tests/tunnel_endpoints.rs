@@ -16,25 +16,13 @@ use lbs_protocol::{
     Generation, Hello, Message, PROTOCOL_VERSION, PeerName, Role, Sender, SoftwareVersion,
     TrustRoot, exchange_hello,
 };
-use lbs_tests::netns::Lab;
+use lbs_tests::netns::{Lab, in_netns};
 use lbs_tests::{ok, require_root};
 use lbs_vpn::{BackendChoice, EndpointSpec, FailoverConfig, Health, Key, Tunnels, TunnelsConfig};
 use tokio::net::TcpStream;
 
 const DC: &str = env!("CARGO_BIN_EXE_lbs-datacenter");
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Runs `f` on a thread inside network namespace `ns` (threads it starts stay there too).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 #[test]
 fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() {
@@ -194,7 +182,8 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
             tunnels.shutdown().await.unwrap();
             (answer.1, up_after.elapsed())
         })
-    });
+    })
+    .unwrap();
     let Message::PairStateWithDns { state, dns } = outcome.0 else {
         panic!("expected a pair state with DNS, got {:?}", outcome.0)
     };

@@ -118,30 +118,15 @@ impl Etcd {
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", member.name)))
             .expect("etcd's log file");
         let child = Command::new("etcd")
-            .args(["--name", &member.name])
+            .args(member_args(
+                &member.name,
+                &format!("127.0.0.1:{}", member.client),
+                &format!("127.0.0.1:{}", member.peer),
+                &cluster.join(","),
+                state,
+            ))
             .arg("--data-dir")
             .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", member.client),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", member.client),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{}", member.peer),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{}", member.peer),
-                "--initial-cluster",
-                &cluster.join(","),
-                "--initial-cluster-state",
-                state,
-                "--initial-cluster-token",
-                "lbs-test",
-                // Elections within a second, as a test wants them.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -169,8 +154,45 @@ impl Etcd {
     }
 }
 
+/// The arguments of member `name` serving clients at `client` and peers at `peer` (both
+/// `address:port`, plain HTTP), of the cluster `cluster` (`name=http://address:port,…`),
+/// whose state is `new` or `existing`; the data directory is the caller's to add.
+pub(crate) fn member_args(
+    name: &str,
+    client: &str,
+    peer: &str,
+    cluster: &str,
+    state: &str,
+) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--listen-client-urls",
+        &format!("http://{client}"),
+        "--advertise-client-urls",
+        &format!("http://{client}"),
+        "--listen-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-advertise-peer-urls",
+        &format!("http://{peer}"),
+        "--initial-cluster",
+        cluster,
+        "--initial-cluster-state",
+        state,
+        "--initial-cluster-token",
+        "lbs-test",
+        // Elections within a second, as a test wants them.
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Whether the member at `addr` says it is healthy (`GET /health`, one second at most).
-fn healthy(addr: SocketAddr) -> bool {
+pub(crate) fn healthy(addr: SocketAddr) -> bool {
     let limit = Duration::from_secs(1);
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, limit) else {
         return false;

@@ -57,6 +57,11 @@ impl Lab {
         format!("{}{host}", self.prefix)
     }
 
+    /// Whether `host` was added to this lab.
+    pub fn has_host(&self, host: &str) -> bool {
+        self.namespaces.contains(&self.ns(host))
+    }
+
     fn add_namespace(&mut self, host: &str) -> anyhow::Result<String> {
         let ns = self.ns(host);
         ip(&["netns", "add", &ns])?;
@@ -390,6 +395,23 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// The prefix of every namespace this process's labs create (`lbs<pid>x`).
+/// Runs `f` on a thread inside network namespace `ns` (threads it starts stay there: a client
+/// that runs its own thread keeps using the namespace after `f` returns); what `f` returned.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {path}"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
+}
+
 pub fn process_prefix() -> String {
     format!("lbs{}x", std::process::id())
 }

@@ -27,8 +27,10 @@ use crate::{provisioned, workspace_binary};
 
 mod boxes;
 mod phone;
+mod sites;
 
 pub use boxes::generated_audio;
+pub use sites::{DC3, SITES};
 
 /// The shared address: the primary's, the one the phones use.
 pub const SHARED: &str = "192.168.1.2";
