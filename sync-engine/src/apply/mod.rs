@@ -541,13 +541,24 @@ impl Root {
     /// Opens an existing regular file for reading, never through a symlink.
     pub fn open_file(&self, rel: &RelPath) -> Result<File, ApplyError> {
         let dir = self.parent_dir(rel, false)?;
+        // Non-blocking: a FIFO put where a file was (after the scan) would otherwise hold the
+        // open until someone writes to it. A regular file ignores the flag.
         let fd = openat(
             dir.as_fd(),
             rel.file_name(),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY
+                | OFlag::O_NONBLOCK,
             Mode::empty(),
         )
         .map_err(|err| self.io(rel, "opening", err))?;
+        let stat = nix::sys::stat::fstat(&fd).map_err(|err| self.io(rel, "opening", err))?;
+        if !is_kind(&stat, SFlag::S_IFREG) {
+            let err = io::Error::other("not a regular file (a FIFO, socket or device): left alone");
+            return Err(self.io(rel, "opening", err));
+        }
         Ok(File::from(fd))
     }
 
