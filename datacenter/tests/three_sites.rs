@@ -18,6 +18,7 @@ fn site(office: &Office, name: &'static str) -> EtcdKv {
         EtcdKv::open(EtcdSettings {
             endpoints,
             timeout: Duration::from_secs(2),
+            tls: None,
         })
     })
     .unwrap()

@@ -3,7 +3,8 @@
 //! reaped on drop. Panics when it cannot (a test's setup).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// Where it answers `/health` (plain HTTP, also when its clients need TLS).
+    metrics: u16,
     child: Option<Child>,
 }
 
@@ -24,6 +27,19 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// With mutual TLS for clients: the files.
+    tls: Option<TlsFiles>,
+}
+
+/// The PEM files of a cluster whose clients need mutual TLS: its CA, a client certificate
+/// it accepts, and one from another CA that it must refuse.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
 }
 
 impl Drop for Etcd {
@@ -40,19 +56,28 @@ impl Drop for Etcd {
 impl Etcd {
     /// Starts a cluster of `members` and waits until each answers healthy.
     pub fn start(members: usize) -> Etcd {
+        Etcd::start_with(members, false)
+    }
+
+    /// Like [`Etcd::start`], its clients served over mutual TLS only (`https://`).
+    pub fn start_tls(members: usize) -> Etcd {
+        Etcd::start_with(members, true)
+    }
+
+    fn start_with(members: usize, tls: bool) -> Etcd {
         assert!(members > 0, "a cluster needs a member");
         let members: Vec<Member> = (0..members)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: crate::bind::free_port(),
                 peer: crate::bind::free_port(),
+                metrics: crate::bind::free_port(),
                 child: None,
             })
             .collect();
-        let mut etcd = Etcd {
-            members,
-            dir: tempfile::tempdir().expect("a temporary directory for etcd"),
-        };
+        let dir = tempfile::tempdir().expect("a temporary directory for etcd");
+        let tls = tls.then(|| make_certificates(dir.path()));
+        let mut etcd = Etcd { members, dir, tls };
         for i in 0..etcd.members.len() {
             etcd.spawn(i, "new");
         }
@@ -62,6 +87,11 @@ impl Etcd {
         etcd
     }
 
+    /// The files of mutual TLS, for a cluster started with [`Etcd::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
@@ -69,7 +99,8 @@ impl Etcd {
 
     /// Member `i`'s client URL.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client)
     }
 
     /// Kills member `i` (SIGKILL) and reaps it.
@@ -117,16 +148,33 @@ impl Etcd {
         let data = self.dir.path().join(&member.name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", member.name)))
             .expect("etcd's log file");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(member_args(
                 &member.name,
-                &format!("127.0.0.1:{}", member.client),
+                &self.endpoint(i),
                 &format!("127.0.0.1:{}", member.peer),
                 &cluster.join(","),
                 state,
             ))
             .arg("--data-dir")
             .arg(&data)
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                member.metrics
+            ));
+        if let Some(tls) = &self.tls {
+            let dir = self.dir.path();
+            command
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(dir.join("server.key"));
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -137,7 +185,7 @@ impl Etcd {
 
     fn wait_healthy(&self, i: usize) {
         let deadline = Instant::now() + START_DEADLINE;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].metrics));
         while Instant::now() < deadline {
             if healthy(addr) {
                 return;
@@ -154,8 +202,59 @@ impl Etcd {
     }
 }
 
-/// The arguments of member `name` serving clients at `client` and peers at `peer` (both
-/// `address:port`, plain HTTP), of the cluster `cluster` (`name=http://address:port,…`),
+/// A CA, the members' server certificate (for 127.0.0.1), a client certificate, and a
+/// stranger's client certificate from a CA of its own, as PEM files in `dir`.
+fn make_certificates(dir: &Path) -> TlsFiles {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let authority = || {
+        let key = KeyPair::generate().expect("a CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("a CA certificate");
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let issue = |issuer: &Issuer<'_, KeyPair>, name: &str, server: bool, stem: &str| {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::new(vec![name.to_owned()]).expect("parameters");
+        if server {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        }
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, issuer).expect("a certificate");
+        let (cert_path, key_path) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("writing a certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("writing a key");
+        (cert_path, key_path)
+    };
+    let (ca_pem, ca) = authority();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).expect("writing the CA certificate");
+    issue(&ca, "localhost", true, "server");
+    let (client_cert, client_key) = issue(&ca, "dc1", false, "client");
+    let (_, other) = authority();
+    let (stranger_cert, stranger_key) = issue(&other, "dc1", false, "stranger");
+    TlsFiles {
+        ca: ca_path,
+        client_cert,
+        client_key,
+        stranger_cert,
+        stranger_key,
+    }
+}
+
+/// The arguments of member `name` serving clients at the URL `client` and peers at `peer`
+/// (`address:port`, plain HTTP), of the cluster `cluster` (`name=http://address:port,…`),
 /// whose state is `new` or `existing`; the data directory is the caller's to add.
 pub(crate) fn member_args(
     name: &str,
@@ -168,9 +267,9 @@ pub(crate) fn member_args(
         "--name",
         name,
         "--listen-client-urls",
-        &format!("http://{client}"),
+        client,
         "--advertise-client-urls",
-        &format!("http://{client}"),
+        client,
         "--listen-peer-urls",
         &format!("http://{peer}"),
         "--initial-advertise-peer-urls",

@@ -7,29 +7,67 @@
 //! answers nothing rather than something stale, and the caller hears
 //! [`KvError::Unreachable`] within [`EtcdSettings::timeout`].
 
+use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use super::{
     Expect, Kv, KvError, LeaseId, Op, Read, Revision, Versioned, check_commit, lease_seconds,
 };
 
-/// Where the cluster is and how long anything may take.
+/// Where the cluster is, how to prove who we are to it, and how long anything may take.
 #[derive(Clone, Debug)]
 pub struct EtcdSettings {
-    /// Client URLs of the members (`http://10.0.0.1:2379`), every site's.
+    /// Client URLs of the members (`https://10.0.0.1:2379`; `http://` only on loopback in
+    /// tests), every site's.
     pub endpoints: Vec<String>,
     /// The longest one request (connecting included) may take.
     pub timeout: Duration,
+    /// Mutual TLS with the members (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// The PEM files of mutual TLS with etcd: the CA its members' certificates chain to, and
+/// this site's client certificate and key.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl EtcdSettings {
     fn named(&self) -> String {
         self.endpoints.join(", ")
+    }
+
+    /// The client's TLS options, read from the files now (so a missing file is said when the
+    /// store opens, not at the first request).
+    fn tls_options(&self) -> Result<Option<TlsOptions>, KvError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|err| KvError::Refused {
+                what: "the settings",
+                detail: format!("cannot read the etcd {what} {}: {err}", path.display()),
+            })
+        };
+        let ca = read("CA certificate", &tls.ca)?;
+        let (cert, key) = (
+            read("client certificate", &tls.cert)?,
+            read("client key", &tls.key)?,
+        );
+        Ok(Some(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key)),
+        ))
     }
 }
 
@@ -77,6 +115,7 @@ impl EtcdKv {
             })?;
         let worker = Worker {
             settings: settings.clone(),
+            tls: settings.tls_options()?,
             client: None,
         };
         std::thread::Builder::new()
@@ -150,6 +189,7 @@ impl Kv for EtcdKv {
 /// requests one at a time until every [`EtcdKv`] handle is gone.
 struct Worker {
     settings: EtcdSettings,
+    tls: Option<TlsOptions>,
     client: Option<Client>,
 }
 
@@ -204,6 +244,7 @@ impl Worker {
         let failure = |sent: bool, detail: String| Failure {
             sent,
             refused: false,
+            lease_gone: false,
             endpoints: settings.named(),
             detail,
         };
@@ -211,11 +252,14 @@ impl Worker {
         let client = match self.client.clone() {
             Some(client) => client,
             None => {
-                let options = ConnectOptions::new()
+                let mut options = ConnectOptions::new()
                     .with_connect_timeout(settings.timeout)
                     .with_timeout(settings.timeout)
                     .with_keep_alive(Duration::from_secs(2), settings.timeout)
                     .with_require_leader(true);
+                if let Some(tls) = &self.tls {
+                    options = options.with_tls(tls.clone());
+                }
                 let connect = Client::connect(&settings.endpoints, Some(options));
                 match tokio::time::timeout_at(deadline, connect).await {
                     Ok(Ok(client)) => client,
@@ -235,8 +279,9 @@ impl Worker {
             Ok(Err(err)) => {
                 self.client = None;
                 Err(match refusal(&err) {
-                    Some(detail) => Failure {
+                    Some((code, detail)) => Failure {
                         refused: true,
+                        lease_gone: code == GRPC_NOT_FOUND,
                         ..failure(true, detail)
                     },
                     None => failure(true, err.to_string()),
@@ -255,6 +300,8 @@ impl Worker {
 struct Failure {
     sent: bool,
     refused: bool,
+    /// Refused because a lease it used is gone (gRPC NOT_FOUND).
+    lease_gone: bool,
     endpoints: String,
     detail: String,
 }
@@ -276,6 +323,11 @@ impl Failure {
 
     /// A transaction sent and not answered may yet be applied.
     fn commit(self) -> KvError {
+        if self.lease_gone {
+            return KvError::LeaseEnded {
+                detail: self.detail,
+            };
+        }
         match (self.refused, self.sent) {
             (true, _) => KvError::Refused {
                 what: "a transaction",
@@ -293,17 +345,18 @@ impl Failure {
     }
 }
 
-/// etcd's own refusal of a request as such (too large, an invalid transaction): what it
-/// said. Anything else is a failure to reach the majority.
-fn refusal(err: &etcd_client::Error) -> Option<String> {
+/// etcd's own refusal of a request as such (too large, an invalid transaction, a lease that
+/// is gone): its gRPC code and what it said. Anything else is a failure to reach the
+/// majority.
+fn refusal(err: &etcd_client::Error) -> Option<(i32, String)> {
     match err {
-        etcd_client::Error::GRpcStatus(status)
-            if matches!(
-                i32::from(status.code()),
+        etcd_client::Error::GRpcStatus(status) => {
+            let code = i32::from(status.code());
+            matches!(
+                code,
                 GRPC_INVALID_ARGUMENT | GRPC_RESOURCE_EXHAUSTED | GRPC_NOT_FOUND
-            ) =>
-        {
-            Some(status.message().to_owned())
+            )
+            .then(|| (code, status.message().to_owned()))
         }
         _ => None,
     }

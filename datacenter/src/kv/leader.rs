@@ -1,7 +1,15 @@
-//! A role one site at a time holds (sending the DNS updates), held as a key that lives with
-//! the holder's lease: the holder renews the lease while it works; when it dies, freezes or is
-//! cut off from the majority, the lease runs out, the key goes with it, and another site takes
-//! the role at its next step. The same shape as Patroni's leader key.
+//! A role one site at a time holds (sending the DNS updates), held as a key on a lease: when
+//! its holder dies, freezes or is cut off from the majority, the lease runs out, the key goes
+//! with it, and another site takes the role at its next step. The shape of Patroni's leader
+//! key.
+//!
+//! Every step takes a fresh lease and moves the key onto it with a compare-and-set, both
+//! through the cluster's log. A keep-alive is not enough: etcd answers it from the leader's
+//! memory, and a member that was frozen while it led still answers as leader for a moment
+//! after it thaws — in the lab it renewed a lease the new leader had already ended, and two
+//! sites held the role at once. A grant and a transaction cannot be answered without the
+//! majority, so a step that says [`Holder::Me`] proves the key is this site's, on a lease that
+//! ends no earlier than the lease's time after the step began.
 
 use std::time::{Duration, Instant};
 
@@ -10,24 +18,31 @@ use super::{Expect, Kv, KvError, LeaseId, Op};
 /// Who holds the role, as one step found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Holder {
-    /// This site: it may act until its next step is due.
+    /// This site: it may act while [`Candidate::holds`].
     Me,
     /// Another site, by name.
     Other(String),
-    /// Nobody (the key was free, and taking it did not go through this time).
+    /// Nobody this step could see (the key changed under it): the next step tries again.
     Nobody,
 }
 
 /// One site's bid for a role. Call [`Candidate::step`] at least three times per `ttl`, and
 /// act on the role only while [`Candidate::holds`]: until three quarters of the lease's time
-/// after the renewal was sent, so a holder cut off stops before its lease can run out and
-/// another site take over — even while its step still waits for an answer.
+/// after the step began, and not at all after a failed step, so a holder cut off stops before
+/// its lease can run out and another site take over — even while its step still waits for an
+/// answer.
 #[derive(Debug)]
 pub struct Candidate {
     key: String,
     me: String,
     ttl: Duration,
+    /// The lease the key is on while this site holds it.
     lease: Option<LeaseId>,
+    /// What the key holds while this candidate holds the role: the site's name and the first
+    /// lease it took (unique in the cluster), so another process under the same name (a
+    /// restart, a misconfigured second site) waits for this one's lease instead of taking
+    /// the key from it.
+    mine: Option<String>,
     /// Until when this site may act on the role.
     until: Option<Instant>,
 }
@@ -40,6 +55,7 @@ impl Candidate {
             me: me.to_owned(),
             ttl,
             lease: None,
+            mine: None,
             until: None,
         }
     }
@@ -49,53 +65,64 @@ impl Candidate {
         self.until.is_some_and(|until| now < until)
     }
 
-    /// What the key holds when this site holds the role under `lease`: its name and the
-    /// lease, so a restarted site does not take the key its old lease still holds for itself.
-    fn mine(&self, lease: LeaseId) -> Vec<u8> {
-        format!("{} {lease:x}", self.me).into_bytes()
-    }
-
-    /// Renews this site's lease (or takes a new one), then holds the role if it is free.
+    /// Takes a fresh lease and, if the role is free or this site's, puts the key on it.
     pub fn step(&mut self, kv: &dyn Kv) -> Result<Holder, KvError> {
-        let sent = Instant::now();
+        let began = Instant::now();
+        // Nothing is acted on while the step runs: its outcome decides.
+        self.until = None;
         let step = self.try_step(kv);
-        self.until = match step {
-            Ok(Holder::Me) => Some(sent + self.ttl - self.ttl / 4),
-            _ => None,
-        };
+        if let Ok(Holder::Me) = step {
+            self.until = Some(began + self.ttl - self.ttl / 4);
+        }
         step
     }
 
     fn try_step(&mut self, kv: &dyn Kv) -> Result<Holder, KvError> {
-        let lease = match self.lease {
-            Some(lease) if kv.renew(lease)? => lease,
-            _ => {
-                self.lease = None;
-                let lease = kv.grant(self.ttl)?;
-                self.lease = Some(lease);
-                lease
+        let lease = kv.grant(self.ttl)?;
+        let mine = self
+            .mine
+            .get_or_insert_with(|| format!("{} {lease:x}", self.me))
+            .clone();
+        let held = match kv.get(std::slice::from_ref(&self.key)) {
+            Ok(read) => read.items.into_iter().next().flatten(),
+            Err(err) => {
+                let _ = kv.revoke(lease);
+                return Err(err);
             }
         };
-        let read = kv.get(std::slice::from_ref(&self.key))?;
-        let held = read.items.into_iter().next().flatten();
-        let mine = self.mine(lease);
-        match held {
-            Some(held) if held.value == mine => Ok(Holder::Me),
-            Some(held) => {
-                let value = String::from_utf8_lossy(&held.value);
-                let name = value.split(' ').next().unwrap_or_default();
-                Ok(Holder::Other(name.to_owned()))
-            }
-            None => {
-                let take = Op::PutLeased {
-                    key: self.key.clone(),
-                    value: mine,
-                    lease,
-                };
-                match kv.commit(&[Expect::as_read(&self.key, None)], &[take])? {
-                    Some(_) => Ok(Holder::Me),
-                    None => Ok(Holder::Nobody),
+        if let Some(other) = held.as_ref().filter(|held| held.value != mine.as_bytes()) {
+            let _ = kv.revoke(lease);
+            let value = String::from_utf8_lossy(&other.value);
+            let name = value.split(' ').next().unwrap_or_default();
+            return Ok(Holder::Other(name.to_owned()));
+        }
+        // Free, or this candidate's: moved onto the new lease if nobody changed it since the
+        // read.
+        let take = Op::PutLeased {
+            key: self.key.clone(),
+            value: mine.into_bytes(),
+            lease,
+        };
+        let moved = kv.commit(&[Expect::as_read(&self.key, held.as_ref())], &[take]);
+        let previous = self.lease.take();
+        match moved {
+            Ok(Some(_)) => {
+                self.lease = Some(lease);
+                // The old lease holds nothing now; it would run out by itself.
+                if let Some(old) = previous.filter(|old| *old != lease) {
+                    let _ = kv.revoke(old);
                 }
+                Ok(Holder::Me)
+            }
+            Ok(None) | Err(KvError::LeaseEnded { .. }) => {
+                let _ = kv.revoke(lease);
+                self.lease = previous;
+                Ok(Holder::Nobody)
+            }
+            Err(err) => {
+                // Unconfirmed: the key may be on the new lease; keep both until a step tells.
+                self.lease = previous;
+                Err(err)
             }
         }
     }

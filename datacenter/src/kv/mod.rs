@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 mod etcd;
 mod leader;
 
-pub use etcd::{EtcdKv, EtcdSettings};
+pub use etcd::{EtcdKv, EtcdSettings, EtcdTls};
 pub use leader::{Candidate, Holder};
 
 /// A point in the store's history: every committed change makes a new one.
@@ -95,6 +95,10 @@ pub enum KvError {
     /// The request was refused as such (too large, too many writes).
     #[error("the authority refused {what}: {detail}")]
     Refused { what: &'static str, detail: String },
+    /// A transaction put a key on a lease that has ended (it ran out or was revoked, perhaps
+    /// while the cluster changed leader): nothing was written.
+    #[error("the lease of this site has ended: {detail}")]
+    LeaseEnded { detail: String },
 }
 
 /// The operations a shared store is built on. Every call has a deadline.
@@ -304,8 +308,7 @@ impl Kv for MemKv {
                 && !state.leases.contains_key(lease)
             {
                 // etcd refuses the whole transaction.
-                return Err(KvError::Refused {
-                    what: "a transaction",
+                return Err(KvError::LeaseEnded {
                     detail: format!("lease {lease:x} not found"),
                 });
             }

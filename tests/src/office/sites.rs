@@ -41,7 +41,7 @@ impl Office {
             let data = self.dir().join(format!("etcd-{site}"));
             let args = crate::etcd::member_args(
                 site,
-                &format!("{ip}:{CLIENT_PORT}"),
+                &format!("http://{ip}:{CLIENT_PORT}"),
                 &format!("{ip}:{PEER_PORT}"),
                 &cluster.join(","),
                 "new",
