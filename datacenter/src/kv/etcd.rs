@@ -92,7 +92,7 @@ type Reply<T> = std_mpsc::SyncSender<Result<T, KvError>>;
 #[derive(Debug)]
 pub struct EtcdKv {
     settings: EtcdSettings,
-    requests: std_mpsc::Sender<Request>,
+    requests: tokio::sync::mpsc::UnboundedSender<Request>,
 }
 
 impl EtcdKv {
@@ -105,7 +105,8 @@ impl EtcdKv {
                 detail: "no etcd endpoint given".into(),
             });
         }
-        let (requests, incoming) = std_mpsc::channel();
+        // Unbounded, but each caller waits for its answer: as many requests as callers.
+        let (requests, incoming) = tokio::sync::mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -194,10 +195,10 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, incoming: std_mpsc::Receiver<Request>) {
-        // The channel is synchronous: waiting for it blocks this thread, which runs nothing
-        // else (the client's connections are driven while a request is being answered).
-        while let Ok(request) = incoming.recv() {
+    async fn run(mut self, mut incoming: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+        // Waiting for requests asynchronously keeps the client's connections driven while
+        // idle (HTTP/2 pings answered, a closed connection noticed before the next request).
+        while let Some(request) = incoming.recv().await {
             match request {
                 Request::Get(keys, reply) => {
                     let answer = self.timed(|c| get(c, keys)).await;
@@ -255,7 +256,8 @@ impl Worker {
                 let mut options = ConnectOptions::new()
                     .with_connect_timeout(settings.timeout)
                     .with_timeout(settings.timeout)
-                    .with_keep_alive(Duration::from_secs(2), settings.timeout)
+                    // Not more often than etcd allows (--grpc-keepalive-min-time, 5 s).
+                    .with_keep_alive(Duration::from_secs(10), settings.timeout)
                     .with_require_leader(true);
                 if let Some(tls) = &self.tls {
                     options = options.with_tls(tls.clone());
