@@ -241,69 +241,66 @@ impl Worker {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let settings = self.settings.clone();
-        let failure = |sent: bool, detail: String| Failure {
-            sent,
-            refused: false,
-            lease_gone: false,
-            endpoints: settings.named(),
+        let timeout = self.settings.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let failed = |kind: Failed, detail: String| Failure {
+            kind,
+            endpoints: self.settings.named(),
             detail,
         };
-        let deadline = tokio::time::Instant::now() + settings.timeout;
         let client = match self.client.clone() {
             Some(client) => client,
             None => {
                 let mut options = ConnectOptions::new()
-                    .with_connect_timeout(settings.timeout)
-                    .with_timeout(settings.timeout)
+                    .with_connect_timeout(timeout)
+                    .with_timeout(timeout)
                     // Not more often than etcd allows (--grpc-keepalive-min-time, 5 s).
-                    .with_keep_alive(Duration::from_secs(10), settings.timeout)
+                    .with_keep_alive(Duration::from_secs(10), timeout)
                     .with_require_leader(true);
                 if let Some(tls) = &self.tls {
                     options = options.with_tls(tls.clone());
                 }
-                let connect = Client::connect(&settings.endpoints, Some(options));
+                let connect = Client::connect(&self.settings.endpoints, Some(options));
                 match tokio::time::timeout_at(deadline, connect).await {
                     Ok(Ok(client)) => client,
-                    Ok(Err(err)) => return Err(failure(false, err.to_string())),
+                    Ok(Err(err)) => return Err(failed(Failed::NotSent, err.to_string())),
                     Err(_) => {
-                        let detail = format!("no connection within {:?}", settings.timeout);
-                        return Err(failure(false, detail));
+                        let detail = format!("no connection within {timeout:?}");
+                        return Err(failed(Failed::NotSent, detail));
                     }
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, request(client.clone())).await {
+        let answer = tokio::time::timeout_at(deadline, request(client.clone())).await;
+        let failure = match answer {
             Ok(Ok(answer)) => {
                 self.client = Some(client);
-                Ok(answer)
+                return Ok(answer);
             }
-            Ok(Err(err)) => {
-                self.client = None;
-                Err(match refusal(&err) {
-                    Some((code, detail)) => Failure {
-                        refused: true,
-                        lease_gone: code == GRPC_NOT_FOUND,
-                        ..failure(true, detail)
-                    },
-                    None => failure(true, err.to_string()),
-                })
-            }
-            Err(_) => {
-                self.client = None;
-                let detail = format!("no answer within {:?}", settings.timeout);
-                Err(failure(true, detail))
-            }
-        }
+            Ok(Err(err)) => match refusal(&err) {
+                Some((code, detail)) => failed(Failed::Refused(code), detail),
+                None => failed(Failed::Unanswered, err.to_string()),
+            },
+            Err(_) => failed(Failed::Unanswered, format!("no answer within {timeout:?}")),
+        };
+        self.client = None;
+        Err(failure)
     }
 }
 
-/// How a request failed: before it was sent or after, refused by etcd or not answered.
+/// How a request failed.
+enum Failed {
+    /// Before it was sent: no connection.
+    NotSent,
+    /// Sent, and not answered in time (or the connection broke).
+    Unanswered,
+    /// Refused by etcd as such, with this gRPC code.
+    Refused(i32),
+}
+
+/// A failed request, as the client's thread tells it.
 struct Failure {
-    sent: bool,
-    refused: bool,
-    /// Refused because a lease it used is gone (gRPC NOT_FOUND).
-    lease_gone: bool,
+    kind: Failed,
     endpoints: String,
     detail: String,
 }
@@ -311,35 +308,33 @@ struct Failure {
 impl Failure {
     /// A read changes nothing: unanswered is unreachable.
     fn read(self) -> KvError {
-        if self.refused {
-            return KvError::Refused {
+        match self.kind {
+            Failed::Refused(_) => KvError::Refused {
                 what: "a read",
                 detail: self.detail,
-            };
-        }
-        KvError::Unreachable {
-            endpoints: self.endpoints,
-            detail: self.detail,
+            },
+            Failed::NotSent | Failed::Unanswered => KvError::Unreachable {
+                endpoints: self.endpoints,
+                detail: self.detail,
+            },
         }
     }
 
     /// A transaction sent and not answered may yet be applied.
     fn commit(self) -> KvError {
-        if self.lease_gone {
-            return KvError::LeaseEnded {
+        match self.kind {
+            Failed::Refused(GRPC_NOT_FOUND) => KvError::LeaseEnded {
                 detail: self.detail,
-            };
-        }
-        match (self.refused, self.sent) {
-            (true, _) => KvError::Refused {
+            },
+            Failed::Refused(_) => KvError::Refused {
                 what: "a transaction",
                 detail: self.detail,
             },
-            (false, true) => KvError::Unconfirmed {
+            Failed::Unanswered => KvError::Unconfirmed {
                 endpoints: self.endpoints,
                 detail: self.detail,
             },
-            (false, false) => KvError::Unreachable {
+            Failed::NotSent => KvError::Unreachable {
                 endpoints: self.endpoints,
                 detail: self.detail,
             },

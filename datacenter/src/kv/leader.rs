@@ -109,7 +109,7 @@ impl Candidate {
             Ok(Some(_)) => {
                 self.lease = Some(lease);
                 // The old lease holds nothing now; it would run out by itself.
-                if let Some(old) = previous.filter(|old| *old != lease) {
+                if let Some(old) = previous {
                     let _ = kv.revoke(old);
                 }
                 Ok(Holder::Me)

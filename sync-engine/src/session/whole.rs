@@ -45,11 +45,14 @@ pub(super) async fn send_files<S: AsyncRead + AsyncWrite + Unpin>(
             None => break,
         }
     }
-    let reads = {
-        let (files, index, paths) = (files.clone(), index.clone(), paths.clone());
-        blocking_join(
-            tokio::task::spawn_blocking(move || read_batch(&files, &index, &paths, holes)).await,
-        )??
+    let (paths, reads) = {
+        let (files, index) = (files.clone(), index.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let reads = read_batch(&files, &index, &paths, holes);
+            (paths, reads)
+        });
+        let (paths, reads) = blocking_join(read.await)?;
+        (paths, reads?)
     };
     for (path, read) in paths.into_iter().zip(reads) {
         match read {

@@ -441,6 +441,9 @@ struct Sample {
 struct CaseResult {
     key: &'static str,
     title: String,
+    /// At most this many times rsync's time: initial copies (every byte new) are to match
+    /// rsync's faster mode (issue 24); edits, appends and unchanged trees to take half of it.
+    goal: f64,
     lbs: Vec<Sample>,
     /// lbs with `--no-fsync`, for comparison with rsync, which never syncs.
     unsynced: Vec<Sample>,
@@ -559,6 +562,7 @@ impl Bench {
         let mut result = CaseResult {
             key: case.key,
             title: case.title.clone(),
+            goal: if case.fresh_receiver { 1.0 } else { 0.5 },
             lbs: Vec::new(),
             unsynced: Vec::new(),
             rsync: Vec::new(),

@@ -120,13 +120,7 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
             worst_bytes = (bytes_ratio, result.key);
         }
         let mut misses = Vec::new();
-        // Initial copies, where every byte is new, are to match rsync's faster mode (issue
-        // 24); edits, appends and unchanged trees to take half its time.
-        let goal = if result.key.starts_with(['c', 'f', 'g']) {
-            1.0
-        } else {
-            0.5
-        };
+        let goal = result.goal;
         if time_ratio > goal {
             misses.push(format!("time {time_ratio:.2}× rsync (goal ≤ {goal}×)"));
         }
