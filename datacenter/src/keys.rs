@@ -103,6 +103,16 @@ impl KeyHash {
         self.0.as_bytes()
     }
 
+    /// The hash as 64 hexadecimal digits (the shared store's JSON).
+    pub fn to_hex(&self) -> String {
+        self.0.to_hex().to_string()
+    }
+
+    /// Reads [`KeyHash::to_hex`]'s form; `None` if it is not one.
+    pub fn from_hex(text: &str) -> Option<KeyHash> {
+        blake3::Hash::from_hex(text).ok().map(KeyHash)
+    }
+
     /// Whether `typed` is this key (constant time: `blake3::Hash` compares so).
     pub fn matches(&self, typed: &str) -> bool {
         KeyHash::of(typed).0 == self.0

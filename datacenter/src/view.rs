@@ -25,7 +25,7 @@ pub enum DnsState {
 }
 
 /// Where a promotion (or hand-over) the provider asked for stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RequestState {
     /// The backup has not answered yet.
@@ -72,6 +72,21 @@ impl rusqlite::types::FromSql for RequestState {
                     format!("unknown promotion request state {word:?}").into(),
                 )
             })
+    }
+}
+
+impl DnsState {
+    /// A record's state from what its last tries did.
+    pub fn of(done: bool, attempts: i64, needs_operator: bool) -> DnsState {
+        if done {
+            DnsState::Done
+        } else if attempts == 0 {
+            DnsState::Pending
+        } else if needs_operator {
+            DnsState::Failed
+        } else {
+            DnsState::Retrying
+        }
     }
 }
 

@@ -1,17 +1,19 @@
 //! The role authority's records: the lifecycle, refusals, racing promotions and restarts,
-//! against SQLite files (each step reopens the store: a restart between any two steps).
+//! against every backend: SQLite files, the shared store in memory and on a real etcd (each
+//! step opens the store again: a restart, or another site, between any two steps).
 #![allow(clippy::unwrap_used)]
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::Duration;
 
+use lbs_datacenter::kv::{EtcdKv, EtcdSettings, MemKv};
 use lbs_datacenter::store::{
-    ActivationRequest, DnsFailure, DnsWork, Refusal, Report, ReportKind, SqliteStore, Store,
-    StoreError,
+    ActivationRequest, DnsFailure, DnsWork, KvStore, Refusal, Report, ReportKind, SqliteStore,
+    Store, StoreError,
 };
 use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
+use lbs_tests::etcd::Etcd;
 
 const DAY: Duration = Duration::from_secs(86_400);
 const T0: i64 = 1_800_000_000_000;
@@ -44,22 +46,100 @@ fn report(believed: u64, advertised: Ipv4Addr) -> Report {
 
 const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
-fn store(path: &Path) -> SqliteStore {
-    SqliteStore::open(path).unwrap()
+/// A store the suite runs against; every `open` is a fresh handle on the same records, as
+/// after a restart of the data center (or another site).
+trait Backend: Sync {
+    fn open(&self) -> Box<dyn Store + Send>;
 }
 
-#[test]
-fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+/// A SQLite file, reopened every time.
+struct Sqlite(tempfile::TempDir);
+
+impl Backend for Sqlite {
+    fn open(&self) -> Box<dyn Store + Send> {
+        Box::new(SqliteStore::open(&self.0.path().join("dc.db")).unwrap())
+    }
+}
+
+/// The shared store on the in-memory key-value engine, every handle another site.
+struct Memory(MemKv);
+
+impl Backend for Memory {
+    fn open(&self) -> Box<dyn Store + Send> {
+        Box::new(KvStore::new(Box::new(self.0.site()), "/lbs"))
+    }
+}
+
+/// The shared store on a real etcd (Debian's, on loopback), every handle its own client.
+struct OnEtcd {
+    _etcd: Etcd,
+    endpoints: Vec<String>,
+}
+
+impl Backend for OnEtcd {
+    fn open(&self) -> Box<dyn Store + Send> {
+        let kv = EtcdKv::open(EtcdSettings {
+            endpoints: self.endpoints.clone(),
+            timeout: Duration::from_secs(5),
+            tls: None,
+        })
+        .unwrap();
+        Box::new(KvStore::new(Box::new(kv), "/lbs"))
+    }
+}
+
+/// Each test of the suite, once per backend.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Sqlite(tempfile::tempdir().unwrap()));
+            })*
+        }
+        mod memory {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Memory(lbs_datacenter::kv::MemKv::default()));
+            })*
+        }
+        mod etcd {
+            $(#[test]
+            fn $name() {
+                let etcd = lbs_tests::etcd::Etcd::start(1);
+                let endpoints = etcd.endpoints();
+                super::$name(&super::OnEtcd { _etcd: etcd, endpoints });
+            })*
+        }
+    };
+}
+
+on_every_store!(
+    first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup,
+    wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log,
+    of_racing_promotions_exactly_one_wins_every_time,
+    a_box_alone_gets_its_backup_later_and_pairs_stay_at_two,
+    a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address,
+    a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_the_promotion,
+    a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately,
+    liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision,
+    a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log,
+    when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once,
+);
+
+fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup(
+    backend: &dyn Backend,
+) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
     assert_ne!(a, b);
 
     // B activates first here: order decides, not provisioning.
-    let first = store(&db)
+    let first = backend
+        .open()
         .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 1)
         .unwrap();
     assert_eq!(
@@ -67,7 +147,8 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
         (Role::Primary, Generation(1))
     );
     assert_eq!(first.partner, Some(a));
-    let second = store(&db)
+    let second = backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 2)
         .unwrap();
     assert_eq!(
@@ -78,18 +159,22 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
     assert!(pool().contains(first.overlay) && pool().contains(second.overlay));
 
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .heartbeat(b, &report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 3)
             .unwrap(),
         (Role::Primary, Generation(1))
     );
     // The primary cannot be promoted; the backup can, once.
     assert!(matches!(
-        store(&db).promote(b, Generation(1), REMOTE, "test", T0 + 4),
+        backend
+            .open()
+            .promote(b, Generation(1), REMOTE, "test", T0 + 4),
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .promote(a, Generation(1), REMOTE, "10.77.0.11", T0 + 5)
             .unwrap()
             .generation,
@@ -97,30 +182,34 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
     );
     // The same box asking again (its answer lost, or it crashed before recording it) gets
     // the same answer; nothing moves, nothing is logged twice. Anybody else is refused.
-    let logged = store(&db).events(0).unwrap().len();
-    let repeat = store(&db)
+    let logged = backend.open().events(0).unwrap().len();
+    let repeat = backend
+        .open()
         .promote(a, Generation(1), REMOTE, "10.77.0.11", T0 + 6)
         .unwrap();
     assert_eq!(
         (repeat.generation, repeat.previous, repeat.repeat),
         (Generation(2), Some(b), true)
     );
-    assert_eq!(store(&db).events(0).unwrap().len(), logged);
+    assert_eq!(backend.open().events(0).unwrap().len(), logged);
     assert!(matches!(
-        store(&db).promote(a, Generation(2), REMOTE, "10.77.0.11", T0 + 6),
+        backend
+            .open()
+            .promote(a, Generation(2), REMOTE, "10.77.0.11", T0 + 6),
         Err(StoreError::NotAllowed(_))
     ));
     // DNS: the pair's name now must point at A's advertised address, primary./backup. at
     // the overlay addresses of A and B; nothing written yet, so all three are due.
-    let due = |db: &Path| -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
-        store(db)
+    let due = || -> Vec<(String, Ipv4Addr, Option<Ipv4Addr>)> {
+        backend
+            .open()
             .dns_due(T0 + 5)
             .unwrap()
             .into_iter()
             .map(|w| (w.name, w.want, w.have))
             .collect()
     };
-    let mut wanted = due(&db);
+    let mut wanted = due();
     wanted.sort();
     assert_eq!(
         wanted,
@@ -131,7 +220,7 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
         ]
     );
     // A failure keeps it due later (not now); a success clears it and is logged.
-    let work: Vec<DnsWork> = store(&db).dns_due(T0 + 5).unwrap();
+    let work: Vec<DnsWork> = backend.open().dns_due(T0 + 5).unwrap();
     let fqdn = work.iter().find(|w| w.name == "pbx.acme.example").unwrap();
     let failed = |why: &str, needs_operator| {
         Err(DnsFailure {
@@ -139,16 +228,17 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
             needs_operator,
         })
     };
-    let dns_events = |db: &Path| {
-        store(db)
+    let dns_events = || {
+        backend
+            .open()
             .events(0)
             .unwrap()
             .into_iter()
             .filter(|e| e.kind == "dns-failed")
             .count()
     };
-    let record = |db: &Path| {
-        let view = &store(db).pairs().unwrap()[0];
+    let record = || {
+        let view = &backend.open().pairs().unwrap()[0];
         let r = view
             .dns
             .iter()
@@ -158,54 +248,63 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
         (r.state.as_str(), r.attempts, r.last_error)
     };
     assert!(
-        !store(&db)
+        !backend
+            .open()
             .dns_result(fqdn, failed("server down", false), T0 + 60_000, T0 + 5)
             .unwrap()
     );
-    assert_eq!(due(&db).len(), 2);
-    assert_eq!(record(&db), ("retrying", 1, Some("server down".to_owned())));
-    assert_eq!(dns_events(&db), 0, "a server that is down is no event");
+    assert_eq!(due().len(), 2);
+    assert_eq!(record(), ("retrying", 1, Some("server down".to_owned())));
+    assert_eq!(dns_events(), 0, "a server that is down is no event");
     // The server refuses the key: status says failed, and the audit log says it once, not
     // at every retry; a different refusal is a new event.
     for (n, expect_event) in [(2, true), (3, false), (4, false)] {
-        let escalated = store(&db)
+        let escalated = backend
+            .open()
             .dns_result(fqdn, failed("TSIG key rejected", true), T0 + 60_000, T0 + 5)
             .unwrap();
         assert_eq!(escalated, expect_event, "try {n}");
     }
     assert_eq!(
-        record(&db),
+        record(),
         ("failed", 4, Some("TSIG key rejected".to_owned()))
     );
-    assert_eq!(dns_events(&db), 1);
+    assert_eq!(dns_events(), 1);
     assert!(
-        store(&db)
+        backend
+            .open()
             .dns_result(fqdn, failed("NOTZONE", true), T0 + 60_000, T0 + 5)
             .unwrap()
     );
-    assert_eq!(dns_events(&db), 2);
+    assert_eq!(dns_events(), 2);
     for w in &work {
-        store(&db).dns_result(w, Ok(()), 0, T0 + 5).unwrap();
+        backend.open().dns_result(w, Ok(()), 0, T0 + 5).unwrap();
     }
-    assert!(due(&db).is_empty());
+    assert!(due().is_empty());
     // The old primary's next heartbeat says it is fenced.
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .heartbeat(b, &report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 6)
             .unwrap(),
         (Role::Fenced, Generation(2))
     );
     // It cannot promote itself back with its old generation, and registers as backup.
     assert!(matches!(
-        store(&db).promote(b, Generation(1), REMOTE, "test", T0 + 7),
+        backend
+            .open()
+            .promote(b, Generation(1), REMOTE, "test", T0 + 7),
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(
-        store(&db).register_backup(b, "10.77.0.10", T0 + 8).unwrap(),
+        backend
+            .open()
+            .register_backup(b, "10.77.0.10", T0 + 8)
+            .unwrap(),
         Generation(2)
     );
 
-    let pairs = store(&db).pairs().unwrap();
+    let pairs = backend.open().pairs().unwrap();
     assert_eq!(pairs.len(), 1);
     let pair = &pairs[0];
     assert_eq!(pair.generation, 2);
@@ -223,7 +322,8 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
         ("primary", "backup")
     );
 
-    let kinds: Vec<(String, Option<u64>, Option<u64>)> = store(&db)
+    let kinds: Vec<(String, Option<u64>, Option<u64>)> = backend
+        .open()
         .events(0)
         .unwrap()
         .into_iter()
@@ -247,11 +347,9 @@ fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup
     );
 }
 
-#[test]
-fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log(backend: &dyn Backend) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
@@ -259,18 +357,26 @@ fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
         Err(StoreError::ActivationRefused { why, .. }) => why,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let before = store(&db).pairs().unwrap();
+    let before = backend.open().pairs().unwrap();
     assert_eq!(
-        refused(store(&db).activate(&request(a, "WRONG-KEY", 2), pool(), T0)),
+        refused(
+            backend
+                .open()
+                .activate(&request(a, "WRONG-KEY", 2), pool(), T0)
+        ),
         Refusal::WrongKey
     );
     // B's key used for A: wrong too (keys belong to their SID).
     assert_eq!(
-        refused(store(&db).activate(&request(a, &servers[1].key.to_string(), 2), pool(), T0)),
+        refused(
+            backend
+                .open()
+                .activate(&request(a, &servers[1].key.to_string(), 2), pool(), T0)
+        ),
         Refusal::WrongKey
     );
     assert_eq!(
-        refused(store(&db).activate(
+        refused(backend.open().activate(
             &request(b, &servers[1].key.to_string(), 3),
             pool(),
             T0 + 15 * DAY.as_millis() as i64
@@ -278,42 +384,45 @@ fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
         Refusal::Expired
     );
     assert_eq!(
-        store(&db).pairs().unwrap(),
+        backend.open().pairs().unwrap(),
         before,
         "a refusal changed the records"
     );
 
-    let granted = store(&db)
+    let granted = backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
         .unwrap();
     // Replaying the key from another machine (other public keys): the key is spent.
     let mut replay = request(a, &servers[0].key.to_string(), 2);
     replay.wireguard_key = "an impostor's key".into();
     assert_eq!(
-        refused(store(&db).activate(&replay, pool(), T0)),
+        refused(backend.open().activate(&replay, pool(), T0)),
         Refusal::Used
     );
     let mut replay = request(a, &servers[0].key.to_string(), 2);
     replay.tls_key = "an impostor's key".into();
     assert_eq!(
-        refused(store(&db).activate(&replay, pool(), T0)),
+        refused(backend.open().activate(&replay, pool(), T0)),
         Refusal::Used
     );
     // The same box asking again (its answer was lost): the same answer, nothing changes.
-    let before_repeat = store(&db).pairs().unwrap();
+    let before_repeat = backend.open().pairs().unwrap();
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 9)
             .unwrap(),
         granted
     );
-    assert_eq!(store(&db).pairs().unwrap(), before_repeat);
+    assert_eq!(backend.open().pairs().unwrap(), before_repeat);
     let unknown = ServerId::from_bytes([9; 6]);
     assert!(matches!(
-        store(&db).activate(&request(unknown, "x", 2), pool(), T0),
+        backend.open().activate(&request(unknown, "x", 2), pool(), T0),
         Err(StoreError::UnknownServer(sid)) if sid == unknown
     ));
-    let refusals = store(&db)
+    let refusals = backend
+        .open()
         .events(0)
         .unwrap()
         .into_iter()
@@ -322,17 +431,16 @@ fn wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log() {
     assert_eq!(refusals, 5);
 }
 
-#[test]
-fn of_racing_promotions_exactly_one_wins_every_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
+fn of_racing_promotions_exactly_one_wins_every_time(backend: &dyn Backend) {
     for round in 0..40 {
         let name = format!("race{round}");
-        let servers = store(&db)
+        let servers = backend
+            .open()
             .provision_pair(&name, "pbx.race.example", 2, DAY, T0)
             .unwrap();
         for (i, s) in servers.iter().enumerate() {
-            store(&db)
+            backend
+                .open()
                 .activate(&request(s.sid, &s.key.to_string(), 2 + i as u8), pool(), T0)
                 .unwrap();
         }
@@ -342,10 +450,9 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
         let wins: Vec<bool> = std::thread::scope(|scope| {
             let racers: Vec<_> = (0..4)
                 .map(|i| {
-                    let db = db.clone();
                     scope.spawn(move || {
-                        SqliteStore::open(&db)
-                            .unwrap()
+                        backend
+                            .open()
                             .promote(backup, Generation(1), REMOTE, &format!("racer {i}"), T0)
                             .is_ok_and(|p| !p.repeat && p.generation == Generation(2))
                     })
@@ -359,7 +466,8 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
             "round {round}: {wins:?}"
         );
     }
-    let promotions = store(&db)
+    let promotions = backend
+        .open()
         .events(0)
         .unwrap()
         .into_iter()
@@ -368,82 +476,66 @@ fn of_racing_promotions_exactly_one_wins_every_time() {
     assert_eq!(promotions, 40, "one promotion logged per round");
 }
 
-#[test]
-fn a_box_alone_gets_its_backup_later_and_pairs_stay_at_two() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let alone = store(&db)
+fn a_box_alone_gets_its_backup_later_and_pairs_stay_at_two(backend: &dyn Backend) {
+    let alone = backend
+        .open()
         .provision_pair("solo", "pbx.solo.example", 1, DAY, T0)
         .unwrap();
     let a = alone[0].sid;
-    store(&db)
+    backend
+        .open()
         .activate(&request(a, &alone[0].key.to_string(), 2), pool(), T0)
         .unwrap();
-    let b = store(&db).provision_backup(a, DAY, T0 + 1).unwrap();
-    let activated = store(&db)
+    let b = backend.open().provision_backup(a, DAY, T0 + 1).unwrap();
+    let activated = backend
+        .open()
         .activate(&request(b.sid, &b.key.to_string(), 3), pool(), T0 + 2)
         .unwrap();
     assert_eq!(activated.role, Role::Backup);
     assert_eq!(activated.partner, Some(a));
     assert!(matches!(
-        store(&db).provision_backup(a, DAY, T0),
+        backend.open().provision_backup(a, DAY, T0),
         Err(StoreError::PairFull(name)) if name == "solo"
     ));
     assert!(matches!(
-        store(&db).provision_pair("solo", "x.example", 2, DAY, T0),
+        backend
+            .open()
+            .provision_pair("solo", "x.example", 2, DAY, T0),
         Err(StoreError::PairExists(_))
     ));
 }
 
-#[test]
-fn the_audit_log_cannot_be_rewritten_and_a_newer_schema_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    store(&db)
-        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
-        .unwrap();
-    let raw = rusqlite::Connection::open(&db).unwrap();
-    let err = raw
-        .execute("UPDATE events SET actor = 'nobody'", [])
-        .unwrap_err();
-    assert!(err.to_string().contains("append-only"), "{err}");
-    let err = raw.execute("DELETE FROM events", []).unwrap_err();
-    assert!(err.to_string().contains("append-only"), "{err}");
-    raw.pragma_update(None, "user_version", 99).unwrap();
-    drop(raw);
-    let err = SqliteStore::open(&db).unwrap_err().to_string();
-    assert!(
-        err.contains("newer than this lbs-datacenter knows"),
-        "{err}"
-    );
-}
-
-#[test]
-fn a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address(
+    backend: &dyn Backend,
+) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
-    let first = store(&db)
+    let first = backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
         .unwrap();
-    store(&db)
+    backend
+        .open()
         .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0)
         .unwrap();
-    let fresh = store(&db).rekey(a, DAY, T0 + 10).unwrap();
+    let fresh = backend.open().rekey(a, DAY, T0 + 10).unwrap();
     // The old key stays spent; the fresh one works once.
     assert!(
-        store(&db)
+        backend
+            .open()
             .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 11)
             .is_err()
     );
-    let again = store(&db)
+    let again = backend
+        .open()
         .activate(&request(a, &fresh.key.to_string(), 2), pool(), T0 + 12)
         .unwrap();
     assert_eq!(again, first, "same role, generation, address and partner");
-    let kinds: Vec<String> = store(&db)
+    let kinds: Vec<String> = backend
+        .open()
         .events(0)
         .unwrap()
         .into_iter()
@@ -455,19 +547,21 @@ fn a_reinstalled_box_reactivates_with_a_fresh_key_keeping_its_role_and_address()
     );
 }
 
-#[test]
-fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_the_promotion() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_the_promotion(
+    backend: &dyn Backend,
+) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
     // No backup activated yet: nothing to promote.
-    store(&db)
+    backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0)
         .unwrap();
-    let refused = store(&db)
+    let refused = backend
+        .open()
         .request_promotion("acme", "noc", Duration::from_secs(60), T0)
         .unwrap_err();
     assert!(
@@ -475,51 +569,66 @@ fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_t
         "{refused}"
     );
     assert!(
-        store(&db)
+        backend
+            .open()
             .request_promotion("nope", "noc", Duration::from_secs(60), T0)
             .is_err()
     );
-    store(&db)
+    backend
+        .open()
         .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0)
         .unwrap();
     // Pending: the backup sees it, the primary does not; a second one waits its turn.
-    let first = store(&db)
+    let first = backend
+        .open()
         .request_promotion("acme", "noc", Duration::from_secs(60), T0)
         .unwrap();
     assert_eq!(first.state, "pending");
     assert_eq!(
-        store(&db).pending_promotion(b, T0 + 1).unwrap(),
+        backend.open().pending_promotion(b, T0 + 1).unwrap(),
         Some(first.clone())
     );
-    assert_eq!(store(&db).pending_promotion(a, T0 + 1).unwrap(), None);
+    assert_eq!(backend.open().pending_promotion(a, T0 + 1).unwrap(), None);
     assert!(
-        store(&db)
+        backend
+            .open()
             .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 1)
             .is_err()
     );
     // Unanswered past its time: expired, logged, and a new one may be made.
-    assert_eq!(store(&db).pending_promotion(b, T0 + 60_000).unwrap(), None);
-    let expired = store(&db).promotion_request(first.id, T0 + 60_000).unwrap();
+    assert_eq!(
+        backend.open().pending_promotion(b, T0 + 60_000).unwrap(),
+        None
+    );
+    let expired = backend
+        .open()
+        .promotion_request(first.id, T0 + 60_000)
+        .unwrap();
     assert_eq!(expired.state, "expired");
     // The backup's refusal is recorded; a late refusal of an answered request changes nothing.
-    let second = store(&db)
+    let second = backend
+        .open()
         .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 61_000)
         .unwrap();
     // The primary has no say in it: its refusal changes nothing.
-    store(&db)
+    backend
+        .open()
         .refuse_promotion(second.id, a, "no, thanks", T0 + 61_200)
         .unwrap();
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .promotion_request(second.id, T0 + 61_300)
             .unwrap()
             .state,
         "pending"
     );
-    store(&db)
+    backend
+        .open()
         .refuse_promotion(second.id, b, "the primary answers ARP", T0 + 61_500)
         .unwrap();
-    let refused = store(&db)
+    let refused = backend
+        .open()
         .promotion_request(second.id, T0 + 62_000)
         .unwrap();
     assert_eq!(
@@ -527,28 +636,36 @@ fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_t
         ("refused", Some("the primary answers ARP"))
     );
     // The promotion itself answers a pending request.
-    let third = store(&db)
+    let third = backend
+        .open()
         .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 63_000)
         .unwrap();
-    store(&db)
+    backend
+        .open()
         .promote(b, Generation(1), REMOTE, "test", T0 + 63_500)
         .unwrap();
-    let promoted = store(&db).promotion_request(third.id, T0 + 64_000).unwrap();
+    let promoted = backend
+        .open()
+        .promotion_request(third.id, T0 + 64_000)
+        .unwrap();
     assert_eq!(
         (promoted.state.as_str(), promoted.answer.as_deref()),
         ("promoted", Some("promoted at gen 2"))
     );
-    store(&db)
+    backend
+        .open()
         .refuse_promotion(third.id, b, "too late", T0 + 64_500)
         .unwrap();
     assert_eq!(
-        store(&db)
+        backend
+            .open()
             .promotion_request(third.id, T0 + 65_000)
             .unwrap()
             .state,
         "promoted"
     );
-    let kinds: Vec<String> = store(&db)
+    let kinds: Vec<String> = backend
+        .open()
         .events(0)
         .unwrap()
         .into_iter()
@@ -568,17 +685,18 @@ fn a_requested_promotion_is_pending_once_expires_unanswered_and_is_answered_by_t
     );
 }
 
-#[test]
-fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately() {
+fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately(
+    backend: &dyn Backend,
+) {
     use lbs_datacenter::store::HandOverLimits;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
     for (sid, key, lan) in [(a, &servers[0].key, 2), (b, &servers[1].key, 3)] {
-        store(&db)
+        backend
+            .open()
             .activate(&request(sid, &key.to_string(), lan), pool(), T0)
             .unwrap();
     }
@@ -587,7 +705,11 @@ fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately()
         alive: Duration::from_secs(20),
         holdoff: Duration::from_secs(900),
     };
-    let ask = |sid, now| store(&db).hand_over(sid, "PBX check failed", limits, now);
+    let ask = |sid, now| {
+        backend
+            .open()
+            .hand_over(sid, "PBX check failed", limits, now)
+    };
     let refused = |sid, now, says: &str| {
         let err = ask(sid, now).unwrap_err().to_string();
         assert!(err.contains(says), "{err}");
@@ -600,29 +722,30 @@ fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately()
             .into(),
         ..report(1, Ipv4Addr::new(192, 168, 1, 3))
     };
-    store(&db).heartbeat(b, &behind, T0 + 1_000).unwrap();
+    backend.open().heartbeat(b, &behind, T0 + 1_000).unwrap();
     refused(a, T0 + 2_000, "not in sync");
     // In sync and heard: a request for the backup, once; then not again for the hold-off.
     let in_sync = Report {
         json: r#"{"sync_pending_files":0,"sync_pending_bytes":0,"sync_last_complete_ms":1}"#.into(),
         ..report(1, Ipv4Addr::new(192, 168, 1, 3))
     };
-    store(&db).heartbeat(b, &in_sync, T0 + 3_000).unwrap();
+    backend.open().heartbeat(b, &in_sync, T0 + 3_000).unwrap();
     refused(a, T0 + 30_000, "has not reported for 27 s");
-    store(&db).heartbeat(b, &in_sync, T0 + 30_000).unwrap();
+    backend.open().heartbeat(b, &in_sync, T0 + 30_000).unwrap();
     let request = ask(a, T0 + 31_000).unwrap();
     assert_eq!(request.hand_over.as_deref(), Some("PBX check failed"));
     assert_eq!(
-        store(&db).pending_promotion(b, T0 + 32_000).unwrap(),
+        backend.open().pending_promotion(b, T0 + 32_000).unwrap(),
         Some(request.clone())
     );
     refused(a, T0 + 32_000, "handed over 1 s ago");
-    store(&db).heartbeat(b, &in_sync, T0 + 900_000).unwrap();
+    backend.open().heartbeat(b, &in_sync, T0 + 900_000).unwrap();
     refused(a, T0 + 900_000, "handed over 869 s ago");
-    store(&db).heartbeat(b, &in_sync, T0 + 932_000).unwrap();
+    backend.open().heartbeat(b, &in_sync, T0 + 932_000).unwrap();
     assert!(ask(a, T0 + 932_000).is_ok());
     assert!(
-        store(&db)
+        backend
+            .open()
             .events(0)
             .unwrap()
             .iter()
@@ -630,46 +753,47 @@ fn a_hand_over_needs_the_primary_a_backup_heard_and_in_sync_and_not_one_lately()
     );
 }
 
-#[test]
-fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision(backend: &dyn Backend) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
     // Not activated yet: a report is refused, whatever it says.
     assert!(matches!(
-        store(&db).report_kind(a, &report(1, REMOTE)),
+        backend.open().report_kind(a, &report(1, REMOTE)),
         Err(StoreError::NotAllowed(_))
     ));
-    store(&db)
+    backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 1)
         .unwrap();
-    store(&db)
+    backend
+        .open()
         .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 2)
         .unwrap();
     let at_home = Ipv4Addr::new(192, 168, 1, 2);
     // The primary reports from where it is recorded: liveness.
-    store(&db)
+    backend
+        .open()
         .heartbeat(a, &report(1, at_home), T0 + 3)
         .unwrap();
     assert_eq!(
-        store(&db).report_kind(a, &report(1, at_home)).unwrap(),
+        backend.open().report_kind(a, &report(1, at_home)).unwrap(),
         ReportKind::Liveness
     );
     // From a new address: its name must follow, a decision recorded now.
     assert_eq!(
-        store(&db).report_kind(a, &report(1, REMOTE)).unwrap(),
+        backend.open().report_kind(a, &report(1, REMOTE)).unwrap(),
         ReportKind::Decision
     );
     // The backup moving is liveness (no name follows it); so is a stale primary's report.
     assert_eq!(
-        store(&db).report_kind(b, &report(1, REMOTE)).unwrap(),
+        backend.open().report_kind(b, &report(1, REMOTE)).unwrap(),
         ReportKind::Liveness
     );
     assert_eq!(
-        store(&db).report_kind(a, &report(0, REMOTE)).unwrap(),
+        backend.open().report_kind(a, &report(0, REMOTE)).unwrap(),
         ReportKind::Liveness
     );
 
@@ -678,8 +802,8 @@ fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision() {
         (a, report(1, at_home), T0 + 10),
         (b, report(1, Ipv4Addr::new(192, 168, 1, 3)), T0 + 11),
     ];
-    store(&db).heartbeats(&batch).unwrap();
-    let pair = store(&db).pair_of(a).unwrap();
+    backend.open().heartbeats(&batch).unwrap();
+    let pair = backend.open().pair_of(a).unwrap();
     let heard: Vec<_> = pair
         .servers
         .iter()
@@ -694,31 +818,33 @@ fn liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision() {
     );
 }
 
-#[test]
-fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log(backend: &dyn Backend) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
-    store(&db)
+    backend
+        .open()
         .provision_pair("beta", "pbx.beta.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
-    store(&db)
+    backend
+        .open()
         .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 1)
         .unwrap();
-    store(&db)
+    backend
+        .open()
         .activate(&request(b, &servers[1].key.to_string(), 3), pool(), T0 + 2)
         .unwrap();
     // A promotion leaves DNS work behind; a request is pending.
-    store(&db)
+    backend
+        .open()
         .promote(b, Generation(1), REMOTE, "test", T0 + 3)
         .unwrap();
-    assert!(!store(&db).dns_due(T0 + 4).unwrap().is_empty());
-    assert_eq!(store(&db).tunnel_peers().unwrap().len(), 2);
+    assert!(!backend.open().dns_due(T0 + 4).unwrap().is_empty());
+    assert_eq!(backend.open().tunnel_peers().unwrap().len(), 2);
 
-    let retired = store(&db).retire_pair("acme", "noc", T0 + 5).unwrap();
+    let retired = backend.open().retire_pair("acme", "noc", T0 + 5).unwrap();
     assert_eq!(retired, [a, b]);
 
     // After a restart (each call reopens the store), still refused, with the reason.
@@ -728,45 +854,62 @@ fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log() {
         assert!(text.contains("pair acme, retired"), "{text}");
     };
     refused(
-        store(&db)
+        backend
+            .open()
             .heartbeat(a, &report(2, REMOTE), T0 + 6)
             .unwrap_err(),
     );
-    refused(store(&db).report_kind(b, &report(2, REMOTE)).unwrap_err());
-    refused(store(&db).certificate_key(a).unwrap_err());
-    refused(store(&db).register_backup(a, "test", T0 + 6).unwrap_err());
-    refused(store(&db).rekey(a, DAY, T0 + 6).unwrap_err());
     refused(
-        store(&db)
+        backend
+            .open()
+            .report_kind(b, &report(2, REMOTE))
+            .unwrap_err(),
+    );
+    refused(backend.open().certificate_key(a).unwrap_err());
+    refused(
+        backend
+            .open()
+            .register_backup(a, "test", T0 + 6)
+            .unwrap_err(),
+    );
+    refused(backend.open().rekey(a, DAY, T0 + 6).unwrap_err());
+    refused(
+        backend
+            .open()
             .activate(&request(a, &servers[0].key.to_string(), 2), pool(), T0 + 6)
             .unwrap_err(),
     );
-    let no_request = store(&db)
+    let no_request = backend
+        .open()
         .request_promotion("acme", "noc", Duration::from_secs(60), T0 + 6)
         .unwrap_err();
     assert!(
         no_request.to_string().contains("pair acme was retired"),
         "{no_request}"
     );
-    assert_eq!(store(&db).retired("acme").unwrap(), Some(T0 + 5));
-    assert_eq!(store(&db).retired("beta").unwrap(), None);
-    let again = store(&db).retire_pair("acme", "noc", T0 + 7).unwrap_err();
+    assert_eq!(backend.open().retired("acme").unwrap(), Some(T0 + 5));
+    assert_eq!(backend.open().retired("beta").unwrap(), None);
+    let again = backend
+        .open()
+        .retire_pair("acme", "noc", T0 + 7)
+        .unwrap_err();
     assert!(again.to_string().contains("retired"), "{again}");
 
     // Left out of what serves and shows the fleet; the other pair is untouched.
-    let names: Vec<String> = store(&db)
+    let names: Vec<String> = backend
+        .open()
         .pairs()
         .unwrap()
         .into_iter()
         .map(|p| p.name)
         .collect();
     assert_eq!(names, ["beta"]);
-    assert!(store(&db).tunnel_peers().unwrap().is_empty());
-    assert!(store(&db).tunnel_pairs().unwrap().is_empty());
-    assert!(store(&db).dns_due(T0 + 10_000_000).unwrap().is_empty());
+    assert!(backend.open().tunnel_peers().unwrap().is_empty());
+    assert!(backend.open().tunnel_pairs().unwrap().is_empty());
+    assert!(backend.open().dns_due(T0 + 10_000_000).unwrap().is_empty());
 
     // The audit log keeps the pair's history and says who retired it.
-    let events = store(&db).events(0).unwrap();
+    let events = backend.open().events(0).unwrap();
     let last = events.last().unwrap();
     assert_eq!(
         (last.kind.as_str(), last.actor.as_str()),
@@ -776,15 +919,16 @@ fn a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log() {
     assert!(events.iter().any(|e| e.kind == "promoted"));
 }
 
-#[test]
-fn when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("dc.db");
-    let servers = store(&db)
+fn when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once(
+    backend: &dyn Backend,
+) {
+    let servers = backend
+        .open()
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     for (n, server) in servers.iter().enumerate() {
-        store(&db)
+        backend
+            .open()
             .activate(
                 &request(server.sid, &server.key.to_string(), 2 + n as u8),
                 pool(),
@@ -794,24 +938,26 @@ fn when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due
     }
     // Every name fails (the server is down) and waits a minute; one of them was refused
     // for a reason waiting cannot mend.
-    let work = store(&db).dns_due(T0 + 1).unwrap();
+    let work = backend.open().dns_due(T0 + 1).unwrap();
     assert_eq!(work.len(), 3);
     for (n, w) in work.iter().enumerate() {
         let failure = DnsFailure {
             why: if n == 0 { "NOTAUTH" } else { "timed out" }.into(),
             needs_operator: n == 0,
         };
-        store(&db)
+        backend
+            .open()
             .dns_result(w, Err(failure), T0 + 60_000, T0 + 2)
             .unwrap();
     }
-    assert!(store(&db).dns_due(T0 + 3).unwrap().is_empty());
+    assert!(backend.open().dns_due(T0 + 3).unwrap().is_empty());
     // A name written at its next try: the server is back, the others are due now.
-    let retried = store(&db).dns_due(T0 + 60_000).unwrap();
+    let retried = backend.open().dns_due(T0 + 60_000).unwrap();
     let back = retried.iter().find(|w| w.name == work[1].name).unwrap();
     assert_eq!(back.attempts, 1);
-    store(&db).dns_result(back, Ok(()), 0, T0 + 4).unwrap();
-    let due: Vec<String> = store(&db)
+    backend.open().dns_result(back, Ok(()), 0, T0 + 4).unwrap();
+    let due: Vec<String> = backend
+        .open()
         .dns_due(T0 + 5)
         .unwrap()
         .into_iter()
@@ -828,13 +974,39 @@ fn when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due
         why: "timed out".into(),
         needs_operator: false,
     };
-    store(&db)
+    backend
+        .open()
         .dns_result(&work[2], Err(transient), T0 + 90_000, T0 + 6)
         .unwrap();
     let mut first_try = work[0].clone();
     first_try.attempts = 0;
-    store(&db)
+    backend
+        .open()
         .dns_result(&first_try, Ok(()), 0, T0 + 7)
         .unwrap();
-    assert!(store(&db).dns_due(T0 + 8).unwrap().is_empty());
+    assert!(backend.open().dns_due(T0 + 8).unwrap().is_empty());
+}
+
+#[test]
+fn the_audit_log_cannot_be_rewritten_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("dc.db");
+    SqliteStore::open(&db)
+        .unwrap()
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    let err = raw
+        .execute("UPDATE events SET actor = 'nobody'", [])
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    let err = raw.execute("DELETE FROM events", []).unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    raw.pragma_update(None, "user_version", 99).unwrap();
+    drop(raw);
+    let err = SqliteStore::open(&db).unwrap_err().to_string();
+    assert!(
+        err.contains("newer than this lbs-datacenter knows"),
+        "{err}"
+    );
 }

@@ -65,7 +65,10 @@ pub(super) fn pair_state(
 pub(super) fn denial(err: StoreError) -> Denial {
     match err {
         StoreError::StaleGeneration { current, .. } => Denial::StaleGeneration { current },
-        StoreError::Db { .. } => Denial::Unavailable(err.to_string()),
+        StoreError::Db { .. }
+        | StoreError::Authority(_)
+        | StoreError::Corrupt { .. }
+        | StoreError::Busy(_) => Denial::Unavailable(err.to_string()),
         other => Denial::NotAllowed(other.to_string()),
     }
 }

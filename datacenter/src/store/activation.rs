@@ -369,6 +369,14 @@ pub(super) fn free_address(
         }
         used
     };
+    lowest_free(pool, &used)
+}
+
+/// The lowest host address of `pool` from its 10th that is not in `used`.
+pub(super) fn lowest_free(
+    pool: Ipv4Cidr,
+    used: &std::collections::BTreeSet<Ipv4Addr>,
+) -> Result<Ipv4Addr, StoreError> {
     let network = u32::from(pool.network());
     let size = 1u64 << (32 - u32::from(pool.prefix.min(32)));
     (10..size.saturating_sub(256).max(10))

@@ -40,9 +40,10 @@ impl SqliteStore {
         let mut statement = self
             .conn
             .prepare(&format!(
-                "SELECT pair_id, name, want, have, attempts FROM dns_records
-                     WHERE have IS NOT want AND next_try_at <= ?1
-                     AND pair_id IN ({SERVED_PAIRS}) ORDER BY changed_at"
+                "SELECT d.pair_id, d.name, d.want, d.have, d.attempts, p.name
+                     FROM dns_records d JOIN pairs p ON p.id = d.pair_id
+                     WHERE d.have IS NOT d.want AND d.next_try_at <= ?1
+                     AND d.pair_id IN ({SERVED_PAIRS}) ORDER BY d.changed_at"
             ))
             .map_err(db("reading DNS records"))?;
         let rows = statement
@@ -53,16 +54,19 @@ impl SqliteStore {
                     r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
                 ))
             })
             .map_err(db("reading DNS records"))?;
         let mut due = Vec::new();
         for row in rows {
-            let (pair_id, name, want, have, attempts) = row.map_err(db("reading DNS records"))?;
+            let (pair_id, name, want, have, attempts, pair) =
+                row.map_err(db("reading DNS records"))?;
             // Only this module writes these columns, always from an Ipv4Addr.
             let Ok(want) = want.parse() else { continue };
             due.push(DnsWork {
                 pair_id,
+                pair,
                 name,
                 want,
                 have: have.and_then(|h| h.parse().ok()),

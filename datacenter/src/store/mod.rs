@@ -1,5 +1,6 @@
 //! The data center's records: pairs, their servers, and the append-only audit log — behind
-//! [`Store`], so a PostgreSQL backend can follow the SQLite one ([`SqliteStore`]).
+//! [`Store`]: SQLite for one site ([`SqliteStore`], the default), or a key-value engine the
+//! sites share, etcd ([`KvStore`]).
 //!
 //! Every decision about roles is one transaction that checks what it relies on: activation
 //! assigns primary to the first box of a pair and backup to the second; a promotion is a
@@ -27,11 +28,13 @@ mod reading;
 mod requests;
 mod roles;
 mod schema;
+mod shared;
 mod types;
 
 use dns::{dns_names, want_dns};
 pub use liveness::ReportKind;
 use schema::MIGRATIONS;
+pub use shared::{EVENTS_KEPT, KvStore};
 pub use types::*;
 
 /// What can go wrong, said so that the operator (or the box) can act on it.
@@ -76,6 +79,18 @@ pub enum StoreError {
     /// The overlay address pool is exhausted.
     #[error("no free overlay address left in {0}")]
     PoolExhausted(Ipv4Cidr),
+    /// The shared store's authority (etcd) could not be reached or did not confirm.
+    #[error(transparent)]
+    Authority(#[from] crate::kv::KvError),
+    /// A record in the shared store cannot be read (written by a newer lbs-datacenter, or
+    /// by hand).
+    #[error(
+        "the record {key} in the shared store is unreadable ({detail}): was it written by a newer lbs-datacenter or by hand?"
+    )]
+    Corrupt { key: String, detail: String },
+    /// Other sites kept changing the records a decision relied on.
+    #[error("{0}")]
+    Busy(String),
     /// The database failed.
     #[error("database {what}: {error}")]
     Db {

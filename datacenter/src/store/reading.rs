@@ -81,15 +81,11 @@ impl SqliteStore {
                 let have: Option<String> = r.get(2)?;
                 let attempts: i64 = r.get(3)?;
                 let needs_operator: bool = r.get(7)?;
-                let state = if have.as_deref() == Some(want.as_str()) {
-                    DnsState::Done
-                } else if attempts == 0 {
-                    DnsState::Pending
-                } else if needs_operator {
-                    DnsState::Failed
-                } else {
-                    DnsState::Retrying
-                };
+                let state = DnsState::of(
+                    have.as_deref() == Some(want.as_str()),
+                    attempts,
+                    needs_operator,
+                );
                 Ok(DnsView {
                     name: r.get(0)?,
                     want,

@@ -90,6 +90,8 @@ pub struct DnsView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsWork {
     pub pair_id: i64,
+    /// The pair's name.
+    pub pair: String,
     pub name: String,
     /// Where it must point.
     pub want: Ipv4Addr,
@@ -183,7 +185,7 @@ pub struct PairView {
 }
 
 /// One audit-log entry.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// Its sequence number.
     pub id: i64,

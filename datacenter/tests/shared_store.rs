@@ -1,0 +1,136 @@
+//! What only the shared store (`KvStore`) shows, in memory and on a real etcd: long lists
+//! provisioned in pieces yet whole or not at all, the audit log's bounded retention, a site
+//! cut off from the authority deciding nothing and saying so, and two sites racing.
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use lbs_datacenter::kv::{EtcdKv, EtcdSettings, MemKv};
+use lbs_datacenter::store::{ActivationRequest, KvStore, Store, StoreError};
+use lbs_protocol::{Generation, ServerId};
+use lbs_tests::etcd::Etcd;
+
+const DAY: Duration = Duration::from_secs(86_400);
+const T0: i64 = 1_800_000_000_000;
+const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+
+fn request(sid: ServerId, key: &str, lan: u8) -> ActivationRequest {
+    ActivationRequest {
+        sid,
+        key: key.to_owned(),
+        wireguard_key: format!("wg-key-of-{sid}"),
+        tls_key: format!("tls-key-of-{sid}"),
+        lan_address: Ipv4Addr::new(192, 168, 1, lan),
+        software: "0.1.0".into(),
+        inventory: "{}".into(),
+        source: "198.51.100.7".into(),
+    }
+}
+
+fn list(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("{prefix}{i:03}"),
+                format!("pbx.{prefix}{i:03}.example"),
+            )
+        })
+        .collect()
+}
+
+/// More pairs than one transaction may carry, made whole; a list with one taken name makes
+/// none; the audit log keeps only its latest events.
+fn long_lists_and_retention(store: &mut KvStore) {
+    let made = store
+        .provision_pairs(&list("office", 100), 2, DAY, T0)
+        .unwrap();
+    assert_eq!(made.len(), 100);
+    assert!(made.iter().all(|servers| servers.len() == 2));
+    assert_eq!(store.pairs().unwrap().len(), 100);
+    let mut refused = list("late", 60);
+    refused[45].0 = "office050".into();
+    assert!(matches!(
+        store.provision_pairs(&refused, 2, DAY, T0),
+        Err(StoreError::PairExists(name)) if name == "office050"
+    ));
+    let mut twice = list("twice", 3);
+    twice[2].0 = twice[0].0.clone();
+    assert!(store.provision_pairs(&twice, 2, DAY, T0).is_err());
+    assert_eq!(
+        store.pairs().unwrap().len(),
+        100,
+        "nothing of a refused list"
+    );
+    // 200 "provisioned" events were logged; 150 are kept, numbered on.
+    let events = store.events(0).unwrap();
+    assert_eq!(events.len(), 150);
+    assert_eq!((events[0].id, events[149].id), (51, 200));
+    assert_eq!(store.events(190).unwrap().len(), 10);
+}
+
+#[test]
+fn in_memory_long_lists_are_made_whole_and_the_log_is_bounded() {
+    let mut store = KvStore::new(Box::new(MemKv::default()), "/lbs").keeping_events(150);
+    long_lists_and_retention(&mut store);
+}
+
+#[test]
+fn on_etcd_long_lists_are_made_whole_and_the_log_is_bounded() {
+    let etcd = Etcd::start(1);
+    let kv = EtcdKv::open(EtcdSettings {
+        endpoints: etcd.endpoints(),
+        timeout: Duration::from_secs(5),
+        tls: None,
+    })
+    .unwrap();
+    let mut store = KvStore::new(Box::new(kv), "/lbs").keeping_events(150);
+    long_lists_and_retention(&mut store);
+}
+
+#[test]
+fn a_site_cut_off_from_the_authority_decides_nothing_and_says_so() {
+    let shared = MemKv::default();
+    let (dc1, dc2) = (shared.site(), shared.site());
+    let mut at_dc1 = KvStore::new(Box::new(dc1.clone()), "/lbs");
+    let mut at_dc2 = KvStore::new(Box::new(dc2), "/lbs");
+    let servers = at_dc1
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    for (i, s) in servers.iter().enumerate() {
+        at_dc1
+            .activate(
+                &request(s.sid, &s.key.to_string(), 2 + i as u8),
+                "10.77.0.0/16".parse().unwrap(),
+                T0,
+            )
+            .unwrap();
+    }
+    let backup = servers[1].sid;
+    dc1.cut_off(true);
+    let refused = at_dc1
+        .promote(backup, Generation(1), REMOTE, "test", T0 + 1)
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Authority(_))
+            && refused
+                .to_string()
+                .contains("authority unreachable from this site"),
+        "{refused}"
+    );
+    assert!(
+        at_dc1.pairs().is_err(),
+        "nothing is shown from a stale copy"
+    );
+    // The other site decides; the cut-off one, back, sees it and cannot undo it.
+    let promoted = at_dc2
+        .promote(backup, Generation(1), REMOTE, "test", T0 + 2)
+        .unwrap();
+    assert_eq!(promoted.generation, Generation(2));
+    dc1.cut_off(false);
+    assert!(matches!(
+        at_dc1.promote(servers[0].sid, Generation(1), REMOTE, "test", T0 + 3),
+        Err(StoreError::NotAllowed(_))
+    ));
+    assert_eq!(at_dc1.pairs().unwrap()[0].generation, 2);
+}
