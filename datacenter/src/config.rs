@@ -40,6 +40,16 @@
 //! public = "203.0.113.7:51820"
 //! address = "10.77.255.2/16"
 //! public_key = "…44 base64 characters…"
+//!
+//! [store]                         # where the records are: "sqlite" (this site's file, the
+//! backend = "sqlite"              # default) or "etcd", shared by every site
+//! endpoints = ["https://10.20.0.11:2379", "https://10.20.0.12:2379", "https://10.20.0.13:2379"]
+//! prefix = "/lbs"
+//! timeout_ms = 2000               # every request to etcd, connecting included
+//! ca_file = "etcd-ca.pem"         # client TLS: the members' CA, this site's certificate
+//! cert_file = "etcd-client.pem"   # and key (required for https:// endpoints)
+//! key_file = "etcd-client.key"
+//! dns_lease_s = 6                 # the DNS role's lease: a site gone, another takes over
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -53,6 +63,9 @@ use lbs_vpn::{BackendChoice, EndpointConfig, Key};
 use serde::Deserialize;
 
 use crate::dns::DnsServer;
+
+/// The configuration's name in the data directory (when `--config` does not say).
+pub const CONFIG_FILE: &str = "datacenter.toml";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,6 +89,36 @@ struct File {
     dns: Option<DnsFile>,
     #[serde(default)]
     endpoint: Vec<EndpointFile>,
+    store: Option<StoreFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    #[serde(default)]
+    backend: BackendName,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    #[serde(default = "default_dns_timeout")]
+    timeout_ms: u64,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default = "default_dns_lease")]
+    dns_lease_s: u64,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum BackendName {
+    #[default]
+    Sqlite,
+    Etcd,
+}
+
+fn default_dns_lease() -> u64 {
+    6
 }
 
 #[derive(Deserialize)]
@@ -210,6 +253,99 @@ pub struct ServeConfig {
     pub endpoints: Vec<EndpointSettings>,
     /// How long after a hand-over the pair's next one is refused.
     pub handover_holdoff: std::time::Duration,
+    /// Where the records are.
+    pub store: StoreSettings,
+}
+
+/// Where the data center's records are.
+#[derive(Clone, Debug, Default)]
+pub enum StoreSettings {
+    /// This site's SQLite file in the data directory (one site).
+    #[default]
+    Sqlite,
+    /// etcd, shared by every site.
+    Etcd {
+        etcd: crate::kv::EtcdSettings,
+        /// The keys' prefix.
+        prefix: String,
+        /// The lease of the role of sending DNS updates (one site at a time).
+        dns_lease: Duration,
+    },
+}
+
+impl StoreSettings {
+    /// Reads only the `[store]` section of `path` (the commands other than `serve` need no
+    /// more); a missing file is the default.
+    pub fn load(path: &Path) -> anyhow::Result<StoreSettings> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+        };
+        #[derive(Deserialize)]
+        struct OnlyStore {
+            store: Option<StoreFile>,
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        (|| {
+            let file: OnlyStore = toml::from_str(&text)?;
+            store_settings(file.store.unwrap_or_default(), base)
+        })()
+        .with_context(|| format!("in {}", path.display()))
+    }
+}
+
+fn store_settings(file: StoreFile, base: &Path) -> anyhow::Result<StoreSettings> {
+    if file.backend == BackendName::Sqlite {
+        if !file.endpoints.is_empty() || file.ca_file.is_some() {
+            bail!("store: endpoints and TLS files are for backend = \"etcd\"");
+        }
+        return Ok(StoreSettings::Sqlite);
+    }
+    if file.endpoints.is_empty() {
+        bail!(
+            "store: backend = \"etcd\" needs its members' endpoints, every site's (https://10.20.0.11:2379, …)"
+        );
+    }
+    let tls = match (file.ca_file, file.cert_file, file.key_file) {
+        (Some(ca), Some(cert), Some(key)) => Some(crate::kv::EtcdTls {
+            ca: base.join(ca),
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None, None) => None,
+        _ => bail!(
+            "store: give all of ca_file, cert_file and key_file (mutual TLS with etcd), or none"
+        ),
+    };
+    for endpoint in &file.endpoints {
+        let secure = endpoint.starts_with("https://");
+        if !secure && !endpoint.starts_with("http://") {
+            bail!("store: endpoint {endpoint:?}: expected https://address:port");
+        }
+        if secure && tls.is_none() {
+            bail!("store: endpoint {endpoint}: https needs ca_file, cert_file and key_file");
+        }
+        if !secure && tls.is_some() {
+            bail!("store: endpoint {endpoint}: with TLS files every endpoint is https://");
+        }
+    }
+    let prefix = file.prefix.unwrap_or_else(|| "/lbs".to_owned());
+    if !prefix.starts_with('/') || prefix.len() < 2 {
+        bail!("store: prefix {prefix:?}: expected a key prefix like /lbs");
+    }
+    if file.dns_lease_s < 2 {
+        bail!("store: dns_lease_s must be at least 2");
+    }
+    Ok(StoreSettings::Etcd {
+        etcd: crate::kv::EtcdSettings {
+            endpoints: file.endpoints,
+            timeout: Duration::from_millis(file.timeout_ms.max(100)),
+            tls,
+        },
+        prefix,
+        dns_lease: Duration::from_secs(file.dns_lease_s),
+    })
 }
 
 fn default_holdoff() -> u64 {
@@ -360,6 +496,7 @@ impl ServeConfig {
             dns,
             endpoints,
             handover_holdoff: std::time::Duration::from_secs(file.handover_holdoff_s),
+            store: store_settings(file.store.unwrap_or_default(), base)?,
         })
     }
 }
@@ -424,6 +561,9 @@ mod tests {
             "[[endpoint]]",
             "private_key_file",
             "public_key",
+            "[store]",
+            "endpoints",
+            "dns_lease_s",
         ] {
             assert!(text.contains(&format!("#{key}")), "{key} is not documented");
         }
@@ -456,6 +596,37 @@ mod tests {
         assert!(
             err("[dns]\nserver = \"127.0.0.1:53\"\nzone = \"x\"\nkey_name = \"k\"")
                 .contains("exactly one")
+        );
+        assert!(err("[store]\nbackend = \"etcd\"").contains("needs its members' endpoints"));
+        assert!(
+            err("[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]")
+                .contains("https needs ca_file")
+        );
+        assert!(
+            err("[store]\nbackend = \"etcd\"\nendpoints = [\"10.0.0.1:2379\"]")
+                .contains("expected https://")
+        );
+        assert!(err("[store]\nbackend = \"postgres\"").contains("unknown variant"));
+        let etcd = ServeConfig::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+            Path::new("/etc/lbs-datacenter"),
+        )
+        .unwrap();
+        let StoreSettings::Etcd {
+            etcd,
+            prefix,
+            dns_lease,
+        } = etcd.store
+        else {
+            panic!("etcd settings")
+        };
+        assert_eq!(
+            (prefix.as_str(), dns_lease),
+            ("/lbs", Duration::from_secs(6))
+        );
+        assert_eq!(
+            etcd.tls.map(|t| t.ca),
+            Some(PathBuf::from("/etc/lbs-datacenter/ca.pem"))
         );
     }
 

@@ -5,6 +5,9 @@
 //!   trait; [`store::SqliteStore`] (one file, WAL, migrations in code). Activation assigns
 //!   primary to a pair's first box and backup to its second; promotion is a compare-and-set
 //!   on the pair's generation.
+//! - [`authority`]: the store a site's `[store]` names (SQLite, or etcd shared by the sites
+//!   with the DNS role held by one site at a time).
+//! - [`kv`]: the key-value contract the shared store is built on, on etcd and in memory.
 //! - [`keys`]: one-time activation keys (stored hashed, compared in constant time) and SIDs.
 //! - [`dns`]: RFC 2136 updates signed with TSIG, each with a prerequisite on the value it
 //!   replaces, so a stale decision never overwrites a newer one.
@@ -23,6 +26,7 @@
 //! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | promote |
 //!   status | events | site-identity | site`.
 
+pub mod authority;
 pub mod cli;
 pub mod config;
 pub mod dns;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use lbs_datacenter::kv::{EtcdKv, EtcdSettings, MemKv};
-use lbs_datacenter::store::{ActivationRequest, KvStore, Store, StoreError};
+use lbs_datacenter::store::{ActivationRequest, KvStore, SqliteStore, Store, StoreError};
 use lbs_protocol::{Generation, ServerId};
 use lbs_tests::etcd::Etcd;
 
@@ -133,4 +133,73 @@ fn a_site_cut_off_from_the_authority_decides_nothing_and_says_so() {
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(at_dc1.pairs().unwrap()[0].generation, 2);
+}
+
+#[test]
+fn a_sqlite_site_migrates_with_its_numbers_and_goes_on_deciding() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqlite = SqliteStore::open(&dir.path().join("dc.db")).unwrap();
+    let pool = "10.77.0.0/16".parse().unwrap();
+    let servers = sqlite
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    sqlite
+        .activate(&request(a, &servers[0].key.to_string(), 2), pool, T0 + 1)
+        .unwrap();
+    sqlite
+        .activate(&request(b, &servers[1].key.to_string(), 3), pool, T0 + 2)
+        .unwrap();
+    let asked = sqlite
+        .request_promotion("acme", "ops", DAY, T0 + 3)
+        .unwrap();
+    sqlite
+        .promote(b, Generation(1), REMOTE, "test", T0 + 4)
+        .unwrap();
+    let spare = sqlite
+        .provision_pair("spare", "pbx.spare.example", 1, DAY, T0 + 5)
+        .unwrap();
+    let before = (sqlite.pairs().unwrap(), sqlite.events(0).unwrap());
+
+    let shared = MemKv::default();
+    let mut store = KvStore::new(Box::new(shared.site()), "/lbs");
+    let export = sqlite.export().unwrap();
+    assert_eq!(export.counts(), (2, 3, before.1.len()));
+    store.import(&export).unwrap();
+    assert_eq!((store.pairs().unwrap(), store.events(0).unwrap()), before);
+    assert_eq!(
+        store.promotion_request(asked.id, T0 + 6).unwrap(),
+        sqlite.promotion_request(asked.id, T0 + 6).unwrap()
+    );
+    let err = store.import(&export).unwrap_err().to_string();
+    assert!(err.contains("holds records under /lbs already"), "{err}");
+
+    // It goes on where SQLite stopped: the fenced box back as backup, promoted at 3; the
+    // spare's unused key still works; a taken overlay address is not given twice.
+    store.register_backup(a, "test", T0 + 7).unwrap();
+    let promoted = store
+        .promote(a, Generation(2), REMOTE, "test", T0 + 8)
+        .unwrap();
+    assert_eq!(promoted.generation, Generation(3));
+    let third = store
+        .activate(
+            &request(spare[0].sid, &spare[0].key.to_string(), 4),
+            pool,
+            T0 + 9,
+        )
+        .unwrap();
+    let taken: Vec<Option<String>> = before.0[0]
+        .servers
+        .iter()
+        .map(|s| s.overlay.clone())
+        .collect();
+    assert!(!taken.contains(&Some(third.overlay.to_string())));
+    let events = store.events(0).unwrap();
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=before.1.len() as i64 + 3).collect::<Vec<_>>());
+    store.register_backup(b, "test", T0 + 10).unwrap();
+    let next = store
+        .request_promotion("acme", "ops", DAY, T0 + 10)
+        .unwrap();
+    assert_eq!(next.id, asked.id + 1);
 }

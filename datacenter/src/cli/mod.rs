@@ -12,17 +12,18 @@ use clap::{CommandFactory, Parser, Subcommand};
 use lbs_protocol::{CertificateAuthority, ServerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{RequestState, SqliteStore, Store};
+use crate::store::{RequestState, SqliteStore};
 use crate::time::{now_ms, utc as when};
 
+mod migrate;
 mod provision;
 mod status;
 
 /// The CA certificate, its key and the database, in the data directory.
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
-const DATABASE: &str = "datacenter.db";
-const CONFIG: &str = "datacenter.toml";
+use crate::authority::DATABASE;
+use crate::config::CONFIG_FILE as CONFIG;
 /// Where the package keeps the configuration (`lbs-datacenter.service` passes it to serve).
 const PACKAGED_CONFIG: &str = "/etc/lbs-datacenter/datacenter.toml";
 
@@ -61,12 +62,12 @@ where
 /// Runs the service; prints `ready:` with the bound addresses.
 async fn serve(
     dir: &Path,
-    store: SqliteStore,
+    authority: crate::authority::Authority,
     ca: CertificateAuthority,
     config: crate::config::ServeConfig,
 ) -> anyhow::Result<()> {
     until_signal(|shutdown| {
-        crate::serve::run(dir, store, ca, config, shutdown, |listening| {
+        crate::serve::run(dir, authority, ca, config, shutdown, |listening| {
             let list = |addresses: &[std::net::SocketAddr]| {
                 addresses
                     .iter()
@@ -188,6 +189,18 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Move this site's SQLite records into the shared store the configuration's [store]
+    /// section names (backend = "etcd"): pairs, keys, roles, generations, DNS records,
+    /// requests and the audit log, numbers kept. Stop serve first; the SQLite file stays as
+    /// it was. An interrupted migration can be run again.
+    Migrate {
+        /// The shared store's kind (etcd, the only one).
+        #[arg(long, value_parser = ["etcd"])]
+        to: String,
+        /// The configuration with the [store] section (default: datacenter.toml in --dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Retire a pair (the office left): from now on its boxes are refused at activation, on
     /// the control API and by the tunnel endpoints, its DNS names are no longer updated and
     /// status leaves it out; its records and its audit log stay. Cannot be undone.
@@ -259,16 +272,8 @@ enum Command {
     },
 }
 
-fn open(dir: &Path) -> anyhow::Result<SqliteStore> {
-    let path = dir.join(DATABASE);
-    if !path.exists() {
-        bail!(
-            "no database at {}: run `lbs-datacenter --dir {} init` first",
-            path.display(),
-            dir.display()
-        );
-    }
-    Ok(SqliteStore::open(&path)?)
+fn open(dir: &Path) -> anyhow::Result<crate::authority::AnyStore> {
+    crate::authority::open_store(dir)
 }
 
 fn days(n: u64) -> Duration {
@@ -302,13 +307,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("restricting {}", dir.display()))?;
             let ca = CertificateAuthority::generate(&name)?;
             ca.save(&cert, &key)?;
-            let store = SqliteStore::open(&dir.join(DATABASE))?;
+            let records = match crate::config::StoreSettings::load(&dir.join(CONFIG))? {
+                crate::config::StoreSettings::Sqlite => {
+                    let store = SqliteStore::open(&dir.join(DATABASE))?;
+                    format!("database schema {}", store.schema_version()?)
+                }
+                crate::config::StoreSettings::Etcd { etcd, prefix, .. } => {
+                    // Reachable now, or said now rather than at the first activation.
+                    open(dir)?.events(i64::MAX)?;
+                    format!(
+                        "records on etcd ({}) under {prefix}",
+                        etcd.endpoints.join(", ")
+                    )
+                }
+            };
             lbs_host::say!(
-                "initialised {}: CA {:?} ({}), database schema {}",
+                "initialised {}: CA {:?} ({}), {records}",
                 dir.display(),
                 name,
                 cert.display(),
-                store.schema_version()?
             );
         }
         Command::ProvisionPair {
@@ -351,12 +368,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => (dir.join(CONFIG), false),
             };
             let config = crate::config::ServeConfig::load(&path, required)?;
-            let store = open(dir)?;
+            let authority = crate::authority::open(dir, &config.store, &config.site)?;
             let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))
                 .context("loading the CA (run `lbs-datacenter init` first)")?;
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(serve(dir, store, ca, config))?;
+            runtime.block_on(serve(dir, authority, ca, config))?;
         }
         Command::GenerateDocs { out } => {
             lbs_host::cli_docs::write(Cli::command(), &out)?;
@@ -391,6 +408,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(site(dir, config))?;
+        }
+        Command::Migrate { to: _, config } => {
+            let path = config.unwrap_or_else(|| dir.join(CONFIG));
+            return migrate::migrate(dir, &path);
         }
         Command::Retire { pair, by } => {
             let mut store = open(dir)?;

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use lbs_protocol::PairName;
 
 use super::{days, open, when};
-use crate::store::Store;
+
 use crate::time::now_ms;
 
 /// Provisions `pairs` (name, FQDN), two servers each unless `single`, and shows their keys.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::{CONFIG, PACKAGED_CONFIG, open, when};
-use crate::store::{DnsState, Store, StoredReport};
+use crate::store::{DnsState, StoredReport};
 use crate::time::now_ms;
 
 /// `status [PAIR] [--problems] [--silent-after S] [--json]`.

@@ -151,6 +151,7 @@ impl EtcdKv {
 
 impl Kv for EtcdKv {
     fn get(&self, keys: &[String]) -> Result<Read<Vec<Option<Versioned>>>, KvError> {
+        super::check_get(keys)?;
         self.ask(|reply| Request::Get(keys.to_vec(), reply))
     }
 

@@ -60,6 +60,16 @@ impl Candidate {
         }
     }
 
+    /// Until when this site may act on the role (`None`: it may not).
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// The role's lease time.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Whether this site may act on the role at `now`.
     pub fn holds(&self, now: Instant) -> bool {
         self.until.is_some_and(|until| now < until)

@@ -131,9 +131,52 @@ pub trait Kv: Send {
     fn revoke(&self, lease: LeaseId) -> Result<(), KvError>;
 }
 
+/// One engine shared by several users in a process (a site's store and its DNS role).
+impl<K: Kv + Sync + ?Sized> Kv for Arc<K> {
+    fn get(&self, keys: &[String]) -> Result<Read<Vec<Option<Versioned>>>, KvError> {
+        (**self).get(keys)
+    }
+
+    fn range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
+        (**self).range(prefix, after, limit)
+    }
+
+    fn commit(&self, expect: &[Expect], ops: &[Op]) -> Result<Option<Revision>, KvError> {
+        (**self).commit(expect, ops)
+    }
+
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        (**self).grant(ttl)
+    }
+
+    fn renew(&self, lease: LeaseId) -> Result<bool, KvError> {
+        (**self).renew(lease)
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), KvError> {
+        (**self).revoke(lease)
+    }
+}
+
 /// A lease's time as etcd counts it: whole seconds, at least one.
 fn lease_seconds(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX)
+}
+
+/// Refuses a read of more keys than etcd reads in one transaction.
+fn check_get(keys: &[String]) -> Result<(), KvError> {
+    if keys.len() > MAX_TXN_OPS {
+        return Err(KvError::Refused {
+            what: "a read",
+            detail: format!("{} keys, more than the {MAX_TXN_OPS} allowed", keys.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses what etcd would refuse, before anything is sent (so [`MemKv`] tests catch it).
@@ -263,6 +306,7 @@ impl MemKv {
 
 impl Kv for MemKv {
     fn get(&self, keys: &[String]) -> Result<Read<Vec<Option<Versioned>>>, KvError> {
+        check_get(keys)?;
         let state = self.state()?;
         Ok(Read {
             revision: state.revision,

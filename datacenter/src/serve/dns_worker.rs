@@ -27,6 +27,9 @@ pub(super) async fn dns_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
             () = inner.dns_wake.notified() => {}
             () = tokio::time::sleep(TICK) => {}
         }
+        if !may_send_dns(&inner) {
+            continue;
+        }
         let due = match with_store(&inner, |s| s.dns_due(now_ms())).await {
             Ok(due) => due,
             Err(err) => {
@@ -41,6 +44,66 @@ pub(super) async fn dns_worker(inner: Arc<Inner>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = names => {}
         }
+    }
+}
+
+/// Whether this site may send DNS updates now: always with its own store; with a shared one
+/// only while it holds the role.
+fn may_send_dns(inner: &Inner) -> bool {
+    inner.dns_until.as_ref().is_none_or(|until| {
+        until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| std::time::Instant::now() < until)
+    })
+}
+
+/// Keeps this site's bid for the DNS role (a shared store): a step every third of the lease
+/// on a blocking thread, the time it may act published for the worker, who holds it logged
+/// when it changes; at shutdown the role is given up so another site takes it at once.
+pub(super) async fn dns_role(
+    inner: Arc<Inner>,
+    role: crate::authority::DnsRole,
+    shutdown: CancellationToken,
+) {
+    let every = role.candidate.ttl() / 3;
+    let mut role = Some(role);
+    let mut last: Option<String> = None;
+    loop {
+        let Some(mut bid) = role.take() else { return };
+        let stepped = tokio::task::spawn_blocking(move || {
+            let held = bid.candidate.step(&*bid.kv);
+            (bid, held)
+        })
+        .await;
+        let Ok((bid, held)) = stepped else {
+            tracing::error!("the DNS role's step failed; DNS updates stop at this site");
+            return;
+        };
+        if let Some(until) = &inner.dns_until {
+            *until.lock().unwrap_or_else(|p| p.into_inner()) = bid.candidate.until();
+        }
+        let now = match &held {
+            Ok(crate::kv::Holder::Me) => "this site".to_owned(),
+            Ok(crate::kv::Holder::Other(site)) => format!("site {site}"),
+            Ok(crate::kv::Holder::Nobody) => "nobody yet".to_owned(),
+            Err(err) => format!("nobody this site can tell ({err})"),
+        };
+        if last.as_deref() != Some(now.as_str()) {
+            tracing::info!("DNS updates are sent by {now}");
+            if matches!(held, Ok(crate::kv::Holder::Me)) {
+                inner.dns_wake.notify_one();
+            }
+            last = Some(now);
+        }
+        role = Some(bid);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Some(mut bid) = role {
+        let _ = tokio::task::spawn_blocking(move || bid.candidate.resign(&*bid.kv)).await;
     }
 }
 
@@ -65,6 +128,10 @@ async fn settle(
     ttl: u32,
     work: store::DnsWork,
 ) {
+    // The role may have moved while the round ran: the name stays due for its holder.
+    if !may_send_dns(inner) {
+        return;
+    }
     let outcome = server
         .replace_a(&work.name, work.have, work.want, ttl)
         .await;

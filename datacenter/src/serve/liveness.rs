@@ -13,7 +13,7 @@ use lbs_protocol::ServerId;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, with_store};
-use crate::store::{Millis, PairView, Report, SqliteStore, Store, StoreError};
+use crate::store::{Millis, PairView, Report, Store, StoreError};
 
 /// How often reports kept in memory are written to the store.
 pub(super) const WRITE_EVERY: Duration = Duration::from_secs(1);
@@ -49,7 +49,7 @@ impl Liveness {
 
     /// Writes the reports kept to `store` in one transaction; on an error they are kept for
     /// the next try (unless a newer report came meanwhile).
-    pub(super) fn write(&self, store: &mut SqliteStore) -> Result<usize, StoreError> {
+    pub(super) fn write(&self, store: &mut dyn Store) -> Result<usize, StoreError> {
         let batch = self.take();
         match store.heartbeats(&batch) {
             Ok(()) => Ok(batch.len()),
@@ -64,11 +64,7 @@ impl Liveness {
     }
 
     /// `sid`'s pair as the store shows it, with the reports kept here not yet written.
-    pub(super) fn pair_of(
-        &self,
-        store: &SqliteStore,
-        sid: ServerId,
-    ) -> Result<PairView, StoreError> {
+    pub(super) fn pair_of(&self, store: &dyn Store, sid: ServerId) -> Result<PairView, StoreError> {
         let mut pair = store.pair_of(sid)?;
         self.overlay(&mut pair);
         Ok(pair)

@@ -31,8 +31,9 @@ use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use crate::authority::{AnyStore, Authority};
 use crate::config::{EndpointSettings, RateLimit, ServeConfig};
-use crate::store::{self, DnsFailure, DnsState, Millis, PairView, SqliteStore, Store, StoreError};
+use crate::store::{self, DnsFailure, DnsState, Millis, PairView, Store, StoreError};
 use crate::time::now_ms;
 
 mod activation;
@@ -117,7 +118,10 @@ impl RateLimiter {
 }
 
 struct Inner {
-    store: Mutex<SqliteStore>,
+    store: Mutex<AnyStore>,
+    /// With a shared store, until when this site may send DNS updates (it holds the role);
+    /// `None` inside: it may not now. Without one (SQLite, one site), always.
+    dns_until: Option<Mutex<Option<std::time::Instant>>>,
     ca: CertificateAuthority,
     activation_tls: Arc<ServerConfig>,
     control_tls: Arc<ServerConfig>,
@@ -147,12 +151,12 @@ fn control_capacity(open_files: u64) -> usize {
 /// Runs `f` on the store on a blocking thread (SQLite waits for the disk).
 async fn with_store<T: Send + 'static>(
     inner: &Arc<Inner>,
-    f: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let inner = inner.clone();
     tokio::task::spawn_blocking(move || {
         let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut store)
+        f(&mut **store)
     })
     .await
     .unwrap_or_else(|err| {
@@ -186,7 +190,7 @@ pub struct Listening {
 /// every endpoint is up. Everything started here is stopped before it returns.
 pub async fn run(
     dir: &Path,
-    store: SqliteStore,
+    authority: Authority,
     ca: CertificateAuthority,
     config: ServeConfig,
     shutdown: CancellationToken,
@@ -228,8 +232,10 @@ pub async fn run(
             "the open-files limit leaves room for {capacity} boxes on the control port (of {MAX_CONNECTIONS}); raise it (LimitNOFILE= in the unit, ulimit -n by hand)"
         );
     }
+    let Authority { store, dns_role } = authority;
     let inner = Arc::new(Inner {
         store: Mutex::new(store),
+        dns_until: dns_role.as_ref().map(|_| Mutex::new(None)),
         ca,
         activation_tls,
         control_tls,
@@ -284,6 +290,9 @@ pub async fn run(
         ));
     }
     tasks.spawn(dns_worker(inner.clone(), shutdown.clone()));
+    if let Some(role) = dns_role {
+        tasks.spawn(dns_worker::dns_role(inner.clone(), role, shutdown.clone()));
+    }
     tasks.spawn(peers_worker(inner.clone(), shutdown.clone()));
     tasks.spawn(liveness_writer(inner.clone(), shutdown.clone()));
     ready(&listening);

@@ -23,6 +23,7 @@ pub use crate::view::{DnsState, RequestState, StoredReport};
 
 mod activation;
 mod dns;
+mod export;
 mod liveness;
 mod reading;
 mod requests;
@@ -32,9 +33,10 @@ mod shared;
 mod types;
 
 use dns::{dns_names, want_dns};
+pub use export::Export;
 pub use liveness::ReportKind;
 use schema::MIGRATIONS;
-pub use shared::{EVENTS_KEPT, KvStore};
+pub use shared::{EVENTS_KEPT, KvStore, Migrated};
 pub use types::*;
 
 /// What can go wrong, said so that the operator (or the box) can act on it.

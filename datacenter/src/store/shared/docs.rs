@@ -6,10 +6,10 @@
 use super::super::*;
 
 /// How many answered promotion requests a pair keeps (the audit log keeps them all).
-pub(super) const REQUESTS_KEPT: usize = 16;
+pub(in crate::store) const REQUESTS_KEPT: usize = 16;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(super) struct PairDoc {
+pub(in crate::store) struct PairDoc {
     pub id: i64,
     pub name: String,
     pub fqdn: String,
@@ -31,7 +31,7 @@ pub(super) struct PairDoc {
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(super) struct ServerDoc {
+pub(in crate::store) struct ServerDoc {
     pub sid: String,
     pub role: Role,
     /// The unused activation key's hash (hex); `None` once used.
@@ -58,7 +58,7 @@ pub(super) struct ServerDoc {
 /// A box's last report, and what a decision said of it meanwhile (activation and promotion
 /// set its generation and address).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub(super) struct ReportDoc {
+pub(in crate::store) struct ReportDoc {
     pub at: Option<Millis>,
     pub generation: Option<u64>,
     pub software: Option<String>,
@@ -68,7 +68,7 @@ pub(super) struct ReportDoc {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) struct DnsDoc {
+pub(in crate::store) struct DnsDoc {
     pub name: String,
     pub want: Ipv4Addr,
     pub have: Option<Ipv4Addr>,
@@ -85,7 +85,7 @@ pub(super) struct DnsDoc {
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(super) struct RequestDoc {
+pub(in crate::store) struct RequestDoc {
     pub id: i64,
     pub requested_by: String,
     pub requested_at: Millis,
@@ -98,7 +98,7 @@ pub(super) struct RequestDoc {
 
 /// The store's counters: the last event, pair and request numbers given.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub(super) struct Counters {
+pub(in crate::store) struct Counters {
     pub event: i64,
     pub pair: i64,
     pub request: i64,

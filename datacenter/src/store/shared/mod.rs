@@ -24,10 +24,12 @@ use super::*;
 
 mod decide;
 mod docs;
+mod import;
 mod reading;
 mod requests;
 
-use docs::*;
+pub(super) use docs::{Counters, DnsDoc, PairDoc, REQUESTS_KEPT, ReportDoc, RequestDoc, ServerDoc};
+pub use import::Migrated;
 
 /// The audit log keeps this many latest events.
 pub const EVENTS_KEPT: i64 = 100_000;
