@@ -4,9 +4,12 @@
 //! offices still reach it, a site gone dark.
 #![allow(clippy::unwrap_used)]
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use lbs_datacenter::kv::{EtcdKv, EtcdSettings, Expect, Kv, KvError, Op};
+use lbs_datacenter::store::{ActivationRequest, KvStore, Promoted, Store, StoreError};
+use lbs_protocol::Generation;
 use lbs_tests::netns::in_netns;
 use lbs_tests::office::Office;
 use lbs_tests::require_root;
@@ -149,4 +152,84 @@ fn a_site_cut_off_from_the_others_decides_nothing_and_the_other_two_go_on() {
     );
     println!("dc2 decides {took:?} after dc1 went dark; double grants: {double}");
     assert_eq!(double, 0, "two sites won the same round");
+}
+
+/// The store at `name`: `KvStore` on the site's own member.
+fn store_at(office: &Office, name: &'static str) -> KvStore {
+    KvStore::new(Box::new(site(office, name)), "/lbs")
+}
+
+#[test]
+fn promotions_of_one_pair_racing_through_two_sites_have_one_winner_every_round() {
+    if !require_root(
+        "promotions_of_one_pair_racing_through_two_sites_have_one_winner_every_round",
+        "network namespaces for the three sites",
+    ) {
+        return;
+    }
+    let mut office = Office::start().unwrap();
+    office.start_etcd().unwrap();
+    let (mut dc1, mut dc2) = (store_at(&office, "dc1"), store_at(&office, "dc2"));
+    let servers = dc1
+        .provision_pair("race", "pbx.race.example", 2, Duration::from_secs(3600), 1)
+        .unwrap();
+    let pool = "10.77.0.0/16".parse().unwrap();
+    for (i, s) in servers.iter().enumerate() {
+        let request = ActivationRequest {
+            sid: s.sid,
+            key: s.key.to_string(),
+            wireguard_key: format!("wg-{i}"),
+            tls_key: format!("tls-{i}"),
+            lan_address: Ipv4Addr::new(192, 168, 1, 2 + i as u8),
+            software: "test".into(),
+            inventory: "{}".into(),
+            source: "test".into(),
+        };
+        // Activations through either site.
+        let at = if i == 0 { &mut dc1 } else { &mut dc2 };
+        at.activate(&request, pool, 2).unwrap();
+    }
+    let advertised = Ipv4Addr::new(192, 168, 1, 2);
+    let (mut backup, mut fenced) = (servers[1].sid, servers[0].sid);
+    let mut winners = Vec::new();
+    for round in 0..20u64 {
+        let believed = Generation(round + 1);
+        // The same backup asks through both sites at once (its first site slow to answer).
+        let (one, two) = std::thread::scope(|s| {
+            let by_dc2 = s.spawn(|| dc2.promote(backup, believed, advertised, "via dc2", 10));
+            let by_dc1 = dc1.promote(backup, believed, advertised, "via dc1", 10);
+            (by_dc1, by_dc2.join().unwrap())
+        });
+        let won = |r: &Result<Promoted, StoreError>| {
+            r.as_ref()
+                .is_ok_and(|p| !p.repeat && p.generation == Generation(round + 2))
+        };
+        assert_eq!(
+            u32::from(won(&one)) + u32::from(won(&two)),
+            1,
+            "round {round}: {one:?} {two:?}"
+        );
+        winners.push(if won(&one) { "dc1" } else { "dc2" });
+        // The loser was told the same promotion (a repeat) or that it came too late.
+        for r in [&one, &two] {
+            assert!(
+                matches!(r, Ok(_) | Err(StoreError::StaleGeneration { .. })),
+                "round {round}: {r:?}"
+            );
+        }
+        dc1.register_backup(fenced, "test", 11).unwrap();
+        std::mem::swap(&mut backup, &mut fenced);
+    }
+    let events = dc2.events(0).unwrap();
+    let promoted: Vec<u64> = events
+        .iter()
+        .filter(|e| e.kind == "promoted")
+        .filter_map(|e| e.to_generation)
+        .collect();
+    assert_eq!(
+        promoted,
+        (2..=21).collect::<Vec<u64>>(),
+        "one promotion per generation"
+    );
+    println!("winners by round: {winners:?}");
 }

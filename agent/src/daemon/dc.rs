@@ -30,54 +30,83 @@ pub(crate) async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection,
 pub(crate) async fn connect_dc_negotiated(
     shared: &Shared,
 ) -> anyhow::Result<(DcConnection, SocketAddr, lbs_protocol::ProtocolVersion)> {
-    let (sid, addresses) = {
-        let info = lock(&shared.info);
-        (info.sid, info.control.clone())
-    };
-    let identity = lbs_protocol::Identity::load(&shared.paths.cert(), &shared.paths.key())?;
-    let root = lbs_protocol::TrustRoot::load(&shared.paths.ca())?;
-    let config = tls::client_config(&identity, &root)?;
     let mut last_error = anyhow::anyhow!("the data center gave no control address");
-    for address in addresses {
-        // One deadline for the whole: TCP, the TLS handshake and the hello. A data center
-        // that accepts connections but does not answer (stopped, overloaded) is given up on
-        // like one that is down.
-        let connected = tokio::time::timeout(DC_DEADLINE, async {
-            let tcp = TcpStream::connect(address).await?;
-            lbs_host::tcp::watch_peer(&tcp)?;
-            let stream = tls::connect(config.clone(), &PeerName::DataCenter, tcp).await?;
-            let record = lock(&shared.machine).record.clone();
-            let hello = Hello {
-                protocol: PROTOCOL_VERSION,
-                software: SoftwareVersion::current(),
-                sender: Sender::Box {
-                    sid,
-                    role: record.state.wire_role(),
-                },
-            };
-            let (conn, negotiated) = lbs_protocol::exchange_hello(
-                stream,
-                &PeerName::DataCenter,
-                hello,
-                record.generation,
-                HELLO_TIMEOUT,
-            )
-            .await?;
-            anyhow::Ok((conn, negotiated.version))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "connected, but no TLS handshake and hello within {} s",
-                DC_DEADLINE.as_secs()
-            ))
-        });
-        match connected {
+    for address in dc_order(shared) {
+        match connect_at(shared, address).await {
             Ok((conn, version)) => return Ok((conn, address, version)),
-            Err(err) => last_error = err.context(format!("data center at {address}")),
+            Err(err) => {
+                dc_failed(shared, address);
+                last_error = err.context(format!("data center at {address}"));
+            }
         }
     }
     Err(last_error)
+}
+
+/// The data center's control addresses (one per site) in the order to try them: the one that
+/// failed this box last goes last, as every site answers for the same shared authority.
+pub(crate) fn dc_order(shared: &Shared) -> Vec<SocketAddr> {
+    let mut addresses = lock(&shared.info).control.clone();
+    if let Some(failed) = *lock(&shared.dc_failed)
+        && let Some(at) = addresses.iter().position(|a| *a == failed)
+    {
+        let failed = addresses.remove(at);
+        addresses.push(failed);
+    }
+    addresses
+}
+
+/// Records that the site at `address` failed this box (unreachable, silent, or unable to
+/// reach the authority): the others are tried first from now on.
+pub(crate) fn dc_failed(shared: &Shared, address: SocketAddr) {
+    let mut failed = lock(&shared.dc_failed);
+    if *failed != Some(address) && lock(&shared.info).control.len() > 1 {
+        tracing::info!("the data center at {address} failed: the other sites are tried first");
+    }
+    *failed = Some(address);
+}
+
+/// A control connection to the site at `address`, within [`DC_DEADLINE`]: TCP, the TLS
+/// handshake and the hello. A site that accepts connections but does not answer (stopped,
+/// overloaded) is given up on like one that is down.
+pub(crate) async fn connect_at(
+    shared: &Shared,
+    address: SocketAddr,
+) -> anyhow::Result<(DcConnection, lbs_protocol::ProtocolVersion)> {
+    let sid = lock(&shared.info).sid;
+    let identity = lbs_protocol::Identity::load(&shared.paths.cert(), &shared.paths.key())?;
+    let root = lbs_protocol::TrustRoot::load(&shared.paths.ca())?;
+    let config = tls::client_config(&identity, &root)?;
+    tokio::time::timeout(DC_DEADLINE, async {
+        let tcp = TcpStream::connect(address).await?;
+        lbs_host::tcp::watch_peer(&tcp)?;
+        let stream = tls::connect(config, &PeerName::DataCenter, tcp).await?;
+        let record = lock(&shared.machine).record.clone();
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            software: SoftwareVersion::current(),
+            sender: Sender::Box {
+                sid,
+                role: record.state.wire_role(),
+            },
+        };
+        let (conn, negotiated) = lbs_protocol::exchange_hello(
+            stream,
+            &PeerName::DataCenter,
+            hello,
+            record.generation,
+            HELLO_TIMEOUT,
+        )
+        .await?;
+        anyhow::Ok((conn, negotiated.version))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "connected, but no TLS handshake and hello within {} s",
+            DC_DEADLINE.as_secs()
+        ))
+    })
 }
 
 /// A control connection to the data center.

@@ -35,6 +35,12 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
         };
         if let Err(err) = result {
             let text = format!("{err:#}");
+            // A site that failed the session (its link dropped, or it cannot reach the
+            // authority): the next session starts at another.
+            let failed = lock(&shared.datacenter).connected_to;
+            if let Some(address) = failed {
+                crate::daemon::dc::dc_failed(&shared, address);
+            }
             let mut dc = lock(&shared.datacenter);
             if dc.last_error.as_deref() != Some(text.as_str()) {
                 tracing::warn!("data center: {text}");

@@ -63,6 +63,9 @@ pub(crate) struct Shared {
     pub(crate) auto_failover: Mutex<Option<String>>,
     /// The last promotion request from the data center this box acted on.
     pub(crate) remote_handled: Mutex<Option<u64>>,
+    /// The data-center site that failed this box last (down, or cut off from the sites'
+    /// shared authority): tried last until another fails.
+    pub(crate) dc_failed: Mutex<Option<std::net::SocketAddr>>,
     /// The slow re-announcement of the address this box last moved to (stops when replaced
     /// or dropped).
     pub(crate) refresh: Mutex<Option<lbs_netconfig::Refresh>>,
@@ -170,6 +173,7 @@ impl Shared {
             partner_heard_ms: Mutex::new(None),
             auto_failover: Mutex::new(None),
             remote_handled: Mutex::new(None),
+            dc_failed: Mutex::new(None),
             refresh: Mutex::new(None),
             withdrawn: Mutex::new(None),
             stranger: Mutex::new(None),

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::activate::StatePaths;
 use crate::role::{Action, Event, RoleState};
 
-use crate::daemon::dc::{DC_DEADLINE, PROMOTION_DEADLINE, connect_dc, connect_dc_negotiated};
+use crate::daemon::dc::{
+    DC_DEADLINE, PROMOTION_DEADLINE, connect_at, connect_dc, dc_failed, dc_order,
+};
 use crate::daemon::state::{RETRY, Shared, lock, network};
 
 /// Carries out role-change steps one at a time and feeds their outcome to the machine.
@@ -172,6 +174,50 @@ pub(crate) async fn move_address(
     Ok(report)
 }
 
+/// Asks the data center for the promotion, site after site: one that cannot be reached,
+/// does not answer, or cannot reach the sites' shared authority (`Unavailable`) hands the
+/// request to the next. The same request twice is safe: the data center answers a repeat
+/// with the promotion it granted.
+async fn ask_promotion(
+    shared: &Shared,
+    believed: lbs_protocol::Generation,
+    advertised: std::net::Ipv4Addr,
+    how: control::PromotionKind,
+) -> anyhow::Result<(lbs_protocol::Generation, Message)> {
+    let mut last = anyhow::anyhow!("the data center gave no control address");
+    for address in dc_order(shared) {
+        let (mut conn, version) = match connect_at(shared, address).await {
+            Ok(connected) => connected,
+            Err(err) => {
+                dc_failed(shared, address);
+                last = err.context(format!("data center at {address}"));
+                continue;
+            }
+        };
+        // A data center of 1.4 records how the promotion came about.
+        let request = if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+            Message::PromoteAs { advertised, how }
+        } else {
+            Message::Promote { advertised }
+        };
+        match control::call(&mut conn, believed, request, DC_DEADLINE).await {
+            Err(control::CallError::Timeout { .. } | control::CallError::Closed(_)) => {
+                dc_failed(shared, address);
+                last = anyhow::anyhow!(
+                    "the data center at {address} took the request but did not answer within {} s",
+                    DC_DEADLINE.as_secs()
+                );
+            }
+            Err(control::CallError::Denied(control::Denial::Unavailable(why))) => {
+                dc_failed(shared, address);
+                last = anyhow::anyhow!("the data center at {address} cannot decide now: {why}");
+            }
+            other => return Ok(other?),
+        }
+    }
+    Err(last)
+}
+
 pub(crate) async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result<StepOutcome> {
     match action {
         Action::AskPromotion { believed } => {
@@ -188,22 +234,10 @@ pub(crate) async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result
                     *lock(&shared.promotion_kind)
                 }
             };
-            let asked = tokio::time::timeout(PROMOTION_DEADLINE, async {
-                let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
-                // A data center of 1.4 records how the promotion came about.
-                let request = if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
-                    Message::PromoteAs { advertised, how }
-                } else {
-                    Message::Promote { advertised }
-                };
-                let answer = control::call(&mut conn, *believed, request, DC_DEADLINE).await;
-                match answer {
-                    Err(control::CallError::Timeout { .. } | control::CallError::Closed(_)) => {
-                        bail!("the data center at {address} took the request but did not answer within {} s", DC_DEADLINE.as_secs())
-                    }
-                    other => anyhow::Ok(other?),
-                }
-            })
+            let asked = tokio::time::timeout(
+                PROMOTION_DEADLINE,
+                ask_promotion(shared, *believed, advertised, how),
+            )
             .await
             .unwrap_or_else(|_| {
                 Err(anyhow::anyhow!(

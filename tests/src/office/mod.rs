@@ -30,7 +30,7 @@ mod phone;
 mod sites;
 
 pub use boxes::generated_audio;
-pub use sites::{DC3, SITES};
+pub use sites::{DC3, SERVING, SITES};
 
 /// The shared address: the primary's, the one the phones use.
 pub const SHARED: &str = "192.168.1.2";
@@ -106,6 +106,10 @@ pub struct Office {
     remote: bool,
     /// `lbs-datacenter serve`.
     pub dc_pid: u32,
+    /// The DNS server the pair's names are asked of (BIND on dc1; dc3 with three sites).
+    dns_at: &'static str,
+    /// With three sites: `lbs-datacenter serve` and etcd, per site.
+    sites: sites::Sites,
 }
 
 /// `lbs vpn keygen <path>`: a WireGuard key written there; its public key.
@@ -161,6 +165,8 @@ impl Office {
             layout,
             remote,
             dc_pid: 0,
+            dns_at: DC1,
+            sites: sites::Sites::default(),
         };
         if let Layout::Office { .. } = layout {
             office.start_bind()?;
@@ -303,18 +309,23 @@ impl Office {
     }
 
     fn start_bind(&mut self) -> anyhow::Result<()> {
-        let dir = self.dir().join("bind");
+        self.start_bind_on("dc1", DC1)
+    }
+
+    /// BIND on `host` at `address`, holding the pair's zone, updated with the lab's TSIG key.
+    fn start_bind_on(&mut self, host: &str, address: &'static str) -> anyhow::Result<()> {
+        let dir = self.dir().join(format!("bind-{host}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(
             dir.join("zone"),
             format!(
-                "$TTL 60\n@ IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 60 60 600 60\n@ IN NS ns.{ZONE}.\nns IN A {DC1}\n"
+                "$TTL 60\n@ IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 60 60 600 60\n@ IN NS ns.{ZONE}.\nns IN A {address}\n"
             ),
         )?;
         std::fs::write(
             dir.join("named.conf"),
             format!(
-                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; listen-on port 53 {{ {DC1}; }}; listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};\n\
+                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; listen-on port 53 {{ {address}; }}; listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};\n\
                  controls {{ }};\n\
                  key \"lbs-dc\" {{ algorithm hmac-sha256; secret \"{TSIG_BASE64}\"; }};\n\
                  zone \"{ZONE}\" {{ type primary; file \"{d}/zone\"; allow-update {{ key \"lbs-dc\"; }}; }};\n",
@@ -323,7 +334,7 @@ impl Office {
         )?;
         // `named -g` logs to stderr; the first line on stdout would never come, so a shell
         // says "named" and then becomes it.
-        let mut named = self.lab.command("dc1", "sh");
+        let mut named = self.lab.command(host, "sh");
         named.args([
             "-c",
             &format!(
@@ -333,8 +344,9 @@ impl Office {
             ),
         ]);
         self.lab.spawn_until(named, "named", STEP)?;
+        self.dns_at = address;
         self.wait("BIND to answer for the zone", STEP, |office| {
-            Ok(office.dig(&format!("ns.{ZONE}"))? == [DC1])
+            Ok(office.dig(&format!("ns.{ZONE}"))? == [address])
         })
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::{DC1, Office, SHARED, STEP};
+use super::{Office, SHARED, STEP};
 
 impl Office {
     /// What BIND answers for `name` (asked from the phone, as a phone would).
@@ -18,7 +18,7 @@ impl Office {
                 "+short",
                 "+time=1",
                 "+tries=1",
-                &format!("@{DC1}"),
+                &format!("@{}", self.dns_at),
                 name,
                 "A",
             ],
