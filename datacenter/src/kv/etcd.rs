@@ -118,6 +118,7 @@ impl EtcdKv {
             settings: settings.clone(),
             tls: settings.tls_options()?,
             client: None,
+            current: 0,
         };
         std::thread::Builder::new()
             .name("lbs-etcd".into())
@@ -189,10 +190,16 @@ impl Kv for EtcdKv {
 
 /// The client's thread: connects when first needed (and again after a failure) and answers
 /// requests one at a time until every [`EtcdKv`] handle is gone.
+///
+/// It talks to one member at a time, the first listed (this site's own, by convention) until
+/// it fails; then the next. A client balanced over every member would keep sending some
+/// requests to a member gone dark, and fail them at random while the others form a majority.
 struct Worker {
     settings: EtcdSettings,
     tls: Option<TlsOptions>,
     client: Option<Client>,
+    /// The member talked to, an index into the endpoints.
+    current: usize,
 }
 
 impl Worker {
@@ -202,7 +209,7 @@ impl Worker {
         while let Some(request) = incoming.recv().await {
             match request {
                 Request::Get(keys, reply) => {
-                    let answer = self.timed(|c| get(c, keys)).await;
+                    let answer = self.timed(|c| get(c, keys.clone())).await;
                     let _ = reply.send(answer.map_err(Failure::read));
                 }
                 Request::Range {
@@ -211,11 +218,11 @@ impl Worker {
                     limit,
                     reply,
                 } => {
-                    let answer = self.timed(|c| range(c, prefix, after, limit)).await;
+                    let answer = self.timed(|c| range(c, prefix.clone(), after.clone(), limit)).await;
                     let _ = reply.send(answer.map_err(Failure::read));
                 }
                 Request::Commit(expect, ops, reply) => {
-                    let answer = self.timed(|c| commit(c, expect, ops)).await;
+                    let answer = self.timed(|c| commit(c, expect.clone(), ops.clone())).await;
                     let _ = reply.send(answer.map_err(Failure::commit));
                 }
                 // An unanswered grant leaves at most a lease nobody renews: it expires.
@@ -236,24 +243,63 @@ impl Worker {
         }
     }
 
-    /// Runs one request within the timeout, connecting first if needed. A failure drops the
-    /// connection, so the next request starts afresh.
-    async fn timed<T, F>(&mut self, request: impl FnOnce(Client) -> F) -> Result<T, Failure>
+    /// Runs one request within the timeout, connecting first if needed. A request that could
+    /// not reach a member with a leader (no connection, or the member is cut off from the
+    /// majority: nothing was applied) goes to the next member while time remains; any failure
+    /// drops the connection and moves on to the next member for the next request.
+    async fn timed<T, F>(&mut self, request: impl Fn(Client) -> F) -> Result<T, Failure>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         let timeout = self.settings.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
+        let members = self.settings.endpoints.len().max(1);
+        let mut tried = Vec::new();
+        loop {
+            let endpoint = self.settings.endpoints[self.current % members].clone();
+            let failure = match self.attempt(&endpoint, deadline, members, &request).await {
+                Ok(answer) => return Ok(answer),
+                Err(failure) => failure,
+            };
+            self.client = None;
+            self.current = (self.current + 1) % members;
+            tried.push(format!("{endpoint}: {}", failure.detail));
+            let more = matches!(failure.kind, Failed::NotSent)
+                && tried.len() < members
+                && tokio::time::Instant::now() < deadline;
+            if !more {
+                return Err(Failure {
+                    kind: failure.kind,
+                    endpoints: self.settings.named(),
+                    detail: tried.join("; "),
+                });
+            }
+        }
+    }
+
+    /// One try of a request at `endpoint`, within `deadline`.
+    async fn attempt<T, F>(
+        &mut self,
+        endpoint: &str,
+        deadline: tokio::time::Instant,
+        members: usize,
+        request: &impl Fn(Client) -> F,
+    ) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.settings.timeout;
         let failed = |kind: Failed, detail: String| Failure {
             kind,
-            endpoints: self.settings.named(),
+            endpoints: endpoint.to_owned(),
             detail,
         };
         let client = match self.client.clone() {
             Some(client) => client,
             None => {
+                // A share of the time per member, so a dark one leaves time for the next.
                 let mut options = ConnectOptions::new()
-                    .with_connect_timeout(timeout)
+                    .with_connect_timeout(timeout / u32::try_from(members).unwrap_or(1))
                     .with_timeout(timeout)
                     // Not more often than etcd allows (--grpc-keepalive-min-time, 5 s).
                     .with_keep_alive(Duration::from_secs(10), timeout)
@@ -261,7 +307,7 @@ impl Worker {
                 if let Some(tls) = &self.tls {
                     options = options.with_tls(tls.clone());
                 }
-                let connect = Client::connect(&self.settings.endpoints, Some(options));
+                let connect = Client::connect([endpoint], Some(options));
                 match tokio::time::timeout_at(deadline, connect).await {
                     Ok(Ok(client)) => client,
                     Ok(Err(err)) => return Err(failed(Failed::NotSent, err.to_string())),
@@ -272,20 +318,36 @@ impl Worker {
                 }
             }
         };
-        let answer = tokio::time::timeout_at(deadline, request(client.clone())).await;
-        let failure = match answer {
+        match tokio::time::timeout_at(deadline, request(client.clone())).await {
             Ok(Ok(answer)) => {
                 self.client = Some(client);
-                return Ok(answer);
+                Ok(answer)
             }
-            Ok(Err(err)) => match refusal(&err) {
+            Ok(Err(err)) => Err(match refusal(&err) {
                 Some((code, detail)) => failed(Failed::Refused(code), detail),
+                None if not_sent(&err) => failed(Failed::NotSent, err.to_string()),
                 None => failed(Failed::Unanswered, err.to_string()),
-            },
-            Err(_) => failed(Failed::Unanswered, format!("no answer within {timeout:?}")),
-        };
-        self.client = None;
-        Err(failure)
+            }),
+            Err(_) => Err(failed(
+                Failed::Unanswered,
+                format!("no answer within {timeout:?}"),
+            )),
+        }
+    }
+}
+
+/// Whether a request failed before any member could apply it: no connection to the member,
+/// or the member has no leader (with `require_leader` it refuses before proposing anything).
+fn not_sent(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            i32::from(status.code()) == GRPC_UNAVAILABLE
+                && ["tcp connect error", "no leader"]
+                    .iter()
+                    .any(|m| status.message().contains(m))
+        }
+        _ => false,
     }
 }
 
@@ -365,6 +427,8 @@ const GRPC_INVALID_ARGUMENT: i32 = 3;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 /// What etcd answers for a lease that is gone.
 const GRPC_NOT_FOUND: i32 = 5;
+/// No connection, or a member without a leader.
+const GRPC_UNAVAILABLE: i32 = 14;
 
 fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
     Versioned {

@@ -167,11 +167,13 @@ impl Office {
                     std::fs::copy(self.dc_dir().join(file), dir.join(file))?;
                 }
             }
-            // Each site on its own member: it decides while that member is part of the
-            // majority, and says "authority unreachable" when it is not (a client balanced
-            // over every member would also send requests to a member gone dark).
-            let members: Vec<String> = Office::etcd_endpoints(&[site])
+            // Every member, this site's own first: the client talks to one at a time and
+            // moves on when it fails.
+            let mut order = vec![site];
+            order.extend(SITES.iter().map(|(s, _)| *s).filter(|s| *s != site));
+            let members: Vec<String> = order
                 .iter()
+                .flat_map(|s| Office::etcd_endpoints(&[s]))
                 .map(|e| format!("\"{e}\""))
                 .collect();
             let config = dir.join("datacenter.toml");
