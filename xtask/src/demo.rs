@@ -13,7 +13,12 @@ use anyhow::{Context, bail};
 use crate::util::{cargo, ensure_packages, is_root, run_step, target_dir};
 
 #[derive(clap::Args)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// Data-center sites: 1 (the embedded default: one site, SQLite) or 3 (etcd at each,
+    /// `lbs-datacenter serve` at two; the first site goes dark before the failover).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    sites: u8,
+}
 
 /// Why the demo needs root, said before anything else happens.
 const NEEDS_ROOT: &str = "cargo xtask demo needs root: it builds an office (primary, backup, \
@@ -21,19 +26,30 @@ const NEEDS_ROOT: &str = "cargo xtask demo needs root: it builds an office (prim
     addresses between them, and installs and runs BIND, a SIP server (kamailio) and a SIP phone \
     (sipp) inside them. Run it as root, e.g. `sudo -E cargo xtask demo`.";
 
-pub fn run(_args: &DemoArgs) -> anyhow::Result<()> {
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{NEEDS_ROOT}");
     }
-    run_lab("the demo", &["demo"])
+    match args.sites {
+        1 => run_lab("the demo", &["demo"], &[]),
+        3 => run_lab(
+            "the three-site demo",
+            &["demo", "--sites", "3"],
+            crate::test::SITES_PACKAGES,
+        ),
+        _ => bail!(
+            "--sites 2 cannot survive the loss of a site (two etcd members are no majority without both): use 1 or 3"
+        ),
+    }
 }
 
 /// Installs the lab's packages, builds every binary and runs `lbs-lab <args>` (root), its
 /// programs logging warnings only unless `RUST_LOG` says otherwise.
-pub fn run_lab(what: &str, args: &[&str]) -> anyhow::Result<()> {
+pub fn run_lab(what: &str, args: &[&str], extra: &[(&str, &str)]) -> anyhow::Result<()> {
     let packages: Vec<(&str, &str)> = crate::test::SYSTEM_PACKAGES
         .iter()
         .chain(crate::test::LAB_PACKAGES)
+        .chain(extra)
         .copied()
         .collect();
     let missing = ensure_packages(&packages, true)?;

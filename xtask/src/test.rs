@@ -72,11 +72,13 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "tcpdump",
         "records every ARP packet on the office LAN while an old primary returns",
     ),
-    (
-        "etcd-server",
-        "a real etcd (one member or three on loopback) for the data center's shared store",
-    ),
 ];
+
+/// What the lab's three data-center sites add (the tests and `demo --sites 3`).
+pub const SITES_PACKAGES: &[(&str, &str)] = &[(
+    "etcd-server",
+    "a real etcd (one member on loopback, or one per site in the lab) for the data center's shared store",
+)];
 
 /// The environment variable through which root-only tests report that they skipped.
 /// Keep in step with `lbs_tests::SKIP_LOG_ENV`.
@@ -94,6 +96,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let packages: Vec<(&str, &str)> = SYSTEM_PACKAGES
         .iter()
         .chain(LAB_PACKAGES)
+        .chain(SITES_PACKAGES)
         .chain(TEST_ONLY_PACKAGES)
         .chain(crate::dist::DIST_PACKAGES)
         .chain(crate::image::IMAGE_PACKAGES)

@@ -26,18 +26,38 @@ pub(crate) async fn connect_dc(shared: &Shared) -> anyhow::Result<(DcConnection,
     Ok((conn, address))
 }
 
-/// [`connect_dc`], with the protocol version both sides speak.
+/// How long a site has to answer before the next one is tried alongside it.
+const NEXT_SITE_AFTER: Duration = Duration::from_secs(1);
+
+/// [`connect_dc`], with the protocol version both sides speak. The sites are tried in
+/// [`dc_order`], each [`NEXT_SITE_AFTER`] after the one before unless that one failed
+/// sooner, and the first to answer is kept: a site gone dark costs a second, not the whole
+/// [`DC_DEADLINE`].
 pub(crate) async fn connect_dc_negotiated(
     shared: &Shared,
 ) -> anyhow::Result<(DcConnection, SocketAddr, lbs_protocol::ProtocolVersion)> {
+    use futures_util::StreamExt;
     let mut last_error = anyhow::anyhow!("the data center gave no control address");
-    for address in dc_order(shared) {
-        match connect_at(shared, address).await {
-            Ok((conn, version)) => return Ok((conn, address, version)),
-            Err(err) => {
-                dc_failed(shared, address);
-                last_error = err.context(format!("data center at {address}"));
-            }
+    let mut waiting = dc_order(shared).into_iter();
+    let mut trying = futures_util::stream::FuturesUnordered::new();
+    let attempt = |address: SocketAddr| async move { (address, connect_at(shared, address).await) };
+    if let Some(first) = waiting.next() {
+        trying.push(attempt(first));
+    }
+    while !trying.is_empty() {
+        let next = tokio::select! {
+            Some((address, result)) = trying.next() => match result {
+                Ok((conn, version)) => return Ok((conn, address, version)),
+                Err(err) => {
+                    dc_failed(shared, address);
+                    last_error = err.context(format!("data center at {address}"));
+                    true
+                }
+            },
+            () = tokio::time::sleep(NEXT_SITE_AFTER) => true,
+        };
+        if next && let Some(address) = waiting.next() {
+            trying.push(attempt(address));
         }
     }
     Err(last_error)

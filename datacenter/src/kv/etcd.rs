@@ -218,7 +218,9 @@ impl Worker {
                     limit,
                     reply,
                 } => {
-                    let answer = self.timed(|c| range(c, prefix.clone(), after.clone(), limit)).await;
+                    let answer = self
+                        .timed(|c| range(c, prefix.clone(), after.clone(), limit))
+                        .await;
                     let _ = reply.send(answer.map_err(Failure::read));
                 }
                 Request::Commit(expect, ops, reply) => {

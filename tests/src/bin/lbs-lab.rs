@@ -1,10 +1,12 @@
 //! `lbs-lab`: the lab's office (see `lbs_tests::office`) as a program, as root.
 //!
-//! - `lbs-lab demo`: the lifecycle narrated step by step — activation, the first full sync
+//! - `lbs-lab demo [--sites 3]`: the lifecycle narrated step by step — activation, the first full sync
 //!   with a progress bar, the phone answered, a fresh voicemail's RPO, the primary's death,
 //!   P with every step timed, the phone answered again (RTO), the old primary's reboot and
 //!   B until in sync — then the timeline, and as its last line exactly
-//!   `demo: RTO <s> s, RPO <s> s, <final sync verdict>`. What `cargo xtask demo` runs.
+//!   `demo: RTO <s> s, RPO <s> s, <final sync verdict>`. What `cargo xtask demo` runs. With
+//!   three sites the data center is etcd at dc1, dc2 and dc3 and a full site at dc1 and dc2,
+//!   and dc1 goes dark before the primary dies: P goes through dc2.
 //! - `lbs-lab bench --runs N`: the failover N times in a fresh office each, and the median
 //!   RTO and RPO. What `cargo xtask bench failover` runs; the README quotes it.
 //!
@@ -28,7 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The lifecycle, narrated, with a timeline and the measured RTO and RPO.
-    Demo,
+    Demo {
+        /// Data-center sites: 1 (one site on SQLite) or 3 (etcd at dc1, dc2 and dc3,
+        /// `lbs-datacenter serve` at dc1 and dc2; dc1 goes dark before the primary dies).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        sites: u8,
+    },
     /// Fail over `runs` times, each in a fresh office; the median RTO and RPO.
     Bench {
         /// How many failovers.
@@ -48,7 +55,10 @@ fn main() -> ExitCode {
     }
     watch_ctrl_c();
     let result = match cli.command {
-        Command::Demo => demo(),
+        Command::Demo { sites: 2 } => Err(anyhow::anyhow!(
+            "--sites 2 cannot survive the loss of a site (two members are no majority without both): use 1 or 3"
+        )),
+        Command::Demo { sites } => demo(sites == 3),
         Command::Bench { runs } => bench(runs),
     };
     match result {
@@ -143,7 +153,7 @@ fn bytes_on(office: &Office, host: &str) -> u64 {
         .sum()
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(three_sites: bool) -> anyhow::Result<()> {
     let mut timeline = Timeline::new();
     let mut office = timeline.step(
         "the office and the data centers come up in network namespaces",
@@ -158,6 +168,21 @@ fn demo() -> anyhow::Result<()> {
             Ok(office)
         },
     )?;
+    if three_sites {
+        timeline.step(
+            "three sites, one authority: etcd at dc1, dc2 and dc3; dc1's records move into it",
+            || {
+                office.three_sites()?;
+                indent(
+                    "etcd members at dc1 .11, dc2 .12 and the witness dc3 .13 (any two are a \
+                     majority)\nlbs-datacenter migrate --to etcd at dc1; lbs-datacenter serve \
+                     at dc1 and dc2 on the shared store\nBIND moved to dc3; the DNS updates are \
+                     sent by one site at a time",
+                );
+                Ok(())
+            },
+        )?;
+    }
     let media = timeline.step(
         "the primary holds a PBX's data: real Asterisk prompts, music on hold, voicemail",
         || {
@@ -219,7 +244,7 @@ fn demo() -> anyhow::Result<()> {
             office.wait("BIND to answer with the primary", STEP, |o| {
                 Ok(o.dig(FQDN)? == [SHARED])
             })?;
-            println!("    dig @10.20.0.11 {FQDN} -> {SHARED}");
+            println!("    dig @{} {FQDN} -> {SHARED}", office.dns_server());
             Ok(())
         },
     )?;
@@ -236,6 +261,21 @@ fn demo() -> anyhow::Result<()> {
         indent(&String::from_utf8_lossy(&out.stdout));
         Ok(())
     })?;
+    if three_sites {
+        timeline.step(
+            "dc1 goes dark: its lbs-datacenter and etcd killed, its cable out",
+            || {
+                office.site_dark("dc1")?;
+                for host in BOXES {
+                    office.wait(&format!("{host} to report to dc2"), STEP, |o| {
+                        Ok(o.status(host)?["datacenter"]["connected_to"] == "10.20.0.12:7441")
+                    })?;
+                }
+                println!("    both boxes report to dc2 now; dc2 and dc3 are the majority");
+                Ok(())
+            },
+        )?;
+    }
     let died = timeline.step(
         "the primary dies: power off, its switch port goes dark; the data center loses it",
         || {

@@ -9,6 +9,11 @@ use anyhow::{Context, bail};
 use super::{Office, SHARED, STEP};
 
 impl Office {
+    /// The DNS server the pair's names are in.
+    pub fn dns_server(&self) -> &'static str {
+        self.dns_at
+    }
+
     /// What BIND answers for `name` (asked from the phone, as a phone would).
     pub fn dig(&mut self, name: &str) -> anyhow::Result<Vec<String>> {
         let out = self.lab.sh(

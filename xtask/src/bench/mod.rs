@@ -131,6 +131,7 @@ fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
     crate::demo::run_lab(
         "the failover benchmark",
         &["bench", "--runs", &args.runs.to_string()],
+        &[],
     )
 }
 
