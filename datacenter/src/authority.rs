@@ -18,9 +18,14 @@ pub const DATABASE: &str = "datacenter.db";
 /// A store of either backend.
 pub type AnyStore = Box<dyn Store + Send>;
 
+/// Handles on a shared store a site uses at once: decisions and reports of different boxes
+/// wait for the authority's round trips side by side, not one behind the other.
+const SHARED_HANDLES: usize = 8;
+
 /// What a site decides with.
 pub struct Authority {
-    pub store: AnyStore,
+    /// Handles on the same records: one for SQLite (one writer), several for a shared store.
+    pub stores: Vec<AnyStore>,
     /// With a shared store: the site's bid for sending the DNS updates.
     pub dns_role: Option<DnsRole>,
 }
@@ -54,7 +59,7 @@ pub fn open(dir: &Path, settings: &StoreSettings, site: &str) -> anyhow::Result<
                 );
             }
             Ok(Authority {
-                store: Box::new(SqliteStore::open(&path)?),
+                stores: vec![Box::new(SqliteStore::open(&path)?)],
                 dns_role: None,
             })
         }
@@ -66,8 +71,11 @@ pub fn open(dir: &Path, settings: &StoreSettings, site: &str) -> anyhow::Result<
             let kv = Arc::new(EtcdKv::open(etcd.clone()).with_context(|| {
                 format!("opening the store on etcd ({})", etcd.endpoints.join(", "))
             })?);
+            let stores = (0..SHARED_HANDLES)
+                .map(|_| Box::new(KvStore::new(Box::new(kv.clone()), prefix)) as AnyStore)
+                .collect();
             Ok(Authority {
-                store: Box::new(KvStore::new(Box::new(kv.clone()), prefix)),
+                stores,
                 dns_role: Some(DnsRole {
                     kv,
                     candidate: Candidate::new(&format!("{prefix}/role/dns"), site, *dns_lease),
@@ -81,5 +89,9 @@ pub fn open(dir: &Path, settings: &StoreSettings, site: &str) -> anyhow::Result<
 /// only read or decide once: provisioning, promote, status, events).
 pub fn open_store(dir: &Path) -> anyhow::Result<AnyStore> {
     let settings = StoreSettings::load(&dir.join(crate::config::CONFIG_FILE))?;
-    Ok(open(dir, &settings, "cli")?.store)
+    open(dir, &settings, "cli")?
+        .stores
+        .into_iter()
+        .next()
+        .context("no store opened")
 }

@@ -40,7 +40,7 @@ fn list(prefix: &str, n: usize) -> Vec<(String, String)> {
 }
 
 /// More pairs than one transaction may carry, made whole; a list with one taken name makes
-/// none; the audit log keeps only its latest events.
+/// none; the audit log keeps only each pair's latest events, read in one order page by page.
 fn long_lists_and_retention(store: &mut KvStore) {
     let made = store
         .provision_pairs(&list("office", 100), 2, DAY, T0)
@@ -62,16 +62,30 @@ fn long_lists_and_retention(store: &mut KvStore) {
         100,
         "nothing of a refused list"
     );
-    // 200 "provisioned" events were logged; 150 are kept, numbered on.
+    // A busy pair: its latest 1,050 events are kept; the others' are untouched. The log is
+    // then longer than one page of reading (1,000).
+    let busy = &made[7][0];
+    for n in 0..1100 {
+        store.rekey(busy.sid, DAY, T0 + n).unwrap();
+    }
     let events = store.events(0).unwrap();
-    assert_eq!(events.len(), 150);
-    assert_eq!((events[0].id, events[149].id), (51, 200));
-    assert_eq!(store.events(190).unwrap().len(), 10);
+    let theirs: Vec<&lbs_datacenter::store::Event> = events
+        .iter()
+        .filter(|e| e.pair.as_deref() == Some("office007"))
+        .collect();
+    assert_eq!(theirs.len(), 1050);
+    assert!(theirs.iter().all(|e| e.kind == "rekeyed"));
+    assert_eq!(theirs[1049].at, T0 + 1099, "the latest kept");
+    assert_eq!(events.len(), 99 * 2 + 1050);
+    // One order for the whole log, and reading on from an event gives what came after.
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(store.events(theirs[1039].id).unwrap().len(), 10);
+    assert!(store.events(events[1247].id).unwrap().is_empty());
 }
 
 #[test]
 fn in_memory_long_lists_are_made_whole_and_the_log_is_bounded() {
-    let mut store = KvStore::new(Box::new(MemKv::default()), "/lbs").keeping_events(150);
+    let mut store = KvStore::new(Box::new(MemKv::default()), "/lbs").keeping_events(1050);
     long_lists_and_retention(&mut store);
 }
 
@@ -84,7 +98,7 @@ fn on_etcd_long_lists_are_made_whole_and_the_log_is_bounded() {
         tls: None,
     })
     .unwrap();
-    let mut store = KvStore::new(Box::new(kv), "/lbs").keeping_events(150);
+    let mut store = KvStore::new(Box::new(kv), "/lbs").keeping_events(1050);
     long_lists_and_retention(&mut store);
 }
 
@@ -136,7 +150,7 @@ fn a_site_cut_off_from_the_authority_decides_nothing_and_says_so() {
 }
 
 #[test]
-fn a_sqlite_site_migrates_with_its_numbers_and_goes_on_deciding() {
+fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding() {
     let dir = tempfile::tempdir().unwrap();
     let mut sqlite = SqliteStore::open(&dir.path().join("dc.db")).unwrap();
     let pool = "10.77.0.0/16".parse().unwrap();
@@ -166,7 +180,17 @@ fn a_sqlite_site_migrates_with_its_numbers_and_goes_on_deciding() {
     let export = sqlite.export().unwrap();
     assert_eq!(export.counts(), (2, 3, before.1.len()));
     store.import(&export).unwrap();
-    assert_eq!((store.pairs().unwrap(), store.events(0).unwrap()), before);
+    assert_eq!(store.pairs().unwrap(), before.0);
+    // The same events in the same order (numbered anew: by the store's revisions).
+    let told =
+        |events: &[lbs_datacenter::store::Event]| -> Vec<(i64, Option<String>, String, String)> {
+            events
+                .iter()
+                .map(|e| (e.at, e.pair.clone(), e.kind.clone(), e.detail.clone()))
+                .collect()
+        };
+    let moved = store.events(0).unwrap();
+    assert_eq!(told(&moved), told(&before.1));
     assert_eq!(
         store.promotion_request(asked.id, T0 + 6).unwrap(),
         sqlite.promotion_request(asked.id, T0 + 6).unwrap()
@@ -195,8 +219,9 @@ fn a_sqlite_site_migrates_with_its_numbers_and_goes_on_deciding() {
         .collect();
     assert!(!taken.contains(&Some(third.overlay.to_string())));
     let events = store.events(0).unwrap();
-    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-    assert_eq!(ids, (1..=before.1.len() as i64 + 3).collect::<Vec<_>>());
+    assert_eq!(events.len(), before.1.len() + 3);
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(store.events(moved.last().unwrap().id).unwrap().len(), 3);
     store.register_backup(b, "test", T0 + 10).unwrap();
     let next = store
         .request_promotion("acme", "ops", DAY, T0 + 10)

@@ -285,6 +285,11 @@ pub(crate) fn member_args(
         "50",
         "--election-timeout",
         "500",
+        // Old revisions go (every report writes one): the history stays bounded.
+        "--auto-compaction-mode",
+        "periodic",
+        "--auto-compaction-retention",
+        "5m",
     ]
     .map(str::to_owned)
     .to_vec()

@@ -9,11 +9,12 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use super::{
@@ -77,6 +78,8 @@ enum Request {
     Range {
         prefix: String,
         after: Option<String>,
+        /// Only keys changed at this revision or later, oldest change first.
+        since: Option<Revision>,
         limit: usize,
         reply: Reply<Read<Vec<(String, Versioned)>>>,
     },
@@ -114,12 +117,11 @@ impl EtcdKv {
                 endpoints: settings.named(),
                 detail: format!("cannot start the client's runtime: {err}"),
             })?;
-        let worker = Worker {
+        let worker = Arc::new(Worker {
             settings: settings.clone(),
             tls: settings.tls_options()?,
-            client: None,
-            current: 0,
-        };
+            connection: Mutex::new((None, 0)),
+        });
         std::thread::Builder::new()
             .name("lbs-etcd".into())
             .spawn(move || runtime.block_on(worker.run(incoming)))
@@ -165,6 +167,22 @@ impl Kv for EtcdKv {
         self.ask(|reply| Request::Range {
             prefix: prefix.to_owned(),
             after: after.map(str::to_owned),
+            since: None,
+            limit,
+            reply,
+        })
+    }
+
+    fn range_since(
+        &self,
+        prefix: &str,
+        since: Revision,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
+        self.ask(|reply| Request::Range {
+            prefix: prefix.to_owned(),
+            after: None,
+            since: Some(since),
             limit,
             reply,
         })
@@ -189,7 +207,8 @@ impl Kv for EtcdKv {
 }
 
 /// The client's thread: connects when first needed (and again after a failure) and answers
-/// requests one at a time until every [`EtcdKv`] handle is gone.
+/// requests, each as a task of its own so that callers do not queue behind each other's
+/// round trips, until every [`EtcdKv`] handle is gone.
 ///
 /// It talks to one member at a time, the first listed (this site's own, by convention) until
 /// it fails; then the next. A client balanced over every member would keep sending some
@@ -197,16 +216,23 @@ impl Kv for EtcdKv {
 struct Worker {
     settings: EtcdSettings,
     tls: Option<TlsOptions>,
-    client: Option<Client>,
-    /// The member talked to, an index into the endpoints.
-    current: usize,
+    /// The connection to the member talked to, and that member (an index into the
+    /// endpoints). Held only to read or replace them.
+    connection: Mutex<(Option<Client>, usize)>,
 }
 
 impl Worker {
-    async fn run(mut self, mut incoming: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+    async fn run(self: Arc<Self>, mut incoming: tokio::sync::mpsc::UnboundedReceiver<Request>) {
         // Waiting for requests asynchronously keeps the client's connections driven while
         // idle (HTTP/2 pings answered, a closed connection noticed before the next request).
+        // Each caller waits for its answer, so the tasks are as many as the callers.
         while let Some(request) = incoming.recv().await {
+            tokio::spawn(self.clone().answer(request));
+        }
+    }
+
+    async fn answer(self: Arc<Self>, request: Request) {
+        {
             match request {
                 Request::Get(keys, reply) => {
                     let answer = self.timed(|c| get(c, keys.clone())).await;
@@ -215,11 +241,12 @@ impl Worker {
                 Request::Range {
                     prefix,
                     after,
+                    since,
                     limit,
                     reply,
                 } => {
                     let answer = self
-                        .timed(|c| range(c, prefix.clone(), after.clone(), limit))
+                        .timed(|c| range(c, prefix.clone(), after.clone(), since, limit))
                         .await;
                     let _ = reply.send(answer.map_err(Failure::read));
                 }
@@ -249,7 +276,7 @@ impl Worker {
     /// not reach a member with a leader (no connection, or the member is cut off from the
     /// majority: nothing was applied) goes to the next member while time remains; any failure
     /// drops the connection and moves on to the next member for the next request.
-    async fn timed<T, F>(&mut self, request: impl Fn(Client) -> F) -> Result<T, Failure>
+    async fn timed<T, F>(&self, request: impl Fn(Client) -> F) -> Result<T, Failure>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
@@ -258,13 +285,22 @@ impl Worker {
         let members = self.settings.endpoints.len().max(1);
         let mut tried = Vec::new();
         loop {
-            let endpoint = self.settings.endpoints[self.current % members].clone();
-            let failure = match self.attempt(&endpoint, deadline, members, &request).await {
+            let (client, current) = self.connection().clone();
+            let endpoint = self.settings.endpoints[current % members].clone();
+            let failure = match self
+                .attempt(client, current, &endpoint, deadline, members, &request)
+                .await
+            {
                 Ok(answer) => return Ok(answer),
                 Err(failure) => failure,
             };
-            self.client = None;
-            self.current = (self.current + 1) % members;
+            {
+                // Moved on once for this member, however many requests failed on it at once.
+                let mut connection = self.connection();
+                if connection.1 == current {
+                    *connection = (None, (current + 1) % members);
+                }
+            }
             tried.push(format!("{endpoint}: {}", failure.detail));
             let more = matches!(failure.kind, Failed::NotSent)
                 && tried.len() < members
@@ -279,9 +315,16 @@ impl Worker {
         }
     }
 
-    /// One try of a request at `endpoint`, within `deadline`.
+    fn connection(&self) -> std::sync::MutexGuard<'_, (Option<Client>, usize)> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One try of a request at `endpoint` (member `current`, over `client` if connected),
+    /// within `deadline`.
     async fn attempt<T, F>(
-        &mut self,
+        &self,
+        client: Option<Client>,
+        current: usize,
         endpoint: &str,
         deadline: tokio::time::Instant,
         members: usize,
@@ -296,7 +339,7 @@ impl Worker {
             endpoints: endpoint.to_owned(),
             detail,
         };
-        let client = match self.client.clone() {
+        let client = match client {
             Some(client) => client,
             None => {
                 // A share of the time per member, so a dark one leaves time for the next.
@@ -322,7 +365,10 @@ impl Worker {
         };
         match tokio::time::timeout_at(deadline, request(client.clone())).await {
             Ok(Ok(answer)) => {
-                self.client = Some(client);
+                let mut connection = self.connection();
+                if connection.1 == current && connection.0.is_none() {
+                    connection.0 = Some(client);
+                }
                 Ok(answer)
             }
             Ok(Err(err)) => Err(match refusal(&err) {
@@ -468,6 +514,7 @@ async fn range(
     mut client: Client,
     prefix: String,
     after: Option<String>,
+    since: Option<Revision>,
     limit: usize,
 ) -> Result<Read<Vec<(String, Versioned)>>, etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
@@ -480,15 +527,23 @@ async fn range(
         }
         _ => prefix.into_bytes(),
     };
-    let options = GetOptions::new()
+    let mut options = GetOptions::new()
         .with_range(end)
         .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+    if let Some(since) = since {
+        options = options
+            .with_min_mod_revision(since)
+            .with_sort(SortTarget::Mod, SortOrder::Ascend);
+    }
     let answer = client.get(from, Some(options)).await?;
-    let items = answer
+    let mut items: Vec<(String, Versioned)> = answer
         .kvs()
         .iter()
         .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), versioned(kv))))
         .collect();
+    if since.is_some() {
+        items.sort_by(|a, b| (a.1.mod_revision, &a.0).cmp(&(b.1.mod_revision, &b.0)));
+    }
     Ok(Read {
         revision: revision_of(answer.header()),
         items,

@@ -115,6 +115,15 @@ pub trait Kv: Send {
         limit: usize,
     ) -> Result<Read<Vec<(String, Versioned)>>, KvError>;
 
+    /// Up to `limit` keys under `prefix` last changed at revision `since` or later, with their
+    /// values, oldest change first (keys of one revision in key order), read at one revision.
+    fn range_since(
+        &self,
+        prefix: &str,
+        since: Revision,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError>;
+
     /// Applies `ops` at once if every expectation holds: the new revision, or `None` when one
     /// did not (someone changed a key meanwhile; nothing was written). A transaction that
     /// was sent and not answered is [`KvError::Unconfirmed`], never a refusal.
@@ -144,6 +153,15 @@ impl<K: Kv + Sync + ?Sized> Kv for Arc<K> {
         limit: usize,
     ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
         (**self).range(prefix, after, limit)
+    }
+
+    fn range_since(
+        &self,
+        prefix: &str,
+        since: Revision,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
+        (**self).range_since(prefix, since, limit)
     }
 
     fn commit(&self, expect: &[Expect], ops: &[Op]) -> Result<Option<Revision>, KvError> {
@@ -332,6 +350,28 @@ impl Kv for MemKv {
             .take(limit)
             .map(|(k, (v, _))| (k.clone(), v.clone()))
             .collect();
+        Ok(Read {
+            revision: state.revision,
+            items,
+        })
+    }
+
+    fn range_since(
+        &self,
+        prefix: &str,
+        since: Revision,
+        limit: usize,
+    ) -> Result<Read<Vec<(String, Versioned)>>, KvError> {
+        let state = self.state()?;
+        let mut items: Vec<(String, Versioned)> = state
+            .keys
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(_, (v, _))| v.mod_revision >= since)
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        items.sort_by(|a, b| (a.1.mod_revision, &a.0).cmp(&(b.1.mod_revision, &b.0)));
+        items.truncate(limit);
         Ok(Read {
             revision: state.revision,
             items,

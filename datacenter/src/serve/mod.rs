@@ -118,7 +118,9 @@ impl RateLimiter {
 }
 
 struct Inner {
-    store: Mutex<AnyStore>,
+    /// Handles on the records (one for SQLite); each task takes a free one.
+    stores: Vec<Mutex<AnyStore>>,
+    next_store: std::sync::atomic::AtomicUsize,
     /// With a shared store, until when this site may send DNS updates (it holds the role);
     /// `None` inside: it may not now. Without one (SQLite, one site), always.
     dns_until: Option<Mutex<Option<std::time::Instant>>>,
@@ -155,7 +157,18 @@ async fn with_store<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     let inner = inner.clone();
     tokio::task::spawn_blocking(move || {
-        let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        let count = inner.stores.len().max(1);
+        let first = inner
+            .next_store
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A free handle if there is one, else wait for the next in turn.
+        let free = (0..count).find_map(|i| inner.stores[(first + i) % count].try_lock().ok());
+        let mut store = match free {
+            Some(store) => store,
+            None => inner.stores[first % count]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        };
         f(&mut **store)
     })
     .await
@@ -232,9 +245,13 @@ pub async fn run(
             "the open-files limit leaves room for {capacity} boxes on the control port (of {MAX_CONNECTIONS}); raise it (LimitNOFILE= in the unit, ulimit -n by hand)"
         );
     }
-    let Authority { store, dns_role } = authority;
+    let Authority { stores, dns_role } = authority;
+    if stores.is_empty() {
+        anyhow::bail!("no store to serve from");
+    }
     let inner = Arc::new(Inner {
-        store: Mutex::new(store),
+        stores: stores.into_iter().map(Mutex::new).collect(),
+        next_store: std::sync::atomic::AtomicUsize::new(0),
         dns_until: dns_role.as_ref().map(|_| Mutex::new(None)),
         ca,
         activation_tls,

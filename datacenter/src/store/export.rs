@@ -58,6 +58,7 @@ impl SqliteStore {
                         dns: Vec::new(),
                         requests: Vec::new(),
                         last_hand_over_at: None,
+                        event_seq: 0,
                     })
                 })
                 .map_err(db("reading pairs"))?;
@@ -188,9 +189,6 @@ impl SqliteStore {
             doc.requests.drain(..excess);
         }
         let counters = Counters {
-            event: tx
-                .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
-                .map_err(db("counting events"))?,
             pair: tx
                 .query_row("SELECT COALESCE(MAX(id), 0) FROM pairs", [], |r| r.get(0))
                 .map_err(db("counting pairs"))?,

@@ -37,7 +37,8 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Server {
-    /// `init`, a configuration with loopback ports (and `extra`, e.g. a `[dns]` section), and
+    /// A configuration with loopback ports (and `extra`, e.g. a `[dns]` or `[store]` section),
+    /// `init`, and
     /// `pairs` pairs provisioned with `provision-pair --from` (`bench-00000` named
     /// `pbx-00000.<zone>`, …); their keys.
     pub fn prepare(
@@ -53,7 +54,6 @@ impl Server {
             control: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             child: None,
         };
-        server.cli(&["init"])?;
         let config = server.dir().join("datacenter.toml");
         std::fs::write(
             &config,
@@ -64,6 +64,8 @@ impl Server {
         )?;
         // It may hold a TSIG secret: only its owner may read it.
         std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        // After the configuration: its [store] says where init puts the records.
+        server.cli(&["init"])?;
         let names: String = (0..pairs)
             .map(|p| format!("bench-{p:05} pbx-{p:05}.{zone}\n"))
             .collect();

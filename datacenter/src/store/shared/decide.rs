@@ -44,7 +44,7 @@ impl KvStore {
             match self.provision_chunk(chunk, servers, key_ttl, now) {
                 Ok(servers) => made.extend(servers),
                 Err(err) => {
-                    let undone = self.undo_provisioning(&pairs[..made.len()], now);
+                    let undone = self.undo_provisioning(&pairs[..made.len()]);
                     return Err(match undone {
                         Ok(()) => err,
                         Err(undo) => StoreError::NotAllowed(format!(
@@ -91,13 +91,13 @@ impl KvStore {
                     dns: Vec::new(),
                     requests: Vec::new(),
                     last_hand_over_at: None,
+                    event_seq: 0,
                 };
                 let mut made = Vec::new();
                 for _ in 0..servers {
                     let server = store.new_server(&mut tx, &mut doc, key_ttl, now);
                     tx.log(
                         now,
-                        Some(name),
                         Some(server.sid),
                         "provisioned",
                         (None, None),
@@ -106,6 +106,7 @@ impl KvStore {
                             "pair {name} ({fqdn}), key valid until {}",
                             crate::time::utc(server.expires_at)
                         ),
+                        &mut doc,
                     );
                     made.push(server);
                 }
@@ -116,9 +117,9 @@ impl KvStore {
         })
     }
 
-    /// Removes pairs this provisioning made before a later part of it failed (nobody has
-    /// their keys: they were never shown).
-    fn undo_provisioning(&self, pairs: &[(String, String)], now: Millis) -> Result<(), StoreError> {
+    /// Removes pairs this provisioning made before a later part of it failed, with their
+    /// events: nobody has their keys (they were never shown), and the name is free again.
+    fn undo_provisioning(&self, pairs: &[(String, String)]) -> Result<(), StoreError> {
         for (name, _) in pairs {
             self.transact("undoing a provisioning", |store| {
                 let (mut tx, doc) = store.begin_pair(name)?;
@@ -129,17 +130,10 @@ impl KvStore {
                     tx.delete(store.key("sid", &server.sid));
                 }
                 tx.delete(store.key("pair", name));
-                tx.log(
-                    now,
-                    Some(name),
-                    None,
-                    "provisioning-undone",
-                    (None, None),
-                    "cli",
-                    &format!(
-                        "pair {name} removed: the list it came with was not provisioned whole"
-                    ),
-                );
+                // As if never made: its events go too (nobody saw its keys).
+                for seq in 1..=doc.event_seq {
+                    tx.delete(event_key(&store.prefix, name, seq));
+                }
                 Ok((tx, Ok(())))
             })?;
         }
@@ -196,12 +190,12 @@ impl KvStore {
             let server = store.new_server(&mut tx, &mut doc, key_ttl, now);
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(server.sid),
                 "provisioned",
                 (None, None),
                 "cli",
                 &format!("backup for {partner} in pair {}", doc.name),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(server)))
@@ -226,7 +220,6 @@ impl KvStore {
             let role = server.role;
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(sid),
                 "rekeyed",
                 (None, None),
@@ -236,6 +229,7 @@ impl KvStore {
                     doc.name,
                     crate::time::utc(expires_at)
                 ),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((
@@ -276,13 +270,14 @@ impl KvStore {
             if let (true, Some(overlay)) = (repeat, server.overlay) {
                 tx.log(
                     now,
-                    Some(&doc.name),
                     Some(sid),
                     "activation-repeated",
                     (None, None),
                     &request.source,
                     "the same box asked again (its first answer was lost); same answer",
+                    &mut doc,
                 );
+                tx.put_pair(&doc);
                 let activated = Activated {
                     role: server.role,
                     generation: pair_generation,
@@ -303,13 +298,14 @@ impl KvStore {
                 // Logged; the box learns nothing more.
                 tx.log(
                     now,
-                    Some(&doc.name),
                     Some(sid),
                     "activation-refused",
                     (None, None),
                     &request.source,
                     &why.to_string(),
+                    &mut doc,
                 );
+                tx.put_pair(&doc);
                 return Ok((tx, Err(StoreError::ActivationRefused { sid, why })));
             }
             // A re-activation keeps its address and role; otherwise the pair's first box to
@@ -363,7 +359,6 @@ impl KvStore {
             }
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(sid),
                 if reactivation {
                     "reactivated"
@@ -379,6 +374,7 @@ impl KvStore {
                     "{role} of pair {}, overlay {overlay}, LAN {}, software {}",
                     doc.name, request.lan_address, request.software
                 ),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((
@@ -464,7 +460,6 @@ impl KvStore {
             }
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(sid),
                 "promoted",
                 (Some(believed), Some(next)),
@@ -482,6 +477,7 @@ impl KvStore {
                         None => String::new(),
                     }
                 ),
+                &mut doc,
             );
             if let Some(pending) = doc.pending() {
                 pending.state = RequestState::Promoted;
@@ -530,12 +526,12 @@ impl KvStore {
             tx.put(store.key("report", &sid.to_string()), &report);
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(sid),
                 "registered-backup",
                 (Some(generation), Some(generation)),
                 actor,
                 &format!("{sid} is backup of pair {}", doc.name),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(generation)))
@@ -575,7 +571,6 @@ impl KvStore {
             let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
             tx.log(
                 now,
-                Some(pair),
                 None,
                 "retired",
                 (None, None),
@@ -588,6 +583,7 @@ impl KvStore {
                         list.join(", ")
                     }
                 ),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(sids)))

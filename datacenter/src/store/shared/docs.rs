@@ -28,6 +28,9 @@ pub(in crate::store) struct PairDoc {
     /// When the pair's primary last asked to hand over (the hold-off counts from it).
     #[serde(default)]
     pub last_hand_over_at: Option<Millis>,
+    /// The number of the pair's last event (`event/<pair>/<number>`).
+    #[serde(default)]
+    pub event_seq: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -96,11 +99,13 @@ pub(in crate::store) struct RequestDoc {
     pub hand_over: Option<String>,
 }
 
-/// The store's counters: the last event, pair and request numbers given.
+/// The store's counters: the last pair and request numbers given (rare decisions; events
+/// are numbered per pair, so the busy ones do not meet here).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct Counters {
-    pub event: i64,
+    #[serde(default)]
     pub pair: i64,
+    #[serde(default)]
     pub request: i64,
 }
 

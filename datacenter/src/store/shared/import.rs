@@ -40,8 +40,18 @@ impl KvStore {
             Ok(())
         };
         let put = |key: String, value: Vec<u8>| Op::Put { key, value };
+        // Each pair's events, numbered from 1 in their order; the latest kept.
+        let mut events: HashMap<String, Vec<&Event>> = HashMap::new();
+        for event in &export.events {
+            let pair = event.pair.clone().unwrap_or_else(|| "-".to_owned());
+            events.entry(pair).or_default().push(event);
+        }
+        let mut written = 0;
         for (doc, reports) in &export.pairs {
-            let mut mine = vec![put(self.key("pair", &doc.name), encode(doc))];
+            let theirs = events.remove(&doc.name).unwrap_or_default();
+            let mut doc = doc.clone();
+            doc.event_seq = theirs.len() as u64;
+            let mut mine = vec![put(self.key("pair", &doc.name), encode(&doc))];
             if doc.dns_owed() {
                 mine.push(put(self.key("dns-owed", &doc.name), Vec::new()));
             }
@@ -65,14 +75,10 @@ impl KvStore {
             }
             flush(&mut ops, mine.len())?;
             ops.extend(mine);
+            written += self.import_events(&doc.name, &theirs, &mut ops, &flush)?;
         }
-        let kept = export
-            .events
-            .len()
-            .saturating_sub(usize::try_from(self.events_kept).unwrap_or(usize::MAX));
-        for event in &export.events[kept..] {
-            flush(&mut ops, 1)?;
-            ops.push(put(event_key(&self.prefix, event.id), encode(event)));
+        for (pair, theirs) in &events {
+            written += self.import_events(pair, theirs, &mut ops, &flush)?;
         }
         flush(&mut ops, BATCH)?;
         self.kv.commit(
@@ -86,7 +92,29 @@ impl KvStore {
         Ok(Migrated {
             pairs,
             servers,
-            events: export.events.len() - kept,
+            events: written,
         })
+    }
+
+    /// Queues pair `pair`'s events (oldest first) as its numbered keys, the latest
+    /// [`EVENTS_KEPT`] (or as set); how many.
+    fn import_events(
+        &self,
+        pair: &str,
+        events: &[&Event],
+        ops: &mut Vec<Op>,
+        flush: &impl Fn(&mut Vec<Op>, usize) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
+        let skip = events
+            .len()
+            .saturating_sub(usize::try_from(self.events_kept).unwrap_or(usize::MAX));
+        for (seq, event) in events.iter().enumerate().skip(skip) {
+            flush(ops, 1)?;
+            ops.push(Op::Put {
+                key: event_key(&self.prefix, pair, seq as u64 + 1),
+                value: encode(event),
+            });
+        }
+        Ok(events.len() - skip)
     }
 }

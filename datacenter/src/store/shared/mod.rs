@@ -6,9 +6,10 @@
 //! requests); a decision reads it and commits only if it is still at the version read, so of
 //! two sites promoting the same pair exactly one wins, as SQLite's transaction does on one
 //! site. Unique things are keys created only if absent (`sid/<sid>`, `overlay/<address>`,
-//! `request/<id>`); the audit log is `event/<id>` under one counter (`counters`), each event
-//! committed with the change it tells of, the oldest deleted as new ones come
-//! ([`EVENTS_KEPT`]). Reports are soft state (`report/<sid>`), written in batches without a
+//! `request/<id>`). The audit log is kept per pair (`event/<pair>/<n>`, `n` in the pair's
+//! document), each event committed with the change it tells of, the pair's oldest deleted as
+//! new ones come ([`EVENTS_KEPT`]); the whole log is read in the order of the revisions that
+//! committed it. Reports are soft state (`report/<sid>`), written in batches without a
 //! compare. A pair with a DNS record not yet written has a marker (`dns-owed/<name>`), so the
 //! DNS worker's look every second reads only those pairs.
 //!
@@ -32,10 +33,13 @@ pub(super) use docs::{Counters, DnsDoc, PairDoc, REQUESTS_KEPT, ReportDoc, Reque
 pub use import::Migrated;
 
 /// The audit log keeps this many latest events.
-pub const EVENTS_KEPT: i64 = 100_000;
+pub const EVENTS_KEPT: u64 = 10_000;
 
 /// A decision that keeps meeting a changed record gives up after this many reads.
 const ATTEMPTS: usize = 32;
+
+/// A range reads at most this many keys at once.
+const PAGE: usize = 1000;
 
 /// Reads and writes go in pieces of this many keys (etcd's transaction limit).
 const BATCH: usize = MAX_TXN_OPS;
@@ -44,7 +48,10 @@ const BATCH: usize = MAX_TXN_OPS;
 pub struct KvStore {
     kv: Box<dyn Kv>,
     prefix: String,
-    events_kept: i64,
+    events_kept: u64,
+    /// Which pair each server is in, as read (it never changes): one round trip less on
+    /// every report.
+    pair_names: std::sync::Mutex<HashMap<ServerId, String>>,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -68,7 +75,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 /// A decision being made: what it read (to be unchanged when it commits) and what it writes.
 pub(super) struct Tx {
     prefix: String,
-    events_kept: i64,
+    events_kept: u64,
     expect: Vec<Expect>,
     ops: Vec<Op>,
     counters: Counters,
@@ -121,25 +128,26 @@ impl Tx {
         self.counters.request
     }
 
-    /// Appends an event, dropping the one [`EVENTS_KEPT`] (or as set) before it.
+    /// Appends an event to `doc`'s pair's log, dropping the one [`EVENTS_KEPT`] (or as set)
+    /// before it; `doc` is to be written with it.
     #[allow(clippy::too_many_arguments)]
     fn log(
         &mut self,
         at: Millis,
-        pair: Option<&str>,
         sid: Option<ServerId>,
         kind: &str,
         generations: (Option<Generation>, Option<Generation>),
         actor: &str,
         detail: &str,
+        doc: &mut PairDoc,
     ) {
-        self.counters_used = true;
-        self.counters.event += 1;
-        let id = self.counters.event;
+        doc.event_seq += 1;
+        let seq = doc.event_seq;
         let event = Event {
-            id,
+            // Its place in the whole log: from the revision that commits it (see `events`).
+            id: 0,
             at,
-            pair: pair.map(str::to_owned),
+            pair: Some(doc.name.clone()),
             sid: sid.map(|s| s.to_string()),
             kind: kind.to_owned(),
             from_generation: generations.0.map(|g| g.0),
@@ -147,9 +155,9 @@ impl Tx {
             actor: actor.to_owned(),
             detail: detail.to_owned(),
         };
-        self.put(event_key(&self.prefix, id), &event);
-        if id > self.events_kept {
-            self.delete(event_key(&self.prefix, id - self.events_kept));
+        self.put(event_key(&self.prefix, &doc.name, seq), &event);
+        if seq > self.events_kept {
+            self.delete(event_key(&self.prefix, &doc.name, seq - self.events_kept));
         }
     }
 
@@ -173,9 +181,15 @@ impl Tx {
     }
 }
 
-fn event_key(prefix: &str, id: i64) -> String {
-    format!("{prefix}/event/{id:016}")
+/// Pair `pair`'s event number `seq`.
+fn event_key(prefix: &str, pair: &str, seq: u64) -> String {
+    format!("{prefix}/event/{pair}/{seq:012}")
 }
+
+/// Event numbers in the whole log: the revision that committed an event, times this, plus
+/// its place among the events of that revision (a transaction writes at most
+/// [`MAX_TXN_OPS`] keys).
+const EVENTS_PER_REVISION: i64 = 1024;
 
 impl KvStore {
     /// The store on `kv`, its keys under `prefix` (`/lbs`: several data centers may share one
@@ -185,11 +199,12 @@ impl KvStore {
             kv,
             prefix: prefix.trim_end_matches('/').to_owned(),
             events_kept: EVENTS_KEPT,
+            pair_names: std::sync::Mutex::default(),
         }
     }
 
     /// Keeps the latest `events` events of the audit log instead of [`EVENTS_KEPT`].
-    pub fn keeping_events(mut self, events: i64) -> KvStore {
+    pub fn keeping_events(mut self, events: u64) -> KvStore {
         self.events_kept = events.max(1);
         self
     }
@@ -237,17 +252,33 @@ impl KvStore {
 
     /// The name of `sid`'s pair.
     fn pair_name(&self, sid: ServerId) -> Result<String, StoreError> {
+        let cached = |names: &std::sync::Mutex<HashMap<ServerId, String>>| {
+            names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&sid)
+                .cloned()
+        };
+        if let Some(name) = cached(&self.pair_names) {
+            return Ok(name);
+        }
         let key = self.key("sid", &sid.to_string());
-        match self
+        let read = self
             .kv
             .get(std::slice::from_ref(&key))?
             .items
             .pop()
-            .flatten()
-        {
-            Some(value) => decode(&key, &value),
-            None => Err(StoreError::UnknownServer(sid)),
+            .flatten();
+        let name: String = match read {
+            Some(value) => decode(&key, &value)?,
+            None => return Err(StoreError::UnknownServer(sid)),
+        };
+        let mut names = self.pair_names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= 100_000 {
+            names.clear();
         }
+        names.insert(sid, name.clone());
+        Ok(name)
     }
 
     /// Starts a decision on `sid`'s pair, refusing an unknown server or a retired pair.
@@ -470,16 +501,32 @@ impl Store for KvStore {
 
     fn events(&self, after: i64) -> Result<Vec<Event>, StoreError> {
         let prefix = format!("{}/event/", self.prefix);
+        let mut since = after.max(0) / EVENTS_PER_REVISION;
         let mut events: Vec<Event> = Vec::new();
         loop {
-            let from = event_key(&self.prefix, events.last().map_or(after.max(0), |e| e.id));
-            let page = self.kv.range(&prefix, Some(&from), 1000)?.items;
-            let full = page.len() == 1000;
+            let page = self.kv.range_since(&prefix, since, PAGE)?.items;
+            let full = page.len() == PAGE;
+            // A full page may end inside a revision: that revision is read whole next time.
+            let last = page.last().map(|(_, v)| v.mod_revision);
+            let mut numbered: Option<(i64, i64)> = None;
             for (key, value) in &page {
-                events.push(decode(key, value)?);
+                if full && Some(value.mod_revision) == last && value.mod_revision > since {
+                    break;
+                }
+                let place = match numbered {
+                    Some((revision, place)) if revision == value.mod_revision => place + 1,
+                    _ => 0,
+                };
+                numbered = Some((value.mod_revision, place));
+                let mut event: Event = decode(key, value)?;
+                event.id = value.mod_revision * EVENTS_PER_REVISION + place;
+                if event.id > after {
+                    events.push(event);
+                }
             }
-            if !full {
-                return Ok(events);
+            match last {
+                Some(last) if full && last > since => since = last,
+                _ => return Ok(events),
             }
         }
     }

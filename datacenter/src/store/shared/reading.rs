@@ -130,7 +130,6 @@ impl KvStore {
                     }
                     tx.log(
                         now,
-                        Some(&doc.name),
                         None,
                         "dns-updated",
                         (None, None),
@@ -141,6 +140,7 @@ impl KvStore {
                             work.want,
                             work.have.map_or("absent".to_owned(), |h| h.to_string())
                         ),
+                        &mut doc,
                     );
                 }
                 Err(failure) => {
@@ -164,12 +164,12 @@ impl KvStore {
                     if escalated {
                         tx.log(
                             now,
-                            Some(&doc.name),
                             None,
                             "dns-failed",
                             (None, None),
                             "dns",
                             &format!("{} → {}: {}", work.name, work.want, failure.why),
+                            &mut doc,
                         );
                     }
                 }

@@ -9,7 +9,6 @@ const EXPIRED: &str = "the backup did not act on it in time (is its agent runnin
 
 /// Expires the pair's pending request if its time is up (logged once): whether it did.
 fn expire(tx: &mut Tx, doc: &mut PairDoc, now: Millis) -> bool {
-    let name = doc.name.clone();
     let Some(pending) = doc.pending().filter(|r| r.expires_at <= now) else {
         return false;
     };
@@ -19,12 +18,12 @@ fn expire(tx: &mut Tx, doc: &mut PairDoc, now: Millis) -> bool {
     let id = pending.id;
     tx.log(
         now,
-        Some(&name),
         None,
         "promotion request expired",
         (None, None),
         "data center",
         &format!("request {id}: the backup did not act on it in time"),
+        doc,
     );
     true
 }
@@ -102,7 +101,6 @@ impl KvStore {
             let request = store.add_request(&mut tx, &mut doc, actor, expires_at, None, now);
             tx.log(
                 now,
-                Some(pair),
                 backup.parse().ok(),
                 "promotion requested",
                 (None, None),
@@ -112,6 +110,7 @@ impl KvStore {
                     request.id,
                     ttl.as_secs()
                 ),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(doc.request_view(&request))))
@@ -186,12 +185,12 @@ impl KvStore {
             doc.last_hand_over_at = Some(now);
             tx.log(
                 now,
-                Some(&doc.name),
                 Some(from),
                 "hand-over requested",
                 (None, None),
                 &actor,
                 &format!("request {}: hand the role to {backup}: {reason}", request.id),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(doc.request_view(&request))))
@@ -267,7 +266,6 @@ impl KvStore {
                 return Ok((tx, Ok(())));
             }
             let generation = Generation(doc.generation);
-            let name = doc.name.clone();
             let Some(pending) = doc.pending().filter(|r| r.id == id) else {
                 return Ok((tx, Ok(())));
             };
@@ -276,12 +274,12 @@ impl KvStore {
             pending.answered_at = Some(now);
             tx.log(
                 now,
-                Some(&name),
                 Some(sid),
                 "promotion refused",
                 (Some(generation), None),
                 &sid.to_string(),
                 &format!("request {id}: {reason}"),
+                &mut doc,
             );
             tx.put_pair(&doc);
             Ok((tx, Ok(())))

@@ -1,13 +1,14 @@
 //! `lbs-dc-bench` (what `cargo xtask bench datacenter` runs): a real `lbs-datacenter serve` on
-//! loopback, in a directory of its own (SQLite), loaded by simulated boxes
+//! loopback, in a directory of its own, its records in SQLite and then (`--store`) in a
+//! three-member etcd on loopback, loaded by simulated boxes
 //! (`lbs_tests::fleet`) with real certificates, the real reports at the agent's interval, and
 //! promotions of random pairs while the reports run.
 //!
 //! For each fleet size in `--boxes`, on a freshly started server: every box connects, one
 //! report interval passes, then `--seconds` are measured. The table has reports/s, report and
 //! promotion round trips (p50, p99), the server's RSS and CPU, its descriptors, the errors;
-//! the last line is `dc-bench: <boxes> boxes, reports p99 <ms> ms, promotion p99 <ms> ms,
-//! server RSS <MiB> MiB, errors <n>` for the largest fleet.
+//! the last lines are `dc-bench <store>: <boxes> boxes, reports p99 <ms> ms, promotion p99
+//! <ms> ms, server RSS <MiB> MiB, errors <n>` for the largest fleet, one per store.
 //!
 //! With `--dns-outage-s S`, instead: a real BIND 9 (`lbs_tests::bind`) holds the pairs' zone;
 //! once every name is written it is frozen (SIGSTOP: updates reach it and get no answer), the
@@ -58,6 +59,10 @@ struct Args {
     /// Pairs in the DNS outage (three names each).
     #[arg(long, default_value_t = 1667)]
     dns_pairs: usize,
+    /// Where the data center keeps its records: `sqlite`, `etcd` (three members on
+    /// loopback), or both one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,etcd")]
+    store: Vec<String>,
 }
 
 fn table(phases: &[Phase]) {
@@ -124,26 +129,67 @@ fn main() -> anyhow::Result<()> {
         let runtime = tokio::runtime::Runtime::new()?;
         return runtime.block_on(dns::outage(&args, Duration::from_secs(outage)));
     }
-    let started = Instant::now();
-    let (mut server, pairs) = Server::prepare(&args.datacenter, most / 2, "bench.example", "")?;
-    println!(
-        "provisioned {} pairs with one provision-pair --from: {:.1} s",
-        pairs.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let runtime = tokio::runtime::Runtime::new()?;
-    let result = runtime.block_on(run(&args, &mut server, &pairs));
-    if result.is_err() {
-        eprintln!("serve.log, last lines:\n{}", server.log_tail(20));
+    let mut last_lines = Vec::new();
+    for store in &args.store {
+        // The etcd members live as long as their run.
+        let (extra, _etcd) = match store.as_str() {
+            "sqlite" => (String::new(), None),
+            "etcd" => {
+                let etcd = lbs_tests::etcd::Etcd::start(3);
+                let endpoints: Vec<String> = etcd
+                    .endpoints()
+                    .iter()
+                    .map(|e| format!("\"{e}\""))
+                    .collect();
+                let extra = format!(
+                    "[store]\nbackend = \"etcd\"\nendpoints = [{}]\n",
+                    endpoints.join(", ")
+                );
+                println!(
+                    "\n== etcd: three members on loopback ({})",
+                    etcd.endpoints().join(", ")
+                );
+                (extra, Some(etcd))
+            }
+            other => bail!("--store {other}: sqlite or etcd"),
+        };
+        if store == "sqlite" {
+            println!("\n== SQLite");
+        }
+        let started = Instant::now();
+        let (mut server, pairs) =
+            Server::prepare(&args.datacenter, most / 2, "bench.example", &extra)?;
+        println!(
+            "provisioned {} pairs with one provision-pair --from: {:.1} s",
+            pairs.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let runtime = tokio::runtime::Runtime::new()?;
+        match runtime.block_on(run(&args, &mut server, &pairs)) {
+            Ok(Some(last)) => last_lines.push(format!(
+                "dc-bench {store}: {} boxes, reports p99 {:.1} ms, promotion p99 {:.0} ms, server RSS {:.0} MiB, errors {}",
+                last.boxes, last.report_p99_ms, last.promotion_p99_ms, last.rss_mib, last.errors
+            )),
+            Ok(None) => {}
+            Err(err) => {
+                eprintln!("serve.log, last lines:\n{}", server.log_tail(20));
+                return Err(err);
+            }
+        }
     }
-    result
+    println!();
+    for line in last_lines {
+        println!("{line}");
+    }
+    Ok(())
 }
 
+/// The load phases on `server`: the largest fleet's figures.
 async fn run(
     args: &Args,
     server: &mut Server,
     pairs: &[[fleet::Provisioned; 2]],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Phase>> {
     let root = server.root()?;
     server.start()?;
     let started = Instant::now();
@@ -180,11 +226,5 @@ async fn run(
     server.stop()?;
     println!("\nall sizes, {} s measured each:", args.seconds);
     table(&phases);
-    if let Some(last) = phases.last() {
-        println!(
-            "dc-bench: {} boxes, reports p99 {:.1} ms, promotion p99 {:.0} ms, server RSS {:.0} MiB, errors {}",
-            last.boxes, last.report_p99_ms, last.promotion_p99_ms, last.rss_mib, last.errors
-        );
-    }
-    Ok(())
+    Ok(phases.pop())
 }
