@@ -51,6 +51,10 @@ impl StatePaths {
     pub fn key(&self) -> PathBuf {
         self.dir.join("identity.key")
     }
+    /// The TLS key of an activation not answered yet (kept for the next attempt).
+    pub fn pending_key(&self) -> PathBuf {
+        self.dir.join("activation-pending.key")
+    }
     /// The data center's CA.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -335,7 +339,19 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
     } else {
         (lbs_vpn::Key::generate_private(), true)
     };
-    let pending = PendingIdentity::generate(PeerName::Box(sid))?;
+    // The TLS key, like the WireGuard key, is kept until the activation is answered: if the
+    // answer was lost (the data center restarted while granting it), the next attempt sends
+    // the same keys and gets the same answer instead of "activated already".
+    let pending = match std::fs::read_to_string(paths.pending_key()) {
+        Ok(pem) => PendingIdentity::from_key_pem(PeerName::Box(sid), &pem)
+            .with_context(|| format!("reading {}", paths.pending_key().display()))?,
+        Err(_) => {
+            let pending = PendingIdentity::generate(PeerName::Box(sid))?;
+            lbs_host::write_file_atomic(&paths.pending_key(), pending.key_pem().as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", paths.pending_key().display()))?;
+            pending
+        }
+    };
     let request = ActivationRequest {
         protocol: PROTOCOL_VERSION,
         software: SoftwareVersion::current(),
@@ -385,6 +401,9 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("writing {}", paths.vpn_key().display()))?;
     }
     identity.save(&paths.cert(), &paths.key())?;
+    if let Err(err) = std::fs::remove_file(paths.pending_key()) {
+        tracing::warn!("removing {}: {err}", paths.pending_key().display());
+    }
     root.save(&paths.ca())?;
     lbs_host::write_file_atomic(
         &paths.vpn_config(),

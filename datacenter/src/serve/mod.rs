@@ -265,10 +265,12 @@ pub async fn run(
         endpoints,
         // An activation is never proven (the key in its request is the proof): it stays
         // unproven, bounded per source, for its whole life (the handshake and the request).
+        // At shutdown an activation under way may finish (its answer is what the box needs
+        // to go on); control sessions are cut, their boxes report again elsewhere.
         activation_serving: Serving::new(
             "the activation port",
             ACTIVATION_CONNECTIONS,
-            Duration::ZERO,
+            IO_TIMEOUT,
         )
         .with_unproven(Unproven::new(
             ACTIVATION_CONNECTIONS,

@@ -463,6 +463,24 @@ impl PendingIdentity {
         &self.request
     }
 
+    /// The key pair (PKCS#8 PEM), kept while the request is unanswered: asked again with the
+    /// same key (the answer was lost), the data center answers the activation the same.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// A pending identity for `name` on a kept key ([`PendingIdentity::key_pem`]), its
+    /// request made anew.
+    pub fn from_key_pem(name: PeerName, pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(pem).map_err(rcgen_error)?;
+        let request = named_params(&name)?
+            .serialize_request(&key)
+            .map_err(rcgen_error)?
+            .der()
+            .to_vec();
+        Ok(Self { name, key, request })
+    }
+
     /// The identity, once the data center returned the certificate. Refuses a certificate
     /// for another name or another key.
     pub fn complete(self, certificate: Vec<u8>, root: &TrustRoot) -> Result<Identity, TlsError> {

@@ -143,8 +143,22 @@ pub async fn activate(
     position: usize,
     provisioned: &Provisioned,
 ) -> anyhow::Result<SimBox> {
+    let key = PendingIdentity::generate(PeerName::Box(provisioned.sid))?.key_pem();
+    activate_keeping(activation, root, pair, position, provisioned, &key).await
+}
+
+/// [`activate`] with the TLS key `key` (PEM), as an agent keeps it until its activation is
+/// answered: asked again after a lost answer, the data center answers the same.
+pub async fn activate_keeping(
+    activation: SocketAddr,
+    root: &TrustRoot,
+    pair: usize,
+    position: usize,
+    provisioned: &Provisioned,
+    key: &str,
+) -> anyhow::Result<SimBox> {
     let source = office_address(pair);
-    let pending = PendingIdentity::generate(PeerName::Box(provisioned.sid))?;
+    let pending = PendingIdentity::from_key_pem(PeerName::Box(provisioned.sid), key)?;
     let request = ActivationRequest {
         protocol: PROTOCOL_VERSION,
         software: SoftwareVersion::current(),
@@ -270,6 +284,30 @@ async fn connect(
         generation,
         role,
     })
+}
+
+/// The backup `b` asks for its promotion from `believed` once, over a connection of its own to
+/// `control`: the data center's answer (`Promoted`, or a `Denied`), or why there was none.
+pub async fn promote_once(
+    b: &SimBox,
+    control: SocketAddr,
+    root: &TrustRoot,
+    believed: Generation,
+) -> anyhow::Result<Message> {
+    let target = Target {
+        control,
+        root: root.clone(),
+        interval: WAIT,
+    };
+    let mut session = connect(b, &target, believed, Role::Backup).await?;
+    let request = Message::Promote {
+        advertised: Ipv4Addr::new(192, 168, 1, 2 + b.position as u8),
+    };
+    match control::call(&mut session.conn, believed, request, WAIT).await {
+        Ok((_, answer)) => Ok(answer),
+        Err(control::CallError::Denied(denial)) => Ok(Message::Denied(denial)),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn report(role: Role, position: usize) -> Message {

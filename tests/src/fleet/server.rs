@@ -89,6 +89,32 @@ impl Server {
         self.dir.path()
     }
 
+    /// Another site of the same data center: a directory of its own with this one's CA, the
+    /// configuration `extra` (its `site` and the same `[store]`) and ports of its own. Not
+    /// started.
+    pub fn another_site(&self, extra: &str) -> anyhow::Result<Server> {
+        let site = Server {
+            binary: self.binary.clone(),
+            dir: tempfile::Builder::new().prefix("lbs-dc-site.").tempdir()?,
+            activation: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            control: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            child: None,
+        };
+        for file in ["ca.pem", "ca.key"] {
+            std::fs::copy(self.dir().join(file), site.dir().join(file))?;
+        }
+        let config = site.dir().join("datacenter.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "activation = [\"{}\"]\ncontrol = [\"{}\"]\n{extra}",
+                site.activation, site.control
+            ),
+        )?;
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(site)
+    }
+
     /// The data center's CA, as boxes trust it.
     pub fn root(&self) -> anyhow::Result<TrustRoot> {
         Ok(TrustRoot::load(&self.dir().join("ca.pem"))?)
