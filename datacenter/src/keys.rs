@@ -21,6 +21,11 @@ fn random<const N: usize>() -> [u8; N] {
     out
 }
 
+/// A random number (for spreading choices, not for secrets' sake).
+pub(crate) fn random_u64() -> u64 {
+    u64::from_be_bytes(random())
+}
+
 /// A fresh random server ID.
 pub fn random_sid() -> ServerId {
     ServerId::from_bytes(random())

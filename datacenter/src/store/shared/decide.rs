@@ -314,12 +314,7 @@ impl KvStore {
             let overlay = match server.overlay {
                 Some(address) => address,
                 None => {
-                    let used: std::collections::BTreeSet<Ipv4Addr> = store
-                        .scan("overlay")?
-                        .iter()
-                        .filter_map(|(key, _)| key.rsplit('/').next()?.parse().ok())
-                        .collect();
-                    let address = super::super::activation::lowest_free(pool, &used)?;
+                    let address = store.free_overlay(pool)?;
                     let key = store.key("overlay", &address.to_string());
                     tx.rely(&key, None);
                     tx.put(key, &sid.to_string());
@@ -618,6 +613,43 @@ impl KvStore {
             }
             Ok((tx, Ok((role, generation))))
         })
+    }
+}
+
+/// Random addresses of the pool tried at once for a new box.
+const PROBES: usize = 16;
+
+impl KvStore {
+    /// A free overlay address of `pool`: the first free of a few random ones read at once
+    /// (sites activating at the same time rarely pick the same, and no activation reads every
+    /// address); when all of those are taken (a pool nearly full), the lowest free one.
+    fn free_overlay(&self, pool: Ipv4Cidr) -> Result<Ipv4Addr, StoreError> {
+        let network = u32::from(pool.network());
+        let size = 1u64 << (32 - u32::from(pool.prefix.min(32)));
+        // The first ten and the last 256 are the data center's own, as lowest_free keeps them.
+        let span = size.saturating_sub(256).saturating_sub(10);
+        if span > 0 {
+            let candidates: Vec<Ipv4Addr> = (0..PROBES)
+                .filter_map(|_| {
+                    let offset = 10 + crate::keys::random_u64() % span;
+                    Some(Ipv4Addr::from(network.wrapping_add(u32::try_from(offset).ok()?)))
+                })
+                .collect();
+            let keys: Vec<String> = candidates
+                .iter()
+                .map(|ip| self.key("overlay", &ip.to_string()))
+                .collect();
+            let read = self.kv.get(&keys)?.items;
+            if let Some((ip, _)) = candidates.iter().zip(&read).find(|(_, r)| r.is_none()) {
+                return Ok(*ip);
+            }
+        }
+        let used: std::collections::BTreeSet<Ipv4Addr> = self
+            .scan("overlay")?
+            .iter()
+            .filter_map(|(key, _)| key.rsplit('/').next()?.parse().ok())
+            .collect();
+        super::super::activation::lowest_free(pool, &used)
     }
 }
 
