@@ -115,6 +115,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    a_look_at_a_report_answers_as_the_separate_questions_do,
     first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup,
     wrong_used_and_expired_keys_are_refused_and_change_nothing_but_the_log,
     of_racing_promotions_exactly_one_wins_every_time,
@@ -1009,4 +1010,59 @@ fn the_audit_log_cannot_be_rewritten_and_a_newer_schema_is_refused() {
         err.contains("newer than this lbs-datacenter knows"),
         "{err}"
     );
+}
+
+fn a_look_at_a_report_answers_as_the_separate_questions_do(backend: &dyn Backend) {
+    let servers = backend
+        .open()
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    let (a, b) = (servers[0].sid, servers[1].sid);
+    for (i, s) in servers.iter().enumerate() {
+        backend
+            .open()
+            .activate(&request(s.sid, &s.key.to_string(), 2 + i as u8), pool(), T0)
+            .unwrap();
+    }
+    let at_home = report(1, Ipv4Addr::new(192, 168, 1, 2));
+    let moved = report(1, Ipv4Addr::new(192, 168, 9, 2));
+    let mut store = backend.open();
+    for (sid, report) in [(a, &at_home), (a, &moved), (b, &at_home)] {
+        let look = store.look(sid, report, true, T0 + 1).unwrap();
+        assert_eq!(look.kind, store.report_kind(sid, report).unwrap(), "{sid}");
+        assert_eq!(look.pair, store.pair_of(sid).unwrap());
+        assert_eq!(look.request, None);
+    }
+    assert_eq!(
+        store.look(a, &moved, true, T0 + 1).unwrap().kind,
+        ReportKind::Decision,
+        "the primary at a new address"
+    );
+    let asked = store
+        .request_promotion("acme", "ops", Duration::from_secs(60), T0 + 2)
+        .unwrap();
+    assert_eq!(
+        store.look(b, &at_home, true, T0 + 3).unwrap().request,
+        Some(asked.clone())
+    );
+    assert_eq!(
+        store.look(b, &at_home, false, T0 + 3).unwrap().request,
+        None
+    );
+    assert_eq!(
+        store.look(a, &at_home, true, T0 + 3).unwrap().request,
+        None,
+        "only the backup"
+    );
+    // Past its time, the look expires it, as pending_promotion does.
+    assert_eq!(
+        store.look(b, &at_home, true, T0 + 70_000).unwrap().request,
+        None
+    );
+    let expired = store.promotion_request(asked.id, T0 + 70_001).unwrap();
+    assert_eq!(expired.state, lbs_datacenter::store::RequestState::Expired);
+    assert!(matches!(
+        store.look(ServerId::from_bytes([9; 6]), &at_home, true, T0),
+        Err(StoreError::UnknownServer(_))
+    ));
 }

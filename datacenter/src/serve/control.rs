@@ -295,21 +295,22 @@ pub(super) async fn on_report(
     let shared = inner.clone();
     let result = with_store(inner, move |s| {
         let now = now_ms();
+        let look = s.look(sid, &record, remote, now)?;
+        let request = look.request.filter(|r| hand_over || r.hand_over.is_none());
         // Most reports only say the box is alive: kept in memory, written in a batch.
-        match s.report_kind(sid, &record)? {
-            ReportKind::Liveness => shared.liveness.note(sid, record, now),
+        let mut pair = match look.kind {
+            ReportKind::Liveness => {
+                shared.liveness.note(sid, record, now);
+                look.pair
+            }
             ReportKind::Decision => {
                 shared.liveness.forget(sid);
                 s.heartbeat(sid, &record, now)?;
+                s.pair_of(sid)?
             }
-        }
-        let request = if remote {
-            s.pending_promotion(sid, now)?
-                .filter(|r| hand_over || r.hand_over.is_none())
-        } else {
-            None
         };
-        Ok((shared.liveness.pair_of(s, sid)?, request, now))
+        shared.liveness.overlay(&mut pair);
+        Ok((pair, request, now))
     })
     .await;
     match result {

@@ -267,16 +267,12 @@ pub async fn run(
         // unproven, bounded per source, for its whole life (the handshake and the request).
         // At shutdown an activation under way may finish (its answer is what the box needs
         // to go on); control sessions are cut, their boxes report again elsewhere.
-        activation_serving: Serving::new(
-            "the activation port",
-            ACTIVATION_CONNECTIONS,
-            IO_TIMEOUT,
-        )
-        .with_unproven(Unproven::new(
-            ACTIVATION_CONNECTIONS,
-            ACTIVATION_PER_SOURCE,
-            2 * IO_TIMEOUT,
-        )),
+        activation_serving: Serving::new("the activation port", ACTIVATION_CONNECTIONS, IO_TIMEOUT)
+            .with_unproven(Unproven::new(
+                ACTIVATION_CONNECTIONS,
+                ACTIVATION_PER_SOURCE,
+                2 * IO_TIMEOUT,
+            )),
         control_serving: Serving::new("the control port", capacity, Duration::ZERO).with_unproven(
             Unproven::new(
                 CONTROL_UNPROVEN,

@@ -219,6 +219,29 @@ pub trait Store {
     /// [`Store::heartbeat`]). An error for a box that may not report.
     fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError>;
 
+    /// What answering `sid`'s report needs, read together: whether it changes a decision
+    /// ([`Store::report_kind`]), the pending promotion it is to act on (asked only when
+    /// `requests`: [`Store::pending_promotion`]) and its pair ([`Store::pair_of`]).
+    fn look(
+        &mut self,
+        sid: ServerId,
+        report: &Report,
+        requests: bool,
+        now: Millis,
+    ) -> Result<Look, StoreError> {
+        let kind = self.report_kind(sid, report)?;
+        let request = if requests {
+            self.pending_promotion(sid, now)?
+        } else {
+            None
+        };
+        Ok(Look {
+            kind,
+            request,
+            pair: self.pair_of(sid)?,
+        })
+    }
+
     /// Records many reports in one transaction: each box's last heartbeat, generation,
     /// software, address and report.
     fn heartbeats(&mut self, batch: &[(ServerId, Report, Millis)]) -> Result<(), StoreError>;

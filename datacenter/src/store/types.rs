@@ -206,3 +206,13 @@ pub struct Event {
     /// The rest, in words.
     pub detail: String,
 }
+
+/// What answering a box's report needs ([`Store::look`]).
+#[derive(Clone, Debug)]
+pub struct Look {
+    pub kind: ReportKind,
+    /// The pending promotion the box (the backup) is to act on.
+    pub request: Option<PromotionRequest>,
+    /// Its pair as the store shows it.
+    pub pair: PairView,
+}

@@ -632,7 +632,9 @@ impl KvStore {
             let candidates: Vec<Ipv4Addr> = (0..PROBES)
                 .filter_map(|_| {
                     let offset = 10 + crate::keys::random_u64() % span;
-                    Some(Ipv4Addr::from(network.wrapping_add(u32::try_from(offset).ok()?)))
+                    Some(Ipv4Addr::from(
+                        network.wrapping_add(u32::try_from(offset).ok()?),
+                    ))
                 })
                 .collect();
             let keys: Vec<String> = candidates

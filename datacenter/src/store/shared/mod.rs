@@ -443,6 +443,16 @@ impl Store for KvStore {
         self.report_kind_kv(sid, report)
     }
 
+    fn look(
+        &mut self,
+        sid: ServerId,
+        report: &Report,
+        requests: bool,
+        now: Millis,
+    ) -> Result<Look, StoreError> {
+        self.look_kv(sid, report, requests, now)
+    }
+
     fn heartbeats(&mut self, batch: &[(ServerId, Report, Millis)]) -> Result<(), StoreError> {
         self.heartbeats_kv(batch)
     }

@@ -220,6 +220,59 @@ impl KvStore {
         })
     }
 
+    /// [`Store::look`] in two reads (the pair, then its boxes' reports) instead of five; a
+    /// request past its time is expired as [`Store::pending_promotion`] does.
+    pub(super) fn look_kv(
+        &self,
+        sid: ServerId,
+        report: &Report,
+        requests: bool,
+        now: Millis,
+    ) -> Result<Look, StoreError> {
+        self.transact("answering a report", |store| {
+            let (mut tx, mut doc) = store.begin_server(sid)?;
+            let role = doc.server(sid).map_or(Role::Unactivated, |s| s.role);
+            if role == Role::Unactivated {
+                return Err(StoreError::NotAllowed(format!(
+                    "{sid} is not activated yet"
+                )));
+            }
+            if requests && super::requests::expire(&mut tx, &mut doc, now) {
+                tx.put_pair(&doc);
+            }
+            let keys: Vec<String> = doc
+                .servers
+                .iter()
+                .map(|s| store.key("report", &s.sid))
+                .collect();
+            let mut reports = HashMap::new();
+            for ((server, key), read) in doc.servers.iter().zip(&keys).zip(store.get_many(&keys)?) {
+                if let Some(read) = read {
+                    reports.insert(server.sid.clone(), decode::<ReportDoc>(key, &read)?);
+                }
+            }
+            let stored = reports.get(&sid.to_string()).and_then(|r| r.advertised);
+            let moved = role == Role::Primary
+                && report.believed == Generation(doc.generation)
+                && stored != Some(report.advertised);
+            let request = doc
+                .requests
+                .last()
+                .filter(|r| requests && role == Role::Backup && r.state == RequestState::Pending)
+                .map(|r| doc.request_view(r));
+            let look = Look {
+                kind: if moved {
+                    ReportKind::Decision
+                } else {
+                    ReportKind::Liveness
+                },
+                request,
+                pair: doc.view(&reports),
+            };
+            Ok((tx, Ok(look)))
+        })
+    }
+
     pub(super) fn heartbeats_kv(
         &self,
         batch: &[(ServerId, Report, Millis)],

@@ -8,7 +8,7 @@ use super::*;
 const EXPIRED: &str = "the backup did not act on it in time (is its agent running and reporting?)";
 
 /// Expires the pair's pending request if its time is up (logged once): whether it did.
-fn expire(tx: &mut Tx, doc: &mut PairDoc, now: Millis) -> bool {
+pub(super) fn expire(tx: &mut Tx, doc: &mut PairDoc, now: Millis) -> bool {
     let Some(pending) = doc.pending().filter(|r| r.expires_at <= now) else {
         return false;
     };
