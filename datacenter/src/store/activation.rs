@@ -26,13 +26,7 @@ impl SqliteStore {
                 )
                 .map_err(db("adding a pair"))?;
             if inserted == 0 {
-                return Err(match retired_at(&tx, name)? {
-                    Some(at) => StoreError::NotAllowed(format!(
-                        "a pair called {name:?} was retired {}: its name stays with its audit log; choose another",
-                        crate::time::utc(at)
-                    )),
-                    None => StoreError::PairExists(name.clone()),
-                });
+                return Err(name_taken(name, retired_at(&tx, name)?));
             }
             let pair_id = tx.last_insert_rowid();
             let mut made = Vec::new();

@@ -113,12 +113,7 @@ impl SqliteStore {
                     "dns-updated",
                     (None, None),
                     "dns",
-                    &format!(
-                        "{} → {} (was {})",
-                        work.name,
-                        work.want,
-                        work.have.map_or("absent".to_owned(), |h| h.to_string())
-                    ),
+                    &work.updated(),
                 )?;
             }
             Err(failure) => {

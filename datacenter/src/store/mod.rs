@@ -514,6 +514,41 @@ fn row(tx: &rusqlite::Transaction<'_>, sid: ServerId) -> Result<Row, StoreError>
     Ok(row)
 }
 
+/// The audit log's words for a promotion: who is primary, where, who is fenced and how long
+/// before it was last heard (a short time: it may have been alive, a forced P).
+fn promoted_detail(
+    sid: ServerId,
+    pair: &str,
+    advertised: Ipv4Addr,
+    old: Option<&str>,
+    old_heard: Option<Millis>,
+    now: Millis,
+) -> String {
+    format!(
+        "{sid} is primary of pair {pair}, advertising {advertised}; {} is fenced{}",
+        old.unwrap_or("nobody"),
+        match old_heard {
+            Some(at) => format!(
+                " (last heard {:.1} s before)",
+                now.saturating_sub(at) as f64 / 1000.0
+            ),
+            None if old.is_some() => " (never heard)".to_owned(),
+            None => String::new(),
+        }
+    )
+}
+
+/// The refusal of a pair name that is taken (by a pair retired `retired`, or in use).
+fn name_taken(name: &str, retired: Option<Millis>) -> StoreError {
+    match retired {
+        Some(at) => StoreError::NotAllowed(format!(
+            "a pair called {name:?} was retired {}: its name stays with its audit log; choose another",
+            crate::time::utc(at)
+        )),
+        None => StoreError::PairExists(name.to_owned()),
+    }
+}
+
 /// Refuses a server of a retired pair.
 fn not_retired(sid: ServerId, pair: &str, retired: Option<Millis>) -> Result<(), StoreError> {
     match retired {

@@ -91,18 +91,13 @@ impl SqliteStore {
             "promoted",
             (Some(believed), Some(next)),
             actor,
-            &format!(
-                "{sid} is primary of pair {}, advertising {advertised}; {} is fenced{}",
-                row.pair_name,
-                old.as_deref().unwrap_or("nobody"),
-                match old_heard {
-                    Some(at) => format!(
-                        " (last heard {:.1} s before)",
-                        now.saturating_sub(at) as f64 / 1000.0
-                    ),
-                    None if old.is_some() => " (never heard)".to_owned(),
-                    None => String::new(),
-                }
+            &promoted_detail(
+                sid,
+                &row.pair_name,
+                advertised,
+                old.as_deref(),
+                old_heard,
+                now,
             ),
         )?;
         tx.execute(

@@ -101,6 +101,18 @@ pub struct DnsWork {
     pub attempts: i64,
 }
 
+impl DnsWork {
+    /// The audit log's words for this update done.
+    pub fn updated(&self) -> String {
+        format!(
+            "{} → {} (was {})",
+            self.name,
+            self.want,
+            self.have.map_or("absent".to_owned(), |h| h.to_string())
+        )
+    }
+}
+
 /// Why a DNS update failed, and whether waiting can help.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsFailure {

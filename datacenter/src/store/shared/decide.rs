@@ -30,7 +30,7 @@ impl KvStore {
         for (((name, _), key), found) in pairs.iter().zip(&keys).zip(self.get_many(&keys)?) {
             if let Some(found) = found {
                 let doc: PairDoc = decode(key, &found)?;
-                return Err(taken(name, doc.retired_at));
+                return Err(name_taken(name, doc.retired_at));
             }
             if !seen.insert(name) {
                 return Err(StoreError::PairExists(name.clone()));
@@ -74,7 +74,7 @@ impl KvStore {
             for ((name, _), (key, found)) in pairs.iter().zip(keys.iter().zip(&read)) {
                 if let Some(found) = found {
                     let doc: PairDoc = decode(key, found)?;
-                    return Ok((tx, Err(taken(name, doc.retired_at))));
+                    return Ok((tx, Err(name_taken(name, doc.retired_at))));
                 }
             }
             let mut all = Vec::with_capacity(pairs.len());
@@ -459,19 +459,7 @@ impl KvStore {
                 "promoted",
                 (Some(believed), Some(next)),
                 actor,
-                &format!(
-                    "{sid} is primary of pair {}, advertising {advertised}; {} is fenced{}",
-                    doc.name,
-                    old.as_deref().unwrap_or("nobody"),
-                    match old_heard {
-                        Some(at) => format!(
-                            " (last heard {:.1} s before)",
-                            now.saturating_sub(at) as f64 / 1000.0
-                        ),
-                        None if old.is_some() => " (never heard)".to_owned(),
-                        None => String::new(),
-                    }
-                ),
+                &promoted_detail(sid, &doc.name, advertised, old.as_deref(), old_heard, now),
                 &mut doc,
             );
             if let Some(pending) = doc.pending() {
@@ -663,16 +651,5 @@ pub(super) fn report_doc(report: &Report, at: Millis) -> ReportDoc {
         software: Some(report.software.clone()),
         advertised: Some(report.advertised),
         report: Some(report.json.clone()),
-    }
-}
-
-/// The refusal of a name that is taken.
-fn taken(name: &str, retired: Option<Millis>) -> StoreError {
-    match retired {
-        Some(at) => StoreError::NotAllowed(format!(
-            "a pair called {name:?} was retired {}: its name stays with its audit log; choose another",
-            crate::time::utc(at)
-        )),
-        None => StoreError::PairExists(name.to_owned()),
     }
 }

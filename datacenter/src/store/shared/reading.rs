@@ -134,12 +134,7 @@ impl KvStore {
                         "dns-updated",
                         (None, None),
                         "dns",
-                        &format!(
-                            "{} → {} (was {})",
-                            work.name,
-                            work.want,
-                            work.have.map_or("absent".to_owned(), |h| h.to_string())
-                        ),
+                        &work.updated(),
                         &mut doc,
                     );
                 }
