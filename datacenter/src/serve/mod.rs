@@ -141,6 +141,27 @@ struct Inner {
     control_serving: Serving,
 }
 
+/// Whether an endpoint URL names this machine (`http://127.0.0.1:2379`, `http://localhost:…`,
+/// `http://[::1]:…`).
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Control connections the open-files limit leaves room for (at most [`MAX_CONNECTIONS`]):
 /// past it the listener turns boxes away instead of failing to accept with EMFILE.
 fn control_capacity(open_files: u64) -> usize {
@@ -281,6 +302,18 @@ pub async fn run(
             ),
         ),
     });
+    if let crate::config::StoreSettings::Etcd { etcd, .. } = &inner.config.store {
+        let plain: Vec<&String> = etcd
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://") && !is_loopback_url(e))
+            .collect();
+        if !plain.is_empty() {
+            tracing::warn!(
+                "the store's etcd endpoints {plain:?} are plain http: the authority's records cross the network unencrypted and anyone who reaches them can change roles; use https with ca_file, cert_file and key_file"
+            );
+        }
+    }
     if inner.config.dns.is_none() {
         tracing::warn!(
             "no [dns] section: DNS decisions are recorded (see status) but not sent anywhere"
@@ -445,6 +478,26 @@ async fn answer(
 mod tests {
     use super::dns_worker::{DNS_MAX_BACKOFF, dns_backoff};
     use super::*;
+
+    #[test]
+    fn only_endpoints_on_this_machine_count_as_loopback() {
+        for url in [
+            "http://127.0.0.1:2379",
+            "http://localhost:2379",
+            "http://[::1]:2379",
+            "http://127.5.0.1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.20.0.11:2379",
+            "http://etcd.example:2379",
+            "http://[2001:db8::1]:2379",
+            "http://localhost.example:2379",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 
     #[test]
     fn the_control_pool_fits_in_the_open_files_limit() {
