@@ -2,6 +2,8 @@
 //! simulated boxes activating and then promoting through both while each site in turn is
 //! restarted: no activation and no role change is lost or made twice. A box whose site went
 //! away asks the other, as the agent does; the same request twice is answered the same.
+//! And `serve` on etcd over mutual TLS from `[store]`'s files, a site with a certificate the
+//! members do not trust refused.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -210,4 +212,73 @@ fn a_site_restarted_under_load_loses_no_activation_and_no_role_change() {
     );
     assert_eq!(count("promoted"), PAIRS, "each pair promoted once");
     drop(etcd);
+}
+
+#[test]
+fn serve_on_etcd_over_mutual_tls_activates_and_promotes_and_a_stranger_is_refused() {
+    let etcd = Etcd::start_tls(1);
+    let files = etcd.tls().unwrap().clone();
+    let store = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            etcd.endpoint(0),
+            files.ca.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let binary = workspace_binary("lbs-datacenter");
+    let (mut dc1, pairs) = Server::prepare(
+        &binary,
+        1,
+        "tls.example",
+        &format!(
+            "site = \"dc1\"\n{}",
+            store(&files.client_cert, &files.client_key)
+        ),
+    )
+    .unwrap();
+    dc1.start().unwrap();
+    let root = dc1.root().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (primary, backup) = runtime.block_on(async {
+        let a = fleet::activate(dc1.activation, &root, 0, 0, &pairs[0][0])
+            .await
+            .unwrap();
+        let b = fleet::activate(dc1.activation, &root, 0, 1, &pairs[0][1])
+            .await
+            .unwrap();
+        (a, b)
+    });
+    assert_eq!((primary.role, backup.role), (Role::Primary, Role::Backup));
+    let answer = runtime
+        .block_on(fleet::promote_once(
+            &backup,
+            dc1.control,
+            &root,
+            Generation(1),
+        ))
+        .unwrap();
+    assert!(
+        matches!(&answer, Message::Promoted(p) if p.generation == Generation(2)),
+        "{answer:?}"
+    );
+    // A site whose client certificate the members do not trust reads nothing, and says why.
+    let stranger = dc1
+        .another_site(&format!(
+            "site = \"dc2\"\n{}",
+            store(&files.stranger_cert, &files.stranger_key)
+        ))
+        .unwrap();
+    let started = Instant::now();
+    let err = stranger.cli(&["status"]).unwrap_err().to_string();
+    assert!(
+        err.contains("authority unreachable from this site"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
