@@ -158,6 +158,10 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
         .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
         .unwrap();
     let (a, b) = (servers[0].sid, servers[1].sid);
+    // Interleaved with acme's: the log's order is not the pairs' order.
+    let spare = sqlite
+        .provision_pair("spare", "pbx.spare.example", 1, DAY, T0 + 1)
+        .unwrap();
     sqlite
         .activate(&request(a, &servers[0].key.to_string(), 2), pool, T0 + 1)
         .unwrap();
@@ -169,9 +173,6 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
         .unwrap();
     sqlite
         .promote(b, Generation(1), REMOTE, "test", T0 + 4)
-        .unwrap();
-    let spare = sqlite
-        .provision_pair("spare", "pbx.spare.example", 1, DAY, T0 + 5)
         .unwrap();
     let before = (sqlite.pairs().unwrap(), sqlite.events(0).unwrap());
 
@@ -195,6 +196,27 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
         store.promotion_request(asked.id, T0 + 6).unwrap(),
         sqlite.promotion_request(asked.id, T0 + 6).unwrap()
     );
+    // Several pairs in one transaction: their events in the order they were logged.
+    let last = moved.last().unwrap().id;
+    store
+        .provision_pairs(
+            &[
+                ("zulu".into(), "pbx.zulu.example".into()),
+                ("alpha".into(), "pbx.alpha.example".into()),
+            ],
+            1,
+            DAY,
+            T0 + 5,
+        )
+        .unwrap();
+    let order: Vec<Option<String>> = store
+        .events(last)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pair)
+        .collect();
+    assert_eq!(order, [Some("zulu".to_owned()), Some("alpha".to_owned())]);
+    let moved = store.events(0).unwrap();
     let err = store.import(&export).unwrap_err().to_string();
     assert!(err.contains("holds records under /lbs already"), "{err}");
 
@@ -219,7 +241,7 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
         .collect();
     assert!(!taken.contains(&Some(third.overlay.to_string())));
     let events = store.events(0).unwrap();
-    assert_eq!(events.len(), before.1.len() + 3);
+    assert_eq!(events.len(), before.1.len() + 2 + 3);
     assert!(events.windows(2).all(|w| w[0].id < w[1].id));
     assert_eq!(store.events(moved.last().unwrap().id).unwrap().len(), 3);
     store.register_backup(b, "test", T0 + 10).unwrap();

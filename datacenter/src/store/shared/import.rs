@@ -40,17 +40,16 @@ impl KvStore {
             Ok(())
         };
         let put = |key: String, value: Vec<u8>| Op::Put { key, value };
-        // Each pair's events, numbered from 1 in their order; the latest kept.
-        let mut events: HashMap<String, Vec<&Event>> = HashMap::new();
+        // Each pair's events are numbered from 1 in their order, the latest kept; they are
+        // written in the order of the whole log, so the revisions keep it (and within one
+        // revision, the number each brings).
+        let mut counts: HashMap<String, u64> = HashMap::new();
         for event in &export.events {
-            let pair = event.pair.clone().unwrap_or_else(|| "-".to_owned());
-            events.entry(pair).or_default().push(event);
+            *counts.entry(pair_of(event)).or_default() += 1;
         }
-        let mut written = 0;
         for (doc, reports) in &export.pairs {
-            let theirs = events.remove(&doc.name).unwrap_or_default();
             let mut doc = doc.clone();
-            doc.event_seq = theirs.len() as u64;
+            doc.event_seq = counts.get(&doc.name).copied().unwrap_or(0);
             let mut mine = vec![put(self.key("pair", &doc.name), encode(&doc))];
             if doc.dns_owed() {
                 mine.push(put(self.key("dns-owed", &doc.name), Vec::new()));
@@ -75,10 +74,20 @@ impl KvStore {
             }
             flush(&mut ops, mine.len())?;
             ops.extend(mine);
-            written += self.import_events(&doc.name, &theirs, &mut ops, &flush)?;
         }
-        for (pair, theirs) in &events {
-            written += self.import_events(pair, theirs, &mut ops, &flush)?;
+        let mut seqs: HashMap<String, u64> = HashMap::new();
+        let mut written = 0;
+        for event in &export.events {
+            let pair = pair_of(event);
+            let seq = seqs.entry(pair.clone()).or_default();
+            *seq += 1;
+            let total = counts.get(&pair).copied().unwrap_or(0);
+            if total.saturating_sub(*seq) >= self.events_kept {
+                continue;
+            }
+            flush(&mut ops, 1)?;
+            ops.push(put(event_key(&self.prefix, &pair, *seq), encode(event)));
+            written += 1;
         }
         flush(&mut ops, BATCH)?;
         self.kv.commit(
@@ -95,26 +104,9 @@ impl KvStore {
             events: written,
         })
     }
+}
 
-    /// Queues pair `pair`'s events (oldest first) as its numbered keys, the latest
-    /// [`EVENTS_KEPT`] (or as set); how many.
-    fn import_events(
-        &self,
-        pair: &str,
-        events: &[&Event],
-        ops: &mut Vec<Op>,
-        flush: &impl Fn(&mut Vec<Op>, usize) -> Result<(), StoreError>,
-    ) -> Result<usize, StoreError> {
-        let skip = events
-            .len()
-            .saturating_sub(usize::try_from(self.events_kept).unwrap_or(usize::MAX));
-        for (seq, event) in events.iter().enumerate().skip(skip) {
-            flush(ops, 1)?;
-            ops.push(Op::Put {
-                key: event_key(&self.prefix, pair, seq as u64 + 1),
-                value: encode(event),
-            });
-        }
-        Ok(events.len() - skip)
-    }
+/// The pair an event is kept under (`-` for one of none).
+fn pair_of(event: &Event) -> String {
+    event.pair.clone().unwrap_or_else(|| "-".to_owned())
 }

@@ -76,6 +76,8 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 pub(super) struct Tx {
     prefix: String,
     events_kept: u64,
+    /// Events logged so far.
+    logged: i64,
     expect: Vec<Expect>,
     ops: Vec<Op>,
     counters: Counters,
@@ -143,9 +145,11 @@ impl Tx {
     ) {
         doc.event_seq += 1;
         let seq = doc.event_seq;
+        self.logged += 1;
         let event = Event {
-            // Its place in the whole log: from the revision that commits it (see `events`).
-            id: 0,
+            // Its place in this transaction; in the whole log it is numbered from the
+            // revision that commits it (see `events`).
+            id: self.logged,
             at,
             pair: Some(doc.name.clone()),
             sid: sid.map(|s| s.to_string()),
@@ -227,6 +231,7 @@ impl KvStore {
         let mut tx = Tx {
             prefix: self.prefix.clone(),
             events_kept: self.events_kept,
+            logged: 0,
             expect: Vec::new(),
             ops: Vec::new(),
             counters,
@@ -518,18 +523,24 @@ impl Store for KvStore {
             let full = page.len() == PAGE;
             // A full page may end inside a revision: that revision is read whole next time.
             let last = page.last().map(|(_, v)| v.mod_revision);
-            let mut numbered: Option<(i64, i64)> = None;
+            let mut whole = Vec::with_capacity(page.len());
             for (key, value) in &page {
                 if full && Some(value.mod_revision) == last && value.mod_revision > since {
                     break;
                 }
+                whole.push((value.mod_revision, decode::<Event>(key, value)?));
+            }
+            // Within one revision, in the order they were logged (the id stored is that
+            // order: the place in its transaction, or the number a migration brought).
+            whole.sort_by_key(|(revision, event)| (*revision, event.id));
+            let mut numbered: Option<(i64, i64)> = None;
+            for (revision, mut event) in whole {
                 let place = match numbered {
-                    Some((revision, place)) if revision == value.mod_revision => place + 1,
+                    Some((at, place)) if at == revision => place + 1,
                     _ => 0,
                 };
-                numbered = Some((value.mod_revision, place));
-                let mut event: Event = decode(key, value)?;
-                event.id = value.mod_revision * EVENTS_PER_REVISION + place;
+                numbered = Some((revision, place));
+                event.id = revision * EVENTS_PER_REVISION + place;
                 if event.id > after {
                     events.push(event);
                 }
