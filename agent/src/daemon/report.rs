@@ -20,6 +20,8 @@ use crate::daemon::state::{Shared, current_address, lock, now_ms, promote_unatte
 pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut moved = shared.moved.subscribe();
     let mut backoff = Backoff::new(control::RECONNECT_FIRST, control::RECONNECT_CAP);
+    // Whether the last failure already moved to another site without waiting.
+    let mut hopped = false;
     loop {
         moved.borrow_and_update();
         let answered_before = lock(&shared.datacenter).last_answer_ms;
@@ -33,6 +35,18 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
                 continue;
             }
         };
+        // A site that answered but cannot reach the sites' shared authority: another site is
+        // asked at once, not after a backoff (the box would look silent meanwhile).
+        let mut elsewhere_now = false;
+        if let Err(err) = &result {
+            let unavailable = err.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref::<control::CallError>(),
+                    Some(control::CallError::Denied(control::Denial::Unavailable(_)))
+                )
+            });
+            elsewhere_now = unavailable && lock(&shared.info).control.len() > 1;
+        }
         if let Err(err) = result {
             let text = format!("{err:#}");
             // A site that failed the session (its link dropped, or it cannot reach the
@@ -52,6 +66,12 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
         // the waits start short again.
         if lock(&shared.datacenter).last_answer_ms != answered_before {
             backoff.reset();
+            hopped = false;
+        }
+        // Once: if every site says so (the authority lost), the waits apply as usual.
+        if elsewhere_now && !hopped {
+            hopped = true;
+            continue;
         }
         let wait = backoff.next_wait();
         tracing::debug!(

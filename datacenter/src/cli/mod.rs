@@ -17,11 +17,12 @@ use crate::time::{now_ms, utc as when};
 
 mod migrate;
 mod provision;
+mod site_init;
 mod status;
 
 /// The CA certificate, its key and the database, in the data directory.
-const CA_CERT: &str = "ca.pem";
-const CA_KEY: &str = "ca.key";
+pub(super) const CA_CERT: &str = "ca.pem";
+pub(super) const CA_KEY: &str = "ca.key";
 use crate::authority::DATABASE;
 use crate::config::CONFIG_FILE as CONFIG;
 /// Where the package keeps the configuration (`lbs-datacenter.service` passes it to serve).
@@ -211,6 +212,20 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Prepare another full site's data directory (a shared [store] is needed): the CA, this
+    /// site's configuration with the new name, the DNS secret it names; says what to set
+    /// there before serving.
+    SiteInit {
+        /// The new site's name.
+        #[arg(long)]
+        site: String,
+        /// The directory to write (created, 0700; must be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// This site's configuration (default: datacenter.toml in --dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// At the main site: the files another site needs to follow it (a data-center
     /// certificate and key issued by this CA, and the CA certificate). Copy them into the other
     /// site's directory; the key gives access to every box's tunnel key, so move it like one.
@@ -377,6 +392,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::GenerateDocs { out } => {
             lbs_host::cli_docs::write(Cli::command(), &out)?;
+        }
+        Command::SiteInit { site, out, config } => {
+            let path = config.unwrap_or_else(|| dir.join(CONFIG));
+            return site_init::site_init(dir, &path, &site, &out);
         }
         Command::SiteIdentity { out } => {
             let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))

@@ -161,12 +161,13 @@ impl Office {
             .collect();
         for (site, ip) in SERVING {
             let dir = self.site_dir(site);
-            std::fs::create_dir_all(&dir)?;
             if site != "dc1" {
-                for file in ["ca.pem", "ca.key"] {
-                    std::fs::copy(self.dc_dir().join(file), dir.join(file))?;
-                }
+                // As an operator makes a site: from dc1's directory (its CA), then this
+                // site's own configuration below.
+                let out = dir.display().to_string();
+                self.datacenter_at("dc1", &["site-init", "--site", site, "--out", &out])?;
             }
+            std::fs::create_dir_all(&dir)?;
             // Every member, this site's own first: the client talks to one at a time and
             // moves on when it fails.
             let mut order = vec![site];
