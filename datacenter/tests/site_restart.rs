@@ -270,14 +270,18 @@ fn serve_on_etcd_over_mutual_tls_activates_and_promotes_and_a_stranger_is_refuse
             store(&files.stranger_cert, &files.stranger_key)
         ))
         .unwrap();
+    // Several times: a member closing the connection while the client writes once ended the
+    // command by SIGPIPE, silently (the commands that print take SIGPIPE's default).
     let started = Instant::now();
-    let err = stranger.cli(&["status"]).unwrap_err().to_string();
+    for _ in 0..5 {
+        let err = stranger.cli(&["status"]).unwrap_err().to_string();
+        assert!(
+            err.contains("authority unreachable from this site"),
+            "{err}"
+        );
+    }
     assert!(
-        err.contains("authority unreachable from this site"),
-        "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
     );

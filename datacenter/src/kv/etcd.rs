@@ -10,6 +10,8 @@
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{SigSet, Signal};
 use std::time::Duration;
 
 use etcd_client::{
@@ -124,7 +126,17 @@ impl EtcdKv {
         });
         std::thread::Builder::new()
             .name("lbs-etcd".into())
-            .spawn(move || runtime.block_on(worker.run(incoming)))
+            .spawn(move || {
+                // The commands that print reports take SIGPIPE's default (ending quietly
+                // under `head`); a member closing its connection while this thread writes
+                // must be an error here, not the end of the process. Blocked for this
+                // thread only: its writes fail with EPIPE instead.
+                let pipe = SigSet::from(Signal::SIGPIPE);
+                if let Err(err) = pipe.thread_block() {
+                    tracing::warn!("blocking SIGPIPE on the etcd client's thread: {err}");
+                }
+                runtime.block_on(worker.run(incoming))
+            })
             .map_err(|err| KvError::Unreachable {
                 endpoints: settings.named(),
                 detail: format!("cannot start the client's thread: {err}"),

@@ -13,6 +13,11 @@ impl KvStore {
             .begin_pair(&name)?
             .1
             .ok_or(StoreError::UnknownServer(sid))?;
+        Ok(doc.view(&self.reports_of(&doc)?))
+    }
+
+    /// The last reports of `doc`'s boxes, by SID, in one read.
+    fn reports_of(&self, doc: &PairDoc) -> Result<HashMap<String, ReportDoc>, StoreError> {
         let keys: Vec<String> = doc
             .servers
             .iter()
@@ -24,7 +29,7 @@ impl KvStore {
                 reports.insert(server.sid.clone(), decode(key, &read)?);
             }
         }
-        Ok(doc.view(&reports))
+        Ok(reports)
     }
 
     /// The activated boxes of served pairs, pair by pair in the order they were made, each
@@ -235,17 +240,7 @@ impl KvStore {
             if requests && super::requests::expire(&mut tx, &mut doc, now) {
                 tx.put_pair(&doc);
             }
-            let keys: Vec<String> = doc
-                .servers
-                .iter()
-                .map(|s| store.key("report", &s.sid))
-                .collect();
-            let mut reports = HashMap::new();
-            for ((server, key), read) in doc.servers.iter().zip(&keys).zip(store.get_many(&keys)?) {
-                if let Some(read) = read {
-                    reports.insert(server.sid.clone(), decode::<ReportDoc>(key, &read)?);
-                }
-            }
+            let reports = store.reports_of(&doc)?;
             let stored = reports.get(&sid.to_string()).and_then(|r| r.advertised);
             let moved = role == Role::Primary
                 && report.believed == Generation(doc.generation)
