@@ -51,14 +51,6 @@ fn office_on_three_sites() -> (Office, String, String) {
     (office, primary, backup)
 }
 
-/// Which site the box `host` reports to.
-fn reports_to(office: &mut Office, host: &str) -> String {
-    office.status(host).unwrap()["datacenter"]["connected_to"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn three_sites_a_site_gone_dark_the_boxes_move_p_works_and_dns_follows() {
     if !require_root(
@@ -70,14 +62,9 @@ fn three_sites_a_site_gone_dark_the_boxes_move_p_works_and_dns_follows() {
     let (mut office, _, backup_overlay) = office_on_three_sites();
     // dc1 goes dark: its serve and etcd killed, its cable out.
     office.site_dark("dc1").unwrap();
-    let dc2 = format!("{DC2}:7441");
-    for host in ["primary", "backup"] {
-        office
-            .wait(&format!("{host} to report to dc2"), STEP, |o| {
-                Ok(reports_to(o, host) == dc2)
-            })
-            .unwrap();
-    }
+    office
+        .wait_reporting_to("dc2", &["primary", "backup"])
+        .unwrap();
     // The primary dies; P on the backup goes through dc2.
     let (rto_ms, said) = office.fail_over("primary", "backup").unwrap();
     assert!(
@@ -104,11 +91,7 @@ fn three_sites_a_site_gone_dark_the_boxes_move_p_works_and_dns_follows() {
             Ok(o.status("primary")?["role"]["state"] == "fenced")
         })
         .unwrap();
-    office
-        .wait("the old primary to report to dc2", STEP, |o| {
-            Ok(reports_to(o, "primary") == dc2)
-        })
-        .unwrap();
+    office.wait_reporting_to("dc2", &["primary"]).unwrap();
     println!("measured: rto_through_dc2_with_dc1_dark_ms={rto_ms}");
 }
 
@@ -131,14 +114,9 @@ fn three_sites_a_site_cut_off_from_the_others_refuses_and_the_other_grants() {
         "{refused:#}"
     );
     // The boxes' reports to dc1 are answered "cannot decide": they move to dc2 at once.
-    let dc2 = format!("{DC2}:7441");
-    for host in ["primary", "backup"] {
-        office
-            .wait(&format!("{host} to report to dc2"), STEP, |o| {
-                Ok(reports_to(o, host) == dc2)
-            })
-            .unwrap();
-    }
+    office
+        .wait_reporting_to("dc2", &["primary", "backup"])
+        .unwrap();
     // P on the backup goes through dc2.
     office.power_off("primary").unwrap();
     office.wait_primary_gone("backup").unwrap();

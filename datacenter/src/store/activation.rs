@@ -11,11 +11,7 @@ impl SqliteStore {
         key_ttl: Duration,
         now: Millis,
     ) -> Result<Vec<Vec<Provisioned>>, StoreError> {
-        if !(1..=2).contains(&servers) {
-            return Err(StoreError::NotAllowed(format!(
-                "a pair has one or two servers, not {servers}"
-            )));
-        }
+        check_servers(servers)?;
         let tx = begin(&mut self.conn)?;
         let mut all = Vec::with_capacity(pairs.len());
         for (name, fqdn) in pairs {

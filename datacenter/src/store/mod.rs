@@ -538,6 +538,30 @@ fn promoted_detail(
     )
 }
 
+/// Refuses a pair of other than one or two servers.
+fn check_servers(servers: usize) -> Result<(), StoreError> {
+    if (1..=2).contains(&servers) {
+        Ok(())
+    } else {
+        Err(StoreError::NotAllowed(format!(
+            "a pair has one or two servers, not {servers}"
+        )))
+    }
+}
+
+/// The audit log's words for a pair retired with its servers `sids`.
+fn retired_detail(pair: &str, sids: &[ServerId]) -> String {
+    let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
+    format!(
+        "pair {pair} retired: {} refused from now on",
+        if list.is_empty() {
+            "no server".to_owned()
+        } else {
+            list.join(", ")
+        }
+    )
+}
+
 /// The refusal of a pair name that is taken (by a pair retired `retired`, or in use).
 fn name_taken(name: &str, retired: Option<Millis>) -> StoreError {
     match retired {

@@ -196,7 +196,6 @@ impl SqliteStore {
             params![pair_id, now],
         )
         .map_err(db("closing the pair's promotion requests"))?;
-        let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
         log(
             &tx,
             now,
@@ -205,14 +204,7 @@ impl SqliteStore {
             "retired",
             (None, None),
             actor,
-            &format!(
-                "pair {pair} retired: {} refused from now on",
-                if list.is_empty() {
-                    "no server".to_owned()
-                } else {
-                    list.join(", ")
-                }
-            ),
+            &retired_detail(pair, &sids),
         )?;
         tx.commit().map_err(db("committing"))?;
         Ok(sids)

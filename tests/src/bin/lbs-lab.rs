@@ -266,11 +266,7 @@ fn demo(three_sites: bool) -> anyhow::Result<()> {
             "dc1 goes dark: its lbs-datacenter and etcd killed, its cable out",
             || {
                 office.site_dark("dc1")?;
-                for host in BOXES {
-                    office.wait(&format!("{host} to report to dc2"), STEP, |o| {
-                        Ok(o.status(host)?["datacenter"]["connected_to"] == "10.20.0.12:7441")
-                    })?;
-                }
+                office.wait_reporting_to("dc2", &BOXES)?;
                 println!("    both boxes report to dc2 now; dc2 and dc3 are the majority");
                 Ok(())
             },

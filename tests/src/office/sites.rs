@@ -200,6 +200,20 @@ impl Office {
         Ok(())
     }
 
+    /// Waits until each of `hosts` reports to the serving site `site`.
+    pub fn wait_reporting_to(&mut self, site: &str, hosts: &[&str]) -> anyhow::Result<()> {
+        let Some((_, ip)) = SERVING.iter().find(|(s, _)| *s == site) else {
+            bail!("no serving site {site}");
+        };
+        let control = format!("{ip}:7441");
+        for host in hosts {
+            self.wait(&format!("{host} to report to {site}"), STEP, |o| {
+                Ok(o.status(host)?["datacenter"]["connected_to"] == control.as_str())
+            })?;
+        }
+        Ok(())
+    }
+
     /// The data directory of serving site `site`.
     pub fn site_dir(&self, site: &str) -> PathBuf {
         match site {

@@ -16,11 +16,7 @@ impl KvStore {
         key_ttl: Duration,
         now: Millis,
     ) -> Result<Vec<Vec<Provisioned>>, StoreError> {
-        if !(1..=2).contains(&servers) {
-            return Err(StoreError::NotAllowed(format!(
-                "a pair has one or two servers, not {servers}"
-            )));
-        }
+        check_servers(servers)?;
         // Names taken refuse the whole list before anything is written.
         let keys: Vec<String> = pairs
             .iter()
@@ -326,11 +322,11 @@ impl KvStore {
                 (false, None) => (Role::Primary, Generation::FIRST),
                 (false, Some(_)) => (Role::Backup, pair_generation),
             };
-            let mut report = store.report_in(&mut tx, &sid.to_string())?;
-            report.software = Some(request.software.clone());
-            report.generation = Some(generation.0);
-            report.advertised = report.advertised.or(Some(request.lan_address));
-            tx.put(store.key("report", &sid.to_string()), &report);
+            store.update_report(&mut tx, sid, |report| {
+                report.software = Some(request.software.clone());
+                report.generation = Some(generation.0);
+                report.advertised = report.advertised.or(Some(request.lan_address));
+            })?;
             if let Some(server) = doc.server_mut(sid) {
                 server.role = role;
                 server.used_key_hash = server.key_hash.take();
@@ -441,10 +437,10 @@ impl KvStore {
                 .and_then(|s| s.overlay);
             doc.generation = next.0;
             doc.primary = Some(sid.to_string());
-            let mut report = store.report_in(&mut tx, &sid.to_string())?;
-            report.generation = Some(next.0);
-            report.advertised = Some(advertised);
-            tx.put(store.key("report", &sid.to_string()), &report);
+            store.update_report(&mut tx, sid, |report| {
+                report.generation = Some(next.0);
+                report.advertised = Some(advertised);
+            })?;
             let [fqdn, primary_name, backup_name] = dns_names(&doc.fqdn);
             doc.want_dns(&fqdn, advertised, now);
             if let Some(overlay) = overlay {
@@ -504,9 +500,9 @@ impl KvStore {
             if let Some(server) = doc.server_mut(sid) {
                 server.role = Role::Backup;
             }
-            let mut report = store.report_in(&mut tx, &sid.to_string())?;
-            report.generation = Some(generation.0);
-            tx.put(store.key("report", &sid.to_string()), &report);
+            store.update_report(&mut tx, sid, |report| {
+                report.generation = Some(generation.0);
+            })?;
             tx.log(
                 now,
                 Some(sid),
@@ -551,21 +547,13 @@ impl KvStore {
                 pending.answer = Some("the pair was retired".into());
                 pending.answered_at = Some(now);
             }
-            let list: Vec<String> = sids.iter().map(ServerId::to_string).collect();
             tx.log(
                 now,
                 None,
                 "retired",
                 (None, None),
                 actor,
-                &format!(
-                    "pair {pair} retired: {} refused from now on",
-                    if list.is_empty() {
-                        "no server".to_owned()
-                    } else {
-                        list.join(", ")
-                    }
-                ),
+                &retired_detail(pair, &sids),
                 &mut doc,
             );
             tx.put_pair(&doc);
@@ -608,6 +596,20 @@ impl KvStore {
 const PROBES: usize = 16;
 
 impl KvStore {
+    /// What a decision says of `sid`'s last report (its generation, its address), written
+    /// with the decision and relying on the report as read.
+    fn update_report(
+        &self,
+        tx: &mut Tx,
+        sid: ServerId,
+        change: impl FnOnce(&mut ReportDoc),
+    ) -> Result<(), StoreError> {
+        let mut report = self.report_in(tx, &sid.to_string())?;
+        change(&mut report);
+        tx.put(self.key("report", &sid.to_string()), &report);
+        Ok(())
+    }
+
     /// A free overlay address of `pool`: the first free of a few random ones read at once
     /// (sites activating at the same time rarely pick the same, and no activation reads every
     /// address); when all of those are taken (a pool nearly full), the lowest free one.
