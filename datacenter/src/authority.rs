@@ -71,14 +71,18 @@ pub fn open(dir: &Path, settings: &StoreSettings, site: &str) -> anyhow::Result<
             let kv = Arc::new(EtcdKv::open(etcd.clone()).with_context(|| {
                 format!("opening the store on etcd ({})", etcd.endpoints.join(", "))
             })?);
-            let stores = (0..SHARED_HANDLES)
-                .map(|_| Box::new(KvStore::new(Box::new(kv.clone()), prefix)) as AnyStore)
+            let stores: Vec<KvStore> = (0..SHARED_HANDLES)
+                .map(|_| KvStore::new(Box::new(kv.clone()), prefix))
                 .collect();
+            let role_key = stores[0].dns_role_key();
             Ok(Authority {
-                stores,
+                stores: stores
+                    .into_iter()
+                    .map(|s| Box::new(s) as AnyStore)
+                    .collect(),
                 dns_role: Some(DnsRole {
                     kv,
-                    candidate: Candidate::new(&format!("{prefix}/role/dns"), site, *dns_lease),
+                    candidate: Candidate::new(&role_key, site, *dns_lease),
                 }),
             })
         }

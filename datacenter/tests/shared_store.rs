@@ -6,8 +6,10 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use lbs_datacenter::kv::{EtcdKv, EtcdSettings, MemKv};
-use lbs_datacenter::store::{ActivationRequest, KvStore, SqliteStore, Store, StoreError};
+use lbs_datacenter::kv::{Candidate, EtcdKv, EtcdSettings, Holder, MemKv};
+use lbs_datacenter::store::{
+    ActivationRequest, DnsSender, KvStore, SqliteStore, Store, StoreError,
+};
 use lbs_protocol::{Generation, ServerId};
 use lbs_tests::etcd::Etcd;
 
@@ -147,6 +149,15 @@ fn a_site_cut_off_from_the_authority_decides_nothing_and_says_so() {
         Err(StoreError::NotAllowed(_))
     ));
     assert_eq!(at_dc1.pairs().unwrap()[0].generation, 2);
+    // Who sends the DNS updates, as every site's status says it.
+    assert_eq!(at_dc1.dns_sender().unwrap(), DnsSender::Nobody);
+    let mut role = Candidate::new(&at_dc2.dns_role_key(), "dc2", Duration::from_secs(5));
+    assert_eq!(role.step(&shared.site()).unwrap(), Holder::Me);
+    assert_eq!(at_dc1.dns_sender().unwrap(), DnsSender::Site("dc2".into()));
+    role.resign(&shared.site()).unwrap();
+    assert_eq!(at_dc1.dns_sender().unwrap(), DnsSender::Nobody);
+    let own = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("dc.db")).unwrap();
+    assert_eq!(own.dns_sender().unwrap(), DnsSender::OwnSite);
 }
 
 #[test]

@@ -79,6 +79,8 @@ fn three_sites_a_site_gone_dark_the_boxes_move_p_works_and_dns_follows() {
             |o| Ok(o.dig(&format!("primary.{FQDN}"))? == [backup_overlay.clone()]),
         )
         .unwrap();
+    let status = office.datacenter_at("dc2", &["status"]).unwrap();
+    assert!(status.contains("DNS updates: sent by site dc2"), "{status}");
     let records = office.dns_records_at("dc2").unwrap();
     assert!(
         records.iter().all(|(_, _, state)| state == "done"),

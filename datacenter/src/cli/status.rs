@@ -22,9 +22,9 @@ pub(super) fn status(
             Some(name) => store.retired(name)?,
             None => None,
         };
-        Ok((store.pairs()?, retired))
+        Ok((store.pairs()?, retired, store.dns_sender()?))
     });
-    let (pairs, retired) = match read {
+    let (pairs, retired, sender) = match read {
         Ok(read) => read,
         Err(err) => {
             eprintln!("lbs-datacenter: cannot read the records: {err:#}");
@@ -66,6 +66,9 @@ pub(super) fn status(
             lbs_host::say!("{service}");
         }
         lbs_host::say!("{}", crate::fleet::summary(&pairs, now, silent_after));
+        if sender != crate::store::DnsSender::OwnSite {
+            lbs_host::say!("{sender}");
+        }
     }
     // The names are updated only where `serve` has a [dns] section: in the data
     // directory's datacenter.toml, or the packaged one the unit passes to serve.

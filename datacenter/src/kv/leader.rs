@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 use super::{Expect, Kv, KvError, LeaseId, Op};
 
+/// The site named by a role key's value (`<site> <first lease>`).
+pub fn holder_name(value: &[u8]) -> String {
+    let value = String::from_utf8_lossy(value);
+    value.split(' ').next().unwrap_or_default().to_owned()
+}
+
 /// Who holds the role, as one step found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Holder {
@@ -102,9 +108,7 @@ impl Candidate {
         };
         if let Some(other) = held.as_ref().filter(|held| held.value != mine.as_bytes()) {
             let _ = kv.revoke(lease);
-            let value = String::from_utf8_lossy(&other.value);
-            let name = value.split(' ').next().unwrap_or_default();
-            return Ok(Holder::Other(name.to_owned()));
+            return Ok(Holder::Other(holder_name(&other.value)));
         }
         // Free, or this candidate's: moved onto the new lease if nobody changed it since the
         // read.

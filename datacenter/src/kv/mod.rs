@@ -15,7 +15,7 @@ mod etcd;
 mod leader;
 
 pub use etcd::{EtcdKv, EtcdSettings, EtcdTls};
-pub use leader::{Candidate, Holder};
+pub use leader::{Candidate, Holder, holder_name};
 
 /// A point in the store's history: every committed change makes a new one.
 pub type Revision = i64;

@@ -219,6 +219,12 @@ pub trait Store {
     /// [`Store::heartbeat`]). An error for a box that may not report.
     fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError>;
 
+    /// Who sends the DNS updates: this site, or with a store the sites share, the site that
+    /// holds the role now.
+    fn dns_sender(&self) -> Result<DnsSender, StoreError> {
+        Ok(DnsSender::OwnSite)
+    }
+
     /// What answering `sid`'s report needs, read together: whether it changes a decision
     /// ([`Store::report_kind`]), the pending promotion it is to act on (asked only when
     /// `requests`: [`Store::pending_promotion`]) and its pair ([`Store::pair_of`]).

@@ -219,6 +219,30 @@ pub struct Event {
     pub detail: String,
 }
 
+/// Who sends the DNS updates ([`Store::dns_sender`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsSender {
+    /// This site's store is its own: its `serve` sends them.
+    OwnSite,
+    /// The sites share the store; this one holds the role now.
+    Site(String),
+    /// The sites share the store and none holds the role now (no `serve` running, or the
+    /// holder gone and its lease not yet run out).
+    Nobody,
+}
+
+impl std::fmt::Display for DnsSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DnsSender::OwnSite => f.write_str("DNS updates: sent by this site's serve"),
+            DnsSender::Site(site) => write!(f, "DNS updates: sent by site {site}"),
+            DnsSender::Nobody => f.write_str(
+                "DNS updates: NO SITE sends them now (is serve running at any site? a site gone hands the role on within its lease)",
+            ),
+        }
+    }
+}
+
 /// What answering a box's report needs ([`Store::look`]).
 #[derive(Clone, Debug)]
 pub struct Look {

@@ -213,6 +213,11 @@ impl KvStore {
         self
     }
 
+    /// The key of the role of sending the DNS updates (`Candidate`'s).
+    pub fn dns_role_key(&self) -> String {
+        self.key("role", "dns")
+    }
+
     fn key(&self, kind: &str, name: &str) -> String {
         format!("{}/{kind}/{name}", self.prefix)
     }
@@ -446,6 +451,22 @@ impl Store for KvStore {
 
     fn report_kind(&self, sid: ServerId, report: &Report) -> Result<ReportKind, StoreError> {
         self.report_kind_kv(sid, report)
+    }
+
+    fn dns_sender(&self) -> Result<DnsSender, StoreError> {
+        let key = self.dns_role_key();
+        Ok(
+            match self
+                .kv
+                .get(std::slice::from_ref(&key))?
+                .items
+                .pop()
+                .flatten()
+            {
+                Some(held) => DnsSender::Site(crate::kv::holder_name(&held.value)),
+                None => DnsSender::Nobody,
+            },
+        )
     }
 
     fn look(
