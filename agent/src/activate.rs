@@ -391,7 +391,7 @@ pub async fn activate(cmd: ActivateCmd) -> anyhow::Result<ExitCode> {
             cmd.ca.display()
         );
     }
-    let identity = pending.complete(grant.certificate.clone(), &root)?;
+    let identity = pending.complete(grant.certificate.clone(), grant.chain.clone(), &root)?;
     if new_key {
         lbs_host::write_file_atomic(
             &paths.vpn_key(),

@@ -7,6 +7,8 @@
 //!   on the pair's generation.
 //! - [`authority`]: the store a site's `[store]` names (SQLite, or etcd shared by the sites
 //!   with the DNS role held by one site at a time).
+//! - [`ca_files`]: the root boxes pin (its key offline-capable), each site's own CA under it,
+//!   and the revoked sites' list.
 //! - [`kv`]: the key-value contract the shared store is built on, on etcd and in memory.
 //! - [`keys`]: one-time activation keys (stored hashed, compared in constant time) and SIDs.
 //! - [`dns`]: RFC 2136 updates signed with TSIG, each with a prerequisite on the value it
@@ -27,6 +29,7 @@
 //!   status | events | site-identity | site`.
 
 pub mod authority;
+pub mod ca_files;
 pub mod cli;
 pub mod config;
 pub mod dns;

@@ -241,7 +241,11 @@ impl TestBox {
         let grant = control::activate_with(tls, message, WAIT).await?;
         let root = TrustRoot::from_pem(&grant.ca_pem).unwrap();
         assert_eq!(root, dc.root(), "the grant carries the data center's CA");
-        self.identity = Some(pending.complete(grant.certificate.clone(), &root).unwrap());
+        self.identity = Some(
+            pending
+                .complete(grant.certificate.clone(), grant.chain.clone(), &root)
+                .unwrap(),
+        );
         Ok(grant)
     }
 

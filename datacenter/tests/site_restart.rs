@@ -50,9 +50,7 @@ fn a_site_restarted_under_load_loses_no_activation_and_no_role_change() {
         &format!("site = \"dc1\"\n{store}"),
     )
     .unwrap();
-    let mut dc2 = dc1
-        .another_site(&format!("site = \"dc2\"\n{store}"))
-        .unwrap();
+    let mut dc2 = dc1.another_site("dc2", &store).unwrap();
     dc1.start().unwrap();
     dc2.start().unwrap();
     let root = dc1.root().unwrap();
@@ -265,10 +263,7 @@ fn serve_on_etcd_over_mutual_tls_activates_and_promotes_and_a_stranger_is_refuse
     );
     // A site whose client certificate the members do not trust reads nothing, and says why.
     let stranger = dc1
-        .another_site(&format!(
-            "site = \"dc2\"\n{}",
-            store(&files.stranger_cert, &files.stranger_key)
-        ))
+        .another_site("dc3", &store(&files.stranger_cert, &files.stranger_key))
         .unwrap();
     // Several times: a member closing the connection while the client writes once ended the
     // command by SIGPIPE, silently (the commands that print take SIGPIPE's default).

@@ -126,7 +126,27 @@ on_every_store!(
     liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision,
     a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log,
     when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once,
+    the_revocation_list_is_one_every_handle_reads_and_is_replaced_whole,
 );
+
+fn the_revocation_list_is_one_every_handle_reads_and_is_replaced_whole(backend: &dyn Backend) {
+    assert_eq!(backend.open().revocation_list().unwrap(), None);
+    backend
+        .open()
+        .set_revocation_list(b"first list", T0)
+        .unwrap();
+    assert_eq!(
+        backend.open().revocation_list().unwrap().as_deref(),
+        Some(&b"first list"[..])
+    );
+    let mut store = backend.open();
+    store.set_revocation_list(b"second", T0 + 1).unwrap();
+    assert_eq!(
+        backend.open().revocation_list().unwrap().as_deref(),
+        Some(&b"second"[..]),
+        "another handle (another site) reads the newer list"
+    );
+}
 
 fn first_activation_is_primary_a_promotion_fences_it_and_it_comes_back_as_backup(
     backend: &dyn Backend,

@@ -116,7 +116,7 @@ fn an_activated_box_reaches_the_control_api_through_the_data_centers_endpoint() 
             };
             assert_eq!(endpoint.public_key, endpoint_key.get_public().to_base64());
             assert_eq!(endpoint.endpoint, "192.168.60.1:51820".parse().unwrap());
-            let identity = pending.complete(grant.certificate, &root).unwrap();
+            let identity = pending.complete(grant.certificate, grant.chain, &root).unwrap();
 
             // The tunnel, exactly as the grant describes it.
             let tunnels = Tunnels::start(TunnelsConfig {

@@ -126,6 +126,30 @@ pub struct ActivationGrant {
     pub endpoints: Vec<TunnelEndpoint>,
     /// Where the box sends its reports (the control API).
     pub control: Vec<SocketAddr>,
+    /// The certificates between the box's and the root (DER; the signing site's CA), which
+    /// the box presents after its own. Travels in [`crate::Message::ActivatedWithChain`]
+    /// (protocol 1.8); empty when the root signed the box itself.
+    #[serde(skip)]
+    pub chain: Vec<Vec<u8>>,
+}
+
+/// The first protocol whose grant carries the signing site's CA.
+pub const CHAIN_IN_GRANT: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 8 };
+
+impl ActivationGrant {
+    /// The answer that carries this grant to a box speaking `protocol`: with the site's CA
+    /// from [`CHAIN_IN_GRANT`] on, in the older form (without it) before.
+    pub fn into_answer(self, protocol: crate::ProtocolVersion) -> crate::Message {
+        if protocol < CHAIN_IN_GRANT {
+            return crate::Message::Activated(self);
+        }
+        let chain = self
+            .chain
+            .iter()
+            .map(|c| serde_bytes::ByteBuf::from(c.clone()))
+            .collect();
+        crate::Message::ActivatedWithChain { grant: self, chain }
+    }
 }
 
 /// What a box knows about its partner.
@@ -450,6 +474,10 @@ where
         tokio_util::codec::Framed::new(io, crate::FrameCodec::with_max_len(crate::MAX_FRAME_LEN));
     match call(&mut conn, Generation::default(), message, timeout).await? {
         (_, crate::Message::Activated(grant)) => Ok(grant),
+        (_, crate::Message::ActivatedWithChain { mut grant, chain }) => {
+            grant.chain = chain.into_iter().map(|c| c.into_vec()).collect();
+            Ok(grant)
+        }
         (_, other) => Err(CallError::Unexpected {
             request: "activate",
             answer: other.kind(),

@@ -286,6 +286,13 @@ pub enum Message {
     /// Box → data center, on an activation connection (protocol 1.7): activate me, the
     /// hardware inventory typed.
     Activate(ActivationRequest),
+    /// Data center → box, the answer to an activation from a box of protocol 1.8 or later:
+    /// the grant, and the certificates between the box's and the root (the CA of the site
+    /// that signed it), which the box presents after its own.
+    ActivatedWithChain {
+        grant: ActivationGrant,
+        chain: Vec<serde_bytes::ByteBuf>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -341,6 +348,7 @@ impl Message {
             Message::SyncSkipped { .. } => "sync-skipped",
             Message::SyncHole { .. } => "sync-hole",
             Message::SyncLinks { .. } => "sync-links",
+            Message::ActivatedWithChain { .. } => "activated",
         }
     }
 }

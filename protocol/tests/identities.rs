@@ -365,7 +365,9 @@ fn a_box_key_never_leaves_the_box_and_the_certificate_names_only_its_sid() {
         .unwrap();
     assert_eq!(PeerName::of_certificate(&cert).unwrap(), PeerName::Box(a));
     assert_eq!(tls::key_fingerprint(&cert).unwrap(), fingerprint);
-    let identity = pending.complete(cert.to_vec(), &ca.trust_root()).unwrap();
+    let identity = pending
+        .complete(cert.to_vec(), Vec::new(), &ca.trust_root())
+        .unwrap();
     assert_eq!(identity.name(), &PeerName::Box(a));
 
     // A certificate for another SID, or for another key, is refused by the box.
@@ -374,7 +376,7 @@ fn a_box_key_never_leaves_the_box_and_the_certificate_names_only_its_sid() {
         .sign_request(&PeerName::Box(b), pending.request())
         .unwrap();
     let err = pending
-        .complete(for_b.to_vec(), &ca.trust_root())
+        .complete(for_b.to_vec(), Vec::new(), &ca.trust_root())
         .unwrap_err();
     assert!(err.to_string().contains("not for box"), "{err}");
     let pending = tls::PendingIdentity::generate(PeerName::Box(a)).unwrap();
@@ -384,7 +386,7 @@ fn a_box_key_never_leaves_the_box_and_the_certificate_names_only_its_sid() {
     assert_ne!(other_fingerprint, fingerprint);
     assert!(
         pending
-            .complete(other_key.to_vec(), &ca.trust_root())
+            .complete(other_key.to_vec(), Vec::new(), &ca.trust_root())
             .is_err()
     );
 

@@ -631,3 +631,67 @@ async fn a_data_center_older_than_1_7_gets_the_activation_again_in_the_1_6_form(
         other => panic!("expected the 1.6 form, got {}", other.kind()),
     }
 }
+
+fn a_grant() -> lbs_protocol::control::ActivationGrant {
+    lbs_protocol::control::ActivationGrant {
+        role: Role::Primary,
+        generation: Generation(1),
+        pair: "office".into(),
+        fqdn: "pbx.example.net".into(),
+        certificate: vec![1, 2, 3],
+        ca_pem: String::new(),
+        overlay: "100.64.0.2".parse().unwrap(),
+        overlay_prefix: 24,
+        partner: None,
+        endpoints: Vec::new(),
+        control: Vec::new(),
+        chain: Vec::new(),
+    }
+}
+
+/// A data center on one end of `io` that answers one activation with `reply`.
+async fn data_center_answering(mut io: DuplexStream, reply: Message) {
+    let mut header = [0u8; 4];
+    io.read_exact(&mut header).await.unwrap();
+    let mut payload = vec![0; u32::from_be_bytes(header) as usize];
+    io.read_exact(&mut payload).await.unwrap();
+    let mut wire = BytesMut::new();
+    let envelope = Envelope {
+        generation: Generation(0),
+        message: reply,
+    };
+    frame::encode(&envelope, &mut wire, MAX_FRAME_LEN).unwrap();
+    io.write_all(&wire).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_with_its_site_ca_is_new_in_1_8_and_the_older_form_still_reads() {
+    // After `Activate` (44): the 1.8 answer, so a 1.7 box never meets it by index.
+    let with_chain = Message::ActivatedWithChain {
+        grant: a_grant(),
+        chain: vec![serde_bytes::ByteBuf::from(vec![9u8; 40])],
+    };
+    assert_eq!(variant_index(with_chain.clone()), 45);
+    for (reply, want) in [
+        (with_chain, vec![vec![9u8; 40]]),
+        (Message::Activated(a_grant()), Vec::new()),
+    ] {
+        let (io, peer) = tokio::io::duplex(64 * 1024);
+        let dc = tokio::spawn(data_center_answering(peer, reply));
+        let mut io = Some(io);
+        let grant = lbs_protocol::control::activate(
+            || {
+                let io = io.take().expect("one connection");
+                async move { Ok::<_, std::convert::Infallible>(io) }
+            },
+            activation_request(),
+            TIMEOUT,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        dc.await.unwrap();
+        assert_eq!(grant.chain, want);
+        assert_eq!(grant.pair, "office");
+    }
+}

@@ -20,10 +20,9 @@ mod provision;
 mod site_init;
 mod status;
 
-/// The CA certificate, its key and the database, in the data directory.
-pub(super) const CA_CERT: &str = "ca.pem";
-pub(super) const CA_KEY: &str = "ca.key";
 use crate::authority::DATABASE;
+/// The CA certificate, its key and the database, in the data directory.
+use crate::ca_files::{self, CA_CERT, CA_KEY, SITE_CA_CERT, SITE_CA_KEY};
 use crate::config::CONFIG_FILE as CONFIG;
 /// Where the package keeps the configuration (`lbs-datacenter.service` passes it to serve).
 const PACKAGED_CONFIG: &str = "/etc/lbs-datacenter/datacenter.toml";
@@ -212,9 +211,10 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
-    /// Prepare another full site's data directory (a shared [store] is needed): the CA, this
-    /// site's configuration with the new name, the DNS secret it names; says what to set
-    /// there before serving.
+    /// Prepare another full site's data directory (a shared [store] is needed): its own CA
+    /// signed by the root, the root certificate, this site's configuration with the new
+    /// name, the DNS secret it names; says what to set there before serving. Needs the root
+    /// key.
     SiteInit {
         /// The new site's name.
         #[arg(long)]
@@ -225,6 +225,21 @@ enum Command {
         /// This site's configuration (default: datacenter.toml in --dir).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The root key, when it is kept offline (default: ca.key in --dir).
+        #[arg(long, value_name = "FILE")]
+        root_key: Option<PathBuf>,
+    },
+    /// Revoke a site's CA (its key was lost or the site is gone): the root signs a new
+    /// revocation list and the shared store carries it to every site, which from then on
+    /// refuses boxes and sites whose certificate that CA signed. Boxes it activated are
+    /// activated again at another site (rekey, then `lbs activate`). Needs the root key.
+    SiteRevoke {
+        /// The site whose CA is revoked.
+        #[arg(long)]
+        site: String,
+        /// The root key, when it is kept offline (default: ca.key in --dir).
+        #[arg(long, value_name = "FILE")]
+        root_key: Option<PathBuf>,
     },
     /// At the main site: the files another site needs to follow it (a data-center
     /// certificate and key issued by this CA, and the CA certificate). Copy them into the other
@@ -320,8 +335,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The CA key and the database: for this installation's operators only.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
-            let ca = CertificateAuthority::generate(&name)?;
-            ca.save(&cert, &key)?;
+            let site = crate::config::ServeConfig::load(&dir.join(CONFIG), false)?.site;
+            let root = CertificateAuthority::generate(&name)?;
+            root.save(&cert, &key)?;
+            let own = root.issue_site_ca(&site)?;
+            own.save(&dir.join(SITE_CA_CERT), &dir.join(SITE_CA_KEY))?;
+            ca_files::record_issued(dir, &site, &own)?;
             let records = match crate::config::StoreSettings::load(&dir.join(CONFIG))? {
                 crate::config::StoreSettings::Sqlite => {
                     let store = SqliteStore::open(&dir.join(DATABASE))?;
@@ -337,10 +356,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             lbs_host::say!(
-                "initialised {}: CA {:?} ({}), {records}",
+                "initialised {}: root CA {:?} ({}; boxes pin it), site {site}'s CA ({SITE_CA_CERT}) that signs this site's boxes, {records}\n\
+                 The root key {} signs only sites' CAs (site-init) and revocations (site-revoke): once the sites are made, keep it offline and give it with --root-key.",
                 dir.display(),
                 name,
                 cert.display(),
+                key.display(),
             );
         }
         Command::ProvisionPair {
@@ -384,8 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let config = crate::config::ServeConfig::load(&path, required)?;
             let authority = crate::authority::open(dir, &config.store, &config.site)?;
-            let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))
-                .context("loading the CA (run `lbs-datacenter init` first)")?;
+            let ca = ca_files::signer(dir)?;
             init_logging();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(dir, authority, ca, config))?;
@@ -393,13 +413,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GenerateDocs { out } => {
             lbs_host::cli_docs::write(Cli::command(), &out)?;
         }
-        Command::SiteInit { site, out, config } => {
+        Command::SiteInit {
+            site,
+            out,
+            config,
+            root_key,
+        } => {
             let path = config.unwrap_or_else(|| dir.join(CONFIG));
-            return site_init::site_init(dir, &path, &site, &out);
+            return site_init::site_init(dir, &path, &site, &out, root_key.as_deref());
+        }
+        Command::SiteRevoke { site, root_key } => {
+            return site_init::site_revoke(dir, &site, root_key.as_deref());
         }
         Command::SiteIdentity { out } => {
-            let ca = CertificateAuthority::load(&dir.join(CA_CERT), &dir.join(CA_KEY))
-                .context("loading the CA: site-identity runs at the main site, where `lbs-datacenter init` made it")?;
+            let ca = ca_files::signer(dir).context(
+                "site-identity runs at the main site, where `lbs-datacenter init` made the CA",
+            )?;
             let (cert, key) = (
                 out.join(crate::serve::IDENTITY_CERT),
                 out.join(crate::serve::IDENTITY_KEY),

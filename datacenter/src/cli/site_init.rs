@@ -1,8 +1,9 @@
 //! `lbs-datacenter site-init --site NAME --out DIR`: another full site's data directory, made
-//! at a site that has one: the CA (certificate and key: every site signs with it in this
-//! version), this site's configuration with the new site's name, and the DNS secret it names.
-//! What is the new site's own (its etcd member first, its etcd client certificate, its tunnel
-//! endpoint, its control address told to boxes) is listed for the operator to set.
+//! where the root key is: the site's own CA signed by the root (and the root certificate
+//! boxes pin, without its key), this site's configuration with the new site's name, and the
+//! DNS secret it names. What is the new site's own (its etcd member first, its etcd client
+//! certificate, its tunnel endpoint, its control address told to boxes) is listed for the
+//! operator to set. `site-revoke` revokes a site's CA through the shared store.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
+use crate::ca_files;
 use crate::config::{ServeConfig, StoreSettings};
 
 pub(super) fn site_init(
@@ -17,6 +19,7 @@ pub(super) fn site_init(
     config: &Path,
     site: &str,
     out: &Path,
+    root_key: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     if site.is_empty()
         || !site
@@ -48,19 +51,32 @@ pub(super) fn site_init(
             out.display()
         );
     }
+    let root = ca_files::root(dir, root_key)?;
+    if ca_files::issued(dir, site).exists() {
+        bail!(
+            "a CA for site {site} was issued already ({}); revoke it first (site-revoke) to make the site anew",
+            ca_files::issued(dir, site).display()
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", out.display()))?;
-    for (file, mode) in [(super::CA_CERT, 0o644), (super::CA_KEY, 0o600)] {
-        let bytes = std::fs::read(dir.join(file)).with_context(|| {
-            format!(
-                "reading {} (site-init runs where the CA is)",
-                dir.join(file).display()
-            )
-        })?;
-        lbs_host::write_file_atomic(&out.join(file), &bytes, mode)
-            .with_context(|| format!("writing {}", out.join(file).display()))?;
-    }
+    root.trust_root().save(&out.join(ca_files::CA_CERT))?;
+    let own_ca = if root.signs_sites()? {
+        let ca = root.issue_site_ca(site)?;
+        ca.save(
+            &out.join(ca_files::SITE_CA_CERT),
+            &out.join(ca_files::SITE_CA_KEY),
+        )?;
+        ca_files::record_issued(dir, site, &ca)?;
+        "its own CA under the root"
+    } else {
+        // A root made before sites had their own CA signs boxes itself: the site needs it.
+        let key = root_key.map_or_else(|| dir.join(ca_files::CA_KEY), Path::to_owned);
+        let bytes = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+        lbs_host::write_file_atomic(&out.join(ca_files::CA_KEY), &bytes, 0o600)?;
+        "the root's key (this root predates sites' own CAs: the sites share it and none can be revoked alone)"
+    };
     let text = std::fs::read_to_string(config)?;
     let renamed = with_site(&text, site);
     lbs_host::write_file_atomic(
@@ -80,14 +96,44 @@ pub(super) fn site_init(
         }
     }
     lbs_host::say!(
-        "site {site} prepared in {}: the CA, and this site's configuration with site = \"{site}\".\n\
+        "site {site} prepared in {}: {own_ca}, and this site's configuration with site = \"{site}\".\n\
          Before `lbs-datacenter --dir DIR serve` there, in its datacenter.toml:\n  \
          1. activation, control: its own addresses; [store] endpoints: its own etcd member first;\n  \
          2. [store] cert_file, key_file: its own etcd client certificate (if TLS);\n  \
          3. [[endpoint]]: its own tunnel endpoint (private_key_file there), the others' with public_key;\n  \
          4. advertise_control: its control address added, here and at every other site, so boxes learn it at their next activation;\n  \
-         and keep the directory 0700: it holds the CA key.",
+         and keep the directory 0700: it holds the site's CA key.",
         out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lbs-datacenter site-revoke --site NAME`: the root revokes `site`'s CA and the shared
+/// store carries the new list to every site.
+pub(super) fn site_revoke(
+    dir: &Path,
+    site: &str,
+    root_key: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let root = ca_files::root(dir, root_key)?;
+    if !root.signs_sites()? {
+        bail!(
+            "this root predates sites' own CAs: the sites share its key and none can be revoked alone"
+        );
+    }
+    let own = std::fs::read(dir.join(ca_files::SITE_CA_CERT)).ok();
+    let revoked = std::fs::read(ca_files::issued(dir, site)).ok();
+    if own.is_some() && own == revoked {
+        bail!("{site} is this site: revoke it from another site, with the root key there");
+    }
+    let mut store = super::open(dir)?;
+    let number = u64::try_from(crate::time::now_ms()).unwrap_or(0);
+    let crl = ca_files::revoke(dir, &root, site, number)?;
+    store.set_revocation_list(&crl, crate::time::now_ms())?;
+    lbs_host::say!(
+        "site {site}'s CA is revoked: every site refuses the boxes and sites it signed within {} s. \
+         Boxes it activated: rekey them (lbs-datacenter rekey SID) and run `lbs activate` on them against another site.",
+        crate::serve::TRUST_RELOAD.as_secs()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -54,7 +54,10 @@ pub(super) async fn activation(
             other.message.kind()
         )),
     };
-    let denied = !matches!(reply, Message::Activated(_));
+    let denied = !matches!(
+        reply,
+        Message::Activated(_) | Message::ActivatedWithChain { .. }
+    );
     tokio::time::timeout(
         IO_TIMEOUT,
         conn.send(Envelope {
@@ -97,6 +100,16 @@ async fn answer(
             yours: protocol,
         });
     }
+    // A box before 1.8 cannot take the site's CA with its certificate, and without it the
+    // certificate leads to no root another site or its partner accepts.
+    if !inner.ca.chain().is_empty() && protocol < lbs_protocol::control::CHAIN_IN_GRANT {
+        let why = format!(
+            "this site signs with its own CA under the root, which lbs of protocol {protocol} cannot present; update lbs on the box (protocol {} or later) and activate again",
+            lbs_protocol::control::CHAIN_IN_GRANT
+        );
+        tracing::warn!(%source, %sid, "activation refused: {why}");
+        return Message::Denied(Denial::Activation(why));
+    }
     let request = match request {
         Ok(request) => request,
         Err(why) => {
@@ -105,7 +118,7 @@ async fn answer(
         }
     };
     match activate(inner, request, source, local).await {
-        Ok(grant) => Message::Activated(grant),
+        Ok(grant) => grant.into_answer(protocol),
         Err(denial) => Message::Denied(denial),
     }
 }
@@ -198,5 +211,6 @@ pub(super) async fn activate(
             })
             .collect(),
         control,
+        chain: inner.ca.chain().iter().map(|c| c.to_vec()).collect(),
     })
 }

@@ -1,6 +1,7 @@
 //! The control API's sessions: a box's reports, promotions, hand-overs and registration, and
 //! another site's questions about the tunnel peers. Each answer is one store transaction.
 
+use super::trust::Recheck;
 use super::*;
 use crate::store::ReportKind;
 
@@ -73,6 +74,23 @@ pub(super) fn denial(err: StoreError) -> Denial {
     }
 }
 
+/// Says no to a peer no longer trusted, and closes.
+async fn deny_and_close(
+    conn: &mut ControlConn,
+    generation: Generation,
+    why: String,
+) -> anyhow::Error {
+    tracing::warn!("{why}");
+    let denied = conn.send(Envelope {
+        generation,
+        message: Message::Denied(Denial::NotAllowed(why.clone())),
+    });
+    if tokio::time::timeout(IO_TIMEOUT, denied).await.is_ok() {
+        linger(conn).await;
+    }
+    anyhow::anyhow!(why)
+}
+
 pub(super) async fn control(
     inner: &Arc<Inner>,
     tcp: TcpStream,
@@ -80,12 +98,13 @@ pub(super) async fn control(
     admission: Admission,
 ) -> anyhow::Result<()> {
     lbs_host::tcp::watch_peer(&tcp).context("setting up the connection")?;
-    let (tls, peer) = tls::accept(inner.control_tls.clone(), tcp).await?;
+    let (tls, peer) = tls::accept(inner.trust.control_tls(), tcp).await?;
+    let mut recheck = Recheck::new(&inner.trust, tls.get_ref().1.peer_certificates());
     let sid = match peer {
         PeerName::Box(sid) => sid,
         PeerName::DataCenter => {
             admission.proven();
-            return site_session(inner, tls, source).await;
+            return site_session(inner, tls, source, recheck).await;
         }
     };
     let presented = tls
@@ -151,6 +170,9 @@ pub(super) async fn control(
         let Some(next) = next_request(&mut conn).await? else {
             return Ok(());
         };
+        if let Err(why) = recheck.still_trusted(&inner.trust) {
+            return Err(deny_and_close(&mut conn, next.generation, why).await);
+        }
         let believed = next.generation;
         let reply = match next.message {
             Message::Report(report) => {
@@ -219,6 +241,7 @@ pub(super) async fn site_session(
     inner: &Arc<Inner>,
     tls: tls::ServerStream<TcpStream>,
     source: SocketAddr,
+    mut recheck: Recheck,
 ) -> anyhow::Result<()> {
     let (mut conn, negotiated) = exchange_hello(
         tls,
@@ -237,6 +260,9 @@ pub(super) async fn site_session(
         else {
             return Ok(());
         };
+        if let Err(why) = recheck.still_trusted(&inner.trust) {
+            return Err(deny_and_close(&mut conn, next.generation, why).await);
+        }
         let reply = match next.message {
             Message::TunnelPairsRequest => match with_store(inner, |s| s.tunnel_pairs()).await {
                 Ok(pairs) => Message::TunnelPairs {

@@ -40,12 +40,15 @@ mod activation;
 mod control;
 mod dns_worker;
 mod liveness;
+mod trust;
 mod tunnels;
 
 use activation::{activation, refuse};
 use control::control;
 use dns_worker::dns_worker;
 use liveness::{Liveness, liveness_writer};
+pub use trust::TRUST_RELOAD;
+use trust::{Trust, trust_reloader};
 use tunnels::peers_worker;
 pub(crate) use tunnels::{apply_peers, start_endpoints};
 
@@ -126,7 +129,7 @@ struct Inner {
     dns_until: Option<Mutex<Option<std::time::Instant>>>,
     ca: CertificateAuthority,
     activation_tls: Arc<ServerConfig>,
-    control_tls: Arc<ServerConfig>,
+    trust: Trust,
     config: ServeConfig,
     limiter: Mutex<RateLimiter>,
     dns_wake: Notify,
@@ -232,7 +235,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let identity = identity(dir, &ca)?;
     let activation_tls = tls::activation_server_config(&identity)?;
-    let control_tls = tls::server_config(&identity, &ca.trust_root(), AcceptPeers::BoxesAndSites)?;
+    let trust = Trust::new(identity.clone(), ca.trust_root(), None)?;
     let mut activation = Vec::new();
     for address in &config.activation {
         activation.push(
@@ -276,7 +279,7 @@ pub async fn run(
         dns_until: dns_role.as_ref().map(|_| Mutex::new(None)),
         ca,
         activation_tls,
-        control_tls,
+        trust,
         limiter: Mutex::new(RateLimiter::new(config.rate_limit)),
         config,
         dns_wake: Notify::new(),
@@ -320,6 +323,11 @@ pub async fn run(
         );
     }
 
+    // The revocation list in force before the first box gets in (this site's own CA
+    // revoked: serve does not start).
+    let crl = with_store(&inner, |s| s.revocation_list()).await?;
+    inner.trust.update(crl)?;
+
     let mut tasks = JoinSet::new();
     for listener in activation {
         tasks.spawn(accept_loop(
@@ -343,11 +351,13 @@ pub async fn run(
     }
     tasks.spawn(peers_worker(inner.clone(), shutdown.clone()));
     tasks.spawn(liveness_writer(inner.clone(), shutdown.clone()));
+    tasks.spawn(trust_reloader(inner.clone(), shutdown.clone()));
     ready(&listening);
     shutdown.cancelled().await;
     // Every task watches the token; connections are aborted with their listener's set.
     while tasks.join_next().await.is_some() {}
     let inner = Arc::into_inner(inner).context("a task outlived the service")?;
+    let revoked = inner.trust.revoked();
     let had_endpoints = !inner.endpoints.is_empty();
     for (settings, endpoint) in inner.endpoints {
         if let Err(err) = endpoint.shutdown().await {
@@ -357,7 +367,10 @@ pub async fn run(
     if had_endpoints && let Err(err) = crate::isolation::remove().await {
         tracing::warn!("removing the overlay rules: {err}");
     }
-    Ok(())
+    match revoked {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -1,6 +1,6 @@
 //! A SQLite site's records as the shared store keeps them, for `lbs-datacenter migrate --to
 //! etcd`: every pair with its servers (keys, addresses, roles), generation, DNS records and
-//! latest requests, every box's last report, the audit log, and the counters — numbers kept,
+//! latest requests, every box's last report, the audit log, the counters and the revocation list of sites' CAs — numbers kept,
 //! so events, requests and generations go on where they were.
 
 use super::shared::{Counters, DnsDoc, PairDoc, REQUESTS_KEPT, ReportDoc, RequestDoc, ServerDoc};
@@ -12,6 +12,7 @@ pub struct Export {
     pub(super) pairs: Vec<(PairDoc, Vec<(String, ReportDoc)>)>,
     pub(super) events: Vec<Event>,
     pub(super) counters: Counters,
+    pub(super) revocations: Option<Vec<u8>>,
 }
 
 impl Export {
@@ -206,6 +207,7 @@ impl SqliteStore {
             pairs,
             events,
             counters,
+            revocations: self.revocation_list()?,
         })
     }
 }

@@ -344,6 +344,12 @@ pub trait Store {
         reason: &str,
         now: Millis,
     ) -> Result<(), StoreError>;
+
+    /// The root's revocation list of sites' CAs (DER) every site enforces, if one was issued.
+    fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Replaces the revocation list (`lbs-datacenter site-revoke`).
+    fn set_revocation_list(&mut self, crl: &[u8], now: Millis) -> Result<(), StoreError>;
 }
 
 /// The SQLite store: one file, WAL, migrations applied on open.
@@ -806,5 +812,23 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Vec<ServerId>, StoreError> {
         self.retire_pair_in(pair, actor, now)
+    }
+
+    fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .query_row("SELECT crl FROM revocations WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(db("reading the revocation list"))
+    }
+
+    fn set_revocation_list(&mut self, crl: &[u8], now: Millis) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO revocations (id, crl, changed_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET crl = ?1, changed_at = ?2",
+                rusqlite::params![crl, now],
+            )
+            .map(drop)
+            .map_err(db("writing the revocation list"))
     }
 }

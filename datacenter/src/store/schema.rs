@@ -83,4 +83,11 @@ ALTER TABLE dns_records ADD COLUMN needs_operator INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE pairs ADD COLUMN retired_at INTEGER;
 "#,
+    r#"
+CREATE TABLE revocations (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    crl BLOB NOT NULL,
+    changed_at INTEGER NOT NULL
+);
+"#,
 ];

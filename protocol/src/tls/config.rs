@@ -120,9 +120,7 @@ pub fn server_config(
     accept: AcceptPeers,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(root.store()?, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let inner = client_verifier(root, provider.clone())?;
     let verifier = Arc::new(PeerVerifier { inner, accept });
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -131,6 +129,38 @@ pub fn server_config(
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// The WebPKI check of a client's chain against `root` and its revocation list.
+fn client_verifier(
+    root: &TrustRoot,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(root.store()?, provider);
+    if root.revokes() {
+        // Only the root publishes a list (of revoked sites' CAs); the sites publish none.
+        builder = builder
+            .with_crls(root.crls())
+            .allow_unknown_revocation_status();
+    }
+    builder.build().map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// Checks that `identity`'s chain leads to `root` as a peer checks it (its CA not revoked).
+pub fn check_chain(identity: &Identity, root: &TrustRoot) -> Result<(), TlsError> {
+    verify_chain(&identity.chain, root)
+}
+
+/// Checks that `chain` (leaf first, as a peer presented it) leads to `root`, its CA not
+/// revoked: a connection accepted before a revocation is checked again with it.
+pub fn verify_chain(chain: &[CertificateDer<'_>], root: &TrustRoot) -> Result<(), TlsError> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(TlsError::Certificate("no certificate".to_owned()));
+    };
+    client_verifier(root, provider())?
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| TlsError::Certificate(e.to_string()))
 }
 
 /// A TLS 1.3 client configuration presenting `identity` and trusting only servers that chain
@@ -166,7 +196,14 @@ fn trusting(
     root: &TrustRoot,
 ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone())
+    let mut builder = WebPkiServerVerifier::builder_with_provider(root.store()?, provider.clone());
+    if root.revokes() {
+        // Only the root publishes a list (of revoked sites' CAs); the sites publish none.
+        builder = builder
+            .with_crls(root.crls())
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(ClientConfig::builder_with_provider(provider)

@@ -25,6 +25,7 @@ use rustls::{
     DistinguishedName as RustlsDn, OtherError, RootCertStore, SignatureScheme,
 };
 pub use rustls_pki_types::CertificateDer;
+use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -295,24 +296,50 @@ fn describe_names(names: &[String]) -> String {
     }
 }
 
-/// The CA certificate a box pins: the only issuer it trusts.
+/// The CA certificate a box pins: the only issuer it trusts; with the revocation list of the
+/// sites' CAs it no longer trusts, when there is one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustRoot {
     pub(crate) cert: CertificateDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl TrustRoot {
+    /// A root from its DER certificate.
+    pub fn from_der(cert: CertificateDer<'static>) -> Self {
+        Self {
+            cert,
+            crls: Vec::new(),
+        }
+    }
+
     /// Reads the CA certificate from a PEM file.
     pub fn load(path: &Path) -> Result<Self, TlsError> {
         let cert = CertificateDer::from_pem_file(path).map_err(|e| pem_error(path, e))?;
-        Ok(Self { cert })
+        Ok(Self::from_der(cert))
     }
 
     /// Parses the CA certificate from PEM text (as given at activation).
     pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
         let cert = CertificateDer::from_pem_slice(pem.as_bytes())
             .map_err(|e| TlsError::Certificate(format!("CA certificate: {e}")))?;
-        Ok(Self { cert })
+        Ok(Self::from_der(cert))
+    }
+
+    /// The same root, refusing what the revocation list `crl` (DER, signed by the root)
+    /// revokes. A list the root did not sign is refused here, not at the first connection.
+    pub fn revoking(mut self, crl: &[u8]) -> Result<Self, TlsError> {
+        let crl = CertificateRevocationListDer::from(crl.to_vec());
+        self.crls = vec![crl];
+        // Building a verifier parses the list; its signature is checked against the root
+        // here, so a list from elsewhere never silently revokes nothing.
+        check_revocation_list(&self)?;
+        Ok(self)
+    }
+
+    /// Whether a revocation list is in force.
+    pub fn revokes(&self) -> bool {
+        !self.crls.is_empty()
     }
 
     /// The certificate as PEM text.
@@ -337,6 +364,28 @@ impl TrustRoot {
             .map_err(|e| TlsError::Config(format!("CA certificate unusable: {e}")))?;
         Ok(Arc::new(roots))
     }
+
+    pub(crate) fn crls(&self) -> Vec<CertificateRevocationListDer<'static>> {
+        self.crls.clone()
+    }
+}
+
+/// Checks that every revocation list of `root` is signed by it.
+fn check_revocation_list(root: &TrustRoot) -> Result<(), TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let (_, ca) = X509Certificate::from_der(root.cert.as_ref())
+        .map_err(|e| TlsError::Certificate(format!("cannot parse the CA certificate: {e}")))?;
+    for crl in &root.crls {
+        let (_, parsed) = CertificateRevocationList::from_der(crl.as_ref())
+            .map_err(|e| TlsError::Certificate(format!("unreadable revocation list: {e}")))?;
+        parsed.verify_signature(ca.public_key()).map_err(|e| {
+            TlsError::Certificate(format!(
+                "the revocation list is not signed by the root: {e}"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// A certificate chain and its private key: who this process is on the wire.
@@ -483,7 +532,12 @@ impl PendingIdentity {
 
     /// The identity, once the data center returned the certificate. Refuses a certificate
     /// for another name or another key.
-    pub fn complete(self, certificate: Vec<u8>, root: &TrustRoot) -> Result<Identity, TlsError> {
+    pub fn complete(
+        self,
+        certificate: Vec<u8>,
+        chain: Vec<Vec<u8>>,
+        root: &TrustRoot,
+    ) -> Result<Identity, TlsError> {
         let certificate = CertificateDer::from(certificate);
         let named = PeerName::of_certificate(&certificate)?;
         if named != self.name {
@@ -494,13 +548,21 @@ impl PendingIdentity {
         }
         let key = PrivateKeyDer::try_from(self.key.serialize_der())
             .map_err(|e| TlsError::Certificate(format!("generated key: {e}")))?;
+        let mut full = vec![certificate];
+        full.extend(chain.into_iter().map(CertificateDer::from));
         let identity = Identity {
             name: self.name,
-            chain: vec![certificate],
+            chain: full,
             key,
         };
-        // Building a configuration checks that the certificate matches our key.
+        // Building a configuration checks that the certificate matches our key; the chain
+        // check, that it leads to the root we pin (the site's CA came with it).
         client_config(&identity, root)?;
+        check_chain(&identity, root).map_err(|err| {
+            TlsError::Certificate(format!(
+                "the certificate the data center issued does not lead to the CA we pin: {err}"
+            ))
+        })?;
         Ok(identity)
     }
 }
@@ -541,7 +603,7 @@ pub(crate) fn pem_error(path: &Path, err: rustls_pki_types::pem::Error) -> TlsEr
     }
 }
 
-fn to_pem(label: &str, der: &[u8]) -> String {
+pub(crate) fn to_pem(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der))
 }
 

@@ -175,7 +175,7 @@ pub async fn activate_keeping(
     let grant = control::activate_with(stream, Message::Activate(request), WAIT)
         .await
         .with_context(|| format!("activating {}", provisioned.sid))?;
-    let identity = pending.complete(grant.certificate, root)?;
+    let identity = pending.complete(grant.certificate, grant.chain, root)?;
     Ok(SimBox {
         sid: provisioned.sid,
         pair,
@@ -307,6 +307,57 @@ pub async fn promote_once(
         Ok((_, answer)) => Ok(answer),
         Err(control::CallError::Denied(denial)) => Ok(Message::Denied(denial)),
         Err(err) => Err(err.into()),
+    }
+}
+
+/// A box's control connection held open: [`ReportSession::report`] sends one report on it.
+pub struct ReportSession {
+    session: Session,
+    position: usize,
+}
+
+impl ReportSession {
+    /// Box `b` connects to `control` as a box in `role` at generation `believed`.
+    pub async fn open(
+        b: &SimBox,
+        control: SocketAddr,
+        root: &TrustRoot,
+        believed: Generation,
+        role: Role,
+    ) -> anyhow::Result<ReportSession> {
+        let target = Target {
+            control,
+            root: root.clone(),
+            interval: WAIT,
+        };
+        Ok(ReportSession {
+            session: connect(b, &target, believed, role).await?,
+            position: b.position,
+        })
+    }
+
+    /// One report on the open connection: the answer (a `Denied` included), or why there was
+    /// none.
+    pub async fn report(&mut self) -> anyhow::Result<Message> {
+        let Session {
+            conn,
+            generation,
+            role,
+        } = &mut self.session;
+        match control::call(conn, *generation, report(*role, self.position), WAIT).await {
+            Ok((_, answer)) => Ok(answer),
+            Err(control::CallError::Denied(denial)) => Ok(Message::Denied(denial)),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for ReportSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportSession")
+            .field("generation", &self.session.generation)
+            .field("role", &self.session.role)
+            .finish_non_exhaustive()
     }
 }
 

@@ -89,10 +89,10 @@ impl Server {
         self.dir.path()
     }
 
-    /// Another site of the same data center: a directory of its own with this one's CA, the
-    /// configuration `extra` (its `site` and the same `[store]`) and ports of its own. Not
-    /// started.
-    pub fn another_site(&self, extra: &str) -> anyhow::Result<Server> {
+    /// Another site of the same data center, `site`: a directory of its own with its own CA
+    /// signed by this one's root (`site-init`), the configuration `extra` (the same `[store]`)
+    /// and ports of its own. Not started.
+    pub fn another_site(&self, site_name: &str, extra: &str) -> anyhow::Result<Server> {
         let site = Server {
             binary: self.binary.clone(),
             dir: tempfile::Builder::new().prefix("lbs-dc-site.").tempdir()?,
@@ -100,14 +100,13 @@ impl Server {
             control: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             child: None,
         };
-        for file in ["ca.pem", "ca.key"] {
-            std::fs::copy(self.dir().join(file), site.dir().join(file))?;
-        }
+        let out = site.dir().to_string_lossy().into_owned();
+        self.cli(&["site-init", "--site", site_name, "--out", &out])?;
         let config = site.dir().join("datacenter.toml");
         std::fs::write(
             &config,
             format!(
-                "activation = [\"{}\"]\ncontrol = [\"{}\"]\n{extra}",
+                "site = \"{site_name}\"\nactivation = [\"{}\"]\ncontrol = [\"{}\"]\n{extra}",
                 site.activation, site.control
             ),
         )?;
@@ -188,6 +187,14 @@ impl Server {
     }
 
     /// `serve`'s process ID (0 when it is not running).
+    /// Whether the `serve` started last is still running (reaped once it ended).
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.0.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.0.id())
     }

@@ -89,6 +89,10 @@ impl KvStore {
             ops.push(put(event_key(&self.prefix, &pair, *seq), encode(event)));
             written += 1;
         }
+        if let Some(crl) = &export.revocations {
+            flush(&mut ops, 1)?;
+            ops.push(put(self.key("ca", "revocations"), crl.clone()));
+        }
         flush(&mut ops, BATCH)?;
         self.kv.commit(
             &[Expect {

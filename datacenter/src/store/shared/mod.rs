@@ -627,4 +627,19 @@ impl Store for KvStore {
     ) -> Result<(), StoreError> {
         self.refuse_promotion_kv(id, sid, reason, now)
     }
+
+    fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.key("ca", "revocations");
+        Ok(self.get_many(&[key])?.pop().flatten().map(|v| v.value))
+    }
+
+    fn set_revocation_list(&mut self, crl: &[u8], _now: Millis) -> Result<(), StoreError> {
+        let key = self.key("ca", "revocations");
+        let put = Op::Put {
+            key,
+            value: crl.to_vec(),
+        };
+        self.kv.commit(&[], &[put])?;
+        Ok(())
+    }
 }
