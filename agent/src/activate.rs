@@ -59,6 +59,37 @@ impl StatePaths {
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    /// The root's revocation list of sites' CAs, as the data center last gave it.
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("ca.crl")
+    }
+    /// The root this box pins, less the sites' CAs its revocation list revokes. A list that
+    /// cannot be used (damaged) is said and left out: the box must still reach its data
+    /// center, which gives it the list again.
+    pub fn trust_root(&self) -> anyhow::Result<TrustRoot> {
+        let root = TrustRoot::load(&self.ca()).context("loading the data-center CA")?;
+        let crl = match std::fs::read(self.crl()) {
+            Ok(crl) => crl,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(root),
+            Err(err) => {
+                tracing::warn!(
+                    "reading {}: {err}; no site is taken as revoked",
+                    self.crl().display()
+                );
+                return Ok(root);
+            }
+        };
+        match root.clone().revoking(&crl) {
+            Ok(revoking) => Ok(revoking),
+            Err(err) => {
+                tracing::warn!(
+                    "{}: {err}; no site is taken as revoked",
+                    self.crl().display()
+                );
+                Ok(root)
+            }
+        }
+    }
     /// The WireGuard private key.
     pub fn vpn_key(&self) -> PathBuf {
         self.dir.join("vpn.key")

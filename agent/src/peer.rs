@@ -165,7 +165,7 @@ impl Peer {
     ) -> anyhow::Result<Peer> {
         let identity = Identity::load(&paths.cert(), &paths.key())
             .context("loading this box's identity (run `lbs activate` first)")?;
-        let root = TrustRoot::load(&paths.ca()).context("loading the data-center CA")?;
+        let root = paths.trust_root()?;
         let PeerName::Box(sid) = identity.name().clone() else {
             bail!("{} is not a box's identity", paths.cert().display());
         };

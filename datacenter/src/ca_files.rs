@@ -4,13 +4,17 @@
 //! signs boxes and its own endpoints with its CA, `site-ca.pem` and `site-ca.key`. A
 //! directory made before sites had their own CA has only the root, which signs everything.
 //!
-//! The root's side keeps the sites' CAs it issued under `sites/` (`<site>.pem`), and those it
-//! revoked under `sites/revoked/`: the revocation list is made from them.
+//! The sites' CAs the root issued, and the revocation list, are kept in the store, so the
+//! root key and any site's directory are all `site-revoke` needs (the lost site's are not).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
-use lbs_protocol::{CertificateAuthority, TrustRoot};
+use lbs_protocol::CertificateAuthority;
+use lbs_protocol::ca::{revoked_serials, serial_of};
+use lbs_protocol::tls::CertificateDer;
+
+use crate::store::Store;
 
 /// The root certificate (boxes pin it).
 pub const CA_CERT: &str = "ca.pem";
@@ -20,11 +24,6 @@ pub const CA_KEY: &str = "ca.key";
 pub const SITE_CA_CERT: &str = "site-ca.pem";
 /// This site's CA key.
 pub const SITE_CA_KEY: &str = "site-ca.key";
-/// The sites' CAs the root issued.
-pub const SITES_DIR: &str = "sites";
-/// The revocation list last issued, as written by `site-revoke` (for reference: the sites
-/// read it from the store).
-pub const REVOCATIONS: &str = "revocations.crl";
 
 /// The CA this site signs with: its own when it has one, else the root (a directory made
 /// before sites had their own CA).
@@ -52,7 +51,7 @@ pub fn root(dir: &Path, root_key: Option<&Path>) -> anyhow::Result<CertificateAu
     let key = root_key.map_or_else(|| dir.join(CA_KEY), Path::to_owned);
     if !key.exists() {
         bail!(
-            "the root key {} is not here: bring it (--root-key PATH) — it signs sites' CAs and revocations only",
+            "the root key {} is not here: give it with --root-key FILE (it signs sites' CAs and revocations only)",
             key.display()
         );
     }
@@ -65,64 +64,61 @@ pub fn root(dir: &Path, root_key: Option<&Path>) -> anyhow::Result<CertificateAu
     })
 }
 
-/// Where the root keeps the CA it issued for `site`.
-pub fn issued(dir: &Path, site: &str) -> PathBuf {
-    dir.join(SITES_DIR).join(format!("{site}.pem"))
+/// The serial numbers the list in force in `store` revokes (none without a list); a list
+/// the root did not sign is an error.
+fn revoked_now(store: &dyn Store, root: &CertificateAuthority) -> anyhow::Result<Vec<Vec<u8>>> {
+    let Some(crl) = store.revocation_list()? else {
+        return Ok(Vec::new());
+    };
+    root.trust_root()
+        .revoking(&crl)
+        .context("the revocation list in the store")?;
+    Ok(revoked_serials(&crl)?)
 }
 
-/// Records `ca`, the CA of `site` the root just issued.
-pub fn record_issued(dir: &Path, site: &str, ca: &CertificateAuthority) -> anyhow::Result<()> {
-    let path = issued(dir, site);
-    let sites = dir.join(SITES_DIR);
-    std::fs::create_dir_all(&sites).with_context(|| format!("creating {}", sites.display()))?;
-    TrustRoot::from_der(ca.certificate().clone())
-        .save(&path)
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Revokes `site`'s CA: its record moves to `sites/revoked/`, and the root signs a list of
-/// every CA revoked so far (`number`: newer lists have larger ones). Returns the list (DER).
-pub fn revoke(
-    dir: &Path,
+/// Issues the CA of `site` from `root` and records it in `store`. Refused while the site
+/// has a CA not revoked (two of one name would make revoking one ambiguous).
+pub fn issue_site(
+    store: &mut dyn Store,
     root: &CertificateAuthority,
     site: &str,
-    number: u64,
-) -> anyhow::Result<Vec<u8>> {
-    let path = issued(dir, site);
-    let revoked_dir = dir.join(SITES_DIR).join("revoked");
-    if !path.exists() {
-        let known: Vec<String> = std::fs::read_dir(dir.join(SITES_DIR))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter_map(|name| name.strip_suffix(".pem").map(str::to_owned))
-            .collect();
-        bail!(
-            "no CA of site {site:?} was issued from this directory ({}); sites with one: {}",
-            dir.join(SITES_DIR).display(),
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        );
-    }
-    std::fs::create_dir_all(&revoked_dir)
-        .with_context(|| format!("creating {}", revoked_dir.display()))?;
-    let cert = TrustRoot::load(&path)?.der().clone();
-    let serial = lbs_protocol::ca::serial_of(&cert)?;
-    let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
-    let moved = revoked_dir.join(format!("{site}-{}.pem", &hex[..hex.len().min(16)]));
-    std::fs::rename(&path, &moved).with_context(|| format!("moving {}", path.display()))?;
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(&revoked_dir)? {
-        let entry = entry?.path();
-        if entry.extension().is_some_and(|e| e == "pem") {
-            all.push(TrustRoot::load(&entry)?.der().clone());
+    now: i64,
+) -> anyhow::Result<CertificateAuthority> {
+    if let Some(existing) = store.site_ca(site)? {
+        let serial = serial_of(&CertificateDer::from(existing))?;
+        if !revoked_now(store, root)?.contains(&serial) {
+            bail!(
+                "site {site} has a CA already; revoke it first (lbs-datacenter site-revoke --site {site}) to make the site anew"
+            );
         }
     }
-    let crl = root.revocation_list(&all, number)?;
-    lbs_host::write_file_atomic(&dir.join(REVOCATIONS), &crl, 0o644)
-        .with_context(|| format!("writing {}", dir.join(REVOCATIONS).display()))?;
-    Ok(crl)
+    let ca = root.issue_site_ca(site)?;
+    store.record_site_ca(site, ca.certificate(), now)?;
+    Ok(ca)
+}
+
+/// Revokes `site`'s CA: the root signs a list of every CA revoked so far and this one, and
+/// `store` carries it to every site.
+pub fn revoke(
+    store: &mut dyn Store,
+    root: &CertificateAuthority,
+    site: &str,
+    now: i64,
+) -> anyhow::Result<()> {
+    let Some(cert) = store.site_ca(site)? else {
+        bail!(
+            "the store holds no CA of a site {site:?} (sites get theirs from init and site-init)"
+        );
+    };
+    let serial = serial_of(&CertificateDer::from(cert))?;
+    let mut revoked = revoked_now(store, root)?;
+    if revoked.contains(&serial) {
+        bail!("site {site}'s CA is revoked already");
+    }
+    revoked.push(serial);
+    // Lists are numbered by the time they were made: a newer one has a larger number.
+    let number = u64::try_from(now).unwrap_or(0);
+    let crl = root.revocation_list(&revoked, number)?;
+    store.set_revocation_list(&crl, now)?;
+    Ok(())
 }

@@ -185,6 +185,10 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
     sqlite
         .promote(b, Generation(1), REMOTE, "test", T0 + 4)
         .unwrap();
+    sqlite.record_site_ca("dc1", b"dc1's CA", T0 + 4).unwrap();
+    sqlite
+        .set_revocation_list(b"the root's list", T0 + 4)
+        .unwrap();
     let before = (sqlite.pairs().unwrap(), sqlite.events(0).unwrap());
 
     let shared = MemKv::default();
@@ -193,6 +197,15 @@ fn a_sqlite_site_migrates_with_its_generations_and_history_and_goes_on_deciding(
     assert_eq!(export.counts(), (2, 3, before.1.len()));
     store.import(&export).unwrap();
     assert_eq!(store.pairs().unwrap(), before.0);
+    // The sites' CAs and the revocation list go along (site-revoke works at any site).
+    assert_eq!(
+        store.site_ca("dc1").unwrap().as_deref(),
+        Some(&b"dc1's CA"[..])
+    );
+    assert_eq!(
+        store.revocation_list().unwrap().as_deref(),
+        Some(&b"the root's list"[..])
+    );
     // The same events in the same order (numbered anew: by the store's revisions).
     let told =
         |events: &[lbs_datacenter::store::Event]| -> Vec<(i64, Option<String>, String, String)> {

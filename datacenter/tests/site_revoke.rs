@@ -2,7 +2,8 @@
 //! be revoked alone. Two sites on one etcd: a box activated at either is trusted at both;
 //! after `site-revoke --site dc2` at dc1, within the reload interval, a box dc2 signed is
 //! refused on a new connection and cut on an open one (with the reason), a box dc1 signed
-//! goes on, and dc2's serve stops saying its CA is revoked. Then the root key moved away:
+//! goes on and is given the list, and dc2's serve stops saying its CA is revoked. Then the
+//! root key moved away:
 //! `site-init` says where to give it.
 #![allow(clippy::unwrap_used)]
 
@@ -102,9 +103,21 @@ fn a_revoked_sites_boxes_are_refused_everywhere_and_the_other_sites_go_on() {
             refused.to_lowercase().contains("revoked"),
             "a box of the revoked site got in again: {refused}"
         );
-        // The box dc1 signed goes on, at dc1.
+        // The box dc1 signed goes on, at dc1, and is given the list to check sites itself.
         let mut at_dc1 = open(&by_dc1, dc1.control).await.unwrap();
         assert!(is_state(&at_dc1.report().await.unwrap()));
+        let dc2_ca = lbs_protocol::TrustRoot::load(&dc2.dir().join("site-ca.pem")).unwrap();
+        let dc2_serial = lbs_protocol::ca::serial_of(dc2_ca.der()).unwrap();
+        match at_dc1.call(Message::RevocationListRequest).await.unwrap() {
+            Message::RevocationList { crl: Some(crl) } => {
+                root.clone().revoking(&crl).unwrap();
+                assert_eq!(
+                    lbs_protocol::ca::revoked_serials(&crl).unwrap(),
+                    vec![dc2_serial]
+                );
+            }
+            other => panic!("expected the revocation list, got {other:?}"),
+        }
     });
     // dc2 itself stops: its own certificate is no longer trusted.
     let deadline = Instant::now() + WITHIN;
@@ -119,6 +132,11 @@ fn a_revoked_sites_boxes_are_refused_everywhere_and_the_other_sites_go_on() {
     assert!(log.contains("revoked"), "{log}");
     // And does not start again.
     assert!(dc2.start().is_err(), "a revoked site started again");
+    let again = dc1.cli(&["site-revoke", "--site", "dc2"]).unwrap_err();
+    assert!(
+        format!("{again:#}").contains("revoked already"),
+        "{again:#}"
+    );
 
     // The root key moved offline: site-init says so, and works given it.
     let kept = dc1.dir().join("root-offline.key");

@@ -126,10 +126,10 @@ on_every_store!(
     liveness_is_recorded_in_batches_and_a_primary_that_moved_is_a_decision,
     a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log,
     when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once,
-    the_revocation_list_is_one_every_handle_reads_and_is_replaced_whole,
+    the_revocation_list_and_the_sites_cas_are_one_every_handle_reads,
 );
 
-fn the_revocation_list_is_one_every_handle_reads_and_is_replaced_whole(backend: &dyn Backend) {
+fn the_revocation_list_and_the_sites_cas_are_one_every_handle_reads(backend: &dyn Backend) {
     assert_eq!(backend.open().revocation_list().unwrap(), None);
     backend
         .open()
@@ -145,6 +145,13 @@ fn the_revocation_list_is_one_every_handle_reads_and_is_replaced_whole(backend: 
         backend.open().revocation_list().unwrap().as_deref(),
         Some(&b"second"[..]),
         "another handle (another site) reads the newer list"
+    );
+    assert_eq!(backend.open().site_ca("dc2").unwrap(), None);
+    store.record_site_ca("dc2", b"dc2 ca", T0).unwrap();
+    store.record_site_ca("dc2", b"dc2 anew", T0 + 1).unwrap();
+    assert_eq!(
+        backend.open().site_ca("dc2").unwrap().as_deref(),
+        Some(&b"dc2 anew"[..])
     );
 }
 

@@ -136,14 +136,10 @@ impl CertificateAuthority {
         Ok(depth.is_none_or(|depth| depth >= 1))
     }
 
-    /// The revocation list of this root: the sites' CAs in `revoked` (their certificates) no
-    /// longer vouch for anyone. `number` counts the lists this root issued (a newer list has a
-    /// larger one).
-    pub fn revocation_list(
-        &self,
-        revoked: &[CertificateDer<'_>],
-        number: u64,
-    ) -> Result<Vec<u8>, TlsError> {
+    /// The revocation list of this root: the certificates whose serial numbers are in
+    /// `revoked` (sites' CAs, see [`serial_of`]) no longer vouch for anyone. `number` counts
+    /// the lists this root issued (a newer list has a larger one).
+    pub fn revocation_list(&self, revoked: &[Vec<u8>], number: u64) -> Result<Vec<u8>, TlsError> {
         if self.root.is_some() {
             return Err(TlsError::Certificate(
                 "only the root revokes a site's CA".to_owned(),
@@ -152,15 +148,13 @@ impl CertificateAuthority {
         let now = time::OffsetDateTime::now_utc();
         let revoked_certs = revoked
             .iter()
-            .map(|cert| {
-                Ok(rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(&serial_of(cert)?),
-                    revocation_time: now,
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
             })
-            .collect::<Result<Vec<_>, TlsError>>()?;
+            .collect();
         let params = rcgen::CertificateRevocationListParams {
             this_update: now - time::Duration::hours(1),
             next_update: now + CA_VALIDITY,
@@ -309,6 +303,19 @@ impl CertificateAuthority {
     }
 }
 
+/// The serial numbers a revocation list revokes (its signature is not checked here: see
+/// [`TrustRoot::revoking`]).
+pub fn revoked_serials(crl: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let (_, parsed) = CertificateRevocationList::from_der(crl)
+        .map_err(|e| TlsError::Certificate(format!("unreadable revocation list: {e}")))?;
+    Ok(parsed
+        .iter_revoked_certificates()
+        .map(|revoked| revoked.raw_serial().to_vec())
+        .collect())
+}
+
 /// The serial number of a certificate (its bytes, as encoded).
 pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -355,9 +362,11 @@ mod tests {
         assert!(dc1.issue_site_ca("dc3").is_err());
         assert!(dc1.revocation_list(&[], 1).is_err());
 
+        let dc2_serial = serial_of(dc2.certificate()).unwrap();
         let crl = root
-            .revocation_list(&[dc2.certificate().clone()], 1)
+            .revocation_list(std::slice::from_ref(&dc2_serial), 1)
             .unwrap();
+        assert_eq!(revoked_serials(&crl).unwrap(), vec![dc2_serial]);
         let revoking = root.trust_root().revoking(&crl).unwrap();
         check_chain(&from_dc1, &revoking).unwrap();
         let refused = check_chain(&from_dc2, &revoking).unwrap_err().to_string();

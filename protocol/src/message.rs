@@ -293,6 +293,14 @@ pub enum Message {
         grant: ActivationGrant,
         chain: Vec<serde_bytes::ByteBuf>,
     },
+    /// Box → data center (protocol 1.8): the root's revocation list of sites' CAs, please.
+    RevocationListRequest,
+    /// Data center → box: the list in force (DER, signed by the root), if one was issued.
+    /// The box refuses data centers and partners whose certificate a revoked CA signed.
+    RevocationList {
+        #[serde(with = "serde_bytes")]
+        crl: Option<Vec<u8>>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -349,6 +357,8 @@ impl Message {
             Message::SyncHole { .. } => "sync-hole",
             Message::SyncLinks { .. } => "sync-links",
             Message::ActivatedWithChain { .. } => "activated",
+            Message::RevocationListRequest => "revocation-list-request",
+            Message::RevocationList { .. } => "revocation-list",
         }
     }
 }

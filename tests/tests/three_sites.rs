@@ -95,6 +95,45 @@ fn three_sites_a_site_gone_dark_the_boxes_move_p_works_and_dns_follows() {
         .unwrap();
     office.wait_reporting_to("dc2", &["primary"]).unwrap();
     println!("measured: rto_through_dc2_with_dc1_dark_ms={rto_ms}");
+
+    // With dc1 dark, dc2 makes and revokes a site with the root key (kept at dc1's directory
+    // here, an offline copy in the field): the boxes are given the list and keep it, and the
+    // pair goes on.
+    let root_key = office.site_dir("dc1").join("ca.key");
+    let root_key = root_key.to_string_lossy();
+    let made = office.dir().join("dc9");
+    let made = made.to_string_lossy();
+    office
+        .datacenter_at(
+            "dc2",
+            &[
+                "site-init",
+                "--site",
+                "dc9",
+                "--out",
+                &made,
+                "--root-key",
+                &root_key,
+            ],
+        )
+        .unwrap();
+    office
+        .datacenter_at(
+            "dc2",
+            &["site-revoke", "--site", "dc9", "--root-key", &root_key],
+        )
+        .unwrap();
+    office
+        .wait("both boxes to keep the revocation list", STEP, |o| {
+            Ok(["primary", "backup"]
+                .iter()
+                .all(|host| o.state(host).join("ca.crl").exists()))
+        })
+        .unwrap();
+    office
+        .wait_reporting_to("dc2", &["primary", "backup"])
+        .unwrap();
+    office.first_answer_after(now_ms(), STEP).unwrap();
 }
 
 #[test]

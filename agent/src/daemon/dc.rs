@@ -95,7 +95,7 @@ pub(crate) async fn connect_at(
 ) -> anyhow::Result<(DcConnection, lbs_protocol::ProtocolVersion)> {
     let sid = lock(&shared.info).sid;
     let identity = lbs_protocol::Identity::load(&shared.paths.cert(), &shared.paths.key())?;
-    let root = lbs_protocol::TrustRoot::load(&shared.paths.ca())?;
+    let root = shared.paths.trust_root()?;
     let config = tls::client_config(&identity, &root)?;
     tokio::time::timeout(DC_DEADLINE, async {
         let tcp = TcpStream::connect(address).await?;

@@ -89,6 +89,9 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
     // A data center of 1.5 or later says the partner's current key.
     let keys = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
+    // One of 1.8 or later gives the root's revocation list of sites' CAs.
+    let revocations = version >= lbs_protocol::control::CHAIN_IN_GRANT;
+    let mut reports: u64 = 0;
     {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
@@ -135,6 +138,20 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                     restart |= apply_partner_key(shared, partner, key);
                 }
             }
+            reports += 1;
+            if revocations && reports % CRL_EVERY_REPORTS == 1 {
+                let (_, answer) = control::call(
+                    &mut conn,
+                    record.generation,
+                    Message::RevocationListRequest,
+                    Duration::from_secs(10),
+                )
+                .await
+                .with_context(|| format!("data center at {address}"))?;
+                if let Message::RevocationList { crl: Some(crl) } = answer {
+                    restart |= keep_revocation_list(shared, &crl);
+                }
+            }
             if restart {
                 restart_replication(shared);
             }
@@ -169,6 +186,34 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
             tokio::time::sleep(shared.config().report_interval).await;
         }
     }
+}
+
+/// A box asks for the revocation list at its first report on a connection and every this
+/// many reports after (a minute at the default 5 s interval).
+const CRL_EVERY_REPORTS: u64 = 12;
+
+/// Keeps `crl`, the revocation list the data center gave, if it is new and the root's: the
+/// data center and the partner are checked against it from their next connection. True when
+/// it changed (replication restarts to use it).
+fn keep_revocation_list(shared: &Shared, crl: &[u8]) -> bool {
+    let path = shared.paths.crl();
+    if std::fs::read(&path).is_ok_and(|kept| kept == crl) {
+        return false;
+    }
+    let checked =
+        lbs_protocol::TrustRoot::load(&shared.paths.ca()).and_then(|root| root.revoking(crl));
+    if let Err(err) = checked {
+        tracing::warn!("the data center's revocation list is not usable: {err}; kept the last one");
+        return false;
+    }
+    if let Err(err) = lbs_host::write_file_atomic(&path, crl, 0o644) {
+        tracing::warn!("keeping the revocation list in {}: {err}", path.display());
+        return false;
+    }
+    tracing::warn!(
+        "a new revocation list of the data center's sites is in force: certificates a revoked site signed are refused"
+    );
+    true
 }
 
 /// What this box tells the data center at each report: its role as recorded, where it serves,

@@ -336,25 +336,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
             let site = crate::config::ServeConfig::load(&dir.join(CONFIG), false)?.site;
-            let root = CertificateAuthority::generate(&name)?;
-            root.save(&cert, &key)?;
-            let own = root.issue_site_ca(&site)?;
-            own.save(&dir.join(SITE_CA_CERT), &dir.join(SITE_CA_KEY))?;
-            ca_files::record_issued(dir, &site, &own)?;
+            // The records first: reachable now (etcd), or said now rather than after the CA
+            // was made and init cannot run again.
             let records = match crate::config::StoreSettings::load(&dir.join(CONFIG))? {
                 crate::config::StoreSettings::Sqlite => {
-                    let store = SqliteStore::open(&dir.join(DATABASE))?;
-                    format!("database schema {}", store.schema_version()?)
+                    let schema = SqliteStore::open(&dir.join(DATABASE))?.schema_version()?;
+                    format!("database schema {schema}")
                 }
-                crate::config::StoreSettings::Etcd { etcd, prefix, .. } => {
-                    // Reachable now, or said now rather than at the first activation.
-                    open(dir)?.events(i64::MAX)?;
-                    format!(
-                        "records on etcd ({}) under {prefix}",
-                        etcd.endpoints.join(", ")
-                    )
-                }
+                crate::config::StoreSettings::Etcd { etcd, prefix, .. } => format!(
+                    "records on etcd ({}) under {prefix}",
+                    etcd.endpoints.join(", ")
+                ),
             };
+            let mut store = open(dir)?;
+            store.events(i64::MAX)?;
+            let root = CertificateAuthority::generate(&name)?;
+            root.save(&cert, &key)?;
+            let own = ca_files::issue_site(&mut *store, &root, &site, now_ms())?;
+            own.save(&dir.join(SITE_CA_CERT), &dir.join(SITE_CA_KEY))?;
             lbs_host::say!(
                 "initialised {}: root CA {:?} ({}; boxes pin it), site {site}'s CA ({SITE_CA_CERT}) that signs this site's boxes, {records}\n\
                  The root key {} signs only sites' CAs (site-init) and revocations (site-revoke): once the sites are made, keep it offline and give it with --root-key.",

@@ -52,30 +52,38 @@ pub(super) fn site_init(
         );
     }
     let root = ca_files::root(dir, root_key)?;
-    if ca_files::issued(dir, site).exists() {
-        bail!(
-            "a CA for site {site} was issued already ({}); revoke it first (site-revoke) to make the site anew",
-            ca_files::issued(dir, site).display()
-        );
-    }
+    // Issued (and recorded) before anything is written: refused, it leaves nothing behind.
+    let own = if root.signs_sites()? {
+        let mut store = super::open(dir)?;
+        Some(ca_files::issue_site(
+            &mut *store,
+            &root,
+            site,
+            crate::time::now_ms(),
+        )?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", out.display()))?;
     root.trust_root().save(&out.join(ca_files::CA_CERT))?;
-    let own_ca = if root.signs_sites()? {
-        let ca = root.issue_site_ca(site)?;
-        ca.save(
-            &out.join(ca_files::SITE_CA_CERT),
-            &out.join(ca_files::SITE_CA_KEY),
-        )?;
-        ca_files::record_issued(dir, site, &ca)?;
-        "its own CA under the root"
-    } else {
-        // A root made before sites had their own CA signs boxes itself: the site needs it.
-        let key = root_key.map_or_else(|| dir.join(ca_files::CA_KEY), Path::to_owned);
-        let bytes = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
-        lbs_host::write_file_atomic(&out.join(ca_files::CA_KEY), &bytes, 0o600)?;
-        "the root's key (this root predates sites' own CAs: the sites share it and none can be revoked alone)"
+    let own_ca = match own {
+        Some(ca) => {
+            ca.save(
+                &out.join(ca_files::SITE_CA_CERT),
+                &out.join(ca_files::SITE_CA_KEY),
+            )?;
+            "its own CA under the root"
+        }
+        None => {
+            // A root made before sites had their own CA signs boxes itself: the site needs it.
+            let key = root_key.map_or_else(|| dir.join(ca_files::CA_KEY), Path::to_owned);
+            let bytes =
+                std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+            lbs_host::write_file_atomic(&out.join(ca_files::CA_KEY), &bytes, 0o600)?;
+            "the root's key (this root predates sites' own CAs: the sites share it and none can be revoked alone)"
+        }
     };
     let text = std::fs::read_to_string(config)?;
     let renamed = with_site(&text, site);
@@ -121,15 +129,14 @@ pub(super) fn site_revoke(
             "this root predates sites' own CAs: the sites share its key and none can be revoked alone"
         );
     }
-    let own = std::fs::read(dir.join(ca_files::SITE_CA_CERT)).ok();
-    let revoked = std::fs::read(ca_files::issued(dir, site)).ok();
-    if own.is_some() && own == revoked {
-        bail!("{site} is this site: revoke it from another site, with the root key there");
-    }
     let mut store = super::open(dir)?;
-    let number = u64::try_from(crate::time::now_ms()).unwrap_or(0);
-    let crl = ca_files::revoke(dir, &root, site, number)?;
-    store.set_revocation_list(&crl, crate::time::now_ms())?;
+    ca_files::revoke(&mut *store, &root, site, crate::time::now_ms())?;
+    let here = ServeConfig::load(&dir.join(crate::config::CONFIG_FILE), false)
+        .map(|c| c.site)
+        .unwrap_or_default();
+    if here == site {
+        lbs_host::say!("{site} is this site: its serve stops at its next look at the list");
+    }
     lbs_host::say!(
         "site {site}'s CA is revoked: every site refuses the boxes and sites it signed within {} s. \
          Boxes it activated: rekey them (lbs-datacenter rekey SID) and run `lbs activate` on them against another site.",

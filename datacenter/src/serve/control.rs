@@ -215,6 +215,9 @@ pub(super) async fn control(
                 }
             }
             Message::RegisterBackup => on_register(inner, sid, actor.clone()).await,
+            Message::RevocationListRequest => Message::RevocationList {
+                crl: inner.trust.crl(),
+            },
             Message::Goodbye { .. } => return Ok(()),
             other => {
                 let why = format!("{} is not a control request", other.kind());

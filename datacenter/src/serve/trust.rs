@@ -67,6 +67,11 @@ impl Trust {
         self.read().version
     }
 
+    /// The revocation list in force (DER), as the store holds it.
+    pub(super) fn crl(&self) -> Option<Vec<u8>> {
+        self.read().crl.clone()
+    }
+
     /// Why this site's own CA is no longer trusted, if it is revoked.
     pub(super) fn revoked(&self) -> Option<String> {
         self.read().revoked.clone()

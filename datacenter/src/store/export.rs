@@ -1,6 +1,6 @@
 //! A SQLite site's records as the shared store keeps them, for `lbs-datacenter migrate --to
 //! etcd`: every pair with its servers (keys, addresses, roles), generation, DNS records and
-//! latest requests, every box's last report, the audit log, the counters and the revocation list of sites' CAs — numbers kept,
+//! latest requests, every box's last report, the audit log, the counters, the sites' CAs and the revocation list — numbers kept,
 //! so events, requests and generations go on where they were.
 
 use super::shared::{Counters, DnsDoc, PairDoc, REQUESTS_KEPT, ReportDoc, RequestDoc, ServerDoc};
@@ -13,6 +13,7 @@ pub struct Export {
     pub(super) events: Vec<Event>,
     pub(super) counters: Counters,
     pub(super) revocations: Option<Vec<u8>>,
+    pub(super) site_cas: Vec<(String, Vec<u8>)>,
 }
 
 impl Export {
@@ -34,6 +35,18 @@ fn text_hash(bytes: Option<Vec<u8>>) -> Option<String> {
 }
 
 impl SqliteStore {
+    fn site_cas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT site, cert FROM site_cas ORDER BY site")
+            .map_err(db("reading the sites' CAs"))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db("reading the sites' CAs"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(db("reading the sites' CAs"))
+    }
+
     /// Everything, read in one transaction.
     pub fn export(&mut self) -> Result<Export, StoreError> {
         let tx = begin(&mut self.conn)?;
@@ -208,6 +221,7 @@ impl SqliteStore {
             events,
             counters,
             revocations: self.revocation_list()?,
+            site_cas: self.site_cas()?,
         })
     }
 }

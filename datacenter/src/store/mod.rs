@@ -350,6 +350,13 @@ pub trait Store {
 
     /// Replaces the revocation list (`lbs-datacenter site-revoke`).
     fn set_revocation_list(&mut self, crl: &[u8], now: Millis) -> Result<(), StoreError>;
+
+    /// The CA certificate (DER) the root last issued for `site`, kept where every site can
+    /// find it to revoke it.
+    fn site_ca(&self, site: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Records the CA the root issued for `site` (replacing an earlier one).
+    fn record_site_ca(&mut self, site: &str, cert: &[u8], now: Millis) -> Result<(), StoreError>;
 }
 
 /// The SQLite store: one file, WAL, migrations applied on open.
@@ -830,5 +837,25 @@ impl Store for SqliteStore {
             )
             .map(drop)
             .map_err(db("writing the revocation list"))
+    }
+
+    fn site_ca(&self, site: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .query_row("SELECT cert FROM site_cas WHERE site = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db("reading a site's CA"))
+    }
+
+    fn record_site_ca(&mut self, site: &str, cert: &[u8], now: Millis) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO site_cas (site, cert, issued_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (site) DO UPDATE SET cert = ?2, issued_at = ?3",
+                rusqlite::params![site, cert, now],
+            )
+            .map(drop)
+            .map_err(db("recording a site's CA"))
     }
 }

@@ -89,5 +89,10 @@ CREATE TABLE revocations (
     crl BLOB NOT NULL,
     changed_at INTEGER NOT NULL
 );
+CREATE TABLE site_cas (
+    site TEXT PRIMARY KEY,
+    cert BLOB NOT NULL,
+    issued_at INTEGER NOT NULL
+);
 "#,
 ];

@@ -339,12 +339,16 @@ impl ReportSession {
     /// One report on the open connection: the answer (a `Denied` included), or why there was
     /// none.
     pub async fn report(&mut self) -> anyhow::Result<Message> {
+        let message = report(self.session.role, self.position);
+        self.call(message).await
+    }
+
+    /// One request on the open connection: the answer (a `Denied` included).
+    pub async fn call(&mut self, message: Message) -> anyhow::Result<Message> {
         let Session {
-            conn,
-            generation,
-            role,
+            conn, generation, ..
         } = &mut self.session;
-        match control::call(conn, *generation, report(*role, self.position), WAIT).await {
+        match control::call(conn, *generation, message, WAIT).await {
             Ok((_, answer)) => Ok(answer),
             Err(control::CallError::Denied(denial)) => Ok(Message::Denied(denial)),
             Err(err) => Err(err.into()),

@@ -93,6 +93,10 @@ impl KvStore {
             flush(&mut ops, 1)?;
             ops.push(put(self.key("ca", "revocations"), crl.clone()));
         }
+        for (site, cert) in &export.site_cas {
+            flush(&mut ops, 1)?;
+            ops.push(put(self.key("ca/site", site), cert.clone()));
+        }
         flush(&mut ops, BATCH)?;
         self.kv.commit(
             &[Expect {

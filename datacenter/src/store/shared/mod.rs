@@ -642,4 +642,18 @@ impl Store for KvStore {
         self.kv.commit(&[], &[put])?;
         Ok(())
     }
+
+    fn site_ca(&self, site: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.key("ca/site", site);
+        Ok(self.get_many(&[key])?.pop().flatten().map(|v| v.value))
+    }
+
+    fn record_site_ca(&mut self, site: &str, cert: &[u8], _now: Millis) -> Result<(), StoreError> {
+        let put = Op::Put {
+            key: self.key("ca/site", site),
+            value: cert.to_vec(),
+        };
+        self.kv.commit(&[], &[put])?;
+        Ok(())
+    }
 }
