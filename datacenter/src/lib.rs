@@ -7,6 +7,7 @@
 //!   on the pair's generation.
 //! - [`authority`]: the store a site's `[store]` names (SQLite, or etcd shared by the sites
 //!   with the DNS role held by one site at a time).
+//! - [`accounts`]: the portal's accounts (argon2id password hashes, viewer or operator).
 //! - [`ca_files`]: the root boxes pin (its key offline-capable), each site's own CA under it,
 //!   and the revoked sites' list.
 //! - [`kv`]: the key-value contract the shared store is built on, on etcd and in memory.
@@ -28,6 +29,7 @@
 //! - [`cli`]: `lbs-datacenter init | provision-pair | provision-backup | rekey | serve | promote |
 //!   status | events | site-identity | site`.
 
+pub mod accounts;
 pub mod authority;
 pub mod ca_files;
 pub mod cli;

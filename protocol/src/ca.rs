@@ -285,6 +285,31 @@ impl CertificateAuthority {
 }
 
 impl CertificateAuthority {
+    /// Issues a web server certificate (the portal's) for `names` — DNS names or IP
+    /// addresses, as browsers reach it — with a fresh key, and the chain to present.
+    pub fn issue_web_server(&self, names: &[String]) -> Result<WebIdentity, TlsError> {
+        let key = KeyPair::generate().map_err(rcgen_error)?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| TlsError::Certificate(format!("portal names {names:?}: {e}")))?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        // Browsers refuse server certificates valid for more than 398 days.
+        set_validity(&mut params, Duration::from_secs(397 * 24 * 3600));
+        let cert = params.signed_by(&key, &self.issuer).map_err(rcgen_error)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain());
+        let key = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| TlsError::Certificate(format!("generated key: {e}")))?;
+        Ok(WebIdentity { chain, key })
+    }
+
     /// Issues a certificate for `name` from a box's certificate signing request (PKCS #10,
     /// DER). The request's signature proves the box holds the private key; everything else it
     /// asks for (names, usages, CA flag) is ignored: the certificate names `name` only and has

@@ -19,6 +19,7 @@ mod migrate;
 mod provision;
 mod site_init;
 mod status;
+mod user;
 
 use crate::authority::DATABASE;
 /// The CA certificate, its key and the database, in the data directory.
@@ -200,6 +201,11 @@ enum Command {
         /// The configuration with the [store] section (default: datacenter.toml in --dir).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// The portal's accounts (kept in the store: every site's portal knows them).
+    User {
+        #[command(subcommand)]
+        action: user::UserAction,
     },
     /// Retire a pair (the office left): from now on its boxes are refused at activation, on
     /// the control API and by the tunnel endpoints, its DNS names are no longer updated and
@@ -421,6 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = config.unwrap_or_else(|| dir.join(CONFIG));
             return site_init::site_init(dir, &path, &site, &out, root_key.as_deref());
         }
+        Command::User { action } => return user::user(dir, action),
         Command::SiteRevoke { site, root_key } => {
             return site_init::site_revoke(dir, &site, root_key.as_deref());
         }

@@ -40,6 +40,7 @@ mod activation;
 mod control;
 mod dns_worker;
 mod liveness;
+mod portal;
 mod trust;
 mod tunnels;
 
@@ -142,6 +143,8 @@ struct Inner {
     /// The bounds of each kind of port, shared by its listeners.
     activation_serving: Serving,
     control_serving: Serving,
+    /// The web portal's sessions and limits, when `[portal]` is on.
+    portal: Option<portal::Portal>,
 }
 
 /// Whether an endpoint URL names this machine (`http://127.0.0.1:2379`, `http://localhost:…`,
@@ -221,6 +224,8 @@ pub struct Listening {
     pub activation: Vec<SocketAddr>,
     /// Control.
     pub control: Vec<SocketAddr>,
+    /// The web portal (empty when it is off).
+    pub portal: Vec<SocketAddr>,
 }
 
 /// Serves until `shutdown` is cancelled; `ready` is called once every listener is bound and
@@ -252,8 +257,27 @@ pub async fn run(
                 .with_context(|| format!("listening for the control API on {address}"))?,
         );
     }
+    let mut portal_listeners = Vec::new();
+    let portal_tls = match &config.portal {
+        Some(settings) => {
+            let web = portal::identity(settings, &ca).context("the portal's certificate")?;
+            for address in &settings.listen {
+                portal_listeners.push(
+                    TcpListener::bind(address)
+                        .await
+                        .with_context(|| format!("listening for the portal on {address}"))?,
+                );
+            }
+            Some(tls::web_server_config(&web)?)
+        }
+        None => None,
+    };
     let endpoints = start_endpoints(&config).await?;
     let listening = Listening {
+        portal: portal_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect(),
         activation: activation
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -269,6 +293,7 @@ pub async fn run(
             "the open-files limit leaves room for {capacity} boxes on the control port (of {MAX_CONNECTIONS}); raise it (LimitNOFILE= in the unit, ulimit -n by hand)"
         );
     }
+    let portal = config.portal.clone().map(portal::Portal::new);
     let Authority { stores, dns_role } = authority;
     if stores.is_empty() {
         anyhow::bail!("no store to serve from");
@@ -281,6 +306,7 @@ pub async fn run(
         activation_tls,
         trust,
         limiter: Mutex::new(RateLimiter::new(config.rate_limit)),
+        portal,
         config,
         dns_wake: Notify::new(),
         peers_wake: Notify::new(),
@@ -352,6 +378,16 @@ pub async fn run(
     tasks.spawn(peers_worker(inner.clone(), shutdown.clone()));
     tasks.spawn(liveness_writer(inner.clone(), shutdown.clone()));
     tasks.spawn(trust_reloader(inner.clone(), shutdown.clone()));
+    if let Some(tls) = portal_tls {
+        for listener in portal_listeners {
+            tasks.spawn(portal::serve_portal(
+                inner.clone(),
+                listener,
+                tls.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
     ready(&listening);
     shutdown.cancelled().await;
     // Every task watches the token; connections are aborted with their listener's set.

@@ -1,6 +1,6 @@
 //! A SQLite site's records as the shared store keeps them, for `lbs-datacenter migrate --to
 //! etcd`: every pair with its servers (keys, addresses, roles), generation, DNS records and
-//! latest requests, every box's last report, the audit log, the counters, the sites' CAs and the revocation list — numbers kept,
+//! latest requests, every box's last report, the audit log, the counters, the sites' CAs, the revocation list and the portal's accounts — numbers kept,
 //! so events, requests and generations go on where they were.
 
 use super::shared::{Counters, DnsDoc, PairDoc, REQUESTS_KEPT, ReportDoc, RequestDoc, ServerDoc};
@@ -14,6 +14,7 @@ pub struct Export {
     pub(super) counters: Counters,
     pub(super) revocations: Option<Vec<u8>>,
     pub(super) site_cas: Vec<(String, Vec<u8>)>,
+    pub(super) accounts: Vec<crate::accounts::Account>,
 }
 
 impl Export {
@@ -222,6 +223,7 @@ impl SqliteStore {
             counters,
             revocations: self.revocation_list()?,
             site_cas: self.site_cas()?,
+            accounts: self.accounts_in()?,
         })
     }
 }

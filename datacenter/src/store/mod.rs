@@ -16,11 +16,13 @@ use lbs_protocol::net::Ipv4Cidr;
 use lbs_protocol::{Generation, Role, ServerId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::accounts::Account;
 use crate::keys::{ActivationKey, KeyHash};
 
 pub use crate::time::Millis;
 pub use crate::view::{DnsState, RequestState, StoredReport};
 
+mod accounts;
 mod activation;
 mod dns;
 mod export;
@@ -258,6 +260,11 @@ pub trait Store {
     /// The pair `sid` belongs to.
     fn pair_of(&self, sid: ServerId) -> Result<PairView, StoreError>;
 
+    /// The pair called `name`, unless there is none or it is retired.
+    fn pair_named(&self, name: &str) -> Result<Option<PairView>, StoreError> {
+        Ok(self.pairs()?.into_iter().find(|p| p.name == name))
+    }
+
     /// The fingerprint of the TLS key `sid`'s current certificate was issued for (`None`
     /// before activation).
     fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError>;
@@ -357,6 +364,15 @@ pub trait Store {
 
     /// Records the CA the root issued for `site` (replacing an earlier one).
     fn record_site_ca(&mut self, site: &str, cert: &[u8], now: Millis) -> Result<(), StoreError>;
+
+    /// The portal's accounts, by name.
+    fn accounts(&self) -> Result<Vec<Account>, StoreError>;
+
+    /// Adds an account or replaces the one of its name.
+    fn put_account(&mut self, account: &Account) -> Result<(), StoreError>;
+
+    /// Removes an account; whether there was one.
+    fn remove_account(&mut self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// The SQLite store: one file, WAL, migrations applied on open.
@@ -732,6 +748,10 @@ impl Store for SqliteStore {
         self.pair_of_in(sid)
     }
 
+    fn pair_named(&self, name: &str) -> Result<Option<PairView>, StoreError> {
+        self.pair_named_in(name)
+    }
+
     fn certificate_key(&self, sid: ServerId) -> Result<Option<String>, StoreError> {
         self.certificate_key_in(sid)
     }
@@ -857,5 +877,17 @@ impl Store for SqliteStore {
             )
             .map(drop)
             .map_err(db("recording a site's CA"))
+    }
+
+    fn accounts(&self) -> Result<Vec<Account>, StoreError> {
+        self.accounts_in()
+    }
+
+    fn put_account(&mut self, account: &Account) -> Result<(), StoreError> {
+        self.put_account_in(account)
+    }
+
+    fn remove_account(&mut self, name: &str) -> Result<bool, StoreError> {
+        self.remove_account_in(name)
     }
 }

@@ -123,6 +123,19 @@ impl SqliteStore {
         ids.into_iter().map(|id| self.pair_view(id)).collect()
     }
 
+    pub(super) fn pair_named_in(&self, name: &str) -> Result<Option<PairView>, StoreError> {
+        let id = self
+            .conn
+            .query_row(
+                "SELECT id FROM pairs WHERE name = ?1 AND retired_at IS NULL",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(db("reading a pair"))?;
+        id.map(|id| self.pair_view(id)).transpose()
+    }
+
     pub(super) fn pair_of_in(&self, sid: ServerId) -> Result<PairView, StoreError> {
         let id: i64 = self
             .conn

@@ -94,5 +94,9 @@ CREATE TABLE site_cas (
     cert BLOB NOT NULL,
     issued_at INTEGER NOT NULL
 );
+CREATE TABLE accounts (
+    name TEXT PRIMARY KEY,
+    account TEXT NOT NULL
+);
 "#,
 ];

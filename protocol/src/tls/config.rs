@@ -172,6 +172,19 @@ pub fn client_config(identity: &Identity, root: &TrustRoot) -> Result<Arc<Client
     Ok(Arc::new(config))
 }
 
+/// An HTTPS server configuration for the portal: presents `identity` (TLS 1.2 and 1.3, as
+/// browsers and Prometheus speak them), asks no client certificate, HTTP/1.1.
+pub fn web_server_config(identity: &WebIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A TLS 1.3 server configuration for activation: presents `identity` and asks the client
 /// for no certificate (a box that activates has none yet; it proves itself with its key).
 pub fn activation_server_config(identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {

@@ -464,6 +464,44 @@ impl Identity {
     }
 }
 
+/// A web server's certificate chain and key (the portal's): not an lbs peer, so no name check.
+#[derive(Debug)]
+pub struct WebIdentity {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+}
+
+impl WebIdentity {
+    /// Reads a certificate chain (leaf first) and its key from PEM files (the provider's own).
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
+        let chain = CertificateDer::pem_file_iter(cert_path)
+            .map_err(|e| pem_error(cert_path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(cert_path, e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Pem {
+                path: cert_path.to_owned(),
+                detail: "no certificate in the file".to_owned(),
+            });
+        }
+        let key_pem = lbs_host::fs::read_secret(key_path).map_err(|cause| TlsError::Io {
+            path: key_path.to_owned(),
+            cause,
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| pem_error(key_path, e))?;
+        Ok(Self { chain, key })
+    }
+
+    /// The certificate chain as PEM (leaf first).
+    pub fn chain_pem(&self) -> String {
+        self.chain
+            .iter()
+            .map(|cert| to_pem("CERTIFICATE", cert))
+            .collect()
+    }
+}
+
 /// A short fingerprint of a certificate's public key (BLAKE3 of the key bits, hex): the data
 /// center records the one it signed, so a certificate it replaced (a re-activated box) no
 /// longer gets in.

@@ -32,7 +32,8 @@ pub struct Server {
     child: Option<Reaped>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free now.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -128,6 +129,33 @@ impl Server {
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("running {}", self.binary.display()))?;
+        if !out.status.success() {
+            bail!(
+                "lbs-datacenter {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `lbs-datacenter --dir DIR args…` with `input` on its standard input; its
+    /// standard output.
+    pub fn cli_with_input(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(&self.binary)
+            .arg("--dir")
+            .arg(self.dir())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.binary.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!(
                 "lbs-datacenter {}: {}",

@@ -97,6 +97,10 @@ impl KvStore {
             flush(&mut ops, 1)?;
             ops.push(put(self.key("ca/site", site), cert.clone()));
         }
+        for account in &export.accounts {
+            flush(&mut ops, 1)?;
+            ops.push(put(self.key("account", &account.name), encode(account)));
+        }
         flush(&mut ops, BATCH)?;
         self.kv.commit(
             &[Expect {

@@ -656,4 +656,33 @@ impl Store for KvStore {
         self.kv.commit(&[], &[put])?;
         Ok(())
     }
+
+    fn accounts(&self) -> Result<Vec<crate::accounts::Account>, StoreError> {
+        self.scan("account")?
+            .iter()
+            .map(|(key, value)| decode(key, value))
+            .collect()
+    }
+
+    fn put_account(&mut self, account: &crate::accounts::Account) -> Result<(), StoreError> {
+        let put = Op::Put {
+            key: self.key("account", &account.name),
+            value: encode(account),
+        };
+        self.kv.commit(&[], &[put])?;
+        Ok(())
+    }
+
+    fn remove_account(&mut self, name: &str) -> Result<bool, StoreError> {
+        let key = self.key("account", name);
+        let existed = self
+            .get_many(std::slice::from_ref(&key))?
+            .pop()
+            .flatten()
+            .is_some();
+        if existed {
+            self.kv.commit(&[], &[Op::Delete { key }])?;
+        }
+        Ok(existed)
+    }
 }

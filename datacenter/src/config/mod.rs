@@ -64,6 +64,9 @@ use serde::Deserialize;
 
 use crate::dns::DnsServer;
 
+mod portal;
+pub use portal::PortalSettings;
+
 /// The configuration's name in the data directory (when `--config` does not say).
 pub const CONFIG_FILE: &str = "datacenter.toml";
 
@@ -90,6 +93,7 @@ struct File {
     #[serde(default)]
     endpoint: Vec<EndpointFile>,
     store: Option<StoreFile>,
+    portal: Option<portal::PortalFile>,
 }
 
 #[derive(Deserialize, Default)]
@@ -255,6 +259,8 @@ pub struct ServeConfig {
     pub handover_holdoff: std::time::Duration,
     /// Where the records are.
     pub store: StoreSettings,
+    /// The web portal, when it is on.
+    pub portal: Option<PortalSettings>,
 }
 
 /// Where the data center's records are.
@@ -497,6 +503,7 @@ impl ServeConfig {
             endpoints,
             handover_holdoff: std::time::Duration::from_secs(file.handover_holdoff_s),
             store: store_settings(file.store.unwrap_or_default(), base)?,
+            portal: portal::portal_settings(file.portal.unwrap_or_default(), base)?,
         })
     }
 }
@@ -543,7 +550,7 @@ mod tests {
 
     #[test]
     fn the_packaged_config_parses_and_documents_every_section() {
-        let text = include_str!("../../dist/lbs-datacenter/datacenter.toml");
+        let text = include_str!("../../../dist/lbs-datacenter/datacenter.toml");
         let shipped = ServeConfig::parse(text, Path::new("/etc/lbs-datacenter"))
             .expect("dist/lbs-datacenter/datacenter.toml parses");
         let defaults = ServeConfig::parse("", Path::new(".")).expect("defaults");
