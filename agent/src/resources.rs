@@ -34,6 +34,24 @@ pub struct Sample {
     pub tx_per_s: Option<f64>,
 }
 
+impl Sample {
+    /// The sample as the data center keeps it for the portal.
+    pub fn to_wire(&self) -> lbs_protocol::control::ResourceSample {
+        lbs_protocol::control::ResourceSample {
+            at_ms: self.at_ms,
+            cpu_permille: self
+                .cpu_percent
+                .map(|p| (p * 10.0).round().clamp(0.0, 1000.0) as u16),
+            memory_used: self.memory_used,
+            memory_total: self.memory_total,
+            disk_used: self.disk_used,
+            disk_total: self.disk_total,
+            rx_per_s: self.rx_per_s.map(|r| r.max(0.0).round() as u64),
+            tx_per_s: self.tx_per_s.map(|t| t.max(0.0).round() as u64),
+        }
+    }
+}
+
 /// Reads the kernel's counters and turns them into samples.
 #[derive(Debug)]
 pub struct Sampler {
@@ -176,6 +194,23 @@ impl ResourceHistory {
             [at.saturating_sub(keep)],
         )?;
         Ok(())
+    }
+
+    /// Up to `limit` samples taken after `after_ms`, oldest first (what the data center has
+    /// not been sent yet).
+    pub fn after(&self, after_ms: u64, limit: usize) -> Vec<Sample> {
+        let read = || -> rusqlite::Result<Vec<Sample>> {
+            let mut statement = self
+                .db
+                .prepare("SELECT sample FROM samples WHERE at_ms > ?1 ORDER BY at_ms LIMIT ?2")?;
+            let after = i64::try_from(after_ms).unwrap_or(i64::MAX);
+            let rows = statement.query_map([after, limit as i64], |r| r.get::<_, String>(0))?;
+            Ok(rows
+                .filter_map(|r| r.ok())
+                .filter_map(|text| serde_json::from_str(&text).ok())
+                .collect())
+        };
+        read().unwrap_or_default()
     }
 
     /// The latest samples, oldest first.

@@ -21,6 +21,8 @@
 //!   backoff, state in `status`) and the WireGuard endpoints (every activated box a peer).
 //! - [`site`]: another site running only tunnel endpoints, their peers following the main
 //!   site's control API (mutual TLS with a data-center certificate) and cached on disk.
+//! - [`history`]: boxes' resource samples for the portal, a day of every sample and 90 days of
+//!   5-minute averages, in each site's own file.
 //! - [`fleet`]: what needs a person, pair by pair, and the fleet in numbers (`status`).
 //! - [`config`]: `serve`'s (and `site`'s) TOML, every field defaulted.
 //! - [`time`]: timestamps and how they are shown.
@@ -36,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod fleet;
+pub mod history;
 pub mod isolation;
 pub mod keys;
 pub mod kv;

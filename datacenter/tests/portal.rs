@@ -135,6 +135,7 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
     let portal = Portal::new(&dc, port);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let activated_at = lbs_tests::office::now_ms();
     // Pair 0: both boxes activated, its primary then fenced by a promotion. Pair 1: fresh.
     let (primary, backup) = runtime.block_on(async {
         let a = fleet::activate(dc.activation, &root, 0, 0, &pairs[0][0])
@@ -259,6 +260,71 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
     );
     let events = portal.call("victor", "/events?pair=bench-00000&kind=promoted", &[], &[]);
     assert_eq!(events.body.matches("<td>promoted</td>").count(), 2);
+
+    // Both boxes send their resource samples since they were activated, 10 ms apart or more
+    // (the agent's are a minute apart; here the two failovers took a second).
+    let now = lbs_tests::office::now_ms();
+    // At most 301 samples per box (a message carries 360 at most), whatever the test took.
+    let step = ((now - activated_at) / 300).max(10);
+    let count = (now - activated_at) / step + 1;
+    runtime.block_on(async {
+        for (b, role, generation) in [(&primary, Role::Primary, 3), (&backup, Role::Backup, 3)] {
+            let samples: Vec<lbs_protocol::control::ResourceSample> = (0..count)
+                .map(|i| lbs_protocol::control::ResourceSample {
+                    at_ms: activated_at + i * step,
+                    cpu_permille: Some(100 + (i % 500) as u16),
+                    memory_used: 1 << 30,
+                    memory_total: 4 << 30,
+                    disk_used: 20,
+                    disk_total: 100,
+                    rx_per_s: Some(2000),
+                    tx_per_s: Some(1000),
+                })
+                .collect();
+            let mut session =
+                ReportSession::open(b, dc.control, &root, Generation(generation), role)
+                    .await
+                    .unwrap();
+            let kept = session
+                .call(Message::ResourceSamples { samples })
+                .await
+                .unwrap();
+            assert_eq!(
+                kept,
+                Message::ResourceSamplesKept {
+                    upto_ms: activated_at + (count - 1) * step
+                }
+            );
+        }
+    });
+    // A box's page: every sample drawn, its time as primary shaded.
+    let page = portal.call("victor", &format!("/box/{}", primary.sid), &[], &[]);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains(&format!("data-points=\"{count}\"")),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("class=\"band\""), "shaded while primary");
+    // The pair's view: both boxes, each while it was primary, together covering the time.
+    let combined = portal.call("victor", "/pair/bench-00000/resources", &[], &[]);
+    assert_eq!(combined.status, 200);
+    let cpu = &combined.body[..combined.body.find("Memory in use").unwrap()];
+    let drawn: Vec<usize> = cpu
+        .match_indices("data-points=\"")
+        .map(|(at, _)| {
+            let rest = &cpu[at + 13..];
+            rest[..rest.find('"').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(drawn.len(), 2, "both boxes' stretches as primary: {cpu}");
+    // Every sample time has the primary of the moment's point: no gap at the failovers (the
+    // first samples may precede the first box's activation event by a few ms).
+    let total = drawn.iter().sum::<usize>() as u64;
+    assert!(
+        total + 20 >= count && total <= count,
+        "{total} of {count} sample times drawn: {drawn:?}"
+    );
 
     // /metrics: the token (or a session), and text a Prometheus parser reads.
     let anonymous = portal.call("nobody", "/metrics", &[], &[]);

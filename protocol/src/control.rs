@@ -133,6 +133,28 @@ pub struct ActivationGrant {
     pub chain: Vec<Vec<u8>>,
 }
 
+/// One resource sample of a box, as its agent took it (protocol 1.8, in
+/// [`crate::Message::ResourceSamples`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSample {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// CPU busy since the sample before, per mille of all cores (0–1000).
+    pub cpu_permille: Option<u16>,
+    /// Memory in use and in total, bytes.
+    pub memory_used: u64,
+    pub memory_total: u64,
+    /// The state directory's file system, used and in total, bytes.
+    pub disk_used: u64,
+    pub disk_total: u64,
+    /// Bytes per second received and sent on all interfaces but loopback.
+    pub rx_per_s: Option<u64>,
+    pub tx_per_s: Option<u64>,
+}
+
+/// At most this many samples travel in one message (an hour at the agent's 10 s).
+pub const MAX_SAMPLES: usize = 360;
+
 /// The first protocol whose grant carries the signing site's CA.
 pub const CHAIN_IN_GRANT: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 8 };
 

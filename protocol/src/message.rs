@@ -301,6 +301,14 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         crl: Option<Vec<u8>>,
     },
+    /// Box → data center (protocol 1.8): resource samples for the portal's history, oldest
+    /// first, at most [`crate::control::MAX_SAMPLES`].
+    ResourceSamples {
+        samples: Vec<crate::control::ResourceSample>,
+    },
+    /// Data center → box: the samples are kept, up to this time (the box sends what is newer
+    /// next time).
+    ResourceSamplesKept { upto_ms: u64 },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -359,6 +367,8 @@ impl Message {
             Message::ActivatedWithChain { .. } => "activated",
             Message::RevocationListRequest => "revocation-list-request",
             Message::RevocationList { .. } => "revocation-list",
+            Message::ResourceSamples { .. } => "resource-samples",
+            Message::ResourceSamplesKept { .. } => "resource-samples-kept",
         }
     }
 }

@@ -92,6 +92,9 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     // One of 1.8 or later gives the root's revocation list of sites' CAs.
     let revocations = version >= lbs_protocol::control::CHAIN_IN_GRANT;
     let mut reports: u64 = 0;
+    // Resource samples the data center keeps: sent after what it said it has (the last hour
+    // at first; it ignores what it has already).
+    let mut samples_upto = now_ms().saturating_sub(3_600_000);
     {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
@@ -152,6 +155,11 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
                     restart |= keep_revocation_list(shared, &crl);
                 }
             }
+            if revocations && reports % SAMPLES_EVERY_REPORTS == 1 {
+                samples_upto =
+                    send_samples(shared, &mut conn, record.generation, samples_upto, address)
+                        .await?;
+            }
             if restart {
                 restart_replication(shared);
             }
@@ -191,6 +199,48 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
 /// A box asks for the revocation list at its first report on a connection and every this
 /// many reports after (a minute at the default 5 s interval).
 const CRL_EVERY_REPORTS: u64 = 12;
+
+/// A box sends its resource samples at its first report on a connection and every this many
+/// reports after (30 s at the default interval).
+const SAMPLES_EVERY_REPORTS: u64 = 6;
+
+/// Sends the resource samples taken after `upto` (an hour's worth at most); what the data
+/// center now has up to.
+async fn send_samples(
+    shared: &Shared,
+    conn: &mut super::dc::DcConnection,
+    generation: lbs_protocol::Generation,
+    upto: u64,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<u64> {
+    // An indexed read of at most an hour's samples (60 at the default interval): short enough
+    // to make here, as the report's own reads of the state are.
+    let samples: Vec<lbs_protocol::control::ResourceSample> = lock(&shared.resources)
+        .after(upto, lbs_protocol::control::MAX_SAMPLES)
+        .iter()
+        .map(crate::resources::Sample::to_wire)
+        .collect();
+    if samples.is_empty() {
+        return Ok(upto);
+    }
+    let answer = control::call(
+        conn,
+        generation,
+        Message::ResourceSamples { samples },
+        Duration::from_secs(10),
+    )
+    .await;
+    match answer {
+        Ok((_, Message::ResourceSamplesKept { upto_ms })) => Ok(upto_ms.max(upto)),
+        Ok(_) => Ok(upto),
+        // The history is the portal's, not the pair's: a refusal costs the connection nothing.
+        Err(control::CallError::Denied(denial)) => {
+            tracing::debug!("the data center did not keep the resource samples: {denial}");
+            Ok(upto)
+        }
+        Err(err) => Err(err).with_context(|| format!("data center at {address}")),
+    }
+}
 
 /// Keeps `crl`, the revocation list the data center gave, if it is new and the root's: the
 /// data center and the partner are checked against it from their next connection. True when

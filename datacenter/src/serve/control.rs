@@ -74,6 +74,33 @@ pub(super) fn denial(err: StoreError) -> Denial {
     }
 }
 
+/// Keeps a box's resource samples for the portal; says up to when it has them.
+async fn on_samples(
+    inner: &Arc<Inner>,
+    sid: ServerId,
+    samples: Vec<lbs_protocol::control::ResourceSample>,
+) -> Message {
+    let shared = inner.clone();
+    let kept = tokio::task::spawn_blocking(move || {
+        shared
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&sid.to_string(), &samples, now_ms())
+    })
+    .await;
+    match kept {
+        Ok(Ok(upto_ms)) => Message::ResourceSamplesKept { upto_ms },
+        Ok(Err(err)) => {
+            tracing::warn!(%sid, "keeping resource samples: {err:#}");
+            Message::Denied(Denial::Unavailable(format!(
+                "the resource history cannot be written: {err:#}"
+            )))
+        }
+        Err(err) => Message::Denied(Denial::Unavailable(err.to_string())),
+    }
+}
+
 /// Says no to a peer no longer trusted, and closes.
 async fn deny_and_close(
     conn: &mut ControlConn,
@@ -218,6 +245,17 @@ pub(super) async fn control(
             Message::RevocationListRequest => Message::RevocationList {
                 crl: inner.trust.crl(),
             },
+            Message::ResourceSamples { samples } => {
+                if samples.len() > lbs_protocol::control::MAX_SAMPLES {
+                    let why = format!(
+                        "{} resource samples in one message; at most {} are read",
+                        samples.len(),
+                        lbs_protocol::control::MAX_SAMPLES
+                    );
+                    return Err(refuse_and_close(&mut conn, why).await);
+                }
+                on_samples(inner, sid, samples).await
+            }
             Message::Goodbye { .. } => return Ok(()),
             other => {
                 let why = format!("{} is not a control request", other.kind());

@@ -145,7 +145,12 @@ struct Inner {
     control_serving: Serving,
     /// The web portal's sessions and limits, when `[portal]` is on.
     portal: Option<portal::Portal>,
+    /// Boxes' resource samples ([`HISTORY_FILE`]).
+    history: Mutex<crate::history::History>,
 }
+
+/// The resource history's file in the data directory.
+pub const HISTORY_FILE: &str = "history.db";
 
 /// Whether an endpoint URL names this machine (`http://127.0.0.1:2379`, `http://localhost:…`,
 /// `http://[::1]:…`).
@@ -294,6 +299,7 @@ pub async fn run(
         );
     }
     let portal = config.portal.clone().map(portal::Portal::new);
+    let history = crate::history::History::open(&dir.join(HISTORY_FILE))?;
     let Authority { stores, dns_role } = authority;
     if stores.is_empty() {
         anyhow::bail!("no store to serve from");
@@ -307,6 +313,7 @@ pub async fn run(
         trust,
         limiter: Mutex::new(RateLimiter::new(config.rate_limit)),
         portal,
+        history: Mutex::new(history),
         config,
         dns_wake: Notify::new(),
         peers_wake: Notify::new(),

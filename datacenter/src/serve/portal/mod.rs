@@ -22,8 +22,10 @@ use super::*;
 use crate::accounts::{Account, AccountRole, verify_password};
 use crate::config::PortalSettings;
 
+mod charts;
 mod metrics;
 mod pages;
+mod resources;
 
 /// A session is dropped after this long without a request.
 const IDLE: Duration = Duration::from_secs(30 * 60);
@@ -190,6 +192,8 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/logout", post(logout))
         .route("/pair/{name}", get(pair_page))
         .route("/pair/{name}/promote", post(promote))
+        .route("/pair/{name}/resources", get(resources::pair_resources))
+        .route("/box/{sid}", get(resources::box_page))
         .route("/events", get(events_page))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(healthz))

@@ -46,7 +46,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border-bottom:1px solid #ddd;
 .problem{background:#fff3f3}.boxes{display:flex;gap:2em;flex-wrap:wrap}.box{border:1px solid #ccc;padding:.6em 1em;min-width:20em}";
 
 /// A whole page: the bar (who is logged in, where) and `body`.
-fn page(title: &str, who: Option<&Who>, body: &str) -> String {
+pub(super) fn page(title: &str, who: Option<&Who>, body: &str) -> String {
     let bar = match who {
         Some(who) => format!(
             "<header><b>lbs portal</b><a href=\"/\">Fleet</a><a href=\"/events\">Events</a>\
@@ -379,11 +379,13 @@ pub(super) fn pair(
             .unwrap_or_default();
         let _ = write!(
             body,
-            "<div class=\"box\"><h2>{}</h2><table>\
+            "<div class=\"box\"><h2><a href=\"/box/{}\">{}</a></h2><table>\
              <tr><th>role</th><td>{}</td></tr><tr><th>LAN</th><td>{}</td></tr>\
              <tr><th>serves phones at</th><td>{}</td></tr><tr><th>overlay</th><td>{}</td></tr>\
              <tr><th>last heard</th><td>{}</td></tr><tr><th>software</th><td>{}</td></tr>\
-             <tr><th>copy</th><td>{}</td></tr><tr><th>tunnels</th><td>{}</td></tr></table></div>",
+             <tr><th>copy</th><td>{}</td></tr><tr><th>tunnels</th><td>{}</td></tr></table>\
+             <a href=\"/box/{}\">Status / Resources</a></div>",
+            url_part(&server.sid),
             esc(&server.sid),
             esc(&server.role),
             esc(server.lan.as_deref().unwrap_or("—")),
@@ -396,10 +398,15 @@ pub(super) fn pair(
                 "—".to_owned()
             } else {
                 tunnels
-            }
+            },
+            url_part(&server.sid)
         );
     }
-    body.push_str("</div>");
+    let _ = write!(
+        body,
+        "</div><p><a href=\"/pair/{}/resources\">The pair's resources, continuous across failovers</a></p>",
+        url_part(&pair.name)
+    );
     if let Some(differences) = &pair.hardware_differences {
         let _ = write!(
             body,
