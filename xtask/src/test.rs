@@ -72,6 +72,14 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "tcpdump",
         "records every ARP packet on the office LAN while an old primary returns",
     ),
+    (
+        "chromium",
+        "a real browser (headless) for the data center's portal tests",
+    ),
+    (
+        "chromium-driver",
+        "chromedriver, through which the portal's browser test drives chromium",
+    ),
 ];
 
 /// What the lab's three data-center sites add (the tests and `demo --sites 3`).
