@@ -518,7 +518,8 @@ pub(super) fn identity(
 }
 
 /// Serves the portal on `listener` until `shutdown`: TLS (within the handshake deadline),
-/// then HTTP/1.1 with a header deadline, connections bounded in all and per address.
+/// then one HTTP/1.1 request with a header deadline, the whole connection within 20 s,
+/// connections bounded in all and per address.
 pub(super) async fn serve_portal(
     inner: Arc<Inner>,
     listener: TcpListener,
@@ -544,7 +545,10 @@ pub(super) async fn serve_portal(
                 app.layer(axum::Extension(axum::extract::ConnectInfo(source)))
                     .into_service::<hyper::body::Incoming>(),
             );
+            // One request per connection: each page is one request (no scripts, no images),
+            // and the connection's deadline then bounds one request, never cuts a second.
             let served = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(64 * 1024)
