@@ -39,6 +39,10 @@ pub enum Problem {
     },
     /// The two boxes' hardware differs.
     HardwareDiffers { differences: Vec<String> },
+    /// None of a box's tunnels to the data center is healthy as of its last report (it still
+    /// reports over the internet, but its partner and the endpoints cannot reach it over the
+    /// overlay).
+    TunnelsDown { sid: String, tunnels: Vec<String> },
 }
 
 impl std::fmt::Display for Problem {
@@ -82,6 +86,9 @@ impl std::fmt::Display for Problem {
             Problem::HardwareDiffers { differences } => {
                 write!(f, "hardware differs: {}", differences.join("; "))
             }
+            Problem::TunnelsDown { sid, tunnels } => {
+                write!(f, "{sid}: every tunnel down ({})", tunnels.join(", "))
+            }
         }
     }
 }
@@ -113,6 +120,19 @@ pub fn problems(pair: &PairView, now: Millis, silent_after: Duration) -> Vec<Pro
         if server.role == "fenced" {
             found.push(Problem::Fenced {
                 sid: server.sid.clone(),
+            });
+        }
+        if let Some(report) = &server.report
+            && !report.tunnels.is_empty()
+            && report.tunnels.iter().all(|(_, healthy, _)| !healthy)
+        {
+            found.push(Problem::TunnelsDown {
+                sid: server.sid.clone(),
+                tunnels: report
+                    .tunnels
+                    .iter()
+                    .map(|(name, ..)| name.clone())
+                    .collect(),
             });
         }
         if server.role == "backup"
@@ -333,6 +353,27 @@ mod tests {
             ..PairView::default()
         };
         assert!(problems(&installing, NOW, SILENT_AFTER).is_empty());
+    }
+
+    #[test]
+    fn a_box_whose_every_tunnel_is_down_needs_a_person_and_one_down_of_two_does_not() {
+        let mut pair = healthy();
+        if let Some(report) = &mut pair.servers[1].report {
+            report.tunnels = vec![("dc1".into(), false, false), ("dc2".into(), true, true)];
+        }
+        assert!(problems(&pair, NOW, SILENT_AFTER).is_empty());
+        if let Some(report) = &mut pair.servers[1].report {
+            report.tunnels[1].1 = false;
+        }
+        let found = problems(&pair, NOW, SILENT_AFTER);
+        assert_eq!(
+            found,
+            [Problem::TunnelsDown {
+                sid: "B".into(),
+                tunnels: vec!["dc1".into(), "dc2".into()]
+            }]
+        );
+        assert_eq!(found[0].to_string(), "B: every tunnel down (dc1, dc2)");
     }
 
     #[test]
