@@ -353,6 +353,33 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
             .iter()
             .any(|s| s.metric == "process_resident_memory_bytes")
     );
+    // Notes: an operator's goes into the pair's audit log with the account; a viewer's is
+    // refused.
+    let as_operator = portal.call("olga", "/pair/bench-00000", &[], &[]);
+    let written = portal.call(
+        "olga",
+        "/pair/bench-00000/note",
+        &[
+            ("csrf", &csrf(&as_operator.body)),
+            ("text", "router replaced <b>today</b>"),
+        ],
+        &[],
+    );
+    assert_eq!(written.status, 303, "{written:?}");
+    let page = portal.call("victor", "/pair/bench-00000", &[], &[]);
+    assert!(
+        page.body
+            .contains("router replaced &lt;b&gt;today&lt;/b&gt;"),
+        "the note, escaped: {}",
+        page.body
+    );
+    let refused = portal.call(
+        "victor",
+        "/pair/bench-00000/note",
+        &[("csrf", &csrf(&page.body)), ("text", "mine")],
+        &[],
+    );
+    assert_eq!(refused.status, 403);
     // Logging out ends the session.
     let fleet_page = portal.call("olga", "/", &[], &[]);
     let out = portal.call("olga", "/logout", &[("csrf", &csrf(&fleet_page.body))], &[]);

@@ -127,7 +127,36 @@ on_every_store!(
     a_retired_pair_is_refused_everywhere_and_kept_in_the_audit_log,
     when_the_dns_server_answers_again_the_names_waiting_out_their_backoff_are_due_at_once,
     the_revocation_list_and_the_sites_cas_are_one_every_handle_reads,
+    an_operators_note_is_an_audit_event_of_its_pair,
 );
+
+fn an_operators_note_is_an_audit_event_of_its_pair(backend: &dyn Backend) {
+    let mut store = backend.open();
+    store
+        .provision_pair("acme", "pbx.acme.example", 2, DAY, T0)
+        .unwrap();
+    store
+        .note(
+            "acme",
+            "olga (portal)",
+            "new router on Tuesday\nsee ticket 42",
+            T0 + 1,
+        )
+        .unwrap();
+    let events = backend.open().events(0).unwrap();
+    let note = events.iter().find(|e| e.kind == "note").unwrap();
+    assert_eq!(note.pair.as_deref(), Some("acme"));
+    assert_eq!(note.actor, "olga (portal)");
+    assert_eq!(note.detail, "new router on Tuesday\nsee ticket 42");
+    assert!(store.note("nobody", "olga", "text", T0).is_err());
+    assert!(store.note("acme", "olga", "", T0).is_err());
+    assert!(store.note("acme", "olga", "bell\u{7}", T0).is_err());
+    assert_eq!(
+        backend.open().events(0).unwrap().len(),
+        events.len(),
+        "refused notes are not logged"
+    );
+}
 
 fn the_revocation_list_and_the_sites_cas_are_one_every_handle_reads(backend: &dyn Backend) {
     assert_eq!(backend.open().revocation_list().unwrap(), None);

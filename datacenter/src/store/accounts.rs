@@ -1,4 +1,5 @@
-//! The portal's accounts in SQLite: one row per name, the account as JSON.
+//! The portal's accounts in SQLite (one row per name, the account as JSON), and operators'
+//! notes, which are audit events.
 
 use super::*;
 
@@ -40,5 +41,36 @@ impl SqliteStore {
             .execute("DELETE FROM accounts WHERE name = ?1", [name])
             .map(|n| n > 0)
             .map_err(db("removing an account"))
+    }
+
+    pub(super) fn note_in(
+        &mut self,
+        pair: &str,
+        actor: &str,
+        text: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        check_note(text)?;
+        let tx = begin(&mut self.conn)?;
+        let pair_id: i64 = tx
+            .query_row(
+                "SELECT id FROM pairs WHERE name = ?1 AND retired_at IS NULL",
+                [pair],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db("reading the pair"))?
+            .ok_or_else(|| StoreError::NotAllowed(format!("there is no pair called {pair:?}")))?;
+        log(
+            &tx,
+            now,
+            Some(pair_id),
+            None,
+            "note",
+            (None, None),
+            actor,
+            text,
+        )?;
+        tx.commit().map_err(db("committing"))
     }
 }

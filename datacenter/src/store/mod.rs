@@ -365,6 +365,10 @@ pub trait Store {
     /// Records the CA the root issued for `site` (replacing an earlier one).
     fn record_site_ca(&mut self, site: &str, cert: &[u8], now: Millis) -> Result<(), StoreError>;
 
+    /// Writes an operator's note about pair `pair` into its audit log (kind `note`, the
+    /// text as the detail, `actor` who wrote it).
+    fn note(&mut self, pair: &str, actor: &str, text: &str, now: Millis) -> Result<(), StoreError>;
+
     /// The portal's accounts, by name.
     fn accounts(&self) -> Result<Vec<Account>, StoreError>;
 
@@ -373,6 +377,17 @@ pub trait Store {
 
     /// Removes an account; whether there was one.
     fn remove_account(&mut self, name: &str) -> Result<bool, StoreError>;
+}
+
+/// A note's text: 1 to 2,000 characters, no control characters but line breaks.
+pub fn check_note(text: &str) -> Result<(), StoreError> {
+    let length = text.chars().count();
+    if !(1..=2000).contains(&length) || text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(StoreError::NotAllowed(
+            "a note is 1 to 2,000 characters of text".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The SQLite store: one file, WAL, migrations applied on open.
@@ -877,6 +892,10 @@ impl Store for SqliteStore {
             )
             .map(drop)
             .map_err(db("recording a site's CA"))
+    }
+
+    fn note(&mut self, pair: &str, actor: &str, text: &str, now: Millis) -> Result<(), StoreError> {
+        self.note_in(pair, actor, text, now)
     }
 
     fn accounts(&self) -> Result<Vec<Account>, StoreError> {

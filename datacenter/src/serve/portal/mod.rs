@@ -192,6 +192,7 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/logout", post(logout))
         .route("/pair/{name}", get(pair_page))
         .route("/pair/{name}/promote", post(promote))
+        .route("/pair/{name}/note", post(note))
         .route("/pair/{name}/resources", get(resources::pair_resources))
         .route("/box/{sid}", get(resources::box_page))
         .route("/events", get(events_page))
@@ -472,6 +473,53 @@ async fn promote(
             )
         }
         Err(err) => html(StatusCode::CONFLICT, pages::refused(&err.to_string())),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct NoteForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    text: String,
+}
+
+/// An operator's note on a pair: into its audit log, with the account's name.
+async fn note(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    Form(form): Form<NoteForm>,
+) -> Response {
+    let Some(who) = who(&inner, &headers).await else {
+        return to_login();
+    };
+    if !same(&form.csrf, &who.csrf) {
+        return html(
+            StatusCode::FORBIDDEN,
+            pages::refused("the form is stale; reload the page"),
+        );
+    }
+    if who.role != AccountRole::Operator {
+        return html(
+            StatusCode::FORBIDDEN,
+            pages::refused(&format!(
+                "{} is a viewer: only operators write notes",
+                who.name
+            )),
+        );
+    }
+    let actor = format!("{} (portal)", who.name);
+    let (pair, text) = (name.clone(), form.text.replace("\r\n", "\n"));
+    match with_store(&inner, move |s| {
+        s.note(&pair, &actor, text.trim(), now_ms())
+    })
+    .await
+    {
+        Ok(()) => {
+            secured(Redirect::to(&format!("/pair/{}", pages::url_part(&name))).into_response())
+        }
+        Err(err) => html(StatusCode::BAD_REQUEST, pages::refused(&err.to_string())),
     }
 }
 

@@ -448,6 +448,30 @@ pub(super) fn pair(
             esc(&pair.name)
         );
     }
+    body.push_str("<h2>Notes</h2>");
+    let notes: Vec<&Event> = events.iter().rev().filter(|e| e.kind == "note").collect();
+    if notes.is_empty() {
+        body.push_str("<p>None yet.</p>");
+    }
+    for note in notes {
+        let _ = write!(
+            body,
+            "<p class=\"note\"><small>{} — {}</small><br>{}</p>",
+            esc(&utc(note.at)),
+            esc(&note.actor),
+            esc(&note.detail).replace('\n', "<br>")
+        );
+    }
+    if who.role == AccountRole::Operator {
+        let _ = write!(
+            body,
+            "<form method=\"post\" action=\"/pair/{}/note\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <textarea name=\"text\" rows=\"3\" cols=\"70\" maxlength=\"2000\" required></textarea><br>\
+             <button>Add the note</button></form>",
+            url_part(&pair.name),
+            esc(&who.csrf)
+        );
+    }
     body.push_str("<h2>Audit log</h2>");
     body.push_str(&event_table(events.iter().rev().take(200)));
     let mut html = page(&pair.name, Some(who), &body);

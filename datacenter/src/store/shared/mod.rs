@@ -657,6 +657,21 @@ impl Store for KvStore {
         Ok(())
     }
 
+    fn note(&mut self, pair: &str, actor: &str, text: &str, now: Millis) -> Result<(), StoreError> {
+        check_note(text)?;
+        self.transact("writing a note", |store| {
+            let (mut tx, doc) = store.begin_pair(pair)?;
+            let Some(mut doc) = doc.filter(|d| d.retired_at.is_none()) else {
+                return Err(StoreError::NotAllowed(format!(
+                    "there is no pair called {pair:?}"
+                )));
+            };
+            tx.log(now, None, "note", (None, None), actor, text, &mut doc);
+            tx.put_pair(&doc);
+            Ok((tx, Ok(())))
+        })
+    }
+
     fn accounts(&self) -> Result<Vec<crate::accounts::Account>, StoreError> {
         self.scan("account")?
             .iter()
