@@ -84,6 +84,18 @@ fn csrf(page: &str) -> String {
     page[at..at + 64].to_owned()
 }
 
+/// The metrics token in a private file, as `metrics_token_file` wants it.
+fn token_file() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), TOKEN).unwrap();
+    std::fs::set_permissions(
+        file.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    file
+}
+
 fn portal_config(port: u16, token_file: &Path) -> String {
     format!(
         "[portal]\nlisten = [\"127.0.0.1:{port}\"]\nnames = [\"127.0.0.1\", \"localhost\"]\nmetrics_token_file = \"{}\"\n",
@@ -93,13 +105,7 @@ fn portal_config(port: u16, token_file: &Path) -> String {
 
 #[test]
 fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_metrics() {
-    let token_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(token_file.path(), TOKEN).unwrap();
-    std::fs::set_permissions(
-        token_file.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let token_file = token_file();
     let port = free_port().unwrap();
     let binary = workspace_binary("lbs-datacenter");
     let (mut dc, pairs) = Server::prepare(
@@ -393,13 +399,7 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
 
 #[test]
 fn the_fleet_page_with_5000_pairs() {
-    let token_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(token_file.path(), TOKEN).unwrap();
-    std::fs::set_permissions(
-        token_file.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let token_file = token_file();
     let port = free_port().unwrap();
     let binary = workspace_binary("lbs-datacenter");
     let (mut dc, _) = Server::prepare(

@@ -421,22 +421,7 @@ impl Identity {
 
     /// Reads a certificate chain and a private key from PEM files.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
-        let chain = CertificateDer::pem_file_iter(cert_path)
-            .map_err(|e| pem_error(cert_path, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_error(cert_path, e))?;
-        if chain.is_empty() {
-            return Err(TlsError::Pem {
-                path: cert_path.to_owned(),
-                detail: "no certificate in the file".to_owned(),
-            });
-        }
-        let key_pem = lbs_host::fs::read_secret(key_path).map_err(|cause| TlsError::Io {
-            path: key_path.to_owned(),
-            cause,
-        })?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| pem_error(key_path, e))?;
+        let (chain, key) = load_chain_and_key(cert_path, key_path)?;
         Self::new(chain, key)
     }
 
@@ -464,6 +449,31 @@ impl Identity {
     }
 }
 
+/// A certificate chain (leaf first, at least one) and its private key from PEM files; the key
+/// file must be private.
+fn load_chain_and_key(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| pem_error(cert_path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(cert_path, e))?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            path: cert_path.to_owned(),
+            detail: "no certificate in the file".to_owned(),
+        });
+    }
+    let key_pem = lbs_host::fs::read_secret(key_path).map_err(|cause| TlsError::Io {
+        path: key_path.to_owned(),
+        cause,
+    })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| pem_error(key_path, e))?;
+    Ok((chain, key))
+}
+
 /// A web server's certificate chain and key (the portal's): not an lbs peer, so no name check.
 #[derive(Debug)]
 pub struct WebIdentity {
@@ -474,22 +484,7 @@ pub struct WebIdentity {
 impl WebIdentity {
     /// Reads a certificate chain (leaf first) and its key from PEM files (the provider's own).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
-        let chain = CertificateDer::pem_file_iter(cert_path)
-            .map_err(|e| pem_error(cert_path, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_error(cert_path, e))?;
-        if chain.is_empty() {
-            return Err(TlsError::Pem {
-                path: cert_path.to_owned(),
-                detail: "no certificate in the file".to_owned(),
-            });
-        }
-        let key_pem = lbs_host::fs::read_secret(key_path).map_err(|cause| TlsError::Io {
-            path: key_path.to_owned(),
-            cause,
-        })?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| pem_error(key_path, e))?;
+        let (chain, key) = load_chain_and_key(cert_path, key_path)?;
         Ok(Self { chain, key })
     }
 

@@ -425,30 +425,45 @@ async fn pair_page(
     }
 }
 
+/// The operator behind a form that changes something (`what`, for the refusal): logged in,
+/// the session's CSRF token, the operator role; else the answer to give.
+async fn operator(
+    inner: &Arc<Inner>,
+    headers: &HeaderMap,
+    csrf: &str,
+    what: &str,
+) -> Result<Who, Response> {
+    let Some(who) = who(inner, headers).await else {
+        return Err(to_login());
+    };
+    if !same(csrf, &who.csrf) {
+        return Err(html(
+            StatusCode::FORBIDDEN,
+            pages::refused("the form is stale; reload the page"),
+        ));
+    }
+    if who.role != AccountRole::Operator {
+        return Err(html(
+            StatusCode::FORBIDDEN,
+            pages::refused(&format!(
+                "{} is a viewer: only operators may {what}",
+                who.name
+            )),
+        ));
+    }
+    Ok(who)
+}
+
 async fn promote(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let Some(who) = who(&inner, &headers).await else {
-        return to_login();
+    let who = match operator(&inner, &headers, &form.csrf, "promote").await {
+        Ok(who) => who,
+        Err(answer) => return answer,
     };
-    if !same(&form.csrf, &who.csrf) {
-        return html(
-            StatusCode::FORBIDDEN,
-            pages::refused("the form is stale; reload the page"),
-        );
-    }
-    if who.role != AccountRole::Operator {
-        return html(
-            StatusCode::FORBIDDEN,
-            pages::refused(&format!(
-                "{} is a viewer: only operators may promote",
-                who.name
-            )),
-        );
-    }
     let actor = format!("{} (portal)", who.name);
     let pair = name.clone();
     let asked = with_store(&inner, move |s| {
@@ -491,24 +506,10 @@ async fn note(
     UrlPath(name): UrlPath<String>,
     Form(form): Form<NoteForm>,
 ) -> Response {
-    let Some(who) = who(&inner, &headers).await else {
-        return to_login();
+    let who = match operator(&inner, &headers, &form.csrf, "write notes").await {
+        Ok(who) => who,
+        Err(answer) => return answer,
     };
-    if !same(&form.csrf, &who.csrf) {
-        return html(
-            StatusCode::FORBIDDEN,
-            pages::refused("the form is stale; reload the page"),
-        );
-    }
-    if who.role != AccountRole::Operator {
-        return html(
-            StatusCode::FORBIDDEN,
-            pages::refused(&format!(
-                "{} is a viewer: only operators write notes",
-                who.name
-            )),
-        );
-    }
     let actor = format!("{} (portal)", who.name);
     let (pair, text) = (name.clone(), form.text.replace("\r\n", "\n"));
     match with_store(&inner, move |s| {
