@@ -1,7 +1,18 @@
-//! The portal's accounts in SQLite (one row per name, the account as JSON), and operators'
-//! notes, which are audit events.
+//! In SQLite: the portal's accounts (one row per name, the account as JSON), operators' notes
+//! (audit events), the sites' CAs and the root's revocation list.
 
 use super::*;
+
+/// A note's text: 1 to 2,000 characters, no control characters but line breaks.
+pub fn check_note(text: &str) -> Result<(), StoreError> {
+    let length = text.chars().count();
+    if !(1..=2000).contains(&length) || text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(StoreError::NotAllowed(
+            "a note is 1 to 2,000 characters of text".into(),
+        ));
+    }
+    Ok(())
+}
 
 impl SqliteStore {
     pub(super) fn accounts_in(&self) -> Result<Vec<Account>, StoreError> {
@@ -72,5 +83,52 @@ impl SqliteStore {
             text,
         )?;
         tx.commit().map_err(db("committing"))
+    }
+
+    pub(super) fn revocation_list_in(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .query_row("SELECT crl FROM revocations WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(db("reading the revocation list"))
+    }
+
+    pub(super) fn set_revocation_list_in(
+        &mut self,
+        crl: &[u8],
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO revocations (id, crl, changed_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET crl = ?1, changed_at = ?2",
+                rusqlite::params![crl, now],
+            )
+            .map(drop)
+            .map_err(db("writing the revocation list"))
+    }
+
+    pub(super) fn site_ca_in(&self, site: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .query_row("SELECT cert FROM site_cas WHERE site = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db("reading a site's CA"))
+    }
+
+    pub(super) fn record_site_ca_in(
+        &mut self,
+        site: &str,
+        cert: &[u8],
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO site_cas (site, cert, issued_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (site) DO UPDATE SET cert = ?2, issued_at = ?3",
+                rusqlite::params![site, cert, now],
+            )
+            .map(drop)
+            .map_err(db("recording a site's CA"))
     }
 }

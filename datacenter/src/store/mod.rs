@@ -24,6 +24,7 @@ pub use crate::view::{DnsState, RequestState, StoredReport};
 
 mod accounts;
 mod activation;
+pub use accounts::check_note;
 mod dns;
 mod export;
 mod liveness;
@@ -37,7 +38,6 @@ mod types;
 use dns::{dns_names, want_dns};
 pub use export::Export;
 pub use liveness::ReportKind;
-use schema::MIGRATIONS;
 pub use shared::{EVENTS_KEPT, KvStore, Migrated};
 pub use types::*;
 
@@ -379,17 +379,6 @@ pub trait Store {
     fn remove_account(&mut self, name: &str) -> Result<bool, StoreError>;
 }
 
-/// A note's text: 1 to 2,000 characters, no control characters but line breaks.
-pub fn check_note(text: &str) -> Result<(), StoreError> {
-    let length = text.chars().count();
-    if !(1..=2000).contains(&length) || text.chars().any(|c| c.is_control() && c != '\n') {
-        return Err(StoreError::NotAllowed(
-            "a note is 1 to 2,000 characters of text".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The SQLite store: one file, WAL, migrations applied on open.
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -434,56 +423,6 @@ struct Row {
     role: Role,
     generation: Generation,
     primary: Option<String>,
-}
-
-impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path).map_err(db(&format!("opening {}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(db("setting the busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "wal")
-            .map_err(db("switching to WAL"))?;
-        conn.pragma_update(None, "synchronous", "full")
-            .map_err(db("setting synchronous"))?;
-        conn.pragma_update(None, "foreign_keys", "on")
-            .map_err(db("enabling foreign keys"))?;
-        let mut store = SqliteStore { conn };
-        store.migrate()?;
-        Ok(store)
-    }
-
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db("starting the migration"))?;
-        let done: i64 = tx
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(db("reading the schema version"))?;
-        let known = MIGRATIONS.len() as i64;
-        let done = usize::try_from(done).unwrap_or(usize::MAX);
-        if done > MIGRATIONS.len() {
-            return Err(StoreError::NotAllowed(format!(
-                "the database has schema version {done}, newer than this lbs-datacenter knows ({}); upgrade lbs-datacenter",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-            tx.execute_batch(sql)
-                .map_err(db(&format!("applying migration {}", i + 1)))?;
-        }
-        tx.pragma_update(None, "user_version", known)
-            .map_err(db("recording the schema version"))?;
-        tx.commit().map_err(db("committing the migration"))
-    }
-
-    /// The schema version of the database.
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(db("reading the schema version"))
-    }
 }
 
 /// Starts a write transaction that holds the write lock from its first statement, so what
@@ -857,41 +796,19 @@ impl Store for SqliteStore {
     }
 
     fn revocation_list(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        self.conn
-            .query_row("SELECT crl FROM revocations WHERE id = 1", [], |r| r.get(0))
-            .optional()
-            .map_err(db("reading the revocation list"))
+        self.revocation_list_in()
     }
 
     fn set_revocation_list(&mut self, crl: &[u8], now: Millis) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT INTO revocations (id, crl, changed_at) VALUES (1, ?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET crl = ?1, changed_at = ?2",
-                rusqlite::params![crl, now],
-            )
-            .map(drop)
-            .map_err(db("writing the revocation list"))
+        self.set_revocation_list_in(crl, now)
     }
 
     fn site_ca(&self, site: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.conn
-            .query_row("SELECT cert FROM site_cas WHERE site = ?1", [site], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(db("reading a site's CA"))
+        self.site_ca_in(site)
     }
 
     fn record_site_ca(&mut self, site: &str, cert: &[u8], now: Millis) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT INTO site_cas (site, cert, issued_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (site) DO UPDATE SET cert = ?2, issued_at = ?3",
-                rusqlite::params![site, cert, now],
-            )
-            .map(drop)
-            .map_err(db("recording a site's CA"))
+        self.record_site_ca_in(site, cert, now)
     }
 
     fn note(&mut self, pair: &str, actor: &str, text: &str, now: Millis) -> Result<(), StoreError> {

@@ -1,4 +1,6 @@
-//! The schema, migration by migration.
+//! The schema, migration by migration, and opening a database (which brings it up to date).
+
+use super::*;
 
 /// The schema, one migration per step; `PRAGMA user_version` says how many ran.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -100,3 +102,53 @@ CREATE TABLE accounts (
 );
 "#,
 ];
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(db(&format!("opening {}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db("setting the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(db("switching to WAL"))?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(db("setting synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(db("enabling foreign keys"))?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db("starting the migration"))?;
+        let done: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        let done = usize::try_from(done).unwrap_or(usize::MAX);
+        if done > MIGRATIONS.len() {
+            return Err(StoreError::NotAllowed(format!(
+                "the database has schema version {done}, newer than this lbs-datacenter knows ({}); upgrade lbs-datacenter",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+            tx.execute_batch(sql)
+                .map_err(db(&format!("applying migration {}", i + 1)))?;
+        }
+        tx.pragma_update(None, "user_version", known)
+            .map_err(db("recording the schema version"))?;
+        tx.commit().map_err(db("committing the migration"))
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db("reading the schema version"))
+    }
+}
