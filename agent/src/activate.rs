@@ -63,6 +63,10 @@ impl StatePaths {
     pub fn crl(&self) -> PathBuf {
         self.dir.join("ca.crl")
     }
+    /// The latest role steps, for the data center's portal.
+    pub fn recent_steps(&self) -> PathBuf {
+        self.dir.join("steps.json")
+    }
     /// The root this box pins, less the sites' CAs its revocation list revokes. A list that
     /// cannot be used (damaged) is said and left out: the box must still reach its data
     /// center, which gives it the list again.

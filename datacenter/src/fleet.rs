@@ -24,11 +24,26 @@ pub enum Problem {
     Fenced { sid: String },
     /// A pair whose boxes are both activated has no primary.
     NoPrimary,
-    /// The backup's copy is not complete as of its last report.
+    /// The backup's copy is not complete as of its last report. From boxes that report
+    /// their sets (protocol 1.9): a set that failed, waits for the primary, or whose oldest
+    /// change not copied is older than [`BEHIND_AFTER`] (`set`, `lag_s` say which and how
+    /// long); a copy moving along within that is not a problem.
     BackupBehind {
         sid: String,
         pending_files: Option<u64>,
         pending_bytes: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        set: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lag_s: Option<u64>,
+    },
+    /// A promotion was asked for (the portal, `lbs-datacenter promote`, or a primary handing
+    /// over) and the backup has not carried it out yet.
+    PromotionPending {
+        id: i64,
+        requested_by: String,
+        age_s: u64,
+        hand_over: bool,
     },
     /// A DNS record does not point where it must, and the server refuses or does not answer.
     Dns {
@@ -62,8 +77,18 @@ impl std::fmt::Display for Problem {
             Problem::NoPrimary => f.write_str("no primary"),
             Problem::BackupBehind {
                 sid,
+                set: Some(set),
+                lag_s,
+                ..
+            } => match lag_s {
+                Some(lag) => write!(f, "backup {sid} behind: set {set} {lag} s behind"),
+                None => write!(f, "backup {sid} behind: set {set} not copying"),
+            },
+            Problem::BackupBehind {
+                sid,
                 pending_files,
                 pending_bytes,
+                ..
             } => match (pending_files, pending_bytes) {
                 (Some(files), Some(bytes)) => {
                     write!(
@@ -89,6 +114,20 @@ impl std::fmt::Display for Problem {
             Problem::TunnelsDown { sid, tunnels } => {
                 write!(f, "{sid}: every tunnel down ({})", tunnels.join(", "))
             }
+            Problem::PromotionPending {
+                id,
+                requested_by,
+                age_s,
+                hand_over,
+            } => write!(
+                f,
+                "{} {id} by {requested_by} pending for {age_s} s",
+                if *hand_over {
+                    "hand-over"
+                } else {
+                    "promotion request"
+                }
+            ),
         }
     }
 }
@@ -103,6 +142,28 @@ fn silent_s(server: &ServerView, now: Millis) -> Option<u64> {
     server
         .last_heartbeat_at
         .map(|at| u64::try_from(now.saturating_sub(at)).unwrap_or(0) / 1000)
+}
+
+/// A backup set whose oldest change not copied is older than this needs a person (a copy
+/// that keeps up stays within seconds; a first copy of a large set takes longer, and says
+/// so).
+pub const BEHIND_AFTER: Duration = Duration::from_secs(60);
+
+/// The first set of a backup's report that is behind, and by how long (whole seconds;
+/// `None`: not copying at all — failed, waiting for the primary, stopped).
+fn set_behind(details: &lbs_protocol::control::ReportDetails) -> Option<(String, Option<u64>)> {
+    use lbs_protocol::control::SetPhase;
+    details.sets.iter().find_map(|set| {
+        let lag_s = set.lag_ms.map(|ms| ms / 1000);
+        let behind = match set.phase {
+            SetPhase::InSync | SetPhase::Serving => false,
+            SetPhase::Error | SetPhase::Waiting | SetPhase::Stopped => true,
+            SetPhase::Syncing | SetPhase::Changed => set
+                .lag_ms
+                .is_none_or(|ms| ms > BEHIND_AFTER.as_millis() as u64),
+        };
+        behind.then(|| (set.name.clone(), lag_s))
+    })
 }
 
 /// What needs a person about `pair` at `now`; empty when all is well.
@@ -137,14 +198,29 @@ pub fn problems(pair: &PairView, now: Millis, silent_after: Duration) -> Vec<Pro
         }
         if server.role == "backup"
             && let Some(report) = &server.report
-            && !report.in_sync()
         {
-            found.push(Problem::BackupBehind {
-                sid: server.sid.clone(),
-                pending_files: report.sync_pending_files,
-                pending_bytes: report.sync_pending_bytes,
-            });
+            let behind = match &report.details {
+                Some(details) => set_behind(details).map(|(set, lag_s)| (Some(set), lag_s)),
+                None => (!report.in_sync()).then_some((None, None)),
+            };
+            if let Some((set, lag_s)) = behind {
+                found.push(Problem::BackupBehind {
+                    sid: server.sid.clone(),
+                    pending_files: report.sync_pending_files,
+                    pending_bytes: report.sync_pending_bytes,
+                    set,
+                    lag_s,
+                });
+            }
         }
+    }
+    if let Some(request) = pair.pending.as_ref().filter(|r| r.expires_at > now) {
+        found.push(Problem::PromotionPending {
+            id: request.id,
+            requested_by: request.requested_by.clone(),
+            age_s: u64::try_from(now.saturating_sub(request.requested_at)).unwrap_or(0) / 1000,
+            hand_over: request.hand_over.is_some(),
+        });
     }
     let all_activated = pair.servers.len() >= 2 && pair.servers.iter().all(activated);
     if all_activated && !pair.servers.iter().any(|s| s.role == "primary") {
@@ -289,6 +365,7 @@ mod tests {
     use super::*;
     use crate::store::DnsView;
     use crate::view::StoredReport;
+    use lbs_protocol::control::SetReport;
 
     const NOW: Millis = 1_800_000_000_000;
 
@@ -310,6 +387,7 @@ mod tests {
             sync_pending_files: Some(0),
             sync_pending_bytes: Some(0),
             tunnels: Vec::new(),
+            details: None,
         }
     }
 
@@ -420,6 +498,89 @@ mod tests {
                 "backup B behind: 3 file(s), 0 bytes to copy",
                 "DNS pbx.acme.example failed after 4 tries: BADKEY"
             ]
+        );
+    }
+
+    fn set(name: &str, phase: lbs_protocol::control::SetPhase, lag_s: Option<u64>) -> SetReport {
+        SetReport {
+            name: name.into(),
+            phase,
+            lag_ms: lag_s.map(|s| s * 1000),
+            pending_files: 1,
+            pending_bytes: 100,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_backup_that_reports_its_sets_is_behind_only_when_a_set_lags_a_minute_or_stands_still() {
+        use lbs_protocol::control::{ReportDetails, SetPhase};
+        let with_sets = |sets: Vec<SetReport>| {
+            let mut pair = healthy();
+            if let Some(report) = &mut pair.servers[1].report {
+                // Pending files as in any busy office: the sets say whether that matters.
+                report.sync_pending_files = Some(2);
+                report.details = Some(ReportDetails {
+                    sets,
+                    ..ReportDetails::default()
+                });
+            }
+            problems(&pair, NOW, SILENT_AFTER)
+        };
+        let keeping_up = with_sets(vec![
+            set("voicemail", SetPhase::InSync, Some(0)),
+            set("recordings", SetPhase::Syncing, Some(3)),
+            set("config", SetPhase::Changed, Some(60)),
+        ]);
+        assert!(keeping_up.is_empty(), "{keeping_up:?}");
+        let lagging = with_sets(vec![
+            set("voicemail", SetPhase::InSync, Some(0)),
+            set("recordings", SetPhase::Syncing, Some(61)),
+        ]);
+        assert_eq!(lagging.len(), 1);
+        assert_eq!(
+            lagging[0].to_string(),
+            "backup B behind: set recordings 61 s behind"
+        );
+        let failed = with_sets(vec![set("voicemail", SetPhase::Error, Some(5))]);
+        assert_eq!(
+            failed[0].to_string(),
+            "backup B behind: set voicemail 5 s behind"
+        );
+        let waiting = with_sets(vec![set("voicemail", SetPhase::Waiting, None)]);
+        assert_eq!(
+            waiting[0].to_string(),
+            "backup B behind: set voicemail not copying"
+        );
+        // Never in sync yet, no change to date the lag by: not known to be current.
+        let first = with_sets(vec![set("voicemail", SetPhase::Syncing, None)]);
+        assert_eq!(first.len(), 1);
+    }
+
+    #[test]
+    fn a_promotion_request_not_carried_out_is_a_problem_until_it_expires() {
+        let mut pair = healthy();
+        pair.pending = Some(crate::store::PromotionRequest {
+            id: 7,
+            pair: "acme".into(),
+            requested_by: "portal:olga".into(),
+            requested_at: NOW - 12_000,
+            expires_at: NOW + 48_000,
+            state: crate::view::RequestState::Pending,
+            answer: None,
+            hand_over: None,
+        });
+        let found = problems(&pair, NOW, SILENT_AFTER);
+        assert_eq!(
+            found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["promotion request 7 by portal:olga pending for 12 s"]
+        );
+        let expired = problems(&pair, NOW + 48_000, SILENT_AFTER);
+        assert!(
+            !expired
+                .iter()
+                .any(|p| matches!(p, Problem::PromotionPending { .. })),
+            "{expired:?}"
         );
     }
 

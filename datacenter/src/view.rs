@@ -116,6 +116,8 @@ pub struct StoredReport {
     pub sync_pending_bytes: Option<u64>,
     /// Per tunnel: name, healthy, carrying the overlay.
     pub tunnels: Vec<(String, bool, bool)>,
+    /// Each set, the PBX check and the latest role steps (boxes of protocol 1.9 and later).
+    pub details: Option<lbs_protocol::control::ReportDetails>,
 }
 
 impl StoredReport {

@@ -6,60 +6,15 @@
 //! are installed by `cargo xtask test`.
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::Locator;
 use lbs_protocol::control::ResourceSample;
 use lbs_protocol::{Generation, Message, Role};
+use lbs_tests::browser::Browser;
 use lbs_tests::fleet::server::{Server, free_port};
 use lbs_tests::fleet::{self, ReportSession};
 use lbs_tests::workspace_binary;
-
-/// chromedriver on a loopback port in a process group of its own, which is killed (chromium
-/// with it, whatever state the test left it in) and reaped on drop.
-struct Driver(Child, u16);
-
-impl Driver {
-    fn start() -> Driver {
-        let port = free_port().unwrap();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian's chromium-driver; cargo xtask test installs it)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "chromedriver did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Driver(child, port)
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
-fn screenshots() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> → target/portal-screenshots
-    let target = exe.ancestors().nth(3).unwrap().to_owned();
-    let dir = target.join("portal-screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 #[test]
 fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
@@ -101,42 +56,20 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
         assert!(matches!(promoted, Message::Promoted(_)), "{promoted:?}");
         (a, b)
     });
-    let shots = screenshots();
-    let driver = Driver::start();
     let base = format!("https://127.0.0.1:{port}");
     runtime.block_on(async {
-        // fantoccini's client (to chromedriver) uses rustls: ring, as everywhere in lbs.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut capabilities = serde_json::Map::new();
-        // The portal's certificate comes from the test's own CA, which this throwaway
-        // profile does not hold.
-        capabilities.insert("acceptInsecureCerts".into(), serde_json::json!(true));
-        capabilities.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--window-size=1280,1000"]
-            }),
-        );
-        let browser = ClientBuilder::rustls()
-            .unwrap()
-            .capabilities(capabilities)
-            .connect(&format!("http://127.0.0.1:{}", driver.1))
-            .await
-            .unwrap();
+        let browser = Browser::open().await.unwrap();
         let shot = |name: &'static str| {
-            let browser = browser.clone();
-            let path = shots.join(name);
+            let browser = &browser;
             async move {
-                std::fs::write(&path, browser.screenshot().await.unwrap()).unwrap();
-                println!("screenshot: {}", path.display());
+                browser.shot(name).await.unwrap();
             }
         };
         // Log in.
-        browser.goto(&format!("{base}/")).await.unwrap();
+        browser.client.goto(&format!("{base}/")).await.unwrap();
         assert!(
             browser
+                .client
                 .current_url()
                 .await
                 .unwrap()
@@ -145,28 +78,12 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
         );
         shot("login.png").await;
         browser
-            .find(Locator::Css("input[name=name]"))
-            .await
-            .unwrap()
-            .send_keys("olga")
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("input[name=password]"))
-            .await
-            .unwrap()
-            .send_keys("olga's long password")
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("form button"))
-            .await
-            .unwrap()
-            .click()
+            .log_in(&base, "olga", "olga's long password")
             .await
             .unwrap();
         // The fleet: the fenced primary's pair first among the problems.
         let problems = browser
+            .client
             .wait()
             .at_most(Duration::from_secs(15))
             .for_element(Locator::Css("tr.problem"))
@@ -219,27 +136,14 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
 
         // The pair page; promote (the old primary, now the backup, carries it out).
         browser
+            .client
             .goto(&format!("{base}/pair/bench-00000"))
             .await
             .unwrap();
         shot("pair.png").await;
-        browser
-            .find(Locator::Css(
-                "form[action$='/promote'] input[type=checkbox]",
-            ))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        browser
-            .find(Locator::Css("form[action$='/promote'] button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        browser.press_promote().await.unwrap();
         let said = browser
+            .client
             .wait()
             .at_most(Duration::from_secs(15))
             .for_element(Locator::Css("main p.ok"))
@@ -264,38 +168,27 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
             .unwrap();
         assert!(matches!(promoted, Message::Promoted(_)), "{promoted:?}");
         // The page refreshes itself (no script: a meta refresh) until the answer is there.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let text = browser
-                .find(Locator::Css("main"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if text.contains("done") && text.contains("generation 3") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the page never showed the promotion: {text}"
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        browser
+            .wait_for_text(&["done", "generation 3"], Duration::from_secs(15))
+            .await
+            .unwrap();
         shot("promoted.png").await;
 
         // Status / Resources of a box, and the pair's continuous view.
         browser
+            .client
             .goto(&format!("{base}/box/{}", primary.sid))
             .await
             .unwrap();
         let paths = browser
+            .client
             .find_all(Locator::Css("svg path.series"))
             .await
             .unwrap();
         assert_eq!(paths.len(), 5, "five charts with data");
         assert!(
             !browser
+                .client
                 .find_all(Locator::Css("svg rect.band"))
                 .await
                 .unwrap()
@@ -303,10 +196,12 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
         );
         shot("box-resources.png").await;
         browser
+            .client
             .goto(&format!("{base}/pair/bench-00000/resources"))
             .await
             .unwrap();
         let drawn = browser
+            .client
             .find_all(Locator::Css("svg path.series"))
             .await
             .unwrap();
@@ -317,10 +212,12 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
         );
         shot("pair-resources.png").await;
         browser
+            .client
             .goto(&format!("{base}/events?pair=bench-00000"))
             .await
             .unwrap();
         let log = browser
+            .client
             .find(Locator::Css("main"))
             .await
             .unwrap()
@@ -329,8 +226,7 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
             .unwrap();
         assert!(log.contains("olga (portal)"), "{log}");
         shot("events.png").await;
-        browser.close().await.unwrap();
+        browser.client.close().await.unwrap();
     });
-    drop(driver);
     dc.stop().unwrap();
 }

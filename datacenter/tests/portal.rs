@@ -78,6 +78,49 @@ impl Portal {
     }
 }
 
+/// What a backup's agent tells beside its report: one set in sync, one 75 s behind, a PBX
+/// check failing, two role steps.
+fn details() -> lbs_protocol::control::ReportDetails {
+    use lbs_protocol::control::{PbxReport, ReportDetails, SetPhase, SetReport, StepReport};
+    let now = lbs_tests::office::now_ms();
+    let set = |name: &str, phase, lag_ms| SetReport {
+        name: name.into(),
+        phase,
+        lag_ms: Some(lag_ms),
+        pending_files: 2,
+        pending_bytes: 4096,
+        error: None,
+    };
+    ReportDetails {
+        sets: vec![
+            set("voicemail", SetPhase::InSync, 0),
+            set("recordings", SetPhase::Syncing, 75_400),
+        ],
+        pbx: Some(PbxReport {
+            checked_ms: now,
+            ok: false,
+            failures: 2,
+            restarts: 1,
+            down: false,
+            last_failure: Some("SIP OPTIONS <timeout>".into()),
+        }),
+        steps: vec![
+            StepReport {
+                at_ms: now - 60_000,
+                step: "give-up-address".into(),
+                took_ms: 40,
+                error: Some("arping: 5a:ec:b4:27:71:cf answers".into()),
+            },
+            StepReport {
+                at_ms: now - 50_000,
+                step: "take-address".into(),
+                took_ms: 212,
+                error: None,
+            },
+        ],
+    }
+}
+
 /// The CSRF token in a page's forms.
 fn csrf(page: &str) -> String {
     let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
@@ -241,13 +284,21 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
         pending.body
     );
     assert!(pending.body.contains("http-equiv=\"refresh\""));
-    // The backup (the old primary, registered) reports, is asked, and promotes itself.
+    // Until the backup carries it out, the request is among the fleet's problems.
+    let fleet_page = portal.call("victor", "/?problems=1", &[], &[]);
+    assert!(
+        fleet_page.body.contains("by olga (portal) pending for"),
+        "{}",
+        fleet_page.body
+    );
+    // The backup (the old primary, registered) reports with its sets, PBX check and role
+    // steps (protocol 1.9), is asked, and promotes itself.
     runtime.block_on(async {
         let mut session =
             ReportSession::open(&primary, dc.control, &root, Generation(2), Role::Backup)
                 .await
                 .unwrap();
-        let answer = session.report().await.unwrap();
+        let answer = session.report_detailed(details()).await.unwrap();
         assert!(
             matches!(answer, Message::PromotionRequested { .. }),
             "{answer:?}"
@@ -259,6 +310,17 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
     });
     let done = portal.call("olga", path, &[], &[]);
     assert!(done.body.contains("done"), "{}", done.body);
+    // The box's sets, PBX check and steps as it reported them (escaped).
+    for shown in [
+        "<td>recordings</td><td>syncing</td><td>75 s</td>",
+        "<td>voicemail</td><td>in sync</td><td>0.0 s</td>",
+        "failing (2 in a row, 1 restart(s))",
+        "last failure: SIP OPTIONS &lt;timeout&gt;",
+        "<td>take-address</td><td>212 ms</td><td>done</td>",
+        "failed: arping: 5a:ec:b4:27:71:cf answers",
+    ] {
+        assert!(done.body.contains(shown), "{shown} in {}", done.body);
+    }
     assert!(done.body.contains("generation 3"), "{}", done.body);
     assert!(
         done.body.contains("olga (portal)"),
@@ -351,6 +413,23 @@ fn the_portal_logs_in_shows_the_fleet_promotes_for_operators_only_and_exports_me
             })
     };
     assert_eq!(value("lbs_pair_generation", "bench-00000"), Some(3.0));
+    let set_lag = |set: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "lbs_box_set_lag_seconds" && s.labels.get("set") == Some(set))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(set_lag("voicemail"), Some(0.0));
+    assert_eq!(set_lag("recordings"), Some(75.4));
+    assert_eq!(value("lbs_box_pbx_healthy", "bench-00000"), Some(0.0));
+    assert_eq!(
+        value("lbs_pair_promotion_pending", "bench-00000"),
+        Some(0.0)
+    );
     assert_eq!(value("lbs_pair_generation", "bench-00001"), Some(0.0));
     assert!(value("lbs_box_report_age_seconds", "bench-00000").is_some());
     assert!(

@@ -4,7 +4,7 @@
 //! journald or standard error (`logging`), man pages and completions from a clap definition
 //! (`cli-docs`: `cli_docs`), and for the daemons (`daemon`) TCP options that notice a
 //! vanished peer (`tcp`) and the open-files limit (`limits`); jittered exponential waits
-//! between attempts to reach a server ([`backoff`]).
+//! between attempts to reach a server ([`backoff`]); Prometheus's text format ([`metrics`]).
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +16,7 @@ pub mod fs;
 pub mod limits;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod metrics;
 pub mod systemd;
 #[cfg(feature = "daemon")]
 pub mod tcp;

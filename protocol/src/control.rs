@@ -155,6 +155,148 @@ pub struct ResourceSample {
 /// At most this many samples travel in one message (an hour at the agent's 10 s).
 pub const MAX_SAMPLES: usize = 360;
 
+/// The first protocol whose reports carry [`ReportDetails`].
+pub const DETAILED_REPORTS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 9 };
+
+/// What a box tells beside its report for the portal (protocol 1.9, in
+/// [`crate::Message::DetailedReport`]). Bounded: at most [`MAX_DETAIL_SETS`] sets,
+/// [`MAX_DETAIL_STEPS`] steps, texts of [`MAX_DETAIL_TEXT`] characters; the data center
+/// refuses more.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportDetails {
+    pub sets: Vec<SetReport>,
+    /// The PBX health check, when one is configured and this box runs the PBX.
+    pub pbx: Option<PbxReport>,
+    /// The latest role steps, oldest first.
+    pub steps: Vec<StepReport>,
+}
+
+pub const MAX_DETAIL_SETS: usize = 64;
+pub const MAX_DETAIL_STEPS: usize = 8;
+pub const MAX_DETAIL_TEXT: usize = 300;
+
+impl ReportDetails {
+    /// Why these details are more than a data center reads, if they are.
+    pub fn too_large(&self) -> Option<String> {
+        let texts = self
+            .sets
+            .iter()
+            .flat_map(|s| [Some(&s.name), s.error.as_ref()])
+            .chain(
+                self.steps
+                    .iter()
+                    .flat_map(|s| [Some(&s.step), s.error.as_ref()]),
+            )
+            .chain(self.pbx.iter().map(|p| p.last_failure.as_ref()))
+            .flatten();
+        if self.sets.len() > MAX_DETAIL_SETS {
+            Some(format!(
+                "{} sets (at most {MAX_DETAIL_SETS})",
+                self.sets.len()
+            ))
+        } else if self.steps.len() > MAX_DETAIL_STEPS {
+            Some(format!(
+                "{} steps (at most {MAX_DETAIL_STEPS})",
+                self.steps.len()
+            ))
+        } else {
+            let mut texts = texts;
+            texts
+                .find(|t| t.chars().count() > MAX_DETAIL_TEXT)
+                .map(|long| {
+                    format!(
+                        "a text of {} characters (at most {MAX_DETAIL_TEXT})",
+                        long.chars().count()
+                    )
+                })
+        }
+    }
+}
+
+/// Cuts `text` to [`MAX_DETAIL_TEXT`] characters (an ellipsis says it was).
+pub fn detail_text(text: &str) -> String {
+    if text.chars().count() <= MAX_DETAIL_TEXT {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(MAX_DETAIL_TEXT - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// One sync set as the box reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetReport {
+    pub name: String,
+    pub phase: SetPhase,
+    /// How long the oldest change not yet copied has waited (ms; 0 when in sync; `None` when
+    /// not known, or on the primary).
+    pub lag_ms: Option<u64>,
+    /// Files and bytes not copied yet.
+    pub pending_files: u64,
+    pub pending_bytes: u64,
+    /// What went wrong last, until a pass succeeds.
+    pub error: Option<String>,
+}
+
+/// Where a set's replication stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SetPhase {
+    InSync,
+    Syncing,
+    /// Waiting for the partner.
+    Waiting,
+    /// A change is due.
+    Changed,
+    /// The last pass failed.
+    Error,
+    /// This box is the source.
+    Serving,
+    /// Stopped for a role change.
+    Stopped,
+}
+
+impl std::fmt::Display for SetPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SetPhase::InSync => "in sync",
+            SetPhase::Syncing => "syncing",
+            SetPhase::Waiting => "waiting",
+            SetPhase::Changed => "changed",
+            SetPhase::Error => "error",
+            SetPhase::Serving => "serving",
+            SetPhase::Stopped => "stopped",
+        })
+    }
+}
+
+/// The PBX health check's last word.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PbxReport {
+    /// When it last ran (ms since the epoch).
+    pub checked_ms: u64,
+    pub ok: bool,
+    /// Failed checks in a row, and restarts tried since it was last healthy.
+    pub failures: u32,
+    pub restarts: u32,
+    /// Declared down: unhealthy after every restart.
+    pub down: bool,
+    pub last_failure: Option<String>,
+}
+
+/// A role step the box carried out (take the address, start the PBX, …).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// When it ended (ms since the epoch).
+    pub at_ms: u64,
+    /// Its name (`ask-promotion`, `take-address`, `start-pbx`, `stop-pbx`,
+    /// `give-up-address`, `register-backup`).
+    pub step: String,
+    pub took_ms: u64,
+    /// Why it failed; `None`: it succeeded.
+    pub error: Option<String>,
+}
+
 /// The first protocol whose grant carries the signing site's CA.
 pub const CHAIN_IN_GRANT: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 8 };
 

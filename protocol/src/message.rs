@@ -309,6 +309,13 @@ pub enum Message {
     /// Data center → box: the samples are kept, up to this time (the box sends what is newer
     /// next time).
     ResourceSamplesKept { upto_ms: u64 },
+    /// Box → data center (protocol 1.9): a report with what the portal shows of the box
+    /// beside it (each set's state and lag, the PBX check, the last role steps); answered
+    /// as [`Message::Report`] is.
+    DetailedReport {
+        report: BoxReport,
+        details: crate::control::ReportDetails,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -369,6 +376,7 @@ impl Message {
             Message::RevocationList { .. } => "revocation-list",
             Message::ResourceSamples { .. } => "resource-samples",
             Message::ResourceSamplesKept { .. } => "resource-samples-kept",
+            Message::DetailedReport { .. } => "detailed-report",
         }
     }
 }

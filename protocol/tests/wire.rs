@@ -695,3 +695,70 @@ async fn a_grant_with_its_site_ca_is_new_in_1_8_and_the_older_form_still_reads()
         assert_eq!(grant.pair, "office");
     }
 }
+
+#[test]
+fn a_detailed_report_is_new_in_1_9_and_its_bounds_are_checked() {
+    use lbs_protocol::control::{
+        MAX_DETAIL_SETS, MAX_DETAIL_STEPS, MAX_DETAIL_TEXT, ReportDetails, SetPhase, SetReport,
+        StepReport, SyncSummary, detail_text,
+    };
+    let report = lbs_protocol::control::BoxReport {
+        role: lbs_protocol::Role::Backup,
+        software: lbs_protocol::SoftwareVersion::current(),
+        advertised: "192.168.1.3".parse().unwrap(),
+        sync: SyncSummary::default(),
+        tunnels: Vec::new(),
+    };
+    let set = |name: &str| SetReport {
+        name: name.into(),
+        phase: SetPhase::Syncing,
+        lag_ms: Some(1200),
+        pending_files: 1,
+        pending_bytes: 10,
+        error: None,
+    };
+    let step = StepReport {
+        at_ms: 1,
+        step: "take-address".into(),
+        took_ms: 3,
+        error: None,
+    };
+    let details = ReportDetails {
+        sets: vec![set("voicemail")],
+        pbx: None,
+        steps: vec![step.clone()],
+    };
+    // After `ResourceSamplesKept` (49): a 1.8 data center never meets it by index.
+    let message = Message::DetailedReport {
+        report,
+        details: details.clone(),
+    };
+    assert_eq!(variant_index(message.clone()), 50);
+    let wire = postcard::to_stdvec(&message).unwrap();
+    assert_eq!(postcard::from_bytes::<Message>(&wire).unwrap(), message);
+    assert_eq!(details.too_large(), None);
+    let many_sets = ReportDetails {
+        sets: vec![set("s"); MAX_DETAIL_SETS + 1],
+        ..details.clone()
+    };
+    assert!(many_sets.too_large().unwrap().contains("65 sets"));
+    let many_steps = ReportDetails {
+        steps: vec![step; MAX_DETAIL_STEPS + 1],
+        ..details.clone()
+    };
+    assert!(many_steps.too_large().is_some());
+    let long = "x".repeat(MAX_DETAIL_TEXT + 1);
+    let long_error = ReportDetails {
+        sets: vec![SetReport {
+            error: Some(long.clone()),
+            ..set("voicemail")
+        }],
+        ..details
+    };
+    assert!(long_error.too_large().unwrap().contains("301 characters"));
+    // The agent cuts its texts to fit.
+    let cut = detail_text(&long);
+    assert_eq!(cut.chars().count(), MAX_DETAIL_TEXT);
+    assert!(cut.ends_with('…'));
+    assert_eq!(detail_text("short"), "short");
+}

@@ -13,6 +13,7 @@
 //! - [`tmux::Tmux`]: a private terminal of a fixed size for the console's tests.
 
 pub mod bind;
+pub mod browser;
 pub mod etcd;
 pub mod fleet;
 pub mod netns;

@@ -449,3 +449,83 @@ pub fn namespaces_with_prefix(prefix: &str) -> anyhow::Result<Vec<String>> {
         .map(str::to_owned)
         .collect())
 }
+
+/// A TCP port on this machine's loopback that leads into a lab namespace: each connection
+/// accepted on `127.0.0.1:<port>` is joined to `target` as a host inside `ns` reaches it (so
+/// a browser on the machine can look at a page served in the lab). At most
+/// [`Forward::CONNECTIONS`] at once; the connect inside has 5 s. Stops accepting on drop;
+/// connections under way end when either side closes (the lab's teardown closes them all).
+#[derive(Debug)]
+pub struct Forward {
+    /// The loopback port.
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Forward {
+    pub const CONNECTIONS: usize = 32;
+
+    /// Forwards `127.0.0.1:<port>` (the first of `ports` that is free, else any) to `target`
+    /// inside namespace `ns`.
+    pub fn start(ns: &str, target: std::net::SocketAddr, ports: &[u16]) -> anyhow::Result<Forward> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = ports
+            .iter()
+            .chain(&[0])
+            .find_map(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).ok())
+            .context("cannot listen on 127.0.0.1")?;
+        let port = listener.local_addr()?.port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let open = std::sync::Arc::new(AtomicUsize::new(0));
+        let ns = ns.to_owned();
+        let stopping = stop.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if open.load(Ordering::SeqCst) >= Forward::CONNECTIONS {
+                    continue;
+                }
+                open.fetch_add(1, Ordering::SeqCst);
+                let (ns, open) = (ns.clone(), open.clone());
+                std::thread::spawn(move || {
+                    let inside = in_netns(&ns, move || {
+                        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                    });
+                    if let Ok(Ok(inside)) = inside {
+                        splice(client, inside);
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Ok(Forward { port, stop })
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The accept loop sees the flag at its next connection: this one.
+        let _ = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_secs(1),
+        );
+    }
+}
+
+/// Copies both ways between `a` and `b` until both directions end.
+fn splice(a: std::net::TcpStream, b: std::net::TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let one_way = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    };
+    let back = std::thread::spawn(move || one_way(b2, a2));
+    one_way(a, b);
+    let _ = back.join();
+}

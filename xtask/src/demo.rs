@@ -18,6 +18,10 @@ pub struct DemoArgs {
     /// `lbs-datacenter serve` at two; the first site goes dark before the failover).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
     sites: u8,
+    /// Make an operator account for the data center's portal (its URL and password are
+    /// printed) and keep the lab up at the end until Ctrl-C, so a person can look at it.
+    #[arg(long)]
+    portal: bool,
 }
 
 /// Why the demo needs root, said before anything else happens.
@@ -30,12 +34,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{NEEDS_ROOT}");
     }
-    match args.sites {
-        1 => run_lab("the demo", &["demo"], &[]),
-        3 => run_lab(
+    match (args.sites, args.portal) {
+        (1, false) => run_lab("the demo", &["demo"], &[]),
+        (1, true) => run_lab("the demo", &["demo", "--portal"], &[]),
+        (3, false) => run_lab(
             "the three-site demo",
             &["demo", "--sites", "3"],
             crate::test::SITES_PACKAGES,
+        ),
+        (3, true) => bail!(
+            "--portal runs on the one-site demo (with three sites dc1, which serves the portal, goes dark)"
         ),
         _ => bail!(
             "--sites 2 cannot survive the loss of a site (two etcd members are no majority without both): use 1 or 3"

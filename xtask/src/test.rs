@@ -53,6 +53,10 @@ pub const LAB_PACKAGES: &[(&str, &str)] = &[
         "real music on hold for the lab's boxes to sync",
     ),
     (
+        "curl",
+        "reads each box's /metrics inside the lab and the portal over HTTPS in its tests",
+    ),
+    (
         "nftables",
         "nft, with which the data center's endpoints keep each pair to itself on the overlay",
     ),

@@ -39,6 +39,9 @@
 //!                                  # over to an in-sync backup through the data center
 //! console_group = ""               # a group whose members may use the control socket (the
 //!                                  # console login `ip`); "": root only
+//! metrics_listen = ""              # e.g. "127.0.0.1:9464": this box's /metrics in
+//!                                  # Prometheus's text format, on a loopback address only
+//!                                  # (no password); "": off
 //!
 //! [network]                        # the office address P takes; omit for a remote backup
 //! interface = "eth0"
@@ -120,6 +123,8 @@ struct File {
     auto_failover: bool,
     #[serde(default)]
     console_group: String,
+    #[serde(default)]
+    metrics_listen: String,
     network: Option<NetworkFile>,
     #[serde(default = "default_sets")]
     set: Vec<SetFile>,
@@ -273,6 +278,8 @@ pub struct AgentConfig {
     pub auto_failover: bool,
     /// The group that may use the control socket besides root (the console login's).
     pub console_group: Option<String>,
+    /// Where `/metrics` is served (a loopback address), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The office address P takes, if this backup is on the primary's LAN.
     pub network: Option<Network>,
     /// The sets, highest priority first.
@@ -351,6 +358,7 @@ impl AgentConfig {
             tunnels,
             astdb,
             console_group,
+            metrics_listen,
             network,
             sets
         );
@@ -478,6 +486,7 @@ impl AgentConfig {
                 }),
             auto_failover: file.auto_failover,
             console_group: Some(file.console_group).filter(|g| !g.is_empty()),
+            metrics_listen: metrics_listen(&file.metrics_listen)?,
             network: file
                 .network
                 .map(|n| -> anyhow::Result<Network> {
@@ -559,6 +568,24 @@ fn check_set_paths<'a>(sets: impl Iterator<Item = (&'a str, &'a Path)>) -> anyho
         }
     }
     Ok(())
+}
+
+/// `metrics_listen`: off when empty, else a loopback address and port (the metrics answer
+/// anyone who reaches them).
+fn metrics_listen(text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let address: std::net::SocketAddr = text
+        .parse()
+        .map_err(|_| anyhow::anyhow!("metrics_listen {text:?}: expected like 127.0.0.1:9464"))?;
+    if !address.ip().is_loopback() {
+        bail!(
+            "metrics_listen {text:?}: the metrics need no password, so they are served on a loopback address only (127.0.0.1 or ::1); let a local Prometheus or node exporter pass them on"
+        );
+    }
+    Ok(Some(address))
 }
 
 /// `network` with the address the operator chose at **P** (kept in the role record).

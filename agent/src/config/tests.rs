@@ -127,6 +127,7 @@ fn the_packaged_config_is_the_defaults_with_the_console_group() {
         "promote_note",
         "demote_note",
         "auto_failover",
+        "metrics_listen",
     ] {
         assert!(
             top.contains(&format!("\n{key} = ")),
@@ -160,4 +161,19 @@ fn mistakes_are_named() {
             .contains("twice")
     );
     assert!(err("sync_prot = 1").contains("unknown field"));
+}
+
+#[test]
+fn metrics_are_off_by_default_and_served_on_loopback_only() {
+    assert_eq!(AgentConfig::parse("").unwrap().metrics_listen, None);
+    let on = AgentConfig::parse("metrics_listen = \"127.0.0.1:9464\"").unwrap();
+    assert_eq!(on.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert!(AgentConfig::parse("metrics_listen = \"[::1]:9464\"").is_ok());
+    let open = AgentConfig::parse("metrics_listen = \"0.0.0.0:9464\"").unwrap_err();
+    assert!(
+        format!("{open:#}").contains("loopback address only"),
+        "{open:#}"
+    );
+    let garbled = AgentConfig::parse("metrics_listen = \"localhost\"").unwrap_err();
+    assert!(format!("{garbled:#}").contains("expected like 127.0.0.1:9464"));
 }

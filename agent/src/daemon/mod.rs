@@ -17,6 +17,7 @@ mod checks;
 mod control;
 mod dc;
 mod guard;
+mod metrics;
 mod pbx;
 mod replication;
 mod report;
@@ -102,6 +103,10 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let info = BoxInfo::load(&paths)?;
     let resources = ResourceHistory::open(&paths.dir.join("resources.sqlite"))?;
     let socket = bind_socket(&cmd.socket, config.console_group.as_deref()).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(metrics::bind(address).await?),
+        None => None,
+    };
     let lan = Lan::kernel()?;
     let (shared, queues) = Shared::new(
         config,
@@ -143,6 +148,16 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         "replication",
         Box::pin(replication(shared.clone(), shutdown.clone())),
     );
+    if let Some(listener) = metrics_listener {
+        spawn(
+            "the metrics endpoint",
+            Box::pin(metrics::serve_metrics(
+                shared.clone(),
+                listener,
+                shutdown.clone(),
+            )),
+        );
+    }
     spawn(
         "the resource sampler",
         Box::pin(sample_resources(shared.clone(), shutdown.clone())),

@@ -91,6 +91,8 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     let keys = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
     // One of 1.8 or later gives the root's revocation list of sites' CAs.
     let revocations = version >= lbs_protocol::control::CHAIN_IN_GRANT;
+    // One of 1.9 or later takes each set's state, the PBX check and the role steps with it.
+    let detailed = version >= lbs_protocol::control::DETAILED_REPORTS;
     let mut reports: u64 = 0;
     // Resource samples the data center keeps: sent after what it said it has (the last hour
     // at first; it ignores what it has already).
@@ -99,10 +101,19 @@ pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
         lock(&shared.datacenter).connected_to = Some(address);
         loop {
             let record = lock(&shared.machine).record.clone();
+            let report = box_report(shared, &record);
+            let message = if detailed {
+                Message::DetailedReport {
+                    report,
+                    details: report_details(shared, now_ms()),
+                }
+            } else {
+                Message::Report(report)
+            };
             let (_, answer) = control::call(
                 &mut conn,
                 record.generation,
-                Message::Report(box_report(shared, &record)),
+                message,
                 Duration::from_secs(10),
             )
             .await
@@ -268,7 +279,7 @@ fn keep_revocation_list(shared: &Shared, crl: &[u8]) -> bool {
 
 /// What this box tells the data center at each report: its role as recorded, where it serves,
 /// its copies and its tunnels.
-fn box_report(shared: &Shared, record: &crate::role::RoleRecord) -> BoxReport {
+pub(crate) fn box_report(shared: &Shared, record: &crate::role::RoleRecord) -> BoxReport {
     BoxReport {
         role: record.state.wire_role(),
         software: SoftwareVersion::current(),
@@ -367,6 +378,65 @@ pub(crate) fn sync_summary(shared: &Shared) -> SyncSummary {
             .and_then(|all| all.into_iter().min()),
         pending_files: sets.iter().map(|s| s.pending_files).sum(),
         pending_bytes: sets.iter().map(|s| s.pending_bytes).sum(),
+    }
+}
+
+/// What this box tells the portal beside its report, as of `now`.
+pub(crate) fn report_details(shared: &Shared, now: u64) -> control::ReportDetails {
+    // The source's sets lag nothing (they may wait for a partner to pull them).
+    let source = *shared.mode.borrow() == crate::daemon::state::Mode::Serve;
+    let sets = lock(&shared.sets)
+        .iter()
+        .take(control::MAX_DETAIL_SETS)
+        .map(|set| {
+            let mut report = set_report(set, now);
+            if source {
+                report.lag_ms = None;
+            }
+            report
+        })
+        .collect();
+    let pbx = lock(&shared.pbx).as_ref().map(|health| control::PbxReport {
+        checked_ms: health.checked_ms,
+        ok: health.ok,
+        failures: health.failures,
+        restarts: health.restarts,
+        down: health.down,
+        last_failure: health.last_failure.as_deref().map(control::detail_text),
+    });
+    let steps = lock(&shared.recent_steps).iter().cloned().collect();
+    control::ReportDetails { sets, pbx, steps }
+}
+
+/// One set for the report: its phase, and its lag — the age of the oldest change not copied
+/// yet, else the time since it was last in sync; 0 in sync; unknown on the primary or
+/// before the first pass.
+fn set_report(set: &crate::status::SetStatus, now: u64) -> control::SetReport {
+    use crate::status::SetState;
+    let phase = match set.state {
+        SetState::InSync => control::SetPhase::InSync,
+        SetState::Syncing => control::SetPhase::Syncing,
+        SetState::Waiting => control::SetPhase::Waiting,
+        SetState::Changed => control::SetPhase::Changed,
+        SetState::Error => control::SetPhase::Error,
+        SetState::Serving => control::SetPhase::Serving,
+        SetState::Stopped => control::SetPhase::Stopped,
+    };
+    let lag_ms = match set.state {
+        SetState::InSync => Some(0),
+        SetState::Serving => None,
+        _ => set
+            .changed_since_ms
+            .or(set.last_in_sync_ms)
+            .map(|since| now.saturating_sub(since)),
+    };
+    control::SetReport {
+        name: control::detail_text(&set.name),
+        phase,
+        lag_ms,
+        pending_files: set.pending_files,
+        pending_bytes: set.pending_bytes,
+        error: set.last_error.as_deref().map(control::detail_text),
     }
 }
 

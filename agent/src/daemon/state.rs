@@ -86,6 +86,9 @@ pub(crate) struct Shared {
     pub(crate) moved: watch::Sender<u64>,
     /// The office LAN: the kernel's, or a fake in tests.
     pub(crate) lan: Lan,
+    /// The latest role steps carried out, oldest first (kept in `steps.json` across
+    /// restarts; reported to the data center's portal).
+    pub(crate) recent_steps: Mutex<std::collections::VecDeque<control::StepReport>>,
 }
 
 /// What the executor and the notify hook take from [`Shared`]'s senders.
@@ -122,6 +125,43 @@ pub(crate) fn partner_silent_ms(shared: &Shared) -> Option<u64> {
     Some(silent.saturating_add(now_ms().saturating_sub(answered)))
 }
 
+/// How many role steps a box keeps for its reports.
+pub(crate) const RECENT_STEPS: usize = control::MAX_DETAIL_STEPS;
+
+/// The role steps kept in `path`; none when there is no file or it cannot be read (said).
+pub(crate) fn load_recent(
+    path: &std::path::Path,
+) -> std::collections::VecDeque<control::StepReport> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            match serde_json::from_slice::<std::collections::VecDeque<control::StepReport>>(&bytes)
+            {
+                Ok(mut steps) => {
+                    while steps.len() > RECENT_STEPS {
+                        steps.pop_front();
+                    }
+                    steps
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "{} is not a list of steps ({err}); starting a new one",
+                        path.display()
+                    );
+                    std::collections::VecDeque::new()
+                }
+            }
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => std::collections::VecDeque::new(),
+        Err(err) => {
+            tracing::warn!(
+                "reading {}: {err}; starting a new list of steps",
+                path.display()
+            );
+            std::collections::VecDeque::new()
+        }
+    }
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -154,6 +194,7 @@ impl Shared {
                 ..SetStatus::default()
             })
             .collect();
+        let recent = load_recent(&paths.recent_steps());
         let (steps, step_queue) = tokio::sync::mpsc::unbounded_channel();
         let (notices, notice_queue) = tokio::sync::mpsc::unbounded_channel();
         let shared = Shared {
@@ -182,6 +223,7 @@ impl Shared {
             pbx: Mutex::new(None),
             promotion_kind: Mutex::new(control::PromotionKind::Operator),
             lan,
+            recent_steps: Mutex::new(recent),
         };
         (
             shared,

@@ -45,6 +45,10 @@ pub(crate) async fn execute_steps(
             outcome = run_step(&shared, &action) => outcome,
         };
         let took = started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(step) = action.step_name() {
+            let error = outcome.as_ref().err().map(|err| format!("{err:#}"));
+            remember_step(&shared, step, took as u64, error);
+        }
         // An outcome only counts for the step the machine is waiting for (a step may have
         // been overtaken, e.g. by the data center's word at a report).
         let in_step = lock(&shared.machine).current_step().as_ref() == Some(&action);
@@ -78,6 +82,41 @@ pub(crate) async fn execute_steps(
             }
         }
     }
+}
+
+/// Keeps a step's outcome among the latest, and writes them to their file off the step's
+/// path (a restarted agent still reports what it did before; the next step does not wait
+/// for the disk).
+fn remember_step(shared: &Arc<Shared>, step: &str, took_ms: u64, error: Option<String>) {
+    {
+        let mut steps = lock(&shared.recent_steps);
+        if steps.len() == crate::daemon::state::RECENT_STEPS {
+            steps.pop_front();
+        }
+        steps.push_back(control::StepReport {
+            at_ms: crate::daemon::state::now_ms(),
+            step: step.to_owned(),
+            took_ms,
+            error: error.map(|e| control::detail_text(&e)),
+        });
+    }
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        // One writer at a time, each writing the list as it is when its turn comes: the
+        // file ends with the newest.
+        static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = lock(&WRITING);
+        let json = serde_json::to_vec(&*lock(&shared.recent_steps));
+        let path = shared.paths.recent_steps();
+        match json {
+            Ok(json) => {
+                if let Err(err) = lbs_host::write_file_atomic(&path, &json, 0o644) {
+                    tracing::warn!("keeping the role steps in {}: {err}", path.display());
+                }
+            }
+            Err(err) => tracing::warn!("the role steps as JSON: {err}"),
+        }
+    });
 }
 
 #[derive(Debug)]

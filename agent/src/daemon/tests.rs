@@ -477,3 +477,29 @@ fn status_says_what_a_set_does_not_sync_on_either_side() {
     assert!(!shown.contains("p5.pipe"), "{shown}");
     assert!(shown.contains("    not synced: 5 more"), "{shown}");
 }
+
+#[test]
+fn the_role_steps_kept_for_the_reports_survive_a_restart_and_a_damaged_file() {
+    use lbs_protocol::control::StepReport;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steps.json");
+    assert!(crate::daemon::state::load_recent(&path).is_empty());
+    let steps: Vec<StepReport> = (0..12)
+        .map(|i| StepReport {
+            at_ms: i,
+            step: "take-address".into(),
+            took_ms: 1,
+            error: None,
+        })
+        .collect();
+    std::fs::write(&path, serde_json::to_vec(&steps).unwrap()).unwrap();
+    let kept = crate::daemon::state::load_recent(&path);
+    assert_eq!(kept.len(), crate::daemon::state::RECENT_STEPS);
+    assert_eq!(
+        kept.front().map(|s| s.at_ms),
+        Some(4),
+        "the newest are kept"
+    );
+    std::fs::write(&path, b"{not json").unwrap();
+    assert!(crate::daemon::state::load_recent(&path).is_empty());
+}

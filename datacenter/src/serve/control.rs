@@ -203,13 +203,22 @@ pub(super) async fn control(
         let believed = next.generation;
         let reply = match next.message {
             Message::Report(report) => {
-                // Promotion requests only go to boxes that understand them (1.2 and later).
-                let remote =
-                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
-                // Hand-overs likewise (1.4 and later); an older backup is not asked.
-                let hand_over =
-                    negotiated.version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 });
-                on_report(inner, sid, believed, report, remote, hand_over).await
+                on_report(inner, sid, believed, report, None, negotiated.version).await
+            }
+            Message::DetailedReport { report, details } => {
+                if let Some(why) = details.too_large() {
+                    let why = format!("a report's details hold {why}");
+                    return Err(refuse_and_close(&mut conn, why).await);
+                }
+                on_report(
+                    inner,
+                    sid,
+                    believed,
+                    report,
+                    Some(details),
+                    negotiated.version,
+                )
+                .await
             }
             Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
@@ -349,14 +358,18 @@ pub(super) async fn on_report(
     sid: ServerId,
     believed: Generation,
     report: BoxReport,
-    remote: bool,
-    hand_over: bool,
+    details: Option<lbs_protocol::control::ReportDetails>,
+    version: lbs_protocol::ProtocolVersion,
 ) -> Message {
+    // Promotion requests only go to boxes that understand them (1.2 and later), hand-overs
+    // likewise (1.4 and later).
+    let remote = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
+    let hand_over = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 });
     let record = store::Report {
         believed,
         software: report.software.to_string(),
         advertised: report.advertised,
-        json: serde_json::to_string(&stored_report(&report)).unwrap_or_default(),
+        json: serde_json::to_string(&stored_report(&report, details)).unwrap_or_default(),
     };
     let believes = report.role;
     let shared = inner.clone();
@@ -555,8 +568,12 @@ pub(super) async fn on_register(inner: &Arc<Inner>, sid: ServerId, actor: String
 }
 
 /// A report as the data center keeps it (and `status --json` shows it).
-pub(super) fn stored_report(r: &BoxReport) -> store::StoredReport {
+pub(super) fn stored_report(
+    r: &BoxReport,
+    details: Option<lbs_protocol::control::ReportDetails>,
+) -> store::StoredReport {
     store::StoredReport {
+        details,
         role: r.role.to_string(),
         software: r.software.to_string(),
         advertised: Some(r.advertised),

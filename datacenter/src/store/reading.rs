@@ -13,7 +13,7 @@ impl SqliteStore {
             .ok_or_else(|| StoreError::NotAllowed(format!("no pair with id {id}")))
     }
 
-    /// Pair `only`, or every pair not retired, in name order: three statements in all, so the
+    /// Pair `only`, or every pair not retired, in name order: four statements in all, so the
     /// fleet's views (status, the portal, /metrics) cost the same few reads for 5,000 pairs.
     fn pair_views(&self, only: Option<i64>) -> Result<Vec<PairView>, StoreError> {
         let filter = match only {
@@ -124,6 +124,46 @@ impl SqliteStore {
                 dns.entry(pair).or_default().push(view);
             }
         }
+        let mut pending: HashMap<i64, PromotionRequest> = HashMap::new();
+        {
+            let sql = format!(
+                "SELECT r.pair_id, r.id, p.name, r.requested_by, r.requested_at, r.expires_at,
+                        r.state, r.answer, r.hand_over
+                 FROM promotion_requests r JOIN pairs p ON p.id = r.pair_id
+                 WHERE r.state = 'pending' {} ORDER BY r.id",
+                if only.is_some() {
+                    "AND r.pair_id = ?1"
+                } else {
+                    ""
+                }
+            );
+            let mut statement = self
+                .conn
+                .prepare_cached(&sql)
+                .map_err(db("reading promotion requests"))?;
+            let rows = statement
+                .query_map(rusqlite::params_from_iter(&args), |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        PromotionRequest {
+                            id: r.get(1)?,
+                            pair: r.get(2)?,
+                            requested_by: r.get(3)?,
+                            requested_at: r.get(4)?,
+                            expires_at: r.get(5)?,
+                            state: r.get(6)?,
+                            answer: r.get(7)?,
+                            hand_over: r.get(8)?,
+                        },
+                    ))
+                })
+                .map_err(db("reading promotion requests"))?;
+            for row in rows {
+                let (pair, request) = row.map_err(db("reading promotion requests"))?;
+                // The newest, should there be more than one.
+                pending.insert(pair, request);
+            }
+        }
         Ok(pairs
             .into_iter()
             .map(|(id, name, fqdn, generation, primary)| {
@@ -145,6 +185,7 @@ impl SqliteStore {
                     servers,
                     hardware_differences,
                     dns: dns.remove(&id).unwrap_or_default(),
+                    pending: pending.remove(&id),
                 }
             })
             .collect())

@@ -101,6 +101,9 @@ CREATE TABLE accounts (
     account TEXT NOT NULL
 );
 "#,
+    r#"
+CREATE INDEX promotion_requests_pending ON promotion_requests(pair_id) WHERE state = 'pending';
+"#,
 ];
 
 impl SqliteStore {

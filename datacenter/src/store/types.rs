@@ -194,6 +194,8 @@ pub struct PairView {
     pub hardware_differences: Option<Vec<String>>,
     /// Its DNS records.
     pub dns: Vec<DnsView>,
+    /// A promotion request not answered yet (it may be past its time: see `expires_at`).
+    pub pending: Option<PromotionRequest>,
 }
 
 /// One audit-log entry.

@@ -1,6 +1,6 @@
 //! `lbs-lab`: the lab's office (see `lbs_tests::office`) as a program, as root.
 //!
-//! - `lbs-lab demo [--sites 3]`: the lifecycle narrated step by step — activation, the first full sync
+//! - `lbs-lab demo [--sites 3] [--portal]`: the lifecycle narrated step by step — activation, the first full sync
 //!   with a progress bar, the phone answered, a fresh voicemail's RPO, the primary's death,
 //!   P with every step timed, the phone answered again (RTO), the old primary's reboot and
 //!   B until in sync — then the timeline, and as its last line exactly
@@ -35,6 +35,10 @@ enum Command {
         /// `lbs-datacenter serve` at dc1 and dc2; dc1 goes dark before the primary dies).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         sites: u8,
+        /// Make an operator account for the portal, and at the end keep the lab (and the
+        /// portal) up until Ctrl-C so a person can look.
+        #[arg(long)]
+        portal: bool,
     },
     /// Fail over `runs` times, each in a fresh office; the median RTO and RPO.
     Bench {
@@ -55,10 +59,10 @@ fn main() -> ExitCode {
     }
     watch_ctrl_c();
     let result = match cli.command {
-        Command::Demo { sites: 2 } => Err(anyhow::anyhow!(
+        Command::Demo { sites: 2, .. } => Err(anyhow::anyhow!(
             "--sites 2 cannot survive the loss of a site (two members are no majority without both): use 1 or 3"
         )),
-        Command::Demo { sites } => demo(sites == 3),
+        Command::Demo { sites, portal } => demo(sites == 3, portal),
         Command::Bench { runs } => bench(runs),
     };
     match result {
@@ -69,6 +73,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The demo's last line once it is done and the lab only waits for Ctrl-C (`--portal`).
+static DONE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// On Ctrl-C: every namespace of this process's labs goes, with everything in it.
 fn watch_ctrl_c() {
@@ -81,6 +88,15 @@ fn watch_ctrl_c() {
         };
         if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
             let removed = remove_namespaces_with_prefix(&process_prefix()).unwrap_or_default();
+            let done = DONE.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(last_line) = done {
+                // `demo --portal` waiting for a person to be done looking: a good end.
+                println!(
+                    "\nremoved {} namespaces and everything running in them\n{last_line}",
+                    removed.len()
+                );
+                std::process::exit(0);
+            }
             eprintln!(
                 "\nlbs-lab: interrupted; removed {} namespaces and everything running in them",
                 removed.len()
@@ -153,7 +169,7 @@ fn bytes_on(office: &Office, host: &str) -> u64 {
         .sum()
 }
 
-fn demo(three_sites: bool) -> anyhow::Result<()> {
+fn demo(three_sites: bool, look: bool) -> anyhow::Result<()> {
     let mut timeline = Timeline::new();
     let mut office = timeline.step(
         "the office and the data centers come up in network namespaces",
@@ -168,6 +184,15 @@ fn demo(three_sites: bool) -> anyhow::Result<()> {
             Ok(office)
         },
     )?;
+    // The portal on dc1 (one site; with three, dc1 goes dark), reachable from this machine.
+    let portal = if three_sites {
+        None
+    } else {
+        Some(timeline.step(
+            "the provider's portal on dc1, forwarded to this machine",
+            || portal(&office, look),
+        )?)
+    };
     if three_sites {
         timeline.step(
             "three sites, one authority: etcd at dc1, dc2 and dc3; dc1's records move into it",
@@ -261,6 +286,21 @@ fn demo(three_sites: bool) -> anyhow::Result<()> {
         indent(&String::from_utf8_lossy(&out.stdout));
         Ok(())
     })?;
+    timeline.step(
+        "the backup's own /metrics (metrics_listen, its loopback): each set's lag",
+        || {
+            let metrics = office.box_metrics("backup")?;
+            let lags: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("lbs_box_set_lag_seconds{"))
+                .collect();
+            if lags.is_empty() {
+                bail!("no lbs_box_set_lag_seconds in the backup's /metrics:\n{metrics}");
+            }
+            indent(&lags.join("\n"));
+            Ok(())
+        },
+    )?;
     if three_sites {
         timeline.step(
             "dc1 goes dark: its lbs-datacenter and etcd killed, its cable out",
@@ -349,6 +389,26 @@ fn demo(three_sites: bool) -> anyhow::Result<()> {
             })
         },
     )?;
+    let last_line = format!(
+        "demo: RTO {:.2} s, RPO {:.2} s, {verdict}",
+        rto as f64 / 1000.0,
+        rpo as f64 / 1000.0
+    );
+    if let (Some(portal), true) = (&portal, look) {
+        timeline.print();
+        println!("{last_line}");
+        *DONE.lock().unwrap_or_else(|p| p.into_inner()) = Some(last_line);
+        println!(
+            "\nThe lab stays up: the portal is at {} (log in as `demo`, password above; the \
+             certificate is signed by {}). Ctrl-C ends the lab.",
+            portal.url,
+            office.dc_dir().join("ca.pem").display()
+        );
+        // Ctrl-C's handler removes every namespace and exits.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     timeline.step("everything stops; the namespaces are removed", || {
         let prefix = office.lab.prefix().to_owned();
         drop(office);
@@ -359,12 +419,67 @@ fn demo(three_sites: bool) -> anyhow::Result<()> {
         Ok(())
     })?;
     timeline.print();
-    println!(
-        "demo: RTO {:.2} s, RPO {:.2} s, {verdict}",
-        rto as f64 / 1000.0,
-        rpo as f64 / 1000.0
-    );
+    println!("{last_line}");
     Ok(())
+}
+
+/// The portal as the demo shows it: forwarded from dc1 to this machine's loopback.
+struct Portal {
+    url: String,
+    _forward: lbs_tests::netns::Forward,
+}
+
+/// Forwards the portal to this machine and checks it answers (`/healthz`); with `account`,
+/// makes the operator account `demo` with a fresh password, both printed.
+fn portal(office: &Office, account: bool) -> anyhow::Result<Portal> {
+    let forward = office.portal_forward()?;
+    let url = format!("https://127.0.0.1:{}", forward.port);
+    let ca = office.dc_dir().join("ca.pem");
+    let health = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg(format!("{url}/healthz"))
+        .output()
+        .context("running curl (cargo xtask demo installs it)")?;
+    if !health.status.success() {
+        bail!(
+            "the portal does not answer at {url}: {}",
+            String::from_utf8_lossy(&health.stderr).trim()
+        );
+    }
+    println!("    {url} (forwarded to dc1:7443) answers /healthz");
+    if account {
+        let password = format!("demo-{:016x}", rand_u64());
+        office.datacenter_with_input(
+            &[
+                "user",
+                "add",
+                "demo",
+                "--role",
+                "operator",
+                "--password-stdin",
+            ],
+            &format!("{password}\n"),
+        )?;
+        println!("    log in as demo, password {password} (an operator: may promote)");
+    } else {
+        println!(
+            "    cargo xtask demo --portal makes an account and keeps the lab up at the end to look"
+        );
+    }
+    Ok(Portal {
+        url,
+        _forward: forward,
+    })
+}
+
+/// A number nobody guesses, for the demo's one-off password.
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut urandom, &mut bytes);
+    }
+    u64::from_le_bytes(bytes)
 }
 
 fn bench(runs: usize) -> anyhow::Result<()> {

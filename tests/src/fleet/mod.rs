@@ -343,6 +343,17 @@ impl ReportSession {
         self.call(message).await
     }
 
+    /// A report with `details` (protocol 1.9), as an agent sends it.
+    pub async fn report_detailed(
+        &mut self,
+        details: lbs_protocol::control::ReportDetails,
+    ) -> anyhow::Result<Message> {
+        let Message::Report(report) = report(self.session.role, self.position) else {
+            anyhow::bail!("a report is a report");
+        };
+        self.call(Message::DetailedReport { report, details }).await
+    }
+
     /// One request on the open connection: the answer (a `Denied` included).
     pub async fn call(&mut self, message: Message) -> anyhow::Result<Message> {
         let Session {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use super::{GATEWAY, OWN, Office, REMOTE_BACKUP, SETS, SHARED, checked, run_ok};
+use super::{BOX_METRICS, GATEWAY, OWN, Office, REMOTE_BACKUP, SETS, SHARED, checked, run_ok};
 
 impl Office {
     /// A box's configuration: the default sets under its root, the office network, the PBX
@@ -85,6 +85,7 @@ impl Office {
             dir.join("agent.toml"),
             format!(
                 "report_interval_s = 1\ndebounce_ms = 100\ntunnels = {remote}\n\
+                 metrics_listen = \"{BOX_METRICS}\"\n\
                  sync_over = \"{over}\"\nastdb = \"\"\n\
                  primary_gone_after_s = 2\n\
                  pbx_start = \"sh {run}/pbx-start\"\npbx_stop = \"sh {run}/pbx-stop\"\n\

@@ -64,6 +64,11 @@ pub const SETS: [(&str, &str); 5] = [
 
 pub const BOXES: [&str; 2] = ["primary", "backup"];
 
+/// The portal's port on dc1 ([`Layout::Office`]).
+pub const PORTAL_PORT: u16 = 7443;
+/// Where each box of [`Layout::Office`] serves its `/metrics` (on its own loopback).
+pub const BOX_METRICS: &str = "127.0.0.1:9464";
+
 /// The data center of [`Layout::Lan`], on the boxes' LAN.
 pub const LAN_DC: &str = "192.168.70.1";
 
@@ -362,6 +367,10 @@ impl Office {
             config += &format!(
                 "\n[dns]\nserver = \"{DC1}:53\"\nzone = \"{ZONE}\"\nkey_name = \"lbs-dc\"\nsecret = \"{TSIG_BASE64}\"\nttl = 60\n"
             );
+            // The provider's portal, for a browser on this machine through a Forward.
+            config += &format!(
+                "\n[portal]\nlisten = [\"{DC1}:{PORTAL_PORT}\"]\nnames = [\"{DC1}\", \"127.0.0.1\", \"localhost\"]\n"
+            );
         }
         if self.layout == (Layout::Lan { remote: true }) {
             // One site, one endpoint forwarding between the boxes' tunnels.
@@ -433,6 +442,25 @@ impl Office {
             .args(args)
             .output()?;
         checked(out).with_context(|| format!("lbs-datacenter {}", args.join(" ")))
+    }
+
+    /// `lbs-datacenter --dir <dc1's> <args>` with `input` on its standard input (a password
+    /// for `user add --password-stdin`); its standard output.
+    pub fn datacenter_with_input(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(workspace_binary("lbs-datacenter"))
+            .arg("--dir")
+            .arg(self.dc_dir())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        checked(child.wait_with_output()?)
+            .with_context(|| format!("lbs-datacenter {}", args.join(" ")))
     }
 
     /// Provisions a pair at the data center: its two SIDs and activation keys.
@@ -595,6 +623,22 @@ impl Office {
             .sh(host, &["ip", "route", "replace", "default", "via", GATEWAY])?;
         self.start_agent(host)?;
         Ok(said)
+    }
+
+    /// `host`'s own `/metrics` (`metrics_listen`, on its loopback), read with curl inside it.
+    pub fn box_metrics(&mut self, host: &str) -> anyhow::Result<String> {
+        let url = format!("http://{BOX_METRICS}/metrics");
+        checked(self.lab.sh(
+            host,
+            &["curl", "--silent", "--show-error", "--max-time", "5", &url],
+        )?)
+    }
+
+    /// The portal on dc1 forwarded to this machine's loopback (7443 if free): its address
+    /// stays reachable from the host while the forward lives.
+    pub fn portal_forward(&self) -> anyhow::Result<crate::netns::Forward> {
+        let target = std::net::SocketAddr::from((DC1.parse::<std::net::Ipv4Addr>()?, PORTAL_PORT));
+        crate::netns::Forward::start(&self.lab.ns("dc1"), target, &[PORTAL_PORT])
     }
 
     /// `lbs status --json` of `host`.

@@ -3,7 +3,7 @@
 //! (`process_…`, as Prometheus's client libraries name them). Reached with the bearer token
 //! of `[portal] metrics_token_file`, or by a logged-in account.
 
-use std::fmt::Write;
+use lbs_host::metrics::{Exposition, Process, label};
 
 use super::*;
 use crate::fleet::{self, SILENT_AFTER};
@@ -37,7 +37,7 @@ pub(super) async fn metrics(State(inner): State<Arc<Inner>>, headers: HeaderMap)
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            exposition(&pairs, now_ms(), &process()),
+            exposition(&pairs, now_ms(), &Process::now()),
         )
             .into_response(),
         Err(err) => (
@@ -48,77 +48,11 @@ pub(super) async fn metrics(State(inner): State<Arc<Inner>>, headers: HeaderMap)
     }
 }
 
-/// A label value, escaped as the format wants.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// This process's figures from /proc: (resident bytes, CPU seconds, open descriptors, start
-/// time in seconds since the epoch).
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Process {
-    resident_bytes: u64,
-    cpu_seconds: f64,
-    open_fds: u64,
-    start_time_seconds: f64,
-}
-
-fn process() -> Process {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let resident_bytes = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024;
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) are counted from its ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15, starttime 22 (1-based): 11, 12, 19 here.
-    let hz = 100.0;
-    let cpu_seconds = (ticks(11) + ticks(12)) / hz;
-    let boot = std::fs::read_to_string("/proc/stat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    let open_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
-    Process {
-        resident_bytes,
-        cpu_seconds,
-        open_fds,
-        start_time_seconds: boot + ticks(19) / hz,
-    }
-}
-
 /// The exposition text for `pairs` at `now`.
 pub(super) fn exposition(pairs: &[PairView], now: Millis, process: &Process) -> String {
-    let mut out = String::new();
+    let mut out = Exposition::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {value}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        }
+        out.family(name, kind, help, samples);
     };
     let summary = fleet::summary(pairs, now, SILENT_AFTER);
     family(
@@ -232,6 +166,59 @@ pub(super) fn exposition(pairs: &[PairView], now: Millis, process: &Process) -> 
             })
             .collect(),
     );
+    let sets = || {
+        boxes().flat_map(|(p, s)| {
+            let labels = box_labels(p, s);
+            s.report
+                .iter()
+                .filter_map(|r| r.details.as_ref())
+                .flat_map(|d| d.sets.iter())
+                .map(move |set| (format!("{labels},set=\"{}\"", label(&set.name)), set))
+                .collect::<Vec<_>>()
+        })
+    };
+    family(
+        "lbs_box_set_lag_seconds",
+        "gauge",
+        "How long the oldest change of a set not yet copied to the backup has waited, as the box last reported (0 in sync; boxes of protocol 1.9, sets whose lag is known).",
+        sets()
+            .filter_map(|(labels, set)| Some((labels, set.lag_ms? as f64 / 1000.0)))
+            .collect(),
+    );
+    family(
+        "lbs_box_set_pending_bytes",
+        "gauge",
+        "Bytes of a set not copied yet, as the box last reported (boxes of protocol 1.9).",
+        sets()
+            .map(|(labels, set)| (labels, set.pending_bytes as f64))
+            .collect(),
+    );
+    family(
+        "lbs_box_pbx_healthy",
+        "gauge",
+        "Whether the PBX health check passed at its last run (1) or not (0), on boxes that run the PBX and have a check.",
+        boxes()
+            .filter_map(|(p, s)| {
+                let pbx = s.report.as_ref()?.details.as_ref()?.pbx.as_ref()?;
+                Some((box_labels(p, s), if pbx.ok { 1.0 } else { 0.0 }))
+            })
+            .collect(),
+    );
+    family(
+        "lbs_pair_promotion_pending",
+        "gauge",
+        "Whether a promotion or hand-over was asked for and not carried out yet (1) or not (0).",
+        pairs
+            .iter()
+            .map(|p| {
+                let pending = p.pending.as_ref().is_some_and(|r| r.expires_at > now);
+                (
+                    format!("pair=\"{}\"", label(&p.name)),
+                    if pending { 1.0 } else { 0.0 },
+                )
+            })
+            .collect(),
+    );
     family(
         "lbs_dns_record_state",
         "gauge",
@@ -253,29 +240,6 @@ pub(super) fn exposition(pairs: &[PairView], now: Millis, process: &Process) -> 
             })
             .collect(),
     );
-    family(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory of lbs-datacenter serve.",
-        vec![(String::new(), process.resident_bytes as f64)],
-    );
-    family(
-        "process_cpu_seconds_total",
-        "counter",
-        "CPU time of lbs-datacenter serve (user and system).",
-        vec![(String::new(), process.cpu_seconds)],
-    );
-    family(
-        "process_open_fds",
-        "gauge",
-        "Open file descriptors.",
-        vec![(String::new(), process.open_fds as f64)],
-    );
-    family(
-        "process_start_time_seconds",
-        "gauge",
-        "When the process started, seconds since the epoch.",
-        vec![(String::new(), process.start_time_seconds)],
-    );
-    out
+    out.process("lbs-datacenter serve", process);
+    out.finish()
 }

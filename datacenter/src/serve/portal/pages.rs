@@ -9,6 +9,7 @@ use crate::fleet::{self, Problem, SILENT_AFTER};
 use crate::store::{Event, Millis, PairView, PromotionRequest, ServerView};
 use crate::time::utc;
 use crate::view::RequestState;
+use lbs_protocol::control::{ReportDetails, SetPhase};
 
 /// Escapes text for HTML content and attribute values.
 pub(super) fn esc(text: &str) -> String {
@@ -110,13 +111,112 @@ fn ago(at: Option<Millis>, now: Millis) -> String {
 
 fn sync_words(server: &ServerView) -> String {
     match &server.report {
-        Some(r) if server.role == "backup" && r.in_sync() => "in sync".to_owned(),
-        Some(r) if server.role == "backup" => match (r.sync_pending_files, r.sync_pending_bytes) {
-            (Some(files), Some(bytes)) => format!("{files} file(s), {bytes} bytes to copy"),
-            _ => "not said".to_owned(),
+        Some(r) if server.role == "backup" => match &r.details {
+            Some(details) => lag_words(details),
+            None if r.in_sync() => "in sync".to_owned(),
+            None => match (r.sync_pending_files, r.sync_pending_bytes) {
+                (Some(files), Some(bytes)) => format!("{files} file(s), {bytes} bytes to copy"),
+                _ => "not said".to_owned(),
+            },
         },
         _ => "—".to_owned(),
     }
+}
+
+/// A backup's copy in a few words from its sets: "in sync", or the set furthest behind.
+fn lag_words(details: &ReportDetails) -> String {
+    let worst = details
+        .sets
+        .iter()
+        .filter(|s| s.phase != SetPhase::InSync)
+        .max_by_key(|s| s.lag_ms.unwrap_or(u64::MAX));
+    match worst {
+        None if details.sets.is_empty() => "no sets".to_owned(),
+        None => "in sync".to_owned(),
+        Some(set) => match set.lag_ms {
+            Some(ms) => format!("{} {}, {} behind", set.name, set.phase, seconds(ms)),
+            None => format!("{} {}", set.name, set.phase),
+        },
+    }
+}
+
+/// "0.4 s", "12 s", "3 min".
+fn seconds(ms: u64) -> String {
+    match ms {
+        0..=9_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        10_000..=119_999 => format!("{} s", ms / 1000),
+        _ => format!("{} min", ms / 60_000),
+    }
+}
+
+/// A box's sets, PBX check and latest role steps, as its last report said (boxes of
+/// protocol 1.9 and later).
+fn box_details(server: &ServerView) -> String {
+    let Some(details) = server.report.as_ref().and_then(|r| r.details.as_ref()) else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "<h3>Sets</h3><table><tr><th>set</th><th>state</th><th>behind</th><th>to copy</th></tr>",
+    );
+    for set in &details.sets {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}{}</td><td>{}</td><td>{} file(s), {} bytes</td></tr>",
+            esc(&set.name),
+            set.phase,
+            set.error
+                .as_deref()
+                .map(|e| format!(": {}", esc(e)))
+                .unwrap_or_default(),
+            set.lag_ms.map(seconds).unwrap_or_else(|| "—".to_owned()),
+            set.pending_files,
+            set.pending_bytes
+        );
+    }
+    out.push_str("</table>");
+    if let Some(pbx) = &details.pbx {
+        let state = if pbx.down {
+            "DOWN (unhealthy after every restart)".to_owned()
+        } else if pbx.ok {
+            "healthy".to_owned()
+        } else {
+            format!(
+                "failing ({} in a row, {} restart(s))",
+                pbx.failures, pbx.restarts
+            )
+        };
+        let _ = write!(
+            out,
+            "<h3>PBX check</h3><p class=\"{}\">{} — checked {}{}</p>",
+            if pbx.ok { "ok" } else { "bad" },
+            state,
+            esc(&utc(i64::try_from(pbx.checked_ms).unwrap_or(0))),
+            pbx.last_failure
+                .as_deref()
+                .map(|e| format!("; last failure: {}", esc(e)))
+                .unwrap_or_default()
+        );
+    }
+    if !details.steps.is_empty() {
+        out.push_str(
+            "<h3>Last role steps</h3><table><tr><th>ended (UTC)</th><th>step</th><th>took</th><th>outcome</th></tr>",
+        );
+        for step in details.steps.iter().rev() {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td></tr>",
+                esc(&utc(i64::try_from(step.at_ms).unwrap_or(0))),
+                esc(&step.step),
+                step.took_ms,
+                match &step.error {
+                    None => "done".to_owned(),
+                    Some(why) => format!("<span class=\"bad\">failed: {}</span>", esc(why)),
+                }
+            );
+        }
+        out.push_str("</table>");
+    }
+    out
 }
 
 fn matches(pair: &PairView, q: &str) -> bool {
@@ -384,7 +484,7 @@ pub(super) fn pair(
              <tr><th>serves phones at</th><td>{}</td></tr><tr><th>overlay</th><td>{}</td></tr>\
              <tr><th>last heard</th><td>{}</td></tr><tr><th>software</th><td>{}</td></tr>\
              <tr><th>copy</th><td>{}</td></tr><tr><th>tunnels</th><td>{}</td></tr></table>\
-             <a href=\"/box/{}\">Status / Resources</a></div>",
+             {}<a href=\"/box/{}\">Status / Resources</a></div>",
             url_part(&server.sid),
             esc(&server.sid),
             esc(&server.role),
@@ -399,6 +499,7 @@ pub(super) fn pair(
             } else {
                 tunnels
             },
+            box_details(server),
             url_part(&server.sid)
         );
     }

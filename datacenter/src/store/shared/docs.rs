@@ -252,6 +252,11 @@ impl PairDoc {
                     done_at: r.done_at,
                 })
                 .collect(),
+            pending: self
+                .requests
+                .last()
+                .filter(|r| r.state == RequestState::Pending)
+                .map(|r| self.request_view(r)),
         }
     }
 }
