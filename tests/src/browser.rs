@@ -126,7 +126,12 @@ impl Browser {
     pub async fn wait_for_text(&self, wanted: &[&str], within: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + within;
         loop {
-            let text = self.client.find(Locator::Css("main")).await?.text().await?;
+            // A page reloading (ours, or its own meta refresh) between finding `main` and
+            // reading it leaves a stale element: read again.
+            let text = match self.client.find(Locator::Css("main")).await {
+                Ok(main) => main.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
             if wanted.iter().all(|w| text.contains(w)) {
                 return Ok(text);
             }
@@ -134,7 +139,8 @@ impl Browser {
                 bail!("the page did not show {wanted:?} within {within:?}: {text}");
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
-            self.client.refresh().await?;
+            // A reload that fails (the page navigating by itself) is tried again next time.
+            let _ = self.client.refresh().await;
         }
     }
 
