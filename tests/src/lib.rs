@@ -14,6 +14,7 @@
 
 pub mod bind;
 pub mod browser;
+pub mod chaos;
 pub mod etcd;
 pub mod fleet;
 pub mod netns;

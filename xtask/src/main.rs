@@ -8,12 +8,15 @@
 //! - `cargo xtask bench sync`: lbs sync against rsync on fixed datasets, same run, medians.
 //! - `cargo xtask bench vpn`: VPN failover detection time and largest gap, medians.
 //! - `cargo xtask bench failover`: RTO and RPO of a failover in the lab's office, medians.
+//! - `cargo xtask chaos --runs N --seed S`: randomized fault runs in the lab's office with an
+//!   independent checker; split-brain moments, regressions, false promotions, lost files.
 //! - `cargo xtask dist`: the Debian packages `lbs` and `lbs-datacenter`, lintian-checked.
 //! - `cargo xtask fuzz [--seconds N]`: every fuzz target for N s each; executions, crashes.
 //! - `cargo xtask structure`: which module uses which, and the import circles (none allowed).
 //! - `cargo xtask image`: a Debian 12 PBX image with lbs preinstalled (tarball and qcow2).
 
 mod bench;
+mod chaos;
 mod demo;
 mod dist;
 mod fuzz;
@@ -41,6 +44,8 @@ enum Command {
     /// Benchmarks: sync against rsync in the same run, VPN failover, failover RTO/RPO
     /// (`cargo xtask bench sync|vpn|failover`).
     Bench(bench::BenchArgs),
+    /// Randomized fault runs in the lab's office with an independent checker (root).
+    Chaos(chaos::ChaosArgs),
     /// Build the Debian packages lbs and lbs-datacenter (release build, man pages,
     /// completions, units) and check them with lintian and systemd-analyze.
     Dist(dist::DistArgs),
@@ -60,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Chaos(args) => chaos::run(&args),
         Command::Dist(args) => dist::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),

@@ -40,6 +40,22 @@ enum Command {
         #[arg(long)]
         portal: bool,
     },
+    /// Randomized fault runs with an independent checker (see `lbs_tests::chaos`); the
+    /// last line counts what it found. A failed run prints how to replay it.
+    Chaos {
+        /// How many runs (each in a fresh office; automatic failover on in every other).
+        #[arg(long, default_value_t = 10)]
+        runs: u64,
+        /// The seed every run's faults are drawn from (with its number).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only this run of the seed (replays a failed one exactly).
+        #[arg(long)]
+        run: Option<u64>,
+        /// How long the nemesis acts in each run, in seconds.
+        #[arg(long, default_value_t = 90)]
+        secs: u64,
+    },
     /// Fail over `runs` times, each in a fresh office; the median RTO and RPO.
     Bench {
         /// How many failovers.
@@ -64,6 +80,12 @@ fn main() -> ExitCode {
         )),
         Command::Demo { sites, portal } => demo(sites == 3, portal),
         Command::Bench { runs } => bench(runs),
+        Command::Chaos {
+            runs,
+            seed,
+            run,
+            secs,
+        } => chaos(runs, seed, run, secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -480,6 +502,94 @@ fn rand_u64() -> u64 {
         let _ = std::io::Read::read_exact(&mut urandom, &mut bytes);
     }
     u64::from_le_bytes(bytes)
+}
+
+fn chaos(runs: u64, seed: u64, only: Option<u64>, secs: u64) -> anyhow::Result<()> {
+    use lbs_tests::chaos::{self, RunReport, RunSpec};
+    let target = std::env::current_exe()?
+        .ancestors()
+        .nth(2)
+        .map(|t| t.join("chaos"))
+        .context("the target directory")?;
+    let which: Vec<u64> = match only {
+        Some(k) => vec![k],
+        None => (0..runs).collect(),
+    };
+    let mut reports = Vec::new();
+    for k in which {
+        let spec = RunSpec {
+            seed,
+            run: k,
+            length: Duration::from_secs(secs),
+        };
+        println!(
+            "==> run {k} of seed {seed}: {secs} s of faults, automatic failover {}",
+            if spec.auto_failover() { "on" } else { "off" }
+        );
+        let report = chaos::run(&spec).unwrap_or_else(|err| {
+            println!("    the run could not be carried out: {err:#}");
+            RunReport::default()
+        });
+        let path = chaos::write_timeline(&target, &spec, &report)?;
+        println!(
+            "    {} faults; split brain {}, regressions {}, false promotions {}, torn or lost {}, {}",
+            report.schedule.len(),
+            report.split_brain_count(),
+            report.regressions.len(),
+            report.false_promotions.len(),
+            report.torn_or_lost.len(),
+            match report.converged {
+                Some(took) => format!("converged {:.1} s after healing", took.as_secs_f64()),
+                None => "NOT converged".into(),
+            }
+        );
+        if report.failed() {
+            println!(
+                "    FAILED: replay with `cargo xtask chaos --seed {seed} --run {k} --secs {secs}`; schedule and timeline in {}",
+                path.display()
+            );
+            for planned in &report.schedule {
+                println!("      {planned}");
+            }
+            for finding in &report.torn_or_lost {
+                println!("      {finding}");
+            }
+        }
+        reports.push(report);
+    }
+    let mut converge: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r.converged.map(|d| d.as_secs_f64()))
+        .collect();
+    converge.sort_by(f64::total_cmp);
+    let mut answer: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.death_to_answer.iter().map(Duration::as_secs_f64))
+        .collect();
+    answer.sort_by(f64::total_cmp);
+    let at = |v: &[f64], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    let show = |v: &[f64]| match (at(v, 0.0), at(v, 0.5), at(v, 0.95), at(v, 1.0)) {
+        (Some(min), Some(median), Some(p95), Some(max)) => {
+            format!(
+                "min {min:.1} s, median {median:.1} s, p95 {p95:.1} s, max {max:.1} s ({} values)",
+                v.len()
+            )
+        }
+        _ => "none".to_owned(),
+    };
+    println!("time to converge after healing: {}", show(&converge));
+    println!(
+        "automatic failover, the primary's death to the phone's next answer: {}",
+        show(&answer)
+    );
+    println!("{}", chaos::summary_line(&reports));
+    if reports.iter().any(RunReport::failed) {
+        bail!("some runs failed (their seeds and timelines above)");
+    }
+    Ok(())
 }
 
 fn bench(runs: usize) -> anyhow::Result<()> {

@@ -1,0 +1,354 @@
+//! The nemesis: a random schedule of faults drawn from a seed (the same seed, the same
+//! schedule), and how each is done to the lab's office and undone.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::fleet::Dice;
+use crate::office::{DC1, DC2, Office, STEP};
+use crate::workspace_binary;
+
+/// A box of the office, by its lab name (its role changes; the name does not).
+pub type Host = &'static str;
+
+/// One fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 of the agent (its PBX and addresses stay); undone: started again.
+    KillAgent(Host),
+    /// SIGSTOP of the agent; undone: SIGCONT.
+    FreezeAgent(Host),
+    /// The box's LAN cable out; undone: in.
+    Cable(Host),
+    /// The router's office cable out (both boxes lose the data center); undone: in.
+    RouterCable,
+    /// The box cut off from the data center only (blackhole routes); undone: removed.
+    PartitionDc(Host),
+    /// Packet loss and delay on the box's link (`tc netem`); undone: removed.
+    Netem {
+        host: Host,
+        loss_pct: u8,
+        delay_ms: u16,
+    },
+    /// Every process of the box killed and its port dark; undone: it boots.
+    PowerOff(Host),
+    /// kill -9 of `lbs-datacenter serve`; undone: started again.
+    DcRestart,
+    /// SIGSTOP of `lbs-datacenter serve`; undone: SIGCONT.
+    DcFreeze,
+    /// The box's disk (a tmpfs of its own for the PBX's data) filled to the last byte;
+    /// undone: the filler removed.
+    DiskFull(Host),
+    /// P pressed on the box (refused or not).
+    PressP(Host),
+    /// B pressed on the box (refused or not).
+    PressB(Host),
+}
+
+impl Fault {
+    /// What the fault holds while it lasts: a box's name, `dc`, `router`, or nothing (a key
+    /// press is over at once).
+    fn holds(&self) -> Option<&'static str> {
+        match self {
+            Fault::KillAgent(h)
+            | Fault::FreezeAgent(h)
+            | Fault::Cable(h)
+            | Fault::PartitionDc(h)
+            | Fault::Netem { host: h, .. }
+            | Fault::PowerOff(h)
+            | Fault::DiskFull(h) => Some(*h),
+            Fault::RouterCable => Some("router"),
+            Fault::DcRestart | Fault::DcFreeze => Some("dc"),
+            Fault::PressP(_) | Fault::PressB(_) => None,
+        }
+    }
+
+    /// Whether the box `host` cannot serve the phone while this lasts (its PBX dead or off
+    /// the LAN): an automatic promotion then is a real failover.
+    pub fn disables(&self, host: &str) -> bool {
+        match self {
+            Fault::PowerOff(h) | Fault::Cable(h) => *h == host,
+            _ => false,
+        }
+    }
+}
+
+/// A fault at `at` (from the run's start), lasting `hold`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub at: Duration,
+    pub hold: Duration,
+    pub fault: Fault,
+}
+
+impl std::fmt::Display for Planned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "+{:6.2} s  {:?} for {:.1} s",
+            self.at.as_secs_f64(),
+            self.fault,
+            self.hold.as_secs_f64()
+        )
+    }
+}
+
+/// The faults of a run of `length` drawn from `dice`: one every 1–6 s, each lasting 2–12 s
+/// (a power-off or a pulled cable 3–20 s),
+/// a box (or the data center, or the router) in at most one fault at a time, all over
+/// `length` before its end so the healing starts from a known point.
+pub fn schedule(dice: &mut Dice, length: Duration) -> Vec<Planned> {
+    const HOSTS: [Host; 2] = ["primary", "backup"];
+    let mut planned: Vec<Planned> = Vec::new();
+    let mut at = Duration::from_secs(2);
+    while at < length {
+        let host = HOSTS[dice.below(2)];
+        let fault = match dice.below(13) {
+            0 => Fault::KillAgent(host),
+            1 => Fault::FreezeAgent(host),
+            2 => Fault::Cable(host),
+            3 => Fault::RouterCable,
+            4 => Fault::PartitionDc(host),
+            5 | 6 => Fault::Netem {
+                host,
+                loss_pct: 5 + dice.below(16) as u8,
+                delay_ms: 20 + dice.below(180) as u16,
+            },
+            7 => Fault::PowerOff(host),
+            8 => Fault::DcRestart,
+            9 => Fault::DcFreeze,
+            10 => Fault::DiskFull(host),
+            11 => Fault::PressP(host),
+            _ => Fault::PressB(host),
+        };
+        let hold = match (&fault, fault.holds()) {
+            (_, None) => Duration::ZERO,
+            // Long enough, often, for the data center and the partner to lose the box.
+            (Fault::PowerOff(_) | Fault::Cable(_), _) => {
+                Duration::from_millis(3_000 + dice.below(17_000) as u64)
+            }
+            _ => Duration::from_millis(2_000 + dice.below(10_000) as u64),
+        };
+        let end = (at + hold).min(length);
+        let busy = fault.holds().is_some_and(|what| {
+            planned
+                .iter()
+                .any(|p| p.fault.holds() == Some(what) && p.at + p.hold > at)
+        });
+        if !busy {
+            let press = matches!(fault, Fault::PressP(_) | Fault::PressB(_));
+            planned.push(Planned {
+                at,
+                hold: end - at,
+                fault,
+            });
+            // Half the key presses: the agent dies or freezes in the middle of the steps.
+            let free = !planned
+                .iter()
+                .any(|p| p.fault.holds() == Some(host) && p.at + p.hold > at);
+            if press && free && dice.below(2) == 0 {
+                let inside = at + Duration::from_millis(50 + dice.below(400) as u64);
+                let fault = if dice.below(2) == 0 {
+                    Fault::KillAgent(host)
+                } else {
+                    Fault::FreezeAgent(host)
+                };
+                let hold = Duration::from_millis(2_000 + dice.below(6_000) as u64);
+                if inside < length {
+                    planned.push(Planned {
+                        at: inside,
+                        hold: hold.min(length - inside),
+                        fault,
+                    });
+                }
+            }
+        }
+        at += Duration::from_millis(1_000 + dice.below(5_000) as u64);
+    }
+    planned.sort_by_key(|p| p.at);
+    planned
+}
+
+/// Does `fault` to `office`; key presses run in the background (their processes in
+/// `presses`).
+pub fn apply(
+    office: &mut Office,
+    fault: &Fault,
+    presses: &mut Vec<std::process::Child>,
+) -> anyhow::Result<()> {
+    match fault {
+        Fault::KillAgent(h) => {
+            if office.agent_pid(h).is_ok() {
+                office.kill_agent(h)?;
+            }
+        }
+        Fault::FreezeAgent(h) => {
+            let pid = office.agent_pid(h)?;
+            office.lab.signal(pid, "STOP")?;
+        }
+        Fault::Cable(h) => office.lab.plug(h, false)?,
+        Fault::RouterCable => office.lab.plug("gw", false)?,
+        Fault::PartitionDc(h) => {
+            for dc in [DC1, DC2] {
+                office
+                    .lab
+                    .sh(h, &["ip", "route", "add", "blackhole", &format!("{dc}/32")])?;
+            }
+        }
+        Fault::Netem {
+            host,
+            loss_pct,
+            delay_ms,
+        } => {
+            office.lab.sh(
+                host,
+                &[
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "netem",
+                    "loss",
+                    &format!("{loss_pct}%"),
+                    "delay",
+                    &format!("{delay_ms}ms"),
+                ],
+            )?;
+        }
+        Fault::PowerOff(h) => office.power_off(h)?,
+        Fault::DcRestart => {
+            let pid = office.dc_pid;
+            office.lab.kill(pid)?;
+        }
+        Fault::DcFreeze => {
+            let pid = office.dc_pid;
+            office.lab.signal(pid, "STOP")?;
+        }
+        Fault::DiskFull(h) => fill_disk(office, h)?,
+        Fault::PressP(h) | Fault::PressB(h) => {
+            let verb = if matches!(fault, Fault::PressP(_)) {
+                "promote"
+            } else {
+                "demote"
+            };
+            let mut press = office.lab.command(h, workspace_binary("lbs"));
+            press
+                .args([verb, "--yes", "--socket"])
+                .arg(office.socket(h))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            presses.push(press.spawn().context("pressing a key")?);
+        }
+    }
+    Ok(())
+}
+
+/// Undoes `fault`.
+pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
+    match fault {
+        Fault::KillAgent(h) => {
+            if office.agent_pid(h).is_err() {
+                office.start_agent(h)?;
+            }
+        }
+        Fault::FreezeAgent(h) => {
+            if let Ok(pid) = office.agent_pid(h) {
+                office.lab.signal(pid, "CONT")?;
+            }
+        }
+        Fault::Cable(h) => office.lab.plug(h, true)?,
+        Fault::RouterCable => office.lab.plug("gw", true)?,
+        Fault::PartitionDc(h) => {
+            for dc in [DC1, DC2] {
+                office
+                    .lab
+                    .sh(h, &["ip", "route", "del", "blackhole", &format!("{dc}/32")])?;
+            }
+        }
+        Fault::Netem { host, .. } => {
+            office
+                .lab
+                .sh(host, &["tc", "qdisc", "del", "dev", "eth0", "root"])?;
+        }
+        Fault::PowerOff(h) => {
+            office.lab.plug(h, true)?;
+            office.boot(h)?;
+        }
+        Fault::DcRestart => restart_datacenter(office)?,
+        Fault::DcFreeze => {
+            let pid = office.dc_pid;
+            office.lab.signal(pid, "CONT")?;
+        }
+        Fault::DiskFull(h) => {
+            let filler = office.root(h).join(FILLER);
+            if filler.exists() {
+                std::fs::remove_file(&filler)?;
+            }
+        }
+        Fault::PressP(_) | Fault::PressB(_) => {}
+    }
+    Ok(())
+}
+
+/// The file that fills a box's disk.
+const FILLER: &str = ".chaos-filler";
+
+/// Fills `host`'s disk (see [`Office::limit_disk`]) to the last byte with one file.
+fn fill_disk(office: &mut Office, host: &str) -> anyhow::Result<()> {
+    let root = office.root(host);
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&root)
+        .output()
+        .context("running df")?;
+    let avail: u64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("df's answer")?;
+    let status = std::process::Command::new("fallocate")
+        .args(["-l", &avail.to_string()])
+        .arg(root.join(FILLER))
+        .status()
+        .context("running fallocate")?;
+    anyhow::ensure!(status.success(), "fallocate of {avail} bytes failed");
+    Ok(())
+}
+
+/// `lbs-datacenter serve` on dc1 again, on the same directory.
+fn restart_datacenter(office: &mut Office) -> anyhow::Result<()> {
+    let mut serve = office
+        .lab
+        .command("dc1", workspace_binary("lbs-datacenter"));
+    serve.arg("--dir").arg(office.dc_dir()).arg("serve");
+    office.dc_pid = office.lab.spawn_until(serve, "ready:", STEP)?.0;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_one_schedule_and_no_box_has_two_faults_at_once() {
+        let length = Duration::from_secs(90);
+        let one = schedule(&mut Dice::new(7), length);
+        assert_eq!(one, schedule(&mut Dice::new(7), length));
+        assert_ne!(one, schedule(&mut Dice::new(8), length));
+        assert!(one.len() >= 10, "{}", one.len());
+        for (i, a) in one.iter().enumerate() {
+            assert!(a.at + a.hold <= length, "{a}");
+            for b in &one[i + 1..] {
+                let overlap = b.at < a.at + a.hold;
+                assert!(
+                    !(overlap && a.fault.holds().is_some() && a.fault.holds() == b.fault.holds()),
+                    "{a} and {b}"
+                );
+            }
+        }
+    }
+}
