@@ -207,22 +207,8 @@ pub struct AgentStatus {
     pub pbx: Option<PbxHealth>,
 }
 
-/// What the PBX health check found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PbxHealth {
-    /// When it last ran (ms since the epoch).
-    pub checked_ms: u64,
-    /// Whether that check passed.
-    pub ok: bool,
-    /// Failures in a row.
-    pub failures: u32,
-    /// Restarts since it was last healthy.
-    pub restarts: u32,
-    /// Declared down: unhealthy after every restart tried.
-    pub down: bool,
-    /// What the last failed check said (its output's last line, or why it did not run).
-    pub last_failure: Option<String>,
-}
+// What the PBX health check found is what the box reports to the data center.
+pub use lbs_protocol::control::PbxReport as PbxHealth;
 
 /// The primary's shared address, off the interface until the cable is back and checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -82,16 +82,7 @@ fn an_operator_logs_in_finds_the_fenced_primary_promotes_and_sees_the_charts() {
             .await
             .unwrap();
         // The fleet: the fenced primary's pair first among the problems.
-        let problems = browser
-            .client
-            .wait()
-            .at_most(Duration::from_secs(15))
-            .for_element(Locator::Css("tr.problem"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let problems = browser.first_problem().await.unwrap();
         assert!(problems.contains("bench-00000"), "{problems}");
         assert!(
             problems.contains("fenced") || problems.contains("silent"),

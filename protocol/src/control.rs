@@ -270,8 +270,8 @@ impl std::fmt::Display for SetPhase {
     }
 }
 
-/// The PBX health check's last word.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The PBX health check's last word (also `lbs status`'s).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PbxReport {
     /// When it last ran (ms since the epoch).
     pub checked_ms: u64,
@@ -281,6 +281,7 @@ pub struct PbxReport {
     pub restarts: u32,
     /// Declared down: unhealthy after every restart.
     pub down: bool,
+    /// What the last failed check said (its output's last line, or why it did not run).
     pub last_failure: Option<String>,
 }
 

@@ -144,6 +144,19 @@ impl Browser {
         }
     }
 
+    /// The fleet page's first row among the pairs that need a person (waits up to 15 s for
+    /// it to show).
+    pub async fn first_problem(&self) -> anyhow::Result<String> {
+        Ok(self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(15))
+            .for_element(Locator::Css("tr.problem"))
+            .await?
+            .text()
+            .await?)
+    }
+
     /// Ticks the confirmation and presses the pair page's promote button.
     pub async fn press_promote(&self) -> anyhow::Result<()> {
         self.client

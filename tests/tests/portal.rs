@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use fantoccini::Locator;
 use lbs_tests::browser::Browser;
 use lbs_tests::office::{Office, STEP, now_ms};
 use lbs_tests::require_root;
@@ -61,16 +60,7 @@ fn the_portal_shows_the_lab_failover_and_its_promote_is_carried_out_by_the_real_
         .unwrap();
     runtime.block_on(async {
         browser.log_in(&base, "olga", PASSWORD).await.unwrap();
-        let first = browser
-            .client
-            .wait()
-            .at_most(Duration::from_secs(15))
-            .for_element(Locator::Css("tr.problem"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let first = browser.first_problem().await.unwrap();
         assert!(
             first.contains("acme") && first.contains("fenced"),
             "the fenced primary first: {first}"

@@ -396,13 +396,9 @@ pub(crate) fn report_details(shared: &Shared, now: u64) -> control::ReportDetail
             report
         })
         .collect();
-    let pbx = lock(&shared.pbx).as_ref().map(|health| control::PbxReport {
-        checked_ms: health.checked_ms,
-        ok: health.ok,
-        failures: health.failures,
-        restarts: health.restarts,
-        down: health.down,
-        last_failure: health.last_failure.as_deref().map(control::detail_text),
+    let pbx = lock(&shared.pbx).clone().map(|mut health| {
+        health.last_failure = health.last_failure.as_deref().map(control::detail_text);
+        health
     });
     let steps = lock(&shared.recent_steps).iter().cloned().collect();
     control::ReportDetails { sets, pbx, steps }

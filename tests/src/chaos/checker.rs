@@ -82,6 +82,8 @@ pub struct Beliefs {
     pub at_ms: u64,
     /// (host, role state, generation) of each agent that answered.
     pub agents: Vec<(String, String, u64)>,
+    /// The agents that did not answer (frozen, dead, busy), and why.
+    pub silent: Vec<(String, String)>,
 }
 
 /// Looks in which two agents believed they were primary of the same generation.
@@ -240,6 +242,7 @@ mod tests {
         assert_eq!(regressions(&[(0, 2), (10, 3), (20, 2)]), [(20, 3, 2)]);
         let look = |agents: Vec<(&str, &str, u64)>| Beliefs {
             at_ms: 7,
+            silent: Vec::new(),
             agents: agents
                 .into_iter()
                 .map(|(h, s, g)| (h.to_owned(), s.to_owned(), g))

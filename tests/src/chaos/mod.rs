@@ -104,31 +104,39 @@ impl Drop for Watch {
     }
 }
 
-/// Runs `cmd` with a deadline: its standard output, or `None` if it failed or took longer
-/// (it is then killed and reaped).
-fn output_within(mut cmd: Command, within: Duration) -> Option<String> {
-    let mut child = cmd
+/// Runs `cmd` with a deadline: what it wrote on standard output, whatever its exit status,
+/// or why there is nothing (it failed silently, or took longer and was killed; its output
+/// is read all along, so a long one cannot stall it).
+fn output_within(mut cmd: Command, within: Duration) -> Result<String, String> {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .ok()?;
-    let deadline = Instant::now() + within;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
+        .map_err(|e| e.to_string())?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        // `lbs status` says a box that is not well with exit 1, its report on standard
+        // output all the same.
+        Ok(Ok(out)) if !out.stdout.is_empty() => {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Ok(Ok(out)) => Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => {
+            // Ours, and not reaped yet (the thread waits for it): killing it ends the wait.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            Err(format!("no answer within {within:?}"))
         }
     }
-    let out = child.wait_with_output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn start_watch(office: &mut Office) -> anyhow::Result<Watch> {
@@ -187,6 +195,7 @@ fn start_watch(office: &mut Office) -> anyhow::Result<Watch> {
                 let mut look = Beliefs {
                     at_ms,
                     agents: Vec::new(),
+                    silent: Vec::new(),
                 };
                 for (host, ns, socket) in &agents {
                     let mut cmd = Command::new("ip");
@@ -194,20 +203,25 @@ fn start_watch(office: &mut Office) -> anyhow::Result<Watch> {
                         .arg(&lbs)
                         .args(["status", "--json", "--socket"])
                         .arg(socket);
-                    let said = output_within(cmd, Duration::from_millis(1500))
-                        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-                    if let Some(status) = said {
-                        look.agents.push((
+                    let said = output_within(cmd, Duration::from_millis(1500)).and_then(|text| {
+                        serde_json::from_str::<serde_json::Value>(&text)
+                            .map_err(|e| format!("not JSON: {e}"))
+                    });
+                    match said {
+                        Ok(status) => look.agents.push((
                             host.clone(),
                             status["role"]["state"].as_str().unwrap_or("").to_owned(),
                             status["role"]["generation"].as_u64().unwrap_or(0),
-                        ));
+                        )),
+                        // For the timeline only: the checker counts those that answered.
+                        Err(why) => look.silent.push((host.clone(), why)),
                     }
                 }
                 looks.lock().unwrap_or_else(|p| p.into_inner()).push(look);
                 let mut cmd = Command::new(&datacenter);
                 cmd.arg("--dir").arg(&dc_dir).args(["status", "--json"]);
                 if let Some(pairs) = output_within(cmd, Duration::from_millis(1500))
+                    .ok()
                     .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
                 {
                     if let Some(generation) = pairs[0]["generation"].as_u64() {
@@ -372,13 +386,20 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
         // Each agent's role as it changed, for the timeline.
         let mut last: std::collections::HashMap<String, (String, u64)> = Default::default();
         for look in looks.iter() {
-            for (host, state, generation) in &look.agents {
-                let now = (state.clone(), *generation);
+            let said = look.agents.iter().map(|(h, s, g)| (h, s.clone(), *g));
+            let silent = look
+                .silent
+                .iter()
+                .map(|(h, why)| (h, format!("lbs status failed: {why}"), 0));
+            for (host, state, generation) in said.chain(silent) {
+                let now = (state.clone(), generation);
                 if last.get(host) != Some(&now) {
-                    report.timeline.push((
-                        look.at_ms,
-                        format!("{host}: {state} at generation {generation}"),
-                    ));
+                    let what = if generation == 0 {
+                        format!("{host}: {state}")
+                    } else {
+                        format!("{host}: {state} at generation {generation}")
+                    };
+                    report.timeline.push((look.at_ms, what));
                     last.insert(host.clone(), now);
                 }
             }

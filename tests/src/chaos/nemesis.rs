@@ -299,24 +299,19 @@ const FILLER: &str = ".chaos-filler";
 
 /// Fills `host`'s disk (see [`Office::limit_disk`]) to the last byte with one file.
 fn fill_disk(office: &mut Office, host: &str) -> anyhow::Result<()> {
-    let root = office.root(host);
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(&root)
-        .output()
-        .context("running df")?;
-    let avail: u64 = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .context("df's answer")?;
-    let status = std::process::Command::new("fallocate")
-        .args(["-l", &avail.to_string()])
-        .arg(root.join(FILLER))
-        .status()
-        .context("running fallocate")?;
-    anyhow::ensure!(status.success(), "fallocate of {avail} bytes failed");
-    Ok(())
+    use std::io::Write;
+    let path = office.root(host).join(FILLER);
+    let mut filler =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let chunk = vec![0x5a_u8; 1 << 20];
+    loop {
+        match filler.write(&chunk) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(28) => return Ok(()),
+            Err(err) => return Err(err).context("filling the disk"),
+        }
+    }
 }
 
 /// `lbs-datacenter serve` on dc1 again, on the same directory.
