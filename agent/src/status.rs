@@ -205,6 +205,10 @@ pub struct AgentStatus {
     /// The PBX health check on this primary, when one is configured.
     #[serde(default)]
     pub pbx: Option<PbxHealth>,
+    /// The latest role steps carried out (kept across restarts), oldest first: what the
+    /// data center's portal shows too.
+    #[serde(default)]
+    pub recent_steps: Vec<lbs_protocol::control::StepReport>,
 }
 
 // What the PBX health check found is what the box reports to the data center.

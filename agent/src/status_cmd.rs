@@ -103,6 +103,26 @@ pub(crate) fn render(status: &AgentStatus) -> String {
     if let Some(error) = &status.role.last_error {
         out!("  last role error: {error}");
     }
+    // The last role change's steps (and any that failed), as the data center's portal
+    // shows them.
+    if let Some(last) = status.recent_steps.last() {
+        let steps: Vec<String> = status
+            .recent_steps
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(|step| match &step.error {
+                None => format!("{} {} ms", step.step, step.took_ms),
+                Some(why) => format!("{} FAILED after {} ms ({why})", step.step, step.took_ms),
+            })
+            .collect();
+        out!(
+            "  last steps: {} — the last ended {}",
+            steps.join(", "),
+            ago(now, Some(last.at_ms))
+        );
+    }
     if status.health.is_empty() {
         out!("health     OK");
     } else {

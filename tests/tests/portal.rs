@@ -116,6 +116,15 @@ fn the_portal_shows_the_lab_failover_and_its_promote_is_carried_out_by_the_real_
         office.status("primary").unwrap()["role"]["state"],
         "primary"
     );
+    // The box's own status says the steps it took, as the portal does.
+    let said = office.lbs("primary", &["status"]).unwrap();
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(
+        said.contains("last steps: ")
+            && said.contains("take-address")
+            && said.contains("start-pbx"),
+        "{said}"
+    );
 
     // The new primary's own /metrics, and the data center's record of its report.
     let metrics = office.box_metrics("primary").unwrap();

@@ -7,18 +7,6 @@ use anyhow::bail;
 
 use crate::util::is_root;
 
-/// What the checker and the nemesis use besides the lab's packages.
-const CHAOS_PACKAGES: &[(&str, &str)] = &[
-    (
-        "iputils-arping",
-        "arping, the checker's request for the shared address every 200 ms",
-    ),
-    (
-        "tcpdump",
-        "the checker's sniffer: every ARP claim of the shared address on the office LAN",
-    ),
-];
-
 #[derive(clap::Args)]
 pub struct ChaosArgs {
     /// How many runs, each in a fresh office (automatic failover on in every other).
@@ -51,5 +39,11 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
     if let Some(k) = &only {
         lab.extend(["--run", k]);
     }
-    crate::demo::run_lab("chaos", &lab, CHAOS_PACKAGES)
+    // The checker's sniffer and prober, as the tests install them.
+    let packages: Vec<(&str, &str)> = crate::test::TEST_ONLY_PACKAGES
+        .iter()
+        .filter(|(name, _)| matches!(*name, "iputils-arping" | "tcpdump"))
+        .copied()
+        .collect();
+    crate::demo::run_lab("chaos", &lab, &packages)
 }

@@ -388,13 +388,7 @@ pub(crate) fn report_details(shared: &Shared, now: u64) -> control::ReportDetail
     let sets = lock(&shared.sets)
         .iter()
         .take(control::MAX_DETAIL_SETS)
-        .map(|set| {
-            let mut report = set_report(set, now);
-            if source {
-                report.lag_ms = None;
-            }
-            report
-        })
+        .map(|set| set_report(set, source, now))
         .collect();
     let pbx = lock(&shared.pbx).clone().map(|mut health| {
         health.last_failure = health.last_failure.as_deref().map(control::detail_text);
@@ -405,9 +399,9 @@ pub(crate) fn report_details(shared: &Shared, now: u64) -> control::ReportDetail
 }
 
 /// One set for the report: its phase, and its lag — the age of the oldest change not copied
-/// yet, else the time since it was last in sync; 0 in sync; unknown on the primary or
-/// before the first pass.
-fn set_report(set: &crate::status::SetStatus, now: u64) -> control::SetReport {
+/// yet, else the time since it was last in sync; 0 in sync; unknown on the `source` (the
+/// primary) or before the first pass.
+fn set_report(set: &crate::status::SetStatus, source: bool, now: u64) -> control::SetReport {
     use crate::status::SetState;
     let phase = match set.state {
         SetState::InSync => control::SetPhase::InSync,
@@ -419,6 +413,7 @@ fn set_report(set: &crate::status::SetStatus, now: u64) -> control::SetReport {
         SetState::Stopped => control::SetPhase::Stopped,
     };
     let lag_ms = match set.state {
+        _ if source => None,
         SetState::InSync => Some(0),
         SetState::Serving => None,
         _ => set

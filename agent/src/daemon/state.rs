@@ -258,6 +258,7 @@ impl Shared {
         let address_withdrawn = lock(&self.withdrawn).clone();
         let stranger = *lock(&self.stranger);
         let pbx = lock(&self.pbx).clone();
+        let recent_steps = lock(&self.recent_steps).iter().cloned().collect();
         let now = now_ms();
         let health = crate::health::judge(&crate::health::Facts {
             now_ms: now,
@@ -282,6 +283,7 @@ impl Shared {
         AgentStatus {
             health,
             pbx,
+            recent_steps,
             info,
             role,
             replication: match *self.mode.borrow() {
