@@ -13,6 +13,31 @@ const BRIDGE: &str = "br0";
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// Where the lab's processes' output goes when not to standard error (see [`echo_to`]).
+static ECHO: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Sends every lab process's output, labelled with its host, to `path` instead of standard
+/// error (where a test shows it on failure): for a long command whose own lines would drown in
+/// it. Once per process; later calls change nothing.
+pub fn echo_to(path: &std::path::Path) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let _ = ECHO.set(std::sync::Mutex::new(file));
+    Ok(())
+}
+
+/// One line of a lab process's output, where [`echo_to`] said (standard error by default).
+fn echo(label: &str, line: &str) {
+    match ECHO.get() {
+        Some(file) => {
+            use std::io::Write;
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(file, "{label} {line}");
+        }
+        None => eprintln!("{label} {line}"),
+    }
+}
+
 /// A set of network namespaces and the processes running in them, removed on drop.
 #[derive(Debug)]
 pub struct Lab {
@@ -240,7 +265,7 @@ impl Lab {
         // It ends when the child's stdout closes, which Drop guarantees by killing the child.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                eprintln!("{label} {line}");
+                echo(&label, &line);
                 let _ = tx.send(line);
             }
         });

@@ -1,4 +1,4 @@
-//! `cargo xtask chaos --runs N --seed S [--run K] [--secs T]`: randomized fault runs in the
+//! `cargo xtask chaos --runs N --seed S [--run K] [--secs T] [--jobs J]`: randomized fault runs in the
 //! lab's office with an independent checker (`lbs-lab chaos`, `lbs_tests::chaos`); as root.
 //! Its last line: `chaos: <runs> runs, <n> split-brain moments, <n> generation regressions,
 //! <n> false promotions, <n> torn or lost files, <n> not converged`.
@@ -21,6 +21,9 @@ pub struct ChaosArgs {
     /// Seconds of faults per run.
     #[arg(long, default_value_t = 90)]
     secs: u64,
+    /// Offices at once (each about a third of a core; the runs' faults stay their own).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
 }
 
 pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
@@ -29,12 +32,15 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
             "cargo xtask chaos needs root: it builds the lab's office in network namespaces, pulls its cables and kills its processes"
         );
     }
-    let (runs, seed, secs) = (
+    let (runs, seed, secs, jobs) = (
         args.runs.to_string(),
         args.seed.to_string(),
         args.secs.to_string(),
+        args.jobs.to_string(),
     );
-    let mut lab = vec!["chaos", "--runs", &runs, "--seed", &seed, "--secs", &secs];
+    let mut lab = vec![
+        "chaos", "--runs", &runs, "--seed", &seed, "--secs", &secs, "--jobs", &jobs,
+    ];
     let only = args.run.map(|k| k.to_string());
     if let Some(k) = &only {
         lab.extend(["--run", k]);

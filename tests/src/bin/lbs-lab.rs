@@ -55,6 +55,9 @@ enum Command {
         /// How long the nemesis acts in each run, in seconds.
         #[arg(long, default_value_t = 90)]
         secs: u64,
+        /// How many offices at once (each run's faults stay its own; more share the cores).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Fail over `runs` times, each in a fresh office; the median RTO and RPO.
     Bench {
@@ -85,7 +88,8 @@ fn main() -> ExitCode {
             seed,
             run,
             secs,
-        } => chaos(runs, seed, run, secs),
+            jobs,
+        } => chaos(runs, seed, run, secs, jobs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -504,7 +508,7 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-fn chaos(runs: u64, seed: u64, only: Option<u64>, secs: u64) -> anyhow::Result<()> {
+fn chaos(runs: u64, seed: u64, only: Option<u64>, secs: u64, jobs: usize) -> anyhow::Result<()> {
     use lbs_tests::chaos::{self, RunReport, RunSpec};
     let target = std::env::current_exe()?
         .ancestors()
@@ -515,48 +519,46 @@ fn chaos(runs: u64, seed: u64, only: Option<u64>, secs: u64) -> anyhow::Result<(
         Some(k) => vec![k],
         None => (0..runs).collect(),
     };
-    let mut reports = Vec::new();
-    for k in which {
-        let spec = RunSpec {
-            seed,
-            run: k,
-            length: Duration::from_secs(secs),
-        };
-        println!(
-            "==> run {k} of seed {seed}: {secs} s of faults, automatic failover {}",
-            if spec.auto_failover() { "on" } else { "off" }
-        );
-        let report = chaos::run(&spec).unwrap_or_else(|err| {
-            println!("    the run could not be carried out: {err:#}");
-            RunReport::default()
-        });
-        let path = chaos::write_timeline(&target, &spec, &report)?;
-        println!(
-            "    {} faults; split brain {}, regressions {}, false promotions {}, torn or lost {}, {}",
-            report.schedule.len(),
-            report.split_brain_count(),
-            report.regressions.len(),
-            report.false_promotions.len(),
-            report.torn_or_lost.len(),
-            match report.converged {
-                Some(took) => format!("converged {:.1} s after healing", took.as_secs_f64()),
-                None => "NOT converged".into(),
-            }
-        );
-        if report.failed() {
-            println!(
-                "    FAILED: replay with `cargo xtask chaos --seed {seed} --run {k} --secs {secs}`; schedule and timeline in {}",
-                path.display()
-            );
-            for planned in &report.schedule {
-                println!("      {planned}");
-            }
-            for finding in &report.torn_or_lost {
-                println!("      {finding}");
-            }
-        }
-        reports.push(report);
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
     }
+    std::fs::create_dir_all(&target)?;
+    let output = target.join("lab-output.log");
+    lbs_tests::netns::echo_to(&output)?;
+    println!(
+        "(the lab's processes' output: {}; each run's timeline next to it)",
+        output.display()
+    );
+    // Each worker takes the next run; a run's lines are printed together when it ends.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (done, finished) = std::sync::mpsc::channel::<(String, RunReport)>();
+    let mut reports = Vec::new();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        for _ in 0..jobs.min(which.len()) {
+            let (done, next, which, target) = (done.clone(), &next, &which, &target);
+            scope.spawn(move || {
+                while let Some(&k) =
+                    which.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+                {
+                    let spec = RunSpec {
+                        seed,
+                        run: k,
+                        length: Duration::from_secs(secs),
+                    };
+                    let (text, report) = chaos_run(&spec, target);
+                    if done.send((text, report)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done);
+        for (text, report) in finished {
+            print!("{text}");
+            reports.push(report);
+        }
+        Ok(())
+    })?;
     let mut converge: Vec<f64> = reports
         .iter()
         .filter_map(|r| r.converged.map(|d| d.as_secs_f64()))
@@ -585,11 +587,77 @@ fn chaos(runs: u64, seed: u64, only: Option<u64>, secs: u64) -> anyhow::Result<(
         "automatic failover, the primary's death to the phone's next answer: {}",
         show(&answer)
     );
+    let mut quiet: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.death_to_answer_quiet.iter().map(Duration::as_secs_f64))
+        .collect();
+    quiet.sort_by(f64::total_cmp);
+    println!(
+        "  of them with nothing else wrong from 10 s before the death: {}",
+        show(&quiet)
+    );
     println!("{}", chaos::summary_line(&reports));
     if reports.iter().any(RunReport::failed) {
         bail!("some runs failed (their seeds and timelines above)");
     }
     Ok(())
+}
+
+/// One chaos run and what to print about it.
+fn chaos_run(
+    spec: &lbs_tests::chaos::RunSpec,
+    target: &std::path::Path,
+) -> (String, lbs_tests::chaos::RunReport) {
+    use lbs_tests::chaos::{self, RunReport};
+    use std::fmt::Write;
+    let (seed, k, secs) = (spec.seed, spec.run, spec.length.as_secs());
+    let mut text = format!(
+        "==> run {k} of seed {seed}: {secs} s of faults, automatic failover {}\n",
+        if spec.auto_failover() { "on" } else { "off" }
+    );
+    let report = chaos::run(spec).unwrap_or_else(|err| {
+        let _ = writeln!(text, "    the run could not be carried out: {err:#}");
+        RunReport::default()
+    });
+    let path = match chaos::write_timeline(target, spec, &report) {
+        Ok(path) => path.display().to_string(),
+        Err(err) => format!("(not written: {err:#})"),
+    };
+    let _ = writeln!(
+        text,
+        "    {} faults; split brain {}, regressions {}, false promotions {}, torn or lost {}, {}",
+        report.schedule.len(),
+        report.split_brain_count(),
+        report.regressions.len(),
+        report.false_promotions.len(),
+        report.torn_or_lost.len(),
+        match report.converged {
+            Some(took) => format!("converged {:.1} s after healing", took.as_secs_f64()),
+            None => "NOT converged".into(),
+        }
+    );
+    for took in &report.death_to_answer {
+        let quiet = report.death_to_answer_quiet.contains(took);
+        let _ = writeln!(
+            text,
+            "    the primary's death to the phone's next answer: {:.1} s{}",
+            took.as_secs_f64(),
+            if quiet { " (nothing else wrong)" } else { "" }
+        );
+    }
+    if report.failed() {
+        let _ = writeln!(
+            text,
+            "    FAILED: replay with `cargo xtask chaos --seed {seed} --run {k} --secs {secs}`; schedule and timeline in {path}"
+        );
+        for planned in &report.schedule {
+            let _ = writeln!(text, "      {planned}");
+        }
+        for finding in &report.torn_or_lost {
+            let _ = writeln!(text, "      {finding}");
+        }
+    }
+    (text, report)
 }
 
 fn bench(runs: usize) -> anyhow::Result<()> {

@@ -6,11 +6,14 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::fleet::Dice;
-use crate::office::{DC1, DC2, Office, STEP};
+use crate::office::{DC1, DC2, Office};
 use crate::workspace_binary;
 
 /// A box of the office, by its lab name (its role changes; the name does not).
 pub type Host = &'static str;
+
+/// A data-center site, by its lab name: `dc1` and `dc2` serve, `dc3` only votes.
+pub type Site = &'static str;
 
 /// One fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,10 +36,14 @@ pub enum Fault {
     },
     /// Every process of the box killed and its port dark; undone: it boots.
     PowerOff(Host),
-    /// kill -9 of `lbs-datacenter serve`; undone: started again.
-    DcRestart,
-    /// SIGSTOP of `lbs-datacenter serve`; undone: SIGCONT.
-    DcFreeze,
+    /// kill -9 of the site's `lbs-datacenter serve`; undone: started again.
+    DcRestart(Site),
+    /// SIGSTOP of the site's `lbs-datacenter serve`; undone: SIGCONT.
+    DcFreeze(Site),
+    /// kill -9 of the site's etcd member; undone: started again on its data.
+    EtcdRestart(Site),
+    /// The site cut off from the other sites (the offices still reach it); undone: joined.
+    SiteCut(Site),
     /// The box's disk (a tmpfs of its own for the PBX's data) filled to the last byte;
     /// undone: the filler removed.
     DiskFull(Host),
@@ -59,7 +66,11 @@ impl Fault {
             | Fault::PowerOff(h)
             | Fault::DiskFull(h) => Some(*h),
             Fault::RouterCable => Some("router"),
-            Fault::DcRestart | Fault::DcFreeze => Some("dc"),
+            // One site at a time: the data center is built to lose any one of its three.
+            Fault::DcRestart(_)
+            | Fault::DcFreeze(_)
+            | Fault::EtcdRestart(_)
+            | Fault::SiteCut(_) => Some("sites"),
             Fault::PressP(_) | Fault::PressB(_) => None,
         }
     }
@@ -96,15 +107,19 @@ impl std::fmt::Display for Planned {
 
 /// The faults of a run of `length` drawn from `dice`: one every 1–6 s, each lasting 2–12 s
 /// (a power-off or a pulled cable 3–20 s),
-/// a box (or the data center, or the router) in at most one fault at a time, all over
-/// `length` before its end so the healing starts from a known point.
-pub fn schedule(dice: &mut Dice, length: Duration) -> Vec<Planned> {
+/// a box (or the router, or the data center's sites) in at most one fault at a time, all over
+/// `length` before its end so the healing starts from a known point. With automatic failover
+/// (`auto`) power-offs are drawn three times as often: each box's death is what it is for.
+pub fn schedule(dice: &mut Dice, length: Duration, auto: bool) -> Vec<Planned> {
     const HOSTS: [Host; 2] = ["primary", "backup"];
+    const SERVING: [Site; 2] = ["dc1", "dc2"];
+    const SITES: [Site; 3] = ["dc1", "dc2", "dc3"];
     let mut planned: Vec<Planned> = Vec::new();
     let mut at = Duration::from_secs(2);
+    let kinds = if auto { 17 } else { 15 };
     while at < length {
         let host = HOSTS[dice.below(2)];
-        let fault = match dice.below(13) {
+        let fault = match dice.below(kinds) {
             0 => Fault::KillAgent(host),
             1 => Fault::FreezeAgent(host),
             2 => Fault::Cable(host),
@@ -115,12 +130,14 @@ pub fn schedule(dice: &mut Dice, length: Duration) -> Vec<Planned> {
                 loss_pct: 5 + dice.below(16) as u8,
                 delay_ms: 20 + dice.below(180) as u16,
             },
-            7 => Fault::PowerOff(host),
-            8 => Fault::DcRestart,
-            9 => Fault::DcFreeze,
+            7 | 15 | 16 => Fault::PowerOff(host),
+            8 => Fault::DcRestart(SERVING[dice.below(2)]),
+            9 => Fault::DcFreeze(SERVING[dice.below(2)]),
             10 => Fault::DiskFull(host),
             11 => Fault::PressP(host),
-            _ => Fault::PressB(host),
+            12 => Fault::PressB(host),
+            13 => Fault::EtcdRestart(SITES[dice.below(3)]),
+            _ => Fault::SiteCut(SITES[dice.below(3)]),
         };
         let hold = match (&fault, fault.holds()) {
             (_, None) => Duration::ZERO,
@@ -219,14 +236,13 @@ pub fn apply(
             )?;
         }
         Fault::PowerOff(h) => office.power_off(h)?,
-        Fault::DcRestart => {
-            let pid = office.dc_pid;
-            office.lab.kill(pid)?;
-        }
-        Fault::DcFreeze => {
-            let pid = office.dc_pid;
+        Fault::DcRestart(site) => office.kill_serve(site)?,
+        Fault::DcFreeze(site) => {
+            let pid = office.serve_pid(site)?;
             office.lab.signal(pid, "STOP")?;
         }
+        Fault::EtcdRestart(site) => office.etcd_at(site, false)?,
+        Fault::SiteCut(site) => office.partition_site(site, true)?,
         Fault::DiskFull(h) => fill_disk(office, h)?,
         Fault::PressP(h) | Fault::PressB(h) => {
             let verb = if matches!(fault, Fault::PressP(_)) {
@@ -278,11 +294,21 @@ pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
             office.lab.plug(h, true)?;
             office.boot(h)?;
         }
-        Fault::DcRestart => restart_datacenter(office)?,
-        Fault::DcFreeze => {
-            let pid = office.dc_pid;
+        Fault::DcRestart(site) => {
+            if office.serve_pid(site).is_err() {
+                office.start_serve(site)?;
+            }
+        }
+        Fault::DcFreeze(site) => {
+            let pid = office.serve_pid(site)?;
             office.lab.signal(pid, "CONT")?;
         }
+        Fault::EtcdRestart(site) => {
+            if office.etcd_pid(site).is_err() {
+                office.etcd_at(site, true)?;
+            }
+        }
+        Fault::SiteCut(site) => office.partition_site(site, false)?,
         Fault::DiskFull(h) => {
             let filler = office.root(h).join(FILLER);
             if filler.exists() {
@@ -314,16 +340,6 @@ fn fill_disk(office: &mut Office, host: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `lbs-datacenter serve` on dc1 again, on the same directory.
-fn restart_datacenter(office: &mut Office) -> anyhow::Result<()> {
-    let mut serve = office
-        .lab
-        .command("dc1", workspace_binary("lbs-datacenter"));
-    serve.arg("--dir").arg(office.dc_dir()).arg("serve");
-    office.dc_pid = office.lab.spawn_until(serve, "ready:", STEP)?.0;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,9 +347,41 @@ mod tests {
     #[test]
     fn a_seed_gives_one_schedule_and_no_box_has_two_faults_at_once() {
         let length = Duration::from_secs(90);
-        let one = schedule(&mut Dice::new(7), length);
-        assert_eq!(one, schedule(&mut Dice::new(7), length));
-        assert_ne!(one, schedule(&mut Dice::new(8), length));
+        let one = schedule(&mut Dice::new(7), length, true);
+        assert_eq!(one, schedule(&mut Dice::new(7), length, true));
+        assert_ne!(one, schedule(&mut Dice::new(8), length, true));
+        assert_ne!(one, schedule(&mut Dice::new(7), length, false));
+        // With automatic failover the boxes die more often; every kind of site fault occurs.
+        let power_offs = |auto: bool| -> usize {
+            (0..40)
+                .flat_map(|seed| schedule(&mut Dice::new(seed), length, auto))
+                .filter(|p| matches!(p.fault, Fault::PowerOff(_)))
+                .count()
+        };
+        assert!(power_offs(true) > power_offs(false) * 3 / 2);
+        let all: Vec<Planned> = (0..40)
+            .flat_map(|seed| schedule(&mut Dice::new(seed), length, false))
+            .collect();
+        for site in ["dc1", "dc2", "dc3"] {
+            assert!(
+                all.iter().any(|p| p.fault == Fault::EtcdRestart(site)),
+                "{site}"
+            );
+            assert!(
+                all.iter().any(|p| p.fault == Fault::SiteCut(site)),
+                "{site}"
+            );
+        }
+        for site in ["dc1", "dc2"] {
+            assert!(
+                all.iter().any(|p| p.fault == Fault::DcRestart(site)),
+                "{site}"
+            );
+            assert!(
+                all.iter().any(|p| p.fault == Fault::DcFreeze(site)),
+                "{site}"
+            );
+        }
         assert!(one.len() >= 10, "{}", one.len());
         for (i, a) in one.iter().enumerate() {
             assert!(a.at + a.hold <= length, "{a}");

@@ -238,6 +238,15 @@ impl Office {
         Ok(pid)
     }
 
+    /// kill -9 of `site`'s `lbs-datacenter serve` (three sites; [`Office::start_serve`] starts
+    /// it again).
+    pub fn kill_serve(&mut self, site: &str) -> anyhow::Result<()> {
+        let pid = self.serve_pid(site)?;
+        self.lab.kill(pid)?;
+        self.sites.serve.retain(|(s, _)| s != site);
+        Ok(())
+    }
+
     /// The pid of `site`'s `lbs-datacenter serve`.
     pub fn serve_pid(&self, site: &str) -> anyhow::Result<u32> {
         self.sites
