@@ -16,6 +16,15 @@ pub(crate) async fn probe_shared(
 ) -> anyhow::Result<lbs_netconfig::ProbeResult> {
     use lbs_netconfig::{Arp, NetBackend};
     let link = lan.net.link(&network.interface).await?;
+    // Without carrier nobody can answer: "free" would be a guess (chaos seed 2800 run 3: a
+    // backup with its cable out promoted itself over a live primary on such a probe).
+    if !link.carrier {
+        anyhow::bail!(
+            "no carrier on {}: nobody could answer a probe for {}; check the cable",
+            network.interface,
+            network.shared.addr
+        );
+    }
     Ok(lan.arp.probe(&link, network.shared.addr).await?)
 }
 

@@ -15,7 +15,7 @@ use anyhow::Context;
 use lbs_netconfig::NetBackend;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::report::{DcWord, dc_word};
+use crate::daemon::report::{DC_WORD_DEADLINE, DcWord, dc_word};
 use crate::daemon::state::{Shared, lock, network, now_ms};
 use crate::daemon::steps::takeover_plan;
 use crate::role::{Event, RoleState};
@@ -133,7 +133,7 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
         }
         Hold::TakeBack => {
             let plan = takeover_plan(&network, false, &shared.paths);
-            match lbs_netconfig::take_back(net, arp, &plan).await {
+            match take_back_outlasting_a_stale_partner(shared, &plan).await {
                 Ok(report) => {
                     let said = format!(
                         "nobody else answers for {}: taken back on {} ({})",
@@ -156,6 +156,19 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
                             shared.handle(Event::AddressTaken {
                                 by: mac.to_string(),
                             });
+                        }
+                        Answered::Wait => {
+                            let why = format!(
+                                "the partner ({mac}) answers for {}, but the data center says \
+                                 this box is still the primary: the partner is a stale primary \
+                                 that steps back at its next report; this box stays off the \
+                                 address and probes again in {} s",
+                                network.shared.addr,
+                                RECHECK.as_secs()
+                            );
+                            tracing::warn!("{why}");
+                            let _ = shared.progress.send(why.clone());
+                            withdraw(shared, why);
                         }
                         Answered::KeepAndAlarm => {
                             let mut plan = takeover_plan(&network, false, &shared.paths);
@@ -181,6 +194,52 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// How long a primary whose cable came back keeps probing while its partner answers for the
+/// shared address, before it asks the data center and decides. An old primary back from a
+/// power cut while this box's cable was out boots onto the address (nobody answered its boot
+/// check) and gives it up once its agent hears of the new generation — within a second of
+/// starting, where the data center answers. Stepping back on its first answer left both
+/// boxes fenced and the office without a PBX (chaos seed 42 run 3); a box that really took
+/// over keeps answering. This box holds no address meanwhile: nothing answers twice.
+pub(crate) const STALE_PARTNER_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the address is probed again during [`STALE_PARTNER_GRACE`].
+const GRACE_PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// [`lbs_netconfig::take_back`], probed again for [`STALE_PARTNER_GRACE`] while the partner
+/// (and only the partner) answers; the last answer if it never stops.
+async fn take_back_outlasting_a_stale_partner(
+    shared: &Shared,
+    plan: &lbs_netconfig::TakeoverPlan,
+) -> Result<lbs_netconfig::TakeoverReport, lbs_netconfig::TakeoverError> {
+    let (net, arp) = (&shared.lan.net, &shared.lan.arp);
+    let until = tokio::time::Instant::now() + STALE_PARTNER_GRACE;
+    let mut said = false;
+    loop {
+        match lbs_netconfig::take_back(net, arp, plan).await {
+            Err(lbs_netconfig::TakeoverError::InUse { mac, .. })
+                if Some(mac) == lock(&shared.info).partner_mac
+                    && tokio::time::Instant::now() < until =>
+            {
+                if !said {
+                    let why = format!(
+                        "the partner ({mac}) answers for {}: probing again for up to {} s \
+                         (an old primary back from a power cut gives it up once it hears of \
+                         the new generation)",
+                        plan.to.addr,
+                        STALE_PARTNER_GRACE.as_secs()
+                    );
+                    tracing::warn!("{why}");
+                    let _ = shared.progress.send(why);
+                    said = true;
+                }
+                tokio::time::sleep(GRACE_PROBE_EVERY).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// What a primary does when somebody answers ARP for the shared address it is about to hold
 /// (at start, or when its cable comes back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,19 +250,29 @@ pub(crate) enum Answered {
     /// address (it is the primary) and raises the alarm; fencing itself for a stranger would
     /// be a lasting outage of the phones.
     KeepAndAlarm,
+    /// The partner answers, but the data center says this box is still the primary: the
+    /// partner is stale and steps back at its next report. This box stays off the address
+    /// and probes again.
+    Wait,
 }
 
-/// The rule (DESIGN §9): fence only when the data center confirms the generation moved or
-/// the answering MAC is the partner's.
+/// The rule (DESIGN §9): fence when the data center confirms the generation moved, or when
+/// the partner answers and the data center cannot be asked (the partner took over). The
+/// partner answering while the data center says this box is still the primary is a stale
+/// primary (the old one back from a power cut, its boot configuration holding the address
+/// until its agent hears of the new generation): this box waits for it, off the address.
+/// Anybody else answering is a stranger: keep the address, raise the alarm.
 pub(crate) fn answered(
     by: lbs_netconfig::MacAddr,
     partner_mac: Option<lbs_netconfig::MacAddr>,
     dc: DcWord,
 ) -> Answered {
-    if Some(by) == partner_mac || dc == DcWord::Moved {
-        Answered::StepBack
-    } else {
-        Answered::KeepAndAlarm
+    let partner = Some(by) == partner_mac;
+    match dc {
+        DcWord::Moved { .. } => Answered::StepBack,
+        DcWord::Primary if partner => Answered::Wait,
+        DcWord::Silent if partner => Answered::StepBack,
+        DcWord::Primary | DcWord::Silent => Answered::KeepAndAlarm,
     }
 }
 
@@ -211,11 +280,7 @@ pub(crate) fn answered(
 /// and decides.
 pub(crate) async fn on_answer(shared: &Shared, by: lbs_netconfig::MacAddr) -> Answered {
     let partner_mac = lock(&shared.info).partner_mac;
-    let dc = if Some(by) == partner_mac {
-        DcWord::Silent
-    } else {
-        dc_word(shared).await
-    };
+    let dc = dc_word(shared, DC_WORD_DEADLINE).await;
     let verdict = answered(by, partner_mac, dc);
     tracing::warn!(
         "{by} answers for the shared address; the partner is {}, the data center says {dc:?}: {verdict:?}",
@@ -257,11 +322,12 @@ pub(crate) fn claim(
     }
 }
 
-fn withdraw(shared: &Shared, reason: String) {
-    *lock(&shared.withdrawn) = Some(Withdrawn {
-        reason,
-        since_ms: now_ms(),
-    });
+/// Marks the shared address withdrawn (the guard takes it back when it may), with why; a
+/// withdrawal already under way keeps its start.
+pub(crate) fn withdraw(shared: &Shared, reason: String) {
+    let mut withdrawn = lock(&shared.withdrawn);
+    let since_ms = withdrawn.as_ref().map_or_else(now_ms, |w| w.since_ms);
+    *withdrawn = Some(Withdrawn { reason, since_ms });
 }
 
 /// How often the claim watch looks at the role and refreshes the partner's MAC.

@@ -58,6 +58,10 @@ use crate::daemon::tunnels::tunnels;
 
 pub use crate::control::DEFAULT_SOCKET;
 
+/// How long a primary coming back waits for the data center's word before it serves (the
+/// ARP probe of the shared address runs meanwhile).
+const START_ASK_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Options of `lbs agent`.
 #[derive(clap::Args, Debug)]
 pub struct AgentCmd {
@@ -123,11 +127,16 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     });
     // A primary coming back (power, cable, repair) first checks that nobody else answers for
     // the shared address, before it reports, replicates or serves on it: the partner may have
-    // taken over meanwhile.
-    let taken = if lock(&shared.machine).record.state == RoleState::Primary {
-        address_taken(&shared).await
+    // taken over meanwhile. It asks the data center at the same time (briefly: an unreachable
+    // one must not keep the phones waiting), so that a box promoted over while it was away
+    // steps back before its PBX starts, even where the new primary cannot answer ARP now.
+    let (taken, word) = if lock(&shared.machine).record.state == RoleState::Primary {
+        tokio::join!(
+            address_taken(&shared),
+            report::dc_word(&shared, START_ASK_DEADLINE)
+        )
     } else {
-        None
+        (None, report::DcWord::Silent)
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -209,6 +218,19 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
     let taken = match taken {
         Some(by) => match guard::on_answer(&shared, by).await {
             guard::Answered::StepBack => Some(by),
+            // Serving without the address until the stale partner steps back; the guard
+            // takes it back then.
+            guard::Answered::Wait => {
+                guard::withdraw(
+                    &shared,
+                    format!(
+                        "the partner ({by}) answers for the shared address, but the data center \
+                         says this box is still the primary: the partner is a stale primary; \
+                         this box stays off the address until it steps back"
+                    ),
+                );
+                None
+            }
             guard::Answered::KeepAndAlarm => {
                 tracing::error!(
                     "{by} answers ARP for the shared address but is not the partner, and the \
@@ -221,9 +243,17 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
         },
         None => None,
     };
-    match taken {
-        Some(by) => shared.handle(Event::AddressTaken { by: by.to_string() }),
-        None => {
+    match (taken, word) {
+        (Some(by), _) => shared.handle(Event::AddressTaken { by: by.to_string() }),
+        (None, report::DcWord::Moved { role, generation }) => {
+            tracing::warn!(
+                "the data center records this box as {role} at generation {}: it steps back \
+                 instead of serving as the primary it was",
+                generation.0
+            );
+            shared.handle(Event::Authority { role, generation });
+        }
+        (None, _) => {
             let resume = lock(&shared.machine).resume();
             shared.act(resume);
         }

@@ -293,25 +293,29 @@ pub(crate) fn box_report(shared: &Shared, record: &crate::role::RoleRecord) -> B
 /// shared address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DcWord {
-    /// This box is no longer the primary (the generation moved on): the answer is the new one.
-    Moved,
+    /// This box is no longer the primary (the generation moved on): the answer is the new
+    /// one; this box's role and the pair's generation as the data center records them.
+    Moved {
+        role: lbs_protocol::Role,
+        generation: lbs_protocol::Generation,
+    },
     /// This box is still the primary at its generation.
     Primary,
     /// No answer in time.
     Silent,
 }
 
-/// The data center's word on this box's role, asked once within [`DC_WORD_DEADLINE`] (for
-/// the address guard: somebody else answers for the shared address).
-pub(crate) async fn dc_word(shared: &Shared) -> DcWord {
-    let asked = tokio::time::timeout(DC_WORD_DEADLINE, async {
+/// The data center's word on this box's role, asked once within `within` (for the address
+/// guard: somebody else answers for the shared address; at start: a primary coming back).
+pub(crate) async fn dc_word(shared: &Shared, within: Duration) -> DcWord {
+    let asked = tokio::time::timeout(within, async {
         let (mut conn, _) = connect_dc(shared).await?;
         let record = lock(&shared.machine).record.clone();
         let (_, answer) = control::call(
             &mut conn,
             record.generation,
             Message::Report(box_report(shared, &record)),
-            DC_WORD_DEADLINE,
+            within,
         )
         .await?;
         let state = match answer {
@@ -329,7 +333,10 @@ pub(crate) async fn dc_word(shared: &Shared) -> DcWord {
             if state.role == lbs_protocol::Role::Primary && state.generation <= ours {
                 DcWord::Primary
             } else {
-                DcWord::Moved
+                DcWord::Moved {
+                    role: state.role,
+                    generation: state.generation,
+                }
             }
         }
         Ok(Err(err)) => {
@@ -341,7 +348,7 @@ pub(crate) async fn dc_word(shared: &Shared) -> DcWord {
 }
 
 /// How long the address guard waits for the data center's word.
-const DC_WORD_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DC_WORD_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A promotion the provider asked for: the same checks as **P**, then the same steps; the
 /// reason when the checks refuse it.

@@ -118,11 +118,21 @@ impl Lan {
 }
 
 /// How long the data center has not heard the partner, as of now: what it said at its last
-/// answer plus the time since (it may have heard it since; this says no more than it knows).
+/// answer plus the time since — at most one report interval of it. Past that its next answer
+/// is overdue: the partner may have reported meanwhile, and a box cut off from the data center
+/// must not count its own isolation as the partner's silence (chaos seed 2800 run 3: a backup
+/// with its cable out counted 2.4 s of it and promoted itself over a live primary).
 pub(crate) fn partner_silent_ms(shared: &Shared) -> Option<u64> {
     let silent = lock(&shared.info).partner.as_ref()?.silent_ms?;
     let answered = lock(&shared.datacenter).last_answer_ms?;
-    Some(silent.saturating_add(now_ms().saturating_sub(answered)))
+    let interval = u64::try_from(shared.config().report_interval.as_millis()).unwrap_or(u64::MAX);
+    Some(partner_silent_as_of(silent, answered, now_ms(), interval))
+}
+
+/// [`partner_silent_ms`]'s rule: `silent` as the data center said it at `answered`, carried
+/// forward to `now` by at most `interval`.
+pub(crate) fn partner_silent_as_of(silent: u64, answered: u64, now: u64, interval: u64) -> u64 {
+    silent.saturating_add(now.saturating_sub(answered).min(interval))
 }
 
 /// How many role steps a box keeps for its reports.

@@ -151,6 +151,45 @@ async fn p_is_refused_while_another_machine_answers_for_the_address_and_goes_whe
     }));
 }
 
+/// Chaos seed 2800 run 3: a backup whose cable was out promoted itself over a live primary —
+/// its probe of the shared address heard nobody (nobody could answer), and it carried the data
+/// center's last word on the primary's silence forward through its own isolation.
+#[tokio::test]
+async fn chaos_seed_2800_run_3_no_promotion_on_a_probe_without_carrier() {
+    let office = backup();
+    office.lan.set_carrier("eth0", false);
+    let refused = promote_checks(&office.shared, Asked::default(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Refusal::ProbeFailed { error, .. } if error.contains("no carrier on eth0")),
+        "{refused:?}"
+    );
+    // Even forced: nothing on the LAN can be checked, nor reached once taken.
+    let forced = Asked {
+        force: true,
+        ..Asked::default()
+    };
+    assert!(promote_checks(&office.shared, forced, None).await.is_err());
+    assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
+    office.lan.set_carrier("eth0", true);
+    assert!(
+        promote_checks(&office.shared, Asked::default(), None)
+            .await
+            .is_ok()
+    );
+}
+
+#[test]
+fn chaos_seed_2800_run_3_the_data_centers_word_is_carried_forward_one_report_interval_at_most() {
+    use crate::daemon::state::partner_silent_as_of;
+    // Reports answered on time: the silence grows with the clock.
+    assert_eq!(partner_silent_as_of(500, 10_000, 10_800, 1_000), 1_300);
+    // The answer overdue (this box cut off 2.4 s ago): no more than one interval added.
+    assert_eq!(partner_silent_as_of(500, 10_000, 12_400, 1_000), 1_500);
+    assert_eq!(partner_silent_as_of(500, 10_000, 9_000, 1_000), 500);
+}
+
 #[tokio::test]
 async fn p_is_refused_while_the_data_center_hears_the_primary_or_is_silent() {
     let office = backup();
@@ -284,7 +323,7 @@ async fn a_primary_without_carrier_withdraws_the_address_and_takes_it_back_only_
     assert_eq!(office.state(), RoleState::Primary);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() {
     let office = primary();
     office.lan.set_carrier("eth0", false);
@@ -296,6 +335,29 @@ async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() 
     guard::check(&office.shared, true).await.unwrap();
     assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
     assert_eq!(office.state(), RoleState::Fenced);
+}
+
+/// Chaos seed 42 run 3: the old primary, back from a power cut while this box's cable was
+/// out, holds the address for a moment after its boot; this box probes again and takes it
+/// back once the old one lets go, instead of stepping back on its first answer.
+#[tokio::test(start_paused = true)]
+async fn chaos_seed_42_run_3_a_partner_that_lets_go_within_the_grace_does_not_fence_the_primary() {
+    let office = primary();
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    office.lan.set_carrier("eth0", true);
+    let lan = office.lan.clone();
+    let lets_go = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        lan.set_neighbour(SHARED, None);
+    });
+    guard::check(&office.shared, true).await.unwrap();
+    lets_go.await.unwrap();
+    assert_eq!(office.state(), RoleState::Primary);
+    assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
+    assert!(lock(&office.shared.withdrawn).is_none());
 }
 
 #[tokio::test]
@@ -326,21 +388,36 @@ async fn a_stranger_answering_for_the_address_when_the_cable_returns_does_not_fe
 }
 
 #[test]
-fn only_the_partner_or_the_data_center_fences_a_primary_over_an_answered_address() {
+fn a_primary_steps_back_for_the_partner_unless_the_data_center_says_it_is_still_primary() {
     use crate::daemon::report::DcWord;
     use guard::Answered;
     let stranger = MacAddr([0x02, 0xba, 0xd0, 0, 0, 0x66]);
     let partner = Some(OLD_PRIMARY);
+    let moved = DcWord::Moved {
+        role: lbs_protocol::Role::Fenced,
+        generation: lbs_protocol::Generation(3),
+    };
+    assert_eq!(
+        guard::answered(OLD_PRIMARY, partner, moved),
+        Answered::StepBack
+    );
+    assert_eq!(
+        guard::answered(stranger, partner, moved),
+        Answered::StepBack
+    );
+    assert_eq!(guard::answered(stranger, None, moved), Answered::StepBack);
+    // Chaos seed 42 run 3: the partner answers, but the data center says this box is still
+    // the primary — the partner is the old primary back from a power cut, its boot
+    // configuration holding the address until its agent hears of the new generation. This
+    // box waits for it; stepping back too left both fenced and the phones unanswered.
+    assert_eq!(
+        guard::answered(OLD_PRIMARY, partner, DcWord::Primary),
+        Answered::Wait
+    );
+    // The data center out of reach: the partner took over (the guard has probed for
+    // `STALE_PARTNER_GRACE` before it asks).
     assert_eq!(
         guard::answered(OLD_PRIMARY, partner, DcWord::Silent),
-        Answered::StepBack
-    );
-    assert_eq!(
-        guard::answered(stranger, partner, DcWord::Moved),
-        Answered::StepBack
-    );
-    assert_eq!(
-        guard::answered(stranger, None, DcWord::Moved),
         Answered::StepBack
     );
     assert_eq!(
