@@ -45,10 +45,11 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
     if let Some(k) = &only {
         lab.extend(["--run", k]);
     }
-    // The checker's sniffer and prober, as the tests install them.
+    // The checker's sniffer and prober and the boxes' steppable clocks, as the tests install
+    // them.
     let packages: Vec<(&str, &str)> = crate::test::TEST_ONLY_PACKAGES
         .iter()
-        .filter(|(name, _)| matches!(*name, "iputils-arping" | "tcpdump"))
+        .filter(|(name, _)| matches!(*name, "iputils-arping" | "tcpdump" | "libfaketime"))
         .copied()
         .collect();
     crate::demo::run_lab("chaos", &lab, &packages)

@@ -77,6 +77,10 @@ pub const TEST_ONLY_PACKAGES: &[(&str, &str)] = &[
         "records every ARP packet on the office LAN while an old primary returns",
     ),
     (
+        "libfaketime",
+        "steps one box's wall clock under chaos (namespaces share the machine's clock)",
+    ),
+    (
         "chromium",
         "a real browser (headless) for the data center's portal tests",
     ),

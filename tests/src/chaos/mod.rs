@@ -283,6 +283,10 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
     }
     // The data center as a provider runs it: etcd at three sites, two of them serving.
     office.three_sites()?;
+    // Each box's clock its own (the nemesis steps it).
+    for host in crate::office::BOXES {
+        office.own_clock(host)?;
+    }
     if spec.auto_failover() {
         for host in crate::office::BOXES {
             let path = office.dir().join(host).join("agent.toml");

@@ -47,6 +47,9 @@ pub enum Fault {
     /// The box's disk (a tmpfs of its own for the PBX's data) filled to the last byte;
     /// undone: the filler removed.
     DiskFull(Host),
+    /// The box's wall clock stepped by this many seconds (its agent's, see
+    /// [`Office::step_clock`]); undone: stepped back.
+    ClockStep { host: Host, secs: i16 },
     /// P pressed on the box (refused or not).
     PressP(Host),
     /// B pressed on the box (refused or not).
@@ -64,7 +67,8 @@ impl Fault {
             | Fault::PartitionDc(h)
             | Fault::Netem { host: h, .. }
             | Fault::PowerOff(h)
-            | Fault::DiskFull(h) => Some(*h),
+            | Fault::DiskFull(h)
+            | Fault::ClockStep { host: h, .. } => Some(*h),
             Fault::RouterCable => Some("router"),
             // One site at a time: the data center is built to lose any one of its three.
             Fault::DcRestart(_)
@@ -116,7 +120,7 @@ pub fn schedule(dice: &mut Dice, length: Duration, auto: bool) -> Vec<Planned> {
     const SITES: [Site; 3] = ["dc1", "dc2", "dc3"];
     let mut planned: Vec<Planned> = Vec::new();
     let mut at = Duration::from_secs(2);
-    let kinds = if auto { 17 } else { 15 };
+    let kinds = if auto { 18 } else { 16 };
     while at < length {
         let host = HOSTS[dice.below(2)];
         let fault = match dice.below(kinds) {
@@ -130,14 +134,18 @@ pub fn schedule(dice: &mut Dice, length: Duration, auto: bool) -> Vec<Planned> {
                 loss_pct: 5 + dice.below(16) as u8,
                 delay_ms: 20 + dice.below(180) as u16,
             },
-            7 | 15 | 16 => Fault::PowerOff(host),
+            7 | 16 | 17 => Fault::PowerOff(host),
             8 => Fault::DcRestart(SERVING[dice.below(2)]),
             9 => Fault::DcFreeze(SERVING[dice.below(2)]),
             10 => Fault::DiskFull(host),
             11 => Fault::PressP(host),
             12 => Fault::PressB(host),
             13 => Fault::EtcdRestart(SITES[dice.below(3)]),
-            _ => Fault::SiteCut(SITES[dice.below(3)]),
+            14 => Fault::SiteCut(SITES[dice.below(3)]),
+            _ => Fault::ClockStep {
+                host,
+                secs: if dice.below(2) == 0 { 300 } else { -300 },
+            },
         };
         let hold = match (&fault, fault.holds()) {
             (_, None) => Duration::ZERO,
@@ -244,6 +252,7 @@ pub fn apply(
         Fault::EtcdRestart(site) => office.etcd_at(site, false)?,
         Fault::SiteCut(site) => office.partition_site(site, true)?,
         Fault::DiskFull(h) => fill_disk(office, h)?,
+        Fault::ClockStep { host, secs } => office.step_clock(host, i64::from(*secs))?,
         Fault::PressP(h) | Fault::PressB(h) => {
             let verb = if matches!(fault, Fault::PressP(_)) {
                 "promote"
@@ -315,6 +324,7 @@ pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
                 std::fs::remove_file(&filler)?;
             }
         }
+        Fault::ClockStep { host, .. } => office.step_clock(host, 0)?,
         Fault::PressP(_) | Fault::PressB(_) => {}
     }
     Ok(())
@@ -371,6 +381,12 @@ mod tests {
                 all.iter().any(|p| p.fault == Fault::SiteCut(site)),
                 "{site}"
             );
+        }
+        for host in ["primary", "backup"] {
+            for secs in [300, -300] {
+                let step = Fault::ClockStep { host, secs };
+                assert!(all.iter().any(|p| p.fault == step), "{step:?}");
+            }
         }
         for site in ["dc1", "dc2"] {
             assert!(

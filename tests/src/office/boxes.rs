@@ -2,7 +2,7 @@
 //! network, PBX hooks running kamailio on the shared address, its boot configuration), its
 //! PBX data, and the faults of its disk and link.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
@@ -223,4 +223,43 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<u64> {
         }
     }
     Ok(bytes)
+}
+
+/// libfaketime where Debian installs it (package `libfaketime`).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+impl Office {
+    /// Gives `host` a wall clock of its own, for agents started from now on: network
+    /// namespaces share the machine's clock, so the agent runs under libfaketime, which reads
+    /// its offset from a file (again each second); only `CLOCK_REALTIME` moves, as when a
+    /// box's clock is stepped — its monotonic clock does not. See [`Office::step_clock`].
+    pub fn own_clock(&mut self, host: &str) -> anyhow::Result<()> {
+        if !Path::new(FAKETIME).exists() {
+            anyhow::bail!("{FAKETIME} is missing: apt-get install libfaketime");
+        }
+        self.step_clock(host, 0)
+    }
+
+    /// Sets `host`'s wall clock `offset_s` seconds off the machine's (it follows within a
+    /// second); `host` has [`Office::own_clock`].
+    pub fn step_clock(&mut self, host: &str, offset_s: i64) -> anyhow::Result<()> {
+        let path = self.clock_file(host);
+        std::fs::write(&path, format!("{offset_s:+}\n"))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn clock_file(&self, host: &str) -> PathBuf {
+        self.dir().join(host).join("clock-offset")
+    }
+
+    /// The agent `cmd` of `host` under its own clock, if it has one.
+    pub(super) fn with_clock(&self, host: &str, cmd: &mut Command) {
+        let file = self.clock_file(host);
+        if file.exists() {
+            cmd.env("LD_PRELOAD", FAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", file)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+    }
 }

@@ -543,6 +543,7 @@ impl Office {
             .arg("--socket")
             .arg(self.socket(host))
             .env("LBS_AGENT_LOG", self.agent_log(host));
+        self.with_clock(host, &mut cmd);
         cmd
     }
 
