@@ -180,3 +180,44 @@ fn a_broken_session_and_a_flapping_link_during_a_large_transfer_tear_nothing() {
     office.wait_in_sync("backup", "primary").unwrap();
     no_torn_file(&office, "primary", "backup");
 }
+
+/// Found by chaos (`lbs-lab chaos --seed 2800 --run 16`, and run 21): the primary's disk
+/// filled to the last byte while the PBX wrote, then freed — the pair must be in sync again by
+/// itself, every file whole.
+#[test]
+fn chaos_seed_2800_run_16_a_full_primary_disk_freed_again_the_backup_catches_up() {
+    use std::io::Write;
+    if !require_root(
+        "chaos_seed_2800_run_16_a_full_primary_disk_freed_again_the_backup_catches_up",
+        "network namespaces, tmpfs mounts",
+    ) {
+        return;
+    }
+    let mut office = Office::start().unwrap();
+    office.limit_disk("primary", 256).unwrap();
+    office.limit_disk("backup", 256).unwrap();
+    office.bring_up_pair().unwrap();
+    let voicemail = office.set_dir("primary", "voicemail");
+    // The disk filled by one file; the PBX's next write fails half-way.
+    let filler = office.root("primary").join(".filler");
+    let mut fill = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0x5a_u8; 1 << 20];
+    while fill.write(&chunk).is_ok_and(|n| n > 0) {}
+    drop(fill);
+    let failed = std::fs::write(voicemail.join("msg-full.txt"), vec![b'x'; 300_000]);
+    assert!(failed.is_err(), "the disk is not full");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Space returns; the PBX writes again.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::write(voicemail.join("msg-after.txt"), b"after the full disk").unwrap();
+    // (In sync as of the status, and `lbs sync verify` agreeing: a status read before the
+    // change was noticed still says in sync.)
+    office
+        .wait("the backup to have it", STEP, |o| {
+            Ok(o.wait_in_sync("backup", "primary").is_ok())
+        })
+        .unwrap();
+    let copy = office.set_dir("backup", "voicemail").join("msg-after.txt");
+    assert_eq!(std::fs::read(copy).unwrap(), b"after the full disk");
+    no_torn_file(&office, "primary", "backup");
+}

@@ -68,6 +68,8 @@ pub struct RunReport {
     pub death_to_answer_quiet: Vec<Duration>,
     /// Faults, role changes and findings, in time order (ms since the epoch, text).
     pub timeline: Vec<(u64, String)>,
+    /// For a failed run: each box's `lbs status` and the end of its agent's log.
+    pub attachments: Vec<(String, String)>,
 }
 
 impl RunReport {
@@ -427,10 +429,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
         }
     }
     let answers = office.phone_answers().unwrap_or_default();
-    let events = crate::office::SERVING
-        .iter()
-        .find_map(|(site, _)| office.datacenter_at(site, &["events", "--json"]).ok())
-        .context("neither serving site tells the data center's events")?;
+    let events = data_center_events(&office)?;
     let events: serde_json::Value = serde_json::from_str(&events)?;
     for event in events.as_array().into_iter().flatten() {
         let (Some(at), Some(actor)) = (event["at"].as_u64(), event["actor"].as_str()) else {
@@ -488,6 +487,24 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
         .and_then(|sid| host_of(&office, &sid));
     report.torn_or_lost = work.check(&office, final_primary);
     report.timeline.push((now_ms(), work.summary()));
+    if report.failed() {
+        for host in crate::office::BOXES {
+            let status = office
+                .lbs(host, &["status"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("{e:#}"));
+            report
+                .attachments
+                .push((format!("{host}: lbs status"), status));
+            let log = office.agent_said(host);
+            let tail: Vec<&str> = log.lines().rev().take(300).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            report.attachments.push((
+                format!("{host}: the agent's log, last 300 lines"),
+                tail.join("\n"),
+            ));
+        }
+    }
     for (at, what) in claims
         .iter()
         .map(|c| (c.at_ms, &c.mac))
@@ -505,6 +522,28 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
     Ok(report)
 }
 
+/// The data center's audit log as either serving site reads it, asked for up to 10 s (a site
+/// just healed may need a moment); what each said if neither could.
+fn data_center_events(office: &Office) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut said = Vec::new();
+        for (site, _) in crate::office::SERVING {
+            match office.datacenter_at(site, &["events", "--json"]) {
+                Ok(events) => return Ok(events),
+                Err(err) => said.push(format!("{site}: {err:#}")),
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "neither serving site tells the data center's events: {}",
+                said.join("; ")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// The runbook after healing: every box's agent running, B on a fenced box, P on the
 /// backup when nobody serves for 10 s; converged when one box is primary (the data center's
 /// primary), the other a backup in sync (verified), and the phone answered since. How long
@@ -517,6 +556,8 @@ fn converge(
 ) -> Option<Duration> {
     let deadline = Instant::now() + CONVERGE_WITHIN;
     let mut last_p = Instant::now();
+    // What kept it from converging, as last seen (for the timeline of a run that does not).
+    let mut why = String::from("nothing looked at yet");
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         let mut roles = Vec::new();
@@ -554,22 +595,33 @@ fn converge(
             last_p = Instant::now();
         }
         let [primary] = primaries.as_slice() else {
+            why = format!("roles {roles:?}");
             continue;
         };
         if dc_primary != Some(*primary) {
+            why = format!("the data center's primary is {dc_primary:?}, the boxes' {primary}");
             continue;
         }
         let Some(backup) = crate::office::BOXES.into_iter().find(|h| h != primary) else {
             continue;
         };
         if !roles.iter().any(|(h, s)| *h == backup && s == "backup") {
+            why = format!("roles {roles:?}");
             continue;
         }
         let answered = office
             .phone_answers()
             .map(|a| a.iter().any(|t| *t > healing))
             .unwrap_or(false);
-        if answered && office.wait_in_sync(backup, primary).is_ok() {
+        if !answered {
+            why = "the phone not answered since healing".into();
+            continue;
+        }
+        let synced = office.wait_in_sync(backup, primary);
+        if let Err(err) = &synced {
+            why = format!("{backup} not in sync: {err:#}");
+        }
+        if synced.is_ok() {
             let took = Duration::from_millis(now_ms().saturating_sub(healing));
             timeline.push((
                 now_ms(),
@@ -578,7 +630,7 @@ fn converge(
             return Some(took);
         }
     }
-    timeline.push((now_ms(), "NOT converged".into()));
+    timeline.push((now_ms(), format!("NOT converged: {why}")));
     None
 }
 
@@ -639,6 +691,9 @@ pub fn write_timeline(
         report.torn_or_lost,
         report.converged
     );
+    for (name, body) in &report.attachments {
+        let _ = write!(text, "\n== {name}\n{body}\n");
+    }
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
