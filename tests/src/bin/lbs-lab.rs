@@ -114,6 +114,7 @@ fn watch_ctrl_c() {
         };
         if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
             let removed = remove_namespaces_with_prefix(&process_prefix()).unwrap_or_default();
+            lbs_tests::office::unmount_disks();
             let done = DONE.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(last_line) = done {
                 // `demo --portal` waiting for a person to be done looking: a good end.

@@ -157,6 +157,10 @@ impl Office {
                 .arg(&root),
         )?;
         self.mounts.push(root.clone());
+        MOUNTED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(root.clone());
         for (_, rel) in SETS {
             std::fs::create_dir_all(root.join(rel))?;
         }
@@ -262,4 +266,28 @@ impl Office {
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
     }
+}
+
+/// Every disk of [`Office::limit_disk`] this process mounted and has not unmounted yet, so
+/// that an interrupted lab (Ctrl-C ends the process without running its drops) unmounts them
+/// too: see [`unmount_disks`].
+static MOUNTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Unmounts `mounts` (lazily: the programs still running, stopped right after by the lab,
+/// hold files) and forgets them.
+pub(super) fn unmount(mounts: &[PathBuf]) {
+    for mount in mounts {
+        let _ = Command::new("umount").arg("-l").arg(mount).status();
+    }
+    MOUNTED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|m| !mounts.contains(m));
+}
+
+/// Unmounts every disk this process's offices still have mounted; how many.
+pub fn unmount_disks() -> usize {
+    let mounts = std::mem::take(&mut *MOUNTED.lock().unwrap_or_else(|p| p.into_inner()));
+    unmount(&mounts);
+    mounts.len()
 }

@@ -29,7 +29,7 @@ mod boxes;
 mod phone;
 mod sites;
 
-pub use boxes::generated_audio;
+pub use boxes::{generated_audio, unmount_disks};
 pub use sites::{DC3, SERVING, SITES};
 
 /// The shared address: the primary's, the one the phones use.
@@ -764,10 +764,7 @@ impl Drop for Office {
                 }
             }
         }
-        // Lazily: the programs still running (stopped right after, by the lab) hold files.
-        for mount in &self.mounts {
-            let _ = Command::new("umount").arg("-l").arg(mount).status();
-        }
+        boxes::unmount(&self.mounts);
     }
 }
 
