@@ -12,7 +12,7 @@ use crate::daemon::checks::{Asked, promote_checks};
 use crate::daemon::state::{Shared, lock, now_ms, promote_unattended};
 
 /// Automatic failover's decisions, a pure function of the time and what the backup knows
-/// (shaped like `vpn::Failover`): the task feeds it facts every second and carries out what
+/// (shaped like `vpn::Failover`): the task feeds it facts four times a second and carries out what
 /// it says.
 #[derive(Clone, Debug)]
 pub(crate) struct AutoFailover {
@@ -86,6 +86,13 @@ impl AutoFailover {
     }
 }
 
+/// How often the facts are looked at: the primary's death is acted on within this of
+/// `primary_gone_after_s` (a look is a few reads of memory).
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// After P's checks refused (they probe the shared address with ARP), the next try waits this.
+const CHECK_AGAIN: Duration = Duration::from_secs(1);
+
 /// Automatic failover (`auto_failover = true`): the backup promotes itself when it has not
 /// heard the primary itself for `primary_gone_after_s` *and* the data center (reachable) has
 /// not either — then the same checks as **P** (nobody answers ARP for the shared address
@@ -94,11 +101,13 @@ pub(crate) async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationTok
     let gone_ms = u64::try_from(shared.config().primary_gone_after.as_millis()).unwrap_or(u64::MAX);
     let mut decide = AutoFailover::new(now_ms(), gone_ms);
     let mut said = String::new();
+    let mut wait = LOOK_EVERY;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = LOOK_EVERY;
         // One lock at a time (a guard in the struct expression would live to its end).
         let state = lock(&shared.machine).record.state;
         let primary_heard_ms = *lock(&shared.partner_heard_ms);
@@ -110,9 +119,13 @@ pub(crate) async fn auto_failover(shared: Arc<Shared>, shutdown: CancellationTok
         let decision = match decide.tick(now_ms(), facts) {
             Tick::Idle => continue,
             Tick::Hold(why) => Err(why),
-            Tick::Check => promote_checks(&shared, Asked::default(), None)
-                .await
-                .map_err(|why| format!("on: not promoting: {why}")),
+            Tick::Check => {
+                // Checks that were refused (they may have probed the LAN) wait longer.
+                wait = CHECK_AGAIN;
+                promote_checks(&shared, Asked::default(), None)
+                    .await
+                    .map_err(|why| format!("on: not promoting: {why}"))
+            }
         };
         match decision {
             Ok(checks) => {
