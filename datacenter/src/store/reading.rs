@@ -127,10 +127,10 @@ impl SqliteStore {
         let mut pending: HashMap<i64, PromotionRequest> = HashMap::new();
         {
             let sql = format!(
-                "SELECT r.pair_id, r.id, p.name, r.requested_by, r.requested_at, r.expires_at,
-                        r.state, r.answer, r.hand_over
+                "SELECT r.pair_id, {}
                  FROM promotion_requests r JOIN pairs p ON p.id = r.pair_id
                  WHERE r.state = 'pending' {} ORDER BY r.id",
+                super::requests::REQUEST_COLUMNS,
                 if only.is_some() {
                     "AND r.pair_id = ?1"
                 } else {
@@ -145,16 +145,7 @@ impl SqliteStore {
                 .query_map(rusqlite::params_from_iter(&args), |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
-                        PromotionRequest {
-                            id: r.get(1)?,
-                            pair: r.get(2)?,
-                            requested_by: r.get(3)?,
-                            requested_at: r.get(4)?,
-                            expires_at: r.get(5)?,
-                            state: r.get(6)?,
-                            answer: r.get(7)?,
-                            hand_over: r.get(8)?,
-                        },
+                        super::requests::request_from_row(r, 1)?,
                     ))
                 })
                 .map_err(db("reading promotion requests"))?;

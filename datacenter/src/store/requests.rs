@@ -280,6 +280,28 @@ pub(super) fn expire_requests(
     Ok(())
 }
 
+/// A request's columns (`r`: `promotion_requests`, `p`: its pair), as [`request_from_row`]
+/// reads them.
+pub(super) const REQUEST_COLUMNS: &str =
+    "r.id, p.name, r.requested_by, r.requested_at, r.expires_at, r.state, r.answer, r.hand_over";
+
+/// A request from [`REQUEST_COLUMNS`], starting at column `first` of `r`.
+pub(super) fn request_from_row(
+    r: &rusqlite::Row<'_>,
+    first: usize,
+) -> rusqlite::Result<PromotionRequest> {
+    Ok(PromotionRequest {
+        id: r.get(first)?,
+        pair: r.get(first + 1)?,
+        requested_by: r.get(first + 2)?,
+        requested_at: r.get(first + 3)?,
+        expires_at: r.get(first + 4)?,
+        state: r.get(first + 5)?,
+        answer: r.get(first + 6)?,
+        hand_over: r.get(first + 7)?,
+    })
+}
+
 /// The one request matching `condition` (on `r`, with `?1` = `value`).
 pub(super) fn request_where(
     tx: &rusqlite::Transaction<'_>,
@@ -288,24 +310,12 @@ pub(super) fn request_where(
 ) -> Result<Option<PromotionRequest>, StoreError> {
     tx.query_row(
         &format!(
-            "SELECT r.id, p.name, r.requested_by, r.requested_at, r.expires_at, r.state, r.answer,
-                    r.hand_over
+            "SELECT {REQUEST_COLUMNS}
              FROM promotion_requests r JOIN pairs p ON p.id = r.pair_id
              WHERE {condition} ORDER BY r.id DESC LIMIT 1"
         ),
         [value],
-        |r| {
-            Ok(PromotionRequest {
-                id: r.get(0)?,
-                pair: r.get(1)?,
-                requested_by: r.get(2)?,
-                requested_at: r.get(3)?,
-                expires_at: r.get(4)?,
-                state: r.get(5)?,
-                answer: r.get(6)?,
-                hand_over: r.get(7)?,
-            })
-        },
+        |r| request_from_row(r, 0),
     )
     .optional()
     .map_err(db("reading a promotion request"))
