@@ -110,6 +110,11 @@ impl StatePaths {
     pub fn role(&self) -> PathBuf {
         self.dir.join("role.json")
     }
+    /// Left by `lbs net boot-check` when it booted a primary with its own address (another
+    /// machine answered for the shared one); the agent takes it up at its start.
+    pub fn boot_changed(&self) -> PathBuf {
+        self.dir.join("boot-check-changed")
+    }
 }
 
 /// What activation told the box about itself and its pair (kept current by the daemon).

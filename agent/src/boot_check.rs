@@ -83,6 +83,18 @@ async fn check(cmd: &BootCheckCmd) -> anyhow::Result<Finding> {
         Duration::from_secs(cmd.wait_carrier_s),
     )
     .await
+    .inspect(|found| {
+        if let Finding::Changed(why) = found {
+            // For the agent: the address may be free again by the time it starts (an old
+            // primary that answered here steps back at its first report).
+            if let Err(err) = std::fs::write(paths.boot_changed(), why) {
+                eprintln!(
+                    "boot-check: cannot leave a note for the agent in {}: {err}",
+                    paths.boot_changed().display()
+                );
+            }
+        }
+    })
 }
 
 /// The check on the network `net` and `arp` give (the kernel's, or a fake in tests); a changed

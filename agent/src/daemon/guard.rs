@@ -134,7 +134,10 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
         Hold::TakeBack => {
             let plan = takeover_plan(&network, false, &shared.paths);
             match take_back_outlasting_a_stale_partner(shared, &plan).await {
-                Ok(report) => {
+                // Fenced meanwhile (by the data center's word, say): the fencing's own steps
+                // own the address now.
+                Ok(None) => *lock(&shared.withdrawn) = None,
+                Ok(Some(report)) => {
                     let said = format!(
                         "nobody else answers for {}: taken back on {} ({})",
                         network.shared.addr,
@@ -207,16 +210,33 @@ pub(crate) const STALE_PARTNER_GRACE: Duration = Duration::from_secs(5);
 const GRACE_PROBE_EVERY: Duration = Duration::from_millis(500);
 
 /// [`lbs_netconfig::take_back`], probed again for [`STALE_PARTNER_GRACE`] while the partner
-/// (and only the partner) answers; the last answer if it never stops.
+/// (and only the partner) answers; the last answer if it never stops. `None` once this box is
+/// no longer the primary: a box fenced meanwhile must not take the address (chaos seed 2806
+/// run 35: a fenced box kept probing, found the address free when the new primary lost power,
+/// and held it with no PBX behind it) — and an address taken in the moment it was fenced is
+/// given up again.
 async fn take_back_outlasting_a_stale_partner(
     shared: &Shared,
     plan: &lbs_netconfig::TakeoverPlan,
-) -> Result<lbs_netconfig::TakeoverReport, lbs_netconfig::TakeoverError> {
+) -> Result<Option<lbs_netconfig::TakeoverReport>, lbs_netconfig::TakeoverError> {
     let (net, arp) = (&shared.lan.net, &shared.lan.arp);
+    let primary = || lock(&shared.machine).record.state == RoleState::Primary;
     let until = tokio::time::Instant::now() + STALE_PARTNER_GRACE;
     let mut said = false;
     loop {
+        if !primary() {
+            return Ok(None);
+        }
         match lbs_netconfig::take_back(net, arp, plan).await {
+            Ok(report) if !primary() => {
+                tracing::warn!(
+                    "fenced while taking {} back: giving it up again ({})",
+                    plan.to.addr,
+                    report.summary()
+                );
+                lbs_netconfig::give_up(net, arp, plan).await?;
+                return Ok(None);
+            }
             Err(lbs_netconfig::TakeoverError::InUse { mac, .. })
                 if Some(mac) == lock(&shared.info).partner_mac
                     && tokio::time::Instant::now() < until =>
@@ -235,7 +255,7 @@ async fn take_back_outlasting_a_stale_partner(
                 }
                 tokio::time::sleep(GRACE_PROBE_EVERY).await;
             }
-            outcome => return outcome,
+            outcome => return outcome.map(Some),
         }
     }
 }
@@ -395,9 +415,21 @@ pub(crate) async fn watch_partner_claims(shared: Arc<Shared>, shutdown: Cancella
                         continue;
                     }
                     Claim::Defend => {
-                        // Once a second at most, however often it claims.
+                        // Once a second at most, however often it claims; and never while
+                        // the address is off this box's interface (the carrier guard takes it
+                        // back when nobody else answers): announcing an address this box does
+                        // not hold made two claimants (chaos seed 2806 runs 5, 13 and 35).
                         if defended.is_some_and(|at: std::time::Instant| at.elapsed() < CLAIM_TICK)
                         {
+                            continue;
+                        }
+                        let held = shared
+                            .lan
+                            .net
+                            .addresses(&link)
+                            .await
+                            .is_ok_and(|held| held.contains(&network.shared));
+                        if !held {
                             continue;
                         }
                         defended = Some(std::time::Instant::now());

@@ -58,6 +58,23 @@ use crate::daemon::tunnels::tunnels;
 
 pub use crate::control::DEFAULT_SOCKET;
 
+/// A primary whose boot check found the shared address answered booted with its own; if
+/// nobody answers for it now (the one that did was a stale old primary, gone at its first
+/// report — chaos seed 2806 run 5), the carrier guard takes it back, after its probe, instead
+/// of this box serving as a primary nobody reaches.
+fn boot_changed_and_free(shared: &Shared) {
+    let note = shared.paths.boot_changed();
+    if lock(&shared.machine).record.state != RoleState::Primary || !note.exists() {
+        return;
+    }
+    guard::withdraw(
+        shared,
+        "the boot check found the shared address answered and booted this box with its own; \
+         nobody answers for it now: taken back after a probe"
+            .into(),
+    );
+}
+
 /// How long a primary coming back waits for the data center's word before it serves (the
 /// ARP probe of the shared address runs meanwhile).
 const START_ASK_DEADLINE: Duration = Duration::from_secs(1);
@@ -254,10 +271,12 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             shared.handle(Event::Authority { role, generation });
         }
         (None, _) => {
+            boot_changed_and_free(&shared);
             let resume = lock(&shared.machine).resume();
             shared.act(resume);
         }
     }
+    let _ = std::fs::remove_file(shared.paths.boot_changed());
     let (role, sid) = (lock(&shared.machine).record.clone(), lock(&shared.info).sid);
     println!("ready: {sid} {} at {}", role.state, role.generation);
     lbs_host::systemd::notify(&format!(

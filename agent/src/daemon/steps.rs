@@ -224,7 +224,23 @@ async fn ask_promotion(
     how: control::PromotionKind,
 ) -> anyhow::Result<(lbs_protocol::Generation, Message)> {
     let mut last = anyhow::anyhow!("the data center gave no control address");
-    for address in dc_order(shared) {
+    for (n, address) in dc_order(shared).into_iter().enumerate() {
+        // An automatic promotion decided on facts that may have changed while a data center
+        // did not answer (chaos seed 2806 run 43: the router's cable out, the primary booted
+        // meanwhile, and the request went through 9 s later and fenced it): before asking
+        // another, the shared address is probed again.
+        if n > 0
+            && how == control::PromotionKind::Automatic
+            && let Some(network) = network(shared)
+            && let Ok(lbs_netconfig::ProbeResult::InUse(mac)) =
+                crate::daemon::checks::probe_shared(&shared.lan, &network).await
+        {
+            bail!(
+                "{mac} answers for {} again: the primary is back; the automatic promotion is \
+                 abandoned ({last:#})",
+                network.shared.addr
+            );
+        }
         let (mut conn, version) = match connect_at(shared, address).await {
             Ok(connected) => connected,
             Err(err) => {

@@ -360,6 +360,29 @@ async fn chaos_seed_42_run_3_a_partner_that_lets_go_within_the_grace_does_not_fe
     assert!(lock(&office.shared.withdrawn).is_none());
 }
 
+/// Chaos seed 2806 run 35: fenced while it waited for the partner to let go, a box must not
+/// take the address when it comes free.
+#[tokio::test(start_paused = true)]
+async fn chaos_seed_2806_run_35_a_box_fenced_during_the_grace_does_not_take_the_address() {
+    let office = primary();
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    office.lan.set_carrier("eth0", true);
+    let (lan, shared) = (office.lan.clone(), office.shared.clone());
+    let meanwhile = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        lock(&shared.machine).record.state = RoleState::Fenced;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        lan.set_neighbour(SHARED, None);
+    });
+    guard::check(&office.shared, true).await.unwrap();
+    meanwhile.await.unwrap();
+    assert!(!office.addresses().contains(&cidr("192.168.1.2/24")));
+    assert!(lock(&office.shared.withdrawn).is_none());
+}
+
 #[tokio::test]
 async fn a_stranger_answering_for_the_address_when_the_cable_returns_does_not_fence_the_primary() {
     let office = primary();
