@@ -488,6 +488,35 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
     report.torn_or_lost = work.check(&office, final_primary);
     report.timeline.push((now_ms(), work.summary()));
     if report.failed() {
+        let neigh = office
+            .lab
+            .sh("phone", &["ip", "neigh", "show", SHARED])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        let mut lan = format!(
+            "the phone's sipp {}; its last answer {}; it sends to {neigh}",
+            if office.phone_alive() {
+                "runs"
+            } else {
+                "has ENDED"
+            },
+            answers
+                .iter()
+                .max()
+                .map_or("never".to_owned(), |at| format!("at {at} ms"))
+        );
+        for host in crate::office::BOXES {
+            let held = office.addresses(host).unwrap_or_else(|e| format!("{e:#}"));
+            let (mac, pbx) = (
+                office.mac(host).unwrap_or_default(),
+                office.pbx_running(host),
+            );
+            lan.push_str(&format!(
+                "\n{host} ({mac}): PBX {}; {held}",
+                if pbx { "running" } else { "not running" }
+            ));
+        }
+        report.attachments.push(("the LAN".into(), lan));
         for host in crate::office::BOXES {
             let status = office
                 .lbs(host, &["status"])

@@ -76,6 +76,13 @@ impl Office {
         Ok(())
     }
 
+    /// Whether the phone's sipp still runs.
+    pub fn phone_alive(&self) -> bool {
+        self.phone
+            .as_ref()
+            .is_some_and(|(pid, _)| Path::new(&format!("/proc/{pid}")).exists())
+    }
+
     /// The times (ms since the epoch) of every answer the phone got so far.
     pub fn phone_answers(&self) -> anyhow::Result<Vec<u64>> {
         self.phone.as_ref().context("the phone is not running")?;
