@@ -593,6 +593,9 @@ impl Office {
             self.kill_agent(host)?;
         }
         self.lab.kill_all_in(host)?;
+        // /run does not survive a power cut: a stale pid file (its killed PBX perhaps not
+        // reaped yet) told the PBX hook at boot that the PBX still ran (chaos seed 2807 run 95).
+        let _ = std::fs::remove_file(self.dir().join(host).join("run/kamailio.pid"));
         self.lab.plug(host, false)
     }
 
