@@ -383,7 +383,9 @@ fn after_p_and_b_the_connections_follow_the_address() {
     let (mut pair, a, b) = Pair::office_pair("");
     pair.agents.push(b);
     let b_sid = pair.sids[1].0.to_string();
-    // The data center's word on the primary ages while it is unreachable.
+    // The data center's word on the primary ages while it is unreachable — by one report
+    // interval at most (1 s here): past that its answer is overdue, and this box's own
+    // isolation is not the primary's silence (chaos seed 2800 run 3).
     let silent = |pair: &mut Pair| {
         pair.status("b")["info"]["partner"]["silent_ms"]
             .as_u64()
@@ -395,7 +397,10 @@ fn after_p_and_b_the_connections_follow_the_address() {
     let before = silent(&mut pair);
     std::thread::sleep(Duration::from_millis(1500));
     let after = silent(&mut pair);
-    assert!(after >= before + 1000, "{before} ms, then {after} ms");
+    assert!(
+        after >= 1000 && after >= before && after <= before + 1000,
+        "{before} ms, then {after} ms"
+    );
     pair.lab.signal(dc, "CONT").unwrap();
     pair.wait_primary_silent("b");
 
