@@ -9,6 +9,15 @@
 use lbs_tests::office::{Office, SHARED, STEP, now_ms};
 use lbs_tests::require_root;
 
+/// The office with both boxes in sync and the phone answered.
+fn office_answering() -> Office {
+    let mut office = Office::start().unwrap();
+    office.bring_up_pair().unwrap();
+    office.start_phone().unwrap();
+    office.first_answer_after(0, STEP).unwrap();
+    office
+}
+
 #[test]
 fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
     if !require_root(
@@ -17,10 +26,7 @@ fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
     ) {
         return;
     }
-    let mut office = Office::start().unwrap();
-    office.bring_up_pair().unwrap();
-    office.start_phone().unwrap();
-    office.first_answer_after(0, STEP).unwrap();
+    let mut office = office_answering();
 
     // The primary's cable is pulled; its agent and PBX keep running.
     office.lab.plug("primary", false).unwrap();
@@ -96,10 +102,7 @@ fn chaos_seed_42_run_3_an_old_primary_booting_onto_the_address_does_not_fence_th
     ) {
         return;
     }
-    let mut office = Office::start().unwrap();
-    office.bring_up_pair().unwrap();
-    office.start_phone().unwrap();
-    office.first_answer_after(0, STEP).unwrap();
+    let mut office = office_answering();
 
     office.power_off("primary").unwrap();
     office.wait_primary_gone("backup").unwrap();

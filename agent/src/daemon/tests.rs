@@ -123,6 +123,18 @@ fn primary() -> Office {
     Office::new(RoleState::Primary, &["192.168.1.3/24", "192.168.1.2/24"])
 }
 
+/// A primary whose cable was out (the address withdrawn) and is back in, the partner (known by
+/// its MAC) answering for the shared address; the carrier guard has not looked yet.
+async fn partner_on_the_address_as_the_cable_returns() -> Office {
+    let office = primary();
+    office.lan.set_carrier("eth0", false);
+    guard::check(&office.shared, false).await.unwrap();
+    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
+    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
+    office.lan.set_carrier("eth0", true);
+    office
+}
+
 #[tokio::test]
 async fn p_is_refused_while_another_machine_answers_for_the_address_and_goes_when_it_is_unplugged()
 {
@@ -325,13 +337,8 @@ async fn a_primary_without_carrier_withdraws_the_address_and_takes_it_back_only_
 
 #[tokio::test(start_paused = true)]
 async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() {
-    let office = primary();
-    office.lan.set_carrier("eth0", false);
-    guard::check(&office.shared, false).await.unwrap();
     // Meanwhile the backup (whose MAC this box saw before) was promoted and took the address.
-    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
-    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
-    office.lan.set_carrier("eth0", true);
+    let office = partner_on_the_address_as_the_cable_returns().await;
     guard::check(&office.shared, true).await.unwrap();
     assert_eq!(office.addresses(), vec![cidr("192.168.1.3/24")]);
     assert_eq!(office.state(), RoleState::Fenced);
@@ -342,12 +349,7 @@ async fn a_primary_whose_address_was_taken_while_its_cable_was_out_steps_back() 
 /// back once the old one lets go, instead of stepping back on its first answer.
 #[tokio::test(start_paused = true)]
 async fn chaos_seed_42_run_3_a_partner_that_lets_go_within_the_grace_does_not_fence_the_primary() {
-    let office = primary();
-    office.lan.set_carrier("eth0", false);
-    guard::check(&office.shared, false).await.unwrap();
-    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
-    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
-    office.lan.set_carrier("eth0", true);
+    let office = partner_on_the_address_as_the_cable_returns().await;
     let lan = office.lan.clone();
     let lets_go = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -364,12 +366,7 @@ async fn chaos_seed_42_run_3_a_partner_that_lets_go_within_the_grace_does_not_fe
 /// take the address when it comes free.
 #[tokio::test(start_paused = true)]
 async fn chaos_seed_2806_run_35_a_box_fenced_during_the_grace_does_not_take_the_address() {
-    let office = primary();
-    office.lan.set_carrier("eth0", false);
-    guard::check(&office.shared, false).await.unwrap();
-    lock(&office.shared.info).partner_mac = Some(OLD_PRIMARY);
-    office.lan.set_neighbour(SHARED, Some(OLD_PRIMARY));
-    office.lan.set_carrier("eth0", true);
+    let office = partner_on_the_address_as_the_cable_returns().await;
     let (lan, shared) = (office.lan.clone(), office.shared.clone());
     let meanwhile = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
