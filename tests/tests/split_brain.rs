@@ -71,11 +71,7 @@ fn two_ps_at_once_promote_once_and_the_old_primary_plugged_back_steps_back() {
     // The phone is answered after the return, and still knows .2 at the new primary's MAC.
     let answered = office.first_answer_after(plugged + 1000, STEP).unwrap();
     assert!(answered > plugged);
-    let neigh = office
-        .lab
-        .sh("phone", &["ip", "neigh", "show", SHARED])
-        .unwrap();
-    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    let neigh = office.phone_neighbour().unwrap();
     assert!(neigh.contains(&new_primary), "{neigh}");
     // It says why: its own probe found the new primary, or the data center's word came first.
     let said = office.agent_said("primary");
@@ -173,11 +169,7 @@ fn chaos_seed_42_run_3_an_old_primary_booting_onto_the_address_does_not_fence_th
     assert_eq!(office.status("backup").unwrap()["role"]["state"], "primary");
     assert!(!office.addresses("primary").unwrap().contains(&shared));
     office.first_answer_after(back, STEP).unwrap();
-    let neigh = office
-        .lab
-        .sh("phone", &["ip", "neigh", "show", SHARED])
-        .unwrap();
-    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    let neigh = office.phone_neighbour().unwrap();
     assert!(neigh.contains(&new_primary), "{neigh}");
     // Each says what it did: the new primary waited, the old one stepped back at its start
     // before its PBX.

@@ -21,7 +21,7 @@ pub struct ChaosArgs {
     /// Seconds of faults per run.
     #[arg(long, default_value_t = 90)]
     secs: u64,
-    /// Offices at once (each about a third of a core; the runs' faults stay their own).
+    /// Offices at once (4 took about 40 % of a 2-core machine; the runs' faults stay their own).
     #[arg(long, default_value_t = 1)]
     jobs: usize,
 }

@@ -149,7 +149,7 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
                     *lock(&shared.withdrawn) = None;
                 }
                 Err(lbs_netconfig::TakeoverError::InUse { mac, .. }) => {
-                    match on_answer(shared, mac).await {
+                    match on_answer(shared, mac, None).await {
                         Answered::StepBack => {
                             tracing::warn!(
                                 "{mac} answers ARP for {}: another box took over while this one was away",
@@ -160,19 +160,7 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
                                 by: mac.to_string(),
                             });
                         }
-                        Answered::Wait => {
-                            let why = format!(
-                                "the partner ({mac}) answers for {}, but the data center says \
-                                 this box is still the primary: the partner is a stale primary \
-                                 that steps back at its next report; this box stays off the \
-                                 address and probes again in {} s",
-                                network.shared.addr,
-                                RECHECK.as_secs()
-                            );
-                            tracing::warn!("{why}");
-                            let _ = shared.progress.send(why.clone());
-                            withdraw(shared, why);
-                        }
+                        Answered::Wait => wait_for_stale_partner(shared, mac, network.shared.addr),
                         Answered::KeepAndAlarm => {
                             let mut plan = takeover_plan(&network, false, &shared.paths);
                             plan.force = true;
@@ -296,11 +284,18 @@ pub(crate) fn answered(
     }
 }
 
-/// Gathers the facts for [`answered`] (the partner's remembered MAC, the data center's word)
-/// and decides.
-pub(crate) async fn on_answer(shared: &Shared, by: lbs_netconfig::MacAddr) -> Answered {
+/// Gathers the facts for [`answered`] (the partner's remembered MAC, the data center's word —
+/// `known` if already asked, else asked now) and decides.
+pub(crate) async fn on_answer(
+    shared: &Shared,
+    by: lbs_netconfig::MacAddr,
+    known: Option<DcWord>,
+) -> Answered {
     let partner_mac = lock(&shared.info).partner_mac;
-    let dc = dc_word(shared, DC_WORD_DEADLINE).await;
+    let dc = match known {
+        Some(word) => word,
+        None => dc_word(shared, DC_WORD_DEADLINE).await,
+    };
     let verdict = answered(by, partner_mac, dc);
     tracing::warn!(
         "{by} answers for the shared address; the partner is {}, the data center says {dc:?}: {verdict:?}",
@@ -340,6 +335,24 @@ pub(crate) fn claim(
     } else {
         Claim::StepBack
     }
+}
+
+/// [`Answered::Wait`]: off the address (withdrawn, so the carrier guard takes it back once
+/// nobody answers), and said.
+pub(crate) fn wait_for_stale_partner(
+    shared: &Shared,
+    mac: lbs_netconfig::MacAddr,
+    address: std::net::Ipv4Addr,
+) {
+    let why = format!(
+        "the partner ({mac}) answers for {address}, but the data center says this box is still \
+         the primary: the partner is a stale primary that steps back at its next report; this \
+         box stays off the address and probes again every {} s",
+        RECHECK.as_secs()
+    );
+    tracing::warn!("{why}");
+    let _ = shared.progress.send(why.clone());
+    withdraw(shared, why);
 }
 
 /// Marks the shared address withdrawn (the guard takes it back when it may), with why; a

@@ -52,7 +52,7 @@ use crate::daemon::replication::replication;
 use crate::daemon::report::report;
 use crate::daemon::resources::sample_resources;
 use crate::daemon::role_notify::notify_hook;
-use crate::daemon::state::{Lan, Shared, lock, now_ms};
+use crate::daemon::state::{Lan, Shared, lock, network, now_ms};
 use crate::daemon::steps::execute_steps;
 use crate::daemon::tunnels::tunnels;
 
@@ -232,20 +232,18 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<ExitCode> {
             )),
         );
     }
+    // The data center's word asked alongside the probe serves again, unless it did not come
+    // within that short deadline.
+    let known = (word != report::DcWord::Silent).then_some(word);
     let taken = match taken {
-        Some(by) => match guard::on_answer(&shared, by).await {
+        Some(by) => match guard::on_answer(&shared, by, known).await {
             guard::Answered::StepBack => Some(by),
             // Serving without the address until the stale partner steps back; the guard
             // takes it back then.
             guard::Answered::Wait => {
-                guard::withdraw(
-                    &shared,
-                    format!(
-                        "the partner ({by}) answers for the shared address, but the data center \
-                         says this box is still the primary: the partner is a stale primary; \
-                         this box stays off the address until it steps back"
-                    ),
-                );
+                if let Some(network) = network(&shared) {
+                    guard::wait_for_stale_partner(&shared, by, network.shared.addr);
+                }
                 None
             }
             guard::Answered::KeepAndAlarm => {

@@ -489,9 +489,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
     report.timeline.push((now_ms(), work.summary()));
     if report.failed() {
         let neigh = office
-            .lab
-            .sh("phone", &["ip", "neigh", "show", SHARED])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .phone_neighbour()
             .unwrap_or_else(|e| format!("{e:#}"));
         let mut lan = format!(
             "the phone's sipp {}; its last answer {}; it sends to {neigh}",

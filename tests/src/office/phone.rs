@@ -76,6 +76,12 @@ impl Office {
         Ok(())
     }
 
+    /// The phone's ARP entry for the shared address (`ip neigh show`): whose MAC it sends to.
+    pub fn phone_neighbour(&mut self) -> anyhow::Result<String> {
+        let out = self.lab.sh("phone", &["ip", "neigh", "show", SHARED])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Whether the phone's sipp still runs.
     pub fn phone_alive(&self) -> bool {
         self.phone

@@ -87,7 +87,7 @@ pub(crate) fn watch_sets(
                     () = token.cancelled() => return,
                     event = rx.recv() => event,
                     _ = room.tick() => {
-                        pending.extend(room_again(&mut full, &roots));
+                        pending.extend(room_again(&mut full, &roots).await);
                         continue;
                     }
                 }
@@ -97,7 +97,7 @@ pub(crate) fn watch_sets(
                     () = token.cancelled() => return,
                     event = rx.recv() => event,
                     _ = room.tick() => {
-                        pending.extend(room_again(&mut full, &roots));
+                        pending.extend(room_again(&mut full, &roots).await);
                         continue;
                     }
                     () = tokio::time::sleep_until(deadline) => {
@@ -175,15 +175,21 @@ const ROOM_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// until the next reconcile, 30 minutes later by default (chaos seed 2807 runs 80 and 97: the
 /// backup's copy the same bytes with an older mtime, `lbs sync verify` differing). A set whose
 /// file system comes back from full gets a notice.
-fn room_again(full: &mut BTreeSet<String>, roots: &[(String, PathBuf)]) -> Vec<String> {
-    let now: Vec<(String, bool)> = roots
-        .iter()
-        .filter_map(|(name, root)| {
-            let stat = nix::sys::statvfs::statvfs(root.as_path()).ok()?;
-            let room = stat.blocks_available().saturating_mul(stat.fragment_size());
-            Some((name.clone(), room < FULL_BELOW))
-        })
-        .collect();
+async fn room_again(full: &mut BTreeSet<String>, roots: &[(String, PathBuf)]) -> Vec<String> {
+    // statvfs blocks (a hung network mount would hold a runtime thread): off the runtime.
+    let roots = roots.to_vec();
+    let now = tokio::task::spawn_blocking(move || {
+        roots
+            .into_iter()
+            .filter_map(|(name, root)| {
+                let stat = nix::sys::statvfs::statvfs(root.as_path()).ok()?;
+                let room = stat.blocks_available().saturating_mul(stat.fragment_size());
+                Some((name, room < FULL_BELOW))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
     full_to_room(full, now)
 }
 
