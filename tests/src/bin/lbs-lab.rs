@@ -115,6 +115,7 @@ fn watch_ctrl_c() {
         if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
             let removed = remove_namespaces_with_prefix(&process_prefix()).unwrap_or_default();
             lbs_tests::office::unmount_disks();
+            lbs_tests::office::remove_office_dirs();
             let done = DONE.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(last_line) = done {
                 // `demo --portal` waiting for a person to be done looking: a good end.

@@ -291,3 +291,51 @@ pub fn unmount_disks() -> usize {
     unmount(&mounts);
     mounts.len()
 }
+
+/// Every office directory this process made and has not removed yet, so that an interrupted
+/// lab removes them too: see [`remove_office_dirs`].
+static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// An office's scratch directory (its boxes' roots, the sites' stores, the phone): removed
+/// when the office is dropped, or by [`remove_office_dirs`] when the lab is interrupted.
+#[derive(Debug)]
+pub(super) struct OfficeDir(tempfile::TempDir);
+
+impl OfficeDir {
+    pub(super) fn new() -> anyhow::Result<OfficeDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("lbs-office-")
+            .tempdir()
+            .context("making the office's scratch directory")?;
+        DIRS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir.path().to_path_buf());
+        Ok(OfficeDir(dir))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for OfficeDir {
+    fn drop(&mut self) {
+        DIRS.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d| d != self.0.path());
+    }
+}
+
+/// Removes every office directory of this process still on disk (after its namespaces and
+/// disks are gone: Ctrl-C ends the process without running its drops); how many.
+pub fn remove_office_dirs() -> usize {
+    let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+    // The processes just killed may still be writing for a moment.
+    let remove = |dir: &PathBuf| {
+        std::fs::remove_dir_all(dir).is_ok() || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::remove_dir_all(dir).is_ok()
+        }
+    };
+    dirs.iter().filter(|dir| remove(dir)).count()
+}

@@ -29,7 +29,7 @@ mod boxes;
 mod phone;
 mod sites;
 
-pub use boxes::{generated_audio, unmount_disks};
+pub use boxes::{generated_audio, remove_office_dirs, unmount_disks};
 pub use sites::{DC3, SERVING, SITES};
 
 /// The shared address: the primary's, the one the phones use.
@@ -99,7 +99,7 @@ impl Layout {
 pub struct Office {
     /// The namespaces and the processes in them.
     pub lab: Lab,
-    tmp: tempfile::TempDir,
+    tmp: boxes::OfficeDir,
     /// The pair's SIDs and activation keys, in provisioning order.
     pub sids: Vec<(ServerId, String)>,
     agents: Vec<(String, u32)>,
@@ -159,7 +159,7 @@ impl Office {
             Layout::Office { .. } => Office::office_network(remote)?,
             Layout::Lan { .. } => Office::lan_network(remote)?,
         };
-        let tmp = tempfile::tempdir()?;
+        let tmp = boxes::OfficeDir::new()?;
         let mut office = Office {
             lab,
             tmp,
