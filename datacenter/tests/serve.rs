@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lbs_protocol::control::{
     self, ActivationGrant, ActivationRequest, BoxReport, CallError, Denial, PairState, Promotion,
-    SyncSummary,
+    PromotionKind, SyncSummary,
 };
 use lbs_protocol::handshake::HELLO_TIMEOUT;
 use lbs_protocol::inventory::Inventory;
@@ -1134,4 +1134,41 @@ async fn a_retired_pair_is_told_so_and_the_others_carry_on() {
     assert!(!alive.exists(), "serve.alive left after a clean stop");
     let (_, out, _) = dc.cli(&["status"]);
     assert!(out.starts_with("serve: NOT RUNNING"), "{out}");
+}
+
+/// Chaos seed 2808 run 83: the backup decided the primary was gone and asked; meanwhile the
+/// primary booted and reported. A promotion that rests on the primary's silence is refused
+/// while the data center hears it; one that does not (P --force) goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_that_needs_the_primary_silent_is_refused_while_it_reports() {
+    let mut dc = Dc::new("");
+    let servers = dc.provision("acme", &[]);
+    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
+    dc.start();
+    a.activate(&dc).await.unwrap();
+    b.activate(&dc).await.unwrap();
+    let mut ca = a.control(&dc, Generation(1), Role::Primary).await;
+    state(&mut ca, Generation(1), a.report(Role::Primary, a.lan)).await;
+    let mut cb = b.control(&dc, Generation(1), Role::Backup).await;
+    state(&mut cb, Generation(1), b.report(Role::Backup, b.lan)).await;
+    let quiet = |quiet_ms| Message::PromoteIfQuiet {
+        advertised: b.lan,
+        how: PromotionKind::Automatic,
+        quiet_ms,
+    };
+    // Heard a moment ago: refused, with how long ago, and nothing changes.
+    match control::call(&mut cb, Generation(1), quiet(5_000), WAIT).await {
+        Err(CallError::Denied(Denial::NotAllowed(why))) => {
+            assert!(why.contains("reported") && why.contains("alive"), "{why}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let s = state(&mut ca, Generation(1), a.report(Role::Primary, a.lan)).await;
+    assert_eq!((s.role, s.generation), (Role::Primary, Generation(1)));
+    // Silent for longer than asked: granted.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    match control::call(&mut cb, Generation(1), quiet(500), WAIT).await {
+        Ok((_, Message::Promoted(promotion))) => assert_eq!(promotion.generation, Generation(2)),
+        other => panic!("expected the promotion, got {other:?}"),
+    }
 }

@@ -155,6 +155,12 @@ pub struct ResourceSample {
 /// At most this many samples travel in one message (an hour at the agent's 10 s).
 pub const MAX_SAMPLES: usize = 360;
 
+/// The first protocol that knows [`crate::Message::PromoteIfQuiet`].
+pub const QUIET_PROMOTION: crate::ProtocolVersion = crate::ProtocolVersion {
+    major: 1,
+    minor: 10,
+};
+
 /// The first protocol whose reports carry [`ReportDetails`].
 pub const DETAILED_REPORTS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 9 };
 

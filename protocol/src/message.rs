@@ -316,6 +316,18 @@ pub enum Message {
         report: BoxReport,
         details: crate::control::ReportDetails,
     },
+    /// Box → data center (protocol 1.10, else [`Message::PromoteAs`]): as `PromoteAs`, but only
+    /// if the data center has not heard the pair's primary for `quiet_ms` either — the backup
+    /// decided on a silence that may have ended while it asked (the primary's cable back, its
+    /// box booted). Refused with [`crate::control::Denial::NotAllowed`] when it has.
+    PromoteIfQuiet {
+        /// The address the new primary serves on.
+        advertised: std::net::Ipv4Addr,
+        /// Who or what asked.
+        how: crate::control::PromotionKind,
+        /// How long the primary must have been silent, milliseconds.
+        quiet_ms: u64,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -362,6 +374,7 @@ impl Message {
             Message::TunnelPeersRequest => "tunnel-peers-request",
             Message::TunnelPeers { .. } => "tunnel-peers",
             Message::PromoteAs { .. } => "promote-as",
+            Message::PromoteIfQuiet { .. } => "promote-if-quiet",
             Message::HandOver { .. } => "hand-over",
             Message::HandOverRequested { .. } => "hand-over-requested",
             Message::TunnelPairsRequest => "tunnel-pairs-request",

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 /// Bump `minor` when adding message variants or trailing fields that an older peer can live
 /// without (the newer side must not send them to an older peer); bump `major` for anything
 /// an older peer would misread. Peers with different majors refuse each other.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 9 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 10,
+};
 
 /// A wire protocol version, `major.minor`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]

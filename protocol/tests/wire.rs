@@ -762,3 +762,16 @@ fn a_detailed_report_is_new_in_1_9_and_its_bounds_are_checked() {
     assert!(cut.ends_with('…'));
     assert_eq!(detail_text("short"), "short");
 }
+
+#[test]
+fn promote_if_quiet_comes_after_every_older_message_and_round_trips() {
+    // After `DetailedReport` (50): a 1.9 data center never meets it by index.
+    let message = Message::PromoteIfQuiet {
+        advertised: std::net::Ipv4Addr::new(192, 168, 1, 2),
+        how: lbs_protocol::control::PromotionKind::Automatic,
+        quiet_ms: 2_000,
+    };
+    assert_eq!(variant_index(message.clone()), 51);
+    let wire = postcard::to_stdvec(&message).unwrap();
+    assert_eq!(postcard::from_bytes::<Message>(&wire).unwrap(), message);
+}

@@ -19,6 +19,13 @@ pub(crate) struct AutoFailover {
     /// When the agent started: a backup that has not heard the primary since counts its
     /// silence from then, not from never.
     started_ms: u64,
+    /// When this box last became the backup (B after a fencing, a hand-over): it has not had
+    /// the chance to hear the primary before, so its silence counts from then (chaos seed
+    /// 2808 run 31: B pressed, and 1.6 s later the backup promoted itself over a primary whose
+    /// cable had just come back, on a silence it had counted while fenced).
+    backup_since_ms: u64,
+    /// Whether the last tick saw a backup.
+    was_backup: bool,
     gone_after_ms: u64,
     /// After a promotion attempt, the next waits a while.
     not_before_ms: u64,
@@ -48,25 +55,34 @@ impl AutoFailover {
     pub(crate) fn new(started_ms: u64, gone_after_ms: u64) -> AutoFailover {
         AutoFailover {
             started_ms,
+            backup_since_ms: started_ms,
+            was_backup: true,
             gone_after_ms,
             not_before_ms: started_ms,
         }
     }
 
     pub(crate) fn tick(&mut self, now_ms: u64, facts: AutoFacts) -> Tick {
-        if !facts.enabled || facts.state != RoleState::Backup || now_ms < self.not_before_ms {
+        let is_backup = facts.state == RoleState::Backup;
+        if is_backup && !self.was_backup {
+            self.backup_since_ms = now_ms;
+        }
+        self.was_backup = is_backup;
+        if !facts.enabled || !is_backup || now_ms < self.not_before_ms {
             return Tick::Idle;
         }
-        let lost_since = facts
-            .primary_heard_ms
-            .unwrap_or(self.started_ms)
-            .max(self.started_ms);
-        let silent = now_ms.saturating_sub(lost_since);
+        let heard = facts.primary_heard_ms.unwrap_or(0);
+        let baseline = self.started_ms.max(self.backup_since_ms);
+        let silent = now_ms.saturating_sub(heard.max(baseline));
         if silent < self.gone_after_ms {
-            return Tick::Hold(format!(
-                "on: this box heard the primary {:.1} s ago",
-                silent as f64 / 1000.0
-            ));
+            let ago = silent as f64 / 1000.0;
+            return Tick::Hold(if heard >= baseline {
+                format!("on: this box heard the primary {ago:.1} s ago")
+            } else if self.backup_since_ms > self.started_ms {
+                format!("on: this box became the backup {ago:.1} s ago")
+            } else {
+                format!("on: this box started {ago:.1} s ago")
+            });
         }
         Tick::Check
     }
@@ -188,6 +204,38 @@ mod tests {
     }
 
     #[test]
+    fn chaos_seed_2808_run_31_a_box_that_just_became_the_backup_gives_the_primary_time() {
+        let start = 1_000_000;
+        let mut auto = AutoFailover::new(start, GONE);
+        // The primary was last heard long ago, while this box was fenced (its cable was out).
+        let fenced = AutoFacts {
+            state: RoleState::Fenced,
+            ..backup(Some(start + 1_000))
+        };
+        assert_eq!(auto.tick(start + 60_000, fenced), Tick::Idle);
+        // B: the backup from now; silence counts from here, not from the last word.
+        let b = start + 61_000;
+        assert!(matches!(
+            auto.tick(b, backup(Some(start + 1_000))),
+            Tick::Hold(_)
+        ));
+        assert_eq!(
+            auto.tick(b + 1_500, backup(Some(start + 1_000))),
+            Tick::Hold("on: this box became the backup 1.5 s ago".into())
+        );
+        // Heard meanwhile: that counts as ever.
+        assert_eq!(
+            auto.tick(b + 3_000, backup(Some(b + 2_000))),
+            Tick::Hold("on: this box heard the primary 1.0 s ago".into())
+        );
+        // Still silent a whole GONE after becoming the backup: the primary is gone.
+        assert_eq!(
+            auto.tick(b + 1_500 + GONE, backup(Some(start + 1_000))),
+            Tick::Check
+        );
+    }
+
+    #[test]
     fn only_an_enabled_backup_acts_and_an_attempt_waits_before_the_next() {
         let mut auto = AutoFailover::new(0, GONE);
         let now = 100_000;
@@ -200,13 +248,14 @@ mod tests {
                 state,
                 ..backup(None)
             };
-            assert_eq!(auto.tick(now, facts), Tick::Idle, "{state:?}");
+            assert_eq!(auto.tick(now - GONE - 1, facts), Tick::Idle, "{state:?}");
         }
         let off = AutoFacts {
             enabled: false,
             ..backup(None)
         };
-        assert_eq!(auto.tick(now, off), Tick::Idle);
+        // Off, but the backup since now: its silence counts from here when it is turned on.
+        assert_eq!(auto.tick(now - GONE, off), Tick::Idle);
         assert_eq!(auto.tick(now, backup(None)), Tick::Check);
         auto.promoted(now);
         assert_eq!(auto.tick(now + 29_000, backup(None)), Tick::Idle);

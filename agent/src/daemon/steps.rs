@@ -249,8 +249,20 @@ async fn ask_promotion(
                 continue;
             }
         };
-        // A data center of 1.4 records how the promotion came about.
-        let request = if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+        // A data center of 1.4 records how the promotion came about; one of 1.10 also checks,
+        // as it decides, that the primary is still silent when the promotion rests on that.
+        let quiet = matches!(
+            how,
+            control::PromotionKind::Automatic | control::PromotionKind::Operator
+        );
+        let request = if quiet && version >= control::QUIET_PROMOTION {
+            let gone_after = shared.config().primary_gone_after;
+            Message::PromoteIfQuiet {
+                advertised,
+                how,
+                quiet_ms: u64::try_from(gone_after.as_millis()).unwrap_or(u64::MAX),
+            }
+        } else if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
             Message::PromoteAs { advertised, how }
         } else {
             Message::Promote { advertised }

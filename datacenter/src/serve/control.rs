@@ -222,12 +222,20 @@ pub(super) async fn control(
             }
             Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
-                on_promote(inner, sid, believed, advertised, actor.clone()).await
+                on_promote(inner, sid, believed, advertised, actor.clone(), None).await
             }
             Message::PromoteAs { advertised, how } => {
                 // The audit log says how it came about (forced, offline, a hand-over, …).
                 let actor = format!("{actor} ({how})");
-                on_promote(inner, sid, believed, advertised, actor).await
+                on_promote(inner, sid, believed, advertised, actor, None).await
+            }
+            Message::PromoteIfQuiet {
+                advertised,
+                how,
+                quiet_ms,
+            } => {
+                let actor = format!("{actor} ({how})");
+                on_promote(inner, sid, believed, advertised, actor, Some(quiet_ms)).await
             }
             Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
             Message::PartnerKeyRequest => {
@@ -514,13 +522,18 @@ pub(super) async fn on_promote(
     believed: Generation,
     advertised: Ipv4Addr,
     actor: String,
+    quiet_ms: Option<u64>,
 ) -> Message {
     let shared = inner.clone();
     let result = with_store(inner, move |s| {
-        // The audit says how long before this the old primary last reported.
+        // The audit says how long before this the old primary last reported; the reports this
+        // site holds are written first, so a primary heard here a moment ago counts.
         shared.liveness.write(s)?;
         let now = now_ms();
         let before = s.pair_of(sid)?;
+        if let Some(quiet_ms) = quiet_ms {
+            still_quiet(&before, sid, now, quiet_ms)?;
+        }
         let promoted = s.promote(sid, believed, advertised, &actor, now)?;
         let previous_silent_ms = promoted.previous.and_then(|previous| {
             let previous = previous.to_string();
@@ -547,6 +560,34 @@ pub(super) async fn on_promote(
             tracing::warn!(%sid, "promotion refused: {err}");
             Message::Denied(denial(err))
         }
+    }
+}
+
+/// Refuses a promotion that needs the pair's primary silent for `quiet_ms` when it was heard
+/// more lately (a primary whose cable came back, or that booted, while its backup asked). A
+/// box asking again for the promotion it was granted is the primary itself: not refused.
+fn still_quiet(
+    pair: &PairView,
+    asking: ServerId,
+    now: Millis,
+    quiet_ms: u64,
+) -> Result<(), StoreError> {
+    let Some(primary) = pair.primary.as_deref().filter(|p| *p != asking.to_string()) else {
+        return Ok(());
+    };
+    let heard = pair
+        .servers
+        .iter()
+        .find(|s| s.sid == primary)
+        .and_then(|s| silent_ms(s.last_heartbeat_at, now));
+    match heard {
+        Some(silent) if silent < quiet_ms => Err(StoreError::NotAllowed(format!(
+            "the primary {primary} reported {:.1} s ago: it is alive; a promotion that needs \
+             it silent for {:.1} s is refused",
+            silent as f64 / 1000.0,
+            quiet_ms as f64 / 1000.0
+        ))),
+        _ => Ok(()),
     }
 }
 

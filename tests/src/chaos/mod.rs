@@ -345,11 +345,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
         active = still;
         for (_, fault, from) in due {
             let at = now_ms();
-            if let Err(err) = nemesis::heal(&mut office, &fault) {
-                report
-                    .timeline
-                    .push((at, format!("healing {fault:?} failed: {err:#}")));
-            }
+            heal(&mut office, &fault, &mut report.timeline);
             report.timeline.push((at, format!("healed: {fault:?}")));
             history.push((fault, from, at));
         }
@@ -379,11 +375,7 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
     // Heal everything, then the operator's runbook until the pair is whole again.
     let healing = now_ms();
     for (_, fault, from) in std::mem::take(&mut active) {
-        if let Err(err) = nemesis::heal(&mut office, &fault) {
-            report
-                .timeline
-                .push((now_ms(), format!("healing {fault:?} failed: {err:#}")));
-        }
+        heal(&mut office, &fault, &mut report.timeline);
         history.push((fault, from, now_ms()));
     }
     for mut press in presses {
@@ -723,4 +715,14 @@ pub fn write_timeline(
     }
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// Undoes `fault`, with what the box said on its way back (a boot's check) or the failure in
+/// the timeline.
+fn heal(office: &mut Office, fault: &Fault, timeline: &mut Vec<(u64, String)>) {
+    match nemesis::heal(office, fault) {
+        Ok(Some(said)) => timeline.push((now_ms(), format!("{fault:?}: {said}"))),
+        Ok(None) => {}
+        Err(err) => timeline.push((now_ms(), format!("healing {fault:?} failed: {err:#}"))),
+    }
 }

@@ -272,8 +272,9 @@ pub fn apply(
     Ok(())
 }
 
-/// Undoes `fault`.
-pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
+/// Undoes `fault`; what the box said on its way back, if anything (a boot's `lbs net
+/// boot-check`).
+pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<Option<String>> {
     match fault {
         Fault::KillAgent(h) => {
             if office.agent_pid(h).is_err() {
@@ -299,10 +300,10 @@ pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
                 .lab
                 .sh(host, &["tc", "qdisc", "del", "dev", "eth0", "root"])?;
         }
-        Fault::PowerOff(h) => {
-            office.lab.plug(h, true)?;
-            office.boot(h)?;
-        }
+        // `boot` plugs the cable back once the old addresses are gone: plugged first, the dead
+        // box's kernel answered for the shared address it still held before its reboot wiped
+        // it (chaos seed 2808 runs 25 and 75: a split-brain moment the lab made).
+        Fault::PowerOff(h) => return office.boot(h).map(|said| Some(said.trim().to_owned())),
         Fault::DcRestart(site) => {
             if office.serve_pid(site).is_err() {
                 office.start_serve(site)?;
@@ -327,7 +328,7 @@ pub fn heal(office: &mut Office, fault: &Fault) -> anyhow::Result<()> {
         Fault::ClockStep { host, .. } => office.step_clock(host, 0)?,
         Fault::PressP(_) | Fault::PressB(_) => {}
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The file that fills a box's disk.

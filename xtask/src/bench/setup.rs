@@ -76,11 +76,17 @@ impl TreeFs {
             )
             .is_ok();
         if made {
+            let direct = direct_io(&dir);
             println!(
-                "\n==> trees on a fresh journaled ext4 ({} GiB sparse image {}, mounted on {})",
+                "\n==> trees on a fresh journaled ext4 ({} GiB sparse image {}, mounted on {}{})",
                 image_gib,
                 image.display(),
-                dir.display()
+                dir.display(),
+                if direct {
+                    ", its loop device in direct I/O"
+                } else {
+                    "; its loop device could not use direct I/O: syncs write everything twice"
+                }
             );
         } else {
             let _ = fs::remove_file(&image);
@@ -91,6 +97,28 @@ impl TreeFs {
         }
         Ok(TreeFs { dir, mounted: made })
     }
+}
+
+/// Switches the loop device under `dir` to direct I/O, so that it stands for a disk as on a
+/// PBX box: buffered, the loop device writes into the image file's own page cache, the
+/// benchmark's file system sees its write-back done at once, and each sync then writes
+/// everything again to the real disk (a 256 MiB file's fsync took 0.3–1.1 s that way; `dd`
+/// with `fdatasync` to the machine's own disk, 0.13 s). Whether it did.
+fn direct_io(dir: &Path) -> bool {
+    let Ok(out) = Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE", "--target"])
+        .arg(dir)
+        .output()
+    else {
+        return false;
+    };
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    device.starts_with("/dev/loop")
+        && checked(
+            Command::new("losetup").arg("--direct-io=on").arg(&device),
+            STEP_TIMEOUT,
+        )
+        .is_ok()
 }
 
 /// Whether `dir` is the top of a mounted file system (another device than its parent's).
