@@ -50,6 +50,9 @@ const DISK_MB: u64 = 256;
 /// How long healing may take before a run counts as not converged.
 pub const CONVERGE_WITHIN: Duration = Duration::from_secs(120);
 
+/// Healing that took longer than this is worth a look even though it converged.
+const SLOW_CONVERGE: Duration = Duration::from_secs(20);
+
 /// What a run found.
 #[derive(Debug, Default)]
 pub struct RunReport {
@@ -479,7 +482,9 @@ pub fn run(spec: &RunSpec) -> anyhow::Result<RunReport> {
         .and_then(|sid| host_of(&office, &sid));
     report.torn_or_lost = work.check(&office, final_primary);
     report.timeline.push((now_ms(), work.summary()));
-    if report.failed() {
+    // A run that converged only slowly gets the same attachments: its logs say why.
+    let slow = report.converged.is_some_and(|took| took > SLOW_CONVERGE);
+    if report.failed() || slow {
         let neigh = office
             .phone_neighbour()
             .unwrap_or_else(|e| format!("{e:#}"));
