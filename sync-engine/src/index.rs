@@ -389,7 +389,7 @@ impl Batch<'_> {
             None => (None, false),
         };
         let (block_size, block_bytes) = match blocks {
-            Some((size, cvs)) => (Some(size.get()), Some(cvs.concat())),
+            Some((size, cvs)) => (Some(size.get()), Some(cvs.as_flattened())),
             None => (None, None),
         };
         self.tx
