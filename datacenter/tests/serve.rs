@@ -336,6 +336,17 @@ async fn state(
     }
 }
 
+/// A running data center with pair acme provisioned and both its boxes activated.
+async fn activated_pair() -> (Dc, TestBox, TestBox) {
+    let mut dc = Dc::new("");
+    let servers = dc.provision("acme", &[]);
+    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
+    dc.start();
+    a.activate(&dc).await.unwrap();
+    b.activate(&dc).await.unwrap();
+    (dc, a, b)
+}
+
 async fn promote(
     conn: &mut Connection<TlsStream>,
     generation: Generation,
@@ -653,12 +664,7 @@ async fn a_dns_server_that_rejects_the_key_is_a_failure_for_the_operator_said_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_promotions_over_the_wire_promote_once_per_round() {
-    let mut dc = Dc::new("");
-    let servers = dc.provision("acme", &[]);
-    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
-    dc.start();
-    a.activate(&dc).await.unwrap();
-    b.activate(&dc).await.unwrap();
+    let (dc, a, b) = activated_pair().await;
     // Protocol 1.5: each box learns the key its partner's latest activation certified.
     for (me, partner) in [(&a, &b), (&b, &a)] {
         let role = if std::ptr::eq(me, &a) {
@@ -988,12 +994,7 @@ async fn a_site_learns_the_tunnel_peers_and_a_box_cannot_ask() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_and_slow_connections_leaves_room_for_reports_and_a_promotion() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut dc = Dc::new("");
-    let servers = dc.provision("acme", &[]);
-    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
-    dc.start();
-    a.activate(&dc).await.unwrap();
-    b.activate(&dc).await.unwrap();
+    let (dc, a, b) = activated_pair().await;
     // The internet: from one address, 1,100 connections to the activation port that never
     // start TLS and 50 that start it and stall; from another, 300 to the control port that
     // never finish their handshake. (Before the ports had bounds of their own, the first
@@ -1141,12 +1142,7 @@ async fn a_retired_pair_is_told_so_and_the_others_carry_on() {
 /// while the data center hears it; one that does not (P --force) goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_that_needs_the_primary_silent_is_refused_while_it_reports() {
-    let mut dc = Dc::new("");
-    let servers = dc.provision("acme", &[]);
-    let (mut a, mut b) = (TestBox::new(&servers[0], 2), TestBox::new(&servers[1], 3));
-    dc.start();
-    a.activate(&dc).await.unwrap();
-    b.activate(&dc).await.unwrap();
+    let (dc, a, b) = activated_pair().await;
     let mut ca = a.control(&dc, Generation(1), Role::Primary).await;
     state(&mut ca, Generation(1), a.report(Role::Primary, a.lan)).await;
     let mut cb = b.control(&dc, Generation(1), Role::Backup).await;
