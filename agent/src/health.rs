@@ -28,12 +28,24 @@ pub struct Facts<'a> {
     pub stranger: Option<(String, u64)>,
     /// The PBX check's failures, restarts and verdict, when its last check failed.
     pub pbx_down: Option<(u32, u32, bool)>,
+    /// Why the last start of the PBX failed, when it did (and none succeeded since).
+    pub pbx_start_failed: Option<String>,
     /// Silence longer than this is a problem (ms): three report intervals.
     pub silent_after_ms: u64,
 }
 
 /// How long a stranger answering for the shared address stays an alarm after it was last seen.
 const STRANGER_REMEMBERED_MS: u64 = 10 * 60 * 1000;
+
+/// Why the last start of the PBX failed, if the last one recorded did (`steps`: the role
+/// steps, oldest first).
+pub fn pbx_start_failed(steps: &[lbs_protocol::control::StepReport]) -> Option<String> {
+    steps
+        .iter()
+        .rev()
+        .find(|step| step.step == "start-pbx")
+        .and_then(|step| step.error.clone())
+}
 
 /// Every problem, in the order an operator should look at them; empty when all is well.
 pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
@@ -64,6 +76,9 @@ pub fn judge(facts: &Facts<'_>) -> Vec<Problem> {
             }
         }
         RoleState::Primary => {
+            if let Some(why) = &facts.pbx_start_failed {
+                problems.push(Problem::PbxNotStarted { why: why.clone() });
+            }
             if let Some((failures, restarts, down)) = facts.pbx_down {
                 problems.push(Problem::PbxUnhealthy {
                     failures,
@@ -120,8 +135,47 @@ mod tests {
             withdrawn: false,
             stranger: None,
             pbx_down: None,
+            pbx_start_failed: None,
             silent_after_ms: 15_000,
         }
+    }
+
+    #[test]
+    fn a_primary_whose_last_pbx_start_failed_is_degraded_until_one_succeeds() {
+        let step = |step: &str, error: Option<&str>| lbs_protocol::control::StepReport {
+            at_ms: 1,
+            step: step.into(),
+            took_ms: 5,
+            error: error.map(Into::into),
+        };
+        let failed = vec![
+            step("take-address", None),
+            step("start-pbx", Some("`pbx-start` failed: exit status: 255")),
+        ];
+        let why = pbx_start_failed(&failed);
+        let facts = Facts {
+            state: RoleState::Primary,
+            pbx_start_failed: why.clone(),
+            ..well_backup()
+        };
+        assert_eq!(
+            judge(&facts),
+            vec![Problem::PbxNotStarted {
+                why: "`pbx-start` failed: exit status: 255".into()
+            }]
+        );
+        assert_eq!(
+            judge(&facts)[0].to_string(),
+            "the PBX did not start: `pbx-start` failed: exit status: 255"
+        );
+        // Started again since (the guard, after taking the address back): well.
+        let mut again = failed.clone();
+        again.push(step("start-pbx", None));
+        assert_eq!(pbx_start_failed(&again), None);
+        // Other steps after the failure do not hide it.
+        let mut later = failed;
+        later.push(step("register-backup", None));
+        assert_eq!(pbx_start_failed(&later), why);
     }
 
     #[test]

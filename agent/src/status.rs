@@ -263,6 +263,11 @@ pub enum Problem {
         /// When it was last seen answering (ms ago).
         ago_ms: u64,
     },
+    /// The primary's last start of the PBX failed (nothing answers the phones).
+    PbxNotStarted {
+        /// What the start said.
+        why: String,
+    },
     /// The PBX fails its health check.
     PbxUnhealthy {
         /// Failures in a row since the last restart.
@@ -297,6 +302,7 @@ impl std::fmt::Display for Problem {
             }
             Problem::DataCenterSilent { for_ms: None } => f.write_str("data center never answered"),
             Problem::AddressWithdrawn => f.write_str("shared address withdrawn (no carrier)"),
+            Problem::PbxNotStarted { why } => write!(f, "the PBX did not start: {why}"),
             Problem::DuplicateAddress { by, ago_ms } => write!(
                 f,
                 "{by} (not the partner) answers for the shared address, last {} ago: find that device",

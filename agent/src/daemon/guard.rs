@@ -44,7 +44,7 @@ pub(crate) async fn guard_address(shared: Arc<Shared>, shutdown: CancellationTok
     }
 }
 
-async fn follow_carrier(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn follow_carrier(shared: &Arc<Shared>, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let interface = network(shared).context("no [network] section")?.interface;
     let net = &shared.lan.net;
     let link = net.link(&interface).await?;
@@ -101,7 +101,7 @@ pub(crate) fn hold(primary: bool, carrier: bool, held: bool, withdrawn: bool, ba
 
 /// Makes the hold match the carrier: withdrawn without it, taken back (after the probe) with
 /// it — only while this box is the primary; every other state's steps own the address.
-pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> {
+pub(crate) async fn check(shared: &Arc<Shared>, carrier: bool) -> anyhow::Result<()> {
     let Some(network) = network(shared) else {
         return Ok(());
     };
@@ -147,6 +147,13 @@ pub(crate) async fn check(shared: &Shared, carrier: bool) -> anyhow::Result<()> 
                     tracing::info!("{said}");
                     let _ = shared.progress.send(said);
                     *lock(&shared.withdrawn) = None;
+                    // A PBX started while the address was away could not listen on it (chaos
+                    // seed 2809 runs 31, 41, 61: a primary booted on its own address by the
+                    // boot check took the shared one back, its PBX had failed to start, and
+                    // nothing started it again). `pbx_start` runs again; on a running PBX it
+                    // does nothing.
+                    crate::daemon::steps::start_pbx_again(shared, "the shared address is back")
+                        .await;
                 }
                 Err(lbs_netconfig::TakeoverError::InUse { mac, .. }) => {
                     match on_answer(shared, mac, None).await {

@@ -268,7 +268,8 @@ impl Shared {
         let address_withdrawn = lock(&self.withdrawn).clone();
         let stranger = *lock(&self.stranger);
         let pbx = lock(&self.pbx).clone();
-        let recent_steps = lock(&self.recent_steps).iter().cloned().collect();
+        let recent_steps: Vec<control::StepReport> =
+            lock(&self.recent_steps).iter().cloned().collect();
         let now = now_ms();
         let health = crate::health::judge(&crate::health::Facts {
             now_ms: now,
@@ -287,6 +288,7 @@ impl Shared {
                 .as_ref()
                 .filter(|p| !p.ok)
                 .map(|p| (p.failures, p.restarts, p.down)),
+            pbx_start_failed: crate::health::pbx_start_failed(&recent_steps),
             silent_after_ms: 3 * u64::try_from(self.config().report_interval.as_millis())
                 .unwrap_or(u64::MAX),
         });

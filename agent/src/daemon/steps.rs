@@ -172,6 +172,26 @@ pub(crate) async fn hook(
     Ok(StepOutcome::Done(format!("{what}: `{command}`")))
 }
 
+/// Runs `pbx_start` outside a role change (`why`: what calls for it), recorded as a
+/// `start-pbx` step like the role change's own, so that status and the portal see whether the
+/// PBX started.
+pub(crate) async fn start_pbx_again(shared: &Arc<Shared>, why: &str) {
+    let started = std::time::Instant::now();
+    let outcome = hook(&shared.config().pbx_start, "pbx_start", "start the PBX").await;
+    let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match outcome {
+        Ok(StepOutcome::Done(said)) => {
+            tracing::info!("{why}: {said}");
+            remember_step(shared, "start-pbx", took_ms, None);
+        }
+        Ok(_) => remember_step(shared, "start-pbx", took_ms, None),
+        Err(err) => {
+            tracing::error!("{why}, but the PBX did not start: {err:#}");
+            remember_step(shared, "start-pbx", took_ms, Some(format!("{err:#}")));
+        }
+    }
+}
+
 /// Takes the shared address (`take`) or gives it back for this box's own, each step of
 /// `lbs-netconfig`'s move passed on as progress.
 pub(crate) async fn move_address(

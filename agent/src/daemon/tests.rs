@@ -39,6 +39,11 @@ struct Office {
 
 impl Office {
     fn new(state: RoleState, addresses: &[&str]) -> Office {
+        Office::configured(state, addresses, "")
+    }
+
+    /// With `top` (configuration lines before the `[network]` section) added.
+    fn configured(state: RoleState, addresses: &[&str], top: &str) -> Office {
         let dir = tempfile::tempdir().unwrap();
         let paths = StatePaths::new(dir.path());
         std::fs::create_dir_all(&paths.dir).unwrap();
@@ -52,9 +57,9 @@ impl Office {
             gateway: Ipv4Addr::new(192, 168, 1, 1),
             link: link.index,
         }));
-        let config = AgentConfig::parse(
-            "[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\n",
-        )
+        let config = AgentConfig::parse(&format!(
+            "{top}\n[network]\ninterface = \"eth0\"\nshared = \"192.168.1.2/24\"\nown = \"192.168.1.3/24\"\ngateway = \"192.168.1.1\"\n"
+        ))
         .unwrap();
         let record = RoleRecord {
             state,
@@ -333,6 +338,43 @@ async fn a_primary_without_carrier_withdraws_the_address_and_takes_it_back_only_
     assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
     assert!(lock(&office.shared.withdrawn).is_none());
     assert_eq!(office.state(), RoleState::Primary);
+}
+
+/// Chaos seed 2809 runs 31, 41 and 61: a primary booted on its own address by the boot check
+/// started its PBX before it took the shared address back; the PBX could not listen there and
+/// nothing started it again. Taking the address back runs `pbx_start` again.
+#[tokio::test]
+async fn a_primary_that_takes_the_address_back_starts_its_pbx_again() {
+    let marks = tempfile::tempdir().unwrap();
+    let started = marks.path().join("started");
+    let office = Office::configured(
+        RoleState::Primary,
+        &["192.168.1.3/24"],
+        &format!("pbx_start = \"echo started >> '{}'\"", started.display()),
+    );
+    // The start at boot failed (the address was not there to listen on).
+    crate::daemon::steps::start_pbx_again(&office.shared, "test").await;
+    std::fs::remove_file(&started).unwrap();
+    lock(&office.shared.recent_steps).back_mut().unwrap().error =
+        Some("`pbx-start` failed: exit status: 255".into());
+    assert!(
+        crate::health::pbx_start_failed(
+            &lock(&office.shared.recent_steps)
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        )
+        .is_some()
+    );
+    guard::withdraw(
+        &office.shared,
+        "the boot check booted this box on its own".into(),
+    );
+    guard::check(&office.shared, true).await.unwrap();
+    assert!(office.addresses().contains(&cidr("192.168.1.2/24")));
+    assert_eq!(std::fs::read_to_string(&started).unwrap(), "started\n");
+    let steps: Vec<_> = lock(&office.shared.recent_steps).iter().cloned().collect();
+    assert_eq!(crate::health::pbx_start_failed(&steps), None, "{steps:?}");
 }
 
 #[tokio::test(start_paused = true)]
