@@ -111,9 +111,12 @@ fn the_agent_on_the_readme_defaults_keeps_running_against_a_bare_serve() {
         let mut cmd = pair.lab.command("a", LBS);
         cmd.args(["reload", "--socket"]).arg(pair.socket("a"));
         let out = pair.lab.run(cmd, STEP).unwrap();
+        // As one line: the message is wrapped to the terminal's width, where the path of the
+        // configuration file decides the breaks.
+        let said = String::from_utf8_lossy(&out.stdout);
         (
             out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+            said.split_whitespace().collect::<Vec<_>>().join(" "),
         )
     };
     let text = std::fs::read_to_string(&config).unwrap();
