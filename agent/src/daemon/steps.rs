@@ -174,8 +174,11 @@ pub(crate) async fn hook(
 
 /// Runs `pbx_start` outside a role change (`why`: what calls for it), recorded as a
 /// `start-pbx` step like the role change's own, so that status and the portal see whether the
-/// PBX started.
+/// PBX started. Without a `pbx_start` there is nothing to run and nothing is recorded.
 pub(crate) async fn start_pbx_again(shared: &Arc<Shared>, why: &str) {
+    if shared.config().pbx_start.is_none() {
+        return;
+    }
     let started = std::time::Instant::now();
     let outcome = hook(&shared.config().pbx_start, "pbx_start", "start the PBX").await;
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
