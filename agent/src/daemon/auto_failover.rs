@@ -72,7 +72,8 @@ impl AutoFailover {
             return Tick::Idle;
         }
         let heard = facts.primary_heard_ms.unwrap_or(0);
-        let baseline = self.started_ms.max(self.backup_since_ms);
+        // Never before the agent started: `backup_since_ms` starts there and only moves on.
+        let baseline = self.backup_since_ms;
         let silent = now_ms.saturating_sub(heard.max(baseline));
         if silent < self.gone_after_ms {
             let ago = silent as f64 / 1000.0;
