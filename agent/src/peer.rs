@@ -13,10 +13,15 @@ use lbs_protocol::{
     Connection, Envelope, Generation, Hello, Identity, Message, Meter, Metered, Negotiated,
     PROTOCOL_VERSION, PeerName, Refusal, Role, Sender, ServerId, SoftwareVersion, TrustRoot,
 };
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 /// How long a TCP connection to the partner may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a pull reads from the socket at a time. rustls asks for at most one TLS record (16 KiB)
+/// per read: a 256 MiB file took 16,500 `recvfrom` calls, a quarter of the receiver's time.
+const READ_BUFFER: usize = 256 << 10;
 
 /// Sessions a sync port serves at once once the partner proved itself (its watch and a pull
 /// need two; more are its retries).
@@ -224,7 +229,7 @@ impl Peer {
         addr: SocketAddr,
         role: Role,
     ) -> anyhow::Result<(
-        Connection<tls::ClientStream<Metered<TcpStream>>>,
+        Connection<tls::ClientStream<Metered<BufReader<TcpStream>>>>,
         Negotiated,
         Meter,
     )> {
@@ -239,7 +244,7 @@ impl Peer {
             })?
             .with_context(|| format!("cannot reach {} at {addr}", self.partner))?;
         lbs_host::tcp::watch_peer(&tcp).context("setting up the connection to the partner")?;
-        let (tcp, meter) = Metered::new(tcp);
+        let (tcp, meter) = Metered::new(BufReader::with_capacity(READ_BUFFER, tcp));
         let stream = tls::connect(config, &self.partner, tcp).await?;
         self.check_pin(stream.get_ref().1.peer_certificates())
             .with_context(|| format!("not syncing with {} at {addr}", self.partner))?;

@@ -36,7 +36,9 @@ pub(crate) struct Pull<'a> {
 pub(crate) struct Connected<'a> {
     pull: Pull<'a>,
     conn: lbs_protocol::Connection<
-        lbs_protocol::tls::ClientStream<lbs_protocol::Metered<tokio::net::TcpStream>>,
+        lbs_protocol::tls::ClientStream<
+            lbs_protocol::Metered<tokio::io::BufReader<tokio::net::TcpStream>>,
+        >,
     >,
     pub negotiated: Negotiated,
     pub meter: Meter,
