@@ -123,7 +123,13 @@ pub enum IndexError {
 }
 
 /// The current schema; [`Index::open`] migrates older ones forward.
-const SCHEMA_VERSION: i64 = 1;
+/// 1: block lists in the `entries` row. 2: block lists in `blocks`, in parts.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Chaining values per row of `blocks` (128 KiB; 64 MiB of file at 16 KiB blocks). A list is
+/// written and read a part at a time: SQLite never builds one record of a large file's list
+/// (a 10 GiB file's is 20 MiB, and SQLite held two copies of it while writing the row).
+pub const PART_CVS: usize = 4096;
 
 /// The index of one sync root.
 #[derive(Debug)]
@@ -206,7 +212,57 @@ impl Index {
                 )
                 .map_err(|e| index.sqlite(e))?;
         }
+        if version < 2 {
+            index.move_block_lists_into_parts()?;
+        }
         Ok(index)
+    }
+
+    /// Schema 1 → 2: each row's block list into parts in `blocks`, one row at a time.
+    fn move_block_lists_into_parts(&self) -> Result<(), IndexError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| self.sqlite(e))?;
+        tx.execute_batch(
+            "CREATE TABLE blocks (
+                 path BLOB NOT NULL,
+                 part INTEGER NOT NULL,
+                 cvs BLOB NOT NULL,
+                 PRIMARY KEY (path, part)
+             );",
+        )
+        .map_err(|e| self.sqlite(e))?;
+        let paths: Vec<Vec<u8>> = tx
+            .prepare("SELECT path FROM entries WHERE blocks IS NOT NULL")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| row.get(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(|e| self.sqlite(e))?;
+        for path in paths {
+            let list: Vec<u8> = tx
+                .query_row(
+                    "SELECT blocks FROM entries WHERE path = ?1",
+                    [&path],
+                    |row| row.get(0),
+                )
+                .map_err(|e| self.sqlite(e))?;
+            let (cvs, rest) = list.as_chunks::<32>();
+            if !rest.is_empty() {
+                // Not whole values: drop the hash too, so the next pass hashes the file again.
+                tx.execute(
+                    "UPDATE entries SET blake3 = NULL, block_size = NULL WHERE path = ?1",
+                    [&path],
+                )
+                .map_err(|e| self.sqlite(e))?;
+                continue;
+            }
+            write_parts(&tx, &path, cvs).map_err(|e| self.sqlite(e))?;
+        }
+        tx.execute_batch("UPDATE entries SET blocks = NULL; PRAGMA user_version = 2;")
+            .map_err(|e| self.sqlite(e))?;
+        tx.commit().map_err(|e| self.sqlite(e))
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> IndexError {
@@ -388,16 +444,13 @@ impl Batch<'_> {
             Some(hash) => (Some(&hash.root[..]), hash.racy),
             None => (None, false),
         };
-        let (block_size, block_bytes) = match blocks {
-            Some((size, cvs)) => (Some(size.get()), Some(cvs.as_flattened())),
-            None => (None, None),
-        };
+        let block_size = blocks.map(|(size, _)| size.get());
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO entries
                  (path, kind, link_target, size, mtime_ns, ctime_ns, inode, mode, uid, gid,
-                  owner, grp, blake3, racy, block_size, blocks)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                  owner, grp, blake3, racy, block_size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )
             .map_err(|e| self.sqlite(e))?
             .execute(params![
@@ -416,9 +469,12 @@ impl Batch<'_> {
                 root,
                 racy,
                 block_size.map(|b| b as i64),
-                block_bytes,
             ])
             .map_err(|e| self.sqlite(e))?;
+        delete_parts(&self.tx, entry.path.as_bytes()).map_err(|e| self.sqlite(e))?;
+        if let Some((_, cvs)) = blocks {
+            write_parts(&self.tx, entry.path.as_bytes(), cvs).map_err(|e| self.sqlite(e))?;
+        }
         Ok(())
     }
 
@@ -453,6 +509,7 @@ impl Batch<'_> {
             .map_err(|e| self.sqlite(e))?
             .execute([path.as_bytes()])
             .map_err(|e| self.sqlite(e))?;
+        delete_parts(&self.tx, path.as_bytes()).map_err(|e| self.sqlite(e))?;
         Ok(())
     }
 
@@ -504,37 +561,58 @@ enum BlocksError {
     Corrupt(String),
 }
 
-/// A row's block list: none, the values, or the length of a list that is not whole values.
-type StoredBlocks = Option<Result<Vec<Cv>, usize>>;
+fn delete_parts(conn: &rusqlite::Connection, path: &[u8]) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM blocks WHERE path = ?1")?
+        .execute([path])?;
+    Ok(())
+}
+
+fn write_parts(conn: &rusqlite::Connection, path: &[u8], cvs: &[Cv]) -> rusqlite::Result<()> {
+    let mut insert =
+        conn.prepare_cached("INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)")?;
+    for (part, values) in cvs.chunks(PART_CVS).enumerate() {
+        insert.execute(params![path, part as i64, values.as_flattened()])?;
+    }
+    Ok(())
+}
 
 fn read_blocks(
     conn: &rusqlite::Connection,
     path: &RelPath,
 ) -> Result<Option<(BlockSize, Vec<Cv>)>, BlocksError> {
-    // The values are copied once, from SQLite's buffer into the list (not through a byte
-    // vector first: a 10 GiB file's list is 20 MiB).
-    let row: Option<(Option<u32>, StoredBlocks)> = conn
-        .prepare_cached("SELECT block_size, blocks FROM entries WHERE path = ?1")
+    let block_size: Option<Option<u32>> = conn
+        .prepare_cached("SELECT block_size FROM entries WHERE path = ?1")
         .map_err(BlocksError::Sqlite)?
-        .query_row([path.as_bytes()], |row| {
-            let blocks = row.get_ref(1)?.as_blob_or_null()?.map(|bytes| {
-                let (cvs, rest) = bytes.as_chunks::<32>();
-                if rest.is_empty() {
-                    Ok(cvs.to_vec())
-                } else {
-                    Err(bytes.len())
-                }
-            });
-            Ok((row.get(0)?, blocks))
-        })
+        .query_row([path.as_bytes()], |row| row.get(0))
         .optional()
         .map_err(BlocksError::Sqlite)?;
-    let Some((Some(block_size), Some(blocks))) = row else {
+    let Some(Some(block_size)) = block_size else {
         return Ok(None);
     };
     let block_size =
         BlockSize::new(block_size).map_err(|e| BlocksError::Corrupt(format!("{path}: {e}")))?;
-    let blocks =
-        blocks.map_err(|len| BlocksError::Corrupt(format!("{path}: block list of {len} bytes")))?;
+    let mut blocks: Vec<Cv> = Vec::new();
+    let mut stmt = conn
+        .prepare_cached("SELECT part, cvs FROM blocks WHERE path = ?1 ORDER BY part")
+        .map_err(BlocksError::Sqlite)?;
+    let mut rows = stmt.query([path.as_bytes()]).map_err(BlocksError::Sqlite)?;
+    let mut expected = 0i64;
+    while let Some(row) = rows.next().map_err(BlocksError::Sqlite)? {
+        let part: i64 = row.get(0).map_err(BlocksError::Sqlite)?;
+        // Copied once, from SQLite's buffer into the list.
+        let bytes = row
+            .get_ref(1)
+            .and_then(|value| Ok(value.as_blob()?))
+            .map_err(BlocksError::Sqlite)?;
+        let (cvs, rest) = bytes.as_chunks::<32>();
+        if part != expected || !rest.is_empty() || cvs.len() > PART_CVS {
+            return Err(BlocksError::Corrupt(format!(
+                "{path}: block list part {part} of {} bytes",
+                bytes.len()
+            )));
+        }
+        blocks.extend_from_slice(cvs);
+        expected += 1;
+    }
     Ok(Some((block_size, blocks)))
 }
