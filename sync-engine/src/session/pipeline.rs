@@ -164,21 +164,25 @@ pub(super) async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Ask::Blocks(block_size, blocks) => (block_size, blocks),
     };
-    let sums = block_sums(&blocks, block_size, size);
-    let mut parts = sums.chunks(BLOCKS_PER_FRAME).peekable();
-    while let Some(part) = parts.next() {
-        let last = parts.peek().is_none();
+    // Summaries are made a frame at a time, not all before the first is sent.
+    let mut sums = block_sums(&blocks, block_size, size).peekable();
+    loop {
+        let part: Vec<BlockSum> = sums.by_ref().take(BLOCKS_PER_FRAME).collect();
+        let last = sums.peek().is_none();
         feed(
             conn,
             generation,
             Message::SyncFetchChanges {
                 path: path.clone(),
                 block_size: block_size.get() as u32,
-                blocks: part.to_vec(),
+                blocks: part,
                 last,
             },
         )
         .await?;
+        if last {
+            break;
+        }
     }
     Ok(())
 }

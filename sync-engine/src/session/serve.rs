@@ -91,28 +91,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 blocks,
                 last,
             } => {
-                // Only as many values as our own version has blocks are of any use: keeping no
-                // more bounds memory by our file, not by what the peer sends.
-                let useful = {
-                    let index = index
-                        .lock()
-                        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-                    index.get(&path)?.map_or(0, |entry| {
-                        entry.meta.size.div_ceil(u64::from(block_size.max(1))) as usize
-                    })
-                };
-                let mut theirs = Vec::new();
-                let mut covered = 0u64;
-                let mut keep = |part: Vec<BlockSum>| {
-                    for sum in part {
-                        if covered >= useful as u64 {
-                            break;
-                        }
-                        covered += sum.blocks();
-                        theirs.push(sum);
+                // The receiver's summaries are compared frame by frame as they arrive, with
+                // our blocks of that size: what this keeps grows with our file and with what
+                // differs, never with what the peer sends.
+                let ours = our_blocks(&index, &path, block_size)?;
+                let mut differ = ours.as_ref().map(Differ::new);
+                let mut compare = |sums: &[BlockSum]| {
+                    if let Some(differ) = differ.as_mut() {
+                        differ.feed(sums);
                     }
                 };
-                keep(blocks);
+                compare(&blocks);
                 let mut done = last;
                 while !done {
                     match receive(conn, "a block list").await? {
@@ -122,7 +111,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             last,
                             ..
                         } if more_path == path => {
-                            keep(blocks);
+                            compare(&blocks);
                             done = last;
                         }
                         other => {
@@ -130,12 +119,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
-                let asked = Asked {
-                    path,
-                    block_size,
-                    theirs,
-                };
-                send_changes(conn, generation, &files, &index, asked, holes).await?;
+                let ranges = differ.map(Differ::finish);
+                let changes = ours.zip(ranges);
+                send_changes(conn, generation, &files, &index, path, changes, holes).await?;
             }
             Message::Heartbeat { seq, .. } => {
                 send(
@@ -261,43 +247,57 @@ pub(super) async fn send_same<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Sends the blocks of `path` whose values differ from the receiver's (`theirs`), and the
-/// tail past the receiver's length; falls back to the whole file when the sender's index has
-/// no block values of that size for it.
-/// A receiver's request for a file's changes against its blocks.
-pub(super) struct Asked {
-    pub(super) path: RelPath,
-    pub(super) block_size: u32,
-    pub(super) theirs: Vec<BlockSum>,
+/// Our version of a file as the index has it, in blocks of the receiver's size.
+pub(super) struct Ours {
+    len: u64,
+    root: [u8; 32],
+    block_size: BlockSize,
+    blocks: Vec<Cv>,
 }
 
+/// What the index holds for `path` in blocks of `block_size` bytes, if anything.
+fn our_blocks(
+    index: &Arc<Mutex<Index>>,
+    path: &RelPath,
+    block_size: u32,
+) -> Result<Option<Ours>, SessionError> {
+    let index = index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+    let Some(entry) = index.get(path)? else {
+        return Ok(None);
+    };
+    let Some(hash) = entry.hash else {
+        return Ok(None);
+    };
+    Ok(match index.blocks(path)? {
+        Some((size, blocks)) if size.get() == u64::from(block_size) => Some(Ours {
+            len: entry.meta.size,
+            root: hash.root,
+            block_size: size,
+            blocks,
+        }),
+        _ => None,
+    })
+}
+
+/// Sends the byte ranges of `path` that differ from the receiver's version (`changes`: our
+/// version and the ranges); the whole file when the index had no block values of the
+/// receiver's size for it.
 pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     files: &Root,
     index: &Arc<Mutex<Index>>,
-    asked: Asked,
+    path: RelPath,
+    changes: Option<(Ours, Vec<(u64, u64)>)>,
     holes: bool,
 ) -> Result<(), SessionError> {
-    let Asked {
-        path,
-        block_size,
-        theirs,
-    } = asked;
-    let ours = {
-        let index = index
-            .lock()
-            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-        match (index.get(&path)?, index.blocks(&path)?) {
-            (Some(entry), Some((size, blocks))) if size.get() == u64::from(block_size) => entry
-                .hash
-                .map(|hash| (entry.meta.size, hash.root, size, blocks)),
-            _ => None,
-        }
-    };
-    let Some((len, root_hash, size, blocks)) = ours else {
+    let Some((ours, ranges)) = changes else {
         return send_file(conn, generation, files, index, path, holes).await;
     };
+    let (len, root_hash) = (ours.len, ours.root);
+    drop(ours);
     let file = match files.open_file(&path) {
         Ok(file) => Arc::new(file),
         Err(err) => {
@@ -305,7 +305,6 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
         }
     };
-    let ranges = changed_ranges(&blocks, &theirs, size, len);
     let changed = ranges.iter().map(|(start, end)| end - start).sum();
     send(
         conn,
@@ -347,44 +346,89 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
+/// Compares the receiver's summaries, in order and a frame at a time, with our blocks, and
+/// collects the byte ranges that differ (adjacent ones merged). Blocks its summaries do not
+/// cover — ours is longer, or a summary runs past our end — are sent.
+pub(super) struct Differ<'a> {
+    ours: &'a [Cv],
+    block_size: BlockSize,
+    len: u64,
+    /// The next block a summary describes.
+    at: usize,
+    /// A summary ran past our blocks: the rest is not compared.
+    past_end: bool,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl<'a> Differ<'a> {
+    pub(super) fn new(ours: &'a Ours) -> Differ<'a> {
+        Differ::of(&ours.blocks, ours.block_size, ours.len)
+    }
+
+    pub(super) fn of(ours: &'a [Cv], block_size: BlockSize, len: u64) -> Differ<'a> {
+        Differ {
+            ours,
+            block_size,
+            len,
+            at: 0,
+            past_end: false,
+            ranges: Vec::new(),
+        }
+    }
+
+    pub(super) fn feed(&mut self, sums: &[BlockSum]) {
+        for sum in sums {
+            if self.past_end {
+                return;
+            }
+            let start = self.at;
+            let end = start.saturating_add(sum.blocks() as usize);
+            if end > self.ours.len() {
+                self.past_end = true;
+                return;
+            }
+            let matches = match sum {
+                BlockSum::One(prefix) => self.ours[start][..8] == prefix[..],
+                BlockSum::Group { digest, .. } => group_digest(&self.ours[start..end]) == *digest,
+            };
+            if !matches {
+                self.changed(start, end);
+            }
+            self.at = end;
+        }
+    }
+
+    fn changed(&mut self, first: usize, end: usize) {
+        if first >= end {
+            return;
+        }
+        let bs = self.block_size.get();
+        let start = first as u64 * bs;
+        let stop = (end as u64 * bs).min(self.len);
+        match self.ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = stop,
+            _ => self.ranges.push((start, stop)),
+        }
+    }
+
+    pub(super) fn finish(mut self) -> Vec<(u64, u64)> {
+        self.changed(self.at, self.ours.len());
+        self.ranges
+    }
+}
+
 /// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from what the receiver
 /// summarised (`theirs`), adjacent blocks merged.
+#[cfg(test)]
 pub(super) fn changed_ranges(
     ours: &[Cv],
     theirs: &[BlockSum],
     block_size: BlockSize,
     len: u64,
 ) -> Vec<(u64, u64)> {
-    let mut same = vec![false; ours.len()];
-    let mut at = 0usize;
-    for sum in theirs {
-        let count = sum.blocks() as usize;
-        let end = at.saturating_add(count);
-        if end > ours.len() {
-            break;
-        }
-        let matches = match sum {
-            BlockSum::One(prefix) => ours[at][..8] == prefix[..],
-            BlockSum::Group { digest, .. } => group_digest(&ours[at..end]) == *digest,
-        };
-        if matches {
-            same[at..end].fill(true);
-        }
-        at = end;
-    }
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (idx, unchanged) in same.iter().enumerate() {
-        if *unchanged {
-            continue;
-        }
-        let start = idx as u64 * block_size.get();
-        let end = (start + block_size.get()).min(len);
-        match ranges.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => ranges.push((start, end)),
-        }
-    }
-    ranges
+    let mut differ = Differ::of(ours, block_size, len);
+    differ.feed(theirs);
+    differ.finish()
 }
 
 /// Blocks per group where a file's middle is summarised coarsely (256 KiB at 16 KiB blocks:
@@ -399,20 +443,29 @@ pub(super) const EDGE_BLOCKS: usize = 4;
 /// `new_len` bytes: one summary per block when the block count stays (in-place rewrites
 /// anywhere), otherwise one per block only at the ends and one per group in between (the
 /// file grew or shrank: its middle is most likely unchanged).
-pub(super) fn block_sums(ours: &[Cv], block_size: BlockSize, new_len: u64) -> Vec<BlockSum> {
-    if block_size.blocks_for(new_len) == ours.len() as u64 || ours.len() <= 2 * EDGE_BLOCKS {
-        return ours.iter().map(BlockSum::one).collect();
-    }
-    let middle_end = ours.len() - EDGE_BLOCKS;
-    let mut sums: Vec<BlockSum> = ours[..EDGE_BLOCKS].iter().map(BlockSum::one).collect();
-    for group in ours[EDGE_BLOCKS..middle_end].chunks(GROUP_BLOCKS) {
-        sums.push(BlockSum::Group {
+pub(super) fn block_sums(
+    ours: &[Cv],
+    block_size: BlockSize,
+    new_len: u64,
+) -> impl Iterator<Item = BlockSum> + '_ {
+    let fine = block_size.blocks_for(new_len) == ours.len() as u64 || ours.len() <= 2 * EDGE_BLOCKS;
+    let (head, middle, tail) = if fine {
+        (ours, &[][..], &[][..])
+    } else {
+        let middle_end = ours.len() - EDGE_BLOCKS;
+        (
+            &ours[..EDGE_BLOCKS],
+            &ours[EDGE_BLOCKS..middle_end],
+            &ours[middle_end..],
+        )
+    };
+    head.iter()
+        .map(BlockSum::one)
+        .chain(middle.chunks(GROUP_BLOCKS).map(|group| BlockSum::Group {
             count: group.len() as u32,
             digest: group_digest(group),
-        });
-    }
-    sums.extend(ours[middle_end..].iter().map(BlockSum::one));
-    sums
+        }))
+        .chain(tail.iter().map(BlockSum::one))
 }
 
 /// Sends a small file as a delta against the receiver's version (its `signature`), or whole

@@ -361,7 +361,7 @@ fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
     ours[7] = [9; 32];
     ours[250] = [9; 32];
     let len = 300 * bs.get();
-    let sums = block_sums(&theirs, bs, len);
+    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
     assert!(sums.iter().all(|s| matches!(s, BlockSum::One(_))));
     let ranges = changed_ranges(&ours, &sums, bs, len);
     assert_eq!(
@@ -383,7 +383,7 @@ fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
     ours[999] = [2; 32];
     ours.extend(cvs(40, 3));
     let len = 1040 * bs.get();
-    let sums = block_sums(&theirs, bs, len);
+    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
     assert!(sums.len() < 80, "{} summaries for 1000 blocks", sums.len());
     let ranges = changed_ranges(&ours, &sums, bs, len);
     assert_eq!(
@@ -481,4 +481,31 @@ async fn files_over_a_mebibyte_are_not_read_ahead() {
         None,
         "but streamed as the writer asks"
     );
+}
+
+#[test]
+fn summaries_compared_frame_by_frame_find_what_they_find_at_once() {
+    let bs = BlockSize::DEFAULT;
+    let theirs = cvs(1000, 4);
+    let mut ours = theirs.clone();
+    for changed in [0, 3, 4, 500, 998] {
+        ours[changed] = [8; 32];
+    }
+    ours.truncate(990);
+    let len = 990 * bs.get() - 100;
+    for new_len in [1000 * bs.get(), 1200 * bs.get()] {
+        let sums: Vec<BlockSum> = block_sums(&theirs, bs, new_len).collect();
+        let at_once = changed_ranges(&ours, &sums, bs, len);
+        let mut differ = Differ::of(&ours, bs, len);
+        for frame in sums.chunks(7) {
+            differ.feed(frame);
+        }
+        assert_eq!(differ.finish(), at_once);
+        assert!(at_once.first().is_some_and(|r| r.0 == 0));
+        assert!(
+            at_once
+                .iter()
+                .any(|r| r.0 <= 500 * bs.get() && 501 * bs.get() <= r.1)
+        );
+    }
 }
