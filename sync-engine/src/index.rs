@@ -126,10 +126,10 @@ pub enum IndexError {
 /// 1: block lists in the `entries` row. 2: block lists in `blocks`, in parts.
 const SCHEMA_VERSION: i64 = 2;
 
-/// Chaining values per row of `blocks` (128 KiB; 64 MiB of file at 16 KiB blocks). A list is
-/// written and read a part at a time: SQLite never builds one record of a large file's list
-/// (a 10 GiB file's is 20 MiB, and SQLite held two copies of it while writing the row).
-pub const PART_CVS: usize = 4096;
+/// Lists are stored a part ([`PART_CVS`] values) per row of `blocks`: SQLite never builds one
+/// record of a large file's list (a 10 GiB file's is 20 MiB, and SQLite held two copies of it
+/// while writing the row).
+pub use crate::tree::PART_CVS;
 
 /// The index of one sync root.
 #[derive(Debug)]
@@ -317,6 +317,14 @@ impl Index {
         })
     }
 
+    /// One part of a file's block list (values `part * PART_CVS` onwards), if stored.
+    pub fn block_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
+        read_part(&self.conn, path, part).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => self.corrupt(what),
+        })
+    }
+
     /// What the index knows of a file that has a hash and block values: the basis for
     /// receiving only its changed blocks. A racy hash (taken in the second the file was
     /// written) serves too: whatever is built on it is verified against the sender's hash,
@@ -435,6 +443,86 @@ impl Batch<'_> {
 
     /// Records an entry; for files with fresh hashes, also their per-block values.
     pub fn put(&self, entry: &Entry, blocks: Option<(BlockSize, &[Cv])>) -> Result<(), IndexError> {
+        self.put_entry(entry, blocks.map(|(size, _)| size))?;
+        self.truncate_parts(&entry.path, 0)?;
+        if let Some((_, cvs)) = blocks {
+            write_parts(&self.tx, entry.path.as_bytes(), cvs).map_err(|e| self.sqlite(e))?;
+        }
+        Ok(())
+    }
+
+    /// Stages part `part` of a new block list for `path` (values `part * PART_CVS` onwards;
+    /// at most [`PART_CVS`] of them): lists too long to hold are stored as they are made,
+    /// beside the current one, which [`Batch::commit_staged`] then replaces (or
+    /// [`Batch::drop_staged`] keeps).
+    pub fn stage_part(&self, path: &RelPath, part: u64, cvs: &[Cv]) -> Result<(), IndexError> {
+        if part == 0 {
+            self.drop_staged(path)?;
+        }
+        self.tx
+            .prepare_cached("INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)")
+            .map_err(|e| self.sqlite(e))?
+            .execute(params![staged_key(path), part as i64, cvs.as_flattened()])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Makes the staged list `path`'s block list, and records `entry` with it.
+    pub fn commit_staged(&self, entry: &Entry, block_size: BlockSize) -> Result<(), IndexError> {
+        self.put_entry(entry, Some(block_size))?;
+        self.truncate_parts(&entry.path, 0)?;
+        self.tx
+            .prepare_cached("UPDATE blocks SET path = ?1 WHERE path = ?2")
+            .map_err(|e| self.sqlite(e))?
+            .execute(params![entry.path.as_bytes(), staged_key(&entry.path)])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Forgets a staged list; the current one stays.
+    pub fn drop_staged(&self, path: &RelPath) -> Result<(), IndexError> {
+        self.tx
+            .prepare_cached("DELETE FROM blocks WHERE path = ?1")
+            .map_err(|e| self.sqlite(e))?
+            .execute([staged_key(path)])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// The block size of the list stored for `path`, if it has one.
+    pub fn block_size(&self, path: &RelPath) -> Result<Option<BlockSize>, IndexError> {
+        stored_block_size(&self.tx, path).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => IndexError::Corrupt {
+                path: self.location.clone(),
+                what,
+            },
+        })
+    }
+
+    /// Forgets the parts of a file's block list from `from` on.
+    pub fn truncate_parts(&self, path: &RelPath, from: u64) -> Result<(), IndexError> {
+        self.tx
+            .prepare_cached("DELETE FROM blocks WHERE path = ?1 AND part >= ?2")
+            .map_err(|e| self.sqlite(e))?
+            .execute(params![path.as_bytes(), from as i64])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// One part of a file's block list, as of before this batch's writes to it.
+    pub fn block_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
+        read_part(&self.tx, path, part).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => IndexError::Corrupt {
+                path: self.location.clone(),
+                what,
+            },
+        })
+    }
+
+    /// Records an entry, leaving its block list's parts as they are.
+    fn put_entry(&self, entry: &Entry, block_size: Option<BlockSize>) -> Result<(), IndexError> {
         let m = &entry.meta;
         let link_target = match &entry.kind {
             EntryKind::Symlink(target) => Some(target.as_slice()),
@@ -444,7 +532,7 @@ impl Batch<'_> {
             Some(hash) => (Some(&hash.root[..]), hash.racy),
             None => (None, false),
         };
-        let block_size = blocks.map(|(size, _)| size.get());
+        let block_size = block_size.map(BlockSize::get);
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO entries
@@ -471,10 +559,6 @@ impl Batch<'_> {
                 block_size.map(|b| b as i64),
             ])
             .map_err(|e| self.sqlite(e))?;
-        delete_parts(&self.tx, entry.path.as_bytes()).map_err(|e| self.sqlite(e))?;
-        if let Some((_, cvs)) = blocks {
-            write_parts(&self.tx, entry.path.as_bytes(), cvs).map_err(|e| self.sqlite(e))?;
-        }
         Ok(())
     }
 
@@ -509,8 +593,7 @@ impl Batch<'_> {
             .map_err(|e| self.sqlite(e))?
             .execute([path.as_bytes()])
             .map_err(|e| self.sqlite(e))?;
-        delete_parts(&self.tx, path.as_bytes()).map_err(|e| self.sqlite(e))?;
-        Ok(())
+        self.truncate_parts(path, 0)
     }
 
     /// Makes every change of the batch durable at once.
@@ -561,12 +644,6 @@ enum BlocksError {
     Corrupt(String),
 }
 
-fn delete_parts(conn: &rusqlite::Connection, path: &[u8]) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM blocks WHERE path = ?1")?
-        .execute([path])?;
-    Ok(())
-}
-
 fn write_parts(conn: &rusqlite::Connection, path: &[u8], cvs: &[Cv]) -> rusqlite::Result<()> {
     let mut insert =
         conn.prepare_cached("INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)")?;
@@ -580,17 +657,9 @@ fn read_blocks(
     conn: &rusqlite::Connection,
     path: &RelPath,
 ) -> Result<Option<(BlockSize, Vec<Cv>)>, BlocksError> {
-    let block_size: Option<Option<u32>> = conn
-        .prepare_cached("SELECT block_size FROM entries WHERE path = ?1")
-        .map_err(BlocksError::Sqlite)?
-        .query_row([path.as_bytes()], |row| row.get(0))
-        .optional()
-        .map_err(BlocksError::Sqlite)?;
-    let Some(Some(block_size)) = block_size else {
+    let Some(block_size) = stored_block_size(conn, path)? else {
         return Ok(None);
     };
-    let block_size =
-        BlockSize::new(block_size).map_err(|e| BlocksError::Corrupt(format!("{path}: {e}")))?;
     let mut blocks: Vec<Cv> = Vec::new();
     let mut stmt = conn
         .prepare_cached("SELECT part, cvs FROM blocks WHERE path = ?1 ORDER BY part")
@@ -615,4 +684,49 @@ fn read_blocks(
         expected += 1;
     }
     Ok(Some((block_size, blocks)))
+}
+
+fn read_part(
+    conn: &rusqlite::Connection,
+    path: &RelPath,
+    part: u64,
+) -> Result<Option<Vec<Cv>>, BlocksError> {
+    conn.prepare_cached("SELECT cvs FROM blocks WHERE path = ?1 AND part = ?2")
+        .map_err(BlocksError::Sqlite)?
+        .query_row(params![path.as_bytes(), part as i64], |row| {
+            let bytes = row.get_ref(0)?.as_blob()?;
+            let (cvs, rest) = bytes.as_chunks::<32>();
+            Ok((rest.is_empty() && cvs.len() <= PART_CVS).then(|| cvs.to_vec()))
+        })
+        .optional()
+        .map_err(BlocksError::Sqlite)?
+        .map(|cvs| {
+            cvs.ok_or_else(|| BlocksError::Corrupt(format!("{path}: block list part {part}")))
+        })
+        .transpose()
+}
+
+/// Where a list being made for `path` is staged: a key no path has (paths never start with a
+/// NUL byte).
+fn staged_key(path: &RelPath) -> Vec<u8> {
+    let mut key = Vec::with_capacity(path.as_bytes().len() + 1);
+    key.push(0);
+    key.extend_from_slice(path.as_bytes());
+    key
+}
+
+fn stored_block_size(
+    conn: &rusqlite::Connection,
+    path: &RelPath,
+) -> Result<Option<BlockSize>, BlocksError> {
+    let block_size: Option<Option<u32>> = conn
+        .prepare_cached("SELECT block_size FROM entries WHERE path = ?1")
+        .map_err(BlocksError::Sqlite)?
+        .query_row([path.as_bytes()], |row| row.get(0))
+        .optional()
+        .map_err(BlocksError::Sqlite)?;
+    block_size
+        .flatten()
+        .map(|size| BlockSize::new(size).map_err(|e| BlocksError::Corrupt(format!("{path}: {e}"))))
+        .transpose()
 }

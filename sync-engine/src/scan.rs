@@ -18,7 +18,7 @@ use lbs_protocol::RelPath;
 use lbs_protocol::sync::{SkipReason, SkippedEntry};
 
 use crate::index::{ContentHash, Entry, EntryKind, Index, IndexError, Meta};
-use crate::tree::{BlockSize, Cv, TreeError, hash_file};
+use crate::tree::{BlockSize, Cv, PART_CVS, RootBuilder, TreeError, hash_file_parts};
 
 /// How close to the end of hashing a file's mtime may be before its hash is distrusted: file
 /// times come from a coarse kernel clock, so a write just after we read can leave them equal.
@@ -432,46 +432,48 @@ fn record_file(
         return Ok(());
     }
     // A file that only grew since it was hashed (a call being recorded): its new blocks, not
-    // its whole length, every pass.
+    // its whole length, every pass. Either way the new block list is staged a part at a time
+    // as it is made, and replaces the stored one only if the hash is kept.
+    let block_size = pass.block_size;
+    let batch = pass.batch;
     let appended = match &previous {
-        Some(prev) if grew(prev, &meta, pass.block_size) => match pass.batch.blocks(&path)? {
-            Some((block_size, blocks)) if block_size == pass.block_size => hash_appended(
-                abs,
-                &meta,
-                prev.meta.size,
-                &blocks,
+        Some(prev)
+            if grew(prev, &meta, block_size) && batch.block_size(&path)? == Some(block_size) =>
+        {
+            let grown = Grown {
+                seen: &meta,
+                old_len: prev.meta.size,
                 block_size,
-                &mut pass.names,
-            )
-            .ok(),
-            _ => None,
-        },
+            };
+            match hash_appended(abs, grown, &mut pass.names, batch, &path) {
+                Ok(done) => Some(done),
+                Err(Failure::Index(e)) => return Err(e.into()),
+                Err(Failure::File(_)) => None,
+            }
+        }
         _ => None,
     };
     let hashed = match appended {
-        Some((tree, after, read)) => Ok((tree, after, read, true)),
-        None => {
-            hash_stable(abs, &meta, pass.block_size, &mut pass.names).map(|(tree, after, grew)| {
+        Some((root, after, read)) => Ok((root, after, read, true)),
+        None => hash_stable(abs, &meta, block_size, &mut pass.names, batch, &path).map(
+            |(root, after, read, grew)| {
                 if grew {
                     pass.report.growing.push(path.clone());
                 }
-                let read = tree.len;
-                (tree, after, read, grew)
-            })
-        }
+                (root, after, read, grew)
+            },
+        ),
     };
     match hashed {
-        Ok((tree, after, read, by_append)) => {
+        Ok((root, after, read, by_append)) => {
             let report = &mut pass.report;
             report.hashed_files += 1;
             report.hashed_bytes += read;
             // A chmod or chown also moves the ctime, so the content was re-verified: report
             // it as what it was.
-            let same_content = previous.as_ref().is_some_and(|p| {
-                p.hash
-                    .as_ref()
-                    .is_some_and(|h| h.root == *tree.root.as_bytes())
-            });
+            let same_content = previous
+                .as_ref()
+                .is_some_and(|p| p.hash.as_ref().is_some_and(|h| h.root == *root.as_bytes()));
             if same_content && previous.is_some_and(|p| !same_visible_meta(&p.meta, &after)) {
                 report.metadata_updates += 1;
             }
@@ -485,31 +487,60 @@ fn record_file(
                 kind: EntryKind::File,
                 meta: after,
                 hash: Some(ContentHash {
-                    root: *tree.root.as_bytes(),
+                    root: *root.as_bytes(),
                     racy,
                 }),
             };
-            pass.put(entry, Some((tree.block_size, &tree.blocks)))?;
+            pass.batch.commit_staged(&entry, block_size)?;
+            pass.keep(entry);
         }
-        Err(Unhashable::Changed) => {
-            // Keep the entry but with no hash anyone could trust.
-            pass.report.unstable.push(path.clone());
-            let entry = Entry {
-                path,
-                kind: EntryKind::File,
-                meta,
-                hash: None,
-            };
-            pass.put(entry, None)?;
-        }
-        // The index keeps what it had until the next pass sees the file again (or not).
-        Err(Unhashable::Gone) => previous.into_iter().for_each(|p| pass.keep(p)),
-        Err(Unhashable::Io(e)) => {
-            pass.report.skipped.push(unreadable(path, &e));
-            previous.into_iter().for_each(|p| pass.keep(p));
+        Err(Failure::Index(e)) => return Err(e.into()),
+        Err(Failure::File(unhashable)) => {
+            pass.batch.drop_staged(&path)?;
+            match unhashable {
+                Unhashable::Changed => {
+                    // Keep the entry but with no hash anyone could trust.
+                    pass.report.unstable.push(path.clone());
+                    let entry = Entry {
+                        path,
+                        kind: EntryKind::File,
+                        meta,
+                        hash: None,
+                    };
+                    pass.put(entry, None)?;
+                }
+                // The index keeps what it had until the next pass sees the file again (or not).
+                Unhashable::Gone => previous.into_iter().for_each(|p| pass.keep(p)),
+                Unhashable::Io(e) => {
+                    pass.report.skipped.push(unreadable(path, &e));
+                    previous.into_iter().for_each(|p| pass.keep(p));
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Why a file's hash was not taken: the file, or the index the list was going to.
+enum Failure {
+    File(Unhashable),
+    Index(IndexError),
+}
+
+impl From<Unhashable> for Failure {
+    fn from(unhashable: Unhashable) -> Failure {
+        Failure::File(unhashable)
+    }
+}
+
+impl From<TreeError> for Failure {
+    fn from(err: TreeError) -> Failure {
+        Failure::File(match err {
+            TreeError::Changed { .. } => Unhashable::Changed,
+            TreeError::Io(e) => Unhashable::Io(e),
+            other => Unhashable::Io(io::Error::other(other)),
+        })
+    }
 }
 
 enum Unhashable {
@@ -531,35 +562,50 @@ fn grew(prev: &Entry, now: &Meta, block_size: BlockSize) -> bool {
         && prev.meta.size >= APPEND_MIN_LEN.max(2 * block_size.get())
 }
 
-/// The tree hash of a file that grew from `old_len` bytes, whose blocks were `old_blocks`:
-/// the first block is read again (a WAV header holds the length and is rewritten as the
-/// recording grows), the previous version's last partial block and everything after it are
-/// read; the blocks between are taken as they were, one of them checked. Returns the hash, the metadata that goes
-/// with it, and the bytes read.
+/// A file that grew: as seen now, its length when last hashed, the block size of its list.
+struct Grown<'m> {
+    seen: &'m Meta,
+    old_len: u64,
+    block_size: BlockSize,
+}
+
+/// The tree hash of a file that grew from `old_len` bytes, whose list `batch` holds: the first
+/// block is read again (a WAV header holds the length and is rewritten as the recording
+/// grows), the previous version's last partial block and everything after it are read; the
+/// blocks between are taken as they were, one of them checked. The old list is read and the
+/// new one staged a part at a time. Returns the hash, the metadata that goes with it, and the
+/// bytes read.
 fn hash_appended(
     abs: &Path,
-    seen: &Meta,
-    old_len: u64,
-    old_blocks: &[Cv],
-    block_size: BlockSize,
+    grown: Grown<'_>,
     names: &mut Names,
-) -> Result<(crate::tree::TreeHash, Meta, u64), Unhashable> {
+    batch: &crate::index::Batch<'_>,
+    path: &RelPath,
+) -> Result<(blake3::Hash, Meta, u64), Failure> {
     use std::os::unix::fs::FileExt;
+    let Grown {
+        seen,
+        old_len,
+        block_size,
+    } = grown;
     let bs = block_size.get();
-    if old_blocks.len() as u64 != block_size.blocks_for(old_len) {
-        return Err(Unhashable::Changed);
-    }
     let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     let len = before.len();
     if !before.is_file() || before.ino() != seen.inode || len <= old_len {
-        return Err(Unhashable::Changed);
+        return Err(Unhashable::Changed.into());
     }
+    let old_count = block_size.blocks_for(old_len);
     let full = old_len / bs;
-    let mut blocks: Vec<Cv> = Vec::with_capacity(block_size.blocks_for(len) as usize);
+    let count = block_size.blocks_for(len);
+    // One of the blocks taken as they were is read again, a different one each pass: a file
+    // truncated and written anew on the same inode (a log rewritten in place) is caught at
+    // once instead of being announced with a hash of blocks it no longer has.
+    let sample =
+        (full >= 2).then(|| 1 + (full.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7) % (full - 1));
     let mut buf = vec![0u8; bs as usize];
     let mut read = 0u64;
-    let mut block_at = |index: u64, buf: &mut Vec<u8>| -> Result<Cv, Unhashable> {
+    let mut block_at = |index: u64| -> Result<Cv, Unhashable> {
         let start = index * bs;
         let n = (len - start).min(bs) as usize;
         file.read_exact_at(&mut buf[..n], start)
@@ -571,36 +617,49 @@ fn hash_appended(
         read += n as u64;
         Ok(crate::tree::block_cv(&buf[..n], index, block_size))
     };
-    blocks.push(block_at(0, &mut buf)?);
-    // One of the blocks taken as they were is read again, a different one each pass: a file
-    // truncated and written anew on the same inode (a log rewritten in place) is caught at
-    // once instead of being announced with a hash of blocks it no longer has.
-    if full >= 2 {
-        let sample = 1 + (full.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7) % (full - 1);
-        if block_at(sample, &mut buf)? != old_blocks[sample as usize] {
-            return Err(Unhashable::Changed);
+    let mut root = RootBuilder::default();
+    let mut out: Vec<Cv> = Vec::with_capacity(PART_CVS);
+    for part in 0..count.div_ceil(PART_CVS as u64) {
+        let first = part * PART_CVS as u64;
+        let end = (first + PART_CVS as u64).min(count);
+        let old = if first < full {
+            let old = batch.block_part(path, part).map_err(Failure::Index)?;
+            let want = (old_count - first).min(PART_CVS as u64) as usize;
+            match old {
+                Some(old) if old.len() == want => old,
+                // The stored list does not fit the length it was stored with.
+                _ => return Err(Unhashable::Changed.into()),
+            }
+        } else {
+            Vec::new()
+        };
+        out.clear();
+        for index in first..end {
+            let cv = if index == 0 || index >= full {
+                block_at(index)?
+            } else {
+                let kept = old[(index - first) as usize];
+                if Some(index) == sample && block_at(index)? != kept {
+                    return Err(Unhashable::Changed.into());
+                }
+                kept
+            };
+            root.push(cv);
+            out.push(cv);
         }
+        batch.stage_part(path, part, &out).map_err(Failure::Index)?;
     }
-    blocks.extend_from_slice(&old_blocks[1..full as usize]);
-    for index in full..block_size.blocks_for(len) {
-        blocks.push(block_at(index, &mut buf)?);
-    }
-    let root = crate::tree::root_from_blocks(&blocks, block_size, len)
+    let root = root
+        .finish(block_size, len)
         .ok()
         .flatten()
         .ok_or(Unhashable::Changed)?;
     let after = fstat(&file)?;
     let (before, after) = (to_meta(&before, names), to_meta(&after, names));
     if !before.content_key_matches(&after) {
-        return Err(Unhashable::Changed);
+        return Err(Unhashable::Changed.into());
     }
-    let tree = crate::tree::TreeHash {
-        len,
-        block_size,
-        root,
-        blocks,
-    };
-    Ok((tree, after, read))
+    Ok((root, after, read))
 }
 
 /// Opens a file the walk met, to read it, never through a symlink.
@@ -630,27 +689,30 @@ fn hash_stable(
     seen: &Meta,
     block_size: BlockSize,
     names: &mut Names,
-) -> Result<(crate::tree::TreeHash, Meta, bool), Unhashable> {
+    batch: &crate::index::Batch<'_>,
+    path: &RelPath,
+) -> Result<(blake3::Hash, Meta, u64, bool), Failure> {
     let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     if !before.is_file() || before.ino() != seen.inode {
-        return Err(Unhashable::Changed);
+        return Err(Unhashable::Changed.into());
     }
-    let tree = match hash_file(&file, before.len(), block_size) {
-        Ok(tree) => tree,
-        Err(TreeError::Changed { .. }) => return Err(Unhashable::Changed),
-        Err(TreeError::Io(e)) => return Err(Unhashable::Io(e)),
-        Err(other) => return Err(Unhashable::Io(io::Error::other(other))),
-    };
+    let len = before.len();
+    let mut part = 0u64;
+    let root = hash_file_parts(&file, len, block_size, |cvs| {
+        batch.stage_part(path, part, cvs).map_err(Failure::Index)?;
+        part += 1;
+        Ok::<(), Failure>(())
+    })?;
     let after = fstat(&file)?;
     let (before, after) = (to_meta(&before, names), to_meta(&after, names));
     if before.content_key_matches(&after) {
-        return Ok((tree, after, false));
+        return Ok((root, after, len, false));
     }
     if after.inode == before.inode && after.size > before.size {
-        return Ok((tree, before, true));
+        return Ok((root, before, len, true));
     }
-    Err(Unhashable::Changed)
+    Err(Unhashable::Changed.into())
 }
 
 fn fstat(file: &File) -> Result<Metadata, Unhashable> {

@@ -163,55 +163,154 @@ fn subtree_cv(blocks: &[Cv], block_size: BlockSize, len: u64) -> Cv {
     )
 }
 
+/// The BLAKE3 hash of a file rebuilt from its block chaining values given one at a time, in
+/// order: a stack of completed subtrees (one per bit of the count), never the whole list.
+#[derive(Clone, Debug, Default)]
+pub struct RootBuilder {
+    /// Completed subtrees, largest first.
+    stack: Vec<Cv>,
+    /// Blocks whose values are merged into `stack`.
+    merged: u64,
+    /// The latest value: held back, as the last block's takes part only in the final merges.
+    last: Option<Cv>,
+}
+
+impl RootBuilder {
+    /// Adds the next block's chaining value.
+    pub fn push(&mut self, cv: Cv) {
+        if let Some(previous) = self.last.replace(cv) {
+            // `previous` is not the last block: merge every subtree it completes.
+            let mut node = previous;
+            self.merged += 1;
+            let mut total = self.merged;
+            while total & 1 == 0 {
+                let Some(left) = self.stack.pop() else { break };
+                node = merge_subtrees_non_root(&left, &node, Mode::Hash);
+                total >>= 1;
+            }
+            self.stack.push(node);
+        }
+    }
+
+    /// How many values were pushed.
+    pub fn count(&self) -> u64 {
+        self.merged + u64::from(self.last.is_some())
+    }
+
+    /// The hash of a `len`-byte file of `block_size` blocks, once all its values are pushed.
+    /// `Ok(None)` for a file of at most one block (its root is a finalisation of the block's
+    /// bytes, not a merge).
+    pub fn finish(
+        mut self,
+        block_size: BlockSize,
+        len: u64,
+    ) -> Result<Option<blake3::Hash>, TreeError> {
+        let want = block_size.blocks_for(len);
+        if self.count() != want {
+            return Err(TreeError::BlockCount {
+                len,
+                got: usize::try_from(self.count()).unwrap_or(usize::MAX),
+                want,
+            });
+        }
+        if len <= block_size.get() {
+            return Ok(None);
+        }
+        let Some(mut node) = self.last else {
+            return Ok(None);
+        };
+        while let Some(left) = self.stack.pop() {
+            if self.stack.is_empty() {
+                return Ok(Some(merge_subtrees_root(&left, &node, Mode::Hash)));
+            }
+            node = merge_subtrees_non_root(&left, &node, Mode::Hash);
+        }
+        Ok(None)
+    }
+}
+
 /// Hashes the first `len` bytes of `file` (its length when the caller looked) into a
 /// [`TreeHash`]. A file that turns out shorter than `len` is [`TreeError::Changed`]; the
 /// caller compares metadata after hashing to catch a file rewritten in place.
 pub fn hash_file(file: &File, len: u64, block_size: BlockSize) -> Result<TreeHash, TreeError> {
     let n_blocks = usize::try_from(block_size.blocks_for(len))
         .map_err(|_| TreeError::Changed { expected: len })?;
-    let mut blocks = vec![[0u8; 32]; n_blocks];
-    if len <= block_size.get() {
-        // One block at most: small enough to hold, and the root needs the bytes.
-        let mut data = vec![0u8; len as usize];
-        read_exact_at(file, &mut data, 0, len)?;
-        if let Some(cv) = blocks.first_mut() {
-            *cv = block_cv(&data, 0, block_size);
-        }
-        return Ok(TreeHash {
-            len,
-            block_size,
-            root: blake3::hash(&data),
-            blocks,
-        });
-    }
-
-    let blocks_per_stripe = (STRIPE_LEN / block_size.get()) as usize;
-    let mut stripes: Vec<(usize, &mut [Cv])> =
-        blocks.chunks_mut(blocks_per_stripe).enumerate().collect();
-    let threads = if len >= PARALLEL_MIN_LEN { 2 } else { 1 };
-    if threads == 1 {
-        hash_stripes(file, len, block_size, &mut stripes)?;
-    } else {
-        let (mut even, mut odd): (Vec<_>, Vec<_>) =
-            stripes.drain(..).partition(|(idx, _)| idx % 2 == 0);
-        std::thread::scope(|scope| {
-            let helper = scope.spawn(|| hash_stripes(file, len, block_size, &mut odd));
-            let mine = hash_stripes(file, len, block_size, &mut even);
-            // A panic in the helper is a bug in this module; surface it as one.
-            let theirs = helper
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            mine.and(theirs)
-        })?;
-    }
-    let root =
-        root_from_blocks(&blocks, block_size, len)?.ok_or(TreeError::Changed { expected: len })?;
+    let mut blocks = Vec::with_capacity(n_blocks);
+    let root = hash_file_parts(file, len, block_size, |part| {
+        blocks.extend_from_slice(part);
+        Ok::<(), TreeError>(())
+    })?;
     Ok(TreeHash {
         len,
         block_size,
         root,
         blocks,
     })
+}
+
+/// Chaining values per part: the unit in which block lists are hashed, stored and read
+/// (128 KiB of values; 64 MiB of file at 16 KiB blocks), so no list is held whole.
+pub const PART_CVS: usize = 4096;
+
+/// Hashes the first `len` bytes of `file` a part at a time: each part's values (all
+/// [`PART_CVS`] of them but the last part's) go to `on_part` in order, and the file's hash is
+/// returned. Heap use is one part and the two stripe buffers, whatever the file's size.
+pub fn hash_file_parts<E: From<TreeError>>(
+    file: &File,
+    len: u64,
+    block_size: BlockSize,
+    mut on_part: impl FnMut(&[Cv]) -> Result<(), E>,
+) -> Result<blake3::Hash, E> {
+    if len <= block_size.get() {
+        // One block at most: small enough to hold, and the root needs the bytes.
+        let mut data = vec![0u8; len as usize];
+        read_exact_at(file, &mut data, 0, len)?;
+        if len > 0 {
+            on_part(&[block_cv(&data, 0, block_size)])?;
+        }
+        return Ok(blake3::hash(&data));
+    }
+    let n_blocks = block_size.blocks_for(len);
+    // A power of two of at most 1,024: parts are whole stripes.
+    let blocks_per_stripe = (STRIPE_LEN / block_size.get()) as usize;
+    let threads = if len >= PARALLEL_MIN_LEN { 2 } else { 1 };
+    let mut root = RootBuilder::default();
+    let mut cvs: Vec<Cv> = Vec::with_capacity(PART_CVS);
+    let mut first = 0u64;
+    while first < n_blocks {
+        let count = (n_blocks - first).min(PART_CVS as u64) as usize;
+        cvs.clear();
+        cvs.resize(count, [0u8; 32]);
+        let first_stripe = (first / blocks_per_stripe as u64) as usize;
+        let mut stripes: Vec<(usize, &mut [Cv])> = cvs
+            .chunks_mut(blocks_per_stripe)
+            .enumerate()
+            .map(|(i, slots)| (first_stripe + i, slots))
+            .collect();
+        if threads == 1 {
+            hash_stripes(file, len, block_size, &mut stripes)?;
+        } else {
+            let (mut even, mut odd): (Vec<_>, Vec<_>) =
+                stripes.drain(..).partition(|(idx, _)| idx % 2 == 0);
+            std::thread::scope(|scope| {
+                let helper = scope.spawn(|| hash_stripes(file, len, block_size, &mut odd));
+                let mine = hash_stripes(file, len, block_size, &mut even);
+                // A panic in the helper is a bug in this module; surface it as one.
+                let theirs = helper
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                mine.and(theirs)
+            })?;
+        }
+        for cv in &cvs {
+            root.push(*cv);
+        }
+        on_part(&cvs)?;
+        first += count as u64;
+    }
+    Ok(root
+        .finish(block_size, len)?
+        .ok_or(TreeError::Changed { expected: len })?)
 }
 
 /// Hashes the given stripes (stripe index, that stripe's block slots) with one buffer.
@@ -321,6 +420,24 @@ mod tests {
     }
 
     #[test]
+    fn a_file_of_several_parts_is_hashed_a_part_at_a_time() {
+        let bs = BlockSize::new(1024).unwrap();
+        let len = (9 << 20) + 12345;
+        let bytes = data(len, 4);
+        let mut parts = Vec::new();
+        let root = hash_file_parts(&file_with(&bytes), len as u64, bs, |part| {
+            parts.push(part.to_vec());
+            Ok::<(), TreeError>(())
+        })
+        .unwrap();
+        assert_eq!(root, blake3::hash(&bytes));
+        let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let last = bs.blocks_for(len as u64) as usize - 2 * PART_CVS;
+        assert_eq!(sizes, [PART_CVS, PART_CVS, last]);
+        assert_eq!(parts.concat(), blocks_of(&bytes, bs));
+    }
+
+    #[test]
     fn a_file_shorter_than_announced_is_changed_not_garbage() {
         let bytes = data(10_000, 1);
         let err = hash_file(&file_with(&bytes), 20_000, BlockSize::DEFAULT).unwrap_err();
@@ -387,6 +504,10 @@ mod tests {
                     Some(tree.root)
                 );
             }
+            let mut builder = RootBuilder::default();
+            tree.blocks.iter().for_each(|cv| builder.push(*cv));
+            let streamed = builder.finish(bs, len as u64).unwrap();
+            prop_assert_eq!(streamed, (len as u64 > bs.get()).then_some(tree.root));
         }
     }
 }

@@ -404,6 +404,41 @@ fn a_growing_recording_costs_its_new_blocks_and_is_checked_whole_once_it_stops()
 }
 
 #[test]
+fn a_growing_file_whose_list_spans_parts_is_hashed_by_its_new_blocks() {
+    // 1 KiB blocks: a 9 MiB file's list is three parts of the index.
+    let options = ScanOptions {
+        block_size: lbs_sync::BlockSize::new(1024).unwrap(),
+        ..ScanOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let call = root.join("monitor/long.wav");
+    let mut content: Vec<u8> = (0..9_000_000u32).map(|i| (i % 239) as u8).collect();
+    write_old(&call, &content);
+    let mut index = Index::in_memory().unwrap();
+    scan(&root, &mut index, &options).unwrap();
+    for step in 0..3u32 {
+        let more: Vec<u8> = (0..300_000u32)
+            .map(|i| (i % 17) as u8 + step as u8)
+            .collect();
+        content.extend_from_slice(&more);
+        append_old(&call, &more, 1_650_000_000 + u64::from(step));
+        let pass = scan(&root, &mut index, &options).unwrap();
+        assert!(pass.hashed_bytes <= 300_000 + 3 * 1024, "{pass:?}");
+        let path = rel("monitor/long.wav");
+        let hash = index.get(&path).unwrap().unwrap().hash.unwrap();
+        assert_eq!(hash.root, *blake3::hash(&content).as_bytes(), "pass {step}");
+        let (_, blocks) = index.blocks(&path).unwrap().unwrap();
+        let expected: Vec<[u8; 32]> = content
+            .chunks(1024)
+            .enumerate()
+            .map(|(i, block)| lbs_sync::block_cv(block, i as u64, options.block_size))
+            .collect();
+        assert!(blocks == expected, "pass {step}: the stored list");
+    }
+}
+
+#[test]
 fn a_file_written_anew_on_its_inode_and_longer_is_hashed_whole() {
     // A log truncated and rewritten in place looks like an append (same inode, longer): the
     // append path read only its first and last blocks and announced a hash of old blocks it
