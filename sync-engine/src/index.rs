@@ -325,6 +325,14 @@ impl Index {
         })
     }
 
+    /// The block size of the list stored for `path`, if it has one.
+    pub fn block_size(&self, path: &RelPath) -> Result<Option<BlockSize>, IndexError> {
+        stored_block_size(&self.conn, path).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => self.corrupt(what),
+        })
+    }
+
     /// What the index knows of a file that has a hash and block values: the basis for
     /// receiving only its changed blocks. A racy hash (taken in the second the file was
     /// written) serves too: whatever is built on it is verified against the sender's hash,

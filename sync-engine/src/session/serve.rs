@@ -2,6 +2,7 @@
 //! differ, and file content as changed blocks, deltas or whole.
 
 use super::*;
+use crate::tree::PART_CVS;
 use whole::{send_file, send_files};
 
 /// Serves the tree at `root` to one receiver until it says goodbye or hangs up.
@@ -96,12 +97,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // differs, never with what the peer sends.
                 let ours = our_blocks(&index, &path, block_size)?;
                 let mut differ = ours.as_ref().map(Differ::new);
-                let mut compare = |sums: &[BlockSum]| {
-                    if let Some(differ) = differ.as_mut() {
-                        differ.feed(sums);
-                    }
+                let load = |part: u64| -> Result<Option<Vec<Cv>>, SessionError> {
+                    let index = index
+                        .lock()
+                        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+                    Ok(index.block_part(&path, part)?)
                 };
-                compare(&blocks);
+                let mut compare = |sums: &[BlockSum]| match differ.as_mut() {
+                    Some(differ) => differ.feed(sums, load),
+                    None => Ok(()),
+                };
+                compare(&blocks)?;
                 let mut done = last;
                 while !done {
                     match receive(conn, "a block list").await? {
@@ -111,7 +117,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             last,
                             ..
                         } if more_path == path => {
-                            compare(&blocks);
+                            compare(&blocks)?;
                             done = last;
                         }
                         other => {
@@ -119,8 +125,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
-                let ranges = differ.map(Differ::finish);
-                let changes = ours.zip(ranges);
+                let ranges = differ.and_then(Differ::finish);
+                // Our list was read a part at a time while the summaries came: if the index
+                // moved on meanwhile, the file goes whole.
+                let unchanged = match &ours {
+                    Some(ours) => our_blocks(&index, &path, block_size)?
+                        .is_some_and(|now| now.root == ours.root && now.len == ours.len),
+                    None => false,
+                };
+                let changes = ours.zip(ranges).filter(|_| unchanged);
                 send_changes(conn, generation, &files, &index, path, changes, holes).await?;
             }
             Message::Heartbeat { seq, .. } => {
@@ -252,10 +265,10 @@ pub(super) struct Ours {
     len: u64,
     root: [u8; 32],
     block_size: BlockSize,
-    blocks: Vec<Cv>,
 }
 
-/// What the index holds for `path` in blocks of `block_size` bytes, if anything.
+/// What the index holds for `path` in blocks of `block_size` bytes, if anything (the list
+/// itself is read a part at a time, by [`Differ::feed`]).
 fn our_blocks(
     index: &Arc<Mutex<Index>>,
     path: &RelPath,
@@ -270,12 +283,11 @@ fn our_blocks(
     let Some(hash) = entry.hash else {
         return Ok(None);
     };
-    Ok(match index.blocks(path)? {
-        Some((size, blocks)) if size.get() == u64::from(block_size) => Some(Ours {
+    Ok(match index.block_size(path)? {
+        Some(size) if size.get() == u64::from(block_size) => Some(Ours {
             len: entry.meta.size,
             root: hash.root,
             block_size: size,
-            blocks,
         }),
         _ => None,
     })
@@ -297,7 +309,6 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
         return send_file(conn, generation, files, index, path, holes).await;
     };
     let (len, root_hash) = (ours.len, ours.root);
-    drop(ours);
     let file = match files.open_file(&path) {
         Ok(file) => Arc::new(file),
         Err(err) => {
@@ -346,56 +357,96 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
-/// Compares the receiver's summaries, in order and a frame at a time, with our blocks, and
-/// collects the byte ranges that differ (adjacent ones merged). Blocks its summaries do not
-/// cover — ours is longer, or a summary runs past our end — are sent.
-pub(super) struct Differ<'a> {
-    ours: &'a [Cv],
+/// Compares the receiver's summaries, in order and a frame at a time, with our blocks (read
+/// a part at a time, at most two parts held), and collects the byte ranges that differ
+/// (adjacent ones merged). Blocks its summaries do not cover — ours is longer, or a summary
+/// runs past our end — are sent.
+pub(super) struct Differ {
     block_size: BlockSize,
     len: u64,
+    /// How many blocks we have.
+    count: usize,
+    /// Our values from block `window_start` on (a multiple of [`PART_CVS`]).
+    window: Vec<Cv>,
+    window_start: usize,
     /// The next block a summary describes.
     at: usize,
     /// A summary ran past our blocks: the rest is not compared.
     past_end: bool,
+    /// A part of our list was missing or short: the index changed under us.
+    torn: bool,
     ranges: Vec<(u64, u64)>,
 }
 
-impl<'a> Differ<'a> {
-    pub(super) fn new(ours: &'a Ours) -> Differ<'a> {
-        Differ::of(&ours.blocks, ours.block_size, ours.len)
-    }
-
-    pub(super) fn of(ours: &'a [Cv], block_size: BlockSize, len: u64) -> Differ<'a> {
+impl Differ {
+    pub(super) fn new(ours: &Ours) -> Differ {
         Differ {
-            ours,
-            block_size,
-            len,
+            block_size: ours.block_size,
+            len: ours.len,
+            count: ours.block_size.blocks_for(ours.len) as usize,
+            window: Vec::new(),
+            window_start: 0,
             at: 0,
             past_end: false,
+            torn: false,
             ranges: Vec::new(),
         }
     }
 
-    pub(super) fn feed(&mut self, sums: &[BlockSum]) {
+    /// Compares `sums`, the next summaries; `load` reads a part of our list.
+    pub(super) fn feed<E>(
+        &mut self,
+        sums: &[BlockSum],
+        mut load: impl FnMut(u64) -> Result<Option<Vec<Cv>>, E>,
+    ) -> Result<(), E> {
         for sum in sums {
-            if self.past_end {
-                return;
+            if self.past_end || self.torn {
+                return Ok(());
             }
             let start = self.at;
             let end = start.saturating_add(sum.blocks() as usize);
-            if end > self.ours.len() {
+            if end > self.count {
                 self.past_end = true;
-                return;
+                return Ok(());
             }
+            if !self.hold(start, end, &mut load)? {
+                self.torn = true;
+                return Ok(());
+            }
+            let ours = &self.window[start - self.window_start..end - self.window_start];
             let matches = match sum {
-                BlockSum::One(prefix) => self.ours[start][..8] == prefix[..],
-                BlockSum::Group { digest, .. } => group_digest(&self.ours[start..end]) == *digest,
+                BlockSum::One(prefix) => ours[0][..8] == prefix[..],
+                BlockSum::Group { digest, .. } => group_digest(ours) == *digest,
             };
             if !matches {
                 self.changed(start, end);
             }
             self.at = end;
         }
+        Ok(())
+    }
+
+    /// Makes the window hold blocks `start..end`: parts before `start` are let go, the parts
+    /// up to `end` read. False if a part is missing or not as long as our length says.
+    fn hold<E>(
+        &mut self,
+        start: usize,
+        end: usize,
+        load: &mut impl FnMut(u64) -> Result<Option<Vec<Cv>>, E>,
+    ) -> Result<bool, E> {
+        while self.window_start + PART_CVS <= start && self.window.len() >= PART_CVS {
+            self.window.drain(..PART_CVS);
+            self.window_start += PART_CVS;
+        }
+        while self.window_start + self.window.len() < end {
+            let next = self.window_start + self.window.len();
+            let want = (self.count - next).min(PART_CVS);
+            match load((next / PART_CVS) as u64)? {
+                Some(part) if part.len() == want => self.window.extend_from_slice(&part),
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     fn changed(&mut self, first: usize, end: usize) {
@@ -411,14 +462,45 @@ impl<'a> Differ<'a> {
         }
     }
 
-    pub(super) fn finish(mut self) -> Vec<(u64, u64)> {
-        self.changed(self.at, self.ours.len());
-        self.ranges
+    /// The ranges to send; `None` if our list turned out torn (send the file whole).
+    pub(super) fn finish(mut self) -> Option<Vec<(u64, u64)>> {
+        if self.torn {
+            return None;
+        }
+        self.changed(self.at, self.count);
+        Some(self.ranges)
     }
 }
 
 /// The byte ranges of a `len`-byte file whose blocks (`ours`) differ from what the receiver
-/// summarised (`theirs`), adjacent blocks merged.
+/// summarised (`theirs`), adjacent blocks merged, fed in frames of `frame` summaries.
+#[cfg(test)]
+pub(super) fn changed_ranges_in_frames(
+    ours: &[Cv],
+    theirs: &[BlockSum],
+    block_size: BlockSize,
+    len: u64,
+    frame: usize,
+) -> Vec<(u64, u64)> {
+    let mut differ = Differ::new(&Ours {
+        len,
+        root: [0; 32],
+        block_size,
+    });
+    differ.count = ours.len();
+    let load = |part: u64| -> Result<Option<Vec<Cv>>, std::convert::Infallible> {
+        let from = part as usize * PART_CVS;
+        Ok(ours
+            .get(from..(from + PART_CVS).min(ours.len()))
+            .map(<[Cv]>::to_vec))
+    };
+    for sums in theirs.chunks(frame.max(1)) {
+        let Ok(()) = differ.feed(sums, load);
+    }
+    differ.finish().unwrap_or_default()
+}
+
+/// [`changed_ranges_in_frames`] with all summaries in one frame.
 #[cfg(test)]
 pub(super) fn changed_ranges(
     ours: &[Cv],
@@ -426,9 +508,7 @@ pub(super) fn changed_ranges(
     block_size: BlockSize,
     len: u64,
 ) -> Vec<(u64, u64)> {
-    let mut differ = Differ::of(ours, block_size, len);
-    differ.feed(theirs);
-    differ.finish()
+    changed_ranges_in_frames(ours, theirs, block_size, len, usize::MAX)
 }
 
 /// Blocks per group where a file's middle is summarised coarsely (256 KiB at 16 KiB blocks:

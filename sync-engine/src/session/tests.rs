@@ -3,6 +3,7 @@ use super::ready::Ready;
 use super::serve::*;
 use super::whole::*;
 use super::*;
+use crate::tree::PART_CVS;
 
 #[test]
 fn a_manifest_is_bounded_by_bytes_and_every_size_it_announces() {
@@ -496,11 +497,7 @@ fn summaries_compared_frame_by_frame_find_what_they_find_at_once() {
     for new_len in [1000 * bs.get(), 1200 * bs.get()] {
         let sums: Vec<BlockSum> = block_sums(&theirs, bs, new_len).collect();
         let at_once = changed_ranges(&ours, &sums, bs, len);
-        let mut differ = Differ::of(&ours, bs, len);
-        for frame in sums.chunks(7) {
-            differ.feed(frame);
-        }
-        assert_eq!(differ.finish(), at_once);
+        assert_eq!(changed_ranges_in_frames(&ours, &sums, bs, len, 7), at_once);
         assert!(at_once.first().is_some_and(|r| r.0 == 0));
         assert!(
             at_once
@@ -508,4 +505,34 @@ fn summaries_compared_frame_by_frame_find_what_they_find_at_once() {
                 .any(|r| r.0 <= 500 * bs.get() && 501 * bs.get() <= r.1)
         );
     }
+}
+
+#[test]
+fn summaries_of_a_list_of_several_parts_are_compared_across_part_boundaries() {
+    let bs = BlockSize::DEFAULT;
+    let theirs = cvs(3 * PART_CVS + 50, 6);
+    let mut ours = theirs.clone();
+    // Changed on both sides of a part boundary, and the file grew: the middle goes in groups
+    // that straddle the boundaries.
+    let boundary = PART_CVS;
+    for changed in [1, boundary - 1, boundary, 2 * boundary + 3] {
+        ours[changed] = [7; 32];
+    }
+    ours.extend(cvs(30, 1));
+    let len = ours.len() as u64 * bs.get();
+    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
+    let ranges = changed_ranges_in_frames(&ours, &sums, bs, len, 100);
+    for changed in [1, boundary - 1, boundary, 2 * boundary + 3] {
+        let at = changed as u64 * bs.get();
+        assert!(
+            ranges.iter().any(|r| r.0 <= at && at + bs.get() <= r.1),
+            "block {changed} not sent: {ranges:?}"
+        );
+    }
+    let sent: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+    assert!(
+        sent <= (4 * GROUP_BLOCKS as u64 + 30 + 8) * bs.get(),
+        "{ranges:?}"
+    );
+    assert_eq!(ranges.last().map(|r| r.1), Some(len));
 }
