@@ -12,7 +12,7 @@ use std::path::Path;
 use lbs_protocol::RelPath;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::tree::{BlockSize, Cv};
+use crate::tree::{BlockSize, Cv, SharedBlocks};
 
 /// What an entry is.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -40,7 +40,7 @@ pub struct Known {
     /// Block size of `blocks`.
     pub block_size: BlockSize,
     /// Its per-block chaining values.
-    pub blocks: Vec<Cv>,
+    pub blocks: SharedBlocks,
     /// Its metadata when indexed (size, mtime, ctime, inode: the content key).
     pub meta: Meta,
 }
@@ -346,7 +346,7 @@ impl Index {
         }
         Ok(self.blocks(path)?.map(|(block_size, blocks)| Known {
             block_size,
-            blocks,
+            blocks: blocks.into(),
             meta: entry.meta,
         }))
     }

@@ -23,6 +23,9 @@ use blake3::hazmat::{
 /// The chaining value of one block: a non-root BLAKE3 tree node.
 pub type Cv = [u8; 32];
 
+/// A block list shared, not copied, between the steps that use it (the request, the patch).
+pub type SharedBlocks = std::sync::Arc<[Cv]>;
+
 /// Bytes each hashing thread reads at a time.
 const STRIPE_LEN: u64 = 1 << 20;
 /// Files below this size are hashed on the calling thread alone.

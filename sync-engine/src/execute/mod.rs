@@ -15,7 +15,7 @@ use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 use crate::apply::{ApplyError, Root, Target};
 use crate::index::{Entry, EntryKind, Index, IndexError, Known};
 use crate::plan::{Action, Basis, Plan, Source};
-use crate::tree::{BlockSize, Cv, TreeHash};
+use crate::tree::{BlockSize, SharedBlocks, TreeHash};
 
 mod group;
 mod receiver;
@@ -48,7 +48,7 @@ pub trait Fetcher {
         &mut self,
         path: &RelPath,
         size: u64,
-        basis: Option<(BlockSize, Vec<Cv>)>,
+        basis: Option<(BlockSize, SharedBlocks)>,
         sink: &mut dyn Sink,
     ) -> io::Result<u64>;
 
@@ -89,7 +89,7 @@ impl Fetcher for LocalFetcher {
         &mut self,
         path: &RelPath,
         _size: u64,
-        _basis: Option<(BlockSize, Vec<Cv>)>,
+        _basis: Option<(BlockSize, SharedBlocks)>,
         sink: &mut dyn Sink,
     ) -> io::Result<u64> {
         let mut file = self.root.open_file(path).map_err(io::Error::other)?;
@@ -374,7 +374,7 @@ fn receive(
     });
     let resuming = partial.is_some();
     let (basis, partial) = match partial {
-        Some((file, tree)) => (Some((tree.block_size, tree.blocks)), Some(file)),
+        Some((file, tree)) => (Some((tree.block_size, tree.blocks.into())), Some(file)),
         None => (
             known.as_ref().map(|k| (k.block_size, k.blocks.clone())),
             None,

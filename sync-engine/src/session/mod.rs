@@ -30,7 +30,7 @@ use crate::journal::{Recovery, recover};
 use crate::plan::{Action, Basis, PlanError, PlanSummary, plan_with_links};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::trash::Trash;
-use crate::tree::{BlockSize, Cv};
+use crate::tree::{BlockSize, Cv, SharedBlocks};
 
 mod pipeline;
 mod pull;
@@ -543,13 +543,13 @@ enum Ask {
     /// The whole file.
     Whole,
     /// The blocks whose values differ from these (the receiver's).
-    Blocks(BlockSize, Vec<Cv>),
+    Blocks(BlockSize, SharedBlocks),
     /// A delta against the version with this signature.
     Delta(Vec<u8>),
 }
 
 impl Ask {
-    fn from_basis(basis: Option<(BlockSize, Vec<Cv>)>) -> Ask {
+    fn from_basis(basis: Option<(BlockSize, SharedBlocks)>) -> Ask {
         match basis {
             Some((block_size, blocks)) if !blocks.is_empty() => Ask::Blocks(block_size, blocks),
             _ => Ask::Whole,

@@ -17,7 +17,7 @@ impl Fetcher for Bridge {
         &mut self,
         path: &RelPath,
         size: u64,
-        basis: Option<(BlockSize, Vec<Cv>)>,
+        basis: Option<(BlockSize, SharedBlocks)>,
         sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
         self.ask(path, size, Ask::from_basis(basis), sink)
