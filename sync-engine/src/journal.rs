@@ -26,7 +26,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use crate::apply::{ApplyError, Durability, Root, Target};
 use crate::index::Known;
-use crate::tree::{Cv, TreeHash, block_cv, root_from_blocks};
+use crate::tree::{Cv, RootBuilder, TreeHash, block_cv};
 
 /// The journal's name in the root directory; scans skip it.
 pub const JOURNAL_NAME: &str = ".lbs-journal";
@@ -94,7 +94,9 @@ impl<'r> Patch<'r> {
         // Every block of the result is one held here or one sent: a size beyond that cannot
         // be patched (and is never allocated for).
         let blocks = known.block_size.blocks_for(size);
-        let possible = (known.blocks.len() as u64)
+        let possible = known
+            .blocks
+            .len()
             .saturating_add(known.block_size.blocks_for(changed))
             .saturating_add(1);
         if blocks > possible {
@@ -197,7 +199,11 @@ impl<'r> Patch<'r> {
         }
         let bs = self.known.block_size;
         // Each block is one sent or one held: more than both together cannot be rebuilt.
-        let held = (self.known.blocks.len() as u64).saturating_add(self.received.len() as u64);
+        let held = self
+            .known
+            .blocks
+            .len()
+            .saturating_add(self.received.len() as u64);
         if self.blocks > held {
             return Err(PatchError::Unfit(format!(
                 "{} blocks, {} sent and {} held here",
@@ -206,15 +212,19 @@ impl<'r> Patch<'r> {
                 self.known.blocks.len()
             )));
         }
+        // The old values are read in order (a part at a time when stored), the received ones
+        // put in their places, and the hash rebuilt as they go.
+        let mut old = self.known.blocks.iter();
+        let old_count = self.known.blocks.len();
+        let mut rebuilt = RootBuilder::default();
         let mut blocks = Vec::with_capacity(usize::try_from(self.blocks).unwrap_or(0));
         for index in 0..self.blocks {
-            let cv = self.received.get(&index).copied().or_else(|| {
-                usize::try_from(index)
-                    .ok()
-                    .and_then(|i| self.known.blocks.get(i).copied())
-            });
-            match cv {
-                Some(cv) => blocks.push(cv),
+            let held = if index < old_count { old.next() } else { None };
+            match self.received.get(&index).copied().or(held) {
+                Some(cv) => {
+                    rebuilt.push(cv);
+                    blocks.push(cv);
+                }
                 None => {
                     return Err(PatchError::Unfit(format!(
                         "block {index} was neither sent nor held here"
@@ -222,7 +232,9 @@ impl<'r> Patch<'r> {
                 }
             }
         }
-        let root_hash = root_from_blocks(&blocks, bs, self.size)
+        drop(old);
+        let root_hash = rebuilt
+            .finish(bs, self.size)
             .ok()
             .flatten()
             .ok_or_else(|| PatchError::Unfit("cannot rebuild the root hash".into()))?;

@@ -43,7 +43,9 @@ pub use apply::{
 pub use execute::{
     ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Sink, execute, manifest,
 };
-pub use index::{ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta};
+pub use index::{
+    BlockList, ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta, StoredParts,
+};
 pub use journal::{JOURNAL_NAME, Patch, PatchError, Recovery, Sealed, recover};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan, plan_with_links};
 pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan, scan_from};

@@ -239,6 +239,41 @@ async fn a_changed_recording_moves_only_its_changed_blocks_and_tail() {
     stop_primary(server, client_conn).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_block_list_spans_parts_is_patched_by_its_changed_blocks() {
+    // 70 MiB: more values than one part of the index holds (4,096 blocks of 16 KiB), so both
+    // sides read their lists a part at a time; changes on both sides of the part boundary.
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let len = 70 << 20;
+    let old: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    write_old(&sender.join("archive/day.wav"), &old);
+    write_old(&receiver.join("archive/day.wav"), &old);
+    let block = lbs_sync::BlockSize::DEFAULT.get() as usize;
+    let mut new = old;
+    for at in [5, 4095 * block + 7, 4096 * block, 4400 * block + 3] {
+        new[at] ^= 0x5a;
+    }
+    write_old(&sender.join("archive/day.wav"), &new);
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+
+    let (server, mut client_conn) = start_primary(&sender);
+    let report = pull_default(&mut client_conn, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap();
+    assert!(report.executed.deferred.is_empty(), "{report:?}");
+    assert_eq!(report.executed.patched, 1, "{report:?}");
+    assert_eq!(
+        report.executed.fetched_bytes,
+        4 * block as u64,
+        "{report:?}"
+    );
+    assert!(fs::read(receiver.join("archive/day.wav")).unwrap() == new);
+    stop_primary(server, client_conn).await;
+}
+
 fn meta() -> FileMeta {
     FileMeta {
         mode: 0o644,

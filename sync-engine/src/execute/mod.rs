@@ -13,9 +13,10 @@ use lbs_protocol::RelPath;
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 
 use crate::apply::{ApplyError, Root, Target};
+use crate::index::BlockList;
 use crate::index::{Entry, EntryKind, Index, IndexError, Known};
 use crate::plan::{Action, Basis, Plan, Source};
-use crate::tree::{BlockSize, SharedBlocks, TreeHash};
+use crate::tree::{BlockSize, TreeHash};
 
 mod group;
 mod receiver;
@@ -48,7 +49,7 @@ pub trait Fetcher {
         &mut self,
         path: &RelPath,
         size: u64,
-        basis: Option<(BlockSize, SharedBlocks)>,
+        basis: Option<(BlockSize, BlockList)>,
         sink: &mut dyn Sink,
     ) -> io::Result<u64>;
 
@@ -89,7 +90,7 @@ impl Fetcher for LocalFetcher {
         &mut self,
         path: &RelPath,
         _size: u64,
-        _basis: Option<(BlockSize, SharedBlocks)>,
+        _basis: Option<(BlockSize, BlockList)>,
         sink: &mut dyn Sink,
     ) -> io::Result<u64> {
         let mut file = self.root.open_file(path).map_err(io::Error::other)?;
@@ -374,7 +375,10 @@ fn receive(
     });
     let resuming = partial.is_some();
     let (basis, partial) = match partial {
-        Some((file, tree)) => (Some((tree.block_size, tree.blocks.into())), Some(file)),
+        Some((file, tree)) => (
+            Some((tree.block_size, BlockList::from(tree.blocks))),
+            Some(file),
+        ),
         None => (
             known.as_ref().map(|k| (k.block_size, k.blocks.clone())),
             None,

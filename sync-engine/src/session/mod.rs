@@ -25,12 +25,13 @@ use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
 use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, execute, manifest_entry};
+use crate::index::BlockList;
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};
 use crate::plan::{Action, Basis, PlanError, PlanSummary, plan_with_links};
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::trash::Trash;
-use crate::tree::{BlockSize, Cv, SharedBlocks};
+use crate::tree::{BlockSize, Cv};
 
 mod pipeline;
 mod pull;
@@ -543,13 +544,13 @@ enum Ask {
     /// The whole file.
     Whole,
     /// The blocks whose values differ from these (the receiver's).
-    Blocks(BlockSize, SharedBlocks),
+    Blocks(BlockSize, BlockList),
     /// A delta against the version with this signature.
     Delta(Vec<u8>),
 }
 
 impl Ask {
-    fn from_basis(basis: Option<(BlockSize, SharedBlocks)>) -> Ask {
+    fn from_basis(basis: Option<(BlockSize, BlockList)>) -> Ask {
         match basis {
             Some((block_size, blocks)) if !blocks.is_empty() => Ask::Blocks(block_size, blocks),
             _ => Ask::Whole,

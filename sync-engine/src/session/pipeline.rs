@@ -24,7 +24,7 @@ impl Planned {
         64 + self.path.as_bytes().len()
             + match &self.ask {
                 Ask::Whole => 0,
-                Ask::Blocks(_, blocks) => blocks.len() * 10,
+                Ask::Blocks(_, blocks) => blocks.len() as usize * 10,
                 Ask::Delta(signature) => signature.len(),
             }
     }
@@ -165,7 +165,8 @@ pub(super) async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         Ask::Blocks(block_size, blocks) => (block_size, blocks),
     };
     // Summaries are made a frame at a time, not all before the first is sent.
-    let mut sums = block_sums(&blocks, block_size, size).peekable();
+    let count = blocks.len();
+    let mut sums = block_sums(blocks.iter(), count, block_size, size).peekable();
     loop {
         let part: Vec<BlockSum> = sums.by_ref().take(BLOCKS_PER_FRAME).collect();
         let last = sums.peek().is_none();

@@ -4,6 +4,8 @@
 use super::pipeline::{AHEAD_MAX_BLOCKS, PROGRESS_EVERY, Pipeline, Planned, forward};
 use super::ready::Ready;
 use super::*;
+use crate::index::{EntryKind, Known};
+use crate::tree::PART_CVS;
 
 /// The receiver's fetcher: takes a file's answer from what was read ahead, or asks the async
 /// side for it, and hands it to the writing side's sink.
@@ -17,7 +19,7 @@ impl Fetcher for Bridge {
         &mut self,
         path: &RelPath,
         size: u64,
-        basis: Option<(BlockSize, SharedBlocks)>,
+        basis: Option<(BlockSize, BlockList)>,
         sink: &mut dyn Sink,
     ) -> std::io::Result<u64> {
         self.ask(path, size, Ask::from_basis(basis), sink)
@@ -232,7 +234,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                     // list grow with the data, and their transfer dwarfs a round trip.
                     let small = known
                         .as_ref()
-                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS);
+                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS as u64);
                     let ask = if small {
                         Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
                     } else {
@@ -263,7 +265,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let worker_index = index.clone();
     let progress_tx = progress.clone();
     let worker = tokio::task::spawn_blocking(move || {
-        let old_blocks = |path: &RelPath| worker_index.lock().ok()?.known(path).ok().flatten();
+        let old_blocks = |path: &RelPath| known_of(&worker_index, path);
         let mut notified: Option<Instant> = None;
         let mut on_progress = |now: &Progress| {
             if let Some(progress) = &progress {
@@ -402,4 +404,40 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         recovery: (recovery != Recovery::Clean).then_some(recovery),
         sender_skipped,
     })
+}
+
+/// What the receiver's index knows of `path`'s current version; a list longer than a part
+/// is read from the index a part at a time as it is used, never held whole.
+fn known_of(index: &Arc<Mutex<Index>>, path: &RelPath) -> Option<Known> {
+    let held = index.lock().ok()?;
+    let entry = held.get(path).ok()??;
+    if entry.kind != EntryKind::File || entry.hash.is_none() {
+        return None;
+    }
+    let block_size = held.block_size(path).ok()??;
+    let count = block_size.blocks_for(entry.meta.size);
+    if count <= PART_CVS as u64 {
+        return held.known(path).ok()?;
+    }
+    let parts = Arc::new(IndexParts {
+        index: index.clone(),
+        path: path.clone(),
+    });
+    Some(Known {
+        block_size,
+        blocks: BlockList::Stored { parts, count },
+        meta: entry.meta,
+    })
+}
+
+/// One file's list in the receiver's index.
+struct IndexParts {
+    index: Arc<Mutex<Index>>,
+    path: RelPath,
+}
+
+impl crate::index::StoredParts for IndexParts {
+    fn part(&self, n: u64) -> Option<Vec<Cv>> {
+        self.index.lock().ok()?.block_part(&self.path, n).ok()?
+    }
 }

@@ -524,28 +524,35 @@ pub(super) const EDGE_BLOCKS: usize = 4;
 /// anywhere), otherwise one per block only at the ends and one per group in between (the
 /// file grew or shrank: its middle is most likely unchanged).
 pub(super) fn block_sums(
-    ours: &[Cv],
+    ours: impl Iterator<Item = Cv>,
+    count: u64,
     block_size: BlockSize,
     new_len: u64,
-) -> impl Iterator<Item = BlockSum> + '_ {
-    let fine = block_size.blocks_for(new_len) == ours.len() as u64 || ours.len() <= 2 * EDGE_BLOCKS;
-    let (head, middle, tail) = if fine {
-        (ours, &[][..], &[][..])
-    } else {
-        let middle_end = ours.len() - EDGE_BLOCKS;
-        (
-            &ours[..EDGE_BLOCKS],
-            &ours[EDGE_BLOCKS..middle_end],
-            &ours[middle_end..],
-        )
-    };
-    head.iter()
-        .map(BlockSum::one)
-        .chain(middle.chunks(GROUP_BLOCKS).map(|group| BlockSum::Group {
+) -> impl Iterator<Item = BlockSum> {
+    let fine = block_size.blocks_for(new_len) == count || count <= 2 * EDGE_BLOCKS as u64;
+    let middle = EDGE_BLOCKS as u64..count.saturating_sub(EDGE_BLOCKS as u64);
+    let mut ours = (0u64..).zip(ours);
+    let mut group: Vec<Cv> = Vec::with_capacity(GROUP_BLOCKS);
+    std::iter::from_fn(move || {
+        let (index, cv) = ours.next()?;
+        if fine || !middle.contains(&index) {
+            return Some(BlockSum::one(&cv));
+        }
+        // Groups start at the middle's start, every GROUP_BLOCKS blocks.
+        let end = (index + GROUP_BLOCKS as u64).min(middle.end);
+        group.clear();
+        group.push(cv);
+        while (group.len() as u64) < end - index {
+            match ours.next() {
+                Some((_, cv)) => group.push(cv),
+                None => break,
+            }
+        }
+        Some(BlockSum::Group {
             count: group.len() as u32,
-            digest: group_digest(group),
-        }))
-        .chain(tail.iter().map(BlockSum::one))
+            digest: group_digest(&group),
+        })
+    })
 }
 
 /// Sends a small file as a delta against the receiver's version (its `signature`), or whole

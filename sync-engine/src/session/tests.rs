@@ -362,7 +362,8 @@ fn summaries_find_exactly_the_changed_blocks_of_a_same_size_file() {
     ours[7] = [9; 32];
     ours[250] = [9; 32];
     let len = 300 * bs.get();
-    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
+    let sums: Vec<BlockSum> =
+        block_sums(theirs.iter().copied(), theirs.len() as u64, bs, len).collect();
     assert!(sums.iter().all(|s| matches!(s, BlockSum::One(_))));
     let ranges = changed_ranges(&ours, &sums, bs, len);
     assert_eq!(
@@ -384,7 +385,8 @@ fn a_grown_file_is_summarised_coarsely_in_the_middle_and_finely_at_the_ends() {
     ours[999] = [2; 32];
     ours.extend(cvs(40, 3));
     let len = 1040 * bs.get();
-    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
+    let sums: Vec<BlockSum> =
+        block_sums(theirs.iter().copied(), theirs.len() as u64, bs, len).collect();
     assert!(sums.len() < 80, "{} summaries for 1000 blocks", sums.len());
     let ranges = changed_ranges(&ours, &sums, bs, len);
     assert_eq!(
@@ -495,7 +497,8 @@ fn summaries_compared_frame_by_frame_find_what_they_find_at_once() {
     ours.truncate(990);
     let len = 990 * bs.get() - 100;
     for new_len in [1000 * bs.get(), 1200 * bs.get()] {
-        let sums: Vec<BlockSum> = block_sums(&theirs, bs, new_len).collect();
+        let sums: Vec<BlockSum> =
+            block_sums(theirs.iter().copied(), theirs.len() as u64, bs, new_len).collect();
         let at_once = changed_ranges(&ours, &sums, bs, len);
         assert_eq!(changed_ranges_in_frames(&ours, &sums, bs, len, 7), at_once);
         assert!(at_once.first().is_some_and(|r| r.0 == 0));
@@ -520,7 +523,8 @@ fn summaries_of_a_list_of_several_parts_are_compared_across_part_boundaries() {
     }
     ours.extend(cvs(30, 1));
     let len = ours.len() as u64 * bs.get();
-    let sums: Vec<BlockSum> = block_sums(&theirs, bs, len).collect();
+    let sums: Vec<BlockSum> =
+        block_sums(theirs.iter().copied(), theirs.len() as u64, bs, len).collect();
     let ranges = changed_ranges_in_frames(&ours, &sums, bs, len, 100);
     for changed in [1, boundary - 1, boundary, 2 * boundary + 3] {
         let at = changed as u64 * bs.get();
