@@ -142,6 +142,29 @@ impl PartialEq for BlockList {
 
 impl Eq for BlockList {}
 
+/// A file's new version after a patch, as its list is to be recorded: the old list with the
+/// received values in their places (not a new list held whole).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchedList {
+    /// The new length.
+    pub len: u64,
+    /// Block size of both lists.
+    pub block_size: BlockSize,
+    /// The new version's BLAKE3 hash.
+    pub root: blake3::Hash,
+    /// The old version's list.
+    pub old: BlockList,
+    /// The values received, by block number.
+    pub changed: std::collections::BTreeMap<u64, Cv>,
+}
+
+impl PatchedList {
+    /// How many values the new list has.
+    pub fn count(&self) -> u64 {
+        self.block_size.blocks_for(self.len)
+    }
+}
+
 /// The metadata lbs carries and compares.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Meta {

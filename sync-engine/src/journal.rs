@@ -25,8 +25,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use crate::apply::{ApplyError, Durability, Root, Target};
-use crate::index::Known;
-use crate::tree::{Cv, RootBuilder, TreeHash, block_cv};
+use crate::index::{Known, PatchedList};
+use crate::tree::{Cv, RootBuilder, block_cv};
 
 /// The journal's name in the root directory; scans skip it.
 pub const JOURNAL_NAME: &str = ".lbs-journal";
@@ -184,7 +184,7 @@ impl<'r> Patch<'r> {
         size: u64,
         expected: &blake3::Hash,
         target: &Target,
-    ) -> Result<TreeHash, PatchError> {
+    ) -> Result<PatchedList, PatchError> {
         Ok(self.seal(size, expected)?.apply(target)?)
     }
 
@@ -217,14 +217,10 @@ impl<'r> Patch<'r> {
         let mut old = self.known.blocks.iter();
         let old_count = self.known.blocks.len();
         let mut rebuilt = RootBuilder::default();
-        let mut blocks = Vec::with_capacity(usize::try_from(self.blocks).unwrap_or(0));
         for index in 0..self.blocks {
             let held = if index < old_count { old.next() } else { None };
             match self.received.get(&index).copied().or(held) {
-                Some(cv) => {
-                    rebuilt.push(cv);
-                    blocks.push(cv);
-                }
+                Some(cv) => rebuilt.push(cv),
                 None => {
                     return Err(PatchError::Unfit(format!(
                         "block {index} was neither sent nor held here"
@@ -282,11 +278,12 @@ impl<'r> Patch<'r> {
             rel: self.rel.clone(),
             file,
             journal,
-            tree: TreeHash {
+            tree: PatchedList {
                 len: self.size,
                 block_size: bs,
                 root: root_hash,
-                blocks,
+                old: self.known.blocks.clone(),
+                changed: std::mem::take(&mut self.received),
             },
         })
     }
@@ -314,13 +311,13 @@ pub struct Sealed<'r> {
     rel: RelPath,
     file: File,
     journal: File,
-    tree: TreeHash,
+    tree: PatchedList,
 }
 
 impl Sealed<'_> {
     /// Writes the blocks into the file, gives it `target`'s metadata, syncs it and removes
     /// the journal. Returns the new version's tree hash.
-    pub fn apply(self, target: &Target) -> Result<TreeHash, ApplyError> {
+    pub fn apply(self, target: &Target) -> Result<PatchedList, ApplyError> {
         replay(self.root, &self.journal, &self.rel, &self.file)?;
         self.root.set_file_meta(&self.file, &self.rel, target)?;
         self.root

@@ -260,17 +260,26 @@ async fn a_file_whose_block_list_spans_parts_is_patched_by_its_changed_blocks() 
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
 
     let (server, mut client_conn) = start_primary(&sender);
-    let report = pull_default(&mut client_conn, &receiver, fresh_index(), &trash)
+    let index = fresh_index();
+    let report = pull_default(&mut client_conn, &receiver, index.clone(), &trash)
         .await
         .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert_eq!(report.executed.patched, 1, "{report:?}");
-    assert_eq!(
-        report.executed.fetched_bytes,
-        4 * block as u64,
-        "{report:?}"
-    );
+    assert_eq!(report.executed.fetched_bytes, 4 * block as u64);
     assert!(fs::read(receiver.join("archive/day.wav")).unwrap() == new);
+    // The new list was recorded from the old one and the received values: exactly the new
+    // version's, so the next pass reads nothing and moves nothing.
+    let rel = RelPath::try_from("archive/day.wav").unwrap();
+    let stored = index.lock().unwrap().blocks(&rel).unwrap().unwrap().1;
+    let file = fs::File::open(receiver.join("archive/day.wav")).unwrap();
+    let expected = lbs_sync::hash_file(&file, len as u64, lbs_sync::BlockSize::DEFAULT).unwrap();
+    assert!(stored == expected.blocks, "the recorded list");
+    let again = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
+    assert_eq!(again.scan.hashed_files, 0, "{again:?}");
+    assert_eq!(again.executed.fetched_bytes, 0, "{again:?}");
     stop_primary(server, client_conn).await;
 }
 

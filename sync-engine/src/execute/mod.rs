@@ -13,7 +13,7 @@ use lbs_protocol::RelPath;
 use lbs_protocol::sync::{FileMeta, ManifestEntry, ManifestKind};
 
 use crate::apply::{ApplyError, Root, Target};
-use crate::index::BlockList;
+use crate::index::{BlockList, PatchedList};
 use crate::index::{Entry, EntryKind, Index, IndexError, Known};
 use crate::plan::{Action, Basis, Plan, Source};
 use crate::tree::{BlockSize, TreeHash};
@@ -129,6 +129,8 @@ pub struct ExecuteReport {
     /// Files written, with the tree hash computed as they were written: the receiver's index
     /// records them without reading them again.
     pub installed: Vec<(RelPath, TreeHash)>,
+    /// Files patched in place, with what their new block lists are made of.
+    pub patched_lists: Vec<(RelPath, PatchedList)>,
 }
 
 /// The id of `name` (looked up once, remembered), or the name itself when it is a number
@@ -431,9 +433,9 @@ fn receive(
     }
     match received? {
         Received::Staged(staged) => group.add(staged),
-        Received::Patched(tree) => {
+        Received::Patched(list) => {
             report.patched += 1;
-            report.installed.push((job.path.clone(), tree));
+            report.patched_lists.push((job.path.clone(), list));
         }
         // The old version is untouched: fetch the whole file instead.
         Received::Refetch(reason) => {

@@ -9,9 +9,8 @@ use lbs_protocol::RelPath;
 
 use super::Sink;
 use crate::apply::{ApplyError, Root, Staged, Target, TempFile};
-use crate::index::Known;
+use crate::index::{Known, PatchedList};
 use crate::journal::{Patch, PatchError};
-use crate::tree::TreeHash;
 
 /// Patch in place only when the changed blocks are at most this fraction of the file: beyond
 /// it, writing a new version costs less than journalling the changes and writing them twice.
@@ -311,7 +310,7 @@ pub(super) enum Received {
     /// A verified new version, to rename into place with its group.
     Staged(Staged),
     /// The old file was patched in place and is done.
-    Patched(TreeHash),
+    Patched(PatchedList),
     /// The patch did not verify (or the file changed here): fetch the whole file.
     Refetch(String),
 }

@@ -226,15 +226,22 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
                 let mut planned = VecDeque::with_capacity(fetches.len());
                 for (path, size, existing) in fetches {
-                    let known = if existing { index.known(&path)? } else { None };
+                    // Large files are not asked for ahead: their block lists would make this
+                    // list grow with the data, and their transfer dwarfs a round trip. Nor
+                    // are their lists read here.
+                    let large = existing && index_blocks(&index, &path)? > AHEAD_MAX_BLOCKS as u64;
+                    let known = if existing && !large {
+                        index.known(&path)?
+                    } else {
+                        None
+                    };
                     let delta = known
                         .as_ref()
                         .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
-                    // Large files are not asked for ahead: their block lists would make this
-                    // list grow with the data, and their transfer dwarfs a round trip.
-                    let small = known
-                        .as_ref()
-                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS as u64);
+                    let small = !large
+                        && known
+                            .as_ref()
+                            .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS as u64);
                     let ask = if small {
                         Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
                     } else {
@@ -378,6 +385,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let mut executed = executed?;
     // What was just written is known: record it so the next pass does not read it again.
     let installed = std::mem::take(&mut executed.installed);
+    let patched = std::mem::take(&mut executed.patched_lists);
     let record_root = root.to_owned();
     blocking_join(
         tokio::task::spawn_blocking(move || -> Result<u64, SessionError> {
@@ -388,6 +396,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 &record_root,
                 &mut index,
                 &installed,
+                &patched,
             )?)
         })
         .await,
@@ -440,4 +449,14 @@ impl crate::index::StoredParts for IndexParts {
     fn part(&self, n: u64) -> Option<Vec<Cv>> {
         self.index.lock().ok()?.block_part(&self.path, n).ok()?
     }
+}
+
+/// How many blocks the list stored for `path` has, by its entry's length (0 without one).
+fn index_blocks(index: &Index, path: &RelPath) -> Result<u64, SessionError> {
+    let Some(entry) = index.get(path)? else {
+        return Ok(0);
+    };
+    Ok(index
+        .block_size(path)?
+        .map_or(0, |size| size.blocks_for(entry.meta.size)))
 }
