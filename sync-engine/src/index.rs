@@ -445,6 +445,24 @@ impl Index {
         })
     }
 
+    /// Stages part `part` of the list of a file being written, at once (outside any batch):
+    /// a large new file's list goes here as it is made, and [`crate::record_installed`]
+    /// makes it the file's list once the file is in place.
+    pub fn stage_part(&mut self, path: &RelPath, part: u64, cvs: &[Cv]) -> Result<(), IndexError> {
+        let batch = self.batch()?;
+        batch.stage_part(path, part, cvs)?;
+        batch.commit()
+    }
+
+    /// Forgets every staged list: what a pass stopped half way left.
+    pub fn drop_all_staged(&mut self) -> Result<(), IndexError> {
+        self.remembered = None;
+        self.conn
+            .execute("DELETE FROM blocks WHERE path < x'01'", [])
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
     /// The block size of the list stored for `path`, if it has one.
     pub fn block_size(&self, path: &RelPath) -> Result<Option<BlockSize>, IndexError> {
         stored_block_size(&self.conn, path).map_err(|e| match e {
@@ -593,6 +611,17 @@ impl Batch<'_> {
             .execute(params![staged_key(path), part as i64, cvs.as_flattened()])
             .map_err(|e| self.sqlite(e))?;
         Ok(())
+    }
+
+    /// Part `part` of the list staged for `path`, if there is one.
+    pub fn staged_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
+        read_part_at(&self.tx, &staged_key(path), part).map_err(|e| match e {
+            BlocksError::Sqlite(e) => self.sqlite(e),
+            BlocksError::Corrupt(what) => IndexError::Corrupt {
+                path: self.location.clone(),
+                what: format!("{path}: {what}"),
+            },
+        })
     }
 
     /// Makes the staged list `path`'s block list, and records `entry` with it.
@@ -819,18 +848,27 @@ fn read_part(
     path: &RelPath,
     part: u64,
 ) -> Result<Option<Vec<Cv>>, BlocksError> {
+    read_part_at(conn, path.as_bytes(), part).map_err(|e| match e {
+        BlocksError::Corrupt(what) => BlocksError::Corrupt(format!("{path}: {what}")),
+        other => other,
+    })
+}
+
+fn read_part_at(
+    conn: &rusqlite::Connection,
+    key: &[u8],
+    part: u64,
+) -> Result<Option<Vec<Cv>>, BlocksError> {
     conn.prepare_cached("SELECT cvs FROM blocks WHERE path = ?1 AND part = ?2")
         .map_err(BlocksError::Sqlite)?
-        .query_row(params![path.as_bytes(), part as i64], |row| {
+        .query_row(params![key, part as i64], |row| {
             let bytes = row.get_ref(0)?.as_blob()?;
             let (cvs, rest) = bytes.as_chunks::<32>();
             Ok((rest.is_empty() && cvs.len() <= PART_CVS).then(|| cvs.to_vec()))
         })
         .optional()
         .map_err(BlocksError::Sqlite)?
-        .map(|cvs| {
-            cvs.ok_or_else(|| BlocksError::Corrupt(format!("{path}: block list part {part}")))
-        })
+        .map(|cvs| cvs.ok_or_else(|| BlocksError::Corrupt(format!("block list part {part}"))))
         .transpose()
 }
 

@@ -350,7 +350,17 @@ pub fn record_installed(
             }),
         };
         match at.checked_sub(installed.len()) {
-            None => batch.put(&entry, Some((block_size, &installed[at].1.blocks)))?,
+            None if installed[at].1.staged_parts == 0 => {
+                batch.put(&entry, Some((block_size, &installed[at].1.blocks)))?;
+            }
+            None => {
+                if !stage_rest(&batch, path, &installed[at].1)? {
+                    // Its staged parts are not all there: the next pass hashes it.
+                    batch.drop_staged(path)?;
+                    continue;
+                }
+                batch.commit_staged(&entry, block_size)?;
+            }
             Some(n) => {
                 if !stage_patched(&batch, path, &patched[n].1)? {
                     // Its old list is not what the patch was made on: the next pass hashes it.
@@ -364,6 +374,29 @@ pub fn record_installed(
     }
     batch.commit()?;
     Ok(recorded)
+}
+
+/// Completes the staged list of a new file whose first parts were staged as it was written
+/// ([`crate::tree::PartSink`]): the rest, then a check that the whole staged list hashes to
+/// the file's hash (a part the sink could not keep is missing).
+fn stage_rest(
+    batch: &crate::index::Batch<'_>,
+    path: &RelPath,
+    tree: &crate::tree::TreeHash,
+) -> Result<bool, ScanError> {
+    for (i, cvs) in tree.blocks.chunks(PART_CVS).enumerate() {
+        batch.stage_part(path, tree.staged_parts + i as u64, cvs)?;
+    }
+    let count = tree.block_size.blocks_for(tree.len);
+    let mut root = RootBuilder::default();
+    for part in 0..count.div_ceil(PART_CVS as u64) {
+        let want = (count - part * PART_CVS as u64).min(PART_CVS as u64) as usize;
+        match batch.staged_part(path, part)? {
+            Some(cvs) if cvs.len() == want => cvs.into_iter().for_each(|cv| root.push(cv)),
+            _ => return Ok(false),
+        }
+    }
+    Ok(root.finish(tree.block_size, tree.len).ok().flatten() == Some(tree.root))
 }
 
 /// Stages the new list of a patched file a part at a time: its old list (as the index holds

@@ -110,8 +110,19 @@ pub struct TreeHash {
     pub block_size: BlockSize,
     /// The BLAKE3 hash of the whole file.
     pub root: blake3::Hash,
-    /// One chaining value per block, in order.
+    /// One chaining value per block, in order — from part `staged_parts` on: the parts
+    /// before it went to a [`PartSink`] as they were made.
     pub blocks: Vec<Cv>,
+    /// How many leading parts ([`PART_CVS`] values each) were handed to a [`PartSink`].
+    pub staged_parts: u64,
+}
+
+/// Where the block list of a file being written goes a part at a time, so a large file's
+/// list is not held whole (the receiver's index stages it; see `Index::stage_part`).
+pub trait PartSink: Send + Sync {
+    /// Keeps part `part` (values `part * PART_CVS` onwards) of the list of `path`'s new
+    /// version.
+    fn stage(&self, path: &lbs_protocol::RelPath, part: u64, cvs: &[Cv]) -> io::Result<()>;
 }
 
 /// The chaining value of block `index` of a file: `data` is that block's bytes (a full block,
@@ -248,6 +259,7 @@ pub fn hash_file(file: &File, len: u64, block_size: BlockSize) -> Result<TreeHas
         block_size,
         root,
         blocks,
+        staged_parts: 0,
     })
 }
 

@@ -283,6 +283,38 @@ async fn a_file_whose_block_list_spans_parts_is_patched_by_its_changed_blocks() 
     stop_primary(server, client_conn).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_whose_block_list_spans_parts_is_recorded_as_written() {
+    // 70 MiB arriving whole: its list goes to the index a part at a time as it is written.
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let len = 70 << 20;
+    let content: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8)
+        .collect();
+    write_old(&sender.join("archive/new.wav"), &content);
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (server, mut client_conn) = start_primary(&sender);
+    let index = fresh_index();
+    let report = pull_default(&mut client_conn, &receiver, index.clone(), &trash)
+        .await
+        .unwrap();
+    assert!(report.executed.deferred.is_empty(), "{report:?}");
+    assert!(fs::read(receiver.join("archive/new.wav")).unwrap() == content);
+    let rel = RelPath::try_from("archive/new.wav").unwrap();
+    let stored = index.lock().unwrap().blocks(&rel).unwrap().unwrap().1;
+    let file = fs::File::open(receiver.join("archive/new.wav")).unwrap();
+    let expected = lbs_sync::hash_file(&file, len as u64, lbs_sync::BlockSize::DEFAULT).unwrap();
+    assert!(stored == expected.blocks, "the recorded list");
+    let again = pull_default(&mut client_conn, &receiver, index, &trash)
+        .await
+        .unwrap();
+    assert_eq!(again.scan.hashed_files, 0, "{again:?}");
+    assert_eq!(again.executed.fetched_bytes, 0, "{again:?}");
+    stop_primary(server, client_conn).await;
+}
+
 fn meta() -> FileMeta {
     FileMeta {
         mode: 0o644,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use lbs_protocol::RelPath;
 
-use crate::tree::{BlockSize, Cv, TreeHash, block_cv, root_from_blocks};
+use crate::tree::{BlockSize, Cv, PART_CVS, PartSink, RootBuilder, TreeHash, block_cv};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{
@@ -151,7 +151,6 @@ pub enum Durability {
 }
 
 /// An open sync root on the receiving side.
-#[derive(Debug)]
 pub struct Root {
     dir: File,
     path: PathBuf,
@@ -163,6 +162,19 @@ pub struct Root {
     /// instead of a walk from the root and a handle per file). Dropped when a directory
     /// moves ([`Root::move_to`]).
     last_dir: std::sync::Mutex<Option<(Vec<u8>, Arc<File>)>>,
+    /// Where new files' block lists go as they are made (see [`Root::with_part_sink`]).
+    part_sink: Option<Arc<dyn crate::tree::PartSink>>,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Root")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .field("partials", &self.partials)
+            .field("part_sink", &self.part_sink.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A new file version written and verified beside its destination, waiting for
@@ -212,6 +224,7 @@ impl Root {
             durability: Durability::EachStep,
             partials: true,
             last_dir: std::sync::Mutex::new(None),
+            part_sink: None,
         }
     }
 
@@ -249,6 +262,13 @@ impl Root {
     /// directory is searched for one.
     pub fn without_partials(mut self) -> Root {
         self.partials = false;
+        self
+    }
+
+    /// The same root, handing the block lists of new files longer than a part to `sink` as
+    /// they are written (their [`TreeHash`]es then hold only the last part).
+    pub fn with_part_sink(mut self, sink: Arc<dyn crate::tree::PartSink>) -> Root {
+        self.part_sink = Some(sink);
         self
     }
 

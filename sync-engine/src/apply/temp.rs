@@ -47,6 +47,7 @@ impl<'r> TempFile<'r> {
         file: File,
     ) -> TempFile<'r> {
         let block_size = BlockSize::DEFAULT;
+        let sink = root.part_sink.clone().map(|sink| (sink, rel.clone()));
         TempFile {
             root,
             rel,
@@ -58,6 +59,9 @@ impl<'r> TempFile<'r> {
                 pending: Vec::with_capacity(block_size.get() as usize),
                 blocks: Vec::new(),
                 written: 0,
+                root: RootBuilder::default(),
+                sink,
+                staged_parts: 0,
             },
             short: false,
             written_out: (root.durability != Durability::Off).then_some(0),
@@ -208,16 +212,59 @@ fn write_sparse(file: &File, at: u64, buf: &[u8]) -> io::Result<bool> {
     Ok(buf.is_empty())
 }
 
-/// Per-block chaining values of a stream, computed as it passes.
-#[derive(Debug)]
+/// Per-block chaining values of a stream, computed as it passes, and the hash rebuilt from
+/// them as they come. With a sink, each full part of the list is handed on and let go.
 struct BlockHasher {
     block_size: BlockSize,
     pending: Vec<u8>,
+    /// The values not handed on (all of them without a sink).
     blocks: Vec<Cv>,
     written: u64,
+    root: RootBuilder,
+    sink: Option<(Arc<dyn PartSink>, RelPath)>,
+    /// Parts handed to the sink.
+    staged_parts: u64,
+}
+
+impl std::fmt::Debug for BlockHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockHasher")
+            .field("written", &self.written)
+            .field("staged_parts", &self.staged_parts)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BlockHasher {
+    /// Values so far.
+    fn count(&self) -> u64 {
+        self.staged_parts * PART_CVS as u64 + self.blocks.len() as u64
+    }
+
+    fn push(&mut self, cv: Cv) {
+        self.root.push(cv);
+        self.blocks.push(cv);
+        if self.blocks.len() < PART_CVS {
+            return;
+        }
+        if let Some((sink, rel)) = &self.sink {
+            if sink.stage(rel, self.staged_parts, &self.blocks).is_ok() {
+                self.staged_parts += 1;
+                self.blocks.clear();
+            } else {
+                // The list is kept here from this part on; what was handed on stays valid.
+                self.sink = None;
+            }
+        }
+    }
+
+    /// The value of the full pending block (more follows it).
+    fn push_pending(&mut self) {
+        let cv = block_cv(&self.pending, self.count(), self.block_size);
+        self.push(cv);
+        self.pending.clear();
+    }
+
     fn update(&mut self, buf: &[u8]) {
         let bs = self.block_size.get() as usize;
         let mut rest = buf;
@@ -227,17 +274,14 @@ impl BlockHasher {
             rest = &rest[take..];
             // A full block is hashed once we know more follows (the last one may be the root).
             if self.pending.len() == bs && !rest.is_empty() {
-                let idx = self.blocks.len() as u64;
-                self.blocks
-                    .push(block_cv(&self.pending, idx, self.block_size));
-                self.pending.clear();
+                self.push_pending();
             }
         }
         self.written += buf.len() as u64;
     }
 
     /// `len` zeros: whole zero blocks of a large hole are hashed on both cores (each block's
-    /// value depends only on its position), the rest as it comes.
+    /// value depends only on its position), a part at a time, the rest as it comes.
     fn zeros(&mut self, len: u64) {
         let bs = self.block_size.get();
         let mut left = len;
@@ -261,29 +305,30 @@ impl BlockHasher {
         if whole >= PARALLEL_ZERO_BLOCKS && bs as usize <= ZEROS.len() && aligned {
             if !self.pending.is_empty() {
                 // The pending full block is followed by more: hashed now, as `update` would.
-                let idx = self.blocks.len() as u64;
-                self.blocks
-                    .push(block_cv(&self.pending, idx, self.block_size));
-                self.pending.clear();
+                self.push_pending();
             }
-            let first = self.blocks.len() as u64;
             let zero_block = &ZEROS[..bs as usize];
-            let half = whole / 2;
             let block_size = self.block_size;
             let cvs = |from: u64, to: u64| -> Vec<Cv> {
                 (from..to)
                     .map(|i| block_cv(zero_block, i, block_size))
                     .collect()
             };
-            let (low, high) = std::thread::scope(|scope| {
-                let high = scope.spawn(|| cvs(first + half, first + whole));
-                (cvs(first, first + half), high.join())
-            });
-            self.blocks.extend(low);
-            match high {
-                Ok(high) => self.blocks.extend(high),
+            let mut done = 0u64;
+            while done < whole {
+                let first = self.count();
+                let n = (whole - done).min(PART_CVS as u64);
+                let half = n / 2;
+                let (low, high) = std::thread::scope(|scope| {
+                    let high = scope.spawn(|| cvs(first + half, first + n));
+                    (cvs(first, first + half), high.join())
+                });
                 // A panic in block_cv cannot happen (it hashes a slice); recompute to be safe.
-                Err(_) => self.blocks.extend(cvs(first + half, first + whole)),
+                let high = high.unwrap_or_else(|_| cvs(first + half, first + n));
+                for cv in low.into_iter().chain(high) {
+                    self.push(cv);
+                }
+                done += n;
             }
             // The last of these blocks is hashed: more follows (`left` was not a multiple).
             self.written += whole * bs;
@@ -299,15 +344,15 @@ impl BlockHasher {
     fn finish(&mut self) -> TreeHash {
         let single = self.written <= self.block_size.get();
         if !self.pending.is_empty() || (single && self.written > 0) {
-            let idx = self.blocks.len() as u64;
-            self.blocks
-                .push(block_cv(&self.pending, idx, self.block_size));
+            let cv = block_cv(&self.pending, self.count(), self.block_size);
+            self.push(cv);
         }
         let root = if single {
             blake3::hash(&self.pending)
         } else {
             // The count matches the length by construction, and the file has several blocks.
-            root_from_blocks(&self.blocks, self.block_size, self.written)
+            std::mem::take(&mut self.root)
+                .finish(self.block_size, self.written)
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| blake3::hash(b""))
@@ -317,6 +362,7 @@ impl BlockHasher {
             block_size: self.block_size,
             root,
             blocks: std::mem::take(&mut self.blocks),
+            staged_parts: self.staged_parts,
         }
     }
 }
@@ -380,6 +426,9 @@ mod tests {
             pending: Vec::new(),
             blocks: Vec::new(),
             written: 0,
+            root: RootBuilder::default(),
+            sink: None,
+            staged_parts: 0,
         };
         let (mut holes, mut zeros) = (new(), new());
         let data: Vec<u8> = (0..before.max(after))

@@ -205,6 +205,15 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         files
     };
+    // New files' lists are staged in the index as they are written (a large file's is not
+    // held whole); what an interrupted pass staged is dropped first.
+    index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?
+        .drop_all_staged()?;
+    let files = files.with_part_sink(Arc::new(IndexSink {
+        index: index.clone(),
+    }));
 
     // Every fetch the plan will make, in its order, so requests can run ahead of the writer.
     let planned = {
@@ -459,4 +468,19 @@ fn index_blocks(index: &Index, path: &RelPath) -> Result<u64, SessionError> {
     Ok(index
         .block_size(path)?
         .map_or(0, |size| size.blocks_for(entry.meta.size)))
+}
+
+/// Stages new files' lists in the receiver's index as they are written.
+struct IndexSink {
+    index: Arc<Mutex<Index>>,
+}
+
+impl crate::tree::PartSink for IndexSink {
+    fn stage(&self, path: &RelPath, part: u64, cvs: &[Cv]) -> std::io::Result<()> {
+        self.index
+            .lock()
+            .map_err(|_| std::io::Error::other("index lock poisoned"))?
+            .stage_part(path, part, cvs)
+            .map_err(std::io::Error::other)
+    }
 }
