@@ -575,18 +575,6 @@ impl Batch<'_> {
         }
     }
 
-    /// The per-block chaining values stored for a file, as of before this batch's writes to
-    /// it.
-    pub fn blocks(&self, path: &RelPath) -> Result<Option<(BlockSize, Vec<Cv>)>, IndexError> {
-        read_blocks(&self.tx, path).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => IndexError::Corrupt {
-                path: self.location.clone(),
-                what,
-            },
-        })
-    }
-
     /// Records an entry; for files with fresh hashes, also their per-block values.
     pub fn put(&self, entry: &Entry, blocks: Option<(BlockSize, &[Cv])>) -> Result<(), IndexError> {
         self.put_entry(entry, blocks.map(|(size, _)| size))?;

@@ -268,18 +268,15 @@ async fn a_file_whose_block_list_spans_parts_is_patched_by_its_changed_blocks() 
     assert_eq!(report.executed.patched, 1, "{report:?}");
     assert_eq!(report.executed.fetched_bytes, 4 * block as u64);
     assert!(fs::read(receiver.join("archive/day.wav")).unwrap() == new);
-    // The new list was recorded from the old one and the received values: exactly the new
-    // version's, so the next pass reads nothing and moves nothing.
-    let rel = RelPath::try_from("archive/day.wav").unwrap();
-    let stored = index.lock().unwrap().blocks(&rel).unwrap().unwrap().1;
-    let file = fs::File::open(receiver.join("archive/day.wav")).unwrap();
-    let expected = lbs_sync::hash_file(&file, len as u64, lbs_sync::BlockSize::DEFAULT).unwrap();
-    assert!(stored == expected.blocks, "the recorded list");
-    let again = pull_default(&mut client_conn, &receiver, index, &trash)
-        .await
-        .unwrap();
-    assert_eq!(again.scan.hashed_files, 0, "{again:?}");
-    assert_eq!(again.executed.fetched_bytes, 0, "{again:?}");
+    // The new list was recorded from the old one and the received values.
+    recorded_exactly(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        "archive/day.wav",
+    )
+    .await;
     stop_primary(server, client_conn).await;
 }
 
@@ -302,17 +299,35 @@ async fn a_new_file_whose_block_list_spans_parts_is_recorded_as_written() {
         .unwrap();
     assert!(report.executed.deferred.is_empty(), "{report:?}");
     assert!(fs::read(receiver.join("archive/new.wav")).unwrap() == content);
-    let rel = RelPath::try_from("archive/new.wav").unwrap();
+    recorded_exactly(
+        &mut client_conn,
+        &receiver,
+        index,
+        &trash,
+        "archive/new.wav",
+    )
+    .await;
+    stop_primary(server, client_conn).await;
+}
+
+/// The receiver's index holds exactly `path`'s list as the file now is, so the next pull
+/// reads nothing and moves nothing.
+async fn recorded_exactly<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    client: &mut Framed<S, FrameCodec<Envelope>>,
+    receiver: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+    path: &str,
+) {
+    let rel = RelPath::try_from(path).unwrap();
     let stored = index.lock().unwrap().blocks(&rel).unwrap().unwrap().1;
-    let file = fs::File::open(receiver.join("archive/new.wav")).unwrap();
-    let expected = lbs_sync::hash_file(&file, len as u64, lbs_sync::BlockSize::DEFAULT).unwrap();
-    assert!(stored == expected.blocks, "the recorded list");
-    let again = pull_default(&mut client_conn, &receiver, index, &trash)
-        .await
-        .unwrap();
+    let file = fs::File::open(receiver.join(path)).unwrap();
+    let len = file.metadata().unwrap().len();
+    let expected = lbs_sync::hash_file(&file, len, lbs_sync::BlockSize::DEFAULT).unwrap();
+    assert!(stored == expected.blocks, "{path}: the recorded list");
+    let again = pull_default(client, receiver, index, trash).await.unwrap();
     assert_eq!(again.scan.hashed_files, 0, "{again:?}");
     assert_eq!(again.executed.fetched_bytes, 0, "{again:?}");
-    stop_primary(server, client_conn).await;
 }
 
 fn meta() -> FileMeta {
