@@ -729,7 +729,7 @@ impl Office {
     pub fn fail_over(&mut self, dead: &str, survivor: &str) -> anyhow::Result<(u64, String)> {
         self.power_off(dead)?;
         self.wait_primary_gone(survivor)?;
-        let (pressed, said) = self.promote(survivor)?;
+        let (pressed, said) = self.promote_primary_gone(survivor)?;
         let answered = self.first_answer_after(pressed, STEP)?;
         Ok((answered.saturating_sub(pressed), said))
     }
