@@ -511,10 +511,15 @@ pub(super) fn changed_ranges(
     changed_ranges_in_frames(ours, theirs, block_size, len, usize::MAX)
 }
 
-/// Blocks per group where a file's middle is summarised coarsely (256 KiB at 16 KiB blocks:
-/// a 1 GiB file's summary is about 50 KiB instead of 2 MiB, and a change in its middle costs
-/// at most one group).
+/// Blocks per group, at least, where a file's middle is summarised coarsely (256 KiB at
+/// 16 KiB blocks; a change in the middle costs at most one group).
 pub(super) const GROUP_BLOCKS: usize = 16;
+
+/// At most this many groups summarise a file's middle: a larger file's groups hold more
+/// blocks (a power of two; 64 at 1 GiB, so a grown 1 GiB file's request is about 10 KiB
+/// instead of 41 KiB), up to a part of the list (so the sender compares a group within the
+/// two parts it holds).
+pub(super) const MAX_MIDDLE_GROUPS: u64 = 1024;
 
 /// Blocks at each end of such a file still summarised one by one (a WAV header, a tail).
 pub(super) const EDGE_BLOCKS: usize = 4;
@@ -531,26 +536,39 @@ pub(super) fn block_sums(
 ) -> impl Iterator<Item = BlockSum> {
     let fine = block_size.blocks_for(new_len) == count || count <= 2 * EDGE_BLOCKS as u64;
     let middle = EDGE_BLOCKS as u64..count.saturating_sub(EDGE_BLOCKS as u64);
+    let group_blocks = (GROUP_BLOCKS as u64)
+        .max(
+            (middle.end.saturating_sub(middle.start))
+                .div_ceil(MAX_MIDDLE_GROUPS)
+                .next_power_of_two(),
+        )
+        .min(PART_CVS as u64);
     let mut ours = (0u64..).zip(ours);
-    let mut group: Vec<Cv> = Vec::with_capacity(GROUP_BLOCKS);
     std::iter::from_fn(move || {
         let (index, cv) = ours.next()?;
         if fine || !middle.contains(&index) {
             return Some(BlockSum::one(&cv));
         }
-        // Groups start at the middle's start, every GROUP_BLOCKS blocks.
-        let end = (index + GROUP_BLOCKS as u64).min(middle.end);
-        group.clear();
-        group.push(cv);
-        while (group.len() as u64) < end - index {
+        // Groups start at the middle's start, every `group_blocks` blocks; their digest is
+        // made as the values pass (as `group_digest` makes it).
+        let end = (index + group_blocks).min(middle.end);
+        let mut digest = blake3::Hasher::new();
+        digest.update(&cv);
+        let mut taken = 1u64;
+        while taken < end - index {
             match ours.next() {
-                Some((_, cv)) => group.push(cv),
+                Some((_, cv)) => {
+                    digest.update(&cv);
+                    taken += 1;
+                }
                 None => break,
             }
         }
+        let mut short = [0u8; 8];
+        short.copy_from_slice(&digest.finalize().as_bytes()[..8]);
         Some(BlockSum::Group {
-            count: group.len() as u32,
-            digest: group_digest(&group),
+            count: taken as u32,
+            digest: short,
         })
     })
 }

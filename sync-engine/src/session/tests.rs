@@ -540,3 +540,36 @@ fn summaries_of_a_list_of_several_parts_are_compared_across_part_boundaries() {
     );
     assert_eq!(ranges.last().map(|r| r.1), Some(len));
 }
+
+#[test]
+fn a_large_grown_file_is_summarised_in_at_most_so_many_groups() {
+    let bs = BlockSize::DEFAULT;
+    // A 1 GiB file that grew: its middle in groups of 64 blocks, not 16.
+    let theirs = cvs(65_536, 8);
+    let mut ours = theirs.clone();
+    ours[30_000] = [4; 32];
+    ours.extend(cvs(100, 9));
+    let len = ours.len() as u64 * bs.get();
+    let sums: Vec<BlockSum> =
+        block_sums(theirs.iter().copied(), theirs.len() as u64, bs, len).collect();
+    assert!(
+        sums.len() as u64 <= MAX_MIDDLE_GROUPS + 2 * EDGE_BLOCKS as u64,
+        "{} summaries",
+        sums.len()
+    );
+    assert!(sums.iter().any(|s| s.blocks() == 64));
+    // Made as the values pass, the digests are group_digest's.
+    let first_group = &theirs[EDGE_BLOCKS..EDGE_BLOCKS + 64];
+    assert!(sums.contains(&BlockSum::Group {
+        count: 64,
+        digest: group_digest(first_group),
+    }));
+    let ranges = changed_ranges(&ours, &sums, bs, len);
+    let sent: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+    assert!(
+        ranges
+            .iter()
+            .any(|r| r.0 <= 30_000 * bs.get() && 30_001 * bs.get() <= r.1)
+    );
+    assert!(sent <= (64 + 100 + 1) * bs.get(), "{ranges:?}");
+}
