@@ -198,9 +198,10 @@ fn sync(args: &SyncArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| target_dir().join("bench-sync"));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     // Dropped last: everything writing to it (servers, the rsync daemon) stops first.
-    // Three copies of the big file (lbs's source and copy, rsync's copy), the trees and
-    // theirs: 16 GiB for the default 1 GiB file; `--big-mib 10240` needs 38.
-    let image_gib = 16.max(3 * args.big_mib.div_ceil(1024) + 8);
+    // Four copies of the big file (lbs's source and copy, rsync's copy and the temporary
+    // file rsync's default mode writes beside it), the trees and theirs: 16 GiB for the
+    // default 1 GiB file; `--big-mib 10240` needs 48 (38 ran out in rsync's default mode).
+    let image_gib = 16.max(4 * args.big_mib.div_ceil(1024) + 8);
     let trees = TreeFs::mount(&work, image_gib)?;
     let bench = Bench::new(&bin, &work, &trees.dir)?;
 
