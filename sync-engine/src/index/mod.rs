@@ -314,18 +314,12 @@ impl Index {
 
     /// The per-block chaining values stored for a file, if any.
     pub fn blocks(&self, path: &RelPath) -> Result<Option<(BlockSize, Vec<Cv>)>, IndexError> {
-        read_blocks(&self.conn, path).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => self.corrupt(what),
-        })
+        read_blocks(&self.conn, path).map_err(|e| e.at(&self.location))
     }
 
     /// One part of a file's block list (values `part * PART_CVS` onwards), if stored.
     pub fn block_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
-        read_part(&self.conn, path, part).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => self.corrupt(what),
-        })
+        read_part(&self.conn, path, part).map_err(|e| e.at(&self.location))
     }
 
     /// Stages part `part` of the list of a file being written, at once (outside any batch):
@@ -348,10 +342,7 @@ impl Index {
 
     /// The block size of the list stored for `path`, if it has one.
     pub fn block_size(&self, path: &RelPath) -> Result<Option<BlockSize>, IndexError> {
-        stored_block_size(&self.conn, path).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => self.corrupt(what),
-        })
+        stored_block_size(&self.conn, path).map_err(|e| e.at(&self.location))
     }
 
     /// What the index knows of a file that has a hash and block values: the basis for
@@ -486,13 +477,7 @@ impl Batch<'_> {
 
     /// Part `part` of the list staged for `path`, if there is one.
     pub fn staged_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
-        read_part_at(&self.tx, &staged_key(path), part).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => IndexError::Corrupt {
-                path: self.location.clone(),
-                what: format!("{path}: {what}"),
-            },
-        })
+        read_part_at(&self.tx, &staged_key(path), path, part).map_err(|e| e.at(&self.location))
     }
 
     /// Makes the staged list `path`'s block list, and records `entry` with it.
@@ -519,13 +504,7 @@ impl Batch<'_> {
 
     /// The block size of the list stored for `path`, if it has one.
     pub fn block_size(&self, path: &RelPath) -> Result<Option<BlockSize>, IndexError> {
-        stored_block_size(&self.tx, path).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => IndexError::Corrupt {
-                path: self.location.clone(),
-                what,
-            },
-        })
+        stored_block_size(&self.tx, path).map_err(|e| e.at(&self.location))
     }
 
     /// Forgets the parts of a file's block list from `from` on.
@@ -540,13 +519,7 @@ impl Batch<'_> {
 
     /// One part of a file's block list, as of before this batch's writes to it.
     pub fn block_part(&self, path: &RelPath, part: u64) -> Result<Option<Vec<Cv>>, IndexError> {
-        read_part(&self.tx, path, part).map_err(|e| match e {
-            BlocksError::Sqlite(e) => self.sqlite(e),
-            BlocksError::Corrupt(what) => IndexError::Corrupt {
-                path: self.location.clone(),
-                what,
-            },
-        })
+        read_part(&self.tx, path, part).map_err(|e| e.at(&self.location))
     }
 
     /// Records an entry, leaving its block list's parts as they are.
@@ -672,6 +645,22 @@ enum BlocksError {
     Corrupt(String),
 }
 
+impl BlocksError {
+    /// The error of the index file at `location`.
+    fn at(self, location: &str) -> IndexError {
+        match self {
+            BlocksError::Sqlite(source) => IndexError::Sqlite {
+                path: location.to_owned(),
+                source,
+            },
+            BlocksError::Corrupt(what) => IndexError::Corrupt {
+                path: location.to_owned(),
+                what,
+            },
+        }
+    }
+}
+
 fn write_parts(conn: &rusqlite::Connection, path: &[u8], cvs: &[Cv]) -> rusqlite::Result<()> {
     let mut insert =
         conn.prepare_cached("INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)")?;
@@ -719,15 +708,15 @@ fn read_part(
     path: &RelPath,
     part: u64,
 ) -> Result<Option<Vec<Cv>>, BlocksError> {
-    read_part_at(conn, path.as_bytes(), part).map_err(|e| match e {
-        BlocksError::Corrupt(what) => BlocksError::Corrupt(format!("{path}: {what}")),
-        other => other,
-    })
+    read_part_at(conn, path.as_bytes(), path, part)
 }
 
+/// Part `part` of the list stored under `key` (a path's, or one staged for it); `path` names
+/// it in an error.
 fn read_part_at(
     conn: &rusqlite::Connection,
     key: &[u8],
+    path: &RelPath,
     part: u64,
 ) -> Result<Option<Vec<Cv>>, BlocksError> {
     conn.prepare_cached("SELECT cvs FROM blocks WHERE path = ?1 AND part = ?2")
@@ -739,7 +728,9 @@ fn read_part_at(
         })
         .optional()
         .map_err(BlocksError::Sqlite)?
-        .map(|cvs| cvs.ok_or_else(|| BlocksError::Corrupt(format!("block list part {part}"))))
+        .map(|cvs| {
+            cvs.ok_or_else(|| BlocksError::Corrupt(format!("{path}: block list part {part}")))
+        })
         .transpose()
 }
 
