@@ -421,18 +421,18 @@ fn record_file(
         _ => None,
     };
     let hashed = match appended {
-        Some((root, after, read)) => Ok((root, after, read, true)),
-        None => hash_stable(abs, &meta, block_size, &mut pass.names, batch, &path).map(
-            |(root, after, read, grew)| {
-                if grew {
-                    pass.report.growing.push(path.clone());
-                }
-                (root, after, read, grew)
-            },
-        ),
+        Some((root, after, read)) => Ok((root, after, read, true, None)),
+        None => hash_stable(abs, &meta, block_size, &mut pass.names, batch, &path).map(|hashed| {
+            if hashed.grew {
+                pass.report.growing.push(path.clone());
+            }
+            // What was read: the length the hash is of.
+            let read = hashed.meta.size;
+            (hashed.root, hashed.meta, read, hashed.grew, hashed.held)
+        }),
     };
     match hashed {
-        Ok((root, after, read, by_append)) => {
+        Ok((root, after, read, by_append, held)) => {
             let report = &mut pass.report;
             report.hashed_files += 1;
             report.hashed_bytes += read;
@@ -458,7 +458,10 @@ fn record_file(
                     racy,
                 }),
             };
-            pass.batch.commit_staged(&entry, block_size)?;
+            match held {
+                Some(cvs) => pass.batch.put(&entry, Some((block_size, &cvs)))?,
+                None => pass.batch.commit_staged(&entry, block_size)?,
+            }
             pass.keep(entry);
         }
         Err(Failure::Index(e)) => return Err(e.into()),
@@ -643,6 +646,16 @@ fn open_to_hash(abs: &Path) -> Result<File, Unhashable> {
         })
 }
 
+/// A file hashed whole: its hash, the metadata that goes with it (its size is what was
+/// read), whether it grew while it was read, and its list when it is one part (held, not
+/// staged).
+struct Stable {
+    root: blake3::Hash,
+    meta: Meta,
+    grew: bool,
+    held: Option<Vec<Cv>>,
+}
+
 /// Hashes the file at `abs` as it is when opened; returns its tree, the metadata the tree
 /// belongs to, and whether it grew meanwhile. A file that only grew while it was read (same
 /// inode, longer) is the version of the length it had: its first bytes are what was hashed,
@@ -656,26 +669,52 @@ fn hash_stable(
     names: &mut Names,
     batch: &crate::index::Batch<'_>,
     path: &RelPath,
-) -> Result<(blake3::Hash, Meta, u64, bool), Failure> {
+) -> Result<Stable, Failure> {
     let file = open_to_hash(abs)?;
     let before = fstat(&file)?;
     if !before.is_file() || before.ino() != seen.inode {
         return Err(Unhashable::Changed.into());
     }
     let len = before.len();
+    // A list of one part (files up to 64 MiB: nearly all) is held and stored with its entry;
+    // longer ones are staged a part at a time from the second part on.
+    let mut held: Option<Vec<Cv>> = None;
     let mut part = 0u64;
     let root = hash_file_parts(&file, len, block_size, |cvs| {
-        batch.stage_part(path, part, cvs).map_err(Failure::Index)?;
+        if part == 0 {
+            held = Some(cvs.to_vec());
+        } else {
+            if let Some(first) = held.take() {
+                batch.stage_part(path, 0, &first).map_err(Failure::Index)?;
+            }
+            batch.stage_part(path, part, cvs).map_err(Failure::Index)?;
+        }
         part += 1;
         Ok::<(), Failure>(())
     })?;
+    // An empty file has an empty list.
+    let held = if part <= 1 {
+        Some(held.unwrap_or_default())
+    } else {
+        None
+    };
     let after = fstat(&file)?;
     let (before, after) = (to_meta(&before, names), to_meta(&after, names));
     if before.content_key_matches(&after) {
-        return Ok((root, after, len, false));
+        return Ok(Stable {
+            root,
+            meta: after,
+            grew: false,
+            held,
+        });
     }
     if after.inode == before.inode && after.size > before.size {
-        return Ok((root, before, len, true));
+        return Ok(Stable {
+            root,
+            meta: before,
+            grew: true,
+            held,
+        });
     }
     Err(Unhashable::Changed.into())
 }
