@@ -328,6 +328,15 @@ pub enum Message {
         /// How long the primary must have been silent, milliseconds.
         quiet_ms: u64,
     },
+    /// Sender → receiver, in a whole-file transfer (protocol 1.11, never to an older
+    /// receiver): the next `len` bytes of the file (at most [`SYNC_CHUNK_LEN`]) as one zstd
+    /// frame. Sent instead of [`Message::SyncData`] only where it is smaller; the receiver
+    /// unpacks into at most `len` bytes and refuses a frame that gives any other length.
+    SyncDataPacked {
+        len: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -375,6 +384,7 @@ impl Message {
             Message::TunnelPeers { .. } => "tunnel-peers",
             Message::PromoteAs { .. } => "promote-as",
             Message::PromoteIfQuiet { .. } => "promote-if-quiet",
+            Message::SyncDataPacked { .. } => "sync-data-packed",
             Message::HandOver { .. } => "hand-over",
             Message::HandOverRequested { .. } => "hand-over-requested",
             Message::TunnelPairsRequest => "tunnel-pairs-request",

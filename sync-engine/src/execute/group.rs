@@ -19,8 +19,10 @@ use crate::tree::TreeHash;
 /// Files of one directory share its handle ([`Root::parent_dir`]), so a group holds as many
 /// open files as it spans directories.
 const GROUP_FILES: usize = 1024;
-/// At most this many bytes of new files wait for one group commit.
-const GROUP_BYTES: u64 = 64 << 20;
+/// At most this many bytes of new files wait for one group commit. The last group's sync is
+/// what a pull waits for at its end: with 64 MiB an initial copy of the PBX tree took
+/// 0.52 s, with 16 MiB 0.45–0.49 s (8 MiB: no better).
+const GROUP_BYTES: u64 = 16 << 20;
 
 /// What one group's commit gave: the files in place, those that could not be.
 type Committed = Result<(Vec<(RelPath, TreeHash)>, Vec<(RelPath, ApplyError)>), ApplyError>;

@@ -151,6 +151,9 @@ pub enum SessionError {
     /// The index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The peer broke a rule of a file transfer (the rule in the text).
+    #[error("the peer {0}; refused")]
+    Refused(String),
     /// The peer's manifest is not a tree.
     #[error("the peer's manifest: {0}")]
     Plan(PlanError),
@@ -281,6 +284,12 @@ fn scan_manifest(root: &Path, index: &Mutex<Index>) -> Result<Scanned, SessionEr
 /// The first protocol whose senders list what they skipped ([`Message::SyncSkipped`]) and
 /// send holes as holes ([`Message::SyncHole`]).
 const V1_6: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
+
+/// The first protocol whose receivers unpack [`Message::SyncDataPacked`].
+const V1_11: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 11,
+};
 
 /// What the sender's scan left out, as it said after its manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -519,6 +528,9 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
 enum Chunk {
     /// The next bytes of a whole-file transfer.
     Data(Vec<u8>),
+    /// The next bytes of a whole-file transfer, this many as one zstd frame (the length is
+    /// checked against [`SYNC_CHUNK_LEN`] as it arrives).
+    Packed(u32, Vec<u8>),
     /// The next bytes of a whole-file transfer are a hole this long.
     Hole(u64),
     /// A block transfer begins: changed bytes to follow, the file's new size.

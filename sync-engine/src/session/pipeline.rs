@@ -195,6 +195,7 @@ pub(super) async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         match receive(conn, "a file transfer").await? {
             Message::SyncData { .. }
+            | Message::SyncDataPacked { .. }
             | Message::SyncHole { .. }
             | Message::SyncDataAt { .. }
             | Message::SyncChanges { .. }
@@ -230,6 +231,14 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
     Ok(match message {
         Message::SyncData { bytes } => Chunk::Data(bytes),
+        Message::SyncDataPacked { len, bytes } => {
+            if len == 0 || len as usize > SYNC_CHUNK_LEN {
+                return Err(SessionError::Refused(format!(
+                    "packed {len} bytes into one chunk (at most {SYNC_CHUNK_LEN})"
+                )));
+            }
+            Chunk::Packed(len, bytes)
+        }
         Message::SyncHole { len } => Chunk::Hole(len),
         Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
         Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
@@ -258,6 +267,7 @@ fn note_progress(
     };
     let advance = |p: &mut Progress| match chunk {
         Chunk::Data(bytes) | Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
+        Chunk::Packed(len, _) => p.current_bytes += u64::from(*len),
         Chunk::Hole(len) => p.current_bytes = p.current_bytes.saturating_add(*len),
         Chunk::At(offset, bytes) => p.current_bytes = offset + bytes.len() as u64,
         _ => {}
@@ -299,6 +309,7 @@ impl Pipeline {
             let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
             bytes += match &chunk {
                 Chunk::Data(data) | Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,
+                Chunk::Packed(len, _) => u64::from(*len),
                 _ => 0,
             };
             let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));

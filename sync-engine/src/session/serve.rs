@@ -16,8 +16,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     version: ProtocolVersion,
 ) -> Result<(), SessionError> {
     let files = Arc::new(Root::open(&root)?);
-    // Holes travel as such to a receiver that knows them (1.6), as zeros to an older one.
-    let holes = version >= V1_6;
+    // Holes travel as such to a receiver that knows them (1.6), as zeros to an older one;
+    // data packed only to one that unpacks it (1.11).
+    let peer = whole::Reads {
+        holes: version >= V1_6,
+        packed: version >= V1_11,
+    };
     // This box may have been a backup that stopped in the middle of a patch: finish it
     // before serving the file.
     blocking_join(
@@ -80,11 +84,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_after_manifest(conn, generation, version, skipped, links).await?;
             }
             Message::SyncFetch { path } => {
-                pending = send_files(conn, generation, &files, &index, path, holes).await?;
+                pending = send_files(conn, generation, &files, &index, path, peer).await?;
             }
             Message::SyncFetchDelta { path, signature } => {
                 let asked = (path, signature);
-                send_delta(conn, generation, &files, &index, asked, holes).await?;
+                send_delta(conn, generation, &files, &index, asked, peer).await?;
             }
             Message::SyncFetchChanges {
                 path,
@@ -134,7 +138,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     None => false,
                 };
                 let changes = ours.zip(ranges).filter(|_| unchanged);
-                send_changes(conn, generation, &files, &index, path, changes, holes).await?;
+                send_changes(conn, generation, &files, &index, path, changes, peer).await?;
             }
             Message::Heartbeat { seq, .. } => {
                 send(
@@ -303,10 +307,10 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     index: &Arc<Mutex<Index>>,
     path: RelPath,
     changes: Option<(Ours, Vec<(u64, u64)>)>,
-    holes: bool,
+    peer: whole::Reads,
 ) -> Result<(), SessionError> {
     let Some((ours, ranges)) = changes else {
-        return send_file(conn, generation, files, index, path, holes).await;
+        return send_file(conn, generation, files, index, path, peer).await;
     };
     let (len, root_hash) = (ours.len, ours.root);
     let file = match files.open_file(&path) {
@@ -582,7 +586,7 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
     files: &Root,
     index: &Arc<Mutex<Index>>,
     (path, signature): (RelPath, Vec<u8>),
-    holes: bool,
+    peer: whole::Reads,
 ) -> Result<(), SessionError> {
     let file = match files.open_file(&path) {
         Ok(file) => file,
@@ -610,7 +614,7 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
     let (data, delta) = match blocking_join(made)? {
         Ok((true, data, delta)) => (data, delta),
         // It grew past the delta limit since it was listed: stream it whole.
-        Ok((false, ..)) => return send_file(conn, generation, files, index, path, holes).await,
+        Ok((false, ..)) => return send_file(conn, generation, files, index, path, peer).await,
         Err(err) => {
             let reason = format!("reading failed: {err}");
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;

@@ -217,7 +217,11 @@ async fn sent_after_growth(len: usize) -> (Vec<u8>, Vec<u8>, u64) {
     let index = Arc::new(Mutex::new(index));
     let path = RelPath::try_from("rec.wav").unwrap();
     let sending = tokio::spawn(async move {
-        send_file(&mut sender, Generation(1), &files, &index, path, true)
+        let peer = Reads {
+            holes: true,
+            packed: false,
+        };
+        send_file(&mut sender, Generation(1), &files, &index, path, peer)
             .await
             .unwrap();
         sender.flush().await.unwrap();
@@ -261,14 +265,29 @@ fn pipelined_fetches_are_answered_in_the_order_asked() {
         .enable_all()
         .build()
         .unwrap();
-    let answered = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(20), pipelined_fetches()).await
-    });
+    for (version, packs) in [(V1_6, false), (lbs_protocol::PROTOCOL_VERSION, true)] {
+        let answered = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), pipelined_fetches(version)).await
+        });
+        let packed = answered.expect("every fetch and the heartbeat answered within 20 s");
+        // Every file is made of a short repeated pattern: packed whenever the receiver can
+        // unpack, small (read in sub-batches) and large (streamed) alike.
+        assert_eq!(
+            packed.iter().any(|n| n == "f010"),
+            packs,
+            "{version}: {packed:?}"
+        );
+        assert_eq!(
+            packed.iter().any(|n| n == "f040"),
+            packs,
+            "{version}: {packed:?}"
+        );
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
-    answered.expect("every fetch and the heartbeat answered within 20 s");
 }
 
-async fn pipelined_fetches() {
+/// Serves pipelined fetches at `version`; the names of the files that came packed.
+async fn pipelined_fetches(version: ProtocolVersion) -> Vec<String> {
     // Small files are read as a batch, a large one streamed, a missing one refused, and the
     // message after the fetches (read ahead with them) still answered.
     let dir = tempfile::tempdir().unwrap();
@@ -295,7 +314,7 @@ async fn pipelined_fetches() {
     let root = dir.path().to_owned();
     let serving = tokio::spawn(async move {
         let index = Arc::new(Mutex::new(index));
-        serve(&mut sender, root, index, Generation(1), V1_6).await
+        serve(&mut sender, root, index, Generation(1), version).await
     });
     let envelope = |message| Envelope {
         generation: Generation(1),
@@ -316,12 +335,19 @@ async fn pipelined_fetches() {
         .await
         .unwrap();
     receiver.flush().await.unwrap();
+    let mut unpacker = super::pull::Unpacker::default();
+    let mut packed = Vec::new();
     let answers = async {
         for (i, (name, bytes)) in files.iter().enumerate() {
             let mut data = Vec::new();
             loop {
                 match receiver.next().await.unwrap().unwrap().message {
                     Message::SyncData { bytes } => data.extend(bytes),
+                    Message::SyncDataPacked { len, bytes } => {
+                        assert!(bytes.len() < len as usize, "{name}: packed larger");
+                        data.extend(unpacker.unpack(len, &bytes).unwrap());
+                        packed.push(name.clone());
+                    }
                     Message::SyncDataEnd { size, blake3 } => {
                         assert_eq!(size, bytes.len() as u64, "{name}");
                         assert_eq!(blake3, *blake3::hash(bytes).as_bytes(), "{name}");
@@ -352,6 +378,53 @@ async fn pipelined_fetches() {
     answers.await;
     drop(receiver);
     serving.await.unwrap().unwrap();
+    packed
+}
+
+#[test]
+fn data_that_does_not_pack_is_sent_as_it_is_and_a_bad_frame_is_refused() {
+    use super::whole::{Packer, Piece};
+    let mut packer = Packer::new(true);
+    packer.next_file(true);
+    let mut noise = vec![0u8; SYNC_CHUNK_LEN];
+    blake3::Hasher::new().finalize_xof().fill(&mut noise);
+    // Noise does not pack; after a few tries the rest of the file is not even tried.
+    for _ in 0..4 {
+        assert!(matches!(
+            packer.pack(Piece::Data(noise.clone())),
+            Piece::Data(_)
+        ));
+    }
+    assert!(matches!(
+        packer.pack(Piece::Data(vec![7; 4096])),
+        Piece::Data(_)
+    ));
+    // The next file is tried afresh; one listed nowhere is never packed.
+    packer.next_file(true);
+    let Piece::Packed { len, bytes } = packer.pack(Piece::Data(vec![7; 4096])) else {
+        panic!("a run of one byte did not pack");
+    };
+    packer.next_file(false);
+    assert!(matches!(
+        packer.pack(Piece::Data(vec![7; 4096])),
+        Piece::Data(_)
+    ));
+    let mut unpacker = super::pull::Unpacker::default();
+    assert_eq!(unpacker.unpack(len, &bytes).unwrap(), &[7u8; 4096][..]);
+    // A frame that gives more or less than announced, or is no frame, is refused.
+    let err = unpacker.unpack(len - 1, &bytes).unwrap_err();
+    assert!(err.to_string().contains("packed data"), "{err}");
+    let err = unpacker.unpack(len + 1, &bytes).unwrap_err();
+    assert!(err.to_string().contains("not the 4097"), "{err}");
+    assert!(unpacker.unpack(len, b"not zstd at all").is_err());
+    // A packed length beyond a chunk is refused as it arrives.
+    let too_long = Message::SyncDataPacked {
+        len: SYNC_CHUNK_LEN as u32 + 1,
+        bytes: bytes.clone(),
+    };
+    let err = super::pipeline::chunk_of(too_long).err().unwrap();
+    assert!(err.to_string().contains("at most"), "{err}");
+    assert!(super::pipeline::chunk_of(Message::SyncDataPacked { len: 0, bytes }).is_err());
 }
 
 #[test]
