@@ -9,7 +9,7 @@
 use std::io;
 use std::marker::PhantomData;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder};
@@ -75,10 +75,7 @@ pub fn check(buf: &[u8], max_len: usize) -> Result<Option<usize>, FrameError> {
 
 /// Takes one complete frame off the front of `buf` and decodes its payload, or returns
 /// `Ok(None)` (leaving `buf` untouched) when the frame has not fully arrived.
-pub fn decode<T: DeserializeOwned>(
-    buf: &mut BytesMut,
-    max_len: usize,
-) -> Result<Option<T>, FrameError> {
+pub fn decode<T: FromFrame>(buf: &mut BytesMut, max_len: usize) -> Result<Option<T>, FrameError> {
     let Some(total) = check(buf, max_len)? else {
         // Make room for the rest of the frame in one allocation; `check` bounded its size.
         if let Some(header) = buf.first_chunk::<HEADER_LEN>() {
@@ -87,8 +84,18 @@ pub fn decode<T: DeserializeOwned>(
         }
         return Ok(None);
     };
-    let frame = buf.split_to(total);
-    decode_payload(&frame[HEADER_LEN..]).map(Some)
+    let frame = buf.split_to(total).freeze();
+    T::from_frame(frame.slice(HEADER_LEN..)).map(Some)
+}
+
+/// What a frame's payload decodes into. By default postcard decodes it, copying what it
+/// holds; a type may instead keep a large byte string as a slice of the frame (see
+/// [`crate::Envelope`]), as long as it decodes to exactly what postcard would.
+pub trait FromFrame: DeserializeOwned {
+    /// The value `payload` (one frame's, without its length prefix) holds.
+    fn from_frame(payload: Bytes) -> Result<Self, FrameError> {
+        decode_payload(&payload)
+    }
 }
 
 /// Decodes one payload (without its length prefix), insisting that it is used up exactly.
@@ -159,7 +166,7 @@ impl<T> Default for FrameCodec<T> {
     }
 }
 
-impl<T: DeserializeOwned> Decoder for FrameCodec<T> {
+impl<T: FromFrame> Decoder for FrameCodec<T> {
     type Item = T;
     type Error = FrameError;
 

@@ -29,6 +29,73 @@ pub struct Envelope {
     pub message: Message,
 }
 
+impl crate::frame::FromFrame for Envelope {
+    /// A [`Message::SyncData`] of at least [`SHARED_DATA_MIN`] bytes keeps its bytes as a
+    /// slice of the frame: on the receiver of a large file, copying each chunk out of the
+    /// frame was a third of the connection thread's memory traffic. Anything else, or
+    /// anything the quick look does not recognise, is decoded by postcard.
+    fn from_frame(payload: bytes::Bytes) -> Result<Self, crate::frame::FrameError> {
+        if payload.len() >= SHARED_DATA_MIN
+            && let Some(envelope) = sync_data_in(&payload)
+        {
+            return Ok(envelope);
+        }
+        crate::frame::decode_payload(&payload)
+    }
+}
+
+/// Smaller [`Message::SyncData`] frames are copied out of the read buffer: a slice of a small
+/// one would keep the whole buffer it shares with other frames alive for as long as it waits.
+pub const SHARED_DATA_MIN: usize = 64 * 1024;
+
+/// The envelope in `payload` if it is a [`Message::SyncData`] in postcard's canonical form:
+/// its generation, the variant's index and the length as varints, then exactly that many
+/// bytes.
+fn sync_data_in(payload: &bytes::Bytes) -> Option<Envelope> {
+    static TAG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    // The variant's index as postcard writes it: an empty chunk is the index and a zero length.
+    let tag = TAG.get_or_init(|| {
+        let mut empty = postcard::to_stdvec(&Message::SyncData {
+            bytes: bytes::Bytes::new(),
+        })
+        .unwrap_or_default();
+        empty.pop();
+        empty
+    });
+    let (generation, mut at) = canonical_varint(payload)?;
+    let rest = payload.get(at..)?;
+    if tag.is_empty() || !rest.starts_with(tag) {
+        return None;
+    }
+    at += tag.len();
+    let (len, used) = canonical_varint(payload.get(at..)?)?;
+    at += used;
+    (usize::try_from(len).ok()? == payload.len() - at).then(|| Envelope {
+        generation: Generation(generation),
+        message: Message::SyncData {
+            bytes: payload.slice(at..),
+        },
+    })
+}
+
+/// A `u64` varint as postcard writes it (LEB128, no redundant trailing byte) at the start of
+/// `bytes`, and the bytes it took.
+fn canonical_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, byte) in bytes.iter().take(10).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        if i == 9 && *byte > 1 {
+            return None;
+        }
+        value |= bits << (7 * i);
+        if byte & 0x80 == 0 {
+            // A last byte of zero after others is redundant: not postcard's own writing.
+            return (i == 0 || *byte != 0).then_some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// Everything that can be said on an lbs connection.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Message {
@@ -68,11 +135,10 @@ pub enum Message {
     /// Receiver → sender: send this file's content.
     SyncFetch { path: RelPath },
     /// Sender → receiver: the next bytes of the file being sent (at most
-    /// [`SYNC_CHUNK_LEN`] each).
-    SyncData {
-        #[serde(with = "serde_bytes")]
-        bytes: Vec<u8>,
-    },
+    /// [`SYNC_CHUNK_LEN`] each). On the wire as a byte string, as `serde_bytes` wrote it;
+    /// [`crate::frame::FrameCodec`] hands a large one over as a slice of the frame it read,
+    /// not a copy.
+    SyncData { bytes: bytes::Bytes },
     /// Sender → receiver: the file is complete at `size` bytes.
     SyncDataEnd {
         /// How many bytes were sent.
@@ -480,5 +546,72 @@ impl fmt::Display for Refusal {
             ),
             Refusal::ProtocolViolation { detail } => write!(f, "protocol violation: {detail}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FromFrame, decode_payload};
+    use proptest::prelude::*;
+
+    fn payload(generation: u64, bytes: Vec<u8>) -> bytes::Bytes {
+        let envelope = Envelope {
+            generation: Generation(generation),
+            message: Message::SyncData {
+                bytes: bytes.into(),
+            },
+        };
+        postcard::to_stdvec(&envelope).unwrap().into()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn a_large_data_frame_is_shared_and_decodes_as_postcard_does(
+            generation in any::<u64>(),
+            len in prop_oneof![0usize..300, SHARED_DATA_MIN - 2..SHARED_DATA_MIN + 300],
+            seed in any::<u8>(),
+        ) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+            let payload = payload(generation, bytes);
+            let quick = Envelope::from_frame(payload.clone()).unwrap();
+            prop_assert_eq!(&quick, &decode_payload::<Envelope>(&payload).unwrap());
+            if payload.len() >= SHARED_DATA_MIN {
+                let Message::SyncData { bytes } = &quick.message else { unreachable!() };
+                let end = payload.as_ptr_range().end;
+                prop_assert_eq!(bytes.as_ptr_range().end, end, "a slice of the frame");
+            }
+        }
+    }
+
+    #[test]
+    fn anything_but_postcards_own_data_frame_is_left_to_postcard() {
+        let good = payload(300, vec![5; SHARED_DATA_MIN]);
+        assert!(sync_data_in(&good).is_some());
+        // A byte too many or too few: postcard's error, not a quietly cut chunk.
+        let mut longer = good.to_vec();
+        longer.push(0);
+        assert!(sync_data_in(&longer.clone().into()).is_none());
+        assert!(Envelope::from_frame(longer.into()).is_err());
+        let shorter = good.slice(..good.len() - 1);
+        assert!(sync_data_in(&shorter).is_none());
+        assert!(Envelope::from_frame(shorter).is_err());
+        // A generation written with a redundant byte is not postcard's writing.
+        let mut padded = vec![0x80 | good[0], good[1] | 0x80, 0x00];
+        padded.extend_from_slice(&good[2..]);
+        assert!(sync_data_in(&padded.into()).is_none());
+        // Another message of the same size is decoded by postcard.
+        let other = Envelope {
+            generation: Generation(1),
+            message: Message::SyncDelta {
+                bytes: vec![1; SHARED_DATA_MIN],
+            },
+        };
+        let other_payload: bytes::Bytes = postcard::to_stdvec(&other).unwrap().into();
+        assert!(sync_data_in(&other_payload).is_none());
+        assert_eq!(Envelope::from_frame(other_payload).unwrap(), other);
+        assert_eq!(canonical_varint(&[0xff; 10]), None, "beyond 64 bits");
+        assert_eq!(canonical_varint(&[0x80, 0x01]), Some((128, 2)));
     }
 }

@@ -75,7 +75,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )
             .prop_map(|(entries, last)| Message::SyncManifest { entries, last }),
         arb_rel_path().prop_map(|path| Message::SyncFetch { path }),
-        prop::collection::vec(any::<u8>(), 0..2048).prop_map(|bytes| Message::SyncData { bytes }),
+        prop::collection::vec(any::<u8>(), 0..2048).prop_map(|bytes| Message::SyncData {
+            bytes: bytes.into()
+        }),
         (any::<u64>(), any::<[u8; 32]>())
             .prop_map(|(size, blake3)| Message::SyncDataEnd { size, blake3 }),
         (arb_rel_path(), ".{0,80}")

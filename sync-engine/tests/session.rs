@@ -436,7 +436,7 @@ async fn content_that_does_not_match_the_announced_hash_is_refused() {
         say(
             &mut liar,
             Message::SyncData {
-                bytes: b"bad".to_vec(),
+                bytes: bytes::Bytes::from_static(b"bad"),
             },
         )
         .await;
@@ -492,7 +492,7 @@ async fn content_longer_than_the_manifest_announced_is_refused_as_it_arrives() {
         say(
             &mut liar,
             Message::SyncData {
-                bytes: b"evil".to_vec(),
+                bytes: bytes::Bytes::from_static(b"evil"),
             },
         )
         .await;
@@ -669,7 +669,7 @@ fn half_sender(
             say(
                 &mut conn,
                 Message::SyncData {
-                    bytes: chunk.to_vec(),
+                    bytes: bytes::Bytes::copy_from_slice(chunk),
                 },
             )
             .await;
@@ -897,7 +897,13 @@ async fn a_corrupt_delta_is_refused_and_the_whole_file_fetched_instead() {
                 expect_request(&mut liar).await,
                 Message::SyncFetch { .. }
             ));
-            say(&mut liar, Message::SyncData { bytes: new.clone() }).await;
+            say(
+                &mut liar,
+                Message::SyncData {
+                    bytes: new.clone().into(),
+                },
+            )
+            .await;
             say(&mut liar, end).await;
             liar
         }

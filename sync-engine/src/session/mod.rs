@@ -526,8 +526,8 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// What crosses from the network to the thread writing a file.
 enum Chunk {
-    /// The next bytes of a whole-file transfer.
-    Data(Vec<u8>),
+    /// The next bytes of a whole-file transfer (a large chunk shares the frame it came in).
+    Data(bytes::Bytes),
     /// The next bytes of a whole-file transfer, this many as one zstd frame (the length is
     /// checked against [`SYNC_CHUNK_LEN`] as it arrives).
     Packed(u32, Vec<u8>),

@@ -266,7 +266,8 @@ fn note_progress(
         return;
     };
     let advance = |p: &mut Progress| match chunk {
-        Chunk::Data(bytes) | Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
+        Chunk::Data(bytes) => p.current_bytes += bytes.len() as u64,
+        Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
         Chunk::Packed(len, _) => p.current_bytes += u64::from(*len),
         Chunk::Hole(len) => p.current_bytes = p.current_bytes.saturating_add(*len),
         Chunk::At(offset, bytes) => p.current_bytes = offset + bytes.len() as u64,
@@ -308,7 +309,8 @@ impl Pipeline {
         loop {
             let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
             bytes += match &chunk {
-                Chunk::Data(data) | Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,
+                Chunk::Data(data) => data.len() as u64,
+                Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,
                 Chunk::Packed(len, _) => u64::from(*len),
                 _ => 0,
             };

@@ -629,7 +629,7 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
         }
         None => {
             for part in data.chunks(SYNC_CHUNK_LEN) {
-                let bytes = part.to_vec();
+                let bytes = bytes::Bytes::copy_from_slice(part);
                 feed(conn, generation, Message::SyncData { bytes }).await?;
             }
         }

@@ -80,7 +80,7 @@ fn answering_sender(
             let bytes: Vec<u8> = messages
                 .iter()
                 .flat_map(|m| match m {
-                    Message::SyncData { bytes } => bytes.clone(),
+                    Message::SyncData { bytes } => bytes.to_vec(),
                     _ => Vec::new(),
                 })
                 .collect();
@@ -105,7 +105,9 @@ fn answering_sender(
 /// The path as content.
 fn echo(path: &RelPath) -> Vec<Message> {
     let bytes = path.as_bytes().to_vec();
-    vec![Message::SyncData { bytes }]
+    vec![Message::SyncData {
+        bytes: bytes.into(),
+    }]
 }
 
 /// For "big" twelve chunks of zeros (far more than any small file it is listed as), for any
@@ -116,7 +118,7 @@ fn big_or_echo(path: &RelPath) -> Vec<Message> {
     }
     (0..12)
         .map(|_| Message::SyncData {
-            bytes: vec![0u8; SYNC_CHUNK_LEN],
+            bytes: vec![0u8; SYNC_CHUNK_LEN].into(),
         })
         .collect()
 }
@@ -486,7 +488,7 @@ fn data(chunks: &[Chunk]) -> Vec<u8> {
     chunks
         .iter()
         .flat_map(|c| match c {
-            Chunk::Data(bytes) => bytes.clone(),
+            Chunk::Data(bytes) => bytes.to_vec(),
             _ => Vec::new(),
         })
         .collect()

@@ -193,7 +193,9 @@ async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
                     hasher.update(&bytes);
                 }
                 size += bytes.len() as u64;
-                Message::SyncData { bytes }
+                Message::SyncData {
+                    bytes: bytes.into(),
+                }
             }
             Piece::Packed { len, bytes } => {
                 size += u64::from(len);
@@ -276,7 +278,9 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
                     hasher.update(&bytes);
                 }
                 size += bytes.len() as u64;
-                Message::SyncData { bytes }
+                Message::SyncData {
+                    bytes: bytes.into(),
+                }
             }
             Ok(Piece::Packed { len, bytes }) => {
                 size += u64::from(len);
@@ -372,20 +376,26 @@ const PACK_MIN: usize = 512;
 
 /// Packs data chunks for a receiver that unpacks them, while packing pays.
 pub(super) struct Packer {
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Whether the receiver unpacks.
+    packed: bool,
     /// Whether the current file is packed at all.
     on: bool,
     /// Chunks of the current file that did not pack.
     misses: u32,
 }
 
+thread_local! {
+    /// Each reading thread's zstd context, made at its first packed chunk and kept: one made
+    /// per batch of files cost more than packing the small ones in it.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 impl Packer {
-    /// A packer, or (`packed` false, or zstd cannot start) one that leaves data as it is.
+    /// A packer; with `packed` false, one that leaves data as it is.
     pub(super) fn new(packed: bool) -> Packer {
         Packer {
-            zstd: packed
-                .then(|| zstd::bulk::Compressor::new(PACK_LEVEL).ok())
-                .flatten(),
+            packed,
             on: false,
             misses: 0,
         }
@@ -397,22 +407,24 @@ impl Packer {
         self.misses = 0;
     }
 
-    /// `piece`, packed if that saves enough.
+    /// `piece`, packed if that saves enough (as it is if zstd cannot start).
     pub(super) fn pack(&mut self, piece: Piece) -> Piece {
         let Piece::Data(bytes) = piece else {
             return piece;
         };
-        let Some(zstd) = self.zstd.as_mut().filter(|_| self.on) else {
+        let tried = self.packed && self.on && self.misses < PACK_TRIES && bytes.len() >= PACK_MIN;
+        let Some(len) = tried.then(|| u32::try_from(bytes.len()).ok()).flatten() else {
             return Piece::Data(bytes);
         };
-        if self.misses >= PACK_TRIES || bytes.len() < PACK_MIN {
-            return Piece::Data(bytes);
-        }
-        let Ok(len) = u32::try_from(bytes.len()) else {
-            return Piece::Data(bytes);
-        };
-        match zstd.compress(&bytes) {
-            Ok(packed) if packed.len() <= bytes.len() - bytes.len() / PACK_SAVES => {
+        let packed = ZSTD.with_borrow_mut(|zstd| {
+            let zstd = match zstd {
+                Some(zstd) => zstd,
+                None => zstd.insert(zstd::bulk::Compressor::new(PACK_LEVEL).ok()?),
+            };
+            zstd.compress(&bytes).ok()
+        });
+        match packed {
+            Some(packed) if packed.len() <= bytes.len() - bytes.len() / PACK_SAVES => {
                 Piece::Packed { len, bytes: packed }
             }
             _ => {
