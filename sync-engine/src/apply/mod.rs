@@ -422,24 +422,30 @@ impl Root {
     /// A new, empty temporary file beside `rel` to write its next version into; dropped
     /// without [`TempFile::finish`], it is removed.
     pub fn create_temp(&self, rel: &RelPath) -> Result<TempFile<'_>, ApplyError> {
-        self.open_temp(rel, None)
+        self.open_temp(rel, None, 0o600)
     }
 
     /// Like [`Root::create_temp`], for the version hashing to `expected` written from its
     /// start: if this process dies before it is finished, the next scan keeps what reached
-    /// the disk as that version's partial (see [`partial_of_temp`]).
+    /// the disk as that version's partial (see [`partial_of_temp`]). It is made with the
+    /// permission bits of `mode` (the version's own, never set-id or sticky, within this
+    /// process's umask) and read-write for this process (which owns it until it is finished):
+    /// no wider for anyone else than the file will be, and mostly already right, so
+    /// [`TempFile::finish`] need not change them.
     pub fn create_resumable_temp(
         &self,
         rel: &RelPath,
         expected: &blake3::Hash,
+        mode: u32,
     ) -> Result<TempFile<'_>, ApplyError> {
-        self.open_temp(rel, Some(expected))
+        self.open_temp(rel, Some(expected), (mode & 0o777) | 0o600)
     }
 
     fn open_temp(
         &self,
         rel: &RelPath,
         expected: Option<&blake3::Hash>,
+        mode: u32,
     ) -> Result<TempFile<'_>, ApplyError> {
         let dir = self.parent_dir(rel, true)?;
         let temp = temp_name(rel.file_name(), expected);
@@ -447,7 +453,7 @@ impl Root {
             dir.as_fd(),
             temp.as_os_str(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
+            Mode::from_bits_truncate(mode),
         )
         .map_err(|err| self.io(rel, "creating a temporary file", err))?;
         Ok(TempFile::new(self, rel.clone(), dir, temp, File::from(fd)))
@@ -751,23 +757,30 @@ fn timespec(ns: i64) -> TimeSpec {
 
 /// Owner first (chown clears set-id bits), then mode, then mtime. Set-user-id and
 /// set-group-id never come from the sender on a file (a partner must not be able to plant a
-/// set-uid program); a directory keeps set-group-id (group inheritance) and sticky.
+/// set-uid program); a directory keeps set-group-id (group inheritance) and sticky. An owner
+/// or mode the file already has is not set again (each is an inode update through the
+/// journal: a new file of the right owner skips its chown).
 fn set_fd_meta(fd: &impl AsFd, meta: &Target) -> nix::Result<()> {
-    if let Some((uid, gid)) = meta.owner {
+    let stat = nix::sys::stat::fstat(fd.as_fd())?;
+    let mut chowned = false;
+    if let Some((uid, gid)) = meta.owner
+        && (stat.st_uid != uid || stat.st_gid != gid)
+    {
         fchown(
             fd.as_fd(),
             Some(Uid::from_raw(uid)),
             Some(Gid::from_raw(gid)),
         )?;
+        chowned = true;
     }
     let mut mode = meta.mode & 0o1777;
-    if meta.mode & 0o2000 != 0
-        && nix::sys::stat::fstat(fd.as_fd())?.st_mode & SFlag::S_IFMT.bits()
-            == SFlag::S_IFDIR.bits()
-    {
+    if meta.mode & 0o2000 != 0 && stat.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
         mode |= 0o2000;
     }
-    fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
+    // After a chown the set-id bits may have gone: the mode is set whatever it was.
+    if chowned || stat.st_mode & 0o7777 != mode {
+        fchmod(fd.as_fd(), Mode::from_bits_truncate(mode))?;
+    }
     let mtime = timespec(meta.mtime_ns);
     futimens(fd.as_fd(), &mtime, &mtime)
 }

@@ -269,6 +269,14 @@ impl BlockHasher {
         let bs = self.block_size.get() as usize;
         let mut rest = buf;
         while !rest.is_empty() {
+            if self.pending.is_empty() && rest.len() > bs {
+                // A whole block with more after it: hashed where it lies, not copied first.
+                let (block, after) = rest.split_at(bs);
+                let cv = block_cv(block, self.count(), self.block_size);
+                self.push(cv);
+                rest = after;
+                continue;
+            }
             let take = (bs - self.pending.len()).min(rest.len());
             self.pending.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
@@ -446,6 +454,38 @@ mod tests {
         holes.update(&data[..after]);
         zeros.update(&data[..after]);
         (holes.finish(), zeros.finish())
+    }
+
+    #[test]
+    fn data_written_in_any_pieces_hashes_as_blake3_and_as_written_at_once() {
+        let bs = BlockSize::DEFAULT.get() as usize;
+        let new = || BlockHasher {
+            block_size: BlockSize::DEFAULT,
+            pending: Vec::new(),
+            blocks: Vec::new(),
+            written: 0,
+            root: RootBuilder::default(),
+            sink: None,
+            staged_parts: 0,
+        };
+        for len in [0, 1, bs - 1, bs, bs + 1, 3 * bs, 3 * bs + 5] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let mut at_once = new();
+            at_once.update(&data);
+            let at_once = at_once.finish();
+            assert_eq!(at_once.root, blake3::hash(&data), "{len}");
+            assert_eq!(
+                at_once.blocks.len() as u64,
+                BlockSize::DEFAULT.blocks_for(len as u64)
+            );
+            for piece in [1, 7, bs - 1, bs, bs + 1, 2 * bs + 3] {
+                let mut pieces = new();
+                for part in data.chunks(piece) {
+                    pieces.update(part);
+                }
+                assert_eq!(pieces.finish(), at_once, "{len} in pieces of {piece}");
+            }
+        }
     }
 
     #[test]

@@ -401,6 +401,7 @@ fn receive(
     );
     receiver.partial = partial;
     receiver.expected = Some(*job.expected);
+    receiver.mode = job.target.mode;
     let fetched = match signature {
         Some(signature) => fetcher.fetch_delta(job.path, job.size, signature, &mut receiver),
         None => fetcher.fetch(job.path, job.size, basis, &mut receiver),

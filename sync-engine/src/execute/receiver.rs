@@ -56,6 +56,8 @@ pub(super) struct Receiver<'r> {
     /// The version being received, named by its temporary file so a run killed in the middle
     /// leaves a partial the next one resumes from.
     pub(super) expected: Option<blake3::Hash>,
+    /// Its mode, whose permission bits its temporary file is made with.
+    pub(super) mode: u32,
 }
 
 impl<'r> Receiver<'r> {
@@ -68,6 +70,7 @@ impl<'r> Receiver<'r> {
             whole: 0,
             partial: None,
             expected: None,
+            mode: 0o600,
             state: Receiving::Start,
             failed: None,
             fetched: 0,
@@ -91,7 +94,9 @@ impl<'r> Receiver<'r> {
 
     fn temp(&mut self) -> io::Result<TempFile<'r>> {
         let temp = match &self.expected {
-            Some(expected) => self.root.create_resumable_temp(&self.path, expected),
+            Some(expected) => self
+                .root
+                .create_resumable_temp(&self.path, expected, self.mode),
             None => self.root.create_temp(&self.path),
         };
         temp.map_err(|err| self.fail(err))

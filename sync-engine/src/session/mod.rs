@@ -528,9 +528,6 @@ async fn receive_digests<S: AsyncRead + AsyncWrite + Unpin>(
 enum Chunk {
     /// The next bytes of a whole-file transfer (a large chunk shares the frame it came in).
     Data(bytes::Bytes),
-    /// The next bytes of a whole-file transfer, this many as one zstd frame (the length is
-    /// checked against [`SYNC_CHUNK_LEN`] as it arrives).
-    Packed(u32, Vec<u8>),
     /// The next bytes of a whole-file transfer are a hole this long.
     Hole(u64),
     /// A block transfer begins: changed bytes to follow, the file's new size.

@@ -41,6 +41,8 @@ pub(super) struct Pipeline {
     pub(super) upcoming: VecDeque<Planned>,
     /// Requested, answers not read yet, in order.
     pub(super) ahead: VecDeque<Planned>,
+    /// Unpacks packed data as it is read, off the writer's thread.
+    pub(super) unpacker: Unpacker,
 }
 
 /// Files with more blocks than this (1 MiB at 16 KiB) are asked for by the writer itself.
@@ -214,9 +216,10 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     chunks: &mpsc::Sender<Chunk>,
     progress: Option<&tokio::sync::watch::Sender<Progress>>,
     notified: &mut Instant,
+    unpacker: &mut Unpacker,
 ) -> Result<(), SessionError> {
     loop {
-        let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
+        let chunk = chunk_of(receive(conn, "a file transfer").await?, unpacker)?;
         note_progress(progress, &chunk, notified);
         let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
         // The writer gave up on this file (an error on its side): drain the rest regardless.
@@ -227,18 +230,11 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// What a message of a file transfer gives the writer.
-pub(super) fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
+/// What a message of a file transfer gives the writer (packed data unpacked).
+pub(super) fn chunk_of(message: Message, unpacker: &mut Unpacker) -> Result<Chunk, SessionError> {
     Ok(match message {
         Message::SyncData { bytes } => Chunk::Data(bytes),
-        Message::SyncDataPacked { len, bytes } => {
-            if len == 0 || len as usize > SYNC_CHUNK_LEN {
-                return Err(SessionError::Refused(format!(
-                    "packed {len} bytes into one chunk (at most {SYNC_CHUNK_LEN})"
-                )));
-            }
-            Chunk::Packed(len, bytes)
-        }
+        Message::SyncDataPacked { len, bytes } => Chunk::Data(unpacker.unpack(len, &bytes)?.into()),
         Message::SyncHole { len } => Chunk::Hole(len),
         Message::SyncDataAt { offset, bytes } => Chunk::At(offset, bytes),
         Message::SyncChanges { changed, size } => Chunk::Changes(changed, size),
@@ -250,6 +246,44 @@ pub(super) fn chunk_of(message: Message) -> Result<Chunk, SessionError> {
         }
         other => return Err(SessionError::unexpected(&other, "a file transfer")),
     })
+}
+
+/// Unpacks [`Message::SyncDataPacked`] chunks, each into at most the length it announced.
+#[derive(Default)]
+pub(super) struct Unpacker {
+    /// Started at the first packed chunk.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Unpacker {
+    /// The `len` bytes packed in `packed`; refused unless `len` is at most [`SYNC_CHUNK_LEN`]
+    /// and `packed` is a zstd frame of exactly that many bytes.
+    pub(super) fn unpack(&mut self, len: u32, packed: &[u8]) -> Result<Vec<u8>, SessionError> {
+        let refused = |what: String| SessionError::Refused(format!("sent packed data {what}"));
+        let len = len as usize;
+        if len == 0 || len > SYNC_CHUNK_LEN {
+            return Err(refused(format!(
+                "of {len} bytes (at most {SYNC_CHUNK_LEN})"
+            )));
+        }
+        let zstd = match &mut self.zstd {
+            Some(zstd) => zstd,
+            None => self.zstd.insert(
+                zstd::bulk::Decompressor::new().map_err(|err| refused(format!("({err})")))?,
+            ),
+        };
+        // Room for `len` bytes only: a frame that holds more is refused, not unpacked further.
+        let mut out = Vec::with_capacity(len);
+        let got = zstd
+            .decompress_to_buffer(packed, &mut out)
+            .map_err(|err| refused(format!("that does not unpack ({err})")))?;
+        if got != len {
+            return Err(refused(format!(
+                "that gave {got} bytes, not the {len} announced"
+            )));
+        }
+        Ok(out)
+    }
 }
 
 /// How often a pull's progress wakes those who watch it (every change is kept).
@@ -268,7 +302,6 @@ fn note_progress(
     let advance = |p: &mut Progress| match chunk {
         Chunk::Data(bytes) => p.current_bytes += bytes.len() as u64,
         Chunk::Delta(bytes) => p.current_bytes += bytes.len() as u64,
-        Chunk::Packed(len, _) => p.current_bytes += u64::from(*len),
         Chunk::Hole(len) => p.current_bytes = p.current_bytes.saturating_add(*len),
         Chunk::At(offset, bytes) => p.current_bytes = offset + bytes.len() as u64,
         _ => {}
@@ -307,11 +340,10 @@ impl Pipeline {
         let mut chunks = Vec::new();
         let mut bytes = 0u64;
         loop {
-            let chunk = chunk_of(receive(conn, "a file transfer").await?)?;
+            let chunk = chunk_of(receive(conn, "a file transfer").await?, &mut self.unpacker)?;
             bytes += match &chunk {
                 Chunk::Data(data) => data.len() as u64,
                 Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,
-                Chunk::Packed(len, _) => u64::from(*len),
                 _ => 0,
             };
             let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));

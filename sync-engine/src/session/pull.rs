@@ -1,7 +1,7 @@
 //! The receiving side: plan against the primary's manifest, execute the plan on a blocking
 //! writer, and feed it the content [`Pipeline`] asks for ahead of it.
 
-use super::pipeline::{AHEAD_MAX_BLOCKS, PROGRESS_EVERY, Pipeline, Planned, forward};
+use super::pipeline::{AHEAD_MAX_BLOCKS, PROGRESS_EVERY, Pipeline, Planned, Unpacker, forward};
 use super::ready::Ready;
 use super::*;
 use crate::index::{EntryKind, Known};
@@ -12,7 +12,6 @@ use crate::tree::PART_CVS;
 pub(super) struct Bridge {
     pub(super) requests: mpsc::Sender<Request>,
     pub(super) ready: Arc<Ready>,
-    pub(super) unpacker: Unpacker,
 }
 
 impl Fetcher for Bridge {
@@ -45,47 +44,10 @@ fn gone() -> std::io::Error {
     )
 }
 
-/// Unpacks [`Chunk::Packed`] data, each frame into at most the length it announced.
-#[derive(Default)]
-pub(super) struct Unpacker {
-    /// Started at the first packed chunk.
-    zstd: Option<zstd::bulk::Decompressor<'static>>,
-    buf: Vec<u8>,
-}
-
-impl Unpacker {
-    /// The `len` bytes packed in `packed`; an error if it is not a zstd frame of exactly
-    /// that many bytes.
-    pub(super) fn unpack(&mut self, len: u32, packed: &[u8]) -> std::io::Result<&[u8]> {
-        let zstd = match &mut self.zstd {
-            Some(zstd) => zstd,
-            None => self.zstd.insert(zstd::bulk::Decompressor::new()?),
-        };
-        let len = len as usize;
-        self.buf.clear();
-        // Refused beyond `len`: a frame that claims more is never unpacked further.
-        self.buf.reserve_exact(len);
-        let got = zstd
-            .decompress_to_buffer(packed, &mut self.buf)
-            .map_err(|err| std::io::Error::other(format!("the sender's packed data: {err}")))?;
-        if got != len {
-            return Err(std::io::Error::other(format!(
-                "the sender's packed data gave {got} bytes, not the {len} it announced"
-            )));
-        }
-        Ok(&self.buf)
-    }
-}
-
 /// Gives one chunk to `sink`; the file's size once it is complete.
-fn give(
-    chunk: Chunk,
-    sink: &mut dyn Sink,
-    unpacker: &mut Unpacker,
-) -> std::io::Result<Option<u64>> {
+fn give(chunk: Chunk, sink: &mut dyn Sink) -> std::io::Result<Option<u64>> {
     match chunk {
         Chunk::Data(bytes) => sink.data(&bytes)?,
-        Chunk::Packed(len, bytes) => sink.data(unpacker.unpack(len, &bytes)?)?,
         Chunk::Hole(len) => sink.hole(len)?,
         Chunk::Changes(changed, size) => sink.changes(changed, size)?,
         Chunk::At(offset, bytes) => sink.at(offset, &bytes)?,
@@ -112,7 +74,7 @@ impl Bridge {
     ) -> std::io::Result<u64> {
         if let Some(chunks) = self.ready.take(path) {
             for chunk in chunks {
-                if let Some(size) = give(chunk, sink, &mut self.unpacker)? {
+                if let Some(size) = give(chunk, sink)? {
                     return Ok(size);
                 }
             }
@@ -124,7 +86,7 @@ impl Bridge {
             .map_err(|_| gone())?;
         // Returning early drops `rx`: the async side then drains the rest of the transfer.
         while let Some(chunk) = rx.blocking_recv() {
-            if let Some(size) = give(chunk, sink, &mut self.unpacker)? {
+            if let Some(size) = give(chunk, sink)? {
                 return Ok(size);
             }
         }
@@ -343,7 +305,6 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             &mut Bridge {
                 requests,
                 ready: writer_ready,
-                unpacker: Unpacker::default(),
             },
             &old_blocks,
             &mut on_progress,
@@ -354,6 +315,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pipeline = Pipeline {
         upcoming: planned,
         ahead: VecDeque::new(),
+        unpacker: Unpacker::default(),
     };
     // A pull nobody cancels waits on a token nobody cancels.
     let cancel = cancel.unwrap_or_default();
@@ -412,7 +374,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let relayed = async {
             pipeline.ready(conn, generation, path, size, ask).await?;
-            forward(conn, &chunks, progress_tx.as_ref(), &mut notified).await?;
+            let unpacker = &mut pipeline.unpacker;
+            forward(conn, &chunks, progress_tx.as_ref(), &mut notified, unpacker).await?;
             pipeline.top_up(conn, generation).await
         };
         let outcome = tokio::select! {

@@ -28,6 +28,8 @@ struct Answer {
 #[derive(Default)]
 struct State {
     answers: VecDeque<Answer>,
+    /// The content bytes of `answers`.
+    bytes: u64,
     /// The async side waits for room.
     waiting: bool,
     /// The connection is gone or the pull cancelled: nothing more is handed out.
@@ -35,9 +37,11 @@ struct State {
 }
 
 impl State {
-    /// The content bytes of the answers waiting (at most [`READY_FILES`] of them).
-    fn bytes(&self) -> u64 {
-        self.answers.iter().map(|a| a.bytes).sum()
+    /// Whether a waiting async side is woken: once the writer took half of what waits, not at
+    /// every answer it takes (a wake-up per small file, and the lock the two sides then fought
+    /// over, cost the initial copy of the PBX tree more than its writes).
+    fn half_empty(&self) -> bool {
+        self.answers.len() <= READY_FILES / 2 && self.bytes <= READY_BYTES / 2
     }
 }
 
@@ -60,7 +64,7 @@ impl Ready {
     /// How many bytes of answers wait.
     #[cfg(test)]
     pub(super) fn held_bytes(&self) -> u64 {
-        self.state().bytes()
+        self.state().bytes
     }
 
     /// Whether an answer of `size` bytes may be read ahead now; if not, the next
@@ -69,12 +73,12 @@ impl Ready {
         let mut state = self.state();
         let room = !state.closed
             && state.answers.len() < READY_FILES
-            && (state.answers.is_empty() || state.bytes() + size <= READY_BYTES);
+            && (state.answers.is_empty() || state.bytes + size <= READY_BYTES);
         state.waiting = !room;
         room
     }
 
-    /// Resolves once the writer took an answer after [`Ready::has_room`] said no.
+    /// Resolves once the writer took half of what waits after [`Ready::has_room`] said no.
     pub(super) async fn room(&self) {
         self.room.notified().await;
     }
@@ -83,6 +87,7 @@ impl Ready {
     pub(super) fn push(&self, path: RelPath, chunks: Vec<Chunk>, bytes: u64) {
         let mut state = self.state();
         if !state.closed {
+            state.bytes += bytes;
             state.answers.push_back(Answer {
                 path,
                 chunks,
@@ -97,11 +102,14 @@ impl Ready {
         let mut state = self.state();
         let at = state.answers.iter().position(|a| &a.path == path)?;
         let mut taken = None;
+        let mut freed = 0;
         for answer in state.answers.drain(..=at) {
+            freed += answer.bytes;
             taken = Some(answer);
         }
+        state.bytes -= freed;
         let answer = taken?;
-        if state.waiting {
+        if state.waiting && state.half_empty() {
             state.waiting = false;
             self.room.notify_one();
         }
@@ -112,6 +120,7 @@ impl Ready {
     pub(super) fn clear(&self) {
         let mut state = self.state();
         state.answers.clear();
+        state.bytes = 0;
     }
 
     /// No more answers: the writer asks the async side, which tells it why.
@@ -119,6 +128,7 @@ impl Ready {
         let mut state = self.state();
         state.closed = true;
         state.answers.clear();
+        state.bytes = 0;
     }
 }
 
@@ -170,6 +180,28 @@ mod tests {
         ready.push(path("b"), Vec::new(), 1);
         assert!(ready.take(&path("b")).is_none());
         assert!(!ready.has_room(1));
+    }
+
+    #[test]
+    fn the_waiting_side_is_woken_once_half_is_taken_not_at_every_take() {
+        let ready = Ready::default();
+        for n in 0..READY_FILES {
+            ready.push(path(&format!("f{n}")), Vec::new(), 1);
+        }
+        assert!(!ready.has_room(1));
+        for n in 0..READY_FILES / 2 - 1 {
+            assert!(ready.take(&path(&format!("f{n}"))).is_some());
+            assert!(ready.state().waiting, "woken after {} takes", n + 1);
+        }
+        assert!(
+            ready
+                .take(&path(&format!("f{}", READY_FILES / 2 - 1)))
+                .is_some()
+        );
+        assert!(!ready.state().waiting, "woken once half was taken");
+        assert_eq!(ready.held_bytes(), (READY_FILES / 2) as u64);
+        ready.clear();
+        assert_eq!(ready.held_bytes(), 0);
     }
 
     #[tokio::test]

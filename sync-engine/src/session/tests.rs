@@ -130,7 +130,15 @@ fn echo_sender(conn: Connection<tokio::io::DuplexStream>) -> tokio::task::JoinHa
 
 async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
     let (tx, mut rx) = mpsc::channel(8);
-    forward(conn, &tx, None, &mut Instant::now()).await.unwrap();
+    forward(
+        conn,
+        &tx,
+        None,
+        &mut Instant::now(),
+        &mut Unpacker::default(),
+    )
+    .await
+    .unwrap();
     drop(tx);
     let mut out = Vec::new();
     while let Some(chunk) = rx.recv().await {
@@ -162,6 +170,7 @@ async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() 
     let mut pipeline = Pipeline {
         upcoming,
         ahead: VecDeque::new(),
+        unpacker: Unpacker::default(),
     };
     let generation = Generation(1);
     pipeline
@@ -337,7 +346,7 @@ async fn pipelined_fetches(version: ProtocolVersion) -> Vec<String> {
         .await
         .unwrap();
     receiver.flush().await.unwrap();
-    let mut unpacker = super::pull::Unpacker::default();
+    let mut unpacker = Unpacker::default();
     let mut packed = Vec::new();
     let answers = async {
         for (i, (name, bytes)) in files.iter().enumerate() {
@@ -411,22 +420,22 @@ fn data_that_does_not_pack_is_sent_as_it_is_and_a_bad_frame_is_refused() {
         packer.pack(Piece::Data(vec![7; 4096])),
         Piece::Data(_)
     ));
-    let mut unpacker = super::pull::Unpacker::default();
-    assert_eq!(unpacker.unpack(len, &bytes).unwrap(), &[7u8; 4096][..]);
+    let mut unpacker = Unpacker::default();
+    assert_eq!(unpacker.unpack(len, &bytes).unwrap(), vec![7u8; 4096]);
     // A frame that gives more or less than announced, or is no frame, is refused.
     let err = unpacker.unpack(len - 1, &bytes).unwrap_err();
-    assert!(err.to_string().contains("packed data"), "{err}");
+    assert!(err.to_string().contains("does not unpack"), "{err}");
     let err = unpacker.unpack(len + 1, &bytes).unwrap_err();
     assert!(err.to_string().contains("not the 4097"), "{err}");
     assert!(unpacker.unpack(len, b"not zstd at all").is_err());
-    // A packed length beyond a chunk is refused as it arrives.
+    // A packed length beyond a chunk, or none, is refused before anything is unpacked.
     let too_long = Message::SyncDataPacked {
         len: SYNC_CHUNK_LEN as u32 + 1,
         bytes: bytes.clone(),
     };
-    let err = super::pipeline::chunk_of(too_long).err().unwrap();
+    let err = chunk_of(too_long, &mut unpacker).err().unwrap();
     assert!(err.to_string().contains("at most"), "{err}");
-    assert!(super::pipeline::chunk_of(Message::SyncDataPacked { len: 0, bytes }).is_err());
+    assert!(chunk_of(Message::SyncDataPacked { len: 0, bytes }, &mut unpacker).is_err());
 }
 
 #[test]
@@ -514,6 +523,7 @@ async fn answers_are_read_ahead_in_plan_order_and_an_oversized_one_is_refused() 
     let mut pipeline = Pipeline {
         upcoming,
         ahead: VecDeque::new(),
+        unpacker: Unpacker::default(),
     };
     pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
     assert_eq!(pipeline.read_ahead_next(), Some(3));
@@ -551,6 +561,7 @@ async fn files_over_a_mebibyte_are_not_read_ahead() {
         }]
         .into(),
         ahead: VecDeque::new(),
+        unpacker: Unpacker::default(),
     };
     pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
     assert_eq!(pipeline.ahead.len(), 1, "requested ahead");
