@@ -328,6 +328,38 @@ pub fn hash_file_parts<E: From<TreeError>>(
         .ok_or(TreeError::Changed { expected: len })?)
 }
 
+/// The values of part `part` of the first `len` bytes of `file` (blocks `part * PART_CVS`
+/// onwards, at most [`PART_CVS`]), read and hashed now: a list too long to hold, taken from
+/// the file a part at a time. Empty beyond the last part.
+pub fn hash_part(
+    file: &File,
+    len: u64,
+    block_size: BlockSize,
+    part: u64,
+) -> Result<Vec<Cv>, TreeError> {
+    let first = part.saturating_mul(PART_CVS as u64);
+    let count = block_size
+        .blocks_for(len)
+        .saturating_sub(first)
+        .min(PART_CVS as u64);
+    let bs = block_size.get();
+    let end = len.min((first + count) * bs);
+    // A stripe read at a time, its blocks hashed from the buffer.
+    let mut buf = vec![0u8; STRIPE_LEN as usize];
+    let mut cvs = Vec::with_capacity(count as usize);
+    let mut offset = first * bs;
+    while offset < end {
+        let want = STRIPE_LEN.min(end - offset) as usize;
+        read_exact_at(file, &mut buf[..want], offset, len)?;
+        for block in buf[..want].chunks(bs as usize) {
+            let index = first + cvs.len() as u64;
+            cvs.push(block_cv(block, index, block_size));
+        }
+        offset += want as u64;
+    }
+    Ok(cvs)
+}
+
 /// Hashes the given stripes (stripe index, that stripe's block slots) with one buffer.
 fn hash_stripes(
     file: &File,
@@ -460,6 +492,26 @@ mod tests {
             matches!(err, TreeError::Changed { expected: 20_000 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_list_taken_a_part_at_a_time_is_the_whole_lists_parts() {
+        let bs = BlockSize::new(1024).unwrap();
+        // Two whole parts and a short third ending in a short block.
+        let len = 2 * PART_CVS * 1024 + 5 * 1024 + 100;
+        let bytes = data(len, 9);
+        let file = file_with(&bytes);
+        let whole = hash_file(&file, len as u64, bs).unwrap().blocks;
+        let mut parts = Vec::new();
+        for part in 0..4 {
+            parts.push(hash_part(&file, len as u64, bs, part).unwrap());
+        }
+        assert_eq!(parts[0], whole[..PART_CVS]);
+        assert_eq!(parts[1], whole[PART_CVS..2 * PART_CVS]);
+        assert_eq!(parts[2], whole[2 * PART_CVS..]);
+        assert!(parts[3].is_empty(), "nothing beyond the last part");
+        // Shorter than announced: changed, not garbage.
+        assert!(hash_part(&file, len as u64 + 4096, bs, 2).is_err());
     }
 
     #[test]

@@ -731,16 +731,31 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_killed_mid_file_is_resumed_from_what_reached_the_disk() {
+    resumed_after_a_hard_stop(3_000_000, 2 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_partial_is_resumed_from_a_list_hashed_a_part_at_a_time() {
+    // 66 MiB kept: more blocks than one part of a list holds, so the partial's list is
+    // hashed from the file as the request reads it, never held whole.
+    resumed_after_a_hard_stop(70 << 20, 66 << 20).await;
+}
+
+/// A file of `len` bytes pulled into a receiver where a pull killed with SIGKILL left its
+/// first `kept` bytes, one 4 KiB write in their middle lost: only the rest and the group of
+/// blocks holding the lost write cross, and the file ends whole.
+async fn resumed_after_a_hard_stop(len: usize, kept: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
-    let content = music(3_000_000);
+    let content = music(len);
     write_old(&sender.join("moh/default.wav"), &content);
     // What a pull killed with SIGKILL while fetching the file leaves: its temporary file,
-    // named after the version, with 2 MiB written — of which a block in the middle never
-    // reached the disk (power lost: zeros where data should be).
+    // named after the version, with `kept` bytes written — of which a block in the middle
+    // never reached the disk (power lost: zeros where data should be).
     let hash = blake3::hash(&content);
-    let mut on_disk = content[..2 << 20].to_vec();
-    on_disk[(1 << 20)..(1 << 20) + 4096].fill(0);
+    let mut on_disk = content[..kept].to_vec();
+    let lost = kept / 2 / 4096 * 4096;
+    on_disk[lost..lost + 4096].fill(0);
     fs::create_dir_all(receiver.join("moh")).unwrap();
     let temp = receiver.join("moh").join(format!(
         "{}{}.4242.7.default.wav",
@@ -764,14 +779,17 @@ async fn a_pull_killed_mid_file_is_resumed_from_what_reached_the_disk() {
     assert_eq!(report.executed.resumed, 1, "{report:?}");
     let block = lbs_sync::BlockSize::DEFAULT.get();
     let moved = report.executed.fetched_bytes;
-    // The tail after the 2 MiB, and the group of 16 blocks holding the lost write (a grown
-    // file's middle is compared by groups; see the recording test above).
+    // The tail after what was kept, and the group of 16 blocks holding the lost write (a
+    // grown file's middle is compared by groups; see the recording test above).
     assert!(
-        moved <= content.len() as u64 - (2 << 20) + 16 * block + block,
+        moved <= (content.len() - kept) as u64 + 16 * block + block,
         "moved {moved} bytes of {}",
         content.len()
     );
-    assert_eq!(fs::read(receiver.join("moh/default.wav")).unwrap(), content);
+    assert!(
+        fs::read(receiver.join("moh/default.wav")).unwrap() == content,
+        "the file ends whole"
+    );
     assert!(!temp.exists() && !other.exists());
     assert!(
         !receiver

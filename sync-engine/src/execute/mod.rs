@@ -352,6 +352,40 @@ fn run(
 }
 
 /// One file to fetch.
+/// The block list of a kept partial: held when it fits in a part, else hashed from the file a
+/// part at a time as the request reads it (a partial of a huge recording is not held whole).
+fn partial_list(file: &std::fs::File) -> Option<BlockList> {
+    use crate::tree::{BlockSize, PART_CVS};
+    let len = file.metadata().ok()?.len();
+    let block_size = BlockSize::DEFAULT;
+    let count = block_size.blocks_for(len);
+    if count <= PART_CVS as u64 {
+        let tree = crate::tree::hash_file(file, len, block_size).ok()?;
+        return Some(BlockList::from(tree.blocks));
+    }
+    let parts = PartialParts {
+        file: file.try_clone().ok()?,
+        len,
+    };
+    Some(BlockList::Stored {
+        parts: std::sync::Arc::new(parts),
+        count,
+    })
+}
+
+/// A partial's list, hashed from the file as each part is read.
+struct PartialParts {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl crate::index::StoredParts for PartialParts {
+    fn part(&self, n: u64) -> Option<Vec<crate::tree::Cv>> {
+        let block_size = crate::tree::BlockSize::DEFAULT;
+        crate::tree::hash_part(&self.file, self.len, block_size, n).ok()
+    }
+}
+
 struct Job<'a> {
     path: &'a RelPath,
     size: u64,
@@ -370,17 +404,12 @@ fn receive(
     group: &mut Group,
 ) -> Result<(), ApplyError> {
     // An interrupted earlier pull may have left part of this very version: resume from it.
-    let partial = root.open_partial(job.path, job.expected).and_then(|file| {
-        let len = file.metadata().ok()?.len();
-        let tree = crate::tree::hash_file(&file, len, crate::tree::BlockSize::DEFAULT).ok()?;
-        Some((file, tree))
-    });
+    let partial = root
+        .open_partial(job.path, job.expected)
+        .and_then(|file| partial_list(&file).map(|list| (file, list)));
     let resuming = partial.is_some();
     let (basis, partial) = match partial {
-        Some((file, tree)) => (
-            Some((tree.block_size, BlockList::from(tree.blocks))),
-            Some(file),
-        ),
+        Some((file, list)) => (Some((crate::tree::BlockSize::DEFAULT, list)), Some(file)),
         None => (
             known.as_ref().map(|k| (k.block_size, k.blocks.clone())),
             None,
