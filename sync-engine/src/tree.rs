@@ -286,9 +286,6 @@ pub fn hash_file_parts<E: From<TreeError>>(
         return Ok(blake3::hash(&data));
     }
     let n_blocks = block_size.blocks_for(len);
-    // A power of two of at most 1,024: parts are whole stripes.
-    let blocks_per_stripe = (STRIPE_LEN / block_size.get()) as usize;
-    let threads = if len >= PARALLEL_MIN_LEN { 2 } else { 1 };
     let mut root = RootBuilder::default();
     let mut cvs: Vec<Cv> = Vec::with_capacity(PART_CVS);
     let mut first = 0u64;
@@ -296,27 +293,7 @@ pub fn hash_file_parts<E: From<TreeError>>(
         let count = (n_blocks - first).min(PART_CVS as u64) as usize;
         cvs.clear();
         cvs.resize(count, [0u8; 32]);
-        let first_stripe = (first / blocks_per_stripe as u64) as usize;
-        let mut stripes: Vec<(usize, &mut [Cv])> = cvs
-            .chunks_mut(blocks_per_stripe)
-            .enumerate()
-            .map(|(i, slots)| (first_stripe + i, slots))
-            .collect();
-        if threads == 1 {
-            hash_stripes(file, len, block_size, &mut stripes)?;
-        } else {
-            let (mut even, mut odd): (Vec<_>, Vec<_>) =
-                stripes.drain(..).partition(|(idx, _)| idx % 2 == 0);
-            std::thread::scope(|scope| {
-                let helper = scope.spawn(|| hash_stripes(file, len, block_size, &mut odd));
-                let mine = hash_stripes(file, len, block_size, &mut even);
-                // A panic in the helper is a bug in this module; surface it as one.
-                let theirs = helper
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                mine.and(theirs)
-            })?;
-        }
+        hash_blocks_into(file, len, block_size, first, &mut cvs)?;
         for cv in &cvs {
             root.push(*cv);
         }
@@ -342,22 +319,43 @@ pub fn hash_part(
         .blocks_for(len)
         .saturating_sub(first)
         .min(PART_CVS as u64);
-    let bs = block_size.get();
-    let end = len.min((first + count) * bs);
-    // A stripe read at a time, its blocks hashed from the buffer.
-    let mut buf = vec![0u8; STRIPE_LEN as usize];
-    let mut cvs = Vec::with_capacity(count as usize);
-    let mut offset = first * bs;
-    while offset < end {
-        let want = STRIPE_LEN.min(end - offset) as usize;
-        read_exact_at(file, &mut buf[..want], offset, len)?;
-        for block in buf[..want].chunks(bs as usize) {
-            let index = first + cvs.len() as u64;
-            cvs.push(block_cv(block, index, block_size));
-        }
-        offset += want as u64;
-    }
+    let mut cvs = vec![[0u8; 32]; count as usize];
+    hash_blocks_into(file, len, block_size, first, &mut cvs)?;
     Ok(cvs)
+}
+
+/// Fills `cvs` with the values of blocks `first..` of the first `len` bytes of `file`, where
+/// `first` starts a part (so the blocks are whole stripes but maybe the file's last), reading
+/// the stripes on two threads in a large file.
+fn hash_blocks_into(
+    file: &File,
+    len: u64,
+    block_size: BlockSize,
+    first: u64,
+    cvs: &mut [Cv],
+) -> Result<(), TreeError> {
+    // A power of two of at most 1,024: parts are whole stripes.
+    let blocks_per_stripe = (STRIPE_LEN / block_size.get()) as usize;
+    let first_stripe = (first / blocks_per_stripe as u64) as usize;
+    let mut stripes: Vec<(usize, &mut [Cv])> = cvs
+        .chunks_mut(blocks_per_stripe)
+        .enumerate()
+        .map(|(i, slots)| (first_stripe + i, slots))
+        .collect();
+    if len < PARALLEL_MIN_LEN {
+        return hash_stripes(file, len, block_size, &mut stripes);
+    }
+    let (mut even, mut odd): (Vec<_>, Vec<_>) =
+        stripes.drain(..).partition(|(idx, _)| idx % 2 == 0);
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(|| hash_stripes(file, len, block_size, &mut odd));
+        let mine = hash_stripes(file, len, block_size, &mut even);
+        // A panic in the helper is a bug in this module; surface it as one.
+        let theirs = helper
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        mine.and(theirs)
+    })
 }
 
 /// Hashes the given stripes (stripe index, that stripe's block slots) with one buffer.

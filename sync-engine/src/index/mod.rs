@@ -449,6 +449,15 @@ impl Batch<'_> {
         }
     }
 
+    /// Runs one (cached) statement of the batch.
+    fn run(&self, sql: &str, params: impl rusqlite::Params) -> Result<(), IndexError> {
+        self.tx
+            .prepare_cached(sql)
+            .and_then(|mut statement| statement.execute(params))
+            .map(drop)
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// Records an entry; for files with fresh hashes, also their per-block values.
     pub fn put(&self, entry: &Entry, blocks: Option<(BlockSize, &[Cv])>) -> Result<(), IndexError> {
         self.put_entry(entry, blocks.map(|(size, _)| size))?;
@@ -467,12 +476,10 @@ impl Batch<'_> {
         if part == 0 {
             self.drop_staged(path)?;
         }
-        self.tx
-            .prepare_cached("INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)")
-            .map_err(|e| self.sqlite(e))?
-            .execute(params![staged_key(path), part as i64, cvs.as_flattened()])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+        self.run(
+            "INSERT INTO blocks (path, part, cvs) VALUES (?1, ?2, ?3)",
+            params![staged_key(path), part as i64, cvs.as_flattened()],
+        )
     }
 
     /// Part `part` of the list staged for `path`, if there is one.
@@ -484,22 +491,15 @@ impl Batch<'_> {
     pub fn commit_staged(&self, entry: &Entry, block_size: BlockSize) -> Result<(), IndexError> {
         self.put_entry(entry, Some(block_size))?;
         self.truncate_parts(&entry.path, 0)?;
-        self.tx
-            .prepare_cached("UPDATE blocks SET path = ?1 WHERE path = ?2")
-            .map_err(|e| self.sqlite(e))?
-            .execute(params![entry.path.as_bytes(), staged_key(&entry.path)])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+        self.run(
+            "UPDATE blocks SET path = ?1 WHERE path = ?2",
+            params![entry.path.as_bytes(), staged_key(&entry.path)],
+        )
     }
 
     /// Forgets a staged list; the current one stays.
     pub fn drop_staged(&self, path: &RelPath) -> Result<(), IndexError> {
-        self.tx
-            .prepare_cached("DELETE FROM blocks WHERE path = ?1")
-            .map_err(|e| self.sqlite(e))?
-            .execute([staged_key(path)])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+        self.run("DELETE FROM blocks WHERE path = ?1", [staged_key(path)])
     }
 
     /// The block size of the list stored for `path`, if it has one.
@@ -509,12 +509,10 @@ impl Batch<'_> {
 
     /// Forgets the parts of a file's block list from `from` on.
     pub fn truncate_parts(&self, path: &RelPath, from: u64) -> Result<(), IndexError> {
-        self.tx
-            .prepare_cached("DELETE FROM blocks WHERE path = ?1 AND part >= ?2")
-            .map_err(|e| self.sqlite(e))?
-            .execute(params![path.as_bytes(), from as i64])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+        self.run(
+            "DELETE FROM blocks WHERE path = ?1 AND part >= ?2",
+            params![path.as_bytes(), from as i64],
+        )
     }
 
     /// One part of a file's block list, as of before this batch's writes to it.
@@ -534,15 +532,12 @@ impl Batch<'_> {
             None => (None, false),
         };
         let block_size = block_size.map(BlockSize::get);
-        self.tx
-            .prepare_cached(
-                "INSERT OR REPLACE INTO entries
+        self.run(
+            "INSERT OR REPLACE INTO entries
                  (path, kind, link_target, size, mtime_ns, ctime_ns, inode, mode, uid, gid,
                   owner, grp, blake3, racy, block_size)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            )
-            .map_err(|e| self.sqlite(e))?
-            .execute(params![
+            params![
                 entry.path.as_bytes(),
                 entry.kind.code(),
                 link_target,
@@ -558,20 +553,16 @@ impl Batch<'_> {
                 root,
                 racy,
                 block_size.map(|b| b as i64),
-            ])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+            ],
+        )
     }
 
     /// Updates only the metadata of an entry whose content is unchanged.
     pub fn put_meta(&self, path: &RelPath, meta: &Meta) -> Result<(), IndexError> {
-        self.tx
-            .prepare_cached(
-                "UPDATE entries SET size = ?2, mtime_ns = ?3, ctime_ns = ?4, inode = ?5,
+        self.run(
+            "UPDATE entries SET size = ?2, mtime_ns = ?3, ctime_ns = ?4, inode = ?5,
                  mode = ?6, uid = ?7, gid = ?8, owner = ?9, grp = ?10 WHERE path = ?1",
-            )
-            .map_err(|e| self.sqlite(e))?
-            .execute(params![
+            params![
                 path.as_bytes(),
                 meta.size as i64,
                 meta.mtime_ns,
@@ -582,18 +573,13 @@ impl Batch<'_> {
                 meta.gid,
                 meta.owner,
                 meta.group,
-            ])
-            .map_err(|e| self.sqlite(e))?;
-        Ok(())
+            ],
+        )
     }
 
     /// Forgets an entry.
     pub fn remove(&self, path: &RelPath) -> Result<(), IndexError> {
-        self.tx
-            .prepare_cached("DELETE FROM entries WHERE path = ?1")
-            .map_err(|e| self.sqlite(e))?
-            .execute([path.as_bytes()])
-            .map_err(|e| self.sqlite(e))?;
+        self.run("DELETE FROM entries WHERE path = ?1", [path.as_bytes()])?;
         self.truncate_parts(path, 0)
     }
 

@@ -61,28 +61,18 @@ pub(super) async fn send_files<S: AsyncRead + AsyncWrite + Unpin>(
         let (files, index) = (files.clone(), index.clone());
         tokio::task::spawn_blocking(move || read_batches(&files, &index, paths, peer, &batches))
     };
-    let mut sent = Ok(());
-    while let Some(batch) = read.recv().await {
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(err) => {
-                sent = Err(err);
-                break;
-            }
-        };
-        for (path, read) in batch {
-            sent = match read {
-                Some(small) => send_small(conn, generation, path, small).await,
-                None => send_file(conn, generation, files, index, path, peer).await,
-            };
-            if sent.is_err() {
-                break;
+    let sent = async {
+        while let Some(batch) = read.recv().await {
+            for (path, read) in batch? {
+                match read {
+                    Some(small) => send_small(conn, generation, path, small).await?,
+                    None => send_file(conn, generation, files, index, path, peer).await?,
+                }
             }
         }
-        if sent.is_err() {
-            break;
-        }
+        Ok::<(), SessionError>(())
     }
+    .await;
     // On an error the reader stops at its next sub-batch (its channel is gone).
     drop(read);
     blocking_join(reader.await)?;
@@ -378,7 +368,7 @@ const PACK_MIN: usize = 512;
 pub(super) struct Packer {
     /// Whether the receiver unpacks.
     packed: bool,
-    /// Whether the current file is packed at all.
+    /// Whether the current file is packed at all (the receiver unpacks and it is listed).
     on: bool,
     /// Chunks of the current file that did not pack.
     misses: u32,
@@ -401,9 +391,10 @@ impl Packer {
         }
     }
 
-    /// The next file's chunks follow; `on`: whether they may be packed.
-    pub(super) fn next_file(&mut self, on: bool) {
-        self.on = on;
+    /// The next file's chunks follow; `listed`: whether its index listed it (one that was
+    /// not is hashed as it is sent, from the bytes as they are).
+    pub(super) fn next_file(&mut self, listed: bool) {
+        self.on = self.packed && listed;
         self.misses = 0;
     }
 
@@ -412,7 +403,7 @@ impl Packer {
         let Piece::Data(bytes) = piece else {
             return piece;
         };
-        let tried = self.packed && self.on && self.misses < PACK_TRIES && bytes.len() >= PACK_MIN;
+        let tried = self.on && self.misses < PACK_TRIES && bytes.len() >= PACK_MIN;
         let Some(len) = tried.then(|| u32::try_from(bytes.len()).ok()).flatten() else {
             return Piece::Data(bytes);
         };
