@@ -107,10 +107,16 @@ pub fn seconds(duration: Duration) -> String {
 
 /// What building the workspace needs besides Rust: every command that installs packages
 /// builds afterwards, so [`ensure_packages`] always adds these.
-pub const BUILD_PACKAGES: &[(&str, &str)] = &[(
-    "protobuf-compiler",
-    "protoc, with which the etcd-client crate generates its gRPC code (the data center's etcd store)",
-)];
+pub const BUILD_PACKAGES: &[(&str, &str)] = &[
+    (
+        "protobuf-compiler",
+        "protoc, with which the etcd-client crate generates its gRPC code (the data center's etcd store)",
+    ),
+    (
+        "libprotobuf-dev",
+        "protobuf's own .proto files (descriptor.proto, struct.proto) that etcd's protos import; only a recommendation of protobuf-compiler, which we install without",
+    ),
+];
 
 /// Installs the missing Debian `packages` (name, what for), and [`BUILD_PACKAGES`], with
 /// apt-get when we are root on Debian; otherwise says what to install and returns the names
