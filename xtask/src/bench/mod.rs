@@ -410,10 +410,15 @@ struct Case<'a> {
     title: String,
     target: &'a Target,
     /// Whether the receiver starts empty (no tree, no index) in every run. Both tools then
-    /// copy into new sibling directories (`fresh/lbs-<run>`, `fresh/rsync-<run>` in rsync's
-    /// module), removed only after the case: this disk's ext4 has no journal and skips
-    /// recently freed inodes when it allocates, so deleting a tree just before a run would slow
-    /// down whichever tool creates files next.
+    /// copy into new directories of rsync's `fresh` module (`lbs-<run>`, `rsync-<run>`), and
+    /// each tool's copy (and lbs's state) is removed right after its run. Kept until the end
+    /// of the case, every run's copy had to be held in page cache the guest had never touched:
+    /// on this virtual machine the host backs such memory at first touch, and runs slowed by
+    /// 0.3–0.45 s each from the third or fourth copy of the prompt tree on, both tools alike
+    /// (0.39 → 0.82 s for rsync, 0.57 → 0.89 s for lbs, by hand; with 13 GiB touched once
+    /// beforehand, or with each copy removed, neither slowed). That flattened the ratio of a
+    /// fresh machine's first run towards 1. The trees live on the journaled image
+    /// ([`TreeFs`]), where removing a tree does not slow the next one's creation.
     fresh_receiver: bool,
     /// A file that grows during the run (and its length when the run starts): the copy must
     /// be its beginning, at least that long, instead of the trees verifying equal.
@@ -612,12 +617,24 @@ impl Bench {
                     )
                     .context("after the pull, lbs sync verify finds the trees differ")?;
                 }
+                if case.fresh_receiver {
+                    remove_all(&dst)?;
+                    remove_all(&state)?;
+                }
+                Ok(sample)
+            };
+            // rsync's copies in `fresh` go as soon as they are timed (see `Case::fresh_receiver`).
+            let rsync_run = |args: &[String], run: &str| -> anyhow::Result<Sample> {
+                let sample = rsync_run(case, args, rsync, run)?;
+                if case.fresh_receiver {
+                    remove_all(&fresh.join(format!("rsync-{run}")))?;
+                }
                 Ok(sample)
             };
             let lbs = lbs_run(true, "")?;
             let unsynced = lbs_run(false, "-nofsync")?;
             result.unsynced.push(unsynced);
-            let default = rsync_run(case, &case.rsync_args, rsync, &run.to_string())?;
+            let default = rsync_run(&case.rsync_args, &run.to_string())?;
             println!(
                 "    run {}: lbs {:.3} s {} B (no fsync {:.3} s) | rsync {:.3} s {} B",
                 run + 1,
@@ -631,7 +648,7 @@ impl Bench {
             result.rsync.push(default);
             if let (Some((label, args)), Some((_, samples))) = (&case.rsync_best, &mut result.best)
             {
-                let best = rsync_run(case, args, rsync, &format!("{run}-best"))?;
+                let best = rsync_run(args, &format!("{run}-best"))?;
                 println!(
                     "           rsync {label}: {:.3} s {} B",
                     best.secs, best.wire_bytes
