@@ -730,6 +730,82 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_place_before_the_connection_broke_are_in_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = dir.path().join("backup");
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    // Three whole files fill more than one group of new files (16 MiB); the fourth breaks off.
+    let names = ["a.wav", "b.wav", "c.wav", "d.wav"];
+    let contents: Vec<Vec<u8>> = (0..4)
+        .map(|n| {
+            let mut content = music(6 << 20);
+            content[0] = n;
+            content
+        })
+        .collect();
+    let (mut fake, mut client) = connections();
+    let sent = contents.clone();
+    let fake = tokio::spawn(async move {
+        expect_digests(&mut fake).await;
+        let entries = names
+            .iter()
+            .zip(&sent)
+            .map(|(name, content)| file_entry(name, content))
+            .collect();
+        say_manifest(&mut fake, entries).await;
+        for content in &sent {
+            assert!(matches!(
+                expect_request(&mut fake).await,
+                Message::SyncFetch { .. }
+            ));
+            let last = content == &sent[3];
+            let upto = if last { 1 << 20 } else { content.len() };
+            for chunk in content[..upto].chunks(256 * 1024) {
+                say(
+                    &mut fake,
+                    Message::SyncData {
+                        bytes: bytes::Bytes::copy_from_slice(chunk),
+                    },
+                )
+                .await;
+            }
+            if last {
+                return;
+            }
+            say(
+                &mut fake,
+                Message::SyncDataEnd {
+                    size: content.len() as u64,
+                    blake3: *blake3::hash(content).as_bytes(),
+                },
+            )
+            .await;
+        }
+    });
+    let index = fresh_index();
+    let err = pull_default(&mut client, &receiver, index.clone(), &trash)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("closed"), "{err}");
+    fake.await.unwrap();
+
+    // The first three are in place and known: the next pass does not read them again.
+    let held = index.lock().unwrap();
+    for (name, content) in names.iter().zip(&contents).take(3) {
+        assert_eq!(&fs::read(receiver.join(name)).unwrap(), content);
+        let entry = held.get(&RelPath::try_from(*name).unwrap()).unwrap();
+        let hash = entry.and_then(|entry| entry.hash).map(|hash| hash.root);
+        assert_eq!(hash, Some(*blake3::hash(content).as_bytes()), "{name}");
+    }
+    assert!(!receiver.join("d.wav").exists());
+    assert_eq!(
+        held.get(&RelPath::try_from("d.wav").unwrap()).unwrap(),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_killed_mid_file_is_resumed_from_what_reached_the_disk() {
     resumed_after_a_hard_stop(3_000_000, 2 << 20).await;
 }

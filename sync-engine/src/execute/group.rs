@@ -6,6 +6,10 @@
 //! reads is either untouched by the plan or read before it is rewritten, and the steps that
 //! need files in place (hard links, directories' metadata, the end) first wait for every
 //! group handed over ([`Group::commit`]).
+//!
+//! Given a [`Record`], the committer also records each group's files in the receiver's index
+//! once they are in place, so that a pull does not do it all after its last byte (5,696 new
+//! files took 33–37 ms there, a core otherwise idle meanwhile).
 
 use std::sync::mpsc;
 
@@ -24,27 +28,54 @@ const GROUP_FILES: usize = 1024;
 /// 0.52 s, with 16 MiB 0.45–0.49 s (8 MiB: no better).
 const GROUP_BYTES: u64 = 16 << 20;
 
-/// What one group's commit gave: the files in place, those that could not be.
-type Committed = Result<(Vec<(RelPath, TreeHash)>, Vec<(RelPath, ApplyError)>), ApplyError>;
+/// Records files just put in place in the receiver's index; false: they were not (nothing of
+/// them was), and the caller records them with the rest of the pass.
+pub type Record<'a> = dyn Fn(&[(RelPath, TreeHash)]) -> bool + Sync + 'a;
+
+/// What one group's commit gave.
+struct Committed {
+    /// The files in place.
+    done: Vec<(RelPath, TreeHash)>,
+    /// Whether `done` is recorded in the index already.
+    recorded: bool,
+    /// The files that could not be put in place.
+    failed: Vec<(RelPath, ApplyError)>,
+}
+
+/// Puts `staged` in place, then records what went in place if it can.
+fn commit_group(
+    root: &Root,
+    record: Option<&Record<'_>>,
+    staged: Vec<Staged>,
+) -> Result<Committed, ApplyError> {
+    let (done, failed) = root.put_in_place(staged)?;
+    let recorded = !done.is_empty() && record.is_some_and(|record| record(&done));
+    Ok(Committed {
+        done,
+        recorded,
+        failed,
+    })
+}
 
 /// The committing thread, as the writer sees it.
 struct Committer {
     groups: mpsc::SyncSender<Vec<Staged>>,
-    results: mpsc::Receiver<Committed>,
+    results: mpsc::Receiver<Result<Committed, ApplyError>>,
     /// Groups handed over whose result has not been read.
     outstanding: usize,
 }
 
 /// Files staged and not yet handed over to be put in place (see [`Root::put_in_place`]).
 #[derive(Default)]
-pub(super) struct Group {
+pub(super) struct Group<'r> {
     pub(super) staged: Vec<Staged>,
     bytes: u64,
     /// Absent: groups are committed on the writing thread.
     committer: Option<Committer>,
+    record: Option<&'r Record<'r>>,
 }
 
-impl Group {
+impl Group<'_> {
     pub(super) fn add(&mut self, staged: Staged) {
         self.bytes += staged.len();
         self.staged.push(staged);
@@ -67,12 +98,12 @@ impl Group {
         self.bytes = 0;
         let staged = std::mem::take(&mut self.staged);
         let Some(committer) = &mut self.committer else {
-            return take_in(root.put_in_place(staged), report);
+            return take_in(commit_group(root, self.record, staged), report);
         };
         if let Err(mpsc::SendError(staged)) = committer.groups.send(staged) {
             // The thread is gone (it cannot be, short of a panic): commit here instead.
             self.committer = None;
-            return take_in(root.put_in_place(staged), report);
+            return take_in(commit_group(root, self.record, staged), report);
         }
         committer.outstanding += 1;
         while let Ok(result) = committer.results.try_recv() {
@@ -107,9 +138,20 @@ impl Group {
 }
 
 /// Records one group's result in `report`; a group that could not be synced is an error.
-fn take_in(result: Committed, report: &mut ExecuteReport) -> Result<(), ApplyError> {
-    let (done, failed) = result?;
-    report.installed.extend(done);
+fn take_in(
+    result: Result<Committed, ApplyError>,
+    report: &mut ExecuteReport,
+) -> Result<(), ApplyError> {
+    let Committed {
+        done,
+        recorded,
+        failed,
+    } = result?;
+    if recorded {
+        report.recorded += done.len() as u64;
+    } else {
+        report.installed.extend(done);
+    }
     for (path, err) in failed {
         report.done = report.done.saturating_sub(1);
         report.deferred.push((path, err.to_string()));
@@ -118,11 +160,13 @@ fn take_in(result: Committed, report: &mut ExecuteReport) -> Result<(), ApplyErr
 }
 
 /// Runs `work` with a [`Group`] whose commits happen on a thread of their own (on the writing
-/// thread if none can be started). Whatever `work` returns, every group handed over is
-/// finished before this returns, and files still staged are removed on an error.
-pub(super) fn with_committer<T>(
-    root: &Root,
-    work: impl FnOnce(&mut Group) -> Result<T, ApplyError>,
+/// thread if none can be started), each group recorded through `record` if given. Whatever
+/// `work` returns, every group handed over is finished before this returns, and files still
+/// staged are removed on an error.
+pub(super) fn with_committer<'r, T>(
+    root: &'r Root,
+    record: Option<&'r Record<'r>>,
+    work: impl FnOnce(&mut Group<'r>) -> Result<T, ApplyError>,
 ) -> Result<T, ApplyError> {
     std::thread::scope(|scope| {
         let (groups, incoming) = mpsc::sync_channel::<Vec<Staged>>(1);
@@ -131,7 +175,7 @@ pub(super) fn with_committer<T>(
             .name("lbs-commit".into())
             .spawn_scoped(scope, move || {
                 for staged in incoming {
-                    if done.send(root.put_in_place(staged)).is_err() {
+                    if done.send(commit_group(root, record, staged)).is_err() {
                         break;
                     }
                 }
@@ -142,6 +186,7 @@ pub(super) fn with_committer<T>(
                 results,
                 outstanding: 0,
             }),
+            record,
             ..Group::default()
         };
         let result = work(&mut group);

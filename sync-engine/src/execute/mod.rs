@@ -21,6 +21,7 @@ use crate::tree::{BlockSize, TreeHash};
 mod group;
 mod receiver;
 
+pub use group::Record;
 use group::{Group, with_committer};
 
 use receiver::{Received, Receiver};
@@ -127,8 +128,11 @@ pub struct ExecuteReport {
     /// Owner or group names unknown on this box (left to the default).
     pub unknown_owners: Vec<String>,
     /// Files written, with the tree hash computed as they were written: the receiver's index
-    /// records them without reading them again.
+    /// records them without reading them again. Those recorded during the run (see
+    /// [`execute_recording`]) are only counted, in `recorded`.
     pub installed: Vec<(RelPath, TreeHash)>,
+    /// Files written and recorded in the receiver's index during the run.
+    pub recorded: u64,
     /// Files patched in place, with what their new block lists are made of.
     pub patched_lists: Vec<(RelPath, PatchedList)>,
 }
@@ -206,7 +210,24 @@ pub fn execute(
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExecuteReport, ApplyError> {
-    with_committer(root, |group| {
+    with_committer(root, None, |group| {
+        run(plan, root, trash, fetcher, old_blocks, on_progress, group)
+    })
+}
+
+/// [`execute`], each group of new files recorded through `record` as soon as it is in place
+/// (on the committing thread, while the next group is written), instead of all of them in
+/// [`ExecuteReport::installed`] for after the run.
+pub fn execute_recording(
+    plan: &Plan,
+    root: &Root,
+    trash: Option<&Root>,
+    fetcher: &mut dyn Fetcher,
+    old_blocks: &OldBlocks<'_>,
+    on_progress: &mut dyn FnMut(&Progress),
+    record: &Record<'_>,
+) -> Result<ExecuteReport, ApplyError> {
+    with_committer(root, Some(record), |group| {
         run(plan, root, trash, fetcher, old_blocks, on_progress, group)
     })
 }
@@ -227,7 +248,7 @@ fn run(
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
-    group: &mut Group,
+    group: &mut Group<'_>,
 ) -> Result<ExecuteReport, ApplyError> {
     let mut report = ExecuteReport::default();
     let mut ids = Ids {
@@ -401,7 +422,7 @@ fn receive(
     job: &Job<'_>,
     known: Option<Known>,
     report: &mut ExecuteReport,
-    group: &mut Group,
+    group: &mut Group<'_>,
 ) -> Result<(), ApplyError> {
     // An interrupted earlier pull may have left part of this very version: resume from it.
     let partial = root

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::apply::{ApplyError, Durability, Root};
-use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, execute, manifest_entry};
+use crate::execute::{ExecuteReport, Fetcher, Progress, Sink, manifest_entry};
 use crate::index::BlockList;
 use crate::index::{Index, IndexError};
 use crate::journal::{Recovery, recover};

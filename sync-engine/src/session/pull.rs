@@ -4,8 +4,9 @@
 use super::pipeline::{AHEAD_MAX_BLOCKS, PROGRESS_EVERY, Pipeline, Planned, Unpacker, forward};
 use super::ready::Ready;
 use super::*;
+use crate::execute::execute_recording;
 use crate::index::{EntryKind, Known};
-use crate::tree::PART_CVS;
+use crate::tree::{PART_CVS, TreeHash};
 
 /// The receiver's fetcher: takes a file's answer from what was read ahead, or asks the async
 /// side for it, and hands it to the writing side's sink.
@@ -280,8 +281,17 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let summary = plan.summary;
     let worker_index = index.clone();
     let progress_tx = progress.clone();
+    let record_index = index.clone();
+    let record_root = root.to_owned();
     let worker = tokio::task::spawn_blocking(move || {
         let old_blocks = |path: &RelPath| known_of(&worker_index, path);
+        // Each group of new files is recorded as soon as it is in place; a group that cannot
+        // be (its transaction rolled back) is recorded with the rest after the run.
+        let record = |done: &[(RelPath, TreeHash)]| {
+            record_index.lock().is_ok_and(|mut held| {
+                crate::scan::record_installed(&record_root, &mut held, done, &[]).is_ok()
+            })
+        };
         let mut notified: Option<Instant> = None;
         let mut on_progress = |now: &Progress| {
             if let Some(progress) = &progress {
@@ -298,7 +308,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
         };
-        execute(
+        execute_recording(
             &plan,
             &files,
             batch.as_ref(),
@@ -308,6 +318,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             },
             &old_blocks,
             &mut on_progress,
+            &record,
         )
     });
     let mut connection_error = None;
@@ -394,7 +405,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(err);
     }
     let mut executed = executed?;
-    // What was just written is known: record it so the next pass does not read it again.
+    // What was just written and not recorded yet is known: record it so the next pass does
+    // not read it again.
     let installed = std::mem::take(&mut executed.installed);
     let patched = std::mem::take(&mut executed.patched_lists);
     let record_root = root.to_owned();
