@@ -107,7 +107,19 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 
 impl From<FrameError> for SessionError {
     fn from(err: FrameError) -> SessionError {
-        SessionError::Frame(err)
+        match &err {
+            FrameError::Io(io) => match io.kind() {
+                // rustls's own words for it end in a link to its manual.
+                std::io::ErrorKind::UnexpectedEof => {
+                    SessionError::Lost("it hung up without ending the session")
+                }
+                std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted => SessionError::Lost("it was reset"),
+                _ => SessionError::Frame(err),
+            },
+            _ => SessionError::Frame(err),
+        }
     }
 }
 
@@ -128,6 +140,13 @@ pub enum SessionError {
     /// The peer hung up in the middle.
     #[error("the peer closed the connection during {0}")]
     Closed(&'static str),
+    /// The connection broke under the session (how, in the text): the peer stopped or the
+    /// link went down.
+    #[error(
+        "the connection to the peer broke ({0}): the peer stopped or the link went down; \
+         the next pass goes on from what is already in place"
+    )]
+    Lost(&'static str),
     /// The peer sent something that does not belong here.
     #[error("the peer sent {got} during {during}")]
     Unexpected {
