@@ -269,6 +269,15 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         plan.trashed,
         trash_dir.display()
     );
+    let packed = report.packed;
+    if packed.data > 0 {
+        lbs_host::say!(
+            "packed with zstd: {:.1} MiB of file data crossed as {:.1} MiB ({:.1}% smaller)",
+            mib(packed.data),
+            mib(packed.packed),
+            100.0 * (1.0 - packed.packed as f64 / packed.data as f64)
+        );
+    }
     if report.executed.patched > 0 {
         lbs_host::say!(
             "{} large file(s) patched in place (changed blocks only, journalled)",

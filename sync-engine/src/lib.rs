@@ -50,6 +50,6 @@ pub use index::{
 pub use journal::{JOURNAL_NAME, Patch, PatchError, Recovery, Sealed, recover};
 pub use plan::{Action, Basis, Plan, PlanError, PlanSummary, Source, plan, plan_with_links};
 pub use scan::{ScanError, ScanOptions, ScanReport, record_installed, scan, scan_from};
-pub use session::{PullOptions, PullReport, SenderSkipped, SessionError, pull, serve};
+pub use session::{PackedData, PullOptions, PullReport, SenderSkipped, SessionError, pull, serve};
 pub use trash::Trash;
 pub use tree::{BlockSize, Cv, TreeError, TreeHash, block_cv, hash_file, root_from_blocks};

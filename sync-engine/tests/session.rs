@@ -730,6 +730,36 @@ async fn an_interrupted_transfer_resumes_from_what_was_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_packing_saved_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    let dialplan = dialplan(0..20_000).into_bytes();
+    write_old(&sender.join("extensions.conf"), &dialplan);
+    // Noise does not pack: it crosses as it is and is not counted.
+    let mut noise = vec![0u8; 300_000];
+    blake3::Hasher::new().finalize_xof().fill(&mut noise);
+    write_old(&sender.join("moh.wav"), &noise);
+    fs::create_dir_all(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let (server, mut client) = start_primary(&sender);
+    let report = pull_default(&mut client, &receiver, fresh_index(), &trash)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    assert_eq!(
+        fs::read(receiver.join("extensions.conf")).unwrap(),
+        dialplan
+    );
+    assert_eq!(fs::read(receiver.join("moh.wav")).unwrap(), noise);
+    let packed = report.packed;
+    assert_eq!(packed.data, dialplan.len() as u64, "{packed:?}");
+    assert!(
+        packed.packed > 0 && packed.packed < packed.data / 4,
+        "{packed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_in_place_before_the_connection_broke_are_in_the_index() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = dir.path().join("backup");

@@ -217,6 +217,17 @@ pub struct PullReport {
     pub recovery: Option<Recovery>,
     /// What the sender did not sync, and why (empty from a sender older than protocol 1.6).
     pub sender_skipped: SenderSkipped,
+    /// File data that came packed (from a sender of protocol 1.11), and its size packed.
+    pub packed: PackedData,
+}
+
+/// File data that crossed packed with zstd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackedData {
+    /// Bytes of file content that came packed.
+    pub data: u64,
+    /// What those bytes took packed (frames' payloads, before TLS).
+    pub packed: u64,
 }
 
 /// Sends a message and flushes it (with anything queued before it).

@@ -253,6 +253,8 @@ pub(super) fn chunk_of(message: Message, unpacker: &mut Unpacker) -> Result<Chun
 pub(super) struct Unpacker {
     /// Started at the first packed chunk.
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// What the chunks unpacked so far held, and what they took packed.
+    pub(super) packed: PackedData,
 }
 
 impl Unpacker {
@@ -282,6 +284,8 @@ impl Unpacker {
                 "that gave {got} bytes, not the {len} announced"
             )));
         }
+        self.packed.data += len as u64;
+        self.packed.packed += packed.len() as u64;
         Ok(out)
     }
 }

@@ -435,6 +435,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         elapsed: started.elapsed(),
         recovery: (recovery != Recovery::Clean).then_some(recovery),
         sender_skipped,
+        packed: pipeline.unpacker.packed,
     })
 }
 

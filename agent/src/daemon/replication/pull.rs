@@ -195,6 +195,8 @@ pub(crate) async fn pull_sets(shared: Arc<Shared>, stop: CancellationToken) -> a
                         set = set.name,
                         files = fetched,
                         bytes = report.executed.fetched_bytes,
+                        packed_from = report.packed.data,
+                        packed_to = report.packed.packed,
                         ms = took,
                         "pulled"
                     );
