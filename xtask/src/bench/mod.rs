@@ -412,13 +412,16 @@ struct Case<'a> {
     /// Whether the receiver starts empty (no tree, no index) in every run. Both tools then
     /// copy into new directories of rsync's `fresh` module (`lbs-<run>`, `rsync-<run>`), and
     /// each tool's copy (and lbs's state) is removed right after its run. Kept until the end
-    /// of the case, every run's copy had to be held in page cache the guest had never touched:
-    /// on this virtual machine the host backs such memory at first touch, and runs slowed by
-    /// 0.3–0.45 s each from the third or fourth copy of the prompt tree on, both tools alike
-    /// (0.39 → 0.82 s for rsync, 0.57 → 0.89 s for lbs, by hand; with 13 GiB touched once
-    /// beforehand, or with each copy removed, neither slowed). That flattened the ratio of a
-    /// fresh machine's first run towards 1. The trees live on the journaled image
-    /// ([`TreeFs`]), where removing a tree does not slow the next one's creation.
+    /// of the case, every run's copy had to be held in page cache the host was not backing:
+    /// this virtual machine hands free memory back to its host (virtio-balloon free page
+    /// reporting, 2 MiB blocks) and the host backs it again only when it is touched, so runs
+    /// slowed by 0.3–0.45 s each from the third or fourth copy of the prompt tree on, both
+    /// tools alike (0.39 → 0.82 s for rsync, 0.57 → 0.89 s for lbs, by hand; with 13 GiB
+    /// touched just before, or with each copy removed, neither slowed). That flattened the
+    /// ratio towards 1. A removed copy's pages are reused by the next run before they are
+    /// handed back; touching memory once at the start does not last (tried: the floors'
+    /// page-cache read fell from 5.5 to 1.4 GiB/s after it). The trees live on the journaled
+    /// image ([`TreeFs`]), where removing a tree does not slow the next one's creation.
     fresh_receiver: bool,
     /// A file that grows during the run (and its length when the run starts): the copy must
     /// be its beginning, at least that long, instead of the trees verifying equal.
