@@ -665,20 +665,20 @@ fn half_sender(
             expect_request(&mut conn).await,
             Message::SyncFetch { .. }
         ));
-        for chunk in content[..sent].chunks(256 * 1024) {
-            say(
-                &mut conn,
-                Message::SyncData {
-                    bytes: bytes::Bytes::copy_from_slice(chunk),
-                },
-            )
-            .await;
-        }
+        say_data(&mut conn, &content[..sent]).await;
         if !hang_up {
             // Stall: the receiver must be able to give up on its own.
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
     })
+}
+
+/// Sends `content` as a sender's data chunks (at most 256 KiB each).
+async fn say_data(conn: &mut Conn, content: &[u8]) {
+    for chunk in content.chunks(256 * 1024) {
+        let bytes = bytes::Bytes::copy_from_slice(chunk);
+        say(conn, Message::SyncData { bytes }).await;
+    }
 }
 
 fn music(len: usize) -> Vec<u8> {
@@ -791,15 +791,7 @@ async fn files_in_place_before_the_connection_broke_are_in_the_index() {
             ));
             let last = content == &sent[3];
             let upto = if last { 1 << 20 } else { content.len() };
-            for chunk in content[..upto].chunks(256 * 1024) {
-                say(
-                    &mut fake,
-                    Message::SyncData {
-                        bytes: bytes::Bytes::copy_from_slice(chunk),
-                    },
-                )
-                .await;
-            }
+            say_data(&mut fake, &content[..upto]).await;
             if last {
                 return;
             }

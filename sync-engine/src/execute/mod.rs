@@ -210,14 +210,12 @@ pub fn execute(
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ExecuteReport, ApplyError> {
-    with_committer(root, None, |group| {
-        run(plan, root, trash, fetcher, old_blocks, on_progress, group)
-    })
+    execute_recording(plan, root, trash, fetcher, old_blocks, on_progress, None)
 }
 
-/// [`execute`], each group of new files recorded through `record` as soon as it is in place
-/// (on the committing thread, while the next group is written), instead of all of them in
-/// [`ExecuteReport::installed`] for after the run.
+/// [`execute`], each group of new files recorded through `record` (when given) as soon as it
+/// is in place (on the committing thread, while the next group is written), instead of all of
+/// them in [`ExecuteReport::installed`] for after the run.
 pub fn execute_recording(
     plan: &Plan,
     root: &Root,
@@ -225,9 +223,9 @@ pub fn execute_recording(
     fetcher: &mut dyn Fetcher,
     old_blocks: &OldBlocks<'_>,
     on_progress: &mut dyn FnMut(&Progress),
-    record: &Record<'_>,
+    record: Option<&Record<'_>>,
 ) -> Result<ExecuteReport, ApplyError> {
-    with_committer(root, Some(record), |group| {
+    with_committer(root, record, |group| {
         run(plan, root, trash, fetcher, old_blocks, on_progress, group)
     })
 }

@@ -318,7 +318,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             },
             &old_blocks,
             &mut on_progress,
-            &record,
+            Some(&record),
         )
     });
     let mut connection_error = None;
