@@ -54,9 +54,27 @@ pub enum FrameError {
     /// A message could not be encoded (never expected for our own types).
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
-    /// The transport failed.
+    /// The connection broke under it (how, in the text): the peer stopped or the link went
+    /// down. Said in our words: rustls's for an unexpected end end in a link to its manual.
+    #[error("the connection broke ({0}): the peer stopped or the link went down")]
+    Lost(&'static str),
+    /// The transport failed otherwise.
     #[error(transparent)]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for FrameError {
+    fn from(err: io::Error) -> FrameError {
+        match err.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                FrameError::Lost("it hung up without ending the session")
+            }
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted => FrameError::Lost("it was reset"),
+            _ => FrameError::Io(err),
+        }
+    }
 }
 
 /// Returns the total length (header + payload) of the frame at the start of `buf`, `None` if

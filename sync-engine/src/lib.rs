@@ -41,8 +41,7 @@ pub use apply::{
     TempFile, open_dir_nofollow, partial_name, partial_of_temp,
 };
 pub use execute::{
-    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Record, Sink, execute,
-    execute_recording, manifest,
+    ExecuteReport, Fetcher, LocalFetcher, OldBlocks, Progress, Record, Sink, execute, manifest,
 };
 pub use index::{
     BlockList, ContentHash, Entry, EntryKind, Index, IndexError, Known, Meta, StoredParts,

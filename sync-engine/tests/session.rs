@@ -94,6 +94,22 @@ fn start_primary_with(
     (server, client_conn)
 }
 
+/// One pull from a primary serving `sender` (fresh index on its side) into `receiver`, whose
+/// index is `index`; the primary is stopped after it.
+async fn pull_from(
+    sender: &Path,
+    receiver: &Path,
+    index: Arc<Mutex<Index>>,
+    trash: &Trash,
+) -> PullReport {
+    let (server, mut client) = start_primary(sender);
+    let report = pull_default(&mut client, receiver, index, trash)
+        .await
+        .unwrap();
+    stop_primary(server, client).await;
+    report
+}
+
 /// Hangs up and waits (bounded) for the primary to end cleanly.
 async fn stop_primary(server: tokio::task::JoinHandle<Result<(), SessionError>>, client: Conn) {
     drop(client);
@@ -741,11 +757,7 @@ async fn what_packing_saved_is_reported() {
     write_old(&sender.join("moh.wav"), &noise);
     fs::create_dir_all(&receiver).unwrap();
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
-    let (server, mut client) = start_primary(&sender);
-    let report = pull_default(&mut client, &receiver, fresh_index(), &trash)
-        .await
-        .unwrap();
-    stop_primary(server, client).await;
+    let report = pull_from(&sender, &receiver, fresh_index(), &trash).await;
     assert_eq!(
         fs::read(receiver.join("extensions.conf")).unwrap(),
         dialplan
@@ -1054,22 +1066,14 @@ async fn passes_that_delete_nothing_leave_nothing_in_the_trash() {
         );
         log.extend_from_slice(format!("call {call} recorded\n").as_bytes());
         write_old(&sender.join("cdr/Master.csv"), &log);
-        let (server, mut client) = start_primary(&sender);
-        let report = pull_default(&mut client, &receiver, index.clone(), &trash)
-            .await
-            .unwrap();
-        stop_primary(server, client).await;
+        let report = pull_from(&sender, &receiver, index.clone(), &trash).await;
         assert_eq!(report.plan.trashed, 0);
         assert_eq!(batches(), 0, "pass {call} left a batch in the trash");
     }
     assert_eq!(state(&receiver), state(&sender));
 
     fs::remove_file(sender.join("monitor/2026/12/05/call-0007.wav")).unwrap();
-    let (server, mut client) = start_primary(&sender);
-    let report = pull_default(&mut client, &receiver, index.clone(), &trash)
-        .await
-        .unwrap();
-    stop_primary(server, client).await;
+    let report = pull_from(&sender, &receiver, index.clone(), &trash).await;
     assert_eq!(report.plan.trashed, 1);
     assert_eq!(batches(), 1);
     let batch = fs::read_dir(&trash_dir)
@@ -1225,11 +1229,7 @@ async fn a_sparse_file_arrives_sparse_and_its_holes_do_not_cross_the_wire() {
     let trash = Trash::open(&dir.path().join("trash")).unwrap();
 
     // Protocol 1.6 both sides: the holes travel as holes.
-    let (server, mut client) = start_primary(&sender);
-    let report = pull_default(&mut client, &receiver, fresh_index(), &trash)
-        .await
-        .unwrap();
-    stop_primary(server, client).await;
+    let report = pull_from(&sender, &receiver, fresh_index(), &trash).await;
     let copy = receiver.join("images/disk.img");
     assert_eq!(state(&receiver), state(&sender));
     // The data, to the file system's 4 KiB pages.

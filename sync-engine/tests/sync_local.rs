@@ -214,6 +214,7 @@ fn pull(sender: &Path, receiver: &Path, trash: &Trash) -> lbs_sync::Plan {
         &mut LocalFetcher::new(sender).unwrap(),
         &|path: &RelPath| receiver_index.known(path).unwrap(),
         &mut |_| {},
+        None,
     )
     .unwrap();
     assert!(report.deferred.is_empty(), "{report:?}");
@@ -435,6 +436,7 @@ fn thousands_of_new_files_are_committed_in_groups_and_directories_get_their_mtim
         &mut LocalFetcher::new(&sender).unwrap(),
         &|_: &RelPath| None,
         &mut |_| {},
+        None,
     )
     .unwrap();
     assert!(report.deferred.is_empty(), "{report:?}");

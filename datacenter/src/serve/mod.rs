@@ -488,11 +488,7 @@ async fn next_request(conn: &mut ControlConn) -> anyhow::Result<Option<Envelope>
     match tokio::time::timeout(IDLE_TIMEOUT, conn.next()).await {
         Err(_) => anyhow::bail!("silent for {IDLE_TIMEOUT:?}; closed"),
         Ok(None) => Ok(None),
-        Ok(Some(Err(lbs_protocol::FrameError::Io(err))))
-            if err.kind() == std::io::ErrorKind::UnexpectedEof =>
-        {
-            Ok(None)
-        }
+        Ok(Some(Err(lbs_protocol::FrameError::Lost(_)))) => Ok(None),
         Ok(Some(Err(err))) => {
             Err(refuse_and_close(conn, format!("unreadable message: {err}")).await)
         }

@@ -147,9 +147,7 @@ fn take_in(
         recorded,
         failed,
     } = result?;
-    if recorded {
-        report.recorded += done.len() as u64;
-    } else {
+    if !recorded {
         report.installed.extend(done);
     }
     for (path, err) in failed {

@@ -127,12 +127,10 @@ pub struct ExecuteReport {
     pub deferred: Vec<(RelPath, String)>,
     /// Owner or group names unknown on this box (left to the default).
     pub unknown_owners: Vec<String>,
-    /// Files written, with the tree hash computed as they were written: the receiver's index
-    /// records them without reading them again. Those recorded during the run (see
-    /// [`execute_recording`]) are only counted, in `recorded`.
+    /// Files written and not recorded during the run (see [`execute`]'s `record`), with the
+    /// tree hash computed as they were written: the receiver's index records them without
+    /// reading them again.
     pub installed: Vec<(RelPath, TreeHash)>,
-    /// Files written and recorded in the receiver's index during the run.
-    pub recorded: u64,
     /// Files patched in place, with what their new block lists are made of.
     pub patched_lists: Vec<(RelPath, PatchedList)>,
 }
@@ -196,27 +194,15 @@ impl Ids {
 /// Carries out `plan` on `root`, moving deletions into `trash` (a batch from
 /// [`crate::Trash::batch`]; needed only when [`Plan::trashes`]) and getting content from
 /// `fetcher`; `old_blocks` finds the receiver's block values of a file about to be replaced;
-/// `on_progress` hears after every action.
+/// `on_progress` hears after every action; `record`, when given, records each group of new
+/// files in the receiver's index as soon as it is in place (on the committing thread, while
+/// the next group is written), instead of leaving them in [`ExecuteReport::installed`].
 ///
 /// New files are put in place in groups (see [`group`]), committed on a second thread while
 /// the next group is written, and always all in place before the directories' metadata steps,
 /// so directories get their metadata after their content changed. A fatal error removes the
 /// files still staged.
 pub fn execute(
-    plan: &Plan,
-    root: &Root,
-    trash: Option<&Root>,
-    fetcher: &mut dyn Fetcher,
-    old_blocks: &OldBlocks<'_>,
-    on_progress: &mut dyn FnMut(&Progress),
-) -> Result<ExecuteReport, ApplyError> {
-    execute_recording(plan, root, trash, fetcher, old_blocks, on_progress, None)
-}
-
-/// [`execute`], each group of new files recorded through `record` (when given) as soon as it
-/// is in place (on the committing thread, while the next group is written), instead of all of
-/// them in [`ExecuteReport::installed`] for after the run.
-pub fn execute_recording(
     plan: &Plan,
     root: &Root,
     trash: Option<&Root>,

@@ -107,18 +107,9 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 
 impl From<FrameError> for SessionError {
     fn from(err: FrameError) -> SessionError {
-        match &err {
-            FrameError::Io(io) => match io.kind() {
-                // rustls's own words for it end in a link to its manual.
-                std::io::ErrorKind::UnexpectedEof => {
-                    SessionError::Lost("it hung up without ending the session")
-                }
-                std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted => SessionError::Lost("it was reset"),
-                _ => SessionError::Frame(err),
-            },
-            _ => SessionError::Frame(err),
+        match err {
+            FrameError::Lost(how) => SessionError::Lost(how),
+            err => SessionError::Frame(err),
         }
     }
 }

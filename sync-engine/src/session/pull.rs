@@ -4,7 +4,7 @@
 use super::pipeline::{AHEAD_MAX_BLOCKS, PROGRESS_EVERY, Pipeline, Planned, Unpacker, forward};
 use super::ready::Ready;
 use super::*;
-use crate::execute::execute_recording;
+use crate::execute::execute;
 use crate::index::{EntryKind, Known};
 use crate::tree::{PART_CVS, TreeHash};
 
@@ -308,7 +308,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
         };
-        execute_recording(
+        execute(
             &plan,
             &files,
             batch.as_ref(),

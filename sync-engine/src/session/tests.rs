@@ -666,17 +666,17 @@ fn a_broken_connection_is_said_plainly() {
         std::io::ErrorKind::UnexpectedEof,
         "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/",
     );
-    let said = SessionError::from(FrameError::Io(eof)).to_string();
+    let said = SessionError::from(FrameError::from(eof)).to_string();
     assert!(
         said.starts_with("the connection to the peer broke (it hung up"),
         "{said}"
     );
     assert!(!said.contains("https://"), "{said}");
     let reset = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-    let said = SessionError::from(FrameError::Io(reset)).to_string();
+    let said = SessionError::from(FrameError::from(reset)).to_string();
     assert!(said.contains("(it was reset)"), "{said}");
     // Anything else keeps its own words.
     let other = std::io::Error::other("no buffer space");
-    let said = SessionError::from(FrameError::Io(other)).to_string();
+    let said = SessionError::from(FrameError::from(other)).to_string();
     assert_eq!(said, "connection: no buffer space");
 }
