@@ -139,3 +139,26 @@ fn an_index_of_the_first_schema_keeps_its_block_lists() {
     let index = Index::open(&db).unwrap();
     assert_eq!(index.entries().unwrap().len(), 2);
 }
+
+#[test]
+fn entries_read_together_come_in_the_order_asked_missing_ones_as_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut index = Index::open(&dir.path().join("index.sqlite")).unwrap();
+    let batch = index.batch().unwrap();
+    batch.put(&file("a.wav", 10), None).unwrap();
+    batch.put(&file("c.wav", 30), None).unwrap();
+    batch.commit().unwrap();
+    let asked = [rel("c.wav"), rel("b.wav"), rel("a.wav"), rel("c.wav")];
+    let sizes: Vec<Option<u64>> = index
+        .get_each(&asked)
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.map(|e| e.meta.size))
+        .collect();
+    assert_eq!(sizes, vec![Some(30), None, Some(10), Some(30)]);
+    // The read left no transaction open: a write goes through.
+    let batch = index.batch().unwrap();
+    batch.put(&file("b.wav", 20), None).unwrap();
+    batch.commit().unwrap();
+    assert_eq!(index.get(&rel("b.wav")).unwrap().unwrap().meta.size, 20);
+}

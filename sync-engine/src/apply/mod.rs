@@ -566,6 +566,15 @@ impl Root {
 impl Root {
     /// Opens an existing regular file for reading, never through a symlink.
     pub fn open_file(&self, rel: &RelPath) -> Result<File, ApplyError> {
+        self.open_file_stat(rel).map(|(file, _)| file)
+    }
+
+    /// [`Root::open_file`], with the file's status as it was opened (a sender's every small
+    /// file: one `fstat` instead of two).
+    pub fn open_file_stat(
+        &self,
+        rel: &RelPath,
+    ) -> Result<(File, nix::sys::stat::FileStat), ApplyError> {
         let dir = self.parent_dir(rel, false)?;
         // Non-blocking: a FIFO put where a file was (after the scan) would otherwise hold the
         // open until someone writes to it. A regular file ignores the flag.
@@ -585,7 +594,7 @@ impl Root {
             let err = io::Error::other("not a regular file (a FIFO, socket or device): left alone");
             return Err(self.io(rel, "opening", err));
         }
-        Ok(File::from(fd))
+        Ok((File::from(fd), stat))
     }
 
     /// Creates a directory whose parent exists; an existing directory is fine (a re-run).

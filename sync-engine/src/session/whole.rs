@@ -1,6 +1,8 @@
 //! Whole files to the receiver: small ones read several at a time on one blocking thread,
 //! large ones streamed chunk by chunk, holes sent as such to a receiver that knows them.
 
+use nix::sys::stat::FileStat;
+
 use super::*;
 
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
@@ -101,16 +103,17 @@ fn read_batches(
     let mut packer = Packer::new(peer.packed);
     let mut batch = Vec::new();
     let mut held = 0u64;
-    for path in paths {
-        let read = match files.open_file(&path) {
-            Ok(file) if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) => {
-                match read_listed(&file, index, &path, peer.holes, &mut packer) {
-                    Ok(small) => Some(small),
-                    Err(err) => {
-                        let _ = batches.blocking_send(Err(err));
-                        return;
-                    }
-                }
+    let listed = match listed_each(index, &paths, peer.holes) {
+        Ok(listed) => listed,
+        Err(err) => {
+            let _ = batches.blocking_send(Err(err));
+            return;
+        }
+    };
+    for (path, listed) in paths.into_iter().zip(listed) {
+        let read = match files.open_file_stat(&path) {
+            Ok((file, stat)) if stat.st_size as u64 <= SMALL_FILE => {
+                Some(read_listed(&file, &stat, listed, peer.holes, &mut packer))
             }
             Ok(_) => None,
             Err(err) => Some(Err(err.to_string())),
@@ -134,24 +137,32 @@ fn read_batches(
     }
 }
 
-/// Reads a small file to the length its index lists (see [`read_small`]), packed where that
-/// pays (only a listed version: otherwise the sender hashes what it sends).
+/// Reads a small file (whose status is `stat`) to the length its index lists (see
+/// [`read_small`]), packed where that pays (only a listed version: otherwise the sender
+/// hashes what it sends).
 fn read_listed(
     file: &std::fs::File,
-    index: &Mutex<Index>,
-    path: &RelPath,
+    stat: &FileStat,
+    listed: Option<Listed>,
     holes: bool,
     packer: &mut Packer,
-) -> Result<Small, SessionError> {
-    let listed = listed(index, path, holes)?;
+) -> Small {
     let limit = listed.map_or(4 * SMALL_FILE, |l| l.size);
     packer.next_file(listed.is_some());
-    Ok(read_small(file, holes, limit)
+    read_small(file, holes && may_have_holes(stat), limit)
         .map(|pieces| {
             let pieces = pieces.into_iter().map(|piece| packer.pack(piece)).collect();
             (listed, pieces)
         })
-        .map_err(|err| format!("reading failed: {err}")))
+        .map_err(|err| format!("reading failed: {err}"))
+}
+
+/// Whether a file may have holes: fewer blocks allocated than its length needs. One that
+/// has them all is read without asking its file system where its holes are (two `lseek`s a
+/// file). A file with blocks allocated beyond its end (`fallocate`) and holes inside is read
+/// whole; its zeros arrive as zeros and the receiver leaves them unwritten all the same.
+fn may_have_holes(stat: &FileStat) -> bool {
+    (stat.st_blocks.max(0) as u64).saturating_mul(512) < stat.st_size.max(0) as u64
 }
 
 /// Sends a small file as read: its pieces and its end, or why it is unavailable.
@@ -215,27 +226,29 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     path: RelPath,
     peer: Reads,
 ) -> Result<(), SessionError> {
-    let holes = peer.holes;
-    let file = match files.open_file(&path) {
-        Ok(file) => file,
+    let (file, stat) = match files.open_file_stat(&path) {
+        Ok(opened) => opened,
         Err(err) => {
             let reason = err.to_string();
             return send(conn, generation, Message::SyncUnavailable { path, reason }).await;
         }
     };
+    let holes = peer.holes && may_have_holes(&stat);
     // A small file (most of a PBX's) is read in one go on a blocking thread: one hand-off,
     // not one per read, seek and end of file.
-    if file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE) {
+    if stat.st_size as u64 <= SMALL_FILE {
         let (index, at) = (index.clone(), path.clone());
         let read = tokio::task::spawn_blocking(move || {
-            read_listed(&file, &index, &at, holes, &mut Packer::new(peer.packed))
+            let listed = listed(&index, &at, peer.holes)?;
+            let mut packer = Packer::new(peer.packed);
+            Ok::<_, SessionError>(read_listed(&file, &stat, listed, peer.holes, &mut packer))
         });
         let small = blocking_join(read.await)??;
         return send_small(conn, generation, path, small).await;
     }
     let listed = {
         let (index, at) = (index.clone(), path.clone());
-        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, holes)).await)??
+        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, peer.holes)).await)??
     };
     let limit = listed.map_or(u64::MAX, |l| l.size);
     // A reader thread stays ahead of the connection by a few chunks: reading and sending
@@ -305,12 +318,26 @@ fn listed(
     let index = index
         .lock()
         .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-    Ok(index.get(path)?.and_then(|entry| {
-        entry.hash.map(|hash| Listed {
-            hash: hash.root,
-            size: entry.meta.size,
-        })
-    }))
+    Ok(index.get(path)?.and_then(Listed::of))
+}
+
+/// [`listed`] for each of `paths`, in one read of the index.
+fn listed_each(
+    index: &Mutex<Index>,
+    paths: &[RelPath],
+    holes: bool,
+) -> Result<Vec<Option<Listed>>, SessionError> {
+    if !holes {
+        return Ok(vec![None; paths.len()]);
+    }
+    let index = index
+        .lock()
+        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+    Ok(index
+        .get_each(paths)?
+        .into_iter()
+        .map(|entry| entry.and_then(Listed::of))
+        .collect())
 }
 
 /// The version of a file the sender's index holds (and its manifest listed).
@@ -318,6 +345,16 @@ fn listed(
 pub(super) struct Listed {
     hash: [u8; 32],
     size: u64,
+}
+
+impl Listed {
+    /// The version an index entry lists, if it holds a hash.
+    fn of(entry: crate::index::Entry) -> Option<Listed> {
+        entry.hash.map(|hash| Listed {
+            hash: hash.root,
+            size: entry.meta.size,
+        })
+    }
 }
 
 /// A part of a file as read: data (packed or not), or a hole of some length.
@@ -533,5 +570,33 @@ fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
         let n = left.min(ZEROS.len() as u64) as usize;
         hasher.update(&ZEROS[..n]);
         left -= n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn only_a_file_missing_blocks_is_asked_where_its_holes_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat_of = |name: &str, write: &dyn Fn(&mut std::fs::File)| {
+            let path = dir.path().join(name);
+            let mut file = std::fs::File::create(&path).unwrap();
+            write(&mut file);
+            file.sync_all().unwrap();
+            nix::sys::stat::stat(&path).unwrap()
+        };
+        let full = stat_of("full", &|f| f.write_all(&[1; 100_000]).unwrap());
+        let empty = stat_of("empty", &|_| {});
+        let sparse = stat_of("sparse", &|f| {
+            f.write_all(b"RIFF").unwrap();
+            f.set_len(8 << 20).unwrap();
+        });
+        assert!(!may_have_holes(&full));
+        assert!(!may_have_holes(&empty));
+        assert!(may_have_holes(&sparse));
     }
 }
