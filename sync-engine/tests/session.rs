@@ -298,7 +298,8 @@ async fn a_file_whose_block_list_spans_parts_is_patched_by_its_changed_blocks() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_file_whose_block_list_spans_parts_is_recorded_as_written() {
-    // 70 MiB arriving whole: its list goes to the index a part at a time as it is written.
+    // 70 MiB arriving whole: its list, longer than one part, is recorded as it was written
+    // (lists of files over 1 GiB are staged a part at a time; see the BlockHasher's tests).
     let dir = tempfile::tempdir().unwrap();
     let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
     let len = 70 << 20;

@@ -265,8 +265,8 @@ impl Root {
         self
     }
 
-    /// The same root, handing the block lists of new files longer than a part to `sink` as
-    /// they are written (their [`TreeHash`]es then hold only the last part).
+    /// The same root, handing the block lists of new files longer than 1 GiB (16 parts) to
+    /// `sink` as they are written (their [`TreeHash`]es then hold only what was not handed).
     pub fn with_part_sink(mut self, sink: Arc<dyn crate::tree::PartSink>) -> Root {
         self.part_sink = Some(sink);
         self

@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use lbs_protocol::RelPath;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::tree::{BlockSize, Cv};
@@ -177,6 +178,14 @@ impl Index {
                  PRAGMA synchronous = NORMAL;
                  PRAGMA foreign_keys = ON;",
             )
+            .map_err(|e| index.sqlite(e))?;
+        // Closing leaves the write-ahead log for the next opening instead of copying it into
+        // the database and syncing both (20-35 ms at the end of every `lbs sync pull`, seen
+        // with strace): the log is as valid then as now, and SQLite folds it in once it
+        // holds 1,000 pages, whoever has the index open.
+        index
+            .conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(|e| index.sqlite(e))?;
         let version: i64 = index
             .conn
