@@ -133,9 +133,20 @@ pub(super) fn is_mount_point(dir: &Path) -> bool {
 impl Drop for TreeFs {
     fn drop(&mut self) {
         if self.mounted {
-            let unmounted = checked(Command::new("umount").arg(&self.dir), STEP_TIMEOUT);
-            if let Err(err) = unmounted {
-                eprintln!("bench: could not unmount {}: {err:#}", self.dir.display());
+            // The servers and rsync's daemon were just stopped: one still exiting keeps the
+            // file system busy for a moment ("target is busy" seen once at the end of a run).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match checked(Command::new("umount").arg(&self.dir), STEP_TIMEOUT) {
+                    Ok(_) => break,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(err) => {
+                        eprintln!("bench: could not unmount {}: {err:#}", self.dir.display());
+                        break;
+                    }
+                }
             }
         }
         if let Some(image) = self.dir.parent().map(|work| work.join("trees.img")) {
