@@ -138,6 +138,14 @@ pub enum SessionError {
          the next pass goes on from what is already in place"
     )]
     Lost(&'static str),
+    /// The sender went quiet in the middle of an answer: stopped (`SIGSTOP`, a hung disk)
+    /// or the link went down without a reset.
+    #[error(
+        "the peer sent nothing for {secs} s during {0}: it is stopped (frozen) or the link \
+         is down; the next pass goes on from what is already in place",
+        secs = STALLED.as_secs()
+    )]
+    Stalled(&'static str),
     /// The peer sent something that does not belong here.
     #[error("the peer sent {got} during {during}")]
     Unexpected {
@@ -272,6 +280,22 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         Some(envelope) => Ok(envelope?.message),
         None => Err(SessionError::Closed(during)),
     }
+}
+
+/// How long a receiver waits for the next message of an answer before it gives the pass up.
+/// A sender reads the chunk it sends next from its disk: nothing it does between two chunks
+/// takes this long unless it is stopped or the link is gone (a link that flaps for less than
+/// this carries on). The manifest is not bounded by it: a first scan may hash for minutes.
+pub(super) const STALLED: Duration = Duration::from_secs(60);
+
+/// [`receive`] within [`STALLED`]: the next message of the sender's answer.
+async fn receive_answer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    during: &'static str,
+) -> Result<Message, SessionError> {
+    tokio::time::timeout(STALLED, receive(conn, during))
+        .await
+        .map_err(|_| SessionError::Stalled(during))?
 }
 
 fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, SessionError> {

@@ -195,7 +195,7 @@ pub(super) async fn discard<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Result<(), SessionError> {
     loop {
-        match receive(conn, "a file transfer").await? {
+        match receive_answer(conn, "a file transfer").await? {
             Message::SyncData { .. }
             | Message::SyncDataPacked { .. }
             | Message::SyncHole { .. }
@@ -219,7 +219,7 @@ pub(super) async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     unpacker: &mut Unpacker,
 ) -> Result<(), SessionError> {
     loop {
-        let chunk = chunk_of(receive(conn, "a file transfer").await?, unpacker)?;
+        let chunk = chunk_of(receive_answer(conn, "a file transfer").await?, unpacker)?;
         note_progress(progress, &chunk, notified);
         let done = matches!(chunk, Chunk::End(_) | Chunk::Failed(_));
         // The writer gave up on this file (an error on its side): drain the rest regardless.
@@ -344,7 +344,10 @@ impl Pipeline {
         let mut chunks = Vec::new();
         let mut bytes = 0u64;
         loop {
-            let chunk = chunk_of(receive(conn, "a file transfer").await?, &mut self.unpacker)?;
+            let chunk = chunk_of(
+                receive_answer(conn, "a file transfer").await?,
+                &mut self.unpacker,
+            )?;
             bytes += match &chunk {
                 Chunk::Data(data) => data.len() as u64,
                 Chunk::At(_, data) | Chunk::Delta(data) => data.len() as u64,

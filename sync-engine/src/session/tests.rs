@@ -680,3 +680,37 @@ fn a_broken_connection_is_said_plainly() {
     let said = SessionError::from(FrameError::from(other)).to_string();
     assert_eq!(said, "connection: no buffer space");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sender_that_goes_quiet_in_the_middle_of_a_file_ends_the_pass_after_a_minute() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut sender = tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+    // One chunk of the file, then nothing: the sender is stopped, its connection stays open.
+    let first = Envelope {
+        generation: Generation(1),
+        message: Message::SyncData {
+            bytes: vec![7u8; 1000].into(),
+        },
+    };
+    sender.send(first).await.unwrap();
+    let (tx, mut rx) = mpsc::channel(8);
+    let started = tokio::time::Instant::now();
+    let mut unpacker = Unpacker::default();
+    let err = forward(&mut conn, &tx, None, &mut Instant::now(), &mut unpacker)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("a file transfer")),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), STALLED);
+    assert!(
+        err.to_string()
+            .starts_with("the peer sent nothing for 60 s during a file transfer"),
+        "{err}"
+    );
+    // What came before the silence reached the writer.
+    assert!(matches!(rx.try_recv(), Ok(Chunk::Data(bytes)) if bytes.len() == 1000));
+    drop(sender);
+}
