@@ -403,7 +403,14 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// Sender → receiver, while its scan makes the manifest (protocol 1.12, never to an older
+    /// receiver): still scanning, every [`SYNC_SCANNING_EVERY`]. A first scan may hash for
+    /// minutes; this lets the receiver tell that from a sender that stopped.
+    SyncScanning,
 }
+
+/// How often a sender says [`Message::SyncScanning`] while its scan runs.
+pub const SYNC_SCANNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
 /// never nears [`crate::MAX_FRAME_LEN`] and memory stays bounded.
@@ -451,6 +458,7 @@ impl Message {
             Message::PromoteAs { .. } => "promote-as",
             Message::PromoteIfQuiet { .. } => "promote-if-quiet",
             Message::SyncDataPacked { .. } => "sync-data-packed",
+            Message::SyncScanning => "sync-scanning",
             Message::HandOver { .. } => "hand-over",
             Message::HandOverRequested { .. } => "hand-over-requested",
             Message::TunnelPairsRequest => "tunnel-pairs-request",

@@ -285,7 +285,8 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 /// How long a receiver waits for the next message of an answer before it gives the pass up.
 /// A sender reads the chunk it sends next from its disk: nothing it does between two chunks
 /// takes this long unless it is stopped or the link is gone (a link that flaps for less than
-/// this carries on). The manifest is not bounded by it: a first scan may hash for minutes.
+/// this carries on). While it scans it says so (protocol 1.12; an older sender's manifest is
+/// awaited as long as its scan takes).
 pub(super) const STALLED: Duration = Duration::from_secs(60);
 
 /// [`receive`] within [`STALLED`]: the next message of the sender's answer.
@@ -334,6 +335,12 @@ const V1_6: ProtocolVersion = ProtocolVersion { major: 1, minor: 6 };
 const V1_11: ProtocolVersion = ProtocolVersion {
     major: 1,
     minor: 11,
+};
+
+/// The first protocol whose senders say [`Message::SyncScanning`] while they scan.
+const V1_12: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 12,
 };
 
 /// What the sender's scan left out, as it said after its manifest.
@@ -403,6 +410,25 @@ fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     parts
 }
 
+/// The next message of the sender's manifest. A sender of protocol 1.12 says
+/// [`Message::SyncScanning`] every [`lbs_protocol::SYNC_SCANNING_EVERY`] while it scans, so
+/// each message comes within [`STALLED`] or the sender has stopped; an older one is silent
+/// until its scan ends, however long that takes.
+async fn receive_manifest<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    version: ProtocolVersion,
+) -> Result<Message, SessionError> {
+    if version < V1_12 {
+        return receive(conn, "the manifest").await;
+    }
+    loop {
+        match receive_answer(conn, "the manifest").await? {
+            Message::SyncScanning => {}
+            other => return Ok(other),
+        }
+    }
+}
+
 /// The receiver's half of the manifest exchange: our listing digests out (from `before`,
 /// our index as it was before this pass's scan), the sender's differing entries in, and the
 /// sender's full manifest back, unchanged directories filled in from `before`.
@@ -430,7 +456,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
     let mut entries = Vec::new();
     let mut intake = Intake::default();
     loop {
-        match receive(conn, "the manifest").await? {
+        match receive_manifest(conn, version).await? {
             Message::SyncManifestSame { dirs, last: _ } => {
                 intake.take(dirs.len(), dirs.iter().map(path_bytes).sum())?;
                 same.extend(dirs);
@@ -453,7 +479,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
     let mut skipped = SenderSkipped::default();
     let mut links = Vec::new();
     if version >= V1_6 {
-        match receive(conn, "the list of skipped entries").await? {
+        match receive_answer(conn, "the list of skipped entries").await? {
             Message::SyncSkipped { entries, more } => {
                 SenderSkipped::check(&entries)?;
                 skipped = SenderSkipped { entries, more };
@@ -466,7 +492,7 @@ async fn exchange_manifests<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         loop {
-            match receive(conn, "the hard links").await? {
+            match receive_answer(conn, "the hard links").await? {
                 Message::SyncLinks { groups, last } => {
                     let paths: usize = groups.iter().map(Vec::len).sum();
                     let bytes = groups

@@ -44,9 +44,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         match message {
             Message::SyncManifestRequest => {
                 let (root, index) = (root.clone(), index.clone());
-                let scanned = blocking_join(
-                    tokio::task::spawn_blocking(move || scan_manifest(&root, &index)).await,
-                )??;
+                let scanning = tokio::task::spawn_blocking(move || scan_manifest(&root, &index));
+                let scanned = saying_scanning(conn, generation, version, scanning).await?;
                 let Scanned {
                     manifest,
                     skipped,
@@ -67,7 +66,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     manifest: entries,
                     skipped,
                     links,
-                } = blocking_join(scanning.await)??;
+                } = match &theirs {
+                    Ok(_) => saying_scanning(conn, generation, version, scanning).await?,
+                    Err(_) => blocking_join(scanning.await)??,
+                };
                 let theirs = theirs?;
                 let same: std::collections::BTreeSet<Option<RelPath>> = listing_digests(&entries)
                     .into_iter()
@@ -157,6 +159,31 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Awaits this side's scan, telling a receiver of protocol 1.12 every
+/// [`lbs_protocol::SYNC_SCANNING_EVERY`] that it is still scanning. The scan is awaited even
+/// when the receiver is gone, so it never outlives the session.
+pub(super) async fn saying_scanning<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    version: ProtocolVersion,
+    mut scanning: tokio::task::JoinHandle<Result<Scanned, SessionError>>,
+) -> Result<Scanned, SessionError> {
+    let every = lbs_protocol::SYNC_SCANNING_EVERY;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let said = loop {
+        tokio::select! {
+            joined = &mut scanning => return blocking_join(joined)?,
+            _ = tick.tick(), if version >= V1_12 => {
+                if let Err(err) = send(conn, generation, Message::SyncScanning).await {
+                    break err;
+                }
+            }
+        }
+    };
+    blocking_join(scanning.await)??;
+    Err(said)
 }
 
 /// Tells a receiver that reads them (protocol 1.6) what this side's scan left out and which

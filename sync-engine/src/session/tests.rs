@@ -714,3 +714,64 @@ async fn a_sender_that_goes_quiet_in_the_middle_of_a_file_ends_the_pass_after_a_
     assert!(matches!(rx.try_recv(), Ok(Chunk::Data(bytes)) if bytes.len() == 1000));
     drop(sender);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_long_scan_is_said_every_ten_seconds_to_a_receiver_that_reads_it() {
+    for (version, said) in [(V1_12, 2), (V1_11, 0)] {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let mut receiver: Connection<_> =
+            tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+        // A scan of 25 s: said at 10 s and 20 s.
+        let scanning = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            Ok(Scanned {
+                manifest: Vec::new(),
+                skipped: Vec::new(),
+                links: Vec::new(),
+            })
+        });
+        let started = tokio::time::Instant::now();
+        let scanned = saying_scanning(&mut sender, Generation(1), version, scanning)
+            .await
+            .unwrap();
+        assert!(scanned.manifest.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
+        drop(sender);
+        let mut notices = 0;
+        while let Some(envelope) = receiver.next().await {
+            assert!(matches!(envelope.unwrap().message, Message::SyncScanning));
+            notices += 1;
+        }
+        assert_eq!(notices, said, "to a receiver of {version}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_manifest_waits_out_scanning_notices_but_not_a_silent_sender() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut sender = tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+    let part = Message::SyncManifest {
+        entries: Vec::new(),
+        last: true,
+    };
+    for message in [Message::SyncScanning, Message::SyncScanning, part] {
+        let envelope = Envelope {
+            generation: Generation(1),
+            message,
+        };
+        sender.send(envelope).await.unwrap();
+    }
+    let got = receive_manifest(&mut conn, V1_12).await.unwrap();
+    assert!(matches!(got, Message::SyncManifest { last: true, .. }));
+    // Then nothing, the connection open: the sender stopped mid-scan.
+    let started = tokio::time::Instant::now();
+    let err = receive_manifest(&mut conn, V1_12).await.unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("the manifest")),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), STALLED);
+    drop(sender);
+}
