@@ -368,11 +368,15 @@ fn hash_stripes(
     let mut buf = vec![0u8; STRIPE_LEN as usize];
     // Whether `buf` holds only zeros (it starts so): a hole's stripe needs no filling then.
     let mut zeroed = true;
-    let sparse = may_have_holes(file);
+    let sparse = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata()
+            .is_ok_and(|m| may_have_holes(m.blocks(), m.len()))
+    };
     for (stripe_idx, slots) in stripes.iter_mut() {
         let offset = *stripe_idx as u64 * STRIPE_LEN;
         let want = STRIPE_LEN.min(len - offset) as usize;
-        if sparse && is_hole(file, offset, want as u64, len)? {
+        if sparse && is_hole(file, offset, want as u64) {
             if !zeroed {
                 buf.fill(0);
                 zeroed = true;
@@ -393,33 +397,51 @@ fn hash_stripes(
     Ok(())
 }
 
-/// Whether `file` has fewer blocks allocated than its length needs: only then can it hold
-/// holes worth asking about.
-fn may_have_holes(file: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    file.metadata()
-        .is_ok_and(|m| m.blocks().saturating_mul(512) < m.len())
+/// Whether a file of `len` bytes with `blocks` 512-byte blocks allocated may hold holes (has
+/// fewer blocks than its length needs): only then is its file system asked where they are.
+pub(crate) fn may_have_holes(blocks: u64, len: u64) -> bool {
+    blocks.saturating_mul(512) < len
 }
 
-/// Whether `offset..offset + want` of `file` is all hole (`SEEK_DATA` finds no data in it),
-/// so its zeros need not be read (a 60 GiB sparse file's scan read its holes for 57 s). A
-/// file now shorter than the range is [`TreeError::Changed`], as a short read would be.
-fn is_hole(file: &File, offset: u64, want: u64, len: u64) -> Result<bool, TreeError> {
+/// Whether `offset..offset + want` of `file` is all hole, so its zeros need not be read (a
+/// 60 GiB sparse file's scan read its holes for 57 s). A file that no longer reaches the
+/// range's end is read, and its short read is [`TreeError::Changed`].
+fn is_hole(file: &File, offset: u64, want: u64) -> bool {
+    matches!(next_region(file, offset), Region::Hole(len) if len >= want)
+}
+
+/// What lies at an offset of a file, as its file system tells (`SEEK_DATA`, `SEEK_HOLE`).
+pub(crate) enum Region {
+    /// A hole this long (up to the next data, or to the end of the file).
+    Hole(u64),
+    /// Data up to this offset.
+    Data(u64),
+    /// The file system cannot tell (or the offset is at the end): read on.
+    Unknown,
+}
+
+pub(crate) fn next_region(file: &impl std::os::fd::AsFd, at: u64) -> Region {
     use nix::unistd::{Whence, lseek};
-    let Ok(at) = i64::try_from(offset) else {
-        return Ok(false);
+    let Ok(offset) = i64::try_from(at) else {
+        return Region::Unknown;
     };
-    let end = offset + want;
-    match lseek(file, at, Whence::SeekData) {
-        Ok(data) => Ok(data as u64 >= end),
-        // No data from `offset` on: a hole to the end, if the file still reaches `end`.
-        Err(nix::errno::Errno::ENXIO) => match file.metadata() {
-            Ok(m) if m.len() >= end => Ok(true),
-            Ok(_) => Err(TreeError::Changed { expected: len }),
-            Err(err) => Err(TreeError::Io(err)),
+    let borrowed = file.as_fd();
+    match lseek(borrowed, offset, Whence::SeekData) {
+        Ok(data) if data as u64 > at => Region::Hole(data as u64 - at),
+        Ok(_) => match lseek(borrowed, offset, Whence::SeekHole) {
+            Ok(hole) if hole as u64 > at => Region::Data(hole as u64),
+            _ => Region::Unknown,
         },
-        // The file system cannot tell: read it.
-        Err(_) => Ok(false),
+        // No data after `at`: the rest of the file, if any, is a hole.
+        Err(nix::errno::Errno::ENXIO) => {
+            let len = nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_size.max(0) as u64);
+            if len > at {
+                Region::Hole(len - at)
+            } else {
+                Region::Unknown
+            }
+        }
+        Err(_) => Region::Unknown,
     }
 }
 
@@ -531,11 +553,15 @@ mod tests {
             file.write_all_at(&bytes[at..at + n], at as u64).unwrap();
         }
         file.set_len(len as u64).unwrap();
-        assert!(may_have_holes(&file));
+        let meta = file.metadata().unwrap();
+        assert!(may_have_holes(
+            std::os::unix::fs::MetadataExt::blocks(&meta),
+            meta.len()
+        ));
         // Stripe 10 is all hole, stripe 3 is not, stripe 39 ends in data.
-        assert!(is_hole(&file, 10 << 20, STRIPE_LEN, len as u64).unwrap());
-        assert!(!is_hole(&file, 3 << 20, STRIPE_LEN, len as u64).unwrap());
-        assert!(!is_hole(&file, 39 << 20, STRIPE_LEN, len as u64).unwrap());
+        assert!(is_hole(&file, 10 << 20, STRIPE_LEN));
+        assert!(!is_hole(&file, 3 << 20, STRIPE_LEN));
+        assert!(!is_hole(&file, 39 << 20, STRIPE_LEN));
         let tree = hash_file(&file, len as u64, bs).unwrap();
         assert_eq!(tree.root, blake3::hash(&bytes));
         assert!(tree.blocks == blocks_of(&bytes, bs));

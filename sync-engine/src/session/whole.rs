@@ -3,6 +3,8 @@
 
 use nix::sys::stat::FileStat;
 
+use crate::tree::{Region, next_region};
+
 use super::*;
 
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
@@ -157,14 +159,13 @@ fn read_listed(
         .map_err(|err| format!("reading failed: {err}"))
 }
 
-/// Whether a file may have holes: fewer blocks allocated than its length needs. One that
-/// has them all is read without asking its file system where its holes are (two `lseek`s a
-/// file). A file with blocks allocated beyond its end (`fallocate`) and holes inside is read
-/// whole; its zeros arrive as zeros and the receiver leaves them unwritten all the same.
+/// [`crate::tree::may_have_holes`] of a file's status: one that has all its blocks is read
+/// without asking its file system where its holes are (two `lseek`s a file). A file with
+/// blocks beyond its end (`fallocate`) and holes inside sends zeros, which the receiver
+/// leaves unwritten all the same.
 fn may_have_holes(stat: &FileStat) -> bool {
-    (stat.st_blocks.max(0) as u64).saturating_mul(512) < stat.st_size.max(0) as u64
+    crate::tree::may_have_holes(stat.st_blocks.max(0) as u64, stat.st_size.max(0) as u64)
 }
-
 /// Sends a small file as read: its pieces and its end, or why it is unavailable.
 async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
@@ -312,13 +313,9 @@ fn listed(
     path: &RelPath,
     holes: bool,
 ) -> Result<Option<Listed>, SessionError> {
-    if !holes {
-        return Ok(None);
-    }
-    let index = index
-        .lock()
-        .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-    Ok(index.get(path)?.and_then(Listed::of))
+    Ok(listed_each(index, std::slice::from_ref(path), holes)?
+        .pop()
+        .flatten())
 }
 
 /// [`listed`] for each of `paths`, in one read of the index.
@@ -526,41 +523,6 @@ fn read_pieces(
         }
     }
     Ok(())
-}
-
-/// What lies at an offset of a file, as its file system tells (`SEEK_DATA`, `SEEK_HOLE`).
-enum Region {
-    /// A hole this long (up to the next data, or to the end of the file).
-    Hole(u64),
-    /// Data up to this offset.
-    Data(u64),
-    /// The file system cannot tell (or the offset is at the end): read on.
-    Unknown,
-}
-
-fn next_region(file: &impl std::os::fd::AsFd, at: u64) -> Region {
-    use nix::unistd::{Whence, lseek};
-    let Ok(offset) = i64::try_from(at) else {
-        return Region::Unknown;
-    };
-    let borrowed = file.as_fd();
-    match lseek(borrowed, offset, Whence::SeekData) {
-        Ok(data) if data as u64 > at => Region::Hole(data as u64 - at),
-        Ok(_) => match lseek(borrowed, offset, Whence::SeekHole) {
-            Ok(hole) if hole as u64 > at => Region::Data(hole as u64),
-            _ => Region::Unknown,
-        },
-        // No data after `at`: the rest of the file, if any, is a hole.
-        Err(nix::errno::Errno::ENXIO) => {
-            let len = nix::sys::stat::fstat(borrowed).map_or(0, |st| st.st_size.max(0) as u64);
-            if len > at {
-                Region::Hole(len - at)
-            } else {
-                Region::Unknown
-            }
-        }
-        Err(_) => Region::Unknown,
-    }
 }
 
 fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
