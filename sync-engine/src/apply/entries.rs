@@ -17,9 +17,20 @@ impl Root {
         rel: &RelPath,
     ) -> Result<(File, nix::sys::stat::FileStat), ApplyError> {
         let dir = self.parent_dir(rel, false)?;
-        // Non-blocking: a FIFO put where a file was (after the scan) would otherwise hold the
-        // open until someone writes to it. A regular file ignores the flag.
-        let fd = openat(
+        let fd = self.open_in(&dir, rel)?;
+        let stat = nix::sys::stat::fstat(&fd).map_err(|err| self.io(rel, "opening", err))?;
+        if !is_kind(&stat, SFlag::S_IFREG) {
+            let err = io::Error::other("not a regular file (a FIFO, socket or device): left alone");
+            return Err(self.io(rel, "opening", err));
+        }
+        Ok((File::from(fd), stat))
+    }
+
+    /// Opens `rel`'s entry in `dir` for reading, never through a symlink. Non-blocking: a
+    /// FIFO put where a file was (after the scan) would otherwise hold the open until someone
+    /// writes to it. A regular file or directory ignores the flag.
+    fn open_in(&self, dir: &File, rel: &RelPath) -> Result<std::os::fd::OwnedFd, ApplyError> {
+        openat(
             dir.as_fd(),
             rel.file_name(),
             OFlag::O_RDONLY
@@ -29,13 +40,7 @@ impl Root {
                 | OFlag::O_NONBLOCK,
             Mode::empty(),
         )
-        .map_err(|err| self.io(rel, "opening", err))?;
-        let stat = nix::sys::stat::fstat(&fd).map_err(|err| self.io(rel, "opening", err))?;
-        if !is_kind(&stat, SFlag::S_IFREG) {
-            let err = io::Error::other("not a regular file (a FIFO, socket or device): left alone");
-            return Err(self.io(rel, "opening", err));
-        }
-        Ok((File::from(fd), stat))
+        .map_err(|err| self.io(rel, "opening", err))
     }
 
     /// Creates a directory whose parent exists; an existing directory is fine (a re-run).
@@ -150,17 +155,7 @@ impl Root {
         if is_kind(&self.stat(&dir, rel)?, SFlag::S_IFLNK) {
             return self.link_meta(&dir, rel.file_name(), rel, meta);
         }
-        let fd = openat(
-            dir.as_fd(),
-            rel.file_name(),
-            OFlag::O_RDONLY
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY,
-            Mode::empty(),
-        )
-        .map_err(|err| self.io(rel, "opening", err))?;
+        let fd = self.open_in(&dir, rel)?;
         set_fd_meta(&fd, meta).map_err(|err| self.io(rel, "setting metadata", err))?;
         self.step_sync(&fd, rel, "syncing metadata")
     }
