@@ -48,8 +48,10 @@ pub(super) struct Pipeline {
 /// Files with more blocks than this (1 MiB at 16 KiB) are asked for by the writer itself.
 pub(super) const AHEAD_MAX_BLOCKS: usize = 64;
 
-/// At most this many requests run ahead of the writer.
-pub(super) const AHEAD_FILES: usize = 64;
+/// At most this many requests run ahead of the writer (the byte bounds below bound them
+/// first for all but small files). 64 left the PBX tree's initial copy waiting on round trips:
+/// 256 took it from 0.61–0.68 s to 0.53–0.61 s (medians, taking turns with the old build).
+pub(super) const AHEAD_FILES: usize = 256;
 
 /// At most this many bytes of files are requested ahead of the writer.
 pub(super) const AHEAD_BYTES: u64 = 16 << 20;

@@ -12,8 +12,9 @@ use tokio::sync::Notify;
 
 use super::Chunk;
 
-/// At most this many answers wait for the writer.
-pub(super) const READY_FILES: usize = 64;
+/// At most this many answers wait for the writer (as many as run ahead, see
+/// [`super::pipeline::AHEAD_FILES`]).
+pub(super) const READY_FILES: usize = 256;
 
 /// At most this many bytes of answers wait for the writer.
 pub(super) const READY_BYTES: u64 = 8 << 20;

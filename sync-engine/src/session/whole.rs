@@ -10,8 +10,9 @@ use super::*;
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
 pub(super) const SMALL_FILE: u64 = 1 << 20;
 
-/// At most this many fetches already waiting in the connection's buffer are read together.
-const BATCH_FILES: usize = 64;
+/// At most this many fetches already waiting in the connection's buffer are read together (as
+/// many as a receiver asks ahead, [`super::pipeline::AHEAD_FILES`]).
+const BATCH_FILES: usize = 256;
 
 /// The reader hands small files over in sub-batches of at most this many files...
 const SUB_BATCH_FILES: usize = 8;
