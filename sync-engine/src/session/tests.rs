@@ -394,8 +394,7 @@ async fn pipelined_fetches(version: ProtocolVersion) -> Vec<String> {
 
 #[test]
 fn data_that_does_not_pack_is_sent_as_it_is_and_a_bad_frame_is_refused() {
-    use super::pack::Packer;
-    use super::whole::Piece;
+    use super::whole::{Packer, Piece};
     let mut packer = Packer::new(true);
     packer.next_file(true);
     let mut noise = vec![0u8; SYNC_CHUNK_LEN];
