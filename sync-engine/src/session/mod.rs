@@ -146,6 +146,14 @@ pub enum SessionError {
         secs = STALLED.as_secs()
     )]
     Stalled(&'static str),
+    /// The peer read nothing of what this side sent for [`STALLED`]: stopped, or the link
+    /// went down without a reset.
+    #[error(
+        "the peer read nothing of what this side sent for {secs} s: it is stopped (frozen) or \
+         the link is down; the next pass goes on from what is already in place",
+        secs = STALLED.as_secs()
+    )]
+    NotReading,
     /// The peer sent something that does not belong here.
     #[error("the peer sent {got} during {during}")]
     Unexpected {
@@ -236,23 +244,36 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     message: Message,
 ) -> Result<(), SessionError> {
     feed(conn, generation, message).await?;
-    conn.flush().await?;
+    flush(conn).await
+}
+
+/// Writes out what is queued, within [`STALLED`]: a peer that reads nothing for that long is
+/// stopped or cut off, and this side's session ends instead of holding on to it.
+async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Result<(), SessionError> {
+    tokio::time::timeout(STALLED, conn.flush())
+        .await
+        .map_err(|_| SessionError::NotReading)??;
     Ok(())
 }
 
 /// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
 /// file). It goes out at the latest before this side next waits for the peer
-/// ([`next_envelope`]), so a burst shares TLS records and write calls.
+/// ([`next_envelope`]), so a burst shares TLS records and write calls. A full buffer is
+/// written out first, within [`STALLED`] as [`flush`].
 async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     message: Message,
 ) -> Result<(), SessionError> {
-    conn.feed(Envelope {
+    let envelope = Envelope {
         generation,
         message,
-    })
-    .await?;
+    };
+    tokio::time::timeout(STALLED, conn.feed(envelope))
+        .await
+        .map_err(|_| SessionError::NotReading)??;
     Ok(())
 }
 
@@ -266,8 +287,8 @@ async fn next_envelope<S: AsyncRead + AsyncWrite + Unpin>(
         lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
         Ok(Some(_))
     );
-    if !arrived && let Err(err) = conn.flush().await {
-        return Some(Err(err.into()));
+    if !arrived && let Err(err) = flush(conn).await {
+        return Some(Err(err));
     }
     conn.next().await.map(|envelope| Ok(envelope?))
 }
@@ -286,7 +307,9 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 /// A sender reads the chunk it sends next from its disk: nothing it does between two chunks
 /// takes this long unless it is stopped or the link is gone (a link that flaps for less than
 /// this carries on). While it scans it says so (protocol 1.12; an older sender's manifest is
-/// awaited as long as its scan takes).
+/// awaited as long as its scan takes). Either side waits as long for the peer to read what it
+/// sends ([`flush`]): a receiver stopped with `SIGSTOP`, or cut off without a reset, no
+/// longer holds its sender's session (a task, a connection) for good.
 pub(super) const STALLED: Duration = Duration::from_secs(60);
 
 /// [`receive`] within [`STALLED`]: the next message of the sender's answer.

@@ -142,7 +142,7 @@ impl Pipeline {
         }
         if self.ahead.len() > before {
             // Out now: the writer may take a while before it asks for the next answer.
-            conn.flush().await?;
+            flush(conn).await?;
         }
         Ok(())
     }

@@ -207,8 +207,7 @@ async fn send_after_manifest<S: AsyncRead + AsyncWrite + Unpin>(
         let last = i + 1 == count;
         feed(conn, generation, Message::SyncLinks { groups, last }).await?;
     }
-    conn.flush().await?;
-    Ok(())
+    flush(conn).await
 }
 
 pub(super) async fn send_manifest<S: AsyncRead + AsyncWrite + Unpin>(

@@ -775,3 +775,38 @@ async fn the_manifest_waits_out_scanning_notices_but_not_a_silent_sender() {
     assert_eq!(started.elapsed(), STALLED);
     drop(sender);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sender_whose_receiver_stops_reading_ends_its_session_after_a_minute() {
+    let (a, b) = tokio::io::duplex(4096);
+    let mut conn: Connection<_> =
+        tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    // A file's chunks to a receiver that is stopped: its connection open, nothing read.
+    let started = tokio::time::Instant::now();
+    let mut err = None;
+    for _ in 0..64 {
+        let chunk = Message::SyncData {
+            bytes: vec![5u8; 64 * 1024].into(),
+        };
+        if let Err(failed) = feed(&mut conn, Generation(1), chunk).await {
+            err = Some(failed);
+            break;
+        }
+    }
+    let err = err.expect("64 chunks cannot fit in 4 KiB");
+    assert!(matches!(err, SessionError::NotReading), "{err}");
+    assert_eq!(started.elapsed(), STALLED);
+    assert!(
+        err.to_string()
+            .starts_with("the peer read nothing of what this side sent for 60 s"),
+        "{err}"
+    );
+    // A flush waits as long, and no longer.
+    let started = tokio::time::Instant::now();
+    assert!(matches!(
+        flush(&mut conn).await,
+        Err(SessionError::NotReading)
+    ));
+    assert_eq!(started.elapsed(), STALLED);
+    drop(b);
+}
