@@ -72,6 +72,9 @@ impl From<io::Error> for FrameError {
             io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted => FrameError::Lost("it was reset"),
+            // The kernel gave up: what was sent stayed unacknowledged (`TCP_USER_TIMEOUT`),
+            // or keepalive probes went unanswered.
+            io::ErrorKind::TimedOut => FrameError::Lost("nothing sent was acknowledged in time"),
             _ => FrameError::Io(err),
         }
     }

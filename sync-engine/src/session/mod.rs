@@ -308,8 +308,9 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 /// takes this long unless it is stopped or the link is gone (a link that flaps for less than
 /// this carries on). While it scans it says so (protocol 1.12; an older sender's manifest is
 /// awaited as long as its scan takes). Either side waits as long for the peer to read what it
-/// sends ([`flush`]): a receiver stopped with `SIGSTOP`, or cut off without a reset, no
-/// longer holds its sender's session (a task, a connection) for good.
+/// sends ([`flush`]), whatever the transport; on the boxes' TCP connections the kernel gives
+/// up first (`lbs_host::tcp::watch_peer`: 30 s unacknowledged, said as
+/// [`SessionError::Lost`]).
 pub(super) const STALLED: Duration = Duration::from_secs(60);
 
 /// [`receive`] within [`STALLED`]: the next message of the sender's answer.

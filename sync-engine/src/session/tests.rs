@@ -675,6 +675,16 @@ fn a_broken_connection_is_said_plainly() {
     let reset = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
     let said = SessionError::from(FrameError::from(reset)).to_string();
     assert!(said.contains("(it was reset)"), "{said}");
+    // The kernel's own deadline (TCP_USER_TIMEOUT, keepalive) for a peer that stopped reading.
+    let gave_up = std::io::Error::from_raw_os_error(nix::libc::ETIMEDOUT);
+    let said = SessionError::from(FrameError::from(gave_up)).to_string();
+    assert!(
+        said.starts_with(
+            "the connection to the peer broke (nothing sent was acknowledged in time): the peer \
+             stopped"
+        ),
+        "{said}"
+    );
     // Anything else keeps its own words.
     let other = std::io::Error::other("no buffer space");
     let said = SessionError::from(FrameError::from(other)).to_string();
