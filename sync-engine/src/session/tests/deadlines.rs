@@ -1,0 +1,164 @@
+//! A peer that breaks, goes quiet or stops reading: what each side says, and after how long.
+
+use super::*;
+
+#[test]
+fn a_broken_connection_is_said_plainly() {
+    let eof = std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/",
+    );
+    let said = SessionError::from(FrameError::from(eof)).to_string();
+    assert!(
+        said.starts_with("the connection to the peer broke (it hung up"),
+        "{said}"
+    );
+    assert!(!said.contains("https://"), "{said}");
+    let reset = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+    let said = SessionError::from(FrameError::from(reset)).to_string();
+    assert!(said.contains("(it was reset)"), "{said}");
+    // The kernel's own deadline (TCP_USER_TIMEOUT, keepalive) for a peer that stopped reading.
+    let gave_up = std::io::Error::from_raw_os_error(nix::libc::ETIMEDOUT);
+    let said = SessionError::from(FrameError::from(gave_up)).to_string();
+    assert!(
+        said.starts_with(
+            "the connection to the peer broke (nothing sent was acknowledged in time): the peer \
+             stopped"
+        ),
+        "{said}"
+    );
+    // Anything else keeps its own words.
+    let other = std::io::Error::other("no buffer space");
+    let said = SessionError::from(FrameError::from(other)).to_string();
+    assert_eq!(said, "connection: no buffer space");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sender_that_goes_quiet_in_the_middle_of_a_file_ends_the_pass_after_a_minute() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut sender = tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+    // One chunk of the file, then nothing: the sender is stopped, its connection stays open.
+    let first = Envelope {
+        generation: Generation(1),
+        message: Message::SyncData {
+            bytes: vec![7u8; 1000].into(),
+        },
+    };
+    sender.send(first).await.unwrap();
+    let (tx, mut rx) = mpsc::channel(8);
+    let started = tokio::time::Instant::now();
+    let mut unpacker = Unpacker::default();
+    let err = forward(&mut conn, &tx, None, &mut Instant::now(), &mut unpacker)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("a file transfer")),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), STALLED);
+    assert!(
+        err.to_string()
+            .starts_with("the peer sent nothing for 60 s during a file transfer"),
+        "{err}"
+    );
+    // What came before the silence reached the writer.
+    assert!(matches!(rx.try_recv(), Ok(Chunk::Data(bytes)) if bytes.len() == 1000));
+    drop(sender);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_scan_is_said_every_ten_seconds_to_a_receiver_that_reads_it() {
+    for (version, said) in [(V1_12, 2), (V1_11, 0)] {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let mut receiver: Connection<_> =
+            tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+        // A scan of 25 s: said at 10 s and 20 s.
+        let scanning = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            Ok(Scanned {
+                manifest: Vec::new(),
+                skipped: Vec::new(),
+                links: Vec::new(),
+            })
+        });
+        let started = tokio::time::Instant::now();
+        let scanned = saying_scanning(&mut sender, Generation(1), version, scanning)
+            .await
+            .unwrap();
+        assert!(scanned.manifest.is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
+        drop(sender);
+        let mut notices = 0;
+        while let Some(envelope) = receiver.next().await {
+            assert!(matches!(envelope.unwrap().message, Message::SyncScanning));
+            notices += 1;
+        }
+        assert_eq!(notices, said, "to a receiver of {version}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_manifest_waits_out_scanning_notices_but_not_a_silent_sender() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let mut sender = tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+    let part = Message::SyncManifest {
+        entries: Vec::new(),
+        last: true,
+    };
+    for message in [Message::SyncScanning, Message::SyncScanning, part] {
+        let envelope = Envelope {
+            generation: Generation(1),
+            message,
+        };
+        sender.send(envelope).await.unwrap();
+    }
+    let got = receive_manifest(&mut conn, V1_12).await.unwrap();
+    assert!(matches!(got, Message::SyncManifest { last: true, .. }));
+    // Then nothing, the connection open: the sender stopped mid-scan.
+    let started = tokio::time::Instant::now();
+    let err = receive_manifest(&mut conn, V1_12).await.unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("the manifest")),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), STALLED);
+    drop(sender);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sender_whose_receiver_stops_reading_ends_its_session_after_a_minute() {
+    let (a, b) = tokio::io::duplex(4096);
+    let mut conn: Connection<_> =
+        tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    // A file's chunks to a receiver that is stopped: its connection open, nothing read.
+    let started = tokio::time::Instant::now();
+    let mut err = None;
+    for _ in 0..64 {
+        let chunk = Message::SyncData {
+            bytes: vec![5u8; 64 * 1024].into(),
+        };
+        if let Err(failed) = feed(&mut conn, Generation(1), chunk).await {
+            err = Some(failed);
+            break;
+        }
+    }
+    let err = err.expect("64 chunks cannot fit in 4 KiB");
+    assert!(matches!(err, SessionError::NotReading), "{err}");
+    assert_eq!(started.elapsed(), STALLED);
+    assert!(
+        err.to_string()
+            .starts_with("the peer read nothing of what this side sent for 60 s"),
+        "{err}"
+    );
+    // A flush waits as long, and no longer.
+    let started = tokio::time::Instant::now();
+    assert!(matches!(
+        flush(&mut conn).await,
+        Err(SessionError::NotReading)
+    ));
+    assert_eq!(started.elapsed(), STALLED);
+    drop(b);
+}
