@@ -532,6 +532,7 @@ mod tests {
         let bs = BlockSize::DEFAULT;
         let len = (70 << 20) + 5;
         let mut bytes = vec![0u8; len];
+        let file = tempfile::tempfile().unwrap();
         // Islands: the start, inside a stripe, across two stripes' boundary, the very end.
         for (at, n) in [
             (0, 100),
@@ -542,14 +543,6 @@ mod tests {
             for (i, b) in bytes[at..at + n].iter_mut().enumerate() {
                 *b = (i % 250) as u8 + 1;
             }
-        }
-        let file = tempfile::tempfile().unwrap();
-        for (at, n) in [
-            (0, 100),
-            ((3 << 20) + 10, 7),
-            ((40 << 20) - 1, 2),
-            (len - 5, 5),
-        ] {
             file.write_all_at(&bytes[at..at + n], at as u64).unwrap();
         }
         file.set_len(len as u64).unwrap();

@@ -247,12 +247,19 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     flush(conn).await
 }
 
-/// Writes out what is queued, within [`STALLED`]: a peer that reads nothing for that long is
-/// stopped or cut off, and this side's session ends instead of holding on to it.
+/// Writes out what is queued, within [`STALLED`] ([`read_by_peer`]).
 async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Result<(), SessionError> {
-    tokio::time::timeout(STALLED, conn.flush())
+    read_by_peer(conn.flush()).await
+}
+
+/// A write that waits for the peer to read, within [`STALLED`]: a peer that reads nothing for
+/// that long is stopped or cut off, and this side's session ends instead of holding on to it.
+async fn read_by_peer(
+    write: impl std::future::Future<Output = Result<(), FrameError>>,
+) -> Result<(), SessionError> {
+    tokio::time::timeout(STALLED, write)
         .await
         .map_err(|_| SessionError::NotReading)??;
     Ok(())
@@ -261,7 +268,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 /// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
 /// file). It goes out at the latest before this side next waits for the peer
 /// ([`next_envelope`]), so a burst shares TLS records and write calls. A full buffer is
-/// written out first, within [`STALLED`] as [`flush`].
+/// written out first ([`read_by_peer`]).
 async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
@@ -271,10 +278,7 @@ async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
         generation,
         message,
     };
-    tokio::time::timeout(STALLED, conn.feed(envelope))
-        .await
-        .map_err(|_| SessionError::NotReading)??;
-    Ok(())
+    read_by_peer(conn.feed(envelope)).await
 }
 
 /// The peer's next envelope (`None` when it hung up). What this side queued is flushed

@@ -167,6 +167,7 @@ fn read_listed(
 fn may_have_holes(stat: &FileStat) -> bool {
     crate::tree::may_have_holes(stat.st_blocks.max(0) as u64, stat.st_size.max(0) as u64)
 }
+
 /// Sends a small file as read: its pieces and its end, or why it is unavailable.
 async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,

@@ -135,17 +135,20 @@ async fn a_sender_whose_receiver_stops_reading_ends_its_session_after_a_minute()
         tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
     // A file's chunks to a receiver that is stopped: its connection open, nothing read.
     let started = tokio::time::Instant::now();
-    let mut err = None;
-    for _ in 0..64 {
-        let chunk = Message::SyncData {
-            bytes: vec![5u8; 64 * 1024].into(),
-        };
-        if let Err(failed) = feed(&mut conn, Generation(1), chunk).await {
-            err = Some(failed);
-            break;
+    let fed = async {
+        for _ in 0..64 {
+            let chunk = Message::SyncData {
+                bytes: vec![5u8; 64 * 1024].into(),
+            };
+            feed(&mut conn, Generation(1), chunk).await?;
         }
-    }
-    let err = err.expect("64 chunks cannot fit in 4 KiB");
+        Ok(())
+    };
+    // Bounded here too: without its deadline the write would wait for good.
+    let err = tokio::time::timeout(2 * STALLED, fed)
+        .await
+        .expect("the write gave up within two minutes")
+        .expect_err("64 chunks cannot fit in 4 KiB");
     assert!(matches!(err, SessionError::NotReading), "{err}");
     assert_eq!(started.elapsed(), STALLED);
     assert!(
@@ -155,10 +158,8 @@ async fn a_sender_whose_receiver_stops_reading_ends_its_session_after_a_minute()
     );
     // A flush waits as long, and no longer.
     let started = tokio::time::Instant::now();
-    assert!(matches!(
-        flush(&mut conn).await,
-        Err(SessionError::NotReading)
-    ));
+    let flushed = tokio::time::timeout(2 * STALLED, flush(&mut conn)).await;
+    assert!(matches!(flushed, Ok(Err(SessionError::NotReading))));
     assert_eq!(started.elapsed(), STALLED);
     drop(b);
 }
