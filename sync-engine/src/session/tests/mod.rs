@@ -152,20 +152,7 @@ async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() 
         lbs_protocol::FrameCodec::new(),
     ));
     let rel = |p: &str| RelPath::try_from(p).unwrap();
-    let upcoming = ["a", "b", "c", "d"]
-        .into_iter()
-        .map(|p| Planned {
-            path: rel(p),
-            size: 1,
-            ask: Ask::Whole,
-            ahead: true,
-        })
-        .collect();
-    let mut pipeline = Pipeline {
-        upcoming,
-        ahead: VecDeque::new(),
-        unpacker: Unpacker::default(),
-    };
+    let mut pipeline = whole_files(&["a", "b", "c", "d"], 1);
     let generation = Generation(1);
     pipeline
         .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
@@ -436,6 +423,23 @@ fn rel(p: &str) -> RelPath {
     RelPath::try_from(p).unwrap()
 }
 
+/// A pipeline with whole-file fetches of `paths`, each `size` bytes, all to be asked ahead.
+fn whole_files(paths: &[&str], size: u64) -> Pipeline {
+    Pipeline {
+        upcoming: paths
+            .iter()
+            .map(|p| Planned {
+                path: rel(p),
+                size,
+                ask: Ask::Whole,
+                ahead: true,
+            })
+            .collect(),
+        ahead: VecDeque::new(),
+        unpacker: Unpacker::default(),
+    }
+}
+
 fn data(chunks: &[Chunk]) -> Vec<u8> {
     chunks
         .iter()
@@ -454,20 +458,7 @@ async fn answers_are_read_ahead_in_plan_order_and_an_oversized_one_is_refused() 
         big_or_echo,
         tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new()),
     );
-    let upcoming = ["one", "big", "two"]
-        .into_iter()
-        .map(|p| Planned {
-            path: RelPath::try_from(p).unwrap(),
-            size: 3,
-            ask: Ask::Whole,
-            ahead: true,
-        })
-        .collect();
-    let mut pipeline = Pipeline {
-        upcoming,
-        ahead: VecDeque::new(),
-        unpacker: Unpacker::default(),
-    };
+    let mut pipeline = whole_files(&["one", "big", "two"], 3);
     pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
     assert_eq!(pipeline.read_ahead_next(), Some(3));
     let ready = Ready::default();
@@ -495,17 +486,7 @@ async fn answers_are_read_ahead_in_plan_order_and_an_oversized_one_is_refused() 
 async fn files_over_a_mebibyte_are_not_read_ahead() {
     let (a, _b) = tokio::io::duplex(1 << 16);
     let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
-    let mut pipeline = Pipeline {
-        upcoming: [Planned {
-            path: rel("large"),
-            size: READY_FILE_MAX + 1,
-            ask: Ask::Whole,
-            ahead: true,
-        }]
-        .into(),
-        ahead: VecDeque::new(),
-        unpacker: Unpacker::default(),
-    };
+    let mut pipeline = whole_files(&["large"], READY_FILE_MAX + 1);
     pipeline.top_up(&mut conn, Generation(1)).await.unwrap();
     assert_eq!(pipeline.ahead.len(), 1, "requested ahead");
     assert_eq!(
