@@ -151,7 +151,6 @@ async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() 
         b,
         lbs_protocol::FrameCodec::new(),
     ));
-    let rel = |p: &str| RelPath::try_from(p).unwrap();
     let mut pipeline = whole_files(&["a", "b", "c", "d"], 1);
     let generation = Generation(1);
     pipeline
