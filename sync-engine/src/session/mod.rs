@@ -33,6 +33,7 @@ use crate::scan::{ScanError, ScanOptions, ScanReport, scan_from};
 use crate::trash::Trash;
 use crate::tree::{BlockSize, Cv};
 
+mod pack;
 mod pipeline;
 mod pull;
 mod ready;

@@ -20,7 +20,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // data packed only to one that unpacks it (1.11).
     let peer = whole::Reads {
         holes: version >= V1_6,
-        packed: version >= V1_11,
+        packing: (version >= V1_11).then(Default::default),
     };
     // This box may have been a backup that stopped in the middle of a patch: finish it
     // before serving the file.
@@ -86,11 +86,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send_after_manifest(conn, generation, version, skipped, links).await?;
             }
             Message::SyncFetch { path } => {
-                pending = send_files(conn, generation, &files, &index, path, peer).await?;
+                pending = send_files(conn, generation, &files, &index, path, &peer).await?;
             }
             Message::SyncFetchDelta { path, signature } => {
                 let asked = (path, signature);
-                send_delta(conn, generation, &files, &index, asked, peer).await?;
+                send_delta(conn, generation, &files, &index, asked, &peer).await?;
             }
             Message::SyncFetchChanges {
                 path,
@@ -140,7 +140,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     None => false,
                 };
                 let changes = ours.zip(ranges).filter(|_| unchanged);
-                send_changes(conn, generation, &files, &index, path, changes, peer).await?;
+                send_changes(conn, generation, &files, &index, path, changes, &peer).await?;
             }
             Message::Heartbeat { seq, .. } => {
                 send(
@@ -333,7 +333,7 @@ pub(super) async fn send_changes<S: AsyncRead + AsyncWrite + Unpin>(
     index: &Arc<Mutex<Index>>,
     path: RelPath,
     changes: Option<(Ours, Vec<(u64, u64)>)>,
-    peer: whole::Reads,
+    peer: &whole::Reads,
 ) -> Result<(), SessionError> {
     let Some((ours, ranges)) = changes else {
         return send_file(conn, generation, files, index, path, peer).await;
@@ -612,7 +612,7 @@ pub(super) async fn send_delta<S: AsyncRead + AsyncWrite + Unpin>(
     files: &Root,
     index: &Arc<Mutex<Index>>,
     (path, signature): (RelPath, Vec<u8>),
-    peer: whole::Reads,
+    peer: &whole::Reads,
 ) -> Result<(), SessionError> {
     let file = match files.open_file(&path) {
         Ok(file) => file,

@@ -5,6 +5,8 @@ use nix::sys::stat::FileStat;
 
 use crate::tree::{Region, next_region};
 
+use super::pack::{PackHistory, Packer, Piece};
+
 use super::*;
 
 /// Files up to this long are read whole in one blocking call ([`read_small`]).
@@ -42,7 +44,7 @@ pub(super) async fn send_files<S: AsyncRead + AsyncWrite + Unpin>(
     files: &Arc<Root>,
     index: &Arc<Mutex<Index>>,
     first: RelPath,
-    peer: Reads,
+    peer: &Reads,
 ) -> Result<Option<Message>, SessionError> {
     let mut paths = vec![first];
     let mut next = None;
@@ -63,7 +65,7 @@ pub(super) async fn send_files<S: AsyncRead + AsyncWrite + Unpin>(
     // one per sub-batch, not one per file.
     let (batches, mut read) = mpsc::channel(READ_AHEAD_BATCHES);
     let reader = {
-        let (files, index) = (files.clone(), index.clone());
+        let (files, index, peer) = (files.clone(), index.clone(), peer.clone());
         tokio::task::spawn_blocking(move || read_batches(&files, &index, paths, peer, &batches))
     };
     let sent = async {
@@ -103,7 +105,7 @@ fn read_batches(
     peer: Reads,
     batches: &mpsc::Sender<SubBatch>,
 ) {
-    let mut packer = Packer::new(peer.packed);
+    let mut packer = Packer::new(peer.packing);
     let mut batch = Vec::new();
     let mut held = 0u64;
     let listed = match listed_each(index, &paths, peer.holes) {
@@ -115,9 +117,13 @@ fn read_batches(
     };
     for (path, listed) in paths.into_iter().zip(listed) {
         let read = match files.open_file_stat(&path) {
-            Ok((file, stat)) if stat.st_size as u64 <= SMALL_FILE => {
-                Some(read_listed(&file, &stat, listed, peer.holes, &mut packer))
-            }
+            Ok((file, stat)) if stat.st_size as u64 <= SMALL_FILE => Some(read_listed(
+                &path,
+                (&file, &stat),
+                listed,
+                peer.holes,
+                &mut packer,
+            )),
             Ok(_) => None,
             Err(err) => Some(Err(err.to_string())),
         };
@@ -144,14 +150,14 @@ fn read_batches(
 /// [`read_small`]), packed where that pays (only a listed version: otherwise the sender
 /// hashes what it sends).
 fn read_listed(
-    file: &std::fs::File,
-    stat: &FileStat,
+    path: &RelPath,
+    (file, stat): (&std::fs::File, &FileStat),
     listed: Option<Listed>,
     holes: bool,
     packer: &mut Packer,
 ) -> Small {
     let limit = listed.map_or(4 * SMALL_FILE, |l| l.size);
-    packer.next_file(listed.is_some());
+    packer.next_file(path, listed.is_some());
     read_small(file, holes && may_have_holes(stat), limit)
         .map(|pieces| {
             let pieces = pieces.into_iter().map(|piece| packer.pack(piece)).collect();
@@ -227,7 +233,7 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     files: &Root,
     index: &Arc<Mutex<Index>>,
     path: RelPath,
-    peer: Reads,
+    peer: &Reads,
 ) -> Result<(), SessionError> {
     let (file, stat) = match files.open_file_stat(&path) {
         Ok(opened) => opened,
@@ -240,27 +246,29 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     // A small file (most of a PBX's) is read in one go on a blocking thread: one hand-off,
     // not one per read, seek and end of file.
     if stat.st_size as u64 <= SMALL_FILE {
-        let (index, at) = (index.clone(), path.clone());
+        let (index, at, peer) = (index.clone(), path.clone(), peer.clone());
         let read = tokio::task::spawn_blocking(move || {
             let listed = listed(&index, &at, peer.holes)?;
-            let mut packer = Packer::new(peer.packed);
-            Ok::<_, SessionError>(read_listed(&file, &stat, listed, peer.holes, &mut packer))
+            let mut packer = Packer::new(peer.packing);
+            let read = read_listed(&at, (&file, &stat), listed, peer.holes, &mut packer);
+            Ok::<_, SessionError>(read)
         });
         let small = blocking_join(read.await)??;
         return send_small(conn, generation, path, small).await;
     }
     let listed = {
-        let (index, at) = (index.clone(), path.clone());
-        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, peer.holes)).await)??
+        let (index, at, holes) = (index.clone(), path.clone(), peer.holes);
+        blocking_join(tokio::task::spawn_blocking(move || listed(&index, &at, holes)).await)??
     };
     let limit = listed.map_or(u64::MAX, |l| l.size);
     // A reader thread stays ahead of the connection by a few chunks: reading and sending
     // overlap, and the reader sleeps only when it is that far ahead (a hand-off to the
     // blocking pool per chunk was a sleep and two wake-ups per 256 KiB).
     let (pieces, mut read) = mpsc::channel(READ_AHEAD_CHUNKS);
+    let (at, packing) = (path.clone(), peer.packing.clone());
     let reader = tokio::task::spawn_blocking(move || {
-        let mut packer = Packer::new(peer.packed);
-        packer.next_file(listed.is_some());
+        let mut packer = Packer::new(packing);
+        packer.next_file(&at, listed.is_some());
         let sent = read_pieces(&file, holes, limit, |piece| {
             pieces.blocking_send(Ok(packer.pack(piece))).is_ok()
         });
@@ -356,110 +364,14 @@ impl Listed {
     }
 }
 
-/// A part of a file as read: data (packed or not), or a hole of some length.
-pub(super) enum Piece {
-    Data(Vec<u8>),
-    Hole(u64),
-    /// `len` bytes of data as one zstd frame.
-    Packed {
-        len: u32,
-        bytes: Vec<u8>,
-    },
-}
-
-impl Piece {
-    /// The memory it holds.
-    fn held(&self) -> u64 {
-        match self {
-            Piece::Data(bytes) | Piece::Packed { bytes, .. } => bytes.len() as u64,
-            Piece::Hole(_) => 0,
-        }
-    }
-}
-
 /// What the receiver reads beyond plain data, from the protocol both sides speak.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub(super) struct Reads {
     /// Holes as [`Message::SyncHole`] (1.6).
     pub(super) holes: bool,
-    /// Data packed as [`Message::SyncDataPacked`] (1.11).
-    pub(super) packed: bool,
-}
-
-/// zstd's level for file data: its fastest regular one packs a PBX's WAV prompts about 5%
-/// (level 1 packs 14% but at a quarter of the speed, slower than the link it saves on).
-const PACK_LEVEL: i32 = -1;
-
-/// A packed chunk is sent only when it saves at least 1/this of the chunk.
-const PACK_SAVES: usize = 32;
-
-/// After this many chunks of a file that did not pack, the rest of it is sent as it is
-/// (compressed audio, encrypted or random data).
-const PACK_TRIES: u32 = 2;
-
-/// Chunks shorter than this are sent as they are.
-const PACK_MIN: usize = 512;
-
-/// Packs data chunks for a receiver that unpacks them, while packing pays.
-pub(super) struct Packer {
-    /// Whether the receiver unpacks.
-    packed: bool,
-    /// Whether the current file is packed at all (the receiver unpacks and it is listed).
-    on: bool,
-    /// Chunks of the current file that did not pack.
-    misses: u32,
-}
-
-thread_local! {
-    /// Each reading thread's zstd context, made at its first packed chunk and kept: one made
-    /// per batch of files cost more than packing the small ones in it.
-    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-impl Packer {
-    /// A packer; with `packed` false, one that leaves data as it is.
-    pub(super) fn new(packed: bool) -> Packer {
-        Packer {
-            packed,
-            on: false,
-            misses: 0,
-        }
-    }
-
-    /// The next file's chunks follow; `listed`: whether its index listed it (one that was
-    /// not is hashed as it is sent, from the bytes as they are).
-    pub(super) fn next_file(&mut self, listed: bool) {
-        self.on = self.packed && listed;
-        self.misses = 0;
-    }
-
-    /// `piece`, packed if that saves enough (as it is if zstd cannot start).
-    pub(super) fn pack(&mut self, piece: Piece) -> Piece {
-        let Piece::Data(bytes) = piece else {
-            return piece;
-        };
-        let tried = self.on && self.misses < PACK_TRIES && bytes.len() >= PACK_MIN;
-        let Some(len) = tried.then(|| u32::try_from(bytes.len()).ok()).flatten() else {
-            return Piece::Data(bytes);
-        };
-        let packed = ZSTD.with_borrow_mut(|zstd| {
-            let zstd = match zstd {
-                Some(zstd) => zstd,
-                None => zstd.insert(zstd::bulk::Compressor::new(PACK_LEVEL).ok()?),
-            };
-            zstd.compress(&bytes).ok()
-        });
-        match packed {
-            Some(packed) if packed.len() <= bytes.len() - bytes.len() / PACK_SAVES => {
-                Piece::Packed { len, bytes: packed }
-            }
-            _ => {
-                self.misses += 1;
-                Piece::Data(bytes)
-            }
-        }
-    }
+    /// Data packed as [`Message::SyncDataPacked`] (1.11), learning what packs into this
+    /// history of the session's.
+    pub(super) packing: Option<Arc<PackHistory>>,
 }
 
 /// Reads a small file to its end or to `limit` bytes (with `holes`, holes as such), in parts

@@ -210,9 +210,9 @@ async fn sent_after_growth(len: usize) -> (Vec<u8>, Vec<u8>, u64) {
     let sending = tokio::spawn(async move {
         let peer = Reads {
             holes: true,
-            packed: false,
+            packing: None,
         };
-        send_file(&mut sender, Generation(1), &files, &index, path, peer)
+        send_file(&mut sender, Generation(1), &files, &index, path, &peer)
             .await
             .unwrap();
         sender.flush().await.unwrap();
@@ -374,9 +374,9 @@ async fn pipelined_fetches(version: ProtocolVersion) -> Vec<String> {
 
 #[test]
 fn data_that_does_not_pack_is_sent_as_it_is_and_a_bad_frame_is_refused() {
-    use super::whole::{Packer, Piece};
-    let mut packer = Packer::new(true);
-    packer.next_file(true);
+    use super::pack::{Packer, Piece};
+    let mut packer = Packer::new(Some(Default::default()));
+    packer.next_file(&rel("noise"), true);
     let mut noise = vec![0u8; SYNC_CHUNK_LEN];
     blake3::Hasher::new().finalize_xof().fill(&mut noise);
     // Noise does not pack; after a few tries the rest of the file is not even tried.
@@ -391,11 +391,11 @@ fn data_that_does_not_pack_is_sent_as_it_is_and_a_bad_frame_is_refused() {
         Piece::Data(_)
     ));
     // The next file is tried afresh; one listed nowhere is never packed.
-    packer.next_file(true);
+    packer.next_file(&rel("ones"), true);
     let Piece::Packed { len, bytes } = packer.pack(Piece::Data(vec![7; 4096])) else {
         panic!("a run of one byte did not pack");
     };
-    packer.next_file(false);
+    packer.next_file(&rel("unlisted"), false);
     assert!(matches!(
         packer.pack(Piece::Data(vec![7; 4096])),
         Piece::Data(_)
