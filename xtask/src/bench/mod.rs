@@ -444,8 +444,8 @@ struct Case<'a> {
 struct Sample {
     secs: f64,
     wire_bytes: u64,
-    /// Peak anonymous memory (RssAnon, sampled) of the receiver and of the sender, bytes.
-    anon: [u64; 2],
+    /// Peak resident memory of the receiver and of the sender over the run, bytes.
+    peak_rss: [u64; 2],
 }
 
 struct CaseResult {
@@ -674,19 +674,28 @@ fn after<'t>(text: &'t str, label: &str) -> Option<&'t str> {
     text.lines().find_map(|line| line.strip_prefix(label))
 }
 
-/// Runs `cmd` to success, timing it and sampling its (and `also`'s) anonymous memory; the
-/// wire bytes come from its output through `bytes_of`.
+/// Runs `cmd` to success, timing it, with its peak resident memory and `also`'s over the run
+/// (`also` is a server already running: its peak is reset first); the wire bytes come from
+/// its output through `bytes_of`. The kernel keeps both peaks: `cmd`'s is read every
+/// [`PEAK_EVERY`] (and misses at most what it held in its last moments), `also`'s once at
+/// the end, so measuring takes next to nothing from the run it measures.
 fn timed(
     cmd: &mut Command,
     also: Option<u32>,
     bytes_of: impl Fn(&str) -> Option<u64>,
 ) -> anyhow::Result<Sample> {
+    if let Some(also) = also {
+        // "5" resets the process's peak (VmHWM) to what it holds now.
+        fs::write(format!("/proc/{also}/clear_refs"), "5")
+            .with_context(|| format!("resetting the peak memory of process {also}"))?;
+    }
     let started = Instant::now();
-    let mut anon = [0u64; 2];
-    let output = run_watched(cmd, STEP_TIMEOUT, Duration::from_millis(2), |pid| {
-        anon[0] = anon[0].max(rss_anon(pid).unwrap_or(0));
-        if let Some(also) = also {
-            anon[1] = anon[1].max(rss_anon(also).unwrap_or(0));
+    let mut peak = 0;
+    let mut read_at = started;
+    let output = run_watched(cmd, STEP_TIMEOUT, Duration::from_millis(1), |pid| {
+        if read_at.elapsed() >= PEAK_EVERY {
+            peak = peak_rss(pid).unwrap_or(0).max(peak);
+            read_at = Instant::now();
         }
     })?;
     let secs = started.elapsed().as_secs_f64();
@@ -701,14 +710,18 @@ fn timed(
     Ok(Sample {
         secs,
         wire_bytes,
-        anon,
+        peak_rss: [peak, also.and_then(peak_rss).unwrap_or(0)],
     })
 }
 
-/// A process's resident anonymous memory, bytes (`RssAnon` in `/proc/<pid>/status`).
-fn rss_anon(pid: u32) -> Option<u64> {
+/// How often a timed command's peak memory is read while it runs.
+const PEAK_EVERY: Duration = Duration::from_millis(20);
+
+/// A process's peak resident memory since it started or its peak was reset, bytes (`VmHWM`
+/// in `/proc/<pid>/status`).
+fn peak_rss(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = after(&status, "RssAnon:")?
+    let kib: u64 = after(&status, "VmHWM:")?
         .split_whitespace()
         .next()?
         .parse()

@@ -66,7 +66,7 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
         "lbs bytes",
         "rsync bytes",
         "bytes",
-        "lbs anon MiB"
+        "lbs peak RSS MiB"
     );
     println!(
         "{:<22} {:>8} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}",
@@ -79,7 +79,8 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
         let secs = |samples: &[Sample]| median(samples.iter().map(|s| s.secs).collect());
         let bytes =
             |samples: &[Sample]| median(samples.iter().map(|s| s.wire_bytes as f64).collect());
-        let peak = |i: usize| result.lbs.iter().map(|s| s.anon[i]).max().unwrap_or(0) as f64 / MIB;
+        let peak =
+            |i: usize| result.lbs.iter().map(|s| s.peak_rss[i]).max().unwrap_or(0) as f64 / MIB;
         let lbs_s = secs(&result.lbs);
         let lbs_b = bytes(&result.lbs);
         // Against the faster of rsync's modes (its default, or its best for the case).

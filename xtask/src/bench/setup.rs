@@ -31,8 +31,8 @@ pub(super) fn rsync_run(
         Some(number("Total bytes sent: ")? + number("Total bytes received: ")?)
     })
     .context("timed rsync")?;
-    // rsync's receiver is the daemon's per-connection child, gone by now: not sampled.
-    sample.anon[1] = 0;
+    // rsync's receiver is the daemon's per-connection child, gone by now: not measured.
+    sample.peak_rss[1] = 0;
     Ok(sample)
 }
 
