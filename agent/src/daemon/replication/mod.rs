@@ -10,6 +10,7 @@ mod watch;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +63,16 @@ pub(crate) async fn replication(shared: Arc<Shared>, shutdown: CancellationToken
         let early = by_itself.is_some();
         let result = match (by_itself, side) {
             (Some(result), _) => Some(result),
-            (None, Some(side)) => Some(side.await),
+            (None, Some(mut side)) => Some(
+                stopped(&mut side, STOP_SAID_EVERY, |waited| {
+                    tracing::warn!(
+                        "replication ({mode:?}) was told to stop {} s ago and has not yet; \
+                         the next side waits for it (a disk or the partner not answering?)",
+                        waited.as_secs()
+                    );
+                })
+                .await,
+            ),
             (None, None) => None,
         };
         match result {
@@ -79,6 +89,27 @@ pub(crate) async fn replication(shared: Arc<Shared>, shutdown: CancellationToken
                 _ = modes.changed() => {}
                 () = tokio::time::sleep(RETRY) => {}
             }
+        }
+    }
+}
+
+/// How often a side told to stop and still running is said.
+const STOP_SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// Waits for a side told to stop, calling `still` with the time waited every `every` it has
+/// not: it stops at its next step (a pull at its next chunk), and a step that hangs (a disk
+/// that stopped answering) would otherwise hold the next side back unsaid. It is never left
+/// behind: a pull still writing must not overlap the serving that follows it after P.
+async fn stopped<F: Future + Unpin>(
+    side: &mut F,
+    every: Duration,
+    mut still: impl FnMut(Duration),
+) -> F::Output {
+    let since = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(every, &mut *side).await {
+            Ok(output) => return output,
+            Err(_) => still(since.elapsed()),
         }
     }
 }
@@ -141,4 +172,33 @@ pub(crate) fn peer(shared: &Shared) -> anyhow::Result<Option<(Peer, SocketAddr)>
         Peer::from_state(&shared.paths, partner, generation)?.pinned(pin.as_ref()),
         address,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_slow_to_stop_is_said_every_interval_and_waited_for() {
+        let mut side = Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            "stopped"
+        });
+        let mut said = Vec::new();
+        let out = stopped(&mut side, Duration::from_secs(10), |waited| {
+            said.push(waited.as_secs());
+        })
+        .await;
+        assert_eq!(out, "stopped");
+        assert_eq!(said, [10, 20]);
+        // One that stops at once is not said at all.
+        let mut quick = Box::pin(async { 7 });
+        let mut said = 0;
+        assert_eq!(
+            stopped(&mut quick, Duration::from_secs(10), |_| said += 1).await,
+            7
+        );
+        assert_eq!(said, 0);
+    }
 }
