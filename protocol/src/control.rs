@@ -155,6 +155,14 @@ pub struct ResourceSample {
 /// At most this many samples travel in one message (an hour at the agent's 10 s).
 pub const MAX_SAMPLES: usize = 360;
 
+/// The first protocol whose boxes are sent promotion requests by the data center.
+pub const PROMOTION_REQUESTS: crate::ProtocolVersion =
+    crate::ProtocolVersion { major: 1, minor: 2 };
+
+/// The first protocol that knows hand-overs ([`crate::Message::HandOver`]) and how a promotion
+/// came about ([`crate::Message::PromoteAs`]).
+pub const HAND_OVERS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 4 };
+
 /// The first protocol that knows [`crate::Message::PromoteIfQuiet`].
 pub const QUIET_PROMOTION: crate::ProtocolVersion = crate::ProtocolVersion {
     major: 1,

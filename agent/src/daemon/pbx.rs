@@ -140,7 +140,7 @@ const HAND_OVER_RETRY: Duration = Duration::from_secs(30);
 async fn ask_hand_over(shared: &Shared, reason: &str) -> anyhow::Result<()> {
     tokio::time::timeout(PROMOTION_DEADLINE, async {
         let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
-        if version < (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+        if version < control::HAND_OVERS {
             bail!("the data center at {address} speaks protocol {version}: hand-overs need 1.4");
         }
         let generation = lock(&shared.machine).record.generation;

@@ -285,7 +285,7 @@ async fn ask_promotion(
                 how,
                 quiet_ms: u64::try_from(gone_after.as_millis()).unwrap_or(u64::MAX),
             }
-        } else if version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 }) {
+        } else if version >= control::HAND_OVERS {
             Message::PromoteAs { advertised, how }
         } else {
             Message::Promote { advertised }

@@ -371,8 +371,8 @@ pub(super) async fn on_report(
 ) -> Message {
     // Promotion requests only go to boxes that understand them (1.2 and later), hand-overs
     // likewise (1.4 and later).
-    let remote = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 2 });
-    let hand_over = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 4 });
+    let remote = version >= lbs_protocol::control::PROMOTION_REQUESTS;
+    let hand_over = version >= lbs_protocol::control::HAND_OVERS;
     let record = store::Report {
         believed,
         software: report.software.to_string(),
