@@ -407,9 +407,14 @@ pub enum Message {
     /// receiver): still scanning, every [`SYNC_SCANNING_EVERY`]. A first scan may hash for
     /// minutes; this lets the receiver tell that from a sender that stopped.
     SyncScanning,
+    /// Receiver → sender, while it works on its own side between requests — its scan, its
+    /// plan, the end of its writing (protocol 1.13, never to an older sender): still at work,
+    /// every [`SYNC_SCANNING_EVERY`]. Lets the sender tell that from a receiver that stopped.
+    SyncWorking,
 }
 
-/// How often a sender says [`Message::SyncScanning`] while its scan runs.
+/// How often a sender says [`Message::SyncScanning`] while its scan runs (and a receiver
+/// [`Message::SyncWorking`]).
 pub const SYNC_SCANNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest `SyncData` payload: big enough to keep a link busy, small enough that a frame
@@ -459,6 +464,7 @@ impl Message {
             Message::PromoteIfQuiet { .. } => "promote-if-quiet",
             Message::SyncDataPacked { .. } => "sync-data-packed",
             Message::SyncScanning => "sync-scanning",
+            Message::SyncWorking => "sync-working",
             Message::HandOver { .. } => "hand-over",
             Message::HandOverRequested { .. } => "hand-over-requested",
             Message::TunnelPairsRequest => "tunnel-pairs-request",

@@ -372,6 +372,39 @@ const V1_12: ProtocolVersion = ProtocolVersion {
     minor: 12,
 };
 
+/// The first protocol whose receivers say [`Message::SyncWorking`] while they work between
+/// requests, so their sender waits for each request within [`STALLED`].
+const V1_13: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 13,
+};
+
+/// Awaits `work` (a blocking task of this side's), telling the peer `notice` every
+/// [`lbs_protocol::SYNC_SCANNING_EVERY`] while it runs, when `say`. The work is awaited even
+/// when the peer is gone, so it never outlives the session; a notice that could not be sent
+/// is the error then.
+async fn saying<S: AsyncRead + AsyncWrite + Unpin, T>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    (notice, say): (Message, bool),
+    mut work: tokio::task::JoinHandle<T>,
+) -> Result<T, SessionError> {
+    let every = lbs_protocol::SYNC_SCANNING_EVERY;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let said = loop {
+        tokio::select! {
+            joined = &mut work => return blocking_join(joined),
+            _ = tick.tick(), if say => {
+                if let Err(err) = send(conn, generation, notice.clone()).await {
+                    break err;
+                }
+            }
+        }
+    };
+    blocking_join(work.await)?;
+    Err(said)
+}
+
 /// What the sender's scan left out, as it said after its manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SenderSkipped {

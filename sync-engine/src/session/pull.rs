@@ -169,9 +169,12 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
 
     let manifest_started = Instant::now();
     let exchanged = exchange_manifests(conn, generation, version, before_rx).await;
+    // While this side works between requests, a sender of 1.13 is told so every 10 s: it
+    // waits for each request within a minute.
+    let working = |say: bool| (Message::SyncWorking, say && version >= V1_13);
     // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
     // if any, says best what went wrong.
-    let scanned = blocking_join(own_scan.await)?;
+    let scanned = saying(conn, generation, working(exchanged.is_ok()), own_scan).await?;
     let (scan_report, have) = scanned?;
     let Exchanged {
         entries,
@@ -229,45 +232,43 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                 _ => None,
             })
             .collect();
-        blocking_join(
-            tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
-                let index = index
-                    .lock()
-                    .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-                let mut planned = VecDeque::with_capacity(fetches.len());
-                for (path, size, existing) in fetches {
-                    // Large files are not asked for ahead: their block lists would make this
-                    // list grow with the data, and their transfer dwarfs a round trip. Nor
-                    // are their lists read here.
-                    let large = existing && index_blocks(&index, &path)? > AHEAD_MAX_BLOCKS as u64;
-                    let known = if existing && !large {
-                        index.known(&path)?
-                    } else {
-                        None
-                    };
-                    let delta = known
+        let planning = tokio::task::spawn_blocking(move || -> Result<_, SessionError> {
+            let index = index
+                .lock()
+                .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+            let mut planned = VecDeque::with_capacity(fetches.len());
+            for (path, size, existing) in fetches {
+                // Large files are not asked for ahead: their block lists would make this
+                // list grow with the data, and their transfer dwarfs a round trip. Nor
+                // are their lists read here.
+                let large = existing && index_blocks(&index, &path)? > AHEAD_MAX_BLOCKS as u64;
+                let known = if existing && !large {
+                    index.known(&path)?
+                } else {
+                    None
+                };
+                let delta = known
+                    .as_ref()
+                    .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
+                let small = !large
+                    && known
                         .as_ref()
-                        .is_some_and(|k| crate::delta::wants_delta(k.meta.size, size));
-                    let small = !large
-                        && known
-                            .as_ref()
-                            .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS as u64);
-                    let ask = if small {
-                        Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
-                    } else {
-                        Ask::Whole
-                    };
-                    planned.push_back(Planned {
-                        path,
-                        size,
-                        ask,
-                        ahead: !delta && small,
-                    });
-                }
-                Ok(planned)
-            })
-            .await,
-        )??
+                        .is_none_or(|k| k.blocks.len() <= AHEAD_MAX_BLOCKS as u64);
+                let ask = if small {
+                    Ask::from_basis(known.map(|k| (k.block_size, k.blocks)))
+                } else {
+                    Ask::Whole
+                };
+                planned.push_back(Planned {
+                    path,
+                    size,
+                    ask,
+                    ahead: !delta && small,
+                });
+            }
+            Ok(planned)
+        });
+        saying(conn, generation, working(true), planning).await??
     };
     let (requests, mut incoming) = mpsc::channel(1);
     let ready = Arc::new(Ready::default());
@@ -330,6 +331,10 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // A pull nobody cancels waits on a token nobody cancels.
     let cancel = cancel.unwrap_or_default();
+    let every = lbs_protocol::SYNC_SCANNING_EVERY;
+    let mut still_working = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    still_working.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let say_working = working(true).1;
     loop {
         let (path, size, ask, chunks) = match incoming.try_recv() {
             Ok(request) => request,
@@ -358,6 +363,14 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
                         None => break,
                     },
                     () = ready.room(), if connection_error.is_none() => continue,
+                    // The writer is at work on this side (a local copy, a group's sync).
+                    _ = still_working.tick(), if say_working && connection_error.is_none() => {
+                        if let Err(err) = send(conn, generation, Message::SyncWorking).await {
+                            ready.close();
+                            connection_error = Some(err);
+                        }
+                        continue;
+                    }
                     () = cancel.cancelled(), if connection_error.is_none() => {
                         ready.close();
                         connection_error = Some(SessionError::Cancelled);
@@ -399,7 +412,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             connection_error = Some(err);
         }
     }
-    let executed = blocking_join(worker.await)?;
+    let executed = saying(
+        conn,
+        generation,
+        working(connection_error.is_none()),
+        worker,
+    )
+    .await?;
     // A lost connection or a cancellation explains the writer's interruption best.
     if let Some(err) = connection_error.take() {
         return Err(err);
@@ -410,20 +429,18 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let installed = std::mem::take(&mut executed.installed);
     let patched = std::mem::take(&mut executed.patched_lists);
     let record_root = root.to_owned();
-    blocking_join(
-        tokio::task::spawn_blocking(move || -> Result<u64, SessionError> {
-            let mut index = index
-                .lock()
-                .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
-            Ok(crate::scan::record_installed(
-                &record_root,
-                &mut index,
-                &installed,
-                &patched,
-            )?)
-        })
-        .await,
-    )??;
+    let recording = tokio::task::spawn_blocking(move || -> Result<u64, SessionError> {
+        let mut index = index
+            .lock()
+            .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        Ok(crate::scan::record_installed(
+            &record_root,
+            &mut index,
+            &installed,
+            &patched,
+        )?)
+    });
+    saying(conn, generation, working(true), recording).await??;
     if let Some(err) = connection_error {
         return Err(err);
     }

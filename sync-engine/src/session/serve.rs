@@ -36,8 +36,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let message = match pending.take() {
             Some(message) => message,
-            None => match next_envelope(conn).await {
-                Some(envelope) => envelope?.message,
+            None => match next_request(conn, version).await? {
+                Some(message) => message,
                 None => return Ok(()),
             },
         };
@@ -154,11 +154,31 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 .await?;
             }
             Message::Goodbye { .. } => return Ok(()),
+            // The receiver is at work on its side (1.13): its next request follows.
+            Message::SyncWorking => {}
             other => {
                 return Err(SessionError::unexpected(&other, "serving"));
             }
         }
     }
+}
+
+/// The receiver's next message (`None`: it hung up). One of protocol 1.13 says when it works
+/// on its side between requests, so it is waited for within [`STALLED`]: a receiver that
+/// stopped (its kernel still answers keepalive probes) does not hold its session forever.
+/// An older one is waited for as long as it takes.
+async fn next_request<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    version: ProtocolVersion,
+) -> Result<Option<Message>, SessionError> {
+    let next = if version >= V1_13 {
+        tokio::time::timeout(STALLED, next_envelope(conn))
+            .await
+            .map_err(|_| SessionError::Stalled("the wait for the receiver's next request"))?
+    } else {
+        next_envelope(conn).await
+    };
+    next.map(|envelope| Ok(envelope?.message)).transpose()
 }
 
 /// Awaits this side's scan, telling a receiver of protocol 1.12 every
@@ -168,22 +188,10 @@ pub(super) async fn saying_scanning<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     version: ProtocolVersion,
-    mut scanning: tokio::task::JoinHandle<Result<Scanned, SessionError>>,
+    scanning: tokio::task::JoinHandle<Result<Scanned, SessionError>>,
 ) -> Result<Scanned, SessionError> {
-    let every = lbs_protocol::SYNC_SCANNING_EVERY;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let said = loop {
-        tokio::select! {
-            joined = &mut scanning => return blocking_join(joined)?,
-            _ = tick.tick(), if version >= V1_12 => {
-                if let Err(err) = send(conn, generation, Message::SyncScanning).await {
-                    break err;
-                }
-            }
-        }
-    };
-    blocking_join(scanning.await)??;
-    Err(said)
+    let notice = (Message::SyncScanning, version >= V1_12);
+    saying(conn, generation, notice, scanning).await?
 }
 
 /// Tells a receiver that reads them (protocol 1.6) what this side's scan left out and which

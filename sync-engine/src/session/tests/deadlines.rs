@@ -163,3 +163,53 @@ async fn a_sender_whose_receiver_stops_reading_ends_its_session_after_a_minute()
     assert_eq!(started.elapsed(), STALLED);
     drop(b);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sender_waits_for_a_working_receiver_and_a_minute_for_a_silent_one() {
+    for version in [V1_13, V1_12] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut sender: Connection<_> =
+            tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+        let mut receiver: Connection<_> =
+            tokio_util::codec::Framed::new(b, lbs_protocol::FrameCodec::new());
+        let root = dir.path().to_owned();
+        let mut serving = tokio::spawn(async move {
+            let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+            serve(&mut sender, root, index, Generation(1), version).await
+        });
+        if version >= V1_13 {
+            // 100 s at work on its side, said every 10 s: the session stays.
+            for _ in 0..10 {
+                tokio::time::sleep(lbs_protocol::SYNC_SCANNING_EVERY).await;
+                let working = Envelope {
+                    generation: Generation(1),
+                    message: Message::SyncWorking,
+                };
+                receiver.send(working).await.unwrap();
+            }
+            assert!(!serving.is_finished());
+            // Then nothing, its connection open: it stopped.
+            let silent = tokio::time::Instant::now();
+            let ended = tokio::time::timeout(2 * STALLED, &mut serving).await;
+            let err = ended
+                .expect("the session ended within two minutes")
+                .unwrap()
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SessionError::Stalled("the wait for the receiver's next request")
+                ),
+                "{err}"
+            );
+            assert_eq!(silent.elapsed(), STALLED);
+        } else {
+            // An older receiver never says so: it is waited for as long as it takes.
+            let waited = tokio::time::timeout(Duration::from_secs(600), &mut serving).await;
+            assert!(waited.is_err(), "a 1.12 receiver's session ended by itself");
+            drop(receiver);
+            serving.await.unwrap().unwrap();
+        }
+    }
+}
