@@ -227,7 +227,7 @@ impl Follower<'_> {
     /// One connection to the first main-site address that answers, asking until it fails.
     async fn session(&mut self, known: &mut Option<Cache>) -> anyhow::Result<()> {
         let (mut conn, from, version) = self.connect().await?;
-        let by_pair = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
+        let by_pair = version >= lbs_protocol::control::PAIRS;
         if !by_pair {
             tracing::error!(
                 %from,

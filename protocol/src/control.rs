@@ -159,6 +159,11 @@ pub const MAX_SAMPLES: usize = 360;
 pub const PROMOTION_REQUESTS: crate::ProtocolVersion =
     crate::ProtocolVersion { major: 1, minor: 2 };
 
+/// The first protocol that knows pairs: a site asks for the tunnels' boxes pair by pair
+/// ([`crate::Message::TunnelPairsRequest`]) and a box for its partner's current key
+/// ([`crate::Message::PartnerKeyRequest`]).
+pub const PAIRS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 5 };
+
 /// The first protocol that knows hand-overs ([`crate::Message::HandOver`]) and how a promotion
 /// came about ([`crate::Message::PromoteAs`]).
 pub const HAND_OVERS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 4 };

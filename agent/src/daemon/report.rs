@@ -88,7 +88,7 @@ pub(crate) async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
 pub(crate) async fn report_session(shared: &Shared) -> anyhow::Result<()> {
     let (mut conn, address, version) = connect_dc_negotiated(shared).await?;
     // A data center of 1.5 or later says the partner's current key.
-    let keys = version >= (lbs_protocol::ProtocolVersion { major: 1, minor: 5 });
+    let keys = version >= lbs_protocol::control::PAIRS;
     // One of 1.8 or later gives the root's revocation list of sites' CAs.
     let revocations = version >= lbs_protocol::control::CHAIN_IN_GRANT;
     // One of 1.9 or later takes each set's state, the PBX check and the role steps with it.
