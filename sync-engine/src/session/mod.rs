@@ -379,23 +379,32 @@ const V1_13: ProtocolVersion = ProtocolVersion {
     minor: 13,
 };
 
-/// Awaits `work` (a blocking task of this side's), telling the peer `notice` every
-/// [`lbs_protocol::SYNC_SCANNING_EVERY`] while it runs, when `say`. The work is awaited even
-/// when the peer is gone, so it never outlives the session; a notice that could not be sent
-/// is the error then.
+/// Ticks every [`lbs_protocol::SYNC_SCANNING_EVERY`], the first one after a whole interval:
+/// when a side that works on its own says so to its peer.
+fn notice_ticks() -> tokio::time::Interval {
+    let every = lbs_protocol::SYNC_SCANNING_EVERY;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+/// Awaits `work` (a blocking task of this side's), telling the peer `notice`, if any, every
+/// [`notice_ticks`] while it runs. The work is awaited even when the peer is gone, so it
+/// never outlives the session; a notice that could not be sent is the error then.
 async fn saying<S: AsyncRead + AsyncWrite + Unpin, T>(
     conn: &mut Connection<S>,
     generation: Generation,
-    (notice, say): (Message, bool),
+    notice: Option<Message>,
     mut work: tokio::task::JoinHandle<T>,
 ) -> Result<T, SessionError> {
-    let every = lbs_protocol::SYNC_SCANNING_EVERY;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut ticks = notice_ticks();
     let said = loop {
         tokio::select! {
             joined = &mut work => return blocking_join(joined),
-            _ = tick.tick(), if say => {
-                if let Err(err) = send(conn, generation, notice.clone()).await {
+            _ = ticks.tick(), if notice.is_some() => {
+                if let Some(notice) = notice.clone()
+                    && let Err(err) = send(conn, generation, notice).await
+                {
                     break err;
                 }
             }

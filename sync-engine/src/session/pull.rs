@@ -171,7 +171,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let exchanged = exchange_manifests(conn, generation, version, before_rx).await;
     // While this side works between requests, a sender of 1.13 is told so every 10 s: it
     // waits for each request within a minute.
-    let working = |say: bool| (Message::SyncWorking, say && version >= V1_13);
+    let working = |say: bool| (say && version >= V1_13).then_some(Message::SyncWorking);
     // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
     // if any, says best what went wrong.
     let scanned = saying(conn, generation, working(exchanged.is_ok()), own_scan).await?;
@@ -331,10 +331,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // A pull nobody cancels waits on a token nobody cancels.
     let cancel = cancel.unwrap_or_default();
-    let every = lbs_protocol::SYNC_SCANNING_EVERY;
-    let mut still_working = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    still_working.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let say_working = working(true).1;
+    let mut still_working = notice_ticks();
+    let say_working = working(true).is_some();
     loop {
         let (path, size, ask, chunks) = match incoming.try_recv() {
             Ok(request) => request,

@@ -190,7 +190,7 @@ pub(super) async fn saying_scanning<S: AsyncRead + AsyncWrite + Unpin>(
     version: ProtocolVersion,
     scanning: tokio::task::JoinHandle<Result<Scanned, SessionError>>,
 ) -> Result<Scanned, SessionError> {
-    let notice = (Message::SyncScanning, version >= V1_12);
+    let notice = (version >= V1_12).then_some(Message::SyncScanning);
     saying(conn, generation, notice, scanning).await?
 }
 

@@ -122,6 +122,19 @@ fn echo_sender(conn: Connection<tokio::io::DuplexStream>) -> tokio::task::JoinHa
     answering_sender(echo, conn)
 }
 
+/// What the writer gets for `name` (a one-byte whole file) when it asks the pipeline.
+async fn fetched(
+    pipeline: &mut Pipeline,
+    conn: &mut Connection<tokio::io::DuplexStream>,
+    name: &str,
+) -> Vec<u8> {
+    pipeline
+        .ready(conn, Generation(1), rel(name), 1, Ask::Whole)
+        .await
+        .unwrap();
+    content(conn).await
+}
+
 async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
     let (tx, mut rx) = mpsc::channel(8);
     forward(
@@ -153,33 +166,17 @@ async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() 
     ));
     let mut pipeline = whole_files(&["a", "b", "c", "d"], 1);
     let generation = Generation(1);
-    pipeline
-        .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
-        .await
-        .unwrap();
-    assert_eq!(content(&mut conn).await, b"a");
+    assert_eq!(fetched(&mut pipeline, &mut conn, "a").await, b"a");
     // b, c and d are asked for while "a" is being stored.
     pipeline.top_up(&mut conn, generation).await.unwrap();
     assert_eq!(pipeline.ahead.len(), 3);
     // The writer skips b (its step failed before fetching): b's answer is dropped.
-    pipeline
-        .ready(&mut conn, generation, rel("c"), 1, Ask::Whole)
-        .await
-        .unwrap();
-    assert_eq!(content(&mut conn).await, b"c");
+    assert_eq!(fetched(&mut pipeline, &mut conn, "c").await, b"c");
     // A fallback fetch of "a" (a local copy that did not verify): d's answer in flight is
     // dropped and d goes back in line, asked again on the next top-up.
-    pipeline
-        .ready(&mut conn, generation, rel("a"), 1, Ask::Whole)
-        .await
-        .unwrap();
-    assert_eq!(content(&mut conn).await, b"a");
+    assert_eq!(fetched(&mut pipeline, &mut conn, "a").await, b"a");
     pipeline.top_up(&mut conn, generation).await.unwrap();
-    pipeline
-        .ready(&mut conn, generation, rel("d"), 1, Ask::Whole)
-        .await
-        .unwrap();
-    assert_eq!(content(&mut conn).await, b"d");
+    assert_eq!(fetched(&mut pipeline, &mut conn, "d").await, b"d");
     drop(conn);
     let asked = sender.await.unwrap();
     assert_eq!(asked, ["a", "b", "c", "d", "a", "d"]);
