@@ -30,7 +30,8 @@ enum Command {
     /// center silent, fenced), 2 when the agent does not answer.
     Status(status_cmd::StatusCmd),
     /// P: make this backup the primary — checks, confirmation, then every step timed. Exit 3
-    /// if refused.
+    /// if refused; 4 if refused because the primary was heard lately (P again after the wait
+    /// the refusal names may succeed).
     Promote(promote_cmd::PromoteCmd),
     /// B: make this fenced box (the old primary, repaired) the backup, and follow the
     /// re-sync until in sync. Exit 3 if refused.

@@ -82,6 +82,21 @@ pub async fn demote(cmd: DemoteCmd) -> anyhow::Result<ExitCode> {
 /// Exit code when the promotion was refused.
 pub const EXIT_REFUSED: u8 = 3;
 
+/// Exit code when the promotion was refused because the primary was heard lately (by this
+/// box or the data center): P pressed again after the wait the refusal names may succeed.
+pub const EXIT_PRIMARY_ALIVE: u8 = 4;
+
+/// The exit code of a promotion whose conversation ended with `last`.
+pub(crate) fn promote_exit(last: &Option<ControlReply>) -> ExitCode {
+    match last {
+        _ if succeeded(last) => ExitCode::SUCCESS,
+        Some(ControlReply::Refused(
+            Refusal::PrimaryAlive { .. } | Refusal::BoxHeardPrimary { .. },
+        )) => ExitCode::from(EXIT_PRIMARY_ALIVE),
+        _ => ExitCode::from(EXIT_REFUSED),
+    }
+}
+
 /// Sends `request` and hands every reply, as lines for an 80-column terminal (continuations
 /// indented), to `each` until the agent closes; the last reply.
 pub(crate) async fn converse(
@@ -149,7 +164,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
         )
         .await?;
         if !succeeded(&last) {
-            return Ok(ExitCode::from(EXIT_REFUSED));
+            return Ok(promote_exit(&last));
         }
         if !confirm("Promote this box to PRIMARY? [y/N]", "y")? {
             lbs_host::say!("cancelled: nothing changed");
@@ -184,11 +199,7 @@ pub async fn promote(cmd: PromoteCmd) -> anyhow::Result<ExitCode> {
         |line| lbs_host::say!("{line}"),
     )
     .await?;
-    Ok(if succeeded(&last) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_REFUSED)
-    })
+    Ok(promote_exit(&last))
 }
 
 /// Options of `lbs reload`.
@@ -215,4 +226,38 @@ pub async fn reload(cmd: ReloadCmd) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Change;
+    use crate::role::RoleState;
+
+    #[test]
+    fn a_refusal_because_the_primary_is_alive_has_an_exit_code_of_its_own() {
+        let refused = |refusal| promote_exit(&Some(ControlReply::Refused(refusal)));
+        let alive = Refusal::PrimaryAlive {
+            silent_ms: 1_200,
+            gone_after_ms: 10_000,
+        };
+        let heard = Refusal::BoxHeardPrimary {
+            ago_ms: 300,
+            gone_after_ms: 10_000,
+        };
+        let other = Refusal::RoleChange {
+            why: "the data center is at generation 7".into(),
+        };
+        let code = |c: u8| ExitCode::from(c);
+        assert_eq!(refused(alive), code(EXIT_PRIMARY_ALIVE));
+        assert_eq!(refused(heard), code(EXIT_PRIMARY_ALIVE));
+        assert_eq!(refused(other), code(EXIT_REFUSED));
+        let not_backup = Refusal::NotBackup {
+            state: RoleState::Primary,
+        };
+        assert_eq!(refused(not_backup), code(EXIT_REFUSED));
+        assert_eq!(promote_exit(&None), code(EXIT_REFUSED));
+        let ready = Some(ControlReply::Ready(Change::Promotion));
+        assert_eq!(promote_exit(&ready), ExitCode::SUCCESS);
+    }
 }

@@ -386,11 +386,12 @@ fn p_with_the_primary_unplugged_moves_its_address_to_the_backup() {
         pair.lab.run(cmd, STEP).unwrap()
     };
 
-    // While the primary lives: refused, with the reason, and nothing changes.
+    // While the primary lives: refused, with the reason and how long to wait (exit code 4: P
+    // again after the wait may succeed), and nothing changes.
     // (office_pair waited for the data center to hear the primary.)
     let out = promote(&mut pair);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert_eq!(out.status.code(), Some(4), "{said}");
     assert!(
         said.contains("refused: the data center heard the primary"),
         "{said}"

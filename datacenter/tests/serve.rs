@@ -18,7 +18,7 @@ use lbs_protocol::inventory::Inventory;
 use lbs_protocol::tls::{self, PendingIdentity};
 use lbs_protocol::{
     CertificateAuthority, Connection, Generation, Hello, Identity, Message, PROTOCOL_VERSION,
-    PeerName, Role, Sender, ServerId, SoftwareVersion, TrustRoot, exchange_hello,
+    PeerName, ProtocolVersion, Role, Sender, ServerId, SoftwareVersion, TrustRoot, exchange_hello,
 };
 use lbs_tests::require_root;
 use tokio::net::{TcpSocket, TcpStream};
@@ -250,9 +250,27 @@ impl TestBox {
     }
 
     async fn control(&self, dc: &Dc, generation: Generation, role: Role) -> Connection<TlsStream> {
-        connect_control(dc, self.identity.as_ref().unwrap(), generation, role)
+        self.control_as(dc, generation, role, PROTOCOL_VERSION)
             .await
-            .unwrap()
+    }
+
+    /// A control connection whose hello says `protocol` (an older box's).
+    async fn control_as(
+        &self,
+        dc: &Dc,
+        generation: Generation,
+        role: Role,
+        protocol: ProtocolVersion,
+    ) -> Connection<TlsStream> {
+        connect_control(
+            dc,
+            self.identity.as_ref().unwrap(),
+            generation,
+            role,
+            protocol,
+        )
+        .await
+        .unwrap()
     }
 
     fn report(&self, role: Role, advertised: Ipv4Addr) -> Message {
@@ -293,6 +311,7 @@ async fn connect_control(
     identity: &Identity,
     generation: Generation,
     role: Role,
+    protocol: ProtocolVersion,
 ) -> anyhow::Result<Connection<TlsStream>> {
     let PeerName::Box(sid) = identity.name().clone() else {
         panic!("not a box identity")
@@ -301,7 +320,7 @@ async fn connect_control(
     let tcp = TcpStream::connect(dc.control).await?;
     let stream = tls::connect(config, &PeerName::DataCenter, tcp).await?;
     let hello = Hello {
-        protocol: PROTOCOL_VERSION,
+        protocol,
         software: SoftwareVersion::current(),
         sender: Sender::Box { sid, role },
     };
@@ -823,7 +842,15 @@ async fn impostors_bad_keys_and_bad_input_are_refused_and_change_nothing() {
     // An impostor: a box certificate from another CA is refused at the TLS handshake.
     let other_ca = CertificateAuthority::generate("another installation").unwrap();
     let impostor = other_ca.issue_identity(&PeerName::Box(b.sid)).unwrap();
-    let refused = match connect_control(&dc, &impostor, Generation(1), Role::Backup).await {
+    let refused = match connect_control(
+        &dc,
+        &impostor,
+        Generation(1),
+        Role::Backup,
+        PROTOCOL_VERSION,
+    )
+    .await
+    {
         Ok(mut conn) => control::call(
             &mut conn,
             Generation(1),
@@ -849,9 +876,15 @@ async fn impostors_bad_keys_and_bad_input_are_refused_and_change_nothing() {
     a.key = out.split_whitespace().nth(3).unwrap().to_owned();
     let regrant = a.activate(&dc).await.unwrap();
     assert_eq!(regrant.role, Role::Primary, "re-activation keeps the role");
-    let mut stale = connect_control(&dc, &old_identity, Generation(1), Role::Primary)
-        .await
-        .unwrap();
+    let mut stale = connect_control(
+        &dc,
+        &old_identity,
+        Generation(1),
+        Role::Primary,
+        PROTOCOL_VERSION,
+    )
+    .await
+    .unwrap();
     let err = control::call(
         &mut stale,
         Generation(1),
@@ -1154,11 +1187,25 @@ async fn a_promotion_that_needs_the_primary_silent_is_refused_while_it_reports()
     };
     // Heard a moment ago: refused, with how long ago, and nothing changes.
     match control::call(&mut cb, Generation(1), quiet(5_000), WAIT).await {
+        Err(CallError::Denied(Denial::PrimaryAlive {
+            silent_ms,
+            quiet_ms,
+        })) => assert!(silent_ms < 5_000 && quiet_ms == 5_000, "{silent_ms}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A box of 1.13 does not know that denial: it is told in words.
+    let old = ProtocolVersion {
+        major: 1,
+        minor: 13,
+    };
+    let mut old_cb = b.control_as(&dc, Generation(1), Role::Backup, old).await;
+    match control::call(&mut old_cb, Generation(1), quiet(5_000), WAIT).await {
         Err(CallError::Denied(Denial::NotAllowed(why))) => {
             assert!(why.contains("reported") && why.contains("alive"), "{why}");
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("expected a refusal in words, got {other:?}"),
     }
+    drop(old_cb);
     let s = state(&mut ca, Generation(1), a.report(Role::Primary, a.lan)).await;
     assert_eq!((s.role, s.generation), (Role::Primary, Generation(1)));
     // Silent for longer than asked: granted.

@@ -174,6 +174,13 @@ pub const QUIET_PROMOTION: crate::ProtocolVersion = crate::ProtocolVersion {
     minor: 10,
 };
 
+/// The first protocol told a refused promotion's reason [`Denial::PrimaryAlive`] as such
+/// (older boxes get its words in [`Denial::NotAllowed`]).
+pub const ALIVE_DENIALS: crate::ProtocolVersion = crate::ProtocolVersion {
+    major: 1,
+    minor: 14,
+};
+
 /// The first protocol whose reports carry [`ReportDetails`].
 pub const DETAILED_REPORTS: crate::ProtocolVersion = crate::ProtocolVersion { major: 1, minor: 9 };
 
@@ -510,6 +517,15 @@ pub enum Denial {
     },
     /// The data center failed (its database); the request may be retried.
     Unavailable(String),
+    /// A promotion that needs the pair's primary silent for `quiet_ms` was refused: it
+    /// reported `silent_ms` ago (protocol 1.14, [`ALIVE_DENIALS`]). Asked again once the
+    /// primary is silent for long enough, it may be granted.
+    PrimaryAlive {
+        /// How long ago the primary last reported.
+        silent_ms: u64,
+        /// How long the promotion needed it silent.
+        quiet_ms: u64,
+    },
 }
 
 impl std::fmt::Display for Denial {
@@ -526,6 +542,16 @@ impl std::fmt::Display for Denial {
                 "another box was promoted first: the pair is at {current} now"
             ),
             Denial::Unavailable(why) => write!(f, "the data center cannot answer now: {why}"),
+            Denial::PrimaryAlive {
+                silent_ms,
+                quiet_ms,
+            } => write!(
+                f,
+                "the primary reported {:.1} s ago: it is alive; a promotion that needs it \
+                 silent for {:.1} s is refused",
+                *silent_ms as f64 / 1000.0,
+                *quiet_ms as f64 / 1000.0
+            ),
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// an older peer would misread. Peers with different majors refuse each other.
 pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion {
     major: 1,
-    minor: 13,
+    minor: 14,
 };
 
 /// A wire protocol version, `major.minor`.

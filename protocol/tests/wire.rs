@@ -777,3 +777,28 @@ fn promote_if_quiet_comes_after_every_older_message_and_round_trips() {
     let wire = postcard::to_stdvec(&message).unwrap();
     assert_eq!(postcard::from_bytes::<Message>(&wire).unwrap(), message);
 }
+
+#[test]
+fn a_primary_alive_denial_comes_after_every_older_denial_and_round_trips() {
+    use lbs_protocol::control::Denial;
+    // After `Unavailable` (4): a 1.13 box never meets it, the data center sends it words.
+    let denied = |denial| postcard::to_stdvec(&Message::Denied(denial)).unwrap();
+    let old = denied(Denial::Unavailable("busy".into()));
+    let message = Message::Denied(Denial::PrimaryAlive {
+        silent_ms: 1_200,
+        quiet_ms: 10_000,
+    });
+    let wire = postcard::to_stdvec(&message).unwrap();
+    assert_eq!((old[0], old[1]), (variant_index(message.clone()), 4));
+    assert_eq!(wire[1], 5);
+    assert_eq!(postcard::from_bytes::<Message>(&wire).unwrap(), message);
+    // What an operator reads.
+    let Message::Denied(denial) = message else {
+        unreachable!()
+    };
+    assert_eq!(
+        denial.to_string(),
+        "the primary reported 1.2 s ago: it is alive; a promotion that needs it silent for \
+         10.0 s is refused"
+    );
+}

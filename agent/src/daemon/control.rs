@@ -289,6 +289,7 @@ async fn promote_request(
         out.send(&ControlReply::Ready(Change::Promotion)).await;
         return;
     }
+    *lock(&shared.primary_alive) = None;
     *lock(&shared.promotion_kind) = if options.asked.force {
         control::PromotionKind::Forced
     } else {
@@ -313,10 +314,16 @@ async fn promote_request(
                     ""
                 }
             ))),
-            RoleState::Backup => Some(Err(record
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "refused".to_owned()))),
+            // Refused: told as the data center said it, when it did so in a way the console
+            // knows (the primary alive: how long to wait), else in its words.
+            RoleState::Backup => Some(Err(lock(&shared.primary_alive).clone().unwrap_or_else(
+                || Refusal::RoleChange {
+                    why: record
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "refused".to_owned()),
+                },
+            ))),
             _ => None,
         },
     )
@@ -331,7 +338,7 @@ async fn follow(
     out: &mut Replies,
     event: Event,
     more_follows: bool,
-    finished: impl Fn(&RoleRecord) -> Option<Result<String, String>>,
+    finished: impl Fn(&RoleRecord) -> Option<Result<String, Refusal>>,
 ) {
     let started = Instant::now();
     let mut progress = shared.progress.subscribe();
@@ -352,7 +359,7 @@ async fn follow(
                     text,
                     after_s: Some(took),
                 },
-                Err(why) => ControlReply::Refused(Refusal::RoleChange { why }),
+                Err(refusal) => ControlReply::Refused(refusal),
             };
             out.send(&reply).await;
             return;

@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     /// How the promotion under way came about, for the data center's audit log (after a
     /// restart in the middle of one: `Operator`).
     pub(crate) promotion_kind: Mutex<control::PromotionKind>,
+    /// The data center's last refusal of a promotion because it heard the primary lately, as
+    /// the console tells it (with how long to wait); cleared as P asks again.
+    pub(crate) primary_alive: Mutex<Option<crate::control::Refusal>>,
     /// Role changes for the `notify` hook, run one at a time by their own task.
     pub(crate) notices: tokio::sync::mpsc::UnboundedSender<RoleNotice>,
     /// Counts this box's moves between addresses: connections made from the old one are
@@ -232,6 +235,7 @@ impl Shared {
             notices,
             pbx: Mutex::new(None),
             promotion_kind: Mutex::new(control::PromotionKind::Operator),
+            primary_alive: Mutex::new(None),
             lan,
             recent_steps: Mutex::new(recent),
         };

@@ -337,7 +337,20 @@ pub(crate) async fn run_step(shared: &Shared, action: &Action) -> anyhow::Result
             });
             let (_, answer) = match asked {
                 Ok(answer) => answer,
-                Err(err) if err.downcast_ref::<control::CallError>().is_some() => return Err(err),
+                Err(err) if err.downcast_ref::<control::CallError>().is_some() => {
+                    if let Some(control::CallError::Denied(control::Denial::PrimaryAlive {
+                        silent_ms,
+                        quiet_ms,
+                    })) = err.downcast_ref()
+                    {
+                        *lock(&shared.primary_alive) =
+                            Some(crate::control::Refusal::PrimaryAlive {
+                                silent_ms: *silent_ms,
+                                gone_after_ms: *quiet_ms,
+                            });
+                    }
+                    return Err(err);
+                }
                 Err(err) => {
                     return Err(anyhow::anyhow!(
                         "{err:#}; nothing was changed: press P again, or if the data center is down and the primary surely dead, promote --offline"

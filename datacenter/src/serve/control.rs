@@ -222,12 +222,30 @@ pub(super) async fn control(
             }
             Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
-                on_promote(inner, sid, believed, advertised, actor.clone(), None).await
+                on_promote(
+                    inner,
+                    sid,
+                    believed,
+                    advertised,
+                    actor.clone(),
+                    None,
+                    negotiated.version,
+                )
+                .await
             }
             Message::PromoteAs { advertised, how } => {
                 // The audit log says how it came about (forced, offline, a hand-over, …).
                 let actor = format!("{actor} ({how})");
-                on_promote(inner, sid, believed, advertised, actor, None).await
+                on_promote(
+                    inner,
+                    sid,
+                    believed,
+                    advertised,
+                    actor,
+                    None,
+                    negotiated.version,
+                )
+                .await
             }
             Message::PromoteIfQuiet {
                 advertised,
@@ -235,7 +253,16 @@ pub(super) async fn control(
                 quiet_ms,
             } => {
                 let actor = format!("{actor} ({how})");
-                on_promote(inner, sid, believed, advertised, actor, Some(quiet_ms)).await
+                on_promote(
+                    inner,
+                    sid,
+                    believed,
+                    advertised,
+                    actor,
+                    Some(quiet_ms),
+                    negotiated.version,
+                )
+                .await
             }
             Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
             Message::PartnerKeyRequest => {
@@ -523,6 +550,7 @@ pub(super) async fn on_promote(
     advertised: Ipv4Addr,
     actor: String,
     quiet_ms: Option<u64>,
+    version: lbs_protocol::ProtocolVersion,
 ) -> Message {
     let shared = inner.clone();
     let result = with_store(inner, move |s| {
@@ -558,7 +586,19 @@ pub(super) async fn on_promote(
         }
         Err(err) => {
             tracing::warn!(%sid, "promotion refused: {err}");
-            Message::Denied(denial(err))
+            match err {
+                StoreError::PrimaryAlive {
+                    silent_ms,
+                    quiet_ms,
+                    ..
+                } if version >= lbs_protocol::control::ALIVE_DENIALS => {
+                    Message::Denied(Denial::PrimaryAlive {
+                        silent_ms,
+                        quiet_ms,
+                    })
+                }
+                err => Message::Denied(denial(err)),
+            }
         }
     }
 }
@@ -581,12 +621,11 @@ fn still_quiet(
         .find(|s| s.sid == primary)
         .and_then(|s| silent_ms(s.last_heartbeat_at, now));
     match heard {
-        Some(silent) if silent < quiet_ms => Err(StoreError::NotAllowed(format!(
-            "the primary {primary} reported {:.1} s ago: it is alive; a promotion that needs \
-             it silent for {:.1} s is refused",
-            silent as f64 / 1000.0,
-            quiet_ms as f64 / 1000.0
-        ))),
+        Some(silent_ms) if silent_ms < quiet_ms => Err(StoreError::PrimaryAlive {
+            primary: primary.to_owned(),
+            silent_ms,
+            quiet_ms,
+        }),
         _ => Ok(()),
     }
 }

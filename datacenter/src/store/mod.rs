@@ -94,6 +94,18 @@ pub enum StoreError {
         "the record {key} in the shared store is unreadable ({detail}): was it written by a newer lbs-datacenter or by hand?"
     )]
     Corrupt { key: String, detail: String },
+    /// A promotion that needs the pair's primary silent for `quiet_ms` while it reported
+    /// `silent_ms` ago.
+    #[error(
+        "the primary {primary} reported {:.1} s ago: it is alive; a promotion that needs it silent for {:.1} s is refused",
+        *.silent_ms as f64 / 1000.0,
+        *.quiet_ms as f64 / 1000.0
+    )]
+    PrimaryAlive {
+        primary: String,
+        silent_ms: u64,
+        quiet_ms: u64,
+    },
     /// Other sites kept changing the records a decision relied on.
     #[error("{0}")]
     Busy(String),

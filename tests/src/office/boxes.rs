@@ -269,16 +269,10 @@ impl Office {
         loop {
             let pressed = super::now_ms();
             let out = self.lbs(host, &["promote", "--yes"])?;
-            // Its words wrap at the terminal's width.
-            let said = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
             tries += 1;
-            // Refused by the data center ("…reported 1.2 s ago: it is alive; a promotion that
-            // needs it silent…") or by the box's own look first ("the data center heard the
-            // primary 1.3 s ago: it is alive (…wait 1 s more…)"; CI at 7e591d6).
-            if out.status.success() || tries == 3 || !said.contains("it is alive") {
+            // Refused by the data center (it heard the primary within its silence) or by the
+            // box's own look first (CI at 7e591d6): `lbs promote` says so by its exit code.
+            if out.status.code() != Some(PROMOTE_PRIMARY_ALIVE) || tries == 3 {
                 return Ok((pressed, checked(out)?));
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
@@ -300,6 +294,10 @@ impl Office {
         }
     }
 }
+
+/// `lbs promote`'s exit code when refused because the primary was heard lately (README,
+/// "Failover"; `lbs_agent::promote_cmd::EXIT_PRIMARY_ALIVE`).
+const PROMOTE_PRIMARY_ALIVE: i32 = 4;
 
 /// Every disk of [`Office::limit_disk`] this process mounted and has not unmounted yet, so
 /// that an interrupted lab (Ctrl-C ends the process without running its drops) unmounts them
