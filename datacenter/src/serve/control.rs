@@ -222,30 +222,12 @@ pub(super) async fn control(
             }
             Message::PromotionRefused { id, reason } => on_refused(inner, sid, id, reason).await,
             Message::Promote { advertised } => {
-                on_promote(
-                    inner,
-                    sid,
-                    believed,
-                    advertised,
-                    actor.clone(),
-                    None,
-                    negotiated.version,
-                )
-                .await
+                on_promote(inner, sid, believed, advertised, actor.clone(), None).await
             }
             Message::PromoteAs { advertised, how } => {
                 // The audit log says how it came about (forced, offline, a hand-over, …).
                 let actor = format!("{actor} ({how})");
-                on_promote(
-                    inner,
-                    sid,
-                    believed,
-                    advertised,
-                    actor,
-                    None,
-                    negotiated.version,
-                )
-                .await
+                on_promote(inner, sid, believed, advertised, actor, None).await
             }
             Message::PromoteIfQuiet {
                 advertised,
@@ -253,16 +235,8 @@ pub(super) async fn control(
                 quiet_ms,
             } => {
                 let actor = format!("{actor} ({how})");
-                on_promote(
-                    inner,
-                    sid,
-                    believed,
-                    advertised,
-                    actor,
-                    Some(quiet_ms),
-                    negotiated.version,
-                )
-                .await
+                let quiet = Some((quiet_ms, negotiated.version));
+                on_promote(inner, sid, believed, advertised, actor, quiet).await
             }
             Message::HandOver { reason } => on_hand_over(inner, sid, reason).await,
             Message::PartnerKeyRequest => {
@@ -543,14 +517,15 @@ pub(super) async fn on_refused(
     }
 }
 
+/// A promotion asked by `sid`; `quiet`: the silence of the primary it needs, and the box's
+/// protocol (which says whether a refusal for its lack is told as such or in words).
 pub(super) async fn on_promote(
     inner: &Arc<Inner>,
     sid: ServerId,
     believed: Generation,
     advertised: Ipv4Addr,
     actor: String,
-    quiet_ms: Option<u64>,
-    version: lbs_protocol::ProtocolVersion,
+    quiet: Option<(u64, lbs_protocol::ProtocolVersion)>,
 ) -> Message {
     let shared = inner.clone();
     let result = with_store(inner, move |s| {
@@ -559,7 +534,7 @@ pub(super) async fn on_promote(
         shared.liveness.write(s)?;
         let now = now_ms();
         let before = s.pair_of(sid)?;
-        if let Some(quiet_ms) = quiet_ms {
+        if let Some((quiet_ms, _)) = quiet {
             still_quiet(&before, sid, now, quiet_ms)?;
         }
         let promoted = s.promote(sid, believed, advertised, &actor, now)?;
@@ -591,7 +566,7 @@ pub(super) async fn on_promote(
                     silent_ms,
                     quiet_ms,
                     ..
-                } if version >= lbs_protocol::control::ALIVE_DENIALS => {
+                } if quiet.is_some_and(|(_, v)| v >= lbs_protocol::control::ALIVE_DENIALS) => {
                     Message::Denied(Denial::PrimaryAlive {
                         silent_ms,
                         quiet_ms,
