@@ -216,11 +216,16 @@ pub fn plan_with_links(
         .filter(|entry| entry.kind == ManifestKind::Dir)
         .map(|entry| entry.path.as_bytes())
         .collect();
+    // Entries of one directory come together: its name is looked up once for them all.
+    let mut parent_seen: Option<&[u8]> = None;
     for entry in &wanted {
         if let Some(parent) = entry.path.parent_bytes()
-            && !dirs.contains(parent)
+            && parent_seen != Some(parent)
         {
-            return Err(PlanError::Orphan(entry.path.clone()));
+            if !dirs.contains(parent) {
+                return Err(PlanError::Orphan(entry.path.clone()));
+            }
+            parent_seen = Some(parent);
         }
     }
     let mut held: Vec<&Entry> = receiver.iter().collect();
@@ -252,30 +257,34 @@ pub fn plan_with_links(
     // sender no longer has its content anywhere: the copy would otherwise destroy the only
     // trace of it. A file the sender changed (fetched against its old version, a patch) is not
     // kept: its old version is not something the primary deleted.
-    let sender_hashes: HashSet<&[u8; 32]> = wanted
+    // Only files whose content changes are candidates; both sides' hashes are gathered once
+    // there is one (a pass over an unchanged tree builds neither set).
+    let changing: Vec<(&[u8; 32], &Entry)> = pairs
         .iter()
-        .filter_map(|entry| match &entry.kind {
-            ManifestKind::File { blake3, .. } => Some(blake3),
-            _ => None,
+        .filter_map(|pair| {
+            let (want, have) = (pair.want?, pair.present(&trashed)?);
+            let ManifestKind::File { blake3: new, .. } = &want.kind else {
+                return None;
+            };
+            (have.kind == EntryKind::File && trusted_hash(have) != Some(new)).then_some((new, have))
         })
         .collect();
-    let held_hashes: HashSet<&[u8; 32]> = held.iter().filter_map(|e| trusted_hash(e)).collect();
-    for pair in &pairs {
-        let (Some(want), Some(have)) = (pair.want, pair.present(&trashed)) else {
-            continue;
-        };
-        let ManifestKind::File { blake3: new, .. } = &want.kind else {
-            continue;
-        };
-        if have.kind != EntryKind::File {
-            continue;
-        }
-        let old = trusted_hash(have);
-        // Held by the receiver and not here: somewhere else, so the plan copies it locally.
-        let copied_from_elsewhere = old != Some(new) && held_hashes.contains(new);
-        let lost = old.is_none_or(|old| !sender_hashes.contains(old));
-        if copied_from_elsewhere && lost {
-            trashed.insert(have.path.clone());
+    if !changing.is_empty() {
+        let sender_hashes: HashSet<&[u8; 32]> = wanted
+            .iter()
+            .filter_map(|entry| match &entry.kind {
+                ManifestKind::File { blake3, .. } => Some(blake3),
+                _ => None,
+            })
+            .collect();
+        let held_hashes: HashSet<&[u8; 32]> = held.iter().filter_map(|e| trusted_hash(e)).collect();
+        for (new, have) in changing {
+            // Held by the receiver and not here: somewhere else, so the plan copies it locally.
+            let copied_from_elsewhere = held_hashes.contains(new);
+            let lost = trusted_hash(have).is_none_or(|old| !sender_hashes.contains(old));
+            if copied_from_elsewhere && lost {
+                trashed.insert(have.path.clone());
+            }
         }
     }
     // What is in place after phase 1 (`Pair::present`): a receiver entry survives unless it
