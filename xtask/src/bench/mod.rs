@@ -628,7 +628,7 @@ impl Bench {
             };
             // rsync's copies in `fresh` go as soon as they are timed (see `Case::fresh_receiver`).
             let rsync_run = |args: &[String], run: &str| -> anyhow::Result<Sample> {
-                let sample = rsync_run(case, args, rsync, run)?;
+                let sample = rsync_run(case, args, run)?;
                 if case.fresh_receiver {
                     remove_all(&fresh.join(format!("rsync-{run}")))?;
                 }

@@ -6,12 +6,7 @@ use super::*;
 /// Resets rsync's destination, then times one push of the case's source.
 /// `run` names the run in a fresh destination (`{run}` in the case's path): each mode of each
 /// run copies into a directory of its own.
-pub(super) fn rsync_run(
-    case: &Case<'_>,
-    args: &[String],
-    rsync: &RsyncDaemon,
-    run: &str,
-) -> anyhow::Result<Sample> {
+pub(super) fn rsync_run(case: &Case<'_>, args: &[String], run: &str) -> anyhow::Result<Sample> {
     (case.rsync_reset)()?;
     flush_disks()?;
     let mut cmd = Command::new("rsync");
@@ -19,7 +14,9 @@ pub(super) fn rsync_run(
         .args(args)
         .arg(&case.rsync_paths.0)
         .arg(case.rsync_paths.1.replace("{run}", run));
-    let mut sample = timed(&mut cmd, Some(rsync.pid()), |out| {
+    // rsync's receiver is the daemon's per-connection child, gone by the end: only the
+    // client's memory is measured.
+    timed(&mut cmd, None, |out| {
         let number = |label: &str| -> Option<u64> {
             after(out, label)?
                 .split_whitespace()
@@ -30,10 +27,7 @@ pub(super) fn rsync_run(
         };
         Some(number("Total bytes sent: ")? + number("Total bytes received: ")?)
     })
-    .context("timed rsync")?;
-    // rsync's receiver is the daemon's per-connection child, gone by now: not measured.
-    sample.peak_rss[1] = 0;
-    Ok(sample)
+    .context("timed rsync")
 }
 
 /// Where both tools' trees live: a fresh journaled ext4 (as on a PBX box) in an image under
@@ -157,7 +151,8 @@ impl Drop for TreeFs {
 
 /// An rsync daemon on 127.0.0.1, our child, stopped when dropped.
 pub(super) struct RsyncDaemon {
-    pub(super) guard: Guard,
+    /// Holds the daemon, stopping it when dropped.
+    _guard: Guard,
     pub(super) url: String,
     pub(super) module: PathBuf,
 }
@@ -199,14 +194,10 @@ impl RsyncDaemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(RsyncDaemon {
-            guard,
+            _guard: guard,
             url: format!("rsync://127.0.0.1:{port}/bench"),
             module,
         })
-    }
-
-    pub(super) fn pid(&self) -> u32 {
-        self.guard.0.as_ref().map_or(0, std::process::Child::id)
     }
 
     /// The daemon-side directory of one tree, created if needed.
