@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lbs_protocol::RelPath;
 
@@ -16,8 +18,23 @@ use lbs_protocol::RelPath;
 /// (level 1 packs 14% but at a quarter of the speed, slower than the link it saves on).
 const PACK_LEVEL: i32 = -1;
 
-/// A packed chunk is sent only when it saves at least 1/this of the chunk.
-const PACK_SAVES: usize = 32;
+/// A packed chunk is sent only when it saves at least 1/this of the chunk, and at least what
+/// packing costs on the link ([`PackHistory::needed`]).
+const PACK_SAVES: u64 = 32;
+
+/// A chunk that packs to 1/this of its length or less is always worth packing, however fast
+/// the link: zstd packs such data (silence, text) at several GB/s, and it halves the transfer.
+const PACK_ALWAYS: u64 = 2;
+
+/// Shares of a chunk are counted in 1/this.
+const SHARE_UNIT: u64 = 1024;
+
+/// Until the connection has taken this many bytes of file data, and packing has been timed
+/// on this many, packing keeps to [`PACK_SAVES`].
+const MEASURED_BYTES: u64 = 1 << 20;
+
+/// A measure's totals are halved when its bytes reach this: recent transfers weigh more.
+const MEASURE_MEMORY: u64 = 64 << 20;
 
 /// After this many chunks of a file that did not pack, the rest of it is sent as it is
 /// (compressed audio, encrypted or random data).
@@ -90,14 +107,78 @@ struct Record {
     passed: u32,
 }
 
-/// What packing did for each kind of file so far in a session: shared by every packer of the
-/// session (the small files' reader threads, each large file's).
+/// Bytes and the time they took, kept as two counters any thread may add to.
+#[derive(Default)]
+struct Rate {
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl Rate {
+    fn add(&self, bytes: u64, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let spent = self
+            .nanos
+            .fetch_add(nanos, Ordering::Relaxed)
+            .saturating_add(nanos);
+        if total >= MEASURE_MEMORY {
+            // Racing adds may be halved with the rest or not: a measure, not an account.
+            self.bytes.store(total / 2, Ordering::Relaxed);
+            self.nanos.store(spent / 2, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes and nanoseconds, once `least` bytes are measured.
+    fn measured(&self, least: u64) -> Option<(u64, u64)> {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let nanos = self.nanos.load(Ordering::Relaxed);
+        (bytes >= least && nanos > 0).then_some((bytes, nanos))
+    }
+}
+
+/// What packing did for each kind of file so far in a session, and how fast packing and the
+/// connection go: shared by every packer of the session (the small files' reader threads,
+/// each large file's) and its sending side.
 #[derive(Default)]
 pub(super) struct PackHistory {
     kinds: Mutex<HashMap<Kind, Record>>,
+    /// File data the connection took, and the time spent handing it over (waiting for room
+    /// included): how fast the link, or the receiver, takes data.
+    sent: Rate,
+    /// Data packing was tried on, and the time it took.
+    packing: Rate,
 }
 
 impl PackHistory {
+    /// Records that the connection took `bytes` of file data in `took`.
+    pub(super) fn sent(&self, bytes: u64, took: Duration) {
+        self.sent.add(bytes, took);
+    }
+
+    /// The share of a chunk (in 1/[`SHARE_UNIT`]) packing must save to pay: a chunk of `n`
+    /// bytes takes `n / pack rate` to pack and saves `share × n / link rate` on the link, so
+    /// packing pays when `share > link rate / pack rate`. On a slow link (a remote backup over
+    /// the overlay) that is the floor of 1/[`PACK_SAVES`]; on a fast LAN, or when the sender
+    /// itself is what is slow (the connection takes data as fast as it is handed over), only
+    /// data that packs well (silence, text) is worth the time. Until both are measured: the
+    /// floor.
+    fn needed(&self) -> u64 {
+        let floor = SHARE_UNIT / PACK_SAVES;
+        let (Some((sent, send_ns)), Some((packed, pack_ns))) = (
+            self.sent.measured(MEASURED_BYTES),
+            self.packing.measured(MEASURED_BYTES),
+        ) else {
+            return floor;
+        };
+        // share = (sent / send_ns) / (packed / pack_ns), in u128 to keep every digit.
+        let share = (u128::from(sent) * u128::from(pack_ns) * u128::from(SHARE_UNIT))
+            / (u128::from(send_ns) * u128::from(packed)).max(1);
+        u64::try_from(share)
+            .unwrap_or(u64::MAX)
+            .clamp(floor, SHARE_UNIT / PACK_ALWAYS)
+    }
+
     /// Whether the next file of `kind` is worth trying.
     fn worth_trying(&self, kind: Kind) -> bool {
         let Ok(mut kinds) = self.kinds.lock() else {
@@ -185,6 +266,7 @@ impl Packer {
         let Some(len) = tried.then(|| u32::try_from(bytes.len()).ok()).flatten() else {
             return Piece::Data(bytes);
         };
+        let started = Instant::now();
         let packed = ZSTD.with_borrow_mut(|zstd| {
             let zstd = match zstd {
                 Some(zstd) => zstd,
@@ -192,7 +274,16 @@ impl Packer {
             };
             zstd.compress(&bytes).ok()
         });
-        let packed = packed.filter(|packed| packed.len() <= bytes.len() - bytes.len() / PACK_SAVES);
+        let needed = self
+            .history
+            .as_ref()
+            .map_or(SHARE_UNIT / PACK_SAVES, |history| {
+                history.packing.add(bytes.len() as u64, started.elapsed());
+                history.needed()
+            });
+        let most =
+            (bytes.len() as u64).saturating_sub((bytes.len() as u64 * needed).div_ceil(SHARE_UNIT));
+        let packed = packed.filter(|packed| packed.len() as u64 <= most);
         // A file's first try speaks for its kind.
         if let (Some(kind), Some(history)) = (self.unrecorded.take(), &self.history) {
             history.record(kind, packed.is_some());
@@ -258,6 +349,62 @@ mod tests {
         let tried = tries(&history, "rec/a.wav", 200, |_| true);
         let first_back = tried.iter().rposition(|&t| !t).map_or(0, |i| i + 1);
         assert!(first_back <= 4 * KIND_PROBE as usize, "{tried:?}");
+    }
+
+    /// A history whose connection took `sent` bytes a second and whose packing went at
+    /// `packed` bytes a second, each measured over 8 MiB.
+    fn measured(sent: u64, packed: u64) -> PackHistory {
+        let history = PackHistory::default();
+        let secs = |rate: u64| Duration::from_secs_f64((8 << 20) as f64 / rate as f64);
+        history.sent(8 << 20, secs(sent));
+        history.packing.add(8 << 20, secs(packed));
+        history
+    }
+
+    #[test]
+    fn the_share_packing_must_save_follows_the_link_against_the_packing_speed() {
+        let floor = SHARE_UNIT / PACK_SAVES;
+        // Nothing measured yet, or too little: the floor.
+        assert_eq!(PackHistory::default().needed(), floor);
+        let little = PackHistory::default();
+        little.sent(MEASURED_BYTES - 1, Duration::from_millis(1));
+        little.packing.add(8 << 20, Duration::from_millis(10));
+        assert_eq!(little.needed(), floor);
+        // A remote backup's 100 Mbit/s link, packing at 500 MB/s: anything past the floor.
+        assert_eq!(measured(12_000_000, 500_000_000).needed(), floor);
+        // A gigabit LAN: a quarter of a chunk (117 / 500 MB/s).
+        let lan = measured(117_000_000, 500_000_000).needed();
+        assert!((235..=245).contains(&lan), "{lan}");
+        // Loopback, or a sender slower than its link: only what packs to half.
+        assert_eq!(
+            measured(3_000_000_000, 500_000_000).needed(),
+            SHARE_UNIT / PACK_ALWAYS
+        );
+    }
+
+    #[test]
+    fn on_a_fast_link_data_that_packs_a_little_goes_as_it_is_and_silence_packs() {
+        let fast = Arc::new(measured(3_000_000_000, 500_000_000));
+        let slow = Arc::new(measured(12_000_000, 500_000_000));
+        // Bytes of which a sixth are runs of zeros: zstd saves about that much.
+        let mut some = vec![0u8; 64 << 10];
+        blake3::Hasher::new().finalize_xof().fill(&mut some);
+        for run in some.chunks_mut(6 << 10) {
+            run[..1 << 10].fill(0);
+        }
+        let packs_little = |history: &Arc<PackHistory>| {
+            let mut packer = Packer::new(Some(history.clone()));
+            packer.next_file(&path("sounds/a.wav"), true);
+            matches!(packer.pack(Piece::Data(some.clone())), Piece::Packed { .. })
+        };
+        assert!(packs_little(&slow));
+        assert!(!packs_little(&fast));
+        let mut packer = Packer::new(Some(fast.clone()));
+        packer.next_file(&path("sounds/silence/1.wav"), true);
+        assert!(matches!(
+            packer.pack(Piece::Data(vec![0; 64 << 10])),
+            Piece::Packed { .. }
+        ));
     }
 
     #[test]

@@ -72,7 +72,9 @@ pub(super) async fn send_files<S: AsyncRead + AsyncWrite + Unpin>(
         while let Some(batch) = read.recv().await {
             for (path, read) in batch? {
                 match read {
-                    Some(small) => send_small(conn, generation, path, small).await?,
+                    Some(small) => {
+                        send_small(conn, generation, path, small, peer.packing.as_deref()).await?
+                    }
                     None => send_file(conn, generation, files, index, path, peer).await?,
                 }
             }
@@ -180,6 +182,7 @@ async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
     generation: Generation,
     path: RelPath,
     small: Small,
+    history: Option<&PackHistory>,
 ) -> Result<(), SessionError> {
     let (listed, pieces) = match small {
         Ok(read) => read,
@@ -212,10 +215,31 @@ async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
                 Message::SyncDataPacked { len, bytes }
             }
         };
-        feed(conn, generation, message).await?;
+        feed_data(conn, generation, message, history).await?;
     }
     let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
+}
+
+/// Feeds a piece of file data to the connection, timing how long the connection takes to
+/// accept it for `history` (see [`PackHistory::needed`]).
+async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    message: Message,
+    history: Option<&PackHistory>,
+) -> Result<(), SessionError> {
+    let bytes = match &message {
+        Message::SyncData { bytes } => bytes.len(),
+        Message::SyncDataPacked { bytes, .. } => bytes.len(),
+        _ => 0,
+    };
+    let started = Instant::now();
+    feed(conn, generation, message).await?;
+    if let Some(history) = history {
+        history.sent(bytes as u64, started.elapsed());
+    }
+    Ok(())
 }
 
 /// Sends `path` whole: its data as it is read, and (with `holes`, to a receiver of protocol
@@ -246,15 +270,15 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
     // A small file (most of a PBX's) is read in one go on a blocking thread: one hand-off,
     // not one per read, seek and end of file.
     if stat.st_size as u64 <= SMALL_FILE {
-        let (index, at, peer) = (index.clone(), path.clone(), peer.clone());
+        let (index, at, reads) = (index.clone(), path.clone(), peer.clone());
         let read = tokio::task::spawn_blocking(move || {
-            let listed = listed(&index, &at, peer.holes)?;
-            let mut packer = Packer::new(peer.packing);
-            let read = read_listed(&at, (&file, &stat), listed, peer.holes, &mut packer);
+            let listed = listed(&index, &at, reads.holes)?;
+            let mut packer = Packer::new(reads.packing);
+            let read = read_listed(&at, (&file, &stat), listed, reads.holes, &mut packer);
             Ok::<_, SessionError>(read)
         });
         let small = blocking_join(read.await)??;
-        return send_small(conn, generation, path, small).await;
+        return send_small(conn, generation, path, small, peer.packing.as_deref()).await;
     }
     let listed = {
         let (index, at, holes) = (index.clone(), path.clone(), peer.holes);
@@ -306,7 +330,7 @@ pub(super) async fn send_file<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         // On an error the reader stops at its next chunk (its channel is gone).
-        feed(conn, generation, message).await?;
+        feed_data(conn, generation, message, peer.packing.as_deref()).await?;
     }
     blocking_join(reader.await)?;
     let blake3 = listed.map_or_else(|| *hasher.finalize().as_bytes(), |l| l.hash);
