@@ -607,6 +607,10 @@ fn order_writes(
             readers.entry(from.clone()).or_default().push(path.clone());
         }
     }
+    if readers.is_empty() {
+        // No copy reads a file this plan rewrites (an initial copy, most passes): path order.
+        return writes.into_values().collect();
+    }
     let mut ordered = Vec::with_capacity(writes.len());
     let mut on_stack: BTreeSet<RelPath> = BTreeSet::new();
     let mut done: BTreeSet<RelPath> = BTreeSet::new();

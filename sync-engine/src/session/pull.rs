@@ -186,23 +186,26 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let links = crate::links::consistent(links, &entries);
     let plan = plan_with_links(&entries, &have, &links)?;
     drop(entries);
-    // Partials of versions the sender no longer has are of no use any more.
-    let wanted: std::collections::BTreeSet<RelPath> = plan
-        .actions
-        .iter()
-        .filter_map(|action| match action {
-            Action::Fetch { path, blake3, .. } => {
-                let name = crate::apply::partial_name(&blake3::Hash::from(*blake3));
-                match path.parent() {
-                    Some(dir) => dir.join(std::ffi::OsStr::new(&name)).ok(),
-                    None => RelPath::from_bytes(name.into_bytes()).ok(),
+    // Partials of versions the sender no longer has are of no use any more (the set of
+    // wanted ones is built only when there are partials: a hex name per fetch otherwise).
+    if !scan_report.partials.is_empty() {
+        let wanted: std::collections::BTreeSet<RelPath> = plan
+            .actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Fetch { path, blake3, .. } => {
+                    let name = crate::apply::partial_name(&blake3::Hash::from(*blake3));
+                    match path.parent() {
+                        Some(dir) => dir.join(std::ffi::OsStr::new(&name)).ok(),
+                        None => RelPath::from_bytes(name.into_bytes()).ok(),
+                    }
                 }
-            }
-            _ => None,
-        })
-        .collect();
-    for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
-        files.remove_own_file(stale);
+                _ => None,
+            })
+            .collect();
+        for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
+            files.remove_own_file(stale);
+        }
     }
     let files = if scan_report.partials.is_empty() {
         files.without_partials()
