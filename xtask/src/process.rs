@@ -8,13 +8,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// Reads a child's pipe to its end on a thread of its own.
-pub fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<Vec<u8>> {
+/// Reads a child's pipe to its end on a thread of its own, then says so on `closed`.
+pub fn drain<R: Read + Send + 'static>(
+    pipe: Option<R>,
+    closed: mpsc::Sender<()>,
+) -> JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut out = Vec::new();
         if let Some(mut pipe) = pipe {
             let _ = pipe.read_to_end(&mut out);
         }
+        let _ = closed.send(());
         out
     })
 }
@@ -25,7 +29,9 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
 }
 
 /// [`run_with_timeout`], calling `watch` with the child's process ID every `every` while it
-/// runs (to sample its memory, say).
+/// runs (to sample its memory, say). The end is noticed when the child's output pipes close
+/// (at its exit), not by waking to look: a timed command shares the machine with this loop,
+/// which wakes only every `every` until then.
 pub fn run_watched(
     cmd: &mut Command,
     timeout: Duration,
@@ -41,18 +47,42 @@ pub fn run_watched(
     let mut guard = Guard(Some(child));
     let pid = guard.child()?.id();
     // Collect the output while waiting, so a chatty command cannot block on a full pipe.
-    let stdout = drain(guard.child()?.stdout.take());
-    let stderr = drain(guard.child()?.stderr.take());
+    let (closed_tx, closed) = mpsc::channel();
+    let stdout = drain(guard.child()?.stdout.take(), closed_tx.clone());
+    let stderr = drain(guard.child()?.stderr.take(), closed_tx);
     let deadline = Instant::now() + timeout;
+    let mut watched = Instant::now();
+    let mut pipes_closed: Option<Instant> = None;
+    watch(pid);
     let status = loop {
-        watch(pid);
         if let Some(status) = guard.child()?.try_wait()? {
             break status;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             bail!("{cmd:?} did not finish within {timeout:?}");
         }
-        std::thread::sleep(every);
+        if now.duration_since(watched) >= every {
+            watch(pid);
+            watched = now;
+        }
+        let wake = (watched + every)
+            .min(deadline)
+            .saturating_duration_since(now);
+        match closed.recv_timeout(wake) {
+            // A pipe closed: the child is exiting (looked at again at once).
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Both closed: it is about to be reaped (microseconds), unless it closed them
+            // itself and runs on, which is then looked at every millisecond.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let since = *pipes_closed.get_or_insert(now);
+                std::thread::sleep(if now.duration_since(since) < Duration::from_millis(10) {
+                    Duration::from_micros(50)
+                } else {
+                    Duration::from_millis(1)
+                });
+            }
+        }
     };
     guard.0 = None;
     Ok(Output {
@@ -136,5 +166,44 @@ impl Server {
     /// The server's process ID.
     pub fn pid(&self) -> Option<u32> {
         self.guard.0.as_ref().map(Child::id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_end_is_noticed_when_the_output_closes_not_at_the_next_watch() {
+        let mut watched = 0;
+        let started = Instant::now();
+        let out = run_watched(
+            Command::new("sh").args(["-c", "echo out; echo err >&2"]),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            |_| watched += 1,
+        )
+        .unwrap();
+        // Watched once at the start; the minute-long interval never came round.
+        assert_eq!(watched, 1);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn a_command_past_its_deadline_is_stopped_and_is_an_error() {
+        let started = Instant::now();
+        let err = run_watched(
+            Command::new("sleep").arg("30"),
+            Duration::from_millis(200),
+            Duration::from_millis(50),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 }

@@ -691,12 +691,8 @@ fn timed(
     }
     let started = Instant::now();
     let mut peak = 0;
-    let mut read_at = started;
-    let output = run_watched(cmd, STEP_TIMEOUT, Duration::from_millis(1), |pid| {
-        if read_at.elapsed() >= PEAK_EVERY {
-            peak = peak_rss(pid).unwrap_or(0).max(peak);
-            read_at = Instant::now();
-        }
+    let output = run_watched(cmd, STEP_TIMEOUT, PEAK_EVERY, |pid| {
+        peak = peak_rss(pid).unwrap_or(0).max(peak);
     })?;
     let secs = started.elapsed().as_secs_f64();
     let status = output.status;
