@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// Reads a child's pipe to its end on a thread of its own, then says so on `closed`.
-pub fn drain<R: Read + Send + 'static>(
+fn drain<R: Read + Send + 'static>(
     pipe: Option<R>,
     closed: mpsc::Sender<()>,
 ) -> JoinHandle<Vec<u8>> {

@@ -262,8 +262,12 @@ impl Packer {
         let Piece::Data(bytes) = piece else {
             return piece;
         };
+        // Only a file of a listed version whose kind is worth trying is `on`: with a history.
         let tried = self.on && self.misses < PACK_TRIES && bytes.len() >= PACK_MIN;
-        let Some(len) = tried.then(|| u32::try_from(bytes.len()).ok()).flatten() else {
+        let (Some(history), true) = (self.history.as_deref(), tried) else {
+            return Piece::Data(bytes);
+        };
+        let Ok(len) = u32::try_from(bytes.len()) else {
             return Piece::Data(bytes);
         };
         let started = Instant::now();
@@ -274,18 +278,11 @@ impl Packer {
             };
             zstd.compress(&bytes).ok()
         });
-        let needed = self
-            .history
-            .as_ref()
-            .map_or(SHARE_UNIT / PACK_SAVES, |history| {
-                history.packing.add(bytes.len() as u64, started.elapsed());
-                history.needed()
-            });
-        let most =
-            (bytes.len() as u64).saturating_sub((bytes.len() as u64 * needed).div_ceil(SHARE_UNIT));
-        let packed = packed.filter(|packed| packed.len() as u64 <= most);
+        history.packing.add(u64::from(len), started.elapsed());
+        let saved = (u64::from(len) * history.needed()).div_ceil(SHARE_UNIT);
+        let packed = packed.filter(|packed| packed.len() as u64 + saved <= u64::from(len));
         // A file's first try speaks for its kind.
-        if let (Some(kind), Some(history)) = (self.unrecorded.take(), &self.history) {
+        if let Some(kind) = self.unrecorded.take() {
             history.record(kind, packed.is_some());
         }
         match packed {

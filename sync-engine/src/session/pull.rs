@@ -186,9 +186,11 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     let links = crate::links::consistent(links, &entries);
     let plan = plan_with_links(&entries, &have, &links)?;
     drop(entries);
-    // Partials of versions the sender no longer has are of no use any more (the set of
-    // wanted ones is built only when there are partials: a hex name per fetch otherwise).
-    if !scan_report.partials.is_empty() {
+    // With no partial none is looked for; otherwise those of versions the sender no longer
+    // has are of no use any more (the set of wanted ones, a hex name per fetch, only then).
+    let files = if scan_report.partials.is_empty() {
+        files.without_partials()
+    } else {
         let wanted: std::collections::BTreeSet<RelPath> = plan
             .actions
             .iter()
@@ -206,10 +208,6 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         for stale in scan_report.partials.iter().filter(|p| !wanted.contains(*p)) {
             files.remove_own_file(stale);
         }
-    }
-    let files = if scan_report.partials.is_empty() {
-        files.without_partials()
-    } else {
         files
     };
     // New files' lists are staged in the index as they are written (a large file's is not

@@ -221,8 +221,8 @@ async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
     feed(conn, generation, Message::SyncDataEnd { size, blake3 }).await
 }
 
-/// Feeds a piece of file data to the connection, timing how long the connection takes to
-/// accept it for `history` (see [`PackHistory::needed`]).
+/// Feeds a piece of a file to the connection, timing for `history` how long the connection
+/// takes to accept data (see [`PackHistory::needed`]; a hole is not data).
 async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
@@ -236,7 +236,7 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let started = Instant::now();
     feed(conn, generation, message).await?;
-    if let Some(history) = history {
+    if let Some(history) = history.filter(|_| bytes > 0) {
         history.sent(bytes as u64, started.elapsed());
     }
     Ok(())
