@@ -49,7 +49,9 @@ pub use ca::CertificateAuthority;
 pub use frame::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use handshake::{Connection, HandshakeError, Negotiated, exchange_hello};
 pub use ids::{Generation, IdError, PairId, PairName, Role, ServerId};
-pub use message::{Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, SYNC_SCANNING_EVERY, Sender};
+pub use message::{
+    Envelope, Hello, Message, Refusal, SYNC_CHUNK_LEN, SYNC_SCANNING_EVERY, Sender, sync_data_head,
+};
 pub use metered::{Meter, Metered};
 pub use path::{PathError, RelPath};
 pub use tls::{AcceptPeers, Identity, PeerName, TlsError, TrustRoot};

@@ -48,20 +48,25 @@ impl crate::frame::FromFrame for Envelope {
 /// one would keep the whole buffer it shares with other frames alive for as long as it waits.
 pub const SHARED_DATA_MIN: usize = 64 * 1024;
 
-/// The envelope in `payload` if it is a [`Message::SyncData`] in postcard's canonical form:
-/// its generation, the variant's index and the length as varints, then exactly that many
-/// bytes.
-fn sync_data_in(payload: &bytes::Bytes) -> Option<Envelope> {
+/// The variant index of [`Message::SyncData`] as postcard writes it (an empty chunk is the
+/// index and a zero length).
+fn sync_data_tag() -> &'static [u8] {
     static TAG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    // The variant's index as postcard writes it: an empty chunk is the index and a zero length.
-    let tag = TAG.get_or_init(|| {
+    TAG.get_or_init(|| {
         let mut empty = postcard::to_stdvec(&Message::SyncData {
             bytes: bytes::Bytes::new(),
         })
         .unwrap_or_default();
         empty.pop();
         empty
-    });
+    })
+}
+
+/// The envelope in `payload` if it is a [`Message::SyncData`] in postcard's canonical form:
+/// its generation, the variant's index and the length as varints, then exactly that many
+/// bytes.
+fn sync_data_in(payload: &bytes::Bytes) -> Option<Envelope> {
+    let tag = sync_data_tag();
     let (generation, mut at) = canonical_varint(payload)?;
     let rest = payload.get(at..)?;
     if tag.is_empty() || !rest.starts_with(tag) {
@@ -76,6 +81,34 @@ fn sync_data_in(payload: &bytes::Bytes) -> Option<Envelope> {
             bytes: payload.slice(at..),
         },
     })
+}
+
+/// The start of the frame of a [`Message::SyncData`] envelope carrying `len` bytes, up to
+/// those bytes: the frame's length prefix, then the generation, the variant's index and the
+/// length as postcard writes them. The head and the bytes written one after the other are the
+/// frame [`crate::frame::encode`] makes, without copying the bytes into it. `None` when the
+/// frame would exceed [`crate::MAX_FRAME_LEN`].
+pub fn sync_data_head(generation: Generation, len: usize) -> Option<Vec<u8>> {
+    let mut head = vec![0u8; crate::frame::HEADER_LEN];
+    push_varint(&mut head, generation.0);
+    head.extend_from_slice(sync_data_tag());
+    push_varint(&mut head, len as u64);
+    let payload = head.len() - crate::frame::HEADER_LEN + len;
+    if payload > crate::MAX_FRAME_LEN {
+        return None;
+    }
+    let prefix = u32::try_from(payload).ok()?.to_be_bytes();
+    head[..crate::frame::HEADER_LEN].copy_from_slice(&prefix);
+    Some(head)
+}
+
+/// Appends `value` as postcard writes a `u64` (LEB128).
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
 /// A `u64` varint as postcard writes it (LEB128, no redundant trailing byte) at the start of
@@ -597,6 +630,34 @@ mod tests {
                 prop_assert_eq!(bytes.as_ptr_range().end, end, "a slice of the frame");
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_data_frame_head_then_its_bytes_is_the_encoded_frame(
+            generation in prop_oneof![0u64..300, any::<u64>()],
+            len in prop_oneof![0usize..300, 16_000usize..17_000, SYNC_CHUNK_LEN..SYNC_CHUNK_LEN + 1],
+        ) {
+            let bytes = bytes::Bytes::from(vec![0xa5; len]);
+            let envelope = Envelope {
+                generation: Generation(generation),
+                message: Message::SyncData { bytes: bytes.clone() },
+            };
+            let mut encoded = bytes::BytesMut::new();
+            crate::frame::encode(&envelope, &mut encoded, crate::MAX_FRAME_LEN).unwrap();
+            let mut written = sync_data_head(Generation(generation), len).unwrap();
+            written.extend_from_slice(&bytes);
+            prop_assert_eq!(&written[..], &encoded[..]);
+        }
+    }
+
+    #[test]
+    fn a_data_frame_head_beyond_the_frame_limit_is_refused() {
+        assert!(sync_data_head(Generation(1), crate::MAX_FRAME_LEN).is_none());
+        let most = crate::MAX_FRAME_LEN - 1 - sync_data_tag().len() - 3;
+        assert!(sync_data_head(Generation(1), most).is_some());
+        assert!(sync_data_head(Generation(1), most + 1).is_none());
     }
 
     #[test]

@@ -124,6 +124,40 @@ async fn partners_complete_mutual_tls_and_hello() {
 }
 
 #[tokio::test]
+async fn partners_agree_on_aes_128_gcm() {
+    let ca = CertificateAuthority::generate("test CA").unwrap();
+    let primary = PeerName::Box(sid(PRIMARY));
+    let backup = PeerName::Box(sid(BACKUP));
+    let (server, client) = (
+        Side::new(&ca, primary.clone()),
+        Side::new(&ca, backup.clone()),
+    );
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let server_config =
+        tls::server_config(&server.identity, &server.root, AcceptPeers::Only(backup)).unwrap();
+    let client_config = tls::client_config(&client.identity, &client.root).unwrap();
+    let (accepted, connected) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            tls::accept(server_config, server_io),
+            tls::connect(client_config, &primary, client_io)
+        )
+    })
+    .await
+    .expect("handshake finished in time");
+    let (accepted, connected) = (accepted.unwrap().0, connected.unwrap());
+    let suites = [
+        accepted.get_ref().1.negotiated_cipher_suite(),
+        connected.get_ref().1.negotiated_cipher_suite(),
+    ];
+    for suite in suites {
+        assert_eq!(
+            suite.map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_client_from_another_ca_is_refused() {
     let ca = CertificateAuthority::generate("our CA").unwrap();
     let rogue_ca = CertificateAuthority::generate("rogue CA").unwrap();

@@ -235,9 +235,45 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
         _ => 0,
     };
     let started = Instant::now();
-    feed(conn, generation, message).await?;
+    match message {
+        Message::SyncData { bytes } if bytes.len() >= WRITTEN_AS_IS => {
+            read_by_peer(write_data(conn, generation, &bytes)).await?;
+        }
+        message => feed(conn, generation, message).await?,
+    }
     if let Some(history) = history.filter(|_| bytes > 0) {
         history.sent(bytes as u64, started.elapsed());
+    }
+    Ok(())
+}
+
+/// Data chunks at least this long go to the connection's stream as they are
+/// ([`write_data`]); shorter ones are queued with the messages around them.
+const WRITTEN_AS_IS: usize = 64 * 1024;
+
+/// Writes a [`Message::SyncData`] frame to the connection's stream after what is queued: its
+/// head, then `bytes` as they are, so the TLS layer's copy is the only one (encoding the frame
+/// first copied every byte sent once more, 7% of a sender's CPU on a large file).
+async fn write_data<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    generation: Generation,
+    bytes: &[u8],
+) -> Result<(), FrameError> {
+    let head =
+        lbs_protocol::sync_data_head(generation, bytes.len()).ok_or(FrameError::TooLarge {
+            len: bytes.len(),
+            max: lbs_protocol::MAX_FRAME_LEN,
+        })?;
+    SinkExt::flush(conn).await?;
+    let stream = conn.get_mut();
+    let mut slices = [std::io::IoSlice::new(&head), std::io::IoSlice::new(bytes)];
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let written = tokio::io::AsyncWriteExt::write_vectored(stream, rest).await?;
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, written);
     }
     Ok(())
 }
