@@ -56,6 +56,11 @@ pub fn groups(root: &Path, entries: &[Entry]) -> Vec<Vec<RelPath>> {
 /// manifest with one content (a file that changed between two of its names' hashes waits for
 /// the next pass), no path in two groups.
 pub fn consistent(groups: Vec<Vec<RelPath>>, manifest: &[ManifestEntry]) -> Vec<Vec<RelPath>> {
+    // Nearly every tree has none: no map of its every file's content (a twelfth of a pull of
+    // 100,000 unchanged files).
+    if groups.is_empty() {
+        return groups;
+    }
     let content: HashMap<&RelPath, &[u8; 32]> = manifest
         .iter()
         .filter_map(|entry| match &entry.kind {

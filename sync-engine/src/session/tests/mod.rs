@@ -157,6 +157,34 @@ async fn content(conn: &mut Connection<tokio::io::DuplexStream>) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn the_scan_starts_before_the_request_and_ends_before_the_session_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..200 {
+        std::fs::write(dir.path().join(format!("f{i:03}")), [i as u8; 100]).unwrap();
+    }
+    let index = Arc::new(Mutex::new(Index::in_memory().unwrap()));
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut sender = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    // The receiver hangs up without asking for anything.
+    drop(b);
+    let served = serve(
+        &mut sender,
+        dir.path().to_owned(),
+        index.clone(),
+        Generation(1),
+        lbs_protocol::PROTOCOL_VERSION,
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(20), served)
+        .await
+        .expect("the session ended")
+        .unwrap();
+    // The scan that began with the session ran to its end before serve returned.
+    let known = index.lock().unwrap().entries().unwrap();
+    assert_eq!(known.len(), 200);
+    assert!(known.iter().all(|entry| entry.hash.is_some()));
+}
+
+#[tokio::test]
 async fn answers_the_writer_skipped_are_dropped_and_a_fallback_waits_its_turn() {
     let (a, b) = tokio::io::duplex(1 << 20);
     let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
