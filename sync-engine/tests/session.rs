@@ -1383,3 +1383,35 @@ async fn a_pull_of_many_small_files_wakes_its_progress_watcher_now_and_then_not_
     assert_eq!(state(&receiver), state(&sender));
     stop_primary(server, client).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_finds_the_tree_in_sync_keeps_its_scan_and_the_next_still_sees_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, receiver) = (dir.path().join("primary"), dir.path().join("backup"));
+    for i in 0..20 {
+        write_old(&sender.join(format!("sounds/p{i:02}.gsm")), &[i as u8; 700]);
+    }
+    write_old(&sender.join("extensions.conf"), b"[default]\n");
+    std::fs::create_dir(&receiver).unwrap();
+    let trash = Trash::open(&dir.path().join("trash")).unwrap();
+    let index = fresh_index();
+    pull_from(&sender, &receiver, index.clone(), &trash).await;
+    // It wrote what it fetched into the index: nothing is kept in memory.
+    assert!(!index.lock().unwrap().remembers());
+    let in_sync = pull_from(&sender, &receiver, index.clone(), &trash).await;
+    assert_eq!(in_sync.plan.fetch_files, 0, "{in_sync:?}");
+    assert!(index.lock().unwrap().remembers());
+    // A change on either side after that pass is seen by the next, which starts from the
+    // entries kept in memory.
+    write_old(
+        &sender.join("extensions.conf"),
+        b"[default]\nexten => 100\n",
+    );
+    write_old(&receiver.join("sounds/p03.gsm"), b"edited on the backup");
+    let next = pull_from(&sender, &receiver, index.clone(), &trash).await;
+    assert_eq!(next.plan.fetch_files, 2, "{next:?}");
+    assert_eq!(state(&receiver), state(&sender));
+    assert!(!index.lock().unwrap().remembers());
+    let again = pull_from(&sender, &receiver, index.clone(), &trash).await;
+    assert_eq!(again.plan.fetch_files, 0, "{again:?}");
+}

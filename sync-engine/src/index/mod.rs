@@ -142,6 +142,8 @@ pub struct Index {
     location: String,
     /// What [`Index::remember`] kept, with SQLite's `data_version` at that moment.
     remembered: Option<(i64, Vec<Entry>)>,
+    /// Batches begun on this handle ([`Index::writes`]).
+    writes: u64,
 }
 
 impl Index {
@@ -170,6 +172,7 @@ impl Index {
             conn,
             location,
             remembered: None,
+            writes: 0,
         };
         index
             .conn
@@ -358,9 +361,9 @@ impl Index {
         batch.commit()
     }
 
-    /// Forgets every staged list: what a pass stopped half way left.
+    /// Forgets every staged list: what a pass stopped half way left. Entries are untouched
+    /// (what [`Index::remember`] kept stays current).
     pub fn drop_all_staged(&mut self) -> Result<(), IndexError> {
-        self.remembered = None;
         self.conn
             .execute("DELETE FROM blocks WHERE path < x'01'", [])
             .map_err(|e| self.sqlite(e))?;
@@ -410,6 +413,19 @@ impl Index {
         Ok(())
     }
 
+    /// Whether the next [`Index::take_entries`] comes from memory (what [`Index::remember`]
+    /// kept, still current as far as this handle knows).
+    pub fn remembers(&self) -> bool {
+        self.remembered.is_some()
+    }
+
+    /// How many batches were begun on this handle: the same count at two moments means its
+    /// entries did not change in between (another connection's changes are
+    /// [`Index::remember`]'s to notice).
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
     /// SQLite's counter of changes committed by other connections.
     fn data_version(&self) -> Result<i64, IndexError> {
         self.conn
@@ -420,6 +436,7 @@ impl Index {
     /// Starts a batch of changes applied all at once (or not at all) by [`Batch::commit`].
     pub fn batch(&mut self) -> Result<Batch<'_>, IndexError> {
         self.remembered = None;
+        self.writes += 1;
         let location = self.location.clone();
         let tx = self
             .conn

@@ -164,7 +164,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
             remove_stale_temps: true,
             ..ScanOptions::default()
         };
-        Ok(scan_from(&scan_root, &mut index, &options, known)?)
+        let scanned = scan_from(&scan_root, &mut index, &options, known)?;
+        Ok((scanned, index.writes()))
     });
 
     let manifest_started = Instant::now();
@@ -175,7 +176,7 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
     // Our scan is awaited whatever happened, so it never outlives the pull; its own error,
     // if any, says best what went wrong.
     let scanned = saying(conn, generation, working(exchanged.is_ok()), own_scan).await?;
-    let (scan_report, have) = scanned?;
+    let ((scan_report, have), scanned_at) = scanned?;
     let Exchanged {
         entries,
         skipped: sender_skipped,
@@ -432,6 +433,13 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         let mut index = index
             .lock()
             .map_err(|_| SessionError::Internal("index lock poisoned".into()))?;
+        if installed.is_empty() && patched.is_empty() && index.writes() == scanned_at {
+            // Nothing written since this side's scan (a pass that found the tree in sync):
+            // its entries are the index's, and the next pass's scan starts from them instead
+            // of reading every row again (a fifth of a pull of 100,000 unchanged files).
+            index.remember(have)?;
+            return Ok(0);
+        }
         Ok(crate::scan::record_installed(
             &record_root,
             &mut index,
