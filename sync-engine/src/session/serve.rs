@@ -25,8 +25,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         .await,
     )??;
     // A pull asks for the manifest first: the scan for it starts now, while the receiver
-    // opens its index and makes its listings' digests (a pull of 100,000 unchanged files
-    // waited a fifth of its time for them before the scan began). Changes made after the scan
+    // opens its index and makes its listings' digests (reading the index was a fifth of the
+    // receiver's CPU in a pull of 100,000 unchanged files). Changes made after the scan
     // passed a file are the next pass's, as changes made during any scan are. The scan is
     // awaited before this returns, whatever happened, so it never outlives the session.
     let mut early = Some(spawn_scan(&root, &index));
