@@ -436,7 +436,8 @@ pub async fn pull<S: AsyncRead + AsyncWrite + Unpin>(
         if installed.is_empty() && patched.is_empty() && index.writes() == scanned_at {
             // Nothing written since this side's scan (a pass that found the tree in sync):
             // its entries are the index's, and the next pass's scan starts from them instead
-            // of reading every row again (a fifth of a pull of 100,000 unchanged files).
+            // of reading every row again (a fifth of the receiver's CPU in a pull of 100,000
+            // unchanged files).
             index.remember(have)?;
             return Ok(0);
         }

@@ -1,6 +1,7 @@
 //! Whole files to the receiver: small ones read several at a time on one blocking thread,
 //! large ones streamed chunk by chunk, holes sent as such to a receiver that knows them.
 
+use lbs_protocol::message::SHARED_DATA_MIN;
 use nix::sys::stat::FileStat;
 
 use crate::tree::{Region, next_region};
@@ -235,8 +236,10 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
         _ => 0,
     };
     let started = Instant::now();
+    // A chunk as long as a receiver keeps as a slice of the frame it read goes to the stream
+    // as it is; a shorter one is queued with the messages around it.
     match message {
-        Message::SyncData { bytes } if bytes.len() >= WRITTEN_AS_IS => {
+        Message::SyncData { bytes } if bytes.len() >= SHARED_DATA_MIN => {
             read_by_peer(write_data(conn, generation, &bytes)).await?;
         }
         message => feed(conn, generation, message).await?,
@@ -246,10 +249,6 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
     }
     Ok(())
 }
-
-/// Data chunks at least this long go to the connection's stream as they are
-/// ([`write_data`]); shorter ones are queued with the messages around them.
-const WRITTEN_AS_IS: usize = 64 * 1024;
 
 /// Writes a [`Message::SyncData`] frame to the connection's stream after what is queued: its
 /// head, then `bytes` as they are, so the TLS layer's copy is the only one (encoding the frame
