@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -248,28 +249,48 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     flush(conn).await
 }
 
-/// Writes out what is queued, within [`STALLED`] ([`read_by_peer`]).
+/// Writes out what is queued, waiting as long as the peer keeps taking it ([`while_read`]).
 async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Result<(), SessionError> {
-    read_by_peer(conn.flush()).await
+    while_read(conn, |conn, cx| conn.poll_flush_unpin(cx)).await
 }
 
-/// A write that waits for the peer to read, within [`STALLED`]: a peer that reads nothing for
-/// that long is stopped or cut off, and this side's session ends instead of holding on to it.
-async fn read_by_peer(
-    write: impl std::future::Future<Output = Result<(), FrameError>>,
+/// Polls a write on `conn` until it is done, giving up ([`SessionError::NotReading`]) once
+/// the connection's write buffer has not shrunk for [`STALLED`]: a peer that reads nothing for
+/// that long is stopped or cut off, and this side's session ends instead of holding on to it,
+/// while a slow link that keeps taking bytes is not cut (behind TLS the buffer shrinks a record,
+/// 16 KiB at most, at a time).
+async fn while_read<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    mut write: impl FnMut(&mut Connection<S>, &mut Context<'_>) -> Poll<Result<(), FrameError>>,
 ) -> Result<(), SessionError> {
-    tokio::time::timeout(STALLED, write)
-        .await
-        .map_err(|_| SessionError::NotReading)??;
-    Ok(())
+    let deadline = tokio::time::sleep(STALLED);
+    tokio::pin!(deadline);
+    let mut left = conn.write_buffer().len();
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = write(conn, cx) {
+            return Poll::Ready(done.map_err(SessionError::from));
+        }
+        let now = conn.write_buffer().len();
+        if now != left {
+            left = now;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + STALLED);
+        }
+        deadline
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(SessionError::NotReading))
+    })
+    .await
 }
 
 /// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
 /// file). It goes out at the latest before this side next waits for the peer
 /// ([`next_envelope`]), so a burst shares TLS records and write calls. A full buffer is
-/// written out first ([`read_by_peer`]).
+/// written out first ([`while_read`]).
 async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
@@ -279,7 +300,9 @@ async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
         generation,
         message,
     };
-    read_by_peer(conn.feed(envelope)).await
+    while_read(conn, |conn, cx| conn.poll_ready_unpin(cx)).await?;
+    conn.start_send_unpin(envelope)?;
+    Ok(())
 }
 
 /// The peer's next envelope (`None` when it hung up). What this side queued is flushed
@@ -308,24 +331,66 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How long a receiver waits for the next message of an answer before it gives the pass up.
-/// A sender reads the chunk it sends next from its disk: nothing it does between two chunks
-/// takes this long unless it is stopped or the link is gone (a link that flaps for less than
-/// this carries on). While it scans it says so (protocol 1.12; an older sender's manifest is
-/// awaited as long as its scan takes). Either side waits as long for the peer to read what it
-/// sends ([`flush`]), whatever the transport; on the boxes' TCP connections the kernel gives
-/// up first (`lbs_host::tcp::watch_peer`: 30 s unacknowledged, said as
+/// How long a receiver waits for more of an answer before it gives the pass up: it counts
+/// from the last bytes that arrived, not from the start of a message, so a 256 KiB chunk
+/// over a slow link is not cut while it is still coming. A sender reads the chunk it sends
+/// next from its disk: nothing it does between two chunks takes this long unless it is
+/// stopped or the link is gone (a link that flaps for less than this carries on). While it
+/// scans it says so (protocol 1.12; an older sender's manifest is awaited as long as its scan
+/// takes). Either side waits as long for the peer to take more of what it sends ([`flush`],
+/// each write of a data chunk), whatever the transport; on the boxes' TCP connections the
+/// kernel gives up first (`lbs_host::tcp::watch_peer`: 30 s unacknowledged, said as
 /// [`SessionError::Lost`]).
 pub(super) const STALLED: Duration = Duration::from_secs(60);
 
-/// [`receive`] within [`STALLED`]: the next message of the sender's answer.
+/// The next message of the sender's answer, given up on once nothing more of it arrived for
+/// [`STALLED`] ([`next_while_heard`]).
 async fn receive_answer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     during: &'static str,
 ) -> Result<Message, SessionError> {
-    tokio::time::timeout(STALLED, receive(conn, during))
-        .await
-        .map_err(|_| SessionError::Stalled(during))?
+    next_while_heard(conn, during)
+        .await?
+        .ok_or(SessionError::Closed(during))
+}
+
+/// The peer's next message (`None`: it hung up), waited for as long as bytes of it keep
+/// arriving: the deadline ([`STALLED`], said as [`SessionError::Stalled`] `during`) moves on whenever
+/// the read buffer changed (behind TLS a whole record, 16 KiB at most: a link down to
+/// ~2 kbit/s carries on). What this side queued is written out first, as [`flush`] does,
+/// unless the peer's next message has already arrived in full.
+async fn next_while_heard<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    during: &'static str,
+) -> Result<Option<Message>, SessionError> {
+    let arrived = matches!(
+        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
+        Ok(Some(_))
+    );
+    if !arrived {
+        flush(conn).await?;
+    }
+    let deadline = tokio::time::sleep(STALLED);
+    tokio::pin!(deadline);
+    let mut heard = conn.read_buffer().len();
+    let next = std::future::poll_fn(|cx| {
+        if let Poll::Ready(next) = conn.poll_next_unpin(cx) {
+            return Poll::Ready(Ok(next));
+        }
+        let now = conn.read_buffer().len();
+        if now != heard {
+            heard = now;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + STALLED);
+        }
+        deadline
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(SessionError::Stalled(during)))
+    })
+    .await?;
+    next.map(|envelope| Ok(envelope?.message)).transpose()
 }
 
 fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, SessionError> {

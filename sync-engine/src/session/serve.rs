@@ -198,14 +198,13 @@ async fn next_request<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     version: ProtocolVersion,
 ) -> Result<Option<Message>, SessionError> {
-    let next = if version >= V1_13 {
-        tokio::time::timeout(STALLED, next_envelope(conn))
-            .await
-            .map_err(|_| SessionError::Stalled("the wait for the receiver's next request"))?
-    } else {
-        next_envelope(conn).await
-    };
-    next.map(|envelope| Ok(envelope?.message)).transpose()
+    if version >= V1_13 {
+        return next_while_heard(conn, "the wait for the receiver's next request").await;
+    }
+    next_envelope(conn)
+        .await
+        .map(|envelope| Ok(envelope?.message))
+        .transpose()
 }
 
 /// Awaits this side's scan, telling a receiver of protocol 1.12 every

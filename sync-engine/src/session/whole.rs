@@ -240,7 +240,7 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
     // as it is; a shorter one is queued with the messages around it.
     match message {
         Message::SyncData { bytes } if bytes.len() >= SHARED_DATA_MIN => {
-            read_by_peer(write_data(conn, generation, &bytes)).await?;
+            write_data(conn, generation, &bytes).await?;
         }
         message => feed(conn, generation, message).await?,
     }
@@ -252,25 +252,33 @@ async fn feed_data<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Writes a [`Message::SyncData`] frame to the connection's stream after what is queued: its
 /// head, then `bytes` as they are, so the TLS layer's copy is the only one (encoding the frame
-/// first copied every byte sent once more, 7% of a sender's CPU on a large file).
-async fn write_data<S: AsyncRead + AsyncWrite + Unpin>(
+/// first copied every byte sent once more, 7% of a sender's CPU on a large file). Each write
+/// is given [`STALLED`] to take some of it (behind TLS: up to rustls's 64 KiB buffer), so a
+/// chunk crossing a slow link is not cut while the peer keeps reading it.
+pub(super) async fn write_data<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     generation: Generation,
     bytes: &[u8],
-) -> Result<(), FrameError> {
+) -> Result<(), SessionError> {
     let head =
         lbs_protocol::sync_data_head(generation, bytes.len()).ok_or(FrameError::TooLarge {
             len: bytes.len(),
             max: lbs_protocol::MAX_FRAME_LEN,
         })?;
-    SinkExt::flush(conn).await?;
+    flush(conn).await?;
     let stream = conn.get_mut();
     let mut slices = [std::io::IoSlice::new(&head), std::io::IoSlice::new(bytes)];
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let written = tokio::io::AsyncWriteExt::write_vectored(stream, rest).await?;
+        let write = tokio::io::AsyncWriteExt::write_vectored(stream, rest);
+        let written = tokio::time::timeout(STALLED, write)
+            .await
+            .map_err(|_| SessionError::NotReading)?
+            .map_err(FrameError::from)?;
         if written == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            return Err(
+                FrameError::from(std::io::Error::from(std::io::ErrorKind::WriteZero)).into(),
+            );
         }
         std::io::IoSlice::advance_slices(&mut rest, written);
     }

@@ -213,3 +213,132 @@ async fn a_sender_waits_for_a_working_receiver_and_a_minute_for_a_silent_one() {
         }
     }
 }
+
+/// A 256 KiB data frame in 4 KiB pieces, one every 30 s (about 1 kbit/s), on a raw stream.
+async fn trickle(stream: &mut (impl tokio::io::AsyncWrite + Unpin), frame: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    for (at, piece) in frame.chunks(4096).enumerate() {
+        if at > 0 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        stream.write_all(piece).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chunk_that_trickles_in_over_a_slow_link_is_waited_for_while_it_comes() {
+    let (a, mut b) = tokio::io::duplex(1 << 20);
+    let mut conn = tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let chunk = Envelope {
+        generation: Generation(1),
+        message: Message::SyncData {
+            bytes: vec![3u8; 256 * 1024].into(),
+        },
+    };
+    let mut frame = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(&mut lbs_protocol::FrameCodec::new(), chunk, &mut frame)
+        .unwrap();
+    let pieces = frame.len().div_ceil(4096) as u32;
+    let sending = tokio::spawn(async move {
+        trickle(&mut b, &frame).await;
+        // Then nothing: the sender stopped, its connection open.
+        b
+    });
+    let (tx, mut rx) = mpsc::channel(8);
+    let started = tokio::time::Instant::now();
+    let mut unpacker = Unpacker::default();
+    let err = forward(&mut conn, &tx, None, &mut Instant::now(), &mut unpacker)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("a file transfer")),
+        "{err}"
+    );
+    // The whole chunk came (its pieces took 32 minutes) and reached the writer; the pass
+    // gave up a minute after the last piece.
+    assert!(matches!(rx.try_recv(), Ok(Chunk::Data(bytes)) if bytes.len() == 256 * 1024));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(30) * (pieces - 1) + STALLED
+    );
+    drop(sending.await.unwrap());
+}
+
+/// A receiver on a 4 KiB stream that takes 4 KiB every 30 s (about 1 kbit/s) until it has
+/// `len` bytes, then stops reading; it gives its end back with what it took.
+fn slow_reader(
+    len: usize,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<(tokio::io::DuplexStream, usize)>,
+) {
+    use tokio::io::AsyncReadExt;
+    let (a, mut b) = tokio::io::duplex(4096);
+    let reading = tokio::spawn(async move {
+        let mut taken = 0usize;
+        let mut buf = vec![0u8; 4096];
+        while taken < len {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            taken += b.read(&mut buf).await.unwrap();
+        }
+        (b, taken)
+    });
+    (a, reading)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_chunk_to_a_receiver_that_reads_slowly_is_written_and_one_it_stops_reading_is_not() {
+    let (a, reading) = slow_reader(256 * 1024);
+    let mut conn: Connection<_> =
+        tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let started = tokio::time::Instant::now();
+    write_data(&mut conn, Generation(1), &vec![9u8; 256 * 1024])
+        .await
+        .expect("a chunk the receiver keeps reading is written");
+    assert!(started.elapsed() > 20 * STALLED, "{:?}", started.elapsed());
+    let (b, taken) = reading.await.unwrap();
+    assert!(taken >= 256 * 1024);
+    // Nothing read any more: the next chunk waits a minute for room, and no longer.
+    let started = tokio::time::Instant::now();
+    let err = write_data(&mut conn, Generation(1), &vec![9u8; 256 * 1024])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::NotReading), "{err}");
+    assert_eq!(started.elapsed(), STALLED);
+    drop(b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_messages_to_a_receiver_that_reads_slowly_go_out_and_stop_when_it_stops() {
+    // Packed chunks and short data go through the frame buffer (`feed`, `flush`).
+    let (a, reading) = slow_reader(200 * 1024);
+    let mut conn: Connection<_> =
+        tokio_util::codec::Framed::new(a, lbs_protocol::FrameCodec::new());
+    let started = tokio::time::Instant::now();
+    for _ in 0..4 {
+        let packed = Message::SyncDataPacked {
+            len: 256 * 1024,
+            bytes: vec![4u8; 50 * 1024],
+        };
+        feed(&mut conn, Generation(1), packed)
+            .await
+            .expect("queued while the receiver reads");
+    }
+    flush(&mut conn)
+        .await
+        .expect("written out while the receiver reads");
+    assert!(started.elapsed() > 20 * STALLED, "{:?}", started.elapsed());
+    let (b, taken) = reading.await.unwrap();
+    assert!(taken >= 200 * 1024);
+    // It stopped reading: the next message waits a minute for room, and no longer.
+    let started = tokio::time::Instant::now();
+    let more = Message::SyncDataPacked {
+        len: 256 * 1024,
+        bytes: vec![4u8; 50 * 1024],
+    };
+    feed(&mut conn, Generation(1), more).await.unwrap();
+    let err = flush(&mut conn).await.unwrap_err();
+    assert!(matches!(err, SessionError::NotReading), "{err}");
+    assert_eq!(started.elapsed(), STALLED);
+    drop(b);
+}
