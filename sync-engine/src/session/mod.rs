@@ -259,8 +259,9 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 /// Polls a write on `conn` until it is done, giving up ([`SessionError::NotReading`]) once
 /// the connection's write buffer has not shrunk for [`STALLED`]: a peer that reads nothing for
 /// that long is stopped or cut off, and this side's session ends instead of holding on to it,
-/// while a slow link that keeps taking bytes is not cut (behind TLS the buffer shrinks a record,
-/// 16 KiB at most, at a time).
+/// while a slow link that keeps taking bytes is not cut. Behind TLS the buffer shrinks as
+/// rustls takes it, and rustls holds up to 64 KiB of records it has not sent: a link down to
+/// ~10 kbit/s carries on.
 async fn while_read<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     mut write: impl FnMut(&mut Connection<S>, &mut Context<'_>) -> Poll<Result<(), FrameError>>,
