@@ -459,6 +459,8 @@ struct CaseResult {
     unsynced: Vec<Sample>,
     rsync: Vec<Sample>,
     best: Option<(&'static str, Vec<Sample>)>,
+    /// For an initial copy: rsync's faster mode with `--fsync`, durable as lbs is.
+    durable: Vec<Sample>,
 }
 
 /// The built binaries, identities and state directories the runs share.
@@ -580,6 +582,7 @@ impl Bench {
                 .rsync_best
                 .as_ref()
                 .map(|(label, _)| (*label, Vec::new())),
+            durable: Vec::new(),
         };
         let fresh = rsync.module_dir("fresh")?;
         for run in 0..runs {
@@ -657,6 +660,18 @@ impl Bench {
                     best.secs, best.wire_bytes
                 );
                 samples.push(best);
+            }
+            if case.fresh_receiver {
+                // Durable as lbs is: every file synced before rsync ends (its own way).
+                let mut args = case
+                    .rsync_best
+                    .as_ref()
+                    .map_or(&case.rsync_args, |b| &b.1)
+                    .clone();
+                args.push("--fsync".into());
+                let durable = rsync_run(&args, &format!("{run}-fsync"))?;
+                println!("           rsync --fsync: {:.3} s", durable.secs);
+                result.durable.push(durable);
             }
         }
         remove_all(&fresh)?;

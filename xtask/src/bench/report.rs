@@ -53,7 +53,7 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
     println!(
         "\n=== sync benchmark: medians of {runs} run(s); bytes are both directions on the wire; \
          lbs syncs new content to disk before it replaces the old (no-fsync: with --no-fsync); \
-         rsync never syncs; rsync's columns and the ratios are its faster mode (the default, or \
+         rsync never syncs (but with --fsync, below the table); rsync's columns and the ratios are its faster mode (the default, or \
          the one named at the right)"
     );
     println!(
@@ -134,6 +134,16 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
         if !misses.is_empty() {
             short.push(format!("{}: {}", result.title, misses.join(", ")));
         }
+    }
+    for result in results.iter().filter(|r| !r.durable.is_empty()) {
+        let secs = |samples: &[Sample]| median(samples.iter().map(|s| s.secs).collect());
+        let (lbs_s, durable_s) = (secs(&result.lbs), secs(&result.durable));
+        println!(
+            "durable, both tools: {} lbs {lbs_s:.3} s, rsync with --fsync {durable_s:.3} s \
+             (lbs/it {:.2})",
+            result.key,
+            lbs_s / durable_s
+        );
     }
     println!(
         "floors: blake3 one core {:.2} GiB/s; page-cache read {:.2} GiB/s",
