@@ -140,7 +140,7 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
         let (lbs_s, durable_s) = (secs(&result.lbs), secs(&result.durable));
         println!(
             "durable, both tools: {} lbs {lbs_s:.3} s, rsync with --fsync {durable_s:.3} s \
-             (lbs/it {:.2})",
+             (one run, after the timed ones; lbs/it {:.2})",
             result.key,
             lbs_s / durable_s
         );
