@@ -40,10 +40,12 @@ mod pull;
 mod ready;
 mod serve;
 mod whole;
+mod wire;
 
 pub use pull::{PullOptions, pull};
 use serve::send_digests;
 pub use serve::serve;
+use wire::*;
 
 /// The most manifest entries a receiver accepts (a PBX has thousands; this stops a hostile
 /// sender from exhausting memory).
@@ -237,161 +239,6 @@ pub struct PackedData {
     pub data: u64,
     /// What those bytes took packed (frames' payloads, before TLS).
     pub packed: u64,
-}
-
-/// Sends a message and flushes it (with anything queued before it).
-async fn send<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    generation: Generation,
-    message: Message,
-) -> Result<(), SessionError> {
-    feed(conn, generation, message).await?;
-    flush(conn).await
-}
-
-/// Writes out what is queued, waiting as long as the peer keeps taking it ([`while_read`]).
-async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-) -> Result<(), SessionError> {
-    while_read(conn, |conn, cx| conn.poll_flush_unpin(cx)).await
-}
-
-/// Polls a write on `conn` until it is done, giving up ([`SessionError::NotReading`]) once
-/// the connection's write buffer has not shrunk for [`STALLED`]: a peer that reads nothing for
-/// that long is stopped or cut off, and this side's session ends instead of holding on to it,
-/// while a slow link that keeps taking bytes is not cut. Behind TLS the buffer shrinks as
-/// rustls takes it, and rustls holds up to 64 KiB of records it has not sent: a link down to
-/// ~10 kbit/s carries on.
-async fn while_read<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    mut write: impl FnMut(&mut Connection<S>, &mut Context<'_>) -> Poll<Result<(), FrameError>>,
-) -> Result<(), SessionError> {
-    let deadline = tokio::time::sleep(STALLED);
-    tokio::pin!(deadline);
-    let mut left = conn.write_buffer().len();
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(done) = write(conn, cx) {
-            return Poll::Ready(done.map_err(SessionError::from));
-        }
-        let now = conn.write_buffer().len();
-        if now != left {
-            left = now;
-            deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + STALLED);
-        }
-        deadline
-            .as_mut()
-            .poll(cx)
-            .map(|()| Err(SessionError::NotReading))
-    })
-    .await
-}
-
-/// Queues a message without flushing it: for bursts (pipelined requests, the chunks of a
-/// file). It goes out at the latest before this side next waits for the peer
-/// ([`next_envelope`]), so a burst shares TLS records and write calls. A full buffer is
-/// written out first ([`while_read`]).
-async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    generation: Generation,
-    message: Message,
-) -> Result<(), SessionError> {
-    let envelope = Envelope {
-        generation,
-        message,
-    };
-    while_read(conn, |conn, cx| conn.poll_ready_unpin(cx)).await?;
-    conn.start_send_unpin(envelope)?;
-    Ok(())
-}
-
-/// The peer's next envelope (`None` when it hung up). What this side queued is flushed
-/// first — unless the peer's next message has already arrived in full (a burst of pipelined
-/// requests): then the answers keep filling the buffer, which flushes itself when full.
-async fn next_envelope<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-) -> Option<Result<Envelope, SessionError>> {
-    let arrived = matches!(
-        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
-        Ok(Some(_))
-    );
-    if !arrived && let Err(err) = flush(conn).await {
-        return Some(Err(err));
-    }
-    conn.next().await.map(|envelope| Ok(envelope?))
-}
-
-async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    during: &'static str,
-) -> Result<Message, SessionError> {
-    match next_envelope(conn).await {
-        Some(envelope) => Ok(envelope?.message),
-        None => Err(SessionError::Closed(during)),
-    }
-}
-
-/// How long a receiver waits for more of an answer before it gives the pass up: it counts
-/// from the last bytes that arrived, not from the start of a message, so a 256 KiB chunk
-/// over a slow link is not cut while it is still coming. A sender reads the chunk it sends
-/// next from its disk: nothing it does between two chunks takes this long unless it is
-/// stopped or the link is gone (a link that flaps for less than this carries on). While it
-/// scans it says so (protocol 1.12; an older sender's manifest is awaited as long as its scan
-/// takes). Either side waits as long for the peer to take more of what it sends ([`flush`],
-/// each write of a data chunk), whatever the transport; on the boxes' TCP connections the
-/// kernel gives up first (`lbs_host::tcp::watch_peer`: 30 s unacknowledged, said as
-/// [`SessionError::Lost`]).
-pub(super) const STALLED: Duration = Duration::from_secs(60);
-
-/// The next message of the sender's answer, given up on once nothing more of it arrived for
-/// [`STALLED`] ([`next_while_heard`]).
-async fn receive_answer<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    during: &'static str,
-) -> Result<Message, SessionError> {
-    next_while_heard(conn, during)
-        .await?
-        .ok_or(SessionError::Closed(during))
-}
-
-/// The peer's next message (`None`: it hung up), waited for as long as bytes of it keep
-/// arriving: the deadline ([`STALLED`], said as [`SessionError::Stalled`] `during`) moves on whenever
-/// the read buffer changed (behind TLS a whole record, 16 KiB at most: a link down to
-/// ~2 kbit/s carries on). What this side queued is written out first, as [`flush`] does,
-/// unless the peer's next message has already arrived in full.
-async fn next_while_heard<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    during: &'static str,
-) -> Result<Option<Message>, SessionError> {
-    let arrived = matches!(
-        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
-        Ok(Some(_))
-    );
-    if !arrived {
-        flush(conn).await?;
-    }
-    let deadline = tokio::time::sleep(STALLED);
-    tokio::pin!(deadline);
-    let mut heard = conn.read_buffer().len();
-    let next = std::future::poll_fn(|cx| {
-        if let Poll::Ready(next) = conn.poll_next_unpin(cx) {
-            return Poll::Ready(Ok(next));
-        }
-        let now = conn.read_buffer().len();
-        if now != heard {
-            heard = now;
-            deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + STALLED);
-        }
-        deadline
-            .as_mut()
-            .poll(cx)
-            .map(|()| Err(SessionError::Stalled(during)))
-    })
-    .await?;
-    next.map(|envelope| Ok(envelope?.message)).transpose()
 }
 
 fn blocking_join<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, SessionError> {

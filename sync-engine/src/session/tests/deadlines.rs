@@ -33,6 +33,24 @@ fn a_broken_connection_is_said_plainly() {
     assert_eq!(said, "connection: no buffer space");
 }
 
+/// Reads one answer from `conn` until the pass gives up on a silent sender: the error (a
+/// stall during the file transfer), how long it took, and what reached the writer.
+async fn forward_until_stalled<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> (SessionError, Duration, mpsc::Receiver<Chunk>) {
+    let (tx, rx) = mpsc::channel(8);
+    let started = tokio::time::Instant::now();
+    let mut unpacker = Unpacker::default();
+    let err = forward(conn, &tx, None, &mut Instant::now(), &mut unpacker)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SessionError::Stalled("a file transfer")),
+        "{err}"
+    );
+    (err, started.elapsed(), rx)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_sender_that_goes_quiet_in_the_middle_of_a_file_ends_the_pass_after_a_minute() {
     let (a, b) = tokio::io::duplex(1 << 20);
@@ -46,17 +64,8 @@ async fn a_sender_that_goes_quiet_in_the_middle_of_a_file_ends_the_pass_after_a_
         },
     };
     sender.send(first).await.unwrap();
-    let (tx, mut rx) = mpsc::channel(8);
-    let started = tokio::time::Instant::now();
-    let mut unpacker = Unpacker::default();
-    let err = forward(&mut conn, &tx, None, &mut Instant::now(), &mut unpacker)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, SessionError::Stalled("a file transfer")),
-        "{err}"
-    );
-    assert_eq!(started.elapsed(), STALLED);
+    let (err, took, mut rx) = forward_until_stalled(&mut conn).await;
+    assert_eq!(took, STALLED);
     assert!(
         err.to_string()
             .starts_with("the peer sent nothing for 60 s during a file transfer"),
@@ -244,23 +253,11 @@ async fn a_chunk_that_trickles_in_over_a_slow_link_is_waited_for_while_it_comes(
         // Then nothing: the sender stopped, its connection open.
         b
     });
-    let (tx, mut rx) = mpsc::channel(8);
-    let started = tokio::time::Instant::now();
-    let mut unpacker = Unpacker::default();
-    let err = forward(&mut conn, &tx, None, &mut Instant::now(), &mut unpacker)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, SessionError::Stalled("a file transfer")),
-        "{err}"
-    );
+    let (_, took, mut rx) = forward_until_stalled(&mut conn).await;
     // The whole chunk came (its pieces took 32 minutes) and reached the writer; the pass
     // gave up a minute after the last piece.
     assert!(matches!(rx.try_recv(), Ok(Chunk::Data(bytes)) if bytes.len() == 256 * 1024));
-    assert_eq!(
-        started.elapsed(),
-        Duration::from_secs(30) * (pieces - 1) + STALLED
-    );
+    assert_eq!(took, Duration::from_secs(30) * (pieces - 1) + STALLED);
     drop(sending.await.unwrap());
 }
 
