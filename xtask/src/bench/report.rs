@@ -53,8 +53,8 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
     println!(
         "\n=== sync benchmark: medians of {runs} run(s); bytes are both directions on the wire; \
          lbs syncs new content to disk before it replaces the old (no-fsync: with --no-fsync); \
-         rsync never syncs (but with --fsync, below the table); rsync's columns and the ratios are its faster mode (the default, or \
-         the one named at the right)"
+         rsync never syncs (but with --fsync, below the table); rsync's columns and the ratios \
+         are its faster mode (the default, or the one named at the right)"
     );
     println!(
         "{:<22} {:>8} {:>8} {:>8} {:>6} {:>13} {:>13} {:>6}  {:>16}  rsync's better mode",
