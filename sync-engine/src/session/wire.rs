@@ -32,25 +32,25 @@ async fn while_read<S: AsyncRead + AsyncWrite + Unpin>(
     write: impl FnMut(&mut Connection<S>, &mut Context<'_>) -> Poll<Result<(), FrameError>>,
 ) -> Result<(), SessionError> {
     let written = |conn: &Connection<S>| conn.write_buffer().len();
-    while_moving(conn, written, write, SessionError::NotReading).await??;
+    while_moving(conn, written, write)
+        .await
+        .ok_or(SessionError::NotReading)??;
     Ok(())
 }
 
-/// Polls `op` on `conn` until it is ready, or fails with `silent` once `moved` (one of the
-/// connection's buffers, measured) has not changed for [`STALLED`].
+/// Polls `op` on `conn` until it is ready; `None` once `moved` (one of the connection's
+/// buffers, measured) has not changed for [`STALLED`].
 async fn while_moving<S: AsyncRead + AsyncWrite + Unpin, T>(
     conn: &mut Connection<S>,
     moved: impl Fn(&Connection<S>) -> usize,
     mut op: impl FnMut(&mut Connection<S>, &mut Context<'_>) -> Poll<T>,
-    silent: SessionError,
-) -> Result<T, SessionError> {
+) -> Option<T> {
     let deadline = tokio::time::sleep(STALLED);
     tokio::pin!(deadline);
     let mut last = moved(conn);
-    let mut silent = Some(silent);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(done) = op(conn, cx) {
-            return Poll::Ready(Ok(done));
+            return Poll::Ready(Some(done));
         }
         let now = moved(conn);
         if now != last {
@@ -59,11 +59,7 @@ async fn while_moving<S: AsyncRead + AsyncWrite + Unpin, T>(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + STALLED);
         }
-        deadline.as_mut().poll(cx).map(|()| {
-            Err(silent
-                .take()
-                .unwrap_or_else(|| SessionError::Internal("polled after its end".into())))
-        })
+        deadline.as_mut().poll(cx).map(|()| None)
     })
     .await
 }
@@ -92,14 +88,22 @@ pub(super) async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) async fn next_envelope<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Option<Result<Envelope, SessionError>> {
+    if let Err(err) = flush_unless_answered(conn).await {
+        return Some(Err(err));
+    }
+    conn.next().await.map(|envelope| Ok(envelope?))
+}
+
+/// Writes out what is queued before this side waits for the peer, unless the peer's next
+/// message has already arrived in full.
+async fn flush_unless_answered<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+) -> Result<(), SessionError> {
     let arrived = matches!(
         lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
         Ok(Some(_))
     );
-    if !arrived && let Err(err) = flush(conn).await {
-        return Some(Err(err));
-    }
-    conn.next().await.map(|envelope| Ok(envelope?))
+    if arrived { Ok(()) } else { flush(conn).await }
 }
 
 pub(super) async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
@@ -136,28 +140,18 @@ pub(super) async fn receive_answer<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The peer's next message (`None`: it hung up), waited for as long as bytes of it keep
-/// arriving: the deadline ([`STALLED`], said as [`SessionError::Stalled`] `during`) moves on whenever
-/// the read buffer changed (behind TLS a whole record, 16 KiB at most: a link down to
-/// ~2 kbit/s carries on). What this side queued is written out first, as [`flush`] does,
-/// unless the peer's next message has already arrived in full.
+/// arriving: the deadline ([`STALLED`], said as [`SessionError::Stalled`] `during`) moves on
+/// whenever the read buffer changed (behind TLS a whole record, 16 KiB at most: a link down
+/// to ~2 kbit/s carries on). What this side queued is written out first
+/// ([`flush_unless_answered`]).
 pub(super) async fn next_while_heard<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     during: &'static str,
 ) -> Result<Option<Message>, SessionError> {
-    let arrived = matches!(
-        lbs_protocol::frame::check(conn.read_buffer(), lbs_protocol::MAX_FRAME_LEN),
-        Ok(Some(_))
-    );
-    if !arrived {
-        flush(conn).await?;
-    }
+    flush_unless_answered(conn).await?;
     let heard = |conn: &Connection<S>| conn.read_buffer().len();
-    let next = while_moving(
-        conn,
-        heard,
-        |conn, cx| conn.poll_next_unpin(cx),
-        SessionError::Stalled(during),
-    )
-    .await?;
+    let next = while_moving(conn, heard, |conn, cx| conn.poll_next_unpin(cx))
+        .await
+        .ok_or(SessionError::Stalled(during))?;
     next.map(|envelope| Ok(envelope?.message)).transpose()
 }

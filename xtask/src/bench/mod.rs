@@ -672,7 +672,6 @@ impl Bench {
                 .clone();
             args.push("--fsync".into());
             let durable = rsync_run(case, &args, "fsync")?;
-            remove_all(&fresh.join("rsync-fsync"))?;
             println!("    rsync with --fsync: {:.3} s", durable.secs);
             result.durable.push(durable);
         }

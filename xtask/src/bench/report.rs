@@ -43,6 +43,11 @@ impl Floors {
     }
 }
 
+/// The median time of `samples`, seconds.
+fn secs(samples: &[Sample]) -> f64 {
+    median(samples.iter().map(|s| s.secs).collect())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -76,7 +81,6 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
     let mut worst_bytes = (0.0f64, "none");
     let mut short = Vec::new();
     for result in results {
-        let secs = |samples: &[Sample]| median(samples.iter().map(|s| s.secs).collect());
         let bytes =
             |samples: &[Sample]| median(samples.iter().map(|s| s.wire_bytes as f64).collect());
         let peak =
@@ -136,7 +140,6 @@ pub(super) fn report(results: &[CaseResult], floors: &Floors, runs: usize) {
         }
     }
     for result in results.iter().filter(|r| !r.durable.is_empty()) {
-        let secs = |samples: &[Sample]| median(samples.iter().map(|s| s.secs).collect());
         let (lbs_s, durable_s) = (secs(&result.lbs), secs(&result.durable));
         println!(
             "durable, both tools: {} lbs {lbs_s:.3} s, rsync with --fsync {durable_s:.3} s \
